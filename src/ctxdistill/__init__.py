@@ -1,0 +1,3 @@
+"""ctxdistill: a Hydra-configured reproduction suite for context distillation."""
+
+__version__ = "0.1.0"

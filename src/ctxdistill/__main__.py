@@ -1,0 +1,3 @@
+from ctxdistill.cli import main
+
+main()

@@ -1,0 +1,239 @@
+"""Structured-config schemas for every config group, and value checks.
+
+Each YAML file under ``conf/`` names its schema in its defaults list (``- base_cd``),
+so a misspelt key or a wrong type fails while Hydra composes the config, before
+any data or model is loaded. Checks that a type cannot express (a positive
+learning rate, a known divergence) live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+# ---------------------------------------------------------------- methods
+@dataclass
+class MethodConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+
+
+@dataclass
+class PromptingConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.prompting.Prompting"
+    use_context: bool = False
+
+
+@dataclass
+class FinetuneConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.finetune.Finetune"
+    finetune: str = "lora"  # lora | full
+
+
+@dataclass
+class DistillConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.distill.ContextDistillation"
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    beta: float = 0.5  # JSD mixture weight (TRL semantics: 0 = forward KL, 1 = reverse KL)
+    temperature: float = 1.0
+    top_k: Optional[int] = None  # keep the teacher's k most likely tokens (forward_kl only)
+    answer: str = "label_position"  # label_position | teacher_generation
+    max_answer_tokens: int = 8  # span length for answer=teacher_generation
+
+
+# ---------------------------------------------------------------- model
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class TinyRandomSettings:
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 2048
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # hub: a Hub id or local directory; gguf: a GGUF file carried by a pip package;
+    # random: a tiny randomly initialised Llama built from `tiny` (no download).
+    source: str = "hub"
+    name_or_path: str = MISSING
+    gguf_package: Optional[str] = None
+    gguf_file: Optional[str] = None
+    pip_install: Optional[str] = None  # the command that installs gguf_package
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"
+    max_length: Optional[int] = None  # context window; default: the model config's
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    tiny: TinyRandomSettings = field(default_factory=TinyRandomSettings)
+
+
+# ---------------------------------------------------------------- dataset
+@dataclass
+class SourceConfig:
+    # synthetic: the project's generator; hub: datasets.load_dataset(hub_id, hub_config);
+    # files: local json/jsonl/csv/tsv files, one per split, in `data_files`.
+    kind: str = MISSING
+    generator: Optional[str] = None
+    seed: int = 1234  # data generation seed, fixed across run seeds
+    split_sizes: dict[str, int] = field(default_factory=dict)
+    hub_id: Optional[str] = None
+    hub_config: Optional[str] = None
+    data_files: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ContextConfig:
+    instruction: str = ""
+    num_demos: int = 8
+    balanced: bool = True
+    separator: str = "\n\n"
+
+
+@dataclass
+class EvalSetConfig:
+    name: str = MISSING
+    source: SourceConfig = field(default_factory=SourceConfig)
+    split: str = "validation"
+    label_map: Optional[dict[str, int]] = None
+    num_examples: Optional[int] = None
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    source: SourceConfig = field(default_factory=SourceConfig)
+    fields: list[str] = MISSING  # template fields read from each record
+    label_field: str = "label"
+    label_map: Optional[dict[str, int]] = None  # raw label value -> class index
+    template: str = MISSING  # rendered query, ending in the answer cue
+    verbalizers: list[str] = MISSING  # answer word per class, with its leading space
+    student_instruction: str = ""
+    context: ContextConfig = field(default_factory=ContextConfig)
+    train_split: str = "train"
+    eval_split: str = "validation"
+    num_train_queries: int = 64
+    num_eval: Optional[int] = None
+    ood: list[EvalSetConfig] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- trainer / logger
+@dataclass
+class TrainerConfig:
+    epochs: int = 3
+    max_steps: Optional[int] = None  # overrides epochs when set
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    scheduler: str = "linear"  # any transformers.get_scheduler name
+    warmup_ratio: float = 0.1
+    max_grad_norm: Optional[float] = 1.0
+    mixed_precision: str = "no"  # no | bf16 | fp16 (GPU only)
+    eval_every: Optional[int] = None  # steps between periodic evaluations
+    eval_batch_size: int = 16
+    save_model: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"  # wandb | none
+    project: str = "ctxdistill"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto (online if logged in, else offline) | online | offline | disabled
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    job_type: str = "train"
+    log_predictions: bool = True
+
+
+@dataclass
+class Config:
+    method: Any = MISSING
+    model: ModelConfig = MISSING
+    dataset: DatasetConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    output_dir: str = "${hydra:runtime.output_dir}"
+    cache_dir: str = "${oc.env:CTXDISTILL_CACHE,'~/.cache/ctxdistill'}"
+    paper: Optional[str] = None
+
+
+SCHEMAS = {
+    "method": {"base_prompting": PromptingConfig, "base_finetune": FinetuneConfig, "base_distill": DistillConfig},
+    "model": {"base_model": ModelConfig},
+    "dataset": {"base_dataset": DatasetConfig},
+    "trainer": {"base_trainer": TrainerConfig},
+    "logger": {"base_logger": LoggerConfig},
+}
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, nodes in SCHEMAS.items():
+        for name, node in nodes.items():
+            cs.store(group=group, name=name, node=node)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and the fix."""
+
+
+def _require(ok: bool, key: str, problem: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}. {fix}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks that run before any data or model is loaded."""
+    t, m, d = cfg.trainer, cfg.method, cfg.dataset
+    _require(t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}", "Set e.g. trainer.lr=1e-3")
+    _require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}", "Set trainer.batch_size=8")
+    _require(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}", "")
+    _require(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}", "")
+    _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}", "")
+    _require(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}", "")
+    _require(t.mixed_precision in ("no", "bf16", "fp16"), "trainer.mixed_precision",
+             f"unknown value {t.mixed_precision!r}", "Use one of: no, bf16, fp16")
+    _require(cfg.model.source in ("hub", "gguf", "random"), "model.source", f"unknown value {cfg.model.source!r}",
+             "Use one of: hub, gguf, random")
+    _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
+             f"unknown value {cfg.model.dtype!r}", "Use one of: float32, bfloat16, float16")
+    _require(d.source.kind in ("synthetic", "hub", "files"), "dataset.source.kind",
+             f"unknown value {d.source.kind!r}", "Use one of: synthetic, hub, files")
+    _require(d.context.num_demos >= 0, "dataset.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
+    _require(d.num_train_queries >= 1, "dataset.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
+    _require(len(d.verbalizers) >= 2, "dataset.verbalizers", "needs one answer word per class (at least two)", "")
+    _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", f"unknown value {cfg.logger.backend!r}",
+             "Use logger=wandb or logger=none")
+    _require(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
+             f"unknown value {cfg.logger.mode!r}", "Use one of: auto, online, offline, disabled")
+    if "divergence" in m:
+        _require(m.divergence in ("forward_kl", "reverse_kl", "jsd"), "method.divergence",
+                 f"unknown value {m.divergence!r}", "Use one of: forward_kl, reverse_kl, jsd")
+        _require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
+        _require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
+        _require(m.top_k is None or m.divergence == "forward_kl", "method.top_k",
+                 "teacher truncation leaves zero-probability tokens, which only forward KL tolerates",
+                 "Set method.divergence=forward_kl or method.top_k=null")
+        _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        _require(m.answer in ("label_position", "teacher_generation"), "method.answer",
+                 f"unknown value {m.answer!r}", "Use label_position or teacher_generation")
+    if "finetune" in m:
+        _require(m.finetune in ("lora", "full"), "method.finetune", f"unknown value {m.finetune!r}",
+                 "Use lora or full")

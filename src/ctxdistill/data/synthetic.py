@@ -1,0 +1,77 @@
+"""Synthetic offline task: sentiment of short template reviews with arbitrary label words.
+
+The model can judge sentiment of these sentences, but the label words (" foo" /
+" bar") carry no meaning, so only the context (instruction + demos) tells the model
+which word means what: the teacher with context is far better than the bare student.
+"""
+
+import random
+
+INSTRUCTION = (
+    'Classify the sentiment of each review. Answer " foo" if it is positive '
+    'and " bar" if it is negative.'
+)
+TEMPLATE = "Review: {review}\nAnswer:"
+VERBALIZERS = [" foo", " bar"]  # label 0 = positive, label 1 = negative
+
+# Each word list is cut in half: even indices go to "train", odd to "eval", so
+# held-out reviews use adjectives and subjects never seen in the train pool.
+_POSITIVE = [
+    "wonderful", "excellent", "delightful", "fantastic", "superb", "lovely",
+    "brilliant", "amazing", "charming", "pleasant", "outstanding", "marvelous",
+    "terrific", "great", "enjoyable", "perfect", "impressive", "beautiful",
+    "fabulous", "splendid", "friendly", "fresh", "stunning", "awesome",
+]
+_NEGATIVE = [
+    "terrible", "awful", "horrible", "dreadful", "disgusting", "boring",
+    "rude", "miserable", "disappointing", "poor", "nasty", "unpleasant",
+    "dull", "lousy", "annoying", "pathetic", "bad", "ugly",
+    "stale", "broken", "painful", "filthy", "useless", "mediocre",
+]
+_SUBJECTS = [
+    "food", "movie", "service", "hotel", "book", "concert", "staff", "room",
+    "meal", "show", "game", "trip", "coffee", "album", "phone", "car",
+    "restaurant", "song", "store", "teacher", "pizza", "camera", "play", "park",
+]
+_INTENSIFIERS = ["", "really ", "very ", "truly ", "quite ", "so "]
+_FORMS = [
+    "The {subj} was {i}{a}.",
+    "The {subj} was {i}{a} and {b}.",
+    "I thought the {subj} was {i}{a}.",
+    "This {subj} is {i}{a}, even {b}.",
+    "Honestly, the {subj} is {i}{a}.",
+    "Our {subj} was {a} and {i}{b}.",
+]
+_SPLITS = {"train": 0, "eval": 1}
+
+
+def _part(words: list[str], split: str) -> list[str]:
+    return words[_SPLITS[split]::2]
+
+
+def generate_examples(num_examples: int, seed: int, split: str = "train") -> list[dict]:
+    """Deterministic examples, each {"review": str, "label": int}.
+
+    Labels alternate (balanced), reviews are distinct, and ``split`` ("train" or
+    "eval") selects disjoint halves of the adjective and subject lists, so
+    train and eval texts never overlap whatever the seeds.
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = random.Random(seed)
+    adjectives = [_part(_POSITIVE, split), _part(_NEGATIVE, split)]
+    subjects = _part(_SUBJECTS, split)
+    examples, seen = [], set()
+    # Capacity is tens of thousands of texts per split; the bound guards typos in num_examples.
+    for _ in range(num_examples * 1000):
+        if len(examples) == num_examples:
+            return examples
+        label = len(examples) % 2
+        a, b = rng.sample(adjectives[label], 2)
+        review = rng.choice(_FORMS).format(
+            subj=rng.choice(subjects), i=rng.choice(_INTENSIFIERS), a=a, b=b
+        )
+        if review not in seen:
+            seen.add(review)
+            examples.append({"review": review, "label": label})
+    raise ValueError(f"cannot generate {num_examples} distinct {split} examples")

@@ -1,0 +1,66 @@
+"""Batches of prompts with answer spans, and logits at the answer positions only.
+
+Convention: a row is ``prompt + answer[:-1]`` left-padded, so the positions that
+predict the m answer tokens are the last m positions of every row. The LM head is
+then applied to those positions only (``logits_to_keep``): a vocabulary-sized
+projection of the whole sequence is the largest avoidable cost in distillation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+           answers: Optional[Sequence[Sequence[int]]] = None) -> dict[str, torch.Tensor]:
+    """Left-padded ``prompt + answer[:-1]`` rows.
+
+    Returns input_ids, attention_mask, position_ids and, for the last ``P`` positions
+    (P = longest answer, 1 when no answers are given), ``answer_ids`` [B, P] and
+    ``answer_mask`` [B, P] marking which of those positions predict a real answer token.
+    """
+    prompt_ids = tokenizer(list(prompts)).input_ids
+    answers = [list(a) for a in answers] if answers is not None else [[tokenizer.pad_token_id]] * len(prompt_ids)
+    if any(len(a) == 0 for a in answers):
+        raise ValueError("every answer needs at least one token")
+    rows = [p + a[:-1] for p, a in zip(prompt_ids, answers)]
+    width = max(map(len, rows))
+    span = max(map(len, answers))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    answer_ids = torch.tensor([[pad] * (span - len(a)) + a for a in answers])
+    answer_mask = torch.tensor([[False] * (span - len(a)) + [True] * len(a) for a in answers])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        # Positions count real tokens only, so left padding does not shift them.
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+        "answer_ids": answer_ids,
+        "answer_mask": answer_mask,
+    }
+
+
+def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, P, V] at the P answer positions of an :func:`encode` batch."""
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        logits_to_keep=batch["answer_ids"].shape[1],
+        use_cache=False,
+    )
+    return out.logits.float()
+
+
+def answer_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability [B] of each row's answer tokens."""
+    logprobs = logits.log_softmax(-1)
+    ids = batch["answer_ids"].to(logits.device)
+    mask = batch["answer_mask"].to(logits.device)
+    picked = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)

@@ -1,0 +1,129 @@
+"""Verbalizer scoring and the metrics every method reports.
+
+A prediction is the class whose answer word (with its leading space) has the highest
+summed log-probability after the prompt, the lm-evaluation-harness multiple-choice
+convention. When every answer word is a single token, one forward pass scores all
+classes. Besides accuracy (and F1 for binary tasks) every method reports how much of
+the context it has internalised: agreement with the teacher's predictions and
+KL(teacher with context || model) at the answer position, on held-out inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ctxdistill.data import Example, Task
+from ctxdistill.encoding import answer_logits, answer_token_logprobs, encode
+from ctxdistill.losses import forward_kl
+from ctxdistill.models import ModelHandle
+
+
+@dataclass
+class Scores:
+    label_logprobs: torch.Tensor  # [N, C]
+    next_token_logprobs: Optional[torch.Tensor]  # [N, V] at the answer position, kept for the teacher only
+    kl_to_teacher: Optional[torch.Tensor]  # [N]
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        return self.label_logprobs.argmax(-1)
+
+
+@torch.no_grad()
+def score(model, tokenizer, task: Task, examples: list[Example], with_context: bool, batch_size: int,
+          teacher: Optional[Scores] = None, keep_distribution: bool = False, desc: str = "eval") -> Scores:
+    """Score every class for each example; with ``teacher``, also the per-example KL to it."""
+    was_training = model.training
+    model.eval()
+    verbalizer_ids = [tokenizer(v, add_special_tokens=False).input_ids for v in task.verbalizers]
+    single_token = all(len(ids) == 1 for ids in verbalizer_ids)
+    label_lp, distributions, kls = [], [], []
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
+        chunk = examples[start:start + batch_size]
+        prompts = [task.prompt(e, with_context) for e in chunk]
+        next_token = answer_logits(model, encode(tokenizer, prompts))[:, -1].log_softmax(-1)
+        if single_token:
+            label_lp.append(next_token[:, [ids[0] for ids in verbalizer_ids]].cpu())
+        else:
+            per_class = []
+            for ids in verbalizer_ids:
+                batch = encode(tokenizer, prompts, [ids] * len(prompts))
+                per_class.append(answer_token_logprobs(answer_logits(model, batch), batch).cpu())
+            label_lp.append(torch.stack(per_class, -1))
+        if teacher is not None:
+            reference = teacher.next_token_logprobs[start:start + len(chunk)].to(next_token.device)
+            kls.append(forward_kl(next_token, reference).cpu())
+        if keep_distribution:
+            distributions.append(next_token.cpu())
+    model.train(was_training)
+    return Scores(torch.cat(label_lp), torch.cat(distributions) if keep_distribution else None,
+                  torch.cat(kls) if teacher is not None else None)
+
+
+def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Accuracy; F1 of class 1 for binary tasks (GLUE's convention), macro-F1 otherwise."""
+    f1s = []
+    for c in range(num_classes):
+        tp = ((predictions == c) & (labels == c)).sum().item()
+        fp = ((predictions == c) & (labels != c)).sum().item()
+        fn = ((predictions != c) & (labels == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return {
+        "accuracy": (predictions == labels).float().mean().item(),
+        "f1": f1s[1] if num_classes == 2 else sum(f1s) / num_classes,
+        "majority_rate": labels.bincount(minlength=num_classes).max().item() / len(labels),
+    }
+
+
+class Evaluator:
+    """Evaluates the model on every eval set of a task against the frozen teacher.
+
+    The teacher (base weights, adapter disabled, with context) is scored once per eval
+    set and reused by every later evaluation, including periodic ones during training.
+    """
+
+    def __init__(self, handle: ModelHandle, tokenizer, task: Task, with_context: bool, batch_size: int,
+                 model_is_teacher: bool = False):
+        self.handle, self.tokenizer, self.task = handle, tokenizer, task
+        self.with_context, self.batch_size = with_context, batch_size
+        # An untrained model that sees the context *is* the teacher: score it once.
+        self.model_is_teacher = model_is_teacher
+        self._teacher: dict[str, Scores] = {}
+
+    def teacher_scores(self, name: str) -> Scores:
+        if name not in self._teacher:
+            with self.handle.teacher() as teacher:
+                self._teacher[name] = score(teacher, self.tokenizer, self.task, self.task.eval_sets[name],
+                                            with_context=True, batch_size=self.batch_size,
+                                            keep_distribution=True, desc=f"teacher {name}")
+        return self._teacher[name]
+
+    def evaluate(self, names: Optional[list[str]] = None) -> tuple[dict[str, float], dict[str, list[dict]]]:
+        """Flat metrics ``{set}/{metric}`` and per-example prediction rows per set."""
+        metrics, rows = {}, {}
+        for name in names or list(self.task.eval_sets):
+            examples = self.task.eval_sets[name]
+            teacher = self.teacher_scores(name)
+            if self.model_is_teacher:
+                model = Scores(teacher.label_logprobs, None, torch.zeros(len(examples)))
+            else:
+                model = score(self.handle.base, self.tokenizer, self.task, examples, self.with_context,
+                              self.batch_size, teacher=teacher, desc=f"model {name}")
+            labels = torch.tensor([e.label for e in examples])
+            result = classification_metrics(model.predictions, labels, self.task.num_classes)
+            result["teacher_accuracy"] = (teacher.predictions == labels).float().mean().item()
+            result["teacher_agreement"] = (model.predictions == teacher.predictions).float().mean().item()
+            result["kl_to_teacher"] = model.kl_to_teacher.mean().item()
+            metrics.update({f"{name}/{key}": value for key, value in result.items()})
+            rows[name] = [
+                {"uid": e.uid, "prompt": self.task.prompt(e, self.with_context), "label": e.label,
+                 "prediction": int(p), "teacher_prediction": int(t), "kl_to_teacher": float(k),
+                 "label_logprobs": [round(float(x), 4) for x in lp]}
+                for e, p, t, k, lp in zip(examples, model.predictions, teacher.predictions,
+                                          model.kl_to_teacher, model.label_logprobs)
+            ]
+        return metrics, rows

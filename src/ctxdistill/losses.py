@@ -1,0 +1,78 @@
+"""Divergences between teacher and student next-token distributions.
+
+All functions take logits [..., V] and a boolean mask [...] of the positions that
+count, and return the mean over those positions of a divergence summed over the
+vocabulary. Teacher logits are detached: gradient flows through the student only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(per_position.dtype)
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
+def teacher_logprobs(teacher_logits: torch.Tensor, temperature: float = 1.0,
+                     top_k: Optional[int] = None) -> torch.Tensor:
+    """log p_T at temperature T; with top_k, the k most likely tokens renormalised (others -inf)."""
+    logits = teacher_logits.detach().float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits.log_softmax(-1)
+
+
+def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_T || p_S) per position; tokens the teacher gives zero mass contribute nothing."""
+    p_t = teacher_logp.exp()
+    return torch.where(p_t > 0, p_t * (teacher_logp - student_logp), torch.zeros_like(p_t)).sum(-1)
+
+
+def reverse_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_S || p_T) per position."""
+    return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+
+
+def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """GKD's generalised JSD per position, with TRL's semantics for beta.
+
+    M = beta * p_T + (1 - beta) * p_S;  JSD_beta = beta * KL(p_T || M) + (1 - beta) * KL(p_S || M).
+    beta = 0 is defined as forward KL(p_T || p_S) and beta = 1 as reverse KL(p_S || p_T),
+    the limits TRL uses (the mixture formula itself vanishes there).
+    """
+    if beta == 0:
+        return forward_kl(student_logp, teacher_logp)
+    if beta == 1:
+        return reverse_kl(student_logp, teacher_logp)
+    mixture = torch.logsumexp(torch.stack([teacher_logp + math.log(beta), student_logp + math.log(1 - beta)]), 0)
+    return beta * forward_kl(mixture, teacher_logp) + (1 - beta) * forward_kl(mixture, student_logp)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                      divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
+                      top_k: Optional[int] = None) -> torch.Tensor:
+    """Mean divergence over the masked answer positions (Upadhayaya et al.'s loss is the default)."""
+    t_logp = teacher_logprobs(teacher_logits, temperature, top_k)
+    s_logp = (student_logits.float() / temperature).log_softmax(-1)
+    if divergence == "forward_kl":
+        per_position = forward_kl(s_logp, t_logp)
+    elif divergence == "reverse_kl":
+        per_position = reverse_kl(s_logp, t_logp)
+    elif divergence == "jsd":
+        per_position = generalized_jsd(s_logp, t_logp, beta)
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}; use forward_kl, reverse_kl or jsd")
+    return _masked_mean(per_position, mask)
+
+
+def answer_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens over the masked answer positions."""
+    per_position = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none")
+    return _masked_mean(per_position.view(targets.shape), mask)

@@ -1,0 +1,158 @@
+"""Loading models and tokenizers, adapters, and the frozen-teacher view of a model.
+
+Three sources (``model.source``):
+- ``hub``: a Hub id or a local directory, through ``from_pretrained``;
+- ``gguf``: a GGUF file carried by a pip package (the bundled SmolLM2), converted once
+  to safetensors under ``<cache_dir>/models`` so later loads take about a second;
+- ``random``: a tiny seeded Llama for tests, with the bundled tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded; the message says how to make it loadable."""
+
+
+def _gguf_file(spec: DictConfig) -> Path:
+    found = importlib.util.find_spec(spec.gguf_package)
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(f"model={spec.name} needs the Python package {spec.gguf_package!r}, "
+                             f"which is not installed. Install it with:  {spec.pip_install}")
+    path = Path(found.submodule_search_locations[0]) / spec.gguf_file
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the installed package {spec.gguf_package!r}; "
+                             f"reinstall it with:  {spec.pip_install} --force-reinstall")
+    return path
+
+
+def converted_dir(spec: DictConfig, cache_dir: str) -> Path:
+    return Path(cache_dir).expanduser() / "models" / Path(spec.gguf_file).stem
+
+
+def _ensure_converted(spec: DictConfig, cache_dir: str) -> Path:
+    """Dequantise the GGUF file once and cache it as safetensors (written atomically)."""
+    target = converted_dir(spec, cache_dir)
+    if (target / "config.json").is_file():
+        return target
+    gguf = _gguf_file(spec)
+    log.info("Converting %s to safetensors under %s (once; about 30 s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised to float32 on load; drop the GGUF marker so they serialise.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _hub_error(spec: DictConfig, e: Exception) -> ModelLoadError:
+    return ModelLoadError(f"could not load {spec.name_or_path!r} for model={spec.name}: {e}. "
+                          "If it is a Hub id, run once with network (it is then cached), or set "
+                          "model.name_or_path to a local directory that holds the checkpoint.")
+
+
+def weights_location(spec: DictConfig, cache_dir: str) -> str:
+    """Where from_pretrained reads tokenizer and weights (converting a bundled GGUF first)."""
+    if spec.source in ("gguf", "random"):
+        return str(_ensure_converted(spec, cache_dir))
+    return spec.name_or_path
+
+
+def load_tokenizer(spec: DictConfig, cache_dir: str) -> PreTrainedTokenizerBase:
+    location = weights_location(spec, cache_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except OSError as e:
+        raise _hub_error(spec, e) from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # answer positions line up at the end of every row
+    return tokenizer
+
+
+def context_window(spec: DictConfig, cache_dir: str) -> int:
+    if spec.max_length:
+        return spec.max_length
+    if spec.source == "random":
+        return spec.tiny.max_position_embeddings
+    try:
+        config = AutoConfig.from_pretrained(weights_location(spec, cache_dir))
+    except OSError as e:
+        raise _hub_error(spec, e) from e
+    return config.max_position_embeddings
+
+
+def load_model(spec: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase, seed: int):
+    dtype = DTYPES[spec.dtype]
+    if spec.source == "random":
+        config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             tie_word_embeddings=True, attn_implementation=spec.attn_implementation,
+                             **spec.tiny)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(weights_location(spec, cache_dir), dtype=dtype,
+                                                    attn_implementation=spec.attn_implementation)
+    except OSError as e:
+        raise _hub_error(spec, e) from e
+
+
+def add_lora(model, spec: DictConfig):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                        target_modules=list(spec.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+@dataclass
+class ModelHandle:
+    """The trained model and the frozen teacher that shares its weights.
+
+    ``student`` is what the trainer optimises (possibly wrapped by accelerate);
+    ``teacher()`` yields the same weights with the adapter disabled, in eval mode,
+    so self-distillation needs a single copy of the base model.
+    """
+
+    student: torch.nn.Module
+    base: torch.nn.Module  # the unwrapped model (a PeftModel when LoRA is used)
+
+    @contextlib.contextmanager
+    def teacher(self) -> Iterator[torch.nn.Module]:
+        was_training = self.base.training
+        self.base.eval()
+        disable = self.base.disable_adapter() if hasattr(self.base, "disable_adapter") else contextlib.nullcontext()
+        try:
+            with disable, torch.no_grad():
+                yield self.base
+        finally:
+            self.base.train(was_training)

@@ -1,0 +1,121 @@
+"""One run: validate, load data and model, train (if the method trains), evaluate, save.
+
+Everything cheap that can fail (config values, data files, demonstrations, prompt
+lengths) is checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ctxdistill.config import ConfigError, validate
+from ctxdistill.data import Task, build_task
+from ctxdistill.evaluation import Evaluator
+from ctxdistill.models import ModelHandle, add_lora, context_window, load_model, load_tokenizer
+from ctxdistill.trainer import train
+from ctxdistill.tracking import create_tracker
+
+log = logging.getLogger(__name__)
+
+
+def check_prompt_lengths(task: Task, tokenizer, window: int, answer_tokens: int) -> None:
+    examples = [*task.train_queries, *(e for s in task.eval_sets.values() for e in s)]
+    longest = max(len(ids) for ids in tokenizer([task.teacher_prompt(e) for e in examples]).input_ids)
+    if longest + answer_tokens > window:
+        raise ConfigError(f"dataset.context: the teacher prompt takes up to {longest} tokens (+{answer_tokens} for "
+                          f"the answer), more than the model's window of {window}. Lower "
+                          f"dataset.context.num_demos or use a model with a longer context.")
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write then rename, so a killed run never leaves a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    return {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
+            "paper": cfg.paper}
+
+
+def hydra_choices() -> dict[str, Any]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    validate(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.seed)
+    method = instantiate(cfg.method, _convert_="all")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    task = build_task(cfg.dataset, cfg.seed)
+    answer_tokens = cfg.method.get("max_answer_tokens", 1) if cfg.method.get("answer") == "teacher_generation" else 1
+    check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    identity = run_identity(cfg)
+    config = {**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()}
+    tracker = create_tracker(
+        cfg.logger, group=f"{cfg.dataset.name}-{cfg.model.name}",
+        name=f"{cfg.method.name}-{cfg.model.name}-{cfg.dataset.name}-s{cfg.seed}",
+        tags=[cfg.method.name, cfg.model.name, cfg.dataset.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
+        config=config, output_dir=str(out))
+    try:
+        accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision,
+                                  gradient_accumulation_steps=cfg.trainer.grad_accum_steps, cpu=not torch.cuda.is_available())
+        model = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed)
+        if method.adapter == "lora":
+            model = add_lora(model, cfg.model)
+        elif method.adapter is None:
+            model.requires_grad_(False)
+        model.to(accelerator.device)
+        handle = ModelHandle(student=model, base=model)
+        evaluator = Evaluator(handle, tokenizer, task, method.eval_with_context, cfg.trainer.eval_batch_size,
+                              model_is_teacher=method.eval_with_context and not method.trains)
+        for name in task.eval_sets:  # before training: full fine-tuning changes the teacher's weights
+            evaluator.teacher_scores(name)
+
+        train_stats: dict[str, Any] = {}
+        if method.trains:
+            def periodic_eval(step: int) -> None:
+                tracker.log(evaluator.evaluate(["eval"])[0], step)
+
+            train_stats = train(method, handle, tokenizer, task, cfg.trainer, accelerator, cfg.seed,
+                                tracker.log, periodic_eval)
+        metrics, predictions = evaluator.evaluate()
+
+        with (out / "predictions.jsonl").open("w") as f:
+            for name, rows in predictions.items():
+                for row in rows:
+                    f.write(json.dumps({"set": name, **row}) + "\n")
+        if method.trains and cfg.trainer.save_model:
+            handle.base.save_pretrained(out / ("adapter" if method.adapter == "lora" else "model"))
+        result = {**identity, "status": "complete", "metrics": metrics, "train": train_stats,
+                  "demos": [d.uid for d in task.demos], "num_train_examples": len(method.train_examples(task)),
+                  "runtime_seconds": time.perf_counter() - started,
+                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_json(out / "metrics.json", result)
+        tracker.log(metrics, train_stats.get("steps", 0))
+        tracker.summary({**metrics, **{f"train/{k}": v for k, v in train_stats.items()}})
+        tracker.predictions(predictions)
+        log.info("%s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return result
+    finally:
+        tracker.finish()

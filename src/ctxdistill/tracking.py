@@ -1,0 +1,109 @@
+"""Experiment tracking: Weights & Biases, or nothing.
+
+W&B is online when the user is logged in and offline otherwise (a real run directory
+under the run's output dir, uploadable later with ``wandb sync``). Any W&B failure
+becomes a warning: tracking never costs a run its results.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """No tracking: every call is a no-op (``logger=none``)."""
+
+    run_dir: Optional[str] = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def summary(self, metrics: dict[str, Any]) -> None: ...
+
+    def predictions(self, rows: dict[str, list[dict]]) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+def _warn_on_failure(fn):
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return fn(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never kill a run
+            log.warning("W&B %s failed, continuing without it: %s", fn.__name__, e)
+    return wrapper
+
+
+def logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
+
+
+class WandbTracker(Tracker):
+    def __init__(self, *, project: str, entity: Optional[str], mode: str, group: str, name: str, tags: list[str],
+                 job_type: str, config: dict[str, Any], output_dir: str, log_predictions: bool):
+        import wandb
+
+        self._wandb = wandb
+        self._log_predictions = log_predictions
+        mode = resolve_mode(mode)
+        self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, name=name, tags=tags,
+                              job_type=job_type, config=config, dir=output_dir, reinit="finish_previous")
+        self.run.define_metric("*/accuracy", summary="max")
+        self.run_dir = getattr(self.run.settings, "sync_dir", None)
+        if mode == "offline":
+            log.info("W&B is offline; upload later with:  wandb sync %s", self.run_dir)
+
+    @_warn_on_failure
+    def log(self, metrics, step):
+        self.run.log(metrics, step=step)
+
+    @_warn_on_failure
+    def summary(self, metrics):
+        self.run.summary.update(metrics)
+
+    @_warn_on_failure
+    def predictions(self, rows):
+        if not self._log_predictions:
+            return
+        columns = ["set", "uid", "prompt", "label", "prediction", "teacher_prediction", "kl_to_teacher"]
+        table = self._wandb.Table(columns=columns)
+        for name, set_rows in rows.items():
+            for r in set_rows:
+                table.add_data(name, *(r[c] for c in columns[1:]))
+        self.run.log({"predictions": table})
+
+    @_warn_on_failure
+    def finish(self):
+        self.run.finish()
+
+
+def create_tracker(logger_cfg, *, group: str, name: str, tags: list[str], config: dict[str, Any],
+                   output_dir: str) -> Tracker:
+    if logger_cfg.backend == "none" or resolve_mode(logger_cfg.mode) == "disabled":
+        return Tracker()
+    try:
+        return WandbTracker(project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode,
+                            group=logger_cfg.group or group, name=name, tags=[*tags, *logger_cfg.tags],
+                            job_type=logger_cfg.job_type, config=config, output_dir=str(Path(output_dir)),
+                            log_predictions=logger_cfg.log_predictions)
+    except Exception as e:  # noqa: BLE001 - a W&B outage must not stop the run
+        log.warning("W&B could not start (%s); the run continues and its results stay on disk.", e)
+        return Tracker()
