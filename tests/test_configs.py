@@ -1,0 +1,104 @@
+"""Every config file composes against its schema; bad values fail before any model loads."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from ctxdistill.cli import CONFIG_DIR
+from ctxdistill.config import ConfigError, validate
+
+from conftest import TINY
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["method", "model", "dataset", "trainer", "logger"])
+def test_every_group_option_composes_and_validates(make_cfg, group):
+    for option in options(group):
+        cfg = make_cfg(f"{group}={option}")
+        validate(cfg)
+        assert cfg[group].get("name", option) in (option, cfg[group].get("name"))
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes_and_validates(make_cfg, experiment):
+    validate(make_cfg(f"experiment={experiment}"))
+
+
+def test_method_names_match_their_files(make_cfg):
+    for option in options("method"):
+        assert make_cfg(f"method={option}").method.name == option
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.lr=fast", "trainer.lr"),
+    ("trainer.learning_rate=1e-3", "learning_rate"),
+    ("method.divergnce=reverse_kl", "divergnce"),
+    ("model.lora.r=many", "model.lora.r"),
+])
+def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cfg, override, key):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as info:
+        make_cfg(override)
+    assert key in str(info.value) or key in str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.lr=-1e-3", "trainer.lr"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("method.divergence=kl", "method.divergence"),
+    ("method.top_k=5", None),  # valid with the default forward KL
+    ("method.divergence=reverse_kl method.top_k=5", "method.top_k"),
+    ("method.beta=1.5", "method.beta"),
+    ("logger.mode=sometimes", "logger.mode"),
+])
+def test_bad_values_are_named(make_cfg, override, key):
+    cfg = make_cfg(*override.split())
+    if key is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_a_typo_in_a_yaml_file_fails_at_composition(tmp_path):
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONFIG_DIR, conf)
+    (conf / "experiment" / "typo.yaml").write_text("# @package _global_\ntrainer:\n  learning_rate: 0.1\n")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        with pytest.raises(ConfigCompositionException, match="trainer.learning_rate"):
+            compose("config", overrides=["experiment=typo"])
+    GlobalHydra.instance().clear()
+
+
+def test_unknown_group_option_lists_the_valid_ones(make_cfg):
+    with pytest.raises(ConfigCompositionException) as info:
+        make_cfg("method=distil")
+    for option in options("method"):
+        assert option in str(info.value)
+
+
+def test_too_many_demonstrations_fail_before_the_model_loads(make_cfg, tmp_path):
+    from ctxdistill.data.tasks import DataError
+    from ctxdistill.run import run
+
+    cfg = make_cfg(*TINY, "dataset.context.num_demos=10000")
+    with pytest.raises(DataError, match="num_demos=10000"):
+        run(cfg)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_context_longer_than_the_window_fails_before_the_model_loads(make_cfg, tmp_path):
+    from ctxdistill.run import run
+
+    cfg = make_cfg(*TINY, "model.max_length=32")
+    with pytest.raises(ConfigError, match="window of 32"):
+        run(cfg)
+    assert not (tmp_path / "config.yaml").exists()
