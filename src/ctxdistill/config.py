@@ -118,7 +118,7 @@ class DatasetConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     fields: list[str] = MISSING  # template fields read from each record
     label_field: str = "label"
-    label_map: Optional[dict[str, int]] = None  # raw label value -> class index
+    label_map: dict[str, int] = field(default_factory=dict)  # raw label -> class; empty: labels are class ids
     template: str = MISSING  # rendered query, ending in the answer cue
     verbalizers: list[str] = MISSING  # answer word per class, with its leading space
     student_instruction: str = ""

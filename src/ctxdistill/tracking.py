@@ -66,8 +66,11 @@ class WandbTracker(Tracker):
         mode = resolve_mode(mode)
         self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, name=name, tags=tags,
                               job_type=job_type, config=config, dir=output_dir, reinit="finish_previous")
-        self.run.define_metric("*/accuracy", summary="max")
-        self.run_dir = getattr(self.run.settings, "sync_dir", None)
+        try:
+            self.run.define_metric("eval/accuracy", summary="max")
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B define_metric failed: %s", e)
+        self.run_dir = self.run.dir
         if mode == "offline":
             log.info("W&B is offline; upload later with:  wandb sync %s", self.run_dir)
 

@@ -112,7 +112,7 @@ def load_records(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], 
     except Exception as e:  # noqa: BLE001 - network, missing split, missing dataset all end here
         raise DataError(f"could not load {where} with datasets.load_dataset: {e}. Without network, download it "
                         f"once where you have network, or give local files with dataset.source.kind=files "
-                        f"and dataset.source.data_files.{split}=PATH") from e
+                        f"and ++dataset.source.data_files.{split}=PATH") from e
 
 
 def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: Optional[DictConfig],
@@ -123,7 +123,7 @@ def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: Opti
         if missing:
             raise DataError(f"{where}: record {i} lacks field(s) {missing}; it has {sorted(record)}")
         raw = record[spec.label_field]
-        if label_map is not None:
+        if label_map:
             if str(raw) not in label_map:
                 raise DataError(f"{where}: record {i} has unknown label {raw!r}; "
                                 f"dataset label_map knows {sorted(label_map)}")
@@ -179,7 +179,7 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     eval_sets = {"eval": to_examples(eval_records, spec, spec.label_map, where, "eval")[: spec.num_eval]}
     for ood in spec.ood:
         records, where = load_records(ood.source, ood.split)
-        label_map = ood.label_map if ood.label_map is not None else spec.label_map
+        label_map = ood.label_map if ood.label_map is not None else spec.label_map  # OOD sets may relabel
         eval_sets[ood.name] = to_examples(records, spec, label_map, where, ood.name)[: ood.num_examples]
     return Task(
         name=spec.name,

@@ -1,0 +1,87 @@
+"""End-to-end runs on the tiny random model: files on disk, distillation works, sweeps, W&B offline."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctxdistill.run import run
+
+from conftest import TINY
+
+
+def read_metrics(path: Path) -> dict:
+    return json.loads((path / "metrics.json").read_text())
+
+
+def test_cd_lowers_the_teacher_student_kl_on_held_out_inputs(make_cfg, tmp_path):
+    before = run(make_cfg(*TINY, "method=zero_shot", output_dir=tmp_path / "zs"))["metrics"]
+    after = run(make_cfg(*TINY, "method=cd", "trainer.max_steps=30", "trainer.lr=1e-2",
+                         output_dir=tmp_path / "cd"))["metrics"]
+    # The untrained student is the zero-shot model (LoRA starts as the identity).
+    assert after["eval/kl_to_teacher"] < 0.5 * before["eval/kl_to_teacher"]
+    assert after["eval/teacher_agreement"] > before["eval/teacher_agreement"]
+
+
+@pytest.mark.parametrize("method, trained", [("zero_shot", None), ("icl", None), ("ft", "adapter"), ("cd", "adapter")])
+def test_every_method_leaves_its_results_on_disk(make_cfg, tmp_path, method, trained):
+    result = run(make_cfg(*TINY, f"method={method}", "trainer.max_steps=2", "seed=7"))
+    saved = read_metrics(tmp_path)
+    assert saved == json.loads(json.dumps(result))
+    assert (saved["method"], saved["model"], saved["dataset"], saved["seed"]) == (method, "tiny-random", "synthetic", 7)
+    for key in ("accuracy", "f1", "teacher_agreement", "kl_to_teacher", "teacher_accuracy"):
+        assert 0 <= saved["metrics"][f"eval/{key}"] < float("inf")
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 48 and {"prediction", "teacher_prediction", "label", "prompt"} <= set(rows[0])
+    assert "seed: 7" in (tmp_path / "config.yaml").read_text()
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() == (trained == "adapter")
+    if method == "icl":  # the untrained model with the context is the teacher
+        assert saved["metrics"]["eval/teacher_agreement"] == 1.0
+        assert saved["metrics"]["eval/kl_to_teacher"] == 0.0
+
+
+def test_snell_answer_spans_and_other_divergences_train(make_cfg, tmp_path):
+    for i, overrides in enumerate([["method.answer=teacher_generation", "method.max_answer_tokens=3"],
+                                   ["method.divergence=jsd", "method.beta=0.5", "method.temperature=2.0"],
+                                   ["method.divergence=reverse_kl"], ["method.top_k=20"]]):
+        result = run(make_cfg(*TINY, "method=cd", "trainer.max_steps=2", *overrides, output_dir=tmp_path / str(i)))
+        assert result["train"]["steps"] == 2 and result["train"]["final_loss"] >= 0
+
+
+def test_wandb_offline_writes_a_syncable_run_directory(make_cfg, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run(make_cfg("model=tiny-random", "logger=wandb", "logger.mode=offline", "method=cd", "trainer.max_steps=2",
+                 "dataset.source.split_sizes.eval=16", "dataset.num_train_queries=8"))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for logged in (b"eval/accuracy", b"train/loss", b"predictions", b"hydra_choices"):
+        assert logged in records
+
+
+def test_a_failing_wandb_never_costs_the_run_its_results(make_cfg, tmp_path, monkeypatch):
+    import wandb
+
+    def broken_init(*args, **kwargs):
+        raise wandb.errors.CommError("W&B is unreachable")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    run(make_cfg(*TINY, "logger=wandb", "logger.mode=online", "method=zero_shot"))
+    assert read_metrics(tmp_path)["status"] == "complete"
+
+
+def test_multirun_over_methods_writes_one_metrics_file_per_method_and_prints_the_table(tmp_path):
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxdistill", "-m", "method=zero_shot,icl,ft,cd", *TINY, "trainer.max_steps=2",
+         f"hydra.sweep.dir={sweep}"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = sorted(read_metrics(p.parent)["method"] for p in sweep.rglob("metrics.json"))
+    assert found == ["cd", "ft", "icl", "zero_shot"]
+    table = proc.stdout[proc.stdout.index("Comparison"):]
+    for method in found:
+        assert f"\n{method} " in table
