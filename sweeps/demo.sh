@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The offline demo: install, then sweep zero_shot, icl, ft and cd with the bundled SmolLM2-135M
+# on the synthetic task and print the comparison table. Extra arguments are Hydra overrides.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source src/setup_env.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ctxdistill -m experiment=demo hydra.sweep.dir="outputs/demo/$(date +%Y-%m-%d_%H-%M-%S)" "$@"
