@@ -210,6 +210,11 @@ def validate(cfg: DictConfig) -> None:
     _require(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}", "")
     _require(t.mixed_precision in ("no", "bf16", "fp16"), "trainer.mixed_precision",
              f"unknown value {t.mixed_precision!r}", "Use one of: no, bf16, fp16")
+    if t.mixed_precision == "fp16":
+        import torch
+
+        _require(torch.cuda.is_available(), "trainer.mixed_precision", "fp16 needs a CUDA GPU and none is visible",
+                 "Use trainer.mixed_precision=no (or bf16) on CPU")
     _require(cfg.model.source in ("hub", "gguf", "random"), "model.source", f"unknown value {cfg.model.source!r}",
              "Use one of: hub, gguf, random")
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",

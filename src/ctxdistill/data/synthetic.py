@@ -11,7 +11,7 @@ INSTRUCTION = (
     'Classify the sentiment of each review. Answer " foo" if it is positive '
     'and " bar" if it is negative.'
 )
-TEMPLATE = "Review: {review}\nAnswer:"
+TEMPLATE = "Review: {review}\nSentiment:"
 VERBALIZERS = [" foo", " bar"]  # label 0 = positive, label 1 = negative
 
 # Each word list is cut in half: even indices go to "train", odd to "eval", so
