@@ -32,12 +32,12 @@ def test_teacher_prompt_is_context_then_query_and_student_prompt_is_the_query(ma
     query = task.eval_sets["eval"][0]
     d0, d1 = task.demos
     instruction = make_cfg().dataset.context.instruction
-    assert task.student_prompt(query) == f"Review: {query.fields['review']}\nAnswer:"
+    assert task.student_prompt(query) == f"Review: {query.fields['review']}\nSentiment:"
     assert task.teacher_prompt(query) == (
         f"{instruction}\n\n"
-        f"Review: {d0.fields['review']}\nAnswer:{task.verbalizers[d0.label]}\n\n"
-        f"Review: {d1.fields['review']}\nAnswer:{task.verbalizers[d1.label]}\n\n"
-        f"Review: {query.fields['review']}\nAnswer:")
+        f"Review: {d0.fields['review']}\nSentiment:{task.verbalizers[d0.label]}\n\n"
+        f"Review: {d1.fields['review']}\nSentiment:{task.verbalizers[d1.label]}\n\n"
+        f"Review: {query.fields['review']}\nSentiment:")
 
 
 def write(path, text):

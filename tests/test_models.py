@@ -70,3 +70,18 @@ def test_missing_hub_model_says_how_to_fix_it(tiny, tmp_path):
     spec.source, spec.name_or_path = "hub", str(tmp_path / "no-such-checkpoint")
     with pytest.raises(ModelLoadError, match="model.name_or_path to a local directory"):
         load_tokenizer(spec, str(tmp_path))
+
+
+def test_shared_prefix_cache_gives_the_same_answer_logits_as_full_prompts(tiny):
+    from ctxdistill.encoding import SharedPrefix
+
+    cfg, tokenizer, model = tiny
+    context = "Label each review.\n\nReview: good\nAnswer: foo\n\n"
+    prompts = [context + "Review: fine and dandy\nAnswer:", context + "Review: no\nAnswer:"]
+    answers = [[tokenizer.eos_token_id], tokenizer(" foo bar", add_special_tokens=False).input_ids]
+    with torch.no_grad():
+        full = answer_logits(model, encode(tokenizer, prompts, answers))
+        prefix = SharedPrefix(model, tokenizer, prompts)
+        assert prefix.length >= len(tokenizer(context).input_ids) - 1
+        cached = answer_logits(model, encode(tokenizer, prompts, answers, prefix_length=prefix.length), prefix)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)

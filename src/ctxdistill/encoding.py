@@ -4,10 +4,15 @@ Convention: a row is ``prompt + answer[:-1]`` left-padded, so the positions that
 predict the m answer tokens are the last m positions of every row. The LM head is
 then applied to those positions only (``logits_to_keep``): a vocabulary-sized
 projection of the whole sequence is the largest avoidable cost in distillation.
+
+Teacher prompts share their context. :class:`SharedPrefix` runs the tokens that every
+prompt starts with once and keeps their key/value cache; each batch then runs only
+the query tokens, so the teacher's cost per query does not grow with the context.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import torch
@@ -15,14 +20,15 @@ from transformers import PreTrainedTokenizerBase
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-           answers: Optional[Sequence[Sequence[int]]] = None) -> dict[str, torch.Tensor]:
-    """Left-padded ``prompt + answer[:-1]`` rows.
+           answers: Optional[Sequence[Sequence[int]]] = None, prefix_length: int = 0) -> dict[str, torch.Tensor]:
+    """Left-padded ``prompt + answer[:-1]`` rows, without the first ``prefix_length`` prompt tokens.
 
     Returns input_ids, attention_mask, position_ids and, for the last ``P`` positions
     (P = longest answer, 1 when no answers are given), ``answer_ids`` [B, P] and
     ``answer_mask`` [B, P] marking which of those positions predict a real answer token.
+    With a prefix, positions start after it (see :class:`SharedPrefix`).
     """
-    prompt_ids = tokenizer(list(prompts)).input_ids
+    prompt_ids = [ids[prefix_length:] for ids in tokenizer(list(prompts)).input_ids]
     answers = [list(a) for a in answers] if answers is not None else [[tokenizer.pad_token_id]] * len(prompt_ids)
     if any(len(a) == 0 for a in answers):
         raise ValueError("every answer needs at least one token")
@@ -38,21 +44,54 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         # Positions count real tokens only, so left padding does not shift them.
-        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0) + prefix_length,
         "answer_ids": answer_ids,
         "answer_mask": answer_mask,
     }
 
 
-def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, P, V] at the P answer positions of an :func:`encode` batch."""
+class SharedPrefix:
+    """The key/value cache of the tokens that every prompt of a set starts with."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]):
+        ids = tokenizer(list(prompts)).input_ids
+        first = ids[0]
+        # Longest common token prefix; every row keeps at least one token of its own.
+        length = min(len(r) for r in ids) - 1
+        for row in ids[1:]:
+            length = next((i for i, (a, b) in enumerate(zip(first[:length], row)) if a != b), length)
+        self.length = length
+        self.cache = None
+        if length > 0:
+            device = next(model.parameters()).device
+            with torch.no_grad():
+                self.cache = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True).past_key_values
+
+    def for_batch(self, batch_size: int):
+        cache = copy.deepcopy(self.cache)  # the forward pass appends to it
+        cache.batch_repeat_interleave(batch_size)
+        return cache
+
+
+def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                  prefix: Optional[SharedPrefix] = None) -> torch.Tensor:
+    """Logits [B, P, V] at the P answer positions of an :func:`encode` batch.
+
+    With ``prefix`` the batch must have been encoded with ``prefix_length=prefix.length``.
+    """
     device = next(model.parameters()).device
+    attention_mask = batch["attention_mask"].to(device)
+    past = None
+    if prefix is not None and prefix.cache is not None:
+        past = prefix.for_batch(attention_mask.shape[0])
+        attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], prefix.length), attention_mask], 1)
     out = model(
         input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
+        attention_mask=attention_mask,
         position_ids=batch["position_ids"].to(device),
+        past_key_values=past,
         logits_to_keep=batch["answer_ids"].shape[1],
-        use_cache=False,
+        use_cache=past is not None,
     )
     return out.logits.float()
 

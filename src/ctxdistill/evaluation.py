@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctxdistill.data import Example, Task
-from ctxdistill.encoding import answer_logits, answer_token_logprobs, encode
+from ctxdistill.encoding import SharedPrefix, answer_logits, answer_token_logprobs, encode
 from ctxdistill.losses import forward_kl
 from ctxdistill.models import ModelHandle
 
@@ -41,21 +41,23 @@ def score(model, tokenizer, task: Task, examples: list[Example], with_context: b
     model.eval()
     verbalizer_ids = [tokenizer(v, add_special_tokens=False).input_ids for v in task.verbalizers]
     single_token = all(len(ids) == 1 for ids in verbalizer_ids)
+    all_prompts = [task.prompt(e, with_context) for e in examples]
+    prefix = SharedPrefix(model, tokenizer, all_prompts)  # the context, run once for the whole set
     label_lp, distributions, kls = [], [], []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
-        chunk = examples[start:start + batch_size]
-        prompts = [task.prompt(e, with_context) for e in chunk]
-        next_token = answer_logits(model, encode(tokenizer, prompts))[:, -1].log_softmax(-1)
+        prompts = all_prompts[start:start + batch_size]
+        batch = encode(tokenizer, prompts, prefix_length=prefix.length)
+        next_token = answer_logits(model, batch, prefix)[:, -1].log_softmax(-1)
         if single_token:
             label_lp.append(next_token[:, [ids[0] for ids in verbalizer_ids]].cpu())
         else:
             per_class = []
             for ids in verbalizer_ids:
-                batch = encode(tokenizer, prompts, [ids] * len(prompts))
-                per_class.append(answer_token_logprobs(answer_logits(model, batch), batch).cpu())
+                batch = encode(tokenizer, prompts, [ids] * len(prompts), prefix_length=prefix.length)
+                per_class.append(answer_token_logprobs(answer_logits(model, batch, prefix), batch).cpu())
             label_lp.append(torch.stack(per_class, -1))
         if teacher is not None:
-            reference = teacher.next_token_logprobs[start:start + len(chunk)].to(next_token.device)
+            reference = teacher.next_token_logprobs[start:start + len(prompts)].to(next_token.device)
             kls.append(forward_kl(next_token, reference).cpu())
         if keep_distribution:
             distributions.append(next_token.cpu())

@@ -1,18 +1,12 @@
-"""Synthetic offline task: sentiment of short template reviews with arbitrary label words.
+"""Synthetic offline task: sentiment of short template reviews (label 0 positive, 1 negative).
 
-The model can judge sentiment of these sentences, but the label words (" foo" /
-" bar") carry no meaning, so only the context (instruction + demos) tells the model
-which word means what: the teacher with context is far better than the bare student.
+conf/dataset/synthetic.yaml answers them with arbitrary label words (" foo" / " bar"):
+the model can judge the sentiment of these sentences, but only the context
+(instruction + demonstrations) tells it which word means what, so the teacher with
+the context is far better than the bare model.
 """
 
 import random
-
-INSTRUCTION = (
-    'Classify the sentiment of each review. Answer " foo" if it is positive '
-    'and " bar" if it is negative.'
-)
-TEMPLATE = "Review: {review}\nSentiment:"
-VERBALIZERS = [" foo", " bar"]  # label 0 = positive, label 1 = negative
 
 # Each word list is cut in half: even indices go to "train", odd to "eval", so
 # held-out reviews use adjectives and subjects never seen in the train pool.
@@ -62,7 +56,8 @@ def generate_examples(num_examples: int, seed: int, split: str = "train") -> lis
     adjectives = [_part(_POSITIVE, split), _part(_NEGATIVE, split)]
     subjects = _part(_SUBJECTS, split)
     examples, seen = [], set()
-    # Capacity is tens of thousands of texts per split; the bound guards typos in num_examples.
+    # Each split holds tens of thousands of distinct texts; the bound stops an
+    # impossible request (too many examples) from looping forever.
     for _ in range(num_examples * 1000):
         if len(examples) == num_examples:
             return examples

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ctxdistill.encoding import answer_logits, encode
+from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.losses import distillation_loss
 from ctxdistill.methods.base import Method
 
@@ -62,10 +62,11 @@ class ContextDistillation(Method):
                 spans = greedy_answer_spans(teacher, tokenizer, prompts, self.max_answer_tokens, batch_size)
             else:  # one position: the one that predicts the label word
                 spans = [[tokenizer.pad_token_id]] * len(examples)
+            prefix = SharedPrefix(teacher, tokenizer, prompts)
             for start in tqdm(range(0, len(examples), batch_size), desc="teacher targets", leave=False):
                 chunk = slice(start, start + batch_size)
-                batch = encode(tokenizer, prompts[chunk], spans[chunk])
-                logits = answer_logits(teacher, batch).cpu()
+                batch = encode(tokenizer, prompts[chunk], spans[chunk], prefix_length=prefix.length)
+                logits = answer_logits(teacher, batch, prefix).cpu()
                 for example, span, row in zip(examples[chunk], spans[chunk], logits):
                     self._spans[example.uid] = span
                     self._teacher_logits[example.uid] = row[row.shape[0] - len(span):]
