@@ -70,7 +70,7 @@ class WandbTracker(Tracker):
             self.run.define_metric("eval/accuracy", summary="max")
         except Exception as e:  # noqa: BLE001
             log.warning("W&B define_metric failed: %s", e)
-        self.run_dir = self.run.dir
+        self.run_dir = str(Path(self.run.dir).parent)  # the offline-run-* directory `wandb sync` takes
         if mode == "offline":
             log.info("W&B is offline; upload later with:  wandb sync %s", self.run_dir)
 
