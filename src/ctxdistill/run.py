@@ -86,6 +86,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         elif method.adapter is None:
             model.requires_grad_(False)
         model.to(accelerator.device)
+        log.info("%s on %s (weights %s, mixed precision %s); %d trainable parameters", cfg.model.name,
+                 accelerator.device, cfg.model.dtype, cfg.trainer.mixed_precision,
+                 sum(p.numel() for p in model.parameters() if p.requires_grad))
         handle = ModelHandle(student=model, base=model)
         evaluator = Evaluator(handle, tokenizer, task, method.eval_with_context, cfg.trainer.eval_batch_size,
                               model_is_teacher=method.eval_with_context and not method.trains)
