@@ -102,3 +102,25 @@ def test_context_longer_than_the_window_fails_before_the_model_loads(make_cfg, t
     with pytest.raises(ConfigError, match="window of 32"):
         run(cfg)
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_fine_tuning_without_demonstrations_fails_before_the_model_loads(make_cfg, tmp_path):
+    from ctxdistill.run import run
+
+    with pytest.raises(ConfigError, match="num_demos"):
+        run(make_cfg(*TINY, "method=ft", "dataset.context.num_demos=0"))
+    assert not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--help"], "method: base_distill, base_finetune, base_prompting, cd, ft, icl, zero_shot"),
+    (["method=ft", "--cfg", "job"], "_target_: ctxdistill.methods.finetune.Finetune"),
+    (["--info", "defaults"], "method/cd"),
+])
+def test_hydra_command_line_introspection(args, expected):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ctxdistill", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert expected in proc.stdout

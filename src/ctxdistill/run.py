@@ -66,6 +66,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method = instantiate(cfg.method, _convert_="all")
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     task = build_task(cfg.dataset, cfg.seed)
+    if method.trains and not method.train_examples(task):
+        raise ConfigError(f"method={method.name} trains on the {cfg.dataset.name} demonstrations or queries, and "
+                          f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0.")
     answer_tokens = cfg.method.get("max_answer_tokens", 1) if cfg.method.get("answer") == "teacher_generation" else 1
     check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
