@@ -25,7 +25,7 @@ from ctxdistill.data import Task, build_task
 from ctxdistill.evaluation import Evaluator
 from ctxdistill.models import ModelHandle, add_lora, context_window, load_model, load_tokenizer
 from ctxdistill.trainer import train
-from ctxdistill.tracking import create_tracker
+from ctxdistill.tracking import Tracker, create_tracker
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     validate(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.seed)
     method = instantiate(cfg.method, _convert_="all")
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
@@ -71,18 +70,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0.")
     answer_tokens = cfg.method.get("max_answer_tokens", 1) if cfg.method.get("answer") == "teacher_generation" else 1
     check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    identity = run_identity(cfg)
-    config = {**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()}
+    accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision,
+                              gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
+                              cpu=not torch.cuda.is_available())
+    # Under several processes every rank trains and evaluates; rank 0 alone writes and logs.
+    writer = accelerator.is_main_process
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker = create_tracker(
         cfg.logger, group=f"{cfg.dataset.name}-{cfg.model.name}",
         name=f"{cfg.method.name}-{cfg.model.name}-{cfg.dataset.name}-s{cfg.seed}",
         tags=[cfg.method.name, cfg.model.name, cfg.dataset.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
-        config=config, output_dir=str(out))
+        config={**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()},
+        output_dir=str(out)) if writer else Tracker()
     try:
-        accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision,
-                                  gradient_accumulation_steps=cfg.trainer.grad_accum_steps, cpu=not torch.cuda.is_available())
         model = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed)
         if method.adapter == "lora":
             model = add_lora(model, cfg.model)
@@ -106,18 +109,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             train_stats = train(method, handle, tokenizer, task, cfg.trainer, accelerator, cfg.seed,
                                 tracker.log, periodic_eval)
         metrics, predictions = evaluator.evaluate()
-
-        with (out / "predictions.jsonl").open("w") as f:
-            for name, rows in predictions.items():
-                for row in rows:
-                    f.write(json.dumps({"set": name, **row}) + "\n")
-        if method.trains and cfg.trainer.save_model:
-            handle.base.save_pretrained(out / ("adapter" if method.adapter == "lora" else "model"))
-        result = {**identity, "status": "complete", "metrics": metrics, "train": train_stats,
+        result = {**run_identity(cfg), "status": "complete", "metrics": metrics, "train": train_stats,
                   "demos": [d.uid for d in task.demos], "num_train_examples": len(method.train_examples(task)),
                   "runtime_seconds": time.perf_counter() - started,
                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        write_json(out / "metrics.json", result)
+        if writer:
+            save_results(out, result, predictions, handle.base if method.trains and cfg.trainer.save_model else None,
+                         "adapter" if method.adapter == "lora" else "model")
         tracker.log(metrics, train_stats.get("steps", 0))
         tracker.summary({**metrics, **{f"train/{k}": v for k, v in train_stats.items()}})
         tracker.predictions(predictions)
@@ -125,3 +123,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return result
     finally:
         tracker.finish()
+
+
+def save_results(out: Path, result: dict[str, Any], predictions: dict[str, list[dict]], model, model_dir: str) -> None:
+    """Predictions and weights first, metrics.json last: a complete metrics.json means a complete run."""
+    with (out / "predictions.jsonl").open("w") as f:
+        for name, rows in predictions.items():
+            for row in rows:
+                f.write(json.dumps({"set": name, **row}) + "\n")
+    if model is not None:
+        model.save_pretrained(out / model_dir)
+    write_json(out / "metrics.json", result)
