@@ -108,14 +108,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
             train_stats = train(method, handle, tokenizer, task, cfg.trainer, accelerator, cfg.seed,
                                 tracker.log, periodic_eval)
+            if writer and cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
+                handle.base.save_pretrained(out / ("adapter" if method.adapter == "lora" else "model"))
         metrics, predictions = evaluator.evaluate()
         result = {**run_identity(cfg), "status": "complete", "metrics": metrics, "train": train_stats,
                   "demos": [d.uid for d in task.demos], "num_train_examples": len(method.train_examples(task)),
                   "runtime_seconds": time.perf_counter() - started,
                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if writer:
-            save_results(out, result, predictions, handle.base if method.trains and cfg.trainer.save_model else None,
-                         "adapter" if method.adapter == "lora" else "model")
+            save_results(out, result, predictions)
         tracker.log(metrics, train_stats.get("steps", 0))
         tracker.summary({**metrics, **{f"train/{k}": v for k, v in train_stats.items()}})
         tracker.predictions(predictions)
@@ -125,12 +126,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.finish()
 
 
-def save_results(out: Path, result: dict[str, Any], predictions: dict[str, list[dict]], model, model_dir: str) -> None:
-    """Predictions and weights first, metrics.json last: a complete metrics.json means a complete run."""
+def save_results(out: Path, result: dict[str, Any], predictions: dict[str, list[dict]]) -> None:
+    """Predictions first, metrics.json last: a complete metrics.json means a complete run."""
     with (out / "predictions.jsonl").open("w") as f:
         for name, rows in predictions.items():
             for row in rows:
                 f.write(json.dumps({"set": name, **row}) + "\n")
-    if model is not None:
-        model.save_pretrained(out / model_dir)
     write_json(out / "metrics.json", result)
