@@ -84,15 +84,21 @@ class ModelConfig:
 # ---------------------------------------------------------------- dataset
 @dataclass
 class SourceConfig:
-    # synthetic: the project's generator; hub: datasets.load_dataset(hub_id, hub_config);
-    # files: local json/jsonl/csv/tsv files, one per split, in `data_files`.
+    # synthetic: the project's generator; hub: datasets.load_dataset(hub_id, hub_config), or the
+    # local files in `data_files` when `data_dir` is set; files: local files only.
     kind: str = MISSING
     generator: Optional[str] = None
     seed: int = 1234  # data generation seed, fixed across run seeds
     split_sizes: dict[str, int] = field(default_factory=dict)
     hub_id: Optional[str] = None
     hub_config: Optional[str] = None
-    data_files: dict[str, str] = field(default_factory=dict)
+    data_dir: Optional[str] = None  # a directory with the original files; data_files are relative to it
+    data_files: dict[str, str] = field(default_factory=dict)  # split -> .jsonl/.json/.tsv/.csv file
+    rename: dict[str, str] = field(default_factory=dict)  # column -> template field (file layouts differ)
+    where: dict[str, str] = field(default_factory=dict)  # keep only records with these column values
+    bytes_literals: bool = False  # text columns hold Python bytes literals b'...' (llmft's PAWS-QQP)
+    subsample: Optional[int] = None  # keep this many records per split (numpy seed below), as llmft does
+    subsample_seed: int = 123
 
 
 @dataclass
@@ -108,7 +114,8 @@ class EvalSetConfig:
     name: str = MISSING
     source: SourceConfig = field(default_factory=SourceConfig)
     split: str = "validation"
-    label_map: Optional[dict[str, int]] = None
+    label_map: Optional[dict[str, int]] = None  # default: the dataset's
+    drop_labels: Optional[list[str]] = None  # default: the dataset's
     num_examples: Optional[int] = None
 
 
@@ -119,6 +126,7 @@ class DatasetConfig:
     fields: list[str] = MISSING  # template fields read from each record
     label_field: str = "label"
     label_map: dict[str, int] = field(default_factory=dict)  # raw label -> class; empty: labels are class ids
+    drop_labels: list[str] = field(default_factory=list)  # raw labels whose records are left out
     template: str = MISSING  # rendered query, ending in the answer cue
     verbalizers: list[str] = MISSING  # answer word per class, with its leading space
     student_instruction: str = ""

@@ -8,6 +8,7 @@ that renders the teacher prompt (context + query) and the student prompt (query)
 
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import random
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 from hydra.utils import get_method
 from omegaconf import DictConfig
 
@@ -62,24 +64,38 @@ class Task:
 
 
 # ---------------------------------------------------------------- loading records
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    """A JSON list of records, a JSON object of records keyed by id, or JSON lines."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, list):
+        return whole
+    if isinstance(whole, dict) and whole and all(isinstance(v, dict) for v in whole.values()):
+        return [{"id": key, **value} for key, value in whole.items()]
+    records = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: not a JSON record ({e.msg}); expected JSON lines, "
+                            f"a JSON list, or a JSON object of records") from e
+    return records
+
+
 def _read_file(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise DataError(f"data file not found: {path}. Check dataset.source.data_files.")
+        raise DataError(f"data file not found: {path}. Check dataset.source.data_dir and data_files.")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        records = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not a JSON object per line ({e.msg})") from e
-        return records
-    if suffix in (".tsv", ".csv"):
+        return _read_json(path)
+    if suffix in (".tsv", ".csv", ".txt"):
         # GLUE-style TSVs contain stray quote characters: read them with quoting disabled.
-        delimiter, quoting = ("\t", csv.QUOTE_NONE) if suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
+        delimiter, quoting = (",", csv.QUOTE_MINIMAL) if suffix == ".csv" else ("\t", csv.QUOTE_NONE)
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
             records = []
@@ -88,21 +104,29 @@ def _read_file(path: Path) -> list[dict[str, Any]]:
                     raise DataError(f"{path}:{reader.line_num}: expected {len(reader.fieldnames)} columns")
                 records.append(row)
             return records
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .tsv or .csv")
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .tsv, .txt (tab-separated) or .csv")
 
 
-def load_records(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], str]:
-    """The raw records of one split, and a description of where they came from."""
+def _decode_bytes_literal(value: Any, where: str) -> Any:
+    if isinstance(value, str) and len(value) >= 3 and value[0] == "b" and value[1] in "'\"" and value[-1] == value[1]:
+        try:
+            return ast.literal_eval(value).decode("utf-8")
+        except (ValueError, SyntaxError, UnicodeDecodeError) as e:
+            raise DataError(f"{where}: cannot decode the bytes literal {value[:60]!r}: {e}") from e
+    return value
+
+
+def _fetch(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], str]:
     if source.kind == "synthetic":
         size = source.split_sizes.get(split)
         if size is None:
             raise DataError(f"dataset.source.split_sizes has no size for split {split!r}")
         return get_method(source.generator)(num_examples=size, seed=source.seed, split=split), source.generator
-    if source.kind == "files":
+    if source.kind == "files" or source.data_dir:
         if split not in source.data_files:
             raise DataError(f"dataset.source.data_files has no file for split {split!r} "
-                            f"(has: {sorted(source.data_files)})")
-        path = Path(source.data_files[split]).expanduser()
+                            f"(has: {sorted(source.data_files)}); add ++dataset.source.data_files.{split}=FILE")
+        path = Path(source.data_dir or ".").expanduser() / source.data_files[split]
         return _read_file(path), str(path)
     import datasets  # slow import, only when the Hub is used
 
@@ -110,26 +134,48 @@ def load_records(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], 
     try:
         return list(datasets.load_dataset(source.hub_id, source.hub_config, split=split)), where
     except Exception as e:  # noqa: BLE001 - network, missing split, missing dataset all end here
-        raise DataError(f"could not load {where} with datasets.load_dataset: {e}. Without network, download it "
-                        f"once where you have network, or give local files with dataset.source.kind=files "
-                        f"and ++dataset.source.data_files.{split}=PATH") from e
+        raise DataError(f"could not load {where} with datasets.load_dataset: {e}. Without network, point "
+                        f"dataset.source.data_dir at a directory with the original files (see "
+                        f"dataset.source.data_files), or download it once where you have network") from e
 
 
-def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: Optional[DictConfig],
+def load_records(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], str]:
+    """The raw records of one split (renamed, filtered, decoded, subsampled) and where they came from."""
+    records, where = _fetch(source, split)
+    if source.rename:
+        records = [{source.rename.get(k, k): v for k, v in r.items()} for r in records]
+    for column, value in source.where.items():
+        records = [r for r in records if str(r.get(column)) == value]
+    if source.bytes_literals:
+        records = [{k: _decode_bytes_literal(v, where) for k, v in r.items()} for r in records]
+    if source.subsample is not None and len(records) > source.subsample:
+        keep = np.random.RandomState(source.subsample_seed).choice(len(records), source.subsample, replace=False)
+        records = [records[i] for i in sorted(keep)]
+    return records, where
+
+
+def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: DictConfig, drop_labels: list[str],
                 where: str, prefix: str) -> list[Example]:
     examples = []
     for i, record in enumerate(records):
         missing = [f for f in [*spec.fields, spec.label_field] if f not in record]
         if missing:
-            raise DataError(f"{where}: record {i} lacks field(s) {missing}; it has {sorted(record)}")
-        raw = record[spec.label_field]
+            raise DataError(f"{where}: record {i} lacks field(s) {missing}; it has {sorted(record)} "
+                            f"(dataset.source.rename maps columns to fields)")
+        raw = str(record[spec.label_field])
+        if raw in drop_labels:
+            continue
         if label_map:
-            if str(raw) not in label_map:
+            if raw not in label_map:
                 raise DataError(f"{where}: record {i} has unknown label {raw!r}; "
                                 f"dataset label_map knows {sorted(label_map)}")
-            label = int(label_map[str(raw)])
+            label = int(label_map[raw])
         else:
-            label = int(raw)
+            try:
+                label = int(raw)
+            except ValueError:
+                raise DataError(f"{where}: record {i} has label {raw!r}, which is not a class index; "
+                                f"give the dataset a label_map") from None
         if not 0 <= label < len(spec.verbalizers):
             raise DataError(f"{where}: record {i} has label {label}, but there are "
                             f"{len(spec.verbalizers)} verbalizers")
@@ -164,7 +210,7 @@ def render_context(spec: DictConfig, demos: list[Example]) -> str:
 def build_task(spec: DictConfig, seed: int) -> Task:
     """Load the splits, draw the demonstrations and the unlabelled training queries (seeded)."""
     train_records, where = load_records(spec.source, spec.train_split)
-    pool = to_examples(train_records, spec, spec.label_map, where, "train")
+    pool = to_examples(train_records, spec, spec.label_map, spec.drop_labels, where, "train")
     rng = random.Random(seed)
     demos = select_demos(pool, spec.context.num_demos, spec.context.balanced, len(spec.verbalizers), rng)
     demo_ids = {d.uid for d in demos}
@@ -176,11 +222,13 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     queries = [replace(e, label=None) for e in rng.sample(rest, spec.num_train_queries)]
 
     eval_records, where = load_records(spec.source, spec.eval_split)
-    eval_sets = {"eval": to_examples(eval_records, spec, spec.label_map, where, "eval")[: spec.num_eval]}
-    for ood in spec.ood:
+    eval_sets = {"eval": to_examples(eval_records, spec, spec.label_map, spec.drop_labels, where,
+                                     "eval")[: spec.num_eval]}
+    for ood in spec.ood:  # out-of-domain sets may label and filter their own way
         records, where = load_records(ood.source, ood.split)
-        label_map = ood.label_map if ood.label_map is not None else spec.label_map  # OOD sets may relabel
-        eval_sets[ood.name] = to_examples(records, spec, label_map, where, ood.name)[: ood.num_examples]
+        label_map = ood.label_map if ood.label_map is not None else spec.label_map
+        drop = ood.drop_labels if ood.drop_labels is not None else spec.drop_labels
+        eval_sets[ood.name] = to_examples(records, spec, label_map, drop, where, ood.name)[: ood.num_examples]
     return Task(
         name=spec.name,
         template=spec.template,

@@ -1,0 +1,74 @@
+"""Benchmark loaders on the original file formats: files the tests write, and the real copies in ../shared/data."""
+
+from pathlib import Path
+
+import pytest
+
+from ctxdistill.data import build_task
+from ctxdistill.data.tasks import load_records
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="the real benchmark copies (../shared/data) are absent")
+
+
+@needs_shared
+def test_mnli_dev_matched_loads_every_row_and_drops_neutral(make_cfg):
+    cfg = make_cfg("dataset=mnli", f"dataset.source.data_dir={SHARED / 'glue/mnli'}", "dataset.ood=[]")
+    records, _ = load_records(cfg.dataset.source, "validation_matched")
+    assert len(records) == 9815  # quoting disabled: default csv quoting loses 101 rows
+    task = build_task(cfg.dataset, seed=0)
+    assert len(task.eval_sets["eval"]) == 6692
+    assert sorted(d.label for d in task.demos) == [0] * 8 + [1] * 8
+    first = task.eval_sets["eval"][0]  # row 1 of the file; row 0 is neutral
+    assert task.student_prompt(first) == (
+        "This site includes a list of all award winners and a searchable database of Government Executive "
+        "articles. The Government Executive articles housed on the website are not able to be searched. ?")
+    assert first.label == 1
+    assert not {e.fields["premise"] for e in task.demos} & {q.fields["premise"] for q in task.train_queries}
+
+
+@needs_shared
+def test_paws_qqp_decodes_bytes_literals(make_cfg):
+    cfg = make_cfg("dataset=qqp", f"dataset.source.data_dir={SHARED / 'glue/qqp'}",
+                   f"dataset.ood.0.source.data_dir={SHARED / 'paws_qqp'}")
+    task = build_task(cfg.dataset, seed=0)
+    paws = task.eval_sets["paws_qqp"]
+    assert len(paws) == 677 and sum(e.label for e in paws) == 191
+    assert paws[0].fields["question1"].startswith("What were the major effects of the cambodia earthquake")
+    assert not any(e.fields["question1"].startswith(("b'", 'b"')) for e in paws)
+    assert len(task.eval_sets["eval"]) == 1000  # subsampled like llmft
+
+
+@needs_shared
+def test_rte_dev_has_277_rows(make_cfg):
+    cfg = make_cfg("dataset=rte", f"dataset.source.data_dir={SHARED / 'glue/rte'}")
+    task = build_task(cfg.dataset, seed=0)
+    assert len(task.eval_sets["eval"]) == 277
+    assert {e.label for e in task.eval_sets["eval"]} == {0, 1}
+
+
+HANS_HEADER = ("gold_label\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\t"
+               "sentence1\tsentence2\tpairID\theuristic\tsubcase\ttemplate\n")
+
+
+def test_a_hans_format_file_fills_the_out_of_domain_slot(make_cfg, tmp_path):
+    rows = [("entailment", "The cat saw the dog .", "The cat saw the dog .", "lexical_overlap"),
+            ("non-entailment", "The dog saw the cat .", "The cat saw the dog .", "lexical_overlap"),
+            ("non-entailment", "If the cat ran , the dog slept .", "The dog slept .", "constituent")]
+    hans = tmp_path / "heuristics_evaluation_set.txt"
+    hans.write_text(HANS_HEADER + "".join(f"{g}\t(x)\t(y)\t(X)\t(Y)\t{a}\t{b}\tex{i}\t{h}\tsub\ttemp\n"
+                                          for i, (g, a, b, h) in enumerate(rows)))
+    mnli = tmp_path / "mnli"
+    mnli.mkdir()
+    (mnli / "train.jsonl").write_text("".join(
+        f'{{"text_a": "P{i}", "text_b": "H{i}", "label": "{lab}"}}\n'
+        for i, lab in enumerate(["entailment", "neutral", "contradiction"] * 4)))
+    (mnli / "dev.tsv").write_text("index\tpremise\thypothesis\tgold_label\n0\tA \"quoted\tB\tentailment\n")
+    cfg = make_cfg("dataset=mnli", f"dataset.source.data_dir={mnli}", "dataset.source.data_files.train=train.jsonl",
+                   "dataset.source.data_files.validation_matched=dev.tsv", "dataset.context.num_demos=2",
+                   "dataset.num_train_queries=4", f"dataset.ood.0.source.data_dir={tmp_path}")
+    task = build_task(cfg.dataset, seed=0)
+    assert [(e.fields["premise"], e.label) for e in task.eval_sets["hans"]] == [
+        ("The cat saw the dog .", 0), ("The dog saw the cat .", 1)]  # lexical_overlap only
+    assert task.eval_sets["eval"][0].fields["premise"] == 'A "quoted'
+    assert len(task.train_queries) == 4 and all(q.label is None for q in task.train_queries)
