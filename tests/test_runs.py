@@ -32,7 +32,8 @@ def test_every_method_leaves_its_results_on_disk(make_cfg, tmp_path, method, tra
     saved = read_metrics(tmp_path)
     assert saved == json.loads(json.dumps(result))
     assert (saved["method"], saved["model"], saved["dataset"], saved["seed"]) == (method, "tiny-random", "synthetic", 7)
-    for key in ("accuracy", "f1", "teacher_agreement", "kl_to_teacher", "teacher_accuracy"):
+    for key in ("accuracy", "f1", "teacher_agreement", "kl_to_teacher", "teacher_accuracy", "vocab_accuracy",
+                "accuracy_label0", "accuracy_label1"):
         assert 0 <= saved["metrics"][f"eval/{key}"] < float("inf")
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 48 and {"prediction", "teacher_prediction", "label", "prompt"} <= set(rows[0])

@@ -27,6 +27,7 @@ class Scores:
     label_logprobs: torch.Tensor  # [N, C]
     next_token_logprobs: Optional[torch.Tensor]  # [N, V] at the answer position, kept for the teacher only
     kl_to_teacher: Optional[torch.Tensor]  # [N]
+    top_token: torch.Tensor  # [N] the most likely next token over the whole vocabulary (greedy decoding)
 
     @property
     def predictions(self) -> torch.Tensor:
@@ -43,11 +44,12 @@ def score(model, tokenizer, task: Task, examples: list[Example], with_context: b
     single_token = all(len(ids) == 1 for ids in verbalizer_ids)
     all_prompts = [task.prompt(e, with_context) for e in examples]
     prefix = SharedPrefix(model, tokenizer, all_prompts)  # the context, run once for the whole set
-    label_lp, distributions, kls = [], [], []
+    label_lp, distributions, kls, top = [], [], [], []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
         prompts = all_prompts[start:start + batch_size]
         batch = encode(tokenizer, prompts, prefix_length=prefix.length)
         next_token = answer_logits(model, batch, prefix)[:, -1].log_softmax(-1)
+        top.append(next_token.argmax(-1).cpu())
         if single_token:
             label_lp.append(next_token[:, [ids[0] for ids in verbalizer_ids]].cpu())
         else:
@@ -63,21 +65,25 @@ def score(model, tokenizer, task: Task, examples: list[Example], with_context: b
             distributions.append(next_token.cpu())
     model.train(was_training)
     return Scores(torch.cat(label_lp), torch.cat(distributions) if keep_distribution else None,
-                  torch.cat(kls) if teacher is not None else None)
+                  torch.cat(kls) if teacher is not None else None, torch.cat(top))
 
 
 def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Accuracy; F1 of class 1 for binary tasks (GLUE's convention), macro-F1 otherwise."""
+    """Accuracy (overall and within each gold class); F1 of class 1 for binary tasks (GLUE's convention),
+    macro-F1 otherwise; the majority-class rate, beside which a chance-level score shows as such."""
     f1s = []
     for c in range(num_classes):
         tp = ((predictions == c) & (labels == c)).sum().item()
         fp = ((predictions == c) & (labels != c)).sum().item()
         fn = ((predictions != c) & (labels == c)).sum().item()
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    per_class = {f"accuracy_label{c}": (predictions[labels == c] == c).float().mean().item()
+                 for c in range(num_classes) if (labels == c).any()}
     return {
         "accuracy": (predictions == labels).float().mean().item(),
         "f1": f1s[1] if num_classes == 2 else sum(f1s) / num_classes,
         "majority_rate": labels.bincount(minlength=num_classes).max().item() / len(labels),
+        **per_class,
     }
 
 
@@ -94,6 +100,7 @@ class Evaluator:
         self.with_context, self.batch_size = with_context, batch_size
         # An untrained model that sees the context *is* the teacher: score it once.
         self.model_is_teacher = model_is_teacher
+        self.answer_tokens = [tokenizer(v, add_special_tokens=False).input_ids[0] for v in task.verbalizers]
         self._teacher: dict[str, Scores] = {}
 
     def teacher_scores(self, name: str) -> Scores:
@@ -111,12 +118,16 @@ class Evaluator:
             examples = self.task.eval_sets[name]
             teacher = self.teacher_scores(name)
             if self.model_is_teacher:
-                model = Scores(teacher.label_logprobs, None, torch.zeros(len(examples)))
+                model = Scores(teacher.label_logprobs, None, torch.zeros(len(examples)), teacher.top_token)
             else:
                 model = score(self.handle.base, self.tokenizer, self.task, examples, self.with_context,
                               self.batch_size, teacher=teacher, desc=f"model {name}")
             labels = torch.tensor([e.label for e in examples])
             result = classification_metrics(model.predictions, labels, self.task.num_classes)
+            # llmft's `accuracy` / Upadhayaya's greedy one-token answer: the argmax over the whole
+            # vocabulary must be the gold answer word's (first) token.
+            answer_token = torch.tensor(self.answer_tokens)[labels]
+            result["vocab_accuracy"] = (model.top_token == answer_token).float().mean().item()
             result["teacher_accuracy"] = (teacher.predictions == labels).float().mean().item()
             result["teacher_agreement"] = (model.predictions == teacher.predictions).float().mean().item()
             result["kl_to_teacher"] = model.kl_to_teacher.mean().item()

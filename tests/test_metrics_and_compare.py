@@ -35,3 +35,15 @@ def test_csv_output_and_an_empty_directory(tmp_path, capsys):
     assert out[0].startswith("method,model,dataset,seeds,accuracy") and out[1].startswith("cd,m,d,1,0.750")
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 1
+
+
+def test_classification_metrics_by_hand():
+    import torch
+
+    from ctxdistill.evaluation import classification_metrics
+
+    predictions, labels = torch.tensor([0, 1, 1, 1, 0]), torch.tensor([0, 1, 0, 1, 1])
+    metrics = classification_metrics(predictions, labels, 2)
+    # class 1: tp=2, fp=1, fn=1 -> F1 = 4/6
+    assert metrics == {"accuracy": 0.6, "f1": 4 / 6, "majority_rate": 0.6,
+                       "accuracy_label0": 0.5, "accuracy_label1": 2 / 3}
