@@ -1,3 +1,3 @@
-from ctxdistill.cli import main
+from ctxdistill.cli import entry
 
-main()
+entry()

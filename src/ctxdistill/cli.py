@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -24,5 +25,45 @@ def main(cfg: DictConfig) -> float:
     return result["metrics"]["eval/accuracy"]
 
 
+def print_sweep_configs(argv: list[str]) -> None:
+    """``ctxdistill -m ... --cfg job``: Hydra refuses the pair, so compose, validate and print every cell."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from ctxdistill.config import validate
+
+    overrides, skip = [], False
+    for arg in argv:
+        if skip or arg in ("-m", "--multirun"):
+            skip = False
+            continue
+        if arg in ("--cfg", "-c"):
+            skip = True  # its value: job | hydra | all; the cells' job configs are printed
+            continue
+        overrides.append(arg)
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        swept = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {}
+        given = {o.get_key_element().lstrip("+~") for o in parsed}
+        parsed += parser.parse_overrides([f"{key}={value}" for key, value in swept.items() if key not in given])
+        cells = BasicSweeper.split_arguments(parsed, None)[0]
+        for number, cell in enumerate(cells):
+            cfg = compose("config", overrides=list(cell))
+            validate(cfg)
+            print(f"# cell {number}: {' '.join(cell)}\n{OmegaConf.to_yaml(cfg)}")
+
+
+def entry() -> None:
+    argv = sys.argv[1:]
+    if {"-m", "--multirun"} & set(argv) and {"--cfg", "-c"} & set(argv):
+        print_sweep_configs(argv)
+    else:
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -43,6 +43,9 @@ class DistillConfig(MethodConfig):
     top_k: Optional[int] = None  # keep the teacher's k most likely tokens (forward_kl only)
     answer: str = "label_position"  # label_position | teacher_generation
     max_answer_tokens: int = 8  # span length for answer=teacher_generation
+    # frozen: base weights, adapter disabled, eval mode (the papers' description). live: the adapted
+    # model itself in train mode, as Upadhayaya et al.'s released code effectively does.
+    teacher: str = "frozen"
 
 
 # ---------------------------------------------------------------- model
@@ -247,6 +250,10 @@ def validate(cfg: DictConfig) -> None:
         _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
         _require(m.answer in ("label_position", "teacher_generation"), "method.answer",
                  f"unknown value {m.answer!r}", "Use label_position or teacher_generation")
+        _require(m.teacher in ("frozen", "live"), "method.teacher", f"unknown value {m.teacher!r}",
+                 "Use frozen or live")
+        _require(m.teacher == "frozen" or m.answer == "label_position", "method.teacher",
+                 "a live teacher is supported with answer=label_position only", "Set method.answer=label_position")
     if "finetune" in m:
         _require(m.finetune in ("lora", "full"), "method.finetune", f"unknown value {m.finetune!r}",
                  "Use lora or full")

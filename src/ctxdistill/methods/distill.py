@@ -7,7 +7,9 @@ either the single position after the answer cue (Upadhayaya: where the label wor
 predicted) or the teacher's own greedy answer span (Snell). Queries are unlabelled.
 
 The teacher is frozen, so its targets are computed once in :meth:`prepare` and reused
-by every epoch: training runs no teacher forward pass.
+by every epoch: training runs no teacher forward pass. ``teacher="live"`` reproduces
+Upadhayaya et al.'s released code instead, whose teacher is the adapted model itself in
+train mode; its targets move with training and are computed at every step.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ class ContextDistillation(Method):
     adapter = "lora"
 
     def __init__(self, name: str, divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                 top_k: Optional[int] = None, answer: str = "label_position", max_answer_tokens: int = 8):
+                 top_k: Optional[int] = None, answer: str = "label_position", max_answer_tokens: int = 8,
+                 teacher: str = "frozen"):
         super().__init__(name)
         self.divergence, self.beta, self.temperature, self.top_k = divergence, beta, temperature, top_k
-        self.answer, self.max_answer_tokens = answer, max_answer_tokens
+        self.answer, self.max_answer_tokens, self.live_teacher = answer, max_answer_tokens, teacher == "live"
         self._spans: dict[str, list[int]] = {}
         self._teacher_logits: dict[str, torch.Tensor] = {}
 
@@ -56,6 +59,9 @@ class ContextDistillation(Method):
 
     @torch.no_grad()
     def prepare(self, handle, tokenizer, task, examples, batch_size):
+        if self.live_teacher:
+            self._spans = {e.uid: [tokenizer.pad_token_id] for e in examples}
+            return
         prompts = [task.teacher_prompt(e) for e in examples]
         with handle.teacher() as teacher:
             if self.answer == "teacher_generation":
@@ -74,6 +80,9 @@ class ContextDistillation(Method):
     def collate(self, tokenizer, task, examples):
         spans = [self._spans[e.uid] for e in examples]
         batch = encode(tokenizer, [task.student_prompt(e) for e in examples], spans)
+        if self.live_teacher:
+            batch["teacher_inputs"] = encode(tokenizer, [task.teacher_prompt(e) for e in examples], spans)
+            return batch
         width = batch["answer_ids"].shape[1]
         vocab = self._teacher_logits[examples[0].uid].shape[-1]
         teacher = torch.zeros(len(examples), width, vocab)
@@ -85,7 +94,12 @@ class ContextDistillation(Method):
 
     def loss(self, handle, batch):
         student = answer_logits(handle.student, batch)
-        loss = distillation_loss(student, batch["teacher_logits"].to(student.device),
+        if self.live_teacher:
+            with torch.no_grad():
+                teacher = answer_logits(handle.student, batch["teacher_inputs"])
+        else:
+            teacher = batch["teacher_logits"]
+        loss = distillation_loss(student, teacher.to(student.device),
                                  batch["answer_mask"].to(student.device), self.divergence, self.beta,
                                  self.temperature, self.top_k)
         return loss, {}
