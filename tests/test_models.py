@@ -85,3 +85,18 @@ def test_shared_prefix_cache_gives_the_same_answer_logits_as_full_prompts(tiny):
         assert prefix.length >= len(tokenizer(context).input_ids) - 1
         cached = answer_logits(model, encode(tokenizer, prompts, answers, prefix_length=prefix.length), prefix)
     torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_scoring_keeps_input_order_and_matches_one_by_one(tiny, make_cfg):
+    from ctxdistill.data import build_task
+    from ctxdistill.evaluation import score
+
+    _, tokenizer, model = tiny
+    task = build_task(make_cfg("dataset.context.num_demos=4").dataset, seed=0)
+    examples = task.eval_sets["eval"][:10]
+    batched = score(model, tokenizer, task, examples, with_context=True, batch_size=4, keep_distribution=True)
+    for i, example in enumerate(examples):
+        alone = score(model, tokenizer, task, [example], with_context=True, batch_size=1)
+        torch.testing.assert_close(batched.label_logprobs[i], alone.label_logprobs[0], atol=1e-4, rtol=1e-4)
+    kl = score(model, tokenizer, task, examples, with_context=True, batch_size=3, teacher=batched).kl_to_teacher
+    assert kl.abs().max() < 1e-4

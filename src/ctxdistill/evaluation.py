@@ -44,9 +44,12 @@ def score(model, tokenizer, task: Task, examples: list[Example], with_context: b
     single_token = all(len(ids) == 1 for ids in verbalizer_ids)
     all_prompts = [task.prompt(e, with_context) for e in examples]
     prefix = SharedPrefix(model, tokenizer, all_prompts)  # the context, run once for the whole set
+    # Batches of similar length waste little compute on padding; results go back in input order.
+    order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
     label_lp, distributions, kls, top = [], [], [], []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
-        prompts = all_prompts[start:start + batch_size]
+        rows = order[start:start + batch_size]
+        prompts = [all_prompts[i] for i in rows]
         batch = encode(tokenizer, prompts, prefix_length=prefix.length)
         next_token = answer_logits(model, batch, prefix)[:, -1].log_softmax(-1)
         top.append(next_token.argmax(-1).cpu())
@@ -59,13 +62,14 @@ def score(model, tokenizer, task: Task, examples: list[Example], with_context: b
                 per_class.append(answer_token_logprobs(answer_logits(model, batch, prefix), batch).cpu())
             label_lp.append(torch.stack(per_class, -1))
         if teacher is not None:
-            reference = teacher.next_token_logprobs[start:start + len(prompts)].to(next_token.device)
+            reference = teacher.next_token_logprobs[rows].to(next_token.device)
             kls.append(forward_kl(next_token, reference).cpu())
         if keep_distribution:
             distributions.append(next_token.cpu())
     model.train(was_training)
-    return Scores(torch.cat(label_lp), torch.cat(distributions) if keep_distribution else None,
-                  torch.cat(kls) if teacher is not None else None, torch.cat(top))
+    restore = torch.argsort(torch.tensor(order))
+    return Scores(torch.cat(label_lp)[restore], torch.cat(distributions)[restore] if keep_distribution else None,
+                  torch.cat(kls)[restore] if teacher is not None else None, torch.cat(top)[restore])
 
 
 def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
