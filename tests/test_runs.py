@@ -97,3 +97,19 @@ def test_out_of_domain_sets_are_scored_against_the_teacher_too(make_cfg, tmp_pat
         assert f"gifts/{key}" in result["metrics"]
     rows = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert sum('"set": "gifts"' in r for r in rows) == 3
+
+
+def test_live_teacher_of_the_released_upadhayaya_code_trains(make_cfg, tmp_path):
+    result = run(make_cfg(*TINY, "method=cd", "method.teacher=live", "trainer.max_steps=2"))
+    assert result["train"]["steps"] == 2 and result["train"]["final_loss"] >= 0
+
+
+def test_sweep_cfg_prints_and_validates_every_cell_of_table_3():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxdistill", "-m", "experiment=upadhayaya2024/mnli",
+         "model=opt-125m,opt-350m,opt-1.3b,opt-2.7b", "seed=0,1,2,3", "--cfg", "job"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cells = [line for line in proc.stdout.splitlines() if line.startswith("# cell ")]
+    assert len(cells) == 16
+    assert "name_or_path: facebook/opt-2.7b" in proc.stdout and "paper: upadhayaya2024" in proc.stdout
