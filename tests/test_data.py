@@ -22,6 +22,8 @@ def test_demos_are_balanced_seeded_and_queries_unlabelled(make_cfg):
     assert sorted(d.label for d in task.demos) == [0, 0, 0, 1, 1, 1]
     assert [d.uid for d in build_task(cfg.dataset, seed=3).demos] == [d.uid for d in task.demos]
     assert [d.uid for d in build_task(cfg.dataset, seed=4).demos] != [d.uid for d in task.demos]
+    cfg.dataset.context.data_seed = 3  # a data seed fixes the draw whatever the run seed
+    assert [d.uid for d in build_task(cfg.dataset, seed=4).demos] == [d.uid for d in task.demos]
     assert len(task.train_queries) == 20
     assert all(q.label is None for q in task.train_queries)  # distillation cannot read labels
     assert not {q.uid for q in task.train_queries} & {d.uid for d in task.demos}

@@ -110,6 +110,8 @@ class ContextConfig:
     num_demos: int = 8
     balanced: bool = True
     separator: str = "\n\n"
+    # Draws the demonstrations and queries (llmft's data_seed); null: the run's seed.
+    data_seed: Optional[int] = None
 
 
 @dataclass

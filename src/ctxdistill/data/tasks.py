@@ -211,7 +211,7 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     """Load the splits, draw the demonstrations and the unlabelled training queries (seeded)."""
     train_records, where = load_records(spec.source, spec.train_split)
     pool = to_examples(train_records, spec, spec.label_map, spec.drop_labels, where, "train")
-    rng = random.Random(seed)
+    rng = random.Random(seed if spec.context.data_seed is None else spec.context.data_seed)
     demos = select_demos(pool, spec.context.num_demos, spec.context.balanced, len(spec.verbalizers), rng)
     demo_ids = {d.uid for d in demos}
     rest = [e for e in pool if e.uid not in demo_ids]
