@@ -72,3 +72,28 @@ def test_a_hans_format_file_fills_the_out_of_domain_slot(make_cfg, tmp_path):
         ("The cat saw the dog .", 0), ("The dog saw the cat .", 1)]  # lexical_overlap only
     assert task.eval_sets["eval"][0].fields["premise"] == 'A "quoted'
     assert len(task.train_queries) == 4 and all(q.label is None for q in task.train_queries)
+
+
+@pytest.mark.parametrize("dataset, pattern, prompt, answers", [
+    ("mnli", "minimal", "A man sleeps. A person rests. ?", [" Yes", " No"]),
+    ("mnli", "gpt3", "A man sleeps. question: A person rests. Yes or No? answer:", [" Yes", " No"]),
+    ("mnli", "eval_harness", "A man sleeps. \nQuestion: A person rests. True or False?\nAnswer:", [" True", " False"]),
+    ("qqp", "minimal", "A man sleeps. A person rests. ?", [" No", " Yes"]),
+    ("qqp", "eval_harness", "Question 1: A man sleeps.\nQuestion 2: A person rests.\n"
+                            "Question: Do both questions ask the same thing? Answer:", [" No", " Yes"]),
+    ("rte", "gpt3", "A man sleeps. question: A person rests. Yes or No? answer:", [" Yes", " No"]),
+])
+def test_llmft_patterns_render_exactly(make_cfg, tmp_path, dataset, pattern, prompt, answers):
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(f'{{"text_a": "A man sleeps.", "text_b": "A person rests.", "label": "{lab}", '
+                             f'"sentence1": "A man sleeps.", "sentence2": "A person rests."}}\n'
+                             for lab in (["0", "2"] if dataset == "mnli" else ["0", "1"]) * 3))  # MNLI: 1 = neutral
+    files = [f"dataset.source.data_dir={tmp_path}", f"++dataset.source.data_files.train={train}",
+             f"++dataset.source.data_files.{'validation_matched' if dataset == 'mnli' else 'validation'}={train}"]
+    cfg = make_cfg(f"dataset={dataset}", f"dataset.pattern={pattern}", "dataset.ood=[]", "dataset.context.num_demos=2",
+                   "dataset.num_train_queries=1", *files)
+    task = build_task(cfg.dataset, seed=0)
+    assert task.student_prompt(task.eval_sets["eval"][0]) == prompt
+    assert task.verbalizers == answers
+    demo = task.demos[0]
+    assert task.context.startswith(prompt + answers[demo.label])

@@ -125,6 +125,12 @@ class EvalSetConfig:
 
 
 @dataclass
+class PatternConfig:
+    template: str = MISSING
+    verbalizers: list[str] = MISSING
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -134,6 +140,9 @@ class DatasetConfig:
     drop_labels: list[str] = field(default_factory=list)  # raw labels whose records are left out
     template: str = MISSING  # rendered query, ending in the answer cue
     verbalizers: list[str] = MISSING  # answer word per class, with its leading space
+    # Named prompt patterns; template/verbalizers may interpolate the one `pattern` selects.
+    pattern: Optional[str] = None
+    patterns: dict[str, PatternConfig] = field(default_factory=dict)
     student_instruction: str = ""
     context: ContextConfig = field(default_factory=ContextConfig)
     train_split: str = "train"
@@ -181,7 +190,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     seed: int = 0
-    output_dir: str = "${hydra:runtime.output_dir}"
+    output_dir: Optional[str] = "${hydra:runtime.output_dir}"  # None while Hydra only prints (--cfg)
     cache_dir: str = "${oc.env:CTXDISTILL_CACHE,'~/.cache/ctxdistill'}"
     paper: Optional[str] = None
 
@@ -236,6 +245,8 @@ def validate(cfg: DictConfig) -> None:
              f"unknown value {d.source.kind!r}", "Use one of: synthetic, hub, files")
     _require(d.context.num_demos >= 0, "dataset.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
     _require(d.num_train_queries >= 1, "dataset.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
+    _require(d.pattern is None or d.pattern in d.patterns, "dataset.pattern", f"unknown pattern {d.pattern!r}",
+             f"Use one of: {', '.join(d.patterns)}")
     _require(len(d.verbalizers) >= 2, "dataset.verbalizers", "needs one answer word per class (at least two)", "")
     _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", f"unknown value {cfg.logger.backend!r}",
              "Use logger=wandb or logger=none")
