@@ -80,3 +80,22 @@ def test_missing_data_file_names_the_path(make_cfg, tmp_path):
     spec = make_cfg("dataset.source.kind=files", f"++dataset.source.data_files.train={tmp_path}/nope.jsonl").dataset
     with pytest.raises(DataError, match="nope.jsonl"):
         build_task(spec, seed=0)
+
+
+def test_a_sweep_reads_each_file_once_but_sees_edits(make_cfg, tmp_path, monkeypatch):
+    import os
+
+    from ctxdistill.data import tasks
+
+    spec = files_dataset(make_cfg, tmp_path, "s\tl\na\tpos\nb\tneg\nc\tpos\n")
+    reads = []
+    real_read = tasks._read_file
+    monkeypatch.setattr(tasks, "_read_file", lambda path: reads.append(path) or real_read(path))
+    build_task(spec, seed=0)
+    build_task(spec, seed=1)
+    assert len(reads) == 2  # train and eval, once each
+    train = tmp_path / "train.tsv"
+    train.write_text("s\tl\na\tpos\nb\tneg\nc\tneg\n")
+    os.utime(train, ns=(1, 1))
+    assert sum(d.label for d in build_task(spec, seed=0).demos) == 1
+    assert len(reads) == 3

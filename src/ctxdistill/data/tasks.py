@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import numpy as np
 from hydra.utils import get_method
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 class DataError(ValueError):
@@ -139,9 +139,23 @@ def _fetch(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], str]:
                         f"dataset.source.data_files), or download it once where you have network") from e
 
 
+_FETCHED: dict[str, tuple[list[dict[str, Any]], str]] = {}
+
+
+def _fetch_once(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], str]:
+    """:func:`_fetch`, memoised per process: the runs of a sweep read and parse each file once."""
+    key = json.dumps([OmegaConf.to_container(source, resolve=True), split], sort_keys=True, default=str)
+    if source.kind == "files" or source.data_dir:
+        path = Path(source.data_dir or ".").expanduser() / source.data_files.get(split, "")
+        key += str(path.stat().st_mtime_ns) if path.is_file() else ""  # an edited file is read again
+    if key not in _FETCHED:
+        _FETCHED[key] = _fetch(source, split)
+    return _FETCHED[key]
+
+
 def load_records(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], str]:
     """The raw records of one split (renamed, filtered, decoded, subsampled) and where they came from."""
-    records, where = _fetch(source, split)
+    records, where = _fetch_once(source, split)
     if source.rename:
         records = [{source.rename.get(k, k): v for k, v in r.items()} for r in records]
     for column, value in source.where.items():
