@@ -66,8 +66,10 @@ def test_a_hans_format_file_fills_the_out_of_domain_slot(make_cfg, tmp_path):
     (mnli / "dev.tsv").write_text("index\tpremise\thypothesis\tgold_label\n0\tA \"quoted\tB\tentailment\n")
     cfg = make_cfg("dataset=mnli", f"dataset.source.data_dir={mnli}", "dataset.source.data_files.train=train.jsonl",
                    "dataset.source.data_files.validation_matched=dev.tsv", "dataset.context.num_demos=2",
-                   "dataset.num_train_queries=4", f"dataset.ood.0.source.data_dir={tmp_path}")
+                   "dataset.num_train_queries=4", f"dataset.ood.0.source.data_dir={tmp_path}",
+                   f"dataset.ood.1.source.data_dir={tmp_path}")
     task = build_task(cfg.dataset, seed=0)
+    assert [e.group for e in task.eval_sets["hans_all"]] == ["lexical_overlap", "lexical_overlap", "constituent"]
     assert [(e.fields["premise"], e.label) for e in task.eval_sets["hans"]] == [
         ("The cat saw the dog .", 0), ("The dog saw the cat .", 1)]  # lexical_overlap only
     assert task.eval_sets["eval"][0].fields["premise"] == 'A "quoted'

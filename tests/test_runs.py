@@ -90,10 +90,12 @@ def test_multirun_over_methods_writes_one_metrics_file_per_method_and_prints_the
 
 def test_out_of_domain_sets_are_scored_against_the_teacher_too(make_cfg, tmp_path):
     ood_file = tmp_path / "ood.tsv"
-    ood_file.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\nGreat.\t0\n")
-    ood = f"[{{name: gifts, split: test, source: {{kind: files, data_files: {{test: '{ood_file}'}}}}}}]"
+    ood_file.write_text("review\tlabel\ttopic\nA truly great gift.\t0\ttoys\nA broken, useless gift.\t1\tbooks\n"
+                        "Great.\t0\ttoys\n")
+    ood = (f"[{{name: gifts, split: test, group_by: topic, "
+           f"source: {{kind: files, data_files: {{test: '{ood_file}'}}}}}}]")
     result = run(make_cfg(*TINY, "method=zero_shot", f"dataset.ood={ood}", output_dir=tmp_path / "run"))
-    for key in ("accuracy", "teacher_accuracy", "teacher_agreement", "kl_to_teacher"):
+    for key in ("accuracy", "teacher_accuracy", "teacher_agreement", "kl_to_teacher", "accuracy_toys", "accuracy_books"):
         assert f"gifts/{key}" in result["metrics"]
     rows = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert sum('"set": "gifts"' in r for r in rows) == 3

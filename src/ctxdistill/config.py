@@ -122,6 +122,7 @@ class EvalSetConfig:
     label_map: Optional[dict[str, int]] = None  # default: the dataset's
     drop_labels: Optional[list[str]] = None  # default: the dataset's
     num_examples: Optional[int] = None
+    group_by: Optional[str] = None  # a column whose values get their own accuracy (HANS: heuristic)
 
 
 @dataclass

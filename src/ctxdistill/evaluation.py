@@ -132,6 +132,9 @@ class Evaluator:
             # vocabulary must be the gold answer word's (first) token.
             answer_token = torch.tensor(self.answer_tokens)[labels]
             result["vocab_accuracy"] = (model.top_token == answer_token).float().mean().item()
+            for group in sorted({e.group for e in examples if e.group is not None}):
+                members = torch.tensor([e.group == group for e in examples])
+                result[f"accuracy_{group}"] = (model.predictions == labels)[members].float().mean().item()
             result["teacher_accuracy"] = (teacher.predictions == labels).float().mean().item()
             result["teacher_agreement"] = (model.predictions == teacher.predictions).float().mean().item()
             result["kl_to_teacher"] = model.kl_to_teacher.mean().item()

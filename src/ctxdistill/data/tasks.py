@@ -30,6 +30,7 @@ class Example:
     uid: str
     fields: dict[str, str]
     label: Optional[int]  # None for unlabelled queries: what distillation trains on
+    group: Optional[str] = None  # a subset to report separately (e.g. HANS's heuristic)
 
 
 @dataclass
@@ -169,7 +170,7 @@ def load_records(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], 
 
 
 def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: DictConfig, drop_labels: list[str],
-                where: str, prefix: str) -> list[Example]:
+                where: str, prefix: str, group_by: Optional[str] = None) -> list[Example]:
     examples = []
     for i, record in enumerate(records):
         missing = [f for f in [*spec.fields, spec.label_field] if f not in record]
@@ -193,7 +194,8 @@ def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: Dict
         if not 0 <= label < len(spec.verbalizers):
             raise DataError(f"{where}: record {i} has label {label}, but there are "
                             f"{len(spec.verbalizers)} verbalizers")
-        examples.append(Example(f"{prefix}-{i}", {f: str(record[f]) for f in spec.fields}, label))
+        group = str(record.get(group_by)) if group_by else None
+        examples.append(Example(f"{prefix}-{i}", {f: str(record[f]) for f in spec.fields}, label, group))
     return examples
 
 
@@ -242,7 +244,8 @@ def build_task(spec: DictConfig, seed: int) -> Task:
         records, where = load_records(ood.source, ood.split)
         label_map = ood.label_map if ood.label_map is not None else spec.label_map
         drop = ood.drop_labels if ood.drop_labels is not None else spec.drop_labels
-        eval_sets[ood.name] = to_examples(records, spec, label_map, drop, where, ood.name)[: ood.num_examples]
+        eval_sets[ood.name] = to_examples(records, spec, label_map, drop, where, ood.name,
+                                          ood.group_by)[: ood.num_examples]
     return Task(
         name=spec.name,
         template=spec.template,
