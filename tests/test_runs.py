@@ -39,6 +39,7 @@ def test_every_method_leaves_its_results_on_disk(make_cfg, tmp_path, method, tra
     assert len(rows) == 48 and {"prediction", "teacher_prediction", "label", "prompt"} <= set(rows[0])
     assert "seed: 7" in (tmp_path / "config.yaml").read_text()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file() == (trained == "adapter")
+    assert ("train_queries/context_accuracy" in saved["metrics"]) == (trained is not None)
     if method == "icl":  # the untrained model with the context is the teacher
         assert saved["metrics"]["eval/teacher_agreement"] == 1.0
         assert saved["metrics"]["eval/kl_to_teacher"] == 0.0

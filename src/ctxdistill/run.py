@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task, build_task
-from ctxdistill.evaluation import Evaluator
+from ctxdistill.evaluation import Evaluator, score
 from ctxdistill.models import ModelHandle, add_lora, context_window, load_model, load_tokenizer
 from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
@@ -111,6 +111,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if writer and cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
                 handle.base.save_pretrained(out / ("adapter" if method.adapter == "lora" else "model"))
         metrics, predictions = evaluator.evaluate()
+        if method.trains:
+            # Upadhayaya et al.'s "teacher accuracy": the trained model *with* the context, scored
+            # on the training queries after training (their teacher was the adapted model itself).
+            scores = score(handle.base, tokenizer, task, task.train_queries, with_context=True,
+                           batch_size=cfg.trainer.eval_batch_size, desc="train queries")
+            labels = torch.tensor(task.train_query_labels)
+            metrics["train_queries/context_accuracy"] = (scores.predictions == labels).float().mean().item()
         result = {**run_identity(cfg), "status": "complete", "metrics": metrics, "train": train_stats,
                   "demos": [d.uid for d in task.demos], "num_train_examples": len(method.train_examples(task)),
                   "runtime_seconds": time.perf_counter() - started,

@@ -43,6 +43,8 @@ class Task:
     separator: str
     demos: list[Example]
     train_queries: list[Example]
+    # Their labels, kept apart so no loss can read them; only a report on them uses these.
+    train_query_labels: list[int]
     eval_sets: dict[str, list[Example]]  # "eval" (in-domain) first, then out-of-domain sets
 
     @property
@@ -235,7 +237,8 @@ def build_task(spec: DictConfig, seed: int) -> Task:
         raise DataError(f"dataset.num_train_queries={spec.num_train_queries} is larger than the training pool "
                         f"left after the demonstrations ({len(rest)} examples)")
     # Distillation queries are unlabelled: the label is dropped here so no loss can read it.
-    queries = [replace(e, label=None) for e in rng.sample(rest, spec.num_train_queries)]
+    drawn = rng.sample(rest, spec.num_train_queries)
+    queries = [replace(e, label=None) for e in drawn]
 
     eval_records, where = load_records(spec.source, spec.eval_split)
     eval_sets = {"eval": to_examples(eval_records, spec, spec.label_map, spec.drop_labels, where,
@@ -255,5 +258,6 @@ def build_task(spec: DictConfig, seed: int) -> Task:
         separator=spec.context.separator,
         demos=demos,
         train_queries=queries,
+        train_query_labels=[e.label for e in drawn],
         eval_sets=eval_sets,
     )
