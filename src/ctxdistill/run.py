@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task, build_task
-from ctxdistill.evaluation import Evaluator, score
+from ctxdistill.evaluation import Evaluator, classification_metrics, score
 from ctxdistill.models import ModelHandle, add_lora, context_window, load_model, load_tokenizer
 from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
@@ -116,10 +116,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             # on the training queries after training (their teacher was the adapted model itself).
             scores = score(handle.base, tokenizer, task, task.train_queries, with_context=True,
                            batch_size=cfg.trainer.eval_batch_size, desc="train queries")
-            labels = torch.tensor(task.train_query_labels)
-            metrics["train_queries/context_accuracy"] = (scores.predictions == labels).float().mean().item()
+            metrics["train_queries/context_accuracy"] = classification_metrics(
+                scores.predictions, torch.tensor(task.train_query_labels), task.num_classes)["accuracy"]
         result = {**run_identity(cfg), "status": "complete", "metrics": metrics, "train": train_stats,
-                  "demos": [d.uid for d in task.demos], "num_train_examples": len(method.train_examples(task)),
+                  "demos": [d.uid for d in task.demos],
                   "runtime_seconds": time.perf_counter() - started,
                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if writer:
