@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source src/setup_env.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ctxdistill -m experiment=demo hydra.sweep.dir="outputs/demo/$(date +%Y-%m-%d_%H-%M-%S)" "$@"
+# SWEEP_DIR=<an earlier sweep dir> finishes that sweep instead of starting a new one
+ctxdistill -m experiment=demo hydra.sweep.dir="${SWEEP_DIR:-outputs/demo/$(date +%Y-%m-%d_%H-%M-%S)}" "$@"

@@ -17,12 +17,17 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
-    from ctxdistill.run import run  # heavy imports after Hydra has parsed the command line
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    result = run(cfg)
+    from ctxdistill.run import run  # heavy imports after Hydra has parsed the command line
+    from ctxdistill.sweeps import run_cell
+
+    # In a sweep a failing cell is recorded and the others go on; a single run raises.
+    result = run_cell(cfg, run) if HydraConfig.get().mode == RunMode.MULTIRUN else run(cfg)
     # The return value is what Hydra sweepers (e.g. Optuna) optimise.
-    return result["metrics"]["eval/accuracy"]
+    return result["metrics"]["eval/accuracy"] if result else None
 
 
 def print_sweep_configs(argv: list[str]) -> None:
@@ -63,6 +68,10 @@ def entry() -> None:
         print_sweep_configs(argv)
     else:
         main()
+        from ctxdistill.sweeps import failed_cells
+
+        if failed_cells:  # listed by the sweep's end-of-run summary
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -194,6 +194,9 @@ class Config:
     output_dir: Optional[str] = "${hydra:runtime.output_dir}"  # None while Hydra only prints (--cfg)
     cache_dir: str = "${oc.env:CTXDISTILL_CACHE,'~/.cache/ctxdistill'}"
     paper: Optional[str] = None
+    # A run whose output dir already holds a complete metrics.json is skipped (a re-run sweep
+    # finishes only its missing cells); force=true runs it again and overwrites it.
+    force: bool = False
 
 
 SCHEMAS = {

@@ -12,7 +12,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
@@ -24,6 +24,7 @@ from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task, build_task
 from ctxdistill.evaluation import Evaluator, classification_metrics, score
 from ctxdistill.models import ModelHandle, add_lora, context_window, load_model, load_tokenizer
+from ctxdistill.sweeps import completed_run
 from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
 
@@ -57,9 +58,22 @@ def hydra_choices() -> dict[str, Any]:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
+def sweep_group() -> Optional[str]:
+    """The W&B group naming this run's sweep: its sweep dir's last two parts (e.g. 2026-11-23-10-00-00)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return "-".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     validate(cfg)
+    done = completed_run(cfg)
+    if done:
+        return done
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     method = instantiate(cfg.method, _convert_="all")
@@ -80,13 +94,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker = create_tracker(
-        cfg.logger, group=f"{cfg.dataset.name}-{cfg.model.name}",
+        cfg.logger, group=sweep_group() or f"{cfg.dataset.name}-{cfg.model.name}",
         name=f"{cfg.method.name}-{cfg.model.name}-{cfg.dataset.name}-s{cfg.seed}",
         tags=[cfg.method.name, cfg.model.name, cfg.dataset.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
         config={**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()},
         output_dir=str(out)) if writer else Tracker()
     try:
         model = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed)
+        model_parameters = sum(p.numel() for p in model.parameters())  # the x axis of comparison plots
         if method.adapter == "lora":
             model = add_lora(model, cfg.model)
         elif method.adapter is None:
@@ -119,13 +134,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["train_queries/context_accuracy"] = classification_metrics(
                 scores.predictions, torch.tensor(task.train_query_labels), task.num_classes)["accuracy"]
         result = {**run_identity(cfg), "status": "complete", "metrics": metrics, "train": train_stats,
+                  "model_parameters": model_parameters,
                   "demos": [d.uid for d in task.demos],
                   "runtime_seconds": time.perf_counter() - started,
                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if writer:
             save_results(out, result, predictions)
         tracker.log(metrics, train_stats.get("steps", 0))
-        tracker.summary({**metrics, **{f"train/{k}": v for k, v in train_stats.items()}})
+        tracker.summary({**metrics, **{f"train/{k}": v for k, v in train_stats.items()},
+                         "model/parameters": model_parameters})
         tracker.predictions(predictions)
         log.info("%s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return result

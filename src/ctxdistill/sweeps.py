@@ -1,0 +1,126 @@
+"""Sweeps that can be run again: complete cells are skipped, a failing cell does not stop the others.
+
+Each cell of a multirun writes to ``SWEEP_DIR/<its overrides>``, so running the same command
+with the same ``hydra.sweep.dir`` lands in the same directories: cells whose metrics.json is
+complete are skipped (``force=true`` runs them again), failed cells leave ``failure.json`` and
+are listed when the sweep ends, and the process then exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from ctxdistill.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+FAILURE_FILE = "failure.json"
+# Keys that may differ between a stored run and its re-run without changing its results.
+UNCOMPARED = ("logger", "force", "output_dir", "cache_dir")
+# Set when a sweep ended with failed cells; the command exits non-zero (cli.entry).
+failed_cells: dict[str, str] = {}
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ; keys only one side has (a newly added option) do not count."""
+    old, new = _flatten(stored), _flatten(current)
+    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and not k.startswith(UNCOMPARED))
+
+
+def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """The complete result already in this run's output dir, unless force=true.
+
+    A complete result made with a different config is an error rather than a skip: its numbers
+    would be reported for a config that did not produce them.
+    """
+    if cfg.force or cfg.output_dir is None:
+        return None
+    out = Path(cfg.output_dir)
+    try:
+        result = json.loads((out / "metrics.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if result.get("status") != "complete":
+        return None
+    if (out / "config.yaml").is_file():
+        stored = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
+        changed = config_changes(stored, OmegaConf.to_container(cfg, resolve=True))
+        if changed:
+            raise ConfigError(f"{out} holds a complete run made with a different config ({', '.join(changed[:6])}"
+                              f"{', ...' if len(changed) > 6 else ''}). Pass force=true to run it again and "
+                              "overwrite it, or give the sweep another hydra.sweep.dir.")
+    log.info("%s already holds a complete run: skipped (force=true runs it again)", out)
+    return result
+
+
+def run_cell(cfg: DictConfig, run: Callable[[DictConfig], dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """One cell of a multirun: its exception is logged and saved to failure.json instead of raised."""
+    out = Path(cfg.output_dir)
+    try:
+        result = run(cfg)
+    except Exception as error:  # noqa: BLE001 - one cell must not stop the sweep; it is reported at the end
+        log.exception("this cell failed; the sweep goes on")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / FAILURE_FILE).write_text(json.dumps({
+            "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
+            "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
+        return None
+    (out / FAILURE_FILE).unlink(missing_ok=True)
+    return result
+
+
+def sweep_failures(sweep_dir: Path) -> dict[str, str]:
+    """Cell (its path under the sweep dir) -> error, for cells that failed and have no complete result since."""
+    failures = {}
+    for file in sorted(sweep_dir.rglob(FAILURE_FILE)):
+        done = file.parent / "metrics.json"
+        if done.is_file() and json.loads(done.read_text()).get("status") == "complete":
+            continue
+        failures[str(file.parent.relative_to(sweep_dir))] = json.loads(file.read_text())["error"].splitlines()[0]
+    return failures
+
+
+def sweep_command(config: DictConfig) -> str:
+    """The command that re-runs this sweep into the same directory (so only missing cells run)."""
+    task = list(config.hydra.overrides.task)
+    hydra_overrides = [o for o in config.hydra.overrides.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    return " ".join(["ctxdistill", "-m", *map(shlex.quote, [*task, *hydra_overrides,
+                                                            f"hydra.sweep.dir={config.hydra.sweep.dir}"])])
+
+
+class SweepSummaryCallback(Callback):
+    """When a multirun ends: print the comparison table, write the sweep's README.md and results/,
+    and list the failed cells (the command then exits non-zero)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from ctxdistill.compare import collect, render, summarise, write_results
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        runs = collect([sweep_dir])
+        failures = sweep_failures(sweep_dir)
+        if runs:
+            print(f"\nComparison ({len(runs)} runs in {sweep_dir}):\n" + render(summarise(runs)), flush=True)
+            readme = write_results(sweep_dir, runs, title=f"Sweep {sweep_dir.name}", failures=failures,
+                                   command=sweep_command(config))
+            print(f"Summary, tables and plots: {readme}", flush=True)
+        if failures:
+            failed_cells.update(failures)
+            print(f"\n{len(failures)} cell(s) FAILED (details in each cell's {FAILURE_FILE} and log):", flush=True)
+            for cell, error in failures.items():
+                print(f"  {cell}: {error}", flush=True)
+            print(f"Re-run the same command to retry only these:\n  {sweep_command(config)}", flush=True)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Mosbach et al. 2023 (llmft), few-shot fine-tuning vs in-context learning: icl and ft on the
+# same 16 examples x OPT-125m ... 6.7b x MNLI (HANS) and QQP (PAWS-QQP) x seeds 0-9 = 200 runs;
+# one Hydra multirun per dataset into $SWEEP_DIR/<dataset> (default outputs/sweeps/mosbach2023),
+# then one README.md + results/ (accuracy vs model size, in-domain and out-of-domain) for all.
+#
+#   bash sweeps/mosbach2023.sh hydra/launcher=submitit_slurm hydra.launcher.gpus_per_node=1
+#   MODELS=opt-125m,opt-350m bash sweeps/mosbach2023.sh hydra/launcher=joblib hydra.launcher.n_jobs=2
+#
+# Extra arguments are Hydra overrides for every dataset; MNLI_ARGS and QQP_ARGS add overrides for
+# one dataset (local data, e.g. QQP_ARGS="dataset.ood.0.source.data_dir=PATH/paws_qqp").
+# Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=${SWEEP_DIR:-outputs/sweeps/mosbach2023}
+models=${MODELS:-opt-125m,opt-350m,opt-1.3b,opt-2.7b,opt-6.7b}
+status=0
+for dataset in mnli qqp; do
+  args_var="${dataset^^}_ARGS"
+  # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
+  ctxdistill -m "experiment=mosbach2023/$dataset" method=icl,ft "model=$models" "seed=range(10)" \
+    logger.group=mosbach2023 ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
+done
+ctxdistill-compare "$root" --out "$root" || status=1
+exit $status

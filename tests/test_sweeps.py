@@ -1,0 +1,167 @@
+"""Sweeps end to end: a real multirun on tiny-random, its comparison from disk and from W&B, re-runs, failures."""
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ctxdistill.compare import collect, main as compare, render, summarise
+from ctxdistill.config import ConfigError, validate
+from ctxdistill.run import run
+from ctxdistill.wandb_results import read_offline_run, record_from_wandb
+
+from conftest import TINY
+
+
+def multirun(*overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    env.pop("WANDB_MODE", None)  # logger.mode decides
+    return subprocess.run([sys.executable, "-m", "ctxdistill", "-m", *overrides], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+def compare_output(*args: str, capsys) -> str:
+    assert compare([*args]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """2 methods x 2 seeds on tiny-random, logged to real W&B offline runs; then the same command again."""
+    sweep_dir = tmp_path_factory.mktemp("sweep") / "s"
+    command = ["method=icl,cd", "seed=0,1", *TINY, "trainer.max_steps=2", "logger=wandb", "logger.mode=offline",
+               f"hydra.sweep.dir={sweep_dir}"]
+    first = multirun(*command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    cells = sorted(p.parent for p in sweep_dir.rglob("metrics.json"))
+    # everything a run wrote (Hydra itself rewrites .hydra/ and appends to the job log on every launch)
+    stamps = {p: p.stat().st_mtime_ns for cell in cells for p in cell.rglob("*")
+              if p.is_file() and ".hydra" not in p.parts and not (p.parent == cell and p.suffix == ".log")}
+    readme = (sweep_dir / "README.md").read_text()
+    second = multirun(*command)
+    return sweep_dir, cells, first, second, stamps, readme
+
+
+def test_sweep_writes_one_cell_per_override_set_and_a_table_matching_a_hand_computation(sweep, capsys):
+    sweep_dir, cells, first, _, _, _ = sweep
+    results = [json.loads((cell / "metrics.json").read_text()) for cell in cells]
+    assert sorted((r["method"], r["seed"]) for r in results) == [("cd", 0), ("cd", 1), ("icl", 0), ("icl", 1)]
+    assert all("method=" in cell.name and "seed=" in cell.name for cell in cells)
+    assert "Comparison (4 runs" in first.stdout
+
+    rows = list(csv.DictReader(io.StringIO(compare_output(str(sweep_dir), "--format", "csv", capsys=capsys))))
+    assert [(r["method"], r["model"], r["dataset"], r["seeds"]) for r in rows] == [
+        ("icl", "tiny-random", "synthetic", "2"), ("cd", "tiny-random", "synthetic", "2")]
+    for row in rows:
+        for key in ("eval/accuracy", "eval/kl_to_teacher", "eval/teacher_accuracy"):
+            a, b = (r["metrics"][key] for r in results if r["method"] == row["method"])
+            # two seeds: mean (a+b)/2, sample standard deviation |a-b|/sqrt(2)
+            assert float(row[f"{key}_mean"]) == pytest.approx((a + b) / 2, abs=1e-6)
+            assert float(row[f"{key}_std"]) == pytest.approx(abs(a - b) / math.sqrt(2), abs=1e-6)
+    cd_row = rows[1]
+    gaps = [r["metrics"]["eval/teacher_accuracy"] - r["metrics"]["eval/accuracy"] for r in results if r["method"] == "cd"]
+    assert float(cd_row["eval/teacher_student_gap_mean"]) == pytest.approx(sum(gaps) / 2, abs=1e-6)
+    assert cd_row["train_queries/context_accuracy_mean"] and not rows[0]["train_queries/context_accuracy_mean"]
+
+    readme = (sweep_dir / "README.md").read_text()
+    assert "| icl " in readme and "| cd " in readme and "ctxdistill -m" in readme
+    for name in ("table.md", "table.csv", "table.tex", "accuracy_vs_size_synthetic.png", "teacher_gap_synthetic.png"):
+        assert f"results/{name}" in readme
+    for png in ("accuracy_vs_size_synthetic.png", "teacher_gap_synthetic.png"):
+        with Image.open(sweep_dir / "results" / png) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 400 and image.size[1] > 300
+    assert r"\pm" in (sweep_dir / "results" / "table.tex").read_text()
+
+
+def test_rerunning_the_sweep_trains_nothing_and_changes_nothing(sweep, capsys):
+    sweep_dir, cells, first, second, stamps, readme = sweep
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert log.count("already holds a complete run: skipped") == 4
+    assert "train cd" not in log and "teacher eval" not in log  # no progress bar of any model work
+    for path, stamp in stamps.items():  # metrics, predictions, adapters and W&B runs untouched
+        assert path.stat().st_mtime_ns == stamp, path
+    assert len(list(sweep_dir.rglob("offline-run-*"))) == 4
+    assert (sweep_dir / "README.md").read_text() == readme
+    table = first.stdout[first.stdout.index("Comparison"):first.stdout.index("Summary, tables")]
+    assert table in second.stdout
+
+
+def test_wandb_offline_runs_and_the_public_api_give_the_same_table(sweep):
+    import wandb.apis.public
+
+    sweep_dir, cells, *_ = sweep
+    from_files = render(summarise(collect([sweep_dir])))
+    # the cells' W&B directories alone: no metrics.json under them, so W&B's own run files are read
+    assert render(summarise(collect([cell / "wandb" for cell in cells]))) == from_files
+    api_runs = []
+    for run_dir in sorted(sweep_dir.rglob("offline-run-*")):
+        config, summary, finished = read_offline_run(run_dir)
+        assert finished and config["logger"]["mode"] == "offline" and "hydra_choices" in config
+        # what the W&B server hands the public API after `wandb sync`: config values wrapped in {"value": ...}
+        attrs = {"state": "finished", "config": json.dumps(
+            {k: {"value": v, "desc": None} for k, v in config.items()}), "summaryMetrics": json.dumps(summary)}
+        api_run = wandb.apis.public.Run(None, "someone", "ctxdistill", run_dir.name.split("-")[-1], attrs, lazy=False)
+        api_runs.append(record_from_wandb(api_run.config, api_run.summary_metrics, finished=api_run.state == "finished"))
+    assert render(summarise(api_runs)) == from_files
+    running = record_from_wandb(api_run.config, api_run.summary_metrics, finished=False)
+    assert running is None  # unfinished runs are not counted
+
+
+def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
+    sweep_dir = tmp_path / "s"
+    proc = multirun("method=zero_shot", "trainer.lr=0.001,-1", *TINY, f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 1
+    [good] = [p for p in sweep_dir.iterdir() if "trainer.lr=0.001" in p.name]
+    [bad] = [p for p in sweep_dir.iterdir() if "trainer.lr=-1" in p.name]
+    assert json.loads((good / "metrics.json").read_text())["status"] == "complete"
+    failure = json.loads((bad / "failure.json").read_text())
+    assert failure["error"].startswith("ConfigError: trainer.lr") and "Traceback" in failure["traceback"]
+    assert "1 cell(s) FAILED" in proc.stdout and f"{bad.name}: ConfigError: trainer.lr" in proc.stdout
+    assert "1 failed cells" in (sweep_dir / "README.md").read_text()
+
+
+def test_a_complete_run_is_skipped_unless_forced_or_made_by_another_config(make_cfg, tmp_path):
+    cfg = make_cfg(*TINY, "method=zero_shot")
+    stored = {"method": "zero_shot", "model": "tiny-random", "dataset": "synthetic", "seed": 0, "status": "complete",
+              "metrics": {"eval/accuracy": 0.123}}
+    (tmp_path / "metrics.json").write_text(json.dumps(stored))
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    assert run(cfg) == stored  # nothing loaded, nothing written
+    assert json.loads((tmp_path / "metrics.json").read_text()) == stored
+    with pytest.raises(ConfigError, match=r"different config \(dataset.context.num_demos\).*force=true"):
+        run(make_cfg(*TINY, "method=zero_shot", "dataset.context.num_demos=4"))
+    rerun = run(make_cfg(*TINY, "method=zero_shot", "force=true"))
+    assert rerun["metrics"]["eval/accuracy"] != 0.123
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == rerun["metrics"]
+
+
+@pytest.mark.parametrize("sweep_file", sorted((Path(__file__).parents[1] / "sweeps" / "wandb").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_file):
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    spec = yaml.safe_load(sweep_file.read_text())
+    params = spec["parameters"]
+    grid = {k: p.get("values", [p.get("value")]) for k, p in params.items()}
+    # cells that use every value of every parameter at least once, as the agent would be handed them
+    for i in range(max(map(len, grid.values()))):
+        args = {k: {"value": values[i % len(values)]} for k, values in grid.items()}
+        command = create_sweep_command(spec["command"])
+        variables = {**create_sweep_command_args({"args": args}), "env": ["/usr/bin/env"], "interpreter": ["python"]}
+        argv = [part for c in command for part in (variables[c[2:-1]] if c.startswith("${") else [c])]
+        assert argv[:4] == ["/usr/bin/env", "python", "-m", "ctxdistill"]
+        cfg = make_cfg(*argv[4:])
+        validate(cfg)
+        assert (cfg.method.name, cfg.seed, cfg.logger.group) == tuple(args[k]["value"] for k in ("method", "seed",
+                                                                                                  "logger.group"))
