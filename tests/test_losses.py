@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ctxdistill.losses import (answer_cross_entropy, distillation_loss, forward_kl, generalized_jsd, reverse_kl,
-                               teacher_logprobs)
+                               teacher_distribution)
 
 P = [0.7, 0.2, 0.1]  # teacher
 Q = [0.5, 0.3, 0.2]  # student
@@ -40,22 +40,43 @@ def test_generalized_jsd_is_the_beta_mixture_and_has_trl_limits():
 
 
 def test_temperature_softens_both_distributions():
-    t_logits, s_logits = logp(P).view(1, 1, 3), logp(Q).view(1, 1, 3)
+    t_logp, _ = teacher_distribution(logp(P).view(1, 1, 3), temperature=2.0)
     mask = torch.ones(1, 1, dtype=torch.bool)
     p2 = torch.softmax(logp(P) / 2, -1).tolist()
     q2 = torch.softmax(logp(Q) / 2, -1).tolist()
-    loss = distillation_loss(s_logits, t_logits, mask, temperature=2.0)
+    loss = distillation_loss(logp(Q).view(1, 1, 3), t_logp, mask, temperature=2.0)
     assert loss.item() == pytest.approx(kl(p2, q2), abs=1e-6)
 
 
-def test_top_k_truncates_and_renormalises_the_teacher():
-    truncated = teacher_logprobs(logp(P), top_k=2).exp()
-    assert truncated.tolist() == pytest.approx([0.7 / 0.9, 0.2 / 0.9, 0.0])
-    t_logits, s_logits = logp(P).view(1, 1, 3), logp(Q).view(1, 1, 3).requires_grad_()
-    loss = distillation_loss(s_logits, t_logits, torch.ones(1, 1, dtype=torch.bool), top_k=2)
+def test_top_k_keeps_the_teachers_most_likely_tokens():
+    values, indices = teacher_distribution(logp([0.1, 0.7, 0.2]), top_k=2)
+    assert indices.tolist() == [1, 2]
+    assert values.exp().tolist() == pytest.approx([0.7, 0.2])
+
+
+def test_top_k_renormalised_is_forward_kl_to_the_truncated_teacher():
+    t_logp, idx = teacher_distribution(logp(P).view(1, 1, 3), top_k=2)
+    s_logits = logp(Q).view(1, 1, 3).requires_grad_()
+    loss = distillation_loss(s_logits, t_logp, torch.ones(1, 1, dtype=torch.bool), teacher_indices=idx)
     assert loss.item() == pytest.approx(kl([0.7 / 0.9, 0.2 / 0.9, 0.0], Q), abs=1e-6)
     loss.backward()
     assert torch.isfinite(s_logits.grad).all()
+
+
+def test_top_k_with_a_rest_bucket_lumps_the_other_tokens_for_teacher_and_student():
+    p, q = [0.6, 0.2, 0.1, 0.1], [0.4, 0.3, 0.2, 0.1]
+    t_logp, idx = teacher_distribution(logp(p).view(1, 1, 4), top_k=2)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    s_logits = logp(q).view(1, 1, 4)
+    # Buckets: teacher [.6, .2, .2], student [.4, .3, .3]
+    forward = distillation_loss(s_logits, t_logp, mask, teacher_indices=idx, top_k_rest="bucket")
+    assert forward.item() == pytest.approx(kl([0.6, 0.2, 0.2], [0.4, 0.3, 0.3]), abs=1e-6)
+    reverse = distillation_loss(s_logits, t_logp, mask, "reverse_kl", teacher_indices=idx, top_k_rest="bucket")
+    assert reverse.item() == pytest.approx(kl([0.4, 0.3, 0.3], [0.6, 0.2, 0.2]), abs=1e-6)
+    # With k = V - 1 the bucket is the last token itself: the full divergence, exactly.
+    t_logp, idx = teacher_distribution(logp(P).view(1, 1, 3), top_k=2)
+    full = distillation_loss(logp(Q).view(1, 1, 3), t_logp, mask, teacher_indices=idx, top_k_rest="bucket")
+    assert full.item() == pytest.approx(kl(P, Q), abs=1e-6)
 
 
 def test_mask_averages_over_answer_positions_only():
@@ -70,7 +91,8 @@ def test_gradient_flows_through_the_student_only():
     student = torch.randn(2, 1, 5, requires_grad=True)
     for divergence in ("forward_kl", "reverse_kl", "jsd"):
         student.grad = None
-        distillation_loss(student, teacher, torch.ones(2, 1, dtype=torch.bool), divergence).backward()
+        t_logp, _ = teacher_distribution(teacher)
+        distillation_loss(student, t_logp, torch.ones(2, 1, dtype=torch.bool), divergence).backward()
         assert teacher.grad is None
         assert student.grad.abs().sum() > 0
 
@@ -79,7 +101,8 @@ def test_identical_distributions_have_zero_divergence():
     logits = torch.randn(3, 2, 7)
     mask = torch.ones(3, 2, dtype=torch.bool)
     for divergence in ("forward_kl", "reverse_kl", "jsd"):
-        assert distillation_loss(logits, logits, mask, divergence).item() == pytest.approx(0.0, abs=1e-6)
+        t_logp, _ = teacher_distribution(logits)
+        assert distillation_loss(logits, t_logp, mask, divergence).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_answer_cross_entropy_is_mean_negative_log_likelihood_of_masked_targets():

@@ -40,12 +40,19 @@ class DistillConfig(MethodConfig):
     divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
     beta: float = 0.5  # JSD mixture weight (TRL semantics: 0 = forward KL, 1 = reverse KL)
     temperature: float = 1.0
-    top_k: Optional[int] = None  # keep the teacher's k most likely tokens (forward_kl only)
+    top_k: Optional[int] = None  # distil (and cache) only the teacher's k most likely tokens
+    # what happens to the rest of the teacher's mass with top_k: renormalize over the k (forward_kl
+    # only, TRL's SDFT default) or bucket (one extra category for teacher and student, any divergence)
+    top_k_rest: str = "renormalize"
     answer: str = "label_position"  # label_position | teacher_generation
     max_answer_tokens: int = 8  # span length for answer=teacher_generation
     # frozen: base weights, adapter disabled, eval mode (the papers' description). live: the adapted
     # model itself in train mode, as Upadhayaya et al.'s released code effectively does.
     teacher: str = "frozen"
+    # the frozen teacher's targets: computed once and kept on disk for later runs too (disk), for
+    # this run only (memory), or recomputed at every step (none). A live teacher is always per step.
+    teacher_cache: str = "disk"
+    teacher_cache_dir: str = "${cache_dir}/teacher_targets"
 
 
 # ---------------------------------------------------------------- model
@@ -261,9 +268,13 @@ def validate(cfg: DictConfig) -> None:
                  f"unknown value {m.divergence!r}", "Use one of: forward_kl, reverse_kl, jsd")
         _require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
         _require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
-        _require(m.top_k is None or m.divergence == "forward_kl", "method.top_k",
-                 "teacher truncation leaves zero-probability tokens, which only forward KL tolerates",
-                 "Set method.divergence=forward_kl or method.top_k=null")
+        _require(m.top_k_rest in ("renormalize", "bucket"), "method.top_k_rest", f"unknown value {m.top_k_rest!r}",
+                 "Use renormalize or bucket")
+        _require(m.top_k is None or m.top_k_rest == "bucket" or m.divergence == "forward_kl", "method.top_k",
+                 "a renormalised top-k teacher leaves zero-probability tokens, which only forward KL tolerates",
+                 "Set method.top_k_rest=bucket, method.divergence=forward_kl or method.top_k=null")
+        _require(m.teacher_cache in ("disk", "memory", "none"), "method.teacher_cache",
+                 f"unknown value {m.teacher_cache!r}", "Use disk, memory or none")
         _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
         _require(m.answer in ("label_position", "teacher_generation"), "method.answer",
                  f"unknown value {m.answer!r}", "Use label_position or teacher_generation")

@@ -19,14 +19,24 @@ def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
-def teacher_logprobs(teacher_logits: torch.Tensor, temperature: float = 1.0,
-                     top_k: Optional[int] = None) -> torch.Tensor:
-    """log p_T at temperature T; with top_k, the k most likely tokens renormalised (others -inf)."""
-    logits = teacher_logits.detach().float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return logits.log_softmax(-1)
+def teacher_distribution(teacher_logits: torch.Tensor, temperature: float = 1.0,
+                         top_k: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log p_T at temperature T: over the whole vocabulary [..., V] with indices None, or, with
+    top_k, at the teacher's k most likely tokens only: (log-probabilities [..., k], indices [..., k]).
+
+    The top-k form is what the teacher cache stores: k numbers per position instead of V.
+    """
+    logprobs = (teacher_logits.detach().float() / temperature).log_softmax(-1)
+    if top_k is None or top_k >= logprobs.shape[-1]:
+        return logprobs, None
+    top = logprobs.topk(top_k, dim=-1)
+    return top.values, top.indices
+
+
+def with_rest_bucket(logprobs: torch.Tensor) -> torch.Tensor:
+    """Append one category holding the probability mass outside the given tokens: [..., k] -> [..., k+1]."""
+    captured = torch.logsumexp(logprobs, dim=-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logprobs, torch.log(-torch.expm1(captured))], -1)
 
 
 def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
@@ -55,12 +65,27 @@ def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta
     return beta * forward_kl(mixture, teacher_logp) + (1 - beta) * forward_kl(mixture, student_logp)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+def distillation_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor,
                       divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                      top_k: Optional[int] = None) -> torch.Tensor:
-    """Mean divergence over the masked answer positions (Upadhayaya et al.'s loss is the default)."""
-    t_logp = teacher_logprobs(teacher_logits, temperature, top_k)
+                      teacher_indices: Optional[torch.Tensor] = None, top_k_rest: str = "renormalize") -> torch.Tensor:
+    """Mean divergence over the masked answer positions (Upadhayaya et al.'s loss is the default).
+
+    ``teacher_logprobs``/``teacher_indices`` come from :func:`teacher_distribution` at the same
+    temperature. With top-k indices, ``top_k_rest`` says what happens to the other tokens:
+    ``renormalize`` spreads their mass over the k (only forward KL is defined then: the student
+    keeps its full-vocabulary normalisation), ``bucket`` lumps it into one extra category for
+    teacher and student alike, which approximates the full divergence for every choice of it.
+    """
     s_logp = (student_logits.float() / temperature).log_softmax(-1)
+    t_logp = teacher_logprobs
+    if teacher_indices is not None:
+        s_logp = s_logp.gather(-1, teacher_indices.to(s_logp.device))
+        if top_k_rest == "bucket":
+            s_logp, t_logp = with_rest_bucket(s_logp), with_rest_bucket(t_logp)
+        elif top_k_rest == "renormalize":
+            t_logp = t_logp.log_softmax(-1)
+        else:
+            raise ValueError(f"unknown top_k_rest {top_k_rest!r}; use renormalize or bucket")
     if divergence == "forward_kl":
         per_position = forward_kl(s_logp, t_logp)
     elif divergence == "reverse_kl":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,17 @@ def load_model(spec: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerB
         raise _hub_error(spec, e) from e
 
 
+def model_identity(spec: DictConfig, seed: int) -> str:
+    """What determines the base model's outputs, so that cached teacher outputs are never stale."""
+    fields = {key: spec[key] for key in ("source", "name_or_path", "gguf_file", "dtype", "attn_implementation")}
+    if spec.source == "random":
+        fields.update(tiny=OmegaConf.to_container(spec.tiny), seed=seed)
+    local = Path(spec.name_or_path).expanduser()
+    if spec.source == "hub" and local.is_dir():  # a local checkpoint may be rewritten in place
+        fields["modified"] = max((f.stat().st_mtime for f in local.iterdir()), default=0)
+    return json.dumps(fields, sort_keys=True)
+
+
 def add_lora(model, spec: DictConfig):
     from peft import LoraConfig, get_peft_model
 
@@ -145,6 +157,7 @@ class ModelHandle:
 
     student: torch.nn.Module
     base: torch.nn.Module  # the unwrapped model (a PeftModel when LoRA is used)
+    identity: str = ""  # what determines the base weights (see model_identity): the teacher cache's key
 
     @contextlib.contextmanager
     def teacher(self) -> Iterator[torch.nn.Module]:

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task, build_task
 from ctxdistill.evaluation import Evaluator, classification_metrics, score
-from ctxdistill.models import ModelHandle, add_lora, context_window, load_model, load_tokenizer
+from ctxdistill.models import (ModelHandle, add_lora, context_window, load_model, load_tokenizer,
+                               model_identity)
 from ctxdistill.sweeps import completed_run
 from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
@@ -110,7 +111,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("%s on %s (weights %s, mixed precision %s); %d trainable parameters", cfg.model.name,
                  accelerator.device, cfg.model.dtype, cfg.trainer.mixed_precision,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))
-        handle = ModelHandle(student=model, base=model)
+        handle = ModelHandle(student=model, base=model, identity=model_identity(cfg.model, cfg.seed))
         evaluator = Evaluator(handle, tokenizer, task, method.eval_with_context, cfg.trainer.eval_batch_size,
                               model_is_teacher=method.eval_with_context and not method.trains)
         for name in task.eval_sets:  # before training: full fine-tuning changes the teacher's weights

@@ -1,0 +1,75 @@
+"""The teacher cache: a frozen teacher's answer-position distributions, computed once and reused.
+
+Training on the same queries for many epochs (Upadhayaya et al.: 20 epochs of 32 queries), and
+sweeping learning rates or divergences over the same context, asks the frozen teacher the same
+questions again and again. Each answer is stored per query — the teacher's answer span, its
+log-probabilities at the span's positions (the whole vocabulary, or the top k) — in one file per
+model, settings and context, so later epochs and later runs run no teacher forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class TeacherTargets(NamedTuple):
+    span: list[int]  # the answer tokens whose positions are distilled
+    logprobs: torch.Tensor  # [len(span), V], or [len(span), k] with top-k
+    indices: Optional[torch.Tensor]  # [len(span), k] token ids of the top k; None for the whole vocabulary
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class TeacherCache:
+    """Targets keyed by the teacher's whole input text; on disk under ``directory``, or in memory if None.
+
+    The key covers everything that determines a target (model weights, tokenizer, answer mode,
+    temperature, top-k, the prompt itself), so a changed demonstration or setting never hits a
+    stale entry. Writes go to a temporary file renamed into place: a killed run leaves the old
+    file or the new one, never half of one.
+    """
+
+    def __init__(self, directory: Optional[str], model_identity: str, settings: dict[str, Any], context: str):
+        self.entries: dict[str, TeacherTargets] = {}
+        self.path = None
+        if directory:
+            self.path = Path(directory).expanduser() / f"{_digest([model_identity, settings, context])}.pt"
+            if self.path.is_file():
+                try:
+                    stored = torch.load(self.path, weights_only=True)
+                    self.entries = {key: TeacherTargets(*value) for key, value in stored.items()}
+                except Exception as e:  # a cache is disposable: recompute rather than fail the run
+                    log.warning("ignoring the unreadable teacher cache %s (%s); it will be rewritten", self.path, e)
+        self._added = 0
+
+    @staticmethod
+    def key(prompt: str) -> str:
+        return _digest(prompt)
+
+    def get(self, prompt: str) -> Optional[TeacherTargets]:
+        return self.entries.get(self.key(prompt))
+
+    def put(self, prompt: str, targets: TeacherTargets) -> None:
+        self.entries[self.key(prompt)] = targets
+        self._added += 1
+
+    def save(self) -> None:
+        if self.path is None or not self._added:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        torch.save({key: tuple(value) for key, value in self.entries.items()}, tmp)
+        os.replace(tmp, self.path)
+        log.info("teacher cache: %d new targets saved to %s", self._added, self.path)
+        self._added = 0

@@ -1,0 +1,89 @@
+"""The teacher's targets computed once (cached in memory or on disk) equal the ones computed at every step."""
+
+import pytest
+import torch
+
+from ctxdistill.data import build_task
+from ctxdistill.methods.distill import ContextDistillation
+from ctxdistill.models import ModelHandle, add_lora, load_model, load_tokenizer, model_identity
+from ctxdistill.run import run
+
+from conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from hydra import compose, initialize_config_dir
+
+    from ctxdistill.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny-random", "output_dir=unused", "dataset.num_train_queries=12"])
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = add_lora(load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0), cfg.model)
+    torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight, std=0.05)
+    handle = ModelHandle(student=model, base=model, identity=model_identity(cfg.model, 0))
+    return handle, tokenizer, build_task(cfg.dataset, seed=0)
+
+
+def prepared(setup, **options):
+    handle, tokenizer, task = setup
+    method = ContextDistillation("cd", **options)
+    examples = method.train_examples(task)
+    method.prepare(handle, tokenizer, task, examples, batch_size=5)
+    return method
+
+
+def loss_of(method, setup):
+    handle, tokenizer, task = setup
+    batch = method.collate(tokenizer, task, task.train_queries[3:9])
+    with torch.no_grad():
+        return method.loss(handle, batch)[0].item()
+
+
+@pytest.mark.parametrize("options", [
+    {},
+    {"answer": "teacher_generation", "max_answer_tokens": 3},
+    {"top_k": 500, "top_k_rest": "bucket", "divergence": "jsd", "temperature": 0.5},
+    {"top_k": 5, "answer": "teacher_generation", "max_answer_tokens": 3},
+])
+def test_cached_targets_give_the_loss_of_a_teacher_run_at_every_step(setup, options):
+    cached = prepared(setup, teacher_cache="memory", **options)
+    per_step = prepared(setup, teacher_cache="none", **options)
+    assert cached.teacher_forwards == 3 and per_step.teacher_forwards == 0  # 12 queries in batches of 5
+    expected = loss_of(per_step, setup)
+    assert per_step.teacher_forwards == 1
+    assert expected > 1e-5  # the student (no context) differs from the teacher
+    assert loss_of(cached, setup) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert cached.teacher_forwards == 3  # no teacher forward at a training step
+
+
+def test_a_later_run_reads_the_disk_cache_and_runs_no_teacher(setup, tmp_path):
+    first = prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path), top_k=4)
+    assert first.teacher_forwards == 3 and len(list(tmp_path.glob("*.pt"))) == 1
+    again = prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path), top_k=4)
+    assert again.teacher_forwards == 0
+    assert loss_of(again, setup) == loss_of(first, setup)
+    # Another setting that changes the targets is another key.
+    hotter = prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path), top_k=4, temperature=2.0)
+    assert hotter.teacher_forwards == 3 and len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_an_unreadable_cache_file_is_recomputed_not_fatal(setup, tmp_path, caplog):
+    prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path))
+    [path] = tmp_path.glob("*.pt")
+    path.write_bytes(b"half a file")
+    method = prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path))
+    assert method.teacher_forwards == 3 and "unreadable teacher cache" in caplog.text
+    assert prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path)).teacher_forwards == 0
+
+
+def test_a_run_with_the_cached_teacher_ends_where_the_per_step_teacher_ends(make_cfg, tmp_path):
+    metrics = {}
+    for cache in ("memory", "none"):
+        cfg = make_cfg(*TINY, "method=cd", "trainer.max_steps=6", f"method.teacher_cache={cache}",
+                       output_dir=tmp_path / cache)
+        metrics[cache] = run(cfg)
+    assert metrics["memory"]["train"]["final_loss"] == pytest.approx(metrics["none"]["train"]["final_loss"], rel=1e-4)
+    for key, value in metrics["none"]["metrics"].items():
+        assert metrics["memory"]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
