@@ -53,11 +53,13 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
 class SharedPrefix:
     """The key/value cache of the tokens that every prompt of a set starts with."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]):
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                 enabled: bool = True):
+        """``enabled=False`` gives an empty prefix: every prompt is run whole (for comparisons)."""
         ids = tokenizer(list(prompts)).input_ids
         first = ids[0]
         # Longest common token prefix; every row keeps at least one token of its own.
-        length = min(len(r) for r in ids) - 1
+        length = min(len(r) for r in ids) - 1 if enabled else 0
         for row in ids[1:]:
             length = next((i for i, (a, b) in enumerate(zip(first[:length], row)) if a != b), length)
         self.length = length
@@ -68,8 +70,13 @@ class SharedPrefix:
                 self.cache = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True).past_key_values
 
     def for_batch(self, batch_size: int):
-        cache = copy.deepcopy(self.cache)  # the forward pass appends to it
-        cache.batch_repeat_interleave(batch_size)
+        """A cache for one batch that shares the prefix's tensors: the layers are copied, their keys and
+        values are broadcast views, so the only copy is the one the forward pass makes when it appends."""
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
+        for layer in cache.layers:
+            layer.keys = layer.keys.expand(batch_size, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(batch_size, *layer.values.shape[1:])
         return cache
 
 

@@ -36,14 +36,17 @@ class Scores:
 
 @torch.no_grad()
 def score(model, tokenizer, task: Task, examples: list[Example], with_context: bool, batch_size: int,
-          teacher: Optional[Scores] = None, keep_distribution: bool = False, desc: str = "eval") -> Scores:
-    """Score every class for each example; with ``teacher``, also the per-example KL to it."""
+          teacher: Optional[Scores] = None, keep_distribution: bool = False, desc: str = "eval",
+          share_prefix: bool = True) -> Scores:
+    """Score every class for each example; with ``teacher``, also the per-example KL to it.
+
+    ``share_prefix=False`` runs every prompt whole instead of the shared context once (for comparisons)."""
     was_training = model.training
     model.eval()
     verbalizer_ids = [tokenizer(v, add_special_tokens=False).input_ids for v in task.verbalizers]
     single_token = all(len(ids) == 1 for ids in verbalizer_ids)
     all_prompts = [task.prompt(e, with_context) for e in examples]
-    prefix = SharedPrefix(model, tokenizer, all_prompts)  # the context, run once for the whole set
+    prefix = SharedPrefix(model, tokenizer, all_prompts, share_prefix)  # the context, run once for the whole set
     # Batches of similar length waste little compute on padding; results go back in input order.
     order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
     label_lp, distributions, kls, top = [], [], [], []
