@@ -113,7 +113,7 @@ def test_fine_tuning_without_demonstrations_fails_before_the_model_loads(make_cf
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--help"], "method: base_distill, base_finetune, base_prompting, cd, ft, icl, zero_shot"),
+    (["--help"], "method: base_distill, base_finetune, base_genpi, base_prompting, cd, ft, genpi, icl, zero_shot"),
     (["method=ft", "--cfg", "job"], "_target_: ctxdistill.methods.finetune.Finetune"),
     (["--info", "defaults"], "method/cd"),
 ])

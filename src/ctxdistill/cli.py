@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> float | None:
     # In a sweep a failing cell is recorded and the others go on; a single run raises.
     result = run_cell(cfg, run) if HydraConfig.get().mode == RunMode.MULTIRUN else run(cfg)
     # The return value is what Hydra sweepers (e.g. Optuna) optimise.
-    return result["metrics"]["eval/accuracy"] if result else None
+    # Runs completed before `objective` was recorded optimised eval/accuracy.
+    return result["metrics"].get(result.get("objective", "eval/accuracy")) if result else None
 
 
 def print_sweep_configs(argv: list[str]) -> None:

@@ -55,6 +55,43 @@ class DistillConfig(MethodConfig):
     teacher_cache_dir: str = "${cache_dir}/teacher_targets"
 
 
+@dataclass
+class GenPIConfig(MethodConfig):
+    """Generative Prompt Internalization; see ctxdistill.methods.genpi for the stages and the loss."""
+    _target_: str = "ctxdistill.methods.genpi.GenPI"
+    task_name: str = MISSING  # names the prompt in results (the run's "dataset")
+    prompt: str = MISSING  # internalised: the teacher's system message, never in the student's input
+    rule: str = MISSING  # a regular expression (re.search) that a reply following the prompt matches
+    example_inputs: list[str] = field(default_factory=list)  # shown to the generator of pseudo inputs
+    heldout_inputs: list[str] = field(default_factory=list)  # evaluation set "eval"
+    num_pseudo_inputs: int = 32  # training inputs (the paper: 1,000 per prompt)
+    num_heldout_pseudo_inputs: int = 8  # further generated inputs, evaluation set "pseudo_heldout"
+    # A completion prompt with {prompt} and {examples} (a numbered list ending in the next number).
+    generator_template: str = ("An AI assistant was given these instructions: {prompt}\n"
+                               "Messages that users sent to the assistant:\n{examples}")
+    generator_temperature: float = 1.0
+    generator_top_k: Optional[int] = 50
+    inputs_per_round: int = 16  # samples per generator call
+    max_rounds: int = 20
+    max_input_tokens: int = 32
+    max_reply_tokens: int = 48
+    reason_template: str = ("A user sent an AI assistant this message:\n{input}\n\n"
+                            "Without instructions, the assistant replied:\n{base}\n\n"
+                            "With the instructions below, it replied:\n{teacher}\n\n"
+                            "Instructions:\n{prompt}\n\n"
+                            "In one sentence, explain how the instructions changed the reply.")
+    reason_temperature: float = 0.7
+    max_reason_tokens: int = 48
+    # The prompt-generation turn (the released code's meta-cognition input).
+    pg_template: str = ("### Input\n{input}\n\n### Bad Output\n{base}\n\n### Good Output\n{teacher}\n\n"
+                        "Guess which context was provided to produce the good output instead of the bad one, "
+                        "and give the reason why the output should change.")
+    sft_weight: float = 0.7  # lambda: L = (1 - lambda) * L_PG + lambda * L_SFT (the released stage2_ratio)
+    kl_weight: float = 0.0  # optional forward KL from the teacher with the prompt at the reply tokens
+    stage_dir: str = "${cache_dir}/genpi"  # cached stages, shared by runs with the same settings
+    seed: int = "${seed}"  # type: ignore[assignment]
+
+
 # ---------------------------------------------------------------- model
 @dataclass
 class LoraSettings:
@@ -208,7 +245,8 @@ class Config:
 
 
 SCHEMAS = {
-    "method": {"base_prompting": PromptingConfig, "base_finetune": FinetuneConfig, "base_distill": DistillConfig},
+    "method": {"base_prompting": PromptingConfig, "base_finetune": FinetuneConfig, "base_distill": DistillConfig,
+               "base_genpi": GenPIConfig},
     "model": {"base_model": ModelConfig},
     "dataset": {"base_dataset": DatasetConfig},
     "trainer": {"base_trainer": TrainerConfig},
@@ -283,6 +321,34 @@ def validate(cfg: DictConfig) -> None:
                  "Use frozen or live")
         _require(m.teacher == "frozen" or m.answer == "label_position", "method.teacher",
                  "a live teacher is supported with answer=label_position only", "Set method.answer=label_position")
+    if "sft_weight" in m:
+        import re
+
+        from omegaconf import OmegaConf
+
+        unset = [k for k in ("task_name", "prompt", "rule") if OmegaConf.is_missing(m, k)]
+        _require(not unset, "method", f"genpi needs {', '.join('method.' + k for k in unset)}",
+                 "Use an experiment that sets them (experiment=genpi/pirate) or set them on the command line")
+
+        _require(0 <= m.sft_weight <= 1, "method.sft_weight", f"must be in [0, 1], got {m.sft_weight}", "")
+        _require(m.kl_weight >= 0, "method.kl_weight", f"must be >= 0, got {m.kl_weight}", "")
+        _require(bool(m.prompt.strip()), "method.prompt", "is empty; nothing to internalise", "Set method.prompt")
+        for key in ("num_pseudo_inputs", "inputs_per_round", "max_rounds", "max_input_tokens", "max_reply_tokens",
+                    "max_reason_tokens"):
+            _require(m[key] >= 1, f"method.{key}", f"must be >= 1, got {m[key]}", "")
+        _require(m.num_heldout_pseudo_inputs >= 0, "method.num_heldout_pseudo_inputs",
+                 f"must be >= 0, got {m.num_heldout_pseudo_inputs}", "")
+        try:
+            re.compile(m.rule)
+        except re.error as e:
+            raise ConfigError(f"method.rule: {m.rule!r} is not a regular expression ({e}). Fix the pattern") from e
+        for key, fields in (("generator_template", ("prompt", "examples")), ("pg_template", ("input", "base", "teacher")),
+                            ("reason_template", ("input", "base", "teacher", "prompt"))):
+            try:
+                m[key].format(**{f: "" for f in fields})
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(f"method.{key}: cannot fill it ({e!r}); it may use only "
+                                  f"{', '.join('{' + f + '}' for f in fields)} (double literal braces)") from e
     if "finetune" in m:
         _require(m.finetune in ("lora", "full"), "method.finetune", f"unknown value {m.finetune!r}",
                  "Use lora or full")

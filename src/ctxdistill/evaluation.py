@@ -10,6 +10,7 @@ KL(teacher with context || model) at the answer position, on held-out inputs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -94,6 +95,25 @@ def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_
     }
 
 
+def generation_metrics(replies: list[str], teacher_replies: list[str], base_replies: list[str],
+                       rule: re.Pattern) -> dict[str, float]:
+    """Free-text replies against the teacher's: Rouge-L F1 (teacher reply as reference) and the rate of
+    replies in which ``rule`` finds a match, for the model, the teacher and the base model."""
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"])
+
+    def rouge(candidates: list[str]) -> float:
+        return sum(scorer.score(t, c)["rougeL"].fmeasure for t, c in zip(teacher_replies, candidates)) / len(candidates)
+
+    def compliance(texts: list[str]) -> float:
+        return sum(bool(rule.search(t)) for t in texts) / len(texts)
+
+    return {"rule_compliance": compliance(replies), "teacher_rule_compliance": compliance(teacher_replies),
+            "base_rule_compliance": compliance(base_replies), "rougeL_to_teacher": rouge(replies),
+            "base_rougeL_to_teacher": rouge(base_replies)}
+
+
 class Evaluator:
     """Evaluates the model on every eval set of a task against the frozen teacher.
 
@@ -109,6 +129,11 @@ class Evaluator:
         self.model_is_teacher = model_is_teacher
         self.answer_tokens = [tokenizer(v, add_special_tokens=False).input_ids[0] for v in task.verbalizers]
         self._teacher: dict[str, Scores] = {}
+
+    def prepare(self) -> None:
+        """Score the teacher before training: full fine-tuning changes its weights."""
+        for name in self.task.eval_sets:
+            self.teacher_scores(name)
 
     def teacher_scores(self, name: str) -> Scores:
         if name not in self._teacher:

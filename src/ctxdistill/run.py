@@ -21,8 +21,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.config import ConfigError, validate
-from ctxdistill.data import Task, build_task
-from ctxdistill.evaluation import Evaluator, classification_metrics, score
+from ctxdistill.data import Task
+from ctxdistill.evaluation import classification_metrics, score
 from ctxdistill.models import (ModelHandle, add_lora, context_window, load_model, load_tokenizer,
                                model_identity)
 from ctxdistill.sweeps import completed_run
@@ -48,8 +48,8 @@ def write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def run_identity(cfg: DictConfig) -> dict[str, Any]:
-    return {"method": cfg.method.name, "model": cfg.model.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
+def run_identity(cfg: DictConfig, task: Task) -> dict[str, Any]:
+    return {"method": cfg.method.name, "model": cfg.model.name, "dataset": task.name, "seed": cfg.seed,
             "paper": cfg.paper}
 
 
@@ -79,9 +79,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     set_seed(cfg.seed)
     method = instantiate(cfg.method, _convert_="all")
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
-    task = build_task(cfg.dataset, cfg.seed)
+    task = method.build_task(cfg.dataset, cfg.seed)
     if method.trains and not method.train_examples(task):
-        raise ConfigError(f"method={method.name} trains on the {cfg.dataset.name} demonstrations or queries, and "
+        raise ConfigError(f"method={method.name} trains on the {task.name} demonstrations or queries, and "
                           f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0.")
     answer_tokens = cfg.method.get("max_answer_tokens", 1) if cfg.method.get("answer") == "teacher_generation" else 1
     check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
@@ -95,9 +95,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker = create_tracker(
-        cfg.logger, group=sweep_group() or f"{cfg.dataset.name}-{cfg.model.name}",
-        name=f"{cfg.method.name}-{cfg.model.name}-{cfg.dataset.name}-s{cfg.seed}",
-        tags=[cfg.method.name, cfg.model.name, cfg.dataset.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
+        cfg.logger, group=sweep_group() or f"{task.name}-{cfg.model.name}",
+        name=f"{cfg.method.name}-{cfg.model.name}-{task.name}-s{cfg.seed}",
+        tags=[cfg.method.name, cfg.model.name, task.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
         config={**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()},
         output_dir=str(out)) if writer else Tracker()
     try:
@@ -114,10 +114,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                  accelerator.device, cfg.model.dtype, cfg.trainer.mixed_precision,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))
         handle = ModelHandle(student=model, base=model, identity=model_identity(cfg.model, cfg.seed))
-        evaluator = Evaluator(handle, tokenizer, task, method.eval_with_context, cfg.trainer.eval_batch_size,
-                              model_is_teacher=method.eval_with_context and not method.trains)
-        for name in task.eval_sets:  # before training: full fine-tuning changes the teacher's weights
-            evaluator.teacher_scores(name)
+        evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
+        evaluator.prepare()
 
         train_stats: dict[str, Any] = {}
         if method.trains:
@@ -129,15 +127,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if writer and cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
                 handle.base.save_pretrained(out / ("adapter" if method.adapter == "lora" else "model"))
         metrics, predictions = evaluator.evaluate()
-        if method.trains:
+        if method.trains and task.train_query_labels:
             # Upadhayaya et al.'s "teacher accuracy": the trained model *with* the context, scored
             # on the training queries after training (their teacher was the adapted model itself).
             scores = score(handle.base, tokenizer, task, task.train_queries, with_context=True,
                            batch_size=cfg.trainer.eval_batch_size, desc="train queries")
             metrics["train_queries/context_accuracy"] = classification_metrics(
                 scores.predictions, torch.tensor(task.train_query_labels), task.num_classes)["accuracy"]
-        result = {**run_identity(cfg), "status": "complete", "metrics": metrics, "train": train_stats,
-                  "model_parameters": model_parameters,
+        result = {**run_identity(cfg, task), "status": "complete", "metrics": metrics, "objective": method.objective,
+                  "train": train_stats, "model_parameters": model_parameters,
                   "demos": [d.uid for d in task.demos],
                   "runtime_seconds": time.perf_counter() - started,
                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

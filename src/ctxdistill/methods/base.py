@@ -6,7 +6,8 @@ from typing import Any, Optional
 
 import torch
 
-from ctxdistill.data import Example, Task
+from ctxdistill.data import Example, Task, build_task
+from ctxdistill.evaluation import Evaluator
 from ctxdistill.models import ModelHandle
 
 
@@ -17,6 +18,8 @@ class Method:
     adapter: Optional[str] = None
     #: whether the evaluated model sees the teacher's context (ICL) or the bare input.
     eval_with_context: bool = False
+    #: the metric a Hydra sweeper (e.g. Optuna) optimises; the run returns it.
+    objective: str = "eval/accuracy"
 
     def __init__(self, name: str):
         self.name = name
@@ -24,6 +27,17 @@ class Method:
     @property
     def trains(self) -> bool:
         return self.adapter is not None
+
+    def build_task(self, dataset, seed: int) -> Task:
+        """The inputs the run trains and evaluates on: by default the dataset config's classification task."""
+        return build_task(dataset, seed)
+
+    def evaluator(self, handle: ModelHandle, tokenizer, task: Task, batch_size: int):
+        """What scores the model: an object with ``prepare()`` (run before training) and
+        ``evaluate(names=None) -> (metrics, prediction rows per set)``. By default label-word scoring
+        against the frozen teacher with the context."""
+        return Evaluator(handle, tokenizer, task, self.eval_with_context, batch_size,
+                         model_is_teacher=self.eval_with_context and not self.trains)
 
     def train_examples(self, task: Task) -> list[Example]:
         return []

@@ -1,0 +1,82 @@
+"""Generating continuations: greedy or sampled, seeded, over a shared context's KV cache.
+
+One loop serves every method and evaluation that needs the model's own text (the
+teacher's answer spans, on-policy samples of the student, a scratchpad and its final
+answer, generation-based evaluation). It decodes with the key/value cache and applies
+the LM head to the last position only; with a :class:`~ctxdistill.encoding.SharedPrefix`
+the common context is not run again. A ``torch.Generator`` makes sampling reproducible
+independently of the global random state.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ctxdistill.encoding import SharedPrefix, encode
+
+
+def pick_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The next token of each row: argmax at temperature 0, else a sample of softmax(logits / T) over the top k."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
+             top_k: Optional[int] = None, stop: Optional[str] = "\n", generator: Optional[torch.Generator] = None,
+             prefix: Optional[SharedPrefix] = None, batch_size: int = 16, desc: Optional[str] = None) -> list[list[int]]:
+    """Each prompt's continuation, ending with the token that stops it (end-of-sequence, or a token whose
+    text contains ``stop``) unless ``max_new_tokens`` came first. Runs in eval mode; the caller's mode is
+    restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stops = {tokenizer.eos_token_id}
+    continuations: list[list[int]] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
+        batch = encode(tokenizer, prompts[start:start + batch_size], prefix_length=prefix.length if prefix else 0)
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        position_ids = batch["position_ids"].to(device)
+        rows = input_ids.shape[0]
+        past = None
+        if prefix is not None and prefix.cache is not None:
+            past = prefix.for_batch(rows)
+            attention_mask = torch.cat([attention_mask.new_ones(rows, prefix.length), attention_mask], 1)
+        tokens = [[] for _ in range(rows)]
+        done = [False] * rows
+        for _ in range(max_new_tokens):
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                        past_key_values=past, use_cache=True, logits_to_keep=1)
+            past = out.past_key_values
+            picked = pick_tokens(out.logits[:, -1], temperature, top_k, generator)
+            for i, token in enumerate(picked.tolist()):
+                if done[i]:
+                    continue
+                tokens[i].append(token)
+                done[i] = token in stops or (stop is not None and stop in tokenizer.decode([token]))
+            if all(done):
+                break
+            input_ids = picked.unsqueeze(-1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], 1)
+            position_ids = position_ids[:, -1:] + 1
+        continuations.extend(tokens)
+    model.train(was_training)
+    return continuations
+
+
+def strip_stop(tokenizer, tokens: list[int], stop: Optional[str] = "\n") -> list[int]:
+    """A continuation without its final stop token (end-of-sequence or one containing ``stop``)."""
+    if tokens and (tokens[-1] == tokenizer.eos_token_id or (stop is not None and stop in tokenizer.decode(tokens[-1:]))):
+        return tokens[:-1]
+    return tokens

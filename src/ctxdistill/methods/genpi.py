@@ -1,0 +1,303 @@
+"""genpi: Generative Prompt Internalization (Shin et al., NAACL 2025; code kaistAI/GenPI).
+
+The aim is a model that behaves as if a prompt (a system prompt, a persona, a format rule)
+were present, without the prompt in its input. Stages 1-3 generate data with the base model
+(adapter disabled); each is cached by its settings (:mod:`ctxdistill.stage_cache`), so a sweep
+over the loss weights reuses them and a killed run continues where it stopped:
+
+1. pseudo inputs: the generator, shown the prompt and a few example inputs, samples user
+   inputs (seeded per round), cleaned and deduplicated; the last ``num_heldout_pseudo_inputs``
+   are held out for evaluation;
+2. replies: greedy replies to every input with the prompt (teacher) and without it (base);
+3. reasons: the model, shown an input, both replies and the prompt, writes why the prompt
+   changes the reply;
+4. training the LoRA student, which never sees the prompt, on
+   ``L = (1 - sft_weight) * L_PG + sft_weight * L_SFT (+ kl_weight * KL)``:
+   L_PG is the cross-entropy of "### Context ... ### Reason ..." (the prompt and the reason)
+   after a turn showing the input and the bad (base) and good (teacher) replies; L_SFT the
+   cross-entropy of the teacher's reply after the bare input; the optional KL is forward KL
+   from the teacher-with-prompt at the reply tokens (the released code has none).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ctxdistill.data import Example, Task
+from ctxdistill.data.tasks import DataError
+from ctxdistill.encoding import SharedPrefix, answer_logits, encode
+from ctxdistill.evaluation import generation_metrics
+from ctxdistill.generation import generate, strip_stop
+from ctxdistill.losses import answer_cross_entropy, distillation_loss
+from ctxdistill.methods.base import Method
+from ctxdistill.stage_cache import RowStore, digest
+
+PG_TARGET = "### Context\n-----------\n{prompt}\n-----------\n\n### Reason\n{reason}"
+
+
+def chat_prompt(tokenizer, user: str, system: Optional[str] = None) -> str:
+    """The model's chat format up to the assistant's turn (a plain User/Assistant layout without a template)."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return (f"{system}\n\n" if system else "") + f"User: {user}\nAssistant:"
+
+
+def clean_input(text: str) -> str:
+    """A sampled line without list numbering, bullets or quotes."""
+    return re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", text).strip().strip('"').strip()
+
+
+def genpi_loss(sft_logits: torch.Tensor, sft_batch: dict, pg_logits: Optional[torch.Tensor], pg_batch: Optional[dict],
+               sft_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """(1 - sft_weight) * L_PG + sft_weight * L_SFT, each the mean cross-entropy over its own target tokens.
+
+    ``pg_logits`` may be None when sft_weight is 1 (the PG term is then not computed)."""
+    device = sft_logits.device
+    sft = answer_cross_entropy(sft_logits, sft_batch["answer_ids"].to(device), sft_batch["answer_mask"].to(device))
+    if pg_logits is None:
+        return sft, {"loss_sft": sft.item()}
+    pg = answer_cross_entropy(pg_logits, pg_batch["answer_ids"].to(device), pg_batch["answer_mask"].to(device))
+    return (1 - sft_weight) * pg + sft_weight * sft, {"loss_sft": sft.item(), "loss_pg": pg.item()}
+
+
+def decoded_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+                    top_k: Optional[int] = None, stop: Optional[str] = None, generator: Optional[torch.Generator] = None,
+                    prefix: Optional[SharedPrefix] = None, batch_size: int = 16) -> list[tuple[str, bool]]:
+    """Each prompt's continuation as text, and whether it ended by itself (end-of-sequence or ``stop``)."""
+    texts = []
+    for tokens in generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k, stop, generator, prefix,
+                           batch_size):
+        kept = strip_stop(tokenizer, tokens, stop)
+        texts.append((tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept) < len(tokens)))
+    return texts
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """What identifies the base weights in the stage caches (adapter weights excluded)."""
+    with torch.no_grad():
+        sums = [f"{p.detach().double().sum().item():.6e}" for name, p in model.named_parameters() if "lora_" not in name]
+    return digest([type(model).__name__, sums])
+
+
+class GenPI(Method):
+    adapter = "lora"
+    objective = "eval/rule_compliance"
+
+    def __init__(self, name: str, task_name: str, prompt: str, rule: str, example_inputs: list[str],
+                 heldout_inputs: list[str], num_pseudo_inputs: int, num_heldout_pseudo_inputs: int,
+                 generator_template: str, generator_temperature: float, generator_top_k: Optional[int],
+                 inputs_per_round: int, max_rounds: int, max_input_tokens: int, max_reply_tokens: int,
+                 reason_template: str, reason_temperature: float, max_reason_tokens: int, pg_template: str,
+                 sft_weight: float, kl_weight: float, stage_dir: str, seed: int):
+        super().__init__(name)
+        self.task_name, self.prompt, self.rule = task_name, prompt, re.compile(rule)
+        self.example_inputs, self.heldout_inputs = list(example_inputs), list(heldout_inputs)
+        self.num_pseudo_inputs, self.num_heldout_pseudo_inputs = num_pseudo_inputs, num_heldout_pseudo_inputs
+        self.generator_template, self.generator_temperature = generator_template, generator_temperature
+        self.generator_top_k, self.inputs_per_round, self.max_rounds = generator_top_k, inputs_per_round, max_rounds
+        self.max_input_tokens, self.max_reply_tokens = max_input_tokens, max_reply_tokens
+        self.reason_template, self.reason_temperature = reason_template, reason_temperature
+        self.max_reason_tokens, self.pg_template = max_reason_tokens, pg_template
+        self.sft_weight, self.kl_weight, self.stage_dir, self.seed = sft_weight, kl_weight, stage_dir, seed
+        self.pseudo_inputs: list[str] = []  # training inputs, then the held-out ones
+        self._fingerprint: Optional[str] = None
+        self._replies: Optional[RowStore] = None
+        self._records: dict[str, dict] = {}  # training slot uid -> input, replies, reason
+
+    # ------------------------------------------------------------ task and data
+    def build_task(self, dataset, seed):
+        heldout = [Example(f"eval-{i}", {"input": text}, None) for i, text in enumerate(self.heldout_inputs)]
+        return Task(name=self.task_name, template="{input}", verbalizers=[], student_instruction="",
+                    context=self.prompt, separator="\n\n", demos=[], train_queries=[], train_query_labels=[],
+                    eval_sets={"eval": heldout} if heldout else {})
+
+    def train_examples(self, task):
+        # Slots, filled with generated data by prepare(): the shared loop batches and shuffles them.
+        return [Example(f"pseudo-{i}", {}, None) for i in range(self.num_pseudo_inputs)]
+
+    @property
+    def heldout_pseudo_inputs(self) -> list[str]:
+        return self.pseudo_inputs[self.num_pseudo_inputs:]
+
+    def _settings(self, handle) -> dict:
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(handle.base)
+        return {"model": self._fingerprint, "prompt": self.prompt}
+
+    def _generator(self, model, key: str) -> torch.Generator:
+        """A random stream per (seed, key): a resumed stage samples what an uninterrupted one would."""
+        generator = torch.Generator(next(model.parameters()).device)
+        return generator.manual_seed(int(digest([self.seed, key]), 16) % 2**63)
+
+    def _pseudo_inputs(self, model, tokenizer, settings: dict, batch_size: int) -> list[str]:
+        """Stage 1: sample rounds of inputs until enough distinct new ones exist."""
+        examples = [*self.example_inputs, ""]
+        listing = "\n".join(f"{i + 1}. {text}" for i, text in enumerate(examples)).rstrip()
+        prompt = self.generator_template.format(prompt=self.prompt, examples=listing)
+        store = RowStore(self.stage_dir, "inputs", {**settings, "template": prompt, "seed": self.seed,
+                                                     "temperature": self.generator_temperature,
+                                                     "top_k": self.generator_top_k, "per_round": self.inputs_per_round,
+                                                     "max_tokens": self.max_input_tokens})
+        prefix = None
+
+        def sample_round(keys: list[str]) -> list[dict]:
+            nonlocal prefix
+            prefix = prefix or SharedPrefix(model, tokenizer, [prompt])  # run once for every round
+            texts = decoded_samples(model, tokenizer, [prompt] * self.inputs_per_round, self.max_input_tokens,
+                                    self.generator_temperature, self.generator_top_k, "\n",
+                                    self._generator(model, f"round-{keys[0]}"), prefix, batch_size)
+            return [{"key": keys[0], "samples": [text for text, _ in texts]}]
+
+        wanted = self.num_pseudo_inputs + self.num_heldout_pseudo_inputs
+        seen = {" ".join(t.lower().split()) for t in [*self.example_inputs, *self.heldout_inputs]}
+        found: list[str] = []
+        bar = tqdm(total=wanted, desc="genpi pseudo inputs", leave=False)
+        for round_index in range(self.max_rounds):
+            row = store.fill([str(round_index)], sample_round, 1, "genpi pseudo inputs")[0]
+            for text in map(clean_input, row["samples"]):
+                norm = " ".join(text.lower().split())
+                if len(text.split()) >= 3 and norm not in seen and len(found) < wanted:
+                    seen.add(norm)
+                    found.append(text)
+                    bar.update(1)
+            if len(found) == wanted:
+                break
+        bar.close()
+        if len(found) < wanted:
+            raise DataError(f"method=genpi: {self.max_rounds} rounds of {self.inputs_per_round} samples gave "
+                            f"{len(found)} distinct pseudo inputs of the {wanted} wanted (num_pseudo_inputs + "
+                            f"num_heldout_pseudo_inputs). Raise method.max_rounds or method.generator_temperature, "
+                            f"or ask for fewer inputs.")
+        return found
+
+    def replies(self, handle, tokenizer, inputs: list[str], batch_size: int) -> list[dict]:
+        """Stage 2: the teacher's (with the prompt) and the base model's greedy replies, cached per input."""
+        if self._replies is None:
+            self._replies = RowStore(self.stage_dir, "replies",
+                                     {**self._settings(handle), "max_tokens": self.max_reply_tokens})
+
+        def answer(keys: list[str]) -> list[dict]:
+            with handle.teacher() as model:
+                teacher = decoded_samples(model, tokenizer, [chat_prompt(tokenizer, k, self.prompt) for k in keys],
+                                          self.max_reply_tokens, batch_size=batch_size)
+                base = decoded_samples(model, tokenizer, [chat_prompt(tokenizer, k) for k in keys],
+                                       self.max_reply_tokens, batch_size=batch_size)
+            return [{"key": k, "teacher": t, "teacher_complete": tc, "base": b}
+                    for k, (t, tc), (b, _) in zip(keys, teacher, base)]
+
+        return self._replies.fill(inputs, answer, batch_size, "genpi replies")
+
+    def _reasons(self, handle, tokenizer, replies: list[dict], batch_size: int) -> list[str]:
+        """Stage 3: why the prompt changes the reply, sampled (seeded per batch)."""
+        store = RowStore(self.stage_dir, "reasons", {**self._settings(handle), "replies": self._replies.path.name,
+                                                      "template": self.reason_template, "seed": self.seed,
+                                                      "temperature": self.reason_temperature,
+                                                      "max_tokens": self.max_reason_tokens})
+        by_input = {r["key"]: r for r in replies}
+
+        def explain(keys: list[str]) -> list[dict]:
+            prompts = [chat_prompt(tokenizer, self.reason_template.format(
+                input=k, base=by_input[k]["base"], teacher=by_input[k]["teacher"], prompt=self.prompt)) for k in keys]
+            with handle.teacher() as model:
+                reasons = decoded_samples(model, tokenizer, prompts, self.max_reason_tokens, self.reason_temperature,
+                                          generator=self._generator(model, f"reasons-{keys[0]}"),
+                                          batch_size=batch_size)
+            return [{"key": k, "reason": text} for k, (text, _) in zip(keys, reasons)]
+
+        return [row["reason"] for row in store.fill(list(by_input), explain, batch_size, "genpi reasons")]
+
+    @torch.no_grad()
+    def prepare(self, handle, tokenizer, task, examples, batch_size):
+        self.ensure_inputs(handle, tokenizer, batch_size)
+        train_inputs = self.pseudo_inputs[:self.num_pseudo_inputs]
+        replies = self.replies(handle, tokenizer, self.pseudo_inputs, batch_size)[:self.num_pseudo_inputs]
+        reasons = self._reasons(handle, tokenizer, replies, batch_size)
+        for example, text, reply, reason in zip(examples, train_inputs, replies, reasons):
+            self._records[example.uid] = {**reply, "input": text, "reason": reason}
+
+    def ensure_inputs(self, handle, tokenizer, batch_size: int) -> None:
+        if not self.pseudo_inputs:
+            with handle.teacher() as model:
+                self.pseudo_inputs = self._pseudo_inputs(model, tokenizer, self._settings(handle), batch_size)
+
+    # ------------------------------------------------------------ training
+    def _target(self, tokenizer, text: str, complete: bool) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        # The end of the turn is learnt only where the teacher ended it (not cut off by max tokens).
+        return ids + [tokenizer.eos_token_id] if complete or not ids else ids
+
+    def collate(self, tokenizer, task, examples):
+        records = [self._records[e.uid] for e in examples]
+        replies = [self._target(tokenizer, r["teacher"], r["teacher_complete"]) for r in records]
+        batch = {"sft": encode(tokenizer, [chat_prompt(tokenizer, r["input"]) for r in records], replies)}
+        if self.sft_weight < 1:
+            turns = [chat_prompt(tokenizer, self.pg_template.format(input=r["input"], base=r["base"],
+                                                                     teacher=r["teacher"])) for r in records]
+            targets = [self._target(tokenizer, PG_TARGET.format(prompt=self.prompt, reason=r["reason"]), True)
+                       for r in records]
+            batch["pg"] = encode(tokenizer, turns, targets)
+        if self.kl_weight > 0:
+            batch["teacher_sft"] = encode(tokenizer, [chat_prompt(tokenizer, r["input"], self.prompt)
+                                                      for r in records], replies)
+        return batch
+
+    def loss(self, handle, batch):
+        sft_logits = answer_logits(handle.student, batch["sft"])
+        pg_logits = answer_logits(handle.student, batch["pg"]) if "pg" in batch else None
+        loss, parts = genpi_loss(sft_logits, batch["sft"], pg_logits, batch.get("pg"), self.sft_weight)
+        if self.kl_weight > 0:
+            with handle.teacher() as teacher:
+                teacher_logits = answer_logits(teacher, batch["teacher_sft"])
+            kl = distillation_loss(sft_logits, teacher_logits, batch["sft"]["answer_mask"].to(sft_logits.device))
+            loss = loss + self.kl_weight * kl
+            parts["loss_kl"] = kl.item()
+        return loss, parts
+
+    # ------------------------------------------------------------ evaluation
+    def evaluator(self, handle, tokenizer, task, batch_size):
+        return PromptInternalizationEvaluator(self, handle, tokenizer, task, batch_size)
+
+
+class PromptInternalizationEvaluator:
+    """Greedy replies of the trained model without the prompt, against the teacher with it and the base
+    model without it (both from the cached replies stage), on the held-out pseudo inputs and the
+    config's held-out inputs (set "eval")."""
+
+    def __init__(self, method: GenPI, handle, tokenizer, task: Task, batch_size: int):
+        self.method, self.handle, self.tokenizer, self.task, self.batch_size = method, handle, tokenizer, task, batch_size
+
+    def prepare(self) -> None:
+        """Nothing to do before training: the references come from the adapter-disabled base model."""
+
+    def evaluate(self, names: Optional[list[str]] = None) -> tuple[dict[str, float], dict[str, list[dict]]]:
+        method, tokenizer = self.method, self.tokenizer
+        method.ensure_inputs(self.handle, tokenizer, self.batch_size)
+        sets = {**{n: [e.fields["input"] for e in s] for n, s in self.task.eval_sets.items()},
+                "pseudo_heldout": method.heldout_pseudo_inputs}
+        metrics, rows = {}, {}
+        for name in names or list(sets):
+            inputs = sets.get(name) or []
+            if not inputs:
+                continue
+            references = method.replies(self.handle, tokenizer, inputs, self.batch_size)
+            student_prompts = [chat_prompt(tokenizer, text) for text in inputs]
+            replies = [text for text, _ in decoded_samples(self.handle.base, tokenizer, student_prompts,
+                                                           method.max_reply_tokens, batch_size=self.batch_size)]
+            teacher = [r["teacher"] for r in references]
+            base = [r["base"] for r in references]
+            result = generation_metrics(replies, teacher, base, method.rule)
+            teacher_tokens = [len(ids) for ids in tokenizer([chat_prompt(tokenizer, t, method.prompt)
+                                                             for t in inputs]).input_ids]
+            student_tokens = [len(ids) for ids in tokenizer(student_prompts).input_ids]
+            result["teacher_input_tokens"] = sum(teacher_tokens) / len(inputs)
+            result["prompt_tokens_saved"] = sum(t - s for t, s in zip(teacher_tokens, student_tokens)) / len(inputs)
+            metrics.update({f"{name}/{key}": value for key, value in result.items()})
+            rows[name] = [{"input": text, "reply": r, "teacher_reply": t, "base_reply": b,
+                           "complies": bool(method.rule.search(r))}
+                          for text, r, t, b in zip(inputs, replies, teacher, base)]
+        return metrics, rows
