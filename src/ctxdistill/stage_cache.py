@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 
 def digest(payload: Any) -> str:
@@ -61,6 +64,9 @@ class RowStore:
              desc: str) -> list[dict[str, Any]]:
         """The rows of ``keys`` in order; missing ones are computed ``batch_size`` at a time and saved per batch."""
         missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
+        if missing and len(missing) < len(keys):
+            log.info("%s: %d of %d rows found in %s, generating the rest", desc, len(keys) - len(missing), len(keys),
+                     self.path)
         for start in tqdm(range(0, len(missing), batch_size), desc=desc, leave=False, disable=not missing):
             chunk = missing[start:start + batch_size]
             rows = compute(chunk)

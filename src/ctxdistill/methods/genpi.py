@@ -21,6 +21,7 @@ over the loss weights reuses them and a killed run continues where it stopped:
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Optional
 
@@ -35,6 +36,8 @@ from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import answer_cross_entropy, distillation_loss
 from ctxdistill.methods.base import Method
 from ctxdistill.stage_cache import RowStore, digest
+
+log = logging.getLogger(__name__)
 
 PG_TARGET = "### Context\n-----------\n{prompt}\n-----------\n\n### Reason\n{reason}"
 
@@ -219,6 +222,8 @@ class GenPI(Method):
         reasons = self._reasons(handle, tokenizer, replies, batch_size)
         for example, text, reply, reason in zip(examples, train_inputs, replies, reasons):
             self._records[example.uid] = {**reply, "input": text, "reason": reason}
+        log.info("genpi: %d training and %d held-out pseudo inputs with replies and reasons, cached in %s",
+                 len(train_inputs), len(self.heldout_pseudo_inputs), self.stage_dir)
 
     def ensure_inputs(self, handle, tokenizer, batch_size: int) -> None:
         if not self.pseudo_inputs:
