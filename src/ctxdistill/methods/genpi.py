@@ -80,13 +80,6 @@ def decoded_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, t
     return texts
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """What identifies the base weights in the stage caches (adapter weights excluded)."""
-    with torch.no_grad():
-        sums = [f"{p.detach().double().sum().item():.6e}" for name, p in model.named_parameters() if "lora_" not in name]
-    return digest([type(model).__name__, sums])
-
-
 class GenPI(Method):
     adapter = "lora"
     objective = "eval/rule_compliance"
@@ -108,7 +101,6 @@ class GenPI(Method):
         self.max_reason_tokens, self.pg_template = max_reason_tokens, pg_template
         self.sft_weight, self.kl_weight, self.stage_dir, self.seed = sft_weight, kl_weight, stage_dir, seed
         self.pseudo_inputs: list[str] = []  # training inputs, then the held-out ones
-        self._fingerprint: Optional[str] = None
         self._replies: Optional[RowStore] = None
         self._records: dict[str, dict] = {}  # training slot uid -> input, replies, reason
 
@@ -128,9 +120,7 @@ class GenPI(Method):
         return self.pseudo_inputs[self.num_pseudo_inputs:]
 
     def _settings(self, handle) -> dict:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(handle.base)
-        return {"model": self._fingerprint, "prompt": self.prompt}
+        return {"model": handle.identity, "prompt": self.prompt}
 
     def _generator(self, model, key: str) -> torch.Generator:
         """A random stream per (seed, key): a resumed stage samples what an uninterrupted one would."""
