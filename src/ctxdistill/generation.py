@@ -34,8 +34,8 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, stop: Optional[str] = "\n", generator: Optional[torch.Generator] = None,
              prefix: Optional[SharedPrefix] = None, batch_size: int = 16, desc: Optional[str] = None) -> list[list[int]]:
-    """Each prompt's continuation, ending with the token that stops it (end-of-sequence, or a token whose
-    text contains ``stop``) unless ``max_new_tokens`` came first. Runs in eval mode; the caller's mode is
+    """Each prompt's continuation, ending with the token that stops it (end-of-sequence, or the token
+    that completes the text ``stop``) unless ``max_new_tokens`` came first. Runs in eval mode; the caller's mode is
     restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt)."""
     was_training = model.training
     model.eval()
@@ -64,7 +64,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
                 if done[i]:
                     continue
                 tokens[i].append(token)
-                done[i] = token in stops or (stop is not None and stop in tokenizer.decode([token]))
+                # A stop string of n characters lies within the last n tokens.
+                done[i] = token in stops or (stop is not None and stop in tokenizer.decode(tokens[i][-len(stop):]))
             if all(done):
                 break
             input_ids = picked.unsqueeze(-1)
