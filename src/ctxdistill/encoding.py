@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
@@ -70,14 +71,33 @@ class SharedPrefix:
                 self.cache = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True).past_key_values
 
     def for_batch(self, batch_size: int):
-        """A cache for one batch that shares the prefix's tensors: the layers are copied, their keys and
-        values are broadcast views, so the only copy is the one the forward pass makes when it appends."""
-        cache = copy.copy(self.cache)
-        cache.layers = [copy.copy(layer) for layer in self.cache.layers]
-        for layer in cache.layers:
-            layer.keys = layer.keys.expand(batch_size, *layer.keys.shape[1:])
-            layer.values = layer.values.expand(batch_size, *layer.values.shape[1:])
+        """A cache for one batch that shares the prefix's tensors and keeps nothing the batch adds.
+
+        Each layer's keys and values are broadcast views of the prefix's; the forward pass joins
+        them to the batch's own for that layer's attention and drops the result right after, so
+        memory holds one layer's worth at a time, not the whole model's.
+        """
+        if all(type(layer) is DynamicLayer for layer in self.cache.layers):
+            cache = copy.copy(self.cache)
+            cache.layers = [_PrefixLayer(layer.keys.expand(batch_size, *layer.keys.shape[1:]),
+                                         layer.values.expand(batch_size, *layer.values.shape[1:]))
+                            for layer in self.cache.layers]
+            return cache
+        cache = copy.deepcopy(self.cache)  # sliding-window and other layer kinds: a real copy per batch
+        cache.batch_repeat_interleave(batch_size)
         return cache
+
+
+class _PrefixLayer(DynamicLayer):
+    """A read-only cache layer: each update returns prefix + new keys/values without storing them."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
 
 
 def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
