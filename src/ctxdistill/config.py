@@ -210,7 +210,6 @@ class TrainerConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: Optional[float] = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU only)
-    compile: bool = False  # torch.compile the transformer (worth it on GPUs for long runs)
     eval_every: Optional[int] = None  # steps between periodic evaluations
     eval_batch_size: int = 16
     save_model: bool = True

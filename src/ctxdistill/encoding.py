@@ -68,7 +68,8 @@ class SharedPrefix:
         if length > 0:
             device = next(model.parameters()).device
             with torch.no_grad():
-                self.cache = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True).past_key_values
+                self.cache = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True,
+                                   logits_to_keep=1).past_key_values  # only the cache is needed
 
     def for_batch(self, batch_size: int):
         """A cache for one batch that shares the prefix's tensors and keeps nothing the batch adds.

@@ -108,8 +108,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         elif method.adapter is None:
             model.requires_grad_(False)
         model.to(accelerator.device)
-        if cfg.trainer.compile:  # in place, so the LoRA wrapper and its teacher view stay the same objects
-            (model.get_base_model() if hasattr(model, "get_base_model") else model).compile(dynamic=True)
         log.info("%s on %s (weights %s, mixed precision %s); %d trainable parameters", cfg.model.name,
                  accelerator.device, cfg.model.dtype, cfg.trainer.mixed_precision,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))
