@@ -14,10 +14,14 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
+# Options that need another group's option (scratchpad: a dataset with free-text answers).
+NEEDS = {"method=scratchpad": ["dataset=addition"]}
+
+
 @pytest.mark.parametrize("group", ["method", "model", "dataset", "trainer", "logger"])
 def test_every_group_option_composes_and_validates(make_cfg, group):
     for option in options(group):
-        cfg = make_cfg(f"{group}={option}")
+        cfg = make_cfg(f"{group}={option}", *NEEDS.get(f"{group}={option}", []))
         validate(cfg)
         assert cfg[group].get("name", option) in (option, cfg[group].get("name"))
 
@@ -113,7 +117,8 @@ def test_fine_tuning_without_demonstrations_fails_before_the_model_loads(make_cf
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--help"], "method: base_distill, base_finetune, base_genpi, base_prompting, cd, ft, genpi, icl, zero_shot"),
+    (["--help"], "method: base_distill, base_finetune, base_genpi, base_on_policy, base_prompting, base_scratchpad, "
+                 "cd, ft, genpi, icl, on_policy_cd, scratchpad, zero_shot"),
     (["method=ft", "--cfg", "job"], "_target_: ctxdistill.methods.finetune.Finetune"),
     (["--info", "defaults"], "method/cd"),
 ])

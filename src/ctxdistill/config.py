@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 # ---------------------------------------------------------------- methods
@@ -92,6 +92,30 @@ class GenPIConfig(MethodConfig):
     seed: int = "${seed}"  # type: ignore[assignment]
 
 
+@dataclass
+class OnPolicyConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.on_policy.OnPolicyDistillation"
+    # At every sampled position: reverse_kl | jsd | forward_kl over the full vocabulary (GKD), or
+    # sampled_reverse_kl, the sampled token's log-ratio as a policy gradient (on-policy distillation, SDFT).
+    divergence: str = "reverse_kl"
+    beta: float = 0.5  # JSD mixture weight (TRL semantics: 0 = forward KL, 1 = reverse KL)
+    lmbda: float = 1.0  # GKD's lambda: the fraction of batches the student samples; the teacher samples the rest
+    temperature: float = 1.0  # sampling only; the loss is taken at temperature 1, as in GKD
+    top_k: Optional[int] = None  # sample among the k most likely tokens
+    max_new_tokens: int = 8
+    stop: Optional[str] = "\n"  # a sample ends with the first token containing it (or end-of-sequence)
+    seed: int = 0  # the sampling generator and the lambda draws
+
+
+@dataclass
+class ScratchpadConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.scratchpad.ScratchpadDistillation"
+    num_samples: int = 8  # teacher samples per query; their extracted answers are the empirical target
+    temperature: float = 1.0  # of the teacher's sampling; 0 = greedy (then one sample suffices)
+    top_k: Optional[int] = None
+    seed: int = 0
+
+
 # ---------------------------------------------------------------- model
 @dataclass
 class LoraSettings:
@@ -124,6 +148,10 @@ class ModelConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
     max_length: Optional[int] = None  # context window; default: the model config's
+    # What a method that trains an adapter trains: lora | prefix (a trainable key/value prefix per layer,
+    # initialised from the first prefix_tokens tokens of the teacher's context) | full (every weight).
+    adapter: str = "lora"
+    prefix_tokens: int = 32
     lora: LoraSettings = field(default_factory=LoraSettings)
     tiny: TinyRandomSettings = field(default_factory=TinyRandomSettings)
 
@@ -135,6 +163,7 @@ class SourceConfig:
     # local files in `data_files` when `data_dir` is set; files: local files only.
     kind: str = MISSING
     generator: Optional[str] = None
+    generator_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the generator
     seed: int = 1234  # data generation seed, fixed across run seeds
     split_sizes: dict[str, int] = field(default_factory=dict)
     hub_id: Optional[str] = None
@@ -151,7 +180,10 @@ class SourceConfig:
 @dataclass
 class ContextConfig:
     instruction: str = ""
-    num_demos: int = 8
+    num_demos: int = 8  # per context
+    # Several contexts of num_demos disjoint demonstrations each, distilled simultaneously (Snell et al.
+    # eq. 2): every query and eval example is taught by one of them, picked by a hash of its id.
+    num_contexts: int = 1
     balanced: bool = True
     separator: str = "\n\n"
     # Draws the demonstrations and queries (llmft's data_seed); null: the run's seed.
@@ -176,6 +208,18 @@ class PatternConfig:
 
 
 @dataclass
+class GenerationConfig:
+    """Free-text answers scored by exact match of a generated answer, instead of a word per class."""
+    demo_target: str = MISSING  # what follows a demonstration's query, over its fields: "{scratchpad}\n{answer}"
+    # Group 1 is the final answer in a generation *with* the context (Snell's answer extractor f);
+    # a generation without it (a direct answer) is its first line.
+    answer_regex: str = "(.*)"
+    max_new_tokens: int = 64  # budget of a generation with the context (a scratchpad and its answer)
+    max_answer_tokens: int = 16  # budget of a direct answer
+    stop: str = "\n\n"  # ends a generation with the context (a direct answer ends at its first newline)
+
+
+@dataclass
 class DatasetConfig:
     name: str = MISSING
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -195,6 +239,7 @@ class DatasetConfig:
     num_train_queries: int = 64
     num_eval: Optional[int] = None
     ood: list[EvalSetConfig] = field(default_factory=list)
+    generation: Optional[GenerationConfig] = None  # set: the label field holds free-text answers
 
 
 # ---------------------------------------------------------------- trainer / logger
@@ -245,7 +290,8 @@ class Config:
 
 SCHEMAS = {
     "method": {"base_prompting": PromptingConfig, "base_finetune": FinetuneConfig, "base_distill": DistillConfig,
-               "base_genpi": GenPIConfig},
+               "base_genpi": GenPIConfig, "base_on_policy": OnPolicyConfig,
+               "base_scratchpad": ScratchpadConfig},
     "model": {"base_model": ModelConfig},
     "dataset": {"base_dataset": DatasetConfig},
     "trainer": {"base_trainer": TrainerConfig},
@@ -288,20 +334,37 @@ def validate(cfg: DictConfig) -> None:
                  "Use trainer.mixed_precision=no (or bf16) on CPU")
     _require(cfg.model.source in ("hub", "gguf", "random"), "model.source", f"unknown value {cfg.model.source!r}",
              "Use one of: hub, gguf, random")
+    _require(cfg.model.adapter in ("lora", "prefix", "full"), "model.adapter", f"unknown value {cfg.model.adapter!r}",
+             "Use one of: lora, prefix, full")
+    _require(cfg.model.prefix_tokens >= 1, "model.prefix_tokens", f"must be >= 1, got {cfg.model.prefix_tokens}", "")
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
              f"unknown value {cfg.model.dtype!r}", "Use one of: float32, bfloat16, float16")
     _require(d.source.kind in ("synthetic", "hub", "files"), "dataset.source.kind",
              f"unknown value {d.source.kind!r}", "Use one of: synthetic, hub, files")
     _require(d.context.num_demos >= 0, "dataset.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
+    _require(d.context.num_contexts >= 1, "dataset.context.num_contexts", f"must be >= 1, got {d.context.num_contexts}",
+             "")
     _require(d.num_train_queries >= 1, "dataset.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
     _require(d.pattern is None or d.pattern in d.patterns, "dataset.pattern", f"unknown pattern {d.pattern!r}",
              f"Use one of: {', '.join(d.patterns)}")
-    _require(len(d.verbalizers) >= 2, "dataset.verbalizers", "needs one answer word per class (at least two)", "")
+    _require(d.generation is not None or len(d.verbalizers) >= 2, "dataset.verbalizers",
+             "needs one answer word per class (at least two)", "Or give free-text answers a dataset.generation")
+    if d.generation is not None:
+        import re
+
+        try:
+            groups = re.compile(d.generation.answer_regex).groups
+        except re.error as e:
+            groups = f"invalid ({e})"
+        _require(groups == 1, "dataset.generation.answer_regex", f"needs exactly one group, got {groups}",
+                 "Mark the answer with one (...) group, e.g. '</scratch>\\s*(.+)'")
+        _require(d.generation.max_new_tokens >= 1 and d.generation.max_answer_tokens >= 1, "dataset.generation",
+                 "max_new_tokens and max_answer_tokens must be >= 1", "")
     _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", f"unknown value {cfg.logger.backend!r}",
              "Use logger=wandb or logger=none")
     _require(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
              f"unknown value {cfg.logger.mode!r}", "Use one of: auto, online, offline, disabled")
-    if "divergence" in m:
+    if issubclass(OmegaConf.get_type(m), DistillConfig):
         _require(m.divergence in ("forward_kl", "reverse_kl", "jsd"), "method.divergence",
                  f"unknown value {m.divergence!r}", "Use one of: forward_kl, reverse_kl, jsd")
         _require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
@@ -348,6 +411,24 @@ def validate(cfg: DictConfig) -> None:
             except (KeyError, IndexError, ValueError) as e:
                 raise ConfigError(f"method.{key}: cannot fill it ({e!r}); it may use only "
                                   f"{', '.join('{' + f + '}' for f in fields)} (double literal braces)") from e
+    if issubclass(OmegaConf.get_type(m), OnPolicyConfig):
+        _require(m.divergence in ("reverse_kl", "jsd", "forward_kl", "sampled_reverse_kl"), "method.divergence",
+                 f"unknown value {m.divergence!r}", "Use one of: reverse_kl, jsd, forward_kl, sampled_reverse_kl")
+        _require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
+        _require(0 <= m.lmbda <= 1, "method.lmbda", f"must be in [0, 1], got {m.lmbda}", "")
+        _require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}",
+                 "Sampling needs a positive temperature, e.g. method.temperature=1.0")
+        _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        _require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
+        _require(cfg.model.adapter != "full", "model.adapter", "on-policy distillation scores samples with the "
+                 "frozen base model at every step, and full fine-tuning leaves no frozen copy of it",
+                 "Use model.adapter=lora or prefix")
+    if issubclass(OmegaConf.get_type(m), ScratchpadConfig):
+        _require(d.generation is not None, "dataset", f"method={m.name} needs free-text answers and an answer "
+                 f"extractor (dataset.generation), which dataset={d.name} lacks", "Use e.g. dataset=addition")
+        _require(m.num_samples >= 1, "method.num_samples", f"must be >= 1, got {m.num_samples}", "")
+        _require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "0 is greedy")
+        _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
     if "finetune" in m:
         _require(m.finetune in ("lora", "full"), "method.finetune", f"unknown value {m.finetune!r}",
                  "Use lora or full")

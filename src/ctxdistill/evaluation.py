@@ -6,6 +6,8 @@ convention. When every answer word is a single token, one forward pass scores al
 classes. Besides accuracy (and F1 for binary tasks) every method reports how much of
 the context it has internalised: agreement with the teacher's predictions and
 KL(teacher with context || model) at the answer position, on held-out inputs.
+Tasks with free-text answers (``task.generation``) are scored by exact match of greedy
+generations instead (:class:`GenerationEvaluator`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ctxdistill.data import Example, Task
 from ctxdistill.encoding import SharedPrefix, answer_logits, answer_token_logprobs, encode
+from ctxdistill.generation import generate
 from ctxdistill.losses import forward_kl
 from ctxdistill.models import ModelHandle
 
@@ -135,43 +138,116 @@ class Evaluator:
         for name in self.task.eval_sets:
             self.teacher_scores(name)
 
-    def teacher_scores(self, name: str) -> Scores:
+    def teacher_scores(self, name: str):
         if name not in self._teacher:
             with self.handle.teacher() as teacher:
-                self._teacher[name] = score(teacher, self.tokenizer, self.task, self.task.eval_sets[name],
-                                            with_context=True, batch_size=self.batch_size,
-                                            keep_distribution=True, desc=f"teacher {name}")
+                self._teacher[name] = self.score_teacher(teacher, self.task.eval_sets[name], f"teacher {name}")
         return self._teacher[name]
 
     def evaluate(self, names: Optional[list[str]] = None) -> tuple[dict[str, float], dict[str, list[dict]]]:
         """Flat metrics ``{set}/{metric}`` and per-example prediction rows per set."""
         metrics, rows = {}, {}
         for name in names or list(self.task.eval_sets):
-            examples = self.task.eval_sets[name]
-            teacher = self.teacher_scores(name)
-            if self.model_is_teacher:
-                model = Scores(teacher.label_logprobs, None, torch.zeros(len(examples)), teacher.top_token)
-            else:
-                model = score(self.handle.base, self.tokenizer, self.task, examples, self.with_context,
-                              self.batch_size, teacher=teacher, desc=f"model {name}")
-            labels = torch.tensor([e.label for e in examples])
-            result = classification_metrics(model.predictions, labels, self.task.num_classes)
-            # llmft's `accuracy` / Upadhayaya's greedy one-token answer: the argmax over the whole
-            # vocabulary must be the gold answer word's (first) token.
-            answer_token = torch.tensor(self.answer_tokens)[labels]
-            result["vocab_accuracy"] = (model.top_token == answer_token).float().mean().item()
-            for group in sorted({e.group for e in examples if e.group is not None}):
-                members = torch.tensor([e.group == group for e in examples])
-                result[f"accuracy_{group}"] = (model.predictions == labels)[members].float().mean().item()
-            result["teacher_accuracy"] = (teacher.predictions == labels).float().mean().item()
-            result["teacher_agreement"] = (model.predictions == teacher.predictions).float().mean().item()
-            result["kl_to_teacher"] = model.kl_to_teacher.mean().item()
+            result, rows[name] = self.evaluate_set(name, self.task.eval_sets[name], self.teacher_scores(name))
             metrics.update({f"{name}/{key}": value for key, value in result.items()})
-            rows[name] = [
-                {"uid": e.uid, "prompt": self.task.prompt(e, self.with_context), "label": e.label,
-                 "prediction": int(p), "teacher_prediction": int(t), "kl_to_teacher": float(k),
-                 "label_logprobs": [round(float(x), 4) for x in lp]}
-                for e, p, t, k, lp in zip(examples, model.predictions, teacher.predictions,
-                                          model.kl_to_teacher, model.label_logprobs)
-            ]
         return metrics, rows
+
+    def score_teacher(self, teacher, examples: list[Example], desc: str) -> Scores:
+        return score(teacher, self.tokenizer, self.task, examples, with_context=True, batch_size=self.batch_size,
+                     keep_distribution=True, desc=desc)
+
+    def evaluate_set(self, name: str, examples: list[Example], teacher: Scores) -> tuple[dict[str, float], list[dict]]:
+        if self.model_is_teacher:
+            model = Scores(teacher.label_logprobs, None, torch.zeros(len(examples)), teacher.top_token)
+        else:
+            model = score(self.handle.base, self.tokenizer, self.task, examples, self.with_context,
+                          self.batch_size, teacher=teacher, desc=f"model {name}")
+        labels = torch.tensor([e.label for e in examples])
+        result = classification_metrics(model.predictions, labels, self.task.num_classes)
+        # llmft's `accuracy` / Upadhayaya's greedy one-token answer: the argmax over the whole
+        # vocabulary must be the gold answer word's (first) token.
+        answer_token = torch.tensor(self.answer_tokens)[labels]
+        result["vocab_accuracy"] = (model.top_token == answer_token).float().mean().item()
+        for group in sorted({e.group for e in examples if e.group is not None}):
+            members = torch.tensor([e.group == group for e in examples])
+            result[f"accuracy_{group}"] = (model.predictions == labels)[members].float().mean().item()
+        result["teacher_accuracy"] = (teacher.predictions == labels).float().mean().item()
+        result["teacher_agreement"] = (model.predictions == teacher.predictions).float().mean().item()
+        result["kl_to_teacher"] = model.kl_to_teacher.mean().item()
+        rows = [
+            {"uid": e.uid, "prompt": self.task.prompt(e, self.with_context), "label": e.label,
+             "prediction": int(p), "teacher_prediction": int(t), "kl_to_teacher": float(k),
+             "label_logprobs": [round(float(x), 4) for x in lp]}
+            for e, p, t, k, lp in zip(examples, model.predictions, teacher.predictions,
+                                      model.kl_to_teacher, model.label_logprobs)
+        ]
+        return result, rows
+
+    def context_accuracy(self, examples: list[Example], labels: list[int]) -> float:
+        """Accuracy of the (trained) model *with* the context on ``examples``."""
+        scores = score(self.handle.base, self.tokenizer, self.task, examples, with_context=True,
+                       batch_size=self.batch_size, desc="with context")
+        return classification_metrics(scores.predictions, torch.tensor(labels), self.task.num_classes)["accuracy"]
+
+
+def exact_match_rate(answers: list[Optional[str]], references: list[Optional[str]]) -> float:
+    """How often an answer equals its reference; a missing answer (extraction failure) never does."""
+    return sum(a is not None and a == r for a, r in zip(answers, references)) / len(answers)
+
+
+@dataclass
+class Answers:
+    texts: list[str]  # the decoded generations
+    answers: list[Optional[str]]  # what the extractor read from them (None: it found no answer)
+
+
+class GenerationEvaluator(Evaluator):
+    """Exact match of generated free-text answers (``task.generation``), against the frozen teacher's.
+
+    The model and the teacher generate greedily; a generation with the context is read by the
+    task's answer extractor, a direct one is its first line. An extraction failure is counted
+    (``extraction_failures``, ``teacher_extraction_failures``) and scored wrong.
+    """
+
+    def answers(self, model, examples: list[Example], with_context: bool, desc: str) -> Answers:
+        spec = self.task.generation
+        prompts = [self.task.prompt(e, with_context) for e in examples]
+        budget, stop = (spec.max_new_tokens, spec.stop) if with_context else (spec.max_answer_tokens, "\n")
+        generated = generate(model, self.tokenizer, prompts, budget, stop=stop, batch_size=self.batch_size,
+                             prefix=SharedPrefix(model, self.tokenizer, prompts), desc=desc)
+        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        return Answers(texts, [spec.extract(t, with_context) for t in texts])
+
+    def score_teacher(self, teacher, examples: list[Example], desc: str) -> Answers:
+        return self.answers(teacher, examples, True, desc)
+
+    def evaluate_set(self, name: str, examples: list[Example], teacher: Answers) -> tuple[dict[str, float], list[dict]]:
+        model = teacher if self.model_is_teacher else self.answers(self.handle.base, examples, self.with_context,
+                                                                    f"model {name}")
+        targets = [e.target for e in examples]
+        result = {
+            "accuracy": exact_match_rate(model.answers, targets),
+            "teacher_accuracy": exact_match_rate(teacher.answers, targets),
+            "teacher_agreement": exact_match_rate(model.answers, teacher.answers),
+            "extraction_failures": sum(a is None for a in model.answers),
+            "teacher_extraction_failures": sum(a is None for a in teacher.answers),
+        }
+        for group in sorted({e.group for e in examples if e.group is not None}):
+            members = [i for i, e in enumerate(examples) if e.group == group]
+            result[f"accuracy_{group}"] = exact_match_rate([model.answers[i] for i in members],
+                                                           [targets[i] for i in members])
+        rows = [{"uid": e.uid, "prompt": self.task.prompt(e, self.with_context), "target": e.target,
+                 "generation": text, "prediction": answer, "teacher_generation": t_text, "teacher_prediction": t_answer}
+                for e, text, answer, t_text, t_answer in zip(examples, model.texts, model.answers, teacher.texts,
+                                                             teacher.answers)]
+        return result, rows
+
+    def context_accuracy(self, examples: list[Example], targets: list[str]) -> float:
+        return exact_match_rate(self.answers(self.handle.base, examples, True, "with context").answers, targets)
+
+
+def make_evaluator(handle: ModelHandle, tokenizer, task: Task, with_context: bool, batch_size: int,
+                   model_is_teacher: bool = False):
+    """Exact match of generated answers for free-text tasks, verbalizer scoring otherwise."""
+    kind = GenerationEvaluator if task.generation else Evaluator
+    return kind(handle, tokenizer, task, with_context, batch_size, model_is_teacher)

@@ -101,3 +101,18 @@ def answer_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     """Mean cross-entropy of the target tokens over the masked answer positions."""
     per_position = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none")
     return _masked_mean(per_position.view(targets.shape), mask)
+
+
+def sampled_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """Reverse KL estimated from tokens the student sampled (on-policy distillation, SDFT's sampled-token mode).
+
+    Per position, k = log p_S(x) - log p_T(x) with x ~ p_S is an unbiased estimate of KL(p_S || p_T).
+    The returned value is the masked mean of k; its gradient is the policy gradient k * grad log p_S(x)
+    (the REINFORCE form on-policy distillation trains with), whose expectation over x ~ p_S is the
+    gradient of the exact reverse KL.
+    """
+    student_logp = student_logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    teacher_logp = teacher_logits.detach().float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    estimate = (student_logp - teacher_logp).detach()
+    return _masked_mean(estimate * (student_logp - student_logp.detach()) + estimate, mask)

@@ -22,7 +22,8 @@ from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig,
+                          PreTrainedTokenizerBase)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,81 @@ def add_lora(model, spec: DictConfig):
     config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                         target_modules=list(spec.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+class TrainableContext(torch.nn.Module):
+    """A model whose every forward pass starts from a trainable key/value prefix (a "cartridge").
+
+    The student carries learned keys and values for ``num_tokens`` positions in each layer instead
+    of the context's text (prefix tuning without its reparametrisation; the trainable KV cache of
+    Eyuboglu et al.'s Cartridges). They are initialised from the frozen model's own cache of the
+    context's first tokens, so training starts from a truncated context. The wrapped weights stay
+    frozen; ``disable_adapter()`` (the teacher view) drops the prefix.
+
+    Callers see positions and caches as if there were no prefix: the prefix is prepended to the
+    attention mask and offsets the positions of every call, and it heads any cache the model returns.
+    """
+
+    def __init__(self, model, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        self.keys = torch.nn.Parameter(keys)  # [layers, kv_heads, tokens, head_dim]
+        self.values = torch.nn.Parameter(values)
+        self.enabled = True
+
+    @classmethod
+    def from_text(cls, model, tokenizer, text: str, num_tokens: int) -> "TrainableContext":
+        ids = tokenizer(text).input_ids[:num_tokens]
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+        keys = torch.stack([layer.keys[0] for layer in cache.layers])
+        values = torch.stack([layer.values[0] for layer in cache.layers])
+        return cls(model, keys.clone(), values.clone())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[2]
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        self.enabled = False
+        try:
+            yield
+        finally:
+            self.enabled = True
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        if not self.enabled:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              past_key_values=past_key_values, **kwargs)
+        rows = input_ids.shape[0]
+        if past_key_values is None:
+            past_key_values = DynamicCache()
+            for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+                past_key_values.update(k.expand(rows, *k.shape), v.expand(rows, *v.shape), layer)
+            kwargs["use_cache"] = True
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones(rows, self.num_tokens), attention_mask], 1)
+        if position_ids is not None:
+            position_ids = position_ids + self.num_tokens
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past_key_values, **kwargs)
+
+    def save_pretrained(self, directory) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        torch.save({"keys": self.keys.detach().cpu(), "values": self.values.detach().cpu()},
+                   Path(directory) / "trainable_context.pt")
+
+
+def add_adapter(model, spec: DictConfig, tokenizer, context: str):
+    """The trainable student ``model.adapter`` selects: LoRA, a trainable key/value prefix initialised
+    from the first ``model.prefix_tokens`` tokens of ``context``, or every weight (full)."""
+    if spec.adapter == "lora":
+        return add_lora(model, spec)
+    if spec.adapter == "prefix":
+        return TrainableContext.from_text(model, tokenizer, context, spec.prefix_tokens)
+    return model
 
 
 @dataclass

@@ -22,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
-from ctxdistill.evaluation import classification_metrics, score
-from ctxdistill.models import (ModelHandle, add_lora, context_window, load_model, load_tokenizer,
+from ctxdistill.models import (ModelHandle, add_adapter, context_window, load_model, load_tokenizer,
                                model_identity)
 from ctxdistill.sweeps import completed_run
 from ctxdistill.trainer import train
@@ -84,6 +83,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"method={method.name} trains on the {task.name} demonstrations or queries, and "
                           f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0.")
     answer_tokens = cfg.method.get("max_answer_tokens", 1) if cfg.method.get("answer") == "teacher_generation" else 1
+    if task.generation:
+        answer_tokens = max(answer_tokens, task.generation.max_new_tokens)
     check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
 
     accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision,
@@ -103,8 +104,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         model = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed)
         model_parameters = sum(p.numel() for p in model.parameters())  # the x axis of comparison plots
-        if method.adapter == "lora":
-            model = add_lora(model, cfg.model)
+        if method.adapter == "lora":  # the adapter model.adapter selects
+            model = add_adapter(model, cfg.model, tokenizer, task.context)
         elif method.adapter is None:
             model.requires_grad_(False)
         model.to(accelerator.device)
@@ -128,10 +129,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if method.trains and task.train_query_labels:
             # Upadhayaya et al.'s "teacher accuracy": the trained model *with* the context, scored
             # on the training queries after training (their teacher was the adapted model itself).
-            scores = score(handle.base, tokenizer, task, task.train_queries, with_context=True,
-                           batch_size=cfg.trainer.eval_batch_size, desc="train queries")
-            metrics["train_queries/context_accuracy"] = classification_metrics(
-                scores.predictions, torch.tensor(task.train_query_labels), task.num_classes)["accuracy"]
+            metrics["train_queries/context_accuracy"] = evaluator.context_accuracy(task.train_queries,
+                                                                                   task.train_query_labels)
         result = {**run_identity(cfg, task), "status": "complete", "metrics": metrics, "objective": method.objective,
                   "train": train_stats, "model_parameters": model_parameters,
                   "demos": [d.uid for d in task.demos],

@@ -30,8 +30,12 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
     """Train ``handle.student`` with ``method``'s loss; returns summary statistics."""
     examples = method.train_examples(task)
     started = time.perf_counter()
-    method.prepare(handle, tokenizer, task, examples, cfg.eval_batch_size)
+    prepared = method.prepare(handle, tokenizer, task, examples, cfg.eval_batch_size) or {}
     prepare_seconds = time.perf_counter() - started
+    examples = [e for e in examples if method.trains_on(e)]
+    if not examples:
+        raise RuntimeError(f"method={method.name}: no training example has a target after preparation "
+                           f"({prepared}); see the warnings above")
 
     loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed),
@@ -72,5 +76,5 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
                 break
     bar.close()
     handle.student = accelerator.unwrap_model(handle.student)
-    return {"steps": step, "examples": len(examples), "final_loss": loss_value,
+    return {**prepared, "steps": step, "examples": len(examples), "final_loss": loss_value,
             "prepare_seconds": prepare_seconds, "train_seconds": time.perf_counter() - loop_started}

@@ -12,7 +12,9 @@ import ast
 import csv
 import json
 import random
-from dataclasses import dataclass, replace
+import re
+import zlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,6 +33,24 @@ class Example:
     fields: dict[str, str]
     label: Optional[int]  # None for unlabelled queries: what distillation trains on
     group: Optional[str] = None  # a subset to report separately (e.g. HANS's heuristic)
+    target: Optional[str] = None  # the free-text answer of a generative task (then label is None)
+
+
+@dataclass(frozen=True)
+class AnswerGeneration:
+    """How a generative task's answers are generated and read (see config.GenerationConfig)."""
+    answer_regex: str
+    max_new_tokens: int
+    max_answer_tokens: int
+    stop: str
+
+    def extract(self, text: str, with_context: bool) -> Optional[str]:
+        """The final answer of a generation with the context (None when the extractor finds none),
+        or the first line of a direct answer."""
+        if not with_context:
+            return text.split("\n", 1)[0].strip()
+        found = re.search(self.answer_regex, text)
+        return found.group(1).strip() if found else None
 
 
 @dataclass
@@ -43,13 +63,20 @@ class Task:
     separator: str
     demos: list[Example]
     train_queries: list[Example]
-    # Their labels, kept apart so no loss can read them; only a report on them uses these.
-    train_query_labels: list[int]
+    # Their labels (targets of a generative task), kept apart so no loss can read them; only a report uses them.
+    train_query_labels: list[Any]
     eval_sets: dict[str, list[Example]]  # "eval" (in-domain) first, then out-of-domain sets
+    generation: Optional[AnswerGeneration] = None  # set for free-text answers (exact-match evaluation)
+    # Every context when there are several (dataset.context.num_contexts); ``context`` is the first.
+    contexts: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
         return len(self.verbalizers)
+
+    def answer_text(self, example: Example) -> str:
+        """The gold answer as the model should write it: the label word, or the free text and its line end."""
+        return example.target + "\n" if self.generation else self.verbalizers[example.label]
 
     def query(self, example: Example) -> str:
         return self.template.format(**example.fields)
@@ -59,8 +86,16 @@ class Task:
             return self.student_instruction + self.separator + self.query(example)
         return self.query(example)
 
+    def context_of(self, example: Example) -> str:
+        """The example's context: with several (Snell et al.'s simultaneous distillation, eq. 2), the one a
+        hash of its id picks, so each context teaches its own share of the queries and is evaluated on its share."""
+        if len(self.contexts) > 1:
+            return self.contexts[zlib.crc32(example.uid.encode()) % len(self.contexts)]
+        return self.context
+
     def teacher_prompt(self, example: Example) -> str:
-        return self.context + self.separator + self.query(example) if self.context else self.query(example)
+        context = self.context_of(example)
+        return context + self.separator + self.query(example) if context else self.query(example)
 
     def prompt(self, example: Example, with_context: bool) -> str:
         return self.teacher_prompt(example) if with_context else self.student_prompt(example)
@@ -124,7 +159,8 @@ def _fetch(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], str]:
         size = source.split_sizes.get(split)
         if size is None:
             raise DataError(f"dataset.source.split_sizes has no size for split {split!r}")
-        return get_method(source.generator)(num_examples=size, seed=source.seed, split=split), source.generator
+        generator = get_method(source.generator)
+        return generator(num_examples=size, seed=source.seed, split=split, **source.generator_options), source.generator
     if source.kind == "files" or source.data_dir:
         if split not in source.data_files:
             raise DataError(f"dataset.source.data_files has no file for split {split!r} "
@@ -182,6 +218,11 @@ def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: Dict
         raw = str(record[spec.label_field])
         if raw in drop_labels:
             continue
+        group = str(record.get(group_by)) if group_by else None
+        fields = {f: str(record[f]) for f in spec.fields}
+        if spec.generation is not None:
+            examples.append(Example(f"{prefix}-{i}", fields, None, group, target=raw))
+            continue
         if label_map:
             if raw not in label_map:
                 raise DataError(f"{where}: record {i} has unknown label {raw!r}; "
@@ -196,8 +237,7 @@ def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: Dict
         if not 0 <= label < len(spec.verbalizers):
             raise DataError(f"{where}: record {i} has label {label}, but there are "
                             f"{len(spec.verbalizers)} verbalizers")
-        group = str(record.get(group_by)) if group_by else None
-        examples.append(Example(f"{prefix}-{i}", {f: str(record[f]) for f in spec.fields}, label, group))
+        examples.append(Example(f"{prefix}-{i}", fields, label, group))
     return examples
 
 
@@ -220,7 +260,10 @@ def select_demos(pool: list[Example], k: int, balanced: bool, num_classes: int, 
 
 
 def render_context(spec: DictConfig, demos: list[Example]) -> str:
-    shots = [spec.template.format(**d.fields) + spec.verbalizers[d.label] for d in demos]
+    if spec.generation is not None:
+        shots = [spec.template.format(**d.fields) + spec.generation.demo_target.format(**d.fields) for d in demos]
+    else:
+        shots = [spec.template.format(**d.fields) + spec.verbalizers[d.label] for d in demos]
     parts = ([spec.context.instruction] if spec.context.instruction else []) + shots
     return spec.context.separator.join(parts)
 
@@ -230,15 +273,21 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     train_records, where = load_records(spec.source, spec.train_split)
     pool = to_examples(train_records, spec, spec.label_map, spec.drop_labels, where, "train")
     rng = random.Random(seed if spec.context.data_seed is None else spec.context.data_seed)
-    demos = select_demos(pool, spec.context.num_demos, spec.context.balanced, len(spec.verbalizers), rng)
-    demo_ids = {d.uid for d in demos}
-    rest = [e for e in pool if e.uid not in demo_ids]
+    balanced = spec.context.balanced and spec.generation is None  # free-text answers have no classes
+    # Several contexts (Snell et al.'s simultaneous distillation) draw disjoint demonstrations in turn.
+    rest, contexts, demos = pool, [], []
+    for _ in range(spec.context.num_contexts):
+        drawn_demos = select_demos(rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng)
+        drawn_ids = {d.uid for d in drawn_demos}
+        rest = [e for e in rest if e.uid not in drawn_ids]
+        contexts.append(render_context(spec, drawn_demos))
+        demos.extend(drawn_demos)
     if spec.num_train_queries > len(rest):
         raise DataError(f"dataset.num_train_queries={spec.num_train_queries} is larger than the training pool "
                         f"left after the demonstrations ({len(rest)} examples)")
     # Distillation queries are unlabelled: the label is dropped here so no loss can read it.
     drawn = rng.sample(rest, spec.num_train_queries)
-    queries = [replace(e, label=None) for e in drawn]
+    queries = [replace(e, label=None, target=None) for e in drawn]
 
     eval_records, where = load_records(spec.source, spec.eval_split)
     eval_sets = {"eval": to_examples(eval_records, spec, spec.label_map, spec.drop_labels, where,
@@ -254,10 +303,14 @@ def build_task(spec: DictConfig, seed: int) -> Task:
         template=spec.template,
         verbalizers=list(spec.verbalizers),
         student_instruction=spec.student_instruction,
-        context=render_context(spec, demos),
+        context=contexts[0],
+        contexts=contexts,
         separator=spec.context.separator,
         demos=demos,
         train_queries=queries,
-        train_query_labels=[e.label for e in drawn],
+        train_query_labels=[e.target if spec.generation is not None else e.label for e in drawn],
         eval_sets=eval_sets,
+        generation=None if spec.generation is None else AnswerGeneration(
+            spec.generation.answer_regex, spec.generation.max_new_tokens, spec.generation.max_answer_tokens,
+            spec.generation.stop),
     )

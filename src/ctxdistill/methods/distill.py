@@ -25,27 +25,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
+from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
 from ctxdistill.teacher_cache import TeacherCache, TeacherTargets
-
-
-def greedy_answer_spans(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """The model's greedy continuation of each prompt, cut before the first newline or end-of-sequence."""
-    spans = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="teacher answers", leave=False):
-        enc = encode(tokenizer, prompts[start:start + batch_size])
-        device = next(model.parameters()).device
-        out = model.generate(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        for row in out[:, enc["input_ids"].shape[1]:].tolist():
-            span = []
-            for token in row:
-                if token == tokenizer.eos_token_id or "\n" in tokenizer.decode([token]):
-                    break
-                span.append(token)
-            spans.append(span or row[:1])
-    return spans
 
 
 class ContextDistillation(Method):
@@ -80,16 +63,16 @@ class ContextDistillation(Method):
                              handle.identity, settings, os.path.commonprefix(prompts))
         if self.teacher_cache == "none":  # targets come at every step; only the spans and the prefix now
             with handle.teacher() as teacher:
-                spans = self._answer_spans(teacher, tokenizer, prompts, batch_size)
                 self._prefix = SharedPrefix(teacher, tokenizer, prompts)
+                spans = self._answer_spans(teacher, tokenizer, prompts, batch_size, self._prefix)
             self._spans = {e.uid: span for e, span in zip(examples, spans)}
             return
         todo = [i for i, prompt in enumerate(prompts) if cache.get(prompt) is None]
         if todo:
             todo_prompts = [prompts[i] for i in todo]
             with handle.teacher() as teacher:
-                spans = self._answer_spans(teacher, tokenizer, todo_prompts, batch_size)
                 prefix = SharedPrefix(teacher, tokenizer, todo_prompts)
+                spans = self._answer_spans(teacher, tokenizer, todo_prompts, batch_size, prefix)
                 for start in tqdm(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
                     chunk = slice(start, start + batch_size)
                     batch = encode(tokenizer, todo_prompts[chunk], spans[chunk], prefix_length=prefix.length)
@@ -105,9 +88,11 @@ class ContextDistillation(Method):
             self._targets[example.uid] = cache.get(prompt)
             self._spans[example.uid] = self._targets[example.uid].span
 
-    def _answer_spans(self, teacher, tokenizer, prompts, batch_size):
-        if self.answer == "teacher_generation":
-            return greedy_answer_spans(teacher, tokenizer, prompts, self.max_answer_tokens, batch_size)
+    def _answer_spans(self, teacher, tokenizer, prompts, batch_size, prefix):
+        if self.answer == "teacher_generation":  # the greedy answer, up to the end of its line
+            return [strip_stop(tokenizer, c) or c for c in generate(
+                teacher, tokenizer, prompts, self.max_answer_tokens, prefix=prefix, batch_size=batch_size,
+                desc="teacher answers")]
         return [[tokenizer.pad_token_id]] * len(prompts)  # one position: the one that predicts the label word
 
     def collate(self, tokenizer, task, examples):

@@ -16,7 +16,7 @@ class Finetune(Method):
         return task.demos
 
     def collate(self, tokenizer, task, examples):
-        answers = [tokenizer(task.verbalizers[e.label], add_special_tokens=False).input_ids for e in examples]
+        answers = [tokenizer(task.answer_text(e), add_special_tokens=False).input_ids for e in examples]
         return encode(tokenizer, [task.student_prompt(e) for e in examples], answers)
 
     def loss(self, handle, batch):

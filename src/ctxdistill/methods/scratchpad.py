@@ -1,0 +1,97 @@
+"""scratchpad: internalising a scratchpad (Snell et al. 2022 §2.4 and Hyp. 6).
+
+The teacher (base model, adapter disabled) with the context (instructions and worked
+demonstrations) writes a scratchpad and then the final answer; the task's answer
+extractor reads the answer. The student, with neither instructions nor scratchpad, is
+trained to write that answer directly. Snell et al. fit the student at the token level
+to the empirical distribution of many teacher samples; here each query's ``num_samples``
+teacher answers form that distribution p, and the loss is the cross-entropy
+-sum_a p(a) log P_S(a | query) (per answer token), i.e. the KL to the empirical teacher
+up to its entropy. ``num_samples=1`` with ``temperature=0`` is the greedy hard label.
+
+Samples the extractor cannot read are counted, logged and reported
+(``train/extraction_failures``); a query none of whose samples can be read has no target
+and is left out of training, also counted (``train/queries_without_answer``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ctxdistill.encoding import SharedPrefix, answer_logits, encode
+from ctxdistill.generation import generate
+from ctxdistill.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+
+class ScratchpadDistillation(Method):
+    adapter = "lora"
+
+    def __init__(self, name: str, num_samples: int = 8, temperature: float = 1.0, top_k: Optional[int] = None,
+                 seed: int = 0):
+        super().__init__(name)
+        self.num_samples, self.temperature, self.top_k, self.seed = num_samples, temperature, top_k, seed
+        self._targets: dict[str, dict[tuple[int, ...], float]] = {}
+
+    def train_examples(self, task):
+        return task.train_queries
+
+    @torch.no_grad()
+    def prepare(self, handle, tokenizer, task, examples, batch_size):
+        spec = task.generation  # validate() has checked that the dataset has one
+        prompts = [task.teacher_prompt(e) for e in examples]
+        generator = torch.Generator(device=next(handle.base.parameters()).device).manual_seed(self.seed)
+        counts = [Counter() for _ in examples]
+        failures = 0
+        with handle.teacher() as teacher:
+            prefix = SharedPrefix(teacher, tokenizer, prompts)
+            for _ in tqdm(range(self.num_samples), desc="teacher scratchpads", leave=False):
+                generated = generate(teacher, tokenizer, prompts, spec.max_new_tokens, self.temperature, self.top_k,
+                                     spec.stop, generator, prefix, batch_size)
+                for count, text in zip(counts, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                    answer = spec.extract(text, with_context=True)
+                    if answer is None:
+                        failures += 1
+                    else:
+                        count[answer] += 1
+        for example, count in zip(examples, counts):
+            if count:
+                total = sum(count.values())
+                self._targets[example.uid] = {
+                    tuple(tokenizer(answer + "\n", add_special_tokens=False).input_ids): n / total
+                    for answer, n in count.items()}
+        samples = self.num_samples * len(examples)
+        unanswered = len(examples) - len(self._targets)
+        if failures:
+            log.warning("answer extractor (%r) found no answer in %d of %d teacher samples; %d of %d queries have "
+                        "no answer and are left out of training", spec.answer_regex, failures, samples, unanswered,
+                        len(examples))
+        return {"teacher_samples": samples, "extraction_failures": failures, "queries_without_answer": unanswered}
+
+    def trains_on(self, example):
+        return example.uid in self._targets
+
+    def collate(self, tokenizer, task, examples):
+        prompts, answers, weights = [], [], []
+        for example in examples:
+            for answer, p in self._targets[example.uid].items():
+                prompts.append(task.student_prompt(example))
+                answers.append(answer)
+                weights.append(p)
+        batch = encode(tokenizer, prompts, answers)
+        batch["weights"] = torch.tensor(weights)
+        batch["num_queries"] = len(examples)
+        return batch
+
+    def loss(self, handle, batch):
+        logits = answer_logits(handle.student, batch)
+        mask = batch["answer_mask"].to(logits.device)
+        nll = -logits.log_softmax(-1).gather(-1, batch["answer_ids"].to(logits.device).unsqueeze(-1)).squeeze(-1)
+        per_answer = (nll * mask).sum(-1) / mask.sum(-1)
+        return (per_answer * batch["weights"].to(logits.device)).sum() / batch["num_queries"], {}

@@ -1,0 +1,148 @@
+"""On-policy context distillation: the sampled-token reverse-KL gradient by hand, seeded sampling, end to end."""
+
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from ctxdistill.data import build_task
+from ctxdistill.encoding import SharedPrefix, answer_logits, encode
+from ctxdistill.generation import generate, pick_tokens
+from ctxdistill.losses import sampled_reverse_kl
+from ctxdistill.models import ModelHandle, TrainableContext, add_lora, load_model, load_tokenizer
+from ctxdistill.run import run
+
+from conftest import TINY
+
+P_S = [0.5, 0.3, 0.2]  # student
+P_T = [0.7, 0.2, 0.1]  # teacher
+
+
+def sampled_loss(token: int):
+    logits = torch.tensor(P_S).log().view(1, 1, 3).requires_grad_()
+    loss = sampled_reverse_kl(logits, torch.tensor(P_T).log().view(1, 1, 3), torch.tensor([[token]]),
+                              torch.ones(1, 1, dtype=torch.bool))
+    loss.backward()
+    return loss.item(), logits.grad.view(3)
+
+
+def test_sampled_token_reverse_kl_gradient_matches_the_hand_computation():
+    # x = 1: k = ln(.3/.2) = 0.405465; d/dz [k * log p_S(1)] = k * (onehot(1) - p_S)
+    value, grad = sampled_loss(1)
+    assert value == pytest.approx(0.405465, abs=1e-5)
+    assert grad.tolist() == pytest.approx([-0.202733, 0.283826, -0.081093], abs=1e-5)
+    # x = 0: k = ln(.5/.7) = -0.336472 < 0, so a descent step raises p_S(0), which the teacher prefers more.
+    value, grad = sampled_loss(0)
+    assert value == pytest.approx(-0.336472, abs=1e-5)
+    assert grad.tolist() == pytest.approx([-0.168236, 0.100942, 0.067294], abs=1e-5)
+
+
+def test_sampled_token_gradient_is_unbiased_for_the_exact_reverse_kl():
+    # E_{x~p_S}[k(x) (onehot(x) - p_S)] = p_S * (ln(p_S/p_T) - KL(p_S||p_T)), the exact gradient.
+    kl = sum(s * math.log(s / t) for s, t in zip(P_S, P_T))
+    exact = [s * (math.log(s / t) - kl) for s, t in zip(P_S, P_T)]
+    expected_grad = sum(p * sampled_loss(x)[1] for x, p in enumerate(P_S))
+    assert expected_grad.tolist() == pytest.approx(exact, abs=1e-6)
+    expected_value = sum(p * sampled_loss(x)[0] for x, p in enumerate(P_S))
+    assert expected_value == pytest.approx(kl, abs=1e-6)
+
+
+def test_top_k_sampling_never_leaves_the_top_k():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]]).repeat(500, 1)
+    picked = pick_tokens(logits, 1.0, 2, torch.Generator().manual_seed(0))
+    assert set(picked.tolist()) == {0, 1}
+    assert pick_tokens(logits, 0.0, None, None).unique().tolist() == [0]
+
+
+@pytest.fixture(scope="module")
+def tiny(request):
+    from hydra import compose, initialize_config_dir
+
+    from ctxdistill.cli import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, "method=on_policy_cd", "output_dir=unused"])
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    return cfg, tokenizer
+
+
+def test_sampling_is_seeded_and_reproducible_and_greedy_decoding_matches_transformers(tiny):
+    cfg, tokenizer = tiny
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+    prompts = ["Review: The food was great.\nSentiment:", "Review: Bad.\nSentiment:"]
+
+    def sample(seed):
+        return generate(model, tokenizer, prompts, 6, temperature=1.0, stop=None,
+                        generator=torch.Generator().manual_seed(seed))
+
+    assert sample(0) == sample(0)
+    assert sample(0) != sample(1)
+    greedy = generate(model, tokenizer, prompts, 6, stop=None)
+    reference = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=6,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert greedy == reference[:, -6:].tolist()
+    shared = ["Context shared by both. " + p for p in prompts]
+    with_prefix = generate(model, tokenizer, shared, 6, stop=None, prefix=SharedPrefix(model, tokenizer, shared))
+    assert with_prefix == generate(model, tokenizer, shared, 6, stop=None)
+
+
+def test_on_policy_losses_are_reproducible_and_lambda_picks_who_samples(tiny):
+    cfg, tokenizer = tiny
+    task = build_task(cfg.dataset, cfg.seed)
+
+    def losses(**overrides):
+        method = instantiate({**cfg.method, **overrides}, _convert_="all")
+        model = add_lora(load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0), cfg.model)
+        handle = ModelHandle(student=model, base=model)
+        method.prepare(handle, tokenizer, task, task.train_queries, 8)
+        batch = method.collate(tokenizer, task, task.train_queries[:4])
+        return [(round(loss.item(), 6), extra["on_policy"]) for loss, extra in
+                (method.loss(handle, batch) for _ in range(2))]
+
+    first = losses()
+    assert first == losses() and all(on for _, on in first)
+    assert all(not on for _, on in losses(lmbda=0.0))
+    assert first != losses(seed=1)
+
+
+def test_on_policy_cd_runs_through_the_shared_trainer(make_cfg, tmp_path):
+    result = run(make_cfg(*TINY, "method=on_policy_cd", "method.divergence=sampled_reverse_kl", "method.lmbda=0.5",
+                          "method.top_k=50", "trainer.max_steps=2"))
+    assert result["train"]["steps"] == 2 and math.isfinite(result["train"]["final_loss"])
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert 0 <= result["metrics"]["eval/kl_to_teacher"] < float("inf")
+
+
+def test_a_trainable_context_initialised_from_the_whole_context_is_the_teacher(tiny):
+    cfg, tokenizer = tiny
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0).eval()
+    context = "Answer foo if positive, bar if negative."
+    queries = ["\nReview: The food was great.\nSentiment:", "\nReview: Bad.\nSentiment:"]
+    assert all(tokenizer(context + q).input_ids == tokenizer(context).input_ids + tokenizer(q).input_ids
+               for q in queries)
+    student = TrainableContext.from_text(model, tokenizer, context, num_tokens=1000)
+    assert student.num_tokens == len(tokenizer(context).input_ids)
+    answers = [tokenizer(" foo bar", add_special_tokens=False).input_ids] * 2
+    with torch.no_grad():
+        expected = answer_logits(model, encode(tokenizer, [context + q for q in queries], answers))
+        torch.testing.assert_close(answer_logits(student, encode(tokenizer, queries, answers)), expected,
+                                   atol=1e-4, rtol=1e-4)
+        shared = SharedPrefix(student, tokenizer, queries)  # the student's own shared-prefix cache on top
+        batch = encode(tokenizer, queries, answers, prefix_length=shared.length)
+        torch.testing.assert_close(answer_logits(student, batch, shared), expected, atol=1e-4, rtol=1e-4)
+        assert generate(student, tokenizer, queries, 5, stop=None) == generate(
+            model, tokenizer, [context + q for q in queries], 5, stop=None)
+        with student.disable_adapter():
+            torch.testing.assert_close(answer_logits(student, encode(tokenizer, queries, answers)),
+                                       answer_logits(model, encode(tokenizer, queries, answers)))
+    loss = answer_logits(student, encode(tokenizer, queries, answers)).logsumexp(-1).sum()
+    loss.backward()
+    assert student.keys.grad.abs().sum() > 0 and student.values.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_distillation_into_a_trainable_context_saves_it(make_cfg, tmp_path):
+    result = run(make_cfg(*TINY, "method=cd", "model.adapter=prefix", "model.prefix_tokens=8", "trainer.max_steps=2"))
+    assert result["train"]["steps"] == 2
+    assert (tmp_path / "adapter" / "trainable_context.pt").is_file()

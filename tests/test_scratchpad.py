@@ -1,0 +1,81 @@
+"""Scratchpad internalisation: Nye et al.'s addition format, the answer extractor, exact-match evaluation."""
+
+import json
+
+import pytest
+
+from ctxdistill.config import ConfigError, validate
+from ctxdistill.data import build_task
+from ctxdistill.data.addition import generate_examples, scratchpad
+from ctxdistill.data.tasks import AnswerGeneration
+from ctxdistill.run import run
+
+# The tiny random model on a handful of short problems.
+ADDITION = ["model=tiny-random", "logger=none", "dataset=addition", "dataset.source.split_sizes.train=64",
+            "dataset.source.split_sizes.eval=4", "dataset.num_train_queries=4", "dataset.generation.max_new_tokens=12",
+            "dataset.generation.max_answer_tokens=4", "trainer.max_steps=2", "trainer.batch_size=2"]
+
+
+def test_scratchpad_is_nye_et_al_right_to_left_trace():
+    assert scratchpad(29, 57) == "<scratch>\n2 9 + 5 7 , C: 0\n2 + 5 , 6 C: 1\n, 8 6 C: 0\n0 8 6\n</scratch>"
+    assert scratchpad(123, 45) == ("<scratch>\n1 2 3 + 4 5 , C: 0\n1 2 + 4 , 8 C: 0\n1 + , 6 8 C: 0\n"
+                                   ", 1 6 8 C: 0\n0 1 6 8\n</scratch>")
+    assert scratchpad(5, 7).splitlines()[-2] == "1 2"  # the final carry leads the sum
+
+
+def test_generator_is_deterministic_with_1_to_8_digit_operands_and_disjoint_splits():
+    train = generate_examples(2000, seed=3, split="train")
+    assert train == generate_examples(2000, seed=3, split="train")
+    lengths = {len(operand.replace(" ", "")) for r in train for operand in r["problem"].split(" + ")}
+    assert lengths == set(range(1, 9))
+    for r in train[:200]:
+        a, b = (int(x.replace(" ", "")) for x in r["problem"].split(" + "))
+        assert r["answer"] == " ".join(str(a + b)) and r["scratchpad"] == scratchpad(a, b)
+    evals = generate_examples(300, seed=3, split="eval", max_digits=3)
+    assert not {r["problem"] for r in evals} & {r["problem"] for r in generate_examples(500, seed=4, max_digits=3)}
+
+
+def test_answer_extractor_reads_the_answer_after_the_scratchpad_or_reports_none():
+    spec = AnswerGeneration(r"</scratch>\s*([0-9 ]+)", 200, 24, "\n\n")
+    assert spec.extract(scratchpad(29, 57) + "\n8 6", with_context=True) == "8 6"
+    assert spec.extract("<scratch>\n2 9 + 5 7 , C: 0\n", with_context=True) is None  # cut off: a failure
+    assert spec.extract("8 6\n<scratch>", with_context=False) == "8 6"  # a direct answer is its first line
+
+
+def test_addition_task_shows_the_teacher_worked_demonstrations_and_the_student_the_bare_problem(make_cfg):
+    cfg = make_cfg(*ADDITION)
+    task = build_task(cfg.dataset, cfg.seed)
+    query = task.train_queries[0]
+    assert query.target is None and task.train_query_labels[0] is not None
+    assert task.student_prompt(query) == f"Input:\n{query.fields['problem']}\nTarget:\n"
+    assert task.teacher_prompt(query).count("</scratch>\n") == 4 and task.teacher_prompt(query).startswith("Add")
+    demo = task.demos[0]
+    assert f"{demo.fields['scratchpad']}\n{demo.target}\n\n" in task.context + "\n\n"
+    assert task.answer_text(task.eval_sets["eval"][0]) == task.eval_sets["eval"][0].target + "\n"
+
+
+def test_scratchpad_needs_a_dataset_with_an_answer_extractor(make_cfg):
+    with pytest.raises(ConfigError, match="dataset.generation"):
+        validate(make_cfg("method=scratchpad", "dataset=synthetic"))
+    with pytest.raises(ConfigError, match="answer_regex"):
+        validate(make_cfg(*ADDITION, "dataset.generation.answer_regex=no-group"))
+
+
+def test_exact_match_evaluation_counts_extraction_failures_as_wrong(make_cfg, tmp_path):
+    metrics = run(make_cfg(*ADDITION, "method=zero_shot"))["metrics"]
+    # The random model never closes a scratchpad: every teacher generation is an extraction failure.
+    assert metrics["eval/teacher_extraction_failures"] == 4 and metrics["eval/teacher_accuracy"] == 0
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["teacher_prediction"] is None for r in rows)
+    assert {"target", "generation", "teacher_generation"} <= set(rows[0])
+
+
+def test_scratchpad_reports_extraction_failures_and_refuses_to_train_without_answers(make_cfg, tmp_path):
+    with pytest.raises(RuntimeError, match="'extraction_failures': 8, 'queries_without_answer': 4"):
+        run(make_cfg(*ADDITION, "method=scratchpad", "method.num_samples=2", output_dir=tmp_path / "none"))
+    # An extractor that reads any text gives every query a target.
+    result = run(make_cfg(*ADDITION, "method=scratchpad", "method.num_samples=2",
+                          "dataset.generation.answer_regex='(?s)(.*)'", output_dir=tmp_path / "all"))
+    assert result["train"]["steps"] == 2 and result["train"]["teacher_samples"] == 8
+    assert result["train"]["extraction_failures"] == 0 and result["train"]["queries_without_answer"] == 0
+    assert 0 <= result["metrics"]["eval/accuracy"] <= 1
