@@ -68,6 +68,8 @@ def test_exact_match_evaluation_counts_extraction_failures_as_wrong(make_cfg, tm
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["teacher_prediction"] is None for r in rows)
     assert {"target", "generation", "teacher_generation"} <= set(rows[0])
+    # The teacher agrees with itself, also where neither finds an answer.
+    assert run(make_cfg(*ADDITION, "method=icl", output_dir=tmp_path / "icl"))["metrics"]["eval/teacher_agreement"] == 1
 
 
 def test_scratchpad_reports_extraction_failures_and_refuses_to_train_without_answers(make_cfg, tmp_path):

@@ -228,7 +228,8 @@ class GenerationEvaluator(Evaluator):
         result = {
             "accuracy": exact_match_rate(model.answers, targets),
             "teacher_accuracy": exact_match_rate(teacher.answers, targets),
-            "teacher_agreement": exact_match_rate(model.answers, teacher.answers),
+            # Agreement is about behaviour: finding no answer where the teacher finds none agrees too.
+            "teacher_agreement": sum(a == t for a, t in zip(model.answers, teacher.answers)) / len(examples),
             "extraction_failures": sum(a is None for a in model.answers),
             "teacher_extraction_failures": sum(a is None for a in teacher.answers),
         }
