@@ -386,8 +386,6 @@ def validate(cfg: DictConfig) -> None:
     if "sft_weight" in m:
         import re
 
-        from omegaconf import OmegaConf
-
         unset = [k for k in ("task_name", "prompt", "rule") if OmegaConf.is_missing(m, k)]
         _require(not unset, "method", f"genpi needs {', '.join('method.' + k for k in unset)}",
                  "Use an experiment that sets them (experiment=genpi/pirate) or set them on the command line")
