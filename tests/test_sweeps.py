@@ -15,10 +15,12 @@ from PIL import Image
 
 from ctxdistill.compare import collect, main as compare, render, summarise
 from ctxdistill.config import ConfigError, validate
-from ctxdistill.run import run
+from ctxdistill.cli import run_unless_complete
 from ctxdistill.wandb_results import read_offline_run, record_from_wandb
 
-from conftest import TINY
+# A cell of these sweeps: seconds on the tiny random model (16 held-out examples, 2 training steps).
+CELL = ["model=tiny-random", "dataset.source.split_sizes.eval=16", "dataset.num_train_queries=8",
+        "trainer.max_steps=2"]
 
 
 def multirun(*overrides: str) -> subprocess.CompletedProcess:
@@ -37,8 +39,7 @@ def compare_output(*args: str, capsys) -> str:
 def sweep(tmp_path_factory):
     """2 methods x 2 seeds on tiny-random, logged to real W&B offline runs; then the same command again."""
     sweep_dir = tmp_path_factory.mktemp("sweep") / "s"
-    command = ["method=icl,cd", "seed=0,1", *TINY, "trainer.max_steps=2", "logger=wandb", "logger.mode=offline",
-               f"hydra.sweep.dir={sweep_dir}"]
+    command = ["method=icl,cd", "seed=0,1", *CELL, "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={sweep_dir}"]
     first = multirun(*command)
     assert first.returncode == 0, first.stderr[-3000:]
     cells = sorted(p.parent for p in sweep_dir.rglob("metrics.json"))
@@ -119,7 +120,7 @@ def test_wandb_offline_runs_and_the_public_api_give_the_same_table(sweep):
 
 def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     sweep_dir = tmp_path / "s"
-    proc = multirun("method=zero_shot", "trainer.lr=0.001,-1", *TINY, f"hydra.sweep.dir={sweep_dir}")
+    proc = multirun("method=zero_shot", "trainer.lr=0.001,-1", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 1
     [good] = [p for p in sweep_dir.iterdir() if "trainer.lr=0.001" in p.name]
     [bad] = [p for p in sweep_dir.iterdir() if "trainer.lr=-1" in p.name]
@@ -131,16 +132,16 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
 
 
 def test_a_complete_run_is_skipped_unless_forced_or_made_by_another_config(make_cfg, tmp_path):
-    cfg = make_cfg(*TINY, "method=zero_shot")
+    cfg = make_cfg(*CELL, "logger=none", "method=zero_shot")
     stored = {"method": "zero_shot", "model": "tiny-random", "dataset": "synthetic", "seed": 0, "status": "complete",
               "metrics": {"eval/accuracy": 0.123}}
     (tmp_path / "metrics.json").write_text(json.dumps(stored))
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    assert run(cfg) == stored  # nothing loaded, nothing written
+    assert run_unless_complete(cfg) == stored  # nothing loaded, nothing written
     assert json.loads((tmp_path / "metrics.json").read_text()) == stored
     with pytest.raises(ConfigError, match=r"different config \(dataset.context.num_demos\).*force=true"):
-        run(make_cfg(*TINY, "method=zero_shot", "dataset.context.num_demos=4"))
-    rerun = run(make_cfg(*TINY, "method=zero_shot", "force=true"))
+        run_unless_complete(make_cfg(*CELL, "logger=none", "method=zero_shot", "dataset.context.num_demos=4"))
+    rerun = run_unless_complete(make_cfg(*CELL, "logger=none", "method=zero_shot", "force=true"))
     assert rerun["metrics"]["eval/accuracy"] != 0.123
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == rerun["metrics"]
 

@@ -16,16 +16,31 @@ register_schemas()
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
+def run_unless_complete(cfg: DictConfig) -> dict:
+    """The run, or the complete result already in its output dir (unless force=true)."""
+    from ctxdistill.sweeps import completed_run
+
+    # checked before torch and transformers are imported: re-running a finished sweep takes seconds
+    done = completed_run(cfg)
+    if done:
+        return done
+    from ctxdistill.run import run
+
+    return run(cfg)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from ctxdistill.run import run  # heavy imports after Hydra has parsed the command line
     from ctxdistill.sweeps import run_cell
 
     # In a sweep a failing cell is recorded and the others go on; a single run raises.
-    result = run_cell(cfg, run) if HydraConfig.get().mode == RunMode.MULTIRUN else run(cfg)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        result = run_cell(cfg, run_unless_complete)
+    else:
+        result = run_unless_complete(cfg)
     # The return value is what Hydra sweepers (e.g. Optuna) optimise.
     # Runs completed before `objective` was recorded optimised eval/accuracy.
     return result["metrics"].get(result.get("objective", "eval/accuracy")) if result else None

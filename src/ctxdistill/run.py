@@ -24,7 +24,6 @@ from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
 from ctxdistill.models import (ModelHandle, add_adapter, context_window, load_model, load_tokenizer,
                                model_identity)
-from ctxdistill.sweeps import completed_run
 from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
 
@@ -71,9 +70,6 @@ def sweep_group() -> Optional[str]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     validate(cfg)
-    done = completed_run(cfg)
-    if done:
-        return done
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     method = instantiate(cfg.method, _convert_="all")
