@@ -16,6 +16,7 @@ from PIL import Image
 from ctxdistill.compare import collect, main as compare, render, summarise
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.cli import run_unless_complete
+from ctxdistill.sweeps import group_name
 from ctxdistill.wandb_results import read_offline_run, record_from_wandb
 
 # A cell of these sweeps: seconds on the tiny random model (16 held-out examples, 2 training steps).
@@ -91,7 +92,8 @@ def test_rerunning_the_sweep_trains_nothing_and_changes_nothing(sweep, capsys):
     assert "train cd" not in log and "teacher eval" not in log  # no progress bar of any model work
     for path, stamp in stamps.items():  # metrics, predictions, adapters and W&B runs untouched
         assert path.stat().st_mtime_ns == stamp, path
-    assert len(list(sweep_dir.rglob("offline-run-*"))) == 4
+    assert sum(len(list(cell.rglob("offline-run-*"))) for cell in cells) == 4
+    assert len(list((sweep_dir / "wandb").glob("offline-run-*"))) == 2  # each sweep's end logs its comparison
     assert (sweep_dir / "README.md").read_text() == readme
     table = first.stdout[first.stdout.index("Comparison"):first.stdout.index("Summary, tables")]
     assert table in second.stdout
@@ -105,17 +107,35 @@ def test_wandb_offline_runs_and_the_public_api_give_the_same_table(sweep):
     # the cells' W&B directories alone: no metrics.json under them, so W&B's own run files are read
     assert render(summarise(collect([cell / "wandb" for cell in cells]))) == from_files
     api_runs = []
-    for run_dir in sorted(sweep_dir.rglob("offline-run-*")):
-        config, summary, finished = read_offline_run(run_dir)
-        assert finished and config["logger"]["mode"] == "offline" and "hydra_choices" in config
+    for run_dir in sorted(cell_run for cell in cells for cell_run in cell.rglob("offline-run-*")):
+        run = read_offline_run(run_dir)
+        assert run.finished and run.config["logger"]["mode"] == "offline" and "hydra_choices" in run.config
+        assert run.group == group_name(sweep_dir)  # every run of the sweep in its group
+        assert set(run.tags) == {run.config["method"]["name"], "tiny-random", "synthetic", f"seed{run.config['seed']}"}
         # what the W&B server hands the public API after `wandb sync`: config values wrapped in {"value": ...}
-        attrs = {"state": "finished", "config": json.dumps(
-            {k: {"value": v, "desc": None} for k, v in config.items()}), "summaryMetrics": json.dumps(summary)}
+        attrs = {"state": "finished", "config": json.dumps({k: {"value": v} for k, v in run.config.items()}),
+                 "summaryMetrics": json.dumps(run.summary)}
         api_run = wandb.apis.public.Run(None, "someone", "ctxdistill", run_dir.name.split("-")[-1], attrs, lazy=False)
         api_runs.append(record_from_wandb(api_run.config, api_run.summary_metrics, finished=api_run.state == "finished"))
     assert render(summarise(api_runs)) == from_files
     running = record_from_wandb(api_run.config, api_run.summary_metrics, finished=False)
     assert running is None  # unfinished runs are not counted
+
+
+def test_the_sweep_logs_its_table_and_plots_to_its_wandb_group(sweep):
+    sweep_dir, *_ = sweep
+    run_dir = sorted((sweep_dir / "wandb").glob("offline-run-*"))[0]
+    run = read_offline_run(run_dir)
+    assert run.finished and run.group == group_name(sweep_dir)
+    assert run.summary["comparison"]["_type"] == "table-file" and run.summary["comparison"]["nrows"] == 2
+    assert {k for k in run.summary if k.startswith("plots/")} == {"plots/accuracy_vs_size_synthetic",
+                                                                 "plots/teacher_gap_synthetic"}
+    logged = json.loads(next(run_dir.rglob("comparison_*.table.json")).read_text())
+    assert logged["columns"][:6] == ["method", "model", "dataset", "seeds", "model_parameters", "eval/accuracy_mean"]
+    files_table = list(csv.DictReader((sweep_dir / "results" / "table.csv").read_text().splitlines()))
+    for row, file_row in zip(logged["data"], files_table):
+        assert row[:4] == [file_row["method"], "tiny-random", "synthetic", 2] and row[4] > 1e6
+        assert row[5] == pytest.approx(float(file_row["eval/accuracy_mean"]), abs=1e-5)
 
 
 def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):

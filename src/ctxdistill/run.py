@@ -24,6 +24,7 @@ from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
 from ctxdistill.models import (ModelHandle, add_adapter, context_window, load_model, load_tokenizer,
                                model_identity)
+from ctxdistill.sweeps import group_name
 from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
 
@@ -58,13 +59,13 @@ def hydra_choices() -> dict[str, Any]:
 
 
 def sweep_group() -> Optional[str]:
-    """The W&B group naming this run's sweep: its sweep dir's last two parts (e.g. 2026-11-23-10-00-00)."""
+    """The W&B group naming this run's sweep; None for a single run."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    return "-".join(Path(HydraConfig.get().sweep.dir).parts[-2:])
+    return group_name(HydraConfig.get().sweep.dir)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

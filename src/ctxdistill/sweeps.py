@@ -84,6 +84,11 @@ def run_cell(cfg: DictConfig, run: Callable[[DictConfig], dict[str, Any]]) -> Op
     return result
 
 
+def group_name(sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep's runs: its directory's last two parts (e.g. 2026-11-23-10-00-00)."""
+    return "-".join(Path(sweep_dir).parts[-2:])
+
+
 def sweep_failures(sweep_dir: Path) -> dict[str, str]:
     """Cell (its path under the sweep dir) -> error, for cells that failed and have no complete result since."""
     failures = {}
@@ -105,19 +110,29 @@ def sweep_command(config: DictConfig) -> str:
 
 class SweepSummaryCallback(Callback):
     """When a multirun ends: print the comparison table, write the sweep's README.md and results/,
-    and list the failed cells (the command then exits non-zero)."""
+    log the table and plots to the sweep's W&B group (with logger=wandb), and list the failed
+    cells (the command then exits non-zero)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from ctxdistill.compare import collect, render, summarise, write_results
+        from ctxdistill.wandb_results import log_results
 
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = collect([sweep_dir])
         failures = sweep_failures(sweep_dir)
         if runs:
-            print(f"\nComparison ({len(runs)} runs in {sweep_dir}):\n" + render(summarise(runs)), flush=True)
+            table = summarise(runs)
+            print(f"\nComparison ({len(runs)} runs in {sweep_dir}):\n" + render(table), flush=True)
             readme = write_results(sweep_dir, runs, title=f"Sweep {sweep_dir.name}", failures=failures,
                                    command=sweep_command(config))
             print(f"Summary, tables and plots: {readme}", flush=True)
+            if config.logger.backend == "wandb":
+                try:
+                    log_results(table, entity=config.logger.entity, project=config.logger.project,
+                                group=config.logger.group or group_name(sweep_dir), mode=config.logger.mode,
+                                directory=sweep_dir)
+                except Exception as e:  # noqa: BLE001 - the tables are on disk already
+                    log.warning("W&B: could not log the comparison (%s); it is in %s", e, readme)
         if failures:
             failed_cells.update(failures)
             print(f"\n{len(failures)} cell(s) FAILED (details in each cell's {FAILURE_FILE} and log):", flush=True)

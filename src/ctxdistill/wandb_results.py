@@ -13,6 +13,7 @@ import struct
 import tempfile
 import zlib
 from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -63,30 +64,39 @@ def _update(target: dict[str, Any], items) -> None:
         node[key] = json.loads(item.value_json)
 
 
-def read_offline_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """(config, summary, finished) of a W&B run directory, as the public API would return them."""
+@dataclass
+class WandbRun:
+    """What the public API's Run offers (config, summary, state, group, tags), read from disk."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    finished: bool = False
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+
+
+def read_offline_run(run_dir: Path) -> WandbRun:
+    """A W&B run directory (``offline-run-*``) read from its run file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    run_file = next(Path(run_dir).glob("*.wandb"))
-    config: dict[str, Any] = {}
-    summary: dict[str, Any] = {}
-    finished = False
-    for raw in _run_file_records(run_file):
+    run = WandbRun()
+    for raw in _run_file_records(next(Path(run_dir).glob("*.wandb"))):
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
         if kind == "run":
-            _update(config, record.run.config.update)
+            _update(run.config, record.run.config.update)
+            run.group, run.tags = record.run.run_group, list(record.run.tags)
         elif kind == "config":
-            _update(config, record.config.update)
+            _update(run.config, record.config.update)
         elif kind == "history":  # a logged value is the summary until something overrides it
-            _update(summary, record.history.item)
+            _update(run.summary, record.history.item)
         elif kind == "summary":
-            _update(summary, record.summary.update)
+            _update(run.summary, record.summary.update)
         elif kind == "exit":
-            finished = record.exit.exit_code == 0
-    config.pop("_wandb", None)
-    return config, summary, finished
+            run.finished = record.exit.exit_code == 0
+    run.config.pop("_wandb", None)
+    return run
 
 
 def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finished: bool) -> Optional[dict[str, Any]]:
@@ -111,11 +121,11 @@ def offline_records(path: Path) -> list[dict[str, Any]]:
     records = []
     for run_file in sorted(Path(path).rglob("*.wandb")):
         try:
-            config, summary, finished = read_offline_run(run_file.parent)
+            run = read_offline_run(run_file.parent)
         except ValueError as e:
             log.warning("skipping %s: %s", run_file, e)
             continue
-        record = record_from_wandb(config, summary, finished=finished)
+        record = record_from_wandb(run.config, run.summary, finished=run.finished)
         if record:
             records.append(record)
     return records
@@ -145,19 +155,26 @@ def table_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
     return columns, rows
 
 
-def log_results(table: Table, *, entity: Optional[str], project: str, group: Optional[str],
-                mode: str = "auto") -> Optional[str]:
-    """Log the table (``comparison``) and the plots to a new W&B run with job_type=compare."""
+def log_results(table: Table, *, entity: Optional[str], project: str, group: Optional[str], mode: str = "auto",
+                directory: Optional[Path] = None) -> Optional[str]:
+    """Log the table (``comparison``) and the plots to a new W&B run with job_type=compare.
+
+    The run's files go under ``directory`` (W&B's default: ./wandb); returns the run's directory.
+    """
     import wandb
 
     from ctxdistill.plots import write_plots
     from ctxdistill.tracking import resolve_mode
 
+    mode = resolve_mode(mode)
+    if mode == "disabled":
+        return None
     columns, rows = table_rows(table)
     with tempfile.TemporaryDirectory() as tmp:
         plots = write_plots(table, Path(tmp))
-        run = wandb.init(entity=entity, project=project, group=group, job_type="compare", mode=resolve_mode(mode),
-                         name=f"compare-{group}" if group else "compare", reinit="finish_previous")
+        run = wandb.init(entity=entity, project=project, group=group, job_type="compare", mode=mode,
+                         dir=str(directory) if directory else None, name=f"compare-{group}" if group else "compare",
+                         reinit="finish_previous")
         run.log({"comparison": wandb.Table(columns=columns, data=rows),
                  **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
         run_dir = str(Path(run.dir).parent)
