@@ -24,8 +24,9 @@ from ctxdistill.config import ConfigError
 log = logging.getLogger(__name__)
 
 FAILURE_FILE = "failure.json"
-# Keys that may differ between a stored run and its re-run without changing its results.
-UNCOMPARED = ("logger", "force", "output_dir", "cache_dir")
+# Keys that may differ between a stored run and its re-run without changing its results: logging,
+# force, and where things are kept (output_dir, cache_dir, method.teacher_cache_dir, ...).
+UNCOMPARED = ("logger", "force", "output_dir")
 # Set when a sweep ended with failed cells; the command exits non-zero (cli.entry).
 failed_cells: dict[str, str] = {}
 
@@ -39,7 +40,8 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose values differ; keys only one side has (a newly added option) do not count."""
     old, new = _flatten(stored), _flatten(current)
-    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and not k.startswith(UNCOMPARED))
+    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and not k.startswith(UNCOMPARED)
+                  and not k.endswith("cache_dir"))
 
 
 def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
