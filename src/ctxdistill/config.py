@@ -116,6 +116,52 @@ class ScratchpadConfig(MethodConfig):
     seed: int = 0
 
 
+@dataclass
+class ContextualizationConfig(MethodConfig):
+    """Stage 1 of Li et al. 2024: an instruction LM writes a paragraph per training triple."""
+
+    _target_: str = "ctxdistill.methods.contextualization.Contextualization"
+    # The released code's prompt ({head}/{tail}: entity names, {relation}: the relation's text).
+    prompt: str = ('Given a triplet ({head} | {relation} | {tail}), please generate a paragraph at least 100 words '
+                   'to introduce "{head}" and "{tail}" respectively and reflect their relationship {relation}. '
+                   '"{head}" and "{tail}" must concluded in the generated text.')
+    chat_template: bool = True  # wrap the prompt in the model's chat template (instruction models)
+    max_new_tokens: int = 200
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 1.0
+    batch_size: int = 16
+
+
+@dataclass
+class KGCStudentConfig(MethodConfig):
+    """Stage 2: a KGC student trained on the triples, with an auxiliary task on the contexts."""
+
+    _target_: str = MISSING
+    aux_weight: float = 1.0  # weight of the auxiliary loss on the contexts; 0: the baseline without it
+    kgc_weight: float = 1.0
+    max_length: int = 64  # tokens of a triple's input
+    context_max_length: int = 128  # tokens of a context
+    eval_batch_size: int = 256  # (query, candidate) pairs per forward pass
+
+
+@dataclass
+class KGBertConfig(KGCStudentConfig):
+    """Discriminative (KG-BERT): triple classification plus masked-LM reconstruction of the context."""
+
+    _target_: str = "ctxdistill.methods.kgc.KGBert"
+    negatives: int = 2  # corrupted triples per positive, heads and tails alternately
+    mlm_probability: float = 0.15  # of which 80% [MASK], 10% random, 10% kept
+    use_descriptions: bool = True  # entity text = name + description, as KG-BERT
+
+
+@dataclass
+class KGS2SConfig(KGCStudentConfig):
+    """Generative (KG-S2S): generate the missing entity's name, plus generating the context."""
+
+    _target_: str = "ctxdistill.methods.kgc.KGS2S"
+    max_target_length: int = 24
+
+
 # ---------------------------------------------------------------- model
 @dataclass
 class LoraSettings:
@@ -139,12 +185,17 @@ class TinyRandomSettings:
 class ModelConfig:
     name: str = MISSING
     # hub: a Hub id or local directory; gguf: a GGUF file carried by a pip package;
-    # random: a tiny randomly initialised Llama built from `tiny` (no download).
+    # random: a tiny randomly initialised model built from `tiny` (no download);
+    # package: a Hugging Face model directory `package_dir` inside the installed pip package `package`.
     source: str = "hub"
     name_or_path: str = MISSING
+    # The transformers Auto class: causal_lm (decoder LMs), masked_lm (BERT-like encoders), seq2seq_lm (T5, BART).
+    architecture: str = "causal_lm"
+    package: Optional[str] = None
+    package_dir: Optional[str] = None
     gguf_package: Optional[str] = None
     gguf_file: Optional[str] = None
-    pip_install: Optional[str] = None  # the command that installs gguf_package
+    pip_install: Optional[str] = None  # the command that installs gguf_package / package
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
     max_length: Optional[int] = None  # context window; default: the model config's
@@ -242,6 +293,30 @@ class DatasetConfig:
     generation: Optional[GenerationConfig] = None  # set: the label field holds free-text answers
 
 
+@dataclass
+class KGSourceConfig:
+    layout: str = MISSING  # kgbert | kgs2s | plain | synthetic
+    data_dir: Optional[str] = None
+    # Entity texts such as "stool, solid excretory product": the name is the part before this.
+    name_separator: Optional[str] = None
+    num_people: int = 60  # synthetic graph size
+    seed: int = 1234  # synthetic graph generation seed
+
+
+@dataclass
+class KGDatasetConfig:
+    name: str = MISSING
+    source: KGSourceConfig = field(default_factory=KGSourceConfig)
+    num_train: Optional[int] = None  # training triples (seeded subsample); null: all
+    eval_split: str = "test"
+    num_eval: Optional[int] = None  # evaluation triples (seeded subsample); null: all
+    # Ranking: null ranks against every entity (the paper's protocol); N against N sampled entities (CPU).
+    eval_candidates: Optional[int] = None
+    subsample_seed: int = 0
+    # Contexts keyed by triple: written by method=contextualization, read by the students' auxiliary task.
+    contexts_file: Optional[str] = None
+
+
 # ---------------------------------------------------------------- trainer / logger
 @dataclass
 class TrainerConfig:
@@ -276,7 +351,7 @@ class LoggerConfig:
 class Config:
     method: Any = MISSING
     model: ModelConfig = MISSING
-    dataset: DatasetConfig = MISSING
+    dataset: Any = MISSING  # DatasetConfig or KGDatasetConfig
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     seed: int = 0
@@ -291,9 +366,10 @@ class Config:
 SCHEMAS = {
     "method": {"base_prompting": PromptingConfig, "base_finetune": FinetuneConfig, "base_distill": DistillConfig,
                "base_genpi": GenPIConfig, "base_on_policy": OnPolicyConfig,
-               "base_scratchpad": ScratchpadConfig},
+               "base_scratchpad": ScratchpadConfig},, "base_contextualization": ContextualizationConfig,
+               "base_kgbert": KGBertConfig, "base_kgs2s": KGS2SConfig},
     "model": {"base_model": ModelConfig},
-    "dataset": {"base_dataset": DatasetConfig},
+    "dataset": {"base_dataset": DatasetConfig, "base_kg_dataset": KGDatasetConfig},
     "trainer": {"base_trainer": TrainerConfig},
     "logger": {"base_logger": LoggerConfig},
 }
@@ -332,34 +408,42 @@ def validate(cfg: DictConfig) -> None:
 
         _require(torch.cuda.is_available(), "trainer.mixed_precision", "fp16 needs a CUDA GPU and none is visible",
                  "Use trainer.mixed_precision=no (or bf16) on CPU")
-    _require(cfg.model.source in ("hub", "gguf", "random"), "model.source", f"unknown value {cfg.model.source!r}",
-             "Use one of: hub, gguf, random")
+    _require(cfg.model.source in ("hub", "gguf", "random", "package"), "model.source",
+             f"unknown value {cfg.model.source!r}", "Use one of: hub, gguf, random, package")
+    _require(cfg.model.architecture in ("causal_lm", "masked_lm", "seq2seq_lm"), "model.architecture",
+             f"unknown value {cfg.model.architecture!r}", "Use one of: causal_lm, masked_lm, seq2seq_lm")
     _require(cfg.model.adapter in ("lora", "prefix", "full"), "model.adapter", f"unknown value {cfg.model.adapter!r}",
              "Use one of: lora, prefix, full")
     _require(cfg.model.prefix_tokens >= 1, "model.prefix_tokens", f"must be >= 1, got {cfg.model.prefix_tokens}", "")
     _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
              f"unknown value {cfg.model.dtype!r}", "Use one of: float32, bfloat16, float16")
-    _require(d.source.kind in ("synthetic", "hub", "files"), "dataset.source.kind",
-             f"unknown value {d.source.kind!r}", "Use one of: synthetic, hub, files")
-    _require(d.context.num_demos >= 0, "dataset.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
-    _require(d.context.num_contexts >= 1, "dataset.context.num_contexts", f"must be >= 1, got {d.context.num_contexts}",
-             "")
-    _require(d.num_train_queries >= 1, "dataset.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
-    _require(d.pattern is None or d.pattern in d.patterns, "dataset.pattern", f"unknown pattern {d.pattern!r}",
-             f"Use one of: {', '.join(d.patterns)}")
-    _require(d.generation is not None or len(d.verbalizers) >= 2, "dataset.verbalizers",
-             "needs one answer word per class (at least two)", "Or give free-text answers a dataset.generation")
-    if d.generation is not None:
-        import re
+    if "verbalizers" in d:
+        _require(d.source.kind in ("synthetic", "hub", "files"), "dataset.source.kind",
+                 f"unknown value {d.source.kind!r}", "Use one of: synthetic, hub, files")
+        _require(d.context.num_demos >= 0, "dataset.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
+        _require(d.context.num_contexts >= 1, "dataset.context.num_contexts", f"must be >= 1, got {d.context.num_contexts}",
+                 "")
+        _require(d.num_train_queries >= 1, "dataset.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
+        _require(d.pattern is None or d.pattern in d.patterns, "dataset.pattern", f"unknown pattern {d.pattern!r}",
+                 f"Use one of: {', '.join(d.patterns)}")
+        _require(d.generation is not None or len(d.verbalizers) >= 2, "dataset.verbalizers",
+                 "needs one answer word per class (at least two)", "Or give free-text answers a dataset.generation")
+        if d.generation is not None:
+            import re
 
-        try:
-            groups = re.compile(d.generation.answer_regex).groups
-        except re.error as e:
-            groups = f"invalid ({e})"
-        _require(groups == 1, "dataset.generation.answer_regex", f"needs exactly one group, got {groups}",
-                 "Mark the answer with one (...) group, e.g. '</scratch>\\s*(.+)'")
-        _require(d.generation.max_new_tokens >= 1 and d.generation.max_answer_tokens >= 1, "dataset.generation",
-                 "max_new_tokens and max_answer_tokens must be >= 1", "")
+            try:
+                groups = re.compile(d.generation.answer_regex).groups
+            except re.error as e:
+                groups = f"invalid ({e})"
+            _require(groups == 1, "dataset.generation.answer_regex", f"needs exactly one group, got {groups}",
+                     "Mark the answer with one (...) group, e.g. '</scratch>\\s*(.+)'")
+            _require(d.generation.max_new_tokens >= 1 and d.generation.max_answer_tokens >= 1, "dataset.generation",
+                     "max_new_tokens and max_answer_tokens must be >= 1", "")
+    else:  # a knowledge graph
+        _require(d.source.layout in ("kgbert", "kgs2s", "plain", "synthetic"), "dataset.source.layout",
+                 f"unknown value {d.source.layout!r}", "Use one of: kgbert, kgs2s, plain, synthetic")
+        for key in ("num_train", "num_eval", "eval_candidates"):
+            _require(d[key] is None or d[key] >= 1, f"dataset.{key}", f"must be >= 1 or null, got {d[key]}", "")
     _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", f"unknown value {cfg.logger.backend!r}",
              "Use logger=wandb or logger=none")
     _require(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
@@ -427,6 +511,17 @@ def validate(cfg: DictConfig) -> None:
         _require(m.num_samples >= 1, "method.num_samples", f"must be >= 1, got {m.num_samples}", "")
         _require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "0 is greedy")
         _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+    if issubclass(OmegaConf.get_type(m), ContextualizationConfig):
+        _require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
+        _require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "")
+        _require(m.batch_size >= 1, "method.batch_size", f"must be >= 1, got {m.batch_size}", "")
+    if issubclass(OmegaConf.get_type(m), KGCStudentConfig):
+        _require(m.aux_weight >= 0 and m.kgc_weight >= 0, "method.aux_weight / method.kgc_weight",
+                 "must be >= 0", "Set method.aux_weight=0 for the baseline without the auxiliary task")
+    if issubclass(OmegaConf.get_type(m), KGBertConfig):
+        _require(0 < m.mlm_probability < 1, "method.mlm_probability", f"must be in (0, 1), got {m.mlm_probability}",
+                 "The paper masks 0.15")
+        _require(m.negatives >= 1, "method.negatives", f"must be >= 1, got {m.negatives}", "")
     if "finetune" in m:
         _require(m.finetune in ("lora", "full"), "method.finetune", f"unknown value {m.finetune!r}",
                  "Use lora or full")

@@ -19,11 +19,21 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from ctxdistill.config import ConfigError
 from ctxdistill.data import Example, Task
 from ctxdistill.encoding import SharedPrefix, answer_logits, answer_token_logprobs, encode
 from ctxdistill.generation import generate
 from ctxdistill.losses import forward_kl
 from ctxdistill.models import ModelHandle
+
+
+def check_prompt_lengths(task: Task, tokenizer, window: int, answer_tokens: int) -> None:
+    examples = [*task.train_queries, *(e for s in task.eval_sets.values() for e in s)]
+    longest = max(len(ids) for ids in tokenizer([task.teacher_prompt(e) for e in examples]).input_ids)
+    if longest + answer_tokens > window:
+        raise ConfigError(f"dataset.context: the teacher prompt takes up to {longest} tokens (+{answer_tokens} for "
+                          f"the answer), more than the model's window of {window}. Lower "
+                          f"dataset.context.num_demos or use a model with a longer context.")
 
 
 @dataclass

@@ -1,10 +1,14 @@
 """Loading models and tokenizers, adapters, and the frozen-teacher view of a model.
 
-Three sources (``model.source``):
+Four sources (``model.source``):
 - ``hub``: a Hub id or a local directory, through ``from_pretrained``;
 - ``gguf``: a GGUF file carried by a pip package (the bundled SmolLM2), converted once
   to safetensors under ``<cache_dir>/models`` so later loads take about a second;
-- ``random``: a tiny seeded Llama for tests, with the bundled tokenizer.
+- ``package``: a model directory carried by a pip package (all-MiniLM-L6-v2);
+- ``random``: a tiny seeded Llama (or T5, for ``seq2seq_lm``) for tests, with the bundled tokenizer.
+
+``model.architecture`` picks the transformers Auto class: a causal LM, a masked-LM encoder
+or a sequence-to-sequence model.
 """
 
 from __future__ import annotations
@@ -22,28 +26,35 @@ from typing import Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, LlamaConfig,
-                          PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
+                          AutoTokenizer, DynamicCache, LlamaConfig, PreTrainedTokenizerBase, T5Config)
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
+                "seq2seq_lm": AutoModelForSeq2SeqLM}
 
 
 class ModelLoadError(RuntimeError):
     """A model that cannot be loaded; the message says how to make it loadable."""
 
 
-def _gguf_file(spec: DictConfig) -> Path:
-    found = importlib.util.find_spec(spec.gguf_package)
+def _package_path(spec: DictConfig, package: str, relative: str) -> Path:
+    """A file or directory inside an installed pip package that carries model files."""
+    found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise ModelLoadError(f"model={spec.name} needs the Python package {spec.gguf_package!r}, "
+        raise ModelLoadError(f"model={spec.name} needs the Python package {package!r}, "
                              f"which is not installed. Install it with:  {spec.pip_install}")
-    path = Path(found.submodule_search_locations[0]) / spec.gguf_file
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from the installed package {spec.gguf_package!r}; "
+    path = Path(found.submodule_search_locations[0]) / relative
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing from the installed package {package!r}; "
                              f"reinstall it with:  {spec.pip_install} --force-reinstall")
     return path
+
+
+def _gguf_file(spec: DictConfig) -> Path:
+    return _package_path(spec, spec.gguf_package, spec.gguf_file)
 
 
 def converted_dir(spec: DictConfig, cache_dir: str) -> Path:
@@ -85,6 +96,8 @@ def weights_location(spec: DictConfig, cache_dir: str) -> str:
     """Where from_pretrained reads tokenizer and weights (converting a bundled GGUF first)."""
     if spec.source in ("gguf", "random"):
         return str(_ensure_converted(spec, cache_dir))
+    if spec.source == "package":
+        return str(_package_path(spec, spec.package, spec.package_dir))
     return spec.name_or_path
 
 
@@ -96,7 +109,8 @@ def load_tokenizer(spec: DictConfig, cache_dir: str) -> PreTrainedTokenizerBase:
         raise _hub_error(spec, e) from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # answer positions line up at the end of every row
+    # Decoders: answer positions line up at the end of every row. Encoders: absolute positions start at 0.
+    tokenizer.padding_side = "left" if spec.architecture == "causal_lm" else "right"
     return tokenizer
 
 
@@ -112,18 +126,30 @@ def context_window(spec: DictConfig, cache_dir: str) -> int:
     return config.max_position_embeddings
 
 
+def _random_config(spec: DictConfig, tokenizer: PreTrainedTokenizerBase):
+    tiny = spec.tiny
+    if spec.architecture == "causal_lm":
+        return LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                           tie_word_embeddings=True, attn_implementation=spec.attn_implementation, **tiny)
+    if spec.architecture == "seq2seq_lm":
+        return T5Config(vocab_size=len(tokenizer), d_model=tiny.hidden_size, d_ff=tiny.intermediate_size,
+                        num_layers=tiny.num_hidden_layers, num_heads=tiny.num_attention_heads,
+                        d_kv=tiny.hidden_size // tiny.num_attention_heads, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
+    raise ModelLoadError(f"model.source=random builds causal_lm or seq2seq_lm models, not {spec.architecture}; "
+                         "use a real encoder (e.g. model=minilm-l6)")
+
+
 def load_model(spec: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase, seed: int):
     dtype = DTYPES[spec.dtype]
+    auto_class = AUTO_CLASSES[spec.architecture]
     if spec.source == "random":
-        config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             tie_word_embeddings=True, attn_implementation=spec.attn_implementation,
-                             **spec.tiny)
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return auto_class.from_config(_random_config(spec, tokenizer), dtype=dtype)
     try:
-        return AutoModelForCausalLM.from_pretrained(weights_location(spec, cache_dir), dtype=dtype,
-                                                    attn_implementation=spec.attn_implementation)
+        return auto_class.from_pretrained(weights_location(spec, cache_dir), dtype=dtype,
+                                          attn_implementation=spec.attn_implementation)
     except OSError as e:
         raise _hub_error(spec, e) from e
 

@@ -22,22 +22,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
-from ctxdistill.models import (ModelHandle, add_adapter, context_window, load_model, load_tokenizer,
-                               model_identity)
+from ctxdistill.models import ModelHandle, add_adapter, load_model, load_tokenizer, model_identity
 from ctxdistill.sweeps import group_name
 from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
 
 log = logging.getLogger(__name__)
-
-
-def check_prompt_lengths(task: Task, tokenizer, window: int, answer_tokens: int) -> None:
-    examples = [*task.train_queries, *(e for s in task.eval_sets.values() for e in s)]
-    longest = max(len(ids) for ids in tokenizer([task.teacher_prompt(e) for e in examples]).input_ids)
-    if longest + answer_tokens > window:
-        raise ConfigError(f"dataset.context: the teacher prompt takes up to {longest} tokens (+{answer_tokens} for "
-                          f"the answer), more than the model's window of {window}. Lower "
-                          f"dataset.context.num_demos or use a model with a longer context.")
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -79,10 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if method.trains and not method.train_examples(task):
         raise ConfigError(f"method={method.name} trains on the {task.name} demonstrations or queries, and "
                           f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0.")
-    answer_tokens = cfg.method.get("max_answer_tokens", 1) if cfg.method.get("answer") == "teacher_generation" else 1
-    if task.generation:
-        answer_tokens = max(answer_tokens, task.generation.max_new_tokens)
-    check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
+    method.check_inputs(task, tokenizer, cfg)
 
     accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision,
                               gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
@@ -99,7 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         config={**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()},
         output_dir=str(out)) if writer else Tracker()
     try:
-        model = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed)
+        model = method.wrap_model(load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed), tokenizer)
         model_parameters = sum(p.numel() for p in model.parameters())  # the x axis of comparison plots
         if method.adapter == "lora":  # the adapter model.adapter selects
             model = add_adapter(model, cfg.model, tokenizer, task.context)
@@ -123,14 +110,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if writer and cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
                 handle.base.save_pretrained(out / ("adapter" if method.adapter == "lora" else "model"))
         metrics, predictions = evaluator.evaluate()
-        if method.trains and task.train_query_labels:
+        if method.trains and getattr(task, "train_query_labels", None):
             # Upadhayaya et al.'s "teacher accuracy": the trained model *with* the context, scored
             # on the training queries after training (their teacher was the adapted model itself).
             metrics["train_queries/context_accuracy"] = evaluator.context_accuracy(task.train_queries,
                                                                                    task.train_query_labels)
         result = {**run_identity(cfg, task), "status": "complete", "metrics": metrics, "objective": method.objective,
                   "train": train_stats, "model_parameters": model_parameters,
-                  "demos": [d.uid for d in task.demos],
+                  "demos": [d.uid for d in getattr(task, "demos", [])],
                   "runtime_seconds": time.perf_counter() - started,
                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if writer:

@@ -86,11 +86,15 @@ class WandbTracker(Tracker):
     def predictions(self, rows):
         if not self._log_predictions:
             return
-        columns = ["set", "uid", "prompt", "label", "prediction", "teacher_prediction", "kl_to_teacher"]
-        table = self._wandb.Table(columns=columns)
+        first = next((r[0] for r in rows.values() if r), None)
+        if first is None:
+            return
+        # Scalar fields of a row (per-class lists stay in predictions.jsonl); tasks differ in which.
+        columns = [key for key, value in first.items() if not isinstance(value, (list, dict))]
+        table = self._wandb.Table(columns=["set", *columns])
         for name, set_rows in rows.items():
             for r in set_rows:
-                table.add_data(name, *(r[c] for c in columns[1:]))
+                table.add_data(name, *(r[c] for c in columns))
         self.run.log({"predictions": table})
 
     @_warn_on_failure

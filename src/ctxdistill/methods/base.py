@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+from omegaconf import DictConfig
 
+from ctxdistill.config import ConfigError
 from ctxdistill.data import Example, Task, build_task
-from ctxdistill.evaluation import make_evaluator
-from ctxdistill.models import ModelHandle
+from ctxdistill.evaluation import check_prompt_lengths, make_evaluator
+from ctxdistill.models import ModelHandle, context_window
 
 
 class Method:
-    """Defaults describe an evaluation-only method; training methods override them."""
+    """Defaults describe an evaluation-only method on a classification task; others override them."""
 
     #: "lora" trains the adapter model.adapter selects (LoRA by default), "full" every weight, None nothing.
     adapter: Optional[str] = None
@@ -20,6 +22,8 @@ class Method:
     eval_with_context: bool = False
     #: the metric a Hydra sweeper (e.g. Optuna) optimises; the run returns it.
     objective: str = "eval/accuracy"
+    #: tokens after the prompt that must fit the model's window.
+    answer_tokens: int = 1
 
     def __init__(self, name: str):
         self.name = name
@@ -30,6 +34,9 @@ class Method:
 
     def build_task(self, dataset, seed: int) -> Task:
         """The inputs the run trains and evaluates on: by default the dataset config's classification task."""
+        if "verbalizers" not in dataset:
+            raise ConfigError(f"method={self.name} classifies, and dataset={dataset.name} is not a classification "
+                              f"dataset (a knowledge graph?). Use dataset=synthetic, mnli, qqp or rte.")
         return build_task(dataset, seed)
 
     def evaluator(self, handle: ModelHandle, tokenizer, task: Task, batch_size: int):
@@ -42,6 +49,15 @@ class Method:
 
     def train_examples(self, task: Task) -> list[Example]:
         return []
+
+    def check_inputs(self, task: Task, tokenizer, cfg: DictConfig) -> None:
+        """Cheap checks before the model loads: by default, every teacher prompt fits the model's window."""
+        answer_tokens = max(self.answer_tokens, task.generation.max_new_tokens if task.generation else 1)
+        check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
+
+    def wrap_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
+        """The module that is trained and evaluated, built around the loaded model (e.g. with a scoring head)."""
+        return model
 
     def prepare(self, handle: ModelHandle, tokenizer, task: Task, examples: list[Example],
                 batch_size: int) -> Optional[dict[str, float]]:

@@ -43,6 +43,7 @@ class ContextDistillation(Method):
         self.top_k, self.top_k_rest = top_k, top_k_rest
         self.answer, self.max_answer_tokens, self.live_teacher = answer, max_answer_tokens, teacher == "live"
         self.teacher_cache, self.teacher_cache_dir = teacher_cache, teacher_cache_dir
+        self.answer_tokens = max_answer_tokens if answer == "teacher_generation" else 1
         self._spans: dict[str, list[int]] = {}
         self._targets: dict[str, TeacherTargets] = {}
         self._prefix: Optional[SharedPrefix] = None  # the frozen teacher's context, for per-step targets

@@ -1,0 +1,306 @@
+"""Knowledge-graph completion (Li et al. 2024): loaders, filtered ranking, masking, contexts, both stages."""
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctxdistill.config import ConfigError, validate
+from ctxdistill.data.kg import (ContextWriter, DataError, KGTask, KnowledgeGraph, build_kg_task, read_contexts,
+                                read_kgbert, read_kgs2s, read_plain)
+from ctxdistill.methods.kgc import mask_tokens
+from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, ranking_metrics
+from ctxdistill.run import run
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "kg"
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="the real knowledge-graph copies (../shared/data) are absent")
+
+# Entity ids with leading zeros, as WN18RR's: they must survive as strings.
+TRAIN = [("00001", "_hypernym", "00002"), ("00003", "_hypernym", "00002"), ("00001", "_part_of", "00004")]
+VALID = [("00004", "_hypernym", "00002")]
+TEST = [("00003", "_part_of", "00004")]
+TEXTS = {"00001": "dog, a domestic animal", "00002": "animal, a living organism", "00003": "cat, a feline",
+         "00004": "farm, a place with animals"}
+RELATIONS = {"_hypernym": "hypernym", "_part_of": "part of"}
+
+
+def write(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{line}\n" for line in lines))
+
+
+def write_kgbert(root: Path) -> Path:
+    for file, triples in (("train", TRAIN), ("dev", VALID), ("test", TEST)):
+        write(root / f"{file}.tsv", ["\t".join(t) for t in triples])
+    write(root / "entity2text.txt", [f"{e}\t{t}" for e, t in TEXTS.items()])
+    write(root / "relation2text.txt", [f"{r}\t{t}" for r, t in RELATIONS.items()])
+    return root
+
+
+def write_kgs2s(root: Path) -> Path:
+    entities, relations = list(TEXTS), list(RELATIONS)
+    write(root / "entity2id.txt", [str(len(entities)), *(f"{e}\t{i}" for i, e in enumerate(entities))])
+    write(root / "relation2id.txt", [str(len(relations)), *(f"{r}\t{i}" for i, r in enumerate(relations))])
+    write(root / "entityid2name.txt", [str(len(entities)), *(f"{i}\t{TEXTS[e].split(',')[0]} , NN , 1"
+                                                           for i, e in enumerate(entities))])
+    write(root / "entityid2description.txt", [str(len(entities)), *(f"{i}\t{TEXTS[e].split(', ')[1]}"
+                                                                   for i, e in enumerate(entities))])
+    write(root / "relationid2name.txt", [str(len(relations)), *(f"{i}\t{RELATIONS[r]}" for i, r in enumerate(relations))])
+    for split, triples in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
+        write(root / f"{split}2id.txt", [str(len(triples)), *(f"{entities.index(h)} {entities.index(t)} "
+                                                              f"{relations.index(r)}" for h, r, t in triples)])
+    return root
+
+
+def write_plain(root: Path) -> Path:
+    for split, triples in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
+        write(root / f"{split}.txt", ["\t".join(t) for t in triples])
+    return root
+
+
+@pytest.mark.parametrize("layout, writer, separator", [("kgbert", write_kgbert, ","), ("kgs2s", write_kgs2s, " , "),
+                                                        ("plain", write_plain, None)])
+def test_every_layout_loads_the_same_graph_with_string_ids(make_cfg, tmp_path, layout, writer, separator):
+    root = writer(tmp_path / layout)
+    cfg = make_cfg("dataset=wn18rr", f"dataset.source.layout={layout}", f"dataset.source.data_dir={root}",
+                   f"dataset.source.name_separator={repr(separator) if separator else 'null'}",
+                   f"dataset.contexts_file={tmp_path / 'none.jsonl'}")
+    task = build_kg_task(cfg.dataset, seed=0)
+    assert task.graph.splits == {"train": TRAIN, "valid": VALID, "test": TEST}
+    assert task.train_triples == TRAIN and task.eval_sets == {"eval": TEST}
+    if layout == "plain":  # ids stand in for names
+        assert task.graph.entity_names["00001"] == "00001"
+    else:
+        assert task.graph.entity_names["00001"] == "dog"
+        assert task.entity_text("00001") == "dog, a domestic animal"
+        assert task.relation_text("_part_of") == "part of"
+
+
+def test_broken_files_are_reported_with_the_file_and_the_fix(tmp_path):
+    root = write_kgs2s(tmp_path / "s2s")
+    write(root / "test2id.txt", ["2", "0 1 0"])
+    with pytest.raises(DataError, match=r"test2id.txt: the count line says 2 rows, the file holds 1"):
+        read_kgs2s(root)
+    root = write_kgbert(tmp_path / "bert")
+    write(root / "test.tsv", ["00001\t_hypernym\t99999"])
+    with pytest.raises(DataError, match="names entity '99999'"):
+        from ctxdistill.data.kg import _check_known
+        _check_known(read_kgbert(root), root)
+    with pytest.raises(DataError, match="expected 3 fields"):
+        write(root / "train.tsv", ["00001\t_hypernym"])
+        read_kgbert(root)
+    with pytest.raises(DataError, match="not found.*data_dir"):
+        read_plain(tmp_path / "nowhere")
+
+
+@functools.cache
+def real_graph(directory: str, reader) -> KnowledgeGraph:
+    return reader(SHARED / directory)
+
+
+@needs_shared
+@pytest.mark.parametrize("directory, reader, sizes, first_train", [
+    ("wn18rr/kgbert_format", read_kgbert, (86835, 3034, 3134), ("00260881", "_hypernym", "00260622")),
+    ("wn18rr/kgs2s_processed", read_kgs2s, (86835, 3034, 3134), None),
+    ("wn18rr/rotate_format", read_plain, (86835, 3034, 3134), ("00260881", "_hypernym", "00260622")),
+    ("fb15k237n/kgbert_format", read_kgbert, (87282, 7041, 8226), ("/m/027rn", "/location/country/form_of_government",
+                                                                    "/m/06cx9")),
+    ("fb15k237n/kgs2s_processed", read_kgs2s, (87282, 7041, 8226), None),
+])
+def test_real_wn18rr_and_fb15k237n_copies_load_with_exact_split_sizes(directory, reader, sizes, first_train):
+    graph = real_graph(directory, reader)
+    assert tuple(len(graph.splits[s]) for s in ("train", "valid", "test")) == sizes
+    if first_train:
+        assert graph.splits["train"][0] == first_train
+    assert all(isinstance(e, str) for triple in graph.splits["test"][:100] for e in triple)
+    if directory.startswith("wn18rr"):
+        assert len(graph.entity_names) == 40943 and any(e.startswith("0") for e in graph.entity_names)
+
+
+@needs_shared
+def test_wn18rr_layouts_agree_on_the_test_triples():
+    kgbert = real_graph("wn18rr/kgbert_format", read_kgbert)
+    kgs2s = real_graph("wn18rr/kgs2s_processed", read_kgs2s)
+    assert kgbert.splits["test"] == kgs2s.splits["test"]
+
+
+# ---------------------------------------------------------------- ranking
+def test_filtered_rank_counts_higher_scores_and_half_the_ties_but_not_filtered_ones():
+    scores = torch.tensor([0.9, 0.5, 0.7, 0.5, 0.95])
+    assert filtered_rank(scores, 1, torch.zeros(5, dtype=torch.bool)) == 1 + 3 + 0.5  # 0.9, 0.7, 0.95 above; one tie
+    assert filtered_rank(scores, 1, torch.tensor([True, False, False, False, True])) == 1 + 1 + 0.5
+    assert filtered_rank(scores, 4, torch.zeros(5, dtype=torch.bool)) == 1
+    metrics = ranking_metrics([1, 2, 4, 20])
+    assert metrics == pytest.approx({"mrr": (1 + 1 / 2 + 1 / 4 + 1 / 20) / 4, "hits@1": 0.25, "hits@3": 0.5,
+                                     "hits@10": 0.75})
+
+
+def hand_built_task() -> KGTask:
+    """Entities a..e; the test triple (a, r, b), with (a, r, c) known from training and (d, r, b) from valid."""
+    names = {e: e for e in "abcde"}
+    graph = KnowledgeGraph(names, {}, {"r": "r"}, {"train": [("a", "r", "c")], "valid": [("d", "r", "b")],
+                                                    "test": [("a", "r", "b")]})
+    return KGTask("hand", graph, graph.splits["train"], {"eval": graph.splits["test"]})
+
+
+def test_filtered_ranking_of_a_hand_built_graph_gives_the_known_ranks():
+    # Fixed plausibility per candidate: tails of (a, r, ?) and heads of (?, r, b).
+    tail_scores = {"a": 0.1, "b": 0.6, "c": 0.9, "d": 0.8, "e": 0.2}  # c is filtered: true rank of b is 2 (d above)
+    head_scores = {"a": 0.5, "b": 0.7, "c": 0.5, "d": 0.9, "e": 0.4}  # d is filtered; b above; tie with c: 2.5
+
+    def scorer(queries, candidates):
+        return [torch.tensor([(tail_scores if d == "tail" else head_scores)[e] for e in cands])
+                for (_, d), cands in zip(queries, candidates)]
+
+    metrics, rows = LinkPredictionEvaluator(hand_built_task(), scorer).evaluate()
+    assert rows["eval"][0] | {} == {"uid": "a|r|b", "head": "a", "relation": "r", "tail": "b", "head_rank": 2.5,
+                                    "tail_rank": 2.0}
+    assert metrics["eval/tail_mrr"] == 0.5 and metrics["eval/head_mrr"] == pytest.approx(0.4)
+    assert metrics["eval/mrr"] == pytest.approx(0.45)
+    assert metrics["eval/hits@1"] == 0 and metrics["eval/hits@3"] == 1.0 and metrics["eval/hits@10"] == 1.0
+
+
+def test_sampled_candidates_never_hold_a_true_answer_and_name_their_metrics():
+    seen = []
+
+    def scorer(queries, candidates):
+        seen.extend(candidates)
+        return [torch.arange(len(c), dtype=torch.float) for c in candidates]  # the target (first) scores lowest
+
+    task = hand_built_task()
+    task.eval_candidates, task.seed = 2, 3
+    metrics, _ = LinkPredictionEvaluator(task, scorer).evaluate()
+    assert set(metrics) >= {"eval/sampled2_mrr", "eval/sampled2_hits@10", "eval/sampled2_head_mrr"}
+    tail_candidates, head_candidates = seen
+    assert tail_candidates[0] == "b" and not {"b", "c"} & set(tail_candidates[1:]) and len(tail_candidates) == 3
+    assert head_candidates[0] == "a" and not {"a", "d"} & set(head_candidates[1:])
+    assert metrics["eval/sampled2_mrr"] == pytest.approx(1 / 3)
+
+
+# ---------------------------------------------------------------- reconstruction masking
+def test_masking_picks_15_percent_of_maskable_tokens_and_replaces_80_10_10():
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (200, 500), generator=generator)
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    maskable[:, 0] = maskable[:, -1] = False  # [CLS] / [SEP]
+    inputs, labels = mask_tokens(ids, maskable, mask_token_id=3, vocab_size=50, probability=0.15, generator=generator)
+    chosen = labels != -100
+    assert chosen.float().sum() / maskable.sum() == pytest.approx(0.15, abs=0.005)
+    assert not chosen[:, 0].any() and not chosen[:, -1].any()
+    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(inputs[~chosen], ids[~chosen])
+    masked = (inputs[chosen] == 3).float().mean()
+    randomised = (inputs[chosen] < 50).float().mean() - masked  # random ids are drawn below vocab_size
+    kept = (inputs[chosen] == ids[chosen]).float().mean()
+    assert masked == pytest.approx(0.8, abs=0.01)
+    assert randomised == pytest.approx(0.1, abs=0.01) and kept == pytest.approx(0.1, abs=0.01)
+    short = mask_tokens(torch.tensor([[5, 6, 7]]), torch.tensor([[False, True, False]]), 3, 50, 1e-9, generator)[1]
+    assert short.tolist() == [[-100, 6, -100]]  # every context contributes a prediction
+
+
+# ---------------------------------------------------------------- contexts
+def test_contexts_resume_after_a_cut_line_and_the_released_format_loads(tmp_path):
+    path = tmp_path / "contexts.jsonl"
+    writer = ContextWriter(path)
+    writer.write(("00001", "_hypernym", "00002"), "A dog is an animal.")
+    writer.close()
+    with path.open("a") as f:
+        f.write('{"head": "00003", "relation": "_hyp')  # killed mid-line
+    assert read_contexts(path) == {("00001", "_hypernym", "00002"): "A dog is an animal."}
+    writer = ContextWriter(path)
+    writer.write(("00003", "_hypernym", "00002"), "A cat is an animal.")
+    writer.close()
+    assert len(read_contexts(path)) == 2
+    released = tmp_path / "knowledge_context.txt"
+    released.write_text("dog |**| animal |**| _hypernym |**| Dogs are animals.\n")
+    graph = KnowledgeGraph({"00001": "dog", "00002": "animal"}, {}, {"_hypernym": "hypernym"}, {})
+    assert read_contexts(released, graph) == {("00001", "_hypernym", "00002"): "Dogs are animals."}
+
+
+# ---------------------------------------------------------------- both stages, end to end
+KG_TINY = ["dataset=kg_synthetic", "logger=none", "dataset.source.num_people=8", "dataset.num_eval=3",
+           "trainer.eval_batch_size=8"]
+
+
+def test_stage_one_writes_a_context_per_training_triple_and_resumes(make_cfg, tmp_path):
+    contexts = tmp_path / "contexts.jsonl"
+    common = [*KG_TINY, "method=contextualization", "model=tiny-random", "method.max_new_tokens=4",
+              "method.batch_size=16", f"dataset.contexts_file={contexts}"]
+    first = run(make_cfg(*common, output_dir=tmp_path / "first"))
+    lines = contexts.read_text().splitlines()
+    triples = {tuple(json.loads(line)[k] for k in ("head", "relation", "tail")) for line in lines}
+    assert first["metrics"]["contexts/written"] == len(lines) == len(triples) > 10
+    assert first["metrics"]["contexts/covered"] == 1.0
+    contexts.write_text("\n".join(lines[:5]) + "\n")  # an interrupted generation
+    second = run(make_cfg(*common, output_dir=tmp_path / "second"))
+    assert (second["metrics"]["contexts/reused"], second["metrics"]["contexts/written"]) == (5, len(lines) - 5)
+    assert len(contexts.read_text().splitlines()) == len(lines)
+    again = run(make_cfg(*common, "method.temperature=0", output_dir=tmp_path / "third"))
+    assert again["metrics"]["contexts/written"] == 0
+
+
+def test_students_train_with_their_auxiliary_task_and_rank(make_cfg, tmp_path):
+    contexts = tmp_path / "contexts.jsonl"
+    cfg = make_cfg(*KG_TINY, "method=kgbert_cd", "model=minilm-l6", f"dataset.contexts_file={contexts}")
+    with pytest.raises(ConfigError, match="have no context.*method=contextualization.*method.aux_weight=0"):
+        run(cfg)
+    task = build_kg_task(cfg.dataset, seed=0)
+    writer = ContextWriter(contexts)
+    for h, r, t in task.train_triples:
+        writer.write((h, r, t), f"{task.graph.entity_names[h]} {task.relation_text(r)} {task.graph.entity_names[t]}.")
+    writer.close()
+    for method, model in (("kgbert_cd", "minilm-l6"), ("kgs2s_cd", "tiny-random-seq2seq")):
+        result = run(make_cfg(*KG_TINY, f"method={method}", f"model={model}", f"dataset.contexts_file={contexts}",
+                              "trainer.max_steps=2", "trainer.batch_size=4", "dataset.eval_candidates=5",
+                              output_dir=tmp_path / method))
+        assert result["train"]["steps"] == 2 and result["objective"] == "eval/sampled5_mrr"
+        assert 1 / 6 <= result["metrics"]["eval/sampled5_mrr"] <= 1
+        assert (tmp_path / method / "model" / "config.json").is_file()
+    assert (tmp_path / "kgbert_cd" / "model" / "triple_head.pt").is_file()
+
+
+def test_a_method_refuses_a_dataset_of_the_other_kind(make_cfg):
+    with pytest.raises(DataError, match="dataset=synthetic is not a knowledge graph"):
+        run(make_cfg("method=kgbert", "model=minilm-l6", "logger=none"))
+    with pytest.raises(ConfigError, match="method=cd classifies, and dataset=kg_synthetic is not a classification"):
+        run(make_cfg("method=cd", "model=tiny-random", *KG_TINY))
+
+
+def test_the_comparison_table_shows_ranking_metrics_for_kg_runs():
+    from ctxdistill.compare import summarise
+
+    def kg_run(method, mrr):
+        return {"method": method, "model": "minilm-l6", "dataset": "wn18rr",
+                "metrics": {"eval/sampled100_mrr": mrr, "eval/sampled100_hits@10": 0.5, "eval/sampled100_hits@1": 0.1,
+                            "eval/sampled100_head_mrr": 0.0}}
+
+    header, rows = summarise([kg_run("kgbert", 0.2), kg_run("kgbert_cd", 0.3), kg_run("kgbert_cd", 0.4)])
+    assert header == ["method", "model", "dataset", "seeds", "sampled100_mrr", "sampled100_hits@1", "sampled100_hits@10"]
+    assert rows[1] == ["kgbert_cd", "minilm-l6", "wn18rr", "2", "0.350 ± 0.071", "0.100 ± 0.000", "0.500 ± 0.000"]
+
+
+@pytest.mark.parametrize("experiment", ["li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr"])
+def test_li2024_experiments_compose_for_both_stages(make_cfg, experiment):
+    for method in ("contextualization", "kgbert", "kgbert_cd", "kgs2s_cd"):
+        validate(make_cfg(f"experiment={experiment}", f"method={method}"))
+
+
+@pytest.mark.parametrize("override, key", [("method=kgbert_cd method.mlm_probability=1.5", "method.mlm_probability"),
+                                           ("method=kgs2s method.aux_weight=-1", "method.aux_weight"),
+                                           ("method=contextualization method.max_new_tokens=0", "method.max_new_tokens"),
+                                           ("dataset=wn18rr dataset.eval_candidates=0", "dataset.eval_candidates"),
+                                           ("dataset=wn18rr dataset.source.layout=csv", "dataset.source.layout")])
+def test_bad_kg_values_are_named(make_cfg, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(make_cfg(*override.split()))
+
+
+def test_hub_encoders_load_from_a_local_directory_with_right_padding(make_cfg):
+    from ctxdistill.models import load_model, load_tokenizer, weights_location
+
+    local = weights_location(make_cfg("model=minilm-l6").model, "")
+    cfg = make_cfg("model=bert-base-uncased", f"model.name_or_path={local}")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+    assert tokenizer.padding_side == "right" and type(model).__name__ == "BertForMaskedLM"
