@@ -270,14 +270,16 @@ def test_a_method_refuses_a_dataset_of_the_other_kind(make_cfg):
 def test_the_comparison_table_shows_ranking_metrics_for_kg_runs():
     from ctxdistill.compare import summarise
 
-    def kg_run(method, mrr):
-        return {"method": method, "model": "minilm-l6", "dataset": "wn18rr",
+    def kg_run(method, mrr, seed):
+        return {"method": method, "model": "minilm-l6", "dataset": "wn18rr", "seed": seed,
                 "metrics": {"eval/sampled100_mrr": mrr, "eval/sampled100_hits@10": 0.5, "eval/sampled100_hits@1": 0.1,
                             "eval/sampled100_head_mrr": 0.0}}
 
-    header, rows = summarise([kg_run("kgbert", 0.2), kg_run("kgbert_cd", 0.3), kg_run("kgbert_cd", 0.4)])
-    assert header == ["method", "model", "dataset", "seeds", "sampled100_mrr", "sampled100_hits@1", "sampled100_hits@10"]
-    assert rows[1] == ["kgbert_cd", "minilm-l6", "wn18rr", "2", "0.350 ± 0.071", "0.100 ± 0.000", "0.500 ± 0.000"]
+    table = summarise([kg_run("kgbert", 0.2, 0), kg_run("kgbert_cd", 0.3, 0), kg_run("kgbert_cd", 0.4, 1)])
+    assert list(table.columns.values()) == ["sampled100_mrr", "sampled100_hits@1", "sampled100_hits@10"]
+    cd = table.rows[1]
+    assert cd.method == "kgbert_cd" and cd.seeds == [0, 1]
+    assert [cd.stats[k].text() for k in table.columns] == ["0.350 ± 0.071", "0.100 ± 0.000", "0.500 ± 0.000"]
 
 
 @pytest.mark.parametrize("experiment", ["li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr"])
