@@ -267,8 +267,8 @@ def test_a_method_refuses_a_dataset_of_the_other_kind(make_cfg):
         run(make_cfg("method=cd", "model=tiny-random", *KG_TINY))
 
 
-def test_the_comparison_table_shows_ranking_metrics_for_kg_runs():
-    from ctxdistill.compare import summarise
+def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
+    from ctxdistill.compare import summarise, write_results
 
     def kg_run(method, mrr, seed):
         return {"method": method, "model": "minilm-l6", "dataset": "wn18rr", "seed": seed,
@@ -280,6 +280,8 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs():
     cd = table.rows[1]
     assert cd.method == "kgbert_cd" and cd.seeds == [0, 1]
     assert [cd.stats[k].text() for k in table.columns] == ["0.350 ± 0.071", "0.100 ± 0.000", "0.500 ± 0.000"]
+    readme = write_results(tmp_path, [kg_run("kgbert", 0.2, 0)], title="kg")  # no accuracy plot to draw
+    assert "sampled100_mrr" in readme.read_text()
 
 
 @pytest.mark.parametrize("experiment", ["li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr"])

@@ -41,8 +41,10 @@ def _models(rows: list[Row]) -> tuple[list[str], dict[str, float], bool]:
     return models, ({m: sizes[m] for m in models} if by_size else {m: i for i, m in enumerate(models)}), by_size
 
 
-def accuracy_vs_size(table: Table, dataset: str, path: Path) -> Path:
-    rows = [r for r in table.rows if r.dataset == dataset]
+def accuracy_vs_size(table: Table, dataset: str, path: Path) -> Optional[Path]:
+    rows = [r for r in table.rows if r.dataset == dataset and "eval/accuracy" in r.stats]
+    if not rows:  # link-prediction runs report MRR and Hits@k, not accuracy
+        return None
     sets = ["eval", *table.ood_sets(dataset)]
     methods = list(dict.fromkeys(r.method for r in rows))
     models, x, log_x = _models(rows)
