@@ -366,7 +366,7 @@ class Config:
 SCHEMAS = {
     "method": {"base_prompting": PromptingConfig, "base_finetune": FinetuneConfig, "base_distill": DistillConfig,
                "base_genpi": GenPIConfig, "base_on_policy": OnPolicyConfig,
-               "base_scratchpad": ScratchpadConfig},, "base_contextualization": ContextualizationConfig,
+               "base_scratchpad": ScratchpadConfig, "base_contextualization": ContextualizationConfig,
                "base_kgbert": KGBertConfig, "base_kgs2s": KGS2SConfig},
     "model": {"base_model": ModelConfig},
     "dataset": {"base_dataset": DatasetConfig, "base_kg_dataset": KGDatasetConfig},
