@@ -2,15 +2,55 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Optional
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.config import register_schemas
 
 register_schemas()
+
+_launched: Optional[datetime] = None
+
+
+def launch_time(pattern: str) -> str:
+    """Hydra's ``${now:}``, except that all processes of one distributed launch share one instant
+    (each would otherwise resolve its own and write to its own run directory)."""
+    global _launched
+    _launched = _launched or datetime.now()
+    return _launched.strftime(pattern)
+
+
+OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True, replace=True)
+
+
+def join_distributed_launch(argv: list[str]) -> list[str]:
+    """Under ``accelerate launch`` / ``torchrun`` (WORLD_SIZE > 1): take rank 0's launch time, and keep
+    the other ranks from writing Hydra's files and log into the shared run directory."""
+    global _launched
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return argv
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState(cpu=not __import__("torch").cuda.is_available())
+    _launched = broadcast_object_list([datetime.now()], from_process=0)[0]
+    return argv if state.is_main_process else [*argv, "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def join_slurm_tasks() -> None:
+    """With ``hydra/launcher=slurm`` and ``tasks_per_node`` > 1, each SLURM task of an array job is one
+    rank of one multi-GPU run: export the variables torch.distributed reads."""
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
+            and "RANK" not in os.environ:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 # conf/ sits at the repository root, beside src/ (the package is installed editable).
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -36,6 +76,7 @@ def main(cfg: DictConfig) -> float | None:
 
     from ctxdistill.sweeps import run_cell
 
+    join_slurm_tasks()
     # In a sweep a failing cell is recorded and the others go on; a single run raises.
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         result = run_cell(cfg, run_unless_complete)
@@ -83,6 +124,7 @@ def entry() -> None:
     if {"-m", "--multirun"} & set(argv) and {"--cfg", "-c"} & set(argv):
         print_sweep_configs(argv)
     else:
+        sys.argv[1:] = join_distributed_launch(argv)
         main()
         from ctxdistill.sweeps import failed_cells
 

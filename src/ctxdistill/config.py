@@ -319,6 +319,16 @@ class KGDatasetConfig:
 
 # ---------------------------------------------------------------- trainer / logger
 @dataclass
+class DistributedConfig:
+    """How several processes (``accelerate launch`` / ``torchrun``) share the model."""
+
+    # ddp: a full copy per process; fsdp: FSDP2 shards weights, gradients and optimiser state;
+    # zero3: DeepSpeed ZeRO stage 3 (pip install deepspeed). One process: all are plain runs.
+    strategy: str = "ddp"
+    cpu_offload: bool = False  # fsdp/zero3: keep sharded parameters and optimiser state in CPU memory
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 3
     max_steps: Optional[int] = None  # overrides epochs when set
@@ -333,6 +343,11 @@ class TrainerConfig:
     eval_every: Optional[int] = None  # steps between periodic evaluations
     eval_batch_size: int = 16
     save_model: bool = True
+    # Resumable state every N optimiser steps and at the end of training (null: only on
+    # SIGTERM/SIGUSR1). The run dir's checkpoints/ is removed once metrics.json is written.
+    checkpoint_every: Optional[int] = 100
+    keep_checkpoints: int = 1
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @dataclass
@@ -400,6 +415,16 @@ def validate(cfg: DictConfig) -> None:
     _require(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}", "")
     _require(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}", "")
     _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}", "")
+    _require(t.checkpoint_every is None or t.checkpoint_every >= 1, "trainer.checkpoint_every",
+             f"must be >= 1 or null, got {t.checkpoint_every}", "")
+    _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}", "")
+    _require(t.distributed.strategy in ("ddp", "fsdp", "zero3"), "trainer.distributed.strategy",
+             f"unknown value {t.distributed.strategy!r}", "Use trainer/distributed=ddp, fsdp or zero3")
+    if t.distributed.strategy == "zero3":
+        import importlib.util
+
+        _require(importlib.util.find_spec("deepspeed") is not None, "trainer.distributed.strategy",
+                 "zero3 needs DeepSpeed, which is not installed", "Install it with:  pip install deepspeed")
     _require(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}", "")
     _require(t.mixed_precision in ("no", "bf16", "fp16"), "trainer.mixed_precision",
              f"unknown value {t.mixed_precision!r}", "Use one of: no, bf16, fp16")

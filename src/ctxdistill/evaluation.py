@@ -8,13 +8,18 @@ the context it has internalised: agreement with the teacher's predictions and
 KL(teacher with context || model) at the answer position, on held-out inputs.
 Tasks with free-text answers (``task.generation``) are scored by exact match of greedy
 generations instead (:class:`GenerationEvaluator`).
+
+Under several processes each scores every ``count``-th example of a set and the label scores
+are gathered, so every process ends with the whole set's scores in input order.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
+
+import math
 
 import torch
 from tqdm.auto import tqdm
@@ -89,6 +94,54 @@ def score(model, tokenizer, task: Task, examples: list[Example], with_context: b
                   torch.cat(kls)[restore] if teacher is not None else None, torch.cat(top)[restore])
 
 
+@dataclass
+class Ranks:
+    """This process's share of every eval set, and how the shares come back together."""
+
+    index: int = 0
+    count: int = 1
+    # concatenates equal-shaped tensors from every process in rank order (accelerate's gather)
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    @classmethod
+    def of_launch(cls) -> "Ranks":
+        """This process's place in an ``accelerate launch`` / ``torchrun`` launch (alone: 0 of 1)."""
+        from accelerate import PartialState
+        from accelerate.utils import gather
+
+        state = PartialState()
+        return cls(state.process_index, state.num_processes, lambda t: gather(t.to(state.device)))
+
+    def share(self, n: int) -> list[int]:
+        """Every ``count``-th index from ``index``, padded with repeats to one size for all processes, so
+        sharded models (FSDP, ZeRO-3) run the same number of forward passes everywhere."""
+        mine = list(range(self.index, n, self.count))
+        return mine + [n - 1] * (math.ceil(n / self.count) - len(mine))
+
+    def combine(self, local: torch.Tensor, n: int) -> torch.Tensor:
+        """The shares' rows [n_local, ...] from every process, back in input order [n, ...]."""
+        if self.count == 1:
+            return local
+        every = self.gather(local).cpu().reshape(self.count, -1, *local.shape[1:])  # [count, n_local, ...]
+        return every.transpose(0, 1).reshape(-1, *local.shape[1:])[:n]
+
+
+def score_shared(model, tokenizer, task: Task, examples: list[Example], with_context: bool, batch_size: int,
+                 ranks: Ranks, teacher: Optional[Scores] = None, keep_distribution: bool = False,
+                 desc: str = "eval") -> tuple[Scores, Scores]:
+    """:func:`score` over this process's share: (its own scores, the whole set's gathered scores).
+
+    ``teacher`` is a previous call's own share; the vocabulary-sized distributions stay
+    with the process that computed them and are never gathered."""
+    share = ranks.share(len(examples))
+    own = score(model, tokenizer, task, [examples[i] for i in share], with_context, batch_size, teacher,
+                keep_distribution, desc)
+    gathered = Scores(ranks.combine(own.label_logprobs, len(examples)), None,
+                      ranks.combine(own.kl_to_teacher, len(examples)) if teacher is not None else None,
+                      ranks.combine(own.top_token, len(examples)))
+    return own, gathered
+
+
 def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Accuracy (overall and within each gold class); F1 of class 1 for binary tasks (GLUE's convention),
     macro-F1 otherwise; the majority-class rate, beside which a chance-level score shows as such."""
@@ -135,13 +188,14 @@ class Evaluator:
     """
 
     def __init__(self, handle: ModelHandle, tokenizer, task: Task, with_context: bool, batch_size: int,
-                 model_is_teacher: bool = False):
+                 model_is_teacher: bool = False, ranks: Optional[Ranks] = None):
         self.handle, self.tokenizer, self.task = handle, tokenizer, task
         self.with_context, self.batch_size = with_context, batch_size
         # An untrained model that sees the context *is* the teacher: score it once.
         self.model_is_teacher = model_is_teacher
+        self.ranks = ranks or Ranks.of_launch()
         self.answer_tokens = [tokenizer(v, add_special_tokens=False).input_ids[0] for v in task.verbalizers]
-        self._teacher: dict[str, Scores] = {}
+        self._teacher: dict[str, object] = {}  # per set: what score_teacher returns
 
     def prepare(self) -> None:
         """Score the teacher before training: full fine-tuning changes its weights."""
@@ -162,16 +216,19 @@ class Evaluator:
             metrics.update({f"{name}/{key}": value for key, value in result.items()})
         return metrics, rows
 
-    def score_teacher(self, teacher, examples: list[Example], desc: str) -> Scores:
-        return score(teacher, self.tokenizer, self.task, examples, with_context=True, batch_size=self.batch_size,
-                     keep_distribution=True, desc=desc)
+    def score_teacher(self, teacher, examples: list[Example], desc: str) -> tuple[Scores, Scores]:
+        """(this process's share, with the distributions the model's KL needs; the whole set's scores)"""
+        return score_shared(teacher, self.tokenizer, self.task, examples, with_context=True,
+                            batch_size=self.batch_size, ranks=self.ranks, keep_distribution=True, desc=desc)
 
-    def evaluate_set(self, name: str, examples: list[Example], teacher: Scores) -> tuple[dict[str, float], list[dict]]:
+    def evaluate_set(self, name: str, examples: list[Example],
+                     teacher_scores: tuple[Scores, Scores]) -> tuple[dict[str, float], list[dict]]:
+        teacher_share, teacher = teacher_scores
         if self.model_is_teacher:
             model = Scores(teacher.label_logprobs, None, torch.zeros(len(examples)), teacher.top_token)
         else:
-            model = score(self.handle.base, self.tokenizer, self.task, examples, self.with_context,
-                          self.batch_size, teacher=teacher, desc=f"model {name}")
+            model = score_shared(self.handle.base, self.tokenizer, self.task, examples, self.with_context,
+                                 self.batch_size, self.ranks, teacher=teacher_share, desc=f"model {name}")[1]
         labels = torch.tensor([e.label for e in examples])
         result = classification_metrics(model.predictions, labels, self.task.num_classes)
         # llmft's `accuracy` / Upadhayaya's greedy one-token answer: the argmax over the whole
@@ -195,8 +252,8 @@ class Evaluator:
 
     def context_accuracy(self, examples: list[Example], labels: list[int]) -> float:
         """Accuracy of the (trained) model *with* the context on ``examples``."""
-        scores = score(self.handle.base, self.tokenizer, self.task, examples, with_context=True,
-                       batch_size=self.batch_size, desc="with context")
+        scores = score_shared(self.handle.base, self.tokenizer, self.task, examples, with_context=True,
+                              batch_size=self.batch_size, ranks=self.ranks, desc="with context")[1]
         return classification_metrics(scores.predictions, torch.tensor(labels), self.task.num_classes)["accuracy"]
 
 

@@ -6,6 +6,7 @@ lengths) is checked before the model is loaded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,10 +17,11 @@ from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ctxdistill.checkpoint import remove_checkpoints
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
 from ctxdistill.models import ModelHandle, add_adapter, load_model, load_tokenizer, model_identity
@@ -40,6 +42,42 @@ def write_json(path: Path, payload: Any) -> None:
 def run_identity(cfg: DictConfig, task: Task) -> dict[str, Any]:
     return {"method": cfg.method.name, "model": cfg.model.name, "dataset": task.name, "seed": cfg.seed,
             "paper": cfg.paper}
+
+
+def training_fingerprint(cfg: DictConfig) -> str:
+    """What a checkpoint must share with the run that resumes it (not how often it saves or evaluates)."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_batch_size", "save_model"):
+        trainer.pop(key)
+    shaping = {"trainer": trainer, "seed": cfg.seed,
+               **{key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("method", "model", "dataset")}}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_accelerator(trainer: DictConfig) -> Accelerator:
+    """``trainer.batch_size`` is the global batch: under N processes each takes 1/N of every batch,
+    so the optimisation does not depend on the number of processes."""
+    from accelerate.utils import DataLoaderConfiguration, DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+    plugins: dict[str, Any] = {}
+    offload = trainer.distributed.cpu_offload
+    if trainer.distributed.strategy == "fsdp":
+        plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
+            state_dict_type="SHARDED_STATE_DICT", cpu_offload=offload)
+    elif trainer.distributed.strategy == "zero3":
+        plugins["deepspeed_plugin"] = DeepSpeedPlugin(
+            zero_stage=3, gradient_accumulation_steps=trainer.grad_accum_steps,
+            gradient_clipping=trainer.max_grad_norm or 0.0, zero3_init_flag=False,
+            offload_optimizer_device="cpu" if offload else "none", offload_param_device="cpu" if offload else "none")
+    accelerator = Accelerator(mixed_precision=trainer.mixed_precision,
+                              gradient_accumulation_steps=trainer.grad_accum_steps,
+                              cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True), **plugins)
+    if trainer.batch_size % accelerator.num_processes:
+        raise ConfigError(f"trainer.batch_size: {trainer.batch_size} does not split over "
+                          f"{accelerator.num_processes} processes. Use a multiple of {accelerator.num_processes}.")
+    return accelerator
 
 
 def hydra_choices() -> dict[str, Any]:
@@ -71,10 +109,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0.")
     method.check_inputs(task, tokenizer, cfg)
 
-    accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision,
-                              gradient_accumulation_steps=cfg.trainer.grad_accum_steps,
-                              cpu=not torch.cuda.is_available())
-    # Under several processes every rank trains and evaluates; rank 0 alone writes and logs.
+    accelerator = make_accelerator(cfg.trainer)
+    # Under several processes every rank trains and evaluates its share; rank 0 alone writes and logs.
     writer = accelerator.is_main_process
     if writer:
         out.mkdir(parents=True, exist_ok=True)
@@ -106,9 +142,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 tracker.log(evaluator.evaluate(["eval"])[0], step)
 
             train_stats = train(method, handle, tokenizer, task, cfg.trainer, accelerator, cfg.seed,
-                                tracker.log, periodic_eval)
-            if writer and cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
-                handle.base.save_pretrained(out / ("adapter" if method.adapter == "lora" else "model"))
+                                tracker.log, periodic_eval, run_dir=out, fingerprint=training_fingerprint(cfg))
+            if cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
+                # sharded weights (FSDP, ZeRO-3) are gathered by every process; plain ones are at hand
+                sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+                state = accelerator.get_state_dict(handle.student) if sharded else None
+                if writer:
+                    handle.base.save_pretrained(out / ("adapter" if method.adapter == "lora" else "model"),
+                                                state_dict=state)
         metrics, predictions = evaluator.evaluate()
         if method.trains and getattr(task, "train_query_labels", None):
             # Upadhayaya et al.'s "teacher accuracy": the trained model *with* the context, scored
@@ -122,6 +163,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if writer:
             save_results(out, result, predictions)
+            remove_checkpoints(out)  # the run is complete; its adapter/model is saved on its own
         tracker.log(metrics, train_stats.get("steps", 0))
         tracker.summary({**metrics, **{f"train/{k}": v for k, v in train_stats.items()},
                          "model/parameters": model_parameters})

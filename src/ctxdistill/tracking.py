@@ -2,7 +2,9 @@
 
 W&B is online when the user is logged in and offline otherwise (a real run directory
 under the run's output dir, uploadable later with ``wandb sync``). Any W&B failure
-becomes a warning: tracking never costs a run its results.
+becomes a warning: tracking never costs a run its results. The run id is kept in the
+output dir (``wandb_run_id``), so a resumed run (preemption, requeue) continues the same
+W&B run instead of starting a new one.
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ def resolve_mode(mode: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
 
 
+def persistent_run_id(output_dir: Path) -> str:
+    """The W&B run id of this output dir: made once, read back by every later (resumed) run."""
+    from wandb.sdk.lib.runid import generate_id
+
+    path = output_dir / "wandb_run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = generate_id()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(run_id + "\n")
+    os.replace(staging, path)
+    return run_id
+
+
 class WandbTracker(Tracker):
     def __init__(self, *, project: str, entity: Optional[str], mode: str, group: str, name: str, tags: list[str],
                  job_type: str, config: dict[str, Any], output_dir: str, log_predictions: bool):
@@ -65,7 +82,8 @@ class WandbTracker(Tracker):
         self._log_predictions = log_predictions
         mode = resolve_mode(mode)
         self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, name=name, tags=tags,
-                              job_type=job_type, config=config, dir=output_dir, reinit="finish_previous")
+                              job_type=job_type, config=config, dir=output_dir, reinit="finish_previous",
+                              id=persistent_run_id(Path(output_dir)), resume="allow")
         try:
             self.run.define_metric("eval/accuracy", summary="max")
         except Exception as e:  # noqa: BLE001

@@ -3,13 +3,18 @@
 The method supplies its examples, its batches and its loss; this loop owns the
 optimiser, schedule, gradient accumulation, clipping, mixed precision (through
 accelerate, so the same code runs on CPU, one GPU or several), logging and
-periodic evaluation.
+periodic evaluation, and resumable state: checkpoints every ``checkpoint_every`` steps,
+resumption from the latest one, a clean stop on SIGTERM/SIGUSR1, and a clear stop on a
+non-finite loss.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import signal
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -19,15 +24,28 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from ctxdistill.checkpoint import Progress, StopSignals, latest_checkpoint, save_checkpoint, trainable_weights_only
+from ctxdistill.config import ConfigError
 from ctxdistill.data import Task
 from ctxdistill.methods import Method
 from ctxdistill.models import ModelHandle
 
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; nothing after the last good checkpoint is saved."""
+
 
 def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictConfig, accelerator: Accelerator,
-          seed: int, log: Callable[[dict, int], None],
-          periodic_eval: Optional[Callable[[int], None]] = None) -> dict[str, float]:
-    """Train ``handle.student`` with ``method``'s loss; returns summary statistics."""
+          seed: int, log_metrics: Callable[[dict, int], None],
+          periodic_eval: Optional[Callable[[int], None]] = None, run_dir: Optional[Path] = None,
+          fingerprint: str = "") -> dict[str, float]:
+    """Train ``handle.student`` with ``method``'s loss; returns summary statistics.
+
+    With ``run_dir``, training resumes from its latest checkpoint (made by a run with the
+    same ``fingerprint``) and saves new ones there.
+    """
     examples = method.train_examples(task)
     started = time.perf_counter()
     prepared = method.prepare(handle, tokenizer, task, examples, cfg.eval_batch_size) or {}
@@ -37,8 +55,9 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
         raise RuntimeError(f"method={method.name}: no training example has a target after preparation "
                            f"({prepared}); see the warnings above")
 
-    loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed),
+    # The shuffle generator's state at each epoch start is checkpointed: a resumed run sees the same order.
+    shuffle = torch.Generator().manual_seed(seed)
+    loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, generator=shuffle,
                         collate_fn=lambda chunk: method.collate(tokenizer, task, chunk))
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -47,34 +66,78 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
     scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     handle.student, optimizer, loader, scheduler = accelerator.prepare(handle.student, optimizer, loader, scheduler)
+    progress = Progress(epoch_shuffle_state=shuffle.get_state(), fingerprint=fingerprint)
+    accelerator.register_for_checkpointing(progress)
+    trainable_weights_only(accelerator)
+    resume = latest_checkpoint(run_dir) if run_dir else None
+    if resume:
+        accelerator.load_state(str(resume))
+        if progress.fingerprint != fingerprint:
+            raise ConfigError(f"{resume} was written by a run with other settings. Use a new output_dir, or "
+                              f"delete {resume.parent} to start this one over.")
+        log.info("resuming from %s (step %d of %d)", resume, progress.step, total_steps)
+    resumed_from = progress.step
     handle.student.train()
 
-    step, loss_value = 0, float("nan")
-    bar = tqdm(total=total_steps, desc=f"train {method.name}", disable=not accelerator.is_main_process)
+    bar = tqdm(total=total_steps, initial=progress.step, desc=f"train {method.name}",
+               disable=not accelerator.is_main_process)
     loop_started = time.perf_counter()
-    while step < total_steps:
-        for batch in loader:
-            with accelerator.accumulate(handle.student):
-                loss, extra = method.loss(handle, batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            loss_value = loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            log({"train/loss": loss_value, "train/lr": scheduler.get_last_lr()[0], "train/epoch":
-                 step / steps_per_epoch, **{f"train/{k}": v for k, v in extra.items()}}, step)
-            if periodic_eval and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                periodic_eval(step)
-            if step >= total_steps:
-                break
+    with StopSignals() as signals:
+        while progress.step < total_steps:
+            shuffle.set_state(progress.epoch_shuffle_state)
+            finite = True
+            for index, batch in enumerate(loader):
+                if index < progress.batches_in_epoch:
+                    continue  # consumed before the checkpoint
+                with accelerator.accumulate(handle.student):
+                    loss, extra = method.loss(handle, batch)
+                    finite = finite and bool(torch.isfinite(loss.detach()))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad()
+                progress.batches_in_epoch = index + 1
+                if not accelerator.sync_gradients:
+                    continue
+                progress.step += 1
+                # One collective per step: the mean loss, and whether any process saw a bad loss or a signal.
+                status = accelerator.reduce(torch.tensor(
+                    [loss.item(), float(not finite), float(signals.received is not None)],
+                    device=accelerator.device), "sum")
+                finite = True
+                if status[1] > 0:
+                    last = latest_checkpoint(run_dir) if run_dir else None
+                    raise TrainingDiverged(
+                        f"the training loss is {loss.item()} at step {progress.step} of {total_steps}; training "
+                        f"stopped. " + (f"The last good checkpoint is {last}; " if last else "No checkpoint was "
+                                        "saved; ") + "lower trainer.lr or set trainer.max_grad_norm before rerunning.")
+                progress.last_loss = status[0].item() / accelerator.num_processes
+                bar.update(1)
+                bar.set_postfix(loss=f"{progress.last_loss:.4f}")
+                log_metrics({"train/loss": progress.last_loss, "train/lr": scheduler.get_last_lr()[0],
+                             "train/epoch": progress.step / steps_per_epoch,
+                             **{f"train/{k}": v for k, v in extra.items()}}, progress.step)
+                if periodic_eval and cfg.eval_every and progress.step % cfg.eval_every == 0 \
+                        and progress.step < total_steps:
+                    periodic_eval(progress.step)
+                stop = status[2] > 0
+                due = cfg.checkpoint_every and (progress.step % cfg.checkpoint_every == 0
+                                                or progress.step == total_steps)
+                if run_dir and (due or stop):
+                    save_checkpoint(accelerator, run_dir, progress.step, cfg.keep_checkpoints)
+                if stop:
+                    bar.close()
+                    signals.exit(signals.received or signal.SIGTERM)
+                if progress.step >= total_steps:
+                    break
+            else:  # the epoch ran out: the next one starts from the generator's current state
+                progress.epoch += 1
+                progress.batches_in_epoch = 0
+                progress.epoch_shuffle_state = shuffle.get_state()
     bar.close()
     handle.student = accelerator.unwrap_model(handle.student)
-    return {**prepared, "steps": step, "examples": len(examples), "final_loss": loss_value,
+    return {**prepared, "steps": progress.step, "examples": len(examples), "final_loss": progress.last_loss,
+            "resumed_from_step": resumed_from,
             "prepare_seconds": prepare_seconds, "train_seconds": time.perf_counter() - loop_started}

@@ -1,0 +1,148 @@
+"""Resumable training state: checkpoints written atomically, and stop signals.
+
+A checkpoint is accelerate's full training state (the trainable weights, optimiser,
+scheduler, gradient-accumulation step, every process's RNG states) plus the loop's
+:class:`Progress` (optimiser step, epoch, batches consumed, the shuffle generator's
+state at the start of the epoch). It is written to ``checkpoints/.step-N.tmp`` and
+renamed to ``checkpoints/step-N`` only when complete, so a kill during a save never
+leaves a broken latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+
+
+@dataclass
+class Progress:
+    """Where the loop is; registered with accelerate so that it travels in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    epoch_shuffle_state: Optional[torch.Tensor] = None  # the DataLoader generator before `epoch` began
+    last_loss: float = math.nan
+    fingerprint: str = ""  # the settings that shape training; a checkpoint resumes only the same run
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"{PREFIX}{step:08d}"
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The complete checkpoint with the highest step (half-written ``.tmp`` ones are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    done = sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def trainable_weights_only(accelerator: Accelerator) -> None:
+    """Checkpoint only the parameters that train (a LoRA adapter, not the frozen base model)."""
+
+    def trainable_names(model: torch.nn.Module) -> set[str]:
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+    def before_save(models, weights, output_dir):
+        for model, state in zip(models, weights):
+            keep = trainable_names(model)
+            for name in [n for n in state if n not in keep]:
+                del state[name]
+
+    def before_load(models, input_dir):
+        for index, model in enumerate(models):
+            suffix = "" if index == 0 else f"_{index}"
+            state = load_file(Path(input_dir) / f"model{suffix}.safetensors")
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            absent = trainable_names(model) & set(missing)
+            if absent or unexpected:
+                raise RuntimeError(f"checkpoint {input_dir} does not fit this model: missing trainable weights "
+                                   f"{sorted(absent)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        models.clear()  # loaded here; accelerate must not load the trimmed file strictly
+
+    accelerator.register_save_state_pre_hook(before_save)
+    accelerator.register_load_state_pre_hook(before_load)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """Every process writes its part into a temporary directory; rank 0 renames it when all are done."""
+    final = checkpoint_dir(run_dir, step)
+    staging = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        for old in sorted(p for p in final.parent.glob(f"{PREFIX}*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    log.info("checkpoint saved: %s", final)
+    return final
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    shutil.rmtree(Path(run_dir) / CHECKPOINTS, ignore_errors=True)
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 / SIGUSR2 (SLURM preemption, the time-limit warning, submitit's signal)
+    ask the loop to save and stop at the next optimiser step instead of dying mid-step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        except ValueError:  # not the main thread: signals stay as they are
+            log.warning("not in the main thread: SIGTERM/SIGUSR1 will not checkpoint this run")
+        return self
+
+    def _note(self, signum, frame) -> None:
+        if self.received is None:
+            log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
+                        signal.Signals(signum).name)
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def exit(self, signum: int) -> None:
+        """Hand the signal to whoever handled it before (submitit requeues the job there), then exit
+        with 128 + signal, the status of a process killed by it, which schedulers retry."""
+        previous = self._previous.get(signum)
+        self.__exit__()
+        if callable(previous):
+            previous(signum, None)
+        raise SystemExit(128 + signum)

@@ -1,0 +1,159 @@
+"""Fault injection: kill -9 and resume, SIGTERM, a diverging loss, W&B failing mid-run, a sweep
+with a failing cell, a corrupt model cache. Each fault must leave a clear message and lose nothing."""
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from ctxdistill.checkpoint import latest_checkpoint
+from ctxdistill.cli import CONFIG_DIR
+from ctxdistill.config import ConfigError
+from ctxdistill.methods.distill import ContextDistillation
+from ctxdistill.run import run
+from ctxdistill.trainer import TrainingDiverged
+
+# 16 queries in batches of 4: 4 steps per epoch, so 6 steps cross an epoch boundary (a reshuffle).
+FAULT = ["model=tiny-random", "logger=none", "method=cd", "dataset.source.split_sizes.eval=16",
+         "dataset.num_train_queries=16", "trainer.batch_size=4", "trainer.eval_batch_size=16",
+         "trainer.max_steps=6", "trainer.checkpoint_every=1"]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def compose_run(output_dir: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"output_dir={output_dir}", *FAULT, *overrides])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def outcome(run_dir: Path) -> dict:
+    """Everything a run reports except its timings (and whether it was resumed)."""
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    train = {k: v for k, v in saved["train"].items() if not k.endswith("_seconds") and k != "resumed_from_step"}
+    return {"metrics": saved["metrics"], "train": train, "predictions": (run_dir / "predictions.jsonl").read_text()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(compose_run(out))
+    assert not (out / "checkpoints").exists()  # removed once metrics.json is written
+    return outcome(out)
+
+
+def cli(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "ctxdistill", *FAULT, f"hydra.run.dir={run_dir}"]
+
+
+def kill_at_step_then_resume(run_dir: Path, step: int) -> int:
+    """Start the run, SIGKILL it once the checkpoint of `step` exists, run the same command again."""
+    with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
+        proc = subprocess.Popen(cli(run_dir), stdout=log, stderr=log, env=ENV)
+        while proc.poll() is None and not (run_dir / "checkpoints" / f"step-{step:08d}").exists():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run_dir / "metrics.json").exists()
+    killed_at = int(latest_checkpoint(run_dir).name.split("-")[1])
+    resumed = subprocess.run(cli(run_dir), capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["train"]["resumed_from_step"] == killed_at
+    return killed_at
+
+
+def test_a_run_killed_at_a_random_step_resumes_to_identical_results(uninterrupted, tmp_path):
+    kill_at_step_then_resume(tmp_path / "run", random.randint(1, 5))
+    assert outcome(tmp_path / "run") == uninterrupted
+
+
+@pytest.mark.slow
+def test_kill_and_resume_five_times_at_different_steps(uninterrupted, tmp_path):
+    for trial, step in enumerate(random.sample(range(1, 7), 5)):
+        kill_at_step_then_resume(tmp_path / f"run{trial}", step)
+        assert outcome(tmp_path / f"run{trial}") == uninterrupted, f"killed at step {step}"
+
+
+def inject_at_call(monkeypatch, call: int, fault) -> None:
+    """Run `fault(loss)` during the `call`-th loss computation of cd (one per optimiser step here)."""
+    real_loss, calls = ContextDistillation.loss, []
+
+    def loss(self, handle, batch):
+        calls.append(1)
+        value, extra = real_loss(self, handle, batch)
+        return (fault(value) if len(calls) == call else value), extra
+
+    monkeypatch.setattr(ContextDistillation, "loss", loss)
+
+
+def send_at_call(monkeypatch, call: int, sig: int) -> None:
+    """A real signal to this process at a fixed step."""
+    inject_at_call(monkeypatch, call, lambda loss: os.kill(os.getpid(), sig) or loss)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
+def test_a_signal_saves_and_exits_for_requeue_then_the_same_run_and_wandb_run_resume(
+        uninterrupted, tmp_path, monkeypatch, sig):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = compose_run(tmp_path, "trainer.checkpoint_every=null", "logger=wandb", "logger.mode=offline")
+    with monkeypatch.context() as patched:
+        send_at_call(patched, 3, sig)
+        with pytest.raises(SystemExit) as stopped:
+            run(cfg)
+    assert stopped.value.code == 128 + sig  # what schedulers (SLURM --requeue, torchrun) retry
+    assert latest_checkpoint(tmp_path).name == "step-00000003"
+    assert not (tmp_path / "metrics.json").exists()
+    assert signal.getsignal(sig) is signal.SIG_DFL  # handlers restored
+
+    with pytest.raises(ConfigError, match="other settings.*new output_dir"):
+        run(compose_run(tmp_path, "trainer.lr=5e-3"))
+    assert run(cfg)["train"]["resumed_from_step"] == 3
+    assert outcome(tmp_path) == uninterrupted
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    wandb_runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(name.endswith(run_id) for name in wandb_runs)
+
+
+def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    inject_at_call(monkeypatch, 3, lambda loss: loss * float("nan"))
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3 of 6.*step-00000002.*lower trainer.lr"):
+        run(compose_run(tmp_path))
+    assert latest_checkpoint(tmp_path).name == "step-00000002"
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_wandb_failing_mid_run_costs_nothing(tmp_path, monkeypatch, caplog):
+    import wandb
+    from wandb.sdk.wandb_run import Run
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+    def unreachable(self, *args, **kwargs):
+        raise wandb.errors.CommError("W&B is unreachable")
+
+    monkeypatch.setattr(Run, "log", unreachable)
+    with caplog.at_level(logging.WARNING, logger="ctxdistill.tracking"):
+        run(compose_run(tmp_path, "logger=wandb", "logger.mode=offline", "trainer.max_steps=2"))
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "complete"
+    assert "W&B log failed, continuing without it: W&B is unreachable" in caplog.text
+
+
+def test_a_sweep_with_a_failing_cell_finishes_the_others(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run([sys.executable, "-m", "ctxdistill", "-m", "method=zero_shot", "trainer.lr=-1,1e-3",
+                           *FAULT[:2], *FAULT[3:5], f"hydra.sweep.dir={sweep}"],
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode != 0
+    assert "trainer.lr: must be positive, got -1" in proc.stderr
+    finished = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
+    assert [m["status"] for m in finished] == ["complete"]
