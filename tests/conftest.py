@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -36,3 +37,37 @@ def make_cfg(tmp_path: Path):
 # Small, fast settings for runs on the tiny random model.
 TINY = ["model=tiny-random", "logger=none", "dataset.source.split_sizes.eval=48", "dataset.num_train_queries=32",
         "trainer.eval_batch_size=16"]
+
+
+# A resumable cd run: 16 queries in batches of 4 make 4 steps per epoch, so 6 steps cross an
+# epoch boundary (a reshuffle); a checkpoint after every step.
+RESUMABLE = ["model=tiny-random", "logger=none", "method=cd", "dataset.source.split_sizes.eval=16",
+             "dataset.num_train_queries=16", "trainer.batch_size=4", "trainer.eval_batch_size=16",
+             "trainer.max_steps=6", "trainer.checkpoint_every=1"]
+
+
+def compose_run(output_dir: Path, *overrides: str):
+    """The RESUMABLE run's config (plus overrides) writing to output_dir."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"output_dir={output_dir}", *RESUMABLE, *overrides])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def outcome(run_dir: Path) -> dict:
+    """Everything a run reports except its timings (and whether it was resumed)."""
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    train = {k: v for k, v in saved["train"].items() if not k.endswith("_seconds") and k != "resumed_from_step"}
+    return {"metrics": saved["metrics"], "train": train, "predictions": (run_dir / "predictions.jsonl").read_text()}
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> dict:
+    """The RESUMABLE run, in one process, never interrupted: what every resumed or distributed run must match."""
+    from ctxdistill.run import run
+
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run(compose_run(out))
+    assert not (out / "checkpoints").exists()  # removed once metrics.json is written
+    return outcome(out)

@@ -12,48 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from ctxdistill.checkpoint import latest_checkpoint
-from ctxdistill.cli import CONFIG_DIR
 from ctxdistill.config import ConfigError
 from ctxdistill.methods.distill import ContextDistillation
 from ctxdistill.run import run
 from ctxdistill.trainer import TrainingDiverged
 
-# 16 queries in batches of 4: 4 steps per epoch, so 6 steps cross an epoch boundary (a reshuffle).
-FAULT = ["model=tiny-random", "logger=none", "method=cd", "dataset.source.split_sizes.eval=16",
-         "dataset.num_train_queries=16", "trainer.batch_size=4", "trainer.eval_batch_size=16",
-         "trainer.max_steps=6", "trainer.checkpoint_every=1"]
+from conftest import RESUMABLE, compose_run, outcome
+
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def compose_run(output_dir: Path, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"output_dir={output_dir}", *FAULT, *overrides])
-    GlobalHydra.instance().clear()
-    return cfg
-
-
-def outcome(run_dir: Path) -> dict:
-    """Everything a run reports except its timings (and whether it was resumed)."""
-    saved = json.loads((run_dir / "metrics.json").read_text())
-    train = {k: v for k, v in saved["train"].items() if not k.endswith("_seconds") and k != "resumed_from_step"}
-    return {"metrics": saved["metrics"], "train": train, "predictions": (run_dir / "predictions.jsonl").read_text()}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    run(compose_run(out))
-    assert not (out / "checkpoints").exists()  # removed once metrics.json is written
-    return outcome(out)
-
-
 def cli(run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "ctxdistill", *FAULT, f"hydra.run.dir={run_dir}"]
+    return [sys.executable, "-m", "ctxdistill", *RESUMABLE, f"hydra.run.dir={run_dir}"]
 
 
 def kill_at_step_then_resume(run_dir: Path, step: int) -> int:
@@ -151,7 +123,7 @@ def test_wandb_failing_mid_run_costs_nothing(tmp_path, monkeypatch, caplog):
 def test_a_sweep_with_a_failing_cell_finishes_the_others(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "-m", "ctxdistill", "-m", "method=zero_shot", "trainer.lr=-1,1e-3",
-                           *FAULT[:2], *FAULT[3:5], f"hydra.sweep.dir={sweep}"],
+                           *RESUMABLE[:2], *RESUMABLE[3:5], f"hydra.sweep.dir={sweep}"],
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode != 0
     assert "trainer.lr: must be positive, got -1" in proc.stderr

@@ -129,8 +129,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         elif method.adapter is None:
             model.requires_grad_(False)
         model.to(accelerator.device)
-        log.info("%s on %s (weights %s, mixed precision %s); %d trainable parameters", cfg.model.name,
-                 accelerator.device, cfg.model.dtype, cfg.trainer.mixed_precision,
+        log.info("%s on %s, %d process(es) (weights %s, mixed precision %s); %d trainable parameters",
+                 cfg.model.name, accelerator.device, accelerator.num_processes, cfg.model.dtype,
+                 cfg.trainer.mixed_precision,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))
         handle = ModelHandle(student=model, base=model, identity=model_identity(cfg.model, cfg.seed))
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
