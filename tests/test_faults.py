@@ -129,3 +129,33 @@ def test_a_sweep_with_a_failing_cell_finishes_the_others(tmp_path):
     assert "trainer.lr: must be positive, got -1" in proc.stderr
     finished = [json.loads(p.read_text()) for p in sweep.rglob("metrics.json")]
     assert [m["status"] for m in finished] == ["complete"]
+
+
+def test_a_damaged_model_cache_is_detected(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ctxdistill.models import model_dir_problem
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path)
+    assert model_dir_problem(tmp_path) is None
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # cut short, as by a full disk
+    assert "model.safetensors" in model_dir_problem(tmp_path) and "its header describes" in model_dir_problem(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "lla')
+    assert model_dir_problem(tmp_path).startswith("config.json")
+
+
+@pytest.mark.slow
+def test_a_damaged_model_cache_is_converted_again_not_used(tmp_path, caplog):
+    from ctxdistill.models import converted_dir, load_tokenizer, model_dir_problem
+
+    spec = compose_run(tmp_path).model
+    damaged = converted_dir(spec, str(tmp_path))
+    damaged.mkdir(parents=True)
+    (damaged / "config.json").write_text('{"model_type": "llama"}')
+    (damaged / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")  # header without its data
+    with caplog.at_level(logging.WARNING, logger="ctxdistill.models"):
+        tokenizer = load_tokenizer(spec, str(tmp_path))
+    assert "is damaged" in caplog.text and "converting it again" in caplog.text
+    assert model_dir_problem(damaged) is None and len(tokenizer) > 49000

@@ -19,10 +19,11 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -61,11 +62,39 @@ def converted_dir(spec: DictConfig, cache_dir: str) -> Path:
     return Path(cache_dir).expanduser() / "models" / Path(spec.gguf_file).stem
 
 
+def model_dir_problem(directory: Path) -> Optional[str]:
+    """What makes a saved model directory unusable (None if nothing): an unreadable config, or a
+    weights file whose size disagrees with its own header (cut short by a full disk or a copy)."""
+    try:
+        json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"config.json: {e}"
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        return "no *.safetensors weights"
+    for path in weights:
+        try:
+            with path.open("rb") as f:
+                header_size = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(header_size))
+            data_size = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, struct.error, KeyError, TypeError) as e:
+            return f"{path.name}: unreadable header ({e})"
+        if path.stat().st_size != 8 + header_size + data_size:
+            return f"{path.name}: {path.stat().st_size} bytes, its header describes {8 + header_size + data_size}"
+    return None
+
+
 def _ensure_converted(spec: DictConfig, cache_dir: str) -> Path:
-    """Dequantise the GGUF file once and cache it as safetensors (written atomically)."""
+    """Dequantise the GGUF file once and cache it as safetensors (written atomically); a cached copy
+    that is damaged is converted again, never used."""
     target = converted_dir(spec, cache_dir)
-    if (target / "config.json").is_file():
-        return target
+    if target.is_dir():
+        problem = model_dir_problem(target)
+        if problem is None:
+            return target
+        log.warning("The cached model %s is damaged (%s); converting it again.", target, problem)
+        shutil.rmtree(target)
     gguf = _gguf_file(spec)
     log.info("Converting %s to safetensors under %s (once; about 30 s)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
