@@ -1,6 +1,7 @@
 """Scale-out: a 2-process DDP run (gloo, CPU) against the 1-process run, sharded evaluation,
 the sharded-strategy configs, and the SLURM launcher's submission script."""
 
+import importlib.util
 import json
 import os
 import pickle
@@ -53,9 +54,11 @@ def test_eval_shares_cover_every_example_and_come_back_in_order():
 def test_sharded_strategies_compose_and_are_checked(make_cfg, strategy):
     cfg = make_cfg("experiment=upadhayaya2024/mnli", "model=opt-13b", f"trainer/distributed={strategy}")
     assert cfg.trainer.distributed.strategy == strategy and cfg.trainer.epochs == 20  # the experiment's trainer stays
-    deepspeed_missing = __import__("importlib.util").util.find_spec("deepspeed") is None
-    if strategy == "zero3" and deepspeed_missing:
+    if strategy == "zero3" and importlib.util.find_spec("deepspeed") is None:
         with pytest.raises(ConfigError, match="pip install deepspeed"):
+            validate(cfg)
+    elif not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="shards the model over CUDA GPUs.*trainer/distributed=ddp"):
             validate(cfg)
     else:
         validate(cfg)

@@ -425,6 +425,12 @@ def validate(cfg: DictConfig) -> None:
 
         _require(importlib.util.find_spec("deepspeed") is not None, "trainer.distributed.strategy",
                  "zero3 needs DeepSpeed, which is not installed", "Install it with:  pip install deepspeed")
+    if t.distributed.strategy != "ddp":
+        import torch
+
+        _require(torch.cuda.is_available(), "trainer.distributed.strategy",
+                 f"{t.distributed.strategy} shards the model over CUDA GPUs and none is visible (accelerate "
+                 "would quietly run plain data parallel)", "Use trainer/distributed=ddp on CPU")
     _require(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}", "")
     _require(t.mixed_precision in ("no", "bf16", "fp16"), "trainer.mixed_precision",
              f"unknown value {t.mixed_precision!r}", "Use one of: no, bf16, fp16")
