@@ -147,10 +147,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
                 # sharded weights (FSDP, ZeRO-3) are gathered by every process; plain ones are at hand
                 sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-                state = accelerator.get_state_dict(handle.student) if sharded else None
+                gathered = {"state_dict": accelerator.get_state_dict(handle.student)} if sharded else {}
                 if writer:
                     handle.base.save_pretrained(out / ("adapter" if method.adapter == "lora" else "model"),
-                                                state_dict=state)
+                                                **gathered)
         metrics, predictions = evaluator.evaluate()
         if method.trains and getattr(task, "train_query_labels", None):
             # Upadhayaya et al.'s "teacher accuracy": the trained model *with* the context, scored
