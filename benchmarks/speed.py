@@ -173,6 +173,7 @@ def train_trl(cfg, handle, tokenizer, task, device: str, steps: int, batch_size:
         distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None,
         teacher_model_kind="base", teacher_prompt_template="{privileged_context}{prompt}",
         max_completion_length=1, num_generations=1, temperature=1.0,
+        gradient_checkpointing=False,  # TRL's default is on; the suite does not recompute activations
         report_to="none", logging_steps=10 ** 6, save_strategy="no", use_cpu=device == "cpu",
         dataloader_num_workers=0, seed=cfg.seed, bf16=False, fp16=False)
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
