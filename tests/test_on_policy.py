@@ -146,3 +146,19 @@ def test_distillation_into_a_trainable_context_saves_it(make_cfg, tmp_path):
     result = run(make_cfg(*TINY, "method=cd", "model.adapter=prefix", "model.prefix_tokens=8", "trainer.max_steps=2"))
     assert result["train"]["steps"] == 2
     assert (tmp_path / "adapter" / "trainable_context.pt").is_file()
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
+def test_with_an_empty_context_the_teacher_is_the_student_and_every_divergence_is_zero(tiny, divergence):
+    cfg, tokenizer = tiny
+    spec = cfg.dataset.copy()
+    spec.context.instruction, spec.context.num_demos = "", 0
+    task = build_task(spec, cfg.seed)
+    assert task.teacher_prompt(task.train_queries[0]) == task.student_prompt(task.train_queries[0])
+    method = instantiate({**cfg.method, "divergence": divergence}, _convert_="all")
+    model = add_lora(load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0), cfg.model)  # LoRA starts as identity
+    handle = ModelHandle(student=model, base=model)
+    method.prepare(handle, tokenizer, task, task.train_queries, 8)
+    with torch.no_grad():
+        loss, _ = method.loss(handle, method.collate(tokenizer, task, task.train_queries[:4]))
+    assert loss.item() == pytest.approx(0.0, abs=1e-5)

@@ -33,7 +33,7 @@ from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.evaluation import generation_metrics
 from ctxdistill.generation import generate, strip_stop
-from ctxdistill.losses import answer_cross_entropy, distillation_loss
+from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
 from ctxdistill.stage_cache import RowStore, digest
 
@@ -248,7 +248,8 @@ class GenPI(Method):
         if self.kl_weight > 0:
             with handle.teacher() as teacher:
                 teacher_logits = answer_logits(teacher, batch["teacher_sft"])
-            kl = distillation_loss(sft_logits, teacher_logits, batch["sft"]["answer_mask"].to(sft_logits.device))
+            kl = distillation_loss(sft_logits, teacher_distribution(teacher_logits)[0],
+                                   batch["sft"]["answer_mask"].to(sft_logits.device))
             loss = loss + self.kl_weight * kl
             parts["loss_kl"] = kl.item()
         return loss, parts

@@ -21,7 +21,7 @@ import torch
 
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.generation import generate
-from ctxdistill.losses import distillation_loss, sampled_reverse_kl
+from ctxdistill.losses import distillation_loss, sampled_reverse_kl, teacher_distribution
 from ctxdistill.methods.base import Method
 
 
@@ -73,5 +73,6 @@ class OnPolicyDistillation(Method):
         if self.divergence == "sampled_reverse_kl":
             loss = sampled_reverse_kl(student, teacher_logits, student_batch["answer_ids"].to(student.device), mask)
         else:
-            loss = distillation_loss(student, teacher_logits, mask, self.divergence, self.beta)
+            loss = distillation_loss(student, teacher_distribution(teacher_logits)[0], mask, self.divergence,
+                                     self.beta)
         return loss, {"on_policy": float(on_policy), "sample_tokens": sum(map(len, samples)) / len(samples)}
