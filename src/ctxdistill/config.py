@@ -117,6 +117,20 @@ class ScratchpadConfig(MethodConfig):
 
 
 @dataclass
+class ICLDistillConfig(MethodConfig):
+    """In-context learning distillation (Huang et al. 2022); the loss is written out in
+    ctxdistill.methods.icl_distill. A weight of 0 switches its term off; ICT is the hard ICL term alone."""
+    _target_: str = "ctxdistill.methods.icl_distill.ICLDistillation"
+    icl_hard_weight: float = 0.5  # cross-entropy of the gold answer after the k demonstrations
+    icl_soft_weight: float = 0.5  # T^2 * KL(teacher || student) at the answer position
+    lm_hard_weight: float = 0.0  # cross-entropy of the demonstration tokens (language modelling)
+    lm_soft_weight: float = 0.0  # T^2 * KL(teacher || student) at every demonstration token
+    temperature: float = 1.0
+    top_k: int = 64  # the teacher's targets are kept as its k most likely tokens plus one bucket for the rest
+    teacher: Optional[ModelConfig] = None  # the teacher's model config (a larger LM); null: no teacher (ICT)
+
+
+@dataclass
 class ContextualizationConfig(MethodConfig):
     """Stage 1 of Li et al. 2024: an instruction LM writes a paragraph per training triple."""
 
@@ -203,6 +217,9 @@ class ModelConfig:
     # initialised from the first prefix_tokens tokens of the teacher's context) | full (every weight).
     adapter: str = "lora"
     prefix_tokens: int = 32
+    # Keep every n-th transformer layer (0, n, 2n, ...): a smaller student made from the model, the
+    # DistilBERT initialisation (n=2 keeps half). 1 keeps them all.
+    layer_stride: int = 1
     lora: LoraSettings = field(default_factory=LoraSettings)
     tiny: TinyRandomSettings = field(default_factory=TinyRandomSettings)
 
@@ -317,6 +334,27 @@ class KGDatasetConfig:
     contexts_file: Optional[str] = None
 
 
+@dataclass
+class MixtureConfig:
+    """A task mixture for in-context tuning (Huang et al. 2022): several classification datasets,
+    each contributing a few-shot pool of labelled examples, from which every prompt draws its own
+    k demonstrations."""
+
+    name: str = MISSING
+    # multitask: train on a few examples of each task, evaluate on held-out queries of the same tasks.
+    # meta: train on train_tasks, evaluate on eval_tasks, which training never sees.
+    paradigm: str = "multitask"
+    train_tasks: dict[str, DatasetConfig] = field(default_factory=dict)
+    eval_tasks: dict[str, DatasetConfig] = field(default_factory=dict)  # meta only
+    weights: dict[str, float] = field(default_factory=dict)  # sampling weight per training task (default 1)
+    num_demos: int = 4  # k demonstrations in every prompt (training and evaluation)
+    pool_size: int = 32  # n labelled examples per task: the training queries and every demonstration
+    num_train_instances: int = 256  # (query, k demonstrations) training prompts, spread over tasks by weight
+    num_votes: int = 1  # m: each held-out query is answered m times with fresh demonstrations, majority wins
+    num_eval: int = 64  # held-out queries per evaluated task
+    data_seed: Optional[int] = None  # draws the pools, demonstrations and queries; null: the run's seed
+
+
 # ---------------------------------------------------------------- trainer / logger
 @dataclass
 class DistributedConfig:
@@ -381,10 +419,10 @@ class Config:
 SCHEMAS = {
     "method": {"base_prompting": PromptingConfig, "base_finetune": FinetuneConfig, "base_distill": DistillConfig,
                "base_genpi": GenPIConfig, "base_on_policy": OnPolicyConfig,
-               "base_scratchpad": ScratchpadConfig, "base_contextualization": ContextualizationConfig,
+               "base_scratchpad": ScratchpadConfig, "base_icl_distill": ICLDistillConfig, "base_contextualization": ContextualizationConfig,
                "base_kgbert": KGBertConfig, "base_kgs2s": KGS2SConfig},
     "model": {"base_model": ModelConfig},
-    "dataset": {"base_dataset": DatasetConfig, "base_kg_dataset": KGDatasetConfig},
+    "dataset": {"base_dataset": DatasetConfig, "base_kg_dataset": KGDatasetConfig, "base_mixture": MixtureConfig},
     "trainer": {"base_trainer": TrainerConfig},
     "logger": {"base_logger": LoggerConfig},
 }
@@ -405,6 +443,78 @@ class ConfigError(ValueError):
 def _require(ok: bool, key: str, problem: str, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {problem}. {fix}")
+
+
+def _validate_classification(d: DictConfig, key: str) -> None:
+    """Checks of a classification dataset config found at ``key`` (``dataset``, or a mixture's task)."""
+    _require(d.source.kind in ("synthetic", "hub", "files"), f"{key}.source.kind",
+             f"unknown value {d.source.kind!r}", "Use one of: synthetic, hub, files")
+    _require(d.context.num_demos >= 0, f"{key}.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
+    _require(d.context.num_contexts >= 1, f"{key}.context.num_contexts", f"must be >= 1, got {d.context.num_contexts}",
+             "")
+    _require(d.num_train_queries >= 1, f"{key}.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
+    _require(d.pattern is None or d.pattern in d.patterns, f"{key}.pattern", f"unknown pattern {d.pattern!r}",
+             f"Use one of: {', '.join(d.patterns)}")
+    _require(d.generation is not None or len(d.verbalizers) >= 2, f"{key}.verbalizers",
+             "needs one answer word per class (at least two)", "Or give free-text answers a dataset.generation")
+    if d.generation is not None:
+        import re
+
+        try:
+            groups = re.compile(d.generation.answer_regex).groups
+        except re.error as e:
+            groups = f"invalid ({e})"
+        _require(groups == 1, f"{key}.generation.answer_regex", f"needs exactly one group, got {groups}",
+                 "Mark the answer with one (...) group, e.g. '</scratch>\\s*(.+)'")
+        _require(d.generation.max_new_tokens >= 1 and d.generation.max_answer_tokens >= 1, f"{key}.generation",
+                 "max_new_tokens and max_answer_tokens must be >= 1", "")
+
+
+def _validate_model(spec: DictConfig, key: str) -> None:
+    """Checks of a model config found at ``key`` (``model``, or a method's separate teacher)."""
+    _require(spec.source in ("hub", "gguf", "random", "package"), f"{key}.source",
+             f"unknown value {spec.source!r}", "Use one of: hub, gguf, random, package")
+    _require(spec.architecture in ("causal_lm", "masked_lm", "seq2seq_lm"), f"{key}.architecture",
+             f"unknown value {spec.architecture!r}", "Use one of: causal_lm, masked_lm, seq2seq_lm")
+    _require(spec.adapter in ("lora", "prefix", "full"), f"{key}.adapter", f"unknown value {spec.adapter!r}",
+             "Use one of: lora, prefix, full")
+    _require(spec.prefix_tokens >= 1, f"{key}.prefix_tokens", f"must be >= 1, got {spec.prefix_tokens}", "")
+    _require(spec.dtype in ("float32", "bfloat16", "float16"), f"{key}.dtype",
+             f"unknown value {spec.dtype!r}", "Use one of: float32, bfloat16, float16")
+    _require(spec.layer_stride >= 1, f"{key}.layer_stride", f"must be >= 1, got {spec.layer_stride}",
+             "1 keeps every layer, 2 every other one")
+
+
+def _validate_mixture(d: DictConfig) -> None:
+    _require(d.paradigm in ("multitask", "meta"), "dataset.paradigm", f"unknown value {d.paradigm!r}",
+             "Use multitask or meta")
+    _require(len(d.train_tasks) > 0, "dataset.train_tasks", "is empty", "Add tasks, e.g. - /dataset@train_tasks.NAME: synthetic")
+    for group in ("train_tasks", "eval_tasks"):
+        for name, task in d[group].items():
+            _validate_classification(task, f"dataset.{group}.{name}")
+            _require(task.generation is None, f"dataset.{group}.{name}", "has free-text answers; a task mixture "
+                     "is scored by answer words (verbalizers) and majority vote", "Use classification datasets")
+    unknown = sorted(set(d.weights) - set(d.train_tasks))
+    _require(not unknown, "dataset.weights", f"names tasks that are not training tasks: {unknown}",
+             f"Use names from dataset.train_tasks: {sorted(d.train_tasks)}")
+    _require(all(w > 0 for w in d.weights.values()), "dataset.weights", "must be positive",
+             "Leave a task out of dataset.train_tasks instead of giving it weight 0")
+    if d.paradigm == "multitask":
+        _require(len(d.eval_tasks) == 0, "dataset.eval_tasks", "multitask in-context tuning evaluates on its "
+                 "training tasks", "Set dataset.paradigm=meta to evaluate on other tasks")
+    else:
+        _require(len(d.eval_tasks) > 0, "dataset.eval_tasks", "meta in-context tuning needs target tasks",
+                 "Add tasks, e.g. - /dataset@eval_tasks.NAME: synthetic_temperature")
+        for name, task in d.eval_tasks.items():
+            same = [train_name for train_name, train in d.train_tasks.items() if train_name == name or (
+                train.name == task.name and train.source == task.source)]
+            _require(not same, f"dataset.eval_tasks.{name}", f"is also a training task ({same}); Meta-ICT "
+                     "evaluates only on tasks absent from training", "Remove it from one of the two lists")
+    _require(d.num_demos >= 1, "dataset.num_demos", f"must be >= 1, got {d.num_demos}", "")
+    _require(d.pool_size > d.num_demos, "dataset.pool_size", f"must exceed dataset.num_demos ({d.num_demos}): a "
+             f"training query draws its demonstrations from the rest of its pool, got {d.pool_size}", "")
+    for key in ("num_train_instances", "num_votes", "num_eval"):
+        _require(d[key] >= 1, f"dataset.{key}", f"must be >= 1, got {d[key]}", "")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -439,37 +549,11 @@ def validate(cfg: DictConfig) -> None:
 
         _require(torch.cuda.is_available(), "trainer.mixed_precision", "fp16 needs a CUDA GPU and none is visible",
                  "Use trainer.mixed_precision=no (or bf16) on CPU")
-    _require(cfg.model.source in ("hub", "gguf", "random", "package"), "model.source",
-             f"unknown value {cfg.model.source!r}", "Use one of: hub, gguf, random, package")
-    _require(cfg.model.architecture in ("causal_lm", "masked_lm", "seq2seq_lm"), "model.architecture",
-             f"unknown value {cfg.model.architecture!r}", "Use one of: causal_lm, masked_lm, seq2seq_lm")
-    _require(cfg.model.adapter in ("lora", "prefix", "full"), "model.adapter", f"unknown value {cfg.model.adapter!r}",
-             "Use one of: lora, prefix, full")
-    _require(cfg.model.prefix_tokens >= 1, "model.prefix_tokens", f"must be >= 1, got {cfg.model.prefix_tokens}", "")
-    _require(cfg.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype",
-             f"unknown value {cfg.model.dtype!r}", "Use one of: float32, bfloat16, float16")
+    _validate_model(cfg.model, "model")
     if "verbalizers" in d:
-        _require(d.source.kind in ("synthetic", "hub", "files"), "dataset.source.kind",
-                 f"unknown value {d.source.kind!r}", "Use one of: synthetic, hub, files")
-        _require(d.context.num_demos >= 0, "dataset.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
-        _require(d.context.num_contexts >= 1, "dataset.context.num_contexts", f"must be >= 1, got {d.context.num_contexts}",
-                 "")
-        _require(d.num_train_queries >= 1, "dataset.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
-        _require(d.pattern is None or d.pattern in d.patterns, "dataset.pattern", f"unknown pattern {d.pattern!r}",
-                 f"Use one of: {', '.join(d.patterns)}")
-        _require(d.generation is not None or len(d.verbalizers) >= 2, "dataset.verbalizers",
-                 "needs one answer word per class (at least two)", "Or give free-text answers a dataset.generation")
-        if d.generation is not None:
-            import re
-
-            try:
-                groups = re.compile(d.generation.answer_regex).groups
-            except re.error as e:
-                groups = f"invalid ({e})"
-            _require(groups == 1, "dataset.generation.answer_regex", f"needs exactly one group, got {groups}",
-                     "Mark the answer with one (...) group, e.g. '</scratch>\\s*(.+)'")
-            _require(d.generation.max_new_tokens >= 1 and d.generation.max_answer_tokens >= 1, "dataset.generation",
-                     "max_new_tokens and max_answer_tokens must be >= 1", "")
+        _validate_classification(d, "dataset")
+    elif "train_tasks" in d:
+        _validate_mixture(d)
     else:  # a knowledge graph
         _require(d.source.layout in ("kgbert", "kgs2s", "plain", "synthetic"), "dataset.source.layout",
                  f"unknown value {d.source.layout!r}", "Use one of: kgbert, kgs2s, plain, synthetic")
@@ -542,6 +626,21 @@ def validate(cfg: DictConfig) -> None:
         _require(m.num_samples >= 1, "method.num_samples", f"must be >= 1, got {m.num_samples}", "")
         _require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "0 is greedy")
         _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+    if issubclass(OmegaConf.get_type(m), ICLDistillConfig):
+        weights = {k: m[k] for k in ("icl_hard_weight", "icl_soft_weight", "lm_hard_weight", "lm_soft_weight")}
+        _require(all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0, "method",
+                 f"the loss weights must be >= 0 and not all 0, got {weights}", "")
+        _require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
+        _require(m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        _require(m.teacher is not None or (m.icl_soft_weight == 0 and m.lm_soft_weight == 0), "method.teacher",
+                 "the soft (distillation) terms need a teacher model", "Use method=ict, or give method.teacher "
+                 "(e.g. model@method.teacher=smollm2-135m)")
+        if m.teacher is not None:
+            _validate_model(m.teacher, "method.teacher")
+        _require("train_tasks" in d, "dataset", f"method={m.name} trains on a task mixture and dataset={d.name} is a "
+                 "single dataset", "Use experiment=huang2022/multitask_ict or huang2022/meta_ict")
+        _require(cfg.model.adapter != "prefix", "model.adapter", "a trainable prefix stands for one fixed context, "
+                 "and in-context tuning draws new demonstrations for every prompt", "Use model.adapter=lora or full")
     if issubclass(OmegaConf.get_type(m), ContextualizationConfig):
         _require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
         _require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "")

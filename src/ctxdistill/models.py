@@ -175,23 +175,72 @@ def load_model(spec: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerB
     auto_class = AUTO_CLASSES[spec.architecture]
     if spec.source == "random":
         torch.manual_seed(seed)
-        return auto_class.from_config(_random_config(spec, tokenizer), dtype=dtype)
-    try:
-        return auto_class.from_pretrained(weights_location(spec, cache_dir), dtype=dtype,
-                                          attn_implementation=spec.attn_implementation)
-    except OSError as e:
-        raise _hub_error(spec, e) from e
+        model = auto_class.from_config(_random_config(spec, tokenizer), dtype=dtype)
+    else:
+        try:
+            model = auto_class.from_pretrained(weights_location(spec, cache_dir), dtype=dtype,
+                                               attn_implementation=spec.attn_implementation)
+        except OSError as e:
+            raise _hub_error(spec, e) from e
+    return keep_every_nth_layer(model, spec.layer_stride) if spec.layer_stride > 1 else model
+
+
+# Where decoder families keep their stack of transformer layers.
+_LAYER_STACKS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
+
+
+def keep_every_nth_layer(model, stride: int):
+    """Drop all but layers 0, stride, 2*stride, ... (a smaller student made from a model, as DistilBERT was).
+
+    The kept layers are renumbered, so key/value caches index them correctly."""
+    for path in _LAYER_STACKS:
+        owner, _, attribute = path.rpartition(".")
+        parent = model.get_submodule(owner) if owner else model
+        if isinstance(getattr(parent, attribute, None), torch.nn.ModuleList):
+            break
+    else:
+        raise ModelLoadError(f"model.layer_stride={stride}: cannot find the transformer layers of "
+                             f"{type(model).__name__} (looked for {', '.join(_LAYER_STACKS)}); use model.layer_stride=1")
+    kept = getattr(parent, attribute)[::stride]
+    setattr(parent, attribute, torch.nn.ModuleList(kept))
+    for index, layer in enumerate(kept):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[::stride]
+    model.config.num_hidden_layers = len(kept)
+    return model
 
 
 def model_identity(spec: DictConfig, seed: int) -> str:
     """What determines the base model's outputs, so that cached teacher outputs are never stale."""
-    fields = {key: spec[key] for key in ("source", "name_or_path", "gguf_file", "dtype", "attn_implementation")}
+    fields = {key: spec[key] for key in ("source", "name_or_path", "gguf_file", "dtype", "attn_implementation",
+                                         "architecture", "layer_stride")}
     if spec.source == "random":
         fields.update(tiny=OmegaConf.to_container(spec.tiny), seed=seed)
     local = Path(spec.name_or_path).expanduser()
     if spec.source == "hub" and local.is_dir():  # a local checkpoint may be rewritten in place
         fields["modified"] = max((f.stat().st_mtime for f in local.iterdir()), default=0)
     return json.dumps(fields, sort_keys=True)
+
+
+def check_shared_vocabulary(student: DictConfig, teacher: DictConfig, cache_dir: str) -> None:
+    """Distillation over logits compares the two models token by token: refuse a teacher whose
+    tokenizer or output layer differs from the student's, before either model loads."""
+    vocabularies = [load_tokenizer(spec, cache_dir).get_vocab() for spec in (student, teacher)]
+    if vocabularies[0] != vocabularies[1]:
+        differing = len(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))
+        raise ModelLoadError(f"method.teacher={teacher.name} and model={student.name} have different vocabularies "
+                             f"({len(vocabularies[1])} vs {len(vocabularies[0])} tokens, {differing} entries differ); "
+                             "distillation over logits needs a shared vocabulary. Use a teacher from the student's "
+                             "model family (e.g. OPT-1.3b for OPT-125m).")
+    sizes = [len(vocabularies[0]) if spec.source == "random" else
+             AutoConfig.from_pretrained(weights_location(spec, cache_dir)).vocab_size for spec in (student, teacher)]
+    if sizes[0] != sizes[1]:
+        raise ModelLoadError(f"method.teacher={teacher.name} scores {sizes[1]} output tokens and model={student.name} "
+                             f"{sizes[0]} (their embedding matrices are padded differently); distillation over logits "
+                             "needs equal output sizes. Use a teacher with the student's output size.")
 
 
 def add_lora(model, spec: DictConfig):
@@ -283,15 +332,22 @@ class ModelHandle:
 
     ``student`` is what the trainer optimises (possibly wrapped by accelerate);
     ``teacher()`` yields the same weights with the adapter disabled, in eval mode,
-    so self-distillation needs a single copy of the base model.
+    so self-distillation needs a single copy of the base model, or the separate
+    teacher when there is one.
     """
 
     student: torch.nn.Module
     base: torch.nn.Module  # the unwrapped model (a PeftModel when LoRA is used)
     identity: str = ""  # what determines the base weights (see model_identity): the teacher cache's key
+    # A separate frozen teacher (a larger model, in ICL distillation); None: the base weights are the teacher.
+    separate_teacher: Optional[torch.nn.Module] = None
 
     @contextlib.contextmanager
     def teacher(self) -> Iterator[torch.nn.Module]:
+        if self.separate_teacher is not None:
+            with torch.no_grad():
+                yield self.separate_teacher.eval()
+            return
         was_training = self.base.training
         self.base.eval()
         disable = self.base.disable_adapter() if hasattr(self.base, "disable_adapter") else contextlib.nullcontext()

@@ -70,3 +70,48 @@ def generate_examples(num_examples: int, seed: int, split: str = "train") -> lis
             seen.add(review)
             examples.append({"review": review, "label": label})
     raise ValueError(f"cannot generate {num_examples} distinct {split} examples")
+
+
+# More binary tasks for task mixtures (in-context tuning over several tasks): the class of an
+# everyday thing. Like the reviews, they are answered with arbitrary label words (see
+# conf/dataset/synthetic_*.yaml), so only the demonstrations say which word means which class.
+_CATEGORIES = {
+    "size": (  # 0 = big, 1 = small
+        ["elephant", "mountain", "whale", "bus", "airplane", "skyscraper", "ship", "giraffe", "truck", "castle",
+         "stadium", "cathedral", "dinosaur", "bridge", "tractor", "volcano", "train", "rhinoceros", "barn", "ocean"],
+        ["ant", "coin", "button", "pea", "needle", "bead", "grain of rice", "ladybug", "paperclip", "thimble",
+         "seed", "marble", "earring", "flea", "pebble", "raisin", "stamp", "crumb", "tack", "mosquito"]),
+    "temperature": (  # 0 = hot, 1 = cold
+        ["fire", "oven", "lava", "sun", "stove", "bonfire", "desert", "furnace", "kettle", "sauna",
+         "toaster", "volcano", "boiling water", "radiator", "grill", "candle flame", "hot soup", "heater",
+         "steam", "campfire"],
+        ["ice", "snow", "glacier", "freezer", "icicle", "frost", "iceberg", "blizzard", "fridge", "snowman",
+         "ice cream", "winter wind", "hailstone", "polar sea", "ice cube", "sleet", "igloo", "frozen lake",
+         "snowflake", "tundra"]),
+    "living": (  # 0 = animal, 1 = object
+        ["dog", "cat", "horse", "rabbit", "lion", "sparrow", "cow", "tiger", "goat", "parrot",
+         "wolf", "sheep", "fox", "monkey", "duck", "bear", "mouse", "deer", "eagle", "frog"],
+        ["hammer", "chair", "spoon", "lamp", "table", "bottle", "pencil", "shoe", "clock", "window",
+         "bucket", "ladder", "cup", "blanket", "key", "mirror", "brush", "plate", "wallet", "umbrella"]),
+}
+_ITEM_FORMS = ["{x}", "the {x}", "this {x}", "that {x}", "my {x}", "your {x}", "our {x}", "their {x}"]
+
+
+def generate_category_examples(num_examples: int, seed: int, split: str = "train", task: str = "size") -> list[dict]:
+    """Deterministic examples {"item": str, "label": int} of one category task (``task``: size,
+    temperature or living); balanced, distinct, and built from disjoint halves of the word lists
+    for "train" and "eval"."""
+    if task not in _CATEGORIES:
+        raise ValueError(f"unknown category task {task!r}; use one of {sorted(_CATEGORIES)}")
+    if split not in _SPLITS:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = random.Random(f"{task}:{seed}")
+    words = [_part(list(class_words), split) for class_words in _CATEGORIES[task]]
+    distinct = 2 * min(len(w) for w in words) * len(_ITEM_FORMS)  # balanced: the smaller class bounds it
+    if num_examples > distinct:
+        raise ValueError(f"the {task} task has {distinct} distinct {split} examples, asked for {num_examples}")
+    pools = [[form.format(x=w) for w in class_words for form in _ITEM_FORMS]
+             for class_words in words]
+    for pool in pools:
+        rng.shuffle(pool)
+    return [{"item": pools[i % 2][i // 2], "label": i % 2} for i in range(num_examples)]
