@@ -124,6 +124,22 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return out.logits.float()
 
 
+def answer_and_column_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                             columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the answer positions [B, P, V] and at the given row positions ``columns`` [B, M] -> [B, M, V].
+
+    The LM head runs from the earliest requested column to the end of the rows, not over the padding
+    and tokens before it."""
+    device = next(model.parameters()).device
+    width, span = batch["input_ids"].shape[1], batch["answer_ids"].shape[1]
+    keep = width - min(int(columns.min()), width - span)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                position_ids=batch["position_ids"].to(device), logits_to_keep=keep)
+    logits = out.logits.float()  # [B, keep, V], row positions width-keep .. width-1
+    index = (columns.to(device) - (width - keep)).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
+    return logits[:, -span:], logits.gather(1, index)
+
+
 def answer_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log-probability [B] of each row's answer tokens."""
     logprobs = logits.log_softmax(-1)

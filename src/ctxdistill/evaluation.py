@@ -26,15 +26,18 @@ from tqdm.auto import tqdm
 
 from ctxdistill.config import ConfigError
 from ctxdistill.data import Example, Task
+from ctxdistill.data.mixture import TaskMixture
 from ctxdistill.encoding import SharedPrefix, answer_logits, answer_token_logprobs, encode
 from ctxdistill.generation import generate
 from ctxdistill.losses import forward_kl
 from ctxdistill.models import ModelHandle
 
 
-def check_prompt_lengths(task: Task, tokenizer, window: int, answer_tokens: int) -> None:
-    examples = [*task.train_queries, *(e for s in task.eval_sets.values() for e in s)]
-    longest = max(len(ids) for ids in tokenizer([task.teacher_prompt(e) for e in examples]).input_ids)
+def check_prompt_lengths(task: Task | TaskMixture, tokenizer, window: int, answer_tokens: int) -> None:
+    parts = task.parts if isinstance(task, TaskMixture) else [task]
+    prompts = [part.teacher_prompt(e) for part in parts
+               for e in [*part.train_queries, *(e for s in part.eval_sets.values() for e in s)]]
+    longest = max(len(ids) for ids in tokenizer(prompts).input_ids)
     if longest + answer_tokens > window:
         raise ConfigError(f"dataset.context: the teacher prompt takes up to {longest} tokens (+{answer_tokens} for "
                           f"the answer), more than the model's window of {window}. Lower "
@@ -47,10 +50,25 @@ class Scores:
     next_token_logprobs: Optional[torch.Tensor]  # [N, V] at the answer position, kept for the teacher only
     kl_to_teacher: Optional[torch.Tensor]  # [N]
     top_token: torch.Tensor  # [N] the most likely next token over the whole vocabulary (greedy decoding)
+    voted: Optional[torch.Tensor] = None  # [N] majority answers, when each row stands for several draws
 
     @property
     def predictions(self) -> torch.Tensor:
-        return self.label_logprobs.argmax(-1)
+        return self.voted if self.voted is not None else self.label_logprobs.argmax(-1)
+
+
+def majority_vote(scores: Scores, votes: int) -> Scores:
+    """One row per query from its ``votes`` consecutive draws: the answer most draws give (a tie goes to
+    the class with the higher mean probability); log-probabilities and KL are averaged, the top token is
+    the first draw's."""
+    n, classes = scores.label_logprobs.shape[0] // votes, scores.label_logprobs.shape[1]
+    counts = torch.nn.functional.one_hot(scores.predictions, classes).view(n, votes, classes).sum(1)
+    probabilities = scores.label_logprobs.view(n, votes, classes).softmax(-1).mean(1)
+    # Counts differ by whole numbers; half a probability can only break a tie.
+    voted = (counts + 0.5 * probabilities).argmax(-1)
+    return Scores(scores.label_logprobs.view(n, votes, classes).mean(1), None,
+                  None if scores.kl_to_teacher is None else scores.kl_to_teacher.view(n, votes).mean(1),
+                  scores.top_token.view(n, votes)[:, 0], voted)
 
 
 @torch.no_grad()
@@ -230,7 +248,14 @@ class Evaluator:
             model = score_shared(self.handle.base, self.tokenizer, self.task, examples, self.with_context,
                                  self.batch_size, self.ranks, teacher=teacher_share, desc=f"model {name}")[1]
         labels = torch.tensor([e.label for e in examples])
+        votes = self.task.votes
+        if votes > 1:  # every query was answered `votes` times, with other demonstrations each time
+            single_draw_accuracy = (model.predictions == labels).float().mean().item()
+            model, teacher = majority_vote(model, votes), majority_vote(teacher, votes)
+            examples, labels = examples[::votes], labels[::votes]
         result = classification_metrics(model.predictions, labels, self.task.num_classes)
+        if votes > 1:
+            result["single_draw_accuracy"] = single_draw_accuracy
         # llmft's `accuracy` / Upadhayaya's greedy one-token answer: the argmax over the whole
         # vocabulary must be the gold answer word's (first) token.
         answer_token = torch.tensor(self.answer_tokens)[labels]
@@ -314,8 +339,43 @@ class GenerationEvaluator(Evaluator):
         return exact_match_rate(self.answers(self.handle.base, examples, True, "with context").answers, targets)
 
 
-def make_evaluator(handle: ModelHandle, tokenizer, task: Task, with_context: bool, batch_size: int,
+class MixtureEvaluator:
+    """Few-shot evaluation of every evaluated task of a mixture, one :class:`Evaluator` each.
+
+    Metrics ``{task}/...`` per task and their means over tasks as ``eval/...`` (``eval/accuracy`` is
+    the run's objective); prediction rows per task. A periodic evaluation evaluates every task too.
+    """
+
+    MEANS = ("accuracy", "teacher_accuracy", "single_draw_accuracy", "teacher_agreement", "kl_to_teacher", "f1",
+             "majority_rate")
+
+    def __init__(self, handle: ModelHandle, tokenizer, mixture: TaskMixture, with_context: bool, batch_size: int,
+                 model_is_teacher: bool = False):
+        self.evaluators = {name: Evaluator(handle, tokenizer, task, with_context, batch_size, model_is_teacher)
+                           for name, task in mixture.eval_tasks.items()}
+
+    def prepare(self) -> None:
+        for evaluator in self.evaluators.values():
+            evaluator.prepare()
+
+    def evaluate(self, names: Optional[list[str]] = None) -> tuple[dict[str, float], dict[str, list[dict]]]:
+        metrics, rows = {}, {}
+        for task, evaluator in self.evaluators.items():
+            task_metrics, task_rows = evaluator.evaluate()
+            metrics.update({f"{task}/{key.split('/', 1)[1]}": value for key, value in task_metrics.items()})
+            rows[task] = task_rows["eval"]
+        for key in self.MEANS:
+            values = [metrics[f"{task}/{key}"] for task in self.evaluators if f"{task}/{key}" in metrics]
+            if values:
+                metrics[f"eval/{key}"] = sum(values) / len(values)
+        return metrics, rows
+
+
+def make_evaluator(handle: ModelHandle, tokenizer, task: Task | TaskMixture, with_context: bool, batch_size: int,
                    model_is_teacher: bool = False):
-    """Exact match of generated answers for free-text tasks, verbalizer scoring otherwise."""
+    """One evaluator per task of a mixture; exact match of generated answers for free-text tasks,
+    verbalizer scoring otherwise."""
+    if isinstance(task, TaskMixture):
+        return MixtureEvaluator(handle, tokenizer, task, with_context, batch_size, model_is_teacher)
     kind = GenerationEvaluator if task.generation else Evaluator
     return kind(handle, tokenizer, task, with_context, batch_size, model_is_teacher)

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from ctxdistill.checkpoint import remove_checkpoints
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
-from ctxdistill.models import ModelHandle, add_adapter, load_model, load_tokenizer, model_identity
+from ctxdistill.models import (ModelHandle, add_adapter, check_shared_vocabulary, load_model, load_tokenizer,
+                               model_identity)
 from ctxdistill.sweeps import group_name
 from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
@@ -108,6 +109,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"method={method.name} trains on the {task.name} demonstrations or queries, and "
                           f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0.")
     method.check_inputs(task, tokenizer, cfg)
+    teacher_spec = method.teacher_model  # a separate (larger) teacher, or None: the base weights teach
+    if teacher_spec is not None:
+        check_shared_vocabulary(cfg.model, teacher_spec, cfg.cache_dir)
 
     accelerator = make_accelerator(cfg.trainer)
     # Under several processes every rank trains and evaluates its share; rank 0 alone writes and logs.
@@ -133,7 +137,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                  cfg.model.name, accelerator.device, accelerator.num_processes, cfg.model.dtype,
                  cfg.trainer.mixed_precision,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))
-        handle = ModelHandle(student=model, base=model, identity=model_identity(cfg.model, cfg.seed))
+        teacher = None
+        if teacher_spec is not None:
+            teacher = load_model(teacher_spec, cfg.cache_dir, tokenizer, cfg.seed).requires_grad_(False).eval()
+            teacher.to(accelerator.device)
+            log.info("teacher %s: %d parameters, frozen", teacher_spec.name, sum(p.numel() for p in teacher.parameters()))
+        handle = ModelHandle(student=model, base=model, separate_teacher=teacher,
+                             identity=model_identity(teacher_spec or cfg.model, cfg.seed))
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
         evaluator.prepare()
 

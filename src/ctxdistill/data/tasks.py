@@ -16,7 +16,7 @@ import re
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 from hydra.utils import get_method
@@ -54,6 +54,25 @@ class AnswerGeneration:
 
 
 @dataclass
+class DemoSampler:
+    """In-context tuning's prompts: every example gets its own k demonstrations, drawn from a pool
+    with a seed and the example's id, so a prompt is the same in every epoch and every run. The
+    example itself (its id up to ``#``, which marks repeated draws) is never among them."""
+    pool: list[Example]
+    num_demos: int
+    balanced: bool
+    seed: int
+    render: Callable[[list[Example]], str]  # demonstrations -> context text
+    instruction_chars: int = 0  # the context's leading instruction and its separator, before the demonstrations
+
+    def context(self, example: Example, num_classes: int) -> str:
+        own = example.uid.split("#", 1)[0]
+        rng = random.Random(f"{self.seed}:{example.uid}")
+        others = [d for d in self.pool if d.uid != own]
+        return self.render(select_demos(others, self.num_demos, self.balanced, num_classes, rng))
+
+
+@dataclass
 class Task:
     name: str
     template: str
@@ -69,6 +88,10 @@ class Task:
     generation: Optional[AnswerGeneration] = None  # set for free-text answers (exact-match evaluation)
     # Every context when there are several (dataset.context.num_contexts); ``context`` is the first.
     contexts: list[str] = field(default_factory=list)
+    demo_sampler: Optional[DemoSampler] = None  # set: each example draws its own demonstrations instead
+    # Consecutive eval examples that are draws of one query (each with other demonstrations); the
+    # evaluation takes their majority answer.
+    votes: int = 1
 
     @property
     def num_classes(self) -> int:
@@ -88,7 +111,10 @@ class Task:
 
     def context_of(self, example: Example) -> str:
         """The example's context: with several (Snell et al.'s simultaneous distillation, eq. 2), the one a
-        hash of its id picks, so each context teaches its own share of the queries and is evaluated on its share."""
+        hash of its id picks, so each context teaches its own share of the queries and is evaluated on its share.
+        With a demonstration sampler (in-context tuning), demonstrations drawn for this example."""
+        if self.demo_sampler is not None:
+            return self.demo_sampler.context(example, self.num_classes)
         if len(self.contexts) > 1:
             return self.contexts[zlib.crc32(example.uid.encode()) % len(self.contexts)]
         return self.context

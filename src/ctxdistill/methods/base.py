@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from ctxdistill.config import ConfigError
 from ctxdistill.data import Example, Task, build_task
+from ctxdistill.data.mixture import TaskMixture, build_mixture
 from ctxdistill.evaluation import check_prompt_lengths, make_evaluator
 from ctxdistill.models import ModelHandle, context_window
 
@@ -24,6 +25,10 @@ class Method:
     objective: str = "eval/accuracy"
     #: tokens after the prompt that must fit the model's window.
     answer_tokens: int = 1
+    #: whether the method runs on a task mixture (dataset.train_tasks) as well as on a single dataset.
+    reads_mixtures: bool = False
+    #: a separate frozen teacher's model config (a larger model); None: the base weights are the teacher.
+    teacher_model: Optional[DictConfig] = None
 
     def __init__(self, name: str):
         self.name = name
@@ -32,8 +37,14 @@ class Method:
     def trains(self) -> bool:
         return self.adapter is not None
 
-    def build_task(self, dataset, seed: int) -> Task:
-        """The inputs the run trains and evaluates on: by default the dataset config's classification task."""
+    def build_task(self, dataset, seed: int) -> Task | TaskMixture:
+        """The inputs the run trains and evaluates on: by default the dataset config's classification task,
+        or a task mixture for methods that read one."""
+        if "train_tasks" in dataset:
+            if not self.reads_mixtures:
+                raise ConfigError(f"method={self.name} does not run on a task mixture (dataset={dataset.name}). "
+                                  "Use method=icl_distill, icl_d, ict, icl or zero_shot, or a single dataset.")
+            return build_mixture(dataset, seed)
         if "verbalizers" not in dataset:
             raise ConfigError(f"method={self.name} classifies, and dataset={dataset.name} is not a classification "
                               f"dataset (a knowledge graph?). Use dataset=synthetic, mnli, qqp or rte.")
@@ -52,7 +63,8 @@ class Method:
 
     def check_inputs(self, task: Task, tokenizer, cfg: DictConfig) -> None:
         """Cheap checks before the model loads: by default, every teacher prompt fits the model's window."""
-        answer_tokens = max(self.answer_tokens, task.generation.max_new_tokens if task.generation else 1)
+        generation = getattr(task, "generation", None)  # a mixture's tasks classify
+        answer_tokens = max(self.answer_tokens, generation.max_new_tokens if generation else 1)
         check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
 
     def wrap_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:

@@ -1,0 +1,191 @@
+"""icl_distill, icl_d, ict: in-context learning distillation (Huang et al. 2022).
+
+A larger frozen teacher (``method.teacher``) and a smaller student read the same prompt: an
+instance of a task mixture, k demonstrations of one task followed by a query of that task
+(in-context tuning's format). The student is trained (LoRA or, with ``model.adapter=full``,
+every weight) to minimise, per batch,
+
+    L = w_ih * L_ICL_hard + w_is * T^2 * L_ICL_soft + w_lh * L_LM_hard + w_ls * T^2 * L_LM_soft
+
+- L_ICL_hard: cross-entropy of the gold answer word after the prompt (mean over its tokens);
+- L_ICL_soft: KL(p_T^T || p_S^T) at the same positions, the teacher's and student's next-token
+  distributions at temperature T (Hinton's soft labels; T^2 keeps the gradient scale of T=1);
+- L_LM_hard: cross-entropy of every demonstration token given the tokens before it (the
+  demonstrations' text with their answer words; not the task instruction, not the query),
+  mean over those tokens in the batch;
+- L_LM_soft: the KL of L_ICL_soft at each of those positions.
+
+The w are ``method.icl_hard_weight``, ``icl_soft_weight``, ``lm_hard_weight`` and
+``lm_soft_weight``: 0.5 each for ICL-D(LM) (``method=icl_distill``), the LM pair 0 for ICL-D
+(``method=icl_d``), and w_ih = 1 alone, with no teacher, for ICT (``method=ict``).
+
+The teacher's targets are its top-k tokens (``method.top_k``) plus one bucket for the rest of its
+mass, which the student's distribution is lumped into as well; at each answer and demonstration
+position of every training instance they are computed once, before the first step (every
+instance keeps its demonstrations across epochs), so training runs no teacher forward pass.
+
+Where the paper is ambiguous: the exact formula, the weights and T are not given in the material
+available here (the abstract and secondary summaries: the student learns from soft and hard
+labels under both objectives). The equal weights, T = 1, the T^2 factor and the KL direction are
+this suite's choices; each is one override.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from ctxdistill.data import Example
+from ctxdistill.data.mixture import TaskMixture
+from ctxdistill.encoding import answer_and_column_logits, answer_logits, encode
+from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
+from ctxdistill.methods.base import Method
+
+TERMS = ("icl_hard", "icl_soft", "lm_hard", "lm_soft")
+
+
+def icl_distillation_loss(answer: torch.Tensor, demonstrations: Optional[torch.Tensor], batch: dict[str, Any],
+                          weights: dict[str, float], temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted loss and each term's value (see the module docstring).
+
+    ``answer`` [B, P, V] and ``demonstrations`` [B, M, V] are the student's logits at the answer and
+    demonstration positions; ``batch`` holds the gold tokens and masks (answer_ids/answer_mask,
+    lm_ids/lm_mask) and the teacher's top-k targets (teacher_answer_*, teacher_lm_*)."""
+    device = answer.device
+    terms: dict[str, torch.Tensor] = {}
+
+    def soft(student: torch.Tensor, kind: str, mask: torch.Tensor) -> torch.Tensor:
+        return temperature ** 2 * distillation_loss(
+            student, batch[f"teacher_{kind}_logprobs"].to(device), mask, "forward_kl", temperature=temperature,
+            teacher_indices=batch[f"teacher_{kind}_indices"].to(device), top_k_rest="bucket")
+
+    answer_mask = batch["answer_mask"].to(device)
+    if weights["icl_hard"]:
+        terms["icl_hard"] = answer_cross_entropy(answer, batch["answer_ids"].to(device), answer_mask)
+    if weights["icl_soft"]:
+        terms["icl_soft"] = soft(answer, "answer", answer_mask)
+    if weights["lm_hard"] or weights["lm_soft"]:
+        lm_mask = batch["lm_mask"].to(device)
+        if weights["lm_hard"]:
+            terms["lm_hard"] = answer_cross_entropy(demonstrations, batch["lm_ids"].to(device), lm_mask)
+        if weights["lm_soft"]:
+            terms["lm_soft"] = soft(demonstrations, "lm", lm_mask)
+    loss = sum(weights[name] * value for name, value in terms.items())
+    return loss, {name: value.item() for name, value in terms.items()}
+
+
+@dataclass
+class InstanceTargets:
+    """The frozen teacher's top-k log-probabilities and token ids at one instance's positions."""
+    answer_logprobs: torch.Tensor  # [answer tokens, k]
+    answer_indices: torch.Tensor
+    lm_logprobs: Optional[torch.Tensor]  # [demonstration tokens, k]; None without the soft LM term
+    lm_indices: Optional[torch.Tensor]
+
+
+class ICLDistillation(Method):
+    adapter = "lora"  # what model.adapter selects: lora or full
+    eval_with_context = True  # the student is judged by its few-shot (in-context) accuracy
+    reads_mixtures = True
+
+    def __init__(self, name: str, icl_hard_weight: float = 0.5, icl_soft_weight: float = 0.5,
+                 lm_hard_weight: float = 0.0, lm_soft_weight: float = 0.0, temperature: float = 1.0,
+                 top_k: int = 64, teacher: Optional[dict] = None):
+        super().__init__(name)
+        self.weights = dict(zip(TERMS, (icl_hard_weight, icl_soft_weight, lm_hard_weight, lm_soft_weight)))
+        self.temperature, self.top_k = temperature, top_k
+        self.teacher_model = None if teacher is None else OmegaConf.create(teacher)
+        self._targets: dict[str, InstanceTargets] = {}
+        self.teacher_forwards = 0  # teacher forward passes (batches), for tests
+
+    @property
+    def models_demonstrations(self) -> bool:
+        return bool(self.weights["lm_hard"] or self.weights["lm_soft"])
+
+    def train_examples(self, task: TaskMixture) -> list[Example]:
+        return task.instances
+
+    def encode_instances(self, tokenizer, task: TaskMixture, examples: list[Example],
+                         demonstrations: bool) -> dict[str, torch.Tensor]:
+        """Prompts with their gold answers (:func:`encode`); with ``demonstrations``, also the row positions
+        whose logits predict each demonstration token (``lm_columns`` [B, M]), those tokens (``lm_ids``)
+        and ``lm_mask``, left-aligned and padded."""
+        parts = [task.task_of(e) for e in examples]
+        contexts = [part.context_of(e) for part, e in zip(parts, examples)]
+        prompts = [part.teacher_prompt(e) for part, e in zip(parts, examples)]
+        answers = [tokenizer(part.answer_text(e), add_special_tokens=False).input_ids for part, e in zip(parts, examples)]
+        batch = encode(tokenizer, prompts, answers)
+        if not demonstrations:
+            return batch
+        width = batch["input_ids"].shape[1]
+        tokenized = tokenizer(prompts, return_offsets_mapping=True)
+        columns, ids = [], []
+        for part, context, prompt_ids, offsets, answer in zip(parts, contexts, tokenized.input_ids,
+                                                               tokenized.offset_mapping, answers):
+            start, end = part.demo_sampler.instruction_chars, len(context)
+            pad = width - (len(prompt_ids) + len(answer) - 1)
+            # token j sits at column pad + j and is predicted by the logits at column pad + j - 1
+            demo_tokens = [j for j, (a, b) in enumerate(offsets) if j > 0 and a < b and a >= start and b <= end]
+            columns.append([pad + j - 1 for j in demo_tokens])
+            ids.append([prompt_ids[j] for j in demo_tokens])
+        longest = max(map(len, columns))
+        batch["lm_columns"] = torch.tensor([c + [width - 1] * (longest - len(c)) for c in columns])
+        batch["lm_ids"] = torch.tensor([i + [tokenizer.pad_token_id] * (longest - len(i)) for i in ids])
+        batch["lm_mask"] = torch.tensor([[True] * len(c) + [False] * (longest - len(c)) for c in columns])
+        return batch
+
+    def _logits(self, model, batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if "lm_columns" in batch:
+            return answer_and_column_logits(model, batch, batch["lm_columns"])
+        return answer_logits(model, batch), None
+
+    @torch.no_grad()
+    def prepare(self, handle, tokenizer, task, examples, batch_size):
+        if not (self.weights["icl_soft"] or self.weights["lm_soft"]):
+            return None
+        lm = bool(self.weights["lm_soft"])
+        with handle.teacher() as teacher:
+            for start in tqdm(range(0, len(examples), batch_size), desc="teacher targets", leave=False):
+                chunk = examples[start:start + batch_size]
+                batch = self.encode_instances(tokenizer, task, chunk, lm)
+                answer, demonstrations = self._logits(teacher, batch)
+                self.teacher_forwards += 1
+                answer_lp, answer_ix = teacher_distribution(answer.cpu(), self.temperature, self.top_k)
+                lm_lp, lm_ix = (teacher_distribution(demonstrations.cpu(), self.temperature, self.top_k) if lm
+                                else (None, None))
+                for row, example in enumerate(chunk):
+                    span = int(batch["answer_mask"][row].sum())  # answers are right-aligned
+                    length = int(batch["lm_mask"][row].sum()) if lm else 0  # demonstration tokens, left-aligned
+                    self._targets[example.uid] = InstanceTargets(
+                        answer_lp[row, -span:].clone(), answer_ix[row, -span:].int(),
+                        lm_lp[row, :length].clone() if lm else None, lm_ix[row, :length].int() if lm else None)
+        return {"teacher_forwards": self.teacher_forwards}
+
+    def collate(self, tokenizer, task, examples):
+        batch = self.encode_instances(tokenizer, task, examples, self.models_demonstrations)
+        if not self._targets:
+            return batch
+        targets = [self._targets[e.uid] for e in examples]
+        span = batch["answer_ids"].shape[1]
+        shape = (len(examples), span, self.top_k)
+        batch["teacher_answer_logprobs"], batch["teacher_answer_indices"] = torch.zeros(shape), torch.zeros(
+            shape, dtype=torch.long)
+        for row, target in enumerate(targets):  # right-aligned like the answer positions
+            batch["teacher_answer_logprobs"][row, span - len(target.answer_logprobs):] = target.answer_logprobs
+            batch["teacher_answer_indices"][row, span - len(target.answer_indices):] = target.answer_indices
+        if self.weights["lm_soft"]:
+            shape = (*batch["lm_ids"].shape, self.top_k)
+            batch["teacher_lm_logprobs"], batch["teacher_lm_indices"] = torch.zeros(shape), torch.zeros(
+                shape, dtype=torch.long)
+            for row, target in enumerate(targets):
+                batch["teacher_lm_logprobs"][row, :len(target.lm_logprobs)] = target.lm_logprobs
+                batch["teacher_lm_indices"][row, :len(target.lm_indices)] = target.lm_indices
+        return batch
+
+    def loss(self, handle, batch):
+        answer, demonstrations = self._logits(handle.student, batch)
+        return icl_distillation_loss(answer, demonstrations, batch, self.weights, self.temperature)
