@@ -15,7 +15,8 @@ def options(group: str) -> list[str]:
 
 
 # Options that need another group's option (scratchpad: a dataset with free-text answers).
-NEEDS = {"method=scratchpad": ["dataset=addition"]}
+NEEDS = {"method=scratchpad": ["dataset=addition"],
+         **{f"method={m}": ["dataset=synthetic_mixture"] for m in ("icl_distill", "icl_d", "ict")}}
 
 
 @pytest.mark.parametrize("group", ["method", "model", "dataset", "trainer", "logger"])

@@ -159,7 +159,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
                 gathered = {"state_dict": accelerator.get_state_dict(handle.student)} if sharded else {}
                 if writer:
-                    handle.base.save_pretrained(out / ("adapter" if method.adapter == "lora" else "model"),
+                    whole = method.adapter == "full" or cfg.model.adapter == "full"
+                    handle.base.save_pretrained(out / ("model" if whole else "adapter"),
                                                 **gathered)
         metrics, predictions = evaluator.evaluate()
         if method.trains and getattr(task, "train_query_labels", None):

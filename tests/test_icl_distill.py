@@ -1,0 +1,220 @@
+"""In-context learning distillation (Huang et al. 2022): loss terms by hand, the frozen separate teacher,
+task mixtures with per-prompt demonstrations, majority vote, Meta-ICT's unseen tasks, layer-dropped students."""
+
+import json
+import math
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from ctxdistill.config import ConfigError, validate
+from ctxdistill.evaluation import Scores, majority_vote
+from ctxdistill.methods.icl_distill import icl_distillation_loss
+from ctxdistill.models import ModelHandle, ModelLoadError, load_model, load_tokenizer
+from ctxdistill.run import run
+
+# A 4-layer tiny teacher and the student made from it with every other layer kept, on small mixtures.
+STUDENT_ON_MIXTURE = ["experiment=huang2022/multitask_ict", "model=tiny-random", "model.tiny.num_hidden_layers=4",
+                      "model.layer_stride=2", "logger=none", "dataset.num_demos=4", "dataset.pool_size=8",
+                      "dataset.num_train_instances=16", "dataset.num_eval=6", "dataset.num_votes=3",
+                      "trainer.eval_batch_size=32"]
+MIXTURE = [*STUDENT_ON_MIXTURE, "model@method.teacher=tiny-random", "method.teacher.tiny.num_hidden_layers=4"]
+
+
+def hand_batch(k: int = 4) -> dict:
+    """One prompt: a one-token answer (gold token 1) and two demonstration positions, the second masked out.
+    The teacher's top-k covers the whole 4-token vocabulary, so its rest bucket is empty."""
+    indices = torch.arange(k).expand(1, 1, k)
+    return {
+        "answer_ids": torch.tensor([[1]]), "answer_mask": torch.tensor([[True]]),
+        "lm_ids": torch.tensor([[3, 0]]), "lm_mask": torch.tensor([[True, False]]),
+        "teacher_answer_logprobs": torch.tensor([[[0.5, 0.25, 0.125, 0.125]]]).log(),
+        "teacher_answer_indices": indices,
+        "teacher_lm_logprobs": torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.25] * 4]]).log(),
+        "teacher_lm_indices": indices.expand(1, 2, k),
+    }
+
+
+UNIFORM = torch.zeros(1, 1, 4)  # the student's answer logits: p = 1/4 for each token
+LM = torch.tensor([[[0.1, 0.2, 0.3, 0.4], [9.0, 1.0, 1.0, 1.0]]]).log()  # the second row is masked out
+
+
+def test_each_term_matches_its_hand_computed_value():
+    weights = {"icl_hard": 0.5, "icl_soft": 0.25, "lm_hard": 2.0, "lm_soft": 1.0}
+    loss, terms = icl_distillation_loss(UNIFORM, LM, hand_batch(), weights, temperature=1.0)
+    icl_hard = math.log(4)  # -log 1/4
+    icl_soft = 0.5 * math.log(2) + 0.25 * 0 + 2 * 0.125 * math.log(0.5)  # sum p_T log(p_T / (1/4))
+    lm_hard = -math.log(0.4)  # gold token 3; the masked position does not count
+    lm_soft = 0.4 * math.log(4) + 0.3 * math.log(1.5) + 0.2 * math.log(2 / 3) + 0.1 * math.log(0.25)
+    assert terms == pytest.approx({"icl_hard": icl_hard, "icl_soft": icl_soft, "lm_hard": lm_hard,
+                                   "lm_soft": lm_soft}, abs=1e-5)
+    assert loss.item() == pytest.approx(0.5 * icl_hard + 0.25 * icl_soft + 2 * lm_hard + lm_soft, abs=1e-5)
+
+
+def test_soft_terms_are_scaled_by_the_squared_temperature():
+    # A uniform student stays uniform at T=2, so the KL at T=2 is the hand-computed one above, times T^2.
+    _, terms = icl_distillation_loss(UNIFORM, None, hand_batch(), {"icl_hard": 0, "icl_soft": 1, "lm_hard": 0,
+                                                                   "lm_soft": 0}, temperature=2.0)
+    assert terms == pytest.approx({"icl_soft": 4 * 0.25 * math.log(2)}, abs=1e-5)
+
+
+def test_a_zero_weight_switches_its_term_off():
+    _, terms = icl_distillation_loss(UNIFORM, None, {"answer_ids": torch.tensor([[1]]),
+                                                     "answer_mask": torch.tensor([[True]])},
+                                     {"icl_hard": 1, "icl_soft": 0, "lm_hard": 0, "lm_soft": 0}, 1.0)
+    assert terms == pytest.approx({"icl_hard": math.log(4)})  # ICT: no teacher target is needed at all
+
+
+@pytest.fixture
+def prepared(make_cfg):
+    """The method with its teacher's targets, a handle on the separate teacher and the layer-dropped student."""
+    cfg = make_cfg(*MIXTURE)
+    validate(cfg)
+    method = instantiate(cfg.method, _convert_="all")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    task = method.build_task(cfg.dataset, cfg.seed)
+    student = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed)
+    teacher = load_model(method.teacher_model, cfg.cache_dir, tokenizer, cfg.seed).requires_grad_(False)
+    handle = ModelHandle(student=student, base=student, separate_teacher=teacher)
+    examples = method.train_examples(task)
+    method.prepare(handle, tokenizer, task, examples, batch_size=8)
+    return method, handle, tokenizer, task, examples
+
+
+def test_the_teacher_runs_once_before_training_and_gets_no_gradient(prepared):
+    method, handle, tokenizer, task, examples = prepared
+    assert method.teacher_forwards == 2  # 16 instances in batches of 8, before any step
+    teacher_before = {k: v.clone() for k, v in handle.separate_teacher.state_dict().items()}
+    optimizer = torch.optim.SGD(handle.student.parameters(), lr=0.1)
+    for _ in range(2):
+        loss, terms = method.loss(handle, method.collate(tokenizer, task, examples[:4]))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert set(terms) == {"icl_hard", "icl_soft", "lm_hard", "lm_soft"} and method.teacher_forwards == 2
+    assert all(p.grad is None and not p.requires_grad for p in handle.separate_teacher.parameters())
+    for key, value in handle.separate_teacher.state_dict().items():
+        assert torch.equal(value, teacher_before[key])
+
+
+def test_the_lm_objective_reads_exactly_the_demonstration_tokens(prepared):
+    method, handle, tokenizer, task, examples = prepared
+    batch = method.encode_instances(tokenizer, task, examples[:3], demonstrations=True)
+    for row, example in enumerate(examples[:3]):
+        part = task.task_of(example)
+        context = part.context_of(example)
+        ids = batch["lm_ids"][row][batch["lm_mask"][row]].tolist()
+        assert tokenizer.decode(ids) == context[part.demo_sampler.instruction_chars:]  # no instruction, no query
+        # each column holds the token before the one it predicts
+        columns = batch["lm_columns"][row][batch["lm_mask"][row]]
+        assert batch["input_ids"][row, columns + 1].tolist() == ids
+
+
+def test_every_prompt_draws_its_own_demonstrations_without_its_query(prepared):
+    method, handle, tokenizer, task, examples = prepared
+    part = task.train_tasks["sentiment"]
+    pool_texts = {d.uid: part.query(d) for d in part.demos}
+    contexts = set()
+    for example in part.train_queries:
+        context = part.context_of(example)
+        assert context == part.context_of(example)  # the same prompt in every epoch
+        assert part.query(example) not in context  # a query is never its own demonstration
+        assert sum(text in context for text in pool_texts.values()) == 4
+        contexts.add(context)
+    assert len(contexts) == len(part.train_queries)
+
+
+def test_majority_vote_takes_the_most_common_answer_and_breaks_ties_by_probability():
+    # two queries; three draws each, then two draws of a third query that tie
+    logprobs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9],  # 2 x class 0 -> 0
+                             [0.4, 0.6], [0.45, 0.55], [0.9, 0.1]]).log()  # 2 x class 1 -> 1
+    voted = majority_vote(Scores(logprobs, None, torch.arange(6.0), torch.arange(6)), votes=3)
+    assert voted.predictions.tolist() == [0, 1]
+    assert voted.kl_to_teacher.tolist() == [1.0, 4.0] and voted.top_token.tolist() == [0, 3]
+    tie = torch.tensor([[0.6, 0.4], [0.1, 0.9]]).log()  # one vote each; class 1 has the higher mean probability
+    assert majority_vote(Scores(tie, None, None, torch.zeros(2)), votes=2).predictions.tolist() == [1]
+
+
+def test_multitask_run_reports_each_task_beside_the_teacher(make_cfg, tmp_path):
+    result = run(make_cfg(*MIXTURE, "trainer.max_steps=2"))
+    metrics = result["metrics"]
+    tasks = ("sentiment", "size", "temperature", "living")
+    for task in tasks:
+        for key in ("accuracy", "teacher_accuracy", "single_draw_accuracy", "kl_to_teacher"):
+            assert 0 <= metrics[f"{task}/{key}"] < float("inf")
+    assert metrics["eval/accuracy"] == pytest.approx(sum(metrics[f"{t}/accuracy"] for t in tasks) / 4)
+    assert result["train"]["steps"] == 2 and result["train"]["teacher_forwards"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert sorted({r["set"] for r in rows}) == sorted(tasks) and len(rows) == 4 * 6  # one row per query
+    assert (tmp_path / "model" / "config.json").is_file()  # the whole student (model.adapter=full)
+
+
+def test_the_untrained_student_is_evaluated_on_a_mixture_with_icl(make_cfg, tmp_path):
+    metrics = run(make_cfg(*STUDENT_ON_MIXTURE, "method=icl"))["metrics"]
+    assert metrics["eval/teacher_agreement"] == 1.0  # the untrained model with demonstrations is its own teacher
+    with pytest.raises(ConfigError, match="does not run on a task mixture"):
+        run(make_cfg(*STUDENT_ON_MIXTURE, "method=cd", output_dir=tmp_path / "cd"))
+
+
+def test_meta_ict_evaluates_only_on_tasks_absent_from_training(make_cfg, tmp_path):
+    meta = [o.replace("multitask_ict", "meta_ict") for o in MIXTURE]
+    cfg = make_cfg(*meta, "trainer.max_steps=1")
+    validate(cfg)
+    task = instantiate(cfg.method, _convert_="all").build_task(cfg.dataset, cfg.seed)
+    assert set(task.eval_tasks) == {"temperature"} and not set(task.eval_tasks) & set(task.train_tasks)
+    trained_on = {t.query(e) for t in task.train_tasks.values() for e in [*t.train_queries, *t.demos]}
+    evaluated = task.eval_tasks["temperature"]
+    assert not trained_on & {evaluated.query(e) for e in [*evaluated.demos, *evaluated.eval_sets["eval"]]}
+    assert all(not t.eval_sets for t in task.train_tasks.values())
+    metrics = run(cfg)["metrics"]
+    assert {key.split("/")[0] for key in metrics} == {"temperature", "eval"}
+    # A target task that is also a source task is refused, under any name.
+    for name in ("size", "size_again"):
+        with pytest.raises(ConfigError, match="absent from training"):
+            validate(make_cfg(*meta, f"+dataset@dataset.eval_tasks.{name}=synthetic_size"))
+
+
+@pytest.mark.parametrize("override, match", [
+    ("method.teacher=null", "soft \\(distillation\\) terms need a teacher"),
+    ("dataset.paradigm=meta", "needs target tasks"),
+    ("dataset.pool_size=4", "must exceed dataset.num_demos"),
+    ("+dataset.weights.nope=1.0", "not training tasks"),
+    ("model.adapter=prefix", "draws new demonstrations"),
+])
+def test_bad_mixture_settings_are_named(make_cfg, override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(make_cfg(*MIXTURE, override))
+
+
+def test_icl_distill_needs_a_mixture(make_cfg):
+    with pytest.raises(ConfigError, match="trains on a task mixture"):
+        validate(make_cfg("method=icl_distill", "model=tiny-random"))
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_before_training(make_cfg):
+    # all-MiniLM-L6-v2's BERT vocabulary against SmolLM2's
+    with pytest.raises(ModelLoadError, match="different vocabularies"):
+        run(make_cfg(*MIXTURE, "model@method.teacher=minilm-l6"))
+
+
+def test_sampling_weights_split_the_training_instances(make_cfg):
+    cfg = make_cfg(*MIXTURE, "dataset.num_train_instances=30", "+dataset.weights.sentiment=3.0")
+    task = instantiate(cfg.method, _convert_="all").build_task(cfg.dataset, cfg.seed)
+    assert {name: len(t.train_queries) for name, t in task.train_tasks.items()} == {
+        "sentiment": 15, "size": 5, "temperature": 5, "living": 5}
+
+
+def test_a_layer_dropped_student_keeps_every_other_layer_and_a_working_cache(make_cfg):
+    cfg = make_cfg(*MIXTURE)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    full = load_model(method_teacher := cfg.method.teacher, cfg.cache_dir, tokenizer, 0)
+    half = load_model(cfg.model, cfg.cache_dir, tokenizer, 0).eval()
+    assert method_teacher.tiny.num_hidden_layers == 4 and half.config.num_hidden_layers == 2
+    assert torch.equal(half.model.layers[1].mlp.down_proj.weight, full.model.layers[2].mlp.down_proj.weight)
+    ids = torch.tensor([tokenizer("Review: a fine day\nSentiment: foo").input_ids])
+    with torch.no_grad():
+        whole = half(input_ids=ids).logits[0, -1]
+        cache = half(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        stepped = half(input_ids=ids[:, -1:], past_key_values=cache).logits[0, -1]
+    torch.testing.assert_close(stepped, whole, atol=1e-4, rtol=1e-4)
