@@ -15,7 +15,7 @@ from PIL import Image
 
 from ctxdistill.compare import collect, main as compare, render, summarise
 from ctxdistill.config import ConfigError, validate
-from ctxdistill.cli import run_unless_complete
+from ctxdistill.cli import cell_dir, run_unless_complete
 from ctxdistill.sweeps import group_name
 from ctxdistill.wandb_results import read_offline_run, record_from_wandb
 
@@ -138,6 +138,13 @@ def test_the_sweep_logs_its_table_and_plots_to_its_wandb_group(sweep):
     for row, file_row in zip(logged["data"], files_table):
         assert row[:4] == [file_row["method"], "tiny-random", "synthetic", 2] and row[4] > 1e6
         assert row[5] == pytest.approx(float(file_row["eval/accuracy_mean"]), abs=1e-5)
+
+
+def test_a_cell_directory_is_one_path_component_of_bounded_length():
+    assert cell_dir("experiment=huang2022/meta_ict,method=ict") == "experiment=huang2022-meta_ict,method=ict"
+    many = [",".join(f"dataset.key{i}=value/{i + shift}" for i in range(40)) for shift in (0, 1)]
+    names = [cell_dir(overrides) for overrides in many]
+    assert all("/" not in n and len(n) == 200 for n in names) and names[0] != names[1]
 
 
 def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
