@@ -18,7 +18,7 @@ from ctxdistill.run import run
 STUDENT_ON_MIXTURE = ["experiment=huang2022/multitask_ict", "model=tiny-random", "model.tiny.num_hidden_layers=4",
                       "model.layer_stride=2", "logger=none", "dataset.num_demos=4", "dataset.pool_size=8",
                       "dataset.num_train_instances=16", "dataset.num_eval=6", "dataset.num_votes=3",
-                      "trainer.eval_batch_size=32"]
+                      "trainer.epochs=1", "trainer.eval_batch_size=32"]
 MIXTURE = [*STUDENT_ON_MIXTURE, "model@method.teacher=tiny-random", "method.teacher.tiny.num_hidden_layers=4"]
 
 
