@@ -19,7 +19,8 @@ STUDENT_ON_MIXTURE = ["experiment=huang2022/multitask_ict", "model=tiny-random",
                       "model.layer_stride=2", "logger=none", "dataset.num_demos=4", "dataset.pool_size=8",
                       "dataset.num_train_instances=16", "dataset.num_eval=6", "dataset.num_votes=3",
                       "trainer.epochs=1", "trainer.eval_batch_size=32"]
-MIXTURE = [*STUDENT_ON_MIXTURE, "model@method.teacher=tiny-random", "method.teacher.tiny.num_hidden_layers=4"]
+MIXTURE = [*STUDENT_ON_MIXTURE, "model@method.teacher=tiny-random", "method.teacher.tiny.num_hidden_layers=4",
+           "method.teacher_cache=memory"]
 
 
 def hand_batch(k: int = 4) -> dict:
@@ -96,6 +97,19 @@ def test_the_teacher_runs_once_before_training_and_gets_no_gradient(prepared):
     assert all(p.grad is None and not p.requires_grad for p in handle.separate_teacher.parameters())
     for key, value in handle.separate_teacher.state_dict().items():
         assert torch.equal(value, teacher_before[key])
+
+
+def test_a_second_run_on_the_same_prompts_reads_the_teachers_targets_from_disk(make_cfg, tmp_path):
+    def train(name, *overrides):
+        return run(make_cfg(*MIXTURE, "method.teacher_cache=disk", f"method.teacher_cache_dir={tmp_path / 'targets'}",
+                            "trainer.max_steps=2", *overrides, output_dir=tmp_path / name))["train"]
+
+    first, again = train("first"), train("again")
+    assert first["teacher_forwards"] == 1 and again["teacher_forwards"] == 0
+    assert again["final_loss"] == pytest.approx(first["final_loss"], abs=1e-6)
+    # ICL-D needs only the answer targets that ICL-D(LM) stored; another temperature needs new ones
+    assert train("icl_d", "method=icl_d")["teacher_forwards"] == 0
+    assert train("hotter", "method.temperature=2.0")["teacher_forwards"] == 1
 
 
 def test_the_lm_objective_reads_exactly_the_demonstration_tokens(prepared):

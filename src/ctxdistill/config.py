@@ -128,6 +128,9 @@ class ICLDistillConfig(MethodConfig):
     temperature: float = 1.0
     top_k: int = 64  # the teacher's targets are kept as its k most likely tokens plus one bucket for the rest
     teacher: Optional[ModelConfig] = None  # the teacher's model config (a larger LM); null: no teacher (ICT)
+    # the teacher's targets: kept on disk for later runs on the same prompts (disk), or for this run only (memory)
+    teacher_cache: str = "disk"
+    teacher_cache_dir: str = "${cache_dir}/teacher_targets"
 
 
 @dataclass
@@ -632,6 +635,8 @@ def validate(cfg: DictConfig) -> None:
                  f"the loss weights must be >= 0 and not all 0, got {weights}", "")
         _require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
         _require(m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        _require(m.teacher_cache in ("disk", "memory"), "method.teacher_cache", f"unknown value {m.teacher_cache!r}",
+                 "Use disk or memory")
         _require(m.teacher is not None or (m.icl_soft_weight == 0 and m.lm_soft_weight == 0), "method.teacher",
                  "the soft (distillation) terms need a teacher model", "Use method=ict, or give method.teacher "
                  "(e.g. model@method.teacher=smollm2-135m)")

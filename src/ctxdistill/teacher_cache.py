@@ -27,6 +27,21 @@ class TeacherTargets(NamedTuple):
     indices: Optional[torch.Tensor]  # [len(span), k] token ids of the top k; None for the whole vocabulary
 
 
+def stack_targets(targets: list[TeacherTargets], width: int, right_aligned: bool
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Rows' targets padded into batch tensors [B, width, support] (zeros where a row has no position),
+    right-aligned like answer spans or left-aligned like demonstration tokens."""
+    support = targets[0].logprobs.shape[-1]
+    logprobs = torch.zeros(len(targets), width, support)
+    indices = None if targets[0].indices is None else torch.zeros(len(targets), width, support, dtype=torch.long)
+    for row, target in enumerate(targets):
+        at = slice(width - len(target.span), width) if right_aligned else slice(0, len(target.span))
+        logprobs[row, at] = target.logprobs
+        if indices is not None:
+            indices[row, at] = target.indices
+    return logprobs, indices
+
+
 def _digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 

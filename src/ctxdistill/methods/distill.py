@@ -28,7 +28,7 @@ from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
-from ctxdistill.teacher_cache import TeacherCache, TeacherTargets
+from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
 
 
 class ContextDistillation(Method):
@@ -104,16 +104,8 @@ class ContextDistillation(Method):
             batch["teacher_inputs"] = encode(tokenizer, [task.teacher_prompt(e) for e in examples], spans,
                                              prefix_length=prefix_length)
             return batch
-        targets = [self._targets[e.uid] for e in examples]
-        width = batch["answer_ids"].shape[1]
-        support = targets[0].logprobs.shape[-1]
-        logprobs = torch.zeros(len(examples), width, support)
-        indices = None if targets[0].indices is None else torch.zeros(len(examples), width, support, dtype=torch.long)
-        for i, target in enumerate(targets):  # right-aligned like the answer positions
-            logprobs[i, width - len(target.span):] = target.logprobs
-            if indices is not None:
-                indices[i, width - len(target.span):] = target.indices
-        batch["teacher_logprobs"], batch["teacher_indices"] = logprobs, indices
+        batch["teacher_logprobs"], batch["teacher_indices"] = stack_targets(
+            [self._targets[e.uid] for e in examples], batch["answer_ids"].shape[1], right_aligned=True)
         return batch
 
     def _teacher_now(self, handle, inputs):

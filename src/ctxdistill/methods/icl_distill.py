@@ -22,7 +22,9 @@ The w are ``method.icl_hard_weight``, ``icl_soft_weight``, ``lm_hard_weight`` an
 The teacher's targets are its top-k tokens (``method.top_k``) plus one bucket for the rest of its
 mass, which the student's distribution is lumped into as well; at each answer and demonstration
 position of every training instance they are computed once, before the first step (every
-instance keeps its demonstrations across epochs), so training runs no teacher forward pass.
+instance keeps its demonstrations across epochs), so training runs no teacher forward pass. They are
+kept in the teacher cache (``method.teacher_cache=disk``, the default), so later runs on the same
+prompts (the other variants of a sweep, a rerun) run none either.
 
 Where the paper is ambiguous: the exact formula, the weights and T are not given in the material
 available here (the abstract and secondary summaries: the student learns from soft and hard
@@ -32,7 +34,6 @@ this suite's choices; each is one override.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -44,6 +45,7 @@ from ctxdistill.data.mixture import TaskMixture
 from ctxdistill.encoding import answer_and_column_logits, answer_logits, encode
 from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
+from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
 
 TERMS = ("icl_hard", "icl_soft", "lm_hard", "lm_soft")
 
@@ -78,15 +80,6 @@ def icl_distillation_loss(answer: torch.Tensor, demonstrations: Optional[torch.T
     return loss, {name: value.item() for name, value in terms.items()}
 
 
-@dataclass
-class InstanceTargets:
-    """The frozen teacher's top-k log-probabilities and token ids at one instance's positions."""
-    answer_logprobs: torch.Tensor  # [answer tokens, k]
-    answer_indices: torch.Tensor
-    lm_logprobs: Optional[torch.Tensor]  # [demonstration tokens, k]; None without the soft LM term
-    lm_indices: Optional[torch.Tensor]
-
-
 class ICLDistillation(Method):
     adapter = "lora"  # what model.adapter selects: lora or full
     eval_with_context = True  # the student is judged by its few-shot (in-context) accuracy
@@ -94,12 +87,15 @@ class ICLDistillation(Method):
 
     def __init__(self, name: str, icl_hard_weight: float = 0.5, icl_soft_weight: float = 0.5,
                  lm_hard_weight: float = 0.0, lm_soft_weight: float = 0.0, temperature: float = 1.0,
-                 top_k: int = 64, teacher: Optional[dict] = None):
+                 top_k: int = 64, teacher: Optional[dict] = None, teacher_cache: str = "disk",
+                 teacher_cache_dir: Optional[str] = None):
         super().__init__(name)
         self.weights = dict(zip(TERMS, (icl_hard_weight, icl_soft_weight, lm_hard_weight, lm_soft_weight)))
         self.temperature, self.top_k = temperature, top_k
         self.teacher_model = None if teacher is None else OmegaConf.create(teacher)
-        self._targets: dict[str, InstanceTargets] = {}
+        self.teacher_cache_dir = teacher_cache_dir if teacher_cache == "disk" else None
+        # the teacher's targets per instance uid: at the answer positions, and at the demonstration tokens
+        self._targets: dict[str, dict[str, TeacherTargets]] = {"answer": {}, "lm": {}}
         self.teacher_forwards = 0  # teacher forward passes (batches), for tests
 
     @property
@@ -145,45 +141,42 @@ class ICLDistillation(Method):
 
     @torch.no_grad()
     def prepare(self, handle, tokenizer, task, examples, batch_size):
-        if not (self.weights["icl_soft"] or self.weights["lm_soft"]):
+        kinds = [kind for kind, weight in (("answer", "icl_soft"), ("lm", "lm_soft")) if self.weights[weight]]
+        if not kinds:
             return None
-        lm = bool(self.weights["lm_soft"])
-        with handle.teacher() as teacher:
-            for start in tqdm(range(0, len(examples), batch_size), desc="teacher targets", leave=False):
-                chunk = examples[start:start + batch_size]
-                batch = self.encode_instances(tokenizer, task, chunk, lm)
-                answer, demonstrations = self._logits(teacher, batch)
-                self.teacher_forwards += 1
-                answer_lp, answer_ix = teacher_distribution(answer.cpu(), self.temperature, self.top_k)
-                lm_lp, lm_ix = (teacher_distribution(demonstrations.cpu(), self.temperature, self.top_k) if lm
-                                else (None, None))
-                for row, example in enumerate(chunk):
-                    span = int(batch["answer_mask"][row].sum())  # answers are right-aligned
-                    length = int(batch["lm_mask"][row].sum()) if lm else 0  # demonstration tokens, left-aligned
-                    self._targets[example.uid] = InstanceTargets(
-                        answer_lp[row, -span:].clone(), answer_ix[row, -span:].int(),
-                        lm_lp[row, :length].clone() if lm else None, lm_ix[row, :length].int() if lm else None)
+        settings = {"method": "icl_distill", "temperature": self.temperature, "top_k": self.top_k}
+        caches = {kind: TeacherCache(self.teacher_cache_dir, handle.identity, {**settings, "positions": kind},
+                                     task.name) for kind in kinds}
+        # the teacher's whole input: the prompt and the gold answer after it
+        inputs = {e.uid: task.task_of(e).teacher_prompt(e) + task.task_of(e).answer_text(e) for e in examples}
+        todo = [e for e in examples if any(cache.get(inputs[e.uid]) is None for cache in caches.values())]
+        if todo:
+            with handle.teacher() as teacher:
+                for start in tqdm(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
+                    chunk = todo[start:start + batch_size]
+                    batch = self.encode_instances(tokenizer, task, chunk, "lm" in caches)
+                    logits = dict(zip(("answer", "lm"), self._logits(teacher, batch)))
+                    self.teacher_forwards += 1
+                    for kind, cache in caches.items():
+                        ids = batch["answer_ids" if kind == "answer" else "lm_ids"]
+                        mask = batch["answer_mask" if kind == "answer" else "lm_mask"]
+                        logprobs, indices = teacher_distribution(logits[kind].cpu(), self.temperature, self.top_k)
+                        for row, example in enumerate(chunk):  # answers are right-aligned, demonstrations left
+                            at = mask[row].nonzero().squeeze(-1)
+                            cache.put(inputs[example.uid], TeacherTargets(
+                                ids[row, at].tolist(), logprobs[row, at].clone(), indices[row, at].clone()))
+            for cache in caches.values():
+                cache.save()
+        for kind, cache in caches.items():
+            self._targets[kind] = {e.uid: cache.get(inputs[e.uid]) for e in examples}
         return {"teacher_forwards": self.teacher_forwards}
 
     def collate(self, tokenizer, task, examples):
         batch = self.encode_instances(tokenizer, task, examples, self.models_demonstrations)
-        if not self._targets:
-            return batch
-        targets = [self._targets[e.uid] for e in examples]
-        span = batch["answer_ids"].shape[1]
-        shape = (len(examples), span, self.top_k)
-        batch["teacher_answer_logprobs"], batch["teacher_answer_indices"] = torch.zeros(shape), torch.zeros(
-            shape, dtype=torch.long)
-        for row, target in enumerate(targets):  # right-aligned like the answer positions
-            batch["teacher_answer_logprobs"][row, span - len(target.answer_logprobs):] = target.answer_logprobs
-            batch["teacher_answer_indices"][row, span - len(target.answer_indices):] = target.answer_indices
-        if self.weights["lm_soft"]:
-            shape = (*batch["lm_ids"].shape, self.top_k)
-            batch["teacher_lm_logprobs"], batch["teacher_lm_indices"] = torch.zeros(shape), torch.zeros(
-                shape, dtype=torch.long)
-            for row, target in enumerate(targets):
-                batch["teacher_lm_logprobs"][row, :len(target.lm_logprobs)] = target.lm_logprobs
-                batch["teacher_lm_indices"][row, :len(target.lm_indices)] = target.lm_indices
+        for kind, width_of, right_aligned in (("answer", "answer_ids", True), ("lm", "lm_ids", False)):
+            if self._targets[kind]:
+                batch[f"teacher_{kind}_logprobs"], batch[f"teacher_{kind}_indices"] = stack_targets(
+                    [self._targets[kind][e.uid] for e in examples], batch[width_of].shape[1], right_aligned)
         return batch
 
     def loss(self, handle, batch):
