@@ -71,3 +71,34 @@ def uninterrupted(tmp_path_factory) -> dict:
     run(compose_run(out))
     assert not (out / "checkpoints").exists()  # removed once metrics.json is written
     return outcome(out)
+
+
+# The behaving test model (tests/behaving_model.py) as a model config: a local transformers checkpoint.
+def behaving_overrides(directory: Path) -> list[str]:
+    return ["model=tiny-random", "model.name=behaving", "model.source=hub", f"model.name_or_path={directory}"]
+
+
+@pytest.fixture(scope="session")
+def behaving_model_dir(request, tmp_path_factory) -> Path:
+    """A tiny model trained on a synthetic language whose every token depends on the two before it (about
+    20 s on 2 cores, then kept in pytest's cache under the training code's version)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import behaving_model
+
+    name = f"behaving-model-{behaving_model.code_version()}"
+    cache = getattr(request.config, "cache", None)
+    directory = Path(cache.mkdir(name)) if cache else tmp_path_factory.mktemp(name)
+    if not (directory / "config.json").is_file():
+        staging = tmp_path_factory.mktemp("behaving-staging")
+        behaving_model.train(staging)
+        shutil.rmtree(directory)
+        shutil.copytree(staging, directory)
+    share = behaving_model.follows_its_language(AutoModelForCausalLM.from_pretrained(directory),
+                                                AutoTokenizer.from_pretrained(directory))
+    if share < 0.9:
+        pytest.fail(f"the behaving test model follows its language on {share:.0%} of line starts (90% needed); "
+                    f"delete {directory} and look at tests/behaving_model.py's training")
+    return directory

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,13 @@ from ctxdistill.models import load_tokenizer
 from ctxdistill.run import run
 from ctxdistill.stage_cache import RowStore
 
+QUESTIONS = ["What is photosynthesis?", "How many legs does a spider have?", "What should I eat for breakfast?",
+             "Can you explain gravity?", "What is a good name for a cat?", "How do plants grow?",
+             "Tell me about the moon.", "How can I sleep better?"]
 GENPI = ["experiment=genpi/pirate", "model=tiny-random", "logger=none", "method.num_pseudo_inputs=4",
          "method.num_heldout_pseudo_inputs=2", "method.inputs_per_round=8", "method.max_input_tokens=8",
          "method.max_reply_tokens=6", "method.max_reason_tokens=6", "trainer.epochs=1", "trainer.batch_size=4",
-         "trainer.eval_batch_size=8"]
+         "trainer.eval_batch_size=8", f"method.heldout_inputs=[{','.join(repr(q) for q in QUESTIONS)}]"]
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +83,15 @@ def test_a_killed_stage_resumes_without_duplicating_or_losing_rows(tmp_path):
     assert RowStore(tmp_path, "replies", {"model": "other"}).rows == {}
 
 
+def test_rows_written_by_another_producer_version_are_never_read(tmp_path, monkeypatch):
+    from ctxdistill import stage_cache
+
+    RowStore(tmp_path, "replies", {"model": "m"}).append([{"key": "input", "reply": "written by older code"}])
+    assert RowStore(tmp_path, "replies", {"model": "m"}).rows["input"]["reply"] == "written by older code"
+    monkeypatch.setattr(stage_cache, "PRODUCER_VERSION", stage_cache.PRODUCER_VERSION + 1)
+    assert RowStore(tmp_path, "replies", {"model": "m"}).rows == {}
+
+
 def test_a_second_run_and_a_sweep_over_the_weights_generate_nothing_again(make_cfg, tmp_path, generate_calls):
     stages = tmp_path / "stages"
     first = run(make_cfg(*GENPI, f"method.stage_dir={stages}", output_dir=tmp_path / "a"))
@@ -94,10 +107,6 @@ def test_a_second_run_and_a_sweep_over_the_weights_generate_nothing_again(make_c
     assert second["train"]["final_loss"] != first["train"]["final_loss"]
 
     metrics = second["metrics"]
-    for name in ("eval", "pseudo_heldout"):
-        for key in ("rule_compliance", "teacher_rule_compliance", "base_rule_compliance", "rougeL_to_teacher",
-                    "base_rougeL_to_teacher"):
-            assert 0 <= metrics[f"{name}/{key}"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]
     assert [r["set"] for r in rows] == ["eval"] * 8 + ["pseudo_heldout"] * 2
     assert metrics["eval/rule_compliance"] == sum(r["complies"] for r in rows[:8]) / 8
@@ -186,3 +195,56 @@ def test_bad_genpi_settings_fail_before_any_model_loads(make_cfg, override, mess
 def test_genpi_without_a_prompt_names_what_to_set(make_cfg):
     with pytest.raises(ConfigError, match="method.task_name, method.prompt, method.rule"):
         validate(make_cfg("method=genpi", "method.task_name=???", "method.prompt=???", "method.rule=???"))
+
+
+def test_the_stages_hold_the_teachers_and_base_models_greedy_replies_and_the_metrics_follow_them(
+        make_cfg, tmp_path, behaving_model_dir):
+    from rouge_score.rouge_scorer import RougeScorer
+    from transformers import AutoModelForCausalLM
+
+    from conftest import behaving_overrides
+
+    stages = tmp_path / "stages"
+    cfg = make_cfg(*GENPI, *behaving_overrides(behaving_model_dir), f"method.stage_dir={stages}",
+                   "method.max_reply_tokens=8")
+    result = run(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(behaving_model_dir).eval()
+    [replies] = [rows for name, rows in stage_rows(stages).items() if name.startswith("replies")]
+    prompt = cfg.method.prompt
+    for row in replies:  # every pseudo input (training and held out) and every configured question
+        for key, system in (("teacher", prompt), ("base", None)):
+            batch = tokenizer([chat_prompt(tokenizer, row["key"], system)], return_tensors="pt")
+            out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            assert row[key] == tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
+    assert {r["key"] for r in replies} >= set(QUESTIONS)
+
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    rule, scorer, metrics = re.compile(cfg.method.rule), RougeScorer(["rougeL"]), result["metrics"]
+    by_input = {r["key"]: r for r in replies}
+    for name in ("eval", "pseudo_heldout"):
+        rows = [r for r in predictions if r["set"] == name]
+        assert [(r["teacher_reply"], r["base_reply"]) for r in rows] == [
+            (by_input[r["input"]]["teacher"], by_input[r["input"]]["base"]) for r in rows]
+        assert metrics[f"{name}/rule_compliance"] == sum(bool(rule.search(r["reply"])) for r in rows) / len(rows)
+        assert metrics[f"{name}/base_rule_compliance"] == sum(bool(rule.search(r["base_reply"])) for r in rows) / len(rows)
+        assert metrics[f"{name}/rougeL_to_teacher"] == pytest.approx(
+            sum(scorer.score(r["teacher_reply"], r["reply"])["rougeL"].fmeasure for r in rows) / len(rows))
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.5])
+def test_full_weight_genpi_never_asks_the_trained_weights_to_teach(make_cfg, tmp_path, kl_weight):
+    # Without an adapter to disable, the teacher is the initial weights: the references are all written
+    # before training, and the KL term's per-step teacher is a frozen copy (asking the trained weights raises).
+    stages = tmp_path / "stages"
+    result = run(make_cfg(*GENPI, "model.adapter=full", f"method.kl_weight={kl_weight}", f"method.stage_dir={stages}"))
+    assert result["train"]["steps"] == 1 and (tmp_path / "model" / "config.json").is_file()
+    lora = run(make_cfg(*GENPI, f"method.kl_weight={kl_weight}", f"method.stage_dir={stages}",
+                        output_dir=tmp_path / "lora"))
+    assert lora["train"]["steps"] == 1
+
+    def references(directory):
+        return [(r["input"], r["teacher_reply"], r["base_reply"])
+                for r in map(json.loads, (directory / "predictions.jsonl").read_text().splitlines())]
+
+    assert references(tmp_path) == references(tmp_path / "lora")  # the same references as a LoRA run's

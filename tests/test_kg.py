@@ -255,9 +255,24 @@ def test_students_train_with_their_auxiliary_task_and_rank(make_cfg, tmp_path):
                               "trainer.max_steps=2", "trainer.batch_size=4", "dataset.eval_candidates=5",
                               output_dir=tmp_path / method))
         assert result["train"]["steps"] == 2 and result["objective"] == "eval/sampled5_mrr"
-        assert 1 / 6 <= result["metrics"]["eval/sampled5_mrr"] <= 1
+        rows = [json.loads(line) for line in (tmp_path / method / "predictions.jsonl").read_text().splitlines()]
+        ranks = [r[f"{d}_rank"] for r in rows for d in ("head", "tail")]
+        assert rows and all(1 <= rank <= 6 for rank in ranks)  # 5 sampled candidates and the answer
+        assert result["metrics"]["eval/sampled5_mrr"] == pytest.approx(sum(1 / r for r in ranks) / len(ranks))
+        assert result["metrics"]["eval/sampled5_hits@1"] == pytest.approx(sum(r <= 1 for r in ranks) / len(ranks))
         assert (tmp_path / method / "model" / "config.json").is_file()
     assert (tmp_path / "kgbert_cd" / "model" / "triple_head.pt").is_file()
+
+
+def test_a_periodic_evaluation_leaves_the_student_training_as_it_was(make_cfg, tmp_path):
+    # T5's dropout draws from the global generator and ranking draws nothing: evaluating after every
+    # step must not change a single training loss (it used to leave the student in eval mode).
+    common = [*KG_TINY, "method=kgs2s", "model=tiny-random-seq2seq", "trainer.max_steps=4", "trainer.batch_size=4",
+              "dataset.eval_candidates=5"]
+    plain = run(make_cfg(*common, output_dir=tmp_path / "plain"))
+    evaluated = run(make_cfg(*common, "trainer.eval_every=1", output_dir=tmp_path / "evaluated"))
+    assert evaluated["train"]["final_loss"] == plain["train"]["final_loss"]
+    assert evaluated["metrics"] == plain["metrics"]
 
 
 def test_a_method_refuses_a_dataset_of_the_other_kind(make_cfg):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ctxdistill.encoding import answer_logits, encode
-from ctxdistill.models import ModelHandle, ModelLoadError, add_lora, load_model, load_tokenizer
+from ctxdistill.models import (ModelHandle, ModelLoadError, TeacherUnavailable, add_lora, load_model, load_tokenizer,
+                               model_identity)
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +101,70 @@ def test_batched_scoring_keeps_input_order_and_matches_one_by_one(tiny, make_cfg
         torch.testing.assert_close(batched.label_logprobs[i], alone.label_logprobs[0], atol=1e-4, rtol=1e-4)
     kl = score(model, tokenizer, task, examples, with_context=True, batch_size=3, teacher=batched).kl_to_teacher
     assert kl.abs().max() < 1e-4
+
+
+def test_full_weight_training_keeps_a_frozen_copy_as_the_teacher_or_refuses_to_teach(tiny):
+    cfg, tokenizer, _ = tiny
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+    batch = encode(tokenizer, ["Review: lovely\nAnswer:"])
+    with torch.no_grad():
+        initial = answer_logits(model.eval(), batch)
+    unguarded = ModelHandle(student=model, base=model)
+    assert unguarded.trains_base_weights
+    unguarded.training_started = True
+    with pytest.raises(TeacherUnavailable, match="teacher_during_training"):
+        with unguarded.teacher():
+            pass
+    handle = ModelHandle(student=model, base=model)
+    handle.keep_frozen_teacher()
+    handle.training_started = True
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.1)  # training changes every weight, the tied embeddings included
+        assert not torch.allclose(answer_logits(model, batch), initial, atol=1e-3)
+        with handle.teacher() as teacher:
+            assert teacher is not model and not teacher.training
+            torch.testing.assert_close(answer_logits(teacher, batch), initial)
+
+
+def hub_snapshot(cache: "Path", repo: str, commit: str, source: "Path") -> None:
+    """A Hugging Face cache entry for ``repo`` at ``commit`` holding the files of ``source``, as a download leaves it."""
+    import shutil
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(source, root / "snapshots" / commit, dirs_exist_ok=True)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+def test_a_hub_model_is_identified_by_the_commit_it_loads(tiny, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cfg, tokenizer, model = tiny
+    local = tmp_path / "checkpoint"
+    model.save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    spec = cfg.model.copy()
+    spec.source, spec.name_or_path = "hub", "someone/tiny"
+    hub_snapshot(cache, "someone/tiny", "a" * 40, local)
+    first = model_identity(spec, 0)
+    assert '"revision": "' + "a" * 40 in first
+    assert load_model(spec, cfg.cache_dir, load_tokenizer(spec, cfg.cache_dir), 0).config.vocab_size == len(tokenizer)
+    hub_snapshot(cache, "someone/tiny", "b" * 40, local)  # the repository moved on: another commit is loaded
+    assert model_identity(spec, 0) != first
+    spec.revision = "a" * 40  # pinned
+    assert model_identity(spec, 0) == first
+
+
+def test_the_converted_bundled_model_is_keyed_by_what_produced_it(tiny, monkeypatch):
+    from ctxdistill import models
+
+    cfg, _, _ = tiny
+    first = models.converted_dir(cfg.model, "cache")
+    assert first.parent.name == "models" and first.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+    monkeypatch.setattr(models, "CONVERSION_VERSION", models.CONVERSION_VERSION + 1)
+    assert models.converted_dir(cfg.model, "cache") != first
+    monkeypatch.undo()
+    monkeypatch.setattr(models, "package_version", lambda module: "99.0")  # another release of the model's package
+    assert models.converted_dir(cfg.model, "cache") != first

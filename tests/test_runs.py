@@ -31,11 +31,24 @@ def test_every_method_leaves_its_results_on_disk(make_cfg, tmp_path, method, tra
     saved = read_metrics(tmp_path)
     assert saved == json.loads(json.dumps(result))
     assert (saved["method"], saved["model"], saved["dataset"], saved["seed"]) == (method, "tiny-random", "synthetic", 7)
-    for key in ("accuracy", "f1", "teacher_agreement", "kl_to_teacher", "teacher_accuracy", "vocab_accuracy",
-                "accuracy_label0", "accuracy_label1"):
-        assert 0 <= saved["metrics"][f"eval/{key}"] < float("inf")
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 48 and {"prediction", "teacher_prediction", "label", "prompt"} <= set(rows[0])
+    # Every reported figure is the one its prediction rows give.
+    metrics = saved["metrics"]
+
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values)
+
+    assert metrics["eval/accuracy"] == pytest.approx(mean(r["prediction"] == r["label"] for r in rows))
+    assert metrics["eval/teacher_accuracy"] == pytest.approx(mean(r["teacher_prediction"] == r["label"] for r in rows))
+    assert metrics["eval/teacher_agreement"] == pytest.approx(mean(r["prediction"] == r["teacher_prediction"]
+                                                                   for r in rows))
+    assert metrics["eval/kl_to_teacher"] == pytest.approx(mean(r["kl_to_teacher"] for r in rows), rel=1e-5)
+    for label in (0, 1):
+        assert metrics[f"eval/accuracy_label{label}"] == pytest.approx(
+            mean(r["prediction"] == label for r in rows if r["label"] == label))
+    assert all(r["prediction"] == max(range(2), key=lambda c: r["label_logprobs"][c]) for r in rows)
     assert "seed: 7" in (tmp_path / "config.yaml").read_text()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file() == (trained == "adapter")
     assert ("train_queries/context_accuracy" in saved["metrics"]) == (trained is not None)
@@ -44,12 +57,16 @@ def test_every_method_leaves_its_results_on_disk(make_cfg, tmp_path, method, tra
         assert saved["metrics"]["eval/kl_to_teacher"] == 0.0
 
 
-def test_snell_answer_spans_and_other_divergences_train(make_cfg, tmp_path):
-    for i, overrides in enumerate([["method.answer=teacher_generation", "method.max_answer_tokens=3"],
-                                   ["method.divergence=jsd", "method.beta=0.5", "method.temperature=2.0"],
-                                   ["method.divergence=reverse_kl"], ["method.top_k=20"]]):
-        result = run(make_cfg(*TINY, "method=cd", "trainer.max_steps=2", *overrides, output_dir=tmp_path / str(i)))
-        assert result["train"]["steps"] == 2 and result["train"]["final_loss"] >= 0
+@pytest.mark.parametrize("overrides", [["method.answer=teacher_generation", "method.max_answer_tokens=3"],
+                                       ["method.divergence=jsd", "method.beta=0.5", "method.temperature=2.0"],
+                                       ["method.divergence=reverse_kl"], ["method.top_k=20"]],
+                         ids=["snell-answer-spans", "jsd-T2", "reverse-kl", "top-20"])
+def test_snell_answer_spans_and_other_divergences_move_the_student_towards_the_teacher(make_cfg, tmp_path, overrides):
+    before = run(make_cfg(*TINY, "method=zero_shot", output_dir=tmp_path / "zero_shot"))["metrics"]
+    after = run(make_cfg(*TINY, "method=cd", "trainer.max_steps=12", "trainer.lr=1e-2", *overrides,
+                         output_dir=tmp_path / "cd"))
+    assert after["train"]["steps"] == 12
+    assert after["metrics"]["eval/kl_to_teacher"] < 0.8 * before["eval/kl_to_teacher"]
 
 
 def test_wandb_offline_writes_a_syncable_run_directory(make_cfg, tmp_path, monkeypatch):
@@ -85,11 +102,6 @@ def test_out_of_domain_sets_are_scored_against_the_teacher_too(make_cfg, tmp_pat
         assert f"gifts/{key}" in result["metrics"]
     rows = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert sum('"set": "gifts"' in r for r in rows) == 3
-
-
-def test_live_teacher_of_the_released_upadhayaya_code_trains(make_cfg, tmp_path):
-    result = run(make_cfg(*TINY, "method=cd", "method.teacher=live", "trainer.max_steps=2"))
-    assert result["train"]["steps"] == 2 and result["train"]["final_loss"] >= 0
 
 
 def test_sweep_cfg_prints_and_validates_every_cell_of_table_3():

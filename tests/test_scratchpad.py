@@ -80,4 +80,6 @@ def test_scratchpad_reports_extraction_failures_and_refuses_to_train_without_ans
                           "dataset.generation.answer_regex='(?s)(.*)'", output_dir=tmp_path / "all"))
     assert result["train"]["steps"] == 2 and result["train"]["teacher_samples"] == 8
     assert result["train"]["extraction_failures"] == 0 and result["train"]["queries_without_answer"] == 0
-    assert 0 <= result["metrics"]["eval/accuracy"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "all" / "predictions.jsonl").read_text().splitlines()]
+    assert result["metrics"]["eval/accuracy"] == sum(r["prediction"] == r["target"] for r in rows) / len(rows)
+    assert all(r["prediction"] == r["generation"].split("\n", 1)[0].strip() for r in rows)  # a direct answer

@@ -87,3 +87,46 @@ def test_a_run_with_the_cached_teacher_ends_where_the_per_step_teacher_ends(make
     assert metrics["memory"]["train"]["final_loss"] == pytest.approx(metrics["none"]["train"]["final_loss"], rel=1e-4)
     for key, value in metrics["none"]["metrics"].items():
         assert metrics["memory"]["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_full_weight_training_distils_from_the_initial_weights_at_every_step(make_cfg, tmp_path):
+    # Only the cache setting differs: the per-step teacher must be the same frozen initial model that
+    # filled the cache, never the weights being trained.
+    metrics = {}
+    for cache in ("memory", "none"):
+        cfg = make_cfg(*TINY, "method=cd", "model.adapter=full", "trainer.max_steps=6", "trainer.lr=1e-2",
+                       f"method.teacher_cache={cache}", output_dir=tmp_path / cache)
+        metrics[cache] = run(cfg)
+    assert metrics["none"]["train"]["final_loss"] == pytest.approx(metrics["memory"]["train"]["final_loss"], rel=1e-3)
+    for key in ("eval/kl_to_teacher", "eval/teacher_agreement", "eval/accuracy"):
+        assert metrics["none"]["metrics"][key] == pytest.approx(metrics["memory"]["metrics"][key], rel=1e-3), key
+    assert (tmp_path / "none" / "model" / "config.json").is_file()
+
+
+def test_targets_written_by_another_producer_version_are_never_read(setup, tmp_path, monkeypatch):
+    from ctxdistill import teacher_cache
+
+    first = prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path))
+    assert first.teacher_forwards == 3
+    monkeypatch.setattr(teacher_cache, "PRODUCER_VERSION", teacher_cache.PRODUCER_VERSION + 1)
+    assert prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path)).teacher_forwards == 3
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_the_live_teacher_is_the_adapted_model_with_the_context_at_every_step(setup):
+    handle, tokenizer, task = setup
+    live = prepared(setup, teacher="live")
+    frozen = prepared(setup, teacher_cache="none")
+    # Before any update the live teacher is the frozen one (up to the shared cache's rounding); its
+    # targets are computed at each step.
+    assert loss_of(live, setup) == pytest.approx(loss_of(frozen, setup), rel=1e-2)
+    assert live.teacher_forwards == 1
+    lora_b = handle.base.base_model.model.model.layers[1].self_attn.v_proj.lora_B.default.weight
+    saved = lora_b.detach().clone()
+    with torch.no_grad():
+        lora_b.add_(0.5)  # an optimiser step moves the adapter: the live teacher moves with it
+    try:
+        assert abs(loss_of(live, setup) - loss_of(frozen, setup)) > 0.1 * loss_of(frozen, setup)
+    finally:
+        with torch.no_grad():
+            lora_b.copy_(saved)

@@ -206,6 +206,7 @@ class ModelConfig:
     # package: a Hugging Face model directory `package_dir` inside the installed pip package `package`.
     source: str = "hub"
     name_or_path: str = MISSING
+    revision: Optional[str] = None  # a Hub model's branch, tag or commit (null: the default branch)
     # The transformers Auto class: causal_lm (decoder LMs), masked_lm (BERT-like encoders), seq2seq_lm (T5, BART).
     architecture: str = "causal_lm"
     package: Optional[str] = None
@@ -619,10 +620,11 @@ def validate(cfg: DictConfig) -> None:
         _require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}",
                  "Sampling needs a positive temperature, e.g. method.temperature=1.0")
         _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        _require(m.top_k is None or m.divergence != "sampled_reverse_kl", "method.top_k",
+                 "top-k sampling never draws the tokens outside the k, so the sampled reverse KL cannot estimate "
+                 "the student's mass there (its gradient would be biased)",
+                 "Set method.top_k=null, or method.divergence=reverse_kl (exact at every sampled position)")
         _require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
-        _require(cfg.model.adapter != "full", "model.adapter", "on-policy distillation scores samples with the "
-                 "frozen base model at every step, and full fine-tuning leaves no frozen copy of it",
-                 "Use model.adapter=lora or prefix")
     if issubclass(OmegaConf.get_type(m), ScratchpadConfig):
         _require(d.generation is not None, "dataset", f"method={m.name} needs free-text answers and an answer "
                  f"extractor (dataset.generation), which dataset={d.name} lacks", "Use e.g. dataset=addition")

@@ -72,11 +72,11 @@ class SharedPrefix:
                                    logits_to_keep=1).past_key_values  # only the cache is needed
 
     def for_batch(self, batch_size: int):
-        """A cache for one batch that shares the prefix's tensors and keeps nothing the batch adds.
+        """A cache for one batch that shares the prefix's tensors and stores only what the batch adds.
 
-        Each layer's keys and values are broadcast views of the prefix's; the forward pass joins
-        them to the batch's own for that layer's attention and drops the result right after, so
-        memory holds one layer's worth at a time, not the whole model's.
+        Each layer's prefix keys and values are broadcast views of the prefix's; the batch's own
+        keys and values (the queries, then every generated token) are appended per row, so a
+        generation loop sees prefix + query + everything generated so far at every step.
         """
         if all(type(layer) is DynamicLayer for layer in self.cache.layers):
             cache = copy.copy(self.cache)
@@ -90,15 +90,25 @@ class SharedPrefix:
 
 
 class _PrefixLayer(DynamicLayer):
-    """A read-only cache layer: each update returns prefix + new keys/values without storing them."""
+    """A cache layer over a shared, read-only prefix: ``keys``/``values`` hold the batch's own tokens only.
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    Each update appends the new keys/values to the batch's own and returns prefix + own; the joined
+    tensor lives for that layer's attention only, so memory holds one layer's copy of the prefix at a time.
+    """
+
+    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor):
         super().__init__()
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
+        self.lazy_initialization(prefix_keys, prefix_values)
+        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return (torch.cat([self.prefix_keys, self.keys], dim=-2),
+                torch.cat([self.prefix_values, self.values], dim=-2))
+
+    def get_seq_length(self) -> int:
+        return self.prefix_keys.shape[-2] + super().get_seq_length()
 
 
 def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],

@@ -44,6 +44,32 @@ def check_prompt_lengths(task: Task | TaskMixture, tokenizer, window: int, answe
                           f"dataset.context.num_demos or use a model with a longer context.")
 
 
+def check_answer_tokenization(task: Task | TaskMixture, tokenizer, examples_per_set: int = 8) -> None:
+    """Answers are tokenised on their own and scored (or trained) after the prompt's last token, so
+    tokenising prompt + answer must give the prompt's tokens followed by the answer's; a template ending in
+    a space ("Label: " + "yes") would otherwise score a token sequence the model never writes. Checked on
+    the first examples of every set, with and without the context (the template's end is what matters)."""
+    for part in task.parts if isinstance(task, TaskMixture) else [task]:
+        sets = [part.demos, part.train_queries, *part.eval_sets.values()]
+        examples = [e for examples in sets for e in examples[:examples_per_set]]
+        for example in examples:
+            answers = part.verbalizers if part.verbalizers else [part.answer_text(example)] if example.target else []
+            for prompt in {part.prompt(example, True), part.prompt(example, False)}:
+                prompt_ids = tokenizer(prompt).input_ids
+                for answer in answers:
+                    answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
+                    joined = tokenizer(prompt + answer).input_ids
+                    if joined != prompt_ids + answer_ids:
+                        pieces = tokenizer.convert_ids_to_tokens(joined[len(prompt_ids) - 1:])
+                        scored = tokenizer.convert_ids_to_tokens(prompt_ids[-1:] + answer_ids)
+                        raise ConfigError(
+                            f"dataset.template: the prompt ({part.template!r}) and the answer {answer!r} tokenise "
+                            f"together as {pieces} at the seam, while the answer is scored as {scored} after the "
+                            "prompt: a token sequence the model would never write. End the template without "
+                            "trailing whitespace and start each answer word with its space (\" yes\"), so the "
+                            "answer begins a new token.")
+
+
 @dataclass
 class Scores:
     label_logprobs: torch.Tensor  # [N, C]

@@ -104,15 +104,19 @@ def answer_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
 
 
 def sampled_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
-                       mask: torch.Tensor) -> torch.Tensor:
-    """Reverse KL estimated from tokens the student sampled (on-policy distillation, SDFT's sampled-token mode).
+                       mask: torch.Tensor, sampling_logprobs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reverse KL estimated from sampled tokens (on-policy distillation, SDFT's sampled-token mode).
 
-    Per position, k = log p_S(x) - log p_T(x) with x ~ p_S is an unbiased estimate of KL(p_S || p_T).
-    The returned value is the masked mean of k; its gradient is the policy gradient k * grad log p_S(x)
-    (the REINFORCE form on-policy distillation trains with), whose expectation over x ~ p_S is the
-    gradient of the exact reverse KL.
+    Per position, with x drawn from q and k = log p_S(x) - log p_T(x), the returned value is the masked
+    mean of w * k and its gradient is the policy gradient w * k * grad log p_S(x), where
+    w = p_S(x) / q(x) is the importance weight (detached). ``sampling_logprobs`` [B, P] is log q(x) of
+    the distribution each token was drawn from; None means the student's own at temperature 1 (w = 1).
+    Whenever q > 0 wherever p_S > 0 (any temperature, student or teacher samples, but not top-k
+    sampling), E_q[w k] is KL(p_S || p_T) at that position and E_q[w k grad log p_S(x)] its exact gradient.
     """
     student_logp = student_logits.float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     teacher_logp = teacher_logits.detach().float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     estimate = (student_logp - teacher_logp).detach()
+    if sampling_logprobs is not None:
+        estimate = estimate * (student_logp.detach() - sampling_logprobs.detach()).exp()
     return _masked_mean(estimate * (student_logp - student_logp.detach()) + estimate, mask)

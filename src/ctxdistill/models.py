@@ -14,6 +14,10 @@ or a sequence-to-sequence model.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+import transformers
 from omegaconf import DictConfig, OmegaConf
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
                           AutoTokenizer, DynamicCache, LlamaConfig, PreTrainedTokenizerBase, T5Config)
@@ -58,8 +63,24 @@ def _gguf_file(spec: DictConfig) -> Path:
     return _package_path(spec, spec.gguf_package, spec.gguf_file)
 
 
+#: The version of the GGUF-to-safetensors conversion below; bump it when the conversion changes.
+CONVERSION_VERSION = 1
+
+
+@functools.lru_cache(maxsize=None)
+def package_version(module: str) -> str:
+    """The installed version of the distribution that provides the importable ``module`` ("none" if absent)."""
+    distributions = importlib.metadata.packages_distributions().get(module, [])
+    return importlib.metadata.version(distributions[0]) if distributions else "none"
+
+
 def converted_dir(spec: DictConfig, cache_dir: str) -> Path:
-    return Path(cache_dir).expanduser() / "models" / Path(spec.gguf_file).stem
+    """Where the converted GGUF model is cached: named by everything that determines the conversion's output
+    (the package that carries the file and its version, transformers' dequantisation, this converter)."""
+    producer = [spec.gguf_package, package_version(spec.gguf_package), spec.gguf_file, transformers.__version__,
+                CONVERSION_VERSION]
+    digest = hashlib.sha256(json.dumps(producer).encode()).hexdigest()[:12]
+    return Path(cache_dir).expanduser() / "models" / f"{Path(spec.gguf_file).stem}-{digest}"
 
 
 def model_dir_problem(directory: Path) -> Optional[str]:
@@ -121,6 +142,25 @@ def _hub_error(spec: DictConfig, e: Exception) -> ModelLoadError:
                           "model.name_or_path to a local directory that holds the checkpoint.")
 
 
+def _revision(spec: DictConfig) -> dict[str, str]:
+    """from_pretrained's ``revision`` for a Hub model pinned to one (a branch, tag or commit)."""
+    return {"revision": spec.revision} if spec.source == "hub" and spec.revision else {}
+
+
+def hub_commit(spec: DictConfig) -> Optional[str]:
+    """The commit of a Hub model's locally cached snapshot (the one from_pretrained loads); None when
+    ``name_or_path`` is a local directory or nothing is cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(spec.name_or_path).expanduser().is_dir():
+        return None
+    try:
+        found = try_to_load_from_cache(spec.name_or_path, "config.json", revision=spec.revision)
+    except ValueError:  # not a Hub id
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
 def weights_location(spec: DictConfig, cache_dir: str) -> str:
     """Where from_pretrained reads tokenizer and weights (converting a bundled GGUF first)."""
     if spec.source in ("gguf", "random"):
@@ -133,7 +173,7 @@ def weights_location(spec: DictConfig, cache_dir: str) -> str:
 def load_tokenizer(spec: DictConfig, cache_dir: str) -> PreTrainedTokenizerBase:
     location = weights_location(spec, cache_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        tokenizer = AutoTokenizer.from_pretrained(location, **_revision(spec))
     except OSError as e:
         raise _hub_error(spec, e) from e
     if tokenizer.pad_token is None:
@@ -149,7 +189,7 @@ def context_window(spec: DictConfig, cache_dir: str) -> int:
     if spec.source == "random":
         return spec.tiny.max_position_embeddings
     try:
-        config = AutoConfig.from_pretrained(weights_location(spec, cache_dir))
+        config = AutoConfig.from_pretrained(weights_location(spec, cache_dir), **_revision(spec))
     except OSError as e:
         raise _hub_error(spec, e) from e
     return config.max_position_embeddings
@@ -179,7 +219,7 @@ def load_model(spec: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerB
     else:
         try:
             model = auto_class.from_pretrained(weights_location(spec, cache_dir), dtype=dtype,
-                                               attn_implementation=spec.attn_implementation)
+                                               attn_implementation=spec.attn_implementation, **_revision(spec))
         except OSError as e:
             raise _hub_error(spec, e) from e
     return keep_every_nth_layer(model, spec.layer_stride) if spec.layer_stride > 1 else model
@@ -214,14 +254,22 @@ def keep_every_nth_layer(model, stride: int):
 
 
 def model_identity(spec: DictConfig, seed: int) -> str:
-    """What determines the base model's outputs, so that cached teacher outputs are never stale."""
+    """What determines the base model's outputs, so that cached teacher outputs are never stale: the config's
+    fields, the modelling code (transformers' version), and where the weights come from: a package's version,
+    a Hub model's commit, a local checkpoint's modification time."""
     fields = {key: spec[key] for key in ("source", "name_or_path", "gguf_file", "dtype", "attn_implementation",
                                          "architecture", "layer_stride")}
+    fields["transformers"] = transformers.__version__
     if spec.source == "random":
         fields.update(tiny=OmegaConf.to_container(spec.tiny), seed=seed)
+    if spec.source in ("gguf", "random", "package"):
+        package = spec.package if spec.source == "package" else spec.gguf_package
+        fields["package"] = [package, package_version(package)]
     local = Path(spec.name_or_path).expanduser()
     if spec.source == "hub" and local.is_dir():  # a local checkpoint may be rewritten in place
         fields["modified"] = max((f.stat().st_mtime for f in local.iterdir()), default=0)
+    elif spec.source == "hub":
+        fields["revision"] = hub_commit(spec) or spec.revision
     return json.dumps(fields, sort_keys=True)
 
 
@@ -236,7 +284,8 @@ def check_shared_vocabulary(student: DictConfig, teacher: DictConfig, cache_dir:
                              "distillation over logits needs a shared vocabulary. Use a teacher from the student's "
                              "model family (e.g. OPT-1.3b for OPT-125m).")
     sizes = [len(vocabularies[0]) if spec.source == "random" else
-             AutoConfig.from_pretrained(weights_location(spec, cache_dir)).vocab_size for spec in (student, teacher)]
+             AutoConfig.from_pretrained(weights_location(spec, cache_dir), **_revision(spec)).vocab_size
+             for spec in (student, teacher)]
     if sizes[0] != sizes[1]:
         raise ModelLoadError(f"method.teacher={teacher.name} scores {sizes[1]} output tokens and model={student.name} "
                              f"{sizes[0]} (their embedding matrices are padded differently); distillation over logits "
@@ -326,21 +375,41 @@ def add_adapter(model, spec: DictConfig, tokenizer, context: str):
     return model
 
 
+class TeacherUnavailable(RuntimeError):
+    """The frozen teacher was asked for after training began to change the weights it would be read from."""
+
+
 @dataclass
 class ModelHandle:
-    """The trained model and the frozen teacher that shares its weights.
+    """The trained model and the frozen teacher.
 
-    ``student`` is what the trainer optimises (possibly wrapped by accelerate);
-    ``teacher()`` yields the same weights with the adapter disabled, in eval mode,
-    so self-distillation needs a single copy of the base model, or the separate
-    teacher when there is one.
+    ``student`` is what the trainer optimises (possibly wrapped by accelerate). ``teacher()`` yields
+    the frozen teacher, in eval mode: the separate teacher when there is one (a larger model, or a
+    frozen copy of the initial weights kept for full-weight training); otherwise the same weights
+    with the adapter disabled, so self-distillation needs a single copy of the base model.
     """
 
     student: torch.nn.Module
     base: torch.nn.Module  # the unwrapped model (a PeftModel when LoRA is used)
     identity: str = ""  # what determines the base weights (see model_identity): the teacher cache's key
-    # A separate frozen teacher (a larger model, in ICL distillation); None: the base weights are the teacher.
+    # A separate frozen teacher; None: the base weights with the adapter disabled are the teacher.
     separate_teacher: Optional[torch.nn.Module] = None
+    # Set by the trainer when the first step is about to change the weights.
+    training_started: bool = False
+
+    @property
+    def trains_base_weights(self) -> bool:
+        """Whether training changes the base weights themselves (no adapter that could be disabled)."""
+        return not hasattr(self.base, "disable_adapter")
+
+    def keep_frozen_teacher(self) -> None:
+        """Keep a frozen copy of the current weights as the teacher (full-weight training whose method asks
+        the teacher during training: the trained weights must never teach themselves)."""
+        if self.separate_teacher is None:
+            self.separate_teacher = copy.deepcopy(self.base).requires_grad_(False).eval()
+            size = sum(p.numel() * p.element_size() for p in self.separate_teacher.parameters())
+            log.info("full-weight training with a per-step teacher: kept a frozen copy of the initial weights "
+                     "as the teacher (%.0f MB)", size / 2**20)
 
     @contextlib.contextmanager
     def teacher(self) -> Iterator[torch.nn.Module]:
@@ -348,6 +417,11 @@ class ModelHandle:
             with torch.no_grad():
                 yield self.separate_teacher.eval()
             return
+        if self.training_started and self.trains_base_weights:
+            raise TeacherUnavailable(
+                "the frozen teacher was asked for during full-weight training, and every weight it would be read "
+                "from is being trained (it would distil from itself). The method must declare "
+                "teacher_during_training so that a frozen copy is kept, or use model.adapter=lora or prefix.")
         was_training = self.base.training
         self.base.eval()
         disable = self.base.disable_adapter() if hasattr(self.base, "disable_adapter") else contextlib.nullcontext()

@@ -144,6 +144,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             log.info("teacher %s: %d parameters, frozen", teacher_spec.name, sum(p.numel() for p in teacher.parameters()))
         handle = ModelHandle(student=model, base=model, separate_teacher=teacher,
                              identity=model_identity(teacher_spec or cfg.model, cfg.seed))
+        if method.trains and method.teacher_during_training and handle.trains_base_weights:
+            handle.keep_frozen_teacher()
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
         evaluator.prepare()
 

@@ -1,10 +1,10 @@
 """Resumable generated datasets: keyed rows appended to a JSON-lines file as they are computed.
 
 A pipeline stage (pseudo inputs, teacher replies, reasons) is expensive and deterministic
-given its settings. Its rows live in ``<root>/<stage>-<digest of the settings>.jsonl``, so
-any run with the same settings (a sweep over the loss weights) reads them instead of
-generating them, and a run killed mid-stage finds the rows of every finished batch and
-computes only the missing keys. A line cut short by the kill is dropped on load.
+given its settings. Its rows live in ``<root>/<stage>-<digest>.jsonl``, the digest taken over the
+settings and the producer version, so any run with the same settings (a sweep over the loss
+weights) reads them instead of generating them, and a run killed mid-stage finds the rows of
+every finished batch and computes only the missing keys. A line cut short by the kill is dropped on load.
 """
 
 from __future__ import annotations
@@ -20,6 +20,11 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
+#: The version of the code that produces stage rows (generation and the stages' prompts and cleaning).
+#: Bump it whenever that code changes what it produces: rows written by earlier code are then never read.
+#: 2: generation over a shared context no longer drops the query after the first token.
+PRODUCER_VERSION = 2
+
 
 def digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -31,6 +36,7 @@ class RowStore:
     def __init__(self, root: str | Path, stage: str, settings: dict[str, Any]):
         root = Path(root).expanduser()
         root.mkdir(parents=True, exist_ok=True)
+        settings = {**settings, "producer_version": PRODUCER_VERSION}
         name = f"{stage}-{digest(settings)}"
         self.path = root / f"{name}.jsonl"
         settings_file = root / f"{name}.settings.json"  # for people: what produced the rows

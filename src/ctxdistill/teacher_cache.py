@@ -20,6 +20,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: The version of the code that produces cached targets (generation, answer logits, the methods' target
+#: computation). Bump it whenever that code changes what it produces: targets written by earlier code are
+#: then never read. 2: generation over a shared context no longer drops the query after the first token.
+PRODUCER_VERSION = 2
+
 
 class TeacherTargets(NamedTuple):
     span: list[int]  # the answer tokens whose positions are distilled
@@ -49,9 +54,9 @@ def _digest(payload: Any) -> str:
 class TeacherCache:
     """Targets keyed by the teacher's whole input text; on disk under ``directory``, or in memory if None.
 
-    The key covers everything that determines a target (model weights, tokenizer, answer mode,
-    temperature, top-k, the prompt itself), so a changed demonstration or setting never hits a
-    stale entry. Writes go to a temporary file renamed into place: a killed run leaves the old
+    The key covers everything that determines a target (the producing code's version, model weights,
+    tokenizer, answer mode, temperature, top-k, the prompt itself), so a changed demonstration, setting
+    or producer never hits a stale entry. Writes go to a temporary file renamed into place: a killed run leaves the old
     file or the new one, never half of one.
     """
 
@@ -59,7 +64,7 @@ class TeacherCache:
         self.entries: dict[str, TeacherTargets] = {}
         self.path = None
         if directory:
-            self.path = Path(directory).expanduser() / f"{_digest([model_identity, settings, context])}.pt"
+            self.path = Path(directory).expanduser() / f"{_digest([PRODUCER_VERSION, model_identity, settings, context])}.pt"
             if self.path.is_file():
                 try:
                     stored = torch.load(self.path, weights_only=True)

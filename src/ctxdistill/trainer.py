@@ -78,6 +78,7 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
         log.info("resuming from %s (step %d of %d)", resume, progress.step, total_steps)
     resumed_from = progress.step
     handle.student.train()
+    handle.training_started = True
 
     bar = tqdm(total=total_steps, initial=progress.step, desc=f"train {method.name}",
                disable=not accelerator.is_main_process)

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from ctxdistill.config import ConfigError
 from ctxdistill.data import Example, Task, build_task
 from ctxdistill.data.mixture import TaskMixture, build_mixture
-from ctxdistill.evaluation import check_prompt_lengths, make_evaluator
+from ctxdistill.evaluation import check_answer_tokenization, check_prompt_lengths, make_evaluator
 from ctxdistill.models import ModelHandle, context_window
 
 
@@ -29,6 +29,9 @@ class Method:
     reads_mixtures: bool = False
     #: a separate frozen teacher's model config (a larger model); None: the base weights are the teacher.
     teacher_model: Optional[DictConfig] = None
+    #: whether the frozen teacher is asked after :meth:`prepare` (at training steps); full-weight training
+    #: then keeps a frozen copy of the initial weights for it.
+    teacher_during_training: bool = False
 
     def __init__(self, name: str):
         self.name = name
@@ -62,10 +65,12 @@ class Method:
         return []
 
     def check_inputs(self, task: Task, tokenizer, cfg: DictConfig) -> None:
-        """Cheap checks before the model loads: by default, every teacher prompt fits the model's window."""
+        """Cheap checks before the model loads: by default, every teacher prompt fits the model's window and
+        prompt + answer tokenises as the prompt's tokens followed by the answer's."""
         generation = getattr(task, "generation", None)  # a mixture's tasks classify
         answer_tokens = max(self.answer_tokens, generation.max_new_tokens if generation else 1)
         check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
+        check_answer_tokenization(task, tokenizer)
 
     def wrap_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
         """The module that is trained and evaluated, built around the loaded model (e.g. with a scoring head)."""

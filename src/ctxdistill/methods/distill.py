@@ -44,6 +44,7 @@ class ContextDistillation(Method):
         self.answer, self.max_answer_tokens, self.live_teacher = answer, max_answer_tokens, teacher == "live"
         self.teacher_cache, self.teacher_cache_dir = teacher_cache, teacher_cache_dir
         self.answer_tokens = max_answer_tokens if answer == "teacher_generation" else 1
+        self.teacher_during_training = teacher_cache == "none" and not self.live_teacher
         self._spans: dict[str, list[int]] = {}
         self._targets: dict[str, TeacherTargets] = {}
         self._prefix: Optional[SharedPrefix] = None  # the frozen teacher's context, for per-step targets

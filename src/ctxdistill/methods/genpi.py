@@ -100,6 +100,7 @@ class GenPI(Method):
         self.reason_template, self.reason_temperature = reason_template, reason_temperature
         self.max_reason_tokens, self.pg_template = max_reason_tokens, pg_template
         self.sft_weight, self.kl_weight, self.stage_dir, self.seed = sft_weight, kl_weight, stage_dir, seed
+        self.teacher_during_training = kl_weight > 0  # the KL term's targets come at every step
         self.pseudo_inputs: list[str] = []  # training inputs, then the held-out ones
         self._replies: Optional[RowStore] = None
         self._records: dict[str, dict] = {}  # training slot uid -> input, replies, reason
@@ -208,7 +209,10 @@ class GenPI(Method):
     def prepare(self, handle, tokenizer, task, examples, batch_size):
         self.ensure_inputs(handle, tokenizer, batch_size)
         train_inputs = self.pseudo_inputs[:self.num_pseudo_inputs]
-        replies = self.replies(handle, tokenizer, self.pseudo_inputs, batch_size)[:self.num_pseudo_inputs]
+        # Every reference reply now, before any weight changes: evaluation reads them from the stage.
+        eval_inputs = [e.fields["input"] for examples in task.eval_sets.values() for e in examples]
+        replies = self.replies(handle, tokenizer, [*self.pseudo_inputs, *eval_inputs],
+                               batch_size)[:self.num_pseudo_inputs]
         reasons = self._reasons(handle, tokenizer, replies, batch_size)
         for example, text, reply, reason in zip(examples, train_inputs, replies, reasons):
             self._records[example.uid] = {**reply, "input": text, "reason": reason}

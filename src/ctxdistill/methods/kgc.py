@@ -115,10 +115,14 @@ class KGCStudent(Method):
               candidates: Sequence[Sequence[str]]) -> list[torch.Tensor]:
         """One score per candidate entity of each query (higher: more plausible)."""
         model = handle.base
+        was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        return [self.score_query(model, tokenizer, task, triple, direction, names, device)
-                for (triple, direction), names in zip(queries, candidates)]
+        try:
+            return [self.score_query(model, tokenizer, task, triple, direction, names, device)
+                    for (triple, direction), names in zip(queries, candidates)]
+        finally:
+            model.train(was_training)  # a periodic evaluation must not switch dropout off for the rest of training
 
     def score_query(self, model, tokenizer, task: KGTask, triple: Triple, direction: str, names: Sequence[str],
                     device) -> torch.Tensor:

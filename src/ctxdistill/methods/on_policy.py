@@ -27,6 +27,7 @@ from ctxdistill.methods.base import Method
 
 class OnPolicyDistillation(Method):
     adapter = "lora"
+    teacher_during_training = True  # it scores every step's samples
 
     def __init__(self, name: str, divergence: str = "reverse_kl", beta: float = 0.5, lmbda: float = 1.0,
                  temperature: float = 1.0, top_k: Optional[int] = None, max_new_tokens: int = 8,
@@ -71,7 +72,12 @@ class OnPolicyDistillation(Method):
             teacher_logits = answer_logits(teacher, teacher_batch, self.prefix).to(student.device)
         mask = student_batch["answer_mask"].to(student.device)
         if self.divergence == "sampled_reverse_kl":
-            loss = sampled_reverse_kl(student, teacher_logits, student_batch["answer_ids"].to(student.device), mask)
+            # The importance weight needs log q(x) of the distribution each token was drawn from.
+            tokens = student_batch["answer_ids"].to(student.device)
+            sampler = student.detach() if on_policy else teacher_logits
+            sampling_logprobs = (sampler.float() / self.temperature).log_softmax(-1).gather(
+                -1, tokens.unsqueeze(-1)).squeeze(-1)
+            loss = sampled_reverse_kl(student, teacher_logits, tokens, mask, sampling_logprobs)
         else:
             loss = distillation_loss(student, teacher_distribution(teacher_logits)[0], mask, self.divergence,
                                      self.beta)
