@@ -3,7 +3,6 @@
 import itertools
 import json
 
-import pytest
 from PIL import Image
 
 from ctxdistill.compare import collect, main, summarise, write_results

@@ -1,5 +1,8 @@
 """Models: answer-position logits equal a plain forward, the teacher is frozen and adapter-free."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -126,10 +129,8 @@ def test_full_weight_training_keeps_a_frozen_copy_as_the_teacher_or_refuses_to_t
             torch.testing.assert_close(answer_logits(teacher, batch), initial)
 
 
-def hub_snapshot(cache: "Path", repo: str, commit: str, source: "Path") -> None:
+def hub_snapshot(cache: Path, repo: str, commit: str, source: Path) -> None:
     """A Hugging Face cache entry for ``repo`` at ``commit`` holding the files of ``source``, as a download leaves it."""
-    import shutil
-
     root = cache / f"models--{repo.replace('/', '--')}"
     shutil.copytree(source, root / "snapshots" / commit, dirs_exist_ok=True)
     (root / "refs").mkdir(parents=True, exist_ok=True)

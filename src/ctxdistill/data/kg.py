@@ -189,7 +189,7 @@ def synthetic_kg(num_people: int = 60, seed: int = 1234, eval_fraction: float = 
         descriptions[uid] = description
         return uid
 
-    countries = {c: entity("C", c, f"a country") for c in _COUNTRIES}
+    countries = {c: entity("C", c, "a country") for c in _COUNTRIES}
     cities = {c: entity("T", c, f"a city in {k}") for c, k in city_country.items()}
     professions = {p: entity("P", p, f"a person who {what}") for p, what in _PROFESSIONS.items()}
     relations = {"born_in": "was born in", "located_in": "is located in", "nationality": "is a citizen of",
