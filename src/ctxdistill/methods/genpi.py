@@ -265,8 +265,8 @@ class GenPI(Method):
 
 class PromptInternalizationEvaluator:
     """Greedy replies of the trained model without the prompt, against the teacher with it and the base
-    model without it (both from the cached replies stage), on the held-out pseudo inputs and the
-    config's held-out inputs (set "eval")."""
+    model without it (both from the replies stage, written before training), on the held-out pseudo
+    inputs and the config's held-out inputs (set "eval")."""
 
     def __init__(self, method: GenPI, handle, tokenizer, task: Task, batch_size: int):
         self.method, self.handle, self.tokenizer, self.task, self.batch_size = method, handle, tokenizer, task, batch_size

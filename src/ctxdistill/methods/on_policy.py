@@ -1,11 +1,13 @@
 """on_policy_cd: on-policy context distillation (GKD, Agarwal et al. 2023; on-policy distillation; SDFT).
 
 At every step the student (LoRA-adapted, no context) samples a continuation of each
-query; the teacher (the same base model with the adapter disabled, with the context)
-scores every sampled token; the loss is a divergence between the two next-token
+query; the teacher (the same base model with the adapter disabled, or with
+``model.adapter=full`` a frozen copy of the initial weights, with the context) scores every
+sampled token; the loss is a divergence between the two next-token
 distributions at those positions: reverse KL by default (mode-seeking: the student is
 corrected where it actually goes), generalised JSD with beta, or the sampled token's
-log-ratio as a policy gradient. With GKD's lambda < 1 a batch is sampled from the
+log-ratio as a policy gradient (importance-weighted by the sampler's probability, so it stays
+unbiased for teacher samples and any temperature). With GKD's lambda < 1 a batch is sampled from the
 teacher instead (with probability 1 - lambda): sequence-level distillation.
 
 The context's key/value cache is computed once and reused by every teacher pass.
