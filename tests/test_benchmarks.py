@@ -39,25 +39,36 @@ def test_paws_qqp_decodes_bytes_literals(make_cfg):
     assert len(task.eval_sets["eval"]) == 1000  # subsampled like llmft
 
 
+HANS_HEADER = ("gold_label\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\t"
+               "sentence1\tsentence2\tpairID\theuristic\tsubcase\ttemplate\n")
+
+
+def write_hans(path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
+    """A file in the layout of HANS's heuristics_evaluation_set.txt: (gold label, premise, hypothesis, heuristic)."""
+    path.write_text(HANS_HEADER + "".join(f"{g}\t(x)\t(y)\t(X)\t(Y)\t{a}\t{b}\tex{i}\t{h}\tsub\ttemp\n"
+                                          for i, (g, a, b, h) in enumerate(rows)))
+    return path
+
+
 @needs_shared
-def test_rte_dev_has_277_rows(make_cfg):
-    cfg = make_cfg("dataset=rte", f"dataset.source.data_dir={SHARED / 'glue/rte'}")
+def test_rte_dev_has_277_rows_and_hans_out_of_domain(make_cfg, tmp_path):
+    hans = write_hans(tmp_path / "hans.txt", [("entailment", "The cat saw the dog .", "The cat saw the dog .",
+                                               "lexical_overlap"),
+                                              ("non-entailment", "The dog saw the cat .", "The cat saw the dog .",
+                                               "lexical_overlap")])
+    cfg = make_cfg("dataset=rte", f"dataset.source.data_dir={SHARED / 'glue/rte'}", f"dataset.hans_file={hans}")
     task = build_task(cfg.dataset, seed=0)
     assert len(task.eval_sets["eval"]) == 277
     assert {e.label for e in task.eval_sets["eval"]} == {0, 1}
-
-
-HANS_HEADER = ("gold_label\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\t"
-               "sentence1\tsentence2\tpairID\theuristic\tsubcase\ttemplate\n")
+    assert task.student_prompt(task.eval_sets["hans"][1]) == "The dog saw the cat . The cat saw the dog . ?"
+    assert [e.label for e in task.eval_sets["hans"]] == [0, 1]
 
 
 def test_a_hans_format_file_fills_the_out_of_domain_slot(make_cfg, tmp_path):
     rows = [("entailment", "The cat saw the dog .", "The cat saw the dog .", "lexical_overlap"),
             ("non-entailment", "The dog saw the cat .", "The cat saw the dog .", "lexical_overlap"),
             ("non-entailment", "If the cat ran , the dog slept .", "The dog slept .", "constituent")]
-    hans = tmp_path / "heuristics_evaluation_set.txt"
-    hans.write_text(HANS_HEADER + "".join(f"{g}\t(x)\t(y)\t(X)\t(Y)\t{a}\t{b}\tex{i}\t{h}\tsub\ttemp\n"
-                                          for i, (g, a, b, h) in enumerate(rows)))
+    hans = write_hans(tmp_path / "heuristics_evaluation_set.txt", rows)
     mnli = tmp_path / "mnli"
     mnli.mkdir()
     (mnli / "train.jsonl").write_text("".join(
@@ -66,14 +77,55 @@ def test_a_hans_format_file_fills_the_out_of_domain_slot(make_cfg, tmp_path):
     (mnli / "dev.tsv").write_text("index\tpremise\thypothesis\tgold_label\n0\tA \"quoted\tB\tentailment\n")
     cfg = make_cfg("dataset=mnli", f"dataset.source.data_dir={mnli}", "dataset.source.data_files.train=train.jsonl",
                    "dataset.source.data_files.validation_matched=dev.tsv", "dataset.context.num_demos=2",
-                   "dataset.num_train_queries=4", f"dataset.ood.0.source.data_dir={tmp_path}",
-                   f"dataset.ood.1.source.data_dir={tmp_path}")
+                   "dataset.num_train_queries=4", f"dataset.hans_file={hans}")  # one override, both HANS sets
     task = build_task(cfg.dataset, seed=0)
     assert [e.group for e in task.eval_sets["hans_all"]] == ["lexical_overlap", "lexical_overlap", "constituent"]
     assert [(e.fields["premise"], e.label) for e in task.eval_sets["hans"]] == [
         ("The cat saw the dog .", 0), ("The dog saw the cat .", 1)]  # lexical_overlap only
     assert task.eval_sets["eval"][0].fields["premise"] == 'A "quoted'
     assert len(task.train_queries) == 4 and all(q.label is None for q in task.train_queries)
+
+
+def tiny_mnli(directory: Path) -> list[str]:
+    """Overrides that read a small MNLI written in its original layouts (train sample JSON lines, dev TSV)."""
+    directory.mkdir()
+    (directory / "train.jsonl").write_text("".join(
+        f'{{"text_a": "P{i}", "text_b": "H{i}", "label": "{lab}"}}\n'
+        for i, lab in enumerate(["entailment", "neutral", "contradiction"] * 30)))
+    (directory / "dev.tsv").write_text("index\tpremise\thypothesis\tgold_label\n" + "".join(
+        f"{i}\tP{i}\tH{i}\t{lab}\n" for i, lab in enumerate(["entailment", "contradiction"] * 60)))
+    return [f"dataset.source.data_dir={directory}", "dataset.source.data_files.train=train.jsonl",
+            "dataset.source.data_files.validation_matched=dev.tsv"]
+
+
+def test_upadhayaya_hans_subset_is_their_seed_plus_one_shuffle_and_holds_both_labels(make_cfg, tmp_path):
+    import datasets
+
+    # Like the real file: ordered by subcase, so its first lexical-overlap rows are all one label.
+    rows = [("non-entailment" if i < 500 else "entailment", f"The doctor {i} saw the actor .",
+             "The actor saw the doctor .", "lexical_overlap") for i in range(1000)] + [("entailment", "If so , X .", "X .", "constituent")] * 20
+    hans = write_hans(tmp_path / "hans.txt", rows)
+    for seed in (0, 3):
+        cfg = make_cfg("experiment=upadhayaya2024/mnli", f"seed={seed}", *tiny_mnli(tmp_path / f"mnli{seed}"),
+                       f"dataset.hans_file={hans}")
+        subset = build_task(cfg.dataset, seed=seed).eval_sets["hans"]
+        # Their code: the lexical-overlap rows as a datasets.Dataset, .shuffle(seed + 1), the first 100.
+        lexical = datasets.Dataset.from_list([{"premise": a} for _, a, _, h in rows if h == "lexical_overlap"])
+        expected = lexical.shuffle(seed=seed + 1).select(range(100))
+        assert [e.fields["premise"] for e in subset] == expected["premise"]
+        assert sorted({e.label for e in subset}) == [0, 1]
+    first_rows = build_task(make_cfg("experiment=upadhayaya2024/mnli", "dataset.ood.0.shuffle_seed=null",
+                                     *tiny_mnli(tmp_path / "plain"), f"dataset.hans_file={hans}").dataset,
+                            seed=0).eval_sets["hans"]
+    assert {e.label for e in first_rows} == {1}  # what the first 100 rows would have been
+
+
+def test_a_missing_hans_file_is_named_with_its_out_of_domain_slot(make_cfg, tmp_path):
+    from ctxdistill.data.tasks import DataError
+
+    cfg = make_cfg("dataset=mnli", *tiny_mnli(tmp_path / "mnli"), f"dataset.hans_file={tmp_path / 'nowhere.txt'}")
+    with pytest.raises(DataError, match=r"dataset\.ood\.0\.source \(hans\): data file not found: .*nowhere\.txt"):
+        build_task(cfg.dataset, seed=0)
 
 
 @pytest.mark.parametrize("dataset, pattern, prompt, answers", [
@@ -99,3 +151,23 @@ def test_llmft_patterns_render_exactly(make_cfg, tmp_path, dataset, pattern, pro
     assert task.verbalizers == answers
     demo = task.demos[0]
     assert task.context.startswith(prompt + answers[demo.label])
+
+
+def test_mosbach_fine_tuning_is_llmfts_full_parameter_pattern_based_run(make_cfg):
+    # llmft's experiments/pattern_verbalizer_ft/run.sh: "mnli 128 40 0.5 4 8 1e-5" (samples, epochs, warmup
+    # ratio, batch per GPU, GPUs, lr), weight decay 0.0, constant LR after warmup (WarmupLR), the HF Trainer's
+    # gradient clipping of 1.0; scored by the argmax over the whole vocabulary.
+    for dataset in ("mnli", "qqp"):
+        cfg = make_cfg(f"experiment=mosbach2023/{dataset}", "method=pbft")
+        assert (cfg.method.finetune, cfg.method.train_on, cfg.method.objective) == (
+            "full", "labelled_queries", "eval/vocab_accuracy")
+        t = cfg.trainer
+        assert (t.epochs, t.warmup_ratio, t.lr, t.weight_decay, t.scheduler, t.max_grad_norm) == (
+            40, 0.5, 1e-5, 0.0, "constant_with_warmup", 1.0)
+        assert t.batch_size == cfg.dataset.num_train_queries == 16  # the 16 examples in one batch
+        assert cfg.model.dtype == "float32" and cfg.dataset.template.endswith(" ?")
+    # llmft's experiments/pattern_verbalizer_ft/lora.sh: "mnli 32 80 0.25 ... 2e-4 ... 8"
+    lora = make_cfg("experiment=mosbach2023/mnli_lora", "method=ft")
+    assert (lora.method.finetune, lora.model.lora.r, lora.trainer.epochs, lora.trainer.warmup_ratio,
+            lora.trainer.lr) == ("lora", 8, 80, 0.25, 2e-4)
+    assert make_cfg("experiment=mosbach2023/mnli", "method=icl").method.name == "icl"

@@ -128,7 +128,7 @@ def test_fine_tuning_without_demonstrations_fails_before_the_model_loads(make_cf
 @pytest.mark.parametrize("args, expected", [
     (["--help"], "method: base_contextualization, base_distill, base_finetune, base_genpi, base_icl_distill, "
                  "base_kgbert, base_kgs2s, base_on_policy, base_prompting, base_scratchpad, cd, contextualization, "
-                 "ft, genpi, icl, icl_d, icl_distill, ict, kgbert, kgbert_cd, kgs2s, kgs2s_cd, on_policy_cd, "
+                 "ft, genpi, icl, icl_d, icl_distill, ict, kgbert, kgbert_cd, kgs2s, kgs2s_cd, on_policy_cd, pbft, "
                  "scratchpad, zero_shot"),
     (["method=ft", "--cfg", "job"], "_target_: ctxdistill.methods.finetune.Finetune"),
     (["--info", "defaults"], "method/cd"),

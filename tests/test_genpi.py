@@ -227,7 +227,8 @@ def test_the_stages_hold_the_teachers_and_base_models_greedy_replies_and_the_met
         assert [(r["teacher_reply"], r["base_reply"]) for r in rows] == [
             (by_input[r["input"]]["teacher"], by_input[r["input"]]["base"]) for r in rows]
         assert metrics[f"{name}/rule_compliance"] == sum(bool(rule.search(r["reply"])) for r in rows) / len(rows)
-        assert metrics[f"{name}/base_rule_compliance"] == sum(bool(rule.search(r["base_reply"])) for r in rows) / len(rows)
+        base_complies = [bool(rule.search(r["base_reply"])) for r in rows]
+        assert metrics[f"{name}/base_rule_compliance"] == sum(base_complies) / len(rows)
         assert metrics[f"{name}/rougeL_to_teacher"] == pytest.approx(
             sum(scorer.score(r["teacher_reply"], r["reply"])["rougeL"].fmeasure for r in rows) / len(rows))
 

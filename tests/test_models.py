@@ -130,7 +130,7 @@ def test_full_weight_training_keeps_a_frozen_copy_as_the_teacher_or_refuses_to_t
 
 
 def hub_snapshot(cache: Path, repo: str, commit: str, source: Path) -> None:
-    """A Hugging Face cache entry for ``repo`` at ``commit`` holding the files of ``source``, as a download leaves it."""
+    """A Hugging Face cache entry for ``repo`` at ``commit`` with the files of ``source``, as a download leaves it."""
     root = cache / f"models--{repo.replace('/', '--')}"
     shutil.copytree(source, root / "snapshots" / commit, dirs_exist_ok=True)
     (root / "refs").mkdir(parents=True, exist_ok=True)

@@ -113,3 +113,19 @@ def test_sweep_cfg_prints_and_validates_every_cell_of_table_3():
     cells = [line for line in proc.stdout.splitlines() if line.startswith("# cell ")]
     assert len(cells) == 16
     assert "name_or_path: facebook/opt-2.7b" in proc.stdout and "paper: upadhayaya2024" in proc.stdout
+
+
+def test_pbft_trains_every_weight_on_labelled_queries_apart_from_the_demonstrations(make_cfg, tmp_path):
+    from hydra.utils import instantiate
+
+    from ctxdistill.data import build_task
+
+    cfg = make_cfg(*TINY, "method=pbft", "dataset.num_train_queries=6", "trainer.batch_size=6", "trainer.max_steps=2")
+    task = build_task(cfg.dataset, cfg.seed)
+    examples = instantiate(cfg.method, _convert_="all").train_examples(task)
+    assert [e.uid for e in examples] == [q.uid for q in task.train_queries]
+    assert [e.label for e in examples] == task.train_query_labels and None not in task.train_query_labels
+    assert not {e.uid for e in examples} & {d.uid for d in task.demos}
+    result = run(cfg)
+    assert result["objective"] == "eval/vocab_accuracy" and result["train"]["examples"] == 6
+    assert (tmp_path / "model" / "config.json").is_file()  # every weight trained: the whole model is saved

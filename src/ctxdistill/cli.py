@@ -40,6 +40,8 @@ def cell_dir(overrides: str) -> str:
 
 
 OmegaConf.register_new_resolver("cell_dir", cell_dir, replace=True)
+# ${add:${seed},1}: a seed derived from the run's (Upadhayaya et al. shuffle HANS with seed + 1).
+OmegaConf.register_new_resolver("add", lambda *numbers: sum(numbers), replace=True)
 
 
 def join_distributed_launch(argv: list[str]) -> list[str]:

@@ -32,6 +32,10 @@ class PromptingConfig(MethodConfig):
 class FinetuneConfig(MethodConfig):
     _target_: str = "ctxdistill.methods.finetune.Finetune"
     finetune: str = "lora"  # lora | full
+    # demonstrations: the context's k demonstrations (balanced); labelled_queries: the task's training
+    # queries with their labels (drawn at random, apart from the demonstrations, as llmft draws its examples)
+    train_on: str = "demonstrations"
+    objective: str = "eval/accuracy"  # what a sweeper optimises; llmft scores fine-tuning by eval/vocab_accuracy
 
 
 @dataclass
@@ -242,6 +246,7 @@ class SourceConfig:
     hub_config: Optional[str] = None
     data_dir: Optional[str] = None  # a directory with the original files; data_files are relative to it
     data_files: dict[str, str] = field(default_factory=dict)  # split -> .jsonl/.json/.tsv/.csv file
+    file: Optional[str] = None  # one local file read for the split instead of the Hub or data_dir/data_files
     rename: dict[str, str] = field(default_factory=dict)  # column -> template field (file layouts differ)
     where: dict[str, str] = field(default_factory=dict)  # keep only records with these column values
     bytes_literals: bool = False  # text columns hold Python bytes literals b'...' (llmft's PAWS-QQP)
@@ -270,6 +275,9 @@ class EvalSetConfig:
     label_map: Optional[dict[str, int]] = None  # default: the dataset's
     drop_labels: Optional[list[str]] = None  # default: the dataset's
     num_examples: Optional[int] = None
+    # Which num_examples: null, the first rows in file order; a seed, the first rows after a shuffle with it
+    # (numpy's default_rng(seed).permutation, what datasets' Dataset.shuffle(seed=...) does).
+    shuffle_seed: Optional[int] = None
     group_by: Optional[str] = None  # a column whose values get their own accuracy (HANS: heuristic)
 
 
@@ -310,7 +318,11 @@ class DatasetConfig:
     eval_split: str = "validation"
     num_train_queries: int = 64
     num_eval: Optional[int] = None
+    eval_shuffle_seed: Optional[int] = None  # which num_eval rows, as an out-of-domain set's shuffle_seed
     ood: list[EvalSetConfig] = field(default_factory=list)
+    # A local copy of HANS's heuristics_evaluation_set.txt (github.com/tommccoy1/hans), read by the HANS
+    # out-of-domain sets instead of the Hub (whose copy is a loading script current datasets refuses).
+    hans_file: Optional[str] = None
     generation: Optional[GenerationConfig] = None  # set: the label field holds free-text answers
 
 
@@ -662,3 +674,5 @@ def validate(cfg: DictConfig) -> None:
     if "finetune" in m:
         _require(m.finetune in ("lora", "full"), "method.finetune", f"unknown value {m.finetune!r}",
                  "Use lora or full")
+        _require(m.train_on in ("demonstrations", "labelled_queries"), "method.train_on",
+                 f"unknown value {m.train_on!r}", "Use demonstrations or labelled_queries")

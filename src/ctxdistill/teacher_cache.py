@@ -64,7 +64,8 @@ class TeacherCache:
         self.entries: dict[str, TeacherTargets] = {}
         self.path = None
         if directory:
-            self.path = Path(directory).expanduser() / f"{_digest([PRODUCER_VERSION, model_identity, settings, context])}.pt"
+            key = _digest([PRODUCER_VERSION, model_identity, settings, context])
+            self.path = Path(directory).expanduser() / f"{key}.pt"
             if self.path.is_file():
                 try:
                     stored = torch.load(self.path, weights_only=True)

@@ -48,8 +48,10 @@ class TaskMixture:
         return self.train_tasks.get(name) or self.eval_tasks[name]
 
 
-def _task(name: str, spec: DictConfig, mixture: DictConfig, seed: int, num_instances: int, evaluated: bool) -> Task:
-    records, where = load_records(spec.source, spec.train_split)
+def _task(name: str, spec: DictConfig, mixture: DictConfig, seed: int, num_instances: int, evaluated: bool,
+          group: str) -> Task:
+    key = f"dataset.{group}.{name}.source"
+    records, where = load_records(spec.source, spec.train_split, key)
     examples = to_examples(records, spec, spec.label_map, spec.drop_labels, where, f"{name}:train")
     rng = random.Random(f"{seed}:{name}")
     try:
@@ -61,7 +63,7 @@ def _task(name: str, spec: DictConfig, mixture: DictConfig, seed: int, num_insta
                  for i in range(num_instances)]
     eval_sets = {}
     if evaluated:
-        records, where = load_records(spec.source, spec.eval_split)
+        records, where = load_records(spec.source, spec.eval_split, key)
         held_out = to_examples(records, spec, spec.label_map, spec.drop_labels, where, f"{name}:eval")
         if len(held_out) > mixture.num_eval:
             held_out = [held_out[i] for i in sorted(rng.sample(range(len(held_out)), mixture.num_eval))]
@@ -91,8 +93,8 @@ def build_mixture(spec: DictConfig, seed: int) -> TaskMixture:
     data_seed = seed if spec.data_seed is None else spec.data_seed
     counts = instance_counts({name: spec.weights.get(name, 1.0) for name in spec.train_tasks}, spec.num_train_instances)
     multitask = spec.paradigm == "multitask"
-    train = {name: _task(name, task, spec, data_seed, counts[name], evaluated=multitask)
+    train = {name: _task(name, task, spec, data_seed, counts[name], evaluated=multitask, group="train_tasks")
              for name, task in spec.train_tasks.items()}
-    evaluated = train if multitask else {name: _task(name, task, spec, data_seed, 0, evaluated=True)
+    evaluated = train if multitask else {name: _task(name, task, spec, data_seed, 0, evaluated=True, group="eval_tasks")
                                          for name, task in spec.eval_tasks.items()}
     return TaskMixture(spec.name, spec.paradigm, train, evaluated)

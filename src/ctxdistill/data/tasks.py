@@ -151,9 +151,9 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def _read_file(path: Path, key: str) -> list[dict[str, Any]]:
     if not path.is_file():
-        raise DataError(f"data file not found: {path}. Check dataset.source.data_dir and data_files.")
+        raise DataError(f"{key}: data file not found: {path}. Check {key}.file, or its data_dir and data_files.")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return _read_json(path)
@@ -180,47 +180,57 @@ def _decode_bytes_literal(value: Any, where: str) -> Any:
     return value
 
 
-def _fetch(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], str]:
+def _local_file(source: DictConfig, split: str, key: str) -> Optional[Path]:
+    """The local file a split is read from: ``file``, or ``data_files[split]`` under ``data_dir``; None: the Hub."""
+    if source.file:
+        return Path(source.file).expanduser()
+    if source.kind == "files" or source.data_dir:
+        if split not in source.data_files:
+            raise DataError(f"{key}.data_files has no file for split {split!r} "
+                            f"(has: {sorted(source.data_files)}); add ++{key}.data_files.{split}=FILE")
+        return Path(source.data_dir or ".").expanduser() / source.data_files[split]
+    return None
+
+
+def _fetch(source: DictConfig, split: str, key: str) -> tuple[list[dict[str, Any]], str]:
     if source.kind == "synthetic":
         size = source.split_sizes.get(split)
         if size is None:
-            raise DataError(f"dataset.source.split_sizes has no size for split {split!r}")
+            raise DataError(f"{key}.split_sizes has no size for split {split!r}")
         generator = get_method(source.generator)
         return generator(num_examples=size, seed=source.seed, split=split, **source.generator_options), source.generator
-    if source.kind == "files" or source.data_dir:
-        if split not in source.data_files:
-            raise DataError(f"dataset.source.data_files has no file for split {split!r} "
-                            f"(has: {sorted(source.data_files)}); add ++dataset.source.data_files.{split}=FILE")
-        path = Path(source.data_dir or ".").expanduser() / source.data_files[split]
-        return _read_file(path), str(path)
+    path = _local_file(source, split, key)
+    if path is not None:
+        return _read_file(path, key), str(path)
     import datasets  # slow import, only when the Hub is used
 
     where = f"{source.hub_id}" + (f"/{source.hub_config}" if source.hub_config else "") + f" [{split}]"
     try:
         return list(datasets.load_dataset(source.hub_id, source.hub_config, split=split)), where
     except Exception as e:  # noqa: BLE001 - network, missing split, missing dataset all end here
-        raise DataError(f"could not load {where} with datasets.load_dataset: {e}. Without network, point "
-                        f"dataset.source.data_dir at a directory with the original files (see "
-                        f"dataset.source.data_files), or download it once where you have network") from e
+        raise DataError(f"{key}: could not load {where} with datasets.load_dataset: {e}. Without network (or for "
+                        f"a dataset the Hub serves only through a loading script), point {key}.file at the original "
+                        f"file, or {key}.data_dir at a directory with the files {key}.data_files names") from e
 
 
 _FETCHED: dict[str, tuple[list[dict[str, Any]], str]] = {}
 
 
-def _fetch_once(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], str]:
+def _fetch_once(source: DictConfig, split: str, key: str) -> tuple[list[dict[str, Any]], str]:
     """:func:`_fetch`, memoised per process: the runs of a sweep read and parse each file once."""
-    key = json.dumps([OmegaConf.to_container(source, resolve=True), split], sort_keys=True, default=str)
-    if source.kind == "files" or source.data_dir:
-        path = Path(source.data_dir or ".").expanduser() / source.data_files.get(split, "")
-        key += str(path.stat().st_mtime_ns) if path.is_file() else ""  # an edited file is read again
-    if key not in _FETCHED:
-        _FETCHED[key] = _fetch(source, split)
-    return _FETCHED[key]
+    memo = json.dumps([OmegaConf.to_container(source, resolve=True), split], sort_keys=True, default=str)
+    path = _local_file(source, split, key) if source.kind != "synthetic" else None
+    if path is not None and path.is_file():
+        memo += str(path.stat().st_mtime_ns)  # an edited file is read again
+    if memo not in _FETCHED:
+        _FETCHED[memo] = _fetch(source, split, key)
+    return _FETCHED[memo]
 
 
-def load_records(source: DictConfig, split: str) -> tuple[list[dict[str, Any]], str]:
-    """The raw records of one split (renamed, filtered, decoded, subsampled) and where they came from."""
-    records, where = _fetch_once(source, split)
+def load_records(source: DictConfig, split: str, key: str = "dataset.source") -> tuple[list[dict[str, Any]], str]:
+    """The raw records of one split (renamed, filtered, decoded, subsampled) and where they came from;
+    ``key`` is where ``source`` sits in the config, for error messages."""
+    records, where = _fetch_once(source, split, key)
     if source.rename:
         records = [{source.rename.get(k, k): v for k, v in r.items()} for r in records]
     for column, value in source.where.items():
@@ -294,6 +304,14 @@ def render_context(spec: DictConfig, demos: list[Example]) -> str:
     return spec.context.separator.join(parts)
 
 
+def take(examples: list[Example], count: Optional[int], shuffle_seed: Optional[int]) -> list[Example]:
+    """The first ``count`` examples (all for None): in file order, or after a shuffle with ``shuffle_seed``
+    drawn as datasets' ``Dataset.shuffle(seed=...)`` draws it (numpy's ``default_rng(seed).permutation``)."""
+    if shuffle_seed is not None:
+        examples = [examples[i] for i in np.random.default_rng(shuffle_seed).permutation(len(examples))]
+    return examples[:count]
+
+
 def build_task(spec: DictConfig, seed: int) -> Task:
     """Load the splits, draw the demonstrations and the unlabelled training queries (seeded)."""
     train_records, where = load_records(spec.source, spec.train_split)
@@ -316,14 +334,14 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     queries = [replace(e, label=None, target=None) for e in drawn]
 
     eval_records, where = load_records(spec.source, spec.eval_split)
-    eval_sets = {"eval": to_examples(eval_records, spec, spec.label_map, spec.drop_labels, where,
-                                     "eval")[: spec.num_eval]}
-    for ood in spec.ood:  # out-of-domain sets may label and filter their own way
-        records, where = load_records(ood.source, ood.split)
+    eval_sets = {"eval": take(to_examples(eval_records, spec, spec.label_map, spec.drop_labels, where, "eval"),
+                              spec.num_eval, spec.eval_shuffle_seed)}
+    for i, ood in enumerate(spec.ood):  # out-of-domain sets may label and filter their own way
+        records, where = load_records(ood.source, ood.split, f"dataset.ood.{i}.source ({ood.name})")
         label_map = ood.label_map if ood.label_map is not None else spec.label_map
         drop = ood.drop_labels if ood.drop_labels is not None else spec.drop_labels
-        eval_sets[ood.name] = to_examples(records, spec, label_map, drop, where, ood.name,
-                                          ood.group_by)[: ood.num_examples]
+        eval_sets[ood.name] = take(to_examples(records, spec, label_map, drop, where, ood.name, ood.group_by),
+                                   ood.num_examples, ood.shuffle_seed)
     return Task(
         name=spec.name,
         template=spec.template,
