@@ -129,3 +129,25 @@ def test_pbft_trains_every_weight_on_labelled_queries_apart_from_the_demonstrati
     result = run(cfg)
     assert result["objective"] == "eval/vocab_accuracy" and result["train"]["examples"] == 6
     assert (tmp_path / "model" / "config.json").is_file()  # every weight trained: the whole model is saved
+
+
+def test_evaluating_every_epoch_records_every_sets_curve_and_resumes_with_it(make_cfg, tmp_path):
+    ood_file = tmp_path / "ood.tsv"
+    ood_file.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\n")
+    ood = f"[{{name: gifts, split: test, source: {{kind: files, data_files: {{test: '{ood_file}'}}}}}}]"
+    common = [*TINY, "method=pbft", "dataset.num_train_queries=8", "trainer.batch_size=4", "trainer.epochs=3",
+              "trainer.eval_every_epoch=true", f"dataset.ood={ood}"]
+    result = run(make_cfg(*common, output_dir=tmp_path / "run"))
+    curves = result["curves"]
+    assert [(c["step"], c["epoch"]) for c in curves] == [(2, 1), (4, 2)]  # after epochs 1 and 2; 3 is the final
+    assert all({"eval/accuracy", "gifts/accuracy", "eval/vocab_accuracy"} <= set(c) for c in curves)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["curves"] == curves
+    # The curves travel in every checkpoint, as part of the loop's Progress.
+    from accelerate.checkpointing import load_custom_state, save_custom_state
+
+    from ctxdistill.checkpoint import Progress
+
+    save_custom_state(Progress(step=4, curves=curves), str(tmp_path))
+    restored = Progress()
+    load_custom_state(restored, str(tmp_path))
+    assert restored.curves == curves

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +39,7 @@ class Progress:
     epoch_shuffle_state: Optional[torch.Tensor] = None  # the DataLoader generator before `epoch` began
     last_loss: float = math.nan
     fingerprint: str = ""  # the settings that shape training; a checkpoint resumes only the same run
+    curves: list = field(default_factory=list)  # the periodic evaluations so far: {"step", "epoch", metrics...}
 
     def state_dict(self) -> dict:
         return asdict(self)

@@ -394,7 +394,10 @@ class TrainerConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: Optional[float] = 1.0
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU only)
-    eval_every: Optional[int] = None  # steps between periodic evaluations
+    eval_every: Optional[int] = None  # steps between periodic evaluations of the in-domain set
+    # Evaluate every set (out-of-domain too) after each epoch but the last (whose evaluation is the final
+    # one); periodic evaluations are saved as metrics.json's "curves" (llmft evaluates every epoch).
+    eval_every_epoch: bool = False
     eval_batch_size: int = 16
     save_model: bool = True
     # Resumable state every N optimiser steps and at the end of training (null: only on

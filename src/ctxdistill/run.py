@@ -48,7 +48,8 @@ def run_identity(cfg: DictConfig, task: Task) -> dict[str, Any]:
 def training_fingerprint(cfg: DictConfig) -> str:
     """What a checkpoint must share with the run that resumes it (not how often it saves or evaluates)."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_batch_size", "save_model"):
+    for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_every_epoch", "eval_batch_size",
+                "save_model"):
         trainer.pop(key)
     shaping = {"trainer": trainer, "seed": cfg.seed,
                **{key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("method", "model", "dataset")}}
@@ -150,12 +151,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         evaluator.prepare()
 
         train_stats: dict[str, Any] = {}
+        curves: list[dict] = []
         if method.trains:
-            def periodic_eval(step: int) -> None:
-                tracker.log(evaluator.evaluate(["eval"])[0], step)
+            def periodic_eval(step: int, names: Optional[list[str]]) -> dict:
+                metrics = evaluator.evaluate(names)[0]
+                tracker.log(metrics, step)
+                return metrics
 
-            train_stats = train(method, handle, tokenizer, task, cfg.trainer, accelerator, cfg.seed,
-                                tracker.log, periodic_eval, run_dir=out, fingerprint=training_fingerprint(cfg))
+            train_stats, curves = train(method, handle, tokenizer, task, cfg.trainer, accelerator, cfg.seed,
+                                        tracker.log, periodic_eval, run_dir=out, fingerprint=training_fingerprint(cfg))
             if cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
                 # sharded weights (FSDP, ZeRO-3) are gathered by every process; plain ones are at hand
                 sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
@@ -171,7 +175,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics["train_queries/context_accuracy"] = evaluator.context_accuracy(task.train_queries,
                                                                                    task.train_query_labels)
         result = {**run_identity(cfg, task), "status": "complete", "metrics": metrics, "objective": method.objective,
-                  "train": train_stats, "model_parameters": model_parameters,
+                  "train": train_stats, "curves": curves, "model_parameters": model_parameters,
                   "demos": [d.uid for d in getattr(task, "demos", [])],
                   "runtime_seconds": time.perf_counter() - started,
                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -39,9 +39,10 @@ class TrainingDiverged(RuntimeError):
 
 def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictConfig, accelerator: Accelerator,
           seed: int, log_metrics: Callable[[dict, int], None],
-          periodic_eval: Optional[Callable[[int], None]] = None, run_dir: Optional[Path] = None,
-          fingerprint: str = "") -> dict[str, float]:
-    """Train ``handle.student`` with ``method``'s loss; returns summary statistics.
+          periodic_eval: Optional[Callable[[int, Optional[list[str]]], dict]] = None, run_dir: Optional[Path] = None,
+          fingerprint: str = "") -> tuple[dict[str, float], list[dict]]:
+    """Train ``handle.student`` with ``method``'s loss; returns summary statistics and the curves of the
+    periodic evaluations (``periodic_eval(step, eval set names or None for all)`` returns its metrics).
 
     With ``run_dir``, training resumes from its latest checkpoint (made by a run with the
     same ``fingerprint``) and saves new ones there.
@@ -122,7 +123,8 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
                              **{f"train/{k}": v for k, v in extra.items()}}, progress.step)
                 if periodic_eval and cfg.eval_every and progress.step % cfg.eval_every == 0 \
                         and progress.step < total_steps:
-                    periodic_eval(progress.step)
+                    progress.curves.append({"step": progress.step, "epoch": progress.step / steps_per_epoch,
+                                            **periodic_eval(progress.step, ["eval"])})
                 stop = status[2] > 0
                 due = cfg.checkpoint_every and (progress.step % cfg.checkpoint_every == 0
                                                 or progress.step == total_steps)
@@ -137,8 +139,11 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
                 progress.epoch_shuffle_state = shuffle.get_state()
+                if periodic_eval and cfg.eval_every_epoch and progress.step < total_steps:
+                    progress.curves.append({"step": progress.step, "epoch": progress.epoch,
+                                            **periodic_eval(progress.step, None)})
     bar.close()
     handle.student = accelerator.unwrap_model(handle.student)
     return {**prepared, "steps": progress.step, "examples": len(examples), "final_loss": progress.last_loss,
             "resumed_from_step": resumed_from,
-            "prepare_seconds": prepare_seconds, "train_seconds": time.perf_counter() - loop_started}
+            "prepare_seconds": prepare_seconds, "train_seconds": time.perf_counter() - loop_started}, progress.curves
