@@ -131,7 +131,7 @@ def test_a_missing_hans_file_is_named_with_its_out_of_domain_slot(make_cfg, tmp_
 @pytest.mark.parametrize("dataset, pattern, prompt, answers", [
     ("mnli", "minimal", "A man sleeps. A person rests. ?", [" Yes", " No"]),
     ("mnli", "gpt3", "A man sleeps. question: A person rests. Yes or No? answer:", [" Yes", " No"]),
-    ("mnli", "eval_harness", "A man sleeps. \nQuestion: A person rests. True or False?\nAnswer:", [" True", " False"]),
+    ("mnli", "eval_harness", "A man sleeps. \nQuestion: A person rests. True or False? \nAnswer:", [" True", " False"]),
     ("qqp", "minimal", "A man sleeps. A person rests. ?", [" No", " Yes"]),
     ("qqp", "eval_harness", "Question 1: A man sleeps.\nQuestion 2: A person rests.\n"
                             "Question: Do both questions ask the same thing? Answer:", [" No", " Yes"]),
@@ -171,3 +171,33 @@ def test_mosbach_fine_tuning_is_llmfts_full_parameter_pattern_based_run(make_cfg
     assert (lora.method.finetune, lora.model.lora.r, lora.trainer.epochs, lora.trainer.warmup_ratio,
             lora.trainer.lr) == ("lora", 8, 80, 0.25, 2e-4)
     assert make_cfg("experiment=mosbach2023/mnli", "method=icl").method.name == "icl"
+
+
+# llmft's (pattern, target prefix, answer words) of its in-context scripts, and its fine-tuning patterns.
+LLMFT_MNLI = {
+    "minimal": ("{text1} {text2} ?", " ", ["Yes", "No"], "{text1} {text2} ?"),
+    "gpt3": ("{text1} question: {text2} Yes or No?", " answer: ", ["Yes", "No"],
+             "{text1} question: {text2} Yes or No? answer:"),
+    "eval_harness": ("{text1} \nQuestion: {text2} True or False?", "\nAnswer: ", ["True", "False"],
+                     "{text1} \nQuestion: {text2} True or False? \nAnswer:"),
+}
+
+
+@pytest.mark.parametrize("pattern", list(LLMFT_MNLI))
+def test_mosbach_prompts_are_llmfts_in_context_prompt_for_icl_and_its_input_for_fine_tuning(make_cfg, tmp_path,
+                                                                                          pattern):
+    icl_pattern, target_prefix, words, ft_pattern = LLMFT_MNLI[pattern]
+    cfg = make_cfg("experiment=mosbach2023/mnli", f"dataset.pattern={pattern}", *tiny_mnli(tmp_path / "mnli"),
+                   "dataset.ood=[]", "dataset.context.num_demos=4")
+    task = build_task(cfg.dataset, seed=0)
+    query = task.eval_sets["eval"][0]
+
+    def fill(text, example):
+        return text.format(text1=example.fields["premise"], text2=example.fields["hypothesis"])
+
+    # eval_utils.create_few_shot_context: pattern + target prefix + answer word (its "Ġ" dropped) + "\n\n" per
+    # demonstration; eval.py: context + pattern, then " " + target_prefix.strip() when there is a prefix.
+    context = "".join(f"{fill(icl_pattern, d)}{target_prefix}{words[d.label]}\n\n" for d in task.demos)
+    assert task.teacher_prompt(query) == f"{context}{fill(icl_pattern, query)} {target_prefix.strip()}"
+    assert task.student_prompt(query) == fill(ft_pattern, query)  # ft.py: --pattern as the scripts give it
+    assert task.verbalizers == [f" {w}" for w in words]  # the "Ġ" target tokens

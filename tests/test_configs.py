@@ -113,6 +113,9 @@ def test_a_template_whose_answer_merges_with_its_last_token_fails_before_the_mod
                                           r"without trailing whitespace"):
         run(cfg)
     assert not (tmp_path / "config.yaml").exists()
+    # Reproducing such a prompt on purpose (llmft's ICL query ends in "? ") is one override.
+    run(make_cfg(*TINY, "method=zero_shot", "dataset.template='Review: {review}\nSentiment: '",
+                 "dataset.verbalizers=[foo,bar]", "dataset.check_answer_tokens=false", output_dir=tmp_path / "on-purpose"))
     # The same words with their space in the answer: prompt + answer is the prompt's tokens and the answer's.
     run(make_cfg(*TINY, "method=zero_shot", "dataset.verbalizers=[' foo',' bar']", output_dir=tmp_path / "fine"))
 

@@ -285,6 +285,8 @@ class EvalSetConfig:
 class PatternConfig:
     template: str = MISSING
     verbalizers: list[str] = MISSING
+    demo_template: Optional[str] = None  # see DatasetConfig
+    context_query_template: Optional[str] = None
 
 
 @dataclass
@@ -309,6 +311,13 @@ class DatasetConfig:
     drop_labels: list[str] = field(default_factory=list)  # raw labels whose records are left out
     template: str = MISSING  # rendered query, ending in the answer cue
     verbalizers: list[str] = MISSING  # answer word per class, with its leading space
+    # A demonstration's query before its answer word, and the query after the context; null: template.
+    # (llmft renders its in-context prompts apart from its fine-tuning input.)
+    demo_template: Optional[str] = None
+    context_query_template: Optional[str] = None
+    # Refuse a prompt whose answer would be scored as tokens the model never writes (see evaluation.
+    # check_answer_tokenization); false reproduces prompts that do so on purpose (llmft's ICL query "? ").
+    check_answer_tokens: bool = True
     # Named prompt patterns; template/verbalizers may interpolate the one `pattern` selects.
     pattern: Optional[str] = None
     patterns: dict[str, PatternConfig] = field(default_factory=dict)

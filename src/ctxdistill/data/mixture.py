@@ -76,7 +76,7 @@ def _task(name: str, spec: DictConfig, mixture: DictConfig, seed: int, num_insta
                                  functools.partial(render_context, spec),
                                  len(spec.context.instruction + spec.context.separator) if spec.context.instruction
                                  else 0),
-        votes=mixture.num_votes)
+        votes=mixture.num_votes, context_query_template=spec.context_query_template)
 
 
 def instance_counts(weights: dict[str, float], total: int) -> dict[str, int]:

@@ -92,6 +92,7 @@ class Task:
     # Consecutive eval examples that are draws of one query (each with other demonstrations); the
     # evaluation takes their majority answer.
     votes: int = 1
+    context_query_template: Optional[str] = None  # the query after the context; None: template
 
     @property
     def num_classes(self) -> int:
@@ -121,7 +122,9 @@ class Task:
 
     def teacher_prompt(self, example: Example) -> str:
         context = self.context_of(example)
-        return context + self.separator + self.query(example) if context else self.query(example)
+        if not context:
+            return self.query(example)
+        return context + self.separator + (self.context_query_template or self.template).format(**example.fields)
 
     def prompt(self, example: Example, with_context: bool) -> str:
         return self.teacher_prompt(example) if with_context else self.student_prompt(example)
@@ -296,10 +299,11 @@ def select_demos(pool: list[Example], k: int, balanced: bool, num_classes: int, 
 
 
 def render_context(spec: DictConfig, demos: list[Example]) -> str:
+    template = spec.demo_template or spec.template
     if spec.generation is not None:
-        shots = [spec.template.format(**d.fields) + spec.generation.demo_target.format(**d.fields) for d in demos]
+        shots = [template.format(**d.fields) + spec.generation.demo_target.format(**d.fields) for d in demos]
     else:
-        shots = [spec.template.format(**d.fields) + spec.verbalizers[d.label] for d in demos]
+        shots = [template.format(**d.fields) + spec.verbalizers[d.label] for d in demos]
     parts = ([spec.context.instruction] if spec.context.instruction else []) + shots
     return spec.context.separator.join(parts)
 
@@ -357,4 +361,5 @@ def build_task(spec: DictConfig, seed: int) -> Task:
         generation=None if spec.generation is None else AnswerGeneration(
             spec.generation.answer_regex, spec.generation.max_new_tokens, spec.generation.max_answer_tokens,
             spec.generation.stop),
+        context_query_template=spec.context_query_template,
     )

@@ -70,7 +70,8 @@ class Method:
         generation = getattr(task, "generation", None)  # a mixture's tasks classify
         answer_tokens = max(self.answer_tokens, generation.max_new_tokens if generation else 1)
         check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
-        check_answer_tokenization(task, tokenizer)
+        if cfg.dataset.get("check_answer_tokens", True):
+            check_answer_tokenization(task, tokenizer)
 
     def wrap_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
         """The module that is trained and evaluated, built around the loaded model (e.g. with a scoring head)."""
