@@ -151,3 +151,28 @@ def test_evaluating_every_epoch_records_every_sets_curve_and_resumes_with_it(mak
     restored = Progress()
     load_custom_state(restored, str(tmp_path))
     assert restored.curves == curves
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_released_code_orders_are_one_override_each(make_cfg, tmp_path, monkeypatch, shuffle):
+    # Upadhayaya et al.'s code: the queries in the same order every epoch (trainer.shuffle=false) and the
+    # demonstrations in dataset order (dataset.context.shuffle_demos=false).
+    from ctxdistill.data import build_task
+    from ctxdistill.methods.distill import ContextDistillation
+
+    seen = []
+    real_collate = ContextDistillation.collate
+
+    def recording(self, tokenizer, task, examples):
+        seen.extend(e.uid for e in examples)
+        return real_collate(self, tokenizer, task, examples)
+
+    monkeypatch.setattr(ContextDistillation, "collate", recording)
+    cfg = make_cfg(*TINY, "method=cd", "dataset.num_train_queries=8", "trainer.batch_size=4", "trainer.epochs=2",
+                   f"trainer.shuffle={shuffle}", f"dataset.context.shuffle_demos={shuffle}")
+    run(cfg)
+    task = build_task(cfg.dataset, cfg.seed)
+    queries = [q.uid for q in task.train_queries]
+    assert (seen == queries * 2) == (not shuffle)
+    positions = [int(d.uid.split("-")[1]) for d in task.demos]
+    assert (positions == sorted(positions)) == (not shuffle)

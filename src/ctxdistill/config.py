@@ -262,6 +262,7 @@ class ContextConfig:
     # eq. 2): every query and eval example is taught by one of them, picked by a hash of its id.
     num_contexts: int = 1
     balanced: bool = True
+    shuffle_demos: bool = True  # false: the drawn demonstrations in dataset order (Upadhayaya et al.'s code)
     separator: str = "\n\n"
     # Draws the demonstrations and queries (llmft's data_seed); null: the run's seed.
     data_seed: Optional[int] = None
@@ -402,6 +403,7 @@ class TrainerConfig:
     scheduler: str = "linear"  # any transformers.get_scheduler name
     warmup_ratio: float = 0.1
     max_grad_norm: Optional[float] = 1.0
+    shuffle: bool = True  # a new (seeded) order of the examples every epoch; false: the same order every epoch
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU only)
     eval_every: Optional[int] = None  # steps between periodic evaluations of the in-domain set
     # Evaluate every set (out-of-domain too) after each epoch but the last (whose evaluation is the final

@@ -58,7 +58,7 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
 
     # The shuffle generator's state at each epoch start is checkpointed: a resumed run sees the same order.
     shuffle = torch.Generator().manual_seed(seed)
-    loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=True, generator=shuffle,
+    loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=shuffle,
                         collate_fn=lambda chunk: method.collate(tokenizer, task, chunk))
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch

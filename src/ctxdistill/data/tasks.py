@@ -281,10 +281,14 @@ def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: Dict
 
 
 # ---------------------------------------------------------------- context and queries
-def select_demos(pool: list[Example], k: int, balanced: bool, num_classes: int, rng: random.Random) -> list[Example]:
-    """k demonstrations, k/num_classes per class when balanced, shuffled (seeded)."""
+def select_demos(pool: list[Example], k: int, balanced: bool, num_classes: int, rng: random.Random,
+                 shuffled: bool = True) -> list[Example]:
+    """k demonstrations, k/num_classes per class when balanced, shuffled (seeded) or in the pool's order."""
     if k > len(pool):
         raise DataError(f"dataset.context.num_demos={k} is larger than the training pool ({len(pool)} examples)")
+    if not shuffled:
+        position = {e.uid: i for i, e in enumerate(pool)}
+        return sorted(select_demos(pool, k, balanced, num_classes, rng), key=lambda e: position[e.uid])
     if not balanced:
         return rng.sample(pool, k)
     by_class = [[e for e in pool if e.label == c] for c in range(num_classes)]
@@ -325,7 +329,8 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     # Several contexts (Snell et al.'s simultaneous distillation) draw disjoint demonstrations in turn.
     rest, contexts, demos = pool, [], []
     for _ in range(spec.context.num_contexts):
-        drawn_demos = select_demos(rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng)
+        drawn_demos = select_demos(rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng,
+                                   spec.context.shuffle_demos)
         drawn_ids = {d.uid for d in drawn_demos}
         rest = [e for e in rest if e.uid not in drawn_ids]
         contexts.append(render_context(spec, drawn_demos))
