@@ -143,3 +143,11 @@ def test_hydra_command_line_introspection(args, expected):
     proc = subprocess.run([sys.executable, "-m", "ctxdistill", *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert expected in proc.stdout
+
+
+def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anything_loads(make_cfg):
+    with pytest.raises(ConfigError, match=r"dataset\.template: 'Text: \{text\}\\nSentiment:' names the field\(s\) "
+                                          r"\['text'\], which the records do not give; they give \['review'\]"):
+        validate(make_cfg("dataset.template='Text: {text}\nSentiment:'"))
+    with pytest.raises(ConfigError, match=r"dataset\.generation\.demo_target: .*\['trace'\]"):
+        validate(make_cfg("method=scratchpad", "dataset=addition", "dataset.generation.demo_target='{trace}'"))

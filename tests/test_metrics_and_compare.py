@@ -51,6 +51,19 @@ def test_csv_and_latex_output_and_an_empty_directory(tmp_path, capsys):
     assert main([str(tmp_path / "empty")]) == 1
 
 
+def test_a_cut_short_metrics_file_is_named_and_skipped_and_the_good_runs_are_shown(tmp_path, capsys):
+    write_run(tmp_path / "good", "cd", 0, 0.7, "2026-01-01T00:00:01", model="opt-125m", dataset="mnli")
+    broken = tmp_path / "broken" / "metrics.json"
+    broken.parent.mkdir()
+    broken.write_text('{"method": "cd", "status": "compl')  # a run killed while writing
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipping {broken}: unreadable" in captured.err
+    assert captured.out.splitlines()[1].startswith("cd,opt-125m,mnli,1,0.7,")
+    assert main([str(tmp_path), "--strict"]) == 1
+    assert main([str(tmp_path / "broken")]) == 1  # nothing readable
+
+
 def grid(tmp_path):
     """Two methods x two model sizes x two seeds on one dataset with an out-of-domain set."""
     for i, (method, model, seed) in enumerate(itertools.product(["icl", "cd"], ["opt-1.3b", "opt-125m"], [0, 1])):

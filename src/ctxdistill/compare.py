@@ -51,11 +51,12 @@ def with_derived_metrics(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, "metrics": metrics}
 
 
-def collect(paths: Iterable[Path]) -> list[dict[str, Any]]:
+def collect(paths: Iterable[Path], unreadable: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """Every complete run under ``paths``.
 
     A directory is read through its metrics.json files; W&B run directories are read only
-    where no metrics.json is found (they are the same runs).
+    where no metrics.json is found (they are the same runs). A metrics.json that cannot be read
+    (cut short, not a run's) is skipped with a warning naming it, and listed in ``unreadable``.
     """
     from ctxdistill.wandb_results import offline_records
 
@@ -65,8 +66,15 @@ def collect(paths: Iterable[Path]) -> list[dict[str, Any]]:
         if not files:
             runs += offline_records(path)
         for file in files:
-            result = json.loads(file.read_text())
-            if result.get("status") == "complete":
+            try:
+                result = json.loads(file.read_text())
+                complete = result.get("status") == "complete"
+            except (OSError, ValueError, AttributeError) as e:
+                print(f"warning: skipping {file}: unreadable ({e})", file=sys.stderr)
+                if unreadable is not None:
+                    unreadable.append(str(file))
+                continue
+            if complete:
                 runs.append(result)
     return runs
 
@@ -234,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-report", action="store_true",
                         help="create a W&B report for --group in --wandb's project (needs network)")
     parser.add_argument("--project", default="ctxdistill", help="W&B project for --wandb-log without --wandb")
+    parser.add_argument("--strict", action="store_true", help="exit non-zero when any metrics.json is unreadable")
     args = parser.parse_args(argv)
     if not args.paths and not args.wandb:
         parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
@@ -245,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ctxdistill import wandb_results
 
-    runs = collect(args.paths)
+    unreadable: list[str] = []
+    runs = collect(args.paths, unreadable)
     if args.wandb:
         runs += wandb_results.api_records(args.wandb, args.group)
     if not runs:
@@ -270,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - the tables and files above are already done
             print(f"could not publish the W&B report ({e}); it needs network and `wandb login`", file=sys.stderr)
             return 1
-    return 0
+    if unreadable:
+        print(f"{len(unreadable)} unreadable metrics.json skipped (listed above)", file=sys.stderr)
+    return 1 if unreadable and args.strict else 0
 
 
 if __name__ == "__main__":

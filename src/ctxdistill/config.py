@@ -475,6 +475,16 @@ def _require(ok: bool, key: str, problem: str, fix: str) -> None:
         raise ConfigError(f"{key}: {problem}. {fix}")
 
 
+def _template_fields(template: str, key: str) -> set[str]:
+    """The field names a str.format template reads ({premise}, {0} ...)."""
+    import string
+
+    try:
+        return {name.split(".")[0].split("[")[0] for _, name, _, _ in string.Formatter().parse(template) if name}
+    except ValueError as e:
+        raise ConfigError(f"{key}: {template!r} is not a format string ({e}). Double literal braces: {{{{ }}}}") from e
+
+
 def _validate_classification(d: DictConfig, key: str) -> None:
     """Checks of a classification dataset config found at ``key`` (``dataset``, or a mixture's task)."""
     _require(d.source.kind in ("synthetic", "hub", "files"), f"{key}.source.kind",
@@ -487,6 +497,14 @@ def _validate_classification(d: DictConfig, key: str) -> None:
              f"Use one of: {', '.join(d.patterns)}")
     _require(d.generation is not None or len(d.verbalizers) >= 2, f"{key}.verbalizers",
              "needs one answer word per class (at least two)", "Or give free-text answers a dataset.generation")
+    templates = {"template": d.template, "demo_template": d.demo_template,
+                 "context_query_template": d.context_query_template,
+                 "generation.demo_target": d.generation.demo_target if d.generation is not None else None}
+    for name, text in templates.items():
+        unknown = sorted(_template_fields(text, f"{key}.{name}") - set(d.fields)) if text else []
+        _require(not unknown, f"{key}.{name}", f"{text!r} names the field(s) {unknown}, which the records do not "
+                 f"give; they give {list(d.fields)} ({key}.fields)",
+                 f"Use those names, or add the field to {key}.fields (mapping a column with {key}.source.rename)")
     if d.generation is not None:
         import re
 
