@@ -100,6 +100,33 @@ def test_a_signal_saves_and_exits_for_requeue_then_the_same_run_and_wandb_run_re
                                         for name in wandb_runs)
 
 
+def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(uninterrupted, tmp_path, monkeypatch,
+                                                                              caplog):
+    monkeypatch.setattr(sys, "argv", ["ctxdistill", "method=cd", "model=tiny-random"])
+    cfg = compose_run(tmp_path, "trainer.checkpoint_every=null")
+    with monkeypatch.context() as patched:
+        send_at_call(patched, 3, signal.SIGINT)
+        with pytest.raises(SystemExit) as stopped:
+            run(cfg)
+    assert stopped.value.code == 130
+    assert latest_checkpoint(tmp_path).name == "step-00000003"
+    assert f"stopped at step 3 of 6; resume with: ctxdistill method=cd model=tiny-random hydra.run.dir={tmp_path}" \
+        in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own Ctrl-C again
+    assert run(cfg)["train"]["resumed_from_step"] == 3
+    assert outcome(tmp_path) == uninterrupted
+
+    def twice(loss):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    inject_at_call(monkeypatch, 2, twice)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_run(tmp_path / "twice", "trainer.checkpoint_every=null"))
+    assert latest_checkpoint(tmp_path / "twice") is None
+
+
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     inject_at_call(monkeypatch, 3, lambda loss: loss * float("nan"))
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 3 of 6.*step-00000002.*lower trainer.lr"):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -107,15 +109,27 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     return final
 
 
+def resume_hint(run_dir: Path) -> str:
+    """How to continue a stopped run: the same sweep command, or this run's command in its run directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return "run the same sweep command again to resume it"
+    args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
+    return "resume with: ctxdistill " + " ".join(shlex.quote(a) for a in [*args, f"hydra.run.dir={run_dir}"])
+
+
 def remove_checkpoints(run_dir: Path) -> None:
     shutil.rmtree(Path(run_dir) / CHECKPOINTS, ignore_errors=True)
 
 
 class StopSignals:
-    """SIGTERM / SIGUSR1 / SIGUSR2 (SLURM preemption, the time-limit warning, submitit's signal)
-    ask the loop to save and stop at the next optimiser step instead of dying mid-step."""
+    """SIGTERM / SIGUSR1 / SIGUSR2 (SLURM preemption, the time-limit warning, submitit's signal) and
+    Ctrl-C (SIGINT) ask the loop to save and stop at the next optimiser step instead of dying mid-step;
+    a second Ctrl-C stops at once."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
     def __init__(self):
         self.received: Optional[int] = None
@@ -130,9 +144,12 @@ class StopSignals:
         return self
 
     def _note(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
         if self.received is None:
-            log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
-                        signal.Signals(signum).name)
+            log.warning("%s: saving a checkpoint at the end of this step, then exiting%s",
+                        "Ctrl-C" if signum == signal.SIGINT else f"received {signal.Signals(signum).name}",
+                        " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
         self.received = signum
 
     def __exit__(self, *exc) -> None:
@@ -144,6 +161,6 @@ class StopSignals:
         with 128 + signal, the status of a process killed by it, which schedulers retry."""
         previous = self._previous.get(signum)
         self.__exit__()
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:  # that one raises KeyboardInterrupt
             previous(signum, None)
         raise SystemExit(128 + signum)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -140,7 +141,11 @@ def entry() -> None:
         print_sweep_configs(argv)
     else:
         sys.argv[1:] = join_distributed_launch(argv)
-        main()
+        try:
+            main()
+        except KeyboardInterrupt:  # outside training, or a second Ctrl-C: no checkpoint, no traceback
+            print("ctxdistill: interrupted", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
         from ctxdistill.sweeps import failed_cells
 
         if failed_cells:  # listed by the sweep's end-of-run summary

@@ -187,6 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          "model/parameters": model_parameters})
         tracker.predictions(predictions)
         log.info("%s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        log.info("results in %s (metrics.json, predictions.jsonl)", out)
         return result
     finally:
         tracker.finish()

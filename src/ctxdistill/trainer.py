@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ctxdistill.checkpoint import Progress, StopSignals, latest_checkpoint, save_checkpoint, trainable_weights_only
+from ctxdistill.checkpoint import (Progress, StopSignals, latest_checkpoint, resume_hint, save_checkpoint,
+                                   trainable_weights_only)
 from ctxdistill.config import ConfigError
 from ctxdistill.data import Task
 from ctxdistill.methods import Method
@@ -132,6 +133,7 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
                     save_checkpoint(accelerator, run_dir, progress.step, cfg.keep_checkpoints)
                 if stop:
                     bar.close()
+                    log.warning("stopped at step %d of %d; %s", progress.step, total_steps, resume_hint(run_dir))
                     signals.exit(signals.received or signal.SIGTERM)
                 if progress.step >= total_steps:
                     break
