@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from ctxdistill.config import ConfigError, validate
-from ctxdistill.data.kg import (ContextWriter, DataError, KGTask, KnowledgeGraph, build_kg_task, read_contexts,
-                                read_kgbert, read_kgs2s, read_plain)
+from ctxdistill.data.kg import (ContextWriter, DataError, KGTask, KnowledgeGraph, build_kg_task, missing_contexts,
+                                read_contexts, read_kgbert, read_kgs2s, read_plain)
 from ctxdistill.methods.kgc import mask_tokens
 from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, ranking_metrics
 from ctxdistill.run import run
@@ -216,6 +216,40 @@ def test_contexts_resume_after_a_cut_line_and_the_released_format_loads(tmp_path
     released.write_text("dog |**| animal |**| _hypernym |**| Dogs are animals.\n")
     graph = KnowledgeGraph({"00001": "dog", "00002": "animal"}, {}, {"_hypernym": "hypernym"}, {})
     assert read_contexts(released, graph) == {("00001", "_hypernym", "00002"): "Dogs are animals."}
+
+
+def write_released_contexts(path: Path, lines: list[str], count: int | None = None) -> Path:
+    """knowledge_context.txt as the released writer (KGE-LLM/distill_palm.py) leaves it: the number of
+    contexts, then one ' |**| '-joined line per triple: the KG-S2S integer ids of head, tail, relation, the text."""
+    write(path, [str(len(lines) if count is None else count), *lines])
+    return path
+
+
+def test_the_released_knowledge_context_file_loads_with_its_kgs2s_ids_mapped(make_cfg, tmp_path):
+    s2s = write_kgs2s(tmp_path / "s2s")  # entity ids 0..3 = 00001..00004, relations 0 = _hypernym, 1 = _part_of
+    released = write_released_contexts(s2s / "knowledge_context.txt", [
+        "0 |**| 1 |**| 0 |**| A dog is an animal.", "2 |**| 1 |**| 0 |**| A cat is an animal."])
+    expected = {("00001", "_hypernym", "00002"): "A dog is an animal.",
+                ("00003", "_hypernym", "00002"): "A cat is an animal."}
+    assert read_contexts(released) == expected
+    # A dataset in another layout reads it through the KG-S2S id files named by dataset.contexts_id_dir.
+    elsewhere = tmp_path / "contexts" / "knowledge_context.txt"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(released.read_text())
+    cfg = make_cfg("dataset=wn18rr", f"dataset.source.data_dir={write_kgbert(tmp_path / 'bert')}",
+                   f"dataset.contexts_file={elsewhere}", f"dataset.contexts_id_dir={s2s}")
+    task = build_kg_task(cfg.dataset, seed=0)
+    assert task.contexts == expected and missing_contexts(task) == [("00001", "_part_of", "00004")]
+    with pytest.raises(DataError, match=r"needs entity2id.txt and relation2id.txt.*dataset\.contexts_id_dir"):
+        read_contexts(elsewhere)
+    write_released_contexts(released, ["0 |**| 1 |**| 0 |**| A dog is an animal."], count=2)
+    with pytest.raises(DataError, match="the count line says 2 contexts, the file holds 1"):
+        read_contexts(released)
+    write_released_contexts(released, ["0 |**| 9 |**| 0 |**| Nothing."])
+    with pytest.raises(DataError, match=r"knowledge_context.txt:2: id 9 is not in the KG-S2S entity2id.txt"):
+        read_contexts(released)
+    with pytest.raises(DataError, match="released knowledge_context.txt.*JSON-lines file"):
+        ContextWriter(released)  # appending would leave its count line stale
 
 
 # ---------------------------------------------------------------- both stages, end to end

@@ -336,6 +336,9 @@ class KGDatasetConfig:
     subsample_seed: int = 0
     # Contexts keyed by triple: written by method=contextualization, read by the students' auxiliary task.
     contexts_file: Optional[str] = None
+    # The KG-S2S directory whose entity2id.txt / relation2id.txt number the ids of a released
+    # knowledge_context.txt; null: the contexts file's own directory (where the released writer puts it).
+    contexts_id_dir: Optional[str] = None
 
 
 @dataclass
