@@ -10,7 +10,8 @@ import torch
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data.kg import (ContextWriter, DataError, KGTask, KnowledgeGraph, build_kg_task, missing_contexts,
                                 read_contexts, read_kgbert, read_kgs2s, read_plain)
-from ctxdistill.methods.kgc import mask_tokens
+from ctxdistill.methods.kgc import KGBert, fit_triple, mask_tokens
+from ctxdistill.models import load_model, load_tokenizer
 from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, ranking_metrics
 from ctxdistill.run import run
 
@@ -252,6 +253,103 @@ def test_the_released_knowledge_context_file_loads_with_its_kgs2s_ids_mapped(mak
         ContextWriter(released)  # appending would leave its count line stale
 
 
+# ---------------------------------------------------------------- KG-BERT's training rows
+def synthetic_task(make_cfg, *overrides: str) -> KGTask:
+    return build_kg_task(make_cfg("dataset=kg_synthetic", *overrides).dataset, seed=0)
+
+
+def test_kgbert_cuts_a_long_triple_as_kg_bert_does():
+    # The strictly longest part loses a token; on a tie the tail does (KG-BERT's _truncate_seq_triple).
+    assert fit_triple([30, 3, 30], 46) == [22, 3, 21]
+    assert fit_triple([5, 3, 60], 46) == [5, 3, 38]
+    assert fit_triple([40, 3, 10], 46) == [33, 3, 10]
+    assert fit_triple([10, 3, 10], 46) == [10, 3, 10]
+
+
+def test_kgbert_draws_five_negatives_per_positive_once_all_on_the_head_or_all_on_the_tail(make_cfg):
+    task = synthetic_task(make_cfg)
+    method = KGBert("kgbert")
+    rows = method.train_examples(task)
+    assert len(rows) == 6 * len(task.train_triples) == 6 * 88
+    assert rows == method.train_examples(task)  # drawn once: every epoch and a resumed run see the same rows
+    known, sides = set(task.train_triples), set()
+    for start in range(0, len(rows), 6):
+        positive, *negatives = rows[start:start + 6]
+        assert positive.label == 1.0 and positive.triple == positive.positive
+        assert [n.label for n in negatives] == [0.0] * 5 and {n.positive for n in negatives} == {positive.triple}
+        h, r, t = positive.triple
+        heads_replaced = all(n.triple[0] != h and n.triple[1:] == (r, t) for n in negatives)
+        tails_replaced = all(n.triple[:2] == (h, r) and n.triple[2] != t for n in negatives)
+        assert heads_replaced or tails_replaced
+        assert not {n.triple for n in negatives} & known
+        sides.add("head" if heads_replaced else "tail")
+    assert sides == {"head", "tail"}  # a coin flip per positive
+
+
+def composed(model: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ctxdistill.cli import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", "output_dir=unused"])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    cfg = composed("minilm-l6")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    return tokenizer, load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+
+
+def test_kgbert_rows_carry_their_own_masked_copy_of_the_positive_context(make_cfg, minilm, caplog):
+    tokenizer, model = minilm
+    task = synthetic_task(make_cfg)
+    long_context = " ".join(["the city lies on a river and its people work as painters"] * 10)
+    task.contexts = {t: f"{i} {long_context}" for i, t in enumerate(task.train_triples[1:])}
+    method = KGBert("kgbert_cd", aux_weight=1.0, max_length=50, context_max_length=50)
+    method.wrap_model(model, tokenizer)
+    method.check_inputs(task, tokenizer, make_cfg("dataset=kg_synthetic"))
+    assert "1 of the 88 training triples have no context" in caplog.text
+    rows = method.train_examples(task)
+    method.prepare(None, tokenizer, task, rows, 8)
+    borrowed = method._contexts[task.train_triples[0]]  # a random one of the file's, drawn once
+    assert borrowed in task.contexts.values()
+    method.prepare(None, tokenizer, task, rows, 8)
+    assert method._contexts[task.train_triples[0]] == borrowed
+    batch = method.collate(tokenizer, task, rows[:32])  # 32 rows: 5 positives and some of their negatives
+    context = batch["context"]
+    assert batch["labels"].tolist() == [r.label for r in rows[:32]] and context["input_ids"].shape == (32, 50)
+    assert (context["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+    assert (context["input_ids"][:, 49] == tokenizer.sep_token_id).all()  # [CLS] + 48 context tokens + [SEP]
+    again = method.collate(tokenizer, task, rows[:32])
+    assert torch.equal(again["context"]["input_ids"], context["input_ids"])  # masked once, for every epoch
+    assert torch.equal(again["context"]["labels"], context["labels"])
+    copies = {tuple(labels.tolist()) for labels in context["labels"][6:12]}  # the second positive's 6 rows
+    assert len(copies) == 6  # each row its own masking
+    method.missing_context = "error"
+    with pytest.raises(ConfigError, match="1 of the 88 training triples have no context"):
+        method.check_inputs(task, tokenizer, make_cfg("dataset=kg_synthetic"))
+
+
+def test_kgbert_fresh_per_batch_rows_batch_positives_with_new_negatives(make_cfg, minilm):
+    tokenizer, model = minilm
+    task = synthetic_task(make_cfg)
+    task.contexts = {t: "a short context" for t in task.train_triples}
+    method = KGBert("kgbert_cd", aux_weight=1.0, training_rows="fresh_per_batch", negatives=2)
+    method.wrap_model(model, tokenizer)
+    triples = method.train_examples(task)
+    assert triples == task.train_triples
+    method.prepare(None, tokenizer, task, triples, 8)
+    first, second = (method.collate(tokenizer, task, triples[:4]) for _ in range(2))
+    assert first["labels"].tolist() == [1.0] * 4 + [0.0] * 8 and first["context"]["input_ids"].shape[0] == 4
+    assert not torch.equal(first["triples"]["input_ids"], second["triples"]["input_ids"])  # negatives drawn anew
+
+
 # ---------------------------------------------------------------- both stages, end to end
 KG_TINY = ["dataset=kg_synthetic", "logger=none", "dataset.source.num_people=8", "dataset.num_eval=3",
            "trainer.eval_batch_size=8"]
@@ -333,17 +431,42 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
     assert "sampled100_mrr" in readme.read_text()
 
 
-@pytest.mark.parametrize("experiment", ["li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr"])
+@pytest.mark.parametrize("experiment", ["li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr",
+                                        "li2024/fb15k237n"])
 def test_li2024_experiments_compose_for_both_stages(make_cfg, experiment):
     for method in ("contextualization", "kgbert", "kgbert_cd", "kgs2s_cd"):
         validate(make_cfg(f"experiment={experiment}", f"method={method}"))
+
+
+def test_li2024_experiments_hold_the_released_settings(make_cfg):
+    kgbert = make_cfg("experiment=li2024/wn18rr")
+    assert kgbert.model.name_or_path == "google-bert/bert-base-cased"
+    assert {k: kgbert.trainer[k] for k in ("epochs", "schedule_epochs", "batch_size", "lr", "warmup_ratio",
+                                           "weight_decay")} == {"epochs": 3, "schedule_epochs": 5, "batch_size": 32,
+                                                                "lr": 5e-5, "warmup_ratio": 0.1, "weight_decay": 0.01}
+    assert {k: kgbert.method[k] for k in ("negatives", "training_rows", "missing_context", "max_length",
+                                          "context_max_length", "aux_weight")} == {
+        "negatives": 5, "training_rows": "drawn_once", "missing_context": "random", "max_length": 50,
+        "context_max_length": 50, "aux_weight": 1.0}
+    assert make_cfg("experiment=li2024/fb15k237n").trainer.schedule_epochs is None  # the final model of 5 epochs
+
+
+def test_training_stops_part_way_down_a_longer_schedule(make_cfg, tmp_path):
+    # 4 positives and their 5 negatives each: 24 rows, 3 batches of 8 per epoch; the schedule spans 2 epochs.
+    result = run(make_cfg(*KG_TINY, "method=kgbert", "model=minilm-l6", "dataset.num_train=4", "trainer.epochs=1",
+                          "trainer.schedule_epochs=2", "trainer.batch_size=8", "dataset.eval_candidates=2",
+                          "dataset.num_eval=1", "trainer.save_model=false"))
+    assert (result["train"]["examples"], result["train"]["steps"], result["train"]["schedule_steps"]) == (24, 3, 6)
 
 
 @pytest.mark.parametrize("override, key", [("method=kgbert_cd method.mlm_probability=1.5", "method.mlm_probability"),
                                            ("method=kgs2s method.aux_weight=-1", "method.aux_weight"),
                                            ("method=contextualization method.max_new_tokens=0", "method.max_new_tokens"),
                                            ("dataset=wn18rr dataset.eval_candidates=0", "dataset.eval_candidates"),
-                                           ("dataset=wn18rr dataset.source.layout=csv", "dataset.source.layout")])
+                                           ("dataset=wn18rr dataset.source.layout=csv", "dataset.source.layout"),
+                                           ("method=kgbert method.training_rows=sometimes", "method.training_rows"),
+                                           ("method=kgbert method.missing_context=skip", "method.missing_context"),
+                                           ("trainer.epochs=5 trainer.schedule_epochs=3", "trainer.schedule_epochs")])
 def test_bad_kg_values_are_named(make_cfg, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(make_cfg(*override.split()))
