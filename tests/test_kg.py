@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ctxdistill.config import ConfigError, validate
-from ctxdistill.data.kg import (ContextWriter, DataError, KGTask, KnowledgeGraph, build_kg_task, missing_contexts,
-                                read_contexts, read_kgbert, read_kgs2s, read_plain)
-from ctxdistill.methods.kgc import KGBert, fit_triple, mask_tokens
+from ctxdistill.data.kg import (ContextWriter, DataError, KGTask, KnowledgeGraph, _clean_names, build_kg_task,
+                                missing_contexts, read_contexts, read_kgbert, read_kgs2s, read_plain)
+from ctxdistill.methods.kgc import KGS2S, KGBert, count_shared, fit_triple, mask_tokens
 from ctxdistill.models import load_model, load_tokenizer
 from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, ranking_metrics
 from ctxdistill.run import run
@@ -350,6 +350,66 @@ def test_kgbert_fresh_per_batch_rows_batch_positives_with_new_negatives(make_cfg
     assert not torch.equal(first["triples"]["input_ids"], second["triples"]["input_ids"])  # negatives drawn anew
 
 
+# ---------------------------------------------------------------- KG-S2S's inputs
+def kgs2s_task() -> KGTask:
+    names = {"04": "tombstone , NN , 1", "07": "memorial , NN , 2", "09": "memorial , NN , 1"}
+    descriptions = {"04": "a stone that is used to mark a grave", "07": "a structure erected to commemorate"}
+    graph = KnowledgeGraph(names, descriptions, {"_hypernym": "hypernym"},
+                           {"train": [("04", "_hypernym", "07")], "valid": [], "test": []})
+    task = KGTask("wn", graph, graph.splits["train"], {"eval": []})
+    task.contexts = {("04", "_hypernym", "07"): "A tombstone is a kind of memorial."}
+    return task
+
+
+@pytest.fixture(scope="module")
+def seq2seq_tokenizer():
+    cfg = composed("tiny-random-seq2seq")
+    return load_tokenizer(cfg.model, cfg.cache_dir)
+
+
+def test_kgs2s_queries_and_targets_are_the_released_strings(seq2seq_tokenizer):
+    tokenizer, task = seq2seq_tokenizer, kgs2s_task()
+    triple = task.train_triples[0]
+    cd = KGS2S("kgs2s_cd", kgc_weight=0.5, aux_weight=0.5)  # 40 / 10 description tokens, as on WN18RR
+    assert cd.source(tokenizer, task, triple, "tail") == ("predict: tombstone , NN , 1 [a stone that is used to mark a "
+                                                          "grave] | hypernym | <extra_id_0>")
+    assert cd.source(tokenizer, task, triple, "head") == ("predict: <extra_id_0> | hypernym | memorial , NN , 2 "
+                                                          "[a structure erected to commemorate]")
+    baseline = KGS2S("kgs2s", aux_weight=0.0, source_description_tokens=0, target_description_tokens=4)
+    assert baseline.source(tokenizer, task, triple, "tail") == "tombstone , NN , 1  | hypernym | <extra_id_0>"
+    target = baseline.entity_target(tokenizer, task, "04")  # 4 tokens: 3 and the end of sequence, as released
+    assert tokenizer.decode(target[:-1]) == "<extra_id_0>tombstone , NN , 1[a stone that]<extra_id_1>"
+    assert target[-1] == tokenizer.eos_token_id
+    undescribed = baseline.entity_target(tokenizer, task, "09")
+    assert tokenizer.decode(undescribed[:-1]) == "<extra_id_0>memorial , NN , 1[]<extra_id_1>"
+    queries = cd.train_examples(task)
+    assert queries == [(triple, "tail"), (triple, "head")]  # batched as separate rows
+    batch = cd.collate(tokenizer, task, queries)
+    assert torch.equal(batch["context"]["input_ids"], batch["kgc"]["input_ids"])  # the released code's input
+    intended = KGS2S("kgs2s_cd", kgc_weight=0.5, aux_weight=0.5, context_input="triple")
+    sources = intended.collate(tokenizer, task, queries)["context"]["input_ids"]
+    assert tokenizer.batch_decode(sources) == ["contextualize: tombstone , NN , 1 | hypernym | memorial , NN , 2"] * 2
+
+
+def test_kgs2s_warns_when_entities_share_a_target(seq2seq_tokenizer, caplog):
+    task = kgs2s_task()
+    task.graph.entity_names["09"] = "memorial , NN , 2"
+    KGS2S("kgs2s", aux_weight=0.0, target_description_tokens=0).check_inputs(task, seq2seq_tokenizer, None)
+    assert "2 of the 3 entities (66.7%) share their target with another entity" in caplog.text
+
+
+@needs_shared
+def test_wn18rr_kgs2s_names_are_unique_where_bare_lemmas_are_shared_by_31_percent(make_cfg):
+    graph = real_graph("wn18rr/kgs2s_processed", read_kgs2s)
+    assert count_shared(graph.entity_names.values()) == 0 and len(graph.entity_names) == 40943
+    lemmas = _clean_names(graph, ",").entity_names  # "tombstone , NN , 1" -> "tombstone", the kgbert layout's name
+    assert count_shared(lemmas.values()) == 12873  # 31.4% of the entities
+    kgbert = real_graph("wn18rr/kgbert_format", read_kgbert)
+    assert count_shared(_clean_names(kgbert, ",").entity_names.values()) == 12873
+    cfg = make_cfg("experiment=li2024/wn18rr_kgs2s", f"dataset.source.data_dir={SHARED / 'wn18rr/kgs2s_processed'}")
+    assert (cfg.dataset.source.layout, cfg.dataset.source.name_separator) == ("kgs2s", None)
+
+
 # ---------------------------------------------------------------- both stages, end to end
 KG_TINY = ["dataset=kg_synthetic", "logger=none", "dataset.source.num_people=8", "dataset.num_eval=3",
            "trainer.eval_batch_size=8"]
@@ -431,10 +491,12 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
     assert "sampled100_mrr" in readme.read_text()
 
 
-@pytest.mark.parametrize("experiment", ["li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr",
-                                        "li2024/fb15k237n"])
-def test_li2024_experiments_compose_for_both_stages(make_cfg, experiment):
-    for method in ("contextualization", "kgbert", "kgbert_cd", "kgs2s_cd"):
+@pytest.mark.parametrize("experiment, methods", [
+    *((e, ("contextualization", "kgbert", "kgbert_cd", "kgs2s_cd"))
+      for e in ("li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr", "li2024/fb15k237n")),
+    *((e, ("kgs2s", "kgs2s_cd")) for e in ("li2024/wn18rr_kgs2s", "li2024/fb15k237n_kgs2s"))])  # stage 2 only
+def test_li2024_experiments_compose_for_their_stages(make_cfg, experiment, methods):
+    for method in methods:
         validate(make_cfg(f"experiment={experiment}", f"method={method}"))
 
 
@@ -449,6 +511,16 @@ def test_li2024_experiments_hold_the_released_settings(make_cfg):
         "negatives": 5, "training_rows": "drawn_once", "missing_context": "random", "max_length": 50,
         "context_max_length": 50, "aux_weight": 1.0}
     assert make_cfg("experiment=li2024/fb15k237n").trainer.schedule_epochs is None  # the final model of 5 epochs
+    for experiment, epochs, batch, descriptions in (("wn18rr_kgs2s", 100, 32, 40), ("fb15k237n_kgs2s", 50, 16, 80)):
+        cfg = make_cfg(f"experiment=li2024/{experiment}")
+        assert cfg.model.name_or_path == "google-t5/t5-base" and cfg.dataset.source.layout == "kgs2s"
+        assert {k: cfg.trainer[k] for k in ("epochs", "batch_size", "lr", "scheduler", "warmup_ratio", "weight_decay",
+                                            "max_grad_norm")} == {
+            "epochs": epochs, "batch_size": batch, "lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0,
+            "weight_decay": 0.0, "max_grad_norm": None}  # constant Adam
+        assert (cfg.method.kgc_weight, cfg.method.aux_weight, cfg.method.context_input) == (0.5, 0.5, "query")
+        assert cfg.method.source_description_tokens == descriptions
+    assert make_cfg("experiment=li2024/fb15k237n_kgs2s").method.target_description_tokens == 80
 
 
 def test_training_stops_part_way_down_a_longer_schedule(make_cfg, tmp_path):
@@ -466,6 +538,9 @@ def test_training_stops_part_way_down_a_longer_schedule(make_cfg, tmp_path):
                                            ("dataset=wn18rr dataset.source.layout=csv", "dataset.source.layout"),
                                            ("method=kgbert method.training_rows=sometimes", "method.training_rows"),
                                            ("method=kgbert method.missing_context=skip", "method.missing_context"),
+                                           ("method=kgs2s_cd method.context_input=answer", "method.context_input"),
+                                           ("method=kgs2s method.target_description_tokens=-1",
+                                            "method.target_description_tokens"),
                                            ("trainer.epochs=5 trainer.schedule_epochs=3", "trainer.schedule_epochs")])
 def test_bad_kg_values_are_named(make_cfg, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

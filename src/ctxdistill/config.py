@@ -182,10 +182,18 @@ class KGBertConfig(KGCStudentConfig):
 
 @dataclass
 class KGS2SConfig(KGCStudentConfig):
-    """Generative (KG-S2S): generate the missing entity's name, plus generating the context."""
+    """Generative (KG-S2S): generate the missing entity (name and description), plus generating the context."""
 
     _target_: str = "ctxdistill.methods.kgc.KGS2S"
-    max_target_length: int = 24
+    max_target_length: int = 512
+    # Entity descriptions in the query and in the target, as the released -src_descrip_max_length /
+    # -tgt_descrip_max_length: N keeps the first N - 1 tokens (N counts T5's end-of-sequence token); 0: none.
+    source_description_tokens: int = 40
+    target_description_tokens: int = 10
+    # What the contextualization task generates the context from: query (the link-prediction query, as the
+    # released code does by mistake) or triple ("contextualize: h | r | t", its intent; easier, as it holds
+    # the answer).
+    context_input: str = "query"
 
 
 # ---------------------------------------------------------------- model
@@ -681,6 +689,11 @@ def validate(cfg: DictConfig) -> None:
                  f"unknown value {m.training_rows!r}", "Use drawn_once (the released code) or fresh_per_batch")
         _require(m.missing_context in ("random", "error"), "method.missing_context",
                  f"unknown value {m.missing_context!r}", "Use random (the released code) or error")
+    if issubclass(OmegaConf.get_type(m), KGS2SConfig):
+        _require(m.context_input in ("query", "triple"), "method.context_input", f"unknown value {m.context_input!r}",
+                 "Use query (the released code) or triple (contextualize: h | r | t)")
+        for key in ("source_description_tokens", "target_description_tokens"):
+            _require(m[key] >= 0, f"method.{key}", f"must be >= 0, got {m[key]}", "0 leaves descriptions out")
     if "finetune" in m:
         _require(m.finetune in ("lora", "full"), "method.finetune", f"unknown value {m.finetune!r}",
                  "Use lora or full")

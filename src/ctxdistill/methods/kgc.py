@@ -6,13 +6,15 @@
   together into batches of rows (``training_rows=drawn_once``). ``aux_weight`` > 0 adds *reconstruction*,
   masked-LM on the context of each row's positive (15% of its tokens, 80% [MASK] / 10% random / 10% kept):
   L = kgc_weight * L_KGC + aux_weight * L_MLM.
-- ``kgs2s`` / ``kgs2s_cd`` (generative, KG-S2S): a seq2seq model generates the missing entity's name
-  from ``h | r`` (tails) and ``t | reverse of r`` (heads); ``aux_weight`` > 0 adds *contextualization*,
-  generating the context from ``contextualize: h | r | t``. The released code: 0.5 * L_KGC + 0.5 * L_ctx.
+- ``kgs2s`` / ``kgs2s_cd`` (generative, KG-S2S): a seq2seq model fills T5's sentinel in the released
+  query, ``h [description] | r | <extra_id_0>`` (tails) or ``<extra_id_0> | r | t [description]`` (heads),
+  with ``<extra_id_0>name[description]<extra_id_1>``; ``aux_weight`` > 0 prefixes ``predict: `` and adds
+  *contextualization*, generating the context from the query (``context_input=query``, the released code)
+  or from ``contextualize: h | r | t`` (``triple``). The released code: 0.5 * L_KGC + 0.5 * L_ctx.
 
 Both rank candidates with the scorer they hand to :class:`ctxdistill.ranking.LinkPredictionEvaluator`:
 KG-BERT by its triple score (a cross-encoder: every (query, candidate) pair is one forward pass; the
-entities' token ids are cached), KG-S2S by the log-likelihood of each candidate's name, with the
+entities' token ids are cached), KG-S2S by the log-likelihood of each candidate's target, with the
 query encoded once and its encoder states reused by every candidate.
 """
 
@@ -21,8 +23,9 @@ from __future__ import annotations
 import logging
 import random
 import zlib
+from collections import Counter
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +60,12 @@ def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, mask_token_id: 
 def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
     width = max(map(len, rows))
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def count_shared(values: Iterable) -> int:
+    """How many items have a value that another item has too."""
+    counts = Counter(values)
+    return sum(n for n in counts.values() if n > 1)
 
 
 class KGCStudent(Method):
@@ -336,13 +345,23 @@ class KGBert(KGCStudent):
 
 
 # ---------------------------------------------------------------- generative
+# T5's first two sentinel tokens: the released query marks the missing entity with the first, and the
+# target is the entity between the two.
+MISSING, END = "<extra_id_0>", "<extra_id_1>"
+
+
 class KGS2S(KGCStudent):
     aux_name = "context"
 
-    def __init__(self, name: str, max_target_length: int = 24, **kwargs):
+    def __init__(self, name: str, max_target_length: int = 512, source_description_tokens: int = 40,
+                 target_description_tokens: int = 10, context_input: str = "query", **kwargs):
         super().__init__(name, **kwargs)
         self.max_target_length = max_target_length
+        self.source_description_tokens = source_description_tokens
+        self.target_description_tokens = target_description_tokens
+        self.context_input = context_input
         self._targets: dict[str, list[int]] = {}
+        self._descriptions: dict[tuple[str, int], str] = {}
 
     def wrap_model(self, model, tokenizer):
         if not model.config.is_encoder_decoder:
@@ -350,20 +369,60 @@ class KGS2S(KGCStudent):
                               "model=t5-base, or model.architecture=seq2seq_lm")
         return model
 
-    @staticmethod
-    def source(task: KGTask, triple: Triple, direction: str) -> str:
+    def check_inputs(self, task, tokenizer, cfg):
+        super().check_inputs(task, tokenizer, cfg)
+        entities = task.graph.entities
+        shared = count_shared(tuple(self.entity_target(tokenizer, task, e)) for e in entities)
+        if shared:
+            log.warning("%d of the %d entities (%.1f%%) share their target with another entity, so their ranks tie. "
+                        "Descriptions in the target (method.target_description_tokens) tell most apart; WN18RR's "
+                        "KG-S2S files name its entities 'lemma , POS , sense', unique as the released code has them "
+                        "(dataset.source.layout=kgs2s dataset.source.name_separator=null)",
+                        shared, len(entities), 100 * shared / len(entities))
+
+    def train_examples(self, task):
+        """Each training triple twice, as a tail query and a head query, batched as separate rows (as released)."""
+        return [(triple, direction) for triple in task.train_triples for direction in ("tail", "head")]
+
+    def description(self, tokenizer, task: KGTask, entity: str, tokens: int) -> str:
+        """``[description]`` cut to tokens - 1 tokens (the released flag counts T5's end-of-sequence token);
+        nothing when tokens is 0."""
+        if tokens == 0:
+            return ""
+        if (entity, tokens) not in self._descriptions:
+            ids = tokenizer(task.graph.entity_descriptions.get(entity, ""), add_special_tokens=False).input_ids
+            self._descriptions[entity, tokens] = f"[{tokenizer.decode(ids[:tokens - 1])}]"
+        return self._descriptions[entity, tokens]
+
+    def source(self, tokenizer, task: KGTask, triple: Triple, direction: str) -> str:
+        """The released query: the known entity and its description, the relation, the sentinel where the
+        missing entity goes; ``predict: `` in front when an auxiliary task shares the model."""
         h, r, t = triple
+        known = h if direction == "tail" else t
+        described = self.description(tokenizer, task, known, self.source_description_tokens)
+        entity = f"{task.graph.entity_names[known]} {described}"
         if direction == "tail":
-            return f"{task.graph.entity_names[h]} | {task.relation_text(r)}"
-        return f"{task.graph.entity_names[t]} | reverse of {task.relation_text(r)}"
+            query = f"{entity} | {task.relation_text(r)} | {MISSING}"
+        else:
+            query = f"{MISSING} | {task.relation_text(r)} | {entity}"
+        return f"predict: {query}" if self.aux_weight > 0 else query
+
+    def context_source(self, tokenizer, task: KGTask, triple: Triple, direction: str) -> str:
+        if self.context_input == "query":  # the released code passes the link-prediction query by mistake
+            return self.source(tokenizer, task, triple, direction)
+        h, r, t = triple
+        return f"contextualize: {task.graph.entity_names[h]} | {task.relation_text(r)} | {task.graph.entity_names[t]}"
 
     def target(self, tokenizer, text: str, max_length: int) -> list[int]:
         ids = tokenizer(text, add_special_tokens=False).input_ids[: max_length - 1]
         return [*ids, tokenizer.eos_token_id]
 
     def entity_target(self, tokenizer, task: KGTask, entity: str) -> list[int]:
+        """``<extra_id_0>name[description]<extra_id_1>``: what the model generates and what ranking scores."""
         if entity not in self._targets:
-            self._targets[entity] = self.target(tokenizer, task.graph.entity_names[entity], self.max_target_length)
+            described = self.description(tokenizer, task, entity, self.target_description_tokens)
+            text = f"{MISSING}{task.graph.entity_names[entity]}{described}{END}"
+            self._targets[entity] = self.target(tokenizer, text, self.max_target_length)
         return self._targets[entity]
 
     def seq2seq_batch(self, tokenizer, sources: list[str], targets: list[list[int]], max_length: int):
@@ -371,15 +430,13 @@ class KGS2S(KGCStudent):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                 "labels": pad_rows(targets, -100)}
 
-    def collate(self, tokenizer, task, triples):
-        sources = [self.source(task, t, d) for t in triples for d in ("tail", "head")]
-        targets = [self.entity_target(tokenizer, task, t[2] if d == "tail" else t[0])
-                   for t in triples for d in ("tail", "head")]
+    def collate(self, tokenizer, task, queries):
+        sources = [self.source(tokenizer, task, t, d) for t, d in queries]
+        targets = [self.entity_target(tokenizer, task, t[2] if d == "tail" else t[0]) for t, d in queries]
         batch = {"kgc": self.seq2seq_batch(tokenizer, sources, targets, self.max_length)}
         if self.aux_weight > 0:
-            sources = [f"contextualize: {self.source(task, t, 'tail')} | {task.graph.entity_names[t[2]]}"
-                       for t in triples]
-            targets = [self.target(tokenizer, task.contexts[t], self.context_max_length) for t in triples]
+            sources = [self.context_source(tokenizer, task, t, d) for t, d in queries]
+            targets = [self.target(tokenizer, task.contexts[t], self.context_max_length) for t, _ in queries]
             batch["context"] = self.seq2seq_batch(tokenizer, sources, targets, self.max_length)
         return batch
 
@@ -390,9 +447,9 @@ class KGS2S(KGCStudent):
         return model(**{k: v.to(device) for k, v in batch["context"].items()}).loss
 
     def score_query(self, model, tokenizer, task, triple, direction, names, device):
-        """Summed log-likelihood of each candidate's name; the query's encoder states are computed once."""
-        enc = tokenizer([self.source(task, triple, direction)], truncation=True, max_length=self.max_length,
-                        return_tensors="pt").to(device)
+        """Summed log-likelihood of each candidate's target; the query's encoder states are computed once."""
+        enc = tokenizer([self.source(tokenizer, task, triple, direction)], truncation=True,
+                        max_length=self.max_length, return_tensors="pt").to(device)
         states = model.get_encoder()(**enc).last_hidden_state
         scores = []
         for start in range(0, len(names), self.eval_batch_size):
