@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from ctxdistill.config import ConfigError, validate
-from ctxdistill.data.kg import (ContextWriter, DataError, KGTask, KnowledgeGraph, build_kg_task, read_contexts,
-                                read_kgbert, read_kgs2s, read_plain)
-from ctxdistill.methods.kgc import mask_tokens
+from ctxdistill.data.kg import (ContextWriter, DataError, KGTask, KnowledgeGraph, _clean_names, build_kg_task,
+                                missing_contexts, read_contexts, read_kgbert, read_kgs2s, read_plain)
+from ctxdistill.methods.kgc import KGS2S, KGBert, count_shared, fit_triple, mask_tokens
+from ctxdistill.models import load_model, load_tokenizer
 from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, ranking_metrics
 from ctxdistill.run import run
 
@@ -218,6 +219,197 @@ def test_contexts_resume_after_a_cut_line_and_the_released_format_loads(tmp_path
     assert read_contexts(released, graph) == {("00001", "_hypernym", "00002"): "Dogs are animals."}
 
 
+def write_released_contexts(path: Path, lines: list[str], count: int | None = None) -> Path:
+    """knowledge_context.txt as the released writer (KGE-LLM/distill_palm.py) leaves it: the number of
+    contexts, then one ' |**| '-joined line per triple: the KG-S2S integer ids of head, tail, relation, the text."""
+    write(path, [str(len(lines) if count is None else count), *lines])
+    return path
+
+
+def test_the_released_knowledge_context_file_loads_with_its_kgs2s_ids_mapped(make_cfg, tmp_path):
+    s2s = write_kgs2s(tmp_path / "s2s")  # entity ids 0..3 = 00001..00004, relations 0 = _hypernym, 1 = _part_of
+    released = write_released_contexts(s2s / "knowledge_context.txt", [
+        "0 |**| 1 |**| 0 |**| A dog is an animal.", "2 |**| 1 |**| 0 |**| A cat is an animal."])
+    expected = {("00001", "_hypernym", "00002"): "A dog is an animal.",
+                ("00003", "_hypernym", "00002"): "A cat is an animal."}
+    assert read_contexts(released) == expected
+    # A dataset in another layout reads it through the KG-S2S id files named by dataset.contexts_id_dir.
+    elsewhere = tmp_path / "contexts" / "knowledge_context.txt"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(released.read_text())
+    cfg = make_cfg("dataset=wn18rr", f"dataset.source.data_dir={write_kgbert(tmp_path / 'bert')}",
+                   f"dataset.contexts_file={elsewhere}", f"dataset.contexts_id_dir={s2s}")
+    task = build_kg_task(cfg.dataset, seed=0)
+    assert task.contexts == expected and missing_contexts(task) == [("00001", "_part_of", "00004")]
+    with pytest.raises(DataError, match=r"needs entity2id.txt and relation2id.txt.*dataset\.contexts_id_dir"):
+        read_contexts(elsewhere)
+    write_released_contexts(released, ["0 |**| 1 |**| 0 |**| A dog is an animal."], count=2)
+    with pytest.raises(DataError, match="the count line says 2 contexts, the file holds 1"):
+        read_contexts(released)
+    write_released_contexts(released, ["0 |**| 9 |**| 0 |**| Nothing."])
+    with pytest.raises(DataError, match=r"knowledge_context.txt:2: id 9 is not in the KG-S2S entity2id.txt"):
+        read_contexts(released)
+    with pytest.raises(DataError, match="released knowledge_context.txt.*JSON-lines file"):
+        ContextWriter(released)  # appending would leave its count line stale
+
+
+# ---------------------------------------------------------------- KG-BERT's training rows
+def synthetic_task(make_cfg, *overrides: str) -> KGTask:
+    return build_kg_task(make_cfg("dataset=kg_synthetic", *overrides).dataset, seed=0)
+
+
+def test_kgbert_cuts_a_long_triple_as_kg_bert_does():
+    # The strictly longest part loses a token; on a tie the tail does (KG-BERT's _truncate_seq_triple).
+    assert fit_triple([30, 3, 30], 46) == [22, 3, 21]
+    assert fit_triple([5, 3, 60], 46) == [5, 3, 38]
+    assert fit_triple([40, 3, 10], 46) == [33, 3, 10]
+    assert fit_triple([10, 3, 10], 46) == [10, 3, 10]
+
+
+def test_kgbert_draws_five_negatives_per_positive_once_all_on_the_head_or_all_on_the_tail(make_cfg):
+    task = synthetic_task(make_cfg)
+    method = KGBert("kgbert")
+    rows = method.train_examples(task)
+    assert len(rows) == 6 * len(task.train_triples) == 6 * 88
+    assert rows == method.train_examples(task)  # drawn once: every epoch and a resumed run see the same rows
+    known, sides = set(task.train_triples), set()
+    for start in range(0, len(rows), 6):
+        positive, *negatives = rows[start:start + 6]
+        assert positive.label == 1.0 and positive.triple == positive.positive
+        assert [n.label for n in negatives] == [0.0] * 5 and {n.positive for n in negatives} == {positive.triple}
+        h, r, t = positive.triple
+        heads_replaced = all(n.triple[0] != h and n.triple[1:] == (r, t) for n in negatives)
+        tails_replaced = all(n.triple[:2] == (h, r) and n.triple[2] != t for n in negatives)
+        assert heads_replaced or tails_replaced
+        assert not {n.triple for n in negatives} & known
+        sides.add("head" if heads_replaced else "tail")
+    assert sides == {"head", "tail"}  # a coin flip per positive
+
+
+def composed(model: str):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ctxdistill.cli import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"model={model}", "output_dir=unused"])
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    cfg = composed("minilm-l6")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    return tokenizer, load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+
+
+def test_kgbert_rows_carry_their_own_masked_copy_of_the_positive_context(make_cfg, minilm, caplog):
+    tokenizer, model = minilm
+    task = synthetic_task(make_cfg)
+    long_context = " ".join(["the city lies on a river and its people work as painters"] * 10)
+    task.contexts = {t: f"{i} {long_context}" for i, t in enumerate(task.train_triples[1:])}
+    method = KGBert("kgbert_cd", aux_weight=1.0, max_length=50, context_max_length=50)
+    method.wrap_model(model, tokenizer)
+    method.check_inputs(task, tokenizer, make_cfg("dataset=kg_synthetic"))
+    assert "1 of the 88 training triples have no context" in caplog.text
+    rows = method.train_examples(task)
+    method.prepare(None, tokenizer, task, rows, 8)
+    borrowed = method._contexts[task.train_triples[0]]  # a random one of the file's, drawn once
+    assert borrowed in task.contexts.values()
+    method.prepare(None, tokenizer, task, rows, 8)
+    assert method._contexts[task.train_triples[0]] == borrowed
+    batch = method.collate(tokenizer, task, rows[:32])  # 32 rows: 5 positives and some of their negatives
+    context = batch["context"]
+    assert batch["labels"].tolist() == [r.label for r in rows[:32]] and context["input_ids"].shape == (32, 50)
+    assert (context["input_ids"][:, 0] == tokenizer.cls_token_id).all()
+    assert (context["input_ids"][:, 49] == tokenizer.sep_token_id).all()  # [CLS] + 48 context tokens + [SEP]
+    again = method.collate(tokenizer, task, rows[:32])
+    assert torch.equal(again["context"]["input_ids"], context["input_ids"])  # masked once, for every epoch
+    assert torch.equal(again["context"]["labels"], context["labels"])
+    copies = {tuple(labels.tolist()) for labels in context["labels"][6:12]}  # the second positive's 6 rows
+    assert len(copies) == 6  # each row its own masking
+    method.missing_context = "error"
+    with pytest.raises(ConfigError, match="1 of the 88 training triples have no context"):
+        method.check_inputs(task, tokenizer, make_cfg("dataset=kg_synthetic"))
+
+
+def test_kgbert_fresh_per_batch_rows_batch_positives_with_new_negatives(make_cfg, minilm):
+    tokenizer, model = minilm
+    task = synthetic_task(make_cfg)
+    task.contexts = {t: "a short context" for t in task.train_triples}
+    method = KGBert("kgbert_cd", aux_weight=1.0, training_rows="fresh_per_batch", negatives=2)
+    method.wrap_model(model, tokenizer)
+    triples = method.train_examples(task)
+    assert triples == task.train_triples
+    method.prepare(None, tokenizer, task, triples, 8)
+    first, second = (method.collate(tokenizer, task, triples[:4]) for _ in range(2))
+    assert first["labels"].tolist() == [1.0] * 4 + [0.0] * 8 and first["context"]["input_ids"].shape[0] == 4
+    assert not torch.equal(first["triples"]["input_ids"], second["triples"]["input_ids"])  # negatives drawn anew
+
+
+# ---------------------------------------------------------------- KG-S2S's inputs
+def kgs2s_task() -> KGTask:
+    names = {"04": "tombstone , NN , 1", "07": "memorial , NN , 2", "09": "memorial , NN , 1"}
+    descriptions = {"04": "a stone that is used to mark a grave", "07": "a structure erected to commemorate"}
+    graph = KnowledgeGraph(names, descriptions, {"_hypernym": "hypernym"},
+                           {"train": [("04", "_hypernym", "07")], "valid": [], "test": []})
+    task = KGTask("wn", graph, graph.splits["train"], {"eval": []})
+    task.contexts = {("04", "_hypernym", "07"): "A tombstone is a kind of memorial."}
+    return task
+
+
+@pytest.fixture(scope="module")
+def seq2seq_tokenizer():
+    cfg = composed("tiny-random-seq2seq")
+    return load_tokenizer(cfg.model, cfg.cache_dir)
+
+
+def test_kgs2s_queries_and_targets_are_the_released_strings(seq2seq_tokenizer):
+    tokenizer, task = seq2seq_tokenizer, kgs2s_task()
+    triple = task.train_triples[0]
+    cd = KGS2S("kgs2s_cd", kgc_weight=0.5, aux_weight=0.5)  # 40 / 10 description tokens, as on WN18RR
+    assert cd.source(tokenizer, task, triple, "tail") == ("predict: tombstone , NN , 1 [a stone that is used to mark a "
+                                                          "grave] | hypernym | <extra_id_0>")
+    assert cd.source(tokenizer, task, triple, "head") == ("predict: <extra_id_0> | hypernym | memorial , NN , 2 "
+                                                          "[a structure erected to commemorate]")
+    baseline = KGS2S("kgs2s", aux_weight=0.0, source_description_tokens=0, target_description_tokens=4)
+    assert baseline.source(tokenizer, task, triple, "tail") == "tombstone , NN , 1  | hypernym | <extra_id_0>"
+    target = baseline.entity_target(tokenizer, task, "04")  # 4 tokens: 3 and the end of sequence, as released
+    assert tokenizer.decode(target[:-1]) == "<extra_id_0>tombstone , NN , 1[a stone that]<extra_id_1>"
+    assert target[-1] == tokenizer.eos_token_id
+    undescribed = baseline.entity_target(tokenizer, task, "09")
+    assert tokenizer.decode(undescribed[:-1]) == "<extra_id_0>memorial , NN , 1[]<extra_id_1>"
+    queries = cd.train_examples(task)
+    assert queries == [(triple, "tail"), (triple, "head")]  # batched as separate rows
+    batch = cd.collate(tokenizer, task, queries)
+    assert torch.equal(batch["context"]["input_ids"], batch["kgc"]["input_ids"])  # the released code's input
+    intended = KGS2S("kgs2s_cd", kgc_weight=0.5, aux_weight=0.5, context_input="triple")
+    sources = intended.collate(tokenizer, task, queries)["context"]["input_ids"]
+    assert tokenizer.batch_decode(sources) == ["contextualize: tombstone , NN , 1 | hypernym | memorial , NN , 2"] * 2
+
+
+def test_kgs2s_warns_when_entities_share_a_target(seq2seq_tokenizer, caplog):
+    task = kgs2s_task()
+    task.graph.entity_names["09"] = "memorial , NN , 2"
+    KGS2S("kgs2s", aux_weight=0.0, target_description_tokens=0).check_inputs(task, seq2seq_tokenizer, None)
+    assert "2 of the 3 entities (66.7%) share their target with another entity" in caplog.text
+
+
+@needs_shared
+def test_wn18rr_kgs2s_names_are_unique_where_bare_lemmas_are_shared_by_31_percent(make_cfg):
+    graph = real_graph("wn18rr/kgs2s_processed", read_kgs2s)
+    assert count_shared(graph.entity_names.values()) == 0 and len(graph.entity_names) == 40943
+    lemmas = _clean_names(graph, ",").entity_names  # "tombstone , NN , 1" -> "tombstone", the kgbert layout's name
+    assert count_shared(lemmas.values()) == 12873  # 31.4% of the entities
+    kgbert = real_graph("wn18rr/kgbert_format", read_kgbert)
+    assert count_shared(_clean_names(kgbert, ",").entity_names.values()) == 12873
+    cfg = make_cfg("experiment=li2024/wn18rr_kgs2s", f"dataset.source.data_dir={SHARED / 'wn18rr/kgs2s_processed'}")
+    assert (cfg.dataset.source.layout, cfg.dataset.source.name_separator) == ("kgs2s", None)
+
+
 # ---------------------------------------------------------------- both stages, end to end
 KG_TINY = ["dataset=kg_synthetic", "logger=none", "dataset.source.num_people=8", "dataset.num_eval=3",
            "trainer.eval_batch_size=8"]
@@ -299,17 +491,57 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
     assert "sampled100_mrr" in readme.read_text()
 
 
-@pytest.mark.parametrize("experiment", ["li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr"])
-def test_li2024_experiments_compose_for_both_stages(make_cfg, experiment):
-    for method in ("contextualization", "kgbert", "kgbert_cd", "kgs2s_cd"):
+@pytest.mark.parametrize("experiment, methods", [
+    *((e, ("contextualization", "kgbert", "kgbert_cd", "kgs2s_cd"))
+      for e in ("li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr", "li2024/fb15k237n")),
+    *((e, ("kgs2s", "kgs2s_cd")) for e in ("li2024/wn18rr_kgs2s", "li2024/fb15k237n_kgs2s"))])  # stage 2 only
+def test_li2024_experiments_compose_for_their_stages(make_cfg, experiment, methods):
+    for method in methods:
         validate(make_cfg(f"experiment={experiment}", f"method={method}"))
+
+
+def test_li2024_experiments_hold_the_released_settings(make_cfg):
+    kgbert = make_cfg("experiment=li2024/wn18rr")
+    assert kgbert.model.name_or_path == "google-bert/bert-base-cased"
+    assert {k: kgbert.trainer[k] for k in ("epochs", "schedule_epochs", "batch_size", "lr", "warmup_ratio",
+                                           "weight_decay")} == {"epochs": 3, "schedule_epochs": 5, "batch_size": 32,
+                                                                "lr": 5e-5, "warmup_ratio": 0.1, "weight_decay": 0.01}
+    assert {k: kgbert.method[k] for k in ("negatives", "training_rows", "missing_context", "max_length",
+                                          "context_max_length", "aux_weight")} == {
+        "negatives": 5, "training_rows": "drawn_once", "missing_context": "random", "max_length": 50,
+        "context_max_length": 50, "aux_weight": 1.0}
+    assert make_cfg("experiment=li2024/fb15k237n").trainer.schedule_epochs is None  # the final model of 5 epochs
+    for experiment, epochs, batch, descriptions in (("wn18rr_kgs2s", 100, 32, 40), ("fb15k237n_kgs2s", 50, 16, 80)):
+        cfg = make_cfg(f"experiment=li2024/{experiment}")
+        assert cfg.model.name_or_path == "google-t5/t5-base" and cfg.dataset.source.layout == "kgs2s"
+        assert {k: cfg.trainer[k] for k in ("epochs", "batch_size", "lr", "scheduler", "warmup_ratio", "weight_decay",
+                                            "max_grad_norm")} == {
+            "epochs": epochs, "batch_size": batch, "lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0,
+            "weight_decay": 0.0, "max_grad_norm": None}  # constant Adam
+        assert (cfg.method.kgc_weight, cfg.method.aux_weight, cfg.method.context_input) == (0.5, 0.5, "query")
+        assert cfg.method.source_description_tokens == descriptions
+    assert make_cfg("experiment=li2024/fb15k237n_kgs2s").method.target_description_tokens == 80
+
+
+def test_training_stops_part_way_down_a_longer_schedule(make_cfg, tmp_path):
+    # 4 positives and their 5 negatives each: 24 rows, 3 batches of 8 per epoch; the schedule spans 2 epochs.
+    result = run(make_cfg(*KG_TINY, "method=kgbert", "model=minilm-l6", "dataset.num_train=4", "trainer.epochs=1",
+                          "trainer.schedule_epochs=2", "trainer.batch_size=8", "dataset.eval_candidates=2",
+                          "dataset.num_eval=1", "trainer.save_model=false"))
+    assert (result["train"]["examples"], result["train"]["steps"], result["train"]["schedule_steps"]) == (24, 3, 6)
 
 
 @pytest.mark.parametrize("override, key", [("method=kgbert_cd method.mlm_probability=1.5", "method.mlm_probability"),
                                            ("method=kgs2s method.aux_weight=-1", "method.aux_weight"),
                                            ("method=contextualization method.max_new_tokens=0", "method.max_new_tokens"),
                                            ("dataset=wn18rr dataset.eval_candidates=0", "dataset.eval_candidates"),
-                                           ("dataset=wn18rr dataset.source.layout=csv", "dataset.source.layout")])
+                                           ("dataset=wn18rr dataset.source.layout=csv", "dataset.source.layout"),
+                                           ("method=kgbert method.training_rows=sometimes", "method.training_rows"),
+                                           ("method=kgbert method.missing_context=skip", "method.missing_context"),
+                                           ("method=kgs2s_cd method.context_input=answer", "method.context_input"),
+                                           ("method=kgs2s method.target_description_tokens=-1",
+                                            "method.target_description_tokens"),
+                                           ("trainer.epochs=5 trainer.schedule_epochs=3", "trainer.schedule_epochs")])
 def test_bad_kg_values_are_named(make_cfg, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(make_cfg(*override.split()))

@@ -170,17 +170,34 @@ class KGBertConfig(KGCStudentConfig):
     """Discriminative (KG-BERT): triple classification plus masked-LM reconstruction of the context."""
 
     _target_: str = "ctxdistill.methods.kgc.KGBert"
-    negatives: int = 2  # corrupted triples per positive, heads and tails alternately
+    negatives: int = 5  # corrupted triples per positive: all its heads or all its tails (a coin flip per positive)
+    # drawn_once (the released code): the positives and their negatives are rows drawn once before training,
+    # shuffled together into batches of trainer.batch_size rows, each row with its own masked copy of its
+    # positive's context (masked once too). fresh_per_batch: a batch is trainer.batch_size positives, each with
+    # negatives drawn anew and one masked copy of its context (more distinct negatives, 1/(1+negatives) of
+    # the reconstruction cost).
+    training_rows: str = "drawn_once"
+    # A training triple without a context: random (another triple's context, drawn once; the released code)
+    # or error (stop before training). With no context at all the auxiliary task always stops.
+    missing_context: str = "random"
     mlm_probability: float = 0.15  # of which 80% [MASK], 10% random, 10% kept
     use_descriptions: bool = True  # entity text = name + description, as KG-BERT
 
 
 @dataclass
 class KGS2SConfig(KGCStudentConfig):
-    """Generative (KG-S2S): generate the missing entity's name, plus generating the context."""
+    """Generative (KG-S2S): generate the missing entity (name and description), plus generating the context."""
 
     _target_: str = "ctxdistill.methods.kgc.KGS2S"
-    max_target_length: int = 24
+    max_target_length: int = 512
+    # Entity descriptions in the query and in the target, as the released -src_descrip_max_length /
+    # -tgt_descrip_max_length: N keeps the first N - 1 tokens (N counts T5's end-of-sequence token); 0: none.
+    source_description_tokens: int = 40
+    target_description_tokens: int = 10
+    # What the contextualization task generates the context from: query (the link-prediction query, as the
+    # released code does by mistake) or triple ("contextualize: h | r | t", its intent; easier, as it holds
+    # the answer).
+    context_input: str = "query"
 
 
 # ---------------------------------------------------------------- model
@@ -358,6 +375,9 @@ class KGDatasetConfig:
     subsample_seed: int = 0
     # Contexts keyed by triple: written by method=contextualization, read by the students' auxiliary task.
     contexts_file: Optional[str] = None
+    # The KG-S2S directory whose entity2id.txt / relation2id.txt number the ids of a released
+    # knowledge_context.txt; null: the contexts file's own directory (where the released writer puts it).
+    contexts_id_dir: Optional[str] = None
 
 
 @dataclass
@@ -396,6 +416,9 @@ class DistributedConfig:
 class TrainerConfig:
     epochs: int = 3
     max_steps: Optional[int] = None  # overrides epochs when set
+    # Epochs the LR schedule spans; null: the training length. Longer than epochs: training stops part-way
+    # down the schedule (Li et al.'s released KG-BERT WN18RR script evaluates epoch 3 of a 5-epoch run).
+    schedule_epochs: Optional[int] = None
     batch_size: int = 8
     grad_accum_steps: int = 1
     lr: float = 1e-3
@@ -572,6 +595,9 @@ def validate(cfg: DictConfig) -> None:
     _require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}", "Set trainer.batch_size=8")
     _require(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}", "")
     _require(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}", "")
+    _require(t.schedule_epochs is None or t.schedule_epochs >= t.epochs, "trainer.schedule_epochs",
+             f"must be >= trainer.epochs ({t.epochs}) or null, got {t.schedule_epochs}",
+             "It is the length of the LR schedule, which training stops part-way down")
     _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}", "")
     _require(t.checkpoint_every is None or t.checkpoint_every >= 1, "trainer.checkpoint_every",
              f"must be >= 1 or null, got {t.checkpoint_every}", "")
@@ -703,6 +729,15 @@ def validate(cfg: DictConfig) -> None:
         _require(0 < m.mlm_probability < 1, "method.mlm_probability", f"must be in (0, 1), got {m.mlm_probability}",
                  "The paper masks 0.15")
         _require(m.negatives >= 1, "method.negatives", f"must be >= 1, got {m.negatives}", "")
+        _require(m.training_rows in ("drawn_once", "fresh_per_batch"), "method.training_rows",
+                 f"unknown value {m.training_rows!r}", "Use drawn_once (the released code) or fresh_per_batch")
+        _require(m.missing_context in ("random", "error"), "method.missing_context",
+                 f"unknown value {m.missing_context!r}", "Use random (the released code) or error")
+    if issubclass(OmegaConf.get_type(m), KGS2SConfig):
+        _require(m.context_input in ("query", "triple"), "method.context_input", f"unknown value {m.context_input!r}",
+                 "Use query (the released code) or triple (contextualize: h | r | t)")
+        for key in ("source_description_tokens", "target_description_tokens"):
+            _require(m[key] >= 0, f"method.{key}", f"must be >= 0, got {m[key]}", "0 leaves descriptions out")
     if "finetune" in m:
         _require(m.finetune in ("lora", "full"), "method.finetune", f"unknown value {m.finetune!r}",
                  "Use lora or full")

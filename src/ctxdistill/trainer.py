@@ -63,10 +63,12 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
                         collate_fn=lambda chunk: method.collate(tokenizer, task, chunk))
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    # A schedule longer than training stops part-way down it (an earlier epoch's checkpoint of a longer run).
+    schedule_steps = cfg.schedule_epochs * steps_per_epoch if cfg.schedule_epochs else total_steps
     params = [p for p in handle.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * schedule_steps),
+                              num_training_steps=schedule_steps)
     handle.student, optimizer, loader, scheduler = accelerator.prepare(handle.student, optimizer, loader, scheduler)
     progress = Progress(epoch_shuffle_state=shuffle.get_state(), fingerprint=fingerprint)
     accelerator.register_for_checkpointing(progress)
@@ -146,6 +148,7 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
                                             **periodic_eval(progress.step, None)})
     bar.close()
     handle.student = accelerator.unwrap_model(handle.student)
-    return {**prepared, "steps": progress.step, "examples": len(examples), "final_loss": progress.last_loss,
+    return {**prepared, "steps": progress.step, "schedule_steps": schedule_steps, "examples": len(examples),
+            "final_loss": progress.last_loss,
             "resumed_from_step": resumed_from,
             "prepare_seconds": prepare_seconds, "train_seconds": time.perf_counter() - loop_started}, progress.curves

@@ -14,8 +14,8 @@ Three on-disk layouts (``dataset.source.layout``), all keeping entity ids as str
   where names are the ids themselves unless ``entity2text.txt`` is present.
 
 Contexts (the paragraphs an LLM writes per training triple) live in a JSON-lines file keyed by
-triple, appended to as they are generated; the released code's ``knowledge_context.txt``
-(``head |**| tail |**| relation |**| text``) is read as well.
+triple, appended to as they are generated; the released writer's ``knowledge_context.txt`` (a count
+line, then ``head |**| tail |**| relation |**| text`` with KG-S2S integer ids) is read as well.
 """
 
 from __future__ import annotations
@@ -278,29 +278,72 @@ def build_kg_task(spec: DictConfig, seed: int) -> KGTask:
     task = KGTask(spec.name, graph, train, {"eval": evaluation}, contexts_file, eval_candidates=spec.eval_candidates,
                   seed=seed)
     if contexts_file is not None and contexts_file.is_file():
-        task.contexts = read_contexts(contexts_file, graph)
+        id_dir = Path(spec.contexts_id_dir).expanduser() if spec.contexts_id_dir else None
+        task.contexts = read_contexts(contexts_file, graph, id_dir)
     return task
 
 
 # ---------------------------------------------------------------- contexts
-def read_contexts(path: Path, graph: Optional[KnowledgeGraph] = None) -> dict[Triple, str]:
-    """Contexts keyed by triple from JSON lines ({head, relation, tail, context}) or the released code's
-    ``head |**| tail |**| relation |**| text`` lines. A line cut short by an interrupted write is skipped."""
-    contexts: dict[Triple, str] = {}
+RELEASED_SEPARATOR = "|**|"
+
+
+def _count_line(first_line: str) -> Optional[int]:
+    """The row count a released ``knowledge_context.txt`` starts with; None for any other contexts file."""
+    return int(first_line.strip()) if first_line.strip().isdigit() else None
+
+
+def _kgs2s_ids(path: Path, id_dir: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """KG-S2S integer id -> original id, for entities and relations."""
+    files = [id_dir / "entity2id.txt", id_dir / "relation2id.txt"]
+    if not all(f.is_file() for f in files):
+        raise DataError(f"{path} is a released knowledge_context.txt (a count line, then KG-S2S integer ids); "
+                        f"mapping its ids needs entity2id.txt and relation2id.txt, which {id_dir} lacks. Set "
+                        f"dataset.contexts_id_dir to the KG-S2S directory of the dataset (e.g. .../kgs2s_processed)")
+    entities, relations = ({number: original for original, number in _columns(f, 2, counted=True)} for f in files)
+    return entities, relations
+
+
+def read_contexts(path: Path, graph: Optional[KnowledgeGraph] = None,
+                  id_dir: Optional[Path] = None) -> dict[Triple, str]:
+    """Contexts keyed by triple (original ids) from
+
+    - JSON lines ``{head, relation, tail, context}`` (this suite's writer); a line cut short by an
+      interrupted write is skipped;
+    - the released writer's ``knowledge_context.txt``: a count line, then ``head |**| tail |**| relation
+      |**| text`` with KG-S2S integer ids, mapped through ``id_dir``'s ``entity2id.txt`` and
+      ``relation2id.txt`` (default: the file's own directory, where the released writer leaves it);
+    - the same lines without the count line, with original ids or entity names (KG-BERT's input).
+    """
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if line.strip()]
+    count = _count_line(lines[0][1]) if lines else None
+    if count is not None:
+        lines = lines[1:]
+    integer_ids = _kgs2s_ids(path, id_dir or path.parent) if count is not None else None
     by_name = {}
-    if graph is not None:  # the released file may name entities rather than give their ids
+    if graph is not None and integer_ids is None:  # the lines may name entities rather than give their ids
         by_name = {name: entity for entity, name in graph.entity_names.items()}
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if "|**|" in line:
-            parts = [p.strip() for p in line.split("|**|")]
+    contexts: dict[Triple, str] = {}
+    for number, line in lines:
+        if RELEASED_SEPARATOR in line:
+            parts = [p.strip() for p in line.split(RELEASED_SEPARATOR)]
             if len(parts) != 4:
                 raise DataError(f"{path}:{number}: expected 'head |**| tail |**| relation |**| text'")
             h, t, r, text = parts
-            h, t = (e if graph is None or e in graph.entity_names else by_name.get(e, e) for e in (h, t))
+            if integer_ids is not None:
+                entities, relations = integer_ids
+                try:
+                    h, t, r = entities[h], entities[t], relations[r]
+                except KeyError as e:
+                    raise DataError(f"{path}:{number}: id {e.args[0]} is not in the KG-S2S entity2id.txt / "
+                                    f"relation2id.txt") from None
+            elif graph is not None:
+                h, t = (e if e in graph.entity_names else by_name.get(e, e) for e in (h, t))
             contexts[(h, r, t)] = text
             continue
+        if count is not None:
+            raise DataError(f"{path}:{number}: a released knowledge_context.txt holds only "
+                            f"'head |**| tail |**| relation |**| text' lines after its count line")
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -309,6 +352,8 @@ def read_contexts(path: Path, graph: Optional[KnowledgeGraph] = None) -> dict[Tr
             contexts[(record["head"], record["relation"], record["tail"])] = record["context"]
         except (KeyError, TypeError):
             raise DataError(f"{path}:{number}: a context record needs head, relation, tail and context") from None
+    if count is not None and count != len(lines):
+        raise DataError(f"{path}: the count line says {count} contexts, the file holds {len(lines)}")
     return contexts
 
 
@@ -317,6 +362,9 @@ class ContextWriter:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file() and _count_line(path.open(encoding="utf-8").readline()) is not None:
+            raise DataError(f"{path} is a released knowledge_context.txt (its count line would go stale): write "
+                            f"new contexts to a JSON-lines file, dataset.contexts_file=NAME.jsonl")
         if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
             with path.open("a", encoding="utf-8") as f:  # end a line cut by an interruption
                 f.write("\n")

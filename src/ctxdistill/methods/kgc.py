@@ -1,24 +1,31 @@
 """Stage 2 of contextualization distillation (Li et al. 2024): KGC students with an auxiliary task.
 
 - ``kgbert`` / ``kgbert_cd`` (discriminative, KG-BERT): an encoder scores ``[CLS] h [SEP] r [SEP] t [SEP]``
-  as true or corrupted (binary cross-entropy, negatives by replacing the head or the tail);
-  ``aux_weight`` > 0 adds *reconstruction*, masked-LM on the triple's context (15% of its tokens,
-  80% [MASK] / 10% random / 10% kept): L = kgc_weight * L_KGC + aux_weight * L_MLM.
-- ``kgs2s`` / ``kgs2s_cd`` (generative, KG-S2S): a seq2seq model generates the missing entity's name
-  from ``h | r`` (tails) and ``t | reverse of r`` (heads); ``aux_weight`` > 0 adds *contextualization*,
-  generating the context from ``contextualize: h | r | t``. The released code: 0.5 * L_KGC + 0.5 * L_ctx.
+  as true or corrupted (binary cross-entropy). As released, each positive gets ``negatives`` corruptions of
+  its head or of its tail (a coin flip per positive), drawn once; positives and negatives are shuffled
+  together into batches of rows (``training_rows=drawn_once``). ``aux_weight`` > 0 adds *reconstruction*,
+  masked-LM on the context of each row's positive (15% of its tokens, 80% [MASK] / 10% random / 10% kept):
+  L = kgc_weight * L_KGC + aux_weight * L_MLM.
+- ``kgs2s`` / ``kgs2s_cd`` (generative, KG-S2S): a seq2seq model fills T5's sentinel in the released
+  query, ``h [description] | r | <extra_id_0>`` (tails) or ``<extra_id_0> | r | t [description]`` (heads),
+  with ``<extra_id_0>name[description]<extra_id_1>``; ``aux_weight`` > 0 prefixes ``predict: `` and adds
+  *contextualization*, generating the context from the query (``context_input=query``, the released code)
+  or from ``contextualize: h | r | t`` (``triple``). The released code: 0.5 * L_KGC + 0.5 * L_ctx.
 
 Both rank candidates with the scorer they hand to :class:`ctxdistill.ranking.LinkPredictionEvaluator`:
 KG-BERT by its triple score (a cross-encoder: every (query, candidate) pair is one forward pass; the
-entities' token ids are cached), KG-S2S by the log-likelihood of each candidate's name, with the
+entities' token ids are cached), KG-S2S by the log-likelihood of each candidate's target, with the
 query encoded once and its encoder states reused by every candidate.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import zlib
+from collections import Counter
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +35,8 @@ from ctxdistill.config import ConfigError
 from ctxdistill.data.kg import KGTask, Triple, build_kg_task, missing_contexts
 from ctxdistill.methods.base import Method
 from ctxdistill.ranking import LinkPredictionEvaluator, ranking_prefix
+
+log = logging.getLogger(__name__)
 
 
 def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, mask_token_id: int, vocab_size: int,
@@ -48,10 +57,23 @@ def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, mask_token_id: 
     return inputs, labels
 
 
+def pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(map(len, rows))
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def count_shared(values: Iterable) -> int:
+    """How many items have a value that another item has too."""
+    counts = Counter(values)
+    return sum(n for n in counts.values() if n > 1)
+
+
 class KGCStudent(Method):
     """What both students share: training triples, the context check, the ranking evaluation."""
 
     adapter = "full"
+    #: a training triple without a context: "error" stops before training, "random" lends it another's
+    missing_context = "error"
 
     def __init__(self, name: str, aux_weight: float = 1.0, kgc_weight: float = 1.0, max_length: int = 64,
                  context_max_length: int = 128, eval_batch_size: int = 256):
@@ -73,7 +95,11 @@ class KGCStudent(Method):
         if self.aux_weight == 0:
             return
         missing = missing_contexts(task)
-        if missing:
+        if missing and self.missing_context == "random" and task.contexts:
+            log.warning("%d of the %d training triples have no context; each gets another triple's context, drawn "
+                        "once (method.missing_context=random, as the released code)", len(missing),
+                        len(task.train_triples))
+        elif missing:
             where = task.contexts_file or "(dataset.contexts_file is null)"
             raise ConfigError(
                 f"{len(missing)} of the {len(task.train_triples)} training triples have no context in {where} "
@@ -163,19 +189,47 @@ class TripleScorer(torch.nn.Module):
         torch.save(self.head.state_dict(), Path(path) / "triple_head.pt")
 
 
+class TrainingRow(NamedTuple):
+    """One scored triple of KG-BERT's training: a positive (label 1) or a corruption of it (label 0)."""
+
+    triple: Triple
+    label: float
+    positive: Triple  # whose context the row carries
+    number: Optional[int] = None  # its place among rows drawn once: seeds its context's masking
+
+
+def fit_triple(lengths: Sequence[int], budget: int) -> list[int]:
+    """KG-BERT's truncation of (head, relation, tail) token counts: while they exceed the budget, the strictly
+    longest loses its last token; without a strictly longest one, the tail does."""
+    lengths = list(lengths)
+    while sum(lengths) > budget:
+        h, r, t = lengths
+        if h > r and h > t:
+            lengths[0] -= 1
+        elif r > h and r > t:
+            lengths[1] -= 1
+        elif t > 0:
+            lengths[2] -= 1
+        else:  # head and relation tie over an empty tail (KG-BERT would crash here)
+            lengths[0] -= 1
+    return lengths
+
+
 class KGBert(KGCStudent):
     aux_name = "mlm"
 
-    def __init__(self, name: str, negatives: int = 2, mlm_probability: float = 0.15, use_descriptions: bool = True,
+    def __init__(self, name: str, negatives: int = 5, training_rows: str = "drawn_once",
+                 missing_context: str = "random", mlm_probability: float = 0.15, use_descriptions: bool = True,
                  **kwargs):
         super().__init__(name, **kwargs)
-        self.negatives, self.mlm_probability, self.use_descriptions = negatives, mlm_probability, use_descriptions
+        self.negatives, self.training_rows, self.missing_context = negatives, training_rows, missing_context
+        self.mlm_probability, self.use_descriptions = mlm_probability, use_descriptions
         self._tokens: dict[str, list[int]] = {}
 
     def wrap_model(self, model, tokenizer):
         if tokenizer.mask_token_id is None or not hasattr(model, "base_model"):
             raise ConfigError("the discriminative student needs a masked-LM encoder with a [MASK] token: "
-                              "model=minilm-l6, model=bert-base-uncased, or model.architecture=masked_lm")
+                              "model=minilm-l6, model=bert-base-cased, or model.architecture=masked_lm")
         scorer = TripleScorer(model)
         self._with_segments = self.segments(scorer)
         return scorer
@@ -187,51 +241,84 @@ class KGBert(KGCStudent):
         return self._tokens[text]
 
     def encode_triples(self, tokenizer, task: KGTask, triples: Sequence[Triple], segments: bool):
-        """[CLS] h [SEP] r [SEP] t [SEP] with segments 0 / 1 / 0 (KG-BERT); entity texts share what the
-        relation leaves of max_length."""
+        """[CLS] h [SEP] r [SEP] t [SEP] with segments 0 / 1 / 0, cut to max_length as KG-BERT cuts it."""
         cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
         rows, types = [], []
         for h, r, t in triples:
-            rel = self.tokens(tokenizer, task.relation_text(r))[: self.max_length // 4]
-            budget = max(1, (self.max_length - 4 - len(rel)) // 2)
-            head = self.tokens(tokenizer, task.entity_text(h, self.use_descriptions))[:budget]
-            tail = self.tokens(tokenizer, task.entity_text(t, self.use_descriptions))[:budget]
+            texts = (task.entity_text(h, self.use_descriptions), task.relation_text(r),
+                     task.entity_text(t, self.use_descriptions))
+            parts = [self.tokens(tokenizer, text) for text in texts]
+            head, rel, tail = (p[:n] for p, n in zip(parts, fit_triple(list(map(len, parts)), self.max_length - 4)))
             rows.append([cls, *head, sep, *rel, sep, *tail, sep])
             types.append([0] * (len(head) + 2) + [1] * (len(rel) + 1) + [0] * (len(tail) + 1))
-        width = max(map(len, rows))
-        batch = {"input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
-                 "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])}
+        batch = {"input_ids": pad_rows(rows, pad), "attention_mask": pad_rows([[1] * len(r) for r in rows], 0)}
         if segments:
-            batch["token_type_ids"] = torch.tensor([t + [0] * (width - len(t)) for t in types])
+            batch["token_type_ids"] = pad_rows(types, 0)
         return batch
 
-    def corrupt(self, task: KGTask, triple: Triple, number: int, known: set[Triple]) -> Triple:
-        """Replace the tail (even ``number``) or the head (odd) by a random entity, avoiding known triples."""
+    def corrupt(self, triple: Triple, entities: list[str], known: set[Triple], rng: random.Random) -> list[Triple]:
+        """``negatives`` corruptions of a positive: all of its head or all of its tail (a coin flip, as the
+        released code), each a random entity that makes no training triple."""
         h, r, t = triple
-        entities = task.graph.entities
-        for _ in range(100):
-            e = entities[self.rng.randrange(len(entities))]
-            candidate = (h, r, e) if number % 2 == 0 else (e, r, t)
-            if candidate not in known:
-                return candidate
-        return candidate
+        head_side = rng.random() <= 0.5
+        corrupted = []
+        for _ in range(self.negatives):
+            for _ in range(100):  # a tiny graph may have no unknown corruption left
+                e = entities[rng.randrange(len(entities))]
+                candidate = (e, r, t) if head_side else (h, r, e)
+                if candidate not in known:
+                    break
+            corrupted.append(candidate)
+        return corrupted
 
-    def collate(self, tokenizer, task, triples):
-        negatives = [self.corrupt(task, t, n, self._known) for t in triples for n in range(self.negatives)]
-        batch = {"triples": self.encode_triples(tokenizer, task, [*triples, *negatives], self._with_segments),
-                 "labels": torch.tensor([1.0] * len(triples) + [0.0] * len(negatives))}
-        if self.aux_weight > 0:
-            enc = tokenizer([task.contexts[t] for t in triples], truncation=True, max_length=self.context_max_length,
-                            padding=True, return_tensors="pt", return_special_tokens_mask=True)
-            maskable = (enc["special_tokens_mask"] == 0) & (enc["attention_mask"] == 1)
-            inputs, labels = mask_tokens(enc["input_ids"], maskable, tokenizer.mask_token_id, len(tokenizer),
-                                         self.mlm_probability, self.generator)
-            batch["context"] = {"input_ids": inputs, "attention_mask": enc["attention_mask"], "labels": labels}
-        return batch
+    def train_examples(self, task):
+        if self.training_rows == "fresh_per_batch":
+            return task.train_triples
+        rng = random.Random(f"{task.seed}|negatives")  # drawn once: the same rows every epoch and on resuming
+        known, entities = set(task.train_triples), task.graph.entities
+        rows: list[TrainingRow] = []
+        for positive in task.train_triples:
+            for triple, label in ((positive, 1.0), *((n, 0.0) for n in self.corrupt(positive, entities, known, rng))):
+                rows.append(TrainingRow(triple, label, positive, len(rows)))
+        return rows
 
     def prepare(self, handle, tokenizer, task, examples, batch_size):
         super().prepare(handle, tokenizer, task, examples, batch_size)
-        self._known = set(task.train_triples)
+        self._known, self._entities = set(task.train_triples), task.graph.entities
+        # A triple without a context borrows one of the file's, drawn once (the released code).
+        pool, draw = list(task.contexts.values()), random.Random(f"{task.seed}|contexts")
+        self._contexts = {t: task.contexts[t] if t in task.contexts else draw.choice(pool)
+                          for t in task.train_triples} if self.aux_weight > 0 else {}
+
+    def masked_contexts(self, tokenizer, texts: list[str],
+                        generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        """[CLS] context [SEP] cut to context_max_length tokens, each masked with its own generator."""
+        enc = tokenizer(texts, truncation=True, max_length=self.context_max_length, return_special_tokens_mask=True)
+        inputs, labels = [], []
+        for ids, special, generator in zip(enc["input_ids"], enc["special_tokens_mask"], generators):
+            masked, chosen = mask_tokens(torch.tensor([ids]), torch.tensor([special]) == 0, tokenizer.mask_token_id,
+                                         len(tokenizer), self.mlm_probability, generator)
+            inputs.append(masked[0].tolist())
+            labels.append(chosen[0].tolist())
+        return {"input_ids": pad_rows(inputs, tokenizer.pad_token_id),
+                "attention_mask": pad_rows([[1] * len(i) for i in inputs], 0), "labels": pad_rows(labels, -100)}
+
+    def collate(self, tokenizer, task, examples):
+        if self.training_rows == "drawn_once":  # rows; every one carries its own copy of its positive's context
+            rows = carriers = examples
+            generators = [torch.Generator().manual_seed(zlib.crc32(f"{task.seed}|{row.number}".encode()))
+                          for row in rows]  # the same masks in every epoch
+        else:  # positives; their negatives are drawn now, and each positive's context is masked once
+            carriers = [TrainingRow(t, 1.0, t) for t in examples]
+            rows = carriers + [TrainingRow(n, 0.0, t) for t in examples
+                               for n in self.corrupt(t, self._entities, self._known, self.rng)]
+            generators = [self.generator] * len(carriers)
+        batch = {"triples": self.encode_triples(tokenizer, task, [row.triple for row in rows], self._with_segments),
+                 "labels": torch.tensor([row.label for row in rows])}
+        if self.aux_weight > 0:
+            batch["context"] = self.masked_contexts(tokenizer, [self._contexts[row.positive] for row in carriers],
+                                                    generators)
+        return batch
 
     @staticmethod
     def segments(scorer: TripleScorer) -> bool:
@@ -258,13 +345,23 @@ class KGBert(KGCStudent):
 
 
 # ---------------------------------------------------------------- generative
+# T5's first two sentinel tokens: the released query marks the missing entity with the first, and the
+# target is the entity between the two.
+MISSING, END = "<extra_id_0>", "<extra_id_1>"
+
+
 class KGS2S(KGCStudent):
     aux_name = "context"
 
-    def __init__(self, name: str, max_target_length: int = 24, **kwargs):
+    def __init__(self, name: str, max_target_length: int = 512, source_description_tokens: int = 40,
+                 target_description_tokens: int = 10, context_input: str = "query", **kwargs):
         super().__init__(name, **kwargs)
         self.max_target_length = max_target_length
+        self.source_description_tokens = source_description_tokens
+        self.target_description_tokens = target_description_tokens
+        self.context_input = context_input
         self._targets: dict[str, list[int]] = {}
+        self._descriptions: dict[tuple[str, int], str] = {}
 
     def wrap_model(self, model, tokenizer):
         if not model.config.is_encoder_decoder:
@@ -272,41 +369,74 @@ class KGS2S(KGCStudent):
                               "model=t5-base, or model.architecture=seq2seq_lm")
         return model
 
-    @staticmethod
-    def source(task: KGTask, triple: Triple, direction: str) -> str:
+    def check_inputs(self, task, tokenizer, cfg):
+        super().check_inputs(task, tokenizer, cfg)
+        entities = task.graph.entities
+        shared = count_shared(tuple(self.entity_target(tokenizer, task, e)) for e in entities)
+        if shared:
+            log.warning("%d of the %d entities (%.1f%%) share their target with another entity, so their ranks tie. "
+                        "Descriptions in the target (method.target_description_tokens) tell most apart; WN18RR's "
+                        "KG-S2S files name its entities 'lemma , POS , sense', unique as the released code has them "
+                        "(dataset.source.layout=kgs2s dataset.source.name_separator=null)",
+                        shared, len(entities), 100 * shared / len(entities))
+
+    def train_examples(self, task):
+        """Each training triple twice, as a tail query and a head query, batched as separate rows (as released)."""
+        return [(triple, direction) for triple in task.train_triples for direction in ("tail", "head")]
+
+    def description(self, tokenizer, task: KGTask, entity: str, tokens: int) -> str:
+        """``[description]`` cut to tokens - 1 tokens (the released flag counts T5's end-of-sequence token);
+        nothing when tokens is 0."""
+        if tokens == 0:
+            return ""
+        if (entity, tokens) not in self._descriptions:
+            ids = tokenizer(task.graph.entity_descriptions.get(entity, ""), add_special_tokens=False).input_ids
+            self._descriptions[entity, tokens] = f"[{tokenizer.decode(ids[:tokens - 1])}]"
+        return self._descriptions[entity, tokens]
+
+    def source(self, tokenizer, task: KGTask, triple: Triple, direction: str) -> str:
+        """The released query: the known entity and its description, the relation, the sentinel where the
+        missing entity goes; ``predict: `` in front when an auxiliary task shares the model."""
         h, r, t = triple
+        known = h if direction == "tail" else t
+        described = self.description(tokenizer, task, known, self.source_description_tokens)
+        entity = f"{task.graph.entity_names[known]} {described}"
         if direction == "tail":
-            return f"{task.graph.entity_names[h]} | {task.relation_text(r)}"
-        return f"{task.graph.entity_names[t]} | reverse of {task.relation_text(r)}"
+            query = f"{entity} | {task.relation_text(r)} | {MISSING}"
+        else:
+            query = f"{MISSING} | {task.relation_text(r)} | {entity}"
+        return f"predict: {query}" if self.aux_weight > 0 else query
+
+    def context_source(self, tokenizer, task: KGTask, triple: Triple, direction: str) -> str:
+        if self.context_input == "query":  # the released code passes the link-prediction query by mistake
+            return self.source(tokenizer, task, triple, direction)
+        h, r, t = triple
+        return f"contextualize: {task.graph.entity_names[h]} | {task.relation_text(r)} | {task.graph.entity_names[t]}"
 
     def target(self, tokenizer, text: str, max_length: int) -> list[int]:
         ids = tokenizer(text, add_special_tokens=False).input_ids[: max_length - 1]
         return [*ids, tokenizer.eos_token_id]
 
     def entity_target(self, tokenizer, task: KGTask, entity: str) -> list[int]:
+        """``<extra_id_0>name[description]<extra_id_1>``: what the model generates and what ranking scores."""
         if entity not in self._targets:
-            self._targets[entity] = self.target(tokenizer, task.graph.entity_names[entity], self.max_target_length)
+            described = self.description(tokenizer, task, entity, self.target_description_tokens)
+            text = f"{MISSING}{task.graph.entity_names[entity]}{described}{END}"
+            self._targets[entity] = self.target(tokenizer, text, self.max_target_length)
         return self._targets[entity]
-
-    @staticmethod
-    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
-        width = max(map(len, rows))
-        return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
     def seq2seq_batch(self, tokenizer, sources: list[str], targets: list[list[int]], max_length: int):
         enc = tokenizer(sources, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": self.pad(targets, -100)}
+                "labels": pad_rows(targets, -100)}
 
-    def collate(self, tokenizer, task, triples):
-        sources = [self.source(task, t, d) for t in triples for d in ("tail", "head")]
-        targets = [self.entity_target(tokenizer, task, t[2] if d == "tail" else t[0])
-                   for t in triples for d in ("tail", "head")]
+    def collate(self, tokenizer, task, queries):
+        sources = [self.source(tokenizer, task, t, d) for t, d in queries]
+        targets = [self.entity_target(tokenizer, task, t[2] if d == "tail" else t[0]) for t, d in queries]
         batch = {"kgc": self.seq2seq_batch(tokenizer, sources, targets, self.max_length)}
         if self.aux_weight > 0:
-            sources = [f"contextualize: {self.source(task, t, 'tail')} | {task.graph.entity_names[t[2]]}"
-                       for t in triples]
-            targets = [self.target(tokenizer, task.contexts[t], self.context_max_length) for t in triples]
+            sources = [self.context_source(tokenizer, task, t, d) for t, d in queries]
+            targets = [self.target(tokenizer, task.contexts[t], self.context_max_length) for t, _ in queries]
             batch["context"] = self.seq2seq_batch(tokenizer, sources, targets, self.max_length)
         return batch
 
@@ -317,13 +447,13 @@ class KGS2S(KGCStudent):
         return model(**{k: v.to(device) for k, v in batch["context"].items()}).loss
 
     def score_query(self, model, tokenizer, task, triple, direction, names, device):
-        """Summed log-likelihood of each candidate's name; the query's encoder states are computed once."""
-        enc = tokenizer([self.source(task, triple, direction)], truncation=True, max_length=self.max_length,
-                        return_tensors="pt").to(device)
+        """Summed log-likelihood of each candidate's target; the query's encoder states are computed once."""
+        enc = tokenizer([self.source(tokenizer, task, triple, direction)], truncation=True,
+                        max_length=self.max_length, return_tensors="pt").to(device)
         states = model.get_encoder()(**enc).last_hidden_state
         scores = []
         for start in range(0, len(names), self.eval_batch_size):
-            labels = self.pad([self.entity_target(tokenizer, task, e)
+            labels = pad_rows([self.entity_target(tokenizer, task, e)
                                for e in names[start:start + self.eval_batch_size]], -100).to(device)
             n = labels.shape[0]
             logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=states.expand(n, -1, -1)),
