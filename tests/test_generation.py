@@ -50,10 +50,10 @@ def behaving(behaving_model_dir):
 
 def reference(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
               top_k: Optional[int] = None, stop: Optional[str] = None, seed: int = 0,
-              batch_size: int = 16) -> list[list[int]]:
+              batch_size: int = 16, top_p: Optional[float] = None) -> list[list[int]]:
     """transformers' generate on the whole prompts, batch by batch, each row cut where it stopped."""
     torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": 1.0} \
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0} \
         if temperature else {"do_sample": False}
     if stop is not None:
         sampling.update(stop_strings=stop, tokenizer=tokenizer)
@@ -79,18 +79,22 @@ def test_the_behaving_model_continues_a_line_from_its_last_two_numbers(behaving)
 
 
 @pytest.mark.parametrize("shared_prefix", [True, False], ids=["shared-prefix", "whole-prompt"])
-@pytest.mark.parametrize("temperature, top_k", [(0.0, None), (1.0, None), (0.7, 5)], ids=["greedy", "sampled",
-                                                                                         "sampled-top5"])
+# top-p 0.7 cuts the behaving language's second continuation (probability 1/4): ignoring it would show.
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, None, None), (1.0, None, None), (0.7, 5, None),
+                                                       (1.0, None, 0.7)],
+                         ids=["greedy", "sampled", "sampled-top5", "sampled-top-p0.7"])
 @pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("stop", [None, "\n"], ids=["no-stop", "stop-newline"])
-def test_generate_equals_transformers_generate(behaving, shared_prefix, temperature, top_k, batch_size, stop):
+def test_generate_equals_transformers_generate(behaving, shared_prefix, temperature, top_k, top_p, batch_size, stop):
     _, tokenizer, model = behaving
     prompts = teacher_prompts()  # of different lengths: left padding within a batch
     prefix = SharedPrefix(model, tokenizer, prompts) if shared_prefix else None
     assert prefix is None or prefix.length > 20
     torch.manual_seed(7)
-    ours = generate(model, tokenizer, prompts, 12, temperature, top_k, stop, prefix=prefix, batch_size=batch_size)
-    expected = reference(model, tokenizer, prompts, 12, temperature, top_k, stop, seed=7, batch_size=batch_size)
+    ours = generate(model, tokenizer, prompts, 12, temperature, top_k, stop, prefix=prefix, batch_size=batch_size,
+                    top_p=top_p)
+    expected = reference(model, tokenizer, prompts, 12, temperature, top_k, stop, seed=7, batch_size=batch_size,
+                         top_p=top_p)
     assert ours == expected
     if stop is not None:
         assert any(len(row) < 12 for row in ours)  # some rows ended at the stop string

@@ -64,33 +64,43 @@ class GenPIConfig(MethodConfig):
     """Generative Prompt Internalization; see ctxdistill.methods.genpi for the stages and the loss."""
     _target_: str = "ctxdistill.methods.genpi.GenPI"
     task_name: str = MISSING  # names the prompt in results (the run's "dataset")
-    prompt: str = MISSING  # internalised: the teacher's system message, never in the student's input
+    prompt: str = MISSING  # internalised: in the teacher's input, never in the student's
     rule: str = MISSING  # a regular expression (re.search) that a reply following the prompt matches
+    # user_turn: as the released code, every generation keeps the system message "You are a helpful assistant."
+    # and the prompt opens the teacher's user turn (<USER>:/<AGENT>: markers split it into turns).
+    # system_message: the prompt is the teacher's system message (the student's input has none).
+    prompt_placement: str = "user_turn"
     example_inputs: list[str] = field(default_factory=list)  # shown to the generator of pseudo inputs
     heldout_inputs: list[str] = field(default_factory=list)  # evaluation set "eval"
     num_pseudo_inputs: int = 32  # training inputs (the paper: 1,000 per prompt)
-    num_heldout_pseudo_inputs: int = 8  # further generated inputs, evaluation set "pseudo_heldout"
+    # further generated inputs, evaluation set "pseudo_heldout": the validation set a sweep's objective is read on
+    num_heldout_pseudo_inputs: int = 8
     # A completion prompt with {prompt} and {examples} (a numbered list ending in the next number).
     generator_template: str = ("An AI assistant was given these instructions: {prompt}\n"
                                "Messages that users sent to the assistant:\n{examples}")
     generator_temperature: float = 1.0
     generator_top_k: Optional[int] = 50
+    generator_top_p: Optional[float] = None  # nucleus sampling after top-k (the released code: 0.9, no top-k)
     inputs_per_round: int = 16  # samples per generator call
     max_rounds: int = 20
     max_input_tokens: int = 32
     max_reply_tokens: int = 48
+    # The released reasons are about five sentences, sampled at temperature 0.7, top-p 0.9, up to 512 tokens.
     reason_template: str = ("A user sent an AI assistant this message:\n{input}\n\n"
                             "Without instructions, the assistant replied:\n{base}\n\n"
                             "With the instructions below, it replied:\n{teacher}\n\n"
                             "Instructions:\n{prompt}\n\n"
-                            "In one sentence, explain how the instructions changed the reply.")
+                            "In about five sentences, explain how the instructions changed the reply.")
     reason_temperature: float = 0.7
-    max_reason_tokens: int = 48
+    reason_top_p: Optional[float] = 0.9
+    max_reason_tokens: int = 512
     # The prompt-generation turn (the released code's meta-cognition input).
     pg_template: str = ("### Input\n{input}\n\n### Bad Output\n{base}\n\n### Good Output\n{teacher}\n\n"
                         "Guess which context was provided to produce the good output instead of the bad one, "
                         "and give the reason why the output should change.")
-    sft_weight: float = 0.7  # lambda: L = (1 - lambda) * L_PG + lambda * L_SFT (the released stage2_ratio)
+    # lambda: L = (1 - lambda) * L_PG + lambda * L_SFT, the released stage2_ratio (0.7 for OS and WebShop,
+    # 0.3 for Mind2Web)
+    sft_weight: float = 0.7
     kl_weight: float = 0.0  # optional forward KL from the teacher with the prompt at the reply tokens
     stage_dir: str = "${cache_dir}/genpi"  # cached stages, shared by runs with the same settings
     seed: int = "${seed}"  # type: ignore[assignment]
@@ -661,7 +671,7 @@ def validate(cfg: DictConfig) -> None:
 
         unset = [k for k in ("task_name", "prompt", "rule") if OmegaConf.is_missing(m, k)]
         _require(not unset, "method", f"genpi needs {', '.join('method.' + k for k in unset)}",
-                 "Use an experiment that sets them (experiment=genpi/pirate) or set them on the command line")
+                 "Set them on the command line, or keep those of conf/method/genpi.yaml")
 
         _require(0 <= m.sft_weight <= 1, "method.sft_weight", f"must be in [0, 1], got {m.sft_weight}", "")
         _require(m.kl_weight >= 0, "method.kl_weight", f"must be >= 0, got {m.kl_weight}", "")
@@ -669,8 +679,14 @@ def validate(cfg: DictConfig) -> None:
         for key in ("num_pseudo_inputs", "inputs_per_round", "max_rounds", "max_input_tokens", "max_reply_tokens",
                     "max_reason_tokens"):
             _require(m[key] >= 1, f"method.{key}", f"must be >= 1, got {m[key]}", "")
-        _require(m.num_heldout_pseudo_inputs >= 0, "method.num_heldout_pseudo_inputs",
-                 f"must be >= 0, got {m.num_heldout_pseudo_inputs}", "")
+        _require(m.num_heldout_pseudo_inputs >= 1, "method.num_heldout_pseudo_inputs",
+                 f"must be >= 1, got {m.num_heldout_pseudo_inputs}: the run's objective (a sweep's) is measured on "
+                 "them, apart from the reported held-out inputs", "Set e.g. method.num_heldout_pseudo_inputs=8")
+        _require(m.prompt_placement in ("user_turn", "system_message"), "method.prompt_placement",
+                 f"unknown value {m.prompt_placement!r}", "Use user_turn (the released code's) or system_message")
+        for key in ("generator_top_p", "reason_top_p"):
+            _require(m[key] is None or 0 < m[key] <= 1, f"method.{key}", f"must be in (0, 1] or null, got {m[key]}",
+                     "")
         try:
             re.compile(m.rule)
         except re.error as e:

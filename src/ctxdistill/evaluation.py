@@ -205,10 +205,56 @@ def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_
     }
 
 
-def generation_metrics(replies: list[str], teacher_replies: list[str], base_replies: list[str],
+# Words that say nothing about what a request is about: sharing only these is no answer to it.
+FUNCTION_WORDS = frozenset("""
+    a about above after again all also am an and any are as at be because been before being below between both
+    but by can could did do does doing done down during each few for from further had has have having he her here
+    hers him his how i if in into is it its just me more most my no nor not now of off on once only or other our
+    out over own same she should so some such than that the their them then there these they this those through
+    to too under until up very was we were what when where which while who whom why will with would you your
+    yours give good best better explain describe know let like make many much need please say tell think want way
+""".split())
+
+
+def _words(text: str) -> list[str]:
+    from rouge_score.tokenize import tokenize
+
+    return tokenize(text, None)  # lowercase letters and digits, as Rouge-L reads them
+
+
+def is_degenerate(reply: str) -> bool:
+    """A loop ("Ahoy! Ahoy! Ahoy!"), greedy decoding's typical failure, or nothing at all: at most half of the
+    reply's words are distinct."""
+    words = _words(reply)
+    return 2 * len(set(words)) <= len(words)
+
+
+def is_on_topic(reply: str, request: str, reference: str) -> bool:
+    """Whether the reply speaks of what the request asks about or of what a reference answer says ("Paris." to
+    "What is the capital of France?"): a content word (function words left out, Porter-stemmed so "legs" meets
+    "leg") that the reply shares with either."""
+    from nltk.stem.porter import PorterStemmer
+
+    stem = PorterStemmer().stem
+
+    def content(text: str) -> set[str]:
+        return {stem(w) for w in _words(text) if w not in FUNCTION_WORDS}
+
+    return bool(content(reply) & (content(request) | content(reference)))
+
+
+def task_success(reply: str, request: str, reference: str, rule: re.Pattern) -> bool:
+    """A reply that follows the prompt's rule and answers the request: the rule matches, the reply is on topic
+    (:func:`is_on_topic`) and no loop. Rule compliance alone rewards a loop that happens to match the rule."""
+    return bool(rule.search(reply)) and is_on_topic(reply, request, reference) and not is_degenerate(reply)
+
+
+def generation_metrics(requests: list[str], replies: list[str], teacher_replies: list[str], base_replies: list[str],
                        rule: re.Pattern) -> dict[str, float]:
-    """Free-text replies against the teacher's: Rouge-L F1 (teacher reply as reference) and the rate of
-    replies in which ``rule`` finds a match, for the model, the teacher and the base model."""
+    """Free-text replies to ``requests``, for the model, the teacher and the base model: the share of
+    replies with task success (:func:`task_success`; the base model's reply, written without the prompt, is
+    the reference answer, so for the base model itself it is the rule and no loop), that follow the rule, and
+    that are degenerate (:func:`is_degenerate`); Rouge-L F1 with the teacher's reply as reference."""
     from rouge_score.rouge_scorer import RougeScorer
 
     scorer = RougeScorer(["rougeL"])
@@ -216,12 +262,13 @@ def generation_metrics(replies: list[str], teacher_replies: list[str], base_repl
     def rouge(candidates: list[str]) -> float:
         return sum(scorer.score(t, c)["rougeL"].fmeasure for t, c in zip(teacher_replies, candidates)) / len(candidates)
 
-    def compliance(texts: list[str]) -> float:
-        return sum(bool(rule.search(t)) for t in texts) / len(texts)
-
-    return {"rule_compliance": compliance(replies), "teacher_rule_compliance": compliance(teacher_replies),
-            "base_rule_compliance": compliance(base_replies), "rougeL_to_teacher": rouge(replies),
-            "base_rougeL_to_teacher": rouge(base_replies)}
+    metrics = {}
+    for prefix, texts in (("", replies), ("teacher_", teacher_replies), ("base_", base_replies)):
+        metrics[f"{prefix}task_success"] = sum(task_success(text, request, reference, rule) for text, request, reference
+                                               in zip(texts, requests, base_replies)) / len(texts)
+        metrics[f"{prefix}rule_compliance"] = sum(bool(rule.search(t)) for t in texts) / len(texts)
+        metrics[f"{prefix}degenerate"] = sum(map(is_degenerate, texts)) / len(texts)
+    return {**metrics, "rougeL_to_teacher": rouge(replies), "base_rougeL_to_teacher": rouge(base_replies)}
 
 
 class Evaluator:

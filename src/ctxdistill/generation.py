@@ -19,21 +19,29 @@ from ctxdistill.encoding import SharedPrefix, encode
 
 
 def pick_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
-                generator: Optional[torch.Generator]) -> torch.Tensor:
-    """The next token of each row: argmax at temperature 0, else a sample of softmax(logits / T) over the top k."""
+                generator: Optional[torch.Generator], top_p: Optional[float] = None) -> torch.Tensor:
+    """The next token of each row: argmax at temperature 0, else a sample of softmax(logits / T) over the top k,
+    then over the nucleus of mass top_p (transformers' order and rule)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        # Drop the least likely tokens while their summed probability stays within 1 - top_p; the top token stays.
+        ascending, order = logits.sort(-1)
+        drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, stop: Optional[str] = "\n", generator: Optional[torch.Generator] = None,
-             prefix: Optional[SharedPrefix] = None, batch_size: int = 16, desc: Optional[str] = None) -> list[list[int]]:
+             prefix: Optional[SharedPrefix] = None, batch_size: int = 16, desc: Optional[str] = None,
+             top_p: Optional[float] = None) -> list[list[int]]:
     """Each prompt's continuation, ending with the token that stops it (end-of-sequence, or the token
     that completes the text ``stop``) unless ``max_new_tokens`` came first. Runs in eval mode; the caller's mode is
     restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt)."""
@@ -59,7 +67,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                         past_key_values=past, use_cache=True, logits_to_keep=1)
             past = out.past_key_values
-            picked = pick_tokens(out.logits[:, -1], temperature, top_k, generator)
+            picked = pick_tokens(out.logits[:, -1], temperature, top_k, generator, top_p)
             for i, token in enumerate(picked.tolist()):
                 if done[i]:
                     continue

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 #: The version of the code that produces stage rows (generation and the stages' prompts and cleaning).
 #: Bump it whenever that code changes what it produces: rows written by earlier code are then never read.
 #: 2: generation over a shared context no longer drops the query after the first token.
-PRODUCER_VERSION = 2
+#: 3: chat prompts tokenise with one BOS where the template writes one and the tokenizer adds another.
+PRODUCER_VERSION = 3
 
 
 def digest(payload: Any) -> str:

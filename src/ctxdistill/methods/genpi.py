@@ -8,15 +8,21 @@ over the loss weights reuses them and a killed run continues where it stopped:
 1. pseudo inputs: the generator, shown the prompt and a few example inputs, samples user
    inputs (seeded per round), cleaned and deduplicated; the last ``num_heldout_pseudo_inputs``
    are held out for evaluation;
-2. replies: greedy replies to every input with the prompt (teacher) and without it (base);
+2. replies: greedy replies to every input with the prompt (teacher) and without it (base); as in
+   the released code, both keep the system message "You are a helpful assistant." and the prompt
+   opens the teacher's user turn (``prompt_placement``);
 3. reasons: the model, shown an input, both replies and the prompt, writes why the prompt
-   changes the reply;
+   changes the reply (sampled, top-p as released);
 4. training the LoRA student, which never sees the prompt, on
    ``L = (1 - sft_weight) * L_PG + sft_weight * L_SFT (+ kl_weight * KL)``:
    L_PG is the cross-entropy of "### Context ... ### Reason ..." (the prompt and the reason)
    after a turn showing the input and the bad (base) and good (teacher) replies; L_SFT the
    cross-entropy of the teacher's reply after the bare input; the optional KL is forward KL
    from the teacher-with-prompt at the reply tokens (the released code has none).
+
+The headline metric is task success: a reply follows the prompt's rule *and* answers the input
+(:func:`ctxdistill.evaluation.task_success`). A sweep optimises it on the held-out pseudo inputs,
+so the configured held-out inputs (set "eval"), which results report, never choose a setting.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from tqdm.auto import tqdm
 from ctxdistill.data import Example, Task
 from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
-from ctxdistill.evaluation import generation_metrics
+from ctxdistill.evaluation import generation_metrics, task_success
 from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
@@ -41,13 +47,38 @@ log = logging.getLogger(__name__)
 
 PG_TARGET = "### Context\n-----------\n{prompt}\n-----------\n\n### Reason\n{reason}"
 
+#: The system message of the teacher's and the base model's generations in the released code.
+RELEASED_SYSTEM_MESSAGE = "You are a helpful assistant."
 
-def chat_prompt(tokenizer, user: str, system: Optional[str] = None) -> str:
-    """The model's chat format up to the assistant's turn (a plain User/Assistant layout without a template)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return (f"{system}\n\n" if system else "") + f"User: {user}\nAssistant:"
+
+def prompt_turns(text: str) -> list[dict]:
+    """The released code's conversation from a prompt followed by the input: ``<USER>:`` and ``<AGENT>:``
+    markers (the AgentBench prompts' few-shot dialogues) split it into alternating user and assistant turns;
+    a prompt without markers is one user turn."""
+    turns = [turn.strip() for turn in re.split(r"<USER>:|<AGENT>:", text.strip())]
+    return [{"role": "assistant" if i % 2 else "user", "content": turn} for i, turn in enumerate(filter(None, turns))]
+
+
+def render_chat(tokenizer, messages: list[dict]) -> str:
+    """The conversation in the model's chat format up to the assistant's turn (a plain User/Assistant layout
+    without a template). Llama and Gemma templates write the BOS token and their tokenizers add one as well:
+    the text then leaves it to the tokenizer, so the token ids start with exactly one, as the released training
+    code's do."""
+    if not tokenizer.chat_template:
+        system = "".join(f"{m['content']}\n\n" for m in messages if m["role"] == "system")
+        turns = "".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n"
+                        for m in messages if m["role"] != "system")
+        return f"{system}{turns}Assistant:"
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
+        return text[len(bos):]
+    return text
+
+
+def user_turn(tokenizer, text: str) -> str:
+    """One user turn without a system message: the prompt-generation turn (as released) and the reasons' turn."""
+    return render_chat(tokenizer, [{"role": "user", "content": text}])
 
 
 def clean_input(text: str) -> str:
@@ -70,11 +101,12 @@ def genpi_loss(sft_logits: torch.Tensor, sft_batch: dict, pg_logits: Optional[to
 
 def decoded_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
                     top_k: Optional[int] = None, stop: Optional[str] = None, generator: Optional[torch.Generator] = None,
-                    prefix: Optional[SharedPrefix] = None, batch_size: int = 16) -> list[tuple[str, bool]]:
+                    prefix: Optional[SharedPrefix] = None, batch_size: int = 16,
+                    top_p: Optional[float] = None) -> list[tuple[str, bool]]:
     """Each prompt's continuation as text, and whether it ended by itself (end-of-sequence or ``stop``)."""
     texts = []
     for tokens in generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k, stop, generator, prefix,
-                           batch_size):
+                           batch_size, top_p=top_p):
         kept = strip_stop(tokenizer, tokens, stop)
         texts.append((tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept) < len(tokens)))
     return texts
@@ -82,16 +114,20 @@ def decoded_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, t
 
 class GenPI(Method):
     adapter = "lora"
-    objective = "eval/rule_compliance"
+    # Measured on the held-out pseudo inputs: the configured held-out inputs ("eval") are the reported set.
+    objective = "pseudo_heldout/task_success"
 
-    def __init__(self, name: str, task_name: str, prompt: str, rule: str, example_inputs: list[str],
-                 heldout_inputs: list[str], num_pseudo_inputs: int, num_heldout_pseudo_inputs: int,
-                 generator_template: str, generator_temperature: float, generator_top_k: Optional[int],
-                 inputs_per_round: int, max_rounds: int, max_input_tokens: int, max_reply_tokens: int,
-                 reason_template: str, reason_temperature: float, max_reason_tokens: int, pg_template: str,
+    def __init__(self, name: str, task_name: str, prompt: str, rule: str, prompt_placement: str,
+                 example_inputs: list[str], heldout_inputs: list[str], num_pseudo_inputs: int,
+                 num_heldout_pseudo_inputs: int, generator_template: str, generator_temperature: float,
+                 generator_top_k: Optional[int], generator_top_p: Optional[float], inputs_per_round: int,
+                 max_rounds: int, max_input_tokens: int, max_reply_tokens: int, reason_template: str,
+                 reason_temperature: float, reason_top_p: Optional[float], max_reason_tokens: int, pg_template: str,
                  sft_weight: float, kl_weight: float, stage_dir: str, seed: int):
         super().__init__(name)
         self.task_name, self.prompt, self.rule = task_name, prompt, re.compile(rule)
+        self.prompt_placement = prompt_placement
+        self.generator_top_p, self.reason_top_p = generator_top_p, reason_top_p
         self.example_inputs, self.heldout_inputs = list(example_inputs), list(heldout_inputs)
         self.num_pseudo_inputs, self.num_heldout_pseudo_inputs = num_pseudo_inputs, num_heldout_pseudo_inputs
         self.generator_template, self.generator_temperature = generator_template, generator_temperature
@@ -123,6 +159,22 @@ class GenPI(Method):
     def _settings(self, handle) -> dict:
         return {"model": handle.identity, "prompt": self.prompt}
 
+    def teacher_prompt(self, tokenizer, text: str) -> str:
+        """The input with the prompt: by default as the released code places it, the system message kept and the
+        prompt opening the user turn(s); with prompt_placement=system_message, the prompt as the system message."""
+        if self.prompt_placement == "system_message":
+            return render_chat(tokenizer, [{"role": "system", "content": self.prompt},
+                                           {"role": "user", "content": text}])
+        return render_chat(tokenizer, [{"role": "system", "content": RELEASED_SYSTEM_MESSAGE},
+                                       *prompt_turns(f"{self.prompt}\n\n{text}")])
+
+    def student_prompt(self, tokenizer, text: str) -> str:
+        """The input without the prompt: the base model's replies, the student's training input and its evaluation."""
+        if self.prompt_placement == "system_message":
+            return user_turn(tokenizer, text)
+        return render_chat(tokenizer, [{"role": "system", "content": RELEASED_SYSTEM_MESSAGE},
+                                       {"role": "user", "content": text}])
+
     def _generator(self, model, key: str) -> torch.Generator:
         """A random stream per (seed, key): a resumed stage samples what an uninterrupted one would."""
         generator = torch.Generator(next(model.parameters()).device)
@@ -135,7 +187,8 @@ class GenPI(Method):
         prompt = self.generator_template.format(prompt=self.prompt, examples=listing)
         store = RowStore(self.stage_dir, "inputs", {**settings, "template": prompt, "seed": self.seed,
                                                      "temperature": self.generator_temperature,
-                                                     "top_k": self.generator_top_k, "per_round": self.inputs_per_round,
+                                                     "top_k": self.generator_top_k, "top_p": self.generator_top_p,
+                                                     "per_round": self.inputs_per_round,
                                                      "max_tokens": self.max_input_tokens})
         prefix = None
 
@@ -144,7 +197,8 @@ class GenPI(Method):
             prefix = prefix or SharedPrefix(model, tokenizer, [prompt])  # run once for every round
             texts = decoded_samples(model, tokenizer, [prompt] * self.inputs_per_round, self.max_input_tokens,
                                     self.generator_temperature, self.generator_top_k, "\n",
-                                    self._generator(model, f"round-{keys[0]}"), prefix, batch_size)
+                                    self._generator(model, f"round-{keys[0]}"), prefix, batch_size,
+                                    self.generator_top_p)
             return [{"key": keys[0], "samples": [text for text, _ in texts]}]
 
         wanted = self.num_pseudo_inputs + self.num_heldout_pseudo_inputs
@@ -172,14 +226,15 @@ class GenPI(Method):
     def replies(self, handle, tokenizer, inputs: list[str], batch_size: int) -> list[dict]:
         """Stage 2: the teacher's (with the prompt) and the base model's greedy replies, cached per input."""
         if self._replies is None:
-            self._replies = RowStore(self.stage_dir, "replies",
-                                     {**self._settings(handle), "max_tokens": self.max_reply_tokens})
+            self._replies = RowStore(self.stage_dir, "replies", {**self._settings(handle),
+                                                                  "placement": self.prompt_placement,
+                                                                  "max_tokens": self.max_reply_tokens})
 
         def answer(keys: list[str]) -> list[dict]:
             with handle.teacher() as model:
-                teacher = decoded_samples(model, tokenizer, [chat_prompt(tokenizer, k, self.prompt) for k in keys],
+                teacher = decoded_samples(model, tokenizer, [self.teacher_prompt(tokenizer, k) for k in keys],
                                           self.max_reply_tokens, batch_size=batch_size)
-                base = decoded_samples(model, tokenizer, [chat_prompt(tokenizer, k) for k in keys],
+                base = decoded_samples(model, tokenizer, [self.student_prompt(tokenizer, k) for k in keys],
                                        self.max_reply_tokens, batch_size=batch_size)
             return [{"key": k, "teacher": t, "teacher_complete": tc, "base": b}
                     for k, (t, tc), (b, _) in zip(keys, teacher, base)]
@@ -191,16 +246,17 @@ class GenPI(Method):
         store = RowStore(self.stage_dir, "reasons", {**self._settings(handle), "replies": self._replies.path.name,
                                                       "template": self.reason_template, "seed": self.seed,
                                                       "temperature": self.reason_temperature,
+                                                      "top_p": self.reason_top_p,
                                                       "max_tokens": self.max_reason_tokens})
         by_input = {r["key"]: r for r in replies}
 
         def explain(keys: list[str]) -> list[dict]:
-            prompts = [chat_prompt(tokenizer, self.reason_template.format(
+            prompts = [user_turn(tokenizer, self.reason_template.format(
                 input=k, base=by_input[k]["base"], teacher=by_input[k]["teacher"], prompt=self.prompt)) for k in keys]
             with handle.teacher() as model:
                 reasons = decoded_samples(model, tokenizer, prompts, self.max_reason_tokens, self.reason_temperature,
                                           generator=self._generator(model, f"reasons-{keys[0]}"),
-                                          batch_size=batch_size)
+                                          batch_size=batch_size, top_p=self.reason_top_p)
             return [{"key": k, "reason": text} for k, (text, _) in zip(keys, reasons)]
 
         return [row["reason"] for row in store.fill(list(by_input), explain, batch_size, "genpi reasons")]
@@ -233,16 +289,16 @@ class GenPI(Method):
     def collate(self, tokenizer, task, examples):
         records = [self._records[e.uid] for e in examples]
         replies = [self._target(tokenizer, r["teacher"], r["teacher_complete"]) for r in records]
-        batch = {"sft": encode(tokenizer, [chat_prompt(tokenizer, r["input"]) for r in records], replies)}
+        batch = {"sft": encode(tokenizer, [self.student_prompt(tokenizer, r["input"]) for r in records], replies)}
         if self.sft_weight < 1:
-            turns = [chat_prompt(tokenizer, self.pg_template.format(input=r["input"], base=r["base"],
-                                                                     teacher=r["teacher"])) for r in records]
+            turns = [user_turn(tokenizer, self.pg_template.format(input=r["input"], base=r["base"],
+                                                                   teacher=r["teacher"])) for r in records]
             targets = [self._target(tokenizer, PG_TARGET.format(prompt=self.prompt, reason=r["reason"]), True)
                        for r in records]
             batch["pg"] = encode(tokenizer, turns, targets)
         if self.kl_weight > 0:
-            batch["teacher_sft"] = encode(tokenizer, [chat_prompt(tokenizer, r["input"], self.prompt)
-                                                      for r in records], replies)
+            batch["teacher_sft"] = encode(tokenizer, [self.teacher_prompt(tokenizer, r["input"]) for r in records],
+                                          replies)
         return batch
 
     def loss(self, handle, batch):
@@ -265,8 +321,9 @@ class GenPI(Method):
 
 class PromptInternalizationEvaluator:
     """Greedy replies of the trained model without the prompt, against the teacher with it and the base
-    model without it (both from the replies stage, written before training), on the held-out pseudo
-    inputs and the config's held-out inputs (set "eval")."""
+    model without it (both from the replies stage, written before training), on the config's held-out
+    inputs (set "eval", the reported one) and the held-out pseudo inputs (the objective's): task success
+    first (:func:`ctxdistill.evaluation.generation_metrics`)."""
 
     def __init__(self, method: GenPI, handle, tokenizer, task: Task, batch_size: int):
         self.method, self.handle, self.tokenizer, self.task, self.batch_size = method, handle, tokenizer, task, batch_size
@@ -285,19 +342,19 @@ class PromptInternalizationEvaluator:
             if not inputs:
                 continue
             references = method.replies(self.handle, tokenizer, inputs, self.batch_size)
-            student_prompts = [chat_prompt(tokenizer, text) for text in inputs]
+            student_prompts = [method.student_prompt(tokenizer, text) for text in inputs]
             replies = [text for text, _ in decoded_samples(self.handle.base, tokenizer, student_prompts,
                                                            method.max_reply_tokens, batch_size=self.batch_size)]
             teacher = [r["teacher"] for r in references]
             base = [r["base"] for r in references]
-            result = generation_metrics(replies, teacher, base, method.rule)
-            teacher_tokens = [len(ids) for ids in tokenizer([chat_prompt(tokenizer, t, method.prompt)
+            result = generation_metrics(inputs, replies, teacher, base, method.rule)
+            teacher_tokens = [len(ids) for ids in tokenizer([method.teacher_prompt(tokenizer, t)
                                                              for t in inputs]).input_ids]
             student_tokens = [len(ids) for ids in tokenizer(student_prompts).input_ids]
             result["teacher_input_tokens"] = sum(teacher_tokens) / len(inputs)
             result["prompt_tokens_saved"] = sum(t - s for t, s in zip(teacher_tokens, student_tokens)) / len(inputs)
             metrics.update({f"{name}/{key}": value for key, value in result.items()})
             rows[name] = [{"input": text, "reply": r, "teacher_reply": t, "base_reply": b,
-                           "complies": bool(method.rule.search(r))}
+                           "complies": bool(method.rule.search(r)), "succeeds": task_success(r, text, b, method.rule)}
                           for text, r, t, b in zip(inputs, replies, teacher, base)]
         return metrics, rows
