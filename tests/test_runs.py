@@ -69,12 +69,18 @@ def test_snell_answer_spans_and_other_divergences_move_the_student_towards_the_t
     assert after["metrics"]["eval/kl_to_teacher"] < 0.8 * before["eval/kl_to_teacher"]
 
 
-def test_wandb_offline_writes_a_syncable_run_directory(make_cfg, tmp_path, monkeypatch):
+def test_wandb_offline_writes_a_syncable_run_directory_and_one_console_line(make_cfg, tmp_path, monkeypatch, capfd,
+                                                                            caplog):
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    caplog.set_level("INFO")
     run(make_cfg("model=tiny-random", "logger=wandb", "logger.mode=offline", "method=cd", "trainer.max_steps=2",
                  "dataset.source.split_sizes.eval=16", "dataset.num_train_queries=8"))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    console = capfd.readouterr()
+    assert "wandb:" not in console.out + console.err  # no banner, no footer of sparklines
+    assert caplog.text.count(f"wandb sync {runs[0]}") == 1
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
     for logged in (b"eval/accuracy", b"train/loss", b"predictions", b"hydra_choices"):
         assert logged in records

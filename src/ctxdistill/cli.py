@@ -6,6 +6,7 @@ import hashlib
 import os
 import signal
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Optional
@@ -135,7 +136,16 @@ def print_sweep_configs(argv: list[str]) -> None:
             print(f"# cell {number}: {' '.join(cell)}\n{OmegaConf.to_yaml(cfg)}")
 
 
+def quiet_console() -> None:
+    """Keep the console to progress bars, the run's own log lines and one W&B line."""
+    # PEFT calls a transformers method that transformers deprecates, once per model: not the user's to fix.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if not sys.stderr.isatty():  # a log file: a bar's redraws every 30 s, not several per second on one line
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
+
+
 def entry() -> None:
+    quiet_console()
     argv = sys.argv[1:]
     if {"-m", "--multirun"} & set(argv) and {"--cfg", "-c"} & set(argv):
         print_sweep_configs(argv)

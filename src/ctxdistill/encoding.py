@@ -69,7 +69,7 @@ class SharedPrefix:
             device = next(model.parameters()).device
             with torch.no_grad():
                 self.cache = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True,
-                                   logits_to_keep=1).past_key_values  # only the cache is needed
+                                   logits_to_keep=1).cache  # only the cache is needed
 
     def for_batch(self, batch_size: int):
         """A cache for one batch that shares the prefix's tensors and stores only what the batch adds.
@@ -127,7 +127,7 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         input_ids=batch["input_ids"].to(device),
         attention_mask=attention_mask,
         position_ids=batch["position_ids"].to(device),
-        past_key_values=past,
+        cache=past,
         logits_to_keep=batch["answer_ids"].shape[1],
         use_cache=past is not None,
     )

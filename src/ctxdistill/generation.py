@@ -65,8 +65,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
         done = [False] * rows
         for _ in range(max_new_tokens):
             out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        past_key_values=past, use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
+                        cache=past, use_cache=True, logits_to_keep=1)
+            past = out.cache
             picked = pick_tokens(out.logits[:, -1], temperature, top_k, generator, top_p)
             for i, token in enumerate(picked.tolist()):
                 if done[i]:

@@ -325,7 +325,7 @@ class TrainableContext(torch.nn.Module):
         ids = tokenizer(text).input_ids[:num_tokens]
         device = next(model.parameters()).device
         with torch.no_grad():
-            cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).past_key_values
+            cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).cache
         keys = torch.stack([layer.keys[0] for layer in cache.layers])
         values = torch.stack([layer.values[0] for layer in cache.layers])
         return cls(model, keys.clone(), values.clone())
@@ -342,22 +342,22 @@ class TrainableContext(torch.nn.Module):
         finally:
             self.enabled = True
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **kwargs):
         if not self.enabled:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              past_key_values=past_key_values, **kwargs)
+                              cache=cache, **kwargs)
         rows = input_ids.shape[0]
-        if past_key_values is None:
-            past_key_values = DynamicCache()
+        if cache is None:
+            cache = DynamicCache()
             for layer, (k, v) in enumerate(zip(self.keys, self.values)):
-                past_key_values.update(k.expand(rows, *k.shape), v.expand(rows, *v.shape), layer)
+                cache.update(k.expand(rows, *k.shape), v.expand(rows, *v.shape), layer)
             kwargs["use_cache"] = True
         if attention_mask is not None:
             attention_mask = torch.cat([attention_mask.new_ones(rows, self.num_tokens), attention_mask], 1)
         if position_ids is not None:
             position_ids = position_ids + self.num_tokens
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          past_key_values=past_key_values, **kwargs)
+                          cache=cache, **kwargs)
 
     def save_pretrained(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)

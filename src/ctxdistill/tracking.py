@@ -81,9 +81,11 @@ class WandbTracker(Tracker):
         self._wandb = wandb
         self._log_predictions = log_predictions
         mode = resolve_mode(mode)
+        # silent: no banner, no footer of one-point sparklines; the one line below says where the run is
         self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, name=name, tags=tags,
                               job_type=job_type, config=config, dir=output_dir, reinit="finish_previous",
-                              id=persistent_run_id(Path(output_dir)), resume="allow")
+                              id=persistent_run_id(Path(output_dir)), resume="allow",
+                              settings=wandb.Settings(silent=True))
         try:
             self.run.define_metric("eval/accuracy", summary="max")
         except Exception as e:  # noqa: BLE001
@@ -91,6 +93,8 @@ class WandbTracker(Tracker):
         self.run_dir = str(Path(self.run.dir).parent)  # the offline-run-* directory `wandb sync` takes
         if mode == "offline":
             log.info("W&B is offline; upload later with:  wandb sync %s", self.run_dir)
+        else:
+            log.info("W&B run: %s", self.run.url)
 
     @_warn_on_failure
     def log(self, metrics, step):
