@@ -151,3 +151,24 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
         validate(make_cfg("dataset.template='Text: {text}\nSentiment:'"))
     with pytest.raises(ConfigError, match=r"dataset\.generation\.demo_target: .*\['trace'\]"):
         validate(make_cfg("method=scratchpad", "dataset=addition", "dataset.generation.demo_target='{trace}'"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["trainer.lrr=1"], "ctxdistill: trainer.lrr: no such setting; did you mean lr?"),
+    (["+trainer.max_step=3"], "ctxdistill: trainer.max_step: no such setting; did you mean max_steps?"),
+    (["trainer.lr=-1"], "ctxdistill: trainer.lr: must be positive, got -1.0. Set e.g. trainer.lr=1e-3"),
+    (["dataset.template='Text: {text} ->'"], "ctxdistill: dataset.template: 'Text: {text} ->' names the field(s) ['text']"),
+    (["dataset=mnli", "dataset.source.data_dir=/nowhere", "dataset.ood=[]"],
+     "ctxdistill: dataset.source: data file not found: /nowhere/train_sample.json"),
+    (["method=distil"], "ctxdistill: In 'config': Could not find 'method/distil'"),
+])
+def test_user_errors_print_one_message_and_no_traceback(args, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ctxdistill", "model=tiny-random", "logger=none", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(message), proc.stderr
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert "Error executing job" not in proc.stderr

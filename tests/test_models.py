@@ -169,3 +169,37 @@ def test_the_converted_bundled_model_is_keyed_by_what_produced_it(tiny, monkeypa
     monkeypatch.undo()
     monkeypatch.setattr(models, "package_version", lambda module: "99.0")  # another release of the model's package
     assert models.converted_dir(cfg.model, "cache") != first
+
+
+def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_source(make_cfg, tmp_path,
+                                                                                     behaving_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ctxdistill.run import run
+
+    # model=tiny-random bundles a random model; naming a checkpoint must evaluate that checkpoint.
+    result = run(make_cfg("method=zero_shot", "model=tiny-random", "logger=none", "dataset.source.split_sizes.eval=8",
+                          f"model.name_or_path={behaving_model_dir}"))
+    expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(behaving_model_dir).parameters())
+    assert result["model_parameters"] == expected
+    recorded = (tmp_path / "config.yaml").read_text()
+    assert f"name_or_path: {behaving_model_dir}" in recorded and "source: hub" in recorded
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_an_uncached_hub_model_without_network_fails_in_seconds_naming_the_fix(tiny, tmp_path, monkeypatch, offline):
+    import time
+
+    import huggingface_hub.constants
+
+    cfg, _, _ = tiny
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    spec = cfg.model.copy()
+    spec.name, spec.source, spec.name_or_path = "opt-2.7b", "hub", "facebook/opt-2.7b"
+    started = time.perf_counter()
+    message = r"HF_HUB_OFFLINE=1 forbids" if offline else r"Hub is unreachable \(127\.0\.0\.1"
+    with pytest.raises(ModelLoadError, match=rf"model=opt-2\.7b: .*facebook/opt-2\.7b.*{message}.*model\.name_or_path"):
+        load_tokenizer(spec, str(tmp_path))
+    assert time.perf_counter() - started < 5

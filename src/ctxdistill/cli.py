@@ -98,7 +98,10 @@ def main(cfg: DictConfig) -> float | None:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         result = run_cell(cfg, run_unless_complete)
     else:
-        result = run_unless_complete(cfg)
+        try:
+            result = run_unless_complete(cfg)
+        except user_errors() as e:  # before Hydra prints "Error executing job" and its stack
+            exit_with_message(e)
     # The return value is what Hydra sweepers (e.g. Optuna) optimise.
     # Runs completed before `objective` was recorded optimised eval/accuracy.
     return result["metrics"].get(result.get("objective", "eval/accuracy")) if result else None
@@ -144,22 +147,61 @@ def quiet_console() -> None:
         os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 
+def user_error_message(error: Exception) -> str:
+    """One line (or a few) for a config, data or model error: what, which key or file, the fix."""
+    from hydra.errors import ConfigCompositionException
+
+    from ctxdistill.config import nearest_key
+
+    cause = error.__cause__
+    if isinstance(error, ConfigCompositionException) and getattr(cause, "full_key", None):
+        if "not in" in str(cause) or "not found" in str(cause):  # a misspelt key
+            return f"{cause.full_key}: no such setting{nearest_key(str(cause.key), cause.object_type)}"
+        return f"{cause.full_key}: {str(cause).splitlines()[0]}"
+    return str(error).split("\nConfig search path")[0].strip()  # an unknown option: keep the list of options
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can fix from the message alone: printed without a traceback."""
+    from hydra.errors import ConfigCompositionException
+
+    from ctxdistill.config import ConfigError
+    from ctxdistill.data.tasks import DataError
+    from ctxdistill.models import ModelLoadError
+
+    return ConfigError, DataError, ModelLoadError, ConfigCompositionException
+
+
+def exit_with_message(error: Exception) -> None:
+    """Print a user error's message and exit 1; HYDRA_FULL_ERROR=1 (developers) keeps the traceback."""
+    if _developer:
+        raise error
+    print(f"ctxdistill: {user_error_message(error)}", file=sys.stderr)
+    sys.exit(1)
+
+
+_developer = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
 def entry() -> None:
     quiet_console()
     argv = sys.argv[1:]
-    if {"-m", "--multirun"} & set(argv) and {"--cfg", "-c"} & set(argv):
-        print_sweep_configs(argv)
-    else:
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its stack: the message is ours
+    try:
+        if {"-m", "--multirun"} & set(argv) and {"--cfg", "-c"} & set(argv):
+            print_sweep_configs(argv)
+            return
         sys.argv[1:] = join_distributed_launch(argv)
-        try:
-            main()
-        except KeyboardInterrupt:  # outside training, or a second Ctrl-C: no checkpoint, no traceback
-            print("ctxdistill: interrupted", file=sys.stderr)
-            sys.exit(128 + signal.SIGINT)
-        from ctxdistill.sweeps import failed_cells
+        main()
+    except KeyboardInterrupt:  # outside training, or a second Ctrl-C: no checkpoint, no traceback
+        print("ctxdistill: interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except user_errors() as e:  # a real bug keeps its traceback
+        exit_with_message(e)
+    from ctxdistill.sweeps import failed_cells
 
-        if failed_cells:  # listed by the sweep's end-of-run summary
-            sys.exit(1)
+    if failed_cells:  # listed by the sweep's end-of-run summary
+        sys.exit(1)
 
 
 if __name__ == "__main__":

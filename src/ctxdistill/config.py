@@ -237,6 +237,9 @@ class ModelConfig:
     # package: a Hugging Face model directory `package_dir` inside the installed pip package `package`.
     source: str = "hub"
     name_or_path: str = MISSING
+    # The model a bundled source (gguf, package, random) holds; a name_or_path naming another model loads
+    # that one from the Hub or its local directory instead (an override is never ignored).
+    bundles: Optional[str] = None
     revision: Optional[str] = None  # a Hub model's branch, tag or commit (null: the default branch)
     # The transformers Auto class: causal_lm (decoder LMs), masked_lm (BERT-like encoders), seq2seq_lm (T5, BART).
     architecture: str = "causal_lm"
@@ -503,6 +506,38 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message names the key and the fix."""
 
 
+def nearest_key(key: str, schema: type) -> str:
+    """", did you mean X?" for the field of ``schema`` closest to ``key`` ("" if none is close)."""
+    import dataclasses
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
+    match = difflib.get_close_matches(key, names, n=1)
+    return f"; did you mean {match[0]}?" if match else f"; it has {', '.join(names)}"
+
+
+def check_known_keys(node: Any, path: str = "") -> None:
+    """Every key of a schema-backed node is one of its schema's fields: a key added with `+key=value`
+    bypasses the schema, so a misspelt one would be silently ignored. Dict-typed settings (label maps,
+    file lists, generator options ...) are open-ended and take any key."""
+    import dataclasses
+
+    if not isinstance(node, DictConfig):
+        if OmegaConf.is_list(node):
+            for i, item in enumerate(node):
+                check_known_keys(item, f"{path}.{i}")
+        return
+    schema = OmegaConf.get_type(node)
+    fields = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        full = f"{path}.{key}" if path else str(key)
+        if fields is not None and key not in fields:
+            raise ConfigError(f"{full}: no such setting{nearest_key(str(key), schema)} (a key added with + is "
+                              "not checked by Hydra, so a misspelt one would be ignored)")
+        if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):
+            check_known_keys(node[key], full)
+
+
 def _require(ok: bool, key: str, problem: str, fix: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {problem}. {fix}")
@@ -600,6 +635,7 @@ def _validate_mixture(d: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Value checks that run before any data or model is loaded."""
+    check_known_keys(cfg)
     t, m, d = cfg.trainer, cfg.method, cfg.dataset
     _require(t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}", "Set e.g. trainer.lr=1e-3")
     _require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}", "Set trainer.batch_size=8")

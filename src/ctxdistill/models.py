@@ -142,6 +142,16 @@ def _hub_error(spec: DictConfig, e: Exception) -> ModelLoadError:
                           "model.name_or_path to a local directory that holds the checkpoint.")
 
 
+def honour_name_or_path(spec: DictConfig, key: str = "model") -> None:
+    """A bundled source (gguf, package, random) loads the model it bundles; a ``name_or_path`` naming
+    another model (a Hub id or a local directory) switches the source to ``hub``, so the run loads and
+    records the model it was asked for."""
+    if spec.source != "hub" and spec.bundles and spec.name_or_path != spec.bundles:
+        log.info("%s.name_or_path=%s is not what %s=%s bundles (%s): loading it from the Hub or its directory",
+                 key, spec.name_or_path, key, spec.name, spec.bundles)
+        spec.source = "hub"
+
+
 def _revision(spec: DictConfig) -> dict[str, str]:
     """from_pretrained's ``revision`` for a Hub model pinned to one (a branch, tag or commit)."""
     return {"revision": spec.revision} if spec.source == "hub" and spec.revision else {}
@@ -161,12 +171,50 @@ def hub_commit(spec: DictConfig) -> Optional[str]:
     return Path(found).parent.name if isinstance(found, str) else None
 
 
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable(endpoint: str) -> Optional[str]:
+    """Why the Hub cannot be reached (None if it can), found in seconds instead of minutes of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError as e:
+        return f"{url.hostname}: {e}"
+    return None
+
+
+def check_hub_download(spec: DictConfig) -> None:
+    """A Hub model that is neither a local directory nor in the local cache must be downloadable: fail fast,
+    naming the fix, when the Hub is forbidden (HF_HUB_OFFLINE=1) or unreachable."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(spec.name_or_path).expanduser().exists():
+        return
+    try:
+        if isinstance(try_to_load_from_cache(spec.name_or_path, "config.json", revision=spec.revision), str):
+            return
+    except ValueError:  # not a Hub id either: from_pretrained says so
+        return
+    fix = (f"Download it once where there is network (it is then cached), or set model.name_or_path to a local "
+           f"directory with the checkpoint")
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"model={spec.name}: {spec.name_or_path!r} is not in the local Hugging Face cache, and "
+                             f"HF_HUB_OFFLINE=1 forbids downloading it. {fix}.")
+    reason = _hub_unreachable(constants.ENDPOINT)
+    if reason:
+        raise ModelLoadError(f"model={spec.name}: cannot download {spec.name_or_path!r}, the Hugging Face Hub is "
+                             f"unreachable ({reason}). {fix}; without network, also set HF_HUB_OFFLINE=1.")
+
+
 def weights_location(spec: DictConfig, cache_dir: str) -> str:
     """Where from_pretrained reads tokenizer and weights (converting a bundled GGUF first)."""
     if spec.source in ("gguf", "random"):
         return str(_ensure_converted(spec, cache_dir))
     if spec.source == "package":
         return str(_package_path(spec, spec.package, spec.package_dir))
+    check_hub_download(spec)
     return spec.name_or_path
 
 

@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from ctxdistill.checkpoint import remove_checkpoints
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
-from ctxdistill.models import (ModelHandle, add_adapter, check_shared_vocabulary, load_model, load_tokenizer,
-                               model_identity)
+from ctxdistill.models import (ModelHandle, add_adapter, check_shared_vocabulary, honour_name_or_path, load_model,
+                               load_tokenizer, model_identity)
 from ctxdistill.sweeps import group_name
 from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
@@ -101,6 +101,7 @@ def sweep_group() -> Optional[str]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     validate(cfg)
+    honour_name_or_path(cfg.model)
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
     method = instantiate(cfg.method, _convert_="all")
@@ -112,6 +113,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method.check_inputs(task, tokenizer, cfg)
     teacher_spec = method.teacher_model  # a separate (larger) teacher, or None: the base weights teach
     if teacher_spec is not None:
+        honour_name_or_path(teacher_spec, "method.teacher")
         check_shared_vocabulary(cfg.model, teacher_spec, cfg.cache_dir)
 
     accelerator = make_accelerator(cfg.trainer)
