@@ -70,7 +70,10 @@ def join_slurm_tasks() -> None:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 # conf/ sits at the repository root, beside src/ (the package is installed editable).
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+# A wheel (pip install .) carries the configs inside the package (pyproject.toml: ctxdistill.conf is conf/);
+# a checkout (the editable install) reads its own conf/. Either way from any directory.
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parents[2] / "conf"
 
 
 def run_unless_complete(cfg: DictConfig) -> dict:
