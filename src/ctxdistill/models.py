@@ -197,8 +197,8 @@ def check_hub_download(spec: DictConfig) -> None:
             return
     except ValueError:  # not a Hub id either: from_pretrained says so
         return
-    fix = (f"Download it once where there is network (it is then cached), or set model.name_or_path to a local "
-           f"directory with the checkpoint")
+    fix = ("Download it once where there is network (it is then cached), or set model.name_or_path to a local "
+           "directory with the checkpoint")
     if constants.HF_HUB_OFFLINE:
         raise ModelLoadError(f"model={spec.name}: {spec.name_or_path!r} is not in the local Hugging Face cache, and "
                              f"HF_HUB_OFFLINE=1 forbids downloading it. {fix}.")
@@ -411,6 +411,26 @@ class TrainableContext(torch.nn.Module):
         Path(directory).mkdir(parents=True, exist_ok=True)
         torch.save({"keys": self.keys.detach().cpu(), "values": self.values.detach().cpu()},
                    Path(directory) / "trainable_context.pt")
+
+    @classmethod
+    def from_saved(cls, model, directory: Path) -> "TrainableContext":
+        state = torch.load(Path(directory) / "trainable_context.pt", weights_only=True)
+        return cls(model, state["keys"], state["values"])
+
+
+def load_trained(model, directory: Path, spec: DictConfig):
+    """``model`` with the weights a finished run saved in ``directory``: its LoRA adapter, its trainable
+    context (both in adapter/), or every weight (model/; a method's wrapper loads its own parts)."""
+    if (directory / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, directory)
+    if (directory / "trainable_context.pt").is_file():
+        return TrainableContext.from_saved(model, directory)
+    if hasattr(model, "load_trained"):
+        model.load_trained(directory)
+        return model
+    return type(model).from_pretrained(directory, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation)
 
 
 def add_adapter(model, spec: DictConfig, tokenizer, context: str):

@@ -25,7 +25,7 @@ from ctxdistill.checkpoint import remove_checkpoints
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
 from ctxdistill.models import (ModelHandle, add_adapter, check_shared_vocabulary, honour_name_or_path, load_model,
-                               load_tokenizer, model_identity)
+                               load_tokenizer, load_trained, model_identity)
 from ctxdistill.sweeps import group_name
 from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
@@ -98,6 +98,28 @@ def sweep_group() -> Optional[str]:
     return group_name(HydraConfig.get().sweep.dir)
 
 
+def build_models(cfg: DictConfig, method, tokenizer, task, device, saved: Optional[Path] = None):
+    """(the model the method trains or evaluates, the separate frozen teacher or None, the base model's
+    parameter count). With ``saved`` (a finished run's adapter/ or model/) the trained weights are loaded
+    instead of a new adapter, and with model/ the initial weights stay as the teacher."""
+    initial = method.wrap_model(load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed), tokenizer)
+    parameters = sum(p.numel() for p in initial.parameters())  # the x axis of comparison plots
+    model, teacher = initial, None
+    if saved is not None:
+        model = load_trained(initial, saved, cfg.model).requires_grad_(False)
+        if saved.name == "model" and model is not initial:
+            teacher = initial.requires_grad_(False).eval()
+    elif method.adapter == "lora":  # the adapter model.adapter selects
+        model = add_adapter(initial, cfg.model, tokenizer, task.context)
+    elif method.adapter is None:
+        model.requires_grad_(False)
+    if method.teacher_model is not None:
+        teacher = load_model(method.teacher_model, cfg.cache_dir, tokenizer, cfg.seed).requires_grad_(False).eval()
+        log.info("teacher %s: %d parameters, frozen", method.teacher_model.name,
+                 sum(p.numel() for p in teacher.parameters()))
+    return model.to(device), teacher.to(device) if teacher is not None else None, parameters
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     validate(cfg)
@@ -129,22 +151,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         config={**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()},
         output_dir=str(out)) if writer else Tracker()
     try:
-        model = method.wrap_model(load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed), tokenizer)
-        model_parameters = sum(p.numel() for p in model.parameters())  # the x axis of comparison plots
-        if method.adapter == "lora":  # the adapter model.adapter selects
-            model = add_adapter(model, cfg.model, tokenizer, task.context)
-        elif method.adapter is None:
-            model.requires_grad_(False)
-        model.to(accelerator.device)
+        model, teacher, model_parameters = build_models(cfg, method, tokenizer, task, accelerator.device)
         log.info("%s on %s, %d process(es) (weights %s, mixed precision %s); %d trainable parameters",
                  cfg.model.name, accelerator.device, accelerator.num_processes, cfg.model.dtype,
                  cfg.trainer.mixed_precision,
                  sum(p.numel() for p in model.parameters() if p.requires_grad))
-        teacher = None
-        if teacher_spec is not None:
-            teacher = load_model(teacher_spec, cfg.cache_dir, tokenizer, cfg.seed).requires_grad_(False).eval()
-            teacher.to(accelerator.device)
-            log.info("teacher %s: %d parameters, frozen", teacher_spec.name, sum(p.numel() for p in teacher.parameters()))
         handle = ModelHandle(student=model, base=model, separate_teacher=teacher,
                              identity=model_identity(teacher_spec or cfg.model, cfg.seed))
         if method.trains and method.teacher_during_training and handle.trains_base_weights:

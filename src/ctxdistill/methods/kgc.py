@@ -188,6 +188,11 @@ class TripleScorer(torch.nn.Module):
         self.mlm.save_pretrained(path)
         torch.save(self.head.state_dict(), Path(path) / "triple_head.pt")
 
+    def load_trained(self, path: Path) -> None:
+        """The weights :meth:`save_pretrained` wrote, loaded in place (the MLM head stays the one referenced)."""
+        self.mlm.load_state_dict(type(self.mlm).from_pretrained(path).state_dict())
+        self.head.load_state_dict(torch.load(Path(path) / "triple_head.pt", weights_only=True))
+
 
 class TrainingRow(NamedTuple):
     """One scored triple of KG-BERT's training: a positive (label 1) or a corruption of it (label 0)."""

@@ -1,0 +1,78 @@
+"""ctxdistill-eval: a finished run (or every cell of a sweep) evaluated again, beside it, leaving it untouched."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ctxdistill.evaluate_run import main
+
+TINY = ["model=tiny-random", "logger=none", "dataset.source.split_sizes.eval=24", "dataset.num_train_queries=16",
+        "trainer.batch_size=8", "trainer.max_steps=3"]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def fingerprint(run_dir: Path) -> dict[str, str]:
+    """Every file of the run and its content, the evaluations left out."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and "evaluations" not in p.parts}
+
+
+def metrics(directory: Path) -> dict[str, float]:
+    return json.loads((directory / "metrics.json").read_text())["metrics"]
+
+
+def cells(sweep: Path) -> dict[str, Path]:
+    """The sweep's run directories by method."""
+    return {json.loads(p.read_text())["method"]: p.parent for p in sweep.glob("*/metrics.json")}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A sweep of a LoRA student (cd) and a full-weight one (pbft), started by the ctxdistill command."""
+    root = tmp_path_factory.mktemp("sweep")
+    proc = subprocess.run([sys.executable, "-m", "ctxdistill", "-m", "method=cd,pbft", *TINY,
+                           f"hydra.sweep.dir={root}"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def test_evaluating_a_run_again_reproduces_its_metrics_and_leaves_it_untouched(sweep):
+    for method, run_dir in cells(sweep).items():
+        before = fingerprint(run_dir)
+        assert main([str(run_dir), "--name", "again"]) == 0
+        again = metrics(run_dir / "evaluations" / "again")
+        original = {k: v for k, v in metrics(run_dir).items() if not k.startswith("train_queries/")}
+        assert again == pytest.approx(original, rel=1e-5), method  # reloaded full weights round in the last bits
+        assert fingerprint(run_dir) == before
+
+
+def test_another_eval_set_is_evaluated_on_every_cell_of_a_sweep(sweep, tmp_path):
+    ood_file = tmp_path / "gifts.tsv"
+    ood_file.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\nA fine gift.\t0\n")
+    ood = f"dataset.ood=[{{name: gifts, split: test, source: {{kind: files, data_files: {{test: '{ood_file}'}}}}}}]"
+    runs = cells(sweep)
+    assert sorted(runs) == ["cd", "pbft"]
+    before = {method: fingerprint(run_dir) for method, run_dir in runs.items()}
+    assert main([str(sweep), ood, "dataset.source.split_sizes.eval=12", "--name", "gifts"]) == 0
+    for method, run_dir in runs.items():
+        result = metrics(run_dir / "evaluations" / "gifts")
+        assert {"eval/accuracy", "gifts/accuracy", "gifts/teacher_accuracy"} <= set(result)
+        rows = (run_dir / "evaluations" / "gifts" / "predictions.jsonl").read_text().splitlines()
+        assert sum('"set": "gifts"' in r for r in rows) == 3 and sum('"set": "eval"' in r for r in rows) == 12
+        assert fingerprint(run_dir) == before[method]
+
+
+def test_a_run_without_saved_weights_is_refused_naming_why(sweep, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(cells(sweep)["cd"], run_dir, ignore=shutil.ignore_patterns("adapter", "evaluations"))
+    with pytest.raises(SystemExit) as stopped:
+        main([str(run_dir)])
+    assert stopped.value.code == 1
+    assert "holds no trained weights (adapter/ or model/)" in capsys.readouterr().err
