@@ -174,7 +174,7 @@ def log_results(table: Table, *, entity: Optional[str], project: str, group: Opt
         plots = write_plots(table, Path(tmp))
         run = wandb.init(entity=entity, project=project, group=group, job_type="compare", mode=mode,
                          dir=str(directory) if directory else None, name=f"compare-{group}" if group else "compare",
-                         reinit="finish_previous")
+                         reinit="finish_previous", settings=wandb.Settings(silent=True))
         run.log({"comparison": wandb.Table(columns=columns, data=rows),
                  **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
         run_dir = str(Path(run.dir).parent)
