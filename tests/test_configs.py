@@ -162,13 +162,17 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
      "ctxdistill: dataset.source: data file not found: /nowhere/train_sample.json"),
     (["method=distil"], "ctxdistill: In 'config': Could not find 'method/distil'"),
 ])
-def test_user_errors_print_one_message_and_no_traceback(args, message):
-    import subprocess
+def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path, monkeypatch, capsys):
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "ctxdistill", "model=tiny-random", "logger=none", *args],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith(message), proc.stderr
-    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
-    assert "Error executing job" not in proc.stderr
+    from ctxdistill.cli import entry
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored afterwards: entry() sets it for Hydra
+    monkeypatch.setattr(sys, "argv", ["ctxdistill", "model=tiny-random", "logger=none", *args,
+                                      f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as stopped:
+        entry()
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(message), err
+    assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err and "Error executing job" not in err
