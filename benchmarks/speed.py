@@ -118,14 +118,17 @@ def naive_method():
             self._spans = {e.uid: [tokenizer.pad_token_id] for e in examples}
 
         def collate(self, tokenizer, task, examples):
-            return {"student": encode(tokenizer, [task.student_prompt(e) for e in examples]),
-                    "teacher": encode(tokenizer, [task.teacher_prompt(e) for e in examples])}
+            return {
+                "student": encode(tokenizer, [task.student_prompt(e) for e in examples]),
+                "teacher": encode(tokenizer, [task.teacher_prompt(e) for e in examples]),
+            }
 
         def loss(self, handle, batch):
             def last_logits(model, inputs):
                 device = next(model.parameters()).device
-                logits = model(input_ids=inputs["input_ids"].to(device),
-                               attention_mask=inputs["attention_mask"].to(device)).logits
+                logits = model(
+                    input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)
+                ).logits
                 return logits[:, -1:]
 
             student = last_logits(handle.student, batch["student"])
@@ -162,24 +165,52 @@ def train_trl(cfg, handle, tokenizer, task, device: str, steps: int, batch_size:
     for example in task.train_queries:
         student, teacher = task.student_prompt(example), task.teacher_prompt(example)
         assert teacher.endswith(student), "the teacher prompt must be context + student prompt"
-        rows.append({"prompt": student, "privileged_context": teacher[:-len(student)]})
+        rows.append({"prompt": student, "privileged_context": teacher[: -len(student)]})
     lora = cfg.model.lora
     args = SDFTConfig(
         output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "ctxdistill-bench-trl"),
-        max_steps=steps, per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
-        learning_rate=cfg.trainer.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=cfg.trainer.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
         # the suite's objective: forward KL(teacher || student) over the full vocabulary at the one
         # answer position, the frozen base as teacher, context then query
-        distillation_mode="full_logits", distillation_alpha=0.0, distillation_is_clip=None,
-        teacher_model_kind="base", teacher_prompt_template="{privileged_context}{prompt}",
-        max_completion_length=1, num_generations=1, temperature=1.0,
+        distillation_mode="full_logits",
+        distillation_alpha=0.0,
+        distillation_is_clip=None,
+        teacher_model_kind="base",
+        teacher_prompt_template="{privileged_context}{prompt}",
+        max_completion_length=1,
+        num_generations=1,
+        temperature=1.0,
         gradient_checkpointing=False,  # TRL's default is on; the suite does not recompute activations
-        report_to="none", logging_steps=10 ** 6, save_strategy="no", use_cpu=device == "cpu",
-        dataloader_num_workers=0, seed=cfg.seed, bf16=False, fp16=False)
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    trainer = SDFTTrainer(model=handle.base, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=peft_config)
+        report_to="none",
+        logging_steps=10**6,
+        save_strategy="no",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        seed=cfg.seed,
+        bf16=False,
+        fp16=False,
+    )
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SDFTTrainer(
+        model=handle.base,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.train()
 
 
@@ -187,8 +218,13 @@ def measure_training(contender: str, model: list[str], device: str, steps: int, 
     from ctxdistill.data import build_task
     from ctxdistill.methods.distill import ContextDistillation
 
-    cfg = compose_cfg(model, f"trainer.max_steps={steps}", f"trainer.batch_size={batch_size}",
-                      f"dataset.num_train_queries={queries}", "trainer.scheduler=constant")
+    cfg = compose_cfg(
+        model,
+        f"trainer.max_steps={steps}",
+        f"trainer.batch_size={batch_size}",
+        f"dataset.num_train_queries={queries}",
+        "trainer.scheduler=constant",
+    )
     torch.manual_seed(cfg.seed)
     tokenizer, handle = load(cfg, device, lora=contender != "trl_sdft")
     task = build_task(cfg.dataset, cfg.seed)
@@ -202,7 +238,7 @@ def measure_training(contender: str, model: list[str], device: str, steps: int, 
             train_suite(method, cfg, handle, tokenizer, task, device)
         sync(device)
         seconds = time.perf_counter() - started
-    return {"queries_per_s": steps * batch_size / seconds, "seconds": seconds, "peak_mb": memory.used / 2 ** 20}
+    return {"queries_per_s": steps * batch_size / seconds, "seconds": seconds, "peak_mb": memory.used / 2**20}
 
 
 def in_fresh_process(function: Callable, *args) -> Any:
@@ -218,8 +254,12 @@ def measure_later_epochs(model: list[str], device: str, batch_size: int, queries
     from ctxdistill.methods.distill import ContextDistillation
 
     steps_per_epoch = queries // batch_size
-    cfg = compose_cfg(model, f"trainer.max_steps={epochs * steps_per_epoch}", f"trainer.batch_size={batch_size}",
-                      f"dataset.num_train_queries={queries}")
+    cfg = compose_cfg(
+        model,
+        f"trainer.max_steps={epochs * steps_per_epoch}",
+        f"trainer.batch_size={batch_size}",
+        f"dataset.num_train_queries={queries}",
+    )
     task = build_task(cfg.dataset, cfg.seed)
     result = {}
     for cache in ("memory", "none"):
@@ -227,8 +267,11 @@ def measure_later_epochs(model: list[str], device: str, batch_size: int, queries
         tokenizer, handle = load(cfg, device, lora=True)
         stamps = train_suite(ContextDistillation("cd", teacher_cache=cache), cfg, handle, tokenizer, task, device)
         result[cache] = (stamps[-1] - stamps[steps_per_epoch - 1]) / (epochs - 1)
-    return {"cached_s_per_epoch": result["memory"], "per_step_teacher_s_per_epoch": result["none"],
-            "speedup": result["none"] / result["memory"]}
+    return {
+        "cached_s_per_epoch": result["memory"],
+        "per_step_teacher_s_per_epoch": result["none"],
+        "speedup": result["none"] / result["memory"],
+    }
 
 
 # ---------------------------------------------------------------- 2 and 4: the teacher's context
@@ -236,8 +279,12 @@ def teacher_seconds_per_query(model: list[str], device: str, num_demos: int, que
     from ctxdistill.data import build_task
     from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 
-    cfg = compose_cfg(model, f"dataset.context.num_demos={num_demos}", f"dataset.num_train_queries={queries}",
-                      "dataset.source.split_sizes.train=600")
+    cfg = compose_cfg(
+        model,
+        f"dataset.context.num_demos={num_demos}",
+        f"dataset.num_train_queries={queries}",
+        "dataset.source.split_sizes.train=600",
+    )
     tokenizer, handle = load(cfg, device, lora=False)
     task = build_task(cfg.dataset, cfg.seed)
     prompts = [task.teacher_prompt(e) for e in task.train_queries]
@@ -248,7 +295,7 @@ def teacher_seconds_per_query(model: list[str], device: str, num_demos: int, que
         sync(device)
         started = time.perf_counter()
         for start in range(0, len(prompts), batch_size):
-            run_batch(prompts[start:start + batch_size])
+            run_batch(prompts[start : start + batch_size])
         sync(device)
         return (time.perf_counter() - started) / len(prompts)
 
@@ -258,10 +305,19 @@ def teacher_seconds_per_query(model: list[str], device: str, num_demos: int, que
         prefix_seconds = time.perf_counter() - prefix_started
         cached = timed(lambda p: answer_logits(model, encode(tokenizer, p, prefix_length=prefix.length), prefix))
         recomputed = timed(lambda p: answer_logits(model, encode(tokenizer, p)))
-        whole = timed(lambda p: model(**{k: v.to(device) for k, v in encode(tokenizer, p).items()
-                                         if k in ("input_ids", "attention_mask")}).logits[:, -1])
-    return {"demos": num_demos, "context_tokens": prefix.length, "prefix_once_s": prefix_seconds,
-            "cached_ms": 1e3 * cached, "recomputed_ms": 1e3 * recomputed, "whole_sequence_ms": 1e3 * whole}
+        whole = timed(
+            lambda p: model(
+                **{k: v.to(device) for k, v in encode(tokenizer, p).items() if k in ("input_ids", "attention_mask")}
+            ).logits[:, -1]
+        )
+    return {
+        "demos": num_demos,
+        "context_tokens": prefix.length,
+        "prefix_once_s": prefix_seconds,
+        "cached_ms": 1e3 * cached,
+        "recomputed_ms": 1e3 * recomputed,
+        "whole_sequence_ms": 1e3 * whole,
+    }
 
 
 def icl_eval_throughput(model: list[str], device: str, num_eval: int, batch_size: int) -> dict:
@@ -282,8 +338,12 @@ def icl_eval_throughput(model: list[str], device: str, num_eval: int, batch_size
         sync(device)
         result[f"{share}_s"] = time.perf_counter() - started
     agree = (result[True].predictions == result[False].predictions).float().mean().item()
-    return {"cached_q_per_s": len(examples) / result["True_s"], "recomputed_q_per_s": len(examples) / result["False_s"],
-            "speedup": result["False_s"] / result["True_s"], "same_predictions": agree}
+    return {
+        "cached_q_per_s": len(examples) / result["True_s"],
+        "recomputed_q_per_s": len(examples) / result["False_s"],
+        "speedup": result["False_s"] / result["True_s"],
+        "same_predictions": agree,
+    }
 
 
 # ---------------------------------------------------------------- 5: utilisation
@@ -299,7 +359,7 @@ def matmul_peak_flops(device: str, dtype: torch.dtype) -> float:
         for _ in range(repeats):
             a @ b
         sync(device)
-        best = max(best, 2 * n ** 3 * repeats / (time.perf_counter() - started))
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - started))
     return best
 
 
@@ -335,8 +395,13 @@ def step_utilisation(model: list[str], device: str, batch_size: int) -> dict:
     sync(device)
     achieved = flops * repeats / (time.perf_counter() - started)
     peak = matmul_peak_flops(device, next(handle.base.parameters()).dtype)
-    return {"step_gflop": flops / 1e9, "achieved_gflops": achieved / 1e9, "matmul_peak_gflops": peak / 1e9,
-            "fraction_of_peak": achieved / peak, "tokens_per_step": int(batch["attention_mask"].sum())}
+    return {
+        "step_gflop": flops / 1e9,
+        "achieved_gflops": achieved / 1e9,
+        "matmul_peak_gflops": peak / 1e9,
+        "fraction_of_peak": achieved / peak,
+        "tokens_per_step": int(batch["attention_mask"].sum()),
+    }
 
 
 # ---------------------------------------------------------------- report
@@ -351,43 +416,97 @@ def benchmark(model: list[str], device: str, steps: int, batch_size: int, querie
     print(f"\n=== {' '.join(model)} on {device} ===", flush=True)
     training = {c: in_fresh_process(measure_training, c, model, device, steps, batch_size, queries) for c in CONTENDERS}
     base = training["trl_sdft"]
-    print(f"\n[1] cd training: {steps} steps x batch {batch_size} on {queries} queries "
-          f"({steps * batch_size / queries:g} epochs), LoRA r={compose_cfg(model).model.lora.r}")
-    print(table([[c, r["queries_per_s"], r["queries_per_s"] / base["queries_per_s"], r["seconds"], r["peak_mb"],
-                  r["peak_mb"] / max(base["peak_mb"], 1e-9)] for c, r in training.items()],
-                ["implementation", "queries/s", "x TRL", "seconds", "peak MB", "peak / TRL"]), flush=True)
+    print(
+        f"\n[1] cd training: {steps} steps x batch {batch_size} on {queries} queries "
+        f"({steps * batch_size / queries:g} epochs), LoRA r={compose_cfg(model).model.lora.r}"
+    )
+    print(
+        table(
+            [
+                [
+                    c,
+                    r["queries_per_s"],
+                    r["queries_per_s"] / base["queries_per_s"],
+                    r["seconds"],
+                    r["peak_mb"],
+                    r["peak_mb"] / max(base["peak_mb"], 1e-9),
+                ]
+                for c, r in training.items()
+            ],
+            ["implementation", "queries/s", "x TRL", "seconds", "peak MB", "peak / TRL"],
+        ),
+        flush=True,
+    )
 
     print("\n[2] teacher cost per query as the context grows")
     growth = [in_fresh_process(teacher_seconds_per_query, model, device, k, 32, 16) for k in (0, 2, 8, 16, 32)]
     first = growth[0]
-    print(table([[g["demos"], g["context_tokens"], g["cached_ms"], g["cached_ms"] / first["cached_ms"],
-                  g["recomputed_ms"], g["recomputed_ms"] / first["recomputed_ms"], g["whole_sequence_ms"],
-                  g["whole_sequence_ms"] / first["whole_sequence_ms"], g["prefix_once_s"]] for g in growth],
-                ["demos", "context tokens", "cached ms/q", "x 0 demos", "recomputed ms/q", "x 0 demos",
-                 "whole-seq ms/q", "x 0 demos", "prefix once s"]), flush=True)
+    print(
+        table(
+            [
+                [
+                    g["demos"],
+                    g["context_tokens"],
+                    g["cached_ms"],
+                    g["cached_ms"] / first["cached_ms"],
+                    g["recomputed_ms"],
+                    g["recomputed_ms"] / first["recomputed_ms"],
+                    g["whole_sequence_ms"],
+                    g["whole_sequence_ms"] / first["whole_sequence_ms"],
+                    g["prefix_once_s"],
+                ]
+                for g in growth
+            ],
+            [
+                "demos",
+                "context tokens",
+                "cached ms/q",
+                "x 0 demos",
+                "recomputed ms/q",
+                "x 0 demos",
+                "whole-seq ms/q",
+                "x 0 demos",
+                "prefix once s",
+            ],
+        ),
+        flush=True,
+    )
 
     epochs = in_fresh_process(measure_later_epochs, model, device, batch_size, queries, 3)
-    print(f"\n[3] epochs 2-3 of cd: {epochs['cached_s_per_epoch']:.2f} s/epoch with the teacher cache, "
-          f"{epochs['per_step_teacher_s_per_epoch']:.2f} s/epoch with a teacher forward every step "
-          f"({epochs['speedup']:.2f}x)", flush=True)
+    print(
+        f"\n[3] epochs 2-3 of cd: {epochs['cached_s_per_epoch']:.2f} s/epoch with the teacher cache, "
+        f"{epochs['per_step_teacher_s_per_epoch']:.2f} s/epoch with a teacher forward every step "
+        f"({epochs['speedup']:.2f}x)",
+        flush=True,
+    )
 
     icl = in_fresh_process(icl_eval_throughput, model, device, 96, 16)
-    print(f"\n[4] ICL evaluation, 16 demonstrations: {icl['cached_q_per_s']:.1f} queries/s with the prefix cache, "
-          f"{icl['recomputed_q_per_s']:.1f} recomputed ({icl['speedup']:.2f}x); same predictions on "
-          f"{100 * icl['same_predictions']:.0f}% of queries", flush=True)
+    print(
+        f"\n[4] ICL evaluation, 16 demonstrations: {icl['cached_q_per_s']:.1f} queries/s with the prefix cache, "
+        f"{icl['recomputed_q_per_s']:.1f} recomputed ({icl['speedup']:.2f}x); same predictions on "
+        f"{100 * icl['same_predictions']:.0f}% of queries",
+        flush=True,
+    )
 
     util = in_fresh_process(step_utilisation, model, device, batch_size)
-    print(f"\n[5] one cd training step: {util['step_gflop']:.2f} GFLOP ({util['tokens_per_step']} tokens) at "
-          f"{util['achieved_gflops']:.1f} GFLOP/s = {100 * util['fraction_of_peak']:.1f}% of the measured "
-          f"matmul peak ({util['matmul_peak_gflops']:.1f} GFLOP/s)", flush=True)
+    print(
+        f"\n[5] one cd training step: {util['step_gflop']:.2f} GFLOP ({util['tokens_per_step']} tokens) at "
+        f"{util['achieved_gflops']:.1f} GFLOP/s = {100 * util['fraction_of_peak']:.1f}% of the measured "
+        f"matmul peak ({util['matmul_peak_gflops']:.1f} GFLOP/s)",
+        flush=True,
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny-random,smollm2-135m", help="comma-separated model configs")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="a Hydra override applied to every model, e.g. ++model.tiny.num_hidden_layers=30 "
-                             "(repeatable)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override applied to every model, e.g. ++model.tiny.num_hidden_layers=30 (repeatable)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=16, help="training steps per contender in [1]")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -35,15 +35,28 @@ def make_cfg(tmp_path: Path):
 
 
 # Small, fast settings for runs on the tiny random model.
-TINY = ["model=tiny-random", "logger=none", "dataset.source.split_sizes.eval=48", "dataset.num_train_queries=32",
-        "trainer.eval_batch_size=16"]
+TINY = [
+    "model=tiny-random",
+    "logger=none",
+    "dataset.source.split_sizes.eval=48",
+    "dataset.num_train_queries=32",
+    "trainer.eval_batch_size=16",
+]
 
 
 # A resumable cd run: 16 queries in batches of 4 make 4 steps per epoch, so 6 steps cross an
 # epoch boundary (a reshuffle); a checkpoint after every step.
-RESUMABLE = ["model=tiny-random", "logger=none", "method=cd", "dataset.source.split_sizes.eval=16",
-             "dataset.num_train_queries=16", "trainer.batch_size=4", "trainer.eval_batch_size=16",
-             "trainer.max_steps=6", "trainer.checkpoint_every=1"]
+RESUMABLE = [
+    "model=tiny-random",
+    "logger=none",
+    "method=cd",
+    "dataset.source.split_sizes.eval=16",
+    "dataset.num_train_queries=16",
+    "trainer.batch_size=4",
+    "trainer.eval_batch_size=16",
+    "trainer.max_steps=6",
+    "trainer.checkpoint_every=1",
+]
 
 
 def compose_run(output_dir: Path, *overrides: str):
@@ -96,9 +109,12 @@ def behaving_model_dir(request, tmp_path_factory) -> Path:
         behaving_model.train(staging)
         shutil.rmtree(directory)
         shutil.copytree(staging, directory)
-    share = behaving_model.follows_its_language(AutoModelForCausalLM.from_pretrained(directory),
-                                                AutoTokenizer.from_pretrained(directory))
+    share = behaving_model.follows_its_language(
+        AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
+    )
     if share < 0.9:
-        pytest.fail(f"the behaving test model follows its language on {share:.0%} of line starts (90% needed); "
-                    f"delete {directory} and look at tests/behaving_model.py's training")
+        pytest.fail(
+            f"the behaving test model follows its language on {share:.0%} of line starts (90% needed); "
+            f"delete {directory} and look at tests/behaving_model.py's training"
+        )
     return directory

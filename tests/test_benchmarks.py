@@ -22,15 +22,19 @@ def test_mnli_dev_matched_loads_every_row_and_drops_neutral(make_cfg):
     first = task.eval_sets["eval"][0]  # row 1 of the file; row 0 is neutral
     assert task.student_prompt(first) == (
         "This site includes a list of all award winners and a searchable database of Government Executive "
-        "articles. The Government Executive articles housed on the website are not able to be searched. ?")
+        "articles. The Government Executive articles housed on the website are not able to be searched. ?"
+    )
     assert first.label == 1
     assert not {e.fields["premise"] for e in task.demos} & {q.fields["premise"] for q in task.train_queries}
 
 
 @needs_shared
 def test_paws_qqp_decodes_bytes_literals(make_cfg):
-    cfg = make_cfg("dataset=qqp", f"dataset.source.data_dir={SHARED / 'glue/qqp'}",
-                   f"dataset.ood.0.source.data_dir={SHARED / 'paws_qqp'}")
+    cfg = make_cfg(
+        "dataset=qqp",
+        f"dataset.source.data_dir={SHARED / 'glue/qqp'}",
+        f"dataset.ood.0.source.data_dir={SHARED / 'paws_qqp'}",
+    )
     task = build_task(cfg.dataset, seed=0)
     paws = task.eval_sets["paws_qqp"]
     assert len(paws) == 677 and sum(e.label for e in paws) == 191
@@ -39,23 +43,30 @@ def test_paws_qqp_decodes_bytes_literals(make_cfg):
     assert len(task.eval_sets["eval"]) == 1000  # subsampled like llmft
 
 
-HANS_HEADER = ("gold_label\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\t"
-               "sentence1\tsentence2\tpairID\theuristic\tsubcase\ttemplate\n")
+HANS_HEADER = (
+    "gold_label\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\tsentence2_parse\t"
+    "sentence1\tsentence2\tpairID\theuristic\tsubcase\ttemplate\n"
+)
 
 
 def write_hans(path: Path, rows: list[tuple[str, str, str, str]]) -> Path:
     """A file in the layout of HANS's heuristics_evaluation_set.txt: (gold label, premise, hypothesis, heuristic)."""
-    path.write_text(HANS_HEADER + "".join(f"{g}\t(x)\t(y)\t(X)\t(Y)\t{a}\t{b}\tex{i}\t{h}\tsub\ttemp\n"
-                                          for i, (g, a, b, h) in enumerate(rows)))
+    path.write_text(
+        HANS_HEADER
+        + "".join(f"{g}\t(x)\t(y)\t(X)\t(Y)\t{a}\t{b}\tex{i}\t{h}\tsub\ttemp\n" for i, (g, a, b, h) in enumerate(rows))
+    )
     return path
 
 
 @needs_shared
 def test_rte_dev_has_277_rows_and_hans_out_of_domain(make_cfg, tmp_path):
-    hans = write_hans(tmp_path / "hans.txt", [("entailment", "The cat saw the dog .", "The cat saw the dog .",
-                                               "lexical_overlap"),
-                                              ("non-entailment", "The dog saw the cat .", "The cat saw the dog .",
-                                               "lexical_overlap")])
+    hans = write_hans(
+        tmp_path / "hans.txt",
+        [
+            ("entailment", "The cat saw the dog .", "The cat saw the dog .", "lexical_overlap"),
+            ("non-entailment", "The dog saw the cat .", "The cat saw the dog .", "lexical_overlap"),
+        ],
+    )
     cfg = make_cfg("dataset=rte", f"dataset.source.data_dir={SHARED / 'glue/rte'}", f"dataset.hans_file={hans}")
     task = build_task(cfg.dataset, seed=0)
     assert len(task.eval_sets["eval"]) == 277
@@ -65,23 +76,36 @@ def test_rte_dev_has_277_rows_and_hans_out_of_domain(make_cfg, tmp_path):
 
 
 def test_a_hans_format_file_fills_the_out_of_domain_slot(make_cfg, tmp_path):
-    rows = [("entailment", "The cat saw the dog .", "The cat saw the dog .", "lexical_overlap"),
-            ("non-entailment", "The dog saw the cat .", "The cat saw the dog .", "lexical_overlap"),
-            ("non-entailment", "If the cat ran , the dog slept .", "The dog slept .", "constituent")]
+    rows = [
+        ("entailment", "The cat saw the dog .", "The cat saw the dog .", "lexical_overlap"),
+        ("non-entailment", "The dog saw the cat .", "The cat saw the dog .", "lexical_overlap"),
+        ("non-entailment", "If the cat ran , the dog slept .", "The dog slept .", "constituent"),
+    ]
     hans = write_hans(tmp_path / "heuristics_evaluation_set.txt", rows)
     mnli = tmp_path / "mnli"
     mnli.mkdir()
-    (mnli / "train.jsonl").write_text("".join(
-        f'{{"text_a": "P{i}", "text_b": "H{i}", "label": "{lab}"}}\n'
-        for i, lab in enumerate(["entailment", "neutral", "contradiction"] * 4)))
-    (mnli / "dev.tsv").write_text("index\tpremise\thypothesis\tgold_label\n0\tA \"quoted\tB\tentailment\n")
-    cfg = make_cfg("dataset=mnli", f"dataset.source.data_dir={mnli}", "dataset.source.data_files.train=train.jsonl",
-                   "dataset.source.data_files.validation_matched=dev.tsv", "dataset.context.num_demos=2",
-                   "dataset.num_train_queries=4", f"dataset.hans_file={hans}")  # one override, both HANS sets
+    (mnli / "train.jsonl").write_text(
+        "".join(
+            f'{{"text_a": "P{i}", "text_b": "H{i}", "label": "{lab}"}}\n'
+            for i, lab in enumerate(["entailment", "neutral", "contradiction"] * 4)
+        )
+    )
+    (mnli / "dev.tsv").write_text('index\tpremise\thypothesis\tgold_label\n0\tA "quoted\tB\tentailment\n')
+    cfg = make_cfg(
+        "dataset=mnli",
+        f"dataset.source.data_dir={mnli}",
+        "dataset.source.data_files.train=train.jsonl",
+        "dataset.source.data_files.validation_matched=dev.tsv",
+        "dataset.context.num_demos=2",
+        "dataset.num_train_queries=4",
+        f"dataset.hans_file={hans}",
+    )  # one override, both HANS sets
     task = build_task(cfg.dataset, seed=0)
     assert [e.group for e in task.eval_sets["hans_all"]] == ["lexical_overlap", "lexical_overlap", "constituent"]
     assert [(e.fields["premise"], e.label) for e in task.eval_sets["hans"]] == [
-        ("The cat saw the dog .", 0), ("The dog saw the cat .", 1)]  # lexical_overlap only
+        ("The cat saw the dog .", 0),
+        ("The dog saw the cat .", 1),
+    ]  # lexical_overlap only
     assert task.eval_sets["eval"][0].fields["premise"] == 'A "quoted'
     assert len(task.train_queries) == 4 and all(q.label is None for q in task.train_queries)
 
@@ -89,34 +113,59 @@ def test_a_hans_format_file_fills_the_out_of_domain_slot(make_cfg, tmp_path):
 def tiny_mnli(directory: Path) -> list[str]:
     """Overrides that read a small MNLI written in its original layouts (train sample JSON lines, dev TSV)."""
     directory.mkdir()
-    (directory / "train.jsonl").write_text("".join(
-        f'{{"text_a": "P{i}", "text_b": "H{i}", "label": "{lab}"}}\n'
-        for i, lab in enumerate(["entailment", "neutral", "contradiction"] * 30)))
-    (directory / "dev.tsv").write_text("index\tpremise\thypothesis\tgold_label\n" + "".join(
-        f"{i}\tP{i}\tH{i}\t{lab}\n" for i, lab in enumerate(["entailment", "contradiction"] * 60)))
-    return [f"dataset.source.data_dir={directory}", "dataset.source.data_files.train=train.jsonl",
-            "dataset.source.data_files.validation_matched=dev.tsv"]
+    (directory / "train.jsonl").write_text(
+        "".join(
+            f'{{"text_a": "P{i}", "text_b": "H{i}", "label": "{lab}"}}\n'
+            for i, lab in enumerate(["entailment", "neutral", "contradiction"] * 30)
+        )
+    )
+    (directory / "dev.tsv").write_text(
+        "index\tpremise\thypothesis\tgold_label\n"
+        + "".join(f"{i}\tP{i}\tH{i}\t{lab}\n" for i, lab in enumerate(["entailment", "contradiction"] * 60))
+    )
+    return [
+        f"dataset.source.data_dir={directory}",
+        "dataset.source.data_files.train=train.jsonl",
+        "dataset.source.data_files.validation_matched=dev.tsv",
+    ]
 
 
 def test_upadhayaya_hans_subset_is_their_seed_plus_one_shuffle_and_holds_both_labels(make_cfg, tmp_path):
     import datasets
 
     # Like the real file: ordered by subcase, so its first lexical-overlap rows are all one label.
-    rows = [("non-entailment" if i < 500 else "entailment", f"The doctor {i} saw the actor .",
-             "The actor saw the doctor .", "lexical_overlap") for i in range(1000)] + [("entailment", "If so , X .", "X .", "constituent")] * 20
+    rows = [
+        (
+            "non-entailment" if i < 500 else "entailment",
+            f"The doctor {i} saw the actor .",
+            "The actor saw the doctor .",
+            "lexical_overlap",
+        )
+        for i in range(1000)
+    ] + [("entailment", "If so , X .", "X .", "constituent")] * 20
     hans = write_hans(tmp_path / "hans.txt", rows)
     for seed in (0, 3):
-        cfg = make_cfg("experiment=upadhayaya2024/mnli", f"seed={seed}", *tiny_mnli(tmp_path / f"mnli{seed}"),
-                       f"dataset.hans_file={hans}")
+        cfg = make_cfg(
+            "experiment=upadhayaya2024/mnli",
+            f"seed={seed}",
+            *tiny_mnli(tmp_path / f"mnli{seed}"),
+            f"dataset.hans_file={hans}",
+        )
         subset = build_task(cfg.dataset, seed=seed).eval_sets["hans"]
         # Their code: the lexical-overlap rows as a datasets.Dataset, .shuffle(seed + 1), the first 100.
         lexical = datasets.Dataset.from_list([{"premise": a} for _, a, _, h in rows if h == "lexical_overlap"])
         expected = lexical.shuffle(seed=seed + 1).select(range(100))
         assert [e.fields["premise"] for e in subset] == expected["premise"]
         assert sorted({e.label for e in subset}) == [0, 1]
-    first_rows = build_task(make_cfg("experiment=upadhayaya2024/mnli", "dataset.ood.0.shuffle_seed=null",
-                                     *tiny_mnli(tmp_path / "plain"), f"dataset.hans_file={hans}").dataset,
-                            seed=0).eval_sets["hans"]
+    first_rows = build_task(
+        make_cfg(
+            "experiment=upadhayaya2024/mnli",
+            "dataset.ood.0.shuffle_seed=null",
+            *tiny_mnli(tmp_path / "plain"),
+            f"dataset.hans_file={hans}",
+        ).dataset,
+        seed=0,
+    ).eval_sets["hans"]
     assert {e.label for e in first_rows} == {1}  # what the first 100 rows would have been
 
 
@@ -128,24 +177,50 @@ def test_a_missing_hans_file_is_named_with_its_out_of_domain_slot(make_cfg, tmp_
         build_task(cfg.dataset, seed=0)
 
 
-@pytest.mark.parametrize("dataset, pattern, prompt, answers", [
-    ("mnli", "minimal", "A man sleeps. A person rests. ?", [" Yes", " No"]),
-    ("mnli", "gpt3", "A man sleeps. question: A person rests. Yes or No? answer:", [" Yes", " No"]),
-    ("mnli", "eval_harness", "A man sleeps. \nQuestion: A person rests. True or False? \nAnswer:", [" True", " False"]),
-    ("qqp", "minimal", "A man sleeps. A person rests. ?", [" No", " Yes"]),
-    ("qqp", "eval_harness", "Question 1: A man sleeps.\nQuestion 2: A person rests.\n"
-                            "Question: Do both questions ask the same thing? Answer:", [" No", " Yes"]),
-    ("rte", "gpt3", "A man sleeps. question: A person rests. Yes or No? answer:", [" Yes", " No"]),
-])
+@pytest.mark.parametrize(
+    "dataset, pattern, prompt, answers",
+    [
+        ("mnli", "minimal", "A man sleeps. A person rests. ?", [" Yes", " No"]),
+        ("mnli", "gpt3", "A man sleeps. question: A person rests. Yes or No? answer:", [" Yes", " No"]),
+        (
+            "mnli",
+            "eval_harness",
+            "A man sleeps. \nQuestion: A person rests. True or False? \nAnswer:",
+            [" True", " False"],
+        ),
+        ("qqp", "minimal", "A man sleeps. A person rests. ?", [" No", " Yes"]),
+        (
+            "qqp",
+            "eval_harness",
+            "Question 1: A man sleeps.\nQuestion 2: A person rests.\n"
+            "Question: Do both questions ask the same thing? Answer:",
+            [" No", " Yes"],
+        ),
+        ("rte", "gpt3", "A man sleeps. question: A person rests. Yes or No? answer:", [" Yes", " No"]),
+    ],
+)
 def test_llmft_patterns_render_exactly(make_cfg, tmp_path, dataset, pattern, prompt, answers):
     train = tmp_path / "train.jsonl"
-    train.write_text("".join(f'{{"text_a": "A man sleeps.", "text_b": "A person rests.", "label": "{lab}", '
-                             f'"sentence1": "A man sleeps.", "sentence2": "A person rests."}}\n'
-                             for lab in (["0", "2"] if dataset == "mnli" else ["0", "1"]) * 3))  # MNLI: 1 = neutral
-    files = [f"dataset.source.data_dir={tmp_path}", f"++dataset.source.data_files.train={train}",
-             f"++dataset.source.data_files.{'validation_matched' if dataset == 'mnli' else 'validation'}={train}"]
-    cfg = make_cfg(f"dataset={dataset}", f"dataset.pattern={pattern}", "dataset.ood=[]", "dataset.context.num_demos=2",
-                   "dataset.num_train_queries=1", *files)
+    train.write_text(
+        "".join(
+            f'{{"text_a": "A man sleeps.", "text_b": "A person rests.", "label": "{lab}", '
+            f'"sentence1": "A man sleeps.", "sentence2": "A person rests."}}\n'
+            for lab in (["0", "2"] if dataset == "mnli" else ["0", "1"]) * 3
+        )
+    )  # MNLI: 1 = neutral
+    files = [
+        f"dataset.source.data_dir={tmp_path}",
+        f"++dataset.source.data_files.train={train}",
+        f"++dataset.source.data_files.{'validation_matched' if dataset == 'mnli' else 'validation'}={train}",
+    ]
+    cfg = make_cfg(
+        f"dataset={dataset}",
+        f"dataset.pattern={pattern}",
+        "dataset.ood=[]",
+        "dataset.context.num_demos=2",
+        "dataset.num_train_queries=1",
+        *files,
+    )
     task = build_task(cfg.dataset, seed=0)
     assert task.student_prompt(task.eval_sets["eval"][0]) == prompt
     assert task.verbalizers == answers
@@ -160,35 +235,63 @@ def test_mosbach_fine_tuning_is_llmfts_full_parameter_pattern_based_run(make_cfg
     for dataset in ("mnli", "qqp"):
         cfg = make_cfg(f"experiment=mosbach2023/{dataset}", "method=pbft")
         assert (cfg.method.finetune, cfg.method.train_on, cfg.method.objective) == (
-            "full", "labelled_queries", "eval/vocab_accuracy")
+            "full",
+            "labelled_queries",
+            "eval/vocab_accuracy",
+        )
         t = cfg.trainer
         assert (t.epochs, t.warmup_ratio, t.lr, t.weight_decay, t.scheduler, t.max_grad_norm) == (
-            40, 0.5, 1e-5, 0.0, "constant_with_warmup", 1.0)
+            40,
+            0.5,
+            1e-5,
+            0.0,
+            "constant_with_warmup",
+            1.0,
+        )
         assert t.batch_size == cfg.dataset.num_train_queries == 16  # the 16 examples in one batch
         assert cfg.model.dtype == "float32" and cfg.dataset.template.endswith(" ?")
     # llmft's experiments/pattern_verbalizer_ft/lora.sh: "mnli 32 80 0.25 ... 2e-4 ... 8"
     lora = make_cfg("experiment=mosbach2023/mnli_lora", "method=ft")
-    assert (lora.method.finetune, lora.model.lora.r, lora.trainer.epochs, lora.trainer.warmup_ratio,
-            lora.trainer.lr) == ("lora", 8, 80, 0.25, 2e-4)
+    assert (
+        lora.method.finetune,
+        lora.model.lora.r,
+        lora.trainer.epochs,
+        lora.trainer.warmup_ratio,
+        lora.trainer.lr,
+    ) == ("lora", 8, 80, 0.25, 2e-4)
     assert make_cfg("experiment=mosbach2023/mnli", "method=icl").method.name == "icl"
 
 
 # llmft's (pattern, target prefix, answer words) of its in-context scripts, and its fine-tuning patterns.
 LLMFT_MNLI = {
     "minimal": ("{text1} {text2} ?", " ", ["Yes", "No"], "{text1} {text2} ?"),
-    "gpt3": ("{text1} question: {text2} Yes or No?", " answer: ", ["Yes", "No"],
-             "{text1} question: {text2} Yes or No? answer:"),
-    "eval_harness": ("{text1} \nQuestion: {text2} True or False?", "\nAnswer: ", ["True", "False"],
-                     "{text1} \nQuestion: {text2} True or False? \nAnswer:"),
+    "gpt3": (
+        "{text1} question: {text2} Yes or No?",
+        " answer: ",
+        ["Yes", "No"],
+        "{text1} question: {text2} Yes or No? answer:",
+    ),
+    "eval_harness": (
+        "{text1} \nQuestion: {text2} True or False?",
+        "\nAnswer: ",
+        ["True", "False"],
+        "{text1} \nQuestion: {text2} True or False? \nAnswer:",
+    ),
 }
 
 
 @pytest.mark.parametrize("pattern", list(LLMFT_MNLI))
-def test_mosbach_prompts_are_llmfts_in_context_prompt_for_icl_and_its_input_for_fine_tuning(make_cfg, tmp_path,
-                                                                                          pattern):
+def test_mosbach_prompts_are_llmfts_in_context_prompt_for_icl_and_its_input_for_fine_tuning(
+    make_cfg, tmp_path, pattern
+):
     icl_pattern, target_prefix, words, ft_pattern = LLMFT_MNLI[pattern]
-    cfg = make_cfg("experiment=mosbach2023/mnli", f"dataset.pattern={pattern}", *tiny_mnli(tmp_path / "mnli"),
-                   "dataset.ood=[]", "dataset.context.num_demos=4")
+    cfg = make_cfg(
+        "experiment=mosbach2023/mnli",
+        f"dataset.pattern={pattern}",
+        *tiny_mnli(tmp_path / "mnli"),
+        "dataset.ood=[]",
+        "dataset.context.num_demos=4",
+    )
     task = build_task(cfg.dataset, seed=0)
     query = task.eval_sets["eval"][0]
 

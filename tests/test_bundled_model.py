@@ -8,8 +8,7 @@ from ctxdistill.run import run
 
 @pytest.mark.slow
 def test_bundled_model_learns_the_label_words_from_context_and_cd_trains_on_it(make_cfg, tmp_path):
-    small = ["logger=none", "dataset.source.split_sizes.eval=40", "dataset.num_train_queries=16",
-             "trainer.max_steps=4"]
+    small = ["logger=none", "dataset.source.split_sizes.eval=40", "dataset.num_train_queries=16", "trainer.max_steps=4"]
     zero_shot = run(make_cfg("model=smollm2-135m", "method=zero_shot", *small, output_dir=tmp_path / "zs"))
     cfg = make_cfg("model=smollm2-135m", "method=cd", *small, output_dir=tmp_path / "cd")
     assert (converted_dir(cfg.model, cfg.cache_dir) / "model.safetensors").is_file()
@@ -39,7 +38,7 @@ def test_generation_over_the_shared_context_is_transformers_generate_on_the_bund
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         reference = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    assert ours == reference[:, batch.input_ids.shape[1]:].tolist()
+    assert ours == reference[:, batch.input_ids.shape[1] :].tolist()
     # The label word, then the model goes on writing the next demonstration (the audit's broken decoder
     # wrote blank lines after the label word).
     assert all(text.startswith((" foo\n\nReview:", " bar\n\nReview:")) for text in tokenizer.batch_decode(ours))

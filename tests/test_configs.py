@@ -15,8 +15,10 @@ def options(group: str) -> list[str]:
 
 
 # Options that need another group's option (scratchpad: a dataset with free-text answers).
-NEEDS = {"method=scratchpad": ["dataset=addition"],
-         **{f"method={m}": ["dataset=synthetic_mixture"] for m in ("icl_distill", "icl_d", "ict")}}
+NEEDS = {
+    "method=scratchpad": ["dataset=addition"],
+    **{f"method={m}": ["dataset=synthetic_mixture"] for m in ("icl_distill", "icl_d", "ict")},
+}
 
 
 @pytest.mark.parametrize("group", ["method", "model", "dataset", "trainer", "logger"])
@@ -33,27 +35,33 @@ def test_every_experiment_composes_and_validates(make_cfg, experiment):
     validate(make_cfg(f"experiment={experiment}"))
 
 
-@pytest.mark.parametrize("override, key", [
-    ("trainer.lr=fast", "trainer.lr"),
-    ("trainer.learning_rate=1e-3", "learning_rate"),
-    ("method.divergnce=reverse_kl", "divergnce"),
-    ("model.lora.r=many", "model.lora.r"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.lr=fast", "trainer.lr"),
+        ("trainer.learning_rate=1e-3", "learning_rate"),
+        ("method.divergnce=reverse_kl", "divergnce"),
+        ("model.lora.r=many", "model.lora.r"),
+    ],
+)
 def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cfg, override, key):
     with pytest.raises((ConfigCompositionException, ValidationError)) as info:
         make_cfg(override)
     assert key in str(info.value) or key in str(info.value.__cause__)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("trainer.lr=-1e-3", "trainer.lr"),
-    ("trainer.batch_size=0", "trainer.batch_size"),
-    ("method.divergence=kl", "method.divergence"),
-    ("method.top_k=5", None),  # valid with the default forward KL
-    ("method.divergence=reverse_kl method.top_k=5", "method.top_k"),
-    ("method.beta=1.5", "method.beta"),
-    ("logger.mode=sometimes", "logger.mode"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.lr=-1e-3", "trainer.lr"),
+        ("trainer.batch_size=0", "trainer.batch_size"),
+        ("method.divergence=kl", "method.divergence"),
+        ("method.top_k=5", None),  # valid with the default forward KL
+        ("method.divergence=reverse_kl method.top_k=5", "method.top_k"),
+        ("method.beta=1.5", "method.beta"),
+        ("logger.mode=sometimes", "logger.mode"),
+    ],
+)
 def test_bad_values_are_named(make_cfg, override, key):
     cfg = make_cfg(*override.split())
     if key is None:
@@ -109,13 +117,24 @@ def test_a_template_whose_answer_merges_with_its_last_token_fails_before_the_mod
     from ctxdistill.run import run
 
     cfg = make_cfg(*TINY, "dataset.template='Review: {review}\nSentiment: '", "dataset.verbalizers=[foo,bar]")
-    with pytest.raises(ConfigError, match=r"dataset\.template: .*'Review: \{review\}\\nSentiment: '.*'foo'.*"
-                                          r"without trailing whitespace"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dataset\.template: .*'Review: \{review\}\\nSentiment: '.*'foo'.*"
+        r"without trailing whitespace",
+    ):
         run(cfg)
     assert not (tmp_path / "config.yaml").exists()
     # Reproducing such a prompt on purpose (llmft's ICL query ends in "? ") is one override.
-    run(make_cfg(*TINY, "method=zero_shot", "dataset.template='Review: {review}\nSentiment: '",
-                 "dataset.verbalizers=[foo,bar]", "dataset.check_answer_tokens=false", output_dir=tmp_path / "on-purpose"))
+    run(
+        make_cfg(
+            *TINY,
+            "method=zero_shot",
+            "dataset.template='Review: {review}\nSentiment: '",
+            "dataset.verbalizers=[foo,bar]",
+            "dataset.check_answer_tokens=false",
+            output_dir=tmp_path / "on-purpose",
+        )
+    )
     # The same words with their space in the answer: prompt + answer is the prompt's tokens and the answer's.
     run(make_cfg(*TINY, "method=zero_shot", "dataset.verbalizers=[' foo',' bar']", output_dir=tmp_path / "fine"))
 
@@ -128,14 +147,20 @@ def test_fine_tuning_without_demonstrations_fails_before_the_model_loads(make_cf
     assert not (tmp_path / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--help"], "method: base_contextualization, base_distill, base_finetune, base_genpi, base_icl_distill, "
-                 "base_kgbert, base_kgs2s, base_on_policy, base_prompting, base_scratchpad, cd, contextualization, "
-                 "ft, genpi, icl, icl_d, icl_distill, ict, kgbert, kgbert_cd, kgs2s, kgs2s_cd, on_policy_cd, pbft, "
-                 "scratchpad, zero_shot"),
-    (["method=ft", "--cfg", "job"], "_target_: ctxdistill.methods.finetune.Finetune"),
-    (["--info", "defaults"], "method/cd"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["--help"],
+            "method: base_contextualization, base_distill, base_finetune, base_genpi, base_icl_distill, "
+            "base_kgbert, base_kgs2s, base_on_policy, base_prompting, base_scratchpad, cd, contextualization, "
+            "ft, genpi, icl, icl_d, icl_distill, ict, kgbert, kgbert_cd, kgs2s, kgs2s_cd, on_policy_cd, pbft, "
+            "scratchpad, zero_shot",
+        ),
+        (["method=ft", "--cfg", "job"], "_target_: ctxdistill.methods.finetune.Finetune"),
+        (["--info", "defaults"], "method/cd"),
+    ],
+)
 def test_hydra_command_line_introspection(args, expected):
     import subprocess
     import sys
@@ -146,30 +171,42 @@ def test_hydra_command_line_introspection(args, expected):
 
 
 def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anything_loads(make_cfg):
-    with pytest.raises(ConfigError, match=r"dataset\.template: 'Text: \{text\}\\nSentiment:' names the field\(s\) "
-                                          r"\['text'\], which the records do not give; they give \['review'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"dataset\.template: 'Text: \{text\}\\nSentiment:' names the field\(s\) "
+        r"\['text'\], which the records do not give; they give \['review'\]",
+    ):
         validate(make_cfg("dataset.template='Text: {text}\nSentiment:'"))
     with pytest.raises(ConfigError, match=r"dataset\.generation\.demo_target: .*\['trace'\]"):
         validate(make_cfg("method=scratchpad", "dataset=addition", "dataset.generation.demo_target='{trace}'"))
 
 
-@pytest.mark.parametrize("args, message", [
-    (["trainer.lrr=1"], "ctxdistill: trainer.lrr: no such setting; did you mean lr?"),
-    (["+trainer.max_step=3"], "ctxdistill: trainer.max_step: no such setting; did you mean max_steps?"),
-    (["trainer.lr=-1"], "ctxdistill: trainer.lr: must be positive, got -1.0. Set e.g. trainer.lr=1e-3"),
-    (["dataset.template='Text: {text} ->'"], "ctxdistill: dataset.template: 'Text: {text} ->' names the field(s) ['text']"),
-    (["dataset=mnli", "dataset.source.data_dir=/nowhere", "dataset.ood=[]"],
-     "ctxdistill: dataset.source: data file not found: /nowhere/train_sample.json"),
-    (["method=distil"], "ctxdistill: In 'config': Could not find 'method/distil'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["trainer.lrr=1"], "ctxdistill: trainer.lrr: no such setting; did you mean lr?"),
+        (["+trainer.max_step=3"], "ctxdistill: trainer.max_step: no such setting; did you mean max_steps?"),
+        (["trainer.lr=-1"], "ctxdistill: trainer.lr: must be positive, got -1.0. Set e.g. trainer.lr=1e-3"),
+        (
+            ["dataset.template='Text: {text} ->'"],
+            "ctxdistill: dataset.template: 'Text: {text} ->' names the field(s) ['text']",
+        ),
+        (
+            ["dataset=mnli", "dataset.source.data_dir=/nowhere", "dataset.ood=[]"],
+            "ctxdistill: dataset.source: data file not found: /nowhere/train_sample.json",
+        ),
+        (["method=distil"], "ctxdistill: In 'config': Could not find 'method/distil'"),
+    ],
+)
 def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path, monkeypatch, capsys):
     import sys
 
     from ctxdistill.cli import entry
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored afterwards: entry() sets it for Hydra
-    monkeypatch.setattr(sys, "argv", ["ctxdistill", "model=tiny-random", "logger=none", *args,
-                                      f"hydra.run.dir={tmp_path}"])
+    monkeypatch.setattr(
+        sys, "argv", ["ctxdistill", "model=tiny-random", "logger=none", *args, f"hydra.run.dir={tmp_path}"]
+    )
     with pytest.raises(SystemExit) as stopped:
         entry()
     assert stopped.value.code == 1

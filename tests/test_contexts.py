@@ -14,7 +14,7 @@ def test_several_contexts_hold_disjoint_balanced_demonstrations_and_share_the_qu
     assert one.contexts == [one.context] and three.context == one.context  # the first draw is unchanged
     assert len(three.demos) == 3 * len(one.demos) and len({d.uid for d in three.demos}) == len(three.demos)
     for i in range(3):
-        labels = Counter(d.label for d in three.demos[i * 12:(i + 1) * 12])
+        labels = Counter(d.label for d in three.demos[i * 12 : (i + 1) * 12])
         assert labels == {0: 6, 1: 6}
     used = Counter(three.contexts.index(three.context_of(q)) for q in three.train_queries)
     assert set(used) == {0, 1, 2} and min(used.values()) >= 4

@@ -39,7 +39,8 @@ def test_teacher_prompt_is_context_then_query_and_student_prompt_is_the_query(ma
         f"{instruction}\n\n"
         f"Review: {d0.fields['review']}\nSentiment:{task.verbalizers[d0.label]}\n\n"
         f"Review: {d1.fields['review']}\nSentiment:{task.verbalizers[d1.label]}\n\n"
-        f"Review: {query.fields['review']}\nSentiment:")
+        f"Review: {query.fields['review']}\nSentiment:"
+    )
 
 
 def write(path, text):
@@ -50,10 +51,18 @@ def write(path, text):
 def files_dataset(make_cfg, tmp_path, train_text, eval_text="s\tl\ngood\tpos\n", suffix="tsv"):
     train = write(tmp_path / f"train.{suffix}", train_text)
     dev = write(tmp_path / f"dev.{suffix}", eval_text)
-    return make_cfg("dataset.source.kind=files", f"++dataset.source.data_files.train={train}", f"++dataset.source.data_files.eval={dev}",
-                    "dataset.fields=[s]", "dataset.label_field=l", "++dataset.label_map.pos=0", "++dataset.label_map.neg=1",
-                    "dataset.template='S: {s}\\nA:'", "dataset.context.num_demos=2",
-                    "dataset.num_train_queries=1").dataset
+    return make_cfg(
+        "dataset.source.kind=files",
+        f"++dataset.source.data_files.train={train}",
+        f"++dataset.source.data_files.eval={dev}",
+        "dataset.fields=[s]",
+        "dataset.label_field=l",
+        "++dataset.label_map.pos=0",
+        "++dataset.label_map.neg=1",
+        "dataset.template='S: {s}\\nA:'",
+        "dataset.context.num_demos=2",
+        "dataset.num_train_queries=1",
+    ).dataset
 
 
 def test_local_tsv_files_load_with_quoting_disabled(make_cfg, tmp_path):

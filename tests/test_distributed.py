@@ -21,9 +21,24 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZER
 
 def test_two_process_ddp_matches_one_process_in_one_run_dir(uninterrupted, tmp_path):
     # Default run dir (a timestamp): both ranks must agree on it. trainer.batch_size is the global batch.
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "ctxdistill", *RESUMABLE], cwd=tmp_path, capture_output=True, text=True, env=ENV,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "ctxdistill",
+            *RESUMABLE,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout + proc.stderr
     [run_dir] = list((tmp_path / "outputs" / "runs").glob("*/*"))
@@ -35,8 +50,10 @@ def test_two_process_ddp_matches_one_process_in_one_run_dir(uninterrupted, tmp_p
     for key, value in uninterrupted["metrics"].items():
         assert ddp["metrics"][key] == pytest.approx(value, abs=1e-4), key
     # Each rank scored half of every eval set; the gathered rows are complete and in order.
-    rows = [[(r["uid"], r["prediction"]) for r in map(json.loads, run["predictions"].splitlines())]
-            for run in (ddp, uninterrupted)]
+    rows = [
+        [(r["uid"], r["prediction"]) for r in map(json.loads, run["predictions"].splitlines())]
+        for run in (ddp, uninterrupted)
+    ]
     assert rows[0] == rows[1]
 
 
@@ -66,11 +83,21 @@ def test_sharded_strategies_compose_and_are_checked(make_cfg, strategy):
 
 
 def test_slurm_launcher_composes_with_requeue_settings():
-    proc = subprocess.run([sys.executable, "-m", "ctxdistill", "hydra/launcher=slurm", "--cfg", "hydra"],
-                          capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxdistill", "hydra/launcher=slurm", "--cfg", "hydra"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for line in ("_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
-                 "max_num_timeout: 3", "signal_delay_s: 120", "partition: null", "account: null"):
+    for line in (
+        "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+        "max_num_timeout: 3",
+        "signal_delay_s: 120",
+        "partition: null",
+        "account: null",
+    ):
         assert line in proc.stdout
 
 
@@ -84,15 +111,39 @@ def test_slurm_sweep_writes_an_array_job_with_gpus_account_and_requeue(tmp_path)
         tool.chmod(0o755)
     script, sweep = tmp_path / "array.sh", tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "ctxdistill", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-         "hydra.launcher.account=myproj", "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4",
-         "hydra.launcher.timeout_min=600", "model=tiny-random", "seed=0,1,2", f"hydra.sweep.dir={sweep}"],
-        capture_output=True, text=True, timeout=300,
-        env={**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_CAPTURE": str(script)})
+        [
+            sys.executable,
+            "-m",
+            "ctxdistill",
+            "-m",
+            "hydra/launcher=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.account=myproj",
+            "hydra.launcher.gpus_per_node=4",
+            "hydra.launcher.tasks_per_node=4",
+            "hydra.launcher.timeout_min=600",
+            "model=tiny-random",
+            "seed=0,1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_CAPTURE": str(script)},
+    )
     assert proc.returncode != 0 and "no cluster here" in proc.stderr
     lines = script.read_text().splitlines()
-    for directive in ("--array=0-2%3", "--partition=gpu", "--account=myproj", "--gpus-per-node=4",
-                      "--ntasks-per-node=4", "--time=600", "--signal=USR2@120", "--cpus-per-task=8", "--mem=64GB"):
+    for directive in (
+        "--array=0-2%3",
+        "--partition=gpu",
+        "--account=myproj",
+        "--gpus-per-node=4",
+        "--ntasks-per-node=4",
+        "--time=600",
+        "--signal=USR2@120",
+        "--cpus-per-task=8",
+        "--mem=64GB",
+    ):
         assert f"#SBATCH {directive}" in lines
     assert "export SUBMITIT_EXECUTOR=slurm" in lines  # how a task knows it is one rank of a multi-GPU run
     assert any(line.startswith("srun ") and "submitit.core._submit" in line for line in lines)

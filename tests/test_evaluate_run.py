@@ -11,15 +11,24 @@ import pytest
 
 from ctxdistill.evaluate_run import main
 
-TINY = ["model=tiny-random", "logger=none", "dataset.source.split_sizes.eval=24", "dataset.num_train_queries=16",
-        "trainer.batch_size=8", "trainer.max_steps=3"]
+TINY = [
+    "model=tiny-random",
+    "logger=none",
+    "dataset.source.split_sizes.eval=24",
+    "dataset.num_train_queries=16",
+    "trainer.batch_size=8",
+    "trainer.max_steps=3",
+]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def fingerprint(run_dir: Path) -> dict[str, str]:
     """Every file of the run and its content, the evaluations left out."""
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and "evaluations" not in p.parts}
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and "evaluations" not in p.parts
+    }
 
 
 def metrics(directory: Path) -> dict[str, float]:
@@ -35,8 +44,13 @@ def cells(sweep: Path) -> dict[str, Path]:
 def sweep(tmp_path_factory) -> Path:
     """A sweep of a LoRA student (cd) and a full-weight one (pbft), started by the ctxdistill command."""
     root = tmp_path_factory.mktemp("sweep")
-    proc = subprocess.run([sys.executable, "-m", "ctxdistill", "-m", "method=cd,pbft", *TINY,
-                           f"hydra.sweep.dir={root}"], capture_output=True, text=True, env=ENV, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxdistill", "-m", "method=cd,pbft", *TINY, f"hydra.sweep.dir={root}"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 

@@ -77,7 +77,8 @@ def send_at_call(monkeypatch, call: int, sig: int) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
 def test_a_signal_saves_and_exits_for_requeue_then_the_same_run_and_wandb_run_resume(
-        uninterrupted, tmp_path, monkeypatch, sig):
+    uninterrupted, tmp_path, monkeypatch, sig
+):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose_run(tmp_path, "trainer.checkpoint_every=null", "logger=wandb", "logger.mode=offline")
     with monkeypatch.context() as patched:
@@ -96,12 +97,14 @@ def test_a_signal_saves_and_exits_for_requeue_then_the_same_run_and_wandb_run_re
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
     wandb_runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     # W&B adds "-1" to the second run's folder when both start within the same second
-    assert len(wandb_runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", name)
-                                        for name in wandb_runs)
+    assert len(wandb_runs) == 2 and all(
+        re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", name) for name in wandb_runs
+    )
 
 
-def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(uninterrupted, tmp_path, monkeypatch,
-                                                                              caplog):
+def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(
+    uninterrupted, tmp_path, monkeypatch, caplog
+):
     monkeypatch.setattr(sys, "argv", ["ctxdistill", "method=cd", "model=tiny-random"])
     cfg = compose_run(tmp_path, "trainer.checkpoint_every=null")
     with monkeypatch.context() as patched:
@@ -110,8 +113,10 @@ def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(unin
             run(cfg)
     assert stopped.value.code == 130
     assert latest_checkpoint(tmp_path).name == "step-00000003"
-    assert f"stopped at step 3 of 6; resume with: ctxdistill method=cd model=tiny-random hydra.run.dir={tmp_path}" \
+    assert (
+        f"stopped at step 3 of 6; resume with: ctxdistill method=cd model=tiny-random hydra.run.dir={tmp_path}"
         in caplog.text
+    )
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own Ctrl-C again
     assert run(cfg)["train"]["resumed_from_step"] == 3
     assert outcome(tmp_path) == uninterrupted
@@ -156,8 +161,9 @@ def test_a_damaged_model_cache_is_detected(tmp_path):
 
     from ctxdistill.models import model_dir_problem
 
-    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(tmp_path)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(tmp_path)
     assert model_dir_problem(tmp_path) is None
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])  # cut short, as by a full disk

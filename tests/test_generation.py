@@ -48,23 +48,40 @@ def behaving(behaving_model_dir):
     return cfg, tokenizer, model
 
 
-def reference(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-              top_k: Optional[int] = None, stop: Optional[str] = None, seed: int = 0,
-              batch_size: int = 16, top_p: Optional[float] = None) -> list[list[int]]:
+def reference(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    stop: Optional[str] = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    top_p: Optional[float] = None,
+) -> list[list[int]]:
     """transformers' generate on the whole prompts, batch by batch, each row cut where it stopped."""
     torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0} \
-        if temperature else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0}
+        if temperature
+        else {"do_sample": False}
+    )
     if stop is not None:
         sampling.update(stop_strings=stop, tokenizer=tokenizer)
     rows = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+        batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, **sampling)
-        for row in out[:, batch.input_ids.shape[1]:].tolist():
-            rows.append(row[:row.index(tokenizer.pad_token_id)] if tokenizer.pad_token_id in row else row)
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+        for row in out[:, batch.input_ids.shape[1] :].tolist():
+            rows.append(row[: row.index(tokenizer.pad_token_id)] if tokenizer.pad_token_id in row else row)
     return rows
 
 
@@ -80,9 +97,11 @@ def test_the_behaving_model_continues_a_line_from_its_last_two_numbers(behaving)
 
 @pytest.mark.parametrize("shared_prefix", [True, False], ids=["shared-prefix", "whole-prompt"])
 # top-p 0.7 cuts the behaving language's second continuation (probability 1/4): ignoring it would show.
-@pytest.mark.parametrize("temperature, top_k, top_p", [(0.0, None, None), (1.0, None, None), (0.7, 5, None),
-                                                       (1.0, None, 0.7)],
-                         ids=["greedy", "sampled", "sampled-top5", "sampled-top-p0.7"])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(0.0, None, None), (1.0, None, None), (0.7, 5, None), (1.0, None, 0.7)],
+    ids=["greedy", "sampled", "sampled-top5", "sampled-top-p0.7"],
+)
 @pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("stop", [None, "\n"], ids=["no-stop", "stop-newline"])
 def test_generate_equals_transformers_generate(behaving, shared_prefix, temperature, top_k, top_p, batch_size, stop):
@@ -91,10 +110,12 @@ def test_generate_equals_transformers_generate(behaving, shared_prefix, temperat
     prefix = SharedPrefix(model, tokenizer, prompts) if shared_prefix else None
     assert prefix is None or prefix.length > 20
     torch.manual_seed(7)
-    ours = generate(model, tokenizer, prompts, 12, temperature, top_k, stop, prefix=prefix, batch_size=batch_size,
-                    top_p=top_p)
-    expected = reference(model, tokenizer, prompts, 12, temperature, top_k, stop, seed=7, batch_size=batch_size,
-                         top_p=top_p)
+    ours = generate(
+        model, tokenizer, prompts, 12, temperature, top_k, stop, prefix=prefix, batch_size=batch_size, top_p=top_p
+    )
+    expected = reference(
+        model, tokenizer, prompts, 12, temperature, top_k, stop, seed=7, batch_size=batch_size, top_p=top_p
+    )
     assert ours == expected
     if stop is not None:
         assert any(len(row) < 12 for row in ours)  # some rows ended at the stop string
@@ -106,19 +127,32 @@ def test_sampling_from_a_seeded_generator_is_the_global_streams_and_varies_with_
     prefix = SharedPrefix(model, tokenizer, prompts)
 
     def sample(seed):
-        return generate(model, tokenizer, prompts, 12, 1.0, stop=None, prefix=prefix,
-                        generator=torch.Generator().manual_seed(seed))
+        return generate(
+            model, tokenizer, prompts, 12, 1.0, stop=None, prefix=prefix, generator=torch.Generator().manual_seed(seed)
+        )
 
     assert sample(3) == reference(model, tokenizer, prompts, 12, 1.0, seed=3) == sample(3)
     assert sample(3) != sample(4)
 
 
 def chain_task(starts=STARTS, generation: Optional[AnswerGeneration] = None) -> Task:
-    examples = [Example(f"q{i}", {"start": start}, None, target=greedy_line(*map(int, start.split()[-2:])).strip())
-                for i, start in enumerate(starts)]
-    return Task(name="chain", template=" {start}", verbalizers=[], student_instruction="", context=CONTEXT,
-                separator="\n", demos=[], train_queries=examples, train_query_labels=[None] * len(examples),
-                eval_sets={"eval": examples}, generation=generation)
+    examples = [
+        Example(f"q{i}", {"start": start}, None, target=greedy_line(*map(int, start.split()[-2:])).strip())
+        for i, start in enumerate(starts)
+    ]
+    return Task(
+        name="chain",
+        template=" {start}",
+        verbalizers=[],
+        student_instruction="",
+        context=CONTEXT,
+        separator="\n",
+        demos=[],
+        train_queries=examples,
+        train_query_labels=[None] * len(examples),
+        eval_sets={"eval": examples},
+        generation=generation,
+    )
 
 
 def test_cd_teacher_answer_spans_are_the_teachers_greedy_answers(behaving):
@@ -126,8 +160,9 @@ def test_cd_teacher_answer_spans_are_the_teachers_greedy_answers(behaving):
     task = chain_task()
     method = ContextDistillation("cd", answer="teacher_generation", max_answer_tokens=8, teacher_cache="memory")
     method.prepare(ModelHandle(student=model, base=model), tokenizer, task, task.train_queries, batch_size=3)
-    expected = [strip_stop(tokenizer, row) for row in reference(model, tokenizer, teacher_prompts(), 8, stop="\n",
-                                                                 batch_size=3)]
+    expected = [
+        strip_stop(tokenizer, row) for row in reference(model, tokenizer, teacher_prompts(), 8, stop="\n", batch_size=3)
+    ]
     assert [method._spans[e.uid] for e in task.train_queries] == expected
     assert [tokenizer.decode(s) for s in expected[:2]] == [" 1 6", " 5 1 6"]
 
@@ -136,8 +171,9 @@ def test_exact_match_evaluation_generates_what_transformers_generates(behaving):
     _, tokenizer, model = behaving
     spec = AnswerGeneration(answer_regex=r"(.*)", max_new_tokens=10, max_answer_tokens=6, stop="\n")
     task = chain_task(generation=spec)
-    evaluator = GenerationEvaluator(ModelHandle(student=model, base=model), tokenizer, task, with_context=True,
-                                    batch_size=2, ranks=Ranks())
+    evaluator = GenerationEvaluator(
+        ModelHandle(student=model, base=model), tokenizer, task, with_context=True, batch_size=2, ranks=Ranks()
+    )
     answers = evaluator.answers(model, task.eval_sets["eval"], with_context=True, desc="test")
     expected = reference(model, tokenizer, teacher_prompts(), 10, stop="\n", batch_size=2)
     assert answers.texts == tokenizer.batch_decode(expected)
@@ -173,9 +209,20 @@ def test_genpi_pseudo_input_rounds_are_transformers_samples(behaving):
     _, tokenizer, model = behaving
     prompt = CONTEXT + "\n"  # GenPI's generator prompt, repeated: every row continues the same text
     prompts = [prompt] * 6
-    texts = decoded_samples(model, tokenizer, prompts, 10, 1.0, 50, "\n", torch.Generator().manual_seed(2),
-                            SharedPrefix(model, tokenizer, [prompt]), batch_size=6)
+    texts = decoded_samples(
+        model,
+        tokenizer,
+        prompts,
+        10,
+        1.0,
+        50,
+        "\n",
+        torch.Generator().manual_seed(2),
+        SharedPrefix(model, tokenizer, [prompt]),
+        batch_size=6,
+    )
     rows = reference(model, tokenizer, prompts, 10, 1.0, 50, "\n", seed=2)
-    assert [text for text, _ in texts] == [tokenizer.decode(strip_stop(tokenizer, r), skip_special_tokens=True).strip()
-                                           for r in rows]
+    assert [text for text, _ in texts] == [
+        tokenizer.decode(strip_stop(tokenizer, r), skip_special_tokens=True).strip() for r in rows
+    ]
     assert len({text for text, _ in texts}) > 1

@@ -18,13 +18,31 @@ from ctxdistill.models import load_tokenizer
 from ctxdistill.run import run
 from ctxdistill.stage_cache import RowStore
 
-QUESTIONS = ["What is photosynthesis?", "How many legs does a spider have?", "What should I eat for breakfast?",
-             "Can you explain gravity?", "What is a good name for a cat?", "How do plants grow?",
-             "Tell me about the moon.", "How can I sleep better?"]
-GENPI = ["experiment=genpi/cpu_sized", "model=tiny-random", "logger=none", "method.num_pseudo_inputs=4",
-         "method.num_heldout_pseudo_inputs=2", "method.inputs_per_round=8", "method.max_input_tokens=8",
-         "method.max_reply_tokens=6", "method.max_reason_tokens=6", "trainer.epochs=1", "trainer.batch_size=4",
-         "trainer.eval_batch_size=8", f"method.heldout_inputs=[{','.join(repr(q) for q in QUESTIONS)}]"]
+QUESTIONS = [
+    "What is photosynthesis?",
+    "How many legs does a spider have?",
+    "What should I eat for breakfast?",
+    "Can you explain gravity?",
+    "What is a good name for a cat?",
+    "How do plants grow?",
+    "Tell me about the moon.",
+    "How can I sleep better?",
+]
+GENPI = [
+    "experiment=genpi/cpu_sized",
+    "model=tiny-random",
+    "logger=none",
+    "method.num_pseudo_inputs=4",
+    "method.num_heldout_pseudo_inputs=2",
+    "method.inputs_per_round=8",
+    "method.max_input_tokens=8",
+    "method.max_reply_tokens=6",
+    "method.max_reason_tokens=6",
+    "trainer.epochs=1",
+    "trainer.batch_size=4",
+    "trainer.eval_batch_size=8",
+    f"method.heldout_inputs=[{','.join(repr(q) for q in QUESTIONS)}]",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +75,9 @@ def tiny_method(make_cfg, *overrides: str) -> tuple[genpi.GenPI, object]:
 
 
 def stage_rows(directory: Path) -> dict[str, list[dict]]:
-    return {p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(directory.glob("*.jsonl"))}
+    return {
+        p.name: [json.loads(line) for line in p.read_text().splitlines()] for p in sorted(directory.glob("*.jsonl"))
+    }
 
 
 class Killed(Exception):
@@ -123,19 +143,26 @@ def test_a_second_run_and_a_sweep_over_the_weights_generate_nothing_again(make_c
     assert second["objective"] == "pseudo_heldout/task_success"
     assert second["metrics"][second["objective"]] == sum(r["succeeds"] for r in rows[8:]) / 2
     method, tokenizer = tiny_method(make_cfg)
-    saved_tokens = [len(tokenizer(method.teacher_prompt(tokenizer, r["input"])).input_ids)
-                    - len(tokenizer(method.student_prompt(tokenizer, r["input"])).input_ids) for r in rows[:8]]
+    saved_tokens = [
+        len(tokenizer(method.teacher_prompt(tokenizer, r["input"])).input_ids)
+        - len(tokenizer(method.student_prompt(tokenizer, r["input"])).input_ids)
+        for r in rows[:8]
+    ]
     assert metrics["eval/prompt_tokens_saved"] == sum(saved_tokens) / 8
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["dataset"] == "one_sentence"
 
     # The other prompt placement is another replies stage (and reasons); the pseudo inputs are the same.
     generate_calls.clear()
-    run(make_cfg(*GENPI, f"method.stage_dir={stages}", "method.prompt_placement=system_message",
-                 output_dir=tmp_path / "c"))
+    run(
+        make_cfg(
+            *GENPI, f"method.stage_dir={stages}", "method.prompt_placement=system_message", output_dir=tmp_path / "c"
+        )
+    )
     placed = stage_rows(stages)
     assert len(placed) == len(saved) + 2
     assert {name: rows for name, rows in placed.items() if name.startswith("inputs")} == {
-        name: rows for name, rows in saved.items() if name.startswith("inputs")}
+        name: rows for name, rows in saved.items() if name.startswith("inputs")
+    }
 
 
 def test_a_run_killed_mid_stage_continues_to_the_same_data(make_cfg, tmp_path, generate_calls, monkeypatch):
@@ -160,10 +187,20 @@ def test_each_loss_term_is_trained_on_its_own_target_tokens_only(make_cfg):
     method, tokenizer = tiny_method(make_cfg)
     method.kl_weight = 1.0
     method._records = {
-        "a": {"input": "Where is Paris?", "teacher": "In France.", "teacher_complete": True,
-              "base": "Paris is the capital of France. It lies on the Seine.", "reason": "One sentence was asked."},
-        "b": {"input": "Name a colour, please, any colour you like.", "teacher": "Blue, as the",
-              "teacher_complete": False, "base": "Red.", "reason": "Brevity."},
+        "a": {
+            "input": "Where is Paris?",
+            "teacher": "In France.",
+            "teacher_complete": True,
+            "base": "Paris is the capital of France. It lies on the Seine.",
+            "reason": "One sentence was asked.",
+        },
+        "b": {
+            "input": "Name a colour, please, any colour you like.",
+            "teacher": "Blue, as the",
+            "teacher_complete": False,
+            "base": "Red.",
+            "reason": "Brevity.",
+        },
     }
     batch = method.collate(tokenizer, None, [genpi.Example(uid, {}, None) for uid in ("a", "b")])
     eos = tokenizer.eos_token
@@ -174,13 +211,18 @@ def test_each_loss_term_is_trained_on_its_own_target_tokens_only(make_cfg):
     # A reply cut off by max_reply_tokens does not teach the student to end its turn there.
     assert targets("sft") == ["In France." + eos, "Blue, as the"]
     assert targets("teacher_sft") == targets("sft")
-    assert targets("pg") == [PG_TARGET.format(prompt=method.prompt, reason="One sentence was asked.") + eos,
-                             PG_TARGET.format(prompt=method.prompt, reason="Brevity.") + eos]
+    assert targets("pg") == [
+        PG_TARGET.format(prompt=method.prompt, reason="One sentence was asked.") + eos,
+        PG_TARGET.format(prompt=method.prompt, reason="Brevity.") + eos,
+    ]
+
     # The student's input is the base model's (the released system message and the bare input); the
     # teacher's has the prompt in its user turn. Each row is its prompt, then the target but its last token.
     def rows(part):
-        return [tokenizer.decode(ids[mask.bool()]) for ids, mask in zip(batch[part]["input_ids"],
-                                                                        batch[part]["attention_mask"])]
+        return [
+            tokenizer.decode(ids[mask.bool()])
+            for ids, mask in zip(batch[part]["input_ids"], batch[part]["attention_mask"])
+        ]
 
     inputs, fed = [r["input"] for r in method._records.values()], ["In France.", "Blue, as"]
     assert rows("sft") == [method.student_prompt(tokenizer, text) + reply for text, reply in zip(inputs, fed)]
@@ -205,15 +247,18 @@ def test_the_loss_mixes_the_two_cross_entropies_with_lambda():
     assert only_sft.item() == pytest.approx(l_sft)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("method.rule='Ahoy(unclosed'", "method.rule"),
-    ("method.prompt_placement=system", "method.prompt_placement"),
-    ("method.reason_top_p=1.5", "method.reason_top_p"),
-    ("method.num_heldout_pseudo_inputs=0", "method.num_heldout_pseudo_inputs"),
-    ("method.sft_weight=1.5", "method.sft_weight"),
-    ("method.pg_template='{input} {unknown}'", "method.pg_template"),
-    ("method.num_pseudo_inputs=0", "method.num_pseudo_inputs"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method.rule='Ahoy(unclosed'", "method.rule"),
+        ("method.prompt_placement=system", "method.prompt_placement"),
+        ("method.reason_top_p=1.5", "method.reason_top_p"),
+        ("method.num_heldout_pseudo_inputs=0", "method.num_heldout_pseudo_inputs"),
+        ("method.sft_weight=1.5", "method.sft_weight"),
+        ("method.pg_template='{input} {unknown}'", "method.pg_template"),
+        ("method.num_pseudo_inputs=0", "method.num_pseudo_inputs"),
+    ],
+)
 def test_bad_genpi_settings_fail_before_any_model_loads(make_cfg, override, message):
     with pytest.raises(ConfigError, match=message):
         validate(make_cfg(*GENPI, override))
@@ -225,15 +270,17 @@ def test_genpi_without_a_prompt_names_what_to_set(make_cfg):
 
 
 def test_the_stages_hold_the_teachers_and_base_models_greedy_replies_and_the_metrics_follow_them(
-        make_cfg, tmp_path, behaving_model_dir):
+    make_cfg, tmp_path, behaving_model_dir
+):
     from rouge_score.rouge_scorer import RougeScorer
     from transformers import AutoModelForCausalLM
 
     from conftest import behaving_overrides
 
     stages = tmp_path / "stages"
-    cfg = make_cfg(*GENPI, *behaving_overrides(behaving_model_dir), f"method.stage_dir={stages}",
-                   "method.max_reply_tokens=8")
+    cfg = make_cfg(
+        *GENPI, *behaving_overrides(behaving_model_dir), f"method.stage_dir={stages}", "method.max_reply_tokens=8"
+    )
     result = run(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     method = instantiate(cfg.method, _convert_="all")
@@ -243,7 +290,7 @@ def test_the_stages_hold_the_teachers_and_base_models_greedy_replies_and_the_met
         for key, render in (("teacher", method.teacher_prompt), ("base", method.student_prompt)):
             batch = tokenizer([render(tokenizer, row["key"])], return_tensors="pt")
             out = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            assert row[key] == tokenizer.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True).strip()
+            assert row[key] == tokenizer.decode(out[0, batch.input_ids.shape[1] :], skip_special_tokens=True).strip()
     assert {r["key"] for r in replies} >= set(QUESTIONS)
 
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
@@ -252,14 +299,17 @@ def test_the_stages_hold_the_teachers_and_base_models_greedy_replies_and_the_met
     for name in ("eval", "pseudo_heldout"):
         rows = [r for r in predictions if r["set"] == name]
         assert [(r["teacher_reply"], r["base_reply"]) for r in rows] == [
-            (by_input[r["input"]]["teacher"], by_input[r["input"]]["base"]) for r in rows]
+            (by_input[r["input"]]["teacher"], by_input[r["input"]]["base"]) for r in rows
+        ]
         assert metrics[f"{name}/rule_compliance"] == sum(bool(rule.search(r["reply"])) for r in rows) / len(rows)
-        assert metrics[f"{name}/task_success"] == sum(task_success(r["reply"], r["input"], r["base_reply"], rule)
-                                                      for r in rows) / len(rows)
+        assert metrics[f"{name}/task_success"] == sum(
+            task_success(r["reply"], r["input"], r["base_reply"], rule) for r in rows
+        ) / len(rows)
         base_complies = [bool(rule.search(r["base_reply"])) for r in rows]
         assert metrics[f"{name}/base_rule_compliance"] == sum(base_complies) / len(rows)
         assert metrics[f"{name}/rougeL_to_teacher"] == pytest.approx(
-            sum(scorer.score(r["teacher_reply"], r["reply"])["rougeL"].fmeasure for r in rows) / len(rows))
+            sum(scorer.score(r["teacher_reply"], r["reply"])["rougeL"].fmeasure for r in rows) / len(rows)
+        )
 
 
 @pytest.mark.parametrize("kl_weight", [0.0, 0.5])
@@ -269,13 +319,16 @@ def test_full_weight_genpi_never_asks_the_trained_weights_to_teach(make_cfg, tmp
     stages = tmp_path / "stages"
     result = run(make_cfg(*GENPI, "model.adapter=full", f"method.kl_weight={kl_weight}", f"method.stage_dir={stages}"))
     assert result["train"]["steps"] == 1 and (tmp_path / "model" / "config.json").is_file()
-    lora = run(make_cfg(*GENPI, f"method.kl_weight={kl_weight}", f"method.stage_dir={stages}",
-                        output_dir=tmp_path / "lora"))
+    lora = run(
+        make_cfg(*GENPI, f"method.kl_weight={kl_weight}", f"method.stage_dir={stages}", output_dir=tmp_path / "lora")
+    )
     assert lora["train"]["steps"] == 1
 
     def references(directory):
-        return [(r["input"], r["teacher_reply"], r["base_reply"])
-                for r in map(json.loads, (directory / "predictions.jsonl").read_text().splitlines())]
+        return [
+            (r["input"], r["teacher_reply"], r["base_reply"])
+            for r in map(json.loads, (directory / "predictions.jsonl").read_text().splitlines())
+        ]
 
     assert references(tmp_path) == references(tmp_path / "lora")  # the same references as a LoRA run's
 
@@ -291,56 +344,92 @@ def test_a_loop_that_follows_the_rule_is_a_failure(make_cfg):
     assert not task_success("Ahoy! Ahoy! Ahoy!", QUESTION, BASE_REPLY, PIRATE_RULE)
     assert task_success("Ahoy! A spider has eight legs.", QUESTION, BASE_REPLY, PIRATE_RULE)
     rule = re.compile(make_cfg(*GENPI).method.rule)  # the default prompt's: one complete sentence
-    assert [task_success(reply, QUESTION, BASE_REPLY, rule) for reply in [
-        "A spider has eight legs.",  # one sentence, about spiders' legs
-        "Ahoy! Ahoy! Ahoy!",  # several sentences, and a loop
-        "Legs, legs, legs, legs.",  # one sentence, but a loop
-        "I like turtles.",  # one sentence about something else
-        "Eight.",  # the reference answer's subject, without the question's words
-        "A spider has eight legs. Insects have six.",  # two sentences
-        "A spider has eight legs, and",  # cut off: no sentence end
-    ]] == [True, False, False, False, True, False, False]
+    assert [
+        task_success(reply, QUESTION, BASE_REPLY, rule)
+        for reply in [
+            "A spider has eight legs.",  # one sentence, about spiders' legs
+            "Ahoy! Ahoy! Ahoy!",  # several sentences, and a loop
+            "Legs, legs, legs, legs.",  # one sentence, but a loop
+            "I like turtles.",  # one sentence about something else
+            "Eight.",  # the reference answer's subject, without the question's words
+            "A spider has eight legs. Insects have six.",  # two sentences
+            "A spider has eight legs, and",  # cut off: no sentence end
+        ]
+    ] == [True, False, False, False, True, False, False]
 
 
 def test_generation_metrics_count_success_rule_and_loops_for_each_model():
     requests = [QUESTION, "What is the capital of France?", "Tell me a joke."]
-    metrics = generation_metrics(requests, ["Ahoy! Ahoy! Ahoy!", "Ahoy! Paris, matey.", "Ahoy! I like turtles."],
-                                 ["Ahoy! Eight legs, matey.", "Ahoy! Ahoy! Ahoy! Ahoy!", "Ahoy! A pirate joke."],
-                                 [BASE_REPLY, "The capital of France is Paris.", "Why did the chicken cross?"],
-                                 PIRATE_RULE)
+    metrics = generation_metrics(
+        requests,
+        ["Ahoy! Ahoy! Ahoy!", "Ahoy! Paris, matey.", "Ahoy! I like turtles."],
+        ["Ahoy! Eight legs, matey.", "Ahoy! Ahoy! Ahoy! Ahoy!", "Ahoy! A pirate joke."],
+        [BASE_REPLY, "The capital of France is Paris.", "Why did the chicken cross?"],
+        PIRATE_RULE,
+    )
     assert {k: v for k, v in metrics.items() if "rouge" not in k} == {
-        "task_success": 1 / 3, "rule_compliance": 1.0, "degenerate": 1 / 3,
-        "teacher_task_success": 2 / 3, "teacher_rule_compliance": 1.0, "teacher_degenerate": 1 / 3,
-        "base_task_success": 0.0, "base_rule_compliance": 0.0, "base_degenerate": 0.0}
+        "task_success": 1 / 3,
+        "rule_compliance": 1.0,
+        "degenerate": 1 / 3,
+        "teacher_task_success": 2 / 3,
+        "teacher_rule_compliance": 1.0,
+        "teacher_degenerate": 1 / 3,
+        "base_task_success": 0.0,
+        "base_rule_compliance": 0.0,
+        "base_degenerate": 0.0,
+    }
 
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 SMOL_STUDENT = SMOL_SYSTEM + "<|im_start|>user\nWhat is photosynthesis?<|im_end|>\n<|im_start|>assistant\n"
-AGENT_PROMPT = ("<USER>:\nYou act on a Linux shell. Reply with one bash command.\n\n<AGENT>:\nUnderstood.\n\n"
-                "<USER>:\nNow, my problem is:")
+AGENT_PROMPT = (
+    "<USER>:\nYou act on a Linux shell. Reply with one bash command.\n\n<AGENT>:\nUnderstood.\n\n"
+    "<USER>:\nNow, my problem is:"
+)
 
 
-@pytest.mark.parametrize("placement, prompt, teacher, student", [
-    # The released make_pseudo-output.py: the system message stays, the prompt and the input share the user turn
-    # ("{context}\n\n{input}"); the base model gets the same system message and the bare input.
-    ("user_turn", "Answer in one sentence.",
-     (SMOL_SYSTEM + "<|im_start|>user\nAnswer in one sentence.\n\nWhat is photosynthesis?<|im_end|>\n"
-      "<|im_start|>assistant\n"),
-     SMOL_STUDENT),
-    # An AgentBench-style prompt: its <USER>:/<AGENT>: markers become turns, the input ends the last user turn.
-    ("user_turn", AGENT_PROMPT,
-     (SMOL_SYSTEM + "<|im_start|>user\nYou act on a Linux shell. Reply with one bash command.<|im_end|>\n"
-      "<|im_start|>assistant\nUnderstood.<|im_end|>\n"
-      "<|im_start|>user\nNow, my problem is:\n\nWhat is photosynthesis?<|im_end|>\n<|im_start|>assistant\n"),
-     SMOL_STUDENT),
-    # The named alternative: the prompt replaces the system message; the student's input has none (SmolLM2's
-    # template then writes its own).
-    ("system_message", "Answer in one sentence.",
-     ("<|im_start|>system\nAnswer in one sentence.<|im_end|>\n"
-      "<|im_start|>user\nWhat is photosynthesis?<|im_end|>\n<|im_start|>assistant\n"),
-     ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-      "<|im_start|>user\nWhat is photosynthesis?<|im_end|>\n<|im_start|>assistant\n")),
-], ids=["released", "released-agent-turns", "system-message"])
+@pytest.mark.parametrize(
+    "placement, prompt, teacher, student",
+    [
+        # The released make_pseudo-output.py: the system message stays, the prompt and the input share the user turn
+        # ("{context}\n\n{input}"); the base model gets the same system message and the bare input.
+        (
+            "user_turn",
+            "Answer in one sentence.",
+            (
+                SMOL_SYSTEM + "<|im_start|>user\nAnswer in one sentence.\n\nWhat is photosynthesis?<|im_end|>\n"
+                "<|im_start|>assistant\n"
+            ),
+            SMOL_STUDENT,
+        ),
+        # An AgentBench-style prompt: its <USER>:/<AGENT>: markers become turns, the input ends the last user turn.
+        (
+            "user_turn",
+            AGENT_PROMPT,
+            (
+                SMOL_SYSTEM + "<|im_start|>user\nYou act on a Linux shell. Reply with one bash command.<|im_end|>\n"
+                "<|im_start|>assistant\nUnderstood.<|im_end|>\n"
+                "<|im_start|>user\nNow, my problem is:\n\nWhat is photosynthesis?<|im_end|>\n<|im_start|>assistant\n"
+            ),
+            SMOL_STUDENT,
+        ),
+        # The named alternative: the prompt replaces the system message; the student's input has none (SmolLM2's
+        # template then writes its own).
+        (
+            "system_message",
+            "Answer in one sentence.",
+            (
+                "<|im_start|>system\nAnswer in one sentence.<|im_end|>\n"
+                "<|im_start|>user\nWhat is photosynthesis?<|im_end|>\n<|im_start|>assistant\n"
+            ),
+            (
+                "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                "<|im_start|>user\nWhat is photosynthesis?<|im_end|>\n<|im_start|>assistant\n"
+            ),
+        ),
+    ],
+    ids=["released", "released-agent-turns", "system-message"],
+)
 def test_the_teacher_and_student_prompts_are_placed_as_configured(make_cfg, placement, prompt, teacher, student):
     method, tokenizer = tiny_method(make_cfg, f"method.prompt_placement={placement}", f"method.prompt='{prompt}'")
     assert method.teacher_prompt(tokenizer, "What is photosynthesis?") == teacher
@@ -352,16 +441,39 @@ def bos_adding_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>", "<pad>", "You", "are", "a", "helpful", "assistant.", "Answer", "in", "one",
-             "sentence.", "What", "is", "photosynthesis?", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    words = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<pad>",
+        "You",
+        "are",
+        "a",
+        "helpful",
+        "assistant.",
+        "Answer",
+        "in",
+        "one",
+        "sentence.",
+        "What",
+        "is",
+        "photosynthesis?",
+        "<|system|>",
+        "<|user|>",
+        "<|assistant|>",
+        "<|end|>",
+    ]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
-    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
-                               "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tokenizer.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> "
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     tokenizer.padding_side = "left"
     return tokenizer
 
@@ -370,8 +482,10 @@ def test_a_chat_prompt_tokenises_with_exactly_one_bos(make_cfg):
     method, _ = tiny_method(make_cfg)
     tokenizer = bos_adding_tokenizer()
     bos = tokenizer.bos_token_id
-    messages = [{"role": "system", "content": genpi.RELEASED_SYSTEM_MESSAGE},
-                {"role": "user", "content": "Answer in one sentence.\n\nWhat is photosynthesis?"}]
+    messages = [
+        {"role": "system", "content": genpi.RELEASED_SYSTEM_MESSAGE},
+        {"role": "user", "content": "Answer in one sentence.\n\nWhat is photosynthesis?"},
+    ]
     template_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert tokenizer(template_text).input_ids[:2] == [bos, bos]  # the hazard: the template's BOS and the tokenizer's
     # The released training code's ids: one BOS, then the template's tokens.
@@ -391,12 +505,30 @@ def test_the_released_experiment_holds_the_released_settings(make_cfg):
     cfg = make_cfg("experiment=genpi/released")
     validate(cfg)
     assert (cfg.model.name_or_path, cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.lora.dropout) == (
-        "meta-llama/Meta-Llama-3-8B-Instruct", 16, 32, 0.05)
-    assert set(cfg.model.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                  "down_proj"}
+        "meta-llama/Meta-Llama-3-8B-Instruct",
+        16,
+        32,
+        0.05,
+    )
+    assert set(cfg.model.lora.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     t = cfg.trainer
-    assert (t.lr, t.scheduler, t.warmup_ratio, t.epochs, t.batch_size * t.grad_accum_steps, t.max_grad_norm,
-            t.mixed_precision) == (1e-4, "cosine", 0.03, 10, 32, 1.0, "bf16")
+    assert (
+        t.lr,
+        t.scheduler,
+        t.warmup_ratio,
+        t.epochs,
+        t.batch_size * t.grad_accum_steps,
+        t.max_grad_norm,
+        t.mixed_precision,
+    ) == (1e-4, "cosine", 0.03, 10, 32, 1.0, "bf16")
     m = cfg.method
     assert (m.sft_weight, m.prompt_placement, m.num_pseudo_inputs) == (0.7, "user_turn", 1000)
     assert (m.reason_temperature, m.reason_top_p, m.max_reason_tokens, m.max_reply_tokens) == (0.7, 0.9, 512, 512)

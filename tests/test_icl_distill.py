@@ -15,12 +15,26 @@ from ctxdistill.models import ModelHandle, ModelLoadError, load_model, load_toke
 from ctxdistill.run import run
 
 # A 4-layer tiny teacher and the student made from it with every other layer kept, on small mixtures.
-STUDENT_ON_MIXTURE = ["experiment=huang2022/multitask_ict", "model=tiny-random", "model.tiny.num_hidden_layers=4",
-                      "model.layer_stride=2", "logger=none", "dataset.num_demos=4", "dataset.pool_size=8",
-                      "dataset.num_train_instances=16", "dataset.num_eval=6", "dataset.num_votes=3",
-                      "trainer.epochs=1", "trainer.eval_batch_size=32"]
-MIXTURE = [*STUDENT_ON_MIXTURE, "model@method.teacher=tiny-random", "method.teacher.tiny.num_hidden_layers=4",
-           "method.teacher_cache=memory"]
+STUDENT_ON_MIXTURE = [
+    "experiment=huang2022/multitask_ict",
+    "model=tiny-random",
+    "model.tiny.num_hidden_layers=4",
+    "model.layer_stride=2",
+    "logger=none",
+    "dataset.num_demos=4",
+    "dataset.pool_size=8",
+    "dataset.num_train_instances=16",
+    "dataset.num_eval=6",
+    "dataset.num_votes=3",
+    "trainer.epochs=1",
+    "trainer.eval_batch_size=32",
+]
+MIXTURE = [
+    *STUDENT_ON_MIXTURE,
+    "model@method.teacher=tiny-random",
+    "method.teacher.tiny.num_hidden_layers=4",
+    "method.teacher_cache=memory",
+]
 
 
 def hand_batch(k: int = 4) -> dict:
@@ -28,8 +42,10 @@ def hand_batch(k: int = 4) -> dict:
     The teacher's top-k covers the whole 4-token vocabulary, so its rest bucket is empty."""
     indices = torch.arange(k).expand(1, 1, k)
     return {
-        "answer_ids": torch.tensor([[1]]), "answer_mask": torch.tensor([[True]]),
-        "lm_ids": torch.tensor([[3, 0]]), "lm_mask": torch.tensor([[True, False]]),
+        "answer_ids": torch.tensor([[1]]),
+        "answer_mask": torch.tensor([[True]]),
+        "lm_ids": torch.tensor([[3, 0]]),
+        "lm_mask": torch.tensor([[True, False]]),
         "teacher_answer_logprobs": torch.tensor([[[0.5, 0.25, 0.125, 0.125]]]).log(),
         "teacher_answer_indices": indices,
         "teacher_lm_logprobs": torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.25] * 4]]).log(),
@@ -48,22 +64,28 @@ def test_each_term_matches_its_hand_computed_value():
     icl_soft = 0.5 * math.log(2) + 0.25 * 0 + 2 * 0.125 * math.log(0.5)  # sum p_T log(p_T / (1/4))
     lm_hard = -math.log(0.4)  # gold token 3; the masked position does not count
     lm_soft = 0.4 * math.log(4) + 0.3 * math.log(1.5) + 0.2 * math.log(2 / 3) + 0.1 * math.log(0.25)
-    assert terms == pytest.approx({"icl_hard": icl_hard, "icl_soft": icl_soft, "lm_hard": lm_hard,
-                                   "lm_soft": lm_soft}, abs=1e-5)
+    assert terms == pytest.approx(
+        {"icl_hard": icl_hard, "icl_soft": icl_soft, "lm_hard": lm_hard, "lm_soft": lm_soft}, abs=1e-5
+    )
     assert loss.item() == pytest.approx(0.5 * icl_hard + 0.25 * icl_soft + 2 * lm_hard + lm_soft, abs=1e-5)
 
 
 def test_soft_terms_are_scaled_by_the_squared_temperature():
     # A uniform student stays uniform at T=2, so the KL at T=2 is the hand-computed one above, times T^2.
-    _, terms = icl_distillation_loss(UNIFORM, None, hand_batch(), {"icl_hard": 0, "icl_soft": 1, "lm_hard": 0,
-                                                                   "lm_soft": 0}, temperature=2.0)
+    _, terms = icl_distillation_loss(
+        UNIFORM, None, hand_batch(), {"icl_hard": 0, "icl_soft": 1, "lm_hard": 0, "lm_soft": 0}, temperature=2.0
+    )
     assert terms == pytest.approx({"icl_soft": 4 * 0.25 * math.log(2)}, abs=1e-5)
 
 
 def test_a_zero_weight_switches_its_term_off():
-    _, terms = icl_distillation_loss(UNIFORM, None, {"answer_ids": torch.tensor([[1]]),
-                                                     "answer_mask": torch.tensor([[True]])},
-                                     {"icl_hard": 1, "icl_soft": 0, "lm_hard": 0, "lm_soft": 0}, 1.0)
+    _, terms = icl_distillation_loss(
+        UNIFORM,
+        None,
+        {"answer_ids": torch.tensor([[1]]), "answer_mask": torch.tensor([[True]])},
+        {"icl_hard": 1, "icl_soft": 0, "lm_hard": 0, "lm_soft": 0},
+        1.0,
+    )
     assert terms == pytest.approx({"icl_hard": math.log(4)})  # ICT: no teacher target is needed at all
 
 
@@ -101,8 +123,16 @@ def test_the_teacher_runs_once_before_training_and_gets_no_gradient(prepared):
 
 def test_a_second_run_on_the_same_prompts_reads_the_teachers_targets_from_disk(make_cfg, tmp_path):
     def train(name, *overrides):
-        return run(make_cfg(*MIXTURE, "method.teacher_cache=disk", f"method.teacher_cache_dir={tmp_path / 'targets'}",
-                            "trainer.max_steps=2", *overrides, output_dir=tmp_path / name))["train"]
+        return run(
+            make_cfg(
+                *MIXTURE,
+                "method.teacher_cache=disk",
+                f"method.teacher_cache_dir={tmp_path / 'targets'}",
+                "trainer.max_steps=2",
+                *overrides,
+                output_dir=tmp_path / name,
+            )
+        )["train"]
 
     first, again = train("first"), train("again")
     assert first["teacher_forwards"] == 1 and again["teacher_forwards"] == 0
@@ -119,7 +149,7 @@ def test_the_lm_objective_reads_exactly_the_demonstration_tokens(prepared):
         part = task.task_of(example)
         context = part.context_of(example)
         ids = batch["lm_ids"][row][batch["lm_mask"][row]].tolist()
-        assert tokenizer.decode(ids) == context[part.demo_sampler.instruction_chars:]  # no instruction, no query
+        assert tokenizer.decode(ids) == context[part.demo_sampler.instruction_chars :]  # no instruction, no query
         # each column holds the token before the one it predicts
         columns = batch["lm_columns"][row][batch["lm_mask"][row]]
         assert batch["input_ids"][row, columns + 1].tolist() == ids
@@ -141,8 +171,16 @@ def test_every_prompt_draws_its_own_demonstrations_without_its_query(prepared):
 
 def test_majority_vote_takes_the_most_common_answer_and_breaks_ties_by_probability():
     # two queries; three draws each, then two draws of a third query that tie
-    logprobs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9],  # 2 x class 0 -> 0
-                             [0.4, 0.6], [0.45, 0.55], [0.9, 0.1]]).log()  # 2 x class 1 -> 1
+    logprobs = torch.tensor(
+        [
+            [0.9, 0.1],
+            [0.8, 0.2],
+            [0.1, 0.9],  # 2 x class 0 -> 0
+            [0.4, 0.6],
+            [0.45, 0.55],
+            [0.9, 0.1],
+        ]
+    ).log()  # 2 x class 1 -> 1
     voted = majority_vote(Scores(logprobs, None, torch.arange(6.0), torch.arange(6)), votes=3)
     assert voted.predictions.tolist() == [0, 1]
     assert voted.kl_to_teacher.tolist() == [1.0, 4.0] and voted.top_token.tolist() == [0, 3]
@@ -162,7 +200,8 @@ def test_multitask_run_reports_each_task_beside_the_teacher(make_cfg, tmp_path):
         mine = [r for r in rows if r["set"] == task]
         assert metrics[f"{task}/accuracy"] == pytest.approx(sum(r["prediction"] == r["label"] for r in mine) / 6)
         assert metrics[f"{task}/teacher_accuracy"] == pytest.approx(
-            sum(r["teacher_prediction"] == r["label"] for r in mine) / 6)
+            sum(r["teacher_prediction"] == r["label"] for r in mine) / 6
+        )
         assert metrics[f"{task}/kl_to_teacher"] == pytest.approx(sum(r["kl_to_teacher"] for r in mine) / 6, rel=1e-5)
     assert (tmp_path / "model" / "config.json").is_file()  # the whole student (model.adapter=full)
 
@@ -192,13 +231,16 @@ def test_meta_ict_evaluates_only_on_tasks_absent_from_training(make_cfg, tmp_pat
             validate(make_cfg(*meta, f"+dataset@dataset.eval_tasks.{name}=synthetic_size"))
 
 
-@pytest.mark.parametrize("override, match", [
-    ("method.teacher=null", "soft \\(distillation\\) terms need a teacher"),
-    ("dataset.paradigm=meta", "needs target tasks"),
-    ("dataset.pool_size=4", "must exceed dataset.num_demos"),
-    ("+dataset.weights.nope=1.0", "not training tasks"),
-    ("model.adapter=prefix", "draws new demonstrations"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("method.teacher=null", "soft \\(distillation\\) terms need a teacher"),
+        ("dataset.paradigm=meta", "needs target tasks"),
+        ("dataset.pool_size=4", "must exceed dataset.num_demos"),
+        ("+dataset.weights.nope=1.0", "not training tasks"),
+        ("model.adapter=prefix", "draws new demonstrations"),
+    ],
+)
 def test_bad_mixture_settings_are_named(make_cfg, override, match):
     with pytest.raises(ConfigError, match=match):
         validate(make_cfg(*MIXTURE, override))
@@ -219,7 +261,11 @@ def test_sampling_weights_split_the_training_instances(make_cfg):
     cfg = make_cfg(*MIXTURE, "dataset.num_train_instances=30", "+dataset.weights.sentiment=3.0")
     task = instantiate(cfg.method, _convert_="all").build_task(cfg.dataset, cfg.seed)
     assert {name: len(t.train_queries) for name, t in task.train_tasks.items()} == {
-        "sentiment": 15, "size": 5, "temperature": 5, "living": 5}
+        "sentiment": 15,
+        "size": 5,
+        "temperature": 5,
+        "living": 5,
+    }
 
 
 def test_a_layer_dropped_student_keeps_every_other_layer_and_a_working_cache(make_cfg):

@@ -8,22 +8,39 @@ import pytest
 import torch
 
 from ctxdistill.config import ConfigError, validate
-from ctxdistill.data.kg import (ContextWriter, DataError, KGTask, KnowledgeGraph, _clean_names, build_kg_task,
-                                missing_contexts, read_contexts, read_kgbert, read_kgs2s, read_plain)
+from ctxdistill.data.kg import (
+    ContextWriter,
+    DataError,
+    KGTask,
+    KnowledgeGraph,
+    _clean_names,
+    build_kg_task,
+    missing_contexts,
+    read_contexts,
+    read_kgbert,
+    read_kgs2s,
+    read_plain,
+)
 from ctxdistill.methods.kgc import KGS2S, KGBert, count_shared, fit_triple, mask_tokens
 from ctxdistill.models import load_model, load_tokenizer
 from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, ranking_metrics
 from ctxdistill.run import run
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "kg"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="the real knowledge-graph copies (../shared/data) are absent")
+needs_shared = pytest.mark.skipif(
+    not SHARED.is_dir(), reason="the real knowledge-graph copies (../shared/data) are absent"
+)
 
 # Entity ids with leading zeros, as WN18RR's: they must survive as strings.
 TRAIN = [("00001", "_hypernym", "00002"), ("00003", "_hypernym", "00002"), ("00001", "_part_of", "00004")]
 VALID = [("00004", "_hypernym", "00002")]
 TEST = [("00003", "_part_of", "00004")]
-TEXTS = {"00001": "dog, a domestic animal", "00002": "animal, a living organism", "00003": "cat, a feline",
-         "00004": "farm, a place with animals"}
+TEXTS = {
+    "00001": "dog, a domestic animal",
+    "00002": "animal, a living organism",
+    "00003": "cat, a feline",
+    "00004": "farm, a place with animals",
+}
 RELATIONS = {"_hypernym": "hypernym", "_part_of": "part of"}
 
 
@@ -44,14 +61,25 @@ def write_kgs2s(root: Path) -> Path:
     entities, relations = list(TEXTS), list(RELATIONS)
     write(root / "entity2id.txt", [str(len(entities)), *(f"{e}\t{i}" for i, e in enumerate(entities))])
     write(root / "relation2id.txt", [str(len(relations)), *(f"{r}\t{i}" for i, r in enumerate(relations))])
-    write(root / "entityid2name.txt", [str(len(entities)), *(f"{i}\t{TEXTS[e].split(',')[0]} , NN , 1"
-                                                           for i, e in enumerate(entities))])
-    write(root / "entityid2description.txt", [str(len(entities)), *(f"{i}\t{TEXTS[e].split(', ')[1]}"
-                                                                   for i, e in enumerate(entities))])
-    write(root / "relationid2name.txt", [str(len(relations)), *(f"{i}\t{RELATIONS[r]}" for i, r in enumerate(relations))])
+    write(
+        root / "entityid2name.txt",
+        [str(len(entities)), *(f"{i}\t{TEXTS[e].split(',')[0]} , NN , 1" for i, e in enumerate(entities))],
+    )
+    write(
+        root / "entityid2description.txt",
+        [str(len(entities)), *(f"{i}\t{TEXTS[e].split(', ')[1]}" for i, e in enumerate(entities))],
+    )
+    write(
+        root / "relationid2name.txt", [str(len(relations)), *(f"{i}\t{RELATIONS[r]}" for i, r in enumerate(relations))]
+    )
     for split, triples in (("train", TRAIN), ("valid", VALID), ("test", TEST)):
-        write(root / f"{split}2id.txt", [str(len(triples)), *(f"{entities.index(h)} {entities.index(t)} "
-                                                              f"{relations.index(r)}" for h, r, t in triples)])
+        write(
+            root / f"{split}2id.txt",
+            [
+                str(len(triples)),
+                *(f"{entities.index(h)} {entities.index(t)} {relations.index(r)}" for h, r, t in triples),
+            ],
+        )
     return root
 
 
@@ -61,13 +89,19 @@ def write_plain(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("layout, writer, separator", [("kgbert", write_kgbert, ","), ("kgs2s", write_kgs2s, " , "),
-                                                        ("plain", write_plain, None)])
+@pytest.mark.parametrize(
+    "layout, writer, separator",
+    [("kgbert", write_kgbert, ","), ("kgs2s", write_kgs2s, " , "), ("plain", write_plain, None)],
+)
 def test_every_layout_loads_the_same_graph_with_string_ids(make_cfg, tmp_path, layout, writer, separator):
     root = writer(tmp_path / layout)
-    cfg = make_cfg("dataset=wn18rr", f"dataset.source.layout={layout}", f"dataset.source.data_dir={root}",
-                   f"dataset.source.name_separator={repr(separator) if separator else 'null'}",
-                   f"dataset.contexts_file={tmp_path / 'none.jsonl'}")
+    cfg = make_cfg(
+        "dataset=wn18rr",
+        f"dataset.source.layout={layout}",
+        f"dataset.source.data_dir={root}",
+        f"dataset.source.name_separator={repr(separator) if separator else 'null'}",
+        f"dataset.contexts_file={tmp_path / 'none.jsonl'}",
+    )
     task = build_kg_task(cfg.dataset, seed=0)
     assert task.graph.splits == {"train": TRAIN, "valid": VALID, "test": TEST}
     assert task.train_triples == TRAIN and task.eval_sets == {"eval": TEST}
@@ -88,6 +122,7 @@ def test_broken_files_are_reported_with_the_file_and_the_fix(tmp_path):
     write(root / "test.tsv", ["00001\t_hypernym\t99999"])
     with pytest.raises(DataError, match="names entity '99999'"):
         from ctxdistill.data.kg import _check_known
+
         _check_known(read_kgbert(root), root)
     with pytest.raises(DataError, match="expected 3 fields"):
         write(root / "train.tsv", ["00001\t_hypernym"])
@@ -102,14 +137,21 @@ def real_graph(directory: str, reader) -> KnowledgeGraph:
 
 
 @needs_shared
-@pytest.mark.parametrize("directory, reader, sizes, first_train", [
-    ("wn18rr/kgbert_format", read_kgbert, (86835, 3034, 3134), ("00260881", "_hypernym", "00260622")),
-    ("wn18rr/kgs2s_processed", read_kgs2s, (86835, 3034, 3134), None),
-    ("wn18rr/rotate_format", read_plain, (86835, 3034, 3134), ("00260881", "_hypernym", "00260622")),
-    ("fb15k237n/kgbert_format", read_kgbert, (87282, 7041, 8226), ("/m/027rn", "/location/country/form_of_government",
-                                                                    "/m/06cx9")),
-    ("fb15k237n/kgs2s_processed", read_kgs2s, (87282, 7041, 8226), None),
-])
+@pytest.mark.parametrize(
+    "directory, reader, sizes, first_train",
+    [
+        ("wn18rr/kgbert_format", read_kgbert, (86835, 3034, 3134), ("00260881", "_hypernym", "00260622")),
+        ("wn18rr/kgs2s_processed", read_kgs2s, (86835, 3034, 3134), None),
+        ("wn18rr/rotate_format", read_plain, (86835, 3034, 3134), ("00260881", "_hypernym", "00260622")),
+        (
+            "fb15k237n/kgbert_format",
+            read_kgbert,
+            (87282, 7041, 8226),
+            ("/m/027rn", "/location/country/form_of_government", "/m/06cx9"),
+        ),
+        ("fb15k237n/kgs2s_processed", read_kgs2s, (87282, 7041, 8226), None),
+    ],
+)
 def test_real_wn18rr_and_fb15k237n_copies_load_with_exact_split_sizes(directory, reader, sizes, first_train):
     graph = real_graph(directory, reader)
     assert tuple(len(graph.splits[s]) for s in ("train", "valid", "test")) == sizes
@@ -134,15 +176,17 @@ def test_filtered_rank_counts_higher_scores_and_half_the_ties_but_not_filtered_o
     assert filtered_rank(scores, 1, torch.tensor([True, False, False, False, True])) == 1 + 1 + 0.5
     assert filtered_rank(scores, 4, torch.zeros(5, dtype=torch.bool)) == 1
     metrics = ranking_metrics([1, 2, 4, 20])
-    assert metrics == pytest.approx({"mrr": (1 + 1 / 2 + 1 / 4 + 1 / 20) / 4, "hits@1": 0.25, "hits@3": 0.5,
-                                     "hits@10": 0.75})
+    assert metrics == pytest.approx(
+        {"mrr": (1 + 1 / 2 + 1 / 4 + 1 / 20) / 4, "hits@1": 0.25, "hits@3": 0.5, "hits@10": 0.75}
+    )
 
 
 def hand_built_task() -> KGTask:
     """Entities a..e; the test triple (a, r, b), with (a, r, c) known from training and (d, r, b) from valid."""
     names = {e: e for e in "abcde"}
-    graph = KnowledgeGraph(names, {}, {"r": "r"}, {"train": [("a", "r", "c")], "valid": [("d", "r", "b")],
-                                                    "test": [("a", "r", "b")]})
+    graph = KnowledgeGraph(
+        names, {}, {"r": "r"}, {"train": [("a", "r", "c")], "valid": [("d", "r", "b")], "test": [("a", "r", "b")]}
+    )
     return KGTask("hand", graph, graph.splits["train"], {"eval": graph.splits["test"]})
 
 
@@ -152,12 +196,20 @@ def test_filtered_ranking_of_a_hand_built_graph_gives_the_known_ranks():
     head_scores = {"a": 0.5, "b": 0.7, "c": 0.5, "d": 0.9, "e": 0.4}  # d is filtered; b above; tie with c: 2.5
 
     def scorer(queries, candidates):
-        return [torch.tensor([(tail_scores if d == "tail" else head_scores)[e] for e in cands])
-                for (_, d), cands in zip(queries, candidates)]
+        return [
+            torch.tensor([(tail_scores if d == "tail" else head_scores)[e] for e in cands])
+            for (_, d), cands in zip(queries, candidates)
+        ]
 
     metrics, rows = LinkPredictionEvaluator(hand_built_task(), scorer).evaluate()
-    assert rows["eval"][0] | {} == {"uid": "a|r|b", "head": "a", "relation": "r", "tail": "b", "head_rank": 2.5,
-                                    "tail_rank": 2.0}
+    assert rows["eval"][0] | {} == {
+        "uid": "a|r|b",
+        "head": "a",
+        "relation": "r",
+        "tail": "b",
+        "head_rank": 2.5,
+        "tail_rank": 2.0,
+    }
     assert metrics["eval/tail_mrr"] == 0.5 and metrics["eval/head_mrr"] == pytest.approx(0.4)
     assert metrics["eval/mrr"] == pytest.approx(0.45)
     assert metrics["eval/hits@1"] == 0 and metrics["eval/hits@3"] == 1.0 and metrics["eval/hits@10"] == 1.0
@@ -228,17 +280,25 @@ def write_released_contexts(path: Path, lines: list[str], count: int | None = No
 
 def test_the_released_knowledge_context_file_loads_with_its_kgs2s_ids_mapped(make_cfg, tmp_path):
     s2s = write_kgs2s(tmp_path / "s2s")  # entity ids 0..3 = 00001..00004, relations 0 = _hypernym, 1 = _part_of
-    released = write_released_contexts(s2s / "knowledge_context.txt", [
-        "0 |**| 1 |**| 0 |**| A dog is an animal.", "2 |**| 1 |**| 0 |**| A cat is an animal."])
-    expected = {("00001", "_hypernym", "00002"): "A dog is an animal.",
-                ("00003", "_hypernym", "00002"): "A cat is an animal."}
+    released = write_released_contexts(
+        s2s / "knowledge_context.txt",
+        ["0 |**| 1 |**| 0 |**| A dog is an animal.", "2 |**| 1 |**| 0 |**| A cat is an animal."],
+    )
+    expected = {
+        ("00001", "_hypernym", "00002"): "A dog is an animal.",
+        ("00003", "_hypernym", "00002"): "A cat is an animal.",
+    }
     assert read_contexts(released) == expected
     # A dataset in another layout reads it through the KG-S2S id files named by dataset.contexts_id_dir.
     elsewhere = tmp_path / "contexts" / "knowledge_context.txt"
     elsewhere.parent.mkdir()
     elsewhere.write_text(released.read_text())
-    cfg = make_cfg("dataset=wn18rr", f"dataset.source.data_dir={write_kgbert(tmp_path / 'bert')}",
-                   f"dataset.contexts_file={elsewhere}", f"dataset.contexts_id_dir={s2s}")
+    cfg = make_cfg(
+        "dataset=wn18rr",
+        f"dataset.source.data_dir={write_kgbert(tmp_path / 'bert')}",
+        f"dataset.contexts_file={elsewhere}",
+        f"dataset.contexts_id_dir={s2s}",
+    )
     task = build_kg_task(cfg.dataset, seed=0)
     assert task.contexts == expected and missing_contexts(task) == [("00001", "_part_of", "00004")]
     with pytest.raises(DataError, match=r"needs entity2id.txt and relation2id.txt.*dataset\.contexts_id_dir"):
@@ -274,7 +334,7 @@ def test_kgbert_draws_five_negatives_per_positive_once_all_on_the_head_or_all_on
     assert rows == method.train_examples(task)  # drawn once: every epoch and a resumed run see the same rows
     known, sides = set(task.train_triples), set()
     for start in range(0, len(rows), 6):
-        positive, *negatives = rows[start:start + 6]
+        positive, *negatives = rows[start : start + 6]
         assert positive.label == 1.0 and positive.triple == positive.positive
         assert [n.label for n in negatives] == [0.0] * 5 and {n.positive for n in negatives} == {positive.triple}
         h, r, t = positive.triple
@@ -354,8 +414,9 @@ def test_kgbert_fresh_per_batch_rows_batch_positives_with_new_negatives(make_cfg
 def kgs2s_task() -> KGTask:
     names = {"04": "tombstone , NN , 1", "07": "memorial , NN , 2", "09": "memorial , NN , 1"}
     descriptions = {"04": "a stone that is used to mark a grave", "07": "a structure erected to commemorate"}
-    graph = KnowledgeGraph(names, descriptions, {"_hypernym": "hypernym"},
-                           {"train": [("04", "_hypernym", "07")], "valid": [], "test": []})
+    graph = KnowledgeGraph(
+        names, descriptions, {"_hypernym": "hypernym"}, {"train": [("04", "_hypernym", "07")], "valid": [], "test": []}
+    )
     task = KGTask("wn", graph, graph.splits["train"], {"eval": []})
     task.contexts = {("04", "_hypernym", "07"): "A tombstone is a kind of memorial."}
     return task
@@ -371,10 +432,12 @@ def test_kgs2s_queries_and_targets_are_the_released_strings(seq2seq_tokenizer):
     tokenizer, task = seq2seq_tokenizer, kgs2s_task()
     triple = task.train_triples[0]
     cd = KGS2S("kgs2s_cd", kgc_weight=0.5, aux_weight=0.5)  # 40 / 10 description tokens, as on WN18RR
-    assert cd.source(tokenizer, task, triple, "tail") == ("predict: tombstone , NN , 1 [a stone that is used to mark a "
-                                                          "grave] | hypernym | <extra_id_0>")
-    assert cd.source(tokenizer, task, triple, "head") == ("predict: <extra_id_0> | hypernym | memorial , NN , 2 "
-                                                          "[a structure erected to commemorate]")
+    assert cd.source(tokenizer, task, triple, "tail") == (
+        "predict: tombstone , NN , 1 [a stone that is used to mark a grave] | hypernym | <extra_id_0>"
+    )
+    assert cd.source(tokenizer, task, triple, "head") == (
+        "predict: <extra_id_0> | hypernym | memorial , NN , 2 [a structure erected to commemorate]"
+    )
     baseline = KGS2S("kgs2s", aux_weight=0.0, source_description_tokens=0, target_description_tokens=4)
     assert baseline.source(tokenizer, task, triple, "tail") == "tombstone , NN , 1  | hypernym | <extra_id_0>"
     target = baseline.entity_target(tokenizer, task, "04")  # 4 tokens: 3 and the end of sequence, as released
@@ -411,14 +474,25 @@ def test_wn18rr_kgs2s_names_are_unique_where_bare_lemmas_are_shared_by_31_percen
 
 
 # ---------------------------------------------------------------- both stages, end to end
-KG_TINY = ["dataset=kg_synthetic", "logger=none", "dataset.source.num_people=8", "dataset.num_eval=3",
-           "trainer.eval_batch_size=8"]
+KG_TINY = [
+    "dataset=kg_synthetic",
+    "logger=none",
+    "dataset.source.num_people=8",
+    "dataset.num_eval=3",
+    "trainer.eval_batch_size=8",
+]
 
 
 def test_stage_one_writes_a_context_per_training_triple_and_resumes(make_cfg, tmp_path):
     contexts = tmp_path / "contexts.jsonl"
-    common = [*KG_TINY, "method=contextualization", "model=tiny-random", "method.max_new_tokens=4",
-              "method.batch_size=16", f"dataset.contexts_file={contexts}"]
+    common = [
+        *KG_TINY,
+        "method=contextualization",
+        "model=tiny-random",
+        "method.max_new_tokens=4",
+        "method.batch_size=16",
+        f"dataset.contexts_file={contexts}",
+    ]
     first = run(make_cfg(*common, output_dir=tmp_path / "first"))
     lines = contexts.read_text().splitlines()
     triples = {tuple(json.loads(line)[k] for k in ("head", "relation", "tail")) for line in lines}
@@ -443,9 +517,18 @@ def test_students_train_with_their_auxiliary_task_and_rank(make_cfg, tmp_path):
         writer.write((h, r, t), f"{task.graph.entity_names[h]} {task.relation_text(r)} {task.graph.entity_names[t]}.")
     writer.close()
     for method, model in (("kgbert_cd", "minilm-l6"), ("kgs2s_cd", "tiny-random-seq2seq")):
-        result = run(make_cfg(*KG_TINY, f"method={method}", f"model={model}", f"dataset.contexts_file={contexts}",
-                              "trainer.max_steps=2", "trainer.batch_size=4", "dataset.eval_candidates=5",
-                              output_dir=tmp_path / method))
+        result = run(
+            make_cfg(
+                *KG_TINY,
+                f"method={method}",
+                f"model={model}",
+                f"dataset.contexts_file={contexts}",
+                "trainer.max_steps=2",
+                "trainer.batch_size=4",
+                "dataset.eval_candidates=5",
+                output_dir=tmp_path / method,
+            )
+        )
         assert result["train"]["steps"] == 2 and result["objective"] == "eval/sampled5_mrr"
         rows = [json.loads(line) for line in (tmp_path / method / "predictions.jsonl").read_text().splitlines()]
         ranks = [r[f"{d}_rank"] for r in rows for d in ("head", "tail")]
@@ -459,8 +542,14 @@ def test_students_train_with_their_auxiliary_task_and_rank(make_cfg, tmp_path):
 def test_a_periodic_evaluation_leaves_the_student_training_as_it_was(make_cfg, tmp_path):
     # T5's dropout draws from the global generator and ranking draws nothing: evaluating after every
     # step must not change a single training loss (it used to leave the student in eval mode).
-    common = [*KG_TINY, "method=kgs2s", "model=tiny-random-seq2seq", "trainer.max_steps=4", "trainer.batch_size=4",
-              "dataset.eval_candidates=5"]
+    common = [
+        *KG_TINY,
+        "method=kgs2s",
+        "model=tiny-random-seq2seq",
+        "trainer.max_steps=4",
+        "trainer.batch_size=4",
+        "dataset.eval_candidates=5",
+    ]
     plain = run(make_cfg(*common, output_dir=tmp_path / "plain"))
     evaluated = run(make_cfg(*common, "trainer.eval_every=1", output_dir=tmp_path / "evaluated"))
     assert evaluated["train"]["final_loss"] == plain["train"]["final_loss"]
@@ -478,9 +567,18 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
     from ctxdistill.compare import summarise, write_results
 
     def kg_run(method, mrr, seed):
-        return {"method": method, "model": "minilm-l6", "dataset": "wn18rr", "seed": seed,
-                "metrics": {"eval/sampled100_mrr": mrr, "eval/sampled100_hits@10": 0.5, "eval/sampled100_hits@1": 0.1,
-                            "eval/sampled100_head_mrr": 0.0}}
+        return {
+            "method": method,
+            "model": "minilm-l6",
+            "dataset": "wn18rr",
+            "seed": seed,
+            "metrics": {
+                "eval/sampled100_mrr": mrr,
+                "eval/sampled100_hits@10": 0.5,
+                "eval/sampled100_hits@1": 0.1,
+                "eval/sampled100_head_mrr": 0.0,
+            },
+        }
 
     table = summarise([kg_run("kgbert", 0.2, 0), kg_run("kgbert_cd", 0.3, 0), kg_run("kgbert_cd", 0.4, 1)])
     assert list(table.columns.values()) == ["sampled100_mrr", "sampled100_hits@1", "sampled100_hits@10"]
@@ -491,10 +589,16 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
     assert "sampled100_mrr" in readme.read_text()
 
 
-@pytest.mark.parametrize("experiment, methods", [
-    *((e, ("contextualization", "kgbert", "kgbert_cd", "kgs2s_cd"))
-      for e in ("li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr", "li2024/fb15k237n")),
-    *((e, ("kgs2s", "kgs2s_cd")) for e in ("li2024/wn18rr_kgs2s", "li2024/fb15k237n_kgs2s"))])  # stage 2 only
+@pytest.mark.parametrize(
+    "experiment, methods",
+    [
+        *(
+            (e, ("contextualization", "kgbert", "kgbert_cd", "kgs2s_cd"))
+            for e in ("li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr", "li2024/fb15k237n")
+        ),
+        *((e, ("kgs2s", "kgs2s_cd")) for e in ("li2024/wn18rr_kgs2s", "li2024/fb15k237n_kgs2s")),
+    ],
+)  # stage 2 only
 def test_li2024_experiments_compose_for_their_stages(make_cfg, experiment, methods):
     for method in methods:
         validate(make_cfg(f"experiment={experiment}", f"method={method}"))
@@ -503,21 +607,36 @@ def test_li2024_experiments_compose_for_their_stages(make_cfg, experiment, metho
 def test_li2024_experiments_hold_the_released_settings(make_cfg):
     kgbert = make_cfg("experiment=li2024/wn18rr")
     assert kgbert.model.name_or_path == "google-bert/bert-base-cased"
-    assert {k: kgbert.trainer[k] for k in ("epochs", "schedule_epochs", "batch_size", "lr", "warmup_ratio",
-                                           "weight_decay")} == {"epochs": 3, "schedule_epochs": 5, "batch_size": 32,
-                                                                "lr": 5e-5, "warmup_ratio": 0.1, "weight_decay": 0.01}
-    assert {k: kgbert.method[k] for k in ("negatives", "training_rows", "missing_context", "max_length",
-                                          "context_max_length", "aux_weight")} == {
-        "negatives": 5, "training_rows": "drawn_once", "missing_context": "random", "max_length": 50,
-        "context_max_length": 50, "aux_weight": 1.0}
+    assert {
+        k: kgbert.trainer[k] for k in ("epochs", "schedule_epochs", "batch_size", "lr", "warmup_ratio", "weight_decay")
+    } == {"epochs": 3, "schedule_epochs": 5, "batch_size": 32, "lr": 5e-5, "warmup_ratio": 0.1, "weight_decay": 0.01}
+    assert {
+        k: kgbert.method[k]
+        for k in ("negatives", "training_rows", "missing_context", "max_length", "context_max_length", "aux_weight")
+    } == {
+        "negatives": 5,
+        "training_rows": "drawn_once",
+        "missing_context": "random",
+        "max_length": 50,
+        "context_max_length": 50,
+        "aux_weight": 1.0,
+    }
     assert make_cfg("experiment=li2024/fb15k237n").trainer.schedule_epochs is None  # the final model of 5 epochs
     for experiment, epochs, batch, descriptions in (("wn18rr_kgs2s", 100, 32, 40), ("fb15k237n_kgs2s", 50, 16, 80)):
         cfg = make_cfg(f"experiment=li2024/{experiment}")
         assert cfg.model.name_or_path == "google-t5/t5-base" and cfg.dataset.source.layout == "kgs2s"
-        assert {k: cfg.trainer[k] for k in ("epochs", "batch_size", "lr", "scheduler", "warmup_ratio", "weight_decay",
-                                            "max_grad_norm")} == {
-            "epochs": epochs, "batch_size": batch, "lr": 1e-3, "scheduler": "constant", "warmup_ratio": 0.0,
-            "weight_decay": 0.0, "max_grad_norm": None}  # constant Adam
+        assert {
+            k: cfg.trainer[k]
+            for k in ("epochs", "batch_size", "lr", "scheduler", "warmup_ratio", "weight_decay", "max_grad_norm")
+        } == {
+            "epochs": epochs,
+            "batch_size": batch,
+            "lr": 1e-3,
+            "scheduler": "constant",
+            "warmup_ratio": 0.0,
+            "weight_decay": 0.0,
+            "max_grad_norm": None,
+        }  # constant Adam
         assert (cfg.method.kgc_weight, cfg.method.aux_weight, cfg.method.context_input) == (0.5, 0.5, "query")
         assert cfg.method.source_description_tokens == descriptions
     assert make_cfg("experiment=li2024/fb15k237n_kgs2s").method.target_description_tokens == 80
@@ -525,23 +644,38 @@ def test_li2024_experiments_hold_the_released_settings(make_cfg):
 
 def test_training_stops_part_way_down_a_longer_schedule(make_cfg, tmp_path):
     # 4 positives and their 5 negatives each: 24 rows, 3 batches of 8 per epoch; the schedule spans 2 epochs.
-    result = run(make_cfg(*KG_TINY, "method=kgbert", "model=minilm-l6", "dataset.num_train=4", "trainer.epochs=1",
-                          "trainer.schedule_epochs=2", "trainer.batch_size=8", "dataset.eval_candidates=2",
-                          "dataset.num_eval=1", "trainer.save_model=false"))
+    result = run(
+        make_cfg(
+            *KG_TINY,
+            "method=kgbert",
+            "model=minilm-l6",
+            "dataset.num_train=4",
+            "trainer.epochs=1",
+            "trainer.schedule_epochs=2",
+            "trainer.batch_size=8",
+            "dataset.eval_candidates=2",
+            "dataset.num_eval=1",
+            "trainer.save_model=false",
+        )
+    )
     assert (result["train"]["examples"], result["train"]["steps"], result["train"]["schedule_steps"]) == (24, 3, 6)
 
 
-@pytest.mark.parametrize("override, key", [("method=kgbert_cd method.mlm_probability=1.5", "method.mlm_probability"),
-                                           ("method=kgs2s method.aux_weight=-1", "method.aux_weight"),
-                                           ("method=contextualization method.max_new_tokens=0", "method.max_new_tokens"),
-                                           ("dataset=wn18rr dataset.eval_candidates=0", "dataset.eval_candidates"),
-                                           ("dataset=wn18rr dataset.source.layout=csv", "dataset.source.layout"),
-                                           ("method=kgbert method.training_rows=sometimes", "method.training_rows"),
-                                           ("method=kgbert method.missing_context=skip", "method.missing_context"),
-                                           ("method=kgs2s_cd method.context_input=answer", "method.context_input"),
-                                           ("method=kgs2s method.target_description_tokens=-1",
-                                            "method.target_description_tokens"),
-                                           ("trainer.epochs=5 trainer.schedule_epochs=3", "trainer.schedule_epochs")])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("method=kgbert_cd method.mlm_probability=1.5", "method.mlm_probability"),
+        ("method=kgs2s method.aux_weight=-1", "method.aux_weight"),
+        ("method=contextualization method.max_new_tokens=0", "method.max_new_tokens"),
+        ("dataset=wn18rr dataset.eval_candidates=0", "dataset.eval_candidates"),
+        ("dataset=wn18rr dataset.source.layout=csv", "dataset.source.layout"),
+        ("method=kgbert method.training_rows=sometimes", "method.training_rows"),
+        ("method=kgbert method.missing_context=skip", "method.missing_context"),
+        ("method=kgs2s_cd method.context_input=answer", "method.context_input"),
+        ("method=kgs2s method.target_description_tokens=-1", "method.target_description_tokens"),
+        ("trainer.epochs=5 trainer.schedule_epochs=3", "trainer.schedule_epochs"),
+    ],
+)
 def test_bad_kg_values_are_named(make_cfg, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(make_cfg(*override.split()))

@@ -5,8 +5,14 @@ import math
 import pytest
 import torch
 
-from ctxdistill.losses import (answer_cross_entropy, distillation_loss, forward_kl, generalized_jsd, reverse_kl,
-                               teacher_distribution)
+from ctxdistill.losses import (
+    answer_cross_entropy,
+    distillation_loss,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    teacher_distribution,
+)
 
 P = [0.7, 0.2, 0.1]  # teacher
 Q = [0.5, 0.3, 0.2]  # student

@@ -11,12 +11,28 @@ from ctxdistill.wandb_results import build_report
 
 def write_run(directory, method, seed, accuracy, finished, model="m", dataset="d"):
     directory.mkdir(parents=True)
-    (directory / "metrics.json").write_text(json.dumps({
-        "method": method, "model": model, "dataset": dataset, "seed": seed, "status": "complete",
-        "finished_at": finished,
-        "metrics": {"eval/accuracy": accuracy, "eval/teacher_agreement": 1.0, "eval/kl_to_teacher": 0.5,
-                    "eval/teacher_accuracy": 0.9, "eval/majority_rate": 0.5, "hans/accuracy": accuracy / 2,
-                    "hans/teacher_accuracy": 0.6, "hans/majority_rate": 0.5}}))
+    (directory / "metrics.json").write_text(
+        json.dumps(
+            {
+                "method": method,
+                "model": model,
+                "dataset": dataset,
+                "seed": seed,
+                "status": "complete",
+                "finished_at": finished,
+                "metrics": {
+                    "eval/accuracy": accuracy,
+                    "eval/teacher_agreement": 1.0,
+                    "eval/kl_to_teacher": 0.5,
+                    "eval/teacher_accuracy": 0.9,
+                    "eval/majority_rate": 0.5,
+                    "hans/accuracy": accuracy / 2,
+                    "hans/teacher_accuracy": 0.6,
+                    "hans/majority_rate": 0.5,
+                },
+            }
+        )
+    )
 
 
 def test_table_aggregates_seeds_in_run_order_and_skips_incomplete_runs(tmp_path, capsys):
@@ -41,7 +57,9 @@ def test_csv_and_latex_output_and_an_empty_directory(tmp_path, capsys):
     assert main([str(tmp_path), "--format", "csv"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("method,model,dataset,seeds,eval/accuracy_mean,eval/accuracy_std,")
-    assert out[1].startswith("cd,opt-125m,mnli,2,0.7,0.0707107,") and out[2].startswith("zero_shot,opt-125m,mnli,1,0.5,,")
+    assert out[1].startswith("cd,opt-125m,mnli,2,0.7,0.0707107,") and out[2].startswith(
+        "zero_shot,opt-125m,mnli,1,0.5,,"
+    )
     assert main([str(tmp_path), "--format", "latex"]) == 0
     latex = capsys.readouterr().out.splitlines()
     assert latex[0].startswith(r"\begin{tabular}{lllr") and latex[1] == r"\toprule"
@@ -76,10 +94,14 @@ def test_results_directory_has_readme_tables_and_plots_per_dataset(tmp_path):
     readme = write_results(tmp_path, grid(tmp_path), title="Results: grid")
     text = readme.read_text()
     assert text.startswith("# Results: grid") and "8 complete runs" in text
-    table = text[text.index("| method"):].splitlines()
+    table = text[text.index("| method") :].splitlines()
     # model sizes in order (125m before 1.3b), methods in the order they ran
-    assert [line.split("|")[1:3] for line in table[2:6]] == [[" icl    ", " opt-125m "], [" cd     ", " opt-125m "],
-                                                             [" icl    ", " opt-1.3b "], [" cd     ", " opt-1.3b "]]
+    assert [line.split("|")[1:3] for line in table[2:6]] == [
+        [" icl    ", " opt-125m "],
+        [" cd     ", " opt-125m "],
+        [" icl    ", " opt-1.3b "],
+        [" cd     ", " opt-1.3b "],
+    ]
     assert "hans acc" in table[0] and "hans teacher acc" in table[0] and "hans majority" in table[0]
     for plot in ("accuracy_vs_size_mnli.png", "teacher_gap_mnli.png"):
         assert f"](results/{plot})" in text
@@ -88,13 +110,14 @@ def test_results_directory_has_readme_tables_and_plots_per_dataset(tmp_path):
 
 
 def test_wandb_report_spec_has_a_section_per_dataset_filtered_to_the_group(tmp_path):
-    from wandb_workspaces import expr
     import wandb_workspaces.reports.v2 as wr
+    from wandb_workspaces import expr
 
     runs = grid(tmp_path)
     write_run(tmp_path / "rte", "cd", 0, 0.5, "2026-01-01T00:01:00", "opt-125m", "rte")
-    report = build_report(summarise(runs + collect([tmp_path / "rte"])), entity="me", project="ctxdistill",
-                          group="sweep-1")
+    report = build_report(
+        summarise(runs + collect([tmp_path / "rte"])), entity="me", project="ctxdistill", group="sweep-1"
+    )
     assert (report.entity, report.project, report.title) == ("me", "ctxdistill", "ctxdistill: sweep-1")
     headings = [b.text for b in report.blocks if isinstance(b, wr.H2)]
     grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from ctxdistill.encoding import answer_logits, encode
-from ctxdistill.models import (ModelHandle, ModelLoadError, TeacherUnavailable, add_lora, load_model, load_tokenizer,
-                               model_identity)
+from ctxdistill.models import (
+    ModelHandle,
+    ModelLoadError,
+    TeacherUnavailable,
+    add_lora,
+    load_model,
+    load_tokenizer,
+    model_identity,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,15 +33,18 @@ def tiny(request):
 def test_left_padded_answer_logits_equal_unpadded_full_forward(tiny):
     cfg, tokenizer, model = tiny
     prompts = ["Review: a fine day\nAnswer:", "Review: no\nAnswer:"]
-    answers = [tokenizer(" foo bar", add_special_tokens=False).input_ids, tokenizer(" bar", add_special_tokens=False).input_ids]
+    answers = [
+        tokenizer(" foo bar", add_special_tokens=False).input_ids,
+        tokenizer(" bar", add_special_tokens=False).input_ids,
+    ]
     batch = encode(tokenizer, prompts, answers)
     assert batch["answer_mask"].tolist() == [[True, True], [False, True]]
     with torch.no_grad():
         logits = answer_logits(model, batch)
         for i, (prompt, answer) in enumerate(zip(prompts, answers)):
             ids = torch.tensor([tokenizer(prompt).input_ids + answer[:-1]])
-            full = model(input_ids=ids).logits[0, -len(answer):]
-            torch.testing.assert_close(logits[i, -len(answer):], full, atol=1e-4, rtol=1e-4)
+            full = model(input_ids=ids).logits[0, -len(answer) :]
+            torch.testing.assert_close(logits[i, -len(answer) :], full, atol=1e-4, rtol=1e-4)
 
 
 def test_teacher_view_is_frozen_adapter_free_and_restores_training_mode(tiny):
@@ -171,15 +181,23 @@ def test_the_converted_bundled_model_is_keyed_by_what_produced_it(tiny, monkeypa
     assert models.converted_dir(cfg.model, "cache") != first
 
 
-def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_source(make_cfg, tmp_path,
-                                                                                     behaving_model_dir):
+def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_source(
+    make_cfg, tmp_path, behaving_model_dir
+):
     from transformers import AutoModelForCausalLM
 
     from ctxdistill.run import run
 
     # model=tiny-random bundles a random model; naming a checkpoint must evaluate that checkpoint.
-    result = run(make_cfg("method=zero_shot", "model=tiny-random", "logger=none", "dataset.source.split_sizes.eval=8",
-                          f"model.name_or_path={behaving_model_dir}"))
+    result = run(
+        make_cfg(
+            "method=zero_shot",
+            "model=tiny-random",
+            "logger=none",
+            "dataset.source.split_sizes.eval=8",
+            f"model.name_or_path={behaving_model_dir}",
+        )
+    )
     expected = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(behaving_model_dir).parameters())
     assert result["model_parameters"] == expected
     recorded = (tmp_path / "config.yaml").read_text()

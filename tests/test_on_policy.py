@@ -6,10 +6,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import build_task
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.generation import generate, pick_tokens
-from ctxdistill.config import ConfigError, validate
 from ctxdistill.losses import reverse_kl, sampled_reverse_kl
 from ctxdistill.models import ModelHandle, TrainableContext, add_lora, load_model, load_tokenizer
 from ctxdistill.run import run
@@ -22,8 +22,9 @@ P_T = [0.7, 0.2, 0.1]  # teacher
 
 def sampled_loss(token: int):
     logits = torch.tensor(P_S).log().view(1, 1, 3).requires_grad_()
-    loss = sampled_reverse_kl(logits, torch.tensor(P_T).log().view(1, 1, 3), torch.tensor([[token]]),
-                              torch.ones(1, 1, dtype=torch.bool))
+    loss = sampled_reverse_kl(
+        logits, torch.tensor(P_T).log().view(1, 1, 3), torch.tensor([[token]]), torch.ones(1, 1, dtype=torch.bool)
+    )
     loss.backward()
     return loss.item(), logits.grad.view(3)
 
@@ -59,16 +60,20 @@ def exact_reverse_kl_gradient(student_logits: torch.Tensor, teacher_logp: torch.
 def test_importance_weights_keep_the_sampled_gradient_unbiased_for_other_samplers(sampler):
     student = torch.tensor(P_S).log()
     teacher = torch.tensor(P_T).log()
-    q = {"student at temperature 2": (student / 2).softmax(-1), "teacher (lambda < 1)": teacher.softmax(-1),
-         "teacher at temperature 0.5": (teacher / 0.5).softmax(-1)}[sampler]
+    q = {
+        "student at temperature 2": (student / 2).softmax(-1),
+        "teacher (lambda < 1)": teacher.softmax(-1),
+        "teacher at temperature 0.5": (teacher / 0.5).softmax(-1),
+    }[sampler]
 
     def expected(weighted: bool) -> torch.Tensor:
         total = torch.zeros(3)
         for x in range(3):
             logits = student.view(1, 1, 3).clone().requires_grad_()
             sampling = q[x].log().view(1, 1) if weighted else None
-            sampled_reverse_kl(logits, teacher.view(1, 1, 3), torch.tensor([[x]]), torch.ones(1, 1, dtype=torch.bool),
-                               sampling).backward()
+            sampled_reverse_kl(
+                logits, teacher.view(1, 1, 3), torch.tensor([[x]]), torch.ones(1, 1, dtype=torch.bool), sampling
+            ).backward()
             total += q[x] * logits.grad.view(3)
         return total
 
@@ -110,14 +115,19 @@ def test_sampling_is_seeded_and_reproducible_and_greedy_decoding_matches_transfo
     prompts = ["Review: The food was great.\nSentiment:", "Review: Bad.\nSentiment:"]
 
     def sample(seed):
-        return generate(model, tokenizer, prompts, 6, temperature=1.0, stop=None,
-                        generator=torch.Generator().manual_seed(seed))
+        return generate(
+            model, tokenizer, prompts, 6, temperature=1.0, stop=None, generator=torch.Generator().manual_seed(seed)
+        )
 
     assert sample(0) == sample(0)
     assert sample(0) != sample(1)
     greedy = generate(model, tokenizer, prompts, 6, stop=None)
-    reference = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True), max_new_tokens=6,
-                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    reference = model.generate(
+        **tokenizer(prompts, return_tensors="pt", padding=True),
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     assert greedy == reference[:, -6:].tolist()
     shared = ["Context shared by both. " + p for p in prompts]
     with_prefix = generate(model, tokenizer, shared, 6, stop=None, prefix=SharedPrefix(model, tokenizer, shared))
@@ -134,8 +144,10 @@ def test_on_policy_losses_are_reproducible_and_lambda_picks_who_samples(tiny):
         handle = ModelHandle(student=model, base=model)
         method.prepare(handle, tokenizer, task, task.train_queries, 8)
         batch = method.collate(tokenizer, task, task.train_queries[:4])
-        return [(round(loss.item(), 6), extra["on_policy"]) for loss, extra in
-                (method.loss(handle, batch) for _ in range(2))]
+        return [
+            (round(loss.item(), 6), extra["on_policy"])
+            for loss, extra in (method.loss(handle, batch) for _ in range(2))
+        ]
 
     first = losses()
     assert first == losses() and all(on for _, on in first)
@@ -146,9 +158,18 @@ def test_on_policy_losses_are_reproducible_and_lambda_picks_who_samples(tiny):
 @pytest.mark.parametrize("divergence", ["reverse_kl", "sampled_reverse_kl"])
 def test_on_policy_cd_through_the_shared_trainer_moves_the_student_towards_the_teacher(make_cfg, tmp_path, divergence):
     before = run(make_cfg(*TINY, "method=zero_shot", output_dir=tmp_path / "zero_shot"))["metrics"]
-    result = run(make_cfg(*TINY, "method=on_policy_cd", f"method.divergence={divergence}", "method.lmbda=0.5",
-                          "method.temperature=0.7", "trainer.max_steps=12", "trainer.lr=1e-2",
-                          output_dir=tmp_path / divergence))
+    result = run(
+        make_cfg(
+            *TINY,
+            "method=on_policy_cd",
+            f"method.divergence={divergence}",
+            "method.lmbda=0.5",
+            "method.temperature=0.7",
+            "trainer.max_steps=12",
+            "trainer.lr=1e-2",
+            output_dir=tmp_path / divergence,
+        )
+    )
     assert result["train"]["steps"] == 12 and math.isfinite(result["train"]["final_loss"])
     assert (tmp_path / divergence / "adapter" / "adapter_config.json").is_file()
     assert result["metrics"]["eval/kl_to_teacher"] < 0.8 * before["eval/kl_to_teacher"]
@@ -159,23 +180,28 @@ def test_a_trainable_context_initialised_from_the_whole_context_is_the_teacher(t
     model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0).eval()
     context = "Answer foo if positive, bar if negative."
     queries = ["\nReview: The food was great.\nSentiment:", "\nReview: Bad.\nSentiment:"]
-    assert all(tokenizer(context + q).input_ids == tokenizer(context).input_ids + tokenizer(q).input_ids
-               for q in queries)
+    assert all(
+        tokenizer(context + q).input_ids == tokenizer(context).input_ids + tokenizer(q).input_ids for q in queries
+    )
     student = TrainableContext.from_text(model, tokenizer, context, num_tokens=1000)
     assert student.num_tokens == len(tokenizer(context).input_ids)
     answers = [tokenizer(" foo bar", add_special_tokens=False).input_ids] * 2
     with torch.no_grad():
         expected = answer_logits(model, encode(tokenizer, [context + q for q in queries], answers))
-        torch.testing.assert_close(answer_logits(student, encode(tokenizer, queries, answers)), expected,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            answer_logits(student, encode(tokenizer, queries, answers)), expected, atol=1e-4, rtol=1e-4
+        )
         shared = SharedPrefix(student, tokenizer, queries)  # the student's own shared-prefix cache on top
         batch = encode(tokenizer, queries, answers, prefix_length=shared.length)
         torch.testing.assert_close(answer_logits(student, batch, shared), expected, atol=1e-4, rtol=1e-4)
         assert generate(student, tokenizer, queries, 5, stop=None) == generate(
-            model, tokenizer, [context + q for q in queries], 5, stop=None)
+            model, tokenizer, [context + q for q in queries], 5, stop=None
+        )
         with student.disable_adapter():
-            torch.testing.assert_close(answer_logits(student, encode(tokenizer, queries, answers)),
-                                       answer_logits(model, encode(tokenizer, queries, answers)))
+            torch.testing.assert_close(
+                answer_logits(student, encode(tokenizer, queries, answers)),
+                answer_logits(model, encode(tokenizer, queries, answers)),
+            )
     loss = answer_logits(student, encode(tokenizer, queries, answers)).logsumexp(-1).sum()
     loss.backward()
     assert student.keys.grad.abs().sum() > 0 and student.values.grad.abs().sum() > 0

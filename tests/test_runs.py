@@ -18,8 +18,9 @@ def read_metrics(path: Path) -> dict:
 
 def test_cd_lowers_the_teacher_student_kl_on_held_out_inputs(make_cfg, tmp_path):
     before = run(make_cfg(*TINY, "method=zero_shot", output_dir=tmp_path / "zs"))["metrics"]
-    after = run(make_cfg(*TINY, "method=cd", "trainer.max_steps=30", "trainer.lr=1e-2",
-                         output_dir=tmp_path / "cd"))["metrics"]
+    after = run(make_cfg(*TINY, "method=cd", "trainer.max_steps=30", "trainer.lr=1e-2", output_dir=tmp_path / "cd"))[
+        "metrics"
+    ]
     # The untrained student is the zero-shot model (LoRA starts as the identity).
     assert after["eval/kl_to_teacher"] < 0.5 * before["eval/kl_to_teacher"]
     assert after["eval/teacher_agreement"] > before["eval/teacher_agreement"]
@@ -42,12 +43,14 @@ def test_every_method_leaves_its_results_on_disk(make_cfg, tmp_path, method, tra
 
     assert metrics["eval/accuracy"] == pytest.approx(mean(r["prediction"] == r["label"] for r in rows))
     assert metrics["eval/teacher_accuracy"] == pytest.approx(mean(r["teacher_prediction"] == r["label"] for r in rows))
-    assert metrics["eval/teacher_agreement"] == pytest.approx(mean(r["prediction"] == r["teacher_prediction"]
-                                                                   for r in rows))
+    assert metrics["eval/teacher_agreement"] == pytest.approx(
+        mean(r["prediction"] == r["teacher_prediction"] for r in rows)
+    )
     assert metrics["eval/kl_to_teacher"] == pytest.approx(mean(r["kl_to_teacher"] for r in rows), rel=1e-5)
     for label in (0, 1):
         assert metrics[f"eval/accuracy_label{label}"] == pytest.approx(
-            mean(r["prediction"] == label for r in rows if r["label"] == label))
+            mean(r["prediction"] == label for r in rows if r["label"] == label)
+        )
     assert all(r["prediction"] == max(range(2), key=lambda c: r["label_logprobs"][c]) for r in rows)
     assert "seed: 7" in (tmp_path / "config.yaml").read_text()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file() == (trained == "adapter")
@@ -57,25 +60,42 @@ def test_every_method_leaves_its_results_on_disk(make_cfg, tmp_path, method, tra
         assert saved["metrics"]["eval/kl_to_teacher"] == 0.0
 
 
-@pytest.mark.parametrize("overrides", [["method.answer=teacher_generation", "method.max_answer_tokens=3"],
-                                       ["method.divergence=jsd", "method.beta=0.5", "method.temperature=2.0"],
-                                       ["method.divergence=reverse_kl"], ["method.top_k=20"]],
-                         ids=["snell-answer-spans", "jsd-T2", "reverse-kl", "top-20"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.answer=teacher_generation", "method.max_answer_tokens=3"],
+        ["method.divergence=jsd", "method.beta=0.5", "method.temperature=2.0"],
+        ["method.divergence=reverse_kl"],
+        ["method.top_k=20"],
+    ],
+    ids=["snell-answer-spans", "jsd-T2", "reverse-kl", "top-20"],
+)
 def test_snell_answer_spans_and_other_divergences_move_the_student_towards_the_teacher(make_cfg, tmp_path, overrides):
     before = run(make_cfg(*TINY, "method=zero_shot", output_dir=tmp_path / "zero_shot"))["metrics"]
-    after = run(make_cfg(*TINY, "method=cd", "trainer.max_steps=12", "trainer.lr=1e-2", *overrides,
-                         output_dir=tmp_path / "cd"))
+    after = run(
+        make_cfg(*TINY, "method=cd", "trainer.max_steps=12", "trainer.lr=1e-2", *overrides, output_dir=tmp_path / "cd")
+    )
     assert after["train"]["steps"] == 12
     assert after["metrics"]["eval/kl_to_teacher"] < 0.8 * before["eval/kl_to_teacher"]
 
 
-def test_wandb_offline_writes_a_syncable_run_directory_and_one_console_line(make_cfg, tmp_path, monkeypatch, capfd,
-                                                                            caplog):
+def test_wandb_offline_writes_a_syncable_run_directory_and_one_console_line(
+    make_cfg, tmp_path, monkeypatch, capfd, caplog
+):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_SILENT", raising=False)
     caplog.set_level("INFO")
-    run(make_cfg("model=tiny-random", "logger=wandb", "logger.mode=offline", "method=cd", "trainer.max_steps=2",
-                 "dataset.source.split_sizes.eval=16", "dataset.num_train_queries=8"))
+    run(
+        make_cfg(
+            "model=tiny-random",
+            "logger=wandb",
+            "logger.mode=offline",
+            "method=cd",
+            "trainer.max_steps=2",
+            "dataset.source.split_sizes.eval=16",
+            "dataset.num_train_queries=8",
+        )
+    )
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     console = capfd.readouterr()
@@ -99,12 +119,21 @@ def test_a_failing_wandb_never_costs_the_run_its_results(make_cfg, tmp_path, mon
 
 def test_out_of_domain_sets_are_scored_against_the_teacher_too(make_cfg, tmp_path):
     ood_file = tmp_path / "ood.tsv"
-    ood_file.write_text("review\tlabel\ttopic\nA truly great gift.\t0\ttoys\nA broken, useless gift.\t1\tbooks\n"
-                        "Great.\t0\ttoys\n")
-    ood = (f"[{{name: gifts, split: test, group_by: topic, "
-           f"source: {{kind: files, data_files: {{test: '{ood_file}'}}}}}}]")
+    ood_file.write_text(
+        "review\tlabel\ttopic\nA truly great gift.\t0\ttoys\nA broken, useless gift.\t1\tbooks\nGreat.\t0\ttoys\n"
+    )
+    ood = (
+        f"[{{name: gifts, split: test, group_by: topic, source: {{kind: files, data_files: {{test: '{ood_file}'}}}}}}]"
+    )
     result = run(make_cfg(*TINY, "method=zero_shot", f"dataset.ood={ood}", output_dir=tmp_path / "run"))
-    for key in ("accuracy", "teacher_accuracy", "teacher_agreement", "kl_to_teacher", "accuracy_toys", "accuracy_books"):
+    for key in (
+        "accuracy",
+        "teacher_accuracy",
+        "teacher_agreement",
+        "kl_to_teacher",
+        "accuracy_toys",
+        "accuracy_books",
+    ):
         assert f"gifts/{key}" in result["metrics"]
     rows = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert sum('"set": "gifts"' in r for r in rows) == 3
@@ -112,9 +141,21 @@ def test_out_of_domain_sets_are_scored_against_the_teacher_too(make_cfg, tmp_pat
 
 def test_sweep_cfg_prints_and_validates_every_cell_of_table_3():
     proc = subprocess.run(
-        [sys.executable, "-m", "ctxdistill", "-m", "experiment=upadhayaya2024/mnli",
-         "model=opt-125m,opt-350m,opt-1.3b,opt-2.7b", "seed=0,1,2,3", "--cfg", "job"],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "ctxdistill",
+            "-m",
+            "experiment=upadhayaya2024/mnli",
+            "model=opt-125m,opt-350m,opt-1.3b,opt-2.7b",
+            "seed=0,1,2,3",
+            "--cfg",
+            "job",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     cells = [line for line in proc.stdout.splitlines() if line.startswith("# cell ")]
     assert len(cells) == 16
@@ -141,8 +182,15 @@ def test_evaluating_every_epoch_records_every_sets_curve_and_resumes_with_it(mak
     ood_file = tmp_path / "ood.tsv"
     ood_file.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\n")
     ood = f"[{{name: gifts, split: test, source: {{kind: files, data_files: {{test: '{ood_file}'}}}}}}]"
-    common = [*TINY, "method=pbft", "dataset.num_train_queries=8", "trainer.batch_size=4", "trainer.epochs=3",
-              "trainer.eval_every_epoch=true", f"dataset.ood={ood}"]
+    common = [
+        *TINY,
+        "method=pbft",
+        "dataset.num_train_queries=8",
+        "trainer.batch_size=4",
+        "trainer.epochs=3",
+        "trainer.eval_every_epoch=true",
+        f"dataset.ood={ood}",
+    ]
     result = run(make_cfg(*common, output_dir=tmp_path / "run"))
     curves = result["curves"]
     assert [(c["step"], c["epoch"]) for c in curves] == [(2, 1), (4, 2)]  # after epochs 1 and 2; 3 is the final
@@ -174,8 +222,15 @@ def test_released_code_orders_are_one_override_each(make_cfg, tmp_path, monkeypa
         return real_collate(self, tokenizer, task, examples)
 
     monkeypatch.setattr(ContextDistillation, "collate", recording)
-    cfg = make_cfg(*TINY, "method=cd", "dataset.num_train_queries=8", "trainer.batch_size=4", "trainer.epochs=2",
-                   f"trainer.shuffle={shuffle}", f"dataset.context.shuffle_demos={shuffle}")
+    cfg = make_cfg(
+        *TINY,
+        "method=cd",
+        "dataset.num_train_queries=8",
+        "trainer.batch_size=4",
+        "trainer.epochs=2",
+        f"trainer.shuffle={shuffle}",
+        f"dataset.context.shuffle_demos={shuffle}",
+    )
     run(cfg)
     task = build_task(cfg.dataset, cfg.seed)
     queries = [q.uid for q in task.train_queries]

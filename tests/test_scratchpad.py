@@ -11,15 +11,25 @@ from ctxdistill.data.tasks import AnswerGeneration
 from ctxdistill.run import run
 
 # The tiny random model on a handful of short problems.
-ADDITION = ["model=tiny-random", "logger=none", "dataset=addition", "dataset.source.split_sizes.train=64",
-            "dataset.source.split_sizes.eval=4", "dataset.num_train_queries=4", "dataset.generation.max_new_tokens=12",
-            "dataset.generation.max_answer_tokens=4", "trainer.max_steps=2", "trainer.batch_size=2"]
+ADDITION = [
+    "model=tiny-random",
+    "logger=none",
+    "dataset=addition",
+    "dataset.source.split_sizes.train=64",
+    "dataset.source.split_sizes.eval=4",
+    "dataset.num_train_queries=4",
+    "dataset.generation.max_new_tokens=12",
+    "dataset.generation.max_answer_tokens=4",
+    "trainer.max_steps=2",
+    "trainer.batch_size=2",
+]
 
 
 def test_scratchpad_is_nye_et_al_right_to_left_trace():
     assert scratchpad(29, 57) == "<scratch>\n2 9 + 5 7 , C: 0\n2 + 5 , 6 C: 1\n, 8 6 C: 0\n0 8 6\n</scratch>"
-    assert scratchpad(123, 45) == ("<scratch>\n1 2 3 + 4 5 , C: 0\n1 2 + 4 , 8 C: 0\n1 + , 6 8 C: 0\n"
-                                   ", 1 6 8 C: 0\n0 1 6 8\n</scratch>")
+    assert scratchpad(123, 45) == (
+        "<scratch>\n1 2 3 + 4 5 , C: 0\n1 2 + 4 , 8 C: 0\n1 + , 6 8 C: 0\n, 1 6 8 C: 0\n0 1 6 8\n</scratch>"
+    )
     assert scratchpad(5, 7).splitlines()[-2] == "1 2"  # the final carry leads the sum
 
 
@@ -76,8 +86,15 @@ def test_scratchpad_reports_extraction_failures_and_refuses_to_train_without_ans
     with pytest.raises(RuntimeError, match="'extraction_failures': 8, 'queries_without_answer': 4"):
         run(make_cfg(*ADDITION, "method=scratchpad", "method.num_samples=2", output_dir=tmp_path / "none"))
     # An extractor that reads any text gives every query a target.
-    result = run(make_cfg(*ADDITION, "method=scratchpad", "method.num_samples=2",
-                          "dataset.generation.answer_regex='(?s)(.*)'", output_dir=tmp_path / "all"))
+    result = run(
+        make_cfg(
+            *ADDITION,
+            "method=scratchpad",
+            "method.num_samples=2",
+            "dataset.generation.answer_regex='(?s)(.*)'",
+            output_dir=tmp_path / "all",
+        )
+    )
     assert result["train"]["steps"] == 2 and result["train"]["teacher_samples"] == 8
     assert result["train"]["extraction_failures"] == 0 and result["train"]["queries_without_answer"] == 0
     rows = [json.loads(line) for line in (tmp_path / "all" / "predictions.jsonl").read_text().splitlines()]

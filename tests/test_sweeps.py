@@ -13,22 +13,23 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ctxdistill.compare import collect, main as compare, render, summarise
-from ctxdistill.config import ConfigError, validate
 from ctxdistill.cli import cell_dir, run_unless_complete
+from ctxdistill.compare import collect, render, summarise
+from ctxdistill.compare import main as compare
+from ctxdistill.config import ConfigError, validate
 from ctxdistill.sweeps import group_name
 from ctxdistill.wandb_results import read_offline_run, record_from_wandb
 
 # A cell of these sweeps: seconds on the tiny random model (16 held-out examples, 2 training steps).
-CELL = ["model=tiny-random", "dataset.source.split_sizes.eval=16", "dataset.num_train_queries=8",
-        "trainer.max_steps=2"]
+CELL = ["model=tiny-random", "dataset.source.split_sizes.eval=16", "dataset.num_train_queries=8", "trainer.max_steps=2"]
 
 
 def multirun(*overrides: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_SILENT": "true"}
     env.pop("WANDB_MODE", None)  # logger.mode decides
-    return subprocess.run([sys.executable, "-m", "ctxdistill", "-m", *overrides], capture_output=True, text=True,
-                          env=env, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "ctxdistill", "-m", *overrides], capture_output=True, text=True, env=env, timeout=900
+    )
 
 
 def compare_output(*args: str, capsys) -> str:
@@ -40,14 +41,25 @@ def compare_output(*args: str, capsys) -> str:
 def sweep(tmp_path_factory):
     """2 methods x 2 seeds on tiny-random, logged to real W&B offline runs; then the same command again."""
     sweep_dir = tmp_path_factory.mktemp("sweep") / "s"
-    command = ["method=icl,cd", "seed=0,1", *CELL, "logger=wandb", "logger.mode=offline", f"hydra.sweep.dir={sweep_dir}"]
+    command = [
+        "method=icl,cd",
+        "seed=0,1",
+        *CELL,
+        "logger=wandb",
+        "logger.mode=offline",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     first = multirun(*command)
     assert first.returncode == 0, first.stderr[-3000:]
     cells = sorted(p.parent for p in sweep_dir.rglob("metrics.json"))
     # everything a run wrote but logs (Hydra rewrites .hydra/ and appends to the job log on every launch;
     # W&B's service may still be appending to its debug logs)
-    stamps = {p: p.stat().st_mtime_ns for cell in cells for p in cell.rglob("*")
-              if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"}
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for cell in cells
+        for p in cell.rglob("*")
+        if p.is_file() and ".hydra" not in p.parts and p.suffix != ".log"
+    }
     readme = (sweep_dir / "README.md").read_text()
     second = multirun(*command)
     return sweep_dir, cells, first, second, stamps, readme
@@ -62,7 +74,9 @@ def test_sweep_writes_one_cell_per_override_set_and_a_table_matching_a_hand_comp
 
     rows = list(csv.DictReader(io.StringIO(compare_output(str(sweep_dir), "--format", "csv", capsys=capsys))))
     assert [(r["method"], r["model"], r["dataset"], r["seeds"]) for r in rows] == [
-        ("icl", "tiny-random", "synthetic", "2"), ("cd", "tiny-random", "synthetic", "2")]
+        ("icl", "tiny-random", "synthetic", "2"),
+        ("cd", "tiny-random", "synthetic", "2"),
+    ]
     for row in rows:
         for key in ("eval/accuracy", "eval/kl_to_teacher", "eval/teacher_accuracy"):
             a, b = (r["metrics"][key] for r in results if r["method"] == row["method"])
@@ -70,7 +84,9 @@ def test_sweep_writes_one_cell_per_override_set_and_a_table_matching_a_hand_comp
             assert float(row[f"{key}_mean"]) == pytest.approx((a + b) / 2, abs=1e-6)
             assert float(row[f"{key}_std"]) == pytest.approx(abs(a - b) / math.sqrt(2), abs=1e-6)
     cd_row = rows[1]
-    gaps = [r["metrics"]["eval/teacher_accuracy"] - r["metrics"]["eval/accuracy"] for r in results if r["method"] == "cd"]
+    gaps = [
+        r["metrics"]["eval/teacher_accuracy"] - r["metrics"]["eval/accuracy"] for r in results if r["method"] == "cd"
+    ]
     assert float(cd_row["eval/teacher_student_gap_mean"]) == pytest.approx(sum(gaps) / 2, abs=1e-6)
     assert cd_row["train_queries/context_accuracy_mean"] and not rows[0]["train_queries/context_accuracy_mean"]
 
@@ -97,7 +113,7 @@ def test_rerunning_the_sweep_trains_nothing_and_changes_nothing(sweep, capsys):
     assert sum(len(list(cell.rglob("offline-run-*"))) for cell in cells) == 4
     assert len(list((sweep_dir / "wandb").glob("offline-run-*"))) == 2  # each sweep's end logs its comparison
     assert (sweep_dir / "README.md").read_text() == readme
-    table = first.stdout[first.stdout.index("Comparison"):first.stdout.index("Summary, tables")]
+    table = first.stdout[first.stdout.index("Comparison") : first.stdout.index("Summary, tables")]
     assert table in second.stdout
 
 
@@ -115,10 +131,15 @@ def test_wandb_offline_runs_and_the_public_api_give_the_same_table(sweep):
         assert run.group == group_name(sweep_dir)  # every run of the sweep in its group
         assert set(run.tags) == {run.config["method"]["name"], "tiny-random", "synthetic", f"seed{run.config['seed']}"}
         # what the W&B server hands the public API after `wandb sync`: config values wrapped in {"value": ...}
-        attrs = {"state": "finished", "config": json.dumps({k: {"value": v} for k, v in run.config.items()}),
-                 "summaryMetrics": json.dumps(run.summary)}
+        attrs = {
+            "state": "finished",
+            "config": json.dumps({k: {"value": v} for k, v in run.config.items()}),
+            "summaryMetrics": json.dumps(run.summary),
+        }
         api_run = wandb.apis.public.Run(None, "someone", "ctxdistill", run_dir.name.split("-")[-1], attrs, lazy=False)
-        api_runs.append(record_from_wandb(api_run.config, api_run.summary_metrics, finished=api_run.state == "finished"))
+        api_runs.append(
+            record_from_wandb(api_run.config, api_run.summary_metrics, finished=api_run.state == "finished")
+        )
     assert render(summarise(api_runs)) == from_files
     running = record_from_wandb(api_run.config, api_run.summary_metrics, finished=False)
     assert running is None  # unfinished runs are not counted
@@ -130,8 +151,10 @@ def test_the_sweep_logs_its_table_and_plots_to_its_wandb_group(sweep):
     run = read_offline_run(run_dir)
     assert run.finished and run.group == group_name(sweep_dir)
     assert run.summary["comparison"]["_type"] == "table-file" and run.summary["comparison"]["nrows"] == 2
-    assert {k for k in run.summary if k.startswith("plots/")} == {"plots/accuracy_vs_size_synthetic",
-                                                                 "plots/teacher_gap_synthetic"}
+    assert {k for k in run.summary if k.startswith("plots/")} == {
+        "plots/accuracy_vs_size_synthetic",
+        "plots/teacher_gap_synthetic",
+    }
     logged = json.loads(next(run_dir.rglob("comparison_*.table.json")).read_text())
     assert logged["columns"][:6] == ["method", "model", "dataset", "seeds", "model_parameters", "eval/accuracy_mean"]
     files_table = list(csv.DictReader((sweep_dir / "results" / "table.csv").read_text().splitlines()))
@@ -162,8 +185,14 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
 
 def test_a_complete_run_is_skipped_unless_forced_or_made_by_another_config(make_cfg, tmp_path):
     cfg = make_cfg(*CELL, "logger=none", "method=zero_shot")
-    stored = {"method": "zero_shot", "model": "tiny-random", "dataset": "synthetic", "seed": 0, "status": "complete",
-              "metrics": {"eval/accuracy": 0.123}}
+    stored = {
+        "method": "zero_shot",
+        "model": "tiny-random",
+        "dataset": "synthetic",
+        "seed": 0,
+        "status": "complete",
+        "metrics": {"eval/accuracy": 0.123},
+    }
     (tmp_path / "metrics.json").write_text(json.dumps(stored))
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     assert run_unless_complete(cfg) == stored  # nothing loaded, nothing written
@@ -175,8 +204,9 @@ def test_a_complete_run_is_skipped_unless_forced_or_made_by_another_config(make_
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == rerun["metrics"]
 
 
-@pytest.mark.parametrize("sweep_file", sorted((Path(__file__).parents[1] / "sweeps" / "wandb").glob("*.yaml")),
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "sweep_file", sorted((Path(__file__).parents[1] / "sweeps" / "wandb").glob("*.yaml")), ids=lambda p: p.stem
+)
 def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_file):
     import yaml
     from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
@@ -193,5 +223,6 @@ def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_fi
         assert argv[:4] == ["/usr/bin/env", "python", "-m", "ctxdistill"]
         cfg = make_cfg(*argv[4:])
         validate(cfg)
-        assert (cfg.method.name, cfg.seed, cfg.logger.group) == tuple(args[k]["value"] for k in ("method", "seed",
-                                                                                                  "logger.group"))
+        assert (cfg.method.name, cfg.seed, cfg.logger.group) == tuple(
+            args[k]["value"] for k in ("method", "seed", "logger.group")
+        )

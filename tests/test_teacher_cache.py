@@ -41,12 +41,15 @@ def loss_of(method, setup):
         return method.loss(handle, batch)[0].item()
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"answer": "teacher_generation", "max_answer_tokens": 3},
-    {"top_k": 500, "top_k_rest": "bucket", "divergence": "jsd", "temperature": 0.5},
-    {"top_k": 5, "answer": "teacher_generation", "max_answer_tokens": 3},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"answer": "teacher_generation", "max_answer_tokens": 3},
+        {"top_k": 500, "top_k_rest": "bucket", "divergence": "jsd", "temperature": 0.5},
+        {"top_k": 5, "answer": "teacher_generation", "max_answer_tokens": 3},
+    ],
+)
 def test_cached_targets_give_the_loss_of_a_teacher_run_at_every_step(setup, options):
     cached = prepared(setup, teacher_cache="memory", **options)
     per_step = prepared(setup, teacher_cache="none", **options)
@@ -81,8 +84,9 @@ def test_an_unreadable_cache_file_is_recomputed_not_fatal(setup, tmp_path, caplo
 def test_a_run_with_the_cached_teacher_ends_where_the_per_step_teacher_ends(make_cfg, tmp_path):
     metrics = {}
     for cache in ("memory", "none"):
-        cfg = make_cfg(*TINY, "method=cd", "trainer.max_steps=6", f"method.teacher_cache={cache}",
-                       output_dir=tmp_path / cache)
+        cfg = make_cfg(
+            *TINY, "method=cd", "trainer.max_steps=6", f"method.teacher_cache={cache}", output_dir=tmp_path / cache
+        )
         metrics[cache] = run(cfg)
     assert metrics["memory"]["train"]["final_loss"] == pytest.approx(metrics["none"]["train"]["final_loss"], rel=1e-4)
     for key, value in metrics["none"]["metrics"].items():
@@ -94,8 +98,15 @@ def test_full_weight_training_distils_from_the_initial_weights_at_every_step(mak
     # filled the cache, never the weights being trained.
     metrics = {}
     for cache in ("memory", "none"):
-        cfg = make_cfg(*TINY, "method=cd", "model.adapter=full", "trainer.max_steps=6", "trainer.lr=1e-2",
-                       f"method.teacher_cache={cache}", output_dir=tmp_path / cache)
+        cfg = make_cfg(
+            *TINY,
+            "method=cd",
+            "model.adapter=full",
+            "trainer.max_steps=6",
+            "trainer.lr=1e-2",
+            f"method.teacher_cache={cache}",
+            output_dir=tmp_path / cache,
+        )
         metrics[cache] = run(cfg)
     assert metrics["none"]["train"]["final_loss"] == pytest.approx(metrics["memory"]["train"]["final_loss"], rel=1e-3)
     for key in ("eval/kl_to_teacher", "eval/teacher_agreement", "eval/accuracy"):

@@ -81,8 +81,10 @@ def trainable_weights_only(accelerator: Accelerator) -> None:
             missing, unexpected = model.load_state_dict(state, strict=False)
             absent = trainable_names(model) & set(missing)
             if absent or unexpected:
-                raise RuntimeError(f"checkpoint {input_dir} does not fit this model: missing trainable weights "
-                                   f"{sorted(absent)[:5]}, unexpected {sorted(unexpected)[:5]}")
+                raise RuntimeError(
+                    f"checkpoint {input_dir} does not fit this model: missing trainable weights "
+                    f"{sorted(absent)[:5]}, unexpected {sorted(unexpected)[:5]}"
+                )
         models.clear()  # loaded here; accelerate must not load the trimmed file strictly
 
     accelerator.register_save_state_pre_hook(before_save)
@@ -147,9 +149,11 @@ class StopSignals:
         if signum == signal.SIGINT and self.received == signal.SIGINT:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
         if self.received is None:
-            log.warning("%s: saving a checkpoint at the end of this step, then exiting%s",
-                        "Ctrl-C" if signum == signal.SIGINT else f"received {signal.Signals(signum).name}",
-                        " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")
+            log.warning(
+                "%s: saving a checkpoint at the end of this step, then exiting%s",
+                "Ctrl-C" if signum == signal.SIGINT else f"received {signal.Signals(signum).name}",
+                " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
+            )
         self.received = signum
 
     def __exit__(self, *exc) -> None:

@@ -63,11 +63,15 @@ def join_distributed_launch(argv: list[str]) -> list[str]:
 def join_slurm_tasks() -> None:
     """With ``hydra/launcher=slurm`` and ``tasks_per_node`` > 1, each SLURM task of an array job is one
     rank of one multi-GPU run: export the variables torch.distributed reads."""
-    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and int(os.environ.get("SLURM_NTASKS", "1")) > 1 \
-            and "RANK" not in os.environ:
+    if (
+        os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
+        and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        and "RANK" not in os.environ
+    ):
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
 
 # conf/ sits at the repository root, beside src/ (the package is installed editable).
 # A wheel (pip install .) carries the configs inside the package (pyproject.toml: ctxdistill.conf is conf/);

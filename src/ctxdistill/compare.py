@@ -128,8 +128,13 @@ class Table:
         return list(dict.fromkeys(r.dataset for r in self.rows))
 
     def ood_sets(self, dataset: str) -> list[str]:
-        return [k.split("/")[0] for k in self.columns if k.endswith("/accuracy") and not k.startswith("eval/")
-                and any(k in r.stats for r in self.rows if r.dataset == dataset)]
+        return [
+            k.split("/")[0]
+            for k in self.columns
+            if k.endswith("/accuracy")
+            and not k.startswith("eval/")
+            and any(k in r.stats for r in self.rows if r.dataset == dataset)
+        ]
 
 
 def summarise(runs: list[dict[str, Any]]) -> Table:
@@ -142,24 +147,29 @@ def summarise(runs: list[dict[str, Any]]) -> Table:
     ood = sorted({k.split("/")[0] for k in keys if k.endswith("/accuracy")} - {"eval"})
     columns = {k: label for k, label in IN_DOMAIN.items() if k in keys}
     for name in ood:
-        columns |= {f"{name}/{m}": f"{name} {label}" for m, label in
-                    [("accuracy", "acc"), ("teacher_accuracy", "teacher acc"),
-                                                    ("majority_rate", "majority")] if f"{name}/{m}" in keys}
+        columns |= {
+            f"{name}/{m}": f"{name} {label}"
+            for m, label in [("accuracy", "acc"), ("teacher_accuracy", "teacher acc"), ("majority_rate", "majority")]
+            if f"{name}/{m}" in keys
+        }
     # Link prediction (knowledge-graph runs): MRR, then Hits@k by k, the ranking mode in the name.
-    ranking = sorted((k for k in keys if RANKING.fullmatch(k)),
-                     key=lambda k: int(k.rsplit("@", 1)[1]) if "@" in k else 0)
+    ranking = sorted(
+        (k for k in keys if RANKING.fullmatch(k)), key=lambda k: int(k.rsplit("@", 1)[1]) if "@" in k else 0
+    )
     columns |= {k: RANKING.fullmatch(k).group(1) for k in ranking}
     rows: dict[tuple, Row] = {}
     for r in runs:
-        row = rows.setdefault((r["dataset"], r["model"], r["method"]),
-                              Row(r["method"], r["model"], r["dataset"], model_size(r)))
+        row = rows.setdefault(
+            (r["dataset"], r["model"], r["method"]), Row(r["method"], r["model"], r["dataset"], model_size(r))
+        )
         row.seeds.append(r["seed"])
         for key in columns:
             if key in r["metrics"]:
                 row.stats.setdefault(key, Stat([])).values.append(r["metrics"][key])
     method_order = list(dict.fromkeys(r["method"] for r in runs))
-    ordered = sorted(rows.values(), key=lambda row: (row.dataset, row.size or math.inf, row.model,
-                                                     method_order.index(row.method)))
+    ordered = sorted(
+        rows.values(), key=lambda row: (row.dataset, row.size or math.inf, row.model, method_order.index(row.method))
+    )
     return Table(columns, ordered)
 
 
@@ -168,26 +178,44 @@ def render(table: Table, fmt: str = "text") -> str:
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["method", "model", "dataset", "seeds",
-                         *(f"{k}_{s}" for k in table.columns for s in ("mean", "std"))])
+        writer.writerow(
+            ["method", "model", "dataset", "seeds", *(f"{k}_{s}" for k in table.columns for s in ("mean", "std"))]
+        )
         for row in table.rows:
             cells = []
             for key in table.columns:
                 stat = row.stats.get(key)
-                cells += ["", ""] if stat is None else [f"{stat.mean:.6g}", "" if stat.std is None else f"{stat.std:.6g}"]
+                cells += (
+                    ["", ""] if stat is None else [f"{stat.mean:.6g}", "" if stat.std is None else f"{stat.std:.6g}"]
+                )
             writer.writerow([row.method, row.model, row.dataset, len(row.seeds), *cells])
         return out.getvalue().rstrip("\n")
     header = ["method", "model", "dataset", "seeds", *table.columns.values()]
-    body = [[r.method, r.model, r.dataset, str(len(r.seeds)),
-             *(r.stats[k].text() if k in r.stats else "-" for k in table.columns)] for r in table.rows]
+    body = [
+        [
+            r.method,
+            r.model,
+            r.dataset,
+            str(len(r.seeds)),
+            *(r.stats[k].text() if k in r.stats else "-" for k in table.columns),
+        ]
+        for r in table.rows
+    ]
     if fmt == "latex":
+
         def tex(cell: str) -> str:
             cell = cell.replace("_", r"\_").replace("&", r"\&").replace("%", r"\%")
             return "$" + cell.replace("±", r"\pm") + "$" if "±" in cell else cell
 
-        lines = [r"\begin{tabular}{" + "lll" + "r" * (len(header) - 3) + "}", r"\toprule",
-                 " & ".join(tex(c) for c in header) + r" \\", r"\midrule",
-                 *(" & ".join(tex(c) for c in line) + r" \\" for line in body), r"\bottomrule", r"\end{tabular}"]
+        lines = [
+            r"\begin{tabular}{" + "lll" + "r" * (len(header) - 3) + "}",
+            r"\toprule",
+            " & ".join(tex(c) for c in header) + r" \\",
+            r"\midrule",
+            *(" & ".join(tex(c) for c in line) + r" \\" for line in body),
+            r"\bottomrule",
+            r"\end{tabular}",
+        ]
         return "\n".join(lines)
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = [header, ["-" * w for w in widths], *body]
@@ -197,8 +225,14 @@ def render(table: Table, fmt: str = "text") -> str:
 
 
 # ---------------------------------------------------------------- results directory
-def write_results(directory: Path, runs: list[dict[str, Any]], *, title: str,
-                  failures: Optional[dict[str, str]] = None, command: Optional[str] = None) -> Path:
+def write_results(
+    directory: Path,
+    runs: list[dict[str, Any]],
+    *,
+    title: str,
+    failures: Optional[dict[str, str]] = None,
+    command: Optional[str] = None,
+) -> Path:
     """README.md with the table and plot links, and results/ with the table as .md/.csv/.tex and the PNGs."""
     from ctxdistill.plots import write_plots
 
@@ -214,13 +248,21 @@ def write_results(directory: Path, runs: list[dict[str, Any]], *, title: str,
     if failures:
         lines += [f"**{len(failures)} failed cells** (re-run the same command to retry only them):", ""]
         lines += [f"- `{cell}`: {error}" for cell, error in failures.items()] + [""]
-    lines += [render(table, "markdown"), "", f"Tables: [Markdown]({RESULTS_DIR}/table.md), [CSV]({RESULTS_DIR}/table.csv), "
-              f"[LaTeX]({RESULTS_DIR}/table.tex).", ""]
+    lines += [
+        render(table, "markdown"),
+        "",
+        f"Tables: [Markdown]({RESULTS_DIR}/table.md), [CSV]({RESULTS_DIR}/table.csv), "
+        f"[LaTeX]({RESULTS_DIR}/table.tex).",
+        "",
+    ]
     for plot in plots:
         lines += [f"![{plot.stem}]({RESULTS_DIR}/{plot.name})", ""]
-    lines += ["Columns: `accuracy` in-domain; `teacher acc` the base model with the context; `teacher - student` "
-              "their difference; `majority` the majority-class rate; `<set> acc` out-of-domain sets. "
-              f"Regenerate with `ctxdistill-compare {directory} --out {directory}`.", ""]
+    lines += [
+        "Columns: `accuracy` in-domain; `teacher acc` the base model with the context; `teacher - student` "
+        "their difference; `majority` the majority-class rate; `<set> acc` out-of-domain sets. "
+        f"Regenerate with `ctxdistill-compare {directory} --out {directory}`.",
+        "",
+    ]
     readme = directory / "README.md"
     readme.write_text("\n".join(lines))
     return readme
@@ -228,19 +270,26 @@ def write_results(directory: Path, runs: list[dict[str, Any]], *, title: str,
 
 # ---------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
-    parser.add_argument("paths", nargs="*", type=Path, help="run or sweep directories, metrics.json files, "
-                        "or W&B run directories")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[1:]),
+    )
+    parser.add_argument(
+        "paths", nargs="*", type=Path, help="run or sweep directories, metrics.json files, or W&B run directories"
+    )
     parser.add_argument("--format", choices=["text", "markdown", "csv", "latex"], default="text")
     parser.add_argument("--out", type=Path, help="write README.md and results/ (tables, plots) here")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B (public API)")
     parser.add_argument("--group", help="only the W&B runs of this group (a sweep); also the group logged to")
-    parser.add_argument("--wandb-log", action="store_true",
-                        help="log the table and plots to a W&B run (job_type=compare) in --group")
-    parser.add_argument("--wandb-report", action="store_true",
-                        help="create a W&B report for --group in --wandb's project (needs network)")
+    parser.add_argument(
+        "--wandb-log", action="store_true", help="log the table and plots to a W&B run (job_type=compare) in --group"
+    )
+    parser.add_argument(
+        "--wandb-report",
+        action="store_true",
+        help="create a W&B report for --group in --wandb's project (needs network)",
+    )
     parser.add_argument("--project", default="ctxdistill", help="W&B project for --wandb-log without --wandb")
     parser.add_argument("--strict", action="store_true", help="exit non-zero when any metrics.json is unreadable")
     args = parser.parse_args(argv)
@@ -260,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         runs += wandb_results.api_records(args.wandb, args.group)
     if not runs:
         where = ", ".join([*map(str, args.paths), *([args.wandb] if args.wandb else [])])
-        print(f"no complete runs (metrics.json with status 'complete', or finished W&B runs) in {where}",
-              file=sys.stderr)
+        print(
+            f"no complete runs (metrics.json with status 'complete', or finished W&B runs) in {where}", file=sys.stderr
+        )
         return 1
     table = summarise(runs)
     print(render(table, args.format))

@@ -62,6 +62,7 @@ class DistillConfig(MethodConfig):
 @dataclass
 class GenPIConfig(MethodConfig):
     """Generative Prompt Internalization; see ctxdistill.methods.genpi for the stages and the loss."""
+
     _target_: str = "ctxdistill.methods.genpi.GenPI"
     task_name: str = MISSING  # names the prompt in results (the run's "dataset")
     prompt: str = MISSING  # internalised: in the teacher's input, never in the student's
@@ -76,8 +77,9 @@ class GenPIConfig(MethodConfig):
     # further generated inputs, evaluation set "pseudo_heldout": the validation set a sweep's objective is read on
     num_heldout_pseudo_inputs: int = 8
     # A completion prompt with {prompt} and {examples} (a numbered list ending in the next number).
-    generator_template: str = ("An AI assistant was given these instructions: {prompt}\n"
-                               "Messages that users sent to the assistant:\n{examples}")
+    generator_template: str = (
+        "An AI assistant was given these instructions: {prompt}\nMessages that users sent to the assistant:\n{examples}"
+    )
     generator_temperature: float = 1.0
     generator_top_k: Optional[int] = 50
     generator_top_p: Optional[float] = None  # nucleus sampling after top-k (the released code: 0.9, no top-k)
@@ -86,18 +88,22 @@ class GenPIConfig(MethodConfig):
     max_input_tokens: int = 32
     max_reply_tokens: int = 48
     # The released reasons are about five sentences, sampled at temperature 0.7, top-p 0.9, up to 512 tokens.
-    reason_template: str = ("A user sent an AI assistant this message:\n{input}\n\n"
-                            "Without instructions, the assistant replied:\n{base}\n\n"
-                            "With the instructions below, it replied:\n{teacher}\n\n"
-                            "Instructions:\n{prompt}\n\n"
-                            "In about five sentences, explain how the instructions changed the reply.")
+    reason_template: str = (
+        "A user sent an AI assistant this message:\n{input}\n\n"
+        "Without instructions, the assistant replied:\n{base}\n\n"
+        "With the instructions below, it replied:\n{teacher}\n\n"
+        "Instructions:\n{prompt}\n\n"
+        "In about five sentences, explain how the instructions changed the reply."
+    )
     reason_temperature: float = 0.7
     reason_top_p: Optional[float] = 0.9
     max_reason_tokens: int = 512
     # The prompt-generation turn (the released code's meta-cognition input).
-    pg_template: str = ("### Input\n{input}\n\n### Bad Output\n{base}\n\n### Good Output\n{teacher}\n\n"
-                        "Guess which context was provided to produce the good output instead of the bad one, "
-                        "and give the reason why the output should change.")
+    pg_template: str = (
+        "### Input\n{input}\n\n### Bad Output\n{base}\n\n### Good Output\n{teacher}\n\n"
+        "Guess which context was provided to produce the good output instead of the bad one, "
+        "and give the reason why the output should change."
+    )
     # lambda: L = (1 - lambda) * L_PG + lambda * L_SFT, the released stage2_ratio (0.7 for OS and WebShop,
     # 0.3 for Mind2Web)
     sft_weight: float = 0.7
@@ -134,6 +140,7 @@ class ScratchpadConfig(MethodConfig):
 class ICLDistillConfig(MethodConfig):
     """In-context learning distillation (Huang et al. 2022); the loss is written out in
     ctxdistill.methods.icl_distill. A weight of 0 switches its term off; ICT is the hard ICL term alone."""
+
     _target_: str = "ctxdistill.methods.icl_distill.ICLDistillation"
     icl_hard_weight: float = 0.5  # cross-entropy of the gold answer after the k demonstrations
     icl_soft_weight: float = 0.5  # T^2 * KL(teacher || student) at the answer position
@@ -153,9 +160,11 @@ class ContextualizationConfig(MethodConfig):
 
     _target_: str = "ctxdistill.methods.contextualization.Contextualization"
     # The released code's prompt ({head}/{tail}: entity names, {relation}: the relation's text).
-    prompt: str = ('Given a triplet ({head} | {relation} | {tail}), please generate a paragraph at least 100 words '
-                   'to introduce "{head}" and "{tail}" respectively and reflect their relationship {relation}. '
-                   '"{head}" and "{tail}" must concluded in the generated text.')
+    prompt: str = (
+        "Given a triplet ({head} | {relation} | {tail}), please generate a paragraph at least 100 words "
+        'to introduce "{head}" and "{tail}" respectively and reflect their relationship {relation}. '
+        '"{head}" and "{tail}" must concluded in the generated text.'
+    )
     chat_template: bool = True  # wrap the prompt in the model's chat template (instruction models)
     max_new_tokens: int = 200
     temperature: float = 0.7  # 0: greedy
@@ -323,6 +332,7 @@ class PatternConfig:
 @dataclass
 class GenerationConfig:
     """Free-text answers scored by exact match of a generated answer, instead of a word per class."""
+
     demo_target: str = MISSING  # what follows a demonstration's query, over its fields: "{scratchpad}\n{answer}"
     # Group 1 is the final answer in a generation *with* the context (Snell's answer extractor f);
     # a generation without it (a direct answer) is its first line.
@@ -483,10 +493,18 @@ class Config:
 
 
 SCHEMAS = {
-    "method": {"base_prompting": PromptingConfig, "base_finetune": FinetuneConfig, "base_distill": DistillConfig,
-               "base_genpi": GenPIConfig, "base_on_policy": OnPolicyConfig,
-               "base_scratchpad": ScratchpadConfig, "base_icl_distill": ICLDistillConfig, "base_contextualization": ContextualizationConfig,
-               "base_kgbert": KGBertConfig, "base_kgs2s": KGS2SConfig},
+    "method": {
+        "base_prompting": PromptingConfig,
+        "base_finetune": FinetuneConfig,
+        "base_distill": DistillConfig,
+        "base_genpi": GenPIConfig,
+        "base_on_policy": OnPolicyConfig,
+        "base_scratchpad": ScratchpadConfig,
+        "base_icl_distill": ICLDistillConfig,
+        "base_contextualization": ContextualizationConfig,
+        "base_kgbert": KGBertConfig,
+        "base_kgs2s": KGS2SConfig,
+    },
     "model": {"base_model": ModelConfig},
     "dataset": {"base_dataset": DatasetConfig, "base_kg_dataset": KGDatasetConfig, "base_mixture": MixtureConfig},
     "trainer": {"base_trainer": TrainerConfig},
@@ -507,7 +525,7 @@ class ConfigError(ValueError):
 
 
 def nearest_key(key: str, schema: type) -> str:
-    """", did you mean X?" for the field of ``schema`` closest to ``key`` ("" if none is close)."""
+    """ ", did you mean X?" for the field of ``schema`` closest to ``key`` ("" if none is close)."""
     import dataclasses
     import difflib
 
@@ -532,8 +550,10 @@ def check_known_keys(node: Any, path: str = "") -> None:
     for key in node.keys():
         full = f"{path}.{key}" if path else str(key)
         if fields is not None and key not in fields:
-            raise ConfigError(f"{full}: no such setting{nearest_key(str(key), schema)} (a key added with + is "
-                              "not checked by Hydra, so a misspelt one would be ignored)")
+            raise ConfigError(
+                f"{full}: no such setting{nearest_key(str(key), schema)} (a key added with + is "
+                "not checked by Hydra, so a misspelt one would be ignored)"
+            )
         if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):
             check_known_keys(node[key], full)
 
@@ -555,24 +575,44 @@ def _template_fields(template: str, key: str) -> set[str]:
 
 def _validate_classification(d: DictConfig, key: str) -> None:
     """Checks of a classification dataset config found at ``key`` (``dataset``, or a mixture's task)."""
-    _require(d.source.kind in ("synthetic", "hub", "files"), f"{key}.source.kind",
-             f"unknown value {d.source.kind!r}", "Use one of: synthetic, hub, files")
+    _require(
+        d.source.kind in ("synthetic", "hub", "files"),
+        f"{key}.source.kind",
+        f"unknown value {d.source.kind!r}",
+        "Use one of: synthetic, hub, files",
+    )
     _require(d.context.num_demos >= 0, f"{key}.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
-    _require(d.context.num_contexts >= 1, f"{key}.context.num_contexts", f"must be >= 1, got {d.context.num_contexts}",
-             "")
+    _require(
+        d.context.num_contexts >= 1, f"{key}.context.num_contexts", f"must be >= 1, got {d.context.num_contexts}", ""
+    )
     _require(d.num_train_queries >= 1, f"{key}.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
-    _require(d.pattern is None or d.pattern in d.patterns, f"{key}.pattern", f"unknown pattern {d.pattern!r}",
-             f"Use one of: {', '.join(d.patterns)}")
-    _require(d.generation is not None or len(d.verbalizers) >= 2, f"{key}.verbalizers",
-             "needs one answer word per class (at least two)", "Or give free-text answers a dataset.generation")
-    templates = {"template": d.template, "demo_template": d.demo_template,
-                 "context_query_template": d.context_query_template,
-                 "generation.demo_target": d.generation.demo_target if d.generation is not None else None}
+    _require(
+        d.pattern is None or d.pattern in d.patterns,
+        f"{key}.pattern",
+        f"unknown pattern {d.pattern!r}",
+        f"Use one of: {', '.join(d.patterns)}",
+    )
+    _require(
+        d.generation is not None or len(d.verbalizers) >= 2,
+        f"{key}.verbalizers",
+        "needs one answer word per class (at least two)",
+        "Or give free-text answers a dataset.generation",
+    )
+    templates = {
+        "template": d.template,
+        "demo_template": d.demo_template,
+        "context_query_template": d.context_query_template,
+        "generation.demo_target": d.generation.demo_target if d.generation is not None else None,
+    }
     for name, text in templates.items():
         unknown = sorted(_template_fields(text, f"{key}.{name}") - set(d.fields)) if text else []
-        _require(not unknown, f"{key}.{name}", f"{text!r} names the field(s) {unknown}, which the records do not "
-                 f"give; they give {list(d.fields)} ({key}.fields)",
-                 f"Use those names, or add the field to {key}.fields (mapping a column with {key}.source.rename)")
+        _require(
+            not unknown,
+            f"{key}.{name}",
+            f"{text!r} names the field(s) {unknown}, which the records do not "
+            f"give; they give {list(d.fields)} ({key}.fields)",
+            f"Use those names, or add the field to {key}.fields (mapping a column with {key}.source.rename)",
+        )
     if d.generation is not None:
         import re
 
@@ -580,55 +620,124 @@ def _validate_classification(d: DictConfig, key: str) -> None:
             groups = re.compile(d.generation.answer_regex).groups
         except re.error as e:
             groups = f"invalid ({e})"
-        _require(groups == 1, f"{key}.generation.answer_regex", f"needs exactly one group, got {groups}",
-                 "Mark the answer with one (...) group, e.g. '</scratch>\\s*(.+)'")
-        _require(d.generation.max_new_tokens >= 1 and d.generation.max_answer_tokens >= 1, f"{key}.generation",
-                 "max_new_tokens and max_answer_tokens must be >= 1", "")
+        _require(
+            groups == 1,
+            f"{key}.generation.answer_regex",
+            f"needs exactly one group, got {groups}",
+            "Mark the answer with one (...) group, e.g. '</scratch>\\s*(.+)'",
+        )
+        _require(
+            d.generation.max_new_tokens >= 1 and d.generation.max_answer_tokens >= 1,
+            f"{key}.generation",
+            "max_new_tokens and max_answer_tokens must be >= 1",
+            "",
+        )
 
 
 def _validate_model(spec: DictConfig, key: str) -> None:
     """Checks of a model config found at ``key`` (``model``, or a method's separate teacher)."""
-    _require(spec.source in ("hub", "gguf", "random", "package"), f"{key}.source",
-             f"unknown value {spec.source!r}", "Use one of: hub, gguf, random, package")
-    _require(spec.architecture in ("causal_lm", "masked_lm", "seq2seq_lm"), f"{key}.architecture",
-             f"unknown value {spec.architecture!r}", "Use one of: causal_lm, masked_lm, seq2seq_lm")
-    _require(spec.adapter in ("lora", "prefix", "full"), f"{key}.adapter", f"unknown value {spec.adapter!r}",
-             "Use one of: lora, prefix, full")
+    _require(
+        spec.source in ("hub", "gguf", "random", "package"),
+        f"{key}.source",
+        f"unknown value {spec.source!r}",
+        "Use one of: hub, gguf, random, package",
+    )
+    _require(
+        spec.architecture in ("causal_lm", "masked_lm", "seq2seq_lm"),
+        f"{key}.architecture",
+        f"unknown value {spec.architecture!r}",
+        "Use one of: causal_lm, masked_lm, seq2seq_lm",
+    )
+    _require(
+        spec.adapter in ("lora", "prefix", "full"),
+        f"{key}.adapter",
+        f"unknown value {spec.adapter!r}",
+        "Use one of: lora, prefix, full",
+    )
     _require(spec.prefix_tokens >= 1, f"{key}.prefix_tokens", f"must be >= 1, got {spec.prefix_tokens}", "")
-    _require(spec.dtype in ("float32", "bfloat16", "float16"), f"{key}.dtype",
-             f"unknown value {spec.dtype!r}", "Use one of: float32, bfloat16, float16")
-    _require(spec.layer_stride >= 1, f"{key}.layer_stride", f"must be >= 1, got {spec.layer_stride}",
-             "1 keeps every layer, 2 every other one")
+    _require(
+        spec.dtype in ("float32", "bfloat16", "float16"),
+        f"{key}.dtype",
+        f"unknown value {spec.dtype!r}",
+        "Use one of: float32, bfloat16, float16",
+    )
+    _require(
+        spec.layer_stride >= 1,
+        f"{key}.layer_stride",
+        f"must be >= 1, got {spec.layer_stride}",
+        "1 keeps every layer, 2 every other one",
+    )
 
 
 def _validate_mixture(d: DictConfig) -> None:
-    _require(d.paradigm in ("multitask", "meta"), "dataset.paradigm", f"unknown value {d.paradigm!r}",
-             "Use multitask or meta")
-    _require(len(d.train_tasks) > 0, "dataset.train_tasks", "is empty", "Add tasks, e.g. - /dataset@train_tasks.NAME: synthetic")
+    _require(
+        d.paradigm in ("multitask", "meta"),
+        "dataset.paradigm",
+        f"unknown value {d.paradigm!r}",
+        "Use multitask or meta",
+    )
+    _require(
+        len(d.train_tasks) > 0,
+        "dataset.train_tasks",
+        "is empty",
+        "Add tasks, e.g. - /dataset@train_tasks.NAME: synthetic",
+    )
     for group in ("train_tasks", "eval_tasks"):
         for name, task in d[group].items():
             _validate_classification(task, f"dataset.{group}.{name}")
-            _require(task.generation is None, f"dataset.{group}.{name}", "has free-text answers; a task mixture "
-                     "is scored by answer words (verbalizers) and majority vote", "Use classification datasets")
+            _require(
+                task.generation is None,
+                f"dataset.{group}.{name}",
+                "has free-text answers; a task mixture is scored by answer words (verbalizers) and majority vote",
+                "Use classification datasets",
+            )
     unknown = sorted(set(d.weights) - set(d.train_tasks))
-    _require(not unknown, "dataset.weights", f"names tasks that are not training tasks: {unknown}",
-             f"Use names from dataset.train_tasks: {sorted(d.train_tasks)}")
-    _require(all(w > 0 for w in d.weights.values()), "dataset.weights", "must be positive",
-             "Leave a task out of dataset.train_tasks instead of giving it weight 0")
+    _require(
+        not unknown,
+        "dataset.weights",
+        f"names tasks that are not training tasks: {unknown}",
+        f"Use names from dataset.train_tasks: {sorted(d.train_tasks)}",
+    )
+    _require(
+        all(w > 0 for w in d.weights.values()),
+        "dataset.weights",
+        "must be positive",
+        "Leave a task out of dataset.train_tasks instead of giving it weight 0",
+    )
     if d.paradigm == "multitask":
-        _require(len(d.eval_tasks) == 0, "dataset.eval_tasks", "multitask in-context tuning evaluates on its "
-                 "training tasks", "Set dataset.paradigm=meta to evaluate on other tasks")
+        _require(
+            len(d.eval_tasks) == 0,
+            "dataset.eval_tasks",
+            "multitask in-context tuning evaluates on its training tasks",
+            "Set dataset.paradigm=meta to evaluate on other tasks",
+        )
     else:
-        _require(len(d.eval_tasks) > 0, "dataset.eval_tasks", "meta in-context tuning needs target tasks",
-                 "Add tasks, e.g. - /dataset@eval_tasks.NAME: synthetic_temperature")
+        _require(
+            len(d.eval_tasks) > 0,
+            "dataset.eval_tasks",
+            "meta in-context tuning needs target tasks",
+            "Add tasks, e.g. - /dataset@eval_tasks.NAME: synthetic_temperature",
+        )
         for name, task in d.eval_tasks.items():
-            same = [train_name for train_name, train in d.train_tasks.items() if train_name == name or (
-                train.name == task.name and train.source == task.source)]
-            _require(not same, f"dataset.eval_tasks.{name}", f"is also a training task ({same}); Meta-ICT "
-                     "evaluates only on tasks absent from training", "Remove it from one of the two lists")
+            same = [
+                train_name
+                for train_name, train in d.train_tasks.items()
+                if train_name == name or (train.name == task.name and train.source == task.source)
+            ]
+            _require(
+                not same,
+                f"dataset.eval_tasks.{name}",
+                f"is also a training task ({same}); Meta-ICT evaluates only on tasks absent from training",
+                "Remove it from one of the two lists",
+            )
     _require(d.num_demos >= 1, "dataset.num_demos", f"must be >= 1, got {d.num_demos}", "")
-    _require(d.pool_size > d.num_demos, "dataset.pool_size", f"must exceed dataset.num_demos ({d.num_demos}): a "
-             f"training query draws its demonstrations from the rest of its pool, got {d.pool_size}", "")
+    _require(
+        d.pool_size > d.num_demos,
+        "dataset.pool_size",
+        f"must exceed dataset.num_demos ({d.num_demos}): a "
+        f"training query draws its demonstrations from the rest of its pool, got {d.pool_size}",
+        "",
+    )
     for key in ("num_train_instances", "num_votes", "num_eval"):
         _require(d[key] >= 1, f"dataset.{key}", f"must be >= 1, got {d[key]}", "")
 
@@ -641,157 +750,301 @@ def validate(cfg: DictConfig) -> None:
     _require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}", "Set trainer.batch_size=8")
     _require(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}", "")
     _require(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}", "")
-    _require(t.schedule_epochs is None or t.schedule_epochs >= t.epochs, "trainer.schedule_epochs",
-             f"must be >= trainer.epochs ({t.epochs}) or null, got {t.schedule_epochs}",
-             "It is the length of the LR schedule, which training stops part-way down")
+    _require(
+        t.schedule_epochs is None or t.schedule_epochs >= t.epochs,
+        "trainer.schedule_epochs",
+        f"must be >= trainer.epochs ({t.epochs}) or null, got {t.schedule_epochs}",
+        "It is the length of the LR schedule, which training stops part-way down",
+    )
     _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}", "")
-    _require(t.checkpoint_every is None or t.checkpoint_every >= 1, "trainer.checkpoint_every",
-             f"must be >= 1 or null, got {t.checkpoint_every}", "")
+    _require(
+        t.checkpoint_every is None or t.checkpoint_every >= 1,
+        "trainer.checkpoint_every",
+        f"must be >= 1 or null, got {t.checkpoint_every}",
+        "",
+    )
     _require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}", "")
-    _require(t.distributed.strategy in ("ddp", "fsdp", "zero3"), "trainer.distributed.strategy",
-             f"unknown value {t.distributed.strategy!r}", "Use trainer/distributed=ddp, fsdp or zero3")
+    _require(
+        t.distributed.strategy in ("ddp", "fsdp", "zero3"),
+        "trainer.distributed.strategy",
+        f"unknown value {t.distributed.strategy!r}",
+        "Use trainer/distributed=ddp, fsdp or zero3",
+    )
     if t.distributed.strategy == "zero3":
         import importlib.util
 
-        _require(importlib.util.find_spec("deepspeed") is not None, "trainer.distributed.strategy",
-                 "zero3 needs DeepSpeed, which is not installed", "Install it with:  pip install deepspeed")
+        _require(
+            importlib.util.find_spec("deepspeed") is not None,
+            "trainer.distributed.strategy",
+            "zero3 needs DeepSpeed, which is not installed",
+            "Install it with:  pip install deepspeed",
+        )
     if t.distributed.strategy != "ddp":
         import torch
 
-        _require(torch.cuda.is_available(), "trainer.distributed.strategy",
-                 f"{t.distributed.strategy} shards the model over CUDA GPUs and none is visible (accelerate "
-                 "would quietly run plain data parallel)", "Use trainer/distributed=ddp on CPU")
+        _require(
+            torch.cuda.is_available(),
+            "trainer.distributed.strategy",
+            f"{t.distributed.strategy} shards the model over CUDA GPUs and none is visible (accelerate "
+            "would quietly run plain data parallel)",
+            "Use trainer/distributed=ddp on CPU",
+        )
     _require(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}", "")
-    _require(t.mixed_precision in ("no", "bf16", "fp16"), "trainer.mixed_precision",
-             f"unknown value {t.mixed_precision!r}", "Use one of: no, bf16, fp16")
+    _require(
+        t.mixed_precision in ("no", "bf16", "fp16"),
+        "trainer.mixed_precision",
+        f"unknown value {t.mixed_precision!r}",
+        "Use one of: no, bf16, fp16",
+    )
     if t.mixed_precision == "fp16":
         import torch
 
-        _require(torch.cuda.is_available(), "trainer.mixed_precision", "fp16 needs a CUDA GPU and none is visible",
-                 "Use trainer.mixed_precision=no (or bf16) on CPU")
+        _require(
+            torch.cuda.is_available(),
+            "trainer.mixed_precision",
+            "fp16 needs a CUDA GPU and none is visible",
+            "Use trainer.mixed_precision=no (or bf16) on CPU",
+        )
     _validate_model(cfg.model, "model")
     if "verbalizers" in d:
         _validate_classification(d, "dataset")
     elif "train_tasks" in d:
         _validate_mixture(d)
     else:  # a knowledge graph
-        _require(d.source.layout in ("kgbert", "kgs2s", "plain", "synthetic"), "dataset.source.layout",
-                 f"unknown value {d.source.layout!r}", "Use one of: kgbert, kgs2s, plain, synthetic")
+        _require(
+            d.source.layout in ("kgbert", "kgs2s", "plain", "synthetic"),
+            "dataset.source.layout",
+            f"unknown value {d.source.layout!r}",
+            "Use one of: kgbert, kgs2s, plain, synthetic",
+        )
         for key in ("num_train", "num_eval", "eval_candidates"):
             _require(d[key] is None or d[key] >= 1, f"dataset.{key}", f"must be >= 1 or null, got {d[key]}", "")
-    _require(cfg.logger.backend in ("wandb", "none"), "logger.backend", f"unknown value {cfg.logger.backend!r}",
-             "Use logger=wandb or logger=none")
-    _require(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
-             f"unknown value {cfg.logger.mode!r}", "Use one of: auto, online, offline, disabled")
+    _require(
+        cfg.logger.backend in ("wandb", "none"),
+        "logger.backend",
+        f"unknown value {cfg.logger.backend!r}",
+        "Use logger=wandb or logger=none",
+    )
+    _require(
+        cfg.logger.mode in ("auto", "online", "offline", "disabled"),
+        "logger.mode",
+        f"unknown value {cfg.logger.mode!r}",
+        "Use one of: auto, online, offline, disabled",
+    )
     if issubclass(OmegaConf.get_type(m), DistillConfig):
-        _require(m.divergence in ("forward_kl", "reverse_kl", "jsd"), "method.divergence",
-                 f"unknown value {m.divergence!r}", "Use one of: forward_kl, reverse_kl, jsd")
+        _require(
+            m.divergence in ("forward_kl", "reverse_kl", "jsd"),
+            "method.divergence",
+            f"unknown value {m.divergence!r}",
+            "Use one of: forward_kl, reverse_kl, jsd",
+        )
         _require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
         _require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
-        _require(m.top_k_rest in ("renormalize", "bucket"), "method.top_k_rest", f"unknown value {m.top_k_rest!r}",
-                 "Use renormalize or bucket")
-        _require(m.top_k is None or m.top_k_rest == "bucket" or m.divergence == "forward_kl", "method.top_k",
-                 "a renormalised top-k teacher leaves zero-probability tokens, which only forward KL tolerates",
-                 "Set method.top_k_rest=bucket, method.divergence=forward_kl or method.top_k=null")
-        _require(m.teacher_cache in ("disk", "memory", "none"), "method.teacher_cache",
-                 f"unknown value {m.teacher_cache!r}", "Use disk, memory or none")
+        _require(
+            m.top_k_rest in ("renormalize", "bucket"),
+            "method.top_k_rest",
+            f"unknown value {m.top_k_rest!r}",
+            "Use renormalize or bucket",
+        )
+        _require(
+            m.top_k is None or m.top_k_rest == "bucket" or m.divergence == "forward_kl",
+            "method.top_k",
+            "a renormalised top-k teacher leaves zero-probability tokens, which only forward KL tolerates",
+            "Set method.top_k_rest=bucket, method.divergence=forward_kl or method.top_k=null",
+        )
+        _require(
+            m.teacher_cache in ("disk", "memory", "none"),
+            "method.teacher_cache",
+            f"unknown value {m.teacher_cache!r}",
+            "Use disk, memory or none",
+        )
         _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
-        _require(m.answer in ("label_position", "teacher_generation"), "method.answer",
-                 f"unknown value {m.answer!r}", "Use label_position or teacher_generation")
-        _require(m.teacher in ("frozen", "live"), "method.teacher", f"unknown value {m.teacher!r}",
-                 "Use frozen or live")
-        _require(m.teacher == "frozen" or m.answer == "label_position", "method.teacher",
-                 "a live teacher is supported with answer=label_position only", "Set method.answer=label_position")
+        _require(
+            m.answer in ("label_position", "teacher_generation"),
+            "method.answer",
+            f"unknown value {m.answer!r}",
+            "Use label_position or teacher_generation",
+        )
+        _require(
+            m.teacher in ("frozen", "live"), "method.teacher", f"unknown value {m.teacher!r}", "Use frozen or live"
+        )
+        _require(
+            m.teacher == "frozen" or m.answer == "label_position",
+            "method.teacher",
+            "a live teacher is supported with answer=label_position only",
+            "Set method.answer=label_position",
+        )
     if "sft_weight" in m:
         import re
 
         unset = [k for k in ("task_name", "prompt", "rule") if OmegaConf.is_missing(m, k)]
-        _require(not unset, "method", f"genpi needs {', '.join('method.' + k for k in unset)}",
-                 "Set them on the command line, or keep those of conf/method/genpi.yaml")
+        _require(
+            not unset,
+            "method",
+            f"genpi needs {', '.join('method.' + k for k in unset)}",
+            "Set them on the command line, or keep those of conf/method/genpi.yaml",
+        )
 
         _require(0 <= m.sft_weight <= 1, "method.sft_weight", f"must be in [0, 1], got {m.sft_weight}", "")
         _require(m.kl_weight >= 0, "method.kl_weight", f"must be >= 0, got {m.kl_weight}", "")
         _require(bool(m.prompt.strip()), "method.prompt", "is empty; nothing to internalise", "Set method.prompt")
-        for key in ("num_pseudo_inputs", "inputs_per_round", "max_rounds", "max_input_tokens", "max_reply_tokens",
-                    "max_reason_tokens"):
+        for key in (
+            "num_pseudo_inputs",
+            "inputs_per_round",
+            "max_rounds",
+            "max_input_tokens",
+            "max_reply_tokens",
+            "max_reason_tokens",
+        ):
             _require(m[key] >= 1, f"method.{key}", f"must be >= 1, got {m[key]}", "")
-        _require(m.num_heldout_pseudo_inputs >= 1, "method.num_heldout_pseudo_inputs",
-                 f"must be >= 1, got {m.num_heldout_pseudo_inputs}: the run's objective (a sweep's) is measured on "
-                 "them, apart from the reported held-out inputs", "Set e.g. method.num_heldout_pseudo_inputs=8")
-        _require(m.prompt_placement in ("user_turn", "system_message"), "method.prompt_placement",
-                 f"unknown value {m.prompt_placement!r}", "Use user_turn (the released code's) or system_message")
+        _require(
+            m.num_heldout_pseudo_inputs >= 1,
+            "method.num_heldout_pseudo_inputs",
+            f"must be >= 1, got {m.num_heldout_pseudo_inputs}: the run's objective (a sweep's) is measured on "
+            "them, apart from the reported held-out inputs",
+            "Set e.g. method.num_heldout_pseudo_inputs=8",
+        )
+        _require(
+            m.prompt_placement in ("user_turn", "system_message"),
+            "method.prompt_placement",
+            f"unknown value {m.prompt_placement!r}",
+            "Use user_turn (the released code's) or system_message",
+        )
         for key in ("generator_top_p", "reason_top_p"):
-            _require(m[key] is None or 0 < m[key] <= 1, f"method.{key}", f"must be in (0, 1] or null, got {m[key]}",
-                     "")
+            _require(m[key] is None or 0 < m[key] <= 1, f"method.{key}", f"must be in (0, 1] or null, got {m[key]}", "")
         try:
             re.compile(m.rule)
         except re.error as e:
             raise ConfigError(f"method.rule: {m.rule!r} is not a regular expression ({e}). Fix the pattern") from e
-        for key, fields in (("generator_template", ("prompt", "examples")), ("pg_template", ("input", "base", "teacher")),
-                            ("reason_template", ("input", "base", "teacher", "prompt"))):
+        for key, fields in (
+            ("generator_template", ("prompt", "examples")),
+            ("pg_template", ("input", "base", "teacher")),
+            ("reason_template", ("input", "base", "teacher", "prompt")),
+        ):
             try:
                 m[key].format(**{f: "" for f in fields})
             except (KeyError, IndexError, ValueError) as e:
-                raise ConfigError(f"method.{key}: cannot fill it ({e!r}); it may use only "
-                                  f"{', '.join('{' + f + '}' for f in fields)} (double literal braces)") from e
+                raise ConfigError(
+                    f"method.{key}: cannot fill it ({e!r}); it may use only "
+                    f"{', '.join('{' + f + '}' for f in fields)} (double literal braces)"
+                ) from e
     if issubclass(OmegaConf.get_type(m), OnPolicyConfig):
-        _require(m.divergence in ("reverse_kl", "jsd", "forward_kl", "sampled_reverse_kl"), "method.divergence",
-                 f"unknown value {m.divergence!r}", "Use one of: reverse_kl, jsd, forward_kl, sampled_reverse_kl")
+        _require(
+            m.divergence in ("reverse_kl", "jsd", "forward_kl", "sampled_reverse_kl"),
+            "method.divergence",
+            f"unknown value {m.divergence!r}",
+            "Use one of: reverse_kl, jsd, forward_kl, sampled_reverse_kl",
+        )
         _require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
         _require(0 <= m.lmbda <= 1, "method.lmbda", f"must be in [0, 1], got {m.lmbda}", "")
-        _require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}",
-                 "Sampling needs a positive temperature, e.g. method.temperature=1.0")
+        _require(
+            m.temperature > 0,
+            "method.temperature",
+            f"must be positive, got {m.temperature}",
+            "Sampling needs a positive temperature, e.g. method.temperature=1.0",
+        )
         _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
-        _require(m.top_k is None or m.divergence != "sampled_reverse_kl", "method.top_k",
-                 "top-k sampling never draws the tokens outside the k, so the sampled reverse KL cannot estimate "
-                 "the student's mass there (its gradient would be biased)",
-                 "Set method.top_k=null, or method.divergence=reverse_kl (exact at every sampled position)")
+        _require(
+            m.top_k is None or m.divergence != "sampled_reverse_kl",
+            "method.top_k",
+            "top-k sampling never draws the tokens outside the k, so the sampled reverse KL cannot estimate "
+            "the student's mass there (its gradient would be biased)",
+            "Set method.top_k=null, or method.divergence=reverse_kl (exact at every sampled position)",
+        )
         _require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
     if issubclass(OmegaConf.get_type(m), ScratchpadConfig):
-        _require(d.generation is not None, "dataset", f"method={m.name} needs free-text answers and an answer "
-                 f"extractor (dataset.generation), which dataset={d.name} lacks", "Use e.g. dataset=addition")
+        _require(
+            d.generation is not None,
+            "dataset",
+            f"method={m.name} needs free-text answers and an answer "
+            f"extractor (dataset.generation), which dataset={d.name} lacks",
+            "Use e.g. dataset=addition",
+        )
         _require(m.num_samples >= 1, "method.num_samples", f"must be >= 1, got {m.num_samples}", "")
         _require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "0 is greedy")
         _require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
     if issubclass(OmegaConf.get_type(m), ICLDistillConfig):
         weights = {k: m[k] for k in ("icl_hard_weight", "icl_soft_weight", "lm_hard_weight", "lm_soft_weight")}
-        _require(all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0, "method",
-                 f"the loss weights must be >= 0 and not all 0, got {weights}", "")
+        _require(
+            all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0,
+            "method",
+            f"the loss weights must be >= 0 and not all 0, got {weights}",
+            "",
+        )
         _require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
         _require(m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
-        _require(m.teacher_cache in ("disk", "memory"), "method.teacher_cache", f"unknown value {m.teacher_cache!r}",
-                 "Use disk or memory")
-        _require(m.teacher is not None or (m.icl_soft_weight == 0 and m.lm_soft_weight == 0), "method.teacher",
-                 "the soft (distillation) terms need a teacher model", "Use method=ict, or give method.teacher "
-                 "(e.g. model@method.teacher=smollm2-135m)")
+        _require(
+            m.teacher_cache in ("disk", "memory"),
+            "method.teacher_cache",
+            f"unknown value {m.teacher_cache!r}",
+            "Use disk or memory",
+        )
+        _require(
+            m.teacher is not None or (m.icl_soft_weight == 0 and m.lm_soft_weight == 0),
+            "method.teacher",
+            "the soft (distillation) terms need a teacher model",
+            "Use method=ict, or give method.teacher (e.g. model@method.teacher=smollm2-135m)",
+        )
         if m.teacher is not None:
             _validate_model(m.teacher, "method.teacher")
-        _require("train_tasks" in d, "dataset", f"method={m.name} trains on a task mixture and dataset={d.name} is a "
-                 "single dataset", "Use experiment=huang2022/multitask_ict or huang2022/meta_ict")
-        _require(cfg.model.adapter != "prefix", "model.adapter", "a trainable prefix stands for one fixed context, "
-                 "and in-context tuning draws new demonstrations for every prompt", "Use model.adapter=lora or full")
+        _require(
+            "train_tasks" in d,
+            "dataset",
+            f"method={m.name} trains on a task mixture and dataset={d.name} is a single dataset",
+            "Use experiment=huang2022/multitask_ict or huang2022/meta_ict",
+        )
+        _require(
+            cfg.model.adapter != "prefix",
+            "model.adapter",
+            "a trainable prefix stands for one fixed context, "
+            "and in-context tuning draws new demonstrations for every prompt",
+            "Use model.adapter=lora or full",
+        )
     if issubclass(OmegaConf.get_type(m), ContextualizationConfig):
         _require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
         _require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "")
         _require(m.batch_size >= 1, "method.batch_size", f"must be >= 1, got {m.batch_size}", "")
     if issubclass(OmegaConf.get_type(m), KGCStudentConfig):
-        _require(m.aux_weight >= 0 and m.kgc_weight >= 0, "method.aux_weight / method.kgc_weight",
-                 "must be >= 0", "Set method.aux_weight=0 for the baseline without the auxiliary task")
+        _require(
+            m.aux_weight >= 0 and m.kgc_weight >= 0,
+            "method.aux_weight / method.kgc_weight",
+            "must be >= 0",
+            "Set method.aux_weight=0 for the baseline without the auxiliary task",
+        )
     if issubclass(OmegaConf.get_type(m), KGBertConfig):
-        _require(0 < m.mlm_probability < 1, "method.mlm_probability", f"must be in (0, 1), got {m.mlm_probability}",
-                 "The paper masks 0.15")
+        _require(
+            0 < m.mlm_probability < 1,
+            "method.mlm_probability",
+            f"must be in (0, 1), got {m.mlm_probability}",
+            "The paper masks 0.15",
+        )
         _require(m.negatives >= 1, "method.negatives", f"must be >= 1, got {m.negatives}", "")
-        _require(m.training_rows in ("drawn_once", "fresh_per_batch"), "method.training_rows",
-                 f"unknown value {m.training_rows!r}", "Use drawn_once (the released code) or fresh_per_batch")
-        _require(m.missing_context in ("random", "error"), "method.missing_context",
-                 f"unknown value {m.missing_context!r}", "Use random (the released code) or error")
+        _require(
+            m.training_rows in ("drawn_once", "fresh_per_batch"),
+            "method.training_rows",
+            f"unknown value {m.training_rows!r}",
+            "Use drawn_once (the released code) or fresh_per_batch",
+        )
+        _require(
+            m.missing_context in ("random", "error"),
+            "method.missing_context",
+            f"unknown value {m.missing_context!r}",
+            "Use random (the released code) or error",
+        )
     if issubclass(OmegaConf.get_type(m), KGS2SConfig):
-        _require(m.context_input in ("query", "triple"), "method.context_input", f"unknown value {m.context_input!r}",
-                 "Use query (the released code) or triple (contextualize: h | r | t)")
+        _require(
+            m.context_input in ("query", "triple"),
+            "method.context_input",
+            f"unknown value {m.context_input!r}",
+            "Use query (the released code) or triple (contextualize: h | r | t)",
+        )
         for key in ("source_description_tokens", "target_description_tokens"):
             _require(m[key] >= 0, f"method.{key}", f"must be >= 0, got {m[key]}", "0 leaves descriptions out")
     if "finetune" in m:
-        _require(m.finetune in ("lora", "full"), "method.finetune", f"unknown value {m.finetune!r}",
-                 "Use lora or full")
-        _require(m.train_on in ("demonstrations", "labelled_queries"), "method.train_on",
-                 f"unknown value {m.train_on!r}", "Use demonstrations or labelled_queries")
+        _require(m.finetune in ("lora", "full"), "method.finetune", f"unknown value {m.finetune!r}", "Use lora or full")
+        _require(
+            m.train_on in ("demonstrations", "labelled_queries"),
+            "method.train_on",
+            f"unknown value {m.train_on!r}",
+            "Use demonstrations or labelled_queries",
+        )

@@ -20,8 +20,12 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-           answers: Optional[Sequence[Sequence[int]]] = None, prefix_length: int = 0) -> dict[str, torch.Tensor]:
+def encode(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Optional[Sequence[Sequence[int]]] = None,
+    prefix_length: int = 0,
+) -> dict[str, torch.Tensor]:
     """Left-padded ``prompt + answer[:-1]`` rows, without the first ``prefix_length`` prompt tokens.
 
     Returns input_ids, attention_mask, position_ids and, for the last ``P`` positions
@@ -54,8 +58,9 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
 class SharedPrefix:
     """The key/value cache of the tokens that every prompt of a set starts with."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                 enabled: bool = True):
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], enabled: bool = True
+    ):
         """``enabled=False`` gives an empty prefix: every prompt is run whole (for comparisons)."""
         ids = tokenizer(list(prompts)).input_ids
         first = ids[0]
@@ -68,8 +73,9 @@ class SharedPrefix:
         if length > 0:
             device = next(model.parameters()).device
             with torch.no_grad():
-                self.cache = model(input_ids=torch.tensor([first[:length]], device=device), use_cache=True,
-                                   logits_to_keep=1).cache  # only the cache is needed
+                self.cache = model(
+                    input_ids=torch.tensor([first[:length]], device=device), use_cache=True, logits_to_keep=1
+                ).cache  # only the cache is needed
 
     def for_batch(self, batch_size: int):
         """A cache for one batch that shares the prefix's tensors and stores only what the batch adds.
@@ -80,9 +86,13 @@ class SharedPrefix:
         """
         if all(type(layer) is DynamicLayer for layer in self.cache.layers):
             cache = copy.copy(self.cache)
-            cache.layers = [_PrefixLayer(layer.keys.expand(batch_size, *layer.keys.shape[1:]),
-                                         layer.values.expand(batch_size, *layer.values.shape[1:]))
-                            for layer in self.cache.layers]
+            cache.layers = [
+                _PrefixLayer(
+                    layer.keys.expand(batch_size, *layer.keys.shape[1:]),
+                    layer.values.expand(batch_size, *layer.values.shape[1:]),
+                )
+                for layer in self.cache.layers
+            ]
             return cache
         cache = copy.deepcopy(self.cache)  # sliding-window and other layer kinds: a real copy per batch
         cache.batch_repeat_interleave(batch_size)
@@ -104,15 +114,15 @@ class _PrefixLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        return (torch.cat([self.prefix_keys, self.keys], dim=-2),
-                torch.cat([self.prefix_values, self.values], dim=-2))
+        return (torch.cat([self.prefix_keys, self.keys], dim=-2), torch.cat([self.prefix_values, self.values], dim=-2))
 
     def get_seq_length(self) -> int:
         return self.prefix_keys.shape[-2] + super().get_seq_length()
 
 
-def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                  prefix: Optional[SharedPrefix] = None) -> torch.Tensor:
+def answer_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], prefix: Optional[SharedPrefix] = None
+) -> torch.Tensor:
     """Logits [B, P, V] at the P answer positions of an :func:`encode` batch.
 
     With ``prefix`` the batch must have been encoded with ``prefix_length=prefix.length``.
@@ -134,8 +144,9 @@ def answer_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     return out.logits.float()
 
 
-def answer_and_column_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                             columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_and_column_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], columns: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits at the answer positions [B, P, V] and at the given row positions ``columns`` [B, M] -> [B, M, V].
 
     The LM head runs from the earliest requested column to the end of the rows, not over the padding
@@ -143,8 +154,12 @@ def answer_and_column_logits(model: torch.nn.Module, batch: dict[str, torch.Tens
     device = next(model.parameters()).device
     width, span = batch["input_ids"].shape[1], batch["answer_ids"].shape[1]
     keep = width - min(int(columns.min()), width - span)
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                position_ids=batch["position_ids"].to(device), logits_to_keep=keep)
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        logits_to_keep=keep,
+    )
     logits = out.logits.float()  # [B, keep, V], row positions width-keep .. width-1
     index = (columns.to(device) - (width - keep)).unsqueeze(-1).expand(-1, -1, logits.shape[-1])
     return logits[:, -span:], logits.gather(1, index)

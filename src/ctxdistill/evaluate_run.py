@@ -47,9 +47,11 @@ def evaluation_config(run_dir: Path, overrides: list[str], out: Path) -> DictCon
             return compose("config", overrides=[*recorded_overrides, *overrides, *fixed])
     groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
     if groups:
-        raise ConfigError(f"{groups[0]}: {run_dir} has no .hydra/overrides.yaml (it was not started by the "
-                          "ctxdistill command), so group choices cannot be recomposed; override keys instead "
-                          "(e.g. dataset.ood=[...], dataset.num_eval=null)")
+        raise ConfigError(
+            f"{groups[0]}: {run_dir} has no .hydra/overrides.yaml (it was not started by the "
+            "ctxdistill command), so group choices cannot be recomposed; override keys instead "
+            "(e.g. dataset.ood=[...], dataset.num_eval=null)"
+        )
     cfg = OmegaConf.load(run_dir / "config.yaml")
     for override in [*overrides, f"output_dir={out}", "logger.backend=none"]:
         key, value = override.lstrip("+").split("=", 1)
@@ -76,19 +78,32 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
     method.check_inputs(task, tokenizer, cfg)
     saved = next((run_dir / d for d in ("adapter", "model") if (run_dir / d).is_dir()), None) if method.trains else None
     if method.trains and saved is None:
-        raise ConfigError(f"{run_dir} holds no trained weights (adapter/ or model/): the run was made with "
-                          "trainer.save_model=false, or did not finish. Train it again with trainer.save_model=true")
+        raise ConfigError(
+            f"{run_dir} holds no trained weights (adapter/ or model/): the run was made with "
+            "trainer.save_model=false, or did not finish. Train it again with trainer.save_model=true"
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, teacher, parameters = build_models(cfg, method, tokenizer, task, device, saved)
-    handle = ModelHandle(student=model, base=model, separate_teacher=teacher,
-                         identity=model_identity(method.teacher_model or cfg.model, cfg.seed))
+    handle = ModelHandle(
+        student=model,
+        base=model,
+        separate_teacher=teacher,
+        identity=model_identity(method.teacher_model or cfg.model, cfg.seed),
+    )
     evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
     evaluator.prepare()
     metrics, predictions = evaluator.evaluate()
-    result = {**run_identity(cfg, task), "status": "complete", "metrics": metrics, "objective": method.objective,
-              "evaluated_run": str(run_dir), "weights": str(saved) if saved else None, "overrides": overrides,
-              "model_parameters": parameters,
-              "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    result = {
+        **run_identity(cfg, task),
+        "status": "complete",
+        "metrics": metrics,
+        "objective": method.objective,
+        "evaluated_run": str(run_dir),
+        "weights": str(saved) if saved else None,
+        "overrides": overrides,
+        "model_parameters": parameters,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     save_results(out, result, predictions)
@@ -106,13 +121,16 @@ def run_dirs(path: Path) -> list[Path]:
 def main(argv: Optional[list[str]] = None) -> int:
     from ctxdistill.cli import cell_dir, exit_with_message, quiet_console, user_errors
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[1:]),
+    )
     parser.add_argument("path", type=Path, help="a finished run's directory, or a sweep's")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of the evaluation (key=value)")
-    parser.add_argument("--name", help="the evaluation's directory under RUN_DIR/evaluations/ "
-                                       "(default: made from the overrides)")
+    parser.add_argument(
+        "--name", help="the evaluation's directory under RUN_DIR/evaluations/ (default: made from the overrides)"
+    )
     args = parser.parse_args(argv)
     quiet_console()
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")

@@ -15,11 +15,10 @@ are gathered, so every process ends with the whole set's scores in input order.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Optional
-
-import math
 
 import torch
 from tqdm.auto import tqdm
@@ -35,13 +34,18 @@ from ctxdistill.models import ModelHandle
 
 def check_prompt_lengths(task: Task | TaskMixture, tokenizer, window: int, answer_tokens: int) -> None:
     parts = task.parts if isinstance(task, TaskMixture) else [task]
-    prompts = [part.teacher_prompt(e) for part in parts
-               for e in [*part.train_queries, *(e for s in part.eval_sets.values() for e in s)]]
+    prompts = [
+        part.teacher_prompt(e)
+        for part in parts
+        for e in [*part.train_queries, *(e for s in part.eval_sets.values() for e in s)]
+    ]
     longest = max(len(ids) for ids in tokenizer(prompts).input_ids)
     if longest + answer_tokens > window:
-        raise ConfigError(f"dataset.context: the teacher prompt takes up to {longest} tokens (+{answer_tokens} for "
-                          f"the answer), more than the model's window of {window}. Lower "
-                          f"dataset.context.num_demos or use a model with a longer context.")
+        raise ConfigError(
+            f"dataset.context: the teacher prompt takes up to {longest} tokens (+{answer_tokens} for "
+            f"the answer), more than the model's window of {window}. Lower "
+            f"dataset.context.num_demos or use a model with a longer context."
+        )
 
 
 def check_answer_tokenization(task: Task | TaskMixture, tokenizer, examples_per_set: int = 8) -> None:
@@ -60,14 +64,15 @@ def check_answer_tokenization(task: Task | TaskMixture, tokenizer, examples_per_
                     answer_ids = tokenizer(answer, add_special_tokens=False).input_ids
                     joined = tokenizer(prompt + answer).input_ids
                     if joined != prompt_ids + answer_ids:
-                        pieces = tokenizer.convert_ids_to_tokens(joined[len(prompt_ids) - 1:])
+                        pieces = tokenizer.convert_ids_to_tokens(joined[len(prompt_ids) - 1 :])
                         scored = tokenizer.convert_ids_to_tokens(prompt_ids[-1:] + answer_ids)
                         raise ConfigError(
                             f"dataset.template: the prompt ({part.template!r}) and the answer {answer!r} tokenise "
                             f"together as {pieces} at the seam, while the answer is scored as {scored} after the "
                             "prompt: a token sequence the model would never write. End the template without "
-                            "trailing whitespace and start each answer word with its space (\" yes\"), so the "
-                            "answer begins a new token.")
+                            'trailing whitespace and start each answer word with its space (" yes"), so the '
+                            "answer begins a new token."
+                        )
 
 
 @dataclass
@@ -92,15 +97,28 @@ def majority_vote(scores: Scores, votes: int) -> Scores:
     probabilities = scores.label_logprobs.view(n, votes, classes).softmax(-1).mean(1)
     # Counts differ by whole numbers; half a probability can only break a tie.
     voted = (counts + 0.5 * probabilities).argmax(-1)
-    return Scores(scores.label_logprobs.view(n, votes, classes).mean(1), None,
-                  None if scores.kl_to_teacher is None else scores.kl_to_teacher.view(n, votes).mean(1),
-                  scores.top_token.view(n, votes)[:, 0], voted)
+    return Scores(
+        scores.label_logprobs.view(n, votes, classes).mean(1),
+        None,
+        None if scores.kl_to_teacher is None else scores.kl_to_teacher.view(n, votes).mean(1),
+        scores.top_token.view(n, votes)[:, 0],
+        voted,
+    )
 
 
 @torch.no_grad()
-def score(model, tokenizer, task: Task, examples: list[Example], with_context: bool, batch_size: int,
-          teacher: Optional[Scores] = None, keep_distribution: bool = False, desc: str = "eval",
-          share_prefix: bool = True) -> Scores:
+def score(
+    model,
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    with_context: bool,
+    batch_size: int,
+    teacher: Optional[Scores] = None,
+    keep_distribution: bool = False,
+    desc: str = "eval",
+    share_prefix: bool = True,
+) -> Scores:
     """Score every class for each example; with ``teacher``, also the per-example KL to it.
 
     ``share_prefix=False`` runs every prompt whole instead of the shared context once (for comparisons)."""
@@ -114,7 +132,7 @@ def score(model, tokenizer, task: Task, examples: list[Example], with_context: b
     order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
     label_lp, distributions, kls, top = [], [], [], []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         prompts = [all_prompts[i] for i in rows]
         batch = encode(tokenizer, prompts, prefix_length=prefix.length)
         next_token = answer_logits(model, batch, prefix)[:, -1].log_softmax(-1)
@@ -134,8 +152,12 @@ def score(model, tokenizer, task: Task, examples: list[Example], with_context: b
             distributions.append(next_token.cpu())
     model.train(was_training)
     restore = torch.argsort(torch.tensor(order))
-    return Scores(torch.cat(label_lp)[restore], torch.cat(distributions)[restore] if keep_distribution else None,
-                  torch.cat(kls)[restore] if teacher is not None else None, torch.cat(top)[restore])
+    return Scores(
+        torch.cat(label_lp)[restore],
+        torch.cat(distributions)[restore] if keep_distribution else None,
+        torch.cat(kls)[restore] if teacher is not None else None,
+        torch.cat(top)[restore],
+    )
 
 
 @dataclass
@@ -170,19 +192,32 @@ class Ranks:
         return every.transpose(0, 1).reshape(-1, *local.shape[1:])[:n]
 
 
-def score_shared(model, tokenizer, task: Task, examples: list[Example], with_context: bool, batch_size: int,
-                 ranks: Ranks, teacher: Optional[Scores] = None, keep_distribution: bool = False,
-                 desc: str = "eval") -> tuple[Scores, Scores]:
+def score_shared(
+    model,
+    tokenizer,
+    task: Task,
+    examples: list[Example],
+    with_context: bool,
+    batch_size: int,
+    ranks: Ranks,
+    teacher: Optional[Scores] = None,
+    keep_distribution: bool = False,
+    desc: str = "eval",
+) -> tuple[Scores, Scores]:
     """:func:`score` over this process's share: (its own scores, the whole set's gathered scores).
 
     ``teacher`` is a previous call's own share; the vocabulary-sized distributions stay
     with the process that computed them and are never gathered."""
     share = ranks.share(len(examples))
-    own = score(model, tokenizer, task, [examples[i] for i in share], with_context, batch_size, teacher,
-                keep_distribution, desc)
-    gathered = Scores(ranks.combine(own.label_logprobs, len(examples)), None,
-                      ranks.combine(own.kl_to_teacher, len(examples)) if teacher is not None else None,
-                      ranks.combine(own.top_token, len(examples)))
+    own = score(
+        model, tokenizer, task, [examples[i] for i in share], with_context, batch_size, teacher, keep_distribution, desc
+    )
+    gathered = Scores(
+        ranks.combine(own.label_logprobs, len(examples)),
+        None,
+        ranks.combine(own.kl_to_teacher, len(examples)) if teacher is not None else None,
+        ranks.combine(own.top_token, len(examples)),
+    )
     return own, gathered
 
 
@@ -195,8 +230,11 @@ def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_
         fp = ((predictions == c) & (labels != c)).sum().item()
         fn = ((predictions != c) & (labels == c)).sum().item()
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    per_class = {f"accuracy_label{c}": (predictions[labels == c] == c).float().mean().item()
-                 for c in range(num_classes) if (labels == c).any()}
+    per_class = {
+        f"accuracy_label{c}": (predictions[labels == c] == c).float().mean().item()
+        for c in range(num_classes)
+        if (labels == c).any()
+    }
     return {
         "accuracy": (predictions == labels).float().mean().item(),
         "f1": f1s[1] if num_classes == 2 else sum(f1s) / num_classes,
@@ -206,14 +244,16 @@ def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_
 
 
 # Words that say nothing about what a request is about: sharing only these is no answer to it.
-FUNCTION_WORDS = frozenset("""
+FUNCTION_WORDS = frozenset(
+    """
     a about above after again all also am an and any are as at be because been before being below between both
     but by can could did do does doing done down during each few for from further had has have having he her here
     hers him his how i if in into is it its just me more most my no nor not now of off on once only or other our
     out over own same she should so some such than that the their them then there these they this those through
     to too under until up very was we were what when where which while who whom why will with would you your
     yours give good best better explain describe know let like make many much need please say tell think want way
-""".split())
+""".split()
+)
 
 
 def _words(text: str) -> list[str]:
@@ -249,8 +289,9 @@ def task_success(reply: str, request: str, reference: str, rule: re.Pattern) -> 
     return bool(rule.search(reply)) and is_on_topic(reply, request, reference) and not is_degenerate(reply)
 
 
-def generation_metrics(requests: list[str], replies: list[str], teacher_replies: list[str], base_replies: list[str],
-                       rule: re.Pattern) -> dict[str, float]:
+def generation_metrics(
+    requests: list[str], replies: list[str], teacher_replies: list[str], base_replies: list[str], rule: re.Pattern
+) -> dict[str, float]:
     """Free-text replies to ``requests``, for the model, the teacher and the base model: the share of
     replies with task success (:func:`task_success`; the base model's reply, written without the prompt, is
     the reference answer, so for the base model itself it is the rule and no loop), that follow the rule, and
@@ -264,8 +305,10 @@ def generation_metrics(requests: list[str], replies: list[str], teacher_replies:
 
     metrics = {}
     for prefix, texts in (("", replies), ("teacher_", teacher_replies), ("base_", base_replies)):
-        metrics[f"{prefix}task_success"] = sum(task_success(text, request, reference, rule) for text, request, reference
-                                               in zip(texts, requests, base_replies)) / len(texts)
+        metrics[f"{prefix}task_success"] = sum(
+            task_success(text, request, reference, rule)
+            for text, request, reference in zip(texts, requests, base_replies)
+        ) / len(texts)
         metrics[f"{prefix}rule_compliance"] = sum(bool(rule.search(t)) for t in texts) / len(texts)
         metrics[f"{prefix}degenerate"] = sum(map(is_degenerate, texts)) / len(texts)
     return {**metrics, "rougeL_to_teacher": rouge(replies), "base_rougeL_to_teacher": rouge(base_replies)}
@@ -278,8 +321,16 @@ class Evaluator:
     set and reused by every later evaluation, including periodic ones during training.
     """
 
-    def __init__(self, handle: ModelHandle, tokenizer, task: Task, with_context: bool, batch_size: int,
-                 model_is_teacher: bool = False, ranks: Optional[Ranks] = None):
+    def __init__(
+        self,
+        handle: ModelHandle,
+        tokenizer,
+        task: Task,
+        with_context: bool,
+        batch_size: int,
+        model_is_teacher: bool = False,
+        ranks: Optional[Ranks] = None,
+    ):
         self.handle, self.tokenizer, self.task = handle, tokenizer, task
         self.with_context, self.batch_size = with_context, batch_size
         # An untrained model that sees the context *is* the teacher: score it once.
@@ -309,17 +360,36 @@ class Evaluator:
 
     def score_teacher(self, teacher, examples: list[Example], desc: str) -> tuple[Scores, Scores]:
         """(this process's share, with the distributions the model's KL needs; the whole set's scores)"""
-        return score_shared(teacher, self.tokenizer, self.task, examples, with_context=True,
-                            batch_size=self.batch_size, ranks=self.ranks, keep_distribution=True, desc=desc)
+        return score_shared(
+            teacher,
+            self.tokenizer,
+            self.task,
+            examples,
+            with_context=True,
+            batch_size=self.batch_size,
+            ranks=self.ranks,
+            keep_distribution=True,
+            desc=desc,
+        )
 
-    def evaluate_set(self, name: str, examples: list[Example],
-                     teacher_scores: tuple[Scores, Scores]) -> tuple[dict[str, float], list[dict]]:
+    def evaluate_set(
+        self, name: str, examples: list[Example], teacher_scores: tuple[Scores, Scores]
+    ) -> tuple[dict[str, float], list[dict]]:
         teacher_share, teacher = teacher_scores
         if self.model_is_teacher:
             model = Scores(teacher.label_logprobs, None, torch.zeros(len(examples)), teacher.top_token)
         else:
-            model = score_shared(self.handle.base, self.tokenizer, self.task, examples, self.with_context,
-                                 self.batch_size, self.ranks, teacher=teacher_share, desc=f"model {name}")[1]
+            model = score_shared(
+                self.handle.base,
+                self.tokenizer,
+                self.task,
+                examples,
+                self.with_context,
+                self.batch_size,
+                self.ranks,
+                teacher=teacher_share,
+                desc=f"model {name}",
+            )[1]
         labels = torch.tensor([e.label for e in examples])
         votes = self.task.votes
         if votes > 1:  # every query was answered `votes` times, with other demonstrations each time
@@ -340,18 +410,33 @@ class Evaluator:
         result["teacher_agreement"] = (model.predictions == teacher.predictions).float().mean().item()
         result["kl_to_teacher"] = model.kl_to_teacher.mean().item()
         rows = [
-            {"uid": e.uid, "prompt": self.task.prompt(e, self.with_context), "label": e.label,
-             "prediction": int(p), "teacher_prediction": int(t), "kl_to_teacher": float(k),
-             "label_logprobs": [round(float(x), 4) for x in lp]}
-            for e, p, t, k, lp in zip(examples, model.predictions, teacher.predictions,
-                                      model.kl_to_teacher, model.label_logprobs)
+            {
+                "uid": e.uid,
+                "prompt": self.task.prompt(e, self.with_context),
+                "label": e.label,
+                "prediction": int(p),
+                "teacher_prediction": int(t),
+                "kl_to_teacher": float(k),
+                "label_logprobs": [round(float(x), 4) for x in lp],
+            }
+            for e, p, t, k, lp in zip(
+                examples, model.predictions, teacher.predictions, model.kl_to_teacher, model.label_logprobs
+            )
         ]
         return result, rows
 
     def context_accuracy(self, examples: list[Example], labels: list[int]) -> float:
         """Accuracy of the (trained) model *with* the context on ``examples``."""
-        scores = score_shared(self.handle.base, self.tokenizer, self.task, examples, with_context=True,
-                              batch_size=self.batch_size, ranks=self.ranks, desc="with context")[1]
+        scores = score_shared(
+            self.handle.base,
+            self.tokenizer,
+            self.task,
+            examples,
+            with_context=True,
+            batch_size=self.batch_size,
+            ranks=self.ranks,
+            desc="with context",
+        )[1]
         return classification_metrics(scores.predictions, torch.tensor(labels), self.task.num_classes)["accuracy"]
 
 
@@ -378,8 +463,16 @@ class GenerationEvaluator(Evaluator):
         spec = self.task.generation
         prompts = [self.task.prompt(e, with_context) for e in examples]
         budget, stop = (spec.max_new_tokens, spec.stop) if with_context else (spec.max_answer_tokens, "\n")
-        generated = generate(model, self.tokenizer, prompts, budget, stop=stop, batch_size=self.batch_size,
-                             prefix=SharedPrefix(model, self.tokenizer, prompts), desc=desc)
+        generated = generate(
+            model,
+            self.tokenizer,
+            prompts,
+            budget,
+            stop=stop,
+            batch_size=self.batch_size,
+            prefix=SharedPrefix(model, self.tokenizer, prompts),
+            desc=desc,
+        )
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return Answers(texts, [spec.extract(t, with_context) for t in texts])
 
@@ -387,8 +480,11 @@ class GenerationEvaluator(Evaluator):
         return self.answers(teacher, examples, True, desc)
 
     def evaluate_set(self, name: str, examples: list[Example], teacher: Answers) -> tuple[dict[str, float], list[dict]]:
-        model = teacher if self.model_is_teacher else self.answers(self.handle.base, examples, self.with_context,
-                                                                    f"model {name}")
+        model = (
+            teacher
+            if self.model_is_teacher
+            else self.answers(self.handle.base, examples, self.with_context, f"model {name}")
+        )
         targets = [e.target for e in examples]
         result = {
             "accuracy": exact_match_rate(model.answers, targets),
@@ -400,12 +496,23 @@ class GenerationEvaluator(Evaluator):
         }
         for group in sorted({e.group for e in examples if e.group is not None}):
             members = [i for i, e in enumerate(examples) if e.group == group]
-            result[f"accuracy_{group}"] = exact_match_rate([model.answers[i] for i in members],
-                                                           [targets[i] for i in members])
-        rows = [{"uid": e.uid, "prompt": self.task.prompt(e, self.with_context), "target": e.target,
-                 "generation": text, "prediction": answer, "teacher_generation": t_text, "teacher_prediction": t_answer}
-                for e, text, answer, t_text, t_answer in zip(examples, model.texts, model.answers, teacher.texts,
-                                                             teacher.answers)]
+            result[f"accuracy_{group}"] = exact_match_rate(
+                [model.answers[i] for i in members], [targets[i] for i in members]
+            )
+        rows = [
+            {
+                "uid": e.uid,
+                "prompt": self.task.prompt(e, self.with_context),
+                "target": e.target,
+                "generation": text,
+                "prediction": answer,
+                "teacher_generation": t_text,
+                "teacher_prediction": t_answer,
+            }
+            for e, text, answer, t_text, t_answer in zip(
+                examples, model.texts, model.answers, teacher.texts, teacher.answers
+            )
+        ]
         return result, rows
 
     def context_accuracy(self, examples: list[Example], targets: list[str]) -> float:
@@ -419,13 +526,29 @@ class MixtureEvaluator:
     the run's objective); prediction rows per task. A periodic evaluation evaluates every task too.
     """
 
-    MEANS = ("accuracy", "teacher_accuracy", "single_draw_accuracy", "teacher_agreement", "kl_to_teacher", "f1",
-             "majority_rate")
+    MEANS = (
+        "accuracy",
+        "teacher_accuracy",
+        "single_draw_accuracy",
+        "teacher_agreement",
+        "kl_to_teacher",
+        "f1",
+        "majority_rate",
+    )
 
-    def __init__(self, handle: ModelHandle, tokenizer, mixture: TaskMixture, with_context: bool, batch_size: int,
-                 model_is_teacher: bool = False):
-        self.evaluators = {name: Evaluator(handle, tokenizer, task, with_context, batch_size, model_is_teacher)
-                           for name, task in mixture.eval_tasks.items()}
+    def __init__(
+        self,
+        handle: ModelHandle,
+        tokenizer,
+        mixture: TaskMixture,
+        with_context: bool,
+        batch_size: int,
+        model_is_teacher: bool = False,
+    ):
+        self.evaluators = {
+            name: Evaluator(handle, tokenizer, task, with_context, batch_size, model_is_teacher)
+            for name, task in mixture.eval_tasks.items()
+        }
 
     def prepare(self) -> None:
         for evaluator in self.evaluators.values():
@@ -444,8 +567,14 @@ class MixtureEvaluator:
         return metrics, rows
 
 
-def make_evaluator(handle: ModelHandle, tokenizer, task: Task | TaskMixture, with_context: bool, batch_size: int,
-                   model_is_teacher: bool = False):
+def make_evaluator(
+    handle: ModelHandle,
+    tokenizer,
+    task: Task | TaskMixture,
+    with_context: bool,
+    batch_size: int,
+    model_is_teacher: bool = False,
+):
     """One evaluator per task of a mixture; exact match of generated answers for free-text tasks,
     verbalizer scoring otherwise."""
     if isinstance(task, TaskMixture):

@@ -18,8 +18,13 @@ from tqdm.auto import tqdm
 from ctxdistill.encoding import SharedPrefix, encode
 
 
-def pick_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
-                generator: Optional[torch.Generator], top_p: Optional[float] = None) -> torch.Tensor:
+def pick_tokens(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: Optional[int],
+    generator: Optional[torch.Generator],
+    top_p: Optional[float] = None,
+) -> torch.Tensor:
     """The next token of each row: argmax at temperature 0, else a sample of softmax(logits / T) over the top k,
     then over the nucleus of mass top_p (transformers' order and rule)."""
     if temperature == 0:
@@ -38,10 +43,20 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: Optional[int],
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0,
-             top_k: Optional[int] = None, stop: Optional[str] = "\n", generator: Optional[torch.Generator] = None,
-             prefix: Optional[SharedPrefix] = None, batch_size: int = 16, desc: Optional[str] = None,
-             top_p: Optional[float] = None) -> list[list[int]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    stop: Optional[str] = "\n",
+    generator: Optional[torch.Generator] = None,
+    prefix: Optional[SharedPrefix] = None,
+    batch_size: int = 16,
+    desc: Optional[str] = None,
+    top_p: Optional[float] = None,
+) -> list[list[int]]:
     """Each prompt's continuation, ending with the token that stops it (end-of-sequence, or the token
     that completes the text ``stop``) unless ``max_new_tokens`` came first. Runs in eval mode; the caller's mode is
     restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt)."""
@@ -52,7 +67,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
     continuations: list[list[int]] = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
-        batch = encode(tokenizer, prompts[start:start + batch_size], prefix_length=prefix.length if prefix else 0)
+        batch = encode(tokenizer, prompts[start : start + batch_size], prefix_length=prefix.length if prefix else 0)
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch["attention_mask"].to(device)
         position_ids = batch["position_ids"].to(device)
@@ -64,8 +79,14 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
         tokens = [[] for _ in range(rows)]
         done = [False] * rows
         for _ in range(max_new_tokens):
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        cache=past, use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             past = out.cache
             picked = pick_tokens(out.logits[:, -1], temperature, top_k, generator, top_p)
             for i, token in enumerate(picked.tolist()):
@@ -73,7 +94,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
                     continue
                 tokens[i].append(token)
                 # A stop string of n characters lies within the last n tokens.
-                done[i] = token in stops or (stop is not None and stop in tokenizer.decode(tokens[i][-len(stop):]))
+                done[i] = token in stops or (stop is not None and stop in tokenizer.decode(tokens[i][-len(stop) :]))
             if all(done):
                 break
             input_ids = picked.unsqueeze(-1)
@@ -86,6 +107,8 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, temp
 
 def strip_stop(tokenizer, tokens: list[int], stop: Optional[str] = "\n") -> list[int]:
     """A continuation without its final stop token (end-of-sequence or one containing ``stop``)."""
-    if tokens and (tokens[-1] == tokenizer.eos_token_id or (stop is not None and stop in tokenizer.decode(tokens[-1:]))):
+    if tokens and (
+        tokens[-1] == tokenizer.eos_token_id or (stop is not None and stop in tokenizer.decode(tokens[-1:]))
+    ):
         return tokens[:-1]
     return tokens

@@ -19,8 +19,9 @@ def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
-def teacher_distribution(teacher_logits: torch.Tensor, temperature: float = 1.0,
-                         top_k: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def teacher_distribution(
+    teacher_logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log p_T at temperature T: over the whole vocabulary [..., V] with indices None, or, with
     top_k, at the teacher's k most likely tokens only: (log-probabilities [..., k], indices [..., k]).
 
@@ -65,9 +66,16 @@ def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta
     return beta * forward_kl(mixture, teacher_logp) + (1 - beta) * forward_kl(mixture, student_logp)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor,
-                      divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                      teacher_indices: Optional[torch.Tensor] = None, top_k_rest: str = "renormalize") -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    teacher_indices: Optional[torch.Tensor] = None,
+    top_k_rest: str = "renormalize",
+) -> torch.Tensor:
     """Mean divergence over the masked answer positions (Upadhayaya et al.'s loss is the default).
 
     ``teacher_logprobs``/``teacher_indices`` come from :func:`teacher_distribution` at the same
@@ -103,8 +111,13 @@ def answer_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torc
     return _masked_mean(per_position.view(targets.shape), mask)
 
 
-def sampled_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
-                       mask: torch.Tensor, sampling_logprobs: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sampled_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    sampling_logprobs: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Reverse KL estimated from sampled tokens (on-policy distillation, SDFT's sampled-token mode).
 
     Per position, with x drawn from q and k = log p_S(x) - log p_T(x), the returned value is the masked

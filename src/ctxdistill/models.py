@@ -32,14 +32,26 @@ from typing import Iterator, Optional
 import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM,
-                          AutoTokenizer, DynamicCache, LlamaConfig, PreTrainedTokenizerBase, T5Config)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DynamicCache,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+    T5Config,
+)
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM,
-                "seq2seq_lm": AutoModelForSeq2SeqLM}
+AUTO_CLASSES = {
+    "causal_lm": AutoModelForCausalLM,
+    "masked_lm": AutoModelForMaskedLM,
+    "seq2seq_lm": AutoModelForSeq2SeqLM,
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -50,12 +62,16 @@ def _package_path(spec: DictConfig, package: str, relative: str) -> Path:
     """A file or directory inside an installed pip package that carries model files."""
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
-        raise ModelLoadError(f"model={spec.name} needs the Python package {package!r}, "
-                             f"which is not installed. Install it with:  {spec.pip_install}")
+        raise ModelLoadError(
+            f"model={spec.name} needs the Python package {package!r}, "
+            f"which is not installed. Install it with:  {spec.pip_install}"
+        )
     path = Path(found.submodule_search_locations[0]) / relative
     if not path.exists():
-        raise ModelLoadError(f"{path} is missing from the installed package {package!r}; "
-                             f"reinstall it with:  {spec.pip_install} --force-reinstall")
+        raise ModelLoadError(
+            f"{path} is missing from the installed package {package!r}; "
+            f"reinstall it with:  {spec.pip_install} --force-reinstall"
+        )
     return path
 
 
@@ -77,8 +93,13 @@ def package_version(module: str) -> str:
 def converted_dir(spec: DictConfig, cache_dir: str) -> Path:
     """Where the converted GGUF model is cached: named by everything that determines the conversion's output
     (the package that carries the file and its version, transformers' dequantisation, this converter)."""
-    producer = [spec.gguf_package, package_version(spec.gguf_package), spec.gguf_file, transformers.__version__,
-                CONVERSION_VERSION]
+    producer = [
+        spec.gguf_package,
+        package_version(spec.gguf_package),
+        spec.gguf_file,
+        transformers.__version__,
+        CONVERSION_VERSION,
+    ]
     digest = hashlib.sha256(json.dumps(producer).encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / "models" / f"{Path(spec.gguf_file).stem}-{digest}"
 
@@ -137,9 +158,11 @@ def _ensure_converted(spec: DictConfig, cache_dir: str) -> Path:
 
 
 def _hub_error(spec: DictConfig, e: Exception) -> ModelLoadError:
-    return ModelLoadError(f"could not load {spec.name_or_path!r} for model={spec.name}: {e}. "
-                          "If it is a Hub id, run once with network (it is then cached), or set "
-                          "model.name_or_path to a local directory that holds the checkpoint.")
+    return ModelLoadError(
+        f"could not load {spec.name_or_path!r} for model={spec.name}: {e}. "
+        "If it is a Hub id, run once with network (it is then cached), or set "
+        "model.name_or_path to a local directory that holds the checkpoint."
+    )
 
 
 def honour_name_or_path(spec: DictConfig, key: str = "model") -> None:
@@ -147,8 +170,14 @@ def honour_name_or_path(spec: DictConfig, key: str = "model") -> None:
     another model (a Hub id or a local directory) switches the source to ``hub``, so the run loads and
     records the model it was asked for."""
     if spec.source != "hub" and spec.bundles and spec.name_or_path != spec.bundles:
-        log.info("%s.name_or_path=%s is not what %s=%s bundles (%s): loading it from the Hub or its directory",
-                 key, spec.name_or_path, key, spec.name, spec.bundles)
+        log.info(
+            "%s.name_or_path=%s is not what %s=%s bundles (%s): loading it from the Hub or its directory",
+            key,
+            spec.name_or_path,
+            key,
+            spec.name,
+            spec.bundles,
+        )
         spec.source = "hub"
 
 
@@ -197,15 +226,21 @@ def check_hub_download(spec: DictConfig) -> None:
             return
     except ValueError:  # not a Hub id either: from_pretrained says so
         return
-    fix = ("Download it once where there is network (it is then cached), or set model.name_or_path to a local "
-           "directory with the checkpoint")
+    fix = (
+        "Download it once where there is network (it is then cached), or set model.name_or_path to a local "
+        "directory with the checkpoint"
+    )
     if constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(f"model={spec.name}: {spec.name_or_path!r} is not in the local Hugging Face cache, and "
-                             f"HF_HUB_OFFLINE=1 forbids downloading it. {fix}.")
+        raise ModelLoadError(
+            f"model={spec.name}: {spec.name_or_path!r} is not in the local Hugging Face cache, and "
+            f"HF_HUB_OFFLINE=1 forbids downloading it. {fix}."
+        )
     reason = _hub_unreachable(constants.ENDPOINT)
     if reason:
-        raise ModelLoadError(f"model={spec.name}: cannot download {spec.name_or_path!r}, the Hugging Face Hub is "
-                             f"unreachable ({reason}). {fix}; without network, also set HF_HUB_OFFLINE=1.")
+        raise ModelLoadError(
+            f"model={spec.name}: cannot download {spec.name_or_path!r}, the Hugging Face Hub is "
+            f"unreachable ({reason}). {fix}; without network, also set HF_HUB_OFFLINE=1."
+        )
 
 
 def weights_location(spec: DictConfig, cache_dir: str) -> str:
@@ -246,16 +281,31 @@ def context_window(spec: DictConfig, cache_dir: str) -> int:
 def _random_config(spec: DictConfig, tokenizer: PreTrainedTokenizerBase):
     tiny = spec.tiny
     if spec.architecture == "causal_lm":
-        return LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                           tie_word_embeddings=True, attn_implementation=spec.attn_implementation, **tiny)
+        return LlamaConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=True,
+            attn_implementation=spec.attn_implementation,
+            **tiny,
+        )
     if spec.architecture == "seq2seq_lm":
-        return T5Config(vocab_size=len(tokenizer), d_model=tiny.hidden_size, d_ff=tiny.intermediate_size,
-                        num_layers=tiny.num_hidden_layers, num_heads=tiny.num_attention_heads,
-                        d_kv=tiny.hidden_size // tiny.num_attention_heads, pad_token_id=tokenizer.pad_token_id,
-                        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
-    raise ModelLoadError(f"model.source=random builds causal_lm or seq2seq_lm models, not {spec.architecture}; "
-                         "use a real encoder (e.g. model=minilm-l6)")
+        return T5Config(
+            vocab_size=len(tokenizer),
+            d_model=tiny.hidden_size,
+            d_ff=tiny.intermediate_size,
+            num_layers=tiny.num_hidden_layers,
+            num_heads=tiny.num_attention_heads,
+            d_kv=tiny.hidden_size // tiny.num_attention_heads,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+    raise ModelLoadError(
+        f"model.source=random builds causal_lm or seq2seq_lm models, not {spec.architecture}; "
+        "use a real encoder (e.g. model=minilm-l6)"
+    )
 
 
 def load_model(spec: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase, seed: int):
@@ -266,8 +316,12 @@ def load_model(spec: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerB
         model = auto_class.from_config(_random_config(spec, tokenizer), dtype=dtype)
     else:
         try:
-            model = auto_class.from_pretrained(weights_location(spec, cache_dir), dtype=dtype,
-                                               attn_implementation=spec.attn_implementation, **_revision(spec))
+            model = auto_class.from_pretrained(
+                weights_location(spec, cache_dir),
+                dtype=dtype,
+                attn_implementation=spec.attn_implementation,
+                **_revision(spec),
+            )
         except OSError as e:
             raise _hub_error(spec, e) from e
     return keep_every_nth_layer(model, spec.layer_stride) if spec.layer_stride > 1 else model
@@ -287,8 +341,10 @@ def keep_every_nth_layer(model, stride: int):
         if isinstance(getattr(parent, attribute, None), torch.nn.ModuleList):
             break
     else:
-        raise ModelLoadError(f"model.layer_stride={stride}: cannot find the transformer layers of "
-                             f"{type(model).__name__} (looked for {', '.join(_LAYER_STACKS)}); use model.layer_stride=1")
+        raise ModelLoadError(
+            f"model.layer_stride={stride}: cannot find the transformer layers of "
+            f"{type(model).__name__} (looked for {', '.join(_LAYER_STACKS)}); use model.layer_stride=1"
+        )
     kept = getattr(parent, attribute)[::stride]
     setattr(parent, attribute, torch.nn.ModuleList(kept))
     for index, layer in enumerate(kept):
@@ -305,8 +361,18 @@ def model_identity(spec: DictConfig, seed: int) -> str:
     """What determines the base model's outputs, so that cached teacher outputs are never stale: the config's
     fields, the modelling code (transformers' version), and where the weights come from: a package's version,
     a Hub model's commit, a local checkpoint's modification time."""
-    fields = {key: spec[key] for key in ("source", "name_or_path", "gguf_file", "dtype", "attn_implementation",
-                                         "architecture", "layer_stride")}
+    fields = {
+        key: spec[key]
+        for key in (
+            "source",
+            "name_or_path",
+            "gguf_file",
+            "dtype",
+            "attn_implementation",
+            "architecture",
+            "layer_stride",
+        )
+    }
     fields["transformers"] = transformers.__version__
     if spec.source == "random":
         fields.update(tiny=OmegaConf.to_container(spec.tiny), seed=seed)
@@ -327,24 +393,37 @@ def check_shared_vocabulary(student: DictConfig, teacher: DictConfig, cache_dir:
     vocabularies = [load_tokenizer(spec, cache_dir).get_vocab() for spec in (student, teacher)]
     if vocabularies[0] != vocabularies[1]:
         differing = len(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))
-        raise ModelLoadError(f"method.teacher={teacher.name} and model={student.name} have different vocabularies "
-                             f"({len(vocabularies[1])} vs {len(vocabularies[0])} tokens, {differing} entries differ); "
-                             "distillation over logits needs a shared vocabulary. Use a teacher from the student's "
-                             "model family (e.g. OPT-1.3b for OPT-125m).")
-    sizes = [len(vocabularies[0]) if spec.source == "random" else
-             AutoConfig.from_pretrained(weights_location(spec, cache_dir), **_revision(spec)).vocab_size
-             for spec in (student, teacher)]
+        raise ModelLoadError(
+            f"method.teacher={teacher.name} and model={student.name} have different vocabularies "
+            f"({len(vocabularies[1])} vs {len(vocabularies[0])} tokens, {differing} entries differ); "
+            "distillation over logits needs a shared vocabulary. Use a teacher from the student's "
+            "model family (e.g. OPT-1.3b for OPT-125m)."
+        )
+    sizes = [
+        len(vocabularies[0])
+        if spec.source == "random"
+        else AutoConfig.from_pretrained(weights_location(spec, cache_dir), **_revision(spec)).vocab_size
+        for spec in (student, teacher)
+    ]
     if sizes[0] != sizes[1]:
-        raise ModelLoadError(f"method.teacher={teacher.name} scores {sizes[1]} output tokens and model={student.name} "
-                             f"{sizes[0]} (their embedding matrices are padded differently); distillation over logits "
-                             "needs equal output sizes. Use a teacher with the student's output size.")
+        raise ModelLoadError(
+            f"method.teacher={teacher.name} scores {sizes[1]} output tokens and model={student.name} "
+            f"{sizes[0]} (their embedding matrices are padded differently); distillation over logits "
+            "needs equal output sizes. Use a teacher with the student's output size."
+        )
 
 
 def add_lora(model, spec: DictConfig):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                        target_modules=list(spec.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=list(spec.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -392,8 +471,9 @@ class TrainableContext(torch.nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, **kwargs):
         if not self.enabled:
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              cache=cache, **kwargs)
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
+            )
         rows = input_ids.shape[0]
         if cache is None:
             cache = DynamicCache()
@@ -404,13 +484,16 @@ class TrainableContext(torch.nn.Module):
             attention_mask = torch.cat([attention_mask.new_ones(rows, self.num_tokens), attention_mask], 1)
         if position_ids is not None:
             position_ids = position_ids + self.num_tokens
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          cache=cache, **kwargs)
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
+        )
 
     def save_pretrained(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        torch.save({"keys": self.keys.detach().cpu(), "values": self.values.detach().cpu()},
-                   Path(directory) / "trainable_context.pt")
+        torch.save(
+            {"keys": self.keys.detach().cpu(), "values": self.values.detach().cpu()},
+            Path(directory) / "trainable_context.pt",
+        )
 
     @classmethod
     def from_saved(cls, model, directory: Path) -> "TrainableContext":
@@ -430,7 +513,9 @@ def load_trained(model, directory: Path, spec: DictConfig):
     if hasattr(model, "load_trained"):
         model.load_trained(directory)
         return model
-    return type(model).from_pretrained(directory, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation)
+    return type(model).from_pretrained(
+        directory, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation
+    )
 
 
 def add_adapter(model, spec: DictConfig, tokenizer, context: str):
@@ -476,8 +561,11 @@ class ModelHandle:
         if self.separate_teacher is None:
             self.separate_teacher = copy.deepcopy(self.base).requires_grad_(False).eval()
             size = sum(p.numel() * p.element_size() for p in self.separate_teacher.parameters())
-            log.info("full-weight training with a per-step teacher: kept a frozen copy of the initial weights "
-                     "as the teacher (%.0f MB)", size / 2**20)
+            log.info(
+                "full-weight training with a per-step teacher: kept a frozen copy of the initial weights "
+                "as the teacher (%.0f MB)",
+                size / 2**20,
+            )
 
     @contextlib.contextmanager
     def teacher(self) -> Iterator[torch.nn.Module]:
@@ -489,7 +577,8 @@ class ModelHandle:
             raise TeacherUnavailable(
                 "the frozen teacher was asked for during full-weight training, and every weight it would be read "
                 "from is being trained (it would distil from itself). The method must declare "
-                "teacher_during_training so that a frozen copy is kept, or use model.adapter=lora or prefix.")
+                "teacher_during_training so that a frozen copy is kept, or use model.adapter=lora or prefix."
+            )
         was_training = self.base.training
         self.base.eval()
         disable = self.base.disable_adapter() if hasattr(self.base, "disable_adapter") else contextlib.nullcontext()

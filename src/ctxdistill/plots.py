@@ -53,22 +53,52 @@ def accuracy_vs_size(table: Table, dataset: str, path: Path) -> Optional[Path]:
     legend: dict[str, object] = {}
     for ax, name in zip(axes, sets):
         for i, method in enumerate(methods):
-            points = sorted(((x[r.model], r.stats[f"{name}/accuracy"]) for r in rows
-                             if r.method == method and f"{name}/accuracy" in r.stats), key=lambda p: p[0])
+            points = sorted(
+                (
+                    (x[r.model], r.stats[f"{name}/accuracy"])
+                    for r in rows
+                    if r.method == method and f"{name}/accuracy" in r.stats
+                ),
+                key=lambda p: p[0],
+            )
             if not points:
                 continue
             # methods side by side around each model so their error bars do not hide each other
             dodge = (i - (len(methods) - 1) / 2) * (0.06 if log_x else 0.08)
-            xs = [p[0] * 10 ** dodge if log_x else p[0] + dodge for p in points]
-            legend[method] = ax.errorbar(xs, [s.mean for _, s in points], yerr=[s.std or 0.0 for _, s in points],
-                                         marker="o", capsize=4, linewidth=1.5, color=f"C{i}")
-        teacher = {m: Stat([v for r in rows if r.model == m and f"{name}/teacher_accuracy" in r.stats
-                            for v in r.stats[f"{name}/teacher_accuracy"].values]) for m in models}
+            xs = [p[0] * 10**dodge if log_x else p[0] + dodge for p in points]
+            legend[method] = ax.errorbar(
+                xs,
+                [s.mean for _, s in points],
+                yerr=[s.std or 0.0 for _, s in points],
+                marker="o",
+                capsize=4,
+                linewidth=1.5,
+                color=f"C{i}",
+            )
+        teacher = {
+            m: Stat(
+                [
+                    v
+                    for r in rows
+                    if r.model == m and f"{name}/teacher_accuracy" in r.stats
+                    for v in r.stats[f"{name}/teacher_accuracy"].values
+                ]
+            )
+            for m in models
+        }
         teacher = {m: s for m, s in teacher.items() if s.values}
         if teacher:
-            legend["teacher (with context)"], = ax.plot([x[m] for m in teacher], [s.mean for s in teacher.values()],
-                                                        color="black", linestyle="--", marker="x", markersize=8)
-        majority = [v for r in rows if f"{name}/majority_rate" in r.stats for v in r.stats[f"{name}/majority_rate"].values]
+            (legend["teacher (with context)"],) = ax.plot(
+                [x[m] for m in teacher],
+                [s.mean for s in teacher.values()],
+                color="black",
+                linestyle="--",
+                marker="x",
+                markersize=8,
+            )
+        majority = [
+            v for r in rows if f"{name}/majority_rate" in r.stats for v in r.stats[f"{name}/majority_rate"].values
+        ]
         if majority:  # a property of the eval set, the same for every model
             legend["majority class"] = ax.axhline(sum(majority) / len(majority), color="grey", linestyle=":")
         if log_x:
@@ -82,8 +112,7 @@ def accuracy_vs_size(table: Table, dataset: str, path: Path) -> Optional[Path]:
         ax.set_ylabel("accuracy")
         ax.set_title("in-domain" if name == "eval" else f"out-of-domain: {name}")
         ax.grid(alpha=0.3)
-    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 6),
-               frameon=False)
+    fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 6), frameon=False)
     fig.suptitle(f"{dataset}: accuracy vs model size (mean ± std over seeds)")
     return _save(fig, path)
 
@@ -98,10 +127,20 @@ def teacher_gap(table: Table, dataset: str, path: Path) -> Optional[Path]:
     fig = Figure(figsize=(max(5.0, 1.3 * len(methods) * max(1, len(models) / 2)), 4.0), layout="constrained")
     ax = fig.subplots()
     for j, model in enumerate(models):
-        cells = [(i, r.stats["eval/teacher_student_gap"]) for i, method in enumerate(methods) for r in rows
-                 if r.method == method and r.model == model]
-        ax.bar([i + (j - (len(models) - 1) / 2) * width for i, _ in cells], [s.mean for _, s in cells], width,
-               yerr=[s.std or 0.0 for _, s in cells], capsize=4, label=model)
+        cells = [
+            (i, r.stats["eval/teacher_student_gap"])
+            for i, method in enumerate(methods)
+            for r in rows
+            if r.method == method and r.model == model
+        ]
+        ax.bar(
+            [i + (j - (len(models) - 1) / 2) * width for i, _ in cells],
+            [s.mean for _, s in cells],
+            width,
+            yerr=[s.std or 0.0 for _, s in cells],
+            capsize=4,
+            label=model,
+        )
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(methods)), methods)
     ax.set_xlabel("method")

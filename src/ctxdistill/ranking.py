@@ -87,15 +87,16 @@ class LinkPredictionEvaluator:
             filtered[[self.index[e] for e in true if e != target]] = True
             return self.entities, self.index[target], filtered
         rng = random.Random(f"{self.seed}-{number}-{direction}")
-        pool = [e for e in rng.sample(self.entities, min(len(self.entities), self.candidates + len(true)))
-                if e not in true][: self.candidates]
+        pool = [
+            e for e in rng.sample(self.entities, min(len(self.entities), self.candidates + len(true))) if e not in true
+        ][: self.candidates]
         return [target, *pool], 0, torch.zeros(len(pool) + 1, dtype=torch.bool)
 
     def rank_all(self, triples: list[Triple], desc: str) -> dict[str, list[float]]:
         ranks: dict[str, list[float]] = {"head": [], "tail": []}
         queries = [(i, t, d) for i, t in enumerate(triples) for d in ("tail", "head")]
         for start in tqdm(range(0, len(queries), self.queries_per_batch), desc=desc, leave=False):
-            chunk = queries[start:start + self.queries_per_batch]
+            chunk = queries[start : start + self.queries_per_batch]
             built = [self._query(triple, direction, number) for number, triple, direction in chunk]
             scores = self.scorer([(triple, direction) for _, triple, direction in chunk], [b[0] for b in built])
             for (_, _, direction), (_, target, filtered), row in zip(chunk, built, scores):
@@ -111,6 +112,8 @@ class LinkPredictionEvaluator:
             for direction in ("head", "tail"):
                 result.update(ranking_metrics(ranks[direction], f"{self.prefix}{direction}_"))
             metrics.update({f"{name}/{key}": value for key, value in result.items()})
-            rows[name] = [{"uid": "|".join(t), "head": t[0], "relation": t[1], "tail": t[2], "head_rank": hr,
-                           "tail_rank": tr} for t, hr, tr in zip(triples, ranks["head"], ranks["tail"])]
+            rows[name] = [
+                {"uid": "|".join(t), "head": t[0], "relation": t[1], "tail": t[2], "head_rank": hr, "tail_rank": tr}
+                for t, hr, tr in zip(triples, ranks["head"], ranks["tail"])
+            ]
         return metrics, rows

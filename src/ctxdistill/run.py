@@ -24,11 +24,19 @@ from omegaconf import DictConfig, OmegaConf
 from ctxdistill.checkpoint import remove_checkpoints
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
-from ctxdistill.models import (ModelHandle, add_adapter, check_shared_vocabulary, honour_name_or_path, load_model,
-                               load_tokenizer, load_trained, model_identity)
+from ctxdistill.models import (
+    ModelHandle,
+    add_adapter,
+    check_shared_vocabulary,
+    honour_name_or_path,
+    load_model,
+    load_tokenizer,
+    load_trained,
+    model_identity,
+)
 from ctxdistill.sweeps import group_name
-from ctxdistill.trainer import train
 from ctxdistill.tracking import Tracker, create_tracker
+from ctxdistill.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +49,32 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 def run_identity(cfg: DictConfig, task: Task) -> dict[str, Any]:
-    return {"method": cfg.method.name, "model": cfg.model.name, "dataset": task.name, "seed": cfg.seed,
-            "paper": cfg.paper}
+    return {
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "dataset": task.name,
+        "seed": cfg.seed,
+        "paper": cfg.paper,
+    }
 
 
 def training_fingerprint(cfg: DictConfig) -> str:
     """What a checkpoint must share with the run that resumes it (not how often it saves or evaluates)."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in ("checkpoint_every", "keep_checkpoints", "eval_every", "eval_every_epoch", "eval_batch_size",
-                "save_model"):
+    for key in (
+        "checkpoint_every",
+        "keep_checkpoints",
+        "eval_every",
+        "eval_every_epoch",
+        "eval_batch_size",
+        "save_model",
+    ):
         trainer.pop(key)
-    shaping = {"trainer": trainer, "seed": cfg.seed,
-               **{key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("method", "model", "dataset")}}
+    shaping = {
+        "trainer": trainer,
+        "seed": cfg.seed,
+        **{key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("method", "model", "dataset")},
+    }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -65,20 +87,33 @@ def make_accelerator(trainer: DictConfig) -> Accelerator:
     offload = trainer.distributed.cpu_offload
     if trainer.distributed.strategy == "fsdp":
         plugins["fsdp_plugin"] = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", reshard_after_forward=True,
-            state_dict_type="SHARDED_STATE_DICT", cpu_offload=offload)
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            reshard_after_forward=True,
+            state_dict_type="SHARDED_STATE_DICT",
+            cpu_offload=offload,
+        )
     elif trainer.distributed.strategy == "zero3":
         plugins["deepspeed_plugin"] = DeepSpeedPlugin(
-            zero_stage=3, gradient_accumulation_steps=trainer.grad_accum_steps,
-            gradient_clipping=trainer.max_grad_norm or 0.0, zero3_init_flag=False,
-            offload_optimizer_device="cpu" if offload else "none", offload_param_device="cpu" if offload else "none")
-    accelerator = Accelerator(mixed_precision=trainer.mixed_precision,
-                              gradient_accumulation_steps=trainer.grad_accum_steps,
-                              cpu=not torch.cuda.is_available(),
-                              dataloader_config=DataLoaderConfiguration(split_batches=True), **plugins)
+            zero_stage=3,
+            gradient_accumulation_steps=trainer.grad_accum_steps,
+            gradient_clipping=trainer.max_grad_norm or 0.0,
+            zero3_init_flag=False,
+            offload_optimizer_device="cpu" if offload else "none",
+            offload_param_device="cpu" if offload else "none",
+        )
+    accelerator = Accelerator(
+        mixed_precision=trainer.mixed_precision,
+        gradient_accumulation_steps=trainer.grad_accum_steps,
+        cpu=not torch.cuda.is_available(),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        **plugins,
+    )
     if trainer.batch_size % accelerator.num_processes:
-        raise ConfigError(f"trainer.batch_size: {trainer.batch_size} does not split over "
-                          f"{accelerator.num_processes} processes. Use a multiple of {accelerator.num_processes}.")
+        raise ConfigError(
+            f"trainer.batch_size: {trainer.batch_size} does not split over "
+            f"{accelerator.num_processes} processes. Use a multiple of {accelerator.num_processes}."
+        )
     return accelerator
 
 
@@ -115,8 +150,9 @@ def build_models(cfg: DictConfig, method, tokenizer, task, device, saved: Option
         model.requires_grad_(False)
     if method.teacher_model is not None:
         teacher = load_model(method.teacher_model, cfg.cache_dir, tokenizer, cfg.seed).requires_grad_(False).eval()
-        log.info("teacher %s: %d parameters, frozen", method.teacher_model.name,
-                 sum(p.numel() for p in teacher.parameters()))
+        log.info(
+            "teacher %s: %d parameters, frozen", method.teacher_model.name, sum(p.numel() for p in teacher.parameters())
+        )
     return model.to(device), teacher.to(device) if teacher is not None else None, parameters
 
 
@@ -130,8 +166,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     task = method.build_task(cfg.dataset, cfg.seed)
     if method.trains and not method.train_examples(task):
-        raise ConfigError(f"method={method.name} trains on the {task.name} demonstrations or queries, and "
-                          f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0.")
+        raise ConfigError(
+            f"method={method.name} trains on the {task.name} demonstrations or queries, and "
+            f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0."
+        )
     method.check_inputs(task, tokenizer, cfg)
     teacher_spec = method.teacher_model  # a separate (larger) teacher, or None: the base weights teach
     if teacher_spec is not None:
@@ -144,20 +182,35 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker = create_tracker(
-        cfg.logger, group=sweep_group() or f"{task.name}-{cfg.model.name}",
-        name=f"{cfg.method.name}-{cfg.model.name}-{task.name}-s{cfg.seed}",
-        tags=[cfg.method.name, cfg.model.name, task.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
-        config={**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()},
-        output_dir=str(out)) if writer else Tracker()
+    tracker = (
+        create_tracker(
+            cfg.logger,
+            group=sweep_group() or f"{task.name}-{cfg.model.name}",
+            name=f"{cfg.method.name}-{cfg.model.name}-{task.name}-s{cfg.seed}",
+            tags=[cfg.method.name, cfg.model.name, task.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
+            config={**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()},
+            output_dir=str(out),
+        )
+        if writer
+        else Tracker()
+    )
     try:
         model, teacher, model_parameters = build_models(cfg, method, tokenizer, task, accelerator.device)
-        log.info("%s on %s, %d process(es) (weights %s, mixed precision %s); %d trainable parameters",
-                 cfg.model.name, accelerator.device, accelerator.num_processes, cfg.model.dtype,
-                 cfg.trainer.mixed_precision,
-                 sum(p.numel() for p in model.parameters() if p.requires_grad))
-        handle = ModelHandle(student=model, base=model, separate_teacher=teacher,
-                             identity=model_identity(teacher_spec or cfg.model, cfg.seed))
+        log.info(
+            "%s on %s, %d process(es) (weights %s, mixed precision %s); %d trainable parameters",
+            cfg.model.name,
+            accelerator.device,
+            accelerator.num_processes,
+            cfg.model.dtype,
+            cfg.trainer.mixed_precision,
+            sum(p.numel() for p in model.parameters() if p.requires_grad),
+        )
+        handle = ModelHandle(
+            student=model,
+            base=model,
+            separate_teacher=teacher,
+            identity=model_identity(teacher_spec or cfg.model, cfg.seed),
+        )
         if method.trains and method.teacher_during_training and handle.trains_base_weights:
             handle.keep_frozen_teacher()
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
@@ -166,38 +219,58 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         train_stats: dict[str, Any] = {}
         curves: list[dict] = []
         if method.trains:
+
             def periodic_eval(step: int, names: Optional[list[str]]) -> dict:
                 metrics = evaluator.evaluate(names)[0]
                 tracker.log(metrics, step)
                 return metrics
 
-            train_stats, curves = train(method, handle, tokenizer, task, cfg.trainer, accelerator, cfg.seed,
-                                        tracker.log, periodic_eval, run_dir=out, fingerprint=training_fingerprint(cfg))
+            train_stats, curves = train(
+                method,
+                handle,
+                tokenizer,
+                task,
+                cfg.trainer,
+                accelerator,
+                cfg.seed,
+                tracker.log,
+                periodic_eval,
+                run_dir=out,
+                fingerprint=training_fingerprint(cfg),
+            )
             if cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
                 # sharded weights (FSDP, ZeRO-3) are gathered by every process; plain ones are at hand
                 sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
                 gathered = {"state_dict": accelerator.get_state_dict(handle.student)} if sharded else {}
                 if writer:
                     whole = method.adapter == "full" or cfg.model.adapter == "full"
-                    handle.base.save_pretrained(out / ("model" if whole else "adapter"),
-                                                **gathered)
+                    handle.base.save_pretrained(out / ("model" if whole else "adapter"), **gathered)
         metrics, predictions = evaluator.evaluate()
         if method.trains and getattr(task, "train_query_labels", None):
             # Upadhayaya et al.'s "teacher accuracy": the trained model *with* the context, scored
             # on the training queries after training (their teacher was the adapted model itself).
-            metrics["train_queries/context_accuracy"] = evaluator.context_accuracy(task.train_queries,
-                                                                                   task.train_query_labels)
-        result = {**run_identity(cfg, task), "status": "complete", "metrics": metrics, "objective": method.objective,
-                  "train": train_stats, "curves": curves, "model_parameters": model_parameters,
-                  "demos": [d.uid for d in getattr(task, "demos", [])],
-                  "runtime_seconds": time.perf_counter() - started,
-                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            metrics["train_queries/context_accuracy"] = evaluator.context_accuracy(
+                task.train_queries, task.train_query_labels
+            )
+        result = {
+            **run_identity(cfg, task),
+            "status": "complete",
+            "metrics": metrics,
+            "objective": method.objective,
+            "train": train_stats,
+            "curves": curves,
+            "model_parameters": model_parameters,
+            "demos": [d.uid for d in getattr(task, "demos", [])],
+            "runtime_seconds": time.perf_counter() - started,
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         if writer:
             save_results(out, result, predictions)
             remove_checkpoints(out)  # the run is complete; its adapter/model is saved on its own
         tracker.log(metrics, train_stats.get("steps", 0))
-        tracker.summary({**metrics, **{f"train/{k}": v for k, v in train_stats.items()},
-                         "model/parameters": model_parameters})
+        tracker.summary(
+            {**metrics, **{f"train/{k}": v for k, v in train_stats.items()}, "model/parameters": model_parameters}
+        )
         tracker.predictions(predictions)
         log.info("%s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         log.info("results in %s (metrics.json, predictions.jsonl)", out)

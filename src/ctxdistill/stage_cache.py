@@ -67,15 +67,21 @@ class RowStore:
             f.flush()
             os.fsync(f.fileno())
 
-    def fill(self, keys: Sequence[str], compute: Callable[[list[str]], list[dict[str, Any]]], batch_size: int,
-             desc: str) -> list[dict[str, Any]]:
+    def fill(
+        self, keys: Sequence[str], compute: Callable[[list[str]], list[dict[str, Any]]], batch_size: int, desc: str
+    ) -> list[dict[str, Any]]:
         """The rows of ``keys`` in order; missing ones are computed ``batch_size`` at a time and saved per batch."""
         missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
         if missing and len(missing) < len(keys):
-            log.info("%s: %d of %d rows found in %s, generating the rest", desc, len(keys) - len(missing), len(keys),
-                     self.path)
+            log.info(
+                "%s: %d of %d rows found in %s, generating the rest",
+                desc,
+                len(keys) - len(missing),
+                len(keys),
+                self.path,
+            )
         for start in tqdm(range(0, len(missing), batch_size), desc=desc, leave=False, disable=not missing):
-            chunk = missing[start:start + batch_size]
+            chunk = missing[start : start + batch_size]
             rows = compute(chunk)
             if [r["key"] for r in rows] != chunk:
                 raise RuntimeError(f"{desc}: computed rows for {[r['key'] for r in rows]}, expected {chunk}")

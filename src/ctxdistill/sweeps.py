@@ -40,8 +40,11 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose values differ; keys only one side has (a newly added option) do not count."""
     old, new = _flatten(stored), _flatten(current)
-    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and not k.startswith(UNCOMPARED)
-                  and not k.endswith("cache_dir"))
+    return sorted(
+        k
+        for k in old.keys() & new.keys()
+        if old[k] != new[k] and not k.startswith(UNCOMPARED) and not k.endswith("cache_dir")
+    )
 
 
 def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
@@ -63,9 +66,11 @@ def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
         stored = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
         changed = config_changes(stored, OmegaConf.to_container(cfg, resolve=True))
         if changed:
-            raise ConfigError(f"{out} holds a complete run made with a different config ({', '.join(changed[:6])}"
-                              f"{', ...' if len(changed) > 6 else ''}). Pass force=true to run it again and "
-                              "overwrite it, or give the sweep another hydra.sweep.dir.")
+            raise ConfigError(
+                f"{out} holds a complete run made with a different config ({', '.join(changed[:6])}"
+                f"{', ...' if len(changed) > 6 else ''}). Pass force=true to run it again and "
+                "overwrite it, or give the sweep another hydra.sweep.dir."
+            )
     log.info("%s already holds a complete run: skipped (force=true runs it again)", out)
     return result
 
@@ -78,9 +83,17 @@ def run_cell(cfg: DictConfig, run: Callable[[DictConfig], dict[str, Any]]) -> Op
     except Exception as error:  # noqa: BLE001 - one cell must not stop the sweep; it is reported at the end
         log.exception("this cell failed; the sweep goes on")
         out.mkdir(parents=True, exist_ok=True)
-        (out / FAILURE_FILE).write_text(json.dumps({
-            "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(),
-            "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}, indent=2) + "\n")
+        (out / FAILURE_FILE).write_text(
+            json.dumps(
+                {
+                    "error": f"{type(error).__name__}: {error}",
+                    "traceback": traceback.format_exc(),
+                    "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return None
     (out / FAILURE_FILE).unlink(missing_ok=True)
     return result
@@ -106,8 +119,9 @@ def sweep_command(config: DictConfig) -> str:
     """The command that re-runs this sweep into the same directory (so only missing cells run)."""
     task = list(config.hydra.overrides.task)
     hydra_overrides = [o for o in config.hydra.overrides.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
-    return " ".join(["ctxdistill", "-m", *map(shlex.quote, [*task, *hydra_overrides,
-                                                            f"hydra.sweep.dir={config.hydra.sweep.dir}"])])
+    return " ".join(
+        ["ctxdistill", "-m", *map(shlex.quote, [*task, *hydra_overrides, f"hydra.sweep.dir={config.hydra.sweep.dir}"])]
+    )
 
 
 class SweepSummaryCallback(Callback):
@@ -125,14 +139,20 @@ class SweepSummaryCallback(Callback):
         if runs:
             table = summarise(runs)
             print(f"\nComparison ({len(runs)} runs in {sweep_dir}):\n" + render(table), flush=True)
-            readme = write_results(sweep_dir, runs, title=f"Sweep {sweep_dir.name}", failures=failures,
-                                   command=sweep_command(config))
+            readme = write_results(
+                sweep_dir, runs, title=f"Sweep {sweep_dir.name}", failures=failures, command=sweep_command(config)
+            )
             print(f"Summary, tables and plots: {readme}", flush=True)
             if config.logger.backend == "wandb":
                 try:
-                    log_results(table, entity=config.logger.entity, project=config.logger.project,
-                                group=config.logger.group or group_name(sweep_dir), mode=config.logger.mode,
-                                directory=sweep_dir)
+                    log_results(
+                        table,
+                        entity=config.logger.entity,
+                        project=config.logger.project,
+                        group=config.logger.group or group_name(sweep_dir),
+                        mode=config.logger.mode,
+                        directory=sweep_dir,
+                    )
                 except Exception as e:  # noqa: BLE001 - the tables are on disk already
                     log.warning("W&B: could not log the comparison (%s); it is in %s", e, readme)
         if failures:

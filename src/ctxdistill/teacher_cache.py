@@ -32,8 +32,9 @@ class TeacherTargets(NamedTuple):
     indices: Optional[torch.Tensor]  # [len(span), k] token ids of the top k; None for the whole vocabulary
 
 
-def stack_targets(targets: list[TeacherTargets], width: int, right_aligned: bool
-                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def stack_targets(
+    targets: list[TeacherTargets], width: int, right_aligned: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Rows' targets padded into batch tensors [B, width, support] (zeros where a row has no position),
     right-aligned like answer spans or left-aligned like demonstration tokens."""
     support = targets[0].logprobs.shape[-1]

@@ -40,6 +40,7 @@ def _warn_on_failure(fn):
             return fn(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never kill a run
             log.warning("W&B %s failed, continuing without it: %s", fn.__name__, e)
+
     return wrapper
 
 
@@ -74,18 +75,41 @@ def persistent_run_id(output_dir: Path) -> str:
 
 
 class WandbTracker(Tracker):
-    def __init__(self, *, project: str, entity: Optional[str], mode: str, group: str, name: str, tags: list[str],
-                 job_type: str, config: dict[str, Any], output_dir: str, log_predictions: bool):
+    def __init__(
+        self,
+        *,
+        project: str,
+        entity: Optional[str],
+        mode: str,
+        group: str,
+        name: str,
+        tags: list[str],
+        job_type: str,
+        config: dict[str, Any],
+        output_dir: str,
+        log_predictions: bool,
+    ):
         import wandb
 
         self._wandb = wandb
         self._log_predictions = log_predictions
         mode = resolve_mode(mode)
         # silent: no banner, no footer of one-point sparklines; the one line below says where the run is
-        self.run = wandb.init(project=project, entity=entity, mode=mode, group=group, name=name, tags=tags,
-                              job_type=job_type, config=config, dir=output_dir, reinit="finish_previous",
-                              id=persistent_run_id(Path(output_dir)), resume="allow",
-                              settings=wandb.Settings(silent=True))
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            mode=mode,
+            group=group,
+            name=name,
+            tags=tags,
+            job_type=job_type,
+            config=config,
+            dir=output_dir,
+            reinit="finish_previous",
+            id=persistent_run_id(Path(output_dir)),
+            resume="allow",
+            settings=wandb.Settings(silent=True),
+        )
         try:
             self.run.define_metric("eval/accuracy", summary="max")
         except Exception as e:  # noqa: BLE001
@@ -124,15 +148,24 @@ class WandbTracker(Tracker):
         self.run.finish()
 
 
-def create_tracker(logger_cfg, *, group: str, name: str, tags: list[str], config: dict[str, Any],
-                   output_dir: str) -> Tracker:
+def create_tracker(
+    logger_cfg, *, group: str, name: str, tags: list[str], config: dict[str, Any], output_dir: str
+) -> Tracker:
     if logger_cfg.backend == "none" or resolve_mode(logger_cfg.mode) == "disabled":
         return Tracker()
     try:
-        return WandbTracker(project=logger_cfg.project, entity=logger_cfg.entity, mode=logger_cfg.mode,
-                            group=logger_cfg.group or group, name=name, tags=[*tags, *logger_cfg.tags],
-                            job_type=logger_cfg.job_type, config=config, output_dir=str(Path(output_dir)),
-                            log_predictions=logger_cfg.log_predictions)
+        return WandbTracker(
+            project=logger_cfg.project,
+            entity=logger_cfg.entity,
+            mode=logger_cfg.mode,
+            group=logger_cfg.group or group,
+            name=name,
+            tags=[*tags, *logger_cfg.tags],
+            job_type=logger_cfg.job_type,
+            config=config,
+            output_dir=str(Path(output_dir)),
+            log_predictions=logger_cfg.log_predictions,
+        )
     except Exception as e:  # noqa: BLE001 - a W&B outage must not stop the run
         log.warning("W&B could not start (%s); the run continues and its results stay on disk.", e)
         return Tracker()

@@ -24,8 +24,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from ctxdistill.checkpoint import (Progress, StopSignals, latest_checkpoint, resume_hint, save_checkpoint,
-                                   trainable_weights_only)
+from ctxdistill.checkpoint import (
+    Progress,
+    StopSignals,
+    latest_checkpoint,
+    resume_hint,
+    save_checkpoint,
+    trainable_weights_only,
+)
 from ctxdistill.config import ConfigError
 from ctxdistill.data import Task
 from ctxdistill.methods import Method
@@ -38,10 +44,19 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; nothing after the last good checkpoint is saved."""
 
 
-def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictConfig, accelerator: Accelerator,
-          seed: int, log_metrics: Callable[[dict, int], None],
-          periodic_eval: Optional[Callable[[int, Optional[list[str]]], dict]] = None, run_dir: Optional[Path] = None,
-          fingerprint: str = "") -> tuple[dict[str, float], list[dict]]:
+def train(
+    method: Method,
+    handle: ModelHandle,
+    tokenizer,
+    task: Task,
+    cfg: DictConfig,
+    accelerator: Accelerator,
+    seed: int,
+    log_metrics: Callable[[dict, int], None],
+    periodic_eval: Optional[Callable[[int, Optional[list[str]]], dict]] = None,
+    run_dir: Optional[Path] = None,
+    fingerprint: str = "",
+) -> tuple[dict[str, float], list[dict]]:
     """Train ``handle.student`` with ``method``'s loss; returns summary statistics and the curves of the
     periodic evaluations (``periodic_eval(step, eval set names or None for all)`` returns its metrics).
 
@@ -54,21 +69,32 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
     prepare_seconds = time.perf_counter() - started
     examples = [e for e in examples if method.trains_on(e)]
     if not examples:
-        raise RuntimeError(f"method={method.name}: no training example has a target after preparation "
-                           f"({prepared}); see the warnings above")
+        raise RuntimeError(
+            f"method={method.name}: no training example has a target after preparation "
+            f"({prepared}); see the warnings above"
+        )
 
     # The shuffle generator's state at each epoch start is checkpointed: a resumed run sees the same order.
     shuffle = torch.Generator().manual_seed(seed)
-    loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=shuffle,
-                        collate_fn=lambda chunk: method.collate(tokenizer, task, chunk))
+    loader = DataLoader(
+        examples,
+        batch_size=cfg.batch_size,
+        shuffle=cfg.shuffle,
+        generator=shuffle,
+        collate_fn=lambda chunk: method.collate(tokenizer, task, chunk),
+    )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     # A schedule longer than training stops part-way down it (an earlier epoch's checkpoint of a longer run).
     schedule_steps = cfg.schedule_epochs * steps_per_epoch if cfg.schedule_epochs else total_steps
     params = [p for p in handle.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * schedule_steps),
-                              num_training_steps=schedule_steps)
+    scheduler = get_scheduler(
+        cfg.scheduler,
+        optimizer,
+        num_warmup_steps=int(cfg.warmup_ratio * schedule_steps),
+        num_training_steps=schedule_steps,
+    )
     handle.student, optimizer, loader, scheduler = accelerator.prepare(handle.student, optimizer, loader, scheduler)
     progress = Progress(epoch_shuffle_state=shuffle.get_state(), fingerprint=fingerprint)
     accelerator.register_for_checkpointing(progress)
@@ -77,15 +103,18 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
     if resume:
         accelerator.load_state(str(resume))
         if progress.fingerprint != fingerprint:
-            raise ConfigError(f"{resume} was written by a run with other settings. Use a new output_dir, or "
-                              f"delete {resume.parent} to start this one over.")
+            raise ConfigError(
+                f"{resume} was written by a run with other settings. Use a new output_dir, or "
+                f"delete {resume.parent} to start this one over."
+            )
         log.info("resuming from %s (step %d of %d)", resume, progress.step, total_steps)
     resumed_from = progress.step
     handle.student.train()
     handle.training_started = True
 
-    bar = tqdm(total=total_steps, initial=progress.step, desc=f"train {method.name}",
-               disable=not accelerator.is_main_process)
+    bar = tqdm(
+        total=total_steps, initial=progress.step, desc=f"train {method.name}", disable=not accelerator.is_main_process
+    )
     loop_started = time.perf_counter()
     with StopSignals() as signals:
         while progress.step < total_steps:
@@ -108,29 +137,50 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
                     continue
                 progress.step += 1
                 # One collective per step: the mean loss, and whether any process saw a bad loss or a signal.
-                status = accelerator.reduce(torch.tensor(
-                    [loss.item(), float(not finite), float(signals.received is not None)],
-                    device=accelerator.device), "sum")
+                status = accelerator.reduce(
+                    torch.tensor(
+                        [loss.item(), float(not finite), float(signals.received is not None)], device=accelerator.device
+                    ),
+                    "sum",
+                )
                 finite = True
                 if status[1] > 0:
                     last = latest_checkpoint(run_dir) if run_dir else None
                     raise TrainingDiverged(
                         f"the training loss is {loss.item()} at step {progress.step} of {total_steps}; training "
-                        f"stopped. " + (f"The last good checkpoint is {last}; " if last else "No checkpoint was "
-                                        "saved; ") + "lower trainer.lr or set trainer.max_grad_norm before rerunning.")
+                        f"stopped. "
+                        + (f"The last good checkpoint is {last}; " if last else "No checkpoint was saved; ")
+                        + "lower trainer.lr or set trainer.max_grad_norm before rerunning."
+                    )
                 progress.last_loss = status[0].item() / accelerator.num_processes
                 bar.update(1)
                 bar.set_postfix(loss=f"{progress.last_loss:.4f}")
-                log_metrics({"train/loss": progress.last_loss, "train/lr": scheduler.get_last_lr()[0],
-                             "train/epoch": progress.step / steps_per_epoch,
-                             **{f"train/{k}": v for k, v in extra.items()}}, progress.step)
-                if periodic_eval and cfg.eval_every and progress.step % cfg.eval_every == 0 \
-                        and progress.step < total_steps:
-                    progress.curves.append({"step": progress.step, "epoch": progress.step / steps_per_epoch,
-                                            **periodic_eval(progress.step, ["eval"])})
+                log_metrics(
+                    {
+                        "train/loss": progress.last_loss,
+                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/epoch": progress.step / steps_per_epoch,
+                        **{f"train/{k}": v for k, v in extra.items()},
+                    },
+                    progress.step,
+                )
+                if (
+                    periodic_eval
+                    and cfg.eval_every
+                    and progress.step % cfg.eval_every == 0
+                    and progress.step < total_steps
+                ):
+                    progress.curves.append(
+                        {
+                            "step": progress.step,
+                            "epoch": progress.step / steps_per_epoch,
+                            **periodic_eval(progress.step, ["eval"]),
+                        }
+                    )
                 stop = status[2] > 0
-                due = cfg.checkpoint_every and (progress.step % cfg.checkpoint_every == 0
-                                                or progress.step == total_steps)
+                due = cfg.checkpoint_every and (
+                    progress.step % cfg.checkpoint_every == 0 or progress.step == total_steps
+                )
                 if run_dir and (due or stop):
                     save_checkpoint(accelerator, run_dir, progress.step, cfg.keep_checkpoints)
                 if stop:
@@ -144,11 +194,18 @@ def train(method: Method, handle: ModelHandle, tokenizer, task: Task, cfg: DictC
                 progress.batches_in_epoch = 0
                 progress.epoch_shuffle_state = shuffle.get_state()
                 if periodic_eval and cfg.eval_every_epoch and progress.step < total_steps:
-                    progress.curves.append({"step": progress.step, "epoch": progress.epoch,
-                                            **periodic_eval(progress.step, None)})
+                    progress.curves.append(
+                        {"step": progress.step, "epoch": progress.epoch, **periodic_eval(progress.step, None)}
+                    )
     bar.close()
     handle.student = accelerator.unwrap_model(handle.student)
-    return {**prepared, "steps": progress.step, "schedule_steps": schedule_steps, "examples": len(examples),
-            "final_loss": progress.last_loss,
-            "resumed_from_step": resumed_from,
-            "prepare_seconds": prepare_seconds, "train_seconds": time.perf_counter() - loop_started}, progress.curves
+    return {
+        **prepared,
+        "steps": progress.step,
+        "schedule_steps": schedule_steps,
+        "examples": len(examples),
+        "final_loss": progress.last_loss,
+        "resumed_from_step": resumed_from,
+        "prepare_seconds": prepare_seconds,
+        "train_seconds": time.perf_counter() - loop_started,
+    }, progress.curves

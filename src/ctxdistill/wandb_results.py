@@ -12,8 +12,8 @@ import logging
 import struct
 import tempfile
 import zlib
-from datetime import datetime, timezone
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -42,7 +42,7 @@ def _run_file_records(path: Path) -> Iterator[bytes]:
             pos += _BLOCK - pos % _BLOCK
             continue
         checksum, length, kind = struct.unpack_from("<IHB", data, pos)
-        chunk = data[pos + _CHUNK_HEADER:pos + _CHUNK_HEADER + length]
+        chunk = data[pos + _CHUNK_HEADER : pos + _CHUNK_HEADER + length]
         if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
             return  # a run killed mid-write: what came before is intact
         pos += _CHUNK_HEADER + length
@@ -102,18 +102,35 @@ def read_offline_run(run_dir: Path) -> WandbRun:
 def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finished: bool) -> Optional[dict[str, Any]]:
     """A run record like metrics.json from a W&B run's config and summary; None for other runs."""
     try:
-        identity = {"method": config["method"]["name"], "model": config["model"]["name"],
-                    "dataset": config["dataset"]["name"], "seed": config["seed"], "paper": config.get("paper")}
+        identity = {
+            "method": config["method"]["name"],
+            "model": config["model"]["name"],
+            "dataset": config["dataset"]["name"],
+            "seed": config["seed"],
+            "paper": config.get("paper"),
+        }
     except (KeyError, TypeError):
         return None  # not a ctxdistill run (e.g. a compare run in the same group)
-    metrics = {k: float(v) for k, v in summary.items() if "/" in k and not k.startswith(("_", "train/", "model/"))
-               and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics = {
+        k: float(v)
+        for k, v in summary.items()
+        if "/" in k
+        and not k.startswith(("_", "train/", "model/"))
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+    }
     if not finished or "eval/accuracy" not in metrics:
         return None
     last_logged = summary.get("_timestamp")
-    return {**identity, "status": "complete", "metrics": metrics, "model_parameters": summary.get("model/parameters"),
-            "finished_at": datetime.fromtimestamp(last_logged, timezone.utc).isoformat(timespec="seconds")
-            if last_logged else ""}
+    return {
+        **identity,
+        "status": "complete",
+        "metrics": metrics,
+        "model_parameters": summary.get("model/parameters"),
+        "finished_at": datetime.fromtimestamp(last_logged, timezone.utc).isoformat(timespec="seconds")
+        if last_logged
+        else "",
+    }
 
 
 def offline_records(path: Path) -> list[dict[str, Any]]:
@@ -155,8 +172,15 @@ def table_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
     return columns, rows
 
 
-def log_results(table: Table, *, entity: Optional[str], project: str, group: Optional[str], mode: str = "auto",
-                directory: Optional[Path] = None) -> Optional[str]:
+def log_results(
+    table: Table,
+    *,
+    entity: Optional[str],
+    project: str,
+    group: Optional[str],
+    mode: str = "auto",
+    directory: Optional[Path] = None,
+) -> Optional[str]:
     """Log the table (``comparison``) and the plots to a new W&B run with job_type=compare.
 
     The run's files go under ``directory`` (W&B's default: ./wandb); returns the run's directory.
@@ -172,11 +196,23 @@ def log_results(table: Table, *, entity: Optional[str], project: str, group: Opt
     columns, rows = table_rows(table)
     with tempfile.TemporaryDirectory() as tmp:
         plots = write_plots(table, Path(tmp))
-        run = wandb.init(entity=entity, project=project, group=group, job_type="compare", mode=mode,
-                         dir=str(directory) if directory else None, name=f"compare-{group}" if group else "compare",
-                         reinit="finish_previous", settings=wandb.Settings(silent=True))
-        run.log({"comparison": wandb.Table(columns=columns, data=rows),
-                 **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots}})
+        run = wandb.init(
+            entity=entity,
+            project=project,
+            group=group,
+            job_type="compare",
+            mode=mode,
+            dir=str(directory) if directory else None,
+            name=f"compare-{group}" if group else "compare",
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True),
+        )
+        run.log(
+            {
+                "comparison": wandb.Table(columns=columns, data=rows),
+                **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots},
+            }
+        )
         run_dir = str(Path(run.dir).parent)
         run.finish()
     print(f"logged the comparison table and {len(plots)} plots to W&B ({run_dir})")
@@ -190,25 +226,60 @@ def build_report(table: Table, *, entity: str, project: str, group: str):
     """
     import wandb_workspaces.reports.v2 as wr
 
-    blocks: list[Any] = [wr.P(f"Runs of the W&B group '{group}', grouped by method and model; bars and lines "
-                              "show the mean over seeds with the standard deviation.")]
+    blocks: list[Any] = [
+        wr.P(
+            f"Runs of the W&B group '{group}', grouped by method and model; bars and lines "
+            "show the mean over seeds with the standard deviation."
+        )
+    ]
     for dataset in table.datasets:
         sets = ["eval", *table.ood_sets(dataset)]
         accuracies = [f"{name}/accuracy" for name in sets]
-        runset = wr.Runset(entity=entity, project=project, name=f"{dataset} runs",
-                           filters=f"Group = '{group}' and Config('dataset.name') = '{dataset}'",
-                           groupby=["config.method.name", "config.model.name"])
+        runset = wr.Runset(
+            entity=entity,
+            project=project,
+            name=f"{dataset} runs",
+            filters=f"Group = '{group}' and Config('dataset.name') = '{dataset}'",
+            groupby=["config.method.name", "config.model.name"],
+        )
         panels = [
-            wr.BarPlot(title=f"{dataset}: accuracy by method and model", metrics=accuracies,
-                       orientation="v", groupby_aggfunc="mean", groupby_rangefunc="stddev"),
-            *(wr.ScatterPlot(title=f"{dataset}: {name} accuracy vs model size", x=wr.SummaryMetric("model/parameters"),
-                             y=wr.SummaryMetric(f"{name}/accuracy"), log_x=True) for name in sets),
-            wr.BarPlot(title=f"{dataset}: teacher vs student (in-domain)",
-                       metrics=["eval/teacher_accuracy", "eval/accuracy"], orientation="v",
-                       groupby_aggfunc="mean", groupby_rangefunc="stddev"),
-            wr.LinePlot(title=f"{dataset}: training loss", x="Step", y=["train/loss"],
-                        groupby_aggfunc="mean", groupby_rangefunc="stddev"),
+            wr.BarPlot(
+                title=f"{dataset}: accuracy by method and model",
+                metrics=accuracies,
+                orientation="v",
+                groupby_aggfunc="mean",
+                groupby_rangefunc="stddev",
+            ),
+            *(
+                wr.ScatterPlot(
+                    title=f"{dataset}: {name} accuracy vs model size",
+                    x=wr.SummaryMetric("model/parameters"),
+                    y=wr.SummaryMetric(f"{name}/accuracy"),
+                    log_x=True,
+                )
+                for name in sets
+            ),
+            wr.BarPlot(
+                title=f"{dataset}: teacher vs student (in-domain)",
+                metrics=["eval/teacher_accuracy", "eval/accuracy"],
+                orientation="v",
+                groupby_aggfunc="mean",
+                groupby_rangefunc="stddev",
+            ),
+            wr.LinePlot(
+                title=f"{dataset}: training loss",
+                x="Step",
+                y=["train/loss"],
+                groupby_aggfunc="mean",
+                groupby_rangefunc="stddev",
+            ),
         ]
         blocks += [wr.H2(dataset), wr.PanelGrid(runsets=[runset], panels=panels)]
-    return wr.Report(entity=entity, project=project, title=f"ctxdistill: {group}",
-                     description=f"Method comparison for the sweep '{group}'", blocks=blocks, width="fluid")
+    return wr.Report(
+        entity=entity,
+        project=project,
+        title=f"ctxdistill: {group}",
+        description=f"Method comparison for the sweep '{group}'",
+        blocks=blocks,
+        width="fluid",
+    )

@@ -57,8 +57,10 @@ def generate_examples(num_examples: int, seed: int, split: str = "train", max_di
     for _ in range(num_examples * 1000):  # bounded: small max_digits hold few distinct problems
         if len(records) == num_examples:
             return records
-        a, b = (rng.randrange(10 ** (n - 1) if n > 1 else 0, 10 ** n)
-                for n in (rng.randint(1, max_digits), rng.randint(1, max_digits)))
+        a, b = (
+            rng.randrange(10 ** (n - 1) if n > 1 else 0, 10**n)
+            for n in (rng.randint(1, max_digits), rng.randint(1, max_digits))
+        )
         problem = f"{spaced(str(a))} + {spaced(str(b))}"
         if problem in seen or split_of(problem) != split:
             continue

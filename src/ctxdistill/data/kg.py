@@ -53,8 +53,10 @@ class KnowledgeGraph:
 # ---------------------------------------------------------------- readers
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
-        raise DataError(f"knowledge-graph file not found: {path}. Check dataset.source.data_dir and "
-                        f"dataset.source.layout (kgbert, kgs2s or plain).")
+        raise DataError(
+            f"knowledge-graph file not found: {path}. Check dataset.source.data_dir and "
+            f"dataset.source.layout (kgbert, kgs2s or plain)."
+        )
     return [line.rstrip("\n").rstrip("\r") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -73,8 +75,10 @@ def _columns(path: Path, count: int, sep: Optional[str] = "\t", counted: bool = 
     for number, line in enumerate(lines, 2 if counted else 1):
         fields = line.split(sep, count - 1) if sep else line.split()
         if len(fields) != count:
-            raise DataError(f"{path}:{number}: expected {count} fields separated by "
-                            f"{'a tab' if sep else 'whitespace'}, got {len(fields)}: {line[:80]!r}")
+            raise DataError(
+                f"{path}:{number}: expected {count} fields separated by "
+                f"{'a tab' if sep else 'whitespace'}, got {len(fields)}: {line[:80]!r}"
+            )
         rows.append([f.strip() for f in fields])
     return rows
 
@@ -88,16 +92,22 @@ def _check_known(graph: KnowledgeGraph, where: Path) -> None:
         for h, r, t in triples:
             for entity in (h, t):
                 if entity not in graph.entity_names:
-                    raise DataError(f"{where}: {split} triple ({h}, {r}, {t}) names entity {entity!r}, which the "
-                                    f"entity file does not list")
+                    raise DataError(
+                        f"{where}: {split} triple ({h}, {r}, {t}) names entity {entity!r}, which the "
+                        f"entity file does not list"
+                    )
             if r not in graph.relation_names:
-                raise DataError(f"{where}: {split} triple ({h}, {r}, {t}) names relation {r!r}, which the "
-                                f"relation file does not list")
+                raise DataError(
+                    f"{where}: {split} triple ({h}, {r}, {t}) names relation {r!r}, which the "
+                    f"relation file does not list"
+                )
 
 
 def read_kgbert(root: Path) -> KnowledgeGraph:
-    splits = {split: [tuple(row) for row in _columns(root / f"{file}.tsv", 3)]
-              for split, file in (("train", "train"), ("valid", "dev"), ("test", "test"))}
+    splits = {
+        split: [tuple(row) for row in _columns(root / f"{file}.tsv", 3)]
+        for split, file in (("train", "train"), ("valid", "dev"), ("test", "test"))
+    }
     texts = _mapping(root / "entity2text.txt")
     long_file = root / "entity2textlong.txt"
     descriptions = _mapping(long_file) if long_file.is_file() else {}
@@ -158,13 +168,47 @@ def _clean_names(graph: KnowledgeGraph, name_separator: Optional[str]) -> Knowle
 
 
 # ---------------------------------------------------------------- synthetic graph
-_FIRST = ["Alice", "Bruno", "Chloe", "Dario", "Elena", "Farid", "Greta", "Hugo", "Irene", "Jonas", "Kira", "Luca",
-          "Maya", "Nils", "Olga", "Pavel", "Quinn", "Rosa", "Sven", "Tara", "Umar", "Vera", "Wim", "Yara"]
+_FIRST = [
+    "Alice",
+    "Bruno",
+    "Chloe",
+    "Dario",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Irene",
+    "Jonas",
+    "Kira",
+    "Luca",
+    "Maya",
+    "Nils",
+    "Olga",
+    "Pavel",
+    "Quinn",
+    "Rosa",
+    "Sven",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wim",
+    "Yara",
+]
 _LAST = ["Moreno", "Novak", "Berg", "Costa", "Dahl", "Ivanova", "Kovac", "Lind", "Okafor", "Petit", "Rossi", "Silva"]
-_COUNTRIES = {"Norland": ["Frostby", "Kalmo", "Vik"], "Sudena": ["Porto Azul", "Marisa", "Calda"],
-              "Ostmark": ["Brenn", "Lutz", "Ober"], "Westia": ["Ashford", "Kingsbury", "Dunmore"]}
-_PROFESSIONS = {"painter": "paints pictures", "baker": "bakes bread", "surgeon": "operates on patients",
-                "pilot": "flies aircraft", "teacher": "teaches pupils", "architect": "designs buildings"}
+_COUNTRIES = {
+    "Norland": ["Frostby", "Kalmo", "Vik"],
+    "Sudena": ["Porto Azul", "Marisa", "Calda"],
+    "Ostmark": ["Brenn", "Lutz", "Ober"],
+    "Westia": ["Ashford", "Kingsbury", "Dunmore"],
+}
+_PROFESSIONS = {
+    "painter": "paints pictures",
+    "baker": "bakes bread",
+    "surgeon": "operates on patients",
+    "pilot": "flies aircraft",
+    "teacher": "teaches pupils",
+    "architect": "designs buildings",
+}
 
 
 def synthetic_kg(num_people: int = 60, seed: int = 1234, eval_fraction: float = 0.15) -> KnowledgeGraph:
@@ -192,8 +236,13 @@ def synthetic_kg(num_people: int = 60, seed: int = 1234, eval_fraction: float = 
     countries = {c: entity("C", c, "a country") for c in _COUNTRIES}
     cities = {c: entity("T", c, f"a city in {k}") for c, k in city_country.items()}
     professions = {p: entity("P", p, f"a person who {what}") for p, what in _PROFESSIONS.items()}
-    relations = {"born_in": "was born in", "located_in": "is located in", "nationality": "is a citizen of",
-                 "profession": "works as", "colleague_of": "works with"}
+    relations = {
+        "born_in": "was born in",
+        "located_in": "is located in",
+        "nationality": "is a citizen of",
+        "profession": "works as",
+        "colleague_of": "works with",
+    }
     structural: list[Triple] = [(cities[c], "located_in", countries[k]) for c, k in city_country.items()]
     derived: list[Triple] = []
     by_profession: dict[str, list[str]] = {}
@@ -210,7 +259,7 @@ def synthetic_kg(num_people: int = 60, seed: int = 1234, eval_fraction: float = 
             structural.append((a, "colleague_of", b))
     rng.shuffle(derived)
     held_out = int(len(derived) * eval_fraction)
-    valid, test, train = derived[:held_out], derived[held_out:2 * held_out], derived[2 * held_out:]
+    valid, test, train = derived[:held_out], derived[held_out : 2 * held_out], derived[2 * held_out :]
     return KnowledgeGraph(names, descriptions, relations, {"train": structural + train, "valid": valid, "test": test})
 
 
@@ -249,11 +298,14 @@ def load_graph(spec: DictConfig) -> KnowledgeGraph:
         graph = synthetic_kg(source.num_people, source.seed)
     else:
         if source.layout not in READERS:
-            raise DataError(f"dataset.source.layout={source.layout!r} is unknown; use one of "
-                            f"{', '.join([*READERS, 'synthetic'])}")
+            raise DataError(
+                f"dataset.source.layout={source.layout!r} is unknown; use one of {', '.join([*READERS, 'synthetic'])}"
+            )
         if not source.data_dir:
-            raise DataError(f"dataset={spec.name} reads local files: set dataset.source.data_dir to the directory "
-                            f"with the {source.layout} layout (see README, 'Contextualization distillation')")
+            raise DataError(
+                f"dataset={spec.name} reads local files: set dataset.source.data_dir to the directory "
+                f"with the {source.layout} layout (see README, 'Contextualization distillation')"
+            )
         root = Path(source.data_dir).expanduser()
         graph = READERS[source.layout](root)
         _check_known(graph, root)
@@ -275,8 +327,9 @@ def build_kg_task(spec: DictConfig, seed: int) -> KGTask:
         raise DataError(f"dataset.eval_split={spec.eval_split!r}; use one of {', '.join(SPLITS)}")
     evaluation = _subsample(graph.splits[spec.eval_split], spec.num_eval, data_seed + 1)
     contexts_file = Path(spec.contexts_file).expanduser() if spec.contexts_file else None
-    task = KGTask(spec.name, graph, train, {"eval": evaluation}, contexts_file, eval_candidates=spec.eval_candidates,
-                  seed=seed)
+    task = KGTask(
+        spec.name, graph, train, {"eval": evaluation}, contexts_file, eval_candidates=spec.eval_candidates, seed=seed
+    )
     if contexts_file is not None and contexts_file.is_file():
         id_dir = Path(spec.contexts_id_dir).expanduser() if spec.contexts_id_dir else None
         task.contexts = read_contexts(contexts_file, graph, id_dir)
@@ -296,15 +349,18 @@ def _kgs2s_ids(path: Path, id_dir: Path) -> tuple[dict[str, str], dict[str, str]
     """KG-S2S integer id -> original id, for entities and relations."""
     files = [id_dir / "entity2id.txt", id_dir / "relation2id.txt"]
     if not all(f.is_file() for f in files):
-        raise DataError(f"{path} is a released knowledge_context.txt (a count line, then KG-S2S integer ids); "
-                        f"mapping its ids needs entity2id.txt and relation2id.txt, which {id_dir} lacks. Set "
-                        f"dataset.contexts_id_dir to the KG-S2S directory of the dataset (e.g. .../kgs2s_processed)")
+        raise DataError(
+            f"{path} is a released knowledge_context.txt (a count line, then KG-S2S integer ids); "
+            f"mapping its ids needs entity2id.txt and relation2id.txt, which {id_dir} lacks. Set "
+            f"dataset.contexts_id_dir to the KG-S2S directory of the dataset (e.g. .../kgs2s_processed)"
+        )
     entities, relations = ({number: original for original, number in _columns(f, 2, counted=True)} for f in files)
     return entities, relations
 
 
-def read_contexts(path: Path, graph: Optional[KnowledgeGraph] = None,
-                  id_dir: Optional[Path] = None) -> dict[Triple, str]:
+def read_contexts(
+    path: Path, graph: Optional[KnowledgeGraph] = None, id_dir: Optional[Path] = None
+) -> dict[Triple, str]:
     """Contexts keyed by triple (original ids) from
 
     - JSON lines ``{head, relation, tail, context}`` (this suite's writer); a line cut short by an
@@ -314,8 +370,9 @@ def read_contexts(path: Path, graph: Optional[KnowledgeGraph] = None,
       ``relation2id.txt`` (default: the file's own directory, where the released writer leaves it);
     - the same lines without the count line, with original ids or entity names (KG-BERT's input).
     """
-    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-             if line.strip()]
+    lines = [
+        (number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()
+    ]
     count = _count_line(lines[0][1]) if lines else None
     if count is not None:
         lines = lines[1:]
@@ -335,15 +392,18 @@ def read_contexts(path: Path, graph: Optional[KnowledgeGraph] = None,
                 try:
                     h, t, r = entities[h], entities[t], relations[r]
                 except KeyError as e:
-                    raise DataError(f"{path}:{number}: id {e.args[0]} is not in the KG-S2S entity2id.txt / "
-                                    f"relation2id.txt") from None
+                    raise DataError(
+                        f"{path}:{number}: id {e.args[0]} is not in the KG-S2S entity2id.txt / relation2id.txt"
+                    ) from None
             elif graph is not None:
                 h, t = (e if e in graph.entity_names else by_name.get(e, e) for e in (h, t))
             contexts[(h, r, t)] = text
             continue
         if count is not None:
-            raise DataError(f"{path}:{number}: a released knowledge_context.txt holds only "
-                            f"'head |**| tail |**| relation |**| text' lines after its count line")
+            raise DataError(
+                f"{path}:{number}: a released knowledge_context.txt holds only "
+                f"'head |**| tail |**| relation |**| text' lines after its count line"
+            )
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -363,8 +423,10 @@ class ContextWriter:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file() and _count_line(path.open(encoding="utf-8").readline()) is not None:
-            raise DataError(f"{path} is a released knowledge_context.txt (its count line would go stale): write "
-                            f"new contexts to a JSON-lines file, dataset.contexts_file=NAME.jsonl")
+            raise DataError(
+                f"{path} is a released knowledge_context.txt (its count line would go stale): write "
+                f"new contexts to a JSON-lines file, dataset.contexts_file=NAME.jsonl"
+            )
         if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
             with path.open("a", encoding="utf-8") as f:  # end a line cut by an interruption
                 f.write("\n")
@@ -385,4 +447,4 @@ def missing_contexts(task: KGTask) -> list[Triple]:
 
 def batched(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]

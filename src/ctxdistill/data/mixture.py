@@ -17,8 +17,16 @@ from dataclasses import dataclass, replace
 
 from omegaconf import DictConfig
 
-from ctxdistill.data.tasks import DataError, DemoSampler, Example, Task, load_records, render_context, select_demos, \
-    to_examples
+from ctxdistill.data.tasks import (
+    DataError,
+    DemoSampler,
+    Example,
+    Task,
+    load_records,
+    render_context,
+    select_demos,
+    to_examples,
+)
 
 
 @dataclass
@@ -48,8 +56,9 @@ class TaskMixture:
         return self.train_tasks.get(name) or self.eval_tasks[name]
 
 
-def _task(name: str, spec: DictConfig, mixture: DictConfig, seed: int, num_instances: int, evaluated: bool,
-          group: str) -> Task:
+def _task(
+    name: str, spec: DictConfig, mixture: DictConfig, seed: int, num_instances: int, evaluated: bool, group: str
+) -> Task:
     key = f"dataset.{group}.{name}.source"
     records, where = load_records(spec.source, spec.train_split, key)
     examples = to_examples(records, spec, spec.label_map, spec.drop_labels, where, f"{name}:train")
@@ -59,8 +68,9 @@ def _task(name: str, spec: DictConfig, mixture: DictConfig, seed: int, num_insta
     except DataError as e:
         raise DataError(f"dataset.pool_size for task {name}: {e}") from None
     # Instances cycle through the pool; the repeat index (#r) gives a repeated query other demonstrations.
-    instances = [replace(pool[i % len(pool)], uid=f"{pool[i % len(pool)].uid}#r{i // len(pool)}")
-                 for i in range(num_instances)]
+    instances = [
+        replace(pool[i % len(pool)], uid=f"{pool[i % len(pool)].uid}#r{i // len(pool)}") for i in range(num_instances)
+    ]
     eval_sets = {}
     if evaluated:
         records, where = load_records(spec.source, spec.eval_split, key)
@@ -69,14 +79,27 @@ def _task(name: str, spec: DictConfig, mixture: DictConfig, seed: int, num_insta
             held_out = [held_out[i] for i in sorted(rng.sample(range(len(held_out)), mixture.num_eval))]
         eval_sets["eval"] = [replace(e, uid=f"{e.uid}#v{j}") for e in held_out for j in range(mixture.num_votes)]
     return Task(
-        name=name, template=spec.template, verbalizers=list(spec.verbalizers),
-        student_instruction=spec.student_instruction, context="", separator=spec.context.separator, demos=pool,
-        train_queries=instances, train_query_labels=[e.label for e in instances], eval_sets=eval_sets,
-        demo_sampler=DemoSampler(pool, mixture.num_demos, spec.context.balanced, seed,
-                                 functools.partial(render_context, spec),
-                                 len(spec.context.instruction + spec.context.separator) if spec.context.instruction
-                                 else 0),
-        votes=mixture.num_votes, context_query_template=spec.context_query_template)
+        name=name,
+        template=spec.template,
+        verbalizers=list(spec.verbalizers),
+        student_instruction=spec.student_instruction,
+        context="",
+        separator=spec.context.separator,
+        demos=pool,
+        train_queries=instances,
+        train_query_labels=[e.label for e in instances],
+        eval_sets=eval_sets,
+        demo_sampler=DemoSampler(
+            pool,
+            mixture.num_demos,
+            spec.context.balanced,
+            seed,
+            functools.partial(render_context, spec),
+            len(spec.context.instruction + spec.context.separator) if spec.context.instruction else 0,
+        ),
+        votes=mixture.num_votes,
+        context_query_template=spec.context_query_template,
+    )
 
 
 def instance_counts(weights: dict[str, float], total: int) -> dict[str, int]:
@@ -93,8 +116,16 @@ def build_mixture(spec: DictConfig, seed: int) -> TaskMixture:
     data_seed = seed if spec.data_seed is None else spec.data_seed
     counts = instance_counts({name: spec.weights.get(name, 1.0) for name in spec.train_tasks}, spec.num_train_instances)
     multitask = spec.paradigm == "multitask"
-    train = {name: _task(name, task, spec, data_seed, counts[name], evaluated=multitask, group="train_tasks")
-             for name, task in spec.train_tasks.items()}
-    evaluated = train if multitask else {name: _task(name, task, spec, data_seed, 0, evaluated=True, group="eval_tasks")
-                                         for name, task in spec.eval_tasks.items()}
+    train = {
+        name: _task(name, task, spec, data_seed, counts[name], evaluated=multitask, group="train_tasks")
+        for name, task in spec.train_tasks.items()
+    }
+    evaluated = (
+        train
+        if multitask
+        else {
+            name: _task(name, task, spec, data_seed, 0, evaluated=True, group="eval_tasks")
+            for name, task in spec.eval_tasks.items()
+        }
+    )
     return TaskMixture(spec.name, spec.paradigm, train, evaluated)

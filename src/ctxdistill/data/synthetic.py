@@ -11,21 +11,82 @@ import random
 # Each word list is cut in half: even indices go to "train", odd to "eval", so
 # held-out reviews use adjectives and subjects never seen in the train pool.
 _POSITIVE = [
-    "wonderful", "excellent", "delightful", "fantastic", "superb", "lovely",
-    "brilliant", "amazing", "charming", "pleasant", "outstanding", "marvelous",
-    "terrific", "great", "enjoyable", "perfect", "impressive", "beautiful",
-    "fabulous", "splendid", "friendly", "fresh", "stunning", "awesome",
+    "wonderful",
+    "excellent",
+    "delightful",
+    "fantastic",
+    "superb",
+    "lovely",
+    "brilliant",
+    "amazing",
+    "charming",
+    "pleasant",
+    "outstanding",
+    "marvelous",
+    "terrific",
+    "great",
+    "enjoyable",
+    "perfect",
+    "impressive",
+    "beautiful",
+    "fabulous",
+    "splendid",
+    "friendly",
+    "fresh",
+    "stunning",
+    "awesome",
 ]
 _NEGATIVE = [
-    "terrible", "awful", "horrible", "dreadful", "disgusting", "boring",
-    "rude", "miserable", "disappointing", "poor", "nasty", "unpleasant",
-    "dull", "lousy", "annoying", "pathetic", "bad", "ugly",
-    "stale", "broken", "painful", "filthy", "useless", "mediocre",
+    "terrible",
+    "awful",
+    "horrible",
+    "dreadful",
+    "disgusting",
+    "boring",
+    "rude",
+    "miserable",
+    "disappointing",
+    "poor",
+    "nasty",
+    "unpleasant",
+    "dull",
+    "lousy",
+    "annoying",
+    "pathetic",
+    "bad",
+    "ugly",
+    "stale",
+    "broken",
+    "painful",
+    "filthy",
+    "useless",
+    "mediocre",
 ]
 _SUBJECTS = [
-    "food", "movie", "service", "hotel", "book", "concert", "staff", "room",
-    "meal", "show", "game", "trip", "coffee", "album", "phone", "car",
-    "restaurant", "song", "store", "teacher", "pizza", "camera", "play", "park",
+    "food",
+    "movie",
+    "service",
+    "hotel",
+    "book",
+    "concert",
+    "staff",
+    "room",
+    "meal",
+    "show",
+    "game",
+    "trip",
+    "coffee",
+    "album",
+    "phone",
+    "car",
+    "restaurant",
+    "song",
+    "store",
+    "teacher",
+    "pizza",
+    "camera",
+    "play",
+    "park",
 ]
 _INTENSIFIERS = ["", "really ", "very ", "truly ", "quite ", "so "]
 _FORMS = [
@@ -40,7 +101,7 @@ _SPLITS = {"train": 0, "eval": 1}
 
 
 def _part(words: list[str], split: str) -> list[str]:
-    return words[_SPLITS[split]::2]
+    return words[_SPLITS[split] :: 2]
 
 
 def generate_examples(num_examples: int, seed: int, split: str = "train") -> list[dict]:
@@ -63,9 +124,7 @@ def generate_examples(num_examples: int, seed: int, split: str = "train") -> lis
             return examples
         label = len(examples) % 2
         a, b = rng.sample(adjectives[label], 2)
-        review = rng.choice(_FORMS).format(
-            subj=rng.choice(subjects), i=rng.choice(_INTENSIFIERS), a=a, b=b
-        )
+        review = rng.choice(_FORMS).format(subj=rng.choice(subjects), i=rng.choice(_INTENSIFIERS), a=a, b=b)
         if review not in seen:
             seen.add(review)
             examples.append({"review": review, "label": label})
@@ -77,22 +136,143 @@ def generate_examples(num_examples: int, seed: int, split: str = "train") -> lis
 # conf/dataset/synthetic_*.yaml), so only the demonstrations say which word means which class.
 _CATEGORIES = {
     "size": (  # 0 = big, 1 = small
-        ["elephant", "mountain", "whale", "bus", "airplane", "skyscraper", "ship", "giraffe", "truck", "castle",
-         "stadium", "cathedral", "dinosaur", "bridge", "tractor", "volcano", "train", "rhinoceros", "barn", "ocean"],
-        ["ant", "coin", "button", "pea", "needle", "bead", "grain of rice", "ladybug", "paperclip", "thimble",
-         "seed", "marble", "earring", "flea", "pebble", "raisin", "stamp", "crumb", "tack", "mosquito"]),
+        [
+            "elephant",
+            "mountain",
+            "whale",
+            "bus",
+            "airplane",
+            "skyscraper",
+            "ship",
+            "giraffe",
+            "truck",
+            "castle",
+            "stadium",
+            "cathedral",
+            "dinosaur",
+            "bridge",
+            "tractor",
+            "volcano",
+            "train",
+            "rhinoceros",
+            "barn",
+            "ocean",
+        ],
+        [
+            "ant",
+            "coin",
+            "button",
+            "pea",
+            "needle",
+            "bead",
+            "grain of rice",
+            "ladybug",
+            "paperclip",
+            "thimble",
+            "seed",
+            "marble",
+            "earring",
+            "flea",
+            "pebble",
+            "raisin",
+            "stamp",
+            "crumb",
+            "tack",
+            "mosquito",
+        ],
+    ),
     "temperature": (  # 0 = hot, 1 = cold
-        ["fire", "oven", "lava", "sun", "stove", "bonfire", "desert", "furnace", "kettle", "sauna",
-         "toaster", "volcano", "boiling water", "radiator", "grill", "candle flame", "hot soup", "heater",
-         "steam", "campfire"],
-        ["ice", "snow", "glacier", "freezer", "icicle", "frost", "iceberg", "blizzard", "fridge", "snowman",
-         "ice cream", "winter wind", "hailstone", "polar sea", "ice cube", "sleet", "igloo", "frozen lake",
-         "snowflake", "tundra"]),
+        [
+            "fire",
+            "oven",
+            "lava",
+            "sun",
+            "stove",
+            "bonfire",
+            "desert",
+            "furnace",
+            "kettle",
+            "sauna",
+            "toaster",
+            "volcano",
+            "boiling water",
+            "radiator",
+            "grill",
+            "candle flame",
+            "hot soup",
+            "heater",
+            "steam",
+            "campfire",
+        ],
+        [
+            "ice",
+            "snow",
+            "glacier",
+            "freezer",
+            "icicle",
+            "frost",
+            "iceberg",
+            "blizzard",
+            "fridge",
+            "snowman",
+            "ice cream",
+            "winter wind",
+            "hailstone",
+            "polar sea",
+            "ice cube",
+            "sleet",
+            "igloo",
+            "frozen lake",
+            "snowflake",
+            "tundra",
+        ],
+    ),
     "living": (  # 0 = animal, 1 = object
-        ["dog", "cat", "horse", "rabbit", "lion", "sparrow", "cow", "tiger", "goat", "parrot",
-         "wolf", "sheep", "fox", "monkey", "duck", "bear", "mouse", "deer", "eagle", "frog"],
-        ["hammer", "chair", "spoon", "lamp", "table", "bottle", "pencil", "shoe", "clock", "window",
-         "bucket", "ladder", "cup", "blanket", "key", "mirror", "brush", "plate", "wallet", "umbrella"]),
+        [
+            "dog",
+            "cat",
+            "horse",
+            "rabbit",
+            "lion",
+            "sparrow",
+            "cow",
+            "tiger",
+            "goat",
+            "parrot",
+            "wolf",
+            "sheep",
+            "fox",
+            "monkey",
+            "duck",
+            "bear",
+            "mouse",
+            "deer",
+            "eagle",
+            "frog",
+        ],
+        [
+            "hammer",
+            "chair",
+            "spoon",
+            "lamp",
+            "table",
+            "bottle",
+            "pencil",
+            "shoe",
+            "clock",
+            "window",
+            "bucket",
+            "ladder",
+            "cup",
+            "blanket",
+            "key",
+            "mirror",
+            "brush",
+            "plate",
+            "wallet",
+            "umbrella",
+        ],
+    ),
 }
 _ITEM_FORMS = ["{x}", "the {x}", "this {x}", "that {x}", "my {x}", "your {x}", "our {x}", "their {x}"]
 
@@ -110,8 +290,7 @@ def generate_category_examples(num_examples: int, seed: int, split: str = "train
     distinct = 2 * min(len(w) for w in words) * len(_ITEM_FORMS)  # balanced: the smaller class bounds it
     if num_examples > distinct:
         raise ValueError(f"the {task} task has {distinct} distinct {split} examples, asked for {num_examples}")
-    pools = [[form.format(x=w) for w in class_words for form in _ITEM_FORMS]
-             for class_words in words]
+    pools = [[form.format(x=w) for w in class_words for form in _ITEM_FORMS] for class_words in words]
     for pool in pools:
         rng.shuffle(pool)
     return [{"item": pools[i % 2][i // 2], "label": i % 2} for i in range(num_examples)]

@@ -39,6 +39,7 @@ class Example:
 @dataclass(frozen=True)
 class AnswerGeneration:
     """How a generative task's answers are generated and read (see config.GenerationConfig)."""
+
     answer_regex: str
     max_new_tokens: int
     max_answer_tokens: int
@@ -58,6 +59,7 @@ class DemoSampler:
     """In-context tuning's prompts: every example gets its own k demonstrations, drawn from a pool
     with a seed and the example's id, so a prompt is the same in every epoch and every run. The
     example itself (its id up to ``#``, which marks repeated draws) is never among them."""
+
     pool: list[Example]
     num_demos: int
     balanced: bool
@@ -149,8 +151,10 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_no}: not a JSON record ({e.msg}); expected JSON lines, "
-                            f"a JSON list, or a JSON object of records") from e
+            raise DataError(
+                f"{path}:{line_no}: not a JSON record ({e.msg}); expected JSON lines, "
+                f"a JSON list, or a JSON object of records"
+            ) from e
     return records
 
 
@@ -189,8 +193,10 @@ def _local_file(source: DictConfig, split: str, key: str) -> Optional[Path]:
         return Path(source.file).expanduser()
     if source.kind == "files" or source.data_dir:
         if split not in source.data_files:
-            raise DataError(f"{key}.data_files has no file for split {split!r} "
-                            f"(has: {sorted(source.data_files)}); add ++{key}.data_files.{split}=FILE")
+            raise DataError(
+                f"{key}.data_files has no file for split {split!r} "
+                f"(has: {sorted(source.data_files)}); add ++{key}.data_files.{split}=FILE"
+            )
         return Path(source.data_dir or ".").expanduser() / source.data_files[split]
     return None
 
@@ -211,9 +217,11 @@ def _fetch(source: DictConfig, split: str, key: str) -> tuple[list[dict[str, Any
     try:
         return list(datasets.load_dataset(source.hub_id, source.hub_config, split=split)), where
     except Exception as e:  # noqa: BLE001 - network, missing split, missing dataset all end here
-        raise DataError(f"{key}: could not load {where} with datasets.load_dataset: {e}. Without network (or for "
-                        f"a dataset the Hub serves only through a loading script), point {key}.file at the original "
-                        f"file, or {key}.data_dir at a directory with the files {key}.data_files names") from e
+        raise DataError(
+            f"{key}: could not load {where} with datasets.load_dataset: {e}. Without network (or for "
+            f"a dataset the Hub serves only through a loading script), point {key}.file at the original "
+            f"file, or {key}.data_dir at a directory with the files {key}.data_files names"
+        ) from e
 
 
 _FETCHED: dict[str, tuple[list[dict[str, Any]], str]] = {}
@@ -246,14 +254,23 @@ def load_records(source: DictConfig, split: str, key: str = "dataset.source") ->
     return records, where
 
 
-def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: DictConfig, drop_labels: list[str],
-                where: str, prefix: str, group_by: Optional[str] = None) -> list[Example]:
+def to_examples(
+    records: list[dict[str, Any]],
+    spec: DictConfig,
+    label_map: DictConfig,
+    drop_labels: list[str],
+    where: str,
+    prefix: str,
+    group_by: Optional[str] = None,
+) -> list[Example]:
     examples = []
     for i, record in enumerate(records):
         missing = [f for f in [*spec.fields, spec.label_field] if f not in record]
         if missing:
-            raise DataError(f"{where}: record {i} lacks field(s) {missing}; it has {sorted(record)} "
-                            f"(dataset.source.rename maps columns to fields)")
+            raise DataError(
+                f"{where}: record {i} lacks field(s) {missing}; it has {sorted(record)} "
+                f"(dataset.source.rename maps columns to fields)"
+            )
         raw = str(record[spec.label_field])
         if raw in drop_labels:
             continue
@@ -264,25 +281,27 @@ def to_examples(records: list[dict[str, Any]], spec: DictConfig, label_map: Dict
             continue
         if label_map:
             if raw not in label_map:
-                raise DataError(f"{where}: record {i} has unknown label {raw!r}; "
-                                f"dataset label_map knows {sorted(label_map)}")
+                raise DataError(
+                    f"{where}: record {i} has unknown label {raw!r}; dataset label_map knows {sorted(label_map)}"
+                )
             label = int(label_map[raw])
         else:
             try:
                 label = int(raw)
             except ValueError:
-                raise DataError(f"{where}: record {i} has label {raw!r}, which is not a class index; "
-                                f"give the dataset a label_map") from None
+                raise DataError(
+                    f"{where}: record {i} has label {raw!r}, which is not a class index; give the dataset a label_map"
+                ) from None
         if not 0 <= label < len(spec.verbalizers):
-            raise DataError(f"{where}: record {i} has label {label}, but there are "
-                            f"{len(spec.verbalizers)} verbalizers")
+            raise DataError(f"{where}: record {i} has label {label}, but there are {len(spec.verbalizers)} verbalizers")
         examples.append(Example(f"{prefix}-{i}", fields, label, group))
     return examples
 
 
 # ---------------------------------------------------------------- context and queries
-def select_demos(pool: list[Example], k: int, balanced: bool, num_classes: int, rng: random.Random,
-                 shuffled: bool = True) -> list[Example]:
+def select_demos(
+    pool: list[Example], k: int, balanced: bool, num_classes: int, rng: random.Random, shuffled: bool = True
+) -> list[Example]:
     """k demonstrations, k/num_classes per class when balanced, shuffled (seeded) or in the pool's order."""
     if k > len(pool):
         raise DataError(f"dataset.context.num_demos={k} is larger than the training pool ({len(pool)} examples)")
@@ -295,8 +314,9 @@ def select_demos(pool: list[Example], k: int, balanced: bool, num_classes: int, 
     per_class = [k // num_classes + (1 if c < k % num_classes else 0) for c in range(num_classes)]
     for c, (have, need) in enumerate(zip(by_class, per_class)):
         if need > len(have):
-            raise DataError(f"dataset.context.num_demos={k} needs {need} examples of class {c}, "
-                            f"the training pool has {len(have)}")
+            raise DataError(
+                f"dataset.context.num_demos={k} needs {need} examples of class {c}, the training pool has {len(have)}"
+            )
     demos = [e for have, need in zip(by_class, per_class) for e in rng.sample(have, need)]
     rng.shuffle(demos)
     return demos
@@ -329,28 +349,39 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     # Several contexts (Snell et al.'s simultaneous distillation) draw disjoint demonstrations in turn.
     rest, contexts, demos = pool, [], []
     for _ in range(spec.context.num_contexts):
-        drawn_demos = select_demos(rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng,
-                                   spec.context.shuffle_demos)
+        drawn_demos = select_demos(
+            rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng, spec.context.shuffle_demos
+        )
         drawn_ids = {d.uid for d in drawn_demos}
         rest = [e for e in rest if e.uid not in drawn_ids]
         contexts.append(render_context(spec, drawn_demos))
         demos.extend(drawn_demos)
     if spec.num_train_queries > len(rest):
-        raise DataError(f"dataset.num_train_queries={spec.num_train_queries} is larger than the training pool "
-                        f"left after the demonstrations ({len(rest)} examples)")
+        raise DataError(
+            f"dataset.num_train_queries={spec.num_train_queries} is larger than the training pool "
+            f"left after the demonstrations ({len(rest)} examples)"
+        )
     # Distillation queries are unlabelled: the label is dropped here so no loss can read it.
     drawn = rng.sample(rest, spec.num_train_queries)
     queries = [replace(e, label=None, target=None) for e in drawn]
 
     eval_records, where = load_records(spec.source, spec.eval_split)
-    eval_sets = {"eval": take(to_examples(eval_records, spec, spec.label_map, spec.drop_labels, where, "eval"),
-                              spec.num_eval, spec.eval_shuffle_seed)}
+    eval_sets = {
+        "eval": take(
+            to_examples(eval_records, spec, spec.label_map, spec.drop_labels, where, "eval"),
+            spec.num_eval,
+            spec.eval_shuffle_seed,
+        )
+    }
     for i, ood in enumerate(spec.ood):  # out-of-domain sets may label and filter their own way
         records, where = load_records(ood.source, ood.split, f"dataset.ood.{i}.source ({ood.name})")
         label_map = ood.label_map if ood.label_map is not None else spec.label_map
         drop = ood.drop_labels if ood.drop_labels is not None else spec.drop_labels
-        eval_sets[ood.name] = take(to_examples(records, spec, label_map, drop, where, ood.name, ood.group_by),
-                                   ood.num_examples, ood.shuffle_seed)
+        eval_sets[ood.name] = take(
+            to_examples(records, spec, label_map, drop, where, ood.name, ood.group_by),
+            ood.num_examples,
+            ood.shuffle_seed,
+        )
     return Task(
         name=spec.name,
         template=spec.template,
@@ -363,8 +394,13 @@ def build_task(spec: DictConfig, seed: int) -> Task:
         train_queries=queries,
         train_query_labels=[e.target if spec.generation is not None else e.label for e in drawn],
         eval_sets=eval_sets,
-        generation=None if spec.generation is None else AnswerGeneration(
-            spec.generation.answer_regex, spec.generation.max_new_tokens, spec.generation.max_answer_tokens,
-            spec.generation.stop),
+        generation=None
+        if spec.generation is None
+        else AnswerGeneration(
+            spec.generation.answer_regex,
+            spec.generation.max_new_tokens,
+            spec.generation.max_answer_tokens,
+            spec.generation.stop,
+        ),
         context_query_template=spec.context_query_template,
     )

@@ -45,12 +45,16 @@ class Method:
         or a task mixture for methods that read one."""
         if "train_tasks" in dataset:
             if not self.reads_mixtures:
-                raise ConfigError(f"method={self.name} does not run on a task mixture (dataset={dataset.name}). "
-                                  "Use method=icl_distill, icl_d, ict, icl or zero_shot, or a single dataset.")
+                raise ConfigError(
+                    f"method={self.name} does not run on a task mixture (dataset={dataset.name}). "
+                    "Use method=icl_distill, icl_d, ict, icl or zero_shot, or a single dataset."
+                )
             return build_mixture(dataset, seed)
         if "verbalizers" not in dataset:
-            raise ConfigError(f"method={self.name} classifies, and dataset={dataset.name} is not a classification "
-                              f"dataset (a knowledge graph?). Use dataset=synthetic, mnli, qqp or rte.")
+            raise ConfigError(
+                f"method={self.name} classifies, and dataset={dataset.name} is not a classification "
+                f"dataset (a knowledge graph?). Use dataset=synthetic, mnli, qqp or rte."
+            )
         return build_task(dataset, seed)
 
     def evaluator(self, handle: ModelHandle, tokenizer, task: Task, batch_size: int):
@@ -58,8 +62,14 @@ class Method:
         ``evaluate(names=None) -> (metrics, prediction rows per set)``. By default label-word scoring
         against the frozen teacher with the context (exact match of generated answers for a task with
         free-text answers)."""
-        return make_evaluator(handle, tokenizer, task, self.eval_with_context, batch_size,
-                              model_is_teacher=self.eval_with_context and not self.trains)
+        return make_evaluator(
+            handle,
+            tokenizer,
+            task,
+            self.eval_with_context,
+            batch_size,
+            model_is_teacher=self.eval_with_context and not self.trains,
+        )
 
     def train_examples(self, task: Task) -> list[Example]:
         return []
@@ -77,8 +87,9 @@ class Method:
         """The module that is trained and evaluated, built around the loaded model (e.g. with a scoring head)."""
         return model
 
-    def prepare(self, handle: ModelHandle, tokenizer, task: Task, examples: list[Example],
-                batch_size: int) -> Optional[dict[str, float]]:
+    def prepare(
+        self, handle: ModelHandle, tokenizer, task: Task, examples: list[Example], batch_size: int
+    ) -> Optional[dict[str, float]]:
         """Work done once before the first step (e.g. the frozen teacher's targets); may return
         statistics of it, which join the run's training statistics."""
 

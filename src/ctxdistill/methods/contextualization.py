@@ -24,11 +24,24 @@ from ctxdistill.methods.base import Method
 class Contextualization(Method):
     objective = "contexts/written"
 
-    def __init__(self, name: str, prompt: str, chat_template: bool = True, max_new_tokens: int = 200,
-                 temperature: float = 0.7, top_p: float = 1.0, batch_size: int = 16):
+    def __init__(
+        self,
+        name: str,
+        prompt: str,
+        chat_template: bool = True,
+        max_new_tokens: int = 200,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        batch_size: int = 16,
+    ):
         super().__init__(name)
         self.prompt, self.chat_template = prompt, chat_template
-        self.max_new_tokens, self.temperature, self.top_p, self.batch_size = max_new_tokens, temperature, top_p, batch_size
+        self.max_new_tokens, self.temperature, self.top_p, self.batch_size = (
+            max_new_tokens,
+            temperature,
+            top_p,
+            batch_size,
+        )
 
     def build_task(self, dataset, seed):
         return build_kg_task(dataset, seed)
@@ -39,18 +52,22 @@ class Contextualization(Method):
         try:
             self.prompt.format(head="h", relation="r", tail="t")
         except (KeyError, IndexError) as e:
-            raise ConfigError(f"method.prompt: unknown field {e}; it may use {{head}}, {{relation}} and {{tail}}") from None
+            raise ConfigError(
+                f"method.prompt: unknown field {e}; it may use {{head}}, {{relation}} and {{tail}}"
+            ) from None
         if self.chat_template and not tokenizer.chat_template:
             raise ConfigError(f"model={cfg.model.name} has no chat template; set method.chat_template=false")
 
     def render(self, task: KGTask, triple: Triple, tokenizer) -> str:
         h, r, t = triple
-        text = self.prompt.format(head=task.graph.entity_names[h], relation=task.relation_text(r),
-                                  tail=task.graph.entity_names[t])
+        text = self.prompt.format(
+            head=task.graph.entity_names[h], relation=task.relation_text(r), tail=task.graph.entity_names[t]
+        )
         if not self.chat_template:
             return text
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
 
     def evaluator(self, handle, tokenizer, task, batch_size):
         return ContextGeneration(self, handle.base, tokenizer, task)
@@ -78,10 +95,14 @@ class ContextGeneration:
         torch.manual_seed(zlib.crc32(f"{self.task.seed}|{'|'.join(triples[0])}".encode()))
         sample = m.temperature > 0
         out = self.model.generate(
-            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-            max_new_tokens=m.max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id,
-            **({"temperature": m.temperature, "top_p": m.top_p} if sample else {}))
-        new = out[:, enc["input_ids"].shape[1]:]
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
+            max_new_tokens=m.max_new_tokens,
+            do_sample=sample,
+            pad_token_id=tokenizer.pad_token_id,
+            **({"temperature": m.temperature, "top_p": m.top_p} if sample else {}),
+        )
+        new = out[:, enc["input_ids"].shape[1] :]
         texts = [" ".join(t.split()) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         return texts, int((new != tokenizer.pad_token_id).sum())
 
@@ -100,16 +121,27 @@ class ContextGeneration:
                 for triple, text in zip(chunk, texts):
                     writer.write(triple, text, writer=self.writer_name)
                     task.contexts[triple] = text
-                    rows.append({"uid": "|".join(triple), "head": triple[0], "relation": triple[1],
-                                 "tail": triple[2], "context": text})
+                    rows.append(
+                        {
+                            "uid": "|".join(triple),
+                            "head": triple[0],
+                            "relation": triple[1],
+                            "tail": triple[2],
+                            "context": text,
+                        }
+                    )
                 bar.update(len(chunk))
             bar.close()
         finally:
             writer.close()
         seconds = time.perf_counter() - started
         words = [len(task.contexts[t].split()) for t in task.train_triples]
-        metrics = {"contexts/written": len(pending), "contexts/reused": reused,
-                   "contexts/covered": sum(t in task.contexts for t in task.train_triples) / len(task.train_triples),
-                   "contexts/mean_words": sum(words) / len(words), "contexts/seconds": seconds,
-                   "contexts/tokens_per_second": tokens / seconds if seconds > 0 else 0.0}
+        metrics = {
+            "contexts/written": len(pending),
+            "contexts/reused": reused,
+            "contexts/covered": sum(t in task.contexts for t in task.train_triples) / len(task.train_triples),
+            "contexts/mean_words": sum(words) / len(words),
+            "contexts/seconds": seconds,
+            "contexts/tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        }
         return metrics, {"contexts": rows}

@@ -34,10 +34,20 @@ from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
 class ContextDistillation(Method):
     adapter = "lora"
 
-    def __init__(self, name: str, divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_k_rest: str = "renormalize", answer: str = "label_position",
-                 max_answer_tokens: int = 8, teacher: str = "frozen", teacher_cache: str = "disk",
-                 teacher_cache_dir: Optional[str] = None):
+    def __init__(
+        self,
+        name: str,
+        divergence: str = "forward_kl",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_k_rest: str = "renormalize",
+        answer: str = "label_position",
+        max_answer_tokens: int = 8,
+        teacher: str = "frozen",
+        teacher_cache: str = "disk",
+        teacher_cache_dir: Optional[str] = None,
+    ):
         super().__init__(name)
         self.divergence, self.beta, self.temperature = divergence, beta, temperature
         self.top_k, self.top_k_rest = top_k, top_k_rest
@@ -59,10 +69,18 @@ class ContextDistillation(Method):
             self._spans = {e.uid: [tokenizer.pad_token_id] for e in examples}
             return
         prompts = [task.teacher_prompt(e) for e in examples]
-        settings = {"answer": self.answer, "max_answer_tokens": self.max_answer_tokens,
-                    "temperature": self.temperature, "top_k": self.top_k}
-        cache = TeacherCache(self.teacher_cache_dir if self.teacher_cache == "disk" else None,
-                             handle.identity, settings, os.path.commonprefix(prompts))
+        settings = {
+            "answer": self.answer,
+            "max_answer_tokens": self.max_answer_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+        }
+        cache = TeacherCache(
+            self.teacher_cache_dir if self.teacher_cache == "disk" else None,
+            handle.identity,
+            settings,
+            os.path.commonprefix(prompts),
+        )
         if self.teacher_cache == "none":  # targets come at every step; only the spans and the prefix now
             with handle.teacher() as teacher:
                 self._prefix = SharedPrefix(teacher, tokenizer, prompts)
@@ -78,13 +96,18 @@ class ContextDistillation(Method):
                 for start in tqdm(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
                     chunk = slice(start, start + batch_size)
                     batch = encode(tokenizer, todo_prompts[chunk], spans[chunk], prefix_length=prefix.length)
-                    logprobs, indices = teacher_distribution(answer_logits(teacher, batch, prefix).cpu(),
-                                                             self.temperature, self.top_k)
+                    logprobs, indices = teacher_distribution(
+                        answer_logits(teacher, batch, prefix).cpu(), self.temperature, self.top_k
+                    )
                     self.teacher_forwards += 1
                     for j, (prompt, span) in enumerate(zip(todo_prompts[chunk], spans[chunk])):
                         keep = slice(logprobs.shape[1] - len(span), None)  # right-aligned span positions
-                        cache.put(prompt, TeacherTargets(span, logprobs[j, keep].clone(),
-                                                         None if indices is None else indices[j, keep].clone()))
+                        cache.put(
+                            prompt,
+                            TeacherTargets(
+                                span, logprobs[j, keep].clone(), None if indices is None else indices[j, keep].clone()
+                            ),
+                        )
             cache.save()
         for example, prompt in zip(examples, prompts):
             self._targets[example.uid] = cache.get(prompt)
@@ -92,9 +115,18 @@ class ContextDistillation(Method):
 
     def _answer_spans(self, teacher, tokenizer, prompts, batch_size, prefix):
         if self.answer == "teacher_generation":  # the greedy answer, up to the end of its line
-            return [strip_stop(tokenizer, c) or c for c in generate(
-                teacher, tokenizer, prompts, self.max_answer_tokens, prefix=prefix, batch_size=batch_size,
-                desc="teacher answers")]
+            return [
+                strip_stop(tokenizer, c) or c
+                for c in generate(
+                    teacher,
+                    tokenizer,
+                    prompts,
+                    self.max_answer_tokens,
+                    prefix=prefix,
+                    batch_size=batch_size,
+                    desc="teacher answers",
+                )
+            ]
         return [[tokenizer.pad_token_id]] * len(prompts)  # one position: the one that predicts the label word
 
     def collate(self, tokenizer, task, examples):
@@ -102,11 +134,13 @@ class ContextDistillation(Method):
         batch = encode(tokenizer, [task.student_prompt(e) for e in examples], spans)
         if not self._targets:  # targets at every step, from the teacher's own inputs
             prefix_length = self._prefix.length if self._prefix else 0
-            batch["teacher_inputs"] = encode(tokenizer, [task.teacher_prompt(e) for e in examples], spans,
-                                             prefix_length=prefix_length)
+            batch["teacher_inputs"] = encode(
+                tokenizer, [task.teacher_prompt(e) for e in examples], spans, prefix_length=prefix_length
+            )
             return batch
         batch["teacher_logprobs"], batch["teacher_indices"] = stack_targets(
-            [self._targets[e.uid] for e in examples], batch["answer_ids"].shape[1], right_aligned=True)
+            [self._targets[e.uid] for e in examples], batch["answer_ids"].shape[1], right_aligned=True
+        )
         return batch
 
     def _teacher_now(self, handle, inputs):
@@ -126,6 +160,14 @@ class ContextDistillation(Method):
             logprobs, indices = self._teacher_now(handle, batch["teacher_inputs"])
         else:
             logprobs, indices = batch["teacher_logprobs"], batch["teacher_indices"]
-        loss = distillation_loss(student, logprobs.to(student.device), batch["answer_mask"].to(student.device),
-                                 self.divergence, self.beta, self.temperature, indices, self.top_k_rest)
+        loss = distillation_loss(
+            student,
+            logprobs.to(student.device),
+            batch["answer_mask"].to(student.device),
+            self.divergence,
+            self.beta,
+            self.temperature,
+            indices,
+            self.top_k_rest,
+        )
         return loss, {}

@@ -16,15 +16,18 @@ from ctxdistill.methods.base import Method
 
 
 class Finetune(Method):
-    def __init__(self, name: str, finetune: str = "lora", train_on: str = "demonstrations",
-                 objective: str = "eval/accuracy"):
+    def __init__(
+        self, name: str, finetune: str = "lora", train_on: str = "demonstrations", objective: str = "eval/accuracy"
+    ):
         super().__init__(name)
         self.adapter, self.train_on, self.objective = finetune, train_on, objective
 
     def train_examples(self, task):
         if self.train_on == "labelled_queries":  # a free-text task's label is its target text
-            return [replace(q, target=label) if task.generation else replace(q, label=label)
-                    for q, label in zip(task.train_queries, task.train_query_labels)]
+            return [
+                replace(q, target=label) if task.generation else replace(q, label=label)
+                for q, label in zip(task.train_queries, task.train_query_labels)
+            ]
         return task.demos
 
     def collate(self, tokenizer, task, examples):
@@ -33,5 +36,6 @@ class Finetune(Method):
 
     def loss(self, handle, batch):
         logits = answer_logits(handle.student, batch)
-        return answer_cross_entropy(logits, batch["answer_ids"].to(logits.device),
-                                    batch["answer_mask"].to(logits.device)), {}
+        return answer_cross_entropy(
+            logits, batch["answer_ids"].to(logits.device), batch["answer_mask"].to(logits.device)
+        ), {}

@@ -66,13 +66,16 @@ def render_chat(tokenizer, messages: list[dict]) -> str:
     code's do."""
     if not tokenizer.chat_template:
         system = "".join(f"{m['content']}\n\n" for m in messages if m["role"] == "system")
-        turns = "".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n"
-                        for m in messages if m["role"] != "system")
+        turns = "".join(
+            f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n"
+            for m in messages
+            if m["role"] != "system"
+        )
         return f"{system}{turns}Assistant:"
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     bos = tokenizer.bos_token
     if bos and text.startswith(bos) and tokenizer("").input_ids[:1] == [tokenizer.bos_token_id]:
-        return text[len(bos):]
+        return text[len(bos) :]
     return text
 
 
@@ -86,8 +89,13 @@ def clean_input(text: str) -> str:
     return re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", text).strip().strip('"').strip()
 
 
-def genpi_loss(sft_logits: torch.Tensor, sft_batch: dict, pg_logits: Optional[torch.Tensor], pg_batch: Optional[dict],
-               sft_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def genpi_loss(
+    sft_logits: torch.Tensor,
+    sft_batch: dict,
+    pg_logits: Optional[torch.Tensor],
+    pg_batch: Optional[dict],
+    sft_weight: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """(1 - sft_weight) * L_PG + sft_weight * L_SFT, each the mean cross-entropy over its own target tokens.
 
     ``pg_logits`` may be None when sft_weight is 1 (the PG term is then not computed)."""
@@ -99,14 +107,24 @@ def genpi_loss(sft_logits: torch.Tensor, sft_batch: dict, pg_logits: Optional[to
     return (1 - sft_weight) * pg + sft_weight * sft, {"loss_sft": sft.item(), "loss_pg": pg.item()}
 
 
-def decoded_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-                    top_k: Optional[int] = None, stop: Optional[str] = None, generator: Optional[torch.Generator] = None,
-                    prefix: Optional[SharedPrefix] = None, batch_size: int = 16,
-                    top_p: Optional[float] = None) -> list[tuple[str, bool]]:
+def decoded_samples(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    stop: Optional[str] = None,
+    generator: Optional[torch.Generator] = None,
+    prefix: Optional[SharedPrefix] = None,
+    batch_size: int = 16,
+    top_p: Optional[float] = None,
+) -> list[tuple[str, bool]]:
     """Each prompt's continuation as text, and whether it ended by itself (end-of-sequence or ``stop``)."""
     texts = []
-    for tokens in generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k, stop, generator, prefix,
-                           batch_size, top_p=top_p):
+    for tokens in generate(
+        model, tokenizer, prompts, max_new_tokens, temperature, top_k, stop, generator, prefix, batch_size, top_p=top_p
+    ):
         kept = strip_stop(tokenizer, tokens, stop)
         texts.append((tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept) < len(tokens)))
     return texts
@@ -117,13 +135,35 @@ class GenPI(Method):
     # Measured on the held-out pseudo inputs: the configured held-out inputs ("eval") are the reported set.
     objective = "pseudo_heldout/task_success"
 
-    def __init__(self, name: str, task_name: str, prompt: str, rule: str, prompt_placement: str,
-                 example_inputs: list[str], heldout_inputs: list[str], num_pseudo_inputs: int,
-                 num_heldout_pseudo_inputs: int, generator_template: str, generator_temperature: float,
-                 generator_top_k: Optional[int], generator_top_p: Optional[float], inputs_per_round: int,
-                 max_rounds: int, max_input_tokens: int, max_reply_tokens: int, reason_template: str,
-                 reason_temperature: float, reason_top_p: Optional[float], max_reason_tokens: int, pg_template: str,
-                 sft_weight: float, kl_weight: float, stage_dir: str, seed: int):
+    def __init__(
+        self,
+        name: str,
+        task_name: str,
+        prompt: str,
+        rule: str,
+        prompt_placement: str,
+        example_inputs: list[str],
+        heldout_inputs: list[str],
+        num_pseudo_inputs: int,
+        num_heldout_pseudo_inputs: int,
+        generator_template: str,
+        generator_temperature: float,
+        generator_top_k: Optional[int],
+        generator_top_p: Optional[float],
+        inputs_per_round: int,
+        max_rounds: int,
+        max_input_tokens: int,
+        max_reply_tokens: int,
+        reason_template: str,
+        reason_temperature: float,
+        reason_top_p: Optional[float],
+        max_reason_tokens: int,
+        pg_template: str,
+        sft_weight: float,
+        kl_weight: float,
+        stage_dir: str,
+        seed: int,
+    ):
         super().__init__(name)
         self.task_name, self.prompt, self.rule = task_name, prompt, re.compile(rule)
         self.prompt_placement = prompt_placement
@@ -144,9 +184,18 @@ class GenPI(Method):
     # ------------------------------------------------------------ task and data
     def build_task(self, dataset, seed):
         heldout = [Example(f"eval-{i}", {"input": text}, None) for i, text in enumerate(self.heldout_inputs)]
-        return Task(name=self.task_name, template="{input}", verbalizers=[], student_instruction="",
-                    context=self.prompt, separator="\n\n", demos=[], train_queries=[], train_query_labels=[],
-                    eval_sets={"eval": heldout} if heldout else {})
+        return Task(
+            name=self.task_name,
+            template="{input}",
+            verbalizers=[],
+            student_instruction="",
+            context=self.prompt,
+            separator="\n\n",
+            demos=[],
+            train_queries=[],
+            train_query_labels=[],
+            eval_sets={"eval": heldout} if heldout else {},
+        )
 
     def train_examples(self, task):
         # Slots, filled with generated data by prepare(): the shared loop batches and shuffles them.
@@ -154,7 +203,7 @@ class GenPI(Method):
 
     @property
     def heldout_pseudo_inputs(self) -> list[str]:
-        return self.pseudo_inputs[self.num_pseudo_inputs:]
+        return self.pseudo_inputs[self.num_pseudo_inputs :]
 
     def _settings(self, handle) -> dict:
         return {"model": handle.identity, "prompt": self.prompt}
@@ -163,17 +212,21 @@ class GenPI(Method):
         """The input with the prompt: by default as the released code places it, the system message kept and the
         prompt opening the user turn(s); with prompt_placement=system_message, the prompt as the system message."""
         if self.prompt_placement == "system_message":
-            return render_chat(tokenizer, [{"role": "system", "content": self.prompt},
-                                           {"role": "user", "content": text}])
-        return render_chat(tokenizer, [{"role": "system", "content": RELEASED_SYSTEM_MESSAGE},
-                                       *prompt_turns(f"{self.prompt}\n\n{text}")])
+            return render_chat(
+                tokenizer, [{"role": "system", "content": self.prompt}, {"role": "user", "content": text}]
+            )
+        return render_chat(
+            tokenizer,
+            [{"role": "system", "content": RELEASED_SYSTEM_MESSAGE}, *prompt_turns(f"{self.prompt}\n\n{text}")],
+        )
 
     def student_prompt(self, tokenizer, text: str) -> str:
         """The input without the prompt: the base model's replies, the student's training input and its evaluation."""
         if self.prompt_placement == "system_message":
             return user_turn(tokenizer, text)
-        return render_chat(tokenizer, [{"role": "system", "content": RELEASED_SYSTEM_MESSAGE},
-                                       {"role": "user", "content": text}])
+        return render_chat(
+            tokenizer, [{"role": "system", "content": RELEASED_SYSTEM_MESSAGE}, {"role": "user", "content": text}]
+        )
 
     def _generator(self, model, key: str) -> torch.Generator:
         """A random stream per (seed, key): a resumed stage samples what an uninterrupted one would."""
@@ -185,20 +238,38 @@ class GenPI(Method):
         examples = [*self.example_inputs, ""]
         listing = "\n".join(f"{i + 1}. {text}" for i, text in enumerate(examples)).rstrip()
         prompt = self.generator_template.format(prompt=self.prompt, examples=listing)
-        store = RowStore(self.stage_dir, "inputs", {**settings, "template": prompt, "seed": self.seed,
-                                                     "temperature": self.generator_temperature,
-                                                     "top_k": self.generator_top_k, "top_p": self.generator_top_p,
-                                                     "per_round": self.inputs_per_round,
-                                                     "max_tokens": self.max_input_tokens})
+        store = RowStore(
+            self.stage_dir,
+            "inputs",
+            {
+                **settings,
+                "template": prompt,
+                "seed": self.seed,
+                "temperature": self.generator_temperature,
+                "top_k": self.generator_top_k,
+                "top_p": self.generator_top_p,
+                "per_round": self.inputs_per_round,
+                "max_tokens": self.max_input_tokens,
+            },
+        )
         prefix = None
 
         def sample_round(keys: list[str]) -> list[dict]:
             nonlocal prefix
             prefix = prefix or SharedPrefix(model, tokenizer, [prompt])  # run once for every round
-            texts = decoded_samples(model, tokenizer, [prompt] * self.inputs_per_round, self.max_input_tokens,
-                                    self.generator_temperature, self.generator_top_k, "\n",
-                                    self._generator(model, f"round-{keys[0]}"), prefix, batch_size,
-                                    self.generator_top_p)
+            texts = decoded_samples(
+                model,
+                tokenizer,
+                [prompt] * self.inputs_per_round,
+                self.max_input_tokens,
+                self.generator_temperature,
+                self.generator_top_k,
+                "\n",
+                self._generator(model, f"round-{keys[0]}"),
+                prefix,
+                batch_size,
+                self.generator_top_p,
+            )
             return [{"key": keys[0], "samples": [text for text, _ in texts]}]
 
         wanted = self.num_pseudo_inputs + self.num_heldout_pseudo_inputs
@@ -217,46 +288,84 @@ class GenPI(Method):
                 break
         bar.close()
         if len(found) < wanted:
-            raise DataError(f"method=genpi: {self.max_rounds} rounds of {self.inputs_per_round} samples gave "
-                            f"{len(found)} distinct pseudo inputs of the {wanted} wanted (num_pseudo_inputs + "
-                            f"num_heldout_pseudo_inputs). Raise method.max_rounds or method.generator_temperature, "
-                            f"or ask for fewer inputs.")
+            raise DataError(
+                f"method=genpi: {self.max_rounds} rounds of {self.inputs_per_round} samples gave "
+                f"{len(found)} distinct pseudo inputs of the {wanted} wanted (num_pseudo_inputs + "
+                f"num_heldout_pseudo_inputs). Raise method.max_rounds or method.generator_temperature, "
+                f"or ask for fewer inputs."
+            )
         return found
 
     def replies(self, handle, tokenizer, inputs: list[str], batch_size: int) -> list[dict]:
         """Stage 2: the teacher's (with the prompt) and the base model's greedy replies, cached per input."""
         if self._replies is None:
-            self._replies = RowStore(self.stage_dir, "replies", {**self._settings(handle),
-                                                                  "placement": self.prompt_placement,
-                                                                  "max_tokens": self.max_reply_tokens})
+            self._replies = RowStore(
+                self.stage_dir,
+                "replies",
+                {**self._settings(handle), "placement": self.prompt_placement, "max_tokens": self.max_reply_tokens},
+            )
 
         def answer(keys: list[str]) -> list[dict]:
             with handle.teacher() as model:
-                teacher = decoded_samples(model, tokenizer, [self.teacher_prompt(tokenizer, k) for k in keys],
-                                          self.max_reply_tokens, batch_size=batch_size)
-                base = decoded_samples(model, tokenizer, [self.student_prompt(tokenizer, k) for k in keys],
-                                       self.max_reply_tokens, batch_size=batch_size)
-            return [{"key": k, "teacher": t, "teacher_complete": tc, "base": b}
-                    for k, (t, tc), (b, _) in zip(keys, teacher, base)]
+                teacher = decoded_samples(
+                    model,
+                    tokenizer,
+                    [self.teacher_prompt(tokenizer, k) for k in keys],
+                    self.max_reply_tokens,
+                    batch_size=batch_size,
+                )
+                base = decoded_samples(
+                    model,
+                    tokenizer,
+                    [self.student_prompt(tokenizer, k) for k in keys],
+                    self.max_reply_tokens,
+                    batch_size=batch_size,
+                )
+            return [
+                {"key": k, "teacher": t, "teacher_complete": tc, "base": b}
+                for k, (t, tc), (b, _) in zip(keys, teacher, base)
+            ]
 
         return self._replies.fill(inputs, answer, batch_size, "genpi replies")
 
     def _reasons(self, handle, tokenizer, replies: list[dict], batch_size: int) -> list[str]:
         """Stage 3: why the prompt changes the reply, sampled (seeded per batch)."""
-        store = RowStore(self.stage_dir, "reasons", {**self._settings(handle), "replies": self._replies.path.name,
-                                                      "template": self.reason_template, "seed": self.seed,
-                                                      "temperature": self.reason_temperature,
-                                                      "top_p": self.reason_top_p,
-                                                      "max_tokens": self.max_reason_tokens})
+        store = RowStore(
+            self.stage_dir,
+            "reasons",
+            {
+                **self._settings(handle),
+                "replies": self._replies.path.name,
+                "template": self.reason_template,
+                "seed": self.seed,
+                "temperature": self.reason_temperature,
+                "top_p": self.reason_top_p,
+                "max_tokens": self.max_reason_tokens,
+            },
+        )
         by_input = {r["key"]: r for r in replies}
 
         def explain(keys: list[str]) -> list[dict]:
-            prompts = [user_turn(tokenizer, self.reason_template.format(
-                input=k, base=by_input[k]["base"], teacher=by_input[k]["teacher"], prompt=self.prompt)) for k in keys]
+            prompts = [
+                user_turn(
+                    tokenizer,
+                    self.reason_template.format(
+                        input=k, base=by_input[k]["base"], teacher=by_input[k]["teacher"], prompt=self.prompt
+                    ),
+                )
+                for k in keys
+            ]
             with handle.teacher() as model:
-                reasons = decoded_samples(model, tokenizer, prompts, self.max_reason_tokens, self.reason_temperature,
-                                          generator=self._generator(model, f"reasons-{keys[0]}"),
-                                          batch_size=batch_size, top_p=self.reason_top_p)
+                reasons = decoded_samples(
+                    model,
+                    tokenizer,
+                    prompts,
+                    self.max_reason_tokens,
+                    self.reason_temperature,
+                    generator=self._generator(model, f"reasons-{keys[0]}"),
+                    batch_size=batch_size,
+                    top_p=self.reason_top_p,
+                )
             return [{"key": k, "reason": text} for k, (text, _) in zip(keys, reasons)]
 
         return [row["reason"] for row in store.fill(list(by_input), explain, batch_size, "genpi reasons")]
@@ -264,16 +373,21 @@ class GenPI(Method):
     @torch.no_grad()
     def prepare(self, handle, tokenizer, task, examples, batch_size):
         self.ensure_inputs(handle, tokenizer, batch_size)
-        train_inputs = self.pseudo_inputs[:self.num_pseudo_inputs]
+        train_inputs = self.pseudo_inputs[: self.num_pseudo_inputs]
         # Every reference reply now, before any weight changes: evaluation reads them from the stage.
         eval_inputs = [e.fields["input"] for examples in task.eval_sets.values() for e in examples]
-        replies = self.replies(handle, tokenizer, [*self.pseudo_inputs, *eval_inputs],
-                               batch_size)[:self.num_pseudo_inputs]
+        replies = self.replies(handle, tokenizer, [*self.pseudo_inputs, *eval_inputs], batch_size)[
+            : self.num_pseudo_inputs
+        ]
         reasons = self._reasons(handle, tokenizer, replies, batch_size)
         for example, text, reply, reason in zip(examples, train_inputs, replies, reasons):
             self._records[example.uid] = {**reply, "input": text, "reason": reason}
-        log.info("genpi: %d training and %d held-out pseudo inputs with replies and reasons, cached in %s",
-                 len(train_inputs), len(self.heldout_pseudo_inputs), self.stage_dir)
+        log.info(
+            "genpi: %d training and %d held-out pseudo inputs with replies and reasons, cached in %s",
+            len(train_inputs),
+            len(self.heldout_pseudo_inputs),
+            self.stage_dir,
+        )
 
     def ensure_inputs(self, handle, tokenizer, batch_size: int) -> None:
         if not self.pseudo_inputs:
@@ -291,14 +405,18 @@ class GenPI(Method):
         replies = [self._target(tokenizer, r["teacher"], r["teacher_complete"]) for r in records]
         batch = {"sft": encode(tokenizer, [self.student_prompt(tokenizer, r["input"]) for r in records], replies)}
         if self.sft_weight < 1:
-            turns = [user_turn(tokenizer, self.pg_template.format(input=r["input"], base=r["base"],
-                                                                   teacher=r["teacher"])) for r in records]
-            targets = [self._target(tokenizer, PG_TARGET.format(prompt=self.prompt, reason=r["reason"]), True)
-                       for r in records]
+            turns = [
+                user_turn(tokenizer, self.pg_template.format(input=r["input"], base=r["base"], teacher=r["teacher"]))
+                for r in records
+            ]
+            targets = [
+                self._target(tokenizer, PG_TARGET.format(prompt=self.prompt, reason=r["reason"]), True) for r in records
+            ]
             batch["pg"] = encode(tokenizer, turns, targets)
         if self.kl_weight > 0:
-            batch["teacher_sft"] = encode(tokenizer, [self.teacher_prompt(tokenizer, r["input"]) for r in records],
-                                          replies)
+            batch["teacher_sft"] = encode(
+                tokenizer, [self.teacher_prompt(tokenizer, r["input"]) for r in records], replies
+            )
         return batch
 
     def loss(self, handle, batch):
@@ -308,8 +426,9 @@ class GenPI(Method):
         if self.kl_weight > 0:
             with handle.teacher() as teacher:
                 teacher_logits = answer_logits(teacher, batch["teacher_sft"])
-            kl = distillation_loss(sft_logits, teacher_distribution(teacher_logits)[0],
-                                   batch["sft"]["answer_mask"].to(sft_logits.device))
+            kl = distillation_loss(
+                sft_logits, teacher_distribution(teacher_logits)[0], batch["sft"]["answer_mask"].to(sft_logits.device)
+            )
             loss = loss + self.kl_weight * kl
             parts["loss_kl"] = kl.item()
         return loss, parts
@@ -326,7 +445,13 @@ class PromptInternalizationEvaluator:
     first (:func:`ctxdistill.evaluation.generation_metrics`)."""
 
     def __init__(self, method: GenPI, handle, tokenizer, task: Task, batch_size: int):
-        self.method, self.handle, self.tokenizer, self.task, self.batch_size = method, handle, tokenizer, task, batch_size
+        self.method, self.handle, self.tokenizer, self.task, self.batch_size = (
+            method,
+            handle,
+            tokenizer,
+            task,
+            batch_size,
+        )
 
     def prepare(self) -> None:
         """Nothing to do before training: the references come from the adapter-disabled base model."""
@@ -334,8 +459,10 @@ class PromptInternalizationEvaluator:
     def evaluate(self, names: Optional[list[str]] = None) -> tuple[dict[str, float], dict[str, list[dict]]]:
         method, tokenizer = self.method, self.tokenizer
         method.ensure_inputs(self.handle, tokenizer, self.batch_size)
-        sets = {**{n: [e.fields["input"] for e in s] for n, s in self.task.eval_sets.items()},
-                "pseudo_heldout": method.heldout_pseudo_inputs}
+        sets = {
+            **{n: [e.fields["input"] for e in s] for n, s in self.task.eval_sets.items()},
+            "pseudo_heldout": method.heldout_pseudo_inputs,
+        }
         metrics, rows = {}, {}
         for name in names or list(sets):
             inputs = sets.get(name) or []
@@ -343,18 +470,31 @@ class PromptInternalizationEvaluator:
                 continue
             references = method.replies(self.handle, tokenizer, inputs, self.batch_size)
             student_prompts = [method.student_prompt(tokenizer, text) for text in inputs]
-            replies = [text for text, _ in decoded_samples(self.handle.base, tokenizer, student_prompts,
-                                                           method.max_reply_tokens, batch_size=self.batch_size)]
+            replies = [
+                text
+                for text, _ in decoded_samples(
+                    self.handle.base, tokenizer, student_prompts, method.max_reply_tokens, batch_size=self.batch_size
+                )
+            ]
             teacher = [r["teacher"] for r in references]
             base = [r["base"] for r in references]
             result = generation_metrics(inputs, replies, teacher, base, method.rule)
-            teacher_tokens = [len(ids) for ids in tokenizer([method.teacher_prompt(tokenizer, t)
-                                                             for t in inputs]).input_ids]
+            teacher_tokens = [
+                len(ids) for ids in tokenizer([method.teacher_prompt(tokenizer, t) for t in inputs]).input_ids
+            ]
             student_tokens = [len(ids) for ids in tokenizer(student_prompts).input_ids]
             result["teacher_input_tokens"] = sum(teacher_tokens) / len(inputs)
             result["prompt_tokens_saved"] = sum(t - s for t, s in zip(teacher_tokens, student_tokens)) / len(inputs)
             metrics.update({f"{name}/{key}": value for key, value in result.items()})
-            rows[name] = [{"input": text, "reply": r, "teacher_reply": t, "base_reply": b,
-                           "complies": bool(method.rule.search(r)), "succeeds": task_success(r, text, b, method.rule)}
-                          for text, r, t, b in zip(inputs, replies, teacher, base)]
+            rows[name] = [
+                {
+                    "input": text,
+                    "reply": r,
+                    "teacher_reply": t,
+                    "base_reply": b,
+                    "complies": bool(method.rule.search(r)),
+                    "succeeds": task_success(r, text, b, method.rule),
+                }
+                for text, r, t, b in zip(inputs, replies, teacher, base)
+            ]
         return metrics, rows

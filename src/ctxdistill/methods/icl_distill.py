@@ -50,8 +50,13 @@ from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
 TERMS = ("icl_hard", "icl_soft", "lm_hard", "lm_soft")
 
 
-def icl_distillation_loss(answer: torch.Tensor, demonstrations: Optional[torch.Tensor], batch: dict[str, Any],
-                          weights: dict[str, float], temperature: float) -> tuple[torch.Tensor, dict[str, float]]:
+def icl_distillation_loss(
+    answer: torch.Tensor,
+    demonstrations: Optional[torch.Tensor],
+    batch: dict[str, Any],
+    weights: dict[str, float],
+    temperature: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The weighted loss and each term's value (see the module docstring).
 
     ``answer`` [B, P, V] and ``demonstrations`` [B, M, V] are the student's logits at the answer and
@@ -61,9 +66,15 @@ def icl_distillation_loss(answer: torch.Tensor, demonstrations: Optional[torch.T
     terms: dict[str, torch.Tensor] = {}
 
     def soft(student: torch.Tensor, kind: str, mask: torch.Tensor) -> torch.Tensor:
-        return temperature ** 2 * distillation_loss(
-            student, batch[f"teacher_{kind}_logprobs"].to(device), mask, "forward_kl", temperature=temperature,
-            teacher_indices=batch[f"teacher_{kind}_indices"].to(device), top_k_rest="bucket")
+        return temperature**2 * distillation_loss(
+            student,
+            batch[f"teacher_{kind}_logprobs"].to(device),
+            mask,
+            "forward_kl",
+            temperature=temperature,
+            teacher_indices=batch[f"teacher_{kind}_indices"].to(device),
+            top_k_rest="bucket",
+        )
 
     answer_mask = batch["answer_mask"].to(device)
     if weights["icl_hard"]:
@@ -85,10 +96,19 @@ class ICLDistillation(Method):
     eval_with_context = True  # the student is judged by its few-shot (in-context) accuracy
     reads_mixtures = True
 
-    def __init__(self, name: str, icl_hard_weight: float = 0.5, icl_soft_weight: float = 0.5,
-                 lm_hard_weight: float = 0.0, lm_soft_weight: float = 0.0, temperature: float = 1.0,
-                 top_k: int = 64, teacher: Optional[dict] = None, teacher_cache: str = "disk",
-                 teacher_cache_dir: Optional[str] = None):
+    def __init__(
+        self,
+        name: str,
+        icl_hard_weight: float = 0.5,
+        icl_soft_weight: float = 0.5,
+        lm_hard_weight: float = 0.0,
+        lm_soft_weight: float = 0.0,
+        temperature: float = 1.0,
+        top_k: int = 64,
+        teacher: Optional[dict] = None,
+        teacher_cache: str = "disk",
+        teacher_cache_dir: Optional[str] = None,
+    ):
         super().__init__(name)
         self.weights = dict(zip(TERMS, (icl_hard_weight, icl_soft_weight, lm_hard_weight, lm_soft_weight)))
         self.temperature, self.top_k = temperature, top_k
@@ -105,23 +125,27 @@ class ICLDistillation(Method):
     def train_examples(self, task: TaskMixture) -> list[Example]:
         return task.instances
 
-    def encode_instances(self, tokenizer, task: TaskMixture, examples: list[Example],
-                         demonstrations: bool) -> dict[str, torch.Tensor]:
+    def encode_instances(
+        self, tokenizer, task: TaskMixture, examples: list[Example], demonstrations: bool
+    ) -> dict[str, torch.Tensor]:
         """Prompts with their gold answers (:func:`encode`); with ``demonstrations``, also the row positions
         whose logits predict each demonstration token (``lm_columns`` [B, M]), those tokens (``lm_ids``)
         and ``lm_mask``, left-aligned and padded."""
         parts = [task.task_of(e) for e in examples]
         contexts = [part.context_of(e) for part, e in zip(parts, examples)]
         prompts = [part.teacher_prompt(e) for part, e in zip(parts, examples)]
-        answers = [tokenizer(part.answer_text(e), add_special_tokens=False).input_ids for part, e in zip(parts, examples)]
+        answers = [
+            tokenizer(part.answer_text(e), add_special_tokens=False).input_ids for part, e in zip(parts, examples)
+        ]
         batch = encode(tokenizer, prompts, answers)
         if not demonstrations:
             return batch
         width = batch["input_ids"].shape[1]
         tokenized = tokenizer(prompts, return_offsets_mapping=True)
         columns, ids = [], []
-        for part, context, prompt_ids, offsets, answer in zip(parts, contexts, tokenized.input_ids,
-                                                               tokenized.offset_mapping, answers):
+        for part, context, prompt_ids, offsets, answer in zip(
+            parts, contexts, tokenized.input_ids, tokenized.offset_mapping, answers
+        ):
             start, end = part.demo_sampler.instruction_chars, len(context)
             pad = width - (len(prompt_ids) + len(answer) - 1)
             # token j sits at column pad + j and is predicted by the logits at column pad + j - 1
@@ -145,15 +169,17 @@ class ICLDistillation(Method):
         if not kinds:
             return None
         settings = {"method": "icl_distill", "temperature": self.temperature, "top_k": self.top_k}
-        caches = {kind: TeacherCache(self.teacher_cache_dir, handle.identity, {**settings, "positions": kind},
-                                     task.name) for kind in kinds}
+        caches = {
+            kind: TeacherCache(self.teacher_cache_dir, handle.identity, {**settings, "positions": kind}, task.name)
+            for kind in kinds
+        }
         # the teacher's whole input: the prompt and the gold answer after it
         inputs = {e.uid: task.task_of(e).teacher_prompt(e) + task.task_of(e).answer_text(e) for e in examples}
         todo = [e for e in examples if any(cache.get(inputs[e.uid]) is None for cache in caches.values())]
         if todo:
             with handle.teacher() as teacher:
                 for start in tqdm(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
-                    chunk = todo[start:start + batch_size]
+                    chunk = todo[start : start + batch_size]
                     batch = self.encode_instances(tokenizer, task, chunk, "lm" in caches)
                     logits = dict(zip(("answer", "lm"), self._logits(teacher, batch)))
                     self.teacher_forwards += 1
@@ -163,8 +189,12 @@ class ICLDistillation(Method):
                         logprobs, indices = teacher_distribution(logits[kind].cpu(), self.temperature, self.top_k)
                         for row, example in enumerate(chunk):  # answers are right-aligned, demonstrations left
                             at = mask[row].nonzero().squeeze(-1)
-                            cache.put(inputs[example.uid], TeacherTargets(
-                                ids[row, at].tolist(), logprobs[row, at].clone(), indices[row, at].clone()))
+                            cache.put(
+                                inputs[example.uid],
+                                TeacherTargets(
+                                    ids[row, at].tolist(), logprobs[row, at].clone(), indices[row, at].clone()
+                                ),
+                            )
             for cache in caches.values():
                 cache.save()
         for kind, cache in caches.items():
@@ -176,7 +206,8 @@ class ICLDistillation(Method):
         for kind, width_of, right_aligned in (("answer", "answer_ids", True), ("lm", "lm_ids", False)):
             if self._targets[kind]:
                 batch[f"teacher_{kind}_logprobs"], batch[f"teacher_{kind}_indices"] = stack_targets(
-                    [self._targets[kind][e.uid] for e in examples], batch[width_of].shape[1], right_aligned)
+                    [self._targets[kind][e.uid] for e in examples], batch[width_of].shape[1], right_aligned
+                )
         return batch
 
     def loss(self, handle, batch):

@@ -39,8 +39,14 @@ from ctxdistill.ranking import LinkPredictionEvaluator, ranking_prefix
 log = logging.getLogger(__name__)
 
 
-def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, mask_token_id: int, vocab_size: int,
-                probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    input_ids: torch.Tensor,
+    maskable: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking: each maskable token is chosen with ``probability``; of those 80% become [MASK],
     10% a random token, 10% stay. Returns (inputs, labels) with labels -100 where nothing is predicted.
     A row with no token chosen gets one, so every context contributes to the loss."""
@@ -75,8 +81,15 @@ class KGCStudent(Method):
     #: a training triple without a context: "error" stops before training, "random" lends it another's
     missing_context = "error"
 
-    def __init__(self, name: str, aux_weight: float = 1.0, kgc_weight: float = 1.0, max_length: int = 64,
-                 context_max_length: int = 128, eval_batch_size: int = 256):
+    def __init__(
+        self,
+        name: str,
+        aux_weight: float = 1.0,
+        kgc_weight: float = 1.0,
+        max_length: int = 64,
+        context_max_length: int = 128,
+        eval_batch_size: int = 256,
+    ):
         super().__init__(name)
         self.aux_weight, self.kgc_weight = aux_weight, kgc_weight
         self.max_length, self.context_max_length = max_length, context_max_length
@@ -96,16 +109,20 @@ class KGCStudent(Method):
             return
         missing = missing_contexts(task)
         if missing and self.missing_context == "random" and task.contexts:
-            log.warning("%d of the %d training triples have no context; each gets another triple's context, drawn "
-                        "once (method.missing_context=random, as the released code)", len(missing),
-                        len(task.train_triples))
+            log.warning(
+                "%d of the %d training triples have no context; each gets another triple's context, drawn "
+                "once (method.missing_context=random, as the released code)",
+                len(missing),
+                len(task.train_triples),
+            )
         elif missing:
             where = task.contexts_file or "(dataset.contexts_file is null)"
             raise ConfigError(
                 f"{len(missing)} of the {len(task.train_triples)} training triples have no context in {where} "
                 f"(e.g. {missing[0]}). Write them first with the same dataset settings: ctxdistill "
                 f"method=contextualization dataset={cfg.dataset.name} ..., point dataset.contexts_file at a file "
-                f"that has them, or train the baseline without the auxiliary task: method.aux_weight=0")
+                f"that has them, or train the baseline without the auxiliary task: method.aux_weight=0"
+            )
 
     def prepare(self, handle, tokenizer, task, examples, batch_size):
         # The run has seeded torch with its seed; masking and negative sampling follow it.
@@ -113,8 +130,9 @@ class KGCStudent(Method):
         self.rng = random.Random(torch.initial_seed())
 
     def evaluator(self, handle, tokenizer, task, batch_size):
-        return LinkPredictionEvaluator(task, lambda queries, candidates: self.score(handle, tokenizer, task, queries,
-                                                                                    candidates))
+        return LinkPredictionEvaluator(
+            task, lambda queries, candidates: self.score(handle, tokenizer, task, queries, candidates)
+        )
 
     #: the auxiliary task's name in the logged losses
     aux_name = "aux"
@@ -137,21 +155,30 @@ class KGCStudent(Method):
         raise NotImplementedError
 
     @torch.no_grad()
-    def score(self, handle, tokenizer, task: KGTask, queries: Sequence[tuple[Triple, str]],
-              candidates: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+    def score(
+        self,
+        handle,
+        tokenizer,
+        task: KGTask,
+        queries: Sequence[tuple[Triple, str]],
+        candidates: Sequence[Sequence[str]],
+    ) -> list[torch.Tensor]:
         """One score per candidate entity of each query (higher: more plausible)."""
         model = handle.base
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         try:
-            return [self.score_query(model, tokenizer, task, triple, direction, names, device)
-                    for (triple, direction), names in zip(queries, candidates)]
+            return [
+                self.score_query(model, tokenizer, task, triple, direction, names, device)
+                for (triple, direction), names in zip(queries, candidates)
+            ]
         finally:
             model.train(was_training)  # a periodic evaluation must not switch dropout off for the rest of training
 
-    def score_query(self, model, tokenizer, task: KGTask, triple: Triple, direction: str, names: Sequence[str],
-                    device) -> torch.Tensor:
+    def score_query(
+        self, model, tokenizer, task: KGTask, triple: Triple, direction: str, names: Sequence[str], device
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -171,8 +198,9 @@ class TripleScorer(torch.nn.Module):
         self.mlm_head = heads[0] if len(heads) == 1 else None
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
-        hidden = self.mlm.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                     token_type_ids=token_type_ids).last_hidden_state
+        hidden = self.mlm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state
         return self.head(self.dropout(hidden[:, 0])).squeeze(-1)
 
     def mlm_loss(self, input_ids, attention_mask, labels) -> torch.Tensor:
@@ -223,9 +251,16 @@ def fit_triple(lengths: Sequence[int], budget: int) -> list[int]:
 class KGBert(KGCStudent):
     aux_name = "mlm"
 
-    def __init__(self, name: str, negatives: int = 5, training_rows: str = "drawn_once",
-                 missing_context: str = "random", mlm_probability: float = 0.15, use_descriptions: bool = True,
-                 **kwargs):
+    def __init__(
+        self,
+        name: str,
+        negatives: int = 5,
+        training_rows: str = "drawn_once",
+        missing_context: str = "random",
+        mlm_probability: float = 0.15,
+        use_descriptions: bool = True,
+        **kwargs,
+    ):
         super().__init__(name, **kwargs)
         self.negatives, self.training_rows, self.missing_context = negatives, training_rows, missing_context
         self.mlm_probability, self.use_descriptions = mlm_probability, use_descriptions
@@ -233,8 +268,10 @@ class KGBert(KGCStudent):
 
     def wrap_model(self, model, tokenizer):
         if tokenizer.mask_token_id is None or not hasattr(model, "base_model"):
-            raise ConfigError("the discriminative student needs a masked-LM encoder with a [MASK] token: "
-                              "model=minilm-l6, model=bert-base-cased, or model.architecture=masked_lm")
+            raise ConfigError(
+                "the discriminative student needs a masked-LM encoder with a [MASK] token: "
+                "model=minilm-l6, model=bert-base-cased, or model.architecture=masked_lm"
+            )
         scorer = TripleScorer(model)
         self._with_segments = self.segments(scorer)
         return scorer
@@ -250,8 +287,11 @@ class KGBert(KGCStudent):
         cls, sep, pad = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
         rows, types = [], []
         for h, r, t in triples:
-            texts = (task.entity_text(h, self.use_descriptions), task.relation_text(r),
-                     task.entity_text(t, self.use_descriptions))
+            texts = (
+                task.entity_text(h, self.use_descriptions),
+                task.relation_text(r),
+                task.entity_text(t, self.use_descriptions),
+            )
             parts = [self.tokens(tokenizer, text) for text in texts]
             head, rel, tail = (p[:n] for p, n in zip(parts, fit_triple(list(map(len, parts)), self.max_length - 4)))
             rows.append([cls, *head, sep, *rel, sep, *tail, sep])
@@ -292,37 +332,55 @@ class KGBert(KGCStudent):
         self._known, self._entities = set(task.train_triples), task.graph.entities
         # A triple without a context borrows one of the file's, drawn once (the released code).
         pool, draw = list(task.contexts.values()), random.Random(f"{task.seed}|contexts")
-        self._contexts = {t: task.contexts[t] if t in task.contexts else draw.choice(pool)
-                          for t in task.train_triples} if self.aux_weight > 0 else {}
+        self._contexts = (
+            {t: task.contexts[t] if t in task.contexts else draw.choice(pool) for t in task.train_triples}
+            if self.aux_weight > 0
+            else {}
+        )
 
-    def masked_contexts(self, tokenizer, texts: list[str],
-                        generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+    def masked_contexts(
+        self, tokenizer, texts: list[str], generators: list[torch.Generator]
+    ) -> dict[str, torch.Tensor]:
         """[CLS] context [SEP] cut to context_max_length tokens, each masked with its own generator."""
         enc = tokenizer(texts, truncation=True, max_length=self.context_max_length, return_special_tokens_mask=True)
         inputs, labels = [], []
         for ids, special, generator in zip(enc["input_ids"], enc["special_tokens_mask"], generators):
-            masked, chosen = mask_tokens(torch.tensor([ids]), torch.tensor([special]) == 0, tokenizer.mask_token_id,
-                                         len(tokenizer), self.mlm_probability, generator)
+            masked, chosen = mask_tokens(
+                torch.tensor([ids]),
+                torch.tensor([special]) == 0,
+                tokenizer.mask_token_id,
+                len(tokenizer),
+                self.mlm_probability,
+                generator,
+            )
             inputs.append(masked[0].tolist())
             labels.append(chosen[0].tolist())
-        return {"input_ids": pad_rows(inputs, tokenizer.pad_token_id),
-                "attention_mask": pad_rows([[1] * len(i) for i in inputs], 0), "labels": pad_rows(labels, -100)}
+        return {
+            "input_ids": pad_rows(inputs, tokenizer.pad_token_id),
+            "attention_mask": pad_rows([[1] * len(i) for i in inputs], 0),
+            "labels": pad_rows(labels, -100),
+        }
 
     def collate(self, tokenizer, task, examples):
         if self.training_rows == "drawn_once":  # rows; every one carries its own copy of its positive's context
             rows = carriers = examples
-            generators = [torch.Generator().manual_seed(zlib.crc32(f"{task.seed}|{row.number}".encode()))
-                          for row in rows]  # the same masks in every epoch
+            generators = [
+                torch.Generator().manual_seed(zlib.crc32(f"{task.seed}|{row.number}".encode())) for row in rows
+            ]  # the same masks in every epoch
         else:  # positives; their negatives are drawn now, and each positive's context is masked once
             carriers = [TrainingRow(t, 1.0, t) for t in examples]
-            rows = carriers + [TrainingRow(n, 0.0, t) for t in examples
-                               for n in self.corrupt(t, self._entities, self._known, self.rng)]
+            rows = carriers + [
+                TrainingRow(n, 0.0, t) for t in examples for n in self.corrupt(t, self._entities, self._known, self.rng)
+            ]
             generators = [self.generator] * len(carriers)
-        batch = {"triples": self.encode_triples(tokenizer, task, [row.triple for row in rows], self._with_segments),
-                 "labels": torch.tensor([row.label for row in rows])}
+        batch = {
+            "triples": self.encode_triples(tokenizer, task, [row.triple for row in rows], self._with_segments),
+            "labels": torch.tensor([row.label for row in rows]),
+        }
         if self.aux_weight > 0:
-            batch["context"] = self.masked_contexts(tokenizer, [self._contexts[row.positive] for row in carriers],
-                                                    generators)
+            batch["context"] = self.masked_contexts(
+                tokenizer, [self._contexts[row.positive] for row in carriers], generators
+            )
         return batch
 
     @staticmethod
@@ -343,8 +401,9 @@ class KGBert(KGCStudent):
         pairs = [(h, r, e) if direction == "tail" else (e, r, t) for e in names]
         scores = []
         for start in range(0, len(pairs), self.eval_batch_size):
-            batch = self.encode_triples(tokenizer, task, pairs[start:start + self.eval_batch_size],
-                                        self.segments(model))
+            batch = self.encode_triples(
+                tokenizer, task, pairs[start : start + self.eval_batch_size], self.segments(model)
+            )
             scores.append(model(**{k: v.to(device) for k, v in batch.items()}).float().cpu())
         return torch.cat(scores)
 
@@ -358,8 +417,15 @@ MISSING, END = "<extra_id_0>", "<extra_id_1>"
 class KGS2S(KGCStudent):
     aux_name = "context"
 
-    def __init__(self, name: str, max_target_length: int = 512, source_description_tokens: int = 40,
-                 target_description_tokens: int = 10, context_input: str = "query", **kwargs):
+    def __init__(
+        self,
+        name: str,
+        max_target_length: int = 512,
+        source_description_tokens: int = 40,
+        target_description_tokens: int = 10,
+        context_input: str = "query",
+        **kwargs,
+    ):
         super().__init__(name, **kwargs)
         self.max_target_length = max_target_length
         self.source_description_tokens = source_description_tokens
@@ -370,8 +436,10 @@ class KGS2S(KGCStudent):
 
     def wrap_model(self, model, tokenizer):
         if not model.config.is_encoder_decoder:
-            raise ConfigError("the generative student needs a seq2seq model: model=tiny-random-seq2seq, "
-                              "model=t5-base, or model.architecture=seq2seq_lm")
+            raise ConfigError(
+                "the generative student needs a seq2seq model: model=tiny-random-seq2seq, "
+                "model=t5-base, or model.architecture=seq2seq_lm"
+            )
         return model
 
     def check_inputs(self, task, tokenizer, cfg):
@@ -379,11 +447,15 @@ class KGS2S(KGCStudent):
         entities = task.graph.entities
         shared = count_shared(tuple(self.entity_target(tokenizer, task, e)) for e in entities)
         if shared:
-            log.warning("%d of the %d entities (%.1f%%) share their target with another entity, so their ranks tie. "
-                        "Descriptions in the target (method.target_description_tokens) tell most apart; WN18RR's "
-                        "KG-S2S files name its entities 'lemma , POS , sense', unique as the released code has them "
-                        "(dataset.source.layout=kgs2s dataset.source.name_separator=null)",
-                        shared, len(entities), 100 * shared / len(entities))
+            log.warning(
+                "%d of the %d entities (%.1f%%) share their target with another entity, so their ranks tie. "
+                "Descriptions in the target (method.target_description_tokens) tell most apart; WN18RR's "
+                "KG-S2S files name its entities 'lemma , POS , sense', unique as the released code has them "
+                "(dataset.source.layout=kgs2s dataset.source.name_separator=null)",
+                shared,
+                len(entities),
+                100 * shared / len(entities),
+            )
 
     def train_examples(self, task):
         """Each training triple twice, as a tail query and a head query, batched as separate rows (as released)."""
@@ -396,7 +468,7 @@ class KGS2S(KGCStudent):
             return ""
         if (entity, tokens) not in self._descriptions:
             ids = tokenizer(task.graph.entity_descriptions.get(entity, ""), add_special_tokens=False).input_ids
-            self._descriptions[entity, tokens] = f"[{tokenizer.decode(ids[:tokens - 1])}]"
+            self._descriptions[entity, tokens] = f"[{tokenizer.decode(ids[: tokens - 1])}]"
         return self._descriptions[entity, tokens]
 
     def source(self, tokenizer, task: KGTask, triple: Triple, direction: str) -> str:
@@ -432,8 +504,11 @@ class KGS2S(KGCStudent):
 
     def seq2seq_batch(self, tokenizer, sources: list[str], targets: list[list[int]], max_length: int):
         enc = tokenizer(sources, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-                "labels": pad_rows(targets, -100)}
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": pad_rows(targets, -100),
+        }
 
     def collate(self, tokenizer, task, queries):
         sources = [self.source(tokenizer, task, t, d) for t, d in queries]
@@ -453,16 +528,24 @@ class KGS2S(KGCStudent):
 
     def score_query(self, model, tokenizer, task, triple, direction, names, device):
         """Summed log-likelihood of each candidate's target; the query's encoder states are computed once."""
-        enc = tokenizer([self.source(tokenizer, task, triple, direction)], truncation=True,
-                        max_length=self.max_length, return_tensors="pt").to(device)
+        enc = tokenizer(
+            [self.source(tokenizer, task, triple, direction)],
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(device)
         states = model.get_encoder()(**enc).last_hidden_state
         scores = []
         for start in range(0, len(names), self.eval_batch_size):
-            labels = pad_rows([self.entity_target(tokenizer, task, e)
-                               for e in names[start:start + self.eval_batch_size]], -100).to(device)
+            labels = pad_rows(
+                [self.entity_target(tokenizer, task, e) for e in names[start : start + self.eval_batch_size]], -100
+            ).to(device)
             n = labels.shape[0]
-            logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=states.expand(n, -1, -1)),
-                           attention_mask=enc["attention_mask"].expand(n, -1), labels=labels).logits
+            logits = model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=states.expand(n, -1, -1)),
+                attention_mask=enc["attention_mask"].expand(n, -1),
+                labels=labels,
+            ).logits
             picked = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             scores.append((picked * (labels != -100)).sum(-1).cpu())
         return torch.cat(scores)

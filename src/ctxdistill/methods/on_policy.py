@@ -31,9 +31,18 @@ class OnPolicyDistillation(Method):
     adapter = "lora"
     teacher_during_training = True  # it scores every step's samples
 
-    def __init__(self, name: str, divergence: str = "reverse_kl", beta: float = 0.5, lmbda: float = 1.0,
-                 temperature: float = 1.0, top_k: Optional[int] = None, max_new_tokens: int = 8,
-                 stop: Optional[str] = "\n", seed: int = 0):
+    def __init__(
+        self,
+        name: str,
+        divergence: str = "reverse_kl",
+        beta: float = 0.5,
+        lmbda: float = 1.0,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        max_new_tokens: int = 8,
+        stop: Optional[str] = "\n",
+        seed: int = 0,
+    ):
         super().__init__(name)
         self.divergence, self.beta, self.lmbda = divergence, beta, lmbda
         self.temperature, self.top_k, self.max_new_tokens, self.stop = temperature, top_k, max_new_tokens, stop
@@ -53,12 +62,24 @@ class OnPolicyDistillation(Method):
             self.prefix = SharedPrefix(teacher, tokenizer, [task.teacher_prompt(e) for e in examples])
 
     def collate(self, tokenizer, task, examples):
-        return {"student_prompts": [task.student_prompt(e) for e in examples],
-                "teacher_prompts": [task.teacher_prompt(e) for e in examples]}
+        return {
+            "student_prompts": [task.student_prompt(e) for e in examples],
+            "teacher_prompts": [task.teacher_prompt(e) for e in examples],
+        }
 
     def sample(self, model, prompts: list[str], prefix: Optional[SharedPrefix] = None) -> list[list[int]]:
-        return generate(model, self.tokenizer, prompts, self.max_new_tokens, self.temperature, self.top_k, self.stop,
-                        self.generator, prefix, batch_size=len(prompts))
+        return generate(
+            model,
+            self.tokenizer,
+            prompts,
+            self.max_new_tokens,
+            self.temperature,
+            self.top_k,
+            self.stop,
+            self.generator,
+            prefix,
+            batch_size=len(prompts),
+        )
 
     def loss(self, handle, batch):
         on_policy = self.draws.random() < self.lmbda
@@ -77,10 +98,10 @@ class OnPolicyDistillation(Method):
             # The importance weight needs log q(x) of the distribution each token was drawn from.
             tokens = student_batch["answer_ids"].to(student.device)
             sampler = student.detach() if on_policy else teacher_logits
-            sampling_logprobs = (sampler.float() / self.temperature).log_softmax(-1).gather(
-                -1, tokens.unsqueeze(-1)).squeeze(-1)
+            sampling_logprobs = (
+                (sampler.float() / self.temperature).log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+            )
             loss = sampled_reverse_kl(student, teacher_logits, tokens, mask, sampling_logprobs)
         else:
-            loss = distillation_loss(student, teacher_distribution(teacher_logits)[0], mask, self.divergence,
-                                     self.beta)
+            loss = distillation_loss(student, teacher_distribution(teacher_logits)[0], mask, self.divergence, self.beta)
         return loss, {"on_policy": float(on_policy), "sample_tokens": sum(map(len, samples)) / len(samples)}

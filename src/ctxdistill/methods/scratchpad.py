@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 class ScratchpadDistillation(Method):
     adapter = "lora"
 
-    def __init__(self, name: str, num_samples: int = 8, temperature: float = 1.0, top_k: Optional[int] = None,
-                 seed: int = 0):
+    def __init__(
+        self, name: str, num_samples: int = 8, temperature: float = 1.0, top_k: Optional[int] = None, seed: int = 0
+    ):
         super().__init__(name)
         self.num_samples, self.temperature, self.top_k, self.seed = num_samples, temperature, top_k, seed
         self._targets: dict[str, dict[tuple[int, ...], float]] = {}
@@ -52,8 +53,18 @@ class ScratchpadDistillation(Method):
         with handle.teacher() as teacher:
             prefix = SharedPrefix(teacher, tokenizer, prompts)
             for _ in tqdm(range(self.num_samples), desc="teacher scratchpads", leave=False):
-                generated = generate(teacher, tokenizer, prompts, spec.max_new_tokens, self.temperature, self.top_k,
-                                     spec.stop, generator, prefix, batch_size)
+                generated = generate(
+                    teacher,
+                    tokenizer,
+                    prompts,
+                    spec.max_new_tokens,
+                    self.temperature,
+                    self.top_k,
+                    spec.stop,
+                    generator,
+                    prefix,
+                    batch_size,
+                )
                 for count, text in zip(counts, tokenizer.batch_decode(generated, skip_special_tokens=True)):
                     answer = spec.extract(text, with_context=True)
                     if answer is None:
@@ -65,13 +76,20 @@ class ScratchpadDistillation(Method):
                 total = sum(count.values())
                 self._targets[example.uid] = {
                     tuple(tokenizer(answer + "\n", add_special_tokens=False).input_ids): n / total
-                    for answer, n in count.items()}
+                    for answer, n in count.items()
+                }
         samples = self.num_samples * len(examples)
         unanswered = len(examples) - len(self._targets)
         if failures:
-            log.warning("answer extractor (%r) found no answer in %d of %d teacher samples; %d of %d queries have "
-                        "no answer and are left out of training", spec.answer_regex, failures, samples, unanswered,
-                        len(examples))
+            log.warning(
+                "answer extractor (%r) found no answer in %d of %d teacher samples; %d of %d queries have "
+                "no answer and are left out of training",
+                spec.answer_regex,
+                failures,
+                samples,
+                unanswered,
+                len(examples),
+            )
         return {"teacher_samples": samples, "extraction_failures": failures, "queries_without_answer": unanswered}
 
     def trains_on(self, example):
