@@ -118,3 +118,14 @@ def behaving_model_dir(request, tmp_path_factory) -> Path:
             f"delete {directory} and look at tests/behaving_model.py's training"
         )
     return directory
+
+
+def method_of(schema: type, **fields):
+    """The method a schema (a MethodConfig subclass) with these fields describes, built as a run builds it:
+    the schema's defaults fill the rest, and its interpolations (cache_dir, seed) resolve against a run's."""
+    from omegaconf import OmegaConf
+
+    from ctxdistill.methods import build_method
+
+    root = OmegaConf.create({"cache_dir": "~/.cache/ctxdistill", "seed": 0, "method": schema(**fields)})
+    return build_method(root.method)

@@ -6,6 +6,7 @@ from omegaconf.errors import ValidationError
 
 from ctxdistill.cli import CONFIG_DIR
 from ctxdistill.config import ConfigError, validate
+from ctxdistill.methods import method_schemas
 
 from conftest import TINY
 
@@ -18,6 +19,12 @@ def options(group: str) -> list[str]:
 NEEDS = {
     "method=scratchpad": ["dataset=addition"],
     **{f"method={m}": ["dataset=synthetic_mixture"] for m in ("icl_distill", "icl_d", "ict")},
+    **{
+        f"method={m}": ["dataset=kg_synthetic"]
+        for m in ("contextualization", "kgbert", "kgbert_cd", "kgs2s", "kgs2s_cd")
+    },
+    **{f"dataset={d}": ["method=kgbert"] for d in ("kg_synthetic", "wn18rr", "fb15k237n")},
+    **{f"dataset={d}": ["method=icl_distill"] for d in ("synthetic_mixture", "synthetic_meta")},
 }
 
 
@@ -152,10 +159,8 @@ def test_fine_tuning_without_demonstrations_fails_before_the_model_loads(make_cf
     [
         (
             ["--help"],
-            "method: base_contextualization, base_distill, base_finetune, base_genpi, base_icl_distill, "
-            "base_kgbert, base_kgs2s, base_on_policy, base_prompting, base_scratchpad, cd, contextualization, "
-            "ft, genpi, icl, icl_d, icl_distill, ict, kgbert, kgbert_cd, kgs2s, kgs2s_cd, on_policy_cd, pbft, "
-            "scratchpad, zero_shot",
+            # every method file and every schema a method module registers, found without a list to keep
+            "method: " + ", ".join(sorted([*options("method"), *(schema.schema_name for schema in method_schemas())])),
         ),
         (["method=ft", "--cfg", "job"], "_target_: ctxdistill.methods.finetune.Finetune"),
         (["--info", "defaults"], "method/cd"),

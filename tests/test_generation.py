@@ -22,14 +22,14 @@ from ctxdistill.data.tasks import AnswerGeneration
 from ctxdistill.encoding import SharedPrefix
 from ctxdistill.evaluation import GenerationEvaluator, Ranks
 from ctxdistill.generation import generate, strip_stop
-from ctxdistill.methods.distill import ContextDistillation
+from ctxdistill.methods.distill import DistillConfig
 from ctxdistill.methods.genpi import decoded_samples
-from ctxdistill.methods.on_policy import OnPolicyDistillation
-from ctxdistill.methods.scratchpad import ScratchpadDistillation
+from ctxdistill.methods.on_policy import OnPolicyConfig
+from ctxdistill.methods.scratchpad import ScratchpadConfig
 from ctxdistill.models import ModelHandle, add_lora, load_model, load_tokenizer
 
 from behaving_model import greedy_line
-from conftest import behaving_overrides
+from conftest import behaving_overrides, method_of
 
 # Demonstration lines shared by every teacher prompt, then each query's line start.
 CONTEXT = " 1 1 2 3 5 1 6\n 2 4 6 3 2 5\n 4 4 1 5 6 4 3"
@@ -158,7 +158,9 @@ def chain_task(starts=STARTS, generation: Optional[AnswerGeneration] = None) -> 
 def test_cd_teacher_answer_spans_are_the_teachers_greedy_answers(behaving):
     _, tokenizer, model = behaving
     task = chain_task()
-    method = ContextDistillation("cd", answer="teacher_generation", max_answer_tokens=8, teacher_cache="memory")
+    method = method_of(
+        DistillConfig, name="cd", answer="teacher_generation", max_answer_tokens=8, teacher_cache="memory"
+    )
     method.prepare(ModelHandle(student=model, base=model), tokenizer, task, task.train_queries, batch_size=3)
     expected = [
         strip_stop(tokenizer, row) for row in reference(model, tokenizer, teacher_prompts(), 8, stop="\n", batch_size=3)
@@ -185,7 +187,7 @@ def test_scratchpad_teacher_samples_are_transformers_samples(behaving):
     _, tokenizer, model = behaving
     spec = AnswerGeneration(answer_regex=r"(?s)(.*)", max_new_tokens=10, max_answer_tokens=6, stop="\n")
     task = chain_task(generation=spec)
-    method = ScratchpadDistillation("scratchpad", num_samples=1, temperature=1.0, seed=11)
+    method = method_of(ScratchpadConfig, name="scratchpad", num_samples=1, temperature=1.0, seed=11)
     method.prepare(ModelHandle(student=model, base=model), tokenizer, task, task.train_queries, batch_size=5)
     samples = reference(model, tokenizer, teacher_prompts(), 10, 1.0, stop="\n", seed=11, batch_size=5)
     expected = [spec.extract(tokenizer.decode(row, skip_special_tokens=True), with_context=True) for row in samples]
@@ -197,7 +199,7 @@ def test_on_policy_teacher_sampled_batches_are_transformers_samples(behaving):
     cfg, tokenizer, model = behaving
     task = chain_task()
     student = add_lora(load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0), cfg.model)
-    method = OnPolicyDistillation("on_policy_cd", lmbda=0.0, max_new_tokens=8, seed=5)
+    method = method_of(OnPolicyConfig, name="on_policy_cd", lmbda=0.0, max_new_tokens=8, seed=5)
     handle = ModelHandle(student=student, base=student)
     method.prepare(handle, tokenizer, task, task.train_queries, batch_size=5)
     with handle.teacher() as teacher:

@@ -209,7 +209,11 @@ def test_multitask_run_reports_each_task_beside_the_teacher(make_cfg, tmp_path):
 def test_the_untrained_student_is_evaluated_on_a_mixture_with_icl(make_cfg, tmp_path):
     metrics = run(make_cfg(*STUDENT_ON_MIXTURE, "method=icl"))["metrics"]
     assert metrics["eval/teacher_agreement"] == 1.0  # the untrained model with demonstrations is its own teacher
-    with pytest.raises(ConfigError, match="does not run on a task mixture"):
+    with pytest.raises(
+        ConfigError,
+        match="method=cd runs on datasets of kind classification or generation, and "
+        "dataset=synthetic_mixture is of kind mixture",
+    ):
         run(make_cfg(*STUDENT_ON_MIXTURE, "method=cd", output_dir=tmp_path / "cd"))
 
 
@@ -247,7 +251,9 @@ def test_bad_mixture_settings_are_named(make_cfg, override, match):
 
 
 def test_icl_distill_needs_a_mixture(make_cfg):
-    with pytest.raises(ConfigError, match="trains on a task mixture"):
+    with pytest.raises(
+        ConfigError, match="method=icl_distill runs on datasets of kind mixture.*huang2022/multitask_ict"
+    ):
         validate(make_cfg("method=icl_distill", "model=tiny-random"))
 
 

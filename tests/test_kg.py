@@ -21,10 +21,12 @@ from ctxdistill.data.kg import (
     read_kgs2s,
     read_plain,
 )
-from ctxdistill.methods.kgc import KGS2S, KGBert, count_shared, fit_triple, mask_tokens
+from ctxdistill.methods.kgc import KGBertConfig, KGS2SConfig, count_shared, fit_triple, mask_tokens
 from ctxdistill.models import load_model, load_tokenizer
 from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, ranking_metrics
 from ctxdistill.run import run
+
+from conftest import method_of
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "kg"
 needs_shared = pytest.mark.skipif(
@@ -328,7 +330,7 @@ def test_kgbert_cuts_a_long_triple_as_kg_bert_does():
 
 def test_kgbert_draws_five_negatives_per_positive_once_all_on_the_head_or_all_on_the_tail(make_cfg):
     task = synthetic_task(make_cfg)
-    method = KGBert("kgbert")
+    method = method_of(KGBertConfig, name="kgbert")
     rows = method.train_examples(task)
     assert len(rows) == 6 * len(task.train_triples) == 6 * 88
     assert rows == method.train_examples(task)  # drawn once: every epoch and a resumed run see the same rows
@@ -371,7 +373,7 @@ def test_kgbert_rows_carry_their_own_masked_copy_of_the_positive_context(make_cf
     task = synthetic_task(make_cfg)
     long_context = " ".join(["the city lies on a river and its people work as painters"] * 10)
     task.contexts = {t: f"{i} {long_context}" for i, t in enumerate(task.train_triples[1:])}
-    method = KGBert("kgbert_cd", aux_weight=1.0, max_length=50, context_max_length=50)
+    method = method_of(KGBertConfig, name="kgbert_cd", aux_weight=1.0, max_length=50, context_max_length=50)
     method.wrap_model(model, tokenizer)
     method.check_inputs(task, tokenizer, make_cfg("dataset=kg_synthetic"))
     assert "1 of the 88 training triples have no context" in caplog.text
@@ -400,7 +402,7 @@ def test_kgbert_fresh_per_batch_rows_batch_positives_with_new_negatives(make_cfg
     tokenizer, model = minilm
     task = synthetic_task(make_cfg)
     task.contexts = {t: "a short context" for t in task.train_triples}
-    method = KGBert("kgbert_cd", aux_weight=1.0, training_rows="fresh_per_batch", negatives=2)
+    method = method_of(KGBertConfig, name="kgbert_cd", aux_weight=1.0, training_rows="fresh_per_batch", negatives=2)
     method.wrap_model(model, tokenizer)
     triples = method.train_examples(task)
     assert triples == task.train_triples
@@ -431,14 +433,18 @@ def seq2seq_tokenizer():
 def test_kgs2s_queries_and_targets_are_the_released_strings(seq2seq_tokenizer):
     tokenizer, task = seq2seq_tokenizer, kgs2s_task()
     triple = task.train_triples[0]
-    cd = KGS2S("kgs2s_cd", kgc_weight=0.5, aux_weight=0.5)  # 40 / 10 description tokens, as on WN18RR
+    cd = method_of(
+        KGS2SConfig, name="kgs2s_cd", kgc_weight=0.5, aux_weight=0.5
+    )  # 40 / 10 description tokens, as on WN18RR
     assert cd.source(tokenizer, task, triple, "tail") == (
         "predict: tombstone , NN , 1 [a stone that is used to mark a grave] | hypernym | <extra_id_0>"
     )
     assert cd.source(tokenizer, task, triple, "head") == (
         "predict: <extra_id_0> | hypernym | memorial , NN , 2 [a structure erected to commemorate]"
     )
-    baseline = KGS2S("kgs2s", aux_weight=0.0, source_description_tokens=0, target_description_tokens=4)
+    baseline = method_of(
+        KGS2SConfig, name="kgs2s", aux_weight=0.0, source_description_tokens=0, target_description_tokens=4
+    )
     assert baseline.source(tokenizer, task, triple, "tail") == "tombstone , NN , 1  | hypernym | <extra_id_0>"
     target = baseline.entity_target(tokenizer, task, "04")  # 4 tokens: 3 and the end of sequence, as released
     assert tokenizer.decode(target[:-1]) == "<extra_id_0>tombstone , NN , 1[a stone that]<extra_id_1>"
@@ -449,7 +455,7 @@ def test_kgs2s_queries_and_targets_are_the_released_strings(seq2seq_tokenizer):
     assert queries == [(triple, "tail"), (triple, "head")]  # batched as separate rows
     batch = cd.collate(tokenizer, task, queries)
     assert torch.equal(batch["context"]["input_ids"], batch["kgc"]["input_ids"])  # the released code's input
-    intended = KGS2S("kgs2s_cd", kgc_weight=0.5, aux_weight=0.5, context_input="triple")
+    intended = method_of(KGS2SConfig, name="kgs2s_cd", kgc_weight=0.5, aux_weight=0.5, context_input="triple")
     sources = intended.collate(tokenizer, task, queries)["context"]["input_ids"]
     assert tokenizer.batch_decode(sources) == ["contextualize: tombstone , NN , 1 | hypernym | memorial , NN , 2"] * 2
 
@@ -457,7 +463,9 @@ def test_kgs2s_queries_and_targets_are_the_released_strings(seq2seq_tokenizer):
 def test_kgs2s_warns_when_entities_share_a_target(seq2seq_tokenizer, caplog):
     task = kgs2s_task()
     task.graph.entity_names["09"] = "memorial , NN , 2"
-    KGS2S("kgs2s", aux_weight=0.0, target_description_tokens=0).check_inputs(task, seq2seq_tokenizer, None)
+    method_of(KGS2SConfig, name="kgs2s", aux_weight=0.0, target_description_tokens=0).check_inputs(
+        task, seq2seq_tokenizer, None
+    )
     assert "2 of the 3 entities (66.7%) share their target with another entity" in caplog.text
 
 
@@ -557,10 +565,19 @@ def test_a_periodic_evaluation_leaves_the_student_training_as_it_was(make_cfg, t
 
 
 def test_a_method_refuses_a_dataset_of_the_other_kind(make_cfg):
-    with pytest.raises(DataError, match="dataset=synthetic is not a knowledge graph"):
-        run(make_cfg("method=kgbert", "model=minilm-l6", "logger=none"))
-    with pytest.raises(ConfigError, match="method=cd classifies, and dataset=kg_synthetic is not a classification"):
-        run(make_cfg("method=cd", "model=tiny-random", *KG_TINY))
+    # Declared kinds, checked before anything loads: the method's schema names the kinds it runs on.
+    with pytest.raises(
+        ConfigError,
+        match="method=kgbert runs on datasets of kind knowledge_graph, and "
+        "dataset=synthetic is of kind classification. Use dataset=kg_synthetic",
+    ):
+        validate(make_cfg("method=kgbert", "model=minilm-l6", "logger=none"))
+    with pytest.raises(
+        ConfigError,
+        match="method=cd runs on datasets of kind classification or generation, and "
+        "dataset=kg_synthetic is of kind knowledge_graph",
+    ):
+        validate(make_cfg("method=cd", "model=tiny-random", *KG_TINY))
 
 
 def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
@@ -677,8 +694,9 @@ def test_training_stops_part_way_down_a_longer_schedule(make_cfg, tmp_path):
     ],
 )
 def test_bad_kg_values_are_named(make_cfg, override, key):
+    kg = ["dataset=kg_synthetic"] if "dataset=" not in override else ["method=kgbert"]
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(make_cfg(*override.split()))
+        validate(make_cfg(*kg, *override.split()))
 
 
 def test_hub_encoders_load_from_a_local_directory_with_right_padding(make_cfg):

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from ctxdistill.data import build_task
-from ctxdistill.methods.distill import ContextDistillation
+from ctxdistill.methods.distill import DistillConfig
 from ctxdistill.models import ModelHandle, add_lora, load_model, load_tokenizer, model_identity
 from ctxdistill.run import run
 
-from conftest import TINY
+from conftest import TINY, method_of
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def setup():
 
 def prepared(setup, **options):
     handle, tokenizer, task = setup
-    method = ContextDistillation("cd", **options)
+    method = method_of(DistillConfig, name="cd", **options)
     examples = method.train_examples(task)
     method.prepare(handle, tokenizer, task, examples, batch_size=5)
     return method

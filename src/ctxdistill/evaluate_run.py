@@ -62,9 +62,9 @@ def evaluation_config(run_dir: Path, overrides: list[str], out: Path) -> DictCon
 def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` under ``overrides``; returns what metrics.json holds."""
     import torch
-    from hydra.utils import instantiate
 
     from ctxdistill.config import ConfigError, validate
+    from ctxdistill.methods import build_method
     from ctxdistill.models import ModelHandle, honour_name_or_path, load_tokenizer, model_identity
     from ctxdistill.run import build_models, run_identity, save_results
 
@@ -72,7 +72,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
     cfg = evaluation_config(run_dir, overrides, out)
     validate(cfg)
     honour_name_or_path(cfg.model)
-    method = instantiate(cfg.method, _convert_="all")
+    method = build_method(cfg.method)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     task = method.build_task(cfg.dataset, cfg.seed)
     method.check_inputs(task, tokenizer, cfg)

@@ -18,12 +18,12 @@ from typing import Any, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.checkpoint import remove_checkpoints
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
+from ctxdistill.methods import build_method
 from ctxdistill.models import (
     ModelHandle,
     add_adapter,
@@ -144,9 +144,9 @@ def build_models(cfg: DictConfig, method, tokenizer, task, device, saved: Option
         model = load_trained(initial, saved, cfg.model).requires_grad_(False)
         if saved.name == "model" and model is not initial:
             teacher = initial.requires_grad_(False).eval()
-    elif method.adapter == "lora":  # the adapter model.adapter selects
+    elif method.trained_weights == "adapter":  # the adapter model.adapter selects
         model = add_adapter(initial, cfg.model, tokenizer, task.context)
-    elif method.adapter is None:
+    elif method.trained_weights is None:
         model.requires_grad_(False)
     if method.teacher_model is not None:
         teacher = load_model(method.teacher_model, cfg.cache_dir, tokenizer, cfg.seed).requires_grad_(False).eval()
@@ -162,7 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     honour_name_or_path(cfg.model)
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
-    method = instantiate(cfg.method, _convert_="all")
+    method = build_method(cfg.method)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     task = method.build_task(cfg.dataset, cfg.seed)
     if method.trains and not method.train_examples(task):
@@ -243,7 +243,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
                 gathered = {"state_dict": accelerator.get_state_dict(handle.student)} if sharded else {}
                 if writer:
-                    whole = method.adapter == "full" or cfg.model.adapter == "full"
+                    whole = method.trained_weights == "all" or cfg.model.adapter == "full"
                     handle.base.save_pretrained(out / ("model" if whole else "adapter"), **gathered)
         metrics, predictions = evaluator.evaluate()
         if method.trains and getattr(task, "train_query_labels", None):

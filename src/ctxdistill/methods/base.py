@@ -7,26 +7,31 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 
-from ctxdistill.config import ConfigError
 from ctxdistill.data import Example, Task, build_task
 from ctxdistill.data.mixture import TaskMixture, build_mixture
 from ctxdistill.evaluation import check_answer_tokenization, check_prompt_lengths, make_evaluator
 from ctxdistill.models import ModelHandle, context_window
 
 
+def build_method(config) -> "Method":
+    """The method a method config describes (a composed ``cfg.method``, or a schema instance)."""
+    from hydra.utils import instantiate
+
+    return instantiate(config, _convert_="all")
+
+
 class Method:
     """Defaults describe an evaluation-only method on a classification task; others override them."""
 
-    #: "lora" trains the adapter model.adapter selects (LoRA by default), "full" every weight, None nothing.
-    adapter: Optional[str] = None
+    #: what training changes: "adapter", the one model.adapter selects (LoRA, a trainable prefix, or every
+    #: weight with model.adapter=full); "all", every weight whatever model.adapter says; None, nothing.
+    trained_weights: Optional[str] = None
     #: whether the evaluated model sees the teacher's context (ICL) or the bare input.
     eval_with_context: bool = False
     #: the metric a Hydra sweeper (e.g. Optuna) optimises; the run returns it.
     objective: str = "eval/accuracy"
     #: tokens after the prompt that must fit the model's window.
     answer_tokens: int = 1
-    #: whether the method runs on a task mixture (dataset.train_tasks) as well as on a single dataset.
-    reads_mixtures: bool = False
     #: a separate frozen teacher's model config (a larger model); None: the base weights are the teacher.
     teacher_model: Optional[DictConfig] = None
     #: whether the frozen teacher is asked after :meth:`prepare` (at training steps); full-weight training
@@ -38,24 +43,12 @@ class Method:
 
     @property
     def trains(self) -> bool:
-        return self.adapter is not None
+        return self.trained_weights is not None
 
     def build_task(self, dataset, seed: int) -> Task | TaskMixture:
-        """The inputs the run trains and evaluates on: by default the dataset config's classification task,
-        or a task mixture for methods that read one."""
-        if "train_tasks" in dataset:
-            if not self.reads_mixtures:
-                raise ConfigError(
-                    f"method={self.name} does not run on a task mixture (dataset={dataset.name}). "
-                    "Use method=icl_distill, icl_d, ict, icl or zero_shot, or a single dataset."
-                )
-            return build_mixture(dataset, seed)
-        if "verbalizers" not in dataset:
-            raise ConfigError(
-                f"method={self.name} classifies, and dataset={dataset.name} is not a classification "
-                f"dataset (a knowledge graph?). Use dataset=synthetic, mnli, qqp or rte."
-            )
-        return build_task(dataset, seed)
+        """The inputs the run trains and evaluates on: by default the dataset's task, or its task mixture
+        (which kinds a method accepts its schema declares, and validation checks)."""
+        return build_mixture(dataset, seed) if dataset.kind == "mixture" else build_task(dataset, seed)
 
     def evaluator(self, handle: ModelHandle, tokenizer, task: Task, batch_size: int):
         """What scores the model: an object with ``prepare()`` (run before training) and
@@ -80,7 +73,7 @@ class Method:
         generation = getattr(task, "generation", None)  # a mixture's tasks classify
         answer_tokens = max(self.answer_tokens, generation.max_new_tokens if generation else 1)
         check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
-        if cfg.dataset.get("check_answer_tokens", True):
+        if cfg.dataset.kind == "mixture" or cfg.dataset.check_answer_tokens:
             check_answer_tokenization(task, tokenizer)
 
     def wrap_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:

@@ -12,13 +12,43 @@ from __future__ import annotations
 
 import time
 import zlib
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from ctxdistill.config import ConfigError
+from ctxdistill.config import ConfigError, MethodConfig, require
 from ctxdistill.data.kg import ContextWriter, KGTask, Triple, batched, build_kg_task, missing_contexts
 from ctxdistill.methods.base import Method
+
+
+@dataclass
+class ContextualizationConfig(MethodConfig):
+    """Stage 1 of Li et al. 2024: an instruction LM writes a paragraph per training triple."""
+
+    _target_: str = "ctxdistill.methods.contextualization.Contextualization"
+    # The released code's prompt ({head}/{tail}: entity names, {relation}: the relation's text).
+    prompt: str = (
+        "Given a triplet ({head} | {relation} | {tail}), please generate a paragraph at least 100 words "
+        'to introduce "{head}" and "{tail}" respectively and reflect their relationship {relation}. '
+        '"{head}" and "{tail}" must concluded in the generated text.'
+    )
+    chat_template: bool = True  # wrap the prompt in the model's chat template (instruction models)
+    max_new_tokens: int = 200
+    temperature: float = 0.7  # 0: greedy
+    top_p: float = 1.0
+    batch_size: int = 16
+    schema_name: ClassVar[str] = "base_contextualization"
+    dataset_kinds: ClassVar[tuple[str, ...]] = ("knowledge_graph",)
+    dataset_example: ClassVar[str] = "dataset=kg_synthetic, wn18rr or fb15k237n"
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
+        require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "")
+        require(m.batch_size >= 1, "method.batch_size", f"must be >= 1, got {m.batch_size}", "")
 
 
 class Contextualization(Method):
@@ -28,11 +58,11 @@ class Contextualization(Method):
         self,
         name: str,
         prompt: str,
-        chat_template: bool = True,
-        max_new_tokens: int = 200,
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        batch_size: int = 16,
+        chat_template: bool,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        batch_size: int,
     ):
         super().__init__(name)
         self.prompt, self.chat_template = prompt, chat_template

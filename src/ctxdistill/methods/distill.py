@@ -19,11 +19,14 @@ at every step.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from ctxdistill.config import MethodConfig, one_of, require
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import distillation_loss, teacher_distribution
@@ -31,22 +34,63 @@ from ctxdistill.methods.base import Method
 from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
 
 
+@dataclass
+class DistillConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.distill.ContextDistillation"
+    divergence: str = one_of("forward_kl", "reverse_kl", "jsd", default="forward_kl")
+    beta: float = 0.5  # JSD mixture weight (TRL semantics: 0 = forward KL, 1 = reverse KL)
+    temperature: float = 1.0
+    top_k: Optional[int] = None  # distil (and cache) only the teacher's k most likely tokens
+    # what happens to the rest of the teacher's mass with top_k: renormalize over the k (forward_kl
+    # only, TRL's SDFT default) or bucket (one extra category for teacher and student, any divergence)
+    top_k_rest: str = one_of("renormalize", "bucket", default="renormalize")
+    # the single position that predicts the label word (Upadhayaya), or the teacher's greedy answer span (Snell)
+    answer: str = one_of("label_position", "teacher_generation", default="label_position")
+    max_answer_tokens: int = 8  # span length for answer=teacher_generation
+    # frozen: base weights, adapter disabled, eval mode (the papers' description). live: the adapted
+    # model itself in train mode, as Upadhayaya et al.'s released code effectively does.
+    teacher: str = one_of("frozen", "live", default="frozen")
+    # the frozen teacher's targets: computed once and kept on disk for later runs too (disk), for
+    # this run only (memory), or recomputed at every step (none). A live teacher is always per step.
+    teacher_cache: str = one_of("disk", "memory", "none", default="disk")
+    teacher_cache_dir: str = "${cache_dir}/teacher_targets"
+    schema_name: ClassVar[str] = "base_distill"
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
+        require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
+        require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        require(
+            m.top_k is None or m.top_k_rest == "bucket" or m.divergence == "forward_kl",
+            "method.top_k",
+            "a renormalised top-k teacher leaves zero-probability tokens, which only forward KL tolerates",
+            "Set method.top_k_rest=bucket, method.divergence=forward_kl or method.top_k=null",
+        )
+        require(
+            m.teacher == "frozen" or m.answer == "label_position",
+            "method.teacher",
+            "a live teacher is supported with answer=label_position only",
+            "Set method.answer=label_position",
+        )
+
+
 class ContextDistillation(Method):
-    adapter = "lora"
+    trained_weights = "adapter"
 
     def __init__(
         self,
         name: str,
-        divergence: str = "forward_kl",
-        beta: float = 0.5,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_k_rest: str = "renormalize",
-        answer: str = "label_position",
-        max_answer_tokens: int = 8,
-        teacher: str = "frozen",
-        teacher_cache: str = "disk",
-        teacher_cache_dir: Optional[str] = None,
+        divergence: str,
+        beta: float,
+        temperature: float,
+        top_k: Optional[int],
+        top_k_rest: str,
+        answer: str,
+        max_answer_tokens: int,
+        teacher: str,
+        teacher_cache: str,
+        teacher_cache_dir: Optional[str],
     ):
         super().__init__(name)
         self.divergence, self.beta, self.temperature = divergence, beta, temperature

@@ -8,19 +8,31 @@ cross-entropy of the answer token over the whole vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import ClassVar
 
+from ctxdistill.config import MethodConfig, one_of
 from ctxdistill.encoding import answer_logits, encode
 from ctxdistill.losses import answer_cross_entropy
 from ctxdistill.methods.base import Method
 
 
+@dataclass
+class FinetuneConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.finetune.Finetune"
+    finetune: str = one_of("lora", "full", default="lora")  # the adapter model.adapter selects, or every weight
+    # demonstrations: the context's k demonstrations (balanced); labelled_queries: the task's training
+    # queries with their labels (drawn at random, apart from the demonstrations, as llmft draws its examples)
+    train_on: str = one_of("demonstrations", "labelled_queries", default="demonstrations")
+    objective: str = "eval/accuracy"  # what a sweeper optimises; llmft scores fine-tuning by eval/vocab_accuracy
+    schema_name: ClassVar[str] = "base_finetune"
+
+
 class Finetune(Method):
-    def __init__(
-        self, name: str, finetune: str = "lora", train_on: str = "demonstrations", objective: str = "eval/accuracy"
-    ):
+    def __init__(self, name: str, finetune: str, train_on: str, objective: str):
         super().__init__(name)
-        self.adapter, self.train_on, self.objective = finetune, train_on, objective
+        self.trained_weights = "adapter" if finetune == "lora" else "all"
+        self.train_on, self.objective = train_on, objective
 
     def train_examples(self, task):
         if self.train_on == "labelled_queries":  # a free-text task's label is its target text

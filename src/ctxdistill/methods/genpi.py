@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
 
 import torch
+from omegaconf import MISSING, DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from ctxdistill.config import ConfigError, MethodConfig, one_of, require
 from ctxdistill.data import Example, Task
 from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
@@ -49,6 +52,108 @@ PG_TARGET = "### Context\n-----------\n{prompt}\n-----------\n\n### Reason\n{rea
 
 #: The system message of the teacher's and the base model's generations in the released code.
 RELEASED_SYSTEM_MESSAGE = "You are a helpful assistant."
+
+
+@dataclass
+class GenPIConfig(MethodConfig):
+    """Generative Prompt Internalization; see ctxdistill.methods.genpi for the stages and the loss."""
+
+    _target_: str = "ctxdistill.methods.genpi.GenPI"
+    task_name: str = MISSING  # names the prompt in results (the run's "dataset")
+    prompt: str = MISSING  # internalised: in the teacher's input, never in the student's
+    rule: str = MISSING  # a regular expression (re.search) that a reply following the prompt matches
+    # user_turn: as the released code, every generation keeps the system message "You are a helpful assistant."
+    # and the prompt opens the teacher's user turn (<USER>:/<AGENT>: markers split it into turns).
+    # system_message: the prompt is the teacher's system message (the student's input has none).
+    prompt_placement: str = one_of("user_turn", "system_message", default="user_turn")
+    example_inputs: list[str] = field(default_factory=list)  # shown to the generator of pseudo inputs
+    heldout_inputs: list[str] = field(default_factory=list)  # evaluation set "eval"
+    num_pseudo_inputs: int = 32  # training inputs (the paper: 1,000 per prompt)
+    # further generated inputs, evaluation set "pseudo_heldout": the validation set a sweep's objective is read on
+    num_heldout_pseudo_inputs: int = 8
+    # A completion prompt with {prompt} and {examples} (a numbered list ending in the next number).
+    generator_template: str = (
+        "An AI assistant was given these instructions: {prompt}\nMessages that users sent to the assistant:\n{examples}"
+    )
+    generator_temperature: float = 1.0
+    generator_top_k: Optional[int] = 50
+    generator_top_p: Optional[float] = None  # nucleus sampling after top-k (the released code: 0.9, no top-k)
+    inputs_per_round: int = 16  # samples per generator call
+    max_rounds: int = 20
+    max_input_tokens: int = 32
+    max_reply_tokens: int = 48
+    # The released reasons are about five sentences, sampled at temperature 0.7, top-p 0.9, up to 512 tokens.
+    reason_template: str = (
+        "A user sent an AI assistant this message:\n{input}\n\n"
+        "Without instructions, the assistant replied:\n{base}\n\n"
+        "With the instructions below, it replied:\n{teacher}\n\n"
+        "Instructions:\n{prompt}\n\n"
+        "In about five sentences, explain how the instructions changed the reply."
+    )
+    reason_temperature: float = 0.7
+    reason_top_p: Optional[float] = 0.9
+    max_reason_tokens: int = 512
+    # The prompt-generation turn (the released code's meta-cognition input).
+    pg_template: str = (
+        "### Input\n{input}\n\n### Bad Output\n{base}\n\n### Good Output\n{teacher}\n\n"
+        "Guess which context was provided to produce the good output instead of the bad one, "
+        "and give the reason why the output should change."
+    )
+    # lambda: L = (1 - lambda) * L_PG + lambda * L_SFT, the released stage2_ratio (0.7 for OS and WebShop,
+    # 0.3 for Mind2Web)
+    sft_weight: float = 0.7
+    kl_weight: float = 0.0  # optional forward KL from the teacher with the prompt at the reply tokens
+    stage_dir: str = "${cache_dir}/genpi"  # cached stages, shared by runs with the same settings
+    seed: int = "${seed}"  # type: ignore[assignment]
+    schema_name: ClassVar[str] = "base_genpi"
+    dataset_kinds: ClassVar[None] = None  # it brings its own inputs (the prompt's); the dataset group is not read
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        unset = [k for k in ("task_name", "prompt", "rule") if OmegaConf.is_missing(m, k)]
+        require(
+            not unset,
+            "method",
+            f"method={m.name} needs {', '.join('method.' + k for k in unset)}",
+            "Set them on the command line, or keep those of its YAML file under conf/method/",
+        )
+        require(0 <= m.sft_weight <= 1, "method.sft_weight", f"must be in [0, 1], got {m.sft_weight}", "")
+        require(m.kl_weight >= 0, "method.kl_weight", f"must be >= 0, got {m.kl_weight}", "")
+        require(bool(m.prompt.strip()), "method.prompt", "is empty; nothing to internalise", "Set method.prompt")
+        for key in (
+            "num_pseudo_inputs",
+            "inputs_per_round",
+            "max_rounds",
+            "max_input_tokens",
+            "max_reply_tokens",
+            "max_reason_tokens",
+        ):
+            require(m[key] >= 1, f"method.{key}", f"must be >= 1, got {m[key]}", "")
+        require(
+            m.num_heldout_pseudo_inputs >= 1,
+            "method.num_heldout_pseudo_inputs",
+            f"must be >= 1, got {m.num_heldout_pseudo_inputs}: the run's objective (a sweep's) is measured on "
+            "them, apart from the reported held-out inputs",
+            "Set e.g. method.num_heldout_pseudo_inputs=8",
+        )
+        for key in ("generator_top_p", "reason_top_p"):
+            require(m[key] is None or 0 < m[key] <= 1, f"method.{key}", f"must be in (0, 1] or null, got {m[key]}", "")
+        try:
+            re.compile(m.rule)
+        except re.error as e:
+            raise ConfigError(f"method.rule: {m.rule!r} is not a regular expression ({e}). Fix the pattern") from e
+        for key, fields in (
+            ("generator_template", ("prompt", "examples")),
+            ("pg_template", ("input", "base", "teacher")),
+            ("reason_template", ("input", "base", "teacher", "prompt")),
+        ):
+            try:
+                m[key].format(**{f: "" for f in fields})
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(
+                    f"method.{key}: cannot fill it ({e!r}); it may use only "
+                    f"{', '.join('{' + f + '}' for f in fields)} (double literal braces)"
+                ) from e
 
 
 def prompt_turns(text: str) -> list[dict]:
@@ -131,7 +236,7 @@ def decoded_samples(
 
 
 class GenPI(Method):
-    adapter = "lora"
+    trained_weights = "adapter"
     # Measured on the held-out pseudo inputs: the configured held-out inputs ("eval") are the reported set.
     objective = "pseudo_heldout/task_success"
 

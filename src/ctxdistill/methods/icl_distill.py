@@ -34,12 +34,14 @@ this suite's choices; each is one override.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from ctxdistill.config import MethodConfig, ModelConfig, one_of, require, validate_model
 from ctxdistill.data import Example
 from ctxdistill.data.mixture import TaskMixture
 from ctxdistill.encoding import answer_and_column_logits, answer_logits, encode
@@ -48,6 +50,51 @@ from ctxdistill.methods.base import Method
 from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
 
 TERMS = ("icl_hard", "icl_soft", "lm_hard", "lm_soft")
+
+
+@dataclass
+class ICLDistillConfig(MethodConfig):
+    """In-context learning distillation (Huang et al. 2022); the loss is written out in the module
+    docstring. A weight of 0 switches its term off; ICT is the hard ICL term alone."""
+
+    _target_: str = "ctxdistill.methods.icl_distill.ICLDistillation"
+    icl_hard_weight: float = 0.5  # cross-entropy of the gold answer after the k demonstrations
+    icl_soft_weight: float = 0.5  # T^2 * KL(teacher || student) at the answer position
+    lm_hard_weight: float = 0.0  # cross-entropy of the demonstration tokens (language modelling)
+    lm_soft_weight: float = 0.0  # T^2 * KL(teacher || student) at every demonstration token
+    temperature: float = 1.0
+    top_k: int = 64  # the teacher's targets are kept as its k most likely tokens plus one bucket for the rest
+    teacher: Optional[ModelConfig] = None  # the teacher's model config (a larger LM); null: no teacher (ICT)
+    # the teacher's targets: kept on disk for later runs on the same prompts (disk), or for this run only (memory)
+    teacher_cache: str = one_of("disk", "memory", default="disk")
+    teacher_cache_dir: str = "${cache_dir}/teacher_targets"
+    schema_name: ClassVar[str] = "base_icl_distill"
+    dataset_kinds: ClassVar[tuple[str, ...]] = ("mixture",)
+    dataset_example: ClassVar[str] = "experiment=huang2022/multitask_ict or huang2022/meta_ict"
+    refused_adapters: ClassVar[dict[str, str]] = {
+        "prefix": "a trainable prefix stands for one fixed context, and in-context tuning draws new "
+        "demonstrations for every prompt"
+    }
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        weights = {k: m[k] for k in ("icl_hard_weight", "icl_soft_weight", "lm_hard_weight", "lm_soft_weight")}
+        require(
+            all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0,
+            "method",
+            f"the loss weights must be >= 0 and not all 0, got {weights}",
+            "",
+        )
+        require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
+        require(m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        require(
+            m.teacher is not None or (m.icl_soft_weight == 0 and m.lm_soft_weight == 0),
+            "method.teacher",
+            "the soft (distillation) terms need a teacher model",
+            "Use method=ict, or give method.teacher (e.g. model@method.teacher=smollm2-135m)",
+        )
+        if m.teacher is not None:
+            validate_model(m.teacher, "method.teacher")
 
 
 def icl_distillation_loss(
@@ -92,22 +139,21 @@ def icl_distillation_loss(
 
 
 class ICLDistillation(Method):
-    adapter = "lora"  # what model.adapter selects: lora or full
+    trained_weights = "adapter"  # what model.adapter selects: lora or full
     eval_with_context = True  # the student is judged by its few-shot (in-context) accuracy
-    reads_mixtures = True
 
     def __init__(
         self,
         name: str,
-        icl_hard_weight: float = 0.5,
-        icl_soft_weight: float = 0.5,
-        lm_hard_weight: float = 0.0,
-        lm_soft_weight: float = 0.0,
-        temperature: float = 1.0,
-        top_k: int = 64,
-        teacher: Optional[dict] = None,
-        teacher_cache: str = "disk",
-        teacher_cache_dir: Optional[str] = None,
+        icl_hard_weight: float,
+        icl_soft_weight: float,
+        lm_hard_weight: float,
+        lm_soft_weight: float,
+        temperature: float,
+        top_k: int,
+        teacher: Optional[dict],
+        teacher_cache: str,
+        teacher_cache_dir: Optional[str],
     ):
         super().__init__(name)
         self.weights = dict(zip(TERMS, (icl_hard_weight, icl_soft_weight, lm_hard_weight, lm_soft_weight)))

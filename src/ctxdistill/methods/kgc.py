@@ -24,19 +24,98 @@ import logging
 import random
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional, Sequence
+from typing import ClassVar, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import MISSING, DictConfig
 from transformers.modeling_outputs import BaseModelOutput
 
-from ctxdistill.config import ConfigError
+from ctxdistill.config import ConfigError, MethodConfig, one_of, require
 from ctxdistill.data.kg import KGTask, Triple, build_kg_task, missing_contexts
 from ctxdistill.methods.base import Method
 from ctxdistill.ranking import LinkPredictionEvaluator, ranking_prefix
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class KGCStudentConfig(MethodConfig):
+    """Stage 2: a KGC student trained on the triples, with an auxiliary task on the contexts."""
+
+    _target_: str = MISSING
+    aux_weight: float = 1.0  # weight of the auxiliary loss on the contexts; 0: the baseline without it
+    kgc_weight: float = 1.0
+    max_length: int = 64  # tokens of a triple's input
+    context_max_length: int = 128  # tokens of a context
+    eval_batch_size: int = 256  # (query, candidate) pairs per forward pass
+    dataset_kinds: ClassVar[tuple[str, ...]] = ("knowledge_graph",)
+    dataset_example: ClassVar[str] = "dataset=kg_synthetic, wn18rr or fb15k237n"
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        require(
+            m.aux_weight >= 0 and m.kgc_weight >= 0,
+            "method.aux_weight / method.kgc_weight",
+            "must be >= 0",
+            "Set method.aux_weight=0 for the baseline without the auxiliary task",
+        )
+
+
+@dataclass
+class KGBertConfig(KGCStudentConfig):
+    """Discriminative (KG-BERT): triple classification plus masked-LM reconstruction of the context."""
+
+    _target_: str = "ctxdistill.methods.kgc.KGBert"
+    negatives: int = 5  # corrupted triples per positive: all its heads or all its tails (a coin flip per positive)
+    # drawn_once (the released code): the positives and their negatives are rows drawn once before training,
+    # shuffled together into batches of trainer.batch_size rows, each row with its own masked copy of its
+    # positive's context (masked once too). fresh_per_batch: a batch is trainer.batch_size positives, each with
+    # negatives drawn anew and one masked copy of its context (more distinct negatives, 1/(1+negatives) of
+    # the reconstruction cost).
+    training_rows: str = one_of("drawn_once", "fresh_per_batch", default="drawn_once")
+    # A training triple without a context: random (another triple's context, drawn once; the released code)
+    # or error (stop before training). With no context at all the auxiliary task always stops.
+    missing_context: str = one_of("random", "error", default="random")
+    mlm_probability: float = 0.15  # of which 80% [MASK], 10% random, 10% kept
+    use_descriptions: bool = True  # entity text = name + description, as KG-BERT
+    schema_name: ClassVar[str] = "base_kgbert"
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        super().check(m, cfg)
+        require(
+            0 < m.mlm_probability < 1,
+            "method.mlm_probability",
+            f"must be in (0, 1), got {m.mlm_probability}",
+            "The paper masks 0.15",
+        )
+        require(m.negatives >= 1, "method.negatives", f"must be >= 1, got {m.negatives}", "")
+
+
+@dataclass
+class KGS2SConfig(KGCStudentConfig):
+    """Generative (KG-S2S): generate the missing entity (name and description), plus generating the context."""
+
+    _target_: str = "ctxdistill.methods.kgc.KGS2S"
+    max_target_length: int = 512
+    # Entity descriptions in the query and in the target, as the released -src_descrip_max_length /
+    # -tgt_descrip_max_length: N keeps the first N - 1 tokens (N counts T5's end-of-sequence token); 0: none.
+    source_description_tokens: int = 40
+    target_description_tokens: int = 10
+    # What the contextualization task generates the context from: query (the link-prediction query, as the
+    # released code does by mistake) or triple ("contextualize: h | r | t", its intent; easier, as it holds
+    # the answer).
+    context_input: str = one_of("query", "triple", default="query")
+    schema_name: ClassVar[str] = "base_kgs2s"
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        super().check(m, cfg)
+        for key in ("source_description_tokens", "target_description_tokens"):
+            require(m[key] >= 0, f"method.{key}", f"must be >= 0, got {m[key]}", "0 leaves descriptions out")
 
 
 def mask_tokens(
@@ -77,18 +156,18 @@ def count_shared(values: Iterable) -> int:
 class KGCStudent(Method):
     """What both students share: training triples, the context check, the ranking evaluation."""
 
-    adapter = "full"
+    trained_weights = "all"
     #: a training triple without a context: "error" stops before training, "random" lends it another's
     missing_context = "error"
 
     def __init__(
         self,
         name: str,
-        aux_weight: float = 1.0,
-        kgc_weight: float = 1.0,
-        max_length: int = 64,
-        context_max_length: int = 128,
-        eval_batch_size: int = 256,
+        aux_weight: float,
+        kgc_weight: float,
+        max_length: int,
+        context_max_length: int,
+        eval_batch_size: int,
     ):
         super().__init__(name)
         self.aux_weight, self.kgc_weight = aux_weight, kgc_weight
@@ -254,11 +333,11 @@ class KGBert(KGCStudent):
     def __init__(
         self,
         name: str,
-        negatives: int = 5,
-        training_rows: str = "drawn_once",
-        missing_context: str = "random",
-        mlm_probability: float = 0.15,
-        use_descriptions: bool = True,
+        negatives: int,
+        training_rows: str,
+        missing_context: str,
+        mlm_probability: float,
+        use_descriptions: bool,
         **kwargs,
     ):
         super().__init__(name, **kwargs)
@@ -420,10 +499,10 @@ class KGS2S(KGCStudent):
     def __init__(
         self,
         name: str,
-        max_target_length: int = 512,
-        source_description_tokens: int = 40,
-        target_description_tokens: int = 10,
-        context_input: str = "query",
+        max_target_length: int,
+        source_description_tokens: int,
+        target_description_tokens: int,
+        context_input: str,
         **kwargs,
     ):
         super().__init__(name, **kwargs)

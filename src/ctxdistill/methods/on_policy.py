@@ -17,31 +17,70 @@ Sampling and the lambda draws use their own seeded generators, so a run is repro
 from __future__ import annotations
 
 import random
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
+from omegaconf import DictConfig
 
+from ctxdistill.config import MethodConfig, one_of, require
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.generation import generate
 from ctxdistill.losses import distillation_loss, sampled_reverse_kl, teacher_distribution
 from ctxdistill.methods.base import Method
 
 
+@dataclass
+class OnPolicyConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.on_policy.OnPolicyDistillation"
+    # At every sampled position: reverse_kl | jsd | forward_kl over the full vocabulary (GKD), or
+    # sampled_reverse_kl, the sampled token's log-ratio as a policy gradient (on-policy distillation, SDFT).
+    divergence: str = one_of("reverse_kl", "jsd", "forward_kl", "sampled_reverse_kl", default="reverse_kl")
+    beta: float = 0.5  # JSD mixture weight (TRL semantics: 0 = forward KL, 1 = reverse KL)
+    lmbda: float = 1.0  # GKD's lambda: the fraction of batches the student samples; the teacher samples the rest
+    temperature: float = 1.0  # sampling only; the loss is taken at temperature 1, as in GKD
+    top_k: Optional[int] = None  # sample among the k most likely tokens
+    max_new_tokens: int = 8
+    stop: Optional[str] = "\n"  # a sample ends with the first token containing it (or end-of-sequence)
+    seed: int = 0  # the sampling generator and the lambda draws
+    schema_name: ClassVar[str] = "base_on_policy"
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
+        require(0 <= m.lmbda <= 1, "method.lmbda", f"must be in [0, 1], got {m.lmbda}", "")
+        require(
+            m.temperature > 0,
+            "method.temperature",
+            f"must be positive, got {m.temperature}",
+            "Sampling needs a positive temperature, e.g. method.temperature=1.0",
+        )
+        require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        require(
+            m.top_k is None or m.divergence != "sampled_reverse_kl",
+            "method.top_k",
+            "top-k sampling never draws the tokens outside the k, so the sampled reverse KL cannot estimate "
+            "the student's mass there (its gradient would be biased)",
+            "Set method.top_k=null, or method.divergence=reverse_kl (exact at every sampled position)",
+        )
+        require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
+
+
 class OnPolicyDistillation(Method):
-    adapter = "lora"
+    trained_weights = "adapter"
     teacher_during_training = True  # it scores every step's samples
 
     def __init__(
         self,
         name: str,
-        divergence: str = "reverse_kl",
-        beta: float = 0.5,
-        lmbda: float = 1.0,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        max_new_tokens: int = 8,
-        stop: Optional[str] = "\n",
-        seed: int = 0,
+        divergence: str,
+        beta: float,
+        lmbda: float,
+        temperature: float,
+        top_k: Optional[int],
+        max_new_tokens: int,
+        stop: Optional[str],
+        seed: int,
     ):
         super().__init__(name)
         self.divergence, self.beta, self.lmbda = divergence, beta, lmbda

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ctxdistill.config import MethodConfig
 from ctxdistill.methods.base import Method
 
 
-class Prompting(Method):
-    reads_mixtures = True  # the untrained model on a mixture's few-shot tasks (Huang et al.'s untrained student)
+@dataclass
+class PromptingConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.prompting.Prompting"
+    use_context: bool = False
+    schema_name: ClassVar[str] = "base_prompting"
+    # the untrained model on a mixture's few-shot tasks too (Huang et al.'s untrained student)
+    dataset_kinds: ClassVar[tuple[str, ...]] = ("classification", "generation", "mixture")
 
+
+class Prompting(Method):
     def __init__(self, name: str, use_context: bool):
         super().__init__(name)
         self.eval_with_context = use_context

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from ctxdistill.config import MethodConfig, require
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.generation import generate
 from ctxdistill.methods.base import Method
@@ -30,12 +33,31 @@ from ctxdistill.methods.base import Method
 log = logging.getLogger(__name__)
 
 
-class ScratchpadDistillation(Method):
-    adapter = "lora"
+@dataclass
+class ScratchpadConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.scratchpad.ScratchpadDistillation"
+    num_samples: int = 8  # teacher samples per query; their extracted answers are the empirical target
+    temperature: float = 1.0  # of the teacher's sampling; 0 = greedy (then one sample suffices)
+    top_k: Optional[int] = None
+    seed: int = 0
+    schema_name: ClassVar[str] = "base_scratchpad"
+    # free-text answers and an answer extractor (dataset.generation)
+    dataset_kinds: ClassVar[tuple[str, ...]] = ("generation",)
+    dataset_example: ClassVar[str] = (
+        "a dataset with free-text answers and an answer extractor (dataset.generation), e.g. dataset=addition"
+    )
 
-    def __init__(
-        self, name: str, num_samples: int = 8, temperature: float = 1.0, top_k: Optional[int] = None, seed: int = 0
-    ):
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        require(m.num_samples >= 1, "method.num_samples", f"must be >= 1, got {m.num_samples}", "")
+        require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "0 is greedy")
+        require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+
+
+class ScratchpadDistillation(Method):
+    trained_weights = "adapter"
+
+    def __init__(self, name: str, num_samples: int, temperature: float, top_k: Optional[int], seed: int):
         super().__init__(name)
         self.num_samples, self.temperature, self.top_k, self.seed = num_samples, temperature, top_k, seed
         self._targets: dict[str, dict[tuple[int, ...], float]] = {}
