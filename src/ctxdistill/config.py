@@ -225,7 +225,7 @@ class KGDatasetConfig:
     # Ranking: null ranks against every entity (the paper's protocol); N against N sampled entities (CPU).
     eval_candidates: Optional[int] = None
     subsample_seed: int = 0
-    # Contexts keyed by triple: written by method=contextualization, read by the students' auxiliary task.
+    # Contexts keyed by triple: written by the contextualization stage, read by the students' auxiliary task.
     contexts_file: Optional[str] = None
     # The KG-S2S directory whose entity2id.txt / relation2id.txt number the ids of a released
     # knowledge_context.txt; null: the contexts file's own directory (where the released writer puts it).

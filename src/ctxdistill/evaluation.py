@@ -314,7 +314,22 @@ def generation_metrics(
     return {**metrics, "rougeL_to_teacher": rouge(replies), "base_rougeL_to_teacher": rouge(base_replies)}
 
 
-class Evaluator:
+class EvaluatorBase:
+    """What a run asks of the object a method's ``evaluator()`` returns."""
+
+    def prepare(self) -> None:
+        """Work before training, such as the frozen teacher's references (full-weight training changes it)."""
+
+    def evaluate(self, names: Optional[list[str]] = None) -> tuple[dict[str, float], dict[str, list[dict]]]:
+        """Flat metrics ``{set}/{metric}`` and the prediction rows of each set (of ``names``; None: all)."""
+        raise NotImplementedError
+
+    def after_training(self) -> dict[str, float]:
+        """Metrics that only a trained model has (none by default)."""
+        return {}
+
+
+class Evaluator(EvaluatorBase):
     """Evaluates the model on every eval set of a task against the frozen teacher.
 
     The teacher (base weights, adapter disabled, with context) is scored once per eval
@@ -425,6 +440,14 @@ class Evaluator:
         ]
         return result, rows
 
+    def after_training(self) -> dict[str, float]:
+        """Upadhayaya et al.'s "teacher accuracy": the trained model *with* the context, scored on the training
+        queries (their teacher was the adapted model itself)."""
+        if not self.task.train_query_labels:
+            return {}
+        accuracy = self.context_accuracy(self.task.train_queries, self.task.train_query_labels)
+        return {"train_queries/context_accuracy": accuracy}
+
     def context_accuracy(self, examples: list[Example], labels: list[int]) -> float:
         """Accuracy of the (trained) model *with* the context on ``examples``."""
         scores = score_shared(
@@ -519,7 +542,7 @@ class GenerationEvaluator(Evaluator):
         return exact_match_rate(self.answers(self.handle.base, examples, True, "with context").answers, targets)
 
 
-class MixtureEvaluator:
+class MixtureEvaluator(EvaluatorBase):
     """Few-shot evaluation of every evaluated task of a mixture, one :class:`Evaluator` each.
 
     Metrics ``{task}/...`` per task and their means over tasks as ``eval/...`` (``eval/accuracy`` is

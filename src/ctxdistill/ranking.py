@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctxdistill.data.kg import KGTask, Triple
+from ctxdistill.evaluation import EvaluatorBase
 
 #: score(queries, candidates) -> one score tensor per query; a query is (triple, direction) with
 #: direction "tail" (rank candidate tails for (h, r, ?)) or "head" (heads for (?, r, t)).
@@ -64,7 +65,7 @@ class TrueAnswers:
         return self.tails[(h, r)] if direction == "tail" else self.heads[(r, t)]
 
 
-class LinkPredictionEvaluator:
+class LinkPredictionEvaluator(EvaluatorBase):
     """Ranks every eval triple's head and tail with a method's scorer; metrics ``{set}/{prefix}{metric}``."""
 
     def __init__(self, task: KGTask, scorer: Scorer, queries_per_batch: int = 1):

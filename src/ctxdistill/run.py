@@ -246,12 +246,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     whole = method.trained_weights == "all" or cfg.model.adapter == "full"
                     handle.base.save_pretrained(out / ("model" if whole else "adapter"), **gathered)
         metrics, predictions = evaluator.evaluate()
-        if method.trains and getattr(task, "train_query_labels", None):
-            # Upadhayaya et al.'s "teacher accuracy": the trained model *with* the context, scored
-            # on the training queries after training (their teacher was the adapted model itself).
-            metrics["train_queries/context_accuracy"] = evaluator.context_accuracy(
-                task.train_queries, task.train_query_labels
-            )
+        if method.trains:
+            metrics.update(evaluator.after_training())
         result = {
             **run_identity(cfg, task),
             "status": "complete",
@@ -260,7 +256,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "train": train_stats,
             "curves": curves,
             "model_parameters": model_parameters,
-            "demos": [d.uid for d in getattr(task, "demos", [])],
+            "demos": [d.uid for d in task.demos],
             "runtime_seconds": time.perf_counter() - started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -36,6 +36,7 @@ class TaskMixture:
     train_tasks: dict[str, Task]  # train_queries: each task's training instances (labelled)
     eval_tasks: dict[str, Task]  # eval_sets["eval"]: held-out queries, ``votes`` draws each
     context: str = ""  # no context is shared by every prompt; each draws its own demonstrations
+    generation: None = None  # a mixture's tasks classify: no free-text answers
 
     @property
     def parts(self) -> list[Task]:

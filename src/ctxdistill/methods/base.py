@@ -70,7 +70,7 @@ class Method:
     def check_inputs(self, task: Task, tokenizer, cfg: DictConfig) -> None:
         """Cheap checks before the model loads: by default, every teacher prompt fits the model's window and
         prompt + answer tokenises as the prompt's tokens followed by the answer's."""
-        generation = getattr(task, "generation", None)  # a mixture's tasks classify
+        generation = task.generation
         answer_tokens = max(self.answer_tokens, generation.max_new_tokens if generation else 1)
         check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
         if cfg.dataset.kind == "mixture" or cfg.dataset.check_answer_tokens:

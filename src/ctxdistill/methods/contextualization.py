@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ctxdistill.config import ConfigError, MethodConfig, require
 from ctxdistill.data.kg import ContextWriter, KGTask, Triple, batched, build_kg_task, missing_contexts
+from ctxdistill.evaluation import EvaluatorBase
 from ctxdistill.methods.base import Method
 
 
@@ -103,7 +104,7 @@ class Contextualization(Method):
         return ContextGeneration(self, handle.base, tokenizer, task)
 
 
-class ContextGeneration:
+class ContextGeneration(EvaluatorBase):
     """Writes the missing contexts of the training triples; its metrics describe what was written."""
 
     def __init__(self, method: Contextualization, model, tokenizer, task: KGTask):

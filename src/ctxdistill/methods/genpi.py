@@ -40,7 +40,7 @@ from ctxdistill.config import ConfigError, MethodConfig, one_of, require
 from ctxdistill.data import Example, Task
 from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
-from ctxdistill.evaluation import generation_metrics, task_success
+from ctxdistill.evaluation import EvaluatorBase, generation_metrics, task_success
 from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
@@ -543,7 +543,7 @@ class GenPI(Method):
         return PromptInternalizationEvaluator(self, handle, tokenizer, task, batch_size)
 
 
-class PromptInternalizationEvaluator:
+class PromptInternalizationEvaluator(EvaluatorBase):
     """Greedy replies of the trained model without the prompt, against the teacher with it and the base
     model without it (both from the replies stage, written before training), on the config's held-out
     inputs (set "eval", the reported one) and the held-out pseudo inputs (the objective's): task success
