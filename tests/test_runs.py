@@ -237,3 +237,15 @@ def test_released_code_orders_are_one_override_each(make_cfg, tmp_path, monkeypa
     assert (seen == queries * 2) == (not shuffle)
     positions = [int(d.uid.split("-")[1]) for d in task.demos]
     assert (positions == sorted(positions)) == (not shuffle)
+
+
+def test_debug_fast_runs_any_configuration_in_seconds(make_cfg, tmp_path):
+    cfg = make_cfg("experiment=demo", "method=cd", "debug=fast")
+    assert (cfg.model.name, cfg.logger.backend, cfg.trainer.max_steps, cfg.dataset.num_eval) == (
+        "tiny-random",
+        "none",
+        2,
+        16,
+    )
+    result = run(cfg)
+    assert result["train"]["steps"] == 2 and len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 16
