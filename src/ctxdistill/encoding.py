@@ -64,8 +64,9 @@ class SharedPrefix:
     Callers see only the rows' own tokens (:meth:`forward`): their ids, positions after the prefix, an
     attention mask and a cache of their own. For models whose every layer is plain softmax attention
     with a full (not sliding-window) cache, the prefix is attended once per layer for all rows by
-    :mod:`ctxdistill.prefix_attention` and never copied; otherwise each batch gets a copy of the
-    prefix's cache per row.
+    :mod:`ctxdistill.prefix_attention` and never copied. Other full-attention models (another attention
+    implementation, a wrapper that adds its own tokens to the cache) get a copy of the prefix's cache per
+    row; models with sliding-window (or other non-full) cache layers share nothing (``length`` 0).
     """
 
     def __init__(
@@ -88,9 +89,12 @@ class SharedPrefix:
                 self.cache = model(
                     input_ids=torch.tensor([first[:length]], device=device), use_cache=True, logits_to_keep=1
                 ).cache  # only the cache is needed
-            # A wrapper that adds tokens of its own to the cache (a trainable prefix) keeps the copying path.
-            plain = all(type(layer) is DynamicLayer for layer in self.cache.layers)
-            if plain and self.cache.get_seq_length() == length and prefix_attention.handles(model):
+            if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
+                # A sliding window counts positions in the cache, where padding between the context and a row's
+                # tokens would sit: such models run every prompt whole.
+                self.length, self.cache = 0, None
+            elif self.cache.get_seq_length() == length and prefix_attention.handles(model):
+                # (A wrapper that adds tokens of its own to the cache, a trainable prefix, keeps the copy.)
                 self.layers = [(layer.keys[0], layer.values[0]) for layer in self.cache.layers]
 
     @property
@@ -126,7 +130,7 @@ class SharedPrefix:
                     shared_prefix=self.layers,
                     **kwargs,
                 )
-        if cache is None:  # sliding-window and other layer kinds: a real copy per row
+        if cache is None:  # a copy of the context per row
             cache = copy.deepcopy(self.cache)
             cache.batch_repeat_interleave(rows)
         return model(

@@ -16,7 +16,9 @@ are gathered, so every process ends with the whole set's scores in input order.
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -75,10 +77,35 @@ def check_answer_tokenization(task: Task | TaskMixture, tokenizer, examples_per_
                         )
 
 
+class SpilledRows:
+    """Vocabulary-sized float32 rows (the teacher's next-token log-probabilities) kept in a temporary file and
+    read back a batch at a time, so the KL to the teacher is exact while memory holds one batch of them, not
+    N x V floats (the file takes 4 N V bytes of disk, in the system's temporary directory)."""
+
+    def __init__(self, width: int):
+        self.width, self.file, self.slots = width, tempfile.TemporaryFile(), {}
+
+    def write(self, indices: list[int], rows: torch.Tensor) -> None:
+        """Stores ``rows`` [len(indices), width] as the rows of ``indices``."""
+        data = rows.detach().float().cpu().contiguous().numpy()
+        self.file.seek(0, os.SEEK_END)
+        first = self.file.tell() // (4 * self.width)
+        self.file.write(data.data)
+        self.slots.update({index: first + i for i, index in enumerate(indices)})
+
+    def read(self, indices: list[int]) -> torch.Tensor:
+        """The rows of ``indices`` [len(indices), width]."""
+        rows = torch.empty(len(indices), self.width)
+        for row, index in zip(rows.numpy(), indices):
+            self.file.seek(self.slots[index] * 4 * self.width)
+            self.file.readinto(row.data)
+        return rows
+
+
 @dataclass
 class Scores:
     label_logprobs: torch.Tensor  # [N, C]
-    next_token_logprobs: Optional[torch.Tensor]  # [N, V] at the answer position, kept for the teacher only
+    next_token_logprobs: Optional[SpilledRows]  # [N, V] at the answer position, kept for the teacher only
     kl_to_teacher: Optional[torch.Tensor]  # [N]
     top_token: torch.Tensor  # [N] the most likely next token over the whole vocabulary (greedy decoding)
     voted: Optional[torch.Tensor] = None  # [N] majority answers, when each row stands for several draws
@@ -130,7 +157,8 @@ def score(
     prefix = SharedPrefix(model, tokenizer, all_prompts, share_prefix)  # the context, run once for the whole set
     # Batches of similar length waste little compute on padding; results go back in input order.
     order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
-    label_lp, distributions, kls, top = [], [], [], []
+    label_lp, kls, top = [], [], []
+    distributions = None
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
         rows = order[start : start + batch_size]
         prompts = [all_prompts[i] for i in rows]
@@ -146,15 +174,16 @@ def score(
                 per_class.append(answer_token_logprobs(answer_logits(model, batch, prefix), batch).cpu())
             label_lp.append(torch.stack(per_class, -1))
         if teacher is not None:
-            reference = teacher.next_token_logprobs[rows].to(next_token.device)
+            reference = teacher.next_token_logprobs.read(rows).to(next_token.device)
             kls.append(forward_kl(next_token, reference).cpu())
         if keep_distribution:
-            distributions.append(next_token.cpu())
+            distributions = distributions or SpilledRows(next_token.shape[-1])
+            distributions.write(rows, next_token)
     model.train(was_training)
     restore = torch.argsort(torch.tensor(order))
     return Scores(
         torch.cat(label_lp)[restore],
-        torch.cat(distributions)[restore] if keep_distribution else None,
+        distributions,
         torch.cat(kls)[restore] if teacher is not None else None,
         torch.cat(top)[restore],
     )
