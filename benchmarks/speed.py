@@ -533,7 +533,8 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
 class Report:
     """Printed detail as it comes, and every ratio with its goal for the summary at the end."""
 
-    def __init__(self):
+    def __init__(self, path: str, command: str):
+        self.path, self.command, self.started = path, command, time.perf_counter()
         self.lines: list[str] = []
         self.ratios: list[list[Any]] = []  # [model, what, value, goal]
         self.figures: dict[str, Any] = {}
@@ -544,9 +545,22 @@ class Report:
 
     def ratio(self, model: str, what: str, value: Any, goal: str = "") -> None:
         self.ratios.append([model, what, value, goal])
+        self.save()
 
     def summary(self) -> str:
         return table(self.ratios, ["model", "ratio", "value", "goal"])
+
+    def save(self) -> None:
+        """The detail and the summary so far as Markdown at ``path``, every figure as JSON beside it (after every
+        measurement, so a run stopped part-way keeps what it measured)."""
+        seconds = time.perf_counter() - self.started
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(f"# benchmarks/speed.py\n\n`{self.command}`, {seconds:.0f} s\n\n")
+            f.write(f"## Summary\n\n```\n{self.summary()}\n```\n\n## Detail\n\n```\n")
+            f.write("\n".join(self.lines).strip() + "\n```\n")
+        with open(os.path.splitext(self.path)[0] + ".json", "w") as f:
+            json.dump({"command": self.command, "seconds": seconds, "figures": self.figures}, f, indent=1)
 
 
 def training_table(training: dict, base: str) -> str:
@@ -710,18 +724,6 @@ def evaluation_memory_report(report: Report) -> None:
     )
 
 
-def write_report(report: Report, path: str, command: str, seconds: float) -> None:
-    """The detail and the summary as Markdown at ``path``, every figure as JSON beside it."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        f.write(
-            f"# benchmarks/speed.py\n\n`{command}`, {seconds:.0f} s\n\n## Summary\n\n```\n{report.summary()}\n```\n"
-        )
-        f.write("\n## Detail\n\n```\n" + "\n".join(report.lines).strip() + "\n```\n")
-    with open(os.path.splitext(path)[0] + ".json", "w") as f:
-        json.dump({"command": command, "seconds": seconds, "figures": report.figures}, f, indent=1)
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny-random,smollm2-135m", help="comma-separated model configs")
@@ -748,19 +750,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible to torch; use --device cpu")
-    started = time.perf_counter()
-    report = Report()
+    command = " ".join(["python benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
+    report = Report(args.output, command)
     report.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for model in args.models.split(","):
         if set(args.only) & set(MEASUREMENTS):
             benchmark(report, [f"model={model}", *args.override], args.device, args)
     if "eval_memory" in args.only:
         evaluation_memory_report(report)
-    seconds = time.perf_counter() - started
-    report.ratio("", "benchmark wall time, s", seconds, "< 600")
+    report.ratio("", "benchmark wall time, s", time.perf_counter() - report.started, "< 600")
     report.print(f"\n=== summary ===\n{report.summary()}")
-    command = " ".join(["python benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
-    write_report(report, args.output, command, seconds)
+    report.save()
     print(f"\nwritten: {args.output}")
 
 
