@@ -10,7 +10,7 @@
 #   MODELS=opt-125m,opt-350m bash sweeps/mosbach2023.sh hydra/launcher=joblib hydra.launcher.n_jobs=2
 #
 # Extra arguments are Hydra overrides for every dataset; MNLI_ARGS and QQP_ARGS add overrides for
-# one dataset (local data, e.g. QQP_ARGS="dataset.ood.0.source.data_dir=PATH/paws_qqp").
+# one dataset (local data, e.g. QQP_ARGS="dataset.ood.paws_qqp.source.data_dir=PATH/paws_qqp").
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
