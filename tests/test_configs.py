@@ -249,3 +249,85 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(message), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err and "Error executing job" not in err
+
+
+# ---------------------------------------------------------------- architecture (issue 19's acceptance)
+def _code_outside_methods():
+    """(file, parsed module) for every module of ctxdistill outside ctxdistill/methods/."""
+    import ast
+
+    package = CONFIG_DIR.parent / "src" / "ctxdistill"
+    if not package.is_dir():  # an installed copy: the package sits beside its conf
+        package = CONFIG_DIR.parent
+    for path in sorted(package.rglob("*.py")):
+        if "methods" not in path.relative_to(package).parts:
+            yield path, ast.parse(path.read_text())
+
+
+def test_no_code_outside_the_methods_names_a_method():
+    """No identifier or string in the code outside methods/ is a method's name (docstrings are prose), save
+    words the configs declare as data: a setting's allowed values (dataset.source.layout=kgbert) and the fields
+    of a dataset's records (addition's scratchpad)."""
+    import ast
+    import dataclasses
+    import re
+
+    import yaml
+
+    from ctxdistill import config
+
+    methods = options("method")
+    declared = {
+        value
+        for schema in vars(config).values()
+        if dataclasses.is_dataclass(schema)
+        for f in dataclasses.fields(schema)
+        for value in f.metadata.get("one_of", ())
+    }
+    for path in (CONFIG_DIR / "dataset").glob("*.yaml"):
+        declared |= set(yaml.safe_load(path.read_text()).get("fields", []))
+    named = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, methods)) + r")(?![\w-])")
+    found = []
+    for path, tree in _code_outside_methods():
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                words = named.findall(node.value)
+            else:
+                words = [getattr(node, attr, None) for attr in ("id", "attr", "name", "arg")]
+                words = [w for w in words if w in methods]
+            found += [f"{path.name}:{node.lineno}: {w}" for w in words if w not in declared]
+    assert methods and not found
+
+
+def test_no_code_reads_a_datasets_keys_to_infer_its_kind():
+    """A dataset declares its kind; nothing asks whether a dataset setting is present ("layout" in source,
+    hasattr/getattr or .get with a dataset key)."""
+    import ast
+    import dataclasses
+
+    from ctxdistill import config
+
+    schemas = [config.DatasetConfig, config.KGDatasetConfig, config.MixtureConfig, config.SourceConfig]
+    schemas += [config.KGSourceConfig, config.EvalSetConfig, config.ContextConfig, config.GenerationConfig]
+    keys = {f.name for schema in schemas for f in dataclasses.fields(schema)}
+    found = []
+    for path, tree in _code_outside_methods():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+                probe = node.left
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("hasattr", "getattr"):
+                probe = node.args[1] if len(node.args) > 1 else None
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "get" and node.args:
+                probe = node.args[0]
+            else:
+                continue
+            if isinstance(probe, ast.Constant) and probe.value in keys:
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found

@@ -313,13 +313,9 @@ def load_graph(spec: DictConfig) -> KnowledgeGraph:
     return _clean_names(graph, source.name_separator)
 
 
-def is_kg_dataset(spec: DictConfig) -> bool:
-    return "layout" in spec.get("source", {})
-
-
 def build_kg_task(spec: DictConfig, seed: int) -> KGTask:
     """The graph, a (seeded) subsample of its training triples and of the evaluation split."""
-    if not is_kg_dataset(spec):
+    if spec.kind != "knowledge_graph":  # declared by the dataset (KGDatasetConfig)
         raise DataError(f"dataset={spec.name} is not a knowledge graph; use dataset=kg_synthetic, wn18rr or fb15k237n")
     graph = load_graph(spec)
     data_seed = spec.subsample_seed
