@@ -66,6 +66,8 @@ def test_settings_for_an_out_of_domain_set_that_is_not_selected_are_an_error(mak
     with pytest.raises(ConfigError, match=r"dataset\.ood\.hans: has settings but no source.*ood=\[\.\.\.,hans\]"):
         validate(make_cfg("experiment=upadhayaya2024/mnli", "ood=[hans_all]"))
     assert list(make_cfg("experiment=upadhayaya2024/mnli", "~dataset.ood.hans").dataset.ood) == []
+    with pytest.raises(ConfigError, match=r"dataset\.ood\.hans: does not fit dataset synthetic .*\['review'\]"):
+        validate(make_cfg("ood=[hans]"))  # HANS has two sentences, the synthetic reviews one
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 # ---------------------------------------------------------------- methods
@@ -440,6 +441,14 @@ def _validate_classification(d: DictConfig, key: str) -> None:
             "has settings but no source: the set is not selected",
             f"Select it (ood=[...,{name}]; the sets are conf/ood/*.yaml), or leave it out whole: ~dataset.ood.{name}",
         )
+        try:  # a set maps its columns onto the dataset's fields (HANS: two of them)
+            OmegaConf.to_container(ood, resolve=True)
+        except OmegaConfBaseException as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError(
+                f"{key}.ood.{name}: does not fit dataset {d.name} ({problem}). Select sets made for its fields "
+                f"{list(d.fields)}, or give the set its own rename"
+            ) from None
     templates = {
         "template": d.template,
         "demo_template": d.demo_template,
