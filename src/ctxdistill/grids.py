@@ -22,7 +22,7 @@ import yaml
 from ctxdistill.config import ConfigError
 
 WANDB_HEADER = """\
-# Generated from {grid} by `python -m ctxdistill.grids wandb {grid} --out {out}`: edit the grid, not this file.
+# Generated from {grid} (python -m ctxdistill.grids wandb {grid} --out {out}): edit the grid, not this file.
 # W&B's sweep controller over the {name} part of {script} ({runs} runs):
 #   wandb sweep {path}     # prints the sweep id
 #   wandb agent ENTITY/ctxdistill/SWEEP_ID     # on each worker, from the repository root
@@ -86,7 +86,7 @@ def wandb_sweeps(grid_path: Path, out: Path) -> dict[Path, str]:
             runs=runs,
             path=path.as_posix(),
         )
-        files[path] = header + yaml.safe_dump(body, sort_keys=False, width=120)
+        files[path] = header + yaml.safe_dump(body, sort_keys=False, width=120, default_flow_style=None)
     return files
 
 
