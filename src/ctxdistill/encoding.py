@@ -73,12 +73,14 @@ class SharedPrefix:
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], enabled: bool = True
     ):
         """``enabled=False`` gives an empty prefix: every prompt is run whole (for comparisons)."""
-        ids = tokenizer(list(prompts)).input_ids
-        first = ids[0]
-        # Longest common token prefix; every row keeps at least one token of its own.
-        length = min(len(r) for r in ids) - 1 if enabled else 0
-        for row in ids[1:]:
-            length = next((i for i, (a, b) in enumerate(zip(first[:length], row)) if a != b), length)
+        first = tokenizer(prompts[0]).input_ids
+        # Longest common token prefix; every row keeps at least one token of its own. Prompts are tokenised a
+        # chunk at a time: the token lists of a whole eval set would take memory in proportion to it.
+        length = len(first) - 1 if enabled else 0
+        for start in range(0, len(prompts), 256):
+            for row in tokenizer(list(prompts[start : start + 256])).input_ids:
+                length = min(length, len(row) - 1)
+                length = next((i for i, (a, b) in enumerate(zip(first[:length], row)) if a != b), length)
         self.length = length
         self.cache = None
         self.layers: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # per layer [kv_heads, length, dim]
