@@ -84,6 +84,7 @@ class SpilledRows:
 
     def __init__(self, width: int):
         self.width, self.file, self.slots = width, tempfile.TemporaryFile(), {}
+        self.buffer = torch.empty(0, width)
 
     def write(self, indices: list[int], rows: torch.Tensor) -> None:
         """Stores ``rows`` [len(indices), width] as the rows of ``indices``."""
@@ -94,8 +95,11 @@ class SpilledRows:
         self.slots.update({index: first + i for i, index in enumerate(indices)})
 
     def read(self, indices: list[int]) -> torch.Tensor:
-        """The rows of ``indices`` [len(indices), width]."""
-        rows = torch.empty(len(indices), self.width)
+        """The rows of ``indices`` [len(indices), width], valid until the next read: one buffer serves every read,
+        since a fresh batch-sized allocation per read fragments the heap until memory grows with the batches."""
+        if self.buffer.shape[0] < len(indices):
+            self.buffer = torch.empty(len(indices), self.width)
+        rows = self.buffer[: len(indices)]
         for row, index in zip(rows.numpy(), indices):
             self.file.seek(self.slots[index] * 4 * self.width)
             self.file.readinto(row.data)
