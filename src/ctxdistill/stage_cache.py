@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from ctxdistill import provenance
+
 log = logging.getLogger(__name__)
 
 #: The version of the code that produces stage rows (generation and the stages' prompts and cleaning).
@@ -45,6 +47,7 @@ class RowStore:
             settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         self.rows: dict[str, dict[str, Any]] = {}
         self._load()
+        provenance.note_cache(f"stage:{stage}", name, self.path)
 
     def _load(self) -> None:
         if not self.path.is_file():
