@@ -114,7 +114,9 @@ def test_wandb_offline_writes_a_syncable_run_directory_and_one_console_line(
     assert "wandb:" not in console.out + console.err  # no banner, no footer of sparklines
     assert caplog.text.count(f"wandb sync {runs[0]}") == 1
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for logged in (b"eval/accuracy", b"train/loss", b"predictions", b"hydra_choices"):
+    # the provenance goes into the config at the start, and the teacher cache's key at the end
+    cache_key = read_metrics(tmp_path)["provenance"]["caches"][0]["key"].encode()
+    for logged in (b"eval/accuracy", b"train/loss", b"predictions", b"hydra_choices", b"config_sha256", cache_key):
         assert logged in records
 
 
