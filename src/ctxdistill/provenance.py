@@ -19,6 +19,7 @@ current run's record, which :func:`begin_run` starts afresh: the runs of a sweep
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -104,6 +105,15 @@ def git_state(directory: Path) -> dict[str, Any]:
     return {"commit": commit.strip(), "dirty": bool(status.strip()) if status is not None else None, "checkout": "git"}
 
 
+@functools.cache
+def code_state() -> dict[str, Any]:
+    """:func:`git_state` of the ctxdistill source this process imported, asked once: the modules it runs do
+    not change after import, whatever happens to the files later in a sweep."""
+    import ctxdistill
+
+    return git_state(Path(ctxdistill.__file__).resolve().parent)
+
+
 def library_versions() -> dict[str, Optional[str]]:
     """python and each of :data:`LIBRARIES` (None: not installed), read from package metadata without importing."""
 
@@ -152,10 +162,8 @@ def eval_set_sizes(task) -> dict[str, int]:
 
 def describe(config: dict[str, Any], task, device: Any, processes: int) -> dict[str, Any]:
     """A run's provenance: everything above, with what it has read so far (see :func:`inputs`)."""
-    import ctxdistill
-
     return {
-        "code": git_state(Path(ctxdistill.__file__).resolve().parent),
+        "code": dict(code_state()),
         "versions": library_versions(),
         "device": device_info(device, processes),
         "config_sha256": config_hash(config),
