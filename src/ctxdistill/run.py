@@ -183,7 +183,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Under several processes every rank trains and evaluates its share; rank 0 alone writes and logs.
     writer = accelerator.is_main_process
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    origin = provenance.describe(resolved, task, accelerator.device, accelerator.num_processes)
+    run_provenance = provenance.describe(resolved, task, accelerator.device, accelerator.num_processes)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -193,7 +193,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             group=sweep_group() or f"{task.name}-{cfg.model.name}",
             name=f"{cfg.method.name}-{cfg.model.name}-{task.name}-s{cfg.seed}",
             tags=[cfg.method.name, cfg.model.name, task.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
-            config={**resolved, "hydra_choices": hydra_choices(), "provenance": origin},
+            config={**resolved, "hydra_choices": hydra_choices(), "provenance": run_provenance},
             output_dir=str(out),
         )
         if writer
@@ -254,7 +254,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if method.trains:
             metrics.update(evaluator.after_training())
         metrics.update(serving_metrics(evaluator.serving_costs()))
-        origin.update(provenance.inputs())  # with the caches training used
+        run_provenance.update(provenance.inputs())  # with the caches training used
         result = {
             **run_identity(cfg, task),
             "status": "complete",
@@ -264,14 +264,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "curves": curves,
             "model_parameters": model_parameters,
             "demos": [d.uid for d in task.demos],
-            "provenance": origin,
+            "provenance": run_provenance,
             "runtime_seconds": time.perf_counter() - started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if writer:
             save_results(out, result, predictions)
             remove_checkpoints(out)  # the run is complete; its adapter/model is saved on its own
-        tracker.update_config({"provenance": origin})
+        tracker.update_config({"provenance": run_provenance})
         tracker.log(metrics, train_stats.get("steps", 0))
         tracker.summary(
             {**metrics, **{f"train/{k}": v for k, v in train_stats.items()}, "model/parameters": model_parameters}
