@@ -154,7 +154,9 @@ def config_hash(config: dict[str, Any]) -> str:
 
 def eval_set_sizes(task) -> dict[str, int]:
     """Examples per eval set; a task mixture's as ``{task}/{set}``. A query asked ``votes`` times counts once."""
-    if hasattr(task, "eval_tasks"):
+    from ctxdistill.data.mixture import TaskMixture
+
+    if isinstance(task, TaskMixture):
         return {f"{name}/{s}": n for name, part in task.eval_tasks.items() for s, n in eval_set_sizes(part).items()}
     votes = getattr(task, "votes", 1)
     return {name: len(examples) // votes for name, examples in task.eval_sets.items()}
