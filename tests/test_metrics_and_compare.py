@@ -111,11 +111,11 @@ def test_table_shows_n_and_intervals_per_set_and_skips_incomplete_runs(tmp_path,
     assert main([str(tmp_path), "--format", "markdown"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "**in-domain (eval)**" and "| n " in lines[2] and "| accuracy " in lines[2]
-    # icl: two seeds, t-interval 0.7 ± 12.706 * 0.1414 / sqrt(2); cd: one run, Wilson over 200 examples
-    assert lines[4].startswith("| icl ") and "| 2 " in lines[4] and "0.700 [-0.571, 1.971]" in lines[4]
+    # icl: two seeds, t-interval 0.7 ± 12.706 * 0.1414 / sqrt(2) cut to [0, 1]; cd: one run, Wilson over 200 examples
+    assert lines[4].startswith("| icl ") and "| 2 " in lines[4] and "0.700 [0.000, 1.000]" in lines[4]
     low, high = wilson(140, 200)
     assert lines[5].startswith("| cd ") and f"0.700 [{low:.3f}, {high:.3f}]" in lines[5] and "| 200 " in lines[5]
-    assert lines[7] == "**hans**" and "0.350 [-0.285, 0.985]" in lines[11]
+    assert lines[7] == "**hans**" and "0.350 [0.000, 0.985]" in lines[11]
     assert f"0.350 [{wilson(350, 1000)[0]:.3f}, {wilson(350, 1000)[1]:.3f}]" in lines[12]
 
 
@@ -150,7 +150,7 @@ def test_csv_and_latex_output_and_an_empty_directory(tmp_path, capsys):
     assert main([str(tmp_path), "--format", "latex"]) == 0
     latex = capsys.readouterr().out.splitlines()
     assert latex[0] == "% in-domain (eval)" and latex[1].startswith(r"\begin{tabular}{lllr") and latex[2] == r"\toprule"
-    assert latex[5].startswith(r"cd & opt-125m & mnli & 2 & 200 & $0.700\ [0.065, 1.335]$ & ")
+    assert latex[5].startswith(r"cd & opt-125m & mnli & 2 & 200 & $0.700\ [0.065, 1.000]$ & ")
     assert latex[6].startswith(r"zero\_shot & opt-125m & mnli & 1 & 200 & $0.500\ [0.431, 0.569]$")
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 1

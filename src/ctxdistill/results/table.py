@@ -55,7 +55,9 @@ class Cell:
         if self.metric.kind == "count":
             return None
         if len(self.values) > 1:
-            return t_interval(self.values)
+            low, high = t_interval(self.values)
+            # a share of examples lies in [0, 1] whatever few seeds suggest
+            return (max(low, 0.0), min(high, 1.0)) if self.metric.kind == "proportion" else (low, high)
         if self.metric.kind == "proportion" and self.examples[0]:
             return wilson(self.values[0] * self.examples[0], self.examples[0])
         return None
