@@ -46,12 +46,8 @@ class Cell:
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
     @property
-    def n(self) -> Optional[int]:
-        """What the interval is over: seeds when there are several, else the run's examples."""
-        return len(self.values) if len(self.values) > 1 else self.examples[0]
-
-    @property
     def interval(self) -> Optional[tuple[float, float]]:
+        """95%: Student's t over the seeds when there are several, else Wilson's over one run's examples."""
         if self.metric.kind == "count":
             return None
         if len(self.values) > 1:
