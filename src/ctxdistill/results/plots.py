@@ -168,8 +168,9 @@ def serving_cost(table: Table, dataset: str, path: Path) -> Optional[Path]:
     legend: dict[str, object] = {}
     for ax, (model_cost, teacher_cost, label) in zip(axes, costs):
         points = [r for r in rows if model_cost in r.cells]
+        models = list(dict.fromkeys(r.model for r in points))
         for i, row in enumerate(points):
-            name = f"{row.method} ({row.model})" if len({r.model for r in points}) > 1 else row.method
+            name = f"{row.method} ({row.model})" if len(models) > 1 else row.method
             legend[name] = ax.errorbar(
                 [row.cells[model_cost].mean],
                 [row.cells[headline].mean],
@@ -179,13 +180,22 @@ def serving_cost(table: Table, dataset: str, path: Path) -> Optional[Path]:
                 linestyle="none",
                 color=f"C{i}",
             )
-        teacher_x = _pooled(points, teacher_cost)
-        teacher_y = _pooled(points, f"{IN_DOMAIN}/{teacher}") if teacher else []
-        if teacher_x and teacher_y:
-            (legend["teacher (with context)"],) = ax.plot(
-                [statistics.fmean(teacher_x)], [statistics.fmean(teacher_y)], "kx", markersize=10, linestyle="none"
-            )
+        for j, model in enumerate(models):  # the teacher of each model: the base model with the context
+            of_model = [r for r in points if r.model == model]
+            teacher_x = _pooled(of_model, teacher_cost)
+            teacher_y = _pooled(of_model, f"{IN_DOMAIN}/{teacher}") if teacher else []
+            if teacher_x and teacher_y:
+                name = f"teacher (with context, {model})" if len(models) > 1 else "teacher (with context)"
+                (legend[name],) = ax.plot(
+                    [statistics.fmean(teacher_x)],
+                    [statistics.fmean(teacher_y)],
+                    marker="xP^sv"[j % 5],
+                    color="black",
+                    markersize=9,
+                    linestyle="none",
+                )
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xlabel(label)
         ax.set_ylabel(table.family.headline.label)
         ax.grid(alpha=0.3)
