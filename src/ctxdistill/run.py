@@ -35,6 +35,7 @@ from ctxdistill.models import (
     load_trained,
     model_identity,
 )
+from ctxdistill.results.metrics import float32_rounded
 from ctxdistill.serving import serving_metrics
 from ctxdistill.sweeps import group_name
 from ctxdistill.tracking import Tracker, create_tracker
@@ -219,6 +220,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if method.trains and method.teacher_during_training and handle.trains_base_weights:
             handle.keep_frozen_teacher()
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
+        metric_set = method.metric_set(evaluator).to_dict()
+        tracker.add_config({"metric_set": metric_set})  # a run read back from W&B knows its columns
         evaluator.prepare()
 
         train_stats: dict[str, Any] = {}
@@ -255,10 +258,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             metrics.update(evaluator.after_training())
         metrics.update(serving_metrics(evaluator.serving_costs()))
         run_provenance.update(provenance.inputs())  # with the caches training used
+        metrics = rounded(metrics)
         result = {
             **run_identity(cfg, task),
             "status": "complete",
             "metrics": metrics,
+            "metric_set": metric_set,
             "objective": method.objective,
             "train": train_stats,
             "curves": curves,
@@ -271,7 +276,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if writer:
             save_results(out, result, predictions)
             remove_checkpoints(out)  # the run is complete; its adapter/model is saved on its own
-        tracker.update_config({"provenance": run_provenance})
+        tracker.add_config({"provenance": run_provenance})  # now with the caches training used
         tracker.log(metrics, train_stats.get("steps", 0))
         tracker.summary(
             {**metrics, **{f"train/{k}": v for k, v in train_stats.items()}, "model/parameters": model_parameters}
@@ -282,6 +287,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return result
     finally:
         tracker.finish()
+
+
+def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as float32 holds them (0.54, not 0.5400000214576721), the same in metrics.json and W&B."""
+    return {key: float32_rounded(value) for key, value in metrics.items()}
 
 
 def save_results(out: Path, result: dict[str, Any], predictions: dict[str, list[dict]]) -> None:

@@ -26,9 +26,9 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def update_config(self, values: dict[str, Any]) -> None: ...
-
     def summary(self, metrics: dict[str, Any]) -> None: ...
+
+    def add_config(self, values: dict[str, Any]) -> None: ...
 
     def predictions(self, rows: dict[str, list[dict]]) -> None: ...
 
@@ -127,13 +127,12 @@ class WandbTracker(Tracker):
         self.run.log(metrics, step=step)
 
     @_warn_on_failure
-    def update_config(self, values):
-        """Config values known only at the end (the caches a run used): they replace what the start recorded."""
-        self.run.config.update(values, allow_val_change=True)
-
-    @_warn_on_failure
     def summary(self, metrics):
         self.run.summary.update(metrics)
+
+    @_warn_on_failure
+    def add_config(self, values):
+        self.run.config.update(values, allow_val_change=True)
 
     @_warn_on_failure
     def predictions(self, rows):
