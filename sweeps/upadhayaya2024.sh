@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Upadhayaya et al. 2024 (Table 3, Fig. 1): zero_shot, icl, ft, cd x OPT-125m/350m/1.3b/2.7b
 # x MNLI, RTE, QQP x seeds 0-3 = 192 runs; one Hydra multirun per dataset into
-# $SWEEP_DIR/<dataset> (default outputs/sweeps/upadhayaya2024), then one README.md + results/ for all.
+# $SWEEP_DIR/<dataset> (default outputs/sweeps/upadhayaya2024), then one README.md + results/ for all,
+# with the scorecard against the paper's Table 3.
 #
 #   bash sweeps/upadhayaya2024.sh                                          # one run after another
 #   bash sweeps/upadhayaya2024.sh hydra/launcher=joblib hydra.launcher.n_jobs=4
@@ -9,6 +10,8 @@
 #
 # Extra arguments are Hydra overrides for every dataset; MNLI_ARGS, RTE_ARGS and QQP_ARGS add
 # overrides for one dataset (local data, e.g. QQP_ARGS="dataset.ood.0.source.data_dir=PATH/paws_qqp").
+# METHODS, MODELS and SEEDS narrow the grid (e.g. METHODS=cd MODELS=smollm2-135m SEEDS=0,1 on a CPU);
+# COMPARE_ARGS go to the final ctxdistill-compare (e.g. "--model-as smollm2-135m=opt-125m").
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 # Exits non-zero if any cell failed (each sweep lists its failed cells).
 set -uo pipefail
@@ -18,9 +21,10 @@ status=0
 for dataset in mnli rte qqp; do
   args_var="${dataset^^}_ARGS"
   # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
-  ctxdistill -m "experiment=upadhayaya2024/$dataset" method=zero_shot,icl,ft,cd \
-    model=opt-125m,opt-350m,opt-1.3b,opt-2.7b seed=0,1,2,3 logger.group=upadhayaya2024 \
+  ctxdistill -m "experiment=upadhayaya2024/$dataset" "method=${METHODS:-zero_shot,icl,ft,cd}" \
+    "model=${MODELS:-opt-125m,opt-350m,opt-1.3b,opt-2.7b}" "seed=${SEEDS:-0,1,2,3}" logger.group=upadhayaya2024 \
     ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
 done
-ctxdistill-compare "$root" --out "$root" || status=1
+# shellcheck disable=SC2086  # COMPARE_ARGS are meant to split on spaces
+ctxdistill-compare "$root" --out "$root" --scorecard ${COMPARE_ARGS:-} || status=1
 exit $status

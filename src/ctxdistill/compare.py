@@ -6,6 +6,7 @@
     ctxdistill-compare --wandb ENTITY/PROJECT --group GROUP            # the same table from W&B
     ctxdistill-compare SWEEP_DIR --wandb-log --group GROUP             # log it as a W&B Table + plots
     ctxdistill-compare --wandb ENTITY/PROJECT --group GROUP --wandb-report
+    ctxdistill-compare SWEEP_DIR --scorecard --model-as smollm2-135m=opt-125m  # against the paper's numbers
 
 Inputs are run or sweep directories (every metrics.json under them), W&B run directories
 (``RUN_DIR/wandb/offline-run-*``, read from W&B's own run file) or a W&B project read
@@ -25,6 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
+
+from ctxdistill import scorecard
 
 # In-domain columns: metric key -> column label. Each out-of-domain set adds "<set> acc",
 # "<set> teacher acc" and "<set> majority"; columns no run reports are left out.
@@ -75,8 +78,18 @@ def collect(paths: Iterable[Path], unreadable: Optional[list[str]] = None) -> li
                     unreadable.append(str(file))
                 continue
             if complete:
-                runs.append(result)
+                runs.append({"examples": eval_set_sizes(file.parent / "predictions.jsonl"), **result})
     return runs
+
+
+def eval_set_sizes(predictions: Path) -> dict[str, int]:
+    """Examples per eval set, counted in a run's predictions.jsonl (none where the file is missing)."""
+    sizes: dict[str, int] = {}
+    if predictions.is_file():
+        for line in predictions.read_text().splitlines():
+            name = json.loads(line)["set"]
+            sizes[name] = sizes.get(name, 0) + 1
+    return sizes
 
 
 # ---------------------------------------------------------------- the table
@@ -232,6 +245,7 @@ def write_results(
     title: str,
     failures: Optional[dict[str, str]] = None,
     command: Optional[str] = None,
+    appendix: str = "",
 ) -> Path:
     """README.md with the table and plot links, and results/ with the table as .md/.csv/.tex and the PNGs."""
     from ctxdistill.plots import write_plots
@@ -257,6 +271,8 @@ def write_results(
     ]
     for plot in plots:
         lines += [f"![{plot.stem}]({RESULTS_DIR}/{plot.name})", ""]
+    if appendix:
+        lines += [appendix, ""]
     lines += [
         "Columns: `accuracy` in-domain; `teacher acc` the base model with the context; `teacher - student` "
         "their difference; `majority` the majority-class rate; `<set> acc` out-of-domain sets. "
@@ -292,6 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--project", default="ctxdistill", help="W&B project for --wandb-log without --wandb")
     parser.add_argument("--strict", action="store_true", help="exit non-zero when any metrics.json is unreadable")
+    parser.add_argument(
+        "--scorecard",
+        action="store_true",
+        help="also put each number the runs' paper reports next to the runs' mean, 95%% interval and a verdict",
+    )
+    parser.add_argument(
+        "--paper", action="append", default=[], help="score against this paper (default: the papers the runs name)"
+    )
+    parser.add_argument(
+        "--model-as",
+        action="append",
+        default=[],
+        metavar="RUN_MODEL=PAPER_MODEL",
+        help="score a run model in a paper model's place, labelled (e.g. smollm2-135m=opt-125m)",
+    )
     args = parser.parse_args(argv)
     if not args.paths and not args.wandb:
         parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
@@ -300,6 +331,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no such path: {', '.join(missing)}")
     if args.wandb_report and not (args.wandb and "/" in args.wandb and args.group):
         parser.error("--wandb-report needs --wandb ENTITY/PROJECT and --group")
+    if (args.paper or args.model_as) and not args.scorecard:
+        parser.error("--paper and --model-as belong to --scorecard")
+    if args.scorecard and args.format == "latex":
+        parser.error("the scorecard has no LaTeX form: use --format text, markdown or csv")
+    try:
+        model_as = scorecard.parse_model_as(args.model_as)
+        named_papers = [scorecard.load_paper(name) for name in args.paper]
+    except ValueError as e:
+        parser.error(str(e))
 
     from ctxdistill import wandb_results
 
@@ -315,13 +355,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     table = summarise(runs)
     print(render(table, args.format))
+    scores: list[scorecard.Score] = []
+    if args.scorecard:
+        papers = named_papers or [scorecard.load_paper(name) for name in scorecard.papers_of(runs)]
+        if not papers:
+            print(
+                "no paper to score against: the runs' experiments name none (`paper:`); give --paper NAME "
+                f"(known: {', '.join(scorecard.known_papers())})",
+                file=sys.stderr,
+            )
+            return 1
+        scores = scorecard.score([c for p in papers for c in p.cells], runs, model_as)
+        print("\n" + scorecard.render(papers, scores, model_as, args.format))
     if args.out:
-        readme = write_results(args.out, runs, title=f"Results: {args.group or args.out.name}")
+        appendix = ""
+        if args.scorecard:
+            (args.out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
+            appendix = "## Scorecard\n\n" + scorecard.write(args.out / RESULTS_DIR, papers, scores, model_as)
+            appendix += f"\n\nAs CSV: [{RESULTS_DIR}/scorecard.csv]({RESULTS_DIR}/scorecard.csv)."
+        readme = write_results(args.out, runs, title=f"Results: {args.group or args.out.name}", appendix=appendix)
         print(f"\nwrote {readme} and {args.out / RESULTS_DIR}/", file=sys.stderr)
     if args.wandb_log:
         project = args.wandb or args.project
         entity, project = project.split("/", 1) if "/" in project else (None, project)
-        wandb_results.log_results(table, entity=entity, project=project, group=args.group)
+        extra = {"scorecard": scorecard.table_rows(scores)} if args.scorecard else {}
+        wandb_results.log_results(table, entity=entity, project=project, group=args.group, tables=extra)
     if args.wandb_report:
         entity, project = args.wandb.split("/", 1)
         report = wandb_results.build_report(table, entity=entity, project=project, group=args.group)

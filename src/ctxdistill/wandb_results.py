@@ -180,8 +180,10 @@ def log_results(
     group: Optional[str],
     mode: str = "auto",
     directory: Optional[Path] = None,
+    tables: Optional[dict[str, tuple[list[str], list[list[Any]]]]] = None,
 ) -> Optional[str]:
-    """Log the table (``comparison``) and the plots to a new W&B run with job_type=compare.
+    """Log the table (``comparison``), the plots and any further ``tables`` (name -> columns, rows; e.g. the
+    scorecard) to a new W&B run with job_type=compare.
 
     The run's files go under ``directory`` (W&B's default: ./wandb); returns the run's directory.
     """
@@ -210,6 +212,7 @@ def log_results(
         run.log(
             {
                 "comparison": wandb.Table(columns=columns, data=rows),
+                **{name: wandb.Table(columns=cols, data=data) for name, (cols, data) in (tables or {}).items()},
                 **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots},
             }
         )
