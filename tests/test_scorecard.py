@@ -3,13 +3,17 @@
 import csv
 import json
 import math
+import re
 import statistics
+from pathlib import Path
 
 import pytest
 
-from ctxdistill import scorecard
 from ctxdistill.compare import main
-from ctxdistill.scorecard import Cell, load_paper, score, t_interval, t_quantile, wilson_interval
+from ctxdistill.results import scorecard
+from ctxdistill.results.scorecard import Cell, load_paper, score, t_interval, t_quantile, wilson_interval
+
+CONF = Path(__file__).parents[1] / "conf" / "experiment"
 
 # Upadhayaya et al. 2024, Table 3 (teacher / student in-domain / student OOD), typed in from the paper
 # by hand: the shipped data file must say the same.
@@ -69,6 +73,16 @@ def test_every_shipped_paper_loads_and_says_what_it_could_not_source():
         "Hits@10": (0.660, "eval/hits@10"),
     }
     assert all("citing" in c.source for c in numbers["li2024"].cells)
+
+
+def test_every_experiment_names_a_paper_whose_numbers_ship():
+    named = {
+        path.relative_to(CONF).as_posix(): match[1]
+        for path in CONF.rglob("*.yaml")
+        if (match := re.search(r"^paper: (\S+)", path.read_text(), re.MULTILINE))
+    }
+    assert {"upadhayaya2024/mnli.yaml", "mosbach2023/mnli.yaml", "li2024/wn18rr.yaml"} <= set(named)
+    assert set(named.values()) <= set(scorecard.known_papers())
 
 
 def test_interval_arithmetic_against_references():

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from ctxdistill import scorecard
+from ctxdistill.results import scorecard
 
 # In-domain columns: metric key -> column label. Each out-of-domain set adds "<set> acc",
 # "<set> teacher acc" and "<set> majority"; columns no run reports are left out.

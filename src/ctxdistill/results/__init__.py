@@ -1,0 +1,1 @@
+"""Results as data: run records in, tables and scorecards out."""
