@@ -123,6 +123,9 @@ def test_verdicts_on_hand_made_runs():
         "other shots": score([cell(shots=2)], four),
         "not measured": score([cell(run_metric="hans/accuracy")], four),
         "wilson": score([cell(value=0.60)], [record(0.50, examples={"eval": 100})]),  # [.404, .596]
+        "wilson, size recorded": score(
+            [cell(value=0.60)], [record(0.50) | {"metrics": {"eval/accuracy": 0.5, "eval/examples": 100}}]
+        ),
         "one run, size unknown": score([cell()], [record(0.5)]),
         "one run, not a rate": score([cell(proportion=False)], [record(0.5, examples={"eval": 100})]),
     }
@@ -135,6 +138,7 @@ def test_verdicts_on_hand_made_runs():
         "other shots": ["not run"],
         "not measured": ["not measured"],
         "wilson": ["below"],
+        "wilson, size recorded": ["below"],
         "one run, size unknown": ["no interval"],
         "one run, not a rate": ["no interval"],
     }

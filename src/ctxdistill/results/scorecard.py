@@ -243,8 +243,11 @@ def run_shots(record: dict[str, Any]) -> Optional[int]:
 
 
 def run_examples(record: dict[str, Any], run_metric: str) -> Optional[int]:
-    """How many examples the metric's eval set has, where the record says (``examples``: set -> count)."""
-    return (record.get("examples") or {}).get(run_metric.split("/", 1)[0])
+    """How many examples the metric's eval set has: the run's ``<set>/examples`` metric, else the count of
+    its rows in predictions.jsonl (``examples``: set -> count, as ``collect`` reads them)."""
+    eval_set = run_metric.split("/", 1)[0]
+    recorded = record["metrics"].get(f"{eval_set}/examples")
+    return int(recorded) if recorded else (record.get("examples") or {}).get(eval_set)
 
 
 def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[dict[str, str]] = None) -> list[Score]:
