@@ -332,7 +332,7 @@ def text_rows(scores: list[Score]) -> list[list[str]]:
                 cell.table,
                 cell.row,
                 cell.column,
-                ("≈" if cell.approximate else "") + f"{cell.value:g}",
+                ("≈" if cell.approximate else "") + f"{cell.value:.{digits}f}",
                 "?" if cell.runs is None else str(cell.runs),
                 ours,
                 number(s.mean, digits),
