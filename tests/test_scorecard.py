@@ -145,6 +145,8 @@ def test_verdicts_on_hand_made_runs():
     consistent = verdicts["consistent"][0]
     assert consistent.mean == pytest.approx(0.56) and consistent.difference == pytest.approx(-0.04)
     assert verdicts["wilson"][0].interval == pytest.approx(wilson_interval(0.5, 100))
+    two = score([cell(value=0.5)], [record(0.2, seed=0), record(0.9, seed=1)])[0]  # t interval [-3.9, 5.0]
+    assert two.interval == (0.0, 1.0) and two.verdict == "consistent"  # a mean of rates stays in [0, 1]
     # a paper in percent: the runs' fractions are scaled to its units
     percent = score([cell(value=93, percent=True)], four)[0]
     assert percent.mean == pytest.approx(56.0) and percent.verdict == "below"

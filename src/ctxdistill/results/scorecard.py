@@ -214,7 +214,9 @@ class Score:
     def interval(self) -> Optional[tuple[float, float]]:
         """95% interval in the paper's units: t over runs, or Wilson over the examples of a single run."""
         if len(self.values) > 1:
-            return t_interval(self.values)
+            low, high = t_interval(self.values)
+            # a mean of rates lies in [0, 1]
+            return (max(low, 0.0), min(high, self.cell.scale)) if self.cell.proportion else (low, high)
         if len(self.values) == 1 and self.cell.proportion and self.examples:
             scale = self.cell.scale
             low, high = wilson_interval(self.values[0] / scale, self.examples)
