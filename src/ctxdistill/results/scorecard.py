@@ -20,6 +20,7 @@ import statistics
 import string
 from dataclasses import MISSING, dataclass, field, fields
 from importlib import resources
+from pathlib import Path
 from typing import Any, Optional
 
 import yaml
@@ -442,7 +443,7 @@ def parse_model_as(pairs: list[str]) -> dict[str, str]:
     return mapping
 
 
-def write(directory, papers: list[Paper], scores: list[Score], model_as: dict[str, str]) -> str:
+def write(directory: Path, papers: list[Paper], scores: list[Score], model_as: dict[str, str]) -> str:
     """``scorecard.md`` and ``scorecard.csv`` in ``directory``; returns the Markdown for a README."""
     markdown = render(papers, scores, model_as, "markdown")
     (directory / "scorecard.md").write_text(markdown + "\n")
