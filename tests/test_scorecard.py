@@ -3,8 +3,10 @@
 import csv
 import json
 import math
+import os
 import re
 import statistics
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -268,3 +270,31 @@ def test_the_scorecard_is_logged_as_a_wandb_table(tmp_path, monkeypatch):
     assert isinstance(table, wandb.Table) and table.columns == scorecard.CSV_COLUMNS and len(table.data) == 36
     verdicts = [row[table.columns.index("verdict")] for row in table.data]
     assert verdicts.count("not run") == 33 and "consistent" in verdicts
+
+
+def test_the_upadhayaya_script_narrows_its_grid_and_ends_with_the_scorecard(tmp_path):
+    """sweeps/upadhayaya2024.sh with ctxdistill stood in for: METHODS, MODELS and SEEDS replace the grid's
+    values, COMPARE_ARGS reach the scorecard."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for command in ("ctxdistill", "ctxdistill-compare"):
+        (bin_dir / command).write_text(f'#!/bin/sh\necho {command} "$@" >> "{tmp_path}/calls"\n')
+        (bin_dir / command).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SWEEP_DIR": str(tmp_path / "sweep")}
+    env |= {
+        "METHODS": "cd",
+        "MODELS": "smollm2-135m",
+        "SEEDS": "0,1",
+        "COMPARE_ARGS": "--model-as smollm2-135m=opt-125m",
+    }
+    subprocess.run(["bash", "sweeps/upadhayaya2024.sh"], cwd=CONF.parents[1], env=env, check=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    sweep = tmp_path / "sweep"
+    grid = "method=cd model=smollm2-135m seed=0,1 logger.group=upadhayaya2024"
+    assert calls == [
+        *(
+            f"ctxdistill -m experiment=upadhayaya2024/{d} {grid} hydra.sweep.dir={sweep}/{d}"
+            for d in ("mnli", "rte", "qqp")
+        ),
+        f"ctxdistill-compare {sweep} --out {sweep} --scorecard --model-as smollm2-135m=opt-125m",
+    ]
