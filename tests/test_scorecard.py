@@ -5,15 +5,15 @@ import json
 import math
 import os
 import re
-import statistics
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from ctxdistill.compare import main
 from ctxdistill.results import scorecard
-from ctxdistill.results.scorecard import Cell, load_paper, score, t_interval, t_quantile, wilson_interval
+from ctxdistill.results.cli import main
+from ctxdistill.results.scorecard import Cell, load_paper, score
+from ctxdistill.results.stats import wilson
 
 CONF = Path(__file__).parents[1] / "conf" / "experiment"
 
@@ -87,21 +87,6 @@ def test_every_experiment_names_a_paper_whose_numbers_ship():
     assert set(named.values()) <= set(scorecard.known_papers())
 
 
-def test_interval_arithmetic_against_references():
-    # Student's t 97.5% quantiles as printed in statistical tables
-    for df, expected in [(1, 12.706), (2, 4.303), (3, 3.182), (9, 2.262), (30, 2.042), (100, 1.984)]:
-        assert t_quantile(0.975, df) == pytest.approx(expected, abs=5e-4)
-    values = [0.50, 0.58, 0.62, 0.54]  # by hand: mean .56, s = .05164, t(3) = 3.1824 -> half width .08217
-    low, high = t_interval(values)
-    assert (low, high) == pytest.approx((0.56 - 0.08217, 0.56 + 0.08217), abs=1e-5)
-    # Wilson's bounds solve (p_hat - p)^2 = z^2 p (1 - p) / n
-    z = statistics.NormalDist().inv_cdf(0.975)
-    for rate, n in [(0.5, 100), (0.83, 100), (0.0, 32), (1.0, 20)]:
-        for bound in wilson_interval(rate, n):
-            assert (rate - bound) ** 2 == pytest.approx(z * z * bound * (1 - bound) / n, abs=1e-12)
-    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
-
-
 def cell(**overrides):
     fields = dict(
         paper="p", table="T", row="r", column="c", metric="accuracy", value=0.55, runs=4, source="Table T",
@@ -111,8 +96,9 @@ def cell(**overrides):
 
 
 def record(accuracy, *, model="opt-125m", method="cd", seed=0, shots=16, metric="eval/accuracy", examples=None):
-    run = {"method": method, "model": model, "dataset": "mnli", "seed": seed, "metrics": {metric: accuracy}}
-    return run | {"demos": [f"d{i}" for i in range(shots)]} | ({"examples": examples} if examples else {})
+    metrics = {metric: accuracy} | ({"eval/examples": examples} if examples else {})
+    run = {"method": method, "model": model, "dataset": "mnli", "seed": seed, "metrics": metrics}
+    return run | {"demos": [f"d{i}" for i in range(shots)]}
 
 
 def test_verdicts_on_hand_made_runs():
@@ -124,12 +110,9 @@ def test_verdicts_on_hand_made_runs():
         "not run": score([cell(model="opt-1.3b")], four),
         "other shots": score([cell(shots=2)], four),
         "not measured": score([cell(run_metric="hans/accuracy")], four),
-        "wilson": score([cell(value=0.60)], [record(0.50, examples={"eval": 100})]),  # [.404, .596]
-        "wilson, size recorded": score(
-            [cell(value=0.60)], [record(0.50) | {"metrics": {"eval/accuracy": 0.5, "eval/examples": 100}}]
-        ),
+        "wilson": score([cell(value=0.60)], [record(0.50, examples=100)]),  # [.404, .596]
         "one run, size unknown": score([cell()], [record(0.5)]),
-        "one run, not a rate": score([cell(proportion=False)], [record(0.5, examples={"eval": 100})]),
+        "one run, not a rate": score([cell(proportion=False)], [record(0.5, examples=100)]),
     }
     got = {name: [s.verdict for s in scores] for name, scores in verdicts.items()}
     assert got == {
@@ -140,13 +123,14 @@ def test_verdicts_on_hand_made_runs():
         "other shots": ["not run"],
         "not measured": ["not measured"],
         "wilson": ["below"],
-        "wilson, size recorded": ["below"],
         "one run, size unknown": ["no interval"],
         "one run, not a rate": ["no interval"],
     }
     consistent = verdicts["consistent"][0]
     assert consistent.mean == pytest.approx(0.56) and consistent.difference == pytest.approx(-0.04)
-    assert verdicts["wilson"][0].interval == pytest.approx(wilson_interval(0.5, 100))
+    # by hand: s = .05164, t(0.975, 3) = 3.1824, half width .08217
+    assert consistent.interval == pytest.approx((0.56 - 0.08217, 0.56 + 0.08217), abs=1e-5)
+    assert verdicts["wilson"][0].interval == pytest.approx(wilson(50, 100))
     two = score([cell(value=0.5)], [record(0.2, seed=0), record(0.9, seed=1)])[0]  # t interval [-3.9, 5.0]
     assert two.interval == (0.0, 1.0) and two.verdict == "consistent"  # a mean of rates stays in [0, 1]
     # a paper in percent: the runs' fractions are scaled to its units
@@ -222,7 +206,7 @@ def test_compare_scorecard_of_a_one_model_sweep_shows_the_whole_table(tmp_path, 
     rows = list(csv.DictReader((tmp_path / "out" / "results" / "scorecard.csv").read_text().splitlines()))
     assert len(rows) == 36
     student = next(r for r in rows if r["row"] == "MNLI 125m" and r["column"] == "student in-domain")
-    low, high = wilson_interval(0.58, 100)
+    low, high = wilson(58, 100)
     assert (float(student["ci_low"]), float(student["ci_high"])) == pytest.approx((low, high), abs=1e-5)
     assert (student["mean"], student["examples"], student["verdict"]) == ("0.58", "100", "consistent")
     assert math.isclose(float(student["difference"]), 0.58 - 0.583, abs_tol=1e-9)
@@ -250,8 +234,9 @@ def test_compare_scorecard_refuses_bad_requests_before_reading_runs(tmp_path, ca
 def test_the_scorecard_is_logged_as_a_wandb_table(tmp_path, monkeypatch):
     import wandb
 
-    from ctxdistill.compare import collect, summarise
-    from ctxdistill.wandb_results import log_results
+    from ctxdistill.results.records import collect
+    from ctxdistill.results.table import summarise
+    from ctxdistill.results.wandb_outputs import log_results
 
     logged = {}
 
@@ -265,7 +250,7 @@ def test_the_scorecard_is_logged_as_a_wandb_table(tmp_path, monkeypatch):
     runs = collect([tmp_path / "run"])
     scores = score(load_paper("upadhayaya2024").cells, runs, {"smollm2-135m": "opt-125m"})
     tables = {"scorecard": scorecard.table_rows(scores)}
-    log_results(summarise(runs), entity=None, project="p", group="g", mode="offline", tables=tables)
+    log_results(summarise(runs), entity=None, project="p", group="g", mode="offline", extra_tables=tables)
     table = logged["scorecard"]
     assert isinstance(table, wandb.Table) and table.columns == scorecard.CSV_COLUMNS and len(table.data) == 36
     verdicts = [row[table.columns.index("verdict")] for row in table.data]

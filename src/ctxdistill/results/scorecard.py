@@ -7,15 +7,14 @@ and a verdict: ``consistent`` (the paper's value is inside our interval), ``abov
 (our interval lies above / below it), ``not run``, ``not measured`` (runs without that metric) or
 ``no interval`` (one run of a metric that is not a rate, or of unknown size).
 
-This module depends only on run records (the dicts ``ctxdistill.compare.collect`` returns) and
-plain data.
+This module depends only on run records (``ctxdistill.results.records``), the intervals of
+``ctxdistill.results.stats`` and plain data.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import statistics
 import string
 from dataclasses import MISSING, dataclass, field, fields
@@ -25,9 +24,11 @@ from typing import Any, Optional
 
 import yaml
 
+from ctxdistill.results import stats
+from ctxdistill.results.records import predictions
+
 PAPERS_PACKAGE = "ctxdistill"
 PAPERS_DIR = "papers"
-CONFIDENCE = 0.95
 
 
 # ---------------------------------------------------------------- the papers' numbers
@@ -132,67 +133,6 @@ def table_cells(paper: str, table: dict[str, Any], where: str) -> list[Cell]:
     return cells
 
 
-# ---------------------------------------------------------------- intervals
-def wilson_interval(rate: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Wilson score interval of a rate observed over ``n`` examples."""
-    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
-    denominator = 1 + z * z / n
-    centre = (rate + z * z / (2 * n)) / denominator
-    half = z / denominator * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def regularized_beta(x: float, a: float, b: float) -> float:
-    """I_x(a, b) by its continued fraction (modified Lentz), the series of the side that converges fast."""
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    if x > (a + 1) / (a + b + 2):
-        return 1 - regularized_beta(1 - x, b, a)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
-    tiny = 1e-300
-    c, d = 1.0, 1 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > tiny else tiny)
-    result = d
-    for m in range(1, 500):
-        for numerator in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1 + numerator * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            result *= c * d
-        if abs(c * d - 1) < 1e-15:
-            break
-    return front * result
-
-
-def t_cdf(t: float, df: int) -> float:
-    """P(T <= t) for Student's t with ``df`` degrees of freedom."""
-    tail = 0.5 * regularized_beta(df / (df + t * t), df / 2, 0.5)
-    return 1 - tail if t > 0 else tail
-
-
-def t_quantile(p: float, df: int) -> float:
-    """The t value below which a fraction ``p`` (> 0.5) of Student's t lies (bisection on the CDF)."""
-    low, high = 0.0, 1.0
-    while t_cdf(high, df) < p:
-        high *= 2
-    for _ in range(200):
-        middle = (low + high) / 2
-        low, high = (middle, high) if t_cdf(middle, df) < p else (low, middle)
-    return (low + high) / 2
-
-
-def t_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Mean ± t * s / sqrt(n) over runs (n >= 2)."""
-    n = len(values)
-    half = t_quantile(0.5 + confidence / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    mean = statistics.fmean(values)
-    return mean - half, mean + half
-
-
 # ---------------------------------------------------------------- cells against runs
 @dataclass
 class Score:
@@ -215,12 +155,12 @@ class Score:
     def interval(self) -> Optional[tuple[float, float]]:
         """95% interval in the paper's units: t over runs, or Wilson over the examples of a single run."""
         if len(self.values) > 1:
-            low, high = t_interval(self.values)
+            low, high = stats.t_interval(self.values)
             # a mean of rates lies in [0, 1]
             return (max(low, 0.0), min(high, self.cell.scale)) if self.cell.proportion else (low, high)
         if len(self.values) == 1 and self.cell.proportion and self.examples:
             scale = self.cell.scale
-            low, high = wilson_interval(self.values[0] / scale, self.examples)
+            low, high = stats.wilson(self.values[0] / scale * self.examples, self.examples)
             return low * scale, high * scale
         return None
 
@@ -246,11 +186,13 @@ def run_shots(record: dict[str, Any]) -> Optional[int]:
 
 
 def run_examples(record: dict[str, Any], run_metric: str) -> Optional[int]:
-    """How many examples the metric's eval set has: the run's ``<set>/examples`` metric, else the count of
-    its rows in predictions.jsonl (``examples``: set -> count, as ``collect`` reads them)."""
+    """How many examples the metric's eval set has: the run's ``<set>/examples`` metric, else its rows in
+    predictions.jsonl (runs from before the metric was recorded)."""
     eval_set = run_metric.split("/", 1)[0]
-    recorded = record["metrics"].get(f"{eval_set}/examples")
-    return int(recorded) if recorded else (record.get("examples") or {}).get(eval_set)
+    if record["metrics"].get(f"{eval_set}/examples"):
+        return int(record["metrics"][f"{eval_set}/examples"])
+    rows = [row for row in predictions(record) or [] if row.get("set") == eval_set]
+    return len(rows) or None
 
 
 def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[dict[str, str]] = None) -> list[Score]:
