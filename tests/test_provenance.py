@@ -16,6 +16,7 @@ from ctxdistill import provenance
 from ctxdistill.config import SourceConfig
 from ctxdistill.data.synthetic import generate_examples
 from ctxdistill.data.tasks import load_records
+from ctxdistill.results.versions import versions_markdown
 from ctxdistill.run import run
 
 
@@ -149,12 +150,12 @@ def record(method: str, seed: int, torch_version: str, commit: str, dirty: bool 
 
 def test_a_sweeps_readme_states_the_shared_versions_and_lists_the_runs_that_differ():
     same = [record("cd", 0, "2.13.0", "a" * 40), record("icl", 0, "2.13.0", "a" * 40)]
-    assert provenance.versions_markdown(same) == [
+    assert versions_markdown(same) == [
         "**Versions** (shared by all 2 runs that record them): python 3.11.7, torch 2.13.0, transformers 5.24.0, "
         "commit aaaaaaaaaaaa"
     ]
     mixed = [*same, record("ft", 1, "2.12.1", "b" * 40, dirty=True), {"method": "zero_shot", "seed": 0}]
-    lines = provenance.versions_markdown(mixed)
+    lines = versions_markdown(mixed)
     assert lines[0] == "**Versions** (shared by all 3 runs that record them): python 3.11.7, transformers 5.24.0"
     assert "**Versions differ** between runs (torch, commit):" in lines
     table = lines[lines.index("| method | model | dataset | seed | torch | commit |") :]

@@ -8,6 +8,7 @@ from typing import Any, Optional
 from ctxdistill.results.plots import write_plots
 from ctxdistill.results.render import render
 from ctxdistill.results.table import summarise
+from ctxdistill.results.versions import versions_markdown
 
 RESULTS_DIR = "results"
 
@@ -53,6 +54,7 @@ def write_results(
         lines += [f"![{plot.stem}]({RESULTS_DIR}/{plot.name})", ""]
     if appendix:  # e.g. the scorecard
         lines += [appendix, ""]
+    lines += [*versions_markdown(records), ""]
     lines += [
         "Columns are the metrics each run's evaluator declares (`metric_set` in its metrics.json). "
         f"Regenerate with `ctxdistill-compare {directory} --out {directory}`; "
