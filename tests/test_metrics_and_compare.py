@@ -3,6 +3,7 @@
 import itertools
 import json
 
+import pytest
 from PIL import Image
 
 from ctxdistill.compare import collect, main, summarise, write_results
@@ -130,3 +131,12 @@ def test_wandb_report_spec_has_a_section_per_dataset_filtered_to_the_group(tmp_p
     assert bars.metrics == ["eval/accuracy", "hans/accuracy"] and bars.groupby_rangefunc == "stddev"
     scatter_y = [p.y.name for p in grids[0].panels if isinstance(p, wr.ScatterPlot)]
     assert scatter_y == ["eval/accuracy", "hans/accuracy"]
+
+
+def test_a_mean_over_seeds_gets_its_95_percent_t_interval():
+    from ctxdistill.compare import Stat
+
+    three = Stat([0.5, 0.6, 0.7])  # std 0.1; t(0.975, 2) = 4.303
+    assert three.half_width95 == pytest.approx(4.303 * 0.1 / 3**0.5)
+    assert three.interval_text() == "0.600 [0.352, 0.848]"
+    assert Stat([0.5, 0.5]).interval_text() == "0.500 [0.500, 0.500]" and Stat([0.5]).interval_text() == "0.500"

@@ -91,6 +91,10 @@ def model_size(run: dict[str, Any]) -> Optional[float]:
     return float(match[1]) * (1e6 if match[2].lower() == "m" else 1e9) if match else None
 
 
+# Student's t quantile t(0.975, df) for df = 1..10: a 95% interval of a mean over a few seeds.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
 @dataclass
 class Stat:
     values: list[float]
@@ -104,8 +108,25 @@ class Stat:
         """Sample standard deviation over seeds; None for a single seed."""
         return statistics.stdev(self.values) if len(self.values) > 1 else None
 
+    @property
+    def half_width95(self) -> Optional[float]:
+        """Half the width of the 95% t-interval of the mean (up to 11 seeds); None for a single seed."""
+        n = len(self.values)
+        if n < 2:
+            return None
+        if n - 1 > len(T_975):
+            raise ValueError(f"95% intervals are tabulated for up to {len(T_975) + 1} seeds, got {n}")
+        return T_975[n - 2] * self.std / math.sqrt(n)
+
     def text(self, digits: int = 3) -> str:
         return f"{self.mean:.{digits}f}" + (f" ± {self.std:.{digits}f}" if self.std is not None else "")
+
+    def interval_text(self, digits: int = 3) -> str:
+        """``mean [low, high]``, the 95% interval over seeds."""
+        h = self.half_width95
+        return f"{self.mean:.{digits}f}" + (
+            f" [{self.mean - h:.{digits}f}, {self.mean + h:.{digits}f}]" if h is not None else ""
+        )
 
 
 @dataclass

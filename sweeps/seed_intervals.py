@@ -1,0 +1,64 @@
+"""Mean and 95% interval over seeds of a sweep's runs, one row per method, model and the config values given.
+
+    python sweeps/seed_intervals.py SWEEP_DIR [SWEEP_DIR ...] --by method.aux_weight [--metrics eval/accuracy ...]
+
+Runs are grouped by method, model, dataset and the ``--by`` keys of their resolved config (config.yaml beside
+metrics.json); each metric is printed as ``mean [low, high]``, Student's t 95% interval of the mean. Without
+``--metrics``: the ranking metrics (MRR, Hits@1/3/10) of knowledge-graph runs, else accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ctxdistill.compare import RANKING, Stat
+
+
+def runs_with_config(paths: list[Path]) -> list[tuple[dict, dict]]:
+    """(metrics.json, config.yaml) of every complete run under the paths."""
+    found = []
+    for path in paths:
+        for file in sorted(path.rglob("metrics.json")):
+            record = json.loads(file.read_text())
+            if record.get("status") == "complete":
+                found.append((record, OmegaConf.load(file.parent / "config.yaml")))
+    return found
+
+
+def table(paths: list[Path], by: list[str], metrics: list[str] | None) -> str:
+    runs = runs_with_config(paths)
+    if not runs:
+        raise SystemExit(f"no complete run under {', '.join(map(str, paths))}")
+    keys = sorted({k for record, _ in runs for k in record["metrics"]})
+    metrics = metrics or [k for k in keys if RANKING.fullmatch(k)] or ["eval/accuracy"]
+    groups: dict[tuple, dict[str, Stat]] = {}
+    seeds: dict[tuple, list[int]] = {}
+    for record, cfg in runs:
+        group = (record["method"], record["model"], record["dataset"], *(OmegaConf.select(cfg, k) for k in by))
+        seeds.setdefault(group, []).append(record["seed"])
+        for metric in metrics:
+            groups.setdefault(group, {}).setdefault(metric, Stat([])).values.append(record["metrics"][metric])
+    header = ["method", "model", "dataset", *by, "seeds", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group in sorted(groups, key=str):
+        cells = [*map(str, group), ",".join(map(str, sorted(seeds[group])))]
+        cells += [groups[group][m].interval_text() for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path)
+    parser.add_argument("--by", nargs="*", default=[], help="config keys that tell rows apart, e.g. method.aux_weight")
+    parser.add_argument("--metrics", nargs="*", help="metric keys (default: ranking metrics, else eval/accuracy)")
+    args = parser.parse_args()
+    print(table(args.paths, args.by, args.metrics))
+
+
+if __name__ == "__main__":
+    main()
