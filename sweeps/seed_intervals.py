@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ctxdistill.compare import RANKING, Stat
+from ctxdistill.compare import Stat, ranking_columns
 
 
 def runs_with_config(paths: list[Path]) -> list[tuple[dict, dict]]:
@@ -33,8 +33,8 @@ def table(paths: list[Path], by: list[str], metrics: list[str] | None) -> str:
     runs = runs_with_config(paths)
     if not runs:
         raise SystemExit(f"no complete run under {', '.join(map(str, paths))}")
-    keys = sorted({k for record, _ in runs for k in record["metrics"]})
-    metrics = metrics or [k for k in keys if RANKING.fullmatch(k)] or ["eval/accuracy"]
+    keys = {k for record, _ in runs for k in record["metrics"]}
+    metrics = metrics or ranking_columns(keys) or ["eval/accuracy"]
     groups: dict[tuple, dict[str, Stat]] = {}
     seeds: dict[tuple, list[int]] = {}
     for record, cfg in runs:

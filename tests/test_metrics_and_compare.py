@@ -140,3 +140,26 @@ def test_a_mean_over_seeds_gets_its_95_percent_t_interval():
     assert three.half_width95 == pytest.approx(4.303 * 0.1 / 3**0.5)
     assert three.interval_text() == "0.600 [0.352, 0.848]"
     assert Stat([0.5, 0.5]).interval_text() == "0.500 [0.500, 0.500]" and Stat([0.5]).interval_text() == "0.500"
+
+
+def test_seed_intervals_groups_runs_by_a_config_key(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "sweeps" / "seed_intervals.py"
+    spec = importlib.util.spec_from_file_location("seed_intervals", script)
+    seed_intervals = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed_intervals)
+    for alpha, mrrs in ((0.0, (0.5, 0.6, 0.7)), (1.0, (0.2, 0.2))):
+        for seed, mrr in enumerate(mrrs):
+            run = tmp_path / f"a{alpha}_s{seed}"
+            run.mkdir()
+            record = {"status": "complete", "method": "kgbert_cd", "model": "m", "dataset": "d", "seed": seed}
+            (run / "metrics.json").write_text(json.dumps({**record, "metrics": {"eval/mrr": mrr, "eval/hits@1": 0.1}}))
+            (run / "config.yaml").write_text(f"method:\n  aux_weight: {alpha}\n")
+    (tmp_path / "cut_short").mkdir()
+    (tmp_path / "cut_short" / "metrics.json").write_text(json.dumps({"status": "running"}))
+    lines = seed_intervals.table([tmp_path], ["method.aux_weight"], None).splitlines()
+    assert lines[0] == "| method | model | dataset | method.aux_weight | seeds | eval/mrr | eval/hits@1 |"
+    assert lines[2] == "| kgbert_cd | m | d | 0.0 | 0,1,2 | 0.600 [0.352, 0.848] | 0.100 [0.100, 0.100] |"
+    assert lines[3] == "| kgbert_cd | m | d | 1.0 | 0,1 | 0.200 [0.200, 0.200] | 0.100 [0.100, 0.100] |"

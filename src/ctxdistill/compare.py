@@ -158,6 +158,11 @@ class Table:
         ]
 
 
+def ranking_columns(keys: Iterable[str]) -> list[str]:
+    """Link-prediction metrics (knowledge-graph runs) among ``keys``: MRR, then Hits@k by k."""
+    return sorted((k for k in keys if RANKING.fullmatch(k)), key=lambda k: int(k.rsplit("@", 1)[1]) if "@" in k else 0)
+
+
 def summarise(runs: list[dict[str, Any]]) -> Table:
     """One row per (dataset, model, method): each metric's values over the seeds.
 
@@ -173,11 +178,7 @@ def summarise(runs: list[dict[str, Any]]) -> Table:
             for m, label in [("accuracy", "acc"), ("teacher_accuracy", "teacher acc"), ("majority_rate", "majority")]
             if f"{name}/{m}" in keys
         }
-    # Link prediction (knowledge-graph runs): MRR, then Hits@k by k, the ranking mode in the name.
-    ranking = sorted(
-        (k for k in keys if RANKING.fullmatch(k)), key=lambda k: int(k.rsplit("@", 1)[1]) if "@" in k else 0
-    )
-    columns |= {k: RANKING.fullmatch(k).group(1) for k in ranking}
+    columns |= {k: RANKING.fullmatch(k).group(1) for k in ranking_columns(keys)}
     rows: dict[tuple, Row] = {}
     for r in runs:
         row = rows.setdefault(
