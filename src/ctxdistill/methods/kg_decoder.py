@@ -90,7 +90,8 @@ class KGDecoder(KGS2S):
         return source + ANSWER_SEPARATOR
 
     def pair_batch(self, tokenizer, sources, targets, max_length):
-        """Left-padded ``prompt + target[:-1]`` rows with the target tokens at the last positions (:func:`encode`)."""
+        """Left-padded ``prompt + target[:-1]`` rows with the target tokens at the last positions (:func:`encode`).
+        Nothing is cut: :meth:`check_inputs` has refused queries longer than ``max_length`` before training."""
         return encode(tokenizer, [self.prompt(s) for s in sources], targets)
 
     def pair_loss(self, model, pairs, device):
