@@ -616,7 +616,6 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
             for e in ("li2024/synthetic", "li2024/wn18rr_subsample", "li2024/wn18rr", "li2024/fb15k237n")
         ),
         *((e, ("kgs2s", "kgs2s_cd")) for e in ("li2024/wn18rr_kgs2s", "li2024/fb15k237n_kgs2s")),
-        ("li2024/wn18rr_subsample_decoder", ("kg_decoder", "kg_decoder_cd")),
     ],
 )  # stage 2 only
 def test_li2024_experiments_compose_for_their_stages(make_cfg, experiment, methods):
