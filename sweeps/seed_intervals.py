@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ctxdistill.compare import Stat, ranking_columns
+from ctxdistill.results.stats import t_interval
+
+RANKING = re.compile(r"eval/(?:sampled\d+_)?(?:mrr|hits@(\d+))")
 
 
 def runs_with_config(paths: list[Path]) -> list[tuple[dict, dict]]:
@@ -29,24 +33,32 @@ def runs_with_config(paths: list[Path]) -> list[tuple[dict, dict]]:
     return found
 
 
+def interval_text(values: list[float]) -> str:
+    """``mean [low, high]``: the 95% t-interval over seeds (the mean alone for one seed)."""
+    interval = t_interval(values)
+    mean = f"{statistics.fmean(values):.3f}"
+    return mean + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+
 def table(paths: list[Path], by: list[str], metrics: list[str] | None) -> str:
     runs = runs_with_config(paths)
     if not runs:
         raise SystemExit(f"no complete run under {', '.join(map(str, paths))}")
     keys = {k for record, _ in runs for k in record["metrics"]}
-    metrics = metrics or ranking_columns(keys) or ["eval/accuracy"]
-    groups: dict[tuple, dict[str, Stat]] = {}
+    ranking = sorted((k for k in keys if RANKING.fullmatch(k)), key=lambda k: int(RANKING.fullmatch(k)[1] or 0))
+    metrics = metrics or ranking or ["eval/accuracy"]  # MRR first, then Hits@k by k
+    groups: dict[tuple, dict[str, list[float]]] = {}
     seeds: dict[tuple, list[int]] = {}
     for record, cfg in runs:
         group = (record["method"], record["model"], record["dataset"], *(OmegaConf.select(cfg, k) for k in by))
         seeds.setdefault(group, []).append(record["seed"])
         for metric in metrics:
-            groups.setdefault(group, {}).setdefault(metric, Stat([])).values.append(record["metrics"][metric])
+            groups.setdefault(group, {}).setdefault(metric, []).append(record["metrics"][metric])
     header = ["method", "model", "dataset", *by, "seeds", *metrics]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group in sorted(groups, key=str):
         cells = [*map(str, group), ",".join(map(str, sorted(seeds[group])))]
-        cells += [groups[group][m].interval_text() for m in metrics]
+        cells += [interval_text(groups[group][m]) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -66,7 +66,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
     from ctxdistill.config import ConfigError, validate
     from ctxdistill.methods import build_method
     from ctxdistill.models import ModelHandle, honour_name_or_path, load_tokenizer, model_identity
-    from ctxdistill.run import build_models, run_identity, save_results
+    from ctxdistill.run import build_models, rounded, run_identity, save_results
 
     out = run_dir / EVALUATIONS / name
     cfg = evaluation_config(run_dir, overrides, out)
@@ -91,12 +91,15 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
         identity=model_identity(method.teacher_model or cfg.model, cfg.seed),
     )
     evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
+    metric_set = method.metric_set(evaluator)
     evaluator.prepare()
     metrics, predictions = evaluator.evaluate()
+    metrics = rounded(metrics)
     result = {
         **run_identity(cfg, task),
         "status": "complete",
         "metrics": metrics,
+        "metric_set": metric_set.to_dict(),
         "objective": method.objective,
         "evaluated_run": str(run_dir),
         "weights": str(saved) if saved else None,

@@ -34,6 +34,7 @@ from ctxdistill.models import (
     load_trained,
     model_identity,
 )
+from ctxdistill.results.metrics import float32_rounded
 from ctxdistill.sweeps import group_name
 from ctxdistill.tracking import Tracker, create_tracker
 from ctxdistill.trainer import train
@@ -214,6 +215,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if method.trains and method.teacher_during_training and handle.trains_base_weights:
             handle.keep_frozen_teacher()
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
+        metric_set = method.metric_set(evaluator).to_dict()
+        tracker.add_config({"metric_set": metric_set})  # a run read back from W&B knows its columns
         evaluator.prepare()
 
         train_stats: dict[str, Any] = {}
@@ -248,10 +251,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics, predictions = evaluator.evaluate()
         if method.trains:
             metrics.update(evaluator.after_training())
+        metrics = rounded(metrics)
         result = {
             **run_identity(cfg, task),
             "status": "complete",
             "metrics": metrics,
+            "metric_set": metric_set,
             "objective": method.objective,
             "train": train_stats,
             "curves": curves,
@@ -273,6 +278,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return result
     finally:
         tracker.finish()
+
+
+def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as float32 holds them (0.54, not 0.5400000214576721), the same in metrics.json and W&B."""
+    return {key: float32_rounded(value) for key, value in metrics.items()}
 
 
 def save_results(out: Path, result: dict[str, Any], predictions: dict[str, list[dict]]) -> None:
