@@ -33,9 +33,12 @@ def runs_with_config(paths: list[Path]) -> list[tuple[dict, dict]]:
     return found
 
 
-def interval_text(values: list[float]) -> str:
-    """``mean [low, high]``: the 95% t-interval over seeds (the mean alone for one seed)."""
+def interval_text(values: list[float], proportion: bool) -> str:
+    """``mean [low, high]``: the 95% t-interval over seeds (the mean alone for one seed), cut to [0, 1] for a
+    proportion (Hits@k, accuracy) as the results tables cut it."""
     interval = t_interval(values)
+    if interval and proportion:
+        interval = (max(interval[0], 0.0), min(interval[1], 1.0))
     mean = f"{statistics.fmean(values):.3f}"
     return mean + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
@@ -58,7 +61,7 @@ def table(paths: list[Path], by: list[str], metrics: list[str] | None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group in sorted(groups, key=str):
         cells = [*map(str, group), ",".join(map(str, sorted(seeds[group])))]
-        cells += [interval_text(groups[group][m]) for m in metrics]
+        cells += [interval_text(groups[group][m], "hits@" in m or m.endswith("accuracy")) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
