@@ -19,8 +19,10 @@ def write_results(
     title: str,
     failures: Optional[dict[str, str]] = None,
     command: Optional[str] = None,
+    appendix: str = "",
 ) -> Path:
-    """README.md with the tables and plot links, and results/ with the tables as .md/.csv/.tex and the PNGs."""
+    """README.md with the tables and plot links (and ``appendix``, Markdown, after them), and results/ with the
+    tables as .md/.csv/.tex and the PNGs."""
     tables = summarise(records)
     results = directory / RESULTS_DIR
     results.mkdir(parents=True, exist_ok=True)
@@ -49,6 +51,8 @@ def write_results(
     ]
     for plot in plots:
         lines += [f"![{plot.stem}]({RESULTS_DIR}/{plot.name})", ""]
+    if appendix:  # e.g. the scorecard
+        lines += [appendix, ""]
     lines += [
         "Columns are the metrics each run's evaluator declares (`metric_set` in its metrics.json). "
         f"Regenerate with `ctxdistill-compare {directory} --out {directory}`; "
