@@ -412,3 +412,26 @@ def test_the_results_modules_import_no_cycle_and_nothing_above_them():
 
     for module in graph:
         visit(module, [])
+
+
+def test_seed_intervals_groups_runs_by_a_config_key(tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "sweeps" / "seed_intervals.py"
+    spec = importlib.util.spec_from_file_location("seed_intervals", script)
+    seed_intervals = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seed_intervals)
+    for alpha, mrrs in ((0.0, (0.5, 0.6, 0.7)), (1.0, (0.2, 0.2))):
+        for seed, mrr in enumerate(mrrs):
+            hits = 0.1 if alpha else (0.0, 0.0, 0.3)[seed]  # std 0.173, sem 0.1: [-0.330, 0.530], cut at 0
+            run = tmp_path / f"a{alpha}_s{seed}"
+            run.mkdir()
+            record = {"status": "complete", "method": "kgbert_cd", "model": "m", "dataset": "d", "seed": seed}
+            (run / "metrics.json").write_text(json.dumps({**record, "metrics": {"eval/mrr": mrr, "eval/hits@1": hits}}))
+            (run / "config.yaml").write_text(f"method:\n  aux_weight: {alpha}\n")
+    (tmp_path / "cut_short").mkdir()
+    (tmp_path / "cut_short" / "metrics.json").write_text(json.dumps({"status": "running"}))
+    lines = seed_intervals.table([tmp_path], ["method.aux_weight"], None).splitlines()
+    assert lines[0] == "| method | model | dataset | method.aux_weight | seeds | eval/mrr | eval/hits@1 |"
+    assert lines[2] == "| kgbert_cd | m | d | 0.0 | 0,1,2 | 0.600 [0.352, 0.848] | 0.100 [0.000, 0.530] |"
+    assert lines[3] == "| kgbert_cd | m | d | 1.0 | 0,1 | 0.200 [0.200, 0.200] | 0.100 [0.100, 0.100] |"
