@@ -8,7 +8,7 @@
 #     dataset.source.data_dir=PATH/wn18rr/kgbert_format method.max_new_tokens=64 dataset.num_train=32
 #   DATA=PATH/wn18rr/kgbert_format bash sweeps/li2024_alpha.sh [overrides]
 # Then the table of means and 95% intervals over the seeds:
-#   python sweeps/seed_intervals.py outputs/sweeps/li2024_alpha --by method.aux_weight
+#   ctxdistill-compare outputs/sweeps/li2024_alpha --by method.aux_weight
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/li2024_alpha}

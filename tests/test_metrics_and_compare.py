@@ -414,24 +414,23 @@ def test_the_results_modules_import_no_cycle_and_nothing_above_them():
         visit(module, [])
 
 
-def test_seed_intervals_groups_runs_by_a_config_key(tmp_path):
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "sweeps" / "seed_intervals.py"
-    spec = importlib.util.spec_from_file_location("seed_intervals", script)
-    seed_intervals = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(seed_intervals)
+def test_by_splits_a_methods_runs_by_a_config_key_and_mixed_settings_are_warned_of(tmp_path, capsys):
     for alpha, mrrs in ((0.0, (0.5, 0.6, 0.7)), (1.0, (0.2, 0.2))):
         for seed, mrr in enumerate(mrrs):
-            hits = 0.1 if alpha else (0.0, 0.0, 0.3)[seed]  # std 0.173, sem 0.1: [-0.330, 0.530], cut at 0
             run = tmp_path / f"a{alpha}_s{seed}"
             run.mkdir()
             record = {"status": "complete", "method": "kgbert_cd", "model": "m", "dataset": "d", "seed": seed}
-            (run / "metrics.json").write_text(json.dumps({**record, "metrics": {"eval/mrr": mrr, "eval/hits@1": hits}}))
+            (run / "metrics.json").write_text(json.dumps({**record, "metrics": {"eval/mrr": mrr}}))
             (run / "config.yaml").write_text(f"method:\n  aux_weight: {alpha}\n")
-    (tmp_path / "cut_short").mkdir()
-    (tmp_path / "cut_short" / "metrics.json").write_text(json.dumps({"status": "running"}))
-    lines = seed_intervals.table([tmp_path], ["method.aux_weight"], None).splitlines()
-    assert lines[0] == "| method | model | dataset | method.aux_weight | seeds | eval/mrr | eval/hits@1 |"
-    assert lines[2] == "| kgbert_cd | m | d | 0.0 | 0,1,2 | 0.600 [0.352, 0.848] | 0.100 [0.000, 0.530] |"
-    assert lines[3] == "| kgbert_cd | m | d | 1.0 | 0,1 | 0.200 [0.200, 0.200] | 0.100 [0.100, 0.100] |"
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert "averages 5 runs over seeds [0, 0, 1, 1, 2]" in err and "--by KEY" in err
+    assert main([str(tmp_path), "--format", "csv", "--by", "method.aux_weight"]) == 0
+    out, err = capsys.readouterr()
+    rows = out.splitlines()[1:]
+    # t interval over seeds: 0.6 +- t(0.975, 2) * 0.1 / sqrt(3) = 0.6 +- 0.248414
+    assert rows == [
+        "kgbert_cd aux_weight=0.0,m,d,3,,0.6,0.1,0.351586,0.848414",
+        "kgbert_cd aux_weight=1.0,m,d,2,,0.2,0,0.2,0.2",
+    ]
+    assert "warning" not in err

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ctxdistill.results import scorecard
 from ctxdistill.results.files import RESULTS_DIR, write_results
-from ctxdistill.results.records import collect
+from ctxdistill.results.records import collect, split_by
 from ctxdistill.results.render import render
 from ctxdistill.results.table import PairedTestError, paired_tests, summarise
 
@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         help="create a W&B report for --group in --wandb's project (needs network)",
     )
     parser.add_argument("--project", default="ctxdistill", help="W&B project for --wandb-log without --wandb")
+    parser.add_argument(
+        "--by",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="config keys that tell a method's runs apart (e.g. method.aux_weight): one row per value",
+    )
     parser.add_argument("--strict", action="store_true", help="exit non-zero when any metrics.json is unreadable")
     parser.add_argument(
         "--scorecard",
@@ -102,7 +109,17 @@ def main(argv: list[str] | None = None) -> int:
             f"no complete runs (metrics.json with status 'complete', or finished W&B runs) in {where}", file=sys.stderr
         )
         return 1
+    records = split_by(records, args.by)
     tables = summarise(records)
+    for table in tables:
+        for row in table.rows:
+            if len(set(row.seeds)) < len(row.seeds):
+                print(
+                    f"warning: {row.method} / {row.model} / {row.dataset} averages {len(row.seeds)} runs over seeds "
+                    f"{sorted(row.seeds)}: runs with the same seed differ in some setting; tell them apart with "
+                    "--by KEY (e.g. --by method.aux_weight)",
+                    file=sys.stderr,
+                )
     if args.vs:
         try:
             notes = paired_tests(tables, args.vs)

@@ -2,7 +2,8 @@
 
 A record is a dict in the shape of metrics.json (``method``, ``model``, ``dataset``, ``seed``,
 ``metrics``, ``metric_set``, ``model_parameters``, ``finished_at``); records read from disk also
-carry ``run_dir``, where the run's predictions.jsonl is.
+carry ``run_dir``, where the run's predictions.jsonl and config.yaml are; records read from W&B carry
+``config``.
 """
 
 from __future__ import annotations
@@ -67,3 +68,28 @@ def predictions(record: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
     if path is None or not path.is_file():
         return None
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def config_value(record: dict[str, Any], key: str) -> Any:
+    """A dotted key of the run's resolved config (its config.yaml, or its W&B config); None where unset."""
+    from omegaconf import OmegaConf
+
+    if record.get("config") is not None:
+        config = OmegaConf.create(record["config"])
+    elif record.get("run_dir") and (Path(record["run_dir"]) / "config.yaml").is_file():
+        config = OmegaConf.load(Path(record["run_dir"]) / "config.yaml")
+    else:
+        return None
+    return OmegaConf.select(config, key)
+
+
+def split_by(records: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Records whose method names carry the values of ``keys`` (``kgbert_cd aux_weight=0.5``), so runs that
+    differ in those settings become rows of their own instead of being averaged as if they were seeds."""
+    if not keys:
+        return records
+    labelled = []
+    for record in records:
+        values = " ".join(f"{key.rsplit('.', 1)[-1]}={config_value(record, key)}" for key in keys)
+        labelled.append({**record, "method": f"{record['method']} {values}"})
+    return labelled

@@ -128,6 +128,7 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
         "status": "complete",
         "metrics": metrics,
         "metric_set": declared,
+        "config": config,
         "model_parameters": summary.get("model/parameters"),
         "finished_at": datetime.fromtimestamp(last_logged, timezone.utc).isoformat(timespec="seconds")
         if last_logged
