@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig, OmegaConf
 
+from ctxdistill import provenance
 from ctxdistill.checkpoint import remove_checkpoints
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
@@ -34,6 +35,8 @@ from ctxdistill.models import (
     load_trained,
     model_identity,
 )
+from ctxdistill.results.metrics import float32_rounded
+from ctxdistill.serving import serving_metrics
 from ctxdistill.sweeps import group_name
 from ctxdistill.tracking import Tracker, create_tracker
 from ctxdistill.trainer import train
@@ -158,6 +161,7 @@ def build_models(cfg: DictConfig, method, tokenizer, task, device, saved: Option
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
+    provenance.begin_run()
     validate(cfg)
     honour_name_or_path(cfg.model)
     out = Path(cfg.output_dir)
@@ -179,6 +183,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.trainer)
     # Under several processes every rank trains and evaluates its share; rank 0 alone writes and logs.
     writer = accelerator.is_main_process
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_provenance = provenance.describe(resolved, task, accelerator.device, accelerator.num_processes)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -188,7 +194,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             group=sweep_group() or f"{task.name}-{cfg.model.name}",
             name=f"{cfg.method.name}-{cfg.model.name}-{task.name}-s{cfg.seed}",
             tags=[cfg.method.name, cfg.model.name, task.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
-            config={**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()},
+            config={**resolved, "hydra_choices": hydra_choices(), "provenance": run_provenance},
             output_dir=str(out),
         )
         if writer
@@ -214,6 +220,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if method.trains and method.teacher_during_training and handle.trains_base_weights:
             handle.keep_frozen_teacher()
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
+        metric_set = method.metric_set(evaluator).to_dict()
+        tracker.add_config({"metric_set": metric_set})  # a run read back from W&B knows its columns
         evaluator.prepare()
 
         train_stats: dict[str, Any] = {}
@@ -248,21 +256,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics, predictions = evaluator.evaluate()
         if method.trains:
             metrics.update(evaluator.after_training())
+        metrics.update(serving_metrics(evaluator.serving_costs()))
+        run_provenance.update(provenance.inputs())  # with the caches training used
+        metrics = rounded(metrics)
         result = {
             **run_identity(cfg, task),
             "status": "complete",
             "metrics": metrics,
+            "metric_set": metric_set,
             "objective": method.objective,
             "train": train_stats,
             "curves": curves,
             "model_parameters": model_parameters,
             "demos": [d.uid for d in task.demos],
+            "provenance": run_provenance,
             "runtime_seconds": time.perf_counter() - started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if writer:
             save_results(out, result, predictions)
             remove_checkpoints(out)  # the run is complete; its adapter/model is saved on its own
+        tracker.add_config({"provenance": run_provenance})  # now with the caches training used
         tracker.log(metrics, train_stats.get("steps", 0))
         tracker.summary(
             {**metrics, **{f"train/{k}": v for k, v in train_stats.items()}, "model/parameters": model_parameters}
@@ -273,6 +287,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return result
     finally:
         tracker.finish()
+
+
+def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as float32 holds them (0.54, not 0.5400000214576721), the same in metrics.json and W&B."""
+    return {key: float32_rounded(value) for key, value in metrics.items()}
 
 
 def save_results(out: Path, result: dict[str, Any], predictions: dict[str, list[dict]]) -> None:
