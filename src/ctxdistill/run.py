@@ -274,8 +274,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def context_tokens_per_query(task: Task, tokenizer, with_context: bool) -> float:
     """The tokens the evaluated prompts hold besides the query (the context, or an instruction), on average over
-    the in-domain eval set: what a method costs at every query."""
-    examples = next(iter(task.eval_sets.values()), []) if hasattr(task, "eval_sets") else []
+    the in-domain eval set: what a method costs at every query (0 for a task mixture, whose prompts draw their own)."""
+    examples = next(iter(task.eval_sets.values()), []) if isinstance(task, Task) else []
     if not examples:
         return 0.0
     prompts = tokenizer([task.prompt(e, with_context) for e in examples]).input_ids
