@@ -147,7 +147,8 @@ def plot(rows: list[dict], sets: list[str], window_demos: Optional[int], out: Pa
             ax.text(
                 window_demos * 1.4, 0.02, "past the window", fontsize=8, va="bottom", transform=ax.get_xaxis_transform()
             )
-        ax.axhline(0.5, color="0.5", linestyle=":", linewidth=1)
+        ax.axhline(0.5, color="0.5", linestyle=":", linewidth=1)  # chance on the balanced binary sets
+        ax.set_ylim(0, 1.02)
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.minorticks_off()
