@@ -118,7 +118,7 @@ def test_sequential_distillation_refuses_what_cannot_teach_round_by_round(make_c
     with pytest.raises(ConfigError, match="model.adapter"):
         validate(make_cfg(*SEQUENTIAL, "model.adapter=prefix"))
     with pytest.raises(ConfigError, match="instructions"):
-        validate(make_cfg(*SEQUENTIAL, "dataset.context.instructions=[a,b]"))
+        validate(make_cfg(*SEQUENTIAL, "dataset.context.instructions=[a,b,c]"))
 
 
 def test_contexts_with_their_own_instruction_and_label_words(make_cfg):
