@@ -257,16 +257,16 @@ def test_masking_picks_15_percent_of_maskable_tokens_and_replaces_80_10_10():
 # ---------------------------------------------------------------- contexts
 def test_contexts_resume_after_a_cut_line_and_the_released_format_loads(tmp_path):
     path = tmp_path / "contexts.jsonl"
-    writer = ContextWriter(path)
-    writer.write(("00001", "_hypernym", "00002"), "A dog is an animal.")
-    writer.close()
+    ContextWriter(path).write({("00001", "_hypernym", "00002"): "A dog is an animal."}, writer="m")
     with path.open("a") as f:
         f.write('{"head": "00003", "relation": "_hyp')  # killed mid-line
     assert read_contexts(path) == {("00001", "_hypernym", "00002"): "A dog is an animal."}
-    writer = ContextWriter(path)
-    writer.write(("00003", "_hypernym", "00002"), "A cat is an animal.")
-    writer.close()
-    assert len(read_contexts(path)) == 2
+    ContextWriter(path).write({("00003", "_hypernym", "00002"): "A cat is an animal."}, writer="m")  # the resumed run
+    assert read_contexts(path) == {
+        ("00001", "_hypernym", "00002"): "A dog is an animal.",
+        ("00003", "_hypernym", "00002"): "A cat is an animal.",
+    }
+    assert [json.loads(line)["head"] for line in path.read_text().splitlines()] == ["00001", "00003"]
     released = tmp_path / "knowledge_context.txt"
     released.write_text("dog |**| animal |**| _hypernym |**| Dogs are animals.\n")
     graph = KnowledgeGraph({"00001": "dog", "00002": "animal"}, {}, {"_hypernym": "hypernym"}, {})
@@ -506,10 +506,12 @@ def test_stage_one_writes_a_context_per_training_triple_and_resumes(make_cfg, tm
     triples = {tuple(json.loads(line)[k] for k in ("head", "relation", "tail")) for line in lines}
     assert first["metrics"]["contexts/written"] == len(lines) == len(triples) > 10
     assert first["metrics"]["contexts/covered"] == 1.0
-    contexts.write_text("\n".join(lines[:5]) + "\n")  # an interrupted generation
+    contexts.write_text("\n".join(lines[:5]) + "\n" + lines[5][:30])  # killed while writing the sixth line
     second = run(make_cfg(*common, output_dir=tmp_path / "second"))
     assert (second["metrics"]["contexts/reused"], second["metrics"]["contexts/written"]) == (5, len(lines) - 5)
-    assert len(contexts.read_text().splitlines()) == len(lines)
+    resumed = contexts.read_text().splitlines()
+    assert resumed[:5] == lines[:5] and len(resumed) == len(lines)
+    assert {tuple(json.loads(line)[k] for k in ("head", "relation", "tail")) for line in resumed} == triples
     again = run(make_cfg(*common, "method.temperature=0", output_dir=tmp_path / "third"))
     assert again["metrics"]["contexts/written"] == 0
 
@@ -520,10 +522,10 @@ def test_students_train_with_their_auxiliary_task_and_rank(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="have no context.*method=contextualization.*method.aux_weight=0"):
         run(cfg)
     task = build_kg_task(cfg.dataset, seed=0)
-    writer = ContextWriter(contexts)
-    for h, r, t in task.train_triples:
-        writer.write((h, r, t), f"{task.graph.entity_names[h]} {task.relation_text(r)} {task.graph.entity_names[t]}.")
-    writer.close()
+    names = task.graph.entity_names
+    ContextWriter(contexts).write(
+        {(h, r, t): f"{names[h]} {task.relation_text(r)} {names[t]}." for h, r, t in task.train_triples}
+    )
     for method, model in (("kgbert_cd", "minilm-l6"), ("kgs2s_cd", "tiny-random-seq2seq")):
         result = run(
             make_cfg(
@@ -581,7 +583,9 @@ def test_a_method_refuses_a_dataset_of_the_other_kind(make_cfg):
 
 
 def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
-    from ctxdistill.compare import summarise, write_results
+    from ctxdistill.ranking import link_prediction_metrics
+    from ctxdistill.results.files import write_results
+    from ctxdistill.results.table import summarise
 
     def kg_run(method, mrr, seed):
         return {
@@ -589,6 +593,7 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
             "model": "minilm-l6",
             "dataset": "wn18rr",
             "seed": seed,
+            "metric_set": link_prediction_metrics("sampled100_").to_dict(),
             "metrics": {
                 "eval/sampled100_mrr": mrr,
                 "eval/sampled100_hits@10": 0.5,
@@ -597,13 +602,21 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
             },
         }
 
-    table = summarise([kg_run("kgbert", 0.2, 0), kg_run("kgbert_cd", 0.3, 0), kg_run("kgbert_cd", 0.4, 1)])
-    assert list(table.columns.values()) == ["sampled100_mrr", "sampled100_hits@1", "sampled100_hits@10"]
+    [table] = summarise([kg_run("kgbert", 0.2, 0), kg_run("kgbert_cd", 0.3, 0), kg_run("kgbert_cd", 0.4, 1)])
+    assert [c.key for c in table.columns] == [
+        "eval/sampled100_mrr",
+        "eval/sampled100_hits@1",
+        "eval/sampled100_hits@10",
+    ]
     cd = table.rows[1]
     assert cd.method == "kgbert_cd" and cd.seeds == [0, 1]
-    assert [cd.stats[k].text() for k in table.columns] == ["0.350 ± 0.071", "0.100 ± 0.000", "0.500 ± 0.000"]
+    assert [(cd.cells[c.key].mean, cd.cells[c.key].std) for c in table.columns] == [
+        pytest.approx((0.35, 0.0707107)),
+        (0.1, 0.0),
+        (0.5, 0.0),
+    ]
     readme = write_results(tmp_path, [kg_run("kgbert", 0.2, 0)], title="kg")  # no accuracy plot to draw
-    assert "sampled100_mrr" in readme.read_text()
+    assert "sampled100 MRR" in readme.read_text()
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """ctxdistill-eval: evaluate a finished run's model again, on other eval sets or sizes, without training it again.
 
-    ctxdistill-eval RUN_DIR 'dataset.ood=[...]'          # another out-of-domain set
+    ctxdistill-eval RUN_DIR 'ood=[hans_all]'            # another out-of-domain set (conf/ood/)
     ctxdistill-eval RUN_DIR dataset.num_eval=null --name full-validation
     ctxdistill-eval SWEEP_DIR dataset.hans_file=PATH     # every cell of a sweep
 
@@ -50,7 +50,7 @@ def evaluation_config(run_dir: Path, overrides: list[str], out: Path) -> DictCon
         raise ConfigError(
             f"{groups[0]}: {run_dir} has no .hydra/overrides.yaml (it was not started by the "
             "ctxdistill command), so group choices cannot be recomposed; override keys instead "
-            "(e.g. dataset.ood=[...], dataset.num_eval=null)"
+            "(e.g. dataset.ood.hans.num_examples=200, dataset.num_eval=null)"
         )
     cfg = OmegaConf.load(run_dir / "config.yaml")
     for override in [*overrides, f"output_dir={out}", "logger.backend=none"]:
@@ -66,7 +66,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
     from ctxdistill.config import ConfigError, validate
     from ctxdistill.methods import build_method
     from ctxdistill.models import ModelHandle, honour_name_or_path, load_tokenizer, model_identity
-    from ctxdistill.run import build_models, run_identity, save_results
+    from ctxdistill.run import build_models, rounded, run_identity, save_results
 
     out = run_dir / EVALUATIONS / name
     cfg = evaluation_config(run_dir, overrides, out)
@@ -91,12 +91,15 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
         identity=model_identity(method.teacher_model or cfg.model, cfg.seed),
     )
     evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
+    metric_set = method.metric_set(evaluator)
     evaluator.prepare()
     metrics, predictions = evaluator.evaluate()
+    metrics = rounded(metrics)
     result = {
         **run_identity(cfg, task),
         "status": "complete",
         "metrics": metrics,
+        "metric_set": metric_set.to_dict(),
         "objective": method.objective,
         "evaluated_run": str(run_dir),
         "weights": str(saved) if saved else None,

@@ -30,6 +30,7 @@ from ctxdistill.encoding import SharedPrefix, answer_logits, answer_token_logpro
 from ctxdistill.generation import generate
 from ctxdistill.losses import forward_kl
 from ctxdistill.models import ModelHandle
+from ctxdistill.results.metrics import EXAMPLES, IN_DOMAIN, Metric, MetricSet
 
 
 def check_prompt_lengths(task: Task | TaskMixture, tokenizer, window: int, answer_tokens: int) -> None:
@@ -314,8 +315,35 @@ def generation_metrics(
     return {**metrics, "rougeL_to_teacher": rouge(replies), "base_rougeL_to_teacher": rouge(base_replies)}
 
 
+# Serving cost per query, teacher (the base model with the context) and model (without), written by the run for
+# classification tasks; the ratios are teacher / model.
+SERVING = "serving"
+SERVING_METRICS = (
+    *(
+        Metric(f"{who}_{what}", f"{who} {label}", higher_is_better=False, sets=(SERVING,), kind="value")
+        for what, label in (("prompt_tokens", "prompt tokens"), ("latency_ms", "latency ms"), ("kv_bytes", "KV bytes"))
+        for who in ("teacher", "student")
+    ),
+    Metric("prompt_tokens_ratio", "prompt tokens ratio", sets=(SERVING,), kind="value"),
+    Metric("latency_ratio", "latency ratio", sets=(SERVING,), kind="value"),
+    Metric("kv_bytes_ratio", "KV bytes ratio", sets=(SERVING,), kind="value"),
+)
+SERVING_COSTS = (
+    (f"{SERVING}/student_kv_bytes", f"{SERVING}/teacher_kv_bytes", "KV-cache bytes per query"),
+    (f"{SERVING}/student_latency_ms", f"{SERVING}/teacher_latency_ms", "latency per query (ms)"),
+)
+TEACHER_GAP = Metric(
+    "teacher_student_gap", "teacher - student", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"
+)
+CONTEXT_ACCURACY = Metric("context_accuracy", "ctx acc", sets=("train_queries",))
+TRAIN_QUERIES_TITLE = {"train_queries": "training queries: the trained model with the context"}
+
+
 class EvaluatorBase:
     """What a run asks of the object a method's ``evaluator()`` returns."""
+
+    #: the metrics :meth:`evaluate` reports, which tables, plots and dashboards show
+    metric_set: MetricSet
 
     def prepare(self) -> None:
         """Work before training, such as the frozen teacher's references (full-weight training changes it)."""
@@ -335,6 +363,29 @@ class Evaluator(EvaluatorBase):
     The teacher (base weights, adapter disabled, with context) is scored once per eval
     set and reused by every later evaluation, including periodic ones during training.
     """
+
+    metric_set = MetricSet(
+        "classification",
+        (
+            EXAMPLES,
+            Metric("accuracy", "accuracy", headline=True),
+            Metric("teacher_accuracy", "teacher acc"),
+            TEACHER_GAP,
+            Metric("majority_rate", "majority", kind="value"),
+            Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
+            Metric("kl_to_teacher", "KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"),
+            Metric("f1", "F1", sets=(IN_DOMAIN,), kind="value"),
+            Metric("vocab_accuracy", "vocab acc", sets=(IN_DOMAIN,)),
+            Metric("single_draw_accuracy", "single-draw acc"),
+            CONTEXT_ACCURACY,
+            *SERVING_METRICS,
+        ),
+        teacher="teacher_accuracy",
+        chance="majority_rate",
+        outcome=("prediction", "label"),
+        costs=SERVING_COSTS,
+        set_titles={**TRAIN_QUERIES_TITLE, SERVING: "serving cost per query (teacher: with the context)"},
+    )
 
     def __init__(
         self,
@@ -422,6 +473,8 @@ class Evaluator(EvaluatorBase):
             members = torch.tensor([e.group == group for e in examples])
             result[f"accuracy_{group}"] = (model.predictions == labels)[members].float().mean().item()
         result["teacher_accuracy"] = (teacher.predictions == labels).float().mean().item()
+        result["teacher_student_gap"] = result["teacher_accuracy"] - result["accuracy"]
+        result["examples"] = len(examples)
         result["teacher_agreement"] = (model.predictions == teacher.predictions).float().mean().item()
         result["kl_to_teacher"] = model.kl_to_teacher.mean().item()
         rows = [
@@ -446,7 +499,7 @@ class Evaluator(EvaluatorBase):
         if not self.task.train_query_labels:
             return {}
         accuracy = self.context_accuracy(self.task.train_queries, self.task.train_query_labels)
-        return {"train_queries/context_accuracy": accuracy}
+        return {"train_queries/context_accuracy": accuracy, "train_queries/examples": len(self.task.train_queries)}
 
     def context_accuracy(self, examples: list[Example], labels: list[int]) -> float:
         """Accuracy of the (trained) model *with* the context on ``examples``."""
@@ -482,6 +535,23 @@ class GenerationEvaluator(Evaluator):
     (``extraction_failures``, ``teacher_extraction_failures``) and scored wrong.
     """
 
+    metric_set = MetricSet(
+        "exact_match",
+        (
+            EXAMPLES,
+            Metric("accuracy", "exact match", headline=True),
+            Metric("teacher_accuracy", "teacher exact match"),
+            TEACHER_GAP,
+            Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
+            Metric("extraction_failures", "no answer", higher_is_better=False, kind="count"),
+            Metric("teacher_extraction_failures", "teacher no answer", higher_is_better=False, kind="count"),
+            CONTEXT_ACCURACY,
+        ),
+        teacher="teacher_accuracy",
+        outcome=("prediction", "target"),
+        set_titles=TRAIN_QUERIES_TITLE,
+    )
+
     def answers(self, model, examples: list[Example], with_context: bool, desc: str) -> Answers:
         spec = self.task.generation
         prompts = [self.task.prompt(e, with_context) for e in examples]
@@ -512,6 +582,7 @@ class GenerationEvaluator(Evaluator):
         result = {
             "accuracy": exact_match_rate(model.answers, targets),
             "teacher_accuracy": exact_match_rate(teacher.answers, targets),
+            "examples": len(examples),
             # Agreement is about behaviour: finding no answer where the teacher finds none agrees too.
             "teacher_agreement": sum(a == t for a, t in zip(model.answers, teacher.answers)) / len(examples),
             "extraction_failures": sum(a is None for a in model.answers),
@@ -522,6 +593,7 @@ class GenerationEvaluator(Evaluator):
             result[f"accuracy_{group}"] = exact_match_rate(
                 [model.answers[i] for i in members], [targets[i] for i in members]
             )
+        result["teacher_student_gap"] = result["teacher_accuracy"] - result["accuracy"]
         rows = [
             {
                 "uid": e.uid,
@@ -557,6 +629,28 @@ class MixtureEvaluator(EvaluatorBase):
         "kl_to_teacher",
         "f1",
         "majority_rate",
+    )
+    # In-domain figures are means over the tasks (each task's own set of examples): no interval over examples.
+    metric_set = MetricSet(
+        "mixture",
+        (
+            Metric("accuracy", "mean acc", sets=(IN_DOMAIN,), kind="value", headline=True),
+            Metric("teacher_accuracy", "mean teacher acc", sets=(IN_DOMAIN,), kind="value"),
+            Metric("single_draw_accuracy", "mean single-draw acc", sets=(IN_DOMAIN,), kind="value"),
+            Metric("teacher_agreement", "mean agree w/ teacher", sets=(IN_DOMAIN,), kind="value"),
+            Metric("kl_to_teacher", "mean KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"),
+            Metric("f1", "mean F1", sets=(IN_DOMAIN,), kind="value"),
+            Metric("majority_rate", "mean majority", sets=(IN_DOMAIN,), kind="value"),
+            # each task's own figures
+            EXAMPLES,
+            Metric("accuracy", "accuracy"),
+            Metric("teacher_accuracy", "teacher acc"),
+            Metric("single_draw_accuracy", "single-draw acc"),
+            Metric("majority_rate", "majority", kind="value"),
+        ),
+        teacher="teacher_accuracy",
+        chance="majority_rate",
+        outcome=("prediction", "label"),
     )
 
     def __init__(

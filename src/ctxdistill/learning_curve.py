@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -26,23 +25,15 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-#: Two-sided 95% quantiles of Student's t, t_{0.975, df}, for df = 1..30 (beyond: the normal's 1.960).
-T_975 = [
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-]  # fmt: skip
+from ctxdistill.results.stats import t_interval
 
 FORGETTING = "forgetting"  # the evaluation directory (ctxdistill-eval --name) holding the other task's accuracy
 
 
 def mean_interval(values: list[float]) -> tuple[float, float]:
-    """The mean and the half-width of its 95% t interval (0 for a single value)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, 0.0
-    t = T_975[len(values) - 2] if len(values) - 1 <= len(T_975) else 1.960
-    return mean, t * statistics.stdev(values) / math.sqrt(len(values))
+    """The mean and the half-width of its 95% Student-t interval (0 for a single value)."""
+    interval = t_interval(values)
+    return statistics.fmean(values), 0.0 if interval is None else (interval[1] - interval[0]) / 2
 
 
 def series_name(config: dict[str, Any], trainable: int) -> str:

@@ -36,6 +36,7 @@ from ctxdistill.models import (
     load_trained,
     model_identity,
 )
+from ctxdistill.results.metrics import float32_rounded
 from ctxdistill.sweeps import group_name
 from ctxdistill.tracking import Tracker, create_tracker
 from ctxdistill.trainer import train
@@ -217,6 +218,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if method.trains and method.teacher_during_training and handle.trains_base_weights:
             handle.keep_frozen_teacher()
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
+        metric_set = method.metric_set(evaluator).to_dict()
+        tracker.add_config({"metric_set": metric_set})  # a run read back from W&B knows its columns
         evaluator.prepare()
 
         train_stats: dict[str, Any] = {}
@@ -236,12 +239,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics, predictions = evaluator.evaluate()
         if method.trains:
             metrics.update(evaluator.after_training())
+        metrics = rounded(metrics)
         result = {
             **run_identity(cfg, task),
             "status": "complete",
             "metrics": metrics,
             "trainable_parameters": trainable,
             "context_tokens_per_query": context_tokens_per_query(task, tokenizer, method.eval_with_context),
+            "metric_set": metric_set,
             "objective": method.objective,
             "train": train_stats,
             "curves": curves,
@@ -336,7 +341,7 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
         fresh = False
         offset += train_stats["steps"]
         if count > 1 and index < count - 1:  # the last round's evaluation is the run's
-            metrics = evaluator.evaluate()[0]
+            metrics = rounded(evaluator.evaluate()[0])
             tracker.log({f"round/{key}": value for key, value in metrics.items()} | {"round": index + 1}, offset)
             record = {"round": index + 1, "train": train_stats, "metrics": metrics}
             if accelerator.is_main_process:
@@ -363,6 +368,11 @@ def load_trainable_weights(model: torch.nn.Module, path: Path) -> None:
             f"written by a run with other settings. Delete {path.parent.parent} to train the rounds again."
         )
     model.load_state_dict(state, strict=False)
+
+
+def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as float32 holds them (0.54, not 0.5400000214576721), the same in metrics.json and W&B."""
+    return {key: float32_rounded(value) for key, value in metrics.items()}
 
 
 def save_results(out: Path, result: dict[str, Any], predictions: dict[str, list[dict]]) -> None:

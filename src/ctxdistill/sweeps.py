@@ -130,15 +130,19 @@ class SweepSummaryCallback(Callback):
     cells (the command then exits non-zero)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from ctxdistill.compare import collect, render, summarise, write_results
-        from ctxdistill.wandb_results import log_results
+        from ctxdistill.results.files import write_results
+        from ctxdistill.results.records import collect
+        from ctxdistill.results.render import render
+        from ctxdistill.results.table import summarise
+        from ctxdistill.results.wandb_outputs import log_results
+        from ctxdistill.tracking import resolve_mode
 
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = collect([sweep_dir])
         failures = sweep_failures(sweep_dir)
         if runs:
-            table = summarise(runs)
-            print(f"\nComparison ({len(runs)} runs in {sweep_dir}):\n" + render(table), flush=True)
+            tables = summarise(runs)
+            print(f"\nComparison ({len(runs)} runs in {sweep_dir}):\n" + render(tables), flush=True)
             readme = write_results(
                 sweep_dir, runs, title=f"Sweep {sweep_dir.name}", failures=failures, command=sweep_command(config)
             )
@@ -146,11 +150,11 @@ class SweepSummaryCallback(Callback):
             if config.logger.backend == "wandb":
                 try:
                     log_results(
-                        table,
+                        tables,
                         entity=config.logger.entity,
                         project=config.logger.project,
                         group=config.logger.group or group_name(sweep_dir),
-                        mode=config.logger.mode,
+                        mode=resolve_mode(config.logger.mode),
                         directory=sweep_dir,
                     )
                 except Exception as e:  # noqa: BLE001 - the tables are on disk already

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from ctxdistill.config import ConfigError, MethodConfig, require
 from ctxdistill.data import Task
-from ctxdistill.evaluation import EvaluatorBase, make_evaluator
+from ctxdistill.evaluation import Evaluator, EvaluatorBase, make_evaluator
 from ctxdistill.generation import generate
 from ctxdistill.methods.base import Method
 from ctxdistill.methods.genpi import render_chat
@@ -208,8 +208,10 @@ class CheatSheet(Method):
 
 
 class CheatSheetEvaluator(EvaluatorBase):
-    """Writes the sheet, puts it in place of the demonstrations, then scores as ICL does; adds the tokens of the
-    demonstrations it replaces (``eval/demonstration_tokens``; the run records the context's own per query)."""
+    """Writes the sheet, puts it in place of the demonstrations, then scores as ICL does (the run records the
+    context's tokens per query; the log says how many the replaced demonstrations took)."""
+
+    metric_set = Evaluator.metric_set  # the label-word scoring of ICL, which it runs
 
     def __init__(self, method: CheatSheet, handle, tokenizer, task: Task, batch_size: int):
         self.method, self.handle, self.tokenizer, self.task, self.batch_size = (
@@ -220,18 +222,21 @@ class CheatSheetEvaluator(EvaluatorBase):
             batch_size,
         )
         self.inner = None
-        self.tokens: dict[str, float] = {}
 
     def prepare(self) -> None:
         task, tokenizer = self.task, self.tokenizer
         replaced = sum(len(tokenizer(c).input_ids) for c in task.contexts)
         sheet = self.method.write_sheet(self.handle, tokenizer, task, self.batch_size)
-        log.info("cheat sheet (%d demonstrations):\n%s", len(task.demos), sheet)
         use_sheet(task, sheet, self.method.format_examples)
-        self.tokens = {"eval/demonstration_tokens": float(replaced)}
+        log.info(
+            "cheat sheet of %d demonstrations (%d tokens of context in all), %d tokens of context per query:\n%s",
+            len(task.demos),
+            replaced,
+            len(tokenizer(task.context + SEPARATOR).input_ids),
+            sheet,
+        )
         self.inner = make_evaluator(self.handle, tokenizer, task, True, self.batch_size, model_is_teacher=True)
         self.inner.prepare()
 
     def evaluate(self, names=None):
-        metrics, predictions = self.inner.evaluate(names)
-        return {**metrics, **self.tokens}, predictions
+        return self.inner.evaluate(names)

@@ -23,6 +23,7 @@ from ctxdistill.config import ConfigError, MethodConfig, require
 from ctxdistill.data.kg import ContextWriter, KGTask, Triple, batched, build_kg_task, missing_contexts
 from ctxdistill.evaluation import EvaluatorBase
 from ctxdistill.methods.base import Method
+from ctxdistill.results.metrics import Metric, MetricSet
 
 
 @dataclass
@@ -107,6 +108,22 @@ class Contextualization(Method):
 class ContextGeneration(EvaluatorBase):
     """Writes the missing contexts of the training triples; its metrics describe what was written."""
 
+    metric_set = MetricSet(
+        "context_generation",
+        tuple(
+            Metric(name, label, higher_is_better=better, sets=("contexts",), kind=kind, headline=name == "written")
+            for name, label, better, kind in (
+                ("written", "written", True, "count"),
+                ("reused", "reused", True, "count"),
+                ("covered", "covered", True, "value"),
+                ("mean_words", "mean words", True, "value"),
+                ("seconds", "seconds", False, "value"),
+                ("tokens_per_second", "tokens/s", True, "value"),
+            )
+        ),
+        set_titles={"contexts": "contexts written for the training triples"},
+    )
+
     def __init__(self, method: Contextualization, model, tokenizer, task: KGTask):
         self.method, self.model, self.tokenizer, self.task = method, model, tokenizer, task
         self.writer_name = getattr(model, "name_or_path", "")
@@ -144,27 +161,19 @@ class ContextGeneration(EvaluatorBase):
         writer = ContextWriter(task.contexts_file)
         started, tokens, rows = time.perf_counter(), 0, []
         self.model.eval()
-        try:
-            bar = tqdm(total=len(pending), desc="contexts")
-            for chunk in batched(pending, self.method.batch_size):
-                texts, generated = self.generate(chunk)
-                tokens += generated
-                for triple, text in zip(chunk, texts):
-                    writer.write(triple, text, writer=self.writer_name)
-                    task.contexts[triple] = text
-                    rows.append(
-                        {
-                            "uid": "|".join(triple),
-                            "head": triple[0],
-                            "relation": triple[1],
-                            "tail": triple[2],
-                            "context": text,
-                        }
-                    )
-                bar.update(len(chunk))
-            bar.close()
-        finally:
-            writer.close()
+        bar = tqdm(total=len(pending), desc="contexts")
+        for chunk in batched(pending, self.method.batch_size):
+            texts, generated = self.generate(chunk)
+            tokens += generated
+            written = dict(zip(chunk, texts))
+            writer.write(written, writer=self.writer_name)
+            task.contexts.update(written)
+            rows.extend(
+                {"uid": "|".join(triple), "head": triple[0], "relation": triple[1], "tail": triple[2], "context": text}
+                for triple, text in written.items()
+            )
+            bar.update(len(chunk))
+        bar.close()
         seconds = time.perf_counter() - started
         words = [len(task.contexts[t].split()) for t in task.train_triples]
         metrics = {
