@@ -18,7 +18,7 @@ seeds=${SEEDS:-0,1,2}
 status=0
 # Forgetting: the living task (animal or object?) with its instruction in the prompt, which the untrained
 # model answers above chance; before = the untrained model, after = each trained run (ctxdistill-eval).
-other_task=(dataset=synthetic_living "dataset.ood=[]" dataset.num_eval=64 dataset.context.num_contexts=1
+other_task=(dataset=synthetic_living "ood=[]" dataset.num_eval=64 dataset.context.num_contexts=1
   'dataset.student_instruction="Is the thing an animal? Answer \" yes\" if it is an animal and \" no\" if it is an object."')
 sweep() {
   local arm=$1 trains=$2
