@@ -1,12 +1,14 @@
 """Knowledge-graph completion (Li et al. 2024): loaders, filtered ranking, masking, contexts, both stages."""
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from ctxdistill import provenance
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data.kg import (
     ContextWriter,
@@ -104,8 +106,11 @@ def test_every_layout_loads_the_same_graph_with_string_ids(make_cfg, tmp_path, l
         f"dataset.source.name_separator={repr(separator) if separator else 'null'}",
         f"dataset.contexts_file={tmp_path / 'none.jsonl'}",
     )
+    provenance.begin_run()
     task = build_kg_task(cfg.dataset, seed=0)
     assert task.graph.splits == {"train": TRAIN, "valid": VALID, "test": TEST}
+    read = {d["path"]: d["sha256"] for d in provenance.inputs()["data"]}  # every file, recorded with its hash
+    assert read == {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in root.iterdir()}
     assert task.train_triples == TRAIN and task.eval_sets == {"eval": TEST}
     if layout == "plain":  # ids stand in for names
         assert task.graph.entity_names["00001"] == "00001"

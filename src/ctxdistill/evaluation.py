@@ -31,6 +31,7 @@ from ctxdistill.generation import generate
 from ctxdistill.losses import forward_kl
 from ctxdistill.models import ModelHandle
 from ctxdistill.results.metrics import EXAMPLES, IN_DOMAIN, Metric, MetricSet
+from ctxdistill.serving import ServingCost, measure_task
 
 
 def check_prompt_lengths(task: Task | TaskMixture, tokenizer, window: int, answer_tokens: int) -> None:
@@ -356,6 +357,11 @@ class EvaluatorBase:
         """Metrics that only a trained model has (none by default)."""
         return {}
 
+    def serving_costs(self) -> list[tuple[ServingCost, ServingCost]]:
+        """(teacher with the context, model as served) cost per query, one pair per evaluated task (none by
+        default); see :mod:`ctxdistill.serving`."""
+        return []
+
 
 class Evaluator(EvaluatorBase):
     """Evaluates the model on every eval set of a task against the frozen teacher.
@@ -363,6 +369,10 @@ class Evaluator(EvaluatorBase):
     The teacher (base weights, adapter disabled, with context) is scored once per eval
     set and reused by every later evaluation, including periodic ones during training.
     """
+
+    #: whether serving cost per query is measured: one forward pass answers a query here, while a generated
+    #: answer's cost depends on how long it is.
+    measures_serving = True
 
     metric_set = MetricSet(
         "classification",
@@ -406,9 +416,21 @@ class Evaluator(EvaluatorBase):
         self._teacher: dict[str, object] = {}  # per set: what score_teacher returns
 
     def prepare(self) -> None:
-        """Score the teacher before training: full fine-tuning changes its weights."""
+        """Score the teacher, and measure what serving it costs, before training: full fine-tuning changes its
+        weights."""
         for name in self.task.eval_sets:
             self.teacher_scores(name)
+        if self.measures_serving:
+            with self.handle.teacher() as teacher:
+                self.teacher_serving = measure_task(teacher, self.tokenizer, self.task, True, self.batch_size)
+
+    def serving_costs(self) -> list[tuple[ServingCost, ServingCost]]:
+        if not self.measures_serving:
+            return []
+        served = self.teacher_serving
+        if not self.model_is_teacher:
+            served = measure_task(self.handle.base, self.tokenizer, self.task, self.with_context, self.batch_size)
+        return [(self.teacher_serving, served)]
 
     def teacher_scores(self, name: str):
         if name not in self._teacher:
@@ -534,6 +556,8 @@ class GenerationEvaluator(Evaluator):
     task's answer extractor, a direct one is its first line. An extraction failure is counted
     (``extraction_failures``, ``teacher_extraction_failures``) and scored wrong.
     """
+
+    measures_serving = False
 
     metric_set = MetricSet(
         "exact_match",
@@ -670,6 +694,9 @@ class MixtureEvaluator(EvaluatorBase):
     def prepare(self) -> None:
         for evaluator in self.evaluators.values():
             evaluator.prepare()
+
+    def serving_costs(self) -> list[tuple[ServingCost, ServingCost]]:
+        return [pair for evaluator in self.evaluators.values() for pair in evaluator.serving_costs()]
 
     def evaluate(self, names: Optional[list[str]] = None) -> tuple[dict[str, float], dict[str, list[dict]]]:
         metrics, rows = {}, {}

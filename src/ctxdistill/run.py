@@ -22,6 +22,7 @@ from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
+from ctxdistill import provenance
 from ctxdistill.checkpoint import remove_checkpoints
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
@@ -37,6 +38,7 @@ from ctxdistill.models import (
     model_identity,
 )
 from ctxdistill.results.metrics import float32_rounded
+from ctxdistill.serving import serving_metrics
 from ctxdistill.sweeps import group_name
 from ctxdistill.tracking import Tracker, create_tracker
 from ctxdistill.trainer import train
@@ -161,6 +163,7 @@ def build_models(cfg: DictConfig, method, tokenizer, task, device, saved: Option
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
+    provenance.begin_run()
     validate(cfg)
     honour_name_or_path(cfg.model)
     out = Path(cfg.output_dir)
@@ -182,6 +185,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.trainer)
     # Under several processes every rank trains and evaluates its share; rank 0 alone writes and logs.
     writer = accelerator.is_main_process
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_provenance = provenance.describe(resolved, task, accelerator.device, accelerator.num_processes)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -191,7 +196,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             group=sweep_group() or f"{task.name}-{cfg.model.name}",
             name=f"{cfg.method.name}-{cfg.model.name}-{task.name}-s{cfg.seed}",
             tags=[cfg.method.name, cfg.model.name, task.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
-            config={**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()},
+            config={**resolved, "hydra_choices": hydra_choices(), "provenance": run_provenance},
             output_dir=str(out),
         )
         if writer
@@ -239,6 +244,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics, predictions = evaluator.evaluate()
         if method.trains:
             metrics.update(evaluator.after_training())
+        metrics.update(serving_metrics(evaluator.serving_costs()))
+        run_provenance.update(provenance.inputs())  # with the caches training used
         metrics = rounded(metrics)
         result = {
             **run_identity(cfg, task),
@@ -257,6 +264,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             ),
             "model_parameters": model_parameters,
             "demos": [d.uid for d in task.demos],
+            "provenance": run_provenance,
             "runtime_seconds": time.perf_counter() - started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -265,6 +273,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             remove_checkpoints(out)  # the run is complete; its adapter/model is saved on its own
             if rounds:
                 shutil.rmtree(out / ROUNDS)  # the rounds' weights and records are in the final ones now
+        tracker.add_config({"provenance": run_provenance})  # now with the caches training used
         tracker.log(metrics, train_stats.get("steps_all_rounds", train_stats.get("steps", 0)))
         tracker.summary(
             {**metrics, **{f"train/{k}": v for k, v in train_stats.items()}, "model/parameters": model_parameters}

@@ -31,20 +31,22 @@ UNCOMPARED = ("logger", "force", "output_dir")
 failed_cells: dict[str, str] = {}
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys."""
     if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
+
+
+def compared(key: str) -> bool:
+    """Whether a dotted config key can change a run's results (see UNCOMPARED)."""
+    return not key.startswith(UNCOMPARED) and not key.endswith("cache_dir")
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose values differ; keys only one side has (a newly added option) do not count."""
-    old, new = _flatten(stored), _flatten(current)
-    return sorted(
-        k
-        for k in old.keys() & new.keys()
-        if old[k] != new[k] and not k.startswith(UNCOMPARED) and not k.endswith("cache_dir")
-    )
+    old, new = flatten(stored), flatten(current)
+    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and compared(k))
 
 
 def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:

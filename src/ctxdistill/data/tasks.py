@@ -22,6 +22,8 @@ import numpy as np
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
+from ctxdistill import provenance
+
 
 class DataError(ValueError):
     """Bad data or a data spec that cannot be satisfied; the message names the source and the fix."""
@@ -203,41 +205,48 @@ def _local_file(source: DictConfig, split: str, key: str) -> Optional[Path]:
     return None
 
 
-def _fetch(source: DictConfig, split: str, key: str) -> tuple[list[dict[str, Any]], str]:
+def _fetch(source: DictConfig, split: str, key: str) -> tuple[list[dict[str, Any]], str, Optional[dict[str, Any]]]:
+    """The records, where they came from (for messages), and their origin as provenance records it (None:
+    generated)."""
     if source.kind == "synthetic":
         size = source.split_sizes.get(split)
         if size is None:
             raise DataError(f"{key}.split_sizes has no size for split {split!r}")
         generator = get_method(source.generator)
-        return generator(num_examples=size, seed=source.seed, split=split, **source.generator_options), source.generator
+        records = generator(num_examples=size, seed=source.seed, split=split, **source.generator_options)
+        return records, source.generator, None
     path = _local_file(source, split, key)
     if path is not None:
-        return _read_file(path, key), str(path)
+        return _read_file(path, key), str(path), provenance.data_file(path)
     import datasets  # slow import, only when the Hub is used
 
     where = f"{source.hub_id}" + (f"/{source.hub_config}" if source.hub_config else "") + f" [{split}]"
     try:
-        return list(datasets.load_dataset(source.hub_id, source.hub_config, split=split)), where
+        loaded = datasets.load_dataset(source.hub_id, source.hub_config, split=split)
     except Exception as e:  # noqa: BLE001 - network, missing split, missing dataset all end here
         raise DataError(
             f"{key}: could not load {where} with datasets.load_dataset: {e}. Without network (or for "
             f"a dataset the Hub serves only through a loading script), point {key}.file at the original "
             f"file, or {key}.data_dir at a directory with the files {key}.data_files names"
         ) from e
+    return list(loaded), where, provenance.hub_dataset(loaded, source.hub_id, source.hub_config, split)
 
 
-_FETCHED: dict[str, tuple[list[dict[str, Any]], str]] = {}
+_FETCHED: dict[str, tuple[list[dict[str, Any]], str, Optional[dict[str, Any]]]] = {}
 
 
 def _fetch_once(source: DictConfig, split: str, key: str) -> tuple[list[dict[str, Any]], str]:
-    """:func:`_fetch`, memoised per process: the runs of a sweep read and parse each file once."""
+    """:func:`_fetch`, memoised per process: the runs of a sweep read and parse each file once (and each
+    run notes its origin)."""
     memo = json.dumps([OmegaConf.to_container(source, resolve=True), split], sort_keys=True, default=str)
     path = _local_file(source, split, key) if source.kind != "synthetic" else None
     if path is not None and path.is_file():
-        memo += str(path.stat().st_mtime_ns)  # an edited file is read again
+        memo += f"{path.stat().st_mtime_ns} {path.stat().st_size}"  # an edited file is read again
     if memo not in _FETCHED:
         _FETCHED[memo] = _fetch(source, split, key)
-    return _FETCHED[memo]
+    records, where, origin = _FETCHED[memo]
+    provenance.note_data(origin)
+    return records, where
 
 
 def load_records(source: DictConfig, split: str, key: str = "dataset.source") -> tuple[list[dict[str, Any]], str]:

@@ -7,6 +7,7 @@
     ctxdistill-compare --wandb ENTITY/PROJECT --group GROUP            # the same tables from W&B
     ctxdistill-compare SWEEP_DIR --wandb-log --group GROUP             # log them as W&B Tables + plots
     ctxdistill-compare --wandb ENTITY/PROJECT --group GROUP --wandb-report
+    ctxdistill-compare SWEEP_DIR --scorecard --model-as smollm2-135m=opt-125m  # against the paper's numbers
 
 Inputs are run or sweep directories (every metrics.json under them), W&B run directories
 (``RUN_DIR/wandb/offline-run-*``, read from W&B's own run file) or a W&B project read
@@ -19,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ctxdistill.results import scorecard
 from ctxdistill.results.files import RESULTS_DIR, write_results
 from ctxdistill.results.records import collect
 from ctxdistill.results.render import render
@@ -55,6 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--project", default="ctxdistill", help="W&B project for --wandb-log without --wandb")
     parser.add_argument("--strict", action="store_true", help="exit non-zero when any metrics.json is unreadable")
+    parser.add_argument(
+        "--scorecard",
+        action="store_true",
+        help="also put each number the runs' paper reports next to the runs' mean, 95%% interval and a verdict",
+    )
+    parser.add_argument(
+        "--paper", action="append", default=[], help="score against this paper (default: the papers the runs name)"
+    )
+    parser.add_argument(
+        "--model-as",
+        action="append",
+        default=[],
+        metavar="RUN_MODEL=PAPER_MODEL",
+        help="score a run model in a paper model's place, labelled (e.g. smollm2-135m=opt-125m)",
+    )
     args = parser.parse_args(argv)
     if not args.paths and not args.wandb:
         parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
@@ -63,6 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no such path: {', '.join(missing)}")
     if args.wandb_report and not (args.wandb and "/" in args.wandb and args.group):
         parser.error("--wandb-report needs --wandb ENTITY/PROJECT and --group")
+    if (args.paper or args.model_as) and not args.scorecard:
+        parser.error("--paper and --model-as belong to --scorecard")
+    if args.scorecard and args.format == "latex":
+        parser.error("the scorecard has no LaTeX form: use --format text, markdown or csv")
+    try:
+        model_as = scorecard.parse_model_as(args.model_as)
+        named_papers = [scorecard.load_paper(name) for name in args.paper]
+    except ValueError as e:
+        parser.error(str(e))
 
     unreadable: list[str] = []
     records = collect(args.paths, unreadable)
@@ -86,8 +112,25 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             print(note, file=sys.stderr)
     print(render(tables, args.format))
+    scores: list[scorecard.Score] = []
+    if args.scorecard:
+        papers = named_papers or [scorecard.load_paper(name) for name in scorecard.papers_of(records)]
+        if not papers:
+            print(
+                "no paper to score against: the runs' experiments name none (`paper:`); give --paper NAME "
+                f"(known: {', '.join(scorecard.known_papers())})",
+                file=sys.stderr,
+            )
+            return 1
+        scores = scorecard.score([c for p in papers for c in p.cells], records, model_as)
+        print("\n" + scorecard.render(papers, scores, model_as, args.format))
     if args.out:
-        readme = write_results(args.out, records, title=f"Results: {args.group or args.out.name}")
+        appendix = ""
+        if args.scorecard:
+            (args.out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
+            appendix = "## Scorecard\n\n" + scorecard.write(args.out / RESULTS_DIR, papers, scores, model_as)
+            appendix += f"\n\nAs CSV: [{RESULTS_DIR}/scorecard.csv]({RESULTS_DIR}/scorecard.csv)."
+        readme = write_results(args.out, records, title=f"Results: {args.group or args.out.name}", appendix=appendix)
         print(f"\nwrote {readme} and {args.out / RESULTS_DIR}/", file=sys.stderr)
     if args.wandb_log:
         from ctxdistill.results.wandb_outputs import log_results
@@ -95,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
         project = args.wandb or args.project
         entity, project = project.split("/", 1) if "/" in project else (None, project)
-        log_results(tables, entity=entity, project=project, group=args.group, mode=resolve_mode("auto"))
+        extra = {"scorecard": scorecard.table_rows(scores)} if args.scorecard else {}
+        log_results(
+            tables, entity=entity, project=project, group=args.group, mode=resolve_mode("auto"), extra_tables=extra
+        )
     if args.wandb_report:
         from ctxdistill.results.wandb_outputs import build_report
 

@@ -8,6 +8,7 @@ from typing import Any, Optional
 from ctxdistill.results.plots import write_plots
 from ctxdistill.results.render import render
 from ctxdistill.results.table import summarise
+from ctxdistill.results.versions import versions_markdown
 
 RESULTS_DIR = "results"
 
@@ -19,8 +20,10 @@ def write_results(
     title: str,
     failures: Optional[dict[str, str]] = None,
     command: Optional[str] = None,
+    appendix: str = "",
 ) -> Path:
-    """README.md with the tables and plot links, and results/ with the tables as .md/.csv/.tex and the PNGs."""
+    """README.md with the tables and plot links (and ``appendix``, Markdown, after them), and results/ with the
+    tables as .md/.csv/.tex and the PNGs."""
     tables = summarise(records)
     results = directory / RESULTS_DIR
     results.mkdir(parents=True, exist_ok=True)
@@ -49,6 +52,9 @@ def write_results(
     ]
     for plot in plots:
         lines += [f"![{plot.stem}]({RESULTS_DIR}/{plot.name})", ""]
+    if appendix:  # e.g. the scorecard
+        lines += [appendix, ""]
+    lines += [*versions_markdown(records), ""]
     lines += [
         "Columns are the metrics each run's evaluator declares (`metric_set` in its metrics.json). "
         f"Regenerate with `ctxdistill-compare {directory} --out {directory}`; "

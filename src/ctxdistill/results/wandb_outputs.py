@@ -22,10 +22,12 @@ def log_results(
     group: Optional[str],
     mode: str,
     directory: Optional[Path] = None,
+    extra_tables: Optional[dict[str, tuple[list[str], list[list[Any]]]]] = None,
 ) -> Optional[str]:
     """Log the tables and the plots to a new W&B run with job_type=compare: ``comparison`` (one table) or
-    ``comparison/<family>`` (several), with the CSV's columns. ``mode`` is W&B's (online, offline,
-    disabled). The run's files go under ``directory`` (W&B's default: ./wandb); returns the run's directory."""
+    ``comparison/<family>`` (several), with the CSV's columns, and ``extra_tables`` (key -> columns, rows;
+    e.g. the scorecard). ``mode`` is W&B's (online, offline, disabled). The run's files go under
+    ``directory`` (W&B's default: ./wandb); returns the run's directory."""
     import wandb
 
     if mode == "disabled":
@@ -47,6 +49,8 @@ def log_results(
         for table in tables:
             columns, rows = flat_rows([table])
             key = TABLE_KEY if len(tables) == 1 else f"{TABLE_KEY}/{table.family.family}"
+            logged[key] = wandb.Table(columns=columns, data=rows)
+        for key, (columns, rows) in (extra_tables or {}).items():
             logged[key] = wandb.Table(columns=columns, data=rows)
         run.log(logged)
         run_dir = str(Path(run.dir).parent)
