@@ -97,6 +97,7 @@ class Task:
     # evaluation takes their majority answer.
     votes: int = 1
     context_query_template: Optional[str] = None  # the query after the context; None: template
+    context_instruction: str = ""  # the instruction that opens each context, before its demonstrations
 
     @property
     def num_classes(self) -> int:
@@ -124,8 +125,9 @@ class Task:
             return self.contexts[zlib.crc32(example.uid.encode()) % len(self.contexts)]
         return self.context
 
-    def teacher_prompt(self, example: Example) -> str:
-        context = self.context_of(example)
+    def teacher_prompt(self, example: Example, context: Optional[str] = None) -> str:
+        """The example after its context, or after ``context`` when given (one of ``contexts``)."""
+        context = self.context_of(example) if context is None else context
         if not context:
             return self.query(example)
         return context + self.separator + (self.context_query_template or self.template).format(**example.fields)
@@ -331,13 +333,18 @@ def select_demos(
     return demos
 
 
-def render_context(spec: DictConfig, demos: list[Example]) -> str:
+def render_context(
+    spec: DictConfig, demos: list[Example], instruction: Optional[str] = None, verbalizers: Optional[list] = None
+) -> str:
+    """The instruction and the demonstrations with their label words (the dataset's unless given), joined."""
+    instruction = spec.context.instruction if instruction is None else instruction
+    verbalizers = spec.verbalizers if verbalizers is None else verbalizers
     template = spec.demo_template or spec.template
     if spec.generation is not None:
         shots = [template.format(**d.fields) + spec.generation.demo_target.format(**d.fields) for d in demos]
     else:
-        shots = [template.format(**d.fields) + spec.verbalizers[d.label] for d in demos]
-    parts = ([spec.context.instruction] if spec.context.instruction else []) + shots
+        shots = [template.format(**d.fields) + verbalizers[d.label] for d in demos]
+    parts = ([instruction] if instruction else []) + shots
     return spec.context.separator.join(parts)
 
 
@@ -357,13 +364,15 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     balanced = spec.context.balanced and spec.generation is None  # free-text answers have no classes
     # Several contexts (Snell et al.'s simultaneous distillation) draw disjoint demonstrations in turn.
     rest, contexts, demos = pool, [], []
-    for _ in range(spec.context.num_contexts):
+    instructions = spec.context.instructions or [spec.context.instruction] * spec.context.num_contexts
+    label_words = spec.context.demo_verbalizers or [spec.verbalizers] * spec.context.num_contexts
+    for instruction, verbalizers in zip(instructions, label_words):
         drawn_demos = select_demos(
             rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng, spec.context.shuffle_demos
         )
         drawn_ids = {d.uid for d in drawn_demos}
         rest = [e for e in rest if e.uid not in drawn_ids]
-        contexts.append(render_context(spec, drawn_demos))
+        contexts.append(render_context(spec, drawn_demos, instruction, verbalizers))
         demos.extend(drawn_demos)
     if spec.num_train_queries > len(rest):
         raise DataError(
@@ -412,4 +421,5 @@ def build_task(spec: DictConfig, seed: int) -> Task:
             spec.generation.stop,
         ),
         context_query_template=spec.context_query_template,
+        context_instruction=spec.context.instruction,
     )

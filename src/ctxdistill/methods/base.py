@@ -99,6 +99,14 @@ class Method:
         """Work done once before the first step (e.g. the frozen teacher's targets); may return
         statistics of it, which join the run's training statistics."""
 
+    def rounds(self, task: Task) -> int:
+        """How many times the training loop runs, one round after another on the weights the last one left
+        (Snell et al.'s sequential distillation); each round resumes on its own and is evaluated."""
+        return 1
+
+    def begin_round(self, index: int) -> None:
+        """Called before round ``index`` (from 0) is prepared and trained, or skipped as already finished."""
+
     def trains_on(self, example: Example) -> bool:
         """Whether a prepared example has a training target (e.g. an answer could be extracted)."""
         return True
