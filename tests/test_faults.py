@@ -107,6 +107,7 @@ def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(
 ):
     monkeypatch.setattr(sys, "argv", ["ctxdistill", "method=cd", "model=tiny-random"])
     cfg = compose_run(tmp_path, "trainer.checkpoint_every=null")
+    handler = signal.getsignal(signal.SIGINT)  # Python's own, or SIG_IGN inherited by a shell's background job
     with monkeypatch.context() as patched:
         send_at_call(patched, 3, signal.SIGINT)
         with pytest.raises(SystemExit) as stopped:
@@ -117,7 +118,7 @@ def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(
         f"stopped at step 3 of 6; resume with: ctxdistill method=cd model=tiny-random hydra.run.dir={tmp_path}"
         in caplog.text
     )
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own Ctrl-C again
+    assert signal.getsignal(signal.SIGINT) is handler  # the Ctrl-C handler the run found, again
     assert run(cfg)["train"]["resumed_from_step"] == 3
     assert outcome(tmp_path) == uninterrupted
 

@@ -160,6 +160,7 @@ def test_the_sweep_logs_its_table_and_plots_to_its_wandb_group(sweep):
     assert {k for k in run.summary if k.startswith("plots/")} == {
         "plots/accuracy_vs_size_synthetic",
         "plots/teacher_gap_synthetic",
+        "plots/serving_cost_synthetic",
     }
     logged = json.loads(next(run_dir.rglob("comparison_*.table.json")).read_text())
     assert logged["columns"][:7] == [
