@@ -195,12 +195,12 @@ def test_with_one_sampled_token_on_policy_distillation_is_cd_at_the_label_positi
     queries = task.train_queries[:4]
     losses = []
     for method in (
-        method_of(OnPolicyConfig, divergence=divergence, max_new_tokens=1),
-        method_of(DistillConfig, divergence=divergence, teacher_cache="memory"),
+        method_of(OnPolicyConfig, name="on_policy_cd", divergence=divergence, max_new_tokens=1),
+        method_of(DistillConfig, name="cd", divergence=divergence, teacher_cache="memory"),
     ):
         method.prepare(handle, tokenizer, task, queries, 4)
         losses.append(method.loss(handle, method.collate(tokenizer, task, queries))[0].item())
-    assert losses[0] > 0.01
+    assert losses[0] > 1e-3  # far above float noise (the JSD is the smallest of the three here)
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
