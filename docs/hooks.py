@@ -34,7 +34,7 @@ SRC = ROOT / "src"
 INDEX = "reference/index.md"
 ROOT_PAGE = "config"  # the root config: conf/config.yaml and the schema stored outside any group
 # Groups in this order first (the order of a run: method x model x dataset + trainer, logger), then the rest.
-ORDER = ["config", "method", "model", "dataset", "trainer", "logger", "experiment", "hydra"]
+ORDER = ["config", "method", "model", "dataset", "ood", "trainer", "logger", "experiment", "hydra"]
 
 _pages: dict[str, str] = {}  # page name -> markdown, built once per build
 

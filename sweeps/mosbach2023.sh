@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Mosbach et al. 2023 (llmft), few-shot fine-tuning vs in-context learning: icl and pbft (llmft's
-# full-parameter pattern-based fine-tuning) on 16 examples x OPT-125m ... 6.7b x MNLI (HANS) and QQP
-# (PAWS-QQP) x llmft's patterns (PATTERNS, default minimal,gpt3,eval_harness) x data seeds 0-9 (seed 0
-# fixed, as llmft's data_seed) = 600 runs;
+# Mosbach et al. 2023 (llmft), few-shot fine-tuning vs in-context learning: the grid of
+# sweeps/grids/mosbach2023.yaml, icl and pbft (llmft's full-parameter pattern-based fine-tuning) on 16
+# examples x OPT-125m ... 6.7b (MODELS replaces them) x MNLI (HANS) and QQP (PAWS-QQP) x llmft's patterns
+# (PATTERNS replaces minimal,gpt3,eval_harness) x data seeds 0-9 (seed 0 fixed, as llmft's data_seed) = 600 runs;
 # one Hydra multirun per dataset into $SWEEP_DIR/<dataset> (default outputs/sweeps/mosbach2023),
 # then one README.md + results/ (accuracy vs model size, in-domain and out-of-domain) for all.
 #
@@ -10,19 +10,21 @@
 #   MODELS=opt-125m,opt-350m bash sweeps/mosbach2023.sh hydra/launcher=joblib hydra.launcher.n_jobs=2
 #
 # Extra arguments are Hydra overrides for every dataset; MNLI_ARGS and QQP_ARGS add overrides for
-# one dataset (local data, e.g. QQP_ARGS="dataset.ood.0.source.data_dir=PATH/paws_qqp").
+# one dataset (local data, e.g. QQP_ARGS="dataset.ood.paws_qqp.source.data_dir=PATH/paws_qqp").
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/mosbach2023}
-models=${MODELS:-opt-125m,opt-350m,opt-1.3b,opt-2.7b,opt-6.7b}
+grid=sweeps/grids/mosbach2023.yaml
+experiments=$(python -m ctxdistill.grids experiments "$grid") || exit 2
+params=$(python -m ctxdistill.grids overrides "$grid" ${MODELS:+"model=$MODELS"} ${PATTERNS:+"dataset.pattern=$PATTERNS"}) || exit 2
+mapfile -t params <<< "$params"
 status=0
-for dataset in mnli qqp; do
+for experiment in $experiments; do
+  dataset=${experiment##*/}
   args_var="${dataset^^}_ARGS"
   # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
-  ctxdistill -m "experiment=mosbach2023/$dataset" method=icl,pbft "model=$models" seed=0 \
-    "dataset.pattern=${PATTERNS:-minimal,gpt3,eval_harness}" "dataset.context.data_seed=range(10)" \
-    logger.group=mosbach2023 ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
+  ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
 done
 ctxdistill-compare "$root" --out "$root" || status=1
 exit $status

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Upadhayaya et al. 2024 (Table 3, Fig. 1): zero_shot, icl, ft, cd x OPT-125m/350m/1.3b/2.7b
-# x MNLI, RTE, QQP x seeds 0-3 = 192 runs; one Hydra multirun per dataset into
+# Upadhayaya et al. 2024 (Table 3, Fig. 1): the grid of sweeps/grids/upadhayaya2024.yaml (zero_shot, icl,
+# ft, cd x OPT-125m/350m/1.3b/2.7b x MNLI, RTE, QQP x seeds 0-3 = 192 runs); one Hydra multirun per dataset into
 # $SWEEP_DIR/<dataset> (default outputs/sweeps/upadhayaya2024), then one README.md + results/ for all.
 #
 #   bash sweeps/upadhayaya2024.sh                                          # one run after another
@@ -8,19 +8,22 @@
 #   bash sweeps/upadhayaya2024.sh hydra/launcher=submitit_slurm hydra.launcher.partition=gpu  # SLURM arrays
 #
 # Extra arguments are Hydra overrides for every dataset; MNLI_ARGS, RTE_ARGS and QQP_ARGS add
-# overrides for one dataset (local data, e.g. QQP_ARGS="dataset.ood.0.source.data_dir=PATH/paws_qqp").
+# overrides for one dataset (local data, e.g. QQP_ARGS="dataset.ood.paws_qqp.source.data_dir=PATH/paws_qqp").
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 # Exits non-zero if any cell failed (each sweep lists its failed cells).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/upadhayaya2024}
+grid=sweeps/grids/upadhayaya2024.yaml
+experiments=$(python -m ctxdistill.grids experiments "$grid") || exit 2
+params=$(python -m ctxdistill.grids overrides "$grid") || exit 2
+mapfile -t params <<< "$params"
 status=0
-for dataset in mnli rte qqp; do
+for experiment in $experiments; do
+  dataset=${experiment##*/}
   args_var="${dataset^^}_ARGS"
   # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
-  ctxdistill -m "experiment=upadhayaya2024/$dataset" method=zero_shot,icl,ft,cd \
-    model=opt-125m,opt-350m,opt-1.3b,opt-2.7b seed=0,1,2,3 logger.group=upadhayaya2024 \
-    ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
+  ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
 done
 ctxdistill-compare "$root" --out "$root" || status=1
 exit $status

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -32,6 +33,16 @@ def make_cfg(tmp_path: Path):
 
     yield make
     GlobalHydra.instance().clear()
+
+
+def own_ood_set(config_dir: Path, name: str, data_file: Path, **settings) -> list[str]:
+    """Overrides that select an out-of-domain set of one's own, read from the split ``test`` of ``data_file``:
+    ``config_dir/ood/NAME.yaml`` joins the config search path, as a user's --config-dir does."""
+    (config_dir / "ood").mkdir(parents=True, exist_ok=True)
+    body = {"defaults": ["base_ood", "_self_"], "split": "test", **settings}
+    body["source"] = {"kind": "files", "data_files": {"test": str(data_file)}}
+    (config_dir / "ood" / f"{name}.yaml").write_text(f"# @package dataset.ood.{name}\n{yaml.safe_dump(body)}")
+    return [f"hydra.searchpath=[file://{config_dir}]", f"ood=[{name}]"]
 
 
 # Small, fast settings for runs on the tiny random model.

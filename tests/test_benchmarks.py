@@ -13,7 +13,7 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="the real benchmar
 
 @needs_shared
 def test_mnli_dev_matched_loads_every_row_and_drops_neutral(make_cfg):
-    cfg = make_cfg("dataset=mnli", f"dataset.source.data_dir={SHARED / 'glue/mnli'}", "dataset.ood=[]")
+    cfg = make_cfg("dataset=mnli", f"dataset.source.data_dir={SHARED / 'glue/mnli'}", "ood=[]")
     records, _ = load_records(cfg.dataset.source, "validation_matched")
     assert len(records) == 9815  # quoting disabled: default csv quoting loses 101 rows
     task = build_task(cfg.dataset, seed=0)
@@ -33,7 +33,7 @@ def test_paws_qqp_decodes_bytes_literals(make_cfg):
     cfg = make_cfg(
         "dataset=qqp",
         f"dataset.source.data_dir={SHARED / 'glue/qqp'}",
-        f"dataset.ood.0.source.data_dir={SHARED / 'paws_qqp'}",
+        f"dataset.ood.paws_qqp.source.data_dir={SHARED / 'paws_qqp'}",
     )
     task = build_task(cfg.dataset, seed=0)
     paws = task.eval_sets["paws_qqp"]
@@ -160,7 +160,7 @@ def test_upadhayaya_hans_subset_is_their_seed_plus_one_shuffle_and_holds_both_la
     first_rows = build_task(
         make_cfg(
             "experiment=upadhayaya2024/mnli",
-            "dataset.ood.0.shuffle_seed=null",
+            "dataset.ood.hans.shuffle_seed=null",
             *tiny_mnli(tmp_path / "plain"),
             f"dataset.hans_file={hans}",
         ).dataset,
@@ -173,7 +173,7 @@ def test_a_missing_hans_file_is_named_with_its_out_of_domain_slot(make_cfg, tmp_
     from ctxdistill.data.tasks import DataError
 
     cfg = make_cfg("dataset=mnli", *tiny_mnli(tmp_path / "mnli"), f"dataset.hans_file={tmp_path / 'nowhere.txt'}")
-    with pytest.raises(DataError, match=r"dataset\.ood\.0\.source \(hans\): data file not found: .*nowhere\.txt"):
+    with pytest.raises(DataError, match=r"dataset\.ood\.hans\.source: data file not found: .*nowhere\.txt"):
         build_task(cfg.dataset, seed=0)
 
 
@@ -216,7 +216,7 @@ def test_llmft_patterns_render_exactly(make_cfg, tmp_path, dataset, pattern, pro
     cfg = make_cfg(
         f"dataset={dataset}",
         f"dataset.pattern={pattern}",
-        "dataset.ood=[]",
+        "ood=[]",
         "dataset.context.num_demos=2",
         "dataset.num_train_queries=1",
         *files,
@@ -289,7 +289,7 @@ def test_mosbach_prompts_are_llmfts_in_context_prompt_for_icl_and_its_input_for_
         "experiment=mosbach2023/mnli",
         f"dataset.pattern={pattern}",
         *tiny_mnli(tmp_path / "mnli"),
-        "dataset.ood=[]",
+        "ood=[]",
         "dataset.context.num_demos=4",
     )
     task = build_task(cfg.dataset, seed=0)

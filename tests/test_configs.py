@@ -1,7 +1,11 @@
 """Every config file composes against its schema; bad values fail before any model loads."""
 
+import json
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from ctxdistill.cli import CONFIG_DIR
@@ -12,7 +16,9 @@ from conftest import TINY
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+    """The group's options; an experiment's include those in subfolders (experiment=upadhayaya2024/mnli)."""
+    found = (CONFIG_DIR / group).rglob("*.yaml") if group == "experiment" else (CONFIG_DIR / group).glob("*.yaml")
+    return sorted(str(p.relative_to(CONFIG_DIR / group).with_suffix("")) for p in found)
 
 
 # Options that need another group's option (scratchpad: a dataset with free-text answers).
@@ -25,6 +31,8 @@ NEEDS = {
     },
     **{f"dataset={d}": ["method=kgbert"] for d in ("kg_synthetic", "wn18rr", "fb15k237n")},
     **{f"dataset={d}": ["method=icl_distill"] for d in ("synthetic_mixture", "synthetic_meta")},
+    # swept over kgbert,kgbert_cd (-m); a single run names its student
+    **{f"experiment=li2024/{e}": ["method=kgbert"] for e in ("synthetic", "wn18rr_subsample")},
 }
 
 
@@ -37,9 +45,34 @@ def test_every_group_option_composes_and_validates(make_cfg, group):
             assert cfg[group].name == option
 
 
+def test_out_of_domain_sets_are_selected_by_name_and_resolve_as_before_they_were_a_group(make_cfg):
+    """Each set of conf/ood/ is written once; every config that had its own copy resolves to the same sets
+    (pinned: tests/data/eval_sets_before_ood_group.json, resolved before conf/ood/ existed). HANS now names
+    the Hub's columns and the file's for every dataset: the renames that map a column to itself are new."""
+    before = json.loads((Path(__file__).parent / "data" / "eval_sets_before_ood_group.json").read_text())
+    for choice, expected in before.items():
+        sets = OmegaConf.to_container(make_cfg(choice).dataset.ood, resolve=True)
+        for spec in sets.values():
+            spec["source"]["rename"] = {k: v for k, v in spec["source"]["rename"].items() if k != v}
+        assert sets == expected, choice
+    chosen = make_cfg("dataset=rte", "ood=[hans_all,paws_qqp]")
+    validate(chosen)
+    assert list(chosen.dataset.ood) == ["hans_all", "paws_qqp"]
+    assert chosen.dataset.ood.paws_qqp.source.rename == {"sentence1": "sentence1", "sentence2": "sentence2"}
+
+
+def test_settings_for_an_out_of_domain_set_that_is_not_selected_are_an_error(make_cfg):
+    validate(make_cfg("experiment=upadhayaya2024/mnli", "ood=[hans,hans_all]"))
+    with pytest.raises(ConfigError, match=r"dataset\.ood\.hans: has settings but no source.*ood=\[\.\.\.,hans\]"):
+        validate(make_cfg("experiment=upadhayaya2024/mnli", "ood=[hans_all]"))
+    assert list(make_cfg("experiment=upadhayaya2024/mnli", "~dataset.ood.hans").dataset.ood) == []
+    with pytest.raises(ConfigError, match=r"dataset\.ood\.hans: does not fit dataset synthetic .*\['review'\]"):
+        validate(make_cfg("ood=[hans]"))  # HANS has two sentences, the synthetic reviews one
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_validates(make_cfg, experiment):
-    validate(make_cfg(f"experiment={experiment}"))
+    validate(make_cfg(f"experiment={experiment}", *NEEDS.get(f"experiment={experiment}", [])))
 
 
 @pytest.mark.parametrize(
@@ -197,7 +230,7 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
             "ctxdistill: dataset.template: 'Text: {text} ->' names the field(s) ['text']",
         ),
         (
-            ["dataset=mnli", "dataset.source.data_dir=/nowhere", "dataset.ood=[]"],
+            ["dataset=mnli", "dataset.source.data_dir=/nowhere", "ood=[]"],
             "ctxdistill: dataset.source: data file not found: /nowhere/train_sample.json",
         ),
         (["method=distil"], "ctxdistill: In 'config': Could not find 'method/distil'"),
@@ -218,3 +251,85 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(message), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err and "Error executing job" not in err
+
+
+# ---------------------------------------------------------------- architecture (issue 19's acceptance)
+def _code_outside_methods():
+    """(file, parsed module) for every module of ctxdistill outside ctxdistill/methods/."""
+    import ast
+
+    package = CONFIG_DIR.parent / "src" / "ctxdistill"
+    if not package.is_dir():  # an installed copy: the package sits beside its conf
+        package = CONFIG_DIR.parent
+    for path in sorted(package.rglob("*.py")):
+        if "methods" not in path.relative_to(package).parts:
+            yield path, ast.parse(path.read_text())
+
+
+def test_no_code_outside_the_methods_names_a_method():
+    """No identifier or string in the code outside methods/ is a method's name (docstrings are prose), save
+    words the configs declare as data: a setting's allowed values (dataset.source.layout=kgbert) and the fields
+    of a dataset's records (addition's scratchpad)."""
+    import ast
+    import dataclasses
+    import re
+
+    import yaml
+
+    from ctxdistill import config
+
+    methods = options("method")
+    declared = {
+        value
+        for schema in vars(config).values()
+        if dataclasses.is_dataclass(schema)
+        for f in dataclasses.fields(schema)
+        for value in f.metadata.get("one_of", ())
+    }
+    for path in (CONFIG_DIR / "dataset").glob("*.yaml"):
+        declared |= set(yaml.safe_load(path.read_text()).get("fields", []))
+    named = re.compile(r"(?<![\w.-])(" + "|".join(map(re.escape, methods)) + r")(?![\w-])")
+    found = []
+    for path, tree in _code_outside_methods():
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body
+            and isinstance(node.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                words = named.findall(node.value)
+            else:
+                words = [getattr(node, attr, None) for attr in ("id", "attr", "name", "arg")]
+                words = [w for w in words if w in methods]
+            found += [f"{path.name}:{node.lineno}: {w}" for w in words if w not in declared]
+    assert methods and not found
+
+
+def test_no_code_reads_a_datasets_keys_to_infer_its_kind():
+    """A dataset declares its kind; nothing asks whether a dataset setting is present ("layout" in source,
+    hasattr/getattr or .get with a dataset key)."""
+    import ast
+    import dataclasses
+
+    from ctxdistill import config
+
+    schemas = [config.DatasetConfig, config.KGDatasetConfig, config.MixtureConfig, config.SourceConfig]
+    schemas += [config.KGSourceConfig, config.EvalSetConfig, config.ContextConfig, config.GenerationConfig]
+    keys = {f.name for schema in schemas for f in dataclasses.fields(schema)}
+    found = []
+    for path, tree in _code_outside_methods():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+                probe = node.left
+            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("hasattr", "getattr"):
+                probe = node.args[1] if len(node.args) > 1 else None
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "get" and node.args:
+                probe = node.args[0]
+            else:
+                continue
+            if isinstance(probe, ast.Constant) and probe.value in keys:
+                found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found

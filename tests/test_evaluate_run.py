@@ -11,6 +11,8 @@ import pytest
 
 from ctxdistill.evaluate_run import main
 
+from conftest import own_ood_set
+
 TINY = [
     "model=tiny-random",
     "logger=none",
@@ -68,11 +70,11 @@ def test_evaluating_a_run_again_reproduces_its_metrics_and_leaves_it_untouched(s
 def test_another_eval_set_is_evaluated_on_every_cell_of_a_sweep(sweep, tmp_path):
     ood_file = tmp_path / "gifts.tsv"
     ood_file.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\nA fine gift.\t0\n")
-    ood = f"dataset.ood=[{{name: gifts, split: test, source: {{kind: files, data_files: {{test: '{ood_file}'}}}}}}]"
+    ood = own_ood_set(tmp_path / "conf", "gifts", ood_file)
     runs = cells(sweep)
     assert sorted(runs) == ["cd", "pbft"]
     before = {method: fingerprint(run_dir) for method, run_dir in runs.items()}
-    assert main([str(sweep), ood, "dataset.source.split_sizes.eval=12", "--name", "gifts"]) == 0
+    assert main([str(sweep), *ood, "dataset.source.split_sizes.eval=12", "--name", "gifts"]) == 0
     for method, run_dir in runs.items():
         result = metrics(run_dir / "evaluations" / "gifts")
         assert {"eval/accuracy", "gifts/accuracy", "gifts/teacher_accuracy"} <= set(result)

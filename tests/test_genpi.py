@@ -102,13 +102,32 @@ def test_a_killed_stage_resumes_without_duplicating_or_losing_rows(tmp_path):
     assert computed == keys[:6]
 
     computed.clear()
-    rows = RowStore(tmp_path, "replies", {"model": "m"}).fill(keys, compute, 3, "replies")
+    resumed = RowStore(tmp_path, "replies", {"model": "m"})
+    assert path.read_text().endswith("}\n")  # the cut line is gone before anything is appended
+    rows = resumed.fill(keys, compute, 3, "replies")
     assert computed == keys[6:]
     assert rows == [{"key": k, "reply": k.upper()} for k in keys]
     on_disk = [json.loads(line) for line in path.read_text().splitlines()]
     assert sorted(r["key"] for r in on_disk) == sorted(keys)
     # Other settings are another stage: nothing is shared with it.
     assert RowStore(tmp_path, "replies", {"model": "other"}).rows == {}
+
+
+def test_a_json_lines_file_keeps_whole_records_and_names_a_broken_line(tmp_path):
+    from ctxdistill.data.tasks import DataError
+    from ctxdistill.stage_cache import JsonLines
+
+    lines = JsonLines(tmp_path / "rows.jsonl")
+    assert lines.resume() == [] and lines.read() == []
+    lines.append([{"key": "a"}, {"key": "b"}])
+    with lines.path.open("a") as f:
+        f.write('{"key": "c"}')  # whole, but the kill took its newline
+    assert lines.resume() == [{"key": "a"}, {"key": "b"}, {"key": "c"}]
+    lines.append([{"key": "d"}])
+    assert [r["key"] for r in lines.read()] == ["a", "b", "c", "d"]
+    lines.path.write_text('{"key": "a"}\nnot json\n{"key": "b"}\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl:2: not a JSON object"):
+        lines.read()
 
 
 def test_rows_written_by_another_producer_version_are_never_read(tmp_path, monkeypatch):

@@ -257,16 +257,16 @@ def test_masking_picks_15_percent_of_maskable_tokens_and_replaces_80_10_10():
 # ---------------------------------------------------------------- contexts
 def test_contexts_resume_after_a_cut_line_and_the_released_format_loads(tmp_path):
     path = tmp_path / "contexts.jsonl"
-    writer = ContextWriter(path)
-    writer.write(("00001", "_hypernym", "00002"), "A dog is an animal.")
-    writer.close()
+    ContextWriter(path).write({("00001", "_hypernym", "00002"): "A dog is an animal."}, writer="m")
     with path.open("a") as f:
         f.write('{"head": "00003", "relation": "_hyp')  # killed mid-line
     assert read_contexts(path) == {("00001", "_hypernym", "00002"): "A dog is an animal."}
-    writer = ContextWriter(path)
-    writer.write(("00003", "_hypernym", "00002"), "A cat is an animal.")
-    writer.close()
-    assert len(read_contexts(path)) == 2
+    ContextWriter(path).write({("00003", "_hypernym", "00002"): "A cat is an animal."}, writer="m")  # the resumed run
+    assert read_contexts(path) == {
+        ("00001", "_hypernym", "00002"): "A dog is an animal.",
+        ("00003", "_hypernym", "00002"): "A cat is an animal.",
+    }
+    assert [json.loads(line)["head"] for line in path.read_text().splitlines()] == ["00001", "00003"]
     released = tmp_path / "knowledge_context.txt"
     released.write_text("dog |**| animal |**| _hypernym |**| Dogs are animals.\n")
     graph = KnowledgeGraph({"00001": "dog", "00002": "animal"}, {}, {"_hypernym": "hypernym"}, {})
@@ -506,10 +506,12 @@ def test_stage_one_writes_a_context_per_training_triple_and_resumes(make_cfg, tm
     triples = {tuple(json.loads(line)[k] for k in ("head", "relation", "tail")) for line in lines}
     assert first["metrics"]["contexts/written"] == len(lines) == len(triples) > 10
     assert first["metrics"]["contexts/covered"] == 1.0
-    contexts.write_text("\n".join(lines[:5]) + "\n")  # an interrupted generation
+    contexts.write_text("\n".join(lines[:5]) + "\n" + lines[5][:30])  # killed while writing the sixth line
     second = run(make_cfg(*common, output_dir=tmp_path / "second"))
     assert (second["metrics"]["contexts/reused"], second["metrics"]["contexts/written"]) == (5, len(lines) - 5)
-    assert len(contexts.read_text().splitlines()) == len(lines)
+    resumed = contexts.read_text().splitlines()
+    assert resumed[:5] == lines[:5] and len(resumed) == len(lines)
+    assert {tuple(json.loads(line)[k] for k in ("head", "relation", "tail")) for line in resumed} == triples
     again = run(make_cfg(*common, "method.temperature=0", output_dir=tmp_path / "third"))
     assert again["metrics"]["contexts/written"] == 0
 
@@ -520,10 +522,10 @@ def test_students_train_with_their_auxiliary_task_and_rank(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="have no context.*method=contextualization.*method.aux_weight=0"):
         run(cfg)
     task = build_kg_task(cfg.dataset, seed=0)
-    writer = ContextWriter(contexts)
-    for h, r, t in task.train_triples:
-        writer.write((h, r, t), f"{task.graph.entity_names[h]} {task.relation_text(r)} {task.graph.entity_names[t]}.")
-    writer.close()
+    names = task.graph.entity_names
+    ContextWriter(contexts).write(
+        {(h, r, t): f"{names[h]} {task.relation_text(r)} {names[t]}." for h, r, t in task.train_triples}
+    )
     for method, model in (("kgbert_cd", "minilm-l6"), ("kgs2s_cd", "tiny-random-seq2seq")):
         result = run(
             make_cfg(

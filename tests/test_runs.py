@@ -9,7 +9,7 @@ import pytest
 
 from ctxdistill.run import run
 
-from conftest import TINY
+from conftest import TINY, own_ood_set
 
 
 def read_metrics(path: Path) -> dict:
@@ -122,10 +122,8 @@ def test_out_of_domain_sets_are_scored_against_the_teacher_too(make_cfg, tmp_pat
     ood_file.write_text(
         "review\tlabel\ttopic\nA truly great gift.\t0\ttoys\nA broken, useless gift.\t1\tbooks\nGreat.\t0\ttoys\n"
     )
-    ood = (
-        f"[{{name: gifts, split: test, group_by: topic, source: {{kind: files, data_files: {{test: '{ood_file}'}}}}}}]"
-    )
-    result = run(make_cfg(*TINY, "method=zero_shot", f"dataset.ood={ood}", output_dir=tmp_path / "run"))
+    ood = own_ood_set(tmp_path / "conf", "gifts", ood_file, group_by="topic")
+    result = run(make_cfg(*TINY, "method=zero_shot", *ood, output_dir=tmp_path / "run"))
     for key in (
         "accuracy",
         "teacher_accuracy",
@@ -181,7 +179,7 @@ def test_pbft_trains_every_weight_on_labelled_queries_apart_from_the_demonstrati
 def test_evaluating_every_epoch_records_every_sets_curve_and_resumes_with_it(make_cfg, tmp_path):
     ood_file = tmp_path / "ood.tsv"
     ood_file.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\n")
-    ood = f"[{{name: gifts, split: test, source: {{kind: files, data_files: {{test: '{ood_file}'}}}}}}]"
+    ood = own_ood_set(tmp_path / "conf", "gifts", ood_file)
     common = [
         *TINY,
         "method=pbft",
@@ -189,7 +187,7 @@ def test_evaluating_every_epoch_records_every_sets_curve_and_resumes_with_it(mak
         "trainer.batch_size=4",
         "trainer.epochs=3",
         "trainer.eval_every_epoch=true",
-        f"dataset.ood={ood}",
+        *ood,
     ]
     result = run(make_cfg(*common, output_dir=tmp_path / "run"))
     curves = result["curves"]

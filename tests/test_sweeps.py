@@ -226,3 +226,41 @@ def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_fi
         assert (cfg.method.name, cfg.seed, cfg.logger.group) == tuple(
             args[k]["value"] for k in ("method", "seed", "logger.group")
         )
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("grid", sorted((REPO / "sweeps" / "grids").glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_committed_wandb_sweep_files_are_generated_from_the_grid(grid, monkeypatch):
+    from ctxdistill.grids import wandb_sweeps
+
+    monkeypatch.chdir(REPO)
+    generated = wandb_sweeps(grid.relative_to(REPO), Path("sweeps/wandb"))
+    assert generated, grid
+    for path, text in generated.items():
+        assert path.read_text() == text, f"{path} is stale: python -m ctxdistill.grids wandb {grid.relative_to(REPO)}"
+    # and every W&B sweep file of the paper comes from the grid (none hand-written beside them)
+    assert sorted(generated) == sorted(Path("sweeps/wandb").glob(f"{grid.stem}_*.yaml"))
+
+
+def test_the_paper_scripts_sweep_the_grid_file(tmp_path):
+    """sweeps/mosbach2023.sh with ctxdistill stood in for: one multirun per experiment of the grid, with its
+    params, MODELS replacing the models, the per-dataset arguments and the script's own arguments after them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for command in ("ctxdistill", "ctxdistill-compare"):
+        (bin_dir / command).write_text(f'#!/bin/sh\necho {command} "$@" >> "{tmp_path}/calls"\n')
+        (bin_dir / command).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MODELS": "opt-125m", "QQP_ARGS": "a=1 b=2"}
+    env["SWEEP_DIR"] = str(tmp_path / "sweep")
+    subprocess.run(["bash", "sweeps/mosbach2023.sh", "x=y"], cwd=REPO, env=env, check=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    grid = "method=icl,pbft model=opt-125m seed=0 dataset.pattern=minimal,gpt3,eval_harness"
+    grid += " dataset.context.data_seed=0,1,2,3,4,5,6,7,8,9 logger.group=mosbach2023"
+    sweep = tmp_path / "sweep"
+    assert calls == [
+        f"ctxdistill -m experiment=mosbach2023/mnli {grid} hydra.sweep.dir={sweep}/mnli x=y",
+        f"ctxdistill -m experiment=mosbach2023/qqp {grid} a=1 b=2 hydra.sweep.dir={sweep}/qqp x=y",
+        f"ctxdistill-compare {sweep} --out {sweep}",
+    ]

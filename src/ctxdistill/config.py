@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 
 # ---------------------------------------------------------------- methods
@@ -136,7 +137,8 @@ class ContextConfig:
 
 @dataclass
 class EvalSetConfig:
-    name: str = MISSING
+    """An out-of-domain evaluation set (conf/ood/NAME.yaml, at dataset.ood.NAME; NAME names its metrics)."""
+
     source: SourceConfig = field(default_factory=SourceConfig)
     split: str = "validation"
     label_map: Optional[dict[str, int]] = None  # default: the dataset's
@@ -199,7 +201,7 @@ class DatasetConfig:
     num_train_queries: int = 64
     num_eval: Optional[int] = None
     eval_shuffle_seed: Optional[int] = None  # which num_eval rows, as an out-of-domain set's shuffle_seed
-    ood: list[EvalSetConfig] = field(default_factory=list)
+    ood: dict[str, EvalSetConfig] = field(default_factory=dict)  # the ood group's sets, by name
     # A local copy of HANS's heuristics_evaluation_set.txt (github.com/tommccoy1/hans), read by the HANS
     # out-of-domain sets instead of the Hub (whose copy is a loading script current datasets refuses).
     hans_file: Optional[str] = None
@@ -328,6 +330,7 @@ class Config:
 SCHEMAS = {
     "model": {"base_model": ModelConfig},
     "dataset": {"base_dataset": DatasetConfig, "base_kg_dataset": KGDatasetConfig, "base_mixture": MixtureConfig},
+    "ood": {"base_ood": EvalSetConfig},
     "trainer": {"base_trainer": TrainerConfig},
     "logger": {"base_logger": LoggerConfig},
 }
@@ -432,6 +435,22 @@ def _validate_classification(d: DictConfig, key: str) -> None:
         "needs one answer word per class (at least two)",
         "Or give free-text answers a dataset.generation",
     )
+    for name, ood in d.ood.items():
+        # what an experiment sets for a set that ood=[...] then leaves out is a set without a source
+        require(
+            not OmegaConf.is_missing(ood.source, "kind"),
+            f"{key}.ood.{name}",
+            "has settings but no source: the set is not selected",
+            f"Select it (ood=[...,{name}]; the sets are conf/ood/*.yaml), or leave it out whole: ~dataset.ood.{name}",
+        )
+        try:  # a set maps its columns onto the dataset's fields (HANS: two of them)
+            OmegaConf.to_container(ood, resolve=True)
+        except OmegaConfBaseException as e:
+            problem = str(e).splitlines()[0]
+            raise ConfigError(
+                f"{key}.ood.{name}: does not fit dataset {d.name} ({problem}). Select sets made for its fields "
+                f"{list(d.fields)}, or give the set its own rename"
+            ) from None
     templates = {
         "template": d.template,
         "demo_template": d.demo_template,

@@ -1,6 +1,6 @@
 """ctxdistill-eval: evaluate a finished run's model again, on other eval sets or sizes, without training it again.
 
-    ctxdistill-eval RUN_DIR 'dataset.ood=[...]'          # another out-of-domain set
+    ctxdistill-eval RUN_DIR 'ood=[hans_all]'            # another out-of-domain set (conf/ood/)
     ctxdistill-eval RUN_DIR dataset.num_eval=null --name full-validation
     ctxdistill-eval SWEEP_DIR dataset.hans_file=PATH     # every cell of a sweep
 
@@ -50,7 +50,7 @@ def evaluation_config(run_dir: Path, overrides: list[str], out: Path) -> DictCon
         raise ConfigError(
             f"{groups[0]}: {run_dir} has no .hydra/overrides.yaml (it was not started by the "
             "ctxdistill command), so group choices cannot be recomposed; override keys instead "
-            "(e.g. dataset.ood=[...], dataset.num_eval=null)"
+            "(e.g. dataset.ood.hans.num_examples=200, dataset.num_eval=null)"
         )
     cfg = OmegaConf.load(run_dir / "config.yaml")
     for override in [*overrides, f"output_dir={out}", "logger.backend=none"]:

@@ -4,7 +4,8 @@ A pipeline stage (pseudo inputs, teacher replies, reasons) is expensive and dete
 given its settings. Its rows live in ``<root>/<stage>-<digest>.jsonl``, the digest taken over the
 settings and the producer version, so any run with the same settings (a sweep over the loss
 weights) reads them instead of generating them, and a run killed mid-stage finds the rows of
-every finished batch and computes only the missing keys. A line cut short by the kill is dropped on load.
+every finished batch and computes only the missing keys. Both this store and the knowledge-graph contexts
+(data/kg.py) keep their rows in a :class:`JsonLines` file, which a kill mid-write cannot corrupt.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
+
+from ctxdistill.data.tasks import DataError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,59 @@ def digest(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class JsonLines:
+    """A JSON-lines file of records that survives a kill: appends are flushed and fsynced per batch, so every
+    batch that returned is on disk; reading leaves out a last line cut short by a kill mid-write (a line
+    without its newline that is not a whole JSON object), and :meth:`resume` cuts it off the file so the next
+    append starts on a line of its own. Any other line that is not a JSON object is an error naming it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def _split(self) -> tuple[list[dict[str, Any]], int]:
+        """The records and the length of the file's sound part (without a cut last line)."""
+        if not self.path.is_file():
+            return [], 0
+        data = self.path.read_bytes()
+        records, start = [], 0
+        for number, line in enumerate(data.splitlines(keepends=True), 1):
+            try:
+                record = json.loads(line)
+            except ValueError:  # not JSON, or not UTF-8
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif not line.endswith(b"\n"):
+                return records, start  # the write a kill interrupted
+            elif line.strip():
+                raise DataError(f"{self.path}:{number}: not a JSON object; every line of a JSON-lines file holds one")
+            start += len(line)
+        return records, start
+
+    def read(self) -> list[dict[str, Any]]:
+        return self._split()[0]
+
+    def resume(self) -> list[dict[str, Any]]:
+        """:meth:`read`, leaving the file ready for appends: a cut last line is dropped, a whole one ended."""
+        records, sound = self._split()
+        if self.path.is_file():
+            size = self.path.stat().st_size
+            if sound < size:
+                with self.path.open("r+b") as f:
+                    f.truncate(sound)
+            elif size and not self.path.read_bytes().endswith(b"\n"):
+                with self.path.open("ab") as f:  # a whole record whose newline the kill cut off
+                    f.write(b"\n")
+        return records
+
+    def append(self, records: Sequence[dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(record) + "\n" for record in records))
+            f.flush()
+            os.fsync(f.fileno())
+
+
 class RowStore:
     """Rows ``{"key": ..., ...}`` of one stage, one per key, in a file named by the stage's settings."""
 
@@ -43,29 +99,18 @@ class RowStore:
         settings_file = root / f"{name}.settings.json"  # for people: what produced the rows
         if not settings_file.is_file():
             settings_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+        self.lines = JsonLines(self.path)
         self.rows: dict[str, dict[str, Any]] = {}
-        self._load()
-
-    def _load(self) -> None:
-        if not self.path.is_file():
-            return
-        data = self.path.read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):  # the last write was killed: drop its partial line
-            with self.path.open("r+b") as f:
-                f.truncate(len(complete))
-        for line in complete.decode("utf-8").splitlines():
-            row = json.loads(line)
+        for row in self.lines.resume():
             self.rows.setdefault(row["key"], row)
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            for row in rows:
-                if row["key"] not in self.rows:
-                    f.write(json.dumps(row) + "\n")
-                    self.rows[row["key"]] = row
-            f.flush()
-            os.fsync(f.fileno())
+        new: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            if row["key"] not in self.rows:
+                new.setdefault(row["key"], row)
+        self.lines.append(list(new.values()))
+        self.rows.update(new)
 
     def fill(
         self, keys: Sequence[str], compute: Callable[[list[str]], list[dict[str, Any]]], batch_size: int, desc: str

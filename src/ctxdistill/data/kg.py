@@ -20,7 +20,6 @@ line, then ``head |**| tail |**| relation |**| text`` with KG-S2S integer ids) i
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Iterator, Optional
 from omegaconf import DictConfig
 
 from ctxdistill.data.tasks import DataError
+from ctxdistill.stage_cache import JsonLines
 
 Triple = tuple[str, str, str]  # (head, relation, tail), original string ids
 SPLITS = ("train", "valid", "test")
@@ -313,13 +313,9 @@ def load_graph(spec: DictConfig) -> KnowledgeGraph:
     return _clean_names(graph, source.name_separator)
 
 
-def is_kg_dataset(spec: DictConfig) -> bool:
-    return "layout" in spec.get("source", {})
-
-
 def build_kg_task(spec: DictConfig, seed: int) -> KGTask:
     """The graph, a (seeded) subsample of its training triples and of the evaluation split."""
-    if not is_kg_dataset(spec):
+    if spec.kind != "knowledge_graph":  # declared by the dataset (KGDatasetConfig)
         raise DataError(f"dataset={spec.name} is not a knowledge graph; use dataset=kg_synthetic, wn18rr or fb15k237n")
     graph = load_graph(spec)
     data_seed = spec.subsample_seed
@@ -364,16 +360,23 @@ def read_contexts(
 ) -> dict[Triple, str]:
     """Contexts keyed by triple (original ids) from
 
-    - JSON lines ``{head, relation, tail, context}`` (this suite's writer); a line cut short by an
-      interrupted write is skipped;
+    - JSON lines ``{head, relation, tail, context}`` (this suite's writer, a :class:`JsonLines` file: a last
+      line cut short by an interrupted write is left out);
     - the released writer's ``knowledge_context.txt``: a count line, then ``head |**| tail |**| relation
       |**| text`` with KG-S2S integer ids, mapped through ``id_dir``'s ``entity2id.txt`` and
       ``relation2id.txt`` (default: the file's own directory, where the released writer leaves it);
     - the same lines without the count line, with original ids or entity names (KG-BERT's input).
     """
-    lines = [
-        (number, line) for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()
-    ]
+    content = path.read_text(encoding="utf-8")
+    if content.lstrip().startswith("{"):  # this suite's writer
+        contexts: dict[Triple, str] = {}
+        for number, record in enumerate(JsonLines(path).read(), 1):
+            try:
+                contexts[(record["head"], record["relation"], record["tail"])] = record["context"]
+            except KeyError:
+                raise DataError(f"{path}: record {number} lacks head, relation, tail or context") from None
+        return contexts
+    lines = [(number, line) for number, line in enumerate(content.splitlines(), 1) if line.strip()]
     count = _count_line(lines[0][1]) if lines else None
     if count is not None:
         lines = lines[1:]
@@ -381,65 +384,48 @@ def read_contexts(
     by_name = {}
     if graph is not None and integer_ids is None:  # the lines may name entities rather than give their ids
         by_name = {name: entity for entity, name in graph.entity_names.items()}
-    contexts: dict[Triple, str] = {}
+    contexts = {}
     for number, line in lines:
-        if RELEASED_SEPARATOR in line:
-            parts = [p.strip() for p in line.split(RELEASED_SEPARATOR)]
-            if len(parts) != 4:
-                raise DataError(f"{path}:{number}: expected 'head |**| tail |**| relation |**| text'")
-            h, t, r, text = parts
-            if integer_ids is not None:
-                entities, relations = integer_ids
-                try:
-                    h, t, r = entities[h], entities[t], relations[r]
-                except KeyError as e:
-                    raise DataError(
-                        f"{path}:{number}: id {e.args[0]} is not in the KG-S2S entity2id.txt / relation2id.txt"
-                    ) from None
-            elif graph is not None:
-                h, t = (e if e in graph.entity_names else by_name.get(e, e) for e in (h, t))
-            contexts[(h, r, t)] = text
-            continue
-        if count is not None:
+        parts = [p.strip() for p in line.split(RELEASED_SEPARATOR)]
+        if len(parts) != 4:
             raise DataError(
-                f"{path}:{number}: a released knowledge_context.txt holds only "
-                f"'head |**| tail |**| relation |**| text' lines after its count line"
+                f"{path}:{number}: expected 'head |**| tail |**| relation |**| text'"
+                + ("" if count is not None else ", or JSON lines {head, relation, tail, context}")
             )
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the last line of an interrupted generation
-        try:
-            contexts[(record["head"], record["relation"], record["tail"])] = record["context"]
-        except (KeyError, TypeError):
-            raise DataError(f"{path}:{number}: a context record needs head, relation, tail and context") from None
+        h, t, r, text = parts
+        if integer_ids is not None:
+            entities, relations = integer_ids
+            try:
+                h, t, r = entities[h], entities[t], relations[r]
+            except KeyError as e:
+                raise DataError(
+                    f"{path}:{number}: id {e.args[0]} is not in the KG-S2S entity2id.txt / relation2id.txt"
+                ) from None
+        elif graph is not None:
+            h, t = (e if e in graph.entity_names else by_name.get(e, e) for e in (h, t))
+        contexts[(h, r, t)] = text
     if count is not None and count != len(lines):
         raise DataError(f"{path}: the count line says {count} contexts, the file holds {len(lines)}")
     return contexts
 
 
 class ContextWriter:
-    """Appends one JSON line per triple and flushes it, so an interrupted generation keeps what it wrote."""
+    """Appends contexts to a :class:`JsonLines` file a batch at a time, so an interrupted generation keeps every
+    batch it finished; a line the interruption cut short is dropped when the next run opens the file."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file() and _count_line(path.open(encoding="utf-8").readline()) is not None:
             raise DataError(
                 f"{path} is a released knowledge_context.txt (its count line would go stale): write "
                 f"new contexts to a JSON-lines file, dataset.contexts_file=NAME.jsonl"
             )
-        if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-            with path.open("a", encoding="utf-8") as f:  # end a line cut by an interruption
-                f.write("\n")
-        self._file = path.open("a", encoding="utf-8")
+        self.lines = JsonLines(path)
+        self.lines.resume()
 
-    def write(self, triple: Triple, context: str, **extra) -> None:
-        h, r, t = triple
-        self._file.write(json.dumps({"head": h, "relation": r, "tail": t, "context": context, **extra}) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
+    def write(self, contexts: dict[Triple, str], **extra) -> None:
+        self.lines.append(
+            [{"head": h, "relation": r, "tail": t, "context": text, **extra} for (h, r, t), text in contexts.items()]
+        )
 
 
 def missing_contexts(task: KGTask) -> list[Triple]:

@@ -373,12 +373,12 @@ def build_task(spec: DictConfig, seed: int) -> Task:
             spec.eval_shuffle_seed,
         )
     }
-    for i, ood in enumerate(spec.ood):  # out-of-domain sets may label and filter their own way
-        records, where = load_records(ood.source, ood.split, f"dataset.ood.{i}.source ({ood.name})")
+    for name, ood in spec.ood.items():  # out-of-domain sets may label and filter their own way
+        records, where = load_records(ood.source, ood.split, f"dataset.ood.{name}.source")
         label_map = ood.label_map if ood.label_map is not None else spec.label_map
         drop = ood.drop_labels if ood.drop_labels is not None else spec.drop_labels
-        eval_sets[ood.name] = take(
-            to_examples(records, spec, label_map, drop, where, ood.name, ood.group_by),
+        eval_sets[name] = take(
+            to_examples(records, spec, label_map, drop, where, name, ood.group_by),
             ood.num_examples,
             ood.shuffle_seed,
         )

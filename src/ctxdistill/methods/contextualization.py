@@ -144,27 +144,19 @@ class ContextGeneration(EvaluatorBase):
         writer = ContextWriter(task.contexts_file)
         started, tokens, rows = time.perf_counter(), 0, []
         self.model.eval()
-        try:
-            bar = tqdm(total=len(pending), desc="contexts")
-            for chunk in batched(pending, self.method.batch_size):
-                texts, generated = self.generate(chunk)
-                tokens += generated
-                for triple, text in zip(chunk, texts):
-                    writer.write(triple, text, writer=self.writer_name)
-                    task.contexts[triple] = text
-                    rows.append(
-                        {
-                            "uid": "|".join(triple),
-                            "head": triple[0],
-                            "relation": triple[1],
-                            "tail": triple[2],
-                            "context": text,
-                        }
-                    )
-                bar.update(len(chunk))
-            bar.close()
-        finally:
-            writer.close()
+        bar = tqdm(total=len(pending), desc="contexts")
+        for chunk in batched(pending, self.method.batch_size):
+            texts, generated = self.generate(chunk)
+            tokens += generated
+            written = dict(zip(chunk, texts))
+            writer.write(written, writer=self.writer_name)
+            task.contexts.update(written)
+            rows.extend(
+                {"uid": "|".join(triple), "head": triple[0], "relation": triple[1], "tail": triple[2], "context": text}
+                for triple, text in written.items()
+            )
+            bar.update(len(chunk))
+        bar.close()
         seconds = time.perf_counter() - started
         words = [len(task.contexts[t].split()) for t in task.train_triples]
         metrics = {

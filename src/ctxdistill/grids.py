@@ -1,0 +1,116 @@
+"""One source for each paper's sweep grid: ``sweeps/grids/<paper>.yaml``. The paper's shell script reads
+it and its W&B sweep files (``sweeps/wandb/<paper>_<dataset>.yaml``) are generated from it, so the two
+cannot drift (tests/test_sweeps.py regenerates them and compares).
+
+    python -m ctxdistill.grids experiments sweeps/grids/mosbach2023.yaml     # the experiments, one a line
+    python -m ctxdistill.grids overrides sweeps/grids/mosbach2023.yaml model=opt-125m,opt-350m   # Hydra's -m
+    python -m ctxdistill.grids wandb sweeps/grids/mosbach2023.yaml --out sweeps/wandb       # write the W&B files
+
+A grid file holds ``experiments`` (one Hydra multirun each), ``params`` (key: a value or a list of values,
+the same for every experiment) and ``wandb`` (per experiment, settings only a W&B agent needs, such as a
+local data path the shell script takes from its command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctxdistill.config import ConfigError
+
+WANDB_HEADER = """\
+# Generated from {grid} (python -m ctxdistill.grids wandb {grid} --out {out}): edit the grid, not this file.
+# W&B's sweep controller over the {name} part of {script} ({runs} runs):
+#   wandb sweep {path}     # prints the sweep id
+#   wandb agent ENTITY/ctxdistill/SWEEP_ID     # on each worker, from the repository root
+# Each run is one `python -m ctxdistill key=value ...` (a single Hydra run under outputs/runs/).
+"""
+
+
+def load_grid(path: Path) -> dict[str, Any]:
+    grid = yaml.safe_load(Path(path).read_text())
+    unknown = sorted(set(grid) - {"experiments", "params", "wandb"})
+    if unknown or not grid.get("experiments"):
+        raise ConfigError(
+            f"{path}: a grid has experiments, params and wandb (and needs experiments); got {sorted(grid)}"
+        )
+    return grid
+
+
+def values(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def hydra_overrides(grid: dict[str, Any], replace: list[str] = ()) -> list[str]:
+    """The grid's params as Hydra multirun overrides (``key=a,b,c``); ``replace`` (``key=a,b``) swaps one's values."""
+    swapped = dict(r.split("=", 1) for r in replace)
+    unknown = sorted(set(swapped) - set(grid["params"]))
+    if unknown:
+        raise ConfigError(f"{unknown} not in the grid's params ({sorted(grid['params'])}); pass other keys to Hydra")
+    return [
+        f"{key}={swapped.get(key, ','.join(str(v) for v in values(value)))}" for key, value in grid["params"].items()
+    ]
+
+
+def wandb_sweeps(grid_path: Path, out: Path) -> dict[Path, str]:
+    """The W&B sweep file of each experiment of the grid: path -> text."""
+    grid = load_grid(grid_path)
+    paper = grid_path.stem
+    files = {}
+    for experiment in grid["experiments"]:
+        name = experiment.rsplit("/", 1)[-1]
+        path = out / f"{paper}_{name}.yaml"
+        params = {"experiment": experiment, **grid["params"], **grid.get("wandb", {}).get(experiment, {})}
+        runs = 1
+        for value in params.values():
+            runs *= len(values(value))
+        body = {
+            "program": "src/ctxdistill/__main__.py",
+            # W&B's sweep variables: the agent hands the parameters over as Hydra key=value
+            "command": ["${env}", "${interpreter}", "-m", "ctxdistill", "${args_no_hyphens}"],
+            "project": "ctxdistill",
+            "method": "grid",
+            "metric": {"name": "eval/accuracy", "goal": "maximize"},
+            "parameters": {
+                key: {"values": value} if isinstance(value, list) else {"value": value} for key, value in params.items()
+            },
+        }
+        header = WANDB_HEADER.format(
+            grid=grid_path.as_posix(),
+            out=out.as_posix(),
+            name=name,
+            script=f"sweeps/{paper}.sh",
+            runs=runs,
+            path=path.as_posix(),
+        )
+        files[path] = header + yaml.safe_dump(body, sort_keys=False, width=120, default_flow_style=None)
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ctxdistill.grids", description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["experiments", "overrides", "wandb"])
+    parser.add_argument("grid", type=Path)
+    parser.add_argument("replace", nargs="*", help="overrides: key=a,b replaces a param's values")
+    parser.add_argument("--out", type=Path, default=Path("sweeps/wandb"), help="wandb: where the files go")
+    args = parser.parse_args(argv)
+    try:
+        grid = load_grid(args.grid)
+        if args.what == "experiments":
+            print("\n".join(grid["experiments"]))
+        elif args.what == "overrides":
+            print("\n".join(hydra_overrides(grid, args.replace)))
+        else:
+            for path, text in wandb_sweeps(args.grid, args.out).items():
+                path.write_text(text)
+                print(path)
+    except ConfigError as e:
+        parser.exit(2, f"error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
