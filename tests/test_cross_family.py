@@ -60,6 +60,7 @@ def test_a_teacher_with_another_tokenizer_teaches_the_answer_words_end_to_end(
         "+model@method.teacher_model=tiny-random",
         *teacher,
         "dataset.num_train_queries=8",
+        "dataset.source.split_sizes.eval=16",
         "trainer.batch_size=8",
         "trainer.max_steps=1",
     )
