@@ -1,25 +1,37 @@
 """Where context distillation spends its time, measured side by side in one command.
 
     python benchmarks/speed.py                       # tiny-random and the bundled SmolLM2-135M, CPU
+    python benchmarks/speed.py --only generation on_policy --models smollm2-135m
     python benchmarks/speed.py --device cuda --models opt-1.3b
 
-Five measurements per model, on the demo task (synthetic reviews, LoRA r=8 on q/v):
-1. CD training throughput and peak memory: this suite (trainer + `cd`, teacher targets cached)
-   vs TRL's SDFTTrainer (closest settings: full-logit forward KL, one completion token, the
-   same LoRA, frozen base teacher) vs a naive loop (teacher over the full context at every
-   step, logits over the whole sequence). Each runs in a fresh process so its peak memory is
-   its own.
-2. Teacher cost per query as the context grows (0..32 demonstrations): prefix cache + answer-only
-   logits vs recomputed context vs recomputed context with whole-sequence logits.
-3. Time of the epochs after the first, with the teacher cache vs a teacher forward every step.
-4. ICL evaluation throughput with 16 fixed demonstrations: cached prefix vs recomputed.
-5. Achieved FLOP/s of a training step, counted by torch's FLOP counter, as a fraction of the
-   dense matmul peak measured in the same process.
+Measurements per model, on the demo task (synthetic reviews, LoRA r=8 on q/v); ``--only`` picks some:
+- training: cd training throughput and peak memory, this suite (trainer + `cd`, teacher targets
+  cached) vs TRL's SDFTTrainer (closest settings: full-logit forward KL, one completion token,
+  the same LoRA, frozen base teacher) vs a naive loop (teacher over the full context at every
+  step, logits over the whole sequence). Each runs in a fresh process so its peak memory is its own.
+- training_32: the suite vs TRL at 32 demonstrations (TRL runs the teacher over the whole context
+  at every step, so the ratio grows with the context).
+- on_policy: on-policy cd (the student samples 8 tokens, reverse KL at each) vs TRL's SDFTTrainer
+  in its on-policy setting (the same samples, divergence, teacher and LoRA).
+- teacher: teacher cost per query as the context grows (0, 8, 32 demonstrations): the shared
+  context + answer-only logits vs recomputed context vs recomputed with whole-sequence logits.
+- epochs: time of the epochs after the first, with the teacher cache vs a teacher forward every step.
+- icl: ICL evaluation throughput with 16 fixed demonstrations, shared context vs recomputed.
+- utilisation: achieved FLOP/s of a training step, counted by torch's FLOP counter, as a fraction
+  of the dense matmul peak measured in the same process.
+- generation: tokens/s of the suite's generate over the shared context vs transformers' generate
+  on the whole prompts (0, 8, 32 demonstrations; greedy, with identical tokens checked, and sampled).
+Once per command (model-independent): eval_memory, peak memory of an evaluation (teacher and model
+scored, KL to the teacher) at 1k and 10k eval examples on the tiny model.
+
+The last lines are one table of every ratio with its goal; it is also written, with every figure,
+to ``--output`` (Markdown, and JSON beside it), which docs/performance.md cites.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import resource
@@ -36,6 +48,13 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import torch  # noqa: E402
 
 CONTENDERS = ("ctxdistill", "trl_sdft", "naive")
+ON_POLICY_CONTENDERS = ("on_policy_cd", "trl_sdft_on_policy")
+ON_POLICY_TOKENS = 8  # completion length of the on-policy contenders
+MEASUREMENTS = ("training", "training_32", "on_policy", "teacher", "epochs", "icl", "utilisation", "generation")
+ONCE = ("eval_memory",)
+TEACHER_DEMOS = (0, 8, 32)
+GENERATION_DEMOS = (0, 8, 32)
+EVAL_MEMORY_EXAMPLES = (1000, 10000)
 
 
 # ---------------------------------------------------------------- set-up shared by every measurement
@@ -105,7 +124,7 @@ class PeakMemory:
         self.used = self.peak - self.base
 
 
-# ---------------------------------------------------------------- 1 and 3: training
+# ---------------------------------------------------------------- training
 def naive_method():
     """cd as a first implementation would write it: every step, the teacher reads the whole
     context again, and both models project every position onto the vocabulary."""
@@ -156,7 +175,9 @@ def train_suite(method, cfg, handle, tokenizer, task, device: str) -> list[float
     return stamps
 
 
-def train_trl(cfg, handle, tokenizer, task, device: str, steps: int, batch_size: int) -> None:
+def train_trl(cfg, handle, tokenizer, task, device: str, steps: int, batch_size: int, on_policy: bool) -> None:
+    """TRL's SDFTTrainer at the suite's cd objective (one completion token, forward KL), or ``on_policy``: the
+    student samples ON_POLICY_TOKENS tokens and the loss is the reverse KL at each, as on_policy_cd's default."""
     from datasets import Dataset
     from peft import LoraConfig
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
@@ -179,11 +200,11 @@ def train_trl(cfg, handle, tokenizer, task, device: str, steps: int, batch_size:
         # the suite's objective: forward KL(teacher || student) over the full vocabulary at the one
         # answer position, the frozen base as teacher, context then query
         distillation_mode="full_logits",
-        distillation_alpha=0.0,
+        distillation_alpha=1.0 if on_policy else 0.0,  # 0: forward KL(teacher || student), 1: reverse KL
         distillation_is_clip=None,
         teacher_model_kind="base",
         teacher_prompt_template="{privileged_context}{prompt}",
-        max_completion_length=1,
+        max_completion_length=ON_POLICY_TOKENS if on_policy else 1,
         num_generations=1,
         temperature=1.0,
         gradient_checkpointing=False,  # TRL's default is on; the suite does not recompute activations
@@ -214,27 +235,42 @@ def train_trl(cfg, handle, tokenizer, task, device: str, steps: int, batch_size:
     trainer.train()
 
 
-def measure_training(contender: str, model: list[str], device: str, steps: int, batch_size: int, queries: int) -> dict:
+def measure_training(
+    contender: str, model: list[str], device: str, steps: int, batch_size: int, queries: int, demos: Optional[int]
+) -> dict:
     from ctxdistill.data import build_task
     from ctxdistill.methods.distill import ContextDistillation
+    from ctxdistill.methods.on_policy import OnPolicyDistillation
 
+    context = [f"dataset.context.num_demos={demos}", "dataset.source.split_sizes.train=600"] if demos else []
     cfg = compose_cfg(
         model,
         f"trainer.max_steps={steps}",
         f"trainer.batch_size={batch_size}",
         f"dataset.num_train_queries={queries}",
         "trainer.scheduler=constant",
+        *context,
     )
     torch.manual_seed(cfg.seed)
-    tokenizer, handle = load(cfg, device, lora=contender != "trl_sdft")
+    tokenizer, handle = load(cfg, device, lora=not contender.startswith("trl"))
     task = build_task(cfg.dataset, cfg.seed)
     with PeakMemory(device) as memory:
         sync(device)
         started = time.perf_counter()
-        if contender == "trl_sdft":
-            train_trl(cfg, handle, tokenizer, task, device, steps, batch_size)
+        if contender.startswith("trl"):
+            train_trl(
+                cfg, handle, tokenizer, task, device, steps, batch_size, on_policy=contender.endswith("on_policy")
+            )
         else:
-            method = naive_method() if contender == "naive" else ContextDistillation("cd", teacher_cache="memory")
+            if contender == "on_policy_cd":
+                # TRL's settings: every token sampled at temperature 1 from the student, no stop string
+                method = OnPolicyDistillation(
+                    "on_policy_cd", "reverse_kl", 0.5, 1.0, 1.0, None, ON_POLICY_TOKENS, None, cfg.seed
+                )
+            elif contender == "naive":
+                method = naive_method()
+            else:
+                method = ContextDistillation("cd", teacher_cache="memory")
             train_suite(method, cfg, handle, tokenizer, task, device)
         sync(device)
         seconds = time.perf_counter() - started
@@ -274,7 +310,7 @@ def measure_later_epochs(model: list[str], device: str, batch_size: int, queries
     }
 
 
-# ---------------------------------------------------------------- 2 and 4: the teacher's context
+# ---------------------------------------------------------------- the teacher's context
 def teacher_seconds_per_query(model: list[str], device: str, num_demos: int, queries: int, batch_size: int) -> dict:
     from ctxdistill.data import build_task
     from ctxdistill.encoding import SharedPrefix, answer_logits, encode
@@ -346,7 +382,89 @@ def icl_eval_throughput(model: list[str], device: str, num_eval: int, batch_size
     }
 
 
-# ---------------------------------------------------------------- 5: utilisation
+# ---------------------------------------------------------------- generation and evaluation memory
+def generation_throughput(model: list[str], device: str, num_demos: int, prompts: int, new_tokens: int) -> dict:
+    """Tokens/s of the suite's generate over the shared context vs transformers' generate on the whole prompts,
+    greedy (with the tokens compared) and sampled, one batch of ``prompts`` teacher prompts."""
+    from ctxdistill.data import build_task
+    from ctxdistill.encoding import SharedPrefix
+    from ctxdistill.generation import generate
+
+    cfg = compose_cfg(
+        model,
+        f"dataset.context.num_demos={num_demos}",
+        f"dataset.num_train_queries={prompts}",
+        "dataset.source.split_sizes.train=600",
+    )
+    tokenizer, handle = load(cfg, device, lora=False)
+    task = build_task(cfg.dataset, cfg.seed)
+    texts = [task.teacher_prompt(e) for e in task.train_queries]
+    model = handle.base.eval()
+
+    def ours(temperature: float) -> list[list[int]]:
+        prefix = SharedPrefix(model, tokenizer, texts)  # counted: it is part of generating over the context
+        generator = torch.Generator(device=device).manual_seed(0)
+        rows = generate(model, tokenizer, texts, new_tokens, temperature, stop=None, generator=generator, prefix=prefix)
+        return rows
+
+    def theirs(temperature: float) -> list[list[int]]:
+        batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature else {"do_sample": False}
+        with torch.no_grad():
+            out = model.generate(
+                **batch,
+                max_new_tokens=new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **sampling,
+            )
+        rows = out[:, batch.input_ids.shape[1] :].tolist()
+        # each row up to its end-of-sequence token (transformers pads the rows that ended)
+        return [row[: row.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in row else row for row in rows]
+
+    def timed(run: Callable[[float], list[list[int]]], temperature: float) -> tuple[float, list[list[int]]]:
+        sync(device)
+        started = time.perf_counter()
+        rows = run(temperature)
+        sync(device)
+        return sum(map(len, rows)) / (time.perf_counter() - started), rows
+
+    theirs(0.0)  # warm-up
+    result = {"demos": num_demos, "context_tokens": SharedPrefix(model, tokenizer, texts).length}
+    for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        result[f"{name}_ours"], our_rows = timed(ours, temperature)
+        result[f"{name}_transformers"], their_rows = timed(theirs, temperature)
+        result[f"{name}_speedup"] = result[f"{name}_ours"] / result[f"{name}_transformers"]
+        if not temperature:
+            result["identical_tokens"] = our_rows == their_rows
+    return result
+
+
+def evaluation_memory(num_eval: int, batch_size: int) -> dict:
+    """Peak memory of evaluating the tiny model on ``num_eval`` examples: the teacher scored (with the context),
+    then the model (without), with its KL to the teacher."""
+    from ctxdistill.data import build_task
+    from ctxdistill.evaluation import Evaluator, Ranks
+
+    cfg = compose_cfg(
+        ["model=tiny-random"], f"dataset.num_eval={num_eval}", f"dataset.source.split_sizes.eval={num_eval}"
+    )
+    tokenizer, handle = load(cfg, "cpu", lora=True)
+    task = build_task(cfg.dataset, cfg.seed)
+    evaluator = Evaluator(handle, tokenizer, task, with_context=False, batch_size=batch_size, ranks=Ranks())
+    with PeakMemory("cpu") as memory:
+        evaluator.prepare()
+        metrics, _ = evaluator.evaluate()
+    return {
+        "examples": num_eval,
+        "peak_mb": memory.used / 2**20,
+        "kl_to_teacher": metrics["eval/kl_to_teacher"],
+        # what keeping the teacher's distributions in memory would take
+        "distributions_mb": num_eval * len(tokenizer) * 4 / 2**20,
+    }
+
+
+# ---------------------------------------------------------------- utilisation
 def matmul_peak_flops(device: str, dtype: torch.dtype) -> float:
     """The best dense matmul rate this device reaches on square matrices (FLOP/s)."""
     best = 0.0
@@ -387,7 +505,7 @@ def step_utilisation(model: list[str], device: str, batch_size: int) -> dict:
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    repeats = 5
+    repeats = 3
     sync(device)
     started = time.perf_counter()
     for _ in range(repeats):
@@ -412,88 +530,197 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def benchmark(model: list[str], device: str, steps: int, batch_size: int, queries: int) -> None:
-    print(f"\n=== {' '.join(model)} on {device} ===", flush=True)
-    training = {c: in_fresh_process(measure_training, c, model, device, steps, batch_size, queries) for c in CONTENDERS}
-    base = training["trl_sdft"]
-    print(
-        f"\n[1] cd training: {steps} steps x batch {batch_size} on {queries} queries "
-        f"({steps * batch_size / queries:g} epochs), LoRA r={compose_cfg(model).model.lora.r}"
-    )
-    print(
-        table(
+class Report:
+    """Printed detail as it comes, and every ratio with its goal for the summary at the end."""
+
+    def __init__(self, path: str, command: str):
+        self.path, self.command, self.started = path, command, time.perf_counter()
+        self.lines: list[str] = []
+        self.ratios: list[list[Any]] = []  # [model, what, value, goal]
+        self.figures: dict[str, Any] = {}
+
+    def print(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def ratio(self, model: str, what: str, value: Any, goal: str = "") -> None:
+        self.ratios.append([model, what, value, goal])
+        self.save()
+
+    def summary(self) -> str:
+        return table(self.ratios, ["model", "ratio", "value", "goal"])
+
+    def save(self) -> None:
+        """The detail and the summary so far as Markdown at ``path``, every figure as JSON beside it (after every
+        measurement, so a run stopped part-way keeps what it measured)."""
+        seconds = time.perf_counter() - self.started
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "w") as f:
+            f.write(f"# benchmarks/speed.py\n\n`{self.command}`, {seconds:.0f} s\n\n")
+            f.write(f"## Summary\n\n```\n{self.summary()}\n```\n\n## Detail\n\n```\n")
+            f.write("\n".join(self.lines).strip() + "\n```\n")
+        with open(os.path.splitext(self.path)[0] + ".json", "w") as f:
+            json.dump({"command": self.command, "seconds": seconds, "figures": self.figures}, f, indent=1)
+
+
+def training_table(training: dict, base: str) -> str:
+    reference = training[base]
+    return table(
+        [
             [
+                contender,
+                r["queries_per_s"],
+                r["queries_per_s"] / reference["queries_per_s"],
+                r["seconds"],
+                r["peak_mb"],
+                r["peak_mb"] / max(reference["peak_mb"], 1e-9),
+            ]
+            for contender, r in training.items()
+        ],
+        ["implementation", "queries/s", "x TRL", "seconds", "peak MB", "peak / TRL"],
+    )
+
+
+def benchmark(report: Report, model: list[str], device: str, args) -> None:
+    name = model[0].split("=", 1)[1]
+    steps, batch_size, queries, only = args.steps, args.batch_size, args.queries, args.only
+    figures = report.figures.setdefault(name, {})
+    report.print(f"\n=== {' '.join(model)} on {device} ===")
+    epochs_run = f"{steps} steps x batch {batch_size} on {queries} queries ({steps * batch_size / queries:g} epochs)"
+    for demos, key in ((None, "training"), (32, "training_32")):
+        if key not in only:
+            continue
+        contenders = CONTENDERS if demos is None else CONTENDERS[:2]
+        training = {
+            c: in_fresh_process(measure_training, c, model, device, steps, batch_size, queries, demos)
+            for c in contenders
+        }
+        figures[key] = training
+        context = "the demo context" if demos is None else f"{demos} demonstrations"
+        report.print(f"\n[{key}] cd training on {context}: {epochs_run}, LoRA r={compose_cfg(model).model.lora.r}")
+        report.print(training_table(training, "trl_sdft"))
+        ours, trl = training["ctxdistill"], training["trl_sdft"]
+        goal = ">= 8x" if demos is None else ">= 15x"
+        report.ratio(
+            name, f"cd training vs TRL SDFTTrainer, {context}", ours["queries_per_s"] / trl["queries_per_s"], goal
+        )
+        report.ratio(name, f"cd peak memory / TRL's, {context}", ours["peak_mb"] / max(trl["peak_mb"], 1e-9), "<= 1")
+
+    if "on_policy" in only:
+        training = {
+            c: in_fresh_process(measure_training, c, model, device, steps, batch_size, queries, None)
+            for c in ON_POLICY_CONTENDERS
+        }
+        figures["on_policy"] = training
+        report.print(
+            f"\n[on_policy] on-policy cd, {ON_POLICY_TOKENS} sampled tokens per query, reverse KL: {epochs_run}"
+        )
+        report.print(training_table(training, "trl_sdft_on_policy"))
+        ours, trl = training["on_policy_cd"], training["trl_sdft_on_policy"]
+        report.ratio(
+            name, "on-policy cd vs TRL SDFTTrainer (on-policy)", ours["queries_per_s"] / trl["queries_per_s"], "> 1x"
+        )
+
+    if "teacher" in only:
+        growth = [in_fresh_process(teacher_seconds_per_query, model, device, k, 32, 16) for k in TEACHER_DEMOS]
+        figures["teacher"] = growth
+        first = growth[0]
+        report.print("\n[teacher] teacher cost per query as the context grows")
+        columns = ("cached_ms", "recomputed_ms", "whole_sequence_ms")
+        report.print(
+            table(
                 [
-                    c,
-                    r["queries_per_s"],
-                    r["queries_per_s"] / base["queries_per_s"],
-                    r["seconds"],
-                    r["peak_mb"],
-                    r["peak_mb"] / max(base["peak_mb"], 1e-9),
-                ]
-                for c, r in training.items()
-            ],
-            ["implementation", "queries/s", "x TRL", "seconds", "peak MB", "peak / TRL"],
-        ),
-        flush=True,
-    )
+                    [g["demos"], g["context_tokens"]]
+                    + [v for c in columns for v in (g[c], g[c] / first[c])]
+                    + [g["prefix_once_s"]]
+                    for g in growth
+                ],
+                ["demos", "context tokens", "shared ms/q", "x 0 demos", "recomputed ms/q", "x 0 demos"]
+                + ["whole-seq ms/q", "x 0 demos", "prefix once s"],
+            )
+        )
+        last = growth[-1]
+        report.ratio(
+            name,
+            f"teacher ms/query, shared context, {last['demos']} vs 0 demos",
+            last["cached_ms"] / first["cached_ms"],
+            "<= 1.3x",
+        )
+        report.ratio(
+            name, f"teacher, recomputed / shared, {last['demos']} demos", last["recomputed_ms"] / last["cached_ms"]
+        )
 
-    print("\n[2] teacher cost per query as the context grows")
-    growth = [in_fresh_process(teacher_seconds_per_query, model, device, k, 32, 16) for k in (0, 2, 8, 16, 32)]
-    first = growth[0]
-    print(
-        table(
-            [
+    if "epochs" in only:
+        epochs = figures["epochs"] = in_fresh_process(measure_later_epochs, model, device, batch_size, queries, 3)
+        report.print(
+            f"\n[epochs] epochs 2-3 of cd: {epochs['cached_s_per_epoch']:.2f} s/epoch with the teacher cache, "
+            f"{epochs['per_step_teacher_s_per_epoch']:.2f} s/epoch with a teacher forward every step "
+            f"({epochs['speedup']:.2f}x)"
+        )
+        report.ratio(name, "later epochs, teacher cache vs teacher every step", epochs["speedup"])
+
+    if "icl" in only:
+        icl = figures["icl"] = in_fresh_process(icl_eval_throughput, model, device, 96, 16)
+        report.print(
+            f"\n[icl] ICL evaluation, 16 demonstrations: {icl['cached_q_per_s']:.1f} queries/s with the shared "
+            f"context, {icl['recomputed_q_per_s']:.1f} recomputed ({icl['speedup']:.2f}x); same predictions on "
+            f"{100 * icl['same_predictions']:.0f}% of queries"
+        )
+        report.ratio(name, "ICL evaluation, shared context vs recomputed", icl["speedup"])
+
+    if "utilisation" in only:
+        util = figures["utilisation"] = in_fresh_process(step_utilisation, model, device, batch_size)
+        report.print(
+            f"\n[utilisation] one cd training step: {util['step_gflop']:.2f} GFLOP ({util['tokens_per_step']} tokens) "
+            f"at {util['achieved_gflops']:.1f} GFLOP/s = {100 * util['fraction_of_peak']:.1f}% of the measured "
+            f"matmul peak ({util['matmul_peak_gflops']:.1f} GFLOP/s)"
+        )
+        report.ratio(name, "cd training step, fraction of the matmul peak", util["fraction_of_peak"], ">= 0.5")
+
+    if "generation" in only:
+        rows = [in_fresh_process(generation_throughput, model, device, k, 16, 16) for k in GENERATION_DEMOS]
+        figures["generation"] = rows
+        report.print("\n[generation] tokens/s, 16 prompts x 16 new tokens: shared context vs transformers' generate")
+        report.print(
+            table(
                 [
-                    g["demos"],
-                    g["context_tokens"],
-                    g["cached_ms"],
-                    g["cached_ms"] / first["cached_ms"],
-                    g["recomputed_ms"],
-                    g["recomputed_ms"] / first["recomputed_ms"],
-                    g["whole_sequence_ms"],
-                    g["whole_sequence_ms"] / first["whole_sequence_ms"],
-                    g["prefix_once_s"],
-                ]
-                for g in growth
-            ],
-            [
-                "demos",
-                "context tokens",
-                "cached ms/q",
-                "x 0 demos",
-                "recomputed ms/q",
-                "x 0 demos",
-                "whole-seq ms/q",
-                "x 0 demos",
-                "prefix once s",
-            ],
-        ),
-        flush=True,
-    )
+                    [r["demos"], r["context_tokens"]]
+                    + [r[f"{m}_{c}"] for m in ("greedy", "sampled") for c in ("ours", "transformers", "speedup")]
+                    + [r["identical_tokens"]]
+                    for r in rows
+                ],
+                ["demos", "context tokens", "greedy ours", "transformers", "x", "sampled ours", "transformers", "x"]
+                + ["greedy tokens identical"],
+            )
+        )
+        for r in rows:
+            goal = ">= 3x, identical" if r["demos"] == max(GENERATION_DEMOS) else ""
+            same = "identical" if r["identical_tokens"] else "DIFFERENT"
+            report.ratio(
+                name,
+                f"generation vs transformers, {r['demos']} demos, greedy",
+                f"{r['greedy_speedup']:.3g} ({same})",
+                goal,
+            )
+            report.ratio(name, f"generation vs transformers, {r['demos']} demos, sampled", r["sampled_speedup"])
 
-    epochs = in_fresh_process(measure_later_epochs, model, device, batch_size, queries, 3)
-    print(
-        f"\n[3] epochs 2-3 of cd: {epochs['cached_s_per_epoch']:.2f} s/epoch with the teacher cache, "
-        f"{epochs['per_step_teacher_s_per_epoch']:.2f} s/epoch with a teacher forward every step "
-        f"({epochs['speedup']:.2f}x)",
-        flush=True,
-    )
 
-    icl = in_fresh_process(icl_eval_throughput, model, device, 96, 16)
-    print(
-        f"\n[4] ICL evaluation, 16 demonstrations: {icl['cached_q_per_s']:.1f} queries/s with the prefix cache, "
-        f"{icl['recomputed_q_per_s']:.1f} recomputed ({icl['speedup']:.2f}x); same predictions on "
-        f"{100 * icl['same_predictions']:.0f}% of queries",
-        flush=True,
+def evaluation_memory_report(report: Report) -> None:
+    rows = [in_fresh_process(evaluation_memory, n, 64) for n in EVAL_MEMORY_EXAMPLES]
+    report.figures["eval_memory"] = rows
+    report.print("\n[eval_memory] peak evaluation memory (tiny-random; teacher, model and KL to the teacher)")
+    report.print(
+        table(
+            [[r["examples"], r["peak_mb"], r["distributions_mb"], r["kl_to_teacher"]] for r in rows],
+            ["eval examples", "peak MB", "teacher distributions MB (not held)", "kl_to_teacher"],
+        )
     )
-
-    util = in_fresh_process(step_utilisation, model, device, batch_size)
-    print(
-        f"\n[5] one cd training step: {util['step_gflop']:.2f} GFLOP ({util['tokens_per_step']} tokens) at "
-        f"{util['achieved_gflops']:.1f} GFLOP/s = {100 * util['fraction_of_peak']:.1f}% of the measured "
-        f"matmul peak ({util['matmul_peak_gflops']:.1f} GFLOP/s)",
-        flush=True,
+    first, last = rows[0], rows[-1]
+    report.ratio(
+        "tiny-random",
+        f"eval peak memory, {last['examples']} vs {first['examples']} examples",
+        last["peak_mb"] / max(first["peak_mb"], 1e-9),
+        "~1x (flat)",
     )
 
 
@@ -508,17 +735,33 @@ def main(argv: Optional[list[str]] = None) -> None:
         help="a Hydra override applied to every model, e.g. ++model.tiny.num_hidden_layers=30 (repeatable)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--steps", type=int, default=16, help="training steps per contender in [1]")
+    parser.add_argument("--steps", type=int, default=16, help="training steps per contender")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--queries", type=int, default=32, help="training queries (Upadhayaya et al. use 32)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=[*MEASUREMENTS, *ONCE],
+        choices=[*MEASUREMENTS, *ONCE],
+        metavar="NAME",
+        help=f"run only these measurements: {', '.join(MEASUREMENTS + ONCE)} (default: all)",
+    )
+    parser.add_argument("--output", default="benchmarks/results/speed.md", help="the report (and .json beside it)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible to torch; use --device cpu")
-    started = time.perf_counter()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    command = " ".join(["python benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
+    report = Report(args.output, command)
+    report.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for model in args.models.split(","):
-        benchmark([f"model={model}", *args.override], args.device, args.steps, args.batch_size, args.queries)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s")
+        if set(args.only) & set(MEASUREMENTS):
+            benchmark(report, [f"model={model}", *args.override], args.device, args)
+    if "eval_memory" in args.only:
+        evaluation_memory_report(report)
+    report.ratio("", "benchmark wall time, s", time.perf_counter() - report.started, "< 600")
+    report.print(f"\n=== summary ===\n{report.summary()}")
+    report.save()
+    print(f"\nwritten: {args.output}")
 
 
 if __name__ == "__main__":

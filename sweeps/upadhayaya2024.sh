@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Upadhayaya et al. 2024 (Table 3, Fig. 1): the grid of sweeps/grids/upadhayaya2024.yaml (zero_shot, icl,
 # ft, cd x OPT-125m/350m/1.3b/2.7b x MNLI, RTE, QQP x seeds 0-3 = 192 runs); one Hydra multirun per dataset into
-# $SWEEP_DIR/<dataset> (default outputs/sweeps/upadhayaya2024), then one README.md + results/ for all.
+# $SWEEP_DIR/<dataset> (default outputs/sweeps/upadhayaya2024), then one README.md + results/ for all, with the
+# scorecard against the paper's Table 3. METHODS, MODELS and SEEDS replace the grid's values (e.g. METHODS=cd
+# MODELS=smollm2-135m SEEDS=0,1 on a CPU); COMPARE_ARGS go to ctxdistill-compare ("--model-as smollm2-135m=opt-125m").
 #
 #   bash sweeps/upadhayaya2024.sh                                          # one run after another
 #   bash sweeps/upadhayaya2024.sh hydra/launcher=joblib hydra.launcher.n_jobs=4
@@ -16,7 +18,8 @@ cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/upadhayaya2024}
 grid=sweeps/grids/upadhayaya2024.yaml
 experiments=$(python -m ctxdistill.grids experiments "$grid") || exit 2
-params=$(python -m ctxdistill.grids overrides "$grid") || exit 2
+params=$(python -m ctxdistill.grids overrides "$grid" ${METHODS:+"method=$METHODS"} ${MODELS:+"model=$MODELS"} \
+  ${SEEDS:+"seed=$SEEDS"}) || exit 2
 mapfile -t params <<< "$params"
 status=0
 for experiment in $experiments; do
@@ -25,5 +28,6 @@ for experiment in $experiments; do
   # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
   ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
 done
-ctxdistill-compare "$root" --out "$root" || status=1
+# shellcheck disable=SC2086  # COMPARE_ARGS are meant to split on spaces
+ctxdistill-compare "$root" --out "$root" --scorecard ${COMPARE_ARGS:-} || status=1
 exit $status

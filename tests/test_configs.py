@@ -27,7 +27,7 @@ NEEDS = {
     **{f"method={m}": ["dataset=synthetic_mixture"] for m in ("icl_distill", "icl_d", "ict")},
     **{
         f"method={m}": ["dataset=kg_synthetic"]
-        for m in ("contextualization", "kgbert", "kgbert_cd", "kgs2s", "kgs2s_cd")
+        for m in ("contextualization", "kgbert", "kgbert_cd", "kgs2s", "kgs2s_cd", "kg_decoder", "kg_decoder_cd")
     },
     **{f"dataset={d}": ["method=kgbert"] for d in ("kg_synthetic", "wn18rr", "fb15k237n")},
     **{f"dataset={d}": ["method=icl_distill"] for d in ("synthetic_mixture", "synthetic_meta")},

@@ -11,7 +11,7 @@ import pytest
 
 from ctxdistill.evaluate_run import main
 
-from conftest import own_ood_set
+from conftest import own_ood_set, without_timings
 
 TINY = [
     "model=tiny-random",
@@ -34,7 +34,7 @@ def fingerprint(run_dir: Path) -> dict[str, str]:
 
 
 def metrics(directory: Path) -> dict[str, float]:
-    return json.loads((directory / "metrics.json").read_text())["metrics"]
+    return without_timings(json.loads((directory / "metrics.json").read_text())["metrics"])
 
 
 def cells(sweep: Path) -> dict[str, Path]:

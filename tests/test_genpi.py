@@ -152,6 +152,10 @@ def test_a_second_run_and_a_sweep_over_the_weights_generate_nothing_again(make_c
     assert generate_calls == [8, 2]
     assert stage_rows(stages) == saved
     assert second["train"]["final_loss"] != first["train"]["final_loss"]
+    # Both runs record the stage files they read (and the first wrote) under their keys.
+    for result in (first, second):
+        used = {(c["cache"], c["key"], Path(c["path"]).name) for c in result["provenance"]["caches"]}
+        assert used == {(f"stage:{name.split('-')[0]}", Path(name).stem, name) for name in saved}
 
     metrics = second["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]

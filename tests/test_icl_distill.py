@@ -228,7 +228,7 @@ def test_meta_ict_evaluates_only_on_tasks_absent_from_training(make_cfg, tmp_pat
     assert not trained_on & {evaluated.query(e) for e in [*evaluated.demos, *evaluated.eval_sets["eval"]]}
     assert all(not t.eval_sets for t in task.train_tasks.values())
     metrics = run(cfg)["metrics"]
-    assert {key.split("/")[0] for key in metrics} == {"temperature", "eval"}
+    assert {key.split("/")[0] for key in metrics} == {"temperature", "eval", "serving"}  # serving: the run's
     # A target task that is also a source task is refused, under any name.
     for name in ("size", "size_again"):
         with pytest.raises(ConfigError, match="absent from training"):

@@ -1,12 +1,14 @@
 """Knowledge-graph completion (Li et al. 2024): loaders, filtered ranking, masking, contexts, both stages."""
 
 import functools
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from ctxdistill import provenance
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data.kg import (
     ContextWriter,
@@ -104,8 +106,11 @@ def test_every_layout_loads_the_same_graph_with_string_ids(make_cfg, tmp_path, l
         f"dataset.source.name_separator={repr(separator) if separator else 'null'}",
         f"dataset.contexts_file={tmp_path / 'none.jsonl'}",
     )
+    provenance.begin_run()
     task = build_kg_task(cfg.dataset, seed=0)
     assert task.graph.splits == {"train": TRAIN, "valid": VALID, "test": TEST}
+    read = {d["path"]: d["sha256"] for d in provenance.inputs()["data"]}  # every file, recorded with its hash
+    assert read == {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in root.iterdir()}
     assert task.train_triples == TRAIN and task.eval_sets == {"eval": TEST}
     if layout == "plain":  # ids stand in for names
         assert task.graph.entity_names["00001"] == "00001"
@@ -583,7 +588,9 @@ def test_a_method_refuses_a_dataset_of_the_other_kind(make_cfg):
 
 
 def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
-    from ctxdistill.compare import summarise, write_results
+    from ctxdistill.ranking import link_prediction_metrics
+    from ctxdistill.results.files import write_results
+    from ctxdistill.results.table import summarise
 
     def kg_run(method, mrr, seed):
         return {
@@ -591,6 +598,7 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
             "model": "minilm-l6",
             "dataset": "wn18rr",
             "seed": seed,
+            "metric_set": link_prediction_metrics("sampled100_").to_dict(),
             "metrics": {
                 "eval/sampled100_mrr": mrr,
                 "eval/sampled100_hits@10": 0.5,
@@ -599,13 +607,21 @@ def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
             },
         }
 
-    table = summarise([kg_run("kgbert", 0.2, 0), kg_run("kgbert_cd", 0.3, 0), kg_run("kgbert_cd", 0.4, 1)])
-    assert list(table.columns.values()) == ["sampled100_mrr", "sampled100_hits@1", "sampled100_hits@10"]
+    [table] = summarise([kg_run("kgbert", 0.2, 0), kg_run("kgbert_cd", 0.3, 0), kg_run("kgbert_cd", 0.4, 1)])
+    assert [c.key for c in table.columns] == [
+        "eval/sampled100_mrr",
+        "eval/sampled100_hits@1",
+        "eval/sampled100_hits@10",
+    ]
     cd = table.rows[1]
     assert cd.method == "kgbert_cd" and cd.seeds == [0, 1]
-    assert [cd.stats[k].text() for k in table.columns] == ["0.350 ± 0.071", "0.100 ± 0.000", "0.500 ± 0.000"]
+    assert [(cd.cells[c.key].mean, cd.cells[c.key].std) for c in table.columns] == [
+        pytest.approx((0.35, 0.0707107)),
+        (0.1, 0.0),
+        (0.5, 0.0),
+    ]
     readme = write_results(tmp_path, [kg_run("kgbert", 0.2, 0)], title="kg")  # no accuracy plot to draw
-    assert "sampled100_mrr" in readme.read_text()
+    assert "sampled100 MRR" in readme.read_text()
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,45 @@
-"""The comparison table: mean ± std over seeds per method x model x dataset, its formats, plots and W&B outputs."""
+"""The results package: declared metrics, tables with n and 95% intervals, paired tests, every renderer."""
 
+import ast
+import csv
+import io
 import itertools
 import json
+import math
+import re
+from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
 
-from ctxdistill.compare import collect, main, summarise, write_results
-from ctxdistill.wandb_results import build_report
+from ctxdistill.evaluation import Evaluator, GenerationEvaluator, MixtureEvaluator
+from ctxdistill.methods.contextualization import ContextGeneration
+from ctxdistill.methods.genpi import PromptInternalizationEvaluator
+from ctxdistill.ranking import link_prediction_metrics
+from ctxdistill.results.cli import main
+from ctxdistill.results.files import write_results
+from ctxdistill.results.metrics import float32_rounded
+from ctxdistill.results.records import collect
+from ctxdistill.results.stats import mcnemar_exact, t_interval, t_quantile, wilson
+from ctxdistill.results.table import summarise
+from ctxdistill.results.wandb_outputs import build_report
+
+CLASSIFICATION = Evaluator.metric_set.to_dict()
+SERVING = {
+    "serving/teacher_prompt_tokens": 245.0,
+    "serving/student_prompt_tokens": 15.0,
+    "serving/teacher_latency_ms": 40.0,
+    "serving/student_latency_ms": 8.0,
+    "serving/teacher_kv_bytes": 2_000_000.0,
+    "serving/student_kv_bytes": 120_000.0,
+    "serving/prompt_tokens_ratio": 16.333334,
+    "serving/latency_ratio": 5.0,
+    "serving/kv_bytes_ratio": 16.666666,
+}
 
 
-def write_run(directory, method, seed, accuracy, finished, model="m", dataset="d"):
+def write_run(directory, method, seed, accuracy, finished, model="m", dataset="d", metrics=None, n=200):
     directory.mkdir(parents=True)
     (directory / "metrics.json").write_text(
         json.dumps(
@@ -20,13 +50,17 @@ def write_run(directory, method, seed, accuracy, finished, model="m", dataset="d
                 "seed": seed,
                 "status": "complete",
                 "finished_at": finished,
-                "metrics": {
+                "metric_set": CLASSIFICATION,
+                "metrics": metrics
+                or {
                     "eval/accuracy": accuracy,
+                    "eval/examples": n,
                     "eval/teacher_agreement": 1.0,
                     "eval/kl_to_teacher": 0.5,
                     "eval/teacher_accuracy": 0.9,
                     "eval/majority_rate": 0.5,
                     "hans/accuracy": accuracy / 2,
+                    "hans/examples": 1000,
                     "hans/teacher_accuracy": 0.6,
                     "hans/majority_rate": 0.5,
                 },
@@ -35,7 +69,40 @@ def write_run(directory, method, seed, accuracy, finished, model="m", dataset="d
     )
 
 
-def test_table_aggregates_seeds_in_run_order_and_skips_incomplete_runs(tmp_path, capsys):
+# ---------------------------------------------------------------- intervals and the test, against references
+def test_wilson_interval_matches_newcombes_worked_examples():
+    # Newcombe (1998), Statistics in Medicine 17:857, Table I, method 3 (score interval)
+    assert wilson(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
+    assert wilson(15, 148) == pytest.approx((0.0624, 0.1605), abs=5e-5)
+    assert wilson(0, 20) == pytest.approx((0.0, 0.1611), abs=5e-5)
+
+
+def test_t_interval_uses_students_quantiles():
+    # two-sided 95% quantiles from the t table
+    for df, quantile in [(1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (29, 2.045)]:
+        assert t_quantile(df) == pytest.approx(quantile, abs=5e-4)
+    low, high = t_interval([0.93, 0.89, 0.73])  # the demo's teacher over three seeds
+    mean, sd = 0.85, math.sqrt(((0.08) ** 2 + 0.04**2 + 0.12**2) / 2)
+    assert (low, high) == pytest.approx((mean - 4.303 * sd / math.sqrt(3), mean + 4.303 * sd / math.sqrt(3)), abs=1e-3)
+    assert t_interval([0.5]) is None
+
+
+def test_mcnemar_exact_is_the_two_sided_binomial_tail():
+    assert mcnemar_exact(1, 9) == pytest.approx(2 * (1 + 10) / 1024)  # P(X <= 1 | 10, 1/2), doubled
+    assert mcnemar_exact(9, 1) == mcnemar_exact(1, 9)
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64)
+
+
+def test_metrics_are_stored_as_float32_holds_them():
+    assert float32_rounded(torch.tensor(0.54).item()) == 0.54 and torch.tensor(0.54).item() != 0.54
+    assert float32_rounded(torch.tensor([170.0]).div(200).item()) == 0.85
+    assert float32_rounded(1 / 3) == 0.33333334 and float32_rounded(200) == 200
+    assert float32_rounded(float("nan")) != float32_rounded(float("nan"))  # passes through
+
+
+# ---------------------------------------------------------------- the table and its formats
+def test_table_shows_n_and_intervals_per_set_and_skips_incomplete_runs(tmp_path, capsys):
     write_run(tmp_path / "a", "icl", 0, 0.8, "2026-01-01T00:00:01")
     write_run(tmp_path / "b", "icl", 1, 0.6, "2026-01-01T00:00:02")
     write_run(tmp_path / "c", "cd", 0, 0.7, "2026-01-01T00:00:03")
@@ -43,11 +110,13 @@ def test_table_aggregates_seeds_in_run_order_and_skips_incomplete_runs(tmp_path,
     (tmp_path / "d" / "metrics.json").write_text(json.dumps({"status": "running"}))
     assert main([str(tmp_path), "--format", "markdown"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert "hans acc" in lines[0]
-    assert lines[2].startswith("| icl ") and "| 2 " in lines[2] and "0.700 ± 0.141" in lines[2]
-    assert "0.350 ± 0.071" in lines[2]  # the out-of-domain column
-    assert lines[3].startswith("| cd ") and "0.700 " in lines[3]
-    assert len(lines) == 4
+    assert lines[0] == "**in-domain (eval)**" and "| n " in lines[2] and "| accuracy " in lines[2]
+    # icl: two seeds, t-interval 0.7 ± 12.706 * 0.1414 / sqrt(2) cut to [0, 1]; cd: one run, Wilson over 200 examples
+    assert lines[4].startswith("| icl ") and "| 2 " in lines[4] and "0.700 [0.000, 1.000]" in lines[4]
+    low, high = wilson(140, 200)
+    assert lines[5].startswith("| cd ") and f"0.700 [{low:.3f}, {high:.3f}]" in lines[5] and "| 200 " in lines[5]
+    assert lines[7] == "**hans**" and "0.350 [0.000, 0.985]" in lines[11]
+    assert f"0.350 [{wilson(350, 1000)[0]:.3f}, {wilson(350, 1000)[1]:.3f}]" in lines[12]
 
 
 def test_csv_and_latex_output_and_an_empty_directory(tmp_path, capsys):
@@ -55,16 +124,34 @@ def test_csv_and_latex_output_and_an_empty_directory(tmp_path, capsys):
     write_run(tmp_path / "b", "cd", 1, 0.65, "2026-01-01T00:00:02", model="opt-125m", dataset="mnli")
     write_run(tmp_path / "c", "zero_shot", 0, 0.5, "2026-01-01T00:00:03", model="opt-125m", dataset="mnli")
     assert main([str(tmp_path), "--format", "csv"]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("method,model,dataset,seeds,eval/accuracy_mean,eval/accuracy_std,")
-    assert out[1].startswith("cd,opt-125m,mnli,2,0.7,0.0707107,") and out[2].startswith(
-        "zero_shot,opt-125m,mnli,1,0.5,,"
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert list(rows[0])[:7] == [
+        "method",
+        "model",
+        "dataset",
+        "seeds",
+        "model_parameters",
+        "eval/examples",
+        "eval/accuracy_mean",
+    ]
+    cd, zero = rows
+    assert (cd["method"], cd["seeds"], cd["eval/accuracy_mean"], cd["eval/accuracy_std"]) == (
+        "cd",
+        "2",
+        "0.7",
+        "0.0707107",
+    )
+    half = 12.7062 * 0.0707107 / math.sqrt(2)
+    assert float(cd["eval/accuracy_low"]) == pytest.approx(0.7 - half, abs=1e-4)
+    assert (
+        float(zero["eval/accuracy_low"]) == pytest.approx(wilson(100, 200)[0], abs=1e-6)
+        and zero["eval/accuracy_std"] == ""
     )
     assert main([str(tmp_path), "--format", "latex"]) == 0
     latex = capsys.readouterr().out.splitlines()
-    assert latex[0].startswith(r"\begin{tabular}{lllr") and latex[1] == r"\toprule"
-    assert latex[4].startswith(r"cd & opt-125m & mnli & 2 & $0.700 \pm 0.071$ & ")
-    assert latex[5].startswith(r"zero\_shot & opt-125m & mnli & 1 & 0.500 & ") and latex[-1] == r"\end{tabular}"
+    assert latex[0] == "% in-domain (eval)" and latex[1].startswith(r"\begin{tabular}{lllr") and latex[2] == r"\toprule"
+    assert latex[5].startswith(r"cd & opt-125m & mnli & 2 & 200 & $0.700\ [0.065, 1.000]$ & ")
+    assert latex[6].startswith(r"zero\_shot & opt-125m & mnli & 1 & 200 & $0.500\ [0.431, 0.569]$")
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 1
 
@@ -77,23 +164,191 @@ def test_a_cut_short_metrics_file_is_named_and_skipped_and_the_good_runs_are_sho
     assert main([str(tmp_path), "--format", "csv"]) == 0
     captured = capsys.readouterr()
     assert f"warning: skipping {broken}: unreadable" in captured.err
-    assert captured.out.splitlines()[1].startswith("cd,opt-125m,mnli,1,0.7,")
+    assert captured.out.splitlines()[1].startswith("cd,opt-125m,mnli,1,1.25e+08,200,0.7,")
     assert main([str(tmp_path), "--strict"]) == 1
     assert main([str(tmp_path / "broken")]) == 1  # nothing readable
 
 
+def test_a_run_from_before_declarations_keeps_every_metric(tmp_path, capsys):
+    old = tmp_path / "old"
+    write_run(old, "cd", 0, 0.7, "2026-01-01T00:00:01", metrics={"eval/accuracy": 0.7, "eval/bleu": 0.25})
+    record = json.loads((old / "metrics.json").read_text())
+    del record["metric_set"]
+    (old / "metrics.json").write_text(json.dumps(record))
+    assert main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[4:] == ["accuracy", "bleu"] and lines[3].split()[4:] == ["0.700", "0.250"]
+
+
+# ---------------------------------------------------------------- the paired test (--vs)
+def write_predictions(directory, outcomes, set_name="eval"):
+    with (directory / "predictions.jsonl").open("w") as f:
+        for i, right in enumerate(outcomes):
+            f.write(json.dumps({"set": set_name, "uid": f"q{i}", "label": 1, "prediction": int(right)}) + "\n")
+
+
+def test_vs_adds_mcnemars_exact_test_on_the_shared_examples(tmp_path, capsys):
+    # 20 shared examples: both right on 8, cd alone on 9, icl alone on 1, both wrong on 2
+    icl = [True] * 8 + [False] * 9 + [True] + [False] * 2
+    cd = [True] * 8 + [True] * 9 + [False] + [False] * 2
+    for method, outcomes, directory in (("icl", icl, "a"), ("cd", cd, "b")):
+        accuracy = sum(outcomes) / 20
+        write_run(tmp_path / directory, method, 0, accuracy, f"2026-01-01T00:00:0{directory == 'b'}", n=20)
+        write_predictions(tmp_path / directory, outcomes)
+    assert main([str(tmp_path), "--vs", "icl"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("Δ accuracy vs icl  p (McNemar)  pairs")
+    cd_line = next(line for line in lines if line.startswith("cd "))
+    assert cd_line.split()[-3:] == ["+0.400", f"{mcnemar_exact(9, 1):.3f}", "20"] == ["+0.400", "0.021", "20"]
+    assert main([str(tmp_path), "--vs", "icl", "--format", "csv"]) == 0
+    row = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))[1]
+    assert float(row["eval/p_vs_icl"]) == pytest.approx(2 * 11 / 1024, rel=1e-5) and row["eval/pairs_vs_icl"] == "20"
+    assert main([str(tmp_path), "--vs", "ft"]) == 2
+    assert "no run of method ft here (methods: cd, icl)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- every family with its own columns
+def family_records():
+    """A classification run (with serving costs), a GenPI run and a knowledge-graph run, as metrics.json holds them."""
+    classification = {
+        "method": "cd",
+        "model": "smollm2-135m",
+        "dataset": "synthetic",
+        "metric_set": Evaluator.metric_set.with_objective("eval/accuracy").to_dict(),
+        "metrics": {
+            "eval/accuracy": 0.85,
+            "eval/examples": 200,
+            "eval/teacher_accuracy": 0.93,
+            "eval/teacher_student_gap": 0.08,
+            "eval/kl_to_teacher": 0.116,
+            **SERVING,
+        },
+    }
+    genpi = {
+        "method": "genpi",
+        "model": "tiny-random",
+        "dataset": "genpi_pirate",
+        "metric_set": PromptInternalizationEvaluator.metric_set.to_dict(),
+        "metrics": {
+            "eval/task_success": 0.5,
+            "eval/examples": 8,
+            "eval/rule_compliance": 0.75,
+            "eval/rougeL_to_teacher": 0.3125,
+            "pseudo_heldout/task_success": 0.25,
+            "pseudo_heldout/examples": 4,
+        },
+    }
+    kg = {
+        "method": "kgbert_cd",
+        "model": "minilm-l6",
+        "dataset": "wn18rr",
+        "metric_set": link_prediction_metrics("sampled100_").to_dict(),
+        "metrics": {
+            "eval/sampled100_mrr": 0.4,
+            "eval/sampled100_hits@1": 0.25,
+            "eval/sampled100_hits@3": 0.5,
+            "eval/sampled100_hits@10": 0.75,
+            "eval/sampled100_head_mrr": 0.3,
+            "eval/examples": 40,
+        },
+    }
+    for i, record in enumerate((classification, genpi, kg)):
+        record |= {"seed": 0, "paper": None, "status": "complete", "model_parameters": 10**6 * (i + 1)}
+    return classification, genpi, kg
+
+
+def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_wandb_runs(
+    tmp_path, capsys, monkeypatch
+):
+    from ctxdistill.tracking import WandbTracker
+
+    for setting in ("STATS", "META", "MACHINE_INFO"):  # seconds of system probing this test does not need
+        monkeypatch.setenv(f"WANDB_X_DISABLE_{setting}", "true")
+
+    for record in family_records():
+        cell = tmp_path / "files" / record["method"]
+        cell.mkdir(parents=True)
+        (cell / "metrics.json").write_text(json.dumps(record))
+        # what run.py logs: the config with the declarations, the final metrics as the summary
+        tracker = WandbTracker(
+            project="p",
+            entity=None,
+            mode="offline",
+            group="g",
+            name=record["method"],
+            tags=[],
+            job_type="train",
+            config={key: {"name": record[key]} for key in ("method", "model", "dataset")} | {"seed": 0, "paper": None},
+            output_dir=str(tmp_path / "wandb" / record["method"]),
+            log_predictions=False,
+        )
+        tracker.add_config({"metric_set": record["metric_set"]})
+        tracker.log(record["metrics"], 2)
+        tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"]})
+        tracker.finish()
+    assert main([str(tmp_path / "files")]) == 0
+    from_files = capsys.readouterr().out
+    assert main([str(tmp_path / "wandb")]) == 0
+    assert capsys.readouterr().out == from_files
+    sections = from_files.split("== ")[1:]
+    assert [s.split(" ==")[0] for s in sections] == [
+        "classification (headline: accuracy)",
+        "link_prediction (headline: sampled100 MRR)",
+        "prompt_internalization (headline: task success)",
+    ]
+    classification, kg, genpi = sections
+    header = re.split(r"\s{2,}", classification.splitlines()[3])
+    assert header[4:] == ["n", "accuracy", "teacher acc", "teacher - student", "KL to teacher"]
+    assert "0.850 [0.794, 0.893]" in classification and "serving cost per query" in classification
+    assert "KV bytes ratio" in classification and "2,000,000" in classification and "16.667" in classification
+    kg_lines = kg.splitlines()
+    assert re.split(r"\s{2,}", kg_lines[3])[4:] == [
+        "n",
+        "sampled100 MRR",
+        *(f"sampled100 Hits@{k}" for k in (1, 3, 10)),
+    ]
+    assert kg_lines[5].split()[4:6] == ["40", "0.400"] and f"0.250 [{wilson(10, 40)[0]:.3f}," in kg_lines[5]
+    assert "head_mrr" not in kg and "head MRR" not in kg  # undeclared companions stay in metrics.json
+    assert "task success" in genpi and "Rouge-L to teacher" in genpi and "0.312" in genpi
+    assert "held-out pseudo inputs (the objective's set)" in genpi and "0.250 [" in genpi
+
+
+def test_every_evaluator_declares_one_headline_and_its_objective_is_checked(make_cfg):
+    from ctxdistill.config import ConfigError
+    from ctxdistill.methods import build_method
+
+    declared = [
+        Evaluator.metric_set,
+        GenerationEvaluator.metric_set,
+        MixtureEvaluator.metric_set,
+        PromptInternalizationEvaluator.metric_set,
+        ContextGeneration.metric_set,
+        link_prediction_metrics(),
+    ]
+    assert [m.headline.name for m in declared] == ["accuracy", "accuracy", "accuracy", "task_success", "written", "mrr"]
+    ft = build_method(make_cfg("method=ft", "method.objective=eval/vocab_accuracy").method)
+    assert ft.metric_set(Evaluator).objective == "eval/vocab_accuracy"
+    ft.objective = "eval/bleu"
+    with pytest.raises(ConfigError, match=r"method.objective: eval/bleu is not a metric method=ft reports"):
+        ft.metric_set(Evaluator)
+
+
+# ---------------------------------------------------------------- files, plots, W&B
 def grid(tmp_path):
-    """Two methods x two model sizes x two seeds on one dataset with an out-of-domain set."""
+    """Two methods x two model sizes x two seeds on one dataset with an out-of-domain set and serving costs."""
     for i, (method, model, seed) in enumerate(itertools.product(["icl", "cd"], ["opt-1.3b", "opt-125m"], [0, 1])):
         accuracy = 0.6 + 0.1 * (model == "opt-1.3b") + 0.05 * seed - 0.05 * (method == "cd")
-        write_run(tmp_path / "runs" / str(i), method, seed, accuracy, f"2026-01-01T00:00:{i:02d}", model, "mnli")
+        metrics = {"eval/accuracy": accuracy, "eval/examples": 200, "eval/teacher_accuracy": 0.9}
+        metrics |= {"eval/majority_rate": 0.5, "hans/accuracy": accuracy / 2, "hans/teacher_accuracy": 0.6}
+        metrics |= {k: v * (1 + (method == "icl")) for k, v in SERVING.items()}
+        write_run(tmp_path / "runs" / str(i), method, seed, 0, f"2026-01-01T00:00:{i:02d}", model, "mnli", metrics)
     return collect([tmp_path / "runs"])
 
 
 def test_results_directory_has_readme_tables_and_plots_per_dataset(tmp_path):
     readme = write_results(tmp_path, grid(tmp_path), title="Results: grid")
     text = readme.read_text()
-    assert text.startswith("# Results: grid") and "8 complete runs" in text
+    assert text.startswith("# Results: grid") and "8 complete runs" in text and "95% interval" in text
     table = text[text.index("| method") :].splitlines()
     # model sizes in order (125m before 1.3b), methods in the order they ran
     assert [line.split("|")[1:3] for line in table[2:6]] == [
@@ -102,31 +357,80 @@ def test_results_directory_has_readme_tables_and_plots_per_dataset(tmp_path):
         [" icl    ", " opt-1.3b "],
         [" cd     ", " opt-1.3b "],
     ]
-    assert "hans acc" in table[0] and "hans teacher acc" in table[0] and "hans majority" in table[0]
-    for plot in ("accuracy_vs_size_mnli.png", "teacher_gap_mnli.png"):
+    assert "**hans**" in text and "**serving cost per query (teacher: with the context)**" in text
+    for plot in ("accuracy_vs_size_mnli.png", "serving_cost_mnli.png"):
         assert f"](results/{plot})" in text
         with Image.open(tmp_path / "results" / plot) as image:
             image.verify()
+            assert image.size[0] > 400
+    assert (tmp_path / "results" / "table.csv").read_text().count("\n") == 5
 
 
-def test_wandb_report_spec_has_a_section_per_dataset_filtered_to_the_group(tmp_path):
+def test_wandb_report_spec_follows_the_declarations(tmp_path):
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
 
     runs = grid(tmp_path)
     write_run(tmp_path / "rte", "cd", 0, 0.5, "2026-01-01T00:01:00", "opt-125m", "rte")
+    kg = family_records()[2]
     report = build_report(
-        summarise(runs + collect([tmp_path / "rte"])), entity="me", project="ctxdistill", group="sweep-1"
+        summarise(runs + collect([tmp_path / "rte"]) + [kg]), entity="me", project="ctxdistill", group="sweep-1"
     )
     assert (report.entity, report.project, report.title) == ("me", "ctxdistill", "ctxdistill: sweep-1")
     headings = [b.text for b in report.blocks if isinstance(b, wr.H2)]
     grids = [b for b in report.blocks if isinstance(b, wr.PanelGrid)]
-    assert headings == ["mnli", "rte"] and len(grids) == 2
+    assert headings == ["mnli: classification", "rte: classification", "wn18rr: link_prediction"]
     runset = grids[0].runsets[0]
     conditions = {(f.key.section, f.key.name, f.value) for f in expr.expr_to_filters(runset.filters).filters}
     assert conditions == {("run", "group", "sweep-1"), ("config", "dataset.name", "mnli")}
     assert runset.groupby == ["config.method.name", "config.model.name"]
     bars = grids[0].panels[0]
     assert bars.metrics == ["eval/accuracy", "hans/accuracy"] and bars.groupby_rangefunc == "stddev"
-    scatter_y = [p.y.name for p in grids[0].panels if isinstance(p, wr.ScatterPlot)]
-    assert scatter_y == ["eval/accuracy", "hans/accuracy"]
+    assert [p.y.name for p in grids[0].panels if isinstance(p, wr.ScatterPlot)] == ["eval/accuracy", "hans/accuracy"]
+    assert grids[2].panels[0].metrics == ["eval/sampled100_mrr"]
+
+
+def test_the_results_modules_import_no_cycle_and_nothing_above_them():
+    package = Path(__file__).parents[1] / "src" / "ctxdistill" / "results"
+    graph = {}
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ctxdistill")
+        }
+        graph[f"ctxdistill.results.{path.stem}"] = imported
+    outside = {m for name, deps in graph.items() for m in deps if not m.startswith("ctxdistill.results")}
+    assert outside <= {"ctxdistill.tracking"}  # only the command line's W&B mode lookup
+    assert {name for name, deps in graph.items() if "ctxdistill.tracking" in deps} == {"ctxdistill.results.cli"}
+
+    def visit(module, path):
+        assert module not in path, f"import cycle: {' -> '.join([*path, module])}"
+        for dep in graph.get(module, ()):
+            visit(dep, [*path, module])
+
+    for module in graph:
+        visit(module, [])
+
+
+def test_by_splits_a_methods_runs_by_a_config_key_and_mixed_settings_are_warned_of(tmp_path, capsys):
+    for alpha, mrrs in ((0.0, (0.5, 0.6, 0.7)), (1.0, (0.2, 0.2))):
+        for seed, mrr in enumerate(mrrs):
+            run = tmp_path / f"a{alpha}_s{seed}"
+            run.mkdir()
+            record = {"status": "complete", "method": "kgbert_cd", "model": "m", "dataset": "d", "seed": seed}
+            (run / "metrics.json").write_text(json.dumps({**record, "metrics": {"eval/mrr": mrr}}))
+            (run / "config.yaml").write_text(f"method:\n  aux_weight: {alpha}\n")
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert "averages 5 runs over seeds [0, 0, 1, 1, 2]" in err and "--by KEY" in err
+    assert main([str(tmp_path), "--format", "csv", "--by", "method.aux_weight"]) == 0
+    out, err = capsys.readouterr()
+    rows = out.splitlines()[1:]
+    # t interval over seeds: 0.6 +- t(0.975, 2) * 0.1 / sqrt(3) = 0.6 +- 0.248414
+    assert rows == [
+        "kgbert_cd aux_weight=0.0,m,d,3,,0.6,0.1,0.351586,0.848414",
+        "kgbert_cd aux_weight=1.0,m,d,2,,0.2,0,0.2,0.2",
+    ]
+    assert "warning" not in err

@@ -116,6 +116,25 @@ def test_batched_scoring_keeps_input_order_and_matches_one_by_one(tiny, make_cfg
     assert kl.abs().max() < 1e-4
 
 
+def test_kl_to_teacher_equals_the_kl_of_distributions_held_in_memory(tiny, make_cfg):
+    """The teacher's distributions go through a file a batch at a time; the KL is the one computed from every
+    distribution in memory, by hand, over whole prompts."""
+    from ctxdistill.data import build_task
+    from ctxdistill.evaluation import score
+
+    _, tokenizer, model = tiny
+    task = build_task(make_cfg("dataset.context.num_demos=4").dataset, seed=0)
+    examples = task.eval_sets["eval"][:10]
+    teacher = score(model, tokenizer, task, examples, with_context=True, batch_size=4, keep_distribution=True)
+    kl = score(model, tokenizer, task, examples, with_context=False, batch_size=3, teacher=teacher).kl_to_teacher
+    with torch.no_grad():
+        p = answer_logits(model, encode(tokenizer, [task.prompt(e, True) for e in examples]))[:, -1].log_softmax(-1)
+        q = answer_logits(model, encode(tokenizer, [task.prompt(e, False) for e in examples]))[:, -1].log_softmax(-1)
+    expected = (p.exp() * (p - q)).sum(-1)
+    assert expected.min() > 1e-3  # the context changes the distribution: a KL of 0 would not pass
+    torch.testing.assert_close(kl, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_full_weight_training_keeps_a_frozen_copy_as_the_teacher_or_refuses_to_teach(tiny):
     cfg, tokenizer, _ = tiny
     model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)

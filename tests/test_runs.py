@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from ctxdistill import serving
+from ctxdistill.models import load_tokenizer
 from ctxdistill.run import run
 
 from conftest import TINY, own_ood_set
@@ -55,9 +58,18 @@ def test_every_method_leaves_its_results_on_disk(make_cfg, tmp_path, method, tra
     assert "seed: 7" in (tmp_path / "config.yaml").read_text()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file() == (trained == "adapter")
     assert ("train_queries/context_accuracy" in saved["metrics"]) == (trained is not None)
+    # Serving cost: the evaluated prompts' tokens (the context's too for icl) over the measured sample.
+    stored = OmegaConf.load(tmp_path / "config.yaml")
+    tokenizer = load_tokenizer(stored.model, stored.cache_dir)
+    tokens = [len(ids) for ids in tokenizer(serving.sample([r["prompt"] for r in rows])).input_ids]
+    assert metrics["serving/student_prompt_tokens"] == sum(tokens) / len(tokens)
     if method == "icl":  # the untrained model with the context is the teacher
         assert saved["metrics"]["eval/teacher_agreement"] == 1.0
         assert saved["metrics"]["eval/kl_to_teacher"] == 0.0
+        assert metrics["serving/latency_ratio"] == metrics["serving/kv_bytes_ratio"] == 1.0
+    else:
+        assert metrics["serving/prompt_tokens_ratio"] == pytest.approx(metrics["serving/kv_bytes_ratio"])
+        assert metrics["serving/prompt_tokens_ratio"] > 10
 
 
 @pytest.mark.parametrize(
@@ -102,7 +114,9 @@ def test_wandb_offline_writes_a_syncable_run_directory_and_one_console_line(
     assert "wandb:" not in console.out + console.err  # no banner, no footer of sparklines
     assert caplog.text.count(f"wandb sync {runs[0]}") == 1
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for logged in (b"eval/accuracy", b"train/loss", b"predictions", b"hydra_choices"):
+    # the provenance goes into the config at the start, and the teacher cache's key at the end
+    cache_key = read_metrics(tmp_path)["provenance"]["caches"][0]["key"].encode()
+    for logged in (b"eval/accuracy", b"train/loss", b"predictions", b"hydra_choices", b"config_sha256", cache_key):
         assert logged in records
 
 

@@ -14,11 +14,14 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ctxdistill.cli import cell_dir, run_unless_complete
-from ctxdistill.compare import collect, render, summarise
-from ctxdistill.compare import main as compare
 from ctxdistill.config import ConfigError, validate
+from ctxdistill.results.cli import main as compare
+from ctxdistill.results.metrics import float32_rounded
+from ctxdistill.results.records import collect
+from ctxdistill.results.render import render
+from ctxdistill.results.table import summarise
+from ctxdistill.results.wandb_runs import read_offline_run, record_from_wandb
 from ctxdistill.sweeps import group_name
-from ctxdistill.wandb_results import read_offline_run, record_from_wandb
 
 # A cell of these sweeps: seconds on the tiny random model (16 held-out examples, 2 training steps).
 CELL = ["model=tiny-random", "dataset.source.split_sizes.eval=16", "dataset.num_train_queries=8", "trainer.max_steps=2"]
@@ -70,6 +73,9 @@ def test_sweep_writes_one_cell_per_override_set_and_a_table_matching_a_hand_comp
     results = [json.loads((cell / "metrics.json").read_text()) for cell in cells]
     assert sorted((r["method"], r["seed"]) for r in results) == [("cd", 0), ("cd", 1), ("icl", 0), ("icl", 1)]
     assert all("method=" in cell.name and "seed=" in cell.name for cell in cells)
+    # stored as float32 holds them, with the declarations that name the columns
+    assert all(float32_rounded(v) == v for r in results for v in r["metrics"].values())
+    assert all(r["metric_set"]["family"] == "classification" and r["metrics"]["eval/examples"] == 16 for r in results)
     assert "Comparison (4 runs" in first.stdout
 
     rows = list(csv.DictReader(io.StringIO(compare_output(str(sweep_dir), "--format", "csv", capsys=capsys))))
@@ -98,7 +104,7 @@ def test_sweep_writes_one_cell_per_override_set_and_a_table_matching_a_hand_comp
         with Image.open(sweep_dir / "results" / png) as image:
             image.verify()
             assert image.format == "PNG" and image.size[0] > 400 and image.size[1] > 300
-    assert r"\pm" in (sweep_dir / "results" / "table.tex").read_text()
+    assert r"\ [" in (sweep_dir / "results" / "table.tex").read_text()  # mean and interval
 
 
 def test_rerunning_the_sweep_trains_nothing_and_changes_nothing(sweep, capsys):
@@ -156,11 +162,19 @@ def test_the_sweep_logs_its_table_and_plots_to_its_wandb_group(sweep):
         "plots/teacher_gap_synthetic",
     }
     logged = json.loads(next(run_dir.rglob("comparison_*.table.json")).read_text())
-    assert logged["columns"][:6] == ["method", "model", "dataset", "seeds", "model_parameters", "eval/accuracy_mean"]
+    assert logged["columns"][:7] == [
+        "method",
+        "model",
+        "dataset",
+        "seeds",
+        "model_parameters",
+        "eval/examples",
+        "eval/accuracy_mean",
+    ]
     files_table = list(csv.DictReader((sweep_dir / "results" / "table.csv").read_text().splitlines()))
     for row, file_row in zip(logged["data"], files_table):
-        assert row[:4] == [file_row["method"], "tiny-random", "synthetic", 2] and row[4] > 1e6
-        assert row[5] == pytest.approx(float(file_row["eval/accuracy_mean"]), abs=1e-5)
+        assert row[:4] == [file_row["method"], "tiny-random", "synthetic", 2] and row[4] > 1e6 and row[5] == 16
+        assert row[6] == pytest.approx(float(file_row["eval/accuracy_mean"]), abs=1e-5)
 
 
 def test_a_cell_directory_is_one_path_component_of_bounded_length():

@@ -128,6 +128,12 @@ class ContextConfig:
     # Several contexts of num_demos disjoint demonstrations each, distilled simultaneously (Snell et al.
     # eq. 2): every query and eval example is taught by one of them, picked by a hash of its id.
     num_contexts: int = 1
+    # One instruction per context, in place of ``instruction`` (as many as num_contexts): contexts that say
+    # different things, e.g. contradicting instructions distilled one after another (Snell et al. §4).
+    instructions: Optional[list[str]] = None
+    # The label words of each context's demonstrations, in place of the dataset's verbalizers (as many as
+    # num_contexts): a context that teaches another labelling. Evaluation keeps the dataset's verbalizers.
+    demo_verbalizers: Optional[list[list[str]]] = None
     balanced: bool = True
     shuffle_demos: bool = True  # false: the drawn demonstrations in dataset order (Upadhayaya et al.'s code)
     separator: str = "\n\n"
@@ -421,6 +427,20 @@ def _validate_classification(d: DictConfig, key: str) -> None:
     require(d.context.num_demos >= 0, f"{key}.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
     require(
         d.context.num_contexts >= 1, f"{key}.context.num_contexts", f"must be >= 1, got {d.context.num_contexts}", ""
+    )
+    require(
+        d.context.instructions is None or len(d.context.instructions) == d.context.num_contexts,
+        f"{key}.context.instructions",
+        f"gives {len(d.context.instructions or [])} instructions for {d.context.num_contexts} contexts",
+        f"Set {key}.context.num_contexts to the number of instructions",
+    )
+    per_context = d.context.demo_verbalizers
+    require(
+        per_context is None
+        or (len(per_context) == d.context.num_contexts and all(len(v) == len(d.verbalizers) for v in per_context)),
+        f"{key}.context.demo_verbalizers",
+        f"needs one list of {len(d.verbalizers)} label words per context ({d.context.num_contexts})",
+        f"Give {d.context.num_contexts} lists like {list(d.verbalizers)}",
     )
     require(d.num_train_queries >= 1, f"{key}.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
     require(

@@ -7,7 +7,8 @@ projection of the whole sequence is the largest avoidable cost in distillation.
 
 Teacher prompts share their context. :class:`SharedPrefix` runs the tokens that every
 prompt starts with once and keeps their key/value cache; each batch then runs only
-the query tokens, so the teacher's cost per query does not grow with the context.
+the query tokens and attends to the context without copying it
+(:mod:`ctxdistill.prefix_attention`), so the teacher's cost per query barely grows with the context.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Optional, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
+from ctxdistill import prefix_attention
 
 
 def encode(
@@ -56,68 +59,89 @@ def encode(
 
 
 class SharedPrefix:
-    """The key/value cache of the tokens that every prompt of a set starts with."""
+    """The key/value cache of the tokens that every prompt of a set starts with, and forward passes over it.
+
+    Callers see only the rows' own tokens (:meth:`forward`): their ids, positions after the prefix, an
+    attention mask and a cache of their own. For models whose every layer is plain softmax attention
+    with a full (not sliding-window) cache, the prefix is attended once per layer for all rows by
+    :mod:`ctxdistill.prefix_attention` and never copied. Other full-attention models (another attention
+    implementation, a wrapper that adds its own tokens to the cache) get a copy of the prefix's cache per
+    row; models with sliding-window (or other non-full) cache layers share nothing (``length`` 0).
+    """
 
     def __init__(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], enabled: bool = True
     ):
         """``enabled=False`` gives an empty prefix: every prompt is run whole (for comparisons)."""
-        ids = tokenizer(list(prompts)).input_ids
-        first = ids[0]
-        # Longest common token prefix; every row keeps at least one token of its own.
-        length = min(len(r) for r in ids) - 1 if enabled else 0
-        for row in ids[1:]:
-            length = next((i for i, (a, b) in enumerate(zip(first[:length], row)) if a != b), length)
+        first = tokenizer(prompts[0]).input_ids
+        # Longest common token prefix; every row keeps at least one token of its own. Prompts are tokenised a
+        # chunk at a time: the token lists of a whole eval set would take memory in proportion to it.
+        length = len(first) - 1 if enabled else 0
+        for start in range(0, len(prompts), 256):
+            for row in tokenizer(list(prompts[start : start + 256])).input_ids:
+                length = min(length, len(row) - 1)
+                length = next((i for i, (a, b) in enumerate(zip(first[:length], row)) if a != b), length)
         self.length = length
         self.cache = None
+        self.layers: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None  # per layer [kv_heads, length, dim]
+        self.configs = prefix_attention.attention_configs(model)
         if length > 0:
             device = next(model.parameters()).device
             with torch.no_grad():
                 self.cache = model(
                     input_ids=torch.tensor([first[:length]], device=device), use_cache=True, logits_to_keep=1
                 ).cache  # only the cache is needed
+            if not all(type(layer) is DynamicLayer for layer in self.cache.layers):
+                # A sliding window counts positions in the cache, where padding between the context and a row's
+                # tokens would sit: such models run every prompt whole.
+                self.length, self.cache = 0, None
+            elif self.cache.get_seq_length() == length and prefix_attention.handles(model):
+                # (A wrapper that adds tokens of its own to the cache, a trainable prefix, keeps the copy.)
+                self.layers = [(layer.keys[0], layer.values[0]) for layer in self.cache.layers]
 
-    def for_batch(self, batch_size: int):
-        """A cache for one batch that shares the prefix's tensors and stores only what the batch adds.
+    @property
+    def shares_attention(self) -> bool:
+        """Whether rows attend to the one prefix (True) or each to a copy of it (False)."""
+        return self.layers is not None
 
-        Each layer's prefix keys and values are broadcast views of the prefix's; the batch's own
-        keys and values (the queries, then every generated token) are appended per row, so a
-        generation loop sees prefix + query + everything generated so far at every step.
-        """
-        if all(type(layer) is DynamicLayer for layer in self.cache.layers):
-            cache = copy.copy(self.cache)
-            cache.layers = [
-                _PrefixLayer(
-                    layer.keys.expand(batch_size, *layer.keys.shape[1:]),
-                    layer.values.expand(batch_size, *layer.values.shape[1:]),
+    def forward(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Optional[Cache] = None,
+        **kwargs,
+    ):
+        """``model``'s output for rows that continue the prefix, with the rows' cache as ``output.cache``.
+
+        ``attention_mask`` covers the rows' own tokens (those in ``cache``, then ``input_ids``); ``cache`` is a
+        previous call's ``output.cache`` for the same rows, or None to start them."""
+        rows = input_ids.shape[0]
+        if self.cache is None:
+            return model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
+            )
+        if self.shares_attention:
+            with prefix_attention.attending(self.configs):
+                return model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache if cache is not None else DynamicCache(),
+                    shared_prefix=self.layers,
+                    **kwargs,
                 )
-                for layer in self.cache.layers
-            ]
-            return cache
-        cache = copy.deepcopy(self.cache)  # sliding-window and other layer kinds: a real copy per batch
-        cache.batch_repeat_interleave(batch_size)
-        return cache
-
-
-class _PrefixLayer(DynamicLayer):
-    """A cache layer over a shared, read-only prefix: ``keys``/``values`` hold the batch's own tokens only.
-
-    Each update appends the new keys/values to the batch's own and returns prefix + own; the joined
-    tensor lives for that layer's attention only, so memory holds one layer's copy of the prefix at a time.
-    """
-
-    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor):
-        super().__init__()
-        self.lazy_initialization(prefix_keys, prefix_values)
-        self.prefix_keys, self.prefix_values = prefix_keys, prefix_values
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        return (torch.cat([self.prefix_keys, self.keys], dim=-2), torch.cat([self.prefix_values, self.values], dim=-2))
-
-    def get_seq_length(self) -> int:
-        return self.prefix_keys.shape[-2] + super().get_seq_length()
+        if cache is None:  # a copy of the context per row
+            cache = copy.deepcopy(self.cache)
+            cache.batch_repeat_interleave(rows)
+        return model(
+            input_ids=input_ids,
+            attention_mask=torch.cat([attention_mask.new_ones(rows, self.length), attention_mask], 1),
+            position_ids=position_ids,
+            cache=cache,
+            **kwargs,
+        )
 
 
 def answer_logits(
@@ -128,19 +152,14 @@ def answer_logits(
     With ``prefix`` the batch must have been encoded with ``prefix_length=prefix.length``.
     """
     device = next(model.parameters()).device
-    attention_mask = batch["attention_mask"].to(device)
-    past = None
-    if prefix is not None and prefix.cache is not None:
-        past = prefix.for_batch(attention_mask.shape[0])
-        attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], prefix.length), attention_mask], 1)
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=attention_mask,
-        position_ids=batch["position_ids"].to(device),
-        cache=past,
-        logits_to_keep=batch["answer_ids"].shape[1],
-        use_cache=past is not None,
-    )
+    inputs = {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
+        "position_ids": batch["position_ids"].to(device),
+        "logits_to_keep": batch["answer_ids"].shape[1],
+        "use_cache": False,  # a prefix's rows have a cache of their own all the same, for this call only
+    }
+    out = prefix.forward(model, **inputs) if prefix is not None else model(**inputs)
     return out.logits.float()
 
 

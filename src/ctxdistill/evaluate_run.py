@@ -63,13 +63,16 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
     """Evaluate the run in ``run_dir`` under ``overrides``; returns what metrics.json holds."""
     import torch
 
+    from ctxdistill import provenance
     from ctxdistill.config import ConfigError, validate
     from ctxdistill.methods import build_method
     from ctxdistill.models import ModelHandle, honour_name_or_path, load_tokenizer, model_identity
-    from ctxdistill.run import build_models, run_identity, save_results, separate_teacher_tokenizer
+    from ctxdistill.run import build_models, rounded, run_identity, save_results, separate_teacher_tokenizer
+    from ctxdistill.serving import serving_metrics
 
     out = run_dir / EVALUATIONS / name
     cfg = evaluation_config(run_dir, overrides, out)
+    provenance.begin_run()
     validate(cfg)
     honour_name_or_path(cfg.model)
     method = build_method(cfg.method)
@@ -93,17 +96,22 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
         identity=model_identity(method.teacher_model or cfg.model, cfg.seed),
     )
     evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
+    metric_set = method.metric_set(evaluator)
     evaluator.prepare()
     metrics, predictions = evaluator.evaluate()
+    metrics.update(serving_metrics(evaluator.serving_costs()))
+    metrics = rounded(metrics)
     result = {
         **run_identity(cfg, task),
         "status": "complete",
         "metrics": metrics,
+        "metric_set": metric_set.to_dict(),
         "objective": method.objective,
         "evaluated_run": str(run_dir),
         "weights": str(saved) if saved else None,
         "overrides": overrides,
         "model_parameters": parameters,
+        "provenance": provenance.describe(OmegaConf.to_container(cfg, resolve=True), task, device, 1),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     out.mkdir(parents=True, exist_ok=True)

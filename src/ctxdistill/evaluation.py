@@ -17,7 +17,9 @@ are gathered, so every process ends with the whole set's scores in input order.
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,6 +33,8 @@ from ctxdistill.encoding import SharedPrefix, answer_logits, answer_token_logpro
 from ctxdistill.generation import generate
 from ctxdistill.losses import forward_kl, with_rest_bucket
 from ctxdistill.models import ModelHandle
+from ctxdistill.results.metrics import EXAMPLES, IN_DOMAIN, Metric, MetricSet
+from ctxdistill.serving import ServingCost, measure_task
 
 
 def check_prompt_lengths(task: Task | TaskMixture, tokenizer, window: int, answer_tokens: int) -> None:
@@ -76,10 +80,39 @@ def check_answer_tokenization(task: Task | TaskMixture, tokenizer, examples_per_
                         )
 
 
+class SpilledRows:
+    """Vocabulary-sized float32 rows (the teacher's next-token log-probabilities) kept in a temporary file and
+    read back a batch at a time, so the KL to the teacher is exact while memory holds one batch of them, not
+    N x V floats (the file takes 4 N V bytes of disk, in the system's temporary directory)."""
+
+    def __init__(self, width: int):
+        self.width, self.file, self.slots = width, tempfile.TemporaryFile(), {}
+        self.buffer = torch.empty(0, width)
+
+    def write(self, indices: list[int], rows: torch.Tensor) -> None:
+        """Stores ``rows`` [len(indices), width] as the rows of ``indices``."""
+        data = rows.detach().float().cpu().contiguous().numpy()
+        self.file.seek(0, os.SEEK_END)
+        first = self.file.tell() // (4 * self.width)
+        self.file.write(data.data)
+        self.slots.update({index: first + i for i, index in enumerate(indices)})
+
+    def read(self, indices: list[int]) -> torch.Tensor:
+        """The rows of ``indices`` [len(indices), width], valid until the next read: one buffer serves every read,
+        since a fresh batch-sized allocation per read fragments the heap until memory grows with the batches."""
+        if self.buffer.shape[0] < len(indices):
+            self.buffer = torch.empty(len(indices), self.width)
+        rows = self.buffer[: len(indices)]
+        for row, index in zip(rows.numpy(), indices):
+            self.file.seek(self.slots[index] * 4 * self.width)
+            self.file.readinto(row.data)
+        return rows
+
+
 @dataclass
 class Scores:
     label_logprobs: torch.Tensor  # [N, C]
-    next_token_logprobs: Optional[torch.Tensor]  # [N, V] at the answer position, kept for the teacher only
+    next_token_logprobs: Optional[SpilledRows]  # [N, V] at the answer position, kept for the teacher only
     kl_to_teacher: Optional[torch.Tensor]  # [N]
     top_token: torch.Tensor  # [N] the most likely next token over the whole vocabulary (greedy decoding)
     voted: Optional[torch.Tensor] = None  # [N] majority answers, when each row stands for several draws
@@ -131,7 +164,8 @@ def score(
     prefix = SharedPrefix(model, tokenizer, all_prompts, share_prefix)  # the context, run once for the whole set
     # Batches of similar length waste little compute on padding; results go back in input order.
     order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
-    label_lp, distributions, kls, top = [], [], [], []
+    label_lp, kls, top = [], [], []
+    distributions = None
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
         rows = order[start : start + batch_size]
         prompts = [all_prompts[i] for i in rows]
@@ -147,15 +181,16 @@ def score(
                 per_class.append(answer_token_logprobs(answer_logits(model, batch, prefix), batch).cpu())
             label_lp.append(torch.stack(per_class, -1))
         if teacher is not None:
-            reference = teacher.next_token_logprobs[rows].to(next_token.device)
+            reference = teacher.next_token_logprobs.read(rows).to(next_token.device)
             kls.append(forward_kl(next_token, reference).cpu())
         if keep_distribution:
-            distributions.append(next_token.cpu())
+            distributions = distributions or SpilledRows(next_token.shape[-1])
+            distributions.write(rows, next_token)
     model.train(was_training)
     restore = torch.argsort(torch.tensor(order))
     return Scores(
         torch.cat(label_lp)[restore],
-        torch.cat(distributions)[restore] if keep_distribution else None,
+        distributions,
         torch.cat(kls)[restore] if teacher is not None else None,
         torch.cat(top)[restore],
     )
@@ -315,8 +350,35 @@ def generation_metrics(
     return {**metrics, "rougeL_to_teacher": rouge(replies), "base_rougeL_to_teacher": rouge(base_replies)}
 
 
+# Serving cost per query, teacher (the base model with the context) and model (without), written by the run for
+# classification tasks; the ratios are teacher / model.
+SERVING = "serving"
+SERVING_METRICS = (
+    *(
+        Metric(f"{who}_{what}", f"{who} {label}", higher_is_better=False, sets=(SERVING,), kind="value")
+        for what, label in (("prompt_tokens", "prompt tokens"), ("latency_ms", "latency ms"), ("kv_bytes", "KV bytes"))
+        for who in ("teacher", "student")
+    ),
+    Metric("prompt_tokens_ratio", "prompt tokens ratio", sets=(SERVING,), kind="value"),
+    Metric("latency_ratio", "latency ratio", sets=(SERVING,), kind="value"),
+    Metric("kv_bytes_ratio", "KV bytes ratio", sets=(SERVING,), kind="value"),
+)
+SERVING_COSTS = (
+    (f"{SERVING}/student_kv_bytes", f"{SERVING}/teacher_kv_bytes", "KV-cache bytes per query"),
+    (f"{SERVING}/student_latency_ms", f"{SERVING}/teacher_latency_ms", "latency per query (ms)"),
+)
+TEACHER_GAP = Metric(
+    "teacher_student_gap", "teacher - student", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"
+)
+CONTEXT_ACCURACY = Metric("context_accuracy", "ctx acc", sets=("train_queries",))
+TRAIN_QUERIES_TITLE = {"train_queries": "training queries: the trained model with the context"}
+
+
 class EvaluatorBase:
     """What a run asks of the object a method's ``evaluator()`` returns."""
+
+    #: the metrics :meth:`evaluate` reports, which tables, plots and dashboards show
+    metric_set: MetricSet
 
     def prepare(self) -> None:
         """Work before training, such as the frozen teacher's references (full-weight training changes it)."""
@@ -329,6 +391,11 @@ class EvaluatorBase:
         """Metrics that only a trained model has (none by default)."""
         return {}
 
+    def serving_costs(self) -> list[tuple[ServingCost, ServingCost]]:
+        """(teacher with the context, model as served) cost per query, one pair per evaluated task (none by
+        default); see :mod:`ctxdistill.serving`."""
+        return []
+
 
 class Evaluator(EvaluatorBase):
     """Evaluates the model on every eval set of a task against the frozen teacher.
@@ -336,6 +403,33 @@ class Evaluator(EvaluatorBase):
     The teacher (base weights, adapter disabled, with context) is scored once per eval
     set and reused by every later evaluation, including periodic ones during training.
     """
+
+    #: whether serving cost per query is measured: one forward pass answers a query here, while a generated
+    #: answer's cost depends on how long it is.
+    measures_serving = True
+
+    metric_set = MetricSet(
+        "classification",
+        (
+            EXAMPLES,
+            Metric("accuracy", "accuracy", headline=True),
+            Metric("teacher_accuracy", "teacher acc"),
+            TEACHER_GAP,
+            Metric("majority_rate", "majority", kind="value"),
+            Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
+            Metric("kl_to_teacher", "KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"),
+            Metric("f1", "F1", sets=(IN_DOMAIN,), kind="value"),
+            Metric("vocab_accuracy", "vocab acc", sets=(IN_DOMAIN,)),
+            Metric("single_draw_accuracy", "single-draw acc"),
+            CONTEXT_ACCURACY,
+            *SERVING_METRICS,
+        ),
+        teacher="teacher_accuracy",
+        chance="majority_rate",
+        outcome=("prediction", "label"),
+        costs=SERVING_COSTS,
+        set_titles={**TRAIN_QUERIES_TITLE, SERVING: "serving cost per query (teacher: with the context)"},
+    )
 
     def __init__(
         self,
@@ -359,9 +453,21 @@ class Evaluator(EvaluatorBase):
         self._teacher: dict[str, object] = {}  # per set: what score_teacher returns
 
     def prepare(self) -> None:
-        """Score the teacher before training: full fine-tuning changes its weights."""
+        """Score the teacher, and measure what serving it costs, before training: full fine-tuning changes its
+        weights."""
         for name in self.task.eval_sets:
             self.teacher_scores(name)
+        if self.measures_serving:
+            with self.handle.teacher() as teacher:
+                self.teacher_serving = measure_task(teacher, self.teacher_tokenizer, self.task, True, self.batch_size)
+
+    def serving_costs(self) -> list[tuple[ServingCost, ServingCost]]:
+        if not self.measures_serving:
+            return []
+        served = self.teacher_serving
+        if not self.model_is_teacher:
+            served = measure_task(self.handle.base, self.tokenizer, self.task, self.with_context, self.batch_size)
+        return [(self.teacher_serving, served)]
 
     def teacher_scores(self, name: str):
         if name not in self._teacher:
@@ -430,6 +536,8 @@ class Evaluator(EvaluatorBase):
             members = torch.tensor([e.group == group for e in examples])
             result[f"accuracy_{group}"] = (model.predictions == labels)[members].float().mean().item()
         result["teacher_accuracy"] = (teacher.predictions == labels).float().mean().item()
+        result["teacher_student_gap"] = result["teacher_accuracy"] - result["accuracy"]
+        result["examples"] = len(examples)
         result["teacher_agreement"] = (model.predictions == teacher.predictions).float().mean().item()
         result["kl_to_teacher"] = model.kl_to_teacher.mean().item()
         rows = [
@@ -454,7 +562,7 @@ class Evaluator(EvaluatorBase):
         if not self.task.train_query_labels:
             return {}
         accuracy = self.context_accuracy(self.task.train_queries, self.task.train_query_labels)
-        return {"train_queries/context_accuracy": accuracy}
+        return {"train_queries/context_accuracy": accuracy, "train_queries/examples": len(self.task.train_queries)}
 
     def context_accuracy(self, examples: list[Example], labels: list[int]) -> float:
         """Accuracy of the (trained) model *with* the context on ``examples``."""
@@ -490,6 +598,25 @@ class GenerationEvaluator(Evaluator):
     (``extraction_failures``, ``teacher_extraction_failures``) and scored wrong.
     """
 
+    measures_serving = False
+
+    metric_set = MetricSet(
+        "exact_match",
+        (
+            EXAMPLES,
+            Metric("accuracy", "exact match", headline=True),
+            Metric("teacher_accuracy", "teacher exact match"),
+            TEACHER_GAP,
+            Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
+            Metric("extraction_failures", "no answer", higher_is_better=False, kind="count"),
+            Metric("teacher_extraction_failures", "teacher no answer", higher_is_better=False, kind="count"),
+            CONTEXT_ACCURACY,
+        ),
+        teacher="teacher_accuracy",
+        outcome=("prediction", "target"),
+        set_titles=TRAIN_QUERIES_TITLE,
+    )
+
     def answers(self, model, examples: list[Example], with_context: bool, desc: str) -> Answers:
         spec = self.task.generation
         prompts = [self.task.prompt(e, with_context) for e in examples]
@@ -520,6 +647,7 @@ class GenerationEvaluator(Evaluator):
         result = {
             "accuracy": exact_match_rate(model.answers, targets),
             "teacher_accuracy": exact_match_rate(teacher.answers, targets),
+            "examples": len(examples),
             # Agreement is about behaviour: finding no answer where the teacher finds none agrees too.
             "teacher_agreement": sum(a == t for a, t in zip(model.answers, teacher.answers)) / len(examples),
             "extraction_failures": sum(a is None for a in model.answers),
@@ -530,6 +658,7 @@ class GenerationEvaluator(Evaluator):
             result[f"accuracy_{group}"] = exact_match_rate(
                 [model.answers[i] for i in members], [targets[i] for i in members]
             )
+        result["teacher_student_gap"] = result["teacher_accuracy"] - result["accuracy"]
         rows = [
             {
                 "uid": e.uid,
@@ -566,6 +695,28 @@ class MixtureEvaluator(EvaluatorBase):
         "f1",
         "majority_rate",
     )
+    # In-domain figures are means over the tasks (each task's own set of examples): no interval over examples.
+    metric_set = MetricSet(
+        "mixture",
+        (
+            Metric("accuracy", "mean acc", sets=(IN_DOMAIN,), kind="value", headline=True),
+            Metric("teacher_accuracy", "mean teacher acc", sets=(IN_DOMAIN,), kind="value"),
+            Metric("single_draw_accuracy", "mean single-draw acc", sets=(IN_DOMAIN,), kind="value"),
+            Metric("teacher_agreement", "mean agree w/ teacher", sets=(IN_DOMAIN,), kind="value"),
+            Metric("kl_to_teacher", "mean KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"),
+            Metric("f1", "mean F1", sets=(IN_DOMAIN,), kind="value"),
+            Metric("majority_rate", "mean majority", sets=(IN_DOMAIN,), kind="value"),
+            # each task's own figures
+            EXAMPLES,
+            Metric("accuracy", "accuracy"),
+            Metric("teacher_accuracy", "teacher acc"),
+            Metric("single_draw_accuracy", "single-draw acc"),
+            Metric("majority_rate", "majority", kind="value"),
+        ),
+        teacher="teacher_accuracy",
+        chance="majority_rate",
+        outcome=("prediction", "label"),
+    )
 
     def __init__(
         self,
@@ -584,6 +735,9 @@ class MixtureEvaluator(EvaluatorBase):
     def prepare(self) -> None:
         for evaluator in self.evaluators.values():
             evaluator.prepare()
+
+    def serving_costs(self) -> list[tuple[ServingCost, ServingCost]]:
+        return [pair for evaluator in self.evaluators.values() for pair in evaluator.serving_costs()]
 
     def evaluate(self, names: Optional[list[str]] = None) -> tuple[dict[str, float], dict[str, list[dict]]]:
         metrics, rows = {}, {}

@@ -4,7 +4,7 @@ One loop serves every method and evaluation that needs the model's own text (the
 teacher's answer spans, on-policy samples of the student, a scratchpad and its final
 answer, generation-based evaluation). It decodes with the key/value cache and applies
 the LM head to the last position only; with a :class:`~ctxdistill.encoding.SharedPrefix`
-the common context is not run again. A ``torch.Generator`` makes sampling reproducible
+the common context is not run again, nor copied per row. A ``torch.Generator`` makes sampling reproducible
 independently of the global random state.
 """
 
@@ -73,13 +73,13 @@ def generate(
         position_ids = batch["position_ids"].to(device)
         rows = input_ids.shape[0]
         past = None
-        if prefix is not None and prefix.cache is not None:
-            past = prefix.for_batch(rows)
-            attention_mask = torch.cat([attention_mask.new_ones(rows, prefix.length), attention_mask], 1)
         tokens = [[] for _ in range(rows)]
         done = [False] * rows
+        run = prefix.forward if prefix is not None else lambda model, **inputs: model(**inputs)
         for _ in range(max_new_tokens):
-            out = model(
+            # With a prefix, the rows' cache holds their own tokens only: the context stays shared.
+            out = run(
+                model,
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ctxdistill.data.kg import KGTask, Triple
 from ctxdistill.evaluation import EvaluatorBase
+from ctxdistill.results.metrics import EXAMPLES, Metric, MetricSet
 
 #: score(queries, candidates) -> one score tensor per query; a query is (triple, direction) with
 #: direction "tail" (rank candidate tails for (h, r, ?)) or "head" (heads for (?, r, t)).
@@ -50,6 +51,18 @@ def ranking_metrics(ranks: Sequence[float], prefix: str = "") -> dict[str, float
     return metrics
 
 
+def link_prediction_metrics(prefix: str = "") -> MetricSet:
+    """MRR and Hits@k over the head and tail queries of each set, named with the ranking mode's prefix."""
+    return MetricSet(
+        "link_prediction",
+        (
+            EXAMPLES,
+            Metric(f"{prefix}mrr", f"{prefix}MRR".replace("_", " "), kind="value", headline=True),
+            *(Metric(f"{prefix}hits@{k}", f"{prefix}Hits@{k}".replace("_", " ")) for k in HITS),
+        ),
+    )
+
+
 class TrueAnswers:
     """Every known answer of every (h, r, ?) and (?, r, t) query, over all splits."""
 
@@ -75,6 +88,7 @@ class LinkPredictionEvaluator(EvaluatorBase):
         self.index = {e: i for i, e in enumerate(self.entities)}
         self.answers = TrueAnswers(task.graph.true_triples())
         self.prefix = ranking_prefix(self.candidates)
+        self.metric_set = link_prediction_metrics(self.prefix)
 
     def prepare(self) -> None:
         """Nothing to do before training: there is no teacher to score."""
@@ -110,6 +124,7 @@ class LinkPredictionEvaluator(EvaluatorBase):
             triples = self.task.eval_sets[name]
             ranks = self.rank_all(triples, f"rank {name}")
             result = ranking_metrics(ranks["head"] + ranks["tail"], self.prefix)
+            result["examples"] = len(ranks["head"]) + len(ranks["tail"])  # ranked queries: the n of Hits@k
             for direction in ("head", "tail"):
                 result.update(ranking_metrics(ranks[direction], f"{self.prefix}{direction}_"))
             metrics.update({f"{name}/{key}": value for key, value in result.items()})

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,7 +20,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 
+from ctxdistill import provenance
 from ctxdistill.checkpoint import remove_checkpoints
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
@@ -33,6 +36,8 @@ from ctxdistill.models import (
     load_trained,
     model_identity,
 )
+from ctxdistill.results.metrics import float32_rounded
+from ctxdistill.serving import serving_metrics
 from ctxdistill.sweeps import group_name
 from ctxdistill.tracking import Tracker, create_tracker
 from ctxdistill.trainer import train
@@ -173,6 +178,7 @@ def build_models(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
+    provenance.begin_run()
     validate(cfg)
     honour_name_or_path(cfg.model)
     out = Path(cfg.output_dir)
@@ -192,6 +198,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     accelerator = make_accelerator(cfg.trainer)
     # Under several processes every rank trains and evaluates its share; rank 0 alone writes and logs.
     writer = accelerator.is_main_process
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_provenance = provenance.describe(resolved, task, accelerator.device, accelerator.num_processes)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -201,7 +209,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             group=sweep_group() or f"{task.name}-{cfg.model.name}",
             name=f"{cfg.method.name}-{cfg.model.name}-{task.name}-s{cfg.seed}",
             tags=[cfg.method.name, cfg.model.name, task.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
-            config={**OmegaConf.to_container(cfg, resolve=True), "hydra_choices": hydra_choices()},
+            config={**resolved, "hydra_choices": hydra_choices(), "provenance": run_provenance},
             output_dir=str(out),
         )
         if writer
@@ -211,6 +219,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model, teacher, model_parameters = build_models(
             cfg, method, tokenizer, task, accelerator.device, teacher_tokenizer=teacher_tokenizer
         )
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if method.trains else 0
         log.info(
             "%s on %s, %d process(es) (weights %s, mixed precision %s); %d trainable parameters",
             cfg.model.name,
@@ -218,7 +227,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             accelerator.num_processes,
             cfg.model.dtype,
             cfg.trainer.mixed_precision,
-            sum(p.numel() for p in model.parameters() if p.requires_grad),
+            trainable,
         )
         handle = ModelHandle(
             student=model,
@@ -230,29 +239,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if method.trains and method.teacher_during_training and handle.trains_base_weights:
             handle.keep_frozen_teacher()
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
+        metric_set = method.metric_set(evaluator).to_dict()
+        tracker.add_config({"metric_set": metric_set})  # a run read back from W&B knows its columns
         evaluator.prepare()
 
         train_stats: dict[str, Any] = {}
         curves: list[dict] = []
+        rounds: list[dict] = []
         if method.trains:
-
-            def periodic_eval(step: int, names: Optional[list[str]]) -> dict:
-                metrics = evaluator.evaluate(names)[0]
-                tracker.log(metrics, step)
-                return metrics
-
-            train_stats, curves = train(
-                method,
-                handle,
-                tokenizer,
-                task,
-                cfg.trainer,
-                accelerator,
-                cfg.seed,
-                tracker.log,
-                periodic_eval,
-                run_dir=out,
-                fingerprint=training_fingerprint(cfg),
+            train_stats, curves, rounds = train_rounds(
+                cfg, method, handle, tokenizer, task, accelerator, tracker, evaluator
             )
             if cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
                 # sharded weights (FSDP, ZeRO-3) are gathered by every process; plain ones are at hand
@@ -264,22 +260,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         metrics, predictions = evaluator.evaluate()
         if method.trains:
             metrics.update(evaluator.after_training())
+        metrics.update(serving_metrics(evaluator.serving_costs()))
+        run_provenance.update(provenance.inputs())  # with the caches training used
+        metrics = rounded(metrics)
         result = {
             **run_identity(cfg, task),
             "status": "complete",
             "metrics": metrics,
+            "trainable_parameters": trainable,
+            "context_tokens_per_query": context_tokens_per_query(task, tokenizer, method.eval_with_context),
+            "metric_set": metric_set,
             "objective": method.objective,
             "train": train_stats,
             "curves": curves,
+            **(
+                {"rounds": [*rounds, {"round": len(rounds) + 1, "train": train_stats, "metrics": metrics}]}
+                if rounds
+                else {}
+            ),
             "model_parameters": model_parameters,
             "demos": [d.uid for d in task.demos],
+            "provenance": run_provenance,
             "runtime_seconds": time.perf_counter() - started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         if writer:
             save_results(out, result, predictions)
             remove_checkpoints(out)  # the run is complete; its adapter/model is saved on its own
-        tracker.log(metrics, train_stats.get("steps", 0))
+            if rounds:
+                shutil.rmtree(out / ROUNDS)  # the rounds' weights and records are in the final ones now
+        tracker.add_config({"provenance": run_provenance})  # now with the caches training used
+        tracker.log(metrics, train_stats.get("steps_all_rounds", train_stats.get("steps", 0)))
         tracker.summary(
             {**metrics, **{f"train/{k}": v for k, v in train_stats.items()}, "model/parameters": model_parameters}
         )
@@ -289,6 +300,104 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return result
     finally:
         tracker.finish()
+
+
+def context_tokens_per_query(task: Task, tokenizer, with_context: bool) -> float:
+    """The tokens the evaluated prompts hold besides the query (the context, or an instruction), on average over
+    the in-domain eval set: what a method costs at every query (0 for a task mixture, whose prompts draw their own)."""
+    examples = next(iter(task.eval_sets.values()), []) if isinstance(task, Task) else []
+    if not examples:
+        return 0.0
+    prompts = tokenizer([task.prompt(e, with_context) for e in examples]).input_ids
+    queries = tokenizer([task.query(e) for e in examples]).input_ids
+    return sum(len(p) - len(q) for p, q in zip(prompts, queries)) / len(examples)
+
+
+ROUNDS = "rounds"  # a run of several rounds keeps each finished round here until the run is complete
+ROUND_WEIGHTS = "trainable.safetensors"
+
+
+def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, evaluator):
+    """Train every round of the method (most have one); returns the last round's statistics and curves, and
+    a record per round but the last (its statistics, its evaluation). Rounds after the first get their own
+    accelerator and checkpoints (RUN_DIR/rounds/N/); a finished round leaves its trainable weights and its
+    record there, so a restarted run loads them and resumes at the first unfinished round. Their steps are
+    logged one after another (W&B needs a step that only grows), the rounds' metrics as ``round/...``."""
+    out = Path(cfg.output_dir)
+    count = method.rounds(task)
+    records: list[dict] = []
+    train_stats: dict[str, Any] = {}
+    curves: list[dict] = []
+    offset, fresh = 0, True
+    for index in range(count):
+        method.begin_round(index)
+        round_dir = out if count == 1 else out / ROUNDS / str(index + 1)
+        finished = round_dir / "round.json"
+        if count > 1 and finished.is_file():
+            record = json.loads(finished.read_text())
+            load_trainable_weights(handle.student, round_dir / ROUND_WEIGHTS)
+            log.info("round %d of %d finished earlier: its weights loaded from %s", index + 1, count, round_dir)
+            records.append(record)
+            offset += record["train"]["steps"]
+            continue
+        at = offset  # the steps of earlier rounds, for the logger
+
+        def log_metrics(metrics: dict, step: int) -> None:
+            tracker.log(metrics, at + step)
+
+        def periodic_eval(step: int, names: Optional[list[str]]) -> dict:
+            metrics = evaluator.evaluate(names)[0]
+            tracker.log(metrics, at + step)
+            return metrics
+
+        train_stats, curves = train(
+            method,
+            handle,
+            tokenizer,
+            task,
+            cfg.trainer,
+            accelerator if fresh else make_accelerator(cfg.trainer),  # an accelerator prepares one training
+            cfg.seed,
+            log_metrics,
+            periodic_eval,
+            run_dir=round_dir,
+            fingerprint=training_fingerprint(cfg) + (f"-round{index + 1}" if count > 1 else ""),
+        )
+        fresh = False
+        offset += train_stats["steps"]
+        if count > 1 and index < count - 1:  # the last round's evaluation is the run's
+            metrics = rounded(evaluator.evaluate()[0])
+            tracker.log({f"round/{key}": value for key, value in metrics.items()} | {"round": index + 1}, offset)
+            record = {"round": index + 1, "train": train_stats, "metrics": metrics}
+            if accelerator.is_main_process:
+                round_dir.mkdir(parents=True, exist_ok=True)
+                save_file(
+                    {n: p.detach().cpu().contiguous() for n, p in handle.student.named_parameters() if p.requires_grad},
+                    round_dir / ROUND_WEIGHTS,
+                )
+                write_json(finished, record)  # after the weights: a record means the round is complete
+                remove_checkpoints(round_dir)
+            records.append(record)
+    if count > 1:
+        train_stats = {**train_stats, "rounds": count, "steps_all_rounds": offset}
+    return train_stats, curves, records
+
+
+def load_trainable_weights(model: torch.nn.Module, path: Path) -> None:
+    """A finished round's trainable weights into ``model`` (the same adapter on the same base)."""
+    state = load_file(path)
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != names:
+        raise ConfigError(
+            f"{path} holds other trainable weights than this run's model ({len(set(state) ^ names)} differ); it was "
+            f"written by a run with other settings. Delete {path.parent.parent} to train the rounds again."
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as float32 holds them (0.54, not 0.5400000214576721), the same in metrics.json and W&B."""
+    return {key: float32_rounded(value) for key, value in metrics.items()}
 
 
 def save_results(out: Path, result: dict[str, Any], predictions: dict[str, list[dict]]) -> None:

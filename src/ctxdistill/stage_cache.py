@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
+from ctxdistill import provenance
 from ctxdistill.data.tasks import DataError
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class RowStore:
         self.rows: dict[str, dict[str, Any]] = {}
         for row in self.lines.resume():
             self.rows.setdefault(row["key"], row)
+        provenance.note_cache(f"stage:{stage}", name, self.path)
 
     def append(self, rows: Sequence[dict[str, Any]]) -> None:
         new: dict[str, dict[str, Any]] = {}

@@ -31,20 +31,22 @@ UNCOMPARED = ("logger", "force", "output_dir")
 failed_cells: dict[str, str] = {}
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys."""
     if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
+
+
+def compared(key: str) -> bool:
+    """Whether a dotted config key can change a run's results (see UNCOMPARED)."""
+    return not key.startswith(UNCOMPARED) and not key.endswith("cache_dir")
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Keys whose values differ; keys only one side has (a newly added option) do not count."""
-    old, new = _flatten(stored), _flatten(current)
-    return sorted(
-        k
-        for k in old.keys() & new.keys()
-        if old[k] != new[k] and not k.startswith(UNCOMPARED) and not k.endswith("cache_dir")
-    )
+    old, new = flatten(stored), flatten(current)
+    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and compared(k))
 
 
 def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
@@ -130,15 +132,19 @@ class SweepSummaryCallback(Callback):
     cells (the command then exits non-zero)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from ctxdistill.compare import collect, render, summarise, write_results
-        from ctxdistill.wandb_results import log_results
+        from ctxdistill.results.files import write_results
+        from ctxdistill.results.records import collect
+        from ctxdistill.results.render import render
+        from ctxdistill.results.table import summarise
+        from ctxdistill.results.wandb_outputs import log_results
+        from ctxdistill.tracking import resolve_mode
 
         sweep_dir = Path(config.hydra.sweep.dir)
         runs = collect([sweep_dir])
         failures = sweep_failures(sweep_dir)
         if runs:
-            table = summarise(runs)
-            print(f"\nComparison ({len(runs)} runs in {sweep_dir}):\n" + render(table), flush=True)
+            tables = summarise(runs)
+            print(f"\nComparison ({len(runs)} runs in {sweep_dir}):\n" + render(tables), flush=True)
             readme = write_results(
                 sweep_dir, runs, title=f"Sweep {sweep_dir.name}", failures=failures, command=sweep_command(config)
             )
@@ -146,11 +152,11 @@ class SweepSummaryCallback(Callback):
             if config.logger.backend == "wandb":
                 try:
                     log_results(
-                        table,
+                        tables,
                         entity=config.logger.entity,
                         project=config.logger.project,
                         group=config.logger.group or group_name(sweep_dir),
-                        mode=config.logger.mode,
+                        mode=resolve_mode(config.logger.mode),
                         directory=sweep_dir,
                     )
                 except Exception as e:  # noqa: BLE001 - the tables are on disk already

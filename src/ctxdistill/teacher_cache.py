@@ -18,6 +18,8 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
+from ctxdistill import provenance
+
 log = logging.getLogger(__name__)
 
 #: The version of the code that produces cached targets (generation, answer logits, the methods' target
@@ -64,8 +66,8 @@ class TeacherCache:
     def __init__(self, directory: Optional[str], model_identity: str, settings: dict[str, Any], context: str):
         self.entries: dict[str, TeacherTargets] = {}
         self.path = None
+        key = _digest([PRODUCER_VERSION, model_identity, settings, context])
         if directory:
-            key = _digest([PRODUCER_VERSION, model_identity, settings, context])
             self.path = Path(directory).expanduser() / f"{key}.pt"
             if self.path.is_file():
                 try:
@@ -73,6 +75,7 @@ class TeacherCache:
                     self.entries = {key: TeacherTargets(*value) for key, value in stored.items()}
                 except Exception as e:  # a cache is disposable: recompute rather than fail the run
                     log.warning("ignoring the unreadable teacher cache %s (%s); it will be rewritten", self.path, e)
+        provenance.note_cache("teacher", key, self.path)
         self._added = 0
 
     @staticmethod

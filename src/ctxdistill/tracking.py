@@ -28,6 +28,8 @@ class Tracker:
 
     def summary(self, metrics: dict[str, Any]) -> None: ...
 
+    def add_config(self, values: dict[str, Any]) -> None: ...
+
     def predictions(self, rows: dict[str, list[dict]]) -> None: ...
 
     def finish(self) -> None: ...
@@ -127,6 +129,10 @@ class WandbTracker(Tracker):
     @_warn_on_failure
     def summary(self, metrics):
         self.run.summary.update(metrics)
+
+    @_warn_on_failure
+    def add_config(self, values):
+        self.run.config.update(values, allow_val_change=True)
 
     @_warn_on_failure
     def predictions(self, rows):

@@ -27,6 +27,7 @@ from typing import Iterator, Optional
 
 from omegaconf import DictConfig
 
+from ctxdistill import provenance
 from ctxdistill.data.tasks import DataError
 from ctxdistill.stage_cache import JsonLines
 
@@ -57,6 +58,7 @@ def _lines(path: Path) -> list[str]:
             f"knowledge-graph file not found: {path}. Check dataset.source.data_dir and "
             f"dataset.source.layout (kgbert, kgs2s or plain)."
         )
+    provenance.note_data_file(path)
     return [line.rstrip("\n").rstrip("\r") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -367,6 +369,7 @@ def read_contexts(
       ``relation2id.txt`` (default: the file's own directory, where the released writer leaves it);
     - the same lines without the count line, with original ids or entity names (KG-BERT's input).
     """
+    provenance.note_data_file(path)
     content = path.read_text(encoding="utf-8")
     if content.lstrip().startswith("{"):  # this suite's writer
         contexts: dict[Triple, str] = {}

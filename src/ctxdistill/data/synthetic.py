@@ -97,6 +97,16 @@ _FORMS = [
     "Honestly, the {subj} is {i}{a}.",
     "Our {subj} was {a} and {i}{b}.",
 ]
+# Other sentence frames, for an out-of-domain set: the same sentiment words, written as no training review is.
+_OTHER_FORMS = [
+    "My verdict on the {subj}: {i}{a}.",
+    "Everyone agreed the {subj} felt {i}{a}.",
+    "What a {a} {subj}!",
+    "The {subj}? {i}{a}, and {b} too.",
+    "Last week the {subj} seemed {i}{a}.",
+    "If you ask me, the {subj} is {i}{a}.",
+]
+_PHRASINGS = {"reviews": _FORMS, "other": _OTHER_FORMS}
 _SPLITS = {"train": 0, "eval": 1}
 
 
@@ -104,15 +114,19 @@ def _part(words: list[str], split: str) -> list[str]:
     return words[_SPLITS[split] :: 2]
 
 
-def generate_examples(num_examples: int, seed: int, split: str = "train") -> list[dict]:
+def generate_examples(num_examples: int, seed: int, split: str = "train", phrasing: str = "reviews") -> list[dict]:
     """Deterministic examples, each {"review": str, "label": int}.
 
     Labels alternate (balanced), reviews are distinct, and ``split`` ("train" or
     "eval") selects disjoint halves of the adjective and subject lists, so
-    train and eval texts never overlap whatever the seeds.
+    train and eval texts never overlap whatever the seeds. ``phrasing="other"`` writes them
+    in sentence frames that the reviews never use (an out-of-domain set).
     """
     if split not in _SPLITS:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if phrasing not in _PHRASINGS:
+        raise ValueError(f"phrasing must be one of {sorted(_PHRASINGS)}, got {phrasing!r}")
+    forms = _PHRASINGS[phrasing]
     rng = random.Random(seed)
     adjectives = [_part(_POSITIVE, split), _part(_NEGATIVE, split)]
     subjects = _part(_SUBJECTS, split)
@@ -124,7 +138,7 @@ def generate_examples(num_examples: int, seed: int, split: str = "train") -> lis
             return examples
         label = len(examples) % 2
         a, b = rng.sample(adjectives[label], 2)
-        review = rng.choice(_FORMS).format(subj=rng.choice(subjects), i=rng.choice(_INTENSIFIERS), a=a, b=b)
+        review = rng.choice(forms).format(subj=rng.choice(subjects), i=rng.choice(_INTENSIFIERS), a=a, b=b)
         if review not in seen:
             seen.add(review)
             examples.append({"review": review, "label": label})

@@ -22,6 +22,8 @@ import numpy as np
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
+from ctxdistill import provenance
+
 
 class DataError(ValueError):
     """Bad data or a data spec that cannot be satisfied; the message names the source and the fix."""
@@ -95,6 +97,7 @@ class Task:
     # evaluation takes their majority answer.
     votes: int = 1
     context_query_template: Optional[str] = None  # the query after the context; None: template
+    context_instruction: str = ""  # the instruction that opens each context, before its demonstrations
 
     @property
     def num_classes(self) -> int:
@@ -122,8 +125,9 @@ class Task:
             return self.contexts[zlib.crc32(example.uid.encode()) % len(self.contexts)]
         return self.context
 
-    def teacher_prompt(self, example: Example) -> str:
-        context = self.context_of(example)
+    def teacher_prompt(self, example: Example, context: Optional[str] = None) -> str:
+        """The example after its context, or after ``context`` when given (one of ``contexts``)."""
+        context = self.context_of(example) if context is None else context
         if not context:
             return self.query(example)
         return context + self.separator + (self.context_query_template or self.template).format(**example.fields)
@@ -201,41 +205,48 @@ def _local_file(source: DictConfig, split: str, key: str) -> Optional[Path]:
     return None
 
 
-def _fetch(source: DictConfig, split: str, key: str) -> tuple[list[dict[str, Any]], str]:
+def _fetch(source: DictConfig, split: str, key: str) -> tuple[list[dict[str, Any]], str, Optional[dict[str, Any]]]:
+    """The records, where they came from (for messages), and their origin as provenance records it (None:
+    generated)."""
     if source.kind == "synthetic":
         size = source.split_sizes.get(split)
         if size is None:
             raise DataError(f"{key}.split_sizes has no size for split {split!r}")
         generator = get_method(source.generator)
-        return generator(num_examples=size, seed=source.seed, split=split, **source.generator_options), source.generator
+        records = generator(num_examples=size, seed=source.seed, split=split, **source.generator_options)
+        return records, source.generator, None
     path = _local_file(source, split, key)
     if path is not None:
-        return _read_file(path, key), str(path)
+        return _read_file(path, key), str(path), provenance.data_file(path)
     import datasets  # slow import, only when the Hub is used
 
     where = f"{source.hub_id}" + (f"/{source.hub_config}" if source.hub_config else "") + f" [{split}]"
     try:
-        return list(datasets.load_dataset(source.hub_id, source.hub_config, split=split)), where
+        loaded = datasets.load_dataset(source.hub_id, source.hub_config, split=split)
     except Exception as e:  # noqa: BLE001 - network, missing split, missing dataset all end here
         raise DataError(
             f"{key}: could not load {where} with datasets.load_dataset: {e}. Without network (or for "
             f"a dataset the Hub serves only through a loading script), point {key}.file at the original "
             f"file, or {key}.data_dir at a directory with the files {key}.data_files names"
         ) from e
+    return list(loaded), where, provenance.hub_dataset(loaded, source.hub_id, source.hub_config, split)
 
 
-_FETCHED: dict[str, tuple[list[dict[str, Any]], str]] = {}
+_FETCHED: dict[str, tuple[list[dict[str, Any]], str, Optional[dict[str, Any]]]] = {}
 
 
 def _fetch_once(source: DictConfig, split: str, key: str) -> tuple[list[dict[str, Any]], str]:
-    """:func:`_fetch`, memoised per process: the runs of a sweep read and parse each file once."""
+    """:func:`_fetch`, memoised per process: the runs of a sweep read and parse each file once (and each
+    run notes its origin)."""
     memo = json.dumps([OmegaConf.to_container(source, resolve=True), split], sort_keys=True, default=str)
     path = _local_file(source, split, key) if source.kind != "synthetic" else None
     if path is not None and path.is_file():
-        memo += str(path.stat().st_mtime_ns)  # an edited file is read again
+        memo += f"{path.stat().st_mtime_ns} {path.stat().st_size}"  # an edited file is read again
     if memo not in _FETCHED:
         _FETCHED[memo] = _fetch(source, split, key)
-    return _FETCHED[memo]
+    records, where, origin = _FETCHED[memo]
+    provenance.note_data(origin)
+    return records, where
 
 
 def load_records(source: DictConfig, split: str, key: str = "dataset.source") -> tuple[list[dict[str, Any]], str]:
@@ -322,13 +333,18 @@ def select_demos(
     return demos
 
 
-def render_context(spec: DictConfig, demos: list[Example]) -> str:
+def render_context(
+    spec: DictConfig, demos: list[Example], instruction: Optional[str] = None, verbalizers: Optional[list] = None
+) -> str:
+    """The instruction and the demonstrations with their label words (the dataset's unless given), joined."""
+    instruction = spec.context.instruction if instruction is None else instruction
+    verbalizers = spec.verbalizers if verbalizers is None else verbalizers
     template = spec.demo_template or spec.template
     if spec.generation is not None:
         shots = [template.format(**d.fields) + spec.generation.demo_target.format(**d.fields) for d in demos]
     else:
-        shots = [template.format(**d.fields) + spec.verbalizers[d.label] for d in demos]
-    parts = ([spec.context.instruction] if spec.context.instruction else []) + shots
+        shots = [template.format(**d.fields) + verbalizers[d.label] for d in demos]
+    parts = ([instruction] if instruction else []) + shots
     return spec.context.separator.join(parts)
 
 
@@ -348,13 +364,15 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     balanced = spec.context.balanced and spec.generation is None  # free-text answers have no classes
     # Several contexts (Snell et al.'s simultaneous distillation) draw disjoint demonstrations in turn.
     rest, contexts, demos = pool, [], []
-    for _ in range(spec.context.num_contexts):
+    instructions = spec.context.instructions or [spec.context.instruction] * spec.context.num_contexts
+    label_words = spec.context.demo_verbalizers or [spec.verbalizers] * spec.context.num_contexts
+    for instruction, verbalizers in zip(instructions, label_words):
         drawn_demos = select_demos(
             rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng, spec.context.shuffle_demos
         )
         drawn_ids = {d.uid for d in drawn_demos}
         rest = [e for e in rest if e.uid not in drawn_ids]
-        contexts.append(render_context(spec, drawn_demos))
+        contexts.append(render_context(spec, drawn_demos, instruction, verbalizers))
         demos.extend(drawn_demos)
     if spec.num_train_queries > len(rest):
         raise DataError(
@@ -403,4 +421,5 @@ def build_task(spec: DictConfig, seed: int) -> Task:
             spec.generation.stop,
         ),
         context_query_template=spec.context_query_template,
+        context_instruction=spec.context.instruction,
     )

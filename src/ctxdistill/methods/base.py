@@ -7,10 +7,12 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig
 
+from ctxdistill.config import ConfigError
 from ctxdistill.data import Example, Task, build_task
 from ctxdistill.data.mixture import TaskMixture, build_mixture
 from ctxdistill.evaluation import check_answer_tokenization, check_prompt_lengths, make_evaluator
 from ctxdistill.models import ModelHandle, check_shared_vocabulary, context_window
+from ctxdistill.results.metrics import MetricSet
 
 
 def build_method(config) -> "Method":
@@ -28,7 +30,8 @@ class Method:
     trained_weights: Optional[str] = None
     #: whether the evaluated model sees the teacher's context (ICL) or the bare input.
     eval_with_context: bool = False
-    #: the metric a Hydra sweeper (e.g. Optuna) optimises; the run returns it.
+    #: the metric a Hydra sweeper (e.g. Optuna) optimises; the run returns it. One of the evaluator's
+    #: declared metrics (:meth:`metric_set`).
     objective: str = "eval/accuracy"
     #: tokens after the prompt that must fit the model's window.
     answer_tokens: int = 1
@@ -64,6 +67,16 @@ class Method:
             model_is_teacher=self.eval_with_context and not self.trains,
         )
 
+    def metric_set(self, evaluator) -> MetricSet:
+        """What this method's runs report: its evaluator's declared metrics, with the objective among them."""
+        declared: MetricSet = evaluator.metric_set
+        if not declared.declares(self.objective):
+            raise ConfigError(
+                f"method.objective: {self.objective} is not a metric method={self.name} reports ({declared.family}: "
+                f"{declared.described()}; * is any eval set). Use one of them, e.g. eval/{declared.headline.name}"
+            )
+        return declared.with_objective(self.objective)
+
     def train_examples(self, task: Task) -> list[Example]:
         return []
 
@@ -90,6 +103,14 @@ class Method:
     ) -> Optional[dict[str, float]]:
         """Work done once before the first step (e.g. the frozen teacher's targets); may return
         statistics of it, which join the run's training statistics."""
+
+    def rounds(self, task: Task) -> int:
+        """How many times the training loop runs, one round after another on the weights the last one left
+        (Snell et al.'s sequential distillation); each round resumes on its own and is evaluated."""
+        return 1
+
+    def begin_round(self, index: int) -> None:
+        """Called before round ``index`` (from 0) is prepared and trained, or skipped as already finished."""
 
     def trains_on(self, example: Example) -> bool:
         """Whether a prepared example has a training target (e.g. an answer could be extracted)."""

@@ -23,6 +23,7 @@ from ctxdistill.config import ConfigError, MethodConfig, require
 from ctxdistill.data.kg import ContextWriter, KGTask, Triple, batched, build_kg_task, missing_contexts
 from ctxdistill.evaluation import EvaluatorBase
 from ctxdistill.methods.base import Method
+from ctxdistill.results.metrics import Metric, MetricSet
 
 
 @dataclass
@@ -106,6 +107,22 @@ class Contextualization(Method):
 
 class ContextGeneration(EvaluatorBase):
     """Writes the missing contexts of the training triples; its metrics describe what was written."""
+
+    metric_set = MetricSet(
+        "context_generation",
+        tuple(
+            Metric(name, label, higher_is_better=better, sets=("contexts",), kind=kind, headline=name == "written")
+            for name, label, better, kind in (
+                ("written", "written", True, "count"),
+                ("reused", "reused", True, "count"),
+                ("covered", "covered", True, "value"),
+                ("mean_words", "mean words", True, "value"),
+                ("seconds", "seconds", False, "value"),
+                ("tokens_per_second", "tokens/s", True, "value"),
+            )
+        ),
+        set_titles={"contexts": "contexts written for the training triples"},
+    )
 
     def __init__(self, method: Contextualization, model, tokenizer, task: KGTask):
         self.method, self.model, self.tokenizer, self.task = method, model, tokenizer, task

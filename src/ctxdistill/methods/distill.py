@@ -19,10 +19,19 @@ at every step.
 When its tokenizer differs from the student's, the two next-token distributions cannot be compared
 token by token; ``distil_over="verbalizers"`` compares them where both vocabularies meet: each model's
 probability of each answer word (one token in its own tokenizer) and of anything else.
+
+``sequential=true`` (``method=sequential_cd``) is Snell et al.'s sequential distillation (eq. 3):
+one round per context (``dataset.context.num_contexts``). Round 1 distils context 1 from the frozen
+base model, as ``cd`` does; round k distils context k from the student that round k-1 left, with
+context k, frozen for the round (its targets are computed before the round's first step). Every
+round trains on all the training queries. The cached targets of rounds after the first are keyed
+by the teacher's trainable weights too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -65,6 +74,8 @@ class DistillConfig(MethodConfig):
     # what the divergence compares: every token of the shared vocabulary, or the answer words (verbalizers)
     # and one category for the rest, each model with its own tokenizer (a teacher from another family)
     distil_over: str = one_of("vocabulary", "verbalizers", default="vocabulary")
+    # one round per context, each taught by the previous round's student with that context (Snell eq. 3)
+    sequential: bool = False
     schema_name: ClassVar[str] = "base_distill"
 
     @classmethod
@@ -120,6 +131,42 @@ class DistillConfig(MethodConfig):
                 "verbalizers need a frozen teacher and no top_k (the answer words and the rest are the whole support)",
                 "Set method.teacher=frozen and method.top_k=null",
             )
+        if m.sequential:
+            require(
+                m.teacher == "frozen" and m.teacher_cache != "none",
+                "method.sequential",
+                "each round's teacher is the previous round's student frozen for the round, its targets computed "
+                f"before the round (got method.teacher={m.teacher}, method.teacher_cache={m.teacher_cache})",
+                "Set method.teacher=frozen and method.teacher_cache=disk or memory",
+            )
+            require(
+                cfg.model.adapter != "prefix",
+                "model.adapter",
+                "a trained prefix cannot teach with another context after it in the prompt",
+                "Use model.adapter=lora or full with method.sequential=true",
+            )
+
+
+@contextlib.contextmanager
+def frozen_as_is(model: torch.nn.Module):
+    """``model`` with its adapter on, in eval mode and without gradients (a teacher that is a trained student)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def trainable_digest(model: torch.nn.Module) -> str:
+    """A hash of the trainable weights' values: the key of targets that a trained student computed."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 class ContextDistillation(Method):
@@ -140,6 +187,7 @@ class ContextDistillation(Method):
         teacher_cache_dir: Optional[str],
         teacher_model: Optional[dict] = None,
         distil_over: str = "vocabulary",
+        sequential: bool = False,
     ):
         super().__init__(name)
         self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)
@@ -154,6 +202,15 @@ class ContextDistillation(Method):
         self._targets: dict[str, TeacherTargets] = {}
         self._prefix: Optional[SharedPrefix] = None  # the frozen teacher's context, for per-step targets
         self.teacher_forwards = 0  # teacher forward passes over training queries (batches), for benchmarks and tests
+        self.sequential = sequential
+        self.round = 0
+
+    def rounds(self, task):
+        return len(task.contexts) if self.sequential else 1
+
+    def begin_round(self, index):
+        self.round = index
+        self._spans, self._targets = {}, {}
 
     def train_examples(self, task):
         return task.train_queries
@@ -195,7 +252,9 @@ class ContextDistillation(Method):
         if self.over_verbalizers:
             self._student_word_ids = self._word_ids(tokenizer, task)
             self._teacher_word_ids = self._word_ids(teacher_tokenizer, task)
-        prompts = [task.teacher_prompt(e) for e in examples]
+        # sequential: every query with this round's context; else each query's own
+        context = task.contexts[self.round] if self.sequential else None
+        prompts = [task.teacher_prompt(e, context) for e in examples]
         settings = {
             "answer": self.answer,
             "max_answer_tokens": self.max_answer_tokens,
@@ -206,7 +265,7 @@ class ContextDistillation(Method):
         }
         cache = TeacherCache(
             self.teacher_cache_dir if self.teacher_cache == "disk" else None,
-            handle.identity,
+            handle.identity + (f"+trained:{trainable_digest(handle.base)}" if self.round else ""),
             settings,
             os.path.commonprefix(prompts),
         )
@@ -219,7 +278,7 @@ class ContextDistillation(Method):
         todo = [i for i, prompt in enumerate(prompts) if cache.get(prompt) is None]
         if todo:
             todo_prompts = [prompts[i] for i in todo]
-            with handle.teacher() as teacher:
+            with self._round_teacher(handle) as teacher:
                 prefix = SharedPrefix(teacher, teacher_tokenizer, todo_prompts)
                 spans = self._answer_spans(teacher, teacher_tokenizer, todo_prompts, batch_size, prefix)
                 for start in tqdm(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
@@ -240,6 +299,10 @@ class ContextDistillation(Method):
             self._targets[example.uid] = cache.get(prompt)
             # the teacher's span tokens; the student's span is the same single position with its own tokenizer
             self._spans[example.uid] = [tokenizer.pad_token_id] if self.over_verbalizers else cache.get(prompt).span
+
+    def _round_teacher(self, handle):
+        """The frozen base model; in a sequential round after the first, the student as the last round left it."""
+        return frozen_as_is(handle.base) if self.round else handle.teacher()
 
     def _answer_spans(self, teacher, tokenizer, prompts, batch_size, prefix):
         if self.answer == "teacher_generation":  # the greedy answer, up to the end of its line

@@ -44,6 +44,7 @@ from ctxdistill.evaluation import EvaluatorBase, generation_metrics, task_succes
 from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
+from ctxdistill.results.metrics import EXAMPLES, Metric, MetricSet
 from ctxdistill.stage_cache import RowStore, digest
 
 log = logging.getLogger(__name__)
@@ -549,6 +550,25 @@ class PromptInternalizationEvaluator(EvaluatorBase):
     inputs (set "eval", the reported one) and the held-out pseudo inputs (the objective's): task success
     first (:func:`ctxdistill.evaluation.generation_metrics`)."""
 
+    metric_set = MetricSet(
+        "prompt_internalization",
+        (
+            EXAMPLES,
+            Metric("task_success", "task success", headline=True),
+            Metric("teacher_task_success", "teacher task success"),
+            Metric("base_task_success", "base task success"),
+            Metric("rule_compliance", "rule compliance"),
+            Metric("teacher_rule_compliance", "teacher rule compliance"),
+            Metric("degenerate", "degenerate", higher_is_better=False),
+            Metric("rougeL_to_teacher", "Rouge-L to teacher", kind="value"),
+            Metric("base_rougeL_to_teacher", "base Rouge-L to teacher", kind="value"),
+            Metric("prompt_tokens_saved", "prompt tokens saved", kind="value"),
+        ),
+        teacher="teacher_task_success",
+        outcome=("succeeds",),
+        set_titles={"pseudo_heldout": "held-out pseudo inputs (the objective's set)"},
+    )
+
     def __init__(self, method: GenPI, handle, tokenizer, task: Task, batch_size: int):
         self.method, self.handle, self.tokenizer, self.task, self.batch_size = (
             method,
@@ -588,6 +608,7 @@ class PromptInternalizationEvaluator(EvaluatorBase):
                 len(ids) for ids in tokenizer([method.teacher_prompt(tokenizer, t) for t in inputs]).input_ids
             ]
             student_tokens = [len(ids) for ids in tokenizer(student_prompts).input_ids]
+            result["examples"] = len(inputs)
             result["teacher_input_tokens"] = sum(teacher_tokens) / len(inputs)
             result["prompt_tokens_saved"] = sum(t - s for t, s in zip(teacher_tokens, student_tokens)) / len(inputs)
             metrics.update({f"{name}/{key}": value for key, value in result.items()})

@@ -495,6 +495,8 @@ MISSING, END = "<extra_id_0>", "<extra_id_1>"
 
 class KGS2S(KGCStudent):
     aux_name = "context"
+    #: what marks the missing entity in a query (its position gives the direction)
+    missing_marker = MISSING
 
     def __init__(
         self,
@@ -558,9 +560,9 @@ class KGS2S(KGCStudent):
         described = self.description(tokenizer, task, known, self.source_description_tokens)
         entity = f"{task.graph.entity_names[known]} {described}"
         if direction == "tail":
-            query = f"{entity} | {task.relation_text(r)} | {MISSING}"
+            query = f"{entity} | {task.relation_text(r)} | {self.missing_marker}"
         else:
-            query = f"{MISSING} | {task.relation_text(r)} | {entity}"
+            query = f"{self.missing_marker} | {task.relation_text(r)} | {entity}"
         return f"predict: {query}" if self.aux_weight > 0 else query
 
     def context_source(self, tokenizer, task: KGTask, triple: Triple, direction: str) -> str:
@@ -573,15 +575,20 @@ class KGS2S(KGCStudent):
         ids = tokenizer(text, add_special_tokens=False).input_ids[: max_length - 1]
         return [*ids, tokenizer.eos_token_id]
 
+    def entity_text(self, tokenizer, task: KGTask, entity: str) -> str:
+        """``<extra_id_0>name[description]<extra_id_1>``: T5 fills the query's sentinel."""
+        described = self.description(tokenizer, task, entity, self.target_description_tokens)
+        return f"{MISSING}{task.graph.entity_names[entity]}{described}{END}"
+
     def entity_target(self, tokenizer, task: KGTask, entity: str) -> list[int]:
-        """``<extra_id_0>name[description]<extra_id_1>``: what the model generates and what ranking scores."""
+        """The token ids the model generates for an entity and ranking scores (cached)."""
         if entity not in self._targets:
-            described = self.description(tokenizer, task, entity, self.target_description_tokens)
-            text = f"{MISSING}{task.graph.entity_names[entity]}{described}{END}"
-            self._targets[entity] = self.target(tokenizer, text, self.max_target_length)
+            self._targets[entity] = self.target(
+                tokenizer, self.entity_text(tokenizer, task, entity), self.max_target_length
+            )
         return self._targets[entity]
 
-    def seq2seq_batch(self, tokenizer, sources: list[str], targets: list[list[int]], max_length: int):
+    def pair_batch(self, tokenizer, sources: list[str], targets: list[list[int]], max_length: int):
         enc = tokenizer(sources, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         return {
             "input_ids": enc["input_ids"],
@@ -592,18 +599,22 @@ class KGS2S(KGCStudent):
     def collate(self, tokenizer, task, queries):
         sources = [self.source(tokenizer, task, t, d) for t, d in queries]
         targets = [self.entity_target(tokenizer, task, t[2] if d == "tail" else t[0]) for t, d in queries]
-        batch = {"kgc": self.seq2seq_batch(tokenizer, sources, targets, self.max_length)}
+        batch = {"kgc": self.pair_batch(tokenizer, sources, targets, self.max_length)}
         if self.aux_weight > 0:
             sources = [self.context_source(tokenizer, task, t, d) for t, d in queries]
             targets = [self.target(tokenizer, task.contexts[t], self.context_max_length) for t, _ in queries]
-            batch["context"] = self.seq2seq_batch(tokenizer, sources, targets, self.max_length)
+            batch["context"] = self.pair_batch(tokenizer, sources, targets, self.max_length)
         return batch
 
+    def pair_loss(self, model, pairs: dict[str, torch.Tensor], device) -> torch.Tensor:
+        """Mean cross-entropy of the target tokens of a :meth:`pair_batch`."""
+        return model(**{k: v.to(device) for k, v in pairs.items()}).loss
+
     def kgc_loss(self, model, batch, device):
-        return model(**{k: v.to(device) for k, v in batch["kgc"].items()}).loss
+        return self.pair_loss(model, batch["kgc"], device)
 
     def aux_loss(self, model, batch, device):
-        return model(**{k: v.to(device) for k, v in batch["context"].items()}).loss
+        return self.pair_loss(model, batch["context"], device)
 
     def score_query(self, model, tokenizer, task, triple, direction, names, device):
         """Summed log-likelihood of each candidate's target; the query's encoder states are computed once."""

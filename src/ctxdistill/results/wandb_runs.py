@@ -1,6 +1,6 @@
-"""W&B in and out for comparisons: runs read back as run records, tables and plots logged, reports built.
+"""Runs read back from W&B as run records: offline run directories and the public API.
 
-Runs come from W&B two ways, converted by one function (:func:`record_from_wandb`):
+Both are converted by one function (:func:`record_from_wandb`):
 - offline run directories (``RUN_DIR/wandb/offline-run-*``), read from W&B's own run file;
 - the public API (``wandb.Api().runs``), for runs that were synced or logged online.
 """
@@ -10,15 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
-
-if TYPE_CHECKING:
-    from ctxdistill.compare import Table
+from typing import Any, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +96,11 @@ def read_offline_run(run_dir: Path) -> WandbRun:
 
 
 def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finished: bool) -> Optional[dict[str, Any]]:
-    """A run record like metrics.json from a W&B run's config and summary; None for other runs."""
+    """A run record like metrics.json from a W&B run's config and summary; None for other runs.
+
+    The run's metrics are its summary's ``{set}/{metric}`` numbers; which of them are its columns the
+    config's ``metric_set`` says (runs logged before it existed are read when they report
+    ``eval/accuracy``)."""
     try:
         identity = {
             "method": config["method"]["name"],
@@ -112,20 +112,23 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
     except (KeyError, TypeError):
         return None  # not a ctxdistill run (e.g. a compare run in the same group)
     metrics = {
-        k: float(v)
+        k: v
         for k, v in summary.items()
         if "/" in k
         and not k.startswith(("_", "train/", "model/"))
         and isinstance(v, (int, float))
         and not isinstance(v, bool)
     }
-    if not finished or "eval/accuracy" not in metrics:
+    declared = config.get("metric_set")
+    if not finished or not metrics or not (declared or "eval/accuracy" in metrics):
         return None
     last_logged = summary.get("_timestamp")
     return {
         **identity,
         "status": "complete",
         "metrics": metrics,
+        "metric_set": declared,
+        "config": config,
         "model_parameters": summary.get("model/parameters"),
         "finished_at": datetime.fromtimestamp(last_logged, timezone.utc).isoformat(timespec="seconds")
         if last_logged
@@ -155,131 +158,3 @@ def api_records(project_path: str, group: Optional[str] = None) -> list[dict[str
     runs = wandb.Api().runs(project_path, filters={"group": group} if group else None, lazy=False)
     records = [record_from_wandb(run.config, run.summary_metrics, finished=run.state == "finished") for run in runs]
     return [r for r in records if r]
-
-
-# ---------------------------------------------------------------- out: tables, plots, reports
-def table_rows(table: Table) -> tuple[list[str], list[list[Any]]]:
-    """Columns and rows for a wandb.Table: one numeric mean and std column per metric."""
-    columns = ["method", "model", "dataset", "seeds", "model_parameters"]
-    columns += [f"{k}_{s}" for k in table.columns for s in ("mean", "std")]
-    rows = []
-    for row in table.rows:
-        values: list[Any] = [row.method, row.model, row.dataset, len(row.seeds), row.size]
-        for key in table.columns:
-            stat = row.stats.get(key)
-            values += [None, None] if stat is None else [stat.mean, stat.std]
-        rows.append(values)
-    return columns, rows
-
-
-def log_results(
-    table: Table,
-    *,
-    entity: Optional[str],
-    project: str,
-    group: Optional[str],
-    mode: str = "auto",
-    directory: Optional[Path] = None,
-) -> Optional[str]:
-    """Log the table (``comparison``) and the plots to a new W&B run with job_type=compare.
-
-    The run's files go under ``directory`` (W&B's default: ./wandb); returns the run's directory.
-    """
-    import wandb
-
-    from ctxdistill.plots import write_plots
-    from ctxdistill.tracking import resolve_mode
-
-    mode = resolve_mode(mode)
-    if mode == "disabled":
-        return None
-    columns, rows = table_rows(table)
-    with tempfile.TemporaryDirectory() as tmp:
-        plots = write_plots(table, Path(tmp))
-        run = wandb.init(
-            entity=entity,
-            project=project,
-            group=group,
-            job_type="compare",
-            mode=mode,
-            dir=str(directory) if directory else None,
-            name=f"compare-{group}" if group else "compare",
-            reinit="finish_previous",
-            settings=wandb.Settings(silent=True),
-        )
-        run.log(
-            {
-                "comparison": wandb.Table(columns=columns, data=rows),
-                **{f"plots/{p.stem}": wandb.Image(str(p)) for p in plots},
-            }
-        )
-        run_dir = str(Path(run.dir).parent)
-        run.finish()
-    print(f"logged the comparison table and {len(plots)} plots to W&B ({run_dir})")
-    return run_dir
-
-
-def build_report(table: Table, *, entity: str, project: str, group: str):
-    """A W&B report for a sweep's group: one section per dataset, panels comparing methods across model sizes.
-
-    Only building happens here (offline); ``.save()`` on the result publishes it.
-    """
-    import wandb_workspaces.reports.v2 as wr
-
-    blocks: list[Any] = [
-        wr.P(
-            f"Runs of the W&B group '{group}', grouped by method and model; bars and lines "
-            "show the mean over seeds with the standard deviation."
-        )
-    ]
-    for dataset in table.datasets:
-        sets = ["eval", *table.ood_sets(dataset)]
-        accuracies = [f"{name}/accuracy" for name in sets]
-        runset = wr.Runset(
-            entity=entity,
-            project=project,
-            name=f"{dataset} runs",
-            filters=f"Group = '{group}' and Config('dataset.name') = '{dataset}'",
-            groupby=["config.method.name", "config.model.name"],
-        )
-        panels = [
-            wr.BarPlot(
-                title=f"{dataset}: accuracy by method and model",
-                metrics=accuracies,
-                orientation="v",
-                groupby_aggfunc="mean",
-                groupby_rangefunc="stddev",
-            ),
-            *(
-                wr.ScatterPlot(
-                    title=f"{dataset}: {name} accuracy vs model size",
-                    x=wr.SummaryMetric("model/parameters"),
-                    y=wr.SummaryMetric(f"{name}/accuracy"),
-                    log_x=True,
-                )
-                for name in sets
-            ),
-            wr.BarPlot(
-                title=f"{dataset}: teacher vs student (in-domain)",
-                metrics=["eval/teacher_accuracy", "eval/accuracy"],
-                orientation="v",
-                groupby_aggfunc="mean",
-                groupby_rangefunc="stddev",
-            ),
-            wr.LinePlot(
-                title=f"{dataset}: training loss",
-                x="Step",
-                y=["train/loss"],
-                groupby_aggfunc="mean",
-                groupby_rangefunc="stddev",
-            ),
-        ]
-        blocks += [wr.H2(dataset), wr.PanelGrid(runsets=[runset], panels=panels)]
-    return wr.Report(
-        entity=entity,
-        project=project,
-        title=f"ctxdistill: {group}",
-        description=f"Method comparison for the sweep '{group}'",
-        blocks=blocks,
-        width="fluid",
-    )

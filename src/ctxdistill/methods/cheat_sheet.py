@@ -1,0 +1,242 @@
+"""cheat_sheet: many-shot demonstrations distilled into a text cheat sheet (Honda et al., EMNLP 2025 Findings;
+code CyberAgentAILab/cheat-sheet-icl). No weight changes.
+
+The model reads the demonstrations and writes a cheat sheet with the released request
+(``get_cheat_prompt``, non-math tasks), greedily (the released ``--temp 0``); the evaluated
+context is then the sheet, the released line "Follow the format of the examples below in your
+response." and the first two demonstrations, joined and followed by the query with the released
+separator ``"\\n###\\n"``. The demonstrations are those ICL would see (every context's, in the order
+drawn), in the dataset's own template without reasons (the released ``--reason_type no``).
+
+Deviations (named in docs/papers/beyond-the-window.md): the released meta-model (GPT-4.1) reads all
+demonstrations in one call; a small model's window cannot, so the model reads ``chunk_demos`` at a time,
+in order, and every request after the first opens with the sheet so far (``sheet_so_far``), so that the last
+request's sheet, at most ``max_sheet_tokens`` long, covers every chunk; the dataset's instruction opens
+the evaluated context, as it opens ICL's; answers are scored as label words (no generated answer is
+parsed) and there is no system prompt at evaluation.
+
+The sheets are cached per chunk (:class:`~ctxdistill.stage_cache.RowStore`), keyed by the request
+text (which holds the demonstrations), the writer model's identity, the generation settings and
+:data:`PRODUCER_VERSION`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+from omegaconf import DictConfig
+
+from ctxdistill.config import ConfigError, MethodConfig, require
+from ctxdistill.data import Task
+from ctxdistill.evaluation import Evaluator, EvaluatorBase, make_evaluator
+from ctxdistill.generation import generate
+from ctxdistill.methods.base import Method
+from ctxdistill.methods.genpi import render_chat
+from ctxdistill.models import context_window
+from ctxdistill.stage_cache import RowStore
+
+log = logging.getLogger(__name__)
+
+#: The version of the code that writes cheat sheets (the request, generation, cleaning). Bump it whenever that
+#: code changes what it writes: sheets written by earlier code are then never read.
+PRODUCER_VERSION = 1
+
+#: The released separator between demonstrations, and between the context and the query (data_utils.SEP).
+SEPARATOR = "\n###\n"
+
+#: The released request for non-math tasks (data_utils.get_cheat_prompt); {examples} is SEPARATOR.join(demos).
+REQUEST = (
+    "Create a cheat sheet based on the examples below. You will be asked to answer questions similar to these "
+    "examples during the test, without being allowed to refer to the examples at that time. Your task here is to "
+    "make a cheat sheet that will help you answer such problems correctly. First, carefully read the examples "
+    "below and identify which ones you find most difficult to answer.\n\n{examples}\n\nNow, create a cheat sheet "
+    "to help you solve the difficult examples. Exclude any content that is easy for you, and only include "
+    "specific, detailed points to address the challenging ones.\n\n"
+)
+
+#: Our addition before the request of every chunk after the first (the released code has one request).
+UPDATE = "Your cheat sheet so far:\n{sheet}\n\nAdd what the new examples teach and keep it short.\n\n"
+
+#: What follows the sheet in the released context (cheatsheet_api.py), then the format examples.
+FORMAT_NOTE = "\n\nFollow the format of the examples below in your response.\n\n"
+
+#: Lines the released code drops, with everything before them, from the start of a sheet (cheatsheet_api.py).
+PREAMBLES = ("Certainly!", "Here is a **")
+
+
+@dataclass
+class CheatSheetConfig(MethodConfig):
+    _target_: str = "ctxdistill.methods.cheat_sheet.CheatSheet"
+    request: str = REQUEST  # with {examples}
+    sheet_so_far: str = UPDATE  # before the request of every chunk after the first, with {sheet}
+    chunk_demos: int = 4  # demonstrations read per request (the released code reads all of them at once)
+    max_sheet_tokens: int = 64
+    format_examples: int = 2  # demonstrations shown after the sheet (released: 2)
+    chat: bool = True  # the request as a user turn in the model's chat format (the released code calls a chat API)
+    sheet_dir: str = "${cache_dir}/cheat_sheets"
+    schema_name: ClassVar[str] = "base_cheat_sheet"
+    dataset_kinds: ClassVar[tuple[str, ...]] = ("classification",)
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        require("{examples}" in m.request, "method.request", "has no {examples} placeholder", "Keep {examples} in it")
+        require("{sheet}" in m.sheet_so_far, "method.sheet_so_far", "has no {sheet} placeholder", "Keep {sheet} in it")
+        for key in ("chunk_demos", "max_sheet_tokens"):
+            require(m[key] >= 1, f"method.{key}", f"must be at least 1, got {m[key]}", "")
+        require(m.format_examples >= 0, "method.format_examples", f"must be >= 0, got {m.format_examples}", "")
+
+
+def render_demo(task: Task, example) -> str:
+    """One demonstration as the dataset writes it (its template and label word)."""
+    return task.query(example) + task.answer_text(example)
+
+
+def sheet_request(template: str, task: Task, demos: list, sheet_so_far: str = "", sheet: str = "") -> str:
+    """The released request for one chunk of demonstrations, after the sheet so far when there is one."""
+    request = template.format(examples=SEPARATOR.join(render_demo(task, d) for d in demos))
+    return sheet_so_far.format(sheet=sheet) + request if sheet else request
+
+
+def clean_sheet(text: str) -> str:
+    """The released clean-up: strip, and drop a leading "Certainly!"/"Here is a **" line and what precedes it."""
+    text = text.strip()
+    lines = text.split("\n")
+    for index, line in enumerate(lines):
+        if line.startswith(PREAMBLES):
+            return "\n".join(lines[index + 1 :]).strip()
+    return text
+
+
+def sheet_context(task: Task, sheet: str, format_examples: int) -> str:
+    """The evaluated context: the dataset's instruction, the sheet, the released format note and examples."""
+    shots = SEPARATOR.join(render_demo(task, d) for d in task.demos[:format_examples])
+    body = sheet + (FORMAT_NOTE + shots if shots else "")
+    return task.separator.join(p for p in (task.context_instruction, body) if p)
+
+
+def use_sheet(task: Task, sheet: str, format_examples: int) -> None:
+    """The task's context becomes the sheet's, followed by the query after the released separator."""
+    context = sheet_context(task, sheet, format_examples)
+    task.context, task.contexts, task.separator = context, [context], SEPARATOR
+
+
+class CheatSheet(Method):
+    eval_with_context = True
+
+    def __init__(
+        self,
+        name: str,
+        request: str,
+        sheet_so_far: str,
+        chunk_demos: int,
+        max_sheet_tokens: int,
+        format_examples: int,
+        chat: bool,
+        sheet_dir: str,
+    ):
+        super().__init__(name)
+        self.request, self.sheet_so_far, self.chunk_demos = request, sheet_so_far, chunk_demos
+        self.max_sheet_tokens, self.format_examples, self.chat, self.sheet_dir = (
+            max_sheet_tokens,
+            format_examples,
+            chat,
+            sheet_dir,
+        )
+
+    def chunks(self, task: Task) -> list[list]:
+        return [task.demos[i : i + self.chunk_demos] for i in range(0, len(task.demos), self.chunk_demos)]
+
+    def prompt(self, tokenizer, task: Task, chunk: list, sheet: str) -> str:
+        request = sheet_request(self.request, task, chunk, self.sheet_so_far, sheet)
+        return render_chat(tokenizer, [{"role": "user", "content": request}]) if self.chat else request
+
+    def check_inputs(self, task, tokenizer, cfg):
+        """Every request (after a sheet of full length) and its sheet fit the window, and so does the longest query
+        after a sheet of full length."""
+        window = context_window(cfg.model, cfg.cache_dir)
+        chunks = self.chunks(task)
+        stand_in = "\n" if len(chunks) > 1 else ""  # stands for a sheet so far; its tokens are added below
+        longest = max(len(tokenizer(self.prompt(tokenizer, task, c, stand_in)).input_ids) for c in chunks)
+        need = longest + self.max_sheet_tokens * (2 if len(chunks) > 1 else 1)
+        if need > window:
+            raise ConfigError(
+                f"method.chunk_demos: a request to write a cheat sheet may take {need} tokens with the sheet so far "
+                f"and the new sheet ({self.max_sheet_tokens} tokens each), more than the model's window of {window}. "
+                "Lower method.chunk_demos or method.max_sheet_tokens."
+            )
+        context = len(tokenizer(sheet_context(task, "", self.format_examples)).input_ids) + self.max_sheet_tokens
+        queries = [e for s in task.eval_sets.values() for e in s]
+        query = max(len(ids) for ids in tokenizer([SEPARATOR + task.query(e) for e in queries]).input_ids)
+        if context + query + 1 > window:
+            raise ConfigError(
+                f"method.max_sheet_tokens: a sheet of {self.max_sheet_tokens} tokens with the instruction, format "
+                f"examples and a query may take {context + query + 1} tokens, more than the model's window of "
+                f"{window}. Lower method.max_sheet_tokens or method.format_examples."
+            )
+
+    def write_sheet(self, handle, tokenizer, task: Task, batch_size: int) -> str:
+        """The cheat sheet of the task's demonstrations, written chunk after chunk; each step is cached."""
+        store = RowStore(
+            self.sheet_dir,
+            "cheat_sheet",
+            {
+                "writer": handle.identity,
+                "max_sheet_tokens": self.max_sheet_tokens,
+                "chat": self.chat,
+                "version": PRODUCER_VERSION,
+            },
+        )
+
+        def write(prompts: list[str]) -> list[dict]:
+            with handle.teacher() as model:
+                written = generate(model, tokenizer, prompts, self.max_sheet_tokens, stop=None, batch_size=batch_size)
+            return [
+                {"key": p, "sheet": clean_sheet(tokenizer.decode(t, skip_special_tokens=True))}
+                for p, t in zip(prompts, written)
+            ]
+
+        sheet = ""
+        for index, chunk in enumerate(self.chunks(task)):
+            prompt = self.prompt(tokenizer, task, chunk, sheet)
+            sheet = store.fill([prompt], write, 1, f"cheat sheet {index + 1}")[0]["sheet"] or sheet
+        return sheet
+
+    def evaluator(self, handle, tokenizer, task, batch_size):
+        return CheatSheetEvaluator(self, handle, tokenizer, task, batch_size)
+
+
+class CheatSheetEvaluator(EvaluatorBase):
+    """Writes the sheet, puts it in place of the demonstrations, then scores as ICL does (the run records the
+    context's tokens per query; the log says how many the replaced demonstrations took)."""
+
+    metric_set = Evaluator.metric_set  # the label-word scoring of ICL, which it runs
+
+    def __init__(self, method: CheatSheet, handle, tokenizer, task: Task, batch_size: int):
+        self.method, self.handle, self.tokenizer, self.task, self.batch_size = (
+            method,
+            handle,
+            tokenizer,
+            task,
+            batch_size,
+        )
+        self.inner = None
+
+    def prepare(self) -> None:
+        task, tokenizer = self.task, self.tokenizer
+        replaced = sum(len(tokenizer(c).input_ids) for c in task.contexts)
+        sheet = self.method.write_sheet(self.handle, tokenizer, task, self.batch_size)
+        use_sheet(task, sheet, self.method.format_examples)
+        log.info(
+            "cheat sheet of %d demonstrations (%d tokens of context in all), %d tokens of context per query:\n%s",
+            len(task.demos),
+            replaced,
+            len(tokenizer(task.context + SEPARATOR).input_ids),
+            sheet,
+        )
+        self.inner = make_evaluator(self.handle, tokenizer, task, True, self.batch_size, model_is_teacher=True)
+        self.inner.prepare()
+
+    def evaluate(self, names=None):
+        return self.inner.evaluate(names)

@@ -1,0 +1,116 @@
+"""kg_decoder / kg_decoder_cd: the generative KGC student of Li et al. 2024 on a pretrained decoder LM.
+
+KG-S2S's student is a T5 that fills the sentinel of ``h [description] | r | <extra_id_0>``; a decoder
+cannot fill a gap, so here the query (the same string with ``?`` where the missing entity goes, its
+position giving the direction as in the released code) is followed by a newline, and the student
+continues with the missing entity's name (and, with ``target_description_tokens``, its description):
+
+    "predict: tombstone [a stone that is used to mark a grave] | hypernym | ?\\n" -> "memorial" + EOS
+    "predict: ? | hypernym | memorial [a structure erected to commemorate]\\n"    -> "tombstone" + EOS
+
+Both directions are trained (each training triple is a tail row and a head row), as released.
+``aux_weight`` > 0 adds *contextualization*: the student writes the LLM-written context after
+``"{query}\\n"`` (``context_input=query``, the released code's input) or after
+``"contextualize: h | r | t\\n"`` (``triple``). L = kgc_weight * L_KGC + aux_weight * L_ctx, each the
+mean cross-entropy of its target tokens.
+
+Ranking scores every candidate entity by the summed log-likelihood of its target after the query
+(not KG-S2S's constrained beam search): the query runs once and every candidate continues from its
+key/value cache (:class:`ctxdistill.encoding.SharedPrefix`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from omegaconf import DictConfig
+
+from ctxdistill.config import ConfigError, require
+from ctxdistill.data.kg import KGTask
+from ctxdistill.encoding import SharedPrefix, answer_logits, answer_token_logprobs, encode
+from ctxdistill.losses import answer_cross_entropy
+from ctxdistill.methods.kgc import KGS2S, KGS2SConfig
+
+#: between a query (or a context's input) and what the student writes after it
+ANSWER_SEPARATOR = "\n"
+DIRECTIONS = ("tail", "head")
+
+
+@dataclass
+class KGDecoderConfig(KGS2SConfig):
+    """Generative KGC on a decoder LM: continue the query with the missing entity's name; the auxiliary task
+    continues it with the context."""
+
+    _target_: str = "ctxdistill.methods.kg_decoder.KGDecoder"
+    max_length: int = 128  # tokens of a query; a longer one stops the run before training
+    target_description_tokens: int = 0  # names alone: every candidate costs its name's tokens when ranking
+    schema_name: ClassVar[str] = "base_kg_decoder"
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        super().check(m, cfg)
+        require(
+            cfg.model.architecture == "causal_lm",
+            "model",
+            f"method={m.name} needs a decoder LM, and model={cfg.model.name} is a {cfg.model.architecture}",
+            "Use model=smollm2-135m (or tiny-random); T5-like models: method=kgs2s",
+        )
+
+
+class KGDecoder(KGS2S):
+    missing_marker = "?"
+
+    def wrap_model(self, model, tokenizer):
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ConfigError("the decoder student needs a decoder LM (model=smollm2-135m); for T5 use method=kgs2s")
+        return model
+
+    def entity_text(self, tokenizer, task: KGTask, entity: str) -> str:
+        """``name[description]`` (the description only with target_description_tokens > 0)."""
+        described = self.description(tokenizer, task, entity, self.target_description_tokens)
+        return f"{task.graph.entity_names[entity]}{described}"
+
+    def check_inputs(self, task, tokenizer, cfg):
+        super().check_inputs(task, tokenizer, cfg)
+        queries = [
+            (t, d) for triples in (task.train_triples, *task.eval_sets.values()) for t in triples for d in DIRECTIONS
+        ]
+        lengths = [(len(tokenizer(self.prompt(self.source(tokenizer, task, t, d))).input_ids), t) for t, d in queries]
+        longest, triple = max(lengths, default=(0, None))
+        if longest > self.max_length:
+            raise ConfigError(
+                f"a query of {longest} tokens (triple {triple}) exceeds method.max_length={self.max_length}: "
+                f"raise it or shorten the descriptions (method.source_description_tokens)"
+            )
+
+    @staticmethod
+    def prompt(source: str) -> str:
+        return source + ANSWER_SEPARATOR
+
+    def pair_batch(self, tokenizer, sources, targets, max_length):
+        """Left-padded ``prompt + target[:-1]`` rows with the target tokens at the last positions (:func:`encode`).
+        Nothing is cut: :meth:`check_inputs` has refused queries longer than ``max_length`` before training."""
+        return encode(tokenizer, [self.prompt(s) for s in sources], targets)
+
+    def pair_loss(self, model, pairs, device):
+        return answer_cross_entropy(
+            answer_logits(model, pairs), pairs["answer_ids"].to(device), pairs["answer_mask"].to(device)
+        )
+
+    def score_query(self, model, tokenizer, task, triple, direction, names, device):
+        """Summed log-likelihood of each candidate's target after the query, run once for all candidates."""
+        prompt = self.prompt(self.source(tokenizer, task, triple, direction))
+        prefix = SharedPrefix(model, tokenizer, [prompt])
+        scores = []
+        for start in range(0, len(names), self.eval_batch_size):
+            chunk = names[start : start + self.eval_batch_size]
+            batch = encode(
+                tokenizer,
+                [prompt] * len(chunk),
+                [self.entity_target(tokenizer, task, e) for e in chunk],
+                prefix_length=prefix.length,
+            )
+            scores.append(answer_token_logprobs(answer_logits(model, batch, prefix), batch).cpu())
+        return torch.cat(scores)

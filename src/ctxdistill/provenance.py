@@ -1,0 +1,177 @@
+"""What produced a run: the code, the libraries, the machine, the config, the data and the caches.
+
+Every run's ``metrics.json`` (under ``provenance``) and its W&B config record:
+
+- ``code``: the git commit of the ctxdistill source that ran and whether tracked files differed from it
+  (``dirty``), or, for an installed copy, that it is not a git checkout;
+- ``versions``: python and the libraries that shape the numbers (:data:`LIBRARIES`);
+- ``device``: the CPU model, the GPUs (name and count), the device the run used and its process count;
+- ``config_sha256``: a hash of the resolved config, without the keys that say where things are kept
+  or how the run is logged (:func:`ctxdistill.sweeps.compared`), so equal configs hash equal across sweeps;
+- ``data``: every data file the run read (path, size, SHA-256) and every Hub dataset (id, config, split,
+  version, fingerprint);
+- ``caches``: the teacher-cache and stage-cache keys the run used (and their files);
+- ``eval_set_sizes``: each eval set's number of examples (queries; a query asked several times counts once).
+
+Data and cache reads are noted where they happen (:func:`note_data`, :func:`note_cache`) into the
+current run's record, which :func:`begin_run` starts afresh: the runs of a sweep share one process.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional
+
+#: The packages whose versions a run records (ctxdistill's own version beside its commit).
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "wandb", "ctxdistill")
+
+_inputs: dict[str, dict[str, dict[str, Any]]] = {"data": {}, "caches": {}}
+
+
+def begin_run() -> None:
+    """Forget what an earlier run of this process read."""
+    for noted in _inputs.values():
+        noted.clear()
+
+
+def data_file(path: Path) -> dict[str, Any]:
+    """A local data file as provenance records it: its path, size and SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def hub_dataset(dataset, hub_id: str, config: Optional[str], split: str) -> dict[str, Any]:
+    """A split loaded with ``datasets.load_dataset``: its id, config and split, the dataset's version and
+    its fingerprint (which ``datasets`` derives from the prepared data files, so it changes with them)."""
+    return {
+        "hub_id": hub_id,
+        "config": config,
+        "split": split,
+        "version": str(dataset.info.version) if dataset.info.version else None,
+        "fingerprint": dataset._fingerprint,
+        "rows": len(dataset),
+    }
+
+
+def note_data(origin: Optional[dict[str, Any]]) -> None:
+    """Record that the current run read ``origin`` (:func:`data_file` or :func:`hub_dataset`; None: generated)."""
+    if origin is not None:
+        _inputs["data"][json.dumps(origin, sort_keys=True)] = origin
+
+
+def note_data_file(path: Path) -> None:
+    note_data(data_file(path))
+
+
+def note_cache(kind: str, key: str, path: Optional[Path]) -> None:
+    """Record a cache the current run used: ``kind`` (teacher, or stage:NAME), its key, and its file
+    (None for a cache held in memory only)."""
+    entry = {"cache": kind, "key": key, "path": str(path) if path is not None else None}
+    _inputs["caches"][json.dumps(entry, sort_keys=True)] = entry
+
+
+def inputs() -> dict[str, list[dict[str, Any]]]:
+    """What the current run has read so far: data files and Hub datasets, and caches."""
+    return {name: list(noted.values()) for name, noted in _inputs.items()}
+
+
+# ---------------------------------------------------------------- code, libraries, machine
+def git_state(directory: Path) -> dict[str, Any]:
+    """The commit of the checkout ``directory``'s files belong to, and whether tracked files differ from it
+    (untracked files do not count, as with ``git describe --dirty``). A directory git does not track (an
+    installed package, even inside a repository) says so instead."""
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    tracked = git("ls-files", "--", ".")
+    if not commit or not tracked:
+        return {"commit": None, "dirty": None, "checkout": f"not a git checkout ({directory} is not tracked by git)"}
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+    return {"commit": commit.strip(), "dirty": bool(status.strip()) if status is not None else None, "checkout": "git"}
+
+
+@functools.cache
+def code_state() -> dict[str, Any]:
+    """:func:`git_state` of the ctxdistill source this process imported, asked once: the modules it runs do
+    not change after import, whatever happens to the files later in a sweep."""
+    import ctxdistill
+
+    return git_state(Path(ctxdistill.__file__).resolve().parent)
+
+
+def library_versions() -> dict[str, Optional[str]]:
+    """python and each of :data:`LIBRARIES` (None: not installed), read from package metadata without importing."""
+
+    def version(name: str) -> Optional[str]:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}}
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_info(device: Any, processes: int) -> dict[str, Any]:
+    import torch
+
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return {"cpu": cpu_model(), "gpus": gpus, "gpu_count": len(gpus), "used": str(device), "processes": processes}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 of the resolved config without where things are kept and how the run is logged."""
+    from ctxdistill.sweeps import compared, flatten
+
+    kept = {key: value for key, value in flatten(config).items() if compared(key)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def eval_set_sizes(task) -> dict[str, int]:
+    """Examples per eval set; a task mixture's as ``{task}/{set}``. A query asked ``votes`` times counts once."""
+    from ctxdistill.data.mixture import TaskMixture
+
+    if isinstance(task, TaskMixture):
+        return {f"{name}/{s}": n for name, part in task.eval_tasks.items() for s, n in eval_set_sizes(part).items()}
+    votes = getattr(task, "votes", 1)
+    return {name: len(examples) // votes for name, examples in task.eval_sets.items()}
+
+
+def describe(config: dict[str, Any], task, device: Any, processes: int) -> dict[str, Any]:
+    """A run's provenance: everything above, with what it has read so far (see :func:`inputs`)."""
+    return {
+        "code": dict(code_state()),
+        "versions": library_versions(),
+        "device": device_info(device, processes),
+        "config_sha256": config_hash(config),
+        "eval_set_sizes": eval_set_sizes(task),
+        **inputs(),
+    }
+
+
+# ---------------------------------------------------------------- a sweep's versions

@@ -1,0 +1,178 @@
+"""Compare runs: method x model x dataset, each metric family with its own columns, intervals and tests.
+
+    ctxdistill-compare outputs/multirun/2026-11-23/10-00-00            # terminal tables
+    ctxdistill-compare SWEEP_DIR --vs icl                             # + a paired test against icl per cell
+    ctxdistill-compare SWEEP_DIR --format markdown|csv|latex
+    ctxdistill-compare SWEEP_DIR --out SWEEP_DIR                      # README.md + results/ (tables, PNGs)
+    ctxdistill-compare --wandb ENTITY/PROJECT --group GROUP            # the same tables from W&B
+    ctxdistill-compare SWEEP_DIR --wandb-log --group GROUP             # log them as W&B Tables + plots
+    ctxdistill-compare --wandb ENTITY/PROJECT --group GROUP --wandb-report
+    ctxdistill-compare SWEEP_DIR --scorecard --model-as smollm2-135m=opt-125m  # against the paper's numbers
+
+Inputs are run or sweep directories (every metrics.json under them), W&B run directories
+(``RUN_DIR/wandb/offline-run-*``, read from W&B's own run file) or a W&B project read
+through the public API; all become the same run records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ctxdistill.results import scorecard
+from ctxdistill.results.files import RESULTS_DIR, write_results
+from ctxdistill.results.records import collect, split_by
+from ctxdistill.results.render import render
+from ctxdistill.results.table import PairedTestError, paired_tests, summarise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ctxdistill-compare",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.split("\n")[1:]),
+    )
+    parser.add_argument(
+        "paths", nargs="*", type=Path, help="run or sweep directories, metrics.json files, or W&B run directories"
+    )
+    parser.add_argument("--format", choices=["text", "markdown", "csv", "latex"], default="text")
+    parser.add_argument(
+        "--vs",
+        metavar="METHOD",
+        help="per cell and eval set, the exact McNemar test against METHOD's run of the same dataset, model and "
+        "seeds, on the examples both were evaluated on (reads each run's predictions.jsonl)",
+    )
+    parser.add_argument("--out", type=Path, help="write README.md and results/ (tables, plots) here")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B (public API)")
+    parser.add_argument("--group", help="only the W&B runs of this group (a sweep); also the group logged to")
+    parser.add_argument(
+        "--wandb-log", action="store_true", help="log the tables and plots to a W&B run (job_type=compare) in --group"
+    )
+    parser.add_argument(
+        "--wandb-report",
+        action="store_true",
+        help="create a W&B report for --group in --wandb's project (needs network)",
+    )
+    parser.add_argument("--project", default="ctxdistill", help="W&B project for --wandb-log without --wandb")
+    parser.add_argument(
+        "--by",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="config keys that tell a method's runs apart (e.g. method.aux_weight): one row per value",
+    )
+    parser.add_argument("--strict", action="store_true", help="exit non-zero when any metrics.json is unreadable")
+    parser.add_argument(
+        "--scorecard",
+        action="store_true",
+        help="also put each number the runs' paper reports next to the runs' mean, 95%% interval and a verdict",
+    )
+    parser.add_argument(
+        "--paper", action="append", default=[], help="score against this paper (default: the papers the runs name)"
+    )
+    parser.add_argument(
+        "--model-as",
+        action="append",
+        default=[],
+        metavar="RUN_MODEL=PAPER_MODEL",
+        help="score a run model in a paper model's place, labelled (e.g. smollm2-135m=opt-125m)",
+    )
+    args = parser.parse_args(argv)
+    if not args.paths and not args.wandb:
+        parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        parser.error(f"no such path: {', '.join(missing)}")
+    if args.wandb_report and not (args.wandb and "/" in args.wandb and args.group):
+        parser.error("--wandb-report needs --wandb ENTITY/PROJECT and --group")
+    if (args.paper or args.model_as) and not args.scorecard:
+        parser.error("--paper and --model-as belong to --scorecard")
+    if args.scorecard and args.format == "latex":
+        parser.error("the scorecard has no LaTeX form: use --format text, markdown or csv")
+    try:
+        model_as = scorecard.parse_model_as(args.model_as)
+        named_papers = [scorecard.load_paper(name) for name in args.paper]
+    except ValueError as e:
+        parser.error(str(e))
+
+    unreadable: list[str] = []
+    records = collect(args.paths, unreadable)
+    if args.wandb:
+        from ctxdistill.results.wandb_runs import api_records
+
+        records += api_records(args.wandb, args.group)
+    if not records:
+        where = ", ".join([*map(str, args.paths), *([args.wandb] if args.wandb else [])])
+        print(
+            f"no complete runs (metrics.json with status 'complete', or finished W&B runs) in {where}", file=sys.stderr
+        )
+        return 1
+    records = split_by(records, args.by)
+    tables = summarise(records)
+    for table in tables:
+        for row in table.rows:
+            if len(set(row.seeds)) < len(row.seeds):
+                print(
+                    f"warning: {row.method} / {row.model} / {row.dataset} averages {len(row.seeds)} runs over seeds "
+                    f"{sorted(row.seeds)}: runs with the same seed differ in some setting; tell them apart with "
+                    "--by KEY (e.g. --by method.aux_weight)",
+                    file=sys.stderr,
+                )
+    if args.vs:
+        try:
+            notes = paired_tests(tables, args.vs)
+        except PairedTestError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for note in notes:
+            print(note, file=sys.stderr)
+    print(render(tables, args.format))
+    scores: list[scorecard.Score] = []
+    if args.scorecard:
+        papers = named_papers or [scorecard.load_paper(name) for name in scorecard.papers_of(records)]
+        if not papers:
+            print(
+                "no paper to score against: the runs' experiments name none (`paper:`); give --paper NAME "
+                f"(known: {', '.join(scorecard.known_papers())})",
+                file=sys.stderr,
+            )
+            return 1
+        scores = scorecard.score([c for p in papers for c in p.cells], records, model_as)
+        print("\n" + scorecard.render(papers, scores, model_as, args.format))
+    if args.out:
+        appendix = ""
+        if args.scorecard:
+            (args.out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
+            appendix = "## Scorecard\n\n" + scorecard.write(args.out / RESULTS_DIR, papers, scores, model_as)
+            appendix += f"\n\nAs CSV: [{RESULTS_DIR}/scorecard.csv]({RESULTS_DIR}/scorecard.csv)."
+        readme = write_results(args.out, records, title=f"Results: {args.group or args.out.name}", appendix=appendix)
+        print(f"\nwrote {readme} and {args.out / RESULTS_DIR}/", file=sys.stderr)
+    if args.wandb_log:
+        from ctxdistill.results.wandb_outputs import log_results
+        from ctxdistill.tracking import resolve_mode
+
+        project = args.wandb or args.project
+        entity, project = project.split("/", 1) if "/" in project else (None, project)
+        extra = {"scorecard": scorecard.table_rows(scores)} if args.scorecard else {}
+        log_results(
+            tables, entity=entity, project=project, group=args.group, mode=resolve_mode("auto"), extra_tables=extra
+        )
+    if args.wandb_report:
+        from ctxdistill.results.wandb_outputs import build_report
+
+        entity, project = args.wandb.split("/", 1)
+        report = build_report(tables, entity=entity, project=project, group=args.group)
+        try:
+            print(f"W&B report: {report.save().url}")
+        except Exception as e:  # noqa: BLE001 - the tables and files above are already done
+            print(f"could not publish the W&B report ({e}); it needs network and `wandb login`", file=sys.stderr)
+            return 1
+    if unreadable:
+        print(f"{len(unreadable)} unreadable metrics.json skipped (listed above)", file=sys.stderr)
+    return 1 if unreadable and args.strict else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""A comparison written to a directory: README.md with the tables and plots, and results/ with each format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from ctxdistill.results.plots import write_plots
+from ctxdistill.results.render import render
+from ctxdistill.results.table import summarise
+from ctxdistill.results.versions import versions_markdown
+
+RESULTS_DIR = "results"
+
+
+def write_results(
+    directory: Path,
+    records: list[dict[str, Any]],
+    *,
+    title: str,
+    failures: Optional[dict[str, str]] = None,
+    command: Optional[str] = None,
+    appendix: str = "",
+) -> Path:
+    """README.md with the tables and plot links (and ``appendix``, Markdown, after them), and results/ with the
+    tables as .md/.csv/.tex and the PNGs."""
+    tables = summarise(records)
+    results = directory / RESULTS_DIR
+    results.mkdir(parents=True, exist_ok=True)
+    for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
+        (results / f"table.{suffix}").write_text(render(tables, fmt) + "\n")
+    plots = write_plots(tables, results)
+    lines = [
+        f"# {title}",
+        "",
+        f"{len(records)} complete runs. Each cell: the mean and its 95% interval, Student's t over the seeds "
+        "(the `seeds` column) when there are several, else Wilson's over the set's examples (`n`) for an "
+        "accuracy-like figure.",
+        "",
+    ]
+    if command:
+        lines += ["Produced by:", "", "```bash", command, "```", ""]
+    if failures:
+        lines += [f"**{len(failures)} failed cells** (re-run the same command to retry only them):", ""]
+        lines += [f"- `{cell}`: {error}" for cell, error in failures.items()] + [""]
+    lines += [
+        render(tables, "markdown"),
+        "",
+        f"Tables: [Markdown]({RESULTS_DIR}/table.md), [CSV]({RESULTS_DIR}/table.csv), "
+        f"[LaTeX]({RESULTS_DIR}/table.tex).",
+        "",
+    ]
+    for plot in plots:
+        lines += [f"![{plot.stem}]({RESULTS_DIR}/{plot.name})", ""]
+    if appendix:  # e.g. the scorecard
+        lines += [appendix, ""]
+    lines += [*versions_markdown(records), ""]
+    lines += [
+        "Columns are the metrics each run's evaluator declares (`metric_set` in its metrics.json). "
+        f"Regenerate with `ctxdistill-compare {directory} --out {directory}`; "
+        f"`ctxdistill-compare {directory} --vs METHOD` adds a paired test against METHOD.",
+        "",
+    ]
+    readme = directory / "README.md"
+    readme.write_text("\n".join(lines))
+    return readme

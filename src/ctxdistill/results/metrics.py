@@ -1,0 +1,123 @@
+"""What a run's metrics are: declared by the evaluator that computes them, carried with the run's results.
+
+A :class:`MetricSet` names a family of metrics (``classification``, ``link_prediction``, ...) and lists
+each :class:`Metric`: its name within an eval set, its display name, whether higher is better, the sets
+it applies to, whether it is a share of examples (accuracy-like: it gets a Wilson interval over the
+examples) and which one is the headline. The declaration is written into ``metrics.json`` and the W&B
+run config (``metric_set``), so a run read back from either knows its own columns.
+
+This module depends on nothing else in the package: every other results module builds on it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Optional
+
+EVERY_SET = "*"  # a metric every eval set reports (in-domain ``eval`` and each out-of-domain set)
+IN_DOMAIN = "eval"
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # the key within a set: ``{set}/{name}``
+    label: str  # the column's display name
+    higher_is_better: bool = True
+    sets: tuple[str, ...] = (EVERY_SET,)
+    #: "proportion": a share of the set's examples (Wilson interval for one run); "count": a number of
+    #: examples (``examples``, shown as n); "value": anything else (KL, MRR, latency)
+    kind: str = "proportion"
+    headline: bool = False
+
+    def applies_to(self, set_name: str) -> bool:
+        return set_name in self.sets or EVERY_SET in self.sets
+
+
+#: the number of examples a set's proportions are over; every evaluator reports it as ``{set}/examples``
+EXAMPLES = Metric("examples", "n", kind="count")
+
+
+@dataclass(frozen=True)
+class MetricSet:
+    family: str
+    metrics: tuple[Metric, ...]
+    #: what the headline is compared with, names of metrics in the same set: the teacher's score (the
+    #: model with the context) and the chance level (majority class); None when the family has none
+    teacher: Optional[str] = None
+    chance: Optional[str] = None
+    #: each example's outcome for the headline in the prediction rows (predictions.jsonl), which the
+    #: paired test (ctxdistill-compare --vs) reads: one field that is true or false, or two fields that
+    #: must be equal (``("prediction", "label")``); empty: the family has no per-example outcome
+    outcome: tuple[str, ...] = ()
+    #: serving costs per query to plot the headline against: (the model's key, the teacher's key, axis label)
+    costs: tuple[tuple[str, str, str], ...] = ()
+    #: what a set other than the in-domain one is, for table headings (``{"serving": "serving cost..."}``)
+    set_titles: dict[str, str] = field(default_factory=dict)
+    #: the metric key a Hydra sweeper optimises (``Method.objective``); it must be a declared column
+    objective: Optional[str] = None
+
+    def __post_init__(self):
+        headlines = [m.name for m in self.metrics if m.headline]
+        if len(headlines) != 1:
+            raise ValueError(f"metric set {self.family!r} must declare one headline metric, got {headlines}")
+
+    @property
+    def headline(self) -> Metric:
+        return next(m for m in self.metrics if m.headline)
+
+    def is_outcome(self, row: dict[str, Any]) -> bool:
+        """Whether a prediction row's example counts as a success for the headline."""
+        first, *second = self.outcome
+        return row[first] == row[second[0]] if second else bool(row[first])
+
+    def declares(self, key: str) -> bool:
+        """Whether ``{set}/{name}`` is one of the declared metrics."""
+        set_name, _, name = key.rpartition("/")
+        return any(m.name == name and m.applies_to(set_name) for m in self.metrics)
+
+    def described(self) -> str:
+        """The declared keys, for messages (``*`` standing for any eval set)."""
+        return ", ".join(f"{s}/{m.name}" for m in self.metrics for s in m.sets)
+
+    def with_objective(self, objective: str) -> "MetricSet":
+        return replace(self, objective=objective)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MetricSet":
+        metrics = tuple(Metric(**{**m, "sets": tuple(m["sets"])}) for m in data["metrics"])
+        return cls(
+            **{
+                **data,
+                "metrics": metrics,
+                "outcome": tuple(data.get("outcome") or ()),
+                "costs": tuple(tuple(c) for c in data.get("costs") or ()),
+            }
+        )
+
+
+def undeclared(metric_keys: list[str]) -> MetricSet:
+    """A run written before metrics were declared: every metric it reports, under its own name, as a
+    plain value, so nothing it holds is lost (``eval/accuracy`` stays the headline when it is there)."""
+    names = list(dict.fromkeys(k.rpartition("/")[2] for k in metric_keys))
+    headline = "accuracy" if "accuracy" in names else names[0]
+    return MetricSet(
+        "undeclared",
+        tuple(Metric(n, n, kind="value", headline=n == headline) for n in names),
+    )
+
+
+def float32_rounded(value: Any) -> Any:
+    """The shortest decimal that reads back as the same float32: what a metric computed in float32
+    holds (0.54, not 0.5400000214576721). Integers and other values pass through."""
+    if not isinstance(value, float) or not abs(value) <= 3.4e38:  # ints, inf, nan and beyond float32's range
+        return value
+    single = struct.unpack("f", struct.pack("f", value))[0]
+    for digits in range(1, 10):
+        text = f"{single:.{digits}g}"
+        if struct.unpack("f", struct.pack("f", float(text)))[0] == single:
+            return float(text)
+    return single

@@ -1,0 +1,95 @@
+"""Run records: what one finished run reports, read from its metrics.json or from W&B.
+
+A record is a dict in the shape of metrics.json (``method``, ``model``, ``dataset``, ``seed``,
+``metrics``, ``metric_set``, ``model_parameters``, ``finished_at``); records read from disk also
+carry ``run_dir``, where the run's predictions.jsonl and config.yaml are; records read from W&B carry
+``config``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ctxdistill.results.metrics import MetricSet, undeclared
+from ctxdistill.results.wandb_runs import offline_records
+
+PREDICTIONS = "predictions.jsonl"
+MODEL_SIZE = re.compile(r"(\d+(?:\.\d+)?)([mb])\b", re.IGNORECASE)
+
+
+def metric_set(record: dict[str, Any]) -> MetricSet:
+    """The run's declared metrics; a run from before declarations gets every metric it reports."""
+    if record.get("metric_set"):
+        return MetricSet.from_dict(record["metric_set"])
+    return undeclared(list(record["metrics"]))
+
+
+def model_size(record: dict[str, Any]) -> Optional[float]:
+    """Parameters of the run's base model: recorded by the run, else read from a name like opt-1.3b."""
+    if record.get("model_parameters"):
+        return float(record["model_parameters"])
+    match = MODEL_SIZE.search(record["model"])
+    return float(match[1]) * (1e6 if match[2].lower() == "m" else 1e9) if match else None
+
+
+def collect(paths: Iterable[Path], unreadable: Optional[list[str]] = None) -> list[dict[str, Any]]:
+    """Every complete run under ``paths``.
+
+    A directory is read through its metrics.json files; W&B run directories are read only
+    where no metrics.json is found (they are the same runs). A metrics.json that cannot be read
+    (cut short, not a run's) is skipped with a warning naming it, and listed in ``unreadable``.
+    """
+    records = []
+    for path in map(Path, paths):
+        files = [path] if path.is_file() else sorted(path.rglob("metrics.json"))
+        if not files:
+            records += offline_records(path)
+        for file in files:
+            try:
+                result = json.loads(file.read_text())
+                complete = result.get("status") == "complete"
+            except (OSError, ValueError, AttributeError) as e:
+                print(f"warning: skipping {file}: unreadable ({e})", file=sys.stderr)
+                if unreadable is not None:
+                    unreadable.append(str(file))
+                continue
+            if complete:
+                records.append({**result, "run_dir": str(file.parent)})
+    return records
+
+
+def predictions(record: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
+    """The run's prediction rows (predictions.jsonl), or None when it has none at hand (a W&B run)."""
+    path = Path(record["run_dir"]) / PREDICTIONS if record.get("run_dir") else None
+    if path is None or not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def config_value(record: dict[str, Any], key: str) -> Any:
+    """A dotted key of the run's resolved config (its config.yaml, or its W&B config); None where unset."""
+    from omegaconf import OmegaConf
+
+    if record.get("config") is not None:
+        config = OmegaConf.create(record["config"])
+    elif record.get("run_dir") and (Path(record["run_dir"]) / "config.yaml").is_file():
+        config = OmegaConf.load(Path(record["run_dir"]) / "config.yaml")
+    else:
+        return None
+    return OmegaConf.select(config, key)
+
+
+def split_by(records: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """Records whose method names carry the values of ``keys`` (``kgbert_cd aux_weight=0.5``), so runs that
+    differ in those settings become rows of their own instead of being averaged as if they were seeds."""
+    if not keys:
+        return records
+    labelled = []
+    for record in records:
+        values = " ".join(f"{key.rsplit('.', 1)[-1]}={config_value(record, key)}" for key in keys)
+        labelled.append({**record, "method": f"{record['method']} {values}"})
+    return labelled

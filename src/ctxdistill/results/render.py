@@ -1,0 +1,159 @@
+"""Tables as text: aligned for the terminal, Markdown, CSV and LaTeX.
+
+Text, Markdown and LaTeX show one block per eval set (in-domain first), each cell as
+``mean [95% interval]`` and the set's n; CSV is one flat table with every figure in its own column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Optional
+
+from ctxdistill.results.table import Cell, Column, Row, Table
+
+IDENTITY = ["method", "model", "dataset", "seeds"]
+
+
+def number(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.1f}" if abs(x) >= 100 else f"{x:.3f}"
+
+
+def cell_text(cell: Optional[Cell]) -> str:
+    if cell is None:
+        return "-"
+    if cell.metric.kind == "count":
+        return "/".join(dict.fromkeys(f"{v:g}" for v in cell.values))  # the n of each seed's set, once if equal
+    interval = cell.interval
+    return number(cell.mean) + (f" [{number(interval[0])}, {number(interval[1])}]" if interval else "")
+
+
+def p_text(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _block(table: Table, set_name: str) -> tuple[list[str], list[list[str]]]:
+    """Header and body of one eval set's block: its columns, then the paired test's when there is one."""
+    columns = [c for c in table.columns if c.set == set_name]
+    tested = table.baseline is not None and any(set_name in r.tests for r in table.rows)
+    header = [*IDENTITY, *(c.metric.label for c in columns)]
+    if tested:
+        header += [f"Δ {table.family.headline.label} vs {table.baseline}", "p (McNemar)", "pairs"]
+    body = []
+    for row in table.rows:
+        line = [
+            row.method,
+            row.model,
+            row.dataset,
+            str(len(row.seeds)),
+            *(cell_text(row.cells.get(c.key)) for c in columns),
+        ]
+        if tested:
+            test = row.tests.get(set_name)
+            line += [f"{test.delta:+.3f}", p_text(test.p_value), str(test.pairs)] if test else ["-", "-", "-"]
+        if any(c != "-" for c in line[len(IDENTITY) :]):
+            body.append(line)
+    return header, body
+
+
+def _aligned(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = [header, ["-" * w for w in widths], *body]
+    if markdown:
+        return ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+
+
+def _tex(cell: str) -> str:
+    cell = cell.replace("_", r"\_").replace("&", r"\&").replace("%", r"\%").replace("Δ", r"$\Delta$")
+    if " [" in cell:  # a figure with its interval: math mode, a space kept before the bracket
+        return "$" + cell.replace(" [", r"\ [") + "$"
+    return cell.replace("<", r"$<$")
+
+
+def render(tables: list[Table], fmt: str = "text") -> str:
+    """The tables as aligned text, Markdown, CSV or LaTeX (booktabs)."""
+    if fmt == "csv":
+        return render_csv(tables)
+    out: list[str] = []
+    for table in tables:
+        if len(tables) > 1:
+            name = f"{table.family.family} (headline: {table.family.headline.label})"
+            out += [{"markdown": f"### {name}", "latex": f"% {name}"}.get(fmt, f"== {name} =="), ""]
+        for set_name in table.sets:
+            header, body = _block(table, set_name)
+            if not body:
+                continue
+            title = table.title(set_name)
+            if fmt == "latex":
+                out += [
+                    f"% {title}",
+                    r"\begin{tabular}{" + "lll" + "r" * (len(header) - 3) + "}",
+                    r"\toprule",
+                    " & ".join(map(_tex, header)) + r" \\",
+                    r"\midrule",
+                    *(" & ".join(map(_tex, line)) + r" \\" for line in body),
+                    r"\bottomrule",
+                    r"\end{tabular}",
+                    "",
+                ]
+            else:
+                out += [f"**{title}**", ""] if fmt == "markdown" else [title]
+                out += [*_aligned(header, body, fmt == "markdown"), ""]
+    return "\n".join(out).rstrip("\n")
+
+
+def csv_columns(column: Column) -> list[str]:
+    if column.metric.kind == "count":
+        return [column.key]
+    return [f"{column.key}_{part}" for part in ("mean", "std", "low", "high")]
+
+
+def csv_values(cell: Optional[Cell]) -> list[Optional[float]]:
+    """Mean, sample std over seeds, the 95% interval; a count is its mean alone."""
+    if cell is None:
+        return [None, None, None, None]
+    if cell.metric.kind == "count":
+        return [cell.mean]
+    interval = cell.interval or (None, None)
+    return [cell.mean, cell.std, *interval]
+
+
+def test_columns(table: Table) -> list[str]:
+    sets = [s for s in table.sets if any(s in r.tests for r in table.rows)]
+    return [f"{s}/{part}_vs_{table.baseline}" for s in sets for part in ("delta", "p", "pairs")]
+
+
+def test_values(table: Table, row: Row) -> dict[str, Optional[float]]:
+    values = {}
+    for set_name, test in row.tests.items():
+        parts = {"delta": test.delta, "p": test.p_value, "pairs": test.pairs}
+        values |= {f"{set_name}/{part}_vs_{table.baseline}": value for part, value in parts.items()}
+    return values
+
+
+def flat_rows(tables: list[Table]) -> tuple[list[str], list[list]]:
+    """Every table in one: identity, model parameters, then each column's figures (None where a row has none)."""
+    columns = list(dict.fromkeys(name for t in tables for c in t.columns for name in csv_columns(c)))
+    columns += list(dict.fromkeys(name for t in tables for name in test_columns(t)))
+    rows = []
+    for table in tables:
+        for row in table.rows:
+            values: dict[str, Optional[float]] = {}
+            for column in table.columns:
+                cell = row.cells.get(column.key)
+                figures = csv_values(cell) if cell else [None] * len(csv_columns(column))
+                values |= dict(zip(csv_columns(column), figures))
+            values |= test_values(table, row)
+            rows.append([row.method, row.model, row.dataset, len(row.seeds), row.size, *map(values.get, columns)])
+    return [*IDENTITY, "model_parameters", *columns], rows
+
+
+def render_csv(tables: list[Table]) -> str:
+    header, rows = flat_rows(tables)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in row])
+    return out.getvalue().rstrip("\n")

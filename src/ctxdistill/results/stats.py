@@ -1,0 +1,73 @@
+"""95% intervals and the paired test, in the standard library alone (no scipy).
+
+- :func:`wilson`: a proportion of n examples (one run), Wilson's score interval.
+- :func:`t_interval`: a mean over n seeds, Student's t with n - 1 degrees of freedom.
+- :func:`mcnemar_exact`: two methods on the same examples, the exact (binomial) McNemar test on the
+  examples where exactly one of them is right.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Optional
+
+CONFIDENCE = 0.95
+Z = statistics.NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)
+
+
+def wilson(successes: float, n: int, z: float = Z) -> tuple[float, float]:
+    """Wilson's score interval for ``successes`` of ``n`` (Wilson 1927; Newcombe 1998, method 3)."""
+    if n <= 0:
+        raise ValueError(f"a proportion needs at least one example, got n={n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _t_two_sided_mass(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with integer ``df`` (the closed forms of Abramowitz & Stegun 26.7.3/4)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if df % 2:  # odd: 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2·4/(3·5) cos^4 + ...)), df - 3 terms' power
+        term, total = 1.0, 1.0 if df > 1 else 0.0
+        for k in range(1, (df - 1) // 2):
+            term *= c2 * (2 * k) / (2 * k + 1)
+            total += term
+        return 2 / math.pi * (theta + s * math.cos(theta) * total)
+    term, total = 1.0, 1.0  # even: sin (1 + 1/2 cos^2 + 1·3/(2·4) cos^4 + ...)
+    for k in range(1, df // 2):
+        term *= c2 * (2 * k - 1) / (2 * k)
+        total += term
+    return s * total
+
+
+def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
+    """The t with P(|T| < t) = ``confidence`` (bisection on the closed-form distribution)."""
+    low, high = 0.0, 1.0
+    while _t_two_sided_mass(high, df) < confidence:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _t_two_sided_mass(mid, df) < confidence else (low, mid)
+    return (low + high) / 2
+
+
+def t_interval(values: list[float]) -> Optional[tuple[float, float]]:
+    """The mean's 95% interval over ``values`` (one per seed); None for fewer than two."""
+    if len(values) < 2:
+        return None
+    mean, sem = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+    half = t_quantile(len(values) - 1) * sem
+    return mean - half, mean + half
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value: under "neither is better", each of the n discordant examples is
+    equally likely to favour either method, so the smaller count is Binomial(n, 1/2)."""
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_first, only_second) + 1)) / 2**n
+    return min(1.0, 2 * tail)

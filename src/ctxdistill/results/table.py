@@ -1,0 +1,238 @@
+"""Records -> tables: one table per metric family, one row per (dataset, model, method), one column per
+declared metric and eval set, each cell the values over seeds with n and a 95% interval.
+
+The interval of a cell is Student's t over its seeds (n = seeds) when it has several, and Wilson's over
+the set's examples (n = examples) for one run of an accuracy-like metric. ``paired_tests`` adds, per cell
+and eval set, the exact McNemar test against a baseline method on the examples both were evaluated on.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ctxdistill.results.metrics import EVERY_SET, EXAMPLES, IN_DOMAIN, Metric, MetricSet
+from ctxdistill.results.records import metric_set, model_size, predictions
+from ctxdistill.results.stats import mcnemar_exact, t_interval, wilson
+
+
+@dataclass(frozen=True)
+class Column:
+    set: str
+    metric: Metric
+
+    @property
+    def key(self) -> str:
+        return f"{self.set}/{self.metric.name}"
+
+
+@dataclass
+class Cell:
+    """One metric of one row: a value per seed, and the number of examples each was measured on."""
+
+    metric: Metric
+    values: list[float] = field(default_factory=list)
+    examples: list[Optional[int]] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> Optional[float]:
+        """Sample standard deviation over seeds; None for a single seed."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+    @property
+    def interval(self) -> Optional[tuple[float, float]]:
+        """95%: Student's t over the seeds when there are several, else Wilson's over one run's examples."""
+        if self.metric.kind == "count":
+            return None
+        if len(self.values) > 1:
+            low, high = t_interval(self.values)
+            # a share of examples lies in [0, 1] whatever few seeds suggest
+            return (max(low, 0.0), min(high, 1.0)) if self.metric.kind == "proportion" else (low, high)
+        if self.metric.kind == "proportion" and self.examples[0]:
+            return wilson(self.values[0] * self.examples[0], self.examples[0])
+        return None
+
+
+@dataclass
+class PairedTest:
+    """A method against the baseline on the examples both were evaluated on (pooled over shared seeds)."""
+
+    baseline: str
+    pairs: int
+    only_method: int  # examples the method gets right and the baseline wrong
+    only_baseline: int
+    delta: float  # the method's headline minus the baseline's, over the pairs
+
+    @property
+    def p_value(self) -> float:
+        return mcnemar_exact(self.only_method, self.only_baseline)
+
+
+@dataclass
+class Row:
+    method: str
+    model: str
+    dataset: str
+    size: Optional[float]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    cells: dict[str, Cell] = field(default_factory=dict)
+    tests: dict[str, PairedTest] = field(default_factory=dict)  # eval set -> test against the baseline
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r["seed"] for r in self.records]
+
+
+@dataclass
+class Table:
+    family: MetricSet
+    columns: list[Column]
+    rows: list[Row]
+    baseline: Optional[str] = None  # the method of the paired tests, when they were run
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(dict.fromkeys(r.dataset for r in self.rows))
+
+    @property
+    def sets(self) -> list[str]:
+        return list(dict.fromkeys(c.set for c in self.columns))
+
+    def column(self, set_name: str, metric_name: str) -> Optional[Column]:
+        return next((c for c in self.columns if c.set == set_name and c.metric.name == metric_name), None)
+
+    def title(self, set_name: str) -> str:
+        if set_name == IN_DOMAIN:
+            return "in-domain (eval)"
+        return self.family.set_titles.get(set_name, set_name)
+
+
+def _merged(records: list[dict[str, Any]]) -> MetricSet:
+    """One declaration for a family's runs: the first run's, with any metric another run adds."""
+    first, *others = [metric_set(r) for r in records]
+    metrics = list(first.metrics)
+    for declared in others:
+        metrics += [m for m in declared.metrics if all((m.name, m.sets) != (k.name, k.sets) for k in metrics)]
+    return MetricSet(**{**first.__dict__, "metrics": tuple(metrics), "objective": None})
+
+
+def _columns(family: MetricSet, records: list[dict[str, Any]]) -> list[Column]:
+    """The declared metrics the runs report: the in-domain set and the sets a declaration names, in
+    declaration order, then every other set the runs report (out-of-domain sets, tasks of a mixture) in the
+    order they come. A metric declared for a named set wins over the same name declared for every set."""
+    reported = {k for r in records for k in r["metrics"]}
+    named = list(dict.fromkeys(s for m in family.metrics for s in m.sets if s not in (EVERY_SET, IN_DOMAIN)))
+
+    def metric_for(set_name: str, name: str) -> Optional[Metric]:
+        for metric in family.metrics:
+            if metric.name == name and set_name in metric.sets:
+                return metric
+        return next((m for m in family.metrics if m.name == name and EVERY_SET in m.sets), None)
+
+    columns: list[Column] = []
+    for metric in family.metrics:
+        for set_name in [IN_DOMAIN, *named] if EVERY_SET in metric.sets else metric.sets:
+            column = Column(set_name, metric)
+            if column.key in reported and metric_for(set_name, metric.name) is metric and column not in columns:
+                columns.append(column)
+    others = dict.fromkeys(
+        k.rpartition("/")[0] for r in records for k in r["metrics"] if k.rpartition("/")[0] not in {*named, IN_DOMAIN}
+    )
+    for set_name in others:
+        columns += [
+            Column(set_name, m)
+            for m in family.metrics
+            if EVERY_SET in m.sets and f"{set_name}/{m.name}" in reported and metric_for(set_name, m.name) is m
+        ]
+    sets = list(dict.fromkeys(c.set for c in columns))
+    columns.sort(key=lambda c: sets.index(c.set))  # each set's columns together, as the blocks show them
+    # a set whose only column is its n says nothing
+    return [c for c in columns if c.metric is not EXAMPLES or any(o.set == c.set and o != c for o in columns)]
+
+
+def summarise(records: list[dict[str, Any]]) -> list[Table]:
+    """One table per metric family (by name); rows ordered by dataset, then model size, then the order the
+    methods first ran."""
+    records = sorted(records, key=lambda r: r.get("finished_at") or "")
+    families: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        families.setdefault(metric_set(record).family, []).append(record)
+    tables = []
+    for _, members in sorted(families.items()):  # by family name: the same order from disk and from W&B
+        family = _merged(members)
+        columns = _columns(family, members)
+        rows: dict[tuple, Row] = {}
+        for r in members:
+            row = rows.setdefault(
+                (r["dataset"], r["model"], r["method"]), Row(r["method"], r["model"], r["dataset"], model_size(r))
+            )
+            row.records.append(r)
+            for column in columns:
+                if column.key in r["metrics"]:
+                    cell = row.cells.setdefault(column.key, Cell(column.metric))
+                    cell.values.append(r["metrics"][column.key])
+                    cell.examples.append(r["metrics"].get(f"{column.set}/{EXAMPLES.name}"))
+        order = list(dict.fromkeys(r["method"] for r in members))
+        ordered = sorted(
+            rows.values(), key=lambda row: (row.dataset, row.size or math.inf, row.model, order.index(row.method))
+        )
+        tables.append(Table(family, columns, ordered))
+    return tables
+
+
+class PairedTestError(ValueError):
+    """--vs cannot be done as asked (no such baseline, no predictions at hand)."""
+
+
+def paired_tests(tables: list[Table], baseline: str) -> list[str]:
+    """Fill each row's tests against the ``baseline`` method's row of the same dataset and model.
+
+    Pairs are the examples (``uid``) of each eval set that both methods were evaluated on with the same
+    seed, pooled over the seeds both ran. Returns notes on what could not be tested."""
+    if not any(row.method == baseline for table in tables for row in table.rows):
+        methods = sorted({row.method for table in tables for row in table.rows})
+        raise PairedTestError(f"--vs {baseline}: no run of method {baseline} here (methods: {', '.join(methods)})")
+    notes = []
+    for table in tables:
+        if not table.family.outcome:
+            notes.append(f"--vs: {table.family.family} runs record no per-example outcome; not tested")
+            continue
+        table.baseline = baseline
+        for row in table.rows:
+            reference = next(
+                (b for b in table.rows if (b.method, b.dataset, b.model) == (baseline, row.dataset, row.model)), None
+            )
+            if row.method == baseline or reference is None:
+                continue
+            outcomes = {}
+            for side in (row, reference):
+                for record in side.records:
+                    rows = predictions(record)
+                    if rows is None:
+                        raise PairedTestError(
+                            f"--vs needs each run's predictions.jsonl; {side.method} seed {record['seed']} has "
+                            f"none at hand (runs read from W&B have none): give the runs' directories instead"
+                        )
+                    outcomes[(side.method, record["seed"])] = {
+                        (p["set"], p["uid"]): table.family.is_outcome(p) for p in rows
+                    }
+            counts: dict[str, list[int]] = {}
+            for seed in sorted(set(row.seeds) & set(reference.seeds)):
+                mine, theirs = outcomes[(row.method, seed)], outcomes[(baseline, seed)]
+                for key in mine.keys() & theirs.keys():
+                    tally = counts.setdefault(key[0], [0, 0, 0, 0])  # pairs, only mine, only theirs, mine - theirs
+                    tally[0] += 1
+                    tally[1] += mine[key] and not theirs[key]
+                    tally[2] += theirs[key] and not mine[key]
+                    tally[3] += int(mine[key]) - int(theirs[key])
+            row.tests = {
+                s: PairedTest(baseline, pairs, only_mine, only_theirs, diff / pairs)
+                for s, (pairs, only_mine, only_theirs, diff) in counts.items()
+            }
+    return notes

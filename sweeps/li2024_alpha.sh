@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Li et al. 2024 on a CPU: the auxiliary weight alpha (method.aux_weight; 0 = the student without the auxiliary
+# task) swept over {0, 0.1, 0.5, 1} x seeds 0-2 for both students on the WN18RR subsample: MiniLM-L6 KG-BERT
+# with reconstruction, and the bundled SmolLM2 decoder with contextualization. Sized for two shared CPU cores:
+# 32 training triples (2 epochs, batches of 16), 20 test triples ranked head and tail against 20 sampled
+# entities each. The contexts of those triples first (stage 1, once):
+#   ctxdistill experiment=li2024/wn18rr_subsample method=contextualization model=smollm2-135m \
+#     dataset.source.data_dir=PATH/wn18rr/kgbert_format method.max_new_tokens=64 dataset.num_train=32
+#   DATA=PATH/wn18rr/kgbert_format bash sweeps/li2024_alpha.sh [overrides]
+# Then the table of means and 95% intervals over the seeds:
+#   ctxdistill-compare outputs/sweeps/li2024_alpha --by method.aux_weight
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=${SWEEP_DIR:-outputs/sweeps/li2024_alpha}
+common=(
+  "dataset.source.data_dir=${DATA:?set DATA to the WN18RR kgbert_format directory}"
+  dataset.num_train=32 dataset.num_eval=20 dataset.eval_candidates=20 trainer.epochs=2 trainer.batch_size=16
+  "method.aux_weight=${ALPHAS:-0,0.1,0.5,1}" "seed=${SEEDS:-0,1,2}"
+)
+ctxdistill -m experiment=li2024/wn18rr_subsample method=kgbert_cd "${common[@]}" \
+  "hydra.sweep.dir=$root/minilm" "$@"
+ctxdistill -m experiment=li2024/wn18rr_subsample_decoder method=kg_decoder_cd "${common[@]}" \
+  "hydra.sweep.dir=$root/smollm2" "$@"

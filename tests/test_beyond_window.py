@@ -1,0 +1,253 @@
+"""Beyond the context window: sequential distillation (its teachers, its rounds, resuming a round), the
+cheat-sheet baseline (its prompts against the released code's, its cache), contexts with their own
+instructions and label words, the out-of-domain phrasing, and the learning curve's statistics."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctxdistill.config import ConfigError, validate
+from ctxdistill.data import build_task, synthetic
+from ctxdistill.data.synthetic import generate_examples
+from ctxdistill.encoding import answer_logits, encode
+from ctxdistill.learning_curve import main as learning_curve
+from ctxdistill.learning_curve import mean_interval
+from ctxdistill.methods import build_method
+from ctxdistill.methods import cheat_sheet as cs
+from ctxdistill.methods.distill import ContextDistillation
+from ctxdistill.models import ModelHandle, add_adapter, load_model, load_tokenizer, model_identity
+from ctxdistill.run import run
+
+from conftest import TINY, without_timings
+
+SEQUENTIAL = [
+    *TINY,
+    "method=sequential_cd",
+    "dataset.context.num_demos=4",
+    "dataset.context.num_contexts=2",
+    "dataset.num_train_queries=8",
+    "dataset.source.split_sizes.eval=8",
+    "trainer.batch_size=4",
+    "trainer.max_steps=2",
+    "trainer.checkpoint_every=1",
+]
+
+
+def test_each_round_is_taught_by_the_last_rounds_student_with_its_own_context(make_cfg, tmp_path):
+    cfg = make_cfg(*SEQUENTIAL, "method.teacher_cache=memory")
+    method = build_method(cfg.method)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    task = build_task(cfg.dataset, cfg.seed)
+    base = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed)
+    model = add_adapter(base, cfg.model, tokenizer, task.context)
+    handle = ModelHandle(student=model, base=model, identity="tiny")
+    queries = task.train_queries
+    assert method.rounds(task) == 2 and len(set(task.contexts)) == 2
+
+    def reference(with_adapter: bool, context: str) -> torch.Tensor:
+        """The next-token log-probabilities after context + query, from a plain forward pass of the whole text."""
+        batch = encode(tokenizer, [task.teacher_prompt(q, context) for q in queries], [[0]] * len(queries))
+        model.eval()
+        with torch.no_grad():
+            if with_adapter:
+                logits = answer_logits(model, batch)
+            else:
+                with model.disable_adapter():
+                    logits = answer_logits(model, batch)
+        return logits[:, -1].float().log_softmax(-1)
+
+    def targets() -> torch.Tensor:
+        return torch.stack([method._targets[q.uid].logprobs[-1] for q in queries])
+
+    method.begin_round(0)
+    method.prepare(handle, tokenizer, task, queries, 4)
+    torch.testing.assert_close(targets(), reference(False, task.contexts[0]), atol=1e-4, rtol=0)
+    with torch.no_grad():  # what a round of training does to the adapter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    method.begin_round(1)
+    method.prepare(handle, tokenizer, task, queries, 4)
+    taught = targets()
+    torch.testing.assert_close(taught, reference(True, task.contexts[1]), atol=1e-4, rtol=0)
+    assert (taught - reference(False, task.contexts[1])).abs().max() > 1e-2  # not the base model's
+
+
+@pytest.mark.slow  # three runs (about 30 s); the teachers of each round are checked above in a second
+def test_sequential_rounds_log_their_metrics_and_a_failure_in_round_two_resumes_there(make_cfg, tmp_path, monkeypatch):
+    cache = f"cache_dir={tmp_path / 'cache'}"
+    whole = tmp_path / "whole"
+    run(make_cfg(*SEQUENTIAL, cache, output_dir=whole))
+    saved = json.loads((whole / "metrics.json").read_text())
+    assert [r["round"] for r in saved["rounds"]] == [1, 2]
+    assert all(r["train"]["steps"] == 2 and "eval/accuracy" in r["metrics"] for r in saved["rounds"])
+    assert saved["rounds"][-1]["metrics"] == saved["metrics"]
+    assert saved["train"]["steps_all_rounds"] == 4 and not (whole / "rounds").exists()
+
+    real_loss, calls = ContextDistillation.loss, []
+
+    def failing_in_round_two(self, handle, batch):
+        calls.append(self.round)
+        if len(calls) == 4:  # round 2's second step, after its first checkpoint
+            raise RuntimeError("injected")
+        return real_loss(self, handle, batch)
+
+    broken = tmp_path / "broken"
+    monkeypatch.setattr(ContextDistillation, "loss", failing_in_round_two)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(make_cfg(*SEQUENTIAL, cache, output_dir=broken))
+    assert (broken / "rounds" / "1" / "round.json").is_file() and not (broken / "rounds" / "2" / "round.json").exists()
+    calls.clear()
+    monkeypatch.setattr(
+        ContextDistillation, "loss", lambda self, h, b: calls.append(self.round) or real_loss(self, h, b)
+    )
+    run(make_cfg(*SEQUENTIAL, cache, output_dir=broken))
+    assert calls == [1]  # round 1 was not trained again; round 2 resumed after its first step
+    resumed = json.loads((broken / "metrics.json").read_text())
+
+    assert without_timings(resumed["metrics"]) == without_timings(saved["metrics"])
+    assert [without_timings(r["metrics"]) for r in resumed["rounds"]] == [
+        without_timings(r["metrics"]) for r in saved["rounds"]
+    ]
+
+
+def test_sequential_distillation_refuses_what_cannot_teach_round_by_round(make_cfg):
+    with pytest.raises(ConfigError, match="method.sequential"):
+        validate(make_cfg(*SEQUENTIAL, "method.teacher_cache=none"))
+    with pytest.raises(ConfigError, match="model.adapter"):
+        validate(make_cfg(*SEQUENTIAL, "model.adapter=prefix"))
+    with pytest.raises(ConfigError, match="instructions"):
+        validate(make_cfg(*SEQUENTIAL, "dataset.context.instructions=[a,b,c]"))
+
+
+def test_contexts_with_their_own_instruction_and_label_words(make_cfg):
+    cfg = make_cfg(
+        "experiment=instruction_override", "model=tiny-random", "dataset.context.num_demos=2", "dataset.num_eval=4"
+    )
+    validate(cfg)
+    task = build_task(cfg.dataset, 0)
+    first, second = task.contexts
+    assert first.startswith('Classify the sentiment of each review. Answer " foo" if it is positive')
+    assert second.startswith('Classify the sentiment of each review. Answer " bar" if it is positive')
+    demos = {d.uid: d for d in task.demos}
+    for context, words in ((first, (" foo", " bar")), (second, (" bar", " foo"))):
+        for shot in context.split("\n\n")[1:]:
+            review = shot.split("\n")[0].removeprefix("Review: ")
+            label = next(d.label for d in demos.values() if d.fields["review"] == review)
+            assert shot.endswith(words[label])
+    assert task.verbalizers == [" foo", " bar"]  # evaluation keeps the dataset's (the first context's) words
+
+
+def test_the_other_phrasing_uses_no_sentence_frame_of_the_reviews():
+
+    def pattern(form: str) -> re.Pattern:
+        return re.compile(re.sub(r"\\{[a-z]+\\}", ".*", re.escape(form)) + "$")
+
+    review_frames = [pattern(form) for form in synthetic._FORMS]
+    other = generate_examples(64, 1, "eval", phrasing="other")
+    assert not [e["review"] for e in other if any(p.match(e["review"]) for p in review_frames)]
+    assert all(any(pattern(f).match(e["review"]) for f in synthetic._OTHER_FORMS) for e in other)
+    assert [e["label"] for e in other] == [i % 2 for i in range(64)]
+    with pytest.raises(ValueError, match="phrasing"):
+        generate_examples(2, 1, "eval", phrasing="poems")
+
+
+# The released request (CyberAgentAILab/cheat-sheet-icl, src/data_utils.py, get_cheat_prompt for non-math
+# tasks), the released separator and the released context layout (src/cheatsheet_api.py), as written there.
+RELEASED_SEP = "\n###\n"
+
+
+def released_cheat_prompt(dataset_str: str) -> str:
+    return f"Create a cheat sheet based on the examples below. You will be asked to answer questions similar to these examples during the test, without being allowed to refer to the examples at that time. Your task here is to make a cheat sheet that will help you answer such problems correctly. First, carefully read the examples below and identify which ones you find most difficult to answer.\n\n{dataset_str}\n\nNow, create a cheat sheet to help you solve the difficult examples. Exclude any content that is easy for you, and only include specific, detailed points to address the challenging ones.\n\n"  # noqa: E501
+
+
+def released_context(response: str, dataset_cat: list[str]) -> str:
+    show_example = RELEASED_SEP.join(dataset_cat[:2])
+    return f"{response}\n\nFollow the format of the examples below in your response.\n\n{show_example}"
+
+
+def test_cheat_sheet_prompts_are_the_released_ones_and_sheets_are_cached(make_cfg, tmp_path, monkeypatch):
+    overrides = [
+        *TINY,
+        "method=cheat_sheet",
+        "method.max_sheet_tokens=6",
+        "dataset.context.num_demos=12",
+        "dataset.source.split_sizes.eval=8",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    requests: list[str] = []
+    real_generate = cs.generate
+
+    def recording(model, tokenizer, prompts, *args, **kwargs):
+        requests.extend(prompts)
+        return real_generate(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(cs, "generate", recording)
+    result = run(make_cfg(*overrides, output_dir=tmp_path / "first"))
+    cfg = make_cfg(*overrides)
+    task = build_task(cfg.dataset, cfg.seed)
+    shots = [task.query(d) + task.verbalizers[d.label] for d in task.demos]
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    assert len(requests) == 3  # 12 demonstrations, 4 per request
+    rows = [json.loads(line) for p in (tmp_path / "cache" / "cheat_sheets").glob("*.jsonl") for line in p.open()]
+    sheets = {row["key"]: row["sheet"] for row in rows}
+    sheet = ""
+    for index, prompt in enumerate(requests):
+        request = released_cheat_prompt(RELEASED_SEP.join(shots[4 * index : 4 * index + 4]))
+        if sheet:
+            request = cs.UPDATE.format(sheet=sheet) + request
+        assert prompt == cs.render_chat(tokenizer, [{"role": "user", "content": request}])
+        sheet = sheets[prompt] or sheet
+    predictions = [json.loads(line) for line in (tmp_path / "first" / "predictions.jsonl").open()]
+    demonstrations = len(tokenizer(task.context + "\n\n").input_ids) - len(
+        tokenizer(task.context_instruction).input_ids
+    )
+    assert predictions and 0 < result["context_tokens_per_query"] < demonstrations
+    query = task.eval_sets["eval"][0]
+    cs.use_sheet(task, sheet, 2)
+    expected = task.context_instruction + "\n\n" + released_context(sheet, shots) + RELEASED_SEP + task.query(query)
+    assert task.teacher_prompt(query) == expected
+
+    requests.clear()
+    cfg_task = build_task(cfg.dataset, cfg.seed)
+    handle = ModelHandle(student=None, base=None, identity=model_identity(cfg.model, cfg.seed))
+    assert build_method(cfg.method).write_sheet(handle, tokenizer, cfg_task, 4) == sheet
+    assert requests == []  # every sheet read from the cache (the model is never asked)
+
+
+def test_cheat_sheet_cleaning_drops_a_preamble_as_released():
+    assert cs.clean_sheet("  Certainly! Here you go\n- foo is good\n") == "- foo is good"
+    assert cs.clean_sheet("Intro\nHere is a **sheet**\n- a\n- b") == "- a\n- b"
+    assert cs.clean_sheet(" - a\n- b ") == "- a\n- b"
+
+
+def test_the_interval_is_students_t_and_the_curve_is_tabulated(tmp_path: Path):
+    mean, half = mean_interval([0.5, 0.6, 0.7])
+    assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-4)
+    assert mean_interval([0.4]) == (0.4, 0.0)
+    for seed, accuracy in enumerate([0.5, 0.6, 0.7]):
+        run_dir = tmp_path / "runs" / f"cd-{seed}"
+        run_dir.mkdir(parents=True)
+        config = "method: {name: cd}\nmodel: {adapter: prefix}\ndataset: {context: {num_demos: 12, num_contexts: 2}}\n"
+        (run_dir / "config.yaml").write_text(config)
+        metrics = {"eval/accuracy": accuracy, "ood/accuracy": 0.5, "train_queries/context_accuracy": 0.1}
+        record = {"seed": seed, "metrics": metrics, "trainable_parameters": 10, "context_tokens_per_query": 0}
+        (run_dir / "metrics.json").write_text(json.dumps(record))
+        (run_dir / "evaluations" / "forgetting").mkdir(parents=True)
+        (run_dir / "evaluations" / "forgetting" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+    (tmp_path / "before").mkdir()
+    (tmp_path / "before" / "metrics.json").write_text(json.dumps({"metrics": {"eval/accuracy": 0.75}}))
+    assert (
+        learning_curve([str(tmp_path / "runs"), "--out", str(tmp_path / "out"), "--before", str(tmp_path / "before")])
+        == 0
+    )
+    table = (tmp_path / "out" / "learning_curve.md").read_text().splitlines()
+    header = "| method | demos | seeds | eval | ood | context tokens/query | trainable params | other task after"
+    assert table[0] == header + " (before: 0.750) |"
+    assert table[2] == "| cd (prefix) | 24 | 3 | 0.600 ± 0.248 | 0.500 ± 0.000 | 0 | 10 | 0.600 ± 0.248 |"
+    assert (tmp_path / "out" / "learning_curve.png").stat().st_size > 1000

@@ -1,0 +1,167 @@
+"""Provenance: what produced a run, recorded in its metrics.json, and a sweep's versions for its README."""
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from omegaconf import OmegaConf
+
+import ctxdistill
+from ctxdistill import provenance
+from ctxdistill.config import SourceConfig
+from ctxdistill.data.synthetic import generate_examples
+from ctxdistill.data.tasks import load_records
+from ctxdistill.results.versions import versions_markdown
+from ctxdistill.run import run
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_split(path: Path, size: int, split: str) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in generate_examples(size, 1234, split)))
+    return path
+
+
+def git(directory: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True, check=True).stdout
+
+
+def test_a_runs_metrics_json_records_code_versions_device_config_data_caches_and_eval_sizes(make_cfg, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    train, evaluation = write_split(data / "train.jsonl", 48, "train"), write_split(data / "eval.jsonl", 20, "eval")
+    files = f"{{train: {train.name}, eval: {evaluation.name}}}"
+    cfg = make_cfg(
+        "model=tiny-random",
+        "logger=none",
+        "method=cd",
+        "trainer.max_steps=1",
+        "dataset.num_train_queries=8",
+        "dataset.source.kind=files",
+        f"dataset.source.data_dir={data}",
+        f"++dataset.source.data_files={files}",
+        f"method.teacher_cache_dir={tmp_path / 'teacher'}",
+        output_dir=tmp_path / "run",
+    )
+    run(cfg)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["provenance"]
+
+    source = Path(ctxdistill.__file__).resolve().parent
+    if saved["code"]["commit"] is not None:  # tested from a checkout, as CI does
+        assert saved["code"]["commit"] == git(source, "rev-parse", "HEAD").strip()
+        assert saved["code"]["dirty"] == bool(git(source, "status", "--porcelain", "--untracked-files=no", "--", "."))
+    assert saved["versions"]["torch"] == torch.__version__
+    assert saved["versions"]["transformers"] == transformers.__version__
+    assert set(saved["versions"]) == {"python", *provenance.LIBRARIES}
+    assert saved["device"]["gpu_count"] == torch.cuda.device_count() and saved["device"]["cpu"]
+    assert saved["device"]["used"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+
+    stored_config = OmegaConf.to_container(OmegaConf.load(tmp_path / "run" / "config.yaml"))
+    assert saved["config_sha256"] == provenance.config_hash(stored_config)
+    assert saved["data"] == [
+        {"path": str(path), "bytes": path.stat().st_size, "sha256": sha256(path)} for path in (train, evaluation)
+    ]
+    [teacher_cache] = saved["caches"]
+    assert teacher_cache["cache"] == "teacher" and Path(teacher_cache["path"]).is_file()
+    assert Path(teacher_cache["path"]) == tmp_path / "teacher" / f"{teacher_cache['key']}.pt"
+    assert saved["eval_set_sizes"] == {"eval": 20}
+
+
+def test_a_data_files_hash_follows_its_content(tmp_path):
+    path = write_split(tmp_path / "eval.jsonl", 6, "eval")
+    source = OmegaConf.structured(SourceConfig(kind="files", file=str(path)))
+    provenance.begin_run()
+    load_records(source, "eval")
+    before = provenance.inputs()["data"]
+    path.write_text(path.read_text() + path.read_text().splitlines(keepends=True)[0])
+    os.utime(path, ns=(1, 1))  # a new content, whatever the clock's resolution
+    provenance.begin_run()
+    load_records(source, "eval")
+    after = provenance.inputs()["data"]
+    assert before[0]["sha256"] != after[0]["sha256"] == sha256(path)
+
+
+def test_a_hub_datasets_id_split_and_fingerprint_are_recorded(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    write_split(folder / "train.jsonl", 4, "train")
+    write_split(folder / "test.jsonl", 5, "eval")
+    source = OmegaConf.structured(SourceConfig(kind="hub", hub_id=str(folder)))
+    provenance.begin_run()
+    load_records(source, "test")
+    [noted] = provenance.inputs()["data"]
+    loaded = datasets.load_dataset(str(folder), None, split="test")
+    assert noted == {
+        "hub_id": str(folder),
+        "config": None,
+        "split": "test",
+        "version": str(loaded.info.version),
+        "fingerprint": loaded._fingerprint,
+        "rows": 5,
+    }
+
+
+def test_git_state_says_dirty_and_says_when_there_is_no_checkout(tmp_path):
+    assert provenance.git_state(tmp_path)["commit"] is None
+    assert "not a git checkout" in provenance.git_state(tmp_path)["checkout"]
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "pkg" / "code.py").write_text("x = 1\n")
+    identity = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    git(repo, "init", "-q")
+    git(repo, "add", ".")
+    git(repo, *identity, "commit", "-qm", "first")
+    commit = git(repo, "rev-parse", "HEAD").strip()
+    (repo / "pkg" / "notes.txt").write_text("untracked files do not make a tree dirty\n")
+    assert provenance.git_state(repo / "pkg") == {"commit": commit, "dirty": False, "checkout": "git"}
+    (repo / "pkg" / "code.py").write_text("x = 2\n")
+    assert provenance.git_state(repo / "pkg")["dirty"] is True
+    (repo / "installed").mkdir()  # e.g. a virtualenv's site-packages inside the repository
+    assert provenance.git_state(repo / "installed")["commit"] is None
+
+
+def test_the_config_hash_ignores_where_things_are_kept_and_follows_everything_else():
+    config = {"output_dir": "/a", "cache_dir": "/c", "logger": {"mode": "offline"}, "trainer": {"lr": 1e-3}}
+    moved = {**config, "output_dir": "/b", "cache_dir": "/d", "logger": {"mode": "online"}}
+    assert provenance.config_hash(config) == provenance.config_hash(moved)
+    assert provenance.config_hash(config) != provenance.config_hash({**config, "trainer": {"lr": 2e-3}})
+
+
+def record(method: str, seed: int, torch_version: str, commit: str, dirty: bool = False) -> dict:
+    versions = {"python": "3.11.7", "torch": torch_version, "transformers": "5.24.0"}
+    code = {"commit": commit, "dirty": dirty, "checkout": "git"}
+    return {
+        "method": method,
+        "model": "m",
+        "dataset": "d",
+        "seed": seed,
+        "provenance": {"versions": versions, "code": code},
+    }
+
+
+def test_a_sweeps_readme_states_the_shared_versions_and_lists_the_runs_that_differ():
+    same = [record("cd", 0, "2.13.0", "a" * 40), record("icl", 0, "2.13.0", "a" * 40)]
+    assert versions_markdown(same) == [
+        "**Versions** (shared by all 2 runs that record them): python 3.11.7, torch 2.13.0, transformers 5.24.0, "
+        "commit aaaaaaaaaaaa"
+    ]
+    mixed = [*same, record("ft", 1, "2.12.1", "b" * 40, dirty=True), {"method": "zero_shot", "seed": 0}]
+    lines = versions_markdown(mixed)
+    assert lines[0] == "**Versions** (shared by all 3 runs that record them): python 3.11.7, transformers 5.24.0"
+    assert "**Versions differ** between runs (torch, commit):" in lines
+    table = lines[lines.index("| method | model | dataset | seed | torch | commit |") :]
+    assert table[2:5] == [
+        "| ft | m | d | 1 | 2.12.1 | bbbbbbbbbbbb (dirty) |",
+        "| cd | m | d | 0 | 2.13.0 | aaaaaaaaaaaa |",
+        "| icl | m | d | 0 | 2.13.0 | aaaaaaaaaaaa |",
+    ]
+    assert lines[-1] == "1 run(s) record no versions (made before runs recorded their provenance)."
