@@ -140,6 +140,13 @@ class DistillConfig(MethodConfig):
                 "Set method.teacher=frozen and method.teacher_cache=disk or memory",
             )
             require(
+                m.teacher_model is None,
+                "method.teacher_model",
+                "sequential rounds after the first are taught by the student itself (its own tokenizer), not by "
+                "another model",
+                "Set method.teacher_model=null with method.sequential=true",
+            )
+            require(
                 cfg.model.adapter != "prefix",
                 "model.adapter",
                 "a trained prefix cannot teach with another context after it in the prompt",
