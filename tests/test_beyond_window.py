@@ -123,6 +123,8 @@ def test_sequential_distillation_refuses_what_cannot_teach_round_by_round(make_c
         validate(make_cfg(*SEQUENTIAL, "model.adapter=prefix"))
     with pytest.raises(ConfigError, match="instructions"):
         validate(make_cfg(*SEQUENTIAL, "dataset.context.instructions=[a,b,c]"))
+    with pytest.raises(ConfigError, match="method.teacher_model"):
+        validate(make_cfg(*SEQUENTIAL, "+model@method.teacher_model=tiny-random"))
 
 
 def test_contexts_with_their_own_instruction_and_label_words(make_cfg):

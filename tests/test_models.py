@@ -200,6 +200,34 @@ def test_the_converted_bundled_model_is_keyed_by_what_produced_it(tiny, monkeypa
     assert models.converted_dir(cfg.model, "cache") != first
 
 
+def test_a_gguf_assembled_from_parts_is_checked_and_keyed_by_its_checksum(make_cfg, tmp_path, monkeypatch):
+    """Gemma 3 270M's package joins its GGUF from parts: the file is written by the package's assemble() into a
+    scratch directory, and the converted model and the teacher cache are keyed by the checksum it declares."""
+    from ctxdistill import models
+
+    spec = make_cfg("model=gemma3-270m").model
+    assert models.gguf_sha256(spec).startswith("a5fd3b62")  # the installed package's declared checksum
+    package = tmp_path / "parts_package"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\n"
+        "EXPECTED_SHA256 = 'one'\n"
+        "def assemble(path):\n"
+        "    Path(path).write_bytes(b'joined parts')\n"
+        "    return Path(path)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec.gguf_package = "parts_package"
+    first, identity = models.converted_dir(spec, "cache"), models.model_identity(spec, 0)
+    assert models._gguf_file(spec, tmp_path).read_bytes() == b"joined parts"
+    import parts_package
+
+    monkeypatch.setattr(parts_package, "EXPECTED_SHA256", "two")  # other parts, another file
+    assert models.converted_dir(spec, "cache") != first and models.model_identity(spec, 0) != identity
+    smollm2 = make_cfg("model=smollm2-135m").model
+    assert models.gguf_sha256(smollm2) is None  # a file carried whole: its key is what it was before
+
+
 def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_source(
     make_cfg, tmp_path, behaving_model_dir
 ):

@@ -175,6 +175,35 @@ def test_on_policy_cd_through_the_shared_trainer_moves_the_student_towards_the_t
     assert result["metrics"]["eval/kl_to_teacher"] < 0.8 * before["eval/kl_to_teacher"]
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "forward_kl", "jsd"])
+def test_with_one_sampled_token_on_policy_distillation_is_cd_at_the_label_position(tiny, divergence):
+    """The first sampled position is the one that predicts the label word, and a full-vocabulary divergence
+    there does not depend on the sample: on-policy distillation of one token is cd (the demo's explanation)."""
+    from ctxdistill.methods.distill import DistillConfig
+    from ctxdistill.methods.on_policy import OnPolicyConfig
+
+    from conftest import method_of
+
+    cfg, tokenizer = tiny
+    task = build_task(cfg.dataset, cfg.seed)
+    model = add_lora(load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0), cfg.model)
+    torch.manual_seed(0)
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:  # a student that differs from its teacher
+            torch.nn.init.normal_(weight, std=0.5)
+    handle = ModelHandle(student=model, base=model)
+    queries = task.train_queries[:4]
+    losses = []
+    for method in (
+        method_of(OnPolicyConfig, name="on_policy_cd", divergence=divergence, max_new_tokens=1),
+        method_of(DistillConfig, name="cd", divergence=divergence, teacher_cache="memory"),
+    ):
+        method.prepare(handle, tokenizer, task, queries, 4)
+        losses.append(method.loss(handle, method.collate(tokenizer, task, queries))[0].item())
+    assert losses[0] > 1e-3  # far above float noise (the JSD is the smallest of the three here)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 def test_a_trainable_context_initialised_from_the_whole_context_is_the_teacher(tiny):
     cfg, tokenizer = tiny
     model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0).eval()

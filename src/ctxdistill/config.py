@@ -82,6 +82,8 @@ class ModelConfig:
     package_dir: Optional[str] = None
     gguf_package: Optional[str] = None
     gguf_file: Optional[str] = None
+    # the package carries gguf_file in parts, which its assemble() joins and checks against its EXPECTED_SHA256
+    gguf_assembled: bool = False
     pip_install: Optional[str] = None  # the command that installs gguf_package / package
     dtype: str = one_of("float32", "bfloat16", "float16", default="float32")
     attn_implementation: str = "sdpa"

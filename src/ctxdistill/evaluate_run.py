@@ -67,7 +67,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
     from ctxdistill.config import ConfigError, validate
     from ctxdistill.methods import build_method
     from ctxdistill.models import ModelHandle, honour_name_or_path, load_tokenizer, model_identity
-    from ctxdistill.run import build_models, rounded, run_identity, save_results
+    from ctxdistill.run import build_models, rounded, run_identity, save_results, separate_teacher_tokenizer
     from ctxdistill.serving import serving_metrics
 
     out = run_dir / EVALUATIONS / name
@@ -86,11 +86,13 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
             "trainer.save_model=false, or did not finish. Train it again with trainer.save_model=true"
         )
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, teacher, parameters = build_models(cfg, method, tokenizer, task, device, saved)
+    teacher_tokenizer = separate_teacher_tokenizer(cfg, method, task, tokenizer)
+    model, teacher, parameters = build_models(cfg, method, tokenizer, task, device, saved, teacher_tokenizer)
     handle = ModelHandle(
         student=model,
         base=model,
         separate_teacher=teacher,
+        teacher_tokenizer=teacher_tokenizer,
         identity=model_identity(method.teacher_model or cfg.model, cfg.seed),
     )
     evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)

@@ -5,7 +5,8 @@ summed log-probability after the prompt, the lm-evaluation-harness multiple-choi
 convention. When every answer word is a single token, one forward pass scores all
 classes. Besides accuracy (and F1 for binary tasks) every method reports how much of
 the context it has internalised: agreement with the teacher's predictions and
-KL(teacher with context || model) at the answer position, on held-out inputs.
+KL(teacher with context || model) at the answer position, on held-out inputs (over the answer words
+and one category for every other continuation when the teacher's tokenizer is not the model's).
 Tasks with free-text answers (``task.generation``) are scored by exact match of greedy
 generations instead (:class:`GenerationEvaluator`).
 
@@ -30,7 +31,7 @@ from ctxdistill.data import Example, Task
 from ctxdistill.data.mixture import TaskMixture
 from ctxdistill.encoding import SharedPrefix, answer_logits, answer_token_logprobs, encode
 from ctxdistill.generation import generate
-from ctxdistill.losses import forward_kl
+from ctxdistill.losses import forward_kl, with_rest_bucket
 from ctxdistill.models import ModelHandle
 from ctxdistill.results.metrics import EXAMPLES, IN_DOMAIN, Metric, MetricSet
 from ctxdistill.serving import ServingCost, measure_task
@@ -446,6 +447,9 @@ class Evaluator(EvaluatorBase):
         self.model_is_teacher = model_is_teacher
         self.ranks = ranks or Ranks.of_launch()
         self.answer_tokens = [tokenizer(v, add_special_tokens=False).input_ids[0] for v in task.verbalizers]
+        # A teacher with another tokenizer is compared over the answer words (and the rest), not token by token.
+        self.teacher_tokenizer = handle.teacher_tokenizer or tokenizer
+        self.shared_vocabulary = handle.teacher_tokenizer is None
         self._teacher: dict[str, object] = {}  # per set: what score_teacher returns
 
     def prepare(self) -> None:
@@ -455,7 +459,7 @@ class Evaluator(EvaluatorBase):
             self.teacher_scores(name)
         if self.measures_serving:
             with self.handle.teacher() as teacher:
-                self.teacher_serving = measure_task(teacher, self.tokenizer, self.task, True, self.batch_size)
+                self.teacher_serving = measure_task(teacher, self.teacher_tokenizer, self.task, True, self.batch_size)
 
     def serving_costs(self) -> list[tuple[ServingCost, ServingCost]]:
         if not self.measures_serving:
@@ -483,13 +487,13 @@ class Evaluator(EvaluatorBase):
         """(this process's share, with the distributions the model's KL needs; the whole set's scores)"""
         return score_shared(
             teacher,
-            self.tokenizer,
+            self.teacher_tokenizer,
             self.task,
             examples,
             with_context=True,
             batch_size=self.batch_size,
             ranks=self.ranks,
-            keep_distribution=True,
+            keep_distribution=self.shared_vocabulary,
             desc=desc,
         )
 
@@ -508,9 +512,13 @@ class Evaluator(EvaluatorBase):
                 self.with_context,
                 self.batch_size,
                 self.ranks,
-                teacher=teacher_share,
+                teacher=teacher_share if self.shared_vocabulary else None,
                 desc=f"model {name}",
             )[1]
+            if not self.shared_vocabulary:
+                model.kl_to_teacher = forward_kl(
+                    with_rest_bucket(model.label_logprobs), with_rest_bucket(teacher.label_logprobs)
+                )
         labels = torch.tensor([e.label for e in examples])
         votes = self.task.votes
         if votes > 1:  # every query was answered `votes` times, with other demonstrations each time

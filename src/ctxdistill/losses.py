@@ -40,6 +40,14 @@ def with_rest_bucket(logprobs: torch.Tensor) -> torch.Tensor:
     return torch.cat([logprobs, torch.log(-torch.expm1(captured))], -1)
 
 
+def answer_word_distribution(logits: torch.Tensor, word_ids: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """log-probabilities [..., C+1] of each answer word (its single token ``word_ids[c]``) and of anything else,
+    from one model's logits [..., V] at temperature T: the level at which two models with different
+    tokenizers can be compared (both can write each answer word or something else)."""
+    logprobs = (logits.float() / temperature).log_softmax(-1)[..., word_ids]
+    return with_rest_bucket(logprobs)
+
+
 def forward_kl(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     """KL(p_T || p_S) per position; tokens the teacher gives zero mass contribute nothing."""
     p_t = teacher_logp.exp()
@@ -77,6 +85,9 @@ def distillation_loss(
     top_k_rest: str = "renormalize",
 ) -> torch.Tensor:
     """Mean divergence over the masked answer positions (Upadhayaya et al.'s loss is the default).
+
+    ``student_logits`` may be log-probabilities already (e.g. :func:`answer_word_distribution`): at
+    temperature 1 the log-softmax leaves them unchanged.
 
     ``teacher_logprobs``/``teacher_indices`` come from :func:`teacher_distribution` at the same
     temperature. With top-k indices, ``top_k_rest`` says what happens to the other tokens:

@@ -2,8 +2,9 @@
 
 Four sources (``model.source``):
 - ``hub``: a Hub id or a local directory, through ``from_pretrained``;
-- ``gguf``: a GGUF file carried by a pip package (the bundled SmolLM2), converted once
-  to safetensors under ``<cache_dir>/models`` so later loads take about a second;
+- ``gguf``: a GGUF file carried by a pip package, whole (the bundled SmolLM2) or in parts that the
+  package's ``assemble()`` joins and checks (the bundled Gemma 3 270M), converted once to safetensors
+  under ``<cache_dir>/models`` so later loads take about a second;
 - ``package``: a model directory carried by a pip package (all-MiniLM-L6-v2);
 - ``random``: a tiny seeded Llama (or T5, for ``seq2seq_lm``) for tests, with the bundled tokenizer.
 
@@ -75,7 +76,22 @@ def _package_path(spec: DictConfig, package: str, relative: str) -> Path:
     return path
 
 
-def _gguf_file(spec: DictConfig) -> Path:
+def _assembling_module(spec: DictConfig):
+    """The package module whose ``assemble()`` joins the GGUF file from its parts (``model.gguf_assembled``)."""
+    _package_path(spec, spec.gguf_package, "")  # a clear error when the package is missing
+    return importlib.import_module(spec.gguf_package)
+
+
+def gguf_sha256(spec: DictConfig) -> Optional[str]:
+    """The checksum a package that assembles its GGUF file declares for it (None for a file carried whole)."""
+    return _assembling_module(spec).EXPECTED_SHA256 if spec.gguf_assembled else None
+
+
+def _gguf_file(spec: DictConfig, workdir: Path) -> Path:
+    """The GGUF file: the one the package carries, or the one its ``assemble()`` writes into ``workdir``
+    from the parts (it checks the result against the package's checksum and raises if they differ)."""
+    if spec.gguf_assembled:
+        return Path(_assembling_module(spec).assemble(workdir / spec.gguf_file))
     return _package_path(spec, spec.gguf_package, spec.gguf_file)
 
 
@@ -92,7 +108,8 @@ def package_version(module: str) -> str:
 
 def converted_dir(spec: DictConfig, cache_dir: str) -> Path:
     """Where the converted GGUF model is cached: named by everything that determines the conversion's output
-    (the package that carries the file and its version, transformers' dequantisation, this converter)."""
+    (the package that carries the file and its version, the checksum of an assembled file, transformers'
+    dequantisation, this converter)."""
     producer = [
         spec.gguf_package,
         package_version(spec.gguf_package),
@@ -100,6 +117,8 @@ def converted_dir(spec: DictConfig, cache_dir: str) -> Path:
         transformers.__version__,
         CONVERSION_VERSION,
     ]
+    if gguf_sha256(spec):  # earlier keys (whole files) stay as they were
+        producer.append(gguf_sha256(spec))
     digest = hashlib.sha256(json.dumps(producer).encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / "models" / f"{Path(spec.gguf_file).stem}-{digest}"
 
@@ -137,17 +156,18 @@ def _ensure_converted(spec: DictConfig, cache_dir: str) -> Path:
             return target
         log.warning("The cached model %s is damaged (%s); converting it again.", target, problem)
         shutil.rmtree(target)
-    gguf = _gguf_file(spec)
-    log.info("Converting %s to safetensors under %s (once; about 30 s)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The weights are dequantised to float32 on load; drop the GGUF marker so they serialise.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as assembled:
+            gguf = _gguf_file(spec, Path(assembled))
+            log.info("Converting %s to safetensors under %s (once; 30 s to a few minutes)", gguf.name, target)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantised to float32 on load; drop the GGUF marker so they serialise.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)
@@ -379,6 +399,8 @@ def model_identity(spec: DictConfig, seed: int) -> str:
     if spec.source in ("gguf", "random", "package"):
         package = spec.package if spec.source == "package" else spec.gguf_package
         fields["package"] = [package, package_version(package)]
+        if spec.source == "gguf" and gguf_sha256(spec):
+            fields["gguf_sha256"] = gguf_sha256(spec)
     local = Path(spec.name_or_path).expanduser()
     if spec.source == "hub" and local.is_dir():  # a local checkpoint may be rewritten in place
         fields["modified"] = max((f.stat().st_mtime for f in local.iterdir()), default=0)
@@ -387,17 +409,20 @@ def model_identity(spec: DictConfig, seed: int) -> str:
     return json.dumps(fields, sort_keys=True)
 
 
-def check_shared_vocabulary(student: DictConfig, teacher: DictConfig, cache_dir: str) -> None:
+def check_shared_vocabulary(
+    student: DictConfig, teacher: DictConfig, cache_dir: str, student_tokenizer, teacher_tokenizer, fix: str = ""
+) -> None:
     """Distillation over logits compares the two models token by token: refuse a teacher whose
-    tokenizer or output layer differs from the student's, before either model loads."""
-    vocabularies = [load_tokenizer(spec, cache_dir).get_vocab() for spec in (student, teacher)]
+    tokenizer or output layer differs from the student's, before either model loads. ``fix`` adds what
+    else the method offers."""
+    vocabularies = [student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()]
     if vocabularies[0] != vocabularies[1]:
         differing = len(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))
         raise ModelLoadError(
             f"method.teacher={teacher.name} and model={student.name} have different vocabularies "
             f"({len(vocabularies[1])} vs {len(vocabularies[0])} tokens, {differing} entries differ); "
             "distillation over logits needs a shared vocabulary. Use a teacher from the student's "
-            "model family (e.g. OPT-1.3b for OPT-125m)."
+            f"model family (e.g. OPT-1.3b for OPT-125m){fix}."
         )
     sizes = [
         len(vocabularies[0])
@@ -409,7 +434,7 @@ def check_shared_vocabulary(student: DictConfig, teacher: DictConfig, cache_dir:
         raise ModelLoadError(
             f"method.teacher={teacher.name} scores {sizes[1]} output tokens and model={student.name} "
             f"{sizes[0]} (their embedding matrices are padded differently); distillation over logits "
-            "needs equal output sizes. Use a teacher with the student's output size."
+            f"needs equal output sizes. Use a teacher with the student's output size{fix}."
         )
 
 
@@ -547,6 +572,9 @@ class ModelHandle:
     identity: str = ""  # what determines the base weights (see model_identity): the teacher cache's key
     # A separate frozen teacher; None: the base weights with the adapter disabled are the teacher.
     separate_teacher: Optional[torch.nn.Module] = None
+    # The separate teacher's tokenizer when its vocabulary is not the student's (another model family);
+    # None: the teacher reads the student's tokens.
+    teacher_tokenizer: Optional[PreTrainedTokenizerBase] = None
     # Set by the trainer when the first step is about to change the weights.
     training_started: bool = False
 

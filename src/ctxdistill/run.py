@@ -30,7 +30,6 @@ from ctxdistill.methods import build_method
 from ctxdistill.models import (
     ModelHandle,
     add_adapter,
-    check_shared_vocabulary,
     honour_name_or_path,
     load_model,
     load_tokenizer,
@@ -138,10 +137,25 @@ def sweep_group() -> Optional[str]:
     return group_name(HydraConfig.get().sweep.dir)
 
 
-def build_models(cfg: DictConfig, method, tokenizer, task, device, saved: Optional[Path] = None):
+def separate_teacher_tokenizer(cfg: DictConfig, method, task, tokenizer):
+    """The method's separate teacher's tokenizer when its vocabulary is not the student's (None when it is,
+    or when the base weights teach), once the method has checked that teacher, before either model loads."""
+    teacher_spec = method.teacher_model
+    if teacher_spec is None:
+        return None
+    honour_name_or_path(teacher_spec, "method.teacher")
+    teacher_tokenizer = load_tokenizer(teacher_spec, cfg.cache_dir)
+    method.check_teacher(cfg, task, tokenizer, teacher_tokenizer)
+    return None if teacher_tokenizer.get_vocab() == tokenizer.get_vocab() else teacher_tokenizer
+
+
+def build_models(
+    cfg: DictConfig, method, tokenizer, task, device, saved: Optional[Path] = None, teacher_tokenizer=None
+):
     """(the model the method trains or evaluates, the separate frozen teacher or None, the base model's
     parameter count). With ``saved`` (a finished run's adapter/ or model/) the trained weights are loaded
-    instead of a new adapter, and with model/ the initial weights stay as the teacher."""
+    instead of a new adapter, and with model/ the initial weights stay as the teacher. ``teacher_tokenizer``:
+    the separate teacher's, when it is not the student's."""
     initial = method.wrap_model(load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed), tokenizer)
     parameters = sum(p.numel() for p in initial.parameters())  # the x axis of comparison plots
     model, teacher = initial, None
@@ -154,7 +168,8 @@ def build_models(cfg: DictConfig, method, tokenizer, task, device, saved: Option
     elif method.trained_weights is None:
         model.requires_grad_(False)
     if method.teacher_model is not None:
-        teacher = load_model(method.teacher_model, cfg.cache_dir, tokenizer, cfg.seed).requires_grad_(False).eval()
+        teacher = load_model(method.teacher_model, cfg.cache_dir, teacher_tokenizer or tokenizer, cfg.seed)
+        teacher = teacher.requires_grad_(False).eval()
         log.info(
             "teacher %s: %d parameters, frozen", method.teacher_model.name, sum(p.numel() for p in teacher.parameters())
         )
@@ -178,9 +193,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
     method.check_inputs(task, tokenizer, cfg)
     teacher_spec = method.teacher_model  # a separate (larger) teacher, or None: the base weights teach
-    if teacher_spec is not None:
-        honour_name_or_path(teacher_spec, "method.teacher")
-        check_shared_vocabulary(cfg.model, teacher_spec, cfg.cache_dir)
+    teacher_tokenizer = separate_teacher_tokenizer(cfg, method, task, tokenizer)
 
     accelerator = make_accelerator(cfg.trainer)
     # Under several processes every rank trains and evaluates its share; rank 0 alone writes and logs.
@@ -203,7 +216,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else Tracker()
     )
     try:
-        model, teacher, model_parameters = build_models(cfg, method, tokenizer, task, accelerator.device)
+        model, teacher, model_parameters = build_models(
+            cfg, method, tokenizer, task, accelerator.device, teacher_tokenizer=teacher_tokenizer
+        )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if method.trains else 0
         log.info(
             "%s on %s, %d process(es) (weights %s, mixed precision %s); %d trainable parameters",
@@ -218,6 +233,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             student=model,
             base=model,
             separate_teacher=teacher,
+            teacher_tokenizer=teacher_tokenizer,
             identity=model_identity(teacher_spec or cfg.model, cfg.seed),
         )
         if method.trains and method.teacher_during_training and handle.trains_base_weights:

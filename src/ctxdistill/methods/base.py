@@ -11,7 +11,7 @@ from ctxdistill.config import ConfigError
 from ctxdistill.data import Example, Task, build_task
 from ctxdistill.data.mixture import TaskMixture, build_mixture
 from ctxdistill.evaluation import check_answer_tokenization, check_prompt_lengths, make_evaluator
-from ctxdistill.models import ModelHandle, context_window
+from ctxdistill.models import ModelHandle, check_shared_vocabulary, context_window
 from ctxdistill.results.metrics import MetricSet
 
 
@@ -88,6 +88,11 @@ class Method:
         check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
         if cfg.dataset.kind == "mixture" or cfg.dataset.check_answer_tokens:
             check_answer_tokenization(task, tokenizer)
+
+    def check_teacher(self, cfg: DictConfig, task: Task, tokenizer, teacher_tokenizer) -> None:
+        """Cheap checks of the separate teacher (``teacher_model``) before either model loads: by default it
+        must share the student's vocabulary, since distillation over logits compares them token by token."""
+        check_shared_vocabulary(cfg.model, self.teacher_model, cfg.cache_dir, tokenizer, teacher_tokenizer)
 
     def wrap_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
         """The module that is trained and evaluated, built around the loaded model (e.g. with a scoring head)."""

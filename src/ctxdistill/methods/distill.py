@@ -15,6 +15,11 @@ teacher cache, on disk for later runs too (``teacher_cache=disk``), or for this 
 adapted model itself in train mode; its targets move with training, so they are computed
 at every step.
 
+``teacher_model`` makes another model the teacher (a larger one, or one from another family).
+When its tokenizer differs from the student's, the two next-token distributions cannot be compared
+token by token; ``distil_over="verbalizers"`` compares them where both vocabularies meet: each model's
+probability of each answer word (one token in its own tokenizer) and of anything else.
+
 ``sequential=true`` (``method=sequential_cd``) is Snell et al.'s sequential distillation (eq. 3):
 one round per context (``dataset.context.num_contexts``). Round 1 distils context 1 from the frozen
 base model, as ``cd`` does; round k distils context k from the student that round k-1 left, with
@@ -32,14 +37,15 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ctxdistill.config import MethodConfig, one_of, require
+from ctxdistill.config import MethodConfig, ModelConfig, one_of, require, validate_model
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.generation import generate, strip_stop
-from ctxdistill.losses import distillation_loss, teacher_distribution
+from ctxdistill.losses import answer_word_distribution, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
+from ctxdistill.models import ModelLoadError
 from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
 
 
@@ -63,6 +69,11 @@ class DistillConfig(MethodConfig):
     # this run only (memory), or recomputed at every step (none). A live teacher is always per step.
     teacher_cache: str = one_of("disk", "memory", "none", default="disk")
     teacher_cache_dir: str = "${cache_dir}/teacher_targets"
+    # another model as the frozen teacher (model@method.teacher_model=NAME); null: the student's base weights
+    teacher_model: Optional[ModelConfig] = None
+    # what the divergence compares: every token of the shared vocabulary, or the answer words (verbalizers)
+    # and one category for the rest, each model with its own tokenizer (a teacher from another family)
+    distil_over: str = one_of("vocabulary", "verbalizers", default="vocabulary")
     # one round per context, each taught by the previous round's student with that context (Snell eq. 3)
     sequential: bool = False
     schema_name: ClassVar[str] = "base_distill"
@@ -84,6 +95,42 @@ class DistillConfig(MethodConfig):
             "a live teacher is supported with answer=label_position only",
             "Set method.answer=label_position",
         )
+        require(
+            m.teacher == "frozen" or m.teacher_model is None,
+            "method.teacher",
+            "a live teacher is the student itself, so it cannot be another model (method.teacher_model)",
+            "Set method.teacher=frozen, or method.teacher_model=null",
+        )
+        if m.teacher_model is not None:
+            validate_model(m.teacher_model, "method.teacher_model")
+            require(
+                m.teacher_model.architecture == "causal_lm",
+                "method.teacher_model",
+                f"{m.teacher_model.name} is a {m.teacher_model.architecture} model; a teacher predicts the next token",
+                "Use a causal LM as the teacher (e.g. model@method.teacher_model=gemma3-270m)",
+            )
+        if m.distil_over == "verbalizers":
+            require(
+                cfg.dataset.kind == "classification",
+                "method.distil_over",
+                f"verbalizers are the answer words of a classification dataset; dataset={cfg.dataset.name} is of "
+                f"kind {cfg.dataset.kind}",
+                "Use a classification dataset (e.g. dataset=synthetic), or method.distil_over=vocabulary",
+            )
+            require(
+                m.answer == "label_position",
+                "method.distil_over",
+                "the answer words are compared at the position that predicts the label word; generated answers "
+                "(answer=teacher_generation) would need a cross-tokenizer sequence objective (ULD/GOLD), which "
+                "the suite does not have",
+                "Set method.answer=label_position",
+            )
+            require(
+                m.teacher == "frozen" and m.top_k is None,
+                "method.distil_over",
+                "verbalizers need a frozen teacher and no top_k (the answer words and the rest are the whole support)",
+                "Set method.teacher=frozen and method.top_k=null",
+            )
         if m.sequential:
             require(
                 m.teacher == "frozen" and m.teacher_cache != "none",
@@ -91,6 +138,13 @@ class DistillConfig(MethodConfig):
                 "each round's teacher is the previous round's student frozen for the round, its targets computed "
                 f"before the round (got method.teacher={m.teacher}, method.teacher_cache={m.teacher_cache})",
                 "Set method.teacher=frozen and method.teacher_cache=disk or memory",
+            )
+            require(
+                m.teacher_model is None,
+                "method.teacher_model",
+                "sequential rounds after the first are taught by the student itself (its own tokenizer), not by "
+                "another model",
+                "Set method.teacher_model=null with method.sequential=true",
             )
             require(
                 cfg.model.adapter != "prefix",
@@ -138,9 +192,13 @@ class ContextDistillation(Method):
         teacher: str,
         teacher_cache: str,
         teacher_cache_dir: Optional[str],
+        teacher_model: Optional[dict] = None,
+        distil_over: str = "vocabulary",
         sequential: bool = False,
     ):
         super().__init__(name)
+        self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)
+        self.over_verbalizers = distil_over == "verbalizers"
         self.divergence, self.beta, self.temperature = divergence, beta, temperature
         self.top_k, self.top_k_rest = top_k, top_k_rest
         self.answer, self.max_answer_tokens, self.live_teacher = answer, max_answer_tokens, teacher == "live"
@@ -164,11 +222,43 @@ class ContextDistillation(Method):
     def train_examples(self, task):
         return task.train_queries
 
+    def check_teacher(self, cfg, task, tokenizer, teacher_tokenizer):
+        if not self.over_verbalizers:
+            try:
+                return super().check_teacher(cfg, task, tokenizer, teacher_tokenizer)
+            except ModelLoadError as e:
+                raise ModelLoadError(
+                    f"{e} For a classification dataset, distil over the answer words instead: "
+                    "method.distil_over=verbalizers"
+                ) from e
+        for who, tok in (("model", tokenizer), ("method.teacher_model", teacher_tokenizer)):
+            ids = [tok(v, add_special_tokens=False).input_ids for v in task.verbalizers]
+            if any(len(i) != 1 for i in ids) or len({i[0] for i in ids}) != len(ids):
+                raise ModelLoadError(
+                    f"method.distil_over=verbalizers: {who}'s tokenizer writes the answer words {task.verbalizers} "
+                    f"as {ids}; each must be one token of its own. Choose single-token answer words "
+                    "(dataset.verbalizers)"
+                )
+
+    def _word_ids(self, tokenizer, task) -> list[int]:
+        return [tokenizer(v, add_special_tokens=False).input_ids[0] for v in task.verbalizers]
+
+    def _targets_from_logits(self, logits: torch.Tensor):
+        """The teacher's targets from its logits at the answer positions: its distribution over the
+        vocabulary (or top k), or over the answer words and the rest."""
+        if self.over_verbalizers:
+            return answer_word_distribution(logits, self._teacher_word_ids, self.temperature), None
+        return teacher_distribution(logits, self.temperature, self.top_k)
+
     @torch.no_grad()
     def prepare(self, handle, tokenizer, task, examples, batch_size):
         if self.live_teacher:
             self._spans = {e.uid: [tokenizer.pad_token_id] for e in examples}
             return
+        self._teacher_tokenizer = teacher_tokenizer = handle.teacher_tokenizer or tokenizer
+        if self.over_verbalizers:
+            self._student_word_ids = self._word_ids(tokenizer, task)
+            self._teacher_word_ids = self._word_ids(teacher_tokenizer, task)
         # sequential: every query with this round's context; else each query's own
         context = task.contexts[self.round] if self.sequential else None
         prompts = [task.teacher_prompt(e, context) for e in examples]
@@ -177,6 +267,8 @@ class ContextDistillation(Method):
             "max_answer_tokens": self.max_answer_tokens,
             "temperature": self.temperature,
             "top_k": self.top_k,
+            # the answer words' tokens in the teacher's tokenizer (the teacher's identity covers its tokenizer)
+            **({"verbalizers": list(task.verbalizers)} if self.over_verbalizers else {}),
         }
         cache = TeacherCache(
             self.teacher_cache_dir if self.teacher_cache == "disk" else None,
@@ -186,22 +278,20 @@ class ContextDistillation(Method):
         )
         if self.teacher_cache == "none":  # targets come at every step; only the spans and the prefix now
             with handle.teacher() as teacher:
-                self._prefix = SharedPrefix(teacher, tokenizer, prompts)
-                spans = self._answer_spans(teacher, tokenizer, prompts, batch_size, self._prefix)
+                self._prefix = SharedPrefix(teacher, teacher_tokenizer, prompts)
+                spans = self._answer_spans(teacher, teacher_tokenizer, prompts, batch_size, self._prefix)
             self._spans = {e.uid: span for e, span in zip(examples, spans)}
             return
         todo = [i for i, prompt in enumerate(prompts) if cache.get(prompt) is None]
         if todo:
             todo_prompts = [prompts[i] for i in todo]
             with self._round_teacher(handle) as teacher:
-                prefix = SharedPrefix(teacher, tokenizer, todo_prompts)
-                spans = self._answer_spans(teacher, tokenizer, todo_prompts, batch_size, prefix)
+                prefix = SharedPrefix(teacher, teacher_tokenizer, todo_prompts)
+                spans = self._answer_spans(teacher, teacher_tokenizer, todo_prompts, batch_size, prefix)
                 for start in tqdm(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
                     chunk = slice(start, start + batch_size)
-                    batch = encode(tokenizer, todo_prompts[chunk], spans[chunk], prefix_length=prefix.length)
-                    logprobs, indices = teacher_distribution(
-                        answer_logits(teacher, batch, prefix).cpu(), self.temperature, self.top_k
-                    )
+                    batch = encode(teacher_tokenizer, todo_prompts[chunk], spans[chunk], prefix_length=prefix.length)
+                    logprobs, indices = self._targets_from_logits(answer_logits(teacher, batch, prefix).cpu())
                     self.teacher_forwards += 1
                     for j, (prompt, span) in enumerate(zip(todo_prompts[chunk], spans[chunk])):
                         keep = slice(logprobs.shape[1] - len(span), None)  # right-aligned span positions
@@ -214,7 +304,8 @@ class ContextDistillation(Method):
             cache.save()
         for example, prompt in zip(examples, prompts):
             self._targets[example.uid] = cache.get(prompt)
-            self._spans[example.uid] = self._targets[example.uid].span
+            # the teacher's span tokens; the student's span is the same single position with its own tokenizer
+            self._spans[example.uid] = [tokenizer.pad_token_id] if self.over_verbalizers else cache.get(prompt).span
 
     def _round_teacher(self, handle):
         """The frozen base model; in a sequential round after the first, the student as the last round left it."""
@@ -241,8 +332,12 @@ class ContextDistillation(Method):
         batch = encode(tokenizer, [task.student_prompt(e) for e in examples], spans)
         if not self._targets:  # targets at every step, from the teacher's own inputs
             prefix_length = self._prefix.length if self._prefix else 0
+            teacher_tokenizer = tokenizer if self.live_teacher else self._teacher_tokenizer
             batch["teacher_inputs"] = encode(
-                tokenizer, [task.teacher_prompt(e) for e in examples], spans, prefix_length=prefix_length
+                teacher_tokenizer,
+                [task.teacher_prompt(e) for e in examples],
+                [[teacher_tokenizer.pad_token_id]] * len(examples) if self.over_verbalizers else spans,
+                prefix_length=prefix_length,
             )
             return batch
         batch["teacher_logprobs"], batch["teacher_indices"] = stack_targets(
@@ -259,10 +354,12 @@ class ContextDistillation(Method):
         else:
             with handle.teacher() as teacher:
                 logits = answer_logits(teacher, inputs, self._prefix)
-        return teacher_distribution(logits, self.temperature, self.top_k)
+        return self._targets_from_logits(logits)
 
     def loss(self, handle, batch):
         student = answer_logits(handle.student, batch)
+        if self.over_verbalizers:  # the same categories as the teacher's targets, at temperature T
+            student = answer_word_distribution(student, self._student_word_ids, self.temperature)
         if "teacher_inputs" in batch:
             logprobs, indices = self._teacher_now(handle, batch["teacher_inputs"])
         else:
@@ -273,7 +370,7 @@ class ContextDistillation(Method):
             batch["answer_mask"].to(student.device),
             self.divergence,
             self.beta,
-            self.temperature,
+            1.0 if self.over_verbalizers else self.temperature,  # already applied to both distributions
             indices,
             self.top_k_rest,
         )
