@@ -19,6 +19,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# Under pytest-xdist (tests/run.sh runs one worker per core) each worker gets its share of the cores, so
+# workers do not oversubscribe the CPU; subprocesses a test starts inherit it.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 register_schemas()
 
 
@@ -114,6 +122,7 @@ def behaving_model_dir(request, tmp_path_factory) -> Path:
     20 s on 2 cores, then kept in pytest's cache under the training code's version)."""
     import shutil
 
+    from filelock import FileLock
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import behaving_model
@@ -121,11 +130,12 @@ def behaving_model_dir(request, tmp_path_factory) -> Path:
     name = f"behaving-model-{behaving_model.code_version()}"
     cache = getattr(request.config, "cache", None)
     directory = Path(cache.mkdir(name)) if cache else tmp_path_factory.mktemp(name)
-    if not (directory / "config.json").is_file():
-        staging = tmp_path_factory.mktemp("behaving-staging")
-        behaving_model.train(staging)
-        shutil.rmtree(directory)
-        shutil.copytree(staging, directory)
+    with FileLock(f"{directory}.lock"):  # pytest-xdist's workers: one trains, the others wait for it
+        if not (directory / "config.json").is_file():
+            staging = tmp_path_factory.mktemp("behaving-staging")
+            behaving_model.train(staging)
+            shutil.rmtree(directory)
+            shutil.copytree(staging, directory)
     share = behaving_model.follows_its_language(
         AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
     )

@@ -63,7 +63,8 @@ def test_evaluating_a_run_again_reproduces_its_metrics_and_leaves_it_untouched(s
         assert main([str(run_dir), "--name", "again"]) == 0
         again = metrics(run_dir / "evaluations" / "again")
         original = {k: v for k, v in metrics(run_dir).items() if not k.startswith("train_queries/")}
-        assert again == pytest.approx(original, rel=1e-5), method  # reloaded full weights round in the last bits
+        # Reloaded full weights round in the last bits (a KL of 0.01 is a difference of near-equal numbers).
+        assert again == pytest.approx(original, rel=1e-5, abs=1e-6), method
         assert fingerprint(run_dir) == before
 
 

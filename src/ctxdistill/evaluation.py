@@ -367,9 +367,18 @@ SERVING_COSTS = (
     (f"{SERVING}/student_kv_bytes", f"{SERVING}/teacher_kv_bytes", "KV-cache bytes per query"),
     (f"{SERVING}/student_latency_ms", f"{SERVING}/teacher_latency_ms", "latency per query (ms)"),
 )
-TEACHER_GAP = Metric(
-    "teacher_student_gap", "teacher - student", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"
-)
+
+
+def against_teacher(accuracy: str, teacher: str) -> tuple[Metric, ...]:
+    """The example count, the headline accuracy, the teacher's and their gap (with their display names)."""
+    return (
+        EXAMPLES,
+        Metric("accuracy", accuracy, headline=True),
+        Metric("teacher_accuracy", teacher),
+        Metric("teacher_student_gap", "teacher - student", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"),
+    )
+
+
 CONTEXT_ACCURACY = Metric("context_accuracy", "ctx acc", sets=("train_queries",))
 TRAIN_QUERIES_TITLE = {"train_queries": "training queries: the trained model with the context"}
 
@@ -411,10 +420,7 @@ class Evaluator(EvaluatorBase):
     metric_set = MetricSet(
         "classification",
         (
-            EXAMPLES,
-            Metric("accuracy", "accuracy", headline=True),
-            Metric("teacher_accuracy", "teacher acc"),
-            TEACHER_GAP,
+            *against_teacher("accuracy", "teacher acc"),
             Metric("majority_rate", "majority", kind="value"),
             Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
             Metric("kl_to_teacher", "KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"),
@@ -603,10 +609,7 @@ class GenerationEvaluator(Evaluator):
     metric_set = MetricSet(
         "exact_match",
         (
-            EXAMPLES,
-            Metric("accuracy", "exact match", headline=True),
-            Metric("teacher_accuracy", "teacher exact match"),
-            TEACHER_GAP,
+            *against_teacher("exact match", "teacher exact match"),
             Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
             Metric("extraction_failures", "no answer", higher_is_better=False, kind="count"),
             Metric("teacher_extraction_failures", "teacher no answer", higher_is_better=False, kind="count"),

@@ -170,7 +170,12 @@ def _ensure_converted(spec: DictConfig, cache_dir: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process (a sweep's other job) converted it first: keep its copy
+            if model_dir_problem(target) is not None:
+                raise
+            shutil.rmtree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -150,7 +150,11 @@ def flat_rows(tables: list[Table]) -> tuple[list[str], list[list]]:
 
 
 def render_csv(tables: list[Table]) -> str:
-    header, rows = flat_rows(tables)
+    return csv_text(*flat_rows(tables))
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    """CSV with floats at 6 significant digits and missing values empty."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(header)

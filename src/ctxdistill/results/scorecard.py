@@ -13,8 +13,6 @@ This module depends only on run records (``ctxdistill.results.records``), the in
 
 from __future__ import annotations
 
-import csv
-import io
 import statistics
 import string
 from dataclasses import MISSING, dataclass, field, fields
@@ -26,6 +24,7 @@ import yaml
 
 from ctxdistill.results import stats
 from ctxdistill.results.records import predictions
+from ctxdistill.results.render import csv_text
 
 PAPERS_PACKAGE = "ctxdistill"
 PAPERS_DIR = "papers"
@@ -365,13 +364,7 @@ def table_rows(scores: list[Score]) -> tuple[list[str], list[list[Any]]]:
 
 
 def render_csv(scores: list[Score]) -> str:
-    columns, rows = table_rows(scores)
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["" if v is None else f"{v:.6g}" if isinstance(v, float) else v for v in row])
-    return out.getvalue().rstrip("\n")
+    return csv_text(*table_rows(scores))
 
 
 def parse_model_as(pairs: list[str]) -> dict[str, str]:
