@@ -311,9 +311,9 @@ def measure_later_epochs(model: list[str], device: str, batch_size: int, queries
 
 
 # ---------------------------------------------------------------- the teacher's context
-def teacher_seconds_per_query(model: list[str], device: str, num_demos: int, queries: int, batch_size: int) -> dict:
+def teacher_prompts(model: list[str], device: str, num_demos: int, queries: int) -> tuple[Any, Any, list[str]]:
+    """The tokenizer, the frozen base model and ``queries`` teacher prompts with ``num_demos`` demonstrations."""
     from ctxdistill.data import build_task
-    from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 
     cfg = compose_cfg(
         model,
@@ -323,8 +323,13 @@ def teacher_seconds_per_query(model: list[str], device: str, num_demos: int, que
     )
     tokenizer, handle = load(cfg, device, lora=False)
     task = build_task(cfg.dataset, cfg.seed)
-    prompts = [task.teacher_prompt(e) for e in task.train_queries]
-    model = handle.base.eval()
+    return tokenizer, handle.base.eval(), [task.teacher_prompt(e) for e in task.train_queries]
+
+
+def teacher_seconds_per_query(model: list[str], device: str, num_demos: int, queries: int, batch_size: int) -> dict:
+    from ctxdistill.encoding import SharedPrefix, answer_logits, encode
+
+    tokenizer, model, prompts = teacher_prompts(model, device, num_demos, queries)
 
     def timed(run_batch: Callable[[list[str]], Any]) -> float:
         run_batch(prompts[:batch_size])  # warm-up
@@ -386,20 +391,10 @@ def icl_eval_throughput(model: list[str], device: str, num_eval: int, batch_size
 def generation_throughput(model: list[str], device: str, num_demos: int, prompts: int, new_tokens: int) -> dict:
     """Tokens/s of the suite's generate over the shared context vs transformers' generate on the whole prompts,
     greedy (with the tokens compared) and sampled, one batch of ``prompts`` teacher prompts."""
-    from ctxdistill.data import build_task
     from ctxdistill.encoding import SharedPrefix
     from ctxdistill.generation import generate
 
-    cfg = compose_cfg(
-        model,
-        f"dataset.context.num_demos={num_demos}",
-        f"dataset.num_train_queries={prompts}",
-        "dataset.source.split_sizes.train=600",
-    )
-    tokenizer, handle = load(cfg, device, lora=False)
-    task = build_task(cfg.dataset, cfg.seed)
-    texts = [task.teacher_prompt(e) for e in task.train_queries]
-    model = handle.base.eval()
+    tokenizer, model, texts = teacher_prompts(model, device, num_demos, prompts)
 
     def ours(temperature: float) -> list[list[int]]:
         prefix = SharedPrefix(model, tokenizer, texts)  # counted: it is part of generating over the context

@@ -406,6 +406,15 @@ class EvaluatorBase:
         return []
 
 
+class MethodEvaluator(EvaluatorBase):
+    """An evaluator a method builds for itself: it keeps the method, the model, the tokenizer, the task and
+    the batch size that ``Method.evaluator`` is given."""
+
+    def __init__(self, method, handle: ModelHandle, tokenizer, task: Task, batch_size: int):
+        self.method, self.handle, self.tokenizer = method, handle, tokenizer
+        self.task, self.batch_size = task, batch_size
+
+
 class Evaluator(EvaluatorBase):
     """Evaluates the model on every eval set of a task against the frozen teacher.
 

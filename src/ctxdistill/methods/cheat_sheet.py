@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from ctxdistill.config import ConfigError, MethodConfig, require
 from ctxdistill.data import Task
-from ctxdistill.evaluation import Evaluator, EvaluatorBase, make_evaluator
+from ctxdistill.evaluation import Evaluator, MethodEvaluator, make_evaluator
 from ctxdistill.generation import generate
 from ctxdistill.methods.base import Method
 from ctxdistill.methods.genpi import render_chat
@@ -207,20 +207,14 @@ class CheatSheet(Method):
         return CheatSheetEvaluator(self, handle, tokenizer, task, batch_size)
 
 
-class CheatSheetEvaluator(EvaluatorBase):
+class CheatSheetEvaluator(MethodEvaluator):
     """Writes the sheet, puts it in place of the demonstrations, then scores as ICL does (the run records the
     context's tokens per query; the log says how many the replaced demonstrations took)."""
 
     metric_set = Evaluator.metric_set  # the label-word scoring of ICL, which it runs
 
     def __init__(self, method: CheatSheet, handle, tokenizer, task: Task, batch_size: int):
-        self.method, self.handle, self.tokenizer, self.task, self.batch_size = (
-            method,
-            handle,
-            tokenizer,
-            task,
-            batch_size,
-        )
+        super().__init__(method, handle, tokenizer, task, batch_size)
         self.inner = None
 
     def prepare(self) -> None:

@@ -40,7 +40,7 @@ from ctxdistill.config import ConfigError, MethodConfig, one_of, require
 from ctxdistill.data import Example, Task
 from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
-from ctxdistill.evaluation import EvaluatorBase, generation_metrics, task_success
+from ctxdistill.evaluation import MethodEvaluator, generation_metrics, task_success
 from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
@@ -544,7 +544,7 @@ class GenPI(Method):
         return PromptInternalizationEvaluator(self, handle, tokenizer, task, batch_size)
 
 
-class PromptInternalizationEvaluator(EvaluatorBase):
+class PromptInternalizationEvaluator(MethodEvaluator):
     """Greedy replies of the trained model without the prompt, against the teacher with it and the base
     model without it (both from the replies stage, written before training), on the config's held-out
     inputs (set "eval", the reported one) and the held-out pseudo inputs (the objective's): task success
@@ -568,15 +568,6 @@ class PromptInternalizationEvaluator(EvaluatorBase):
         outcome=("succeeds",),
         set_titles={"pseudo_heldout": "held-out pseudo inputs (the objective's set)"},
     )
-
-    def __init__(self, method: GenPI, handle, tokenizer, task: Task, batch_size: int):
-        self.method, self.handle, self.tokenizer, self.task, self.batch_size = (
-            method,
-            handle,
-            tokenizer,
-            task,
-            batch_size,
-        )
 
     def prepare(self) -> None:
         """Nothing to do before training: the references come from the adapter-disabled base model."""
