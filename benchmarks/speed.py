@@ -125,7 +125,30 @@ class PeakMemory:
 
 
 # ---------------------------------------------------------------- training
-def naive_method():
+def suite_method(cfg, cls: Optional[type] = None):
+    """The method ``cfg.method`` describes, built as a run builds it (its schema's defaults fill the rest);
+    with ``cls``, that subclass of its class takes the same settings."""
+    from omegaconf import OmegaConf
+
+    from ctxdistill.methods import build_method
+
+    if cls is None:
+        return build_method(cfg.method)
+    settings = OmegaConf.to_container(cfg.method, resolve=True)
+    del settings["_target_"]
+    return cls(**settings)
+
+
+# The method settings of each contender that the suite trains.
+SUITE_CONTENDERS = {
+    "ctxdistill": ["method=cd", "method.teacher_cache=memory"],
+    "naive": ["method=cd", "method.teacher_cache=none"],
+    # TRL's settings: every token sampled at temperature 1 from the student, no stop string
+    "on_policy_cd": ["method=on_policy_cd", f"method.max_new_tokens={ON_POLICY_TOKENS}", "method.stop=null"],
+}
+
+
+def naive_method(cfg):
     """cd as a first implementation would write it: every step, the teacher reads the whole
     context again, and both models project every position onto the vocabulary."""
     from ctxdistill.encoding import encode
@@ -156,7 +179,7 @@ def naive_method():
             mask = torch.ones(student.shape[:2], dtype=torch.bool, device=student.device)
             return distillation_loss(student, logprobs, mask), {}
 
-    return NaiveContextDistillation("cd-naive", teacher_cache="none")
+    return suite_method(cfg, NaiveContextDistillation)
 
 
 def train_suite(method, cfg, handle, tokenizer, task, device: str) -> list[float]:
@@ -239,8 +262,6 @@ def measure_training(
     contender: str, model: list[str], device: str, steps: int, batch_size: int, queries: int, demos: Optional[int]
 ) -> dict:
     from ctxdistill.data import build_task
-    from ctxdistill.methods.distill import ContextDistillation
-    from ctxdistill.methods.on_policy import OnPolicyDistillation
 
     context = [f"dataset.context.num_demos={demos}", "dataset.source.split_sizes.train=600"] if demos else []
     cfg = compose_cfg(
@@ -250,6 +271,7 @@ def measure_training(
         f"dataset.num_train_queries={queries}",
         "trainer.scheduler=constant",
         *context,
+        *SUITE_CONTENDERS.get(contender, []),
     )
     torch.manual_seed(cfg.seed)
     tokenizer, handle = load(cfg, device, lora=not contender.startswith("trl"))
@@ -262,15 +284,7 @@ def measure_training(
                 cfg, handle, tokenizer, task, device, steps, batch_size, on_policy=contender.endswith("on_policy")
             )
         else:
-            if contender == "on_policy_cd":
-                # TRL's settings: every token sampled at temperature 1 from the student, no stop string
-                method = OnPolicyDistillation(
-                    "on_policy_cd", "reverse_kl", 0.5, 1.0, 1.0, None, ON_POLICY_TOKENS, None, cfg.seed
-                )
-            elif contender == "naive":
-                method = naive_method()
-            else:
-                method = ContextDistillation("cd", teacher_cache="memory")
+            method = naive_method(cfg) if contender == "naive" else suite_method(cfg)
             train_suite(method, cfg, handle, tokenizer, task, device)
         sync(device)
         seconds = time.perf_counter() - started
@@ -287,21 +301,22 @@ def in_fresh_process(function: Callable, *args) -> Any:
 def measure_later_epochs(model: list[str], device: str, batch_size: int, queries: int, epochs: int) -> dict:
     """Epochs 2.. of cd with targets cached once vs a (prefix-cached) teacher forward at every step."""
     from ctxdistill.data import build_task
-    from ctxdistill.methods.distill import ContextDistillation
 
     steps_per_epoch = queries // batch_size
-    cfg = compose_cfg(
-        model,
-        f"trainer.max_steps={epochs * steps_per_epoch}",
-        f"trainer.batch_size={batch_size}",
-        f"dataset.num_train_queries={queries}",
-    )
-    task = build_task(cfg.dataset, cfg.seed)
     result = {}
     for cache in ("memory", "none"):
+        cfg = compose_cfg(
+            model,
+            f"trainer.max_steps={epochs * steps_per_epoch}",
+            f"trainer.batch_size={batch_size}",
+            f"dataset.num_train_queries={queries}",
+            "method=cd",
+            f"method.teacher_cache={cache}",
+        )
+        task = build_task(cfg.dataset, cfg.seed)
         torch.manual_seed(cfg.seed)
         tokenizer, handle = load(cfg, device, lora=True)
-        stamps = train_suite(ContextDistillation("cd", teacher_cache=cache), cfg, handle, tokenizer, task, device)
+        stamps = train_suite(suite_method(cfg), cfg, handle, tokenizer, task, device)
         result[cache] = (stamps[-1] - stamps[steps_per_epoch - 1]) / (epochs - 1)
     return {
         "cached_s_per_epoch": result["memory"],
@@ -480,12 +495,11 @@ def step_utilisation(model: list[str], device: str, batch_size: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from ctxdistill.data import build_task
-    from ctxdistill.methods.distill import ContextDistillation
 
-    cfg = compose_cfg(model, f"dataset.num_train_queries={batch_size}")
+    cfg = compose_cfg(model, f"dataset.num_train_queries={batch_size}", *SUITE_CONTENDERS["ctxdistill"])
     tokenizer, handle = load(cfg, device, lora=True)
     task = build_task(cfg.dataset, cfg.seed)
-    method = ContextDistillation("cd", teacher_cache="memory")
+    method = suite_method(cfg)
     method.prepare(handle, tokenizer, task, task.train_queries, batch_size)
     batch = method.collate(tokenizer, task, task.train_queries)
     optimizer = torch.optim.AdamW([p for p in handle.student.parameters() if p.requires_grad], lr=1e-4)
