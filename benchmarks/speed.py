@@ -569,7 +569,8 @@ class Report:
             f.write(f"## Summary\n\n```\n{self.summary()}\n```\n\n## Detail\n\n```\n")
             f.write("\n".join(self.lines).strip() + "\n```\n")
         with open(os.path.splitext(self.path)[0] + ".json", "w") as f:
-            json.dump({"command": self.command, "seconds": seconds, "figures": self.figures}, f, indent=1)
+            saved = {"command": self.command, "seconds": seconds, "ratios": self.ratios, "figures": self.figures}
+            json.dump(saved, f, indent=1)
 
 
 def training_table(training: dict, base: str) -> str:

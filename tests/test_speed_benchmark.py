@@ -1,0 +1,33 @@
+"""benchmarks/speed.py runs: every contender the suite trains is built from a composed config, as a run
+builds it, so a change to a method's settings cannot leave the benchmark behind (it once called a
+constructor whose defaults had moved into the schema, and only the published run found out)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_speed_benchmark_trains_every_contender_and_reports_each_ratio(tmp_path):
+    out = tmp_path / "speed.md"
+    command = [sys.executable, "benchmarks/speed.py", "--models", "tiny-random", "--steps", "2", "--queries", "8"]
+    command += ["--only", "training", "on_policy", "epochs", "utilisation", "--output", str(out)]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads(out.with_suffix(".json").read_text())
+    ratios = {what: value for model, what, value, goal in saved["ratios"] if model == "tiny-random"}
+    assert ratios["cd training vs TRL SDFTTrainer, the demo context"] > 0
+    assert ratios["on-policy cd vs TRL SDFTTrainer (on-policy)"] > 0
+    assert ratios["later epochs, teacher cache vs teacher every step"] > 0
+    assert 0 < ratios["cd training step, fraction of the matmul peak"] < 1
+    # the three training contenders, each with its throughput and peak memory
+    training = saved["figures"]["tiny-random"]["training"]
+    assert set(training) == {"ctxdistill", "trl_sdft", "naive"}
+    assert all(r["queries_per_s"] > 0 and r["peak_mb"] >= 0 for r in training.values())
+    assert "## Summary" in out.read_text()
