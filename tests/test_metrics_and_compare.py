@@ -19,7 +19,7 @@ from ctxdistill.methods.genpi import PromptInternalizationEvaluator
 from ctxdistill.ranking import link_prediction_metrics
 from ctxdistill.results.cli import main
 from ctxdistill.results.files import write_results
-from ctxdistill.results.metrics import float32_rounded
+from ctxdistill.results.metrics import MetricSet, float32_rounded
 from ctxdistill.results.records import collect
 from ctxdistill.results.stats import mcnemar_exact, t_interval, t_quantile, wilson
 from ctxdistill.results.table import summarise
@@ -228,7 +228,7 @@ def family_records():
         "method": "genpi",
         "model": "tiny-random",
         "dataset": "genpi_pirate",
-        "metric_set": PromptInternalizationEvaluator.metric_set.to_dict(),
+        "metric_set": PromptInternalizationEvaluator.metric_set.with_objective("pseudo_heldout/task_success").to_dict(),
         "metrics": {
             "eval/task_success": 0.5,
             "eval/examples": 8,
@@ -242,7 +242,7 @@ def family_records():
         "method": "kgbert_cd",
         "model": "minilm-l6",
         "dataset": "wn18rr",
-        "metric_set": link_prediction_metrics("sampled100_").to_dict(),
+        "metric_set": link_prediction_metrics("sampled100_").with_objective("eval/sampled100_mrr").to_dict(),
         "metrics": {
             "eval/sampled100_mrr": 0.4,
             "eval/sampled100_hits@1": 0.25,
@@ -255,6 +255,22 @@ def family_records():
     for i, record in enumerate((classification, genpi, kg)):
         record |= {"seed": 0, "paper": None, "status": "complete", "model_parameters": 10**6 * (i + 1)}
     return classification, genpi, kg
+
+
+def defined_metrics(output_dir: Path) -> dict[str, str]:
+    """The metrics an offline W&B run defined (``define_metric``) and the summary each keeps, from its run file."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    from ctxdistill.results.wandb_runs import _run_file_records
+
+    defined = {}
+    for raw in _run_file_records(next(output_dir.rglob("*.wandb"))):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "metric" and record.metric.name:
+            summary = record.metric.summary
+            defined[record.metric.name] = "max" if summary.max else "min" if summary.min else ""
+    return defined
 
 
 def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_wandb_runs(
@@ -282,10 +298,12 @@ def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_w
             output_dir=str(tmp_path / "wandb" / record["method"]),
             log_predictions=False,
         )
-        tracker.add_config({"metric_set": record["metric_set"]})
+        tracker.declare(MetricSet.from_dict(record["metric_set"]))
         tracker.log(record["metrics"], 2)
         tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"]})
         tracker.finish()
+        # the run keeps the best value of its own objective (not a hard-coded eval/accuracy)
+        assert defined_metrics(tmp_path / "wandb" / record["method"]) == {record["metric_set"]["objective"]: "max"}
     assert main([str(tmp_path / "files")]) == 0
     from_files = capsys.readouterr().out
     assert main([str(tmp_path / "wandb")]) == 0

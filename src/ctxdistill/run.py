@@ -239,8 +239,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if method.trains and method.teacher_during_training and handle.trains_base_weights:
             handle.keep_frozen_teacher()
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
-        metric_set = method.metric_set(evaluator).to_dict()
-        tracker.add_config({"metric_set": metric_set})  # a run read back from W&B knows its columns
+        metric_set = method.metric_set(evaluator)
+        tracker.declare(metric_set)
         evaluator.prepare()
 
         train_stats: dict[str, Any] = {}
@@ -269,7 +269,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "metrics": metrics,
             "trainable_parameters": trainable,
             "context_tokens_per_query": context_tokens_per_query(task, tokenizer, method.eval_with_context),
-            "metric_set": metric_set,
+            "metric_set": metric_set.to_dict(),
             "objective": method.objective,
             "train": train_stats,
             "curves": curves,

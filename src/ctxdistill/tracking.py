@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from ctxdistill.results.metrics import MetricSet
+
 log = logging.getLogger(__name__)
 
 
@@ -29,6 +31,11 @@ class Tracker:
     def summary(self, metrics: dict[str, Any]) -> None: ...
 
     def add_config(self, values: dict[str, Any]) -> None: ...
+
+    def declare(self, metric_set: MetricSet) -> None:
+        """The run's declared metrics, into its config (a run read back knows its columns); a tracker
+        with run summaries also keeps the objective's best value over the run."""
+        self.add_config({"metric_set": metric_set.to_dict()})
 
     def predictions(self, rows: dict[str, list[dict]]) -> None: ...
 
@@ -112,15 +119,20 @@ class WandbTracker(Tracker):
             resume="allow",
             settings=wandb.Settings(silent=True),
         )
-        try:
-            self.run.define_metric("eval/accuracy", summary="max")
-        except Exception as e:  # noqa: BLE001
-            log.warning("W&B define_metric failed: %s", e)
         self.run_dir = str(Path(self.run.dir).parent)  # the offline-run-* directory `wandb sync` takes
         if mode == "offline":
             log.info("W&B is offline; upload later with:  wandb sync %s", self.run_dir)
         else:
             log.info("W&B run: %s", self.run.url)
+
+    @_warn_on_failure
+    def declare(self, metric_set: MetricSet) -> None:
+        super().declare(metric_set)
+        if metric_set.objective is None:
+            return
+        name = metric_set.objective.rpartition("/")[2]
+        better = next((m.higher_is_better for m in metric_set.metrics if m.name == name), True)
+        self.run.define_metric(metric_set.objective, summary="max" if better else "min")
 
     @_warn_on_failure
     def log(self, metrics, step):
