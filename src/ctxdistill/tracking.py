@@ -13,10 +13,12 @@ import functools
 import logging
 import netrc
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 from ctxdistill.results.metrics import MetricSet
+from ctxdistill.results.wandb_runs import read_offline_run
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,8 @@ class WandbTracker(Tracker):
             settings=wandb.Settings(silent=True),
         )
         self.run_dir = str(Path(self.run.dir).parent)  # the offline-run-* directory `wandb sync` takes
-        if mode == "offline":
+        self.offline = mode == "offline"
+        if self.offline:
             log.info("W&B is offline; upload later with:  wandb sync %s", self.run_dir)
         else:
             log.info("W&B run: %s", self.run.url)
@@ -164,6 +167,22 @@ class WandbTracker(Tracker):
     @_warn_on_failure
     def finish(self):
         self.run.finish()
+        if self.offline:
+            wait_for_run_file(Path(self.run_dir))
+
+
+def wait_for_run_file(run_dir: Path, timeout: float = 30.0) -> None:
+    """Returns once an offline run's file holds its exit record: W&B's service writes the file after
+    ``finish`` returns, and a table or ``wandb sync`` right after the run would otherwise read it cut short."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if read_offline_run(run_dir).ended:
+                return
+        except (StopIteration, ValueError, OSError):  # not created, or no header yet
+            pass
+        time.sleep(0.05)
+    log.warning("W&B has not finished writing %s after %.0f s; `wandb sync` it once it has", run_dir, timeout)
 
 
 def create_tracker(

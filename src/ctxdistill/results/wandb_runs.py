@@ -67,6 +67,7 @@ class WandbRun:
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     finished: bool = False
+    ended: bool = False  # the file holds the run's exit record, whatever its exit code
     group: str = ""
     tags: list[str] = field(default_factory=list)
 
@@ -90,7 +91,7 @@ def read_offline_run(run_dir: Path) -> WandbRun:
         elif kind == "summary":
             _update(run.summary, record.summary.update)
         elif kind == "exit":
-            run.finished = record.exit.exit_code == 0
+            run.finished, run.ended = record.exit.exit_code == 0, True
     run.config.pop("_wandb", None)
     return run
 
