@@ -38,7 +38,7 @@ import resource
 import sys
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -291,11 +291,20 @@ def measure_training(
     return {"queries_per_s": steps * batch_size / seconds, "seconds": seconds, "peak_mb": memory.used / 2**20}
 
 
+# Wall seconds of each measurement's process (start, model load and measurement), for the report's budget.
+PROCESS_SECONDS: dict[str, float] = {}
+
+
 def in_fresh_process(function: Callable, *args) -> Any:
     """Run ``function(*args)`` in a new process (clean peak memory, no state shared between contenders)."""
+    started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        return pool.apply(function, args)
+        result = pool.apply(function, args)
+    words = [w for a in args if isinstance(a, (str, list)) for w in ([a] if isinstance(a, str) else a)]
+    label = " ".join(w for w in [function.__name__, *words] if w not in ("cpu", "cuda"))
+    PROCESS_SECONDS[label] = time.perf_counter() - started
+    return result
 
 
 def measure_later_epochs(model: list[str], device: str, batch_size: int, queries: int, epochs: int) -> dict:
@@ -326,8 +335,8 @@ def measure_later_epochs(model: list[str], device: str, batch_size: int, queries
 
 
 # ---------------------------------------------------------------- the teacher's context
-def teacher_prompts(model: list[str], device: str, num_demos: int, queries: int) -> tuple[Any, Any, list[str]]:
-    """The tokenizer, the frozen base model and ``queries`` teacher prompts with ``num_demos`` demonstrations."""
+def teacher_prompts(model: list[str], num_demos: int, queries: int) -> list[str]:
+    """``queries`` teacher prompts with ``num_demos`` demonstrations."""
     from ctxdistill.data import build_task
 
     cfg = compose_cfg(
@@ -336,17 +345,25 @@ def teacher_prompts(model: list[str], device: str, num_demos: int, queries: int)
         f"dataset.num_train_queries={queries}",
         "dataset.source.split_sizes.train=600",
     )
-    tokenizer, handle = load(cfg, device, lora=False)
     task = build_task(cfg.dataset, cfg.seed)
-    return tokenizer, handle.base.eval(), [task.teacher_prompt(e) for e in task.train_queries]
+    return [task.teacher_prompt(e) for e in task.train_queries]
 
 
-def teacher_seconds_per_query(model: list[str], device: str, num_demos: int, queries: int, batch_size: int) -> dict:
+def frozen_base(model: list[str], device: str):
+    """The tokenizer and the frozen base model, in eval mode."""
+    tokenizer, handle = load(compose_cfg(model), device, lora=False)
+    return tokenizer, handle.base.eval()
+
+
+def teacher_growth(model: list[str], device: str, demo_counts: Sequence[int], queries: int, batch_size: int) -> list:
+    """Teacher ms/query at each number of demonstrations: over the shared context (every query), recomputing
+    the context with logits at the answer only, and the whole sequence with full logits (both, which grow with
+    the context, on the first batch of queries only)."""
     from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 
-    tokenizer, model, prompts = teacher_prompts(model, device, num_demos, queries)
+    tokenizer, base = frozen_base(model, device)
 
-    def timed(run_batch: Callable[[list[str]], Any]) -> float:
+    def timed(run_batch: Callable[[list[str]], Any], prompts: list[str]) -> float:
         run_batch(prompts[:batch_size])  # warm-up
         sync(device)
         started = time.perf_counter()
@@ -355,25 +372,34 @@ def teacher_seconds_per_query(model: list[str], device: str, num_demos: int, que
         sync(device)
         return (time.perf_counter() - started) / len(prompts)
 
-    with torch.no_grad():
-        prefix_started = time.perf_counter()
-        prefix = SharedPrefix(model, tokenizer, prompts)
-        prefix_seconds = time.perf_counter() - prefix_started
-        cached = timed(lambda p: answer_logits(model, encode(tokenizer, p, prefix_length=prefix.length), prefix))
-        recomputed = timed(lambda p: answer_logits(model, encode(tokenizer, p)))
-        whole = timed(
-            lambda p: model(
-                **{k: v.to(device) for k, v in encode(tokenizer, p).items() if k in ("input_ids", "attention_mask")}
-            ).logits[:, -1]
+    rows = []
+    for num_demos in demo_counts:
+        prompts = teacher_prompts(model, num_demos, queries)
+        with torch.no_grad():
+            prefix_started = time.perf_counter()
+            prefix = SharedPrefix(base, tokenizer, prompts)
+            prefix_seconds = time.perf_counter() - prefix_started
+            cached = timed(
+                lambda p: answer_logits(base, encode(tokenizer, p, prefix_length=prefix.length), prefix), prompts
+            )
+            recomputed = timed(lambda p: answer_logits(base, encode(tokenizer, p)), prompts[:batch_size])
+            whole = timed(
+                lambda p: base(
+                    **{k: v.to(device) for k, v in encode(tokenizer, p).items() if k in ("input_ids", "attention_mask")}
+                ).logits[:, -1],
+                prompts[:batch_size],
+            )
+        rows.append(
+            {
+                "demos": num_demos,
+                "context_tokens": prefix.length,
+                "prefix_once_s": prefix_seconds,
+                "cached_ms": 1e3 * cached,
+                "recomputed_ms": 1e3 * recomputed,
+                "whole_sequence_ms": 1e3 * whole,
+            }
         )
-    return {
-        "demos": num_demos,
-        "context_tokens": prefix.length,
-        "prefix_once_s": prefix_seconds,
-        "cached_ms": 1e3 * cached,
-        "recomputed_ms": 1e3 * recomputed,
-        "whole_sequence_ms": 1e3 * whole,
-    }
+    return rows
 
 
 def icl_eval_throughput(model: list[str], device: str, num_eval: int, batch_size: int) -> dict:
@@ -403,13 +429,21 @@ def icl_eval_throughput(model: list[str], device: str, num_eval: int, batch_size
 
 
 # ---------------------------------------------------------------- generation and evaluation memory
-def generation_throughput(model: list[str], device: str, num_demos: int, prompts: int, new_tokens: int) -> dict:
+def generation_throughput(
+    model: list[str], device: str, demo_counts: Sequence[int], prompts: int, new_tokens: int
+) -> list[dict]:
     """Tokens/s of the suite's generate over the shared context vs transformers' generate on the whole prompts,
-    greedy (with the tokens compared) and sampled, one batch of ``prompts`` teacher prompts."""
+    greedy (with the tokens compared) and sampled, one batch of ``prompts`` teacher prompts per number of
+    demonstrations."""
+    tokenizer, base = frozen_base(model, device)
+    return [
+        generation_at(tokenizer, base, device, teacher_prompts(model, k, prompts), k, new_tokens) for k in demo_counts
+    ]
+
+
+def generation_at(tokenizer, model, device: str, texts: list[str], num_demos: int, new_tokens: int) -> dict:
     from ctxdistill.encoding import SharedPrefix
     from ctxdistill.generation import generate
-
-    tokenizer, model, texts = teacher_prompts(model, device, num_demos, prompts)
 
     def ours(temperature: float) -> list[list[int]]:
         prefix = SharedPrefix(model, tokenizer, texts)  # counted: it is part of generating over the context
@@ -417,7 +451,7 @@ def generation_throughput(model: list[str], device: str, num_demos: int, prompts
         rows = generate(model, tokenizer, texts, new_tokens, temperature, stop=None, generator=generator, prefix=prefix)
         return rows
 
-    def theirs(temperature: float) -> list[list[int]]:
+    def theirs(temperature: float, texts: list[str] = texts, new_tokens: int = new_tokens) -> list[list[int]]:
         batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature else {"do_sample": False}
         with torch.no_grad():
@@ -439,7 +473,7 @@ def generation_throughput(model: list[str], device: str, num_demos: int, prompts
         sync(device)
         return sum(map(len, rows)) / (time.perf_counter() - started), rows
 
-    theirs(0.0)  # warm-up
+    theirs(0.0, texts[:2], 2)  # warm-up
     result = {"demos": num_demos, "context_tokens": SharedPrefix(model, tokenizer, texts).length}
     for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
         result[f"{name}_ours"], our_rows = timed(ours, temperature)
@@ -632,7 +666,7 @@ def benchmark(report: Report, model: list[str], device: str, args) -> None:
         )
 
     if "teacher" in only:
-        growth = [in_fresh_process(teacher_seconds_per_query, model, device, k, 32, 16) for k in TEACHER_DEMOS]
+        growth = in_fresh_process(teacher_growth, model, device, TEACHER_DEMOS, 32, 16)
         figures["teacher"] = growth
         first = growth[0]
         report.print("\n[teacher] teacher cost per query as the context grows")
@@ -688,7 +722,7 @@ def benchmark(report: Report, model: list[str], device: str, args) -> None:
         report.ratio(name, "cd training step, fraction of the matmul peak", util["fraction_of_peak"], ">= 0.5")
 
     if "generation" in only:
-        rows = [in_fresh_process(generation_throughput, model, device, k, 16, 16) for k in GENERATION_DEMOS]
+        rows = in_fresh_process(generation_throughput, model, device, GENERATION_DEMOS, 16, 16)
         figures["generation"] = rows
         report.print("\n[generation] tokens/s, 16 prompts x 16 new tokens: shared context vs transformers' generate")
         report.print(
@@ -769,6 +803,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if "eval_memory" in args.only:
         evaluation_memory_report(report)
     report.ratio("", "benchmark wall time, s", time.perf_counter() - report.started, "< 600")
+    report.figures["process_seconds"] = PROCESS_SECONDS
+    report.print("\n=== wall seconds per measurement (a fresh process each) ===")
+    report.print(table([[label, seconds] for label, seconds in PROCESS_SECONDS.items()], ["measurement", "s"]))
     report.print(f"\n=== summary ===\n{report.summary()}")
     report.save()
     print(f"\nwritten: {args.output}")

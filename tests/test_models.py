@@ -268,3 +268,20 @@ def test_an_uncached_hub_model_without_network_fails_in_seconds_naming_the_fix(t
     with pytest.raises(ModelLoadError, match=rf"model=opt-2\.7b: .*facebook/opt-2\.7b.*{message}.*model\.name_or_path"):
         load_tokenizer(spec, str(tmp_path))
     assert time.perf_counter() - started < 5
+
+
+def test_the_lm_head_reads_a_contiguous_copy_of_the_kept_positions(tiny):
+    """logits_to_keep hands the head a strided slice, which turns its matmul into a batched matrix-vector product
+    (2-3x slower on the CPU); the loaded model's head gets a contiguous copy, with the same logits."""
+    _, tokenizer, model = tiny
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    batch = tokenizer(["Review: a fine day\nAnswer:", "Review: a bad day\nAnswer:"], return_tensors="pt")
+    try:
+        with torch.no_grad():
+            kept = model(**batch, logits_to_keep=1).logits
+            full = model(**batch).logits[:, -1:]
+    finally:
+        hook.remove()
+    assert seen[0].shape[1] == 1 and seen[0].is_contiguous()
+    torch.testing.assert_close(kept, full)

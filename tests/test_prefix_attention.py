@@ -15,6 +15,7 @@ from test_generation import CONTEXT, behaving  # noqa: F401 (the behaving model'
 from test_models import tiny  # noqa: F401
 from transformers import MistralConfig, MistralForCausalLM
 
+from ctxdistill import prefix_attention
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 
 QUERIES = ["\n 3 5", "\n 1 2 3 4 6", "\n 6", "\n 2 3 5 1 1 2 3"]
@@ -80,3 +81,23 @@ def test_a_sliding_window_model_runs_whole_prompts_with_the_same_logits(tiny):  
     assert len(tokenizer(context).input_ids) > config.sliding_window
     prefix = compare_with_full_forward(model, tokenizer, context, batch_size=4)
     assert prefix.length == 0 and not prefix.shares_attention
+
+
+def test_the_context_part_matches_a_hand_softmax_with_and_without_gradients():
+    """Without gradients the CPU runs the fused flash kernel; with them, the plain version (the kernel's backward
+    ignores the log-sum-exp). Both give softmax(q k^T) v and logsumexp(q k^T); the gradient flows through both."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(3, 40, 16), torch.randn(3, 70, 16), torch.randn(3, 70, 16)
+    scores = query @ key.transpose(-1, -2)
+    expected = (scores.softmax(-1) @ value, scores.logsumexp(-1))
+    with torch.no_grad():
+        fused = prefix_attention._context_attention(query, key, value)
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    query.requires_grad_(True)
+    out, lse = prefix_attention._context_attention(query, key, value)
+    torch.testing.assert_close((out, lse), expected, atol=1e-5, rtol=1e-5)
+    (out.sum() + lse.sum()).backward()
+    reference = query.detach().clone().requires_grad_(True)
+    hand = reference @ key.transpose(-1, -2)
+    ((hand.softmax(-1) @ value).sum() + hand.logsumexp(-1).sum()).backward()
+    torch.testing.assert_close(query.grad, reference.grad, atol=1e-5, rtol=1e-5)

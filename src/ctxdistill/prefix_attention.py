@@ -60,7 +60,7 @@ def shared_prefix_attention(
     query = (query * scaling).contiguous()  # [B, H, L, D]: a group's heads are adjacent
     # Context part: every row's queries of one key/value head in one matrix [H_kv, B * G * L, D].
     grouped = query.view(rows, kv_heads, groups * length, dim).transpose(0, 1).reshape(kv_heads, -1, dim)
-    context_out, context_lse = _softmax_attention(grouped, context_keys, context_values, None)
+    context_out, context_lse = _context_attention(grouped, context_keys, context_values)
     context_out = context_out.view(kv_heads, rows, groups * length, dim).transpose(0, 1)
     context_lse = context_lse.view(kv_heads, rows, groups * length).transpose(0, 1)
     # Own part: per row, the queries of a key/value head's group against that head [B, H_kv, G * L, S].
@@ -74,6 +74,21 @@ def shared_prefix_attention(
     total = torch.logaddexp(context_lse, own_lse)
     out = context_out * (context_lse - total).exp().unsqueeze(-1) + own_out * (own_lse - total).exp().unsqueeze(-1)
     return out.reshape(rows, heads, length, dim).transpose(1, 2).to(value.dtype).contiguous(), None
+
+
+def _context_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_softmax_attention` without a mask. Without gradients on the CPU it runs PyTorch's fused (flash)
+    CPU kernel, which returns the log-sum-exp too and never holds the [queries, context] scores: those
+    score passes, not the matmuls, made the context's cost grow with its length. The kernel's backward
+    ignores the log-sum-exp, so training keeps the plain version."""
+    if query.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+        return _softmax_attention(query, key, value, None)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), 0.0, False, scale=1.0
+    )
+    return out[0].float(), lse[0].float()
 
 
 def _softmax_attention(
