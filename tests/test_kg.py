@@ -216,6 +216,7 @@ def test_filtered_ranking_of_a_hand_built_graph_gives_the_known_ranks():
         "tail": "b",
         "head_rank": 2.5,
         "tail_rank": 2.0,
+        "reciprocal_rank": pytest.approx(0.45),  # the triple's term of the MRR: (1/2.5 + 1/2) / 2
     }
     assert metrics["eval/tail_mrr"] == 0.5 and metrics["eval/head_mrr"] == pytest.approx(0.4)
     assert metrics["eval/mrr"] == pytest.approx(0.45)

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from ctxdistill.results.cli import main
 from ctxdistill.results.files import write_results
 from ctxdistill.results.metrics import MetricSet, float32_rounded
 from ctxdistill.results.records import collect
-from ctxdistill.results.stats import mcnemar_exact, t_interval, t_quantile, wilson
+from ctxdistill.results.stats import mcnemar_exact, sign_flip_test, t_interval, t_quantile, wilson
 from ctxdistill.results.table import summarise
 from ctxdistill.results.wandb_outputs import build_report
 
@@ -205,6 +206,53 @@ def test_vs_adds_mcnemars_exact_test_on_the_shared_examples(tmp_path, capsys):
     assert float(row["eval/p_vs_icl"]) == pytest.approx(2 * 11 / 1024, rel=1e-5) and row["eval/pairs_vs_icl"] == "20"
     assert main([str(tmp_path), "--vs", "ft"]) == 2
     assert "no run of method ft here (methods: cd, icl)" in capsys.readouterr().err
+
+
+def test_the_sign_flip_test_counts_the_sign_patterns_as_extreme_as_the_observed():
+    # differences 1, 1, 1, 1: only all plus and all minus reach |4| among the 16 patterns
+    assert sign_flip_test([1, 1, 1, 1]) == 2 / 16
+    # 0.5, 0.25, -0.25: |sum| 0.5 is reached by (+,+,-), (+,-,+), (+,+,+) and their negations: 6 of 8
+    assert sign_flip_test([0.5, 0.25, -0.25]) == 6 / 8
+    assert sign_flip_test([0, 0, 0.5]) == 2 / 2  # zero differences carry no sign
+    assert sign_flip_test([]) == 1.0
+
+
+def test_the_sign_flip_test_beyond_exact_enumeration_agrees_with_it():
+    """Above 2^n = resamples, random patterns: within their Monte Carlo error of the exact p (all 2^15 patterns)."""
+    differences = [0.5, 0.3, 0.2, 0.2, 0.1, -0.1, 0.25, -0.05, 0.4, 0.15, -0.3, 0.1, 0.05, 0.2, 0.3]
+    exact = sign_flip_test(differences, resamples=2**15)
+    sampled = sign_flip_test(differences, resamples=5000)
+    assert 0.005 < exact < 0.05 and sampled == pytest.approx(exact, abs=3 * math.sqrt(exact / 5000))
+    assert sampled == sign_flip_test(differences, resamples=5000)  # seeded
+
+
+def test_vs_tests_knowledge_graph_runs_on_each_triples_reciprocal_rank(tmp_path, capsys):
+    """MRR is a mean of reciprocal ranks, not a share of successes: the paired test is the sign-flip test on each
+    triple's (the mean of its head and tail query's), read from the rows the link-prediction evaluator writes."""
+    ranks = {"kgbert": [(1, 2), (3, 1), (2, 2), (5, 4)], "kgbert_cd": [(1, 1), (1, 1), (2, 1), (4, 4)]}
+    for method, pairs in ranks.items():
+        directory = tmp_path / method
+        rows = [{"head_rank": h, "tail_rank": t, "reciprocal_rank": (1 / h + 1 / t) / 2} for h, t in pairs]
+        mrr = statistics.fmean(r["reciprocal_rank"] for r in rows)
+        record = {
+            "method": method,
+            "model": "minilm-l6",
+            "dataset": "wn18rr",
+            "seed": 0,
+            "status": "complete",
+            "metric_set": link_prediction_metrics().to_dict(),
+            "metrics": {"eval/mrr": mrr, "eval/examples": 8},
+        }
+        directory.mkdir()
+        (directory / "metrics.json").write_text(json.dumps(record))
+        with (directory / "predictions.jsonl").open("w") as f:
+            f.writelines(json.dumps({"set": "eval", "uid": f"t{i}", **r}) + "\n" for i, r in enumerate(rows))
+    assert main([str(tmp_path), "--vs", "kgbert"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith("Δ MRR vs kgbert  p (sign-flip)  pairs")
+    cd_line = next(line for line in lines if line.startswith("kgbert_cd "))
+    # differences per triple: 1 - 0.75, 1 - 2/3, 0.75 - 0.5, 0.25 - 0.225 = 0.25, 1/3, 0.25, 0.025 (all positive)
+    assert cd_line.split()[-3:] == ["+0.215", f"{2 / 16:.3f}", "4"]
 
 
 # ---------------------------------------------------------------- every family with its own columns

@@ -60,6 +60,7 @@ def link_prediction_metrics(prefix: str = "") -> MetricSet:
             Metric(f"{prefix}mrr", f"{prefix}MRR".replace("_", " "), kind="value", headline=True),
             *(Metric(f"{prefix}hits@{k}", f"{prefix}Hits@{k}".replace("_", " ")) for k in HITS),
         ),
+        example_score="reciprocal_rank",  # each triple's: the mean of its head and tail query's (MRR's terms)
     )
 
 
@@ -129,7 +130,10 @@ class LinkPredictionEvaluator(EvaluatorBase):
                 result.update(ranking_metrics(ranks[direction], f"{self.prefix}{direction}_"))
             metrics.update({f"{name}/{key}": value for key, value in result.items()})
             rows[name] = [
-                {"uid": "|".join(t), "head": t[0], "relation": t[1], "tail": t[2], "head_rank": hr, "tail_rank": tr}
+                {
+                    **{"uid": "|".join(t), "head": t[0], "relation": t[1], "tail": t[2]},
+                    **{"head_rank": hr, "tail_rank": tr, "reciprocal_rank": (1 / hr + 1 / tr) / 2},
+                }
                 for t, hr, tr in zip(triples, ranks["head"], ranks["tail"])
             ]
         return metrics, rows

@@ -50,6 +50,9 @@ class MetricSet:
     #: paired test (ctxdistill-compare --vs) reads: one field that is true or false, or two fields that
     #: must be equal (``("prediction", "label")``); empty: the family has no per-example outcome
     outcome: tuple[str, ...] = ()
+    #: for a headline that is not a share of successes: the prediction rows' field whose mean over a set's
+    #: rows is the headline (``"reciprocal_rank"`` for MRR), which the paired test reads instead
+    example_score: Optional[str] = None
     #: serving costs per query to plot the headline against: (the model's key, the teacher's key, axis label)
     costs: tuple[tuple[str, str, str], ...] = ()
     #: what a set other than the in-domain one is, for table headings (``{"serving": "serving cost..."}``)
@@ -66,10 +69,18 @@ class MetricSet:
     def headline(self) -> Metric:
         return next(m for m in self.metrics if m.headline)
 
-    def is_outcome(self, row: dict[str, Any]) -> bool:
-        """Whether a prediction row's example counts as a success for the headline."""
+    @property
+    def paired_test(self) -> Optional[str]:
+        """The paired test of two methods' per-example values: McNemar's on successes, a sign-flip
+        (randomisation) test on scores; None when the rows hold neither."""
+        return "McNemar" if self.outcome else "sign-flip" if self.example_score else None
+
+    def example_value(self, row: dict[str, Any]) -> float:
+        """A prediction row's contribution to the headline: 1 or 0 for a success, else its score."""
+        if not self.outcome:
+            return float(row[self.example_score])
         first, *second = self.outcome
-        return row[first] == row[second[0]] if second else bool(row[first])
+        return float(row[first] == row[second[0]] if second else bool(row[first]))
 
     def declares(self, key: str) -> bool:
         """Whether ``{set}/{name}`` is one of the declared metrics."""

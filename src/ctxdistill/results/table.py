@@ -3,7 +3,8 @@ declared metric and eval set, each cell the values over seeds with n and a 95% i
 
 The interval of a cell is Student's t over its seeds (n = seeds) when it has several, and Wilson's over
 the set's examples (n = examples) for one run of an accuracy-like metric. ``paired_tests`` adds, per cell
-and eval set, the exact McNemar test against a baseline method on the examples both were evaluated on.
+and eval set, a paired test against a baseline method on the examples both were evaluated on: McNemar's
+exact test on successes (accuracy), a sign-flip randomisation test on scores (a reciprocal rank for MRR).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Optional
 
 from ctxdistill.results.metrics import EVERY_SET, EXAMPLES, IN_DOMAIN, Metric, MetricSet
 from ctxdistill.results.records import metric_set, model_size, predictions
-from ctxdistill.results.stats import mcnemar_exact, t_interval, wilson
+from ctxdistill.results.stats import mcnemar_exact, sign_flip_test, t_interval, wilson
 
 
 @dataclass(frozen=True)
@@ -61,17 +62,27 @@ class Cell:
 
 @dataclass
 class PairedTest:
-    """A method against the baseline on the examples both were evaluated on (pooled over shared seeds)."""
+    """A method against the baseline on the examples both were evaluated on (pooled over shared seeds): each
+    pair's difference in the headline's per-example value (1 or 0 for a success, else the example's score)."""
 
     baseline: str
-    pairs: int
-    only_method: int  # examples the method gets right and the baseline wrong
-    only_baseline: int
-    delta: float  # the method's headline minus the baseline's, over the pairs
+    test: str  # the family's paired test: "McNemar" on successes, "sign-flip" on scores
+    differences: list[float]
+
+    @property
+    def pairs(self) -> int:
+        return len(self.differences)
+
+    @property
+    def delta(self) -> float:
+        """The method's headline minus the baseline's, over the pairs."""
+        return statistics.fmean(self.differences)
 
     @property
     def p_value(self) -> float:
-        return mcnemar_exact(self.only_method, self.only_baseline)
+        if self.test == "McNemar":
+            return mcnemar_exact(sum(d > 0 for d in self.differences), sum(d < 0 for d in self.differences))
+        return sign_flip_test(self.differences)
 
 
 @dataclass
@@ -200,7 +211,8 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
         raise PairedTestError(f"--vs {baseline}: no run of method {baseline} here (methods: {', '.join(methods)})")
     notes = []
     for table in tables:
-        if not table.family.outcome:
+        test = table.family.paired_test
+        if test is None:
             notes.append(f"--vs: {table.family.family} runs record no per-example outcome; not tested")
             continue
         table.baseline = baseline
@@ -210,7 +222,7 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
             )
             if row.method == baseline or reference is None:
                 continue
-            outcomes = {}
+            values = {}
             for side in (row, reference):
                 for record in side.records:
                     rows = predictions(record)
@@ -219,20 +231,13 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
                             f"--vs needs each run's predictions.jsonl; {side.method} seed {record['seed']} has "
                             f"none at hand (runs read from W&B have none): give the runs' directories instead"
                         )
-                    outcomes[(side.method, record["seed"])] = {
-                        (p["set"], p["uid"]): table.family.is_outcome(p) for p in rows
+                    values[(side.method, record["seed"])] = {
+                        (p["set"], p["uid"]): table.family.example_value(p) for p in rows
                     }
-            counts: dict[str, list[int]] = {}
+            differences: dict[str, list[float]] = {}
             for seed in sorted(set(row.seeds) & set(reference.seeds)):
-                mine, theirs = outcomes[(row.method, seed)], outcomes[(baseline, seed)]
-                for key in mine.keys() & theirs.keys():
-                    tally = counts.setdefault(key[0], [0, 0, 0, 0])  # pairs, only mine, only theirs, mine - theirs
-                    tally[0] += 1
-                    tally[1] += mine[key] and not theirs[key]
-                    tally[2] += theirs[key] and not mine[key]
-                    tally[3] += int(mine[key]) - int(theirs[key])
-            row.tests = {
-                s: PairedTest(baseline, pairs, only_mine, only_theirs, diff / pairs)
-                for s, (pairs, only_mine, only_theirs, diff) in counts.items()
-            }
+                mine, theirs = values[(row.method, seed)], values[(baseline, seed)]
+                for key in sorted(mine.keys() & theirs.keys()):
+                    differences.setdefault(key[0], []).append(mine[key] - theirs[key])
+            row.tests = {s: PairedTest(baseline, test, d) for s, d in differences.items()}
     return notes
