@@ -56,10 +56,10 @@ RELEASED_SYSTEM_MESSAGE = "You are a helpful assistant."
 
 
 @dataclass
-class GenPIConfig(MethodConfig):
-    """Generative Prompt Internalization; see ctxdistill.methods.genpi for the stages and the loss."""
+class PromptInternalizationConfig(MethodConfig):
+    """What the methods that internalise a prompt share (GenPI, and OPCD in ctxdistill.methods.opcd): the
+    prompt, its rule, the configured and generated inputs, and the replies stage."""
 
-    _target_: str = "ctxdistill.methods.genpi.GenPI"
     task_name: str = MISSING  # names the prompt in results (the run's "dataset")
     prompt: str = MISSING  # internalised: in the teacher's input, never in the student's
     rule: str = MISSING  # a regular expression (re.search) that a reply following the prompt matches
@@ -83,6 +83,59 @@ class GenPIConfig(MethodConfig):
     max_rounds: int = 20
     max_input_tokens: int = 32
     max_reply_tokens: int = 48
+    stage_dir: str = "${cache_dir}/genpi"  # cached stages, shared by runs with the same settings
+    seed: int = "${seed}"  # type: ignore[assignment]
+    dataset_kinds: ClassVar[None] = None  # it brings its own inputs (the prompt's); the dataset group is not read
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        unset = [k for k in ("task_name", "prompt", "rule") if OmegaConf.is_missing(m, k)]
+        require(
+            not unset,
+            "method",
+            f"method={m.name} needs {', '.join('method.' + k for k in unset)}",
+            "Set them on the command line, or keep those of its YAML file under conf/method/",
+        )
+        require(bool(m.prompt.strip()), "method.prompt", "is empty; nothing to internalise", "Set method.prompt")
+        for key in ("num_pseudo_inputs", "inputs_per_round", "max_rounds", "max_input_tokens", "max_reply_tokens"):
+            require(m[key] >= 1, f"method.{key}", f"must be >= 1, got {m[key]}", "")
+        require(
+            m.num_heldout_pseudo_inputs >= 1,
+            "method.num_heldout_pseudo_inputs",
+            f"must be >= 1, got {m.num_heldout_pseudo_inputs}: the run's objective (a sweep's) is measured on "
+            "them, apart from the reported held-out inputs",
+            "Set e.g. method.num_heldout_pseudo_inputs=8",
+        )
+        require(
+            m.generator_top_p is None or 0 < m.generator_top_p <= 1,
+            "method.generator_top_p",
+            f"must be in (0, 1] or null, got {m.generator_top_p}",
+            "",
+        )
+        try:
+            re.compile(m.rule)
+        except re.error as e:
+            raise ConfigError(f"method.rule: {m.rule!r} is not a regular expression ({e}). Fix the pattern") from e
+        fillable_templates(m, {"generator_template": ("prompt", "examples")})
+
+
+def fillable_templates(m: DictConfig, templates: dict[str, tuple[str, ...]]) -> None:
+    """Each ``method.<key>`` template can be filled with its fields, or a ConfigError names what it may use."""
+    for key, fields in templates.items():
+        try:
+            m[key].format(**{f: "" for f in fields})
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(
+                f"method.{key}: cannot fill it ({e!r}); it may use only "
+                f"{', '.join('{' + f + '}' for f in fields)} (double literal braces)"
+            ) from e
+
+
+@dataclass
+class GenPIConfig(PromptInternalizationConfig):
+    """Generative Prompt Internalization; see ctxdistill.methods.genpi for the stages and the loss."""
+
+    _target_: str = "ctxdistill.methods.genpi.GenPI"
     # The released reasons are about five sentences, sampled at temperature 0.7, top-p 0.9, up to 512 tokens.
     reason_template: str = (
         "A user sent an AI assistant this message:\n{input}\n\n"
@@ -104,57 +157,24 @@ class GenPIConfig(MethodConfig):
     # 0.3 for Mind2Web)
     sft_weight: float = 0.7
     kl_weight: float = 0.0  # optional forward KL from the teacher with the prompt at the reply tokens
-    stage_dir: str = "${cache_dir}/genpi"  # cached stages, shared by runs with the same settings
-    seed: int = "${seed}"  # type: ignore[assignment]
     schema_name: ClassVar[str] = "base_genpi"
-    dataset_kinds: ClassVar[None] = None  # it brings its own inputs (the prompt's); the dataset group is not read
 
     @classmethod
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
-        unset = [k for k in ("task_name", "prompt", "rule") if OmegaConf.is_missing(m, k)]
-        require(
-            not unset,
-            "method",
-            f"method={m.name} needs {', '.join('method.' + k for k in unset)}",
-            "Set them on the command line, or keep those of its YAML file under conf/method/",
-        )
+        super().check(m, cfg)
         require(0 <= m.sft_weight <= 1, "method.sft_weight", f"must be in [0, 1], got {m.sft_weight}", "")
         require(m.kl_weight >= 0, "method.kl_weight", f"must be >= 0, got {m.kl_weight}", "")
-        require(bool(m.prompt.strip()), "method.prompt", "is empty; nothing to internalise", "Set method.prompt")
-        for key in (
-            "num_pseudo_inputs",
-            "inputs_per_round",
-            "max_rounds",
-            "max_input_tokens",
-            "max_reply_tokens",
-            "max_reason_tokens",
-        ):
-            require(m[key] >= 1, f"method.{key}", f"must be >= 1, got {m[key]}", "")
+        require(m.max_reason_tokens >= 1, "method.max_reason_tokens", f"must be >= 1, got {m.max_reason_tokens}", "")
         require(
-            m.num_heldout_pseudo_inputs >= 1,
-            "method.num_heldout_pseudo_inputs",
-            f"must be >= 1, got {m.num_heldout_pseudo_inputs}: the run's objective (a sweep's) is measured on "
-            "them, apart from the reported held-out inputs",
-            "Set e.g. method.num_heldout_pseudo_inputs=8",
+            m.reason_top_p is None or 0 < m.reason_top_p <= 1,
+            "method.reason_top_p",
+            f"must be in (0, 1] or null, got {m.reason_top_p}",
+            "",
         )
-        for key in ("generator_top_p", "reason_top_p"):
-            require(m[key] is None or 0 < m[key] <= 1, f"method.{key}", f"must be in (0, 1] or null, got {m[key]}", "")
-        try:
-            re.compile(m.rule)
-        except re.error as e:
-            raise ConfigError(f"method.rule: {m.rule!r} is not a regular expression ({e}). Fix the pattern") from e
-        for key, fields in (
-            ("generator_template", ("prompt", "examples")),
-            ("pg_template", ("input", "base", "teacher")),
-            ("reason_template", ("input", "base", "teacher", "prompt")),
-        ):
-            try:
-                m[key].format(**{f: "" for f in fields})
-            except (KeyError, IndexError, ValueError) as e:
-                raise ConfigError(
-                    f"method.{key}: cannot fill it ({e!r}); it may use only "
-                    f"{', '.join('{' + f + '}' for f in fields)} (double literal braces)"
-                ) from e
+        fillable_templates(
+            m,
+            {"pg_template": ("input", "base", "teacher"), "reason_template": ("input", "base", "teacher", "prompt")},
+        )
 
 
 def prompt_turns(text: str) -> list[dict]:
@@ -236,7 +256,10 @@ def decoded_samples(
     return texts
 
 
-class GenPI(Method):
+class PromptInternalization(Method):
+    """A prompt internalised by a LoRA student from generated inputs (stage 1) and the teacher's and base
+    model's replies (stage 2, also the evaluation's references); subclasses bring the training objective."""
+
     trained_weights = "adapter"
     # Measured on the held-out pseudo inputs: the configured held-out inputs ("eval") are the reported set.
     objective = "pseudo_heldout/task_success"
@@ -260,32 +283,20 @@ class GenPI(Method):
         max_rounds: int,
         max_input_tokens: int,
         max_reply_tokens: int,
-        reason_template: str,
-        reason_temperature: float,
-        reason_top_p: Optional[float],
-        max_reason_tokens: int,
-        pg_template: str,
-        sft_weight: float,
-        kl_weight: float,
         stage_dir: str,
         seed: int,
     ):
         super().__init__(name)
         self.task_name, self.prompt, self.rule = task_name, prompt, re.compile(rule)
-        self.prompt_placement = prompt_placement
-        self.generator_top_p, self.reason_top_p = generator_top_p, reason_top_p
+        self.prompt_placement, self.generator_top_p = prompt_placement, generator_top_p
         self.example_inputs, self.heldout_inputs = list(example_inputs), list(heldout_inputs)
         self.num_pseudo_inputs, self.num_heldout_pseudo_inputs = num_pseudo_inputs, num_heldout_pseudo_inputs
         self.generator_template, self.generator_temperature = generator_template, generator_temperature
         self.generator_top_k, self.inputs_per_round, self.max_rounds = generator_top_k, inputs_per_round, max_rounds
         self.max_input_tokens, self.max_reply_tokens = max_input_tokens, max_reply_tokens
-        self.reason_template, self.reason_temperature = reason_template, reason_temperature
-        self.max_reason_tokens, self.pg_template = max_reason_tokens, pg_template
-        self.sft_weight, self.kl_weight, self.stage_dir, self.seed = sft_weight, kl_weight, stage_dir, seed
-        self.teacher_during_training = kl_weight > 0  # the KL term's targets come at every step
+        self.stage_dir, self.seed = stage_dir, seed
         self.pseudo_inputs: list[str] = []  # training inputs, then the held-out ones
         self._replies: Optional[RowStore] = None
-        self._records: dict[str, dict] = {}  # training slot uid -> input, replies, reason
 
     # ------------------------------------------------------------ task and data
     def build_task(self, dataset, seed):
@@ -395,7 +406,7 @@ class GenPI(Method):
         bar.close()
         if len(found) < wanted:
             raise DataError(
-                f"method=genpi: {self.max_rounds} rounds of {self.inputs_per_round} samples gave "
+                f"method={self.name}: {self.max_rounds} rounds of {self.inputs_per_round} samples gave "
                 f"{len(found)} distinct pseudo inputs of the {wanted} wanted (num_pseudo_inputs + "
                 f"num_heldout_pseudo_inputs). Raise method.max_rounds or method.generator_temperature, "
                 f"or ask for fewer inputs."
@@ -433,6 +444,46 @@ class GenPI(Method):
             ]
 
         return self._replies.fill(inputs, answer, batch_size, "genpi replies")
+
+    def ensure_inputs(self, handle, tokenizer, batch_size: int) -> None:
+        if not self.pseudo_inputs:
+            with handle.teacher() as model:
+                self.pseudo_inputs = self._pseudo_inputs(model, tokenizer, self._settings(handle), batch_size)
+
+    @torch.no_grad()
+    def training_replies(self, handle, tokenizer, task, batch_size: int) -> list[dict]:
+        """Stages 1 and 2, before any weight changes: every input's replies (evaluation reads the references from
+        the stage); returns those of the training inputs, each with its ``input``."""
+        self.ensure_inputs(handle, tokenizer, batch_size)
+        eval_inputs = [e.fields["input"] for examples in task.eval_sets.values() for e in examples]
+        replies = self.replies(handle, tokenizer, [*self.pseudo_inputs, *eval_inputs], batch_size)
+        return [{**reply, "input": text} for text, reply in zip(self.pseudo_inputs[: self.num_pseudo_inputs], replies)]
+
+    # ------------------------------------------------------------ evaluation
+    def evaluator(self, handle, tokenizer, task, batch_size):
+        return PromptInternalizationEvaluator(self, handle, tokenizer, task, batch_size)
+
+
+class GenPI(PromptInternalization):
+    """Stage 3 (reasons) and GenPI's loss on top of the shared stages."""
+
+    def __init__(
+        self,
+        reason_template: str,
+        reason_temperature: float,
+        reason_top_p: Optional[float],
+        max_reason_tokens: int,
+        pg_template: str,
+        sft_weight: float,
+        kl_weight: float,
+        **shared,
+    ):
+        super().__init__(**shared)
+        self.reason_template, self.reason_temperature = reason_template, reason_temperature
+        self.reason_top_p, self.max_reason_tokens, self.pg_template = reason_top_p, max_reason_tokens, pg_template
+        self.sft_weight, self.kl_weight = sft_weight, kl_weight
+        self.teacher_during_training = kl_weight > 0  # the KL term's targets come at every step
+        self._records: dict[str, dict] = {}  # training slot uid -> input, replies, reason
 
     def _reasons(self, handle, tokenizer, replies: list[dict], batch_size: int) -> list[str]:
         """Stage 3: why the prompt changes the reply, sampled (seeded per batch)."""
@@ -478,27 +529,16 @@ class GenPI(Method):
 
     @torch.no_grad()
     def prepare(self, handle, tokenizer, task, examples, batch_size):
-        self.ensure_inputs(handle, tokenizer, batch_size)
-        train_inputs = self.pseudo_inputs[: self.num_pseudo_inputs]
-        # Every reference reply now, before any weight changes: evaluation reads them from the stage.
-        eval_inputs = [e.fields["input"] for examples in task.eval_sets.values() for e in examples]
-        replies = self.replies(handle, tokenizer, [*self.pseudo_inputs, *eval_inputs], batch_size)[
-            : self.num_pseudo_inputs
-        ]
+        replies = self.training_replies(handle, tokenizer, task, batch_size)
         reasons = self._reasons(handle, tokenizer, replies, batch_size)
-        for example, text, reply, reason in zip(examples, train_inputs, replies, reasons):
-            self._records[example.uid] = {**reply, "input": text, "reason": reason}
+        for example, reply, reason in zip(examples, replies, reasons):
+            self._records[example.uid] = {**reply, "reason": reason}
         log.info(
             "genpi: %d training and %d held-out pseudo inputs with replies and reasons, cached in %s",
-            len(train_inputs),
+            len(replies),
             len(self.heldout_pseudo_inputs),
             self.stage_dir,
         )
-
-    def ensure_inputs(self, handle, tokenizer, batch_size: int) -> None:
-        if not self.pseudo_inputs:
-            with handle.teacher() as model:
-                self.pseudo_inputs = self._pseudo_inputs(model, tokenizer, self._settings(handle), batch_size)
 
     # ------------------------------------------------------------ training
     def _target(self, tokenizer, text: str, complete: bool) -> list[int]:
@@ -538,10 +578,6 @@ class GenPI(Method):
             loss = loss + self.kl_weight * kl
             parts["loss_kl"] = kl.item()
         return loss, parts
-
-    # ------------------------------------------------------------ evaluation
-    def evaluator(self, handle, tokenizer, task, batch_size):
-        return PromptInternalizationEvaluator(self, handle, tokenizer, task, batch_size)
 
 
 class PromptInternalizationEvaluator(MethodEvaluator):

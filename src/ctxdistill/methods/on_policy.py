@@ -31,24 +31,20 @@ from ctxdistill.methods.base import Method
 
 
 @dataclass
-class OnPolicyConfig(MethodConfig):
-    _target_: str = "ctxdistill.methods.on_policy.OnPolicyDistillation"
+class OnPolicySampling:
+    """The on-policy settings that the methods sampling from the student share (this one, and OPCD in
+    ctxdistill.methods.opcd); a schema mixes them in."""
+
     # At every sampled position: reverse_kl | jsd | forward_kl over the full vocabulary (GKD), or
     # sampled_reverse_kl, the sampled token's log-ratio as a policy gradient (on-policy distillation, SDFT).
     divergence: str = one_of("reverse_kl", "jsd", "forward_kl", "sampled_reverse_kl", default="reverse_kl")
     beta: float = 0.5  # JSD mixture weight (TRL semantics: 0 = forward KL, 1 = reverse KL)
-    lmbda: float = 1.0  # GKD's lambda: the fraction of batches the student samples; the teacher samples the rest
     temperature: float = 1.0  # sampling only; the loss is taken at temperature 1, as in GKD
     top_k: Optional[int] = None  # sample among the k most likely tokens
-    max_new_tokens: int = 8
-    stop: Optional[str] = "\n"  # a sample ends with the first token containing it (or end-of-sequence)
-    seed: int = 0  # the sampling generator and the lambda draws
-    schema_name: ClassVar[str] = "base_on_policy"
 
-    @classmethod
-    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+    @staticmethod
+    def check_sampling(m: DictConfig) -> None:
         require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
-        require(0 <= m.lmbda <= 1, "method.lmbda", f"must be in [0, 1], got {m.lmbda}", "")
         require(
             m.temperature > 0,
             "method.temperature",
@@ -63,6 +59,21 @@ class OnPolicyConfig(MethodConfig):
             "the student's mass there (its gradient would be biased)",
             "Set method.top_k=null, or method.divergence=reverse_kl (exact at every sampled position)",
         )
+
+
+@dataclass
+class OnPolicyConfig(OnPolicySampling, MethodConfig):
+    _target_: str = "ctxdistill.methods.on_policy.OnPolicyDistillation"
+    lmbda: float = 1.0  # GKD's lambda: the fraction of batches the student samples; the teacher samples the rest
+    max_new_tokens: int = 8
+    stop: Optional[str] = "\n"  # a sample ends with the first token containing it (or end-of-sequence)
+    seed: int = 0  # the sampling generator and the lambda draws
+    schema_name: ClassVar[str] = "base_on_policy"
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        cls.check_sampling(m)
+        require(0 <= m.lmbda <= 1, "method.lmbda", f"must be in [0, 1], got {m.lmbda}", "")
         require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
 
 
@@ -93,12 +104,16 @@ class OnPolicyDistillation(Method):
         return task.train_queries
 
     def prepare(self, handle, tokenizer, task, examples, batch_size):
+        self.start(handle, tokenizer, [task.teacher_prompt(e) for e in examples])
+
+    def start(self, handle, tokenizer, teacher_prompts: list[str]) -> None:
+        """Seeds the sampling and the lambda draws, and runs the teacher prompts' shared context once."""
         self.tokenizer = tokenizer
         self.draws = random.Random(self.seed)
         device = next(handle.base.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         with handle.teacher() as teacher:
-            self.prefix = SharedPrefix(teacher, tokenizer, [task.teacher_prompt(e) for e in examples])
+            self.prefix = SharedPrefix(teacher, tokenizer, teacher_prompts)
 
     def collate(self, tokenizer, task, examples):
         return {
