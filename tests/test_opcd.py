@@ -1,5 +1,7 @@
 """opcd: on-policy distillation of a system prompt on GenPI's inputs; its loss, its prompts, the run end to end."""
 
+import csv
+import io
 import json
 
 import pytest
@@ -12,6 +14,7 @@ from ctxdistill.config import ConfigError, validate
 from ctxdistill.encoding import encode
 from ctxdistill.losses import reverse_kl
 from ctxdistill.models import ModelHandle, add_lora, load_model, load_tokenizer
+from ctxdistill.results.cli import main as compare
 from ctxdistill.run import run
 
 OPCD = ["experiment=opcd/system_prompt", *[o for o in GENPI[1:] if "reason" not in o]]
@@ -82,7 +85,7 @@ def test_the_loss_is_the_reverse_kl_to_the_prompted_teacher_at_every_sampled_tok
     assert parts["on_policy"] == 1.0
 
 
-def test_opcd_runs_end_to_end_on_genpis_stages(make_cfg, tmp_path):
+def test_opcd_runs_end_to_end_on_genpis_stages(make_cfg, tmp_path, capsys):
     stages = tmp_path / "stages"
     genpi = run(
         make_cfg(
@@ -104,3 +107,7 @@ def test_opcd_runs_end_to_end_on_genpis_stages(make_cfg, tmp_path):
     assert [(r["input"], r["teacher_reply"]) for r in rows] == [(r["input"], r["teacher_reply"]) for r in theirs]
     assert result["metrics"]["eval/task_success"] == sum(r["succeeds"] for r in rows[:8]) / 8
     assert genpi["train"]["steps"] == 1
+    # the two objectives compared example by example: McNemar's test on the inputs both answered
+    assert compare([str(tmp_path / "genpi"), str(tmp_path / "opcd"), "--vs", "genpi", "--format", "csv"]) == 0
+    row = next(r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r["method"] == "opcd")
+    assert row["eval/pairs_vs_genpi"] == "8" and 0 <= float(row["eval/p_vs_genpi"]) <= 1

@@ -641,6 +641,7 @@ class PromptInternalizationEvaluator(MethodEvaluator):
             metrics.update({f"{name}/{key}": value for key, value in result.items()})
             rows[name] = [
                 {
+                    "uid": text,  # the inputs are distinct within a set: the paired test's key
                     "input": text,
                     "reply": r,
                     "teacher_reply": t,

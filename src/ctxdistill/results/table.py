@@ -231,6 +231,12 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
                             f"--vs needs each run's predictions.jsonl; {side.method} seed {record['seed']} has "
                             f"none at hand (runs read from W&B have none): give the runs' directories instead"
                         )
+                    if any("uid" not in p for p in rows):
+                        raise PairedTestError(
+                            f"--vs pairs examples by their uid; the predictions.jsonl of {side.method} seed "
+                            f"{record['seed']} has rows without one (written by an older version): evaluate the run "
+                            f"again (ctxdistill-eval RUN_DIR) to write them"
+                        )
                     values[(side.method, record["seed"])] = {
                         (p["set"], p["uid"]): table.family.example_value(p) for p in rows
                     }
