@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 #: Bump it whenever that code changes what it produces: rows written by earlier code are then never read.
 #: 2: generation over a shared context no longer drops the query after the first token.
 #: 3: chat prompts tokenise with one BOS where the template writes one and the tokenizer adds another.
-PRODUCER_VERSION = 3
+#: 4: the shared context's attention runs PyTorch's fused CPU kernel and the LM head reads a contiguous input
+#: (logits equal to 1e-5, but a near-tie can pick another token).
+PRODUCER_VERSION = 4
 
 
 def digest(payload: Any) -> str:

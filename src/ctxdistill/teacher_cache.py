@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 #: The version of the code that produces cached targets (generation, answer logits, the methods' target
 #: computation). Bump it whenever that code changes what it produces: targets written by earlier code are
 #: then never read. 2: generation over a shared context no longer drops the query after the first token.
-PRODUCER_VERSION = 2
+#: 3: the shared context's attention runs PyTorch's fused CPU kernel and the LM head reads a contiguous input
+#: (logits equal to 1e-5, but a near-tie can pick another token).
+PRODUCER_VERSION = 3
 
 
 class TeacherTargets(NamedTuple):

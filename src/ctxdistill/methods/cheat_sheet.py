@@ -40,8 +40,9 @@ from ctxdistill.stage_cache import RowStore
 log = logging.getLogger(__name__)
 
 #: The version of the code that writes cheat sheets (the request, generation, cleaning). Bump it whenever that
-#: code changes what it writes: sheets written by earlier code are then never read.
-PRODUCER_VERSION = 1
+#: code changes what it writes: sheets written by earlier code are then never read. 2: generation's attention
+#: to the shared context runs PyTorch's fused CPU kernel (a near-tie can pick another token).
+PRODUCER_VERSION = 2
 
 #: The released separator between demonstrations, and between the context and the query (data_utils.SEP).
 SEPARATOR = "\n###\n"
