@@ -9,11 +9,20 @@ from hydra.utils import instantiate
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import build_task
 from ctxdistill.evaluation import Evaluator, score
-from ctxdistill.losses import answer_word_distribution, distillation_loss, forward_kl, with_rest_bucket
+from ctxdistill.losses import (
+    align_by_text_offsets,
+    answer_word_distribution,
+    distillation_loss,
+    forward_kl,
+    merged_sorted_probabilities,
+    sorted_with_rest,
+    universal_logit_distance,
+    with_rest_bucket,
+)
 from ctxdistill.models import ModelHandle, ModelLoadError, load_model, load_tokenizer
 from ctxdistill.run import run
 
-from conftest import TINY
+from conftest import TINY, method_of
 
 
 def test_the_shared_vocabulary_objective_matches_hand_computed_numbers():
@@ -115,7 +124,7 @@ def test_a_teacher_with_its_own_tokenizer_is_compared_over_the_answer_words(make
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (["method.answer=teacher_generation"], "ULD/GOLD"),
+        (["method.answer=teacher_generation"], "method.divergence=uld"),
         (["method.top_k=5", "method.top_k_rest=bucket"], "no top_k"),
         (["dataset=addition"], "answer words of a classification dataset"),
         (["model@method.teacher_model=minilm-l6"], "a teacher predicts the next token"),
@@ -140,3 +149,107 @@ def test_a_teacher_with_another_vocabulary_needs_the_answer_words_each_one_token
     method.over_verbalizers = False
     with pytest.raises(ModelLoadError, match="different vocabularies.*method.distil_over=verbalizers"):
         method.check_teacher(cfg, task, student, bert)
+
+
+# ULD: the text "abc" written by a student as "a" "b" "c" (3-token vocabulary) and by a teacher as "ab" "c"
+# (4 tokens). The student's first two positions write the teacher's first token.
+STUDENT_PROBS = [[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]  # its tokens: 0, 1, 2
+TEACHER_PROBS = [[0.1, 0.7, 0.1, 0.1], [0.4, 0.3, 0.2, 0.1]]  # its tokens: 1, 0
+GROUPS = [([0, 1], [0]), ([2], [1])]
+
+
+def test_uld_aligns_the_two_tokenizations_where_both_end_a_token():
+    assert align_by_text_offsets([1, 2, 3], [2, 3]) == GROUPS
+    assert align_by_text_offsets([2, 3], [1, 3]) == [([0, 1], [0, 1])]
+    assert align_by_text_offsets([3, 5], [3, 5, 5]) == [([0], [0]), ([1], [1])]  # the teacher's end-of-sequence
+    assert align_by_text_offsets([1, 2], [1, 2]) == [([0], [0]), ([1], [1])]
+
+
+def test_uld_matches_hand_computed_numbers():
+    student = torch.tensor(STUDENT_PROBS)
+    teacher = torch.tensor(TEACHER_PROBS)
+    # Group 1: the student's sorted first distribution times its 0.6 for "b": [.3, .18, .12, 0] against the
+    # teacher's [.7, .1, .1, .1]: L1 0.4 + 0.08 + 0.02 + 0.1 = 0.6. Group 2: [.6, .2, .2, 0] against
+    # [.4, .3, .2, .1]: 0.2 + 0.1 + 0 + 0.1 = 0.4. Mean 0.5.
+    s = merged_sorted_probabilities(sorted_with_rest(student, None), torch.tensor([0.5, 0.6, 0.6]), [[0, 1], [2]])
+    t = merged_sorted_probabilities(sorted_with_rest(teacher, None), torch.tensor([0.7, 0.4]), [[0], [1]])
+    assert s.flatten().tolist() == pytest.approx([0.3, 0.18, 0.12, 0.6, 0.2, 0.2])
+    assert universal_logit_distance(s, t).item() == pytest.approx(0.5)
+    # The first token and the rest: [.3, .3] vs [.7, .3] (0.4); [.6, .4] vs [.4, .6] (0.4).
+    s1 = merged_sorted_probabilities(sorted_with_rest(student, 1), torch.tensor([0.5, 0.6, 0.6]), [[0, 1], [2]])
+    t1 = merged_sorted_probabilities(sorted_with_rest(teacher, 1), torch.tensor([0.7, 0.4]), [[0], [1]])
+    assert universal_logit_distance(s1, t1).item() == pytest.approx(0.4)
+
+
+def test_the_uld_loss_of_a_batch_is_cross_entropy_plus_the_mean_distance_of_its_rows():
+    """Two rows: the one above, and one whose span is a single token on both sides (left of it, padding)."""
+    from ctxdistill.methods.distill import DistillConfig
+    from ctxdistill.teacher_cache import TeacherTargets
+
+    method = method_of(
+        DistillConfig, name="cd", answer="teacher_generation", divergence="uld", uld_crossentropy_weight=0.5
+    )
+    teacher_sorted = torch.tensor(TEACHER_PROBS).sort(-1, descending=True).values.log()
+    rows = [
+        (TeacherTargets([1, 0], teacher_sorted, None, torch.tensor([0.7, 0.4]).log()), GROUPS),
+        (TeacherTargets([0], teacher_sorted[1:], None, torch.tensor([0.4]).log()), [([0], [0])]),
+    ]
+    student = torch.tensor([STUDENT_PROBS, [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0], STUDENT_PROBS[2]]]).log()
+    batch = {
+        "answer_ids": torch.tensor([[0, 1, 2], [0, 0, 2]]),
+        "answer_mask": torch.tensor([[True, True, True], [False, False, True]]),
+        "uld_targets": rows,
+    }
+    loss, stats = method._uld_loss(student, batch)
+    crossentropy = -(math.log(0.5) + 3 * math.log(0.6)) / 4  # the four answer tokens
+    assert stats["uld_crossentropy"] == pytest.approx(crossentropy, rel=1e-5)
+    assert stats["uld_distance"] == pytest.approx((0.5 + 0.4) / 2, rel=1e-5)  # row 2: [.6,.2,.2] vs [.4,.3,.2,.1]
+    assert loss.item() == pytest.approx(0.5 * crossentropy + 0.45, rel=1e-5)
+
+
+def test_a_teacher_with_another_tokenizer_teaches_a_generated_answer_by_uld(make_cfg, behaving_model_dir, monkeypatch):
+    """The behaving teacher (264 tokens) generates each answer; the tiny student (SmolLM2's tokenizer) trains on
+    the same text in its own tokens, and every aligned group of positions writes the same piece of it."""
+    from ctxdistill.methods.distill import ContextDistillation
+
+    teacher = [
+        f"method.teacher_model.{k}" for k in ("name=behaving", "source=hub", f"name_or_path={behaving_model_dir}")
+    ]
+    cfg = make_cfg(
+        *TINY,
+        "method=cd",
+        "method.answer=teacher_generation",
+        "method.divergence=uld",
+        "method.top_k=16",
+        "method.top_k_rest=bucket",
+        "+model@method.teacher_model=tiny-random",
+        *teacher,
+        "dataset.num_train_queries=8",
+        "dataset.source.split_sizes.eval=16",
+        "trainer.batch_size=8",
+        "trainer.max_steps=2",
+    )
+    seen = []
+    original = ContextDistillation.loss
+
+    def recording(self, handle, batch):
+        seen.append((self, batch))
+        return original(self, handle, batch)
+
+    monkeypatch.setattr(ContextDistillation, "loss", recording)
+    result = run(cfg)
+    method, batch = seen[0]
+    student_tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    teacher_tokenizer = load_tokenizer(cfg.method.teacher_model, cfg.cache_dir)
+    pieces = 0
+    for row, (targets, groups) in enumerate(batch["uld_targets"]):
+        assert targets.logprobs.shape == (len(targets.span), 16)  # the teacher's 16 largest, sorted
+        student_span = batch["answer_ids"][row][batch["answer_mask"][row]].tolist()
+        text = teacher_tokenizer.decode(targets.span, skip_special_tokens=True)
+        assert student_tokenizer.decode(student_span) == text
+        for student_positions, teacher_positions in groups:
+            written = student_tokenizer.decode([student_span[i] for i in student_positions])
+            assert written == teacher_tokenizer.decode([targets.span[i] for i in teacher_positions])
+            pieces += 1
+    assert pieces >= 8  # every row aligned at least once
+    assert result["metrics"]["eval/accuracy"] is not None

@@ -116,6 +116,62 @@ def distillation_loss(
     return _masked_mean(per_position, mask)
 
 
+def align_by_text_offsets(student_ends: list[int], teacher_ends: list[int]) -> list[tuple[list[int], list[int]]]:
+    """Pairs of token groups, (student positions, teacher positions), that write the same piece of one text.
+
+    ``*_ends`` are the text offsets at which each token of the two tokenizations ends. A group closes where
+    both tokenizers end a token at the same offset; tokens left over at the end (a side's end-of-sequence,
+    which writes no text) form no group. Two equal tokenizations give one group per token.
+    """
+    groups, student_start, teacher_start = [], 0, 0
+    s = t = 0
+    while s < len(student_ends) and t < len(teacher_ends):
+        if student_ends[s] < teacher_ends[t]:
+            s += 1
+        elif student_ends[s] > teacher_ends[t]:
+            t += 1
+        else:
+            s, t = s + 1, t + 1
+            groups.append((list(range(student_start, s)), list(range(teacher_start, t))))
+            student_start, teacher_start = s, t
+    return groups
+
+
+def merged_sorted_probabilities(
+    sorted_probs: torch.Tensor, token_probs: torch.Tensor, groups: list[list[int]]
+) -> torch.Tensor:
+    """One sorted (descending) probability vector per group of positions [G, K], by the chain rule: the
+    distribution at the group's first position, which predicts its first token, times the probability of
+    each later token of the group (what the model gave the token actually there). Sorting commutes with that
+    scaling, so ``sorted_probs`` [P, K] may be the sorted distributions (or their first K and a rest
+    category); ``token_probs`` [P] is each position's probability of its own token."""
+    scales = torch.stack([token_probs[group[1:]].prod() for group in groups])
+    return sorted_probs[[group[0] for group in groups]] * scales.unsqueeze(-1)
+
+
+def with_rest(probs: torch.Tensor) -> torch.Tensor:
+    """Probabilities of some tokens [..., k] and one category for the rest of the mass [..., k+1]."""
+    return torch.cat([probs, (1 - probs.sum(-1, keepdim=True)).clamp(min=0)], -1)
+
+
+def sorted_with_rest(probs: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
+    """Probabilities sorted in descending order [..., V]; with ``top_k``, the k largest and one category for the
+    rest of the mass [..., k+1]."""
+    ordered = probs.sort(dim=-1, descending=True).values
+    return ordered if top_k is None else with_rest(ordered[..., :top_k])
+
+
+def universal_logit_distance(student_sorted: torch.Tensor, teacher_sorted: torch.Tensor) -> torch.Tensor:
+    """The ULD loss (Boizard et al. 2024) of aligned groups [G, Ks] and [G, Kt] of sorted probabilities: the
+    L1 distance between the two sorted vectors (the shorter zero-padded), averaged over the groups. It needs
+    no shared vocabulary (the sorting forgets which token holds which probability: it says how sure the
+    teacher is, not of what; the cross-entropy on the teacher's answer says what)."""
+    width = max(student_sorted.shape[-1], teacher_sorted.shape[-1])
+    student_sorted = F.pad(student_sorted, (0, width - student_sorted.shape[-1]))
+    teacher_sorted = F.pad(teacher_sorted.to(student_sorted), (0, width - teacher_sorted.shape[-1]))
+    return (student_sorted - teacher_sorted).abs().sum(-1).mean()
+
+
 def answer_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the target tokens over the masked answer positions."""
     per_position = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), reduction="none")

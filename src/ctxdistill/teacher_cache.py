@@ -34,6 +34,8 @@ class TeacherTargets(NamedTuple):
     span: list[int]  # the answer tokens whose positions are distilled
     logprobs: torch.Tensor  # [len(span), V], or [len(span), k] with top-k
     indices: Optional[torch.Tensor]  # [len(span), k] token ids of the top k; None for the whole vocabulary
+    # uld (logprobs then hold the sorted log-probabilities): [len(span)] the log-probability of each span token
+    span_logprobs: Optional[torch.Tensor] = None
 
 
 def stack_targets(

@@ -18,7 +18,10 @@ at every step.
 ``teacher_model`` makes another model the teacher (a larger one, or one from another family).
 When its tokenizer differs from the student's, the two next-token distributions cannot be compared
 token by token; ``distil_over="verbalizers"`` compares them where both vocabularies meet: each model's
-probability of each answer word (one token in its own tokenizer) and of anything else.
+probability of each answer word (one token in its own tokenizer) and of anything else. For a generated
+answer, ``divergence="uld"`` is Universal Logit Distillation (Boizard et al. 2024, with the text-offset
+alignment of TRL's GOLD): the student learns the teacher's answer text in its own tokens (cross-entropy)
+and, at each piece of text both tokenizations end on, the teacher's sorted probabilities (L1 distance).
 
 ``sequential=true`` (``method=sequential_cd``) is Snell et al.'s sequential distillation (eq. 3):
 one round per context (``dataset.context.num_contexts``). Round 1 distils context 1 from the frozen
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import ClassVar, Optional
@@ -43,16 +47,29 @@ from tqdm.auto import tqdm
 from ctxdistill.config import MethodConfig, ModelConfig, one_of, require, validate_model
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.generation import generate, strip_stop
-from ctxdistill.losses import answer_word_distribution, distillation_loss, teacher_distribution
+from ctxdistill.losses import (
+    align_by_text_offsets,
+    answer_cross_entropy,
+    answer_word_distribution,
+    distillation_loss,
+    merged_sorted_probabilities,
+    sorted_with_rest,
+    teacher_distribution,
+    universal_logit_distance,
+    with_rest,
+)
 from ctxdistill.methods.base import Method
 from ctxdistill.models import ModelLoadError
 from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class DistillConfig(MethodConfig):
     _target_: str = "ctxdistill.methods.distill.ContextDistillation"
-    divergence: str = one_of("forward_kl", "reverse_kl", "jsd", default="forward_kl")
+    # uld: L1 between sorted probability vectors (no shared vocabulary needed; answer=teacher_generation)
+    divergence: str = one_of("forward_kl", "reverse_kl", "jsd", "uld", default="forward_kl")
     beta: float = 0.5  # JSD mixture weight (TRL semantics: 0 = forward KL, 1 = reverse KL)
     temperature: float = 1.0
     top_k: Optional[int] = None  # distil (and cache) only the teacher's k most likely tokens
@@ -74,6 +91,9 @@ class DistillConfig(MethodConfig):
     # what the divergence compares: every token of the shared vocabulary, or the answer words (verbalizers)
     # and one category for the rest, each model with its own tokenizer (a teacher from another family)
     distil_over: str = one_of("vocabulary", "verbalizers", default="vocabulary")
+    # with divergence=uld: the weight of the cross-entropy on the teacher's answer text, the term that says which
+    # tokens (the sorted comparison forgets it); Boizard et al. add it at 1, TRL's GOLD defaults it to 0
+    uld_crossentropy_weight: float = 1.0
     # one round per context, each taught by the previous round's student with that context (Snell eq. 3)
     sequential: bool = False
     schema_name: ClassVar[str] = "base_distill"
@@ -83,6 +103,29 @@ class DistillConfig(MethodConfig):
         require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
         require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
         require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        require(m.uld_crossentropy_weight >= 0, "method.uld_crossentropy_weight", "must be non-negative", "")
+        require(
+            m.divergence == "uld" or m.uld_crossentropy_weight == 1.0,
+            "method.uld_crossentropy_weight",
+            f"weights a term of divergence=uld only (method.divergence={m.divergence})",
+            "Set method.divergence=uld, or leave method.uld_crossentropy_weight at 1.0",
+        )
+        if m.divergence == "uld":
+            require(
+                m.answer == "teacher_generation",
+                "method.divergence",
+                "uld aligns the teacher's generated answer with the student's tokens of the same text; at the "
+                "label position, compare the answer words instead",
+                "Set method.answer=teacher_generation, or method.distil_over=verbalizers with another divergence",
+            )
+            require(
+                m.distil_over == "vocabulary" and m.teacher == "frozen" and m.teacher_cache != "none",
+                "method.divergence",
+                "uld compares each model's whole (sorted) distribution from a frozen teacher's targets computed "
+                f"before training (got distil_over={m.distil_over}, teacher={m.teacher}, "
+                f"teacher_cache={m.teacher_cache})",
+                "Set method.distil_over=vocabulary, method.teacher=frozen and method.teacher_cache=disk or memory",
+            )
         require(
             m.top_k is None or m.top_k_rest == "bucket" or m.divergence == "forward_kl",
             "method.top_k",
@@ -120,10 +163,9 @@ class DistillConfig(MethodConfig):
             require(
                 m.answer == "label_position",
                 "method.distil_over",
-                "the answer words are compared at the position that predicts the label word; generated answers "
-                "(answer=teacher_generation) would need a cross-tokenizer sequence objective (ULD/GOLD), which "
-                "the suite does not have",
-                "Set method.answer=label_position",
+                "the answer words are compared at the position that predicts the label word; a generated answer "
+                "(answer=teacher_generation) is distilled across tokenizers by the sorted comparison of ULD",
+                "Set method.answer=label_position, or method.distil_over=vocabulary method.divergence=uld",
             )
             require(
                 m.teacher == "frozen" and m.top_k is None,
@@ -176,6 +218,22 @@ def trainable_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def text_ends(tokenizer, ids: list[int]) -> list[int]:
+    """Where each token of ``ids`` ends in their decoded text (in characters; special tokens write nothing)."""
+    return [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+
+
+def uld_alignment(tokenizer, teacher_tokenizer, span: list[int]) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
+    """The student's tokens of the teacher's answer ``span`` (the same ids when the tokenizer is the same) and
+    the groups of (student, teacher) positions that write the same piece of its text."""
+    student_span = (
+        span
+        if teacher_tokenizer is tokenizer
+        else tokenizer(teacher_tokenizer.decode(span, skip_special_tokens=True), add_special_tokens=False).input_ids
+    )
+    return student_span, align_by_text_offsets(text_ends(tokenizer, student_span), text_ends(teacher_tokenizer, span))
+
+
 class ContextDistillation(Method):
     trained_weights = "adapter"
 
@@ -195,10 +253,14 @@ class ContextDistillation(Method):
         teacher_model: Optional[dict] = None,
         distil_over: str = "vocabulary",
         sequential: bool = False,
+        uld_crossentropy_weight: float = 1.0,
     ):
         super().__init__(name)
         self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)
         self.over_verbalizers = distil_over == "verbalizers"
+        self.uld, self.uld_crossentropy_weight = divergence == "uld", uld_crossentropy_weight
+        # per query, uld's (student positions, teacher positions) groups that write the same piece of the answer
+        self._groups: dict[str, list[tuple[list[int], list[int]]]] = {}
         self.divergence, self.beta, self.temperature = divergence, beta, temperature
         self.top_k, self.top_k_rest = top_k, top_k_rest
         self.answer, self.max_answer_tokens, self.live_teacher = answer, max_answer_tokens, teacher == "live"
@@ -217,12 +279,17 @@ class ContextDistillation(Method):
 
     def begin_round(self, index):
         self.round = index
-        self._spans, self._targets = {}, {}
+        self._spans, self._targets, self._groups = {}, {}, {}
 
     def train_examples(self, task):
         return task.train_queries
 
+    def trains_on(self, example):
+        return not self.uld or bool(self._groups.get(example.uid))
+
     def check_teacher(self, cfg, task, tokenizer, teacher_tokenizer):
+        if self.uld:  # sorted probabilities need no shared vocabulary
+            return
         if not self.over_verbalizers:
             try:
                 return super().check_teacher(cfg, task, tokenizer, teacher_tokenizer)
@@ -243,9 +310,14 @@ class ContextDistillation(Method):
     def _word_ids(self, tokenizer, task) -> list[int]:
         return [tokenizer(v, add_special_tokens=False).input_ids[0] for v in task.verbalizers]
 
-    def _targets_from_logits(self, logits: torch.Tensor):
+    def _targets_from_logits(self, logits: torch.Tensor, answer_ids: torch.Tensor):
         """The teacher's targets from its logits at the answer positions: its distribution over the
-        vocabulary (or top k), or over the answer words and the rest."""
+        vocabulary (or top k), over the answer words and the rest, or (uld) its sorted log-probabilities (the
+        first k) and the log-probability of each answer token."""
+        if self.uld:
+            logprobs = (logits.float() / self.temperature).log_softmax(-1)
+            ordered = logprobs.sort(dim=-1, descending=True).values[..., : self.top_k]
+            return ordered, logprobs.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
         if self.over_verbalizers:
             return answer_word_distribution(logits, self._teacher_word_ids, self.temperature), None
         return teacher_distribution(logits, self.temperature, self.top_k)
@@ -269,6 +341,7 @@ class ContextDistillation(Method):
             "top_k": self.top_k,
             # the answer words' tokens in the teacher's tokenizer (the teacher's identity covers its tokenizer)
             **({"verbalizers": list(task.verbalizers)} if self.over_verbalizers else {}),
+            **({"targets": "sorted"} if self.uld else {}),
         }
         cache = TeacherCache(
             self.teacher_cache_dir if self.teacher_cache == "disk" else None,
@@ -291,21 +364,33 @@ class ContextDistillation(Method):
                 for start in tqdm(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
                     chunk = slice(start, start + batch_size)
                     batch = encode(teacher_tokenizer, todo_prompts[chunk], spans[chunk], prefix_length=prefix.length)
-                    logprobs, indices = self._targets_from_logits(answer_logits(teacher, batch, prefix).cpu())
+                    logits = answer_logits(teacher, batch, prefix).cpu()
+                    logprobs, extra = self._targets_from_logits(logits, batch["answer_ids"])
                     self.teacher_forwards += 1
                     for j, (prompt, span) in enumerate(zip(todo_prompts[chunk], spans[chunk])):
                         keep = slice(logprobs.shape[1] - len(span), None)  # right-aligned span positions
+                        kept = None if extra is None else extra[j, keep].clone()
                         cache.put(
                             prompt,
-                            TeacherTargets(
-                                span, logprobs[j, keep].clone(), None if indices is None else indices[j, keep].clone()
-                            ),
+                            TeacherTargets(span, logprobs[j, keep].clone(), *((None, kept) if self.uld else (kept,))),
                         )
             cache.save()
         for example, prompt in zip(examples, prompts):
             self._targets[example.uid] = cache.get(prompt)
             # the teacher's span tokens; the student's span is the same single position with its own tokenizer
             self._spans[example.uid] = [tokenizer.pad_token_id] if self.over_verbalizers else cache.get(prompt).span
+            if self.uld:
+                self._spans[example.uid], self._groups[example.uid] = uld_alignment(
+                    tokenizer, teacher_tokenizer, cache.get(prompt).span
+                )
+        unaligned = sum(not groups for groups in self._groups.values())
+        if unaligned:
+            log.warning(
+                "method.divergence=uld: %d of %d teacher answers have no piece of text that both tokenizations "
+                "end on (an empty answer, or text one tokenizer decodes differently); they are not trained on",
+                unaligned,
+                len(examples),
+            )
 
     def _round_teacher(self, handle):
         """The frozen base model; in a sequential round after the first, the student as the last round left it."""
@@ -330,6 +415,9 @@ class ContextDistillation(Method):
     def collate(self, tokenizer, task, examples):
         spans = [self._spans[e.uid] for e in examples]
         batch = encode(tokenizer, [task.student_prompt(e) for e in examples], spans)
+        if self.uld:  # rows' targets and groups differ in length; the loss takes them row by row
+            batch["uld_targets"] = [(self._targets[e.uid], self._groups[e.uid]) for e in examples]
+            return batch
         if not self._targets:  # targets at every step, from the teacher's own inputs
             prefix_length = self._prefix.length if self._prefix else 0
             teacher_tokenizer = tokenizer if self.live_teacher else self._teacher_tokenizer
@@ -354,10 +442,38 @@ class ContextDistillation(Method):
         else:
             with handle.teacher() as teacher:
                 logits = answer_logits(teacher, inputs, self._prefix)
-        return self._targets_from_logits(logits)
+        return self._targets_from_logits(logits, inputs["answer_ids"])
+
+    def _uld_loss(self, student: torch.Tensor, batch) -> tuple[torch.Tensor, dict]:
+        """Cross-entropy on the teacher's answer in the student's tokens, plus the ULD distance of each aligned
+        group's sorted probabilities (averaged over a row's groups, then over the rows, as TRL's GOLD does)."""
+        answer_ids, mask = batch["answer_ids"].to(student.device), batch["answer_mask"].to(student.device)
+        crossentropy = answer_cross_entropy(student, answer_ids, mask)
+        probs = (student / self.temperature).softmax(-1)
+        token_probs = probs.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+        distances = []
+        for row, (targets, groups) in enumerate(batch["uld_targets"]):
+            at = slice(mask.shape[1] - int(mask[row].sum()), None)  # the row's right-aligned span
+            student_sorted = merged_sorted_probabilities(
+                sorted_with_rest(probs[row, at], self.top_k), token_probs[row, at], [s for s, _ in groups]
+            )
+            teacher_probs = targets.logprobs.exp()  # sorted already, the first top_k only
+            teacher_sorted = merged_sorted_probabilities(
+                with_rest(teacher_probs) if self.top_k else teacher_probs,
+                targets.span_logprobs.exp(),
+                [t for _, t in groups],
+            )
+            distances.append(universal_logit_distance(student_sorted, teacher_sorted))
+        distance = torch.stack(distances).mean()
+        return self.uld_crossentropy_weight * crossentropy + distance, {
+            "uld_crossentropy": crossentropy.item(),
+            "uld_distance": distance.item(),
+        }
 
     def loss(self, handle, batch):
         student = answer_logits(handle.student, batch)
+        if self.uld:
+            return self._uld_loss(student, batch)
         if self.over_verbalizers:  # the same categories as the teacher's targets, at temperature T
             student = answer_word_distribution(student, self._student_word_ids, self.temperature)
         if "teacher_inputs" in batch:
