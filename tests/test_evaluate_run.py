@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ctxdistill.evaluate_run import main
 
@@ -93,3 +94,46 @@ def test_a_run_without_saved_weights_is_refused_naming_why(sweep, tmp_path, caps
         main([str(run_dir)])
     assert stopped.value.code == 1
     assert "holds no trained weights (adapter/ or model/)" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory) -> Path:
+    """One run whose output_dir is not Hydra's own directory (so no .hydra/ beside it)."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxdistill", "method=cd", *TINY, f"output_dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_a_run_in_its_own_output_dir_records_its_overrides_and_takes_a_group_override(single_run, tmp_path):
+    assert not (single_run / ".hydra").exists()
+    assert yaml.safe_load((single_run / "overrides.yaml").read_text()) == [
+        "method=cd",
+        *TINY,
+        f"output_dir={single_run}",
+    ]
+    gifts = tmp_path / "gifts.tsv"
+    gifts.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\n")
+    assert main([str(single_run), *own_ood_set(tmp_path / "conf", "gifts", gifts), "--name", "gifts"]) == 0
+    assert metrics(single_run / "evaluations" / "gifts")["gifts/examples"] == 2
+
+
+def test_a_run_without_recorded_overrides_is_evaluated_from_its_config(single_run, tmp_path, capsys):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(single_run, run_dir, ignore=shutil.ignore_patterns("overrides.yaml", "evaluations"))
+    # config.yaml alone: the method's schema and checks are recovered from its config group
+    assert main([str(run_dir), "dataset.source.split_sizes.eval=12", "--name", "smaller"]) == 0
+    assert metrics(run_dir / "evaluations" / "smaller")["eval/examples"] == 12
+    with pytest.raises(SystemExit) as stopped:
+        main([str(run_dir), "ood=[paws_qqp]"])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "records no overrides" in err and "Traceback" not in err

@@ -33,26 +33,40 @@ def evaluation_config(run_dir: Path, overrides: list[str], out: Path) -> DictCon
     (group choices such as dataset=... then work), else its config.yaml with dotted overrides."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
 
     from ctxdistill.cli import CONFIG_DIR
     from ctxdistill.config import ConfigError
 
-    recorded = run_dir / ".hydra" / "overrides.yaml"
-    if recorded.is_file():
+    # overrides.yaml: the run's own record (any output_dir); .hydra/: Hydra's, in a sweep cell or an older run
+    recorded = next(
+        (p for p in (run_dir / "overrides.yaml", run_dir / ".hydra" / "overrides.yaml") if p.is_file()), None
+    )
+    GlobalHydra.instance().clear()
+    if recorded:
         # the evaluation's own directory (quoted: a sweep cell's name holds = and ,), no tracking
         fixed = [f"output_dir='{out}'", "logger=none"]
-        recorded_overrides = [o for o in OmegaConf.load(recorded) if not o.startswith("hydra.")]
-        GlobalHydra.instance().clear()
+        recorded_overrides = [o for o in OmegaConf.load(recorded) if not o.startswith(("hydra.", "output_dir="))]
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose("config", overrides=[*recorded_overrides, *overrides, *fixed])
     groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
     if groups:
         raise ConfigError(
-            f"{groups[0]}: {run_dir} has no .hydra/overrides.yaml (it was not started by the "
+            f"{groups[0]}: {run_dir} records no overrides (overrides.yaml; it was not started by the "
             "ctxdistill command), so group choices cannot be recomposed; override keys instead "
             "(e.g. dataset.ood.hans.num_examples=200, dataset.num_eval=null)"
         )
     cfg = OmegaConf.load(run_dir / "config.yaml")
+    # config.yaml holds values, not types: the method's schema (its checks) comes from its config group
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            schema_defaults = compose("config", overrides=[f"method={cfg.method.name}"]).method
+    except MissingConfigException:
+        raise ConfigError(
+            f"method.name={cfg.method.name} in {run_dir / 'config.yaml'} names no config in conf/method/; "
+            "evaluate the run with the version of ctxdistill that trained it"
+        ) from None
+    cfg.method = OmegaConf.merge(schema_defaults, cfg.method)
     for override in [*overrides, f"output_dir={out}", "logger.backend=none"]:
         key, value = override.lstrip("+").split("=", 1)
         OmegaConf.update(cfg, key, yaml.safe_load(value), force_add=True)

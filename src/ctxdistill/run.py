@@ -127,6 +127,13 @@ def hydra_choices() -> dict[str, Any]:
     return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
 
 
+def hydra_overrides() -> Optional[list[str]]:
+    """The command line's overrides (a sweep cell's own values included); None outside the ctxdistill command."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
+
+
 def sweep_group() -> Optional[str]:
     """The W&B group naming this run's sweep; None for a single run."""
     from hydra.core.hydra_config import HydraConfig
@@ -203,6 +210,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        overrides = hydra_overrides()
+        if overrides is not None:  # what ctxdistill-eval recomposes, wherever output_dir put the run
+            (out / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
     tracker = (
         create_tracker(
             cfg.logger,
