@@ -23,7 +23,7 @@ from ctxdistill.results.files import write_results
 from ctxdistill.results.metrics import MetricSet, float32_rounded
 from ctxdistill.results.records import collect
 from ctxdistill.results.stats import mcnemar_exact, sign_flip_test, t_interval, t_quantile, wilson
-from ctxdistill.results.table import summarise
+from ctxdistill.results.table import Cell, summarise
 from ctxdistill.results.wandb_outputs import build_report
 
 CLASSIFICATION = Evaluator.metric_set.to_dict()
@@ -86,6 +86,19 @@ def test_t_interval_uses_students_quantiles():
     mean, sd = 0.85, math.sqrt(((0.08) ** 2 + 0.04**2 + 0.12**2) / 2)
     assert (low, high) == pytest.approx((mean - 4.303 * sd / math.sqrt(3), mean + 4.303 * sd / math.sqrt(3)), abs=1e-3)
     assert t_interval([0.5]) is None
+
+
+def test_an_interval_over_seeds_stops_where_the_metric_can_go():
+    """Two noisy seeds of a latency give a t-interval reaching below 0 ms; a proportion's stops at 1."""
+    latency = next(m for m in Evaluator.metric_set.metrics if m.name == "student_latency_ms")
+    low, high = t_interval([2.0, 23.0])
+    assert low < 0 and Cell(latency, [2.0, 23.0], [None, None]).interval == (0.0, high)
+    accuracy = Evaluator.metric_set.headline
+    assert Cell(accuracy, [0.9, 1.0], [48, 48]).interval == (pytest.approx(t_interval([0.9, 1.0])[0]), 1.0)
+    gap = next(m for m in Evaluator.metric_set.metrics if m.name == "teacher_student_gap")
+    assert Cell(gap, [-0.3, -0.25, -0.2], [48] * 3).interval == pytest.approx(
+        t_interval([-0.3, -0.25, -0.2])
+    )  # < 0 is fine
 
 
 def test_mcnemar_exact_is_the_two_sided_binomial_tail():

@@ -377,13 +377,13 @@ def generation_metrics(
 SERVING = "serving"
 SERVING_METRICS = (
     *(
-        Metric(f"{who}_{what}", f"{who} {label}", higher_is_better=False, sets=(SERVING,), kind="value")
+        Metric(f"{who}_{what}", f"{who} {label}", higher_is_better=False, sets=(SERVING,), kind="value", lowest=0)
         for what, label in (("prompt_tokens", "prompt tokens"), ("latency_ms", "latency ms"), ("kv_bytes", "KV bytes"))
         for who in ("teacher", "student")
     ),
-    Metric("prompt_tokens_ratio", "prompt tokens ratio", sets=(SERVING,), kind="value"),
-    Metric("latency_ratio", "latency ratio", sets=(SERVING,), kind="value"),
-    Metric("kv_bytes_ratio", "KV bytes ratio", sets=(SERVING,), kind="value"),
+    Metric("prompt_tokens_ratio", "prompt tokens ratio", sets=(SERVING,), kind="value", lowest=0),
+    Metric("latency_ratio", "latency ratio", sets=(SERVING,), kind="value", lowest=0),
+    Metric("kv_bytes_ratio", "KV bytes ratio", sets=(SERVING,), kind="value", lowest=0),
 )
 SERVING_COSTS = (
     (f"{SERVING}/student_kv_bytes", f"{SERVING}/teacher_kv_bytes", "KV-cache bytes per query"),
@@ -397,7 +397,15 @@ def against_teacher(accuracy: str, teacher: str) -> tuple[Metric, ...]:
         EXAMPLES,
         Metric("accuracy", accuracy, headline=True),
         Metric("teacher_accuracy", teacher),
-        Metric("teacher_student_gap", "teacher - student", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"),
+        Metric(
+            "teacher_student_gap",
+            "teacher - student",
+            higher_is_better=False,
+            sets=(IN_DOMAIN,),
+            kind="value",
+            lowest=-1,
+            highest=1,
+        ),
     )
 
 
@@ -452,10 +460,10 @@ class Evaluator(EvaluatorBase):
         "classification",
         (
             *against_teacher("accuracy", "teacher acc"),
-            Metric("majority_rate", "majority", kind="value"),
+            Metric("majority_rate", "majority", kind="value", lowest=0, highest=1),
             Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
-            Metric("kl_to_teacher", "KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"),
-            Metric("f1", "F1", sets=(IN_DOMAIN,), kind="value"),
+            Metric("kl_to_teacher", "KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value", lowest=0),
+            Metric("f1", "F1", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1),
             Metric("vocab_accuracy", "vocab acc", sets=(IN_DOMAIN,)),
             Metric("single_draw_accuracy", "single-draw acc"),
             CONTEXT_ACCURACY,
@@ -733,19 +741,23 @@ class MixtureEvaluator(EvaluatorBase):
     metric_set = MetricSet(
         "mixture",
         (
-            Metric("accuracy", "mean acc", sets=(IN_DOMAIN,), kind="value", headline=True),
-            Metric("teacher_accuracy", "mean teacher acc", sets=(IN_DOMAIN,), kind="value"),
-            Metric("single_draw_accuracy", "mean single-draw acc", sets=(IN_DOMAIN,), kind="value"),
-            Metric("teacher_agreement", "mean agree w/ teacher", sets=(IN_DOMAIN,), kind="value"),
-            Metric("kl_to_teacher", "mean KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value"),
-            Metric("f1", "mean F1", sets=(IN_DOMAIN,), kind="value"),
-            Metric("majority_rate", "mean majority", sets=(IN_DOMAIN,), kind="value"),
+            Metric("accuracy", "mean acc", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1, headline=True),
+            Metric("teacher_accuracy", "mean teacher acc", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1),
+            Metric(
+                "single_draw_accuracy", "mean single-draw acc", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1
+            ),
+            Metric("teacher_agreement", "mean agree w/ teacher", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1),
+            Metric(
+                "kl_to_teacher", "mean KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value", lowest=0
+            ),
+            Metric("f1", "mean F1", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1),
+            Metric("majority_rate", "mean majority", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1),
             # each task's own figures
             EXAMPLES,
             Metric("accuracy", "accuracy"),
             Metric("teacher_accuracy", "teacher acc"),
             Metric("single_draw_accuracy", "single-draw acc"),
-            Metric("majority_rate", "majority", kind="value"),
+            Metric("majority_rate", "majority", kind="value", lowest=0, highest=1),
         ),
         teacher="teacher_accuracy",
         chance="majority_rate",

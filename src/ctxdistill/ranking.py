@@ -57,7 +57,7 @@ def link_prediction_metrics(prefix: str = "") -> MetricSet:
         "link_prediction",
         (
             EXAMPLES,
-            Metric(f"{prefix}mrr", f"{prefix}MRR".replace("_", " "), kind="value", headline=True),
+            Metric(f"{prefix}mrr", f"{prefix}MRR".replace("_", " "), kind="value", lowest=0, highest=1, headline=True),
             *(Metric(f"{prefix}hits@{k}", f"{prefix}Hits@{k}".replace("_", " ")) for k in HITS),
         ),
         example_score="reciprocal_rank",  # each triple's: the mean of its head and tail query's (MRR's terms)

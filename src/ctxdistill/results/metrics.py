@@ -29,6 +29,14 @@ class Metric:
     #: examples (``examples``, shown as n); "value": anything else (KL, MRR, latency)
     kind: str = "proportion"
     headline: bool = False
+    #: the least and greatest values it can take (0 for a cost or a KL), where a t-interval over a few seeds is
+    #: cut; a proportion lies in [0, 1] whatever these say
+    lowest: Optional[float] = None
+    highest: Optional[float] = None
+
+    @property
+    def value_range(self) -> tuple[Optional[float], Optional[float]]:
+        return (0.0, 1.0) if self.kind == "proportion" else (self.lowest, self.highest)
 
     def applies_to(self, set_name: str) -> bool:
         return set_name in self.sets or EVERY_SET in self.sets

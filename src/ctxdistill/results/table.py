@@ -53,8 +53,8 @@ class Cell:
             return None
         if len(self.values) > 1:
             low, high = t_interval(self.values)
-            # a share of examples lies in [0, 1] whatever few seeds suggest
-            return (max(low, 0.0), min(high, 1.0)) if self.metric.kind == "proportion" else (low, high)
+            lowest, highest = self.metric.value_range  # whatever few seeds suggest
+            return (low if lowest is None else max(low, lowest), high if highest is None else min(high, highest))
         if self.metric.kind == "proportion" and self.examples[0]:
             return wilson(self.values[0] * self.examples[0], self.examples[0])
         return None
