@@ -36,6 +36,7 @@ def test_opcd_meets_genpi_on_the_same_data_model_and_trainer(make_cfg):
     "override, message",
     [
         ("method.beta=2", "method.beta: must be in [0, 1], got 2"),
+        ("method.lmbda=1.5", "method.lmbda: must be in [0, 1], got 1.5"),
         ("method.divergence=kl", "method.divergence"),
         ("method.max_reply_tokens=0", "method.max_reply_tokens: must be >= 1, got 0"),
         ("+method.sft_weight=0.5", "sft_weight"),  # GenPI's loss weight is not OPCD's: refused, never ignored
@@ -46,10 +47,12 @@ def test_bad_opcd_settings_fail_before_any_model_loads(make_cfg, override, messa
         validate(make_cfg(*OPCD, override))
 
 
-def test_the_loss_is_the_reverse_kl_to_the_prompted_teacher_at_every_sampled_token(make_cfg):
-    """The student's samples are fixed; the reference is two plain forwards (the student without the prompt, the
-    base with it as its system message) over the whole sequences, and the reverse KL at the sampled tokens."""
-    cfg = make_cfg(*OPCD)
+@pytest.mark.parametrize("lmbda, sampler", [(1.0, "student_prompts"), (0.0, "teacher_prompts")])
+def test_the_loss_is_the_reverse_kl_to_the_prompted_teacher_at_every_sampled_token(make_cfg, lmbda, sampler):
+    """The samples are fixed; the reference is two plain forwards (the student without the prompt, the base with
+    it as its system message) over the whole sequences, and the reverse KL at the sampled tokens. lmbda says who
+    samples: the student from its prompts (OPCD), or the teacher from the prompted ones (lmbda 0)."""
+    cfg = make_cfg(*OPCD, f"method.lmbda={lmbda}")
     method = instantiate(cfg.method, _convert_="all")
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     model = add_lora(load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0), cfg.model).eval()  # no dropout
@@ -62,7 +65,8 @@ def test_the_loss_is_the_reverse_kl_to_the_prompted_teacher_at_every_sampled_tok
     texts = ["What is photosynthesis?", "How do plants grow?"]
     method.on_policy.start(handle, tokenizer, [method.teacher_prompt(tokenizer, t) for t in texts])
     samples = [tokenizer(" Plants use light.", add_special_tokens=False).input_ids, tokenizer(" Slowly.").input_ids]
-    method.on_policy.sample = lambda model, prompts, prefix=None: samples
+    sampled_from = []
+    method.on_policy.sample = lambda model, prompts, prefix=None: sampled_from.append(prompts) or samples
     batch = {
         "student_prompts": [method.student_prompt(tokenizer, t) for t in texts],
         "teacher_prompts": [method.teacher_prompt(tokenizer, t) for t in texts],
@@ -82,7 +86,7 @@ def test_the_loss_is_the_reverse_kl_to_the_prompted_teacher_at_every_sampled_tok
             terms.append(reverse_kl(student.log_softmax(-1), taught.log_softmax(-1)))
     expected = torch.cat(terms).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4) and expected.item() > 0.01
-    assert parts["on_policy"] == 1.0
+    assert parts["on_policy"] == lmbda and sampled_from == [batch[sampler]]
 
 
 def test_opcd_runs_end_to_end_on_genpis_stages(make_cfg, tmp_path, capsys):

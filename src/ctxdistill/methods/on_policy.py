@@ -41,10 +41,12 @@ class OnPolicySampling:
     beta: float = 0.5  # JSD mixture weight (TRL semantics: 0 = forward KL, 1 = reverse KL)
     temperature: float = 1.0  # sampling only; the loss is taken at temperature 1, as in GKD
     top_k: Optional[int] = None  # sample among the k most likely tokens
+    lmbda: float = 1.0  # GKD's lambda: the fraction of batches the student samples; the teacher samples the rest
 
     @staticmethod
     def check_sampling(m: DictConfig) -> None:
         require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
+        require(0 <= m.lmbda <= 1, "method.lmbda", f"must be in [0, 1], got {m.lmbda}", "")
         require(
             m.temperature > 0,
             "method.temperature",
@@ -64,7 +66,6 @@ class OnPolicySampling:
 @dataclass
 class OnPolicyConfig(OnPolicySampling, MethodConfig):
     _target_: str = "ctxdistill.methods.on_policy.OnPolicyDistillation"
-    lmbda: float = 1.0  # GKD's lambda: the fraction of batches the student samples; the teacher samples the rest
     max_new_tokens: int = 8
     stop: Optional[str] = "\n"  # a sample ends with the first token containing it (or end-of-sequence)
     seed: int = 0  # the sampling generator and the lambda draws
@@ -73,7 +74,6 @@ class OnPolicyConfig(OnPolicySampling, MethodConfig):
     @classmethod
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
         cls.check_sampling(m)
-        require(0 <= m.lmbda <= 1, "method.lmbda", f"must be in [0, 1], got {m.lmbda}", "")
         require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
 
 

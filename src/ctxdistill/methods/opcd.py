@@ -4,10 +4,12 @@ The teacher is the frozen base model with the prompt as its system message; the 
 no system message, samples a reply to each input (one sample, temperature 1, up to
 ``max_reply_tokens``, ending at the end of its turn) and is trained on the divergence between its
 and the teacher's next-token distributions at every sampled token: reverse KL by default, as OPCD's
-``kl_penalty``. The inputs, their held-out splits and the evaluation (task success: a reply that
-follows the prompt's rule and answers the input) are GenPI's (:mod:`ctxdistill.methods.genpi`, stages
-1 and 2, shared through the same stage cache), so the two objectives meet on the same data; the
-sampling and the loss are ``on_policy_cd``'s (:class:`ctxdistill.methods.on_policy.OnPolicyDistillation`).
+``kl_penalty``. ``lmbda`` < 1 lets the prompted teacher sample that share of the batches instead
+(GKD's mixture; 0: the same loss on teacher-sampled replies). The inputs, their held-out splits and
+the evaluation (task success: a reply that follows the prompt's rule and answers the input) are
+GenPI's (:mod:`ctxdistill.methods.genpi`, stages 1 and 2, shared through the same stage cache), so
+the two objectives meet on the same data; the sampling and the loss are ``on_policy_cd``'s
+(:class:`ctxdistill.methods.on_policy.OnPolicyDistillation`).
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ class OPCDConfig(OnPolicySampling, PromptInternalizationConfig):
 class OnPolicyPromptDistillation(PromptInternalization):
     teacher_during_training = True  # it scores every step's samples
 
-    def __init__(self, divergence: str, beta: float, temperature: float, top_k, **shared):
+    def __init__(self, divergence: str, beta: float, lmbda: float, temperature: float, top_k, **shared):
         super().__init__(**shared)
-        # The student samples every batch (lambda 1), until the end of its turn or max_reply_tokens.
+        # The student samples a batch with probability lambda (OPCD: 1, every batch), the prompted teacher the
+        # rest; either until the end of its turn or max_reply_tokens.
         self.on_policy = OnPolicyDistillation(
-            self.name, divergence, beta, 1.0, temperature, top_k, self.max_reply_tokens, None, self.seed
+            self.name, divergence, beta, lmbda, temperature, top_k, self.max_reply_tokens, None, self.seed
         )
         self._inputs: dict[str, str] = {}  # training slot uid -> its pseudo input
 
