@@ -157,7 +157,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     quiet_console()
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    # force: the handler writes to this call's stderr, not to one an earlier call in the process saw
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", force=True)
     runs = run_dirs(args.path)
     if not runs:
         parser.error(f"no finished run (metrics.json) under {args.path}")
