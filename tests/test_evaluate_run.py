@@ -43,18 +43,19 @@ def cells(sweep: Path) -> dict[str, Path]:
     return {json.loads(p.read_text())["method"]: p.parent for p in sweep.glob("*/metrics.json")}
 
 
+def ctxdistill(*arguments: str) -> None:
+    """The ctxdistill command, in its own process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxdistill", *arguments], capture_output=True, text=True, env=ENV, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
     """A sweep of a LoRA student (cd) and a full-weight one (pbft), started by the ctxdistill command."""
     root = tmp_path_factory.mktemp("sweep")
-    proc = subprocess.run(
-        [sys.executable, "-m", "ctxdistill", "-m", "method=cd,pbft", *TINY, f"hydra.sweep.dir={root}"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ctxdistill("-m", "method=cd,pbft", *TINY, f"hydra.sweep.dir={root}")
     return root
 
 
@@ -100,14 +101,7 @@ def test_a_run_without_saved_weights_is_refused_naming_why(sweep, tmp_path, caps
 def single_run(tmp_path_factory) -> Path:
     """One run whose output_dir is not Hydra's own directory (so no .hydra/ beside it)."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "ctxdistill", "method=cd", *TINY, f"output_dir={run_dir}"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ctxdistill("method=cd", *TINY, f"output_dir={run_dir}")
     return run_dir
 
 
