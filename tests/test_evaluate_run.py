@@ -43,20 +43,32 @@ def cells(sweep: Path) -> dict[str, Path]:
     return {json.loads(p.read_text())["method"]: p.parent for p in sweep.glob("*/metrics.json")}
 
 
-def ctxdistill(*arguments: str) -> None:
-    """The ctxdistill command, in its own process."""
+def ctxdistill(*arguments: str) -> str:
+    """The ctxdistill command, in its own process; its console (stderr)."""
     proc = subprocess.run(
         [sys.executable, "-m", "ctxdistill", *arguments], capture_output=True, text=True, env=ENV, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> Path:
-    """A sweep of a LoRA student (cd) and a full-weight one (pbft), started by the ctxdistill command."""
+def sweep_and_console(tmp_path_factory) -> tuple[Path, str]:
+    """A sweep of a LoRA student (cd) and a full-weight one (pbft), started by the ctxdistill command,
+    its cells in the joblib launcher's worker processes."""
     root = tmp_path_factory.mktemp("sweep")
-    ctxdistill("-m", "method=cd,pbft", *TINY, f"hydra.sweep.dir={root}")
-    return root
+    launcher = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    return root, ctxdistill("-m", "method=cd,pbft", *TINY, *launcher, f"hydra.sweep.dir={root}")
+
+
+@pytest.fixture(scope="module")
+def sweep(sweep_and_console) -> Path:
+    return sweep_and_console[0]
+
+
+def test_a_sweep_in_worker_processes_prints_no_third_party_warning(sweep_and_console):
+    console = sweep_and_console[1]
+    assert "Warning" not in console, console  # e.g. PEFT's call of a deprecated transformers property
 
 
 def test_evaluating_a_run_again_reproduces_its_metrics_and_leaves_it_untouched(sweep):

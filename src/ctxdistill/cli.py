@@ -100,6 +100,7 @@ def main(cfg: DictConfig) -> float | None:
 
     from ctxdistill.sweeps import run_cell
 
+    quiet_console()  # again here: a launcher's worker process (joblib, SLURM) starts with Python's default filters
     join_slurm_tasks()
     # In a sweep a failing cell is recorded and the others go on; a single run raises.
     if HydraConfig.get().mode == RunMode.MULTIRUN:
