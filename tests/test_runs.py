@@ -3,13 +3,16 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+import ctxdistill
 from ctxdistill import serving
 from ctxdistill.models import load_tokenizer
+from ctxdistill.progress import progress_bar
 from ctxdistill.run import run
 
 from conftest import TINY, own_ood_set
@@ -118,6 +121,23 @@ def test_wandb_offline_writes_a_syncable_run_directory_and_one_console_line(
     cache_key = read_metrics(tmp_path)["provenance"]["caches"][0]["key"].encode()
     for logged in (b"eval/accuracy", b"train/loss", b"predictions", b"hydra_choices", b"config_sha256", cache_key):
         assert logged in records
+
+
+def test_a_progress_bar_into_a_log_file_draws_once_and_closes(capsys):
+    # capsys's stderr is no terminal, as a log file is; at tqdm's default interval (0.1 s) this bar redraws ~5 times
+    bar = progress_bar(total=25, desc="steps")
+    for step in range(25):
+        time.sleep(0.02)
+        bar.set_postfix(loss=f"{1 / (step + 1):.4f}", refresh=False)  # as the trainer shows its loss
+        bar.update(1)
+    bar.close()
+    assert capsys.readouterr().err.count("steps:") == 2  # the first draw and the last
+
+
+def test_every_progress_bar_of_the_suite_goes_through_progress_bar():
+    package = Path(ctxdistill.__file__).parent
+    importers = [p.name for p in package.rglob("*.py") if "tqdm" in p.read_text() and p.name != "progress.py"]
+    assert importers == []
 
 
 def test_a_failing_wandb_never_costs_the_run_its_results(make_cfg, tmp_path, monkeypatch):

@@ -148,11 +148,9 @@ def print_sweep_configs(argv: list[str]) -> None:
 
 
 def quiet_console() -> None:
-    """Keep the console to progress bars, the run's own log lines and one W&B line."""
+    """Keep the console to progress bars, the run's own log lines and one W&B line (bars: `ctxdistill.progress`)."""
     # PEFT calls a transformers method that transformers deprecates, once per model: not the user's to fix.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    if not sys.stderr.isatty():  # a log file: a bar's redraws every 30 s, not several per second on one line
-        os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 
 def user_error_message(error: Exception) -> str:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from ctxdistill.config import ConfigError
 from ctxdistill.data import Example, Task
@@ -35,6 +34,7 @@ from ctxdistill.encoding import SharedPrefix, answer_logits, answer_token_logpro
 from ctxdistill.generation import generate
 from ctxdistill.losses import forward_kl, with_rest_bucket
 from ctxdistill.models import ModelHandle
+from ctxdistill.progress import progress_bar
 from ctxdistill.results.metrics import EXAMPLES, IN_DOMAIN, Metric, MetricSet
 from ctxdistill.serving import ServingCost, measure_task
 
@@ -187,7 +187,7 @@ def score(
     order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
     label_lp, kls, top = [], [], []
     distributions = None
-    for start in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False):
+    for start in progress_bar(range(0, len(examples), batch_size), desc=desc, leave=False):
         rows = order[start : start + batch_size]
         prompts = [all_prompts[i] for i in rows]
         batch = encode(tokenizer, prompts, prefix_length=prefix.length)

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ctxdistill.encoding import SharedPrefix, encode
+from ctxdistill.progress import progress_bar
 
 
 def pick_tokens(
@@ -66,7 +66,7 @@ def generate(
     stops = {tokenizer.eos_token_id}
     continuations: list[list[int]] = []
     starts = range(0, len(prompts), batch_size)
-    for start in tqdm(starts, desc=desc, leave=False, disable=desc is None):
+    for start in progress_bar(starts, desc=desc, leave=False, disable=desc is None):
         batch = encode(tokenizer, prompts[start : start + batch_size], prefix_length=prefix.length if prefix else 0)
         input_ids = batch["input_ids"].to(device)
         attention_mask = batch["attention_mask"].to(device)

@@ -17,10 +17,10 @@ import random
 from typing import Callable, Optional, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ctxdistill.data.kg import KGTask, Triple
 from ctxdistill.evaluation import EvaluatorBase
+from ctxdistill.progress import progress_bar
 from ctxdistill.results.metrics import EXAMPLES, Metric, MetricSet
 
 #: score(queries, candidates) -> one score tensor per query; a query is (triple, direction) with
@@ -111,7 +111,7 @@ class LinkPredictionEvaluator(EvaluatorBase):
     def rank_all(self, triples: list[Triple], desc: str) -> dict[str, list[float]]:
         ranks: dict[str, list[float]] = {"head": [], "tail": []}
         queries = [(i, t, d) for i, t in enumerate(triples) for d in ("tail", "head")]
-        for start in tqdm(range(0, len(queries), self.queries_per_batch), desc=desc, leave=False):
+        for start in progress_bar(range(0, len(queries), self.queries_per_batch), desc=desc, leave=False):
             chunk = queries[start : start + self.queries_per_batch]
             built = [self._query(triple, direction, number) for number, triple, direction in chunk]
             scores = self.scorer([(triple, direction) for _, triple, direction in chunk], [b[0] for b in built])

@@ -17,10 +17,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from tqdm.auto import tqdm
-
 from ctxdistill import provenance
 from ctxdistill.data.tasks import DataError
+from ctxdistill.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,7 @@ class RowStore:
                 len(keys),
                 self.path,
             )
-        for start in tqdm(range(0, len(missing), batch_size), desc=desc, leave=False, disable=not missing):
+        for start in progress_bar(range(0, len(missing), batch_size), desc=desc, leave=False, disable=not missing):
             chunk = missing[start : start + batch_size]
             rows = compute(chunk)
             if [r["key"] for r in rows] != chunk:

@@ -21,7 +21,6 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ctxdistill.checkpoint import (
@@ -36,6 +35,7 @@ from ctxdistill.config import ConfigError
 from ctxdistill.data import Task
 from ctxdistill.methods import Method
 from ctxdistill.models import ModelHandle
+from ctxdistill.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def train(
     handle.student.train()
     handle.training_started = True
 
-    bar = tqdm(
+    bar = progress_bar(
         total=total_steps, initial=progress.step, desc=f"train {method.name}", disable=not accelerator.is_main_process
     )
     loop_started = time.perf_counter()
@@ -153,8 +153,8 @@ def train(
                         + "lower trainer.lr or set trainer.max_grad_norm before rerunning."
                     )
                 progress.last_loss = status[0].item() / accelerator.num_processes
+                bar.set_postfix(loss=f"{progress.last_loss:.4f}", refresh=False)  # drawn by the update
                 bar.update(1)
-                bar.set_postfix(loss=f"{progress.last_loss:.4f}")
                 log_metrics(
                     {
                         "train/loss": progress.last_loss,

@@ -17,12 +17,12 @@ from typing import ClassVar
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from ctxdistill.config import ConfigError, MethodConfig, require
 from ctxdistill.data.kg import ContextWriter, KGTask, Triple, batched, build_kg_task, missing_contexts
 from ctxdistill.evaluation import EvaluatorBase
 from ctxdistill.methods.base import Method
+from ctxdistill.progress import progress_bar
 from ctxdistill.results.metrics import Metric, MetricSet
 
 
@@ -161,7 +161,7 @@ class ContextGeneration(EvaluatorBase):
         writer = ContextWriter(task.contexts_file)
         started, tokens, rows = time.perf_counter(), 0, []
         self.model.eval()
-        bar = tqdm(total=len(pending), desc="contexts")
+        bar = progress_bar(total=len(pending), desc="contexts")
         for chunk in batched(pending, self.method.batch_size):
             texts, generated = self.generate(chunk)
             tokens += generated

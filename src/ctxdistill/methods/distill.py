@@ -42,7 +42,6 @@ from typing import ClassVar, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from ctxdistill.config import MethodConfig, ModelConfig, one_of, require, validate_model
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
@@ -60,6 +59,7 @@ from ctxdistill.losses import (
 )
 from ctxdistill.methods.base import Method
 from ctxdistill.models import ModelLoadError
+from ctxdistill.progress import progress_bar
 from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ class ContextDistillation(Method):
             with self._round_teacher(handle) as teacher:
                 prefix = SharedPrefix(teacher, teacher_tokenizer, todo_prompts)
                 spans = self._answer_spans(teacher, teacher_tokenizer, todo_prompts, batch_size, prefix)
-                for start in tqdm(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
+                for start in progress_bar(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
                     chunk = slice(start, start + batch_size)
                     batch = encode(teacher_tokenizer, todo_prompts[chunk], spans[chunk], prefix_length=prefix.length)
                     logits = answer_logits(teacher, batch, prefix).cpu()

@@ -34,7 +34,6 @@ from typing import ClassVar, Optional
 
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from ctxdistill.config import ConfigError, MethodConfig, one_of, require
 from ctxdistill.data import Example, Task
@@ -44,6 +43,7 @@ from ctxdistill.evaluation import MethodEvaluator, generation_metrics, task_succ
 from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
+from ctxdistill.progress import progress_bar
 from ctxdistill.results.metrics import EXAMPLES, Metric, MetricSet
 from ctxdistill.stage_cache import RowStore, digest
 
@@ -392,7 +392,7 @@ class PromptInternalization(Method):
         wanted = self.num_pseudo_inputs + self.num_heldout_pseudo_inputs
         seen = {" ".join(t.lower().split()) for t in [*self.example_inputs, *self.heldout_inputs]}
         found: list[str] = []
-        bar = tqdm(total=wanted, desc="genpi pseudo inputs", leave=False)
+        bar = progress_bar(total=wanted, desc="genpi pseudo inputs", leave=False)
         for round_index in range(self.max_rounds):
             row = store.fill([str(round_index)], sample_round, 1, "genpi pseudo inputs")[0]
             for text in map(clean_input, row["samples"]):

@@ -39,7 +39,6 @@ from typing import Any, ClassVar, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from ctxdistill.config import MethodConfig, ModelConfig, one_of, require, validate_model
 from ctxdistill.data import Example
@@ -47,6 +46,7 @@ from ctxdistill.data.mixture import TaskMixture
 from ctxdistill.encoding import answer_and_column_logits, answer_logits, encode
 from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
+from ctxdistill.progress import progress_bar
 from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
 
 TERMS = ("icl_hard", "icl_soft", "lm_hard", "lm_soft")
@@ -224,7 +224,7 @@ class ICLDistillation(Method):
         todo = [e for e in examples if any(cache.get(inputs[e.uid]) is None for cache in caches.values())]
         if todo:
             with handle.teacher() as teacher:
-                for start in tqdm(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
+                for start in progress_bar(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
                     chunk = todo[start : start + batch_size]
                     batch = self.encode_instances(tokenizer, task, chunk, "lm" in caches)
                     logits = dict(zip(("answer", "lm"), self._logits(teacher, batch)))

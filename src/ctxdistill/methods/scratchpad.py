@@ -23,12 +23,12 @@ from typing import ClassVar, Optional
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from ctxdistill.config import MethodConfig, require
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.generation import generate
 from ctxdistill.methods.base import Method
+from ctxdistill.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ScratchpadDistillation(Method):
         failures = 0
         with handle.teacher() as teacher:
             prefix = SharedPrefix(teacher, tokenizer, prompts)
-            for _ in tqdm(range(self.num_samples), desc="teacher scratchpads", leave=False):
+            for _ in progress_bar(range(self.num_samples), desc="teacher scratchpads", leave=False):
                 generated = generate(
                     teacher,
                     tokenizer,

@@ -1,0 +1,22 @@
+"""Progress bars: redrawn several times a second on a terminal, every 30 s into a log file.
+
+A bar redraws itself with carriage returns on one line, so in a log file (SLURM, ``nohup``, a
+redirected console) every redraw lengthens that line; at tqdm's default of 10 redraws a second a
+long run's bar becomes a line of megabytes. ``TQDM_MININTERVAL`` still sets the interval.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+LOG_FILE_REDRAW_S = 30.0
+
+
+def progress_bar(*args, **kwargs) -> tqdm:
+    """`tqdm.auto.tqdm`, redrawn at most every `LOG_FILE_REDRAW_S` when stderr is not a terminal."""
+    if not sys.stderr.isatty() and "ipykernel" not in sys.modules:  # a notebook's widget is no log file
+        kwargs.setdefault("mininterval", float(os.environ.get("TQDM_MININTERVAL", LOG_FILE_REDRAW_S)))
+    return tqdm(*args, **kwargs)
