@@ -171,12 +171,14 @@ def test_cd_teacher_answer_spans_are_the_teachers_greedy_answers(behaving):
 
 def test_exact_match_evaluation_generates_what_transformers_generates(behaving):
     _, tokenizer, model = behaving
-    spec = AnswerGeneration(answer_regex=r"(.*)", max_new_tokens=10, max_answer_tokens=6, stop="\n")
+    spec = AnswerGeneration(
+        answer_regex=r"(.*)", max_new_tokens=10, max_answer_tokens=6, stop="\n", demo_target="{answer}"
+    )
     task = chain_task(generation=spec)
     evaluator = GenerationEvaluator(
         ModelHandle(student=model, base=model), tokenizer, task, with_context=True, batch_size=2, ranks=Ranks()
     )
-    answers = evaluator.answers(model, task.eval_sets["eval"], with_context=True, desc="test")
+    answers = evaluator.answers(model, task.eval_sets["eval"], with_context=True, desc="test", worked=True)
     expected = reference(model, tokenizer, teacher_prompts(), 10, stop="\n", batch_size=2)
     assert answers.texts == tokenizer.batch_decode(expected)
     metrics, _ = evaluator.evaluate()
@@ -185,12 +187,14 @@ def test_exact_match_evaluation_generates_what_transformers_generates(behaving):
 
 def test_scratchpad_teacher_samples_are_transformers_samples(behaving):
     _, tokenizer, model = behaving
-    spec = AnswerGeneration(answer_regex=r"(?s)(.*)", max_new_tokens=10, max_answer_tokens=6, stop="\n")
+    spec = AnswerGeneration(
+        answer_regex=r"(?s)(.*)", max_new_tokens=10, max_answer_tokens=6, stop="\n", demo_target="{answer}"
+    )
     task = chain_task(generation=spec)
     method = method_of(ScratchpadConfig, name="scratchpad", num_samples=1, temperature=1.0, seed=11)
     method.prepare(ModelHandle(student=model, base=model), tokenizer, task, task.train_queries, batch_size=5)
     samples = reference(model, tokenizer, teacher_prompts(), 10, 1.0, stop="\n", seed=11, batch_size=5)
-    expected = [spec.extract(tokenizer.decode(row, skip_special_tokens=True), with_context=True) for row in samples]
+    expected = [spec.extract(tokenizer.decode(row, skip_special_tokens=True), worked=True) for row in samples]
     targets = [tokenizer.decode(next(iter(method._targets[e.uid]))) for e in task.train_queries]
     assert targets == [answer + "\n" for answer in expected]
 

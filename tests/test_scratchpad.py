@@ -8,6 +8,8 @@ from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import build_task
 from ctxdistill.data.addition import generate_examples, scratchpad
 from ctxdistill.data.tasks import AnswerGeneration
+from ctxdistill.methods import build_method
+from ctxdistill.models import load_tokenizer
 from ctxdistill.run import run
 
 # The tiny random model on a handful of short problems.
@@ -46,10 +48,10 @@ def test_generator_is_deterministic_with_1_to_8_digit_operands_and_disjoint_spli
 
 
 def test_answer_extractor_reads_the_answer_after_the_scratchpad_or_reports_none():
-    spec = AnswerGeneration(r"</scratch>\s*([0-9 ]+)", 200, 24, "\n\n")
-    assert spec.extract(scratchpad(29, 57) + "\n8 6", with_context=True) == "8 6"
-    assert spec.extract("<scratch>\n2 9 + 5 7 , C: 0\n", with_context=True) is None  # cut off: a failure
-    assert spec.extract("8 6\n<scratch>", with_context=False) == "8 6"  # a direct answer is its first line
+    spec = AnswerGeneration(r"</scratch>\s*([0-9 ]+)", 200, 24, "\n\n", "{scratchpad}\n{answer}")
+    assert spec.extract(scratchpad(29, 57) + "\n8 6", worked=True) == "8 6"
+    assert spec.extract("<scratch>\n2 9 + 5 7 , C: 0\n", worked=True) is None  # cut off: a failure
+    assert spec.extract("8 6\n<scratch>", worked=False) == "8 6"  # a direct answer is its first line
 
 
 def test_addition_task_shows_the_teacher_worked_demonstrations_and_the_student_the_bare_problem(make_cfg):
@@ -100,3 +102,40 @@ def test_scratchpad_reports_extraction_failures_and_refuses_to_train_without_ans
     rows = [json.loads(line) for line in (tmp_path / "all" / "predictions.jsonl").read_text().splitlines()]
     assert result["metrics"]["eval/accuracy"] == sum(r["prediction"] == r["target"] for r in rows) / len(rows)
     assert all(r["prediction"] == r["generation"].split("\n", 1)[0].strip() for r in rows)  # a direct answer
+
+
+def test_ft_on_worked_solutions_trains_on_the_demonstrations_target_and_is_read_by_the_extractor(make_cfg, tmp_path):
+    cfg = make_cfg(*ADDITION, "method=ft", "method.target=worked", "method.train_on=labelled_queries")
+    method, task = build_method(cfg.method), build_task(cfg.dataset, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    example = method.train_examples(task)[0]
+    batch = method.collate(tokenizer, task, [example])
+    answer = tokenizer.decode(batch["answer_ids"][0][batch["answer_mask"][0].bool()])
+    assert answer == f"{example.fields['scratchpad']}\n{example.target}\n\n"  # the worked solution, then the stop
+    demo = task.demos[0]  # written as the demonstrations in the teacher's context are
+    assert task.query(demo) + task.generation.worked_text(demo) in task.context + "\n\n"
+
+    # The random model writes no closed scratchpad: read by the extractor, every answer is a failure, where the
+    # same model fine-tuned on the answers is read on its first line (never a failure).
+    worked = run(cfg)["metrics"]
+    direct = run(make_cfg(*ADDITION, "method=ft", "method.train_on=labelled_queries", output_dir=tmp_path / "direct"))
+    assert worked["eval/extraction_failures"] == 4 and direct["metrics"]["eval/extraction_failures"] == 0
+
+
+def test_ft_on_worked_solutions_needs_a_dataset_that_has_them(make_cfg):
+    with pytest.raises(ConfigError, match="method.target: worked needs a dataset whose examples carry worked"):
+        validate(make_cfg("model=tiny-random", "method=ft", "method.target=worked", "dataset=synthetic"))
+
+
+def test_a_full_weight_run_leaves_a_model_directory_that_loads_as_the_model(make_cfg, tmp_path):
+    run(make_cfg(*ADDITION, "method=ft", "method.finetune=full", "trainer.lr=0.05", output_dir=tmp_path / "ft"))
+    model_dir = tmp_path / "ft" / "model"
+    run(make_cfg(*ADDITION, "method=zero_shot", f"model.name_or_path={model_dir}", output_dir=tmp_path / "again"))
+
+    def generations(run_dir):
+        return [json.loads(line)["generation"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+
+    run(make_cfg(*ADDITION, "method=zero_shot", output_dir=tmp_path / "untrained"))
+    # the reloaded directory answers as the trained model did, not as the model it started from
+    assert generations(tmp_path / "again") == generations(tmp_path / "ft")
+    assert generations(tmp_path / "again") != generations(tmp_path / "untrained")

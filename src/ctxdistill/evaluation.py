@@ -638,12 +638,14 @@ class Answers:
 class GenerationEvaluator(Evaluator):
     """Exact match of generated free-text answers (``task.generation``), against the frozen teacher's.
 
-    The model and the teacher generate greedily; a generation with the context is read by the
-    task's answer extractor, a direct one is its first line. An extraction failure is counted
-    (``extraction_failures``, ``teacher_extraction_failures``) and scored wrong.
+    The model and the teacher generate greedily; a worked generation (with the context, or from a model
+    trained to write worked solutions: ``answers_worked``) is read by the task's answer extractor, a
+    direct one is its first line. An extraction failure is counted (``extraction_failures``,
+    ``teacher_extraction_failures``) and scored wrong.
     """
 
     measures_serving = False
+    answers_worked = False  # the evaluated model writes worked solutions without the context (ft target=worked)
 
     metric_set = MetricSet(
         "exact_match",
@@ -659,10 +661,10 @@ class GenerationEvaluator(Evaluator):
         set_titles=TRAIN_QUERIES_TITLE,
     )
 
-    def answers(self, model, examples: list[Example], with_context: bool, desc: str) -> Answers:
+    def answers(self, model, examples: list[Example], with_context: bool, desc: str, worked: bool) -> Answers:
         spec = self.task.generation
         prompts = [self.task.prompt(e, with_context) for e in examples]
-        budget, stop = (spec.max_new_tokens, spec.stop) if with_context else (spec.max_answer_tokens, "\n")
+        budget, stop = (spec.max_new_tokens, spec.stop) if worked else (spec.max_answer_tokens, "\n")
         generated = generate(
             model,
             self.tokenizer,
@@ -674,16 +676,18 @@ class GenerationEvaluator(Evaluator):
             desc=desc,
         )
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return Answers(texts, [spec.extract(t, with_context) for t in texts])
+        return Answers(texts, [spec.extract(t, worked) for t in texts])
 
     def score_teacher(self, teacher, examples: list[Example], desc: str) -> Answers:
-        return self.answers(teacher, examples, True, desc)
+        return self.answers(teacher, examples, True, desc, worked=True)
 
     def evaluate_set(self, name: str, examples: list[Example], teacher: Answers) -> tuple[dict[str, float], list[dict]]:
         model = (
             teacher
             if self.model_is_teacher
-            else self.answers(self.handle.base, examples, self.with_context, f"model {name}")
+            else self.answers(
+                self.handle.base, examples, self.with_context, f"model {name}", self.with_context or self.answers_worked
+            )
         )
         targets = [e.target for e in examples]
         result = {
@@ -718,7 +722,9 @@ class GenerationEvaluator(Evaluator):
         return result, rows
 
     def context_accuracy(self, examples: list[Example], targets: list[str]) -> float:
-        return exact_match_rate(self.answers(self.handle.base, examples, True, "with context").answers, targets)
+        return exact_match_rate(
+            self.answers(self.handle.base, examples, True, "with context", worked=True).answers, targets
+        )
 
 
 class MixtureEvaluator(EvaluatorBase):

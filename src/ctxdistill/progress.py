@@ -18,5 +18,8 @@ LOG_FILE_REDRAW_S = 30.0
 def progress_bar(*args, **kwargs) -> tqdm:
     """`tqdm.auto.tqdm`, redrawn at most every `LOG_FILE_REDRAW_S` when stderr is not a terminal."""
     if not sys.stderr.isatty() and "ipykernel" not in sys.modules:  # a notebook's widget is no log file
-        kwargs.setdefault("mininterval", float(os.environ.get("TQDM_MININTERVAL", LOG_FILE_REDRAW_S)))
+        interval = float(os.environ.get("TQDM_MININTERVAL", LOG_FILE_REDRAW_S))
+        # maxinterval too: tqdm's monitor thread otherwise redraws a slow bar every 10 s
+        kwargs.setdefault("mininterval", interval)
+        kwargs.setdefault("maxinterval", max(interval, 10.0))
     return tqdm(*args, **kwargs)

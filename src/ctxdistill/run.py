@@ -267,6 +267,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 if writer:
                     whole = method.trained_weights == "all" or cfg.model.adapter == "full"
                     handle.base.save_pretrained(out / ("model" if whole else "adapter"), **gathered)
+                    if whole:  # a model directory that loads as model.name_or_path (e.g. a fine-tuned teacher)
+                        tokenizer.save_pretrained(out / "model")
         metrics, predictions = evaluator.evaluate()
         if method.trains:
             metrics.update(evaluator.after_training())

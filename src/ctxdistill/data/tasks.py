@@ -46,11 +46,16 @@ class AnswerGeneration:
     max_new_tokens: int
     max_answer_tokens: int
     stop: str
+    demo_target: str  # a demonstration's worked solution, over its fields: "{scratchpad}\n{answer}"
 
-    def extract(self, text: str, with_context: bool) -> Optional[str]:
-        """The final answer of a generation with the context (None when the extractor finds none),
+    def worked_text(self, example: Example) -> str:
+        """The example's worked solution as a model should write it: the demonstrations' target and the stop."""
+        return self.demo_target.format(**example.fields) + (self.stop or "")
+
+    def extract(self, text: str, worked: bool) -> Optional[str]:
+        """The final answer of a worked generation (with the context; None when the extractor finds none),
         or the first line of a direct answer."""
-        if not with_context:
+        if not worked:
             return text.split("\n", 1)[0].strip()
         found = re.search(self.answer_regex, text)
         return found.group(1).strip() if found else None
@@ -419,6 +424,7 @@ def build_task(spec: DictConfig, seed: int) -> Task:
             spec.generation.max_new_tokens,
             spec.generation.max_answer_tokens,
             spec.generation.stop,
+            spec.generation.demo_target,
         ),
         context_query_template=spec.context_query_template,
         context_instruction=spec.context.instruction,

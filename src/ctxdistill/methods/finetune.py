@@ -3,7 +3,10 @@
 ``ft`` trains a LoRA adapter on the context's k demonstrations; ``pbft`` is llmft's pattern-based
 fine-tuning (Mosbach et al. 2023): every weight, on k training queries drawn at random apart from
 the demonstrations, scored by the argmax over the whole vocabulary. Both minimise the
-cross-entropy of the answer token over the whole vocabulary.
+cross-entropy of the answer token over the whole vocabulary. On a free-text task, ``target=worked``
+trains on the worked solutions the demonstrations show (e.g. a scratchpad and the answer), as Snell
+et al. 2022 fine-tuned their scratchpad teacher; the model is then evaluated on the answer its
+worked solution ends with.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from ctxdistill.config import MethodConfig, one_of
+from omegaconf import DictConfig
+
+from ctxdistill.config import MethodConfig, one_of, require
 from ctxdistill.encoding import answer_logits, encode
 from ctxdistill.losses import answer_cross_entropy
 from ctxdistill.methods.base import Method
@@ -25,14 +30,27 @@ class FinetuneConfig(MethodConfig):
     # queries with their labels (drawn at random, apart from the demonstrations, as llmft draws its examples)
     train_on: str = one_of("demonstrations", "labelled_queries", default="demonstrations")
     objective: str = "eval/accuracy"  # what a sweeper optimises; llmft scores fine-tuning by eval/vocab_accuracy
+    # answer: the label word or the free-text answer; worked: a free-text task's worked solution
+    # (dataset.generation.demo_target, e.g. the scratchpad and the answer), as Snell et al. trained their teacher
+    target: str = one_of("answer", "worked", default="answer")
     schema_name: ClassVar[str] = "base_finetune"
+
+    @classmethod
+    def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        require(
+            m.target == "answer" or cfg.dataset.kind == "generation",
+            "method.target",
+            f"worked needs a dataset whose examples carry worked solutions; dataset={cfg.dataset.name} "
+            f"is {cfg.dataset.kind}",
+            "use method.target=answer, or a dataset with a generation block, e.g. dataset=addition",
+        )
 
 
 class Finetune(Method):
-    def __init__(self, name: str, finetune: str, train_on: str, objective: str):
+    def __init__(self, name: str, finetune: str, train_on: str, objective: str, target: str):
         super().__init__(name)
         self.trained_weights = "adapter" if finetune == "lora" else "all"
-        self.train_on, self.objective = train_on, objective
+        self.train_on, self.objective, self.worked = train_on, objective, target == "worked"
 
     def train_examples(self, task):
         if self.train_on == "labelled_queries":  # a free-text task's label is its target text
@@ -42,8 +60,14 @@ class Finetune(Method):
             ]
         return task.demos
 
+    def evaluator(self, handle, tokenizer, task, batch_size):
+        evaluator = super().evaluator(handle, tokenizer, task, batch_size)
+        evaluator.answers_worked = self.worked  # read the answer its worked solution ends with
+        return evaluator
+
     def collate(self, tokenizer, task, examples):
-        answers = [tokenizer(task.answer_text(e), add_special_tokens=False).input_ids for e in examples]
+        texts = [task.generation.worked_text(e) if self.worked else task.answer_text(e) for e in examples]
+        answers = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
         return encode(tokenizer, [task.student_prompt(e) for e in examples], answers)
 
     def loss(self, handle, batch):

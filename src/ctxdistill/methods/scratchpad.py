@@ -88,7 +88,7 @@ class ScratchpadDistillation(Method):
                     batch_size,
                 )
                 for count, text in zip(counts, tokenizer.batch_decode(generated, skip_special_tokens=True)):
-                    answer = spec.extract(text, with_context=True)
+                    answer = spec.extract(text, worked=True)
                     if answer is None:
                         failures += 1
                     else:
