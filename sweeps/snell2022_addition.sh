@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Scratchpad distillation with a teacher that can add (docs/papers/context-distillation.md#measured-addition):
 # stage 1 fine-tunes the bundled SmolLM2 on 500 worked additions (experiment=addition_teacher); stage 2 uses the
-# result as teacher and student: zero_shot (the student before distillation), icl (the teacher with its worked
-# demonstrations) and scratchpad (the student after), then the comparison table.
+# result as teacher and student: zero_shot (the student before distillation), icl (the teacher, writing its
+# scratchpad) and scratchpad (the student after, trained on the teacher's greedy answers), then the table.
 #
 #   bash sweeps/snell2022_addition.sh              # both stages into outputs/snell2022_addition
 #   SEEDS=0,1,2 bash sweeps/snell2022_addition.sh  # stage 2 over several seeds (one teacher)
@@ -14,7 +14,8 @@ root=${SWEEP_DIR:-outputs/snell2022_addition}
 seeds=${SEEDS:-0}
 status=0
 ctxdistill experiment=addition_teacher "hydra.run.dir=$root/teacher" "$@" || exit 1
-ctxdistill -m experiment=addition_distill "model.name_or_path=$root/teacher/model" method=zero_shot,icl,scratchpad \
-  "seed=$seeds" "hydra.sweep.dir=$root/distill" "$@" || status=1
+stage2=(experiment=addition_distill "model.name_or_path=$root/teacher/model" "seed=$seeds" "hydra.sweep.dir=$root/distill")
+ctxdistill -m "${stage2[@]}" method=zero_shot,icl "$@" || status=1
+ctxdistill -m "${stage2[@]}" method=scratchpad method.num_samples=1 method.temperature=0 "$@" || status=1
 ctxdistill-compare "$root/distill" --out "$root/distill" || status=1
 exit $status
