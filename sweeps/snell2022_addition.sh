@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Scratchpad distillation with a teacher that can add (docs/papers/context-distillation.md#measured-addition):
+# Scratchpad distillation with a teacher that can add
+# (docs/papers/context-distillation.md#a-teacher-that-can-add-fine-tuned-first):
 # stage 1 fine-tunes the bundled SmolLM2 on 500 worked additions (experiment=addition_teacher); stage 2 uses the
 # result as teacher and student: zero_shot (the student before distillation), icl (the teacher, writing its
 # scratchpad) and scratchpad (the student after, trained on the teacher's greedy answers), then the table.
