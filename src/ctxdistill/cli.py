@@ -100,7 +100,7 @@ def main(cfg: DictConfig) -> float | None:
 
     from ctxdistill.sweeps import run_cell
 
-    quiet_console()  # again here: a launcher's worker process (joblib, SLURM) starts with Python's default filters
+    quiet_console()  # here, in the process that runs the job: a launcher's workers (joblib, SLURM) start afresh
     join_slurm_tasks()
     # In a sweep a failing cell is recorded and the others go on; a single run raises.
     if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -190,7 +190,6 @@ _developer = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 
 def entry() -> None:
-    quiet_console()
     argv = sys.argv[1:]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its stack: the message is ours
     try:
