@@ -19,6 +19,8 @@ Measurements per model, on the demo task (synthetic reviews, LoRA r=8 on q/v); `
 - icl: ICL evaluation throughput with 16 fixed demonstrations, shared context vs recomputed.
 - utilisation: achieved FLOP/s of a training step, counted by torch's FLOP counter, as a fraction
   of the dense matmul peak measured in the same process.
+- compiled (only when named: it compiles for minutes): the same step eager and under trainer.compile
+  (torch.compile of the student's training passes), side by side, and the compilation's seconds.
 - generation: tokens/s of the suite's generate over the shared context vs transformers' generate
   on the whole prompts (0, 8, 32 demonstrations; greedy, with identical tokens checked, and sampled).
 Once per command (model-independent): eval_memory, peak memory of an evaluation (teacher and model
@@ -51,6 +53,7 @@ CONTENDERS = ("ctxdistill", "trl_sdft", "naive")
 ON_POLICY_CONTENDERS = ("on_policy_cd", "trl_sdft_on_policy")
 ON_POLICY_TOKENS = 8  # completion length of the on-policy contenders
 MEASUREMENTS = ("training", "training_32", "on_policy", "teacher", "epochs", "icl", "utilisation", "generation")
+OPT_IN = ("compiled",)  # run only when named in --only
 ONCE = ("eval_memory",)
 TEACHER_DEMOS = (0, 8, 32)
 GENERATION_DEMOS = (0, 8, 32)
@@ -528,10 +531,12 @@ def matmul_peak_flops(device: str, dtype: torch.dtype) -> float:
     return best
 
 
-def step_utilisation(model: list[str], device: str, batch_size: int) -> dict:
+def step_utilisation(model: list[str], device: str, batch_size: int, compiled: bool = False) -> dict:
+    """One cd training step's FLOP rate against the matmul peak; with ``compiled``, also under trainer.compile."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ctxdistill.data import build_task
+    from ctxdistill.models import compiled_for_training
 
     cfg = compose_cfg(model, f"dataset.num_train_queries={batch_size}", *SUITE_CONTENDERS["ctxdistill"])
     tokenizer, handle = load(cfg, device, lora=True)
@@ -551,21 +556,35 @@ def step_utilisation(model: list[str], device: str, batch_size: int) -> dict:
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    repeats = 3
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    sync(device)
-    achieved = flops * repeats / (time.perf_counter() - started)
+
+    def seconds_per_step(repeats: int = 5) -> float:
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        sync(device)
+        return (time.perf_counter() - started) / repeats
+
+    eager = seconds_per_step()
     peak = matmul_peak_flops(device, next(handle.base.parameters()).dtype)
-    return {
+    figures = {
         "step_gflop": flops / 1e9,
-        "achieved_gflops": achieved / 1e9,
+        "step_s": eager,
+        "achieved_gflops": flops / eager / 1e9,
         "matmul_peak_gflops": peak / 1e9,
-        "fraction_of_peak": achieved / peak,
+        "fraction_of_peak": flops / eager / peak,
         "tokens_per_step": int(batch["attention_mask"].sum()),
     }
+    if compiled:
+        with compiled_for_training(handle.base):
+            started = time.perf_counter()
+            step()
+            sync(device)
+            figures["compile_s"] = time.perf_counter() - started
+            figures["compiled_step_s"] = seconds_per_step()
+        figures["compiled_fraction_of_peak"] = flops / figures["compiled_step_s"] / peak
+        figures["compiled_speedup"] = eager / figures["compiled_step_s"]
+    return figures
 
 
 # ---------------------------------------------------------------- report
@@ -732,6 +751,24 @@ def benchmark(report: Report, model: list[str], device: str, args) -> None:
         )
         report.ratio(name, "cd training step, fraction of the matmul peak", util["fraction_of_peak"], ">= 0.5")
 
+    if "compiled" in only:
+        util = figures["compiled"] = in_fresh_process(
+            f"{name} compiled", step_utilisation, model, device, batch_size, True
+        )
+        report.print(
+            f"\n[compiled] one cd training step ({util['step_gflop']:.2f} GFLOP): eager {util['step_s']:.3f} s "
+            f"({100 * util['fraction_of_peak']:.1f}% of the matmul peak, {util['matmul_peak_gflops']:.1f} GFLOP/s), "
+            f"trainer.compile {util['compiled_step_s']:.3f} s ({100 * util['compiled_fraction_of_peak']:.1f}%, "
+            f"{util['compiled_speedup']:.2f}x) after a first step of {util['compile_s']:.0f} s that compiles"
+        )
+        report.ratio(
+            name,
+            "cd training step under trainer.compile, fraction of the matmul peak",
+            util["compiled_fraction_of_peak"],
+            ">= 0.5",
+        )
+        report.ratio(name, "cd training step, trainer.compile vs eager", util["compiled_speedup"])
+
     if "generation" in only:
         rows = in_fresh_process(f"{name} generation", generation_throughput, model, device, GENERATION_DEMOS, 16, 16)
         figures["generation"] = rows
@@ -797,9 +834,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         "--only",
         nargs="+",
         default=[*MEASUREMENTS, *ONCE],
-        choices=[*MEASUREMENTS, *ONCE],
+        choices=[*MEASUREMENTS, *ONCE, *OPT_IN],
         metavar="NAME",
-        help=f"run only these measurements: {', '.join(MEASUREMENTS + ONCE)} (default: all)",
+        help=f"run only these measurements: {', '.join(MEASUREMENTS + ONCE + OPT_IN)} (default: all but "
+        f"{', '.join(OPT_IN)})",
     )
     parser.add_argument("--output", default="benchmarks/results/speed.md", help="the report (and .json beside it)")
     args = parser.parse_args(argv)
@@ -809,7 +847,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     report = Report(args.output, command)
     report.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for model in args.models.split(","):
-        if set(args.only) & set(MEASUREMENTS):
+        if set(args.only) & set(MEASUREMENTS + OPT_IN):
             benchmark(report, [f"model={model}", *args.override], args.device, args)
     if "eval_memory" in args.only:
         evaluation_memory_report(report)

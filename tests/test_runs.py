@@ -1,21 +1,26 @@
 """End-to-end runs on the tiny random model: files on disk, distillation works, sweeps, W&B offline."""
 
+import io
 import json
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import ctxdistill
 from ctxdistill import serving
+from ctxdistill.cli import CONFIG_DIR
 from ctxdistill.models import load_tokenizer
-from ctxdistill.progress import progress_bar
+from ctxdistill.progress import BarSafeHandler, progress_bar
 from ctxdistill.run import run
 
-from conftest import TINY, own_ood_set
+from conftest import TINY, compose_run, outcome, own_ood_set
 
 
 def read_metrics(path: Path) -> dict:
@@ -132,6 +137,30 @@ def test_a_progress_bar_into_a_log_file_draws_once_and_closes(capsys):
         bar.update(1)
     bar.close()
     assert capsys.readouterr().err.count("steps:") == 2  # the first draw and the last
+
+
+@pytest.mark.parametrize("handler", [logging.StreamHandler, BarSafeHandler])
+def test_a_log_line_written_while_a_bar_is_open_gets_a_line_of_its_own(handler):
+    console = io.StringIO()  # a run's console: bar and log lines in one stream
+    log = logging.getLogger("ctxdistill.test_bar")
+    log.addHandler(handler(console))
+    bar = progress_bar(total=3, desc="train cd", file=console, mininterval=0)
+    bar.update(1)
+    log.warning("saved a checkpoint at step 1")
+    bar.update(2)
+    bar.close()
+    log.handlers.clear()
+    # what stays on screen of each line is the text after its last carriage return
+    shown = [line.split("\r")[-1] for line in console.getvalue().split("\n")]
+    assert ("saved a checkpoint at step 1" in shown) == (handler is BarSafeHandler)
+
+
+def test_every_run_logs_to_the_console_through_the_bar_safe_handler():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        hydra_cfg = compose("config", return_hydra_config=True).hydra
+    GlobalHydra.instance().clear()
+    assert hydra_cfg.job_logging.handlers.console["class"] == "ctxdistill.progress.BarSafeHandler"
 
 
 def test_every_progress_bar_of_the_suite_goes_through_progress_bar():
@@ -281,3 +310,18 @@ def test_debug_fast_runs_any_configuration_in_seconds(make_cfg, tmp_path):
     )
     result = run(cfg)
     assert result["train"]["steps"] == 2 and len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 16
+
+
+def test_compiled_training_matches_eager_and_compiles_only_the_training_passes(uninterrupted, tmp_path):
+    """trainer.compile=true: every training batch runs one compiled graph (a second would mean the teacher's or
+    evaluation's passes were compiled too), with the eager run's losses and metrics within float tolerance."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    run(compose_run(tmp_path, "trainer.compile=true"))
+    assert counters["stats"]["unique_graphs"] == 1
+    compiled = outcome(tmp_path)
+    assert compiled["train"]["final_loss"] == pytest.approx(uninterrupted["train"]["final_loss"], rel=1e-3)
+    assert compiled["metrics"] == pytest.approx(uninterrupted["metrics"], rel=1e-3, abs=1e-6)

@@ -291,6 +291,10 @@ class TrainerConfig:
     max_grad_norm: Optional[float] = 1.0
     shuffle: bool = True  # a new (seeded) order of the examples every epoch; false: the same order every epoch
     mixed_precision: str = one_of("no", "bf16", "fp16", default="no")  # fp16: GPU only
+    # torch.compile the student's training passes (the passes with gradients; teacher, evaluation and generation
+    # stay eager). The first step compiles (1-3 min for SmolLM2 on 2 CPU cores), every later one runs 1.1-1.3x
+    # faster there: worth it for runs of thousands of steps (docs/performance.md).
+    compile: bool = False
     eval_every: Optional[int] = None  # steps between periodic evaluations of the in-domain set
     # Evaluate every set (out-of-domain too) after each epoch but the last (whose evaluation is the final
     # one); periodic evaluations are saved as metrics.json's "curves" (llmft evaluates every epoch).

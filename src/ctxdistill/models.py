@@ -196,12 +196,15 @@ def honour_name_or_path(spec: DictConfig, key: str = "model") -> None:
     records the model it was asked for."""
     if spec.source != "hub" and spec.bundles and spec.name_or_path != spec.bundles:
         log.info(
-            "%s.name_or_path=%s is not what %s=%s bundles (%s): loading it from the Hub or its directory",
+            "%s.name_or_path=%s is not what %s=%s bundles (%s): loading it from the Hub or its directory; "
+            "tables label the run %s.name=%s (set it to tell this model's runs from the bundled one's)",
             key,
             spec.name_or_path,
             key,
             spec.name,
             spec.bundles,
+            key,
+            spec.name,
         )
         spec.source = "hub"
 
@@ -571,6 +574,30 @@ def add_adapter(model, spec: DictConfig, tokenizer, context: str):
 
 class TeacherUnavailable(RuntimeError):
     """The frozen teacher was asked for after training began to change the weights it would be read from."""
+
+
+@contextlib.contextmanager
+def compiled_for_training(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model``'s transformer stack through ``torch.compile`` (inductor, dynamic shapes) in the passes that
+    carry gradients, the student's training passes; passes without (the teacher, evaluation, generation) stay
+    eager, so they neither wait for a compilation nor trigger recompilations for their cache layouts."""
+    stack = (model.get_base_model() if hasattr(model, "get_base_model") else model).base_model
+    own_forward = stack.__dict__.get("forward")  # an instance attribute (a hook's wrapper) is restored as it was
+    eager = stack.forward
+    compiled = torch.compile(eager, dynamic=True)
+
+    def forward(*args, **kwargs):
+        return (compiled if torch.is_grad_enabled() else eager)(*args, **kwargs)
+
+    stack.forward = forward
+    log.info("trainer.compile: the first training step compiles the student (minutes on a CPU)")
+    try:
+        yield
+    finally:
+        if own_forward is None:
+            del stack.forward
+        else:
+            stack.forward = own_forward
 
 
 @dataclass

@@ -3,10 +3,13 @@
 A bar redraws itself with carriage returns on one line, so in a log file (SLURM, ``nohup``, a
 redirected console) every redraw lengthens that line; at tqdm's default of 10 redraws a second a
 long run's bar becomes a line of megabytes. ``TQDM_MININTERVAL`` still sets the interval.
+Log records go through `BarSafeHandler` (the console handler of every run), which lifts the bars
+off the screen while it writes, so a log line never lands in the middle of a bar's line.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -23,3 +26,14 @@ def progress_bar(*args, **kwargs) -> tqdm:
         kwargs.setdefault("mininterval", interval)
         kwargs.setdefault("maxinterval", max(interval, 10.0))
     return tqdm(*args, **kwargs)
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """A console handler that writes through `tqdm.write`: open bars are cleared, the record is written on
+    a line of its own, and the bars are drawn again below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)

@@ -10,6 +10,7 @@ non-finite loss.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -34,7 +35,7 @@ from ctxdistill.checkpoint import (
 from ctxdistill.config import ConfigError
 from ctxdistill.data import Task
 from ctxdistill.methods import Method
-from ctxdistill.models import ModelHandle
+from ctxdistill.models import ModelHandle, compiled_for_training
 from ctxdistill.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def train(
         total=total_steps, initial=progress.step, desc=f"train {method.name}", disable=not accelerator.is_main_process
     )
     loop_started = time.perf_counter()
-    with StopSignals() as signals:
+    compiling = compiled_for_training(handle.base) if cfg.compile else contextlib.nullcontext()
+    with StopSignals() as signals, compiling:
         while progress.step < total_steps:
             shuffle.set_state(progress.epoch_shuffle_state)
             finite = True
