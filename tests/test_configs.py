@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
@@ -108,6 +109,16 @@ def test_bad_values_are_named(make_cfg, override, key):
         validate(cfg)
         return
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_loading(make_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    monkeypatch.delenv("CXX", raising=False)
+    cfg = make_cfg("trainer.compile=true")
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, inductor needs no C++ compiler")
+    with pytest.raises(ConfigError, match=r"trainer\.compile: .*no C\+\+ compiler.*trainer\.compile=false"):
         validate(cfg)
 
 

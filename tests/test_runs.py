@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -312,6 +313,10 @@ def test_debug_fast_runs_any_configuration_in_seconds(make_cfg, tmp_path):
     assert result["train"]["steps"] == 2 and len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 16
 
 
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on the CPU needs a C++ compiler (the run refuses trainer.compile without one)",
+)
 def test_compiled_training_matches_eager_and_compiles_only_the_training_passes(uninterrupted, tmp_path):
     """trainer.compile=true: every training batch runs one compiled graph (a second would mean the teacher's or
     evaluation's passes were compiled too), with the eager run's losses and metrics within float tolerance."""

@@ -8,6 +8,7 @@ learning rate, a known divergence) live in :func:`validate`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -645,6 +646,17 @@ def validate(cfg: DictConfig) -> None:
             "trainer.mixed_precision",
             "fp16 needs a CUDA GPU and none is visible",
             "Use trainer.mixed_precision=no (or bf16) on CPU",
+        )
+    if t.compile:
+        import shutil
+
+        import torch
+
+        require(
+            torch.cuda.is_available() or any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")),
+            "trainer.compile",
+            "torch.compile on the CPU writes C++ and no C++ compiler was found (CXX, g++, c++ or clang++)",
+            "Install one (apt install g++) or use trainer.compile=false",
         )
     validate_model(cfg.model, "model")
     if d.kind == "mixture":
