@@ -11,7 +11,9 @@ from ctxdistill.models import (
     ModelHandle,
     ModelLoadError,
     TeacherUnavailable,
+    TrainableContext,
     add_lora,
+    compiled_for_training,
     load_model,
     load_tokenizer,
     model_identity,
@@ -285,3 +287,21 @@ def test_the_lm_head_reads_a_contiguous_copy_of_the_kept_positions(tiny):
         hook.remove()
     assert seen[0].shape[1] == 1 and seen[0].is_contiguous()
     torch.testing.assert_close(kept, full)
+
+
+def test_compiling_finds_the_transformer_stack_inside_every_wrapper_and_restores_it(tiny):
+    from ctxdistill.methods.kgc import TripleScorer
+
+    cfg, tokenizer, model = tiny
+    wrappers = {
+        "lora": add_lora(model, cfg.model),
+        "trainable context": TrainableContext.from_text(model, tokenizer, "Label the review.", 4),
+        "triple scorer": TripleScorer(model),
+        "bare": model,
+    }
+    for name, wrapper in wrappers.items():
+        with compiled_for_training(wrapper):
+            assert "forward" in model.model.__dict__, name  # compilation happens at the first call, not here
+        assert "forward" not in model.model.__dict__, name
+        if name == "lora":
+            wrapper.unload()  # the other wrappers take the model without its adapter

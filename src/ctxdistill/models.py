@@ -41,6 +41,7 @@ from transformers import (
     AutoTokenizer,
     DynamicCache,
     LlamaConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     T5Config,
 )
@@ -581,7 +582,8 @@ def compiled_for_training(model: torch.nn.Module) -> Iterator[None]:
     """Run ``model``'s transformer stack through ``torch.compile`` (inductor, dynamic shapes) in the passes that
     carry gradients, the student's training passes; passes without (the teacher, evaluation, generation) stay
     eager, so they neither wait for a compilation nor trigger recompilations for their cache layouts."""
-    stack = (model.get_base_model() if hasattr(model, "get_base_model") else model).base_model
+    # the first transformers model inside the suite's wrappers (peft's, the trainable context, a triple scorer)
+    stack = next(m for m in model.modules() if isinstance(m, PreTrainedModel)).base_model
     own_forward = stack.__dict__.get("forward")  # an instance attribute (a hook's wrapper) is restored as it was
     eager = stack.forward
     compiled = torch.compile(eager, dynamic=True)
