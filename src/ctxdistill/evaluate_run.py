@@ -144,6 +144,7 @@ def run_dirs(path: Path) -> list[Path]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     from ctxdistill.cli import cell_dir, exit_with_message, quiet_console, user_errors
+    from ctxdistill.progress import BarSafeHandler
 
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
@@ -158,7 +159,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     quiet_console()
     # force: the handler writes to this call's stderr, not to one an earlier call in the process saw
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+        handlers=[BarSafeHandler()],
+        force=True,
+    )
     runs = run_dirs(args.path)
     if not runs:
         parser.error(f"no finished run (metrics.json) under {args.path}")
