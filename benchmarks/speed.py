@@ -49,6 +49,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 
+from ctxdistill.cli import quiet_console  # noqa: E402
+
+quiet_console()  # run at import, so in the fork server too, whose measurement processes inherit it
+
 CONTENDERS = ("ctxdistill", "trl_sdft", "naive")
 ON_POLICY_CONTENDERS = ("on_policy_cd", "trl_sdft_on_policy")
 ON_POLICY_TOKENS = 8  # completion length of the on-policy contenders
@@ -309,6 +313,8 @@ def in_fresh_process(label: str, function: Callable, *args) -> Any:
     context.set_forkserver_preload(PRELOADED)
     with context.Pool(1) as pool:
         result = pool.apply(function, args)
+        pool.close()  # a clean exit: terminating the pool (its __exit__) leaks its semaphores
+        pool.join()
     PROCESS_SECONDS[label] = time.perf_counter() - started
     return result
 
