@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_generation import behaving  # noqa: F401 (the behaving model's fixture)
 
 from ctxdistill.encoding import answer_logits, encode
 from ctxdistill.models import (
@@ -305,3 +306,41 @@ def test_compiling_finds_the_transformer_stack_inside_every_wrapper_and_restores
         assert "forward" not in model.model.__dict__, name
         if name == "lora":
             wrapper.unload()  # the other wrappers take the model without its adapter
+
+
+def test_compiled_training_passes_give_the_eager_logits_and_gradients_on_the_behaving_model(behaving):  # noqa: F811
+    """Left-padded rows of different lengths through the compiled stack: the answer logits and the LoRA
+    gradients of an eager pass, and a pass without gradients (a teacher's) runs eager, compiling nothing."""
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from ctxdistill.config import cpp_compiler
+
+    if cpp_compiler() is None and not torch.cuda.is_available():
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    cfg, tokenizer, model = behaving
+    student = add_lora(copy.deepcopy(model), cfg.model)
+    torch.nn.init.normal_(next(p for n, p in student.named_parameters() if "lora_B" in n))  # a non-zero adapter
+    batch = encode(tokenizer, ["\n 3 5", "\n 1 2 3 4 6", "\n 6", "\n 2 3 5 1 1 2 3"])
+
+    def logits_and_gradients():
+        student.zero_grad()
+        logits = answer_logits(student, batch)
+        logits.logsumexp(-1).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in student.parameters() if p.requires_grad]
+
+    eager_logits, eager_grads = logits_and_gradients()
+    torch._dynamo.reset()
+    counters.clear()
+    with compiled_for_training(student):
+        compiled_logits, compiled_grads = logits_and_gradients()
+        graphs = counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            teacher_logits = answer_logits(student, batch)
+        assert counters["stats"]["unique_graphs"] == graphs == 1
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(teacher_logits, eager_logits, rtol=1e-4, atol=1e-5)
+    for compiled, eager in zip(compiled_grads, eager_grads):
+        # fused kernels sum in another order: elements near zero are compared against the gradient's scale
+        torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4 * eager.abs().max().item())

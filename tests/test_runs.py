@@ -3,7 +3,6 @@
 import io
 import json
 import logging
-import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from omegaconf import OmegaConf
 import ctxdistill
 from ctxdistill import serving
 from ctxdistill.cli import CONFIG_DIR
+from ctxdistill.config import cpp_compiler
 from ctxdistill.models import load_tokenizer
 from ctxdistill.progress import BarSafeHandler, progress_bar
 from ctxdistill.run import run
@@ -314,7 +314,7 @@ def test_debug_fast_runs_any_configuration_in_seconds(make_cfg, tmp_path):
 
 
 @pytest.mark.skipif(
-    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    cpp_compiler() is None,
     reason="torch.compile on the CPU needs a C++ compiler (the run refuses trainer.compile without one)",
 )
 def test_compiled_training_matches_eager_and_compiles_only_the_training_passes(uninterrupted, tmp_path):

@@ -596,6 +596,13 @@ def _validate_mixture(d: DictConfig) -> None:
         require(d[key] >= 1, f"dataset.{key}", f"must be >= 1, got {d[key]}", "")
 
 
+def cpp_compiler() -> Optional[str]:
+    """The C++ compiler torch.compile's CPU code would be built with (``CXX``, else the usual names), or None."""
+    import shutil
+
+    return next(filter(None, (shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))), None)
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks that run before any data or model is loaded."""
     check_schema(cfg)
@@ -648,12 +655,10 @@ def validate(cfg: DictConfig) -> None:
             "Use trainer.mixed_precision=no (or bf16) on CPU",
         )
     if t.compile:
-        import shutil
-
         import torch
 
         require(
-            torch.cuda.is_available() or any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")),
+            torch.cuda.is_available() or cpp_compiler() is not None,
             "trainer.compile",
             "torch.compile on the CPU writes C++ and no C++ compiler was found (CXX, g++, c++ or clang++)",
             "Install one (apt install g++) or use trainer.compile=false",
