@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from hydra.utils import instantiate
+from transformers import AutoTokenizer
 
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import build_task
@@ -14,7 +15,7 @@ from ctxdistill.losses import (
     answer_word_distribution,
     distillation_loss,
     forward_kl,
-    merged_sorted_probabilities,
+    merged_group_probabilities,
     sorted_with_rest,
     universal_logit_distance,
     with_rest_bucket,
@@ -171,13 +172,13 @@ def test_uld_matches_hand_computed_numbers():
     # Group 1: the student's sorted first distribution times its 0.6 for "b": [.3, .18, .12, 0] against the
     # teacher's [.7, .1, .1, .1]: L1 0.4 + 0.08 + 0.02 + 0.1 = 0.6. Group 2: [.6, .2, .2, 0] against
     # [.4, .3, .2, .1]: 0.2 + 0.1 + 0 + 0.1 = 0.4. Mean 0.5.
-    s = merged_sorted_probabilities(sorted_with_rest(student, None), torch.tensor([0.5, 0.6, 0.6]), [[0, 1], [2]])
-    t = merged_sorted_probabilities(sorted_with_rest(teacher, None), torch.tensor([0.7, 0.4]), [[0], [1]])
+    s = merged_group_probabilities(sorted_with_rest(student, None), torch.tensor([0.5, 0.6, 0.6]), [[0, 1], [2]])
+    t = merged_group_probabilities(sorted_with_rest(teacher, None), torch.tensor([0.7, 0.4]), [[0], [1]])
     assert s.flatten().tolist() == pytest.approx([0.3, 0.18, 0.12, 0.6, 0.2, 0.2])
     assert universal_logit_distance(s, t).item() == pytest.approx(0.5)
     # The first token and the rest: [.3, .3] vs [.7, .3] (0.4); [.6, .4] vs [.4, .6] (0.4).
-    s1 = merged_sorted_probabilities(sorted_with_rest(student, 1), torch.tensor([0.5, 0.6, 0.6]), [[0, 1], [2]])
-    t1 = merged_sorted_probabilities(sorted_with_rest(teacher, 1), torch.tensor([0.7, 0.4]), [[0], [1]])
+    s1 = merged_group_probabilities(sorted_with_rest(student, 1), torch.tensor([0.5, 0.6, 0.6]), [[0, 1], [2]])
+    t1 = merged_group_probabilities(sorted_with_rest(teacher, 1), torch.tensor([0.7, 0.4]), [[0], [1]])
     assert universal_logit_distance(s1, t1).item() == pytest.approx(0.4)
 
 
@@ -207,9 +208,124 @@ def test_the_uld_loss_of_a_batch_is_cross_entropy_plus_the_mean_distance_of_its_
     assert loss.item() == pytest.approx(0.5 * crossentropy + 0.45, rel=1e-5)
 
 
-def test_a_teacher_with_another_tokenizer_teaches_a_generated_answer_by_uld(make_cfg, behaving_model_dir, monkeypatch):
+# GOLD's hybrid on the same text: the student's token 0 and the teacher's token 1 are spelt alike (the shared
+# vocabulary); the others are compared sorted.
+SHARED = (torch.tensor([0]), torch.tensor([1]))
+
+
+@pytest.mark.parametrize(
+    "top_k, weights, distance",
+    [
+        # Shared (JSD, beta .5, on unnormalised probabilities): group 1 student .5 x .6 = .3 against the teacher's
+        # .7, mixture .5: .5 (.7 ln 1.4 + .3 ln .6) = 0.0411415; group 2 .2 against .3, mixture .25:
+        # .5 (.3 ln 1.2 + .2 ln .8) = 0.0050339; mean 0.0230877. The others, sorted: group 1 [.18, .12] against
+        # [.1, .1, .1]: 0.2; group 2 [.6, .2] against [.4, .2, .1]: 0.3; mean 0.25. GOLD's adaptive weights: one
+        # of the teacher's 4 tokens is shared, so .25 and .75.
+        (None, None, 0.25 * 0.0230877 + 0.75 * 0.25),
+        (None, [1.0, 1.0], 0.0230877 + 0.25),
+        # The others' first token and their rest: group 1 [.18, .12] (.3 and .2 of the student's unshared .5, times
+        # .6) against [.1, .2] (the teacher's unshared mass 1 - .7, less .1): 0.16; group 2 [.6, .2] against
+        # [.4, .3]: 0.3; mean 0.23.
+        (1, [1.0, 1.0], 0.0230877 + 0.23),
+    ],
+)
+def test_gold_hybrid_uld_matches_hand_computed_numbers(top_k, weights, distance):
+    from ctxdistill.methods.distill import DistillConfig
+    from ctxdistill.teacher_cache import TeacherTargets
+
+    method = method_of(
+        DistillConfig,
+        name="cd",
+        answer="teacher_generation",
+        divergence="uld",
+        top_k=top_k,
+        top_k_rest="bucket",
+        uld_hybrid=True,
+        uld_hybrid_weights=weights,
+    )
+    method._shared = SHARED
+    method._hybrid_weights = tuple(weights or (0.25, 0.75))
+    # the teacher's targets from its logits, as prepare stores them: the unshared tokens sorted, the shared apart
+    fields = method._targets_from_logits(torch.tensor([TEACHER_PROBS]).log(), torch.tensor([[1, 0]]))
+    targets = TeacherTargets([1, 0], *(f if f is None else f[0] for f in fields))
+    assert targets.shared_logprobs.exp().flatten().tolist() == pytest.approx([0.7, 0.3])
+    others = [[0.1, 0.1, 0.1], [0.4, 0.2, 0.1]] if top_k is None else [[0.1], [0.4]]
+    assert targets.logprobs.exp().tolist() == [pytest.approx(row) for row in others]
+    batch = {
+        "answer_ids": torch.tensor([[0, 1, 2]]),
+        "answer_mask": torch.ones(1, 3, dtype=torch.bool),
+        "uld_targets": [(targets, GROUPS)],
+    }
+    loss, stats = method._uld_loss(torch.tensor([STUDENT_PROBS]).log(), batch)
+    assert stats["uld_shared_jsd"] == pytest.approx(0.0230877, abs=1e-6)
+    assert stats["uld_distance"] == pytest.approx(distance, abs=1e-6)
+    assert loss.item() == pytest.approx(stats["uld_crossentropy"] + distance, abs=1e-6)
+
+
+def test_with_one_vocabulary_the_gold_hybrid_is_the_jsd_of_the_two_distributions():
+    from ctxdistill.losses import generalized_jsd
+    from ctxdistill.methods.distill import DistillConfig
+    from ctxdistill.teacher_cache import TeacherTargets
+
+    method = method_of(DistillConfig, name="cd", answer="teacher_generation", divergence="uld", uld_hybrid=True)
+    method._shared, method._hybrid_weights = (torch.arange(3), torch.arange(3)), (1.0, 1.0)
+    teacher, student = (
+        torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]]),
+        torch.tensor([[0.3, 0.3, 0.4], [0.5, 0.25, 0.25]]),
+    )
+    fields = method._targets_from_logits(teacher.log()[None], torch.tensor([[1, 0]]))
+    targets = TeacherTargets([1, 0], *(f if f is None else f[0] for f in fields))
+    assert targets.logprobs.shape == (2, 0)  # nothing is left to sort
+    batch = {
+        "answer_ids": torch.tensor([[1, 0]]),
+        "answer_mask": torch.ones(1, 2, dtype=torch.bool),
+        "uld_targets": [(targets, [([0], [0]), ([1], [1])])],
+    }
+    _, stats = method._uld_loss(student.log()[None], batch)
+    assert stats["uld_sorted_distance"] == 0
+    expected = generalized_jsd(student.log(), teacher.log(), 0.5).mean().item()
+    assert stats["uld_distance"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["method.uld_hybrid=true"], "uld_hybrid: is a variant of divergence=uld"),
+        (["method.uld_hybrid_weights=[1.0,1.0]"], "uld_hybrid_weights: must be two non-negative weights"),
+        (["method.divergence=uld", "method.uld_hybrid=true", "method.uld_hybrid_weights=[1.0]"], "got \\[1.0\\]"),
+        (["method.divergence=uld", "method.uld_hybrid=true", "method.uld_hybrid_weights=[1.0,-1.0]"], "non-negative"),
+    ],
+)
+def test_gold_hybrid_settings_are_checked_before_anything_loads(make_cfg, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(make_cfg(*TINY, "method=cd", "method.answer=teacher_generation", *overrides))
+
+
+def test_the_shared_vocabulary_pairs_the_token_strings_both_tokenizers_hold(make_cfg, behaving_model_dir):
+    from ctxdistill.methods.distill import shared_vocabulary
+
+    cfg = make_cfg(*TINY)
+    student = load_tokenizer(cfg.model, cfg.cache_dir)
+    teacher = AutoTokenizer.from_pretrained(behaving_model_dir)
+    student_ids, teacher_ids = shared_vocabulary(student, teacher, len(student), len(teacher))
+    assert 0 < len(teacher_ids) < len(teacher)
+    assert student.convert_ids_to_tokens(student_ids.tolist()) == teacher.convert_ids_to_tokens(teacher_ids.tolist())
+    assert teacher_ids.tolist() == sorted(teacher_ids.tolist())
+    shared = set(student.get_vocab()) & set(teacher.get_vocab())
+    assert len(teacher_ids) == len(shared)
+    # ids a model has no logit for are left out; one tokenizer shares everything with itself
+    assert len(shared_vocabulary(student, teacher, len(student), 10)[1]) == sum(teacher_ids < 10)
+    same = shared_vocabulary(student, student, len(student), len(student))
+    assert same[0].tolist() == same[1].tolist() == list(range(len(student)))
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_a_teacher_with_another_tokenizer_teaches_a_generated_answer_by_uld(
+    make_cfg, behaving_model_dir, monkeypatch, hybrid
+):
     """The behaving teacher (264 tokens) generates each answer; the tiny student (SmolLM2's tokenizer) trains on
-    the same text in its own tokens, and every aligned group of positions writes the same piece of it."""
+    the same text in its own tokens, and every aligned group of positions writes the same piece of it. With
+    GOLD's hybrid, the teacher's targets keep the shared tokens' log-probabilities apart from the sorted rest."""
     from ctxdistill.methods.distill import ContextDistillation
 
     teacher = [
@@ -228,6 +344,7 @@ def test_a_teacher_with_another_tokenizer_teaches_a_generated_answer_by_uld(make
         "dataset.source.split_sizes.eval=16",
         "trainer.batch_size=8",
         "trainer.max_steps=2",
+        f"method.uld_hybrid={hybrid}",
     )
     seen = []
     original = ContextDistillation.loss
@@ -242,8 +359,17 @@ def test_a_teacher_with_another_tokenizer_teaches_a_generated_answer_by_uld(make
     student_tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     teacher_tokenizer = load_tokenizer(cfg.method.teacher_model, cfg.cache_dir)
     pieces = 0
+    if hybrid:
+        student_ids, teacher_ids = method._shared
+        assert 0 < len(teacher_ids) < len(teacher_tokenizer)
+        assert student_tokenizer.convert_ids_to_tokens(student_ids.tolist()) == teacher_tokenizer.convert_ids_to_tokens(
+            teacher_ids.tolist()
+        )
+        assert method._hybrid_weights == pytest.approx((len(teacher_ids) / 264, 1 - len(teacher_ids) / 264))
     for row, (targets, groups) in enumerate(batch["uld_targets"]):
         assert targets.logprobs.shape == (len(targets.span), 16)  # the teacher's 16 largest, sorted
+        if hybrid:  # the shared tokens' log-probabilities, in the shared ids' order
+            assert targets.shared_logprobs.shape == (len(targets.span), len(teacher_ids))
         student_span = batch["answer_ids"][row][batch["answer_mask"][row]].tolist()
         text = teacher_tokenizer.decode(targets.span, skip_special_tokens=True)
         assert student_tokenizer.decode(student_span) == text

@@ -137,28 +137,34 @@ def align_by_text_offsets(student_ends: list[int], teacher_ends: list[int]) -> l
     return groups
 
 
-def merged_sorted_probabilities(
-    sorted_probs: torch.Tensor, token_probs: torch.Tensor, groups: list[list[int]]
-) -> torch.Tensor:
-    """One sorted (descending) probability vector per group of positions [G, K], by the chain rule: the
-    distribution at the group's first position, which predicts its first token, times the probability of
-    each later token of the group (what the model gave the token actually there). Sorting commutes with that
-    scaling, so ``sorted_probs`` [P, K] may be the sorted distributions (or their first K and a rest
-    category); ``token_probs`` [P] is each position's probability of its own token."""
+def merged_group_probabilities(probs: torch.Tensor, token_probs: torch.Tensor, groups: list[list[int]]) -> torch.Tensor:
+    """One probability vector per group of positions [G, K], by the chain rule: the distribution at the group's
+    first position, which predicts its first token, times the probability of each later token of the group
+    (what the model gave the token actually there). ``probs`` [P, K] may be any per-position vectors the scaling
+    applies to: the distributions over some tokens, or, since sorting commutes with it, the sorted distributions
+    (or their first K and a rest category); ``token_probs`` [P] is each position's probability of its own token."""
     scales = torch.stack([token_probs[group[1:]].prod() for group in groups])
-    return sorted_probs[[group[0] for group in groups]] * scales.unsqueeze(-1)
+    return probs[[group[0] for group in groups]] * scales.unsqueeze(-1)
 
 
-def with_rest(probs: torch.Tensor) -> torch.Tensor:
-    """Probabilities of some tokens [..., k] and one category for the rest of the mass [..., k+1]."""
-    return torch.cat([probs, (1 - probs.sum(-1, keepdim=True)).clamp(min=0)], -1)
+def with_rest(probs: torch.Tensor, total: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Probabilities of some tokens [..., k] and one category for the rest of ``total`` [..., k+1] (1: the
+    whole distribution; less when some tokens are counted elsewhere)."""
+    rest = torch.as_tensor(total, dtype=probs.dtype, device=probs.device).unsqueeze(-1) - probs.sum(-1, keepdim=True)
+    return torch.cat([probs, rest.clamp(min=0)], -1)
 
 
-def sorted_with_rest(probs: torch.Tensor, top_k: Optional[int]) -> torch.Tensor:
+def sorted_with_rest(
+    probs: torch.Tensor, top_k: Optional[int], excluded: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Probabilities sorted in descending order [..., V]; with ``top_k``, the k largest and one category for the
-    rest of the mass [..., k+1]."""
-    ordered = probs.sort(dim=-1, descending=True).values
-    return ordered if top_k is None else with_rest(ordered[..., :top_k])
+    rest of the mass [..., k+1]. ``excluded`` token ids (compared elsewhere, e.g. GOLD's shared tokens) are left
+    out: of the sorted vector [..., V - len(excluded)] and of the rest."""
+    kept = probs if excluded is None else probs.index_fill(-1, excluded.to(probs.device), 0)
+    ordered = kept.sort(dim=-1, descending=True).values
+    if top_k is None:
+        return ordered[..., : probs.shape[-1] - (0 if excluded is None else len(excluded))]
+    return with_rest(ordered[..., :top_k], kept.sum(-1))
 
 
 def universal_logit_distance(student_sorted: torch.Tensor, teacher_sorted: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,9 @@ class TeacherTargets(NamedTuple):
     indices: Optional[torch.Tensor]  # [len(span), k] token ids of the top k; None for the whole vocabulary
     # uld (logprobs then hold the sorted log-probabilities): [len(span)] the log-probability of each span token
     span_logprobs: Optional[torch.Tensor] = None
+    # uld_hybrid (logprobs then hold the sorted log-probabilities of the other tokens): [len(span), M] the
+    # log-probabilities of the tokens the student's vocabulary shares
+    shared_logprobs: Optional[torch.Tensor] = None
 
 
 def stack_targets(

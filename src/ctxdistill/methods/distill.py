@@ -21,7 +21,8 @@ token by token; ``distil_over="verbalizers"`` compares them where both vocabular
 probability of each answer word (one token in its own tokenizer) and of anything else. For a generated
 answer, ``divergence="uld"`` is Universal Logit Distillation (Boizard et al. 2024, with the text-offset
 alignment of TRL's GOLD): the student learns the teacher's answer text in its own tokens (cross-entropy)
-and, at each piece of text both tokenizations end on, the teacher's sorted probabilities (L1 distance).
+and, at each piece of text both tokenizations end on, the teacher's sorted probabilities (L1 distance);
+``uld_hybrid`` is GOLD's hybrid, which compares the tokens both vocabularies spell alike directly (JSD).
 
 ``sequential=true`` (``method=sequential_cd``) is Snell et al.'s sequential distillation (eq. 3):
 one round per context (``dataset.context.num_contexts``). Round 1 distils context 1 from the frozen
@@ -34,6 +35,7 @@ by the teacher's trainable weights too.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -51,7 +53,8 @@ from ctxdistill.losses import (
     answer_cross_entropy,
     answer_word_distribution,
     distillation_loss,
-    merged_sorted_probabilities,
+    generalized_jsd,
+    merged_group_probabilities,
     sorted_with_rest,
     teacher_distribution,
     universal_logit_distance,
@@ -94,6 +97,12 @@ class DistillConfig(MethodConfig):
     # with divergence=uld: the weight of the cross-entropy on the teacher's answer text, the term that says which
     # tokens (the sorted comparison forgets it); Boizard et al. add it at 1, TRL's GOLD defaults it to 0
     uld_crossentropy_weight: float = 1.0
+    # with divergence=uld: GOLD's hybrid (TRL's uld_use_hybrid_loss): the tokens both vocabularies spell alike are
+    # compared directly by the generalised JSD (method.beta), only the others by the sorted distance
+    uld_hybrid: bool = False
+    # [shared, other]: the weights of those two terms; null: GOLD's adaptive weights (the share of the teacher's
+    # vocabulary that the student's shares, and the rest)
+    uld_hybrid_weights: Optional[list[float]] = None
     # one round per context, each taught by the previous round's student with that context (Snell eq. 3)
     sequential: bool = False
     schema_name: ClassVar[str] = "base_distill"
@@ -109,6 +118,21 @@ class DistillConfig(MethodConfig):
             "method.uld_crossentropy_weight",
             f"weights a term of divergence=uld only (method.divergence={m.divergence})",
             "Set method.divergence=uld, or leave method.uld_crossentropy_weight at 1.0",
+        )
+        require(
+            m.divergence == "uld" or not m.uld_hybrid,
+            "method.uld_hybrid",
+            f"is a variant of divergence=uld (method.divergence={m.divergence})",
+            "Set method.divergence=uld, or method.uld_hybrid=false",
+        )
+        weights = m.uld_hybrid_weights
+        require(
+            weights is None or (m.uld_hybrid and len(weights) == 2 and min(weights) >= 0),
+            "method.uld_hybrid_weights",
+            f"must be two non-negative weights [shared, other] of method.uld_hybrid=true, got {weights} "
+            f"(uld_hybrid={m.uld_hybrid})",
+            "Set method.uld_hybrid=true method.uld_hybrid_weights=[1.0,1.0], or leave the weights at null "
+            "(GOLD's adaptive weights)",
         )
         if m.divergence == "uld":
             require(
@@ -234,6 +258,23 @@ def uld_alignment(tokenizer, teacher_tokenizer, span: list[int]) -> tuple[list[i
     return student_span, align_by_text_offsets(text_ends(tokenizer, student_span), text_ends(teacher_tokenizer, span))
 
 
+def shared_vocabulary(tokenizer, teacher_tokenizer, student_width: int, teacher_width: int):
+    """GOLD's matched tokens: the student's and the teacher's ids [M] of every token string both vocabularies
+    hold (among the ids each model has a logit for), in the teacher's id order."""
+    student_vocab = tokenizer.get_vocab()
+    pairs = sorted(
+        (teacher_id, student_vocab[text])
+        for text, teacher_id in teacher_tokenizer.get_vocab().items()
+        if text in student_vocab and teacher_id < teacher_width and student_vocab[text] < student_width
+    )
+    return torch.tensor([s for _, s in pairs], dtype=torch.long), torch.tensor([t for t, _ in pairs], dtype=torch.long)
+
+
+def output_width(model: torch.nn.Module) -> int:
+    """How many logits the model gives (its vocabulary as the LM head sees it, padding rows included)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
 class ContextDistillation(Method):
     trained_weights = "adapter"
 
@@ -254,6 +295,8 @@ class ContextDistillation(Method):
         distil_over: str = "vocabulary",
         sequential: bool = False,
         uld_crossentropy_weight: float = 1.0,
+        uld_hybrid: bool = False,
+        uld_hybrid_weights: Optional[list[float]] = None,
     ):
         super().__init__(name)
         self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)
@@ -261,6 +304,10 @@ class ContextDistillation(Method):
         self.uld, self.uld_crossentropy_weight = divergence == "uld", uld_crossentropy_weight
         # per query, uld's (student positions, teacher positions) groups that write the same piece of the answer
         self._groups: dict[str, list[tuple[list[int], list[int]]]] = {}
+        self.uld_hybrid, self.uld_hybrid_weights = uld_hybrid, uld_hybrid_weights
+        # with uld_hybrid: (student ids, teacher ids) of the shared tokens, and the [shared, other] weights
+        self._shared: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._hybrid_weights: Optional[tuple[float, float]] = None
         self.divergence, self.beta, self.temperature = divergence, beta, temperature
         self.top_k, self.top_k_rest = top_k, top_k_rest
         self.answer, self.max_answer_tokens, self.live_teacher = answer, max_answer_tokens, teacher == "live"
@@ -311,16 +358,22 @@ class ContextDistillation(Method):
         return [tokenizer(v, add_special_tokens=False).input_ids[0] for v in task.verbalizers]
 
     def _targets_from_logits(self, logits: torch.Tensor, answer_ids: torch.Tensor):
-        """The teacher's targets from its logits at the answer positions: its distribution over the
-        vocabulary (or top k), over the answer words and the rest, or (uld) its sorted log-probabilities (the
-        first k) and the log-probability of each answer token."""
+        """The teacher's targets from its logits at the answer positions, as the batched fields of
+        :class:`TeacherTargets` after the span: its distribution over the vocabulary (or top k), over the answer
+        words and the rest, or (uld) its sorted log-probabilities (the first k; with uld_hybrid, of the tokens
+        the student's vocabulary does not share), the log-probability of each answer token and (uld_hybrid)
+        the log-probabilities of the shared tokens."""
         if self.uld:
             logprobs = (logits.float() / self.temperature).log_softmax(-1)
-            ordered = logprobs.sort(dim=-1, descending=True).values[..., : self.top_k]
-            return ordered, logprobs.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+            span_logprobs = logprobs.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+            shared = None if self._shared is None else self._shared[1]
+            others = logprobs if shared is None else logprobs.index_fill(-1, shared, float("-inf"))
+            width = logprobs.shape[-1] - (0 if shared is None else len(shared))
+            ordered = others.sort(dim=-1, descending=True).values[..., : min(width, self.top_k or width)]
+            return ordered, None, span_logprobs, None if shared is None else logprobs[..., shared]
         if self.over_verbalizers:
-            return answer_word_distribution(logits, self._teacher_word_ids, self.temperature), None
-        return teacher_distribution(logits, self.temperature, self.top_k)
+            return answer_word_distribution(logits, self._teacher_word_ids, self.temperature), None, None, None
+        return *teacher_distribution(logits, self.temperature, self.top_k), None, None
 
     @torch.no_grad()
     def prepare(self, handle, tokenizer, task, examples, batch_size):
@@ -331,6 +384,18 @@ class ContextDistillation(Method):
         if self.over_verbalizers:
             self._student_word_ids = self._word_ids(tokenizer, task)
             self._teacher_word_ids = self._word_ids(teacher_tokenizer, task)
+        if self.uld_hybrid:
+            teacher_width = output_width(handle.separate_teacher or handle.base)
+            self._shared = shared_vocabulary(tokenizer, teacher_tokenizer, output_width(handle.base), teacher_width)
+            shared_weight = len(self._shared[1]) / teacher_width  # GOLD's adaptive weights
+            self._hybrid_weights = tuple(self.uld_hybrid_weights or (shared_weight, 1 - shared_weight))
+            log.info(
+                "method.uld_hybrid: %d of the teacher's %d tokens are spelt alike in the student's vocabulary; "
+                "weights %.3g (shared, JSD) and %.3g (the others, sorted)",
+                len(self._shared[1]),
+                teacher_width,
+                *self._hybrid_weights,
+            )
         # sequential: every query with this round's context; else each query's own
         context = task.contexts[self.round] if self.sequential else None
         prompts = [task.teacher_prompt(e, context) for e in examples]
@@ -342,6 +407,8 @@ class ContextDistillation(Method):
             # the answer words' tokens in the teacher's tokenizer (the teacher's identity covers its tokenizer)
             **({"verbalizers": list(task.verbalizers)} if self.over_verbalizers else {}),
             **({"targets": "sorted"} if self.uld else {}),
+            # the shared tokens, which the student's vocabulary decides too
+            **({"shared": hashlib.sha256(self._shared[1].numpy().tobytes()).hexdigest()[:16]} if self._shared else {}),
         }
         cache = TeacherCache(
             self.teacher_cache_dir if self.teacher_cache == "disk" else None,
@@ -365,14 +432,12 @@ class ContextDistillation(Method):
                     chunk = slice(start, start + batch_size)
                     batch = encode(teacher_tokenizer, todo_prompts[chunk], spans[chunk], prefix_length=prefix.length)
                     logits = answer_logits(teacher, batch, prefix).cpu()
-                    logprobs, extra = self._targets_from_logits(logits, batch["answer_ids"])
+                    fields = self._targets_from_logits(logits, batch["answer_ids"])
                     self.teacher_forwards += 1
                     for j, (prompt, span) in enumerate(zip(todo_prompts[chunk], spans[chunk])):
-                        keep = slice(logprobs.shape[1] - len(span), None)  # right-aligned span positions
-                        kept = None if extra is None else extra[j, keep].clone()
+                        keep = slice(logits.shape[1] - len(span), None)  # right-aligned span positions
                         cache.put(
-                            prompt,
-                            TeacherTargets(span, logprobs[j, keep].clone(), *((None, kept) if self.uld else (kept,))),
+                            prompt, TeacherTargets(span, *(f if f is None else f[j, keep].clone() for f in fields))
                         )
             cache.save()
         for example, prompt in zip(examples, prompts):
@@ -442,33 +507,55 @@ class ContextDistillation(Method):
         else:
             with handle.teacher() as teacher:
                 logits = answer_logits(teacher, inputs, self._prefix)
-        return self._targets_from_logits(logits, inputs["answer_ids"])
+        return self._targets_from_logits(logits, inputs["answer_ids"])[:2]
 
     def _uld_loss(self, student: torch.Tensor, batch) -> tuple[torch.Tensor, dict]:
         """Cross-entropy on the teacher's answer in the student's tokens, plus the ULD distance of each aligned
-        group's sorted probabilities (averaged over a row's groups, then over the rows, as TRL's GOLD does)."""
+        group's sorted probabilities (averaged over a row's groups, then over the rows, as TRL's GOLD does).
+        With uld_hybrid, the distance is GOLD's: the weighted sum of the generalised JSD over the shared
+        tokens' (unnormalised) probabilities and the sorted distance over the others'."""
         answer_ids, mask = batch["answer_ids"].to(student.device), batch["answer_mask"].to(student.device)
         crossentropy = answer_cross_entropy(student, answer_ids, mask)
         probs = (student / self.temperature).softmax(-1)
         token_probs = probs.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
-        distances = []
+        shared_ids = None if self._shared is None else self._shared[0].to(probs.device)
+        distances, shared_terms, sorted_terms = [], [], []
         for row, (targets, groups) in enumerate(batch["uld_targets"]):
             at = slice(mask.shape[1] - int(mask[row].sum()), None)  # the row's right-aligned span
-            student_sorted = merged_sorted_probabilities(
-                sorted_with_rest(probs[row, at], self.top_k), token_probs[row, at], [s for s, _ in groups]
+            row_probs = probs[row, at]
+            student_merged = functools.partial(
+                merged_group_probabilities, token_probs=token_probs[row, at], groups=[s for s, _ in groups]
             )
-            teacher_probs = targets.logprobs.exp()  # sorted already, the first top_k only
-            teacher_sorted = merged_sorted_probabilities(
-                with_rest(teacher_probs) if self.top_k else teacher_probs,
-                targets.span_logprobs.exp(),
-                [t for _, t in groups],
+            teacher_merged = functools.partial(
+                merged_group_probabilities,
+                token_probs=targets.span_logprobs.exp().to(probs.device),
+                groups=[t for _, t in groups],
             )
-            distances.append(universal_logit_distance(student_sorted, teacher_sorted))
+            teacher_sorted = targets.logprobs.exp().to(probs.device)  # sorted already, the first top_k only
+            teacher_shared = None if shared_ids is None else targets.shared_logprobs.exp().to(probs.device)
+            if self.top_k:
+                teacher_sorted = with_rest(teacher_sorted, 1 if teacher_shared is None else 1 - teacher_shared.sum(-1))
+            sorted_term = universal_logit_distance(
+                student_merged(sorted_with_rest(row_probs, self.top_k, shared_ids)), teacher_merged(teacher_sorted)
+            )
+            if shared_ids is None:
+                distances.append(sorted_term)
+                continue
+            shared_term = generalized_jsd(
+                student_merged(row_probs[:, shared_ids]).clamp(min=1e-8).log(),
+                teacher_merged(teacher_shared).clamp(min=1e-8).log(),
+                self.beta,
+            ).mean()
+            shared_weight, sorted_weight = self._hybrid_weights
+            distances.append(shared_weight * shared_term + sorted_weight * sorted_term)
+            shared_terms.append(shared_term.item())
+            sorted_terms.append(sorted_term.item())
         distance = torch.stack(distances).mean()
-        return self.uld_crossentropy_weight * crossentropy + distance, {
-            "uld_crossentropy": crossentropy.item(),
-            "uld_distance": distance.item(),
-        }
+        stats = {"uld_crossentropy": crossentropy.item(), "uld_distance": distance.item()}
+        if shared_terms:
+            stats |= {"uld_shared_jsd": sum(shared_terms) / len(shared_terms)}
+            stats |= {"uld_sorted_distance": sum(sorted_terms) / len(sorted_terms)}
+        return self.uld_crossentropy_weight * crossentropy + distance, stats
 
     def loss(self, handle, batch):
         student = answer_logits(handle.student, batch)
