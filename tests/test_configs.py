@@ -1,6 +1,7 @@
 """Every config file composes against its schema; bad values fail before any model loads."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,17 @@ def test_settings_for_an_out_of_domain_set_that_is_not_selected_are_an_error(mak
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_composes_and_validates(make_cfg, experiment):
     validate(make_cfg(f"experiment={experiment}", *NEEDS.get(f"experiment={experiment}", [])))
+
+
+def test_the_running_guide_lists_every_experiment():
+    """docs/running.md's table of config groups names every experiment a user can run (bases excepted)."""
+    text = (Path(__file__).parents[1] / "docs" / "running.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `experiment` |"))
+    listed = set()
+    for name in re.findall(r"`([^`]+)`", row.split("|")[2].split(";")[0]):
+        braces = re.fullmatch(r"(.*)\{(.*)\}(.*)", name)
+        listed |= {braces[1] + part + braces[3] for part in braces[2].split(",")} if braces else {name}
+    assert listed == {e for e in options("experiment") if not e.endswith("/base")}
 
 
 @pytest.mark.parametrize(

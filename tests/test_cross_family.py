@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from ctxdistill.config import ConfigError, validate
@@ -379,3 +380,21 @@ def test_a_teacher_with_another_tokenizer_teaches_a_generated_answer_by_uld(
             pieces += 1
     assert pieces >= 8  # every row aligned at least once
     assert result["metrics"]["eval/accuracy"] is not None
+
+
+def test_the_uld_experiment_is_the_documented_command_line(make_cfg):
+    """experiment=cross_family_uld composes to what docs/cross-family.md's long command line gave."""
+    spelt_out = make_cfg(
+        "experiment=cross_family",
+        "model=gemma3-270m",
+        "model@method.teacher_model=smollm2-135m",
+        "method.distil_over=vocabulary",
+        "method.divergence=uld",
+        "method.answer=teacher_generation",
+        "method.top_k=256",
+        "method.top_k_rest=bucket",
+    )
+    named = make_cfg("experiment=cross_family_uld")
+    validate(named)
+    assert (named.model.name, named.method.teacher_model.name) == ("gemma3-270m", "smollm2-135m")
+    assert OmegaConf.to_container(named) == OmegaConf.to_container(spelt_out)
