@@ -303,7 +303,7 @@ def test_gold_hybrid_settings_are_checked_before_anything_loads(make_cfg, overri
 
 
 def test_the_shared_vocabulary_pairs_the_token_strings_both_tokenizers_hold(make_cfg, behaving_model_dir):
-    from ctxdistill.methods.distill import shared_vocabulary
+    from ctxdistill.encoding import shared_vocabulary
 
     cfg = make_cfg(*TINY)
     student = load_tokenizer(cfg.model, cfg.cache_dir)

@@ -9,11 +9,16 @@ Teacher prompts share their context. :class:`SharedPrefix` runs the tokens that 
 prompt starts with once and keeps their key/value cache; each batch then runs only
 the query tokens and attends to the context without copying it
 (:mod:`ctxdistill.prefix_attention`), so the teacher's cost per query barely grows with the context.
+
+Two tokenizers (a teacher from another model family) meet on text: :func:`retokenized` writes one's tokens
+in the other's, :func:`tokenization_groups` pairs the pieces of text both write, and :func:`gold_shared_tokens`
+finds the tokens both vocabularies spell alike.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -21,6 +26,9 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ctxdistill import prefix_attention
+from ctxdistill.losses import align_by_text_offsets
+
+log = logging.getLogger(__name__)
 
 
 def encode(
@@ -191,3 +199,57 @@ def answer_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) 
     mask = batch["answer_mask"].to(logits.device)
     picked = logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
     return (picked * mask).sum(-1)
+
+
+def text_ends(tokenizer, ids: list[int]) -> list[int]:
+    """Where each token of ``ids`` ends in their decoded text (in characters; special tokens write nothing)."""
+    return [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+
+
+def retokenized(tokenizer, ids: list[int], into) -> list[int]:
+    """The text that ``tokenizer`` writes with ``ids``, in the tokens of ``into``."""
+    return into(tokenizer.decode(ids, skip_special_tokens=True), add_special_tokens=False).input_ids
+
+
+def tokenization_groups(
+    tokenizer, ids: list[int], teacher_tokenizer, teacher_ids: list[int]
+) -> list[tuple[list[int], list[int]]]:
+    """The groups of (student, teacher) positions of two tokenizations of one text that write the same piece
+    of it (:func:`ctxdistill.losses.align_by_text_offsets`)."""
+    return align_by_text_offsets(text_ends(tokenizer, ids), text_ends(teacher_tokenizer, teacher_ids))
+
+
+def shared_vocabulary(tokenizer, teacher_tokenizer, student_width: int, teacher_width: int):
+    """GOLD's matched tokens: the student's and the teacher's ids [M] of every token string both vocabularies
+    hold (among the ids each model has a logit for), in the teacher's id order."""
+    student_vocab = tokenizer.get_vocab()
+    pairs = sorted(
+        (teacher_id, student_vocab[text])
+        for text, teacher_id in teacher_tokenizer.get_vocab().items()
+        if text in student_vocab and teacher_id < teacher_width and student_vocab[text] < student_width
+    )
+    return torch.tensor([s for _, s in pairs], dtype=torch.long), torch.tensor([t for t, _ in pairs], dtype=torch.long)
+
+
+def output_width(model: torch.nn.Module) -> int:
+    """How many logits the model gives (its vocabulary as the LM head sees it, padding rows included)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def gold_shared_tokens(
+    student: torch.nn.Module, teacher: torch.nn.Module, tokenizer, teacher_tokenizer, weights=None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[float, float]]:
+    """GOLD's hybrid split: the (student ids, teacher ids) of the shared tokens, and the [shared, other] weights,
+    ``weights`` or GOLD's adaptive ones (the share of the teacher's vocabulary that is shared, and the rest)."""
+    teacher_width = output_width(teacher)
+    shared = shared_vocabulary(tokenizer, teacher_tokenizer, output_width(student), teacher_width)
+    shared_weight = len(shared[1]) / teacher_width
+    chosen = tuple(weights or (shared_weight, 1 - shared_weight))
+    log.info(
+        "method.uld_hybrid: %d of the teacher's %d tokens are spelt alike in the student's vocabulary; "
+        "weights %.3g (shared, JSD) and %.3g (the others, sorted)",
+        len(shared[1]),
+        teacher_width,
+        *chosen,
+    )
+    return shared, chosen

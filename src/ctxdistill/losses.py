@@ -7,6 +7,7 @@ vocabulary. Teacher logits are detached: gradient flows through the student only
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -176,6 +177,67 @@ def universal_logit_distance(student_sorted: torch.Tensor, teacher_sorted: torch
     student_sorted = F.pad(student_sorted, (0, width - student_sorted.shape[-1]))
     teacher_sorted = F.pad(teacher_sorted.to(student_sorted), (0, width - teacher_sorted.shape[-1]))
     return (student_sorted - teacher_sorted).abs().sum(-1).mean()
+
+
+def uld_teacher_targets(
+    logits: torch.Tensor,
+    answer_ids: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    shared_ids: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """What ULD needs of the teacher at its answer positions [..., V]: its sorted log-probabilities (the first
+    ``top_k``; with GOLD's ``shared_ids``, of the other tokens only), the log-probability of each answer token,
+    and (GOLD) the log-probabilities of the shared tokens [..., M]."""
+    logprobs = (logits.float() / temperature).log_softmax(-1)
+    token_logprobs = logprobs.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
+    others = logprobs if shared_ids is None else logprobs.index_fill(-1, shared_ids, float("-inf"))
+    width = logprobs.shape[-1] - (0 if shared_ids is None else len(shared_ids))
+    ordered = others.sort(dim=-1, descending=True).values[..., : min(width, top_k or width)]
+    return ordered, token_logprobs, None if shared_ids is None else logprobs[..., shared_ids]
+
+
+def uld_distance(
+    student_probs: torch.Tensor,
+    student_token_probs: torch.Tensor,
+    groups: list[tuple[list[int], list[int]]],
+    teacher_sorted_logprobs: torch.Tensor,
+    teacher_token_logprobs: torch.Tensor,
+    teacher_shared_logprobs: Optional[torch.Tensor] = None,
+    student_shared_ids: Optional[torch.Tensor] = None,
+    top_k: Optional[int] = None,
+    weights: tuple[float, float] = (0.0, 1.0),
+    beta: float = 0.5,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """One row's ULD distance over its aligned ``groups`` of (student, teacher) positions: (distance, shared
+    term, sorted term). The student's distributions [Ps, Vs] and each position's probability of its own token
+    [Ps]; the teacher's :func:`uld_teacher_targets` at its positions. Each group's vectors are merged by the
+    chain rule (:func:`merged_group_probabilities`) and their sorted forms compared (L1,
+    :func:`universal_logit_distance`; with ``top_k``, the first k and the rest of the mass). GOLD's hybrid
+    (with the shared tokens): the weighted sum ``weights`` of the generalised JSD (``beta``) over the shared
+    tokens' unnormalised probabilities, each clamped at 1e-8 before its log as GOLD does, and the sorted
+    distance over the others."""
+    student_merged = functools.partial(
+        merged_group_probabilities, token_probs=student_token_probs, groups=[s for s, _ in groups]
+    )
+    teacher_merged = functools.partial(
+        merged_group_probabilities, token_probs=teacher_token_logprobs.exp(), groups=[t for _, t in groups]
+    )
+    teacher_sorted = teacher_sorted_logprobs.exp()
+    teacher_shared = None if teacher_shared_logprobs is None else teacher_shared_logprobs.exp()
+    if top_k:
+        teacher_sorted = with_rest(teacher_sorted, 1 if teacher_shared is None else 1 - teacher_shared.sum(-1))
+    sorted_term = universal_logit_distance(
+        student_merged(sorted_with_rest(student_probs, top_k, student_shared_ids)), teacher_merged(teacher_sorted)
+    )
+    if teacher_shared is None:
+        return sorted_term, None, sorted_term
+    shared_term = generalized_jsd(
+        student_merged(student_probs[:, student_shared_ids]).clamp(min=1e-8).log(),
+        teacher_merged(teacher_shared).clamp(min=1e-8).log(),
+        beta,
+    ).mean()
+    return weights[0] * shared_term + weights[1] * sorted_term, shared_term, sorted_term
 
 
 def answer_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

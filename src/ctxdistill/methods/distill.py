@@ -35,7 +35,6 @@ by the teacher's trainable weights too.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import logging
 import os
@@ -46,19 +45,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.config import MethodConfig, ModelConfig, one_of, require, validate_model
-from ctxdistill.encoding import SharedPrefix, answer_logits, encode
+from ctxdistill.encoding import (
+    SharedPrefix,
+    answer_logits,
+    encode,
+    gold_shared_tokens,
+    retokenized,
+    tokenization_groups,
+)
 from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import (
-    align_by_text_offsets,
     answer_cross_entropy,
     answer_word_distribution,
     distillation_loss,
-    generalized_jsd,
-    merged_group_probabilities,
-    sorted_with_rest,
     teacher_distribution,
-    universal_logit_distance,
-    with_rest,
+    uld_distance,
+    uld_teacher_targets,
 )
 from ctxdistill.methods.base import Method
 from ctxdistill.models import ModelLoadError
@@ -242,37 +244,11 @@ def trainable_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def text_ends(tokenizer, ids: list[int]) -> list[int]:
-    """Where each token of ``ids`` ends in their decoded text (in characters; special tokens write nothing)."""
-    return [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
-
-
 def uld_alignment(tokenizer, teacher_tokenizer, span: list[int]) -> tuple[list[int], list[tuple[list[int], list[int]]]]:
     """The student's tokens of the teacher's answer ``span`` (the same ids when the tokenizer is the same) and
     the groups of (student, teacher) positions that write the same piece of its text."""
-    student_span = (
-        span
-        if teacher_tokenizer is tokenizer
-        else tokenizer(teacher_tokenizer.decode(span, skip_special_tokens=True), add_special_tokens=False).input_ids
-    )
-    return student_span, align_by_text_offsets(text_ends(tokenizer, student_span), text_ends(teacher_tokenizer, span))
-
-
-def shared_vocabulary(tokenizer, teacher_tokenizer, student_width: int, teacher_width: int):
-    """GOLD's matched tokens: the student's and the teacher's ids [M] of every token string both vocabularies
-    hold (among the ids each model has a logit for), in the teacher's id order."""
-    student_vocab = tokenizer.get_vocab()
-    pairs = sorted(
-        (teacher_id, student_vocab[text])
-        for text, teacher_id in teacher_tokenizer.get_vocab().items()
-        if text in student_vocab and teacher_id < teacher_width and student_vocab[text] < student_width
-    )
-    return torch.tensor([s for _, s in pairs], dtype=torch.long), torch.tensor([t for t, _ in pairs], dtype=torch.long)
-
-
-def output_width(model: torch.nn.Module) -> int:
-    """How many logits the model gives (its vocabulary as the LM head sees it, padding rows included)."""
-    return model.get_output_embeddings().weight.shape[0]
+    student_span = span if teacher_tokenizer is tokenizer else retokenized(teacher_tokenizer, span, tokenizer)
+    return student_span, tokenization_groups(tokenizer, student_span, teacher_tokenizer, span)
 
 
 class ContextDistillation(Method):
@@ -364,13 +340,11 @@ class ContextDistillation(Method):
         the student's vocabulary does not share), the log-probability of each answer token and (uld_hybrid)
         the log-probabilities of the shared tokens."""
         if self.uld:
-            logprobs = (logits.float() / self.temperature).log_softmax(-1)
-            span_logprobs = logprobs.gather(-1, answer_ids.unsqueeze(-1)).squeeze(-1)
             shared = None if self._shared is None else self._shared[1]
-            others = logprobs if shared is None else logprobs.index_fill(-1, shared, float("-inf"))
-            width = logprobs.shape[-1] - (0 if shared is None else len(shared))
-            ordered = others.sort(dim=-1, descending=True).values[..., : min(width, self.top_k or width)]
-            return ordered, None, span_logprobs, None if shared is None else logprobs[..., shared]
+            ordered, token_logprobs, shared_logprobs = uld_teacher_targets(
+                logits, answer_ids, self.temperature, self.top_k, shared
+            )
+            return ordered, None, token_logprobs, shared_logprobs
         if self.over_verbalizers:
             return answer_word_distribution(logits, self._teacher_word_ids, self.temperature), None, None, None
         return *teacher_distribution(logits, self.temperature, self.top_k), None, None
@@ -385,16 +359,12 @@ class ContextDistillation(Method):
             self._student_word_ids = self._word_ids(tokenizer, task)
             self._teacher_word_ids = self._word_ids(teacher_tokenizer, task)
         if self.uld_hybrid:
-            teacher_width = output_width(handle.separate_teacher or handle.base)
-            self._shared = shared_vocabulary(tokenizer, teacher_tokenizer, output_width(handle.base), teacher_width)
-            shared_weight = len(self._shared[1]) / teacher_width  # GOLD's adaptive weights
-            self._hybrid_weights = tuple(self.uld_hybrid_weights or (shared_weight, 1 - shared_weight))
-            log.info(
-                "method.uld_hybrid: %d of the teacher's %d tokens are spelt alike in the student's vocabulary; "
-                "weights %.3g (shared, JSD) and %.3g (the others, sorted)",
-                len(self._shared[1]),
-                teacher_width,
-                *self._hybrid_weights,
+            self._shared, self._hybrid_weights = gold_shared_tokens(
+                handle.base,
+                handle.separate_teacher or handle.base,
+                tokenizer,
+                teacher_tokenizer,
+                self.uld_hybrid_weights,
             )
         # sequential: every query with this round's context; else each query's own
         context = task.contexts[self.round] if self.sequential else None
@@ -522,34 +492,21 @@ class ContextDistillation(Method):
         distances, shared_terms, sorted_terms = [], [], []
         for row, (targets, groups) in enumerate(batch["uld_targets"]):
             at = slice(mask.shape[1] - int(mask[row].sum()), None)  # the row's right-aligned span
-            row_probs = probs[row, at]
-            student_merged = functools.partial(
-                merged_group_probabilities, token_probs=token_probs[row, at], groups=[s for s, _ in groups]
+            teacher = (targets.logprobs, targets.span_logprobs, targets.shared_logprobs)
+            distance, shared_term, sorted_term = uld_distance(
+                probs[row, at],
+                token_probs[row, at],
+                groups,
+                *(None if t is None else t.to(probs.device) for t in teacher),
+                student_shared_ids=shared_ids,
+                top_k=self.top_k,
+                weights=self._hybrid_weights or (0.0, 1.0),
+                beta=self.beta,
             )
-            teacher_merged = functools.partial(
-                merged_group_probabilities,
-                token_probs=targets.span_logprobs.exp().to(probs.device),
-                groups=[t for _, t in groups],
-            )
-            teacher_sorted = targets.logprobs.exp().to(probs.device)  # sorted already, the first top_k only
-            teacher_shared = None if shared_ids is None else targets.shared_logprobs.exp().to(probs.device)
-            if self.top_k:
-                teacher_sorted = with_rest(teacher_sorted, 1 if teacher_shared is None else 1 - teacher_shared.sum(-1))
-            sorted_term = universal_logit_distance(
-                student_merged(sorted_with_rest(row_probs, self.top_k, shared_ids)), teacher_merged(teacher_sorted)
-            )
-            if shared_ids is None:
-                distances.append(sorted_term)
-                continue
-            shared_term = generalized_jsd(
-                student_merged(row_probs[:, shared_ids]).clamp(min=1e-8).log(),
-                teacher_merged(teacher_shared).clamp(min=1e-8).log(),
-                self.beta,
-            ).mean()
-            shared_weight, sorted_weight = self._hybrid_weights
-            distances.append(shared_weight * shared_term + sorted_weight * sorted_term)
-            shared_terms.append(shared_term.item())
-            sorted_terms.append(sorted_term.item())
+            distances.append(distance)
+            if shared_term is not None:
+                shared_terms.append(shared_term.item())
+                sorted_terms.append(sorted_term.item())
         distance = torch.stack(distances).mean()
         stats = {"uld_crossentropy": crossentropy.item(), "uld_distance": distance.item()}
         if shared_terms:
