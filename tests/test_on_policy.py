@@ -257,3 +257,116 @@ def test_with_an_empty_context_the_teacher_is_the_student_and_every_divergence_i
     with torch.no_grad():
         loss, _ = method.loss(handle, method.collate(tokenizer, task, task.train_queries[:4]))
     assert loss.item() == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_gold_on_policy_with_another_tokenizer_equals_plain_forwards(make_cfg, behaving_model_dir, monkeypatch, hybrid):
+    """The tiny student (SmolLM2's tokenizer) samples; the behaving teacher (its own 264 tokens) scores each sample
+    written again in its tokens, after the context. At the first step, every row's inputs to the distance (the
+    student's and the teacher's distributions and token log-probabilities at the aligned positions) and the loss
+    equal those recomputed row by row from plain forwards of each whole prompt and sample, without padding,
+    batching or the shared context cache; every aligned group of positions writes the same text on both sides."""
+    from ctxdistill.encoding import retokenized, tokenization_groups
+    from ctxdistill.losses import uld_distance, uld_teacher_targets
+    from ctxdistill.methods import on_policy
+    from ctxdistill.methods.on_policy import OnPolicyDistillation
+
+    teacher = [
+        f"method.teacher_model.{k}" for k in ("name=behaving", "source=hub", f"name_or_path={behaving_model_dir}")
+    ]
+    cfg = make_cfg(
+        *TINY,
+        "method=on_policy_cd",
+        "method.divergence=uld",
+        f"method.uld_hybrid={hybrid}",
+        "+model@method.teacher_model=tiny-random",
+        *teacher,
+        "dataset.num_train_queries=8",
+        "dataset.source.split_sizes.eval=16",
+        "trainer.batch_size=4",
+        "trainer.max_steps=2",
+    )
+    checked, rows = [], []
+    original_loss, original_sample = OnPolicyDistillation.loss, OnPolicyDistillation.sample
+
+    def sampling(self, model, prompts, prefix=None):
+        self.last_samples = original_sample(self, model, prompts, prefix)
+        return self.last_samples
+
+    def recording_distance(*args, **kwargs):
+        rows.append([a.detach().clone() if torch.is_tensor(a) else a for a in args])
+        return uld_distance(*args, **kwargs)
+
+    def checking(self, handle, batch):
+        rows.clear()
+        loss, stats = original_loss(self, handle, batch)
+        if checked:
+            return loss, stats
+        shared = self._shared or (None, None)
+        distances, aligned = [], iter(rows)
+        with torch.no_grad(), handle.teacher() as frozen:
+            for prompt, teacher_prompt, sample in zip(
+                batch["student_prompts"], batch["teacher_prompts"], self.last_samples
+            ):
+                span = retokenized(self.tokenizer, sample, self.teacher_tokenizer)
+                groups = tokenization_groups(self.tokenizer, sample, self.teacher_tokenizer, span)
+                for student_positions, teacher_positions in groups:
+                    written = self.tokenizer.decode([sample[i] for i in student_positions])
+                    assert written == self.teacher_tokenizer.decode([span[i] for i in teacher_positions])
+                if not groups:
+                    continue
+                ids = self.tokenizer(prompt).input_ids + sample
+                probs = (
+                    handle.student(torch.tensor([ids])).logits[0, len(ids) - len(sample) - 1 : -1].float().softmax(-1)
+                )
+                teacher_ids = self.teacher_tokenizer(teacher_prompt).input_ids + span
+                teacher_logits = frozen(torch.tensor([teacher_ids])).logits[0, len(teacher_ids) - len(span) - 1 : -1]
+                reference = [
+                    probs,
+                    probs.gather(-1, torch.tensor(sample).unsqueeze(-1)).squeeze(-1),
+                    groups,
+                    *uld_teacher_targets(teacher_logits, torch.tensor(span), shared_ids=shared[1]),
+                ]
+                for got, expected in zip(next(aligned), reference):
+                    if torch.is_tensor(expected):
+                        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+                    else:
+                        assert got == expected
+                distance, _, _ = uld_distance(
+                    *reference, student_shared_ids=shared[0], weights=self._hybrid_weights or (0.0, 1.0), beta=self.beta
+                )
+                distances.append(distance)
+        assert len(distances) == len(rows) == stats["aligned_rows"] * len(self.last_samples) >= 2
+        assert loss.item() == pytest.approx(torch.stack(distances).mean().item(), rel=1e-4, abs=1e-6)
+        assert ("uld_shared_jsd" in stats) == hybrid
+        checked.append(stats)
+        return loss, stats
+
+    monkeypatch.setattr(OnPolicyDistillation, "sample", sampling)
+    monkeypatch.setattr(OnPolicyDistillation, "loss", checking)
+    monkeypatch.setattr(on_policy, "uld_distance", recording_distance)
+    result = run(cfg)
+    assert checked and result["metrics"]["eval/accuracy"] is not None
+
+
+def test_gold_settings_are_checked_before_anything_loads(make_cfg):
+    base = [*TINY, "method=on_policy_cd"]
+    with pytest.raises(ConfigError, match="method.lmbda: divergence=uld trains on the student's own samples"):
+        validate(make_cfg(*base, "method.divergence=uld", "method.lmbda=0.5"))
+    with pytest.raises(ConfigError, match="method.uld_hybrid: is a variant of divergence=uld"):
+        validate(make_cfg(*base, "method.uld_hybrid=true"))
+    with pytest.raises(ConfigError, match="a teacher predicts the next token"):
+        validate(make_cfg(*base, "+model@method.teacher_model=minilm-l6"))
+
+
+def test_a_teacher_with_another_vocabulary_needs_gold(make_cfg):
+    from ctxdistill.models import ModelLoadError
+
+    cfg = make_cfg(*TINY, "method=on_policy_cd", "+model@method.teacher_model=minilm-l6")
+    method = instantiate(cfg.method, _convert_="all")
+    task = build_task(cfg.dataset, cfg.seed)
+    student, bert = load_tokenizer(cfg.model, cfg.cache_dir), load_tokenizer(cfg.method.teacher_model, cfg.cache_dir)
+    with pytest.raises(ModelLoadError, match="different vocabularies.*method.divergence=uld"):
+        method.check_teacher(cfg, task, student, bert)
+    method.uld = True
+    method.check_teacher(cfg, task, student, bert)  # ULD meets any tokenizer on text

@@ -410,6 +410,39 @@ def require(ok: bool, key: str, problem: str, fix: str) -> None:
         raise ConfigError(f"{key}: {problem}. {fix}")
 
 
+def check_teacher_model(m: DictConfig) -> None:
+    """A method's separate teacher (``method.teacher_model``), when it has one: a valid model that predicts the
+    next token."""
+    if m.teacher_model is None:
+        return
+    validate_model(m.teacher_model, "method.teacher_model")
+    require(
+        m.teacher_model.architecture == "causal_lm",
+        "method.teacher_model",
+        f"{m.teacher_model.name} is a {m.teacher_model.architecture} model; a teacher predicts the next token",
+        "Use a causal LM as the teacher (e.g. model@method.teacher_model=gemma3-270m)",
+    )
+
+
+def check_uld_hybrid(m: DictConfig) -> None:
+    """GOLD's hybrid settings (``method.uld_hybrid``, ``method.uld_hybrid_weights``) of a method with ULD."""
+    require(
+        m.divergence == "uld" or not m.uld_hybrid,
+        "method.uld_hybrid",
+        f"is a variant of divergence=uld (method.divergence={m.divergence})",
+        "Set method.divergence=uld, or method.uld_hybrid=false",
+    )
+    weights = m.uld_hybrid_weights
+    require(
+        weights is None or (m.uld_hybrid and len(weights) == 2 and min(weights) >= 0),
+        "method.uld_hybrid_weights",
+        f"must be two non-negative weights [shared, other] of method.uld_hybrid=true, got {weights} "
+        f"(uld_hybrid={m.uld_hybrid})",
+        "Set method.uld_hybrid=true method.uld_hybrid_weights=[1.0,1.0], or leave the weights at null "
+        "(GOLD's adaptive weights)",
+    )
+
+
 def _template_fields(template: str, key: str) -> set[str]:
     """The field names a str.format template reads ({premise}, {0} ...)."""
     import string

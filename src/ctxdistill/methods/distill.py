@@ -44,7 +44,7 @@ from typing import ClassVar, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import MethodConfig, ModelConfig, one_of, require, validate_model
+from ctxdistill.config import MethodConfig, ModelConfig, check_teacher_model, check_uld_hybrid, one_of, require
 from ctxdistill.encoding import (
     SharedPrefix,
     answer_logits,
@@ -121,21 +121,7 @@ class DistillConfig(MethodConfig):
             f"weights a term of divergence=uld only (method.divergence={m.divergence})",
             "Set method.divergence=uld, or leave method.uld_crossentropy_weight at 1.0",
         )
-        require(
-            m.divergence == "uld" or not m.uld_hybrid,
-            "method.uld_hybrid",
-            f"is a variant of divergence=uld (method.divergence={m.divergence})",
-            "Set method.divergence=uld, or method.uld_hybrid=false",
-        )
-        weights = m.uld_hybrid_weights
-        require(
-            weights is None or (m.uld_hybrid and len(weights) == 2 and min(weights) >= 0),
-            "method.uld_hybrid_weights",
-            f"must be two non-negative weights [shared, other] of method.uld_hybrid=true, got {weights} "
-            f"(uld_hybrid={m.uld_hybrid})",
-            "Set method.uld_hybrid=true method.uld_hybrid_weights=[1.0,1.0], or leave the weights at null "
-            "(GOLD's adaptive weights)",
-        )
+        check_uld_hybrid(m)
         if m.divergence == "uld":
             require(
                 m.answer == "teacher_generation",
@@ -170,14 +156,7 @@ class DistillConfig(MethodConfig):
             "a live teacher is the student itself, so it cannot be another model (method.teacher_model)",
             "Set method.teacher=frozen, or method.teacher_model=null",
         )
-        if m.teacher_model is not None:
-            validate_model(m.teacher_model, "method.teacher_model")
-            require(
-                m.teacher_model.architecture == "causal_lm",
-                "method.teacher_model",
-                f"{m.teacher_model.name} is a {m.teacher_model.architecture} model; a teacher predicts the next token",
-                "Use a causal LM as the teacher (e.g. model@method.teacher_model=gemma3-270m)",
-            )
+        check_teacher_model(m)
         if m.distil_over == "verbalizers":
             require(
                 cfg.dataset.kind == "classification",

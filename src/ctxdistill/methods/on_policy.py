@@ -12,6 +12,12 @@ teacher instead (with probability 1 - lambda): sequence-level distillation.
 
 The context's key/value cache is computed once and reused by every teacher pass.
 Sampling and the lambda draws use their own seeded generators, so a run is reproducible.
+
+``teacher_model`` makes another model the teacher. When its tokenizer differs from the student's,
+``divergence="uld"`` is GOLD's on-policy distillation (TRL's GOLDTrainer): each of the student's samples is
+written again in the teacher's tokens, the teacher scores that text after the context, and at each piece of
+text both tokenizations end on the two sorted distributions are compared (ULD; ``uld_hybrid``: GOLD's
+hybrid, the tokens both vocabularies spell alike compared directly).
 """
 
 from __future__ import annotations
@@ -21,13 +27,27 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import MethodConfig, one_of, require
-from ctxdistill.encoding import SharedPrefix, answer_logits, encode
+from ctxdistill.config import MethodConfig, ModelConfig, check_teacher_model, check_uld_hybrid, one_of, require
+from ctxdistill.encoding import (
+    SharedPrefix,
+    answer_logits,
+    encode,
+    gold_shared_tokens,
+    retokenized,
+    tokenization_groups,
+)
 from ctxdistill.generation import generate
-from ctxdistill.losses import distillation_loss, sampled_reverse_kl, teacher_distribution
+from ctxdistill.losses import (
+    distillation_loss,
+    sampled_reverse_kl,
+    teacher_distribution,
+    uld_distance,
+    uld_teacher_targets,
+)
 from ctxdistill.methods.base import Method
+from ctxdistill.models import ModelLoadError
 
 
 @dataclass
@@ -66,15 +86,35 @@ class OnPolicySampling:
 @dataclass
 class OnPolicyConfig(OnPolicySampling, MethodConfig):
     _target_: str = "ctxdistill.methods.on_policy.OnPolicyDistillation"
+    # ... or uld: GOLD's on-policy distillation, for a teacher with another tokenizer (the sorted distributions
+    # compared at each piece of text both tokenizations of a sample end on)
+    divergence: str = one_of("reverse_kl", "jsd", "forward_kl", "sampled_reverse_kl", "uld", default="reverse_kl")
     max_new_tokens: int = 8
     stop: Optional[str] = "\n"  # a sample ends with the first token containing it (or end-of-sequence)
     seed: int = 0  # the sampling generator and the lambda draws
+    # another model as the frozen teacher (model@method.teacher_model=NAME); null: the student's base weights
+    teacher_model: Optional[ModelConfig] = None
+    # with divergence=uld: GOLD's hybrid (TRL's uld_use_hybrid_loss): the tokens both vocabularies spell alike are
+    # compared directly by the generalised JSD (method.beta), only the others by the sorted distance
+    uld_hybrid: bool = False
+    # [shared, other]: the weights of those two terms; null: GOLD's adaptive weights (the share of the teacher's
+    # vocabulary that the student's shares, and the rest)
+    uld_hybrid_weights: Optional[list[float]] = None
     schema_name: ClassVar[str] = "base_on_policy"
 
     @classmethod
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
         cls.check_sampling(m)
         require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
+        check_teacher_model(m)
+        check_uld_hybrid(m)
+        require(
+            m.divergence != "uld" or m.lmbda == 1,
+            "method.lmbda",
+            f"divergence=uld trains on the student's own samples (GOLD's on-policy batches); batches the teacher "
+            f"samples in its own tokens (lmbda < 1) are not supported, got lmbda={m.lmbda}",
+            "Set method.lmbda=1",
+        )
 
 
 class OnPolicyDistillation(Method):
@@ -92,13 +132,29 @@ class OnPolicyDistillation(Method):
         max_new_tokens: int,
         stop: Optional[str],
         seed: int,
+        teacher_model: Optional[dict] = None,
+        uld_hybrid: bool = False,
+        uld_hybrid_weights: Optional[list[float]] = None,
     ):
         super().__init__(name)
         self.divergence, self.beta, self.lmbda = divergence, beta, lmbda
         self.temperature, self.top_k, self.max_new_tokens, self.stop = temperature, top_k, max_new_tokens, stop
         self.seed = seed
-        self.tokenizer = None
+        self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)
+        self.uld, self.uld_hybrid, self.uld_hybrid_weights = divergence == "uld", uld_hybrid, uld_hybrid_weights
+        # with uld_hybrid: (student ids, teacher ids) of the shared tokens, and the [shared, other] weights
+        self._shared: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._hybrid_weights: Optional[tuple[float, float]] = None
+        self.tokenizer = self.teacher_tokenizer = None
         self.prefix: Optional[SharedPrefix] = None
+
+    def check_teacher(self, cfg, task, tokenizer, teacher_tokenizer):
+        if self.uld:  # the two tokenizations meet on the samples' text
+            return
+        try:
+            super().check_teacher(cfg, task, tokenizer, teacher_tokenizer)
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{e} On-policy distillation across tokenizers (GOLD): method.divergence=uld") from e
 
     def train_examples(self, task):
         return task.train_queries
@@ -108,12 +164,16 @@ class OnPolicyDistillation(Method):
 
     def start(self, handle, tokenizer, teacher_prompts: list[str]) -> None:
         """Seeds the sampling and the lambda draws, and runs the teacher prompts' shared context once."""
-        self.tokenizer = tokenizer
+        self.tokenizer, self.teacher_tokenizer = tokenizer, handle.teacher_tokenizer or tokenizer
         self.draws = random.Random(self.seed)
         device = next(handle.base.parameters()).device
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         with handle.teacher() as teacher:
-            self.prefix = SharedPrefix(teacher, tokenizer, teacher_prompts)
+            self.prefix = SharedPrefix(teacher, self.teacher_tokenizer, teacher_prompts)
+            if self.uld_hybrid:
+                self._shared, self._hybrid_weights = gold_shared_tokens(
+                    handle.base, teacher, tokenizer, self.teacher_tokenizer, self.uld_hybrid_weights
+                )
 
     def collate(self, tokenizer, task, examples):
         return {
@@ -135,7 +195,58 @@ class OnPolicyDistillation(Method):
             batch_size=len(prompts),
         )
 
+    def _gold_loss(self, handle, batch):
+        """GOLD on the student's samples: each written again in the teacher's tokens and scored by the teacher
+        after the context; the ULD (or hybrid) distance of each row's aligned pieces of text, averaged over the
+        rows that have one (at temperature 1, as the other divergences)."""
+        samples = self.sample(handle.student, batch["student_prompts"])
+        same = self.teacher_tokenizer is self.tokenizer
+        spans = [s if same else retokenized(self.tokenizer, s, self.teacher_tokenizer) for s in samples]
+        groups = [tokenization_groups(self.tokenizer, s, self.teacher_tokenizer, t) for s, t in zip(samples, spans)]
+        student_batch = encode(self.tokenizer, batch["student_prompts"], samples)
+        student = answer_logits(handle.student, student_batch)
+        with handle.teacher() as teacher:
+            teacher_batch = encode(
+                self.teacher_tokenizer, batch["teacher_prompts"], spans, prefix_length=self.prefix.length
+            )
+            teacher_logits = answer_logits(teacher, teacher_batch, self.prefix)
+        shared = (None, None) if self._shared is None else self._shared
+        teacher_targets = uld_teacher_targets(
+            teacher_logits,
+            teacher_batch["answer_ids"].to(teacher_logits.device),
+            shared_ids=None if shared[1] is None else shared[1].to(teacher_logits.device),
+        )
+        probs = student.float().softmax(-1)
+        token_probs = probs.gather(-1, student_batch["answer_ids"].to(probs.device).unsqueeze(-1)).squeeze(-1)
+        distances, shared_terms = [], []
+        for row, row_groups in enumerate(groups):
+            if not row_groups:  # an empty sample, or text the two tokenizers decode differently
+                continue
+            at = slice(probs.shape[1] - len(samples[row]), None)  # right-aligned spans
+            teacher_at = slice(teacher_logits.shape[1] - len(spans[row]), None)
+            distance, shared_term, _ = uld_distance(
+                probs[row, at],
+                token_probs[row, at],
+                row_groups,
+                *(None if t is None else t[row, teacher_at].to(probs.device) for t in teacher_targets),
+                student_shared_ids=None if shared[0] is None else shared[0].to(probs.device),
+                weights=self._hybrid_weights or (0.0, 1.0),
+                beta=self.beta,
+            )
+            distances.append(distance)
+            if shared_term is not None:
+                shared_terms.append(shared_term.item())
+        loss = torch.stack(distances).mean() if distances else student.sum() * 0
+        stats = {
+            "on_policy": 1.0,
+            "sample_tokens": sum(map(len, samples)) / len(samples),
+            "aligned_rows": len(distances) / len(samples),
+        }
+        return loss, stats | ({"uld_shared_jsd": sum(shared_terms) / len(shared_terms)} if shared_terms else {})
+
     def loss(self, handle, batch):
+        if self.uld:
+            return self._gold_loss(handle, batch)
         on_policy = self.draws.random() < self.lmbda
         if on_policy:
             samples = self.sample(handle.student, batch["student_prompts"])
