@@ -410,39 +410,6 @@ def require(ok: bool, key: str, problem: str, fix: str) -> None:
         raise ConfigError(f"{key}: {problem}. {fix}")
 
 
-def check_teacher_model(m: DictConfig) -> None:
-    """A method's separate teacher (``method.teacher_model``), when it has one: a valid model that predicts the
-    next token."""
-    if m.teacher_model is None:
-        return
-    validate_model(m.teacher_model, "method.teacher_model")
-    require(
-        m.teacher_model.architecture == "causal_lm",
-        "method.teacher_model",
-        f"{m.teacher_model.name} is a {m.teacher_model.architecture} model; a teacher predicts the next token",
-        "Use a causal LM as the teacher (e.g. model@method.teacher_model=gemma3-270m)",
-    )
-
-
-def check_uld_hybrid(m: DictConfig) -> None:
-    """GOLD's hybrid settings (``method.uld_hybrid``, ``method.uld_hybrid_weights``) of a method with ULD."""
-    require(
-        m.divergence == "uld" or not m.uld_hybrid,
-        "method.uld_hybrid",
-        f"is a variant of divergence=uld (method.divergence={m.divergence})",
-        "Set method.divergence=uld, or method.uld_hybrid=false",
-    )
-    weights = m.uld_hybrid_weights
-    require(
-        weights is None or (m.uld_hybrid and len(weights) == 2 and min(weights) >= 0),
-        "method.uld_hybrid_weights",
-        f"must be two non-negative weights [shared, other] of method.uld_hybrid=true, got {weights} "
-        f"(uld_hybrid={m.uld_hybrid})",
-        "Set method.uld_hybrid=true method.uld_hybrid_weights=[1.0,1.0], or leave the weights at null "
-        "(GOLD's adaptive weights)",
-    )
-
-
 def _template_fields(template: str, key: str) -> set[str]:
     """The field names a str.format template reads ({premise}, {0} ...)."""
     import string
@@ -542,6 +509,49 @@ def _validate_classification(d: DictConfig, key: str) -> None:
             f"{key}.generation",
             "max_new_tokens and max_answer_tokens must be >= 1",
             "",
+        )
+
+
+@dataclass
+class SeparateTeacher:
+    """The settings of a method that another model may teach, one from another model family too (cd,
+    on_policy_cd); a schema mixes them in, and its check calls :meth:`check_separate_teacher`."""
+
+    # another model as the frozen teacher (model@method.teacher_model=NAME); null: the student's base weights
+    teacher_model: Optional[ModelConfig] = None
+    # with divergence=uld: GOLD's hybrid (TRL's uld_use_hybrid_loss): the tokens both vocabularies spell alike are
+    # compared directly by the generalised JSD (method.beta), only the others by the sorted distance
+    uld_hybrid: bool = False
+    # [shared, other]: the weights of those two terms; null: GOLD's adaptive weights (the share of the teacher's
+    # vocabulary that the student's shares, and the rest)
+    uld_hybrid_weights: Optional[list[float]] = None
+
+    @staticmethod
+    def check_separate_teacher(m: DictConfig) -> None:
+        """The teacher, when there is one, is a valid model that predicts the next token; GOLD's hybrid settings
+        belong to divergence=uld."""
+        if m.teacher_model is not None:
+            validate_model(m.teacher_model, "method.teacher_model")
+            require(
+                m.teacher_model.architecture == "causal_lm",
+                "method.teacher_model",
+                f"{m.teacher_model.name} is a {m.teacher_model.architecture} model; a teacher predicts the next token",
+                "Use a causal LM as the teacher (e.g. model@method.teacher_model=gemma3-270m)",
+            )
+        require(
+            m.divergence == "uld" or not m.uld_hybrid,
+            "method.uld_hybrid",
+            f"is a variant of divergence=uld (method.divergence={m.divergence})",
+            "Set method.divergence=uld, or method.uld_hybrid=false",
+        )
+        weights = m.uld_hybrid_weights
+        require(
+            weights is None or (m.uld_hybrid and len(weights) == 2 and min(weights) >= 0),
+            "method.uld_hybrid_weights",
+            f"must be two non-negative weights [shared, other] of method.uld_hybrid=true, got {weights} "
+            f"(uld_hybrid={m.uld_hybrid})",
+            "Set method.uld_hybrid=true method.uld_hybrid_weights=[1.0,1.0], or leave the weights at null "
+            "(GOLD's adaptive weights)",
         )
 
 

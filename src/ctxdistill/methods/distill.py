@@ -44,7 +44,7 @@ from typing import ClassVar, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import MethodConfig, ModelConfig, check_teacher_model, check_uld_hybrid, one_of, require
+from ctxdistill.config import MethodConfig, SeparateTeacher, one_of, require
 from ctxdistill.encoding import (
     SharedPrefix,
     answer_logits,
@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DistillConfig(MethodConfig):
+class DistillConfig(SeparateTeacher, MethodConfig):
     _target_: str = "ctxdistill.methods.distill.ContextDistillation"
     # uld: L1 between sorted probability vectors (no shared vocabulary needed; answer=teacher_generation)
     divergence: str = one_of("forward_kl", "reverse_kl", "jsd", "uld", default="forward_kl")
@@ -91,20 +91,12 @@ class DistillConfig(MethodConfig):
     # this run only (memory), or recomputed at every step (none). A live teacher is always per step.
     teacher_cache: str = one_of("disk", "memory", "none", default="disk")
     teacher_cache_dir: str = "${cache_dir}/teacher_targets"
-    # another model as the frozen teacher (model@method.teacher_model=NAME); null: the student's base weights
-    teacher_model: Optional[ModelConfig] = None
     # what the divergence compares: every token of the shared vocabulary, or the answer words (verbalizers)
     # and one category for the rest, each model with its own tokenizer (a teacher from another family)
     distil_over: str = one_of("vocabulary", "verbalizers", default="vocabulary")
     # with divergence=uld: the weight of the cross-entropy on the teacher's answer text, the term that says which
     # tokens (the sorted comparison forgets it); Boizard et al. add it at 1, TRL's GOLD defaults it to 0
     uld_crossentropy_weight: float = 1.0
-    # with divergence=uld: GOLD's hybrid (TRL's uld_use_hybrid_loss): the tokens both vocabularies spell alike are
-    # compared directly by the generalised JSD (method.beta), only the others by the sorted distance
-    uld_hybrid: bool = False
-    # [shared, other]: the weights of those two terms; null: GOLD's adaptive weights (the share of the teacher's
-    # vocabulary that the student's shares, and the rest)
-    uld_hybrid_weights: Optional[list[float]] = None
     # one round per context, each taught by the previous round's student with that context (Snell eq. 3)
     sequential: bool = False
     schema_name: ClassVar[str] = "base_distill"
@@ -121,7 +113,6 @@ class DistillConfig(MethodConfig):
             f"weights a term of divergence=uld only (method.divergence={m.divergence})",
             "Set method.divergence=uld, or leave method.uld_crossentropy_weight at 1.0",
         )
-        check_uld_hybrid(m)
         if m.divergence == "uld":
             require(
                 m.answer == "teacher_generation",
@@ -156,7 +147,7 @@ class DistillConfig(MethodConfig):
             "a live teacher is the student itself, so it cannot be another model (method.teacher_model)",
             "Set method.teacher=frozen, or method.teacher_model=null",
         )
-        check_teacher_model(m)
+        cls.check_separate_teacher(m)
         if m.distil_over == "verbalizers":
             require(
                 cfg.dataset.kind == "classification",

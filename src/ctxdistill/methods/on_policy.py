@@ -29,7 +29,7 @@ from typing import ClassVar, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import MethodConfig, ModelConfig, check_teacher_model, check_uld_hybrid, one_of, require
+from ctxdistill.config import MethodConfig, SeparateTeacher, one_of, require
 from ctxdistill.encoding import (
     SharedPrefix,
     answer_logits,
@@ -84,7 +84,7 @@ class OnPolicySampling:
 
 
 @dataclass
-class OnPolicyConfig(OnPolicySampling, MethodConfig):
+class OnPolicyConfig(OnPolicySampling, SeparateTeacher, MethodConfig):
     _target_: str = "ctxdistill.methods.on_policy.OnPolicyDistillation"
     # ... or uld: GOLD's on-policy distillation, for a teacher with another tokenizer (the sorted distributions
     # compared at each piece of text both tokenizations of a sample end on)
@@ -92,22 +92,13 @@ class OnPolicyConfig(OnPolicySampling, MethodConfig):
     max_new_tokens: int = 8
     stop: Optional[str] = "\n"  # a sample ends with the first token containing it (or end-of-sequence)
     seed: int = 0  # the sampling generator and the lambda draws
-    # another model as the frozen teacher (model@method.teacher_model=NAME); null: the student's base weights
-    teacher_model: Optional[ModelConfig] = None
-    # with divergence=uld: GOLD's hybrid (TRL's uld_use_hybrid_loss): the tokens both vocabularies spell alike are
-    # compared directly by the generalised JSD (method.beta), only the others by the sorted distance
-    uld_hybrid: bool = False
-    # [shared, other]: the weights of those two terms; null: GOLD's adaptive weights (the share of the teacher's
-    # vocabulary that the student's shares, and the rest)
-    uld_hybrid_weights: Optional[list[float]] = None
     schema_name: ClassVar[str] = "base_on_policy"
 
     @classmethod
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
         cls.check_sampling(m)
         require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
-        check_teacher_model(m)
-        check_uld_hybrid(m)
+        cls.check_separate_teacher(m)
         require(
             m.divergence != "uld" or m.lmbda == 1,
             "method.lmbda",
