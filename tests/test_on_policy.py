@@ -259,13 +259,16 @@ def test_with_an_empty_context_the_teacher_is_the_student_and_every_divergence_i
     assert loss.item() == pytest.approx(0.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("hybrid", [False, True])
-def test_gold_on_policy_with_another_tokenizer_equals_plain_forwards(make_cfg, behaving_model_dir, monkeypatch, hybrid):
-    """The tiny student (SmolLM2's tokenizer) samples; the behaving teacher (its own 264 tokens) scores each sample
-    written again in its tokens, after the context. At the first step, every row's inputs to the distance (the
-    student's and the teacher's distributions and token log-probabilities at the aligned positions) and the loss
-    equal those recomputed row by row from plain forwards of each whole prompt and sample, without padding,
-    batching or the shared context cache; every aligned group of positions writes the same text on both sides."""
+@pytest.mark.parametrize("hybrid, lmbda, crossentropy_weight", [(False, 1.0, 0.0), (True, 1.0, 0.0), (False, 0.0, 0.5)])
+def test_gold_on_policy_with_another_tokenizer_equals_plain_forwards(
+    make_cfg, behaving_model_dir, monkeypatch, hybrid, lmbda, crossentropy_weight
+):
+    """The tiny student (SmolLM2's tokenizer) samples (or with lmbda=0 the behaving teacher, in its own 264
+    tokens, after the context); the teacher scores each sample written in its tokens, after the context. At the
+    first step, every row's inputs to the distance (the student's and the teacher's distributions and token
+    log-probabilities at the aligned positions), the cross-entropy and the loss equal those recomputed row by row
+    from plain forwards of each whole prompt and sample, without padding, batching or the shared context cache;
+    every aligned group of positions writes the same text on both sides."""
     from ctxdistill.encoding import retokenized, tokenization_groups
     from ctxdistill.losses import uld_distance, uld_teacher_targets
     from ctxdistill.methods import on_policy
@@ -279,6 +282,8 @@ def test_gold_on_policy_with_another_tokenizer_equals_plain_forwards(make_cfg, b
         "method=on_policy_cd",
         "method.divergence=uld",
         f"method.uld_hybrid={hybrid}",
+        f"method.lmbda={lmbda}",
+        f"method.uld_crossentropy_weight={crossentropy_weight}",
         "+model@method.teacher_model=tiny-random",
         *teacher,
         "dataset.num_train_queries=8",
@@ -289,8 +294,9 @@ def test_gold_on_policy_with_another_tokenizer_equals_plain_forwards(make_cfg, b
     checked, rows = [], []
     original_loss, original_sample = OnPolicyDistillation.loss, OnPolicyDistillation.sample
 
-    def sampling(self, model, prompts, prefix=None):
-        self.last_samples = original_sample(self, model, prompts, prefix)
+    def sampling(self, model, prompts, prefix=None, tokenizer=None):
+        self.last_samples = original_sample(self, model, prompts, prefix, tokenizer)
+        self.sampled_by_teacher = tokenizer is self.teacher_tokenizer
         return self.last_samples
 
     def recording_distance(*args, **kwargs):
@@ -302,23 +308,28 @@ def test_gold_on_policy_with_another_tokenizer_equals_plain_forwards(make_cfg, b
         loss, stats = original_loss(self, handle, batch)
         if checked:
             return loss, stats
+        assert stats["on_policy"] == lmbda and self.sampled_by_teacher == (lmbda == 0)
         shared = self._shared or (None, None)
-        distances, aligned = [], iter(rows)
+        distances, aligned, token_losses = [], iter(rows), []
         with torch.no_grad(), handle.teacher() as frozen:
-            for prompt, teacher_prompt, sample in zip(
+            for prompt, teacher_prompt, sampled in zip(
                 batch["student_prompts"], batch["teacher_prompts"], self.last_samples
             ):
-                span = retokenized(self.tokenizer, sample, self.teacher_tokenizer)
+                if self.sampled_by_teacher:
+                    span, sample = sampled, retokenized(self.teacher_tokenizer, sampled, self.tokenizer)
+                else:
+                    sample, span = sampled, retokenized(self.tokenizer, sampled, self.teacher_tokenizer)
+                ids = self.tokenizer(prompt).input_ids + sample
+                probs = (
+                    handle.student(torch.tensor([ids])).logits[0, len(ids) - len(sample) - 1 : -1].float().softmax(-1)
+                )
+                token_losses += (-probs.gather(-1, torch.tensor(sample).unsqueeze(-1)).log()).flatten().tolist()
                 groups = tokenization_groups(self.tokenizer, sample, self.teacher_tokenizer, span)
                 for student_positions, teacher_positions in groups:
                     written = self.tokenizer.decode([sample[i] for i in student_positions])
                     assert written == self.teacher_tokenizer.decode([span[i] for i in teacher_positions])
                 if not groups:
                     continue
-                ids = self.tokenizer(prompt).input_ids + sample
-                probs = (
-                    handle.student(torch.tensor([ids])).logits[0, len(ids) - len(sample) - 1 : -1].float().softmax(-1)
-                )
                 teacher_ids = self.teacher_tokenizer(teacher_prompt).input_ids + span
                 teacher_logits = frozen(torch.tensor([teacher_ids])).logits[0, len(teacher_ids) - len(span) - 1 : -1]
                 reference = [
@@ -337,7 +348,10 @@ def test_gold_on_policy_with_another_tokenizer_equals_plain_forwards(make_cfg, b
                 )
                 distances.append(distance)
         assert len(distances) == len(rows) == stats["aligned_rows"] * len(self.last_samples) >= 2
-        assert loss.item() == pytest.approx(torch.stack(distances).mean().item(), rel=1e-4, abs=1e-6)
+        crossentropy = sum(token_losses) / len(token_losses)
+        assert stats["uld_crossentropy"] == pytest.approx(crossentropy, rel=1e-4)
+        expected = torch.stack(distances).mean().item() + crossentropy_weight * crossentropy
+        assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
         assert ("uld_shared_jsd" in stats) == hybrid
         checked.append(stats)
         return loss, stats
@@ -351,8 +365,10 @@ def test_gold_on_policy_with_another_tokenizer_equals_plain_forwards(make_cfg, b
 
 def test_gold_settings_are_checked_before_anything_loads(make_cfg):
     base = [*TINY, "method=on_policy_cd"]
-    with pytest.raises(ConfigError, match="method.lmbda: divergence=uld trains on the student's own samples"):
-        validate(make_cfg(*base, "method.divergence=uld", "method.lmbda=0.5"))
+    with pytest.raises(ConfigError, match=r"method.uld_crossentropy_weight: weights a term of divergence=uld only"):
+        validate(make_cfg(*base, "method.uld_crossentropy_weight=1.0"))
+    with pytest.raises(ConfigError, match="method.uld_crossentropy_weight: must be non-negative"):
+        validate(make_cfg(*base, "method.divergence=uld", "method.uld_crossentropy_weight=-1"))
     with pytest.raises(ConfigError, match="method.uld_hybrid: is a variant of divergence=uld"):
         validate(make_cfg(*base, "method.uld_hybrid=true"))
     with pytest.raises(ConfigError, match="a teacher predicts the next token"):

@@ -525,11 +525,14 @@ class SeparateTeacher:
     # [shared, other]: the weights of those two terms; null: GOLD's adaptive weights (the share of the teacher's
     # vocabulary that the student's shares, and the rest)
     uld_hybrid_weights: Optional[list[float]] = None
+    # with divergence=uld: the weight of the cross-entropy on the distilled text in the student's tokens, the term
+    # that says which tokens (the sorted comparison forgets it); Boizard et al. add it at 1, TRL's GOLD at 0
+    uld_crossentropy_weight: float = 1.0
 
-    @staticmethod
-    def check_separate_teacher(m: DictConfig) -> None:
+    @classmethod
+    def check_separate_teacher(cls, m: DictConfig) -> None:
         """The teacher, when there is one, is a valid model that predicts the next token; GOLD's hybrid settings
-        belong to divergence=uld."""
+        and the cross-entropy's weight belong to divergence=uld."""
         if m.teacher_model is not None:
             validate_model(m.teacher_model, "method.teacher_model")
             require(
@@ -543,6 +546,14 @@ class SeparateTeacher:
             "method.uld_hybrid",
             f"is a variant of divergence=uld (method.divergence={m.divergence})",
             "Set method.divergence=uld, or method.uld_hybrid=false",
+        )
+        require(m.uld_crossentropy_weight >= 0, "method.uld_crossentropy_weight", "must be non-negative", "")
+        default_weight = cls.uld_crossentropy_weight
+        require(
+            m.divergence == "uld" or m.uld_crossentropy_weight == default_weight,
+            "method.uld_crossentropy_weight",
+            f"weights a term of divergence=uld only (method.divergence={m.divergence})",
+            f"Set method.divergence=uld, or leave method.uld_crossentropy_weight at {default_weight}",
         )
         weights = m.uld_hybrid_weights
         require(

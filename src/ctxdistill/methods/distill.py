@@ -94,9 +94,6 @@ class DistillConfig(SeparateTeacher, MethodConfig):
     # what the divergence compares: every token of the shared vocabulary, or the answer words (verbalizers)
     # and one category for the rest, each model with its own tokenizer (a teacher from another family)
     distil_over: str = one_of("vocabulary", "verbalizers", default="vocabulary")
-    # with divergence=uld: the weight of the cross-entropy on the teacher's answer text, the term that says which
-    # tokens (the sorted comparison forgets it); Boizard et al. add it at 1, TRL's GOLD defaults it to 0
-    uld_crossentropy_weight: float = 1.0
     # one round per context, each taught by the previous round's student with that context (Snell eq. 3)
     sequential: bool = False
     schema_name: ClassVar[str] = "base_distill"
@@ -106,13 +103,6 @@ class DistillConfig(SeparateTeacher, MethodConfig):
         require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
         require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
         require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
-        require(m.uld_crossentropy_weight >= 0, "method.uld_crossentropy_weight", "must be non-negative", "")
-        require(
-            m.divergence == "uld" or m.uld_crossentropy_weight == 1.0,
-            "method.uld_crossentropy_weight",
-            f"weights a term of divergence=uld only (method.divergence={m.divergence})",
-            "Set method.divergence=uld, or leave method.uld_crossentropy_weight at 1.0",
-        )
         if m.divergence == "uld":
             require(
                 m.answer == "teacher_generation",

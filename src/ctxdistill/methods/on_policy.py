@@ -14,10 +14,12 @@ The context's key/value cache is computed once and reused by every teacher pass.
 Sampling and the lambda draws use their own seeded generators, so a run is reproducible.
 
 ``teacher_model`` makes another model the teacher. When its tokenizer differs from the student's,
-``divergence="uld"`` is GOLD's on-policy distillation (TRL's GOLDTrainer): each of the student's samples is
-written again in the teacher's tokens, the teacher scores that text after the context, and at each piece of
-text both tokenizations end on the two sorted distributions are compared (ULD; ``uld_hybrid``: GOLD's
-hybrid, the tokens both vocabularies spell alike compared directly).
+``divergence="uld"`` is GOLD's on-policy distillation (TRL's GOLDTrainer): each sample is written again in
+the other model's tokens (the student's samples in the teacher's, with lambda < 1 the teacher's in the
+student's), the teacher scores that text after the context, and at each piece of text both tokenizations end
+on the two sorted distributions are compared (ULD; ``uld_hybrid``: GOLD's hybrid, the tokens both
+vocabularies spell alike compared directly), plus ``uld_crossentropy_weight`` times the student's
+cross-entropy on the sampled text (GOLD's default 0: on its own samples it would reinforce them).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ctxdistill.encoding import (
 )
 from ctxdistill.generation import generate
 from ctxdistill.losses import (
+    answer_cross_entropy,
     distillation_loss,
     sampled_reverse_kl,
     teacher_distribution,
@@ -89,6 +92,7 @@ class OnPolicyConfig(OnPolicySampling, SeparateTeacher, MethodConfig):
     # ... or uld: GOLD's on-policy distillation, for a teacher with another tokenizer (the sorted distributions
     # compared at each piece of text both tokenizations of a sample end on)
     divergence: str = one_of("reverse_kl", "jsd", "forward_kl", "sampled_reverse_kl", "uld", default="reverse_kl")
+    uld_crossentropy_weight: float = 0.0  # GOLD's default: on the student's own samples it would reinforce them
     max_new_tokens: int = 8
     stop: Optional[str] = "\n"  # a sample ends with the first token containing it (or end-of-sequence)
     seed: int = 0  # the sampling generator and the lambda draws
@@ -99,13 +103,6 @@ class OnPolicyConfig(OnPolicySampling, SeparateTeacher, MethodConfig):
         cls.check_sampling(m)
         require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
         cls.check_separate_teacher(m)
-        require(
-            m.divergence != "uld" or m.lmbda == 1,
-            "method.lmbda",
-            f"divergence=uld trains on the student's own samples (GOLD's on-policy batches); batches the teacher "
-            f"samples in its own tokens (lmbda < 1) are not supported, got lmbda={m.lmbda}",
-            "Set method.lmbda=1",
-        )
 
 
 class OnPolicyDistillation(Method):
@@ -126,6 +123,7 @@ class OnPolicyDistillation(Method):
         teacher_model: Optional[dict] = None,
         uld_hybrid: bool = False,
         uld_hybrid_weights: Optional[list[float]] = None,
+        uld_crossentropy_weight: float = 0.0,
     ):
         super().__init__(name)
         self.divergence, self.beta, self.lmbda = divergence, beta, lmbda
@@ -133,6 +131,7 @@ class OnPolicyDistillation(Method):
         self.seed = seed
         self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)
         self.uld, self.uld_hybrid, self.uld_hybrid_weights = divergence == "uld", uld_hybrid, uld_hybrid_weights
+        self.uld_crossentropy_weight = uld_crossentropy_weight
         # with uld_hybrid: (student ids, teacher ids) of the shared tokens, and the [shared, other] weights
         self._shared: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._hybrid_weights: Optional[tuple[float, float]] = None
@@ -172,10 +171,13 @@ class OnPolicyDistillation(Method):
             "teacher_prompts": [task.teacher_prompt(e) for e in examples],
         }
 
-    def sample(self, model, prompts: list[str], prefix: Optional[SharedPrefix] = None) -> list[list[int]]:
+    def sample(
+        self, model, prompts: list[str], prefix: Optional[SharedPrefix] = None, tokenizer=None
+    ) -> list[list[int]]:
+        """Each prompt's sampled continuation, in the tokens of ``tokenizer`` (default: the student's)."""
         return generate(
             model,
-            self.tokenizer,
+            tokenizer or self.tokenizer,
             prompts,
             self.max_new_tokens,
             self.temperature,
@@ -186,13 +188,19 @@ class OnPolicyDistillation(Method):
             batch_size=len(prompts),
         )
 
-    def _gold_loss(self, handle, batch):
-        """GOLD on the student's samples: each written again in the teacher's tokens and scored by the teacher
-        after the context; the ULD (or hybrid) distance of each row's aligned pieces of text, averaged over the
-        rows that have one (at temperature 1, as the other divergences)."""
-        samples = self.sample(handle.student, batch["student_prompts"])
+    def _gold_loss(self, handle, batch, on_policy: bool):
+        """GOLD on the student's samples (or, off-policy, the teacher's), each written in both tokenizers and
+        scored by the teacher after the context: the ULD (or hybrid) distance of each row's aligned pieces of
+        text, averaged over the rows that have one, plus the weighted cross-entropy of the student's tokens of
+        the text (at temperature 1, as the other divergences)."""
         same = self.teacher_tokenizer is self.tokenizer
-        spans = [s if same else retokenized(self.tokenizer, s, self.teacher_tokenizer) for s in samples]
+        if on_policy:
+            samples = self.sample(handle.student, batch["student_prompts"])
+            spans = [s if same else retokenized(self.tokenizer, s, self.teacher_tokenizer) for s in samples]
+        else:
+            with handle.teacher() as teacher:
+                spans = self.sample(teacher, batch["teacher_prompts"], self.prefix, self.teacher_tokenizer)
+            samples = [s if same else retokenized(self.teacher_tokenizer, s, self.tokenizer) for s in spans]
         groups = [tokenization_groups(self.tokenizer, s, self.teacher_tokenizer, t) for s, t in zip(samples, spans)]
         student_batch = encode(self.tokenizer, batch["student_prompts"], samples)
         student = answer_logits(handle.student, student_batch)
@@ -227,18 +235,24 @@ class OnPolicyDistillation(Method):
             distances.append(distance)
             if shared_term is not None:
                 shared_terms.append(shared_term.item())
-        loss = torch.stack(distances).mean() if distances else student.sum() * 0
+        distance = torch.stack(distances).mean() if distances else student.sum() * 0
+        mask = student_batch["answer_mask"].to(student.device)
+        crossentropy = answer_cross_entropy(student, student_batch["answer_ids"].to(student.device), mask)
         stats = {
-            "on_policy": 1.0,
+            "on_policy": float(on_policy),
             "sample_tokens": sum(map(len, samples)) / len(samples),
             "aligned_rows": len(distances) / len(samples),
+            "uld_distance": distance.item(),
+            "uld_crossentropy": crossentropy.item(),
         }
-        return loss, stats | ({"uld_shared_jsd": sum(shared_terms) / len(shared_terms)} if shared_terms else {})
+        if shared_terms:
+            stats |= {"uld_shared_jsd": sum(shared_terms) / len(shared_terms)}
+        return distance + self.uld_crossentropy_weight * crossentropy, stats
 
     def loss(self, handle, batch):
-        if self.uld:
-            return self._gold_loss(handle, batch)
         on_policy = self.draws.random() < self.lmbda
+        if self.uld:
+            return self._gold_loss(handle, batch, on_policy)
         if on_policy:
             samples = self.sample(handle.student, batch["student_prompts"])
         else:
