@@ -156,6 +156,17 @@ def test_a_log_line_written_while_a_bar_is_open_gets_a_line_of_its_own(handler):
     assert ("saved a checkpoint at step 1" in shown) == (handler is BarSafeHandler)
 
 
+def test_the_bar_safe_handler_writes_to_the_stderr_of_the_moment(monkeypatch):
+    handler = BarSafeHandler()
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    handler.emit(logging.makeLogRecord({"msg": "one"}))
+    first.close()  # as a test's captured stderr is, or a notebook cell's redirect
+    monkeypatch.setattr(sys, "stderr", second)
+    handler.emit(logging.makeLogRecord({"msg": "two"}))
+    assert second.getvalue() == "two\n"
+
+
 def test_every_run_logs_to_the_console_through_the_bar_safe_handler():
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

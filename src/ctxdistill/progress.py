@@ -30,10 +30,15 @@ def progress_bar(*args, **kwargs) -> tqdm:
 
 class BarSafeHandler(logging.StreamHandler):
     """A console handler that writes through `tqdm.write`: open bars are cleared, the record is written on
-    a line of its own, and the bars are drawn again below it."""
+    a line of its own, and the bars are drawn again below it. Made without a stream, it writes to the
+    ``sys.stderr`` of the moment, not to one that was replaced (and perhaps closed) since."""
+
+    def __init__(self, stream=None):
+        super().__init__(stream)
+        self.follows_stderr = stream is None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            tqdm.write(self.format(record), file=self.stream)
+            tqdm.write(self.format(record), file=sys.stderr if self.follows_stderr else self.stream)
         except Exception:
             self.handleError(record)
