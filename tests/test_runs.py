@@ -161,6 +161,7 @@ def test_the_bar_safe_handler_writes_to_the_stderr_of_the_moment(monkeypatch):
     first, second = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "stderr", first)
     handler.emit(logging.makeLogRecord({"msg": "one"}))
+    assert first.getvalue() == "one\n"
     first.close()  # as a test's captured stderr is, or a notebook cell's redirect
     monkeypatch.setattr(sys, "stderr", second)
     handler.emit(logging.makeLogRecord({"msg": "two"}))
