@@ -17,6 +17,7 @@ import pytest
 from ctxdistill.checkpoint import latest_checkpoint
 from ctxdistill.config import ConfigError
 from ctxdistill.methods.distill import ContextDistillation
+from ctxdistill.methods.on_policy import OnPolicyDistillation
 from ctxdistill.run import run
 from ctxdistill.trainer import TrainingDiverged
 
@@ -58,21 +59,21 @@ def test_kill_and_resume_three_times_at_different_steps(uninterrupted, tmp_path)
         print(f"trial {trial}: killed once step {step} was saved, resumed from step {resumed_from}: identical")
 
 
-def inject_at_call(monkeypatch, call: int, fault) -> None:
-    """Run `fault(loss)` during the `call`-th loss computation of cd (one per optimiser step here)."""
-    real_loss, calls = ContextDistillation.loss, []
+def inject_at_call(monkeypatch, call: int, fault, method=ContextDistillation) -> None:
+    """Run `fault(loss)` during the `call`-th loss computation of `method` (one per optimiser step here)."""
+    real_loss, calls = method.loss, []
 
     def loss(self, handle, batch):
         calls.append(1)
         value, extra = real_loss(self, handle, batch)
         return (fault(value) if len(calls) == call else value), extra
 
-    monkeypatch.setattr(ContextDistillation, "loss", loss)
+    monkeypatch.setattr(method, "loss", loss)
 
 
-def send_at_call(monkeypatch, call: int, sig: int) -> None:
+def send_at_call(monkeypatch, call: int, sig: int, method=ContextDistillation) -> None:
     """A real signal to this process at a fixed step."""
-    inject_at_call(monkeypatch, call, lambda loss: os.kill(os.getpid(), sig) or loss)
+    inject_at_call(monkeypatch, call, lambda loss: os.kill(os.getpid(), sig) or loss, method)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
@@ -100,6 +101,30 @@ def test_a_signal_saves_and_exits_for_requeue_then_the_same_run_and_wandb_run_re
     assert len(wandb_runs) == 2 and all(
         re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", name) for name in wandb_runs
     )
+
+
+def test_an_on_policy_run_resumed_after_a_signal_draws_what_the_uninterrupted_run_draws(tmp_path, monkeypatch):
+    """The student's samples and GKD's lambda draws come from the method's own generators: a resumed run must
+    continue their streams, not restart them from the seed (which would repeat step 1's draws at step 4)."""
+    on_policy = ["method=on_policy_cd", "method.lmbda=0.5", "trainer.checkpoint_every=null"]
+    real_loss, steps = OnPolicyDistillation.loss, []
+
+    def recorded(self, handle, batch):
+        value, extra = real_loss(self, handle, batch)
+        steps.append((extra["on_policy"], extra["sample_tokens"], round(value.item(), 6)))
+        return value, extra
+
+    monkeypatch.setattr(OnPolicyDistillation, "loss", recorded)
+    run(compose_run(tmp_path / "uninterrupted", *on_policy))
+    uninterrupted, steps[:] = list(steps), []
+    with monkeypatch.context() as patched:
+        send_at_call(patched, 3, signal.SIGTERM, OnPolicyDistillation)
+        with pytest.raises(SystemExit):
+            run(compose_run(tmp_path / "resumed", *on_policy))
+    assert run(compose_run(tmp_path / "resumed", *on_policy))["train"]["resumed_from_step"] == 3
+    assert len({on_policy for on_policy, _, _ in uninterrupted}) == 2  # both kinds of batch were drawn
+    assert steps == uninterrupted
+    assert outcome(tmp_path / "resumed") == outcome(tmp_path / "uninterrupted")
 
 
 def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(

@@ -17,6 +17,7 @@ import ctxdistill
 from ctxdistill import serving
 from ctxdistill.cli import CONFIG_DIR
 from ctxdistill.config import cpp_compiler
+from ctxdistill.methods.distill import ContextDistillation
 from ctxdistill.models import load_tokenizer
 from ctxdistill.progress import BarSafeHandler, progress_bar
 from ctxdistill.run import run
@@ -127,6 +128,20 @@ def test_wandb_offline_writes_a_syncable_run_directory_and_one_console_line(
     cache_key = read_metrics(tmp_path)["provenance"]["caches"][0]["key"].encode()
     for logged in (b"eval/accuracy", b"train/loss", b"predictions", b"hydra_choices", b"config_sha256", cache_key):
         assert logged in records
+
+
+def test_with_gradient_accumulation_the_logged_loss_is_the_steps_mean_over_its_micro_batches(tmp_path, monkeypatch):
+    real_loss, losses = ContextDistillation.loss, []
+
+    def recorded(self, handle, batch):
+        value, extra = real_loss(self, handle, batch)
+        losses.append(value.item())
+        return value, extra
+
+    monkeypatch.setattr(ContextDistillation, "loss", recorded)
+    result = run(compose_run(tmp_path, "trainer.max_steps=2", "trainer.grad_accum_steps=2", "trainer.batch_size=2"))
+    assert len(losses) == 4 and losses[2] != losses[3]
+    assert result["train"]["final_loss"] == pytest.approx((losses[2] + losses[3]) / 2, rel=1e-6)
 
 
 def test_a_progress_bar_into_a_log_file_draws_once_and_closes(capsys):

@@ -3,9 +3,10 @@
 A checkpoint is accelerate's full training state (the trainable weights, optimiser,
 scheduler, gradient-accumulation step, every process's RNG states) plus the loop's
 :class:`Progress` (optimiser step, epoch, batches consumed, the shuffle generator's
-state at the start of the epoch). It is written to ``checkpoints/.step-N.tmp`` and
-renamed to ``checkpoints/step-N`` only when complete, so a kill during a save never
-leaves a broken latest checkpoint.
+state at the start of the epoch, the method's own state such as its sampling
+generators). It is written to ``checkpoints/.step-N.tmp`` and renamed to
+``checkpoints/step-N`` only when complete, so a kill during a save never leaves a
+broken latest checkpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Progress:
     last_loss: float = math.nan
     fingerprint: str = ""  # the settings that shape training; a checkpoint resumes only the same run
     curves: list = field(default_factory=list)  # the periodic evaluations so far: {"step", "epoch", metrics...}
+    method_state: dict = field(default_factory=dict)  # the method's own state at the checkpoint (its generators)
 
     def state_dict(self) -> dict:
         return asdict(self)

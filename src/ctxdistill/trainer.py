@@ -45,6 +45,15 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; nothing after the last good checkpoint is saved."""
 
 
+def step_means(micro_batches: list[tuple[torch.Tensor, dict[str, float]]]) -> tuple[float, dict[str, float]]:
+    """The loss and each statistic of one optimiser step: means over its accumulated micro-batches (a
+    statistic over those that report it)."""
+    loss = torch.stack([loss for loss, _ in micro_batches]).float().mean().item()
+    names = dict.fromkeys(name for _, extra in micro_batches for name in extra)
+    values = {name: [float(extra[name]) for _, extra in micro_batches if name in extra] for name in names}
+    return loss, {name: sum(v) / len(v) for name, v in values.items()}
+
+
 def train(
     method: Method,
     handle: ModelHandle,
@@ -108,6 +117,8 @@ def train(
                 f"{resume} was written by a run with other settings. Use a new output_dir, or "
                 f"delete {resume.parent} to start this one over."
             )
+        if progress.method_state:  # (a checkpoint of older code has none)
+            method.load_state_dict(progress.method_state)
         log.info("resuming from %s (step %d of %d)", resume, progress.step, total_steps)
     resumed_from = progress.step
     handle.student.train()
@@ -121,13 +132,13 @@ def train(
     with StopSignals() as signals, compiling:
         while progress.step < total_steps:
             shuffle.set_state(progress.epoch_shuffle_state)
-            finite = True
+            micro_batches = []  # (loss, statistics) of each micro-batch of the step being accumulated
             for index, batch in enumerate(loader):
                 if index < progress.batches_in_epoch:
                     continue  # consumed before the checkpoint
                 with accelerator.accumulate(handle.student):
                     loss, extra = method.loss(handle, batch)
-                    finite = finite and bool(torch.isfinite(loss.detach()))
+                    micro_batches.append((loss.detach(), extra))
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -138,18 +149,20 @@ def train(
                 if not accelerator.sync_gradients:
                     continue
                 progress.step += 1
+                step_loss, extra = step_means(micro_batches)
+                micro_batches = []
                 # One collective per step: the mean loss, and whether any process saw a bad loss or a signal.
                 status = accelerator.reduce(
                     torch.tensor(
-                        [loss.item(), float(not finite), float(signals.received is not None)], device=accelerator.device
+                        [step_loss, float(not math.isfinite(step_loss)), float(signals.received is not None)],
+                        device=accelerator.device,
                     ),
                     "sum",
                 )
-                finite = True
                 if status[1] > 0:
                     last = latest_checkpoint(run_dir) if run_dir else None
                     raise TrainingDiverged(
-                        f"the training loss is {loss.item()} at step {progress.step} of {total_steps}; training "
+                        f"the training loss is {step_loss} at step {progress.step} of {total_steps}; training "
                         f"stopped. "
                         + (f"The last good checkpoint is {last}; " if last else "No checkpoint was saved; ")
                         + "lower trainer.lr or set trainer.max_grad_norm before rerunning."
@@ -184,6 +197,7 @@ def train(
                     progress.step % cfg.checkpoint_every == 0 or progress.step == total_steps
                 )
                 if run_dir and (due or stop):
+                    progress.method_state = method.state_dict()
                     save_checkpoint(accelerator, run_dir, progress.step, cfg.keep_checkpoints)
                 if stop:
                     bar.close()

@@ -112,6 +112,15 @@ class Method:
     def begin_round(self, index: int) -> None:
         """Called before round ``index`` (from 0) is prepared and trained, or skipped as already finished."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run must restore besides the weights, optimiser and data order: e.g. the state of
+        the method's own random generators, so the steps after a resume draw what an uninterrupted run
+        draws. Saved in every checkpoint; empty when the method keeps none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` (after :meth:`prepare`, which seeded the method afresh)."""
+
     def trains_on(self, example: Example) -> bool:
         """Whether a prepared example has a training target (e.g. an answer could be extracted)."""
         return True

@@ -208,6 +208,13 @@ class KGCStudent(Method):
         self.generator.manual_seed(torch.initial_seed() % 2**63)
         self.rng = random.Random(torch.initial_seed())
 
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.rng.setstate(state["rng"])
+
     def evaluator(self, handle, tokenizer, task, batch_size):
         return LinkPredictionEvaluator(
             task, lambda queries, candidates: self.score(handle, tokenizer, task, queries, candidates)

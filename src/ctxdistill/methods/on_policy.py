@@ -165,6 +165,13 @@ class OnPolicyDistillation(Method):
                     handle.base, teacher, tokenizer, self.teacher_tokenizer, self.uld_hybrid_weights
                 )
 
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "draws": self.draws.getstate()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.draws.setstate(state["draws"])
+
     def collate(self, tokenizer, task, examples):
         return {
             "student_prompts": [task.student_prompt(e) for e in examples],

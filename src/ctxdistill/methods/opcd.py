@@ -64,6 +64,12 @@ class OnPolicyPromptDistillation(PromptInternalization):
             self.stage_dir,
         )
 
+    def state_dict(self):
+        return self.on_policy.state_dict()
+
+    def load_state_dict(self, state):
+        self.on_policy.load_state_dict(state)
+
     def collate(self, tokenizer, task, examples):
         texts = [self._inputs[e.uid] for e in examples]
         return {
