@@ -1,12 +1,14 @@
 """A teacher from another model family: cd over the answer words, where two vocabularies meet."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import build_task
@@ -380,6 +382,47 @@ def test_a_teacher_with_another_tokenizer_teaches_a_generated_answer_by_uld(
             pieces += 1
     assert pieces >= 8  # every row aligned at least once
     assert result["metrics"]["eval/accuracy"] is not None
+
+
+def test_free_text_evaluation_runs_a_teacher_of_another_family_in_its_own_tokens(make_cfg, behaving_model_dir):
+    """Exact-match evaluation of a generated answer: the teacher (the behaving model, 264 tokens) reads the prompt
+    and writes its answer in its own tokenizer, and its recorded text is the start of what transformers'
+    ``generate`` gives it (before, the student's token ids were fed to it: wrong text, or an index error)."""
+    teacher = [
+        f"method.teacher_model.{k}" for k in ("name=behaving", "source=hub", f"name_or_path={behaving_model_dir}")
+    ]
+    cfg = make_cfg(
+        *TINY,
+        "dataset=addition",
+        "dataset.source.split_sizes.eval=4",
+        "dataset.num_train_queries=4",
+        "dataset.context.num_demos=1",
+        "dataset.source.generator_options.max_digits=1",
+        "dataset.source.split_sizes.train=64",
+        "dataset.generation.max_new_tokens=36",
+        "dataset.generation.max_answer_tokens=4",
+        "method=cd",
+        "method.answer=teacher_generation",
+        "method.divergence=uld",
+        "method.teacher_cache=memory",
+        "method.max_answer_tokens=4",
+        "+model@method.teacher_model=tiny-random",
+        *teacher,
+        "trainer.batch_size=4",
+        "trainer.eval_batch_size=4",
+        "trainer.max_steps=1",
+    )
+    run(cfg)
+    rows = [json.loads(line) for line in (Path(cfg.output_dir) / "predictions.jsonl").read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(behaving_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(behaving_model_dir).eval()
+    task = build_task(cfg.dataset, cfg.seed)
+    prompts = {e.uid: task.prompt(e, with_context=True) for e in task.eval_sets["eval"]}
+    for row in rows:
+        ids = tokenizer(prompts[row["uid"]], return_tensors="pt").input_ids
+        reference = model.generate(ids, max_new_tokens=36, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        written = tokenizer.decode(reference[0, ids.shape[1] :], skip_special_tokens=True)
+        assert row["teacher_generation"] and written.startswith(row["teacher_generation"]), row
 
 
 def test_the_uld_experiment_is_the_documented_command_line(make_cfg):

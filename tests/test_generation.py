@@ -121,6 +121,14 @@ def test_generate_equals_transformers_generate(behaving, shared_prefix, temperat
         assert any(len(row) < 12 for row in ours)  # some rows ended at the stop string
 
 
+def test_an_empty_stop_string_is_no_stop_string(behaving):
+    _, tokenizer, model = behaving
+    prompts = teacher_prompts()
+    unstopped = generate(model, tokenizer, prompts, 12, stop=None)
+    assert generate(model, tokenizer, prompts, 12, stop="") == unstopped
+    assert [strip_stop(tokenizer, row, "") for row in unstopped] == [strip_stop(tokenizer, r, None) for r in unstopped]
+
+
 def test_sampling_from_a_seeded_generator_is_the_global_streams_and_varies_with_the_seed(behaving):
     _, tokenizer, model = behaving
     prompts = teacher_prompts()
@@ -178,7 +186,7 @@ def test_exact_match_evaluation_generates_what_transformers_generates(behaving):
     evaluator = GenerationEvaluator(
         ModelHandle(student=model, base=model), tokenizer, task, with_context=True, batch_size=2, ranks=Ranks()
     )
-    answers = evaluator.answers(model, task.eval_sets["eval"], with_context=True, desc="test", worked=True)
+    answers = evaluator.answers(model, tokenizer, task.eval_sets["eval"], with_context=True, desc="test", worked=True)
     expected = reference(model, tokenizer, teacher_prompts(), 10, stop="\n", batch_size=2)
     assert answers.texts == tokenizer.batch_decode(expected)
     metrics, _ = evaluator.evaluate()

@@ -20,7 +20,8 @@ ADDITION = [
     "dataset.source.split_sizes.train=64",
     "dataset.source.split_sizes.eval=4",
     "dataset.num_train_queries=4",
-    "dataset.generation.max_new_tokens=12",
+    "dataset.source.generator_options.max_digits=1",
+    "dataset.generation.max_new_tokens=36",  # the longest 1-digit worked solution
     "dataset.generation.max_answer_tokens=4",
     "trainer.max_steps=2",
     "trainer.batch_size=2",
@@ -71,6 +72,13 @@ def test_scratchpad_needs_a_dataset_with_an_answer_extractor(make_cfg):
         validate(make_cfg("method=scratchpad", "dataset=synthetic"))
     with pytest.raises(ConfigError, match="answer_regex"):
         validate(make_cfg(*ADDITION, "dataset.generation.answer_regex=no-group"))
+
+
+def test_a_budget_that_cuts_gold_worked_solutions_is_refused_before_the_model_loads(make_cfg, monkeypatch):
+    # The 8-digit default fits its longest worked solution (316 tokens, a spaced digit being two).
+    monkeypatch.setattr("ctxdistill.run.load_model", lambda *args: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match=r"max_new_tokens=35: 4 of the 8 .*\(up to 36, .*max_new_tokens=36 or more"):
+        run(make_cfg(*ADDITION, "dataset.generation.max_new_tokens=35"))
 
 
 def test_exact_match_evaluation_counts_extraction_failures_as_wrong(make_cfg, tmp_path):

@@ -55,6 +55,26 @@ def check_prompt_lengths(task: Task | TaskMixture, tokenizer, window: int, answe
         )
 
 
+def check_generation_budget(task: Task, tokenizer) -> None:
+    """A generative task's worked solutions (the demonstrations' and the evaluated examples' gold ones) must fit
+    in ``max_new_tokens``: a cut one has no readable answer, so even a perfect teacher would score it wrong."""
+    spec = task.generation
+    examples = [*task.demos, *(e for s in task.eval_sets.values() for e in s)]
+    lengths = [
+        len(ids) for ids in tokenizer([spec.worked_text(e) for e in examples], add_special_tokens=False).input_ids
+    ]
+    longest = max(lengths, default=0)
+    if longest > spec.max_new_tokens:
+        over = sum(length > spec.max_new_tokens for length in lengths)
+        example = examples[lengths.index(longest)].uid
+        raise ConfigError(
+            f"dataset.generation.max_new_tokens={spec.max_new_tokens}: {over} of the {len(examples)} gold worked "
+            f"solutions take more tokens in this tokenizer (up to {longest}, e.g. {example}), so their answers "
+            f"would be cut off and scored wrong. Set dataset.generation.max_new_tokens={longest} or more, or make "
+            "the problems shorter."
+        )
+
+
 def check_answer_tokenization(task: Task | TaskMixture, tokenizer, examples_per_set: int = 8) -> None:
     """Answers are tokenised on their own and scored (or trained) after the prompt's last token, so
     tokenising prompt + answer must give the prompt's tokens followed by the answer's; a template ending in
@@ -661,32 +681,40 @@ class GenerationEvaluator(Evaluator):
         set_titles=TRAIN_QUERIES_TITLE,
     )
 
-    def answers(self, model, examples: list[Example], with_context: bool, desc: str, worked: bool) -> Answers:
+    def answers(
+        self, model, tokenizer, examples: list[Example], with_context: bool, desc: str, worked: bool
+    ) -> Answers:
         spec = self.task.generation
         prompts = [self.task.prompt(e, with_context) for e in examples]
         budget, stop = (spec.max_new_tokens, spec.stop) if worked else (spec.max_answer_tokens, "\n")
         generated = generate(
             model,
-            self.tokenizer,
+            tokenizer,
             prompts,
             budget,
             stop=stop,
             batch_size=self.batch_size,
-            prefix=SharedPrefix(model, self.tokenizer, prompts),
+            prefix=SharedPrefix(model, tokenizer, prompts),
             desc=desc,
         )
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         return Answers(texts, [spec.extract(t, worked) for t in texts])
 
     def score_teacher(self, teacher, examples: list[Example], desc: str) -> Answers:
-        return self.answers(teacher, examples, True, desc, worked=True)
+        # A teacher from another family reads and writes in its own tokens; answers compare as text.
+        return self.answers(teacher, self.teacher_tokenizer, examples, True, desc, worked=True)
 
     def evaluate_set(self, name: str, examples: list[Example], teacher: Answers) -> tuple[dict[str, float], list[dict]]:
         model = (
             teacher
             if self.model_is_teacher
             else self.answers(
-                self.handle.base, examples, self.with_context, f"model {name}", self.with_context or self.answers_worked
+                self.handle.base,
+                self.tokenizer,
+                examples,
+                self.with_context,
+                f"model {name}",
+                self.with_context or self.answers_worked,
             )
         )
         targets = [e.target for e in examples]
@@ -723,7 +751,7 @@ class GenerationEvaluator(Evaluator):
 
     def context_accuracy(self, examples: list[Example], targets: list[str]) -> float:
         return exact_match_rate(
-            self.answers(self.handle.base, examples, True, "with context", worked=True).answers, targets
+            self.answers(self.handle.base, self.tokenizer, examples, True, "with context", worked=True).answers, targets
         )
 
 

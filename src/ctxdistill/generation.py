@@ -60,6 +60,7 @@ def generate(
     """Each prompt's continuation, ending with the token that stops it (end-of-sequence, or the token
     that completes the text ``stop``) unless ``max_new_tokens`` came first. Runs in eval mode; the caller's mode is
     restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt)."""
+    stop = stop or None  # "" is no stop string (it would be found in any text)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -107,8 +108,6 @@ def generate(
 
 def strip_stop(tokenizer, tokens: list[int], stop: Optional[str] = "\n") -> list[int]:
     """A continuation without its final stop token (end-of-sequence or one containing ``stop``)."""
-    if tokens and (
-        tokens[-1] == tokenizer.eos_token_id or (stop is not None and stop in tokenizer.decode(tokens[-1:]))
-    ):
+    if tokens and (tokens[-1] == tokenizer.eos_token_id or (stop and stop in tokenizer.decode(tokens[-1:]))):
         return tokens[:-1]
     return tokens

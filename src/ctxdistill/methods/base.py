@@ -10,7 +10,12 @@ from omegaconf import DictConfig
 from ctxdistill.config import ConfigError
 from ctxdistill.data import Example, Task, build_task
 from ctxdistill.data.mixture import TaskMixture, build_mixture
-from ctxdistill.evaluation import check_answer_tokenization, check_prompt_lengths, make_evaluator
+from ctxdistill.evaluation import (
+    check_answer_tokenization,
+    check_generation_budget,
+    check_prompt_lengths,
+    make_evaluator,
+)
 from ctxdistill.models import ModelHandle, check_shared_vocabulary, context_window
 from ctxdistill.results.metrics import MetricSet
 
@@ -86,6 +91,8 @@ class Method:
         generation = task.generation
         answer_tokens = max(self.answer_tokens, generation.max_new_tokens if generation else 1)
         check_prompt_lengths(task, tokenizer, context_window(cfg.model, cfg.cache_dir), answer_tokens)
+        if generation:
+            check_generation_budget(task, tokenizer)
         if cfg.dataset.kind == "mixture" or cfg.dataset.check_answer_tokens:
             check_answer_tokenization(task, tokenizer)
 
