@@ -564,3 +564,19 @@ def test_the_released_experiment_holds_the_released_settings(make_cfg):
     cpu = make_cfg("experiment=genpi/cpu_sized")
     assert cpu.model.name == "smollm2-135m" and cpu.model.lora == cfg.model.lora
     assert (cpu.method.sft_weight, cpu.method.prompt_placement, cpu.method.reason_top_p) == (0.7, "user_turn", 0.9)
+
+
+def test_the_stages_sample_the_same_rows_whatever_the_batch_size(make_cfg, tmp_path):
+    # Each sampled row draws from its own generator: how rows are batched (trainer.eval_batch_size, which is in
+    # no stage's key) changes nothing they hold.
+    for batch_size in (8, 3):
+        stages = tmp_path / f"stages-{batch_size}"
+        run(
+            make_cfg(
+                *GENPI,
+                f"trainer.eval_batch_size={batch_size}",
+                f"method.stage_dir={stages}",
+                output_dir=tmp_path / f"run-{batch_size}",
+            )
+        )
+    assert stage_rows(tmp_path / "stages-8") == stage_rows(tmp_path / "stages-3")

@@ -5,28 +5,33 @@ teacher's answer spans, on-policy samples of the student, a scratchpad and its f
 answer, generation-based evaluation). It decodes with the key/value cache and applies
 the LM head to the last position only; with a :class:`~ctxdistill.encoding.SharedPrefix`
 the common context is not run again, nor copied per row. A ``torch.Generator`` makes sampling reproducible
-independently of the global random state.
+independently of the global random state; one generator per prompt makes each row's sample independent of
+the rows batched with it (and so of the batch size).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ctxdistill.encoding import SharedPrefix, encode
 from ctxdistill.progress import progress_bar
 
+#: One generator shared by the batch's rows (transformers' batched draw), or one per row.
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
 
 def pick_tokens(
     logits: torch.Tensor,
     temperature: float,
     top_k: Optional[int],
-    generator: Optional[torch.Generator],
+    generator: Generators,
     top_p: Optional[float] = None,
 ) -> torch.Tensor:
     """The next token of each row: argmax at temperature 0, else a sample of softmax(logits / T) over the top k,
-    then over the nucleus of mass top_p (transformers' order and rule)."""
+    then over the nucleus of mass top_p (transformers' order and rule). With a list of generators, row i draws
+    from generator i alone."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -39,7 +44,10 @@ def pick_tokens(
         drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[..., -1] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1)
+    if isinstance(generator, Sequence):
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)[0] for i, g in enumerate(generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -51,7 +59,7 @@ def generate(
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     stop: Optional[str] = "\n",
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     prefix: Optional[SharedPrefix] = None,
     batch_size: int = 16,
     desc: Optional[str] = None,
@@ -59,8 +67,11 @@ def generate(
 ) -> list[list[int]]:
     """Each prompt's continuation, ending with the token that stops it (end-of-sequence, or the token
     that completes the text ``stop``) unless ``max_new_tokens`` came first. Runs in eval mode; the caller's mode is
-    restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt)."""
+    restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt). ``generator``
+    is one for the whole call, or a list with one per prompt."""
     stop = stop or None  # "" is no stop string (it would be found in any text)
+    if isinstance(generator, Sequence) and len(generator) != len(prompts):
+        raise ValueError(f"{len(generator)} generators for {len(prompts)} prompts: give one per prompt, or one")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -73,6 +84,7 @@ def generate(
         attention_mask = batch["attention_mask"].to(device)
         position_ids = batch["position_ids"].to(device)
         rows = input_ids.shape[0]
+        batch_generator = generator[start : start + rows] if isinstance(generator, Sequence) else generator
         past = None
         tokens = [[] for _ in range(rows)]
         done = [False] * rows
@@ -89,7 +101,7 @@ def generate(
                 logits_to_keep=1,
             )
             past = out.cache
-            picked = pick_tokens(out.logits[:, -1], temperature, top_k, generator, top_p)
+            picked = pick_tokens(out.logits[:, -1], temperature, top_k, batch_generator, top_p)
             for i, token in enumerate(picked.tolist()):
                 if done[i]:
                     continue
