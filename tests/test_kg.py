@@ -11,7 +11,6 @@ import torch
 from ctxdistill import provenance
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data.kg import (
-    ContextWriter,
     DataError,
     KGTask,
     KnowledgeGraph,
@@ -23,6 +22,7 @@ from ctxdistill.data.kg import (
     read_kgs2s,
     read_plain,
 )
+from ctxdistill.methods.contextualization import check_writable_contexts
 from ctxdistill.methods.kgc import KGBertConfig, KGS2SConfig, count_shared, fit_triple, mask_tokens
 from ctxdistill.models import load_model, load_tokenizer
 from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, ranking_metrics
@@ -261,18 +261,29 @@ def test_masking_picks_15_percent_of_maskable_tokens_and_replaces_80_10_10():
 
 
 # ---------------------------------------------------------------- contexts
-def test_contexts_resume_after_a_cut_line_and_the_released_format_loads(tmp_path):
+def test_contexts_load_without_a_cut_line_or_rows_about_other_names_and_the_released_format_loads(tmp_path):
+    graph = KnowledgeGraph({"00001": "dog", "00002": "animal", "00003": "cat"}, {}, {"_hypernym": "hypernym"}, {})
     path = tmp_path / "contexts.jsonl"
-    ContextWriter(path).write({("00001", "_hypernym", "00002"): "A dog is an animal."}, writer="m")
-    with path.open("a") as f:
-        f.write('{"head": "00003", "relation": "_hyp')  # killed mid-line
-    assert read_contexts(path) == {("00001", "_hypernym", "00002"): "A dog is an animal."}
-    ContextWriter(path).write({("00003", "_hypernym", "00002"): "A cat is an animal."}, writer="m")  # the resumed run
-    assert read_contexts(path) == {
+    rows = [
+        {"head": "00001", "relation": "_hypernym", "tail": "00002", "context": "A dog is an animal."},  # a person's
+        {
+            "head": "00003",
+            "relation": "_hypernym",
+            "tail": "00002",
+            "text": "cat | hypernym | animal",
+            "context": "Cat",
+        },
+        # Stage 1 wrote it about other names under the same ids (another graph): not this graph's context.
+        {"head": "00001", "relation": "_hypernym", "tail": "00003", "text": "wolf | hypernym | cat", "context": "W"},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows) + '{"head": "00004", "relation": "_hyp')  # killed
+    assert read_contexts(path, graph) == {
         ("00001", "_hypernym", "00002"): "A dog is an animal.",
-        ("00003", "_hypernym", "00002"): "A cat is an animal.",
+        ("00003", "_hypernym", "00002"): "Cat",
     }
-    assert [json.loads(line)["head"] for line in path.read_text().splitlines()] == ["00001", "00003"]
+    assert len(read_contexts(path)) == 3  # without a graph to compare the names with
+    with pytest.raises(ConfigError, match="did not write.*never overwrites.*another JSON-lines file"):
+        check_writable_contexts(path)  # a person's contexts are an input, never overwritten
     released = tmp_path / "knowledge_context.txt"
     released.write_text("dog |**| animal |**| _hypernym |**| Dogs are animals.\n")
     graph = KnowledgeGraph({"00001": "dog", "00002": "animal"}, {}, {"_hypernym": "hypernym"}, {})
@@ -317,8 +328,8 @@ def test_the_released_knowledge_context_file_loads_with_its_kgs2s_ids_mapped(mak
     write_released_contexts(released, ["0 |**| 9 |**| 0 |**| Nothing."])
     with pytest.raises(DataError, match=r"knowledge_context.txt:2: id 9 is not in the KG-S2S entity2id.txt"):
         read_contexts(released)
-    with pytest.raises(DataError, match="released knowledge_context.txt.*JSON-lines file"):
-        ContextWriter(released)  # appending would leave its count line stale
+    with pytest.raises(ConfigError, match="released knowledge_context.txt.*another JSON-lines file"):
+        check_writable_contexts(released)  # appending would leave its count line stale
 
 
 # ---------------------------------------------------------------- KG-BERT's training rows
@@ -498,13 +509,14 @@ KG_TINY = [
 
 
 def test_stage_one_writes_a_context_per_training_triple_and_resumes(make_cfg, tmp_path):
-    contexts = tmp_path / "contexts.jsonl"
+    contexts, stage = tmp_path / "contexts.jsonl", tmp_path / "stage"
     common = [
         *KG_TINY,
         "method=contextualization",
         "model=tiny-random",
         "method.max_new_tokens=4",
-        "method.batch_size=16",
+        "method.batch_size=4",
+        f"method.stage_dir={stage}",
         f"dataset.contexts_file={contexts}",
     ]
     first = run(make_cfg(*common, output_dir=tmp_path / "first"))
@@ -512,14 +524,52 @@ def test_stage_one_writes_a_context_per_training_triple_and_resumes(make_cfg, tm
     triples = {tuple(json.loads(line)[k] for k in ("head", "relation", "tail")) for line in lines}
     assert first["metrics"]["contexts/written"] == len(lines) == len(triples) > 10
     assert first["metrics"]["contexts/covered"] == 1.0
-    contexts.write_text("\n".join(lines[:5]) + "\n" + lines[5][:30])  # killed while writing the sixth line
+    [rows] = stage.glob("contexts-*.jsonl")
+    written = rows.read_text().splitlines()
+    rows.write_text("\n".join(written[:8]) + "\n" + written[8][:30])  # killed while writing the third batch
     second = run(make_cfg(*common, output_dir=tmp_path / "second"))
-    assert (second["metrics"]["contexts/reused"], second["metrics"]["contexts/written"]) == (5, len(lines) - 5)
-    resumed = contexts.read_text().splitlines()
-    assert resumed[:5] == lines[:5] and len(resumed) == len(lines)
-    assert {tuple(json.loads(line)[k] for k in ("head", "relation", "tail")) for line in resumed} == triples
-    again = run(make_cfg(*common, "method.temperature=0", output_dir=tmp_path / "third"))
-    assert again["metrics"]["contexts/written"] == 0
+    assert (second["metrics"]["contexts/reused"], second["metrics"]["contexts/written"]) == (8, len(lines) - 8)
+    assert contexts.read_text().splitlines() == lines  # what an uninterrupted run wrote
+    assert run(make_cfg(*common, output_dir=tmp_path / "third"))["metrics"]["contexts/written"] == 0
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["method.temperature=0", "method.max_new_tokens=5", "method.prompt='About {head}, {relation}, {tail}.'"],
+)
+def test_stage_one_rewrites_every_context_when_a_setting_changes_what_it_writes(make_cfg, tmp_path, override):
+    common = [*KG_TINY, "method=contextualization", "model=tiny-random", "method.max_new_tokens=4"]
+    common += [f"method.stage_dir={tmp_path / 'stage'}", f"dataset.contexts_file={tmp_path / 'contexts.jsonl'}"]
+    first = run(make_cfg(*common, output_dir=tmp_path / "first"))
+    changed = run(make_cfg(*common, override, output_dir=tmp_path / "changed"))
+    assert changed["metrics"]["contexts/written"] == first["metrics"]["contexts/written"] > 10
+    assert changed["metrics"]["contexts/reused"] == 0
+
+
+def test_stage_one_rewrites_the_contexts_of_triples_whose_names_changed(make_cfg, tmp_path):
+    # Another generator seed gives the same entity ids to other people: ('E012', 'born_in', 'T008') is about
+    # someone else, and its context must be written anew; the cities' triples keep their names and contexts.
+    contexts = tmp_path / "contexts.jsonl"
+    common = [*KG_TINY, "method=contextualization", "model=tiny-random", "method.max_new_tokens=4"]
+    common += [f"method.stage_dir={tmp_path / 'stage'}", f"dataset.contexts_file={contexts}"]
+    run(make_cfg(*common, output_dir=tmp_path / "first"))
+    first = {(r["head"], r["relation"], r["tail"]): r for r in map(json.loads, contexts.read_text().splitlines())}
+    reseeded = make_cfg(*common, "dataset.source.seed=7", output_dir=tmp_path / "reseeded")
+    task = build_kg_task(reseeded.dataset, seed=0)
+    texts = {t: task.graph.triple_text(t) for t in task.train_triples}
+    about_others = {t for t in task.train_triples if t in first and first[t]["text"] != texts[t]}
+    assert about_others and not about_others & set(task.contexts)  # stage 2 would not read them
+    kept = {t for t in task.train_triples if t in first and first[t]["text"] == texts[t]}
+    assert kept and set(task.contexts) & set(task.train_triples) == kept
+
+    metrics = run(reseeded)["metrics"]
+    assert metrics["contexts/reused"] == len({texts[t] for t in kept}) and metrics["contexts/written"] > 0
+    rows = [json.loads(line) for line in contexts.read_text().splitlines()]
+    assert [(r["head"], r["relation"], r["tail"]) for r in rows] == task.train_triples
+    assert all(r["text"] == texts[(r["head"], r["relation"], r["tail"])] for r in rows)
+    assert all(
+        r["context"] == first[t]["context"] for t in kept for r in rows if (r["head"], r["relation"], r["tail"]) == t
+    )
 
 
 def test_students_train_with_their_auxiliary_task_and_rank(make_cfg, tmp_path):
@@ -529,8 +579,14 @@ def test_students_train_with_their_auxiliary_task_and_rank(make_cfg, tmp_path):
         run(cfg)
     task = build_kg_task(cfg.dataset, seed=0)
     names = task.graph.entity_names
-    ContextWriter(contexts).write(
-        {(h, r, t): f"{names[h]} {task.relation_text(r)} {names[t]}." for h, r, t in task.train_triples}
+    contexts.write_text(
+        "".join(
+            json.dumps(
+                {"head": h, "relation": r, "tail": t, "context": f"{names[h]} {task.relation_text(r)} {names[t]}."}
+            )
+            + "\n"
+            for h, r, t in task.train_triples
+        )
     )
     for method, model in (("kgbert_cd", "minilm-l6"), ("kgs2s_cd", "tiny-random-seq2seq")):
         result = run(

@@ -1,11 +1,11 @@
 """Resumable generated datasets: keyed rows appended to a JSON-lines file as they are computed.
 
-A pipeline stage (pseudo inputs, teacher replies, reasons) is expensive and deterministic
-given its settings. Its rows live in ``<root>/<stage>-<digest>.jsonl``, the digest taken over the
-settings and the producer version, so any run with the same settings (a sweep over the loss
-weights) reads them instead of generating them, and a run killed mid-stage finds the rows of
-every finished batch and computes only the missing keys. Both this store and the knowledge-graph contexts
-(data/kg.py) keep their rows in a :class:`JsonLines` file, which a kill mid-write cannot corrupt.
+A pipeline stage (pseudo inputs, teacher replies, reasons, a cheat sheet, knowledge-graph contexts) is
+expensive and deterministic given its settings. Its rows live in ``<root>/<stage>-<digest>.jsonl``, the digest
+taken over the settings and the producer version, so any run with the same settings (a sweep over the loss
+weights) reads them instead of generating them, and a run killed mid-stage finds the rows of every finished
+batch and computes only the missing keys. The rows are kept in a :class:`JsonLines` file, which a kill
+mid-write cannot corrupt; contexts files that people supply (data/kg.py) are read as one too.
 """
 
 from __future__ import annotations

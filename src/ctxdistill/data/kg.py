@@ -14,22 +14,26 @@ Three on-disk layouts (``dataset.source.layout``), all keeping entity ids as str
   where names are the ids themselves unless ``entity2text.txt`` is present.
 
 Contexts (the paragraphs an LLM writes per training triple) live in a JSON-lines file keyed by
-triple, appended to as they are generated; the released writer's ``knowledge_context.txt`` (a count
-line, then ``head |**| tail |**| relation |**| text`` with KG-S2S integer ids) is read as well.
+triple, which stage 1 (methods.contextualization) rewrites from its cached stage rows; the released
+writer's ``knowledge_context.txt`` (a count line, then ``head |**| tail |**| relation |**| text`` with
+KG-S2S integer ids) is read as well.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from omegaconf import DictConfig
 
 from ctxdistill import provenance
 from ctxdistill.data.tasks import DataError
 from ctxdistill.stage_cache import JsonLines
+
+log = logging.getLogger(__name__)
 
 Triple = tuple[str, str, str]  # (head, relation, tail), original string ids
 SPLITS = ("train", "valid", "test")
@@ -49,6 +53,14 @@ class KnowledgeGraph:
     def true_triples(self) -> set[Triple]:
         """Every known triple of every split: what filtered ranking leaves out."""
         return {t for triples in self.splits.values() for t in triples}
+
+    def triple_text(self, triple: Triple) -> Optional[str]:
+        """``head name | relation text | tail name``, what a context is written about; None for a triple whose
+        ids the graph does not know."""
+        h, r, t = triple
+        if h not in self.entity_names or t not in self.entity_names or r not in self.relation_names:
+            return None
+        return f"{self.entity_names[h]} | {self.relation_names[r]} | {self.entity_names[t]}"
 
 
 # ---------------------------------------------------------------- readers
@@ -362,8 +374,10 @@ def read_contexts(
 ) -> dict[Triple, str]:
     """Contexts keyed by triple (original ids) from
 
-    - JSON lines ``{head, relation, tail, context}`` (this suite's writer, a :class:`JsonLines` file: a last
-      line cut short by an interrupted write is left out);
+    - JSON lines ``{head, relation, tail, context}`` (a :class:`JsonLines` file: a last line cut short by an
+      interrupted write is left out); a row stage 1 wrote also holds the ``text`` of its triple
+      (:meth:`KnowledgeGraph.triple_text`), and with ``graph`` a row written for another text (the same ids
+      in another graph) is left out;
     - the released writer's ``knowledge_context.txt``: a count line, then ``head |**| tail |**| relation
       |**| text`` with KG-S2S integer ids, mapped through ``id_dir``'s ``entity2id.txt`` and
       ``relation2id.txt`` (default: the file's own directory, where the released writer leaves it);
@@ -371,13 +385,25 @@ def read_contexts(
     """
     provenance.note_data_file(path)
     content = path.read_text(encoding="utf-8")
-    if content.lstrip().startswith("{"):  # this suite's writer
+    if content.lstrip().startswith("{"):  # JSON lines
         contexts: dict[Triple, str] = {}
+        other_texts = 0
         for number, record in enumerate(JsonLines(path).read(), 1):
             try:
-                contexts[(record["head"], record["relation"], record["tail"])] = record["context"]
+                triple, context = (record["head"], record["relation"], record["tail"]), record["context"]
             except KeyError:
                 raise DataError(f"{path}: record {number} lacks head, relation, tail or context") from None
+            if graph is not None and "text" in record and record["text"] != graph.triple_text(triple):
+                other_texts += 1
+            else:
+                contexts[triple] = context
+        if other_texts:
+            log.warning(
+                "%s: left out %d contexts written about other entity or relation names than this graph's (another "
+                "graph, or other names): write them again with this dataset's settings",
+                path,
+                other_texts,
+            )
         return contexts
     lines = [(number, line) for number, line in enumerate(content.splitlines(), 1) if line.strip()]
     count = _count_line(lines[0][1]) if lines else None
@@ -412,29 +438,5 @@ def read_contexts(
     return contexts
 
 
-class ContextWriter:
-    """Appends contexts to a :class:`JsonLines` file a batch at a time, so an interrupted generation keeps every
-    batch it finished; a line the interruption cut short is dropped when the next run opens the file."""
-
-    def __init__(self, path: Path):
-        if path.is_file() and _count_line(path.open(encoding="utf-8").readline()) is not None:
-            raise DataError(
-                f"{path} is a released knowledge_context.txt (its count line would go stale): write "
-                f"new contexts to a JSON-lines file, dataset.contexts_file=NAME.jsonl"
-            )
-        self.lines = JsonLines(path)
-        self.lines.resume()
-
-    def write(self, contexts: dict[Triple, str], **extra) -> None:
-        self.lines.append(
-            [{"head": h, "relation": r, "tail": t, "context": text, **extra} for (h, r, t), text in contexts.items()]
-        )
-
-
 def missing_contexts(task: KGTask) -> list[Triple]:
     return [t for t in task.train_triples if t not in task.contexts]
-
-
-def batched(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -2,28 +2,34 @@
 
 An instruction-following LM writes, for every training triple (h, r, t), a paragraph that
 introduces h and t and the relation between them (the released code's prompt, PaLM2
-text-bison at temperature 0.7). The paragraphs are appended to ``dataset.contexts_file``,
-one JSON line per triple, as each batch finishes: an interrupted run keeps what it wrote,
-and the next run writes only the triples still missing. The students of stage 2
-(methods.kgc) read the same file. Nothing is trained; the run's "evaluation" is the writing.
+text-bison at temperature 0.7). The paragraphs are stage rows (:class:`~ctxdistill.stage_cache.RowStore`
+under ``method.stage_dir``), keyed by the triple's text and stored in a file named by the writer's
+identity, the prompt and the generation settings: an interrupted run keeps every batch it finished, a
+later run with the same settings writes only the triples still missing, and one with other settings
+(or a graph whose names differ) writes its own. Once every training triple has one, the run replaces
+``dataset.contexts_file`` with them, one JSON line per triple, which the students of stage 2
+(methods.kgc) read. Nothing is trained; the run's "evaluation" is the writing.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 from omegaconf import DictConfig
 
 from ctxdistill.config import ConfigError, MethodConfig, require
-from ctxdistill.data.kg import ContextWriter, KGTask, Triple, batched, build_kg_task, missing_contexts
+from ctxdistill.data.kg import KGTask, Triple, build_kg_task
 from ctxdistill.evaluation import EvaluatorBase
 from ctxdistill.methods.base import Method
-from ctxdistill.progress import progress_bar
 from ctxdistill.results.metrics import Metric, MetricSet
+from ctxdistill.stage_cache import JsonLines, RowStore
 
 
 @dataclass
@@ -42,6 +48,7 @@ class ContextualizationConfig(MethodConfig):
     temperature: float = 0.7  # 0: greedy
     top_p: float = 1.0
     batch_size: int = 16
+    stage_dir: str = "${cache_dir}/contexts/stage"  # the written contexts, one file per writer and settings
     schema_name: ClassVar[str] = "base_contextualization"
     dataset_kinds: ClassVar[tuple[str, ...]] = ("knowledge_graph",)
     dataset_example: ClassVar[str] = "dataset=kg_synthetic, wn18rr or fb15k237n"
@@ -51,6 +58,26 @@ class ContextualizationConfig(MethodConfig):
         require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
         require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "")
         require(m.batch_size >= 1, "method.batch_size", f"must be >= 1, got {m.batch_size}", "")
+
+
+def check_writable_contexts(path: Path) -> None:
+    """Stage 1 replaces the contexts file: only one it wrote (JSON lines, every row naming its ``writer``) may be
+    replaced; a released or a person's own file is an input, never overwritten."""
+    content = path.read_text(encoding="utf-8").lstrip() if path.is_file() else ""
+    if content and not (content.startswith("{") and all("writer" in row for row in JsonLines(path).read())):
+        raise ConfigError(
+            f"{path} holds contexts that method=contextualization did not write (a released knowledge_context.txt, "
+            f"or a file of your own): an input, which it never overwrites. Write the new contexts to another "
+            f"JSON-lines file: dataset.contexts_file=NAME.jsonl"
+        )
+
+
+def write_contexts(path: Path, rows: list[dict]) -> None:
+    """Replaces the contexts file with ``rows`` in one step: a killed run leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    os.replace(partial, path)
 
 
 class Contextualization(Method):
@@ -65,9 +92,10 @@ class Contextualization(Method):
         temperature: float,
         top_p: float,
         batch_size: int,
+        stage_dir: str,
     ):
         super().__init__(name)
-        self.prompt, self.chat_template = prompt, chat_template
+        self.prompt, self.chat_template, self.stage_dir = prompt, chat_template, stage_dir
         self.max_new_tokens, self.temperature, self.top_p, self.batch_size = (
             max_new_tokens,
             temperature,
@@ -81,6 +109,7 @@ class Contextualization(Method):
     def check_inputs(self, task, tokenizer, cfg):
         if task.contexts_file is None:
             raise ConfigError("dataset.contexts_file is null: set it to the JSON-lines file the contexts go to")
+        check_writable_contexts(task.contexts_file)
         try:
             self.prompt.format(head="h", relation="r", tail="t")
         except (KeyError, IndexError) as e:
@@ -101,12 +130,26 @@ class Contextualization(Method):
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
 
+    def settings(self, writer_identity: str, seed: int) -> dict:
+        """What determines a context besides its triple's text (the stage rows' key): the writer, the prompt,
+        the generation settings, the seed, and the batch size (a batch shares one random stream)."""
+        return {
+            "writer": writer_identity,
+            "prompt": self.prompt,
+            "chat_template": self.chat_template,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "batch_size": self.batch_size,
+            "seed": seed,
+        }
+
     def evaluator(self, handle, tokenizer, task, batch_size):
-        return ContextGeneration(self, handle.base, tokenizer, task)
+        return ContextGeneration(self, handle, tokenizer, task)
 
 
 class ContextGeneration(EvaluatorBase):
-    """Writes the missing contexts of the training triples; its metrics describe what was written."""
+    """Writes the contexts of the training triples the stage lacks; its metrics describe what was written."""
 
     metric_set = MetricSet(
         "context_generation",
@@ -124,23 +167,24 @@ class ContextGeneration(EvaluatorBase):
         set_titles={"contexts": "contexts written for the training triples"},
     )
 
-    def __init__(self, method: Contextualization, model, tokenizer, task: KGTask):
-        self.method, self.model, self.tokenizer, self.task = method, model, tokenizer, task
-        self.writer_name = getattr(model, "name_or_path", "")
+    def __init__(self, method: Contextualization, handle, tokenizer, task: KGTask):
+        self.method, self.model, self.tokenizer, self.task = method, handle.base, tokenizer, task
+        self.writer_identity = handle.identity
+        self.writer_name = getattr(handle.base, "name_or_path", "")
 
     def prepare(self) -> None:
         """Nothing to prepare: the writer is not trained."""
 
     @torch.no_grad()
     def generate(self, triples: list[Triple]) -> tuple[list[str], int]:
-        """One batch: the paragraphs and the number of tokens generated. Seeded by the batch's triples,
-        so a resumed run draws the same samples for the same pending triples."""
+        """One batch: the paragraphs and the number of tokens generated. Seeded by the batch's first triple's
+        text, so a resumed run draws the same samples for the same pending triples."""
         m, tokenizer = self.method, self.tokenizer
         prompts = [m.render(self.task, t, tokenizer) for t in triples]
         # A chat template already holds the special tokens the model expects at the start.
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not m.chat_template)
         device = next(self.model.parameters()).device
-        torch.manual_seed(zlib.crc32(f"{self.task.seed}|{'|'.join(triples[0])}".encode()))
+        torch.manual_seed(zlib.crc32(f"{self.task.seed}|{self.task.graph.triple_text(triples[0])}".encode()))
         sample = m.temperature > 0
         out = self.model.generate(
             input_ids=enc["input_ids"].to(device),
@@ -156,32 +200,38 @@ class ContextGeneration(EvaluatorBase):
 
     def evaluate(self, names=None) -> tuple[dict[str, float], dict[str, list[dict]]]:
         task = self.task
-        pending = missing_contexts(task)
-        reused = len(task.train_triples) - len(pending)
-        writer = ContextWriter(task.contexts_file)
-        started, tokens, rows = time.perf_counter(), 0, []
+        store = RowStore(self.method.stage_dir, "contexts", self.method.settings(self.writer_identity, task.seed))
+        texts = [task.graph.triple_text(t) for t in task.train_triples]
+        triple_of = dict(zip(texts, task.train_triples))  # triples of the same text share one context
+        pending = {text for text in texts if text not in store.rows}
+        started, tokens = time.perf_counter(), 0
         self.model.eval()
-        bar = progress_bar(total=len(pending), desc="contexts")
-        for chunk in batched(pending, self.method.batch_size):
-            texts, generated = self.generate(chunk)
+
+        def write(keys: list[str]) -> list[dict]:
+            nonlocal tokens
+            contexts, generated = self.generate([triple_of[k] for k in keys])
             tokens += generated
-            written = dict(zip(chunk, texts))
-            writer.write(written, writer=self.writer_name)
-            task.contexts.update(written)
-            rows.extend(
-                {"uid": "|".join(triple), "head": triple[0], "relation": triple[1], "tail": triple[2], "context": text}
-                for triple, text in written.items()
-            )
-            bar.update(len(chunk))
-        bar.close()
+            return [{"key": k, "context": c} for k, c in zip(keys, contexts)]
+
+        rows = store.fill(texts, write, self.method.batch_size, "contexts")
         seconds = time.perf_counter() - started
-        words = [len(task.contexts[t].split()) for t in task.train_triples]
+        task.contexts = {triple: row["context"] for triple, row in zip(task.train_triples, rows)}
+        contexts = [
+            {"head": h, "relation": r, "tail": t, "text": text, "context": task.contexts[(h, r, t)]}
+            for (h, r, t), text in zip(task.train_triples, texts)
+        ]
+        write_contexts(
+            task.contexts_file, [{**row, "writer": self.writer_name, "stage": store.path.name} for row in contexts]
+        )
+        words = [len(context.split()) for context in task.contexts.values()]
+        generated_here = sum(text in pending for text in texts)
         metrics = {
-            "contexts/written": len(pending),
-            "contexts/reused": reused,
+            "contexts/written": generated_here,
+            "contexts/reused": len(texts) - generated_here,
             "contexts/covered": sum(t in task.contexts for t in task.train_triples) / len(task.train_triples),
             "contexts/mean_words": sum(words) / len(words),
             "contexts/seconds": seconds,
             "contexts/tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
         }
-        return metrics, {"contexts": rows}
+        new = [{"uid": "|".join(t), **row} for t, row in zip(task.train_triples, contexts) if row["text"] in pending]
+        return metrics, {"contexts": new}
