@@ -220,30 +220,23 @@ def test_on_policy_teacher_sampled_batches_are_transformers_samples(behaving):
 
 
 def test_genpi_pseudo_input_rounds_are_transformers_samples(behaving):
-    # Each row draws from its own generator (GenPI's stages): row i is transformers' sample of the prompt
-    # alone from seed 2 + i, whichever rows share its batch.
     _, tokenizer, model = behaving
     prompt = CONTEXT + "\n"  # GenPI's generator prompt, repeated: every row continues the same text
     prompts = [prompt] * 6
-
-    def rounds(batch_size):
-        return decoded_samples(
-            model,
-            tokenizer,
-            prompts,
-            10,
-            1.0,
-            50,
-            "\n",
-            [torch.Generator().manual_seed(2 + row) for row in range(len(prompts))],
-            SharedPrefix(model, tokenizer, [prompt]),
-            batch_size=batch_size,
-        )
-
-    texts = rounds(6)
-    rows = [reference(model, tokenizer, [prompt], 10, 1.0, 50, "\n", seed=2 + row)[0] for row in range(len(prompts))]
+    texts = decoded_samples(
+        model,
+        tokenizer,
+        prompts,
+        10,
+        1.0,
+        50,
+        "\n",
+        torch.Generator().manual_seed(2),
+        SharedPrefix(model, tokenizer, [prompt]),
+        batch_size=6,
+    )
+    rows = reference(model, tokenizer, prompts, 10, 1.0, 50, "\n", seed=2)
     assert [text for text, _ in texts] == [
         tokenizer.decode(strip_stop(tokenizer, r), skip_special_tokens=True).strip() for r in rows
     ]
     assert len({text for text, _ in texts}) > 1
-    assert rounds(4) == texts

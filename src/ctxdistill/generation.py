@@ -5,33 +5,28 @@ teacher's answer spans, on-policy samples of the student, a scratchpad and its f
 answer, generation-based evaluation). It decodes with the key/value cache and applies
 the LM head to the last position only; with a :class:`~ctxdistill.encoding.SharedPrefix`
 the common context is not run again, nor copied per row. A ``torch.Generator`` makes sampling reproducible
-independently of the global random state; one generator per prompt makes each row's sample independent of
-the rows batched with it (and so of the batch size).
+independently of the global random state.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 
 from ctxdistill.encoding import SharedPrefix, encode
 from ctxdistill.progress import progress_bar
 
-#: One generator shared by the batch's rows (transformers' batched draw), or one per row.
-Generators = Union[torch.Generator, Sequence[torch.Generator], None]
-
 
 def pick_tokens(
     logits: torch.Tensor,
     temperature: float,
     top_k: Optional[int],
-    generator: Generators,
+    generator: Optional[torch.Generator],
     top_p: Optional[float] = None,
 ) -> torch.Tensor:
     """The next token of each row: argmax at temperature 0, else a sample of softmax(logits / T) over the top k,
-    then over the nucleus of mass top_p (transformers' order and rule). With a list of generators, row i draws
-    from generator i alone."""
+    then over the nucleus of mass top_p (transformers' order and rule)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -44,10 +39,7 @@ def pick_tokens(
         drop = ascending.softmax(-1).cumsum(-1) <= 1 - top_p
         drop[..., -1] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    if isinstance(generator, Sequence):
-        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g)[0] for i, g in enumerate(generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -59,7 +51,7 @@ def generate(
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     stop: Optional[str] = "\n",
-    generator: Generators = None,
+    generator: Optional[torch.Generator] = None,
     prefix: Optional[SharedPrefix] = None,
     batch_size: int = 16,
     desc: Optional[str] = None,
@@ -67,11 +59,8 @@ def generate(
 ) -> list[list[int]]:
     """Each prompt's continuation, ending with the token that stops it (end-of-sequence, or the token
     that completes the text ``stop``) unless ``max_new_tokens`` came first. Runs in eval mode; the caller's mode is
-    restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt). ``generator``
-    is one for the whole call, or a list with one per prompt."""
+    restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt)."""
     stop = stop or None  # "" is no stop string (it would be found in any text)
-    if isinstance(generator, Sequence) and len(generator) != len(prompts):
-        raise ValueError(f"{len(generator)} generators for {len(prompts)} prompts: give one per prompt, or one")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -84,7 +73,6 @@ def generate(
         attention_mask = batch["attention_mask"].to(device)
         position_ids = batch["position_ids"].to(device)
         rows = input_ids.shape[0]
-        batch_generator = generator[start : start + rows] if isinstance(generator, Sequence) else generator
         past = None
         tokens = [[] for _ in range(rows)]
         done = [False] * rows
@@ -101,7 +89,7 @@ def generate(
                 logits_to_keep=1,
             )
             past = out.cache
-            picked = pick_tokens(out.logits[:, -1], temperature, top_k, batch_generator, top_p)
+            picked = pick_tokens(out.logits[:, -1], temperature, top_k, generator, top_p)
             for i, token in enumerate(picked.tolist()):
                 if done[i]:
                     continue

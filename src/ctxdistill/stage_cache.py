@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 #: 3: chat prompts tokenise with one BOS where the template writes one and the tokenizer adds another.
 #: 4: the shared context's attention runs PyTorch's fused CPU kernel and the LM head reads a contiguous input
 #: (logits equal to 1e-5, but a near-tie can pick another token).
-#: 5: GenPI's sampled rows each draw from their own generator (they no longer depend on the batch size).
-PRODUCER_VERSION = 5
+PRODUCER_VERSION = 4
 
 
 def digest(payload: Any) -> str:

@@ -177,14 +177,14 @@ class ContextGeneration(EvaluatorBase):
 
     @torch.no_grad()
     def generate(self, triples: list[Triple]) -> tuple[list[str], int]:
-        """One batch: the paragraphs and the number of tokens generated. Seeded by the batch's first triple's
-        text, so a resumed run draws the same samples for the same pending triples."""
+        """One batch: the paragraphs and the number of tokens generated. Seeded by the graph's seed and the batch's
+        first triple, so a resumed run draws the same samples for the same pending triples."""
         m, tokenizer = self.method, self.tokenizer
         prompts = [m.render(self.task, t, tokenizer) for t in triples]
         # A chat template already holds the special tokens the model expects at the start.
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not m.chat_template)
         device = next(self.model.parameters()).device
-        torch.manual_seed(zlib.crc32(f"{self.task.seed}|{self.task.graph.triple_text(triples[0])}".encode()))
+        torch.manual_seed(zlib.crc32(f"{self.task.seed}|{'|'.join(triples[0])}".encode()))
         sample = m.temperature > 0
         out = self.model.generate(
             input_ids=enc["input_ids"].to(device),

@@ -40,7 +40,7 @@ from ctxdistill.data import Example, Task
 from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.evaluation import MethodEvaluator, generation_metrics, task_success
-from ctxdistill.generation import Generators, generate, strip_stop
+from ctxdistill.generation import generate, strip_stop
 from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
 from ctxdistill.progress import progress_bar
@@ -241,7 +241,7 @@ def decoded_samples(
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     stop: Optional[str] = None,
-    generator: Generators = None,
+    generator: Optional[torch.Generator] = None,
     prefix: Optional[SharedPrefix] = None,
     batch_size: int = 16,
     top_p: Optional[float] = None,
@@ -345,12 +345,10 @@ class PromptInternalization(Method):
             tokenizer, [{"role": "system", "content": RELEASED_SYSTEM_MESSAGE}, {"role": "user", "content": text}]
         )
 
-    def _generators(self, model, keys: list[str]) -> list[torch.Generator]:
-        """A random stream per (seed, key), one per sampled row: a row holds the same sample whatever rows it is
-        batched with (trainer.eval_batch_size is in no stage's key), and a resumed stage samples what an
-        uninterrupted one would."""
-        device = next(model.parameters()).device
-        return [torch.Generator(device).manual_seed(int(digest([self.seed, key]), 16) % 2**63) for key in keys]
+    def _generator(self, model, key: str) -> torch.Generator:
+        """A random stream per (seed, key): a resumed stage samples what an uninterrupted one would."""
+        generator = torch.Generator(next(model.parameters()).device)
+        return generator.manual_seed(int(digest([self.seed, key]), 16) % 2**63)
 
     def _pseudo_inputs(self, model, tokenizer, settings: dict, batch_size: int) -> list[str]:
         """Stage 1: sample rounds of inputs until enough distinct new ones exist."""
@@ -369,6 +367,7 @@ class PromptInternalization(Method):
                 "top_p": self.generator_top_p,
                 "per_round": self.inputs_per_round,
                 "max_tokens": self.max_input_tokens,
+                "batch_size": batch_size,  # a batch's rows share one random stream
             },
         )
         prefix = None
@@ -384,7 +383,7 @@ class PromptInternalization(Method):
                 self.generator_temperature,
                 self.generator_top_k,
                 "\n",
-                self._generators(model, [f"round-{keys[0]}-{row}" for row in range(self.inputs_per_round)]),
+                self._generator(model, f"round-{keys[0]}"),
                 prefix,
                 batch_size,
                 self.generator_top_p,
@@ -488,7 +487,7 @@ class GenPI(PromptInternalization):
         self._records: dict[str, dict] = {}  # training slot uid -> input, replies, reason
 
     def _reasons(self, handle, tokenizer, replies: list[dict], batch_size: int) -> list[str]:
-        """Stage 3: why the prompt changes the reply, sampled (seeded per input)."""
+        """Stage 3: why the prompt changes the reply, sampled (seeded per batch)."""
         store = RowStore(
             self.stage_dir,
             "reasons",
@@ -500,6 +499,7 @@ class GenPI(PromptInternalization):
                 "temperature": self.reason_temperature,
                 "top_p": self.reason_top_p,
                 "max_tokens": self.max_reason_tokens,
+                "batch_size": batch_size,  # a batch's rows share one random stream
             },
         )
         by_input = {r["key"]: r for r in replies}
@@ -521,7 +521,7 @@ class GenPI(PromptInternalization):
                     prompts,
                     self.max_reason_tokens,
                     self.reason_temperature,
-                    generator=self._generators(model, [f"reasons-{k}" for k in keys]),
+                    generator=self._generator(model, f"reasons-{keys[0]}"),
                     batch_size=batch_size,
                     top_p=self.reason_top_p,
                 )
