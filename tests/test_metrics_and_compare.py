@@ -361,7 +361,7 @@ def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_w
         )
         tracker.declare(MetricSet.from_dict(record["metric_set"]))
         tracker.log(record["metrics"], 2)
-        tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"]})
+        tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"], "status": "complete"})
         tracker.finish()
         # the run keeps the best value of its own objective (not a hard-coded eval/accuracy)
         assert defined_metrics(tmp_path / "wandb" / record["method"]) == {record["metric_set"]["objective"]: "max"}
@@ -513,3 +513,48 @@ def test_by_splits_a_methods_runs_by_a_config_key_and_mixed_settings_are_warned_
         "kgbert_cd aux_weight=1.0,m,d,2,,0.2,0,0.2,0.2",
     ]
     assert "warning" not in err
+
+
+def test_a_wandb_run_that_crashed_or_was_stopped_is_not_read_back_and_its_attempts_make_one_run(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from ctxdistill.methods.distill import ContextDistillation
+    from ctxdistill.results.wandb_runs import offline_records, read_offline_run, record_from_wandb
+    from ctxdistill.run import run
+
+    from conftest import compose_run
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for setting in ("STATS", "META", "MACHINE_INFO"):
+        monkeypatch.setenv(f"WANDB_X_DISABLE_{setting}", "true")
+    cfg = compose_run(tmp_path, "trainer.eval_every=1", "logger=wandb", "logger.mode=offline")
+
+    def crash():
+        raise RuntimeError("a bug at step 3")
+
+    real_loss = ContextDistillation.loss
+    for fault in (crash, lambda: os.kill(os.getpid(), signal.SIGTERM)):  # a failure, then a checkpointed stop
+        calls = []
+
+        def loss(self, handle, batch):
+            calls.append(1)
+            if len(calls) == 3:
+                fault()
+            return real_loss(self, handle, batch)
+
+        with monkeypatch.context() as patched:
+            patched.setattr(ContextDistillation, "loss", loss)
+            with pytest.raises((RuntimeError, SystemExit)):
+                run(cfg)
+    run(cfg)
+    run(cfg)  # again, complete: a fourth attempt under the same run id
+    [record] = offline_records(tmp_path / "wandb")
+    assert record["metrics"] == json.loads((tmp_path / "metrics.json").read_text())["metrics"]
+    attempts = [read_offline_run(d) for d in sorted((tmp_path / "wandb").glob("offline-run-*"))]
+    assert [a.finished for a in attempts] == [False, False, True, True]
+    assert all("eval/accuracy" in a.summary for a in attempts)  # the stopped ones' from a periodic evaluation
+    assert [a.summary.get("status") for a in attempts] == [None, None, "complete", "complete"]
+    assert len({a.run_id for a in attempts}) == 1
+    # read through the public API with its old exit code 0, the stopped attempt is still not a run
+    assert record_from_wandb(attempts[1].config, attempts[1].summary, finished=True) is None

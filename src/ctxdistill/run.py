@@ -39,7 +39,7 @@ from ctxdistill.models import (
 from ctxdistill.results.metrics import float32_rounded
 from ctxdistill.serving import serving_metrics
 from ctxdistill.sweeps import group_name
-from ctxdistill.tracking import Tracker, create_tracker
+from ctxdistill.tracking import Tracker, create_tracker, exit_code
 from ctxdistill.trainer import train
 
 log = logging.getLogger(__name__)
@@ -303,15 +303,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 shutil.rmtree(out / ROUNDS)  # the rounds' weights and records are in the final ones now
         tracker.add_config({"provenance": run_provenance})  # now with the caches training used
         tracker.log(metrics, train_stats.get("steps_all_rounds", train_stats.get("steps", 0)))
-        tracker.summary(
-            {**metrics, **{f"train/{k}": v for k, v in train_stats.items()}, "model/parameters": model_parameters}
+        tracker.summary(  # after metrics.json, as its status: what reads the run back takes only a complete one
+            {
+                **metrics,
+                **{f"train/{k}": v for k, v in train_stats.items()},
+                "model/parameters": model_parameters,
+                "status": "complete",
+            }
         )
         tracker.predictions(predictions)
         log.info("%s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         log.info("results in %s (metrics.json, predictions.jsonl)", out)
-        return result
-    finally:
-        tracker.finish()
+    except BaseException as stopped:  # interrupted (a checkpointed stop exits 130/143) or failed: not finished
+        tracker.finish(exit_code(stopped))
+        raise
+    tracker.finish()
+    return result
 
 
 def context_tokens_per_query(task: Task, tokenizer, with_context: bool) -> float:

@@ -13,6 +13,7 @@ import functools
 import logging
 import netrc
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -41,7 +42,8 @@ class Tracker:
 
     def predictions(self, rows: dict[str, list[dict]]) -> None: ...
 
-    def finish(self) -> None: ...
+    def finish(self, exit_code: int = 0) -> None:
+        """End the run; a non-zero ``exit_code`` records it as failed (interrupted, crashed)."""
 
 
 def _warn_on_failure(fn):
@@ -165,10 +167,18 @@ class WandbTracker(Tracker):
         self.run.log({"predictions": table})
 
     @_warn_on_failure
-    def finish(self):
-        self.run.finish()
+    def finish(self, exit_code=0):
+        self.run.finish(exit_code=exit_code)
         if self.offline:
             wait_for_run_file(Path(self.run_dir))
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code a run stopped by ``error`` ends with: SystemExit's own (128 + signal for a checkpointed
+    stop), 130 for Ctrl-C, else 1; never 0, since a run stopped early is not finished."""
+    if isinstance(error, SystemExit) and isinstance(error.code, int) and error.code:
+        return error.code
+    return 128 + signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
 
 
 def wait_for_run_file(run_dir: Path, timeout: float = 30.0) -> None:

@@ -105,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         records += api_records(args.wandb, args.group)
     if not records:
         where = ", ".join([*map(str, args.paths), *([args.wandb] if args.wandb else [])])
-        print(
-            f"no complete runs (metrics.json with status 'complete', or finished W&B runs) in {where}", file=sys.stderr
-        )
+        print(f"no complete runs (metrics.json or W&B summary with status 'complete') in {where}", file=sys.stderr)
         return 1
     records = split_by(records, args.by)
     tables = summarise(records)

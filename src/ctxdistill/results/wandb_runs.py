@@ -68,6 +68,8 @@ class WandbRun:
     summary: dict[str, Any] = field(default_factory=dict)
     finished: bool = False
     ended: bool = False  # the file holds the run's exit record, whatever its exit code
+    run_id: str = ""  # a resumed run's directories share it
+    started: float = 0.0  # seconds since the epoch
     group: str = ""
     tags: list[str] = field(default_factory=list)
 
@@ -84,6 +86,7 @@ def read_offline_run(run_dir: Path) -> WandbRun:
         if kind == "run":
             _update(run.config, record.run.config.update)
             run.group, run.tags = record.run.run_group, list(record.run.tags)
+            run.run_id, run.started = record.run.run_id, record.run.start_time.ToMicroseconds() / 1e6
         elif kind == "config":
             _update(run.config, record.config.update)
         elif kind == "history":  # a logged value is the summary until something overrides it
@@ -99,9 +102,10 @@ def read_offline_run(run_dir: Path) -> WandbRun:
 def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finished: bool) -> Optional[dict[str, Any]]:
     """A run record like metrics.json from a W&B run's config and summary; None for other runs.
 
-    The run's metrics are its summary's ``{set}/{metric}`` numbers; which of them are its columns the
-    config's ``metric_set`` says (runs logged before it existed are read when they report
-    ``eval/accuracy``)."""
+    Only a finished run whose summary says ``status: complete`` (logged after its metrics.json was written)
+    is one: an interrupted or failed run's summary may hold the numbers of a periodic evaluation. The run's
+    metrics are its summary's ``{set}/{metric}`` numbers; which of them are its columns the config's
+    ``metric_set`` says."""
     try:
         identity = {
             "method": config["method"]["name"],
@@ -120,15 +124,14 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
         and isinstance(v, (int, float))
         and not isinstance(v, bool)
     }
-    declared = config.get("metric_set")
-    if not finished or not metrics or not (declared or "eval/accuracy" in metrics):
+    if not (finished and summary.get("status") == "complete" and metrics):
         return None
     last_logged = summary.get("_timestamp")
     return {
         **identity,
         "status": "complete",
         "metrics": metrics,
-        "metric_set": declared,
+        "metric_set": config.get("metric_set"),
         "config": config,
         "model_parameters": summary.get("model/parameters"),
         "finished_at": datetime.fromtimestamp(last_logged, timezone.utc).isoformat(timespec="seconds")
@@ -138,22 +141,26 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
 
 
 def offline_records(path: Path) -> list[dict[str, Any]]:
-    """The finished ctxdistill runs among the W&B run directories under ``path``."""
-    records = []
+    """The complete ctxdistill runs among the W&B run directories under ``path``.
+
+    A run interrupted and resumed leaves a directory per attempt under one run id: only the latest
+    attempt says how the run ended."""
+    latest: dict[str, WandbRun] = {}
     for run_file in sorted(Path(path).rglob("*.wandb")):
         try:
             run = read_offline_run(run_file.parent)
         except ValueError as e:
             log.warning("skipping %s: %s", run_file, e)
             continue
-        record = record_from_wandb(run.config, run.summary, finished=run.finished)
-        if record:
-            records.append(record)
-    return records
+        key = run.run_id or str(run_file)  # a file cut before its run record is an attempt of its own
+        if key not in latest or run.started >= latest[key].started:
+            latest[key] = run
+    records = [record_from_wandb(run.config, run.summary, finished=run.finished) for run in latest.values()]
+    return [r for r in records if r]
 
 
 def api_records(project_path: str, group: Optional[str] = None) -> list[dict[str, Any]]:
-    """The finished ctxdistill runs of a W&B project (``entity/project``), optionally of one group."""
+    """The complete ctxdistill runs of a W&B project (``entity/project``), optionally of one group."""
     import wandb
 
     runs = wandb.Api().runs(project_path, filters={"group": group} if group else None, lazy=False)
