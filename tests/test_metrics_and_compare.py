@@ -558,3 +558,19 @@ def test_a_wandb_run_that_crashed_or_was_stopped_is_not_read_back_and_its_attemp
     assert len({a.run_id for a in attempts}) == 1
     # read through the public API with its old exit code 0, the stopped attempt is still not a run
     assert record_from_wandb(attempts[1].config, attempts[1].summary, finished=True) is None
+
+
+def test_a_runs_evaluation_again_is_not_one_more_seed_but_can_be_compared_on_its_own(make_cfg, tmp_path, capsys):
+    from ctxdistill.evaluate_run import evaluate_run
+    from ctxdistill.run import run
+
+    from conftest import TINY
+
+    for seed in (0, 1):
+        run(make_cfg(*TINY, "method=cd", "trainer.max_steps=2", f"seed={seed}", output_dir=tmp_path / f"s{seed}"))
+    evaluate_run(tmp_path / "s0", [], "again")  # what `ctxdistill-eval RUN_DIR` writes
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert [row["seeds"] for row in csv.DictReader(io.StringIO(out))] == ["2"] and "warning" not in err
+    assert main([str(tmp_path / "s0" / "evaluations" / "again"), "--format", "csv"]) == 0
+    assert [row["seeds"] for row in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["1"]

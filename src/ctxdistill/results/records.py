@@ -18,6 +18,7 @@ from ctxdistill.results.metrics import MetricSet, undeclared
 from ctxdistill.results.wandb_runs import offline_records
 
 PREDICTIONS = "predictions.jsonl"
+EVALUATIONS = "evaluations"  # ctxdistill-eval writes a run's re-evaluations to RUN_DIR/evaluations/NAME/
 MODEL_SIZE = re.compile(r"(\d+(?:\.\d+)?)([mb])\b", re.IGNORECASE)
 
 
@@ -39,13 +40,17 @@ def model_size(record: dict[str, Any]) -> Optional[float]:
 def collect(paths: Iterable[Path], unreadable: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """Every complete run under ``paths``.
 
-    A directory is read through its metrics.json files; W&B run directories are read only
-    where no metrics.json is found (they are the same runs). A metrics.json that cannot be read
-    (cut short, not a run's) is skipped with a warning naming it, and listed in ``unreadable``.
+    A directory is read through its metrics.json files, but for its runs' re-evaluations (``evaluations/``,
+    the same runs again: given themselves, they are read); W&B run directories are read only where no
+    metrics.json is found (they are the same runs). A metrics.json that cannot be read (cut short, not a
+    run's) is skipped with a warning naming it, and listed in ``unreadable``.
     """
     records = []
     for path in map(Path, paths):
-        files = [path] if path.is_file() else sorted(path.rglob("metrics.json"))
+        if path.is_file():
+            files = [path]
+        else:
+            files = [f for f in sorted(path.rglob("metrics.json")) if EVALUATIONS not in f.relative_to(path).parts]
         if not files:
             records += offline_records(path)
         for file in files:
