@@ -574,3 +574,21 @@ def test_a_runs_evaluation_again_is_not_one_more_seed_but_can_be_compared_on_its
     assert [row["seeds"] for row in csv.DictReader(io.StringIO(out))] == ["2"] and "warning" not in err
     assert main([str(tmp_path / "s0" / "evaluations" / "again"), "--format", "csv"]) == 0
     assert [row["seeds"] for row in csv.DictReader(io.StringIO(capsys.readouterr().out))] == ["1"]
+
+
+def test_by_refuses_a_key_no_runs_config_has_naming_the_nearest(make_cfg, tmp_path, capsys):
+    from ctxdistill.run import run
+
+    from conftest import TINY
+
+    for lr in ("1e-3", "2e-3"):
+        run(make_cfg(*TINY, "method=cd", "trainer.max_steps=2", f"trainer.lr={lr}", output_dir=tmp_path / lr))
+    capsys.readouterr()
+    assert main([str(tmp_path), "--format", "csv", "--by", "trainer.lrr"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: --by trainer.lrr: no run's config has this key; did you mean trainer.lr?\n"
+    assert main([str(tmp_path), "--format", "csv", "--by", "trainer.lr"]) == 0
+    assert [row["method"] for row in csv.DictReader(io.StringIO(capsys.readouterr().out))] == [
+        "cd lr=0.001",
+        "cd lr=0.002",
+    ]

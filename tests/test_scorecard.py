@@ -283,3 +283,18 @@ def test_the_upadhayaya_script_narrows_its_grid_and_ends_with_the_scorecard(tmp_
         ),
         f"ctxdistill-compare {sweep} --out {sweep} --scorecard --model-as smollm2-135m=opt-125m",
     ]
+
+
+def test_the_scorecard_scores_the_runs_methods_when_by_splits_the_tables_rows(tmp_path, capsys):
+    metrics = {"eval/accuracy": 0.6, "eval/vocab_accuracy": 0.58, "train_queries/context_accuracy": 0.55}
+    for seed in (0, 1):
+        write_cd_run(tmp_path / str(seed), seed, metrics)
+        (tmp_path / str(seed) / "config.yaml").write_text(f"trainer:\n  lr: {seed + 1}e-3\n")
+    arguments = [str(tmp_path), "--scorecard", "--model-as", "smollm2-135m=opt-125m"]
+    assert main(arguments) == 0
+    whole = capsys.readouterr().out
+    assert "36 cells: 1 above, 1 below, 1 not measured, 33 not run." in whole
+    assert main([*arguments, "--by", "trainer.lr"]) == 0
+    out = capsys.readouterr().out
+    assert "cd lr=0.001" in out and "cd lr=0.002" in out  # the table's rows
+    assert out[out.index("Scorecard") :] == whole[whole.index("Scorecard") :]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ctxdistill.results import scorecard
 from ctxdistill.results.files import RESULTS_DIR, write_results
-from ctxdistill.results.records import collect, split_by
+from ctxdistill.results.records import UnknownConfigKeyError, collect, split_by
 from ctxdistill.results.render import render
 from ctxdistill.results.table import PairedTestError, paired_tests, summarise
 
@@ -107,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         where = ", ".join([*map(str, args.paths), *([args.wandb] if args.wandb else [])])
         print(f"no complete runs (metrics.json or W&B summary with status 'complete') in {where}", file=sys.stderr)
         return 1
-    records = split_by(records, args.by)
-    tables = summarise(records)
+    try:
+        rows = split_by(records, args.by)  # the table's rows; the scorecard matches the runs' own methods
+    except UnknownConfigKeyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tables = summarise(rows)
     for table in tables:
         for row in table.rows:
             if len(set(row.seeds)) < len(row.seeds):
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
             appendix = "## Scorecard\n\n" + scorecard.write(args.out / RESULTS_DIR, papers, scores, model_as)
             appendix += f"\n\nAs CSV: [{RESULTS_DIR}/scorecard.csv]({RESULTS_DIR}/scorecard.csv)."
-        readme = write_results(args.out, records, title=f"Results: {args.group or args.out.name}", appendix=appendix)
+        readme = write_results(args.out, rows, title=f"Results: {args.group or args.out.name}", appendix=appendix)
         print(f"\nwrote {readme} and {args.out / RESULTS_DIR}/", file=sys.stderr)
     if args.wandb_log:
         from ctxdistill.results.wandb_outputs import log_results

@@ -8,14 +8,18 @@ carry ``run_dir``, where the run's predictions.jsonl and config.yaml are; record
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from ctxdistill.results.metrics import MetricSet, undeclared
 from ctxdistill.results.wandb_runs import offline_records
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 PREDICTIONS = "predictions.jsonl"
 EVALUATIONS = "evaluations"  # ctxdistill-eval writes a run's re-evaluations to RUN_DIR/evaluations/NAME/
@@ -75,26 +79,49 @@ def predictions(record: dict[str, Any]) -> Optional[list[dict[str, Any]]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def config_value(record: dict[str, Any], key: str) -> Any:
-    """A dotted key of the run's resolved config (its config.yaml, or its W&B config); None where unset."""
+def run_config(record: dict[str, Any]) -> Optional[DictConfig]:
+    """The run's resolved config (its W&B config, or its config.yaml) as a DictConfig; None where it has neither."""
     from omegaconf import OmegaConf
 
     if record.get("config") is not None:
-        config = OmegaConf.create(record["config"])
-    elif record.get("run_dir") and (Path(record["run_dir"]) / "config.yaml").is_file():
-        config = OmegaConf.load(Path(record["run_dir"]) / "config.yaml")
-    else:
-        return None
-    return OmegaConf.select(config, key)
+        return OmegaConf.create(record["config"])
+    if record.get("run_dir") and (Path(record["run_dir"]) / "config.yaml").is_file():
+        return OmegaConf.load(Path(record["run_dir"]) / "config.yaml")
+    return None
+
+
+class UnknownConfigKeyError(ValueError):
+    """--by names a key that no run's config has."""
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    if not isinstance(node, dict):
+        return []
+    return [k for key, value in node.items() for k in [f"{prefix}{key}", *_dotted_keys(value, f"{prefix}{key}.")]]
 
 
 def split_by(records: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
     """Records whose method names carry the values of ``keys`` (``kgbert_cd aux_weight=0.5``), so runs that
-    differ in those settings become rows of their own instead of being averaged as if they were seeds."""
+    differ in those settings become rows of their own instead of being averaged as if they were seeds. A run
+    whose config lacks a key shows None for it; a key that no run's config has (a misspelling) is an error."""
+    from omegaconf import OmegaConf
+
     if not keys:
         return records
+    configs = [run_config(r) for r in records]
+    absent = object()
+    for key in keys:
+        if all(c is None or OmegaConf.select(c, key, default=absent) is absent for c in configs):
+            known = {k for c in configs if c is not None for k in _dotted_keys(OmegaConf.to_container(c))}
+            nearest = difflib.get_close_matches(key, sorted(known), n=1)
+            raise UnknownConfigKeyError(
+                f"--by {key}: no run's config has this key"
+                + (f"; did you mean {nearest[0]}?" if nearest else " (give a dotted key of the runs' config.yaml)")
+            )
     labelled = []
-    for record in records:
-        values = " ".join(f"{key.rsplit('.', 1)[-1]}={config_value(record, key)}" for key in keys)
+    for record, config in zip(records, configs):
+        values = " ".join(
+            f"{key.rsplit('.', 1)[-1]}={None if config is None else OmegaConf.select(config, key)}" for key in keys
+        )
         labelled.append({**record, "method": f"{record['method']} {values}"})
     return labelled
