@@ -592,3 +592,27 @@ def test_by_refuses_a_key_no_runs_config_has_naming_the_nearest(make_cfg, tmp_pa
         "cd lr=0.001",
         "cd lr=0.002",
     ]
+
+
+def test_vs_refuses_rows_of_runs_sharing_a_seed_and_pairs_each_setting_with_by(make_cfg, tmp_path, capsys):
+    from ctxdistill.run import run
+
+    from conftest import TINY
+
+    for method, data_seed in itertools.product(("cd", "zero_shot"), (0, 1, 2)):
+        overrides = [*TINY, f"method={method}", "trainer.max_steps=2", f"dataset.context.data_seed={data_seed}"]
+        run(make_cfg(*overrides, output_dir=tmp_path / f"{method}-{data_seed}"))
+    capsys.readouterr()
+    assert main([str(tmp_path), "--vs", "zero_shot"]) == 2
+    err = capsys.readouterr().err
+    assert "cd / tiny-random / synthetic averages 3 runs over seeds [0, 0, 0]" in err  # the table's warning
+    assert "error: --vs pairs one run per seed on each side" in err and "--by KEY" in err
+    assert main([str(tmp_path), "--vs", "zero_shot", "--by", "dataset.context.data_seed", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    rows = {row["method"]: row for row in csv.DictReader(io.StringIO(out))}
+    assert "warning" not in err and len(rows) == 6
+    for data_seed in (0, 1, 2):  # each against zero_shot's run of its own data seed, on all 48 examples
+        tested, baseline = rows[f"cd data_seed={data_seed}"], rows[f"zero_shot data_seed={data_seed}"]
+        assert tested["eval/pairs_vs_zero_shot"] == tested["eval/examples"] == "48"
+        difference = float(tested["eval/accuracy_mean"]) - float(baseline["eval/accuracy_mean"])
+        assert float(tested["eval/delta_vs_zero_shot"]) == pytest.approx(difference, abs=1e-5)

@@ -24,7 +24,7 @@ from ctxdistill.results import scorecard
 from ctxdistill.results.files import RESULTS_DIR, write_results
 from ctxdistill.results.records import UnknownConfigKeyError, collect, split_by
 from ctxdistill.results.render import render
-from ctxdistill.results.table import PairedTestError, paired_tests, summarise
+from ctxdistill.results.table import PairedTestError, duplicate_seed_warnings, paired_tests, summarise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,15 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tables = summarise(rows)
-    for table in tables:
-        for row in table.rows:
-            if len(set(row.seeds)) < len(row.seeds):
-                print(
-                    f"warning: {row.method} / {row.model} / {row.dataset} averages {len(row.seeds)} runs over seeds "
-                    f"{sorted(row.seeds)}: runs with the same seed differ in some setting; tell them apart with "
-                    "--by KEY (e.g. --by method.aux_weight)",
-                    file=sys.stderr,
-                )
+    for warning in duplicate_seed_warnings(tables):
+        print(warning, file=sys.stderr)
     if args.vs:
         try:
             notes = paired_tests(tables, args.vs)

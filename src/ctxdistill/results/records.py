@@ -123,5 +123,12 @@ def split_by(records: list[dict[str, Any]], keys: list[str]) -> list[dict[str, A
         values = " ".join(
             f"{key.rsplit('.', 1)[-1]}={None if config is None else OmegaConf.select(config, key)}" for key in keys
         )
-        labelled.append({**record, "method": f"{record['method']} {values}"})
+        # "split" keeps what the label joins: --vs pairs a row with its baseline's row of the same setting
+        labelled.append(
+            {
+                **record,
+                "method": f"{record['method']} {values}",
+                "split": {"method": record["method"], "setting": values},
+            }
+        )
     return labelled

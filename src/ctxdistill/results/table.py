@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -98,6 +99,17 @@ class Row:
     @property
     def seeds(self) -> list[int]:
         return [r["seed"] for r in self.records]
+
+    @property
+    def repeated_seeds(self) -> list[int]:
+        """Seeds of more than one of the row's runs: runs that differ in a setting the row does not name."""
+        return sorted(seed for seed, runs in Counter(self.seeds).items() if runs > 1)
+
+    @property
+    def unsplit(self) -> tuple[str, str]:
+        """The row's method as its runs name it, and the ``--by`` setting its label adds ("" without one)."""
+        split = self.records[0].get("split")
+        return (split["method"], split["setting"]) if split else (self.method, "")
 
 
 @dataclass
@@ -197,17 +209,57 @@ def summarise(records: list[dict[str, Any]]) -> list[Table]:
     return tables
 
 
+def duplicate_seed_warnings(tables: list[Table]) -> list[str]:
+    """A warning per row that averages runs sharing a seed: they differ in some setting besides method, model,
+    dataset and seed, and their spread is not the spread over seeds."""
+    return [
+        f"warning: {row.method} / {row.model} / {row.dataset} averages {len(row.seeds)} runs over seeds "
+        f"{sorted(row.seeds)}: runs with the same seed differ in some setting; tell them apart with "
+        "ctxdistill-compare --by KEY (e.g. --by method.aux_weight)"
+        for table in tables
+        for row in table.rows
+        if row.repeated_seeds
+    ]
+
+
 class PairedTestError(ValueError):
-    """--vs cannot be done as asked (no such baseline, no predictions at hand)."""
+    """--vs cannot be done as asked (no such baseline, no predictions at hand, runs that share a seed)."""
+
+
+def _outcomes(row: Row, family: MetricSet) -> dict[int, dict[tuple[str, str], float]]:
+    """Per seed, the row's run's per-example value of the headline by (eval set, uid)."""
+    if row.repeated_seeds:
+        raise PairedTestError(
+            f"--vs pairs one run per seed on each side; {row.method} / {row.model} / {row.dataset} has several "
+            f"runs of seed {row.repeated_seeds[0]}, which differ in some setting: name it with --by KEY "
+            "(e.g. --by dataset.context.data_seed) so that each row holds one run per seed"
+        )
+    outcomes = {}
+    for record in row.records:
+        rows = predictions(record)
+        if rows is None:
+            raise PairedTestError(
+                f"--vs needs each run's predictions.jsonl; {row.method} seed {record['seed']} has "
+                f"none at hand (runs read from W&B have none): give the runs' directories instead"
+            )
+        if any("uid" not in p for p in rows):
+            raise PairedTestError(
+                f"--vs pairs examples by their uid; the predictions.jsonl of {row.method} seed "
+                f"{record['seed']} has rows without one (written by an older version): evaluate the run "
+                f"again (ctxdistill-eval RUN_DIR) to write them"
+            )
+        outcomes[record["seed"]] = {(p["set"], p["uid"]): family.example_value(p) for p in rows}
+    return outcomes
 
 
 def paired_tests(tables: list[Table], baseline: str) -> list[str]:
-    """Fill each row's tests against the ``baseline`` method's row of the same dataset and model.
+    """Fill each row's tests against the ``baseline`` method's row of the same dataset and model (and of the
+    same ``--by`` setting, when the baseline's runs differ in it).
 
     Pairs are the examples (``uid``) of each eval set that both methods were evaluated on with the same
     seed, pooled over the seeds both ran. Returns notes on what could not be tested."""
-    if not any(row.method == baseline for table in tables for row in table.rows):
-        methods = sorted({row.method for table in tables for row in table.rows})
+    if not any(row.unsplit[0] == baseline for table in tables for row in table.rows):
+        methods = sorted({row.unsplit[0] for table in tables for row in table.rows})
         raise PairedTestError(f"--vs {baseline}: no run of method {baseline} here (methods: {', '.join(methods)})")
     notes = []
     for table in tables:
@@ -217,33 +269,23 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
             continue
         table.baseline = baseline
         for row in table.rows:
-            reference = next(
-                (b for b in table.rows if (b.method, b.dataset, b.model) == (baseline, row.dataset, row.model)), None
-            )
-            if row.method == baseline or reference is None:
+            method, setting = row.unsplit
+            if method == baseline:
                 continue
-            values = {}
-            for side in (row, reference):
-                for record in side.records:
-                    rows = predictions(record)
-                    if rows is None:
-                        raise PairedTestError(
-                            f"--vs needs each run's predictions.jsonl; {side.method} seed {record['seed']} has "
-                            f"none at hand (runs read from W&B have none): give the runs' directories instead"
-                        )
-                    if any("uid" not in p for p in rows):
-                        raise PairedTestError(
-                            f"--vs pairs examples by their uid; the predictions.jsonl of {side.method} seed "
-                            f"{record['seed']} has rows without one (written by an older version): evaluate the run "
-                            f"again (ctxdistill-eval RUN_DIR) to write them"
-                        )
-                    values[(side.method, record["seed"])] = {
-                        (p["set"], p["uid"]): table.family.example_value(p) for p in rows
-                    }
+            # the baseline's row of the same setting, else its only one (a setting the baseline does not have)
+            candidates = [
+                b for b in table.rows if (b.unsplit[0], b.dataset, b.model) == (baseline, row.dataset, row.model)
+            ]
+            matches = [b for b in candidates if b.unsplit[1] == setting] or candidates
+            if len(matches) > 1:
+                names = ", ".join(b.method for b in matches)
+                notes.append(f"--vs: {row.method} / {row.model} / {row.dataset}: which of {names}? not tested")
+            if len(matches) != 1:
+                continue
+            mine, theirs = _outcomes(row, table.family), _outcomes(matches[0], table.family)
             differences: dict[str, list[float]] = {}
-            for seed in sorted(set(row.seeds) & set(reference.seeds)):
-                mine, theirs = values[(row.method, seed)], values[(baseline, seed)]
-                for key in sorted(mine.keys() & theirs.keys()):
-                    differences.setdefault(key[0], []).append(mine[key] - theirs[key])
+            for seed in sorted(mine.keys() & theirs.keys()):
+                for key in sorted(mine[seed].keys() & theirs[seed].keys()):
+                    differences.setdefault(key[0], []).append(mine[seed][key] - theirs[seed][key])
             row.tests = {s: PairedTest(baseline, test, d) for s, d in differences.items()}
     return notes
