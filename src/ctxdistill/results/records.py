@@ -3,7 +3,7 @@
 A record is a dict in the shape of metrics.json (``method``, ``model``, ``dataset``, ``seed``,
 ``metrics``, ``metric_set``, ``model_parameters``, ``finished_at``); records read from disk also
 carry ``run_dir``, where the run's predictions.jsonl and config.yaml are; records read from W&B carry
-``config``.
+``config``; records labelled by ``split_by`` carry ``split`` (the run's own method, and the setting the label adds).
 """
 
 from __future__ import annotations
