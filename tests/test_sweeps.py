@@ -198,6 +198,43 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     assert "1 failed cells" in (sweep_dir / "README.md").read_text()
 
 
+def test_a_cell_holding_a_run_of_another_config_fails_the_sweep_and_is_not_reported(tmp_path):
+    sweep_dir = tmp_path / "s"
+    command = ["method=zero_shot", "trainer.lr=0.001,0.002", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}"]
+    assert multirun(*command).returncode == 0
+    [changed] = [p for p in sweep_dir.iterdir() if "trainer.lr=0.002" in p.name]
+    config = OmegaConf.load(changed / "config.yaml")
+    config.trainer.lr = 0.003  # as if made by an older default
+    OmegaConf.save(config, changed / "config.yaml")
+    again = multirun(*command)
+    assert again.returncode == 1
+    assert "Comparison (1 runs" in again.stdout and "1 cell(s) FAILED" in again.stdout
+    assert f"{changed.name}: ConfigError: {changed} holds a complete run made with a different config" in again.stdout
+    readme = (sweep_dir / "README.md").read_text()
+    assert "1 complete runs" in readme and "**1 failed cells**" in readme and f"`{changed.name}`" in readme
+
+
+def test_the_sweep_table_gives_each_swept_setting_its_own_row_and_says_what_a_row_averages(tmp_path, capsys):
+    sweep_dir = tmp_path / "s"
+    proc = multirun(
+        "method=zero_shot",
+        "trainer.lr=0.001,0.002",
+        "dataset.context.data_seed=0,1",  # a repetition by design (Mosbach et al. average over data seeds)
+        *CELL,
+        "logger=none",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    averaged = "Each row averages 2 runs: seed 0; dataset.context.data_seed 0, 1 (the `seeds` column counts the runs)."
+    assert averaged in proc.stdout
+    readme = (sweep_dir / "README.md").read_text()
+    assert "## What each row averages" in readme and averaged in readme
+    rows = [r.split("|")[1].strip() for r in readme.splitlines() if r.startswith("| zero_shot")]
+    assert rows[:2] == ["zero_shot lr=0.001", "zero_shot lr=0.002"]
+    table = list(csv.DictReader((sweep_dir / "results" / "table.csv").read_text().splitlines()))
+    assert [(r["method"], r["seeds"]) for r in table] == [("zero_shot lr=0.001", "2"), ("zero_shot lr=0.002", "2")]
+
+
 def test_a_complete_run_is_skipped_unless_forced_or_made_by_another_config(make_cfg, tmp_path):
     cfg = make_cfg(*CELL, "logger=none", "method=zero_shot")
     stored = {

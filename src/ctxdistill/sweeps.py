@@ -107,11 +107,19 @@ def group_name(sweep_dir: str | Path) -> str:
 
 
 def sweep_failures(sweep_dir: Path) -> dict[str, str]:
-    """Cell (its path under the sweep dir) -> error, for cells that failed and have no complete result since."""
+    """Cell (its path under the sweep dir) -> error, for cells whose latest attempt failed.
+
+    A failure.json older than a complete metrics.json was made good since; a newer one was not, even beside a
+    complete metrics.json: that is a run of another config the sweep refused, or one that failed once written.
+    """
     failures = {}
     for file in sorted(sweep_dir.rglob(FAILURE_FILE)):
         done = file.parent / "metrics.json"
-        if done.is_file() and json.loads(done.read_text()).get("status") == "complete":
+        if (
+            done.is_file()
+            and done.stat().st_mtime_ns > file.stat().st_mtime_ns
+            and json.loads(done.read_text()).get("status") == "complete"
+        ):
             continue
         failures[str(file.parent.relative_to(sweep_dir))] = json.loads(file.read_text())["error"].splitlines()[0]
     return failures
@@ -126,12 +134,106 @@ def sweep_command(config: DictConfig) -> str:
     )
 
 
+# Swept keys whose runs one row averages, as repetitions of one setting: the seed, and the data seed that draws
+# the demonstrations and training examples (Mosbach et al. report the mean over data seeds at seed 0,
+# docs/papers/mosbach2023.md). Every other swept key gives each of its values a row of its own.
+REPETITIONS = ("seed", "dataset.context.data_seed", "dataset.data_seed")
+# Swept choices a row names already (its method, model and dataset columns).
+ROW_CHOICES = ("method", "model", "dataset")
+
+
+def recorded_overrides(run_dir: Path) -> Optional[list[str]]:
+    """The Hydra overrides the run was started with: its own overrides.yaml (any output_dir), else the one in
+    Hydra's .hydra/ (a sweep cell, or an older run); None for a run started outside the ctxdistill command."""
+    recorded = next(
+        (p for p in (run_dir / "overrides.yaml", run_dir / ".hydra" / "overrides.yaml") if p.is_file()), None
+    )
+    return list(OmegaConf.load(recorded)) if recorded else None
+
+
+def swept_keys(records: list[dict[str, Any]]) -> list[str]:
+    """The keys whose overrides differ between the runs (a run leaving one at its default counts as differing),
+    in the order they come; keys that cannot change results (``compared``) left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    settings = [
+        {o.key_or_group: o.value() for o in parser.parse_overrides(recorded_overrides(Path(r["run_dir"])) or [])}
+        for r in records
+    ]
+    keys = dict.fromkeys(key for setting in settings for key in setting)
+    return [key for key in keys if compared(key) and len({repr(s.get(key)) for s in settings}) > 1]
+
+
+def group_choice(key: str, records: list[dict[str, Any]]) -> bool:
+    """Whether a swept key chooses a config group (experiment=..., ood=...) rather than setting a value."""
+    from ctxdistill.results.records import config_value
+
+    return "." not in key and any(
+        config_value(r, key) is None or OmegaConf.is_config(config_value(r, key)) for r in records
+    )
+
+
+def split_settings(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The runs with each setting of the swept keys in a row of its own (``results.records.split_by`` labels
+    the method with it, e.g. ``cd lr=0.1``), and warnings naming swept config-group choices no row tells apart."""
+    from ctxdistill.results.records import split_by
+
+    settings = [key for key in swept_keys(records) if key not in (*REPETITIONS, *ROW_CHOICES)]
+    choices = [key for key in settings if group_choice(key, records)]  # no config value split_by could read
+    warnings = [
+        f"warning: rows average over the values of {key}, a config-group choice the table does not tell apart; "
+        "sweep each value into its own hydra.sweep.dir to compare them"
+        for key in choices
+    ]
+    return split_by(records, [key for key in settings if key not in choices]), warnings
+
+
+def repetitions(records: list[dict[str, Any]]) -> str:
+    """What a row averages: its number of runs and their seeds and data seeds (e.g. ``10 runs: seed 0;
+    dataset.context.data_seed 0, 1, ..., 9``), warning when runs share them all."""
+    from ctxdistill.results.records import config_value
+
+    values = [
+        {
+            key: value
+            for key in REPETITIONS
+            if (value := r["seed"] if key == "seed" else config_value(r, key)) is not None
+        }
+        for r in records
+    ]
+    keys = [key for key in REPETITIONS if any(key in v for v in values)]
+    text = f"{len(records)} run{'s' if len(records) > 1 else ''}: " + "; ".join(
+        f"{key} {', '.join(map(str, sorted({v[key] for v in values if key in v})))}" for key in keys
+    )
+    if len({tuple(v.items()) for v in values}) < len(values):
+        text += " (some with the same seeds: they differ in a setting no swept key names, and are averaged as seeds)"
+    return text
+
+
+def repetitions_text(tables: list[Any], markdown: bool = False) -> str:
+    """What the rows average (``repetitions``), said once when every row averages the same, else row by row:
+    the ``seeds`` column counts a row's runs, whatever they varied in."""
+    described = {
+        f"{row.method} / {row.model} / {row.dataset}": repetitions(row.records)
+        for table in tables
+        for row in table.rows
+    }
+    if len(set(described.values())) == 1:
+        return f"Each row averages {next(iter(described.values()))} (the `seeds` column counts the runs)."
+    lines = [f"- `{row}`: {text}" if markdown else f"  {row}: {text}" for row, text in described.items()]
+    return "\n".join(
+        ["What each row averages (the `seeds` column counts the runs):", *([""] if markdown else []), *lines]
+    )
+
+
 class SweepSummaryCallback(Callback):
     """When a multirun ends: print the comparison table, write the sweep's README.md and results/,
     log the table and plots to the sweep's W&B group (with logger=wandb), and list the failed
     cells (the command then exits non-zero)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from ctxdistill.evaluate_run import run_dirs
         from ctxdistill.results.files import write_results
         from ctxdistill.results.records import collect
         from ctxdistill.results.render import render
@@ -140,13 +242,30 @@ class SweepSummaryCallback(Callback):
         from ctxdistill.tracking import resolve_mode
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        runs = collect([sweep_dir])
         failures = sweep_failures(sweep_dir)
+        # the cells' runs: no evaluation (ctxdistill-eval) beside one, no result of a cell whose latest attempt failed
+        runs = [
+            r
+            for r in collect([run_dir / "metrics.json" for run_dir in run_dirs(sweep_dir)])
+            if str(Path(r["run_dir"]).relative_to(sweep_dir)) not in failures
+        ]
+        command = sweep_command(config)
         if runs:
+            runs, warnings = split_settings(runs)
             tables = summarise(runs)
-            print(f"\nComparison ({len(runs)} runs in {sweep_dir}):\n" + render(tables), flush=True)
+            print(
+                f"\nComparison ({len(runs)} runs in {sweep_dir}):\n"
+                + "\n".join([render(tables), repetitions_text(tables), *warnings]),
+                flush=True,
+            )
+            averaged = "\n\n".join(["## What each row averages", repetitions_text(tables, markdown=True), *warnings])
             readme = write_results(
-                sweep_dir, runs, title=f"Sweep {sweep_dir.name}", failures=failures, command=sweep_command(config)
+                sweep_dir,
+                runs,
+                title=f"Sweep {sweep_dir.name}",
+                failures=failures,
+                command=command,
+                appendix=averaged,
             )
             print(f"Summary, tables and plots: {readme}", flush=True)
             if config.logger.backend == "wandb":
@@ -166,4 +285,4 @@ class SweepSummaryCallback(Callback):
             print(f"\n{len(failures)} cell(s) FAILED (details in each cell's {FAILURE_FILE} and log):", flush=True)
             for cell, error in failures.items():
                 print(f"  {cell}: {error}", flush=True)
-            print(f"Re-run the same command to retry only these:\n  {sweep_command(config)}", flush=True)
+            print(f"Re-run the same command to retry only these:\n  {command}", flush=True)
