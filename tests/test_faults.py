@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -156,6 +157,30 @@ def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(
     with pytest.raises(KeyboardInterrupt):
         run(compose_run(tmp_path / "twice", "trainer.checkpoint_every=null"))
     assert latest_checkpoint(tmp_path / "twice") is None
+
+
+def test_ctrl_c_in_a_sweep_prints_the_command_that_resumes_it_in_its_own_directory(tmp_path):
+    """Hydra's default sweep dir holds the launch time: the same command again would start afresh elsewhere."""
+    sweep = [sys.executable, "-m", "ctxdistill", "-m", *RESUMABLE, "seed=0,1"]
+    proc = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    while proc.poll() is None and not list(tmp_path.glob("outputs/multirun/*/*/*/checkpoints/step-00000001")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    console = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 128 + signal.SIGINT, console[-3000:]
+    [cell] = [p.parent for p in tmp_path.glob("outputs/multirun/*/*/*/checkpoints")]  # the second never started
+    sweep_dir = cell.parent.relative_to(tmp_path)
+    hint = re.search(r"resume the sweep with: (.*)", console)
+    assert hint, console[-3000:]
+    hint = hint[1]
+    assert hint == f"ctxdistill -m {' '.join(RESUMABLE)} seed=0,1 hydra.sweep.dir={sweep_dir}"
+    time.sleep(1)  # a new launch time: without the hint's hydra.sweep.dir the sweep would go elsewhere
+    resumed = subprocess.run(
+        [sys.executable, "-m", *shlex.split(hint)], cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((cell / "metrics.json").read_text())["train"]["resumed_from_step"] >= 1
+    assert len(list(tmp_path.glob("outputs/multirun/*/*/*/metrics.json"))) == 2
 
 
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

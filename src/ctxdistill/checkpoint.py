@@ -114,12 +114,16 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
 
 
 def resume_hint(run_dir: Path) -> str:
-    """How to continue a stopped run: the same sweep command, or this run's command in its run directory."""
+    """How to continue a stopped run: its sweep's command into the same sweep directory (Hydra's default one
+    holds the launch time, so the same command alone would start the sweep afresh elsewhere), or this run's
+    command in its run directory."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return "run the same sweep command again to resume it"
+        from ctxdistill.sweeps import running_sweep_command
+
+        return f"resume the sweep with: {running_sweep_command()}"
     args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
     return "resume with: ctxdistill " + " ".join(shlex.quote(a) for a in [*args, f"hydra.run.dir={run_dir}"])
 

@@ -125,13 +125,28 @@ def sweep_failures(sweep_dir: Path) -> dict[str, str]:
     return failures
 
 
-def sweep_command(config: DictConfig) -> str:
-    """The command that re-runs this sweep into the same directory (so only missing cells run)."""
-    task = list(config.hydra.overrides.task)
-    hydra_overrides = [o for o in config.hydra.overrides.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
-    return " ".join(
-        ["ctxdistill", "-m", *map(shlex.quote, [*task, *hydra_overrides, f"hydra.sweep.dir={config.hydra.sweep.dir}"])]
-    )
+def command_line_config_dirs(hydra: DictConfig) -> list[str]:
+    """The directories given with --config-dir (Hydra records them as config sources of the command line)."""
+    return [source.path for source in hydra.runtime.config_sources if source.provider == "command-line"]
+
+
+def sweep_command(hydra: DictConfig, sweep_dir: Optional[str] = None) -> str:
+    """The command that re-runs a sweep into the same directory (so only missing cells run), from the sweep's
+    Hydra config (``hydra.sweep.dir`` unless ``sweep_dir`` gives it resolved)."""
+    task = list(hydra.overrides.task)
+    hydra_overrides = [o for o in hydra.overrides.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
+    config_dirs = [f"--config-dir={path}" for path in command_line_config_dirs(hydra)]
+    arguments = [*task, *hydra_overrides, f"hydra.sweep.dir={sweep_dir or hydra.sweep.dir}"]
+    return " ".join(["ctxdistill", *map(shlex.quote, config_dirs), "-m", *map(shlex.quote, arguments)])
+
+
+def running_sweep_command() -> str:
+    """From inside a cell: the command of its whole sweep. The cell's own Hydra config holds only the cell's
+    overrides; the sweep's are in the multirun.yaml Hydra writes to the sweep dir before the first cell."""
+    from hydra.core.hydra_config import HydraConfig
+
+    sweep_dir = HydraConfig.get().sweep.dir  # resolved here, where the launch time is the sweep's
+    return sweep_command(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra, sweep_dir)
 
 
 # Swept keys whose runs one row averages, as repetitions of one setting: the seed, and the data seed that draws
@@ -249,7 +264,7 @@ class SweepSummaryCallback(Callback):
             for r in collect([run_dir / "metrics.json" for run_dir in run_dirs(sweep_dir)])
             if str(Path(r["run_dir"]).relative_to(sweep_dir)) not in failures
         ]
-        command = sweep_command(config)
+        command = sweep_command(config.hydra)
         if runs:
             runs, warnings = split_settings(runs)
             tables = summarise(runs)
