@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,11 @@ def metrics(directory: Path) -> dict[str, float]:
 def cells(sweep: Path) -> dict[str, Path]:
     """The sweep's run directories by method."""
     return {json.loads(p.read_text())["method"]: p.parent for p in sweep.glob("*/metrics.json")}
+
+
+def cells_of(sweep: Path) -> list[Path]:
+    """The sweep's run directories."""
+    return sorted(p.parent for p in sweep.glob("*/metrics.json"))
 
 
 def ctxdistill(*arguments: str) -> str:
@@ -143,3 +149,82 @@ def test_a_run_without_recorded_overrides_is_evaluated_from_its_config(single_ru
     assert stopped.value.code == 1
     err = capsys.readouterr().err
     assert "records no overrides" in err and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def own_config_sweep(tmp_path_factory) -> tuple[Path, Path]:
+    """A sweep of an experiment from a config directory of one's own (--config-dir), and that directory."""
+    root = tmp_path_factory.mktemp("own")
+    (root / "conf" / "experiment").mkdir(parents=True)
+    (root / "conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /method: zero_shot\n"
+    )
+    sweep = root / "sweep"
+    ctxdistill(
+        "--config-dir", str(root / "conf"), "-m", "experiment=mine", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}"
+    )
+    return sweep, root / "conf"
+
+
+def test_a_sweep_from_ones_own_config_dir_is_rerun_and_evaluated_from_its_record(own_config_sweep, tmp_path, capsys):
+    sweep, config_dir = own_config_sweep
+    readme = (sweep / "README.md").read_text()
+    command = readme.split("```bash\n")[1].split("\n")[0]
+    assert command.startswith(f"ctxdistill --config-dir={config_dir} -m experiment=mine")
+    again = subprocess.run(
+        [sys.executable, "-m", *shlex.split(command)], capture_output=True, text=True, env=ENV, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("already holds a complete run: skipped") == 2
+    # each cell's .hydra/hydra.yaml records the directory: no --config-dir needed
+    assert main([str(sweep), "--name", "again"]) == 0
+    for cell in cells_of(sweep):
+        assert (
+            yaml.safe_load((cell / "evaluations" / "again" / "config.yaml").read_text())["method"]["name"]
+            == "zero_shot"
+        )
+
+    # a run in an output_dir of its own has no such record: the message names --config-dir, which then finds it
+    run_dir = tmp_path / "run"
+    ctxdistill("--config-dir", str(config_dir), "experiment=mine", *TINY, f"output_dir={run_dir}")
+    with pytest.raises(SystemExit) as stopped:
+        main([str(run_dir)])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert "Could not find 'experiment/mine'" in err and "ctxdistill-eval --config-dir DIR" in err
+    assert main([str(run_dir), "--config-dir", str(config_dir)]) == 0
+
+
+@pytest.fixture(scope="module")
+def untrained_sweep(tmp_path_factory) -> Path:
+    """Two zero_shot cells: quick to evaluate (no weights to load)."""
+    sweep = tmp_path_factory.mktemp("untrained")
+    ctxdistill("-m", "method=zero_shot", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}")
+    return sweep
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../elsewhere", "a/b", "{tmp_path}/absolute"])
+def test_an_evaluation_name_that_is_not_one_plain_directory_is_refused(untrained_sweep, name, tmp_path, capsys):
+    sweep, name = untrained_sweep, name.format(tmp_path=tmp_path)
+    before = {cell: fingerprint(cell) for cell in cells_of(sweep)}
+    with pytest.raises(SystemExit) as stopped:
+        main([str(sweep), "--name", name])
+    assert stopped.value.code == 2
+    assert f"--name {name}: give one plain directory name" in capsys.readouterr().err
+    assert {cell: fingerprint(cell) for cell in cells_of(sweep)} == before
+    assert not list(tmp_path.iterdir())  # nothing beside the run, nothing but evaluations/NAME/ in it
+    assert all(p.parent.parent.name == "evaluations" for p in sweep.glob("*/evaluations/**/metrics.json"))
+
+
+def test_an_evaluation_is_replaced_only_with_force(untrained_sweep, capsys):
+    sweep = untrained_sweep
+    assert main([str(sweep), "--name", "twice"]) == 0
+    first = {cell: (cell / "evaluations" / "twice" / "metrics.json").read_text() for cell in cells_of(sweep)}
+    with pytest.raises(SystemExit) as stopped:
+        main([str(sweep), "dataset.source.split_sizes.eval=6", "--name", "twice"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "evaluations/twice (and 1 more) already holds an evaluation named twice: pass --force" in err
+    assert {cell: (cell / "evaluations" / "twice" / "metrics.json").read_text() for cell in cells_of(sweep)} == first
+    assert main([str(sweep), "dataset.source.split_sizes.eval=6", "--name", "twice", "--force"]) == 0
+    assert all(metrics(cell / "evaluations" / "twice")["eval/examples"] == 6 for cell in cells_of(sweep))

@@ -3,11 +3,12 @@
     ctxdistill-eval RUN_DIR 'ood=[hans_all]'            # another out-of-domain set (conf/ood/)
     ctxdistill-eval RUN_DIR dataset.num_eval=null --name full-validation
     ctxdistill-eval SWEEP_DIR dataset.hans_file=PATH     # every cell of a sweep
+    ctxdistill-eval RUN_DIR experiment=mine --config-dir DIR  # configs of your own directory
 
 The run's config (its recorded Hydra overrides, or its config.yaml) plus the overrides given here
 is the evaluation's config; the model is the run's base model with the weights the run saved
 (adapter/ or model/). Metrics and predictions go to ``RUN_DIR/evaluations/NAME/``: the run's own
-files are never touched.
+files are never touched, and an earlier evaluation of that name only with --force.
 """
 
 from __future__ import annotations
@@ -28,27 +29,63 @@ log = logging.getLogger(__name__)
 EVALUATIONS = "evaluations"
 
 
-def evaluation_config(run_dir: Path, overrides: list[str], out: Path) -> DictConfig:
+def recorded_search_path(run_dir: Path) -> list[str]:
+    """The config directories the run's command line added (--config-dir, hydra.searchpath=[...]), as Hydra
+    recorded them beside the run (.hydra/hydra.yaml: a sweep cell, or a run in Hydra's own run directory)."""
+    hydra_file = run_dir / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return []
+    sources = OmegaConf.load(hydra_file).hydra.runtime.config_sources
+    added = ("command-line", "hydra.searchpath in command-line")
+    return [f"{source.schema}://{source.path}" for source in sources if source.provider in added]
+
+
+def search_path_override(
+    run_dir: Path, overrides: list[str], config_dirs: tuple[Path, ...]
+) -> tuple[list[str], list[str]]:
+    """One ``hydra.searchpath`` override holding the run's recorded config directories, ``config_dirs``
+    (--config-dir) and any hydra.searchpath among ``overrides`` (a second override of it would replace the
+    first); and ``overrides`` without that one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [o for o in overrides if o.startswith("hydra.searchpath=")]
+    parser = OverridesParser.create()
+    searched = [
+        *recorded_search_path(run_dir),
+        *(f"file://{d.resolve()}" for d in config_dirs),
+        *(path for o in given for path in parser.parse_override(o).value()),
+    ]
+    quoted = ",".join(f"'{path}'" for path in dict.fromkeys(searched))
+    return ([f"hydra.searchpath=[{quoted}]"] if searched else []), [o for o in overrides if o not in given]
+
+
+def evaluation_config(run_dir: Path, overrides: list[str], out: Path, config_dirs: tuple[Path, ...]) -> DictConfig:
     """The run's config with ``overrides``: recomposed from its recorded Hydra overrides when it has them
-    (group choices such as dataset=... then work), else its config.yaml with dotted overrides."""
+    (group choices such as dataset=... then work), else its config.yaml with dotted overrides. Configs are
+    looked for in conf/, the directories the run's command line added, and ``config_dirs``."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import MissingConfigException
 
-    from ctxdistill.cli import CONFIG_DIR
+    from ctxdistill.cli import CONFIG_DIR, user_error_message
     from ctxdistill.config import ConfigError
+    from ctxdistill.sweeps import recorded_overrides
 
-    # overrides.yaml: the run's own record (any output_dir); .hydra/: Hydra's, in a sweep cell or an older run
-    recorded = next(
-        (p for p in (run_dir / "overrides.yaml", run_dir / ".hydra" / "overrides.yaml") if p.is_file()), None
-    )
+    search, overrides = search_path_override(run_dir, overrides, config_dirs)
+    recorded = recorded_overrides(run_dir)
     GlobalHydra.instance().clear()
-    if recorded:
+    if recorded is not None:
         # the evaluation's own directory (quoted: a sweep cell's name holds = and ,), no tracking
         fixed = [f"output_dir='{out}'", "logger=none"]
-        recorded_overrides = [o for o in OmegaConf.load(recorded) if not o.startswith(("hydra.", "output_dir="))]
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose("config", overrides=[*recorded_overrides, *overrides, *fixed])
+        recorded = [o for o in recorded if not o.startswith(("hydra.", "output_dir="))]
+        try:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                return compose("config", overrides=[*search, *recorded, *overrides, *fixed])
+        except MissingConfigException as e:
+            raise ConfigError(
+                f"{user_error_message(e)}\nA config from a directory of your own (ctxdistill --config-dir DIR)? "
+                "Give it here too: ctxdistill-eval --config-dir DIR"
+            ) from None
     groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
     if groups:
         raise ConfigError(
@@ -60,7 +97,7 @@ def evaluation_config(run_dir: Path, overrides: list[str], out: Path) -> DictCon
     # config.yaml holds values, not types: the method's schema (its checks) comes from its config group
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            schema_defaults = compose("config", overrides=[f"method={cfg.method.name}"]).method
+            schema_defaults = compose("config", overrides=[*search, f"method={cfg.method.name}"]).method
     except MissingConfigException:
         raise ConfigError(
             f"method.name={cfg.method.name} in {run_dir / 'config.yaml'} names no config in conf/method/; "
@@ -73,8 +110,9 @@ def evaluation_config(run_dir: Path, overrides: list[str], out: Path) -> DictCon
     return cfg
 
 
-def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, Any]:
-    """Evaluate the run in ``run_dir`` under ``overrides``; returns what metrics.json holds."""
+def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Evaluate the run in ``run_dir`` under ``overrides`` (configs also from ``config_dirs``); returns what
+    metrics.json holds."""
     import torch
 
     from ctxdistill import provenance
@@ -85,7 +123,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str) -> dict[str, An
     from ctxdistill.serving import serving_metrics
 
     out = run_dir / EVALUATIONS / name
-    cfg = evaluation_config(run_dir, overrides, out)
+    cfg = evaluation_config(run_dir, overrides, out, config_dirs)
     provenance.begin_run()
     validate(cfg)
     honour_name_or_path(cfg.model)
@@ -156,6 +194,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument(
         "--name", help="the evaluation's directory under RUN_DIR/evaluations/ (default: made from the overrides)"
     )
+    parser.add_argument("--force", action="store_true", help="replace an evaluation of the same name")
+    parser.add_argument(
+        "--config-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="a config directory of your own, as ctxdistill --config-dir takes (a sweep cell's own are found from "
+        "its record); repeatable",
+    )
     args = parser.parse_args(argv)
     quiet_console()
     # force: the handler writes to this call's stderr, not to one an earlier call in the process saw
@@ -169,9 +216,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not runs:
         parser.error(f"no finished run (metrics.json) under {args.path}")
     name = args.name or cell_dir(",".join(args.overrides)) or "again"
+    # evaluations/NAME/ must stay one directory of evaluations/: "..", "/" or an absolute path would reach the run's
+    # own metrics.json and config.yaml, or beyond the run
+    if name in (".", "..") or Path(name).name != name:
+        parser.error(f"--name {name}: give one plain directory name (no '/', '.' or '..'), e.g. --name full-validation")
+    missing = [str(d) for d in args.config_dir if not d.is_dir()]
+    if missing:
+        parser.error(f"--config-dir {missing[0]}: no such directory")
+    made = [run_dir / EVALUATIONS / name for run_dir in runs if (run_dir / EVALUATIONS / name).exists()]
+    if made and not args.force:
+        parser.error(
+            f"{made[0]}{f' (and {len(made) - 1} more)' if len(made) > 1 else ''} already holds an evaluation named "
+            f"{name}: pass --force to replace it, or another --name"
+        )
     for run_dir in runs:
         try:
-            evaluate_run(run_dir, args.overrides, name)
+            evaluate_run(run_dir, args.overrides, name, tuple(args.config_dir))
         except user_errors() as e:
             exit_with_message(e)
     print(json.dumps({"evaluations": [str(r / EVALUATIONS / name) for r in runs]}))
