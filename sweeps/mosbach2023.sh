@@ -26,5 +26,5 @@ for experiment in $experiments; do
   # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
   ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
 done
-ctxdistill-compare "$root" --out "$root" || status=1
+ctxdistill-compare "$root" --out "$root" --by dataset.pattern || status=1  # a row per pattern, data seeds averaged
 exit $status

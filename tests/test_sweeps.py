@@ -314,5 +314,5 @@ def test_the_paper_scripts_sweep_the_grid_file(tmp_path):
     assert calls == [
         f"ctxdistill -m experiment=mosbach2023/mnli {grid} hydra.sweep.dir={sweep}/mnli x=y",
         f"ctxdistill -m experiment=mosbach2023/qqp {grid} a=1 b=2 hydra.sweep.dir={sweep}/qqp x=y",
-        f"ctxdistill-compare {sweep} --out {sweep}",
+        f"ctxdistill-compare {sweep} --out {sweep} --by dataset.pattern",
     ]

@@ -24,9 +24,9 @@ from typing import Any, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger(__name__)
+from ctxdistill.results.records import EVALUATIONS
 
-EVALUATIONS = "evaluations"
+log = logging.getLogger(__name__)
 
 
 def recorded_search_path(run_dir: Path) -> list[str]:

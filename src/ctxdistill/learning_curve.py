@@ -25,6 +25,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ctxdistill.results.records import EVALUATIONS
 from ctxdistill.results.stats import t_interval
 
 FORGETTING = "forgetting"  # the evaluation directory (ctxdistill-eval --name) holding the other task's accuracy
@@ -45,12 +46,12 @@ def read_points(root: Path) -> list[dict[str, Any]]:
     """One point per finished run under ``root`` (never an evaluation's copy)."""
     points = []
     for path in sorted(root.rglob("metrics.json")):
-        if "evaluations" in path.relative_to(root).parts:
+        if EVALUATIONS in path.relative_to(root).parts:
             continue
         run = json.loads(path.read_text())
         config = yaml.safe_load((path.parent / "config.yaml").read_text())
         context = config["dataset"]["context"]
-        forgetting = path.parent / "evaluations" / FORGETTING / "metrics.json"
+        forgetting = path.parent / EVALUATIONS / FORGETTING / "metrics.json"
         points.append(
             {
                 "series": series_name(config, run.get("trainable_parameters", 0)),

@@ -90,6 +90,14 @@ def run_config(record: dict[str, Any]) -> Optional[DictConfig]:
     return None
 
 
+def config_value(record: dict[str, Any], key: str) -> Any:
+    """A dotted key of the run's resolved config; None where unset or the run has no config at hand."""
+    from omegaconf import OmegaConf
+
+    config = run_config(record)
+    return None if config is None else OmegaConf.select(config, key)
+
+
 class UnknownConfigKeyError(ValueError):
     """--by names a key that no run's config has."""
 
