@@ -8,6 +8,8 @@ import json
 import math
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,6 +133,16 @@ def test_table_shows_n_and_intervals_per_set_and_skips_incomplete_runs(tmp_path,
     assert lines[5].startswith("| cd ") and f"0.700 [{low:.3f}, {high:.3f}]" in lines[5] and "| 200 " in lines[5]
     assert lines[7] == "**hans**" and "0.350 [0.000, 0.985]" in lines[11]
     assert f"0.350 [{wilson(350, 1000)[0]:.3f}, {wilson(350, 1000)[1]:.3f}]" in lines[12]
+
+
+def test_a_reader_that_stops_early_ends_the_comparison_quietly(tmp_path):
+    write_run(tmp_path / "a", "icl", 0, 0.8, "2026-01-01T00:00:01")
+    compare = subprocess.Popen(
+        [sys.executable, "-m", "ctxdistill.results.cli", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    compare.stdout.close()  # as `| head` does once it has its lines: every write now fails
+    assert compare.wait(timeout=120) == 141
+    assert compare.stderr.read() == b""  # no traceback
 
 
 def test_csv_and_latex_output_and_an_empty_directory(tmp_path, capsys):

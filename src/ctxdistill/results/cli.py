@@ -17,6 +17,7 @@ through the public API; all become the same run records.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,14 @@ from ctxdistill.results.table import PairedTestError, duplicate_seed_warnings, p
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return compare(argv)
+    except BrokenPipeError:  # the reader stopped early (| head): stop quietly, as a Unix tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        return 141
+
+
+def compare(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ctxdistill-compare",
         description=__doc__.split("\n")[0],
