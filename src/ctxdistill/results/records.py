@@ -3,7 +3,7 @@
 A record is a dict in the shape of metrics.json (``method``, ``model``, ``dataset``, ``seed``,
 ``metrics``, ``metric_set``, ``model_parameters``, ``finished_at``); records read from disk also
 carry ``run_dir``, where the run's predictions.jsonl and config.yaml are; records read from W&B carry
-``config``; records labelled by ``split_by`` carry ``split`` (the run's own method, and the setting the label adds).
+``config``; records labelled by ``split_by`` carry ``by`` (the run's own method, and the setting the label adds).
 """
 
 from __future__ import annotations
@@ -131,12 +131,12 @@ def split_by(records: list[dict[str, Any]], keys: list[str]) -> list[dict[str, A
         values = " ".join(
             f"{key.rsplit('.', 1)[-1]}={None if config is None else OmegaConf.select(config, key)}" for key in keys
         )
-        # "split" keeps what the label joins: --vs pairs a row with its baseline's row of the same setting
+        # "by" keeps what the label joins: --vs pairs a row with its baseline's row of the same setting
         labelled.append(
             {
                 **record,
                 "method": f"{record['method']} {values}",
-                "split": {"method": record["method"], "setting": values},
+                "by": {"method": record["method"], "setting": values},
             }
         )
     return labelled

@@ -108,8 +108,8 @@ class Row:
     @property
     def unsplit(self) -> tuple[str, str]:
         """The row's method as its runs name it, and the ``--by`` setting its label adds ("" without one)."""
-        split = self.records[0].get("split")
-        return (split["method"], split["setting"]) if split else (self.method, "")
+        by = self.records[0].get("by")
+        return (by["method"], by["setting"]) if by else (self.method, "")
 
 
 @dataclass
