@@ -78,9 +78,11 @@ def test_each_round_is_taught_by_the_last_rounds_student_with_its_own_context(ma
     assert (taught - reference(False, task.contexts[1])).abs().max() > 1e-2  # not the base model's
 
 
-@pytest.mark.slow  # three runs (about 30 s); the teachers of each round are checked above in a second
+@pytest.mark.slow  # three runs; the teachers of each round are checked above
 def test_sequential_rounds_log_their_metrics_and_a_failure_in_round_two_resumes_there(make_cfg, tmp_path, monkeypatch):
-    cache = f"cache_dir={tmp_path / 'cache'}"
+    cache = (
+        f"method.teacher_cache_dir={tmp_path / 'targets'}"  # its own (the shared cache_dir keeps the converted model)
+    )
     whole = tmp_path / "whole"
     run(make_cfg(*SEQUENTIAL, cache, output_dir=whole))
     saved = json.loads((whole / "metrics.json").read_text())
@@ -180,7 +182,7 @@ def test_cheat_sheet_prompts_are_the_released_ones_and_sheets_are_cached(make_cf
         "method.max_sheet_tokens=6",
         "dataset.context.num_demos=12",
         "dataset.source.split_sizes.eval=8",
-        f"cache_dir={tmp_path / 'cache'}",
+        f"method.sheet_dir={tmp_path / 'cheat_sheets'}",
     ]
     requests: list[str] = []
     real_generate = cs.generate
@@ -196,7 +198,7 @@ def test_cheat_sheet_prompts_are_the_released_ones_and_sheets_are_cached(make_cf
     shots = [task.query(d) + task.verbalizers[d.label] for d in task.demos]
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     assert len(requests) == 3  # 12 demonstrations, 4 per request
-    rows = [json.loads(line) for p in (tmp_path / "cache" / "cheat_sheets").glob("*.jsonl") for line in p.open()]
+    rows = [json.loads(line) for p in (tmp_path / "cheat_sheets").glob("*.jsonl") for line in p.open()]
     sheets = {row["key"]: row["sheet"] for row in rows}
     sheet = ""
     for index, prompt in enumerate(requests):
