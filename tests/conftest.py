@@ -116,6 +116,12 @@ def behaving_overrides(directory: Path) -> list[str]:
     return ["model=tiny-random", "model.name=behaving", "model.source=hub", f"model.name_or_path={directory}"]
 
 
+# The behaving test model as a separate teacher (its own 264-token tokenizer).
+def behaving_teacher_overrides(directory: Path) -> list[str]:
+    teacher = ("name=behaving", "source=hub", f"name_or_path={directory}")
+    return ["+model@method.teacher_model=tiny-random", *(f"method.teacher_model.{k}" for k in teacher)]
+
+
 @pytest.fixture(scope="session")
 def behaving_model_dir(request, tmp_path_factory) -> Path:
     """A tiny model trained on a synthetic language whose every token depends on the two before it (about

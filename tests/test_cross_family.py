@@ -26,7 +26,7 @@ from ctxdistill.losses import (
 from ctxdistill.models import ModelHandle, ModelLoadError, load_model, load_tokenizer
 from ctxdistill.run import run
 
-from conftest import TINY, method_of
+from conftest import TINY, behaving_teacher_overrides, method_of
 
 
 def test_the_shared_vocabulary_objective_matches_hand_computed_numbers():
@@ -65,13 +65,9 @@ def test_a_teacher_with_another_tokenizer_teaches_the_answer_words_end_to_end(
     evaluator scores it, each with its own tokenizer; evaluation compares them over the same categories."""
     from ctxdistill.methods.distill import ContextDistillation
 
-    teacher = [
-        f"method.teacher_model.{k}" for k in ("name=behaving", "source=hub", f"name_or_path={behaving_model_dir}")
-    ]
     cfg = make_cfg(
         *VERBALIZERS,
-        "+model@method.teacher_model=tiny-random",
-        *teacher,
+        *behaving_teacher_overrides(behaving_model_dir),
         "dataset.num_train_queries=8",
         "dataset.source.split_sizes.eval=16",
         "trainer.batch_size=8",
@@ -331,9 +327,6 @@ def test_a_teacher_with_another_tokenizer_teaches_a_generated_answer_by_uld(
     GOLD's hybrid, the teacher's targets keep the shared tokens' log-probabilities apart from the sorted rest."""
     from ctxdistill.methods.distill import ContextDistillation
 
-    teacher = [
-        f"method.teacher_model.{k}" for k in ("name=behaving", "source=hub", f"name_or_path={behaving_model_dir}")
-    ]
     cfg = make_cfg(
         *TINY,
         "method=cd",
@@ -341,8 +334,7 @@ def test_a_teacher_with_another_tokenizer_teaches_a_generated_answer_by_uld(
         "method.divergence=uld",
         "method.top_k=16",
         "method.top_k_rest=bucket",
-        "+model@method.teacher_model=tiny-random",
-        *teacher,
+        *behaving_teacher_overrides(behaving_model_dir),
         "dataset.num_train_queries=8",
         "dataset.source.split_sizes.eval=16",
         "trainer.batch_size=8",
@@ -388,9 +380,6 @@ def test_free_text_evaluation_runs_a_teacher_of_another_family_in_its_own_tokens
     """Exact-match evaluation of a generated answer: the teacher (the behaving model, 264 tokens) reads the prompt
     and writes its answer in its own tokenizer, and its recorded text is the start of what transformers'
     ``generate`` gives it (before, the student's token ids were fed to it: wrong text, or an index error)."""
-    teacher = [
-        f"method.teacher_model.{k}" for k in ("name=behaving", "source=hub", f"name_or_path={behaving_model_dir}")
-    ]
     cfg = make_cfg(
         *TINY,
         "dataset=addition",
@@ -406,8 +395,7 @@ def test_free_text_evaluation_runs_a_teacher_of_another_family_in_its_own_tokens
         "method.divergence=uld",
         "method.teacher_cache=memory",
         "method.max_answer_tokens=4",
-        "+model@method.teacher_model=tiny-random",
-        *teacher,
+        *behaving_teacher_overrides(behaving_model_dir),
         "trainer.batch_size=4",
         "trainer.eval_batch_size=4",
         "trainer.max_steps=1",

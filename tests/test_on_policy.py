@@ -14,7 +14,7 @@ from ctxdistill.losses import reverse_kl, sampled_reverse_kl
 from ctxdistill.models import ModelHandle, TrainableContext, add_lora, load_model, load_tokenizer
 from ctxdistill.run import run
 
-from conftest import TINY
+from conftest import TINY, behaving_teacher_overrides
 
 P_S = [0.5, 0.3, 0.2]  # student
 P_T = [0.7, 0.2, 0.1]  # teacher
@@ -274,9 +274,6 @@ def test_gold_on_policy_with_another_tokenizer_equals_plain_forwards(
     from ctxdistill.methods import on_policy
     from ctxdistill.methods.on_policy import OnPolicyDistillation
 
-    teacher = [
-        f"method.teacher_model.{k}" for k in ("name=behaving", "source=hub", f"name_or_path={behaving_model_dir}")
-    ]
     cfg = make_cfg(
         *TINY,
         "method=on_policy_cd",
@@ -284,8 +281,7 @@ def test_gold_on_policy_with_another_tokenizer_equals_plain_forwards(
         f"method.uld_hybrid={hybrid}",
         f"method.lmbda={lmbda}",
         f"method.uld_crossentropy_weight={crossentropy_weight}",
-        "+model@method.teacher_model=tiny-random",
-        *teacher,
+        *behaving_teacher_overrides(behaving_model_dir),
         "dataset.num_train_queries=8",
         "dataset.source.split_sizes.eval=16",
         "trainer.batch_size=4",
