@@ -71,6 +71,10 @@ def test_rte_dev_has_277_rows_and_hans_out_of_domain(make_cfg, tmp_path):
     task = build_task(cfg.dataset, seed=0)
     assert len(task.eval_sets["eval"]) == 277
     assert {e.label for e in task.eval_sets["eval"]} == {0, 1}
+    # The files are written with CSV quoting: a field's wrapping quotes and doubled "" are not its text.
+    assert task.eval_sets["eval"][13].fields["sentence2"] == 'Jack Kevorkian is the real name of "Dr. Death".'
+    texts = [v for e in [*task.demos, *task.train_queries, *task.eval_sets["eval"]] for v in e.fields.values()]
+    assert not [t for t in texts if '""' in t or (t.startswith('"') and t.endswith('"'))]
     assert task.student_prompt(task.eval_sets["hans"][1]) == "The dog saw the cat . The cat saw the dog . ?"
     assert [e.label for e in task.eval_sets["hans"]] == [0, 1]
 

@@ -118,6 +118,9 @@ class SourceConfig:
     rename: dict[str, str] = field(default_factory=dict)  # column -> template field (file layouts differ)
     where: dict[str, str] = field(default_factory=dict)  # keep only records with these column values
     bytes_literals: bool = False  # text columns hold Python bytes literals b'...' (llmft's PAWS-QQP)
+    # How a local .tsv/.txt quotes its fields: none (GLUE's own files, whose quote characters are text) or csv
+    # (an export written with CSV quoting: "..." wraps a field, "" is one quote). A .csv is always csv.
+    quoting: str = one_of("none", "csv", default="none")
     subsample: Optional[int] = None  # keep this many records per split (numpy seed below), as llmft does
     subsample_seed: int = 123
 

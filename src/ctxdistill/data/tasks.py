@@ -167,17 +167,18 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _read_file(path: Path, key: str) -> list[dict[str, Any]]:
+def _read_file(path: Path, key: str, quoting: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{key}: data file not found: {path}. Check {key}.file, or its data_dir and data_files.")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
         return _read_json(path)
     if suffix in (".tsv", ".csv", ".txt"):
-        # GLUE-style TSVs contain stray quote characters: read them with quoting disabled.
-        delimiter, quoting = (",", csv.QUOTE_MINIMAL) if suffix == ".csv" else ("\t", csv.QUOTE_NONE)
+        # GLUE's own TSVs hold quote characters as text: read them with quoting disabled unless told otherwise.
+        delimiter = "," if suffix == ".csv" else "\t"
+        quoted = suffix == ".csv" or quoting == "csv"
         with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+            reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
             records = []
             for row in reader:
                 if None in row or any(v is None for v in row.values()):
@@ -222,7 +223,7 @@ def _fetch(source: DictConfig, split: str, key: str) -> tuple[list[dict[str, Any
         return records, source.generator, None
     path = _local_file(source, split, key)
     if path is not None:
-        return _read_file(path, key), str(path), provenance.data_file(path)
+        return _read_file(path, key, source.quoting), str(path), provenance.data_file(path)
     import datasets  # slow import, only when the Hub is used
 
     where = f"{source.hub_id}" + (f"/{source.hub_config}" if source.hub_config else "") + f" [{split}]"
