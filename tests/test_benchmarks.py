@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from ctxdistill.data import build_task
+from ctxdistill.data import build_task, tasks
 from ctxdistill.data.tasks import load_records
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -308,3 +309,19 @@ def test_mosbach_prompts_are_llmfts_in_context_prompt_for_icl_and_its_input_for_
     assert task.teacher_prompt(query) == f"{context}{fill(icl_pattern, query)} {target_prefix.strip()}"
     assert task.student_prompt(query) == fill(ft_pattern, query)  # ft.py: --pattern as the scripts give it
     assert task.verbalizers == [f" {w}" for w in words]  # the "Ġ" target tokens
+
+
+def test_qqp_from_the_hub_keeps_llmfts_rows_in_llmfts_order(make_cfg, monkeypatch):
+    """llmft's load_glue_datasets: np.random.seed(123) once, then 1000 drawn from each split in the dataset's
+    order (train, validation, test), each kept in the order drawn."""
+    sizes = {"train": 363846, "validation": 40430, "test": 390965}  # GLUE QQP
+    monkeypatch.setattr(tasks, "hub_split_sizes", lambda source: sizes)
+    source = make_cfg("dataset=qqp").dataset.source
+    np.random.seed(123)
+    released = {split: np.random.choice(np.arange(n), size=1000, replace=False).tolist() for split, n in sizes.items()}
+    for split, n in sizes.items():
+        assert tasks.subsample_indices(source, split, n, "dataset.source") == released[split]
+    # A local file (the offline samples) is one draw from the seed, in file order.
+    local = make_cfg("dataset=qqp", f"dataset.source.data_dir={SHARED / 'glue/qqp'}").dataset.source
+    kept = tasks.subsample_indices(local, "train", 8999, "dataset.source")
+    assert kept == sorted(np.random.RandomState(123).choice(8999, 1000, replace=False))

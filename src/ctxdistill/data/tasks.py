@@ -266,9 +266,30 @@ def load_records(source: DictConfig, split: str, key: str = "dataset.source") ->
     if source.bytes_literals:
         records = [{k: _decode_bytes_literal(v, where) for k, v in r.items()} for r in records]
     if source.subsample is not None and len(records) > source.subsample:
-        keep = np.random.RandomState(source.subsample_seed).choice(len(records), source.subsample, replace=False)
-        records = [records[i] for i in sorted(keep)]
+        records = [records[i] for i in subsample_indices(source, split, len(records), key)]
     return records, where
+
+
+def hub_split_sizes(source: DictConfig) -> dict[str, int]:
+    """The Hub dataset's splits and their sizes, in the dataset's order (its metadata; no rows are read)."""
+    import datasets
+
+    splits = datasets.load_dataset_builder(source.hub_id, source.hub_config).info.splits
+    return {name: info.num_examples for name, info in splits.items()}
+
+
+def subsample_indices(source: DictConfig, split: str, size: int, key: str) -> list[int]:
+    """The records a subsampled split keeps. From the Hub, llmft's draw (its load_glue_datasets): numpy seeded
+    once, then ``subsample`` drawn from every split in the dataset's order, each kept in the order drawn, so a
+    split's rows depend on the draws of the splits before it. A local file is a sample of its own, not one of the
+    Hub's splits: one draw from the seed, kept in file order."""
+    rng = np.random.RandomState(source.subsample_seed)
+    if _local_file(source, split, key) is not None:
+        return sorted(rng.choice(size, source.subsample, replace=False))
+    sizes = hub_split_sizes(source)
+    for earlier in list(sizes)[: list(sizes).index(split)]:
+        rng.choice(sizes[earlier], source.subsample, replace=False)
+    return rng.choice(size, source.subsample, replace=False).tolist()
 
 
 def to_examples(
