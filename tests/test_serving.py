@@ -130,3 +130,11 @@ def test_a_trained_prefix_is_served_without_the_context_and_pays_its_prefix_toke
         assert metrics[f"serving/{ratio}_ratio"] == pytest.approx(teacher / student, rel=1e-6)  # float32-rounded
     assert metrics["serving/prompt_tokens_ratio"] > 10 and metrics["serving/kv_bytes_ratio"] > 5
     assert OmegaConf.load(tmp_path / "config.yaml").model.adapter == "prefix"
+
+
+def test_under_mixed_precision_the_trained_model_is_served_in_the_precision_the_teacher_was(make_cfg):
+    # Trained in bf16 autocast, the model is evaluated and measured without it, as the teacher was: both caches
+    # hold float32, so the bytes per token agree and the ratio is the prompt tokens' (before: a crash on the CPU,
+    # and a bf16 student cache a quarter smaller on a GPU).
+    metrics = run(make_cfg(*TINY, "method=cd", "trainer.max_steps=2", "trainer.mixed_precision=bf16"))["metrics"]
+    assert metrics["serving/kv_bytes_ratio"] == pytest.approx(metrics["serving/prompt_tokens_ratio"], rel=1e-6)

@@ -85,6 +85,9 @@ def _context_attention(
     ignores the log-sum-exp, so training keeps the plain version."""
     if query.device.type != "cpu" or (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
         return _softmax_attention(query, key, value, None)
+    # Under autocast the queries come in its half precision and the context's cache (computed before) may not:
+    # the kernel wants one dtype, as autocast's matmuls would give the plain version.
+    key, value = key.to(query.dtype), value.to(query.dtype)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), 0.0, False, scale=1.0
     )

@@ -214,7 +214,9 @@ def train(
                         {"step": progress.step, "epoch": progress.epoch, **periodic_eval(progress.step, None)}
                     )
     bar.close()
-    handle.student = accelerator.unwrap_model(handle.student)
+    # Without accelerate's autocast wrapper: the trained model is evaluated (and its serving cost measured) in the
+    # precision of its weights, as the teacher was before training, not in mixed precision.
+    handle.student = accelerator.unwrap_model(handle.student, keep_fp32_wrapper=False)
     return {
         **prepared,
         "steps": progress.step,
