@@ -229,6 +229,10 @@ def test_a_gguf_assembled_from_parts_is_checked_and_keyed_by_its_checksum(make_c
     assert models.converted_dir(spec, "cache") != first and models.model_identity(spec, 0) != identity
     smollm2 = make_cfg("model=smollm2-135m").model
     assert models.gguf_sha256(smollm2) is None  # a file carried whole: its key is what it was before
+    # A new converter writes other weights: teacher targets cached from the old ones are not read.
+    converted, identity = models.converted_dir(smollm2, "cache"), models.model_identity(smollm2, 0)
+    monkeypatch.setattr(models, "CONVERSION_VERSION", models.CONVERSION_VERSION + 1)
+    assert models.converted_dir(smollm2, "cache") != converted and models.model_identity(smollm2, 0) != identity
 
 
 def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_source(

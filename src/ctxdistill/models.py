@@ -419,8 +419,10 @@ def model_identity(spec: DictConfig, seed: int) -> str:
     if spec.source in ("gguf", "random", "package"):
         package = spec.package if spec.source == "package" else spec.gguf_package
         fields["package"] = [package, package_version(package)]
-        if spec.source == "gguf" and gguf_sha256(spec):
-            fields["gguf_sha256"] = gguf_sha256(spec)
+        if spec.source == "gguf":  # its weights are what this converter made of the file
+            fields["conversion"] = CONVERSION_VERSION
+            if gguf_sha256(spec):
+                fields["gguf_sha256"] = gguf_sha256(spec)
     local = Path(spec.name_or_path).expanduser()
     if spec.source == "hub" and local.is_dir():  # a local checkpoint may be rewritten in place
         fields["modified"] = max((f.stat().st_mtime for f in local.iterdir()), default=0)
