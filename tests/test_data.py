@@ -99,7 +99,7 @@ def test_a_sweep_reads_each_file_once_but_sees_edits(make_cfg, tmp_path, monkeyp
     spec = files_dataset(make_cfg, tmp_path, "s\tl\na\tpos\nb\tneg\nc\tpos\n")
     reads = []
     real_read = tasks._read_file
-    monkeypatch.setattr(tasks, "_read_file", lambda path, key: reads.append(path) or real_read(path, key))
+    monkeypatch.setattr(tasks, "_read_file", lambda path, *rest: reads.append(path) or real_read(path, *rest))
     build_task(spec, seed=0)
     build_task(spec, seed=1)
     assert len(reads) == 2  # train and eval, once each

@@ -5,6 +5,7 @@ import time
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from omegaconf import OmegaConf
 
 from ctxdistill import serving
@@ -136,5 +137,9 @@ def test_under_mixed_precision_the_trained_model_is_served_in_the_precision_the_
     # Trained in bf16 autocast, the model is evaluated and measured without it, as the teacher was: both caches
     # hold float32, so the bytes per token agree and the ratio is the prompt tokens' (before: a crash on the CPU,
     # and a bf16 student cache a quarter smaller on a GPU).
-    metrics = run(make_cfg(*TINY, "method=cd", "trainer.max_steps=2", "trainer.mixed_precision=bf16"))["metrics"]
+    AcceleratorState._reset_state(reset_partial_state=True)  # a process's accelerate state is set once
+    try:
+        metrics = run(make_cfg(*TINY, "method=cd", "trainer.max_steps=2", "trainer.mixed_precision=bf16"))["metrics"]
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert metrics["serving/kv_bytes_ratio"] == pytest.approx(metrics["serving/prompt_tokens_ratio"], rel=1e-6)
