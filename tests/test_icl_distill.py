@@ -155,6 +155,45 @@ def test_the_lm_objective_reads_exactly_the_demonstration_tokens(prepared):
         assert batch["input_ids"][row, columns + 1].tolist() == ids
 
 
+def test_a_top_k_of_the_whole_vocabulary_distils_the_full_distributions(make_cfg):
+    """Every term against plain forward passes of each whole prompt + answer, unpadded, at T = 2: with a top_k
+    past the vocabulary the teacher keeps every token, so the soft terms are the exact T^2 * KL(p_T || p_S)."""
+    cfg = make_cfg(*MIXTURE, "method.top_k=1000000", "method.temperature=2.0")
+    method = instantiate(cfg.method, _convert_="all")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    task = method.build_task(cfg.dataset, cfg.seed)
+    student = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed).eval()
+    teacher = load_model(method.teacher_model, cfg.cache_dir, tokenizer, cfg.seed).requires_grad_(False)
+    examples = method.train_examples(task)[:3]
+    method.prepare(ModelHandle(student=student, base=student, separate_teacher=teacher), tokenizer, task, examples, 8)
+    with torch.no_grad():
+        _, terms = method.loss(ModelHandle(student=student, base=student), method.collate(tokenizer, task, examples))
+
+    reference: dict[str, list[float]] = {name: [] for name in terms}
+    for example in examples:
+        part = task.task_of(example)
+        prompt, context = part.teacher_prompt(example), part.context_of(example)
+        prompt_ids = tokenizer(prompt).input_ids
+        answer_ids = tokenizer(part.answer_text(example), add_special_tokens=False).input_ids
+        ids = torch.tensor([prompt_ids + answer_ids])
+        with torch.no_grad():
+            s, t = student(input_ids=ids).logits[0].float(), teacher(input_ids=ids).logits[0].float()
+        offsets = tokenizer(prompt, return_offsets_mapping=True).offset_mapping
+        start = part.demo_sampler.instruction_chars
+        demo = [j for j, (a, b) in enumerate(offsets) if j > 0 and a < b and a >= start and b <= len(context)]
+        for kind, positions, targets in (
+            ("icl", range(len(prompt_ids) - 1, ids.shape[1] - 1), answer_ids),
+            ("lm", [j - 1 for j in demo], [prompt_ids[j] for j in demo]),
+        ):
+            positions = list(positions)
+            reference[f"{kind}_hard"] += torch.nn.functional.cross_entropy(
+                s[positions], torch.tensor(targets), reduction="none"
+            ).tolist()
+            t_logp, s_logp = (t[positions] / 2).log_softmax(-1), (s[positions] / 2).log_softmax(-1)
+            reference[f"{kind}_soft"] += (4 * (t_logp.exp() * (t_logp - s_logp)).sum(-1)).tolist()
+    assert terms == pytest.approx({name: sum(v) / len(v) for name, v in reference.items()}, rel=1e-3, abs=1e-6)
+
+
 def test_every_prompt_draws_its_own_demonstrations_without_its_query(prepared):
     method, handle, tokenizer, task, examples = prepared
     part = task.train_tasks["sentiment"]

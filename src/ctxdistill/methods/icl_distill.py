@@ -113,13 +113,14 @@ def icl_distillation_loss(
     terms: dict[str, torch.Tensor] = {}
 
     def soft(student: torch.Tensor, kind: str, mask: torch.Tensor) -> torch.Tensor:
+        indices = batch[f"teacher_{kind}_indices"]  # None: a top_k of the whole vocabulary keeps every token
         return temperature**2 * distillation_loss(
             student,
             batch[f"teacher_{kind}_logprobs"].to(device),
             mask,
             "forward_kl",
             temperature=temperature,
-            teacher_indices=batch[f"teacher_{kind}_indices"].to(device),
+            teacher_indices=None if indices is None else indices.to(device),
             top_k_rest="bucket",
         )
 
@@ -238,7 +239,9 @@ class ICLDistillation(Method):
                             cache.put(
                                 inputs[example.uid],
                                 TeacherTargets(
-                                    ids[row, at].tolist(), logprobs[row, at].clone(), indices[row, at].clone()
+                                    ids[row, at].tolist(),
+                                    logprobs[row, at].clone(),
+                                    None if indices is None else indices[row, at].clone(),
                                 ),
                             )
             for cache in caches.values():
