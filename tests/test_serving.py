@@ -119,7 +119,9 @@ def test_serving_metrics_average_tasks_and_divide_teacher_by_student():
 def test_a_trained_prefix_is_served_without_the_context_and_pays_its_prefix_tokens(make_cfg, tmp_path, tiny):
     _, tokenizer, _ = tiny
     cfg = make_cfg(*TINY, "method=cd", "model.adapter=prefix", "model.prefix_tokens=5", "trainer.max_steps=1")
-    metrics = run(cfg)["metrics"]
+    result = run(cfg)
+    metrics = result["metrics"]
+    assert result["context_tokens_per_query"] == 5  # the prefix's positions, which every query attends to
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     student_prompts = serving.sample([r["prompt"] for r in rows])  # the student's prompts, as evaluated
     tokens = [len(ids) for ids in tokenizer(student_prompts).input_ids]

@@ -29,6 +29,7 @@ from ctxdistill.data import Task
 from ctxdistill.methods import build_method
 from ctxdistill.models import (
     ModelHandle,
+    TrainableContext,
     add_adapter,
     honour_name_or_path,
     load_model,
@@ -280,7 +281,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "status": "complete",
             "metrics": metrics,
             "trainable_parameters": trainable,
-            "context_tokens_per_query": context_tokens_per_query(task, tokenizer, method.eval_with_context),
+            "context_tokens_per_query": context_tokens_per_query(task, tokenizer, method.eval_with_context)
+            + trained_prefix_tokens(handle.student),
             "metric_set": metric_set.to_dict(),
             "objective": method.objective,
             "train": train_stats,
@@ -330,6 +332,12 @@ def context_tokens_per_query(task: Task, tokenizer, with_context: bool) -> float
     prompts = tokenizer([task.prompt(e, with_context) for e in examples]).input_ids
     queries = tokenizer([task.query(e) for e in examples]).input_ids
     return sum(len(p) - len(q) for p, q in zip(prompts, queries)) / len(examples)
+
+
+def trained_prefix_tokens(model) -> int:
+    """The key/value positions a trained prefix (``model.adapter=prefix``) adds to every query: it replaces the
+    context's text, but each query still attends to it."""
+    return model.num_tokens if isinstance(model, TrainableContext) else 0
 
 
 ROUNDS = "rounds"  # a run of several rounds keeps each finished round here until the run is complete
