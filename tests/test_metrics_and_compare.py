@@ -135,6 +135,22 @@ def test_table_shows_n_and_intervals_per_set_and_skips_incomplete_runs(tmp_path,
     assert f"0.350 [{wilson(350, 1000)[0]:.3f}, {wilson(350, 1000)[1]:.3f}]" in lines[12]
 
 
+def test_a_sets_seeds_are_the_runs_that_report_it(tmp_path, capsys):
+    """Three seeds in-domain, one of them also on HANS: the HANS block's interval is Wilson's over that one run's
+    examples, and its seeds column says 1, not the row's 3."""
+    for seed, directory in enumerate("abc"):
+        metrics = {"eval/accuracy": 0.6 + seed / 10, "eval/examples": 200}
+        if seed == 0:
+            metrics |= {"hans/accuracy": 0.35, "hans/examples": 1000}
+        write_run(tmp_path / directory, "cd", seed, None, f"2026-01-01T00:00:0{seed}", metrics=metrics)
+    assert main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    eval_line, hans_line = (line.split() for line in lines if line.startswith("cd "))
+    assert eval_line[3] == "3" and hans_line[3] == "1"
+    low, high = wilson(350, 1000)
+    assert " ".join(hans_line[5:]) == f"0.350 [{low:.3f}, {high:.3f}]"
+
+
 def test_a_reader_that_stops_early_ends_the_comparison_quietly(tmp_path):
     write_run(tmp_path / "a", "icl", 0, 0.8, "2026-01-01T00:00:01")
     compare = subprocess.Popen(

@@ -45,7 +45,7 @@ def _block(table: Table, set_name: str) -> tuple[list[str], list[list[str]]]:
             row.method,
             row.model,
             row.dataset,
-            str(len(row.seeds)),
+            str(len(row.seeds_of(set_name))),
             *(cell_text(row.cells.get(c.key)) for c in columns),
         ]
         if tested:

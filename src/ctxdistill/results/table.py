@@ -100,6 +100,10 @@ class Row:
     def seeds(self) -> list[int]:
         return [r["seed"] for r in self.records]
 
+    def seeds_of(self, set_name: str) -> list[int]:
+        """Seeds of the row's runs that report the eval set: the runs its cells' values and intervals are over."""
+        return [r["seed"] for r in self.records if any(k.rpartition("/")[0] == set_name for k in r["metrics"])]
+
     @property
     def repeated_seeds(self) -> list[int]:
         """Seeds of more than one of the row's runs: runs that differ in a setting the row does not name."""
