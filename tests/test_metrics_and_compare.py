@@ -362,6 +362,29 @@ def defined_metrics(output_dir: Path) -> dict[str, str]:
     return defined
 
 
+def test_link_prediction_runs_of_both_ranking_modes_make_one_table_with_one_headline():
+    """Full and sampled ranking declare differently named headlines (mrr, sampled50_mrr) in one family: the
+    table keeps the first run's as the headline and shows the other's as a column (merging raised ValueError)."""
+    records = [
+        {
+            "method": "kgbert",
+            "model": "m",
+            "dataset": "d",
+            "seed": 0,
+            "finished_at": f"2026-01-01T00:00:0{i}",
+            "metric_set": link_prediction_metrics(prefix).to_dict(),
+            "metrics": {"eval/examples": 100, f"eval/{prefix}mrr": mrr, f"eval/{prefix}hits@1": 0.2},
+        }
+        for i, (prefix, mrr) in enumerate((("", 0.3), ("sampled50_", 0.6)))
+    ]
+    (table,) = summarise(records)
+    assert table.family.headline.name == "mrr"
+    assert [c.key for c in table.columns] == [
+        "eval/examples", "eval/mrr", "eval/hits@1", "eval/sampled50_mrr", "eval/sampled50_hits@1"
+    ]  # fmt: skip
+    assert table.rows[0].cells["eval/sampled50_mrr"].values == [0.6]
+
+
 def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_wandb_runs(
     tmp_path, capsys, monkeypatch
 ):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from ctxdistill.results.metrics import EVERY_SET, EXAMPLES, IN_DOMAIN, Metric, MetricSet
@@ -141,11 +141,16 @@ class Table:
 
 
 def _merged(records: list[dict[str, Any]]) -> MetricSet:
-    """One declaration for a family's runs: the first run's, with any metric another run adds."""
+    """One declaration for a family's runs: the first run's, with any metric another run adds (as a plain column:
+    the first run's headline stays the one, e.g. ``mrr`` beside a sampled ranking's ``sampled50_mrr``)."""
     first, *others = [metric_set(r) for r in records]
     metrics = list(first.metrics)
     for declared in others:
-        metrics += [m for m in declared.metrics if all((m.name, m.sets) != (k.name, k.sets) for k in metrics)]
+        metrics += [
+            replace(m, headline=False)
+            for m in declared.metrics
+            if all((m.name, m.sets) != (k.name, k.sets) for k in metrics)
+        ]
     return MetricSet(**{**first.__dict__, "metrics": tuple(metrics), "objective": None})
 
 
