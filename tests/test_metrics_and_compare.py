@@ -151,6 +151,19 @@ def test_a_sets_seeds_are_the_runs_that_report_it(tmp_path, capsys):
     assert " ".join(hans_line[5:]) == f"0.350 [{low:.3f}, {high:.3f}]"
 
 
+def test_a_set_that_reports_only_its_n_gets_no_block(tmp_path, capsys):
+    write_run(
+        tmp_path / "a",
+        "cd",
+        0,
+        None,
+        "2026-01-01T00:00:00",
+        metrics={"eval/accuracy": 0.6, "eval/examples": 200, "nli/examples": 50},
+    )
+    (table,) = summarise(collect([tmp_path]))
+    assert [c.key for c in table.columns] == ["eval/examples", "eval/accuracy"]
+
+
 def test_a_reader_that_stops_early_ends_the_comparison_quietly(tmp_path):
     write_run(tmp_path / "a", "icl", 0, 0.8, "2026-01-01T00:00:01")
     compare = subprocess.Popen(

@@ -184,8 +184,8 @@ def _columns(family: MetricSet, records: list[dict[str, Any]]) -> list[Column]:
         ]
     sets = list(dict.fromkeys(c.set for c in columns))
     columns.sort(key=lambda c: sets.index(c.set))  # each set's columns together, as the blocks show them
-    # a set whose only column is its n says nothing
-    return [c for c in columns if c.metric is not EXAMPLES or any(o.set == c.set and o != c for o in columns)]
+    # a set whose only column is its n says nothing (equality: a declaration read back is a copy of EXAMPLES)
+    return [c for c in columns if c.metric != EXAMPLES or any(o.set == c.set and o != c for o in columns)]
 
 
 def summarise(records: list[dict[str, Any]]) -> list[Table]:
