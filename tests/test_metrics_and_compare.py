@@ -258,6 +258,11 @@ def test_vs_adds_mcnemars_exact_test_on_the_shared_examples(tmp_path, capsys):
     assert main([str(tmp_path), "--vs", "icl", "--format", "csv"]) == 0
     row = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))[1]
     assert float(row["eval/p_vs_icl"]) == pytest.approx(2 * 11 / 1024, rel=1e-5) and row["eval/pairs_vs_icl"] == "20"
+    out = tmp_path / "compared"
+    assert main([str(tmp_path), "--vs", "icl", "--out", str(out)]) == 0  # the written tables keep the test
+    written = list(csv.DictReader((out / "results" / "table.csv").open()))[1]
+    assert written["eval/p_vs_icl"] == row["eval/p_vs_icl"]
+    assert "p (McNemar)" in (out / "README.md").read_text()
     assert main([str(tmp_path), "--vs", "ft"]) == 2
     assert "no run of method ft here (methods: cd, icl)" in capsys.readouterr().err
 

@@ -50,8 +50,9 @@ def compare(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vs",
         metavar="METHOD",
-        help="per cell and eval set, the exact McNemar test against METHOD's run of the same dataset, model and "
-        "seeds, on the examples both were evaluated on (reads each run's predictions.jsonl)",
+        help="per cell and eval set, a paired test against METHOD's run of the same dataset, model and seeds, on "
+        "the examples both were evaluated on (reads each run's predictions.jsonl): exact McNemar for right/wrong "
+        "outcomes, a sign-flip test for per-example scores (a triple's reciprocal rank)",
     )
     parser.add_argument("--out", type=Path, help="write README.md and results/ (tables, plots) here")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B (public API)")
@@ -151,7 +152,8 @@ def compare(argv: list[str] | None = None) -> int:
             (args.out / RESULTS_DIR).mkdir(parents=True, exist_ok=True)
             appendix = "## Scorecard\n\n" + scorecard.write(args.out / RESULTS_DIR, papers, scores, model_as)
             appendix += f"\n\nAs CSV: [{RESULTS_DIR}/scorecard.csv]({RESULTS_DIR}/scorecard.csv)."
-        readme = write_results(args.out, rows, title=f"Results: {args.group or args.out.name}", appendix=appendix)
+        title = f"Results: {args.group or args.out.name}"
+        readme = write_results(args.out, rows, title=title, appendix=appendix, tables=tables)
         print(f"\nwrote {readme} and {args.out / RESULTS_DIR}/", file=sys.stderr)
     if args.wandb_log:
         from ctxdistill.results.wandb_outputs import log_results

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from ctxdistill.results.plots import write_plots
 from ctxdistill.results.render import render
-from ctxdistill.results.table import summarise
+from ctxdistill.results.table import Table, summarise
 from ctxdistill.results.versions import versions_markdown
 
 RESULTS_DIR = "results"
@@ -21,10 +21,12 @@ def write_results(
     failures: Optional[dict[str, str]] = None,
     command: Optional[str] = None,
     appendix: str = "",
+    tables: Optional[list[Table]] = None,
 ) -> Path:
     """README.md with the tables and plot links (and ``appendix``, Markdown, after them), and results/ with the
-    tables as .md/.csv/.tex and the PNGs."""
-    tables = summarise(records)
+    tables as .md/.csv/.tex and the PNGs. ``tables``: the records' tables as already summarised (with their
+    paired tests, ``--vs``); by default summarised here."""
+    tables = tables if tables is not None else summarise(records)
     results = directory / RESULTS_DIR
     results.mkdir(parents=True, exist_ok=True)
     for fmt, suffix in (("markdown", "md"), ("csv", "csv"), ("latex", "tex")):
