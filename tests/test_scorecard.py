@@ -77,6 +77,25 @@ def test_every_shipped_paper_loads_and_says_what_it_could_not_source():
     assert all("citing" in c.source for c in numbers["li2024"].cells)
 
 
+def test_every_number_a_paper_is_scored_on_is_a_column_of_the_runs_tables():
+    """The scorecard reads a cell's run metric; the tables show only declared metrics, so each must be declared
+    for the eval sets it is read from (an out-of-domain ``{ood}`` cell: any set but the in-domain one)."""
+    from ctxdistill.evaluation import Evaluator, GenerationEvaluator, MixtureEvaluator
+    from ctxdistill.methods.contextualization import ContextGeneration
+    from ctxdistill.methods.genpi import PromptInternalizationEvaluator
+    from ctxdistill.ranking import link_prediction_metrics
+
+    families = [
+        e.metric_set
+        for e in (Evaluator, GenerationEvaluator, MixtureEvaluator, PromptInternalizationEvaluator, ContextGeneration)
+    ] + [link_prediction_metrics()]
+    read = {
+        c.run_metric.replace("{ood}", "paws_qqp") for name in scorecard.known_papers() for c in load_paper(name).cells
+    }
+    assert "paws_qqp/vocab_accuracy" in read
+    assert {key for key in read if not any(family.declares(key) for family in families)} == set()
+
+
 def test_every_experiment_names_a_paper_whose_numbers_ship():
     named = {
         path.relative_to(CONF).as_posix(): match[1]
