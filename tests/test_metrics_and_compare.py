@@ -267,6 +267,26 @@ def test_vs_adds_mcnemars_exact_test_on_the_shared_examples(tmp_path, capsys):
     assert "no run of method ft here (methods: cd, icl)" in capsys.readouterr().err
 
 
+def test_vs_over_several_seeds_tests_each_example_once_on_its_mean_difference(tmp_path, capsys):
+    """Seeds evaluate the same examples: pooling them as pairs counts an example once per seed (here 9 discordant
+    pairs, McNemar's p = 2/2^9) where 6 examples differ, 3 of them under both seeds."""
+    icl = [False] * 6 + [True] * 2 + [False] * 2
+    cd = [True] * 6 + [True] * 2 + [False] * 2
+    second_seed_cd = [True] * 3 + [False] * 3 + [True] * 2 + [False] * 2  # 3 of the 6 under seed 1
+    for seed, cd_outcomes in ((0, cd), (1, second_seed_cd)):
+        for method, outcomes in (("icl", icl), ("cd", cd_outcomes)):
+            directory = tmp_path / f"{method}{seed}"
+            write_run(directory, method, seed, sum(outcomes) / 10, f"2026-01-01T00:00:0{seed}", n=10)
+            write_predictions(directory, outcomes)
+    assert main([str(tmp_path), "--vs", "icl", "--format", "csv"]) == 0
+    row = next(r for r in csv.DictReader(io.StringIO(capsys.readouterr().out)) if r["method"] == "cd")
+    # per example: 1.0 on 3, 0.5 on 3, 0 on 4; of the 2^6 sign patterns of the six, only all + and all - reach 4.5
+    assert row["eval/pairs_vs_icl"] == "10" and float(row["eval/delta_vs_icl"]) == pytest.approx(0.45, abs=1e-6)
+    assert float(row["eval/p_vs_icl"]) == pytest.approx(sign_flip_test([1.0] * 3 + [0.5] * 3)) == 2 / 64
+    assert main([str(tmp_path), "--vs", "icl"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("Δ accuracy vs icl  p (sign-flip)  pairs")
+
+
 def test_the_sign_flip_test_counts_the_sign_patterns_as_extreme_as_the_observed():
     # differences 1, 1, 1, 1: only all plus and all minus reach |4| among the 16 patterns
     assert sign_flip_test([1, 1, 1, 1]) == 2 / 16

@@ -38,7 +38,8 @@ def _block(table: Table, set_name: str) -> tuple[list[str], list[list[str]]]:
     tested = table.baseline is not None and any(set_name in r.tests for r in table.rows)
     header = [*IDENTITY, *(c.metric.label for c in columns)]
     if tested:
-        header += [f"Δ {table.family.headline.label} vs {table.baseline}", f"p ({table.family.paired_test})", "pairs"]
+        tests = " / ".join(sorted({r.tests[set_name].test for r in table.rows if set_name in r.tests}))
+        header += [f"Δ {table.family.headline.label} vs {table.baseline}", f"p ({tests})", "pairs"]
     body = []
     for row in table.rows:
         line = [

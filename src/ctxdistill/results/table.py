@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -63,11 +63,12 @@ class Cell:
 
 @dataclass
 class PairedTest:
-    """A method against the baseline on the examples both were evaluated on (pooled over shared seeds): each
-    pair's difference in the headline's per-example value (1 or 0 for a success, else the example's score)."""
+    """A method against the baseline on the examples both were evaluated on: each example's difference in the
+    headline's per-example value (1 or 0 for a success, else the example's score), averaged over the seeds both
+    ran, so that an example evaluated under several seeds is still one pair (the examples are the sample)."""
 
     baseline: str
-    test: str  # the family's paired test: "McNemar" on successes, "sign-flip" on scores
+    test: str  # "McNemar" on one seed's successes, else "sign-flip" on the examples' (mean) differences
     differences: list[float]
 
     @property
@@ -266,7 +267,8 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
     same ``--by`` setting, when the baseline's runs differ in it).
 
     Pairs are the examples (``uid``) of each eval set that both methods were evaluated on with the same
-    seed, pooled over the seeds both ran. Returns notes on what could not be tested."""
+    seed, each example's difference averaged over the seeds both ran. Returns notes on what could not be
+    tested."""
     if not any(row.unsplit[0] == baseline for table in tables for row in table.rows):
         methods = sorted({row.unsplit[0] for table in tables for row in table.rows})
         raise PairedTestError(f"--vs {baseline}: no run of method {baseline} here (methods: {', '.join(methods)})")
@@ -292,9 +294,15 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
             if len(matches) != 1:
                 continue
             mine, theirs = _outcomes(row, table.family), _outcomes(matches[0], table.family)
-            differences: dict[str, list[float]] = {}
-            for seed in sorted(mine.keys() & theirs.keys()):
+            seeds = sorted(mine.keys() & theirs.keys())
+            per_example: dict[tuple[str, str], list[float]] = defaultdict(list)
+            for seed in seeds:
                 for key in sorted(mine[seed].keys() & theirs[seed].keys()):
-                    differences.setdefault(key[0], []).append(mine[seed][key] - theirs[seed][key])
-            row.tests = {s: PairedTest(baseline, test, d) for s, d in differences.items()}
+                    per_example[key].append(mine[seed][key] - theirs[seed][key])
+            differences: dict[str, list[float]] = defaultdict(list)
+            for (set_name, _), values in per_example.items():
+                differences[set_name].append(statistics.fmean(values))
+            # McNemar's exact test needs one success difference per example; means over seeds take the sign-flip
+            row_test = test if len(seeds) == 1 else "sign-flip"
+            row.tests = {s: PairedTest(baseline, row_test, d) for s, d in differences.items()}
     return notes
