@@ -193,6 +193,37 @@ def test_exact_match_evaluation_generates_what_transformers_generates(behaving):
     assert metrics["eval/teacher_accuracy"] == 1.0  # the behaving teacher writes each line's greedy end
 
 
+def test_exact_match_of_a_model_left_in_training_mode_is_scored_without_dropout(behaving):
+    """The trainer leaves the model in training mode; its answers must be the eval-mode model's, shared context
+    included (its cache once took dropout from a LoRA adapter, so the answers changed from call to call)."""
+    cfg, tokenizer, _ = behaving
+    spec = cfg.model.copy()
+    spec.lora.dropout = 0.5
+    student = add_lora(load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0), spec)
+    torch.manual_seed(0)  # (peft's own initialisation of the adapter follows the order of a set of module names)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)  # an adapter that changes the answers, as a trained one does
+    generation = AnswerGeneration(
+        answer_regex=r"(.*)", max_new_tokens=10, max_answer_tokens=6, stop="\n", demo_target="{answer}"
+    )
+    task = chain_task(generation=generation)
+    evaluator = GenerationEvaluator(
+        ModelHandle(student=student, base=student), tokenizer, task, with_context=True, batch_size=2, ranks=Ranks()
+    )
+    expected = tokenizer.batch_decode(
+        reference(student.eval(), tokenizer, teacher_prompts(), 10, stop="\n", batch_size=2)
+    )
+    student.train()
+    for _ in range(3):  # each call draws its own dropout
+        answers = evaluator.answers(
+            student, tokenizer, task.eval_sets["eval"], with_context=True, desc="t", worked=True
+        )
+        assert answers.texts == expected
+    assert student.training
+
+
 def test_scratchpad_teacher_samples_are_transformers_samples(behaving):
     _, tokenizer, model = behaving
     spec = AnswerGeneration(

@@ -687,6 +687,10 @@ class GenerationEvaluator(Evaluator):
         spec = self.task.generation
         prompts = [self.task.prompt(e, with_context) for e in examples]
         budget, stop = (spec.max_new_tokens, spec.stop) if worked else (spec.max_answer_tokens, "\n")
+        # generate() runs in eval mode, but the shared context's cache is built here: a model the trainer left in
+        # training mode would put dropout into it.
+        was_training = model.training
+        model.eval()
         generated = generate(
             model,
             tokenizer,
@@ -697,6 +701,7 @@ class GenerationEvaluator(Evaluator):
             prefix=SharedPrefix(model, tokenizer, prompts),
             desc=desc,
         )
+        model.train(was_training)
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         return Answers(texts, [spec.extract(t, worked) for t in texts])
 
