@@ -188,6 +188,14 @@ def test_filtered_rank_counts_higher_scores_and_half_the_ties_but_not_filtered_o
     )
 
 
+def test_a_nan_score_ranks_last_not_first():
+    """A diverged model's NaN scores: all alike they rank as a random guess does; a NaN target below the rest."""
+    nothing = torch.zeros(5, dtype=torch.bool)
+    assert filtered_rank(torch.full((5,), float("nan")), 2, nothing) == 1 + 4 / 2
+    assert filtered_rank(torch.tensor([1.0, 2.0, float("nan"), 0.0, 3.0]), 2, nothing) == 5
+    assert filtered_rank(torch.tensor([1.0, float("nan"), 0.5]), 0, torch.zeros(3, dtype=torch.bool)) == 1
+
+
 def hand_built_task() -> KGTask:
     """Entities a..e; the test triple (a, r, b), with (a, r, c) known from training and (d, r, b) from valid."""
     names = {e: e for e in "abcde"}

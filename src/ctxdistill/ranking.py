@@ -35,7 +35,11 @@ def ranking_prefix(candidates: Optional[int]) -> str:
 
 
 def filtered_rank(scores: torch.Tensor, target: int, filtered: torch.Tensor) -> float:
-    """Rank of ``scores[target]`` among the candidates that ``filtered`` does not remove; ties count half."""
+    """Rank of ``scores[target]`` among the candidates that ``filtered`` does not remove; ties count half.
+
+    A NaN score (a diverged model) counts as the lowest: compared with anything it is neither above nor equal,
+    so a NaN target would otherwise rank first."""
+    scores = torch.where(scores.isnan(), float("-inf"), scores)
     keep = ~filtered.clone()
     keep[target] = False
     others = scores[keep]
