@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ctxdistill import prefix_attention
 from ctxdistill.losses import align_by_text_offsets
+from ctxdistill.models import evaluation_mode
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class SharedPrefix:
         self.configs = prefix_attention.attention_configs(model)
         if length > 0:
             device = next(model.parameters()).device
-            with torch.no_grad():
+            with torch.no_grad(), evaluation_mode(model):  # a read of the context, without dropout whatever the mode
                 self.cache = model(
                     input_ids=torch.tensor([first[:length]], device=device), use_cache=True, logits_to_keep=1
                 ).cache  # only the cache is needed

@@ -33,7 +33,7 @@ from ctxdistill.data.mixture import TaskMixture
 from ctxdistill.encoding import SharedPrefix, answer_logits, answer_token_logprobs, encode
 from ctxdistill.generation import generate
 from ctxdistill.losses import forward_kl, with_rest_bucket
-from ctxdistill.models import ModelHandle
+from ctxdistill.models import ModelHandle, runs_in_evaluation_mode
 from ctxdistill.progress import progress_bar
 from ctxdistill.results.metrics import EXAMPLES, IN_DOMAIN, Metric, MetricSet
 from ctxdistill.serving import ServingCost, measure_task
@@ -182,6 +182,7 @@ def majority_vote(scores: Scores, votes: int) -> Scores:
 
 
 @torch.no_grad()
+@runs_in_evaluation_mode
 def score(
     model,
     tokenizer,
@@ -197,8 +198,6 @@ def score(
     """Score every class for each example; with ``teacher``, also the per-example KL to it.
 
     ``share_prefix=False`` runs every prompt whole instead of the shared context once (for comparisons)."""
-    was_training = model.training
-    model.eval()
     verbalizer_ids = [tokenizer(v, add_special_tokens=False).input_ids for v in task.verbalizers]
     single_token = all(len(ids) == 1 for ids in verbalizer_ids)
     all_prompts = [task.prompt(e, with_context) for e in examples]
@@ -228,7 +227,6 @@ def score(
             distributions = distributions or SpilledRows(next_token.shape[-1])
             distributions.write(rows, next_token)
         release_freed_memory()
-    model.train(was_training)
     restore = torch.argsort(torch.tensor(order))
     return Scores(
         torch.cat(label_lp)[restore],
@@ -687,10 +685,6 @@ class GenerationEvaluator(Evaluator):
         spec = self.task.generation
         prompts = [self.task.prompt(e, with_context) for e in examples]
         budget, stop = (spec.max_new_tokens, spec.stop) if worked else (spec.max_answer_tokens, "\n")
-        # generate() runs in eval mode, but the shared context's cache is built here: a model the trainer left in
-        # training mode would put dropout into it.
-        was_training = model.training
-        model.eval()
         generated = generate(
             model,
             tokenizer,
@@ -701,7 +695,6 @@ class GenerationEvaluator(Evaluator):
             prefix=SharedPrefix(model, tokenizer, prompts),
             desc=desc,
         )
-        model.train(was_training)
         texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
         return Answers(texts, [spec.extract(t, worked) for t in texts])
 

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ctxdistill.encoding import SharedPrefix, encode
+from ctxdistill.models import runs_in_evaluation_mode
 from ctxdistill.progress import progress_bar
 
 
@@ -43,6 +44,7 @@ def pick_tokens(
 
 
 @torch.no_grad()
+@runs_in_evaluation_mode
 def generate(
     model,
     tokenizer,
@@ -61,8 +63,6 @@ def generate(
     that completes the text ``stop``) unless ``max_new_tokens`` came first. Runs in eval mode; the caller's mode is
     restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt)."""
     stop = stop or None  # "" is no stop string (it would be found in any text)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     stops = {tokenizer.eos_token_id}
     continuations: list[list[int]] = []
@@ -102,7 +102,6 @@ def generate(
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], 1)
             position_ids = position_ids[:, -1:] + 1
         continuations.extend(tokens)
-    model.train(was_training)
     return continuations
 
 

@@ -28,7 +28,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import transformers
@@ -580,6 +580,29 @@ class TeacherUnavailable(RuntimeError):
 
 
 @contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode (no dropout), put back in the mode it was in afterwards: what reads the model in
+    the middle of training (a periodic evaluation, a teacher that is the student) must not end its dropout."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def runs_in_evaluation_mode(function: Callable) -> Callable:
+    """Decorator: ``function(model, ...)`` runs with ``model`` in :func:`evaluation_mode`."""
+
+    @functools.wraps(function)
+    def wrapper(model, *args, **kwargs):
+        with evaluation_mode(model):
+            return function(model, *args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
 def compiled_for_training(model: torch.nn.Module) -> Iterator[None]:
     """Run ``model``'s transformer stack through ``torch.compile`` (inductor, dynamic shapes) in the passes that
     carry gradients, the student's training passes; passes without (the teacher, evaluation, generation) stay
@@ -654,11 +677,6 @@ class ModelHandle:
                 "from is being trained (it would distil from itself). The method must declare "
                 "teacher_during_training so that a frozen copy is kept, or use model.adapter=lora or prefix."
             )
-        was_training = self.base.training
-        self.base.eval()
         disable = self.base.disable_adapter() if hasattr(self.base, "disable_adapter") else contextlib.nullcontext()
-        try:
-            with disable, torch.no_grad():
-                yield self.base
-        finally:
-            self.base.train(was_training)
+        with evaluation_mode(self.base), disable, torch.no_grad():
+            yield self.base

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from ctxdistill.encoding import encode
+from ctxdistill.models import runs_in_evaluation_mode
 
 #: Eval queries measured per run (evenly spaced over the first eval set): few, so that every run, the
 #: tests' included, can afford it (the teacher's prompts hold the whole context).
@@ -75,10 +76,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
+@runs_in_evaluation_mode
 def measure(model, tokenizer, prompts: list[str], batch_size: int) -> ServingCost:
     """Prompt tokens, latency and KV-cache bytes per query of ``model`` over ``prompts`` (see the module)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     batches = [encode(tokenizer, prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
 
@@ -99,7 +99,6 @@ def measure(model, tokenizer, prompts: list[str], batch_size: int) -> ServingCos
         caches = [forward(batch).cache for batch in batches]
         _synchronize(device)
         passes.append(time.perf_counter() - start)
-    model.train(was_training)
     kv = [n for batch, cache in zip(batches, caches) for n in row_cache_bytes(cache, batch["attention_mask"])]
     tokens = [len(ids) for ids in tokenizer(prompts).input_ids]
     return ServingCost(

@@ -63,7 +63,7 @@ from ctxdistill.losses import (
     uld_teacher_targets,
 )
 from ctxdistill.methods.base import Method
-from ctxdistill.models import ModelLoadError
+from ctxdistill.models import ModelLoadError, evaluation_mode
 from ctxdistill.progress import progress_bar
 from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
 
@@ -185,13 +185,8 @@ class DistillConfig(SeparateTeacher, MethodConfig):
 @contextlib.contextmanager
 def frozen_as_is(model: torch.nn.Module):
     """``model`` with its adapter on, in eval mode and without gradients (a teacher that is a trained student)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), torch.no_grad():
+        yield model
 
 
 def trainable_digest(model: torch.nn.Module) -> str:

@@ -36,6 +36,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ctxdistill.config import ConfigError, MethodConfig, one_of, require
 from ctxdistill.data.kg import KGTask, Triple, build_kg_task, missing_contexts
 from ctxdistill.methods.base import Method
+from ctxdistill.models import evaluation_mode
 from ctxdistill.ranking import LinkPredictionEvaluator, ranking_prefix
 
 log = logging.getLogger(__name__)
@@ -251,16 +252,12 @@ class KGCStudent(Method):
     ) -> list[torch.Tensor]:
         """One score per candidate entity of each query (higher: more plausible)."""
         model = handle.base
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
-        try:
+        with evaluation_mode(model):
             return [
                 self.score_query(model, tokenizer, task, triple, direction, names, device)
                 for (triple, direction), names in zip(queries, candidates)
             ]
-        finally:
-            model.train(was_training)  # a periodic evaluation must not switch dropout off for the rest of training
 
     def score_query(
         self, model, tokenizer, task: KGTask, triple: Triple, direction: str, names: Sequence[str], device
