@@ -298,6 +298,30 @@ def test_contexts_load_without_a_cut_line_or_rows_about_other_names_and_the_rele
     assert read_contexts(released, graph) == {("00001", "_hypernym", "00002"): "Dogs are animals."}
 
 
+def test_kgs2s_students_read_the_contexts_stage_one_wrote_with_the_kgbert_layout(make_cfg, tmp_path):
+    # li2024/wn18rr writes the contexts about bare lemmas (the released writer's names: the KG-S2S name
+    # "dog , NN , 1" cut at its first comma); li2024/wn18rr_kgs2s reads the same file, naming its entities
+    # "dog , NN , 1".
+    contexts = tmp_path / "contexts.jsonl"
+    rows = [
+        {"head": "00001", "relation": "_hypernym", "tail": "00002", "text": "dog | hypernym | animal", "context": "D"},
+        {"head": "00003", "relation": "_hypernym", "tail": "00002", "text": "cat | hypernym | animal", "context": "C"},
+        {"head": "00001", "relation": "_part_of", "tail": "00004", "text": "dog | part of | farm", "context": "F"},
+    ]
+    contexts.write_text("".join(json.dumps({**row, "writer": "w", "stage": "s"}) + "\n" for row in rows))
+    cfg = make_cfg(
+        "experiment=li2024/wn18rr_kgs2s",
+        f"dataset.source.data_dir={write_kgs2s(tmp_path / 's2s')}",
+        f"dataset.contexts_file={contexts}",
+    )
+    task = build_kg_task(cfg.dataset, seed=0)
+    assert task.graph.entity_names["00001"] == "dog , NN , 1"
+    assert task.contexts == {(r["head"], r["relation"], r["tail"]): r["context"] for r in rows}
+    # A row written about other entities under the same ids is still left out.
+    contexts.write_text(json.dumps({**rows[0], "text": "wolf | hypernym | animal", "writer": "w"}) + "\n")
+    assert build_kg_task(cfg.dataset, seed=0).contexts == {}
+
+
 def write_released_contexts(path: Path, lines: list[str], count: int | None = None) -> Path:
     """knowledge_context.txt as the released writer (KGE-LLM/distill_palm.py) leaves it: the number of
     contexts, then one ' |**| '-joined line per triple: the KG-S2S integer ids of head, tail, relation, the text."""

@@ -62,6 +62,18 @@ class KnowledgeGraph:
             return None
         return f"{self.entity_names[h]} | {self.relation_names[r]} | {self.entity_names[t]}"
 
+    def written_about(self, triple: Triple, text: str) -> bool:
+        """Whether a context written about ``text`` (a stage-1 row's :meth:`triple_text`) is about ``triple`` here:
+        ``text`` is its text, or that with each entity name cut at its first comma. WN18RR's contexts are written
+        about bare lemmas (the kgbert layout's names, the released writer's cut of the KG-S2S names), and the
+        KG-S2S students read them naming the same entities ``lemma , POS , sense``."""
+        own = self.triple_text(triple)
+        if own is None:
+            return False
+        h, r, t = triple
+        lemma = {e: self.entity_names[e].split(",")[0].strip() for e in (h, t)}
+        return text in (own, f"{lemma[h]} | {self.relation_names[r]} | {lemma[t]}")
+
 
 # ---------------------------------------------------------------- readers
 def _lines(path: Path) -> list[str]:
@@ -376,8 +388,8 @@ def read_contexts(
 
     - JSON lines ``{head, relation, tail, context}`` (a :class:`JsonLines` file: a last line cut short by an
       interrupted write is left out); a row stage 1 wrote also holds the ``text`` of its triple
-      (:meth:`KnowledgeGraph.triple_text`), and with ``graph`` a row written for another text (the same ids
-      in another graph) is left out;
+      (:meth:`KnowledgeGraph.triple_text`), and with ``graph`` a row written about other names (the same ids
+      in another graph; :meth:`KnowledgeGraph.written_about`) is left out;
     - the released writer's ``knowledge_context.txt``: a count line, then ``head |**| tail |**| relation
       |**| text`` with KG-S2S integer ids, mapped through ``id_dir``'s ``entity2id.txt`` and
       ``relation2id.txt`` (default: the file's own directory, where the released writer leaves it);
@@ -393,7 +405,7 @@ def read_contexts(
                 triple, context = (record["head"], record["relation"], record["tail"]), record["context"]
             except KeyError:
                 raise DataError(f"{path}: record {number} lacks head, relation, tail or context") from None
-            if graph is not None and "text" in record and record["text"] != graph.triple_text(triple):
+            if graph is not None and "text" in record and not graph.written_about(triple, record["text"]):
                 other_texts += 1
             else:
                 contexts[triple] = context
