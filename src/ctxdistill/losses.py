@@ -266,5 +266,7 @@ def sampled_reverse_kl(
     teacher_logp = teacher_logits.detach().float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     estimate = (student_logp - teacher_logp).detach()
     if sampling_logprobs is not None:
-        estimate = estimate * (student_logp.detach() - sampling_logprobs.detach()).exp()
+        # Padding positions drew no token: their weight can overflow to inf, and inf times a zero mask is NaN.
+        log_weight = (student_logp - sampling_logprobs).detach().masked_fill(~mask.bool(), 0)
+        estimate = estimate * log_weight.exp()
     return _masked_mean(estimate * (student_logp - student_logp.detach()) + estimate, mask)
