@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import build_task
+from ctxdistill.encoding import tokenization_groups
 from ctxdistill.evaluation import Evaluator, score
 from ctxdistill.losses import (
     align_by_text_offsets,
@@ -163,6 +164,32 @@ def test_uld_aligns_the_two_tokenizations_where_both_end_a_token():
     assert align_by_text_offsets([2, 3], [1, 3]) == [([0, 1], [0, 1])]
     assert align_by_text_offsets([3, 5], [3, 5, 5]) == [([0], [0]), ([1], [1])]  # the teacher's end-of-sequence
     assert align_by_text_offsets([1, 2], [1, 2]) == [([0], [0]), ([1], [1])]
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte, decoded as byte-level tokenizers do: a character cut short writes U+FFFD."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+class CharTokenizer:
+    """One token per character."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+def test_uld_groups_the_tokens_that_split_a_character_with_the_token_that_writes_it():
+    # "a日本": the byte tokenizer writes 日 and 本 in three tokens each (SmolLM2's writes 日 in two), the
+    # character tokenizer in one. A token that ends inside a character writes none of it yet.
+    text = "a日本"
+    groups = tokenization_groups(ByteTokenizer(), list(text.encode()), CharTokenizer(), [ord(c) for c in text])
+    assert groups == [([0], [0]), ([1, 2, 3], [1]), ([4, 5, 6], [2])]
+    # One tokenizer on both sides is still one group per token.
+    assert tokenization_groups(ByteTokenizer(), list(text.encode()), ByteTokenizer(), list(text.encode())) == [
+        ([i], [i]) for i in range(7)
+    ]
 
 
 def test_uld_matches_hand_computed_numbers():

@@ -203,8 +203,19 @@ def answer_token_logprobs(logits: torch.Tensor, batch: dict[str, torch.Tensor]) 
 
 
 def text_ends(tokenizer, ids: list[int]) -> list[int]:
-    """Where each token of ``ids`` ends in their decoded text (in characters; special tokens write nothing)."""
-    return [len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+    """Where each token of ``ids`` ends in their decoded text (in characters; special tokens write nothing).
+
+    A byte-level tokenizer can split a character over several tokens; one that ends inside it writes nothing
+    yet (its prefix decodes to U+FFFD, not to the start of the text), so it ends where the token before it
+    did and joins the group of the token that completes the character."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    ends, end = [], 0
+    for i in range(len(ids)):
+        written = tokenizer.decode(ids[: i + 1], skip_special_tokens=True)
+        if text.startswith(written):
+            end = len(written)
+        ends.append(end)
+    return ends
 
 
 def retokenized(tokenizer, ids: list[int], into) -> list[int]:
