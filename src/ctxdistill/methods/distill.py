@@ -78,8 +78,9 @@ class DistillConfig(SeparateTeacher, MethodConfig):
     beta: float = 0.5  # JSD mixture weight (TRL semantics: 0 = forward KL, 1 = reverse KL)
     temperature: float = 1.0
     top_k: Optional[int] = None  # distil (and cache) only the teacher's k most likely tokens
-    # what happens to the rest of the teacher's mass with top_k: renormalize over the k (forward_kl
-    # only, TRL's SDFT default) or bucket (one extra category for teacher and student, any divergence)
+    # what happens to the rest of the teacher's mass with top_k: renormalize the teacher over its k (forward_kl
+    # only; the student keeps its full-vocabulary log-probabilities, where TRL's SDFT renormalises both over the
+    # student's top k) or bucket (one extra category for teacher and student, any divergence, TRL SDFT's tail)
     top_k_rest: str = one_of("renormalize", "bucket", default="renormalize")
     # the single position that predicts the label word (Upadhayaya), or the teacher's greedy answer span (Snell)
     answer: str = one_of("label_position", "teacher_generation", default="label_position")
