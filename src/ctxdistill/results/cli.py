@@ -51,8 +51,8 @@ def compare(argv: list[str] | None = None) -> int:
         "--vs",
         metavar="METHOD",
         help="per cell and eval set, a paired test against METHOD's run of the same dataset, model and seeds, on "
-        "the examples both were evaluated on (reads each run's predictions.jsonl): exact McNemar for right/wrong "
-        "outcomes, a sign-flip test for per-example scores (a triple's reciprocal rank)",
+        "the examples both were evaluated on (reads each run's predictions.jsonl): exact McNemar on one seed's "
+        "right/wrong outcomes, else a sign-flip test on each example's difference (averaged over the seeds)",
     )
     parser.add_argument("--out", type=Path, help="write README.md and results/ (tables, plots) here")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B (public API)")
