@@ -381,6 +381,18 @@ def _kgs2s_ids(path: Path, id_dir: Path) -> tuple[dict[str, str], dict[str, str]
     return entities, relations
 
 
+def _named_triples(
+    line: Triple, graph: KnowledgeGraph, by_name: dict[str, list[str]], training: set[Triple]
+) -> list[Triple]:
+    """The triples a context line is about whose head and tail are ids or entity names. A name that several
+    entities share (WN18RR's bare lemmas: 12,873 of its 40,943 entities) stands for those of them that make a
+    training triple with the line's other side; where none does, for its first entity."""
+    h, r, t = line
+    heads, tails = ([e] if e in graph.entity_names else by_name.get(e, [e]) for e in (h, t))
+    candidates = [(head, r, tail) for head in heads for tail in tails]
+    return [c for c in candidates if c in training] or candidates[:1]
+
+
 def read_contexts(
     path: Path, graph: Optional[KnowledgeGraph] = None, id_dir: Optional[Path] = None
 ) -> dict[Triple, str]:
@@ -422,9 +434,12 @@ def read_contexts(
     if count is not None:
         lines = lines[1:]
     integer_ids = _kgs2s_ids(path, id_dir or path.parent) if count is not None else None
-    by_name = {}
+    by_name: dict[str, list[str]] = {}
+    training: set[Triple] = set()
     if graph is not None and integer_ids is None:  # the lines may name entities rather than give their ids
-        by_name = {name: entity for entity, name in graph.entity_names.items()}
+        for entity, name in graph.entity_names.items():
+            by_name.setdefault(name, []).append(entity)
+        training = set(graph.splits.get("train", []))
     contexts = {}
     for number, line in lines:
         parts = [p.strip() for p in line.split(RELEASED_SEPARATOR)]
@@ -442,9 +457,8 @@ def read_contexts(
                 raise DataError(
                     f"{path}:{number}: id {e.args[0]} is not in the KG-S2S entity2id.txt / relation2id.txt"
                 ) from None
-        elif graph is not None:
-            h, t = (e if e in graph.entity_names else by_name.get(e, e) for e in (h, t))
-        contexts[(h, r, t)] = text
+        about = _named_triples((h, r, t), graph, by_name, training) if by_name else [(h, r, t)]
+        contexts.update(dict.fromkeys(about, text))
     if count is not None and count != len(lines):
         raise DataError(f"{path}: the count line says {count} contexts, the file holds {len(lines)}")
     return contexts
