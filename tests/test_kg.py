@@ -4,6 +4,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -550,6 +551,39 @@ def test_kgs2s_warns_when_entities_share_a_target(seq2seq_tokenizer, caplog):
         task, seq2seq_tokenizer, None
     )
     assert "2 of the 3 entities (66.7%) share their target with another entity" in caplog.text
+
+
+def namesakes_task() -> KGTask:
+    """kgs2s_task with 10, a namesake of 09 (no description either: the students cannot tell them apart), and 11,
+    whose long name pads the batch it falls in."""
+    task = kgs2s_task()
+    task.graph.entity_names["10"] = task.graph.entity_names["09"]
+    task.graph.entity_names["11"] = "a long name that goes " + "on and " * 12 + "on"
+    return task
+
+
+def assert_namesakes_tie(method, model, tokenizer):
+    """09 and its namesake 10, scored in batches of two with different padding (the long 11 beside 09), get the
+    very same score, so the one ranks half a place below the other (the ties rule), not a whole place by chance."""
+    task, handle = namesakes_task(), SimpleNamespace(base=model)
+    names = ["09", "11", "10"]
+    for direction in ("tail", "head"):
+        [scores] = method.score(handle, tokenizer, task, [(task.train_triples[0], direction)], [names])
+        assert scores[0].item() == scores[2].item() != scores[1].item()
+        assert filtered_rank(scores, 0, torch.zeros(3, dtype=torch.bool)) == 1 + int(scores[1] > scores[0]) + 0.5
+
+
+def test_candidates_the_kgs2s_student_cannot_tell_apart_tie(seq2seq_tokenizer):
+    cfg = composed("tiny-random-seq2seq")
+    model = load_model(cfg.model, cfg.cache_dir, seq2seq_tokenizer, seed=0)
+    method = method_of(KGS2SConfig, name="kgs2s", aux_weight=0.0, target_description_tokens=0, eval_batch_size=2)
+    assert_namesakes_tie(method, model, seq2seq_tokenizer)
+
+
+def test_candidates_the_kgbert_student_cannot_tell_apart_tie(minilm):
+    tokenizer, model = minilm
+    method = method_of(KGBertConfig, name="kgbert", aux_weight=0.0, eval_batch_size=2)
+    assert_namesakes_tie(method, method.wrap_model(model, tokenizer), tokenizer)
 
 
 @needs_shared

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_kg import KG_TINY, composed, kgs2s_task
+from test_kg import KG_TINY, assert_namesakes_tie, composed, kgs2s_task
 
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.methods.kg_decoder import KGDecoderConfig
@@ -66,6 +66,13 @@ def test_the_decoder_ranks_candidates_by_their_summed_log_likelihood_after_the_q
         scores = method.score_query(model, tokenizer, task, triple, direction, names, "cpu")
         assert scores.tolist() == pytest.approx(expected, abs=1e-4)
         assert len(set(expected)) == 3  # distinct names, distinct scores
+
+
+def test_candidates_the_decoder_student_cannot_tell_apart_tie(tiny_decoder):
+    tokenizer, model = tiny_decoder
+    assert_namesakes_tie(
+        method_of(KGDecoderConfig, name="kg_decoder", aux_weight=0.0, eval_batch_size=2), model, tokenizer
+    )
 
 
 def test_the_decoder_student_refuses_a_seq2seq_model_and_a_query_longer_than_max_length(make_cfg, tiny_decoder):

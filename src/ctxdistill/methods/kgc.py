@@ -26,7 +26,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Iterable, NamedTuple, Optional, Sequence
+from typing import ClassVar, Hashable, Iterable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -255,9 +255,27 @@ class KGCStudent(Method):
         device = next(model.parameters()).device
         with evaluation_mode(model):
             return [
-                self.score_query(model, tokenizer, task, triple, direction, names, device)
+                self.score_distinct(model, tokenizer, task, triple, direction, names, device)
                 for (triple, direction), names in zip(queries, candidates)
             ]
+
+    def score_distinct(
+        self, model, tokenizer, task: KGTask, triple: Triple, direction: str, names: Sequence[str], device
+    ) -> torch.Tensor:
+        """:meth:`score_query` of each distinct candidate input once. Entities the student cannot tell apart
+        (they share a name) must tie, and scored apart they would not: a batch's padding changes a score's last
+        bits, so one of them would rank above the other by chance."""
+        inputs = [self.candidate_input(tokenizer, task, entity) for entity in names]
+        first: dict = {}  # input -> the first candidate that has it
+        for entity, candidate_input in zip(names, inputs):
+            first.setdefault(candidate_input, entity)
+        position = {candidate_input: i for i, candidate_input in enumerate(first)}
+        scores = self.score_query(model, tokenizer, task, triple, direction, list(first.values()), device)
+        return scores[[position[candidate_input] for candidate_input in inputs]]
+
+    def candidate_input(self, tokenizer, task: KGTask, entity: str) -> Hashable:
+        """What the student reads of a candidate entity: equal for two candidates it cannot tell apart."""
+        raise NotImplementedError
 
     def score_query(
         self, model, tokenizer, task: KGTask, triple: Triple, direction: str, names: Sequence[str], device
@@ -479,6 +497,9 @@ class KGBert(KGCStudent):
         scorer = model.module if hasattr(model, "module") else model  # unwrap DistributedDataParallel
         return scorer.mlm_loss(**{k: v.to(device) for k, v in batch["context"].items()})
 
+    def candidate_input(self, tokenizer, task, entity):
+        return task.entity_text(entity, self.use_descriptions)
+
     def score_query(self, model, tokenizer, task, triple, direction, names, device):
         h, r, t = triple
         pairs = [(h, r, e) if direction == "tail" else (e, r, t) for e in names]
@@ -619,6 +640,9 @@ class KGS2S(KGCStudent):
 
     def aux_loss(self, model, batch, device):
         return self.pair_loss(model, batch["context"], device)
+
+    def candidate_input(self, tokenizer, task, entity):
+        return tuple(self.entity_target(tokenizer, task, entity))
 
     def score_query(self, model, tokenizer, task, triple, direction, names, device):
         """Summed log-likelihood of each candidate's target; the query's encoder states are computed once."""
