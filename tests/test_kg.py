@@ -333,6 +333,20 @@ def test_wn18rr_contexts_keyed_by_bare_lemmas_reach_every_training_triple(tmp_pa
     assert all(written_about[contexts[t]] == graph.triple_text(t) for t in train)
 
 
+def test_contexts_keyed_by_a_shared_name_go_to_the_training_triples_of_that_text(tmp_path):
+    # Two entities named "dog" (as WN18RR's bare lemmas: a third of its entities share one): the line is about the
+    # training triple whose names it gives, not about whichever entity came last.
+    names = {"00001": "dog", "00002": "animal", "00005": "dog", "00006": "cat"}
+    graph = KnowledgeGraph(names, {}, {"_hypernym": "hypernym"}, {"train": [("00001", "_hypernym", "00002")]})
+    released = tmp_path / "knowledge_context.txt"
+    released.write_text("dog |**| animal |**| _hypernym |**| Dogs are animals.\n")
+    assert read_contexts(released, graph) == {("00001", "_hypernym", "00002"): "Dogs are animals."}
+    graph.splits["train"].append(("00005", "_hypernym", "00002"))  # both dogs: one context for the text, as stage 1
+    assert set(read_contexts(released, graph)) == set(graph.splits["train"])
+    released.write_text("cat |**| dog |**| _hypernym |**| Not in the graph.\n")  # kept (a context to borrow)
+    assert read_contexts(released, graph) == {("00006", "_hypernym", "00001"): "Not in the graph."}
+
+
 def test_kgs2s_students_read_the_contexts_stage_one_wrote_with_the_kgbert_layout(make_cfg, tmp_path):
     # li2024/wn18rr writes the contexts about bare lemmas (the released writer's names: the KG-S2S name
     # "dog , NN , 1" cut at its first comma); li2024/wn18rr_kgs2s reads the same file, naming its entities
