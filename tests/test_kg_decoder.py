@@ -54,7 +54,7 @@ def test_the_decoder_loss_is_the_mean_cross_entropy_of_the_target_tokens(tiny_de
 def test_the_decoder_ranks_candidates_by_their_summed_log_likelihood_after_the_query(tiny_decoder):
     tokenizer, model = tiny_decoder
     task = kgs2s_task()
-    method = method_of(KGDecoderConfig, name="kg_decoder", aux_weight=0.0, eval_batch_size=2)  # chunks of 2
+    method = method_of(KGDecoderConfig, name="kg_decoder", aux_weight=0.0)
     triple, names = task.train_triples[0], ["07", "09", "04"]
     for direction in ("tail", "head"):
         prompt = tokenizer(method.prompt(method.source(tokenizer, task, triple, direction))).input_ids
@@ -63,16 +63,14 @@ def test_the_decoder_ranks_candidates_by_their_summed_log_likelihood_after_the_q
             target = method.entity_target(tokenizer, task, entity)
             logprobs = model(torch.tensor([prompt + target])).logits[0].log_softmax(-1)
             expected.append(sum(logprobs[len(prompt) - 1 + j, token].item() for j, token in enumerate(target)))
-        scores = method.score_query(model, tokenizer, task, triple, direction, names, "cpu")
+        scores = method.score_query(model, tokenizer, task, triple, direction, names, 2, "cpu")  # chunks of 2
         assert scores.tolist() == pytest.approx(expected, abs=1e-4)
         assert len(set(expected)) == 3  # distinct names, distinct scores
 
 
 def test_candidates_the_decoder_student_cannot_tell_apart_tie(tiny_decoder):
     tokenizer, model = tiny_decoder
-    assert_namesakes_tie(
-        method_of(KGDecoderConfig, name="kg_decoder", aux_weight=0.0, eval_batch_size=2), model, tokenizer
-    )
+    assert_namesakes_tie(method_of(KGDecoderConfig, name="kg_decoder", aux_weight=0.0), model, tokenizer)
 
 
 def test_the_decoder_student_refuses_a_seq2seq_model_and_a_query_longer_than_max_length(make_cfg, tiny_decoder):

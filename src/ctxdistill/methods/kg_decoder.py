@@ -99,13 +99,13 @@ class KGDecoder(KGS2S):
             answer_logits(model, pairs), pairs["answer_ids"].to(device), pairs["answer_mask"].to(device)
         )
 
-    def score_query(self, model, tokenizer, task, triple, direction, names, device):
+    def score_query(self, model, tokenizer, task, triple, direction, names, batch_size, device):
         """Summed log-likelihood of each candidate's target after the query, run once for all candidates."""
         prompt = self.prompt(self.source(tokenizer, task, triple, direction))
         prefix = SharedPrefix(model, tokenizer, [prompt])
         scores = []
-        for start in range(0, len(names), self.eval_batch_size):
-            chunk = names[start : start + self.eval_batch_size]
+        for start in range(0, len(names), batch_size):
+            chunk = names[start : start + batch_size]
             batch = encode(
                 tokenizer,
                 [prompt] * len(chunk),

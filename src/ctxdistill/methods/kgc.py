@@ -51,7 +51,6 @@ class KGCStudentConfig(MethodConfig):
     kgc_weight: float = 1.0
     max_length: int = 64  # tokens of a triple's input
     context_max_length: int = 128  # tokens of a context
-    eval_batch_size: int = 256  # (query, candidate) pairs per forward pass
     dataset_kinds: ClassVar[tuple[str, ...]] = ("knowledge_graph",)
     dataset_example: ClassVar[str] = "dataset=kg_synthetic, wn18rr or fb15k237n"
 
@@ -168,12 +167,10 @@ class KGCStudent(Method):
         kgc_weight: float,
         max_length: int,
         context_max_length: int,
-        eval_batch_size: int,
     ):
         super().__init__(name)
         self.aux_weight, self.kgc_weight = aux_weight, kgc_weight
         self.max_length, self.context_max_length = max_length, context_max_length
-        self.eval_batch_size = eval_batch_size
         self.generator = torch.Generator()
 
     def build_task(self, dataset, seed):
@@ -218,7 +215,7 @@ class KGCStudent(Method):
 
     def evaluator(self, handle, tokenizer, task, batch_size):
         return LinkPredictionEvaluator(
-            task, lambda queries, candidates: self.score(handle, tokenizer, task, queries, candidates)
+            task, lambda queries, candidates: self.score(handle, tokenizer, task, queries, candidates, batch_size)
         )
 
     #: the auxiliary task's name in the logged losses
@@ -249,18 +246,28 @@ class KGCStudent(Method):
         task: KGTask,
         queries: Sequence[tuple[Triple, str]],
         candidates: Sequence[Sequence[str]],
+        batch_size: int,
     ) -> list[torch.Tensor]:
-        """One score per candidate entity of each query (higher: more plausible)."""
+        """One score per candidate entity of each query (higher: more plausible), ``batch_size`` candidates per
+        forward pass (trainer.eval_batch_size)."""
         model = handle.base
         device = next(model.parameters()).device
         with evaluation_mode(model):
             return [
-                self.score_distinct(model, tokenizer, task, triple, direction, names, device)
+                self.score_distinct(model, tokenizer, task, triple, direction, names, batch_size, device)
                 for (triple, direction), names in zip(queries, candidates)
             ]
 
     def score_distinct(
-        self, model, tokenizer, task: KGTask, triple: Triple, direction: str, names: Sequence[str], device
+        self,
+        model,
+        tokenizer,
+        task: KGTask,
+        triple: Triple,
+        direction: str,
+        names: Sequence[str],
+        batch_size: int,
+        device,
     ) -> torch.Tensor:
         """:meth:`score_query` of each distinct candidate input once. Entities the student cannot tell apart
         (they share a name) must tie, and scored apart they would not: a batch's padding changes a score's last
@@ -270,7 +277,8 @@ class KGCStudent(Method):
         for entity, candidate_input in zip(names, inputs):
             first.setdefault(candidate_input, entity)
         position = {candidate_input: i for i, candidate_input in enumerate(first)}
-        scores = self.score_query(model, tokenizer, task, triple, direction, list(first.values()), device)
+        candidates = list(first.values())
+        scores = self.score_query(model, tokenizer, task, triple, direction, candidates, batch_size, device)
         return scores[[position[candidate_input] for candidate_input in inputs]]
 
     def candidate_input(self, tokenizer, task: KGTask, entity: str) -> Hashable:
@@ -278,7 +286,15 @@ class KGCStudent(Method):
         raise NotImplementedError
 
     def score_query(
-        self, model, tokenizer, task: KGTask, triple: Triple, direction: str, names: Sequence[str], device
+        self,
+        model,
+        tokenizer,
+        task: KGTask,
+        triple: Triple,
+        direction: str,
+        names: Sequence[str],
+        batch_size: int,
+        device,
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -500,14 +516,12 @@ class KGBert(KGCStudent):
     def candidate_input(self, tokenizer, task, entity):
         return task.entity_text(entity, self.use_descriptions)
 
-    def score_query(self, model, tokenizer, task, triple, direction, names, device):
+    def score_query(self, model, tokenizer, task, triple, direction, names, batch_size, device):
         h, r, t = triple
         pairs = [(h, r, e) if direction == "tail" else (e, r, t) for e in names]
         scores = []
-        for start in range(0, len(pairs), self.eval_batch_size):
-            batch = self.encode_triples(
-                tokenizer, task, pairs[start : start + self.eval_batch_size], self.segments(model)
-            )
+        for start in range(0, len(pairs), batch_size):
+            batch = self.encode_triples(tokenizer, task, pairs[start : start + batch_size], self.segments(model))
             scores.append(model(**{k: v.to(device) for k, v in batch.items()}).float().cpu())
         return torch.cat(scores)
 
@@ -644,7 +658,7 @@ class KGS2S(KGCStudent):
     def candidate_input(self, tokenizer, task, entity):
         return tuple(self.entity_target(tokenizer, task, entity))
 
-    def score_query(self, model, tokenizer, task, triple, direction, names, device):
+    def score_query(self, model, tokenizer, task, triple, direction, names, batch_size, device):
         """Summed log-likelihood of each candidate's target; the query's encoder states are computed once."""
         enc = tokenizer(
             [self.source(tokenizer, task, triple, direction)],
@@ -654,9 +668,9 @@ class KGS2S(KGCStudent):
         ).to(device)
         states = model.get_encoder()(**enc).last_hidden_state
         scores = []
-        for start in range(0, len(names), self.eval_batch_size):
+        for start in range(0, len(names), batch_size):
             labels = pad_rows(
-                [self.entity_target(tokenizer, task, e) for e in names[start : start + self.eval_batch_size]], -100
+                [self.entity_target(tokenizer, task, e) for e in names[start : start + batch_size]], -100
             ).to(device)
             n = labels.shape[0]
             logits = model(
