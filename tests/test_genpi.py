@@ -255,6 +255,42 @@ def test_each_loss_term_is_trained_on_its_own_target_tokens_only(make_cfg):
     assert "It lies on the Seine." in pg_rows[0] and method.prompt not in pg_rows[0].split("### Context")[0]
 
 
+# kaistAI/GenPI src/dataset_cls/agentbench/os/prompts.py (m2w and webshop alike), verbatim.
+RELEASED_META_COGNITION_INPUT = """
+When a certain Context and Input were provided together, the Bad Output changed to Good Output as shown below.
+Guess which Context was provided and generate a Reason why the Output changed as shown below.
+
+### Input:
+{input}
+
+### Bad Output:
+{student_output}
+
+### Good Output:
+{teacher_output}
+""".strip()
+
+
+def test_the_prompt_generation_turn_is_the_released_meta_cognition_input(make_cfg):
+    method, tokenizer = tiny_method(make_cfg)
+    record = {
+        "input": "Where is Paris?",
+        "teacher": "In France.",
+        "teacher_complete": True,
+        "base": "Paris is the capital of France. It lies on the Seine.",
+        "reason": "One sentence was asked.",
+    }
+    method._records = {"a": record}
+    batch = method.collate(tokenizer, None, [genpi.Example("a", {}, None)])
+    turn = RELEASED_META_COGNITION_INPUT.format(
+        input=record["input"], student_output=record["base"], teacher_output=record["teacher"]
+    )
+    target = PG_TARGET.format(prompt=method.prompt, reason=record["reason"])
+    fed = tokenizer.decode(batch["pg"]["input_ids"][0][batch["pg"]["attention_mask"][0].bool()])
+    # The user turn as the released collator renders it (no system message), then the target but its end.
+    assert fed == genpi.user_turn(tokenizer, turn) + target
+
+
 def test_the_loss_mixes_the_two_cross_entropies_with_lambda():
     # Vocabulary of 2. SFT: one target token (1) at the last position, logits (0, ln 3): CE = ln(4/3).
     # PG: target tokens (0, 0), logits (0, 0) and (ln 3, 0): CE = ln 2 and ln(4/3), mean over the two.

@@ -16,7 +16,7 @@ over the loss weights reuses them and a killed run continues where it stopped:
 4. training the LoRA student, which never sees the prompt, on
    ``L = (1 - sft_weight) * L_PG + sft_weight * L_SFT (+ kl_weight * KL)``:
    L_PG is the cross-entropy of "### Context ... ### Reason ..." (the prompt and the reason)
-   after a turn showing the input and the bad (base) and good (teacher) replies; L_SFT the
+   after the released turn showing the input and the bad (base) and good (teacher) replies; L_SFT the
    cross-entropy of the teacher's reply after the bare input; the optional KL is forward KL
    from the teacher-with-prompt at the reply tokens (the released code has none).
 
@@ -147,11 +147,12 @@ class GenPIConfig(PromptInternalizationConfig):
     reason_temperature: float = 0.7
     reason_top_p: Optional[float] = 0.9
     max_reason_tokens: int = 512
-    # The prompt-generation turn (the released code's meta-cognition input).
+    # The prompt-generation turn: the released meta_cognition_input_prompt (src/dataset_cls/agentbench/os/prompts.py)
+    # word for word, its {student_output} and {teacher_output} named base and teacher.
     pg_template: str = (
-        "### Input\n{input}\n\n### Bad Output\n{base}\n\n### Good Output\n{teacher}\n\n"
-        "Guess which context was provided to produce the good output instead of the bad one, "
-        "and give the reason why the output should change."
+        "When a certain Context and Input were provided together, the Bad Output changed to Good Output as shown "
+        "below.\nGuess which Context was provided and generate a Reason why the Output changed as shown below.\n\n"
+        "### Input:\n{input}\n\n### Bad Output:\n{base}\n\n### Good Output:\n{teacher}"
     )
     # lambda: L = (1 - lambda) * L_PG + lambda * L_SFT, the released stage2_ratio (0.7 for OS and WebShop,
     # 0.3 for Mind2Web)
