@@ -610,3 +610,18 @@ def test_a_run_with_another_batch_size_samples_its_own_stages(make_cfg, tmp_path
         run(make_cfg(*GENPI, *overrides, output_dir=tmp_path / f"run-{batch_size}"))
     sampled = [p.name for p in (tmp_path / "stages").glob("*.jsonl") if p.name.startswith(("inputs", "reasons"))]
     assert len(sampled) == 4, sampled
+
+
+def test_a_run_with_more_training_inputs_samples_the_reasons_a_fresh_run_would(make_cfg, tmp_path):
+    # Reasons are sampled a batch at a time, the batch's rows from one random stream: after a run with 3 training
+    # inputs (one batch of 3), a run with 4 must not reuse those 3 rows and sample the 4th alone, but draw the
+    # batch of 4 a run on an empty stage cache draws.
+    def reasons(result) -> list[str]:
+        [path] = [c["path"] for c in result["provenance"]["caches"] if c["cache"] == "stage:reasons"]
+        return [json.loads(line)["reason"] for line in Path(path).read_text().splitlines()]
+
+    shared = f"method.stage_dir={tmp_path / 'shared'}"
+    assert len(reasons(run(make_cfg(*GENPI, shared, "method.num_pseudo_inputs=3", output_dir=tmp_path / "3")))) == 3
+    after = reasons(run(make_cfg(*GENPI, shared, output_dir=tmp_path / "after")))
+    fresh = reasons(run(make_cfg(*GENPI, f"method.stage_dir={tmp_path / 'fresh'}", output_dir=tmp_path / "fresh")))
+    assert after == fresh and len(fresh) == 4

@@ -489,21 +489,24 @@ class GenPI(PromptInternalization):
 
     def _reasons(self, handle, tokenizer, replies: list[dict], batch_size: int) -> list[str]:
         """Stage 3: why the prompt changes the reply, sampled (seeded per batch)."""
+        by_input = {r["key"]: r for r in replies}
         store = RowStore(
             self.stage_dir,
             "reasons",
             {
                 **self._settings(handle),
                 "replies": self._replies.path.name,
+                # A batch's rows share one random stream: the inputs in order and the batch size say which rows did,
+                # so a run with more (or other) training inputs never reads rows drawn in other batches.
+                "inputs": digest(list(by_input)),
                 "template": self.reason_template,
                 "seed": self.seed,
                 "temperature": self.reason_temperature,
                 "top_p": self.reason_top_p,
                 "max_tokens": self.max_reason_tokens,
-                "batch_size": batch_size,  # a batch's rows share one random stream
+                "batch_size": batch_size,
             },
         )
-        by_input = {r["key"]: r for r in replies}
 
         def explain(keys: list[str]) -> list[dict]:
             prompts = [
