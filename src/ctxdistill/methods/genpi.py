@@ -106,6 +106,14 @@ class PromptInternalizationConfig(MethodConfig):
             "them, apart from the reported held-out inputs",
             "Set e.g. method.num_heldout_pseudo_inputs=8",
         )
+        repeated = sorted({q for q in m.heldout_inputs if list(m.heldout_inputs).count(q) > 1})
+        require(
+            not repeated,
+            "method.heldout_inputs",
+            f"{repeated} appear more than once: each would count twice in the metrics, and a paired test "
+            "(ctxdistill-compare --vs) pairs the examples by their text",
+            "List each held-out input once",
+        )
         require(
             m.generator_top_p is None or 0 < m.generator_top_p <= 1,
             "method.generator_top_p",
