@@ -18,6 +18,7 @@ import pytest
 from ctxdistill.checkpoint import latest_checkpoint
 from ctxdistill.config import ConfigError
 from ctxdistill.methods.distill import ContextDistillation
+from ctxdistill.methods.kgc import KGBert
 from ctxdistill.methods.on_policy import OnPolicyDistillation
 from ctxdistill.run import run
 from ctxdistill.trainer import TrainingDiverged
@@ -125,6 +126,35 @@ def test_an_on_policy_run_resumed_after_a_signal_draws_what_the_uninterrupted_ru
     assert run(compose_run(tmp_path / "resumed", *on_policy))["train"]["resumed_from_step"] == 3
     assert len({on_policy for on_policy, _, _ in uninterrupted}) == 2  # both kinds of batch were drawn
     assert steps == uninterrupted
+    assert outcome(tmp_path / "resumed") == outcome(tmp_path / "uninterrupted")
+
+
+def test_a_run_whose_batches_draw_when_collated_resumes_with_the_draws_of_the_uninterrupted_run(
+    make_cfg, tmp_path, monkeypatch
+):
+    """KG-BERT's fresh_per_batch rows draw each batch's negatives and masks as the batch is collated. The
+    checkpoint's generators must be those of the trained batches: not ahead by the batch the data loader reads
+    ahead, nor advanced again by collating the batches a resumed run skips."""
+    kg = ["dataset=kg_synthetic", "dataset.source.num_people=8", "dataset.num_train=12", "dataset.num_eval=3"]
+    settings = [*kg, "dataset.eval_candidates=5", "method=kgbert", "method.training_rows=fresh_per_batch"]
+    settings += ["model=minilm-l6", "logger=none", "trainer.max_steps=6", "trainer.batch_size=4"]
+    settings += ["trainer.checkpoint_every=null", "trainer.save_model=false"]
+    real_loss, losses = KGBert.loss, []
+
+    def recorded(self, handle, batch):
+        value, extra = real_loss(self, handle, batch)
+        losses.append(round(value.item(), 6))
+        return value, extra
+
+    monkeypatch.setattr(KGBert, "loss", recorded)
+    run(make_cfg(*settings, output_dir=tmp_path / "uninterrupted"))
+    uninterrupted, losses[:] = list(losses), []
+    with monkeypatch.context() as patched:
+        send_at_call(patched, 3, signal.SIGTERM, KGBert)
+        with pytest.raises(SystemExit):
+            run(make_cfg(*settings, output_dir=tmp_path / "resumed"))
+    assert run(make_cfg(*settings, output_dir=tmp_path / "resumed"))["train"]["resumed_from_step"] == 3
+    assert losses == uninterrupted
     assert outcome(tmp_path / "resumed") == outcome(tmp_path / "uninterrupted")
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import send_to_device
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
@@ -85,14 +86,11 @@ def train(
         )
 
     # The shuffle generator's state at each epoch start is checkpointed: a resumed run sees the same order.
+    # The loader yields the examples; the loop collates them: a collate that draws (fresh negatives, masks)
+    # must draw for trained batches only, not for the batch accelerate's loader reads ahead, nor again for the
+    # batches a resumed run skips, or the method's generators in a checkpoint are ahead of its steps.
     shuffle = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        examples,
-        batch_size=cfg.batch_size,
-        shuffle=cfg.shuffle,
-        generator=shuffle,
-        collate_fn=lambda chunk: method.collate(tokenizer, task, chunk),
-    )
+    loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=shuffle, collate_fn=list)
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     # A schedule longer than training stops part-way down it (an earlier epoch's checkpoint of a longer run).
@@ -133,9 +131,10 @@ def train(
         while progress.step < total_steps:
             shuffle.set_state(progress.epoch_shuffle_state)
             micro_batches = []  # (loss, statistics) of each micro-batch of the step being accumulated
-            for index, batch in enumerate(loader):
+            for index, chunk in enumerate(loader):
                 if index < progress.batches_in_epoch:
                     continue  # consumed before the checkpoint
+                batch = send_to_device(method.collate(tokenizer, task, chunk), accelerator.device)
                 with accelerator.accumulate(handle.student):
                     loss, extra = method.loss(handle, batch)
                     micro_batches.append((loss.detach(), extra))
