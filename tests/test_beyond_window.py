@@ -118,6 +118,35 @@ def test_sequential_rounds_log_their_metrics_and_a_failure_in_round_two_resumes_
     ]
 
 
+def test_a_run_failing_before_round_twos_first_checkpoint_draws_the_dropout_of_the_uninterrupted_run(
+    make_cfg, tmp_path, monkeypatch
+):
+    """Round 2 restarted from round 1's saved weights must continue round 1's random streams (LoRA's dropout
+    masks), as the uninterrupted run does, not the streams of a process that has not trained round 1."""
+    settings = [*SEQUENTIAL, "model.lora.dropout=0.1", "trainer.checkpoint_every=null"]
+    real_loss, losses = ContextDistillation.loss, []
+
+    def recorded(self, handle, batch):
+        if fail and len(losses) == 2:  # round 2's first step
+            raise RuntimeError("injected")
+        value, extra = real_loss(self, handle, batch)
+        losses.append(round(value.item(), 6))
+        return value, extra
+
+    monkeypatch.setattr(ContextDistillation, "loss", recorded)
+    fail = False
+    run(make_cfg(*settings, output_dir=tmp_path / "whole"))
+    uninterrupted, losses[:] = list(losses), []
+    fail = True
+    with pytest.raises(RuntimeError, match="injected"):
+        run(make_cfg(*settings, output_dir=tmp_path / "broken"))
+    fail = False
+    run(make_cfg(*settings, output_dir=tmp_path / "broken"))
+    assert losses == uninterrupted
+    whole, resumed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "broken"))
+    assert without_timings(resumed["metrics"]) == without_timings(whole["metrics"])
+
+
 def test_sequential_distillation_refuses_what_cannot_teach_round_by_round(make_cfg):
     with pytest.raises(ConfigError, match="method.sequential"):
         validate(make_cfg(*SEQUENTIAL, "method.teacher_cache=none"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
@@ -111,6 +113,29 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     accelerator.wait_for_everyone()
     log.info("checkpoint saved: %s", final)
     return final
+
+
+def save_random_states(directory: Path, process: int) -> None:
+    """This process's global random generators (python, numpy, torch, CUDA), which the steps after a finished
+    round draw dropout and the like from; a run that resumes after the round restores them."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    states["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(states, directory / f"random-states-{process}.pt")
+
+
+def restore_random_states(directory: Path, process: int) -> None:
+    """The generators :func:`save_random_states` saved in ``directory``."""
+    path = directory / f"random-states-{process}.pt"
+    if not path.is_file():
+        log.warning("%s has no random states (older code): the steps after it draw other dropout masks", directory)
+        return
+    states = torch.load(path, weights_only=False)
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def resume_hint(run_dir: Path) -> str:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ctxdistill import provenance
-from ctxdistill.checkpoint import remove_checkpoints
+from ctxdistill.checkpoint import remove_checkpoints, restore_random_states, save_random_states
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
 from ctxdistill.methods import build_method
@@ -363,6 +363,9 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
         if count > 1 and finished.is_file():
             record = json.loads(finished.read_text())
             load_trainable_weights(handle.student, round_dir / ROUND_WEIGHTS)
+            restore_random_states(
+                round_dir, accelerator.process_index
+            )  # where the uninterrupted run's next round starts
             log.info("round %d of %d finished earlier: its weights loaded from %s", index + 1, count, round_dir)
             records.append(record)
             offset += record["train"]["steps"]
@@ -396,8 +399,9 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
             metrics = rounded(evaluator.evaluate()[0])
             tracker.log({f"round/{key}": value for key, value in metrics.items()} | {"round": index + 1}, offset)
             record = {"round": index + 1, "train": train_stats, "metrics": metrics}
+            save_random_states(round_dir, accelerator.process_index)
+            accelerator.wait_for_everyone()  # every process's states before the record that says the round is done
             if accelerator.is_main_process:
-                round_dir.mkdir(parents=True, exist_ok=True)
                 save_file(
                     {n: p.detach().cpu().contiguous() for n, p in handle.student.named_parameters() if p.requires_grad},
                     round_dir / ROUND_WEIGHTS,
