@@ -280,6 +280,25 @@ def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_fi
         )
 
 
+def test_a_run_of_a_wandb_sweep_agent_reads_back_from_its_wandb_run(tmp_path):
+    """The agent hands a run its parameters as W&B config too (method: icl), which replaces and locks the run's
+    sections of the same name; the run must still read back, with its sections, from W&B."""
+    from wandb.sdk.lib import config_util
+
+    params = {"method": "icl", "model": "tiny-random", "seed": 0, "dataset.source.split_sizes.eval": 16}
+    config_util.save_config_file_from_dict(tmp_path / "params.yaml", {k: {"value": v} for k, v in params.items()})
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_SWEEP_PARAM_PATH": str(tmp_path / "params.yaml")}
+    env.pop("WANDB_MODE", None)
+    overrides = [f"{key}={value}" for key, value in params.items()]
+    argv = [sys.executable, "-m", "ctxdistill", *overrides, "logger=wandb", "logger.mode=offline"]
+    done = subprocess.run([*argv, f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_offline_run(next((tmp_path / "run" / "wandb").glob("offline-run-*"))).config["method"] == "icl"
+    [record] = collect([tmp_path / "run" / "wandb"])
+    assert (record["method"], record["model"], record["config"]["method"]["name"]) == ("icl", "tiny-random", "icl")
+    assert record["metrics"] == json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ctxdistill.results.metrics import MetricSet
-from ctxdistill.results.wandb_runs import read_offline_run
+from ctxdistill.results.wandb_runs import SHADOWED_BY_SWEEP, read_offline_run
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,15 @@ class WandbTracker(Tracker):
             resume="allow",
             settings=wandb.Settings(silent=True),
         )
+        # A sweep agent's parameters replace and lock the entries of the same name (method: cd over the method
+        # section); the sweep needs them to track its grid, and reading the run back needs the sections.
+        shadowed = {
+            key: value
+            for key, value in config.items()
+            if isinstance(value, dict) and not isinstance(self.run.config.get(key), dict)
+        }
+        if shadowed:
+            self.run.config.update({SHADOWED_BY_SWEEP: shadowed})
         self.run_dir = str(Path(self.run.dir).parent)  # the offline-run-* directory `wandb sync` takes
         self.offline = mode == "offline"
         if self.offline:

@@ -99,6 +99,11 @@ def read_offline_run(run_dir: Path) -> WandbRun:
     return run
 
 
+#: The config entries a W&B sweep's parameters replaced (its agent locks ``method: cd`` over the run's ``method``
+#: section), kept by the tracker under this key and put back when the run is read.
+SHADOWED_BY_SWEEP = "config_shadowed_by_sweep"
+
+
 def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finished: bool) -> Optional[dict[str, Any]]:
     """A run record like metrics.json from a W&B run's config and summary; None for other runs.
 
@@ -106,6 +111,9 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
     is one: an interrupted or failed run's summary may hold the numbers of a periodic evaluation. The run's
     metrics are its summary's ``{set}/{metric}`` numbers; which of them are its columns the config's
     ``metric_set`` says."""
+    config = {key: value for key, value in config.items() if key != SHADOWED_BY_SWEEP} | config.get(
+        SHADOWED_BY_SWEEP, {}
+    )
     try:
         identity = {
             "method": config["method"]["name"],
