@@ -280,26 +280,53 @@ def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_fi
         )
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def agent_run(tmp_path: Path, run_id: str, params: dict) -> subprocess.CompletedProcess:
+    """One run as W&B's agent starts it with the command of the committed sweep files: the parameters as Hydra
+    overrides and as the run's W&B sweep config, the agent's ids in the environment, from the repository root
+    (here tmp_path)."""
+    import yaml
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+    from wandb.sdk.lib import config_util
+
+    commands = {yaml.safe_load(f.read_text())["command"][-1] for f in (REPO / "sweeps" / "wandb").glob("*.yaml")}
+    assert len(commands) == 1  # every sweep file runs the same command
+    args = {key: {"value": value} for key, value in params.items()}
+    config_util.save_config_file_from_dict(tmp_path / f"{run_id}.yaml", args)
+    variables = {**create_sweep_command_args({"args": args}), "env": [], "interpreter": [sys.executable]}
+    spec = yaml.safe_load((REPO / "sweeps" / "wandb" / "demo.yaml").read_text())
+    argv = [part for c in spec["command"] for part in (variables[c[2:-1]] if c.startswith("${") else [c])]
+    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_SWEEP_ID": "sweep1", "WANDB_RUN_ID": run_id}
+    env["WANDB_SWEEP_PARAM_PATH"] = str(tmp_path / f"{run_id}.yaml")
+    env.pop("WANDB_MODE", None)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
+
+
+AGENT_CELL = {"method": "icl", "model": "tiny-random", "seed": 0, "dataset.source.split_sizes.eval": 16}
+
+
 def test_a_run_of_a_wandb_sweep_agent_reads_back_from_its_wandb_run(tmp_path):
     """The agent hands a run its parameters as W&B config too (method: icl), which replaces and locks the run's
     sections of the same name; the run must still read back, with its sections, from W&B."""
-    from wandb.sdk.lib import config_util
-
-    params = {"method": "icl", "model": "tiny-random", "seed": 0, "dataset.source.split_sizes.eval": 16}
-    config_util.save_config_file_from_dict(tmp_path / "params.yaml", {k: {"value": v} for k, v in params.items()})
-    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_SWEEP_PARAM_PATH": str(tmp_path / "params.yaml")}
-    env.pop("WANDB_MODE", None)
-    overrides = [f"{key}={value}" for key, value in params.items()]
-    argv = [sys.executable, "-m", "ctxdistill", *overrides, "logger=wandb", "logger.mode=offline"]
-    done = subprocess.run([*argv, f"output_dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env)
+    done = agent_run(tmp_path, "run1", {**AGENT_CELL, "logger.mode": "offline"})
     assert done.returncode == 0, done.stderr[-3000:]
-    assert read_offline_run(next((tmp_path / "run" / "wandb").glob("offline-run-*"))).config["method"] == "icl"
-    [record] = collect([tmp_path / "run" / "wandb"])
+    run_dir = tmp_path / "outputs" / "wandb_sweeps" / "sweep1" / "run1"
+    assert read_offline_run(next((run_dir / "wandb").glob("offline-run-*"))).config["method"] == "icl"
+    [record] = collect([run_dir / "wandb"])
     assert (record["method"], record["model"], record["config"]["method"]["name"]) == ("icl", "tiny-random", "icl")
-    assert record["metrics"] == json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
+    assert record["metrics"] == json.loads((run_dir / "metrics.json").read_text())["metrics"]
 
 
-REPO = Path(__file__).resolve().parent.parent
+def test_runs_of_wandb_sweep_agents_never_share_a_directory(tmp_path):
+    """Agents on several workers start their cells at the same moment; cells differing only in a setting the default
+    run directory does not name (the launch second, method, model, dataset) must not land in one directory."""
+    for run_id, data_seed in (("run1", 1), ("run2", 2)):
+        done = agent_run(tmp_path, run_id, {**AGENT_CELL, "dataset.context.data_seed": data_seed, "logger": "none"})
+        assert done.returncode == 0, done.stderr[-3000:]
+    runs = sorted(p.parent.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("metrics.json"))
+    assert runs == ["outputs/wandb_sweeps/sweep1/run1", "outputs/wandb_sweeps/sweep1/run2"]
 
 
 @pytest.mark.parametrize("grid", sorted((REPO / "sweeps" / "grids").glob("*.yaml")), ids=lambda p: p.stem)

@@ -26,8 +26,13 @@ WANDB_HEADER = """\
 # W&B's sweep controller over the {name} part of {script} ({runs} runs):
 #   wandb sweep {path}     # prints the sweep id
 #   wandb agent ENTITY/ctxdistill/SWEEP_ID     # on each worker, from the repository root
-# Each run is one `python -m ctxdistill key=value ...` (a single Hydra run under outputs/runs/).
+# Each run is one `python -m ctxdistill key=value ...`, a single Hydra run in outputs/wandb_sweeps/SWEEP_ID/RUN_ID.
 """
+
+
+# Each agent run's own directory, named by the ids the agent gives it: the default one (the launch second, method,
+# model and dataset) is shared by agents that start cells differing in another setting in the same second.
+AGENT_RUN_DIR = "hydra.run.dir=outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID}/${oc.env:WANDB_RUN_ID}"
 
 
 def load_grid(path: Path) -> dict[str, Any]:
@@ -70,7 +75,7 @@ def wandb_sweeps(grid_path: Path, out: Path) -> dict[Path, str]:
         body = {
             "program": "src/ctxdistill/__main__.py",
             # W&B's sweep variables: the agent hands the parameters over as Hydra key=value
-            "command": ["${env}", "${interpreter}", "-m", "ctxdistill", "${args_no_hyphens}"],
+            "command": ["${env}", "${interpreter}", "-m", "ctxdistill", "${args_no_hyphens}", AGENT_RUN_DIR],
             "project": "ctxdistill",
             "method": "grid",
             "metric": {"name": "eval/accuracy", "goal": "maximize"},
