@@ -15,6 +15,7 @@ from ctxdistill.evaluation import generation_metrics, task_success
 from ctxdistill.methods import genpi
 from ctxdistill.methods.genpi import PG_TARGET, genpi_loss
 from ctxdistill.models import load_tokenizer
+from ctxdistill.results.records import collect
 from ctxdistill.run import run
 from ctxdistill.stage_cache import RowStore
 
@@ -626,3 +627,23 @@ def test_a_run_with_more_training_inputs_samples_the_reasons_a_fresh_run_would(m
     after = reasons(run(make_cfg(*GENPI, shared, output_dir=tmp_path / "after")))
     fresh = reasons(run(make_cfg(*GENPI, f"method.stage_dir={tmp_path / 'fresh'}", output_dir=tmp_path / "fresh")))
     assert after == fresh and len(fresh) == 4
+
+
+def test_a_run_read_back_from_wandb_is_named_as_its_metrics_json_names_it(make_cfg, tmp_path, monkeypatch):
+    # GenPI's "dataset" is its prompt's task name, not that of the dataset section, which it does not read.
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    logged = [o for o in GENPI if o != "logger=none"] + ["logger=wandb", "logger.mode=offline"]
+    result = run(make_cfg(*logged, f"method.stage_dir={tmp_path / 'stages'}"))
+    [record] = collect([tmp_path / "wandb"])
+    identity = ("method", "model", "dataset", "seed", "paper")
+    assert (
+        [record[key] for key in identity]
+        == [result[key] for key in identity]
+        == [
+            "genpi",
+            "tiny-random",
+            "one_sentence",
+            0,
+            "genpi",
+        ]
+    )

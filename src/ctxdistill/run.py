@@ -220,7 +220,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             group=sweep_group() or f"{task.name}-{cfg.model.name}",
             name=f"{cfg.method.name}-{cfg.model.name}-{task.name}-s{cfg.seed}",
             tags=[cfg.method.name, cfg.model.name, task.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
-            config={**resolved, "hydra_choices": hydra_choices(), "provenance": run_provenance},
+            config={
+                **resolved,
+                "hydra_choices": hydra_choices(),
+                "provenance": run_provenance,
+                "identity": run_identity(cfg, task),  # what a run read back from W&B is named by
+            },
             output_dir=str(out),
         )
         if writer

@@ -115,7 +115,9 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
         SHADOWED_BY_SWEEP, {}
     )
     try:
-        identity = {
+        # what metrics.json names the run (its dataset is the task's: GenPI's prompt, not the dataset section);
+        # runs logged before the config carried it, from the sections
+        identity = config.get("identity") or {
             "method": config["method"]["name"],
             "model": config["model"]["name"],
             "dataset": config["dataset"]["name"],
