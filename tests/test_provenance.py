@@ -18,6 +18,7 @@ from ctxdistill.data.synthetic import generate_examples
 from ctxdistill.data.tasks import load_records
 from ctxdistill.results.versions import versions_markdown
 from ctxdistill.run import run
+from ctxdistill.sweeps import config_changes
 
 
 def sha256(path: Path) -> str:
@@ -134,6 +135,15 @@ def test_the_config_hash_ignores_where_things_are_kept_and_follows_everything_el
     moved = {**config, "output_dir": "/b", "cache_dir": "/d", "logger": {"mode": "online"}}
     assert provenance.config_hash(config) == provenance.config_hash(moved)
     assert provenance.config_hash(config) != provenance.config_hash({**config, "trainer": {"lr": 2e-3}})
+
+
+@pytest.mark.parametrize("method", ["cd", "genpi", "opcd", "cheat_sheet", "contextualization"])
+def test_a_methods_config_hashes_the_same_wherever_its_caches_are_kept(make_cfg, method):
+    # every cache location follows cache_dir: teacher targets, GenPI's stages, cheat sheets, written contexts; a
+    # sweep run again with another cache_dir skips its complete cells rather than calling them another config's
+    configs = [OmegaConf.to_container(make_cfg(f"method={method}", f"cache_dir={d}"), resolve=True) for d in "ab"]
+    assert provenance.config_hash(configs[0]) == provenance.config_hash(configs[1])
+    assert config_changes(*configs) == []
 
 
 def record(method: str, seed: int, torch_version: str, commit: str, dirty: bool = False) -> dict:

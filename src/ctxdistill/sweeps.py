@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 
 FAILURE_FILE = "failure.json"
 # Keys that may differ between a stored run and its re-run without changing its results: logging,
-# force, and where things are kept (output_dir, cache_dir, method.teacher_cache_dir, ...).
+# force, and where things are kept (output_dir, and the caches: cache_dir and what follows it, such as
+# method.teacher_cache_dir, GenPI's and the contexts' method.stage_dir, the cheat sheets' method.sheet_dir).
 UNCOMPARED = ("logger", "force", "output_dir")
+CACHE_LOCATIONS = ("cache_dir", "stage_dir", "sheet_dir")
 # Set when a sweep ended with failed cells; the command exits non-zero (cli.entry).
 failed_cells: dict[str, str] = {}
 
@@ -40,7 +42,7 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def compared(key: str) -> bool:
     """Whether a dotted config key can change a run's results (see UNCOMPARED)."""
-    return not key.startswith(UNCOMPARED) and not key.endswith("cache_dir")
+    return not key.startswith(UNCOMPARED) and not key.endswith(CACHE_LOCATIONS)
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
