@@ -105,18 +105,6 @@ def test_a_signal_saves_and_exits_for_requeue_then_the_same_run_and_wandb_run_re
     )
 
 
-def test_a_run_that_trains_afresh_in_its_directory_logs_to_a_new_wandb_run(tmp_path, monkeypatch):
-    """W&B keeps a resumed run's logged steps and drops those a continuing run logs again: only a run that resumes
-    a checkpoint may continue the directory's W&B run; force=true trains from step 1 and gets its own."""
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = compose_run(tmp_path, "trainer.max_steps=2", "logger=wandb", "logger.mode=offline")
-    run(cfg)
-    first = (tmp_path / "wandb_run_id").read_text()
-    cfg.force = True
-    run(cfg)
-    assert (tmp_path / "wandb_run_id").read_text() != first
-
-
 def test_an_on_policy_run_resumed_after_a_signal_draws_what_the_uninterrupted_run_draws(tmp_path, monkeypatch):
     """The student's samples and GKD's lambda draws come from the method's own generators: a resumed run must
     continue their streams, not restart them from the seed (which would repeat step 1's draws at step 4)."""

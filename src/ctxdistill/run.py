@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ctxdistill import provenance
-from ctxdistill.checkpoint import latest_checkpoint, remove_checkpoints, restore_random_states, save_random_states
+from ctxdistill.checkpoint import remove_checkpoints, restore_random_states, save_random_states
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
 from ctxdistill.methods import build_method
@@ -227,7 +227,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "identity": run_identity(cfg, task),  # what a run read back from W&B is named by
             },
             output_dir=str(out),
-            resuming=latest_checkpoint(out) is not None or (out / ROUNDS).is_dir(),
         )
         if writer
         else Tracker()

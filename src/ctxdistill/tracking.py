@@ -72,14 +72,12 @@ def resolve_mode(mode: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
 
 
-def persistent_run_id(output_dir: Path, resuming: bool) -> str:
-    """The W&B run id of this output dir: read back by a run that resumes its training, made anew by one that
-    starts afresh (force=true, or a run stopped before its first checkpoint), whose steps W&B would drop as
-    already logged by the run it continued."""
+def persistent_run_id(output_dir: Path) -> str:
+    """The W&B run id of this output dir: made once, read back by every later (resumed) run."""
     from wandb.sdk.lib.runid import generate_id
 
     path = output_dir / "wandb_run_id"
-    if resuming and path.is_file():
+    if path.is_file():
         return path.read_text().strip()
     run_id = generate_id()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -103,7 +101,6 @@ class WandbTracker(Tracker):
         config: dict[str, Any],
         output_dir: str,
         log_predictions: bool,
-        resuming: bool,
     ):
         import wandb
 
@@ -122,7 +119,7 @@ class WandbTracker(Tracker):
             config=config,
             dir=output_dir,
             reinit="finish_previous",
-            id=persistent_run_id(Path(output_dir), resuming),
+            id=persistent_run_id(Path(output_dir)),
             resume="allow",
             settings=wandb.Settings(silent=True),
         )
@@ -208,14 +205,7 @@ def wait_for_run_file(run_dir: Path, timeout: float = 30.0) -> None:
 
 
 def create_tracker(
-    logger_cfg,
-    *,
-    group: str,
-    name: str,
-    tags: list[str],
-    config: dict[str, Any],
-    output_dir: str,
-    resuming: bool,
+    logger_cfg, *, group: str, name: str, tags: list[str], config: dict[str, Any], output_dir: str
 ) -> Tracker:
     if logger_cfg.backend == "none" or resolve_mode(logger_cfg.mode) == "disabled":
         return Tracker()
@@ -231,7 +221,6 @@ def create_tracker(
             config=config,
             output_dir=str(Path(output_dir)),
             log_predictions=logger_cfg.log_predictions,
-            resuming=resuming,
         )
     except Exception as e:  # noqa: BLE001 - a W&B outage must not stop the run
         log.warning("W&B could not start (%s); the run continues and its results stay on disk.", e)
