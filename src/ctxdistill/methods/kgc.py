@@ -285,17 +285,8 @@ class KGCStudent(Method):
         """What the student reads of a candidate entity: equal for two candidates it cannot tell apart."""
         raise NotImplementedError
 
-    def score_query(
-        self,
-        model,
-        tokenizer,
-        task: KGTask,
-        triple: Triple,
-        direction: str,
-        names: Sequence[str],
-        batch_size: int,
-        device,
-    ) -> torch.Tensor:
+    def score_query(self, model, tokenizer, task, triple, direction, names, batch_size: int, device) -> torch.Tensor:
+        """One score per entity in ``names`` for ``triple``'s ``direction``, ``batch_size`` candidates a pass."""
         raise NotImplementedError
 
 
