@@ -146,6 +146,17 @@ def test_a_methods_config_hashes_the_same_wherever_its_caches_are_kept(make_cfg,
     assert config_changes(*configs) == []
 
 
+def test_a_run_without_an_out_of_domain_set_the_config_now_selects_is_another_config(make_cfg):
+    # Keys only one side has are new options at their defaults, except the out-of-domain sets: a complete run made
+    # before an experiment added HANS reports no hans/ metrics and must not be reused as this config's.
+    both, hans = (
+        OmegaConf.to_container(make_cfg("dataset=mnli", f"ood=[{sets}]"), resolve=True)
+        for sets in ("hans,hans_all", "hans")
+    )
+    assert config_changes(hans, both) == config_changes(both, hans) == ["dataset.ood.hans_all"]
+    assert config_changes(both, both) == []
+
+
 def record(method: str, seed: int, torch_version: str, commit: str, dirty: bool = False) -> dict:
     versions = {"python": "3.11.7", "torch": torch_version, "transformers": "5.24.0"}
     code = {"commit": commit, "dirty": dirty, "checkout": "git"}

@@ -46,9 +46,12 @@ def compared(key: str) -> bool:
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ; keys only one side has (a newly added option) do not count."""
+    """Keys whose values differ; keys only one side has (a newly added option) do not count, except the
+    out-of-domain sets: one added or left out changes which sets the run reports."""
     old, new = flatten(stored), flatten(current)
-    return sorted(k for k in old.keys() & new.keys() if old[k] != new[k] and compared(k))
+    changed = {k for k in old.keys() & new.keys() if old[k] != new[k] and compared(k)}
+    old_sets, new_sets = (set((config.get("dataset") or {}).get("ood") or {}) for config in (stored, current))
+    return sorted(changed | {f"dataset.ood.{name}" for name in old_sets ^ new_sets})
 
 
 def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
