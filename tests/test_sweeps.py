@@ -185,6 +185,19 @@ def test_a_cell_directory_is_one_path_component_of_bounded_length():
     assert all("/" not in n and len(n) == 200 for n in names) and names[0] != names[1]
 
 
+@pytest.mark.parametrize("method", ["cd", "genpi", "cheat_sheet", "contextualization"])
+def test_every_setting_that_cannot_change_results_is_left_out_of_the_cell_directory(make_cfg, method):
+    # A sweep run again with another cache or logger setting (logger.tags, cache_dir) would land in new cell
+    # directories, and its repeated cells would be averaged as extra seeds.
+    from ctxdistill.cli import CONFIG_DIR
+    from ctxdistill.sweeps import compared, flatten
+
+    excluded = set(OmegaConf.load(CONFIG_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
+    config = OmegaConf.to_container(make_cfg(f"method={method}", "logger=wandb"), resolve=True)
+    uncompared = {k for k in flatten(config) if not compared(k)} - {"output_dir"}  # a cell's own, by design
+    assert uncompared and uncompared <= excluded, uncompared - excluded
+
+
 def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     sweep_dir = tmp_path / "s"
     proc = multirun("method=zero_shot", "trainer.lr=0.001,-1", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
