@@ -120,6 +120,17 @@ def record(accuracy, *, model="opt-125m", method="cd", seed=0, shots=16, metric=
     return run | {"demos": [f"d{i}" for i in range(shots)]}
 
 
+def test_a_run_read_from_wandb_meets_only_the_cells_of_its_number_of_demonstrations():
+    # W&B records have no "demos" list; their config says how many the context drew
+    def from_wandb(num_demos: int) -> dict:
+        run = record(0.5)
+        del run["demos"]
+        return run | {"config": {"dataset": {"context": {"num_demos": num_demos, "num_contexts": 1}}}}
+
+    assert [s.verdict for s in score([cell(shots=16)], [from_wandb(2)])] == ["not run"]
+    assert [s.matched_runs for s in score([cell(shots=16)], [from_wandb(16)])] == [1]
+
+
 def test_verdicts_on_hand_made_runs():
     four = [record(a, seed=i) for i, a in enumerate([0.50, 0.58, 0.62, 0.54])]  # interval [.478, .642]
     verdicts = {

@@ -180,8 +180,12 @@ class Score:
 
 
 def run_shots(record: dict[str, Any]) -> Optional[int]:
-    """The demonstrations in a run's context, where the record lists them (metrics.json does)."""
-    return len(record["demos"]) if "demos" in record else None
+    """The demonstrations in a run's context: metrics.json lists them; a run read from W&B has its config's
+    count (every context draws num_demos); None for a run that says neither."""
+    if "demos" in record:
+        return len(record["demos"])
+    context = ((record.get("config") or {}).get("dataset") or {}).get("context") or {}
+    return context["num_demos"] * context.get("num_contexts", 1) if "num_demos" in context else None
 
 
 def run_examples(record: dict[str, Any], run_metric: str) -> Optional[int]:
