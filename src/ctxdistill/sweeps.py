@@ -50,7 +50,7 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]
     out-of-domain sets: one added or left out changes which sets the run reports."""
     old, new = flatten(stored), flatten(current)
     changed = {k for k in old.keys() & new.keys() if old[k] != new[k] and compared(k)}
-    old_sets, new_sets = (set((config.get("dataset") or {}).get("ood") or {}) for config in (stored, current))
+    old_sets, new_sets = ({key.split(".")[2] for key in keys if key.startswith("dataset.ood.")} for keys in (old, new))
     return sorted(changed | {f"dataset.ood.{name}" for name in old_sets ^ new_sets})
 
 

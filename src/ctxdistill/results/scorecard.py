@@ -184,8 +184,11 @@ def run_shots(record: dict[str, Any]) -> Optional[int]:
     count (every context draws num_demos); None for a run that says neither."""
     if "demos" in record:
         return len(record["demos"])
-    context = ((record.get("config") or {}).get("dataset") or {}).get("context") or {}
-    return context["num_demos"] * context.get("num_contexts", 1) if "num_demos" in context else None
+    try:
+        context = record["config"]["dataset"]["context"]
+        return context["num_demos"] * context["num_contexts"]
+    except (KeyError, TypeError):  # no config, or a dataset without demonstrations
+        return None
 
 
 def run_examples(record: dict[str, Any], run_metric: str) -> Optional[int]:
