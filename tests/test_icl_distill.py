@@ -280,6 +280,8 @@ def test_meta_ict_evaluates_only_on_tasks_absent_from_training(make_cfg, tmp_pat
         ("method.teacher=null", "soft \\(distillation\\) terms need a teacher"),
         ("dataset.paradigm=meta", "needs target tasks"),
         ("dataset.pool_size=4", "must exceed dataset.num_demos"),
+        # pools of 3 and 2: a query of the second class leaves 1 of its class for 2 balanced demonstrations
+        ("dataset.pool_size=5", "a training query of class 1 leaves fewer than the 2 demonstrations"),
         ("+dataset.weights.nope=1.0", "not training tasks"),
         ("model.adapter=prefix", "draws new demonstrations"),
     ],

@@ -16,6 +16,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ctxdistill.data.tasks import balanced_counts
+
 
 # ---------------------------------------------------------------- methods
 def one_of(*allowed: Any, default: Any, fix: Optional[str] = None) -> Any:
@@ -649,6 +651,20 @@ def _validate_mixture(d: DictConfig) -> None:
         f"training query draws its demonstrations from the rest of its pool, got {d.pool_size}",
         "",
     )
+    for name, task in d.train_tasks.items():
+        if not task.context.balanced:
+            continue
+        # A training query is a pool example: its class has one example fewer to draw its demonstrations from.
+        pool, demos = (balanced_counts(n, len(task.verbalizers)) for n in (d.pool_size, d.num_demos))
+        short = next((c for c, (have, need) in enumerate(zip(pool, demos)) if have - 1 < need), None)
+        require(
+            short is None,
+            "dataset.pool_size",
+            f"task {name}'s balanced pool of {d.pool_size} holds {pool} examples per class, so a training query "
+            f"of class {short} leaves fewer than the {demos[short or 0]} demonstrations of its class that "
+            f"dataset.num_demos={d.num_demos} draws",
+            f"Set dataset.pool_size={len(task.verbalizers) * (max(demos) + 1)} or more",
+        )
     for key in ("num_train_instances", "num_votes", "num_eval"):
         require(d[key] >= 1, f"dataset.{key}", f"must be >= 1, got {d[key]}", "")
 

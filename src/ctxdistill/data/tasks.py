@@ -337,6 +337,11 @@ def to_examples(
 
 
 # ---------------------------------------------------------------- context and queries
+def balanced_counts(k: int, num_classes: int) -> list[int]:
+    """How many of k balanced draws each class gets: k/num_classes, the first classes one more for the remainder."""
+    return [k // num_classes + (1 if c < k % num_classes else 0) for c in range(num_classes)]
+
+
 def select_demos(
     pool: list[Example], k: int, balanced: bool, num_classes: int, rng: random.Random, shuffled: bool = True
 ) -> list[Example]:
@@ -349,7 +354,7 @@ def select_demos(
     if not balanced:
         return rng.sample(pool, k)
     by_class = [[e for e in pool if e.label == c] for c in range(num_classes)]
-    per_class = [k // num_classes + (1 if c < k % num_classes else 0) for c in range(num_classes)]
+    per_class = balanced_counts(k, num_classes)
     for c, (have, need) in enumerate(zip(by_class, per_class)):
         if need > len(have):
             raise DataError(
