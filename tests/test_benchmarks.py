@@ -311,6 +311,66 @@ def test_mosbach_prompts_are_llmfts_in_context_prompt_for_icl_and_its_input_for_
     assert task.verbalizers == [f" {w}" for w in words]  # the "Ġ" target tokens
 
 
+def released_draws(rows: list[dict], num_shots: int, num_queries: int, seed: int) -> dict[str, list[int]]:
+    """The rows (their idx) the released code draws from a split: llmft's eval_utils._select_random_subset
+    (balanced) and its --shuffle, llmft's ft.py, and upadraj/In-context's create_train_batch_token, copied
+    with the datasets library they use."""
+    import datasets
+
+    dataset = datasets.Dataset.from_list(rows)
+    np.random.seed(seed)
+    indices = []
+    for label in (0, 1):
+        subset = dataset.filter(lambda s: s["label"] == label)
+        indices += list(np.random.choice(subset["idx"], size=num_shots // 2, replace=False))
+    demos = dataset.filter(lambda s: s["idx"] in indices)
+    candidates = dataset.filter(lambda s: s["idx"] not in indices)
+    in_context_queries = np.random.choice(np.array(candidates["idx"]), num_queries, replace=False).tolist()
+    np.random.seed(seed)
+    ft_rows = dataset.select(np.random.choice(range(len(dataset)), size=num_queries, replace=False))
+    return {
+        "llmft demos": demos.shuffle(seed)["idx"],
+        "llmft ft": ft_rows["idx"],
+        "in_context demos": demos["idx"],
+        "in_context queries": in_context_queries,
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_mosbach_and_upadhayaya_draw_the_released_codes_rows_for_a_seed(make_cfg, tmp_path, seed):
+    files = tiny_mnli(tmp_path / "mnli")
+    labels = {"entailment": 0, "contradiction": 1}
+    # tiny_mnli's training split, neutral left out as both loaders do; idx is the row's place in the file
+    rows = [
+        {"idx": i, "label": labels[lab]}
+        for i, lab in enumerate(["entailment", "neutral", "contradiction"] * 30)
+        if lab != "neutral"
+    ]
+
+    def idx(examples):
+        return [int(e.fields["premise"][1:]) for e in examples]
+
+    mosbach = build_task(
+        make_cfg("experiment=mosbach2023/mnli", *files, "ood=[]", f"dataset.context.data_seed={seed}").dataset, 0
+    )
+    released = released_draws(rows, 16, 16, seed)
+    assert idx(mosbach.demos) == released["llmft demos"]
+    assert idx(mosbach.train_queries) == released["llmft ft"]  # pbft's 16 examples
+    released = released_draws(rows, 16, 32, seed)
+    for shuffled in (False, True):
+        cfg = make_cfg(
+            "experiment=upadhayaya2024/mnli",
+            f"seed={seed}",
+            *files,
+            "~dataset.ood.hans",
+            f"dataset.context.shuffle_demos={shuffled}",
+        )
+        upadhayaya = build_task(cfg.dataset, seed)
+        assert idx(upadhayaya.train_queries) == released["in_context queries"]
+        assert sorted(idx(upadhayaya.demos)) == released["in_context demos"]
+        assert (idx(upadhayaya.demos) == released["in_context demos"]) != shuffled
+
+
 def test_qqp_from_the_hub_keeps_llmfts_rows_in_llmfts_order(make_cfg, monkeypatch):
     """llmft's load_glue_datasets: np.random.seed(123) once, then 1000 drawn from each split in the dataset's
     order (train, validation, test), each kept in the order drawn."""

@@ -145,6 +145,10 @@ class ContextConfig:
     separator: str = "\n\n"
     # Draws the demonstrations and queries (llmft's data_seed); null: the run's seed.
     data_seed: Optional[int] = None
+    # How they are drawn: "python", a seeded random.Random; "llmft" and "in_context", the released code's numpy
+    # draws (uds-lsv/llmft, upadraj/In-context), so that a seed picks their rows from the same split
+    # (data.tasks.draw_as_released).
+    draw: str = one_of("python", "llmft", "in_context", default="python")
 
 
 @dataclass
@@ -451,6 +455,12 @@ def _validate_classification(d: DictConfig, key: str) -> None:
         f"{key}.context.demo_verbalizers",
         f"needs one list of {len(d.verbalizers)} label words per context ({d.context.num_contexts})",
         f"Give {d.context.num_contexts} lists like {list(d.verbalizers)}",
+    )
+    require(
+        d.context.draw == "python" or d.context.num_contexts == 1,
+        f"{key}.context.draw",
+        f"is {d.context.draw}, which draws one context, and num_contexts is {d.context.num_contexts}",
+        f"Set {key}.context.draw=python for several contexts",
     )
     require(d.num_train_queries >= 1, f"{key}.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
     require(

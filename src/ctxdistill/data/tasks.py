@@ -365,6 +365,50 @@ def select_demos(
     return demos
 
 
+def draw_as_released(
+    pool: list[Example], spec: DictConfig, balanced: bool, num_classes: int, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """The demonstrations and the training queries as the released code draws them from the same split.
+
+    Both (llmft's eval_utils._select_random_subset, upadraj/In-context's copy of it) seed numpy's global state
+    with the seed and draw num_demos / num_classes of each class's rows (np.random.choice, classes in order),
+    or num_demos rows when not balanced, then keep them in the split's order (a filter over the split);
+    llmft's ``--shuffle`` then shuffles them with datasets' ``Dataset.shuffle(seed)``. The queries: llmft's
+    ft.py seeds numpy again and draws from the whole split; In-context draws on, from the split without the
+    demonstrations. Both keep the queries in the order drawn."""
+    k, draw = spec.context.num_demos, spec.context.draw
+    state = np.random.RandomState(seed)
+    if balanced:
+        if k % num_classes:
+            raise DataError(
+                f"dataset.context.draw={draw} draws as many demonstrations of every class: "
+                f"dataset.context.num_demos={k} is not a multiple of {num_classes}"
+            )
+        chosen = []
+        for c in range(num_classes):
+            rows = [i for i, e in enumerate(pool) if e.label == c]
+            if k // num_classes > len(rows):
+                raise DataError(f"dataset.context.num_demos={k} needs {k // num_classes} examples of class {c}")
+            chosen.extend(state.choice(rows, k // num_classes, replace=False).tolist())
+    else:
+        chosen = state.choice(len(pool), k, replace=False).tolist()
+    demos = [pool[i] for i in sorted(chosen)]
+    if spec.context.shuffle_demos:
+        demos = take(demos, None, seed)
+    n = spec.num_train_queries
+    if draw == "llmft":
+        queries = np.random.RandomState(seed).choice(len(pool), n, replace=False).tolist()
+    else:
+        rest = sorted(set(range(len(pool))) - set(chosen))
+        if n > len(rest):
+            raise DataError(
+                f"dataset.num_train_queries={n} is larger than the training pool left after the demonstrations "
+                f"({len(rest)} examples)"
+            )
+        queries = [rest[j] for j in state.choice(len(rest), n, replace=False)]
+    return demos, [pool[i] for i in queries]
+
+
 def render_context(
     spec: DictConfig, demos: list[Example], instruction: Optional[str] = None, verbalizers: Optional[list] = None
 ) -> str:
@@ -392,27 +436,32 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     """Load the splits, draw the demonstrations and the unlabelled training queries (seeded)."""
     train_records, where = load_records(spec.source, spec.train_split)
     pool = to_examples(train_records, spec, spec.label_map, spec.drop_labels, where, "train")
-    rng = random.Random(seed if spec.context.data_seed is None else spec.context.data_seed)
+    data_seed = seed if spec.context.data_seed is None else spec.context.data_seed
+    rng = random.Random(data_seed)
     balanced = spec.context.balanced and spec.generation is None  # free-text answers have no classes
-    # Several contexts (Snell et al.'s simultaneous distillation) draw disjoint demonstrations in turn.
-    rest, contexts, demos = pool, [], []
     instructions = spec.context.instructions or [spec.context.instruction] * spec.context.num_contexts
     label_words = spec.context.demo_verbalizers or [spec.verbalizers] * spec.context.num_contexts
-    for instruction, verbalizers in zip(instructions, label_words):
-        drawn_demos = select_demos(
-            rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng, spec.context.shuffle_demos
-        )
-        drawn_ids = {d.uid for d in drawn_demos}
-        rest = [e for e in rest if e.uid not in drawn_ids]
-        contexts.append(render_context(spec, drawn_demos, instruction, verbalizers))
-        demos.extend(drawn_demos)
-    if spec.num_train_queries > len(rest):
-        raise DataError(
-            f"dataset.num_train_queries={spec.num_train_queries} is larger than the training pool "
-            f"left after the demonstrations ({len(rest)} examples)"
-        )
+    if spec.context.draw != "python":
+        demos, drawn = draw_as_released(pool, spec, balanced, len(spec.verbalizers), data_seed)
+        contexts = [render_context(spec, demos, instructions[0], label_words[0])]
+    else:
+        # Several contexts (Snell et al.'s simultaneous distillation) draw disjoint demonstrations in turn.
+        rest, contexts, demos = pool, [], []
+        for instruction, verbalizers in zip(instructions, label_words):
+            drawn_demos = select_demos(
+                rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng, spec.context.shuffle_demos
+            )
+            drawn_ids = {d.uid for d in drawn_demos}
+            rest = [e for e in rest if e.uid not in drawn_ids]
+            contexts.append(render_context(spec, drawn_demos, instruction, verbalizers))
+            demos.extend(drawn_demos)
+        if spec.num_train_queries > len(rest):
+            raise DataError(
+                f"dataset.num_train_queries={spec.num_train_queries} is larger than the training pool "
+                f"left after the demonstrations ({len(rest)} examples)"
+            )
+        drawn = rng.sample(rest, spec.num_train_queries)
     # Distillation queries are unlabelled: the label is dropped here so no loss can read it.
-    drawn = rng.sample(rest, spec.num_train_queries)
     queries = [replace(e, label=None, target=None) for e in drawn]
 
     eval_records, where = load_records(spec.source, spec.eval_split)

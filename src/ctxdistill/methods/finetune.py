@@ -1,8 +1,8 @@
 """ft and pbft: supervised few-shot fine-tuning on k labelled examples, without context.
 
 ``ft`` trains a LoRA adapter on the context's k demonstrations; ``pbft`` is llmft's pattern-based
-fine-tuning (Mosbach et al. 2023): every weight, on k training queries drawn at random apart from
-the demonstrations, scored by the argmax over the whole vocabulary. Both minimise the
+fine-tuning (Mosbach et al. 2023): every weight, on k training queries drawn at random (as llmft's ft.py
+draws them with ``dataset.context.draw=llmft``), scored by the argmax over the whole vocabulary. Both minimise the
 cross-entropy of the answer token over the whole vocabulary. On a free-text task, ``target=worked``
 trains on the worked solutions the demonstrations show (e.g. a scratchpad and the answer), as Snell
 et al. 2022 fine-tuned their scratchpad teacher; the model is then evaluated on the answer its
@@ -27,7 +27,7 @@ class FinetuneConfig(MethodConfig):
     _target_: str = "ctxdistill.methods.finetune.Finetune"
     finetune: str = one_of("lora", "full", default="lora")  # the adapter model.adapter selects, or every weight
     # demonstrations: the context's k demonstrations (balanced); labelled_queries: the task's training
-    # queries with their labels (drawn at random, apart from the demonstrations, as llmft draws its examples)
+    # queries with their labels (drawn at random; dataset.context.draw=llmft draws llmft's examples)
     train_on: str = one_of("demonstrations", "labelled_queries", default="demonstrations")
     objective: str = "eval/accuracy"  # what a sweeper optimises; llmft scores fine-tuning by eval/vocab_accuracy
     # answer: the label word or the free-text answer; worked: a free-text task's worked solution
