@@ -190,14 +190,14 @@ def test_a_missing_hans_file_is_named_with_its_out_of_domain_slot(make_cfg, tmp_
         (
             "mnli",
             "eval_harness",
-            "A man sleeps. \nQuestion: A person rests. True or False? \nAnswer:",
+            r"A man sleeps. \nQuestion: A person rests. True or False? \nAnswer:",  # as bash passes "\n"
             [" True", " False"],
         ),
         ("qqp", "minimal", "A man sleeps. A person rests. ?", [" No", " Yes"]),
         (
             "qqp",
             "eval_harness",
-            "Question 1: A man sleeps.\nQuestion 2: A person rests.\n"
+            r"Question 1: A man sleeps.\nQuestion 2: A person rests.\n"
             "Question: Do both questions ask the same thing? Answer:",
             [" No", " Yes"],
         ),
@@ -267,7 +267,9 @@ def test_mosbach_fine_tuning_is_llmfts_full_parameter_pattern_based_run(make_cfg
     assert make_cfg("experiment=mosbach2023/mnli", "method=icl").method.name == "icl"
 
 
-# llmft's (pattern, target prefix, answer words) of its in-context scripts, and its fine-tuning patterns.
+# llmft's (pattern, target prefix, answer words) of its in-context scripts, and its fine-tuning patterns, as the
+# scripts' bash double quotes pass them: "\n" stays a backslash and an "n" (raw strings here).
+SEPARATE_SHOTS_BY = r"\n\n"  # --separate_shots_by "\n\n"
 LLMFT_MNLI = {
     "minimal": ("{text1} {text2} ?", " ", ["Yes", "No"], "{text1} {text2} ?"),
     "gpt3": (
@@ -277,10 +279,10 @@ LLMFT_MNLI = {
         "{text1} question: {text2} Yes or No? answer:",
     ),
     "eval_harness": (
-        "{text1} \nQuestion: {text2} True or False?",
-        "\nAnswer: ",
+        r"{text1} \nQuestion: {text2} True or False?",
+        r"\nAnswer: ",
         ["True", "False"],
-        "{text1} \nQuestion: {text2} True or False? \nAnswer:",
+        r"{text1} \nQuestion: {text2} True or False? \nAnswer:",
     ),
 }
 
@@ -303,9 +305,9 @@ def test_mosbach_prompts_are_llmfts_in_context_prompt_for_icl_and_its_input_for_
     def fill(text, example):
         return text.format(text1=example.fields["premise"], text2=example.fields["hypothesis"])
 
-    # eval_utils.create_few_shot_context: pattern + target prefix + answer word (its "Ġ" dropped) + "\n\n" per
+    # eval_utils.create_few_shot_context: pattern + target prefix + answer word (its "Ġ" dropped) + separator per
     # demonstration; eval.py: context + pattern, then " " + target_prefix.strip() when there is a prefix.
-    context = "".join(f"{fill(icl_pattern, d)}{target_prefix}{words[d.label]}\n\n" for d in task.demos)
+    context = "".join(f"{fill(icl_pattern, d)}{target_prefix}{words[d.label]}{SEPARATE_SHOTS_BY}" for d in task.demos)
     assert task.teacher_prompt(query) == f"{context}{fill(icl_pattern, query)} {target_prefix.strip()}"
     assert task.student_prompt(query) == fill(ft_pattern, query)  # ft.py: --pattern as the scripts give it
     assert task.verbalizers == [f" {w}" for w in words]  # the "Ġ" target tokens
