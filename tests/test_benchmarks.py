@@ -30,7 +30,7 @@ def test_mnli_dev_matched_loads_every_row_and_drops_neutral(make_cfg):
 
 
 @needs_shared
-def test_paws_qqp_decodes_bytes_literals(make_cfg):
+def test_paws_qqp_reads_bytes_literals_as_llmft_does(make_cfg):
     cfg = make_cfg(
         "dataset=qqp",
         f"dataset.source.data_dir={SHARED / 'glue/qqp'}",
@@ -41,6 +41,12 @@ def test_paws_qqp_decodes_bytes_literals(make_cfg):
     assert len(paws) == 677 and sum(e.label for e in paws) == 191
     assert paws[0].fields["question1"].startswith("What were the major effects of the cambodia earthquake")
     assert not any(e.fields["question1"].startswith(("b'", 'b"')) for e in paws)
+    # llmft's load_paws_qqp_dataset (and upadraj/In-context's copy) cuts the wrapper off, sentence[2:-1]: the one
+    # escaped character (a UTF-8 "π") stays the eight characters of its escape
+    escaped = [e.fields["question1"] for e in paws if "tan term in nth" in e.fields["question1"]]
+    assert escaped == [
+        r"The sum of n terms of the series whose tan term in nth ^ -1 ( 1/2n ^ 2 ) is TN ^ -1 ( 2n + 1 ) -\xcf\x80/4 ?"
+    ]
     assert len(task.eval_sets["eval"]) == 1000  # subsampled like llmft
 
 

@@ -119,7 +119,8 @@ class SourceConfig:
     file: Optional[str] = None  # one local file read for the split instead of the Hub or data_dir/data_files
     rename: dict[str, str] = field(default_factory=dict)  # column -> template field (file layouts differ)
     where: dict[str, str] = field(default_factory=dict)  # keep only records with these column values
-    bytes_literals: bool = False  # text columns hold Python bytes literals b'...' (llmft's PAWS-QQP)
+    # text columns hold Python bytes literals b'...' (llmft's PAWS-QQP), read as llmft reads them: the wrapper cut off
+    bytes_literals: bool = False
     # How a local .tsv/.txt quotes its fields: none (GLUE's own files, whose quote characters are text) or csv
     # (an export written with CSV quoting: "..." wraps a field, "" is one quote). A .csv is always csv.
     quoting: str = one_of("none", "csv", default="none")

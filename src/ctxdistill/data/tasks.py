@@ -8,7 +8,6 @@ that renders the teacher prompt (context + query) and the student prompt (query)
 
 from __future__ import annotations
 
-import ast
 import csv
 import json
 import random
@@ -188,12 +187,11 @@ def _read_file(path: Path, key: str, quoting: str) -> list[dict[str, Any]]:
     raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json, .tsv, .txt (tab-separated) or .csv")
 
 
-def _decode_bytes_literal(value: Any, where: str) -> Any:
+def _strip_bytes_literal(value: Any) -> Any:
+    """The text inside a bytes literal b'...' as llmft and upadraj/In-context read it (``[2:-1]``): its escapes
+    (PAWS-QQP's ``\\xcf\\x80``) stay as written."""
     if isinstance(value, str) and len(value) >= 3 and value[0] == "b" and value[1] in "'\"" and value[-1] == value[1]:
-        try:
-            return ast.literal_eval(value).decode("utf-8")
-        except (ValueError, SyntaxError, UnicodeDecodeError) as e:
-            raise DataError(f"{where}: cannot decode the bytes literal {value[:60]!r}: {e}") from e
+        return value[2:-1]
     return value
 
 
@@ -264,7 +262,7 @@ def load_records(source: DictConfig, split: str, key: str = "dataset.source") ->
     for column, value in source.where.items():
         records = [r for r in records if str(r.get(column)) == value]
     if source.bytes_literals:
-        records = [{k: _decode_bytes_literal(v, where) for k, v in r.items()} for r in records]
+        records = [{k: _strip_bytes_literal(v) for k, v in r.items()} for r in records]
     if source.subsample is not None and len(records) > source.subsample:
         records = [records[i] for i in subsample_indices(source, split, len(records), key)]
     return records, where
