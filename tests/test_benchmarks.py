@@ -372,6 +372,7 @@ def test_mosbach_and_upadhayaya_draw_the_released_codes_rows_for_a_seed(make_cfg
             *files,
             "~dataset.ood.hans",
             f"dataset.context.shuffle_demos={shuffled}",
+            "dataset.context.draw=in_context",  # their rows, an override (the paper names no generator)
         )
         upadhayaya = build_task(cfg.dataset, seed)
         assert idx(upadhayaya.train_queries) == released["in_context queries"]
