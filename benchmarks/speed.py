@@ -85,7 +85,7 @@ def load(cfg, device: str, lora: bool):
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     model = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed)
     model = (add_lora(model, cfg.model) if lora else model.requires_grad_(False)).to(device)
-    return tokenizer, ModelHandle(student=model, base=model, identity=model_identity(cfg.model, cfg.seed))
+    return tokenizer, ModelHandle(student=model, base=model, identity=model_identity(cfg.model, cfg.seed, device))
 
 
 def sync(device: str) -> None:

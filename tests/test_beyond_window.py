@@ -248,7 +248,7 @@ def test_cheat_sheet_prompts_are_the_released_ones_and_sheets_are_cached(make_cf
 
     requests.clear()
     cfg_task = build_task(cfg.dataset, cfg.seed)
-    handle = ModelHandle(student=None, base=None, identity=model_identity(cfg.model, cfg.seed))
+    handle = ModelHandle(student=None, base=None, identity=model_identity(cfg.model, cfg.seed, "cpu"))
     assert build_method(cfg.method).write_sheet(handle, tokenizer, cfg_task, 4) == sheet
     assert requests == []  # every sheet read from the cache (the model is never asked)
 

@@ -181,13 +181,14 @@ def test_a_hub_model_is_identified_by_the_commit_it_loads(tiny, tmp_path, monkey
     spec = cfg.model.copy()
     spec.source, spec.name_or_path = "hub", "someone/tiny"
     hub_snapshot(cache, "someone/tiny", "a" * 40, local)
-    first = model_identity(spec, 0)
+    first = model_identity(spec, 0, "cpu")
     assert '"revision": "' + "a" * 40 in first
     assert load_model(spec, cfg.cache_dir, load_tokenizer(spec, cfg.cache_dir), 0).config.vocab_size == len(tokenizer)
     hub_snapshot(cache, "someone/tiny", "b" * 40, local)  # the repository moved on: another commit is loaded
-    assert model_identity(spec, 0) != first
+    assert model_identity(spec, 0, "cpu") != first
     spec.revision = "a" * 40  # pinned
-    assert model_identity(spec, 0) == first
+    assert model_identity(spec, 0, "cpu") == first
+    assert model_identity(spec, 0, "cuda:0") != first  # another device's kernels give other targets
 
 
 def test_the_converted_bundled_model_is_keyed_by_what_produced_it(tiny, monkeypatch):
@@ -221,18 +222,18 @@ def test_a_gguf_assembled_from_parts_is_checked_and_keyed_by_its_checksum(make_c
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     spec.gguf_package = "parts_package"
-    first, identity = models.converted_dir(spec, "cache"), models.model_identity(spec, 0)
+    first, identity = models.converted_dir(spec, "cache"), models.model_identity(spec, 0, "cpu")
     assert models._gguf_file(spec, tmp_path).read_bytes() == b"joined parts"
     import parts_package
 
     monkeypatch.setattr(parts_package, "EXPECTED_SHA256", "two")  # other parts, another file
-    assert models.converted_dir(spec, "cache") != first and models.model_identity(spec, 0) != identity
+    assert models.converted_dir(spec, "cache") != first and models.model_identity(spec, 0, "cpu") != identity
     smollm2 = make_cfg("model=smollm2-135m").model
     assert models.gguf_sha256(smollm2) is None  # a file carried whole: its key is what it was before
     # A new converter writes other weights: teacher targets cached from the old ones are not read.
-    converted, identity = models.converted_dir(smollm2, "cache"), models.model_identity(smollm2, 0)
+    converted, identity = models.converted_dir(smollm2, "cache"), models.model_identity(smollm2, 0, "cpu")
     monkeypatch.setattr(models, "CONVERSION_VERSION", models.CONVERSION_VERSION + 1)
-    assert models.converted_dir(smollm2, "cache") != converted and models.model_identity(smollm2, 0) != identity
+    assert models.converted_dir(smollm2, "cache") != converted and models.model_identity(smollm2, 0, "cpu") != identity
 
 
 def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_source(

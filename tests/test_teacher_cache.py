@@ -22,7 +22,7 @@ def setup():
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     model = add_lora(load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0), cfg.model)
     torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight, std=0.05)
-    handle = ModelHandle(student=model, base=model, identity=model_identity(cfg.model, 0))
+    handle = ModelHandle(student=model, base=model, identity=model_identity(cfg.model, 0, "cpu"))
     return handle, tokenizer, build_task(cfg.dataset, seed=0)
 
 

@@ -145,7 +145,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
         base=model,
         separate_teacher=teacher,
         teacher_tokenizer=teacher_tokenizer,
-        identity=model_identity(method.teacher_model or cfg.model, cfg.seed),
+        identity=model_identity(method.teacher_model or cfg.model, cfg.seed, device),
     )
     evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
     metric_set = method.metric_set(evaluator)

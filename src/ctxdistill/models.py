@@ -28,7 +28,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 import transformers
@@ -397,10 +397,11 @@ def keep_every_nth_layer(model, stride: int):
     return model
 
 
-def model_identity(spec: DictConfig, seed: int) -> str:
+def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]) -> str:
     """What determines the base model's outputs, so that cached teacher outputs are never stale: the config's
-    fields, the modelling code (transformers' version), and where the weights come from: a package's version,
-    a Hub model's commit, a local checkpoint's modification time."""
+    fields, the modelling code (transformers' version), the kind of device it runs on (its kernels round
+    differently, and its generator draws other samples), and where the weights come from: a package's
+    version, a Hub model's commit, a local checkpoint's modification time."""
     fields = {
         key: spec[key]
         for key in (
@@ -414,6 +415,7 @@ def model_identity(spec: DictConfig, seed: int) -> str:
         )
     }
     fields["transformers"] = transformers.__version__
+    fields["device"] = torch.device(device).type
     if spec.source == "random":
         fields.update(tiny=OmegaConf.to_container(spec.tiny), seed=seed)
     if spec.source in ("gguf", "random", "package"):

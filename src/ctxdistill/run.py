@@ -250,7 +250,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             base=model,
             separate_teacher=teacher,
             teacher_tokenizer=teacher_tokenizer,
-            identity=model_identity(teacher_spec or cfg.model, cfg.seed),
+            identity=model_identity(teacher_spec or cfg.model, cfg.seed, accelerator.device),
         )
         if method.trains and method.teacher_during_training and handle.trains_base_weights:
             handle.keep_frozen_teacher()
