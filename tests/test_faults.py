@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ctxdistill.checkpoint import latest_checkpoint
+from ctxdistill.cli import user_errors
 from ctxdistill.config import ConfigError
 from ctxdistill.methods.distill import ContextDistillation
 from ctxdistill.methods.kgc import KGBert
@@ -219,6 +220,17 @@ def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
         run(compose_run(tmp_path))
     assert latest_checkpoint(tmp_path).name == "step-00000002"
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_nan_answer_scores_stop_the_evaluation_instead_of_predicting_class_0(tmp_path, monkeypatch):
+    from ctxdistill import evaluation
+
+    real = evaluation.answer_logits
+    monkeypatch.setattr(evaluation, "answer_logits", lambda *args: real(*args) * float("nan"))
+    with pytest.raises(evaluation.NonFiniteScores, match=r"NaN for 16 of 16 examples.*model.dtype=float32"):
+        run(compose_run(tmp_path, "method=zero_shot"))
+    assert not (tmp_path / "metrics.json").exists()
+    assert evaluation.NonFiniteScores in user_errors()  # printed without a traceback
 
 
 def test_wandb_failing_mid_run_costs_nothing(tmp_path, monkeypatch, caplog):

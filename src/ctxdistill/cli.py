@@ -173,9 +173,10 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     from ctxdistill.config import ConfigError
     from ctxdistill.data.tasks import DataError
+    from ctxdistill.evaluation import NonFiniteScores
     from ctxdistill.models import ModelLoadError
 
-    return ConfigError, DataError, ModelLoadError, ConfigCompositionException
+    return ConfigError, DataError, ModelLoadError, NonFiniteScores, ConfigCompositionException
 
 
 def exit_with_message(error: Exception) -> None:

@@ -150,6 +150,10 @@ class SpilledRows:
         return rows
 
 
+class NonFiniteScores(RuntimeError):
+    """A model scored an answer as NaN: evaluation stops rather than report class 0 as its predictions."""
+
+
 @dataclass
 class Scores:
     label_logprobs: torch.Tensor  # [N, C]
@@ -228,8 +232,16 @@ def score(
             distributions.write(rows, next_token)
         release_freed_memory()
     restore = torch.argsort(torch.tensor(order))
+    label_logprobs = torch.cat(label_lp)[restore]
+    if label_logprobs.isnan().any():  # an argmax over NaN answers class 0 and the accuracy would look real
+        bad = int(label_logprobs.isnan().any(-1).sum())
+        raise NonFiniteScores(
+            f"the model's answer scores are NaN for {bad} of {len(examples)} examples ({desc}), so no accuracy "
+            "can be computed; a half-precision overflow is the usual cause: rerun with model.dtype=float32, or "
+            "model.dtype=bfloat16 on a GPU"
+        )
     return Scores(
-        torch.cat(label_lp)[restore],
+        label_logprobs,
         distributions,
         torch.cat(kls)[restore] if teacher is not None else None,
         torch.cat(top)[restore],
