@@ -446,6 +446,15 @@ def test_kgbert_draws_five_negatives_per_positive_once_all_on_the_head_or_all_on
     assert sides == {"head", "tail"}  # a coin flip per positive
 
 
+def test_kgbert_negatives_are_no_triple_of_the_whole_training_split_when_it_trains_on_a_subsample(make_cfg):
+    task = synthetic_task(make_cfg, "dataset.num_train=30")
+    left_out = set(task.graph.splits["train"]) - set(task.train_triples)
+    rows = method_of(KGBertConfig, name="kgbert", negatives=40).train_examples(task)
+    drawn = {row.triple for row in rows if row.label == 0.0}
+    assert len(task.train_triples) == 30 and len(drawn) > 300
+    assert not drawn & left_out  # a true triple the subsample left out is no negative
+
+
 def composed(model: str):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

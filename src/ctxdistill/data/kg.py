@@ -312,6 +312,11 @@ class KGTask:
     def relation_text(self, relation: str) -> str:
         return self.graph.relation_names[relation]
 
+    @property
+    def known_triples(self) -> set[Triple]:
+        """Every triple of the training split, also those a subsample leaves out: none is a negative."""
+        return set(self.graph.splits["train"])
+
 
 def _subsample(triples: list[Triple], size: Optional[int], seed: int) -> list[Triple]:
     if size is None or size >= len(triples):

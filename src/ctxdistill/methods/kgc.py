@@ -411,7 +411,8 @@ class KGBert(KGCStudent):
 
     def corrupt(self, triple: Triple, entities: list[str], known: set[Triple], rng: random.Random) -> list[Triple]:
         """``negatives`` corruptions of a positive: all of its head or all of its tail (a coin flip, as the
-        released code), each a random entity that makes no training triple."""
+        released code), each a random entity that makes no triple of the training split (the released code
+        trains on the whole split; a subsample's left-out triples are true as well)."""
         h, r, t = triple
         head_side = rng.random() <= 0.5
         corrupted = []
@@ -428,7 +429,7 @@ class KGBert(KGCStudent):
         if self.training_rows == "fresh_per_batch":
             return task.train_triples
         rng = random.Random(f"{task.seed}|negatives")  # drawn once: the same rows every epoch and on resuming
-        known, entities = set(task.train_triples), task.graph.entities
+        known, entities = task.known_triples, task.graph.entities
         rows: list[TrainingRow] = []
         for positive in task.train_triples:
             for triple, label in ((positive, 1.0), *((n, 0.0) for n in self.corrupt(positive, entities, known, rng))):
@@ -437,7 +438,7 @@ class KGBert(KGCStudent):
 
     def prepare(self, handle, tokenizer, task, examples, batch_size):
         super().prepare(handle, tokenizer, task, examples, batch_size)
-        self._known, self._entities = set(task.train_triples), task.graph.entities
+        self._known, self._entities = task.known_triples, task.graph.entities
         # A triple without a context borrows one of the file's, drawn once (the released code).
         pool, draw = list(task.contexts.values()), random.Random(f"{task.seed}|contexts")
         self._contexts = (
