@@ -45,6 +45,23 @@ def test_generalized_jsd_is_the_beta_mixture_and_has_trl_limits():
     assert generalized_jsd(logp(Q), logp(P), 1.0).item() == pytest.approx(kl(Q, P), abs=1e-6)
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_masked_jsd_loss_and_its_gradient_equal_trls_gkd_loss(beta, temperature):
+    gkd = pytest.importorskip("trl.experimental.gkd").GKDTrainer  # the `bench` extra, which the set-up installs
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4, 50, generator=generator).mul(3).requires_grad_()
+    teacher = torch.randn(2, 4, 50, generator=generator).mul(3)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    ours = distillation_loss(student, teacher_distribution(teacher, temperature)[0], mask, "jsd", beta, temperature)
+    (ours_grad,) = torch.autograd.grad(ours, student)
+    labels = torch.where(mask, 1, -100)  # TRL masks by labels, averages over the unmasked positions
+    trls = gkd.generalized_jsd_loss(student, teacher, labels, beta, temperature)
+    (trls_grad,) = torch.autograd.grad(trls, student)
+    assert ours.item() == pytest.approx(trls.item(), rel=1e-5)
+    torch.testing.assert_close(ours_grad, trls_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_temperature_softens_both_distributions():
     t_logp, _ = teacher_distribution(logp(P).view(1, 1, 3), temperature=2.0)
     mask = torch.ones(1, 1, dtype=torch.bool)
