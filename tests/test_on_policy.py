@@ -50,6 +50,20 @@ def test_sampled_token_gradient_is_unbiased_for_the_exact_reverse_kl():
     assert expected_value == pytest.approx(kl, abs=1e-6)
 
 
+def test_sampled_token_gradient_equals_trls_sdft_sampled_token_loss():
+    trl_loss = pytest.importorskip("trl.experimental.sdft.loss_utils")  # the `bench` extra, which the set-up installs
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 3, 40, generator=generator).mul(3).requires_grad_()
+    teacher = torch.randn(2, 3, 40, generator=generator).mul(3)
+    tokens = torch.randint(0, 40, (2, 3), generator=generator)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    (ours,) = torch.autograd.grad(sampled_reverse_kl(student, teacher, tokens, mask), student)
+    # TRL's per-token loss, averaged over the unmasked tokens: its value is not the KL estimate, its gradient is ours
+    per_token = trl_loss.compute_sampled_token_self_distillation_loss(student, teacher, tokens, distillation_alpha=1.0)
+    (trls,) = torch.autograd.grad((per_token * mask).sum() / mask.sum(), student)
+    torch.testing.assert_close(ours, trls, rtol=1e-5, atol=1e-7)
+
+
 def exact_reverse_kl_gradient(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
     logits = student_logits.clone().requires_grad_()
     reverse_kl(logits.log_softmax(-1), teacher_logp).sum().backward()
