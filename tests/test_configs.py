@@ -109,6 +109,8 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
     [
         ("trainer.lr=-1e-3", "trainer.lr"),
         ("trainer.batch_size=0", "trainer.batch_size"),
+        ("trainer.eval_batch_size=0", "trainer.eval_batch_size"),
+        ("dataset.num_eval=0", "dataset.num_eval"),
         ("method.divergence=kl", "method.divergence"),
         ("method.top_k=5", None),  # valid with the default forward KL
         ("method.divergence=reverse_kl method.top_k=5", "method.top_k"),

@@ -465,6 +465,12 @@ def _validate_classification(d: DictConfig, key: str) -> None:
     )
     require(d.num_train_queries >= 1, f"{key}.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
     require(
+        d.num_eval is None or d.num_eval >= 1,
+        f"{key}.num_eval",
+        f"must be >= 1, got {d.num_eval}",
+        f"Or {key}.num_eval=null to evaluate on every row",
+    )
+    require(
         d.pattern is None or d.pattern in d.patterns,
         f"{key}.pattern",
         f"unknown pattern {d.pattern!r}",
@@ -693,6 +699,12 @@ def validate(cfg: DictConfig) -> None:
     t, d = cfg.trainer, cfg.dataset
     require(t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}", "Set e.g. trainer.lr=1e-3")
     require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}", "Set trainer.batch_size=8")
+    require(
+        t.eval_batch_size >= 1,
+        "trainer.eval_batch_size",
+        f"must be >= 1, got {t.eval_batch_size}",
+        "Set trainer.eval_batch_size=16",
+    )
     require(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}", "")
     require(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}", "")
     require(
