@@ -111,6 +111,8 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("trainer.batch_size=0", "trainer.batch_size"),
         ("trainer.eval_batch_size=0", "trainer.eval_batch_size"),
         ("dataset.num_eval=0", "dataset.num_eval"),
+        ("seed=-1", "seed"),
+        ("model.lora.r=0", "model.lora.r"),
         ("method.divergence=kl", "method.divergence"),
         ("method.top_k=5", None),  # valid with the default forward KL
         ("method.divergence=reverse_kl method.top_k=5", "method.top_k"),

@@ -591,6 +591,8 @@ class SeparateTeacher:
 def validate_model(spec: DictConfig, key: str) -> None:
     """Checks of a model config found at ``key`` (``model``, or a method's separate teacher)."""
     require(spec.prefix_tokens >= 1, f"{key}.prefix_tokens", f"must be >= 1, got {spec.prefix_tokens}", "")
+    require(spec.lora.r >= 1, f"{key}.lora.r", f"must be >= 1, got {spec.lora.r}", "Or model.adapter=full")
+    require(0 <= spec.lora.dropout < 1, f"{key}.lora.dropout", f"must be in [0, 1), got {spec.lora.dropout}", "")
     require(
         spec.layer_stride >= 1,
         f"{key}.layer_stride",
@@ -697,6 +699,7 @@ def validate(cfg: DictConfig) -> None:
     """Value checks that run before any data or model is loaded."""
     check_schema(cfg)
     t, d = cfg.trainer, cfg.dataset
+    require(0 <= cfg.seed < 2**32, "seed", f"must be in [0, 2**32), got {cfg.seed}", "Set e.g. seed=0")
     require(t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}", "Set e.g. trainer.lr=1e-3")
     require(t.batch_size >= 1, "trainer.batch_size", f"must be >= 1, got {t.batch_size}", "Set trainer.batch_size=8")
     require(
