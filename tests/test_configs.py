@@ -112,6 +112,8 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("trainer.eval_batch_size=0", "trainer.eval_batch_size"),
         ("dataset.num_eval=0", "dataset.num_eval"),
         ("seed=-1", "seed"),
+        ("trainer.max_grad_norm=-1", "trainer.max_grad_norm"),
+        ("trainer.weight_decay=-0.1", "trainer.weight_decay"),
         ("model.lora.r=0", "model.lora.r"),
         ("method.divergence=kl", "method.divergence"),
         ("method.top_k=5", None),  # valid with the default forward KL

@@ -708,6 +708,13 @@ def validate(cfg: DictConfig) -> None:
         f"must be >= 1, got {t.eval_batch_size}",
         "Set trainer.eval_batch_size=16",
     )
+    require(
+        t.max_grad_norm is None or t.max_grad_norm > 0,
+        "trainer.max_grad_norm",
+        f"must be positive or null, got {t.max_grad_norm}",  # a negative norm would flip the gradient's sign
+        "Set e.g. trainer.max_grad_norm=1.0, or null for no clipping",
+    )
+    require(t.weight_decay >= 0, "trainer.weight_decay", f"must be >= 0, got {t.weight_decay}", "")
     require(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}", "")
     require(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}", "")
     require(
