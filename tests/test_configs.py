@@ -264,6 +264,7 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
             "ctxdistill: dataset.source: data file not found: /nowhere/train_sample.json",
         ),
         (["method=distil"], "ctxdistill: In 'config': Could not find 'method/distil'"),
+        (["dataset.ood.foo.x=1"], "ctxdistill: dataset.ood.foo: no such setting\n"),  # a dict: no fields to list
     ],
 )
 def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path, monkeypatch, capsys):

@@ -381,7 +381,9 @@ def nearest_key(key: str, schema: type) -> str:
 
     names = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else []
     match = difflib.get_close_matches(key, names, n=1)
-    return f"; did you mean {match[0]}?" if match else f"; it has {', '.join(names)}"
+    if match:
+        return f"; did you mean {match[0]}?"
+    return f"; it has {', '.join(names)}" if names else ""
 
 
 def check_schema(node: Any, path: str = "") -> None:
