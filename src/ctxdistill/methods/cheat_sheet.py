@@ -1,21 +1,22 @@
 """cheat_sheet: many-shot demonstrations distilled into a text cheat sheet (Honda et al., EMNLP 2025 Findings;
 code CyberAgentAILab/cheat-sheet-icl). No weight changes.
 
-The model reads the demonstrations and writes a cheat sheet with the released request
-(``get_cheat_prompt``, non-math tasks), greedily (the released ``--temp 0``); the evaluated
-context is then the sheet, the released line "Follow the format of the examples below in your
-response." and the first two demonstrations, joined and followed by the query with the released
-separator ``"\\n###\\n"``. The demonstrations are those ICL would see (every context's, in the order
-drawn), in the dataset's own template without reasons (the released ``--reason_type no``).
+The model reads the demonstrations, all in one request as the released meta-model (GPT-4.1) does, and
+writes a cheat sheet with the released request (``get_cheat_prompt``, non-math tasks), greedily (the
+released ``--temp 0``); the evaluated context is then the sheet, the released line "Follow the format of
+the examples below in your response." and the first two demonstrations, joined and followed by the query
+with the released separator ``"\\n###\\n"``. The demonstrations are those ICL would see (every context's,
+in the order drawn).
 
-The model reads every demonstration in one request, as the released meta-model (GPT-4.1) does.
-
-Deviations (named in docs/papers/beyond-the-window.md): where a small model's window cannot hold them all
-(the beyond-the-window sweep), ``chunk_demos`` set reads that many at a time, in order, and every request
-after the first opens with the sheet so far (``sheet_so_far``), so that the last request's sheet covers every
-chunk; a sheet is at most ``max_sheet_tokens`` long; the dataset's instruction opens the evaluated context,
-as it opens ICL's; answers are scored as label words (no generated answer is parsed) and there is no system
-prompt at evaluation.
+Deviations (named in docs/papers/beyond-the-window.md): the demonstrations are in the dataset's own
+template without reasons (the released ``--reason_type no``; the released runs use ``gen``, reasons the
+meta-model wrote, and the demo task's label words are arbitrary, so there is nothing to reason); where a
+small model's window cannot hold them all (the beyond-the-window sweep), ``chunk_demos`` set reads that many
+at a time, in order, and every request after the first opens with the sheet so far (``sheet_so_far``), so
+that the last request's sheet covers every chunk; a sheet is at most ``max_sheet_tokens`` long; the
+dataset's instruction opens the evaluated context, as it opens ICL's; the query is in the dataset's template
+with its answer cue (the released query is the bare input), answers are scored as label words (no generated
+answer is parsed) and there is no system prompt or chat turn at evaluation.
 
 The sheets are cached per chunk (:class:`~ctxdistill.stage_cache.RowStore`), keyed by the request
 text (which holds the demonstrations), the writer model's identity, the generation settings and
