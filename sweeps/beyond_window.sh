@@ -37,7 +37,8 @@ for arm in ${ARMS:-icl cd sequential_cd ft cd_prefix cheat_sheet}; do
     sequential_cd) sweep sequential_cd trains method=sequential_cd dataset.context.num_contexts=2,4 ;;
     ft) sweep ft trains method=ft dataset.context.num_contexts=1,2,4 ;;
     cd_prefix) sweep cd_prefix trains method=cd model.adapter=prefix dataset.context.num_contexts=1,2,4 ;;
-    cheat_sheet) sweep cheat_sheet - method=cheat_sheet dataset.context.num_contexts=1,2,4 ;;
+    # 4 demonstrations per request: all 12 (let alone 48) and the request overflow the 400-token window
+    cheat_sheet) sweep cheat_sheet - method=cheat_sheet method.chunk_demos=4 dataset.context.num_contexts=1,2,4 ;;
     *) echo "unknown arm $arm" >&2 && exit 2 ;;
   esac
 done

@@ -208,6 +208,7 @@ def test_cheat_sheet_prompts_are_the_released_ones_and_sheets_are_cached(make_cf
     overrides = [
         *TINY,
         "method=cheat_sheet",
+        "method.chunk_demos=4",
         "method.max_sheet_tokens=6",
         "dataset.context.num_demos=12",
         "dataset.source.split_sizes.eval=8",
@@ -251,6 +252,21 @@ def test_cheat_sheet_prompts_are_the_released_ones_and_sheets_are_cached(make_cf
     handle = ModelHandle(student=None, base=None, identity=model_identity(cfg.model, cfg.seed, "cpu"))
     assert build_method(cfg.method).write_sheet(handle, tokenizer, cfg_task, 4) == sheet
     assert requests == []  # every sheet read from the cache (the model is never asked)
+
+
+def test_cheat_sheet_reads_every_demonstration_in_one_released_request_by_default(make_cfg):
+    # cheatsheet_api.py makes one call: dataset_str = SEP.join(dataset_cat); get_cheat_prompt(dataset_str, args.task)
+    cfg = make_cfg(*TINY, "method=cheat_sheet", "dataset.context.num_demos=12")
+    task = build_task(cfg.dataset, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    method = build_method(cfg.method)
+    method.check_inputs(task, tokenizer, cfg)  # the request fits the model's window
+    shots = [task.query(d) + task.verbalizers[d.label] for d in task.demos]
+    assert method.chunks(task) == [task.demos]
+    request = released_cheat_prompt(RELEASED_SEP.join(shots))
+    assert method.prompt(tokenizer, task, task.demos, "") == cs.render_chat(
+        tokenizer, [{"role": "user", "content": request}]
+    )
 
 
 def test_cheat_sheet_cleaning_drops_a_preamble_as_released():

@@ -1,19 +1,22 @@
 """cheat_sheet: many-shot demonstrations distilled into a text cheat sheet (Honda et al., EMNLP 2025 Findings;
 code CyberAgentAILab/cheat-sheet-icl). No weight changes.
 
-The model reads the demonstrations and writes a cheat sheet with the released request
-(``get_cheat_prompt``, non-math tasks), greedily (the released ``--temp 0``); the evaluated
-context is then the sheet, the released line "Follow the format of the examples below in your
-response." and the first two demonstrations, joined and followed by the query with the released
-separator ``"\\n###\\n"``. The demonstrations are those ICL would see (every context's, in the order
-drawn), in the dataset's own template without reasons (the released ``--reason_type no``).
+The model reads the demonstrations, all in one request as the released meta-model (GPT-4.1) does, and
+writes a cheat sheet with the released request (``get_cheat_prompt``, non-math tasks), greedily (the
+released ``--temp 0``); the evaluated context is then the sheet, the released line "Follow the format of
+the examples below in your response." and the first two demonstrations, joined and followed by the query
+with the released separator ``"\\n###\\n"``. The demonstrations are those ICL would see (every context's,
+in the order drawn).
 
-Deviations (named in docs/papers/beyond-the-window.md): the released meta-model (GPT-4.1) reads all
-demonstrations in one call; a small model's window cannot, so the model reads ``chunk_demos`` at a time,
-in order, and every request after the first opens with the sheet so far (``sheet_so_far``), so that the last
-request's sheet, at most ``max_sheet_tokens`` long, covers every chunk; the dataset's instruction opens
-the evaluated context, as it opens ICL's; answers are scored as label words (no generated answer is
-parsed) and there is no system prompt at evaluation.
+Deviations (named in docs/papers/beyond-the-window.md): the demonstrations are in the dataset's own
+template without reasons (the released ``--reason_type no``; the released runs use ``gen``, reasons the
+meta-model wrote, and the demo task's label words are arbitrary, so there is nothing to reason); where a
+small model's window cannot hold them all (the beyond-the-window sweep), ``chunk_demos`` set reads that many
+at a time, in order, and every request after the first opens with the sheet so far (``sheet_so_far``), so
+that the last request's sheet covers every chunk; a sheet is at most ``max_sheet_tokens`` long; the
+dataset's instruction opens the evaluated context, as it opens ICL's; the query is in the dataset's template
+with its answer cue (the released query is the bare input), answers are scored as label words (no generated
+answer is parsed) and there is no system prompt or chat turn at evaluation.
 
 The sheets are cached per chunk (:class:`~ctxdistill.stage_cache.RowStore`), keyed by the request
 text (which holds the demonstrations), the writer model's identity, the generation settings and
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 from omegaconf import DictConfig
 
@@ -72,7 +75,7 @@ class CheatSheetConfig(MethodConfig):
     _target_: str = "ctxdistill.methods.cheat_sheet.CheatSheet"
     request: str = REQUEST  # with {examples}
     sheet_so_far: str = UPDATE  # before the request of every chunk after the first, with {sheet}
-    chunk_demos: int = 4  # demonstrations read per request (the released code reads all of them at once)
+    chunk_demos: Optional[int] = None  # demonstrations read per request; None: all in one, as released
     max_sheet_tokens: int = 64
     format_examples: int = 2  # demonstrations shown after the sheet (released: 2)
     chat: bool = True  # the request as a user turn in the model's chat format (the released code calls a chat API)
@@ -85,7 +88,7 @@ class CheatSheetConfig(MethodConfig):
         require("{examples}" in m.request, "method.request", "has no {examples} placeholder", "Keep {examples} in it")
         require("{sheet}" in m.sheet_so_far, "method.sheet_so_far", "has no {sheet} placeholder", "Keep {sheet} in it")
         for key in ("chunk_demos", "max_sheet_tokens"):
-            require(m[key] >= 1, f"method.{key}", f"must be at least 1, got {m[key]}", "")
+            require(m[key] is None or m[key] >= 1, f"method.{key}", f"must be at least 1, got {m[key]}", "")
         require(m.format_examples >= 0, "method.format_examples", f"must be >= 0, got {m.format_examples}", "")
 
 
@@ -131,7 +134,7 @@ class CheatSheet(Method):
         name: str,
         request: str,
         sheet_so_far: str,
-        chunk_demos: int,
+        chunk_demos: Optional[int],
         max_sheet_tokens: int,
         format_examples: int,
         chat: bool,
@@ -147,7 +150,8 @@ class CheatSheet(Method):
         )
 
     def chunks(self, task: Task) -> list[list]:
-        return [task.demos[i : i + self.chunk_demos] for i in range(0, len(task.demos), self.chunk_demos)]
+        size = self.chunk_demos or max(len(task.demos), 1)
+        return [task.demos[i : i + size] for i in range(0, len(task.demos), size)]
 
     def prompt(self, tokenizer, task: Task, chunk: list, sheet: str) -> str:
         request = sheet_request(self.request, task, chunk, self.sheet_so_far, sheet)
@@ -165,7 +169,8 @@ class CheatSheet(Method):
             raise ConfigError(
                 f"method.chunk_demos: a request to write a cheat sheet may take {need} tokens with the sheet so far "
                 f"and the new sheet ({self.max_sheet_tokens} tokens each), more than the model's window of {window}. "
-                "Lower method.chunk_demos or method.max_sheet_tokens."
+                f"Set method.chunk_demos (demonstrations per request, now {len(chunks[0])}) lower, or lower "
+                "method.max_sheet_tokens."
             )
         context = len(tokenizer(sheet_context(task, "", self.format_examples)).input_ids) + self.max_sheet_tokens
         queries = [e for s in task.eval_sets.values() for e in s]
