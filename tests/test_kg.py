@@ -446,6 +446,12 @@ def test_kgbert_draws_five_negatives_per_positive_once_all_on_the_head_or_all_on
     assert sides == {"head", "tail"}  # a coin flip per positive
 
 
+def test_more_sampled_candidates_than_entities_is_refused_naming_the_full_ranking(make_cfg):
+    with pytest.raises(DataError, match=r"eval_candidates=46, but kg_synthetic has 46 entities.*eval_candidates=null"):
+        synthetic_task(make_cfg, "dataset.eval_candidates=46")
+    assert synthetic_task(make_cfg, "dataset.eval_candidates=45").eval_candidates == 45
+
+
 def test_kgbert_negatives_are_no_triple_of_the_whole_training_split_when_it_trains_on_a_subsample(make_cfg):
     task = synthetic_task(make_cfg, "dataset.num_train=30")
     left_out = set(task.graph.splits["train"]) - set(task.train_triples)

@@ -354,6 +354,12 @@ def build_kg_task(spec: DictConfig, seed: int) -> KGTask:
     if spec.eval_split not in graph.splits:
         raise DataError(f"dataset.eval_split={spec.eval_split!r}; use one of {', '.join(SPLITS)}")
     evaluation = _subsample(graph.splits[spec.eval_split], spec.num_eval, data_seed + 1)
+    if spec.eval_candidates is not None and spec.eval_candidates >= len(graph.entities):
+        # fewer entities than asked for: the ranking would not be the sampledN_ one its metrics name
+        raise DataError(
+            f"dataset.eval_candidates={spec.eval_candidates}, but {spec.name} has {len(graph.entities)} entities; "
+            f"rank against all of them with dataset.eval_candidates=null, or sample fewer"
+        )
     contexts_file = Path(spec.contexts_file).expanduser() if spec.contexts_file else None
     task = KGTask(
         spec.name, graph, train, {"eval": evaluation}, contexts_file, eval_candidates=spec.eval_candidates, seed=seed
