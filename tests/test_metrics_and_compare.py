@@ -705,3 +705,20 @@ def test_vs_refuses_rows_of_runs_sharing_a_seed_and_pairs_each_setting_with_by(m
         assert tested["eval/pairs_vs_zero_shot"] == tested["eval/examples"] == "48"
         difference = float(tested["eval/accuracy_mean"]) - float(baseline["eval/accuracy_mean"])
         assert float(tested["eval/delta_vs_zero_shot"]) == pytest.approx(difference, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/nowhere"], "no such path: {tmp}/nowhere"),
+        (["{tmp}", "--out", "{tmp}/file/results"], "--out {tmp}/file/results: cannot create it"),
+        (["{tmp}", "--paper", "snell2022"], "--paper and --model-as belong to --scorecard"),
+    ],
+)
+def test_compare_refuses_bad_arguments_with_one_line_before_reading_runs(args, message, tmp_path, capsys):
+    (tmp_path / "file").write_text("")  # a file where --out wants a directory
+    with pytest.raises(SystemExit) as stopped:
+        main([a.format(tmp=tmp_path) for a in args])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err

@@ -101,6 +101,11 @@ def compare(argv: list[str] | None = None) -> int:
         parser.error("--paper and --model-as belong to --scorecard")
     if args.scorecard and args.format == "latex":
         parser.error("the scorecard has no LaTeX form: use --format text, markdown or csv")
+    if args.out:  # before reading any run: a directory that cannot be made fails at once
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"--out {args.out}: cannot create it ({e.strerror}); give a writable directory")
     try:
         model_as = scorecard.parse_model_as(args.model_as)
         named_papers = [scorecard.load_paper(name) for name in args.paper]
