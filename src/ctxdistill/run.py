@@ -135,6 +135,20 @@ def hydra_overrides() -> Optional[list[str]]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
+# What evaluation reads of the trainer group; a method that does not train reads nothing else of it.
+EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed")
+
+
+def warn_unused_training_settings(method, overrides: Optional[list[str]]) -> None:
+    """A command-line trainer setting that a method without training never reads: said, not silently dropped."""
+    if method.trains or not overrides:
+        return
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    unused = [k for k in keys if k.startswith("trainer.") and not k.startswith(EVALUATION_TRAINER_KEYS)]
+    if unused:
+        log.warning("method=%s does not train: ignoring %s", method.name, ", ".join(unused))
+
+
 def sweep_group() -> Optional[str]:
     """The W&B group naming this run's sweep; None for a single run."""
     from hydra.core.hydra_config import HydraConfig
@@ -200,6 +214,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0."
         )
     method.check_inputs(task, tokenizer, cfg)
+    warn_unused_training_settings(method, hydra_overrides())
     teacher_spec = method.teacher_model  # a separate (larger) teacher, or None: the base weights teach
     teacher_tokenizer = separate_teacher_tokenizer(cfg, method, task, tokenizer)
 
