@@ -135,16 +135,17 @@ def hydra_overrides() -> Optional[list[str]]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else None
 
 
-# What evaluation reads of the trainer group; a method that does not train reads nothing else of it.
+# Settings only training reads: the trainer group but what evaluation reads of it, and the trained adapter.
+TRAINING_KEYS = ("trainer.", "model.adapter", "model.lora.", "model.prefix_tokens")
 EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed")
 
 
 def warn_unused_training_settings(method, overrides: Optional[list[str]]) -> None:
-    """A command-line trainer setting that a method without training never reads: said, not silently dropped."""
+    """A command-line training setting that a method without training never reads: said, not silently dropped."""
     if method.trains or not overrides:
         return
     keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    unused = [k for k in keys if k.startswith("trainer.") and not k.startswith(EVALUATION_TRAINER_KEYS)]
+    unused = [k for k in keys if k.startswith(TRAINING_KEYS) and not k.startswith(EVALUATION_TRAINER_KEYS)]
     if unused:
         log.warning("method=%s does not train: ignoring %s", method.name, ", ".join(unused))
 
