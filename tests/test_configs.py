@@ -115,6 +115,8 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("trainer.max_grad_norm=-1", "trainer.max_grad_norm"),
         ("trainer.weight_decay=-0.1", "trainer.weight_decay"),
         ("model.lora.r=0", "model.lora.r"),
+        ("model.prefix_tokens=4 model.prefix_frozen_tokens=4", "model.prefix_frozen_tokens"),
+        ("model.prefix_frozen_tokens=-1", "model.prefix_frozen_tokens"),
         ("method.divergence=kl", "method.divergence"),
         ("method.top_k=5", None),  # valid with the default forward KL
         ("method.divergence=reverse_kl method.top_k=5", "method.top_k"),

@@ -13,6 +13,7 @@ from ctxdistill.models import (
     ModelLoadError,
     TeacherUnavailable,
     TrainableContext,
+    add_adapter,
     add_lora,
     compiled_for_training,
     load_model,
@@ -293,6 +294,62 @@ def test_the_lm_head_reads_a_contiguous_copy_of_the_kept_positions(tiny):
         hook.remove()
     assert seen[0].shape[1] == 1 and seen[0].is_contiguous()
     torch.testing.assert_close(kept, full)
+
+
+CONTEXT = "Answer foo if the review is positive, bar if it is negative."
+QUERIES = ["\nReview: Bad.\nSentiment:", "\nReview: The food was great.\nSentiment:"]
+
+
+def test_a_prefix_of_the_contexts_first_tokens_holds_their_cache_and_gives_the_truncated_prompts_logits(tiny):
+    """Cartridges' first-N-tokens initialisation, checked against plain forwards: before training, the prefix holds
+    the keys and values (RoPE applied at positions 0..n-1) of the model run over the context's first n tokens, and
+    a query after it (at positions n, n+1, ...) gets the logits of the model with those n tokens in its prompt."""
+    cfg, tokenizer, model = tiny
+    first = tokenizer(CONTEXT).input_ids[:5]
+    assert len(tokenizer(CONTEXT).input_ids) > 5
+    student = TrainableContext.from_text(model, tokenizer, CONTEXT, num_tokens=5, num_frozen_tokens=1)
+    assert (student.num_tokens, student.num_frozen_tokens) == (5, 1)
+    with torch.no_grad():
+        plain = model(input_ids=torch.tensor([first]), use_cache=True).cache
+        for layer, plain_layer in enumerate(plain.layers):
+            torch.testing.assert_close(torch.cat([student.frozen_keys, student.keys], 2)[layer], plain_layer.keys[0])
+            torch.testing.assert_close(
+                torch.cat([student.frozen_values, student.values], 2)[layer], plain_layer.values[0]
+            )
+        logits = answer_logits(student, encode(tokenizer, QUERIES))  # left-padded, positions given
+        for row, query in enumerate(QUERIES):
+            expected = model(input_ids=torch.tensor([first + tokenizer(query).input_ids])).logits[0, -1]
+            torch.testing.assert_close(logits[row, -1], expected, atol=1e-4, rtol=1e-4)
+            unbatched = student(input_ids=torch.tensor([tokenizer(query).input_ids])).logits[
+                0, -1
+            ]  # positions inferred
+            torch.testing.assert_close(unbatched, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_prefix_adapter_trains_all_but_its_first_position_the_attention_sink_as_cartridges_does(tiny, tmp_path):
+    cfg, tokenizer, model = tiny
+    spec = cfg.model.copy()
+    spec.adapter = "prefix"
+    assert spec.prefix_frozen_tokens == 1  # the default, Cartridges' num_frozen_tokens
+    student = add_adapter(model, spec, tokenizer, CONTEXT)
+    ids = tokenizer(CONTEXT).input_ids[: cfg.model.prefix_tokens]
+    with torch.no_grad():
+        plain = model(input_ids=torch.tensor([ids]), use_cache=True).cache
+    per_position = sum(2 * layer.keys[0, :, 0].numel() for layer in plain.layers)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == (len(ids) - 1) * per_position
+    optimizer = torch.optim.Adam(trainable, lr=0.1)
+    answer_logits(student, encode(tokenizer, QUERIES)).logsumexp(-1).sum().backward()
+    optimizer.step()
+    keys = torch.cat([student.frozen_keys, student.keys], 2)
+    for layer, plain_layer in enumerate(plain.layers):
+        torch.testing.assert_close(keys[layer, :, :1], plain_layer.keys[0, :, :1])  # the sink, as the model wrote it
+        assert not torch.allclose(keys[layer, :, 1:], plain_layer.keys[0, :, 1:])
+    student.save_pretrained(tmp_path)
+    loaded = TrainableContext.from_saved(model, tmp_path)
+    assert loaded.num_frozen_tokens == 1
+    torch.testing.assert_close(loaded.keys, student.keys.detach())
+    torch.testing.assert_close(loaded.frozen_values, student.frozen_values)
 
 
 def test_compiling_finds_the_transformer_stack_inside_every_wrapper_and_restores_it(tiny):

@@ -95,6 +95,9 @@ class ModelConfig:
     # initialised from the first prefix_tokens tokens of the teacher's context) | full (every weight).
     adapter: str = one_of("lora", "prefix", "full", default="lora")
     prefix_tokens: int = 32
+    # positions at the prefix's head kept as initialised: Cartridges' default (num_frozen_tokens=1) keeps the
+    # first, the attention sink, whose drift made their cartridges forget
+    prefix_frozen_tokens: int = 1
     # Keep every n-th transformer layer (0, n, 2n, ...): a smaller student made from the model, the
     # DistilBERT initialisation (n=2 keeps half). 1 keeps them all.
     layer_stride: int = 1
@@ -593,6 +596,12 @@ class SeparateTeacher:
 def validate_model(spec: DictConfig, key: str) -> None:
     """Checks of a model config found at ``key`` (``model``, or a method's separate teacher)."""
     require(spec.prefix_tokens >= 1, f"{key}.prefix_tokens", f"must be >= 1, got {spec.prefix_tokens}", "")
+    require(
+        0 <= spec.prefix_frozen_tokens < spec.prefix_tokens,
+        f"{key}.prefix_frozen_tokens",
+        f"must be in [0, model.prefix_tokens={spec.prefix_tokens}), got {spec.prefix_frozen_tokens}",
+        "At least one position of the prefix must be trained",
+    )
     require(spec.lora.r >= 1, f"{key}.lora.r", f"must be >= 1, got {spec.lora.r}", "Or model.adapter=full")
     require(0 <= spec.lora.dropout < 1, f"{key}.lora.dropout", f"must be in [0, 1), got {spec.lora.dropout}", "")
     require(

@@ -482,33 +482,46 @@ class TrainableContext(torch.nn.Module):
     The student carries learned keys and values for ``num_tokens`` positions in each layer instead
     of the context's text (prefix tuning without its reparametrisation; the trainable KV cache of
     Eyuboglu et al.'s Cartridges). They are initialised from the frozen model's own cache of the
-    context's first tokens, so training starts from a truncated context. The wrapped weights stay
-    frozen; ``disable_adapter()`` (the teacher view) drops the prefix.
+    context's first tokens, so training starts from a truncated context. The first
+    ``num_frozen_tokens`` positions stay as initialised (Cartridges' default freezes the first: the
+    attention sink every query leans on, whose drift they found made the model forget). The wrapped
+    weights stay frozen; ``disable_adapter()`` (the teacher view) drops the prefix.
 
     Callers see positions and caches as if there were no prefix: the prefix is prepended to the
     attention mask and offsets the positions of every call, and it heads any cache the model returns.
     """
 
-    def __init__(self, model, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, model, keys: torch.Tensor, values: torch.Tensor, num_frozen_tokens: int = 0):
+        """``keys``, ``values``: [layers, kv_heads, tokens, head_dim], the first ``num_frozen_tokens`` tokens frozen."""
         super().__init__()
+        if num_frozen_tokens < 0 or 0 < keys.shape[2] <= num_frozen_tokens:
+            raise ValueError(
+                f"a prefix of {keys.shape[2]} tokens cannot freeze {num_frozen_tokens}: at least one must be trained"
+            )
         self.model = model.requires_grad_(False)
-        self.keys = torch.nn.Parameter(keys)  # [layers, kv_heads, tokens, head_dim]
-        self.values = torch.nn.Parameter(values)
+        self.register_buffer("frozen_keys", keys[:, :, :num_frozen_tokens].clone())
+        self.register_buffer("frozen_values", values[:, :, :num_frozen_tokens].clone())
+        self.keys = torch.nn.Parameter(keys[:, :, num_frozen_tokens:].clone())
+        self.values = torch.nn.Parameter(values[:, :, num_frozen_tokens:].clone())
         self.enabled = True
 
     @classmethod
-    def from_text(cls, model, tokenizer, text: str, num_tokens: int) -> "TrainableContext":
+    def from_text(cls, model, tokenizer, text: str, num_tokens: int, num_frozen_tokens: int = 0) -> "TrainableContext":
         ids = tokenizer(text).input_ids[:num_tokens]
         device = next(model.parameters()).device
         with torch.no_grad():
             cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).cache
         keys = torch.stack([layer.keys[0] for layer in cache.layers])
         values = torch.stack([layer.values[0] for layer in cache.layers])
-        return cls(model, keys.clone(), values.clone())
+        return cls(model, keys, values, num_frozen_tokens)
+
+    @property
+    def num_frozen_tokens(self) -> int:
+        return self.frozen_keys.shape[2]
 
     @property
     def num_tokens(self) -> int:
-        return self.keys.shape[2]
+        return self.num_frozen_tokens + self.keys.shape[2]
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -526,7 +539,9 @@ class TrainableContext(torch.nn.Module):
         rows = input_ids.shape[0]
         if cache is None:
             cache = DynamicCache()
-            for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            all_keys = torch.cat([self.frozen_keys, self.keys], 2)
+            all_values = torch.cat([self.frozen_values, self.values], 2)
+            for layer, (k, v) in enumerate(zip(all_keys, all_values)):
                 cache.update(k.expand(rows, *k.shape), v.expand(rows, *v.shape), layer)
             kwargs["use_cache"] = True
         if attention_mask is not None:
@@ -540,14 +555,19 @@ class TrainableContext(torch.nn.Module):
     def save_pretrained(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"keys": self.keys.detach().cpu(), "values": self.values.detach().cpu()},
+            {
+                "keys": torch.cat([self.frozen_keys, self.keys], 2).detach().cpu(),
+                "values": torch.cat([self.frozen_values, self.values], 2).detach().cpu(),
+                "num_frozen_tokens": self.num_frozen_tokens,
+            },
             Path(directory) / "trainable_context.pt",
         )
 
     @classmethod
     def from_saved(cls, model, directory: Path) -> "TrainableContext":
         state = torch.load(Path(directory) / "trainable_context.pt", weights_only=True)
-        return cls(model, state["keys"], state["values"])
+        # Prefixes saved before the first token was frozen have no count: every token was trained.
+        return cls(model, state["keys"], state["values"], state.get("num_frozen_tokens", 0))
 
 
 def load_trained(model, directory: Path, spec: DictConfig):
@@ -569,11 +589,12 @@ def load_trained(model, directory: Path, spec: DictConfig):
 
 def add_adapter(model, spec: DictConfig, tokenizer, context: str):
     """The trainable student ``model.adapter`` selects: LoRA, a trainable key/value prefix initialised
-    from the first ``model.prefix_tokens`` tokens of ``context``, or every weight (full)."""
+    from the first ``model.prefix_tokens`` tokens of ``context`` (the first ``model.prefix_frozen_tokens``
+    of them frozen), or every weight (full)."""
     if spec.adapter == "lora":
         return add_lora(model, spec)
     if spec.adapter == "prefix":
-        return TrainableContext.from_text(model, tokenizer, context, spec.prefix_tokens)
+        return TrainableContext.from_text(model, tokenizer, context, spec.prefix_tokens, spec.prefix_frozen_tokens)
     return model
 
 
