@@ -363,9 +363,18 @@ def test_a_trainer_setting_given_to_a_method_that_does_not_train_is_named_as_ign
     from ctxdistill.methods import build_method
     from ctxdistill.run import warn_unused_training_settings
 
-    overrides = ["method=icl", "trainer.lr=0.5", "+trainer.epochs=3", "trainer.eval_batch_size=4", "model.lora.r=4"]
+    overrides = [
+        "method=icl",
+        "trainer.lr=0.5",
+        "+trainer.epochs=3",
+        "trainer.eval_batch_size=4",
+        "model.lora.r=4",
+        "model.prefix_frozen_tokens=0",
+    ]
     with caplog.at_level(logging.WARNING, logger="ctxdistill.run"):
         warn_unused_training_settings(build_method(make_cfg(*TINY, "method=icl").method), overrides)
         warn_unused_training_settings(build_method(make_cfg(*TINY, "method=cd").method), overrides)
     # evaluation reads eval_batch_size; cd trains, so it reads them all
-    assert caplog.messages == ["method=icl does not train: ignoring trainer.lr, trainer.epochs, model.lora.r"]
+    assert caplog.messages == [
+        "method=icl does not train: ignoring trainer.lr, trainer.epochs, model.lora.r, model.prefix_frozen_tokens"
+    ]

@@ -136,7 +136,7 @@ def hydra_overrides() -> Optional[list[str]]:
 
 
 # Settings only training reads: the trainer group but what evaluation reads of it, and the trained adapter.
-TRAINING_KEYS = ("trainer.", "model.adapter", "model.lora.", "model.prefix_tokens")
+TRAINING_KEYS = ("trainer.", "model.adapter", "model.lora.", "model.prefix_")
 EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed")
 
 
