@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,16 @@ def method_of(schema: type, **fields):
 
     root = OmegaConf.create({"cache_dir": "~/.cache/ctxdistill", "seed": 0, "method": schema(**fields)})
     return build_method(root.method)
+
+
+def with_bos(tokenizer):
+    """A copy of ``tokenizer`` that starts every text with its BOS token, as Gemma's, OPT's and Llama's do."""
+    from tokenizers.processors import TemplateProcessing
+
+    bos_adding = deepcopy(tokenizer)
+    bos = (tokenizer.bos_token, tokenizer.bos_token_id)
+    bos_adding._tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos[0]} $A", pair=f"{bos[0]} $A $B", special_tokens=[bos]
+    )
+    assert bos_adding("").input_ids == [bos[1]]
+    return bos_adding

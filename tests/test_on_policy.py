@@ -14,7 +14,7 @@ from ctxdistill.losses import reverse_kl, sampled_reverse_kl
 from ctxdistill.models import ModelHandle, TrainableContext, add_lora, load_model, load_tokenizer
 from ctxdistill.run import run
 
-from conftest import TINY, behaving_teacher_overrides
+from conftest import TINY, behaving_teacher_overrides, with_bos
 
 P_S = [0.5, 0.3, 0.2]  # student
 P_T = [0.7, 0.2, 0.1]  # teacher
@@ -234,15 +234,22 @@ def test_with_one_sampled_token_on_policy_distillation_is_cd_at_the_label_positi
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
-def test_a_trainable_context_initialised_from_the_whole_context_is_the_teacher(tiny):
+@pytest.mark.parametrize("adds_bos", [False, True], ids=["no BOS (SmolLM2)", "BOS (Gemma, OPT, Llama)"])
+def test_a_trainable_context_initialised_from_the_whole_context_is_the_teacher(tiny, adds_bos, tmp_path):
+    """The teacher reads one BOS, at the head of its prompt: with a tokenizer that adds it to every text, the
+    prefix holds it and each query's own is masked out, so the student's logits are still the teacher's."""
     cfg, tokenizer = tiny
+    tokenizer = with_bos(tokenizer) if adds_bos else tokenizer
     model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0).eval()
     context = "Answer foo if positive, bar if negative."
     queries = ["\nReview: The food was great.\nSentiment:", "\nReview: Bad.\nSentiment:"]
+    skip = int(adds_bos)
     assert all(
-        tokenizer(context + q).input_ids == tokenizer(context).input_ids + tokenizer(q).input_ids for q in queries
+        tokenizer(context + q).input_ids == tokenizer(context).input_ids + tokenizer(q).input_ids[skip:]
+        for q in queries
     )
     student = TrainableContext.from_text(model, tokenizer, context, num_tokens=1000)
+    assert student.query_bos_token_id == (tokenizer.bos_token_id if adds_bos else None)
     assert student.num_tokens == len(tokenizer(context).input_ids)
     answers = [tokenizer(" foo bar", add_special_tokens=False).input_ids] * 2
     with torch.no_grad():
@@ -256,6 +263,12 @@ def test_a_trainable_context_initialised_from_the_whole_context_is_the_teacher(t
         assert generate(student, tokenizer, queries, 5, stop=None) == generate(
             model, tokenizer, [context + q for q in queries], 5, stop=None
         )
+        unbatched = student(input_ids=torch.tensor([tokenizer(queries[1]).input_ids])).logits[0, -1]
+        torch.testing.assert_close(unbatched, expected[1, -2], atol=1e-4, rtol=1e-4)  # positions inferred
+        if adds_bos:
+            without_bos = torch.tensor([tokenizer(queries[1], add_special_tokens=False).input_ids])
+            with pytest.raises(ValueError, match="must start with the BOS token"):
+                student(input_ids=without_bos)
         with student.disable_adapter():
             torch.testing.assert_close(
                 answer_logits(student, encode(tokenizer, queries, answers)),
@@ -265,6 +278,8 @@ def test_a_trainable_context_initialised_from_the_whole_context_is_the_teacher(t
     loss.backward()
     assert student.keys.grad.abs().sum() > 0 and student.values.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())
+    student.save_pretrained(tmp_path)
+    assert TrainableContext.from_saved(model, tmp_path).query_bos_token_id == student.query_bos_token_id
 
 
 def test_distillation_into_a_trainable_context_saves_it(make_cfg, tmp_path):

@@ -489,10 +489,22 @@ class TrainableContext(torch.nn.Module):
 
     Callers see positions and caches as if there were no prefix: the prefix is prepended to the
     attention mask and offsets the positions of every call, and it heads any cache the model returns.
+    Where the tokenizer starts every text with a BOS token (Gemma, OPT, Llama), the prefix holds the context's
+    and the teacher reads one BOS, at the head of its prompt: each query's own BOS (the first token each row
+    attends to) is masked out and the positions after it move back by one, so the query continues the prefix
+    exactly as it continues the context in the teacher's prompt.
     """
 
-    def __init__(self, model, keys: torch.Tensor, values: torch.Tensor, num_frozen_tokens: int = 0):
-        """``keys``, ``values``: [layers, kv_heads, tokens, head_dim], the first ``num_frozen_tokens`` tokens frozen."""
+    def __init__(
+        self,
+        model,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        num_frozen_tokens: int = 0,
+        query_bos_token_id: Optional[int] = None,
+    ):
+        """``keys``, ``values``: [layers, kv_heads, tokens, head_dim], the first ``num_frozen_tokens`` tokens frozen;
+        ``query_bos_token_id``: the BOS token every query starts with and the prefix already holds (None: none)."""
         super().__init__()
         if num_frozen_tokens < 0 or 0 < keys.shape[2] <= num_frozen_tokens:
             raise ValueError(
@@ -503,6 +515,7 @@ class TrainableContext(torch.nn.Module):
         self.register_buffer("frozen_values", values[:, :, :num_frozen_tokens].clone())
         self.keys = torch.nn.Parameter(keys[:, :, num_frozen_tokens:].clone())
         self.values = torch.nn.Parameter(values[:, :, num_frozen_tokens:].clone())
+        self.query_bos_token_id = query_bos_token_id
         self.enabled = True
 
     @classmethod
@@ -513,7 +526,9 @@ class TrainableContext(torch.nn.Module):
             cache = model(input_ids=torch.tensor([ids], device=device), use_cache=True).cache
         keys = torch.stack([layer.keys[0] for layer in cache.layers])
         values = torch.stack([layer.values[0] for layer in cache.layers])
-        return cls(model, keys, values, num_frozen_tokens)
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and ids[:1] == [bos] and tokenizer("").input_ids[:1] == [bos]
+        return cls(model, keys, values, num_frozen_tokens, bos if adds_bos else None)
 
     @property
     def num_frozen_tokens(self) -> int:
@@ -537,6 +552,8 @@ class TrainableContext(torch.nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
             )
         rows = input_ids.shape[0]
+        if self.query_bos_token_id is not None:
+            attention_mask, position_ids = self._without_query_bos(input_ids, attention_mask, position_ids, cache)
         if cache is None:
             cache = DynamicCache()
             all_keys = torch.cat([self.frozen_keys, self.keys], 2)
@@ -552,6 +569,26 @@ class TrainableContext(torch.nn.Module):
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kwargs
         )
 
+    def _without_query_bos(self, input_ids, attention_mask, position_ids, cache):
+        """The caller's mask with each row's BOS (its first attended token) masked out, and the caller's
+        positions (which count that BOS) one lower. A call that starts the rows (no cache) must begin each
+        with the BOS; later calls continue rows that did."""
+        rows, length = input_ids.shape
+        past = 0 if cache is None else cache.get_seq_length() - self.num_tokens
+        if attention_mask is None:
+            attention_mask = torch.ones(rows, past + length, dtype=torch.long, device=input_ids.device)
+        if position_ids is None:  # the model's own default: positions follow the cache, padding or not
+            position_ids = torch.arange(past, past + length, device=input_ids.device).expand(rows, length)
+        first = attention_mask.int().argmax(-1)
+        if cache is None and not bool((input_ids[torch.arange(rows), first] == self.query_bos_token_id).all()):
+            raise ValueError(
+                f"every row given to a trainable prefix must start with the BOS token ({self.query_bos_token_id}): "
+                "the prefix holds the context's, and the query's own is masked out; tokenise with special tokens"
+            )
+        attention_mask = attention_mask.clone()
+        attention_mask[torch.arange(rows), first] = 0
+        return attention_mask, (position_ids - 1).clamp(min=0)
+
     def save_pretrained(self, directory) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         torch.save(
@@ -559,6 +596,7 @@ class TrainableContext(torch.nn.Module):
                 "keys": torch.cat([self.frozen_keys, self.keys], 2).detach().cpu(),
                 "values": torch.cat([self.frozen_values, self.values], 2).detach().cpu(),
                 "num_frozen_tokens": self.num_frozen_tokens,
+                **({"query_bos_token_id": self.query_bos_token_id} if self.query_bos_token_id is not None else {}),
             },
             Path(directory) / "trainable_context.pt",
         )
@@ -566,8 +604,15 @@ class TrainableContext(torch.nn.Module):
     @classmethod
     def from_saved(cls, model, directory: Path) -> "TrainableContext":
         state = torch.load(Path(directory) / "trainable_context.pt", weights_only=True)
-        # Prefixes saved before the first token was frozen have no count: every token was trained.
-        return cls(model, state["keys"], state["values"], state.get("num_frozen_tokens", 0))
+        # Prefixes saved before the first token was frozen have no count: every token was trained; those saved
+        # before queries' BOS tokens were masked were trained reading them.
+        return cls(
+            model,
+            state["keys"],
+            state["values"],
+            state.get("num_frozen_tokens", 0),
+            state.get("query_bos_token_id"),
+        )
 
 
 def load_trained(model, directory: Path, spec: DictConfig):
