@@ -637,14 +637,17 @@ def test_a_wandb_run_that_crashed_or_was_stopped_is_not_read_back_and_its_attemp
             with pytest.raises((RuntimeError, SystemExit)):
                 run(cfg)
     run(cfg)
-    run(cfg)  # again, complete: a fourth attempt under the same run id
+    run(cfg)  # again, over the complete run: a W&B run of its own, which replaces the third as metrics.json does
     [record] = offline_records(tmp_path / "wandb")
     assert record["metrics"] == json.loads((tmp_path / "metrics.json").read_text())["metrics"]
     attempts = [read_offline_run(d) for d in sorted((tmp_path / "wandb").glob("offline-run-*"))]
     assert [a.finished for a in attempts] == [False, False, True, True]
     assert all("eval/accuracy" in a.summary for a in attempts)  # the stopped ones' from a periodic evaluation
     assert [a.summary.get("status") for a in attempts] == [None, None, "complete", "complete"]
-    assert len({a.run_id for a in attempts}) == 1
+    # the attempts that resume from a checkpoint continue one W&B run; the one that starts over at step 0 gets
+    # its own (under the old id W&B would drop every step it logs below the old run's last)
+    ids = [a.run_id for a in attempts]
+    assert ids[0] == ids[1] == ids[2] != ids[3]
     # read through the public API with its old exit code 0, the stopped attempt is still not a run
     assert record_from_wandb(attempts[1].config, attempts[1].summary, finished=True) is None
 

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 
 from ctxdistill import provenance
-from ctxdistill.checkpoint import remove_checkpoints, restore_random_states, save_random_states
+from ctxdistill.checkpoint import latest_checkpoint, remove_checkpoints, restore_random_states, save_random_states
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
 from ctxdistill.methods import build_method
@@ -243,6 +243,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "identity": run_identity(cfg, task),  # what a run read back from W&B is named by
             },
             output_dir=str(out),
+            resumes=resumes_training(out),
         )
         if writer
         else Tracker()
@@ -363,6 +364,12 @@ def trained_prefix_tokens(model) -> int:
 
 ROUNDS = "rounds"  # a run of several rounds keeps each finished round here until the run is complete
 ROUND_WEIGHTS = "trainable.safetensors"
+
+
+def resumes_training(out: Path) -> bool:
+    """Whether ``out`` holds a checkpoint or finished rounds that this run continues from (a run without
+    them starts at step 0)."""
+    return latest_checkpoint(out) is not None or (out / ROUNDS).is_dir()
 
 
 def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, evaluator):

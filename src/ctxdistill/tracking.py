@@ -4,7 +4,9 @@ W&B is online when the user is logged in and offline otherwise (a real run direc
 under the run's output dir, uploadable later with ``wandb sync``). Any W&B failure
 becomes a warning: tracking never costs a run its results. The run id is kept in the
 output dir (``wandb_run_id``), so a resumed run (preemption, requeue) continues the same
-W&B run instead of starting a new one.
+W&B run instead of starting a new one; a run that starts from step 0 (force=true over a
+complete run, a restart with no checkpoint) gets a new id, since W&B drops every step a
+continued run logs below its last one.
 """
 
 from __future__ import annotations
@@ -72,12 +74,13 @@ def resolve_mode(mode: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
 
 
-def persistent_run_id(output_dir: Path) -> str:
-    """The W&B run id of this output dir: made once, read back by every later (resumed) run."""
+def persistent_run_id(output_dir: Path, resumes: bool) -> str:
+    """The W&B run id of this output dir: read back by a run that ``resumes`` from where an earlier one
+    stopped, made anew by one that starts over."""
     from wandb.sdk.lib.runid import generate_id
 
     path = output_dir / "wandb_run_id"
-    if path.is_file():
+    if resumes and path.is_file():
         return path.read_text().strip()
     run_id = generate_id()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +104,7 @@ class WandbTracker(Tracker):
         config: dict[str, Any],
         output_dir: str,
         log_predictions: bool,
+        resumes: bool,
     ):
         import wandb
 
@@ -119,7 +123,7 @@ class WandbTracker(Tracker):
             config=config,
             dir=output_dir,
             reinit="finish_previous",
-            id=persistent_run_id(Path(output_dir)),
+            id=persistent_run_id(Path(output_dir), resumes),
             resume="allow",
             settings=wandb.Settings(silent=True),
         )
@@ -205,8 +209,10 @@ def wait_for_run_file(run_dir: Path, timeout: float = 30.0) -> None:
 
 
 def create_tracker(
-    logger_cfg, *, group: str, name: str, tags: list[str], config: dict[str, Any], output_dir: str
+    logger_cfg, *, group: str, name: str, tags: list[str], config: dict[str, Any], output_dir: str, resumes: bool
 ) -> Tracker:
+    """W&B as ``logger_cfg`` sets it (or nothing); ``resumes``: the run continues one that stopped in
+    ``output_dir`` (its W&B run continues too)."""
     if logger_cfg.backend == "none" or resolve_mode(logger_cfg.mode) == "disabled":
         return Tracker()
     try:
@@ -221,6 +227,7 @@ def create_tracker(
             config=config,
             output_dir=str(Path(output_dir)),
             log_predictions=logger_cfg.log_predictions,
+            resumes=resumes,
         )
     except Exception as e:  # noqa: BLE001 - a W&B outage must not stop the run
         log.warning("W&B could not start (%s); the run continues and its results stay on disk.", e)

@@ -150,8 +150,19 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
     }
 
 
+def latest_per_run_dir(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The last complete W&B run of each output dir: a run made again there (force=true) starts a W&B run of
+    its own, and replaces the earlier one's metrics.json as it replaces it here."""
+    latest: dict[Any, dict[str, Any]] = {}
+    for index, record in enumerate(records):
+        key = record["config"].get("output_dir") or index
+        if key not in latest or record["finished_at"] >= latest[key]["finished_at"]:
+            latest[key] = record
+    return list(latest.values())
+
+
 def offline_records(path: Path) -> list[dict[str, Any]]:
-    """The complete ctxdistill runs among the W&B run directories under ``path``.
+    """The complete ctxdistill runs among the W&B run directories under ``path``, the last of each output dir.
 
     A run interrupted and resumed leaves a directory per attempt under one run id: only the latest
     attempt says how the run ended."""
@@ -166,13 +177,14 @@ def offline_records(path: Path) -> list[dict[str, Any]]:
         if key not in latest or run.started >= latest[key].started:
             latest[key] = run
     records = [record_from_wandb(run.config, run.summary, finished=run.finished) for run in latest.values()]
-    return [r for r in records if r]
+    return latest_per_run_dir([r for r in records if r])
 
 
 def api_records(project_path: str, group: Optional[str] = None) -> list[dict[str, Any]]:
-    """The complete ctxdistill runs of a W&B project (``entity/project``), optionally of one group."""
+    """The complete ctxdistill runs of a W&B project (``entity/project``), optionally of one group, the last of
+    each output dir."""
     import wandb
 
     runs = wandb.Api().runs(project_path, filters={"group": group} if group else None, lazy=False)
     records = [record_from_wandb(run.config, run.summary_metrics, finished=run.state == "finished") for run in runs]
-    return [r for r in records if r]
+    return latest_per_run_dir([r for r in records if r])
