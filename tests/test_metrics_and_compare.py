@@ -22,7 +22,7 @@ from ctxdistill.methods.genpi import PromptInternalizationEvaluator
 from ctxdistill.ranking import link_prediction_metrics
 from ctxdistill.results.cli import main
 from ctxdistill.results.files import write_results
-from ctxdistill.results.metrics import MetricSet, float32_rounded
+from ctxdistill.results.metrics import Metric, MetricSet, float32_rounded
 from ctxdistill.results.records import collect
 from ctxdistill.results.stats import mcnemar_exact, sign_flip_test, t_interval, t_quantile, wilson
 from ctxdistill.results.table import Cell, summarise
@@ -88,6 +88,14 @@ def test_t_interval_uses_students_quantiles():
     mean, sd = 0.85, math.sqrt(((0.08) ** 2 + 0.04**2 + 0.12**2) / 2)
     assert (low, high) == pytest.approx((mean - 4.303 * sd / math.sqrt(3), mean + 4.303 * sd / math.sqrt(3)), abs=1e-3)
     assert t_interval([0.5]) is None
+
+
+def test_seeds_that_all_agree_get_one_runs_interval_not_one_of_width_zero():
+    accuracy = Metric("accuracy", "accuracy")
+    assert Cell(accuracy, [0.5] * 3, [48] * 3).interval == wilson(24, 48)
+    assert Cell(Metric("mrr", "MRR", kind="value", lowest=0.0, highest=1.0), [0.2, 0.2], [48, 48]).interval is None
+    low, high = Cell(accuracy, [0.5, 0.5, 0.52], [48] * 3).interval
+    assert (low, high) == pytest.approx(t_interval([0.5, 0.5, 0.52]))
 
 
 def test_an_interval_over_seeds_stops_where_the_metric_can_go():
@@ -447,6 +455,7 @@ def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_w
             config={key: {"name": record[key]} for key in ("method", "model", "dataset")} | {"seed": 0, "paper": None},
             output_dir=str(tmp_path / "wandb" / record["method"]),
             log_predictions=False,
+            resumes=False,
         )
         tracker.declare(MetricSet.from_dict(record["metric_set"]))
         tracker.log(record["metrics"], 2)
@@ -596,10 +605,11 @@ def test_by_splits_a_methods_runs_by_a_config_key_and_mixed_settings_are_warned_
     assert main([str(tmp_path), "--format", "csv", "--by", "method.aux_weight"]) == 0
     out, err = capsys.readouterr()
     rows = out.splitlines()[1:]
-    # t interval over seeds: 0.6 +- t(0.975, 2) * 0.1 / sqrt(3) = 0.6 +- 0.248414
+    # t interval over seeds: 0.6 +- t(0.975, 2) * 0.1 / sqrt(3) = 0.6 +- 0.248414; two seeds that agree say
+    # nothing of the spread (an MRR has no interval over examples)
     assert rows == [
         "kgbert_cd aux_weight=0.0,m,d,3,,0.6,0.1,0.351586,0.848414",
-        "kgbert_cd aux_weight=1.0,m,d,2,,0.2,0,0.2,0.2",
+        "kgbert_cd aux_weight=1.0,m,d,2,,0.2,0,,",
     ]
     assert "warning" not in err
 

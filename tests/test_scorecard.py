@@ -323,7 +323,9 @@ def test_the_scorecard_scores_the_runs_methods_when_by_splits_the_tables_rows(tm
     arguments = [str(tmp_path), "--scorecard", "--model-as", "smollm2-135m=opt-125m"]
     assert main(arguments) == 0
     whole = capsys.readouterr().out
-    assert "36 cells: 1 above, 1 below, 1 not measured, 33 not run." in whole
+    # two runs that agree: Wilson's interval over a run's 100 examples where they are counted, else none (a
+    # t-interval of width 0 would call 0.55 "above" the paper's 0.547)
+    assert "36 cells: 1 no interval, 1 consistent, 1 not measured, 33 not run." in whole
     assert main([*arguments, "--by", "trainer.lr"]) == 0
     out = capsys.readouterr().out
     assert "cd lr=0.001" in out and "cd lr=0.002" in out  # the table's rows

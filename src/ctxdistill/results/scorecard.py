@@ -5,7 +5,7 @@ named by an experiment's ``paper:``. Each cell says how it maps onto runs (metho
 shots, the run metric); the scorecard puts the reproduced mean, its 95% interval and n next to it
 and a verdict: ``consistent`` (the paper's value is inside our interval), ``above`` / ``below``
 (our interval lies above / below it), ``not run``, ``not measured`` (runs without that metric) or
-``no interval`` (one run of a metric that is not a rate, or of unknown size).
+``no interval`` (one run, or runs that all agree, of a metric that is not a rate or of unknown size).
 
 This module depends only on run records (``ctxdistill.results.records``), the intervals of
 ``ctxdistill.results.stats`` and plain data.
@@ -138,7 +138,7 @@ class Score:
     cell: Cell
     run_model: Optional[str] = None  # the model the runs used (differs from the cell's under --model-as)
     values: list[float] = field(default_factory=list)  # the run metric per run, in the paper's units
-    examples: Optional[int] = None  # eval examples of a single run
+    examples: Optional[int] = None  # eval examples of a run (the first)
     matched_runs: int = 0  # runs of the cell, with or without the metric
 
     @property
@@ -152,16 +152,14 @@ class Score:
 
     @property
     def interval(self) -> Optional[tuple[float, float]]:
-        """95% interval in the paper's units: t over runs, or Wilson over the examples of a single run."""
-        if len(self.values) > 1:
-            low, high = stats.t_interval(self.values)
-            # a mean of rates lies in [0, 1]
-            return (max(low, 0.0), min(high, self.cell.scale)) if self.cell.proportion else (low, high)
-        if len(self.values) == 1 and self.cell.proportion and self.examples:
-            scale = self.cell.scale
-            low, high = stats.wilson(self.values[0] / scale * self.examples, self.examples)
-            return low * scale, high * scale
-        return None
+        """95% interval in the paper's units: t over runs that differ, or Wilson over the examples of one run."""
+        scale = self.cell.scale
+        interval = stats.mean_interval([v / scale for v in self.values], self.examples, self.cell.proportion)
+        if interval is None:
+            return None
+        low, high = interval
+        # a mean of rates lies in [0, 1]
+        return (max(low, 0.0) * scale, min(high, 1.0) * scale) if self.cell.proportion else (low * scale, high * scale)
 
     @property
     def verdict(self) -> str:
@@ -228,7 +226,7 @@ def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[d
                     cell,
                     run_model,
                     [r["metrics"][cell.run_metric] * cell.scale for r in measured],
-                    run_examples(measured[0], cell.run_metric) if len(measured) == 1 else None,
+                    run_examples(measured[0], cell.run_metric) if measured else None,
                     len(runs),
                 )
             )

@@ -2,6 +2,7 @@
 
 - :func:`wilson`: a proportion of n examples (one run), Wilson's score interval.
 - :func:`t_interval`: a mean over n seeds, Student's t with n - 1 degrees of freedom.
+- :func:`mean_interval`: which of the two a mean over runs gets.
 - :func:`mcnemar_exact`: two methods on the same examples, the exact (binomial) McNemar test on the
   examples where exactly one of them is right.
 - :func:`sign_flip_test`: two methods on the same examples scored by a number (a reciprocal rank), the
@@ -65,6 +66,17 @@ def t_interval(values: list[float]) -> Optional[tuple[float, float]]:
     mean, sem = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
     half = t_quantile(len(values) - 1) * sem
     return mean - half, mean + half
+
+
+def mean_interval(values: Sequence[float], examples: Optional[int], proportion: bool) -> Optional[tuple[float, float]]:
+    """The 95% interval of the mean of ``values`` (one per run): Student's t over the runs where they differ;
+    for one run, or runs that all agree (their spread of 0 says nothing: a t-interval would have width 0),
+    Wilson's over one run's ``examples`` for a rate, else None."""
+    if len(values) > 1 and max(values) > min(values):
+        return t_interval(values)
+    if values and proportion and examples:
+        return wilson(values[0] * examples, examples)
+    return None
 
 
 def mcnemar_exact(only_first: int, only_second: int) -> float:

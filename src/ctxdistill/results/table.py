@@ -1,10 +1,11 @@
 """Records -> tables: one table per metric family, one row per (dataset, model, method), one column per
 declared metric and eval set, each cell the values over seeds with n and a 95% interval.
 
-The interval of a cell is Student's t over its seeds (n = seeds) when it has several, and Wilson's over
-the set's examples (n = examples) for one run of an accuracy-like metric. ``paired_tests`` adds, per cell
-and eval set, a paired test against a baseline method on the examples both were evaluated on: McNemar's
-exact test on successes (accuracy), a sign-flip randomisation test on scores (a reciprocal rank for MRR).
+The interval of a cell is Student's t over its seeds (n = seeds) when they differ, and Wilson's over
+the set's examples (n = examples) for one run of an accuracy-like metric, or seeds that all agree.
+``paired_tests`` adds, per cell and eval set, a paired test against a baseline method on the examples both
+were evaluated on: McNemar's exact test on successes (accuracy), a sign-flip randomisation test on scores
+(a reciprocal rank for MRR).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Optional
 
 from ctxdistill.results.metrics import EVERY_SET, EXAMPLES, IN_DOMAIN, Metric, MetricSet
 from ctxdistill.results.records import metric_set, model_size, predictions
-from ctxdistill.results.stats import mcnemar_exact, sign_flip_test, t_interval, wilson
+from ctxdistill.results.stats import mcnemar_exact, mean_interval, sign_flip_test
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,14 @@ class Cell:
 
     @property
     def interval(self) -> Optional[tuple[float, float]]:
-        """95%: Student's t over the seeds when there are several, else Wilson's over one run's examples."""
+        """95%: Student's t over the seeds where they differ, else Wilson's over one run's examples."""
         if self.metric.kind == "count":
             return None
-        if len(self.values) > 1:
-            low, high = t_interval(self.values)
-            lowest, highest = self.metric.value_range  # whatever few seeds suggest
-            return (low if lowest is None else max(low, lowest), high if highest is None else min(high, highest))
-        if self.metric.kind == "proportion" and self.examples[0]:
-            return wilson(self.values[0] * self.examples[0], self.examples[0])
-        return None
+        interval = mean_interval(self.values, self.examples[0], self.metric.kind == "proportion")
+        if interval is None:
+            return None
+        (low, high), (lowest, highest) = interval, self.metric.value_range  # whatever few seeds suggest
+        return (low if lowest is None else max(low, lowest), high if highest is None else min(high, highest))
 
 
 @dataclass
