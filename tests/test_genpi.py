@@ -1,5 +1,6 @@
 """GenPI: cached and resumable stages, the loss terms' targets and weights, the run end to end."""
 
+import copy
 import json
 import math
 import re
@@ -254,6 +255,21 @@ def test_each_loss_term_is_trained_on_its_own_target_tokens_only(make_cfg):
     assert all(method.prompt not in row for row in rows("sft"))
     pg_rows = [tokenizer.decode(ids) for ids in batch["pg"]["input_ids"]]
     assert "It lies on the Seine." in pg_rows[0] and method.prompt not in pg_rows[0].split("### Context")[0]
+
+
+def test_without_a_chat_template_a_reply_target_is_the_text_the_model_writes_after_the_colon(make_cfg):
+    """Replies are stored stripped; the plain layout's target puts back the space after "Assistant:", so the
+    student is trained on the tokens the teacher generated, not on the reply glued to the colon."""
+    method, tokenizer = tiny_method(make_cfg)
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = None
+    prompt = method.student_prompt(tokenizer, "Where is Paris?")
+    assert prompt.endswith("Assistant:")
+    target = method._target(tokenizer, "In France.", True)
+    assert tokenizer(prompt).input_ids + target == tokenizer(prompt + " In France.").input_ids + [
+        tokenizer.eos_token_id
+    ]
+    assert method._target(tokenizer, "", False) == [tokenizer.eos_token_id]  # no lone space for an empty reply
 
 
 # kaistAI/GenPI src/dataset_cls/agentbench/os/prompts.py (m2w and webshop alike), verbatim.

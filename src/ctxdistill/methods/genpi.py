@@ -556,7 +556,10 @@ class GenPI(PromptInternalization):
 
     # ------------------------------------------------------------ training
     def _target(self, tokenizer, text: str, complete: bool) -> list[int]:
-        ids = tokenizer(text, add_special_tokens=False).input_ids
+        # Replies are kept stripped; without a chat template one follows "Assistant:" after a space, as the
+        # model writes it (and as a user's text follows "User:"), not glued to the colon.
+        lead = " " if text and not tokenizer.chat_template else ""
+        ids = tokenizer(lead + text, add_special_tokens=False).input_ids
         # The end of the turn is learnt only where the teacher ended it (not cut off by max tokens).
         return ids + [tokenizer.eos_token_id] if complete or not ids else ids
 
