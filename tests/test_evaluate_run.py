@@ -228,3 +228,41 @@ def test_an_evaluation_is_replaced_only_with_force(untrained_sweep, capsys):
     assert {cell: (cell / "evaluations" / "twice" / "metrics.json").read_text() for cell in cells_of(sweep)} == first
     assert main([str(sweep), "dataset.source.split_sizes.eval=6", "--name", "twice", "--force"]) == 0
     assert all(metrics(cell / "evaluations" / "twice")["eval/examples"] == 6 for cell in cells_of(sweep))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "method=icl",
+            "ctxdistill: method: {cell} is a run of method=zero_shot, and this evaluation asks for method=icl",
+        ),
+        (
+            "model=smollm2-135m",
+            "ctxdistill: model.name_or_path: {cell} trained its weights on model=tiny-random "
+            "(name_or_path=tiny-random)",
+        ),
+        ("model.tiny.hidden_size=128", "ctxdistill: model.tiny: {cell} trained its weights on model=tiny-random"),
+    ],
+)
+def test_an_evaluation_of_another_method_or_model_than_the_runs_is_refused(untrained_sweep, override, message, capsys):
+    cell = cells_of(untrained_sweep)[0]
+    with pytest.raises(SystemExit) as stopped:
+        main([str(cell), override, "--name", "other"])
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert message.format(cell=cell) in err and "Traceback" not in err
+    assert not (cell / "evaluations" / "other").exists()
+
+
+def test_training_settings_given_to_an_evaluation_are_said_to_be_ignored(untrained_sweep, capsys):
+    assert main([str(untrained_sweep), "trainer.lr=5", "trainer.eval_batch_size=4", "--name", "lr"]) == 0
+    err = capsys.readouterr().err
+    assert "ctxdistill-eval trains nothing and loads the run's saved weights: ignoring trainer.lr\n" in err
+
+
+def test_a_path_that_does_not_exist_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path / "nowhere")])
+    assert stopped.value.code == 2
+    assert f"{tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err

@@ -406,3 +406,18 @@ def test_compiled_training_passes_give_the_eager_logits_and_gradients_on_the_beh
     for compiled, eager in zip(compiled_grads, eager_grads):
         # fused kernels sum in another order: elements near zero are compared against the gradient's scale
         torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4 * eager.abs().max().item())
+
+
+def test_lora_target_modules_that_name_no_layer_are_refused_naming_the_models_layers(tiny):
+    cfg, tokenizer, _ = tiny
+    spec = cfg.model.copy()
+    spec.lora.target_modules = ["nonexistent_proj"]
+    model = load_model(spec, cfg.cache_dir, tokenizer, seed=0)
+    with pytest.raises(
+        ModelLoadError,
+        match=r"model\.lora\.target_modules: \['nonexistent_proj'\] names no layer "
+        r"of tiny-random; its linear layers are \[.*'q_proj'.*\]",
+    ):
+        add_lora(model, spec)
+    spec.lora.target_modules = ["self_attn.q_proj"]  # PEFT's rule: the end of a module's name after a dot
+    assert add_lora(model, spec).get_nb_trainable_parameters()[0] > 0

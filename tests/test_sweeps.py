@@ -375,3 +375,21 @@ def test_the_paper_scripts_sweep_the_grid_file(tmp_path):
         f"ctxdistill -m experiment=mosbach2023/qqp {grid} a=1 b=2 hydra.sweep.dir={sweep}/qqp x=y",
         f"ctxdistill-compare {sweep} --out {sweep} --by dataset.pattern",
     ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["overrides", "nowhere.yaml"], "error: nowhere.yaml: cannot read it (No such file or directory)"),
+        (["overrides", "{bad}"], "error: {bad}: not YAML"),
+        (["overrides", "sweeps/grids/mosbach2023.yaml", "model"], "error: 'model': write key=a,b"),
+    ],
+)
+def test_a_grid_that_cannot_be_read_or_a_replacement_without_values_is_one_message(args, message, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [\n")
+    args = [a.format(bad=bad) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "ctxdistill.grids", *args], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(message.format(bad=bad)), proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -155,16 +155,31 @@ def quiet_console() -> None:
 
 def user_error_message(error: Exception) -> str:
     """One line (or a few) for a config, data or model error: what, which key or file, the fix."""
-    from hydra.errors import ConfigCompositionException
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf import DictConfig
 
     from ctxdistill.config import nearest_key
 
     cause = error.__cause__
     if isinstance(error, ConfigCompositionException) and getattr(cause, "full_key", None):
         if "not in" in str(cause) or "not found" in str(cause):  # a misspelt key
-            return f"{cause.full_key}: no such setting{nearest_key(str(cause.key), cause.object_type)}"
+            hint = nearest_key(str(cause.key), cause.object_type)
+            parent = getattr(cause, "parent_node", None)
+            if not hint and isinstance(parent, DictConfig) and len(parent):  # a dict's keys (dataset.ood's sets)
+                hint = f"; it has {', '.join(map(str, parent.keys()))}"
+            return f"{cause.full_key}: no such setting{hint}"
         return f"{cause.full_key}: {str(cause).splitlines()[0]}"
-    return str(error).split("\nConfig search path")[0].strip()  # an unknown option: keep the list of options
+    message = str(error).split("\nConfig search path")[0].strip()  # an unknown option: keep the list of options
+    missing = getattr(error, "missing_cfg_file", None) if isinstance(error, MissingConfigException) else None
+    if missing and "Available options" not in message and "/" in missing:
+        # an option in a list (ood=[hans,hanz]) gets no list of the options from Hydra: the group's own configs
+        group = missing.rsplit("/", 1)[0]
+        options = sorted(
+            str(p.relative_to(CONFIG_DIR / group).with_suffix("")) for p in (CONFIG_DIR / group).glob("*.yaml")
+        )
+        if options:
+            message += f"\n\nAvailable options in '{group}':\n\t" + "\n\t".join(options)
+    return message
 
 
 def user_errors() -> tuple[type[Exception], ...]:

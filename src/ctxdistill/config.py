@@ -300,7 +300,18 @@ class TrainerConfig:
     grad_accum_steps: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
-    scheduler: str = "linear"  # any transformers.get_scheduler name
+    # a transformers.get_scheduler name that needs no further arguments (the *_min_lr and warmup_stable_decay ones
+    # do) and steps without a metric (reduce_lr_on_plateau and greedy do not)
+    scheduler: str = one_of(
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+        default="linear",
+    )
     warmup_ratio: float = 0.1
     max_grad_norm: Optional[float] = 1.0
     shuffle: bool = True  # a new (seeded) order of the examples every epoch; false: the same order every epoch
@@ -435,6 +446,31 @@ def _template_fields(template: str, key: str) -> set[str]:
         raise ConfigError(f"{key}: {template!r} is not a format string ({e}). Double literal braces: {{{{ }}}}") from e
 
 
+def require_seed(value: Optional[int], key: str) -> None:
+    """A seed that numpy accepts too (``null`` where the setting allows it)."""
+    require(value is None or 0 <= value < 2**32, key, f"must be in [0, 2**32), got {value}", f"Set e.g. {key}=0")
+
+
+def _validate_source(source: DictConfig, key: str) -> None:
+    """Checks of the records' source found at ``key`` (``dataset.source``, an out-of-domain set's)."""
+    empty = sorted(split for split, size in source.split_sizes.items() if size < 1)
+    require(
+        not empty,
+        f"{key}.split_sizes",
+        f"{', '.join(f'{split}={source.split_sizes[split]}' for split in empty)}: a split must hold at least one "
+        "example",
+        "Give each split a size >= 1",
+    )
+    require(
+        source.subsample is None or source.subsample >= 1,
+        f"{key}.subsample",
+        f"must be >= 1 or null, got {source.subsample}",
+        "null keeps every record",
+    )
+    require_seed(source.seed, f"{key}.seed")
+    require_seed(source.subsample_seed, f"{key}.subsample_seed")
+
+
 def _validate_classification(d: DictConfig, key: str) -> None:
     """Checks of a classification or generation dataset config found at ``key`` (``dataset``, or a mixture's
     task)."""
@@ -469,6 +505,9 @@ def _validate_classification(d: DictConfig, key: str) -> None:
         f"Set {key}.context.draw=python for several contexts",
     )
     require(d.num_train_queries >= 1, f"{key}.num_train_queries", f"must be >= 1, got {d.num_train_queries}", "")
+    _validate_source(d.source, f"{key}.source")
+    require_seed(d.context.data_seed, f"{key}.context.data_seed")
+    require_seed(d.eval_shuffle_seed, f"{key}.eval_shuffle_seed")
     require(
         d.num_eval is None or d.num_eval >= 1,
         f"{key}.num_eval",
@@ -494,6 +533,14 @@ def _validate_classification(d: DictConfig, key: str) -> None:
             f"{key}.ood.{name}",
             "has settings but no source: the set is not selected",
             f"Select it (ood=[...,{name}]; the sets are conf/ood/*.yaml), or leave it out whole: ~dataset.ood.{name}",
+        )
+        _validate_source(ood.source, f"{key}.ood.{name}.source")
+        require_seed(ood.shuffle_seed, f"{key}.ood.{name}.shuffle_seed")
+        require(
+            ood.num_examples is None or ood.num_examples >= 1,
+            f"{key}.ood.{name}.num_examples",
+            f"must be >= 1 or null, got {ood.num_examples}",
+            f"null evaluates every row; ~{key}.ood.{name} leaves the set out",
         )
         try:  # a set maps its columns onto the dataset's fields (HANS: two of them)
             OmegaConf.to_container(ood, resolve=True)
@@ -603,6 +650,47 @@ def validate_model(spec: DictConfig, key: str) -> None:
         "At least one position of the prefix must be trained",
     )
     require(spec.lora.r >= 1, f"{key}.lora.r", f"must be >= 1, got {spec.lora.r}", "Or model.adapter=full")
+    require(
+        spec.lora.alpha > 0,
+        f"{key}.lora.alpha",
+        f"must be positive, got {spec.lora.alpha}",  # 0 scales the adapter's update, so training, to nothing
+        "LoRA scales its update by alpha / r; e.g. model.lora.alpha=32 (twice model.lora.r)",
+    )
+    require(
+        len(spec.lora.target_modules) > 0,
+        f"{key}.lora.target_modules",
+        "is empty: LoRA would adapt no layer",
+        "Name the linear layers to adapt, e.g. model.lora.target_modules=[q_proj,v_proj], or use model.adapter=full",
+    )
+    require(
+        spec.max_length is None or spec.max_length >= 1,
+        f"{key}.max_length",
+        f"must be >= 1 or null, got {spec.max_length}",  # 0 would silently mean the model's own window
+        "It is the context window in tokens; null reads it from the model's config",
+    )
+    if spec.source == "random":
+        tiny = spec.tiny
+        small = sorted(name for name, value in tiny.items() if value < 1)
+        require(
+            not small,
+            f"{key}.tiny",
+            f"{', '.join(f'{name}={tiny[name]}' for name in small)}: every size of the random model must be >= 1",
+            "Keep the sizes of conf/model/tiny-random.yaml, or raise these",
+        )
+        require(
+            tiny.hidden_size % tiny.num_attention_heads == 0,
+            f"{key}.tiny.num_attention_heads",
+            f"{tiny.num_attention_heads} does not divide tiny.hidden_size={tiny.hidden_size} (each head gets an "
+            "equal share of it)",
+            f"Use a divisor of {tiny.hidden_size}, or change tiny.hidden_size",
+        )
+        require(
+            spec.architecture != "causal_lm" or tiny.num_attention_heads % tiny.num_key_value_heads == 0,
+            f"{key}.tiny.num_key_value_heads",
+            f"{tiny.num_key_value_heads} does not divide tiny.num_attention_heads={tiny.num_attention_heads} "
+            "(grouped-query attention shares each key/value head among a group of query heads)",
+            f"Use a divisor of {tiny.num_attention_heads}",
+        )
     require(0 <= spec.lora.dropout < 1, f"{key}.lora.dropout", f"must be in [0, 1), got {spec.lora.dropout}", "")
     require(
         spec.layer_stride >= 1,
@@ -697,6 +785,7 @@ def _validate_mixture(d: DictConfig) -> None:
         )
     for key in ("num_train_instances", "num_votes", "num_eval"):
         require(d[key] >= 1, f"dataset.{key}", f"must be >= 1, got {d[key]}", "")
+    require_seed(d.data_seed, "dataset.data_seed")
 
 
 def cpp_compiler() -> Optional[str]:
@@ -762,6 +851,18 @@ def validate(cfg: DictConfig) -> None:
             "Use trainer/distributed=ddp on CPU",
         )
     require(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}", "")
+    require(
+        t.scheduler != "constant" or t.warmup_ratio == 0,
+        "trainer.warmup_ratio",
+        f"is {t.warmup_ratio}, and trainer.scheduler=constant has no warmup (it would be ignored)",
+        "Set trainer.scheduler=constant_with_warmup, or trainer.warmup_ratio=0",
+    )
+    require(
+        t.eval_every is None or t.eval_every >= 1,
+        "trainer.eval_every",
+        f"must be >= 1 or null, got {t.eval_every}",  # 0 would silently evaluate never, -n every n steps
+        "Set the steps between periodic evaluations, e.g. trainer.eval_every=50, or null for none",
+    )
     if t.mixed_precision == "fp16":
         import torch
 
@@ -786,6 +887,7 @@ def validate(cfg: DictConfig) -> None:
     elif d.kind == "knowledge_graph":
         for key in ("num_train", "num_eval", "eval_candidates"):
             require(d[key] is None or d[key] >= 1, f"dataset.{key}", f"must be >= 1 or null, got {d[key]}", "")
+        require_seed(d.subsample_seed, "dataset.subsample_seed")
     else:
         _validate_classification(d, "dataset")
     check_method(cfg)

@@ -110,6 +110,48 @@ def evaluation_config(run_dir: Path, overrides: list[str], out: Path, config_dir
     return cfg
 
 
+# What the saved weights were trained on: an evaluation that changes one of them cannot load them.
+RUN_MODEL_KEYS = ("name_or_path", "source", "revision", "architecture", "layer_stride")
+
+
+def check_same_model_and_method(run_dir: Path, cfg: DictConfig) -> None:
+    """The evaluation evaluates the run's own method on the run's own model (its saved weights fit no other)."""
+    from ctxdistill.config import ConfigError
+
+    recorded_file = run_dir / "config.yaml"
+    if not recorded_file.is_file():
+        return
+    recorded = OmegaConf.load(recorded_file)
+    if recorded.method.name != cfg.method.name:
+        raise ConfigError(
+            f"method: {run_dir} is a run of method={recorded.method.name}, and this evaluation asks for "
+            f"method={cfg.method.name}; ctxdistill-eval evaluates a run's own method and weights. Leave method out "
+            f"of the overrides, or start a run of its own: ctxdistill method={cfg.method.name} ..."
+        )
+    keys = [*RUN_MODEL_KEYS, *(("tiny",) if recorded.model.source == "random" else ())]
+    for key in keys:
+        was, now = recorded.model.get(key), cfg.model.get(key)
+        if OmegaConf.is_config(was):
+            was, now = OmegaConf.to_container(was), OmegaConf.to_container(now)
+        if was != now:
+            raise ConfigError(
+                f"model.{key}: {run_dir} trained its weights on model={recorded.model.name} ({key}={was}), and this "
+                f"evaluation would load {key}={now}: the saved weights fit only the run's model. Leave model and "
+                "model.* out of the overrides"
+            )
+
+
+def warn_unused_training_settings(overrides: list[str]) -> None:
+    """A training setting given to ctxdistill-eval, which trains nothing and loads the run's saved adapter or
+    weights as they are: said, not silently dropped."""
+    from ctxdistill.run import EVALUATION_TRAINER_KEYS, TRAINING_KEYS
+
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    unused = [k for k in keys if k.startswith(TRAINING_KEYS) and not k.startswith(EVALUATION_TRAINER_KEYS)]
+    if unused:
+        log.warning("ctxdistill-eval trains nothing and loads the run's saved weights: ignoring %s", ", ".join(unused))
+
+
 def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` under ``overrides`` (configs also from ``config_dirs``); returns what
     metrics.json holds."""
@@ -127,6 +169,8 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     provenance.begin_run()
     validate(cfg)
     honour_name_or_path(cfg.model)
+    check_same_model_and_method(run_dir, cfg)
+    warn_unused_training_settings(overrides)
     method = build_method(cfg.method)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     task = method.build_task(cfg.dataset, cfg.seed)
@@ -212,6 +256,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         handlers=[BarSafeHandler()],
         force=True,
     )
+    if not args.path.exists():
+        parser.error(f"{args.path}: no such directory; give a finished run's directory, or a sweep's")
     runs = run_dirs(args.path)
     if not runs:
         parser.error(f"no finished run (metrics.json) under {args.path}")

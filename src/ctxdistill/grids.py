@@ -36,7 +36,16 @@ AGENT_RUN_DIR = "hydra.run.dir=outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID}/${o
 
 
 def load_grid(path: Path) -> dict[str, Any]:
-    grid = yaml.safe_load(Path(path).read_text())
+    try:
+        grid = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror}); the grids are sweeps/grids/*.yaml") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not YAML ({str(e).splitlines()[0]}); the grids are sweeps/grids/*.yaml") from None
+    if not isinstance(grid, dict):
+        raise ConfigError(
+            f"{path}: a grid is a YAML mapping of experiments, params and wandb; got {type(grid).__name__}"
+        )
     unknown = sorted(set(grid) - {"experiments", "params", "wandb"})
     if unknown or not grid.get("experiments"):
         raise ConfigError(
@@ -51,6 +60,9 @@ def values(value: Any) -> list[Any]:
 
 def hydra_overrides(grid: dict[str, Any], replace: list[str] = ()) -> list[str]:
     """The grid's params as Hydra multirun overrides (``key=a,b,c``); ``replace`` (``key=a,b``) swaps one's values."""
+    malformed = [r for r in replace if "=" not in r]
+    if malformed:
+        raise ConfigError(f"{malformed[0]!r}: write key=a,b (a param of the grid and its values)")
     swapped = dict(r.split("=", 1) for r in replace)
     unknown = sorted(set(swapped) - set(grid["params"]))
     if unknown:

@@ -473,6 +473,17 @@ def add_lora(model, spec: DictConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
+    wanted = sorted(config.target_modules)
+    names = [name for name, _ in model.named_modules()]
+    # PEFT's rule: a target is a module's name or the end of it after a dot; its own error comes with a traceback
+    if not any(name == t or name.endswith(f".{t}") for name in names for t in wanted):
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ModelLoadError(
+            f"model.lora.target_modules: {wanted} names no layer of {spec.name}; its linear layers are {linear}. "
+            f"Name some of them, e.g. model.lora.target_modules=[{','.join(linear[:2])}]"
+        )
     return get_peft_model(model, config)
 
 

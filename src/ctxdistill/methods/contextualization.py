@@ -57,6 +57,12 @@ class ContextualizationConfig(MethodConfig):
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
         require(m.max_new_tokens >= 1, "method.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}", "")
         require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "")
+        require(
+            0 < m.top_p <= 1,
+            "method.top_p",
+            f"must be in (0, 1], got {m.top_p}",
+            "It is the nucleus's probability mass; 1.0 samples from the whole distribution",
+        )
         require(m.batch_size >= 1, "method.batch_size", f"must be >= 1, got {m.batch_size}", "")
 
 

@@ -104,6 +104,12 @@ class DistillConfig(SeparateTeacher, MethodConfig):
         require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
         require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
         require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        require(
+            m.max_answer_tokens >= 1,
+            "method.max_answer_tokens",
+            f"must be >= 1, got {m.max_answer_tokens}",
+            "It is the length of the teacher's generated answer span (method.answer=teacher_generation)",
+        )
         if m.divergence == "uld":
             require(
                 m.answer == "teacher_generation",

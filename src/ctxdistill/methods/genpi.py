@@ -115,6 +115,18 @@ class PromptInternalizationConfig(MethodConfig):
             "List each held-out input once",
         )
         require(
+            m.generator_temperature >= 0,
+            "method.generator_temperature",
+            f"must be >= 0, got {m.generator_temperature}",  # a negative one samples the least likely tokens
+            "0 is greedy; the released code samples at 1.0",
+        )
+        require(
+            m.generator_top_k is None or m.generator_top_k >= 1,
+            "method.generator_top_k",
+            f"must be >= 1 or null, got {m.generator_top_k}",
+            "null samples from the whole vocabulary",
+        )
+        require(
             m.generator_top_p is None or 0 < m.generator_top_p <= 1,
             "method.generator_top_p",
             f"must be in (0, 1] or null, got {m.generator_top_p}",
@@ -174,6 +186,12 @@ class GenPIConfig(PromptInternalizationConfig):
         require(0 <= m.sft_weight <= 1, "method.sft_weight", f"must be in [0, 1], got {m.sft_weight}", "")
         require(m.kl_weight >= 0, "method.kl_weight", f"must be >= 0, got {m.kl_weight}", "")
         require(m.max_reason_tokens >= 1, "method.max_reason_tokens", f"must be >= 1, got {m.max_reason_tokens}", "")
+        require(
+            m.reason_temperature >= 0,
+            "method.reason_temperature",
+            f"must be >= 0, got {m.reason_temperature}",  # a negative one samples the least likely tokens
+            "0 is greedy; the released reasons were sampled at 0.7",
+        )
         require(
             m.reason_top_p is None or 0 < m.reason_top_p <= 1,
             "method.reason_top_p",
