@@ -93,7 +93,8 @@ def test_exact_match_evaluation_counts_extraction_failures_as_wrong(make_cfg, tm
 
 
 def test_scratchpad_reports_extraction_failures_and_refuses_to_train_without_answers(make_cfg, tmp_path):
-    with pytest.raises(RuntimeError, match="'extraction_failures': 8, 'queries_without_answer': 4"):
+    # a user error (the CLI prints it without a traceback) that says what to change
+    with pytest.raises(ConfigError, match="'extraction_failures': 8, 'queries_without_answer': 4.*stronger teacher"):
         run(make_cfg(*ADDITION, "method=scratchpad", "method.num_samples=2", output_dir=tmp_path / "none"))
     # An extractor that reads any text gives every query a target.
     result = run(

@@ -80,9 +80,11 @@ def train(
     prepare_seconds = time.perf_counter() - started
     examples = [e for e in examples if method.trains_on(e)]
     if not examples:
-        raise RuntimeError(
-            f"method={method.name}: no training example has a target after preparation "
-            f"({prepared}); see the warnings above"
+        raise ConfigError(
+            f"method={method.name}: no training example has a target after preparation ({prepared}); the "
+            "warnings above say why (e.g. the teacher answered none of them usably). Give the teacher what it "
+            "needs to answer (a stronger teacher model, more demonstrations, sampling instead of greedy answers) "
+            "or more training examples"
         )
 
     # The shuffle generator's state at each epoch start is checkpointed: a resumed run sees the same order.
