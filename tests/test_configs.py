@@ -149,6 +149,9 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("method=genpi method.generator_top_k=0", "method.generator_top_k: must be >= 1 or null, got 0"),
         ("method=genpi method.reason_temperature=-0.5", "method.reason_temperature: must be >= 0, got -0.5"),
         ("method=opcd method.generator_temperature=-1", "method.generator_temperature"),  # OPCD's inputs too
+        ("dataset=kg_synthetic method=kgs2s method.max_target_length=0", "method.max_target_length: must be >= 2"),
+        ("dataset=kg_synthetic method=kg_decoder method.context_max_length=0", "method.context_max_length: must be"),
+        ("dataset=kg_synthetic method=kgbert method.max_length=1", "method.max_length: must be >= 2 tokens, got 1"),
     ],
 )
 def test_bad_values_are_named(make_cfg, override, key):

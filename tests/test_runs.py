@@ -378,3 +378,13 @@ def test_a_trainer_setting_given_to_a_method_that_does_not_train_is_named_as_ign
     assert caplog.messages == [
         "method=icl does not train: ignoring trainer.lr, trainer.epochs, model.lora.r, model.prefix_frozen_tokens"
     ]
+
+
+@pytest.mark.parametrize("method", ["cd", "on_policy_cd"])
+def test_distilling_an_empty_context_from_the_model_itself_is_refused_before_the_model_loads(make_cfg, method):
+    """Found by the bad-input audit: the teacher's prompt was the student's, and the run trained on a loss of 0."""
+    from ctxdistill.config import ConfigError
+
+    empty = ["dataset.context.num_demos=0", "dataset.context.instruction=", "dataset.context.separator="]
+    with pytest.raises(ConfigError, match="nothing to distil.*method.teacher_model"):
+        run(make_cfg(*TINY, f"method={method}", *empty))

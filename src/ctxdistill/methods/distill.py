@@ -62,7 +62,7 @@ from ctxdistill.losses import (
     uld_distance,
     uld_teacher_targets,
 )
-from ctxdistill.methods.base import Method
+from ctxdistill.methods.base import Method, check_context_to_distil
 from ctxdistill.models import ModelLoadError, evaluation_mode
 from ctxdistill.progress import progress_bar
 from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
@@ -271,6 +271,10 @@ class ContextDistillation(Method):
 
     def trains_on(self, example):
         return not self.uld or bool(self._groups.get(example.uid))
+
+    def check_inputs(self, task, tokenizer, cfg):
+        super().check_inputs(task, tokenizer, cfg)
+        check_context_to_distil(task, self.train_examples(task), self.teacher_model)
 
     def check_teacher(self, cfg, task, tokenizer, teacher_tokenizer):
         if self.uld:  # sorted probabilities need no shared vocabulary

@@ -62,6 +62,8 @@ class KGCStudentConfig(MethodConfig):
             "must be >= 0",
             "Set method.aux_weight=0 for the baseline without the auxiliary task",
         )
+        for key in ("max_length", "context_max_length"):
+            require(m[key] >= 2, f"method.{key}", f"must be >= 2 tokens, got {m[key]}", "It counts special tokens")
 
 
 @dataclass
@@ -116,6 +118,12 @@ class KGS2SConfig(KGCStudentConfig):
         super().check(m, cfg)
         for key in ("source_description_tokens", "target_description_tokens"):
             require(m[key] >= 0, f"method.{key}", f"must be >= 0, got {m[key]}", "0 leaves descriptions out")
+        require(
+            m.max_target_length >= 2,
+            "method.max_target_length",
+            f"must be >= 2 tokens, got {m.max_target_length}",
+            "It counts the end-of-sequence token",
+        )
 
 
 def mask_tokens(

@@ -49,7 +49,7 @@ from ctxdistill.losses import (
     uld_distance,
     uld_teacher_targets,
 )
-from ctxdistill.methods.base import Method
+from ctxdistill.methods.base import Method, check_context_to_distil
 from ctxdistill.models import ModelLoadError
 
 
@@ -137,6 +137,10 @@ class OnPolicyDistillation(Method):
         self._hybrid_weights: Optional[tuple[float, float]] = None
         self.tokenizer = self.teacher_tokenizer = None
         self.prefix: Optional[SharedPrefix] = None
+
+    def check_inputs(self, task, tokenizer, cfg):
+        super().check_inputs(task, tokenizer, cfg)
+        check_context_to_distil(task, self.train_examples(task), self.teacher_model)
 
     def check_teacher(self, cfg, task, tokenizer, teacher_tokenizer):
         if self.uld:  # the two tokenizations meet on the samples' text
