@@ -85,6 +85,12 @@ def test_malformed_row_names_the_file_and_line(make_cfg, tmp_path):
         build_task(spec, seed=0)
 
 
+def test_a_file_with_a_header_and_no_rows_is_named_as_empty(make_cfg, tmp_path):
+    spec = files_dataset(make_cfg, tmp_path, "s\tl\n")  # found by the bad-input audit (probe p20)
+    with pytest.raises(DataError, match=r"train\.tsv: split 'train' holds no records\. Check the file"):
+        build_task(spec, seed=0)
+
+
 def test_missing_data_file_names_the_path(make_cfg, tmp_path):
     spec = make_cfg("dataset.source.kind=files", f"++dataset.source.data_files.train={tmp_path}/nope.jsonl").dataset
     with pytest.raises(DataError, match="nope.jsonl"):

@@ -261,6 +261,12 @@ def load_records(source: DictConfig, split: str, key: str = "dataset.source") ->
         records = [{source.rename.get(k, k): v for k, v in r.items()} for r in records]
     for column, value in source.where.items():
         records = [r for r in records if str(r.get(column)) == value]
+    if not records:
+        raise DataError(
+            f"{where}: split {split!r} holds no records"
+            + (f" that match {key}.where={dict(source.where)}" if source.where else "")
+            + f". Check the file (a header alone is no record) or {key}.where"
+        )
     if source.bytes_literals:
         records = [{k: _strip_bytes_literal(v) for k, v in r.items()} for r in records]
     if source.subsample is not None and len(records) > source.subsample:
