@@ -167,6 +167,8 @@ def user_error_message(error: Exception) -> str:
             parent = getattr(cause, "parent_node", None)
             if not hint and isinstance(parent, DictConfig) and len(parent):  # a dict's keys (dataset.ood's sets)
                 hint = f"; it has {', '.join(map(str, parent.keys()))}"
+            elif not hint and isinstance(parent, DictConfig) and parent._metadata.element_type in (int, float, str):
+                hint = f". A mapping gets a new key with ++: ++{cause.full_key}=VALUE"  # dataset.label_map
             return f"{cause.full_key}: no such setting{hint}"
         return f"{cause.full_key}: {str(cause).splitlines()[0]}"
     message = str(error).split("\nConfig search path")[0].strip()  # an unknown option: keep the list of options
