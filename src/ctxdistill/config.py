@@ -436,6 +436,11 @@ def require(ok: bool, key: str, problem: str, fix: str) -> None:
         raise ConfigError(f"{key}: {problem}. {fix}")
 
 
+def require_count(value: Optional[int], key: str, fix: str = "") -> None:
+    """A count or size that is at least 1, or null (which the setting's comment says what it means)."""
+    require(value is None or value >= 1, key, f"must be >= 1 or null, got {value}", fix)
+
+
 def _template_fields(template: str, key: str) -> set[str]:
     """The field names a str.format template reads ({premise}, {0} ...)."""
     import string
@@ -461,12 +466,7 @@ def _validate_source(source: DictConfig, key: str) -> None:
         "example",
         "Give each split a size >= 1",
     )
-    require(
-        source.subsample is None or source.subsample >= 1,
-        f"{key}.subsample",
-        f"must be >= 1 or null, got {source.subsample}",
-        "null keeps every record",
-    )
+    require_count(source.subsample, f"{key}.subsample", "null keeps every record")
     require_seed(source.seed, f"{key}.seed")
     require_seed(source.subsample_seed, f"{key}.subsample_seed")
 
@@ -508,12 +508,7 @@ def _validate_classification(d: DictConfig, key: str) -> None:
     _validate_source(d.source, f"{key}.source")
     require_seed(d.context.data_seed, f"{key}.context.data_seed")
     require_seed(d.eval_shuffle_seed, f"{key}.eval_shuffle_seed")
-    require(
-        d.num_eval is None or d.num_eval >= 1,
-        f"{key}.num_eval",
-        f"must be >= 1, got {d.num_eval}",
-        f"Or {key}.num_eval=null to evaluate on every row",
-    )
+    require_count(d.num_eval, f"{key}.num_eval", f"Or {key}.num_eval=null to evaluate on every row")
     require(
         d.pattern is None or d.pattern in d.patterns,
         f"{key}.pattern",
@@ -536,10 +531,9 @@ def _validate_classification(d: DictConfig, key: str) -> None:
         )
         _validate_source(ood.source, f"{key}.ood.{name}.source")
         require_seed(ood.shuffle_seed, f"{key}.ood.{name}.shuffle_seed")
-        require(
-            ood.num_examples is None or ood.num_examples >= 1,
+        require_count(
+            ood.num_examples,
             f"{key}.ood.{name}.num_examples",
-            f"must be >= 1 or null, got {ood.num_examples}",
             f"null evaluates every row; ~{key}.ood.{name} leaves the set out",
         )
         try:  # a set maps its columns onto the dataset's fields (HANS: two of them)
@@ -662,10 +656,9 @@ def validate_model(spec: DictConfig, key: str) -> None:
         "is empty: LoRA would adapt no layer",
         "Name the linear layers to adapt, e.g. model.lora.target_modules=[q_proj,v_proj], or use model.adapter=full",
     )
-    require(
-        spec.max_length is None or spec.max_length >= 1,
+    require_count(  # 0 would silently mean the model's own window
+        spec.max_length,
         f"{key}.max_length",
-        f"must be >= 1 or null, got {spec.max_length}",  # 0 would silently mean the model's own window
         "It is the context window in tokens; null reads it from the model's config",
     )
     if spec.source == "random":
@@ -823,13 +816,8 @@ def validate(cfg: DictConfig) -> None:
         f"must be >= trainer.epochs ({t.epochs}) or null, got {t.schedule_epochs}",
         "It is the length of the LR schedule, which training stops part-way down",
     )
-    require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", f"must be >= 1, got {t.max_steps}", "")
-    require(
-        t.checkpoint_every is None or t.checkpoint_every >= 1,
-        "trainer.checkpoint_every",
-        f"must be >= 1 or null, got {t.checkpoint_every}",
-        "",
-    )
+    require_count(t.max_steps, "trainer.max_steps", "null trains trainer.epochs epochs")
+    require_count(t.checkpoint_every, "trainer.checkpoint_every")
     require(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}", "")
     if t.distributed.strategy == "zero3":
         import importlib.util
@@ -857,10 +845,9 @@ def validate(cfg: DictConfig) -> None:
         f"is {t.warmup_ratio}, and trainer.scheduler=constant has no warmup (it would be ignored)",
         "Set trainer.scheduler=constant_with_warmup, or trainer.warmup_ratio=0",
     )
-    require(
-        t.eval_every is None or t.eval_every >= 1,
+    require_count(  # 0 would silently evaluate never, -n every n steps
+        t.eval_every,
         "trainer.eval_every",
-        f"must be >= 1 or null, got {t.eval_every}",  # 0 would silently evaluate never, -n every n steps
         "Set the steps between periodic evaluations, e.g. trainer.eval_every=50, or null for none",
     )
     if t.mixed_precision == "fp16":
@@ -886,7 +873,7 @@ def validate(cfg: DictConfig) -> None:
         _validate_mixture(d)
     elif d.kind == "knowledge_graph":
         for key in ("num_train", "num_eval", "eval_candidates"):
-            require(d[key] is None or d[key] >= 1, f"dataset.{key}", f"must be >= 1 or null, got {d[key]}", "")
+            require_count(d[key], f"dataset.{key}")
         require_seed(d.subsample_seed, "dataset.subsample_seed")
     else:
         _validate_classification(d, "dataset")

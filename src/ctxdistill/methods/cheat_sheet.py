@@ -31,7 +31,7 @@ from typing import ClassVar, Optional
 
 from omegaconf import DictConfig
 
-from ctxdistill.config import ConfigError, MethodConfig, require
+from ctxdistill.config import ConfigError, MethodConfig, require, require_count
 from ctxdistill.data import Task
 from ctxdistill.evaluation import Evaluator, MethodEvaluator, make_evaluator
 from ctxdistill.generation import generate
@@ -88,7 +88,7 @@ class CheatSheetConfig(MethodConfig):
         require("{examples}" in m.request, "method.request", "has no {examples} placeholder", "Keep {examples} in it")
         require("{sheet}" in m.sheet_so_far, "method.sheet_so_far", "has no {sheet} placeholder", "Keep {sheet} in it")
         for key in ("chunk_demos", "max_sheet_tokens"):
-            require(m[key] is None or m[key] >= 1, f"method.{key}", f"must be at least 1, got {m[key]}", "")
+            require_count(m[key], f"method.{key}")
         require(m.format_examples >= 0, "method.format_examples", f"must be >= 0, got {m.format_examples}", "")
 
 

@@ -44,7 +44,7 @@ from typing import ClassVar, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import MethodConfig, SeparateTeacher, one_of, require
+from ctxdistill.config import MethodConfig, SeparateTeacher, one_of, require, require_count
 from ctxdistill.encoding import (
     SharedPrefix,
     answer_logits,
@@ -103,7 +103,7 @@ class DistillConfig(SeparateTeacher, MethodConfig):
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
         require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
         require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")
-        require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        require_count(m.top_k, "method.top_k", "null: the whole vocabulary")
         require(
             m.max_answer_tokens >= 1,
             "method.max_answer_tokens",

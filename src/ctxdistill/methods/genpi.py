@@ -35,7 +35,7 @@ from typing import ClassVar, Optional
 import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ctxdistill.config import ConfigError, MethodConfig, one_of, require
+from ctxdistill.config import ConfigError, MethodConfig, one_of, require, require_count
 from ctxdistill.data import Example, Task
 from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
@@ -120,12 +120,7 @@ class PromptInternalizationConfig(MethodConfig):
             f"must be >= 0, got {m.generator_temperature}",  # a negative one samples the least likely tokens
             "0 is greedy; the released code samples at 1.0",
         )
-        require(
-            m.generator_top_k is None or m.generator_top_k >= 1,
-            "method.generator_top_k",
-            f"must be >= 1 or null, got {m.generator_top_k}",
-            "null samples from the whole vocabulary",
-        )
+        require_count(m.generator_top_k, "method.generator_top_k", "null samples from the whole vocabulary")
         require(
             m.generator_top_p is None or 0 < m.generator_top_p <= 1,
             "method.generator_top_p",

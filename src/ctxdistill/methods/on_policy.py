@@ -31,7 +31,7 @@ from typing import ClassVar, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import MethodConfig, SeparateTeacher, one_of, require
+from ctxdistill.config import MethodConfig, SeparateTeacher, one_of, require, require_count
 from ctxdistill.encoding import (
     SharedPrefix,
     answer_logits,
@@ -76,7 +76,7 @@ class OnPolicySampling:
             f"must be positive, got {m.temperature}",
             "Sampling needs a positive temperature, e.g. method.temperature=1.0",
         )
-        require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        require_count(m.top_k, "method.top_k", "null samples from the whole vocabulary")
         require(
             m.top_k is None or m.divergence != "sampled_reverse_kl",
             "method.top_k",

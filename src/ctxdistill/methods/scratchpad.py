@@ -24,7 +24,7 @@ from typing import ClassVar, Optional
 import torch
 from omegaconf import DictConfig
 
-from ctxdistill.config import MethodConfig, require
+from ctxdistill.config import MethodConfig, require, require_count
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.generation import generate
 from ctxdistill.methods.base import Method
@@ -51,7 +51,7 @@ class ScratchpadConfig(MethodConfig):
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
         require(m.num_samples >= 1, "method.num_samples", f"must be >= 1, got {m.num_samples}", "")
         require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "0 is greedy")
-        require(m.top_k is None or m.top_k >= 1, "method.top_k", f"must be >= 1, got {m.top_k}", "")
+        require_count(m.top_k, "method.top_k", "null samples from the whole vocabulary")
 
 
 class ScratchpadDistillation(Method):
