@@ -298,6 +298,10 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
         (["method=distil"], "ctxdistill: In 'config': Could not find 'method/distil'"),
         (["dataset.ood.foo.x=1"], "ctxdistill: dataset.ood.foo: no such setting\n"),  # a dict: no fields to list
         (
+            ["dataset.template={premise} question:"],  # braces Hydra's grammar reads (the docs audit)
+            "ctxdistill: dataset.template={premise} question:: Hydra cannot parse this override",
+        ),
+        (
             ["dataset.label_map={foo:0}"],  # a mapping of values: a new key joins with ++ (bad-input audit, q21)
             "ctxdistill: dataset.label_map.foo: no such setting. A mapping gets a new key with ++: "
             "++dataset.label_map.foo=VALUE",

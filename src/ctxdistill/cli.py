@@ -155,11 +155,16 @@ def quiet_console() -> None:
 
 def user_error_message(error: Exception) -> str:
     """One line (or a few) for a config, data or model error: what, which key or file, the fix."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf import DictConfig
 
     from ctxdistill.config import nearest_key
 
+    if isinstance(error, OverrideParseException):  # Hydra's grammar reads braces, brackets and quotes
+        return (
+            f"{error.override}: Hydra cannot parse this override ({error.message.splitlines()[0]}). Quote a value "
+            "that holds braces, brackets, commas or spaces inside the shell's quotes: 'key=\"{premise} ...\"'"
+        )
     cause = error.__cause__
     if isinstance(error, ConfigCompositionException) and getattr(cause, "full_key", None):
         if "not in" in str(cause) or "not found" in str(cause):  # a misspelt key
@@ -186,14 +191,14 @@ def user_error_message(error: Exception) -> str:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors a user can fix from the message alone: printed without a traceback."""
-    from hydra.errors import ConfigCompositionException
+    from hydra.errors import ConfigCompositionException, OverrideParseException
 
     from ctxdistill.config import ConfigError
     from ctxdistill.data.tasks import DataError
     from ctxdistill.evaluation import NonFiniteScores
     from ctxdistill.models import ModelLoadError
 
-    return ConfigError, DataError, ModelLoadError, NonFiniteScores, ConfigCompositionException
+    return ConfigError, DataError, ModelLoadError, NonFiniteScores, ConfigCompositionException, OverrideParseException
 
 
 def exit_with_message(error: Exception) -> None:
