@@ -662,6 +662,28 @@ def test_a_wandb_run_that_crashed_or_was_stopped_is_not_read_back_and_its_attemp
     assert record_from_wandb(attempts[1].config, attempts[1].summary, finished=True) is None
 
 
+def test_runs_read_from_wandb_keep_the_last_complete_run_of_each_output_dir():
+    """The API path's rule, as the offline one's: a run made again in its dir (force=true) replaces it."""
+    from ctxdistill.results.wandb_runs import latest_per_run_dir
+
+    def record(output_dir, finished_at, accuracy):
+        return {
+            "config": {"output_dir": output_dir},
+            "finished_at": finished_at,
+            "metrics": {"eval/accuracy": accuracy},
+        }
+
+    records = [
+        record("/runs/a", "2026-12-05T10:00:00", 0.5),
+        record("/runs/a", "2026-12-05T12:00:00", 0.7),  # the re-run
+        record("/runs/b", "2026-12-05T11:00:00", 0.6),
+        record(None, "2026-12-05T09:00:00", 0.4),  # no dir recorded: a run of its own
+        record(None, "2026-12-05T09:00:00", 0.3),
+    ]
+    kept = latest_per_run_dir(records)
+    assert sorted(r["metrics"]["eval/accuracy"] for r in kept) == [0.3, 0.4, 0.6, 0.7]
+
+
 def test_a_runs_evaluation_again_is_not_one_more_seed_but_can_be_compared_on_its_own(make_cfg, tmp_path, capsys):
     from ctxdistill.evaluate_run import evaluate_run
     from ctxdistill.run import run
