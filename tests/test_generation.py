@@ -271,3 +271,21 @@ def test_genpi_pseudo_input_rounds_are_transformers_samples(behaving):
         tokenizer.decode(strip_stop(tokenizer, r), skip_special_tokens=True).strip() for r in rows
     ]
     assert len({text for text, _ in texts}) > 1
+
+
+def test_a_prefix_student_of_a_bos_adding_tokenizer_generates_what_its_teacher_does(behaving):
+    """On a model that behaves, with a tokenizer that starts every text with BOS: a trainable prefix initialised
+    from the whole context generates, token for token, what transformers' generate writes from context + query."""
+    from ctxdistill.models import TrainableContext
+
+    from conftest import with_bos
+
+    _, tokenizer, model = behaving
+    tokenizer = with_bos(tokenizer)
+    queries = [f"\n {start}" for start in STARTS]
+    student = TrainableContext.from_text(model, tokenizer, CONTEXT, num_tokens=1000)
+    assert student.query_bos_token_id == tokenizer.bos_token_id
+    with torch.no_grad():
+        ours = generate(student, tokenizer, queries, 10, stop=None)
+    expected = reference(model, tokenizer, [CONTEXT + q for q in queries], 10)
+    assert ours == expected and len({tuple(t) for t in ours}) > 1  # each query its own continuation

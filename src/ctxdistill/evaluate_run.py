@@ -144,10 +144,9 @@ def check_same_model_and_method(run_dir: Path, cfg: DictConfig) -> None:
 def warn_unused_training_settings(overrides: list[str]) -> None:
     """A training setting given to ctxdistill-eval, which trains nothing and loads the run's saved adapter or
     weights as they are: said, not silently dropped."""
-    from ctxdistill.run import EVALUATION_TRAINER_KEYS, TRAINING_KEYS
+    from ctxdistill.run import training_settings_in
 
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    unused = [k for k in keys if k.startswith(TRAINING_KEYS) and not k.startswith(EVALUATION_TRAINER_KEYS)]
+    unused = training_settings_in(overrides)
     if unused:
         log.warning("ctxdistill-eval trains nothing and loads the run's saved weights: ignoring %s", ", ".join(unused))
 

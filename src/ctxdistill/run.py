@@ -142,12 +142,15 @@ EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed")
 
 def warn_unused_training_settings(method, overrides: Optional[list[str]]) -> None:
     """A command-line training setting that a method without training never reads: said, not silently dropped."""
-    if method.trains or not overrides:
-        return
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-    unused = [k for k in keys if k.startswith(TRAINING_KEYS) and not k.startswith(EVALUATION_TRAINER_KEYS)]
+    unused = [] if method.trains else training_settings_in(overrides or [])
     if unused:
         log.warning("method=%s does not train: ignoring %s", method.name, ", ".join(unused))
+
+
+def training_settings_in(overrides: list[str]) -> list[str]:
+    """The keys of ``overrides`` that only training reads (trainer.* but its evaluation settings, the adapter's)."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    return [k for k in keys if k.startswith(TRAINING_KEYS) and not k.startswith(EVALUATION_TRAINER_KEYS)]
 
 
 def sweep_group() -> Optional[str]:
