@@ -258,7 +258,10 @@ def load_records(source: DictConfig, split: str, key: str = "dataset.source") ->
     ``key`` is where ``source`` sits in the config, for error messages."""
     records, where = _fetch_once(source, split, key)
     if source.rename:
-        records = [{source.rename.get(k, k): v for k, v in r.items()} for r in records]
+        rename = OmegaConf.to_container(
+            source.rename, resolve=True
+        )  # a plain dict: a DictConfig lookup per cell is slow
+        records = [{rename.get(k, k): v for k, v in r.items()} for r in records]
     for column, value in source.where.items():
         records = [r for r in records if str(r.get(column)) == value]
     if not records:
@@ -305,28 +308,32 @@ def to_examples(
     prefix: str,
     group_by: Optional[str] = None,
 ) -> list[Example]:
+    # Plain values read once: a DictConfig lookup per row is slow.
+    field_names, label_field, generates = list(spec.fields), spec.label_field, spec.generation is not None
+    labels = OmegaConf.to_container(label_map, resolve=True) if label_map else {}
+    drop, num_classes = set(drop_labels), len(spec.verbalizers)
     examples = []
     for i, record in enumerate(records):
-        missing = [f for f in [*spec.fields, spec.label_field] if f not in record]
+        missing = [f for f in [*field_names, label_field] if f not in record]
         if missing:
             raise DataError(
                 f"{where}: record {i} lacks field(s) {missing}; it has {sorted(record)} "
                 f"(dataset.source.rename maps columns to fields)"
             )
-        raw = str(record[spec.label_field])
-        if raw in drop_labels:
+        raw = str(record[label_field])
+        if raw in drop:
             continue
         group = str(record.get(group_by)) if group_by else None
-        fields = {f: str(record[f]) for f in spec.fields}
-        if spec.generation is not None:
+        fields = {f: str(record[f]) for f in field_names}
+        if generates:
             examples.append(Example(f"{prefix}-{i}", fields, None, group, target=raw))
             continue
-        if label_map:
-            if raw not in label_map:
+        if labels:
+            if raw not in labels:
                 raise DataError(
-                    f"{where}: record {i} has unknown label {raw!r}; dataset label_map knows {sorted(label_map)}"
+                    f"{where}: record {i} has unknown label {raw!r}; dataset label_map knows {sorted(labels)}"
                 )
-            label = int(label_map[raw])
+            label = int(labels[raw])
         else:
             try:
                 label = int(raw)
@@ -334,8 +341,8 @@ def to_examples(
                 raise DataError(
                     f"{where}: record {i} has label {raw!r}, which is not a class index; give the dataset a label_map"
                 ) from None
-        if not 0 <= label < len(spec.verbalizers):
-            raise DataError(f"{where}: record {i} has label {label}, but there are {len(spec.verbalizers)} verbalizers")
+        if not 0 <= label < num_classes:
+            raise DataError(f"{where}: record {i} has label {label}, but there are {num_classes} verbalizers")
         examples.append(Example(f"{prefix}-{i}", fields, label, group))
     return examples
 
