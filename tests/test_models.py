@@ -15,6 +15,7 @@ from ctxdistill.models import (
     TrainableContext,
     add_adapter,
     add_lora,
+    check_lora_targets,
     compiled_for_training,
     load_model,
     load_tokenizer,
@@ -408,16 +409,20 @@ def test_compiled_training_passes_give_the_eager_logits_and_gradients_on_the_beh
         torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4 * eager.abs().max().item())
 
 
-def test_lora_target_modules_that_name_no_layer_are_refused_naming_the_models_layers(tiny):
-    cfg, tokenizer, _ = tiny
+def test_lora_target_modules_that_name_no_layer_are_refused_before_the_weights_load(tiny, tmp_path):
+    cfg, tokenizer, model = tiny
     spec = cfg.model.copy()
     spec.lora.target_modules = ["nonexistent_proj"]
-    model = load_model(spec, cfg.cache_dir, tokenizer, seed=0)
-    with pytest.raises(
-        ModelLoadError,
-        match=r"model\.lora\.target_modules: \['nonexistent_proj'\] names no layer "
-        r"of tiny-random; its linear layers are \[.*'q_proj'.*\]",
-    ):
-        add_lora(model, spec)
+    refused = (
+        r"model\.lora\.target_modules: \['nonexistent_proj'\] names no layer of tiny-random; "
+        r"its linear layers are \[.*'q_proj'.*\]"
+    )
+    with pytest.raises(ModelLoadError, match=refused):
+        check_lora_targets(spec, cfg.cache_dir, tokenizer)
+    model.config.save_pretrained(tmp_path)  # a pretrained model's directory without its weights file
+    spec.source, spec.name_or_path = "hub", str(tmp_path)
+    with pytest.raises(ModelLoadError, match=refused):
+        check_lora_targets(spec, cfg.cache_dir, tokenizer)
     spec.lora.target_modules = ["self_attn.q_proj"]  # PEFT's rule: the end of a module's name after a dot
+    check_lora_targets(spec, cfg.cache_dir, tokenizer)
     assert add_lora(model, spec).get_nb_trainable_parameters()[0] > 0

@@ -295,16 +295,20 @@ def load_tokenizer(spec: DictConfig, cache_dir: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def pretrained_config(spec: DictConfig, cache_dir: str):
+    """The model's transformers config (its config.json), read without its weights."""
+    try:
+        return AutoConfig.from_pretrained(weights_location(spec, cache_dir), **_revision(spec))
+    except OSError as e:
+        raise _hub_error(spec, e) from e
+
+
 def context_window(spec: DictConfig, cache_dir: str) -> int:
     if spec.max_length:
         return spec.max_length
     if spec.source == "random":
         return spec.tiny.max_position_embeddings
-    try:
-        config = AutoConfig.from_pretrained(weights_location(spec, cache_dir), **_revision(spec))
-    except OSError as e:
-        raise _hub_error(spec, e) from e
-    return config.max_position_embeddings
+    return pretrained_config(spec, cache_dir).max_position_embeddings
 
 
 def _random_config(spec: DictConfig, tokenizer: PreTrainedTokenizerBase):
@@ -449,9 +453,7 @@ def check_shared_vocabulary(
             f"model family (e.g. OPT-1.3b for OPT-125m){fix}."
         )
     sizes = [
-        len(vocabularies[0])
-        if spec.source == "random"
-        else AutoConfig.from_pretrained(weights_location(spec, cache_dir), **_revision(spec)).vocab_size
+        len(vocabularies[0]) if spec.source == "random" else pretrained_config(spec, cache_dir).vocab_size
         for spec in (student, teacher)
     ]
     if sizes[0] != sizes[1]:
@@ -459,6 +461,28 @@ def check_shared_vocabulary(
             f"method.teacher={teacher.name} scores {sizes[1]} output tokens and model={student.name} "
             f"{sizes[0]} (their embedding matrices are padded differently); distillation over logits "
             f"needs equal output sizes. Use a teacher with the student's output size{fix}."
+        )
+
+
+def check_lora_targets(
+    spec: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerBase, wrap: Callable = lambda model, _: model
+) -> None:
+    """Refuse ``model.lora.target_modules`` that name no layer of the model (``wrap``: what the method builds
+    around it), before its weights load: the check runs on the modules built on the meta device, which takes
+    no memory and no time at any size."""
+    config = _random_config(spec, tokenizer) if spec.source == "random" else pretrained_config(spec, cache_dir)
+    with torch.device("meta"):
+        model = wrap(AUTO_CLASSES[spec.architecture].from_config(config), tokenizer)
+    wanted = sorted(spec.lora.target_modules)
+    names = [name for name, _ in model.named_modules()]
+    # PEFT's rule: a target is a module's name or the end of it after a dot; its own error comes with a traceback
+    if not any(name == t or name.endswith(f".{t}") for name in names for t in wanted):
+        linear = sorted(
+            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ModelLoadError(
+            f"model.lora.target_modules: {wanted} names no layer of {spec.name}; its linear layers are {linear}. "
+            f"Name some of them, e.g. model.lora.target_modules=[{','.join(linear[:2])}]"
         )
 
 
@@ -473,17 +497,6 @@ def add_lora(model, spec: DictConfig):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    wanted = sorted(config.target_modules)
-    names = [name for name, _ in model.named_modules()]
-    # PEFT's rule: a target is a module's name or the end of it after a dot; its own error comes with a traceback
-    if not any(name == t or name.endswith(f".{t}") for name in names for t in wanted):
-        linear = sorted(
-            {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        )
-        raise ModelLoadError(
-            f"model.lora.target_modules: {wanted} names no layer of {spec.name}; its linear layers are {linear}. "
-            f"Name some of them, e.g. model.lora.target_modules=[{','.join(linear[:2])}]"
-        )
     return get_peft_model(model, config)
 
 
