@@ -15,6 +15,7 @@ from ctxdistill.models import (
     TrainableContext,
     add_adapter,
     add_lora,
+    check_adapter,
     check_lora_targets,
     compiled_for_training,
     load_model,
@@ -407,6 +408,19 @@ def test_compiled_training_passes_give_the_eager_logits_and_gradients_on_the_beh
     for compiled, eager in zip(compiled_grads, eager_grads):
         # fused kernels sum in another order: elements near zero are compared against the gradient's scale
         torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4 * eager.abs().max().item())
+
+
+def test_a_prefix_longer_than_the_context_is_named_and_one_with_nothing_to_train_refused(tiny, caplog):
+    cfg, tokenizer, _ = tiny
+    spec = cfg.model.copy()
+    spec.adapter, spec.prefix_tokens, spec.prefix_frozen_tokens = "prefix", 32, 1
+    context = "Answer yes or no."
+    available = len(tokenizer(context).input_ids)
+    with caplog.at_level("WARNING", logger="ctxdistill.models"):
+        check_adapter(spec, cfg.cache_dir, tokenizer, context, wrap=None)
+    assert f"model.prefix_tokens=32, but the context has {available} tokens" in caplog.text
+    with pytest.raises(ModelLoadError, match=r"the context has 0, none left to train after model\.prefix_frozen"):
+        check_adapter(spec, cfg.cache_dir, tokenizer, "", wrap=None)
 
 
 def test_lora_target_modules_that_name_no_layer_are_refused_before_the_weights_load(tiny, tmp_path):

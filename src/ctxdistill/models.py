@@ -486,6 +486,28 @@ def check_lora_targets(
         )
 
 
+def check_adapter(spec: DictConfig, cache_dir: str, tokenizer, context: str, wrap: Callable) -> None:
+    """Checks of the adapter ``model.adapter`` selects, before the weights load: LoRA's target modules exist; a
+    trainable prefix has context to start from (fewer tokens than ``model.prefix_tokens``: it is that long)."""
+    if spec.adapter == "lora":
+        check_lora_targets(spec, cache_dir, tokenizer, wrap)
+    elif spec.adapter == "prefix":
+        available = len(tokenizer(context).input_ids)
+        if available <= spec.prefix_frozen_tokens:
+            raise ModelLoadError(
+                f"model.adapter=prefix starts from the context's first tokens, and the context has {available}, "
+                f"none left to train after model.prefix_frozen_tokens={spec.prefix_frozen_tokens}. Give the "
+                "dataset a context (dataset.context.num_demos or an instruction) or lower model.prefix_frozen_tokens"
+            )
+        if available < spec.prefix_tokens:
+            log.warning(
+                "model.prefix_tokens=%d, but the context has %d tokens: the trainable prefix holds those %d",
+                spec.prefix_tokens,
+                available,
+                available,
+            )
+
+
 def add_lora(model, spec: DictConfig):
     from peft import LoraConfig, get_peft_model
 

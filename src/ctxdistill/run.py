@@ -31,7 +31,7 @@ from ctxdistill.models import (
     ModelHandle,
     TrainableContext,
     add_adapter,
-    check_lora_targets,
+    check_adapter,
     honour_name_or_path,
     load_model,
     load_tokenizer,
@@ -219,8 +219,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0."
         )
     method.check_inputs(task, tokenizer, cfg)
-    if method.trained_weights == "adapter" and cfg.model.adapter == "lora":
-        check_lora_targets(cfg.model, cfg.cache_dir, tokenizer, method.wrap_model)
+    if method.trained_weights == "adapter":
+        check_adapter(cfg.model, cfg.cache_dir, tokenizer, task.context, method.wrap_model)
     warn_unused_training_settings(method, hydra_overrides())
     teacher_spec = method.teacher_model  # a separate (larger) teacher, or None: the base weights teach
     teacher_tokenizer = separate_teacher_tokenizer(cfg, method, task, tokenizer)
