@@ -268,10 +268,13 @@ def test_meta_ict_evaluates_only_on_tasks_absent_from_training(make_cfg, tmp_pat
     assert all(not t.eval_sets for t in task.train_tasks.values())
     metrics = run(cfg)["metrics"]
     assert {key.split("/")[0] for key in metrics} == {"temperature", "eval", "serving"}  # serving: the run's
-    # A target task that is also a source task is refused, under any name.
+    # A target task that is also a source task is refused, under any name, its dataset renamed too.
     for name in ("size", "size_again"):
         with pytest.raises(ConfigError, match="absent from training"):
             validate(make_cfg(*meta, f"+dataset@dataset.eval_tasks.{name}=synthetic_size"))
+        with pytest.raises(ConfigError, match="absent from training"):
+            renamed = f"dataset.eval_tasks.{name}.name=renamed"
+            validate(make_cfg(*meta, f"+dataset@dataset.eval_tasks.{name}=synthetic_size", renamed))
 
 
 @pytest.mark.parametrize(

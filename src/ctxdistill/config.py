@@ -746,7 +746,7 @@ def _validate_mixture(d: DictConfig) -> None:
             same = [
                 train_name
                 for train_name, train in d.train_tasks.items()
-                if train_name == name or (train.name == task.name and train.source == task.source)
+                if train_name == name or train.source == task.source  # the same rows, whatever its name
             ]
             require(
                 not same,
