@@ -650,16 +650,32 @@ def test_a_wandb_run_that_crashed_or_was_stopped_is_not_read_back_and_its_attemp
     run(cfg)  # again, over the complete run: a W&B run of its own, which replaces the third as metrics.json does
     [record] = offline_records(tmp_path / "wandb")
     assert record["metrics"] == json.loads((tmp_path / "metrics.json").read_text())["metrics"]
-    attempts = [read_offline_run(d) for d in sorted((tmp_path / "wandb").glob("offline-run-*"))]
+    # the run made again replaces the earlier one: its attempts move aside, out of `wandb sync --sync-all`
+    [current] = [read_offline_run(d) for d in (tmp_path / "wandb").glob("offline-run-*")]
+    attempts = [read_offline_run(d) for d in sorted((tmp_path / "wandb" / "superseded").glob("offline-run-*"))]
+    attempts.append(current)
     assert [a.finished for a in attempts] == [False, False, True, True]
     assert all("eval/accuracy" in a.summary for a in attempts)  # the stopped ones' from a periodic evaluation
     assert [a.summary.get("status") for a in attempts] == [None, None, "complete", "complete"]
     # the attempts that resume from a checkpoint continue one W&B run; the one that starts over at step 0 gets
-    # its own (under the old id W&B would drop every step it logs below the old run's last)
+    # its own (under the old id W&B would drop every step it logs below the old run's last), naming the one
+    # it replaces
     ids = [a.run_id for a in attempts]
     assert ids[0] == ids[1] == ids[2] != ids[3]
+    assert current.config["supersedes_wandb_run"] == ids[0] and "supersedes_wandb_run" not in attempts[2].config
     # read through the public API with its old exit code 0, the stopped attempt is still not a run
     assert record_from_wandb(attempts[1].config, attempts[1].summary, finished=True) is None
+
+
+def test_a_run_replaced_online_is_tagged_and_leaves_its_group():
+    from types import SimpleNamespace
+
+    from ctxdistill.tracking import mark_superseded_online
+
+    updates = []
+    earlier = SimpleNamespace(tags=["cd"], group="demo", update=lambda: updates.append((earlier.tags, earlier.group)))
+    mark_superseded_online(earlier, "demo")  # the fields wandb's public Run.update() sends to the server
+    assert updates == [(["cd", "superseded"], "superseded:demo")]
 
 
 def test_runs_read_from_wandb_keep_the_last_complete_run_of_each_output_dir():

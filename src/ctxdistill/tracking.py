@@ -6,7 +6,9 @@ becomes a warning: tracking never costs a run its results. The run id is kept in
 output dir (``wandb_run_id``), so a resumed run (preemption, requeue) continues the same
 W&B run instead of starting a new one; a run that starts from step 0 (force=true over a
 complete run, a restart with no checkpoint) gets a new id, since W&B drops every step a
-continued run logs below its last one.
+continued run logs below its last one, and the W&B run it replaces is set aside (offline: its directories
+move to ``wandb/superseded``; online: tagged ``superseded`` and out of its group), so that neither
+``wandb sync --sync-all`` nor a group's averages count a run twice.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import logging
 import netrc
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -74,20 +77,43 @@ def resolve_mode(mode: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
 
 
-def persistent_run_id(output_dir: Path, resumes: bool) -> str:
-    """The W&B run id of this output dir: read back by a run that ``resumes`` from where an earlier one
-    stopped, made anew by one that starts over."""
+SUPERSEDED = "superseded"  # the tag, group prefix and offline folder of a W&B run a later run replaced
+
+
+def persistent_run_id(output_dir: Path, resumes: bool) -> tuple[str, Optional[str]]:
+    """The W&B run id of this output dir, and the id of the run it replaces (None: none): read back by a run
+    that ``resumes`` from where an earlier one stopped, made anew by one that starts over (which supersedes
+    the W&B run of the results it overwrites)."""
     from wandb.sdk.lib.runid import generate_id
 
     path = output_dir / "wandb_run_id"
-    if resumes and path.is_file():
-        return path.read_text().strip()
+    earlier = path.read_text().strip() if path.is_file() else None
+    if resumes and earlier:
+        return earlier, None
     run_id = generate_id()
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
     staging.write_text(run_id + "\n")
     os.replace(staging, path)
-    return run_id
+    return run_id, earlier
+
+
+def set_aside_offline_runs(wandb_dir: Path, run_id: str) -> list[Path]:
+    """Moves the offline directories of W&B run ``run_id`` (every attempt) into ``wandb_dir/superseded``,
+    out of what ``wandb sync --sync-all`` uploads and of the dashboards' averages; nothing is deleted."""
+    moved = []
+    for attempt in sorted(wandb_dir.glob(f"offline-run-*-{run_id}")):
+        (wandb_dir / SUPERSEDED).mkdir(exist_ok=True)
+        moved.append(Path(shutil.move(str(attempt), wandb_dir / SUPERSEDED / attempt.name)))
+    return moved
+
+
+def mark_superseded_online(api_run, group: str) -> None:
+    """Tags a W&B run a later run of the same output dir replaced and moves it out of ``group``, so that the
+    group's panels average the current runs only."""
+    api_run.tags = sorted({*api_run.tags, SUPERSEDED})
+    api_run.group = f"{SUPERSEDED}:{group}"
+    api_run.update()
 
 
 class WandbTracker(Tracker):
@@ -111,6 +137,7 @@ class WandbTracker(Tracker):
         self._wandb = wandb
         self._log_predictions = log_predictions
         mode = resolve_mode(mode)
+        run_id, superseded = persistent_run_id(Path(output_dir), resumes)
         # silent: no banner, no footer of one-point sparklines; the one line below says where the run is
         self.run = wandb.init(
             project=project,
@@ -123,10 +150,12 @@ class WandbTracker(Tracker):
             config=config,
             dir=output_dir,
             reinit="finish_previous",
-            id=persistent_run_id(Path(output_dir), resumes),
+            id=run_id,
             resume="allow",
             settings=wandb.Settings(silent=True),
         )
+        if superseded is not None:
+            self._set_aside(superseded, Path(output_dir) / "wandb", group, mode)
         # A sweep agent's parameters replace and lock the entries of the same name (method: cd over the method
         # section); the sweep needs them to track its grid, and reading the run back needs the sections.
         shadowed = {
@@ -151,6 +180,22 @@ class WandbTracker(Tracker):
         name = metric_set.objective.rpartition("/")[2]
         better = next((m.higher_is_better for m in metric_set.metrics if m.name == name), True)
         self.run.define_metric(metric_set.objective, summary="max" if better else "min")
+
+    @_warn_on_failure
+    def _set_aside(self, run_id: str, wandb_dir: Path, group: str, mode: str) -> None:
+        """The W&B run of the results this run overwrites (force=true, a restart from step 0) stops counting:
+        its offline directories are moved aside, and online it is tagged and leaves the group."""
+        self.run.config.update({"supersedes_wandb_run": run_id})
+        moved = set_aside_offline_runs(wandb_dir, run_id)
+        if moved:
+            log.info("W&B: this run replaces %s; its offline directories are now under %s", run_id, moved[0].parent)
+        if mode == "online":
+            try:
+                earlier = self._wandb.Api().run(f"{self.run.entity}/{self.run.project}/{run_id}")
+            except ValueError:  # wandb's RunNotFoundError: never uploaded (an offline run not synced), nothing to mark
+                return
+            mark_superseded_online(earlier, group)
+            log.info("W&B: run %s, which this run replaces, is tagged %r and left group %s", run_id, SUPERSEDED, group)
 
     @_warn_on_failure
     def log(self, metrics, step):
