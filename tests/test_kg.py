@@ -573,6 +573,25 @@ def test_kgs2s_queries_and_targets_are_the_released_strings(seq2seq_tokenizer):
     assert tokenizer.batch_decode(sources) == ["contextualize: tombstone , NN , 1 | hypernym | memorial , NN , 2"] * 2
 
 
+def test_kgs2s_hides_query_tokens_from_attention_but_never_the_separators_or_the_sentinel(seq2seq_tokenizer):
+    # The released -seq_dropout (KG-S2S/models/model.py, training_step): every source token is hidden with the
+    # probability, but T5's "|" (1820) and <extra_id_0> (32099) stay; the context's input is never touched.
+    tokenizer, task = seq2seq_tokenizer, kgs2s_task()
+    queries = [(task.train_triples[0], d) for d in ("tail", "head")] * 64
+    method = method_of(KGS2SConfig, name="kgs2s_cd", kgc_weight=0.5, aux_weight=0.5, source_token_dropout=0.3)
+    method.generator.manual_seed(0)
+    batch = method.collate(tokenizer, task, queries)
+    kept, full = batch["kgc"]["attention_mask"], batch["context"]["attention_mask"]
+    assert torch.equal(batch["kgc"]["input_ids"], batch["context"]["input_ids"]) and bool((kept <= full).all())
+    hidden = (full == 1) & (kept == 0)
+    marks = torch.tensor(sorted(set(tokenizer(" | <extra_id_0>", add_special_tokens=False).input_ids)))
+    protected = torch.isin(batch["kgc"]["input_ids"], marks)
+    assert protected.any() and not (hidden & protected).any()
+    assert abs(hidden.sum().item() / ((full == 1) & ~protected).sum().item() - 0.3) < 0.03
+    without = method_of(KGS2SConfig, name="kgs2s_cd", kgc_weight=0.5, aux_weight=0.5).collate(tokenizer, task, queries)
+    assert torch.equal(without["kgc"]["attention_mask"], full)
+
+
 def test_kgs2s_warns_when_entities_share_a_target(seq2seq_tokenizer, caplog):
     task = kgs2s_task()
     task.graph.entity_names["09"] = "memorial , NN , 2"
@@ -858,7 +877,11 @@ def test_li2024_experiments_hold_the_released_settings(make_cfg):
         "aux_weight": 1.0,
     }
     assert make_cfg("experiment=li2024/fb15k237n").trainer.schedule_epochs is None  # the final model of 5 epochs
-    for experiment, epochs, batch, descriptions in (("wn18rr_kgs2s", 100, 32, 40), ("fb15k237n_kgs2s", 50, 16, 80)):
+    # KG-S2S/train_*.sh: -batch_size 64 / 32 rows (a triple's tail and head queries are a row each), -seq_dropout
+    for experiment, epochs, batch, descriptions, dropout in (
+        ("wn18rr_kgs2s", 100, 64, 40, 0.1),
+        ("fb15k237n_kgs2s", 50, 32, 80, 0.2),
+    ):
         cfg = make_cfg(f"experiment=li2024/{experiment}")
         assert cfg.model.name_or_path == "google-t5/t5-base" and cfg.dataset.source.layout == "kgs2s"
         assert {
@@ -874,7 +897,7 @@ def test_li2024_experiments_hold_the_released_settings(make_cfg):
             "max_grad_norm": None,
         }  # constant Adam
         assert (cfg.method.kgc_weight, cfg.method.aux_weight, cfg.method.context_input) == (0.5, 0.5, "query")
-        assert cfg.method.source_description_tokens == descriptions
+        assert (cfg.method.source_description_tokens, cfg.method.source_token_dropout) == (descriptions, dropout)
     assert make_cfg("experiment=li2024/fb15k237n_kgs2s").method.target_description_tokens == 80
 
 
