@@ -24,7 +24,7 @@ sweep() {
   local arm=$1 trains=$2
   shift 2
   ctxdistill -m experiment=beyond_window "seed=$seeds" logger.group=beyond_window "hydra.sweep.dir=$root/runs/$arm" \
-    "$@" "${overrides[@]}" || status=1
+    "$@" "${overrides[@]}" || { [ $? = 2 ] && exit 2 || status=1; }  # 2: refused, as every other arm would be
   if [ "$trains" = trains ]; then
     ctxdistill-eval "$root/runs/$arm" "${other_task[@]}" --name forgetting >/dev/null || status=1
   fi

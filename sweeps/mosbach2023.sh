@@ -24,7 +24,8 @@ for experiment in $experiments; do
   dataset=${experiment##*/}
   args_var="${dataset^^}_ARGS"
   # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
-  ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
+  ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" ||
+    { [ $? = 2 ] && exit 2 || status=1; }  # 2: refused with a message, which the other datasets would repeat
 done
 ctxdistill-compare "$root" --out "$root" --by dataset.pattern || status=1  # a row per pattern, data seeds averaged
 exit $status

@@ -377,6 +377,18 @@ def test_the_paper_scripts_sweep_the_grid_file(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("script, variables", [("upadhayaya2024", "METHODS=zero_shot SEEDS=0"), ("mosbach2023", "")])
+def test_a_paper_script_stops_at_a_refused_override_with_its_one_message(script, variables, tmp_path):
+    """A misspelt override refuses every dataset's multirun alike: said once, and no comparison of nothing after."""
+    env = {**os.environ, "MODELS": "tiny-random", "SWEEP_DIR": str(tmp_path / "sweep")}
+    env.update(v.split("=") for v in variables.split())
+    proc = subprocess.run(
+        ["bash", f"sweeps/{script}.sh", "trainer.max_step=2"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "ctxdistill: trainer.max_step: no such setting; did you mean max_steps?\n"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
