@@ -30,7 +30,12 @@ sweep() {
   fi
 }
 overrides=("$@")
-for arm in ${ARMS:-icl cd sequential_cd ft cd_prefix cheat_sheet}; do
+all_arms="icl cd sequential_cd ft cd_prefix cheat_sheet"
+arms=${ARMS:-$all_arms}
+for arm in $arms; do  # before any arm runs: a misspelt one would stop the sweep after the arms before it
+  [[ " $all_arms " == *" $arm "* ]] || { echo "ARMS: unknown arm $arm; the arms are $all_arms" >&2 && exit 2; }
+done
+for arm in $arms; do
   case $arm in
     icl) sweep icl - method=icl dataset.context.num_contexts=1 ;;
     cd) sweep cd trains method=cd dataset.context.num_contexts=1,2,4 ;;
@@ -39,7 +44,6 @@ for arm in ${ARMS:-icl cd sequential_cd ft cd_prefix cheat_sheet}; do
     cd_prefix) sweep cd_prefix trains method=cd model.adapter=prefix dataset.context.num_contexts=1,2,4 ;;
     # 4 demonstrations per request: all 12 (let alone 48) and the request overflow the 400-token window
     cheat_sheet) sweep cheat_sheet - method=cheat_sheet method.chunk_demos=4 dataset.context.num_contexts=1,2,4 ;;
-    *) echo "unknown arm $arm" >&2 && exit 2 ;;
   esac
 done
 [ -f "$root/before/metrics.json" ] ||

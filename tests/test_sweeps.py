@@ -355,15 +355,20 @@ def test_the_committed_wandb_sweep_files_are_generated_from_the_grid(grid, monke
     assert sorted(generated) == sorted(Path("sweeps/wandb").glob(f"{grid.stem}_*.yaml"))
 
 
+def stand_ins(tmp_path: Path, *commands: str) -> dict[str, str]:
+    """The environment with commands that only append their arguments to tmp_path/calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for command in commands:
+        (bin_dir / command).write_text(f'#!/bin/sh\necho {command} "$@" >> "{tmp_path}/calls"\n')
+        (bin_dir / command).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
 def test_the_paper_scripts_sweep_the_grid_file(tmp_path):
     """sweeps/mosbach2023.sh with ctxdistill stood in for: one multirun per experiment of the grid, with its
     params, MODELS replacing the models, the per-dataset arguments and the script's own arguments after them."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for command in ("ctxdistill", "ctxdistill-compare"):
-        (bin_dir / command).write_text(f'#!/bin/sh\necho {command} "$@" >> "{tmp_path}/calls"\n')
-        (bin_dir / command).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MODELS": "opt-125m", "QQP_ARGS": "a=1 b=2"}
+    env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-compare"), "MODELS": "opt-125m", "QQP_ARGS": "a=1 b=2"}
     env["SWEEP_DIR"] = str(tmp_path / "sweep")
     subprocess.run(["bash", "sweeps/mosbach2023.sh", "x=y"], cwd=REPO, env=env, check=True)
     calls = (tmp_path / "calls").read_text().splitlines()
@@ -387,6 +392,13 @@ def test_a_paper_script_stops_at_a_refused_override_with_its_one_message(script,
     )
     assert proc.returncode == 2
     assert proc.stderr == "ctxdistill: trainer.max_step: no such setting; did you mean max_steps?\n"
+
+
+def test_a_misspelt_arm_is_refused_before_any_arm_runs(tmp_path):
+    env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-eval", "python"), "ARMS": "icl cd_prefx"}
+    proc = subprocess.run(["bash", "sweeps/beyond_window.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and not (tmp_path / "calls").exists()
+    assert proc.stderr == "ARMS: unknown arm cd_prefx; the arms are icl cd sequential_cd ft cd_prefix cheat_sheet\n"
 
 
 @pytest.mark.parametrize(
