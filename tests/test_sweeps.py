@@ -401,6 +401,17 @@ def test_a_misspelt_arm_is_refused_before_any_arm_runs(tmp_path):
     assert proc.stderr == "ARMS: unknown arm cd_prefx; the arms are icl cd sequential_cd ft cd_prefix cheat_sheet\n"
 
 
+def test_the_soft_targets_script_refuses_a_misspelt_override_with_its_message():
+    proc = subprocess.run(
+        [sys.executable, "sweeps/huang2022_soft_targets.py", "model=tiny-random", "trainer.max_step=2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "ctxdistill: trainer.max_step: no such setting; did you mean max_steps?\n"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
