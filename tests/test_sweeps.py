@@ -198,6 +198,17 @@ def test_every_setting_that_cannot_change_results_is_left_out_of_the_cell_direct
     assert uncompared and uncompared <= excluded, uncompared - excluded
 
 
+def test_a_sweep_dir_that_cannot_be_made_is_one_message(tmp_path):
+    (tmp_path / "file").touch()
+    sweep_dir = tmp_path / "file" / "s"  # SWEEP_DIR=... under a file
+    proc = multirun("method=zero_shot", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 2
+    message = (
+        f"ctxdistill: hydra.sweep.dir: cannot create {sweep_dir} (Not a directory). Give it a directory you can write"
+    )
+    assert proc.stderr == message + "\n"
+
+
 def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     sweep_dir = tmp_path / "s"
     proc = multirun("method=zero_shot", "trainer.lr=0.001,-1", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")

@@ -14,7 +14,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import register_schemas
+from ctxdistill.config import ConfigError, register_schemas
 
 register_schemas()
 
@@ -229,6 +229,12 @@ def entry() -> None:
         # A sweep refused before its first cell (a cell's error fails only the cell) exits 2, not 1 as one with failed
         # cells: the sweep scripts stop there, where each of their other multiruns would be refused alike.
         exit_with_message(e, 2 if multirun else 1)
+    except OSError as e:
+        if not (multirun and e.filename):  # in a sweep, a cell's own errors stay in the cell (run_cell)
+            raise
+        # Hydra making the sweep directory, before any check of ours could name it
+        problem = f"cannot create {e.filename} ({e.strerror})"
+        exit_with_message(ConfigError(f"hydra.sweep.dir: {problem}. Give it a directory you can write"), 2)
     from ctxdistill.sweeps import failed_cells
 
     if failed_cells:  # listed by the sweep's end-of-run summary
