@@ -13,6 +13,7 @@
 # one dataset (local data, e.g. QQP_ARGS="dataset.ood.paws_qqp.source.data_dir=PATH/paws_qqp").
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 set -uo pipefail
+[[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/mosbach2023}
 grid=sweeps/grids/mosbach2023.yaml

@@ -14,6 +14,7 @@
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 # Exits non-zero if any cell failed (each sweep lists its failed cells).
 set -uo pipefail
+[[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/upadhayaya2024}
 grid=sweeps/grids/upadhayaya2024.yaml

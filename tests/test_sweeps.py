@@ -405,6 +405,17 @@ def test_a_paper_script_stops_at_a_refused_override_with_its_one_message(script,
     assert proc.stderr == "ctxdistill: trainer.max_step: no such setting; did you mean max_steps?\n"
 
 
+def test_relative_paths_given_to_a_script_are_read_from_where_it_is_run(tmp_path):
+    """The scripts work from the repository root; SWEEP_DIR and DATA name places seen from the user's directory."""
+    env = {**stand_ins(tmp_path, "ctxdistill"), "SWEEP_DIR": "sweep", "DATA": "wn18rr"}
+    subprocess.run(["bash", REPO / "sweeps" / "li2024_alpha.sh"], cwd=tmp_path, env=env, check=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2 and all(f"dataset.source.data_dir={tmp_path}/wn18rr " in call for call in calls)
+    assert [call.split()[-1] for call in calls] == [
+        f"hydra.sweep.dir={tmp_path}/sweep/{s}" for s in ("minilm", "smollm2")
+    ]
+
+
 def test_a_misspelt_arm_is_refused_before_any_arm_runs(tmp_path):
     env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-eval", "python"), "ARMS": "icl cd_prefx"}
     proc = subprocess.run(["bash", "sweeps/beyond_window.sh"], cwd=REPO, env=env, capture_output=True, text=True)
