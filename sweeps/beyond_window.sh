@@ -12,6 +12,7 @@
 # Extra arguments are Hydra overrides for every run. Running it again finishes an interrupted sweep: complete
 # cells are skipped. Exits non-zero if any cell failed.
 set -uo pipefail
+[[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/beyond_window}
 seeds=${SEEDS:-0,1,2}
@@ -24,13 +25,18 @@ sweep() {
   local arm=$1 trains=$2
   shift 2
   ctxdistill -m experiment=beyond_window "seed=$seeds" logger.group=beyond_window "hydra.sweep.dir=$root/runs/$arm" \
-    "$@" "${overrides[@]}" || status=1
+    "$@" "${overrides[@]}" || { [ $? = 2 ] && exit 2 || status=1; }  # 2: refused, as every other arm would be
   if [ "$trains" = trains ]; then
     ctxdistill-eval "$root/runs/$arm" "${other_task[@]}" --name forgetting >/dev/null || status=1
   fi
 }
 overrides=("$@")
-for arm in ${ARMS:-icl cd sequential_cd ft cd_prefix cheat_sheet}; do
+all_arms="icl cd sequential_cd ft cd_prefix cheat_sheet"
+arms=${ARMS:-$all_arms}
+for arm in $arms; do  # before any arm runs: a misspelt one would stop the sweep after the arms before it
+  [[ " $all_arms " == *" $arm "* ]] || { echo "ARMS: unknown arm $arm; the arms are $all_arms" >&2 && exit 2; }
+done
+for arm in $arms; do
   case $arm in
     icl) sweep icl - method=icl dataset.context.num_contexts=1 ;;
     cd) sweep cd trains method=cd dataset.context.num_contexts=1,2,4 ;;
@@ -39,7 +45,6 @@ for arm in ${ARMS:-icl cd sequential_cd ft cd_prefix cheat_sheet}; do
     cd_prefix) sweep cd_prefix trains method=cd model.adapter=prefix dataset.context.num_contexts=1,2,4 ;;
     # 4 demonstrations per request: all 12 (let alone 48) and the request overflow the 400-token window
     cheat_sheet) sweep cheat_sheet - method=cheat_sheet method.chunk_demos=4 dataset.context.num_contexts=1,2,4 ;;
-    *) echo "unknown arm $arm" >&2 && exit 2 ;;
   esac
 done
 [ -f "$root/before/metrics.json" ] ||

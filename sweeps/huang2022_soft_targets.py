@@ -20,7 +20,8 @@ import argparse
 import torch
 from hydra import compose, initialize_config_dir
 
-from ctxdistill.cli import CONFIG_DIR
+from ctxdistill.cli import CONFIG_DIR, exit_with_message, user_errors
+from ctxdistill.config import validate
 from ctxdistill.data.mixture import build_mixture
 from ctxdistill.encoding import answer_logits
 from ctxdistill.methods import build_method
@@ -58,6 +59,7 @@ def main() -> None:
             "config",
             overrides=["experiment=huang2022/multitask_ict", "method=icl_d", "output_dir=unused", *args.overrides],
         )
+    validate(cfg)  # before the models load
     mixture = build_mixture(cfg.dataset, cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     student = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=cfg.seed).eval()
@@ -130,4 +132,7 @@ def soft_term(
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except user_errors() as e:  # a misspelt override, a missing file: its message; a real bug keeps its traceback
+        exit_with_message(e)

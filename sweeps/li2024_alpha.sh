@@ -10,10 +10,13 @@
 # Then the table of means and 95% intervals over the seeds:
 #   ctxdistill-compare outputs/sweeps/li2024_alpha --by method.aux_weight
 set -euo pipefail
+[[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
+data=${DATA:?set DATA to the WN18RR kgbert_format directory}
+[[ $data = /* ]] || data=$PWD/$data
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/li2024_alpha}
 common=(
-  "dataset.source.data_dir=${DATA:?set DATA to the WN18RR kgbert_format directory}"
+  "dataset.source.data_dir=$data"
   dataset.num_train=32 dataset.num_eval=20 dataset.eval_candidates=20 trainer.epochs=2 trainer.batch_size=16
   "method.aux_weight=${ALPHAS:-0,0.1,0.5,1}" "seed=${SEEDS:-0,1,2}"
 )

@@ -13,6 +13,7 @@
 # one dataset (local data, e.g. QQP_ARGS="dataset.ood.paws_qqp.source.data_dir=PATH/paws_qqp").
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 set -uo pipefail
+[[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/mosbach2023}
 grid=sweeps/grids/mosbach2023.yaml
@@ -24,7 +25,8 @@ for experiment in $experiments; do
   dataset=${experiment##*/}
   args_var="${dataset^^}_ARGS"
   # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
-  ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
+  ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" ||
+    { [ $? = 2 ] && exit 2 || status=1; }  # 2: refused with a message, which the other datasets would repeat
 done
 ctxdistill-compare "$root" --out "$root" --by dataset.pattern || status=1  # a row per pattern, data seeds averaged
 exit $status

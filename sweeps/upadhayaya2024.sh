@@ -14,6 +14,7 @@
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 # Exits non-zero if any cell failed (each sweep lists its failed cells).
 set -uo pipefail
+[[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/upadhayaya2024}
 grid=sweeps/grids/upadhayaya2024.yaml
@@ -26,7 +27,8 @@ for experiment in $experiments; do
   dataset=${experiment##*/}
   args_var="${dataset^^}_ARGS"
   # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
-  ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" || status=1
+  ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" ||
+    { [ $? = 2 ] && exit 2 || status=1; }  # 2: refused with a message, which the other datasets would repeat
 done
 # shellcheck disable=SC2086  # COMPARE_ARGS are meant to split on spaces
 ctxdistill-compare "$root" --out "$root" --scorecard ${COMPARE_ARGS:-} || status=1

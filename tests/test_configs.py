@@ -64,6 +64,12 @@ def test_out_of_domain_sets_are_selected_by_name_and_resolve_as_before_they_were
     assert chosen.dataset.ood.paws_qqp.source.rename == {"sentence1": "sentence1", "sentence2": "sentence2"}
 
 
+def test_an_unknown_pattern_is_named_with_the_patterns_before_its_words_are_read(make_cfg):
+    # the verbalizers interpolate the pattern's (patterns.bogus.verbalizers), which would fail to resolve first
+    with pytest.raises(ConfigError, match=r"dataset\.pattern: unknown pattern 'bogus'\. Use one of: minimal, gpt3, "):
+        validate(make_cfg("experiment=mosbach2023/mnli", "dataset.pattern=bogus"))
+
+
 def test_settings_for_an_out_of_domain_set_that_is_not_selected_are_an_error(make_cfg):
     validate(make_cfg("experiment=upadhayaya2024/mnli", "ood=[hans,hans_all]"))
     with pytest.raises(ConfigError, match=r"dataset\.ood\.hans: has settings but no source.*ood=\[\.\.\.,hans\]"):

@@ -198,6 +198,17 @@ def test_every_setting_that_cannot_change_results_is_left_out_of_the_cell_direct
     assert uncompared and uncompared <= excluded, uncompared - excluded
 
 
+def test_a_sweep_dir_that_cannot_be_made_is_one_message(tmp_path):
+    (tmp_path / "file").touch()
+    sweep_dir = tmp_path / "file" / "s"  # SWEEP_DIR=... under a file
+    proc = multirun("method=zero_shot", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 2
+    message = (
+        f"ctxdistill: hydra.sweep.dir: cannot create {sweep_dir} (Not a directory). Give it a directory you can write"
+    )
+    assert proc.stderr == message + "\n"
+
+
 def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     sweep_dir = tmp_path / "s"
     proc = multirun("method=zero_shot", "trainer.lr=0.001,-1", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
@@ -355,15 +366,20 @@ def test_the_committed_wandb_sweep_files_are_generated_from_the_grid(grid, monke
     assert sorted(generated) == sorted(Path("sweeps/wandb").glob(f"{grid.stem}_*.yaml"))
 
 
+def stand_ins(tmp_path: Path, *commands: str) -> dict[str, str]:
+    """The environment with commands that only append their arguments to tmp_path/calls."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for command in commands:
+        (bin_dir / command).write_text(f'#!/bin/sh\necho {command} "$@" >> "{tmp_path}/calls"\n')
+        (bin_dir / command).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
 def test_the_paper_scripts_sweep_the_grid_file(tmp_path):
     """sweeps/mosbach2023.sh with ctxdistill stood in for: one multirun per experiment of the grid, with its
     params, MODELS replacing the models, the per-dataset arguments and the script's own arguments after them."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for command in ("ctxdistill", "ctxdistill-compare"):
-        (bin_dir / command).write_text(f'#!/bin/sh\necho {command} "$@" >> "{tmp_path}/calls"\n')
-        (bin_dir / command).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MODELS": "opt-125m", "QQP_ARGS": "a=1 b=2"}
+    env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-compare"), "MODELS": "opt-125m", "QQP_ARGS": "a=1 b=2"}
     env["SWEEP_DIR"] = str(tmp_path / "sweep")
     subprocess.run(["bash", "sweeps/mosbach2023.sh", "x=y"], cwd=REPO, env=env, check=True)
     calls = (tmp_path / "calls").read_text().splitlines()
@@ -375,6 +391,47 @@ def test_the_paper_scripts_sweep_the_grid_file(tmp_path):
         f"ctxdistill -m experiment=mosbach2023/qqp {grid} a=1 b=2 hydra.sweep.dir={sweep}/qqp x=y",
         f"ctxdistill-compare {sweep} --out {sweep} --by dataset.pattern",
     ]
+
+
+@pytest.mark.parametrize("script, variables", [("upadhayaya2024", "METHODS=zero_shot SEEDS=0"), ("mosbach2023", "")])
+def test_a_paper_script_stops_at_a_refused_override_with_its_one_message(script, variables, tmp_path):
+    """A misspelt override refuses every dataset's multirun alike: said once, and no comparison of nothing after."""
+    env = {**os.environ, "MODELS": "tiny-random", "SWEEP_DIR": str(tmp_path / "sweep")}
+    env.update(v.split("=") for v in variables.split())
+    proc = subprocess.run(
+        ["bash", f"sweeps/{script}.sh", "trainer.max_step=2"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == "ctxdistill: trainer.max_step: no such setting; did you mean max_steps?\n"
+
+
+def test_relative_paths_given_to_a_script_are_read_from_where_it_is_run(tmp_path):
+    """The scripts work from the repository root; SWEEP_DIR and DATA name places seen from the user's directory."""
+    env = {**stand_ins(tmp_path, "ctxdistill"), "SWEEP_DIR": "sweep", "DATA": "wn18rr"}
+    subprocess.run(["bash", REPO / "sweeps" / "li2024_alpha.sh"], cwd=tmp_path, env=env, check=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 2 and all(f"dataset.source.data_dir={tmp_path}/wn18rr " in call for call in calls)
+    assert [call.split()[-1] for call in calls] == [
+        f"hydra.sweep.dir={tmp_path}/sweep/{s}" for s in ("minilm", "smollm2")
+    ]
+
+
+def test_a_misspelt_arm_is_refused_before_any_arm_runs(tmp_path):
+    env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-eval", "python"), "ARMS": "icl cd_prefx"}
+    proc = subprocess.run(["bash", "sweeps/beyond_window.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and not (tmp_path / "calls").exists()
+    assert proc.stderr == "ARMS: unknown arm cd_prefx; the arms are icl cd sequential_cd ft cd_prefix cheat_sheet\n"
+
+
+def test_the_soft_targets_script_refuses_a_misspelt_override_with_its_message():
+    proc = subprocess.run(
+        [sys.executable, "sweeps/huang2022_soft_targets.py", "model=tiny-random", "trainer.max_step=2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "ctxdistill: trainer.max_step: no such setting; did you mean max_steps?\n"
 
 
 @pytest.mark.parametrize(

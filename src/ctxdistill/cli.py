@@ -14,7 +14,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import register_schemas
+from ctxdistill.config import ConfigError, register_schemas
 
 register_schemas()
 
@@ -201,12 +201,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     return ConfigError, DataError, ModelLoadError, NonFiniteScores, ConfigCompositionException, OverrideParseException
 
 
-def exit_with_message(error: Exception) -> None:
-    """Print a user error's message and exit 1; HYDRA_FULL_ERROR=1 (developers) keeps the traceback."""
+def exit_with_message(error: Exception, status: int = 1) -> None:
+    """Print a user error's message and exit; HYDRA_FULL_ERROR=1 (developers) keeps the traceback."""
     if _developer:
         raise error
     print(f"ctxdistill: {user_error_message(error)}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(status)
 
 
 _developer = os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -214,9 +214,10 @@ _developer = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
 def entry() -> None:
     argv = sys.argv[1:]
+    multirun = bool({"-m", "--multirun"} & set(argv))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its stack: the message is ours
     try:
-        if {"-m", "--multirun"} & set(argv) and {"--cfg", "-c"} & set(argv):
+        if multirun and {"--cfg", "-c"} & set(argv):
             print_sweep_configs(argv)
             return
         sys.argv[1:] = join_distributed_launch(argv)
@@ -225,7 +226,15 @@ def entry() -> None:
         print("ctxdistill: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     except user_errors() as e:  # a real bug keeps its traceback
-        exit_with_message(e)
+        # A sweep refused before its first cell (a cell's error fails only the cell) exits 2, not 1 as one with failed
+        # cells: the sweep scripts stop there, where each of their other multiruns would be refused alike.
+        exit_with_message(e, 2 if multirun else 1)
+    except OSError as e:
+        if not (multirun and e.filename):  # in a sweep, a cell's own errors stay in the cell (run_cell)
+            raise
+        # Hydra making the sweep directory, before any check of ours could name it
+        problem = f"cannot create {e.filename} ({e.strerror})"
+        exit_with_message(ConfigError(f"hydra.sweep.dir: {problem}. Give it a directory you can write"), 2)
     from ctxdistill.sweeps import failed_cells
 
     if failed_cells:  # listed by the sweep's end-of-run summary

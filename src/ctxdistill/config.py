@@ -474,6 +474,13 @@ def _validate_source(source: DictConfig, key: str) -> None:
 def _validate_classification(d: DictConfig, key: str) -> None:
     """Checks of a classification or generation dataset config found at ``key`` (``dataset``, or a mixture's
     task)."""
+    # first: the verbalizers and templates interpolate the pattern's, and an unknown one fails to resolve
+    require(
+        d.pattern is None or d.pattern in d.patterns,
+        f"{key}.pattern",
+        f"unknown pattern {d.pattern!r}",
+        f"Use one of: {', '.join(d.patterns)}",
+    )
     require(
         (d.kind == "generation") == (d.generation is not None),
         f"{key}.kind",
@@ -509,12 +516,6 @@ def _validate_classification(d: DictConfig, key: str) -> None:
     require_seed(d.context.data_seed, f"{key}.context.data_seed")
     require_seed(d.eval_shuffle_seed, f"{key}.eval_shuffle_seed")
     require_count(d.num_eval, f"{key}.num_eval", f"Or {key}.num_eval=null to evaluate on every row")
-    require(
-        d.pattern is None or d.pattern in d.patterns,
-        f"{key}.pattern",
-        f"unknown pattern {d.pattern!r}",
-        f"Use one of: {', '.join(d.patterns)}",
-    )
     require(
         d.generation is not None or len(d.verbalizers) >= 2,
         f"{key}.verbalizers",
