@@ -158,6 +158,8 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("dataset=kg_synthetic method=kgs2s method.max_target_length=0", "method.max_target_length: must be >= 2"),
         ("dataset=kg_synthetic method=kg_decoder method.context_max_length=0", "method.context_max_length: must be"),
         ("dataset=kg_synthetic method=kgbert method.max_length=1", "method.max_length: must be >= 2 tokens, got 1"),
+        ("dataset=kg_synthetic method=kgs2s method.source_token_dropout=1", "method.source_token_dropout: must be"),
+        ("dataset=kg_synthetic method=kg_decoder method.relation_prompts=true", "method.relation_prompts: is KG-S2S"),
     ],
 )
 def test_bad_values_are_named(make_cfg, override, key):

@@ -24,7 +24,19 @@ from ctxdistill.data.kg import (
     read_plain,
 )
 from ctxdistill.methods.contextualization import check_writable_contexts
-from ctxdistill.methods.kgc import KGBertConfig, KGS2SConfig, count_shared, fit_triple, mask_tokens
+from ctxdistill.methods.kgc import (
+    ENTITY_AFTER,
+    ENTITY_BEFORE,
+    RELATION_AFTER,
+    RELATION_BEFORE,
+    KGBertConfig,
+    KGS2SConfig,
+    RelationPrompted,
+    count_shared,
+    fit_triple,
+    mask_tokens,
+    prompt_positions,
+)
 from ctxdistill.models import load_model, load_tokenizer
 from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, ranking_metrics
 from ctxdistill.run import run
@@ -592,6 +604,68 @@ def test_kgs2s_hides_query_tokens_from_attention_but_never_the_separators_or_the
     assert torch.equal(without["kgc"]["attention_mask"], full)
 
 
+@pytest.mark.parametrize("direction", ["tail", "head"])
+def test_kgs2s_relation_prompts_sit_where_the_released_code_puts_them(direction):
+    # KG-S2S/helper.py, get_soft_prompt_pos: for a query of n tokens (the last one T5's end of sequence) whose "|"
+    # tokens are sep1 and sep2, the encoder reads source_ids[input_index] with the four prompts written over the
+    # positions soft_prompt_index, in the order (rel_embed3, rel_embed4, rel_embed1, rel_embed2)
+    n = 12
+    if direction == "tail":
+        sep1, sep2 = 4, 7
+        input_index = [0, *range(sep1), 0, sep1, 0, *range(sep1 + 1, sep2), 0, *range(sep2, n)]
+        soft_prompt_index = [0, sep1 + 1, sep1 + 3, sep2 + 3]
+    else:
+        sep1, sep2 = 1, 4
+        input_index = [*range(sep1 + 1), 0, *range(sep1 + 1, sep2), 0, sep2, 0, *range(sep2 + 1, n - 1), 0, n - 1]
+        soft_prompt_index = [sep2 + 3, n + 2, sep1 + 1, sep2 + 1]
+    prompts = dict(zip(soft_prompt_index, (ENTITY_BEFORE, ENTITY_AFTER, RELATION_BEFORE, RELATION_AFTER)))
+    released = [("prompt", prompts[i]) if i in prompts else index for i, index in enumerate(input_index)]
+    before = prompt_positions(direction, sep1, sep2, n - 1)
+    ours = [item for p in range(n) for item in ([("prompt", before[p])] if p in before else []) + [p]]
+    assert ours == released
+
+
+def test_kgs2s_relation_prompts_wrap_the_entity_and_the_relation_and_train(seq2seq_tokenizer):
+    tokenizer, task = seq2seq_tokenizer, kgs2s_task()
+    triple = task.train_triples[0]
+    method = method_of(KGS2SConfig, name="kgs2s_cd", kgc_weight=0.5, aux_weight=0.5, relation_prompts=True)
+    method.relation_index = {"_hypernym": 0, "_part_of": 1}
+    queries = [(triple, "tail"), (triple, "head")]
+    batch = method.collate(tokenizer, task, queries)
+    kgc = batch["kgc"]
+    pieces = []
+    for row in range(2):
+        ids = kgc["input_ids"][row][kgc["attention_mask"][row].bool()].tolist()
+        prompts = torch.nonzero(kgc["prompt_mask"][row]).flatten().tolist()
+        bounds = [-1, *prompts, len(ids)]
+        pieces.append([tokenizer.decode(ids[a + 1 : b]).strip() for a, b in zip(bounds, bounds[1:])])
+    entity = "predict: tombstone , NN , 1 [a stone that is used to mark a grave]"
+    assert pieces[0] == ["", entity, "|", "hypernym", "| <extra_id_0>"]
+    assert pieces[1] == [
+        "predict: <extra_id_0> |",
+        "hypernym",
+        "|",
+        "memorial , NN , 2 [a structure erected to commemorate]",
+        "",
+    ]
+    assert kgc["prompt_ids"].tolist() == [[2, 3, 0, 1], [0, 1, 2, 3]]  # relation 0's four, in position order
+    assert "prompt_ids" not in batch["context"]
+    # The wrapped model reads the prompts' trained embeddings at their positions, the tokens' everywhere else.
+    cfg = composed("tiny-random-seq2seq")
+    t5 = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0).eval()
+    student = method.wrap_model(t5, tokenizer).eval()
+    assert student.prompts.num_embeddings == 8
+    embeds = t5.get_input_embeddings()(kgc["input_ids"]).detach().clone()
+    embeds[kgc["prompt_mask"]] = student.prompts.weight[kgc["prompt_ids"].flatten()]
+    expected = t5(inputs_embeds=embeds, attention_mask=kgc["attention_mask"], labels=kgc["labels"]).loss
+    loss = student(**kgc).loss
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert student.prompts.weight.grad[:4].abs().sum(-1).gt(0).all() and not student.prompts.weight.grad[4:].any()
+    context = {k: v for k, v in batch["context"].items()}
+    torch.testing.assert_close(student(**context).loss, t5(**context).loss)
+
+
 def test_kgs2s_warns_when_entities_share_a_target(seq2seq_tokenizer, caplog):
     task = kgs2s_task()
     task.graph.entity_names["09"] = "memorial , NN , 2"
@@ -774,6 +848,48 @@ def test_students_train_with_their_auxiliary_task_and_rank(make_cfg, tmp_path):
     assert (tmp_path / "kgbert_cd" / "model" / "triple_head.pt").is_file()
 
 
+def test_a_student_with_relation_prompts_saves_them_and_is_evaluated_again_from_its_run(make_cfg, tmp_path):
+    from ctxdistill.evaluate_run import evaluate_run
+
+    overrides = ["method=kgs2s", "model=tiny-random-seq2seq", "method.relation_prompts=true"]
+    overrides += ["method.source_token_dropout=0.2", "trainer.max_steps=2", "dataset.eval_candidates=5"]
+    result = run(make_cfg(*KG_TINY, *overrides, output_dir=tmp_path / "run"))
+    prompts = torch.load(tmp_path / "run" / "model" / "relation_prompts.pt", weights_only=True)["weight"]
+    assert prompts.shape[0] == 4 * len(build_kg_task(make_cfg(*KG_TINY).dataset, seed=0).graph.relation_names)
+    cfg = composed("tiny-random-seq2seq")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    reloaded = RelationPrompted(load_model(cfg.model, cfg.cache_dir, tokenizer, seed=1), len(prompts) // 4)
+    reloaded.load_trained(tmp_path / "run" / "model")
+    assert torch.equal(reloaded.prompts.weight, prompts)
+    again = evaluate_run(tmp_path / "run", [], "again")
+    assert again["metrics"] == result["metrics"]
+
+
+def test_the_students_wrappers_save_from_a_gathered_state_dict_as_from_their_own(minilm, seq2seq_tokenizer, tmp_path):
+    # Under FSDP or ZeRO-3 the run hands save_pretrained the whole module's gathered state_dict.
+    tokenizer, mlm = minilm
+    cfg = composed("tiny-random-seq2seq")
+    t5 = load_model(cfg.model, cfg.cache_dir, seq2seq_tokenizer, seed=0)
+    kgbert = method_of(KGBertConfig, name="kgbert", aux_weight=0.0)
+    wrappers = {  # each wrapper, and how a fresh one is built around the model it saved
+        "kgbert": (
+            kgbert.wrap_model(mlm, tokenizer),
+            lambda path: kgbert.wrap_model(type(mlm).from_pretrained(path), tokenizer),
+        ),
+        "kgs2s": (RelationPrompted(t5, 2), lambda path: RelationPrompted(type(t5).from_pretrained(path), 2)),
+    }
+    for name, (wrapper, rebuild) in wrappers.items():
+        own_part = next(p for n, p in wrapper.named_parameters() if n.startswith(("head", "prompts")))
+        torch.nn.init.normal_(own_part)  # not the values a fresh wrapper starts from
+        for gathered in (None, wrapper.state_dict()):
+            path = tmp_path / f"{name}-{'own' if gathered is None else 'gathered'}"
+            wrapper.save_pretrained(path, state_dict=gathered)
+            copy = rebuild(path)
+            copy.load_trained(path)
+            for (key, mine), theirs in zip(wrapper.state_dict().items(), copy.state_dict().values()):
+                assert torch.equal(mine, theirs), key
+
+
 def test_a_periodic_evaluation_leaves_the_student_training_as_it_was(make_cfg, tmp_path):
     # T5's dropout draws from the global generator and ranking draws nothing: evaluating after every
     # step must not change a single training loss (it used to leave the student in eval mode).
@@ -898,6 +1014,7 @@ def test_li2024_experiments_hold_the_released_settings(make_cfg):
         }  # constant Adam
         assert (cfg.method.kgc_weight, cfg.method.aux_weight, cfg.method.context_input) == (0.5, 0.5, "query")
         assert (cfg.method.source_description_tokens, cfg.method.source_token_dropout) == (descriptions, dropout)
+        assert cfg.method.relation_prompts  # -use_soft_prompt -use_rel_prompt_emb
     assert make_cfg("experiment=li2024/fb15k237n_kgs2s").method.target_description_tokens == 80
 
 

@@ -57,12 +57,13 @@ class KGDecoderConfig(KGS2SConfig):
             f"method={m.name} needs a decoder LM, and model={cfg.model.name} is a {cfg.model.architecture}",
             "Use model=smollm2-135m (or tiny-random); T5-like models: method=kgs2s",
         )
-        require(
-            m.source_token_dropout == 0,
-            "method.source_token_dropout",
-            "is KG-S2S's input-token dropout, for its T5 student",
-            "Use method=kgs2s for it, or leave it at 0",
-        )
+        for key, off in (("source_token_dropout", 0), ("relation_prompts", False)):
+            require(
+                m[key] == off,
+                f"method.{key}",
+                "is KG-S2S's, for its T5 student's encoder input",
+                f"Use method=kgs2s for it, or leave it at {off}",
+            )
 
 
 class KGDecoder(KGS2S):

@@ -115,6 +115,9 @@ class KGS2SConfig(KGCStudentConfig):
     # The released -seq_dropout: while training, each token of a link-prediction query is hidden from attention
     # with this probability, except the separators "|" and the sentinel (0.1 on WN18RR, 0.2 on FB15k-237N).
     source_token_dropout: float = 0.0
+    # The released -use_soft_prompt -use_rel_prompt_emb: four trained embeddings per relation in the encoder's
+    # input, one before and one after the known entity's text and the relation's text.
+    relation_prompts: bool = False
     schema_name: ClassVar[str] = "base_kgs2s"
 
     @classmethod
@@ -308,6 +311,23 @@ class KGCStudent(Method):
         raise NotImplementedError
 
 
+def save_wrapped(
+    model, model_key: str, part: torch.nn.Module, part_key: str, part_file: Path, state_dict: Optional[dict]
+) -> None:
+    """Saves a wrapper of a pretrained ``model`` (the wrapper's attribute ``model_key``) and its own ``part``
+    (attribute ``part_key``): the model as from_pretrained reads it, the part to ``part_file`` beside it."""
+    if state_dict is None:
+        model.save_pretrained(part_file.parent)
+        torch.save(part.state_dict(), part_file)
+        return
+    own = {key.split(".", 1)[0]: {} for key in state_dict}
+    for key, value in state_dict.items():
+        prefix, _, rest = key.partition(".")
+        own[prefix][rest] = value
+    model.save_pretrained(part_file.parent, state_dict=own[model_key])
+    torch.save(own[part_key], part_file)
+
+
 # ---------------------------------------------------------------- discriminative
 class TripleScorer(torch.nn.Module):
     """A masked-LM encoder with a triple-plausibility head on its first ([CLS]) position."""
@@ -338,9 +358,9 @@ class TripleScorer(torch.nn.Module):
             return hidden.sum() * 0
         return F.cross_entropy(self.mlm_head(hidden[chosen]).float(), labels[chosen])
 
-    def save_pretrained(self, path: Path) -> None:
-        self.mlm.save_pretrained(path)
-        torch.save(self.head.state_dict(), Path(path) / "triple_head.pt")
+    def save_pretrained(self, path: Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """``state_dict``: the whole module's, gathered from its shards (FSDP, ZeRO-3); None: its own."""
+        save_wrapped(self.mlm, "mlm", self.head, "head", Path(path) / "triple_head.pt", state_dict)
 
     def load_trained(self, path: Path) -> None:
         """The weights :meth:`save_pretrained` wrote, loaded in place (the MLM head stays the one referenced)."""
@@ -540,6 +560,60 @@ class KGBert(KGCStudent):
 # T5's first two sentinel tokens: the released query marks the missing entity with the first, and the
 # target is the entity between the two.
 MISSING, END = "<extra_id_0>", "<extra_id_1>"
+#: the relation prompts of each relation, as KG-S2S numbers its embeddings: rel_embed1, 2 around the relation's
+#: text, rel_embed3, 4 around the known entity's
+RELATION_BEFORE, RELATION_AFTER, ENTITY_BEFORE, ENTITY_AFTER = range(4)
+
+
+class RelationPrompted(torch.nn.Module):
+    """A seq2seq model whose encoder reads four trained embeddings per relation among the query's tokens
+    (KG-S2S's soft prompts): a batch's ``prompt_mask`` marks their positions, ``prompt_ids`` (row by row, in
+    position order) say which; the token ids at those positions are placeholders."""
+
+    def __init__(self, model: torch.nn.Module, num_relations: int):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.prompts = torch.nn.Embedding(4 * num_relations, model.config.d_model)
+
+    def embed(self, input_ids, prompt_mask, prompt_ids) -> torch.Tensor:
+        tokens = self.model.get_input_embeddings()(input_ids)
+        return tokens.masked_scatter(prompt_mask.unsqueeze(-1), self.prompts(prompt_ids).to(tokens.dtype))
+
+    def encoder_states(self, input_ids, attention_mask, prompt_mask, prompt_ids) -> torch.Tensor:
+        embeds = self.embed(input_ids, prompt_mask, prompt_ids)
+        return self.model.get_encoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+
+    def forward(self, input_ids=None, attention_mask=None, prompt_mask=None, prompt_ids=None, **kwargs):
+        if prompt_ids is None:  # the contextualization task's input, or the decoder alone after ranking's encoder
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        embeds = self.embed(input_ids, prompt_mask, prompt_ids)
+        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+
+    def save_pretrained(self, path: Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """``state_dict``: the whole module's, gathered from its shards (FSDP, ZeRO-3); None: its own."""
+        save_wrapped(self.model, "model", self.prompts, "prompts", Path(path) / "relation_prompts.pt", state_dict)
+
+    def load_trained(self, path: Path) -> None:
+        self.model.load_state_dict(type(self.model).from_pretrained(path).state_dict())
+        self.prompts.load_state_dict(torch.load(Path(path) / "relation_prompts.pt", weights_only=True))
+
+
+def prompt_positions(direction: str, sep1: int, sep2: int, end: int) -> dict[int, int]:
+    """Where KG-S2S puts a query's four relation prompts (KG-S2S/helper.py, get_soft_prompt_pos): token position
+    -> the prompt inserted before it, for a query whose separators are tokens ``sep1`` and ``sep2`` and whose
+    text ends before token ``end`` (its end-of-sequence token, if any)."""
+    if direction == "tail":  # [E1] entity [E2] | [R1] relation [R2] | <extra_id_0>
+        return {0: ENTITY_BEFORE, sep1: ENTITY_AFTER, sep1 + 1: RELATION_BEFORE, sep2: RELATION_AFTER}
+    # <extra_id_0> | [R1] relation [R2] | [E1] entity [E2]
+    return {sep1 + 1: RELATION_BEFORE, sep2: RELATION_AFTER, sep2 + 1: ENTITY_BEFORE, end: ENTITY_AFTER}
+
+
+def encoder_states(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The encoder's output for a batch of queries, with relation prompts where the batch places them."""
+    if "prompt_ids" in batch:
+        return model.encoder_states(**batch)
+    return model.get_encoder()(**batch).last_hidden_state
 
 
 class KGS2S(KGCStudent):
@@ -555,6 +629,7 @@ class KGS2S(KGCStudent):
         target_description_tokens: int,
         context_input: str,
         source_token_dropout: float,
+        relation_prompts: bool,
         **kwargs,
     ):
         super().__init__(name, **kwargs)
@@ -563,6 +638,8 @@ class KGS2S(KGCStudent):
         self.target_description_tokens = target_description_tokens
         self.context_input = context_input
         self.source_token_dropout = source_token_dropout
+        self.relation_prompts = relation_prompts
+        self.relation_index: dict[str, int] = {}
         self._targets: dict[str, list[int]] = {}
         self._descriptions: dict[tuple[str, int], str] = {}
 
@@ -572,7 +649,12 @@ class KGS2S(KGCStudent):
                 "the generative student needs a seq2seq model: model=tiny-random-seq2seq, "
                 "model=t5-base, or model.architecture=seq2seq_lm"
             )
-        return model
+        return RelationPrompted(model, len(self.relation_index)) if self.relation_prompts else model
+
+    def build_task(self, dataset, seed):
+        task = super().build_task(dataset, seed)
+        self.relation_index = {r: i for i, r in enumerate(sorted(task.graph.relation_names))}
+        return task
 
     def check_inputs(self, task, tokenizer, cfg):
         super().check_inputs(task, tokenizer, cfg)
@@ -647,26 +729,50 @@ class KGS2S(KGCStudent):
             "labels": pad_rows(targets, -100),
         }
 
-    def hide_source_tokens(self, tokenizer, sources: list[str], attention_mask: torch.Tensor) -> torch.Tensor:
-        """The attention mask with each query token hidden with probability ``source_token_dropout`` (the released
-        -seq_dropout), except the tokens of the separators and the sentinel, which say where the missing entity
-        goes (the released code keeps T5's "|" and <extra_id_0> tokens, ids 1820 and 32099)."""
-        offsets = tokenizer(sources, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
-        kept = torch.rand(attention_mask.shape, generator=self.generator) >= self.source_token_dropout
-        for row, (source, spans) in enumerate(zip(sources, offsets["offset_mapping"])):
-            marks = [m.span() for m in re.finditer(rf"\||{re.escape(self.missing_marker)}", source)]
-            for position, (start, end) in enumerate(spans):
-                if any(start < mark_end and mark_start < end for mark_start, mark_end in marks):
-                    kept[row, position] = True
-        return attention_mask * kept
+    def encode_queries(self, tokenizer, task: KGTask, queries: Sequence[tuple[Triple, str]], training: bool):
+        """The link-prediction queries as the encoder reads them: token ids and attention mask, with the relation
+        prompts' positions and ids where they are on, and while ``training`` each token hidden from attention with
+        probability ``source_token_dropout`` (the released -seq_dropout), except the separators, the sentinel
+        and the prompts (the released code keeps T5's "|" and <extra_id_0>, ids 1820 and 32099)."""
+        sources = [self.source(tokenizer, task, t, d) for t, d in queries]
+        enc = tokenizer(sources, truncation=True, max_length=self.max_length, return_offsets_mapping=True)
+        rows, kept, prompt_rows, prompt_ids = [], [], [], []
+        for (triple, direction), source, ids, spans in zip(queries, sources, enc["input_ids"], enc["offset_mapping"]):
+            bars = [m.start() for m in re.finditer(r"\|", source)]
+            marks = [(b, b + 1) for b in bars] + [m.span() for m in re.finditer(re.escape(self.missing_marker), source)]
+            marked = [any(s < mark_end and mark_start < e for mark_start, mark_end in marks) for s, e in spans]
+            if self.relation_prompts:
+                # the query's own separators: a tail query's last two bars, a head query's first two
+                separators = [next(i for i, (s, e) in enumerate(spans) if s <= bar < e) for bar in bars]
+                separators = separators[-2:] if direction == "tail" else separators[:2]
+                end = len(ids) - (ids[-1] == tokenizer.eos_token_id)
+                before = prompt_positions(direction, *separators, end)
+                prompted = [False] * len(ids)
+                for position in sorted(before, reverse=True):  # from the back: earlier positions stay put
+                    ids = ids[:position] + [tokenizer.pad_token_id] + ids[position:]
+                    marked = marked[:position] + [True] + marked[position:]
+                    prompted = prompted[:position] + [True] + prompted[position:]
+                prompt_ids.append([4 * self.relation_index[triple[1]] + before[p] for p in sorted(before)])
+                prompt_rows.append(prompted)
+            rows.append(ids)
+            kept.append(marked)
+        input_ids = pad_rows(rows, tokenizer.pad_token_id)
+        attention_mask = pad_rows([[1] * len(r) for r in rows], 0)
+        if training and self.source_token_dropout > 0:
+            drawn = torch.rand(attention_mask.shape, generator=self.generator) >= self.source_token_dropout
+            attention_mask = attention_mask * (drawn | pad_rows(kept, False))
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.relation_prompts:
+            batch["prompt_mask"] = pad_rows(prompt_rows, False)
+            batch["prompt_ids"] = torch.tensor(prompt_ids)
+        return batch
 
     def collate(self, tokenizer, task, queries):
         sources = [self.source(tokenizer, task, t, d) for t, d in queries]
         targets = [self.entity_target(tokenizer, task, t[2] if d == "tail" else t[0]) for t, d in queries]
         batch = {"kgc": self.pair_batch(tokenizer, sources, targets, self.max_length)}
-        if self.source_token_dropout > 0:
-            kgc = batch["kgc"]
-            kgc["attention_mask"] = self.hide_source_tokens(tokenizer, sources, kgc["attention_mask"])
+        if self.source_token_dropout > 0 or self.relation_prompts:
+            batch["kgc"].update(self.encode_queries(tokenizer, task, queries, training=True))
         if self.aux_weight > 0:
             sources = [self.context_source(tokenizer, task, t, d) for t, d in queries]
             targets = [self.target(tokenizer, task.contexts[t], self.context_max_length) for t, _ in queries]
@@ -688,13 +794,8 @@ class KGS2S(KGCStudent):
 
     def score_query(self, model, tokenizer, task, triple, direction, names, batch_size, device):
         """Summed log-likelihood of each candidate's target; the query's encoder states are computed once."""
-        enc = tokenizer(
-            [self.source(tokenizer, task, triple, direction)],
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(device)
-        states = model.get_encoder()(**enc).last_hidden_state
+        enc = {k: v.to(device) for k, v in self.encode_queries(tokenizer, task, [(triple, direction)], False).items()}
+        states = encoder_states(model, enc)
         scores = []
         for start in range(0, len(names), batch_size):
             labels = pad_rows(
