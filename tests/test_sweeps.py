@@ -220,6 +220,9 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     assert failure["error"].startswith("ConfigError: trainer.lr") and "Traceback" in failure["traceback"]
     assert "1 cell(s) FAILED" in proc.stdout and f"{bad.name}: ConfigError: trainer.lr" in proc.stdout
     assert "1 failed cells" in (sweep_dir / "README.md").read_text()
+    # a user error is one line on the console (its traceback is in failure.json), not a traceback per cell
+    console = proc.stdout + proc.stderr
+    assert "this cell failed; the sweep goes on: trainer.lr" in console and "Traceback" not in console
 
 
 def test_a_cell_holding_a_run_of_another_config_fails_the_sweep_and_is_not_reported(tmp_path):

@@ -88,7 +88,12 @@ def run_cell(cfg: DictConfig, run: Callable[[DictConfig], dict[str, Any]]) -> Op
     try:
         result = run(cfg)
     except Exception as error:  # noqa: BLE001 - one cell must not stop the sweep; it is reported at the end
-        log.exception("this cell failed; the sweep goes on")
+        from ctxdistill.cli import user_errors
+
+        if isinstance(error, user_errors()):  # its message says what to fix; the traceback stays in failure.json
+            log.error("this cell failed; the sweep goes on: %s", error)
+        else:
+            log.exception("this cell failed; the sweep goes on")
         out.mkdir(parents=True, exist_ok=True)
         (out / FAILURE_FILE).write_text(
             json.dumps(
