@@ -773,3 +773,11 @@ def test_compare_refuses_bad_arguments_with_one_line_before_reading_runs(args, m
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("path", ["my-team", "my-team/ctxdistill/extra", "/ctxdistill"])
+def test_a_malformed_wandb_path_is_refused_before_w_and_b_is_called(path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--wandb", path, "--group", "g"])
+    assert exit.value.code == 2
+    assert f"--wandb {path}: give ENTITY/PROJECT" in capsys.readouterr().err
