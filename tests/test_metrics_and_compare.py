@@ -781,3 +781,10 @@ def test_a_malformed_wandb_path_is_refused_before_w_and_b_is_called(path, capsys
         main(["--wandb", path, "--group", "g"])
     assert exit.value.code == 2
     assert f"--wandb {path}: give ENTITY/PROJECT" in capsys.readouterr().err
+
+
+def test_model_as_naming_no_runs_model_is_an_error(tmp_path, capsys):
+    write_run(tmp_path / "a", "cd", 0, 0.5, "2026-01-01T00:00:01", model="opt-125m")
+    assert main([str(tmp_path), "--scorecard", "--paper", "snell2022", "--model-as", "smollm2=opt-125m"]) == 2
+    err = capsys.readouterr().err
+    assert "--model-as smollm2=opt-125m: no run has model smollm2 (the runs' models: opt-125m)" in err

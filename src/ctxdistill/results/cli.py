@@ -126,6 +126,15 @@ def compare(argv: list[str] | None = None) -> int:
         where = ", ".join([*map(str, args.paths), *([args.wandb] if args.wandb else [])])
         print(f"no complete runs (metrics.json or W&B summary with status 'complete') in {where}", file=sys.stderr)
         return 1
+    run_models = sorted({r["model"] for r in records})
+    absent_models = [m for m in model_as if m not in run_models]
+    if absent_models:  # it would stand in for nothing, yet the scorecard would list it
+        print(
+            f"error: --model-as {absent_models[0]}={model_as[absent_models[0]]}: no run has model "
+            f"{absent_models[0]} (the runs' models: {', '.join(run_models)})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         rows = split_by(records, args.by)  # the table's rows; the scorecard matches the runs' own methods
     except UnknownConfigKeyError as e:
