@@ -773,3 +773,18 @@ def test_compare_refuses_bad_arguments_with_one_line_before_reading_runs(args, m
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("path", ["my-team", "my-team/ctxdistill/extra", "/ctxdistill"])
+def test_a_malformed_wandb_path_is_refused_before_w_and_b_is_called(path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--wandb", path, "--group", "g"])
+    assert exit.value.code == 2
+    assert f"--wandb {path}: give ENTITY/PROJECT" in capsys.readouterr().err
+
+
+def test_model_as_naming_no_runs_model_is_an_error(tmp_path, capsys):
+    write_run(tmp_path / "a", "cd", 0, 0.5, "2026-01-01T00:00:01", model="opt-125m")
+    assert main([str(tmp_path), "--scorecard", "--paper", "snell2022", "--model-as", "smollm2=opt-125m"]) == 2
+    err = capsys.readouterr().err
+    assert "--model-as smollm2=opt-125m: no run has model smollm2 (the runs' models: opt-125m)" in err

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -95,7 +96,10 @@ def compare(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
         parser.error(f"no such path: {', '.join(missing)}")
-    if args.wandb_report and not (args.wandb and "/" in args.wandb and args.group):
+    # else W&B's API fails on it with a traceback, and only after logging in
+    if args.wandb and not re.fullmatch(r"[^/\s]+/[^/\s]+", args.wandb):
+        parser.error(f"--wandb {args.wandb}: give ENTITY/PROJECT, e.g. --wandb my-team/ctxdistill")
+    if args.wandb_report and not (args.wandb and args.group):
         parser.error("--wandb-report needs --wandb ENTITY/PROJECT and --group")
     if (args.paper or args.model_as) and not args.scorecard:
         parser.error("--paper and --model-as belong to --scorecard")
@@ -122,6 +126,15 @@ def compare(argv: list[str] | None = None) -> int:
         where = ", ".join([*map(str, args.paths), *([args.wandb] if args.wandb else [])])
         print(f"no complete runs (metrics.json or W&B summary with status 'complete') in {where}", file=sys.stderr)
         return 1
+    run_models = sorted({r["model"] for r in records})
+    absent_models = [m for m in model_as if m not in run_models]
+    if absent_models:  # it would stand in for nothing, yet the scorecard would list it
+        print(
+            f"error: --model-as {absent_models[0]}={model_as[absent_models[0]]}: no run has model "
+            f"{absent_models[0]} (the runs' models: {', '.join(run_models)})",
+            file=sys.stderr,
+        )
+        return 2
     try:
         rows = split_by(records, args.by)  # the table's rows; the scorecard matches the runs' own methods
     except UnknownConfigKeyError as e:
