@@ -788,3 +788,11 @@ def test_model_as_naming_no_runs_model_is_an_error(tmp_path, capsys):
     assert main([str(tmp_path), "--scorecard", "--paper", "snell2022", "--model-as", "smollm2=opt-125m"]) == 2
     err = capsys.readouterr().err
     assert "--model-as smollm2=opt-125m: no run has model smollm2 (the runs' models: opt-125m)" in err
+
+
+def test_vs_over_a_run_directory_without_predictions_names_it_and_how_to_write_them(tmp_path, capsys):
+    write_run(tmp_path / "cd", "cd", 0, 0.8, "2026-01-01T00:00:01")
+    write_run(tmp_path / "icl", "icl", 0, 0.6, "2026-01-01T00:00:02")  # neither wrote predictions.jsonl
+    assert main([str(tmp_path), "--vs", "icl"]) == 2
+    err = capsys.readouterr().err
+    assert f"has none in {tmp_path / 'cd'}: evaluate the run again (ctxdistill-eval {tmp_path / 'cd'})" in err

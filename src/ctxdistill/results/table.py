@@ -247,9 +247,14 @@ def _outcomes(row: Row, family: MetricSet) -> dict[int, dict[tuple[str, str], fl
     for record in row.records:
         rows = predictions(record)
         if rows is None:
+            where = record.get("run_dir")
             raise PairedTestError(
-                f"--vs needs each run's predictions.jsonl; {row.method} seed {record['seed']} has "
-                f"none at hand (runs read from W&B have none): give the runs' directories instead"
+                f"--vs needs each run's predictions.jsonl; {row.method} seed {record['seed']} has none "
+                + (
+                    f"in {where}: evaluate the run again (ctxdistill-eval {where}) to write it"
+                    if where
+                    else "(runs read from W&B have none): give the runs' directories instead"
+                )
             )
         if any("uid" not in p for p in rows):
             raise PairedTestError(
