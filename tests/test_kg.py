@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ctxdistill import provenance
 from ctxdistill.config import ConfigError, validate
@@ -907,6 +908,93 @@ def test_a_periodic_evaluation_leaves_the_student_training_as_it_was(make_cfg, t
     assert evaluated["metrics"] == plain["metrics"]
 
 
+SELECTED = [  # 8 training triples (16 queries), 2 steps an epoch; the validation split ranked after epochs 2 and 3
+    *KG_TINY,
+    "method=kgs2s",
+    "model=tiny-random-seq2seq",
+    "dataset.num_train=8",
+    "dataset.eval_candidates=5",
+    "dataset.validation_split=valid",
+    "trainer.batch_size=8",
+    "trainer.epochs=3",
+    "trainer.lr=3e-2",
+    "trainer.selection.metric=valid/sampled5_mrr",
+    "trainer.selection.skip_epochs=1",
+    "trainer.checkpoint_every=null",
+]
+
+
+def test_the_checkpoint_best_on_the_validation_split_is_tested_and_a_resumed_run_selects_the_same(
+    make_cfg, tmp_path, monkeypatch
+):
+    import signal
+
+    from test_faults import send_at_call
+
+    from ctxdistill.methods.kgc import KGS2S
+
+    result = run(make_cfg(*SELECTED, output_dir=tmp_path / "uninterrupted"))
+    curves, train = result["curves"], result["train"]
+    assert [c["epoch"] for c in curves] == [2, 3] and [c["step"] for c in curves] == [4, 6]
+    values = [c["valid/sampled5_mrr"] for c in curves]
+    chosen = curves[values.index(max(values))]  # the first of equal bests
+    assert (train["selected_epoch"], train["selected_step"]) == (chosen["epoch"], chosen["step"])
+    assert chosen["epoch"] == 2, "the test needs a run whose best checkpoint is not its final model"
+    # the tested model is the selected checkpoint: its final validation figures are those it had then
+    assert result["metrics"]["valid/sampled5_mrr"] == pytest.approx(chosen["valid/sampled5_mrr"], abs=1e-6)
+    assert result["metrics"]["valid/examples"] == 4 and "eval/sampled5_mrr" in result["metrics"]
+    assert not (tmp_path / "uninterrupted" / "checkpoints").exists()
+
+    with monkeypatch.context() as patched:
+        send_at_call(patched, 5, signal.SIGTERM, KGS2S)  # after epoch 2 was evaluated
+        with pytest.raises(SystemExit):
+            run(make_cfg(*SELECTED, output_dir=tmp_path / "resumed"))
+    assert len(list((tmp_path / "resumed" / "checkpoints").glob("best-*.safetensors"))) == 1
+    resumed = run(make_cfg(*SELECTED, output_dir=tmp_path / "resumed"))
+    assert resumed["train"]["resumed_from_step"] == 5
+    assert resumed["curves"] == curves and resumed["metrics"] == result["metrics"]
+
+
+def test_best_weights_keep_the_best_checkpoint_and_the_one_the_latest_checkpoint_names(tmp_path):
+    from accelerate import Accelerator
+
+    from ctxdistill.checkpoint import BestWeights, Progress
+
+    model, accelerator, progress = torch.nn.Linear(2, 1), Accelerator(cpu=True), Progress()
+    best = BestWeights(tmp_path, progress, higher_is_better=False)  # a loss: lower is better
+    weights = {}
+    for step, value in ((1, 0.5), (2, 0.4), (3, 0.4), (4, float("nan")), (5, 0.45)):
+        torch.nn.init.normal_(model.weight)
+        weights[step] = model.weight.detach().clone()
+        kept = best.consider({"step": step, "epoch": step, "value": value}, model, accelerator)
+        assert kept == (step in (1, 2))  # a tie keeps the earlier, NaN is never best
+        if step == 1:
+            best.checkpointed(accelerator)
+        files = sorted(p.name for p in (tmp_path / "checkpoints").glob("best-*"))
+        assert files == (
+            ["best-step-00000001.safetensors"] if step == 1 else [f"best-step-0000000{i}.safetensors" for i in (1, 2)]
+        )
+    best.checkpointed(accelerator)  # the next checkpoint names step 2: step 1's file goes
+    assert [p.name for p in (tmp_path / "checkpoints").glob("best-*")] == ["best-step-00000002.safetensors"]
+    best.restore(model)
+    assert torch.equal(model.weight, weights[2]) and progress.best == {"step": 2, "epoch": 2, "value": 0.4}
+
+
+def test_a_selection_the_run_cannot_make_is_refused_before_training(make_cfg, tmp_path):
+    for overrides, message in (
+        (
+            ["trainer.selection.metric=valid/sampled5_mrr", "dataset.validation_split=null"],
+            "no such metric.*validation_split=valid",
+        ),
+        (["trainer.selection.metric=valid/accuracy"], "no such metric.*sampled5_mrr"),
+        (["trainer.selection.metric=eval/sampled5_mrr"], "the set it reports"),
+        (["trainer.selection.skip_epochs=3"], "3 complete epoch.*no checkpoint would be evaluated"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            run(make_cfg(*SELECTED, *overrides, output_dir=tmp_path / "refused"))
+        assert not (tmp_path / "refused" / "checkpoints").exists()
+
+
 def test_a_method_refuses_a_dataset_of_the_other_kind(make_cfg):
     # Declared kinds, checked before anything loads: the method's schema names the kinds it runs on.
     with pytest.raises(
@@ -1015,6 +1103,14 @@ def test_li2024_experiments_hold_the_released_settings(make_cfg):
         assert (cfg.method.kgc_weight, cfg.method.aux_weight, cfg.method.context_input) == (0.5, 0.5, "query")
         assert (cfg.method.source_description_tokens, cfg.method.source_token_dropout) == (descriptions, dropout)
         assert cfg.method.relation_prompts  # -use_soft_prompt -use_rel_prompt_emb
+        # the best validation MRR of the checkpoints after epochs 33, 36, ... (check_val_every_n_epoch=3,
+        # -skip_n_val_epoch 30) is tested, not the final model
+        assert cfg.dataset.validation_split == "valid" and cfg.dataset.num_validation is None
+        assert OmegaConf.to_container(cfg.trainer.selection) == {
+            "metric": "valid/mrr",
+            "every_epochs": 3,
+            "skip_epochs": 30,
+        }
     assert make_cfg("experiment=li2024/fb15k237n_kgs2s").method.target_description_tokens == 80
 
 
@@ -1050,6 +1146,9 @@ def test_training_stops_part_way_down_a_longer_schedule(make_cfg, tmp_path):
         ("method=kgs2s_cd method.context_input=answer", "method.context_input"),
         ("method=kgs2s method.target_description_tokens=-1", "method.target_description_tokens"),
         ("trainer.epochs=5 trainer.schedule_epochs=3", "trainer.schedule_epochs"),
+        ("dataset.validation_split=test", "dataset.validation_split"),
+        ("dataset.num_validation=0", "dataset.num_validation"),
+        ("trainer.selection.every_epochs=0", "trainer.selection.every_epochs"),
     ],
 )
 def test_bad_kg_values_are_named(make_cfg, override, key):

@@ -26,7 +26,9 @@ from typing import Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+
+from ctxdistill.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class Progress:
     fingerprint: str = ""  # the settings that shape training; a checkpoint resumes only the same run
     curves: list = field(default_factory=list)  # the periodic evaluations so far: {"step", "epoch", metrics...}
     method_state: dict = field(default_factory=dict)  # the method's own state at the checkpoint (its generators)
+    best: dict = field(default_factory=dict)  # trainer.selection's best evaluation so far: step, epoch, value
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -151,6 +154,66 @@ def resume_hint(run_dir: Path) -> str:
         return f"resume the sweep with: {running_sweep_command()}"
     args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
     return "resume with: ctxdistill " + " ".join(shlex.quote(a) for a in [*args, f"hydra.run.dir={run_dir}"])
+
+
+def save_trainable_weights(model: torch.nn.Module, path: Path) -> None:
+    """The parameters of ``model`` that train (an adapter, a trained prefix, or every weight)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}, path)
+
+
+def load_trainable_weights(model: torch.nn.Module, path: Path) -> None:
+    """Weights :func:`save_trainable_weights` wrote into ``model`` (the same adapter on the same base)."""
+    state = load_file(path)
+    names = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(state) != names:
+        raise ConfigError(
+            f"{path} holds other trainable weights than this run's model ({len(set(state) ^ names)} differ); it was "
+            f"written by a run with other settings. Delete {path.parent.parent} to train again."
+        )
+    model.load_state_dict(state, strict=False)
+
+
+class BestWeights:
+    """The best of trainer.selection's evaluations so far: its record in :attr:`Progress.best` (so a checkpoint
+    carries it) and its trainable weights in ``checkpoints/best-step-N.safetensors``. At most two such files
+    exist: the best so far and the one the latest checkpoint names, which a resumed run goes back to."""
+
+    def __init__(self, run_dir: Path, progress: Progress, higher_is_better: bool):
+        self.root = Path(run_dir) / CHECKPOINTS
+        self.progress, self.higher_is_better = progress, higher_is_better
+        self.checkpointed_step = progress.best.get("step")  # what the checkpoint a run resumed from names
+
+    def path(self, step: int) -> Path:
+        return self.root / f"best-{PREFIX}{step:08d}.safetensors"
+
+    def consider(self, record: dict, model: torch.nn.Module, accelerator: Accelerator) -> bool:
+        """Keep ``model``'s weights if ``record["value"]`` beats the best so far (a tie keeps the earlier)."""
+        value, best = record["value"], self.progress.best
+        if not math.isfinite(value) or (
+            best and (value <= best["value"] if self.higher_is_better else value >= best["value"])
+        ):
+            return False
+        if accelerator.is_main_process:
+            save_trainable_weights(model, self.path(record["step"]))
+            self._prune({record["step"], self.checkpointed_step})
+        accelerator.wait_for_everyone()
+        self.progress.best = record
+        return True
+
+    def checkpointed(self, accelerator: Accelerator) -> None:
+        """After a checkpoint: only its best is still needed."""
+        self.checkpointed_step = self.progress.best.get("step")
+        if accelerator.is_main_process:
+            self._prune({self.checkpointed_step})
+
+    def restore(self, model: torch.nn.Module) -> None:
+        load_trainable_weights(model, self.path(self.progress.best["step"]))
+
+    def _prune(self, keep: set) -> None:
+        for path in self.root.glob(f"best-{PREFIX}*.safetensors"):
+            if path not in {self.path(step) for step in keep if step is not None}:
+                path.unlink()
 
 
 def remove_checkpoints(run_dir: Path) -> None:

@@ -246,6 +246,9 @@ class KGDatasetConfig:
     num_train: Optional[int] = None  # training triples (seeded subsample); null: all
     eval_split: str = "test"
     num_eval: Optional[int] = None  # evaluation triples (seeded subsample); null: all
+    # A split evaluated as its own set (named after it), e.g. valid, for trainer.selection; null: none
+    validation_split: Optional[str] = None
+    num_validation: Optional[int] = None  # its triples (seeded subsample); null: all
     # Ranking: null ranks against every entity (the paper's protocol); N against N sampled entities (CPU).
     eval_candidates: Optional[int] = None
     subsample_seed: int = 0
@@ -290,6 +293,17 @@ class DistributedConfig:
 
 
 @dataclass
+class SelectionConfig:
+    """Which trained checkpoint is tested: the final one, or the best on a validation set."""
+
+    # {set}/{metric} of a declared metric of an eval set the run has, e.g. valid/mrr (a knowledge graph's
+    # dataset.validation_split); null: the final model is tested
+    metric: Optional[str] = None
+    every_epochs: int = 1  # evaluated after epochs N, 2N, ... (Lightning's check_val_every_n_epoch)
+    skip_epochs: int = 0  # ... but after none of the first M (KG-S2S's -skip_n_val_epoch)
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 3
     max_steps: Optional[int] = None  # overrides epochs when set
@@ -324,6 +338,8 @@ class TrainerConfig:
     # Evaluate every set (out-of-domain too) after each epoch but the last (whose evaluation is the final
     # one); periodic evaluations are saved as metrics.json's "curves" (llmft evaluates every epoch).
     eval_every_epoch: bool = False
+    # The checkpoint tested: the best one on a validation set (KG-S2S's released protocol) or the final one
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     eval_batch_size: int = 16
     save_model: bool = True
     # Resumable state every N optimiser steps and at the end of training (null: only on
@@ -846,6 +862,13 @@ def validate(cfg: DictConfig) -> None:
         f"is {t.warmup_ratio}, and trainer.scheduler=constant has no warmup (it would be ignored)",
         "Set trainer.scheduler=constant_with_warmup, or trainer.warmup_ratio=0",
     )
+    require_count(t.selection.every_epochs, "trainer.selection.every_epochs")
+    require(
+        t.selection.skip_epochs >= 0,
+        "trainer.selection.skip_epochs",
+        f"must be >= 0, got {t.selection.skip_epochs}",
+        "",
+    )
     require_count(  # 0 would silently evaluate never, -n every n steps
         t.eval_every,
         "trainer.eval_every",
@@ -873,8 +896,14 @@ def validate(cfg: DictConfig) -> None:
     if d.kind == "mixture":
         _validate_mixture(d)
     elif d.kind == "knowledge_graph":
-        for key in ("num_train", "num_eval", "eval_candidates"):
+        for key in ("num_train", "num_eval", "num_validation", "eval_candidates"):
             require_count(d[key], f"dataset.{key}")
+        require(
+            d.validation_split != d.eval_split,
+            "dataset.validation_split",
+            f"is the evaluated split ({d.eval_split}): selecting a checkpoint on it overstates its score",
+            "Use another split, e.g. dataset.validation_split=valid with dataset.eval_split=test",
+        )
         require_seed(d.subsample_seed, "dataset.subsample_seed")
     else:
         _validate_classification(d, "dataset")

@@ -20,10 +20,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 
 from ctxdistill import provenance
-from ctxdistill.checkpoint import latest_checkpoint, remove_checkpoints, restore_random_states, save_random_states
+from ctxdistill.checkpoint import (
+    latest_checkpoint,
+    load_trainable_weights,
+    remove_checkpoints,
+    restore_random_states,
+    save_random_states,
+    save_trainable_weights,
+)
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import Task
 from ctxdistill.methods import build_method
@@ -42,7 +48,7 @@ from ctxdistill.results.metrics import float32_rounded
 from ctxdistill.serving import serving_metrics
 from ctxdistill.sweeps import group_name
 from ctxdistill.tracking import Tracker, create_tracker, exit_code
-from ctxdistill.trainer import train
+from ctxdistill.trainer import checkpoint_selection, train
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,8 @@ def training_fingerprint(cfg: DictConfig) -> str:
         "save_model",
     ):
         trainer.pop(key)
+    if trainer["selection"]["metric"] is None:  # a checkpoint of code from before the setting still resumes
+        trainer.pop("selection")
     shaping = {
         "trainer": trainer,
         "seed": cfg.seed,
@@ -280,6 +288,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
         metric_set = method.metric_set(evaluator)
         tracker.declare(metric_set)
+        selection = checkpoint_selection(cfg.trainer.selection, list(task.eval_sets), metric_set)
         evaluator.prepare()
 
         train_stats: dict[str, Any] = {}
@@ -287,7 +296,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rounds: list[dict] = []
         if method.trains:
             train_stats, curves, rounds = train_rounds(
-                cfg, method, handle, tokenizer, task, accelerator, tracker, evaluator
+                cfg, method, handle, tokenizer, task, accelerator, tracker, evaluator, selection
             )
             if cfg.trainer.save_model:  # saved before evaluation, so a failure there keeps it
                 # sharded weights (FSDP, ZeRO-3) are gathered by every process; plain ones are at hand
@@ -378,7 +387,7 @@ def resumes_training(out: Path) -> bool:
     return latest_checkpoint(out) is not None or (out / ROUNDS).is_dir()
 
 
-def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, evaluator):
+def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, evaluator, selection):
     """Train every round of the method (most have one); returns the last round's statistics and curves, and
     a record per round but the last (its statistics, its evaluation). Rounds after the first get their own
     accelerator and checkpoints (RUN_DIR/rounds/N/); a finished round leaves its trainable weights and its
@@ -426,6 +435,7 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
             periodic_eval,
             run_dir=round_dir,
             fingerprint=training_fingerprint(cfg) + (f"-round{index + 1}" if count > 1 else ""),
+            selection=selection,
         )
         fresh = False
         offset += train_stats["steps"]
@@ -436,28 +446,13 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
             save_random_states(round_dir, accelerator.process_index)
             accelerator.wait_for_everyone()  # every process's states before the record that says the round is done
             if accelerator.is_main_process:
-                save_file(
-                    {n: p.detach().cpu().contiguous() for n, p in handle.student.named_parameters() if p.requires_grad},
-                    round_dir / ROUND_WEIGHTS,
-                )
+                save_trainable_weights(handle.student, round_dir / ROUND_WEIGHTS)
                 write_json(finished, record)  # after the weights: a record means the round is complete
                 remove_checkpoints(round_dir)
             records.append(record)
     if count > 1:
         train_stats = {**train_stats, "rounds": count, "steps_all_rounds": offset}
     return train_stats, curves, records
-
-
-def load_trainable_weights(model: torch.nn.Module, path: Path) -> None:
-    """A finished round's trainable weights into ``model`` (the same adapter on the same base)."""
-    state = load_file(path)
-    names = {name for name, p in model.named_parameters() if p.requires_grad}
-    if set(state) != names:
-        raise ConfigError(
-            f"{path} holds other trainable weights than this run's model ({len(set(state) ^ names)} differ); it was "
-            f"written by a run with other settings. Delete {path.parent.parent} to train the rounds again."
-        )
-    model.load_state_dict(state, strict=False)
 
 
 def rounded(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -3,9 +3,9 @@
 The method supplies its examples, its batches and its loss; this loop owns the
 optimiser, schedule, gradient accumulation, clipping, mixed precision (through
 accelerate, so the same code runs on CPU, one GPU or several), logging and
-periodic evaluation, and resumable state: checkpoints every ``checkpoint_every`` steps,
-resumption from the latest one, a clean stop on SIGTERM/SIGUSR1, and a clear stop on a
-non-finite loss.
+periodic evaluation, the choice of the tested checkpoint (``trainer.selection``), and
+resumable state: checkpoints every ``checkpoint_every`` steps, resumption from the latest
+one, a clean stop on SIGTERM/SIGUSR1, and a clear stop on a non-finite loss.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from ctxdistill.checkpoint import (
+    BestWeights,
     Progress,
     StopSignals,
     latest_checkpoint,
@@ -38,6 +40,7 @@ from ctxdistill.data import Task
 from ctxdistill.methods import Method
 from ctxdistill.models import ModelHandle, compiled_for_training
 from ctxdistill.progress import progress_bar
+from ctxdistill.results.metrics import MetricSet
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,52 @@ def step_means(micro_batches: list[tuple[torch.Tensor, dict[str, float]]]) -> tu
     return loss, {name: sum(v) / len(v) for name, v in values.items()}
 
 
+@dataclass(frozen=True)
+class Selection:
+    """trainer.selection, checked against the run's eval sets and metrics: the checkpoint tested is the one
+    whose ``metric`` is best among those evaluated after epochs ``every_epochs``, 2 x ``every_epochs``, ... past
+    the first ``skip_epochs``."""
+
+    metric: str  # {set}/{name}
+    higher_is_better: bool
+    every_epochs: int
+    skip_epochs: int
+
+    @property
+    def eval_set(self) -> str:
+        return self.metric.rpartition("/")[0]
+
+    def due(self, epoch: int) -> bool:
+        """Whether the checkpoint after ``epoch`` (counted from 1) is a candidate."""
+        return epoch > self.skip_epochs and epoch % self.every_epochs == 0
+
+    def describe(self) -> str:
+        return f"{self.metric} after every {self.every_epochs}. epoch past epoch {self.skip_epochs}"
+
+
+def checkpoint_selection(spec: DictConfig, eval_sets: list[str], metric_set: MetricSet) -> Optional[Selection]:
+    """trainer.selection as a :class:`Selection` (None: the final model is tested), or a ConfigError naming a
+    metric the run does not report."""
+    if spec.metric is None:
+        return None
+    set_name, _, name = spec.metric.rpartition("/")
+    if set_name not in eval_sets or not metric_set.declares(spec.metric):
+        raise ConfigError(
+            f"trainer.selection.metric={spec.metric}: the run reports no such metric (its sets: "
+            f"{', '.join(eval_sets)}; its metrics: {metric_set.described()}). Name one, e.g. "
+            f"trainer.selection.metric={eval_sets[-1]}/{metric_set.headline.name}"
+            + ("" if len(eval_sets) > 1 else " after adding a validation set (dataset.validation_split=valid)")
+        )
+    if set_name == "eval":
+        raise ConfigError(
+            f"trainer.selection.metric={spec.metric} selects the checkpoint on the set it reports, which overstates "
+            "its score. Select on a validation set (for a knowledge graph: dataset.validation_split=valid and "
+            f"trainer.selection.metric=valid/{name})"
+        )
+    higher = next(m.higher_is_better for m in metric_set.metrics if m.name == name)
+    return Selection(spec.metric, higher, spec.every_epochs, spec.skip_epochs)
+
+
 def train(
     method: Method,
     handle: ModelHandle,
@@ -67,12 +116,14 @@ def train(
     periodic_eval: Optional[Callable[[int, Optional[list[str]]], dict]] = None,
     run_dir: Optional[Path] = None,
     fingerprint: str = "",
+    selection: Optional[Selection] = None,
 ) -> tuple[dict[str, float], list[dict]]:
     """Train ``handle.student`` with ``method``'s loss; returns summary statistics and the curves of the
     periodic evaluations (``periodic_eval(step, eval set names or None for all)`` returns its metrics).
 
     With ``run_dir``, training resumes from its latest checkpoint (made by a run with the
-    same ``fingerprint``) and saves new ones there.
+    same ``fingerprint``) and saves new ones there. With a ``selection`` (which needs both), the student
+    ends with the weights of its best evaluated checkpoint instead of its final ones.
     """
     examples = method.train_examples(task)
     started = time.perf_counter()
@@ -121,6 +172,30 @@ def train(
             method.load_state_dict(progress.method_state)
         log.info("resuming from %s (step %d of %d)", resume, progress.step, total_steps)
     resumed_from = progress.step
+    best = None
+    if selection:
+        complete_epochs = total_steps // steps_per_epoch
+        if not any(selection.due(epoch) for epoch in range(1, complete_epochs + 1)):
+            raise ConfigError(
+                f"trainer.selection evaluates {selection.describe()}, and training runs {complete_epochs} complete "
+                "epoch(s): no checkpoint would be evaluated. Train longer, or lower trainer.selection.skip_epochs "
+                "or trainer.selection.every_epochs"
+            )
+        best = BestWeights(run_dir, progress, selection.higher_is_better)
+
+    def end_of_epoch(epoch: int, last: bool) -> None:
+        """The evaluations after ``epoch`` (counted from 1): every set (trainer.eval_every_epoch; the last
+        epoch's is the run's final evaluation), the selection's set; the checkpoint kept if it is the best."""
+        evaluated = periodic_eval(progress.step, None) if cfg.eval_every_epoch and not last else {}
+        if selection and selection.due(epoch):
+            if selection.metric not in evaluated:
+                evaluated |= periodic_eval(progress.step, [selection.eval_set])
+            record = {"step": progress.step, "epoch": epoch, "value": evaluated[selection.metric]}
+            if best.consider(record, accelerator.unwrap_model(handle.student), accelerator):
+                log.info("epoch %d: %s=%.4f, the best so far", epoch, selection.metric, record["value"])
+        if evaluated:
+            progress.curves.append({"step": progress.step, "epoch": epoch, **evaluated})
+
     handle.student.train()
     handle.training_started = True
 
@@ -200,6 +275,8 @@ def train(
                 if run_dir and (due or stop):
                     progress.method_state = method.state_dict()
                     save_checkpoint(accelerator, run_dir, progress.step, cfg.keep_checkpoints)
+                    if best:
+                        best.checkpointed(accelerator)
                 if stop:
                     bar.close()
                     log.warning("stopped at step %d of %d; %s", progress.step, total_steps, resume_hint(run_dir))
@@ -210,15 +287,27 @@ def train(
                 progress.epoch += 1
                 progress.batches_in_epoch = 0
                 progress.epoch_shuffle_state = shuffle.get_state()
-                if periodic_eval and cfg.eval_every_epoch and progress.step < total_steps:
-                    progress.curves.append(
-                        {"step": progress.step, "epoch": progress.epoch, **periodic_eval(progress.step, None)}
-                    )
+                if periodic_eval:
+                    end_of_epoch(progress.epoch, last=False)
+        if periodic_eval and progress.batches_in_epoch == len(loader):  # the last step ended an epoch
+            end_of_epoch(progress.epoch + 1, last=True)
     bar.close()
     # Without accelerate's autocast wrapper: the trained model is evaluated (and its serving cost measured) in the
     # precision of its weights, as the teacher was before training, not in mixed precision.
     handle.student = accelerator.unwrap_model(handle.student, keep_fp32_wrapper=False)
+    selected = {}
+    if best:
+        best.restore(handle.student)
+        selected = {f"selected_{key}": value for key, value in progress.best.items()}
+        log.info(
+            "testing the checkpoint of epoch %d (%s=%.4f), the best of those evaluated on %s, not the final model",
+            progress.best["epoch"],
+            selection.metric,
+            progress.best["value"],
+            selection.eval_set,
+        )
     return {
+        **selected,
         **prepared,
         "steps": progress.step,
         "schedule_steps": schedule_steps,

@@ -351,9 +351,13 @@ def build_kg_task(spec: DictConfig, seed: int) -> KGTask:
     graph = load_graph(spec)
     data_seed = spec.subsample_seed
     train = _subsample(graph.splits["train"], spec.num_train, data_seed)
-    if spec.eval_split not in graph.splits:
-        raise DataError(f"dataset.eval_split={spec.eval_split!r}; use one of {', '.join(SPLITS)}")
-    evaluation = _subsample(graph.splits[spec.eval_split], spec.num_eval, data_seed + 1)
+    for key in ("eval_split", "validation_split"):
+        if spec[key] is not None and spec[key] not in graph.splits:
+            raise DataError(f"dataset.{key}={spec[key]!r}; use one of {', '.join(SPLITS)}")
+    eval_sets = {"eval": _subsample(graph.splits[spec.eval_split], spec.num_eval, data_seed + 1)}
+    if spec.validation_split:  # a set of its own, named after its split (trainer.selection reads it)
+        split = spec.validation_split
+        eval_sets[split] = _subsample(graph.splits[split], spec.num_validation, data_seed + 2)
     if spec.eval_candidates is not None and spec.eval_candidates >= len(graph.entities):
         # fewer entities than asked for: the ranking would not be the sampledN_ one its metrics name
         raise DataError(
@@ -361,9 +365,7 @@ def build_kg_task(spec: DictConfig, seed: int) -> KGTask:
             f"rank against all of them with dataset.eval_candidates=null, or sample fewer"
         )
     contexts_file = Path(spec.contexts_file).expanduser() if spec.contexts_file else None
-    task = KGTask(
-        spec.name, graph, train, {"eval": evaluation}, contexts_file, eval_candidates=spec.eval_candidates, seed=seed
-    )
+    task = KGTask(spec.name, graph, train, eval_sets, contexts_file, eval_candidates=spec.eval_candidates, seed=seed)
     if contexts_file is not None and contexts_file.is_file():
         id_dir = Path(spec.contexts_id_dir).expanduser() if spec.contexts_id_dir else None
         task.contexts = read_contexts(contexts_file, graph, id_dir)
