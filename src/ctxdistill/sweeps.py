@@ -8,6 +8,7 @@ are listed when the sweep ends, and the process then exits non-zero.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shlex
@@ -109,6 +110,15 @@ def run_cell(cfg: DictConfig, run: Callable[[DictConfig], dict[str, Any]]) -> Op
         return None
     (out / FAILURE_FILE).unlink(missing_ok=True)
     return result
+
+
+def cell_dir(overrides: str) -> str:
+    """A sweep cell's directory name from its overrides: one path component (the '/' of a value such as
+    experiment=huang2022/meta_ict becomes '-'), cut to 200 characters plus a hash of the whole past that."""
+    name = overrides.replace("/", "-")
+    if len(name) > 200:
+        name = f"{name[:183]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return name
 
 
 def group_name(sweep_dir: str | Path) -> str:
