@@ -107,7 +107,6 @@ def compare(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"no such path: {', '.join(missing)}")
     # else W&B's API fails on it with a traceback, and only after logging in
-    # else W&B's API fails on it with a traceback, and only after logging in
     if args.wandb and not re.fullmatch(r"[^/\s]+/[^/\s]+", args.wandb):
         parser.error(f"--wandb {args.wandb}: give ENTITY/PROJECT, e.g. --wandb my-team/ctxdistill")
     if args.project and not args.wandb_log:
