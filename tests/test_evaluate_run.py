@@ -266,3 +266,44 @@ def test_a_path_that_does_not_exist_is_named(tmp_path, capsys):
         main([str(tmp_path / "nowhere")])
     assert stopped.value.code == 2
     assert f"{tmp_path / 'nowhere'}: no such directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/nowhere"], "{tmp}/nowhere: no such directory"),
+        (["{tmp}/empty"], "no finished run (metrics.json) under {tmp}/empty"),
+        (["{tmp}/run", "--name", ".."], "--name ..: give one plain directory name"),
+        (["{tmp}/run", "--config-dir", "{tmp}/none"], "--config-dir {tmp}/none: no such directory"),
+        (["--bogus"], "the following arguments are required: path"),
+    ],
+)
+def test_bad_arguments_are_refused_before_torch_and_the_methods_are_imported(args, message, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    # in a process of its own: this one has imported torch already
+    check = (
+        "import sys\nfrom ctxdistill.evaluate_run import main\ntry:\n    main(sys.argv[1:])\n"
+        "finally:\n    print(sorted({'torch', 'ctxdistill.cli', 'ctxdistill.methods'} & set(sys.modules)))"
+    )
+    arguments = [a.format(tmp=tmp_path) for a in args]
+    proc = subprocess.run([sys.executable, "-c", check, *arguments], capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 2 and proc.stdout.strip() == "[]"
+    assert f"ctxdistill-eval: error: {message.format(tmp=tmp_path)}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cells_of_a_sweep_without_results_are_named_not_skipped_quietly(untrained_sweep, tmp_path, capsys):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(cells_of(untrained_sweep)[0], sweep / "done", ignore=shutil.ignore_patterns("evaluations"))
+    (sweep / "killed").mkdir()
+    shutil.copy(sweep / "done" / "config.yaml", sweep / "killed")  # started, stopped before its metrics.json
+    (sweep / "failed").mkdir()
+    (sweep / "failed" / "failure.json").write_text(json.dumps({"error": "DataError: no such file x.jsonl"}))
+    assert main([str(sweep), "--name", "again"]) == 0
+    err = capsys.readouterr().err
+    assert f"ctxdistill-eval: warning: left out {sweep / 'failed'}, which has no results: failed (DataError" in err
+    assert f"warning: left out {sweep / 'killed'}, which has no results: no complete metrics.json" in err
+    assert [p.parent.parent.parent.name for p in sweep.glob("*/evaluations/again/metrics.json")] == ["done"]

@@ -762,11 +762,17 @@ def test_vs_refuses_rows_of_runs_sharing_a_seed_and_pairs_each_setting_with_by(m
     "args, message",
     [
         (["{tmp}/nowhere"], "no such path: {tmp}/nowhere"),
-        (["{tmp}", "--out", "{tmp}/file/results"], "--out {tmp}/file/results: cannot create it"),
+        (["{tmp}", "--out", "{tmp}/file/results"], "--out {tmp}/file/results: cannot write into it (Not a directory)"),
+        (["{tmp}", "--out", "{tmp}/file"], "--out {tmp}/file: it is a file, not a directory"),
+        (["{tmp}", "--out", "/proc"], "--out /proc: cannot write into it"),  # a directory no one can write into
         (["{tmp}", "--paper", "snell2022"], "--paper and --model-as belong to --scorecard"),
+        (["{tmp}", "--wandb-log", "--project", "a/b/c"], "--project a/b/c: give PROJECT or ENTITY/PROJECT"),
+        (["{tmp}", "--project", "p"], "--project names where --wandb-log logs to: give --wandb-log too"),
+        (["{tmp}", "--wandb-log"], "--wandb-log: WANDB_MODE=disabled turns W&B off, so nothing would be logged"),
     ],
 )
-def test_compare_refuses_bad_arguments_with_one_line_before_reading_runs(args, message, tmp_path, capsys):
+def test_compare_refuses_bad_arguments_with_one_line_before_reading_runs(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     (tmp_path / "file").write_text("")  # a file where --out wants a directory
     with pytest.raises(SystemExit) as stopped:
         main([a.format(tmp=tmp_path) for a in args])
@@ -796,3 +802,69 @@ def test_vs_over_a_run_directory_without_predictions_names_it_and_how_to_write_t
     assert main([str(tmp_path), "--vs", "icl"]) == 2
     err = capsys.readouterr().err
     assert f"has none in {tmp_path / 'cd'}: evaluate the run again (ctxdistill-eval {tmp_path / 'cd'})" in err
+
+
+def test_model_as_naming_a_model_the_paper_does_not_report_is_an_error_naming_its_models(tmp_path, capsys):
+    write_run(tmp_path / "a", "cd", 0, 0.5, "2026-01-01T00:00:01", model="smollm2")
+    assert main([str(tmp_path), "--scorecard", "--paper", "snell2022", "--model-as", "smollm2=t5-smal"]) == 2
+    out, err = capsys.readouterr()
+    assert "--model-as smollm2=t5-smal: snell2022 reports no model t5-smal (its models: incoder-6.7b, t5-small" in err
+    assert out == ""  # before the tables
+
+
+@pytest.mark.parametrize("offline", ["no login", "no network"])
+def test_reading_wandb_without_login_or_network_names_the_problem_and_the_local_alternative(
+    offline, tmp_path, capsys, monkeypatch
+):
+    import wandb
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings: not logged in
+    if offline == "no network":
+
+        def unreachable(*args, **kwargs):
+            raise wandb.errors.CommError("Network error (ConnectionError), entering retry loop")
+
+        monkeypatch.setattr(wandb, "Api", unreachable)
+    assert main(["--wandb", "me/proj", "--group", "g"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --wandb me/proj: cannot read runs from W&B (") and "Traceback" not in err
+    assert "needs network and a login (`wandb login`, or WANDB_API_KEY)" in err
+    assert "give the runs' directories instead: run or sweep directories, or RUN_DIR/wandb" in err
+
+
+def test_logging_to_wandb_online_without_a_login_says_so_after_the_tables(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    write_run(tmp_path / "a", "cd", 0, 0.5, "2026-01-01T00:00:01")
+    assert main([str(tmp_path / "a"), "--wandb-log"]) == 1
+    out, err = capsys.readouterr()
+    assert "| accuracy" in out or "accuracy" in out
+    assert "could not log to W&B in online mode (" in err and "WANDB_MODE=offline logs under ./wandb" in err
+    assert "Traceback" not in err
+
+
+def test_runs_of_a_sweep_without_results_are_named_and_left_out_not_dropped_quietly(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "icl", "icl", 0, 0.6, "2026-01-01T00:00:01")
+    (sweep / "icl" / ".hydra").mkdir()
+    (sweep / "icl" / ".hydra" / "config.yaml").write_text("")  # Hydra's record of the run, not a run
+    (sweep / "icl" / "evaluations" / "again").mkdir(parents=True)
+    (sweep / "icl" / "evaluations" / "again" / "config.yaml").write_text("")  # an evaluation cut short: no cell
+    (sweep / "killed").mkdir(parents=True)
+    (sweep / "killed" / "config.yaml").write_text("method: {name: cd}\n")  # started, never finished
+    (sweep / "failed").mkdir()
+    (sweep / "failed" / "failure.json").write_text(json.dumps({"error": "DataError: no such file x.jsonl\n..."}))
+    write_run(sweep / "refused", "cd", 0, 0.9, "2026-01-01T00:00:02")  # complete once; its latest attempt failed
+    (sweep / "refused" / "failure.json").write_text(json.dumps({"error": "ConfigError: a different config"}))
+    assert main([str(sweep), "--format", "csv", "--out", str(sweep)]) == 0
+    out, err = capsys.readouterr()
+    assert [row["method"] for row in csv.DictReader(io.StringIO(out.split("\n\n")[0]))] == ["icl"]
+    assert f"warning: left out {sweep / 'failed'}: failed (DataError: no such file x.jsonl; its traceback is in " in err
+    assert f"warning: left out {sweep / 'refused'}: failed (ConfigError: a different config;" in err
+    assert f"warning: left out {sweep / 'killed'}: no complete metrics.json: it stopped before it finished" in err
+    assert err.count("warning: left out") == 3
+    assert "3 run(s) without results left out (listed above): run their ctxdistill command again to finish" in err
+    assert "**3 failed cells**" in (sweep / "README.md").read_text()
+    assert main([str(sweep), "--strict"]) == 1

@@ -258,7 +258,9 @@ def test_compare_scorecard_refuses_bad_requests_before_reading_runs(tmp_path, ca
     run = json.loads((tmp_path / "run" / "metrics.json").read_text())
     (tmp_path / "run" / "metrics.json").write_text(json.dumps(run | {"paper": None}))
     assert main([str(tmp_path / "run"), "--scorecard"]) == 1
-    assert "give --paper NAME" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "no paper to score against: the runs' experiments name none (`paper:`); give --paper NAME" in err
+    assert out == ""  # said before the tables, not after them
 
 
 def test_the_scorecard_is_logged_as_a_wandb_table(tmp_path, monkeypatch):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import sys
@@ -15,6 +14,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.config import ConfigError, register_schemas
+from ctxdistill.sweeps import cell_dir
 
 register_schemas()
 
@@ -30,15 +30,6 @@ def launch_time(pattern: str) -> str:
 
 
 OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True, replace=True)
-
-
-def cell_dir(overrides: str) -> str:
-    """A sweep cell's directory name from its overrides: one path component (the '/' of a value such as
-    experiment=huang2022/meta_ict becomes '-'), cut to 200 characters plus a hash of the whole past that."""
-    name = overrides.replace("/", "-")
-    if len(name) > 200:
-        name = f"{name[:183]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
-    return name
 
 
 OmegaConf.register_new_resolver("cell_dir", cell_dir, replace=True)

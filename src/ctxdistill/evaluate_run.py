@@ -24,7 +24,8 @@ from typing import Any, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.results.records import EVALUATIONS
+from ctxdistill.results.records import EVALUATIONS, unfinished_runs
+from ctxdistill.sweeps import cell_dir
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +225,8 @@ def run_dirs(path: Path) -> list[Path]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from ctxdistill.cli import cell_dir, exit_with_message, quiet_console, user_errors
-    from ctxdistill.progress import BarSafeHandler
-
     parser = argparse.ArgumentParser(
+        prog="ctxdistill-eval",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.split("\n")[1:]),
@@ -247,17 +246,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         "its record); repeatable",
     )
     args = parser.parse_args(argv)
-    quiet_console()
-    # force: the handler writes to this call's stderr, not to one an earlier call in the process saw
-    logging.basicConfig(
-        level=logging.INFO,
-        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
-        handlers=[BarSafeHandler()],
-        force=True,
-    )
+    # every check of the arguments before ctxdistill.cli, whose imports (torch, the methods) take seconds
     if not args.path.exists():
         parser.error(f"{args.path}: no such directory; give a finished run's directory, or a sweep's")
-    runs = run_dirs(args.path)
+    unfinished = {args.path / cell: why for cell, why in unfinished_runs(args.path).items()}
+    for run_dir, why in unfinished.items():  # a sweep's cells without results: said, not skipped quietly
+        print(f"ctxdistill-eval: warning: left out {run_dir}, which has no results: {why}", file=sys.stderr)
+    # a cell whose latest attempt failed is left out even beside an earlier complete metrics.json, as a sweep does
+    runs = [run_dir for run_dir in run_dirs(args.path) if run_dir not in unfinished]
     if not runs:
         parser.error(f"no finished run (metrics.json) under {args.path}")
     name = args.name or cell_dir(",".join(args.overrides)) or "again"
@@ -274,6 +270,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"{made[0]}{f' (and {len(made) - 1} more)' if len(made) > 1 else ''} already holds an evaluation named "
             f"{name}: pass --force to replace it, or another --name"
         )
+
+    from ctxdistill.cli import exit_with_message, quiet_console, user_errors
+    from ctxdistill.progress import BarSafeHandler
+
+    quiet_console()
+    # force: the handler writes to this call's stderr, not to one an earlier call in the process saw
+    logging.basicConfig(
+        level=logging.INFO,
+        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+        handlers=[BarSafeHandler()],
+        force=True,
+    )
     for run_dir in runs:
         try:
             evaluate_run(run_dir, args.overrides, name, tuple(args.config_dir))

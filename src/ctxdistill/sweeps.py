@@ -8,6 +8,7 @@ are listed when the sweep ends, and the process then exits non-zero.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shlex
@@ -20,10 +21,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.config import ConfigError
+from ctxdistill.results.records import FAILURE_FILE, failed_runs
 
 log = logging.getLogger(__name__)
 
-FAILURE_FILE = "failure.json"
 # Keys that may differ between a stored run and its re-run without changing its results: logging,
 # force, and where things are kept (output_dir, and the caches: cache_dir and what follows it, such as
 # method.teacher_cache_dir, GenPI's and the contexts' method.stage_dir, the cheat sheets' method.sheet_dir).
@@ -111,28 +112,18 @@ def run_cell(cfg: DictConfig, run: Callable[[DictConfig], dict[str, Any]]) -> Op
     return result
 
 
+def cell_dir(overrides: str) -> str:
+    """A sweep cell's directory name from its overrides: one path component (the '/' of a value such as
+    experiment=huang2022/meta_ict becomes '-'), cut to 200 characters plus a hash of the whole past that."""
+    name = overrides.replace("/", "-")
+    if len(name) > 200:
+        name = f"{name[:183]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    return name
+
+
 def group_name(sweep_dir: str | Path) -> str:
     """The W&B group of a sweep's runs: its directory's last two parts (e.g. 2026-11-23-10-00-00)."""
     return "-".join(Path(sweep_dir).parts[-2:])
-
-
-def sweep_failures(sweep_dir: Path) -> dict[str, str]:
-    """Cell (its path under the sweep dir) -> error, for cells whose latest attempt failed.
-
-    A failure.json older than a complete metrics.json was made good since; a newer one was not, even beside a
-    complete metrics.json: that is a run of another config the sweep refused, or one that failed once written.
-    """
-    failures = {}
-    for file in sorted(sweep_dir.rglob(FAILURE_FILE)):
-        done = file.parent / "metrics.json"
-        if (
-            done.is_file()
-            and done.stat().st_mtime_ns > file.stat().st_mtime_ns
-            and json.loads(done.read_text()).get("status") == "complete"
-        ):
-            continue
-        failures[str(file.parent.relative_to(sweep_dir))] = json.loads(file.read_text())["error"].splitlines()[0]
-    return failures
 
 
 def command_line_config_dirs(hydra: DictConfig) -> list[str]:
@@ -267,7 +258,7 @@ class SweepSummaryCallback(Callback):
         from ctxdistill.tracking import resolve_mode
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        failures = sweep_failures(sweep_dir)
+        failures = failed_runs(sweep_dir)
         # the cells' runs: no evaluation (ctxdistill-eval) beside one, no result of a cell whose latest attempt failed
         runs = [
             r

@@ -20,13 +20,15 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 from ctxdistill.results import scorecard
 from ctxdistill.results.files import RESULTS_DIR, write_results
-from ctxdistill.results.records import UnknownConfigKeyError, collect, split_by
+from ctxdistill.results.records import UnknownConfigKeyError, collect, split_by, unfinished_runs
 from ctxdistill.results.render import render
 from ctxdistill.results.table import PairedTestError, duplicate_seed_warnings, paired_tests, summarise
+from ctxdistill.tracking import resolve_mode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +68,11 @@ def compare(argv: list[str] | None = None) -> int:
         action="store_true",
         help="create a W&B report for --group in --wandb's project (needs network)",
     )
-    parser.add_argument("--project", default="ctxdistill", help="W&B project for --wandb-log without --wandb")
+    parser.add_argument(
+        "--project",
+        metavar="[ENTITY/]PROJECT",
+        help="W&B project for --wandb-log without --wandb (default: ctxdistill)",
+    )
     parser.add_argument(
         "--by",
         nargs="+",
@@ -74,7 +80,11 @@ def compare(argv: list[str] | None = None) -> int:
         metavar="KEY",
         help="config keys that tell a method's runs apart (e.g. method.aux_weight): one row per value",
     )
-    parser.add_argument("--strict", action="store_true", help="exit non-zero when any metrics.json is unreadable")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit non-zero when any metrics.json is unreadable or any run under the paths has no results",
+    )
     parser.add_argument(
         "--scorecard",
         action="store_true",
@@ -99,29 +109,50 @@ def compare(argv: list[str] | None = None) -> int:
     # else W&B's API fails on it with a traceback, and only after logging in
     if args.wandb and not re.fullmatch(r"[^/\s]+/[^/\s]+", args.wandb):
         parser.error(f"--wandb {args.wandb}: give ENTITY/PROJECT, e.g. --wandb my-team/ctxdistill")
+    if args.project and not args.wandb_log:
+        parser.error("--project names where --wandb-log logs to: give --wandb-log too, or leave --project out")
+    if args.project and args.wandb:
+        parser.error(f"--project {args.project}: --wandb-log logs to --wandb's project {args.wandb}; give only one")
+    if args.project and not re.fullmatch(r"([^/\s]+/)?[^/\s]+", args.project):
+        parser.error(f"--project {args.project}: give PROJECT or ENTITY/PROJECT, e.g. --project my-team/ctxdistill")
+    if args.wandb_log and resolve_mode("auto") == "disabled":  # W&B would log nothing, without a word
+        parser.error(
+            "--wandb-log: WANDB_MODE=disabled turns W&B off, so nothing would be logged; run with WANDB_MODE=offline "
+            "(logged under ./wandb, for `wandb sync`) or WANDB_MODE=online, or leave --wandb-log out"
+        )
     if args.wandb_report and not (args.wandb and args.group):
         parser.error("--wandb-report needs --wandb ENTITY/PROJECT and --group")
     if (args.paper or args.model_as) and not args.scorecard:
         parser.error("--paper and --model-as belong to --scorecard")
     if args.scorecard and args.format == "latex":
         parser.error("the scorecard has no LaTeX form: use --format text, markdown or csv")
-    if args.out:  # before reading any run: a directory that cannot be made fails at once
-        try:
-            args.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            parser.error(f"--out {args.out}: cannot create it ({e.strerror}); give a writable directory")
+    if args.out:  # before reading any run: a directory that cannot be written fails at once, not after the tables
+        problem = unwritable(args.out)
+        if problem:
+            parser.error(f"--out {args.out}: {problem}; give a directory to write README.md and {RESULTS_DIR}/ into")
     try:
         model_as = scorecard.parse_model_as(args.model_as)
         named_papers = [scorecard.load_paper(name) for name in args.paper]
     except ValueError as e:
         parser.error(str(e))
 
-    unreadable: list[str] = []
-    records = collect(args.paths, unreadable)
-    if args.wandb:
-        from ctxdistill.results.wandb_runs import api_records
+    records = []
+    if args.wandb:  # first: a missing login or network is said before the local runs are read
+        from ctxdistill.results.wandb_runs import WandbReadError, api_records
 
-        records += api_records(args.wandb, args.group)
+        try:
+            records = api_records(args.wandb, args.group)
+        except WandbReadError as e:
+            print(f"error: --wandb {args.wandb}: {e}", file=sys.stderr)
+            return 1
+    unreadable: list[str] = []
+    unfinished = {
+        str(path / cell): why for path in args.paths if path.is_dir() for cell, why in unfinished_runs(path).items()
+    }
+    # a run whose latest attempt failed is left out even beside an earlier complete metrics.json, as a sweep does
+    records += [r for r in collect(args.paths, unreadable) if r.get("run_dir") not in unfinished]
+    for run_dir, why in unfinished.items():
+        print(f"warning: left out {run_dir}: {why}", file=sys.stderr)
     if not records:
         where = ", ".join([*map(str, args.paths), *([args.wandb] if args.wandb else [])])
         print(f"no complete runs (metrics.json or W&B summary with status 'complete') in {where}", file=sys.stderr)
@@ -135,6 +166,26 @@ def compare(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    papers: list[scorecard.Paper] = []
+    if args.scorecard:  # before the tables: a scorecard that cannot be made is said before anything is printed
+        papers = named_papers or [scorecard.load_paper(name) for name in scorecard.papers_of(records)]
+        if not papers:
+            print(
+                "no paper to score against: the runs' experiments name none (`paper:`); give --paper NAME "
+                f"(known: {', '.join(scorecard.known_papers())})",
+                file=sys.stderr,
+            )
+            return 1
+        paper_models = sorted({cell.model for paper in papers for cell in paper.cells})
+        unknown = [m for m in model_as.values() if m not in paper_models]
+        if unknown:
+            run_model = next(k for k, v in model_as.items() if v == unknown[0])
+            print(
+                f"error: --model-as {run_model}={unknown[0]}: {', '.join(p.name for p in papers)} reports no model "
+                f"{unknown[0]} (its models: {', '.join(paper_models)})",
+                file=sys.stderr,
+            )
+            return 2
     try:
         rows = split_by(records, args.by)  # the table's rows; the scorecard matches the runs' own methods
     except UnknownConfigKeyError as e:
@@ -154,14 +205,6 @@ def compare(argv: list[str] | None = None) -> int:
     print(render(tables, args.format))
     scores: list[scorecard.Score] = []
     if args.scorecard:
-        papers = named_papers or [scorecard.load_paper(name) for name in scorecard.papers_of(records)]
-        if not papers:
-            print(
-                "no paper to score against: the runs' experiments name none (`paper:`); give --paper NAME "
-                f"(known: {', '.join(scorecard.known_papers())})",
-                file=sys.stderr,
-            )
-            return 1
         scores = scorecard.score([c for p in papers for c in p.cells], records, model_as)
         print("\n" + scorecard.render(papers, scores, model_as, args.format))
     if args.out:
@@ -171,18 +214,26 @@ def compare(argv: list[str] | None = None) -> int:
             appendix = "## Scorecard\n\n" + scorecard.write(args.out / RESULTS_DIR, papers, scores, model_as)
             appendix += f"\n\nAs CSV: [{RESULTS_DIR}/scorecard.csv]({RESULTS_DIR}/scorecard.csv)."
         title = f"Results: {args.group or args.out.name}"
-        readme = write_results(args.out, rows, title=title, appendix=appendix, tables=tables)
+        readme = write_results(args.out, rows, title=title, failures=unfinished, appendix=appendix, tables=tables)
         print(f"\nwrote {readme} and {args.out / RESULTS_DIR}/", file=sys.stderr)
     if args.wandb_log:
-        from ctxdistill.results.wandb_outputs import log_results
-        from ctxdistill.tracking import resolve_mode
+        import wandb
 
-        project = args.wandb or args.project
+        from ctxdistill.results.wandb_outputs import log_results
+
+        project = args.wandb or args.project or "ctxdistill"
         entity, project = project.split("/", 1) if "/" in project else (None, project)
         extra = {"scorecard": scorecard.table_rows(scores)} if args.scorecard else {}
-        log_results(
-            tables, entity=entity, project=project, group=args.group, mode=resolve_mode("auto"), extra_tables=extra
-        )
+        mode = resolve_mode("auto")
+        try:
+            log_results(tables, entity=entity, project=project, group=args.group, mode=mode, extra_tables=extra)
+        except wandb.errors.Error as e:  # the tables and files above are already done
+            print(
+                f"could not log to W&B in {mode} mode ({e}); online logging needs network and `wandb login`: "
+                "WANDB_MODE=offline logs under ./wandb, for `wandb sync` later",
+                file=sys.stderr,
+            )
+            return 1
     if args.wandb_report:
         from ctxdistill.results.wandb_outputs import build_report
 
@@ -195,7 +246,28 @@ def compare(argv: list[str] | None = None) -> int:
             return 1
     if unreadable:
         print(f"{len(unreadable)} unreadable metrics.json skipped (listed above)", file=sys.stderr)
-    return 1 if unreadable and args.strict else 0
+    if unfinished:
+        print(
+            f"{len(unfinished)} run(s) without results left out (listed above): run their ctxdistill command again "
+            "to finish them; it skips complete runs, so a sweep's command (in its README.md) reruns only these",
+            file=sys.stderr,
+        )
+    return 1 if (unreadable or unfinished) and args.strict else 0
+
+
+def unwritable(directory: Path) -> str | None:
+    """Why README.md and results/ cannot be written into ``directory`` (made if missing); None when they can."""
+    if directory.exists() and not directory.is_dir():
+        return "it is a file, not a directory"
+    if (directory / RESULTS_DIR).exists() and not (directory / RESULTS_DIR).is_dir():
+        return f"{directory / RESULTS_DIR} is a file, where the tables and plots go"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        return f"cannot write into it ({e.strerror})"
+    return None
 
 
 if __name__ == "__main__":

@@ -43,7 +43,11 @@ def write_results(
     if command:
         lines += ["Produced by:", "", "```bash", command, "```", ""]
     if failures:
-        lines += [f"**{len(failures)} failed cells** (re-run the same command to retry only them):", ""]
+        lines += [
+            f"**{len(failures)} failed cells** (run their ctxdistill command again to retry only them: it skips "
+            "complete runs):",
+            "",
+        ]
         lines += [f"- `{cell}`: {error}" for cell, error in failures.items()] + [""]
     lines += [
         render(tables, "markdown"),

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
 PREDICTIONS = "predictions.jsonl"
+FAILURE_FILE = "failure.json"  # a sweep cell's failed attempt: its error and traceback
+RUN_CONFIG = "config.yaml"  # written as a run starts, so a run directory without results still has it
 EVALUATIONS = "evaluations"  # ctxdistill-eval writes a run's re-evaluations to RUN_DIR/evaluations/NAME/
 MODEL_SIZE = re.compile(r"(\d+(?:\.\d+)?)([mb])\b", re.IGNORECASE)
 
@@ -69,6 +71,49 @@ def collect(paths: Iterable[Path], unreadable: Optional[list[str]] = None) -> li
             if complete:
                 records.append({**result, "run_dir": str(file.parent)})
     return records
+
+
+def complete(metrics_file: Path) -> bool:
+    try:
+        return json.loads(metrics_file.read_text()).get("status") == "complete"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def failed_runs(directory: Path) -> dict[str, str]:
+    """Run directory (its path under ``directory``) -> error, for the runs whose latest attempt failed.
+
+    A failure.json older than a complete metrics.json was made good since; a newer one was not, even beside a
+    complete metrics.json: that is a run of another config the sweep refused, or one that failed once written.
+    """
+    failures = {}
+    for file in sorted(directory.rglob(FAILURE_FILE)):
+        done = file.parent / "metrics.json"
+        if done.is_file() and done.stat().st_mtime_ns > file.stat().st_mtime_ns and complete(done):
+            continue
+        failures[str(file.parent.relative_to(directory))] = json.loads(file.read_text())["error"].splitlines()[0]
+    return failures
+
+
+def unfinished_runs(directory: Path) -> dict[str, str]:
+    """Run directory (its path under ``directory``) -> why it has no results: its latest attempt failed, or it
+    stopped (or is still running) before writing a complete metrics.json. Re-evaluations, Hydra's record of a
+    run (``.hydra/config.yaml``) and W&B's (``wandb/*/files/config.yaml``) are not runs."""
+    unfinished = {
+        cell: f"failed ({error}; its traceback is in {FAILURE_FILE})" for cell, error in failed_runs(directory).items()
+    }
+    for config in sorted(directory.rglob(RUN_CONFIG)):
+        run_dir = config.parent
+        cell = str(run_dir.relative_to(directory))
+        if (
+            cell in unfinished
+            or {EVALUATIONS, ".hydra"} & set(Path(cell).parts)
+            or any(run_dir.parent.glob("*.wandb"))
+            or complete(run_dir / "metrics.json")
+        ):
+            continue
+        unfinished[cell] = "no complete metrics.json: it stopped before it finished, or is still running"
+    return unfinished
 
 
 def predictions(record: dict[str, Any]) -> Optional[list[dict[str, Any]]]:

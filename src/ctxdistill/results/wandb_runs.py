@@ -180,11 +180,23 @@ def offline_records(path: Path) -> list[dict[str, Any]]:
     return latest_per_run_dir([r for r in records if r])
 
 
+class WandbReadError(RuntimeError):
+    """W&B's API could not be read (no login, no network, no such project); the message says what to do instead."""
+
+
 def api_records(project_path: str, group: Optional[str] = None) -> list[dict[str, Any]]:
     """The complete ctxdistill runs of a W&B project (``entity/project``), optionally of one group, the last of
     each output dir."""
+    import requests
     import wandb
 
-    runs = wandb.Api().runs(project_path, filters={"group": group} if group else None, lazy=False)
+    try:
+        runs = list(wandb.Api().runs(project_path, filters={"group": group} if group else None, lazy=False))
+    except (wandb.errors.Error, requests.RequestException, ValueError) as e:  # ValueError: no such project
+        raise WandbReadError(
+            f"cannot read runs from W&B ({str(e).splitlines()[0]}); its API needs network and a login "
+            "(`wandb login`, or WANDB_API_KEY). Without them, give the runs' directories instead: run or sweep "
+            "directories, or RUN_DIR/wandb for runs logged offline"
+        ) from None
     records = [record_from_wandb(run.config, run.summary_metrics, finished=run.state == "finished") for run in runs]
     return latest_per_run_dir([r for r in records if r])
