@@ -160,6 +160,11 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("dataset=kg_synthetic method=kgbert method.max_length=1", "method.max_length: must be >= 2 tokens, got 1"),
         ("dataset=kg_synthetic method=kgs2s method.source_token_dropout=1", "method.source_token_dropout: must be"),
         ("dataset=kg_synthetic method=kg_decoder method.relation_prompts=true", "method.relation_prompts: is KG-S2S"),
+        (
+            "dataset=kg_synthetic method=kg_decoder method.reconstruction_weight=0.5",
+            "method.reconstruction_weight: is KG-S2S",
+        ),
+        ("dataset=kg_synthetic method=kgs2s method.reconstruction_weight=-1", "method.reconstruction_weight: must be"),
     ],
 )
 def test_bad_values_are_named(make_cfg, override, key):

@@ -1,5 +1,6 @@
 """Knowledge-graph completion (Li et al. 2024): loaders, filtered ranking, masking, contexts, both stages."""
 
+import copy
 import functools
 import hashlib
 import json
@@ -667,6 +668,63 @@ def test_kgs2s_relation_prompts_wrap_the_entity_and_the_relation_and_train(seq2s
     torch.testing.assert_close(student(**context).loss, t5(**context).loss)
 
 
+def test_kgs2s_reconstruction_hides_three_token_spans_behind_sentinels_in_reading_order():
+    import random
+
+    from ctxdistill.methods.kgc import corrupt_spans
+
+    ids = [*range(100, 140), 1]  # 41 tokens, the last the end-of-sequence: int(41 * 0.15) = 6, two spans
+    sentinels = [-1, -2]
+    for seed in range(50):
+        corrupted, spans = corrupt_spans(ids, sentinels, random.Random(seed))
+        assert len(spans) == 2 and all(len(span) == 3 for span in spans)
+        assert corrupted[-2:] == ids[-2:]  # never the last two tokens, as released
+        rebuilt = [t for token in corrupted for t in (spans[-token - 1] if token < 0 else [token])]
+        assert rebuilt == ids and [t for t in corrupted if t < 0] == sentinels  # numbered in reading order
+    assert corrupt_spans([5, 6, 7, 8, 9, 1], sentinels, random.Random(0)) == ([5, 6, 7, 8, 9, 1], [])  # too short
+
+
+def test_kgs2s_reconstruction_trains_on_the_released_target_or_the_hidden_tokens(seq2seq_tokenizer):
+    from ctxdistill.methods.kgc import sentinel_tokens
+
+    tokenizer = copy.deepcopy(seq2seq_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": sentinel_tokens(100)})  # T5's vocabulary has them
+    task, triple = kgs2s_task(), kgs2s_task().train_triples[0]
+    spans = [[100, 101, 102], [110, 111, 112]]
+    released = method_of(
+        KGS2SConfig, name="kgs2s", aux_weight=0.0, reconstruction_weight=0.5, reconstruction_target="id_digits"
+    )
+    # KG-S2S/data.py, build_reconstruction: the target spells the hidden ids in decimal after each sentinel
+    expected = "<extra_id_0> 100 101 102 <extra_id_1> 110 111 112 <extra_id_2>"
+    assert released.reconstruction_ids(tokenizer, spans) == tokenizer(expected).input_ids
+    method = method_of(KGS2SConfig, name="kgs2s", aux_weight=0.0, reconstruction_weight=0.5)
+    s0, s1, s2 = tokenizer.convert_tokens_to_ids(sentinel_tokens(3))
+    assert method.reconstruction_ids(tokenizer, spans) == [s0, 100, 101, 102, s1, 110, 111, 112, s2, 2]
+    # with reconstruction alone the query starts with "predict: " (released: -contextualization or -reconstruction)
+    assert method.source(tokenizer, task, triple, "tail").startswith("predict: tombstone")
+    method.prepare(None, tokenizer, task, [], 1)
+    batch = method.collate(tokenizer, task, [(triple, "tail"), (triple, "head")])
+    assert "context" not in batch  # aux_weight is 0
+    context_ids = tokenizer("A tombstone is a kind of memorial.", add_special_tokens=False).input_ids + [2]
+    corruption = batch["reconstruction"]
+    for source, mask, labels in zip(*(corruption[k].tolist() for k in ("input_ids", "attention_mask", "labels"))):
+        labels = [t for t in labels if t != -100]  # sentinel, 3 hidden tokens, ..., the last sentinel, eos
+        hidden = {labels[i]: labels[i + 1 : i + 4] for i in range(0, len(labels) - 2, 4)}
+        source = [token for token, kept in zip(source, mask) if kept]
+        assert [t for token in source for t in hidden.get(token, [token])] == context_ids
+    cfg = composed("tiny-random-seq2seq")
+    t5 = load_model(cfg.model, cfg.cache_dir, seq2seq_tokenizer, seed=0)
+    t5.resize_token_embeddings(len(tokenizer))
+    t5.eval()  # no dropout: the two computations see the same model
+    loss, extra = method.loss(SimpleNamespace(student=t5), batch)
+    kgc, reconstruction = (t5(**batch[key]).loss for key in ("kgc", "reconstruction"))
+    torch.testing.assert_close(loss, kgc + 0.5 * reconstruction)
+    assert extra["reconstruction_loss"] == pytest.approx(reconstruction.item())
+    # a tokenizer without T5's sentinels is refused before training
+    with pytest.raises(ConfigError, match="lacks <extra_id_0>.*reconstruction_weight=0"):
+        method.check_inputs(task, seq2seq_tokenizer, composed("tiny-random-seq2seq"))
+
+
 def test_kgs2s_warns_when_entities_share_a_target(seq2seq_tokenizer, caplog):
     task = kgs2s_task()
     task.graph.entity_names["09"] = "memorial , NN , 2"
@@ -1111,7 +1169,11 @@ def test_li2024_experiments_hold_the_released_settings(make_cfg):
             "every_epochs": 3,
             "skip_epochs": 30,
         }
-    assert make_cfg("experiment=li2024/fb15k237n_kgs2s").method.target_description_tokens == 80
+    fb15k237n = make_cfg("experiment=li2024/fb15k237n_kgs2s").method
+    assert fb15k237n.target_description_tokens == 80
+    # its script's "-reconstruction false" parses as True: 0.5 * L_rec, with the released id-digits target
+    assert (fb15k237n.reconstruction_weight, fb15k237n.reconstruction_target) == (0.5, "id_digits")
+    assert make_cfg("experiment=li2024/wn18rr_kgs2s").method.reconstruction_weight == 0
 
 
 def test_training_stops_part_way_down_a_longer_schedule(make_cfg, tmp_path):

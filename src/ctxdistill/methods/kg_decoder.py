@@ -57,7 +57,7 @@ class KGDecoderConfig(KGS2SConfig):
             f"method={m.name} needs a decoder LM, and model={cfg.model.name} is a {cfg.model.architecture}",
             "Use model=smollm2-135m (or tiny-random); T5-like models: method=kgs2s",
         )
-        for key, off in (("source_token_dropout", 0), ("relation_prompts", False)):
+        for key, off in (("source_token_dropout", 0), ("relation_prompts", False), ("reconstruction_weight", 0)):
             require(
                 m[key] == off,
                 f"method.{key}",

@@ -21,6 +21,7 @@ query encoded once and its encoder states reused by every candidate.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import zlib
@@ -118,6 +119,13 @@ class KGS2SConfig(KGCStudentConfig):
     # The released -use_soft_prompt -use_rel_prompt_emb: four trained embeddings per relation in the encoder's
     # input, one before and one after the known entity's text and the relation's text.
     relation_prompts: bool = False
+    # The released -reconstruction: T5 span corruption of the triple's context (3-token spans hidden behind
+    # sentinels until 15% of its tokens are), generated back; this is its loss weight (0.5 in the released loss;
+    # 0: off). The released FB15k-237N run had it on.
+    reconstruction_weight: float = 0.0
+    # What the reconstruction target spells after each sentinel: tokens (the hidden tokens, T5's objective) or
+    # id_digits (their token ids written out as decimal numbers: the released code's target, by mistake).
+    reconstruction_target: str = one_of("tokens", "id_digits", default="tokens")
     schema_name: ClassVar[str] = "base_kgs2s"
 
     @classmethod
@@ -130,6 +138,12 @@ class KGS2SConfig(KGCStudentConfig):
             "method.source_token_dropout",
             f"must be in [0, 1), got {m.source_token_dropout}",
             "It is the probability of hiding each query token; 0 hides none",
+        )
+        require(
+            m.reconstruction_weight >= 0,
+            "method.reconstruction_weight",
+            f"must be >= 0, got {m.reconstruction_weight}",
+            "0 leaves the reconstruction task out",
         )
         require(
             m.max_target_length >= 2,
@@ -174,6 +188,37 @@ def count_shared(values: Iterable) -> int:
     return sum(n for n in counts.values() if n > 1)
 
 
+RECONSTRUCTION_SPAN, RECONSTRUCTION_FRACTION = 3, 0.15  # KG-S2S/data.py, build_reconstruction
+
+
+def span_count(length: int) -> int:
+    """The spans that hide 15% of ``length`` tokens (rounded down) or a little more."""
+    return math.ceil(int(length * RECONSTRUCTION_FRACTION) / RECONSTRUCTION_SPAN)
+
+
+def sentinel_tokens(count: int) -> list[str]:
+    return [f"<extra_id_{i}>" for i in range(count)]
+
+
+def corrupt_spans(ids: list[int], sentinels: Sequence[int], rng: random.Random) -> tuple[list[int], list[list[int]]]:
+    """T5 span corruption as KG-S2S's reconstruction does it: 3-token spans, none in the last two tokens (the
+    end-of-sequence token and the one before), until 15% of ``ids`` (rounded down) are hidden; each span is
+    replaced by a sentinel, numbered in reading order. Spans never overlap (the released code lets a span swallow
+    an earlier sentinel). Returns the corrupted ids and the hidden spans in reading order."""
+    starts: list[int] = []
+    for _ in range(span_count(len(ids))):
+        free = [s for s in range(len(ids) - 4) if all(abs(s - t) >= RECONSTRUCTION_SPAN for t in starts)]
+        if not free:
+            break
+        starts.append(rng.choice(free))
+    corrupted, spans, position = [], [], 0
+    for number, start in enumerate(sorted(starts)):
+        corrupted += [*ids[position:start], sentinels[number]]
+        spans.append(ids[start : start + RECONSTRUCTION_SPAN])
+        position = start + RECONSTRUCTION_SPAN
+    return corrupted + ids[position:], spans
+
+
 class KGCStudent(Method):
     """What both students share: training triples, the context check, the ranking evaluation."""
 
@@ -202,8 +247,17 @@ class KGCStudent(Method):
     def train_examples(self, task):
         return task.train_triples
 
+    @property
+    def context_weights(self) -> dict[str, float]:
+        """The loss weights of the training tasks that read the triples' contexts, by setting."""
+        return {"aux_weight": self.aux_weight}
+
+    @property
+    def uses_contexts(self) -> bool:
+        return any(weight > 0 for weight in self.context_weights.values())
+
     def check_inputs(self, task, tokenizer, cfg):
-        if self.aux_weight == 0:
+        if not self.uses_contexts:
             return
         missing = missing_contexts(task)
         if missing and self.missing_context == "random" and task.contexts:
@@ -219,7 +273,8 @@ class KGCStudent(Method):
                 f"{len(missing)} of the {len(task.train_triples)} training triples have no context in {where} "
                 f"(e.g. {missing[0]}). Write them first with the same dataset settings: ctxdistill "
                 f"method=contextualization dataset={cfg.dataset.name} ..., point dataset.contexts_file at a file "
-                f"that has them, or train the baseline without the auxiliary task: method.aux_weight=0"
+                f"that has them, or train the baseline without the contexts: "
+                + " ".join(f"method.{key}=0" for key, weight in self.context_weights.items() if weight > 0)
             )
 
     def prepare(self, handle, tokenizer, task, examples, batch_size):
@@ -630,6 +685,8 @@ class KGS2S(KGCStudent):
         context_input: str,
         source_token_dropout: float,
         relation_prompts: bool,
+        reconstruction_weight: float,
+        reconstruction_target: str,
         **kwargs,
     ):
         super().__init__(name, **kwargs)
@@ -639,6 +696,7 @@ class KGS2S(KGCStudent):
         self.context_input = context_input
         self.source_token_dropout = source_token_dropout
         self.relation_prompts = relation_prompts
+        self.reconstruction_weight, self.reconstruction_target = reconstruction_weight, reconstruction_target
         self.relation_index: dict[str, int] = {}
         self._targets: dict[str, list[int]] = {}
         self._descriptions: dict[tuple[str, int], str] = {}
@@ -656,8 +714,25 @@ class KGS2S(KGCStudent):
         self.relation_index = {r: i for i, r in enumerate(sorted(task.graph.relation_names))}
         return task
 
+    @property
+    def context_weights(self) -> dict[str, float]:
+        return {**super().context_weights, "reconstruction_weight": self.reconstruction_weight}
+
     def check_inputs(self, task, tokenizer, cfg):
         super().check_inputs(task, tokenizer, cfg)
+        if self.reconstruction_weight > 0:
+            needed = span_count(self.context_max_length) + 1
+            absent = [
+                s
+                for s in sentinel_tokens(needed)
+                if tokenizer.convert_tokens_to_ids(s) in (None, tokenizer.unk_token_id)
+            ]
+            if absent:
+                raise ConfigError(
+                    f"method.reconstruction_weight: the reconstruction task hides spans behind T5's sentinels "
+                    f"<extra_id_0> ... <extra_id_{needed - 1}>, and model={cfg.model.name}'s tokenizer lacks "
+                    f"{absent[0]}. Use a T5 model (model=t5-base), or method.reconstruction_weight=0"
+                )
         entities = task.graph.entities
         shared = count_shared(tuple(self.entity_target(tokenizer, task, e)) for e in entities)
         if shared:
@@ -687,7 +762,7 @@ class KGS2S(KGCStudent):
 
     def source(self, tokenizer, task: KGTask, triple: Triple, direction: str) -> str:
         """The released query: the known entity and its description, the relation, the sentinel where the
-        missing entity goes; ``predict: `` in front when an auxiliary task shares the model."""
+        missing entity goes; ``predict: `` in front when a task on the contexts shares the model."""
         h, r, t = triple
         known = h if direction == "tail" else t
         described = self.description(tokenizer, task, known, self.source_description_tokens)
@@ -696,7 +771,7 @@ class KGS2S(KGCStudent):
             query = f"{entity} | {task.relation_text(r)} | {self.missing_marker}"
         else:
             query = f"{self.missing_marker} | {task.relation_text(r)} | {entity}"
-        return f"predict: {query}" if self.aux_weight > 0 else query
+        return f"predict: {query}" if self.uses_contexts else query
 
     def context_source(self, tokenizer, task: KGTask, triple: Triple, direction: str) -> str:
         if self.context_input == "query":  # the released code passes the link-prediction query by mistake
@@ -777,7 +852,42 @@ class KGS2S(KGCStudent):
             sources = [self.context_source(tokenizer, task, t, d) for t, d in queries]
             targets = [self.target(tokenizer, task.contexts[t], self.context_max_length) for t, _ in queries]
             batch["context"] = self.pair_batch(tokenizer, sources, targets, self.max_length)
+        if self.reconstruction_weight > 0:
+            batch["reconstruction"] = self.reconstruction_batch(tokenizer, [task.contexts[t] for t, _ in queries])
         return batch
+
+    def reconstruction_batch(self, tokenizer, contexts: list[str]) -> dict[str, torch.Tensor]:
+        """Each context with spans hidden behind sentinels (:func:`corrupt_spans`, drawn from the method's
+        generator) and its target: each sentinel followed by what it hides, then one more sentinel."""
+        sources, targets = [], []
+        for context in contexts:
+            ids = self.target(tokenizer, context, self.context_max_length)
+            sentinels = tokenizer.convert_tokens_to_ids(sentinel_tokens(span_count(len(ids))))
+            corrupted, spans = corrupt_spans(ids, sentinels, self.rng)
+            sources.append(corrupted)
+            targets.append(self.reconstruction_ids(tokenizer, spans))
+        return {
+            "input_ids": pad_rows(sources, tokenizer.pad_token_id),
+            "attention_mask": pad_rows([[1] * len(r) for r in sources], 0),
+            "labels": pad_rows(targets, -100),
+        }
+
+    def reconstruction_ids(self, tokenizer, spans: list[list[int]]) -> list[int]:
+        sentinels = sentinel_tokens(len(spans) + 1)
+        if self.reconstruction_target == "id_digits":  # the released target: the ids' decimal digits as text
+            text = "".join(f"{s} " + " ".join(map(str, span)) + " " for s, span in zip(sentinels, spans))
+            return tokenizer(text + sentinels[-1]).input_ids
+        ids = tokenizer.convert_tokens_to_ids(sentinels)
+        return [i for sentinel, span in zip(ids, spans) for i in (sentinel, *span)] + [ids[-1], tokenizer.eos_token_id]
+
+    def loss(self, handle, batch):
+        loss, extra = super().loss(handle, batch)
+        if self.reconstruction_weight > 0:
+            model = handle.student
+            reconstruction = self.pair_loss(model, batch["reconstruction"], next(model.parameters()).device)
+            loss = loss + self.reconstruction_weight * reconstruction
+            extra["reconstruction_loss"] = reconstruction.item()
+        return loss, extra
 
     def pair_loss(self, model, pairs: dict[str, torch.Tensor], device) -> torch.Tensor:
         """Mean cross-entropy of the target tokens of a :meth:`pair_batch`."""
