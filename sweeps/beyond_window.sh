@@ -12,6 +12,7 @@
 # Extra arguments are Hydra overrides for every run. Running it again finishes an interrupted sweep: complete
 # cells are skipped. Exits non-zero if any cell failed.
 set -uo pipefail
+source "$(dirname "$0")/usage.sh"
 [[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/beyond_window}

@@ -2,6 +2,7 @@
 # The offline demo: install, then sweep zero_shot, icl, ft and cd with the bundled SmolLM2-135M
 # on the synthetic task and print the comparison table. Extra arguments are Hydra overrides.
 set -euo pipefail
+source "$(dirname "$0")/usage.sh"
 [[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 cd "$(dirname "$0")/.."
 source src/setup_env.sh

@@ -10,9 +10,11 @@
 # Then the table of means and 95% intervals over the seeds:
 #   ctxdistill-compare outputs/sweeps/li2024_alpha --by method.aux_weight
 set -euo pipefail
+source "$(dirname "$0")/usage.sh"
 [[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 data=${DATA:?set DATA to the WN18RR kgbert_format directory}
 [[ $data = /* ]] || data=$PWD/$data
+[ -d "$data" ] || { echo "DATA=$data: no such directory; set DATA to the WN18RR kgbert_format directory" >&2 && exit 2; }
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/li2024_alpha}
 common=(

@@ -13,6 +13,7 @@
 # one dataset (local data, e.g. QQP_ARGS="dataset.ood.paws_qqp.source.data_dir=PATH/paws_qqp").
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 set -uo pipefail
+source "$(dirname "$0")/usage.sh"
 [[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/mosbach2023}
@@ -20,6 +21,15 @@ grid=sweeps/grids/mosbach2023.yaml
 experiments=$(python -m ctxdistill.grids experiments "$grid") || exit 2
 params=$(python -m ctxdistill.grids overrides "$grid" ${MODELS:+"model=$MODELS"} ${PATTERNS:+"dataset.pattern=$PATTERNS"}) || exit 2
 mapfile -t params <<< "$params"
+dataset_args=()
+for experiment in $experiments; do
+  dataset=${experiment##*/}
+  args_var="${dataset^^}_ARGS"
+  # shellcheck disable=SC2206  # the per-dataset overrides are meant to split on spaces
+  dataset_args+=(${!args_var:-})
+done
+# every dataset's data paths before any cell: a wrong one in QQP_ARGS would otherwise stop the sweep after MNLI's
+python -m ctxdistill.launch_checks "${dataset_args[@]}" "$@" || exit 2
 status=0
 for experiment in $experiments; do
   dataset=${experiment##*/}

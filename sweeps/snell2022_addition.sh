@@ -10,6 +10,7 @@
 #
 # Extra arguments are Hydra overrides for every run. Running it again skips complete runs.
 set -uo pipefail
+source "$(dirname "$0")/usage.sh"
 [[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/snell2022_addition}

@@ -14,6 +14,7 @@
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 # Exits non-zero if any cell failed (each sweep lists its failed cells).
 set -uo pipefail
+source "$(dirname "$0")/usage.sh"
 [[ ${SWEEP_DIR:-/} = /* ]] || SWEEP_DIR=$PWD/$SWEEP_DIR  # where the user is, not the repository root
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/upadhayaya2024}
@@ -22,6 +23,15 @@ experiments=$(python -m ctxdistill.grids experiments "$grid") || exit 2
 params=$(python -m ctxdistill.grids overrides "$grid" ${METHODS:+"method=$METHODS"} ${MODELS:+"model=$MODELS"} \
   ${SEEDS:+"seed=$SEEDS"}) || exit 2
 mapfile -t params <<< "$params"
+dataset_args=()
+for experiment in $experiments; do
+  dataset=${experiment##*/}
+  args_var="${dataset^^}_ARGS"
+  # shellcheck disable=SC2206  # the per-dataset overrides are meant to split on spaces
+  dataset_args+=(${!args_var:-})
+done
+# every dataset's data paths before any cell: a wrong one in QQP_ARGS would otherwise stop the sweep after MNLI's
+python -m ctxdistill.launch_checks "${dataset_args[@]}" "$@" || exit 2
 status=0
 for experiment in $experiments; do
   dataset=${experiment##*/}

@@ -306,7 +306,8 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
         ),
         (
             ["dataset=mnli", "dataset.source.data_dir=/nowhere", "ood=[]"],
-            "ctxdistill: dataset.source: data file not found: /nowhere/train_sample.json",
+            "ctxdistill: dataset.source.data_dir=/nowhere: no such directory. Point it at the directory that holds "
+            "the data files",
         ),
         (["method=distil"], "ctxdistill: In 'config': Could not find 'method/distil'"),
         (["dataset.ood.foo.x=1"], "ctxdistill: dataset.ood.foo: no such setting\n"),  # a dict: no fields to list

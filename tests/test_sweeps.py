@@ -15,6 +15,7 @@ from PIL import Image
 
 from ctxdistill.cli import cell_dir, run_unless_complete
 from ctxdistill.config import ConfigError, validate
+from ctxdistill.launch_checks import writable_dir
 from ctxdistill.results.cli import main as compare
 from ctxdistill.results.metrics import float32_rounded
 from ctxdistill.results.records import collect
@@ -209,6 +210,55 @@ def test_a_sweep_dir_that_cannot_be_made_is_one_message(tmp_path):
     assert proc.stderr == message + "\n"
 
 
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            "dataset.source.data_dir={missing}",
+            "dataset.source.data_dir={missing}: no such directory. Point it at the directory that holds the data files",
+        ),
+        (
+            "dataset.source.file={found},{missing}",
+            "dataset.source.file={missing}: no such file. Point it at the data file",
+        ),
+    ],
+    ids=["data_dir", "a swept file"],
+)
+def test_a_sweep_with_a_missing_data_path_is_refused_before_its_first_cell(data, message, tmp_path):
+    paths = {"missing": tmp_path / "nowhere", "found": tmp_path / "train.jsonl"}
+    paths["found"].touch()
+    proc = multirun(
+        "method=zero_shot", "seed=0,1", *CELL, "logger=none", data.format(**paths), f"hydra.sweep.dir={tmp_path / 's'}"
+    )
+    assert proc.returncode == 2 and proc.stderr == f"ctxdistill: {message.format(**paths)}\n"
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "output_dir"])
+def test_a_run_directory_that_cannot_be_made_is_one_message(key, tmp_path):
+    (tmp_path / "file").touch()
+    run_dir = tmp_path / "file" / "run"  # root may write anywhere: a path under a file fails for everyone
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxdistill", "method=zero_shot", *CELL, "logger=none", f"{key}={run_dir}"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert (
+        proc.stderr
+        == f"ctxdistill: {key}: cannot create {run_dir} (Not a directory). Give it a directory you can write\n"
+    )
+
+
+def test_a_directory_without_write_permission_is_one_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as chmod 555 does for anyone but root
+    with pytest.raises(ConfigError) as refused:
+        writable_dir("hydra.run.dir", str(tmp_path))
+    assert str(refused.value) == (
+        f"hydra.run.dir: cannot write to {tmp_path} (Permission denied). Give it a directory you can write"
+    )
+
+
 def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     sweep_dir = tmp_path / "s"
     proc = multirun("method=zero_shot", "trainer.lr=0.001,-1", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
@@ -286,10 +336,11 @@ def test_a_complete_run_is_skipped_unless_forced_or_made_by_another_config(make_
 @pytest.mark.parametrize(
     "sweep_file", sorted((Path(__file__).parents[1] / "sweeps" / "wandb").glob("*.yaml")), ids=lambda p: p.stem
 )
-def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_file):
+def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_file, monkeypatch, tmp_path):
     import yaml
     from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
+    monkeypatch.setenv("PAWS_QQP_DIR", str(tmp_path))  # what a worker sets before `wandb agent` (the QQP files)
     spec = yaml.safe_load(sweep_file.read_text())
     params = spec["parameters"]
     grid = {k: p.get("values", [p.get("value")]) for k, p in params.items()}
@@ -305,12 +356,37 @@ def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_fi
         assert (cfg.method.name, cfg.seed, cfg.logger.group) == tuple(
             args[k]["value"] for k in ("method", "seed", "logger.group")
         )
+        if "paws_qqp" in cfg.dataset.ood:
+            assert cfg.dataset.ood.paws_qqp.source.data_dir == str(tmp_path)
+            assert "PAWS_QQP_DIR=PATH wandb agent" in sweep_file.read_text()
+
+
+def test_a_wandb_agent_run_without_its_data_path_variable_is_one_message(tmp_path):
+    """The QQP sweep files read PAWS-QQP's local directory from PAWS_QQP_DIR: a worker without it is told so,
+    by name, before a model loads; with a wrong one, the message names the path."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "sweeps" / "wandb" / "upadhayaya2024_qqp.yaml").read_text())
+    data_dir = spec["parameters"]["dataset.ood.paws_qqp.source.data_dir"]["value"]
+    params = {"experiment": "upadhayaya2024/qqp", "method": "zero_shot", "model": "tiny-random", "logger": "none"}
+    params["dataset.ood.paws_qqp.source.data_dir"] = data_dir
+    unset = agent_run(tmp_path, "run1", params)
+    key = "dataset.ood.paws_qqp.source.data_dir"
+    assert unset.returncode == 1 and unset.stderr == (
+        f'ctxdistill: {key}: cannot resolve it (KeyError raised while resolving interpolation: "Environment variable '
+        f"'PAWS_QQP_DIR' not found\"). Set the variable it reads, or give {key} a value\n"
+    )
+    wrong = agent_run(tmp_path, "run2", params, PAWS_QQP_DIR=str(tmp_path / "paws_qqp"))
+    assert wrong.returncode == 1 and wrong.stderr == (
+        f"ctxdistill: {key}={tmp_path / 'paws_qqp'}: no such directory. Point it at the directory that holds the data "
+        "files\n"
+    )
 
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def agent_run(tmp_path: Path, run_id: str, params: dict) -> subprocess.CompletedProcess:
+def agent_run(tmp_path: Path, run_id: str, params: dict, **environment: str) -> subprocess.CompletedProcess:
     """One run as W&B's agent starts it with the command of the committed sweep files: the parameters as Hydra
     overrides and as the run's W&B sweep config, the agent's ids in the environment, from the repository root
     (here tmp_path)."""
@@ -325,7 +401,7 @@ def agent_run(tmp_path: Path, run_id: str, params: dict) -> subprocess.Completed
     variables = {**create_sweep_command_args({"args": args}), "env": [], "interpreter": [sys.executable]}
     spec = yaml.safe_load((REPO / "sweeps" / "wandb" / "demo.yaml").read_text())
     argv = [part for c in spec["command"] for part in (variables[c[2:-1]] if c.startswith("${") else [c])]
-    env = {**os.environ, "WANDB_SILENT": "true", "WANDB_SWEEP_ID": "sweep1", "WANDB_RUN_ID": run_id}
+    env = {**os.environ, **environment, "WANDB_SILENT": "true", "WANDB_SWEEP_ID": "sweep1", "WANDB_RUN_ID": run_id}
     env["WANDB_SWEEP_PARAM_PATH"] = str(tmp_path / f"{run_id}.yaml")
     env.pop("WANDB_MODE", None)
     return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path)
@@ -411,12 +487,53 @@ def test_a_paper_script_stops_at_a_refused_override_with_its_one_message(script,
 def test_relative_paths_given_to_a_script_are_read_from_where_it_is_run(tmp_path):
     """The scripts work from the repository root; SWEEP_DIR and DATA name places seen from the user's directory."""
     env = {**stand_ins(tmp_path, "ctxdistill"), "SWEEP_DIR": "sweep", "DATA": "wn18rr"}
+    (tmp_path / "wn18rr").mkdir()
     subprocess.run(["bash", REPO / "sweeps" / "li2024_alpha.sh"], cwd=tmp_path, env=env, check=True)
     calls = (tmp_path / "calls").read_text().splitlines()
     assert len(calls) == 2 and all(f"dataset.source.data_dir={tmp_path}/wn18rr " in call for call in calls)
     assert [call.split()[-1] for call in calls] == [
         f"hydra.sweep.dir={tmp_path}/sweep/{s}" for s in ("minilm", "smollm2")
     ]
+
+
+@pytest.mark.parametrize(
+    "script, variables, message",
+    [
+        (
+            "upadhayaya2024",
+            {"QQP_ARGS": "dataset.ood.paws_qqp.source.data_dir={missing}"},
+            "ctxdistill: dataset.ood.paws_qqp.source.data_dir={missing}: no such directory. Point it at the directory "
+            "that holds the data files",
+        ),
+        (
+            "mosbach2023",
+            {"QQP_ARGS": "dataset.ood.paws_qqp.source.data_dir={missing}"},
+            "ctxdistill: dataset.ood.paws_qqp.source.data_dir={missing}: no such directory. Point it at the directory "
+            "that holds the data files",
+        ),
+        (
+            "li2024_alpha",
+            {"DATA": "{missing}"},
+            "DATA={missing}: no such directory; set DATA to the WN18RR kgbert_format directory",
+        ),
+    ],
+)
+def test_a_script_given_a_missing_data_path_stops_before_any_cell(script, variables, message, tmp_path):
+    """Checked once for the whole grid (QQP's overrides before MNLI's cells run), not failed cell after cell."""
+    missing = tmp_path / "nowhere"
+    env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-compare"), "SWEEP_DIR": str(tmp_path / "sweep")}
+    env.update({name: value.format(missing=missing) for name, value in variables.items()})
+    proc = subprocess.run(["bash", f"sweeps/{script}.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and not (tmp_path / "calls").exists()
+    assert proc.stderr == message.format(missing=missing) + "\n"
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in (REPO / "sweeps").glob("*.sh") if p.stem != "usage"))
+def test_a_script_asked_for_help_prints_its_opening_comment_and_runs_nothing(script, tmp_path):
+    env = stand_ins(tmp_path, "ctxdistill", "ctxdistill-compare", "ctxdistill-eval", "python")
+    proc = subprocess.run(["bash", f"sweeps/{script}.sh", "--help"], cwd=REPO, env=env, capture_output=True, text=True)
+    opening = (REPO / "sweeps" / f"{script}.sh").read_text().splitlines()[1].removeprefix("# ")
+    assert proc.returncode == 0 and proc.stdout.startswith(opening + "\n") and not (tmp_path / "calls").exists()
 
 
 def test_a_misspelt_arm_is_refused_before_any_arm_runs(tmp_path):

@@ -184,7 +184,6 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors a user can fix from the message alone: printed without a traceback."""
     from hydra.errors import ConfigCompositionException, OverrideParseException
 
-    from ctxdistill.config import ConfigError
     from ctxdistill.data.tasks import DataError
     from ctxdistill.evaluation import NonFiniteScores
     from ctxdistill.models import ModelLoadError
@@ -220,12 +219,6 @@ def entry() -> None:
         # A sweep refused before its first cell (a cell's error fails only the cell) exits 2, not 1 as one with failed
         # cells: the sweep scripts stop there, where each of their other multiruns would be refused alike.
         exit_with_message(e, 2 if multirun else 1)
-    except OSError as e:
-        if not (multirun and e.filename):  # in a sweep, a cell's own errors stay in the cell (run_cell)
-            raise
-        # Hydra making the sweep directory, before any check of ours could name it
-        problem = f"cannot create {e.filename} ({e.strerror})"
-        exit_with_message(ConfigError(f"hydra.sweep.dir: {problem}. Give it a directory you can write"), 2)
     from ctxdistill.sweeps import failed_cells
 
     if failed_cells:  # listed by the sweep's end-of-run summary

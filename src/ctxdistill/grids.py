@@ -8,12 +8,14 @@ cannot drift (tests/test_sweeps.py regenerates them and compares).
 
 A grid file holds ``experiments`` (one Hydra multirun each), ``params`` (key: a value or a list of values,
 the same for every experiment) and ``wandb`` (per experiment, settings only a W&B agent needs, such as a
-local data path the shell script takes from its command line).
+local data path the shell script takes from its command line, read from the worker's environment:
+``${oc.env:PAWS_QQP_DIR}``).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ WANDB_HEADER = """\
 # Generated from {grid} (python -m ctxdistill.grids wandb {grid} --out {out}): edit the grid, not this file.
 # W&B's sweep controller over the {name} part of {script} ({runs} runs):
 #   wandb sweep {path}     # prints the sweep id
-#   wandb agent ENTITY/ctxdistill/SWEEP_ID     # on each worker, from the repository root
+#   {variables}wandb agent ENTITY/ctxdistill/SWEEP_ID     # on each worker, from the repository root
 # Each run is one `python -m ctxdistill key=value ...`, a single Hydra run in outputs/wandb_sweeps/SWEEP_ID/RUN_ID.
 """
 
@@ -33,6 +35,8 @@ WANDB_HEADER = """\
 # Each agent run's own directory, named by the ids the agent gives it: the default one (the launch second, method,
 # model and dataset) is shared by agents that start cells differing in another setting in the same second.
 AGENT_RUN_DIR = "hydra.run.dir=outputs/wandb_sweeps/${oc.env:WANDB_SWEEP_ID}/${oc.env:WANDB_RUN_ID}"
+# A grid's wandb settings read what differs between workers (a local data path) from the environment.
+ENVIRONMENT_VARIABLE = re.compile(r"\$\{oc\.env:(\w+)\}")
 
 
 def load_grid(path: Path) -> dict[str, Any]:
@@ -102,6 +106,7 @@ def wandb_sweeps(grid_path: Path, out: Path) -> dict[Path, str]:
             script=f"sweeps/{paper}.sh",
             runs=runs,
             path=path.as_posix(),
+            variables="".join(f"{name}=PATH " for name in sorted(set(ENVIRONMENT_VARIABLE.findall(str(params))))),
         )
         files[path] = header + yaml.safe_dump(body, sort_keys=False, width=120, default_flow_style=None)
     return files

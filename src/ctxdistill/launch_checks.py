@@ -1,0 +1,139 @@
+"""Checks of a command's inputs before anything is launched: the directory a run or sweep writes to, and the data
+paths its overrides name. A wrong one is one message naming the key and the fix, instead of a traceback from
+Hydra or the same failure in every cell of a sweep.
+
+The ``ctxdistill`` command runs them as a Hydra callback (conf/config.yaml). The paper scripts, which launch one
+multirun per dataset, check every dataset's overrides first, so that a wrong path in QQP_ARGS stops them before
+MNLI's cells run:
+
+    python -m ctxdistill.launch_checks dataset.ood.paws_qqp.source.data_dir=PATH ...
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
+
+from ctxdistill.config import ConfigError
+
+# The last part of the keys that name data a run reads: a source's directory or file, MNLI's and RTE's HANS file.
+DATA_DIRECTORIES = ("data_dir",)
+DATA_FILES = ("file", "hans_file")
+
+
+def resolved(config: DictConfig, key: str) -> Any:
+    """A config value, or a message naming the key when an interpolation in it cannot be resolved (an unset
+    ${oc.env:...})."""
+    try:
+        return OmegaConf.select(config, key)
+    except OmegaConfBaseException as e:
+        raise ConfigError(
+            f"{key}: cannot resolve it ({str(e).splitlines()[0]}). Set the variable it reads, or give {key} a value"
+        ) from e  # the cause tells an unknown key (override_value) from an unset variable
+
+
+def writable_dir(key: str, path: str) -> None:
+    """Make the directory a run or sweep writes to, or refuse with the key that names it."""
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        problem = f"cannot create {e.filename} ({e.strerror})"
+    else:
+        if os.access(directory, os.W_OK | os.X_OK):
+            return
+        problem = f"cannot write to {directory} (Permission denied)"
+    raise ConfigError(f"{key}: {problem}. Give it a directory you can write")
+
+
+def data_path_problem(key: str, value: Any) -> Optional[str]:
+    """What is wrong with the path a data key (DATA_DIRECTORIES, DATA_FILES) is given (None: nothing, or no path:
+    the data come from the Hub)."""
+    if value is None:
+        return None
+    path = Path(str(value)).expanduser()
+    where = "" if path.is_absolute() else f" ({Path.cwd() / path})"  # relative paths are read from here
+    directory = key.rsplit(".", 1)[-1] in DATA_DIRECTORIES
+    if directory and not path.is_dir():
+        return f"{key}={value}: no such directory{where}. Point it at the directory that holds the data files"
+    if not directory and not path.is_file():
+        return f"{key}={value}: no such file{where}. Point it at the data file"
+    return None
+
+
+def override_value(key: str, value: Any, config: Optional[DictConfig]) -> Any:
+    """An override's value resolved on its own (an ${oc.env:...}), or in ``config`` where it refers to another
+    key of it (${cache_dir}/...: None without one, left to the command's own check)."""
+    alone = OmegaConf.create()
+    OmegaConf.update(alone, key, value, force_add=True)
+    try:
+        return resolved(alone, key)
+    except ConfigError as e:
+        if not isinstance(e.__cause__, InterpolationKeyError):
+            raise
+    return resolved(config, key) if config is not None else None
+
+
+def check_data_paths(overrides: list[str], config: Optional[DictConfig] = None) -> None:
+    """Refuse the first data path the overrides give (each value of a swept one) that does not exist; ``config``
+    is the command's composed config, where a value may refer to other keys."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if override.is_delete() or key.rsplit(".", 1)[-1] not in DATA_DIRECTORIES + DATA_FILES:
+            continue
+        if override.is_sweep_override():
+            values = list(override.sweep_string_iterator())
+        else:
+            values = [override_value(key, override.value(), config)]
+        for value in values:
+            problem = data_path_problem(key, value)
+            if problem:
+                raise ConfigError(problem)
+
+
+class LaunchChecks(Callback):
+    """The ``ctxdistill`` command's checks before Hydra makes a directory or launches a cell."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        refuse_bad_inputs(config, "hydra.run.dir", status=1)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        refuse_bad_inputs(config, "hydra.sweep.dir", status=2)  # 2: a sweep refused before its first cell
+
+
+def refuse_bad_inputs(config: DictConfig, directory_key: str, status: int) -> None:
+    """Exit with the message of the first bad input: Hydra turns an exception of a callback into a warning and goes
+    on, so the exit is the check's own."""
+    from ctxdistill.cli import exit_with_message
+
+    try:
+        # the overrides as given: Hydra's record, unresolved (one may read an unset ${oc.env:...})
+        check_data_paths(OmegaConf.to_container(config.hydra.overrides.task, resolve=False), config)
+        writable_dir(directory_key, resolved(config, directory_key))
+        # an output_dir of its own (by default it is the run's or the cell's directory)
+        output_dir = None if OmegaConf.is_interpolation(config, "output_dir") else config.output_dir
+        if output_dir is not None:
+            writable_dir("output_dir", output_dir)
+    except ConfigError as e:
+        exit_with_message(e, status)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    from ctxdistill.cli import exit_with_message, user_errors
+
+    try:
+        check_data_paths(sys.argv[1:] if argv is None else argv)
+    except user_errors() as e:  # a path that does not exist, or an override Hydra cannot parse
+        exit_with_message(e, 2)
+
+
+if __name__ == "__main__":
+    main()
