@@ -725,6 +725,15 @@ def test_kgs2s_reconstruction_trains_on_the_released_target_or_the_hidden_tokens
         method.check_inputs(task, seq2seq_tokenizer, composed("tiny-random-seq2seq"))
 
 
+def test_kgs2s_refuses_a_query_its_relation_prompts_would_lose_to_a_cut(seq2seq_tokenizer):
+    # The prompts sit around the query's separators; a query cut at method.max_length may have lost them.
+    task = kgs2s_task()
+    method_of(KGS2SConfig, name="kgs2s", aux_weight=0.0, max_length=8).check_inputs(task, seq2seq_tokenizer, None)
+    prompted = method_of(KGS2SConfig, name="kgs2s", aux_weight=0.0, max_length=8, relation_prompts=True)
+    with pytest.raises(ConfigError, match=r"a query of \d+ tokens .* exceeds method.max_length=8"):
+        prompted.check_inputs(task, seq2seq_tokenizer, None)
+
+
 def test_kgs2s_warns_when_entities_share_a_target(seq2seq_tokenizer, caplog):
     task = kgs2s_task()
     task.graph.entity_names["09"] = "memorial , NN , 2"

@@ -34,7 +34,7 @@ class TaskMixture:
     name: str
     paradigm: str  # multitask | meta
     train_tasks: dict[str, Task]  # train_queries: each task's training instances (labelled)
-    eval_tasks: dict[str, Task]  # eval_sets["eval"]: held-out queries, ``votes`` draws each
+    eval_tasks: dict[str, Task]  # their eval_sets["eval"]: held-out queries, ``votes`` draws each
     context: str = ""  # no context is shared by every prompt; each draws its own demonstrations
     generation: None = None  # a mixture's tasks classify: no free-text answers
 
@@ -42,6 +42,11 @@ class TaskMixture:
     def parts(self) -> list[Task]:
         """Every task once (a Multitask-ICT task trains and is evaluated)."""
         return list({id(t): t for t in [*self.train_tasks.values(), *self.eval_tasks.values()]}.values())
+
+    @property
+    def eval_sets(self) -> dict[str, list[Example]]:
+        """The mixture's one eval set: the evaluated tasks' held-out queries."""
+        return {"eval": [e for task in self.eval_tasks.values() for e in task.eval_sets.get("eval", [])]}
 
     @property
     def demos(self) -> list[Example]:

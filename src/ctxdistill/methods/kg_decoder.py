@@ -35,7 +35,6 @@ from ctxdistill.methods.kgc import KGS2S, KGS2SConfig
 
 #: between a query (or a context's input) and what the student writes after it
 ANSWER_SEPARATOR = "\n"
-DIRECTIONS = ("tail", "head")
 
 
 @dataclass
@@ -79,18 +78,7 @@ class KGDecoder(KGS2S):
         described = self.description(tokenizer, task, entity, self.target_description_tokens)
         return f"{task.graph.entity_names[entity]}{described}"
 
-    def check_inputs(self, task, tokenizer, cfg):
-        super().check_inputs(task, tokenizer, cfg)
-        queries = [
-            (t, d) for triples in (task.train_triples, *task.eval_sets.values()) for t in triples for d in DIRECTIONS
-        ]
-        lengths = [(len(tokenizer(self.prompt(self.source(tokenizer, task, t, d))).input_ids), t) for t, d in queries]
-        longest, triple = max(lengths, default=(0, None))
-        if longest > self.max_length:
-            raise ConfigError(
-                f"a query of {longest} tokens (triple {triple}) exceeds method.max_length={self.max_length}: "
-                f"raise it or shorten the descriptions (method.source_description_tokens)"
-            )
+    queries_must_fit = True  # nothing is cut (:meth:`pair_batch`)
 
     @staticmethod
     def prompt(source: str) -> str:

@@ -188,6 +188,7 @@ def count_shared(values: Iterable) -> int:
     return sum(n for n in counts.values() if n > 1)
 
 
+DIRECTIONS = ("tail", "head")  # the two queries of a triple: its missing tail, its missing head
 RECONSTRUCTION_SPAN, RECONSTRUCTION_FRACTION = 3, 0.15  # KG-S2S/data.py, build_reconstruction
 
 
@@ -733,6 +734,8 @@ class KGS2S(KGCStudent):
                     f"<extra_id_0> ... <extra_id_{needed - 1}>, and model={cfg.model.name}'s tokenizer lacks "
                     f"{absent[0]}. Use a T5 model (model=t5-base), or method.reconstruction_weight=0"
                 )
+        if self.queries_must_fit:
+            self.check_query_lengths(task, tokenizer)
         entities = task.graph.entities
         shared = count_shared(tuple(self.entity_target(tokenizer, task, e)) for e in entities)
         if shared:
@@ -746,9 +749,32 @@ class KGS2S(KGCStudent):
                 100 * shared / len(entities),
             )
 
+    @property
+    def queries_must_fit(self) -> bool:
+        """Whether a query longer than method.max_length is refused instead of cut: the relation prompts sit
+        around the query's separators, which a cut can remove (the released code fails on such a query)."""
+        return self.relation_prompts
+
+    @staticmethod
+    def prompt(source: str) -> str:
+        """The text the model reads for a query's :meth:`source`."""
+        return source
+
+    def check_query_lengths(self, task: KGTask, tokenizer) -> None:
+        queries = [
+            (t, d) for triples in (task.train_triples, *task.eval_sets.values()) for t in triples for d in DIRECTIONS
+        ]
+        texts = [self.prompt(self.source(tokenizer, task, t, d)) for t, d in queries]
+        longest, (triple, _) = max(zip(map(len, tokenizer(texts).input_ids), queries), default=(0, (None, None)))
+        if longest > self.max_length:
+            raise ConfigError(
+                f"a query of {longest} tokens (triple {triple}) exceeds method.max_length={self.max_length}: "
+                f"raise it or shorten the descriptions (method.source_description_tokens)"
+            )
+
     def train_examples(self, task):
         """Each training triple twice, as a tail query and a head query, batched as separate rows (as released)."""
-        return [(triple, direction) for triple in task.train_triples for direction in ("tail", "head")]
+        return [(triple, direction) for triple in task.train_triples for direction in DIRECTIONS]
 
     def description(self, tokenizer, task: KGTask, entity: str, tokens: int) -> str:
         """``[description]`` cut to tokens - 1 tokens (the released flag counts T5's end-of-sequence token);
@@ -843,11 +869,13 @@ class KGS2S(KGCStudent):
         return batch
 
     def collate(self, tokenizer, task, queries):
-        sources = [self.source(tokenizer, task, t, d) for t, d in queries]
         targets = [self.entity_target(tokenizer, task, t[2] if d == "tail" else t[0]) for t, d in queries]
-        batch = {"kgc": self.pair_batch(tokenizer, sources, targets, self.max_length)}
         if self.source_token_dropout > 0 or self.relation_prompts:
-            batch["kgc"].update(self.encode_queries(tokenizer, task, queries, training=True))
+            queries_read = self.encode_queries(tokenizer, task, queries, training=True)
+            batch = {"kgc": {**queries_read, "labels": pad_rows(targets, -100)}}
+        else:
+            sources = [self.source(tokenizer, task, t, d) for t, d in queries]
+            batch = {"kgc": self.pair_batch(tokenizer, sources, targets, self.max_length)}
         if self.aux_weight > 0:
             sources = [self.context_source(tokenizer, task, t, d) for t, d in queries]
             targets = [self.target(tokenizer, task.contexts[t], self.context_max_length) for t, _ in queries]
