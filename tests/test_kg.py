@@ -1008,7 +1008,8 @@ def test_the_checkpoint_best_on_the_validation_split_is_tested_and_a_resumed_run
     assert (train["selected_epoch"], train["selected_step"]) == (chosen["epoch"], chosen["step"])
     assert chosen["epoch"] == 2, "the test needs a run whose best checkpoint is not its final model"
     # the tested model is the selected checkpoint: its final validation figures are those it had then
-    assert result["metrics"]["valid/sampled5_mrr"] == pytest.approx(chosen["valid/sampled5_mrr"], abs=1e-6)
+    # (each rounded to what float32 holds, the curves as the final metrics)
+    assert result["metrics"]["valid/sampled5_mrr"] == chosen["valid/sampled5_mrr"] == train["selected_value"]
     assert result["metrics"]["valid/examples"] == 4 and "eval/sampled5_mrr" in result["metrics"]
     assert not (tmp_path / "uninterrupted" / "checkpoints").exists()
 

@@ -419,7 +419,7 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
             tracker.log(metrics, at + step)
 
         def periodic_eval(step: int, names: Optional[list[str]]) -> dict:
-            metrics = evaluator.evaluate(names)[0]
+            metrics = rounded(evaluator.evaluate(names)[0])  # as the final ones: what float32 holds
             tracker.log(metrics, at + step)
             return metrics
 
