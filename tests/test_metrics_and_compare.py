@@ -667,6 +667,19 @@ def test_a_wandb_run_that_crashed_or_was_stopped_is_not_read_back_and_its_attemp
     assert record_from_wandb(attempts[1].config, attempts[1].summary, finished=True) is None
 
 
+def test_every_offline_attempt_of_a_replaced_run_is_set_aside_also_one_w_and_b_numbered(tmp_path):
+    # Two attempts that start within the same second: W&B names the second's folder with a "-1" suffix.
+    from ctxdistill.tracking import set_aside_offline_runs
+
+    attempts = ["offline-run-20261206_031359-oyuud82p", "offline-run-20261206_031359-oyuud82p-1"]
+    others = ["offline-run-20261206_031402-f8zf4j6n", "offline-run-20261206_031402-xoyuud82p"]
+    for name in attempts + others:
+        (tmp_path / name).mkdir()
+    moved = set_aside_offline_runs(tmp_path, "oyuud82p")
+    assert [p.name for p in moved] == attempts and all(p.parent.name == "superseded" for p in moved)
+    assert sorted(p.name for p in tmp_path.glob("offline-run-*")) == others
+
+
 def test_a_run_replaced_online_is_tagged_and_leaves_its_group():
     from types import SimpleNamespace
 
