@@ -43,6 +43,12 @@ def test_the_add_a_method_guide_works_from_its_module_and_config_file_alone(tmp_
     assert refused.returncode != 0 and "method.min_confidence" in refused.stderr  # its own check
     assert "Traceback" not in refused.stderr
 
+    # the guide's sweep beside cd on the demo (tests/test_docs_commands.py cannot load the module), every cell validated
+    beside_cd = [*command, "-m", "experiment=demo", "method=cd,cd_hard", *overrides[1:], "--cfg", "job"]
+    swept = subprocess.run(beside_cd, capture_output=True, text=True, env=ENV)
+    assert swept.returncode == 0, swept.stderr[-3000:]
+    assert swept.stdout.count("# cell ") == 2 and "name: cd_hard" in swept.stdout
+
     trained = subprocess.run(
         [*command, *overrides, *tiny, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, env=ENV
     )

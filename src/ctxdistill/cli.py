@@ -106,11 +106,29 @@ def main(cfg: DictConfig) -> float | None:
     return result["metrics"].get(result.get("objective", "eval/accuracy")) if result else None
 
 
+def unswept(overrides: list[str]) -> list[str]:
+    """The overrides of a multirun that every cell shares (those without a swept value)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.input_line for o in OverridesParser.create().parse_overrides(overrides) if not o.is_sweep_override()]
+
+
+def sweep_cells(overrides: list[str], sweeper_params: dict) -> list[list[str]]:
+    """The cells of a multirun over ``overrides`` and the ``hydra.sweeper.params`` its composed config holds
+    (an experiment's; those the overrides do not set), as Hydra's basic sweeper splits them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    given = {o.get_key_element().lstrip("+~") for o in parsed}
+    parsed += parser.parse_overrides([f"{key}={value}" for key, value in sweeper_params.items() if key not in given])
+    return [list(cell) for cell in BasicSweeper.split_arguments(parsed, None)[0]]
+
+
 def print_sweep_configs(argv: list[str]) -> None:
     """``ctxdistill -m ... --cfg job``: Hydra refuses the pair, so compose, validate and print every cell."""
     from hydra import compose, initialize_config_dir
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     from ctxdistill.config import validate
@@ -124,16 +142,10 @@ def print_sweep_configs(argv: list[str]) -> None:
             skip = True  # its value: job | hydra | all; the cells' job configs are printed
             continue
         overrides.append(arg)
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-        swept = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {}
-        given = {o.get_key_element().lstrip("+~") for o in parsed}
-        parsed += parser.parse_overrides([f"{key}={value}" for key, value in swept.items() if key not in given])
-        cells = BasicSweeper.split_arguments(parsed, None)[0]
-        for number, cell in enumerate(cells):
-            cfg = compose("config", overrides=list(cell))
+        shared = compose("config", overrides=unswept(overrides), return_hydra_config=True)
+        for number, cell in enumerate(sweep_cells(overrides, shared.hydra.sweeper.params or {})):
+            cfg = compose("config", overrides=cell)
             validate(cfg)
             print(f"# cell {number}: {' '.join(cell)}\n{OmegaConf.to_yaml(cfg)}")
 
