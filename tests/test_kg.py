@@ -1063,6 +1063,12 @@ def test_a_selection_the_run_cannot_make_is_refused_before_training(make_cfg, tm
         assert not (tmp_path / "refused" / "checkpoints").exists()
 
 
+def test_selection_is_refused_with_sharded_weights(make_cfg, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # FSDP needs GPUs; the check comes after
+    with pytest.raises(ConfigError, match="trainer.selection: keeps the best checkpoint's weights whole.*fsdp"):
+        validate(make_cfg(*SELECTED, "trainer/distributed=fsdp"))
+
+
 def test_a_method_refuses_a_dataset_of_the_other_kind(make_cfg):
     # Declared kinds, checked before anything loads: the method's schema names the kinds it runs on.
     with pytest.raises(

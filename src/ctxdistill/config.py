@@ -862,6 +862,12 @@ def validate(cfg: DictConfig) -> None:
         f"is {t.warmup_ratio}, and trainer.scheduler=constant has no warmup (it would be ignored)",
         "Set trainer.scheduler=constant_with_warmup, or trainer.warmup_ratio=0",
     )
+    require(
+        t.selection.metric is None or t.distributed.strategy == "ddp",
+        "trainer.selection",
+        f"keeps the best checkpoint's weights whole, and trainer/distributed={t.distributed.strategy} shards them",
+        "Use trainer/distributed=ddp, or test the final model: trainer.selection.metric=null",
+    )
     require_count(t.selection.every_epochs, "trainer.selection.every_epochs")
     require(
         t.selection.skip_epochs >= 0,
