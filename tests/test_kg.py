@@ -1056,7 +1056,10 @@ def test_a_selection_the_run_cannot_make_is_refused_before_training(make_cfg, tm
         ),
         (["trainer.selection.metric=valid/accuracy"], "no such metric.*sampled5_mrr"),
         (["trainer.selection.metric=eval/sampled5_mrr"], "the set it reports"),
-        (["trainer.selection.skip_epochs=3"], "3 complete epoch.*no checkpoint would be evaluated"),
+        (
+            ["trainer.selection.skip_epochs=3"],
+            r"after epochs 4, 5, \.\.\., and training runs 3 complete epoch.*no checkpoint would be evaluated",
+        ),
     ):
         with pytest.raises(ConfigError, match=message):
             run(make_cfg(*SELECTED, *overrides, output_dir=tmp_path / "refused"))

@@ -78,7 +78,8 @@ class Selection:
         return epoch > self.skip_epochs and epoch % self.every_epochs == 0
 
     def describe(self) -> str:
-        return f"{self.metric} after every {self.every_epochs}. epoch past epoch {self.skip_epochs}"
+        first = self.every_epochs * (self.skip_epochs // self.every_epochs + 1)  # the first epoch it evaluates
+        return f"{self.metric} after epochs {first}, {first + self.every_epochs}, ..."
 
 
 def checkpoint_selection(spec: DictConfig, eval_sets: list[str], metric_set: MetricSet) -> Optional[Selection]:
