@@ -19,27 +19,10 @@ source "$(dirname "$0")/usage.sh"
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/upadhayaya2024}
 grid=sweeps/grids/upadhayaya2024.yaml
-experiments=$(python -m ctxdistill.grids experiments "$grid") || exit 2
 params=$(python -m ctxdistill.grids overrides "$grid" ${METHODS:+"method=$METHODS"} ${MODELS:+"model=$MODELS"} \
   ${SEEDS:+"seed=$SEEDS"}) || exit 2
 mapfile -t params <<< "$params"
-dataset_args=()
-for experiment in $experiments; do
-  dataset=${experiment##*/}
-  args_var="${dataset^^}_ARGS"
-  # shellcheck disable=SC2206  # the per-dataset overrides are meant to split on spaces
-  dataset_args+=(${!args_var:-})
-done
-# every dataset's data paths before any cell: a wrong one in QQP_ARGS would otherwise stop the sweep after MNLI's
-python -m ctxdistill.launch_checks "${dataset_args[@]}" "$@" || exit 2
-status=0
-for experiment in $experiments; do
-  dataset=${experiment##*/}
-  args_var="${dataset^^}_ARGS"
-  # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
-  ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" ||
-    { [ $? = 2 ] && exit 2 || status=1; }  # 2: refused with a message, which the other datasets would repeat
-done
+source sweeps/each_dataset.sh "$@"
 # shellcheck disable=SC2086  # COMPARE_ARGS are meant to split on spaces
 ctxdistill-compare "$root" --out "$root" --scorecard ${COMPARE_ARGS:-} || status=1
 exit $status
