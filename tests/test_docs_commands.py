@@ -1,15 +1,18 @@
-"""Every `ctxdistill` command the documentation shows composes with the current configs and passes validation.
+"""Every `ctxdistill` command the documentation shows composes with the current configs and passes validation,
+and every `ctxdistill-compare` / `ctxdistill-eval` command parses.
 
 The commands are read from README.md and docs/ (code blocks and inline code), from conf/ (comments and the help
 text) and from the comments of sweeps/*.sh. Placeholders (PATH, DIR, $VARS, …) become a temporary directory, a
 multirun is split into its cells as the sweeper splits it, and each cell is composed and validated; no data or
-model is loaded.
+model is loaded. The two tools' commands go through their argument parsers (not the checks of the paths they name).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import io
 import re
 import shlex
 from dataclasses import dataclass
@@ -27,6 +30,8 @@ from omegaconf import DictConfig, open_dict
 
 from ctxdistill.cli import CONFIG_DIR, sweep_cells, unswept, user_error_message, user_errors
 from ctxdistill.config import validate
+from ctxdistill.evaluate_run import argument_parser as eval_parser
+from ctxdistill.results.cli import argument_parser as compare_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKDOWN = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -47,12 +52,17 @@ ELLIPSES = ("…", "...")
 PLACEHOLDER = re.compile(r"\$\{[^}]*\}|\$\w+|\b[A-Z_]*(?:PATH|DIR|DATA)\b")
 
 
+# The tools besides `ctxdistill` whose documented commands are parsed, by their argument parsers.
+TOOLS = {"ctxdistill-compare": compare_parser, "ctxdistill-eval": eval_parser}
+
+
 @dataclass(frozen=True)
 class DocCommand:
     where: str  # file:line
     text: str  # as written (one logical line of a code block, or an inline span)
     args: tuple[str, ...]  # its arguments, placeholders made concrete
     config_dir: Optional[Path] = None  # a guide's own configs, joined to the search path
+    program: str = "ctxdistill"  # or one of TOOLS
 
 
 def shell_lines(lines: list[str], first: int) -> Iterator[tuple[int, str]]:
@@ -84,13 +94,14 @@ def command_lines(text: str) -> Iterator[list[str]]:
     yield words
 
 
-def ctxdistill_args(words: list[str]) -> Optional[list[str]]:
-    """The arguments of a ``ctxdistill`` command (also ``python -m ctxdistill``, ``torchrun ... -m ctxdistill``)."""
-    if words[:1] == ["ctxdistill"]:
-        return words[1:]
+def program_args(words: list[str]) -> Optional[tuple[str, list[str]]]:
+    """The program and arguments of a ``ctxdistill`` command (also ``python -m ctxdistill``, ``torchrun ... -m
+    ctxdistill``) or of one of TOOLS."""
+    if words[:1] and words[0] in ("ctxdistill", *TOOLS):
+        return words[0], words[1:]
     for i in range(len(words) - 1):
         if words[i : i + 2] == ["-m", "ctxdistill"]:
-            return words[i + 2 :]
+            return "ctxdistill", words[i + 2 :]
     return None
 
 
@@ -108,12 +119,13 @@ def commands_in(path: Path, line: int, text: str, tmp: Path) -> Iterator[DocComm
     except ValueError:  # unbalanced quotes: not shell (prose in inline code)
         return
     for words in simple:
-        args = ctxdistill_args(words)
-        if args is None:
+        found = program_args(words)
+        if found is None:
             continue
+        program, args = found
         # an ellipsis on its own is "and the rest of the command": nothing to check
         made = tuple(concrete(word, tmp) for word in args if word not in ELLIPSES)
-        yield DocCommand(where, " ".join(["ctxdistill", *args]), made)
+        yield DocCommand(where, " ".join([program, *args]), made, program=program)
 
 
 def inline_spans(lines: list[str], first: int) -> Iterator[tuple[int, str]]:
@@ -142,7 +154,7 @@ def markdown_commands(path: Path, tmp: Path) -> Iterator[DocCommand]:
             continue
         end = next((j for j in range(i, len(lines)) if not lines[j].strip() or "```" in lines[j]), len(lines))
         for number, span in inline_spans(lines[i : max(end, i + 1)], i + 1):
-            if re.match(r"(python -m )?ctxdistill ", span):
+            if re.match(r"(python -m )?ctxdistill(-compare|-eval)? ", span):
                 yield from commands_in(path, number, span, tmp)
         i = max(end, i + 1)
 
@@ -154,10 +166,10 @@ def commented_commands(path: Path, tmp: Path) -> Iterator[DocCommand]:
         lines = [line if line.lstrip().startswith("#") else "" for line in lines]
     lines = [line.strip().lstrip("#").strip() for line in lines]
     for number, line in shell_lines(lines, 1):
-        if line.startswith("ctxdistill "):
+        if re.match(r"ctxdistill(-compare|-eval)? ", line):
             yield from commands_in(path, number, line, tmp)
         for span_line, span in inline_spans([line], number):
-            if span.startswith("ctxdistill "):
+            if re.match(r"ctxdistill(-compare|-eval)? ", span):
                 yield from commands_in(path, span_line, span, tmp)
 
 
@@ -176,7 +188,7 @@ def documented_commands(tmp: Path) -> list[DocCommand]:
     found = []
     for path in MARKDOWN:
         config_dir = config_dirs.get(str(path.relative_to(ROOT)))
-        found += [DocCommand(c.where, c.text, c.args, config_dir) for c in markdown_commands(path, tmp)]
+        found += [DocCommand(c.where, c.text, c.args, config_dir, c.program) for c in markdown_commands(path, tmp)]
     for path in COMMENTED:
         found += commented_commands(path, tmp)
     return found
@@ -249,7 +261,10 @@ class Checker:
         return self.cells[cell]
 
     def problem(self, command: DocCommand) -> Optional[str]:
-        """Why the command, or a cell of its sweep, does not compose and validate (None: it does)."""
+        """Why the command, or a cell of its sweep, does not compose and validate, or a tool's command does not
+        parse (None: it does)."""
+        if command.program in TOOLS:
+            return parse_problem(TOOLS[command.program](), list(command.args))
         multirun, overrides = overrides_of(command)
         if not multirun:
             return self.cell_problem(tuple(overrides))
@@ -258,6 +273,17 @@ class Checker:
         except Exception as e:  # noqa: BLE001
             return message(e)
         return next((f"{' '.join(cell)}: {found}" for cell in cells if (found := self.cell_problem(tuple(cell)))), None)
+
+
+def parse_problem(parser, args: list[str]) -> Optional[str]:
+    """The argument parser's complaint about ``args`` (None: they parse)."""
+    complaint = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(complaint), contextlib.redirect_stdout(io.StringIO()):
+            parser.parse_args(args)
+    except SystemExit as e:
+        return complaint.getvalue().strip().splitlines()[-1] if e.code else None  # --help exits 0
+    return None
 
 
 def message(error: Exception) -> str:

@@ -224,7 +224,7 @@ def run_dirs(path: Path) -> list[Path]:
     return sorted(p.parent for p in path.rglob("metrics.json") if EVALUATIONS not in p.relative_to(path).parts)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctxdistill-eval",
         description=__doc__.split("\n")[0],
@@ -245,6 +245,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="a config directory of your own, as ctxdistill --config-dir takes (a sweep cell's own are found from "
         "its record); repeatable",
     )
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     # every check of the arguments before ctxdistill.cli, whose imports (torch, the methods) take seconds
     if not args.path.exists():

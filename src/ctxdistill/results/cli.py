@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
-def compare(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ctxdistill-compare",
         description=__doc__.split("\n")[0],
@@ -100,6 +100,11 @@ def compare(argv: list[str] | None = None) -> int:
         metavar="RUN_MODEL=PAPER_MODEL",
         help="score a run model in a paper model's place, labelled (e.g. smollm2-135m=opt-125m)",
     )
+    return parser
+
+
+def compare(argv: list[str] | None = None) -> int:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if not args.paths and not args.wandb:
         parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
