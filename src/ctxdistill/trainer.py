@@ -192,8 +192,16 @@ def train(
             if selection.metric not in evaluated:
                 evaluated |= periodic_eval(progress.step, [selection.eval_set])
             record = {"step": progress.step, "epoch": epoch, "value": evaluated[selection.metric]}
-            if best.consider(record, accelerator.unwrap_model(handle.student), accelerator):
-                log.info("epoch %d: %s=%.4f, the best so far", epoch, selection.metric, record["value"])
+            kept = best.consider(record, accelerator.unwrap_model(handle.student), accelerator)
+            log.info(
+                "epoch %d: %s=%.4f, %s",
+                epoch,
+                selection.metric,
+                record["value"],
+                "the best so far"
+                if kept
+                else f"no better than epoch {progress.best['epoch']}'s {progress.best['value']:.4f}",
+            )
         if evaluated:
             progress.curves.append({"step": progress.step, "epoch": epoch, **evaluated})
 
