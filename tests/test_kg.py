@@ -851,11 +851,27 @@ def test_stage_one_rewrites_every_context_when_a_setting_changes_what_it_writes(
     assert changed["metrics"]["contexts/reused"] == 0
 
 
+@pytest.mark.parametrize("temperature", [0.7, 0])
+def test_stage_one_reads_a_sampled_context_only_where_the_same_triples_were_drawn_with_it(
+    make_cfg, tmp_path, temperature
+):
+    # A batch's rows share one random stream, seeded by its first triple: a sampled context depends on the triples
+    # batched with it, so other training triples (a subsample, another order) write their own. Greedy ones do not.
+    common = [*KG_TINY, "method=contextualization", "model=tiny-random", "method.max_new_tokens=4"]
+    common += ["method.batch_size=4", f"method.temperature={temperature}", f"method.stage_dir={tmp_path / 'stage'}"]
+    common += [f"dataset.contexts_file={tmp_path / 'contexts.jsonl'}"]
+    assert run(make_cfg(*common, output_dir=tmp_path / "all"))["metrics"]["contexts/written"] > 10
+    subsample = run(make_cfg(*common, "dataset.num_train=6", output_dir=tmp_path / "subsample"))["metrics"]
+    assert (subsample["contexts/reused"], subsample["contexts/written"]) == ((0, 6) if temperature else (6, 0))
+
+
 def test_stage_one_rewrites_the_contexts_of_triples_whose_names_changed(make_cfg, tmp_path):
     # Another generator seed gives the same entity ids to other people: ('E012', 'born_in', 'T008') is about
-    # someone else, and its context must be written anew; the cities' triples keep their names and contexts.
+    # someone else, and its context must be written anew; the cities' triples keep their names and (greedy, written
+    # whatever the triples batched with them) their contexts.
     contexts = tmp_path / "contexts.jsonl"
     common = [*KG_TINY, "method=contextualization", "model=tiny-random", "method.max_new_tokens=4"]
+    common += ["method.temperature=0"]
     common += [f"method.stage_dir={tmp_path / 'stage'}", f"dataset.contexts_file={contexts}"]
     run(make_cfg(*common, output_dir=tmp_path / "first"))
     first = {(r["head"], r["relation"], r["tail"]): r for r in map(json.loads, contexts.read_text().splitlines())}

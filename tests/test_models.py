@@ -207,6 +207,19 @@ def test_the_converted_bundled_model_is_keyed_by_what_produced_it(tiny, monkeypa
     assert models.converted_dir(cfg.model, "cache") != first
 
 
+def test_the_converted_model_and_its_identity_name_the_gguf_reader_that_dequantised_it(make_cfg, monkeypatch):
+    """transformers reads a GGUF file's tensors and dequantises them with the gguf library: another release of it
+    may write other weights, so neither the converted model nor the targets it taught may be read."""
+    from ctxdistill import models
+
+    spec = make_cfg("model=smollm2-135m").model
+    converted, identity = models.converted_dir(spec, "cache"), models.model_identity(spec, 0, "cpu")
+    installed = models.package_version
+    monkeypatch.setattr(models, "package_version", lambda module: "99.0" if module == "gguf" else installed(module))
+    assert models.converted_dir(spec, "cache") != converted
+    assert models.model_identity(spec, 0, "cpu") != identity
+
+
 def test_a_gguf_assembled_from_parts_is_checked_and_keyed_by_its_checksum(make_cfg, tmp_path, monkeypatch):
     """Gemma 3 270M's package joins its GGUF from parts: the file is written by the package's assemble() into a
     scratch directory, and the converted model and the teacher cache are keyed by the checksum it declares."""

@@ -107,20 +107,24 @@ def package_version(module: str) -> str:
     return importlib.metadata.version(distributions[0]) if distributions else "none"
 
 
-def converted_dir(spec: DictConfig, cache_dir: str) -> Path:
-    """Where the converted GGUF model is cached: named by everything that determines the conversion's output
-    (the package that carries the file and its version, the checksum of an assembled file, transformers'
-    dequantisation, this converter)."""
-    producer = [
+def conversion_producer(spec: DictConfig) -> list:
+    """Everything that determines the conversion's output: the package that carries the GGUF file and its version,
+    the file and the checksum of an assembled one, transformers' GGUF loading, the gguf library that reads and
+    dequantises its tensors, this converter."""
+    return [
         spec.gguf_package,
         package_version(spec.gguf_package),
         spec.gguf_file,
+        gguf_sha256(spec),
         transformers.__version__,
+        package_version("gguf"),
         CONVERSION_VERSION,
     ]
-    if gguf_sha256(spec):  # earlier keys (whole files) stay as they were
-        producer.append(gguf_sha256(spec))
-    digest = hashlib.sha256(json.dumps(producer).encode()).hexdigest()[:12]
+
+
+def converted_dir(spec: DictConfig, cache_dir: str) -> Path:
+    """Where the converted GGUF model is cached: named by :func:`conversion_producer`."""
+    digest = hashlib.sha256(json.dumps(conversion_producer(spec)).encode()).hexdigest()[:12]
     return Path(cache_dir).expanduser() / "models" / f"{Path(spec.gguf_file).stem}-{digest}"
 
 
@@ -405,7 +409,8 @@ def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]
     """What determines the base model's outputs, so that cached teacher outputs are never stale: the config's
     fields, the modelling code (transformers' version), the kind of device it runs on (its kernels round
     differently, and its generator draws other samples), and where the weights come from: a package's
-    version, a Hub model's commit, a local checkpoint's modification time."""
+    version (a converted GGUF file: everything that converted it), a Hub model's commit, a local checkpoint's
+    modification time."""
     fields = {
         key: spec[key]
         for key in (
@@ -422,13 +427,11 @@ def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]
     fields["device"] = torch.device(device).type
     if spec.source == "random":
         fields.update(tiny=OmegaConf.to_container(spec.tiny), seed=seed)
-    if spec.source in ("gguf", "random", "package"):
+    if spec.source in ("random", "package"):  # a package's model, or the tokenizer of a random one
         package = spec.package if spec.source == "package" else spec.gguf_package
         fields["package"] = [package, package_version(package)]
-        if spec.source == "gguf":  # its weights are what this converter made of the file
-            fields["conversion"] = CONVERSION_VERSION
-            if gguf_sha256(spec):
-                fields["gguf_sha256"] = gguf_sha256(spec)
+    if spec.source == "gguf":  # its weights are what the conversion made of the file
+        fields["conversion"] = conversion_producer(spec)
     local = Path(spec.name_or_path).expanduser()
     if spec.source == "hub" and local.is_dir():  # a local checkpoint may be rewritten in place
         fields["modified"] = max((f.stat().st_mtime for f in local.iterdir()), default=0)

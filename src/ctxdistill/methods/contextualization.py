@@ -4,9 +4,10 @@ An instruction-following LM writes, for every training triple (h, r, t), a parag
 introduces h and t and the relation between them (the released code's prompt, PaLM2
 text-bison at temperature 0.7). The paragraphs are stage rows (:class:`~ctxdistill.stage_cache.RowStore`
 under ``method.stage_dir``), keyed by the triple's text and stored in a file named by the writer's
-identity, the prompt and the generation settings: an interrupted run keeps every batch it finished, a
-later run with the same settings writes only the triples still missing, and one with other settings
-(or a graph whose names differ) writes its own. Once every training triple has one, the run replaces
+identity, the prompt and the generation settings (sampled, also the training triples, which decide each
+context's batch-mates and random stream): an interrupted run keeps every batch it finished, a later run
+with the same settings writes only the triples still missing, and one with other settings (or a graph whose
+names differ) writes its own. Once every training triple has one, the run replaces
 ``dataset.contexts_file`` with them, one JSON line per triple, which the students of stage 2
 (methods.kgc) read. Nothing is trained; the run's "evaluation" is the writing.
 """
@@ -29,7 +30,7 @@ from ctxdistill.data.kg import KGTask, Triple, build_kg_task
 from ctxdistill.evaluation import EvaluatorBase
 from ctxdistill.methods.base import Method
 from ctxdistill.results.metrics import Metric, MetricSet
-from ctxdistill.stage_cache import JsonLines, RowStore
+from ctxdistill.stage_cache import JsonLines, RowStore, digest
 
 
 @dataclass
@@ -136,9 +137,11 @@ class Contextualization(Method):
             [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
         )
 
-    def settings(self, writer_identity: str, seed: int) -> dict:
+    def settings(self, writer_identity: str, task: KGTask) -> dict:
         """What determines a context besides its triple's text (the stage rows' key): the writer, the prompt,
-        the generation settings, the seed, and the batch size (a batch shares one random stream)."""
+        the generation settings, the seed and the batch size; sampled, also the training triples in order (a
+        batch shares one random stream, seeded by its first triple: a context depends on those batched with it)."""
+        batched_with = {"triples": digest(task.train_triples)} if self.temperature > 0 else {}
         return {
             "writer": writer_identity,
             "prompt": self.prompt,
@@ -147,7 +150,8 @@ class Contextualization(Method):
             "temperature": self.temperature,
             "top_p": self.top_p,
             "batch_size": self.batch_size,
-            "seed": seed,
+            "seed": task.seed,
+            **batched_with,
         }
 
     def evaluator(self, handle, tokenizer, task, batch_size):
@@ -206,7 +210,7 @@ class ContextGeneration(EvaluatorBase):
 
     def evaluate(self, names=None) -> tuple[dict[str, float], dict[str, list[dict]]]:
         task = self.task
-        store = RowStore(self.method.stage_dir, "contexts", self.method.settings(self.writer_identity, task.seed))
+        store = RowStore(self.method.stage_dir, "contexts", self.method.settings(self.writer_identity, task))
         texts = [task.graph.triple_text(t) for t in task.train_triples]
         triple_of = dict(zip(texts, task.train_triples))  # triples of the same text share one context
         pending = {text for text in texts if text not in store.rows}
