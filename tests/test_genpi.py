@@ -620,14 +620,27 @@ def test_the_released_experiment_holds_the_released_settings(make_cfg):
     assert (cpu.method.sft_weight, cpu.method.prompt_placement, cpu.method.reason_top_p) == (0.7, "user_turn", 0.9)
 
 
-def test_a_run_with_another_batch_size_samples_its_own_stages(make_cfg, tmp_path):
-    # A batch's rows share one random stream, so the sampled stages depend on trainer.eval_batch_size: a run with
-    # another one must sample its own rows, never read rows that were drawn in batches of another size.
-    for batch_size in (8, 3):
-        overrides = [f"trainer.eval_batch_size={batch_size}", f"method.stage_dir={tmp_path / 'stages'}"]
-        run(make_cfg(*GENPI, *overrides, output_dir=tmp_path / f"run-{batch_size}"))
-    sampled = [p.name for p in (tmp_path / "stages").glob("*.jsonl") if p.name.startswith(("inputs", "reasons"))]
-    assert len(sampled) == 4, sampled
+def test_the_sampled_stages_follow_the_methods_sample_batch_size_not_the_evaluations(make_cfg, tmp_path):
+    # A batch's rows share one random stream, so the sampled stages depend on the batch size: a run with another
+    # method.sample_batch_size samples its own rows; another trainer.eval_batch_size (say, an evaluation made again
+    # with ctxdistill-eval) reads the same ones, so its held-out pseudo inputs are the training run's.
+    def sampled(stages: Path) -> list[str]:
+        return sorted(p.name for p in stages.glob("*.jsonl") if p.name.startswith(("inputs", "reasons")))
+
+    runs = {}
+    for name, overrides in (
+        ("first", []),
+        ("eval_batch", ["trainer.eval_batch_size=3"]),
+        ("sample_batch", ["method.sample_batch_size=3"]),
+    ):
+        stages = tmp_path / "stages"
+        runs[name] = run(make_cfg(*GENPI, *overrides, f"method.stage_dir={stages}", output_dir=tmp_path / name))
+        if name == "eval_batch":
+            assert len(sampled(stages)) == 2  # the first run's inputs and reasons, read again
+    assert len(sampled(tmp_path / "stages")) == 4
+    assert (
+        runs["eval_batch"]["metrics"]["pseudo_heldout/examples"] == runs["first"]["metrics"]["pseudo_heldout/examples"]
+    )
 
 
 def test_a_run_with_more_training_inputs_samples_the_reasons_a_fresh_run_would(make_cfg, tmp_path):

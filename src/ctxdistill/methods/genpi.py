@@ -83,6 +83,10 @@ class PromptInternalizationConfig(MethodConfig):
     max_rounds: int = 20
     max_input_tokens: int = 32
     max_reply_tokens: int = 48
+    # Rows the sampled stages (pseudo inputs, GenPI's reasons) generate at once: a batch's rows share one random
+    # stream, so this decides what is drawn. The method's own setting: trainer.eval_batch_size (an evaluation
+    # made again with another) must not change the generated inputs.
+    sample_batch_size: int = 16
     stage_dir: str = "${cache_dir}/genpi"  # cached stages, shared by runs with the same settings
     seed: int = "${seed}"  # type: ignore[assignment]
     dataset_kinds: ClassVar[None] = None  # it brings its own inputs (the prompt's); the dataset group is not read
@@ -97,7 +101,14 @@ class PromptInternalizationConfig(MethodConfig):
             "Set them on the command line, or keep those of its YAML file under conf/method/",
         )
         require(bool(m.prompt.strip()), "method.prompt", "is empty; nothing to internalise", "Set method.prompt")
-        for key in ("num_pseudo_inputs", "inputs_per_round", "max_rounds", "max_input_tokens", "max_reply_tokens"):
+        for key in (
+            "num_pseudo_inputs",
+            "inputs_per_round",
+            "max_rounds",
+            "max_input_tokens",
+            "max_reply_tokens",
+            "sample_batch_size",
+        ):
             require(m[key] >= 1, f"method.{key}", f"must be >= 1, got {m[key]}", "")
         require(
             m.num_heldout_pseudo_inputs >= 1,
@@ -305,6 +316,7 @@ class PromptInternalization(Method):
         max_rounds: int,
         max_input_tokens: int,
         max_reply_tokens: int,
+        sample_batch_size: int,
         stage_dir: str,
         seed: int,
     ):
@@ -316,6 +328,7 @@ class PromptInternalization(Method):
         self.generator_template, self.generator_temperature = generator_template, generator_temperature
         self.generator_top_k, self.inputs_per_round, self.max_rounds = generator_top_k, inputs_per_round, max_rounds
         self.max_input_tokens, self.max_reply_tokens = max_input_tokens, max_reply_tokens
+        self.sample_batch_size = sample_batch_size
         self.stage_dir, self.seed = stage_dir, seed
         self.pseudo_inputs: list[str] = []  # training inputs, then the held-out ones
         self._replies: Optional[RowStore] = None
@@ -372,7 +385,7 @@ class PromptInternalization(Method):
         generator = torch.Generator(next(model.parameters()).device)
         return generator.manual_seed(int(digest([self.seed, key]), 16) % 2**63)
 
-    def _pseudo_inputs(self, model, tokenizer, settings: dict, batch_size: int) -> list[str]:
+    def _pseudo_inputs(self, model, tokenizer, settings: dict) -> list[str]:
         """Stage 1: sample rounds of inputs until enough distinct new ones exist."""
         examples = [*self.example_inputs, ""]
         listing = "\n".join(f"{i + 1}. {text}" for i, text in enumerate(examples)).rstrip()
@@ -389,7 +402,7 @@ class PromptInternalization(Method):
                 "top_p": self.generator_top_p,
                 "per_round": self.inputs_per_round,
                 "max_tokens": self.max_input_tokens,
-                "batch_size": batch_size,  # a batch's rows share one random stream
+                "batch_size": self.sample_batch_size,  # a batch's rows share one random stream
             },
         )
         prefix = None
@@ -407,7 +420,7 @@ class PromptInternalization(Method):
                 "\n",
                 self._generator(model, f"round-{keys[0]}"),
                 prefix,
-                batch_size,
+                self.sample_batch_size,
                 self.generator_top_p,
             )
             return [{"key": keys[0], "samples": [text for text, _ in texts]}]
@@ -468,16 +481,16 @@ class PromptInternalization(Method):
 
         return self._replies.fill(inputs, answer, batch_size, "genpi replies")
 
-    def ensure_inputs(self, handle, tokenizer, batch_size: int) -> None:
+    def ensure_inputs(self, handle, tokenizer) -> None:
         if not self.pseudo_inputs:
             with handle.teacher() as model:
-                self.pseudo_inputs = self._pseudo_inputs(model, tokenizer, self._settings(handle), batch_size)
+                self.pseudo_inputs = self._pseudo_inputs(model, tokenizer, self._settings(handle))
 
     @torch.no_grad()
     def training_replies(self, handle, tokenizer, task, batch_size: int) -> list[dict]:
         """Stages 1 and 2, before any weight changes: every input's replies (evaluation reads the references from
         the stage); returns those of the training inputs, each with its ``input``."""
-        self.ensure_inputs(handle, tokenizer, batch_size)
+        self.ensure_inputs(handle, tokenizer)
         eval_inputs = [e.fields["input"] for examples in task.eval_sets.values() for e in examples]
         replies = self.replies(handle, tokenizer, [*self.pseudo_inputs, *eval_inputs], batch_size)
         return [{**reply, "input": text} for text, reply in zip(self.pseudo_inputs[: self.num_pseudo_inputs], replies)]
@@ -508,7 +521,7 @@ class GenPI(PromptInternalization):
         self.teacher_during_training = kl_weight > 0  # the KL term's targets come at every step
         self._records: dict[str, dict] = {}  # training slot uid -> input, replies, reason
 
-    def _reasons(self, handle, tokenizer, replies: list[dict], batch_size: int) -> list[str]:
+    def _reasons(self, handle, tokenizer, replies: list[dict]) -> list[str]:
         """Stage 3: why the prompt changes the reply, sampled (seeded per batch)."""
         by_input = {r["key"]: r for r in replies}
         store = RowStore(
@@ -525,7 +538,7 @@ class GenPI(PromptInternalization):
                 "temperature": self.reason_temperature,
                 "top_p": self.reason_top_p,
                 "max_tokens": self.max_reason_tokens,
-                "batch_size": batch_size,
+                "batch_size": self.sample_batch_size,
             },
         )
 
@@ -547,17 +560,17 @@ class GenPI(PromptInternalization):
                     self.max_reason_tokens,
                     self.reason_temperature,
                     generator=self._generator(model, f"reasons-{keys[0]}"),
-                    batch_size=batch_size,
+                    batch_size=self.sample_batch_size,
                     top_p=self.reason_top_p,
                 )
             return [{"key": k, "reason": text} for k, (text, _) in zip(keys, reasons)]
 
-        return [row["reason"] for row in store.fill(list(by_input), explain, batch_size, "genpi reasons")]
+        return [row["reason"] for row in store.fill(list(by_input), explain, self.sample_batch_size, "genpi reasons")]
 
     @torch.no_grad()
     def prepare(self, handle, tokenizer, task, examples, batch_size):
         replies = self.training_replies(handle, tokenizer, task, batch_size)
-        reasons = self._reasons(handle, tokenizer, replies, batch_size)
+        reasons = self._reasons(handle, tokenizer, replies)
         for example, reply, reason in zip(examples, replies, reasons):
             self._records[example.uid] = {**reply, "reason": reason}
         log.info(
@@ -640,7 +653,7 @@ class PromptInternalizationEvaluator(MethodEvaluator):
 
     def evaluate(self, names: Optional[list[str]] = None) -> tuple[dict[str, float], dict[str, list[dict]]]:
         method, tokenizer = self.method, self.tokenizer
-        method.ensure_inputs(self.handle, tokenizer, self.batch_size)
+        method.ensure_inputs(self.handle, tokenizer)
         sets = {
             **{n: [e.fields["input"] for e in s] for n, s in self.task.eval_sets.items()},
             "pseudo_heldout": method.heldout_pseudo_inputs,
