@@ -25,7 +25,7 @@ def test_opcd_meets_genpi_on_the_same_data_model_and_trainer(make_cfg):
     assert OmegaConf.to_container(opcd.trainer) == OmegaConf.to_container(genpi.trainer)
     assert OmegaConf.to_container(opcd.model) == OmegaConf.to_container(genpi.model)
     shared = [k for k in opcd.method if k in genpi.method and k not in ("_target_", "name", "prompt_placement")]
-    assert len(shared) == 17
+    assert len(shared) == 18
     assert {k: opcd.method[k] for k in shared} == {k: genpi.method[k] for k in shared}
     # OPCD's placement: the prompt is the teacher's system message; the student has none
     assert opcd.method.prompt_placement == "system_message" and genpi.method.prompt_placement == "user_turn"
