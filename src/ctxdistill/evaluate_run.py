@@ -161,8 +161,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     from ctxdistill.config import ConfigError, validate
     from ctxdistill.methods import build_method
     from ctxdistill.models import ModelHandle, honour_name_or_path, load_tokenizer, model_identity
-    from ctxdistill.run import build_models, rounded, run_identity, save_results, separate_teacher_tokenizer
-    from ctxdistill.serving import serving_metrics
+    from ctxdistill.run import build_models, final_metrics, run_identity, save_results, separate_teacher_tokenizer
 
     out = run_dir / EVALUATIONS / name
     cfg = evaluation_config(run_dir, overrides, out, config_dirs)
@@ -194,9 +193,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
     metric_set = method.metric_set(evaluator)
     evaluator.prepare()
-    metrics, predictions = evaluator.evaluate()
-    metrics.update(serving_metrics(evaluator.serving_costs()))
-    metrics = rounded(metrics)
+    metrics, predictions = final_metrics(method, evaluator)
     result = {
         **run_identity(cfg, task),
         "status": "complete",

@@ -307,12 +307,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     handle.base.save_pretrained(out / ("model" if whole else "adapter"), **gathered)
                     if whole:  # a model directory that loads as model.name_or_path (e.g. a fine-tuned teacher)
                         tokenizer.save_pretrained(out / "model")
-        metrics, predictions = evaluator.evaluate()
-        if method.trains:
-            metrics.update(evaluator.after_training())
-        metrics.update(serving_metrics(evaluator.serving_costs()))
+        metrics, predictions = final_metrics(method, evaluator)
         run_provenance.update(provenance.inputs())  # with the caches training used
-        metrics = rounded(metrics)
         result = {
             **run_identity(cfg, task),
             "status": "complete",
@@ -453,6 +449,15 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
     if count > 1:
         train_stats = {**train_stats, "rounds": count, "steps_all_rounds": offset}
     return train_stats, curves, records
+
+
+def final_metrics(method, evaluator) -> tuple[dict[str, Any], dict[str, list[dict]]]:
+    """The run's reported metrics and prediction rows, as ``ctxdistill-eval`` reproduces them from its saved weights."""
+    metrics, predictions = evaluator.evaluate()
+    if method.trains:
+        metrics.update(evaluator.after_training())
+    metrics.update(serving_metrics(evaluator.serving_costs()))
+    return rounded(metrics), predictions
 
 
 def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
