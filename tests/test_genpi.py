@@ -132,6 +132,32 @@ def test_a_json_lines_file_keeps_whole_records_and_names_a_broken_line(tmp_path)
         lines.read()
 
 
+def test_a_stage_file_is_resumed_only_between_another_cells_appends(tmp_path):
+    # Sweep cells share a stage: one that opens it while another is appending must not take the batch being
+    # written for a line a kill cut, and cut it off.
+    import fcntl
+    import threading
+
+    from ctxdistill.stage_cache import JsonLines
+
+    lines = JsonLines(tmp_path / "rows.jsonl")
+    lines.append([{"key": "a"}])
+    resumed = []
+    with lines.path.open("ab") as writer:
+        fcntl.flock(writer, fcntl.LOCK_EX)  # the other cell, mid-append
+        writer.write(b'{"key": "b"')
+        writer.flush()
+        reader = threading.Thread(target=lambda: resumed.append(lines.resume()))
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive()  # it waits for the append to finish
+        writer.write(b"}\n")
+        writer.flush()
+        fcntl.flock(writer, fcntl.LOCK_UN)
+    reader.join(5)
+    assert resumed == [[{"key": "a"}, {"key": "b"}]]
+
+
 def test_rows_written_by_another_producer_version_are_never_read(tmp_path, monkeypatch):
     from ctxdistill import stage_cache
 

@@ -10,12 +10,14 @@ mid-write cannot corrupt; contexts files that people supply (data/kg.py) are rea
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ctxdistill import provenance
 from ctxdistill.data.tasks import DataError
@@ -40,10 +42,22 @@ class JsonLines:
     """A JSON-lines file of records that survives a kill: appends are flushed and fsynced per batch, so every
     batch that returned is on disk; reading leaves out a last line cut short by a kill mid-write (a line
     without its newline that is not a whole JSON object), and :meth:`resume` cuts it off the file so the next
-    append starts on a line of its own. Any other line that is not a JSON object is an error naming it."""
+    append starts on a line of its own. Any other line that is not a JSON object is an error naming it.
+    Appending and resuming hold the file's lock, so that sweep cells sharing a stage never cut each other's
+    batch: one that resumes while another appends would take the batch being written for a cut line."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("ab") as handle:  # (creates the file, empty, if there is none)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _split(self) -> tuple[list[dict[str, Any]], int]:
         """The records and the length of the file's sound part (without a cut last line)."""
@@ -70,8 +84,8 @@ class JsonLines:
 
     def resume(self) -> list[dict[str, Any]]:
         """:meth:`read`, leaving the file ready for appends: a cut last line is dropped, a whole one ended."""
-        records, sound = self._split()
-        if self.path.is_file():
+        with self._locked():
+            records, sound = self._split()
             size = self.path.stat().st_size
             if sound < size:
                 with self.path.open("r+b") as f:
@@ -82,8 +96,7 @@ class JsonLines:
         return records
 
     def append(self, records: Sequence[dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
+        with self._locked(), self.path.open("a", encoding="utf-8") as f:
             f.write("".join(json.dumps(record) + "\n" for record in records))
             f.flush()
             os.fsync(f.fileno())
