@@ -7,8 +7,9 @@
 Measurements per model, on the demo task (synthetic reviews, LoRA r=8 on q/v); ``--only`` picks some:
 - training: cd training throughput and peak memory, this suite (trainer + `cd`, teacher targets
   cached) vs TRL's SDFTTrainer (closest settings: full-logit forward KL, one completion token,
-  the same LoRA, frozen base teacher) vs a naive loop (teacher over the full context at every
-  step, logits over the whole sequence). Each runs in a fresh process so its peak memory is its own.
+  the same LoRA, frozen base teacher). Each runs in a fresh process so its peak memory is its own.
+- naive (only when named; it implies training): a naive loop beside them (teacher over the full
+  context at every step, logits over the whole sequence), a reference no goal depends on.
 - training_32: the suite vs TRL at 32 demonstrations (TRL runs the teacher over the whole context
   at every step, so the ratio grows with the context).
 - on_policy: on-policy cd (the student samples 8 tokens, reverse KL at each) vs TRL's SDFTTrainer
@@ -53,11 +54,11 @@ from ctxdistill.cli import quiet_console  # noqa: E402
 
 quiet_console()  # run at import, so in the fork server too, whose measurement processes inherit it
 
-CONTENDERS = ("ctxdistill", "trl_sdft", "naive")
+CONTENDERS = ("ctxdistill", "trl_sdft")
 ON_POLICY_CONTENDERS = ("on_policy_cd", "trl_sdft_on_policy")
 ON_POLICY_TOKENS = 8  # completion length of the on-policy contenders
 MEASUREMENTS = ("training", "training_32", "on_policy", "teacher", "epochs", "icl", "utilisation", "generation")
-OPT_IN = ("compiled",)  # run only when named in --only
+OPT_IN = ("compiled", "naive")  # run only when named in --only
 ONCE = ("eval_memory",)
 TEACHER_DEMOS = (0, 8, 32)
 GENERATION_DEMOS = (0, 8, 32)
@@ -662,7 +663,7 @@ def benchmark(report: Report, model: list[str], device: str, args) -> None:
     for demos, key in ((None, "training"), (32, "training_32")):
         if key not in only:
             continue
-        contenders = CONTENDERS if demos is None else CONTENDERS[:2]
+        contenders = CONTENDERS + ("naive",) if demos is None and "naive" in only else CONTENDERS
         training = {
             c: in_fresh_process(
                 f"{name} {key} {c}", measure_training, c, model, device, steps, batch_size, queries, demos
@@ -847,6 +848,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     parser.add_argument("--output", default="benchmarks/results/speed.md", help="the report (and .json beside it)")
     args = parser.parse_args(argv)
+    if "naive" in args.only and "training" not in args.only:
+        args.only.append("training")  # the naive loop is a contender of the training measurement
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible to torch; use --device cpu")
     command = " ".join(["python benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
