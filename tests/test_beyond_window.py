@@ -14,6 +14,7 @@ import torch
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import build_task, synthetic
 from ctxdistill.data.synthetic import generate_examples
+from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import answer_logits, encode
 from ctxdistill.learning_curve import main as learning_curve
 from ctxdistill.learning_curve import mean_interval
@@ -156,6 +157,18 @@ def test_sequential_distillation_refuses_what_cannot_teach_round_by_round(make_c
         validate(make_cfg(*SEQUENTIAL, "dataset.context.instructions=[a,b,c]"))
     with pytest.raises(ConfigError, match="method.teacher_model"):
         validate(make_cfg(*SEQUENTIAL, "+model@method.teacher_model=tiny-random"))
+
+
+def test_more_contexts_than_the_pool_holds_are_refused_naming_the_contexts_before_the_model_loads(make_cfg):
+    """One round per context: asking for more rounds than the training split holds disjoint contexts named
+    num_demos and a pool of what the earlier contexts had left, as if num_demos alone were too large."""
+    with pytest.raises(DataError) as refused:
+        run(make_cfg(*SEQUENTIAL, "dataset.context.num_contexts=200"))
+    assert str(refused.value) == (
+        "dataset.context.num_contexts=200: context 129 draws its demonstrations from what the 128 before it left "
+        "(0 of 512 examples): dataset.context.num_demos=4 is larger than the training pool (0 examples). Each "
+        "context draws 4 demonstrations of its own; lower dataset.context.num_contexts or dataset.context.num_demos"
+    )
 
 
 def test_contexts_with_their_own_instruction_and_label_words(make_cfg):
