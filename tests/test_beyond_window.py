@@ -288,20 +288,24 @@ def test_cheat_sheet_cleaning_drops_a_preamble_as_released():
     assert cs.clean_sheet(" - a\n- b ") == "- a\n- b"
 
 
+def write_prefix_run(run_dir: Path, seed: int, accuracy: float) -> None:
+    """A finished cd run into a prefix over 2 contexts of 12 demonstrations, with its forgetting evaluation."""
+    run_dir.mkdir(parents=True)
+    config = "method: {name: cd}\nmodel: {adapter: prefix}\ndataset: {context: {num_demos: 12, num_contexts: 2}}\n"
+    (run_dir / "config.yaml").write_text(config)
+    metrics = {"eval/accuracy": accuracy, "ood/accuracy": 0.5, "train_queries/context_accuracy": 0.1}
+    record = {"seed": seed, "metrics": metrics, "trainable_parameters": 10, "context_tokens_per_query": 0}
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    (run_dir / "evaluations" / "forgetting").mkdir(parents=True)
+    (run_dir / "evaluations" / "forgetting" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+
+
 def test_the_interval_is_students_t_and_the_curve_is_tabulated(tmp_path: Path):
     mean, half = mean_interval([0.5, 0.6, 0.7])
     assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-4)
     assert mean_interval([0.4]) == (0.4, 0.0)
     for seed, accuracy in enumerate([0.5, 0.6, 0.7]):
-        run_dir = tmp_path / "runs" / f"cd-{seed}"
-        run_dir.mkdir(parents=True)
-        config = "method: {name: cd}\nmodel: {adapter: prefix}\ndataset: {context: {num_demos: 12, num_contexts: 2}}\n"
-        (run_dir / "config.yaml").write_text(config)
-        metrics = {"eval/accuracy": accuracy, "ood/accuracy": 0.5, "train_queries/context_accuracy": 0.1}
-        record = {"seed": seed, "metrics": metrics, "trainable_parameters": 10, "context_tokens_per_query": 0}
-        (run_dir / "metrics.json").write_text(json.dumps(record))
-        (run_dir / "evaluations" / "forgetting").mkdir(parents=True)
-        (run_dir / "evaluations" / "forgetting" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+        write_prefix_run(tmp_path / "runs" / f"cd-{seed}", seed, accuracy)
     (tmp_path / "before").mkdir()
     (tmp_path / "before" / "metrics.json").write_text(json.dumps({"metrics": {"eval/accuracy": 0.75}}))
     assert (
@@ -313,3 +317,19 @@ def test_the_interval_is_students_t_and_the_curve_is_tabulated(tmp_path: Path):
     assert table[0] == header + " (before: 0.750) |"
     assert table[2] == "| cd (prefix) | 24 | 3 | 0.600 ± 0.248 | 0.500 ± 0.000 | 0 | 10 | 0.600 ± 0.248 |"
     assert (tmp_path / "out" / "learning_curve.png").stat().st_size > 1000
+
+
+def test_a_seed_run_twice_into_the_sweep_is_refused_not_counted_twice(tmp_path: Path, capsys):
+    """A cell run again into another directory of the sweep (another setting, a renamed cell) was averaged in:
+    the row said 4 seeds of 3 and its interval narrowed."""
+    for seed, accuracy in enumerate([0.5, 0.6, 0.7]):
+        write_prefix_run(tmp_path / "runs" / f"cd-{seed}", seed, accuracy)
+    write_prefix_run(tmp_path / "runs" / "again" / "cd-0", 0, 0.9)
+    with pytest.raises(SystemExit) as refused:
+        learning_curve([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert refused.value.code == 2 and not (tmp_path / "out").exists()
+    runs = tmp_path / "runs"
+    assert capsys.readouterr().err.endswith(
+        "error: two runs of the same point; remove the one that should not count:\n"
+        f"  {runs / 'cd-0'} repeats {runs / 'again' / 'cd-0'} (cd (prefix), 24 demonstrations, seed 0)\n"
+    )
