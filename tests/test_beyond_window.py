@@ -148,6 +148,29 @@ def test_a_run_failing_before_round_twos_first_checkpoint_draws_the_dropout_of_t
     assert without_timings(resumed["metrics"]) == without_timings(whole["metrics"])
 
 
+def test_a_finished_round_of_other_settings_is_refused_not_taken_as_this_runs(make_cfg, tmp_path, monkeypatch):
+    """A run stopped after round 1 and started again with another setting (here the learning rate) took the
+    round's weights as its own: its metrics.json named the new rate for a round trained at the old."""
+    real_loss = ContextDistillation.loss
+
+    def failing_in_round_two(self, handle, batch):
+        if self.round == 1:
+            raise RuntimeError("injected")
+        return real_loss(self, handle, batch)
+
+    monkeypatch.setattr(ContextDistillation, "loss", failing_in_round_two)
+    settings = [*SEQUENTIAL, "trainer.checkpoint_every=null"]
+    with pytest.raises(RuntimeError, match="injected"):
+        run(make_cfg(*settings))
+    assert (tmp_path / "rounds" / "1" / "round.json").is_file()
+    with pytest.raises(ConfigError) as refused:
+        run(make_cfg(*settings, "trainer.lr=0.05"))
+    assert str(refused.value) == (
+        f"{tmp_path / 'rounds' / '1'} holds a round finished by a run with other settings. Use a new output_dir, "
+        f"or delete {tmp_path / 'rounds'} to start this one over."
+    )
+
+
 def test_sequential_distillation_refuses_what_cannot_teach_round_by_round(make_cfg):
     with pytest.raises(ConfigError, match="method.sequential"):
         validate(make_cfg(*SEQUENTIAL, "method.teacher_cache=none"))

@@ -399,8 +399,14 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
         method.begin_round(index)
         round_dir = out if count == 1 else out / ROUNDS / str(index + 1)
         finished = round_dir / "round.json"
+        fingerprint = training_fingerprint(cfg) + (f"-round{index + 1}" if count > 1 else "")
         if count > 1 and finished.is_file():
             record = json.loads(finished.read_text())
+            if record.pop("fingerprint", None) != fingerprint:  # its weights would stand for settings it never had
+                raise ConfigError(
+                    f"{round_dir} holds a round finished by a run with other settings. Use a new output_dir, or "
+                    f"delete {out / ROUNDS} to start this one over."
+                )
             load_trainable_weights(handle.student, round_dir / ROUND_WEIGHTS)
             restore_random_states(
                 round_dir, accelerator.process_index
@@ -430,7 +436,7 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
             log_metrics,
             periodic_eval,
             run_dir=round_dir,
-            fingerprint=training_fingerprint(cfg) + (f"-round{index + 1}" if count > 1 else ""),
+            fingerprint=fingerprint,
             selection=selection,
         )
         fresh = False
@@ -443,7 +449,7 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
             accelerator.wait_for_everyone()  # every process's states before the record that says the round is done
             if accelerator.is_main_process:
                 save_trainable_weights(handle.student, round_dir / ROUND_WEIGHTS)
-                write_json(finished, record)  # after the weights: a record means the round is complete
+                write_json(finished, {**record, "fingerprint": fingerprint})  # after the weights: the round is complete
                 remove_checkpoints(round_dir)
             records.append(record)
     if count > 1:
