@@ -148,6 +148,16 @@ def test_a_run_failing_before_round_twos_first_checkpoint_draws_the_dropout_of_t
     assert without_timings(resumed["metrics"]) == without_timings(whole["metrics"])
 
 
+def test_each_rounds_periodic_evaluations_are_in_metrics_json(make_cfg, tmp_path):
+    """W&B got every round's periodic evaluations; metrics.json kept only the last round's."""
+    saved = run(make_cfg(*SEQUENTIAL, "trainer.eval_every=1", "trainer.checkpoint_every=null"))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    curves = [r["curves"] for r in written["rounds"]]
+    assert [[point["step"] for point in curve] for curve in curves] == [[1], [1]]  # the last step's is the final one
+    assert all("eval/accuracy" in point for curve in curves for point in curve)
+    assert curves[-1] == written["curves"] == saved["curves"]
+
+
 def test_a_finished_round_of_other_settings_is_refused_not_taken_as_this_runs(make_cfg, tmp_path, monkeypatch):
     """A run stopped after round 1 and started again with another setting (here the learning rate) took the
     round's weights as its own: its metrics.json named the new rate for a round trained at the old."""
