@@ -315,6 +315,24 @@ def test_cheat_sheet_reads_every_demonstration_in_one_released_request_by_defaul
     )
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (  # was a traceback from the window check (max() of no requests)
+            "dataset.context.num_demos=0",
+            "dataset.context.num_demos: is 0: a cheat sheet is written from the demonstrations, and there are none. "
+            "Set dataset.context.num_demos to at least 1 (method=zero_shot evaluates without a context)",
+        ),
+        # offered null, which the schema then refused
+        ("method.max_sheet_tokens=0", "method.max_sheet_tokens: must be >= 1, got 0. "),
+    ],
+)
+def test_bad_cheat_sheet_settings_are_one_message_before_the_model_loads(make_cfg, override, message):
+    with pytest.raises(ConfigError) as refused:
+        run(make_cfg(*TINY, "method=cheat_sheet", override))
+    assert str(refused.value) == message
+
+
 def test_cheat_sheet_cleaning_drops_a_preamble_as_released():
     assert cs.clean_sheet("  Certainly! Here you go\n- foo is good\n") == "- foo is good"
     assert cs.clean_sheet("Intro\nHere is a **sheet**\n- a\n- b") == "- a\n- b"

@@ -87,9 +87,15 @@ class CheatSheetConfig(MethodConfig):
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
         require("{examples}" in m.request, "method.request", "has no {examples} placeholder", "Keep {examples} in it")
         require("{sheet}" in m.sheet_so_far, "method.sheet_so_far", "has no {sheet} placeholder", "Keep {sheet} in it")
-        for key in ("chunk_demos", "max_sheet_tokens"):
-            require_count(m[key], f"method.{key}")
+        require_count(m.chunk_demos, "method.chunk_demos", "null: every demonstration in one request, as released")
+        require(m.max_sheet_tokens >= 1, "method.max_sheet_tokens", f"must be >= 1, got {m.max_sheet_tokens}", "")
         require(m.format_examples >= 0, "method.format_examples", f"must be >= 0, got {m.format_examples}", "")
+        require(
+            cfg.dataset.context.num_demos >= 1,
+            "dataset.context.num_demos",
+            "is 0: a cheat sheet is written from the demonstrations, and there are none",
+            "Set dataset.context.num_demos to at least 1 (method=zero_shot evaluates without a context)",
+        )
 
 
 def render_demo(task: Task, example) -> str:
