@@ -325,11 +325,17 @@ def test_cheat_sheet_reads_every_demonstration_in_one_released_request_by_defaul
         ),
         # offered null, which the schema then refused
         ("method.max_sheet_tokens=0", "method.max_sheet_tokens: must be >= 1, got 0. "),
+        (  # the second context's demonstrations were written into the sheet with the first one's label words
+            "experiment=instruction_override",
+            "dataset.context.demo_verbalizers: contexts with instructions or label words of their own (e.g. "
+            "experiment=instruction_override) cannot be read as one set of demonstrations in the dataset's words. "
+            "Set dataset.context.instructions=null and dataset.context.demo_verbalizers=null with method=cheat_sheet",
+        ),
     ],
 )
 def test_bad_cheat_sheet_settings_are_one_message_before_the_model_loads(make_cfg, override, message):
     with pytest.raises(ConfigError) as refused:
-        run(make_cfg(*TINY, "method=cheat_sheet", override))
+        run(make_cfg(override, *TINY, "method=cheat_sheet"))
     assert str(refused.value) == message
 
 

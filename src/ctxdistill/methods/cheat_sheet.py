@@ -96,6 +96,13 @@ class CheatSheetConfig(MethodConfig):
             "is 0: a cheat sheet is written from the demonstrations, and there are none",
             "Set dataset.context.num_demos to at least 1 (method=zero_shot evaluates without a context)",
         )
+        require(  # the sheet is written from every context's demonstrations in the dataset's words
+            cfg.dataset.context.demo_verbalizers is None and cfg.dataset.context.instructions is None,
+            "dataset.context.demo_verbalizers",
+            "contexts with instructions or label words of their own (e.g. experiment=instruction_override) "
+            "cannot be read as one set of demonstrations in the dataset's words",
+            "Set dataset.context.instructions=null and dataset.context.demo_verbalizers=null with method=cheat_sheet",
+        )
 
 
 def render_demo(task: Task, example) -> str:
