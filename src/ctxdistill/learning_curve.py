@@ -169,12 +169,17 @@ def plot(rows: list[dict], sets: list[str], window_demos: Optional[int], out: Pa
     return path
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, help="a sweep directory (every run under it is a point)")
     parser.add_argument("--out", type=Path, required=True, help="where learning_curve.{png,md,csv} go")
     parser.add_argument("--window-demos", type=int, help="the most demonstrations the capped window holds")
     parser.add_argument("--before", type=Path, help="a run of the untrained model on the forgetting task")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     points = read_points(args.root)
     if not points:
