@@ -14,6 +14,7 @@ import torch
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import build_task, synthetic
 from ctxdistill.data.synthetic import generate_examples
+from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import answer_logits, encode
 from ctxdistill.learning_curve import main as learning_curve
 from ctxdistill.learning_curve import mean_interval
@@ -147,6 +148,39 @@ def test_a_run_failing_before_round_twos_first_checkpoint_draws_the_dropout_of_t
     assert without_timings(resumed["metrics"]) == without_timings(whole["metrics"])
 
 
+def test_each_rounds_periodic_evaluations_are_in_metrics_json(make_cfg, tmp_path):
+    """W&B got every round's periodic evaluations; metrics.json kept only the last round's."""
+    saved = run(make_cfg(*SEQUENTIAL, "trainer.eval_every=1", "trainer.checkpoint_every=null"))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    curves = [r["curves"] for r in written["rounds"]]
+    assert [[point["step"] for point in curve] for curve in curves] == [[1], [1]]  # the last step's is the final one
+    assert all("eval/accuracy" in point for curve in curves for point in curve)
+    assert curves[-1] == written["curves"] == saved["curves"]
+
+
+def test_a_finished_round_of_other_settings_is_refused_not_taken_as_this_runs(make_cfg, tmp_path, monkeypatch):
+    """A run stopped after round 1 and started again with another setting (here the learning rate) took the
+    round's weights as its own: its metrics.json named the new rate for a round trained at the old."""
+    real_loss = ContextDistillation.loss
+
+    def failing_in_round_two(self, handle, batch):
+        if self.round == 1:
+            raise RuntimeError("injected")
+        return real_loss(self, handle, batch)
+
+    monkeypatch.setattr(ContextDistillation, "loss", failing_in_round_two)
+    settings = [*SEQUENTIAL, "trainer.checkpoint_every=null"]
+    with pytest.raises(RuntimeError, match="injected"):
+        run(make_cfg(*settings))
+    assert (tmp_path / "rounds" / "1" / "round.json").is_file()
+    with pytest.raises(ConfigError) as refused:
+        run(make_cfg(*settings, "trainer.lr=0.05"))
+    assert str(refused.value) == (
+        f"{tmp_path / 'rounds' / '1'} holds a round finished by a run with other settings. Use a new output_dir, "
+        f"or delete {tmp_path / 'rounds'} to start this one over."
+    )
+
+
 def test_sequential_distillation_refuses_what_cannot_teach_round_by_round(make_cfg):
     with pytest.raises(ConfigError, match="method.sequential"):
         validate(make_cfg(*SEQUENTIAL, "method.teacher_cache=none"))
@@ -156,6 +190,18 @@ def test_sequential_distillation_refuses_what_cannot_teach_round_by_round(make_c
         validate(make_cfg(*SEQUENTIAL, "dataset.context.instructions=[a,b,c]"))
     with pytest.raises(ConfigError, match="method.teacher_model"):
         validate(make_cfg(*SEQUENTIAL, "+model@method.teacher_model=tiny-random"))
+
+
+def test_more_contexts_than_the_pool_holds_are_refused_naming_the_contexts_before_the_model_loads(make_cfg):
+    """One round per context: asking for more rounds than the training split holds disjoint contexts named
+    num_demos and a pool of what the earlier contexts had left, as if num_demos alone were too large."""
+    with pytest.raises(DataError) as refused:
+        run(make_cfg(*SEQUENTIAL, "dataset.context.num_contexts=200"))
+    assert str(refused.value) == (
+        "dataset.context.num_contexts=200: context 129 draws its demonstrations from what the 128 before it left "
+        "(0 of 512 examples): dataset.context.num_demos=4 is larger than the training pool (0 examples). Each "
+        "context draws 4 demonstrations of its own; lower dataset.context.num_contexts or dataset.context.num_demos"
+    )
 
 
 def test_contexts_with_their_own_instruction_and_label_words(make_cfg):
@@ -269,10 +315,46 @@ def test_cheat_sheet_reads_every_demonstration_in_one_released_request_by_defaul
     )
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (  # was a traceback from the window check (max() of no requests)
+            "dataset.context.num_demos=0",
+            "dataset.context.num_demos: is 0: a cheat sheet is written from the demonstrations, and there are none. "
+            "Set dataset.context.num_demos to at least 1 (method=zero_shot evaluates without a context)",
+        ),
+        # offered null, which the schema then refused
+        ("method.max_sheet_tokens=0", "method.max_sheet_tokens: must be >= 1, got 0. "),
+        (  # the second context's demonstrations were written into the sheet with the first one's label words
+            "experiment=instruction_override",
+            "dataset.context.demo_verbalizers: contexts with instructions or label words of their own (e.g. "
+            "experiment=instruction_override) cannot be read as one set of demonstrations in the dataset's words. "
+            "Set dataset.context.instructions=null and dataset.context.demo_verbalizers=null with method=cheat_sheet",
+        ),
+    ],
+)
+def test_bad_cheat_sheet_settings_are_one_message_before_the_model_loads(make_cfg, override, message):
+    with pytest.raises(ConfigError) as refused:
+        run(make_cfg(override, *TINY, "method=cheat_sheet"))
+    assert str(refused.value) == message
+
+
 def test_cheat_sheet_cleaning_drops_a_preamble_as_released():
     assert cs.clean_sheet("  Certainly! Here you go\n- foo is good\n") == "- foo is good"
     assert cs.clean_sheet("Intro\nHere is a **sheet**\n- a\n- b") == "- a\n- b"
     assert cs.clean_sheet(" - a\n- b ") == "- a\n- b"
+
+
+def write_prefix_run(run_dir: Path, seed: int, accuracy: float) -> None:
+    """A finished cd run into a prefix over 2 contexts of 12 demonstrations, with its forgetting evaluation."""
+    run_dir.mkdir(parents=True)
+    config = "method: {name: cd}\nmodel: {adapter: prefix}\ndataset: {context: {num_demos: 12, num_contexts: 2}}\n"
+    (run_dir / "config.yaml").write_text(config)
+    metrics = {"eval/accuracy": accuracy, "ood/accuracy": 0.5, "train_queries/context_accuracy": 0.1}
+    record = {"seed": seed, "metrics": metrics, "trainable_parameters": 10, "context_tokens_per_query": 0}
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    (run_dir / "evaluations" / "forgetting").mkdir(parents=True)
+    (run_dir / "evaluations" / "forgetting" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
 
 
 def test_the_interval_is_students_t_and_the_curve_is_tabulated(tmp_path: Path):
@@ -280,15 +362,7 @@ def test_the_interval_is_students_t_and_the_curve_is_tabulated(tmp_path: Path):
     assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-4)
     assert mean_interval([0.4]) == (0.4, 0.0)
     for seed, accuracy in enumerate([0.5, 0.6, 0.7]):
-        run_dir = tmp_path / "runs" / f"cd-{seed}"
-        run_dir.mkdir(parents=True)
-        config = "method: {name: cd}\nmodel: {adapter: prefix}\ndataset: {context: {num_demos: 12, num_contexts: 2}}\n"
-        (run_dir / "config.yaml").write_text(config)
-        metrics = {"eval/accuracy": accuracy, "ood/accuracy": 0.5, "train_queries/context_accuracy": 0.1}
-        record = {"seed": seed, "metrics": metrics, "trainable_parameters": 10, "context_tokens_per_query": 0}
-        (run_dir / "metrics.json").write_text(json.dumps(record))
-        (run_dir / "evaluations" / "forgetting").mkdir(parents=True)
-        (run_dir / "evaluations" / "forgetting" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+        write_prefix_run(tmp_path / "runs" / f"cd-{seed}", seed, accuracy)
     (tmp_path / "before").mkdir()
     (tmp_path / "before" / "metrics.json").write_text(json.dumps({"metrics": {"eval/accuracy": 0.75}}))
     assert (
@@ -300,3 +374,19 @@ def test_the_interval_is_students_t_and_the_curve_is_tabulated(tmp_path: Path):
     assert table[0] == header + " (before: 0.750) |"
     assert table[2] == "| cd (prefix) | 24 | 3 | 0.600 ± 0.248 | 0.500 ± 0.000 | 0 | 10 | 0.600 ± 0.248 |"
     assert (tmp_path / "out" / "learning_curve.png").stat().st_size > 1000
+
+
+def test_a_seed_run_twice_into_the_sweep_is_refused_not_counted_twice(tmp_path: Path, capsys):
+    """A cell run again into another directory of the sweep (another setting, a renamed cell) was averaged in:
+    the row said 4 seeds of 3 and its interval narrowed."""
+    for seed, accuracy in enumerate([0.5, 0.6, 0.7]):
+        write_prefix_run(tmp_path / "runs" / f"cd-{seed}", seed, accuracy)
+    write_prefix_run(tmp_path / "runs" / "again" / "cd-0", 0, 0.9)
+    with pytest.raises(SystemExit) as refused:
+        learning_curve([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert refused.value.code == 2 and not (tmp_path / "out").exists()
+    runs = tmp_path / "runs"
+    assert capsys.readouterr().err.endswith(
+        "error: two runs of the same point; remove the one that should not count:\n"
+        f"  {runs / 'cd-0'} repeats {runs / 'again' / 'cd-0'} (cd (prefix), 24 demonstrations, seed 0)\n"
+    )

@@ -2,7 +2,8 @@
 and every `ctxdistill-compare` / `ctxdistill-eval` command parses.
 
 The commands are read from README.md and docs/ (code blocks and inline code), from conf/ (comments and the help
-text) and from the comments of sweeps/*.sh. Placeholders (PATH, DIR, $VARS, …) become a temporary directory, a
+text) and from the comments of sweeps/*.sh; the commands sweeps/beyond_window.sh builds for the learning curve's
+figure are recorded from the script itself. Placeholders (PATH, DIR, $VARS, …) become a temporary directory, a
 multirun is split into its cells as the sweeper splits it, and each cell is composed and validated; no data or
 model is loaded. The two tools' commands go through their argument parsers (not the checks of the paths they name).
 """
@@ -13,8 +14,10 @@ import contextlib
 import copy
 import importlib.util
 import io
+import os
 import re
 import shlex
+import subprocess
 from dataclasses import dataclass
 from importlib.machinery import ModuleSpec
 from pathlib import Path
@@ -31,6 +34,7 @@ from omegaconf import DictConfig, open_dict
 from ctxdistill.cli import CONFIG_DIR, sweep_cells, unswept, user_error_message, user_errors
 from ctxdistill.config import validate
 from ctxdistill.evaluate_run import argument_parser as eval_parser
+from ctxdistill.learning_curve import argument_parser as learning_curve_parser
 from ctxdistill.results.cli import argument_parser as compare_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,3 +323,40 @@ def test_every_documented_command_composes_and_validates(tmp_path, monkeypatch):
     finally:
         GlobalHydra.instance().clear()
     assert not failures, f"{len(failures)} documented commands fail:\n" + "\n".join(failures)
+
+
+def script_calls(script: str, tmp_path: Path, arguments: list[str]) -> list[DocCommand]:
+    """The commands a sweep script runs, with its tools stood in for by recorders of their arguments."""
+    calls, bin_dir = tmp_path / "calls", tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("ctxdistill", *TOOLS, "python"):  # each argument after a unit separator, each call ends a record
+        recorder = f'#!/bin/sh\n{{ printf %s {tool}; for a in "$@"; do printf "\\037%s" "$a"; done; printf "\\036"; }}'
+        (bin_dir / tool).write_text(f'{recorder} >> "{calls}"\n')
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SWEEP_DIR": str(tmp_path / "sweep")}
+    subprocess.run(["bash", f"sweeps/{script}.sh", *arguments], cwd=ROOT, env=env, check=True)
+    records = [record.split("\037") for record in calls.read_text().split("\036") if record]
+    return [DocCommand(f"sweeps/{script}.sh", " ".join(r), tuple(r[1:]), program=r[0]) for r in records]
+
+
+def test_the_learning_curves_sweep_runs_commands_that_compose_and_validate(tmp_path):
+    """The figure and tables of docs/papers/beyond-the-window.md come from sweeps/beyond_window.sh, whose cells
+    are built in the script, not written in a comment: every run, evaluation and the plot's command is checked."""
+    commands = script_calls("beyond_window", tmp_path, ["logger=none"])
+    programs = [c.program for c in commands]
+    assert programs.count("ctxdistill") == 7 and programs.count("ctxdistill-eval") == 4 and programs[-1] == "python"
+    GlobalHydra.instance().clear()
+    checker, failures = Checker(tmp_path), []
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            for command in commands:
+                if command.program == "python":
+                    assert command.args[:2] == ("-m", "ctxdistill.learning_curve")
+                    found = parse_problem(learning_curve_parser(), list(command.args[2:]))
+                else:
+                    found = checker.problem(command)
+                if found:
+                    failures.append(f"{command.text}\n    {found}")
+    finally:
+        GlobalHydra.instance().clear()
+    assert not failures, "\n".join(failures)

@@ -5,7 +5,8 @@
 Every run under SWEEP_DIR (its metrics.json and config.yaml) is one point: its series is the method's
 name, with the trained adapter when it is not LoRA (``cd (prefix)``); its x is the demonstrations it
 used (``dataset.context.num_demos`` x ``num_contexts``). Points are the mean over seeds with a 95%
-Student-t interval. ``--window-demos`` marks how many demonstrations the capped window holds; a run's
+Student-t interval; two runs of the same point (a cell run again into another directory) are refused,
+not averaged. ``--window-demos`` marks how many demonstrations the capped window holds; a run's
 ``evaluations/forgetting/`` (made by ctxdistill-eval on another task) is its forgetting column, and
 ``--before`` the untrained model's accuracy on that task. Writes learning_curve.png, learning_curve.md
 and learning_curve.csv.
@@ -54,6 +55,7 @@ def read_points(root: Path) -> list[dict[str, Any]]:
         forgetting = path.parent / EVALUATIONS / FORGETTING / "metrics.json"
         points.append(
             {
+                "run": path.parent,
                 "series": series_name(config, run.get("trainable_parameters", 0)),
                 "demos": context["num_demos"] * context["num_contexts"],
                 "seed": run["seed"],
@@ -66,6 +68,19 @@ def read_points(root: Path) -> list[dict[str, Any]]:
             }
         )
     return points
+
+
+def repeated_seeds(points: list[dict[str, Any]]) -> list[str]:
+    """Runs that are the same point as an earlier one (series, demonstrations and seed): a cell run again into
+    another directory (other settings, a renamed cell). Averaged in, its seed would count twice."""
+    first: dict[tuple[str, int, int], Path] = {}
+    repeats = []
+    for point in points:
+        key = (point["series"], point["demos"], point["seed"])
+        if key in first:
+            repeats.append(f"{point['run']} repeats {first[key]} ({key[0]}, {key[1]} demonstrations, seed {key[2]})")
+        first.setdefault(key, point["run"])
+    return repeats
 
 
 def summarise(points: list[dict[str, Any]], sets: list[str]) -> list[dict[str, Any]]:
@@ -154,16 +169,23 @@ def plot(rows: list[dict], sets: list[str], window_demos: Optional[int], out: Pa
     return path
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", type=Path, help="a sweep directory (every run under it is a point)")
     parser.add_argument("--out", type=Path, required=True, help="where learning_curve.{png,md,csv} go")
     parser.add_argument("--window-demos", type=int, help="the most demonstrations the capped window holds")
     parser.add_argument("--before", type=Path, help="a run of the untrained model on the forgetting task")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     points = read_points(args.root)
     if not points:
         parser.error(f"no finished run (metrics.json) under {args.root}")
+    if repeats := repeated_seeds(points):
+        parser.error("two runs of the same point; remove the one that should not count:\n  " + "\n  ".join(repeats))
     before = None
     if args.before is not None:  # the untrained model on the forgetting task (a run outside the sweep)
         before = json.loads((args.before / "metrics.json").read_text())["metrics"]["eval/accuracy"]

@@ -321,7 +321,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "train": train_stats,
             "curves": curves,
             **(
-                {"rounds": [*rounds, {"round": len(rounds) + 1, "train": train_stats, "metrics": metrics}]}
+                {
+                    "rounds": [
+                        *rounds,
+                        {"round": len(rounds) + 1, "train": train_stats, "metrics": metrics, "curves": curves},
+                    ]
+                }
                 if rounds
                 else {}
             ),
@@ -385,10 +390,11 @@ def resumes_training(out: Path) -> bool:
 
 def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, evaluator, selection):
     """Train every round of the method (most have one); returns the last round's statistics and curves, and
-    a record per round but the last (its statistics, its evaluation). Rounds after the first get their own
-    accelerator and checkpoints (RUN_DIR/rounds/N/); a finished round leaves its trainable weights and its
-    record there, so a restarted run loads them and resumes at the first unfinished round. Their steps are
-    logged one after another (W&B needs a step that only grows), the rounds' metrics as ``round/...``."""
+    a record per round but the last (its statistics, its evaluation, its periodic evaluations). Rounds after
+    the first get their own accelerator and checkpoints (RUN_DIR/rounds/N/); a finished round leaves its
+    trainable weights and its record there, so a restarted run loads them and resumes at the first unfinished
+    round. Their steps are logged one after another (W&B needs a step that only grows), the rounds' metrics as
+    ``round/...``."""
     out = Path(cfg.output_dir)
     count = method.rounds(task)
     records: list[dict] = []
@@ -399,8 +405,14 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
         method.begin_round(index)
         round_dir = out if count == 1 else out / ROUNDS / str(index + 1)
         finished = round_dir / "round.json"
+        fingerprint = training_fingerprint(cfg) + (f"-round{index + 1}" if count > 1 else "")
         if count > 1 and finished.is_file():
             record = json.loads(finished.read_text())
+            if record.pop("fingerprint", None) != fingerprint:  # its weights would stand for settings it never had
+                raise ConfigError(
+                    f"{round_dir} holds a round finished by a run with other settings. Use a new output_dir, or "
+                    f"delete {out / ROUNDS} to start this one over."
+                )
             load_trainable_weights(handle.student, round_dir / ROUND_WEIGHTS)
             restore_random_states(
                 round_dir, accelerator.process_index
@@ -430,7 +442,7 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
             log_metrics,
             periodic_eval,
             run_dir=round_dir,
-            fingerprint=training_fingerprint(cfg) + (f"-round{index + 1}" if count > 1 else ""),
+            fingerprint=fingerprint,
             selection=selection,
         )
         fresh = False
@@ -438,12 +450,12 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
         if count > 1 and index < count - 1:  # the last round's evaluation is the run's
             metrics = rounded(evaluator.evaluate()[0])
             tracker.log({f"round/{key}": value for key, value in metrics.items()} | {"round": index + 1}, offset)
-            record = {"round": index + 1, "train": train_stats, "metrics": metrics}
+            record = {"round": index + 1, "train": train_stats, "metrics": metrics, "curves": curves}
             save_random_states(round_dir, accelerator.process_index)
             accelerator.wait_for_everyone()  # every process's states before the record that says the round is done
             if accelerator.is_main_process:
                 save_trainable_weights(handle.student, round_dir / ROUND_WEIGHTS)
-                write_json(finished, record)  # after the weights: a record means the round is complete
+                write_json(finished, {**record, "fingerprint": fingerprint})  # after the weights: the round is complete
                 remove_checkpoints(round_dir)
             records.append(record)
     if count > 1:

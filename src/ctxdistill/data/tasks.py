@@ -458,10 +458,21 @@ def build_task(spec: DictConfig, seed: int) -> Task:
     else:
         # Several contexts (Snell et al.'s simultaneous distillation) draw disjoint demonstrations in turn.
         rest, contexts, demos = pool, [], []
-        for instruction, verbalizers in zip(instructions, label_words):
-            drawn_demos = select_demos(
-                rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng, spec.context.shuffle_demos
-            )
+        for index, (instruction, verbalizers) in enumerate(zip(instructions, label_words)):
+            try:
+                drawn_demos = select_demos(
+                    rest, spec.context.num_demos, balanced, len(spec.verbalizers), rng, spec.context.shuffle_demos
+                )
+            except DataError as e:
+                if not index:
+                    raise
+                # the pool it names is what the earlier contexts left, not the split
+                raise DataError(
+                    f"dataset.context.num_contexts={spec.context.num_contexts}: context {index + 1} draws its "
+                    f"demonstrations from what the {index} before it left ({len(rest)} of {len(pool)} examples): "
+                    f"{e}. Each context draws {spec.context.num_demos} demonstrations of its own; lower "
+                    "dataset.context.num_contexts or dataset.context.num_demos"
+                ) from None
             drawn_ids = {d.uid for d in drawn_demos}
             rest = [e for e in rest if e.uid not in drawn_ids]
             contexts.append(render_context(spec, drawn_demos, instruction, verbalizers))

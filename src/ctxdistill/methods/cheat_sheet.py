@@ -87,9 +87,22 @@ class CheatSheetConfig(MethodConfig):
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
         require("{examples}" in m.request, "method.request", "has no {examples} placeholder", "Keep {examples} in it")
         require("{sheet}" in m.sheet_so_far, "method.sheet_so_far", "has no {sheet} placeholder", "Keep {sheet} in it")
-        for key in ("chunk_demos", "max_sheet_tokens"):
-            require_count(m[key], f"method.{key}")
+        require_count(m.chunk_demos, "method.chunk_demos", "null: every demonstration in one request, as released")
+        require(m.max_sheet_tokens >= 1, "method.max_sheet_tokens", f"must be >= 1, got {m.max_sheet_tokens}", "")
         require(m.format_examples >= 0, "method.format_examples", f"must be >= 0, got {m.format_examples}", "")
+        require(
+            cfg.dataset.context.num_demos >= 1,
+            "dataset.context.num_demos",
+            "is 0: a cheat sheet is written from the demonstrations, and there are none",
+            "Set dataset.context.num_demos to at least 1 (method=zero_shot evaluates without a context)",
+        )
+        require(  # the sheet is written from every context's demonstrations in the dataset's words
+            cfg.dataset.context.demo_verbalizers is None and cfg.dataset.context.instructions is None,
+            "dataset.context.demo_verbalizers",
+            "contexts with instructions or label words of their own (e.g. experiment=instruction_override) "
+            "cannot be read as one set of demonstrations in the dataset's words",
+            "Set dataset.context.instructions=null and dataset.context.demo_verbalizers=null with method=cheat_sheet",
+        )
 
 
 def render_demo(task: Task, example) -> str:
