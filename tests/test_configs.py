@@ -430,3 +430,39 @@ def test_no_code_reads_a_datasets_keys_to_infer_its_kind():
             if isinstance(probe, ast.Constant) and probe.value in keys:
                 found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert not found
+
+
+def test_a_method_writes_each_default_once_in_its_schema(make_cfg):
+    """A setting's default lives in the method's schema: its class's constructor takes the setting without a
+    default (one there would be a second copy, which drifts), and no option file sets a value its base (a
+    schema, or another option file) already gives."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    import yaml
+
+    from ctxdistill.methods import Method
+
+    schemas = {schema.schema_name: schema for schema in method_schemas()}
+    copies = []
+    for schema in schemas.values():
+        fields = {f.name for f in dataclasses.fields(schema)}
+        module, name = schema._target_.rsplit(".", 1)
+        for cls in getattr(importlib.import_module(module), name).__mro__:
+            if cls is Method or "__init__" not in vars(cls):
+                continue
+            for parameter in inspect.signature(cls.__init__).parameters.values():
+                if parameter.name in fields and parameter.default is not inspect.Parameter.empty:
+                    copies.append(f"{cls.__name__}.__init__({parameter.name}={parameter.default!r})")
+    for option in options("method"):
+        raw = yaml.safe_load((CONFIG_DIR / "method" / f"{option}.yaml").read_text())
+        for base in (b for b in raw["defaults"] if isinstance(b, str)):
+            if base in schemas:
+                given = OmegaConf.structured(schemas[base])
+            elif base in options("method"):
+                given = make_cfg(f"method={base}").method
+            else:  # _self_, or an option of another group placed in the method (a prompt, a teacher model)
+                continue
+            copies += [f"{option}.yaml: {k}" for k, v in raw.items() if k not in ("defaults", "name") and given[k] == v]
+    assert not copies

@@ -120,10 +120,10 @@ class OnPolicyDistillation(Method):
         max_new_tokens: int,
         stop: Optional[str],
         seed: int,
-        teacher_model: Optional[dict] = None,
-        uld_hybrid: bool = False,
-        uld_hybrid_weights: Optional[list[float]] = None,
-        uld_crossentropy_weight: float = 0.0,
+        teacher_model: Optional[dict],
+        uld_hybrid: bool,
+        uld_hybrid_weights: Optional[list[float]],
+        uld_crossentropy_weight: float,
     ):
         super().__init__(name)
         self.divergence, self.beta, self.lmbda = divergence, beta, lmbda
