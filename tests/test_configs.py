@@ -466,3 +466,12 @@ def test_a_method_writes_each_default_once_in_its_schema(make_cfg):
                 continue
             copies += [f"{option}.yaml: {k}" for k, v in raw.items() if k not in ("defaults", "name") and given[k] == v]
     assert not copies
+
+
+def test_a_method_schemas_seed_is_the_runs():
+    """A method that draws samples seeds them with the run's seed unless set, written once in its schema: an
+    option file built on the schema alone, and a method a test builds from it, follow seed=N."""
+    seeded = [schema for schema in method_schemas() if "seed" in schema.__dataclass_fields__]
+    assert {schema.schema_name for schema in seeded} >= {"base_on_policy", "base_scratchpad", "base_genpi"}
+    for schema in seeded:
+        assert OmegaConf.create({"seed": 5, "method": schema()}).method.seed == 5, schema
