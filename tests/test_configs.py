@@ -475,3 +475,28 @@ def test_a_method_schemas_seed_is_the_runs():
     assert {schema.schema_name for schema in seeded} >= {"base_on_policy", "base_scratchpad", "base_genpi"}
     for schema in seeded:
         assert OmegaConf.create({"seed": 5, "method": schema()}).method.seed == 5, schema
+
+
+def test_no_code_probes_a_task_or_a_method_for_what_it_declares():
+    """Every kind of task declares what the run and the evaluators read of it (a KGTask's votes too), and a
+    Method declares its hooks with their defaults: nothing outside methods/ asks hasattr(task, "votes") or
+    falls back with getattr(..., default) on one of their attributes."""
+    import ast
+    import dataclasses
+
+    from ctxdistill.data import Task
+    from ctxdistill.data.kg import KGTask
+    from ctxdistill.data.mixture import TaskMixture
+    from ctxdistill.methods import Method
+
+    declared = {f.name for kind in (Task, KGTask, TaskMixture) for f in dataclasses.fields(kind)}
+    declared |= {name for name in dir(Method) if not name.startswith("__")}
+    found = []
+    for path, tree in _code_outside_methods():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("hasattr", "getattr"):
+                probe = node.args[1] if len(node.args) > 1 else None
+                probing = node.func.id == "hasattr" or len(node.args) > 2
+                if probing and isinstance(probe, ast.Constant) and probe.value in declared:
+                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found
