@@ -1,4 +1,4 @@
-"""The guides' code runs as written: the add-a-method example, from its two files alone."""
+"""The guides' code runs as written (the add-a-method example, from its two files alone); the code map is the tree."""
 
 import json
 import os
