@@ -23,14 +23,9 @@ def options(group: str) -> list[str]:
     return sorted(str(p.relative_to(CONFIG_DIR / group).with_suffix("")) for p in found)
 
 
-# Options that need another group's option (scratchpad: a dataset with free-text answers).
+# Options that need another group's option (a knowledge graph: a method that ranks entities). A method's is
+# found from the dataset kinds its schema declares (a_dataset_it_runs_on).
 NEEDS = {
-    "method=scratchpad": ["dataset=addition"],
-    **{f"method={m}": ["dataset=synthetic_mixture"] for m in ("icl_distill", "icl_d", "ict")},
-    **{
-        f"method={m}": ["dataset=kg_synthetic"]
-        for m in ("contextualization", "kgbert", "kgbert_cd", "kgs2s", "kgs2s_cd", "kg_decoder", "kg_decoder_cd")
-    },
     **{f"dataset={d}": ["method=kgbert"] for d in ("kg_synthetic", "wn18rr", "fb15k237n")},
     **{f"dataset={d}": ["method=icl_distill"] for d in ("synthetic_mixture", "synthetic_meta")},
     # swept over kgbert,kgbert_cd (-m); a single run names its student
@@ -38,10 +33,20 @@ NEEDS = {
 }
 
 
+def a_dataset_it_runs_on(make_cfg, method: str) -> list[str]:
+    """[] when the default dataset is of a kind the method's schema declares, else the first dataset option that is
+    (scratchpad: addition, a dataset with free-text answers), so a new method needs no entry in a table here."""
+    kinds = OmegaConf.get_type(make_cfg(f"method={method}").method).dataset_kinds
+    if kinds is None or make_cfg().dataset.kind in kinds:
+        return []
+    return next([f"dataset={d}"] for d in options("dataset") if make_cfg(f"dataset={d}").dataset.kind in kinds)
+
+
 @pytest.mark.parametrize("group", ["method", "model", "dataset", "trainer", "logger"])
 def test_every_group_option_composes_and_validates(make_cfg, group):
     for option in options(group):
-        cfg = make_cfg(f"{group}={option}", *NEEDS.get(f"{group}={option}", []))
+        needs = a_dataset_it_runs_on(make_cfg, option) if group == "method" else NEEDS.get(f"{group}={option}", [])
+        cfg = make_cfg(f"{group}={option}", *needs)
         validate(cfg)
         if group in ("method", "model", "dataset"):  # the name results and W&B runs are labelled with
             assert cfg[group].name == option
@@ -429,4 +434,74 @@ def test_no_code_reads_a_datasets_keys_to_infer_its_kind():
                 continue
             if isinstance(probe, ast.Constant) and probe.value in keys:
                 found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found
+
+
+def test_a_method_writes_each_default_once_in_its_schema(make_cfg):
+    """A setting's default lives in the method's schema: its class's constructor takes the setting without a
+    default (one there would be a second copy, which drifts), and no option file sets a value its base (a
+    schema, or another option file) already gives."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    import yaml
+
+    from ctxdistill.methods import Method
+
+    schemas = {schema.schema_name: schema for schema in method_schemas()}
+    copies = []
+    for schema in schemas.values():
+        fields = {f.name for f in dataclasses.fields(schema)}
+        module, name = schema._target_.rsplit(".", 1)
+        for cls in getattr(importlib.import_module(module), name).__mro__:
+            if cls is Method or "__init__" not in vars(cls):
+                continue
+            for parameter in inspect.signature(cls.__init__).parameters.values():
+                if parameter.name in fields and parameter.default is not inspect.Parameter.empty:
+                    copies.append(f"{cls.__name__}.__init__({parameter.name}={parameter.default!r})")
+    for option in options("method"):
+        raw = yaml.safe_load((CONFIG_DIR / "method" / f"{option}.yaml").read_text())
+        for base in (b for b in raw["defaults"] if isinstance(b, str)):
+            if base in schemas:
+                given = OmegaConf.structured(schemas[base])
+            elif base in options("method"):
+                given = make_cfg(f"method={base}").method
+            else:  # _self_, or an option of another group placed in the method (a prompt, a teacher model)
+                continue
+            copies += [f"{option}.yaml: {k}" for k, v in raw.items() if k not in ("defaults", "name") and given[k] == v]
+    assert not copies
+
+
+def test_a_method_schemas_seed_is_the_runs():
+    """A method that draws samples seeds them with the run's seed unless set, written once in its schema: an
+    option file built on the schema alone, and a method a test builds from it, follow seed=N."""
+    seeded = [schema for schema in method_schemas() if "seed" in schema.__dataclass_fields__]
+    assert {schema.schema_name for schema in seeded} >= {"base_on_policy", "base_scratchpad", "base_genpi"}
+    for schema in seeded:
+        assert OmegaConf.create({"seed": 5, "method": schema()}).method.seed == 5, schema
+
+
+def test_no_code_probes_a_task_or_a_method_for_what_it_declares():
+    """Every kind of task declares what the run and the evaluators read of it (a KGTask's votes too), and a
+    Method declares its hooks with their defaults: nothing outside methods/ asks hasattr(task, "votes") or
+    falls back with getattr(..., default) on one of their attributes."""
+    import ast
+    import dataclasses
+
+    from ctxdistill.data import Task
+    from ctxdistill.data.kg import KGTask
+    from ctxdistill.data.mixture import TaskMixture
+    from ctxdistill.methods import Method
+
+    declared = {f.name for kind in (Task, KGTask, TaskMixture) for f in dataclasses.fields(kind)}
+    declared |= {name for name in dir(Method) if not name.startswith("__")}
+    found = []
+    for path, tree in _code_outside_methods():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("hasattr", "getattr"):
+                probe = node.args[1] if len(node.args) > 1 else None
+                probing = node.func.id == "hasattr" or len(node.args) > 2
+                if probing and isinstance(probe, ast.Constant) and probe.value in declared:
+                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
     assert not found

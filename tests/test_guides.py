@@ -1,4 +1,4 @@
-"""The guides' code runs as written: the add-a-method example, from its two files alone."""
+"""The guides' code runs as written (the add-a-method example, from its two files alone); the code map is the tree."""
 
 import json
 import os
@@ -58,3 +58,16 @@ def test_the_add_a_method_guide_works_from_its_module_and_config_file_alone(tmp_
     assert saved["train"]["kept"] == saved["train"]["examples"]  # min_confidence 0 keeps every query
     assert (run_dir / "adapter").is_dir()
     assert "min_confidence: 0.0" in (run_dir / "config.yaml").read_text()  # the default, written once, in the module
+
+
+def test_the_code_map_names_every_module_and_only_files_that_exist():
+    """docs/layout.md names every module outside methods/ (a method's module is its own business: adding one
+    touches no list) and every file it names exists."""
+    root = GUIDES.parents[1]
+    code_map = re.search(r"```\n(.*?)```", (root / "docs" / "layout.md").read_text(), re.DOTALL).group(1)
+    named = set(re.findall(r"[\w.]+\.(?:py|sh|txt)\b", code_map))
+    package = root / "src" / "ctxdistill"
+    modules = {p.name for p in package.rglob("*.py") if p.name != "__init__.py" and "methods" not in p.parts}
+    assert modules - named == set()
+    files = {p.name for p in root.rglob("*") if ".git" not in p.parts}
+    assert named - files == set()

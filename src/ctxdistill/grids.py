@@ -76,15 +76,28 @@ def hydra_overrides(grid: dict[str, Any], replace: list[str] = ()) -> list[str]:
     ]
 
 
+def experiment_sweep(experiment: str) -> dict[str, Any]:
+    """An experiment's own Hydra sweep (``hydra.sweeper.params``, ``key: a,b,c``) as grid params. A W&B agent
+    starts single runs, which Hydra's sweeper never sees, so the experiment's W&B file sweeps them itself."""
+    from ctxdistill.cli import CONFIG_DIR
+
+    config = yaml.safe_load((CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text())
+    params = ((config.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    swept = {key: [yaml.safe_load(choice) for choice in str(value).split(",")] for key, value in params.items()}
+    return {key: choices if len(choices) > 1 else choices[0] for key, choices in swept.items()}
+
+
 def wandb_sweeps(grid_path: Path, out: Path) -> dict[Path, str]:
-    """The W&B sweep file of each experiment of the grid: path -> text."""
+    """The W&B sweep file of each experiment of the grid: path -> text (``<grid>_<experiment>.yaml``, or
+    ``<grid>.yaml`` for a grid of the experiment of its name: the demo)."""
     grid = load_grid(grid_path)
     paper = grid_path.stem
     files = {}
     for experiment in grid["experiments"]:
         name = experiment.rsplit("/", 1)[-1]
-        path = out / f"{paper}_{name}.yaml"
-        params = {"experiment": experiment, **grid["params"], **grid.get("wandb", {}).get(experiment, {})}
+        path = out / (f"{paper}.yaml" if name == paper else f"{paper}_{name}.yaml")
+        wandb = grid.get("wandb", {}).get(experiment, {})
+        params = {"experiment": experiment, **experiment_sweep(experiment), **grid["params"], **wandb}
         runs = 1
         for value in params.values():
             runs *= len(values(value))

@@ -158,8 +158,7 @@ def eval_set_sizes(task) -> dict[str, int]:
 
     if isinstance(task, TaskMixture):
         return {f"{name}/{s}": n for name, part in task.eval_tasks.items() for s, n in eval_set_sizes(part).items()}
-    votes = getattr(task, "votes", 1)
-    return {name: len(examples) // votes for name, examples in task.eval_sets.items()}
+    return {name: len(examples) // task.votes for name, examples in task.eval_sets.items()}
 
 
 def describe(config: dict[str, Any], task, device: Any, processes: int) -> dict[str, Any]:

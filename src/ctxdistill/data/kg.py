@@ -303,6 +303,7 @@ class KGTask:
     eval_candidates: Optional[int] = None  # None: rank against every entity; N: against N sampled ones
     seed: int = 0  # the run's seed: sampled candidates, generation
     demos: list = field(default_factory=list)  # no in-context demonstrations (what a run records of its task)
+    votes: int = 1  # each query is ranked once (a Task's eval sets may hold several draws of one query)
 
     def entity_text(self, entity: str, with_description: bool = True) -> str:
         name = self.graph.entity_names[entity]

@@ -229,12 +229,12 @@ class ContextDistillation(Method):
         teacher: str,
         teacher_cache: str,
         teacher_cache_dir: Optional[str],
-        teacher_model: Optional[dict] = None,
-        distil_over: str = "vocabulary",
-        sequential: bool = False,
-        uld_crossentropy_weight: float = 1.0,
-        uld_hybrid: bool = False,
-        uld_hybrid_weights: Optional[list[float]] = None,
+        teacher_model: Optional[dict],
+        distil_over: str,
+        sequential: bool,
+        uld_crossentropy_weight: float,
+        uld_hybrid: bool,
+        uld_hybrid_weights: Optional[list[float]],
     ):
         super().__init__(name)
         self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)

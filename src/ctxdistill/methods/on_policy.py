@@ -95,7 +95,8 @@ class OnPolicyConfig(OnPolicySampling, SeparateTeacher, MethodConfig):
     uld_crossentropy_weight: float = 0.0  # GOLD's default: on the student's own samples it would reinforce them
     max_new_tokens: int = 8
     stop: Optional[str] = "\n"  # a sample ends with the first token containing it (or end-of-sequence)
-    seed: int = 0  # the sampling generator and the lambda draws
+    # the sampling generator and the lambda draws (the run's seed unless set)
+    seed: int = "${seed}"  # type: ignore[assignment]
     schema_name: ClassVar[str] = "base_on_policy"
 
     @classmethod
@@ -120,10 +121,10 @@ class OnPolicyDistillation(Method):
         max_new_tokens: int,
         stop: Optional[str],
         seed: int,
-        teacher_model: Optional[dict] = None,
-        uld_hybrid: bool = False,
-        uld_hybrid_weights: Optional[list[float]] = None,
-        uld_crossentropy_weight: float = 0.0,
+        teacher_model: Optional[dict],
+        uld_hybrid: bool,
+        uld_hybrid_weights: Optional[list[float]],
+        uld_crossentropy_weight: float,
     ):
         super().__init__(name)
         self.divergence, self.beta, self.lmbda = divergence, beta, lmbda

@@ -48,8 +48,21 @@ class OnPolicyPromptDistillation(PromptInternalization):
         super().__init__(**shared)
         # The student samples a batch with probability lambda (OPCD: 1, every batch), the prompted teacher the
         # rest; either until the end of its turn or max_reply_tokens.
+        # The prompted base model teaches: no separate teacher, so none of ULD's cross-tokenizer settings.
         self.on_policy = OnPolicyDistillation(
-            self.name, divergence, beta, lmbda, temperature, top_k, self.max_reply_tokens, None, self.seed
+            self.name,
+            divergence,
+            beta,
+            lmbda,
+            temperature,
+            top_k,
+            self.max_reply_tokens,
+            stop=None,
+            seed=self.seed,
+            teacher_model=None,
+            uld_hybrid=False,
+            uld_hybrid_weights=None,
+            uld_crossentropy_weight=0.0,
         )
         self._inputs: dict[str, str] = {}  # training slot uid -> its pseudo input
 

@@ -39,7 +39,7 @@ class ScratchpadConfig(MethodConfig):
     num_samples: int = 8  # teacher samples per query; their extracted answers are the empirical target
     temperature: float = 1.0  # of the teacher's sampling; 0 = greedy (then one sample suffices)
     top_k: Optional[int] = None
-    seed: int = 0
+    seed: int = "${seed}"  # type: ignore[assignment]
     schema_name: ClassVar[str] = "base_scratchpad"
     # free-text answers and an answer extractor (dataset.generation)
     dataset_kinds: ClassVar[tuple[str, ...]] = ("generation",)
