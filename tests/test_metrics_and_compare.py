@@ -910,7 +910,6 @@ def test_runs_read_from_wandb_keep_the_last_complete_run_of_each_output_dir():
     assert sorted(r["metrics"]["eval/accuracy"] for r in kept) == [0.3, 0.4, 0.6, 0.7]
 
 
-
 def test_a_run_of_several_rounds_read_from_wandb_has_only_its_final_metrics():
     """sequential_cd logs each earlier round's evaluation as round/eval/...; its metrics.json keeps those under
     "rounds", so from W&B they are no block of their own (they were: a "round/eval" block only W&B's copy had)."""
@@ -930,6 +929,7 @@ def test_a_run_of_several_rounds_read_from_wandb_has_only_its_final_metrics():
     }
     record = record_from_wandb(config, summary, finished=True)
     assert record["metrics"] == {"eval/accuracy": 0.7, "eval/examples": 200}
+
 
 def test_a_runs_evaluation_again_is_not_one_more_seed_but_can_be_compared_on_its_own(make_cfg, tmp_path, capsys):
     from ctxdistill.evaluate_run import evaluate_run

@@ -134,10 +134,7 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
     metrics = {
         k: v
         for k, v in summary.items()
-        if "/" in k
-        and not k.startswith(NOT_METRICS)
-        and isinstance(v, (int, float))
-        and not isinstance(v, bool)
+        if "/" in k and not k.startswith(NOT_METRICS) and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
     if not (finished and summary.get("status") == "complete" and metrics):
         return None
