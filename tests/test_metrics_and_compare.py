@@ -219,6 +219,98 @@ def test_csv_and_latex_output_and_an_empty_directory(tmp_path, capsys):
     assert main([str(tmp_path / "empty")]) == 1
 
 
+def test_intervals_and_tests_at_the_edges_match_scipy_and_statsmodels():
+    """Reference values from statsmodels' proportion_confint(method="wilson"), scipy.stats.t and statsmodels'
+    mcnemar(exact=True), on hand-picked numbers: one example, accuracy 0 and 1, one seed, two seeds."""
+    assert wilson(0, 1) == pytest.approx((0.0, 0.7934506856227627), abs=1e-12)
+    assert wilson(1, 1) == pytest.approx((0.2065493143772374, 1.0), abs=1e-12)
+    assert wilson(0, 200) == pytest.approx((0.0, 0.01884532637726658), abs=1e-12)
+    assert wilson(200, 200) == pytest.approx((0.9811546736227335, 1.0), abs=1e-12)
+    assert wilson(170, 200) == pytest.approx((0.7939442071583334, 0.89286406437758), abs=1e-12)
+    quantiles = {1: 12.706204736174694, 2: 4.302652729749462, 5: 2.5705818356363146, 100: 1.983971518523552}
+    for df, quantile in quantiles.items():
+        assert t_quantile(df) == pytest.approx(quantile, abs=1e-9)
+    assert t_interval([0.5, 0.6]) == pytest.approx((-0.08531023680873451, 1.1853102368087347), abs=1e-9)
+    assert t_interval([0.85, 0.72, 0.74]) == pytest.approx((0.5961103601774769, 0.9438896398225229), abs=1e-9)
+    assert mcnemar_exact(9, 25) == pytest.approx(0.00904118549078703, abs=1e-15)
+    assert mcnemar_exact(100, 80) == pytest.approx(0.15653146957815167, rel=1e-12)
+    assert sign_flip_test([0.5, 0.25, -0.1, 0.3, 0.2, 0.4]) == 0.0625  # scipy's permutation_test, every pattern
+    assert sign_flip_test([1.0]) == 1.0 and sign_flip_test([0.0, 0.0]) == 1.0
+    accuracy = Evaluator.metric_set.headline
+    assert Cell(accuracy, [0.0], [1]).interval == wilson(0, 1)  # one seed of one example
+    assert Cell(accuracy, [1.0, 1.0], [200, 200]).interval == wilson(200, 200)  # seeds that agree at 1
+    assert Cell(accuracy, [1.0, 0.9], [40, 40]).interval == (pytest.approx(0.3146897631912654), 1.0)
+
+
+def test_renderers_escape_names_mark_lower_is_better_and_show_nan_and_missing_figures(tmp_path, capsys):
+    """A method named with LaTeX's specials, a dataset with a pipe, quotes and a comma; a KL that is NaN, an F1 one of
+    a row's two seeds reports (null in the other's metrics.json, as its W&B summary would lack it)."""
+    method, dataset = r"cd_v2 & #1 50% $x$ {a} ~ ^ \ <b>", 'my|data, "quoted"'
+    runs = ((method, 0, math.nan, 0.5), (method, 1, 0.3, None), ("icl", 0, 0.0, 0.7))
+    for i, (name, seed, kl, f1) in enumerate(runs):
+        metrics = {"eval/accuracy": 0.5 + 0.1 * i, "eval/examples": 10, "eval/kl_to_teacher": kl, "eval/f1": f1}
+        write_run(tmp_path / str(i), name, seed, 0, f"2026-01-01T00:00:0{i}", dataset=dataset, metrics=metrics)
+    assert main([str(tmp_path)]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert re.split(r"\s{2,}", text[1])[5:] == ["accuracy", "KL to teacher ↓", "F1"]
+    assert re.split(r"\s{2,}", text[3])[2:] == [dataset, "2", "10", "0.550 [0.000, 1.000]", "nan", "0.500 (1/2 seeds)"]
+    assert main([str(tmp_path), "--format", "markdown"]) == 0
+    markdown = capsys.readouterr().out.splitlines()
+    row = markdown[4]
+    assert row.count(" | ") == markdown[2].count(" | ") and r"my\|data" in row and r"\\ \<b>" in row
+    assert main([str(tmp_path), "--format", "latex"]) == 0
+    latex = capsys.readouterr().out.splitlines()
+    assert latex[3].endswith(r"& KL to teacher $\downarrow$ & F1 \\")
+    assert latex[5].startswith(
+        r"cd\_v2 \& \#1 50\% \$x\$ \{a\} \textasciitilde{} \textasciicircum{} \textbackslash{} $<$b$>$ & m & "
+        r'my$|$data, "quoted" & 2 & 10 & $0.550\ [0.000, 1.000]$ & nan & 0.500 (1/2 seeds) \\'
+    )
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert (rows[0]["method"], rows[0]["dataset"]) == (method, dataset)  # quoted, and read back whole
+    assert (rows[0]["eval/kl_to_teacher_mean"], rows[0]["eval/kl_to_teacher_low"], rows[0]["eval/f1_mean"]) == (
+        "nan",
+        "",
+        "0.5",
+    )
+
+
+def test_thousands_in_latex_math_keep_their_commas_tight():
+    from ctxdistill.results.render import _tex
+
+    assert _tex("122,496 [112,738, 132,254]") == r"$122{,}496\ [112{,}738, 132{,}254]$"
+    assert _tex("0.500 (1/2 seeds)") == "0.500 (1/2 seeds)" and _tex("<0.001") == "$<$0.001"
+
+
+@pytest.mark.parametrize(
+    "content, why",
+    [
+        (
+            '{"status": "complete", "method": "cd"}',
+            "not a run's metrics.json (it has no model, dataset, seed, metrics)",
+        ),
+        (
+            json.dumps(
+                {"status": "complete", "method": "cd", "model": "m", "dataset": "d", "seed": 0}
+                | {"metrics": {"eval/accuracy": "high"}}
+            ),
+            "its metric eval/accuracy is 'high', not a number",
+        ),
+        ("[1, 2]", "unreadable (a JSON list, not a run's record)"),
+    ],
+)
+def test_a_metrics_file_that_is_not_a_runs_is_named_and_skipped_without_a_traceback(content, why, tmp_path, capsys):
+    write_run(tmp_path / "good", "cd", 0, 0.7, "2026-01-01T00:00:01")
+    bad = tmp_path / "bad" / "metrics.json"
+    bad.parent.mkdir()
+    bad.write_text(content)
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    assert f"warning: skipping {bad}: {why}" in captured.err and "Traceback" not in captured.err
+    assert captured.out.splitlines()[1].startswith("cd,m,d,1,")
+    assert main([str(tmp_path / "bad")]) == 1
+
+
 def test_a_cut_short_metrics_file_is_named_and_skipped_and_the_good_runs_are_shown(tmp_path, capsys):
     write_run(tmp_path / "good", "cd", 0, 0.7, "2026-01-01T00:00:01", model="opt-125m", dataset="mnli")
     broken = tmp_path / "broken" / "metrics.json"
@@ -293,6 +385,20 @@ def test_vs_over_several_seeds_tests_each_example_once_on_its_mean_difference(tm
     assert float(row["eval/p_vs_icl"]) == pytest.approx(sign_flip_test([1.0] * 3 + [0.5] * 3)) == 2 / 64
     assert main([str(tmp_path), "--vs", "icl"]) == 0
     assert capsys.readouterr().out.splitlines()[1].endswith("Δ accuracy vs icl  p (sign-flip)  pairs")
+
+
+def test_vs_names_a_method_that_shares_no_seed_or_example_with_the_baseline(tmp_path, capsys):
+    for method, seed, uid in (("icl", 0, "q"), ("cd", 5, "q"), ("ft", 0, "other")):
+        directory = tmp_path / method
+        write_run(directory, method, seed, 0.5, f"2026-01-01T00:00:0{seed}", n=4)
+        write_predictions(directory, [True, False, True, False])
+        if uid != "q":
+            rows = (directory / "predictions.jsonl").read_text().replace('"uid": "q', f'"uid": "{uid}')
+            (directory / "predictions.jsonl").write_text(rows)
+    assert main([str(tmp_path), "--vs", "icl"]) == 0
+    err = capsys.readouterr().err
+    assert "--vs: cd / m / d: no seed in common with icl (seeds [5] and [0]); not tested" in err
+    assert "--vs: ft / m / d: no eval example in common with icl (seeds [0]); not tested" in err
 
 
 def test_the_sign_flip_test_counts_the_sign_patterns_as_extreme_as_the_observed():
@@ -475,7 +581,7 @@ def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_w
     ]
     classification, kg, genpi = sections
     header = re.split(r"\s{2,}", classification.splitlines()[3])
-    assert header[4:] == ["n", "accuracy", "teacher acc", "teacher - student", "KL to teacher"]
+    assert header[4:] == ["n", "accuracy", "teacher acc", "teacher - student ↓", "KL to teacher ↓"]
     assert "0.850 [0.794, 0.893]" in classification and "serving cost per query" in classification
     assert "KV bytes ratio" in classification and "2,000,000" in classification and "16.667" in classification
     kg_lines = kg.splitlines()
@@ -488,6 +594,97 @@ def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_w
     assert "head_mrr" not in kg and "head MRR" not in kg  # undeclared companions stay in metrics.json
     assert "task success" in genpi and "Rouge-L to teacher" in genpi and "0.312" in genpi
     assert "held-out pseudo inputs (the objective's set)" in genpi and "0.250 [" in genpi
+
+
+def test_every_family_gives_the_same_rows_from_metrics_json_offline_wandb_and_the_wandb_api(tmp_path, monkeypatch):
+    """Classification, GenPI, knowledge graphs, exact match and a task mixture: each run written as run.py writes it
+    (metrics.json; its W&B run offline), then read back from the files, from the offline run and through the
+    public API (wandb.apis.public.Run over what `wandb sync` uploads, the double test_sweeps uses)."""
+    import wandb
+    import wandb.apis.public
+
+    from ctxdistill.results.render import render
+    from ctxdistill.results.wandb_runs import api_records, read_offline_run
+    from ctxdistill.tracking import WandbTracker
+
+    for setting in ("STATS", "META", "MACHINE_INFO"):
+        monkeypatch.setenv(f"WANDB_X_DISABLE_{setting}", "true")
+    exact_match = {
+        "method": "icl",
+        "model": "smollm2-135m",
+        "dataset": "addition",
+        "metric_set": GenerationEvaluator.metric_set.with_objective("eval/accuracy").to_dict(),
+        "metrics": {
+            "eval/accuracy": 0.9,
+            "eval/examples": 30,
+            "eval/teacher_accuracy": 0.9,
+            "eval/teacher_student_gap": 0.0,
+            "eval/extraction_failures": 1,
+            "eval/teacher_extraction_failures": 1,
+        },
+    }
+    mixture = {
+        "method": "icl_distill",
+        "model": "tiny-random",
+        "dataset": "synthetic_mixture",
+        "metric_set": MixtureEvaluator.metric_set.with_objective("eval/accuracy").to_dict(),
+        "metrics": {
+            "eval/accuracy": 0.625,
+            "eval/teacher_accuracy": 0.75,
+            "eval/kl_to_teacher": 0.25,
+            **{f"{task}/{k}": v for task, acc in (("sentiment", 0.5), ("topic", 0.75)) for k, v in
+               (("accuracy", acc), ("examples", 8), ("teacher_accuracy", 0.75), ("majority_rate", 0.5))},
+        },
+    }  # fmt: skip
+    for record in (exact_match, mixture):
+        record |= {"seed": 0, "paper": None, "status": "complete", "model_parameters": 10**6}
+    api_runs = []
+    for record in [*family_records(), exact_match, mixture]:
+        record["finished_at"] = "2026-01-01T00:00:00"
+        cell = tmp_path / "files" / record["method"]
+        cell.mkdir(parents=True)
+        (cell / "metrics.json").write_text(json.dumps(record))
+        tracker = WandbTracker(
+            project="p",
+            entity=None,
+            mode="offline",
+            group="g",
+            name=record["method"],
+            tags=[],
+            job_type="train",
+            config={key: {"name": record[key]} for key in ("method", "model", "dataset")} | {"seed": 0, "paper": None},
+            output_dir=str(tmp_path / "wandb" / record["method"]),
+            log_predictions=False,
+            resumes=False,
+        )
+        tracker.declare(MetricSet.from_dict(record["metric_set"]))
+        tracker.log(record["metrics"], 2)
+        tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"], "status": "complete"})
+        tracker.finish()
+        run = read_offline_run(next((tmp_path / "wandb" / record["method"]).rglob("offline-run-*")))
+        attrs = {
+            "state": "finished",
+            "config": json.dumps({k: {"value": v} for k, v in run.config.items()}),
+            "summaryMetrics": json.dumps(run.summary),
+        }
+        api_runs.append(wandb.apis.public.Run(None, "e", "p", record["method"], attrs, lazy=False))
+
+    class Api:  # the public API's runs of the project, as the server holds them after `wandb sync`
+        def runs(self, path, filters=None, lazy=True):
+            return api_runs
+
+    monkeypatch.setattr(wandb, "Api", Api)
+    from_files, offline, api = collect([tmp_path / "files"]), collect([tmp_path / "wandb"]), api_records("e/p")
+    assert [t.family.family for t in summarise(from_files)] == [
+        "classification", "exact_match", "link_prediction", "mixture", "prompt_internalization"
+    ]  # fmt: skip
+    key = lambda r: r["method"]  # noqa: E731
+    for a, b, c in zip(*(sorted(records, key=key) for records in (from_files, offline, api))):
+        assert a["metrics"] == b["metrics"] == c["metrics"] and a["metric_set"] == b["metric_set"] == c["metric_set"]
+    for fmt in ("text", "csv", "markdown", "latex"):
+        assert render(summarise(from_files), fmt) == render(summarise(offline), fmt) == render(summarise(api), fmt)
+    text = render(summarise(api))
+    assert "no answer ↓" in text and "mean acc" in text and "sentiment" in text and "topic" in text
 
 
 def test_every_evaluator_declares_one_headline_and_its_objective_is_checked(make_cfg):
@@ -711,6 +908,27 @@ def test_runs_read_from_wandb_keep_the_last_complete_run_of_each_output_dir():
     ]
     kept = latest_per_run_dir(records)
     assert sorted(r["metrics"]["eval/accuracy"] for r in kept) == [0.3, 0.4, 0.6, 0.7]
+
+
+def test_a_run_of_several_rounds_read_from_wandb_has_only_its_final_metrics():
+    """sequential_cd logs each earlier round's evaluation as round/eval/...; its metrics.json keeps those under
+    "rounds", so from W&B they are no block of their own (they were: a "round/eval" block only W&B's copy had)."""
+    from ctxdistill.results.wandb_runs import record_from_wandb
+
+    config = {"method": {"name": "sequential_cd"}, "model": {"name": "m"}, "dataset": {"name": "d"}, "seed": 0}
+    summary = {
+        "eval/accuracy": 0.7,
+        "eval/examples": 200,
+        "round/eval/accuracy": 0.6,
+        "round/eval/examples": 200,
+        "round": 1,
+        "train/loss": 0.1,
+        "model/parameters": 10,
+        "status": "complete",
+        "_timestamp": 1.8e9,
+    }
+    record = record_from_wandb(config, summary, finished=True)
+    assert record["metrics"] == {"eval/accuracy": 0.7, "eval/examples": 200}
 
 
 def test_a_runs_evaluation_again_is_not_one_more_seed_but_can_be_compared_on_its_own(make_cfg, tmp_path, capsys):

@@ -186,3 +186,11 @@ def test_a_sweeps_readme_states_the_shared_versions_and_lists_the_runs_that_diff
         "| icl | m | d | 0 | 2.13.0 | aaaaaaaaaaaa |",
     ]
     assert lines[-1] == "1 run(s) record no versions (made before runs recorded their provenance)."
+
+
+def test_eval_sets_a_method_makes_as_it_runs_are_counted_from_its_prediction_rows():
+    """GenPI generates its held-out pseudo inputs after the run starts: its provenance named only `eval`."""
+    rows = {"eval": [{}] * 64, "pseudo_heldout": [{}] * 48}
+    assert provenance.with_made_sets({"eval": 64}, rows) == {"eval": 64, "pseudo_heldout": 48}
+    mixture = {"sentiment/eval": 8, "topic/eval": 8}  # a mixture's sets are named per task; its rows per task
+    assert provenance.with_made_sets(mixture, {"sentiment": [{}] * 8, "topic": [{}] * 8}) == mixture

@@ -207,6 +207,8 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
         "provenance": provenance.describe(OmegaConf.to_container(cfg, resolve=True), task, device, 1),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    sizes = result["provenance"]["eval_set_sizes"]
+    result["provenance"]["eval_set_sizes"] = provenance.with_made_sets(sizes, predictions)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     save_results(out, result, predictions)

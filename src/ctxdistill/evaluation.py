@@ -35,7 +35,7 @@ from ctxdistill.generation import generate
 from ctxdistill.losses import forward_kl, with_rest_bucket
 from ctxdistill.models import ModelHandle, runs_in_evaluation_mode
 from ctxdistill.progress import progress_bar
-from ctxdistill.results.metrics import EXAMPLES, IN_DOMAIN, Metric, MetricSet
+from ctxdistill.results.metrics import EXAMPLES, IN_DOMAIN, Metric, MetricSet, float32_rounded
 from ctxdistill.serving import ServingCost, measure_task
 
 
@@ -439,6 +439,12 @@ def against_teacher(accuracy: str, teacher: str) -> tuple[Metric, ...]:
     )
 
 
+def teacher_student_gap(result: dict[str, float]) -> float:
+    """The teacher's accuracy minus the model's, of the two as stored (float32's shortest decimals), so the gap is
+    the difference a reader computes from them (0.5 - 0.54 = -0.04, not the -0.04000002 of their float32 values)."""
+    return float32_rounded(result["teacher_accuracy"]) - float32_rounded(result["accuracy"])
+
+
 CONTEXT_ACCURACY = Metric("context_accuracy", "ctx acc", sets=("train_queries",))
 TRAIN_QUERIES_TITLE = {"train_queries": "training queries: the trained model with the context"}
 
@@ -611,7 +617,7 @@ class Evaluator(EvaluatorBase):
             members = torch.tensor([e.group == group for e in examples])
             result[f"accuracy_{group}"] = (model.predictions == labels)[members].float().mean().item()
         result["teacher_accuracy"] = (teacher.predictions == labels).float().mean().item()
-        result["teacher_student_gap"] = result["teacher_accuracy"] - result["accuracy"]
+        result["teacher_student_gap"] = teacher_student_gap(result)
         result["examples"] = len(examples)
         result["teacher_agreement"] = (model.predictions == teacher.predictions).float().mean().item()
         result["kl_to_teacher"] = model.kl_to_teacher.mean().item()
@@ -742,7 +748,7 @@ class GenerationEvaluator(Evaluator):
             result[f"accuracy_{group}"] = exact_match_rate(
                 [model.answers[i] for i in members], [targets[i] for i in members]
             )
-        result["teacher_student_gap"] = result["teacher_accuracy"] - result["accuracy"]
+        result["teacher_student_gap"] = teacher_student_gap(result)
         rows = [
             {
                 "uid": e.uid,

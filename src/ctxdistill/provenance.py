@@ -161,6 +161,17 @@ def eval_set_sizes(task) -> dict[str, int]:
     return {name: len(examples) // task.votes for name, examples in task.eval_sets.items()}
 
 
+def with_made_sets(sizes: dict[str, int], predictions: dict[str, list]) -> dict[str, int]:
+    """``sizes`` (:func:`eval_set_sizes`) with the eval sets a method made as it ran (GenPI's held-out pseudo
+    inputs, generated after the run starts), counted from the run's prediction rows of each."""
+    made = {
+        name: len(rows)
+        for name, rows in predictions.items()
+        if rows and name not in sizes and not any(key.startswith(f"{name}/") for key in sizes)
+    }
+    return {**sizes, **made}
+
+
 def describe(config: dict[str, Any], task, device: Any, processes: int) -> dict[str, Any]:
     """A run's provenance: everything above, with what it has read so far (see :func:`inputs`)."""
     return {

@@ -309,6 +309,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                         tokenizer.save_pretrained(out / "model")
         metrics, predictions = final_metrics(method, evaluator)
         run_provenance.update(provenance.inputs())  # with the caches training used
+        run_provenance["eval_set_sizes"] = provenance.with_made_sets(run_provenance["eval_set_sizes"], predictions)
         result = {
             **run_identity(cfg, task),
             "status": "complete",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -219,7 +220,14 @@ def compare(argv: list[str] | None = None) -> int:
             appendix = "## Scorecard\n\n" + scorecard.write(args.out / RESULTS_DIR, papers, scores, model_as)
             appendix += f"\n\nAs CSV: [{RESULTS_DIR}/scorecard.csv]({RESULTS_DIR}/scorecard.csv)."
         title = f"Results: {args.group or args.out.name}"
-        readme = write_results(args.out, rows, title=title, failures=unfinished, appendix=appendix, tables=tables)
+        sources = shlex.join(  # what to give ctxdistill-compare to read the same runs again
+            [*map(str, args.paths), *(["--wandb", args.wandb] if args.wandb else [])]
+            + (["--group", args.group] if args.group else [])
+            + (["--by", *args.by] if args.by else [])
+        )
+        readme = write_results(
+            args.out, rows, title=title, failures=unfinished, appendix=appendix, tables=tables, sources=sources
+        )
         print(f"\nwrote {readme} and {args.out / RESULTS_DIR}/", file=sys.stderr)
     if args.wandb_log:
         import wandb

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,10 +23,13 @@ def write_results(
     command: Optional[str] = None,
     appendix: str = "",
     tables: Optional[list[Table]] = None,
+    sources: Optional[str] = None,
 ) -> Path:
     """README.md with the tables and plot links (and ``appendix``, Markdown, after them), and results/ with the
     tables as .md/.csv/.tex and the PNGs. ``tables``: the records' tables as already summarised (with their
-    paired tests, ``--vs``); by default summarised here."""
+    paired tests, ``--vs``); by default summarised here. ``sources``: what ctxdistill-compare reads to make them
+    again (its arguments before ``--out``; by default ``directory``, a sweep's own)."""
+    sources = sources or shlex.quote(str(directory))
     tables = tables if tables is not None else summarise(records)
     results = directory / RESULTS_DIR
     results.mkdir(parents=True, exist_ok=True)
@@ -63,8 +67,8 @@ def write_results(
     lines += [*versions_markdown(records), ""]
     lines += [
         "Columns are the metrics each run's evaluator declares (`metric_set` in its metrics.json). "
-        f"Regenerate with `ctxdistill-compare {directory} --out {directory}`; "
-        f"`ctxdistill-compare {directory} --vs METHOD` adds a paired test against METHOD.",
+        f"Regenerate with `ctxdistill-compare {sources} --out {shlex.quote(str(directory))}`; "
+        f"`ctxdistill-compare {sources} --vs METHOD` adds a paired test against METHOD.",
         "",
     ]
     readme = directory / "README.md"

@@ -62,15 +62,40 @@ def collect(paths: Iterable[Path], unreadable: Optional[list[str]] = None) -> li
         for file in files:
             try:
                 result = json.loads(file.read_text())
-                complete = result.get("status") == "complete"
-            except (OSError, ValueError, AttributeError) as e:
-                print(f"warning: skipping {file}: unreadable ({e})", file=sys.stderr)
+                why = not_a_run(result)
+            except (OSError, ValueError) as e:
+                why = f"unreadable ({e})"
+            if why:
+                print(f"warning: skipping {file}: {why}", file=sys.stderr)
                 if unreadable is not None:
                     unreadable.append(str(file))
                 continue
-            if complete:
-                records.append({**result, "run_dir": str(file.parent)})
+            if result.get("status") == "complete":
+                # a metric recorded as null is one the run does not have, as in its W&B summary (numbers only)
+                metrics = {key: value for key, value in result["metrics"].items() if value is not None}
+                records.append({**result, "metrics": metrics, "run_dir": str(file.parent)})
     return records
+
+
+#: what every complete run's metrics.json names: the table's row and the run's numbers
+RUN_KEYS = ("method", "model", "dataset", "seed", "metrics")
+
+
+def not_a_run(result: Any) -> Optional[str]:
+    """Why a parsed metrics.json cannot be read as a run (None when it can, or when it is not complete)."""
+    if not isinstance(result, dict):
+        return f"unreadable (a JSON {type(result).__name__}, not a run's record)"
+    if result.get("status") != "complete":
+        return None
+    missing = [key for key in RUN_KEYS if key not in result]
+    if missing:
+        return f"not a run's metrics.json (it has no {', '.join(missing)})"
+    if not isinstance(result["metrics"], dict):
+        return f"its metrics are a {type(result['metrics']).__name__}, not a mapping of names to numbers"
+    for key, value in result["metrics"].items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"its metric {key} is {value!r}, not a number"
+    return None
 
 
 def complete(metrics_file: Path) -> bool:

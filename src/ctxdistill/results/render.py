@@ -1,31 +1,46 @@
 """Tables as text: aligned for the terminal, Markdown, CSV and LaTeX.
 
 Text, Markdown and LaTeX show one block per eval set (in-domain first), each cell as
-``mean [95% interval]`` and the set's n; CSV is one flat table with every figure in its own column.
+``mean [95% interval]`` and the set's n, and mark a metric whose lower values are better with ``↓`` in its
+heading; CSV is one flat table with every figure in its own column. A figure that is not a number (a NaN a run
+reported) shows as ``nan``; a metric a row lacks, as ``-``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
+import re
 from typing import Optional
 
 from ctxdistill.results.table import Cell, Column, Row, Table
 
 IDENTITY = ["method", "model", "dataset", "seeds"]
+LOWER_IS_BETTER = "↓"  # after the heading of a metric whose lower values are better (a KL, a cost, a gap)
 
 
 def number(x: float) -> str:
+    if not math.isfinite(x):
+        return str(x)  # nan, inf, -inf
     return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.1f}" if abs(x) >= 100 else f"{x:.3f}"
 
 
-def cell_text(cell: Optional[Cell]) -> str:
+def heading(column: Column) -> str:
+    """A column's heading: the metric's display name, marked when lower is better."""
+    return column.metric.label + ("" if column.metric.higher_is_better else f" {LOWER_IS_BETTER}")
+
+
+def cell_text(cell: Optional[Cell], runs: Optional[int] = None) -> str:
+    """``mean [95% interval]``; ``runs``: the row's runs of the cell's eval set, said where fewer report the
+    metric (the row's seeds column would overstate what the figure is over)."""
     if cell is None:
         return "-"
     if cell.metric.kind == "count":
         return "/".join(dict.fromkeys(f"{v:g}" for v in cell.values))  # the n of each seed's set, once if equal
     interval = cell.interval
-    return number(cell.mean) + (f" [{number(interval[0])}, {number(interval[1])}]" if interval else "")
+    text = number(cell.mean) + (f" [{number(interval[0])}, {number(interval[1])}]" if interval else "")
+    return text + (f" ({len(cell.values)}/{runs} seeds)" if runs and len(cell.values) < runs else "")
 
 
 def p_text(p: float) -> str:
@@ -36,7 +51,7 @@ def _block(table: Table, set_name: str) -> tuple[list[str], list[list[str]]]:
     """Header and body of one eval set's block: its columns, then the paired test's when there is one."""
     columns = [c for c in table.columns if c.set == set_name]
     tested = table.baseline is not None and any(set_name in r.tests for r in table.rows)
-    header = [*IDENTITY, *(c.metric.label for c in columns)]
+    header = [*IDENTITY, *map(heading, columns)]
     if tested:
         tests = " / ".join(sorted({r.tests[set_name].test for r in table.rows if set_name in r.tests}))
         header += [f"Δ {table.family.headline.label} vs {table.baseline}", f"p ({tests})", "pairs"]
@@ -47,7 +62,7 @@ def _block(table: Table, set_name: str) -> tuple[list[str], list[list[str]]]:
             row.model,
             row.dataset,
             str(len(row.seeds_of(set_name))),
-            *(cell_text(row.cells.get(c.key)) for c in columns),
+            *(cell_text(row.cells.get(c.key), len(row.seeds_of(set_name))) for c in columns),
         ]
         if tested:
             test = row.tests.get(set_name)
@@ -57,19 +72,59 @@ def _block(table: Table, set_name: str) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
+def markdown_cell(cell: str) -> str:
+    """A Markdown table cell: a pipe would end the cell, a line break the row, a ``<`` start HTML."""
+    return cell.replace("\\", "\\\\").replace("|", r"\|").replace("<", r"\<").replace("\n", " ")
+
+
 def _aligned(header: list[str], body: list[list[str]], markdown: bool) -> list[str]:
-    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    lines = [header, ["-" * w for w in widths], *body]
+    lines = [header, *body]
+    if markdown:
+        lines = [[markdown_cell(c) for c in line] for line in lines]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    lines.insert(1, ["-" * w for w in widths])
     if markdown:
         return ["| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines]
     return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
 
 
+#: LaTeX's special characters in text (a method, model or dataset name, a heading), in one pass
+TEX_TEXT = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "<": r"$<$",
+    ">": r"$>$",
+    "|": r"$|$",
+    "Δ": r"$\Delta$",
+    LOWER_IS_BETTER: r"$\downarrow$",
+    "\n": " ",
+}
+TEX_SPECIAL = re.compile("|".join(map(re.escape, TEX_TEXT)))
+_NUMBER = r"(?:nan|-?inf|[-+]?[\d,]+(?:\.\d+)?)"
+FIGURE = re.compile(rf"({_NUMBER} \[{_NUMBER}, {_NUMBER}\])( \(\d+/\d+ seeds\))?")  # cell_text's, with an interval
+
+
+def tex_text(text: str) -> str:
+    """``text`` as LaTeX prints it literally."""
+    return TEX_SPECIAL.sub(lambda m: TEX_TEXT[m[0]], text)
+
+
 def _tex(cell: str) -> str:
-    cell = cell.replace("_", r"\_").replace("&", r"\&").replace("%", r"\%").replace("Δ", r"$\Delta$")
-    if " [" in cell:  # a figure with its interval: math mode, a space kept before the bracket
-        return "$" + cell.replace(" [", r"\ [") + "$"
-    return cell.replace("<", r"$<$")
+    """A table cell in LaTeX: a figure with its interval in math mode (a space kept before the bracket, the
+    thousands' commas without math's punctuation space), any other text escaped."""
+    figure = FIGURE.fullmatch(cell)
+    if figure:
+        math = re.sub(r"(?<=\d),(?=\d)", "{,}", figure[1]).replace(" [", r"\ [")
+        return f"${math}$" + (figure[2] or "")
+    return tex_text(cell)
 
 
 def render(tables: list[Table], fmt: str = "text") -> str:

@@ -24,7 +24,7 @@ import yaml
 
 from ctxdistill.results import stats
 from ctxdistill.results.records import predictions
-from ctxdistill.results.render import csv_text
+from ctxdistill.results.render import csv_text, markdown_cell
 
 PAPERS_PACKAGE = "ctxdistill"
 PAPERS_DIR = "papers"
@@ -295,6 +295,8 @@ def text_rows(scores: list[Score]) -> list[list[str]]:
 
 
 def aligned(header: list[str], rows: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        header, rows = [markdown_cell(c) for c in header], [[markdown_cell(c) for c in row] for row in rows]
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
     lines = [header, ["-" * w for w in widths], *rows]
     if markdown:

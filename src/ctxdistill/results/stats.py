@@ -71,7 +71,10 @@ def t_interval(values: list[float]) -> Optional[tuple[float, float]]:
 def mean_interval(values: Sequence[float], examples: Optional[int], proportion: bool) -> Optional[tuple[float, float]]:
     """The 95% interval of the mean of ``values`` (one per run): Student's t over the runs where they differ;
     for one run, or runs that all agree (their spread of 0 says nothing: a t-interval would have width 0),
-    Wilson's over one run's ``examples`` for a rate, else None."""
+    Wilson's over one run's ``examples`` for a rate, else None. A value that is not a finite number (a NaN a run
+    reported) leaves the mean without an interval."""
+    if not all(map(math.isfinite, values)):
+        return None
     if len(values) > 1 and max(values) > min(values):
         return t_interval(values)
     if values and proportion and examples:

@@ -45,8 +45,10 @@ class Cell:
 
     @property
     def std(self) -> Optional[float]:
-        """Sample standard deviation over seeds; None for a single seed."""
-        return statistics.stdev(self.values) if len(self.values) > 1 else None
+        """Sample standard deviation over seeds; None for a single seed, NaN where a value is not finite."""
+        if len(self.values) < 2:
+            return None
+        return statistics.stdev(self.values) if all(map(math.isfinite, self.values)) else math.nan
 
     @property
     def interval(self) -> Optional[tuple[float, float]]:
@@ -206,7 +208,7 @@ def summarise(records: list[dict[str, Any]]) -> list[Table]:
             )
             row.records.append(r)
             for column in columns:
-                if column.key in r["metrics"]:
+                if r["metrics"].get(column.key) is not None:
                     cell = row.cells.setdefault(column.key, Cell(column.metric))
                     cell.values.append(r["metrics"][column.key])
                     cell.examples.append(r["metrics"].get(f"{column.set}/{EXAMPLES.name}"))
@@ -299,6 +301,12 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
                 continue
             mine, theirs = _outcomes(row, table.family), _outcomes(matches[0], table.family)
             seeds = sorted(mine.keys() & theirs.keys())
+            if not seeds:
+                notes.append(
+                    f"--vs: {row.method} / {row.model} / {row.dataset}: no seed in common with {matches[0].method} "
+                    f"(seeds {sorted(mine)} and {sorted(theirs)}); not tested"
+                )
+                continue
             per_example: dict[tuple[str, str], list[float]] = defaultdict(list)
             for seed in seeds:
                 for key in sorted(mine[seed].keys() & theirs[seed].keys()):
@@ -309,4 +317,9 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
             # McNemar's exact test needs one success difference per example; means over seeds take the sign-flip
             row_test = test if len(seeds) == 1 else "sign-flip"
             row.tests = {s: PairedTest(baseline, row_test, d) for s, d in differences.items()}
+            if not row.tests:
+                notes.append(
+                    f"--vs: {row.method} / {row.model} / {row.dataset}: no eval example in common with "
+                    f"{matches[0].method} (seeds {seeds}); not tested"
+                )
     return notes

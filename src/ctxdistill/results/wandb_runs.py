@@ -104,6 +104,11 @@ def read_offline_run(run_dir: Path) -> WandbRun:
 SHADOWED_BY_SWEEP = "config_shadowed_by_sweep"
 
 
+#: summary keys that are not the run's final metrics: W&B's own, training statistics, the model's size and each
+#: earlier round's evaluation (``round/eval/accuracy``, logged by a method of several rounds such as sequential_cd)
+NOT_METRICS = ("_", "train/", "model/", "round/")
+
+
 def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finished: bool) -> Optional[dict[str, Any]]:
     """A run record like metrics.json from a W&B run's config and summary; None for other runs.
 
@@ -129,10 +134,7 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
     metrics = {
         k: v
         for k, v in summary.items()
-        if "/" in k
-        and not k.startswith(("_", "train/", "model/"))
-        and isinstance(v, (int, float))
-        and not isinstance(v, bool)
+        if "/" in k and not k.startswith(NOT_METRICS) and isinstance(v, (int, float)) and not isinstance(v, bool)
     }
     if not (finished and summary.get("status") == "complete" and metrics):
         return None
