@@ -331,6 +331,27 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
             "ctxdistill: In 'config': Could not load 'ood/nonexistent'.\n\nAvailable options in 'ood':\n\thans\n",
         ),
         (["trainer.scheduler=linaer"], "ctxdistill: trainer.scheduler: unknown value 'linaer'. Use one of: linear,"),
+        # an option misspelt: the nearest one, and no schema (base_*) among the options (the newcomer audit)
+        (
+            ["method=cdd"],
+            "ctxdistill: In 'config': Could not find 'method/cdd'; did you mean method=cd?\n\n"
+            "Available options in 'method':\n\tcd\n",
+        ),
+        (
+            ["experiment=upadhayaya2024/mnlii"],
+            "ctxdistill: In 'config': Could not find 'experiment/upadhayaya2024/mnlii'; did you mean "
+            "experiment=upadhayaya2024/mnli?",
+        ),
+        (["trainer/distributed=fdsp"], "ctxdistill: In 'trainer/default': Could not find 'trainer/distributed/fdsp'; "),
+        # model.name_or_path naming a directory that is not a checkpoint, or none at all (the newcomer audit)
+        (["model.name_or_path=/"], "ctxdistill: model.name_or_path=/: a directory without config.json, not a model"),
+        (
+            ["model.name_or_path=/nowhere/model"],
+            "ctxdistill: model.name_or_path=/nowhere/model: no such directory (/nowhere/model), and not a Hub id",
+        ),
+        # a config directory of your own that does not exist (the newcomer audit)
+        (["--config-dir=/nowhere"], "ctxdistill: Additional config directory '/nowhere' not found: give --config-dir"),
+        (["hydra.searchpath=[file:///nowhere]"], "ctxdistill: hydra.searchpath: file:///nowhere: no such directory."),
     ],
 )
 def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path, monkeypatch, capsys):
@@ -339,8 +360,11 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     from ctxdistill.cli import entry
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored afterwards: entry() sets it for Hydra
+    options, overrides = [a for a in args if a.startswith("--")], [a for a in args if not a.startswith("--")]
     monkeypatch.setattr(
-        sys, "argv", ["ctxdistill", "model=tiny-random", "logger=none", *args, f"hydra.run.dir={tmp_path}"]
+        sys,
+        "argv",
+        ["ctxdistill", *options, "model=tiny-random", "logger=none", *overrides, f"hydra.run.dir={tmp_path}"],
     )
     with pytest.raises(SystemExit) as stopped:
         entry()
@@ -348,6 +372,30 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(message), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err and "Error executing job" not in err
+    assert "base_" not in err  # the schemas are no options
+
+
+def test_a_typo_in_a_config_file_of_your_own_names_the_file_and_the_key(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from ctxdistill.cli import entry
+
+    (tmp_path / "conf" / "dataset").mkdir(parents=True)
+    (tmp_path / "conf" / "dataset" / "mine.yaml").write_text("defaults:\n  - synthetic\nnum_train_queris: 4\n")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["ctxdistill", "--config-dir", str(tmp_path / "conf"), "dataset=mine", *TINY, f"hydra.run.dir={tmp_path}/run"],
+    )
+    with pytest.raises(SystemExit) as stopped:
+        entry()
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "ctxdistill: dataset.num_train_queris (in the config file dataset/mine.yaml): no such setting; "
+        "did you mean num_train_queries?\n"
+    )
 
 
 # ---------------------------------------------------------------- architecture (issue 19's acceptance)
