@@ -12,7 +12,6 @@ from omegaconf.errors import ValidationError
 
 from ctxdistill.cli import CONFIG_DIR
 from ctxdistill.config import ConfigError, validate
-from ctxdistill.methods import method_schemas
 
 from conftest import TINY
 
@@ -267,8 +266,8 @@ def test_fine_tuning_without_demonstrations_fails_before_the_model_loads(make_cf
     [
         (
             ["--help"],
-            # every method file and every schema a method module registers, found without a list to keep
-            "method: " + ", ".join(sorted([*options("method"), *(schema.schema_name for schema in method_schemas())])),
+            # every method file, found without a list to keep, and none of the schemas (base_*) the files extend
+            "method: " + ", ".join(sorted(options("method"))) + "\n",
         ),
         (["method=ft", "--cfg", "job"], "_target_: ctxdistill.methods.finetune.Finetune"),
         (["--info", "defaults"], "method/cd"),
@@ -349,6 +348,12 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
             ["model.name_or_path=/nowhere/model"],
             "ctxdistill: model.name_or_path=/nowhere/model: no such directory (/nowhere/model), and not a Hub id",
         ),
+        # a schema picked as an option: its keys without a value are named, not a traceback (the newcomer audit)
+        (
+            ["model=base_model"],
+            "ctxdistill: model.name: has no value (and model.name_or_path). The base_* configs are the schemas",
+        ),
+        (["method=base_distill"], "ctxdistill: method.name: has no value. The base_* configs are the schemas"),
         # a config directory of your own that does not exist (the newcomer audit)
         (["--config-dir=/nowhere"], "ctxdistill: Additional config directory '/nowhere' not found: give --config-dir"),
         (["hydra.searchpath=[file:///nowhere]"], "ctxdistill: hydra.searchpath: file:///nowhere: no such directory."),
@@ -372,7 +377,37 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(message), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err and "Error executing job" not in err
-    assert "base_" not in err  # the schemas are no options
+    assert "\tbase_" not in err  # the schemas are no options
+
+
+def test_a_run_directory_holding_another_complete_run_is_named_and_a_bad_config_still_gets_its_own_message(
+    tmp_path, monkeypatch, capsys
+):
+    """Run again in its directory with other settings (the newcomer audit): the single run's fix is another
+    hydra.run.dir; a config that does not resolve is named by validation, not a traceback from the comparison."""
+    import sys
+
+    from ctxdistill.cli import entry
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    run = ["ctxdistill", *TINY, "method=zero_shot", f"hydra.run.dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", run)
+    entry()
+    capsys.readouterr()
+    for override, message in [
+        (
+            "seed=1",
+            f"ctxdistill: {tmp_path} holds a complete run made with a different config (seed). Pass force=true to run "
+            "it again and overwrite it, or give the run another hydra.run.dir.\n",
+        ),
+        ("ood=[paws_qqp]", "ctxdistill: dataset.ood.paws_qqp: does not fit dataset synthetic"),
+    ]:
+        monkeypatch.setattr(sys, "argv", [*run, override])
+        with pytest.raises(SystemExit) as stopped:
+            entry()
+        assert stopped.value.code == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message) and "Traceback" not in err, err
 
 
 def test_a_typo_in_a_config_file_of_your_own_names_the_file_and_the_key(tmp_path, monkeypatch, capsys):

@@ -219,11 +219,9 @@ def without_schemas(message: str) -> str:
     the option files extend and no run selects), and the option nearest to the one asked for."""
     import difflib
 
-    from hydra.core.config_store import ConfigStore
-
     head, _, listed = message.partition("\n\nAvailable options in '")
     group, _, rest = listed.partition("':")
-    schemas = {Path(name).stem for name in (ConfigStore.instance().repo.get(group) or {}) if name.endswith(".yaml")}
+    schemas = schema_names(group)
     options = [option for option in (line.strip() for line in rest.splitlines()) if option and option not in schemas]
     # Hydra lists a group's own options only: experiment=upadhayaya2024/mnli's siblings are in subdirectories
     options += [
@@ -238,6 +236,33 @@ def without_schemas(message: str) -> str:
         + f"\n\nAvailable options in '{group}':\n\t"
         + "\n\t".join(options)
     )
+
+
+def schema_names(group: str) -> set[str]:
+    """The ConfigStore schemas of a config group (``base_model``, ``base_distill``, ...): the options extend them."""
+    from hydra.core.config_store import ConfigStore
+
+    return {Path(name).stem for name in (ConfigStore.instance().repo.get(group) or {}) if name.endswith(".yaml")}
+
+
+def hide_schemas_in_help() -> None:
+    """``ctxdistill --help`` lists each group's options without its schemas, which no run selects."""
+    from hydra._internal.hydra import Hydra
+
+    listed = Hydra.format_config_groups
+
+    def format_config_groups(self, predicate, compact: bool = True) -> str:
+        text = listed(self, predicate, compact)
+        if not compact:
+            return text
+        lines = []
+        for line in text.splitlines():
+            group, _, options = line.partition(": ")
+            schemas = schema_names(group)
+            lines.append(f"{group}: {', '.join(o for o in options.split(', ') if o not in schemas)}")
+        return "\n".join(lines) + "\n"
+
+    Hydra.format_config_groups = format_config_groups
 
 
 def check_config_dirs(argv: list[str]) -> None:
@@ -317,6 +342,8 @@ def entry() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its stack: the message is ours
     try:
         check_config_dirs(argv)
+        if {"--help", "-h"} & set(argv):
+            hide_schemas_in_help()
         if multirun and {"--cfg", "-c"} & set(argv):
             print_sweep_configs(argv)
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -805,9 +805,28 @@ def cpp_compiler() -> Optional[str]:
     return next(filter(None, (shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))), None)
 
 
+def missing_keys(node: DictConfig, path: str = "") -> Iterator[str]:
+    """The keys left at ``???``, found without resolving an interpolation (``${hydra:...}`` needs a running app)."""
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            yield f"{path}{key}"
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+            yield from missing_keys(child, f"{path}{key}.")
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks that run before any data or model is loaded."""
     check_schema(cfg)
+    # (an out-of-domain set without a source has its own check below: set by an experiment, then not selected)
+    missing = sorted(key for key in missing_keys(cfg) if ".ood." not in key)
+    if missing:  # a schema picked as an option (model=base_model), or an option of your own that leaves a key unset
+        more = f" (and {', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})" if len(missing) > 1 else ""
+        raise ConfigError(
+            f"{missing[0]}: has no value{more}. The base_* configs are the schemas the options extend, not options: "
+            f"pick an option that sets it (ctxdistill --help lists them), or set {missing[0]}=VALUE"
+        )
     t, d = cfg.trainer, cfg.dataset
     require(0 <= cfg.seed < 2**32, "seed", f"must be in [0, 2**32), got {cfg.seed}", "Set e.g. seed=0")
     require(t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}", "Set e.g. trainer.lr=1e-3")

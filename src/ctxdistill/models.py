@@ -277,7 +277,7 @@ def check_hub_download(spec: DictConfig) -> None:
     if looks_local:
         raise ModelLoadError(
             f"{key}={spec.name_or_path}: no such directory ({local.resolve()}), and not a Hub id "
-            "(namespace/name). Give the directory a model was saved to, or a Hub id"
+            f"(namespace/name). Set {key} to a local directory that holds the checkpoint, or to a Hub id"
         )
     fix = (
         "Download it once where there is network (it is then cached), or set model.name_or_path to a local "
