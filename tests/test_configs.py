@@ -380,20 +380,17 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     assert "\tbase_" not in err  # the schemas are no options
 
 
-def test_a_run_directory_holding_another_complete_run_is_named_and_a_bad_config_still_gets_its_own_message(
-    tmp_path, monkeypatch, capsys
-):
+def test_a_run_directory_holding_another_complete_run_is_named_and_a_bad_config_still_gets_its_own_message(tmp_path):
     """Run again in its directory with other settings (the newcomer audit): the single run's fix is another
     hydra.run.dir; a config that does not resolve is named by validation, not a traceback from the comparison."""
+    import os
+    import subprocess
     import sys
 
-    from ctxdistill.cli import entry
-
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    run = ["ctxdistill", *TINY, "method=zero_shot", f"hydra.run.dir={tmp_path}"]
-    monkeypatch.setattr(sys, "argv", run)
-    entry()
-    capsys.readouterr()
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
+    run = [sys.executable, "-m", "ctxdistill", *TINY, "method=zero_shot", f"hydra.run.dir={tmp_path}"]
+    first = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
     for override, message in [
         (
             "seed=1",
@@ -402,12 +399,9 @@ def test_a_run_directory_holding_another_complete_run_is_named_and_a_bad_config_
         ),
         ("ood=[paws_qqp]", "ctxdistill: dataset.ood.paws_qqp: does not fit dataset synthetic"),
     ]:
-        monkeypatch.setattr(sys, "argv", [*run, override])
-        with pytest.raises(SystemExit) as stopped:
-            entry()
-        assert stopped.value.code == 1
-        err = capsys.readouterr().err
-        assert err.startswith(message) and "Traceback" not in err, err
+        again = subprocess.run([*run, override], capture_output=True, text=True, env=env, timeout=300)
+        assert again.returncode == 1
+        assert again.stderr.startswith(message) and "Traceback" not in again.stderr, again.stderr[-3000:]
 
 
 def test_a_typo_in_a_config_file_of_your_own_names_the_file_and_the_key(tmp_path, monkeypatch, capsys):
