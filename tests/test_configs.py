@@ -12,7 +12,6 @@ from omegaconf.errors import ValidationError
 
 from ctxdistill.cli import CONFIG_DIR
 from ctxdistill.config import ConfigError, validate
-from ctxdistill.methods import method_schemas
 
 from conftest import TINY
 
@@ -272,8 +271,8 @@ def test_fine_tuning_without_demonstrations_fails_before_the_model_loads(make_cf
     [
         (
             ["--help"],
-            # every method file and every schema a method module registers, found without a list to keep
-            "method: " + ", ".join(sorted([*options("method"), *(schema.schema_name for schema in method_schemas())])),
+            # every method file, found without a list to keep, and none of the schemas (base_*) the files extend
+            "method: " + ", ".join(sorted(options("method"))) + "\n",
         ),
         (["method=ft", "--cfg", "job"], "_target_: ctxdistill.methods.finetune.Finetune"),
         (["--info", "defaults"], "method/cd"),
@@ -336,6 +335,33 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
             "ctxdistill: In 'config': Could not load 'ood/nonexistent'.\n\nAvailable options in 'ood':\n\thans\n",
         ),
         (["trainer.scheduler=linaer"], "ctxdistill: trainer.scheduler: unknown value 'linaer'. Use one of: linear,"),
+        # an option misspelt: the nearest one, and no schema (base_*) among the options (the newcomer audit)
+        (
+            ["method=cdd"],
+            "ctxdistill: In 'config': Could not find 'method/cdd'; did you mean method=cd?\n\n"
+            "Available options in 'method':\n\tcd\n",
+        ),
+        (
+            ["experiment=upadhayaya2024/mnlii"],
+            "ctxdistill: In 'config': Could not find 'experiment/upadhayaya2024/mnlii'; did you mean "
+            "experiment=upadhayaya2024/mnli?",
+        ),
+        (["trainer/distributed=fdsp"], "ctxdistill: In 'trainer/default': Could not find 'trainer/distributed/fdsp'; "),
+        # model.name_or_path naming a directory that is not a checkpoint, or none at all (the newcomer audit)
+        (["model.name_or_path=/"], "ctxdistill: model.name_or_path=/: a directory without config.json, not a model"),
+        (
+            ["model.name_or_path=/nowhere/model"],
+            "ctxdistill: model.name_or_path=/nowhere/model: no such directory (/nowhere/model), and not a Hub id",
+        ),
+        # a schema picked as an option: its keys without a value are named, not a traceback (the newcomer audit)
+        (
+            ["model=base_model"],
+            "ctxdistill: model.name: has no value (and model.name_or_path). The base_* configs are the schemas",
+        ),
+        (["method=base_distill"], "ctxdistill: method.name: has no value. The base_* configs are the schemas"),
+        # a config directory of your own that does not exist (the newcomer audit)
+        (["--config-dir=/nowhere"], "ctxdistill: Additional config directory '/nowhere' not found: give --config-dir"),
+        (["hydra.searchpath=[file:///nowhere]"], "ctxdistill: hydra.searchpath: file:///nowhere: no such directory."),
     ],
 )
 def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path, monkeypatch, capsys):
@@ -344,8 +370,11 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     from ctxdistill.cli import entry
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # restored afterwards: entry() sets it for Hydra
+    options, overrides = [a for a in args if a.startswith("--")], [a for a in args if not a.startswith("--")]
     monkeypatch.setattr(
-        sys, "argv", ["ctxdistill", "model=tiny-random", "logger=none", *args, f"hydra.run.dir={tmp_path}"]
+        sys,
+        "argv",
+        ["ctxdistill", *options, "model=tiny-random", "logger=none", *overrides, f"hydra.run.dir={tmp_path}"],
     )
     with pytest.raises(SystemExit) as stopped:
         entry()
@@ -353,6 +382,54 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(message), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err and "Error executing job" not in err
+    assert "\tbase_" not in err  # the schemas are no options
+
+
+def test_a_run_directory_holding_another_complete_run_is_named_and_a_bad_config_still_gets_its_own_message(tmp_path):
+    """Run again in its directory with other settings (the newcomer audit): the single run's fix is another
+    hydra.run.dir; a config that does not resolve is named by validation, not a traceback from the comparison."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HYDRA_FULL_ERROR": "0"}
+    run = [sys.executable, "-m", "ctxdistill", *TINY, "method=zero_shot", f"hydra.run.dir={tmp_path}"]
+    first = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for override, message in [
+        (
+            "seed=1",
+            f"ctxdistill: {tmp_path} holds a complete run made with a different config (seed). Pass force=true to run "
+            "it again and overwrite it, or give the run another hydra.run.dir.\n",
+        ),
+        ("ood=[paws_qqp]", "ctxdistill: dataset.ood.paws_qqp: does not fit dataset synthetic"),
+    ]:
+        again = subprocess.run([*run, override], capture_output=True, text=True, env=env, timeout=300)
+        assert again.returncode == 1
+        assert again.stderr.startswith(message) and "Traceback" not in again.stderr, again.stderr[-3000:]
+
+
+def test_a_typo_in_a_config_file_of_your_own_names_the_file_and_the_key(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from ctxdistill.cli import entry
+
+    (tmp_path / "conf" / "dataset").mkdir(parents=True)
+    (tmp_path / "conf" / "dataset" / "mine.yaml").write_text("defaults:\n  - synthetic\nnum_train_queris: 4\n")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["ctxdistill", "--config-dir", str(tmp_path / "conf"), "dataset=mine", *TINY, f"hydra.run.dir={tmp_path}/run"],
+    )
+    with pytest.raises(SystemExit) as stopped:
+        entry()
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "ctxdistill: dataset.num_train_queris (in the config file dataset/mine.yaml): no such setting; "
+        "did you mean num_train_queries?\n"
+    )
 
 
 # ---------------------------------------------------------------- architecture (issue 19's acceptance)

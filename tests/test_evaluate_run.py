@@ -270,6 +270,48 @@ def test_an_evaluation_is_replaced_only_with_force(untrained_sweep, capsys):
     assert all(metrics(cell / "evaluations" / "twice")["eval/examples"] == 6 for cell in cells_of(sweep))
 
 
+def test_ctrl_c_during_an_evaluation_keeps_the_finished_ones_and_the_same_command_finishes_it(
+    untrained_sweep, tmp_path, monkeypatch, capsys
+):
+    """No traceback; what was kept and the command; run again, it evaluates only the cell it had not finished."""
+    import ctxdistill.evaluate_run as evaluate_run_module
+
+    sweep = untrained_sweep
+    before = {cell: fingerprint(cell) for cell in cells_of(sweep)}
+    evaluate = evaluate_run_module.evaluate_run
+    evaluated = []
+
+    def interrupted_at_the_second(run_dir, *args, **kwargs):
+        if evaluated:
+            raise KeyboardInterrupt
+        evaluated.append(run_dir)
+        return evaluate(run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_run_module, "evaluate_run", interrupted_at_the_second)
+    command = [str(sweep), "dataset.source.split_sizes.eval=5", "--name", "ctrl-c"]
+    with pytest.raises(SystemExit) as stopped:
+        main(command)
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    first, second = cells_of(sweep)
+    assert (
+        f"ctxdistill-eval: interrupted while evaluating {second}: nothing of its evaluation was written, and the run's "
+        "own files are unchanged; the 1 evaluation(s) finished before it are kept. The same command evaluates what "
+        f"is left: ctxdistill-eval {shlex.join(command)}" in err
+    )
+    assert "Traceback" not in err
+    assert (first / "evaluations" / "ctrl-c" / "metrics.json").is_file()
+    assert not (second / "evaluations" / "ctrl-c").exists()
+    kept = (first / "evaluations" / "ctrl-c" / "metrics.json").read_text()
+
+    monkeypatch.setattr(evaluate_run_module, "evaluate_run", evaluate)
+    assert main(command) == 0
+    assert "already holds this evaluation: skipped" in capsys.readouterr().err
+    assert (first / "evaluations" / "ctrl-c" / "metrics.json").read_text() == kept  # not evaluated again
+    assert metrics(second / "evaluations" / "ctrl-c")["eval/examples"] == 5
+    assert {cell: fingerprint(cell) for cell in cells_of(sweep)} == before
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

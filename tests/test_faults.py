@@ -190,6 +190,32 @@ def test_ctrl_c_saves_and_says_how_to_resume_and_a_second_one_stops_at_once(
     assert latest_checkpoint(tmp_path / "twice") is None
 
 
+def test_ctrl_c_during_the_final_evaluation_says_what_was_kept_and_the_same_command_finishes_the_run(tmp_path):
+    """Outside training's own handling (loading, evaluating): one line, no traceback, the run's log says what happened,
+    and the command resumes from the checkpoint training ended with (the newcomer audit)."""
+    args = [*RESUMABLE, f"hydra.run.dir={tmp_path}"]
+    interrupted = (  # the run as the command runs it, with Ctrl-C arriving during its final evaluation
+        "import sys\nimport ctxdistill.run as run\n"
+        "def final_metrics(*args, **kwargs):\n    raise KeyboardInterrupt\n"
+        "run.final_metrics = final_metrics\nfrom ctxdistill.cli import entry\n"
+        f"sys.argv = ['ctxdistill', *{args!r}]\nentry()\n"
+    )
+    stopped = subprocess.run([sys.executable, "-c", interrupted], capture_output=True, text=True, env=ENV, timeout=600)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr and stopped.stderr.rstrip().endswith("ctxdistill: interrupted")
+    said = (
+        "Ctrl-C: the run stopped before it finished (no metrics.json); its latest checkpoint (step-00000006) is kept "
+        f"and the run resumes from it; resume with: ctxdistill {' '.join(args)}"
+    )
+    assert said in stopped.stdout + stopped.stderr and said in (tmp_path / "cli.log").read_text()
+    assert not (tmp_path / "metrics.json").exists()
+    resumed = subprocess.run(
+        [sys.executable, "-m", "ctxdistill", *args], capture_output=True, text=True, env=ENV, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "metrics.json").read_text())["train"]["resumed_from_step"] == 6
+
+
 def test_ctrl_c_in_a_sweep_prints_the_command_that_resumes_it_in_its_own_directory(tmp_path):
     """Hydra's default sweep dir holds the launch time: the same command again would start afresh elsewhere."""
     sweep = [sys.executable, "-m", "ctxdistill", "-m", *RESUMABLE, "seed=0,1"]

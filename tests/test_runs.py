@@ -197,6 +197,21 @@ def test_every_progress_bar_of_the_suite_goes_through_progress_bar():
     assert importers == []
 
 
+def test_transformers_own_bars_are_off_and_the_hubs_download_bars_stay(monkeypatch):
+    """Transformers' "Loading weights" and "Writing model shards" came with every model a run loaded or saved."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+
+    from ctxdistill.progress import quiet_library_bars
+
+    monkeypatch.setattr(transformers_logging, "_tqdm_hook", None)  # restored afterwards
+    quiet_library_bars()
+    bar = transformers_logging.tqdm(range(3), desc="Loading weights")
+    assert bar.disable
+    bar.close()
+    assert not are_progress_bars_disabled()
+
+
 def test_a_failing_wandb_never_costs_the_run_its_results(make_cfg, tmp_path, monkeypatch):
     import wandb
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import warnings
@@ -79,7 +80,10 @@ def run_unless_complete(cfg: DictConfig) -> dict:
     done = completed_run(cfg)
     if done:
         return done
+    from ctxdistill.progress import quiet_library_bars
     from ctxdistill.run import run
+
+    quiet_library_bars()
 
     return run(cfg)
 
@@ -94,13 +98,17 @@ def main(cfg: DictConfig) -> float | None:
     quiet_console()  # here, in the process that runs the job: a launcher's workers (joblib, SLURM) start afresh
     join_slurm_tasks()
     # In a sweep a failing cell is recorded and the others go on; a single run raises.
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        result = run_cell(cfg, run_unless_complete)
-    else:
-        try:
-            result = run_unless_complete(cfg)
-        except user_errors() as e:  # before Hydra prints "Error executing job" and its stack
-            exit_with_message(e)
+    try:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            result = run_cell(cfg, run_unless_complete)
+        else:
+            try:
+                result = run_unless_complete(cfg)
+            except user_errors() as e:  # before Hydra prints "Error executing job" and its stack
+                exit_with_message(e)
+    except KeyboardInterrupt:  # Ctrl-C during training saves a checkpoint and exits 130 (SystemExit), not here
+        note_interrupted(cfg)
+        raise
     # The return value is what Hydra sweepers (e.g. Optuna) optimise.
     # Runs completed before `objective` was recorded optimised eval/accuracy.
     return result["metrics"].get(result.get("objective", "eval/accuracy")) if result else None
@@ -151,14 +159,20 @@ def print_sweep_configs(argv: list[str]) -> None:
 
 
 def quiet_console() -> None:
-    """Keep the console to progress bars, the run's own log lines and one W&B line (bars: `ctxdistill.progress`)."""
+    """Keep the console to progress bars, the run's own log lines and one W&B line (bars: `ctxdistill.progress`;
+    transformers' own: `ctxdistill.progress.quiet_library_bars`, once a run imports transformers)."""
     # PEFT calls a transformers method that transformers deprecates, once per model: not the user's to fix.
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def user_error_message(error: Exception) -> str:
     """One line (or a few) for a config, data or model error: what, which key or file, the fix."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from hydra.errors import (
+        ConfigCompositionException,
+        MissingConfigException,
+        OverrideParseException,
+        SearchPathException,
+    )
     from omegaconf import DictConfig
 
     from ctxdistill.config import nearest_key
@@ -168,8 +182,14 @@ def user_error_message(error: Exception) -> str:
             f"{error.override}: Hydra cannot parse this override ({error.message.splitlines()[0]}). Quote a value "
             "that holds braces, brackets, commas or spaces inside the shell's quotes: 'key=\"{premise} ...\"'"
         )
-    cause = error.__cause__
+    if isinstance(error, SearchPathException):  # --config-dir DIR that does not exist
+        return f"{str(error).splitlines()[0]}: give --config-dir a directory that holds your configs"
+    # an override's error is the composition error's cause; a config file's (one of your own --config-dir) its context
+    cause = error.__cause__ or error.__context__
     if isinstance(error, ConfigCompositionException) and getattr(cause, "full_key", None):
+        # "In 'dataset/mine': ..." names the config file that holds the key (not an override)
+        source = re.match(r"In '([^']+)'", str(error))
+        where = f" (in the config file {source.group(1)}.yaml)" if source and source.group(1) != "config" else ""
         if "not in" in str(cause) or "not found" in str(cause):  # a misspelt key
             hint = nearest_key(str(cause.key), cause.object_type)
             parent = getattr(cause, "parent_node", None)
@@ -177,9 +197,11 @@ def user_error_message(error: Exception) -> str:
                 hint = f"; it has {', '.join(map(str, parent.keys()))}"
             elif not hint and isinstance(parent, DictConfig) and parent._metadata.element_type in (int, float, str):
                 hint = f". A mapping gets a new key with ++: ++{cause.full_key}=VALUE"  # dataset.label_map
-            return f"{cause.full_key}: no such setting{hint}"
-        return f"{cause.full_key}: {str(cause).splitlines()[0]}"
+            return f"{cause.full_key}{where}: no such setting{hint}"
+        return f"{cause.full_key}{where}: {str(cause).splitlines()[0]}"
     message = str(error).split("\nConfig search path")[0].strip()  # an unknown option: keep the list of options
+    if "Available options in '" in message:
+        message = without_schemas(message)
     missing = getattr(error, "missing_cfg_file", None) if isinstance(error, MissingConfigException) else None
     if missing and "Available options" not in message and "/" in missing:
         # an option in a list (ood=[hans,hanz]) gets no list of the options from Hydra: the group's own configs
@@ -192,15 +214,115 @@ def user_error_message(error: Exception) -> str:
     return message
 
 
+def without_schemas(message: str) -> str:
+    """Hydra's "Could not find 'group/name'" with its list of the group's options, less the schemas (``base_*``, which
+    the option files extend and no run selects), and the option nearest to the one asked for."""
+    import difflib
+
+    head, _, listed = message.partition("\n\nAvailable options in '")
+    group, _, rest = listed.partition("':")
+    schemas = schema_names(group)
+    options = [option for option in (line.strip() for line in rest.splitlines()) if option and option not in schemas]
+    # Hydra lists a group's own options only: experiment=upadhayaya2024/mnli's siblings are in subdirectories
+    options += [
+        str(path.relative_to(CONFIG_DIR / group).with_suffix(""))
+        for path in sorted((CONFIG_DIR / group).glob("*/**/*.yaml"))
+    ]
+    asked = re.search(rf"Could not find '{re.escape(group)}/([^']+)'", head)
+    near = difflib.get_close_matches(asked.group(1), options, n=1) if asked else []
+    return (
+        head
+        + (f"; did you mean {group}={near[0]}?" if near else "")
+        + f"\n\nAvailable options in '{group}':\n\t"
+        + "\n\t".join(options)
+    )
+
+
+def schema_names(group: str) -> set[str]:
+    """The ConfigStore schemas of a config group (``base_model``, ``base_distill``, ...): the options extend them."""
+    from hydra.core.config_store import ConfigStore
+
+    return {Path(name).stem for name in (ConfigStore.instance().repo.get(group) or {}) if name.endswith(".yaml")}
+
+
+def hide_schemas_in_help() -> None:
+    """``ctxdistill --help`` lists each group's options without its schemas, which no run selects."""
+    from hydra._internal.hydra import Hydra
+
+    listed = Hydra.format_config_groups
+
+    def format_config_groups(self, predicate, compact: bool = True) -> str:
+        text = listed(self, predicate, compact)
+        if not compact:
+            return text
+        lines = []
+        for line in text.splitlines():
+            group, _, options = line.partition(": ")
+            schemas = schema_names(group)
+            lines.append(f"{group}: {', '.join(o for o in options.split(', ') if o not in schemas)}")
+        return "\n".join(lines) + "\n"
+
+    Hydra.format_config_groups = format_config_groups
+
+
+def check_config_dirs(argv: list[str]) -> None:
+    """A config directory of your own that does not exist: Hydra refuses --config-dir with its traceback, and skips
+    a missing ``hydra.searchpath`` entry, so that its configs are then "not found" without the reason."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    for arg in argv:
+        if not arg.startswith("hydra.searchpath="):
+            continue
+        try:
+            entries = OverridesParser.create().parse_override(arg).value()
+        except OverrideParseException:
+            continue  # Hydra's own message names the override
+        for entry in entries if isinstance(entries, list) else [entries]:
+            path = str(entry)[len("file://") :] if str(entry).startswith("file://") else None
+            if path is not None and not Path(path).expanduser().is_dir():
+                raise ConfigError(
+                    f"hydra.searchpath: {entry}: no such directory. Give file://DIR with the directory that holds "
+                    "your configs (an absolute path, or one relative to where you run ctxdistill)"
+                )
+
+
+def note_interrupted(cfg: DictConfig) -> None:
+    """Ctrl-C outside training's own handling (loading, evaluation, a second Ctrl-C): say in the console and the run's
+    log (cli.log, in its directory) what was kept and the command that finishes the run."""
+    import logging
+
+    from ctxdistill.checkpoint import latest_checkpoint, resume_hint
+
+    out = Path(cfg.output_dir)
+    checkpoint = latest_checkpoint(out) if out.is_dir() else None
+    kept = (
+        f"its latest checkpoint ({checkpoint.name}) is kept and the run resumes from it"
+        if checkpoint
+        else "nothing was trained yet, so nothing is lost"
+    )
+    logging.getLogger(__name__).warning(
+        "Ctrl-C: the run stopped before it finished (no metrics.json); %s; %s", kept, resume_hint(out)
+    )
+
+
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors a user can fix from the message alone: printed without a traceback."""
-    from hydra.errors import ConfigCompositionException, OverrideParseException
+    from hydra.errors import ConfigCompositionException, OverrideParseException, SearchPathException
 
     from ctxdistill.data.tasks import DataError
     from ctxdistill.evaluation import NonFiniteScores
     from ctxdistill.models import ModelLoadError
 
-    return ConfigError, DataError, ModelLoadError, NonFiniteScores, ConfigCompositionException, OverrideParseException
+    return (
+        ConfigError,
+        DataError,
+        ModelLoadError,
+        NonFiniteScores,
+        ConfigCompositionException,
+        OverrideParseException,
+        SearchPathException,
+    )
 
 
 def exit_with_message(error: Exception, status: int = 1) -> None:
@@ -219,6 +341,9 @@ def entry() -> None:
     multirun = bool({"-m", "--multirun"} & set(argv))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its stack: the message is ours
     try:
+        check_config_dirs(argv)
+        if {"--help", "-h"} & set(argv):
+            hide_schemas_in_help()
         if multirun and {"--cfg", "-c"} & set(argv):
             print_sweep_configs(argv)
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterator, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -805,8 +805,42 @@ def cpp_compiler() -> Optional[str]:
     return next(filter(None, (shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))), None)
 
 
+def missing_keys(node: DictConfig, path: str = "") -> Iterator[str]:
+    """The keys left at ``???``, found without resolving an interpolation (``${hydra:...}`` needs a running app)."""
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            yield f"{path}{key}"
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation():
+            yield from missing_keys(child, f"{path}{key}.")
+
+
+def require_values(cfg: DictConfig) -> None:
+    """Every key has a value: a schema picked as an option (model=base_model), or an option of your own, can leave
+    one at ``???``. Checked after the checks that name such keys themselves (GenPI's prompt, an out-of-domain set)."""
+    missing = sorted(key for key in missing_keys(cfg) if ".ood." not in key)
+    if missing:
+        more = f" (and {', '.join(missing[1:4])}{', ...' if len(missing) > 4 else ''})" if len(missing) > 1 else ""
+        raise ConfigError(
+            f"{missing[0]}: has no value{more}. The base_* configs are the schemas the options extend, not options: "
+            f"pick an option that sets it (ctxdistill --help lists them), or set {missing[0]}=VALUE"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Value checks that run before any data or model is loaded."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        validate_values(cfg)
+    except MissingMandatoryValue:  # a check read a key without a value: name them all, not the traceback
+        require_values(cfg)
+        raise
+    require_values(cfg)
+
+
+def validate_values(cfg: DictConfig) -> None:
     check_schema(cfg)
     t, d = cfg.trainer, cfg.dataset
     require(0 <= cfg.seed < 2**32, "seed", f"must be in [0, 2**32), got {cfg.seed}", "Set e.g. seed=0")

@@ -8,7 +8,8 @@
 The run's config (its recorded Hydra overrides, or its config.yaml) plus the overrides given here
 is the evaluation's config; the model is the run's base model with the weights the run saved
 (adapter/ or model/). Metrics and predictions go to ``RUN_DIR/evaluations/NAME/``: the run's own
-files are never touched, and an earlier evaluation of that name only with --force.
+files are never touched, and an earlier evaluation of that name only with --force (one made with the same
+overrides is skipped: after Ctrl-C, the same command evaluates what is left).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
+import signal
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -216,6 +219,15 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     return result
 
 
+def same_evaluation(out: Path, overrides: list[str]) -> bool:
+    """Whether ``out`` holds a complete evaluation made with these overrides."""
+    try:
+        made = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return made.get("status") == "complete" and made.get("overrides") == list(overrides)
+
+
 def run_dirs(path: Path) -> list[Path]:
     """The finished runs under ``path``: itself, or every cell of a sweep (never an earlier evaluation)."""
     if (path / "metrics.json").is_file():
@@ -269,6 +281,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if missing:
         parser.error(f"--config-dir {missing[0]}: no such directory")
     made = [run_dir / EVALUATIONS / name for run_dir in runs if (run_dir / EVALUATIONS / name).exists()]
+    # the same command again (after Ctrl-C, say) evaluates only the runs it had not finished
+    done = set() if args.force else {out for out in made if same_evaluation(out, args.overrides)}
+    made = [out for out in made if out not in done]
     if made and not args.force:
         parser.error(
             f"{made[0]}{f' (and {len(made) - 1} more)' if len(made) > 1 else ''} already holds an evaluation named "
@@ -276,9 +291,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         )
 
     from ctxdistill.cli import exit_with_message, quiet_console, user_errors
-    from ctxdistill.progress import BarSafeHandler
+    from ctxdistill.progress import BarSafeHandler, quiet_library_bars
 
     quiet_console()
+    quiet_library_bars()
     # force: the handler writes to this call's stderr, not to one an earlier call in the process saw
     logging.basicConfig(
         level=logging.INFO,
@@ -286,11 +302,25 @@ def main(argv: Optional[list[str]] = None) -> int:
         handlers=[BarSafeHandler()],
         force=True,
     )
-    for run_dir in runs:
+    for number, run_dir in enumerate(runs):
+        if run_dir / EVALUATIONS / name in done:
+            log.info(
+                "%s already holds this evaluation: skipped (--force evaluates it again)", run_dir / EVALUATIONS / name
+            )
+            continue
         try:
             evaluate_run(run_dir, args.overrides, name, tuple(args.config_dir))
         except user_errors() as e:
             exit_with_message(e)
+        except KeyboardInterrupt:
+            command = shlex.join(["ctxdistill-eval", *(sys.argv[1:] if argv is None else argv)])
+            finished = f"; the {number} evaluation(s) finished before it are kept" if number else ""
+            print(
+                f"ctxdistill-eval: interrupted while evaluating {run_dir}: nothing of its evaluation was written, and "
+                f"the run's own files are unchanged{finished}. The same command evaluates what is left: {command}",
+                file=sys.stderr,
+            )
+            sys.exit(128 + signal.SIGINT)
     print(json.dumps({"evaluations": [str(r / EVALUATIONS / name) for r in runs]}))
     return 0
 

@@ -252,13 +252,33 @@ def check_hub_download(spec: DictConfig) -> None:
     naming the fix, when the Hub is forbidden (HF_HUB_OFFLINE=1) or unreachable."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if Path(spec.name_or_path).expanduser().exists():
+    full_key = spec._get_full_key("name_or_path")
+    key = full_key if "." in full_key else "model.name_or_path"
+    local = Path(spec.name_or_path).expanduser()
+    if local.exists():
+        if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+            raise ModelLoadError(
+                f"{key}={spec.name_or_path}: a trained adapter, not a model. Evaluate the run that saved it with "
+                "ctxdistill-eval RUN_DIR (it loads the run's base model with this adapter)"
+            )
+        if not (local / "config.json").is_file():  # from_pretrained would fail deep in the tokenizer, with a traceback
+            raise ModelLoadError(
+                f"{key}={spec.name_or_path}: {'a file' if local.is_file() else 'a directory without'} "
+                "config.json, not a model checkpoint. Give the directory a model was saved to (save_pretrained; a "
+                "run's model/, made with model.adapter=full), or a Hub id (namespace/name)"
+            )
         return
+    looks_local = spec.name_or_path.startswith(("/", "./", "../", "~")) or spec.name_or_path.count("/") > 1
     try:
         if isinstance(try_to_load_from_cache(spec.name_or_path, "config.json", revision=spec.revision), str):
             return
-    except ValueError:  # not a Hub id either: from_pretrained says so
-        return
+    except ValueError:  # not a Hub id either
+        looks_local = True
+    if looks_local:
+        raise ModelLoadError(
+            f"{key}={spec.name_or_path}: no such directory ({local.resolve()}), and not a Hub id "
+            f"(namespace/name). Set {key} to a local directory that holds the checkpoint, or to a Hub id"
+        )
     fix = (
         "Download it once where there is network (it is then cached), or set model.name_or_path to a local "
         "directory with the checkpoint"

@@ -42,3 +42,12 @@ class BarSafeHandler(logging.StreamHandler):
             tqdm.write(self.format(record), file=sys.stderr if self.follows_stderr else self.stream)
         except Exception:
             self.handleError(record)
+
+
+def quiet_library_bars() -> None:
+    """No bars of transformers' own ("Loading weights", "Writing model shards"): one comes with every model a run
+    loads or saves, and is over in a fraction of a second. The Hub's download bars (huggingface_hub's) stay."""
+    from transformers.utils import logging as transformers_logging
+
+    if hasattr(transformers_logging, "set_tqdm_hook"):  # transformers >= 5
+        transformers_logging.set_tqdm_hook(lambda factory, args, kwargs: factory(*args, **{**kwargs, "disable": True}))

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ctxdistill.config import ConfigError
 from ctxdistill.results.records import FAILURE_FILE, failed_runs
@@ -55,6 +56,16 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]
     return sorted(changed | {f"dataset.ood.{name}" for name in old_sets ^ new_sets})
 
 
+def other_output_dir() -> str:
+    """How to give a run or a sweep another output directory, whichever this is."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
+        return "run another hydra.run.dir"
+    return "sweep another hydra.sweep.dir"
+
+
 def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
     """The complete result already in this run's output dir, unless force=true.
 
@@ -72,12 +83,16 @@ def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
         return None
     if (out / "config.yaml").is_file():
         stored = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))
-        changed = config_changes(stored, OmegaConf.to_container(cfg, resolve=True))
+        try:
+            requested = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException:  # a config that does not resolve: the run's validation names what is wrong
+            return None
+        changed = config_changes(stored, requested)
         if changed:
             raise ConfigError(
                 f"{out} holds a complete run made with a different config ({', '.join(changed[:6])}"
                 f"{', ...' if len(changed) > 6 else ''}). Pass force=true to run it again and "
-                "overwrite it, or give the sweep another hydra.sweep.dir."
+                f"overwrite it, or give the {other_output_dir()}."
             )
     log.info("%s already holds a complete run: skipped (force=true runs it again)", out)
     return result
