@@ -12,6 +12,7 @@ from omegaconf.errors import ValidationError
 
 from ctxdistill.cli import CONFIG_DIR
 from ctxdistill.config import ConfigError, validate
+from ctxdistill.methods import method_schemas
 
 from conftest import TINY
 
