@@ -4,7 +4,6 @@ with a failing cell, a corrupt model cache. Each fault must leave a clear messag
 import json
 import logging
 import os
-import random
 import re
 import shlex
 import signal
@@ -49,17 +48,10 @@ def kill_at_step_then_resume(run_dir: Path, step: int) -> int:
     return killed_at
 
 
-def test_a_run_killed_at_a_random_step_resumes_to_identical_results(uninterrupted, tmp_path):
-    kill_at_step_then_resume(tmp_path / "run", random.randint(1, 5))
+@pytest.mark.parametrize("step", [1, 5])  # the first checkpoint, and the last before the run ends (6 steps)
+def test_a_run_killed_once_a_step_is_saved_resumes_to_identical_results(uninterrupted, tmp_path, step):
+    assert kill_at_step_then_resume(tmp_path / "run", step) >= step  # a later save may land before the kill
     assert outcome(tmp_path / "run") == uninterrupted
-
-
-@pytest.mark.slow
-def test_kill_and_resume_three_times_at_different_steps(uninterrupted, tmp_path):
-    for trial, step in enumerate(random.sample(range(1, 7), 3)):
-        resumed_from = kill_at_step_then_resume(tmp_path / f"run{trial}", step)
-        assert outcome(tmp_path / f"run{trial}") == uninterrupted, f"killed at step {step}"
-        print(f"trial {trial}: killed once step {step} was saved, resumed from step {resumed_from}: identical")
 
 
 def inject_at_call(monkeypatch, call: int, fault, method=ContextDistillation) -> None:
