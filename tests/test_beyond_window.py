@@ -24,7 +24,7 @@ from ctxdistill.methods.distill import ContextDistillation
 from ctxdistill.models import ModelHandle, add_adapter, load_model, load_tokenizer, model_identity
 from ctxdistill.run import run
 
-from conftest import TINY, without_timings
+from conftest import TINY, behaving_teacher_overrides, without_timings
 
 SEQUENTIAL = [
     *TINY,
@@ -337,6 +337,49 @@ def test_bad_cheat_sheet_settings_are_one_message_before_the_model_loads(make_cf
     with pytest.raises(ConfigError) as refused:
         run(make_cfg(override, *TINY, "method=cheat_sheet"))
     assert str(refused.value) == message
+
+
+def test_a_cheat_sheet_written_by_another_model_is_its_greedy_text_read_by_the_evaluated_model(
+    make_cfg, behaving_model_dir, tmp_path
+):
+    """method.teacher_model writes the sheet in its own tokens (the behaving model: another tokenizer); the
+    evaluated model (tiny-random) reads it and is the run's teacher; the cache is keyed by the writer."""
+    overrides = [
+        *TINY,
+        "method=cheat_sheet",
+        "method.chat=false",  # the behaving model has no chat template
+        "method.chunk_demos=2",
+        "method.max_sheet_tokens=6",
+        "dataset.context.num_demos=4",
+        "dataset.source.split_sizes.eval=8",
+        f"method.sheet_dir={tmp_path / 'sheets'}",
+        *behaving_teacher_overrides(behaving_model_dir),
+    ]
+    result = run(make_cfg(*overrides, output_dir=tmp_path / "run"))
+    cfg = make_cfg(*overrides)
+    task = build_task(cfg.dataset, cfg.seed)
+    writer_tokenizer = load_tokenizer(cfg.method.teacher_model, cfg.cache_dir)
+    writer = load_model(cfg.method.teacher_model, cfg.cache_dir, writer_tokenizer, cfg.seed).eval()
+    sheets = {
+        row["key"]: row["sheet"] for p in (tmp_path / "sheets").glob("*.jsonl") for row in map(json.loads, p.open())
+    }
+    sheet = ""
+    for chunk in (task.demos[:2], task.demos[2:]):
+        request = cs.sheet_request(cs.REQUEST, task, chunk, cs.UPDATE, sheet)
+        ids = writer_tokenizer(request, return_tensors="pt")
+        written = writer.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=writer_tokenizer.pad_token_id)
+        text = writer_tokenizer.decode(written[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+        assert sheets[request] == cs.clean_sheet(text)
+        sheet = sheets[request] or sheet
+    assert sheet  # the writer wrote something the evaluated model reads
+    # the evaluated model reading the sheet is the teacher; the writer is never scored
+    assert result["metrics"]["eval/accuracy"] == result["metrics"]["eval/teacher_accuracy"]
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    cs.use_sheet(task, sheet, 2)
+    assert result["context_tokens_per_query"] == len(tokenizer(task.context + cs.SEPARATOR).input_ids)
+
+    with pytest.raises(ConfigError, match="more than the writer's window of 1024"):  # the writer's tokens count
+        run(make_cfg(*overrides, "method.chunk_demos=null", "dataset.context.num_demos=24"))
 
 
 def test_cheat_sheet_cleaning_drops_a_preamble_as_released():

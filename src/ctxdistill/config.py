@@ -618,14 +618,7 @@ class SeparateTeacher:
     def check_separate_teacher(cls, m: DictConfig) -> None:
         """The teacher, when there is one, is a valid model that predicts the next token; GOLD's hybrid settings
         and the cross-entropy's weight belong to divergence=uld."""
-        if m.teacher_model is not None:
-            validate_model(m.teacher_model, "method.teacher_model")
-            require(
-                m.teacher_model.architecture == "causal_lm",
-                "method.teacher_model",
-                f"{m.teacher_model.name} is a {m.teacher_model.architecture} model; a teacher predicts the next token",
-                "Use a causal LM as the teacher (e.g. model@method.teacher_model=gemma3-270m)",
-            )
+        validate_teacher_model(m)
         require(
             m.divergence == "uld" or not m.uld_hybrid,
             "method.uld_hybrid",
@@ -648,6 +641,18 @@ class SeparateTeacher:
             f"(uld_hybrid={m.uld_hybrid})",
             "Set method.uld_hybrid=true method.uld_hybrid_weights=[1.0,1.0], or leave the weights at null "
             "(GOLD's adaptive weights)",
+        )
+
+
+def validate_teacher_model(m: DictConfig) -> None:
+    """A method's separate teacher (``method.teacher_model``), when it has one, is a valid model that writes text."""
+    if m.teacher_model is not None:
+        validate_model(m.teacher_model, "method.teacher_model")
+        require(
+            m.teacher_model.architecture == "causal_lm",
+            "method.teacher_model",
+            f"{m.teacher_model.name} is a {m.teacher_model.architecture} model; a teacher predicts the next token",
+            "Use a causal LM as the teacher (e.g. model@method.teacher_model=gemma3-270m)",
         )
 
 

@@ -2,7 +2,9 @@
 code CyberAgentAILab/cheat-sheet-icl). No weight changes.
 
 The model reads the demonstrations, all in one request as the released meta-model (GPT-4.1) does, and
-writes a cheat sheet with the released request (``get_cheat_prompt``, non-math tasks), greedily (the
+writes a cheat sheet (another model writes it when ``teacher_model`` names one, e.g. a larger one, as the
+paper's transfer experiments give GPT-4.1's sheets to Gemini models; any tokenizer: only the sheet's text
+passes between them) with the released request (``get_cheat_prompt``, non-math tasks), greedily (the
 released ``--temp 0``); the evaluated context is then the sheet, the released line "Follow the format of
 the examples below in your response." and the first two demonstrations, joined and followed by the query
 with the released separator ``"\\n###\\n"``. The demonstrations are those ICL would see (every context's,
@@ -26,12 +28,12 @@ text (which holds the demonstrations), the writer model's identity, the generati
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import ConfigError, MethodConfig, require, require_count
+from ctxdistill.config import ConfigError, MethodConfig, ModelConfig, require, require_count, validate_teacher_model
 from ctxdistill.data import Task
 from ctxdistill.evaluation import Evaluator, MethodEvaluator, make_evaluator
 from ctxdistill.generation import generate
@@ -80,11 +82,14 @@ class CheatSheetConfig(MethodConfig):
     format_examples: int = 2  # demonstrations shown after the sheet (released: 2)
     chat: bool = True  # the request as a user turn in the model's chat format (the released code calls a chat API)
     sheet_dir: str = "${cache_dir}/cheat_sheets"
+    # the model that writes the sheet (+model@method.teacher_model=NAME); null: the evaluated model writes it
+    teacher_model: Optional[ModelConfig] = None
     schema_name: ClassVar[str] = "base_cheat_sheet"
     dataset_kinds: ClassVar[tuple[str, ...]] = ("classification",)
 
     @classmethod
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
+        validate_teacher_model(m)
         require("{examples}" in m.request, "method.request", "has no {examples} placeholder", "Keep {examples} in it")
         require("{sheet}" in m.sheet_so_far, "method.sheet_so_far", "has no {sheet} placeholder", "Keep {sheet} in it")
         require_count(m.chunk_demos, "method.chunk_demos", "null: every demonstration in one request, as released")
@@ -152,6 +157,7 @@ class CheatSheet(Method):
         format_examples: int,
         chat: bool,
         sheet_dir: str,
+        teacher_model: Optional[dict],
     ):
         super().__init__(name)
         self.request, self.sheet_so_far, self.chunk_demos = request, sheet_so_far, chunk_demos
@@ -161,6 +167,7 @@ class CheatSheet(Method):
             chat,
             sheet_dir,
         )
+        self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)
 
     def chunks(self, task: Task) -> list[list]:
         size = self.chunk_demos or max(len(task.demos), 1)
@@ -171,20 +178,11 @@ class CheatSheet(Method):
         return render_chat(tokenizer, [{"role": "user", "content": request}]) if self.chat else request
 
     def check_inputs(self, task, tokenizer, cfg):
-        """Every request (after a sheet of full length) and its sheet fit the window, and so does the longest query
-        after a sheet of full length."""
+        """Every request fits its writer's window (the evaluated model's here; a separate writer's in
+        :meth:`check_teacher`), and so does the longest query after a sheet of full length."""
         window = context_window(cfg.model, cfg.cache_dir)
-        chunks = self.chunks(task)
-        stand_in = "\n" if len(chunks) > 1 else ""  # stands for a sheet so far; its tokens are added below
-        longest = max(len(tokenizer(self.prompt(tokenizer, task, c, stand_in)).input_ids) for c in chunks)
-        need = longest + self.max_sheet_tokens * (2 if len(chunks) > 1 else 1)
-        if need > window:
-            raise ConfigError(
-                f"method.chunk_demos: a request to write a cheat sheet may take {need} tokens with the sheet so far "
-                f"and the new sheet ({self.max_sheet_tokens} tokens each), more than the model's window of {window}. "
-                f"Set method.chunk_demos (demonstrations per request, now {len(chunks[0])}) lower, or lower "
-                "method.max_sheet_tokens."
-            )
+        if self.teacher_model is None:
+            self.check_requests(task, tokenizer, window)
         context = len(tokenizer(sheet_context(task, "", self.format_examples)).input_ids) + self.max_sheet_tokens
         queries = [e for s in task.eval_sets.values() for e in s]
         query = max(len(ids) for ids in tokenizer([SEPARATOR + task.query(e) for e in queries]).input_ids)
@@ -195,8 +193,29 @@ class CheatSheet(Method):
                 f"{window}. Lower method.max_sheet_tokens or method.format_examples."
             )
 
+    def check_teacher(self, cfg, task, tokenizer, teacher_tokenizer):
+        """A separate writer may have any tokenizer (only the sheet's text reaches the evaluated model); its
+        requests must fit its own window."""
+        self.check_requests(task, teacher_tokenizer, context_window(self.teacher_model, cfg.cache_dir))
+
+    def check_requests(self, task: Task, tokenizer, window: int) -> None:
+        """Every request (after a sheet so far of full length) and the sheet it writes fit the writer's window."""
+        chunks = self.chunks(task)
+        stand_in = "\n" if len(chunks) > 1 else ""  # stands for a sheet so far; its tokens are added below
+        longest = max(len(tokenizer(self.prompt(tokenizer, task, c, stand_in)).input_ids) for c in chunks)
+        need = longest + self.max_sheet_tokens * (2 if len(chunks) > 1 else 1)
+        if need > window:
+            raise ConfigError(
+                f"method.chunk_demos: a request to write a cheat sheet may take {need} tokens with the sheet so far "
+                f"and the new sheet ({self.max_sheet_tokens} tokens each), more than the writer's window of {window}. "
+                f"Set method.chunk_demos (demonstrations per request, now {len(chunks[0])}) lower, or lower "
+                "method.max_sheet_tokens."
+            )
+
     def write_sheet(self, handle, tokenizer, task: Task, batch_size: int) -> str:
-        """The cheat sheet of the task's demonstrations, written chunk after chunk; each step is cached."""
+        """The cheat sheet of the task's demonstrations, written chunk after chunk by the writer (the separate
+        teacher when there is one, in its own tokens; ``handle.identity`` is its identity); each step is cached."""
+        tokenizer = handle.teacher_tokenizer or tokenizer
         store = RowStore(
             self.sheet_dir,
             "cheat_sheet",
@@ -248,7 +267,9 @@ class CheatSheetEvaluator(MethodEvaluator):
             len(tokenizer(task.context + SEPARATOR).input_ids),
             sheet,
         )
-        self.inner = make_evaluator(self.handle, tokenizer, task, True, self.batch_size, model_is_teacher=True)
+        # A separate writer only writes: the evaluated model reading the sheet is the run's teacher.
+        reader = replace(self.handle, separate_teacher=None, teacher_tokenizer=None)
+        self.inner = make_evaluator(reader, tokenizer, task, True, self.batch_size, model_is_teacher=True)
         self.inner.prepare()
 
     def evaluate(self, names=None):
