@@ -154,6 +154,15 @@ def test_no_two_experiments_write_the_same_block_of_settings():
     assert copied == {}
 
 
+def test_the_generated_category_tasks_write_only_what_tells_them_apart():
+    """synthetic_size, synthetic_temperature and synthetic_living share dataset/category/base; each writes its
+    name, its question, its label words and its instruction."""
+    for task in ("size", "temperature", "living"):
+        written = written_settings(CONFIG_DIR / "dataset" / f"synthetic_{task}.yaml")
+        assert set(written) == {"name", "source.generator_options.task", "verbalizers", "context.instruction"}
+        assert written["source.generator_options.task"] == task
+
+
 def test_the_running_guide_lists_every_experiment():
     """docs/running.md's table of config groups names every experiment a user can run (bases excepted)."""
     text = (Path(__file__).parents[1] / "docs" / "running.md").read_text()
