@@ -124,7 +124,12 @@ def test_an_experiment_writes_no_setting_the_experiment_it_extends_already_gives
 
     def chain(experiment: str) -> list[str]:  # the experiments it extends, the nearest first
         raw = yaml.safe_load((CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text())
-        bases = [d.removeprefix("/experiment/") for d in raw.get("defaults", []) if str(d).startswith("/experiment/")]
+        here = Path(experiment).parent
+        bases = [  # /experiment/demo, or demo beside it
+            d.removeprefix("/experiment/") if d.startswith("/") else (here / d).as_posix()
+            for d in raw.get("defaults", [])
+            if isinstance(d, str) and d != "_self_"
+        ]
         return [e for base in bases for e in (base, *chain(base))]
 
     copies = []
