@@ -168,15 +168,35 @@ def test_the_generated_category_tasks_write_only_what_tells_them_apart():
         assert written["source.generator_options.task"] == task
 
 
-def test_the_running_guide_lists_every_experiment():
-    """docs/running.md's table of config groups names every experiment a user can run (bases excepted)."""
+def test_the_running_guide_lists_every_option_of_every_group():
+    """docs/running.md's table of config groups has a row for each group and subgroup of conf/ (a folder whose
+    files another file of its group composes, such as method/prompts/, is no group), and its options column names
+    exactly the group's options a user can choose (experiments' bases excepted): outside the parentheses, which
+    describe them, each is written in backticks (braces for several: `opt-{125m,350m}`)."""
     text = (Path(__file__).parents[1] / "docs" / "running.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| `experiment` |"))
-    listed = set()
-    for name in re.findall(r"`([^`]+)`", row.split("|")[2].split(";")[0]):
-        braces = re.fullmatch(r"(.*)\{(.*)\}(.*)", name)
-        listed |= {braces[1] + part + braces[3] for part in braces[2].split(",")} if braces else {name}
-    assert listed == {e for e in options("experiment") if not e.endswith("base")}  # cpu_base too
+    header = text.splitlines().index("| group | options | notes |")
+    rows = {}
+    for line in text.splitlines()[header + 2 :]:
+        if not line.startswith("|"):
+            break
+        group, listed = re.fullmatch(r"\| `([\w/]+)` \| (.*?) \|.*", line).groups()
+        while re.search(r"\([^()]*\)", listed):  # the descriptions, nested ones too
+            listed = re.sub(r"\([^()]*\)", "", listed)
+        rows[group] = set()
+        for name in re.findall(r"`([^`]+)`", listed):
+            braces = re.fullmatch(r"(.*)\{(.*)\}(.*)", name)
+            rows[group] |= {braces[1] + part + braces[3] for part in braces[2].split(",")} if braces else {name}
+    composed_pieces = {  # folders other files compose with @_here_ (method/prompts, dataset/category)
+        f"{path.parent.relative_to(CONFIG_DIR).as_posix()}/{entry.split('/')[0]}"
+        for path in CONFIG_DIR.rglob("*.yaml")
+        for entry in re.findall(r"^\s*- (\S+)@_here_", path.read_text(), re.MULTILINE)
+    }
+    folders = {p.parent.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml")} - {"."}
+    groups = {f for f in folders if f.split("/")[0] != "experiment" and f not in composed_pieces} | {"experiment"}
+    assert set(rows) == groups
+    for group in groups:
+        chosen = options(group) if group != "experiment" else [e for e in options(group) if not e.endswith("base")]
+        assert rows[group] == set(chosen), group
 
 
 @pytest.mark.parametrize(
