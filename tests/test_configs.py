@@ -89,15 +89,114 @@ def test_every_experiment_composes_and_validates(make_cfg, experiment):
     validate(make_cfg(f"experiment={experiment}", *NEEDS.get(f"experiment={experiment}", [])))
 
 
-def test_the_running_guide_lists_every_experiment():
-    """docs/running.md's table of config groups names every experiment a user can run (bases excepted)."""
+def written_settings(option: Path) -> dict[str, object]:
+    """The settings an option file writes itself (dotted key -> value), not those of what its defaults list
+    composes."""
+    import yaml
+
+    def leaves(node: dict, prefix: str = ""):
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    raw = yaml.safe_load(option.read_text()) or {}
+    return dict(leaves({k: v for k, v in raw.items() if k != "defaults"}))
+
+
+def test_configs_built_on_shared_files_resolve_as_they_did_when_copied(make_cfg):
+    """opcd/system_prompt and genpi/cpu_sized build on genpi/cpu_base, the generated category tasks on
+    dataset/category/base, instead of each writing its own copy: every setting resolves as it did before
+    (pinned: tests/data/configs_before_composition.json, composed from the copies)."""
+    before = json.loads((Path(__file__).parent / "data" / "configs_before_composition.json").read_text())
+    for choice, sections in before.items():
+        cfg = make_cfg(choice)
+        for section, expected in sections.items():
+            value = cfg[section]
+            assert (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value) == expected, choice
+
+
+def test_an_experiment_writes_no_setting_the_experiment_it_extends_already_gives():
+    """A setting an experiment shares with the one it extends is written once, in the one extended: a key
+    written again with the value the nearest extended experiment writes is a copy (another value: the change)."""
+    import yaml
+
+    def chain(experiment: str) -> list[str]:  # the experiments it extends, the nearest first
+        raw = yaml.safe_load((CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text())
+        here = Path(experiment).parent
+        bases = [  # /experiment/demo, or demo beside it
+            d.removeprefix("/experiment/") if d.startswith("/") else (here / d).as_posix()
+            for d in raw.get("defaults", [])
+            if isinstance(d, str) and d != "_self_"
+        ]
+        return [e for base in bases for e in (base, *chain(base))]
+
+    copies = []
+    for experiment in options("experiment"):
+        bases = [written_settings(CONFIG_DIR / "experiment" / f"{base}.yaml") for base in chain(experiment)]
+        for key, value in written_settings(CONFIG_DIR / "experiment" / f"{experiment}.yaml").items():
+            if next((base[key] for base in bases if key in base), object()) == value:
+                copies.append(f"{experiment}: {key}")
+    assert copies == []
+
+
+def test_no_two_experiments_write_the_same_block_of_settings():
+    """Settings two experiments share are written once, in an experiment both extend (genpi/cpu_base for
+    genpi/cpu_sized and opcd/system_prompt): five or more identical settings in two files are a copied block
+    (addition_distill and huang2022/multitask_ict agree on four trainer settings, each chosen for its task)."""
+    written = {
+        e: set(map(repr, written_settings(CONFIG_DIR / "experiment" / f"{e}.yaml").items()))
+        for e in options("experiment")
+    }
+    experiments = sorted(written)
+    copied = {
+        (a, b): sorted(written[a] & written[b])
+        for i, a in enumerate(experiments)
+        for b in experiments[i + 1 :]
+        if len(written[a] & written[b]) >= 5
+    }
+    assert copied == {}
+
+
+def test_the_generated_category_tasks_write_only_what_tells_them_apart():
+    """synthetic_size, synthetic_temperature and synthetic_living share dataset/category/base; each writes its
+    name, its question, its label words and its instruction."""
+    for task in ("size", "temperature", "living"):
+        written = written_settings(CONFIG_DIR / "dataset" / f"synthetic_{task}.yaml")
+        assert set(written) == {"name", "source.generator_options.task", "verbalizers", "context.instruction"}
+        assert written["source.generator_options.task"] == task
+
+
+def test_the_running_guide_lists_every_option_of_every_group():
+    """docs/running.md's table of config groups has a row for each group and subgroup of conf/ (a folder whose
+    files another file of its group composes, such as method/prompts/, is no group), and its options column names
+    exactly the group's options a user can choose (experiments' bases excepted): outside the parentheses, which
+    describe them, each is written in backticks (braces for several: `opt-{125m,350m}`)."""
     text = (Path(__file__).parents[1] / "docs" / "running.md").read_text()
-    row = next(line for line in text.splitlines() if line.startswith("| `experiment` |"))
-    listed = set()
-    for name in re.findall(r"`([^`]+)`", row.split("|")[2].split(";")[0]):
-        braces = re.fullmatch(r"(.*)\{(.*)\}(.*)", name)
-        listed |= {braces[1] + part + braces[3] for part in braces[2].split(",")} if braces else {name}
-    assert listed == {e for e in options("experiment") if not e.endswith("/base")}
+    header = text.splitlines().index("| group | options | notes |")
+    rows = {}
+    for line in text.splitlines()[header + 2 :]:
+        if not line.startswith("|"):
+            break
+        group, listed = re.fullmatch(r"\| `([\w/]+)` \| (.*?) \|.*", line).groups()
+        while re.search(r"\([^()]*\)", listed):  # the descriptions, nested ones too
+            listed = re.sub(r"\([^()]*\)", "", listed)
+        rows[group] = set()
+        for name in re.findall(r"`([^`]+)`", listed):
+            braces = re.fullmatch(r"(.*)\{(.*)\}(.*)", name)
+            rows[group] |= {braces[1] + part + braces[3] for part in braces[2].split(",")} if braces else {name}
+    composed_pieces = {  # folders other files compose with @_here_ (method/prompts, dataset/category)
+        f"{path.parent.relative_to(CONFIG_DIR).as_posix()}/{entry.split('/')[0]}"
+        for path in CONFIG_DIR.rglob("*.yaml")
+        for entry in re.findall(r"^\s*- (\S+)@_here_", path.read_text(), re.MULTILINE)
+    }
+    folders = {p.parent.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml")} - {"."}
+    groups = {f for f in folders if f.split("/")[0] != "experiment" and f not in composed_pieces} | {"experiment"}
+    assert set(rows) == groups
+    for group in groups:
+        chosen = options(group) if group != "experiment" else [e for e in options(group) if not e.endswith("base")]
+        assert rows[group] == set(chosen), group
 
 
 @pytest.mark.parametrize(

@@ -461,6 +461,10 @@ def test_a_wandb_sweep_file_sweeps_what_its_experiment_sweeps_itself():
     assert experiment_sweep("demo") == {"method": ["zero_shot", "icl", "ft", "cd"]}
     assert experiment_sweep("many_contexts") == {"method": "cd", "dataset.context.num_contexts": [1, 2, 4]}
     assert experiment_sweep("mosbach2023/mnli") == {}
+    # composed as Hydra composes it: a sweep the experiment extends is its own, unless it sets another
+    assert experiment_sweep("beyond_window") == experiment_sweep("demo")
+    assert experiment_sweep("huang2022/meta_ict") == {"method": ["icl", "ict", "icl_d", "icl_distill"]}
+    assert experiment_sweep("cross_family") == {}  # params: null, not the demo's four methods
 
 
 def stand_ins(tmp_path: Path, *commands: str) -> dict[str, str]:

@@ -77,12 +77,21 @@ def hydra_overrides(grid: dict[str, Any], replace: list[str] = ()) -> list[str]:
 
 
 def experiment_sweep(experiment: str) -> dict[str, Any]:
-    """An experiment's own Hydra sweep (``hydra.sweeper.params``, ``key: a,b,c``) as grid params. A W&B agent
-    starts single runs, which Hydra's sweeper never sees, so the experiment's W&B file sweeps them itself."""
-    from ctxdistill.cli import CONFIG_DIR
+    """An experiment's Hydra sweep (``hydra.sweeper.params``, ``key: a,b,c``) as grid params. A W&B agent
+    starts single runs, which Hydra's sweeper never sees, so the experiment's W&B file sweeps them itself.
+    Read from the composed config, as Hydra reads it: an experiment that extends another (beyond_window,
+    the demo) sweeps what that one does unless it sets its own."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    config = yaml.safe_load((CONFIG_DIR / "experiment" / f"{experiment}.yaml").read_text())
-    params = ((config.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    from ctxdistill.cli import CONFIG_DIR
+    from ctxdistill.config import register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        config = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    params = config.hydra.sweeper.params or {}
     swept = {key: [yaml.safe_load(choice) for choice in str(value).split(",")] for key, value in params.items()}
     return {key: choices if len(choices) > 1 else choices[0] for key, choices in swept.items()}
 
