@@ -98,6 +98,22 @@ def test_seeds_that_all_agree_get_one_runs_interval_not_one_of_width_zero():
     assert (low, high) == pytest.approx(t_interval([0.5, 0.5, 0.52]))
 
 
+def test_seeds_that_agree_on_different_numbers_of_examples_get_the_interval_of_the_fewest(tmp_path, capsys):
+    """Whichever seed comes first: the widest of the seeds' own intervals, and the CSV's n is the one it is over."""
+    accuracy = Metric("accuracy", "accuracy")
+    assert Cell(accuracy, [0.5, 0.5], [1000, 10]).interval == Cell(accuracy, [0.5, 0.5], [10, 1000]).interval
+    assert Cell(accuracy, [0.5, 0.5], [1000, 10]).interval == wilson(5, 10)
+    assert Cell(accuracy, [0.5, 0.5], [1000, None]).interval is None  # a seed of unknown n: no Wilson interval
+    for seed, n in ((0, 1000), (1, 10)):
+        write_run(tmp_path / str(seed), "cd", seed, 0.5, f"2026-01-01T00:00:0{seed}", n=n)
+    write_run(tmp_path / "z0", "zero_shot", 0, 0.5, "2026-01-01T00:00:03", n=101)
+    write_run(tmp_path / "z1", "zero_shot", 1, 0.6, "2026-01-01T00:00:04", n=100)
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    cd, zero = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert (cd["eval/examples"], float(cd["eval/accuracy_low"])) == ("10", pytest.approx(wilson(5, 10)[0], abs=1e-6))
+    assert zero["eval/examples"] == "100"  # a whole number of examples, not their mean 100.5
+
+
 def test_an_interval_over_seeds_stops_where_the_metric_can_go():
     """Two noisy seeds of a latency give a t-interval reaching below 0 ms; a proportion's stops at 1."""
     latency = next(m for m in Evaluator.metric_set.metrics if m.name == "student_latency_ms")
