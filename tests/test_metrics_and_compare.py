@@ -521,7 +521,7 @@ def defined_metrics(output_dir: Path) -> dict[str, str]:
     from ctxdistill.results.wandb_runs import _run_file_records
 
     defined = {}
-    for raw in _run_file_records(next(output_dir.rglob("*.wandb"))):
+    for raw in _run_file_records(next(output_dir.rglob("*.wandb")))[0]:
         record = pb.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "metric" and record.metric.name:
@@ -553,36 +553,41 @@ def test_link_prediction_runs_of_both_ranking_modes_make_one_table_with_one_head
     assert table.rows[0].cells["eval/sampled50_mrr"].values == [0.6]
 
 
+def log_offline_run(record: dict, output_dir: Path, monkeypatch) -> Path:
+    """What run.py logs of a run to W&B offline (the config with the declarations, the final metrics as the
+    summary); returns its run file."""
+    from ctxdistill.tracking import WandbTracker
+
+    for setting in ("STATS", "META", "MACHINE_INFO"):  # seconds of system probing these tests do not need
+        monkeypatch.setenv(f"WANDB_X_DISABLE_{setting}", "true")
+    tracker = WandbTracker(
+        project="p",
+        entity=None,
+        mode="offline",
+        group="g",
+        name=record["method"],
+        tags=[],
+        job_type="train",
+        config={key: {"name": record[key]} for key in ("method", "model", "dataset")} | {"seed": 0, "paper": None},
+        output_dir=str(output_dir),
+        log_predictions=False,
+        resumes=False,
+    )
+    tracker.declare(MetricSet.from_dict(record["metric_set"]))
+    tracker.log(record["metrics"], 2)
+    tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"], "status": "complete"})
+    tracker.finish()
+    return next(output_dir.rglob("*.wandb"))
+
+
 def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_wandb_runs(
     tmp_path, capsys, monkeypatch
 ):
-    from ctxdistill.tracking import WandbTracker
-
-    for setting in ("STATS", "META", "MACHINE_INFO"):  # seconds of system probing this test does not need
-        monkeypatch.setenv(f"WANDB_X_DISABLE_{setting}", "true")
-
     for record in family_records():
         cell = tmp_path / "files" / record["method"]
         cell.mkdir(parents=True)
         (cell / "metrics.json").write_text(json.dumps(record))
-        # what run.py logs: the config with the declarations, the final metrics as the summary
-        tracker = WandbTracker(
-            project="p",
-            entity=None,
-            mode="offline",
-            group="g",
-            name=record["method"],
-            tags=[],
-            job_type="train",
-            config={key: {"name": record[key]} for key in ("method", "model", "dataset")} | {"seed": 0, "paper": None},
-            output_dir=str(tmp_path / "wandb" / record["method"]),
-            log_predictions=False,
-            resumes=False,
-        )
-        tracker.declare(MetricSet.from_dict(record["metric_set"]))
-        tracker.log(record["metrics"], 2)
-        tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"], "status": "complete"})
-        tracker.finish()
+        log_offline_run(record, tmp_path / "wandb" / record["method"], monkeypatch)
         # the run keeps the best value of its own objective (not a hard-coded eval/accuracy)
         assert defined_metrics(tmp_path / "wandb" / record["method"]) == {record["metric_set"]["objective"]: "max"}
     assert main([str(tmp_path / "files")]) == 0
@@ -621,10 +626,7 @@ def test_every_family_gives_the_same_rows_from_metrics_json_offline_wandb_and_th
 
     from ctxdistill.results.render import render
     from ctxdistill.results.wandb_runs import api_records, read_offline_run
-    from ctxdistill.tracking import WandbTracker
 
-    for setting in ("STATS", "META", "MACHINE_INFO"):
-        monkeypatch.setenv(f"WANDB_X_DISABLE_{setting}", "true")
     exact_match = {
         "method": "icl",
         "model": "smollm2-135m",
@@ -660,23 +662,7 @@ def test_every_family_gives_the_same_rows_from_metrics_json_offline_wandb_and_th
         cell = tmp_path / "files" / record["method"]
         cell.mkdir(parents=True)
         (cell / "metrics.json").write_text(json.dumps(record))
-        tracker = WandbTracker(
-            project="p",
-            entity=None,
-            mode="offline",
-            group="g",
-            name=record["method"],
-            tags=[],
-            job_type="train",
-            config={key: {"name": record[key]} for key in ("method", "model", "dataset")} | {"seed": 0, "paper": None},
-            output_dir=str(tmp_path / "wandb" / record["method"]),
-            log_predictions=False,
-            resumes=False,
-        )
-        tracker.declare(MetricSet.from_dict(record["metric_set"]))
-        tracker.log(record["metrics"], 2)
-        tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"], "status": "complete"})
-        tracker.finish()
+        log_offline_run(record, tmp_path / "wandb" / record["method"], monkeypatch)
         run = read_offline_run(next((tmp_path / "wandb" / record["method"]).rglob("offline-run-*")))
         attrs = {
             "state": "finished",
@@ -878,6 +864,26 @@ def test_a_wandb_run_that_crashed_or_was_stopped_is_not_read_back_and_its_attemp
     assert current.config["supersedes_wandb_run"] == ids[0] and "supersedes_wandb_run" not in attempts[2].config
     # read through the public API with its old exit code 0, the stopped attempt is still not a run
     assert record_from_wandb(attempts[1].config, attempts[1].summary, finished=True) is None
+
+
+def test_an_offline_run_file_cut_short_is_named_with_what_was_lost_not_dropped_in_silence(
+    tmp_path, capsys, monkeypatch
+):
+    """A real offline run file cut in half (a copy cut short, a full disk) loses its final summary and exit: the run
+    is left out of the table, and the warning says which file, what was lost and what to give instead."""
+    classification, _, kg = family_records()
+    whole = log_offline_run(classification, tmp_path / "cd", monkeypatch)
+    cut = log_offline_run(kg, tmp_path / "kgbert", monkeypatch)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert [row.split(",")[0] for row in out.splitlines()[1:]] == ["cd"]
+    assert f"warning: {cut}: cut off or damaged at byte " in err and str(whole) not in err
+    assert "the run is not read as complete and is left out" in err and "(its metrics.json) instead" in err
+    assert "1 unreadable run file(s)" in err and main([str(tmp_path), "--strict"]) == 1
+    whole.write_bytes(b"not a run file")
+    assert main([str(tmp_path / "cd")]) == 1
+    assert f"warning: {whole}: unreadable ({whole} is not a W&B run file" in capsys.readouterr().err
 
 
 def test_every_offline_attempt_of_a_replaced_run_is_set_aside_also_one_w_and_b_numbered(tmp_path):
