@@ -742,6 +742,19 @@ def test_results_directory_has_readme_tables_and_plots_per_dataset(tmp_path):
     assert (tmp_path / "results" / "table.csv").read_text().count("\n") == 5
 
 
+def test_models_of_the_same_size_are_plotted_side_by_side_not_on_top_of_each_other(tmp_path):
+    """opt-125m and gpt-neo-125m (125M by their names): the comparison's files were lost to a TypeError."""
+    from ctxdistill.results.plots import _models
+
+    for i, model in enumerate(("opt-125m", "gpt-neo-125m")):
+        write_run(tmp_path / "runs" / model, "cd", 0, 0.6 + i / 10, f"2026-01-01T00:00:0{i}", model, "mnli")
+    records = collect([tmp_path / "runs"])
+    assert _models(summarise(records)[0].rows)[1:] == ({"gpt-neo-125m": 0, "opt-125m": 1}, False)
+    write_results(tmp_path / "out", records, title="Results")
+    with Image.open(tmp_path / "out" / "results" / "accuracy_vs_size_mnli.png") as image:
+        image.verify()
+
+
 def test_wandb_report_spec_follows_the_declarations(tmp_path):
     import wandb_workspaces.reports.v2 as wr
     from wandb_workspaces import expr
