@@ -112,6 +112,8 @@ def test_seeds_that_agree_on_different_numbers_of_examples_get_the_interval_of_t
     cd, zero = csv.DictReader(io.StringIO(capsys.readouterr().out))
     assert (cd["eval/examples"], float(cd["eval/accuracy_low"])) == ("10", pytest.approx(wilson(5, 10)[0], abs=1e-6))
     assert zero["eval/examples"] == "100"  # a whole number of examples, not their mean 100.5
+    readme = write_results(tmp_path.parent / f"{tmp_path.name}-out", collect([tmp_path]), title="t").read_text()
+    assert "Wilson's over the set's examples (`n`; the fewest where the seeds differ in it;" in readme
 
 
 def test_an_interval_over_seeds_stops_where_the_metric_can_go():
