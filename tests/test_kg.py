@@ -40,7 +40,7 @@ from ctxdistill.methods.kgc import (
     prompt_positions,
 )
 from ctxdistill.models import load_model, load_tokenizer
-from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, ranking_metrics
+from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, link_prediction_metrics, ranking_metrics
 from ctxdistill.run import run
 
 from conftest import method_of
@@ -244,6 +244,20 @@ def test_filtered_ranking_of_a_hand_built_graph_gives_the_known_ranks():
     assert metrics["eval/tail_mrr"] == 0.5 and metrics["eval/head_mrr"] == pytest.approx(0.4)
     assert metrics["eval/mrr"] == pytest.approx(0.45)
     assert metrics["eval/hits@1"] == 0 and metrics["eval/hits@3"] == 1.0 and metrics["eval/hits@10"] == 1.0
+
+
+def test_hits_at_k_intervals_count_each_triple_once_not_its_head_and_tail_queries_twice():
+    """A triple's two rankings are one example: two queries of one triple that both hit are not two successes in
+    two independent tries (Wilson's interval over 2 would claim [0.342, 1.0] from the one triple)."""
+    from ctxdistill.results.stats import wilson
+    from ctxdistill.results.table import summarise
+
+    metrics, rows = LinkPredictionEvaluator(hand_built_task(), lambda q, c: [torch.zeros(len(e)) for e in c]).evaluate()
+    assert metrics["eval/examples"] == len(rows["eval"]) == 1  # the triples, as --vs pairs them
+    assert metrics["eval/hits@3"] == 1.0  # 4 candidates all tied: rank 2.5 both ways
+    record = {"method": "m", "model": "m", "dataset": "d", "seed": 0, "metrics": metrics}
+    [table] = summarise([record | {"metric_set": link_prediction_metrics().to_dict()}])
+    assert table.rows[0].cells["eval/hits@3"].interval == wilson(1, 1)
 
 
 def test_sampled_candidates_never_hold_a_true_answer_and_name_their_metrics():
@@ -1026,7 +1040,7 @@ def test_the_checkpoint_best_on_the_validation_split_is_tested_and_a_resumed_run
     # the tested model is the selected checkpoint: its final validation figures are those it had then
     # (each rounded to what float32 holds, the curves as the final metrics)
     assert result["metrics"]["valid/sampled5_mrr"] == chosen["valid/sampled5_mrr"] == train["selected_value"]
-    assert result["metrics"]["valid/examples"] == 4 and "eval/sampled5_mrr" in result["metrics"]
+    assert result["metrics"]["valid/examples"] == 2 and "eval/sampled5_mrr" in result["metrics"]
     assert not (tmp_path / "uninterrupted" / "checkpoints").exists()
 
     with monkeypatch.context() as patched:
@@ -1105,7 +1119,6 @@ def test_a_method_refuses_a_dataset_of_the_other_kind(make_cfg):
 
 
 def test_the_comparison_table_shows_ranking_metrics_for_kg_runs(tmp_path):
-    from ctxdistill.ranking import link_prediction_metrics
     from ctxdistill.results.files import write_results
     from ctxdistill.results.table import summarise
 

@@ -98,6 +98,24 @@ def test_seeds_that_all_agree_get_one_runs_interval_not_one_of_width_zero():
     assert (low, high) == pytest.approx(t_interval([0.5, 0.5, 0.52]))
 
 
+def test_seeds_that_agree_on_different_numbers_of_examples_get_the_interval_of_the_fewest(tmp_path, capsys):
+    """Whichever seed comes first: the widest of the seeds' own intervals, and the CSV's n is the one it is over."""
+    accuracy = Metric("accuracy", "accuracy")
+    assert Cell(accuracy, [0.5, 0.5], [1000, 10]).interval == Cell(accuracy, [0.5, 0.5], [10, 1000]).interval
+    assert Cell(accuracy, [0.5, 0.5], [1000, 10]).interval == wilson(5, 10)
+    assert Cell(accuracy, [0.5, 0.5], [1000, None]).interval is None  # a seed of unknown n: no Wilson interval
+    for seed, n in ((0, 1000), (1, 10)):
+        write_run(tmp_path / str(seed), "cd", seed, 0.5, f"2026-01-01T00:00:0{seed}", n=n)
+    write_run(tmp_path / "z0", "zero_shot", 0, 0.5, "2026-01-01T00:00:03", n=101)
+    write_run(tmp_path / "z1", "zero_shot", 1, 0.6, "2026-01-01T00:00:04", n=100)
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    cd, zero = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert (cd["eval/examples"], float(cd["eval/accuracy_low"])) == ("10", pytest.approx(wilson(5, 10)[0], abs=1e-6))
+    assert zero["eval/examples"] == "100"  # a whole number of examples, not their mean 100.5
+    readme = write_results(tmp_path.parent / f"{tmp_path.name}-out", collect([tmp_path]), title="t").read_text()
+    assert "Wilson's over the set's examples (`n`; the fewest where the seeds differ in it;" in readme
+
+
 def test_an_interval_over_seeds_stops_where_the_metric_can_go():
     """Two noisy seeds of a latency give a t-interval reaching below 0 ms; a proportion's stops at 1."""
     latency = next(m for m in Evaluator.metric_set.metrics if m.name == "student_latency_ms")
@@ -505,7 +523,7 @@ def defined_metrics(output_dir: Path) -> dict[str, str]:
     from ctxdistill.results.wandb_runs import _run_file_records
 
     defined = {}
-    for raw in _run_file_records(next(output_dir.rglob("*.wandb"))):
+    for raw in _run_file_records(next(output_dir.rglob("*.wandb")))[0]:
         record = pb.Record()
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "metric" and record.metric.name:
@@ -537,36 +555,41 @@ def test_link_prediction_runs_of_both_ranking_modes_make_one_table_with_one_head
     assert table.rows[0].cells["eval/sampled50_mrr"].values == [0.6]
 
 
+def log_offline_run(record: dict, output_dir: Path, monkeypatch) -> Path:
+    """What run.py logs of a run to W&B offline (the config with the declarations, the final metrics as the
+    summary); returns its run file."""
+    from ctxdistill.tracking import WandbTracker
+
+    for setting in ("STATS", "META", "MACHINE_INFO"):  # seconds of system probing these tests do not need
+        monkeypatch.setenv(f"WANDB_X_DISABLE_{setting}", "true")
+    tracker = WandbTracker(
+        project="p",
+        entity=None,
+        mode="offline",
+        group="g",
+        name=record["method"],
+        tags=[],
+        job_type="train",
+        config={key: {"name": record[key]} for key in ("method", "model", "dataset")} | {"seed": 0, "paper": None},
+        output_dir=str(output_dir),
+        log_predictions=False,
+        resumes=False,
+    )
+    tracker.declare(MetricSet.from_dict(record["metric_set"]))
+    tracker.log(record["metrics"], 2)
+    tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"], "status": "complete"})
+    tracker.finish()
+    return next(output_dir.rglob("*.wandb"))
+
+
 def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_wandb_runs(
     tmp_path, capsys, monkeypatch
 ):
-    from ctxdistill.tracking import WandbTracker
-
-    for setting in ("STATS", "META", "MACHINE_INFO"):  # seconds of system probing this test does not need
-        monkeypatch.setenv(f"WANDB_X_DISABLE_{setting}", "true")
-
     for record in family_records():
         cell = tmp_path / "files" / record["method"]
         cell.mkdir(parents=True)
         (cell / "metrics.json").write_text(json.dumps(record))
-        # what run.py logs: the config with the declarations, the final metrics as the summary
-        tracker = WandbTracker(
-            project="p",
-            entity=None,
-            mode="offline",
-            group="g",
-            name=record["method"],
-            tags=[],
-            job_type="train",
-            config={key: {"name": record[key]} for key in ("method", "model", "dataset")} | {"seed": 0, "paper": None},
-            output_dir=str(tmp_path / "wandb" / record["method"]),
-            log_predictions=False,
-            resumes=False,
-        )
-        tracker.declare(MetricSet.from_dict(record["metric_set"]))
-        tracker.log(record["metrics"], 2)
-        tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"], "status": "complete"})
-        tracker.finish()
+        log_offline_run(record, tmp_path / "wandb" / record["method"], monkeypatch)
         # the run keeps the best value of its own objective (not a hard-coded eval/accuracy)
         assert defined_metrics(tmp_path / "wandb" / record["method"]) == {record["metric_set"]["objective"]: "max"}
     assert main([str(tmp_path / "files")]) == 0
@@ -605,10 +628,7 @@ def test_every_family_gives_the_same_rows_from_metrics_json_offline_wandb_and_th
 
     from ctxdistill.results.render import render
     from ctxdistill.results.wandb_runs import api_records, read_offline_run
-    from ctxdistill.tracking import WandbTracker
 
-    for setting in ("STATS", "META", "MACHINE_INFO"):
-        monkeypatch.setenv(f"WANDB_X_DISABLE_{setting}", "true")
     exact_match = {
         "method": "icl",
         "model": "smollm2-135m",
@@ -644,23 +664,7 @@ def test_every_family_gives_the_same_rows_from_metrics_json_offline_wandb_and_th
         cell = tmp_path / "files" / record["method"]
         cell.mkdir(parents=True)
         (cell / "metrics.json").write_text(json.dumps(record))
-        tracker = WandbTracker(
-            project="p",
-            entity=None,
-            mode="offline",
-            group="g",
-            name=record["method"],
-            tags=[],
-            job_type="train",
-            config={key: {"name": record[key]} for key in ("method", "model", "dataset")} | {"seed": 0, "paper": None},
-            output_dir=str(tmp_path / "wandb" / record["method"]),
-            log_predictions=False,
-            resumes=False,
-        )
-        tracker.declare(MetricSet.from_dict(record["metric_set"]))
-        tracker.log(record["metrics"], 2)
-        tracker.summary({**record["metrics"], "model/parameters": record["model_parameters"], "status": "complete"})
-        tracker.finish()
+        log_offline_run(record, tmp_path / "wandb" / record["method"], monkeypatch)
         run = read_offline_run(next((tmp_path / "wandb" / record["method"]).rglob("offline-run-*")))
         attrs = {
             "state": "finished",
@@ -738,6 +742,19 @@ def test_results_directory_has_readme_tables_and_plots_per_dataset(tmp_path):
             image.verify()
             assert image.size[0] > 400
     assert (tmp_path / "results" / "table.csv").read_text().count("\n") == 5
+
+
+def test_models_of_the_same_size_are_plotted_side_by_side_not_on_top_of_each_other(tmp_path):
+    """opt-125m and gpt-neo-125m (125M by their names): the comparison's files were lost to a TypeError."""
+    from ctxdistill.results.plots import _models
+
+    for i, model in enumerate(("opt-125m", "gpt-neo-125m")):
+        write_run(tmp_path / "runs" / model, "cd", 0, 0.6 + i / 10, f"2026-01-01T00:00:0{i}", model, "mnli")
+    records = collect([tmp_path / "runs"])
+    assert _models(summarise(records)[0].rows)[1:] == ({"gpt-neo-125m": 0, "opt-125m": 1}, False)
+    write_results(tmp_path / "out", records, title="Results")
+    with Image.open(tmp_path / "out" / "results" / "accuracy_vs_size_mnli.png") as image:
+        image.verify()
 
 
 def test_wandb_report_spec_follows_the_declarations(tmp_path):
@@ -862,6 +879,26 @@ def test_a_wandb_run_that_crashed_or_was_stopped_is_not_read_back_and_its_attemp
     assert current.config["supersedes_wandb_run"] == ids[0] and "supersedes_wandb_run" not in attempts[2].config
     # read through the public API with its old exit code 0, the stopped attempt is still not a run
     assert record_from_wandb(attempts[1].config, attempts[1].summary, finished=True) is None
+
+
+def test_an_offline_run_file_cut_short_is_named_with_what_was_lost_not_dropped_in_silence(
+    tmp_path, capsys, monkeypatch
+):
+    """A real offline run file cut in half (a copy cut short, a full disk) loses its final summary and exit: the run
+    is left out of the table, and the warning says which file, what was lost and what to give instead."""
+    classification, _, kg = family_records()
+    whole = log_offline_run(classification, tmp_path / "cd", monkeypatch)
+    cut = log_offline_run(kg, tmp_path / "kgbert", monkeypatch)
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert [row.split(",")[0] for row in out.splitlines()[1:]] == ["cd"]
+    assert f"warning: {cut}: cut off or damaged at byte " in err and str(whole) not in err
+    assert "the run is not read as complete and is left out" in err and "(its metrics.json) instead" in err
+    assert "1 unreadable run file(s)" in err and main([str(tmp_path), "--strict"]) == 1
+    whole.write_bytes(b"not a run file")
+    assert main([str(tmp_path / "cd")]) == 1
+    assert f"warning: {whole}: unreadable ({whole} is not a W&B run file" in capsys.readouterr().err
 
 
 def test_every_offline_attempt_of_a_replaced_run_is_set_aside_also_one_w_and_b_numbered(tmp_path):

@@ -168,6 +168,18 @@ def test_verdicts_on_hand_made_runs():
     assert percent.mean == pytest.approx(56.0) and percent.verdict == "below"
 
 
+def test_runs_that_agree_on_different_numbers_of_examples_are_scored_over_the_fewest():
+    """Whichever run comes first: the paper's 0.60 is outside a run's interval over 1000 examples, inside 10's."""
+    for runs in (
+        [record(0.5, examples=1000), record(0.5, seed=1, examples=10)],
+        [record(0.5, examples=10), record(0.5, seed=1, examples=1000)],
+    ):
+        [scored] = score([cell(value=0.60)], runs)
+        assert (scored.verdict, scored.interval) == ("consistent", pytest.approx(wilson(5, 10)))
+    [unknown] = score([cell(value=0.60)], [record(0.5, examples=1000), record(0.5, seed=1)])
+    assert unknown.verdict == "no interval"
+
+
 def test_model_as_puts_a_run_model_in_a_paper_models_place_labelled():
     runs = [record(0.5, model="smollm2-135m", seed=s) for s in (0, 1)]
     assert [s.verdict for s in score([cell()], runs)] == ["not run"]

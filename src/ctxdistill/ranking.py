@@ -56,7 +56,8 @@ def ranking_metrics(ranks: Sequence[float], prefix: str = "") -> dict[str, float
 
 
 def link_prediction_metrics(prefix: str = "") -> MetricSet:
-    """MRR and Hits@k over the head and tail queries of each set, named with the ranking mode's prefix."""
+    """MRR and Hits@k over the head and tail queries of each set, named with the ranking mode's prefix; the set's
+    ``examples`` are its triples."""
     return MetricSet(
         "link_prediction",
         (
@@ -129,7 +130,10 @@ class LinkPredictionEvaluator(EvaluatorBase):
             triples = self.task.eval_sets[name]
             ranks = self.rank_all(triples, f"rank {name}")
             result = ranking_metrics(ranks["head"] + ranks["tail"], self.prefix)
-            result["examples"] = len(ranks["head"]) + len(ranks["tail"])  # ranked queries: the n of Hits@k
+            # the n of Hits@k's Wilson interval: the triples, not their 2 queries, which are not independent
+            # examples (the same triple, ranked both ways); over the triples' mean hits the interval is at least
+            # as wide as it should be, wider by up to sqrt(2) where a triple's two hits are independent
+            result["examples"] = len(triples)
             for direction in ("head", "tail"):
                 result.update(ranking_metrics(ranks[direction], f"{self.prefix}{direction}_"))
             metrics.update({f"{name}/{key}": value for key, value in result.items()})

@@ -84,7 +84,8 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strict",
         action="store_true",
-        help="exit non-zero when any metrics.json is unreadable or any run under the paths has no results",
+        help="exit non-zero when any metrics.json or W&B run file is unreadable or any run under the paths has no "
+        "results",
     )
     parser.add_argument(
         "--scorecard",
@@ -258,7 +259,7 @@ def compare(argv: list[str] | None = None) -> int:
             print(f"could not publish the W&B report ({e}); it needs network and `wandb login`", file=sys.stderr)
             return 1
     if unreadable:
-        print(f"{len(unreadable)} unreadable metrics.json skipped (listed above)", file=sys.stderr)
+        print(f"{len(unreadable)} unreadable run file(s) (metrics.json or W&B .wandb) listed above", file=sys.stderr)
     if unfinished:
         print(
             f"{len(unfinished)} run(s) without results left out (listed above): run their ctxdistill command again "

@@ -40,8 +40,8 @@ def write_results(
         f"# {title}",
         "",
         f"{len(records)} complete runs. Each cell: the mean and its 95% interval, Student's t over the seeds "
-        "(the `seeds` column) when there are several, else Wilson's over the set's examples (`n`) for an "
-        "accuracy-like figure.",
+        "(the `seeds` column) when there are several that differ, else Wilson's over the set's examples (`n`; the "
+        "fewest where the seeds differ in it; a knowledge graph's test triples) for an accuracy-like figure.",
         "",
     ]
     if command:

@@ -50,10 +50,11 @@ def _error(cells: list[Cell]) -> list[list[float]]:
 
 
 def _models(rows: list[Row]) -> tuple[list[str], dict[str, float], bool]:
-    """Models in size order and their x positions: log-scaled sizes when every size is known."""
+    """Models in size order and their x positions: log-scaled sizes when every size is known and no two models
+    share one (two models at one x would draw over each other, their ticks in one place), else one after another."""
     sizes = {r.model: r.size for r in rows}
     models = sorted(sizes, key=lambda m: (sizes[m] is None, sizes[m] or 0, m))
-    by_size = all(sizes[m] for m in models)
+    by_size = all(sizes[m] for m in models) and len(set(sizes.values())) == len(models)
     return models, ({m: sizes[m] for m in models} if by_size else {m: i for i, m in enumerate(models)}), by_size
 
 
@@ -75,7 +76,9 @@ def headline_vs_size(table: Table, dataset: str, path: Path) -> Optional[Path]:
     for ax, name in zip(axes, sets):
         key = f"{name}/{headline.name}"
         for i, method in enumerate(methods):
-            points = sorted(((x[r.model], r.cells[key]) for r in rows if r.method == method and key in r.cells))
+            points = sorted(
+                ((x[r.model], r.cells[key]) for r in rows if r.method == method and key in r.cells), key=lambda p: p[0]
+            )
             if not points:
                 continue
             # methods side by side around each model so their error bars do not hide each other

@@ -49,7 +49,7 @@ def collect(paths: Iterable[Path], unreadable: Optional[list[str]] = None) -> li
     A directory is read through its metrics.json files, but for its runs' re-evaluations (``evaluations/``,
     the same runs again: given themselves, they are read); W&B run directories are read only where no
     metrics.json is found (they are the same runs). A metrics.json that cannot be read (cut short, not a
-    run's) is skipped with a warning naming it, and listed in ``unreadable``.
+    run's), or a W&B run file that is cut short or damaged, is named in a warning and listed in ``unreadable``.
     """
     records = []
     for path in map(Path, paths):
@@ -58,7 +58,7 @@ def collect(paths: Iterable[Path], unreadable: Optional[list[str]] = None) -> li
         else:
             files = [f for f in sorted(path.rglob("metrics.json")) if EVALUATIONS not in f.relative_to(path).parts]
         if not files:
-            records += offline_records(path)
+            records += offline_records(path, unreadable)
         for file in files:
             try:
                 result = json.loads(file.read_text())

@@ -14,6 +14,8 @@ import math
 import re
 from typing import Optional
 
+from ctxdistill.results.metrics import EXAMPLES
+from ctxdistill.results.stats import fewest_examples
 from ctxdistill.results.table import Cell, Column, Row, Table
 
 IDENTITY = ["method", "model", "dataset", "seeds"]
@@ -166,9 +168,12 @@ def csv_columns(column: Column) -> list[str]:
 
 
 def csv_values(cell: Optional[Cell]) -> list[Optional[float]]:
-    """Mean, sample std over seeds, the 95% interval; a count is its mean alone."""
+    """Mean, sample std over seeds, the 95% interval; a count is its mean alone, but a set's examples are the
+    number its Wilson intervals are over (the fewest any seed was evaluated on), a whole number."""
     if cell is None:
         return [None, None, None, None]
+    if cell.metric == EXAMPLES:
+        return [fewest_examples(cell.values)]
     if cell.metric.kind == "count":
         return [cell.mean]
     interval = cell.interval or (None, None)

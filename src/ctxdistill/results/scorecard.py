@@ -138,7 +138,7 @@ class Score:
     cell: Cell
     run_model: Optional[str] = None  # the model the runs used (differs from the cell's under --model-as)
     values: list[float] = field(default_factory=list)  # the run metric per run, in the paper's units
-    examples: Optional[int] = None  # eval examples of a run (the first)
+    examples: list[Optional[int]] = field(default_factory=list)  # eval examples of each run with a value
     matched_runs: int = 0  # runs of the cell, with or without the metric
 
     @property
@@ -152,7 +152,7 @@ class Score:
 
     @property
     def interval(self) -> Optional[tuple[float, float]]:
-        """95% interval in the paper's units: t over runs that differ, or Wilson over the examples of one run."""
+        """95% interval in the paper's units: t over runs that differ, or Wilson over the runs' fewest examples."""
         scale = self.cell.scale
         interval = stats.mean_interval([v / scale for v in self.values], self.examples, self.cell.proportion)
         if interval is None:
@@ -226,7 +226,7 @@ def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[d
                     cell,
                     run_model,
                     [r["metrics"][cell.run_metric] * cell.scale for r in measured],
-                    run_examples(measured[0], cell.run_metric) if measured else None,
+                    [run_examples(r, cell.run_metric) for r in measured],
                     len(runs),
                 )
             )
@@ -275,7 +275,7 @@ def text_rows(scores: list[Score]) -> list[list[str]]:
         interval = s.interval
         n = str(len(s.values)) if s.values else "-"
         if len(s.values) == 1:
-            n += f" run, {s.examples} ex." if s.examples else " run"
+            n += f" run, {s.examples[0]} ex." if s.examples[0] else " run"
         rows.append(
             [
                 cell.table,
@@ -364,7 +364,7 @@ def table_rows(scores: list[Score]) -> tuple[list[str], list[list[Any]]]:
                 c.paper, c.table, c.row, c.column, c.metric, c.value, c.runs, c.approximate, c.percent, c.source,
                 c.method, c.model, c.dataset, c.shots, c.run_metric, s.run_model, s.mean,
                 interval[0] if interval else None, interval[1] if interval else None, len(s.values),
-                s.examples, s.difference, s.verdict,
+                stats.fewest_examples(s.examples), s.difference, s.verdict,
             ]
         )  # fmt: skip
     return CSV_COLUMNS, rows

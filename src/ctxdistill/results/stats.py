@@ -2,7 +2,7 @@
 
 - :func:`wilson`: a proportion of n examples (one run), Wilson's score interval.
 - :func:`t_interval`: a mean over n seeds, Student's t with n - 1 degrees of freedom.
-- :func:`mean_interval`: which of the two a mean over runs gets.
+- :func:`mean_interval`: which of the two a mean over runs gets (:func:`fewest_examples`: over how many examples).
 - :func:`mcnemar_exact`: two methods on the same examples, the exact (binomial) McNemar test on the
   examples where exactly one of them is right.
 - :func:`sign_flip_test`: two methods on the same examples scored by a number (a reciprocal rank), the
@@ -68,17 +68,29 @@ def t_interval(values: list[float]) -> Optional[tuple[float, float]]:
     return mean - half, mean + half
 
 
-def mean_interval(values: Sequence[float], examples: Optional[int], proportion: bool) -> Optional[tuple[float, float]]:
-    """The 95% interval of the mean of ``values`` (one per run): Student's t over the runs where they differ;
-    for one run, or runs that all agree (their spread of 0 says nothing: a t-interval would have width 0),
-    Wilson's over one run's ``examples`` for a rate, else None. A value that is not a finite number (a NaN a run
-    reported) leaves the mean without an interval."""
+def fewest_examples(examples: Sequence[Optional[float]]) -> Optional[int]:
+    """The number of examples a Wilson interval over runs that agree is over: the fewest any of them was evaluated
+    on (the widest of their own intervals; their sum would count twice the examples they share); None where a
+    run's number is unknown."""
+    if not examples or not all(examples):
+        return None
+    return int(min(examples))  # type: ignore[type-var]
+
+
+def mean_interval(
+    values: Sequence[float], examples: Sequence[Optional[float]], proportion: bool
+) -> Optional[tuple[float, float]]:
+    """The 95% interval of the mean of ``values`` (one per run, each evaluated on its ``examples``): Student's t
+    over the runs where they differ; for one run, or runs that all agree (their spread of 0 says nothing: a
+    t-interval would have width 0), Wilson's over their :func:`fewest_examples` for a rate, else None. A value
+    that is not a finite number (a NaN a run reported) leaves the mean without an interval."""
     if not all(map(math.isfinite, values)):
         return None
     if len(values) > 1 and max(values) > min(values):
         return t_interval(values)
-    if values and proportion and examples:
-        return wilson(values[0] * examples, examples)
+    n = fewest_examples(examples)
+    if values and proportion and n:
+        return wilson(values[0] * n, n)
     return None
 
 

@@ -2,7 +2,8 @@
 declared metric and eval set, each cell the values over seeds with n and a 95% interval.
 
 The interval of a cell is Student's t over its seeds (n = seeds) when they differ, and Wilson's over
-the set's examples (n = examples) for one run of an accuracy-like metric, or seeds that all agree.
+the set's examples (n = examples) for one run of an accuracy-like metric, or seeds that all agree (over the
+fewest examples any of them was evaluated on, where they differ).
 ``paired_tests`` adds, per cell and eval set, a paired test against a baseline method on the examples both
 were evaluated on: McNemar's exact test on successes (accuracy), a sign-flip randomisation test on scores
 (a reciprocal rank for MRR).
@@ -52,10 +53,10 @@ class Cell:
 
     @property
     def interval(self) -> Optional[tuple[float, float]]:
-        """95%: Student's t over the seeds where they differ, else Wilson's over one run's examples."""
+        """95%: Student's t over the seeds where they differ, else Wilson's over the seeds' fewest examples."""
         if self.metric.kind == "count":
             return None
-        interval = mean_interval(self.values, self.examples[0], self.metric.kind == "proportion")
+        interval = mean_interval(self.values, self.examples, self.metric.kind == "proportion")
         if interval is None:
             return None
         (low, high), (lowest, highest) = interval, self.metric.value_range  # whatever few seeds suggest

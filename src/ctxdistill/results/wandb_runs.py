@@ -8,15 +8,13 @@ Both are converted by one function (:func:`record_from_wandb`):
 from __future__ import annotations
 
 import json
-import logging
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
-
-log = logging.getLogger(__name__)
+from typing import Any, Optional
 
 # W&B's run file (.wandb) is a LevelDB-style log: a 7-byte file header, then records in 32 KiB
 # blocks, each chunk with a header of CRC-32 (seeded with the chunk type), length and type;
@@ -27,25 +25,31 @@ _CHUNK_HEADER = 7
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
-def _run_file_records(path: Path) -> Iterator[bytes]:
-    """The serialised records of a .wandb file, up to the first damaged or cut-off chunk."""
+def _run_file_records(path: Path) -> tuple[list[bytes], Optional[str]]:
+    """The serialised records of a .wandb file up to the first damaged or cut-off chunk, and where the file stops
+    being readable (None when it is read to its end)."""
     data = path.read_bytes()
     if not data.startswith(_FILE_HEADER):
         raise ValueError(f"{path} is not a W&B run file (no ':W&B' header)")
-    pos, parts = len(_FILE_HEADER), []
-    while pos + _CHUNK_HEADER <= len(data):
+    pos, parts, records = len(_FILE_HEADER), [], []
+    while pos < len(data):
         if _BLOCK - pos % _BLOCK < _CHUNK_HEADER:  # a block's tail too short for a header is padding
             pos += _BLOCK - pos % _BLOCK
             continue
+        if pos + _CHUNK_HEADER > len(data):
+            break  # cut inside a chunk's header
         checksum, length, kind = struct.unpack_from("<IHB", data, pos)
         chunk = data[pos + _CHUNK_HEADER : pos + _CHUNK_HEADER + length]
         if len(chunk) < length or zlib.crc32(chunk, zlib.crc32(bytes([kind]))) != checksum:
-            return  # a run killed mid-write: what came before is intact
+            break  # cut off, or written over
         pos += _CHUNK_HEADER + length
         parts.append(chunk)
         if kind in (_FULL, _LAST):
-            yield b"".join(parts)
+            records.append(b"".join(parts))
             parts = []
+    if pos < len(data) or parts:  # parts: a record whose last chunk never came
+        return records, f"cut off or damaged at byte {pos} of {len(data)}"
+    return records, None
 
 
 def _update(target: dict[str, Any], items) -> None:
@@ -72,6 +76,7 @@ class WandbRun:
     started: float = 0.0  # seconds since the epoch
     group: str = ""
     tags: list[str] = field(default_factory=list)
+    damage: Optional[str] = None  # where the run file stops being readable: the records after it are lost
 
 
 def read_offline_run(run_dir: Path) -> WandbRun:
@@ -79,7 +84,8 @@ def read_offline_run(run_dir: Path) -> WandbRun:
     from wandb.proto import wandb_internal_pb2 as pb
 
     run = WandbRun()
-    for raw in _run_file_records(next(Path(run_dir).glob("*.wandb"))):
+    raws, run.damage = _run_file_records(next(Path(run_dir).glob("*.wandb")))
+    for raw in raws:
         record = pb.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
@@ -163,23 +169,47 @@ def latest_per_run_dir(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
-def offline_records(path: Path) -> list[dict[str, Any]]:
+def offline_records(path: Path, unreadable: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """The complete ctxdistill runs among the W&B run directories under ``path``, the last of each output dir.
 
     A run interrupted and resumed leaves a directory per attempt under one run id: only the latest
-    attempt says how the run ended."""
-    latest: dict[str, WandbRun] = {}
+    attempt says how the run ended. A run file that cannot be read, or that is cut off or damaged where it is the
+    latest attempt of its run, is named in a warning saying what was lost, and listed in ``unreadable``."""
+    latest: dict[str, tuple[Path, WandbRun]] = {}
     for run_file in sorted(Path(path).rglob("*.wandb")):
         try:
             run = read_offline_run(run_file.parent)
-        except ValueError as e:
-            log.warning("skipping %s: %s", run_file, e)
+        except (OSError, ValueError) as e:
+            _unreadable(run_file, f"unreadable ({e})", unreadable)
             continue
         key = run.run_id or str(run_file)  # a file cut before its run record is an attempt of its own
-        if key not in latest or run.started >= latest[key].started:
-            latest[key] = run
-    records = [record_from_wandb(run.config, run.summary, finished=run.finished) for run in latest.values()]
-    return latest_per_run_dir([r for r in records if r])
+        if key not in latest or run.started >= latest[key][1].started:
+            latest[key] = run_file, run
+    records = []
+    for run_file, run in latest.values():
+        record = record_from_wandb(run.config, run.summary, finished=run.finished)
+        if run.damage:
+            _unreadable(
+                run_file,
+                f"{run.damage}, so the records after it are lost"
+                + (
+                    "; read as the complete run it was before that"
+                    if record
+                    else ": without its final summary or exit the run is not read as complete and is left out. "
+                    "Copy the run file again if it was cut in copying, or give the run's output directory (its "
+                    "metrics.json) instead"
+                ),
+                unreadable,
+            )
+        if record:
+            records.append(record)
+    return latest_per_run_dir(records)
+
+
+def _unreadable(run_file: Path, why: str, unreadable: Optional[list[str]]) -> None:
+    print(f"warning: {run_file}: {why}", file=sys.stderr)
+    if unreadable is not None:
+        unreadable.append(str(run_file))
 
 
 class WandbReadError(RuntimeError):
