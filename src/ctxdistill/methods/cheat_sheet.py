@@ -168,6 +168,7 @@ class CheatSheet(Method):
             sheet_dir,
         )
         self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)
+        self.sheet_room: Optional[int] = None  # set by check_inputs, which every run calls before evaluating
 
     def chunks(self, task: Task) -> list[list]:
         size = self.chunk_demos or max(len(task.demos), 1)
@@ -183,14 +184,26 @@ class CheatSheet(Method):
         window = context_window(cfg.model, cfg.cache_dir)
         if self.teacher_model is None:
             self.check_requests(task, tokenizer, window)
-        context = len(tokenizer(sheet_context(task, "", self.format_examples)).input_ids) + self.max_sheet_tokens
+        context = len(tokenizer(sheet_context(task, "", self.format_examples)).input_ids)
         queries = [e for s in task.eval_sets.values() for e in s]
         query = max(len(ids) for ids in tokenizer([SEPARATOR + task.query(e) for e in queries]).input_ids)
-        if context + query + 1 > window:
+        self.sheet_room = window - context - query - 1  # the evaluated model's tokens left for the sheet
+        if self.max_sheet_tokens > self.sheet_room:
             raise ConfigError(
                 f"method.max_sheet_tokens: a sheet of {self.max_sheet_tokens} tokens with the instruction, format "
-                f"examples and a query may take {context + query + 1} tokens, more than the model's window of "
-                f"{window}. Lower method.max_sheet_tokens or method.format_examples."
+                f"examples and a query may take {window - self.sheet_room + self.max_sheet_tokens} tokens, more "
+                f"than the model's window of {window}. Lower method.max_sheet_tokens or method.format_examples."
+            )
+
+    def check_sheet_fits(self, tokenizer, sheet: str) -> None:
+        """A sheet another model wrote, in its own tokens, may take more of the evaluated model's: refused
+        before evaluation rather than cut."""
+        length = len(tokenizer(sheet, add_special_tokens=False).input_ids)
+        if self.sheet_room is not None and length > self.sheet_room:
+            raise ConfigError(
+                f"method.max_sheet_tokens: the sheet the writer wrote takes {length} of the evaluated model's tokens, "
+                f"more than the {self.sheet_room} its window leaves beside the instruction, format examples and "
+                f"the longest query. Lower method.max_sheet_tokens (the writer's tokens, now {self.max_sheet_tokens})."
             )
 
     def check_teacher(self, cfg, task, tokenizer, teacher_tokenizer):
@@ -259,6 +272,7 @@ class CheatSheetEvaluator(MethodEvaluator):
         task, tokenizer = self.task, self.tokenizer
         replaced = sum(len(tokenizer(c).input_ids) for c in task.contexts)
         sheet = self.method.write_sheet(self.handle, tokenizer, task, self.batch_size)
+        self.method.check_sheet_fits(tokenizer, sheet)
         use_sheet(task, sheet, self.method.format_examples)
         log.info(
             "cheat sheet of %d demonstrations (%d tokens of context in all), %d tokens of context per query:\n%s",
