@@ -181,6 +181,54 @@ def test_bad_values_are_named(make_cfg, override, key):
         validate(cfg)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            "model=opt-125m model.gguf_file=opt-125m.Q4_0.gguf",
+            "model.gguf_file: model=opt-125m has source hub, which does not read it (got opt-125m.Q4_0.gguf); only "
+            "source gguf or random does. Leave it at model.gguf_file=null, or use a model of source gguf, as "
+            "conf/model/smollm2-135m.yaml is",
+        ),
+        ("model=smollm2-135m model.revision=v1.0", "model.revision: model=smollm2-135m has source gguf, which does"),
+        ("model=opt-125m model.gguf_assembled=true", "model.gguf_assembled: model=opt-125m has source hub"),
+        ("model=tiny-random model.package=mine", "model.package: model=tiny-random has source random, which does"),
+        ("model=gemma3-270m model.package_dir=model", "model.package_dir: model=gemma3-270m has source gguf"),
+        (
+            "model=minilm-l6 model.tiny.hidden_size=32",
+            "model.tiny.hidden_size: model=minilm-l6 has source package, which does not read it (got 32); only source "
+            "random does. Leave it at model.tiny.hidden_size=64",
+        ),
+        (
+            "+model@method.teacher_model=opt-125m method.teacher_model.gguf_file=x.gguf",
+            "method.teacher_model.gguf_file: method.teacher_model=opt-125m has source hub",
+        ),
+        (
+            "model=opt-125m model.source=gguf",
+            "model.gguf_package: model.source=gguf needs it, and it is unset. Set it as conf/model/smollm2-135m.yaml "
+            "does",
+        ),
+        ("model=opt-125m model.source=package", "model.package: model.source=package needs it"),
+        # what each source reads, and a bundled model's config naming another model (loaded from the Hub)
+        ("model=opt-125m model.revision=main", None),
+        ("model=smollm2-135m model.gguf_file=other.gguf", None),
+        ("model=tiny-random model.tiny.hidden_size=32", None),
+        ("model=smollm2-135m model.name_or_path=facebook/opt-125m model.revision=main", None),
+        ("model=tiny-random-seq2seq model.source=hub model.name_or_path=google-t5/t5-small", None),
+    ],
+)
+def test_a_model_setting_its_source_does_not_read_is_refused_naming_it(make_cfg, overrides, message):
+    """The newcomer's first hour: a setting the model's source cannot use was silently ignored (model.gguf_file on a
+    Hub model), and a source without what it needs was a traceback at loading."""
+    cfg = make_cfg(*overrides.split())
+    if message is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    assert str(refused.value).startswith(message)
+
+
 def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_loading(make_cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
     monkeypatch.delenv("CXX", raising=False)
@@ -363,6 +411,8 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
         # a config directory of your own that does not exist (the newcomer audit)
         (["--config-dir=/nowhere"], "ctxdistill: Additional config directory '/nowhere' not found: give --config-dir"),
         (["hydra.searchpath=[file:///nowhere]"], "ctxdistill: hydra.searchpath: file:///nowhere: no such directory."),
+        # a setting the model's source does not read, refused before the model loads (the newcomer's first hour)
+        (["model.revision=v1.0"], "ctxdistill: model.revision: model=tiny-random has source random, which does not"),
     ],
 )
 def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path, monkeypatch, capsys):
