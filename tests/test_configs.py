@@ -413,6 +413,38 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
         (["hydra.searchpath=[file:///nowhere]"], "ctxdistill: hydra.searchpath: file:///nowhere: no such directory."),
         # a setting the model's source does not read, refused before the model loads (the newcomer's first hour)
         (["model.revision=v1.0"], "ctxdistill: model.revision: model=tiny-random has source random, which does not"),
+        # a value of another type: the type, the value and a valid one (the newcomer's first hour)
+        (
+            ["trainer.max_steps=abc"],
+            "ctxdistill: trainer.max_steps: expects an integer (or null), got abc. Give one, e.g. "
+            "trainer.max_steps=10\n",
+        ),
+        (["trainer.lr=fast"], "ctxdistill: trainer.lr: expects a number, got fast. Give one, e.g. trainer.lr=0.001\n"),
+        (
+            ["model.lora.target_modules=q_proj"],
+            "ctxdistill: model.lora.target_modules: expects a list, got q_proj. Give one, e.g. "
+            "model.lora.target_modules=[q_proj,v_proj]\n",
+        ),
+        (
+            ["dataset.verbalizers=good"],
+            "ctxdistill: dataset.verbalizers: expects a list, got good. Give one, e.g. "
+            "dataset.verbalizers=[' foo',' bar']\n",
+        ),
+        (
+            ["trainer.distributed=fsdp"],
+            "ctxdistill: trainer.distributed: is a config group, and 'fsdp' is a value. Pick an option with a slash: "
+            "trainer/distributed=fsdp\n",
+        ),
+        (
+            ["method.teacher_model=smollm2-135m"],
+            "ctxdistill: method.teacher_model: takes a whole model config, and 'smollm2-135m' is a value. Pick an "
+            "option: +model@method.teacher_model=smollm2-135m\n",
+        ),
+        (
+            ["trainer.selection=best"],
+            "ctxdistill: trainer.selection: is a group of settings (metric, every_epochs, skip_epochs), not a value "
+            "(got 'best'). Set them one by one, e.g. trainer.selection.every_epochs=1\n",
+        ),
     ],
 )
 def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path, monkeypatch, capsys):

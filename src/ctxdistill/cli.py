@@ -9,10 +9,11 @@ import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, Node, StringNode
 
 from ctxdistill.config import ConfigError, register_schemas
 from ctxdistill.sweeps import cell_dir
@@ -174,6 +175,7 @@ def user_error_message(error: Exception) -> str:
         SearchPathException,
     )
     from omegaconf import DictConfig
+    from omegaconf.errors import ValidationError
 
     from ctxdistill.config import nearest_key
 
@@ -198,6 +200,8 @@ def user_error_message(error: Exception) -> str:
             elif not hint and isinstance(parent, DictConfig) and parent._metadata.element_type in (int, float, str):
                 hint = f". A mapping gets a new key with ++: ++{cause.full_key}=VALUE"  # dataset.label_map
             return f"{cause.full_key}{where}: no such setting{hint}"
+        if isinstance(cause, ValidationError) and cause.child_node is not None:  # a value of another type
+            return f"{cause.full_key}{where}: {wrong_type(cause.full_key, cause.child_node, cause.value)}"
         return f"{cause.full_key}{where}: {str(cause).splitlines()[0]}"
     message = str(error).split("\nConfig search path")[0].strip()  # an unknown option: keep the list of options
     if "Available options in '" in message:
@@ -212,6 +216,49 @@ def user_error_message(error: Exception) -> str:
         if options:
             message += f"\n\nAvailable options in '{group}':\n\t" + "\n\t".join(options)
     return message
+
+
+# What a setting of each kind expects, and an example of it for a setting the config leaves at null.
+EXPECTED = {
+    IntegerNode: ("an integer", 10),
+    FloatNode: ("a number", 0.5),
+    BooleanNode: ("true or false", True),
+    ListConfig: ("a list", ["a", "b"]),
+}
+
+
+def wrong_type(key: str, node: Node, given: Any) -> str:
+    """What a setting given a value of another type expects (the message after ``key: ``): the type, the value given
+    and an example of a valid value (the config's own, where it holds one)."""
+    from ctxdistill.config import SCHEMAS, override_text
+
+    if isinstance(node, DictConfig):  # a group of settings, given one value
+        group = key.replace(".", "/")
+        if (CONFIG_DIR / group).is_dir():  # trainer.distributed: a config group of its own
+            return f"is a config group, and {given!r} is a value. Pick an option with a slash: {group}={given}"
+        picked = next((g for g, schemas in SCHEMAS.items() if node._metadata.ref_type in schemas.values()), None)
+        if picked:  # method.teacher_model: a config of the model group
+            return f"takes a whole {picked} config, and {given!r} is a value. Pick an option: +{picked}@{key}={given}"
+        held = [
+            (k, v)
+            for k, v in ({} if node._is_none() else node).items()
+            if v is not None and not isinstance(v, DictConfig)
+        ]
+        example = f", e.g. {key}.{held[0][0]}={override_text(held[0][1])}" if held else ""
+        names = ", ".join(map(str, node.keys()))
+        return f"is a group of settings ({names}), not a value (got {given!r}). Set them one by one{example}"
+    if isinstance(node, StringNode):  # Hydra's grammar read brackets or braces in the value
+        return (
+            f"expects text, got the {type(given).__name__} {given!r}. Quote the value inside the shell's quotes: "
+            f"'{key}=\"...\"'"
+        )
+    expected, fallback = next((e for kind, e in EXPECTED.items() if isinstance(node, kind)), ("another type", None))
+    held = None if node._is_none() or node._is_missing() else OmegaConf.to_container(OmegaConf.create({"v": node}))["v"]
+    null = " (or null)" if node._metadata.optional else ""
+    return (
+        f"expects {expected}{null}, got {override_text(given)}. Give one, e.g. "
+        f"{key}={override_text(held if held not in (None, []) else fallback)}"
+    )
 
 
 def without_schemas(message: str) -> str:

@@ -665,10 +665,18 @@ SOURCE_EXAMPLES = {"hub": "opt-125m", "gguf": "smollm2-135m", "package": "minilm
 
 
 def override_text(value: Any) -> str:
-    """``value`` as an override writes it (null, true, 3)."""
+    """``value`` as an override writes it (null, true, 3, [q_proj,v_proj], ' positive': quoted where Hydra's grammar
+    would read it otherwise)."""
+    import re
+
     if value is None:
         return "null"
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return f"[{','.join(map(override_text, value))}]"
+    text = str(value)
+    return text if isinstance(value, (int, float)) or re.fullmatch(r"[\w./:@+-]+", text) else repr(text)
 
 
 def check_model_source(spec: DictConfig, key: str) -> None:
