@@ -468,6 +468,28 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     assert "\tbase_" not in err  # the schemas are no options
 
 
+def test_an_override_after_an_option_after_overrides_is_named_with_the_command_that_gives_options_first(
+    tmp_path, monkeypatch, capsys
+):
+    """Hydra takes options after the overrides (method=cd --cfg job), not overrides after them too: that was
+    argparse's usage and "unrecognized arguments" (the newcomer's first hour)."""
+    import sys
+
+    from ctxdistill.cli import entry
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    given = ["model=tiny-random", "--config-dir", str(tmp_path), "logger=none", "--cfg", "job", "trainer.lr=0.1"]
+    monkeypatch.setattr(sys, "argv", ["ctxdistill", *given])
+    with pytest.raises(SystemExit) as stopped:
+        entry()
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == (
+        "ctxdistill: logger=none: an override after an option (--config-dir) that follows other overrides. Options go "
+        f"before the overrides: ctxdistill --config-dir {tmp_path} --cfg job model=tiny-random logger=none "
+        "trainer.lr=0.1\n"
+    )
+
+
 def test_a_run_directory_holding_another_complete_run_is_named_and_a_bad_config_still_gets_its_own_message(tmp_path):
     """Run again in its directory with other settings (the newcomer audit): the single run's fix is another
     hydra.run.dir; a config that does not resolve is named by validation, not a traceback from the comparison."""

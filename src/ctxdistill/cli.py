@@ -334,6 +334,29 @@ def check_config_dirs(argv: list[str]) -> None:
                 )
 
 
+def check_option_order(argv: list[str]) -> None:
+    """Hydra reads the overrides as one run of arguments: an override after an option that follows other overrides is
+    argparse's "unrecognized arguments" under Hydra's usage. Name it, with the command that gives the options first."""
+    import shlex
+
+    from hydra._internal.utils import get_args_parser
+
+    parsed, unknown = get_args_parser().parse_known_args(argv)
+    stranded = [arg for arg in unknown if not arg.startswith("-")]
+    if not stranded:
+        return
+    overrides = [*parsed.overrides, *stranded]
+    options = list(argv)
+    for override in overrides:
+        options.remove(override)
+    first = argv.index(overrides[0])
+    option = next(arg for arg in argv[first:] if arg.startswith("-"))
+    raise ConfigError(
+        f"{stranded[0]}: an override after an option ({option}) that follows other overrides. Options go before "
+        f"the overrides: ctxdistill {' '.join(map(shlex.quote, [*options, *overrides]))}"
+    )
+
+
 def note_interrupted(cfg: DictConfig) -> None:
     """Ctrl-C outside training's own handling (loading, evaluation, a second Ctrl-C): say in the console and the run's
     log (cli.log, in its directory) what was kept and the command that finishes the run."""
@@ -388,6 +411,7 @@ def entry() -> None:
     multirun = bool({"-m", "--multirun"} & set(argv))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its stack: the message is ours
     try:
+        check_option_order(argv)
         check_config_dirs(argv)
         if {"--help", "-h"} & set(argv):
             hide_schemas_in_help()
