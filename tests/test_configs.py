@@ -30,6 +30,7 @@ NEEDS = {
     **{f"dataset={d}": ["method=icl_distill"] for d in ("synthetic_mixture", "synthetic_meta")},
     # swept over kgbert,kgbert_cd (-m); a single run names its student
     **{f"experiment=li2024/{e}": ["method=kgbert"] for e in ("synthetic", "wn18rr_subsample")},
+    "method=sequential_cd": ["dataset.context.num_contexts=2"],  # one round per context: one would be plain cd
 }
 
 
@@ -45,7 +46,10 @@ def a_dataset_it_runs_on(make_cfg, method: str) -> list[str]:
 @pytest.mark.parametrize("group", ["method", "model", "dataset", "trainer", "logger"])
 def test_every_group_option_composes_and_validates(make_cfg, group):
     for option in options(group):
-        needs = a_dataset_it_runs_on(make_cfg, option) if group == "method" else NEEDS.get(f"{group}={option}", [])
+        needs = [
+            *(a_dataset_it_runs_on(make_cfg, option) if group == "method" else []),
+            *NEEDS.get(f"{group}={option}", []),
+        ]
         cfg = make_cfg(f"{group}={option}", *needs)
         validate(cfg)
         if group in ("method", "model", "dataset"):  # the name results and W&B runs are labelled with
