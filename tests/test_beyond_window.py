@@ -192,6 +192,17 @@ def test_sequential_distillation_refuses_what_cannot_teach_round_by_round(make_c
         validate(make_cfg(*SEQUENTIAL, "+model@method.teacher_model=tiny-random"))
 
 
+def test_sequential_distillation_of_a_single_context_is_refused_naming_the_key_and_the_fix(make_cfg):
+    """One round of one context is plain cd, which sequential_cd ran without a word (the newcomer's first hour)."""
+    with pytest.raises(ConfigError) as refused:
+        validate(make_cfg(*SEQUENTIAL, "dataset.context.num_contexts=1"))
+    assert str(refused.value) == (
+        "dataset.context.num_contexts: is 1, and method.sequential=true (method=sequential_cd) distils one context per "
+        "round: with one context it is plain cd. Give two or more contexts (dataset.context.num_contexts=2), or use "
+        "method=cd"
+    )
+
+
 def test_more_contexts_than_the_pool_holds_are_refused_naming_the_contexts_before_the_model_loads(make_cfg):
     """One round per context: asking for more rounds than the training split holds disjoint contexts named
     num_demos and a pool of what the earlier contexts had left, as if num_demos alone were too large."""

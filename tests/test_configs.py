@@ -30,6 +30,7 @@ NEEDS = {
     **{f"dataset={d}": ["method=icl_distill"] for d in ("synthetic_mixture", "synthetic_meta")},
     # swept over kgbert,kgbert_cd (-m); a single run names its student
     **{f"experiment=li2024/{e}": ["method=kgbert"] for e in ("synthetic", "wn18rr_subsample")},
+    "method=sequential_cd": ["dataset.context.num_contexts=2"],  # one round per context: one would be plain cd
 }
 
 
@@ -45,7 +46,10 @@ def a_dataset_it_runs_on(make_cfg, method: str) -> list[str]:
 @pytest.mark.parametrize("group", ["method", "model", "dataset", "trainer", "logger"])
 def test_every_group_option_composes_and_validates(make_cfg, group):
     for option in options(group):
-        needs = a_dataset_it_runs_on(make_cfg, option) if group == "method" else NEEDS.get(f"{group}={option}", [])
+        needs = [
+            *(a_dataset_it_runs_on(make_cfg, option) if group == "method" else []),
+            *NEEDS.get(f"{group}={option}", []),
+        ]
         cfg = make_cfg(f"{group}={option}", *needs)
         validate(cfg)
         if group in ("method", "model", "dataset"):  # the name results and W&B runs are labelled with
@@ -280,6 +284,54 @@ def test_bad_values_are_named(make_cfg, override, key):
         validate(cfg)
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            "model=opt-125m model.gguf_file=opt-125m.Q4_0.gguf",
+            "model.gguf_file: model=opt-125m has source hub, which does not read it (got opt-125m.Q4_0.gguf); only "
+            "source gguf or random does. Leave it at model.gguf_file=null, or use a model of source gguf, as "
+            "conf/model/smollm2-135m.yaml is",
+        ),
+        ("model=smollm2-135m model.revision=v1.0", "model.revision: model=smollm2-135m has source gguf, which does"),
+        ("model=opt-125m model.gguf_assembled=true", "model.gguf_assembled: model=opt-125m has source hub"),
+        ("model=tiny-random model.package=mine", "model.package: model=tiny-random has source random, which does"),
+        ("model=gemma3-270m model.package_dir=model", "model.package_dir: model=gemma3-270m has source gguf"),
+        (
+            "model=minilm-l6 model.tiny.hidden_size=32",
+            "model.tiny.hidden_size: model=minilm-l6 has source package, which does not read it (got 32); only source "
+            "random does. Leave it at model.tiny.hidden_size=64",
+        ),
+        (
+            "+model@method.teacher_model=opt-125m method.teacher_model.gguf_file=x.gguf",
+            "method.teacher_model.gguf_file: method.teacher_model=opt-125m has source hub",
+        ),
+        (
+            "model=opt-125m model.source=gguf",
+            "model.gguf_package: model.source=gguf needs it, and it is unset. Set it as conf/model/smollm2-135m.yaml "
+            "does",
+        ),
+        ("model=opt-125m model.source=package", "model.package: model.source=package needs it"),
+        # what each source reads, and a bundled model's config naming another model (loaded from the Hub)
+        ("model=opt-125m model.revision=main", None),
+        ("model=smollm2-135m model.gguf_file=other.gguf", None),
+        ("model=tiny-random model.tiny.hidden_size=32", None),
+        ("model=smollm2-135m model.name_or_path=facebook/opt-125m model.revision=main", None),
+        ("model=tiny-random-seq2seq model.source=hub model.name_or_path=google-t5/t5-small", None),
+    ],
+)
+def test_a_model_setting_its_source_does_not_read_is_refused_naming_it(make_cfg, overrides, message):
+    """The newcomer's first hour: a setting the model's source cannot use was silently ignored (model.gguf_file on a
+    Hub model), and a source without what it needs was a traceback at loading."""
+    cfg = make_cfg(*overrides.split())
+    if message is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    assert str(refused.value).startswith(message)
+
+
 def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_loading(make_cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
     monkeypatch.delenv("CXX", raising=False)
@@ -462,6 +514,40 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
         # a config directory of your own that does not exist (the newcomer audit)
         (["--config-dir=/nowhere"], "ctxdistill: Additional config directory '/nowhere' not found: give --config-dir"),
         (["hydra.searchpath=[file:///nowhere]"], "ctxdistill: hydra.searchpath: file:///nowhere: no such directory."),
+        # a setting the model's source does not read, refused before the model loads (the newcomer's first hour)
+        (["model.revision=v1.0"], "ctxdistill: model.revision: model=tiny-random has source random, which does not"),
+        # a value of another type: the type, the value and a valid one (the newcomer's first hour)
+        (
+            ["trainer.max_steps=abc"],
+            "ctxdistill: trainer.max_steps: expects an integer (or null), got abc. Give one, e.g. "
+            "trainer.max_steps=10\n",
+        ),
+        (["trainer.lr=fast"], "ctxdistill: trainer.lr: expects a number, got fast. Give one, e.g. trainer.lr=0.001\n"),
+        (
+            ["model.lora.target_modules=q_proj"],
+            "ctxdistill: model.lora.target_modules: expects a list, got q_proj. Give one, e.g. "
+            "model.lora.target_modules=[q_proj,v_proj]\n",
+        ),
+        (
+            ["dataset.verbalizers=good"],
+            "ctxdistill: dataset.verbalizers: expects a list, got good. Give one, e.g. "
+            "dataset.verbalizers=[' foo',' bar']\n",
+        ),
+        (
+            ["trainer.distributed=fsdp"],
+            "ctxdistill: trainer.distributed: is a config group, and 'fsdp' is a value. Pick an option with a slash: "
+            "trainer/distributed=fsdp\n",
+        ),
+        (
+            ["method.teacher_model=smollm2-135m"],
+            "ctxdistill: method.teacher_model: takes a whole model config, and 'smollm2-135m' is a value. Pick an "
+            "option: +model@method.teacher_model=smollm2-135m\n",
+        ),
+        (
+            ["trainer.selection=best"],
+            "ctxdistill: trainer.selection: is a group of settings (metric, every_epochs, skip_epochs), not a value "
+            "(got 'best'). Set them one by one, e.g. trainer.selection.every_epochs=1\n",
+        ),
     ],
 )
 def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path, monkeypatch, capsys):
@@ -483,6 +569,28 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     assert err.startswith(message), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err and "Error executing job" not in err
     assert "\tbase_" not in err  # the schemas are no options
+
+
+def test_an_override_after_an_option_after_overrides_is_named_with_the_command_that_gives_options_first(
+    tmp_path, monkeypatch, capsys
+):
+    """Hydra takes options after the overrides (method=cd --cfg job), not overrides after them too: that was
+    argparse's usage and "unrecognized arguments" (the newcomer's first hour)."""
+    import sys
+
+    from ctxdistill.cli import entry
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    given = ["model=tiny-random", "--config-dir", str(tmp_path), "logger=none", "--cfg", "job", "trainer.lr=0.1"]
+    monkeypatch.setattr(sys, "argv", ["ctxdistill", *given])
+    with pytest.raises(SystemExit) as stopped:
+        entry()
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == (
+        "ctxdistill: logger=none: an override after an option (--config-dir) that follows other overrides. Options go "
+        f"before the overrides: ctxdistill --config-dir {tmp_path} --cfg job model=tiny-random logger=none "
+        "trainer.lr=0.1\n"
+    )
 
 
 def test_a_run_directory_holding_another_complete_run_is_named_and_a_bad_config_still_gets_its_own_message(tmp_path):

@@ -304,7 +304,7 @@ def test_icl_distill_needs_a_mixture(make_cfg):
 def test_a_teacher_with_another_vocabulary_is_refused_before_training(make_cfg):
     # all-MiniLM-L6-v2's BERT vocabulary against SmolLM2's
     with pytest.raises(ModelLoadError, match="different vocabularies"):
-        run(make_cfg(*MIXTURE, "model@method.teacher=minilm-l6"))
+        run(make_cfg(*STUDENT_ON_MIXTURE, "model@method.teacher=minilm-l6", "method.teacher_cache=memory"))
 
 
 def test_sampling_weights_split_the_training_instances(make_cfg):

@@ -13,6 +13,7 @@ from ctxdistill.models import (
     ModelLoadError,
     TeacherUnavailable,
     TrainableContext,
+    WrappedModel,
     add_adapter,
     add_lora,
     check_adapter,
@@ -20,6 +21,7 @@ from ctxdistill.models import (
     compiled_for_training,
     load_model,
     load_tokenizer,
+    load_trained,
     model_identity,
 )
 
@@ -365,6 +367,25 @@ def test_the_prefix_adapter_trains_all_but_its_first_position_the_attention_sink
     assert loaded.num_frozen_tokens == 1
     torch.testing.assert_close(loaded.keys, student.keys.detach())
     torch.testing.assert_close(loaded.frozen_values, student.frozen_values)
+
+
+def test_load_trained_asks_a_declared_wrapper_to_load_itself_and_reloads_a_bare_model(tiny, tmp_path):
+    """Which model loads a run's model/ itself is declared (a WrappedModel), not guessed from an attribute's name."""
+    from ctxdistill.methods.kgc import RelationPrompted, TripleScorer
+
+    cfg, _, model = tiny
+    assert issubclass(TripleScorer, WrappedModel) and issubclass(RelationPrompted, WrappedModel)
+
+    class Recording(WrappedModel):
+        def load_trained(self, path: Path) -> None:
+            self.loaded_from = path
+
+    wrapper = Recording()
+    assert load_trained(wrapper, tmp_path, cfg.model) is wrapper and wrapper.loaded_from == tmp_path
+    model.save_pretrained(tmp_path / "model")
+    reloaded = load_trained(model, tmp_path / "model", cfg.model)
+    assert reloaded is not model and type(reloaded) is type(model)
+    torch.testing.assert_close(reloaded.state_dict(), model.state_dict())
 
 
 def test_compiling_finds_the_transformer_stack_inside_every_wrapper_and_restores_it(tiny):

@@ -9,10 +9,11 @@ import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.nodes import BooleanNode, FloatNode, IntegerNode, Node, StringNode
 
 from ctxdistill.config import ConfigError, register_schemas
 from ctxdistill.sweeps import cell_dir
@@ -174,6 +175,7 @@ def user_error_message(error: Exception) -> str:
         SearchPathException,
     )
     from omegaconf import DictConfig
+    from omegaconf.errors import ValidationError
 
     from ctxdistill.config import nearest_key
 
@@ -198,6 +200,8 @@ def user_error_message(error: Exception) -> str:
             elif not hint and isinstance(parent, DictConfig) and parent._metadata.element_type in (int, float, str):
                 hint = f". A mapping gets a new key with ++: ++{cause.full_key}=VALUE"  # dataset.label_map
             return f"{cause.full_key}{where}: no such setting{hint}"
+        if isinstance(cause, ValidationError) and cause.child_node is not None:  # a value of another type
+            return f"{cause.full_key}{where}: {wrong_type(cause.full_key, cause.child_node, cause.value)}"
         return f"{cause.full_key}{where}: {str(cause).splitlines()[0]}"
     message = str(error).split("\nConfig search path")[0].strip()  # an unknown option: keep the list of options
     if "Available options in '" in message:
@@ -212,6 +216,49 @@ def user_error_message(error: Exception) -> str:
         if options:
             message += f"\n\nAvailable options in '{group}':\n\t" + "\n\t".join(options)
     return message
+
+
+# What a setting of each kind expects, and an example of it for a setting the config leaves at null.
+EXPECTED = {
+    IntegerNode: ("an integer", 10),
+    FloatNode: ("a number", 0.5),
+    BooleanNode: ("true or false", True),
+    ListConfig: ("a list", ["a", "b"]),
+}
+
+
+def wrong_type(key: str, node: Node, given: Any) -> str:
+    """What a setting given a value of another type expects (the message after ``key: ``): the type, the value given
+    and an example of a valid value (the config's own, where it holds one)."""
+    from ctxdistill.config import SCHEMAS, override_text
+
+    if isinstance(node, DictConfig):  # a group of settings, given one value
+        group = key.replace(".", "/")
+        if (CONFIG_DIR / group).is_dir():  # trainer.distributed: a config group of its own
+            return f"is a config group, and {given!r} is a value. Pick an option with a slash: {group}={given}"
+        picked = next((g for g, schemas in SCHEMAS.items() if node._metadata.ref_type in schemas.values()), None)
+        if picked:  # method.teacher_model: a config of the model group
+            return f"takes a whole {picked} config, and {given!r} is a value. Pick an option: +{picked}@{key}={given}"
+        held = [
+            (k, v)
+            for k, v in ({} if node._is_none() else node).items()
+            if v is not None and not isinstance(v, DictConfig)
+        ]
+        example = f", e.g. {key}.{held[0][0]}={override_text(held[0][1])}" if held else ""
+        names = ", ".join(map(str, node.keys()))
+        return f"is a group of settings ({names}), not a value (got {given!r}). Set them one by one{example}"
+    if isinstance(node, StringNode):  # Hydra's grammar read brackets or braces in the value
+        return (
+            f"expects text, got the {type(given).__name__} {given!r}. Quote the value inside the shell's quotes: "
+            f"'{key}=\"...\"'"
+        )
+    expected, fallback = next((e for kind, e in EXPECTED.items() if isinstance(node, kind)), ("another type", None))
+    held = None if node._is_none() or node._is_missing() else OmegaConf.to_container(OmegaConf.create({"v": node}))["v"]
+    null = " (or null)" if node._metadata.optional else ""
+    return (
+        f"expects {expected}{null}, got {override_text(given)}. Give one, e.g. "
+        f"{key}={override_text(held if held not in (None, []) else fallback)}"
+    )
 
 
 def without_schemas(message: str) -> str:
@@ -287,6 +334,29 @@ def check_config_dirs(argv: list[str]) -> None:
                 )
 
 
+def check_option_order(argv: list[str]) -> None:
+    """Hydra reads the overrides as one run of arguments: an override after an option that follows other overrides is
+    argparse's "unrecognized arguments" under Hydra's usage. Name it, with the command that gives the options first."""
+    import shlex
+
+    from hydra._internal.utils import get_args_parser
+
+    parsed, unknown = get_args_parser().parse_known_args(argv)
+    stranded = [arg for arg in unknown if not arg.startswith("-")]
+    if not stranded:
+        return
+    overrides = [*parsed.overrides, *stranded]
+    options = list(argv)
+    for override in overrides:
+        options.remove(override)
+    first = argv.index(overrides[0])
+    option = next(arg for arg in argv[first:] if arg.startswith("-"))
+    raise ConfigError(
+        f"{stranded[0]}: an override after an option ({option}) that follows other overrides. Options go before "
+        f"the overrides: ctxdistill {' '.join(map(shlex.quote, [*options, *overrides]))}"
+    )
+
+
 def note_interrupted(cfg: DictConfig) -> None:
     """Ctrl-C outside training's own handling (loading, evaluation, a second Ctrl-C): say in the console and the run's
     log (cli.log, in its directory) what was kept and the command that finishes the run."""
@@ -341,6 +411,7 @@ def entry() -> None:
     multirun = bool({"-m", "--multirun"} & set(argv))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its stack: the message is ours
     try:
+        check_option_order(argv)
         check_config_dirs(argv)
         if {"--help", "-h"} & set(argv):
             hide_schemas_in_help()

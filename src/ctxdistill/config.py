@@ -8,6 +8,7 @@ learning rate, a known divergence) live in :func:`validate`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Optional
@@ -656,8 +657,76 @@ def validate_teacher_model(m: DictConfig) -> None:
         )
 
 
+#: What each ``model.source`` reads beyond the settings every source reads: (needed, optional). A setting of another
+#: source is refused, not ignored (``pip_install`` is not one: it is the text of the install hint).
+SOURCE_SETTINGS = {
+    "hub": ((), ("revision",)),
+    "gguf": (("gguf_package", "gguf_file"), ("gguf_assembled",)),
+    "package": (("package", "package_dir"), ()),
+    "random": (("gguf_package", "gguf_file"), ("gguf_assembled", "tiny")),  # its tokenizer is the GGUF file's
+}
+#: A model config of each source, to copy from
+SOURCE_EXAMPLES = {"hub": "opt-125m", "gguf": "smollm2-135m", "package": "minilm-l6", "random": "tiny-random"}
+
+
+def override_text(value: Any) -> str:
+    """``value`` as an override writes it (null, true, 3, [q_proj,v_proj], ' positive': quoted where Hydra's grammar
+    would read it otherwise)."""
+    import re
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return f"[{','.join(map(override_text, value))}]"
+    text = str(value)
+    return text if isinstance(value, (int, float)) or re.fullmatch(r"[\w./:@+-]+", text) else repr(text)
+
+
+def check_model_source(spec: DictConfig, key: str) -> None:
+    """The model's source has the settings it needs, and no setting that only another source reads: such a
+    setting (model.gguf_file on a Hub model, model.revision on a bundled one) would be silently ignored."""
+    if spec.bundles and (spec.source == "hub" or spec.name_or_path != spec.bundles):
+        # a bundled model's config naming another model, loaded from the Hub or its directory (honour_name_or_path):
+        # the bundled source's settings describe the bundled model, and only the Hub's apply
+        return
+    needed, optional = SOURCE_SETTINGS[spec.source]
+    example = SOURCE_EXAMPLES[spec.source]
+    for setting in needed:
+        require(
+            spec[setting] is not None,
+            f"{key}.{setting}",
+            f"{key}.source={spec.source} needs it, and it is unset",
+            f"Set it as conf/model/{example}.yaml does, or load a Hub id or a local directory: {key}.source=hub "
+            f"{key}.name_or_path=...",
+        )
+    read = {*needed, *optional}
+    for name, default in source_setting_defaults().items():
+        setting = name.split(".")[0]
+        value = OmegaConf.select(spec, name)
+        if setting in read or value == default:
+            continue
+        readers = [source for source, settings in SOURCE_SETTINGS.items() if setting in {*settings[0], *settings[1]}]
+        raise ConfigError(
+            f"{key}.{name}: {key}={spec.name} has source {spec.source}, which does not read it (got "
+            f"{override_text(value)}); only source {' or '.join(readers)} does. Leave it at {key}.{name}="
+            f"{override_text(default)}, or use a model of source {readers[0]}, as conf/model/"
+            f"{SOURCE_EXAMPLES[readers[0]]}.yaml is"
+        )
+
+
+def source_setting_defaults() -> dict[str, Any]:
+    """The schema's default of every setting in SOURCE_SETTINGS, by its key under ``model`` (the random model's sizes
+    one by one)."""
+    names = {s for needed, optional in SOURCE_SETTINGS.values() for s in (*needed, *optional)}
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name in names - {"tiny"}}
+    return defaults | {f"tiny.{f.name}": f.default for f in dataclasses.fields(TinyRandomSettings)}
+
+
 def validate_model(spec: DictConfig, key: str) -> None:
     """Checks of a model config found at ``key`` (``model``, or a method's separate teacher)."""
+    check_model_source(spec, key)
     require(spec.prefix_tokens >= 1, f"{key}.prefix_tokens", f"must be >= 1, got {spec.prefix_tokens}", "")
     require(
         0 <= spec.prefix_frozen_tokens < spec.prefix_tokens,

@@ -684,6 +684,20 @@ class TrainableContext(torch.nn.Module):
         )
 
 
+class WrappedModel(torch.nn.Module):
+    """A method's module around a transformers model with parts of its own (KG-BERT's triple-scoring head, KG-S2S's
+    relation prompts): it saves itself, and loads a finished run's weights in place (:func:`load_trained`)."""
+
+    def save_pretrained(self, path: Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """The model as from_pretrained reads it, the wrapper's own parts beside it; ``state_dict``: the whole
+        module's, gathered from its shards (FSDP, ZeRO-3); None: its own."""
+        raise NotImplementedError
+
+    def load_trained(self, path: Path) -> None:
+        """The weights :meth:`save_pretrained` wrote, loaded in place."""
+        raise NotImplementedError
+
+
 def load_trained(model, directory: Path, spec: DictConfig):
     """``model`` with the weights a finished run saved in ``directory``: its LoRA adapter, its trainable
     context (both in adapter/), or every weight (model/; a method's wrapper loads its own parts)."""
@@ -693,7 +707,7 @@ def load_trained(model, directory: Path, spec: DictConfig):
         return PeftModel.from_pretrained(model, directory)
     if (directory / "trainable_context.pt").is_file():
         return TrainableContext.from_saved(model, directory)
-    if hasattr(model, "load_trained"):
+    if isinstance(model, WrappedModel):
         model.load_trained(directory)
         return model
     return type(model).from_pretrained(

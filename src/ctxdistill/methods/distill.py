@@ -167,6 +167,14 @@ class DistillConfig(SeparateTeacher, MethodConfig):
                 "Set method.teacher=frozen and method.top_k=null",
             )
         if m.sequential:
+            contexts = cfg.dataset.context.num_contexts
+            require(
+                contexts >= 2,
+                "dataset.context.num_contexts",
+                f"is {contexts}, and method.sequential=true (method={m.name}) distils one context per round: with one "
+                "context it is plain cd",
+                "Give two or more contexts (dataset.context.num_contexts=2), or use method=cd",
+            )
             require(
                 m.teacher == "frozen" and m.teacher_cache != "none",
                 "method.sequential",

@@ -38,7 +38,7 @@ from transformers.modeling_outputs import BaseModelOutput
 from ctxdistill.config import ConfigError, MethodConfig, one_of, require
 from ctxdistill.data.kg import KGTask, Triple, build_kg_task, missing_contexts
 from ctxdistill.methods.base import Method
-from ctxdistill.models import evaluation_mode
+from ctxdistill.models import WrappedModel, evaluation_mode
 from ctxdistill.ranking import LinkPredictionEvaluator, ranking_prefix
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ def save_wrapped(
 
 
 # ---------------------------------------------------------------- discriminative
-class TripleScorer(torch.nn.Module):
+class TripleScorer(WrappedModel):
     """A masked-LM encoder with a triple-plausibility head on its first ([CLS]) position."""
 
     def __init__(self, mlm: torch.nn.Module):
@@ -415,11 +415,9 @@ class TripleScorer(torch.nn.Module):
         return F.cross_entropy(self.mlm_head(hidden[chosen]).float(), labels[chosen])
 
     def save_pretrained(self, path: Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
-        """``state_dict``: the whole module's, gathered from its shards (FSDP, ZeRO-3); None: its own."""
         save_wrapped(self.mlm, "mlm", self.head, "head", Path(path) / "triple_head.pt", state_dict)
 
-    def load_trained(self, path: Path) -> None:
-        """The weights :meth:`save_pretrained` wrote, loaded in place (the MLM head stays the one referenced)."""
+    def load_trained(self, path: Path) -> None:  # in place: the MLM head stays the one referenced
         self.mlm.load_state_dict(type(self.mlm).from_pretrained(path).state_dict())
         self.head.load_state_dict(torch.load(Path(path) / "triple_head.pt", weights_only=True))
 
@@ -621,7 +619,7 @@ MISSING, END = "<extra_id_0>", "<extra_id_1>"
 RELATION_BEFORE, RELATION_AFTER, ENTITY_BEFORE, ENTITY_AFTER = range(4)
 
 
-class RelationPrompted(torch.nn.Module):
+class RelationPrompted(WrappedModel):
     """A seq2seq model whose encoder reads four trained embeddings per relation among the query's tokens
     (KG-S2S's soft prompts): a batch's ``prompt_mask`` marks their positions, ``prompt_ids`` (row by row, in
     position order) say which; the token ids at those positions are placeholders."""
@@ -647,7 +645,6 @@ class RelationPrompted(torch.nn.Module):
         return self.model(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
     def save_pretrained(self, path: Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
-        """``state_dict``: the whole module's, gathered from its shards (FSDP, ZeRO-3); None: its own."""
         save_wrapped(self.model, "model", self.prompts, "prompts", Path(path) / "relation_prompts.pt", state_dict)
 
     def load_trained(self, path: Path) -> None:
