@@ -261,15 +261,18 @@ def test_mosbach_fine_tuning_is_llmfts_full_parameter_pattern_based_run(make_cfg
         )
         assert t.batch_size == cfg.dataset.num_train_queries == 16  # the 16 examples in one batch
         assert cfg.model.dtype == "float32" and cfg.dataset.template.endswith(" ?")
-    # llmft's experiments/pattern_verbalizer_ft/lora.sh: "mnli 32 80 0.25 ... 2e-4 ... 8"
-    lora = make_cfg("experiment=mosbach2023/mnli_lora", "method=ft")
-    assert (
-        lora.method.finetune,
-        lora.model.lora.r,
-        lora.trainer.epochs,
-        lora.trainer.warmup_ratio,
-        lora.trainer.lr,
-    ) == ("lora", 8, 80, 0.25, 2e-4)
+    # llmft's experiments/pattern_verbalizer_ft/lora.sh: "mnli 32 80 0.25 4 8 2e-4 facebook/opt-30b 8" (samples,
+    # epochs, warmup ratio, batch per GPU, GPUs, lr, model, rank) through scripts/pattern_verbalizer_ft/mnli/lora.sh,
+    # which is ft.py as run.sh runs it: 32 rows drawn from the whole split, scored by the vocabulary's argmax
+    lora = make_cfg("experiment=mosbach2023/mnli_lora")
+    assert (lora.method.name, lora.method.finetune, lora.method.train_on, lora.method.objective) == (
+        "pbft",
+        "lora",
+        "labelled_queries",
+        "eval/vocab_accuracy",
+    )
+    assert (lora.dataset.num_train_queries, lora.trainer.batch_size, lora.dataset.context.draw) == (32, 32, "llmft")
+    assert (lora.model.lora.r, lora.trainer.epochs, lora.trainer.warmup_ratio, lora.trainer.lr) == (8, 80, 0.25, 2e-4)
     assert make_cfg("experiment=mosbach2023/mnli", "method=icl").method.name == "icl"
 
 
