@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from ctxdistill.cli import CONFIG_DIR
+from ctxdistill.cli import CONFIG_DIR, is_base
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.methods import method_schemas
 
@@ -21,7 +21,7 @@ from conftest import TINY
 def options(group: str) -> list[str]:
     """The group's options; an experiment's include those in subfolders (experiment=upadhayaya2024/mnli)."""
     found = (CONFIG_DIR / group).rglob("*.yaml") if group == "experiment" else (CONFIG_DIR / group).glob("*.yaml")
-    return sorted(str(p.relative_to(CONFIG_DIR / group).with_suffix("")) for p in found)
+    return sorted(str(p.relative_to(CONFIG_DIR / group).with_suffix("")) for p in found if not is_base(p.stem))
 
 
 # Options that need another group's option (a knowledge graph: a method that ranks entities). A method's is
@@ -382,6 +382,7 @@ def test_fine_tuning_without_demonstrations_fails_before_the_model_loads(make_cf
             # every method file, found without a list to keep, and none of the schemas (base_*) the files extend
             "method: " + ", ".join(sorted(options("method"))) + "\n",
         ),
+        (["--help"], "experiment/genpi: cpu_sized, released\n"),  # no base (genpi/_cpu_base)
         (["method=ft", "--cfg", "job"], "_target_: ctxdistill.methods.finetune.Finetune"),
         (["--info", "defaults"], "method/cd"),
     ],
@@ -467,6 +468,19 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
             "ctxdistill: model.name: has no value (and model.name_or_path). The base_* configs are the schemas",
         ),
         (["method=base_distill"], "ctxdistill: method.name: has no value. The base_* configs are the schemas"),
+        # a base (a file named _*) picked as an option: refused, naming the options that build on it
+        (
+            ["experiment=genpi/_cpu_base"],
+            "ctxdistill: experiment=genpi/_cpu_base: a base that options build on (its name starts with _), not an "
+            "option of its own. Pick one that builds on it: experiment=genpi/cpu_sized, "
+            "experiment=opcd/system_prompt\n",
+        ),
+        (["method=prompts/_one_sentence"], "ctxdistill: method=prompts/_one_sentence: a base that options build on"),
+        (
+            ["experiment=genpi/cpu_bas"],
+            "ctxdistill: In 'config': Could not find 'experiment/genpi/cpu_bas'; did you "
+            "mean experiment=genpi/cpu_sized?",
+        ),
         # a config directory of your own that does not exist (the newcomer audit)
         (["--config-dir=/nowhere"], "ctxdistill: Additional config directory '/nowhere' not found: give --config-dir"),
         (["hydra.searchpath=[file:///nowhere]"], "ctxdistill: hydra.searchpath: file:///nowhere: no such directory."),
@@ -490,7 +504,7 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     err = capsys.readouterr().err
     assert err.startswith(message), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err and "Error executing job" not in err
-    assert "\tbase_" not in err  # the schemas are no options
+    assert "\tbase_" not in err and "_base\n" not in err  # the schemas and bases are no options
 
 
 def test_a_run_directory_holding_another_complete_run_is_named_and_a_bad_config_still_gets_its_own_message(tmp_path):
