@@ -233,9 +233,13 @@ def option_files(group: str) -> list[Path]:
 def selector(path: Path, text: str, group: str) -> str:
     """How a file is chosen on the command line: a global experiment by its path under the group
     (``experiment=li2024/wn18rr``), an option of a subgroup by its name (``trainer/distributed=fsdp``)."""
+    from ctxdistill.cli import is_base
+
     if group == ROOT_PAGE:
         return path.relative_to(ROOT).as_posix()
     relative = path.relative_to(CONF).with_suffix("")
+    if is_base(path.stem):  # no option: its path, which the options' defaults lists name
+        return f"{relative.as_posix()} (a base, not an option)"
     if text.lstrip().startswith("# @package _global_"):
         return f"{group}={relative.relative_to(group).as_posix()}"
     return f"{relative.parent.as_posix()}={relative.name}"

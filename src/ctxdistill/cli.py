@@ -73,6 +73,48 @@ _PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
 CONFIG_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parents[2] / "conf"
 
 
+def is_base(option: str) -> bool:
+    """A config file whose name starts with "_" (dataset=category/_base, experiment=genpi/_cpu_base) is a base: the
+    settings options share, which they build on in their defaults lists. It is no option of its own."""
+    return Path(option).name.startswith("_")
+
+
+def built_on(base: str) -> list[str]:
+    """The options (``group=option``) of conf/ that build on ``base`` (``group/option``), directly or through
+    another base."""
+    import yaml
+
+    users = []
+    for path in sorted(CONFIG_DIR.rglob("*.yaml")):
+        here = path.relative_to(CONFIG_DIR).with_suffix("")
+        for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults") or []:
+            name = entry.split("@")[0].strip() if isinstance(entry, str) else ""
+            if name and (name[1:] if name.startswith("/") else (here.parent / name).as_posix()) == base:
+                group, _, option = here.as_posix().partition("/")
+                users += built_on(here.as_posix()) if is_base(option) else [f"{group}={option}"]
+    return users
+
+
+def refuse_bases(overrides: list[str]) -> None:
+    """A base picked as an option (experiment=genpi/_cpu_base, each value of a swept one): one message naming the
+    options that build on it, before any run starts."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for override in OverridesParser.create().parse_overrides(overrides):
+        group = override.key_or_group.lstrip("+~")
+        if override.is_delete() or not (CONFIG_DIR / group).is_dir():
+            continue
+        value = list(override.sweep_string_iterator()) if override.is_sweep_override() else override.value()
+        for option in value if isinstance(value, list) else [value]:
+            if is_base(str(option)):
+                # a base of one's own (--config-dir) may have no user in conf/: the listed options instead
+                instead = ", ".join(built_on(f"{group}/{option}")) or f"ctxdistill --help lists the {group} options"
+                raise ConfigError(
+                    f"{group}={option}: a base that options build on (its name starts with _), not an option of its "
+                    f"own. Pick one that builds on it: {instead}"
+                )
+
+
 def run_unless_complete(cfg: DictConfig) -> dict:
     """The run, or the complete result already in its output dir (unless force=true)."""
     from ctxdistill.sweeps import completed_run
@@ -151,6 +193,7 @@ def print_sweep_configs(argv: list[str]) -> None:
             skip = True  # its value: job | hydra | all; the cells' job configs are printed
             continue
         overrides.append(arg)
+    refuse_bases(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         shared = compose("config", overrides=unswept(overrides), return_hydra_config=True)
         for number, cell in enumerate(sweep_cells(overrides, shared.hydra.sweeper.params or {})):
@@ -211,7 +254,9 @@ def user_error_message(error: Exception) -> str:
         # an option in a list (ood=[hans,hanz]) gets no list of the options from Hydra: the group's own configs
         group = missing.rsplit("/", 1)[0]
         options = sorted(
-            str(p.relative_to(CONFIG_DIR / group).with_suffix("")) for p in (CONFIG_DIR / group).glob("*.yaml")
+            str(p.relative_to(CONFIG_DIR / group).with_suffix(""))
+            for p in (CONFIG_DIR / group).glob("*.yaml")
+            if not is_base(p.stem)
         )
         if options:
             message += f"\n\nAvailable options in '{group}':\n\t" + "\n\t".join(options)
@@ -262,18 +307,19 @@ def wrong_type(key: str, node: Node, given: Any) -> str:
 
 
 def without_schemas(message: str) -> str:
-    """Hydra's "Could not find 'group/name'" with its list of the group's options, less the schemas (``base_*``, which
-    the option files extend and no run selects), and the option nearest to the one asked for."""
+    """Hydra's "Could not find 'group/name'" with its list of the group's options, less the schemas (``base_*``) and
+    bases (``_*``), which the option files extend and no run selects, and the option nearest to the one asked for."""
     import difflib
 
     head, _, listed = message.partition("\n\nAvailable options in '")
     group, _, rest = listed.partition("':")
     schemas = schema_names(group)
-    options = [option for option in (line.strip() for line in rest.splitlines()) if option and option not in schemas]
+    options = [o for o in (line.strip() for line in rest.splitlines()) if o and o not in schemas and not is_base(o)]
     # Hydra lists a group's own options only: experiment=upadhayaya2024/mnli's siblings are in subdirectories
     options += [
         str(path.relative_to(CONFIG_DIR / group).with_suffix(""))
         for path in sorted((CONFIG_DIR / group).glob("*/**/*.yaml"))
+        if not is_base(path.stem)
     ]
     asked = re.search(rf"Could not find '{re.escape(group)}/([^']+)'", head)
     near = difflib.get_close_matches(asked.group(1), options, n=1) if asked else []
@@ -293,7 +339,7 @@ def schema_names(group: str) -> set[str]:
 
 
 def hide_schemas_in_help() -> None:
-    """``ctxdistill --help`` lists each group's options without its schemas, which no run selects."""
+    """``ctxdistill --help`` lists each group's options without its schemas and bases, which no run selects."""
     from hydra._internal.hydra import Hydra
 
     listed = Hydra.format_config_groups
@@ -306,7 +352,9 @@ def hide_schemas_in_help() -> None:
         for line in text.splitlines():
             group, _, options = line.partition(": ")
             schemas = schema_names(group)
-            lines.append(f"{group}: {', '.join(o for o in options.split(', ') if o not in schemas)}")
+            shown = [o for o in options.split(", ") if o not in schemas and not is_base(o)]
+            if shown:  # a folder of bases alone (method/prompts) is no group to pick from
+                lines.append(f"{group}: {', '.join(shown)}")
         return "\n".join(lines) + "\n"
 
     Hydra.format_config_groups = format_config_groups

@@ -112,11 +112,13 @@ class LaunchChecks(Callback):
 def refuse_bad_inputs(config: DictConfig, directory_key: str, status: int) -> None:
     """Exit with the message of the first bad input: Hydra turns an exception of a callback into a warning and goes
     on, so the exit is the check's own."""
-    from ctxdistill.cli import exit_with_message
+    from ctxdistill.cli import exit_with_message, refuse_bases
 
     try:
         # the overrides as given: Hydra's record, unresolved (one may read an unset ${oc.env:...})
-        check_data_paths(OmegaConf.to_container(config.hydra.overrides.task, resolve=False), config)
+        overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        refuse_bases(overrides)
+        check_data_paths(overrides, config)
         writable_dir(directory_key, resolved(config, directory_key))
         # an output_dir of its own (by default it is the run's or the cell's directory)
         output_dir = None if OmegaConf.is_interpolation(config, "output_dir") else config.output_dir
