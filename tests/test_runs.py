@@ -374,7 +374,7 @@ def test_compiled_training_matches_eager_and_compiles_only_the_training_passes(u
     assert compiled["metrics"] == pytest.approx(uninterrupted["metrics"], rel=1e-3, abs=1e-6)
 
 
-def test_a_trainer_setting_given_to_a_method_that_does_not_train_is_named_as_ignored(make_cfg, caplog):
+def test_a_setting_the_run_never_reads_is_named_as_ignored(make_cfg, caplog):
     from ctxdistill.methods import build_method
     from ctxdistill.run import warn_unused_training_settings
 
@@ -387,11 +387,15 @@ def test_a_trainer_setting_given_to_a_method_that_does_not_train_is_named_as_ign
         "model.prefix_frozen_tokens=0",
     ]
     with caplog.at_level(logging.WARNING, logger="ctxdistill.run"):
-        warn_unused_training_settings(build_method(make_cfg(*TINY, "method=icl").method), overrides)
-        warn_unused_training_settings(build_method(make_cfg(*TINY, "method=cd").method), overrides)
-    # evaluation reads eval_batch_size; cd trains, so it reads them all
+        for method, adapter in [("icl", "lora"), ("cd", "lora"), ("cd", "full"), ("cd", "prefix"), ("kgbert", "lora")]:
+            warn_unused_training_settings(build_method(make_cfg(*TINY, f"method={method}").method), overrides, adapter)
+    # evaluation reads eval_batch_size; cd trains, so it reads the trainer's; each adapter reads only its own
     assert caplog.messages == [
-        "method=icl does not train: ignoring trainer.lr, trainer.epochs, model.lora.r, model.prefix_frozen_tokens"
+        "method=icl does not train: ignoring trainer.lr, trainer.epochs, model.lora.r, model.prefix_frozen_tokens",
+        "model.adapter=lora does not read model.prefix_frozen_tokens: ignoring them",
+        "model.adapter=full does not read model.lora.r, model.prefix_frozen_tokens: ignoring them",
+        "model.adapter=prefix does not read model.lora.r: ignoring them",
+        "method=kgbert trains every weight, with no adapter: ignoring model.lora.r, model.prefix_frozen_tokens",
     ]
 
 

@@ -147,18 +147,38 @@ def hydra_overrides() -> Optional[list[str]]:
 # Settings only training reads: the trainer group but what evaluation reads of it, and the trained adapter.
 TRAINING_KEYS = ("trainer.", "model.adapter", "model.lora.", "model.prefix_")
 EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed")
+# The settings each model.adapter reads, which no other adapter does.
+ADAPTER_KEYS = {"lora": "model.lora.", "prefix": "model.prefix_"}
 
 
-def warn_unused_training_settings(method, overrides: Optional[list[str]]) -> None:
-    """A command-line training setting that a method without training never reads: said, not silently dropped."""
-    unused = [] if method.trains else training_settings_in(overrides or [])
-    if unused:
-        log.warning("method=%s does not train: ignoring %s", method.name, ", ".join(unused))
+def warn_unused_training_settings(method, overrides: Optional[list[str]], adapter: str) -> None:
+    """A command-line setting the run never reads: training's, when the method does not train; an adapter's other
+    than the one it trains (``adapter``: model.adapter), or any adapter's when it trains every weight. Said, not
+    silently dropped (a warning, not an error: a sweep gives every cell the same settings)."""
+    keys = override_keys(overrides or [])
+    if not method.trains:
+        unused = training_settings_in(overrides or [])
+        if unused:
+            log.warning("method=%s does not train: ignoring %s", method.name, ", ".join(unused))
+        return
+    trained = adapter if method.trained_weights == "adapter" else None
+    unused = [k for k in keys if any(k.startswith(ADAPTER_KEYS[a]) for a in ADAPTER_KEYS if a != trained)]
+    if trained is None and "model.adapter" in keys:
+        unused.insert(0, "model.adapter")
+    if unused and trained:
+        log.warning("model.adapter=%s does not read %s: ignoring them", adapter, ", ".join(unused))
+    elif unused:
+        log.warning("method=%s trains every weight, with no adapter: ignoring %s", method.name, ", ".join(unused))
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The keys the overrides set (``+model.lora.r=4``: ``model.lora.r``)."""
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
 
 
 def training_settings_in(overrides: list[str]) -> list[str]:
     """The keys of ``overrides`` that only training reads (trainer.* but its evaluation settings, the adapter's)."""
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    keys = override_keys(overrides)
     return [k for k in keys if k.startswith(TRAINING_KEYS) and not k.startswith(EVALUATION_TRAINER_KEYS)]
 
 
@@ -229,7 +249,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method.check_inputs(task, tokenizer, cfg)
     if method.trained_weights == "adapter":
         check_adapter(cfg.model, cfg.cache_dir, tokenizer, task.context, method.wrap_model)
-    warn_unused_training_settings(method, hydra_overrides())
+    warn_unused_training_settings(method, hydra_overrides(), cfg.model.adapter)
     teacher_spec = method.teacher_model  # a separate (larger) teacher, or None: the base weights teach
     teacher_tokenizer = separate_teacher_tokenizer(cfg, method, task, tokenizer)
 
