@@ -615,6 +615,28 @@ def test_an_override_after_an_option_after_overrides_is_named_with_the_command_t
     )
 
 
+@pytest.mark.parametrize(
+    "given, message",
+    [
+        (["--multrun"], r"ctxdistill: --multrun: no such option \(did you mean --multirun\?\); ctxdistill --help"),
+        (["--cfg", "jobb"], r"ctxdistill: argument --cfg/-c: invalid choice: 'jobb' \(choose from '?job'?, "),
+    ],
+)
+def test_an_unknown_option_or_value_is_one_line_naming_it(monkeypatch, capsys, given, message):
+    """argparse's eight lines of usage were the answer to a misspelt option or value (the newcomer's first hour)."""
+    import sys
+
+    from ctxdistill.cli import entry
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", ["ctxdistill", "model=tiny-random", *given])
+    with pytest.raises(SystemExit) as stopped:
+        entry()
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert re.match(message, err) and err.count("\n") == 1, err
+
+
 def test_a_run_directory_holding_another_complete_run_is_named_and_a_bad_config_still_gets_its_own_message(tmp_path):
     """Run again in its directory with other settings (the newcomer audit): the single run's fix is another
     hydra.run.dir; a config that does not resolve is named by validation, not a traceback from the comparison."""

@@ -21,6 +21,7 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZER
 
 def test_two_process_ddp_matches_one_process_in_one_run_dir(uninterrupted, tmp_path):
     # Default run dir (a timestamp): both ranks must agree on it. trainer.batch_size is the global batch.
+    # The option after the overrides: rank 1's own overrides must join the user's, not follow the option.
     proc = subprocess.run(
         [
             sys.executable,
@@ -32,6 +33,8 @@ def test_two_process_ddp_matches_one_process_in_one_run_dir(uninterrupted, tmp_p
             "-m",
             "ctxdistill",
             *RESUMABLE,
+            "--config-name",
+            "config",
         ],
         cwd=tmp_path,
         capture_output=True,

@@ -50,7 +50,12 @@ def join_distributed_launch(argv: list[str]) -> list[str]:
 
     state = PartialState(cpu=not __import__("torch").cuda.is_available())
     _launched = broadcast_object_list([datetime.now()], from_process=0)[0]
-    return argv if state.is_main_process else [*argv, "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    if state.is_main_process:
+        return argv
+    # Beside the user's overrides: Hydra reads them as one run of arguments, wherever the options are.
+    _, parsed, _ = hydra_arguments(argv)
+    at = argv.index(parsed.overrides[0]) + len(parsed.overrides) if parsed.overrides else 0
+    return [*argv[:at], "hydra.output_subdir=null", "hydra/job_logging=stdout", *argv[at:]]
 
 
 def join_slurm_tasks() -> None:
@@ -382,14 +387,33 @@ def check_config_dirs(argv: list[str]) -> None:
                 )
 
 
-def check_option_order(argv: list[str]) -> None:
-    """Hydra reads the overrides as one run of arguments: an override after an option that follows other overrides is
-    argparse's "unrecognized arguments" under Hydra's usage. Name it, with the command that gives the options first."""
-    import shlex
-
+def hydra_arguments(argv: list[str]):
+    """Hydra's reading of the command line, with argparse's usage-and-exit turned into one message."""
     from hydra._internal.utils import get_args_parser
 
-    parsed, unknown = get_args_parser().parse_known_args(argv)
+    parser = get_args_parser()
+
+    def refuse(message: str) -> None:
+        raise ConfigError(f"{message}; ctxdistill --help lists the options")
+
+    parser.error = refuse
+    return parser, *parser.parse_known_args(argv)
+
+
+def check_options(argv: list[str]) -> None:
+    """An unknown option (--multrun), an option's value Hydra does not take (--cfg jobb) and an override after an
+    option that follows other overrides (Hydra reads the overrides as one run of arguments) were argparse's usage
+    and "unrecognized arguments". Name each, with the fix."""
+    import difflib
+    import shlex
+
+    parser, parsed, unknown = hydra_arguments(argv)
+    for option in (arg for arg in unknown if arg.startswith("-")):
+        near = difflib.get_close_matches(option.split("=")[0], parser._option_string_actions, n=1)
+        raise ConfigError(
+            f"{option}: no such option" + (f" (did you mean {near[0]}?)" if near else "") + "; ctxdistill --help "
+            "lists the options"
+        )
     stranded = [arg for arg in unknown if not arg.startswith("-")]
     if not stranded:
         return
@@ -459,7 +483,7 @@ def entry() -> None:
     multirun = bool({"-m", "--multirun"} & set(argv))
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing its stack: the message is ours
     try:
-        check_option_order(argv)
+        check_options(argv)
         check_config_dirs(argv)
         if {"--help", "-h"} & set(argv):
             hide_schemas_in_help()
