@@ -509,6 +509,11 @@ def family_records():
             "eval/sampled100_hits@10": 0.75,
             "eval/sampled100_head_mrr": 0.3,
             "eval/examples": 40,
+            # each metric's per-triple values' standard deviation, the n = 40 triples' t-interval of its mean
+            "eval/sampled100_mrr_sd": 0.3,
+            "eval/sampled100_hits@1_sd": 0.4,
+            "eval/sampled100_hits@3_sd": 0.45,
+            "eval/sampled100_hits@10_sd": 0.35,
         },
     }
     for i, record in enumerate((classification, genpi, kg)):
@@ -613,7 +618,9 @@ def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_w
         "sampled100 MRR",
         *(f"sampled100 Hits@{k}" for k in (1, 3, 10)),
     ]
-    assert kg_lines[5].split()[4:6] == ["40", "0.400"] and f"0.250 [{wilson(10, 40)[0]:.3f}," in kg_lines[5]
+    # scipy.stats.t.interval(0.95, 39, loc=mean, scale=sd / sqrt(40)): MRR 0.4 (sd 0.3), Hits@1 0.25 (sd 0.4)
+    assert kg_lines[5].split()[4:10] == ["40", "0.400", "[0.304,", "0.496]", "0.250", "[0.122,"]
+    assert "0.378]" in kg_lines[5]
     assert "head_mrr" not in kg and "head MRR" not in kg  # undeclared companions stay in metrics.json
     assert "task success" in genpi and "Rouge-L to teacher" in genpi and "0.312" in genpi
     assert "held-out pseudo inputs (the objective's set)" in genpi and "0.250 [" in genpi

@@ -28,7 +28,13 @@ from ctxdistill.results import scorecard
 from ctxdistill.results.files import RESULTS_DIR, write_results
 from ctxdistill.results.records import UnknownConfigKeyError, collect, split_by, unfinished_runs
 from ctxdistill.results.render import render
-from ctxdistill.results.table import PairedTestError, duplicate_seed_warnings, paired_tests, summarise
+from ctxdistill.results.table import (
+    PairedTestError,
+    duplicate_seed_warnings,
+    paired_tests,
+    spreadless_notes,
+    summarise,
+)
 from ctxdistill.tracking import resolve_mode
 
 
@@ -199,7 +205,7 @@ def compare(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tables = summarise(rows)
-    for warning in duplicate_seed_warnings(tables):
+    for warning in duplicate_seed_warnings(tables) + spreadless_notes(tables):
         print(warning, file=sys.stderr)
     if args.vs:
         try:

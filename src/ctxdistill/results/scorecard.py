@@ -7,7 +7,7 @@ and a verdict: ``consistent`` (the paper's value is inside our interval), ``abov
 (our interval lies above / below it), ``not run``, ``not measured`` (runs without that metric) or
 ``no interval`` (one run, or runs that all agree, of a metric that is not a rate or of unknown size).
 
-This module depends only on run records (``ctxdistill.results.records``), the intervals of
+This module depends only on run records (``ctxdistill.results.records``, their declarations), the intervals of
 ``ctxdistill.results.stats`` and plain data.
 """
 
@@ -23,7 +23,8 @@ from typing import Any, Optional
 import yaml
 
 from ctxdistill.results import stats
-from ctxdistill.results.records import predictions
+from ctxdistill.results.metrics import SPREAD
+from ctxdistill.results.records import metric_set, predictions
 from ctxdistill.results.render import csv_text, markdown_cell
 
 PAPERS_PACKAGE = "ctxdistill"
@@ -139,6 +140,9 @@ class Score:
     run_model: Optional[str] = None  # the model the runs used (differs from the cell's under --model-as)
     values: list[float] = field(default_factory=list)  # the run metric per run, in the paper's units
     examples: list[Optional[int]] = field(default_factory=list)  # eval examples of each run with a value
+    #: for a metric the runs declare a mean over examples (Hits@k, MRR), each run's spread of its values per
+    #: example (None where it reports none); None for any other metric
+    spreads: Optional[list[Optional[float]]] = None
     matched_runs: int = 0  # runs of the cell, with or without the metric
 
     @property
@@ -152,9 +156,12 @@ class Score:
 
     @property
     def interval(self) -> Optional[tuple[float, float]]:
-        """95% interval in the paper's units: t over runs that differ, or Wilson over the runs' fewest examples."""
+        """95% interval in the paper's units: t over runs that differ, or over the runs' fewest examples (Wilson's
+        for a rate, t from the spread per example for a mean over examples)."""
         scale = self.cell.scale
-        interval = stats.mean_interval([v / scale for v in self.values], self.examples, self.cell.proportion)
+        interval = stats.mean_interval(
+            [v / scale for v in self.values], self.examples, self.cell.proportion, self.spreads
+        )
         if interval is None:
             return None
         low, high = interval
@@ -199,6 +206,15 @@ def run_examples(record: dict[str, Any], run_metric: str) -> Optional[int]:
     return len(rows) or None
 
 
+def run_spreads(records: list[dict[str, Any]], run_metric: str) -> Optional[list[Optional[float]]]:
+    """Each run's spread of the metric's values per example, where the runs declare it a mean over examples."""
+    set_name, _, name = run_metric.rpartition("/")
+    declared = [m for r in records for m in metric_set(r).metrics if m.name == name and m.applies_to(set_name)]
+    if not any(m.kind == "mean" for m in declared):
+        return None
+    return [r["metrics"].get(f"{run_metric}{SPREAD}") for r in records]
+
+
 def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[dict[str, str]] = None) -> list[Score]:
     """Each cell against the runs that map onto it: one score per run model, or one "not run" score.
 
@@ -227,7 +243,8 @@ def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[d
                     run_model,
                     [r["metrics"][cell.run_metric] * cell.scale for r in measured],
                     [run_examples(r, cell.run_metric) for r in measured],
-                    len(runs),
+                    matched_runs=len(runs),
+                    spreads=run_spreads(measured, cell.run_metric),
                 )
             )
     return scores

@@ -2,7 +2,9 @@
 
 - :func:`wilson`: a proportion of n examples (one run), Wilson's score interval.
 - :func:`t_interval`: a mean over n seeds, Student's t with n - 1 degrees of freedom.
-- :func:`mean_interval`: which of the two a mean over runs gets (:func:`fewest_examples`: over how many examples).
+- :func:`example_mean_interval`: a mean over n examples of a value per example (a triple's mean hit), from the
+  values' standard deviation: Student's t with n - 1 degrees of freedom.
+- :func:`mean_interval`: which of them a mean over runs gets (:func:`fewest_examples`: over how many examples).
 - :func:`mcnemar_exact`: two methods on the same examples, the exact (binomial) McNemar test on the
   examples where exactly one of them is right.
 - :func:`sign_flip_test`: two methods on the same examples scored by a number (a reciprocal rank), the
@@ -11,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from typing import Optional, Sequence
@@ -48,6 +51,7 @@ def _t_two_sided_mass(t: float, df: int) -> float:
     return s * total
 
 
+@functools.lru_cache(maxsize=None)  # a set of thousands of triples takes thousands of terms per bisection step
 def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
     """The t with P(|T| < t) = ``confidence`` (bisection on the closed-form distribution)."""
     low, high = 0.0, 1.0
@@ -68,6 +72,20 @@ def t_interval(values: list[float]) -> Optional[tuple[float, float]]:
     return mean - half, mean + half
 
 
+def example_mean_interval(mean: float, sd: Optional[float], n: int) -> Optional[tuple[float, float]]:
+    """The 95% interval of ``mean``, the mean over ``n`` examples of values in [0, 1] whose sample standard deviation
+    is ``sd`` (None: unknown, or one example's): Student's t with n - 1 degrees of freedom. Where every value lies on
+    one bound (mean 0 or 1) they are successes or failures, and Wilson's interval over the examples stands for t's
+    of width 0. None where the spread is unknown, or values all alike inside the bounds (a spread of 0 says
+    nothing)."""
+    if mean in (0.0, 1.0) and (sd == 0 or n == 1):
+        return wilson(mean * n, n)
+    if sd is None or n < 2 or not math.isfinite(sd) or sd == 0:
+        return None
+    half = t_quantile(n - 1) * sd / math.sqrt(n)
+    return mean - half, mean + half
+
+
 def fewest_examples(examples: Sequence[Optional[float]]) -> Optional[int]:
     """The number of examples a Wilson interval over runs that agree is over: the fewest any of them was evaluated
     on (the widest of their own intervals; their sum would count twice the examples they share); None where a
@@ -78,20 +96,27 @@ def fewest_examples(examples: Sequence[Optional[float]]) -> Optional[int]:
 
 
 def mean_interval(
-    values: Sequence[float], examples: Sequence[Optional[float]], proportion: bool
+    values: Sequence[float],
+    examples: Sequence[Optional[float]],
+    proportion: bool,
+    spreads: Optional[Sequence[Optional[float]]] = None,
 ) -> Optional[tuple[float, float]]:
     """The 95% interval of the mean of ``values`` (one per run, each evaluated on its ``examples``): Student's t
     over the runs where they differ; for one run, or runs that all agree (their spread of 0 says nothing: a
-    t-interval would have width 0), Wilson's over their :func:`fewest_examples` for a rate, else None. A value
-    that is not a finite number (a NaN a run reported) leaves the mean without an interval."""
+    t-interval would have width 0), over the examples of the run with the :func:`fewest_examples`: Wilson's for a
+    rate, :func:`example_mean_interval` for a mean of values per example given with their standard deviations
+    (``spreads``, one per run; None where a run reports none: no interval), else None. A value that is not a
+    finite number (a NaN a run reported) leaves the mean without an interval."""
     if not all(map(math.isfinite, values)):
         return None
     if len(values) > 1 and max(values) > min(values):
         return t_interval(values)
     n = fewest_examples(examples)
-    if values and proportion and n:
-        return wilson(values[0] * n, n)
-    return None
+    if not values or not n:
+        return None
+    if spreads is not None:
+        return example_mean_interval(values[0], spreads[list(examples).index(n)], n)
+    return wilson(values[0] * n, n) if proportion else None
 
 
 def mcnemar_exact(only_first: int, only_second: int) -> float:

@@ -34,11 +34,13 @@ class Column:
 
 @dataclass
 class Cell:
-    """One metric of one row: a value per seed, and the number of examples each was measured on."""
+    """One metric of one row: a value per seed, the number of examples each was measured on and, for a mean over
+    examples, the standard deviation of its values per example (None where a run reports none)."""
 
     metric: Metric
     values: list[float] = field(default_factory=list)
     examples: list[Optional[int]] = field(default_factory=list)
+    spreads: list[Optional[float]] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -53,10 +55,12 @@ class Cell:
 
     @property
     def interval(self) -> Optional[tuple[float, float]]:
-        """95%: Student's t over the seeds where they differ, else Wilson's over the seeds' fewest examples."""
+        """95%: Student's t over the seeds where they differ, else over the seeds' fewest examples: Wilson's for a
+        proportion, Student's t from the values' spread for a mean (:func:`stats.mean_interval`)."""
         if self.metric.kind == "count":
             return None
-        interval = mean_interval(self.values, self.examples, self.metric.kind == "proportion")
+        spreads = self.spreads if self.metric.kind == "mean" else None
+        interval = mean_interval(self.values, self.examples, self.metric.kind == "proportion", spreads)
         if interval is None:
             return None
         (low, high), (lowest, highest) = interval, self.metric.value_range  # whatever few seeds suggest
@@ -213,6 +217,8 @@ def summarise(records: list[dict[str, Any]]) -> list[Table]:
                     cell = row.cells.setdefault(column.key, Cell(column.metric))
                     cell.values.append(r["metrics"][column.key])
                     cell.examples.append(r["metrics"].get(f"{column.set}/{EXAMPLES.name}"))
+                    spread = column.metric.spread_name
+                    cell.spreads.append(r["metrics"].get(f"{column.set}/{spread}") if spread else None)
         order = list(dict.fromkeys(r["method"] for r in members))
         ordered = sorted(
             rows.values(), key=lambda row: (row.dataset, row.size or math.inf, row.model, order.index(row.method))
@@ -232,6 +238,28 @@ def duplicate_seed_warnings(tables: list[Table]) -> list[str]:
         for row in table.rows
         if row.repeated_seeds
     ]
+
+
+def spreadless_notes(tables: list[Table]) -> list[str]:
+    """A note per row whose runs report a mean over examples without the spread of its values per example
+    (evaluated before runs reported it): one run of it gets no interval, and how to give it one."""
+    notes = []
+    for table in tables:
+        for row in table.rows:
+            lacking = sorted(  # a run of one example has no spread to report
+                key
+                for key, cell in row.cells.items()
+                if cell.metric.kind == "mean"
+                and any(s is None and (n or 0) > 1 for s, n in zip(cell.spreads, cell.examples))
+            )
+            if lacking:
+                notes.append(
+                    f"note: {row.method} / {row.model} / {row.dataset}: {', '.join(lacking)} come from runs "
+                    "evaluated before they reported the spread of their values per example, so one run of them has "
+                    "no interval over its examples (an interval over seeds that differ is unchanged); "
+                    "evaluate the runs again (ctxdistill-eval RUN_DIR) to give them one"
+                )
+    return notes
 
 
 class PairedTestError(ValueError):
