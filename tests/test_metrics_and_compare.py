@@ -11,6 +11,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -261,32 +262,37 @@ def test_intervals_and_tests_at_the_edges_match_scipy_and_statsmodels():
 
 
 def test_renderers_escape_names_mark_lower_is_better_and_show_nan_and_missing_figures(tmp_path, capsys):
-    """A method named with LaTeX's specials, a dataset with a pipe, quotes and a comma; a KL that is NaN, an F1 one of
-    a row's two seeds reports (null in the other's metrics.json, as its W&B summary would lack it)."""
+    """A method named with LaTeX's specials, a dataset with a pipe, quotes and a comma; a KL that is NaN, a majority
+    rate one of a row's two seeds reports (null in the other's metrics.json, as its W&B summary would lack it)."""
     method, dataset = r"cd_v2 & #1 50% $x$ {a} ~ ^ \ <b>", 'my|data, "quoted"'
     runs = ((method, 0, math.nan, 0.5), (method, 1, 0.3, None), ("icl", 0, 0.0, 0.7))
-    for i, (name, seed, kl, f1) in enumerate(runs):
-        metrics = {"eval/accuracy": 0.5 + 0.1 * i, "eval/examples": 10, "eval/kl_to_teacher": kl, "eval/f1": f1}
+    for i, (name, seed, kl, majority) in enumerate(runs):
+        metrics = {"eval/accuracy": 0.5 + 0.1 * i, "eval/examples": 10, "eval/kl_to_teacher": kl}
+        metrics["eval/majority_rate"] = majority
         write_run(tmp_path / str(i), name, seed, 0, f"2026-01-01T00:00:0{i}", dataset=dataset, metrics=metrics)
     assert main([str(tmp_path)]) == 0
     text = capsys.readouterr().out.splitlines()
-    assert re.split(r"\s{2,}", text[1])[5:] == ["accuracy", "KL to teacher ↓", "F1"]
-    assert re.split(r"\s{2,}", text[3])[2:] == [dataset, "2", "10", "0.550 [0.000, 1.000]", "nan", "0.500 (1/2 seeds)"]
+    assert re.split(r"\s{2,}", text[1])[5:] == ["accuracy", "majority", "KL to teacher ↓"]
+    assert re.split(r"\s{2,}", text[3])[2:] == [dataset, "2", "10", "0.550 [0.000, 1.000]", "0.500 (1/2 seeds)", "nan"]
     assert main([str(tmp_path), "--format", "markdown"]) == 0
     markdown = capsys.readouterr().out.splitlines()
     row = markdown[4]
     assert row.count(" | ") == markdown[2].count(" | ") and r"my\|data" in row and r"\\ \<b>" in row
     assert main([str(tmp_path), "--format", "latex"]) == 0
     latex = capsys.readouterr().out.splitlines()
-    assert latex[3].endswith(r"& KL to teacher $\downarrow$ & F1 \\")
+    assert latex[3].endswith(r"& majority & KL to teacher $\downarrow$ \\")
     assert latex[5].startswith(
         r"cd\_v2 \& \#1 50\% \$x\$ \{a\} \textasciitilde{} \textasciicircum{} \textbackslash{} $<$b$>$ & m & "
-        r'my$|$data, "quoted" & 2 & 10 & $0.550\ [0.000, 1.000]$ & nan & 0.500 (1/2 seeds) \\'
+        r'my$|$data, "quoted" & 2 & 10 & $0.550\ [0.000, 1.000]$ & 0.500 (1/2 seeds) & nan \\'
     )
     assert main([str(tmp_path), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert (rows[0]["method"], rows[0]["dataset"]) == (method, dataset)  # quoted, and read back whole
-    assert (rows[0]["eval/kl_to_teacher_mean"], rows[0]["eval/kl_to_teacher_low"], rows[0]["eval/f1_mean"]) == (
+    assert (
+        rows[0]["eval/kl_to_teacher_mean"],
+        rows[0]["eval/kl_to_teacher_low"],
+        rows[0]["eval/majority_rate_mean"],
+    ) == (
         "nan",
         "",
         "0.5",
@@ -1143,3 +1149,51 @@ def test_runs_of_a_sweep_without_results_are_named_and_left_out_not_dropped_quie
     assert "3 run(s) without results left out (listed above): run their ctxdistill command again to finish" in err
     assert "**3 failed cells**" in (sweep / "README.md").read_text()
     assert main([str(sweep), "--strict"]) == 1
+
+
+def test_qqp_reports_f1_of_the_duplicate_class_with_its_bootstrap_interval_and_only_where_declared(make_cfg, tmp_path):
+    """GLUE scores QQP by accuracy and F1 of the duplicate class (1): the dataset declares it (``f1_positive``), every
+    eval set reports it with its 95% percentile-bootstrap interval over the examples, and only such a task's table
+    has the column. F1 by hand (sklearn is not installed: f1_score(labels, predictions, pos_label=1) is this
+    2 TP / (2 TP + FP + FN)); the bootstrap against a plain loop over the same seeded resamples."""
+    import numpy
+
+    from ctxdistill.evaluation import classification_metrics, with_task_metrics
+    from ctxdistill.results.stats import bootstrap_f1
+
+    assert (make_cfg("dataset=qqp").dataset.f1_positive, make_cfg("dataset=rte").dataset.f1_positive) == (1, None)
+    labels = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0] * 5
+    predictions = [1, 1, 1, 0, 1, 1, 0, 0, 0, 0] * 5  # per 10: TP 3, FN 1, FP 2, TN 4
+    result = classification_metrics(torch.tensor(predictions), torch.tensor(labels), 2, f1_positive=1)
+    assert result["f1"] == pytest.approx(2 * 15 / (2 * 15 + 10 + 5)) and result["accuracy"] == pytest.approx(0.7)
+    assert "f1" not in classification_metrics(torch.tensor(predictions), torch.tensor(labels), 2)  # RTE: not declared
+    draws = numpy.random.default_rng(0).integers(0, 50, size=(1000, 50))
+    resampled = []
+    for draw in draws:
+        pairs = [(predictions[i], labels[i]) for i in draw]
+        tp, fp, fn = (sum(pair == wanted for pair in pairs) for wanted in ((1, 1), (1, 0), (0, 1)))
+        resampled.append(2 * tp / (2 * tp + fp + fn))
+    resampled.sort()
+    # numpy's default percentile: linear between the order statistics at (B - 1) q
+    low, high = (resampled[int(q * 999)] + (q * 999 % 1) * (resampled[int(q * 999) + 1] - resampled[int(q * 999)])
+                 for q in (0.025, 0.975))  # fmt: skip
+    assert bootstrap_f1(predictions, labels, 1) == pytest.approx((result["f1"], low, high))
+    assert (result["f1_bootstrap_low"], result["f1_bootstrap_high"]) == pytest.approx((low, high))
+    assert low < result["f1"] < high and high - low < 0.4
+    qqp = with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=1))
+    assert with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=None)) == Evaluator.metric_set
+    rte_result = classification_metrics(torch.tensor(predictions), torch.tensor(labels), 2)
+    for name, declared, reported in (("qqp", qqp, result), ("rte", Evaluator.metric_set, rte_result)):
+        record = {"method": "icl", "model": "opt-125m", "dataset": name, "seed": 0, "status": "complete"}
+        metrics = {f"{s}/{k}": v for s in ("eval", "paws_qqp") for k, v in {**reported, "examples": 50}.items()}
+        record |= {"metric_set": declared.to_dict(), "metrics": metrics}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(record))
+    [rte_alone] = summarise(collect([tmp_path / "rte"]))
+    assert "F1" not in {c.metric.label for c in rte_alone.columns}
+    [table] = summarise(collect([tmp_path]))
+    assert [c.key for c in table.columns if c.metric.name == "f1"] == ["eval/f1", "paws_qqp/f1"]
+    qqp_row, rte_row = sorted(table.rows, key=lambda r: r.dataset)
+    assert qqp_row.cells["eval/f1"].interval == pytest.approx((low, high))
+    assert qqp_row.cells["paws_qqp/f1"].interval == pytest.approx((low, high))
+    assert "eval/f1" not in rte_row.cells  # shown as -

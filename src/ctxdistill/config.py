@@ -203,6 +203,9 @@ class DatasetConfig:
     label_field: str = "label"
     label_map: dict[str, int] = field(default_factory=dict)  # raw label -> class; empty: labels are class ids
     drop_labels: list[str] = field(default_factory=list)  # raw labels whose records are left out
+    # The class whose F1 every eval set reports beside accuracy (with its bootstrap interval), as GLUE scores a
+    # paraphrase task (QQP, MRPC: 1, duplicate); null: accuracy only
+    f1_positive: Optional[int] = None
     template: str = MISSING  # rendered query, ending in the answer cue
     verbalizers: list[str] = MISSING  # answer word per class, with its leading space
     # A demonstration's query before its answer word, and the query after the context; null: template.

@@ -21,7 +21,7 @@ import torch
 from ctxdistill.data.kg import KGTask, Triple
 from ctxdistill.evaluation import EvaluatorBase
 from ctxdistill.progress import progress_bar
-from ctxdistill.results.metrics import EXAMPLES, SPREAD, Metric, MetricSet
+from ctxdistill.results.metrics import COMPANIONS, EXAMPLES, Metric, MetricSet
 
 #: score(queries, candidates) -> one score tensor per query; a query is (triple, direction) with
 #: direction "tail" (rank candidate tails for (h, r, ?)) or "head" (heads for (?, r, t)).
@@ -66,7 +66,8 @@ def triple_metrics(head_ranks: Sequence[float], tail_ranks: Sequence[float], pre
     per_triple.update({f"{prefix}hits@{k}": ((head <= k).double() + (tail <= k).double()) / 2 for k in HITS})
     metrics = {name: values.mean().item() for name, values in per_triple.items()}
     if len(head) > 1:
-        metrics.update({f"{name}{SPREAD}": values.std().item() for name, values in per_triple.items()})
+        [spread] = COMPANIONS["mean"]
+        metrics.update({f"{name}{spread}": values.std().item() for name, values in per_triple.items()})
     return metrics
 
 

@@ -4,6 +4,7 @@
 - :func:`t_interval`: a mean over n seeds, Student's t with n - 1 degrees of freedom.
 - :func:`example_mean_interval`: a mean over n examples of a value per example (a triple's mean hit), from the
   values' standard deviation: Student's t with n - 1 degrees of freedom.
+- :func:`bootstrap_f1`: F1 of one class with its percentile-bootstrap interval over the examples.
 - :func:`mean_interval`: which of them a mean over runs gets (:func:`fewest_examples`: over how many examples).
 - :func:`mcnemar_exact`: two methods on the same examples, the exact (binomial) McNemar test on the
   examples where exactly one of them is right.
@@ -86,6 +87,27 @@ def example_mean_interval(mean: float, sd: Optional[float], n: int) -> Optional[
     return mean - half, mean + half
 
 
+def bootstrap_f1(
+    predictions: Sequence[int], labels: Sequence[int], positive: int, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
+    """F1 of the class ``positive`` (2 TP / (2 TP + FP + FN), 0 where it is neither predicted nor a label) and its
+    95% percentile-bootstrap interval: the 2.5th and 97.5th percentiles of its values over ``resamples`` seeded
+    resamples of the examples with replacement (Efron & Tibshirani 1993, ch. 13). F1 is no mean over examples,
+    so it has neither Wilson's nor a t-interval."""
+    predicted = numpy.asarray(predictions) == positive
+    actual = numpy.asarray(labels) == positive
+
+    def f1(predicted: numpy.ndarray, actual: numpy.ndarray) -> numpy.ndarray:
+        doubled_tp = 2 * (predicted & actual).sum(-1)
+        denominator = doubled_tp + (predicted != actual).sum(-1)
+        return numpy.where(denominator > 0, doubled_tp / numpy.maximum(denominator, 1), 0.0)
+
+    rng = numpy.random.default_rng(seed)
+    draws = rng.integers(0, len(actual), size=(resamples, len(actual)))
+    low, high = numpy.percentile(f1(predicted[draws], actual[draws]), [2.5, 97.5])
+    return float(f1(predicted, actual)), float(low), float(high)
+
+
 def fewest_examples(examples: Sequence[Optional[float]]) -> Optional[int]:
     """The number of examples a Wilson interval over runs that agree is over: the fewest any of them was evaluated
     on (the widest of their own intervals; their sum would count twice the examples they share); None where a
@@ -98,14 +120,16 @@ def fewest_examples(examples: Sequence[Optional[float]]) -> Optional[int]:
 def mean_interval(
     values: Sequence[float],
     examples: Sequence[Optional[float]],
-    proportion: bool,
-    spreads: Optional[Sequence[Optional[float]]] = None,
+    kind: str,
+    reported: Optional[Sequence[Sequence[Optional[float]]]] = None,
 ) -> Optional[tuple[float, float]]:
-    """The 95% interval of the mean of ``values`` (one per run, each evaluated on its ``examples``): Student's t
-    over the runs where they differ; for one run, or runs that all agree (their spread of 0 says nothing: a
-    t-interval would have width 0), over the examples of the run with the :func:`fewest_examples`: Wilson's for a
-    rate, :func:`example_mean_interval` for a mean of values per example given with their standard deviations
-    (``spreads``, one per run; None where a run reports none: no interval), else None. A value that is not a
+    """The 95% interval of the mean of ``values`` (one per run, each evaluated on its ``examples``) of a metric of
+    ``kind`` (:class:`ctxdistill.results.metrics.Metric`): Student's t over the runs where they differ; for one run,
+    or runs that all agree (their spread of 0 says nothing: a t-interval would have width 0), the one-run interval
+    of the run with the :func:`fewest_examples`: Wilson's over them for a proportion; for a mean,
+    :func:`example_mean_interval` from the standard deviation per example the run reports; for a bootstrapped
+    statistic, the interval the run reports (``reported``: what each run reports beside the metric, its
+    ``Metric.companions``; None where it reports none, and then no interval); else None. A value that is not a
     finite number (a NaN a run reported) leaves the mean without an interval."""
     if not all(map(math.isfinite, values)):
         return None
@@ -114,9 +138,15 @@ def mean_interval(
     n = fewest_examples(examples)
     if not values or not n:
         return None
-    if spreads is not None:
-        return example_mean_interval(values[0], spreads[list(examples).index(n)], n)
-    return wilson(values[0] * n, n) if proportion else None
+    companions = list(reported[list(examples).index(n)]) if reported else []
+    if kind == "proportion":
+        return wilson(values[0] * n, n)
+    if kind == "mean":
+        return example_mean_interval(values[0], companions[0] if companions else None, n)
+    if kind == "bootstrap" and companions and None not in companions:
+        low, high = companions
+        return low, high
+    return None
 
 
 def mcnemar_exact(only_first: int, only_second: int) -> float:

@@ -34,13 +34,14 @@ class Column:
 
 @dataclass
 class Cell:
-    """One metric of one row: a value per seed, the number of examples each was measured on and, for a mean over
-    examples, the standard deviation of its values per example (None where a run reports none)."""
+    """One metric of one row: a value per seed, the number of examples each was measured on and what each reports
+    beside it for its own interval (``Metric.companions``: a mean's spread, a bootstrap's bounds; None where a run
+    reports none)."""
 
     metric: Metric
     values: list[float] = field(default_factory=list)
     examples: list[Optional[int]] = field(default_factory=list)
-    spreads: list[Optional[float]] = field(default_factory=list)
+    reported: list[tuple[Optional[float], ...]] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -55,12 +56,12 @@ class Cell:
 
     @property
     def interval(self) -> Optional[tuple[float, float]]:
-        """95%: Student's t over the seeds where they differ, else over the seeds' fewest examples: Wilson's for a
-        proportion, Student's t from the values' spread for a mean (:func:`stats.mean_interval`)."""
+        """95%: Student's t over the seeds where they differ, else one run's over its examples: Wilson's for a
+        proportion, Student's t from the values' spread for a mean, the run's own bootstrap for a bootstrapped
+        statistic (:func:`stats.mean_interval`)."""
         if self.metric.kind == "count":
             return None
-        spreads = self.spreads if self.metric.kind == "mean" else None
-        interval = mean_interval(self.values, self.examples, self.metric.kind == "proportion", spreads)
+        interval = mean_interval(self.values, self.examples, self.metric.kind, self.reported)
         if interval is None:
             return None
         (low, high), (lowest, highest) = interval, self.metric.value_range  # whatever few seeds suggest
@@ -217,8 +218,7 @@ def summarise(records: list[dict[str, Any]]) -> list[Table]:
                     cell = row.cells.setdefault(column.key, Cell(column.metric))
                     cell.values.append(r["metrics"][column.key])
                     cell.examples.append(r["metrics"].get(f"{column.set}/{EXAMPLES.name}"))
-                    spread = column.metric.spread_name
-                    cell.spreads.append(r["metrics"].get(f"{column.set}/{spread}") if spread else None)
+                    cell.reported.append(tuple(r["metrics"].get(f"{column.set}/{c}") for c in column.metric.companions))
         order = list(dict.fromkeys(r["method"] for r in members))
         ordered = sorted(
             rows.values(), key=lambda row: (row.dataset, row.size or math.inf, row.model, order.index(row.method))
@@ -250,7 +250,7 @@ def spreadless_notes(tables: list[Table]) -> list[str]:
                 key
                 for key, cell in row.cells.items()
                 if cell.metric.kind == "mean"
-                and any(s is None and (n or 0) > 1 for s, n in zip(cell.spreads, cell.examples))
+                and any(None in r and (n or 0) > 1 for r, n in zip(cell.reported, cell.examples))
             )
             if lacking:
                 notes.append(
