@@ -273,6 +273,7 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("dataset.source.split_sizes.eval=0", "dataset.source.split_sizes: eval=0: a split must hold"),
         ("dataset=rte dataset.source.subsample=-1", "dataset.source.subsample: must be >= 1 or null, got -1"),
         ("dataset.eval_shuffle_seed=-1", "dataset.eval_shuffle_seed: must be in [0, 2**32), got -1"),
+        ("dataset=qqp dataset.f1_positive=2", "dataset.f1_positive: is 2, not a class of this classification task"),
         ("dataset.context.draw=llmft dataset.context.data_seed=-1", "dataset.context.data_seed: must be in"),
         ("ood=[synthetic_reworded] dataset.ood.ood.num_examples=0", "dataset.ood.ood.num_examples: must be >= 1"),
         ("ood=[synthetic_reworded] dataset.ood.ood.shuffle_seed=-1", "dataset.ood.ood.shuffle_seed: must be in"),

@@ -507,6 +507,14 @@ def _validate_classification(d: DictConfig, key: str) -> None:
         f"is {d.kind}, and the config {'has' if d.generation is not None else 'has no'} generation block",
         "kind: generation goes with a generation block (free-text answers), kind: classification without one",
     )
+    require(
+        d.f1_positive is None or (d.kind == "classification" and 0 <= d.f1_positive < len(d.verbalizers)),
+        f"{key}.f1_positive",
+        f"is {d.f1_positive}, not a class of this {d.kind} task",
+        f"name a class id, 0 to {len(d.verbalizers) - 1} (the verbalizers' order), or null for accuracy alone"
+        if d.kind == "classification"
+        else "leave it null: a generated answer has no classes",
+    )
     require(d.context.num_demos >= 0, f"{key}.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
     require(
         d.context.num_contexts >= 1, f"{key}.context.num_contexts", f"must be >= 1, got {d.context.num_contexts}", ""
