@@ -299,6 +299,19 @@ def test_renderers_escape_names_mark_lower_is_better_and_show_nan_and_missing_fi
     )
 
 
+def test_csv_bounds_of_no_or_every_success_are_0_and_1_exactly_and_parameter_counts_whole(tmp_path, capsys):
+    """Wilson's bound at 0 of 40 was 6.9e-18 and at 40 of 40 0.9999999999999999 (rounding of centre -/+ half), printed
+    so in CSV; a model's parameter count was cut to 6 digits (1.25e+08)."""
+    assert wilson(0, 40) == (0.0, pytest.approx(0.0876216, abs=1e-7)) and wilson(40, 40)[1] == 1.0
+    assert wilson(0, 1000)[0] == 0.0 and wilson(1000, 1000)[1] == 1.0
+    write_run(tmp_path / "a", "zero_shot", 0, 0.0, "2026-01-01T00:00:01", model="opt-125m", n=40)
+    write_run(tmp_path / "b", "icl", 0, 1.0, "2026-01-01T00:00:02", model="opt-125m", n=40)
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    zero, every = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert (zero["eval/accuracy_low"], every["eval/accuracy_high"]) == ("0", "1")
+    assert zero["model_parameters"] == every["model_parameters"] == "125000000"
+
+
 def test_thousands_in_latex_math_keep_their_commas_tight():
     from ctxdistill.results.render import _tex
 
