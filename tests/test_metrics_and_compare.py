@@ -438,6 +438,19 @@ def test_vs_names_a_method_that_shares_no_seed_or_example_with_the_baseline(tmp_
     assert "--vs: ft / m / d: no eval example in common with icl (seeds [0]); not tested" in err
 
 
+def test_vs_names_a_row_whose_dataset_and_model_have_no_baseline_run(tmp_path, capsys):
+    """A sweep over several families or models where the baseline ran only on some: the other rows were left out of
+    the test without a word (no Δ column in their table at all)."""
+    for method, model in (("icl", "m"), ("cd", "m"), ("cd", "other")):
+        directory = tmp_path / f"{method}-{model}"
+        write_run(directory, method, 0, 0.5, "2026-01-01T00:00:00", model=model, n=4)
+        write_predictions(directory, [True, False, True, False])
+    assert main([str(tmp_path), "--vs", "icl"]) == 0
+    out, err = capsys.readouterr()
+    assert "--vs: cd / other / d: no icl run of this dataset and model; not tested" in err
+    assert "cd / m / d" not in err and "Δ accuracy vs icl" in out
+
+
 def test_the_sign_flip_test_counts_the_sign_patterns_as_extreme_as_the_observed():
     # differences 1, 1, 1, 1: only all plus and all minus reach |4| among the 16 patterns
     assert sign_flip_test([1, 1, 1, 1]) == 2 / 16

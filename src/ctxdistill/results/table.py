@@ -322,6 +322,12 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
             candidates = [
                 b for b in table.rows if (b.unsplit[0], b.dataset, b.model) == (baseline, row.dataset, row.model)
             ]
+            if not candidates:
+                notes.append(
+                    f"--vs: {row.method} / {row.model} / {row.dataset}: no {baseline} run of this dataset and model; "
+                    "not tested"
+                )
+                continue
             matches = [b for b in candidates if b.unsplit[1] == setting] or candidates
             if len(matches) > 1:
                 names = ", ".join(b.method for b in matches)
