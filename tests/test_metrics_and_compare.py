@@ -229,6 +229,8 @@ def test_csv_and_latex_output_and_an_empty_directory(tmp_path, capsys):
         float(zero["eval/accuracy_low"]) == pytest.approx(wilson(100, 200)[0], abs=1e-6)
         and zero["eval/accuracy_std"] == ""
     )
+    assert main([str(tmp_path), "--format", "md"]) == 0  # Markdown's usual short name
+    assert capsys.readouterr().out.startswith("**in-domain (eval)**\n\n| method")
     assert main([str(tmp_path), "--format", "latex"]) == 0
     latex = capsys.readouterr().out.splitlines()
     assert latex[0] == "% in-domain (eval)" and latex[1].startswith(r"\begin{tabular}{lllr") and latex[2] == r"\toprule"

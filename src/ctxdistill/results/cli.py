@@ -56,7 +56,12 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "paths", nargs="*", type=Path, help="run or sweep directories, metrics.json files, or W&B run directories"
     )
-    parser.add_argument("--format", choices=["text", "markdown", "csv", "latex"], default="text")
+    parser.add_argument(
+        "--format",
+        choices=["text", "markdown", "md", "csv", "latex"],
+        default="text",
+        help="md: markdown",
+    )
     parser.add_argument(
         "--vs",
         metavar="METHOD",
@@ -114,6 +119,7 @@ def argument_parser() -> argparse.ArgumentParser:
 def compare(argv: list[str] | None = None) -> int:
     parser = argument_parser()
     args = parser.parse_args(argv)
+    args.format = {"md": "markdown"}.get(args.format, args.format)
     if not args.paths and not args.wandb:
         parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
     missing = [str(p) for p in args.paths if not p.exists()]
