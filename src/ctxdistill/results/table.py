@@ -1,9 +1,10 @@
 """Records -> tables: one table per metric family, one row per (dataset, model, method), one column per
 declared metric and eval set, each cell the values over seeds with n and a 95% interval.
 
-The interval of a cell is Student's t over its seeds (n = seeds) when they differ, and Wilson's over
-the set's examples (n = examples) for one run of an accuracy-like metric, or seeds that all agree (over the
-fewest examples any of them was evaluated on, where they differ).
+The interval of a cell is Student's t over its seeds (n = seeds) when they differ; for one run, or seeds that all
+agree, it is over the set's examples (n = examples; the fewest any of them was evaluated on, where they differ):
+Wilson's for an accuracy-like metric, Student's t from the spread per example a mean over examples reports (a
+knowledge graph's MRR and Hits@k over its triples), the percentile bootstrap a bootstrapped statistic reports (F1).
 ``paired_tests`` adds, per cell and eval set, a paired test against a baseline method on the examples both
 were evaluated on: McNemar's exact test on successes (accuracy), a sign-flip randomisation test on scores
 (a reciprocal rank for MRR).
