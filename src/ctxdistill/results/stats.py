@@ -103,9 +103,11 @@ def bootstrap_f1(
         denominator = doubled_tp + (predicted != actual).sum(-1)
         return numpy.where(denominator > 0, doubled_tp / numpy.maximum(denominator, 1), 0.0)
 
-    rng = numpy.random.default_rng(seed)
-    draws = rng.integers(0, len(actual), size=(resamples, len(actual)))
-    low, high = numpy.percentile(f1(predicted[draws], actual[draws]), [2.5, 97.5])
+    rng, values = numpy.random.default_rng(seed), []
+    for start in range(0, resamples, 100):  # [100, n] draws at a time: QQP's 40,430 examples at once take 320 MB
+        draws = rng.integers(0, len(actual), size=(min(100, resamples - start), len(actual)))
+        values.append(f1(predicted[draws], actual[draws]))
+    low, high = numpy.percentile(numpy.concatenate(values), [2.5, 97.5])
     return float(f1(predicted, actual)), float(low), float(high)
 
 
