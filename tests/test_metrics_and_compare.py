@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ctxdistill.evaluation import Evaluator, GenerationEvaluator, MixtureEvaluator
+from ctxdistill.evaluation import Evaluator, GenerationEvaluator, MixtureEvaluator, with_task_metrics
 from ctxdistill.methods.contextualization import ContextGeneration
 from ctxdistill.methods.genpi import PromptInternalizationEvaluator
 from ctxdistill.ranking import link_prediction_metrics
@@ -507,13 +507,19 @@ def family_records():
         "method": "cd",
         "model": "smollm2-135m",
         "dataset": "synthetic",
-        "metric_set": Evaluator.metric_set.with_objective("eval/accuracy").to_dict(),
+        # a paraphrase task's: F1 beside accuracy, with the bootstrap interval the run reports
+        "metric_set": with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=1))
+        .with_objective("eval/accuracy")
+        .to_dict(),
         "metrics": {
             "eval/accuracy": 0.85,
             "eval/examples": 200,
             "eval/teacher_accuracy": 0.93,
             "eval/teacher_student_gap": 0.08,
             "eval/kl_to_teacher": 0.116,
+            "eval/f1": 0.6,
+            "eval/f1_bootstrap_low": 0.45,
+            "eval/f1_bootstrap_high": 0.7,
             **SERVING,
         },
     }
@@ -643,8 +649,12 @@ def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_w
     ]
     classification, kg, genpi = sections
     header = re.split(r"\s{2,}", classification.splitlines()[3])
-    assert header[4:] == ["n", "accuracy", "teacher acc", "teacher - student ↓", "KL to teacher ↓"]
-    assert "0.850 [0.794, 0.893]" in classification and "serving cost per query" in classification
+    assert header[4:] == ["n", "accuracy", "teacher acc", "teacher - student ↓", "KL to teacher ↓", "F1"]
+    assert (
+        "0.850 [0.794, 0.893]" in classification
+        and "0.600 [0.450, 0.700]" in classification
+        and "serving cost per query" in classification
+    )
     assert "KV bytes ratio" in classification and "2,000,000" in classification and "16.667" in classification
     kg_lines = kg.splitlines()
     assert re.split(r"\s{2,}", kg_lines[3])[4:] == [
@@ -1186,7 +1196,7 @@ def test_qqp_reports_f1_of_the_duplicate_class_with_its_bootstrap_interval_and_o
     2 TP / (2 TP + FP + FN)); the bootstrap against a plain loop over the same seeded resamples."""
     import numpy
 
-    from ctxdistill.evaluation import classification_metrics, with_task_metrics
+    from ctxdistill.evaluation import classification_metrics
     from ctxdistill.results.stats import bootstrap_f1
 
     assert (make_cfg("dataset=qqp").dataset.f1_positive, make_cfg("dataset=rte").dataset.f1_positive) == (1, None)
