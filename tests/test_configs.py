@@ -115,6 +115,16 @@ def digest(value: object) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
+def without_f1_positive(node: object) -> list:
+    """Remove ``f1_positive`` from every mapping in ``node``; the values removed."""
+    if isinstance(node, list):
+        return [v for item in node for v in without_f1_positive(item)]
+    if not isinstance(node, dict):
+        return []
+    removed = [node.pop("f1_positive")] if "f1_positive" in node else []
+    return removed + [v for value in node.values() for v in without_f1_positive(value)]
+
+
 def test_configs_built_on_shared_files_resolve_as_they_did_when_copied(make_cfg):
     """opcd/system_prompt and genpi/cpu_sized build on genpi/_cpu_base, the generated category tasks on
     dataset/category/_base, the llmft tasks (mnli, rte, qqp) on dataset/llmft/base, instead of each writing its own
@@ -125,6 +135,8 @@ def test_configs_built_on_shared_files_resolve_as_they_did_when_copied(make_cfg)
         cfg = make_cfg(choice)
         for section, expected in sections.items():
             value = OmegaConf.to_container(cfg[section]) if OmegaConf.is_config(cfg[section]) else cfg[section]
+            if section == "dataset":  # a setting added since, of each dataset (a mixture's too): QQP's F1
+                assert set(without_f1_positive(value)) == ({1} if "qqp" in choice else {None}), choice
             digested = isinstance(expected, str) and expected.startswith("sha256:")
             assert (digest(value) if digested else value) == expected, f"{choice}: {section}"
 
@@ -261,6 +273,7 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("dataset.source.split_sizes.eval=0", "dataset.source.split_sizes: eval=0: a split must hold"),
         ("dataset=rte dataset.source.subsample=-1", "dataset.source.subsample: must be >= 1 or null, got -1"),
         ("dataset.eval_shuffle_seed=-1", "dataset.eval_shuffle_seed: must be in [0, 2**32), got -1"),
+        ("dataset=qqp dataset.f1_positive=2", "dataset.f1_positive: is 2, not a class of this classification task"),
         ("dataset.context.draw=llmft dataset.context.data_seed=-1", "dataset.context.data_seed: must be in"),
         ("ood=[synthetic_reworded] dataset.ood.ood.num_examples=0", "dataset.ood.ood.num_examples: must be >= 1"),
         ("ood=[synthetic_reworded] dataset.ood.ood.shuffle_seed=-1", "dataset.ood.ood.shuffle_seed: must be in"),

@@ -4,8 +4,10 @@ import copy
 import functools
 import hashlib
 import json
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import pytest
 import torch
@@ -40,7 +42,17 @@ from ctxdistill.methods.kgc import (
     prompt_positions,
 )
 from ctxdistill.models import load_model, load_tokenizer
-from ctxdistill.ranking import LinkPredictionEvaluator, filtered_rank, link_prediction_metrics, ranking_metrics
+from ctxdistill.ranking import (
+    LinkPredictionEvaluator,
+    filtered_rank,
+    link_prediction_metrics,
+    ranking_metrics,
+    triple_metrics,
+)
+from ctxdistill.results.cli import main as compare_main
+from ctxdistill.results.records import collect
+from ctxdistill.results.stats import example_mean_interval, t_interval, wilson
+from ctxdistill.results.table import spreadless_notes, summarise
 from ctxdistill.run import run
 
 from conftest import method_of
@@ -258,6 +270,94 @@ def test_hits_at_k_intervals_count_each_triple_once_not_its_head_and_tail_querie
     record = {"method": "m", "model": "m", "dataset": "d", "seed": 0, "metrics": metrics}
     [table] = summarise([record | {"metric_set": link_prediction_metrics().to_dict()}])
     assert table.rows[0].cells["eval/hits@3"].interval == wilson(1, 1)
+
+
+#: eight test triples' head and tail ranks, and each triple's mean of its two queries' values, by hand
+HEAD_RANKS, TAIL_RANKS = [1, 2, 4, 20, 1, 3, 11, 2], [1, 5, 3, 1, 2, 12, 1, 1]
+PER_TRIPLE = {
+    "hits@1": [1, 0, 0, 0.5, 0.5, 0, 0.5, 0.5],
+    "hits@3": [1, 0.5, 0.5, 0.5, 1, 0.5, 0.5, 1],
+    "hits@10": [1, 1, 1, 0.5, 1, 0.5, 0.5, 1],
+    "mrr": [(1 / h + 1 / t) / 2 for h, t in zip(HEAD_RANKS, TAIL_RANKS)],
+}
+#: scipy.stats.t.interval(0.95, 7, loc=mean, scale=scipy.stats.sem(values)) of each metric's per-triple values
+SCIPY_T_INTERVALS = {
+    "hits@1": (0.079421968550902, 0.670578031449098),
+    "hits@3": (0.4711590331601311, 0.9038409668398689),
+    "hits@10": (0.5961590331601311, 1.0288409668398688),
+    "mrr": (0.32765862491368825, 0.7774550114499482),
+}
+
+
+def kg_record(metrics: dict, seed: int = 0, metric_set: Optional[dict] = None) -> dict:
+    return {
+        "method": "kgbert",
+        "model": "minilm-l6",
+        "dataset": "wn18rr",
+        "seed": seed,
+        "status": "complete",
+        "metric_set": metric_set or link_prediction_metrics().to_dict(),
+        "metrics": metrics,
+    }
+
+
+def test_hits_and_mrr_intervals_are_t_over_the_triples_of_each_triples_mean_of_its_two_queries(tmp_path):
+    """A triple's head and tail ranking are one example: its value is the mean of its two queries' (hits, reciprocal
+    rank), and one run's interval is Student's t over the triples (scipy's, computed from the values by hand), in
+    place of Wilson's over the triples of the queries' mean hits (up to sqrt(2) too wide)."""
+    metrics = triple_metrics(HEAD_RANKS, TAIL_RANKS)
+    for name, values in PER_TRIPLE.items():
+        assert metrics[name] == pytest.approx(statistics.fmean(values))
+        assert metrics[f"{name}_sd"] == pytest.approx(statistics.stdev(values))
+    assert metrics["mrr"] == pytest.approx(ranking_metrics(HEAD_RANKS + TAIL_RANKS)["mrr"])  # the 16 queries' mean
+    (tmp_path / "metrics.json").write_text(
+        json.dumps(kg_record({f"eval/{k}": v for k, v in metrics.items()} | {"eval/examples": 8}))
+    )
+    [table] = summarise(collect([tmp_path]))
+    cells = table.rows[0].cells
+    for name, (low, high) in SCIPY_T_INTERVALS.items():
+        assert cells[f"eval/{name}"].interval == pytest.approx((low, min(high, 1.0)))  # a mean of hits is <= 1
+    assert spreadless_notes([table]) == []
+    # not Wilson's over the 8 triples of the queries' mean hits, as before: [0.137, 0.694] treats a mean of two
+    # hits as one success or failure, though it may be a half
+    assert cells["eval/hits@1"].interval != pytest.approx(wilson(0.375 * 8, 8))
+    # every example on one bound: the values are successes, Wilson's over the triples (not t's width 0)
+    perfect = triple_metrics([1] * 8, [1] * 8)
+    assert perfect["hits@1"] == perfect["mrr"] == 1.0 and perfect["hits@1_sd"] == 0.0
+    assert example_mean_interval(1.0, 0.0, 8) == wilson(8, 8)
+
+
+def test_link_prediction_runs_evaluated_before_per_triple_spreads_read_back_and_say_how(tmp_path, capsys):
+    """A run written before the spreads (Hits@k declared a share of ``examples``, the 2 queries per triple before
+    82c8739; MRR a plain value): read as means without a spread, one run of it gets no interval (Wilson's over the
+    queries was too narrow) and a note says why and how to give it one; seeds that differ keep their t-interval."""
+    declared = link_prediction_metrics().to_dict()
+    for metric in declared["metrics"]:
+        if metric["name"].startswith("hits@"):
+            metric.update(kind="proportion", lowest=None, highest=None)
+        elif metric["name"] == "mrr":
+            metric["kind"] = "value"
+    old = {"eval/mrr": 0.5, "eval/hits@1": 0.375, "eval/hits@3": 0.6875, "eval/hits@10": 1.0, "eval/examples": 16}
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "metrics.json").write_text(json.dumps(kg_record(old, metric_set=declared)))
+    [table] = summarise(collect([tmp_path / "one"]))
+    assert {key: cell.interval for key, cell in table.rows[0].cells.items()} == {
+        "eval/examples": None, "eval/mrr": None, "eval/hits@1": None, "eval/hits@3": None, "eval/hits@10": None
+    }  # fmt: skip
+    assert compare_main([str(tmp_path / "one")]) == 0
+    out, err = capsys.readouterr()
+    assert "0.375  " in out and "0.375 [" not in out
+    assert (
+        "note: kgbert / minilm-l6 / wn18rr: eval/hits@1, eval/hits@10, eval/hits@3, eval/mrr come from runs evaluated "
+        "before they reported the spread of their values per example" in err
+    )
+    assert "ctxdistill-eval RUN_DIR" in err
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "metrics.json").write_text(
+        json.dumps(kg_record(old | {"eval/hits@1": 0.4}, seed=1, metric_set=declared))
+    )
+    [table] = summarise(collect([tmp_path]))
+    assert table.rows[0].cells["eval/hits@1"].interval == pytest.approx(t_interval([0.375, 0.4]))
 
 
 def test_sampled_candidates_never_hold_a_true_answer_and_name_their_metrics():

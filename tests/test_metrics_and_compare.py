@@ -11,12 +11,13 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
-from ctxdistill.evaluation import Evaluator, GenerationEvaluator, MixtureEvaluator
+from ctxdistill.evaluation import Evaluator, GenerationEvaluator, MixtureEvaluator, with_task_metrics
 from ctxdistill.methods.contextualization import ContextGeneration
 from ctxdistill.methods.genpi import PromptInternalizationEvaluator
 from ctxdistill.ranking import link_prediction_metrics
@@ -228,6 +229,8 @@ def test_csv_and_latex_output_and_an_empty_directory(tmp_path, capsys):
         float(zero["eval/accuracy_low"]) == pytest.approx(wilson(100, 200)[0], abs=1e-6)
         and zero["eval/accuracy_std"] == ""
     )
+    assert main([str(tmp_path), "--format", "md"]) == 0  # Markdown's usual short name
+    assert capsys.readouterr().out.startswith("**in-domain (eval)**\n\n| method")
     assert main([str(tmp_path), "--format", "latex"]) == 0
     latex = capsys.readouterr().out.splitlines()
     assert latex[0] == "% in-domain (eval)" and latex[1].startswith(r"\begin{tabular}{lllr") and latex[2] == r"\toprule"
@@ -261,36 +264,54 @@ def test_intervals_and_tests_at_the_edges_match_scipy_and_statsmodels():
 
 
 def test_renderers_escape_names_mark_lower_is_better_and_show_nan_and_missing_figures(tmp_path, capsys):
-    """A method named with LaTeX's specials, a dataset with a pipe, quotes and a comma; a KL that is NaN, an F1 one of
-    a row's two seeds reports (null in the other's metrics.json, as its W&B summary would lack it)."""
+    """A method named with LaTeX's specials, a dataset with a pipe, quotes and a comma; a KL that is NaN, a majority
+    rate one of a row's two seeds reports (null in the other's metrics.json, as its W&B summary would lack it)."""
     method, dataset = r"cd_v2 & #1 50% $x$ {a} ~ ^ \ <b>", 'my|data, "quoted"'
     runs = ((method, 0, math.nan, 0.5), (method, 1, 0.3, None), ("icl", 0, 0.0, 0.7))
-    for i, (name, seed, kl, f1) in enumerate(runs):
-        metrics = {"eval/accuracy": 0.5 + 0.1 * i, "eval/examples": 10, "eval/kl_to_teacher": kl, "eval/f1": f1}
+    for i, (name, seed, kl, majority) in enumerate(runs):
+        metrics = {"eval/accuracy": 0.5 + 0.1 * i, "eval/examples": 10, "eval/kl_to_teacher": kl}
+        metrics["eval/majority_rate"] = majority
         write_run(tmp_path / str(i), name, seed, 0, f"2026-01-01T00:00:0{i}", dataset=dataset, metrics=metrics)
     assert main([str(tmp_path)]) == 0
     text = capsys.readouterr().out.splitlines()
-    assert re.split(r"\s{2,}", text[1])[5:] == ["accuracy", "KL to teacher ↓", "F1"]
-    assert re.split(r"\s{2,}", text[3])[2:] == [dataset, "2", "10", "0.550 [0.000, 1.000]", "nan", "0.500 (1/2 seeds)"]
+    assert re.split(r"\s{2,}", text[1])[5:] == ["accuracy", "majority", "KL to teacher ↓"]
+    assert re.split(r"\s{2,}", text[3])[2:] == [dataset, "2", "10", "0.550 [0.000, 1.000]", "0.500 (1/2 seeds)", "nan"]
     assert main([str(tmp_path), "--format", "markdown"]) == 0
     markdown = capsys.readouterr().out.splitlines()
     row = markdown[4]
     assert row.count(" | ") == markdown[2].count(" | ") and r"my\|data" in row and r"\\ \<b>" in row
     assert main([str(tmp_path), "--format", "latex"]) == 0
     latex = capsys.readouterr().out.splitlines()
-    assert latex[3].endswith(r"& KL to teacher $\downarrow$ & F1 \\")
+    assert latex[3].endswith(r"& majority & KL to teacher $\downarrow$ \\")
     assert latex[5].startswith(
         r"cd\_v2 \& \#1 50\% \$x\$ \{a\} \textasciitilde{} \textasciicircum{} \textbackslash{} $<$b$>$ & m & "
-        r'my$|$data, "quoted" & 2 & 10 & $0.550\ [0.000, 1.000]$ & nan & 0.500 (1/2 seeds) \\'
+        r'my$|$data, "quoted" & 2 & 10 & $0.550\ [0.000, 1.000]$ & 0.500 (1/2 seeds) & nan \\'
     )
     assert main([str(tmp_path), "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert (rows[0]["method"], rows[0]["dataset"]) == (method, dataset)  # quoted, and read back whole
-    assert (rows[0]["eval/kl_to_teacher_mean"], rows[0]["eval/kl_to_teacher_low"], rows[0]["eval/f1_mean"]) == (
+    assert (
+        rows[0]["eval/kl_to_teacher_mean"],
+        rows[0]["eval/kl_to_teacher_low"],
+        rows[0]["eval/majority_rate_mean"],
+    ) == (
         "nan",
         "",
         "0.5",
     )
+
+
+def test_csv_bounds_of_no_or_every_success_are_0_and_1_exactly_and_parameter_counts_whole(tmp_path, capsys):
+    """Wilson's bound at 0 of 40 was 6.9e-18 and at 40 of 40 0.9999999999999999 (rounding of centre -/+ half), printed
+    so in CSV; a model's parameter count was cut to 6 digits (1.25e+08)."""
+    assert wilson(0, 40) == (0.0, pytest.approx(0.0876216, abs=1e-7)) and wilson(40, 40)[1] == 1.0
+    assert wilson(0, 1000)[0] == 0.0 and wilson(1000, 1000)[1] == 1.0
+    write_run(tmp_path / "a", "zero_shot", 0, 0.0, "2026-01-01T00:00:01", model="opt-125m", n=40)
+    write_run(tmp_path / "b", "icl", 0, 1.0, "2026-01-01T00:00:02", model="opt-125m", n=40)
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    zero, every = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert (zero["eval/accuracy_low"], every["eval/accuracy_high"]) == ("0", "1")
+    assert zero["model_parameters"] == every["model_parameters"] == "125000000"
 
 
 def test_thousands_in_latex_math_keep_their_commas_tight():
@@ -419,6 +440,19 @@ def test_vs_names_a_method_that_shares_no_seed_or_example_with_the_baseline(tmp_
     assert "--vs: ft / m / d: no eval example in common with icl (seeds [0]); not tested" in err
 
 
+def test_vs_names_a_row_whose_dataset_and_model_have_no_baseline_run(tmp_path, capsys):
+    """A sweep over several families or models where the baseline ran only on some: the other rows were left out of
+    the test without a word (no Δ column in their table at all)."""
+    for method, model in (("icl", "m"), ("cd", "m"), ("cd", "other")):
+        directory = tmp_path / f"{method}-{model}"
+        write_run(directory, method, 0, 0.5, "2026-01-01T00:00:00", model=model, n=4)
+        write_predictions(directory, [True, False, True, False])
+    assert main([str(tmp_path), "--vs", "icl"]) == 0
+    out, err = capsys.readouterr()
+    assert "--vs: cd / other / d: no icl run of this dataset and model; not tested" in err
+    assert "cd / m / d" not in err and "Δ accuracy vs icl" in out
+
+
 def test_the_sign_flip_test_counts_the_sign_patterns_as_extreme_as_the_observed():
     # differences 1, 1, 1, 1: only all plus and all minus reach |4| among the 16 patterns
     assert sign_flip_test([1, 1, 1, 1]) == 2 / 16
@@ -473,13 +507,19 @@ def family_records():
         "method": "cd",
         "model": "smollm2-135m",
         "dataset": "synthetic",
-        "metric_set": Evaluator.metric_set.with_objective("eval/accuracy").to_dict(),
+        # a paraphrase task's: F1 beside accuracy, with the bootstrap interval the run reports
+        "metric_set": with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=1))
+        .with_objective("eval/accuracy")
+        .to_dict(),
         "metrics": {
             "eval/accuracy": 0.85,
             "eval/examples": 200,
             "eval/teacher_accuracy": 0.93,
             "eval/teacher_student_gap": 0.08,
             "eval/kl_to_teacher": 0.116,
+            "eval/f1": 0.6,
+            "eval/f1_bootstrap_low": 0.45,
+            "eval/f1_bootstrap_high": 0.7,
             **SERVING,
         },
     }
@@ -509,6 +549,11 @@ def family_records():
             "eval/sampled100_hits@10": 0.75,
             "eval/sampled100_head_mrr": 0.3,
             "eval/examples": 40,
+            # each metric's per-triple values' standard deviation, the n = 40 triples' t-interval of its mean
+            "eval/sampled100_mrr_sd": 0.3,
+            "eval/sampled100_hits@1_sd": 0.4,
+            "eval/sampled100_hits@3_sd": 0.45,
+            "eval/sampled100_hits@10_sd": 0.35,
         },
     }
     for i, record in enumerate((classification, genpi, kg)):
@@ -604,8 +649,12 @@ def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_w
     ]
     classification, kg, genpi = sections
     header = re.split(r"\s{2,}", classification.splitlines()[3])
-    assert header[4:] == ["n", "accuracy", "teacher acc", "teacher - student ↓", "KL to teacher ↓"]
-    assert "0.850 [0.794, 0.893]" in classification and "serving cost per query" in classification
+    assert header[4:] == ["n", "accuracy", "teacher acc", "teacher - student ↓", "KL to teacher ↓", "F1"]
+    assert (
+        "0.850 [0.794, 0.893]" in classification
+        and "0.600 [0.450, 0.700]" in classification
+        and "serving cost per query" in classification
+    )
     assert "KV bytes ratio" in classification and "2,000,000" in classification and "16.667" in classification
     kg_lines = kg.splitlines()
     assert re.split(r"\s{2,}", kg_lines[3])[4:] == [
@@ -613,7 +662,9 @@ def test_each_family_prints_its_own_columns_from_metrics_json_and_from_offline_w
         "sampled100 MRR",
         *(f"sampled100 Hits@{k}" for k in (1, 3, 10)),
     ]
-    assert kg_lines[5].split()[4:6] == ["40", "0.400"] and f"0.250 [{wilson(10, 40)[0]:.3f}," in kg_lines[5]
+    # scipy.stats.t.interval(0.95, 39, loc=mean, scale=sd / sqrt(40)): MRR 0.4 (sd 0.3), Hits@1 0.25 (sd 0.4)
+    assert kg_lines[5].split()[4:10] == ["40", "0.400", "[0.304,", "0.496]", "0.250", "[0.122,"]
+    assert "0.378]" in kg_lines[5]
     assert "head_mrr" not in kg and "head MRR" not in kg  # undeclared companions stay in metrics.json
     assert "task success" in genpi and "Rouge-L to teacher" in genpi and "0.312" in genpi
     assert "held-out pseudo inputs (the objective's set)" in genpi and "0.250 [" in genpi
@@ -1136,3 +1187,51 @@ def test_runs_of_a_sweep_without_results_are_named_and_left_out_not_dropped_quie
     assert "3 run(s) without results left out (listed above): run their ctxdistill command again to finish" in err
     assert "**3 failed cells**" in (sweep / "README.md").read_text()
     assert main([str(sweep), "--strict"]) == 1
+
+
+def test_qqp_reports_f1_of_the_duplicate_class_with_its_bootstrap_interval_and_only_where_declared(make_cfg, tmp_path):
+    """GLUE scores QQP by accuracy and F1 of the duplicate class (1): the dataset declares it (``f1_positive``), every
+    eval set reports it with its 95% percentile-bootstrap interval over the examples, and only such a task's table
+    has the column. F1 by hand (sklearn is not installed: f1_score(labels, predictions, pos_label=1) is this
+    2 TP / (2 TP + FP + FN)); the bootstrap against a plain loop over the same seeded resamples."""
+    import numpy
+
+    from ctxdistill.evaluation import classification_metrics
+    from ctxdistill.results.stats import bootstrap_f1
+
+    assert (make_cfg("dataset=qqp").dataset.f1_positive, make_cfg("dataset=rte").dataset.f1_positive) == (1, None)
+    labels = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0] * 5
+    predictions = [1, 1, 1, 0, 1, 1, 0, 0, 0, 0] * 5  # per 10: TP 3, FN 1, FP 2, TN 4
+    result = classification_metrics(torch.tensor(predictions), torch.tensor(labels), 2, f1_positive=1)
+    assert result["f1"] == pytest.approx(2 * 15 / (2 * 15 + 10 + 5)) and result["accuracy"] == pytest.approx(0.7)
+    assert "f1" not in classification_metrics(torch.tensor(predictions), torch.tensor(labels), 2)  # RTE: not declared
+    draws = numpy.random.default_rng(0).integers(0, 50, size=(1000, 50))
+    resampled = []
+    for draw in draws:
+        pairs = [(predictions[i], labels[i]) for i in draw]
+        tp, fp, fn = (sum(pair == wanted for pair in pairs) for wanted in ((1, 1), (1, 0), (0, 1)))
+        resampled.append(2 * tp / (2 * tp + fp + fn))
+    resampled.sort()
+    # numpy's default percentile: linear between the order statistics at (B - 1) q
+    low, high = (resampled[int(q * 999)] + (q * 999 % 1) * (resampled[int(q * 999) + 1] - resampled[int(q * 999)])
+                 for q in (0.025, 0.975))  # fmt: skip
+    assert bootstrap_f1(predictions, labels, 1) == pytest.approx((result["f1"], low, high))
+    assert (result["f1_bootstrap_low"], result["f1_bootstrap_high"]) == pytest.approx((low, high))
+    assert low < result["f1"] < high and high - low < 0.4
+    qqp = with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=1))
+    assert with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=None)) == Evaluator.metric_set
+    rte_result = classification_metrics(torch.tensor(predictions), torch.tensor(labels), 2)
+    for name, declared, reported in (("qqp", qqp, result), ("rte", Evaluator.metric_set, rte_result)):
+        record = {"method": "icl", "model": "opt-125m", "dataset": name, "seed": 0, "status": "complete"}
+        metrics = {f"{s}/{k}": v for s in ("eval", "paws_qqp") for k, v in {**reported, "examples": 50}.items()}
+        record |= {"metric_set": declared.to_dict(), "metrics": metrics}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(record))
+    [rte_alone] = summarise(collect([tmp_path / "rte"]))
+    assert "F1" not in {c.metric.label for c in rte_alone.columns}
+    [table] = summarise(collect([tmp_path]))
+    assert [c.key for c in table.columns if c.metric.name == "f1"] == ["eval/f1", "paws_qqp/f1"]
+    qqp_row, rte_row = sorted(table.rows, key=lambda r: r.dataset)
+    assert qqp_row.cells["eval/f1"].interval == pytest.approx((low, high))
+    assert qqp_row.cells["paws_qqp/f1"].interval == pytest.approx((low, high))
+    assert "eval/f1" not in rte_row.cells  # shown as -

@@ -345,3 +345,20 @@ def test_the_scorecard_scores_the_runs_methods_when_by_splits_the_tables_rows(tm
     out = capsys.readouterr().out
     assert "cd lr=0.001" in out and "cd lr=0.002" in out  # the table's rows
     assert out[out.index("Scorecard") :] == whole[whole.index("Scorecard") :]
+
+
+def test_a_link_prediction_number_is_scored_with_the_t_interval_over_the_triples_its_run_reports():
+    """A Hits@k cell (``proportion: true`` in li2024.yaml) of one run: Student's t over the triples from the spread
+    of the triples' mean hits the run reports (scipy.stats.t.interval(0.95, 7, loc=0.375, scale=sd / sqrt(8)),
+    sd the sample standard deviation of [1, 0, 0, 0.5, 0.5, 0, 0.5, 0.5]), not Wilson's over the triples."""
+    from ctxdistill.ranking import link_prediction_metrics
+
+    hits = cell(metric="Hits@1", value=0.6, run_metric="eval/hits@1", method="kgbert", model="minilm-l6", shots=None)
+    run = record(0.375, method="kgbert", model="minilm-l6", metric="eval/hits@1", examples=8)
+    run["metric_set"] = link_prediction_metrics().to_dict()
+    [before] = score([hits], [run])
+    assert before.interval is None and before.verdict == "no interval"  # a run that reports no spread
+    run["metrics"]["eval/hits@1_sd"] = 0.3535533905932738
+    [scored] = score([hits], [run])
+    assert scored.interval == pytest.approx((0.079421968550902, 0.670578031449098))
+    assert scored.verdict == "consistent"

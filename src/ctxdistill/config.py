@@ -203,6 +203,9 @@ class DatasetConfig:
     label_field: str = "label"
     label_map: dict[str, int] = field(default_factory=dict)  # raw label -> class; empty: labels are class ids
     drop_labels: list[str] = field(default_factory=list)  # raw labels whose records are left out
+    # The class whose F1 every eval set reports beside accuracy (with its bootstrap interval), as GLUE scores a
+    # paraphrase task (QQP, MRPC: 1, duplicate); null: accuracy only
+    f1_positive: Optional[int] = None
     template: str = MISSING  # rendered query, ending in the answer cue
     verbalizers: list[str] = MISSING  # answer word per class, with its leading space
     # A demonstration's query before its answer word, and the query after the context; null: template.
@@ -503,6 +506,14 @@ def _validate_classification(d: DictConfig, key: str) -> None:
         f"{key}.kind",
         f"is {d.kind}, and the config {'has' if d.generation is not None else 'has no'} generation block",
         "kind: generation goes with a generation block (free-text answers), kind: classification without one",
+    )
+    require(
+        d.f1_positive is None or (d.kind == "classification" and 0 <= d.f1_positive < len(d.verbalizers)),
+        f"{key}.f1_positive",
+        f"is {d.f1_positive}, not a class of this {d.kind} task",
+        f"name a class id, 0 to {len(d.verbalizers) - 1} (the verbalizers' order), or null for accuracy alone"
+        if d.kind == "classification"
+        else "leave it null: a generated answer has no classes",
     )
     require(d.context.num_demos >= 0, f"{key}.context.num_demos", f"must be >= 0, got {d.context.num_demos}", "")
     require(

@@ -22,7 +22,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -36,6 +36,7 @@ from ctxdistill.losses import forward_kl, with_rest_bucket
 from ctxdistill.models import ModelHandle, runs_in_evaluation_mode
 from ctxdistill.progress import progress_bar
 from ctxdistill.results.metrics import EXAMPLES, IN_DOMAIN, Metric, MetricSet, float32_rounded
+from ctxdistill.results.stats import bootstrap_f1
 from ctxdistill.serving import ServingCost, measure_task
 
 
@@ -309,26 +310,24 @@ def score_shared(
     return own, gathered
 
 
-def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Accuracy (overall and within each gold class); F1 of class 1 for binary tasks (GLUE's convention),
-    macro-F1 otherwise; the majority-class rate, beside which a chance-level score shows as such."""
-    f1s = []
-    for c in range(num_classes):
-        tp = ((predictions == c) & (labels == c)).sum().item()
-        fp = ((predictions == c) & (labels != c)).sum().item()
-        fn = ((predictions != c) & (labels == c)).sum().item()
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+def classification_metrics(
+    predictions: torch.Tensor, labels: torch.Tensor, num_classes: int, f1_positive: Optional[int] = None
+) -> dict[str, float]:
+    """Accuracy (overall and within each gold class); the majority-class rate, beside which a chance-level score
+    shows as such; for a task that declares it (``f1_positive``), F1 of that class with its bootstrap interval."""
     per_class = {
         f"accuracy_label{c}": (predictions[labels == c] == c).float().mean().item()
         for c in range(num_classes)
         if (labels == c).any()
     }
-    return {
+    result = {
         "accuracy": (predictions == labels).float().mean().item(),
-        "f1": f1s[1] if num_classes == 2 else sum(f1s) / num_classes,
         "majority_rate": labels.bincount(minlength=num_classes).max().item() / len(labels),
         **per_class,
     }
+    if f1_positive is not None:
+        result.update(zip((F1.name, *F1.companions), bootstrap_f1(predictions.tolist(), labels.tolist(), f1_positive)))
+    return result
 
 
 # Words that say nothing about what a request is about: sharing only these is no answer to it.
@@ -445,6 +444,16 @@ def teacher_student_gap(result: dict[str, float]) -> float:
     return float32_rounded(result["teacher_accuracy"]) - float32_rounded(result["accuracy"])
 
 
+#: a paraphrase task's companion to accuracy, as GLUE scores QQP and MRPC: F1 of the class the dataset names
+#: (``dataset.f1_positive``), on every eval set; F1 is no mean over examples, so the run bootstraps its interval
+F1 = Metric("f1", "F1", kind="bootstrap", lowest=0, highest=1)
+
+
+def with_task_metrics(declared: MetricSet, task: Task) -> MetricSet:
+    """A classification declaration with the companions the task's dataset declares (F1 beside accuracy)."""
+    return declared if task.f1_positive is None else replace(declared, metrics=(*declared.metrics, F1))
+
+
 CONTEXT_ACCURACY = Metric("context_accuracy", "ctx acc", sets=("train_queries",))
 TRAIN_QUERIES_TITLE = {"train_queries": "training queries: the trained model with the context"}
 
@@ -499,7 +508,6 @@ class Evaluator(EvaluatorBase):
             Metric("majority_rate", "majority", kind="value", lowest=0, highest=1),
             Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
             Metric("kl_to_teacher", "KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value", lowest=0),
-            Metric("f1", "F1", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1),
             Metric("vocab_accuracy", "vocab acc"),  # every set: the scorecard reads it out of domain too
             Metric("single_draw_accuracy", "single-draw acc"),
             CONTEXT_ACCURACY,
@@ -527,6 +535,7 @@ class Evaluator(EvaluatorBase):
         # An untrained model that sees the context *is* the teacher: score it once.
         self.model_is_teacher = model_is_teacher
         self.ranks = ranks or Ranks.of_launch()
+        self.metric_set = with_task_metrics(type(self).metric_set, task)
         self.answer_tokens = [tokenizer(v, add_special_tokens=False).input_ids[0] for v in task.verbalizers]
         # A teacher with another tokenizer is compared over the answer words (and the rest), not token by token.
         self.teacher_tokenizer = handle.teacher_tokenizer or tokenizer
@@ -606,7 +615,7 @@ class Evaluator(EvaluatorBase):
             single_draw_accuracy = (model.predictions == labels).float().mean().item()
             model, teacher = majority_vote(model, votes), majority_vote(teacher, votes)
             examples, labels = examples[::votes], labels[::votes]
-        result = classification_metrics(model.predictions, labels, self.task.num_classes)
+        result = classification_metrics(model.predictions, labels, self.task.num_classes, self.task.f1_positive)
         if votes > 1:
             result["single_draw_accuracy"] = single_draw_accuracy
         # llmft's `accuracy` / Upadhayaya's greedy one-token answer: the argmax over the whole
@@ -784,7 +793,6 @@ class MixtureEvaluator(EvaluatorBase):
         "single_draw_accuracy",
         "teacher_agreement",
         "kl_to_teacher",
-        "f1",
         "majority_rate",
     )
     # In-domain figures are means over the tasks (each task's own set of examples): no interval over examples.
@@ -800,7 +808,6 @@ class MixtureEvaluator(EvaluatorBase):
             Metric(
                 "kl_to_teacher", "mean KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value", lowest=0
             ),
-            Metric("f1", "mean F1", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1),
             Metric("majority_rate", "mean majority", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1),
             # each task's own figures
             EXAMPLES,

@@ -21,7 +21,7 @@ import torch
 from ctxdistill.data.kg import KGTask, Triple
 from ctxdistill.evaluation import EvaluatorBase
 from ctxdistill.progress import progress_bar
-from ctxdistill.results.metrics import EXAMPLES, Metric, MetricSet
+from ctxdistill.results.metrics import COMPANIONS, EXAMPLES, Metric, MetricSet
 
 #: score(queries, candidates) -> one score tensor per query; a query is (triple, direction) with
 #: direction "tail" (rank candidate tails for (h, r, ?)) or "head" (heads for (?, r, t)).
@@ -49,21 +49,40 @@ def filtered_rank(scores: torch.Tensor, target: int, filtered: torch.Tensor) -> 
 
 
 def ranking_metrics(ranks: Sequence[float], prefix: str = "") -> dict[str, float]:
+    """MRR and Hits@k over one rank per triple (a direction's queries)."""
     ranks_t = torch.tensor(list(ranks), dtype=torch.float64)
     metrics = {f"{prefix}mrr": (1 / ranks_t).mean().item()}
     metrics.update({f"{prefix}hits@{k}": (ranks_t <= k).double().mean().item() for k in HITS})
     return metrics
 
 
+def triple_metrics(head_ranks: Sequence[float], tail_ranks: Sequence[float], prefix: str = "") -> dict[str, float]:
+    """MRR and Hits@k over the head and tail queries of the triples, each the mean over the triples of the mean of
+    a triple's two values (its queries' reciprocal ranks, or hits), with those per-triple values' sample standard
+    deviation (``{metric}_sd``, for two or more triples): the triples are the examples, the two rankings of one
+    triple are not independent."""
+    head, tail = (torch.tensor(list(r), dtype=torch.float64) for r in (head_ranks, tail_ranks))
+    per_triple = {f"{prefix}mrr": (1 / head + 1 / tail) / 2}
+    per_triple.update({f"{prefix}hits@{k}": ((head <= k).double() + (tail <= k).double()) / 2 for k in HITS})
+    metrics = {name: values.mean().item() for name, values in per_triple.items()}
+    if len(head) > 1:
+        [spread] = COMPANIONS["mean"]
+        metrics.update({f"{name}{spread}": values.std().item() for name, values in per_triple.items()})
+    return metrics
+
+
 def link_prediction_metrics(prefix: str = "") -> MetricSet:
-    """MRR and Hits@k over the head and tail queries of each set, named with the ranking mode's prefix; the set's
-    ``examples`` are its triples."""
+    """MRR and Hits@k over the head and tail queries of each set, named with the ranking mode's prefix: means over
+    the set's triples (its ``examples``) of each triple's mean over its two queries."""
     return MetricSet(
         "link_prediction",
         (
             EXAMPLES,
-            Metric(f"{prefix}mrr", f"{prefix}MRR".replace("_", " "), kind="value", lowest=0, highest=1, headline=True),
-            *(Metric(f"{prefix}hits@{k}", f"{prefix}Hits@{k}".replace("_", " ")) for k in HITS),
+            Metric(f"{prefix}mrr", f"{prefix}MRR".replace("_", " "), kind="mean", lowest=0, highest=1, headline=True),
+            *(
+                Metric(f"{prefix}hits@{k}", f"{prefix}Hits@{k}".replace("_", " "), kind="mean", lowest=0, highest=1)
+                for k in HITS
+            ),
         ),
         example_score="reciprocal_rank",  # each triple's: the mean of its head and tail query's (MRR's terms)
     )
@@ -129,11 +148,8 @@ class LinkPredictionEvaluator(EvaluatorBase):
         for name in names or list(self.task.eval_sets):
             triples = self.task.eval_sets[name]
             ranks = self.rank_all(triples, f"rank {name}")
-            result = ranking_metrics(ranks["head"] + ranks["tail"], self.prefix)
-            # the n of Hits@k's Wilson interval: the triples, not their 2 queries, which are not independent
-            # examples (the same triple, ranked both ways); over the triples' mean hits the interval is at least
-            # as wide as it should be, wider by up to sqrt(2) where a triple's two hits are independent
-            result["examples"] = len(triples)
+            # the examples are the triples, not their 2 queries (the same triple, ranked both ways)
+            result = {**triple_metrics(ranks["head"], ranks["tail"], self.prefix), EXAMPLES.name: len(triples)}
             for direction in ("head", "tail"):
                 result.update(ranking_metrics(ranks[direction], f"{self.prefix}{direction}_"))
             metrics.update({f"{name}/{key}": value for key, value in result.items()})

@@ -102,6 +102,7 @@ class Task:
     votes: int = 1
     context_query_template: Optional[str] = None  # the query after the context; None: template
     context_instruction: str = ""  # the instruction that opens each context, before its demonstrations
+    f1_positive: Optional[int] = None  # the class whose F1 is reported beside accuracy (dataset.f1_positive)
 
     @property
     def num_classes(self) -> int:
@@ -507,6 +508,7 @@ def build_task(spec: DictConfig, seed: int) -> Task:
         name=spec.name,
         template=spec.template,
         verbalizers=list(spec.verbalizers),
+        f1_positive=spec.f1_positive,
         student_instruction=spec.student_instruction,
         context=contexts[0],
         contexts=contexts,

@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.config import ConfigError, MethodConfig, ModelConfig, require, require_count, validate_teacher_model
 from ctxdistill.data import Task
-from ctxdistill.evaluation import Evaluator, MethodEvaluator, make_evaluator
+from ctxdistill.evaluation import Evaluator, MethodEvaluator, make_evaluator, with_task_metrics
 from ctxdistill.generation import generate
 from ctxdistill.methods.base import Method
 from ctxdistill.methods.genpi import render_chat
@@ -266,6 +266,7 @@ class CheatSheetEvaluator(MethodEvaluator):
 
     def __init__(self, method: CheatSheet, handle, tokenizer, task: Task, batch_size: int):
         super().__init__(method, handle, tokenizer, task, batch_size)
+        self.metric_set = with_task_metrics(self.metric_set, task)
         self.inner = None
 
     def prepare(self) -> None:

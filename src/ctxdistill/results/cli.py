@@ -28,7 +28,13 @@ from ctxdistill.results import scorecard
 from ctxdistill.results.files import RESULTS_DIR, write_results
 from ctxdistill.results.records import UnknownConfigKeyError, collect, split_by, unfinished_runs
 from ctxdistill.results.render import render
-from ctxdistill.results.table import PairedTestError, duplicate_seed_warnings, paired_tests, summarise
+from ctxdistill.results.table import (
+    PairedTestError,
+    duplicate_seed_warnings,
+    paired_tests,
+    spreadless_notes,
+    summarise,
+)
 from ctxdistill.tracking import resolve_mode
 
 
@@ -50,7 +56,12 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "paths", nargs="*", type=Path, help="run or sweep directories, metrics.json files, or W&B run directories"
     )
-    parser.add_argument("--format", choices=["text", "markdown", "csv", "latex"], default="text")
+    parser.add_argument(
+        "--format",
+        choices=["text", "markdown", "md", "csv", "latex"],
+        default="text",
+        help="md: markdown",
+    )
     parser.add_argument(
         "--vs",
         metavar="METHOD",
@@ -108,6 +119,7 @@ def argument_parser() -> argparse.ArgumentParser:
 def compare(argv: list[str] | None = None) -> int:
     parser = argument_parser()
     args = parser.parse_args(argv)
+    args.format = {"md": "markdown"}.get(args.format, args.format)
     if not args.paths and not args.wandb:
         parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
     missing = [str(p) for p in args.paths if not p.exists()]
@@ -199,7 +211,7 @@ def compare(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tables = summarise(rows)
-    for warning in duplicate_seed_warnings(tables):
+    for warning in duplicate_seed_warnings(tables) + spreadless_notes(tables):
         print(warning, file=sys.stderr)
     if args.vs:
         try:

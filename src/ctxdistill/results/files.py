@@ -40,8 +40,10 @@ def write_results(
         f"# {title}",
         "",
         f"{len(records)} complete runs. Each cell: the mean and its 95% interval, Student's t over the seeds "
-        "(the `seeds` column) when there are several that differ, else Wilson's over the set's examples (`n`; the "
-        "fewest where the seeds differ in it; a knowledge graph's test triples) for an accuracy-like figure.",
+        "(the `seeds` column) when there are several that differ, else one run's over the set's examples (`n`; the "
+        "fewest where the seeds differ in it): Wilson's for an accuracy-like figure, Student's t over a knowledge "
+        "graph's test triples for MRR and Hits@k (each triple's mean of its head and tail query), the run's "
+        "percentile bootstrap for F1.",
         "",
     ]
     if command:

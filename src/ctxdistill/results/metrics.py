@@ -3,8 +3,10 @@
 A :class:`MetricSet` names a family of metrics (``classification``, ``link_prediction``, ...) and lists
 each :class:`Metric`: its name within an eval set, its display name, whether higher is better, the sets
 it applies to, whether it is a share of examples (accuracy-like: it gets a Wilson interval over the
-examples) and which one is the headline. The declaration is written into ``metrics.json`` and the W&B
-run config (``metric_set``), so a run read back from either knows its own columns.
+examples), a mean of a value per example (a triple's hits or reciprocal rank: a t-interval over the examples, from
+the spread the run reports beside it) or a statistic the run bootstraps (F1) and which one is the headline. The
+declaration is written into ``metrics.json`` and the W&B run config (``metric_set``), so a run read back from
+either knows its own columns.
 
 This module depends on nothing else in the package: every other results module builds on it.
 """
@@ -17,6 +19,9 @@ from typing import Any, Optional
 
 EVERY_SET = "*"  # a metric every eval set reports (in-domain ``eval`` and each out-of-domain set)
 IN_DOMAIN = "eval"
+#: what a run reports beside a metric of a kind for its one-run interval, as ``{set}/{name}{suffix}``: a mean's
+#: standard deviation of its values per example, a bootstrapped statistic's interval
+COMPANIONS = {"mean": ("_sd",), "bootstrap": ("_bootstrap_low", "_bootstrap_high")}
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,13 @@ class Metric:
     label: str  # the column's display name
     higher_is_better: bool = True
     sets: tuple[str, ...] = (EVERY_SET,)
-    #: "proportion": a share of the set's examples (Wilson interval for one run); "count": a number of
-    #: examples (``examples``, shown as n); "value": anything else (KL, MRR, latency)
+    #: "proportion": a share of the set's examples (Wilson interval for one run); "mean": the mean over the set's
+    #: examples of a value per example in [lowest, highest] (a triple's mean hit of its head and tail query, its
+    #: mean reciprocal rank), reported with the values' sample standard deviation as ``{set}/{spread_name}``
+    #: (Student's t interval over the examples for one run); "bootstrap": a statistic of the whole set that is no
+    #: mean over its examples (F1), reported with its 95% percentile-bootstrap interval over the examples as
+    #: ``{set}/{name}_bootstrap_low`` and ``_high`` (one run's interval); "count": a number of examples
+    #: (``examples``, shown as n); "value": anything else (KL, latency)
     kind: str = "proportion"
     headline: bool = False
     #: the least and greatest values it can take (0 for a cost or a KL), where a t-interval over a few seeds is
@@ -37,6 +47,12 @@ class Metric:
     @property
     def value_range(self) -> tuple[Optional[float], Optional[float]]:
         return (0.0, 1.0) if self.kind == "proportion" else (self.lowest, self.highest)
+
+    @property
+    def companions(self) -> tuple[str, ...]:
+        """The keys (within a set) a run reports beside the metric for one run's interval: a mean's standard
+        deviation per example, a bootstrapped statistic's interval; none for other kinds."""
+        return tuple(f"{self.name}{suffix}" for suffix in COMPANIONS.get(self.kind, ()))
 
     def applies_to(self, set_name: str) -> bool:
         return set_name in self.sets or EVERY_SET in self.sets

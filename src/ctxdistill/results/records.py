@@ -12,6 +12,7 @@ import difflib
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
@@ -29,10 +30,23 @@ MODEL_SIZE = re.compile(r"(\d+(?:\.\d+)?)([mb])\b", re.IGNORECASE)
 
 
 def metric_set(record: dict[str, Any]) -> MetricSet:
-    """The run's declared metrics; a run from before declarations gets every metric it reports."""
-    if record.get("metric_set"):
-        return MetricSet.from_dict(record["metric_set"])
-    return undeclared(list(record["metrics"]))
+    """The run's declared metrics; a run from before declarations gets every metric it reports.
+
+    A family whose headline is a mean of scores per example (``example_score``: link prediction's MRR) declared
+    no mean over examples (``kind: mean``) before its runs reported the spread of their values per example: its
+    headline and its proportions (Hits@k, each the mean of a triple's two hits; over the ranked queries, 2 per
+    triple, before 6 Dec 2026) are read as means without a spread (no interval over one run's examples, named by
+    :func:`ctxdistill.results.table.spreadless_notes`) instead of a value without one and shares of ``examples``."""
+    if not record.get("metric_set"):
+        return undeclared(list(record["metrics"]))
+    declared = MetricSet.from_dict(record["metric_set"])
+    if declared.example_score and all(m.kind != "mean" for m in declared.metrics):
+        means = tuple(
+            replace(m, kind="mean", lowest=0.0, highest=1.0) if m.headline or m.kind == "proportion" else m
+            for m in declared.metrics
+        )
+        return replace(declared, metrics=means)
+    return declared
 
 
 def model_size(record: dict[str, Any]) -> Optional[float]:

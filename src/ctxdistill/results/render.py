@@ -206,7 +206,9 @@ def flat_rows(tables: list[Table]) -> tuple[list[str], list[list]]:
                 figures = csv_values(cell) if cell else [None] * len(csv_columns(column))
                 values |= dict(zip(csv_columns(column), figures))
             values |= test_values(table, row)
-            rows.append([row.method, row.model, row.dataset, len(row.seeds), row.size, *map(values.get, columns)])
+            # a parameter count is a whole number: not cut to the floats' 6 digits (3219776, not 3.21978e+06)
+            size = int(row.size) if row.size is not None and row.size.is_integer() else row.size
+            rows.append([row.method, row.model, row.dataset, len(row.seeds), size, *map(values.get, columns)])
     return [*IDENTITY, "model_parameters", *columns], rows
 
 

@@ -7,7 +7,7 @@ and a verdict: ``consistent`` (the paper's value is inside our interval), ``abov
 (our interval lies above / below it), ``not run``, ``not measured`` (runs without that metric) or
 ``no interval`` (one run, or runs that all agree, of a metric that is not a rate or of unknown size).
 
-This module depends only on run records (``ctxdistill.results.records``), the intervals of
+This module depends only on run records (``ctxdistill.results.records``, their declarations), the intervals of
 ``ctxdistill.results.stats`` and plain data.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from ctxdistill.results import stats
-from ctxdistill.results.records import predictions
+from ctxdistill.results.records import metric_set, predictions
 from ctxdistill.results.render import csv_text, markdown_cell
 
 PAPERS_PACKAGE = "ctxdistill"
@@ -139,6 +139,9 @@ class Score:
     run_model: Optional[str] = None  # the model the runs used (differs from the cell's under --model-as)
     values: list[float] = field(default_factory=list)  # the run metric per run, in the paper's units
     examples: list[Optional[int]] = field(default_factory=list)  # eval examples of each run with a value
+    #: the kind of the metric the runs declare where it is a mean over examples (Hits@k, MRR) or bootstrapped, with
+    #: what each run reports for its own interval (``Metric.companions``); None for any other metric
+    declared: Optional[tuple[str, list[tuple[Optional[float], ...]]]] = None
     matched_runs: int = 0  # runs of the cell, with or without the metric
 
     @property
@@ -152,9 +155,11 @@ class Score:
 
     @property
     def interval(self) -> Optional[tuple[float, float]]:
-        """95% interval in the paper's units: t over runs that differ, or Wilson over the runs' fewest examples."""
+        """95% interval in the paper's units: t over runs that differ, or over the runs' fewest examples (Wilson's
+        for a rate, t from the spread per example for a mean over examples)."""
         scale = self.cell.scale
-        interval = stats.mean_interval([v / scale for v in self.values], self.examples, self.cell.proportion)
+        kind, reported = self.declared or ("proportion" if self.cell.proportion else "value", None)
+        interval = stats.mean_interval([v / scale for v in self.values], self.examples, kind, reported)
         if interval is None:
             return None
         low, high = interval
@@ -199,6 +204,19 @@ def run_examples(record: dict[str, Any], run_metric: str) -> Optional[int]:
     return len(rows) or None
 
 
+def run_reports(
+    records: list[dict[str, Any]], run_metric: str
+) -> Optional[tuple[str, list[tuple[Optional[float], ...]]]]:
+    """The metric's kind and what each run reports for its own interval, where the runs declare it a mean over
+    examples or a bootstrapped statistic; None otherwise (the cell's ``proportion`` says)."""
+    set_name, _, name = run_metric.rpartition("/")
+    declared = [m for r in records for m in metric_set(r).metrics if m.name == name and m.applies_to(set_name)]
+    metric = next((m for m in declared if m.companions), None)
+    if metric is None:
+        return None
+    return metric.kind, [tuple(r["metrics"].get(f"{set_name}/{c}") for c in metric.companions) for r in records]
+
+
 def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[dict[str, str]] = None) -> list[Score]:
     """Each cell against the runs that map onto it: one score per run model, or one "not run" score.
 
@@ -227,7 +245,8 @@ def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[d
                     run_model,
                     [r["metrics"][cell.run_metric] * cell.scale for r in measured],
                     [run_examples(r, cell.run_metric) for r in measured],
-                    len(runs),
+                    matched_runs=len(runs),
+                    declared=run_reports(measured, cell.run_metric),
                 )
             )
     return scores

@@ -1,9 +1,10 @@
 """Records -> tables: one table per metric family, one row per (dataset, model, method), one column per
 declared metric and eval set, each cell the values over seeds with n and a 95% interval.
 
-The interval of a cell is Student's t over its seeds (n = seeds) when they differ, and Wilson's over
-the set's examples (n = examples) for one run of an accuracy-like metric, or seeds that all agree (over the
-fewest examples any of them was evaluated on, where they differ).
+The interval of a cell is Student's t over its seeds (n = seeds) when they differ; for one run, or seeds that all
+agree, it is over the set's examples (n = examples; the fewest any of them was evaluated on, where they differ):
+Wilson's for an accuracy-like metric, Student's t from the spread per example a mean over examples reports (a
+knowledge graph's MRR and Hits@k over its triples), the percentile bootstrap a bootstrapped statistic reports (F1).
 ``paired_tests`` adds, per cell and eval set, a paired test against a baseline method on the examples both
 were evaluated on: McNemar's exact test on successes (accuracy), a sign-flip randomisation test on scores
 (a reciprocal rank for MRR).
@@ -34,11 +35,14 @@ class Column:
 
 @dataclass
 class Cell:
-    """One metric of one row: a value per seed, and the number of examples each was measured on."""
+    """One metric of one row: a value per seed, the number of examples each was measured on and what each reports
+    beside it for its own interval (``Metric.companions``: a mean's spread, a bootstrap's bounds; None where a run
+    reports none)."""
 
     metric: Metric
     values: list[float] = field(default_factory=list)
     examples: list[Optional[int]] = field(default_factory=list)
+    reported: list[tuple[Optional[float], ...]] = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -53,10 +57,12 @@ class Cell:
 
     @property
     def interval(self) -> Optional[tuple[float, float]]:
-        """95%: Student's t over the seeds where they differ, else Wilson's over the seeds' fewest examples."""
+        """95%: Student's t over the seeds where they differ, else one run's over its examples: Wilson's for a
+        proportion, Student's t from the values' spread for a mean, the run's own bootstrap for a bootstrapped
+        statistic (:func:`stats.mean_interval`)."""
         if self.metric.kind == "count":
             return None
-        interval = mean_interval(self.values, self.examples, self.metric.kind == "proportion")
+        interval = mean_interval(self.values, self.examples, self.metric.kind, self.reported)
         if interval is None:
             return None
         (low, high), (lowest, highest) = interval, self.metric.value_range  # whatever few seeds suggest
@@ -213,6 +219,7 @@ def summarise(records: list[dict[str, Any]]) -> list[Table]:
                     cell = row.cells.setdefault(column.key, Cell(column.metric))
                     cell.values.append(r["metrics"][column.key])
                     cell.examples.append(r["metrics"].get(f"{column.set}/{EXAMPLES.name}"))
+                    cell.reported.append(tuple(r["metrics"].get(f"{column.set}/{c}") for c in column.metric.companions))
         order = list(dict.fromkeys(r["method"] for r in members))
         ordered = sorted(
             rows.values(), key=lambda row: (row.dataset, row.size or math.inf, row.model, order.index(row.method))
@@ -232,6 +239,28 @@ def duplicate_seed_warnings(tables: list[Table]) -> list[str]:
         for row in table.rows
         if row.repeated_seeds
     ]
+
+
+def spreadless_notes(tables: list[Table]) -> list[str]:
+    """A note per row whose runs report a mean over examples without the spread of its values per example
+    (evaluated before runs reported it): one run of it gets no interval, and how to give it one."""
+    notes = []
+    for table in tables:
+        for row in table.rows:
+            lacking = sorted(  # a run of one example has no spread to report
+                key
+                for key, cell in row.cells.items()
+                if cell.metric.kind == "mean"
+                and any(None in r and (n or 0) > 1 for r, n in zip(cell.reported, cell.examples))
+            )
+            if lacking:
+                notes.append(
+                    f"note: {row.method} / {row.model} / {row.dataset}: {', '.join(lacking)} come from runs "
+                    "evaluated before they reported the spread of their values per example, so one run of them has "
+                    "no interval over its examples (an interval over seeds that differ is unchanged); "
+                    "evaluate the runs again (ctxdistill-eval RUN_DIR) to give them one"
+                )
+    return notes
 
 
 class PairedTestError(ValueError):
@@ -294,6 +323,12 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
             candidates = [
                 b for b in table.rows if (b.unsplit[0], b.dataset, b.model) == (baseline, row.dataset, row.model)
             ]
+            if not candidates:
+                notes.append(
+                    f"--vs: {row.method} / {row.model} / {row.dataset}: no {baseline} run of this dataset and model; "
+                    "not tested"
+                )
+                continue
             matches = [b for b in candidates if b.unsplit[1] == setting] or candidates
             if len(matches) > 1:
                 names = ", ".join(b.method for b in matches)
