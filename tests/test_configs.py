@@ -326,6 +326,42 @@ def test_bad_values_are_named(make_cfg, override, key):
         ("model=tiny-random model.tiny.hidden_size=32", None),
         ("model=smollm2-135m model.name_or_path=facebook/opt-125m model.revision=main", None),
         ("model=tiny-random-seq2seq model.source=hub model.name_or_path=google-t5/t5-small", None),
+        # a bundled model's config naming another model loads it from the Hub or its directory: a bundled source's
+        # setting given with it was silently ignored
+        (
+            "model=smollm2-135m model.name_or_path=org/SmolLM2-360M-GGUF model.gguf_file=SmolLM2-360M.Q4_0.gguf",
+            "model.gguf_file: model=smollm2-135m loads org/SmolLM2-360M-GGUF from the Hub or its directory (not the "
+            "model it bundles, HuggingFaceTB/SmolLM2-135M-Instruct), which does not read it. Leave it out, or "
+            "model.name_or_path at HuggingFaceTB/SmolLM2-135M-Instruct to load the bundled model",
+        ),
+        ("model=gemma3-270m model.name_or_path=google/gemma-3-1b-it model.gguf_package=mine", "model.gguf_package: "),
+        ("model=gemma3-270m model.name_or_path=google/gemma-3-1b-it model.gguf_assembled=false", "model.gguf_assem"),
+        ("model=minilm-l6 model.name_or_path=org/encoder model.package_dir=other", "model.package_dir: model=minilm"),
+        (
+            "model=tiny-random model.name_or_path=/some/checkpoint model.tiny.hidden_size=32",
+            "model.tiny.hidden_size: model=tiny-random loads /some/checkpoint from the Hub or its directory",
+        ),
+        ("model=tiny-random model.name_or_path=/some/checkpoint model.tiny={num_hidden_layers:4}", "model.tiny: "),
+        (
+            "model=tiny-random-seq2seq model.source=hub model.name_or_path=org/t5 model.tiny.hidden_size=32",
+            "model.tiny.hidden_size: model=tiny-random-seq2seq loads org/t5 from the Hub or its directory "
+            "(model.source=hub), which does not read it. Leave it out, or model.source out to load the bundled model",
+        ),
+        (
+            "model=tiny-random model.source=random model.name_or_path=org/model",
+            "model.source: model=tiny-random loads org/model from the Hub or its directory (not the model it bundles, "
+            "tiny-random), not from source random. Leave it out, or model.name_or_path at tiny-random",
+        ),
+        (
+            "+model@method.teacher_model=smollm2-135m method.teacher_model.name_or_path=org/m "
+            "method.teacher_model.gguf_file=x.gguf",
+            "method.teacher_model.gguf_file: method.teacher_model=smollm2-135m loads org/m from the Hub",
+        ),
+        (
+            "method=icl_d method.teacher.name_or_path=org/m method.teacher.gguf_file=x.gguf",
+            "method.teacher.gguf_file: method.teacher=smollm2-135m loads org/m from the Hub",
+        ),
+        ("method=icl_d method.teacher.revision=v1", "method.teacher.revision: method.teacher=smollm2-135m has source"),
     ],
 )
 def test_a_model_setting_its_source_does_not_read_is_refused_naming_it(make_cfg, overrides, message):
@@ -333,10 +369,10 @@ def test_a_model_setting_its_source_does_not_read_is_refused_naming_it(make_cfg,
     Hub model), and a source without what it needs was a traceback at loading."""
     cfg = make_cfg(*overrides.split())
     if message is None:
-        validate(cfg)
+        validate(cfg, overrides.split())
         return
     with pytest.raises(ConfigError) as refused:
-        validate(cfg)
+        validate(cfg, overrides.split())
     assert str(refused.value).startswith(message)
 
 
@@ -538,6 +574,11 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
         (["hydra.searchpath=[file:///nowhere]"], "ctxdistill: hydra.searchpath: file:///nowhere: no such directory."),
         # a setting the model's source does not read, refused before the model loads (the newcomer's first hour)
         (["model.revision=v1.0"], "ctxdistill: model.revision: model=tiny-random has source random, which does not"),
+        # ... and one the bundled model's source reads, given with a name_or_path that loads another model
+        (
+            ["model.name_or_path=org/model", "model.tiny.hidden_size=32"],
+            "ctxdistill: model.tiny.hidden_size: model=tiny-random loads org/model from the Hub or its directory",
+        ),
         # a value of another type: the type, the value and a valid one (the newcomer's first hour)
         (
             ["trainer.max_steps=abc"],
