@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_generation import behaving  # noqa: F401 (the behaving model's fixture)
 
 from ctxdistill.encoding import answer_logits, encode
@@ -164,6 +165,31 @@ def test_full_weight_training_keeps_a_frozen_copy_as_the_teacher_or_refuses_to_t
         with handle.teacher() as teacher:
             assert teacher is not model and not teacher.training
             torch.testing.assert_close(answer_logits(teacher, batch), initial)
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora", "prefix"])
+def test_the_handle_knows_from_the_adapters_type_whether_the_teacher_is_the_base_without_it(tiny, adapter):
+    """Declared, not guessed from an attribute: a full-weight model whose own method is named like peft's
+    disable_adapter has no adapter to disable, and trains its base weights."""
+    cfg, tokenizer, _ = tiny
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+    model.disable_adapter = lambda: pytest.fail("the teacher view called a method of the full-weight model")
+    batch = encode(tokenizer, ["Review: lovely\nAnswer:"])
+    with torch.no_grad():
+        initial = answer_logits(model.eval(), batch)
+    spec = OmegaConf.merge(cfg.model, {"adapter": adapter})
+    student = add_adapter(model, spec, tokenizer, "Review: lovely\nAnswer: foo")
+    if adapter == "lora":
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p)  # make the adapter change the output
+    handle = ModelHandle(student=student, base=student)
+    assert handle.trains_base_weights == (adapter == "full")
+    with torch.no_grad():
+        with handle.teacher() as teacher:
+            torch.testing.assert_close(answer_logits(teacher, batch), initial)
+        if adapter != "full":
+            assert not torch.allclose(answer_logits(student, batch), initial, atol=1e-3)
 
 
 def hub_snapshot(cache: Path, repo: str, commit: str, source: Path) -> None:

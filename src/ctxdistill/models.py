@@ -801,8 +801,11 @@ class ModelHandle:
 
     @property
     def trains_base_weights(self) -> bool:
-        """Whether training changes the base weights themselves (no adapter that could be disabled)."""
-        return not hasattr(self.base, "disable_adapter")
+        """Whether training changes the base weights themselves: no adapter (peft's LoRA, a trainable prefix) that
+        the teacher view could disable."""
+        from peft import PeftModel
+
+        return not isinstance(self.base, (PeftModel, TrainableContext))
 
     def keep_frozen_teacher(self) -> None:
         """Keep a frozen copy of the current weights as the teacher (full-weight training whose method asks
@@ -828,6 +831,6 @@ class ModelHandle:
                 "from is being trained (it would distil from itself). The method must declare "
                 "teacher_during_training so that a frozen copy is kept, or use model.adapter=lora or prefix."
             )
-        disable = self.base.disable_adapter() if hasattr(self.base, "disable_adapter") else contextlib.nullcontext()
+        disable = contextlib.nullcontext() if self.trains_base_weights else self.base.disable_adapter()
         with evaluation_mode(self.base), disable, torch.no_grad():
             yield self.base
