@@ -376,6 +376,23 @@ def test_a_model_setting_its_source_does_not_read_is_refused_naming_it(make_cfg,
     assert str(refused.value).startswith(message)
 
 
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-random-seq2seq"])
+def test_a_random_masked_lm_is_refused_by_validation_before_any_model_loads(make_cfg, monkeypatch, model):
+    import ctxdistill.run
+
+    for loader in ("load_tokenizer", "load_model"):
+        monkeypatch.setattr(ctxdistill.run, loader, lambda *a, **k: pytest.fail("a model was loaded"))
+    cfg = make_cfg(*TINY, f"model={model}", "model.architecture=masked_lm")
+    with pytest.raises(ConfigError) as refused:
+        ctxdistill.run.run(cfg)
+    assert str(refused.value) == (
+        "model.architecture: model.source=random builds causal_lm or seq2seq_lm models, not masked_lm. Use a real "
+        "encoder (e.g. model=minilm-l6)"
+    )
+    # a random model's config naming a checkpoint loads that one, an encoder too
+    validate(make_cfg(f"model={model}", "model.architecture=masked_lm", "model.name_or_path=/some/encoder"))
+
+
 def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_loading(make_cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
     monkeypatch.delenv("CXX", raising=False)

@@ -689,12 +689,18 @@ def override_keys(overrides: Sequence[str]) -> list[str]:
     return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
 
 
+def loads_from(spec: DictConfig) -> str:
+    """The source the model loads from: its own, but the Hub (or a local directory) where a bundled model's config
+    names another model (``name_or_path`` is not what it ``bundles``; models.honour_name_or_path switches it)."""
+    return "hub" if spec.bundles and spec.name_or_path != spec.bundles else spec.source
+
+
 def check_model_source(spec: DictConfig, key: str, given: Collection[str] = ()) -> None:
     """The model's source has the settings it needs, and no setting that only another source reads: such a
     setting (model.gguf_file on a Hub model, model.revision on a bundled one) would be silently ignored.
     ``given``: the keys the command line set."""
-    elsewhere = bool(spec.bundles) and (spec.source == "hub" or spec.name_or_path != spec.bundles)
-    source = "hub" if elsewhere else spec.source
+    source = loads_from(spec)
+    elsewhere = bool(spec.bundles) and source == "hub"
     needed, optional = SOURCE_SETTINGS[source]
     read = {*needed, *optional}
     if elsewhere:
@@ -785,7 +791,13 @@ def validate_model(spec: DictConfig, key: str, given: Collection[str] = ()) -> N
         f"{key}.max_length",
         "It is the context window in tokens; null reads it from the model's config",
     )
-    if spec.source == "random":
+    if loads_from(spec) == "random":
+        require(
+            spec.architecture != "masked_lm",
+            f"{key}.architecture",
+            f"{key}.source=random builds causal_lm or seq2seq_lm models, not masked_lm",
+            "Use a real encoder (e.g. model=minilm-l6)",
+        )
         tiny = spec.tiny
         small = sorted(name for name, value in tiny.items() if value < 1)
         require(

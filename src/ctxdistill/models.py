@@ -46,6 +46,8 @@ from transformers import (
     T5Config,
 )
 
+from ctxdistill.config import loads_from
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -199,7 +201,7 @@ def honour_name_or_path(spec: DictConfig, key: str = "model") -> None:
     """A bundled source (gguf, package, random) loads the model it bundles; a ``name_or_path`` naming
     another model (a Hub id or a local directory) switches the source to ``hub``, so the run loads and
     records the model it was asked for."""
-    if spec.source != "hub" and spec.bundles and spec.name_or_path != spec.bundles:
+    if spec.source != loads_from(spec):
         log.info(
             "%s.name_or_path=%s is not what %s=%s bundles (%s): loading it from the Hub or its directory; "
             "tables label the run %s.name=%s (set it to tell this model's runs from the bundled one's)",
@@ -347,21 +349,16 @@ def _random_config(spec: DictConfig, tokenizer: PreTrainedTokenizerBase):
             attn_implementation=spec.attn_implementation,
             **tiny,
         )
-    if spec.architecture == "seq2seq_lm":
-        return T5Config(
-            vocab_size=len(tokenizer),
-            d_model=tiny.hidden_size,
-            d_ff=tiny.intermediate_size,
-            num_layers=tiny.num_hidden_layers,
-            num_heads=tiny.num_attention_heads,
-            d_kv=tiny.hidden_size // tiny.num_attention_heads,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    raise ModelLoadError(
-        f"model.source=random builds causal_lm or seq2seq_lm models, not {spec.architecture}; "
-        "use a real encoder (e.g. model=minilm-l6)"
+    return T5Config(  # seq2seq_lm: validate() refuses a random masked_lm
+        vocab_size=len(tokenizer),
+        d_model=tiny.hidden_size,
+        d_ff=tiny.intermediate_size,
+        num_layers=tiny.num_hidden_layers,
+        num_heads=tiny.num_attention_heads,
+        d_kv=tiny.hidden_size // tiny.num_attention_heads,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
     )
 
 
