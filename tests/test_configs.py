@@ -393,6 +393,36 @@ def test_a_random_masked_lm_is_refused_by_validation_before_any_model_loads(make
     validate(make_cfg(f"model={model}", "model.architecture=masked_lm", "model.name_or_path=/some/encoder"))
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            "model.attn_implementation=flash_attn_2",
+            "model.attn_implementation: unknown value 'flash_attn_2'. Use one of: eager, flash_attention_2,",
+        ),
+        (
+            "+model@method.teacher_model=gemma3-270m method.teacher_model.attn_implementation=spda",
+            "method.teacher_model.attn_implementation: unknown value 'spda'",
+        ),
+        ("model.attn_implementation=flash_attention_2", "model.attn_implementation: flash_attention_2 needs a CUDA"),
+        ("model.attn_implementation=shared_prefix", "model.attn_implementation: unknown value 'shared_prefix'"),
+        ("model.attn_implementation=eager", None),
+        ("model.attn_implementation=kernels-community/flash-attn", None),
+    ],
+)
+def test_an_attention_implementation_transformers_cannot_use_is_refused_before_loading(make_cfg, overrides, message):
+    """A misspelt attention (or FlashAttention where it cannot run) was a transformers traceback at loading."""
+    cfg = make_cfg("model=gemma3-270m", *overrides.split())
+    if message is None:
+        validate(cfg)
+        return
+    if "flash_attention_2" in overrides and torch.cuda.is_available():
+        pytest.skip("FlashAttention may be usable on this machine")
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    assert str(refused.value).startswith(message)
+
+
 def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_loading(make_cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
     monkeypatch.delenv("CXX", raising=False)

@@ -762,10 +762,42 @@ def model_configs(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
             yield f"method.{name}", node
 
 
+def check_attention(spec: DictConfig, key: str) -> None:
+    """``attn_implementation`` is one transformers knows (or a Hub kernel, namespace/name), and a FlashAttention one
+    can run here: either would otherwise be a traceback from transformers once the model loads."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_flash_attn_4_available
+
+    from ctxdistill import prefix_attention
+
+    attention = spec.attn_implementation
+    # the suite's own attention (scoring against a shared prefix) is called with the prefix, never set on a model
+    known = ["eager", *sorted(set(ALL_ATTENTION_FUNCTIONS.valid_keys()) - {prefix_attention.NAME})]
+    require(
+        attention in known or "/" in attention,
+        f"{key}.attn_implementation",
+        f"unknown value {attention!r}",
+        f"Use one of: {', '.join(known)}; or a Hub kernel (namespace/name)",
+    )
+    flash = {
+        "flash_attention_2": is_flash_attn_2_available,
+        "flash_attention_3": is_flash_attn_3_available,
+        "flash_attention_4": is_flash_attn_4_available,
+    }
+    require(
+        attention not in flash or flash[attention](kernels_fallback_ok=True),
+        f"{key}.attn_implementation",
+        f"{attention} needs a CUDA GPU and its FlashAttention package, and transformers finds none usable here",
+        f"Use {key}.attn_implementation=sdpa (the default), or install FlashAttention on a GPU machine (pip install "
+        "flash-attn, for flash_attention_2)",
+    )
+
+
 def validate_model(spec: DictConfig, key: str, given: Collection[str] = ()) -> None:
     """Checks of a model config found at ``key`` (``model``, or a method's separate teacher); ``given``: the keys
     the command line set."""
     check_model_source(spec, key, given)
+    check_attention(spec, key)
     require(spec.prefix_tokens >= 1, f"{key}.prefix_tokens", f"must be >= 1, got {spec.prefix_tokens}", "")
     require(
         0 <= spec.prefix_frozen_tokens < spec.prefix_tokens,
