@@ -362,17 +362,26 @@ def test_bad_values_are_named(make_cfg, override, key):
             "method.teacher.gguf_file: method.teacher=smollm2-135m loads org/m from the Hub",
         ),
         ("method=icl_d method.teacher.revision=v1", "method.teacher.revision: method.teacher=smollm2-135m has source"),
+        # a local directory has no revisions: from_pretrained ignored the one given
+        (
+            "model=opt-125m model.name_or_path=TESTS model.revision=v1.0",
+            f"model.revision: model.name_or_path={Path(__file__).parent} is a local directory, which has no "
+            "revisions (got v1.0). Leave model.revision out: it pins a Hub model's branch, tag or commit",
+        ),
+        ("model=tiny-random model.name_or_path=TESTS model.revision=v1.0", "model.revision: model.name_or_path="),
+        ("model=opt-125m model.name_or_path=TESTS/nowhere model.revision=v1.0", None),  # not a directory: a Hub id
     ],
 )
 def test_a_model_setting_its_source_does_not_read_is_refused_naming_it(make_cfg, overrides, message):
     """The newcomer's first hour: a setting the model's source cannot use was silently ignored (model.gguf_file on a
     Hub model), and a source without what it needs was a traceback at loading."""
-    cfg = make_cfg(*overrides.split())
+    given = overrides.replace("TESTS", str(Path(__file__).parent)).split()  # TESTS: a local directory
+    cfg = make_cfg(*given)
     if message is None:
-        validate(cfg, overrides.split())
+        validate(cfg, given)
         return
     with pytest.raises(ConfigError) as refused:
-        validate(cfg, overrides.split())
+        validate(cfg, given)
     assert str(refused.value).startswith(message)
 
 

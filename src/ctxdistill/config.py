@@ -703,6 +703,12 @@ def check_model_source(spec: DictConfig, key: str, given: Collection[str] = ()) 
     elsewhere = bool(spec.bundles) and source == "hub"
     needed, optional = SOURCE_SETTINGS[source]
     read = {*needed, *optional}
+    require(
+        source != "hub" or spec.revision is None or not os.path.isdir(os.path.expanduser(spec.name_or_path)),
+        f"{key}.revision",
+        f"{key}.name_or_path={spec.name_or_path} is a local directory, which has no revisions (got {spec.revision})",
+        f"Leave {key}.revision out: it pins a Hub model's branch, tag or commit",
+    )
     if elsewhere:
         # a bundled model's config naming another model loads it from the Hub or its directory
         # (honour_name_or_path): its file's bundled-source settings describe the bundled model and go unread, and
