@@ -109,6 +109,21 @@ def test_a_bundled_file_or_package_set_wrongly_is_named_with_what_the_package_ho
         load_tokenizer(encoder.method.teacher_model, str(tmp_path))
 
 
+def test_a_layer_stride_keeps_every_other_encoder_layer_and_names_a_model_without_a_known_stack(make_cfg):
+    """Looking for the layers under model.* raised AttributeError on every model without a ``model`` submodule
+    (BERT, GPT-2, T5): a traceback instead of the refusal, and no smaller BERT student."""
+    cfg = make_cfg("model=minilm-l6", "model.layer_stride=2")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+    assert len(model.bert.encoder.layer) == model.config.num_hidden_layers == 3  # of 6
+    with torch.no_grad():
+        assert model(**tokenizer(["a short text"], return_tensors="pt")).logits.shape[-1] == len(tokenizer)
+    cfg = make_cfg("model=tiny-random-seq2seq", "model.layer_stride=2")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    with pytest.raises(ModelLoadError, match=r"^model.layer_stride=2: cannot find the transformer layers of T5For"):
+        load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+
+
 def test_missing_hub_model_says_how_to_fix_it(tiny, tmp_path):
     cfg, _, _ = tiny
     spec = cfg.model.copy()

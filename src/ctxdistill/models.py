@@ -402,24 +402,23 @@ def _contiguous_inputs(_module: torch.nn.Module, args: tuple) -> tuple:
     return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-# Where decoder families keep their stack of transformer layers.
-_LAYER_STACKS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
+# Where model families keep their stack of transformer layers (decoders, then BERT-like encoders).
+_LAYER_STACKS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "bert.encoder.layer")
 
 
 def keep_every_nth_layer(model, stride: int):
     """Drop all but layers 0, stride, 2*stride, ... (a smaller student made from a model, as DistilBERT was).
 
     The kept layers are renumbered, so key/value caches index them correctly."""
-    for path in _LAYER_STACKS:
-        owner, _, attribute = path.rpartition(".")
-        parent = model.get_submodule(owner) if owner else model
-        if isinstance(getattr(parent, attribute, None), torch.nn.ModuleList):
-            break
-    else:
+    modules = dict(model.named_modules())
+    path = next((p for p in _LAYER_STACKS if isinstance(modules.get(p), torch.nn.ModuleList)), None)
+    if path is None:
         raise ModelLoadError(
             f"model.layer_stride={stride}: cannot find the transformer layers of "
             f"{type(model).__name__} (looked for {', '.join(_LAYER_STACKS)}); use model.layer_stride=1"
         )
+    owner, _, attribute = path.rpartition(".")
+    parent = model.get_submodule(owner)
     kept = getattr(parent, attribute)[::stride]
     setattr(parent, attribute, torch.nn.ModuleList(kept))
     for index, layer in enumerate(kept):
