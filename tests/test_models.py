@@ -124,6 +124,18 @@ def test_a_layer_stride_keeps_every_other_encoder_layer_and_names_a_model_withou
         load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
 
 
+def test_a_checkpoint_directory_under_the_home_directory_loads_from_its_tilde_path(tiny, tmp_path, monkeypatch):
+    """check_hub_download expanded ~ and accepted the directory, then from_pretrained read ~/saved as a Hub id."""
+    cfg, tokenizer, model = tiny
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = cfg.model.copy()
+    spec.source, spec.name_or_path = "hub", "~/saved"
+    loaded = load_model(spec, cfg.cache_dir, load_tokenizer(spec, cfg.cache_dir), seed=0)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
 def test_missing_hub_model_says_how_to_fix_it(tiny, tmp_path):
     cfg, _, _ = tiny
     spec = cfg.model.copy()

@@ -315,7 +315,8 @@ def weights_location(spec: DictConfig, cache_dir: str) -> str:
     if spec.source == "package":
         return str(_package_path(spec, "package", "package_dir"))
     check_hub_download(spec)
-    return spec.name_or_path
+    local = Path(spec.name_or_path).expanduser()  # from_pretrained reads ~/dir as a Hub id
+    return str(local) if local.exists() else spec.name_or_path
 
 
 def load_tokenizer(spec: DictConfig, cache_dir: str) -> PreTrainedTokenizerBase:
