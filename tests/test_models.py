@@ -153,6 +153,15 @@ def test_a_package_that_carries_its_gguf_whole_declared_as_assembling_is_named(t
     )
 
 
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-random-seq2seq"])
+def test_a_random_model_runs_the_attention_its_config_names(make_cfg, model):
+    """The random T5 was built without model.attn_implementation: tiny-random-seq2seq's eager ran as sdpa."""
+    for attention in ("eager", "sdpa"):
+        cfg = make_cfg(f"model={model}", f"model.attn_implementation={attention}")
+        tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+        assert load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0).config._attn_implementation == attention
+
+
 def test_missing_hub_model_says_how_to_fix_it(tiny, tmp_path):
     cfg, _, _ = tiny
     spec = cfg.model.copy()

@@ -381,6 +381,7 @@ def _random_config(spec: DictConfig, tokenizer: PreTrainedTokenizerBase):
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
+        attn_implementation=spec.attn_implementation,
     )
 
 
