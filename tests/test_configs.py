@@ -339,15 +339,107 @@ def test_bad_values_are_named(make_cfg, override, key):
         ("model=tiny-random model.tiny.hidden_size=32", None),
         ("model=smollm2-135m model.name_or_path=facebook/opt-125m model.revision=main", None),
         ("model=tiny-random-seq2seq model.source=hub model.name_or_path=google-t5/t5-small", None),
+        # a bundled model's config naming another model loads it from the Hub or its directory: a bundled source's
+        # setting given with it was silently ignored
+        (
+            "model=smollm2-135m model.name_or_path=org/SmolLM2-360M-GGUF model.gguf_file=SmolLM2-360M.Q4_0.gguf",
+            "model.gguf_file: model=smollm2-135m loads org/SmolLM2-360M-GGUF from the Hub or its directory (not the "
+            "model it bundles, HuggingFaceTB/SmolLM2-135M-Instruct), which does not read it. Leave it out, or "
+            "model.name_or_path at HuggingFaceTB/SmolLM2-135M-Instruct to load the bundled model",
+        ),
+        ("model=gemma3-270m model.name_or_path=google/gemma-3-1b-it model.gguf_package=mine", "model.gguf_package: "),
+        ("model=gemma3-270m model.name_or_path=google/gemma-3-1b-it model.gguf_assembled=false", "model.gguf_assem"),
+        ("model=minilm-l6 model.name_or_path=org/encoder model.package_dir=other", "model.package_dir: model=minilm"),
+        (
+            "model=tiny-random model.name_or_path=/some/checkpoint model.tiny.hidden_size=32",
+            "model.tiny.hidden_size: model=tiny-random loads /some/checkpoint from the Hub or its directory",
+        ),
+        ("model=tiny-random model.name_or_path=/some/checkpoint model.tiny={num_hidden_layers:4}", "model.tiny: "),
+        (
+            "model=tiny-random-seq2seq model.source=hub model.name_or_path=org/t5 model.tiny.hidden_size=32",
+            "model.tiny.hidden_size: model=tiny-random-seq2seq loads org/t5 from the Hub or its directory "
+            "(model.source=hub), which does not read it. Leave it out, or model.source out to load the bundled model",
+        ),
+        (
+            "model=tiny-random model.source=random model.name_or_path=org/model",
+            "model.source: model=tiny-random loads org/model from the Hub or its directory (not the model it bundles, "
+            "tiny-random), not from source random. Leave it out, or model.name_or_path at tiny-random",
+        ),
+        (
+            "+model@method.teacher_model=smollm2-135m method.teacher_model.name_or_path=org/m "
+            "method.teacher_model.gguf_file=x.gguf",
+            "method.teacher_model.gguf_file: method.teacher_model=smollm2-135m loads org/m from the Hub",
+        ),
+        (
+            "method=icl_d method.teacher.name_or_path=org/m method.teacher.gguf_file=x.gguf",
+            "method.teacher.gguf_file: method.teacher=smollm2-135m loads org/m from the Hub",
+        ),
+        ("method=icl_d method.teacher.revision=v1", "method.teacher.revision: method.teacher=smollm2-135m has source"),
+        # a local directory has no revisions: from_pretrained ignored the one given
+        (
+            "model=opt-125m model.name_or_path=TESTS model.revision=v1.0",
+            f"model.revision: model.name_or_path={Path(__file__).parent} is a local directory, which has no "
+            "revisions (got v1.0). Leave model.revision out: it pins a Hub model's branch, tag or commit",
+        ),
+        ("model=tiny-random model.name_or_path=TESTS model.revision=v1.0", "model.revision: model.name_or_path="),
+        ("model=opt-125m model.name_or_path=TESTS/nowhere model.revision=v1.0", None),  # not a directory: a Hub id
     ],
 )
 def test_a_model_setting_its_source_does_not_read_is_refused_naming_it(make_cfg, overrides, message):
     """The newcomer's first hour: a setting the model's source cannot use was silently ignored (model.gguf_file on a
     Hub model), and a source without what it needs was a traceback at loading."""
-    cfg = make_cfg(*overrides.split())
+    given = overrides.replace("TESTS", str(Path(__file__).parent)).split()  # TESTS: a local directory
+    cfg = make_cfg(*given)
+    if message is None:
+        validate(cfg, given)
+        return
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg, given)
+    assert str(refused.value).startswith(message)
+
+
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-random-seq2seq"])
+def test_a_random_masked_lm_is_refused_by_validation_before_any_model_loads(make_cfg, monkeypatch, model):
+    import ctxdistill.run
+
+    for loader in ("load_tokenizer", "load_model"):
+        monkeypatch.setattr(ctxdistill.run, loader, lambda *a, **k: pytest.fail("a model was loaded"))
+    cfg = make_cfg(*TINY, f"model={model}", "model.architecture=masked_lm")
+    with pytest.raises(ConfigError) as refused:
+        ctxdistill.run.run(cfg)
+    assert str(refused.value) == (
+        "model.architecture: model.source=random builds causal_lm or seq2seq_lm models, not masked_lm. Use a real "
+        "encoder (e.g. model=minilm-l6)"
+    )
+    # a random model's config naming a checkpoint loads that one, an encoder too
+    validate(make_cfg(f"model={model}", "model.architecture=masked_lm", "model.name_or_path=/some/encoder"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            "model.attn_implementation=flash_attn_2",
+            "model.attn_implementation: unknown value 'flash_attn_2'. Use one of: eager, flash_attention_2,",
+        ),
+        (
+            "+model@method.teacher_model=gemma3-270m method.teacher_model.attn_implementation=spda",
+            "method.teacher_model.attn_implementation: unknown value 'spda'",
+        ),
+        ("model.attn_implementation=flash_attention_2", "model.attn_implementation: flash_attention_2 needs a CUDA"),
+        ("model.attn_implementation=shared_prefix", "model.attn_implementation: unknown value 'shared_prefix'"),
+        ("model.attn_implementation=eager", None),
+        ("model.attn_implementation=kernels-community/flash-attn", None),
+    ],
+)
+def test_an_attention_implementation_transformers_cannot_use_is_refused_before_loading(make_cfg, overrides, message):
+    """A misspelt attention (or FlashAttention where it cannot run) was a transformers traceback at loading."""
+    cfg = make_cfg("model=gemma3-270m", *overrides.split())
     if message is None:
         validate(cfg)
         return
+    if "flash_attention_2" in overrides and torch.cuda.is_available():
+        pytest.skip("FlashAttention may be usable on this machine")
     with pytest.raises(ConfigError) as refused:
         validate(cfg)
     assert str(refused.value).startswith(message)
@@ -551,6 +643,11 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
         (["hydra.searchpath=[file:///nowhere]"], "ctxdistill: hydra.searchpath: file:///nowhere: no such directory."),
         # a setting the model's source does not read, refused before the model loads (the newcomer's first hour)
         (["model.revision=v1.0"], "ctxdistill: model.revision: model=tiny-random has source random, which does not"),
+        # ... and one the bundled model's source reads, given with a name_or_path that loads another model
+        (
+            ["model.name_or_path=org/model", "model.tiny.hidden_size=32"],
+            "ctxdistill: model.tiny.hidden_size: model=tiny-random loads org/model from the Hub or its directory",
+        ),
         # a value of another type: the type, the value and a valid one (the newcomer's first hour)
         (
             ["trainer.max_steps=abc"],

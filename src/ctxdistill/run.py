@@ -30,7 +30,7 @@ from ctxdistill.checkpoint import (
     save_random_states,
     save_trainable_weights,
 )
-from ctxdistill.config import ConfigError, validate
+from ctxdistill.config import ConfigError, override_keys, validate
 from ctxdistill.data import Task
 from ctxdistill.methods import build_method
 from ctxdistill.models import (
@@ -171,11 +171,6 @@ def warn_unused_training_settings(method, overrides: Optional[list[str]], adapte
         log.warning("method=%s trains every weight, with no adapter: ignoring %s", method.name, ", ".join(unused))
 
 
-def override_keys(overrides: list[str]) -> list[str]:
-    """The keys the overrides set (``+model.lora.r=4``: ``model.lora.r``)."""
-    return [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-
-
 def training_settings_in(overrides: list[str]) -> list[str]:
     """The keys of ``overrides`` that only training reads (trainer.* but its evaluation settings, the adapter's)."""
     keys = override_keys(overrides)
@@ -234,7 +229,7 @@ def build_models(
 def run(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     provenance.begin_run()
-    validate(cfg)
+    validate(cfg, hydra_overrides() or ())
     honour_name_or_path(cfg.model)
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
