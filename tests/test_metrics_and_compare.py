@@ -114,7 +114,7 @@ def test_seeds_that_agree_on_different_numbers_of_examples_get_the_interval_of_t
     assert (cd["eval/examples"], float(cd["eval/accuracy_low"])) == ("10", pytest.approx(wilson(5, 10)[0], abs=1e-6))
     assert zero["eval/examples"] == "100"  # a whole number of examples, not their mean 100.5
     readme = write_results(tmp_path.parent / f"{tmp_path.name}-out", collect([tmp_path]), title="t").read_text()
-    assert "Wilson's over the set's examples (`n`; the fewest where the seeds differ in it;" in readme
+    assert "one run's over the set's examples (`n`; the fewest where the seeds differ in it): Wilson's" in readme
 
 
 def test_an_interval_over_seeds_stops_where_the_metric_can_go():
@@ -358,7 +358,7 @@ def test_a_cut_short_metrics_file_is_named_and_skipped_and_the_good_runs_are_sho
     assert main([str(tmp_path), "--format", "csv"]) == 0
     captured = capsys.readouterr()
     assert f"warning: skipping {broken}: unreadable" in captured.err
-    assert captured.out.splitlines()[1].startswith("cd,opt-125m,mnli,1,1.25e+08,200,0.7,")
+    assert captured.out.splitlines()[1].startswith("cd,opt-125m,mnli,1,125000000,200,0.7,")
     assert main([str(tmp_path), "--strict"]) == 1
     assert main([str(tmp_path / "broken")]) == 1  # nothing readable
 
