@@ -275,6 +275,29 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     assert "this cell failed; the sweep goes on: trainer.lr" in console and "Traceback" not in console
 
 
+def test_a_training_setting_of_a_sweep_is_named_once_for_the_cells_that_do_not_train(tmp_path):
+    sweep_dir = tmp_path / "s"
+    proc = multirun("method=zero_shot,icl,cd", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    # said once, in the sweep's summary, not in each cell of a method that does not train (a single run warns)
+    said = (
+        "warning: trainer.max_steps: not read by 2 of the 3 cells, ignored there "
+        "(method=icl does not train; method=zero_shot does not train)"
+    )
+    assert console.count("trainer.max_steps") == console.count("trainer.max_steps=2") + 1 and said in proc.stdout
+    assert "does not train: ignoring" not in console
+    assert said in (sweep_dir / "README.md").read_text()
+    [cell] = [p for p in sweep_dir.iterdir() if "method=zero_shot" in p.name]
+    assert json.loads((cell / "metrics.json").read_text())["ignored_settings"] == [
+        {
+            "keys": ["trainer.max_steps"],
+            "reason": "method=zero_shot does not train",
+            "warning": "method=zero_shot does not train: ignoring trainer.max_steps",
+        }
+    ]
+
+
 def test_a_cell_holding_a_run_of_another_config_fails_the_sweep_and_is_not_reported(tmp_path):
     sweep_dir = tmp_path / "s"
     command = ["method=zero_shot", "trainer.lr=0.001,0.002", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}"]

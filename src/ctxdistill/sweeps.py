@@ -258,6 +258,24 @@ def repetitions_text(tables: list[Any], markdown: bool = False) -> str:
     )
 
 
+def ignored_settings_warnings(records: list[dict[str, Any]]) -> list[str]:
+    """The settings of a sweep that some of its cells never read (``ctxdistill.run.unused_settings``, in each cell's
+    metrics.json), said once for the sweep rather than in every such cell: one line for each set of settings, with
+    how many cells ignored them and why (a method that does not train, another adapter)."""
+    ignored: dict[tuple[str, ...], dict[str, int]] = {}  # the keys: each reason, with its number of cells
+    for record in records:
+        for entry in record.get("ignored_settings") or []:
+            reasons = ignored.setdefault(tuple(entry["keys"]), {})
+            reasons[entry["reason"]] = reasons.get(entry["reason"], 0) + 1
+    return [
+        f"warning: {', '.join(keys)}: "
+        + (f"not read by {cells} of the {len(records)} cells" if cells < len(records) else "read by no cell")
+        + f", ignored there ({'; '.join(reasons)})"
+        for keys, reasons in ignored.items()
+        if (cells := sum(reasons.values()))
+    ]
+
+
 class SweepSummaryCallback(Callback):
     """When a multirun ends: print the comparison table, write the sweep's README.md and results/,
     log the table and plots to the sweep's W&B group (with logger=wandb), and list the failed
@@ -282,7 +300,9 @@ class SweepSummaryCallback(Callback):
         ]
         command = sweep_command(config.hydra)
         if runs:
+            ignored = ignored_settings_warnings(runs)
             runs, warnings = split_settings(runs)
+            warnings += ignored
             tables = summarise(runs)
             print(
                 f"\nComparison ({len(runs)} runs in {sweep_dir}):\n"
