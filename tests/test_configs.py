@@ -180,6 +180,19 @@ def test_the_generated_category_tasks_write_only_what_tells_them_apart():
         assert written["source.generator_options.task"] == task
 
 
+def test_the_mixtures_and_the_tiny_models_write_only_what_tells_them_apart():
+    """The generated-task mixtures share dataset/mixture/_base (their prompts' sizes and votes), the tiny random models
+    model/tiny/_base (their source and the SmolLM2 tokenizer's package); huang2022/multitask_ict writes only the
+    votes it changes."""
+    assert set(written_settings(CONFIG_DIR / "dataset" / "synthetic_mixture.yaml")) == {"name", "paradigm", "weights"}
+    assert set(written_settings(CONFIG_DIR / "dataset" / "synthetic_meta.yaml")) == {"name", "paradigm"}
+    for model in ("tiny-random", "tiny-random-seq2seq"):
+        written = written_settings(CONFIG_DIR / "model" / f"{model}.yaml")
+        assert not {"source", "gguf_package", "gguf_file", "pip_install"} & set(written), model
+    experiment = written_settings(CONFIG_DIR / "experiment" / "huang2022" / "multitask_ict.yaml")
+    assert [key for key in experiment if key.startswith("dataset.")] == ["dataset.num_votes"]
+
+
 def test_the_running_guide_lists_every_option_of_every_group():
     """docs/running.md's table of config groups has a row for each group and subgroup of conf/ (a folder whose
     files another file of its group composes, such as method/prompts/, is no group), and its options column names

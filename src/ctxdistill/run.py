@@ -169,7 +169,7 @@ def unused_settings(method, overrides: Optional[list[str]], adapter: str) -> lis
     if not unused:
         return []
     if trained:
-        reason = f"model.adapter={adapter} does not read them"
+        reason = f"model.adapter={adapter} reads only its own adapter's settings"
         warning = f"model.adapter={adapter} does not read {', '.join(unused)}: ignoring them"
     else:
         reason = f"method={method.name} trains every weight, with no adapter"
