@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -604,6 +605,30 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     assert err.startswith(message), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err and "Error executing job" not in err
     assert "\tbase_" not in err and "_base\n" not in err  # the schemas and bases are no options
+
+
+@pytest.mark.parametrize("module", ["ctxdistill", "ctxdistill.cli"])
+def test_a_base_picked_as_an_option_is_refused_by_either_module_before_anything_runs(module, tmp_path):
+    """`python -m ctxdistill.cli` ran the module as a second copy of ctxdistill.cli, whose refusal of a base Hydra
+    turned into a warning: model=tiny/_base then failed in a traceback, experiment=genpi/_cpu_base ran."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "model=tiny/_base", "logger=none", f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr == (
+        "ctxdistill: model=tiny/_base: a base that options build on (its name starts with _), not an option of its "
+        "own. Pick one that builds on it: model=tiny-random-seq2seq, model=tiny-random\n"
+    )
+    assert not run_dir.exists()
 
 
 def test_an_override_after_an_option_after_overrides_is_named_with_the_command_that_gives_options_first(

@@ -482,4 +482,9 @@ def entry() -> None:
 
 
 if __name__ == "__main__":
-    entry()
+    # `python -m ctxdistill.cli`: run the package's module, not this copy of it (__main__), whose state (whether
+    # HYDRA_FULL_ERROR was the user's, read as it is imported) the checks that import ctxdistill.cli would not share:
+    # a base picked as an option warned and ran on instead of being refused.
+    from ctxdistill.cli import entry as package_entry
+
+    package_entry()
