@@ -275,6 +275,15 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     assert "this cell failed; the sweep goes on: trainer.lr" in console and "Traceback" not in console
 
 
+def test_a_setting_no_cell_of_the_sweep_accepts_is_refused_once_before_the_first_cell(tmp_path):
+    """It was a failure in every cell, then a list of them all, ending with the same command to re-run."""
+    sweep_dir = tmp_path / "s"
+    proc = multirun("method=zero_shot,cd", *CELL, "trainer.batch_size=0", "logger=none", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr == "ctxdistill: trainer.batch_size: must be >= 1, got 0. Set trainer.batch_size=8\n"
+    assert "Launching" not in proc.stdout and not [p for p in sweep_dir.iterdir() if p.is_dir()]
+
+
 def test_a_training_setting_of_a_sweep_is_named_once_for_the_cells_that_do_not_train(tmp_path):
     sweep_dir = tmp_path / "s"
     proc = multirun("method=zero_shot,icl,cd", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
