@@ -289,7 +289,9 @@ def test_wandb_failing_mid_run_costs_nothing(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="ctxdistill.tracking"):
         run(compose_run(tmp_path, "logger=wandb", "logger.mode=offline", "trainer.max_steps=2"))
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "complete"
-    assert "W&B log failed, continuing without it: W&B is unreachable" in caplog.text
+    # said once, not at every step that logs (the run still logs each: W&B may come back)
+    failures = [m for m in caplog.messages if m.startswith("W&B log failed")]
+    assert failures == ["W&B log failed, continuing without it: W&B is unreachable (said once for this run)"]
 
 
 def test_a_damaged_model_cache_is_detected(tmp_path):

@@ -53,12 +53,20 @@ class Tracker:
 
 
 def _warn_on_failure(fn):
+    """A W&B call that fails is warned of, once a run for each call (``log`` is called at every logging step: W&B
+    unreachable was a warning per step); later calls are still made, in case W&B comes back."""
+
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         try:
             return fn(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never kill a run
-            log.warning("W&B %s failed, continuing without it: %s", fn.__name__, e)
+            failed = self.__dict__.setdefault("_failed_calls", set())
+            if fn.__name__ in failed:
+                log.debug("W&B %s failed again: %s", fn.__name__, e)
+                return None
+            failed.add(fn.__name__)
+            log.warning("W&B %s failed, continuing without it: %s (said once for this run)", fn.__name__, e)
 
     return wrapper
 
