@@ -179,6 +179,15 @@ def test_the_sweep_logs_its_table_and_plots_to_its_wandb_group(sweep):
         assert row[6] == pytest.approx(float(file_row["eval/accuracy_mean"]), abs=1e-5)
 
 
+def test_an_offline_sweep_names_one_upload_command_for_all_its_runs(sweep):
+    """Each cell said its own `wandb sync` line; the summary gives one that uploads every cell and the comparison."""
+    sweep_dir, cells, first, *_ = sweep
+    console = first.stdout + first.stderr
+    command = f"wandb sync {sweep_dir}/*/wandb/offline-run-* {sweep_dir}/wandb/offline-run-*"
+    assert console.count("wandb sync") == 1 and f"upload the sweep's runs later with:  {command}" in first.stdout
+    assert all(list(cell.glob("wandb/offline-run-*")) for cell in cells) and list(sweep_dir.glob("wandb/offline-run-*"))
+
+
 def test_a_cell_directory_is_one_path_component_of_bounded_length():
     assert cell_dir("experiment=huang2022/meta_ict,method=ict") == "experiment=huang2022-meta_ict,method=ict"
     many = [",".join(f"dataset.key{i}=value/{i + shift}" for i in range(40)) for shift in (0, 1)]

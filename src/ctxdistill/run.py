@@ -298,6 +298,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             },
             output_dir=str(out),
             resumes=resumes_training(out),
+            in_sweep=sweep_group() is not None,
         )
         if writer
         else Tracker()

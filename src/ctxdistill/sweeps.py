@@ -288,7 +288,7 @@ class SweepSummaryCallback(Callback):
         from ctxdistill.results.render import render
         from ctxdistill.results.table import summarise
         from ctxdistill.results.wandb_outputs import log_results
-        from ctxdistill.tracking import resolve_mode
+        from ctxdistill.tracking import offline_sync_command, resolve_mode
 
         sweep_dir = Path(config.hydra.sweep.dir)
         failures = failed_runs(sweep_dir)
@@ -331,6 +331,11 @@ class SweepSummaryCallback(Callback):
                     )
                 except Exception as e:  # noqa: BLE001 - the tables are on disk already
                     log.warning("W&B: could not log the comparison (%s); it is in %s", e, readme)
+                if resolve_mode(config.logger.mode) == "offline":  # the cells did not say it, each for itself
+                    print(
+                        f"W&B is offline; upload the sweep's runs later with:  {offline_sync_command(sweep_dir)}",
+                        flush=True,
+                    )
         if failures:
             failed_cells.update(failures)
             print(f"\n{len(failures)} cell(s) FAILED (details in each cell's {FAILURE_FILE} and log):", flush=True)
