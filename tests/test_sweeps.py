@@ -316,6 +316,28 @@ def test_a_training_setting_of_a_sweep_is_named_once_for_the_cells_that_do_not_t
     ]
 
 
+def test_a_setting_no_cell_of_a_sweep_reads_is_said_so_with_each_reason_once():
+    from ctxdistill.sweeps import ignored_settings_warnings
+
+    def cell(*keys: str, reason: str) -> dict:
+        return {"ignored_settings": [{"keys": list(keys), "reason": reason, "warning": "..."}]}
+
+    records = [
+        cell("trainer.lr", reason="method=zero_shot does not train"),
+        cell("trainer.lr", reason="method=icl does not train"),
+        cell("trainer.lr", reason="method=zero_shot does not train"),
+        cell("model.lora.r", reason="model.adapter=prefix reads only its own adapter's settings"),
+    ]
+    assert ignored_settings_warnings(records[:3]) == [
+        "warning: trainer.lr: read by none of the 3 cells, ignored "
+        "(method=zero_shot does not train; method=icl does not train)"
+    ]
+    assert ignored_settings_warnings([*records[3:], {}, {"ignored_settings": []}]) == [
+        "warning: model.lora.r: not read by 1 of the 3 cells, ignored there "
+        "(model.adapter=prefix reads only its own adapter's settings)"
+    ]
+
+
 def test_a_cell_holding_a_run_of_another_config_fails_the_sweep_and_is_not_reported(tmp_path):
     sweep_dir = tmp_path / "s"
     command = ["method=zero_shot", "trainer.lr=0.001,0.002", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}"]

@@ -269,8 +269,12 @@ def ignored_settings_warnings(records: list[dict[str, Any]]) -> list[str]:
             reasons[entry["reason"]] = reasons.get(entry["reason"], 0) + 1
     return [
         f"warning: {', '.join(keys)}: "
-        + (f"not read by {cells} of the {len(records)} cells" if cells < len(records) else "read by no cell")
-        + f", ignored there ({'; '.join(reasons)})"
+        + (
+            f"not read by {cells} of the {len(records)} cells, ignored there"
+            if cells < len(records)
+            else f"read by none of the {len(records)} cells, ignored"
+        )
+        + f" ({'; '.join(reasons)})"
         for keys, reasons in ignored.items()
         if (cells := sum(reasons.values()))
     ]
