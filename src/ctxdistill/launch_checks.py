@@ -122,7 +122,11 @@ def shared_cell_error(config: DictConfig) -> Optional[ConfigError]:
     overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
     loader = GlobalHydra.instance().config_loader()
     errors: dict[str, ConfigError] = {}
-    for cell in sweep_cells(overrides, config.hydra.sweeper.params or {}):
+    try:
+        cells = sweep_cells(overrides, OmegaConf.select(config, "hydra.sweeper.params") or {})
+    except Exception:  # noqa: BLE001 - another sweeper's search space (Optuna's interval(...)): its cells are its own
+        return None
+    for cell in cells:
         try:
             cfg = loader.load_sweep_config(config, cell)
             with open_dict(cfg):
