@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -190,6 +191,19 @@ def test_the_generated_category_tasks_write_only_what_tells_them_apart():
         written = written_settings(CONFIG_DIR / "dataset" / f"synthetic_{task}.yaml")
         assert set(written) == {"name", "source.generator_options.task", "verbalizers", "context.instruction"}
         assert written["source.generator_options.task"] == task
+
+
+def test_the_mixtures_and_the_tiny_models_write_only_what_tells_them_apart():
+    """The generated-task mixtures share dataset/mixture/_base (their prompts' sizes and votes), the tiny random models
+    model/tiny/_base (their source and the SmolLM2 tokenizer's package); huang2022/multitask_ict writes only the
+    votes it changes."""
+    assert set(written_settings(CONFIG_DIR / "dataset" / "synthetic_mixture.yaml")) == {"name", "paradigm", "weights"}
+    assert set(written_settings(CONFIG_DIR / "dataset" / "synthetic_meta.yaml")) == {"name", "paradigm"}
+    for model in ("tiny-random", "tiny-random-seq2seq"):
+        written = written_settings(CONFIG_DIR / "model" / f"{model}.yaml")
+        assert not {"source", "gguf_package", "gguf_file", "pip_install"} & set(written), model
+    experiment = written_settings(CONFIG_DIR / "experiment" / "huang2022" / "multitask_ict.yaml")
+    assert [key for key in experiment if key.startswith("dataset.")] == ["dataset.num_votes"]
 
 
 def test_the_running_guide_lists_every_option_of_every_group():
@@ -701,6 +715,30 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     assert err.startswith(message), err
     assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err and "Error executing job" not in err
     assert "\tbase_" not in err and "_base\n" not in err  # the schemas and bases are no options
+
+
+@pytest.mark.parametrize("module", ["ctxdistill", "ctxdistill.cli"])
+def test_a_base_picked_as_an_option_is_refused_by_either_module_before_anything_runs(module, tmp_path):
+    """`python -m ctxdistill.cli` ran the module as a second copy of ctxdistill.cli, whose refusal of a base Hydra
+    turned into a warning: model=tiny/_base then failed in a traceback, experiment=genpi/_cpu_base ran."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "model=tiny/_base", "logger=none", f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr == (
+        "ctxdistill: model=tiny/_base: a base that options build on (its name starts with _), not an option of its "
+        "own. Pick one that builds on it: model=tiny-random-seq2seq, model=tiny-random\n"
+    )
+    assert not run_dir.exists()
 
 
 def test_an_override_after_an_option_after_overrides_is_named_with_the_command_that_gives_options_first(

@@ -397,6 +397,12 @@ def test_a_setting_the_run_never_reads_is_named_as_ignored(make_cfg, caplog):
         "model.adapter=prefix does not read model.lora.r: ignoring them",
         "method=kgbert trains every weight, with no adapter: ignoring model.lora.r, model.prefix_frozen_tokens",
     ]
+    caplog.clear()  # a sweep's cell says nothing: its summary names them once (tests/test_sweeps.py)
+    method = build_method(make_cfg(*TINY, "method=icl").method)
+    ignored = warn_unused_training_settings(method, overrides, "lora", in_sweep=True)
+    assert not caplog.messages and [e["keys"] for e in ignored] == [
+        ["trainer.lr", "trainer.epochs", "model.lora.r", "model.prefix_frozen_tokens"]
+    ]
 
 
 @pytest.mark.parametrize("method", ["cd", "on_policy_cd"])

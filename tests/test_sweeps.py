@@ -179,6 +179,15 @@ def test_the_sweep_logs_its_table_and_plots_to_its_wandb_group(sweep):
         assert row[6] == pytest.approx(float(file_row["eval/accuracy_mean"]), abs=1e-5)
 
 
+def test_an_offline_sweep_names_one_upload_command_for_all_its_runs(sweep):
+    """Each cell said its own `wandb sync` line; the summary gives one that uploads every cell and the comparison."""
+    sweep_dir, cells, first, *_ = sweep
+    console = first.stdout + first.stderr
+    command = f"wandb sync {sweep_dir}/*/wandb/offline-run-* {sweep_dir}/wandb/offline-run-*"
+    assert console.count("wandb sync") == 1 and f"upload the sweep's runs later with:  {command}" in first.stdout
+    assert all(list(cell.glob("wandb/offline-run-*")) for cell in cells) and list(sweep_dir.glob("wandb/offline-run-*"))
+
+
 def test_a_cell_directory_is_one_path_component_of_bounded_length():
     assert cell_dir("experiment=huang2022/meta_ict,method=ict") == "experiment=huang2022-meta_ict,method=ict"
     many = [",".join(f"dataset.key{i}=value/{i + shift}" for i in range(40)) for shift in (0, 1)]
@@ -273,6 +282,60 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     # a user error is one line on the console (its traceback is in failure.json), not a traceback per cell
     console = proc.stdout + proc.stderr
     assert "this cell failed; the sweep goes on: trainer.lr" in console and "Traceback" not in console
+
+
+def test_a_setting_no_cell_of_the_sweep_accepts_is_refused_once_before_the_first_cell(tmp_path):
+    """It was a failure in every cell, then a list of them all, ending with the same command to re-run."""
+    sweep_dir = tmp_path / "s"
+    proc = multirun("method=zero_shot,cd", *CELL, "trainer.batch_size=0", "logger=none", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr == "ctxdistill: trainer.batch_size: must be >= 1, got 0. Set trainer.batch_size=8\n"
+    assert "Launching" not in proc.stdout and not [p for p in sweep_dir.iterdir() if p.is_dir()]
+
+
+def test_a_training_setting_of_a_sweep_is_named_once_for_the_cells_that_do_not_train(tmp_path):
+    sweep_dir = tmp_path / "s"
+    proc = multirun("method=zero_shot,icl,cd", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    # said once, in the sweep's summary, not in each cell of a method that does not train (a single run warns)
+    said = (
+        "warning: trainer.max_steps: not read by 2 of the 3 cells, ignored there "
+        "(method=icl does not train; method=zero_shot does not train)"
+    )
+    assert console.count("trainer.max_steps") == console.count("trainer.max_steps=2") + 1 and said in proc.stdout
+    assert "does not train: ignoring" not in console
+    assert said in (sweep_dir / "README.md").read_text()
+    [cell] = [p for p in sweep_dir.iterdir() if "method=zero_shot" in p.name]
+    assert json.loads((cell / "metrics.json").read_text())["ignored_settings"] == [
+        {
+            "keys": ["trainer.max_steps"],
+            "reason": "method=zero_shot does not train",
+            "warning": "method=zero_shot does not train: ignoring trainer.max_steps",
+        }
+    ]
+
+
+def test_a_setting_no_cell_of_a_sweep_reads_is_said_so_with_each_reason_once():
+    from ctxdistill.sweeps import ignored_settings_warnings
+
+    def cell(*keys: str, reason: str) -> dict:
+        return {"ignored_settings": [{"keys": list(keys), "reason": reason, "warning": "..."}]}
+
+    records = [
+        cell("trainer.lr", reason="method=zero_shot does not train"),
+        cell("trainer.lr", reason="method=icl does not train"),
+        cell("trainer.lr", reason="method=zero_shot does not train"),
+        cell("model.lora.r", reason="model.adapter=prefix reads only its own adapter's settings"),
+    ]
+    assert ignored_settings_warnings(records[:3]) == [
+        "warning: trainer.lr: read by none of the 3 cells, ignored "
+        "(method=zero_shot does not train; method=icl does not train)"
+    ]
+    assert ignored_settings_warnings([*records[3:], {}, {"ignored_settings": []}]) == [
+        "warning: model.lora.r: not read by 1 of the 3 cells, ignored there "
+        "(model.adapter=prefix reads only its own adapter's settings)"
+    ]
 
 
 def test_a_cell_holding_a_run_of_another_config_fails_the_sweep_and_is_not_reported(tmp_path):

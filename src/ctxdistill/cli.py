@@ -438,14 +438,25 @@ def note_interrupted(cfg: DictConfig) -> None:
 
     out = Path(cfg.output_dir)
     checkpoint = latest_checkpoint(out) if out.is_dir() else None
-    kept = (
-        f"its latest checkpoint ({checkpoint.name}) is kept and the run resumes from it"
-        if checkpoint
-        else "nothing was trained yet, so nothing is lost"
-    )
+    if checkpoint:
+        kept = f"its latest checkpoint ({checkpoint.name}) is kept and the run resumes from it"
+    elif trains(cfg):  # a second Ctrl-C before the first checkpoint loses the steps trained since the start
+        kept = "no checkpoint was saved yet, so its training starts again from the first step"
+    else:
+        kept = "it trains nothing, so nothing is lost"
     logging.getLogger(__name__).warning(
         "Ctrl-C: the run stopped before it finished (no metrics.json); %s; %s", kept, resume_hint(out)
     )
+
+
+def trains(cfg: DictConfig) -> bool:
+    """Whether the run's method trains (taken to, when its config does not build)."""
+    from ctxdistill.methods import build_method
+
+    try:
+        return build_method(cfg.method).trains
+    except Exception:  # noqa: BLE001 - only the wording of a note depends on it
+        return True
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -493,6 +504,9 @@ def entry() -> None:
         sys.argv[1:] = join_distributed_launch(argv)
         main()
     except KeyboardInterrupt:  # outside training, or a second Ctrl-C: no checkpoint, no traceback
+        from ctxdistill.progress import close_bars
+
+        close_bars()  # the message on a line of its own, not after an open bar's
         print("ctxdistill: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
     except user_errors() as e:  # a real bug keeps its traceback
@@ -506,4 +520,9 @@ def entry() -> None:
 
 
 if __name__ == "__main__":
-    entry()
+    # `python -m ctxdistill.cli`: run the package's module, not this copy of it (__main__), whose state (whether
+    # HYDRA_FULL_ERROR was the user's, read as it is imported) the checks that import ctxdistill.cli would not share:
+    # a base picked as an option warned and ran on instead of being refused.
+    from ctxdistill.cli import entry as package_entry
+
+    package_entry()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
 
 from ctxdistill.config import ConfigError
@@ -107,6 +107,50 @@ class LaunchChecks(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         refuse_bad_inputs(config, "hydra.sweep.dir", status=2)  # 2: a sweep refused before its first cell
+        refuse_a_sweep_every_cell_of_which_fails(config)
+
+
+def shared_cell_error(config: DictConfig) -> Optional[ConfigError]:
+    """The error every cell of a multirun would fail with, when they all fail validation alike (a setting the whole
+    sweep shares, such as trainer.batch_size=0): None as soon as one cell is valid (one composed, for a sound sweep),
+    or when the cells fail differently (each value of a swept key: those cells fail, the others run)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ctxdistill.cli import sweep_cells
+    from ctxdistill.config import validate
+
+    overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    loader = GlobalHydra.instance().config_loader()
+    errors: dict[str, ConfigError] = {}
+    try:
+        cells = sweep_cells(overrides, OmegaConf.select(config, "hydra.sweeper.params") or {})
+    except Exception:  # noqa: BLE001 - another sweeper's search space (Optuna's interval(...)): its cells are its own
+        return None
+    for cell in cells:
+        try:
+            cfg = loader.load_sweep_config(config, cell)
+            with open_dict(cfg):
+                del cfg["hydra"]  # as a cell's job sees its config
+            validate(cfg)
+        except ConfigError as e:
+            errors.setdefault(str(e), e)
+        except Exception:  # noqa: BLE001 - a cell that does not compose: the sweeper's own message names it
+            return None
+        else:
+            return None
+        if len(errors) > 1:
+            return None
+    return next(iter(errors.values()), None)
+
+
+def refuse_a_sweep_every_cell_of_which_fails(config: DictConfig) -> None:
+    """One message, before the first cell, for a setting of the whole sweep that no cell accepts: not a failure per
+    cell, and a list of them all, ending with the same command to re-run."""
+    from ctxdistill.cli import exit_with_message
+
+    error = shared_cell_error(config)
+    if error is not None:
+        exit_with_message(error, 2)
 
 
 def refuse_bad_inputs(config: DictConfig, directory_key: str, status: int) -> None:

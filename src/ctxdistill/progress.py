@@ -44,6 +44,13 @@ class BarSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def close_bars() -> None:
+    """Close the bars still open (a run stopped by Ctrl-C in the middle of one): each ends its line as it stands, so
+    that what is printed next starts a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def quiet_library_bars() -> None:
     """No bars of transformers' own ("Loading weights", "Writing model shards"): one comes with every model a run
     loads or saves, and is over in a fraction of a second. The Hub's download bars (huggingface_hub's) stay."""

@@ -151,24 +151,44 @@ EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed")
 ADAPTER_KEYS = {"lora": "model.lora.", "prefix": "model.prefix_"}
 
 
-def warn_unused_training_settings(method, overrides: Optional[list[str]], adapter: str) -> None:
-    """A command-line setting the run never reads: training's, when the method does not train; an adapter's other
-    than the one it trains (``adapter``: model.adapter), or any adapter's when it trains every weight. Said, not
-    silently dropped (a warning, not an error: a sweep gives every cell the same settings)."""
+def unused_settings(method, overrides: Optional[list[str]], adapter: str) -> list[dict[str, Any]]:
+    """The command-line settings the run never reads, each ``{"keys", "reason", "warning"}``: training's, when the
+    method does not train; an adapter's other than the one it trains (``adapter``: model.adapter), or any adapter's
+    when it trains every weight."""
     keys = override_keys(overrides or [])
     if not method.trains:
         unused = training_settings_in(overrides or [])
-        if unused:
-            log.warning("method=%s does not train: ignoring %s", method.name, ", ".join(unused))
-        return
+        reason = f"method={method.name} does not train"
+        return (
+            [{"keys": unused, "reason": reason, "warning": f"{reason}: ignoring {', '.join(unused)}"}] if unused else []
+        )
     trained = adapter if method.trained_weights == "adapter" else None
     unused = [k for k in keys if any(k.startswith(ADAPTER_KEYS[a]) for a in ADAPTER_KEYS if a != trained)]
     if trained is None and "model.adapter" in keys:
         unused.insert(0, "model.adapter")
-    if unused and trained:
-        log.warning("model.adapter=%s does not read %s: ignoring them", adapter, ", ".join(unused))
-    elif unused:
-        log.warning("method=%s trains every weight, with no adapter: ignoring %s", method.name, ", ".join(unused))
+    if not unused:
+        return []
+    if trained:
+        reason = f"model.adapter={adapter} reads only its own adapter's settings"
+        warning = f"model.adapter={adapter} does not read {', '.join(unused)}: ignoring them"
+    else:
+        reason = f"method={method.name} trains every weight, with no adapter"
+        warning = f"{reason}: ignoring {', '.join(unused)}"
+    return [{"keys": unused, "reason": reason, "warning": warning}]
+
+
+def warn_unused_training_settings(
+    method, overrides: Optional[list[str]], adapter: str, in_sweep: bool = False
+) -> list[dict[str, Any]]:
+    """Name the command-line settings the run never reads (``unused_settings``) in a warning, not silently dropped
+    (a warning, not an error: a sweep gives every cell the same settings). A sweep's cell returns them unsaid: the
+    settings of a sweep are meant for the cells that read them, and its summary says once which cells did not
+    (``ctxdistill.sweeps.ignored_settings_warnings``, from each cell's metrics.json)."""
+    unused = unused_settings(method, overrides, adapter)
+    if not in_sweep:
+        for entry in unused:
+            log.warning("%s", entry["warning"])
+    return unused
 
 
 def training_settings_in(overrides: list[str]) -> list[str]:
@@ -244,7 +264,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method.check_inputs(task, tokenizer, cfg)
     if method.trained_weights == "adapter":
         check_adapter(cfg.model, cfg.cache_dir, tokenizer, task.context, method.wrap_model)
-    warn_unused_training_settings(method, hydra_overrides(), cfg.model.adapter)
+    ignored = warn_unused_training_settings(method, hydra_overrides(), cfg.model.adapter, sweep_group() is not None)
     teacher_spec = method.teacher_model  # a separate (larger) teacher, or None: the base weights teach
     teacher_tokenizer = separate_teacher_tokenizer(cfg, method, task, tokenizer)
 
@@ -273,6 +293,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             },
             output_dir=str(out),
             resumes=resumes_training(out),
+            in_sweep=sweep_group() is not None,
         )
         if writer
         else Tracker()
@@ -348,6 +369,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             ),
             "model_parameters": model_parameters,
             "demos": [d.uid for d in task.demos],
+            "ignored_settings": ignored,  # what a sweep's summary names once for all its cells
             "provenance": run_provenance,
             "runtime_seconds": time.perf_counter() - started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -258,6 +258,28 @@ def repetitions_text(tables: list[Any], markdown: bool = False) -> str:
     )
 
 
+def ignored_settings_warnings(records: list[dict[str, Any]]) -> list[str]:
+    """The settings of a sweep that some of its cells never read (``ctxdistill.run.unused_settings``, in each cell's
+    metrics.json), said once for the sweep rather than in every such cell: one line for each set of settings, with
+    how many cells ignored them and why (a method that does not train, another adapter)."""
+    ignored: dict[tuple[str, ...], dict[str, int]] = {}  # the keys: each reason, with its number of cells
+    for record in records:
+        for entry in record.get("ignored_settings") or []:
+            reasons = ignored.setdefault(tuple(entry["keys"]), {})
+            reasons[entry["reason"]] = reasons.get(entry["reason"], 0) + 1
+    return [
+        f"warning: {', '.join(keys)}: "
+        + (
+            f"not read by {cells} of the {len(records)} cells, ignored there"
+            if cells < len(records)
+            else f"read by none of the {len(records)} cells, ignored"
+        )
+        + f" ({'; '.join(reasons)})"
+        for keys, reasons in ignored.items()
+        if (cells := sum(reasons.values()))
+    ]
+
+
 class SweepSummaryCallback(Callback):
     """When a multirun ends: print the comparison table, write the sweep's README.md and results/,
     log the table and plots to the sweep's W&B group (with logger=wandb), and list the failed
@@ -270,7 +292,7 @@ class SweepSummaryCallback(Callback):
         from ctxdistill.results.render import render
         from ctxdistill.results.table import summarise
         from ctxdistill.results.wandb_outputs import log_results
-        from ctxdistill.tracking import resolve_mode
+        from ctxdistill.tracking import offline_sync_command, resolve_mode
 
         sweep_dir = Path(config.hydra.sweep.dir)
         failures = failed_runs(sweep_dir)
@@ -282,7 +304,9 @@ class SweepSummaryCallback(Callback):
         ]
         command = sweep_command(config.hydra)
         if runs:
+            ignored = ignored_settings_warnings(runs)
             runs, warnings = split_settings(runs)
+            warnings += ignored
             tables = summarise(runs)
             print(
                 f"\nComparison ({len(runs)} runs in {sweep_dir}):\n"
@@ -311,6 +335,11 @@ class SweepSummaryCallback(Callback):
                     )
                 except Exception as e:  # noqa: BLE001 - the tables are on disk already
                     log.warning("W&B: could not log the comparison (%s); it is in %s", e, readme)
+                if resolve_mode(config.logger.mode) == "offline":  # the cells did not say it, each for itself
+                    print(
+                        f"W&B is offline; upload the sweep's runs later with:  {offline_sync_command(sweep_dir)}",
+                        flush=True,
+                    )
         if failures:
             failed_cells.update(failures)
             print(f"\n{len(failures)} cell(s) FAILED (details in each cell's {FAILURE_FILE} and log):", flush=True)

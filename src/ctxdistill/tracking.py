@@ -53,12 +53,20 @@ class Tracker:
 
 
 def _warn_on_failure(fn):
+    """A W&B call that fails is warned of, once a run for each call (``log`` is called at every logging step: W&B
+    unreachable was a warning per step); later calls are still made, in case W&B comes back."""
+
     @functools.wraps(fn)
     def wrapper(self, *args, **kwargs):
         try:
             return fn(self, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 - tracking must never kill a run
-            log.warning("W&B %s failed, continuing without it: %s", fn.__name__, e)
+            failed = self.__dict__.setdefault("_failed_calls", set())
+            if fn.__name__ in failed:
+                log.debug("W&B %s failed again: %s", fn.__name__, e)
+                return None
+            failed.add(fn.__name__)
+            log.warning("W&B %s failed, continuing without it: %s (said once for this run)", fn.__name__, e)
 
     return wrapper
 
@@ -134,6 +142,7 @@ class WandbTracker(Tracker):
         output_dir: str,
         log_predictions: bool,
         resumes: bool,
+        in_sweep: bool = False,
     ):
         import wandb
 
@@ -170,8 +179,10 @@ class WandbTracker(Tracker):
             self.run.config.update({SHADOWED_BY_SWEEP: shadowed})
         self.run_dir = str(Path(self.run.dir).parent)  # the offline-run-* directory `wandb sync` takes
         self.offline = mode == "offline"
-        if self.offline:
+        if self.offline and not in_sweep:  # a sweep's summary gives one command for all its cells
             log.info("W&B is offline; upload later with:  wandb sync %s", self.run_dir)
+        elif self.offline:
+            log.debug("W&B is offline: %s", self.run_dir)
         else:
             log.info("W&B run: %s", self.run.url)
 
@@ -257,10 +268,19 @@ def wait_for_run_file(run_dir: Path, timeout: float = 30.0) -> None:
 
 
 def create_tracker(
-    logger_cfg, *, group: str, name: str, tags: list[str], config: dict[str, Any], output_dir: str, resumes: bool
+    logger_cfg,
+    *,
+    group: str,
+    name: str,
+    tags: list[str],
+    config: dict[str, Any],
+    output_dir: str,
+    resumes: bool,
+    in_sweep: bool = False,
 ) -> Tracker:
     """W&B as ``logger_cfg`` sets it (or nothing); ``resumes``: the run continues one that stopped in
-    ``output_dir`` (its W&B run continues too)."""
+    ``output_dir`` (its W&B run continues too); ``in_sweep``: a sweep's cell, whose offline run the sweep's
+    summary names (``offline_sync_command``) instead of the cell."""
     if logger_cfg.backend == "none" or resolve_mode(logger_cfg.mode) == "disabled":
         return Tracker()
     try:
@@ -276,7 +296,17 @@ def create_tracker(
             output_dir=str(Path(output_dir)),
             log_predictions=logger_cfg.log_predictions,
             resumes=resumes,
+            in_sweep=in_sweep,
         )
     except Exception as e:  # noqa: BLE001 - a W&B outage must not stop the run
         log.warning("W&B could not start (%s); the run continues and its results stay on disk.", e)
         return Tracker()
+
+
+def offline_sync_command(sweep_dir: Path) -> str:
+    """The one command that uploads a sweep's offline W&B runs: every cell's attempts and the comparison's
+    (those set aside under ``wandb/superseded/`` stay out)."""
+    import shlex
+
+    quoted = shlex.quote(str(sweep_dir))
+    return f"wandb sync {quoted}/*/wandb/offline-run-* {quoted}/wandb/offline-run-*"
