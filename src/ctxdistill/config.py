@@ -774,7 +774,10 @@ def source_setting_defaults() -> dict[str, Any]:
 def model_configs(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
     """Every model config of the run, by its key: the model, and the method's others (a separate teacher)."""
     yield "model", cfg.model
-    for name, node in cfg.method.items():
+    for name in cfg.method:
+        if OmegaConf.is_missing(cfg.method, name):  # the method's own check names what it lacks
+            continue
+        node = cfg.method[name]
         if isinstance(node, DictConfig) and OmegaConf.get_type(node) is ModelConfig:
             yield f"method.{name}", node
 
