@@ -25,10 +25,11 @@ def options(group: str) -> list[str]:
     return sorted(str(p.relative_to(CONFIG_DIR / group).with_suffix("")) for p in found if not is_base(p.stem))
 
 
-# Options that need another group's option (a knowledge graph: a method that ranks entities). A method's is
-# found from the dataset kinds its schema declares (a_dataset_it_runs_on).
+# Options that need another group's option (a knowledge graph: a method that ranks entities, and its encoder). A
+# method's are found from the dataset kinds and model architectures its schema declares (a_dataset_it_runs_on,
+# a_model_it_runs), a model's from the methods that declare its architecture (a_method_that_runs_it).
 NEEDS = {
-    **{f"dataset={d}": ["method=kgbert"] for d in ("kg_synthetic", "wn18rr", "fb15k237n")},
+    **{f"dataset={d}": ["method=kgbert", "model=minilm-l6"] for d in ("kg_synthetic", "wn18rr", "fb15k237n")},
     **{f"dataset={d}": ["method=icl_distill"] for d in ("synthetic_mixture", "synthetic_meta")},
     # swept over kgbert,kgbert_cd (-m); a single run names its student
     **{f"experiment=li2024/{e}": ["method=kgbert"] for e in ("synthetic", "wn18rr_subsample")},
@@ -45,11 +46,33 @@ def a_dataset_it_runs_on(make_cfg, method: str) -> list[str]:
     return next([f"dataset={d}"] for d in options("dataset") if make_cfg(f"dataset={d}").dataset.kind in kinds)
 
 
+def a_model_it_runs(make_cfg, method: str) -> list[str]:
+    """[] when the default model is of an architecture the method's schema declares, else the first model option that
+    is (kgbert: bert-base-cased, an encoder): each method validates with a model it runs, as with a dataset."""
+    architectures = OmegaConf.get_type(make_cfg(f"method={method}").method).architectures
+    if make_cfg().model.architecture in architectures:
+        return []
+    return next([f"model={m}"] for m in options("model") if make_cfg(f"model={m}").model.architecture in architectures)
+
+
+def a_method_that_runs_it(make_cfg, model: str) -> list[str]:
+    """[] when the default method runs the model's architecture, else the first method option whose schema declares
+    it (minilm-l6: kgbert), with a dataset that method runs on."""
+    architecture = make_cfg(f"model={model}").model.architecture
+    for method in [make_cfg().method.name, *options("method")]:
+        if architecture in OmegaConf.get_type(make_cfg(f"method={method}").method).architectures:
+            default = method == make_cfg().method.name
+            return [] if default else [f"method={method}", *a_dataset_it_runs_on(make_cfg, method)]
+    raise AssertionError(f"no method runs model={model} ({architecture})")
+
+
 @pytest.mark.parametrize("group", ["method", "model", "dataset", "trainer", "logger"])
 def test_every_group_option_composes_and_validates(make_cfg, group):
     for option in options(group):
         needs = [
             *(a_dataset_it_runs_on(make_cfg, option) if group == "method" else []),
+            *(a_model_it_runs(make_cfg, option) if group == "method" else []),
+            *(a_method_that_runs_it(make_cfg, option) if group == "model" else []),
             *NEEDS.get(f"{group}={option}", []),
         ]
         cfg = make_cfg(f"{group}={option}", *needs)
@@ -88,6 +111,75 @@ def test_settings_for_an_out_of_domain_set_that_is_not_selected_are_an_error(mak
     assert list(make_cfg("experiment=upadhayaya2024/mnli", "~dataset.ood.hans").dataset.ood) == []
     with pytest.raises(ConfigError, match=r"dataset\.ood\.hans: does not fit dataset synthetic .*\['review'\]"):
         validate(make_cfg("ood=[hans]"))  # HANS has two sentences, the synthetic reviews one
+
+
+CAUSAL = r"Use model=gemma3-270m, llama3-8b-instruct, .*, smollm2-135m, tiny-random \(or a model of your own: "
+
+
+@pytest.mark.parametrize(
+    "overrides, refused",
+    [
+        (
+            ["method=cd", "model=minilm-l6"],  # was a message about tokenising the templates, once the tokenizer loaded
+            r"model: model=minilm-l6 is a masked_lm model, and method=cd runs a causal_lm model\. "
+            + CAUSAL
+            + r"model\.name_or_path=\.\.\. model\.architecture=causal_lm\); a masked_lm model runs with method=kgbert, "
+            r"kgbert_cd$",
+        ),
+        (
+            ["method=cd", "model=t5-base"],  # was a message about LoRA's target modules, once the model loaded
+            r"model: model=t5-base is a seq2seq_lm model, and method=cd runs a causal_lm model\. "
+            + CAUSAL
+            + r".*; a seq2seq_lm model runs with method=kgs2s, kgs2s_cd$",
+        ),
+        (
+            ["method=kgbert", "dataset=kg_synthetic"],  # was refused only after the model loaded
+            r"model: model=smollm2-135m is a causal_lm model, and method=kgbert runs a masked_lm model\. Use "
+            r"model=bert-base-cased, bert-base-uncased, minilm-l6 \(or a model of your own: model\.name_or_path=\.\.\. "
+            r"model\.architecture=masked_lm\)$",
+        ),
+        (
+            ["method=kgs2s_cd", "dataset=kg_synthetic", "model=minilm-l6"],
+            r"model: model=minilm-l6 is a masked_lm model, and method=kgs2s_cd runs a seq2seq_lm model\. Use "
+            r"model=t5-base, tiny-random-seq2seq \(.*\); a masked_lm model runs with method=kgbert, kgbert_cd$",
+        ),
+        (
+            ["method=kg_decoder", "dataset=kg_synthetic", "model=t5-base"],
+            r"model: model=t5-base is a seq2seq_lm model, and method=kg_decoder runs a causal_lm model\. "
+            + CAUSAL
+            + r".*; a seq2seq_lm model runs with method=kgs2s, kgs2s_cd$",
+        ),
+    ],
+)
+def test_a_model_of_an_architecture_the_method_does_not_declare_is_refused_before_anything_loads(
+    make_cfg, overrides, refused
+):
+    with pytest.raises(ConfigError, match=refused):
+        validate(make_cfg(*overrides))
+
+
+@pytest.mark.parametrize(
+    "method, teacher",
+    [
+        ("cd", "+model@method.teacher_model"),
+        ("on_policy_cd", "+model@method.teacher_model"),
+        ("cheat_sheet", "+model@method.teacher_model"),
+        ("icl_distill", "model@method.teacher"),  # was not checked: a seq2seq teacher loaded as one
+    ],
+)
+def test_a_teacher_of_an_architecture_its_role_does_not_declare_is_refused_before_anything_loads(
+    make_cfg, method, teacher
+):
+    key, dataset = teacher.split("@")[1], a_dataset_it_runs_on(make_cfg, method)
+    with pytest.raises(
+        ConfigError,
+        match=rf"^{re.escape(key)}: model@{re.escape(key)}=t5-base is a seq2seq_lm model, and method={method}'s "
+        rf"teacher must be a causal_lm model \(a teacher predicts the next token\)\. Use model@{re.escape(key)}="
+        r"gemma3-270m, .*tiny-random \(or a model of your own: "
+        rf"{re.escape(key)}\.name_or_path=\.\.\. {re.escape(key)}\.architecture=causal_lm\)$",
+    ):
+        validate(make_cfg(f"method={method}", *dataset, f"{teacher}=t5-base"))
+    validate(make_cfg(f"method={method}", *dataset, f"{teacher}=smollm2-135m-half"))
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -298,16 +390,28 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("method=genpi method.generator_top_k=0", "method.generator_top_k: must be >= 1 or null, got 0"),
         ("method=genpi method.reason_temperature=-0.5", "method.reason_temperature: must be >= 0, got -0.5"),
         ("method=opcd method.generator_temperature=-1", "method.generator_temperature"),  # OPCD's inputs too
-        ("dataset=kg_synthetic method=kgs2s method.max_target_length=0", "method.max_target_length: must be >= 2"),
+        (
+            "dataset=kg_synthetic method=kgs2s model=t5-base method.max_target_length=0",
+            "method.max_target_length: must be >= 2",
+        ),
         ("dataset=kg_synthetic method=kg_decoder method.context_max_length=0", "method.context_max_length: must be"),
-        ("dataset=kg_synthetic method=kgbert method.max_length=1", "method.max_length: must be >= 2 tokens, got 1"),
-        ("dataset=kg_synthetic method=kgs2s method.source_token_dropout=1", "method.source_token_dropout: must be"),
+        (
+            "dataset=kg_synthetic method=kgbert model=minilm-l6 method.max_length=1",
+            "method.max_length: must be >= 2 tokens, got 1",
+        ),
+        (
+            "dataset=kg_synthetic method=kgs2s model=t5-base method.source_token_dropout=1",
+            "method.source_token_dropout: must be",
+        ),
         ("dataset=kg_synthetic method=kg_decoder method.relation_prompts=true", "method.relation_prompts: is KG-S2S"),
         (
             "dataset=kg_synthetic method=kg_decoder method.reconstruction_weight=0.5",
             "method.reconstruction_weight: is KG-S2S",
         ),
-        ("dataset=kg_synthetic method=kgs2s method.reconstruction_weight=-1", "method.reconstruction_weight: must be"),
+        (
+            "dataset=kg_synthetic method=kgs2s model=t5-base method.reconstruction_weight=-1",
+            "method.reconstruction_weight: must be",
+        ),
     ],
 )
 def test_bad_values_are_named(make_cfg, override, key):
@@ -352,7 +456,11 @@ def test_bad_values_are_named(make_cfg, override, key):
         ("model=smollm2-135m model.gguf_file=other.gguf", None),
         ("model=tiny-random model.tiny.hidden_size=32", None),
         ("model=smollm2-135m model.name_or_path=facebook/opt-125m model.revision=main", None),
-        ("model=tiny-random-seq2seq model.source=hub model.name_or_path=google-t5/t5-small", None),
+        (
+            "model=tiny-random-seq2seq model.source=hub model.name_or_path=google-t5/t5-small method=kgs2s "
+            "dataset=kg_synthetic",
+            None,
+        ),
         # a bundled model's config naming another model loads it from the Hub or its directory: a bundled source's
         # setting given with it was silently ignored
         (
@@ -426,7 +534,8 @@ def test_a_random_masked_lm_is_refused_by_validation_before_any_model_loads(make
         "encoder (e.g. model=minilm-l6)"
     )
     # a random model's config naming a checkpoint loads that one, an encoder too
-    validate(make_cfg(f"model={model}", "model.architecture=masked_lm", "model.name_or_path=/some/encoder"))
+    encoder = [f"model={model}", "model.architecture=masked_lm", "model.name_or_path=/some/encoder"]
+    validate(make_cfg(*encoder, "method=kgbert", "dataset=kg_synthetic"))
 
 
 @pytest.mark.parametrize(

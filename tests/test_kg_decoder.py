@@ -74,7 +74,11 @@ def test_candidates_the_decoder_student_cannot_tell_apart_tie(tiny_decoder):
 
 
 def test_the_decoder_student_refuses_a_seq2seq_model_and_a_query_longer_than_max_length(make_cfg, tiny_decoder):
-    with pytest.raises(ConfigError, match="method=kg_decoder needs a decoder LM.*method=kgs2s"):
+    with pytest.raises(
+        ConfigError,
+        match="tiny-random-seq2seq is a seq2seq_lm model, and method=kg_decoder runs a "
+        "causal_lm model.*a seq2seq_lm model runs with method=kgs2s",
+    ):
         validate(make_cfg(*KG_TINY, "method=kg_decoder", "model=tiny-random-seq2seq"))
     tokenizer, _ = tiny_decoder
     method = method_of(KGDecoderConfig, name="kg_decoder", aux_weight=0.0, max_length=8)

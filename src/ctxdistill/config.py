@@ -43,6 +43,11 @@ class MethodConfig:
     dataset_example: ClassVar[str] = "dataset=synthetic"
     #: model.adapter values the method cannot train, and why
     refused_adapters: ClassVar[dict[str, str]] = {}
+    #: the model.architecture values of the model the method trains or runs (check_method refuses another)
+    architectures: ClassVar[tuple[str, ...]] = ("causal_lm",)
+    #: those of a separate teacher, any model config of its own (method.teacher_model, method.teacher): every
+    #: teacher here writes or scores text token by token
+    teacher_architectures: ClassVar[tuple[str, ...]] = ("causal_lm",)
 
     @classmethod
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
@@ -628,9 +633,8 @@ class SeparateTeacher:
 
     @classmethod
     def check_separate_teacher(cls, m: DictConfig) -> None:
-        """The teacher, when there is one, is a valid model that predicts the next token; GOLD's hybrid settings
-        and the cross-entropy's weight belong to divergence=uld."""
-        validate_teacher_model(m)
+        """GOLD's hybrid settings and the cross-entropy's weight belong to divergence=uld (the teacher is checked
+        as every model config, its architecture by check_method)."""
         require(
             m.divergence == "uld" or not m.uld_hybrid,
             "method.uld_hybrid",
@@ -653,18 +657,6 @@ class SeparateTeacher:
             f"(uld_hybrid={m.uld_hybrid})",
             "Set method.uld_hybrid=true method.uld_hybrid_weights=[1.0,1.0], or leave the weights at null "
             "(GOLD's adaptive weights)",
-        )
-
-
-def validate_teacher_model(m: DictConfig) -> None:
-    """A method's separate teacher (``method.teacher_model``), when it has one, writes text (validate() checks it
-    as every model config)."""
-    if m.teacher_model is not None:
-        require(
-            m.teacher_model.architecture == "causal_lm",
-            "method.teacher_model",
-            f"{m.teacher_model.name} is a {m.teacher_model.architecture} model; a teacher predicts the next token",
-            "Use a causal LM as the teacher (e.g. model@method.teacher_model=gemma3-270m)",
         )
 
 
@@ -1124,10 +1116,75 @@ def validate_values(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
     check_method(cfg)
 
 
+def group_options(group: str) -> dict[str, tuple[Optional[str], dict[str, Any]]]:
+    """The options of conf/GROUP/ (bases excepted), each as the schema its defaults list extends and the top-level
+    settings it writes or takes from the option it extends (smollm2-135m-half: smollm2-135m's), read from the
+    files without composing them."""
+    import yaml
+
+    from ctxdistill.cli import CONFIG_DIR, is_base
+
+    def read(name: str) -> tuple[Optional[str], dict[str, Any]]:
+        raw = yaml.safe_load((CONFIG_DIR / group / f"{name}.yaml").read_text()) or {}
+        schema, settings = None, {}
+        for entry in raw.get("defaults") or []:
+            if not isinstance(entry, str) or "@" in entry or "/" in entry or entry == "_self_":
+                continue  # another group's option, or a file placed elsewhere
+            if (CONFIG_DIR / group / f"{entry}.yaml").is_file():
+                schema, inherited = read(entry)
+                settings |= inherited
+            else:
+                schema = entry
+        return schema, settings | {k: v for k, v in raw.items() if k != "defaults"}
+
+    return {p.stem: read(p.stem) for p in sorted((CONFIG_DIR / group).glob("*.yaml")) if not is_base(p.stem)}
+
+
+def models_of(architectures: Collection[str]) -> list[str]:
+    """The model options (conf/model/) of these architectures."""
+    default = ModelConfig.architecture
+    return [name for name, (_, s) in group_options("model").items() if s.get("architecture", default) in architectures]
+
+
+def methods_for(architecture: str) -> list[str]:
+    """The method options (conf/method/) whose schemas declare that they run a model of this architecture."""
+    from ctxdistill.methods import method_schemas
+
+    declared = {schema.schema_name: schema.architectures for schema in method_schemas()}
+    return [name for name, (base, _) in group_options("method").items() if architecture in declared.get(base, ())]
+
+
+def check_architectures(cfg: DictConfig, schema: type) -> None:
+    """Every model config of the run is of an architecture the method declares for its role (the model, a separate
+    teacher): another one would load and fail later with a message about something else, or not at all."""
+    m = cfg.method
+    for key, spec in model_configs(cfg):
+        fits = schema.architectures if key == "model" else schema.teacher_architectures
+        if spec.architecture in fits:
+            continue
+        wanted, choice = " or ".join(fits), "model" if key == "model" else f"model@{key}"
+        if key == "model":
+            need = f"method={m.name} runs a {wanted} model"
+            # a causal LM runs with nearly every method; the others with the few that declare them
+            others = methods_for(spec.architecture) if spec.architecture != ModelConfig.architecture else []
+            elsewhere = f"; a {spec.architecture} model runs with method={', '.join(others)}" if others else ""
+        else:
+            need, elsewhere = f"method={m.name}'s teacher must be a {wanted} model", ""
+            if fits == ("causal_lm",):
+                need += " (a teacher predicts the next token)"
+        raise ConfigError(
+            f"{key}: {choice}={spec.name} is a {spec.architecture} model, and {need}. Use {choice}="
+            f"{', '.join(models_of(fits))} (or a model of your own: {key}.name_or_path=... "
+            f"{key}.architecture={fits[0]}){elsewhere}"
+        )
+
+
 def check_method(cfg: DictConfig) -> None:
-    """The method's own checks, and the one place where the groups meet: the dataset kinds and model
-    adapters the method's schema declares it can use."""
+    """The method's own checks, and the one place where the groups meet: the dataset kinds, model
+    architectures (the model's and a separate teacher's) and model adapters the method's schema declares
+    it can use."""
     m, schema = cfg.method, OmegaConf.get_type(cfg.method)
+    check_architectures(cfg, schema)
     kinds = schema.dataset_kinds
     require(
         kinds is None or cfg.dataset.kind in kinds,

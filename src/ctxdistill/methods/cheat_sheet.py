@@ -33,7 +33,7 @@ from typing import ClassVar, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import ConfigError, MethodConfig, ModelConfig, require, require_count, validate_teacher_model
+from ctxdistill.config import ConfigError, MethodConfig, ModelConfig, require, require_count
 from ctxdistill.data import Task
 from ctxdistill.evaluation import Evaluator, MethodEvaluator, make_evaluator, with_task_metrics
 from ctxdistill.generation import generate
@@ -89,7 +89,6 @@ class CheatSheetConfig(MethodConfig):
 
     @classmethod
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
-        validate_teacher_model(m)
         require("{examples}" in m.request, "method.request", "has no {examples} placeholder", "Keep {examples} in it")
         require("{sheet}" in m.sheet_so_far, "method.sheet_so_far", "has no {sheet} placeholder", "Keep {sheet} in it")
         require_count(m.chunk_demos, "method.chunk_demos", "null: every demonstration in one request, as released")

@@ -86,6 +86,7 @@ class KGBertConfig(KGCStudentConfig):
     mlm_probability: float = 0.15  # of which 80% [MASK], 10% random, 10% kept
     use_descriptions: bool = True  # entity text = name + description, as KG-BERT
     schema_name: ClassVar[str] = "base_kgbert"
+    architectures: ClassVar[tuple[str, ...]] = ("masked_lm",)  # an encoder scores the triple, its MLM head masks
 
     @classmethod
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
@@ -127,6 +128,7 @@ class KGS2SConfig(KGCStudentConfig):
     # id_digits (their token ids written out as decimal numbers: the released code's target, by mistake).
     reconstruction_target: str = one_of("tokens", "id_digits", default="tokens")
     schema_name: ClassVar[str] = "base_kgs2s"
+    architectures: ClassVar[tuple[str, ...]] = ("seq2seq_lm",)  # the decoder fills the encoder's sentinel
 
     @classmethod
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
@@ -466,12 +468,15 @@ class KGBert(KGCStudent):
         self.mlm_probability, self.use_descriptions = mlm_probability, use_descriptions
         self._tokens: dict[str, list[int]] = {}
 
-    def wrap_model(self, model, tokenizer):
-        if tokenizer.mask_token_id is None or not hasattr(model, "base_model"):
+    def check_inputs(self, task, tokenizer, cfg):
+        super().check_inputs(task, tokenizer, cfg)
+        if self.uses_contexts and tokenizer.mask_token_id is None:
             raise ConfigError(
-                "the discriminative student needs a masked-LM encoder with a [MASK] token: "
-                "model=minilm-l6, model=bert-base-cased, or model.architecture=masked_lm"
+                f"model={cfg.model.name}'s tokenizer has no mask token, which reconstruction (method.aux_weight > 0) "
+                "hides context tokens behind. Use a BERT-like encoder's (model=minilm-l6), or method.aux_weight=0"
             )
+
+    def wrap_model(self, model, tokenizer):
         scorer = TripleScorer(model)
         self._with_segments = self.segments(scorer)
         return scorer
@@ -700,11 +705,6 @@ class KGS2S(KGCStudent):
         self._descriptions: dict[tuple[str, int], str] = {}
 
     def wrap_model(self, model, tokenizer):
-        if not model.config.is_encoder_decoder:
-            raise ConfigError(
-                "the generative student needs a seq2seq model: model=tiny-random-seq2seq, "
-                "model=t5-base, or model.architecture=seq2seq_lm"
-            )
         return RelationPrompted(model, len(self.relation_index)) if self.relation_prompts else model
 
     def build_task(self, dataset, seed):
