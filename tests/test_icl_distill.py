@@ -302,9 +302,10 @@ def test_icl_distill_needs_a_mixture(make_cfg):
 
 
 def test_a_teacher_with_another_vocabulary_is_refused_before_training(make_cfg):
-    # all-MiniLM-L6-v2's BERT vocabulary against SmolLM2's
+    # all-MiniLM-L6-v2's BERT vocabulary against SmolLM2's (read as a causal LM: the roles' architectures fit)
+    teacher = ["model@method.teacher=minilm-l6", "method.teacher.architecture=causal_lm"]
     with pytest.raises(ModelLoadError, match="different vocabularies"):
-        run(make_cfg(*STUDENT_ON_MIXTURE, "model@method.teacher=minilm-l6", "method.teacher_cache=memory"))
+        run(make_cfg(*STUDENT_ON_MIXTURE, *teacher, "method.teacher_cache=memory"))
 
 
 def test_sampling_weights_split_the_training_instances(make_cfg):
