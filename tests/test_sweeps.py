@@ -290,7 +290,34 @@ def test_a_setting_no_cell_of_the_sweep_accepts_is_refused_once_before_the_first
     proc = multirun("method=zero_shot,cd", *CELL, "trainer.batch_size=0", "logger=none", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr == "ctxdistill: trainer.batch_size: must be >= 1, got 0. Set trainer.batch_size=8\n"
-    assert "Launching" not in proc.stdout and not [p for p in sweep_dir.iterdir() if p.is_dir()]
+    assert "Launching" not in proc.stdout and not sweep_dir.exists()  # no directory of a sweep that ran nothing
+
+
+@pytest.mark.parametrize(
+    "refused",
+    ["trainer.batch_size=0", "method=zero_shot,nosuch"],
+    ids=["before Hydra writes multirun.yaml", "a cell that does not compose, after"],
+)
+def test_a_refused_sweep_leaves_no_directory_that_looks_like_a_sweep(refused, tmp_path):
+    """It left an empty hydra.sweep.dir, or one holding only multirun.yaml: a sweep that seemed to have run nothing."""
+    made = tmp_path / "new" / "sweeps" / "s"  # each directory made for it goes, up to the first that existed
+    proc = multirun("method=zero_shot", *CELL, refused, "logger=none", f"hydra.sweep.dir={made}")
+    assert proc.returncode == 2 and proc.stderr.startswith("ctxdistill: "), proc.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+    # a directory that existed is kept as it was: empty, or with what it held (an earlier sweep's multirun.yaml)
+    empty, earlier = tmp_path / "empty", tmp_path / "earlier"
+    empty.mkdir()
+    earlier.mkdir()
+    (earlier / "multirun.yaml").write_text("an earlier sweep's\n")
+    (earlier / "notes.txt").write_text("mine\n")
+    for sweep_dir in (empty, earlier):
+        proc = multirun("method=zero_shot", *CELL, refused, "logger=none", f"hydra.sweep.dir={sweep_dir}")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+    assert list(empty.iterdir()) == []
+    assert {p.name: p.read_text() for p in earlier.iterdir()} == {
+        "multirun.yaml": "an earlier sweep's\n",
+        "notes.txt": "mine\n",
+    }
 
 
 def test_a_training_setting_of_a_sweep_is_named_once_for_the_cells_that_do_not_train(tmp_path):
@@ -658,3 +685,4 @@ def test_a_grid_that_cannot_be_read_or_a_replacement_without_values_is_one_messa
     assert proc.returncode == 2
     assert proc.stderr.startswith(message.format(bad=bad)), proc.stderr
     assert "Traceback" not in proc.stderr
+
