@@ -686,3 +686,46 @@ def test_a_grid_that_cannot_be_read_or_a_replacement_without_values_is_one_messa
     assert proc.stderr.startswith(message.format(bad=bad)), proc.stderr
     assert "Traceback" not in proc.stderr
 
+
+def test_a_wandb_outage_is_said_once_for_a_sweep_and_its_summary_stays_out_of_the_cells_logs(tmp_path):
+    """W&B unreachable (online, its server a closed port): "could not start" was said in every cell, and the summary's
+    "could not log the comparison" went into the last cell's log, which Hydra leaves open."""
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    sweep_dir = tmp_path / "s"
+    env = {
+        **os.environ,
+        "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_INIT_TIMEOUT": "5",
+        "WANDB_SILENT": "true",
+    }
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxdistill", "-m", "method=zero_shot,icl", *CELL, "logger=wandb", "logger.mode=online"]
+        + [f"hydra.sweep.dir={sweep_dir}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert console.count("W&B could not start") == 2  # the first cell's line, and the summary's
+    assert "the sweep goes on without it" in console
+    summary = next(line for line in console.splitlines() if line.startswith("warning: W&B could not start in"))
+    assert summary.startswith("warning: W&B could not start in 2 of the 2 cells (") and summary.endswith(
+        f"run this sweep again with logger.mode=offline force=true and upload its runs with:  "
+        f"wandb sync {sweep_dir}/*/wandb/offline-run-* {sweep_dir}/wandb/offline-run-*"
+    )
+    readme = (sweep_dir / "README.md").read_text()
+    assert summary in readme and "warning: W&B could not log this comparison (" in readme
+    assert "warning: W&B could not log this comparison (" in proc.stderr
+    cells = sorted(sweep_dir.glob("*/cli.log"), key=lambda log: "icl" in log.parent.name)  # zero_shot ran first
+    assert [json.loads((log.parent / "metrics.json").read_text())["status"] for log in cells] == ["complete"] * 2
+    first, last = (log.read_text() for log in cells)
+    assert "W&B could not start" in first and "W&B could not start" not in last
+    assert "comparison" not in last and "Comparison" not in last
