@@ -47,12 +47,13 @@ made: list[tuple[Path, Path]] = []
 
 def writable_dir(key: str, path: str) -> None:
     """Make the directory a run or sweep writes to, or refuse with the key that names it."""
-    directory = Path(path).expanduser().absolute()
-    outermost = next((d for d in reversed([directory, *directory.parents]) if not d.exists()), None)
+    directory = Path(path).expanduser()
+    absolute = directory.absolute()
+    outermost = next((d for d in reversed([absolute, *absolute.parents]) if not d.exists()), None)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         if outermost is not None:
-            made.append((outermost, directory))
+            made.append((outermost, absolute))
     except OSError as e:
         problem = f"cannot create {e.filename} ({e.strerror})"
     else:

@@ -305,9 +305,8 @@ def create_tracker(
     except Exception as e:  # noqa: BLE001 - a W&B outage must not stop the run
         if not in_sweep:
             log.warning("W&B could not start (%s); the run continues and its results stay on disk.", e)
-        elif (
-            not _sweep_told_could_not_start
-        ):  # an outage fails every cell alike: said at the first, summed up at the end
+        # an outage fails every cell alike: said at the sweep's first, summed up by its summary
+        elif not _sweep_told_could_not_start:
             _sweep_told_could_not_start = True
             log.warning(
                 "W&B could not start (%s); the sweep goes on without it and its results stay on disk "
