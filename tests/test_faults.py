@@ -294,6 +294,28 @@ def test_wandb_failing_mid_run_costs_nothing(tmp_path, monkeypatch, caplog):
     assert failures == ["W&B log failed, continuing without it: W&B is unreachable (said once for this run)"]
 
 
+def test_wandb_that_cannot_start_is_said_by_each_run_but_once_by_a_sweep(tmp_path, monkeypatch, caplog):
+    from ctxdistill import tracking
+
+    def outage(**kwargs):
+        raise ConnectionError("W&B is unreachable")
+
+    monkeypatch.setattr(tracking, "WandbTracker", outage)
+    monkeypatch.setattr(tracking, "_sweep_told_could_not_start", False)
+    logger = compose_run(tmp_path, "logger=wandb", "logger.mode=online").logger
+    kwargs = dict(group="g", name="n", tags=[], config={}, output_dir=str(tmp_path), resumes=False)
+    with caplog.at_level(logging.WARNING, logger="ctxdistill.tracking"):
+        runs = [tracking.create_tracker(logger, **kwargs) for _ in range(2)]
+        cells = [tracking.create_tracker(logger, **kwargs, in_sweep=True) for _ in range(3)]
+    alone = "W&B could not start (W&B is unreachable); the run continues and its results stay on disk."
+    once = (
+        "W&B could not start (W&B is unreachable); the sweep goes on without it and its results stay on disk "
+        "(said once: the sweep's summary counts the cells it missed)."
+    )
+    assert caplog.messages == [alone, alone, once]
+    assert {tracker.start_error for tracker in runs + cells} == {"W&B is unreachable"}  # kept in metrics.json
+
+
 def test_a_damaged_model_cache_is_detected(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -290,7 +290,34 @@ def test_a_setting_no_cell_of_the_sweep_accepts_is_refused_once_before_the_first
     proc = multirun("method=zero_shot,cd", *CELL, "trainer.batch_size=0", "logger=none", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr == "ctxdistill: trainer.batch_size: must be >= 1, got 0. Set trainer.batch_size=8\n"
-    assert "Launching" not in proc.stdout and not [p for p in sweep_dir.iterdir() if p.is_dir()]
+    assert "Launching" not in proc.stdout and not sweep_dir.exists()  # no directory of a sweep that ran nothing
+
+
+@pytest.mark.parametrize(
+    "refused",
+    ["trainer.batch_size=0", "method=zero_shot,nosuch"],
+    ids=["before Hydra writes multirun.yaml", "a cell that does not compose, after"],
+)
+def test_a_refused_sweep_leaves_no_directory_that_looks_like_a_sweep(refused, tmp_path):
+    """It left an empty hydra.sweep.dir, or one holding only multirun.yaml: a sweep that seemed to have run nothing."""
+    made = tmp_path / "new" / "sweeps" / "s"  # each directory made for it goes, up to the first that existed
+    proc = multirun("method=zero_shot", *CELL, refused, "logger=none", f"hydra.sweep.dir={made}")
+    assert proc.returncode == 2 and proc.stderr.startswith("ctxdistill: "), proc.stderr[-3000:]
+    assert list(tmp_path.iterdir()) == []
+    # a directory that existed is kept as it was: empty, or with what it held (an earlier sweep's multirun.yaml)
+    empty, earlier = tmp_path / "empty", tmp_path / "earlier"
+    empty.mkdir()
+    earlier.mkdir()
+    (earlier / "multirun.yaml").write_text("an earlier sweep's\n")
+    (earlier / "notes.txt").write_text("mine\n")
+    for sweep_dir in (empty, earlier):
+        proc = multirun("method=zero_shot", *CELL, refused, "logger=none", f"hydra.sweep.dir={sweep_dir}")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+    assert list(empty.iterdir()) == []
+    assert {p.name: p.read_text() for p in earlier.iterdir()} == {
+        "multirun.yaml": "an earlier sweep's\n",
+        "notes.txt": "mine\n",
+    }
 
 
 def test_a_training_setting_of_a_sweep_is_named_once_for_the_cells_that_do_not_train(tmp_path):
@@ -658,3 +685,47 @@ def test_a_grid_that_cannot_be_read_or_a_replacement_without_values_is_one_messa
     assert proc.returncode == 2
     assert proc.stderr.startswith(message.format(bad=bad)), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_wandb_outage_is_said_once_for_a_sweep_and_its_summary_stays_out_of_the_cells_logs(tmp_path):
+    """W&B unreachable (online, its server a closed port): "could not start" was said in every cell, and the summary's
+    "could not log the comparison" went into the last cell's log, which Hydra leaves open."""
+    import socket
+
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    sweep_dir = tmp_path / "s"
+    env = {
+        **os.environ,
+        "WANDB_BASE_URL": f"http://127.0.0.1:{port}",
+        "WANDB_API_KEY": "x" * 40,
+        "WANDB_INIT_TIMEOUT": "5",
+        "WANDB_SILENT": "true",
+    }
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctxdistill", "-m", "method=zero_shot,icl", *CELL, "logger=wandb", "logger.mode=online"]
+        + [f"hydra.sweep.dir={sweep_dir}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert console.count("W&B could not start") == 2  # the first cell's line, and the summary's
+    assert "the sweep goes on without it" in console
+    summary = next(line for line in console.splitlines() if line.startswith("warning: W&B could not start in"))
+    assert summary.startswith("warning: W&B could not start in 2 of the 2 cells (") and summary.endswith(
+        f"run this sweep again with logger.mode=offline force=true and upload its runs with:  "
+        f"wandb sync {sweep_dir}/*/wandb/offline-run-* {sweep_dir}/wandb/offline-run-*"
+    )
+    readme = (sweep_dir / "README.md").read_text()
+    assert summary in readme and "warning: W&B could not log this comparison (" in readme
+    assert "warning: W&B could not log this comparison (" in proc.stderr
+    cells = sorted(sweep_dir.glob("*/cli.log"), key=lambda log: "icl" in log.parent.name)  # zero_shot ran first
+    assert [json.loads((log.parent / "metrics.json").read_text())["status"] for log in cells] == ["complete"] * 2
+    first, last = (log.read_text() for log in cells)
+    assert "W&B could not start" in first and "W&B could not start" not in last
+    assert "comparison" not in last and "Comparison" not in last

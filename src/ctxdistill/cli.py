@@ -141,8 +141,10 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from ctxdistill.launch_checks import sweep_started
     from ctxdistill.sweeps import run_cell
 
+    sweep_started()  # a sweep stopped from here on is no refused one: what it made stays
     quiet_console()  # here, in the process that runs the job: a launcher's workers (joblib, SLURM) start afresh
     join_slurm_tasks()
     # In a sweep a failing cell is recorded and the others go on; a single run raises.
@@ -509,7 +511,17 @@ def entry() -> None:
         close_bars()  # the message on a line of its own, not after an open bar's
         print("ctxdistill: interrupted", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+    except SystemExit as stop:  # a launch check's refusal (exit_with_message)
+        if multirun and stop.code not in (0, None):
+            from ctxdistill.launch_checks import remove_what_a_refused_sweep_made
+
+            remove_what_a_refused_sweep_made()
+        raise
     except user_errors() as e:  # a real bug keeps its traceback
+        if multirun:  # a cell that does not compose: refused after Hydra wrote multirun.yaml
+            from ctxdistill.launch_checks import remove_what_a_refused_sweep_made
+
+            remove_what_a_refused_sweep_made()
         # A sweep refused before its first cell (a cell's error fails only the cell) exits 2, not 1 as one with failed
         # cells: the sweep scripts stop there, where each of their other multiruns would be refused alike.
         exit_with_message(e, 2 if multirun else 1)

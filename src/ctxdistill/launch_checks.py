@@ -38,11 +38,22 @@ def resolved(config: DictConfig, key: str) -> Any:
         ) from e  # the cause tells an unknown key (override_value) from an unset variable
 
 
+# The sweep dir's multirun.yaml and what it held before the sweep (None: it had none), which Hydra writes before the
+# first cell: a sweep refused then (a cell that does not compose) puts it back as it was.
+multirun_yaml: Optional[tuple[Path, Optional[bytes]]] = None
+# The directories the checks made (the outermost one made, and the one asked for), which a refused sweep removes.
+made: list[tuple[Path, Path]] = []
+
+
 def writable_dir(key: str, path: str) -> None:
     """Make the directory a run or sweep writes to, or refuse with the key that names it."""
     directory = Path(path).expanduser()
+    absolute = directory.absolute()
+    outermost = next((d for d in reversed([absolute, *absolute.parents]) if not d.exists()), None)
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        if outermost is not None:
+            made.append((outermost, absolute))
     except OSError as e:
         problem = f"cannot create {e.filename} ({e.strerror})"
     else:
@@ -50,6 +61,37 @@ def writable_dir(key: str, path: str) -> None:
             return
         problem = f"cannot write to {directory} (Permission denied)"
     raise ConfigError(f"{key}: {problem}. Give it a directory you can write")
+
+
+def remove_what_a_refused_sweep_made() -> None:
+    """A sweep refused before its first cell leaves no directory that looks like a sweep that ran nothing: each
+    directory the checks made goes, if it holds nothing or only the multirun.yaml Hydra writes before the first cell
+    (never one that existed before, or holds anything else); a multirun.yaml the sweep overwrote is put back."""
+    global multirun_yaml
+    if multirun_yaml is not None:
+        path, before = multirun_yaml
+        multirun_yaml = None
+        if before is not None:
+            path.write_bytes(before)
+        else:
+            path.unlink(missing_ok=True)
+    while made:
+        outermost, directory = made.pop()
+        for current in [directory, *directory.parents]:  # up to the outermost one made, while empty
+            if current.is_dir():
+                try:
+                    current.rmdir()
+                except OSError:  # it holds something
+                    break
+            if current == outermost:
+                break
+
+
+def sweep_started() -> None:
+    """A cell is running: what the sweep made is its own now, kept whatever happens next."""
+    global multirun_yaml
+    multirun_yaml = None
+    made.clear()
 
 
 def data_path_problem(key: str, value: Any) -> Optional[str]:
@@ -108,6 +150,9 @@ class LaunchChecks(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         refuse_bad_inputs(config, "hydra.sweep.dir", status=2)  # 2: a sweep refused before its first cell
         refuse_a_sweep_every_cell_of_which_fails(config)
+        global multirun_yaml
+        path = Path(resolved(config, "hydra.sweep.dir")).expanduser().absolute() / "multirun.yaml"
+        multirun_yaml = (path, path.read_bytes() if path.is_file() else None)
 
 
 def shared_cell_error(config: DictConfig) -> Optional[ConfigError]:

@@ -370,6 +370,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "model_parameters": model_parameters,
             "demos": [d.uid for d in task.demos],
             "ignored_settings": ignored,  # what a sweep's summary names once for all its cells
+            # W&B's outage, which a sweep's summary names once for all its cells
+            **({"wandb_could_not_start": tracker.start_error} if tracker.start_error else {}),
             "provenance": run_provenance,
             "runtime_seconds": time.perf_counter() - started,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shlex
+import sys
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
@@ -280,6 +281,30 @@ def ignored_settings_warnings(records: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def wandb_outage_warnings(records: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
+    """The cells W&B could not start in (``wandb_could_not_start`` in each cell's metrics.json), said once for the
+    sweep rather than in every cell: how many, why, and how to get their runs into W&B."""
+    from ctxdistill.tracking import offline_sync_command
+
+    missed = [r["wandb_could_not_start"] for r in records if r.get("wandb_could_not_start")]
+    if not missed:
+        return []
+    why = "; ".join(dict.fromkeys(missed))
+    return [
+        f"warning: W&B could not start in {len(missed)} of the {len(records)} cells ({why}): their results are here "
+        "but not in W&B. To log them, run this sweep again with logger.mode=offline "
+        f"force=true and upload its runs with:  {offline_sync_command(sweep_dir)}"
+    ]
+
+
+def say(warning: str, readme: Path) -> None:
+    """A warning of the sweep's summary: on the console and in the sweep's README, not through logging, which
+    Hydra leaves writing to the last cell's log file."""
+    print(warning, file=sys.stderr, flush=True)
+    with readme.open("a") as file:
+        file.write(f"\n{warning}\n")
+
+
 class SweepSummaryCallback(Callback):
     """When a multirun ends: print the comparison table, write the sweep's README.md and results/,
     log the table and plots to the sweep's W&B group (with logger=wandb), and list the failed
@@ -304,7 +329,7 @@ class SweepSummaryCallback(Callback):
         ]
         command = sweep_command(config.hydra)
         if runs:
-            ignored = ignored_settings_warnings(runs)
+            ignored = ignored_settings_warnings(runs) + wandb_outage_warnings(runs, sweep_dir)
             runs, warnings = split_settings(runs)
             warnings += ignored
             tables = summarise(runs)
@@ -334,7 +359,8 @@ class SweepSummaryCallback(Callback):
                         directory=sweep_dir,
                     )
                 except Exception as e:  # noqa: BLE001 - the tables are on disk already
-                    log.warning("W&B: could not log the comparison (%s); it is in %s", e, readme)
+                    why = (str(e) or type(e).__name__).splitlines()[0]
+                    say(f"warning: W&B could not log this comparison ({why}); it is in {readme}", readme)
                 if resolve_mode(config.logger.mode) == "offline":  # the cells did not say it, each for itself
                     print(
                         f"W&B is offline; upload the sweep's runs later with:  {offline_sync_command(sweep_dir)}",

@@ -34,6 +34,8 @@ class Tracker:
     """No tracking: every call is a no-op (``logger=none``)."""
 
     run_dir: Optional[str] = None
+    # why W&B could not start, where it could not (the run's metrics.json keeps it: a sweep's summary names the cells)
+    start_error: Optional[str] = None
 
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
@@ -280,7 +282,9 @@ def create_tracker(
 ) -> Tracker:
     """W&B as ``logger_cfg`` sets it (or nothing); ``resumes``: the run continues one that stopped in
     ``output_dir`` (its W&B run continues too); ``in_sweep``: a sweep's cell, whose offline run the sweep's
-    summary names (``offline_sync_command``) instead of the cell."""
+    summary names (``offline_sync_command``) instead of the cell, and which says once for the sweep that W&B could
+    not start."""
+    global _sweep_told_could_not_start
     if logger_cfg.backend == "none" or resolve_mode(logger_cfg.mode) == "disabled":
         return Tracker()
     try:
@@ -299,8 +303,25 @@ def create_tracker(
             in_sweep=in_sweep,
         )
     except Exception as e:  # noqa: BLE001 - a W&B outage must not stop the run
-        log.warning("W&B could not start (%s); the run continues and its results stay on disk.", e)
-        return Tracker()
+        if not in_sweep:
+            log.warning("W&B could not start (%s); the run continues and its results stay on disk.", e)
+        # an outage fails every cell alike: said at the sweep's first, summed up by its summary
+        elif not _sweep_told_could_not_start:
+            _sweep_told_could_not_start = True
+            log.warning(
+                "W&B could not start (%s); the sweep goes on without it and its results stay on disk "
+                "(said once: the sweep's summary counts the cells it missed).",
+                e,
+            )
+        else:
+            log.debug("W&B could not start: %s", e)
+        tracker = Tracker()
+        tracker.start_error = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return tracker
+
+
+# Whether a cell of this process's sweep has said that W&B could not start (the others leave it to the summary).
+_sweep_told_could_not_start = False
 
 
 def offline_sync_command(sweep_dir: Path) -> str:
