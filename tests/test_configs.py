@@ -568,6 +568,25 @@ def test_an_attention_implementation_transformers_cannot_use_is_refused_before_l
     assert str(refused.value).startswith(message)
 
 
+def test_flex_attention_on_a_machine_without_cuda_is_refused_naming_sdpa(make_cfg, monkeypatch):
+    """transformers compiles flex_attention, and inductor's CPU kernel for it failed to compile mid-run (after the
+    model loaded): without CUDA it is refused in validation; with CUDA it passes."""
+    cfg = make_cfg("model=tiny-random", "+model@method.teacher_model=tiny-random")
+    cfg.method.teacher_model.attn_implementation = "flex_attention"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    assert str(refused.value).startswith("method.teacher_model.attn_implementation: flex_attention is compiled")
+    assert str(refused.value).endswith(
+        "Use method.teacher_model.attn_implementation=sdpa (the default) on the CPU; flex_attention on a CUDA GPU"
+    )
+    cfg = make_cfg("model=tiny-random", "model.attn_implementation=flex_attention")
+    with pytest.raises(ConfigError, match=r"^model\.attn_implementation: flex_attention .* Use model\."):
+        validate(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    validate(cfg)
+
+
 def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_loading(make_cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
     monkeypatch.delenv("CXX", raising=False)

@@ -776,7 +776,8 @@ def model_configs(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
 
 def check_attention(spec: DictConfig, key: str) -> None:
     """``attn_implementation`` is one transformers knows (or a Hub kernel, namespace/name), and a FlashAttention one
-    can run here: either would otherwise be a traceback from transformers once the model loads."""
+    (or flex_attention, which needs CUDA) can run here: either would otherwise be a traceback from transformers once
+    the model loads."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_flash_attn_4_available
 
@@ -802,6 +803,18 @@ def check_attention(spec: DictConfig, key: str) -> None:
         f"{attention} needs a CUDA GPU and its FlashAttention package, and transformers finds none usable here",
         f"Use {key}.attn_implementation=sdpa (the default), or install FlashAttention on a GPU machine (pip install "
         "flash-attn, for flash_attention_2)",
+    )
+    import torch
+
+    # transformers always runs flex_attention through torch.compile; on the CPU, inductor's flex-attention template
+    # writes C++ that does not compile for the suite's prompts (torch 2.13: "'cur_qSplitSize0' was not declared"),
+    # a traceback minutes into the run, after the model loads
+    require(
+        attention != "flex_attention" or torch.cuda.is_available(),
+        f"{key}.attn_implementation",
+        "flex_attention is compiled by torch.compile, and on a machine without a CUDA GPU (this one) its CPU kernel "
+        "fails to compile mid-run",
+        f"Use {key}.attn_implementation=sdpa (the default) on the CPU; flex_attention on a CUDA GPU",
     )
 
 
