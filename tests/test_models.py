@@ -310,6 +310,36 @@ def test_the_converted_bundled_model_is_keyed_by_what_produced_it(tiny, monkeypa
     assert models.converted_dir(cfg.model, "cache") != first
 
 
+def test_a_random_model_reads_only_the_gguf_files_tokenizer_with_the_tokens_of_the_full_conversion(
+    tiny, make_cfg, tmp_path
+):
+    """A random model needs the bundled GGUF file's tokenizer, not its weights: it is read alone (seconds, not the
+    20 s of converting the model), cached keyed as the conversion is, and gives the fully converted tokenizer's
+    ids; a conversion already cached is read instead, and the gguf model's own cache keeps its key."""
+    from ctxdistill import models
+
+    spec, cache = make_cfg("model=tiny-random").model, str(tmp_path / "fresh")
+    tokenizer = load_tokenizer(spec, cache)
+    assert not (tmp_path / "fresh" / "models").exists()
+    cached = models.tokenizer_dir(spec, cache)
+    assert cached.parent.name == "tokenizers" and cached.name == models.converted_dir(spec, cache).name
+    assert sorted(p.name for p in cached.iterdir() if p.suffix != ".jinja") == [
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    gguf = make_cfg("model=smollm2-135m").model
+    assert models.converted_dir(gguf, cache).name == models.converted_dir(spec, cache).name  # the same file's key
+    full = load_tokenizer(gguf, tiny[0].cache_dir)  # the fully converted model's tokenizer
+    texts = [
+        "Hello world",
+        " The capital of France is Paris.\n",
+        "<|im_start|>user\nz\u00fcrich 42 \u00e9t\u00e9<|im_end|>",
+    ]
+    assert tokenizer(texts).input_ids == full(texts).input_ids
+    assert tokenizer.get_vocab() == full.get_vocab() and tokenizer.all_special_ids == full.all_special_ids
+    assert models.weights_location(spec, tiny[0].cache_dir) == str(models.converted_dir(gguf, tiny[0].cache_dir))
+
+
 def test_the_converted_model_and_its_identity_name_the_gguf_reader_that_dequantised_it(make_cfg, monkeypatch):
     """transformers reads a GGUF file's tensors and dequantises them with the gguf library: another release of it
     may write other weights, so neither the converted model nor the targets it taught may be read."""

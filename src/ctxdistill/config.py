@@ -670,6 +670,11 @@ SOURCE_SETTINGS = {
 }
 #: A model config of each source, to copy from
 SOURCE_EXAMPLES = {"hub": "opt-125m", "gguf": "smollm2-135m", "package": "minilm-l6", "random": "tiny-random"}
+#: The settings a source reads for one architecture but not for another, and why: the random T5 has no
+#: grouped-query attention (every head has its own keys and values)
+ARCHITECTURE_UNREAD = {
+    ("random", "seq2seq_lm"): {"tiny.num_key_value_heads": "its T5 has no grouped-query attention"},
+}
 
 
 def override_text(value: Any) -> str:
@@ -733,6 +738,17 @@ def check_model_source(spec: DictConfig, key: str, given: Collection[str] = ()) 
                 raise ConfigError(f"{key}.{setting}: {loads}, which does not read it. Leave it out, or {bundled}")
         return
     example = SOURCE_EXAMPLES[source]
+    # a bundled source loads what its package (or the random initialisation) holds: name_or_path only says which model
+    # that is (bundles); a config that names no bundled model, a Hub config given another source, would ignore it
+    require(
+        source == "hub" or spec.bundles,
+        f"{key}.source",
+        f"{key}={spec.name} names no bundled model ({key}.bundles is unset), so source {source} would load what "
+        f"{'its package holds' if source != 'random' else 'it initialises at random'} and ignore {key}.name_or_path="
+        f"{spec.name_or_path}",
+        f"Leave {key}.source at hub to load {spec.name_or_path}, or use a model of source {source}, as "
+        f"conf/model/{example}.yaml is (its {key}.bundles names the model it holds)",
+    )
     for setting in needed:
         require(
             spec[setting] is not None,
@@ -741,11 +757,18 @@ def check_model_source(spec: DictConfig, key: str, given: Collection[str] = ()) 
             f"Set it as conf/model/{example}.yaml does, or load a Hub id or a local directory: {key}.source=hub "
             f"{key}.name_or_path=...",
         )
+    unread_here = ARCHITECTURE_UNREAD.get((source, spec.architecture), {})
     for name, default in source_setting_defaults().items():
         setting = name.split(".")[0]
         value = OmegaConf.select(spec, name)
-        if setting in read or value == default:
+        if (setting in read and name not in unread_here) or value == default:
             continue
+        if name in unread_here:
+            raise ConfigError(
+                f"{key}.{name}: {key}={spec.name} (source {source}, architecture {spec.architecture}) does not read "
+                f"it (got {override_text(value)}): {unread_here[name]}. Leave it at {key}.{name}="
+                f"{override_text(default)}, or use a random causal LM, as conf/model/{example}.yaml is"
+            )
         readers = [source for source, settings in SOURCE_SETTINGS.items() if setting in {*settings[0], *settings[1]}]
         raise ConfigError(
             f"{key}.{name}: {key}={spec.name} has source {spec.source}, which does not read it (got "
@@ -776,7 +799,8 @@ def model_configs(cfg: DictConfig) -> Iterator[tuple[str, DictConfig]]:
 
 def check_attention(spec: DictConfig, key: str) -> None:
     """``attn_implementation`` is one transformers knows (or a Hub kernel, namespace/name), and a FlashAttention one
-    can run here: either would otherwise be a traceback from transformers once the model loads."""
+    (or flex_attention, which needs CUDA) can run here: either would otherwise be a traceback from transformers once
+    the model loads."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available, is_flash_attn_4_available
 
@@ -802,6 +826,18 @@ def check_attention(spec: DictConfig, key: str) -> None:
         f"{attention} needs a CUDA GPU and its FlashAttention package, and transformers finds none usable here",
         f"Use {key}.attn_implementation=sdpa (the default), or install FlashAttention on a GPU machine (pip install "
         "flash-attn, for flash_attention_2)",
+    )
+    import torch
+
+    # transformers always runs flex_attention through torch.compile; on the CPU, inductor's flex-attention template
+    # writes C++ that does not compile for the suite's prompts (torch 2.13: "'cur_qSplitSize0' was not declared"),
+    # a traceback minutes into the run, after the model loads
+    require(
+        attention != "flex_attention" or torch.cuda.is_available(),
+        f"{key}.attn_implementation",
+        "flex_attention is compiled by torch.compile, and on a machine without a CUDA GPU (this one) its CPU kernel "
+        "fails to compile mid-run",
+        f"Use {key}.attn_implementation=sdpa (the default) on the CPU; flex_attention on a CUDA GPU",
     )
 
 

@@ -6,7 +6,8 @@ Four sources (``model.source``):
   package's ``assemble()`` joins and checks (the bundled Gemma 3 270M), converted once to safetensors
   under ``<cache_dir>/models`` so later loads take about a second;
 - ``package``: a model directory carried by a pip package (all-MiniLM-L6-v2);
-- ``random``: a tiny seeded Llama (or T5, for ``seq2seq_lm``) for tests, with the bundled tokenizer.
+- ``random``: a tiny seeded Llama (or T5, for ``seq2seq_lm``) for tests, with the bundled GGUF file's tokenizer (read
+  without its weights, in seconds).
 
 ``model.architecture`` picks the transformers Auto class: a causal LM, a masked-LM encoder
 or a sequence-to-sequence model.
@@ -175,19 +176,46 @@ def model_dir_problem(directory: Path) -> Optional[str]:
     return None
 
 
-def _ensure_converted(spec: DictConfig, cache_dir: str) -> Path:
-    """Dequantise the GGUF file once and cache it as safetensors (written atomically); a cached copy
-    that is damaged is converted again, never used."""
-    target = converted_dir(spec, cache_dir)
+def tokenizer_dir_problem(directory: Path) -> Optional[str]:
+    """What makes a saved tokenizer directory unusable (None if nothing): a missing or unreadable tokenizer file."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        try:
+            json.loads((directory / name).read_text())
+        except (OSError, ValueError) as e:
+            return f"{name}: {e}"
+    return None
+
+
+def _cached(target: Path, problem: Callable[[Path], Optional[str]], write: Callable[[Path], None]) -> Path:
+    """``target``, written once by ``write(staging)`` and moved into place atomically; a cached copy that is
+    damaged (``problem`` names why) is written again, never used."""
     if target.is_dir():
-        problem = model_dir_problem(target)
-        if problem is None:
+        damage = problem(target)
+        if damage is None:
             return target
-        log.warning("The cached model %s is damaged (%s); converting it again.", target, problem)
+        log.warning("The cached %s is damaged (%s); converting it again.", target, damage)
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
+        write(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process (a sweep's other job) converted it first: keep its copy
+            if problem(target) is not None:
+                raise
+            shutil.rmtree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _ensure_converted(spec: DictConfig, cache_dir: str) -> Path:
+    """Dequantise the GGUF file once and cache it, with its tokenizer, as safetensors (written atomically)."""
+    target = converted_dir(spec, cache_dir)
+
+    def convert(staging: Path) -> None:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as assembled:
             gguf = _gguf_file(spec, Path(assembled))
             log.info("Converting %s to safetensors under %s (once; 30 s to a few minutes)", gguf.name, target)
@@ -199,16 +227,31 @@ def _ensure_converted(spec: DictConfig, cache_dir: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:  # another process (a sweep's other job) converted it first: keep its copy
-            if model_dir_problem(target) is not None:
-                raise
-            shutil.rmtree(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
+
+    return _cached(target, model_dir_problem, convert)
+
+
+def tokenizer_dir(spec: DictConfig, cache_dir: str) -> Path:
+    """Where the tokenizer alone of a GGUF file is cached (a random model's): keyed as the converted model is, by
+    :func:`conversion_producer`, under ``<cache_dir>/tokenizers``."""
+    return Path(cache_dir).expanduser() / "tokenizers" / converted_dir(spec, cache_dir).name
+
+
+def _ensure_tokenizer(spec: DictConfig, cache_dir: str) -> Path:
+    """The GGUF file's tokenizer, converted once (seconds) and cached without the model's weights: a random model
+    needs only its tokens (its full conversion, the tokenizer within, where one is cached already)."""
+    converted = converted_dir(spec, cache_dir)
+    if converted.is_dir() and model_dir_problem(converted) is None:
+        return converted
+    target = tokenizer_dir(spec, cache_dir)
+
+    def convert(staging: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gguf-") as assembled:
+            gguf = _gguf_file(spec, Path(assembled))
+            log.info("Reading the tokenizer of %s into %s (once)", gguf.name, target)
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
+
+    return _cached(target, tokenizer_dir_problem, convert)
 
 
 def _hub_error(spec: DictConfig, e: Exception) -> ModelLoadError:
@@ -320,8 +363,11 @@ def check_hub_download(spec: DictConfig) -> None:
 
 
 def weights_location(spec: DictConfig, cache_dir: str) -> str:
-    """Where from_pretrained reads tokenizer and weights (converting a bundled GGUF first)."""
-    if spec.source in ("gguf", "random"):
+    """Where from_pretrained reads tokenizer and weights (converting a bundled GGUF first; of a random model's, the
+    tokenizer alone)."""
+    if spec.source == "random":
+        return str(_ensure_tokenizer(spec, cache_dir))
+    if spec.source == "gguf":
         return str(_ensure_converted(spec, cache_dir))
     if spec.source == "package":
         return str(_package_path(spec, "package", "package_dir"))
