@@ -127,6 +127,7 @@ def test_slurm_sweep_writes_an_array_job_with_gpus_account_and_requeue(tmp_path)
             "hydra.launcher.tasks_per_node=4",
             "hydra.launcher.timeout_min=600",
             "model=tiny-random",
+            "trainer/distributed=fsdp",  # checked on the GPU nodes: this machine has none, and must submit
             "seed=0,1,2",
             f"hydra.sweep.dir={sweep}",
         ],

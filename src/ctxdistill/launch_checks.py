@@ -158,8 +158,13 @@ class LaunchChecks(Callback):
 def shared_cell_error(config: DictConfig) -> Optional[ConfigError]:
     """The error every cell of a multirun would fail with, when they all fail validation alike (a setting the whole
     sweep shares, such as trainer.batch_size=0): None as soon as one cell is valid (one composed, for a sound sweep),
-    or when the cells fail differently (each value of a swept key: those cells fail, the others run)."""
+    or when the cells fail differently (each value of a swept key: those cells fail, the others run). None too
+    when the cells run on other machines (hydra/launcher=slurm): validation checks the devices of the machine it runs
+    on, and a login node without GPUs would refuse a sweep of FSDP or FlashAttention cells meant for GPU nodes."""
     from hydra.core.global_hydra import GlobalHydra
+
+    if "submitit" in str(OmegaConf.select(config, "hydra.launcher._target_", default="")):
+        return None
 
     from ctxdistill.cli import sweep_cells
     from ctxdistill.config import validate
