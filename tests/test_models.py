@@ -346,11 +346,14 @@ def test_the_converted_model_and_its_identity_name_the_gguf_reader_that_dequanti
     from ctxdistill import models
 
     spec = make_cfg("model=smollm2-135m").model
+    random = make_cfg("model=tiny-random").model  # its tokens are read from the same file
     converted, identity = models.converted_dir(spec, "cache"), models.model_identity(spec, 0, "cpu")
+    random_identity = models.model_identity(random, 0, "cpu")
     installed = models.package_version
     monkeypatch.setattr(models, "package_version", lambda module: "99.0" if module == "gguf" else installed(module))
     assert models.converted_dir(spec, "cache") != converted
     assert models.model_identity(spec, 0, "cpu") != identity
+    assert models.model_identity(random, 0, "cpu") != random_identity
 
 
 def test_a_gguf_assembled_from_parts_is_checked_and_keyed_by_its_checksum(make_cfg, tmp_path, monkeypatch):

@@ -81,6 +81,27 @@ def test_an_unreadable_cache_file_is_recomputed_not_fatal(setup, tmp_path, caplo
     assert prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path)).teacher_forwards == 0
 
 
+def test_a_stopped_teacher_keeps_the_targets_of_its_finished_batches(setup, tmp_path, monkeypatch):
+    """Ctrl-C during the teacher's targets: the batches that finished are on disk, and the run started again
+    computes only the rest, to the same loss."""
+    method_class = type(method_of(DistillConfig, name="cd"))
+    targets_from_logits, batches = method_class._targets_from_logits, []
+
+    def stopped_at_the_second_batch(self, *args):
+        batches.append(args)
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        return targets_from_logits(self, *args)
+
+    monkeypatch.setattr(method_class, "_targets_from_logits", stopped_at_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path))
+    monkeypatch.undo()
+    resumed = prepared(setup, teacher_cache="disk", teacher_cache_dir=str(tmp_path))
+    assert resumed.teacher_forwards == 2  # the 7 queries the first batch of 5 did not answer
+    assert loss_of(resumed, setup) == loss_of(prepared(setup, teacher_cache="memory"), setup)
+
+
 def test_a_run_with_the_cached_teacher_ends_where_the_per_step_teacher_ends(make_cfg, tmp_path):
     metrics = {}
     for cache in ("memory", "none"):

@@ -512,10 +512,9 @@ def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]
     fields["device"] = torch.device(device).type
     if spec.source == "random":
         fields.update(tiny=OmegaConf.to_container(spec.tiny), seed=seed)
-    if spec.source in ("random", "package"):  # a package's model, or the tokenizer of a random one
-        package = spec.package if spec.source == "package" else spec.gguf_package
-        fields["package"] = [package, package_version(package)]
-    if spec.source == "gguf":  # its weights are what the conversion made of the file
+    if spec.source == "package":
+        fields["package"] = [spec.package, package_version(spec.package)]
+    if spec.source in ("gguf", "random"):  # the weights, or a random model's tokenizer, read from the GGUF file
         fields["conversion"] = conversion_producer(spec)
     local = Path(spec.name_or_path).expanduser()
     if spec.source == "hub" and local.is_dir():  # a local checkpoint may be rewritten in place

@@ -9,12 +9,13 @@ model, settings and context, so later epochs and later runs run no teacher forwa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -105,3 +106,14 @@ class TeacherCache:
         os.replace(tmp, self.path)
         log.info("teacher cache: %d new targets saved to %s", self._added, self.path)
         self._added = 0
+
+
+@contextlib.contextmanager
+def saved_on_exit(*caches: TeacherCache) -> Iterator[None]:
+    """Saves ``caches`` when the block ends, also when it is stopped (Ctrl-C, an error): a run started again
+    computes only the targets of the batches that had not finished."""
+    try:
+        yield
+    finally:
+        for cache in caches:
+            cache.save()

@@ -65,7 +65,7 @@ from ctxdistill.losses import (
 from ctxdistill.methods.base import Method, check_context_to_distil
 from ctxdistill.models import ModelLoadError, evaluation_mode
 from ctxdistill.progress import progress_bar
-from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
+from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, saved_on_exit, stack_targets
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +369,7 @@ class ContextDistillation(Method):
         todo = [i for i, prompt in enumerate(prompts) if cache.get(prompt) is None]
         if todo:
             todo_prompts = [prompts[i] for i in todo]
-            with self._round_teacher(handle) as teacher:
+            with saved_on_exit(cache), self._round_teacher(handle) as teacher:
                 prefix = SharedPrefix(teacher, teacher_tokenizer, todo_prompts)
                 spans = self._answer_spans(teacher, teacher_tokenizer, todo_prompts, batch_size, prefix)
                 for start in progress_bar(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
@@ -383,7 +383,6 @@ class ContextDistillation(Method):
                         cache.put(
                             prompt, TeacherTargets(span, *(f if f is None else f[j, keep].clone() for f in fields))
                         )
-            cache.save()
         for example, prompt in zip(examples, prompts):
             self._targets[example.uid] = cache.get(prompt)
             # the teacher's span tokens; the student's span is the same single position with its own tokenizer

@@ -47,7 +47,7 @@ from ctxdistill.encoding import answer_and_column_logits, answer_logits, encode
 from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
 from ctxdistill.progress import progress_bar
-from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, stack_targets
+from ctxdistill.teacher_cache import TeacherCache, TeacherTargets, saved_on_exit, stack_targets
 
 TERMS = ("icl_hard", "icl_soft", "lm_hard", "lm_soft")
 
@@ -222,7 +222,7 @@ class ICLDistillation(Method):
         inputs = {e.uid: task.task_of(e).teacher_prompt(e) + task.task_of(e).answer_text(e) for e in examples}
         todo = [e for e in examples if any(cache.get(inputs[e.uid]) is None for cache in caches.values())]
         if todo:
-            with handle.teacher() as teacher:
+            with saved_on_exit(*caches.values()), handle.teacher() as teacher:
                 for start in progress_bar(range(0, len(todo), batch_size), desc="teacher targets", leave=False):
                     chunk = todo[start : start + batch_size]
                     batch = self.encode_instances(tokenizer, task, chunk, "lm" in caches)
@@ -242,8 +242,6 @@ class ICLDistillation(Method):
                                     None if indices is None else indices[row, at].clone(),
                                 ),
                             )
-            for cache in caches.values():
-                cache.save()
         for kind, cache in caches.items():
             self._targets[kind] = {e.uid: cache.get(inputs[e.uid]) for e in examples}
         return {"teacher_forwards": self.teacher_forwards}
