@@ -729,6 +729,15 @@ def model_file(name: str) -> Optional[DictConfig]:
         return None
 
 
+def model_label(spec: DictConfig, key: str = "model") -> str:
+    """The model ``spec`` loads, as a message about it names it: its config (model=bert-base-cased), and the model it
+    loads where ``name_or_path`` is not its model file's (model=bert-base-cased (model.name_or_path=DIR))."""
+    own = model_file(spec.name)
+    if own is not None and own.name_or_path == spec.name_or_path:
+        return f"{key}={spec.name}"
+    return f"{key}={spec.name} ({key}.name_or_path={spec.name_or_path})"
+
+
 def check_model_source(spec: DictConfig, key: str, given: Collection[str] = ()) -> None:
     """The model's source has the settings it needs, and no setting that only another source reads: such a
     setting (model.gguf_file on a Hub model, model.revision on a bundled one) would be silently ignored.
