@@ -50,7 +50,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 
-from ctxdistill.cli import quiet_console  # noqa: E402
+from ctxdistill.cli import exit_with_message, quiet_console, user_errors  # noqa: E402
 
 quiet_console()  # run at import, so in the fork server too, whose measurement processes inherit it
 
@@ -67,17 +67,21 @@ EVAL_MEMORY_EXAMPLES = (1000, 10000)
 
 # ---------------------------------------------------------------- set-up shared by every measurement
 def compose_cfg(model: list[str], *overrides: str):
-    """The demo experiment's config with ``model`` (overrides that pick the model) and ``overrides``."""
+    """The demo experiment's config with ``model`` (overrides that pick the model) and ``overrides``, validated as
+    a run validates its config."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from ctxdistill.cli import CONFIG_DIR
-    from ctxdistill.config import register_schemas
+    from ctxdistill.config import register_schemas, validate
 
     register_schemas()
     GlobalHydra.instance().clear()
+    given = ["experiment=demo", *model, "output_dir=unused", "logger=none", *overrides]
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose("config", overrides=["experiment=demo", *model, "output_dir=unused", "logger=none", *overrides])
+        cfg = compose("config", overrides=given)
+        validate(cfg, given)
+    return cfg
 
 
 def load(cfg, device: str, lora: bool):
@@ -874,6 +878,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.only.append("training")  # the naive loop is a contender of the training measurement
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    try:  # a bad --override: the suite's one message before any model loads, not a traceback from a measurement
+        for model in args.models.split(","):
+            compose_cfg([f"model={model}", *args.override])
+    except user_errors() as e:
+        exit_with_message(e)
     command = " ".join(["python benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
     report = Report(args.output, command)
     report.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")

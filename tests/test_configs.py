@@ -543,6 +543,44 @@ def test_a_model_setting_its_source_does_not_read_is_refused_naming_it(make_cfg,
     assert str(refused.value).startswith(message)
 
 
+@pytest.mark.parametrize(
+    "model, settings, message",
+    [
+        (
+            "smollm2-135m",
+            "name_or_path: org/SmolLM2-360M-GGUF\n  gguf_file: SmolLM2-360M.Q4_0.gguf",
+            "model.gguf_file: model=smollm2-135m loads org/SmolLM2-360M-GGUF from the Hub or its directory (not the "
+            "model it bundles, HuggingFaceTB/SmolLM2-135M-Instruct), which does not read it. Leave it out, or "
+            "model.name_or_path at HuggingFaceTB/SmolLM2-135M-Instruct to load the bundled model",
+        ),
+        (
+            "tiny-random",
+            "name_or_path: /some/checkpoint\n  tiny: {hidden_size: 32}",
+            "model.tiny.hidden_size: model=tiny-random loads /some/checkpoint from the Hub or its directory",
+        ),
+        ("tiny-random", "name_or_path: org/model\n  source: gguf", "model.source: model=tiny-random loads org/model"),
+        # the model file's own bundled-source settings describe the bundled model: unread, not refused
+        ("smollm2-135m", "name_or_path: org/SmolLM2-360M", None),
+        ("tiny-random", "name_or_path: org/model\n  source: hub", None),
+    ],
+)
+def test_a_bundled_source_setting_an_experiment_sets_beside_another_model_is_refused(
+    make_cfg, tmp_path, model, settings, message
+):
+    """An experiment file's model.gguf_file beside a model.name_or_path naming another model went unread, where the
+    same setting on the command line was refused."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(f"# @package _global_\nmodel:\n  {settings}\n")
+    given = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"model={model}", "experiment=mine"]
+    cfg = make_cfg(*given)
+    if message is None:
+        validate(cfg, given)
+        return
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg, given)
+    assert str(refused.value).startswith(message)
+
+
 @pytest.mark.parametrize("model", ["tiny-random", "tiny-random-seq2seq"])
 def test_a_random_masked_lm_is_refused_by_validation_before_any_model_loads(make_cfg, monkeypatch, model):
     import ctxdistill.run

@@ -644,9 +644,22 @@ def test_kgbert_reconstruction_needs_a_tokenizer_with_a_mask_token_before_the_mo
     task = synthetic_task(make_cfg)
     task.contexts = {t: "the city lies on a river" for t in task.train_triples}
     cfg = make_cfg("dataset=kg_synthetic", "model=tiny-random")
-    with pytest.raises(ConfigError, match=r"model=tiny-random's tokenizer has no mask token, which reconstruction"):
+    with pytest.raises(ConfigError, match=r"model=tiny-random: its tokenizer has no mask token, which reconstruction"):
         method_of(KGBertConfig, name="kgbert_cd", aux_weight=1.0).check_inputs(task, seq2seq_tokenizer, cfg)
     method_of(KGBertConfig, name="kgbert", aux_weight=0.0).check_inputs(task, seq2seq_tokenizer, cfg)  # masks nothing
+
+
+def test_a_message_about_the_loaded_tokenizer_names_the_model_that_name_or_path_loads(make_cfg, seq2seq_tokenizer):
+    """model=bert-base-cased model.name_or_path=DIR loads DIR's tokenizer: a message that named bert-base-cased alone
+    blamed a model the run never loaded."""
+    task = synthetic_task(make_cfg)
+    task.contexts = {t: "the city lies on a river" for t in task.train_triples}
+    cfg = make_cfg("dataset=kg_synthetic", "model=bert-base-cased", "model.name_or_path=/some/t5")
+    with pytest.raises(ConfigError) as refused:
+        method_of(KGBertConfig, name="kgbert_cd", aux_weight=1.0).check_inputs(task, seq2seq_tokenizer, cfg)
+    assert str(refused.value).startswith(
+        "model=bert-base-cased (model.name_or_path=/some/t5): its tokenizer has no mask token, which reconstruction"
+    )
 
 
 def test_kgbert_fresh_per_batch_rows_batch_positives_with_new_negatives(make_cfg, minilm):

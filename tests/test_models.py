@@ -1,5 +1,6 @@
 """Models: answer-position logits equal a plain forward, the teacher is frozen and adapter-free."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -595,15 +596,19 @@ def test_lora_target_modules_that_name_no_layer_are_refused_before_the_weights_l
     cfg, tokenizer, model = tiny
     spec = cfg.model.copy()
     spec.lora.target_modules = ["nonexistent_proj"]
-    refused = (
-        r"model\.lora\.target_modules: \['nonexistent_proj'\] names no layer of tiny-random; "
-        r"its linear layers are \[.*'q_proj'.*\]"
-    )
-    with pytest.raises(ModelLoadError, match=refused):
+
+    def refused(label: str) -> str:
+        return (
+            rf"model\.lora\.target_modules: \['nonexistent_proj'\] names no layer of {re.escape(label)}; "
+            r"its linear layers are \[.*'q_proj'.*\]"
+        )
+
+    with pytest.raises(ModelLoadError, match=refused("model=tiny-random")):
         check_lora_targets(spec, cfg.cache_dir, tokenizer)
     model.config.save_pretrained(tmp_path)  # a pretrained model's directory without its weights file
     spec.source, spec.name_or_path = "hub", str(tmp_path)
-    with pytest.raises(ModelLoadError, match=refused):
+    # the layers are the directory's model's, which the message names beside the config
+    with pytest.raises(ModelLoadError, match=refused(f"model=tiny-random (model.name_or_path={tmp_path})")):
         check_lora_targets(spec, cfg.cache_dir, tokenizer)
     spec.lora.target_modules = ["self_attn.q_proj"]  # PEFT's rule: the end of a module's name after a dot
     check_lora_targets(spec, cfg.cache_dir, tokenizer)

@@ -35,6 +35,24 @@ def test_the_speed_benchmark_trains_every_contender_and_reports_each_ratio(tmp_p
     assert "## Summary" in out.read_text()
 
 
+def test_a_bad_override_is_the_suite_s_one_message_before_any_model_loads(tmp_path):
+    """The benchmark never validated the configs it composes: model.dtype=float17 went on to a traceback from the
+    measurement that loaded the model."""
+    command = [sys.executable, "benchmarks/speed.py", "--models", "tiny-random", "--only", "teacher", "--override"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [*command, "model.dtype=float17", "--output", str(tmp_path / "speed.md")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == "ctxdistill: model.dtype: unknown value 'float17'. Use one of: float32, bfloat16, float16\n"
+    assert proc.stdout == "" and list(tmp_path.iterdir()) == []
+
+
 def test_peak_memory_counts_a_short_lived_allocation():
     """A batch's logits live for milliseconds; a peak that misses them made evaluation memory look as if it grew
     with the eval set (1.40x from 1k to 10k examples, measured flat once the peak was exact)."""

@@ -259,6 +259,26 @@ def test_a_run_directory_that_cannot_be_made_is_one_message(key, tmp_path):
     )
 
 
+def test_a_refused_run_leaves_no_run_directory_behind(tmp_path):
+    """A single run refused in validation left its run directory holding Hydra's .hydra/ and log alone: a run that
+    seemed to have started, as a refused sweep's directory once did."""
+
+    def refused_run(run_dir: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "ctxdistill.cli", "method=zero_shot", *CELL, "logger=none", "trainer.lr=-1"]
+        return subprocess.run([*command, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300)
+
+    proc = refused_run(tmp_path / "new" / "runs" / "r")  # each directory made for it goes, up to the first that existed
+    assert proc.returncode == 1
+    assert proc.stderr == "ctxdistill: trainer.lr: must be positive, got -1.0. Set e.g. trainer.lr=1e-3\n"
+    assert list(tmp_path.iterdir()) == []
+    # a directory that holds anything else (a resumed run's checkpoints) is kept with it
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    (resumed / "checkpoints" / "step-2.json").write_text("{}\n")
+    assert refused_run(resumed).returncode == 1
+    assert (resumed / "checkpoints" / "step-2.json").read_text() == "{}\n"
+
+
 def test_a_directory_without_write_permission_is_one_message(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as chmod 555 does for anyone but root
     with pytest.raises(ConfigError) as refused:

@@ -141,20 +141,21 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from ctxdistill.launch_checks import sweep_started
+    from ctxdistill.launch_checks import remove_what_a_refused_run_made, sweep_started
     from ctxdistill.sweeps import run_cell
 
-    sweep_started()  # a sweep stopped from here on is no refused one: what it made stays
     quiet_console()  # here, in the process that runs the job: a launcher's workers (joblib, SLURM) start afresh
     join_slurm_tasks()
     # In a sweep a failing cell is recorded and the others go on; a single run raises.
     try:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            sweep_started()  # a sweep stopped from here on is no refused one: what it made stays
             result = run_cell(cfg, run_unless_complete)
         else:
             try:
                 result = run_unless_complete(cfg)
             except user_errors() as e:  # before Hydra prints "Error executing job" and its stack
+                remove_what_a_refused_run_made()
                 exit_with_message(e)
     except KeyboardInterrupt:  # Ctrl-C during training saves a checkpoint and exits 130 (SystemExit), not here
         note_interrupted(cfg)

@@ -703,6 +703,41 @@ def loads_from(spec: DictConfig) -> str:
     return "hub" if spec.bundles and spec.name_or_path != spec.bundles else spec.source
 
 
+def model_file(name: str) -> Optional[DictConfig]:
+    """The model config NAME (conf/model/NAME.yaml, or one of a run's own config directories) composed alone: what
+    its file and the files it builds on set, before an experiment or the command line changes it; None where no
+    model config has that name."""
+    import warnings
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import MissingConfigException
+
+    from ctxdistill.cli import CONFIG_DIR
+
+    def composed() -> Optional[DictConfig]:
+        with warnings.catch_warnings():  # a model file's defaults list is written for the whole config
+            warnings.filterwarnings("ignore", message=r"In 'model/.*': Defaults list is missing `_self_`")
+            return compose(f"model/{name}").get("model")
+
+    try:
+        if GlobalHydra.instance().is_initialized():  # a run's search path, with its own config directories
+            return composed()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return composed()
+    except MissingConfigException:
+        return None
+
+
+def model_label(spec: DictConfig, key: str = "model") -> str:
+    """The model ``spec`` loads, as a message about it names it: its config (model=bert-base-cased), and the model it
+    loads where ``name_or_path`` is not its model file's (model=bert-base-cased (model.name_or_path=DIR))."""
+    own = model_file(spec.name)
+    if own is not None and own.name_or_path == spec.name_or_path:
+        return f"{key}={spec.name}"
+    return f"{key}={spec.name} ({key}.name_or_path={spec.name_or_path})"
+
+
 def check_model_source(spec: DictConfig, key: str, given: Collection[str] = ()) -> None:
     """The model's source has the settings it needs, and no setting that only another source reads: such a
     setting (model.gguf_file on a Hub model, model.revision on a bundled one) would be silently ignored.
@@ -720,7 +755,7 @@ def check_model_source(spec: DictConfig, key: str, given: Collection[str] = ()) 
     if elsewhere:
         # a bundled model's config naming another model loads it from the Hub or its directory
         # (honour_name_or_path): its file's bundled-source settings describe the bundled model and go unread, and
-        # one the command line sets (or its model.source) is refused
+        # one set anywhere else (or its model.source) is refused
         if spec.source == "hub":
             loads = f"{key}={spec.name} loads {spec.name_or_path} from the Hub or its directory ({key}.source=hub)"
             bundled = f"{key}.source out to load the bundled model"
@@ -731,7 +766,13 @@ def check_model_source(spec: DictConfig, key: str, given: Collection[str] = ()) 
             )
             bundled = f"{key}.name_or_path at {spec.bundles} to load the bundled model"
         unread = {name.split(".")[0] for name in source_setting_defaults()} - read
-        for setting in (k.removeprefix(f"{key}.") for k in given if k.startswith(f"{key}.")):
+        set_apart = [k.removeprefix(f"{key}.") for k in given if k.startswith(f"{key}.")]
+        # set in an experiment (any file but the model's own): a value other than the model file's
+        own = model_file(spec.name)
+        if own is not None and own.bundles == spec.bundles:
+            compared = ["source", *source_setting_defaults()]
+            set_apart += [name for name in compared if OmegaConf.select(spec, name) != OmegaConf.select(own, name)]
+        for setting in set_apart:
             if setting == "source" and spec.source != "hub":
                 raise ConfigError(f"{key}.source: {loads}, not from source {spec.source}. Leave it out, or {bundled}")
             if setting.split(".")[0] in unread:

@@ -75,9 +75,37 @@ def remove_what_a_refused_sweep_made() -> None:
             path.write_bytes(before)
         else:
             path.unlink(missing_ok=True)
+    remove_empty_made_directories()
+
+
+def remove_what_a_refused_run_made() -> None:
+    """A single run refused before it wrote anything (a setting validation refuses) leaves no run directory behind:
+    one the checks made goes, if it holds nothing but what Hydra writes before the run starts (.hydra/ and the run's
+    log), and with it each directory the checks made that is empty then. Never one that existed before (a resumed
+    run's), or that holds anything else."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.get()
+    run_dir = Path(hydra.runtime.output_dir)
+    hydra_files = {name for name in (hydra.output_subdir, f"{hydra.job.name}.log") if name}
+    made_here = any(directory.resolve() == run_dir.resolve() for _, directory in made)
+    if made_here and {p.name for p in run_dir.iterdir()} <= hydra_files:
+        for name in hydra_files:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    remove_empty_made_directories()
+
+
+def remove_empty_made_directories() -> None:
+    """Each directory the checks made, and those above it up to the outermost one made, while empty."""
     while made:
         outermost, directory = made.pop()
-        for current in [directory, *directory.parents]:  # up to the outermost one made, while empty
+        for current in [directory, *directory.parents]:
             if current.is_dir():
                 try:
                     current.rmdir()

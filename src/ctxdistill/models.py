@@ -47,7 +47,7 @@ from transformers import (
     T5Config,
 )
 
-from ctxdistill.config import loads_from
+from ctxdistill.config import loads_from, model_label
 
 log = logging.getLogger(__name__)
 
@@ -534,7 +534,7 @@ def check_shared_vocabulary(
     if vocabularies[0] != vocabularies[1]:
         differing = len(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))
         raise ModelLoadError(
-            f"method.teacher={teacher.name} and model={student.name} have different vocabularies "
+            f"{model_label(teacher, 'method.teacher')} and {model_label(student)} have different vocabularies "
             f"({len(vocabularies[1])} vs {len(vocabularies[0])} tokens, {differing} entries differ); "
             "distillation over logits needs a shared vocabulary. Use a teacher from the student's "
             f"model family (e.g. OPT-1.3b for OPT-125m){fix}."
@@ -545,7 +545,7 @@ def check_shared_vocabulary(
     ]
     if sizes[0] != sizes[1]:
         raise ModelLoadError(
-            f"method.teacher={teacher.name} scores {sizes[1]} output tokens and model={student.name} "
+            f"{model_label(teacher, 'method.teacher')} scores {sizes[1]} output tokens and {model_label(student)} "
             f"{sizes[0]} (their embedding matrices are padded differently); distillation over logits "
             f"needs equal output sizes. Use a teacher with the student's output size{fix}."
         )
@@ -568,8 +568,8 @@ def check_lora_targets(
             {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
         )
         raise ModelLoadError(
-            f"model.lora.target_modules: {wanted} names no layer of {spec.name}; its linear layers are {linear}. "
-            f"Name some of them, e.g. model.lora.target_modules=[{','.join(linear[:2])}]"
+            f"model.lora.target_modules: {wanted} names no layer of {model_label(spec)}; its linear layers are "
+            f"{linear}. Name some of them, e.g. model.lora.target_modules=[{','.join(linear[:2])}]"
         )
 
 

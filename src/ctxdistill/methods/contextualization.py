@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from omegaconf import DictConfig
 
-from ctxdistill.config import ConfigError, MethodConfig, require
+from ctxdistill.config import ConfigError, MethodConfig, model_label, require
 from ctxdistill.data.kg import KGTask, Triple, build_kg_task
 from ctxdistill.evaluation import EvaluatorBase
 from ctxdistill.methods.base import Method
@@ -124,7 +124,7 @@ class Contextualization(Method):
                 f"method.prompt: unknown field {e}; it may use {{head}}, {{relation}} and {{tail}}"
             ) from None
         if self.chat_template and not tokenizer.chat_template:
-            raise ConfigError(f"model={cfg.model.name} has no chat template; set method.chat_template=false")
+            raise ConfigError(f"{model_label(cfg.model)} has no chat template; set method.chat_template=false")
 
     def render(self, task: KGTask, triple: Triple, tokenizer) -> str:
         h, r, t = triple

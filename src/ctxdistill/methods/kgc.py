@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING, DictConfig
 from transformers.modeling_outputs import BaseModelOutput
 
-from ctxdistill.config import ConfigError, MethodConfig, one_of, require
+from ctxdistill.config import ConfigError, MethodConfig, model_label, one_of, require
 from ctxdistill.data.kg import KGTask, Triple, build_kg_task, missing_contexts
 from ctxdistill.methods.base import Method
 from ctxdistill.models import WrappedModel, evaluation_mode
@@ -472,8 +472,8 @@ class KGBert(KGCStudent):
         super().check_inputs(task, tokenizer, cfg)
         if self.uses_contexts and tokenizer.mask_token_id is None:
             raise ConfigError(
-                f"model={cfg.model.name}'s tokenizer has no mask token, which reconstruction (method.aux_weight > 0) "
-                "hides context tokens behind. Use a BERT-like encoder's (model=minilm-l6), or method.aux_weight=0"
+                f"{model_label(cfg.model)}: its tokenizer has no mask token, which reconstruction (method.aux_weight "
+                "> 0) hides context tokens behind. Use a BERT-like encoder's (model=minilm-l6), or method.aux_weight=0"
             )
 
     def wrap_model(self, model, tokenizer):
@@ -728,7 +728,7 @@ class KGS2S(KGCStudent):
             if absent:
                 raise ConfigError(
                     f"method.reconstruction_weight: the reconstruction task hides spans behind T5's sentinels "
-                    f"<extra_id_0> ... <extra_id_{needed - 1}>, and model={cfg.model.name}'s tokenizer lacks "
+                    f"<extra_id_0> ... <extra_id_{needed - 1}>, and the tokenizer of {model_label(cfg.model)} lacks "
                     f"{absent[0]}. Use a T5 model (model=t5-base), or method.reconstruction_weight=0"
                 )
         if self.queries_must_fit:
