@@ -563,6 +563,7 @@ def test_a_model_setting_its_source_does_not_read_is_refused_naming_it(make_cfg,
         ("smollm2-135m", "name_or_path: org/SmolLM2-360M", None),
         ("tiny-random", "name_or_path: org/model\n  source: hub", None),
     ],
+    ids=["gguf_file", "tiny", "source", "name_or_path alone", "source hub"],
 )
 def test_a_bundled_source_setting_an_experiment_sets_beside_another_model_is_refused(
     make_cfg, tmp_path, model, settings, message
