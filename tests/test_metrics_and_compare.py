@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -1235,3 +1236,143 @@ def test_qqp_reports_f1_of_the_duplicate_class_with_its_bootstrap_interval_and_o
     assert qqp_row.cells["eval/f1"].interval == pytest.approx((low, high))
     assert qqp_row.cells["paws_qqp/f1"].interval == pytest.approx((low, high))
     assert "eval/f1" not in rte_row.cells  # shown as -
+
+
+# ---------------------------------------------------------------- each row's headline: its method's objective
+@pytest.fixture(scope="module")
+def mosbach_runs(tmp_path_factory):
+    """pbft (objective eval/vocab_accuracy, llmft's fine-tuning score) and icl (eval/accuracy, its answer-word score)
+    on the tiny random model, as a Mosbach sweep's cells write them: 4 steps at lr 1e-3 move pbft's vocab accuracy
+    (0.5) away from icl's (0) while their accuracies agree (0.5), so a difference says which metric it is of."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ctxdistill.cli import CONFIG_DIR
+    from ctxdistill.run import run
+
+    from conftest import TINY
+
+    runs = tmp_path_factory.mktemp("mosbach")
+    for method, training in (("icl", []), ("pbft", ["trainer.max_steps=4", "trainer.lr=1e-3"])):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            run(compose("config", overrides=[f"output_dir={runs / method}", *TINY, f"method={method}", *training]))
+    GlobalHydra.instance().clear()
+    return runs
+
+
+def read_csv(args, capsys) -> dict[str, dict[str, str]]:
+    assert main([*args, "--format", "csv"]) == 0
+    return {row["method"]: row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+
+
+def test_a_runs_recorded_headline_is_its_objective_with_its_outcome_per_example(mosbach_runs):
+    pbft = json.loads((mosbach_runs / "pbft" / "metrics.json").read_text())
+    declared = MetricSet.from_dict(pbft["metric_set"])
+    assert (declared.objective, declared.headline.name) == ("eval/vocab_accuracy", "vocab_accuracy")
+    rows = [json.loads(line) for line in (mosbach_runs / "pbft" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == pbft["metrics"]["eval/examples"] == 48
+    assert pbft["metrics"]["eval/vocab_accuracy"] == pytest.approx(statistics.fmean(r["vocab_correct"] for r in rows))
+    icl = json.loads((mosbach_runs / "icl" / "metrics.json").read_text())
+    assert MetricSet.from_dict(icl["metric_set"]).headline.name == "accuracy"
+
+
+def test_each_row_is_judged_by_its_own_headline_and_a_mosbach_table_names_each(mosbach_runs, tmp_path, capsys):
+    import wandb_workspaces.reports.v2 as wr
+
+    rows = read_csv([str(mosbach_runs), "--vs", "icl"], capsys)
+    assert (rows["pbft"]["headline"], rows["icl"]["headline"]) == ("vocab_accuracy", "accuracy")
+    # the paired test is of pbft's headline, which icl's runs record per example too: the difference in vocab accuracy
+    pbft, icl = rows["pbft"], rows["icl"]
+    assert pbft["eval/metric_vs_icl"] == "vocab_accuracy" and pbft["eval/pairs_vs_icl"] == "48"
+    vocab_difference = float(pbft["eval/vocab_accuracy_mean"]) - float(icl["eval/vocab_accuracy_mean"])
+    assert float(pbft["eval/delta_vs_icl"]) == pytest.approx(vocab_difference, abs=1e-6)
+    assert vocab_difference == 0.5 and float(pbft["eval/accuracy_mean"]) - float(icl["eval/accuracy_mean"]) == 0
+    [table] = summarise(collect([mosbach_runs]))
+    reported = {m: json.loads((mosbach_runs / m / "metrics.json").read_text())["metrics"] for m in ("pbft", "icl")}
+    assert {row.method: (row.headline.name, row.cells[f"eval/{row.headline.name}"].mean) for row in table.rows} == {
+        "pbft": ("vocab_accuracy", reported["pbft"]["eval/vocab_accuracy"]),
+        "icl": ("accuracy", reported["icl"]["eval/accuracy"]),
+    }
+    for fmt in ("text", "markdown"):
+        assert main([str(mosbach_runs), "--vs", "icl", "--format", fmt]) == 0
+        in_domain = capsys.readouterr().out.split("\n\n")[1 if fmt == "markdown" else 0]  # markdown: title, table
+        lines = [re.split(r"\s*\|\s*|\s{2,}", line.strip("| ")) for line in in_domain.splitlines()]
+        header = next(line for line in lines if line[0] == "method")
+        by_method = {line[0]: dict(zip(header, line)) for line in lines if line[0] in ("pbft", "icl")}
+        assert (by_method["pbft"]["headline"], by_method["icl"]["headline"]) == ("vocab acc", "accuracy")
+        assert "Δ vocab acc vs icl" in header
+    write_results(tmp_path, collect([mosbach_runs]), title="Mosbach")
+    assert (tmp_path / "results" / "headline_vs_size_synthetic.png").is_file()
+    assert not (tmp_path / "results" / "accuracy_vs_size_synthetic.png").exists()
+    report = build_report([table], entity="me", project="ctxdistill", group="mosbach")
+    bars = next(b for b in report.blocks if isinstance(b, wr.PanelGrid)).panels[0]
+    assert bars.metrics == ["eval/accuracy", "eval/vocab_accuracy"] and bars.title.endswith(
+        "accuracy / vocab acc by method and model"
+    )
+
+
+def test_metric_judges_every_row_by_one_metric_and_an_unknown_one_is_named(mosbach_runs, tmp_path, capsys):
+    rows = read_csv([str(mosbach_runs), "--vs", "icl", "--metric", "accuracy"], capsys)
+    pbft, icl = rows["pbft"], rows["icl"]
+    assert "headline" not in pbft and pbft["eval/metric_vs_icl"] == "accuracy"
+    difference = float(pbft["eval/accuracy_mean"]) - float(icl["eval/accuracy_mean"])
+    assert float(pbft["eval/delta_vs_icl"]) == pytest.approx(difference, abs=1e-6)
+    assert main([str(mosbach_runs), "--vs", "icl", "--metric", "accuracy"]) == 0
+    assert "Δ accuracy vs icl" in capsys.readouterr().out
+    assert main([str(mosbach_runs), "--metric", "bleu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: --metric bleu: no run reports it; give one the runs report: accuracy, ")
+    assert len(err.splitlines()) == 1 and "vocab_accuracy" in err and "Traceback" not in err
+    # a seed of pbft run with another objective: the row is judged by its first run's, and says so
+    shutil.copytree(mosbach_runs, tmp_path / "runs")
+    other = json.loads((mosbach_runs / "pbft" / "metrics.json").read_text())
+    other |= {"seed": 1, "finished_at": "2099-01-01T00:00:00"}
+    other["metric_set"] = MetricSet.from_dict(other["metric_set"]).with_objective("eval/accuracy").to_dict()
+    (tmp_path / "runs" / "pbft-1").mkdir()
+    (tmp_path / "runs" / "pbft-1" / "metrics.json").write_text(json.dumps(other))
+    assert read_csv([str(tmp_path / "runs")], capsys)["pbft"]["headline"] == "vocab_accuracy"
+    assert main([str(tmp_path / "runs")]) == 0
+    assert (
+        "warning: pbft / tiny-random / synthetic: its runs' headlines differ (vocab_accuracy, accuracy); the row's is "
+        "its first run's, vocab_accuracy: tell the runs apart with --by method.objective"
+    ) in capsys.readouterr().err
+    assert main([str(tmp_path / "runs"), "--metric", "accuracy"]) == 0
+    assert "headlines differ" not in capsys.readouterr().err
+
+
+def as_written_before_headlines_followed_objectives(run_dir: Path) -> None:
+    """The run's metrics.json and predictions.jsonl as written before 7 Dec 2026: the evaluator's headline
+    (accuracy) whatever the objective, the set's one per-example outcome, no vocab outcome per example."""
+    record = json.loads((run_dir / "metrics.json").read_text())
+    declared = record["metric_set"]
+    for metric in declared["metrics"]:
+        metric["headline"] = metric["name"] == "accuracy"
+        del metric["outcome"], metric["example_score"]
+    declared |= {"outcome": ["prediction", "label"], "example_score": None}
+    (run_dir / "metrics.json").write_text(json.dumps(record))
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    rows = [{k: v for k, v in row.items() if k != "vocab_correct"} for row in rows]
+    (run_dir / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_runs_written_before_are_judged_by_their_objective_and_vs_says_which_metric_it_tests(
+    mosbach_runs, tmp_path, capsys
+):
+    old = tmp_path / "old"
+    shutil.copytree(mosbach_runs, old)
+    for method in ("pbft", "icl"):
+        as_written_before_headlines_followed_objectives(old / method)
+    rows = read_csv([str(old), "--vs", "icl"], capsys)
+    assert (rows["pbft"]["headline"], rows["pbft"]["eval/metric_vs_icl"]) == ("vocab_accuracy", "accuracy")
+    assert main([str(old), "--vs", "icl"]) == 0
+    out, err = capsys.readouterr()
+    assert (
+        "--vs: pbft / tiny-random / synthetic: tested on accuracy, not on its headline vocab_accuracy: no run records "
+        "it per example"
+    ) in err
+    header = next(re.split(r"\s{2,}", line) for line in out.splitlines() if line.startswith("method"))
+    assert header[4] == "headline" and "Δ accuracy vs icl" in header
+    (old / "icl" / "metrics.json").write_text((mosbach_runs / "icl" / "metrics.json").read_text())
+    assert main([str(old), "--vs", "icl"]) == 0
+    assert "vocab_accuracy: pbft's runs do not record it per example (evaluated before" in capsys.readouterr().err

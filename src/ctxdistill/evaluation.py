@@ -420,11 +420,12 @@ SERVING_COSTS = (
 )
 
 
-def against_teacher(accuracy: str, teacher: str) -> tuple[Metric, ...]:
-    """The example count, the headline accuracy, the teacher's and their gap (with their display names)."""
+def against_teacher(accuracy: str, teacher: str, outcome: tuple[str, str]) -> tuple[Metric, ...]:
+    """The example count, the headline accuracy (with its outcome per prediction row), the teacher's and their gap
+    (with their display names)."""
     return (
         EXAMPLES,
-        Metric("accuracy", accuracy, headline=True),
+        Metric("accuracy", accuracy, headline=True, outcome=outcome),
         Metric("teacher_accuracy", teacher),
         Metric(
             "teacher_student_gap",
@@ -504,18 +505,18 @@ class Evaluator(EvaluatorBase):
     metric_set = MetricSet(
         "classification",
         (
-            *against_teacher("accuracy", "teacher acc"),
+            *against_teacher("accuracy", "teacher acc", ("prediction", "label")),
             Metric("majority_rate", "majority", kind="value", lowest=0, highest=1),
             Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
             Metric("kl_to_teacher", "KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value", lowest=0),
-            Metric("vocab_accuracy", "vocab acc"),  # every set: the scorecard reads it out of domain too
+            # every set: the scorecard reads it out of domain too
+            Metric("vocab_accuracy", "vocab acc", outcome=("vocab_correct",)),
             Metric("single_draw_accuracy", "single-draw acc"),
             CONTEXT_ACCURACY,
             *SERVING_METRICS,
         ),
         teacher="teacher_accuracy",
         chance="majority_rate",
-        outcome=("prediction", "label"),
         costs=SERVING_COSTS,
         set_titles={**TRAIN_QUERIES_TITLE, SERVING: "serving cost per query (teacher: with the context)"},
     )
@@ -620,8 +621,8 @@ class Evaluator(EvaluatorBase):
             result["single_draw_accuracy"] = single_draw_accuracy
         # llmft's `accuracy` / Upadhayaya's greedy one-token answer: the argmax over the whole
         # vocabulary must be the gold answer word's (first) token.
-        answer_token = torch.tensor(self.answer_tokens)[labels]
-        result["vocab_accuracy"] = (model.top_token == answer_token).float().mean().item()
+        vocab_correct = model.top_token == torch.tensor(self.answer_tokens)[labels]
+        result["vocab_accuracy"] = vocab_correct.float().mean().item()
         for group in sorted({e.group for e in examples if e.group is not None}):
             members = torch.tensor([e.group == group for e in examples])
             result[f"accuracy_{group}"] = (model.predictions == labels)[members].float().mean().item()
@@ -639,9 +640,15 @@ class Evaluator(EvaluatorBase):
                 "teacher_prediction": int(t),
                 "kl_to_teacher": float(k),
                 "label_logprobs": [round(float(x), 4) for x in lp],
+                "vocab_correct": bool(v),
             }
-            for e, p, t, k, lp in zip(
-                examples, model.predictions, teacher.predictions, model.kl_to_teacher, model.label_logprobs
+            for e, p, t, k, lp, v in zip(
+                examples,
+                model.predictions,
+                teacher.predictions,
+                model.kl_to_teacher,
+                model.label_logprobs,
+                vocab_correct,
             )
         ]
         return result, rows
@@ -695,14 +702,13 @@ class GenerationEvaluator(Evaluator):
     metric_set = MetricSet(
         "exact_match",
         (
-            *against_teacher("exact match", "teacher exact match"),
+            *against_teacher("exact match", "teacher exact match", ("prediction", "target")),
             Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
             Metric("extraction_failures", "no answer", higher_is_better=False, kind="count"),
             Metric("teacher_extraction_failures", "teacher no answer", higher_is_better=False, kind="count"),
             CONTEXT_ACCURACY,
         ),
         teacher="teacher_accuracy",
-        outcome=("prediction", "target"),
         set_titles=TRAIN_QUERIES_TITLE,
     )
 
@@ -799,7 +805,16 @@ class MixtureEvaluator(EvaluatorBase):
     metric_set = MetricSet(
         "mixture",
         (
-            Metric("accuracy", "mean acc", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1, headline=True),
+            Metric(
+                "accuracy",
+                "mean acc",
+                sets=(IN_DOMAIN,),
+                kind="value",
+                lowest=0,
+                highest=1,
+                headline=True,
+                outcome=("prediction", "label"),  # each task's rows
+            ),
             Metric("teacher_accuracy", "mean teacher acc", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1),
             Metric(
                 "single_draw_accuracy", "mean single-draw acc", sets=(IN_DOMAIN,), kind="value", lowest=0, highest=1
@@ -818,7 +833,6 @@ class MixtureEvaluator(EvaluatorBase):
         ),
         teacher="teacher_accuracy",
         chance="majority_rate",
-        outcome=("prediction", "label"),
     )
 
     def __init__(

@@ -78,13 +78,20 @@ def link_prediction_metrics(prefix: str = "") -> MetricSet:
         "link_prediction",
         (
             EXAMPLES,
-            Metric(f"{prefix}mrr", f"{prefix}MRR".replace("_", " "), kind="mean", lowest=0, highest=1, headline=True),
+            Metric(
+                f"{prefix}mrr",
+                f"{prefix}MRR".replace("_", " "),
+                kind="mean",
+                lowest=0,
+                highest=1,
+                headline=True,
+                example_score="reciprocal_rank",  # each triple's: the mean of its head and tail query's (MRR's terms)
+            ),
             *(
                 Metric(f"{prefix}hits@{k}", f"{prefix}Hits@{k}".replace("_", " "), kind="mean", lowest=0, highest=1)
                 for k in HITS
             ),
         ),
-        example_score="reciprocal_rank",  # each triple's: the mean of its head and tail query's (MRR's terms)
     )
 
 

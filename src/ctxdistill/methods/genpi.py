@@ -633,7 +633,7 @@ class PromptInternalizationEvaluator(MethodEvaluator):
         "prompt_internalization",
         (
             EXAMPLES,
-            Metric("task_success", "task success", headline=True),
+            Metric("task_success", "task success", headline=True, outcome=("succeeds",)),
             Metric("teacher_task_success", "teacher task success"),
             Metric("base_task_success", "base task success"),
             Metric("rule_compliance", "rule compliance"),
@@ -644,7 +644,6 @@ class PromptInternalizationEvaluator(MethodEvaluator):
             Metric("prompt_tokens_saved", "prompt tokens saved", kind="value"),
         ),
         teacher="teacher_task_success",
-        outcome=("succeeds",),
         set_titles={"pseudo_heldout": "held-out pseudo inputs (the objective's set)"},
     )
 

@@ -2,6 +2,7 @@
 
     ctxdistill-compare outputs/multirun/2026-11-23/10-00-00            # terminal tables
     ctxdistill-compare SWEEP_DIR --vs icl                             # + a paired test against icl per cell
+    ctxdistill-compare SWEEP_DIR --metric accuracy                    # judge every row by one metric
     ctxdistill-compare SWEEP_DIR --format markdown|csv|latex
     ctxdistill-compare SWEEP_DIR --out SWEEP_DIR                      # README.md + results/ (tables, PNGs)
     ctxdistill-compare --wandb ENTITY/PROJECT --group GROUP            # the same tables from W&B
@@ -30,7 +31,10 @@ from ctxdistill.results.records import UnknownConfigKeyError, collect, split_by,
 from ctxdistill.results.render import render
 from ctxdistill.results.table import (
     PairedTestError,
+    UnknownMetricError,
+    choose_headline,
     duplicate_seed_warnings,
+    mixed_headline_warnings,
     paired_tests,
     spreadless_notes,
     summarise,
@@ -68,6 +72,12 @@ def argument_parser() -> argparse.ArgumentParser:
         help="per cell and eval set, a paired test against METHOD's run of the same dataset, model and seeds, on "
         "the examples both were evaluated on (reads each run's predictions.jsonl): exact McNemar on one seed's "
         "right/wrong outcomes, else a sign-flip test on each example's difference (averaged over the seeds)",
+    )
+    parser.add_argument(
+        "--metric",
+        metavar="NAME",
+        help="judge every row by this metric (e.g. accuracy or vocab_accuracy): the plots' and --vs's, instead of "
+        "each row's own headline (its method's objective)",
     )
     parser.add_argument("--out", type=Path, help="write README.md and results/ (tables, plots) here")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B (public API)")
@@ -211,7 +221,12 @@ def compare(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tables = summarise(rows)
-    for warning in duplicate_seed_warnings(tables) + spreadless_notes(tables):
+    try:
+        headline_notes = choose_headline(tables, args.metric) if args.metric else mixed_headline_warnings(tables)
+    except UnknownMetricError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for warning in duplicate_seed_warnings(tables) + spreadless_notes(tables) + headline_notes:
         print(warning, file=sys.stderr)
     if args.vs:
         try:
@@ -237,6 +252,7 @@ def compare(argv: list[str] | None = None) -> int:
             [*map(str, args.paths), *(["--wandb", args.wandb] if args.wandb else [])]
             + (["--group", args.group] if args.group else [])
             + (["--by", *args.by] if args.by else [])
+            + (["--metric", args.metric] if args.metric else [])
         )
         readme = write_results(
             args.out, rows, title=title, failures=unfinished, appendix=appendix, tables=tables, sources=sources

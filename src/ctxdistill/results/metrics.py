@@ -43,6 +43,26 @@ class Metric:
     #: cut; a proportion lies in [0, 1] whatever these say
     lowest: Optional[float] = None
     highest: Optional[float] = None
+    #: each example's outcome in the prediction rows (predictions.jsonl), which the paired test
+    #: (ctxdistill-compare --vs) reads: one field that is true or false, or two fields that must be equal
+    #: (``("prediction", "label")``); empty: the rows hold no outcome of this metric
+    outcome: tuple[str, ...] = ()
+    #: for a metric that is not a share of successes: the prediction rows' field whose mean over a set's rows
+    #: is the metric (``"reciprocal_rank"`` for MRR), which the paired test reads instead
+    example_score: Optional[str] = None
+
+    @property
+    def paired_test(self) -> Optional[str]:
+        """The paired test of two methods' per-example values: McNemar's on successes, a sign-flip
+        (randomisation) test on scores; None when the rows hold neither."""
+        return "McNemar" if self.outcome else "sign-flip" if self.example_score else None
+
+    def example_value(self, row: dict[str, Any]) -> float:
+        """A prediction row's contribution to the metric: 1 or 0 for a success, else its score."""
+        if not self.outcome:
+            return float(row[self.example_score])
+        first, *second = self.outcome
+        return float(row[first] == row[second[0]] if second else bool(row[first]))
 
     @property
     def value_range(self) -> tuple[Optional[float], Optional[float]]:
@@ -70,13 +90,6 @@ class MetricSet:
     #: model with the context) and the chance level (majority class); None when the family has none
     teacher: Optional[str] = None
     chance: Optional[str] = None
-    #: each example's outcome for the headline in the prediction rows (predictions.jsonl), which the
-    #: paired test (ctxdistill-compare --vs) reads: one field that is true or false, or two fields that
-    #: must be equal (``("prediction", "label")``); empty: the family has no per-example outcome
-    outcome: tuple[str, ...] = ()
-    #: for a headline that is not a share of successes: the prediction rows' field whose mean over a set's
-    #: rows is the headline (``"reciprocal_rank"`` for MRR), which the paired test reads instead
-    example_score: Optional[str] = None
     #: serving costs per query to plot the headline against: (the model's key, the teacher's key, axis label)
     costs: tuple[tuple[str, str, str], ...] = ()
     #: what a set other than the in-domain one is, for table headings (``{"serving": "serving cost..."}``)
@@ -93,45 +106,51 @@ class MetricSet:
     def headline(self) -> Metric:
         return next(m for m in self.metrics if m.headline)
 
-    @property
-    def paired_test(self) -> Optional[str]:
-        """The paired test of two methods' per-example values: McNemar's on successes, a sign-flip
-        (randomisation) test on scores; None when the rows hold neither."""
-        return "McNemar" if self.outcome else "sign-flip" if self.example_score else None
-
-    def example_value(self, row: dict[str, Any]) -> float:
-        """A prediction row's contribution to the headline: 1 or 0 for a success, else its score."""
-        if not self.outcome:
-            return float(row[self.example_score])
-        first, *second = self.outcome
-        return float(row[first] == row[second[0]] if second else bool(row[first]))
-
     def declares(self, key: str) -> bool:
         """Whether ``{set}/{name}`` is one of the declared metrics."""
         set_name, _, name = key.rpartition("/")
-        return any(m.name == name and m.applies_to(set_name) for m in self.metrics)
+        return self.metric_for(set_name, name) is not None
+
+    def metric_for(self, set_name: str, name: str) -> Optional[Metric]:
+        """The metric ``name`` of the set: one declared for the set by name wins over one declared for every set."""
+        named = [m for m in self.metrics if m.name == name and set_name in m.sets]
+        return (named or [m for m in self.metrics if m.name == name and EVERY_SET in m.sets] or [None])[0]
+
+    def per_example(self, name: str) -> Optional[Metric]:
+        """The metric ``name`` as the prediction rows hold it per example (its outcome or score); None where they
+        hold no value of it."""
+        return next((m for m in self.metrics if m.name == name and m.paired_test), None)
 
     def described(self) -> str:
         """The declared keys, for messages (``*`` standing for any eval set)."""
         return ", ".join(f"{s}/{m.name}" for m in self.metrics for s in m.sets)
 
     def with_objective(self, objective: str) -> "MetricSet":
-        return replace(self, objective=objective)
+        """The declaration of a run that optimises ``objective`` (a declared ``{set}/{name}``): its metric is the
+        headline, the figure every results view judges the run by (pbft's ``vocab_accuracy``, as llmft scores
+        fine-tuning)."""
+        chosen = self.metric_for(*objective.rpartition("/")[::2])
+        if chosen is None:
+            raise ValueError(f"objective {objective} is not a metric of {self.family} ({self.described()})")
+        metrics = tuple(replace(m, headline=m is chosen) for m in self.metrics)
+        return replace(self, metrics=metrics, objective=objective)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MetricSet":
-        metrics = tuple(Metric(**{**m, "sets": tuple(m["sets"])}) for m in data["metrics"])
-        return cls(
-            **{
-                **data,
-                "metrics": metrics,
-                "outcome": tuple(data.get("outcome") or ()),
-                "costs": tuple(tuple(c) for c in data.get("costs") or ()),
-            }
+        # before 7 Dec 2026 the set, not each metric, declared the prediction rows' value per example: the headline's
+        data = dict(data)
+        outcome, example_score = tuple(data.pop("outcome", None) or ()), data.pop("example_score", None)
+        metrics = tuple(
+            Metric(**{**m, "sets": tuple(m["sets"]), "outcome": tuple(m.get("outcome") or ())}) for m in data["metrics"]
         )
+        if outcome or example_score:
+            metrics = tuple(
+                replace(m, outcome=outcome, example_score=example_score) if m.headline else m for m in metrics
+            )
+        return cls(**{**data, "metrics": metrics, "costs": tuple(tuple(c) for c in data.get("costs") or ())})
 
 
 def undeclared(metric_keys: list[str]) -> MetricSet:

@@ -3,9 +3,10 @@
 - ``<headline>_vs_size_<dataset>.png``: the headline metric (accuracy, MRR, task success ...) in-domain and
   on each other eval set against model size, one line per method, error bars = the cells' 95% intervals,
   the teacher and the chance level as references where the family declares them (the layout of
-  Mosbach et al.'s ICL-vs-FT figures).
+  Mosbach et al.'s ICL-vs-FT figures). Each method's line is its rows' own headline; where the methods' differ
+  (pbft's vocab accuracy, icl's accuracy) the legend names each and the file is ``headline_vs_size_<dataset>.png``.
 - ``teacher_gap_<dataset>.png``: the teacher's score minus the model's, per method and model.
-- ``serving_cost_<dataset>.png``: the headline against serving cost per query (each declared cost), one
+- ``serving_cost_<dataset>.png``: each row's headline against serving cost per query (each declared cost), one
   point per method and model, the teacher with its context as the reference.
 """
 
@@ -19,8 +20,8 @@ from typing import Optional
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ctxdistill.results.metrics import IN_DOMAIN
-from ctxdistill.results.table import Cell, Row, Table
+from ctxdistill.results.metrics import IN_DOMAIN, Metric
+from ctxdistill.results.table import Cell, Row, Table, headlines_of
 
 GAP = "teacher_student_gap"
 
@@ -62,28 +63,45 @@ def _pooled(rows: list[Row], key: str) -> list[float]:
     return [v for r in rows if key in r.cells for v in r.cells[key].values]
 
 
+def _judged_by(rows: list[Row]) -> str:
+    """The axis label of the rows' headlines: the metric's, or what says each row's is in the legend."""
+    labels = [h.label for h in headlines_of(rows)]
+    return labels[0] if len(labels) == 1 else f"headline ({' / '.join(labels)}: see legend)"
+
+
+def _reference(table: Table, name: str) -> str:
+    """A reference line's legend: the teacher with its context, and the metric its score is."""
+    metric: Optional[Metric] = table.family.metric_for(IN_DOMAIN, name)
+    return f"teacher with context ({metric.label if metric else name})"
+
+
 def headline_vs_size(table: Table, dataset: str, path: Path) -> Optional[Path]:
-    headline = table.family.headline
-    sets = [s for s in table.sets if table.column(s, headline.name)]
-    rows = [r for r in table.rows if r.dataset == dataset and any(f"{s}/{headline.name}" in r.cells for s in sets)]
+    of_dataset = [r for r in table.rows if r.dataset == dataset]
+    headlines = headlines_of(of_dataset)
+    sets = [s for s in table.sets if any(table.column(s, h.name) for h in headlines)]
+    rows = [r for r in of_dataset if any(f"{s}/{r.headline.name}" in r.cells for s in sets)]
     if not rows:
         return None
+    mixed = len(headlines_of(rows)) > 1
     methods = list(dict.fromkeys(r.method for r in rows))
     models, x, log_x = _models(rows)
     fig = Figure(figsize=(4.2 * len(sets) + 0.8, 4.0), layout="constrained")
     axes = fig.subplots(1, len(sets), squeeze=False)[0]
     legend: dict[str, object] = {}
     for ax, name in zip(axes, sets):
-        key = f"{name}/{headline.name}"
         for i, method in enumerate(methods):
+            of_method = [r for r in rows if r.method == method]
+            keys = {r.model: f"{name}/{r.headline.name}" for r in of_method}
             points = sorted(
-                ((x[r.model], r.cells[key]) for r in rows if r.method == method and key in r.cells), key=lambda p: p[0]
+                ((x[r.model], r.cells[keys[r.model]]) for r in of_method if keys[r.model] in r.cells),
+                key=lambda p: p[0],
             )
             if not points:
                 continue
             # methods side by side around each model so their error bars do not hide each other
             dodge = (i - (len(methods) - 1) / 2) * (0.06 if log_x else 0.08)
-            legend[method] = ax.errorbar(
+            label = f"{method} ({_judged_by(of_method)})" if mixed else method
+            legend[label] = ax.errorbar(
                 [p * 10**dodge if log_x else p + dodge for p, _ in points],
                 [c.mean for _, c in points],
                 yerr=_error([c for _, c in points]),
@@ -96,7 +114,7 @@ def headline_vs_size(table: Table, dataset: str, path: Path) -> Optional[Path]:
             teacher = {m: _pooled([r for r in rows if r.model == m], f"{name}/{table.family.teacher}") for m in models}
             teacher = {m: v for m, v in teacher.items() if v}
             if teacher:
-                (legend["teacher (with context)"],) = ax.plot(
+                (legend[_reference(table, table.family.teacher)],) = ax.plot(
                     [x[m] for m in teacher],
                     [statistics.fmean(v) for v in teacher.values()],
                     color="black",
@@ -115,11 +133,11 @@ def headline_vs_size(table: Table, dataset: str, path: Path) -> Optional[Path]:
         ax.set_xticks([x[m] for m in models], [f"{m}\n{_size_label(x[m]) if log_x else ''}".strip() for m in models])
         ax.minorticks_off()
         ax.set_xlabel("model (parameters)" if log_x else "model")
-        ax.set_ylabel(headline.label)
+        ax.set_ylabel(_judged_by(rows))
         ax.set_title(table.title(name))
         ax.grid(alpha=0.3)
     fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 6), frameon=False)
-    fig.suptitle(f"{dataset}: {headline.label} vs model size (mean, 95% interval)")
+    fig.suptitle(f"{dataset}: {_judged_by(rows)} vs model size (mean, 95% interval)")
     return _save(fig, path)
 
 
@@ -151,7 +169,8 @@ def teacher_gap(table: Table, dataset: str, path: Path) -> Optional[Path]:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(methods)), methods)
     ax.set_xlabel("method")
-    ax.set_ylabel(f"teacher − model, {table.family.headline.label} (in-domain)")
+    gap = table.family.metric_for(IN_DOMAIN, GAP)  # its own label: a gap in the teacher's score, whatever the headline
+    ax.set_ylabel(f"{gap.label if gap else GAP} (in-domain)")
     ax.set_title(f"{dataset}: teacher–student gap (mean, 95% interval over seeds)")
     ax.legend(title="model", frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(axis="y", alpha=0.3)
@@ -159,10 +178,11 @@ def teacher_gap(table: Table, dataset: str, path: Path) -> Optional[Path]:
 
 
 def serving_cost(table: Table, dataset: str, path: Path) -> Optional[Path]:
-    """The in-domain headline against each declared serving cost per query: the model's cost for each
+    """Each row's in-domain headline against each declared serving cost per query: the model's cost for each
     method's row, the teacher's (the base model with the context) as the reference point."""
-    headline, teacher = f"{IN_DOMAIN}/{table.family.headline.name}", table.family.teacher
-    rows = [r for r in table.rows if r.dataset == dataset and headline in r.cells]
+    teacher = table.family.teacher
+    rows = [r for r in table.rows if r.dataset == dataset and f"{IN_DOMAIN}/{r.headline.name}" in r.cells]
+    mixed = len(headlines_of(rows)) > 1
     costs = [c for c in table.family.costs if any(c[0] in r.cells for r in rows)]
     if not costs:
         return None
@@ -173,11 +193,12 @@ def serving_cost(table: Table, dataset: str, path: Path) -> Optional[Path]:
         points = [r for r in rows if model_cost in r.cells]
         models = list(dict.fromkeys(r.model for r in points))
         for i, row in enumerate(points):
-            name = f"{row.method} ({row.model})" if len(models) > 1 else row.method
-            legend[name] = ax.errorbar(
+            name = ", ".join([*([row.model] if len(models) > 1 else []), *([row.headline.label] if mixed else [])])
+            headline = row.cells[f"{IN_DOMAIN}/{row.headline.name}"]
+            legend[f"{row.method} ({name})" if name else row.method] = ax.errorbar(
                 [row.cells[model_cost].mean],
-                [row.cells[headline].mean],
-                yerr=_error([row.cells[headline]]),
+                [headline.mean],
+                yerr=_error([headline]),
                 marker="o",
                 capsize=4,
                 linestyle="none",
@@ -188,7 +209,7 @@ def serving_cost(table: Table, dataset: str, path: Path) -> Optional[Path]:
             teacher_x = _pooled(of_model, teacher_cost)
             teacher_y = _pooled(of_model, f"{IN_DOMAIN}/{teacher}") if teacher else []
             if teacher_x and teacher_y:
-                name = f"teacher (with context, {model})" if len(models) > 1 else "teacher (with context)"
+                name = _reference(table, teacher) + (f", {model}" if len(models) > 1 else "")
                 (legend[name],) = ax.plot(
                     [statistics.fmean(teacher_x)],
                     [statistics.fmean(teacher_y)],
@@ -200,10 +221,10 @@ def serving_cost(table: Table, dataset: str, path: Path) -> Optional[Path]:
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xlabel(label)
-        ax.set_ylabel(table.family.headline.label)
+        ax.set_ylabel(_judged_by(rows))
         ax.grid(alpha=0.3)
     fig.legend(list(legend.values()), list(legend), loc="outside lower center", ncol=min(len(legend), 5), frameon=False)
-    fig.suptitle(f"{dataset}: {table.family.headline.label} vs serving cost per query (mean, 95% interval)")
+    fig.suptitle(f"{dataset}: {_judged_by(rows)} vs serving cost per query (mean, 95% interval)")
     return _save(fig, path)
 
 
@@ -213,7 +234,8 @@ def write_plots(tables: list[Table], directory: Path) -> list[Path]:
     for table in tables:
         for dataset in table.datasets:
             slug = re.sub(r"[^\w.-]+", "_", dataset)
-            headline = re.sub(r"[^\w.-]+", "_", table.family.headline.name)
+            headlines = headlines_of([r for r in table.rows if r.dataset == dataset])
+            headline = re.sub(r"[^\w.-]+", "_", headlines[0].name if len(headlines) == 1 else "headline")
             plots.append(headline_vs_size(table, dataset, directory / f"{headline}_vs_size_{slug}.png"))
             plots.append(teacher_gap(table, dataset, directory / f"teacher_gap_{slug}.png"))
             plots.append(serving_cost(table, dataset, directory / f"serving_cost_{slug}.png"))

@@ -2,8 +2,9 @@
 
 Text, Markdown and LaTeX show one block per eval set (in-domain first), each cell as
 ``mean [95% interval]`` and the set's n, and mark a metric whose lower values are better with ``↓`` in its
-heading; CSV is one flat table with every figure in its own column. A figure that is not a number (a NaN a run
-reported) shows as ``nan``; a metric a row lacks, as ``-``.
+heading; CSV is one flat table with every figure in its own column. Where rows are judged by different metrics
+(their methods' objectives), a ``headline`` column names each row's, and each paired test names its metric. A
+figure that is not a number (a NaN a run reported) shows as ``nan``; a metric a row lacks, as ``-``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional
 
 from ctxdistill.results.metrics import EXAMPLES
 from ctxdistill.results.stats import fewest_examples
-from ctxdistill.results.table import Cell, Column, Row, Table
+from ctxdistill.results.table import Cell, Column, Row, Table, headlines_of
 
 IDENTITY = ["method", "model", "dataset", "seeds"]
 LOWER_IS_BETTER = "↓"  # after the heading of a metric whose lower values are better (a KL, a cost, a gap)
@@ -50,27 +51,28 @@ def p_text(p: float) -> str:
 
 
 def _block(table: Table, set_name: str) -> tuple[list[str], list[list[str]]]:
-    """Header and body of one eval set's block: its columns, then the paired test's when there is one."""
+    """Header and body of one eval set's block: the rows' headlines where they differ, its columns, then the paired
+    test's when there is one (naming its metric per row where the rows' tests differ in it)."""
     columns = [c for c in table.columns if c.set == set_name]
-    tested = table.baseline is not None and any(set_name in r.tests for r in table.rows)
-    header = [*IDENTITY, *map(heading, columns)]
-    if tested:
-        tests = " / ".join(sorted({r.tests[set_name].test for r in table.rows if set_name in r.tests}))
-        header += [f"Δ {table.family.headline.label} vs {table.baseline}", f"p ({tests})", "pairs"]
+    headlines = table.headlines
+    named = len(headlines) > 1 and any(table.column(set_name, h.name) for h in headlines)
+    tests = [r.tests[set_name] for r in table.rows if set_name in r.tests]
+    tested_on = list(dict.fromkeys(t.metric.label for t in tests))
+    header = [*IDENTITY, *(["headline"] if named else []), *map(heading, columns)]
+    if tests:
+        kinds = " / ".join(sorted({t.test for t in tests}))
+        delta = f"Δ {tested_on[0]} vs {table.baseline}" if len(tested_on) == 1 else f"Δ vs {table.baseline}"
+        header += [*(["Δ of"] if len(tested_on) > 1 else []), delta, f"p ({kinds})", "pairs"]
     body = []
     for row in table.rows:
-        line = [
-            row.method,
-            row.model,
-            row.dataset,
-            str(len(row.seeds_of(set_name))),
-            *(cell_text(row.cells.get(c.key), len(row.seeds_of(set_name))) for c in columns),
-        ]
-        if tested:
+        figures = [cell_text(row.cells.get(c.key), len(row.seeds_of(set_name))) for c in columns]
+        if tests:
             test = row.tests.get(set_name)
-            line += [f"{test.delta:+.3f}", p_text(test.p_value), str(test.pairs)] if test else ["-", "-", "-"]
-        if any(c != "-" for c in line[len(IDENTITY) :]):
-            body.append(line)
+            of = ([test.metric.label if test else "-"]) if len(tested_on) > 1 else []
+            figures += of + ([f"{test.delta:+.3f}", p_text(test.p_value), str(test.pairs)] if test else ["-"] * 3)
+        if any(c != "-" for c in figures):
+            identity = [row.method, row.model, row.dataset, str(len(row.seeds_of(set_name)))]
+            body.append([*identity, *([row.headline.label] if named else []), *figures])
     return header, body
 
 
@@ -136,7 +138,9 @@ def render(tables: list[Table], fmt: str = "text") -> str:
     out: list[str] = []
     for table in tables:
         if len(tables) > 1:
-            name = f"{table.family.family} (headline: {table.family.headline.label})"
+            labels = [h.label for h in table.headlines]
+            judged = f"headline: {labels[0]}" if len(labels) == 1 else f"headline by row: {', '.join(labels)}"
+            name = f"{table.family.family} ({judged})"
             out += [{"markdown": f"### {name}", "latex": f"% {name}"}.get(fmt, f"== {name} =="), ""]
         for set_name in table.sets:
             header, body = _block(table, set_name)
@@ -180,21 +184,26 @@ def csv_values(cell: Optional[Cell]) -> list[Optional[float]]:
     return [cell.mean, cell.std, *interval]
 
 
+TEST_PARTS = ("metric", "delta", "p", "pairs")  # the metric compared, the difference in it, its p-value, the pairs
+
+
 def test_columns(table: Table) -> list[str]:
     sets = [s for s in table.sets if any(s in r.tests for r in table.rows)]
-    return [f"{s}/{part}_vs_{table.baseline}" for s in sets for part in ("delta", "p", "pairs")]
+    return [f"{s}/{part}_vs_{table.baseline}" for s in sets for part in TEST_PARTS]
 
 
-def test_values(table: Table, row: Row) -> dict[str, Optional[float]]:
+def test_values(table: Table, row: Row) -> dict[str, Optional[float | str]]:
     values = {}
     for set_name, test in row.tests.items():
-        parts = {"delta": test.delta, "p": test.p_value, "pairs": test.pairs}
+        parts = {"metric": test.metric.name, "delta": test.delta, "p": test.p_value, "pairs": test.pairs}
         values |= {f"{set_name}/{part}_vs_{table.baseline}": value for part, value in parts.items()}
     return values
 
 
 def flat_rows(tables: list[Table]) -> tuple[list[str], list[list]]:
-    """Every table in one: identity, model parameters, then each column's figures (None where a row has none)."""
+    """Every table in one: identity, model parameters, each row's headline where the rows' differ, then each
+    column's figures (None where a row has none)."""
+    named = len(headlines_of([row for t in tables for row in t.rows])) > 1
     columns = list(dict.fromkeys(name for t in tables for c in t.columns for name in csv_columns(c)))
     columns += list(dict.fromkeys(name for t in tables for name in test_columns(t)))
     rows = []
@@ -208,8 +217,11 @@ def flat_rows(tables: list[Table]) -> tuple[list[str], list[list]]:
             values |= test_values(table, row)
             # a parameter count is a whole number: not cut to the floats' 6 digits (3219776, not 3.21978e+06)
             size = int(row.size) if row.size is not None and row.size.is_integer() else row.size
-            rows.append([row.method, row.model, row.dataset, len(row.seeds), size, *map(values.get, columns)])
-    return [*IDENTITY, "model_parameters", *columns], rows
+            headline = [row.headline.name] if named else []
+            rows.append(
+                [row.method, row.model, row.dataset, len(row.seeds), size, *headline, *map(values.get, columns)]
+            )
+    return [*IDENTITY, "model_parameters", *(["headline"] if named else []), *columns], rows
 
 
 def render_csv(tables: list[Table]) -> str:

@@ -1,13 +1,15 @@
 """Records -> tables: one table per metric family, one row per (dataset, model, method), one column per
-declared metric and eval set, each cell the values over seeds with n and a 95% interval.
+declared metric and eval set, each cell the values over seeds with n and a 95% interval. Each row's headline is its
+own runs' (their objective: pbft's ``vocab_accuracy`` beside icl's ``accuracy``), or one metric for every row
+(``choose_headline``, ``--metric``).
 
 The interval of a cell is Student's t over its seeds (n = seeds) when they differ; for one run, or seeds that all
 agree, it is over the set's examples (n = examples; the fewest any of them was evaluated on, where they differ):
 Wilson's for an accuracy-like metric, Student's t from the spread per example a mean over examples reports (a
 knowledge graph's MRR and Hits@k over its triples), the percentile bootstrap a bootstrapped statistic reports (F1).
 ``paired_tests`` adds, per cell and eval set, a paired test against a baseline method on the examples both
-were evaluated on: McNemar's exact test on successes (accuracy), a sign-flip randomisation test on scores
-(a reciprocal rank for MRR).
+were evaluated on, of the row's headline where both record it per example: McNemar's exact test on successes
+(accuracy), a sign-flip randomisation test on scores (a reciprocal rank for MRR).
 """
 
 from __future__ import annotations
@@ -72,10 +74,11 @@ class Cell:
 @dataclass
 class PairedTest:
     """A method against the baseline on the examples both were evaluated on: each example's difference in the
-    headline's per-example value (1 or 0 for a success, else the example's score), averaged over the seeds both
+    metric's per-example value (1 or 0 for a success, else the example's score), averaged over the seeds both
     ran, so that an example evaluated under several seeds is still one pair (the examples are the sample)."""
 
     baseline: str
+    metric: Metric  # the row's headline, or the metric both record per example where the baseline lacks it
     test: str  # "McNemar" on one seed's successes, else "sign-flip" on the examples' (mean) differences
     differences: list[float]
 
@@ -85,7 +88,7 @@ class PairedTest:
 
     @property
     def delta(self) -> float:
-        """The method's headline minus the baseline's, over the pairs."""
+        """The method's metric minus the baseline's, over the pairs."""
         return statistics.fmean(self.differences)
 
     @property
@@ -101,6 +104,7 @@ class Row:
     model: str
     dataset: str
     size: Optional[float]
+    headline: Metric  # what the row is judged by: its first run's objective, or --metric's choice
     records: list[dict[str, Any]] = field(default_factory=list)
     cells: dict[str, Cell] = field(default_factory=dict)
     tests: dict[str, PairedTest] = field(default_factory=dict)  # eval set -> test against the baseline
@@ -143,15 +147,28 @@ class Table:
     def column(self, set_name: str, metric_name: str) -> Optional[Column]:
         return next((c for c in self.columns if c.set == set_name and c.metric.name == metric_name), None)
 
+    @property
+    def headlines(self) -> list[Metric]:
+        return headlines_of(self.rows)
+
     def title(self, set_name: str) -> str:
         if set_name == IN_DOMAIN:
             return "in-domain (eval)"
         return self.family.set_titles.get(set_name, set_name)
 
 
+def headlines_of(rows: list[Row]) -> list[Metric]:
+    """The rows' headline metrics, one per name, in the rows' order: several where the rows' methods optimise
+    different metrics (pbft's vocab accuracy beside icl's accuracy)."""
+    headlines: dict[str, Metric] = {}
+    for row in rows:
+        headlines.setdefault(row.headline.name, row.headline)
+    return list(headlines.values())
+
+
 def _merged(records: list[dict[str, Any]]) -> MetricSet:
-    """One declaration for a family's runs: the first run's, with any metric another run adds (as a plain column:
-    the first run's headline stays the one, e.g. ``mrr`` beside a sampled ranking's ``sampled50_mrr``)."""
+    """One declaration for a family's runs, for its columns: the first run's, with any metric another run adds (as a
+    plain column, e.g. ``mrr`` beside a sampled ranking's ``sampled50_mrr``; each row keeps its own headline)."""
     first, *others = [metric_set(r) for r in records]
     metrics = list(first.metrics)
     for declared in others:
@@ -169,18 +186,11 @@ def _columns(family: MetricSet, records: list[dict[str, Any]]) -> list[Column]:
     order they come. A metric declared for a named set wins over the same name declared for every set."""
     reported = {k for r in records for k in r["metrics"]}
     named = list(dict.fromkeys(s for m in family.metrics for s in m.sets if s not in (EVERY_SET, IN_DOMAIN)))
-
-    def metric_for(set_name: str, name: str) -> Optional[Metric]:
-        for metric in family.metrics:
-            if metric.name == name and set_name in metric.sets:
-                return metric
-        return next((m for m in family.metrics if m.name == name and EVERY_SET in m.sets), None)
-
     columns: list[Column] = []
     for metric in family.metrics:
         for set_name in [IN_DOMAIN, *named] if EVERY_SET in metric.sets else metric.sets:
             column = Column(set_name, metric)
-            if column.key in reported and metric_for(set_name, metric.name) is metric and column not in columns:
+            if column.key in reported and family.metric_for(set_name, metric.name) is metric and column not in columns:
                 columns.append(column)
     others = dict.fromkeys(
         k.rpartition("/")[0] for r in records for k in r["metrics"] if k.rpartition("/")[0] not in {*named, IN_DOMAIN}
@@ -189,7 +199,7 @@ def _columns(family: MetricSet, records: list[dict[str, Any]]) -> list[Column]:
         columns += [
             Column(set_name, m)
             for m in family.metrics
-            if EVERY_SET in m.sets and f"{set_name}/{m.name}" in reported and metric_for(set_name, m.name) is m
+            if EVERY_SET in m.sets and f"{set_name}/{m.name}" in reported and family.metric_for(set_name, m.name) is m
         ]
     sets = list(dict.fromkeys(c.set for c in columns))
     columns.sort(key=lambda c: sets.index(c.set))  # each set's columns together, as the blocks show them
@@ -210,9 +220,10 @@ def summarise(records: list[dict[str, Any]]) -> list[Table]:
         columns = _columns(family, members)
         rows: dict[tuple, Row] = {}
         for r in members:
-            row = rows.setdefault(
-                (r["dataset"], r["model"], r["method"]), Row(r["method"], r["model"], r["dataset"], model_size(r))
-            )
+            row = rows.get((r["dataset"], r["model"], r["method"]))
+            if row is None:
+                row = Row(r["method"], r["model"], r["dataset"], model_size(r), metric_set(r).headline)
+                rows[(r["dataset"], r["model"], r["method"])] = row
             row.records.append(r)
             for column in columns:
                 if r["metrics"].get(column.key) is not None:
@@ -241,6 +252,43 @@ def duplicate_seed_warnings(tables: list[Table]) -> list[str]:
     ]
 
 
+def mixed_headline_warnings(tables: list[Table]) -> list[str]:
+    """A warning per row whose runs optimise different metrics (``method.objective`` set differently): the row is
+    judged by its first run's."""
+    warnings = []
+    for table in tables:
+        for row in table.rows:
+            names = list(dict.fromkeys(metric_set(r).headline.name for r in row.records))
+            if len(names) > 1:
+                warnings.append(
+                    f"warning: {row.method} / {row.model} / {row.dataset}: its runs' headlines differ "
+                    f"({', '.join(names)}); the row's is its first run's, {names[0]}: tell the runs apart with "
+                    "--by method.objective, or judge every row by one metric with --metric NAME"
+                )
+    return warnings
+
+
+class UnknownMetricError(ValueError):
+    """--metric names a metric no run reports."""
+
+
+def choose_headline(tables: list[Table], name: str) -> list[str]:
+    """Make the metric ``name`` every row's headline (``--metric``); returns a note per table whose runs do not
+    report it (its rows keep their own)."""
+    reported = list(dict.fromkeys(c.metric.name for t in tables for c in t.columns if c.metric.kind != "count"))
+    if name not in reported:
+        raise UnknownMetricError(f"--metric {name}: no run reports it; give one the runs report: {', '.join(reported)}")
+    notes = []
+    for table in tables:
+        metric = next((c.metric for c in table.columns if c.metric.name == name), None)
+        if metric is None:
+            notes.append(f"--metric {name}: the {table.family.family} runs do not report it; their rows keep their own")
+            continue
+        for row in table.rows:
+            row.headline = metric
+    return notes
+
+
 def spreadless_notes(tables: list[Table]) -> list[str]:
     """A note per row whose runs report a mean over examples without the spread of its values per example
     (evaluated before runs reported it): one run of it gets no interval, and how to give it one."""
@@ -267,8 +315,13 @@ class PairedTestError(ValueError):
     """--vs cannot be done as asked (no such baseline, no predictions at hand, runs that share a seed)."""
 
 
-def _outcomes(row: Row, family: MetricSet) -> dict[int, dict[tuple[str, str], float]]:
-    """Per seed, the row's run's per-example value of the headline by (eval set, uid)."""
+def _records_per_example(rows: list[Row], name: str) -> bool:
+    """Whether every run of the rows records the metric ``name`` per example (its prediction rows hold it)."""
+    return all(metric_set(r).per_example(name) for row in rows for r in row.records)
+
+
+def _outcomes(row: Row, name: str) -> dict[int, dict[tuple[str, str], float]]:
+    """Per seed, the row's run's per-example value of the metric ``name`` by (eval set, uid)."""
     if row.repeated_seeds:
         raise PairedTestError(
             f"--vs pairs one run per seed on each side; {row.method} / {row.model} / {row.dataset} has several "
@@ -294,7 +347,8 @@ def _outcomes(row: Row, family: MetricSet) -> dict[int, dict[tuple[str, str], fl
                 f"{record['seed']} has rows without one (written by an older version): evaluate the run "
                 f"again (ctxdistill-eval RUN_DIR) to write them"
             )
-        outcomes[record["seed"]] = {(p["set"], p["uid"]): family.example_value(p) for p in rows}
+        metric = metric_set(record).per_example(name)
+        outcomes[record["seed"]] = {(p["set"], p["uid"]): metric.example_value(p) for p in rows}
     return outcomes
 
 
@@ -303,15 +357,15 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
     same ``--by`` setting, when the baseline's runs differ in it).
 
     Pairs are the examples (``uid``) of each eval set that both methods were evaluated on with the same
-    seed, each example's difference averaged over the seeds both ran. Returns notes on what could not be
-    tested."""
+    seed, each example's difference averaged over the seeds both ran. The metric is the row's headline where both
+    rows' runs record it per example, else the first metric the row declares that both record (a note names it).
+    Returns notes on what could not be tested as asked."""
     if not any(row.unsplit[0] == baseline for table in tables for row in table.rows):
         methods = sorted({row.unsplit[0] for table in tables for row in table.rows})
         raise PairedTestError(f"--vs {baseline}: no run of method {baseline} here (methods: {', '.join(methods)})")
     notes = []
     for table in tables:
-        test = table.family.paired_test
-        if test is None:
+        if not any(m.paired_test for row in table.rows for r in row.records for m in metric_set(r).metrics):
             notes.append(f"--vs: {table.family.family} runs record no per-example outcome; not tested")
             continue
         table.baseline = baseline
@@ -335,7 +389,24 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
                 notes.append(f"--vs: {row.method} / {row.model} / {row.dataset}: which of {names}? not tested")
             if len(matches) != 1:
                 continue
-            mine, theirs = _outcomes(row, table.family), _outcomes(matches[0], table.family)
+            pair, headline = [row, matches[0]], row.headline.name
+            declared = [m.name for m in metric_set(row.records[0]).metrics]
+            name = next((n for n in dict.fromkeys([headline, *declared]) if _records_per_example(pair, n)), None)
+            where = f"--vs: {row.method} / {row.model} / {row.dataset}"
+            if name is None:
+                notes.append(f"{where}: its runs and {matches[0].method}'s record no metric per example; not tested")
+                continue
+            if name != headline:
+                lacking = [r.method for r in pair if not _records_per_example([r], headline)]
+                why = (
+                    f"{lacking[0]}'s runs do not record it per example (evaluated before they did: "
+                    "ctxdistill-eval RUN_DIR records it)"
+                    if len(lacking) == 1
+                    else "no run records it per example"
+                )
+                notes.append(f"{where}: tested on {name}, not on its headline {headline}: {why}")
+            metric = metric_set(row.records[0]).per_example(name)
+            mine, theirs = _outcomes(row, name), _outcomes(matches[0], name)
             seeds = sorted(mine.keys() & theirs.keys())
             if not seeds:
                 notes.append(
@@ -351,8 +422,8 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
             for (set_name, _), values in per_example.items():
                 differences[set_name].append(statistics.fmean(values))
             # McNemar's exact test needs one success difference per example; means over seeds take the sign-flip
-            row_test = test if len(seeds) == 1 else "sign-flip"
-            row.tests = {s: PairedTest(baseline, row_test, d) for s, d in differences.items()}
+            row_test = metric.paired_test if len(seeds) == 1 else "sign-flip"
+            row.tests = {s: PairedTest(baseline, metric, row_test, d) for s, d in differences.items()}
             if not row.tests:
                 notes.append(
                     f"--vs: {row.method} / {row.model} / {row.dataset}: no eval example in common with "

@@ -9,7 +9,7 @@ from typing import Any, Optional
 from ctxdistill.results.metrics import IN_DOMAIN
 from ctxdistill.results.plots import write_plots
 from ctxdistill.results.render import flat_rows
-from ctxdistill.results.table import Table
+from ctxdistill.results.table import Table, headlines_of
 
 TABLE_KEY = "comparison"
 
@@ -60,8 +60,9 @@ def log_results(
 
 
 def build_report(tables: list[Table], *, entity: str, project: str, group: str):
-    """A W&B report for a sweep's group: one section per metric family and dataset, panels of its
-    declared headline (by method and model, against model size, teacher against model).
+    """A W&B report for a sweep's group: one section per metric family and dataset, panels of its rows'
+    headlines (each method's objective: every one where they differ; by method and model, against model size,
+    teacher against model).
 
     Only building happens here (offline); ``.save()`` on the result publishes it.
     """
@@ -74,10 +75,12 @@ def build_report(tables: list[Table], *, entity: str, project: str, group: str):
         )
     ]
     for table in tables:
-        headline, teacher = table.family.headline, table.family.teacher
-        sets = [s for s in table.sets if table.column(s, headline.name)]
-        keys = [f"{s}/{headline.name}" for s in sets]
+        teacher = table.family.teacher
         for dataset in table.datasets:
+            headlines = headlines_of([r for r in table.rows if r.dataset == dataset])
+            label = " / ".join(h.label for h in headlines)
+            shown = [(s, h) for s in table.sets for h in headlines if table.column(s, h.name)]
+            keys = [f"{s}/{h.name}" for s, h in shown]
             runset = wr.Runset(
                 entity=entity,
                 project=project,
@@ -87,7 +90,7 @@ def build_report(tables: list[Table], *, entity: str, project: str, group: str):
             )
             panels = [
                 wr.BarPlot(
-                    title=f"{dataset}: {headline.label} by method and model",
+                    title=f"{dataset}: {label} by method and model",
                     metrics=keys,
                     orientation="v",
                     groupby_aggfunc="mean",
@@ -95,19 +98,19 @@ def build_report(tables: list[Table], *, entity: str, project: str, group: str):
                 ),
                 *(
                     wr.ScatterPlot(
-                        title=f"{dataset}: {table.title(s)} {headline.label} vs model size",
+                        title=f"{dataset}: {table.title(s)} {h.label} vs model size",
                         x=wr.SummaryMetric("model/parameters"),
                         y=wr.SummaryMetric(key),
                         log_x=True,
                     )
-                    for s, key in zip(sets, keys)
+                    for (s, h), key in zip(shown, keys)
                 ),
             ]
             if teacher and table.column(IN_DOMAIN, teacher):
                 panels.append(
                     wr.BarPlot(
                         title=f"{dataset}: teacher vs model (in-domain)",
-                        metrics=[f"{IN_DOMAIN}/{teacher}", f"{IN_DOMAIN}/{headline.name}"],
+                        metrics=[f"{IN_DOMAIN}/{teacher}", *(k for (s, _), k in zip(shown, keys) if s == IN_DOMAIN)],
                         orientation="v",
                         groupby_aggfunc="mean",
                         groupby_rangefunc="stddev",
