@@ -21,6 +21,7 @@ import ctypes.util
 import math
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -122,6 +123,19 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def check_room_for_distributions(rows: int, width: int) -> None:
+    """Refuses teacher distributions (``rows`` x ``width`` float32, see :class:`SpilledRows`) that the system's
+    temporary directory has no room for."""
+    directory = tempfile.gettempdir()
+    needed, free = 4 * rows * width, shutil.disk_usage(directory).free
+    if needed > free:
+        raise ConfigError(
+            f"the KL to the teacher keeps the teacher's next-token distributions of {rows} eval examples x {width} "
+            f"tokens in a temporary file ({needed / 2**20:,.0f} MiB) in {directory}, which has {free / 2**20:,.0f} MiB "
+            "free: point TMPDIR at a disk with room, or evaluate fewer examples (dataset.num_eval)"
+        )
+
+
 class SpilledRows:
     """Vocabulary-sized float32 rows (the teacher's next-token log-probabilities) kept in a temporary file and
     read back a batch at a time, so the KL to the teacher is exact while memory holds one batch of them, not
@@ -203,6 +217,8 @@ def score(
     """Score every class for each example; with ``teacher``, also the per-example KL to it.
 
     ``share_prefix=False`` runs every prompt whole instead of the shared context once (for comparisons)."""
+    if keep_distribution:  # refused now, not on a full disk after training (the teacher is scored before it)
+        check_room_for_distributions(len(examples), model.config.get_text_config().vocab_size)
     verbalizer_ids = [tokenizer(v, add_special_tokens=False).input_ids for v in task.verbalizers]
     single_token = all(len(ids) == 1 for ids in verbalizer_ids)
     all_prompts = [task.prompt(e, with_context) for e in examples]
