@@ -1,5 +1,6 @@
 """Models: answer-position logits equal a plain forward, the teacher is frozen and adapter-free."""
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -434,6 +435,10 @@ def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_so
     assert result["model_parameters"] == expected
     recorded = (tmp_path / "config.yaml").read_text()
     assert f"name_or_path: {behaving_model_dir}" in recorded and "source: hub" in recorded
+    # and tables name the checkpoint, not the bundled random model whose config was composed
+    assert json.loads((tmp_path / "metrics.json").read_text())["model"] == str(behaving_model_dir)
+    named = run(make_cfg("method=zero_shot", "model=tiny-random", "logger=none", "dataset.source.split_sizes.eval=8"))
+    assert named["model"] == "tiny-random"
 
 
 @pytest.mark.parametrize("offline", [True, False])

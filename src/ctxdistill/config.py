@@ -729,6 +729,14 @@ def model_file(name: str) -> Optional[DictConfig]:
         return None
 
 
+def table_label(spec: DictConfig) -> str:
+    """How tables name the model a run loads: its config's name, or the ``name_or_path`` it loads where that is not
+    the model its config's file names (model=tiny-random model.name_or_path=DIR is DIR's run, not tiny-random's; a
+    ``model.name`` that names no model file is the user's own label and kept)."""
+    own = model_file(spec.name)
+    return spec.name if own is None or own.name_or_path == spec.name_or_path else spec.name_or_path
+
+
 def model_label(spec: DictConfig, key: str = "model") -> str:
     """The model ``spec`` loads, as a message about it names it: its config (model=bert-base-cased), and the model it
     loads where ``name_or_path`` is not its model file's (model=bert-base-cased (model.name_or_path=DIR))."""

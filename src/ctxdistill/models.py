@@ -269,14 +269,14 @@ def honour_name_or_path(spec: DictConfig, key: str = "model") -> None:
     if spec.source != loads_from(spec):
         log.info(
             "%s.name_or_path=%s is not what %s=%s bundles (%s): loading it from the Hub or its directory; "
-            "tables label the run %s.name=%s (set it to tell this model's runs from the bundled one's)",
+            "tables label the run %s (set %s.name to label it otherwise)",
             key,
             spec.name_or_path,
             key,
             spec.name,
             spec.bundles,
+            spec.name_or_path,
             key,
-            spec.name,
         )
         spec.source = "hub"
 

@@ -30,7 +30,7 @@ from ctxdistill.checkpoint import (
     save_random_states,
     save_trainable_weights,
 )
-from ctxdistill.config import ConfigError, override_keys, validate
+from ctxdistill.config import ConfigError, override_keys, table_label, validate
 from ctxdistill.data import Task
 from ctxdistill.methods import build_method
 from ctxdistill.models import (
@@ -63,7 +63,7 @@ def write_json(path: Path, payload: Any) -> None:
 def run_identity(cfg: DictConfig, task: Task) -> dict[str, Any]:
     return {
         "method": cfg.method.name,
-        "model": cfg.model.name,
+        "model": table_label(cfg.model),
         "dataset": task.name,
         "seed": cfg.seed,
         "paper": cfg.paper,
