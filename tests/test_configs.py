@@ -817,6 +817,13 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
             "experiment=upadhayaya2024/mnli?",
         ),
         (["trainer/distributed=fdsp"], "ctxdistill: In 'trainer/default': Could not find 'trainer/distributed/fdsp'; "),
+        # a group inside a group (the newcomer audit): its options are not the outer group's, and picking one as if
+        # they were names the override that picks it
+        (
+            ["trainer=distributed/fsdp"],
+            "ctxdistill: trainer=distributed/fsdp: trainer/distributed is a config group of its own. Pick its option "
+            "with trainer/distributed=fsdp\n",
+        ),
         # model.name_or_path naming a directory that is not a checkpoint, or none at all (the newcomer audit)
         (["model.name_or_path=/"], "ctxdistill: model.name_or_path=/: a directory without config.json, not a model"),
         (
@@ -950,6 +957,22 @@ def test_an_override_after_an_option_after_overrides_is_named_with_the_command_t
         "ctxdistill: logger=none: an override after an option (--config-dir) that follows other overrides. Options go "
         f"before the overrides: ctxdistill --config-dir {tmp_path} --cfg job model=tiny-random logger=none "
         "trainer.lr=0.1\n"
+    )
+
+
+def test_the_options_of_a_group_inside_a_group_are_not_offered_as_the_outer_groups(monkeypatch, capsys):
+    """trainer=defualt offered distributed/ddp among the trainer options, and picking it failed on trainer.strategy."""
+    import sys
+
+    from ctxdistill.cli import entry
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", ["ctxdistill", "model=tiny-random", "trainer=defualt"])
+    with pytest.raises(SystemExit):
+        entry()
+    assert capsys.readouterr().err == (
+        "ctxdistill: In 'config': Could not find 'trainer/defualt'; did you mean trainer=default?\n\n"
+        "Available options in 'trainer':\n\tdefault\n\tupadhayaya2024\n"
     )
 
 
