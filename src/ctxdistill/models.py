@@ -525,16 +525,22 @@ def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]
 
 
 def check_shared_vocabulary(
-    student: DictConfig, teacher: DictConfig, cache_dir: str, student_tokenizer, teacher_tokenizer, fix: str = ""
+    student: DictConfig,
+    teacher: DictConfig,
+    cache_dir: str,
+    student_tokenizer,
+    teacher_tokenizer,
+    fix: str = "",
+    teacher_key: str = "method.teacher_model",
 ) -> None:
-    """Distillation over logits compares the two models token by token: refuse a teacher whose
-    tokenizer or output layer differs from the student's, before either model loads. ``fix`` adds what
-    else the method offers."""
+    """Distillation over logits compares the two models token by token: refuse a teacher (the setting
+    ``teacher_key``) whose tokenizer or output layer differs from the student's, before either model loads.
+    ``fix`` adds what else the method offers."""
     vocabularies = [student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()]
     if vocabularies[0] != vocabularies[1]:
         differing = len(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))
         raise ModelLoadError(
-            f"{model_label(teacher, 'method.teacher')} and {model_label(student)} have different vocabularies "
+            f"{model_label(teacher, teacher_key)} and {model_label(student)} have different vocabularies "
             f"({len(vocabularies[1])} vs {len(vocabularies[0])} tokens, {differing} entries differ); "
             "distillation over logits needs a shared vocabulary. Use a teacher from the student's "
             f"model family (e.g. OPT-1.3b for OPT-125m){fix}."
@@ -545,7 +551,7 @@ def check_shared_vocabulary(
     ]
     if sizes[0] != sizes[1]:
         raise ModelLoadError(
-            f"{model_label(teacher, 'method.teacher')} scores {sizes[1]} output tokens and {model_label(student)} "
+            f"{model_label(teacher, teacher_key)} scores {sizes[1]} output tokens and {model_label(student)} "
             f"{sizes[0]} (their embedding matrices are padded differently); distillation over logits "
             f"needs equal output sizes. Use a teacher with the student's output size{fix}."
         )
