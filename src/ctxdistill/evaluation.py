@@ -216,13 +216,20 @@ def score(
 ) -> Scores:
     """Score every class for each example; with ``teacher``, also the per-example KL to it.
 
+<<<<<<< HEAD
     ``share_prefix=False`` runs every prompt whole instead of the shared context once (for comparisons)."""
     if keep_distribution:  # refused now, not on a full disk after training (the teacher is scored before it)
         check_room_for_distributions(len(examples), model.config.get_text_config().vocab_size)
+=======
+    ``share_prefix=False`` runs every prompt whole instead of the shared context once (for comparisons), as does a
+    model evaluated with dropout (``dropout_seed``, see :func:`~ctxdistill.models.evaluation_mode`): a prefix run
+    once, in eval mode, would spare it the dropout of each prompt's own pass."""
+>>>>>>> upadhayaya
     verbalizer_ids = [tokenizer(v, add_special_tokens=False).input_ids for v in task.verbalizers]
     single_token = all(len(ids) == 1 for ids in verbalizer_ids)
     all_prompts = [task.prompt(e, with_context) for e in examples]
-    prefix = SharedPrefix(model, tokenizer, all_prompts, share_prefix)  # the context, run once for the whole set
+    # the context, run once for the whole set
+    prefix = SharedPrefix(model, tokenizer, all_prompts, share_prefix and not model.training)
     # Batches of similar length waste little compute on padding; results go back in input order.
     order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
     label_lp, kls, top = [], [], []
@@ -308,6 +315,7 @@ def score_shared(
     teacher: Optional[Scores] = None,
     keep_distribution: bool = False,
     desc: str = "eval",
+    dropout_seed: Optional[int] = None,
 ) -> tuple[Scores, Scores]:
     """:func:`score` over this process's share: (its own scores, the whole set's gathered scores).
 
@@ -315,7 +323,16 @@ def score_shared(
     with the process that computed them and are never gathered."""
     share = ranks.share(len(examples))
     own = score(
-        model, tokenizer, task, [examples[i] for i in share], with_context, batch_size, teacher, keep_distribution, desc
+        model,
+        tokenizer,
+        task,
+        [examples[i] for i in share],
+        with_context,
+        batch_size,
+        teacher,
+        keep_distribution,
+        desc,
+        dropout_seed=dropout_seed,
     )
     gathered = Scores(
         ranks.combine(own.label_logprobs, len(examples)),
@@ -620,6 +637,7 @@ class Evaluator(EvaluatorBase):
                 self.ranks,
                 teacher=teacher_share if self.shared_vocabulary else None,
                 desc=f"model {name}",
+                dropout_seed=self.handle.evaluation_dropout_seed,
             )[1]
             if not self.shared_vocabulary:
                 model.kl_to_teacher = forward_kl(
@@ -671,7 +689,8 @@ class Evaluator(EvaluatorBase):
         return {"train_queries/context_accuracy": accuracy, "train_queries/examples": len(self.task.train_queries)}
 
     def context_accuracy(self, examples: list[Example], labels: list[int]) -> float:
-        """Accuracy of the (trained) model *with* the context on ``examples``."""
+        """Accuracy of the (trained) model *with* the context on ``examples`` (with dropout as the model's own
+        evaluation: the released code's teacher is that model, in the mode training left it)."""
         scores = score_shared(
             self.handle.base,
             self.tokenizer,
@@ -681,6 +700,7 @@ class Evaluator(EvaluatorBase):
             batch_size=self.batch_size,
             ranks=self.ranks,
             desc="with context",
+            dropout_seed=self.handle.evaluation_dropout_seed,
         )[1]
         return classification_metrics(scores.predictions, torch.tensor(labels), self.task.num_classes)["accuracy"]
 

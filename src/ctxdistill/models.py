@@ -801,23 +801,32 @@ class TeacherUnavailable(RuntimeError):
 
 
 @contextlib.contextmanager
-def evaluation_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def evaluation_mode(model: torch.nn.Module, dropout_seed: Optional[int] = None) -> Iterator[torch.nn.Module]:
     """``model`` in eval mode (no dropout), put back in the mode it was in afterwards: what reads the model in
-    the middle of training (a periodic evaluation, a teacher that is the student) must not end its dropout."""
+    the middle of training (a periodic evaluation, a teacher that is the student) must not end its dropout.
+
+    With ``dropout_seed`` (``trainer.evaluate_with_dropout``) it is in train mode instead, its dropout masks drawn
+    from the random state that seed gives, and the random state is put back afterwards: the same masks wherever in
+    a run the evaluation falls, and a periodic evaluation leaves training's draws as they were."""
     was_training = model.training
-    model.eval()
+    dropout = dropout_seed is not None
+    model.train(dropout)
     try:
-        yield model
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()), enabled=dropout):
+            if dropout:
+                torch.manual_seed(dropout_seed)
+            yield model
     finally:
         model.train(was_training)
 
 
 def runs_in_evaluation_mode(function: Callable) -> Callable:
-    """Decorator: ``function(model, ...)`` runs with ``model`` in :func:`evaluation_mode`."""
+    """Decorator: ``function(model, ...)`` runs with ``model`` in :func:`evaluation_mode`; a caller's
+    ``dropout_seed=`` keyword is that of :func:`evaluation_mode`."""
 
     @functools.wraps(function)
-    def wrapper(model, *args, **kwargs):
-        with evaluation_mode(model):
+    def wrapper(model, *args, dropout_seed: Optional[int] = None, **kwargs):
+        with evaluation_mode(model, dropout_seed):
             return function(model, *args, **kwargs)
 
     return wrapper
@@ -868,6 +877,8 @@ class ModelHandle:
     teacher_tokenizer: Optional[PreTrainedTokenizerBase] = None
     # Set by the trainer when the first step is about to change the weights.
     training_started: bool = False
+    # trainer.evaluate_with_dropout: the seed of the trained model's dropout when it is evaluated; None: eval mode
+    evaluation_dropout_seed: Optional[int] = None
 
     @property
     def trains_base_weights(self) -> bool:
