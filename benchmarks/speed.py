@@ -34,6 +34,7 @@ to ``--output`` (Markdown, and JSON beside it), which docs/performance.md cites.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -59,6 +60,7 @@ ON_POLICY_CONTENDERS = ("on_policy_cd", "trl_sdft_on_policy")
 ON_POLICY_TOKENS = 8  # completion length of the on-policy contenders
 MEASUREMENTS = ("training", "training_32", "on_policy", "teacher", "epochs", "icl", "utilisation", "generation")
 OPT_IN = ("compiled", "naive")  # run only when named in --only
+AGAINST_TRL = ("training", "training_32", "on_policy")  # the measurements with a TRL contender
 ONCE = ("eval_memory",)
 TEACHER_DEMOS = (0, 8, 32)
 GENERATION_DEMOS = (0, 8, 32)
@@ -878,6 +880,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         args.only.append("training")  # the naive loop is a contender of the training measurement
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is visible to torch; use --device cpu")
+    against_trl = [name for name in args.only if name in AGAINST_TRL]
+    if against_trl and importlib.util.find_spec("trl") is None:
+        sys.exit(
+            f"--only {' '.join(against_trl)}: these measurements compare the suite with TRL, which is not installed; "
+            'install it with pip install -c src/constraints.txt -e ".[bench]", or leave them out of --only'
+        )
     try:  # a bad --override: the suite's one message before any model loads, not a traceback from a measurement
         for model in args.models.split(","):
             compose_cfg([f"model={model}", *args.override])

@@ -4,7 +4,9 @@
 # examples x OPT-125m ... 6.7b (MODELS replaces them) x MNLI (HANS) and QQP (PAWS-QQP) x llmft's patterns
 # (PATTERNS replaces minimal,gpt3,eval_harness) x data seeds 0-9 (seed 0 fixed, as llmft's data_seed) = 600 runs;
 # one Hydra multirun per dataset into $SWEEP_DIR/<dataset> (default outputs/sweeps/mosbach2023),
-# then one README.md + results/ (accuracy vs model size, in-domain and out-of-domain) for all.
+# then one README.md + results/ (accuracy vs model size, in-domain and out-of-domain) for all. Every cell trains
+# in bf16 mixed precision over float32 weights; OPT-6.7b's cells shard with FSDP in a multirun of their own, which
+# needs a GPU per process: run MODELS=opt-6.7b with a launcher giving it several (docs/papers/mosbach2023.md).
 #
 #   bash sweeps/mosbach2023.sh hydra/launcher=submitit_slurm hydra.launcher.gpus_per_node=1
 #   MODELS=opt-125m,opt-350m bash sweeps/mosbach2023.sh hydra/launcher=joblib hydra.launcher.n_jobs=2
@@ -18,8 +20,8 @@ source "$(dirname "$0")/usage.sh"
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/mosbach2023}
 grid=sweeps/grids/mosbach2023.yaml
-params=$(python -m ctxdistill.grids overrides "$grid" ${MODELS:+"model=$MODELS"} ${PATTERNS:+"dataset.pattern=$PATTERNS"}) || exit 2
-mapfile -t params <<< "$params"
+multiruns=$(python -m ctxdistill.grids overrides "$grid" ${MODELS:+"model=$MODELS"} ${PATTERNS:+"dataset.pattern=$PATTERNS"}) || exit 2
+mapfile -t multiruns <<< "$multiruns"
 source sweeps/each_dataset.sh "$@"
 ctxdistill-compare "$root" --out "$root" --by dataset.pattern || status=1  # a row per pattern, data seeds averaged
 exit $status

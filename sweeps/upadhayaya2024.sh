@@ -19,9 +19,9 @@ source "$(dirname "$0")/usage.sh"
 cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/sweeps/upadhayaya2024}
 grid=sweeps/grids/upadhayaya2024.yaml
-params=$(python -m ctxdistill.grids overrides "$grid" ${METHODS:+"method=$METHODS"} ${MODELS:+"model=$MODELS"} \
+multiruns=$(python -m ctxdistill.grids overrides "$grid" ${METHODS:+"method=$METHODS"} ${MODELS:+"model=$MODELS"} \
   ${SEEDS:+"seed=$SEEDS"}) || exit 2
-mapfile -t params <<< "$params"
+mapfile -t multiruns <<< "$multiruns"
 source sweeps/each_dataset.sh "$@"
 # shellcheck disable=SC2086  # COMPARE_ARGS are meant to split on spaces
 ctxdistill-compare "$root" --out "$root" --scorecard ${COMPARE_ARGS:-} || status=1

@@ -180,6 +180,35 @@ def test_upadhayaya_hans_subset_is_their_seed_plus_one_shuffle_and_holds_both_la
     assert {e.label for e in first_rows} == {1}  # what the first 100 rows would have been
 
 
+def test_upadhayaya_rte_hans_prompt_is_their_codes_with_one_override(make_cfg, tmp_path):
+    rte = tmp_path / "rte"
+    rte.mkdir()
+    rows = "".join(f"First {i} .\tSecond {i} .\t{i % 2}\t{i}\n" for i in range(60))
+    for name in ("train.tsv", "dev.tsv"):
+        (rte / name).write_text("sentence1\tsentence2\tlabel\tidx\n" + rows)
+    hans = write_hans(
+        tmp_path / "hans.txt",
+        [("non-entailment", "The doctor saw the actor .", "The actor saw the doctor .", "lexical_overlap")],
+    )
+    common = ["experiment=upadhayaya2024/rte", f"dataset.source.data_dir={rte}", f"dataset.hans_file={hans}"]
+    released = build_task(make_cfg(*common, "ood=[hans_premise_hypothesis]").dataset, seed=0)
+    # upadraj/In-context create_hans_batch_token: create_few_shot_context("hans", [row], ...,
+    # teacher_description=student_prompt, remove_label=True) writes f"{description}\n\n", then
+    # f"{Premise}: {premise}\n{Hypothesis}: {hypothesis}" + "\nLabel: \n\n", and strips the whole
+    assert released.student_prompt(released.eval_sets["hans"][0]) == (
+        "Are the following sentences examples of entailment, yes or no?\n\n"
+        "Premise: The doctor saw the actor .\nHypothesis: The actor saw the doctor .\nLabel:"
+    )
+    # RTE's own rows keep their keys, as their training and validation prompts did
+    assert released.student_prompt(released.eval_sets["eval"][0]).endswith(
+        "\n\nSentence1: First 0 .\nSentence2: Second 0 .\nLabel:"
+    )
+    default = build_task(make_cfg(*common).dataset, seed=0)  # the experiment: one template per task
+    assert default.student_prompt(default.eval_sets["hans"][0]).endswith(
+        "\n\nSentence1: The doctor saw the actor .\nSentence2: The actor saw the doctor .\nLabel:"
+    )
+
+
 def test_a_missing_hans_file_is_named_with_its_out_of_domain_slot(make_cfg, tmp_path):
     from ctxdistill.data.tasks import DataError
 

@@ -4,12 +4,14 @@ instructions and label words, the out-of-domain phrasing, and the learning curve
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from matplotlib.axes import Axes
 
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import build_task, synthetic
@@ -17,7 +19,6 @@ from ctxdistill.data.synthetic import generate_examples
 from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import answer_logits, encode
 from ctxdistill.learning_curve import main as learning_curve
-from ctxdistill.learning_curve import mean_interval
 from ctxdistill.methods import build_method
 from ctxdistill.methods import cheat_sheet as cs
 from ctxdistill.methods.distill import ContextDistillation
@@ -409,24 +410,26 @@ def test_cheat_sheet_cleaning_drops_a_preamble_as_released():
     assert cs.clean_sheet(" - a\n- b ") == "- a\n- b"
 
 
-def write_prefix_run(run_dir: Path, seed: int, accuracy: float) -> None:
-    """A finished cd run into a prefix over 2 contexts of 12 demonstrations, with its forgetting evaluation."""
+def write_prefix_run(run_dir: Path, seed: int, accuracy: float, forgetting: float = 0.5) -> None:
+    """A finished cd run into a prefix over 2 contexts of 12 demonstrations (48 eval and 32 ood examples), with
+    its forgetting evaluation (64 examples)."""
     run_dir.mkdir(parents=True)
     config = "method: {name: cd}\nmodel: {adapter: prefix}\ndataset: {context: {num_demos: 12, num_contexts: 2}}\n"
     (run_dir / "config.yaml").write_text(config)
-    metrics = {"eval/accuracy": accuracy, "ood/accuracy": 0.5, "train_queries/context_accuracy": 0.1}
+    metrics = {
+        **{"eval/accuracy": accuracy, "eval/examples": 48, "ood/accuracy": 0.5, "ood/examples": 32},
+        **{"train_queries/context_accuracy": 0.1, "train_queries/examples": 32},
+    }
     record = {"seed": seed, "metrics": metrics, "trainable_parameters": 10, "context_tokens_per_query": 0}
     (run_dir / "metrics.json").write_text(json.dumps(record))
     (run_dir / "evaluations" / "forgetting").mkdir(parents=True)
-    (run_dir / "evaluations" / "forgetting" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+    forgotten = {"metrics": {"eval/accuracy": forgetting, "eval/examples": 64}}
+    (run_dir / "evaluations" / "forgetting" / "metrics.json").write_text(json.dumps(forgotten))
 
 
 def test_the_interval_is_students_t_and_the_curve_is_tabulated(tmp_path: Path):
-    mean, half = mean_interval([0.5, 0.6, 0.7])
-    assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-4)
-    assert mean_interval([0.4]) == (0.4, 0.0)
     for seed, accuracy in enumerate([0.5, 0.6, 0.7]):
-        write_prefix_run(tmp_path / "runs" / f"cd-{seed}", seed, accuracy)
+        write_prefix_run(tmp_path / "runs" / f"cd-{seed}", seed, accuracy, forgetting=accuracy)
     (tmp_path / "before").mkdir()
     (tmp_path / "before" / "metrics.json").write_text(json.dumps({"metrics": {"eval/accuracy": 0.75}}))
     assert (
@@ -436,8 +439,41 @@ def test_the_interval_is_students_t_and_the_curve_is_tabulated(tmp_path: Path):
     table = (tmp_path / "out" / "learning_curve.md").read_text().splitlines()
     header = "| method | demos | seeds | eval | ood | context tokens/query | trainable params | other task after"
     assert table[0] == header + " (before: 0.750) |"
-    assert table[2] == "| cd (prefix) | 24 | 3 | 0.600 ± 0.248 | 0.500 ± 0.000 | 0 | 10 | 0.600 ± 0.248 |"
+    # 0.6 -/+ t(0.975, 2 df) 4.3027 x sd 0.1 / sqrt(3) = 0.2484; ood's seeds agree: Wilson's for 16 of 32
+    cells = "0.600 [0.352, 0.848] | 0.500 [0.336, 0.664] | 0 | 10 | 0.600 [0.352, 0.848]"
+    assert table[2] == f"| cd (prefix) | 24 | 3 | {cells} |"
     assert (tmp_path / "out" / "learning_curve.png").stat().st_size > 1000
+
+
+def test_seeds_that_agree_get_wilsons_interval_and_a_t_interval_past_1_is_cut(tmp_path: Path, monkeypatch):
+    """Seeds that agreed had an interval of width 0 (``0.500 ± 0.000``) and a t-interval ran past 1 (``0.646 ±
+    0.583``, and error bars above 1 in the plot)."""
+    for seed, accuracy in enumerate([0.5, 1.0, 1.0]):
+        write_prefix_run(tmp_path / "runs" / f"cd-{seed}", seed, accuracy)
+    bars, draw = [], Axes.errorbar
+
+    def recording_errorbar(self, x, y, yerr, **kwargs):
+        bars.append((list(y), [*yerr[0], *yerr[1]]))  # below the means, then above
+        return draw(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", recording_errorbar)
+    assert learning_curve([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    # eval: 5/6 -/+ 4.3027 x sd sqrt(1/12) / sqrt(3) = 0.8333 -/+ 0.7171 = [0.1162, 1.5504], cut at 1;
+    # ood, 16 of 32, and the other task, 32 of 64: Wilson's centre 0.5, half z / (1 + z^2/n) sqrt(1/(4n) + z^2/(4n^2))
+    low, ood, other = 5 / 6 - 0.717109, (0.336309, 0.663691), (0.381021, 0.618979)
+    table = (tmp_path / "out" / "learning_curve.md").read_text().splitlines()
+    cells = "0.833 [0.116, 1.000] | 0.500 [0.336, 0.664] | 0 | 10 | 0.500 [0.381, 0.619]"
+    assert table[2] == f"| cd (prefix) | 24 | 3 | {cells} |"
+    with (tmp_path / "out" / "learning_curve.csv").open() as f:
+        (row,) = csv.DictReader(f)
+    assert [float(row[k]) for k in ("eval_mean", "eval_low", "eval_high")] == pytest.approx([5 / 6, low, 1.0], abs=1e-6)
+    assert [float(row[k]) for k in ("ood_low", "ood_high", "forgetting_low", "forgetting_high")] == pytest.approx(
+        [*ood, *other], abs=1e-6
+    )
+    # the bars reach from the mean to each end: down to the t-interval's low end, up to 1
+    (eval_means, eval_bars), (_, ood_bars) = bars
+    assert eval_means == pytest.approx([5 / 6]) and eval_bars == pytest.approx([5 / 6 - low, 1 / 6], abs=1e-6)
+    assert ood_bars == pytest.approx([0.5 - ood[0], ood[1] - 0.5], abs=1e-6)
 
 
 def test_a_seed_run_twice_into_the_sweep_is_refused_not_counted_twice(tmp_path: Path, capsys):

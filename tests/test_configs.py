@@ -91,6 +91,7 @@ def test_out_of_domain_sets_are_selected_by_name_and_resolve_as_before_they_were
         for spec in sets.values():
             spec["source"]["rename"] = {k: v for k, v in spec["source"]["rename"].items() if k != v}
             assert spec["source"].pop("quoting") == "none"  # a setting added since: their files quote nothing
+            assert spec.pop("template") is None  # added since: each set prompted with its dataset's template
         assert sets == expected, choice
     chosen = make_cfg("dataset=rte", "ood=[hans_all,paws_qqp]")
     validate(chosen)
@@ -230,6 +231,10 @@ def test_configs_built_on_shared_files_resolve_as_they_did_when_copied(make_cfg)
             value = OmegaConf.to_container(cfg[section]) if OmegaConf.is_config(cfg[section]) else cfg[section]
             if section == "dataset":  # a setting added since, of each dataset (a mixture's too): QQP's F1
                 assert set(without_f1_positive(value)) == ({1} if "qqp" in choice else {None}), choice
+                # added since: an out-of-domain set's own template, which none of them has
+                assert all(ood.pop("template") is None for ood in value.get("ood", {}).values()), choice
+            if section == "trainer":  # added since: the released Upadhayaya code's schedule and evaluation
+                assert (value.pop("steps_per_lr_update"), value.pop("evaluate_with_dropout")) == (1, False), choice
             digested = isinstance(expected, str) and expected.startswith("sha256:")
             assert (digest(value) if digested else value) == expected, f"{choice}: {section}"
 
@@ -383,6 +388,12 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("dataset.context.draw=llmft dataset.context.data_seed=-1", "dataset.context.data_seed: must be in"),
         ("ood=[synthetic_reworded] dataset.ood.ood.num_examples=0", "dataset.ood.ood.num_examples: must be >= 1"),
         ("ood=[synthetic_reworded] dataset.ood.ood.shuffle_seed=-1", "dataset.ood.ood.shuffle_seed: must be in"),
+        ("ood=[synthetic_reworded] dataset.ood.ood.template='{sentence1}'", "dataset.ood.ood.template: '{sentence1}'"),
+        ("trainer.steps_per_lr_update=0", "trainer.steps_per_lr_update: must be >= 1, got 0"),
+        (
+            "dataset=kg_synthetic method=kgbert model=minilm-l6 trainer.evaluate_with_dropout=true",
+            "trainer.evaluate_with_dropout: keeps dropout on where a trained model's answer words are scored",
+        ),
         ("dataset=kg_synthetic method=kgbert dataset.subsample_seed=-1", "dataset.subsample_seed: must be in"),
         ("method=contextualization dataset=kg_synthetic method.top_p=0", "method.top_p: must be in (0, 1], got 0"),
         ("method=contextualization dataset=kg_synthetic method.top_p=1.5", "method.top_p"),
@@ -817,6 +828,13 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
             "experiment=upadhayaya2024/mnli?",
         ),
         (["trainer/distributed=fdsp"], "ctxdistill: In 'trainer/default': Could not find 'trainer/distributed/fdsp'; "),
+        # a group inside a group (the newcomer audit): its options are not the outer group's, and picking one as if
+        # they were names the override that picks it
+        (
+            ["trainer=distributed/fsdp"],
+            "ctxdistill: trainer=distributed/fsdp: trainer/distributed is a config group of its own. Pick its option "
+            "with trainer/distributed=fsdp\n",
+        ),
         # model.name_or_path naming a directory that is not a checkpoint, or none at all (the newcomer audit)
         (["model.name_or_path=/"], "ctxdistill: model.name_or_path=/: a directory without config.json, not a model"),
         (
@@ -950,6 +968,22 @@ def test_an_override_after_an_option_after_overrides_is_named_with_the_command_t
         "ctxdistill: logger=none: an override after an option (--config-dir) that follows other overrides. Options go "
         f"before the overrides: ctxdistill --config-dir {tmp_path} --cfg job model=tiny-random logger=none "
         "trainer.lr=0.1\n"
+    )
+
+
+def test_the_options_of_a_group_inside_a_group_are_not_offered_as_the_outer_groups(monkeypatch, capsys):
+    """trainer=defualt offered distributed/ddp among the trainer options, and picking it failed on trainer.strategy."""
+    import sys
+
+    from ctxdistill.cli import entry
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.setattr(sys, "argv", ["ctxdistill", "model=tiny-random", "trainer=defualt"])
+    with pytest.raises(SystemExit):
+        entry()
+    assert capsys.readouterr().err == (
+        "ctxdistill: In 'config': Could not find 'trainer/defualt'; did you mean trainer=default?\n\n"
+        "Available options in 'trainer':\n\tdefault\n\tupadhayaya2024\n"
     )
 
 

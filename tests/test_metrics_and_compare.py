@@ -356,9 +356,12 @@ def test_a_cut_short_metrics_file_is_named_and_skipped_and_the_good_runs_are_sho
     broken = tmp_path / "broken" / "metrics.json"
     broken.parent.mkdir()
     broken.write_text('{"method": "cd", "status": "compl')  # a run killed while writing
+    (broken.parent / "config.yaml").write_text("method: {name: cd}\n")  # as every run writes when it starts
     assert main([str(tmp_path), "--format", "csv"]) == 0
     captured = capsys.readouterr()
     assert f"warning: skipping {broken}: unreadable" in captured.err
+    # named once, as unreadable, not also as a run that stopped before it finished
+    assert "left out" not in captured.err and "without results" not in captured.err
     assert captured.out.splitlines()[1].startswith("cd,opt-125m,mnli,1,125000000,200,0.7,")
     assert main([str(tmp_path), "--strict"]) == 1
     assert main([str(tmp_path / "broken")]) == 1  # nothing readable

@@ -1,5 +1,6 @@
 """Models: answer-position logits equal a plain forward, the teacher is frozen and adapter-free."""
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from test_generation import behaving  # noqa: F401 (the behaving model's fixture)
 
+from ctxdistill.config import ConfigError
 from ctxdistill.encoding import answer_logits, encode
 from ctxdistill.models import (
     ModelHandle,
@@ -220,6 +222,29 @@ def test_kl_to_teacher_equals_the_kl_of_distributions_held_in_memory(tiny, make_
     torch.testing.assert_close(kl, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_teacher_distributions_without_room_on_disk_are_refused_before_the_teacher_runs(tiny, make_cfg, monkeypatch):
+    """N x V floats go to the temporary directory: 31 GB for HANS on Gemma's vocabulary. A disk without room is
+    named before the first forward pass (the teacher is scored before training), not found full after training."""
+    import tempfile
+
+    from ctxdistill.data import build_task
+    from ctxdistill.evaluation import score
+
+    _, tokenizer, model = tiny
+    task = build_task(make_cfg("dataset.context.num_demos=4").dataset, seed=0)
+    examples = task.eval_sets["eval"][:10]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 2**20, 2**20))
+    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("the teacher ran"))
+    with pytest.raises(ConfigError) as refused:
+        score(model, tokenizer, task, examples, with_context=True, batch_size=4, keep_distribution=True)
+    width = model.config.vocab_size
+    assert str(refused.value) == (
+        f"the KL to the teacher keeps the teacher's next-token distributions of 10 eval examples x {width} tokens in "
+        f"a temporary file ({40 * width / 2**20:,.0f} MiB) in {tempfile.gettempdir()}, which has 1 MiB free: point "
+        "TMPDIR at a disk with room, or evaluate fewer examples (dataset.num_eval)"
+    )
+
+
 def test_full_weight_training_keeps_a_frozen_copy_as_the_teacher_or_refuses_to_teach(tiny):
     cfg, tokenizer, _ = tiny
     model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=0)
@@ -410,6 +435,10 @@ def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_so
     assert result["model_parameters"] == expected
     recorded = (tmp_path / "config.yaml").read_text()
     assert f"name_or_path: {behaving_model_dir}" in recorded and "source: hub" in recorded
+    # and tables name the checkpoint, not the bundled random model whose config was composed
+    assert json.loads((tmp_path / "metrics.json").read_text())["model"] == str(behaving_model_dir)
+    named = run(make_cfg("method=zero_shot", "model=tiny-random", "logger=none", "dataset.source.split_sizes.eval=8"))
+    assert named["model"] == "tiny-random"
 
 
 @pytest.mark.parametrize("offline", [True, False])

@@ -22,7 +22,7 @@ from ctxdistill.models import load_tokenizer
 from ctxdistill.progress import BarSafeHandler, progress_bar
 from ctxdistill.run import run
 
-from conftest import TINY, compose_run, outcome, own_ood_set
+from conftest import TINY, compose_run, outcome, own_ood_set, without_timings
 
 
 def read_metrics(path: Path) -> dict:
@@ -341,6 +341,95 @@ def test_released_code_orders_are_one_override_each(make_cfg, tmp_path, monkeypa
     assert (seen == queries * 2) == (not shuffle)
     positions = [int(d.uid.split("-")[1]) for d in task.demos]
     assert (positions == sorted(positions)) == (not shuffle)
+
+
+def test_released_code_evaluation_with_dropout_is_one_override_and_the_seed_reproduces_it(
+    make_cfg, tmp_path, monkeypatch
+):
+    # Upadhayaya et al.'s code never calls model.eval() after student_model.train(): the student's accuracies and
+    # their "teacher accuracy" (teacher_model.generate, the same adapted model, with the context) run with dropout.
+    from ctxdistill import evaluation
+    from ctxdistill.evaluate_run import evaluate_run
+    from ctxdistill.evaluation import Evaluator
+
+    phase, modes = [None], set()
+    real_logits = evaluation.answer_logits
+
+    def recording(model, batch, prefix):
+        modes.add((phase[0], model.training))
+        return real_logits(model, batch, prefix)
+
+    monkeypatch.setattr(evaluation, "answer_logits", recording)
+    for name in ("prepare", "evaluate", "after_training"):
+
+        def tagged(self, *args, real=getattr(Evaluator, name), name=name):
+            phase[0] = name
+            return real(self, *args)
+
+        monkeypatch.setattr(Evaluator, name, tagged)
+    common = [*TINY, "method=cd", "model.lora.dropout=0.5", "trainer.lr=1e-2", "trainer.max_steps=4", "seed=3"]
+    common += ["trainer.eval_every=2"]  # a periodic evaluation with dropout must leave training's draws alone
+    outcomes, seen = {}, {}
+    for name, dropout in [("dropout", True), ("again", True), ("eval_mode", False)]:
+        modes.clear()
+        run(make_cfg(*common, f"trainer.evaluate_with_dropout={dropout}", output_dir=tmp_path / name))
+        outcomes[name], seen[name] = outcome(tmp_path / name), set(modes)
+    assert outcomes["dropout"] == outcomes["again"]  # the seed draws the masks: the same metrics and predictions
+    dropout, eval_mode = outcomes["dropout"], outcomes["eval_mode"]
+    assert dropout["train"] == eval_mode["train"]  # the same training
+    assert dropout["metrics"]["eval/kl_to_teacher"] != eval_mode["metrics"]["eval/kl_to_teacher"]
+    assert dropout["predictions"] != eval_mode["predictions"]
+    # the frozen teacher's references (scored before training) are the suite's, in eval mode either way
+    assert dropout["metrics"]["eval/teacher_accuracy"] == eval_mode["metrics"]["eval/teacher_accuracy"]
+    assert seen["dropout"] == {("prepare", False), ("evaluate", True), ("after_training", True)}
+    assert seen["eval_mode"] == {("prepare", False), ("evaluate", False), ("after_training", False)}
+    again = evaluate_run(tmp_path / "dropout", [], "again")["metrics"]  # ctxdistill-eval, from the saved adapter
+    assert without_timings(again) == dropout["metrics"]
+
+
+def test_released_code_lr_schedule_is_one_override(make_cfg, monkeypatch):
+    # upadraj/In-context training_utils.train: 32 queries make one "batch" of 32 examples per epoch, each
+    # example one optimiser step; the LambdaLR steps after each batch: 1 x 20 = 20 steps, warmup int(0.1 * 20) = 2,
+    # factor step / 2 below it, then 1. So the LR is 0 for epoch 1, 1e-5 / 2 for epoch 2, 1e-5 after.
+    import torch
+
+    used = []
+    real_step = torch.optim.AdamW.step
+
+    def recording(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    # the first 3 epochs of the 20-epoch schedule
+    schedule = ["trainer.epochs=3", "trainer.schedule_epochs=20", "trainer.steps_per_lr_update=32"]
+    run(make_cfg(*TINY, "method=cd", "trainer=upadhayaya2024", *schedule))  # 32 queries at batch 1, lr 1e-5
+    assert used == pytest.approx([0.0] * 32 + [0.5e-5] * 32 + [1e-5] * 32, rel=1e-12)
+
+
+def test_lr_updates_every_n_steps_restart_with_each_epoch():
+    # The released code with 40 queries: two "batches" per epoch (32 examples, then the 8 left), 20 epochs,
+    # 40 LambdaLR steps, warmup int(0.1 * 40) = 4: factors 0, 1/4 in epoch 1; 2/4, 3/4 in epoch 2; 1 after.
+    import torch
+    from omegaconf import OmegaConf
+
+    from ctxdistill.trainer import lr_schedule
+
+    def lrs(**trainer) -> list[float]:
+        cfg = OmegaConf.create({"lr": 1e-5, "scheduler": "constant_with_warmup", "warmup_ratio": 0.1, **trainer})
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+        scheduler = lr_schedule(optimizer, cfg, steps_per_epoch=40, schedule_steps=800)
+        used = []
+        for _ in range(800):
+            used.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return used
+
+    released = [0.0] * 32 + [0.25e-5] * 8 + [0.5e-5] * 32 + [0.75e-5] * 8 + [1e-5] * 720
+    assert lrs(steps_per_lr_update=32) == pytest.approx(released, rel=1e-12)
+    # every step (the default): warmup over int(0.1 * 800) = 80 optimiser steps
+    assert lrs(steps_per_lr_update=1) == pytest.approx([1e-5 * i / 80 for i in range(80)] + [1e-5] * 720, rel=1e-12)
 
 
 def test_debug_fast_runs_any_configuration_in_seconds(make_cfg, tmp_path):

@@ -53,6 +53,34 @@ def test_a_bad_override_is_the_suite_s_one_message_before_any_model_loads(tmp_pa
     assert proc.stdout == "" and list(tmp_path.iterdir()) == []
 
 
+def test_without_trl_the_measurements_against_it_are_refused_naming_the_extra(tmp_path):
+    """Without TRL a measurement against it ended in two ImportError tracebacks, after the suite's own contender
+    had run; the others run without it."""
+    hide_trl = (
+        "import runpy, sys; sys.modules['trl'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path('benchmarks/speed.py', run_name='__main__')"
+    )
+    command = [
+        sys.executable,
+        "-c",
+        hide_trl,
+        "speed.py",
+        "--models",
+        "tiny-random",
+        "--output",
+        str(tmp_path / "s.md"),
+    ]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [*command, "--only", "teacher", "on_policy"], cwd=ROOT, capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 1 and list(tmp_path.iterdir()) == []
+    assert proc.stderr == (
+        "--only on_policy: these measurements compare the suite with TRL, which is not installed; "
+        'install it with pip install -c src/constraints.txt -e ".[bench]", or leave them out of --only\n'
+    )
+
+
 def test_peak_memory_counts_a_short_lived_allocation():
     """A batch's logits live for milliseconds; a peak that misses them made evaluation memory look as if it grew
     with the eval set (1.40x from 1k to 10k examples, measured flat once the peak was exact)."""

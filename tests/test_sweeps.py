@@ -451,6 +451,7 @@ def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_fi
     from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
 
     monkeypatch.setenv("PAWS_QQP_DIR", str(tmp_path))  # what a worker sets before `wandb agent` (the QQP files)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # a worker's GPUs, which sharded cells need
     spec = yaml.safe_load(sweep_file.read_text())
     params = spec["parameters"]
     grid = {k: p.get("values", [p.get("value")]) for k, p in params.items()}
@@ -460,8 +461,11 @@ def test_wandb_sweep_files_run_the_hydra_app_with_valid_cells(make_cfg, sweep_fi
         command = create_sweep_command(spec["command"])
         variables = {**create_sweep_command_args({"args": args}), "env": ["/usr/bin/env"], "interpreter": ["python"]}
         argv = [part for c in command for part in (variables[c[2:-1]] if c.startswith("${") else [c])]
-        assert argv[:4] == ["/usr/bin/env", "python", "-m", "ctxdistill"]
-        cfg = make_cfg(*argv[4:])
+        start = argv.index("ctxdistill") + 1
+        launcher = ["torchrun", "--standalone", "--nproc_per_node", "gpu"]  # one process per GPU: a sharded model
+        sharded = args.get("trainer/distributed", {}).get("value", "ddp") != "ddp"
+        assert argv[:start] == ["/usr/bin/env", *(launcher if sharded else ["python"]), "-m", "ctxdistill"]
+        cfg = make_cfg(*argv[start:])
         validate(cfg)
         assert (cfg.method.name, cfg.seed, cfg.logger.group) == tuple(
             args[k]["value"] for k in ("method", "seed", "logger.group")
@@ -587,19 +591,62 @@ def stand_ins(tmp_path: Path, *commands: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
+def test_the_mosbach_grid_trains_in_bf16_over_float32_weights_and_shards_what_one_gpu_cannot_hold(make_cfg, tmp_path):
+    """Full fine-tuning with AdamW in float32 holds 16 bytes a parameter: opt-2.7b's 42 GB fits an 80 GB GPU,
+    opt-6.7b's 107 GB does not. Every cell of the grid, as the script runs it, trains under bf16 autocast over
+    float32 weights, and opt-6.7b's shard with FSDP (run on GPUs, so validated as a GPU worker would)."""
+    from unittest import mock
+
+    from ctxdistill.grids import load_grid, multiruns
+
+    grid = load_grid(REPO / "sweeps" / "grids" / "mosbach2023.yaml")
+    strategies = {}
+    for experiment in grid["experiments"]:
+        data = [f"{key}={tmp_path}" for key in grid["wandb"].get(experiment, {})]  # the script's QQP_ARGS
+        for multirun in multiruns(grid):
+            swept = dict(override.split("=", 1) for override in multirun)
+            for model in swept.pop("model").split(","):
+                cell = [f"{key}={value.split(',')[0]}" for key, value in swept.items()]
+                cfg = make_cfg(f"experiment={experiment}", *cell, f"model={model}", "method=pbft", *data)
+                with mock.patch("torch.cuda.is_available", return_value=True):
+                    validate(cfg)
+                assert (cfg.model.dtype, cfg.trainer.mixed_precision) == ("float32", "bf16"), (experiment, model)
+                strategies[model] = cfg.trainer.distributed.strategy
+    assert strategies == {
+        "opt-125m": "ddp",
+        "opt-350m": "ddp",
+        "opt-1.3b": "ddp",
+        "opt-2.7b": "ddp",
+        "opt-6.7b": "fsdp",
+    }
+
+
+def test_a_model_with_settings_of_its_own_sweeps_in_a_multirun_of_its_own():
+    from ctxdistill.grids import multiruns
+
+    grid = {"experiments": ["e"], "params": {"model": ["a", "b", "c"], "seed": [0, 1]}, "models": {"b": {"x": 1}}}
+    assert multiruns(grid) == [["model=a,c", "seed=0,1"], ["model=b", "seed=0,1", "x=1"]]
+    assert multiruns(grid, ["model=b"]) == [["model=b", "seed=0,1", "x=1"]]
+    assert multiruns(grid, ["model=a"]) == [["model=a", "seed=0,1"]]
+
+
 def test_the_paper_scripts_sweep_the_grid_file(tmp_path):
     """sweeps/mosbach2023.sh with ctxdistill stood in for: one multirun per experiment of the grid, with its
-    params, MODELS replacing the models, the per-dataset arguments and the script's own arguments after them."""
-    env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-compare"), "MODELS": "opt-125m", "QQP_ARGS": "a=1 b=2"}
-    env["SWEEP_DIR"] = str(tmp_path / "sweep")
+    params, MODELS replacing the models, the per-dataset arguments and the script's own arguments after them;
+    a model with settings of its own (opt-6.7b, sharded) in a multirun of its own, into the same directory."""
+    env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-compare"), "QQP_ARGS": "a=1 b=2"}
+    env.update(MODELS="opt-125m,opt-6.7b", SWEEP_DIR=str(tmp_path / "sweep"))
     subprocess.run(["bash", "sweeps/mosbach2023.sh", "x=y"], cwd=REPO, env=env, check=True)
     calls = (tmp_path / "calls").read_text().splitlines()
-    grid = "method=icl,pbft model=opt-125m seed=0 dataset.pattern=minimal,gpt3,eval_harness"
-    grid += " dataset.context.data_seed=0,1,2,3,4,5,6,7,8,9 logger.group=mosbach2023"
+    grid = "method=icl,pbft model={} seed=0 dataset.pattern=minimal,gpt3,eval_harness"
+    grid += " dataset.context.data_seed=0,1,2,3,4,5,6,7,8,9 trainer.mixed_precision=bf16 logger.group=mosbach2023"
+    small, sharded = grid.format("opt-125m"), grid.format("opt-6.7b") + " trainer/distributed=fsdp"
     sweep = tmp_path / "sweep"
     assert calls == [
-        f"ctxdistill -m experiment=mosbach2023/mnli {grid} hydra.sweep.dir={sweep}/mnli x=y",
-        f"ctxdistill -m experiment=mosbach2023/qqp {grid} a=1 b=2 hydra.sweep.dir={sweep}/qqp x=y",
+        f"ctxdistill -m experiment=mosbach2023/mnli {small} hydra.sweep.dir={sweep}/mnli x=y",
+        f"ctxdistill -m experiment=mosbach2023/mnli {sharded} hydra.sweep.dir={sweep}/mnli x=y",
+        f"ctxdistill -m experiment=mosbach2023/qqp {small} a=1 b=2 hydra.sweep.dir={sweep}/qqp x=y",
+        f"ctxdistill -m experiment=mosbach2023/qqp {sharded} a=1 b=2 hydra.sweep.dir={sweep}/qqp x=y",
         f"ctxdistill-compare {sweep} --out {sweep} --by dataset.pattern",
     ]
 
@@ -695,15 +742,18 @@ def test_the_soft_targets_script_refuses_a_misspelt_override_with_its_message():
         (["overrides", "nowhere.yaml"], "error: nowhere.yaml: cannot read it (No such file or directory)"),
         (["overrides", "{bad}"], "error: {bad}: not YAML"),
         (["overrides", "sweeps/grids/mosbach2023.yaml", "model"], "error: 'model': write key=a,b"),
+        (["overrides", "{unswept}"], "error: {unswept}: models has settings for ['opt-6.7b'], which params.model"),
     ],
 )
 def test_a_grid_that_cannot_be_read_or_a_replacement_without_values_is_one_message(args, message, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("a: [\n")
-    args = [a.format(bad=bad) for a in args]
+    unswept = tmp_path / "unswept.yaml"
+    unswept.write_text("experiments: [e]\nparams: {model: opt-125m}\nmodels: {opt-6.7b: {trainer/distributed: fsdp}}\n")
+    args = [a.format(bad=bad, unswept=unswept) for a in args]
     proc = subprocess.run([sys.executable, "-m", "ctxdistill.grids", *args], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.startswith(message.format(bad=bad)), proc.stderr
+    assert proc.stderr.startswith(message.format(bad=bad, unswept=unswept)), proc.stderr
     assert "Traceback" not in proc.stderr
 
 

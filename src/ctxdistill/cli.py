@@ -84,6 +84,33 @@ def is_base(option: str) -> bool:
     return Path(option).name.startswith("_")
 
 
+def subgroups(group: str) -> list[str]:
+    """The config groups inside ``group`` (trainer/distributed), which its options pick in their defaults lists
+    (``distributed: ddp``): a run picks one with ``trainer/distributed=ddp``, not ``trainer=distributed/ddp``."""
+    import yaml
+
+    found = set()
+    for path in (CONFIG_DIR / group).glob("*.yaml"):
+        for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []):
+            if isinstance(entry, dict):
+                found |= {key for key in entry if (CONFIG_DIR / group / key).is_dir()}
+    return sorted(found)
+
+
+def check_subgroup_choices(overrides: list[str]) -> None:
+    """``trainer=distributed/ddp`` would load the strategy's settings as the trainer's; name the override that picks
+    it."""
+    for override in overrides:
+        key, _, value = override.partition("=")
+        group = key.lstrip("+~")
+        sub = value.split("/")[0]
+        if "/" in value and (CONFIG_DIR / group).is_dir() and sub in subgroups(group):
+            raise ConfigError(
+                f"{override}: {group}/{sub} is a config group of its own. Pick its option with "
+                f"{group}/{sub}={value.split('/', 1)[1]}"
+            )
+
+
 def built_on(base: str) -> list[str]:
     """The options (``group=option``) of conf/ that build on ``base`` (``group/option``), directly or through
     another base."""
@@ -322,12 +349,20 @@ def without_schemas(message: str) -> str:
     head, _, listed = message.partition("\n\nAvailable options in '")
     group, _, rest = listed.partition("':")
     schemas = schema_names(group)
-    options = [o for o in (line.strip() for line in rest.splitlines()) if o and o not in schemas and not is_base(o)]
+    inner = tuple(f"{sub}/" for sub in subgroups(group))  # trainer/distributed's options are no trainer's
+    options = [
+        o
+        for o in (line.strip() for line in rest.splitlines())
+        if o and o not in schemas and not is_base(o) and not o.startswith(inner)
+    ]
     # Hydra lists a group's own options only: experiment=upadhayaya2024/mnli's siblings are in subdirectories
     options += [
-        str(path.relative_to(CONFIG_DIR / group).with_suffix(""))
-        for path in sorted((CONFIG_DIR / group).glob("*/**/*.yaml"))
-        if not is_base(path.stem)
+        option
+        for option in (
+            str(p.relative_to(CONFIG_DIR / group).with_suffix(""))
+            for p in sorted((CONFIG_DIR / group).glob("*/**/*.yaml"))
+        )
+        if not is_base(option) and not option.startswith(inner)
     ]
     asked = re.search(rf"Could not find '{re.escape(group)}/([^']+)'", head)
     near = difflib.get_close_matches(asked.group(1), options, n=1) if asked else []
@@ -411,6 +446,7 @@ def check_options(argv: list[str]) -> None:
     import shlex
 
     parser, parsed, unknown = hydra_arguments(argv)
+    check_subgroup_choices(parsed.overrides)
     for option in (arg for arg in unknown if arg.startswith("-")):
         near = difflib.get_close_matches(option.split("=")[0], parser._option_string_actions, n=1)
         raise ConfigError(

@@ -174,6 +174,9 @@ class EvalSetConfig:
     # (numpy's default_rng(seed).permutation, what datasets' Dataset.shuffle(seed=...) does).
     shuffle_seed: Optional[int] = None
     group_by: Optional[str] = None  # a column whose values get their own accuracy (HANS: heuristic)
+    # The set's query template, over the dataset's fields, with and without the context; null: the dataset's
+    # (a set whose prompt names its own columns: Upadhayaya et al.'s HANS on RTE, conf/ood/hans_premise_hypothesis)
+    template: Optional[str] = None
 
 
 @dataclass
@@ -336,6 +339,10 @@ class TrainerConfig:
         default="linear",
     )
     warmup_ratio: float = 0.1
+    # Optimiser steps the LR holds for before the schedule moves on, counted from each epoch's start (an epoch's
+    # last group may be shorter); the schedule's length and warmup count these groups. Upadhayaya et al.'s
+    # released code: 32, its schedule stepped once per "batch" of 32 examples at one optimiser step each.
+    steps_per_lr_update: int = 1
     max_grad_norm: Optional[float] = 1.0
     shuffle: bool = True  # a new (seeded) order of the examples every epoch; false: the same order every epoch
     mixed_precision: str = one_of("no", "bf16", "fp16", default="no")  # fp16: GPU only
@@ -350,6 +357,9 @@ class TrainerConfig:
     # The checkpoint tested: the best one on a validation set (KG-S2S's released protocol) or the final one
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     eval_batch_size: int = 16
+    # Evaluate the trained model in train mode, dropout on, its masks drawn from the run's seed: Upadhayaya et
+    # al.'s released code never calls model.eval() after training. The frozen teacher stays in eval mode.
+    evaluate_with_dropout: bool = False
     save_model: bool = True
     # Resumable state every N optimiser steps and at the end of training (null: only on
     # SIGTERM/SIGUSR1). The run dir's checkpoints/ is removed once metrics.json is written.
@@ -583,6 +593,7 @@ def _validate_classification(d: DictConfig, key: str) -> None:
         "demo_template": d.demo_template,
         "context_query_template": d.context_query_template,
         "generation.demo_target": d.generation.demo_target if d.generation is not None else None,
+        **{f"ood.{name}.template": ood.template for name, ood in d.ood.items()},
     }
     for name, text in templates.items():
         unknown = sorted(_template_fields(text, f"{key}.{name}") - set(d.fields)) if text else []
@@ -727,6 +738,14 @@ def model_file(name: str) -> Optional[DictConfig]:
             return composed()
     except MissingConfigException:
         return None
+
+
+def table_label(spec: DictConfig) -> str:
+    """How tables name the model a run loads: its config's name, or the ``name_or_path`` it loads where that is not
+    the model its config's file names (model=tiny-random model.name_or_path=DIR is DIR's run, not tiny-random's; a
+    ``model.name`` that names no model file is the user's own label and kept)."""
+    own = model_file(spec.name)
+    return spec.name if own is None or own.name_or_path == spec.name_or_path else spec.name_or_path
 
 
 def model_label(spec: DictConfig, key: str = "model") -> str:
@@ -1132,6 +1151,12 @@ def validate_values(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         )
     require(0 <= t.warmup_ratio < 1, "trainer.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}", "")
     require(
+        t.steps_per_lr_update >= 1,
+        "trainer.steps_per_lr_update",
+        f"must be >= 1, got {t.steps_per_lr_update}",
+        "Set 1 to move the LR at every optimiser step",
+    )
+    require(
         t.scheduler != "constant" or t.warmup_ratio == 0,
         "trainer.warmup_ratio",
         f"is {t.warmup_ratio}, and trainer.scheduler=constant has no warmup (it would be ignored)",
@@ -1276,5 +1301,13 @@ def check_method(cfg: DictConfig) -> None:
         "model.adapter",
         f"method={m.name} cannot train model.adapter={cfg.model.adapter}: {reason}",
         "Use model.adapter=lora or full",
+    )
+    require(
+        not cfg.trainer.evaluate_with_dropout or (cfg.dataset.kind == "classification" and kinds is not None),
+        "trainer.evaluate_with_dropout",
+        f"keeps dropout on where a trained model's answer words are scored, and method={m.name} on dataset "
+        f"{cfg.dataset.name} (kind {cfg.dataset.kind}) is evaluated otherwise (generated answers, rankings or inputs "
+        "of its own)",
+        "Drop the setting: it serves the label-word scoring of a classification dataset",
     )
     schema.check(m, cfg)

@@ -164,7 +164,14 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     from ctxdistill.config import ConfigError, validate
     from ctxdistill.methods import build_method
     from ctxdistill.models import ModelHandle, honour_name_or_path, load_tokenizer, model_identity
-    from ctxdistill.run import build_models, final_metrics, run_identity, save_results, separate_teacher_tokenizer
+    from ctxdistill.run import (
+        build_models,
+        evaluation_dropout_seed,
+        final_metrics,
+        run_identity,
+        save_results,
+        separate_teacher_tokenizer,
+    )
 
     out = run_dir / EVALUATIONS / name
     cfg = evaluation_config(run_dir, overrides, out, config_dirs)
@@ -192,6 +199,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
         separate_teacher=teacher,
         teacher_tokenizer=teacher_tokenizer,
         identity=model_identity(method.teacher_model or cfg.model, cfg.seed, device),
+        evaluation_dropout_seed=evaluation_dropout_seed(cfg, method),
     )
     evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)
     metric_set = method.metric_set(evaluator)

@@ -21,6 +21,7 @@ import ctypes.util
 import math
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -122,6 +123,19 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def check_room_for_distributions(rows: int, width: int) -> None:
+    """Refuses teacher distributions (``rows`` x ``width`` float32, see :class:`SpilledRows`) that the system's
+    temporary directory has no room for."""
+    directory = tempfile.gettempdir()
+    needed, free = 4 * rows * width, shutil.disk_usage(directory).free
+    if needed > free:
+        raise ConfigError(
+            f"the KL to the teacher keeps the teacher's next-token distributions of {rows} eval examples x {width} "
+            f"tokens in a temporary file ({needed / 2**20:,.0f} MiB) in {directory}, which has {free / 2**20:,.0f} MiB "
+            "free: point TMPDIR at a disk with room, or evaluate fewer examples (dataset.num_eval)"
+        )
+
+
 class SpilledRows:
     """Vocabulary-sized float32 rows (the teacher's next-token log-probabilities) kept in a temporary file and
     read back a batch at a time, so the KL to the teacher is exact while memory holds one batch of them, not
@@ -202,11 +216,16 @@ def score(
 ) -> Scores:
     """Score every class for each example; with ``teacher``, also the per-example KL to it.
 
-    ``share_prefix=False`` runs every prompt whole instead of the shared context once (for comparisons)."""
+    ``share_prefix=False`` runs every prompt whole instead of the shared context once (for comparisons), as does a
+    model evaluated with dropout (``dropout_seed``, see :func:`~ctxdistill.models.evaluation_mode`): a prefix run
+    once, in eval mode, would spare it the dropout of each prompt's own pass."""
+    if keep_distribution:  # refused now, not on a full disk after training (the teacher is scored before it)
+        check_room_for_distributions(len(examples), model.config.get_text_config().vocab_size)
     verbalizer_ids = [tokenizer(v, add_special_tokens=False).input_ids for v in task.verbalizers]
     single_token = all(len(ids) == 1 for ids in verbalizer_ids)
     all_prompts = [task.prompt(e, with_context) for e in examples]
-    prefix = SharedPrefix(model, tokenizer, all_prompts, share_prefix)  # the context, run once for the whole set
+    # the context, run once for the whole set
+    prefix = SharedPrefix(model, tokenizer, all_prompts, share_prefix and not model.training)
     # Batches of similar length waste little compute on padding; results go back in input order.
     order = sorted(range(len(all_prompts)), key=lambda i: len(all_prompts[i]))
     label_lp, kls, top = [], [], []
@@ -292,6 +311,7 @@ def score_shared(
     teacher: Optional[Scores] = None,
     keep_distribution: bool = False,
     desc: str = "eval",
+    dropout_seed: Optional[int] = None,
 ) -> tuple[Scores, Scores]:
     """:func:`score` over this process's share: (its own scores, the whole set's gathered scores).
 
@@ -299,7 +319,16 @@ def score_shared(
     with the process that computed them and are never gathered."""
     share = ranks.share(len(examples))
     own = score(
-        model, tokenizer, task, [examples[i] for i in share], with_context, batch_size, teacher, keep_distribution, desc
+        model,
+        tokenizer,
+        task,
+        [examples[i] for i in share],
+        with_context,
+        batch_size,
+        teacher,
+        keep_distribution,
+        desc,
+        dropout_seed=dropout_seed,
     )
     gathered = Scores(
         ranks.combine(own.label_logprobs, len(examples)),
@@ -605,6 +634,7 @@ class Evaluator(EvaluatorBase):
                 self.ranks,
                 teacher=teacher_share if self.shared_vocabulary else None,
                 desc=f"model {name}",
+                dropout_seed=self.handle.evaluation_dropout_seed,
             )[1]
             if not self.shared_vocabulary:
                 model.kl_to_teacher = forward_kl(
@@ -662,7 +692,8 @@ class Evaluator(EvaluatorBase):
         return {"train_queries/context_accuracy": accuracy, "train_queries/examples": len(self.task.train_queries)}
 
     def context_accuracy(self, examples: list[Example], labels: list[int]) -> float:
-        """Accuracy of the (trained) model *with* the context on ``examples``."""
+        """Accuracy of the (trained) model *with* the context on ``examples`` (with dropout as the model's own
+        evaluation: the released code's teacher is that model, in the mode training left it)."""
         scores = score_shared(
             self.handle.base,
             self.tokenizer,
@@ -672,6 +703,7 @@ class Evaluator(EvaluatorBase):
             batch_size=self.batch_size,
             ranks=self.ranks,
             desc="with context",
+            dropout_seed=self.handle.evaluation_dropout_seed,
         )[1]
         return classification_metrics(scores.predictions, torch.tensor(labels), self.task.num_classes)["accuracy"]
 

@@ -3,13 +3,14 @@ it and its W&B sweep files (``sweeps/wandb/<paper>_<dataset>.yaml``) are generat
 cannot drift (tests/test_sweeps.py regenerates them and compares).
 
     python -m ctxdistill.grids experiments sweeps/grids/mosbach2023.yaml     # the experiments, one a line
-    python -m ctxdistill.grids overrides sweeps/grids/mosbach2023.yaml model=opt-125m,opt-350m   # Hydra's -m
+    python -m ctxdistill.grids overrides sweeps/grids/mosbach2023.yaml model=opt-125m,opt-350m   # a multirun a line
     python -m ctxdistill.grids wandb sweeps/grids/mosbach2023.yaml --out sweeps/wandb       # write the W&B files
 
 A grid file holds ``experiments`` (one Hydra multirun each), ``params`` (key: a value or a list of values,
-the same for every experiment) and ``wandb`` (per experiment, settings only a W&B agent needs, such as a
-local data path the shell script takes from its command line, read from the worker's environment:
-``${oc.env:PAWS_QQP_DIR}``).
+the same for every experiment), ``models`` (a model's own settings, such as a sharding strategy: its cells run
+in a multirun, and a W&B file, of their own, since neither Hydra's sweeper nor W&B's ties one param's value to
+another's) and ``wandb`` (per experiment, settings only a W&B agent needs, such as a local data path the shell
+script takes from its command line, read from the worker's environment: ``${oc.env:PAWS_QQP_DIR}``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ WANDB_HEADER = """\
 # W&B's sweep controller over the {name} part of {script} ({runs} runs):
 #   wandb sweep {path}     # prints the sweep id
 #   {variables}wandb agent ENTITY/ctxdistill/SWEEP_ID     # on each worker, from the repository root
-# Each run is one `python -m ctxdistill key=value ...`, a single Hydra run in outputs/wandb_sweeps/SWEEP_ID/RUN_ID.
+# Each run is one `{launch} -m ctxdistill key=value ...`, a single Hydra run in outputs/wandb_sweeps/SWEEP_ID/RUN_ID.
 """
 
 
@@ -50,11 +51,14 @@ def load_grid(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"{path}: a grid is a YAML mapping of experiments, params and wandb; got {type(grid).__name__}"
         )
-    unknown = sorted(set(grid) - {"experiments", "params", "wandb"})
+    unknown = sorted(set(grid) - {"experiments", "params", "models", "wandb"})
     if unknown or not grid.get("experiments"):
         raise ConfigError(
-            f"{path}: a grid has experiments, params and wandb (and needs experiments); got {sorted(grid)}"
+            f"{path}: a grid has experiments, params, models and wandb (and needs experiments); got {sorted(grid)}"
         )
+    not_swept = sorted(set(grid.get("models", {})) - set(values(grid["params"].get("model", []))))
+    if not_swept:
+        raise ConfigError(f"{path}: models has settings for {not_swept}, which params.model does not list; add them")
     return grid
 
 
@@ -73,6 +77,23 @@ def hydra_overrides(grid: dict[str, Any], replace: list[str] = ()) -> list[str]:
         raise ConfigError(f"{unknown} not in the grid's params ({sorted(grid['params'])}); pass other keys to Hydra")
     return [
         f"{key}={swapped.get(key, ','.join(str(v) for v in values(value)))}" for key, value in grid["params"].items()
+    ]
+
+
+def multiruns(grid: dict[str, Any], replace: list[str] = ()) -> list[list[str]]:
+    """The grid as Hydra multiruns: one for the models without settings of their own, then one per model with
+    its own (the grid's ``models``), its settings after the params."""
+    overrides = hydra_overrides(grid, replace)
+    own = grid.get("models", {})
+    models = next((o.split("=", 1)[1].split(",") for o in overrides if o.startswith("model=")), None)
+    if models is None:
+        return [overrides]
+    groups = [([m for m in models if m not in own], {})] + [([m], own[m]) for m in models if m in own]
+    return [
+        [f"model={','.join(group)}" if o.startswith("model=") else o for o in overrides]
+        + [f"{key}={value}" for key, value in settings.items()]
+        for group, settings in groups
+        if group
     ]
 
 
@@ -98,40 +119,55 @@ def experiment_sweep(experiment: str) -> dict[str, Any]:
 
 def wandb_sweeps(grid_path: Path, out: Path) -> dict[Path, str]:
     """The W&B sweep file of each experiment of the grid: path -> text (``<grid>_<experiment>.yaml``, or
-    ``<grid>.yaml`` for a grid of the experiment of its name: the demo)."""
+    ``<grid>.yaml`` for a grid of the experiment of its name: the demo), and one more per model with settings of
+    its own (``<grid>_<experiment>_<model>.yaml``)."""
     grid = load_grid(grid_path)
     paper = grid_path.stem
+    own = grid.get("models", {})
+    models = values(grid["params"].get("model", []))
+    shared = [m for m in models if m not in own]
+    groups = [("", {"model": shared if len(shared) > 1 else shared[0]} if shared else {})] if shared or not own else []
+    groups += [(f"_{model}", {"model": model, **own[model]}) for model in models if model in own]
     files = {}
     for experiment in grid["experiments"]:
         name = experiment.rsplit("/", 1)[-1]
-        path = out / (f"{paper}.yaml" if name == paper else f"{paper}_{name}.yaml")
-        wandb = grid.get("wandb", {}).get(experiment, {})
-        params = {"experiment": experiment, **experiment_sweep(experiment), **grid["params"], **wandb}
-        runs = 1
-        for value in params.values():
-            runs *= len(values(value))
-        body = {
-            "program": "src/ctxdistill/__main__.py",
-            # W&B's sweep variables: the agent hands the parameters over as Hydra key=value
-            "command": ["${env}", "${interpreter}", "-m", "ctxdistill", "${args_no_hyphens}", AGENT_RUN_DIR],
-            "project": "ctxdistill",
-            "method": "grid",
-            "metric": {"name": "eval/accuracy", "goal": "maximize"},
-            "parameters": {
-                key: {"values": value} if isinstance(value, list) else {"value": value} for key, value in params.items()
-            },
-        }
-        header = WANDB_HEADER.format(
-            grid=grid_path.as_posix(),
-            out=out.as_posix(),
-            name=name,
-            script=f"sweeps/{paper}.sh",
-            runs=runs,
-            path=path.as_posix(),
-            variables="".join(f"{name}=PATH " for name in sorted(set(ENVIRONMENT_VARIABLE.findall(str(params))))),
-        )
-        files[path] = header + yaml.safe_dump(body, sort_keys=False, width=120, default_flow_style=None)
+        for suffix, group in groups:
+            path = out / (f"{paper}{suffix}.yaml" if name == paper else f"{paper}_{name}{suffix}.yaml")
+            wandb = grid.get("wandb", {}).get(experiment, {})
+            params = {"experiment": experiment, **experiment_sweep(experiment), **grid["params"], **group, **wandb}
+            files[path] = wandb_sweep(params, grid_path, out, path, part=name + suffix.replace("_", " "))
     return files
+
+
+def wandb_sweep(params: dict[str, Any], grid_path: Path, out: Path, path: Path, part: str) -> str:
+    runs = 1
+    for value in params.values():
+        runs *= len(values(value))
+    # a sharded model needs a process per GPU, which an agent starts only through torchrun
+    sharded = params.get("trainer/distributed", "ddp") != "ddp"
+    launcher = ["torchrun", "--standalone", "--nproc_per_node", "gpu"] if sharded else ["${interpreter}"]
+    body = {
+        "program": "src/ctxdistill/__main__.py",
+        # W&B's sweep variables: the agent hands the parameters over as Hydra key=value
+        "command": ["${env}", *launcher, "-m", "ctxdistill", "${args_no_hyphens}", AGENT_RUN_DIR],
+        "project": "ctxdistill",
+        "method": "grid",
+        "metric": {"name": "eval/accuracy", "goal": "maximize"},
+        "parameters": {
+            key: {"values": value} if isinstance(value, list) else {"value": value} for key, value in params.items()
+        },
+    }
+    header = WANDB_HEADER.format(
+        grid=grid_path.as_posix(),
+        out=out.as_posix(),
+        name=part,
+        script=f"sweeps/{grid_path.stem}.sh",
+        launch=" ".join(launcher) if sharded else "python",
+        runs=runs,
+        path=path.as_posix(),
+        variables="".join(f"{name}=PATH " for name in sorted(set(ENVIRONMENT_VARIABLE.findall(str(params))))),
+    )
+    return header + yaml.safe_dump(body, sort_keys=False, width=120, default_flow_style=None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "experiments":
             print("\n".join(grid["experiments"]))
         elif args.what == "overrides":
-            print("\n".join(hydra_overrides(grid, args.replace)))
+            print("\n".join(" ".join(multirun) for multirun in multiruns(grid, args.replace)))
         else:
             for path, text in wandb_sweeps(args.grid, args.out).items():
                 path.write_text(text)

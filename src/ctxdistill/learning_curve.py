@@ -4,9 +4,10 @@
 
 Every run under SWEEP_DIR (its metrics.json and config.yaml) is one point: its series is the method's
 name, with the trained adapter when it is not LoRA (``cd (prefix)``); its x is the demonstrations it
-used (``dataset.context.num_demos`` x ``num_contexts``). Points are the mean over seeds with a 95%
-Student-t interval; two runs of the same point (a cell run again into another directory) are refused,
-not averaged. ``--window-demos`` marks how many demonstrations the capped window holds; a run's
+used (``dataset.context.num_demos`` x ``num_contexts``). Points are the mean over seeds with the suite's 95%
+interval of a proportion (Student's t over seeds that differ, Wilson's over the examples where they agree), cut
+to [0, 1]; two runs of the same point (a cell run again into another directory) are refused, not averaged.
+``--window-demos`` marks how many demonstrations the capped window holds; a run's
 ``evaluations/forgetting/`` (made by ctxdistill-eval on another task) is its forgetting column, and
 ``--before`` the untrained model's accuracy on that task. Writes learning_curve.png, learning_curve.md
 and learning_curve.csv.
@@ -27,15 +28,29 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ctxdistill.results.records import EVALUATIONS
-from ctxdistill.results.stats import t_interval
+from ctxdistill.results.stats import mean_interval
 
 FORGETTING = "forgetting"  # the evaluation directory (ctxdistill-eval --name) holding the other task's accuracy
 
 
-def mean_interval(values: list[float]) -> tuple[float, float]:
-    """The mean and the half-width of its 95% Student-t interval (0 for a single value)."""
-    interval = t_interval(values)
-    return statistics.fmean(values), 0.0 if interval is None else (interval[1] - interval[0]) / 2
+#: a point's mean accuracy and the low and high ends of its 95% interval (None where it has none)
+Summary = tuple[float, Optional[float], Optional[float]]
+
+
+def summarise_accuracy(runs: list[dict[str, float]], set_name: str) -> Optional[Summary]:
+    """The mean accuracy on ``set_name`` over the runs (their metrics) that report it, with its 95% interval: a
+    proportion's (:func:`ctxdistill.results.stats.mean_interval`), so seeds that agree get Wilson's over the
+    fewest examples a run records (``{set}/examples``), not a width of 0; no interval where a run records none."""
+    scored = [run for run in runs if f"{set_name}/accuracy" in run]
+    if not scored:
+        return None
+    accuracies = [run[f"{set_name}/accuracy"] for run in scored]
+    interval = mean_interval(accuracies, [run.get(f"{set_name}/examples") for run in scored], "proportion")
+    if interval is None:
+        return statistics.fmean(accuracies), None, None
+    # an accuracy lies in [0, 1] whatever a t-interval over a few seeds says (the tables cut theirs in
+    # results/table.py by the metric's range; stats.mean_interval stays the bare statistic)
+    return statistics.fmean(accuracies), max(interval[0], 0.0), min(interval[1], 1.0)
 
 
 def series_name(config: dict[str, Any], trainable: int) -> str:
@@ -62,9 +77,7 @@ def read_points(root: Path) -> list[dict[str, Any]]:
                 "metrics": run["metrics"],
                 "trainable": run.get("trainable_parameters", 0),
                 "context_tokens": run.get("context_tokens_per_query", 0.0),
-                "forgetting": json.loads(forgetting.read_text())["metrics"]["eval/accuracy"]
-                if forgetting.is_file()
-                else None,
+                "forgetting": json.loads(forgetting.read_text())["metrics"] if forgetting.is_file() else None,
             }
         )
     return points
@@ -92,18 +105,19 @@ def summarise(points: list[dict[str, Any]], sets: list[str]) -> list[dict[str, A
     for (series, demos), members in sorted(groups.items()):
         row = {"series": series, "demos": demos, "seeds": len(members)}
         for name in sets:
-            values = [m["metrics"][f"{name}/accuracy"] for m in members if f"{name}/accuracy" in m["metrics"]]
-            row[name] = mean_interval(values) if values else None
-        forgetting = [m["forgetting"] for m in members if m["forgetting"] is not None]
-        row["forgetting"] = mean_interval(forgetting) if forgetting else None
+            row[name] = summarise_accuracy([m["metrics"] for m in members], name)
+        row["forgetting"] = summarise_accuracy([m["forgetting"] for m in members if m["forgetting"]], "eval")
         row["context_tokens"] = statistics.fmean(m["context_tokens"] for m in members)
         row["trainable"] = members[0]["trainable"]
         rows.append(row)
     return rows
 
 
-def _cell(value: Optional[tuple[float, float]]) -> str:
-    return "-" if value is None else f"{value[0]:.3f} ± {value[1]:.3f}"
+def _cell(summary: Optional[Summary]) -> str:
+    if summary is None:
+        return "-"
+    mean, low, high = summary
+    return f"{mean:.3f}" if low is None else f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def write_table(rows: list[dict], sets: list[str], before: Optional[float], out: Path) -> None:
@@ -114,8 +128,8 @@ def write_table(rows: list[dict], sets: list[str], before: Optional[float], out:
         writer = csv.writer(f)
         writer.writerow(
             ["method", "demos", "seeds"]
-            + [f"{s}_{k}" for s in sets for k in ("mean", "ci95")]
-            + ["context_tokens", "trainable", "forgetting_mean", "forgetting_ci95"]
+            + [f"{s}_{k}" for s in sets for k in ("mean", "low", "high")]
+            + ["context_tokens", "trainable", "forgetting_mean", "forgetting_low", "forgetting_high"]
         )
         for row in rows:
             cells = [row["series"], str(row["demos"]), str(row["seeds"]), *(_cell(row[s]) for s in sets)]
@@ -123,8 +137,8 @@ def write_table(rows: list[dict], sets: list[str], before: Optional[float], out:
             lines.append("| " + " | ".join(cells) + " |")
             writer.writerow(
                 [row["series"], row["demos"], row["seeds"]]
-                + [v for s in sets for v in (row[s] or ("", ""))]
-                + [row["context_tokens"], row["trainable"], *(row["forgetting"] or ("", ""))]
+                + [v for s in sets for v in (row[s] or ("", "", ""))]  # csv writes an interval's None as ""
+                + [row["context_tokens"], row["trainable"], *(row["forgetting"] or ("", "", ""))]
             )
     (out / "learning_curve.md").write_text("\n".join(lines) + "\n")
 
@@ -143,7 +157,10 @@ def plot(rows: list[dict], sets: list[str], window_demos: Optional[int], out: Pa
             ax.errorbar(
                 x,
                 [r[name][0] for r in mine],
-                yerr=[r[name][1] for r in mine],
+                yerr=[  # below and above the mean: the interval of a proportion is not symmetric
+                    [r[name][0] - r[name][1] if r[name][1] is not None else 0.0 for r in mine],
+                    [r[name][2] - r[name][0] if r[name][2] is not None else 0.0 for r in mine],
+                ],
                 marker="o",
                 capsize=3,
                 label=label,

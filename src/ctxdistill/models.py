@@ -269,14 +269,14 @@ def honour_name_or_path(spec: DictConfig, key: str = "model") -> None:
     if spec.source != loads_from(spec):
         log.info(
             "%s.name_or_path=%s is not what %s=%s bundles (%s): loading it from the Hub or its directory; "
-            "tables label the run %s.name=%s (set it to tell this model's runs from the bundled one's)",
+            "tables label the run %s (set %s.name to label it otherwise)",
             key,
             spec.name_or_path,
             key,
             spec.name,
             spec.bundles,
+            spec.name_or_path,
             key,
-            spec.name,
         )
         spec.source = "hub"
 
@@ -525,16 +525,22 @@ def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]
 
 
 def check_shared_vocabulary(
-    student: DictConfig, teacher: DictConfig, cache_dir: str, student_tokenizer, teacher_tokenizer, fix: str = ""
+    student: DictConfig,
+    teacher: DictConfig,
+    cache_dir: str,
+    student_tokenizer,
+    teacher_tokenizer,
+    fix: str = "",
+    teacher_key: str = "method.teacher_model",
 ) -> None:
-    """Distillation over logits compares the two models token by token: refuse a teacher whose
-    tokenizer or output layer differs from the student's, before either model loads. ``fix`` adds what
-    else the method offers."""
+    """Distillation over logits compares the two models token by token: refuse a teacher (the setting
+    ``teacher_key``) whose tokenizer or output layer differs from the student's, before either model loads.
+    ``fix`` adds what else the method offers."""
     vocabularies = [student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()]
     if vocabularies[0] != vocabularies[1]:
         differing = len(set(vocabularies[0].items()) ^ set(vocabularies[1].items()))
         raise ModelLoadError(
-            f"{model_label(teacher, 'method.teacher')} and {model_label(student)} have different vocabularies "
+            f"{model_label(teacher, teacher_key)} and {model_label(student)} have different vocabularies "
             f"({len(vocabularies[1])} vs {len(vocabularies[0])} tokens, {differing} entries differ); "
             "distillation over logits needs a shared vocabulary. Use a teacher from the student's "
             f"model family (e.g. OPT-1.3b for OPT-125m){fix}."
@@ -545,7 +551,7 @@ def check_shared_vocabulary(
     ]
     if sizes[0] != sizes[1]:
         raise ModelLoadError(
-            f"{model_label(teacher, 'method.teacher')} scores {sizes[1]} output tokens and {model_label(student)} "
+            f"{model_label(teacher, teacher_key)} scores {sizes[1]} output tokens and {model_label(student)} "
             f"{sizes[0]} (their embedding matrices are padded differently); distillation over logits "
             f"needs equal output sizes. Use a teacher with the student's output size{fix}."
         )
@@ -795,23 +801,32 @@ class TeacherUnavailable(RuntimeError):
 
 
 @contextlib.contextmanager
-def evaluation_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def evaluation_mode(model: torch.nn.Module, dropout_seed: Optional[int] = None) -> Iterator[torch.nn.Module]:
     """``model`` in eval mode (no dropout), put back in the mode it was in afterwards: what reads the model in
-    the middle of training (a periodic evaluation, a teacher that is the student) must not end its dropout."""
+    the middle of training (a periodic evaluation, a teacher that is the student) must not end its dropout.
+
+    With ``dropout_seed`` (``trainer.evaluate_with_dropout``) it is in train mode instead, its dropout masks drawn
+    from the random state that seed gives, and the random state is put back afterwards: the same masks wherever in
+    a run the evaluation falls, and a periodic evaluation leaves training's draws as they were."""
     was_training = model.training
-    model.eval()
+    dropout = dropout_seed is not None
+    model.train(dropout)
     try:
-        yield model
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()), enabled=dropout):
+            if dropout:
+                torch.manual_seed(dropout_seed)
+            yield model
     finally:
         model.train(was_training)
 
 
 def runs_in_evaluation_mode(function: Callable) -> Callable:
-    """Decorator: ``function(model, ...)`` runs with ``model`` in :func:`evaluation_mode`."""
+    """Decorator: ``function(model, ...)`` runs with ``model`` in :func:`evaluation_mode`; a caller's
+    ``dropout_seed=`` keyword is that of :func:`evaluation_mode`."""
 
     @functools.wraps(function)
-    def wrapper(model, *args, **kwargs):
-        with evaluation_mode(model):
+    def wrapper(model, *args, dropout_seed: Optional[int] = None, **kwargs):
+        with evaluation_mode(model, dropout_seed):
             return function(model, *args, **kwargs)
 
     return wrapper
@@ -862,6 +877,8 @@ class ModelHandle:
     teacher_tokenizer: Optional[PreTrainedTokenizerBase] = None
     # Set by the trainer when the first step is about to change the weights.
     training_started: bool = False
+    # trainer.evaluate_with_dropout: the seed of the trained model's dropout when it is evaluated; None: eval mode
+    evaluation_dropout_seed: Optional[int] = None
 
     @property
     def trains_base_weights(self) -> bool:

@@ -30,7 +30,7 @@ from ctxdistill.checkpoint import (
     save_random_states,
     save_trainable_weights,
 )
-from ctxdistill.config import ConfigError, override_keys, validate
+from ctxdistill.config import ConfigError, override_keys, table_label, validate
 from ctxdistill.data import Task
 from ctxdistill.methods import build_method
 from ctxdistill.models import (
@@ -63,7 +63,7 @@ def write_json(path: Path, payload: Any) -> None:
 def run_identity(cfg: DictConfig, task: Task) -> dict[str, Any]:
     return {
         "method": cfg.method.name,
-        "model": cfg.model.name,
+        "model": table_label(cfg.model),
         "dataset": task.name,
         "seed": cfg.seed,
         "paper": cfg.paper,
@@ -80,10 +80,14 @@ def training_fingerprint(cfg: DictConfig) -> str:
         "eval_every_epoch",
         "eval_batch_size",
         "save_model",
+        "evaluate_with_dropout",
     ):
         trainer.pop(key)
-    if trainer["selection"]["metric"] is None:  # a checkpoint of code from before the setting still resumes
+    # a checkpoint of code from before these settings still resumes
+    if trainer["selection"]["metric"] is None:
         trainer.pop("selection")
+    if trainer["steps_per_lr_update"] == 1:
+        trainer.pop("steps_per_lr_update")
     shaping = {
         "trainer": trainer,
         "seed": cfg.seed,
@@ -146,7 +150,9 @@ def hydra_overrides() -> Optional[list[str]]:
 
 # Settings only training reads: the trainer group but what evaluation reads of it, and the trained adapter.
 TRAINING_KEYS = ("trainer.", "model.adapter", "model.lora.", "model.prefix_")
-EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed")
+# What only the evaluation of a trained model reads (ctxdistill-eval reads it, a method that trains nothing does not)
+TRAINED_MODEL_EVALUATION_KEYS = ("trainer.evaluate_with_dropout",)
+EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed", *TRAINED_MODEL_EVALUATION_KEYS)
 # The settings each model.adapter reads, which no other adapter does.
 ADAPTER_KEYS = {"lora": "model.lora.", "prefix": "model.prefix_"}
 
@@ -157,7 +163,9 @@ def unused_settings(method, overrides: Optional[list[str]], adapter: str) -> lis
     when it trains every weight."""
     keys = override_keys(overrides or [])
     if not method.trains:
-        unused = training_settings_in(overrides or [])
+        unused = training_settings_in(overrides or []) + [
+            k for k in keys if k.startswith(TRAINED_MODEL_EVALUATION_KEYS)
+        ]
         reason = f"method={method.name} does not train"
         return (
             [{"keys": unused, "reason": reason, "warning": f"{reason}: ignoring {', '.join(unused)}"}] if unused else []
@@ -217,6 +225,11 @@ def separate_teacher_tokenizer(cfg: DictConfig, method, task, tokenizer):
     teacher_tokenizer = load_tokenizer(teacher_spec, cfg.cache_dir)
     method.check_teacher(cfg, task, tokenizer, teacher_tokenizer)
     return None if teacher_tokenizer.get_vocab() == tokenizer.get_vocab() else teacher_tokenizer
+
+
+def evaluation_dropout_seed(cfg: DictConfig, method) -> Optional[int]:
+    """The seed of the trained model's dropout in its evaluation (trainer.evaluate_with_dropout), or None: eval mode."""
+    return cfg.seed if cfg.trainer.evaluate_with_dropout and method.trains else None
 
 
 def build_models(
@@ -318,6 +331,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             separate_teacher=teacher,
             teacher_tokenizer=teacher_tokenizer,
             identity=model_identity(teacher_spec or cfg.model, cfg.seed, accelerator.device),
+            evaluation_dropout_seed=evaluation_dropout_seed(cfg, method),
         )
         if method.trains and method.teacher_during_training and handle.trains_base_weights:
             handle.keep_frozen_teacher()

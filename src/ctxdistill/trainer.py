@@ -105,6 +105,29 @@ def checkpoint_selection(spec: DictConfig, eval_sets: list[str], metric_set: Met
     return Selection(spec.metric, higher, spec.every_epochs, spec.skip_epochs)
 
 
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, cfg: DictConfig, steps_per_epoch: int, schedule_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``trainer.scheduler`` over ``schedule_steps`` optimiser steps, moved on once every
+    ``trainer.steps_per_lr_update`` of them, counted from each epoch's start: its length and warmup count these
+    groups (``trainer.warmup_ratio`` of them, rounded down, as transformers' schedules and the released code round)."""
+    per_update = cfg.steps_per_lr_update
+    updates_per_epoch = math.ceil(steps_per_epoch / per_update)
+
+    def update(step: int) -> int:
+        """The schedule's step during optimiser step ``step`` (from 0)."""
+        epoch, within = divmod(step, steps_per_epoch)
+        return epoch * updates_per_epoch + within // per_update
+
+    updates = update(schedule_steps - 1) + 1
+    scheduler = get_scheduler(
+        cfg.scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates), num_training_steps=updates
+    )
+    # transformers' schedules are LambdaLR factors of their own step; each is read at the optimiser step's group
+    scheduler.lr_lambdas = [lambda step, factor=factor: factor(update(step)) for factor in scheduler.lr_lambdas]
+    return scheduler
+
+
 def train(
     method: Method,
     handle: ModelHandle,
@@ -151,12 +174,7 @@ def train(
     schedule_steps = cfg.schedule_epochs * steps_per_epoch if cfg.schedule_epochs else total_steps
     params = [p for p in handle.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(
-        cfg.scheduler,
-        optimizer,
-        num_warmup_steps=int(cfg.warmup_ratio * schedule_steps),
-        num_training_steps=schedule_steps,
-    )
+    scheduler = lr_schedule(optimizer, cfg, steps_per_epoch, schedule_steps)
     handle.student, optimizer, loader, scheduler = accelerator.prepare(handle.student, optimizer, loader, scheduler)
     progress = Progress(epoch_shuffle_state=shuffle.get_state(), fingerprint=fingerprint)
     accelerator.register_for_checkpointing(progress)

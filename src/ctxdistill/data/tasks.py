@@ -35,6 +35,7 @@ class Example:
     label: Optional[int]  # None for unlabelled queries: what distillation trains on
     group: Optional[str] = None  # a subset to report separately (e.g. HANS's heuristic)
     target: Optional[str] = None  # the free-text answer of a generative task (then label is None)
+    template: Optional[str] = None  # its eval set's own query template (dataset.ood.NAME.template); None: the task's
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class Task:
         return example.target + "\n" if self.generation else self.verbalizers[example.label]
 
     def query(self, example: Example) -> str:
-        return self.template.format(**example.fields)
+        return (example.template or self.template).format(**example.fields)
 
     def student_prompt(self, example: Example) -> str:
         if self.student_instruction:
@@ -135,7 +136,8 @@ class Task:
         context = self.context_of(example) if context is None else context
         if not context:
             return self.query(example)
-        return context + self.separator + (self.context_query_template or self.template).format(**example.fields)
+        template = example.template or self.context_query_template or self.template
+        return context + self.separator + template.format(**example.fields)
 
     def prompt(self, example: Example, with_context: bool) -> str:
         return self.teacher_prompt(example) if with_context else self.student_prompt(example)
@@ -499,11 +501,10 @@ def build_task(spec: DictConfig, seed: int) -> Task:
         records, where = load_records(ood.source, ood.split, f"dataset.ood.{name}.source")
         label_map = ood.label_map if ood.label_map is not None else spec.label_map
         drop = ood.drop_labels if ood.drop_labels is not None else spec.drop_labels
-        eval_sets[name] = take(
-            to_examples(records, spec, label_map, drop, where, name, ood.group_by),
-            ood.num_examples,
-            ood.shuffle_seed,
-        )
+        examples = to_examples(records, spec, label_map, drop, where, name, ood.group_by)
+        if ood.template is not None:
+            examples = [replace(e, template=ood.template) for e in examples]
+        eval_sets[name] = take(examples, ood.num_examples, ood.shuffle_seed)
     return Task(
         name=spec.name,
         template=spec.template,

@@ -53,6 +53,8 @@ class Method:
     answer_tokens: int = 1
     #: a separate frozen teacher's model config (a larger model); None: the base weights are the teacher.
     teacher_model: Optional[DictConfig] = None
+    #: the setting that holds it, as messages name it
+    teacher_key: str = "method.teacher_model"
     #: whether the frozen teacher is asked after :meth:`prepare` (at training steps); full-weight training
     #: then keeps a frozen copy of the initial weights for it.
     teacher_during_training: bool = False
@@ -110,7 +112,9 @@ class Method:
     def check_teacher(self, cfg: DictConfig, task: Task, tokenizer, teacher_tokenizer) -> None:
         """Cheap checks of the separate teacher (``teacher_model``) before either model loads: by default it
         must share the student's vocabulary, since distillation over logits compares them token by token."""
-        check_shared_vocabulary(cfg.model, self.teacher_model, cfg.cache_dir, tokenizer, teacher_tokenizer)
+        check_shared_vocabulary(
+            cfg.model, self.teacher_model, cfg.cache_dir, tokenizer, teacher_tokenizer, teacher_key=self.teacher_key
+        )
 
     def wrap_model(self, model: torch.nn.Module, tokenizer) -> torch.nn.Module:
         """The module that is trained and evaluated, built around the loaded model (e.g. with a scoring head)."""

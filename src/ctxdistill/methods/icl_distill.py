@@ -139,6 +139,7 @@ def icl_distillation_loss(
 
 class ICLDistillation(Method):
     trained_weights = "adapter"  # what model.adapter selects: lora or full
+    teacher_key = "method.teacher"
     eval_with_context = True  # the student is judged by its few-shot (in-context) accuracy
 
     def __init__(

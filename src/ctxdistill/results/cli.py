@@ -175,11 +175,16 @@ def compare(argv: list[str] | None = None) -> int:
             print(f"error: --wandb {args.wandb}: {e}", file=sys.stderr)
             return 1
     unreadable: list[str] = []
-    unfinished = {
-        str(path / cell): why for path in args.paths if path.is_dir() for cell, why in unfinished_runs(path).items()
+    collected = collect(args.paths, unreadable)
+    unfinished = {  # (a run whose metrics.json is unreadable was named as such, once)
+        str(path / cell): why
+        for path in args.paths
+        if path.is_dir()
+        for cell, why in unfinished_runs(path).items()
+        if str(path / cell / "metrics.json") not in unreadable
     }
     # a run whose latest attempt failed is left out even beside an earlier complete metrics.json, as a sweep does
-    records += [r for r in collect(args.paths, unreadable) if r.get("run_dir") not in unfinished]
+    records += [r for r in collected if r.get("run_dir") not in unfinished]
     for run_dir, why in unfinished.items():
         print(f"warning: left out {run_dir}: {why}", file=sys.stderr)
     if not records:
