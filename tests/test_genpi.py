@@ -465,6 +465,63 @@ def test_a_loop_that_follows_the_rule_is_a_failure(make_cfg):
     ] == [True, False, False, False, True, False, False]
 
 
+MOON = "What is the moon?"
+MOON_REFERENCE = "The moon is a rocky body that orbits the Earth."
+
+
+@pytest.mark.parametrize(
+    "request_, reference, reply, answers",
+    [
+        # The audit's replies that restate the request: an echo, a bare refusal, the topic alone.
+        ("What is photosynthesis?", "Plants turn light into sugar.", "What is photosynthesis?", False),
+        (MOON, MOON_REFERENCE, "I do not know about the moon.", False),
+        (MOON, MOON_REFERENCE, "I don't know about the moon.", False),  # "don" and "t" are function words
+        (MOON, MOON_REFERENCE, "Moon.", False),
+        # Replies that answer: a word the reference shares, a word of the reply's own beside the request's.
+        ("What is the capital of France?", "The capital of France is Paris.", "Paris.", True),
+        (MOON, MOON_REFERENCE, "The moon is Earth's natural satellite.", True),
+        (MOON, MOON_REFERENCE, "I'm not sure, but the moon is made of rock.", True),  # a hedge is no refusal
+        # The bundled model's replies in GenPI's stage cache (the teacher's; the tautology is the base model's own,
+        # its own reference), references shortened.
+        ("Finish on a positive note.", "I'm sorry for any mistakes, but ...", "Finish on a positive note.", False),
+        (
+            "I'm planning a trip to Italy.",
+            "A trip to Italy sounds like an adventure ...",
+            "I'm planning a trip to Italy.",
+            False,
+        ),
+        (
+            "Make a gift giving pledge.",
+            "A gift giving pledge is a gift giving pledge.",
+            "A gift giving pledge is a gift giving pledge.",
+            False,
+        ),
+        (
+            "I have too many ideas.",
+            "The eternal quest for inspiration. ...",
+            "I'm not sure what to do with all the ideas I have.",  # "sure" is a function word
+            False,
+        ),
+        (
+            "How many legs does a spider have?",
+            "The answer ... lies in the spider's anatomy. ...",
+            "A spider has 8 legs.",
+            True,
+        ),
+        (
+            "What is a good name for a cat?",
+            "... a good name for a cat can be tailored ...",
+            'A good name for a cat is "Mia" or "Luna" in some languages.',
+            True,
+        ),
+    ],
+)
+def test_a_reply_answers_only_with_a_content_word_the_request_lacks(make_cfg, request_, reference, reply, answers):
+    rule = re.compile(make_cfg(*GENPI).method.rule)
+    assert rule.search(reply)  # each follows the rule: only the answer check decides
+    assert task_success(reply, request_, reference, rule) is answers
+
+
 def test_generation_metrics_count_success_rule_and_loops_for_each_model():
     requests = [QUESTION, "What is the capital of France?", "Tell me a joke."]
     metrics = generation_metrics(

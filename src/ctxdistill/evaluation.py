@@ -368,6 +368,7 @@ FUNCTION_WORDS = frozenset(
     out over own same she should so some such than that the their them then there these they this those through
     to too under until up very was we were what when where which while who whom why will with would you your
     yours give good best better explain describe know let like make many much need please say tell think want way
+    sorry sure unsure cannot don doesn didn isn aren wasn weren won wouldn couldn shouldn haven hasn t s m re ve ll d
 """.split()
 )
 
@@ -385,24 +386,37 @@ def is_degenerate(reply: str) -> bool:
     return 2 * len(set(words)) <= len(words)
 
 
-def is_on_topic(reply: str, request: str, reference: str) -> bool:
-    """Whether the reply speaks of what the request asks about or of what a reference answer says ("Paris." to
-    "What is the capital of France?"): a content word (function words left out, Porter-stemmed so "legs" meets
-    "leg") that the reply shares with either."""
+def _content_words(text: str) -> set[str]:
+    """Porter-stemmed words without the function words, so "legs" meets "leg"."""
     from nltk.stem.porter import PorterStemmer
 
     stem = PorterStemmer().stem
+    return {stem(w) for w in _words(text) if w not in FUNCTION_WORDS}
 
-    def content(text: str) -> set[str]:
-        return {stem(w) for w in _words(text) if w not in FUNCTION_WORDS}
 
-    return bool(content(reply) & (content(request) | content(reference)))
+def is_on_topic(reply: str, request: str, reference: str) -> bool:
+    """Whether the reply speaks of what the request asks about or of what a reference answer says ("Paris." to
+    "What is the capital of France?"): a content word (:func:`_content_words`) that the reply shares with either."""
+    return bool(_content_words(reply) & (_content_words(request) | _content_words(reference)))
+
+
+def adds_to_request(reply: str, request: str) -> bool:
+    """Whether the reply says something the request does not: a content word the request lacks. An echo
+    ("What is photosynthesis?"), the topic alone ("Moon.") and a bare refusal ("I don't know about the moon.")
+    restate the request, and so answer nothing."""
+    return bool(_content_words(reply) - _content_words(request))
 
 
 def task_success(reply: str, request: str, reference: str, rule: re.Pattern) -> bool:
     """A reply that follows the prompt's rule and answers the request: the rule matches, the reply is on topic
-    (:func:`is_on_topic`) and no loop. Rule compliance alone rewards a loop that happens to match the rule."""
-    return bool(rule.search(reply)) and is_on_topic(reply, request, reference) and not is_degenerate(reply)
+    (:func:`is_on_topic`), adds to the request (:func:`adds_to_request`) and is no loop. Rule compliance alone
+    rewards a loop, or an echo of the question, that happens to match the rule."""
+    return (
+        bool(rule.search(reply))
+        and is_on_topic(reply, request, reference)
+        and adds_to_request(reply, request)
+        and not is_degenerate(reply)
+    )
 
 
 def generation_metrics(
@@ -410,8 +424,9 @@ def generation_metrics(
 ) -> dict[str, float]:
     """Free-text replies to ``requests``, for the model, the teacher and the base model: the share of
     replies with task success (:func:`task_success`; the base model's reply, written without the prompt, is
-    the reference answer, so for the base model itself it is the rule and no loop), that follow the rule, and
-    that are degenerate (:func:`is_degenerate`); Rouge-L F1 with the teacher's reply as reference."""
+    the reference answer, so for the base model itself it is the rule, a word beyond the request and no loop),
+    that follow the rule, and that are degenerate (:func:`is_degenerate`); Rouge-L F1 with the teacher's reply as
+    reference."""
     from rouge_score.rouge_scorer import RougeScorer
 
     scorer = RougeScorer(["rougeL"])
