@@ -237,7 +237,7 @@ def test_teacher_distributions_without_room_on_disk_are_refused_before_the_teach
     monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("the teacher ran"))
     with pytest.raises(ConfigError) as refused:
         score(model, tokenizer, task, examples, with_context=True, batch_size=4, keep_distribution=True)
-    width = model.config.vocab_size
+    width = len(tokenizer)
     assert str(refused.value) == (
         f"the KL to the teacher keeps the teacher's next-token distributions of 10 eval examples x {width} tokens in "
         f"a temporary file ({40 * width / 2**20:,.0f} MiB) in {tempfile.gettempdir()}, which has 1 MiB free: point "

@@ -220,7 +220,7 @@ def score(
     model evaluated with dropout (``dropout_seed``, see :func:`~ctxdistill.models.evaluation_mode`): a prefix run
     once, in eval mode, would spare it the dropout of each prompt's own pass."""
     if keep_distribution:  # refused now, not on a full disk after training (the teacher is scored before it)
-        check_room_for_distributions(len(examples), model.config.get_text_config().vocab_size)
+        check_room_for_distributions(len(examples), len(tokenizer))  # (a padded head is a few rows wider)
     verbalizer_ids = [tokenizer(v, add_special_tokens=False).input_ids for v in task.verbalizers]
     single_token = all(len(ids) == 1 for ids in verbalizer_ids)
     all_prompts = [task.prompt(e, with_context) for e in examples]
