@@ -434,6 +434,16 @@ def test_bad_values_are_named(make_cfg, override, key):
         validate(cfg)
 
 
+def validates_or_refuses(cfg, given: list[str], message) -> None:
+    """``cfg`` passes validation (``message`` None), or is refused with a message that starts with ``message``."""
+    if message is None:
+        validate(cfg, given)
+        return
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg, given)
+    assert str(refused.value).startswith(message)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -545,13 +555,7 @@ def test_a_model_setting_its_source_does_not_read_is_refused_naming_it(make_cfg,
     """The newcomer's first hour: a setting the model's source cannot use was silently ignored (model.gguf_file on a
     Hub model), and a source without what it needs was a traceback at loading."""
     given = overrides.replace("TESTS", str(Path(__file__).parent)).split()  # TESTS: a local directory
-    cfg = make_cfg(*given)
-    if message is None:
-        validate(cfg, given)
-        return
-    with pytest.raises(ConfigError) as refused:
-        validate(cfg, given)
-    assert str(refused.value).startswith(message)
+    validates_or_refuses(make_cfg(*given), given, message)
 
 
 @pytest.mark.parametrize(
@@ -584,13 +588,7 @@ def test_a_bundled_source_setting_an_experiment_sets_beside_another_model_is_ref
     (tmp_path / "conf" / "experiment").mkdir(parents=True)
     (tmp_path / "conf" / "experiment" / "mine.yaml").write_text(f"# @package _global_\nmodel:\n  {settings}\n")
     given = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"model={model}", "experiment=mine"]
-    cfg = make_cfg(*given)
-    if message is None:
-        validate(cfg, given)
-        return
-    with pytest.raises(ConfigError) as refused:
-        validate(cfg, given)
-    assert str(refused.value).startswith(message)
+    validates_or_refuses(make_cfg(*given), given, message)
 
 
 @pytest.mark.parametrize("model", ["tiny-random", "tiny-random-seq2seq"])
