@@ -828,8 +828,8 @@ def test_wandb_report_spec_follows_the_declarations(tmp_path):
     assert headings == ["mnli: classification", "rte: classification", "wn18rr: link_prediction"]
     runset = grids[0].runsets[0]
     conditions = {(f.key.section, f.key.name, f.value) for f in expr.expr_to_filters(runset.filters).filters}
-    assert conditions == {("run", "group", "sweep-1"), ("config", "dataset.name", "mnli")}
-    assert runset.groupby == ["config.method.name", "config.model.name"]
+    assert conditions == {("run", "group", "sweep-1"), ("config", "identity.dataset", "mnli")}
+    assert runset.groupby == ["config.identity.method", "config.identity.model"]
     bars = grids[0].panels[0]
     assert bars.metrics == ["eval/accuracy", "hans/accuracy"] and bars.groupby_rangefunc == "stddev"
     assert [p.y.name for p in grids[0].panels if isinstance(p, wr.ScatterPlot)] == ["eval/accuracy", "hans/accuracy"]

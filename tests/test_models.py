@@ -419,6 +419,7 @@ def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_so
 ):
     from transformers import AutoModelForCausalLM
 
+    from ctxdistill.results.wandb_runs import read_offline_run
     from ctxdistill.run import run
 
     # model=tiny-random bundles a random model; naming a checkpoint must evaluate that checkpoint.
@@ -426,7 +427,8 @@ def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_so
         make_cfg(
             "method=zero_shot",
             "model=tiny-random",
-            "logger=none",
+            "logger=wandb",
+            "logger.mode=offline",
             "dataset.source.split_sizes.eval=8",
             f"model.name_or_path={behaving_model_dir}",
         )
@@ -437,6 +439,13 @@ def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_so
     assert f"name_or_path: {behaving_model_dir}" in recorded and "source: hub" in recorded
     # and tables name the checkpoint, not the bundled random model whose config was composed
     assert json.loads((tmp_path / "metrics.json").read_text())["model"] == str(behaving_model_dir)
+    # and so does W&B: the run's name and group, and the identity the report's panels group by
+    logged = read_offline_run(next((tmp_path / "wandb").glob("offline-run-*")))
+    assert logged.config["identity"]["model"] == str(behaving_model_dir)
+    assert (logged.name, logged.group) == (
+        f"zero_shot-{behaving_model_dir}-synthetic-s0",
+        f"synthetic-{behaving_model_dir}",
+    )
     named = run(make_cfg("method=zero_shot", "model=tiny-random", "logger=none", "dataset.source.split_sizes.eval=8"))
     assert named["model"] == "tiny-random"
 

@@ -292,17 +292,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         overrides = hydra_overrides()
         if overrides is not None:  # what ctxdistill-eval recomposes, wherever output_dir put the run
             (out / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
+    identity = run_identity(cfg, task)
     tracker = (
         create_tracker(
             cfg.logger,
-            group=sweep_group() or f"{task.name}-{cfg.model.name}",
-            name=f"{cfg.method.name}-{cfg.model.name}-{task.name}-s{cfg.seed}",
+            # named as its tables name it: by the model it loads, where name_or_path is not its model file's
+            group=sweep_group() or f"{task.name}-{identity['model']}",
+            name=f"{cfg.method.name}-{identity['model']}-{task.name}-s{cfg.seed}",
             tags=[cfg.method.name, cfg.model.name, task.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
             config={
                 **resolved,
                 "hydra_choices": hydra_choices(),
                 "provenance": run_provenance,
-                "identity": run_identity(cfg, task),  # what a run read back from W&B is named by
+                "identity": identity,  # what a run read back from W&B, and the report's panels, are named by
             },
             output_dir=str(out),
             resumes=resumes_training(out),

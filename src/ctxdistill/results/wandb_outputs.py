@@ -85,8 +85,9 @@ def build_report(tables: list[Table], *, entity: str, project: str, group: str):
                 entity=entity,
                 project=project,
                 name=f"{dataset} runs",
-                filters=f"Group = '{group}' and Config('dataset.name') = '{dataset}'",
-                groupby=["config.method.name", "config.model.name"],
+                # the run's identity, as its table row: GenPI's dataset is its prompt, a model its loaded path
+                filters=f"Group = '{group}' and Config('identity.dataset') = '{dataset}'",
+                groupby=["config.identity.method", "config.identity.model"],
             )
             panels = [
                 wr.BarPlot(

@@ -66,7 +66,7 @@ def _update(target: dict[str, Any], items) -> None:
 
 @dataclass
 class WandbRun:
-    """What the public API's Run offers (config, summary, state, group, tags), read from disk."""
+    """What the public API's Run offers (config, summary, state, name, group, tags), read from disk."""
 
     config: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +74,7 @@ class WandbRun:
     ended: bool = False  # the file holds the run's exit record, whatever its exit code
     run_id: str = ""  # a resumed run's directories share it
     started: float = 0.0  # seconds since the epoch
+    name: str = ""
     group: str = ""
     tags: list[str] = field(default_factory=list)
     damage: Optional[str] = None  # where the run file stops being readable: the records after it are lost
@@ -91,7 +92,7 @@ def read_offline_run(run_dir: Path) -> WandbRun:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             _update(run.config, record.run.config.update)
-            run.group, run.tags = record.run.run_group, list(record.run.tags)
+            run.name, run.group, run.tags = record.run.display_name, record.run.run_group, list(record.run.tags)
             run.run_id, run.started = record.run.run_id, record.run.start_time.ToMicroseconds() / 1e6
         elif kind == "config":
             _update(run.config, record.config.update)
