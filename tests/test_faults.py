@@ -3,6 +3,7 @@ with a failing cell, a corrupt model cache. Each fault must leave a clear messag
 
 import json
 import logging
+import multiprocessing
 import os
 import re
 import shlex
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from ctxdistill.checkpoint import latest_checkpoint
 from ctxdistill.cli import user_errors
@@ -21,6 +23,7 @@ from ctxdistill.methods.distill import ContextDistillation
 from ctxdistill.methods.kgc import KGBert
 from ctxdistill.methods.on_policy import OnPolicyDistillation
 from ctxdistill.run import run
+from ctxdistill.sweeps import SweepSummaryCallback
 from ctxdistill.trainer import TrainingDiverged
 
 from conftest import RESUMABLE, compose_run, outcome
@@ -301,18 +304,29 @@ def test_wandb_that_cannot_start_is_said_by_each_run_but_once_by_a_sweep(tmp_pat
         raise ConnectionError("W&B is unreachable")
 
     monkeypatch.setattr(tracking, "WandbTracker", outage)
-    monkeypatch.setattr(tracking, "_sweep_told_could_not_start", False)
     logger = compose_run(tmp_path, "logger=wandb", "logger.mode=online").logger
     kwargs = dict(group="g", name="n", tags=[], config={}, output_dir=str(tmp_path), resumes=False)
+    first_worker = multiprocessing.get_context("fork").Process(  # a launcher's worker: a process of its own
+        target=tracking.create_tracker, args=(logger,), kwargs=kwargs | {"sweep_dir": tmp_path / "sweep"}
+    )
+    first_worker.start()
+    first_worker.join()
     with caplog.at_level(logging.WARNING, logger="ctxdistill.tracking"):
         runs = [tracking.create_tracker(logger, **kwargs) for _ in range(2)]
-        cells = [tracking.create_tracker(logger, **kwargs, in_sweep=True) for _ in range(3)]
+        cells = [tracking.create_tracker(logger, **kwargs, sweep_dir=tmp_path / "sweep") for _ in range(2)]
+        cells += [tracking.create_tracker(logger, **kwargs, sweep_dir=tmp_path / "another") for _ in range(2)]
     alone = "W&B could not start (W&B is unreachable); the run continues and its results stay on disk."
     once = (
         "W&B could not start (W&B is unreachable); the sweep goes on without it and its results stay on disk "
         "(said once: the sweep's summary counts the cells it missed)."
     )
-    assert caplog.messages == [alone, alone, once]
+    # the first sweep's worker said it, so its cells here do not; the other sweep says it once
+    assert first_worker.exitcode == 0 and caplog.messages == [alone, alone, once]
+    # launched again (resumed), the first sweep says it once more
+    SweepSummaryCallback().on_multirun_start(OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep")}}}))
+    with caplog.at_level(logging.WARNING, logger="ctxdistill.tracking"):
+        cells += [tracking.create_tracker(logger, **kwargs, sweep_dir=tmp_path / "sweep") for _ in range(2)]
+    assert caplog.messages == [alone, alone, once, once]
     assert {tracker.start_error for tracker in runs + cells} == {"W&B is unreachable"}  # kept in metrics.json
 
 

@@ -205,14 +205,19 @@ def training_settings_in(overrides: list[str]) -> list[str]:
     return [k for k in keys if k.startswith(TRAINING_KEYS) and not k.startswith(EVALUATION_TRAINER_KEYS)]
 
 
-def sweep_group() -> Optional[str]:
-    """The W&B group naming this run's sweep; None for a single run."""
+def sweep_dir() -> Optional[Path]:
+    """The directory of this run's sweep; None for a single run."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    return group_name(HydraConfig.get().sweep.dir)
+    return Path(HydraConfig.get().sweep.dir)
+
+
+def sweep_group() -> Optional[str]:
+    """The W&B group naming this run's sweep; None for a single run."""
+    return None if (swept := sweep_dir()) is None else group_name(swept)
 
 
 def separate_teacher_tokenizer(cfg: DictConfig, method, task, tokenizer):
@@ -308,7 +313,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             },
             output_dir=str(out),
             resumes=resumes_training(out),
-            in_sweep=sweep_group() is not None,
+            sweep_dir=sweep_dir(),
         )
         if writer
         else Tracker()

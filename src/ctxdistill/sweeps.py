@@ -310,6 +310,12 @@ class SweepSummaryCallback(Callback):
     log the table and plots to the sweep's W&B group (with logger=wandb), and list the failed
     cells (the command then exits non-zero)."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from ctxdistill.tracking import WANDB_COULD_NOT_START_SAID
+
+        # each launch of the sweep (a resumed one too) says once that W&B could not start, if it cannot
+        (Path(config.hydra.sweep.dir) / WANDB_COULD_NOT_START_SAID).unlink(missing_ok=True)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from ctxdistill.evaluate_run import run_dirs
         from ctxdistill.results.files import write_results

@@ -278,13 +278,13 @@ def create_tracker(
     config: dict[str, Any],
     output_dir: str,
     resumes: bool,
-    in_sweep: bool = False,
+    sweep_dir: Optional[Path] = None,
 ) -> Tracker:
     """W&B as ``logger_cfg`` sets it (or nothing); ``resumes``: the run continues one that stopped in
-    ``output_dir`` (its W&B run continues too); ``in_sweep``: a sweep's cell, whose offline run the sweep's
+    ``output_dir`` (its W&B run continues too); ``sweep_dir``: the sweep of a cell, whose offline run the sweep's
     summary names (``offline_sync_command``) instead of the cell, and which says once for the sweep that W&B could
     not start."""
-    global _sweep_told_could_not_start
+    in_sweep = sweep_dir is not None
     if logger_cfg.backend == "none" or resolve_mode(logger_cfg.mode) == "disabled":
         return Tracker()
     try:
@@ -306,8 +306,7 @@ def create_tracker(
         if not in_sweep:
             log.warning("W&B could not start (%s); the run continues and its results stay on disk.", e)
         # an outage fails every cell alike: said at the sweep's first, summed up by its summary
-        elif not _sweep_told_could_not_start:
-            _sweep_told_could_not_start = True
+        elif first_to_say(Path(sweep_dir) / WANDB_COULD_NOT_START_SAID):
             log.warning(
                 "W&B could not start (%s); the sweep goes on without it and its results stay on disk "
                 "(said once: the sweep's summary counts the cells it missed).",
@@ -320,8 +319,21 @@ def create_tracker(
         return tracker
 
 
-# Whether a cell of this process's sweep has said that W&B could not start (the others leave it to the summary).
-_sweep_told_could_not_start = False
+#: in a sweep's directory once one of its cells has said that W&B could not start (removed as the sweep starts)
+WANDB_COULD_NOT_START_SAID = ".wandb_could_not_start_said"
+
+
+def first_to_say(marker: Path) -> bool:
+    """Whether this process is the first to create ``marker``: one warning for a sweep whose cells run in several
+    processes (a joblib or SLURM launcher's workers), not one per worker."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.open("x").close()
+    except FileExistsError:
+        return False
+    except OSError:  # a sweep directory this process cannot write: better said twice than never
+        return True
+    return True
 
 
 def offline_sync_command(sweep_dir: Path) -> str:
