@@ -1305,6 +1305,10 @@ def test_each_row_is_judged_by_its_own_headline_and_a_mosbach_table_names_each(m
         by_method = {line[0]: dict(zip(header, line)) for line in lines if line[0] in ("pbft", "icl")}
         assert (by_method["pbft"]["headline"], by_method["icl"]["headline"]) == ("vocab acc", "accuracy")
         assert "Δ vocab acc vs icl" in header
+    assert main([str(mosbach_runs), "--vs", "icl", "--format", "latex"]) == 0
+    spec, _, heading = capsys.readouterr().out.splitlines()[1:4]
+    columns = heading.count(" & ") + 1
+    assert spec == r"\begin{tabular}{lllrl" + "r" * (columns - 5) + "}"  # the headline's names left, figures right
     write_results(tmp_path, collect([mosbach_runs]), title="Mosbach")
     assert (tmp_path / "results" / "headline_vs_size_synthetic.png").is_file()
     assert not (tmp_path / "results" / "accuracy_vs_size_synthetic.png").exists()

@@ -113,6 +113,7 @@ TEX_TEXT = {
 }
 TEX_SPECIAL = re.compile("|".join(map(re.escape, TEX_TEXT)))
 _NUMBER = r"(?:nan|-?inf|[-+]?[\d,]+(?:\.\d+)?)"
+NUMBER_TEXT = re.compile(rf"<?{_NUMBER}|-")  # a count, a Δ, a p-value (<0.001), or "-" for none
 FIGURE = re.compile(rf"({_NUMBER} \[{_NUMBER}, {_NUMBER}\])( \(\d+/\d+ seeds\))?")  # cell_text's, with an interval
 
 
@@ -129,6 +130,11 @@ def _tex(cell: str) -> str:
         math = re.sub(r"(?<=\d),(?=\d)", "{,}", figure[1]).replace(" [", r"\ [")
         return f"${math}$" + (figure[2] or "")
     return tex_text(cell)
+
+
+def tex_alignment(cells: tuple[str, ...]) -> str:
+    """A column's LaTeX alignment: figures right, names (a method, the headline, the metric a test is of) left."""
+    return "r" if all(FIGURE.fullmatch(c) or NUMBER_TEXT.fullmatch(c) for c in cells) else "l"
 
 
 def render(tables: list[Table], fmt: str = "text") -> str:
@@ -150,7 +156,7 @@ def render(tables: list[Table], fmt: str = "text") -> str:
             if fmt == "latex":
                 out += [
                     f"% {title}",
-                    r"\begin{tabular}{" + "lll" + "r" * (len(header) - 3) + "}",
+                    r"\begin{tabular}{" + "".join(map(tex_alignment, zip(*body))) + "}",
                     r"\toprule",
                     " & ".join(map(_tex, header)) + r" \\",
                     r"\midrule",
