@@ -675,6 +675,17 @@ def test_relative_paths_given_to_a_script_are_read_from_where_it_is_run(tmp_path
     ]
 
 
+def test_the_alpha_grid_runs_the_students_and_triples_it_is_given_and_names_a_misspelt_student(tmp_path):
+    env = {**stand_ins(tmp_path, "ctxdistill"), "DATA": str(tmp_path), "STUDENTS": "smollm2", "NUM_TRAIN": "128"}
+    subprocess.run(["bash", "sweeps/li2024_alpha.sh"], cwd=REPO, env=env, check=True)
+    [call] = (tmp_path / "calls").read_text().splitlines()
+    assert "method=kg_decoder_cd" in call and " dataset.num_train=128 " in call
+    env["STUDENTS"] = "minilm bert"
+    proc = subprocess.run(["bash", "sweeps/li2024_alpha.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr == "STUDENTS: unknown student bert; they are minilm smollm2\n"
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1  # no student ran
+
+
 @pytest.mark.parametrize(
     "script, variables, message",
     [
