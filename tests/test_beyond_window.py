@@ -18,6 +18,7 @@ from ctxdistill.data import build_task, synthetic
 from ctxdistill.data.synthetic import generate_examples
 from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import answer_logits, encode
+from ctxdistill.evaluate_run import main as evaluate_main
 from ctxdistill.learning_curve import main as learning_curve
 from ctxdistill.methods import build_method
 from ctxdistill.methods import cheat_sheet as cs
@@ -92,6 +93,9 @@ def test_sequential_rounds_log_their_metrics_and_a_failure_in_round_two_resumes_
     assert all(r["train"]["steps"] == 2 and "eval/accuracy" in r["metrics"] for r in saved["rounds"])
     assert saved["rounds"][-1]["metrics"] == saved["metrics"]
     assert saved["train"]["steps_all_rounds"] == 4 and not (whole / "rounds").exists()
+    # its student evaluated on a task of one context, as the learning curve's forgetting column does
+    assert evaluate_main([str(whole), "dataset.context.num_contexts=1", "--name", "forgetting"]) == 0
+    assert "eval/accuracy" in json.loads((whole / "evaluations" / "forgetting" / "metrics.json").read_text())["metrics"]
 
     real_loss, calls = ContextDistillation.loss, []
 

@@ -344,7 +344,7 @@ def test_the_learning_curves_sweep_runs_commands_that_compose_and_validate(tmp_p
     are built in the script, not written in a comment: every run, evaluation and the plot's command is checked."""
     commands = script_calls("beyond_window", tmp_path, ["logger=none"])
     programs = [c.program for c in commands]
-    assert programs.count("ctxdistill") == 7 and programs.count("ctxdistill-eval") == 4 and programs[-1] == "python"
+    assert programs.count("ctxdistill") == 8 and programs.count("ctxdistill-eval") == 5 and programs[-1] == "python"
     GlobalHydra.instance().clear()
     checker, failures = Checker(tmp_path), []
     try:

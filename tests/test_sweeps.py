@@ -733,7 +733,10 @@ def test_a_misspelt_arm_is_refused_before_any_arm_runs(tmp_path):
     env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-eval", "python"), "ARMS": "icl cd_prefx"}
     proc = subprocess.run(["bash", "sweeps/beyond_window.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and not (tmp_path / "calls").exists()
-    assert proc.stderr == "ARMS: unknown arm cd_prefx; the arms are icl cd sequential_cd ft cd_prefix cheat_sheet\n"
+    assert (
+        proc.stderr
+        == "ARMS: unknown arm cd_prefx; the arms are icl cd sequential_cd ft cd_prefix cheat_sheet below_window\n"
+    )
 
 
 def test_the_soft_targets_script_refuses_a_misspelt_override_with_its_message():

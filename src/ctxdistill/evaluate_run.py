@@ -175,6 +175,10 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
 
     out = run_dir / EVALUATIONS / name
     cfg = evaluation_config(run_dir, overrides, out, config_dirs)
+    if cfg.method.get("sequential"):
+        # an evaluation runs no rounds: sequential distillation's checks on its contexts (two or more, one a round)
+        # are training's, and its student may be evaluated on a task of one context (the learning curve's forgetting)
+        cfg.method.sequential = False
     provenance.begin_run()
     validate(cfg)
     honour_name_or_path(cfg.model)
