@@ -53,6 +53,11 @@ class MethodConfig:
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
         """The method's checks that its types cannot express, before anything loads (raise ConfigError)."""
 
+    @classmethod
+    def check_training(cls, m: DictConfig, cfg: DictConfig) -> None:
+        """Those of :meth:`check` that concern only how the method trains: an evaluation of a trained run
+        (ctxdistill-eval, which trains nothing) skips them."""
+
 
 # ---------------------------------------------------------------- model
 @dataclass
@@ -1087,20 +1092,21 @@ def require_values(cfg: DictConfig) -> None:
         )
 
 
-def validate(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+def validate(cfg: DictConfig, overrides: Sequence[str] = (), trains: bool = True) -> None:
     """Value checks that run before any data or model is loaded; ``overrides``: the command line's, whose settings
-    the config files' own may not silently replace."""
+    the config files' own may not silently replace; ``trains=False``: an evaluation of a trained run, which skips
+    the method's checks of training alone."""
     from omegaconf.errors import MissingMandatoryValue
 
     try:
-        validate_values(cfg, overrides)
+        validate_values(cfg, overrides, trains)
     except MissingMandatoryValue:  # a check read a key without a value: name them all, not the traceback
         require_values(cfg)
         raise
     require_values(cfg)
 
 
-def validate_values(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
+def validate_values(cfg: DictConfig, overrides: Sequence[str] = (), trains: bool = True) -> None:
     check_schema(cfg)
     t, d = cfg.trainer, cfg.dataset
     require(0 <= cfg.seed < 2**32, "seed", f"must be in [0, 2**32), got {cfg.seed}", "Set e.g. seed=0")
@@ -1215,7 +1221,7 @@ def validate_values(cfg: DictConfig, overrides: Sequence[str] = ()) -> None:
         require_seed(d.subsample_seed, "dataset.subsample_seed")
     else:
         _validate_classification(d, "dataset")
-    check_method(cfg)
+    check_method(cfg, trains)
 
 
 def group_options(group: str) -> dict[str, tuple[Optional[str], dict[str, Any]]]:
@@ -1281,10 +1287,10 @@ def check_architectures(cfg: DictConfig, schema: type) -> None:
         )
 
 
-def check_method(cfg: DictConfig) -> None:
-    """The method's own checks, and the one place where the groups meet: the dataset kinds, model
-    architectures (the model's and a separate teacher's) and model adapters the method's schema declares
-    it can use."""
+def check_method(cfg: DictConfig, trains: bool = True) -> None:
+    """The method's own checks (those of its training too where ``trains``), and the one place where the groups
+    meet: the dataset kinds, model architectures (the model's and a separate teacher's) and model adapters the
+    method's schema declares it can use."""
     m, schema = cfg.method, OmegaConf.get_type(cfg.method)
     check_architectures(cfg, schema)
     kinds = schema.dataset_kinds
@@ -1311,3 +1317,5 @@ def check_method(cfg: DictConfig) -> None:
         "Drop the setting: it serves the label-word scoring of a classification dataset",
     )
     schema.check(m, cfg)
+    if trains:
+        schema.check_training(m, cfg)

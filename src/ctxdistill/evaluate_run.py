@@ -175,12 +175,8 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
 
     out = run_dir / EVALUATIONS / name
     cfg = evaluation_config(run_dir, overrides, out, config_dirs)
-    if cfg.method.get("sequential"):
-        # an evaluation runs no rounds: sequential distillation's checks on its contexts (two or more, one a round)
-        # are training's, and its student may be evaluated on a task of one context (the learning curve's forgetting)
-        cfg.method.sequential = False
     provenance.begin_run()
-    validate(cfg)
+    validate(cfg, trains=False)  # the method's checks of how it trains do not bind an evaluation (one context, …)
     honour_name_or_path(cfg.model)
     check_same_model_and_method(run_dir, cfg)
     warn_unused_training_settings(overrides)

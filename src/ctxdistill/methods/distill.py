@@ -166,6 +166,10 @@ class DistillConfig(SeparateTeacher, MethodConfig):
                 "verbalizers need a frozen teacher and no top_k (the answer words and the rest are the whole support)",
                 "Set method.teacher=frozen and method.top_k=null",
             )
+
+    @classmethod
+    def check_training(cls, m: DictConfig, cfg: DictConfig) -> None:
+        # the rounds of sequential distillation are training's: its trained student is evaluated on any task
         if m.sequential:
             contexts = cfg.dataset.context.num_contexts
             require(
