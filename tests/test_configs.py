@@ -124,14 +124,14 @@ CAUSAL = r"Use model=gemma3-270m, llama3-8b-instruct, .*, smollm2-135m, tiny-ran
             ["method=cd", "model=minilm-l6"],  # was a message about tokenising the templates, once the tokenizer loaded
             r"model: model=minilm-l6 is a masked_lm model, and method=cd runs a causal_lm model\. "
             + CAUSAL
-            + r"model\.name_or_path=\.\.\. model\.architecture=causal_lm\); a masked_lm model runs with method=kgbert, "
-            r"kgbert_cd$",
+            + r"model\.name_or_path=\.\.\. model\.architecture=causal_lm\); a masked_lm model runs with "
+            r"method=description_contexts, kgbert, kgbert_cd$",
         ),
         (
             ["method=cd", "model=t5-base"],  # was a message about LoRA's target modules, once the model loaded
             r"model: model=t5-base is a seq2seq_lm model, and method=cd runs a causal_lm model\. "
             + CAUSAL
-            + r".*; a seq2seq_lm model runs with method=kgs2s, kgs2s_cd$",
+            + r".*; a seq2seq_lm model runs with method=description_contexts, kgs2s, kgs2s_cd$",
         ),
         (
             ["method=kgbert", "dataset=kg_synthetic"],  # was refused only after the model loaded
@@ -142,13 +142,14 @@ CAUSAL = r"Use model=gemma3-270m, llama3-8b-instruct, .*, smollm2-135m, tiny-ran
         (
             ["method=kgs2s_cd", "dataset=kg_synthetic", "model=minilm-l6"],
             r"model: model=minilm-l6 is a masked_lm model, and method=kgs2s_cd runs a seq2seq_lm model\. Use "
-            r"model=t5-base, tiny-random-seq2seq \(.*\); a masked_lm model runs with method=kgbert, kgbert_cd$",
+            r"model=t5-base, tiny-random-seq2seq \(.*\); a masked_lm model runs with "
+            r"method=description_contexts, kgbert, kgbert_cd$",
         ),
         (
             ["method=kg_decoder", "dataset=kg_synthetic", "model=t5-base"],
             r"model: model=t5-base is a seq2seq_lm model, and method=kg_decoder runs a causal_lm model\. "
             + CAUSAL
-            + r".*; a seq2seq_lm model runs with method=kgs2s, kgs2s_cd$",
+            + r".*; a seq2seq_lm model runs with method=description_contexts, kgs2s, kgs2s_cd$",
         ),
     ],
 )

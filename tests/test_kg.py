@@ -1030,6 +1030,44 @@ def test_stage_one_rewrites_the_contexts_of_triples_whose_names_changed(make_cfg
     )
 
 
+@needs_shared
+def test_description_contexts_are_the_entity2text_lines_of_head_and_tail(make_cfg, tmp_path):
+    # The reference stage 1 (docs/effects.md: WordNet's definitions as the contexts), against the files themselves.
+    data = SHARED / "wn18rr/kgbert_format"
+    lines = dict(line.split("\t", 1) for line in (data / "entity2text.txt").read_text().splitlines())
+    contexts = tmp_path / "definitions.jsonl"
+    common = ["experiment=li2024/wn18rr_subsample", "method=description_contexts", "model=tiny-random", "logger=none"]
+    common += [f"dataset.source.data_dir={data}", "dataset.num_train=12", f"dataset.contexts_file={contexts}"]
+    result = run(make_cfg(*common, output_dir=tmp_path / "run"))
+    rows = [json.loads(line) for line in contexts.read_text().splitlines()]
+    assert [r["context"] for r in rows] == [f"{lines[r['head']]}. {lines[r['tail']]}." for r in rows]
+    assert len(rows) == result["metrics"]["contexts/written"] == 12 and result["metrics"]["contexts/covered"] == 1
+    assert {r["writer"] for r in rows} == {"entity descriptions"}
+    stage_two = make_cfg(*common, "method=kg_decoder_cd", "experiment=li2024/wn18rr_subsample_decoder")
+    task = build_kg_task(stage_two.dataset, seed=0)
+    assert [task.contexts[t] for t in task.train_triples] == [r["context"] for r in rows]  # what stage 2 reads
+
+
+def test_description_contexts_are_refused_for_entities_without_a_description(make_cfg, tmp_path):
+    root = write_plain(tmp_path / "plain")  # ids only: nothing describes the entities
+    cfg = make_cfg(
+        "dataset=wn18rr",
+        "dataset.source.layout=plain",
+        f"dataset.source.data_dir={root}",
+        "dataset.source.name_separator=null",
+        f"dataset.contexts_file={tmp_path / 'contexts.jsonl'}",
+        "method=description_contexts",
+        "model=tiny-random",
+        "logger=none",
+        output_dir=tmp_path / "run",
+    )
+    with pytest.raises(
+        ConfigError, match=r"entities of the training triples have no description.*method=contextualization"
+    ):
+        run(cfg)
+    assert not (tmp_path / "contexts.jsonl").exists()
+
+
 def test_students_train_with_their_auxiliary_task_and_rank(make_cfg, tmp_path):
     contexts = tmp_path / "contexts.jsonl"
     cfg = make_cfg(*KG_TINY, "method=kgbert_cd", "model=minilm-l6", f"dataset.contexts_file={contexts}")

@@ -10,6 +10,10 @@ with the same settings writes only the triples still missing, and one with other
 names differ) writes its own. Once every training triple has one, the run replaces
 ``dataset.contexts_file`` with them, one JSON line per triple, which the students of stage 2
 (methods.kgc) read. Nothing is trained; the run's "evaluation" is the writing.
+
+``description_contexts`` is the same stage without a writer: each triple's context is the graph's own text of
+its head and its tail (on WN18RR, WordNet's definitions), the reference that tells whether an LLM's paragraphs
+give the students anything the graph's descriptions do not.
 """
 
 from __future__ import annotations
@@ -67,6 +71,17 @@ class ContextualizationConfig(MethodConfig):
         require(m.batch_size >= 1, "method.batch_size", f"must be >= 1, got {m.batch_size}", "")
 
 
+@dataclass
+class DescriptionContextsConfig(MethodConfig):
+    """Stage 1 without a writer: a training triple's context is its head's and its tail's descriptions."""
+
+    _target_: str = "ctxdistill.methods.contextualization.DescriptionContexts"
+    schema_name: ClassVar[str] = "base_description_contexts"
+    dataset_kinds: ClassVar[tuple[str, ...]] = ("knowledge_graph",)
+    dataset_example: ClassVar[str] = "dataset=kg_synthetic, wn18rr or fb15k237n"
+    architectures: ClassVar[tuple[str, ...]] = ("causal_lm", "masked_lm", "seq2seq_lm")  # no model is asked
+
+
 def check_writable_contexts(path: Path) -> None:
     """Stage 1 replaces the contexts file: only one it wrote (JSON lines, every row naming its ``writer``) may be
     replaced; a released or a person's own file is an input, never overwritten."""
@@ -87,9 +102,43 @@ def write_contexts(path: Path, rows: list[dict]) -> None:
     os.replace(partial, path)
 
 
-class Contextualization(Method):
+def replace_contexts(task: KGTask, contexts: list[str], writer: str, stage: str, pending: set[str]) -> dict:
+    """Stage 1's end, whoever wrote ``contexts`` (one per training triple, in order): the task and
+    ``dataset.contexts_file`` get them; returns the metrics without the timing and the new prediction rows."""
+    texts = [task.graph.triple_text(t) for t in task.train_triples]
+    task.contexts = dict(zip(task.train_triples, contexts))
+    rows = [
+        {"head": h, "relation": r, "tail": t, "text": text, "context": task.contexts[(h, r, t)]}
+        for (h, r, t), text in zip(task.train_triples, texts)
+    ]
+    write_contexts(task.contexts_file, [{**row, "writer": writer, "stage": stage} for row in rows])
+    words = [len(context.split()) for context in task.contexts.values()]
+    generated_here = sum(text in pending for text in texts)
+    metrics = {
+        "contexts/written": generated_here,
+        "contexts/reused": len(texts) - generated_here,
+        "contexts/covered": sum(t in task.contexts for t in task.train_triples) / len(task.train_triples),
+        "contexts/mean_words": sum(words) / len(words),
+    }
+    new = [{"uid": "|".join(t), **row} for t, row in zip(task.train_triples, rows) if row["text"] in pending]
+    return metrics, {"contexts": new}
+
+
+class ContextStage(Method):
+    """What both stage-1 methods share: the graph's training triples in, ``dataset.contexts_file`` out."""
+
     objective = "contexts/written"
 
+    def build_task(self, dataset, seed):
+        return build_kg_task(dataset, seed)
+
+    def check_inputs(self, task, tokenizer, cfg):
+        if task.contexts_file is None:
+            raise ConfigError("dataset.contexts_file is null: set it to the JSON-lines file the contexts go to")
+        check_writable_contexts(task.contexts_file)
+
+
+class Contextualization(ContextStage):
     def __init__(
         self,
         name: str,
@@ -110,13 +159,8 @@ class Contextualization(Method):
             batch_size,
         )
 
-    def build_task(self, dataset, seed):
-        return build_kg_task(dataset, seed)
-
     def check_inputs(self, task, tokenizer, cfg):
-        if task.contexts_file is None:
-            raise ConfigError("dataset.contexts_file is null: set it to the JSON-lines file the contexts go to")
-        check_writable_contexts(task.contexts_file)
+        super().check_inputs(task, tokenizer, cfg)
         try:
             self.prompt.format(head="h", relation="r", tail="t")
         except (KeyError, IndexError) as e:
@@ -225,23 +269,54 @@ class ContextGeneration(EvaluatorBase):
 
         rows = store.fill(texts, write, self.method.batch_size, "contexts")
         seconds = time.perf_counter() - started
-        task.contexts = {triple: row["context"] for triple, row in zip(task.train_triples, rows)}
-        contexts = [
-            {"head": h, "relation": r, "tail": t, "text": text, "context": task.contexts[(h, r, t)]}
-            for (h, r, t), text in zip(task.train_triples, texts)
-        ]
-        write_contexts(
-            task.contexts_file, [{**row, "writer": self.writer_name, "stage": store.path.name} for row in contexts]
+        metrics, predictions = replace_contexts(
+            task, [row["context"] for row in rows], self.writer_name, store.path.name, pending
         )
-        words = [len(context.split()) for context in task.contexts.values()]
-        generated_here = sum(text in pending for text in texts)
-        metrics = {
-            "contexts/written": generated_here,
-            "contexts/reused": len(texts) - generated_here,
-            "contexts/covered": sum(t in task.contexts for t in task.train_triples) / len(task.train_triples),
-            "contexts/mean_words": sum(words) / len(words),
-            "contexts/seconds": seconds,
-            "contexts/tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
-        }
-        new = [{"uid": "|".join(t), **row} for t, row in zip(task.train_triples, contexts) if row["text"] in pending]
-        return metrics, {"contexts": new}
+        speed = {"contexts/seconds": seconds, "contexts/tokens_per_second": tokens / seconds if seconds > 0 else 0.0}
+        return {**metrics, **speed}, predictions
+
+
+class DescriptionContexts(ContextStage):
+    """Stage 1 from the graph itself: ``"{head}, {its description}. {tail}, {its description}."``, the lines of
+    KG-BERT's ``entity2text.txt`` for WN18RR. Nothing is generated or trained; the model is not asked."""
+
+    writer = "entity descriptions"
+
+    def check_inputs(self, task, tokenizer, cfg):
+        super().check_inputs(task, tokenizer, cfg)
+        undescribed = sorted(
+            {e for h, _, t in task.train_triples for e in (h, t)} - set(task.graph.entity_descriptions)
+        )
+        if undescribed:
+            raise ConfigError(
+                f"method={self.name}: {len(undescribed)} entities of the training triples have no description in "
+                f"dataset {cfg.dataset.name} (e.g. {undescribed[0]}); their contexts would be their names alone. "
+                f"Use a dataset whose files describe its entities, or method=contextualization to have a model "
+                f"write the contexts"
+            )
+
+    def context(self, task: KGTask, triple: Triple) -> str:
+        h, _, t = triple
+        return f"{task.entity_text(h)}. {task.entity_text(t)}."
+
+    def evaluator(self, handle, tokenizer, task, batch_size):
+        return DescriptionWriting(self, task)
+
+
+class DescriptionWriting(EvaluatorBase):
+    """Writes every training triple's description context; the same metrics as a writer's, without its speed."""
+
+    metric_set = MetricSet(
+        "context_descriptions",
+        tuple(m for m in ContextGeneration.metric_set.metrics if m.name not in ("seconds", "tokens_per_second")),
+        set_titles=ContextGeneration.metric_set.set_titles,
+    )
+
+    def __init__(self, method: DescriptionContexts, task: KGTask):
+        self.method, self.task = method, task
+
+    def evaluate(self, names=None) -> tuple[dict[str, float], dict[str, list[dict]]]:
+        task = self.task
+        contexts = [self.method.context(task, triple) for triple in task.train_triples]
+        texts = {task.graph.triple_text(t) for t in task.train_triples}
+        return replace_contexts(task, contexts, DescriptionContexts.writer, "descriptions", texts)
