@@ -163,6 +163,22 @@ def test_table_shows_n_and_intervals_per_set_and_skips_incomplete_runs(tmp_path,
     assert f"0.350 [{wilson(350, 1000)[0]:.3f}, {wilson(350, 1000)[1]:.3f}]" in lines[12]
 
 
+def test_a_folder_of_links_to_runs_of_several_sweeps_reads_each_run_once(tmp_path, capsys):
+    write_run(tmp_path / "sweep_a" / "0", "icl", 0, 0.8, "2026-01-01T00:00:01")
+    write_run(tmp_path / "sweep_a" / "1", "icl", 1, 0.6, "2026-01-01T00:00:02")
+    write_run(tmp_path / "sweep_b" / "0", "cd", 0, 0.7, "2026-01-01T00:00:03")
+    chosen = tmp_path / "chosen"
+    chosen.mkdir()
+    (chosen / "icl").symlink_to(tmp_path / "sweep_a")
+    (chosen / "cd").symlink_to(tmp_path / "sweep_b" / "0")
+    (chosen / "cd_again").symlink_to(tmp_path / "sweep_b" / "0")  # the same run twice counts once
+    (chosen / "up").symlink_to(chosen)  # a cycle ends
+    records = collect([chosen])
+    assert sorted((r["method"], r["seed"]) for r in records) == [("cd", 0), ("icl", 0), ("icl", 1)]
+    assert main([str(chosen)]) == 0
+    assert "icl" in capsys.readouterr().out
+
+
 def test_a_sets_seeds_are_the_runs_that_report_it(tmp_path, capsys):
     """Three seeds in-domain, one of them also on HANS: the HANS block's interval is Wilson's over that one run's
     examples, and its seeds column says 1, not the row's 3."""

@@ -28,6 +28,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill.results.records import EVALUATIONS, unfinished_runs
+from ctxdistill.results.run_files import files_under
 from ctxdistill.sweeps import cell_dir
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def run_dirs(path: Path) -> list[Path]:
     """The finished runs under ``path``: itself, or every cell of a sweep (never an earlier evaluation)."""
     if (path / "metrics.json").is_file():
         return [path]
-    return sorted(p.parent for p in path.rglob("metrics.json") if EVALUATIONS not in p.relative_to(path).parts)
+    return sorted(p.parent for p in files_under(path, "metrics.json") if EVALUATIONS not in p.relative_to(path).parts)
 
 
 def argument_parser() -> argparse.ArgumentParser:

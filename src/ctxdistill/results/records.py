@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from ctxdistill.results.metrics import MetricSet, undeclared
+from ctxdistill.results.run_files import files_under
 from ctxdistill.results.wandb_runs import offline_records
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def collect(paths: Iterable[Path], unreadable: Optional[list[str]] = None) -> li
         if path.is_file():
             files = [path]
         else:
-            files = [f for f in sorted(path.rglob("metrics.json")) if EVALUATIONS not in f.relative_to(path).parts]
+            files = [f for f in files_under(path, "metrics.json") if EVALUATIONS not in f.relative_to(path).parts]
         if not files:
             records += offline_records(path, unreadable)
         for file in files:
@@ -130,7 +131,7 @@ def failed_runs(directory: Path) -> dict[str, str]:
     complete metrics.json: that is a run of another config the sweep refused, or one that failed once written.
     """
     failures = {}
-    for file in sorted(directory.rglob(FAILURE_FILE)):
+    for file in files_under(directory, FAILURE_FILE):
         done = file.parent / "metrics.json"
         if done.is_file() and done.stat().st_mtime_ns > file.stat().st_mtime_ns and complete(done):
             continue
@@ -145,7 +146,7 @@ def unfinished_runs(directory: Path) -> dict[str, str]:
     unfinished = {
         cell: f"failed ({error}; its traceback is in {FAILURE_FILE})" for cell, error in failed_runs(directory).items()
     }
-    for config in sorted(directory.rglob(RUN_CONFIG)):
+    for config in files_under(directory, RUN_CONFIG):
         run_dir = config.parent
         cell = str(run_dir.relative_to(directory))
         if (

@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from ctxdistill.results.run_files import files_under
+
 # W&B's run file (.wandb) is a LevelDB-style log: a 7-byte file header, then records in 32 KiB
 # blocks, each chunk with a header of CRC-32 (seeded with the chunk type), length and type;
 # a record split across blocks comes as FIRST, MIDDLE..., LAST chunks.
@@ -177,7 +179,7 @@ def offline_records(path: Path, unreadable: Optional[list[str]] = None) -> list[
     attempt says how the run ended. A run file that cannot be read, or that is cut off or damaged where it is the
     latest attempt of its run, is named in a warning saying what was lost, and listed in ``unreadable``."""
     latest: dict[str, tuple[Path, WandbRun]] = {}
-    for run_file in sorted(Path(path).rglob("*.wandb")):
+    for run_file in files_under(Path(path), "*.wandb"):
         try:
             run = read_offline_run(run_file.parent)
         except (OSError, ValueError) as e:
