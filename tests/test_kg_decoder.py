@@ -77,7 +77,7 @@ def test_the_decoder_student_refuses_a_seq2seq_model_and_a_query_longer_than_max
     with pytest.raises(
         ConfigError,
         match="tiny-random-seq2seq is a seq2seq_lm model, and method=kg_decoder runs a "
-        "causal_lm model.*a seq2seq_lm model runs with method=kgs2s",
+        "causal_lm model.*a seq2seq_lm model runs with method=description_contexts, kgs2s",
     ):
         validate(make_cfg(*KG_TINY, "method=kg_decoder", "model=tiny-random-seq2seq"))
     tokenizer, _ = tiny_decoder
