@@ -9,7 +9,7 @@
 #   DATA=PATH/wn18rr/kgbert_format bash sweeps/li2024_alpha.sh [overrides]
 # ALPHAS, SEEDS and NUM_TRAIN (training triples) change the grid; STUDENTS="minilm" or "smollm2" runs one student:
 #   STUDENTS=minilm ALPHAS=0.01,0.03 DATA=... bash sweeps/li2024_alpha.sh                  # MiniLM, smaller weights
-#   STUDENTS=smollm2 NUM_TRAIN=128 ALPHAS=0,0.1 SWEEP_DIR=outputs/sweeps/li2024_alpha_128 DATA=... \
+#   STUDENTS=smollm2 NUM_TRAIN=128 SWEEP_DIR=outputs/sweeps/li2024_alpha_128 DATA=... \
 #     bash sweeps/li2024_alpha.sh                                                       # the decoder, 4x the triples
 # Then the table of means and 95% intervals over the seeds:
 #   ctxdistill-compare outputs/sweeps/li2024_alpha --by method.aux_weight
