@@ -446,6 +446,27 @@ def test_vs_over_several_seeds_tests_each_example_once_on_its_mean_difference(tm
     assert capsys.readouterr().out.splitlines()[1].endswith("Δ accuracy vs icl  p (sign-flip)  pairs")
 
 
+def test_vs_takes_a_rows_label_under_by_to_test_two_settings_of_one_method(tmp_path, capsys):
+    """OPCD against its own teacher-sampled variant (method.lmbda=0): both runs are method=opcd, so only the row's
+    label under --by names the baseline. The McNemar figures of the first test, one seed."""
+    lmbda0 = [True] * 8 + [False] * 9 + [True] + [False] * 2
+    lmbda1 = [True] * 8 + [True] * 9 + [False] + [False] * 2
+    for lmbda, outcomes in ((0, lmbda0), (1, lmbda1)):
+        directory = tmp_path / f"lmbda{lmbda}"
+        write_run(directory, "opcd", 0, sum(outcomes) / 20, f"2026-01-01T00:00:0{lmbda}", n=20)
+        write_predictions(directory, outcomes)
+        (directory / "config.yaml").write_text(f"method:\n  lmbda: {lmbda}\n")
+    assert main([str(tmp_path), "--by", "method.lmbda", "--vs", "opcd lmbda=0", "--format", "csv"]) == 0
+    rows = {row["method"]: row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    tested = rows["opcd lmbda=1"]
+    assert float(tested["eval/delta_vs_opcd lmbda=0"]) == pytest.approx(0.4, abs=1e-6)
+    assert float(tested["eval/p_vs_opcd lmbda=0"]) == pytest.approx(mcnemar_exact(9, 1), rel=1e-5)
+    assert rows["opcd lmbda=0"]["eval/p_vs_opcd lmbda=0"] == ""  # the baseline is not tested against itself
+    assert main([str(tmp_path), "--by", "method.lmbda", "--vs", "opcd lmbda=2"]) == 2
+    err = capsys.readouterr().err
+    assert "no run of method opcd lmbda=2 here (methods: opcd; rows: opcd lmbda=0, opcd lmbda=1)" in err
+
+
 def test_vs_names_a_method_that_shares_no_seed_or_example_with_the_baseline(tmp_path, capsys):
     for method, seed, uid in (("icl", 0, "q"), ("cd", 5, "q"), ("ft", 0, "other")):
         directory = tmp_path / method

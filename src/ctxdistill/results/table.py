@@ -359,10 +359,18 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
     Pairs are the examples (``uid``) of each eval set that both methods were evaluated on with the same
     seed, each example's difference averaged over the seeds both ran. The metric is the row's headline where both
     rows' runs record it per example, else the first metric the row declares that both record (a note names it).
+    ``baseline`` may also be a row's whole label under ``--by`` (``"genpi sft_weight=1.0"``): the rows of that one
+    setting are then the baseline of every other row, those of the same method included.
     Returns notes on what could not be tested as asked."""
-    if not any(row.unsplit[0] == baseline for table in tables for row in table.rows):
+    labels = {row.method for table in tables for row in table.rows}
+    one_setting = baseline in labels and not any(row.unsplit[0] == baseline for t in tables for row in t.rows)
+    if not one_setting and not any(row.unsplit[0] == baseline for table in tables for row in table.rows):
         methods = sorted({row.unsplit[0] for table in tables for row in table.rows})
-        raise PairedTestError(f"--vs {baseline}: no run of method {baseline} here (methods: {', '.join(methods)})")
+        rows = sorted(labels - set(methods))
+        also = f"; rows: {', '.join(rows)}" if rows else ""
+        raise PairedTestError(
+            f"--vs {baseline}: no run of method {baseline} here (methods: {', '.join(methods)}{also})"
+        )
     notes = []
     for table in tables:
         if not any(m.paired_test for row in table.rows for r in row.records for m in metric_set(r).metrics):
@@ -371,11 +379,14 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
         table.baseline = baseline
         for row in table.rows:
             method, setting = row.unsplit
-            if method == baseline:
+            if (row.method if one_setting else method) == baseline:
                 continue
             # the baseline's row of the same setting, else its only one (a setting the baseline does not have)
             candidates = [
-                b for b in table.rows if (b.unsplit[0], b.dataset, b.model) == (baseline, row.dataset, row.model)
+                b
+                for b in table.rows
+                if ((b.method if one_setting else b.unsplit[0]), b.dataset, b.model)
+                == (baseline, row.dataset, row.model)
             ]
             if not candidates:
                 notes.append(
