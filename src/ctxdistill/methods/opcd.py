@@ -1,15 +1,15 @@
 """opcd: on-policy distillation of a system prompt (OPCD; microsoft/LMOps ``opcd``).
 
-The teacher is the frozen base model with the prompt as its system message; the LoRA student, with
-no system message, samples a reply to each input (one sample, temperature 1, up to
-``max_reply_tokens``, ending at the end of its turn) and is trained on the divergence between its
-and the teacher's next-token distributions at every sampled token: reverse KL by default, as OPCD's
-``kl_penalty``. ``lmbda`` < 1 lets the prompted teacher sample that share of the batches instead
-(GKD's mixture; 0: the same loss on teacher-sampled replies). The inputs, their held-out splits and
-the evaluation (task success: a reply that follows the prompt's rule and answers the input) are
-GenPI's (:mod:`ctxdistill.methods.genpi`, stages 1 and 2, shared through the same stage cache), so
-the two objectives meet on the same data; the sampling and the loss are ``on_policy_cd``'s
-(:class:`ctxdistill.methods.on_policy.OnPolicyDistillation`).
+The teacher is the frozen base model with the prompt as its system message; the LoRA student, given
+no system message (the chat template's default, where it has one, stands in), samples a reply to each
+input (one sample, temperature 1, up to ``max_reply_tokens``, ending at the end of its turn) and is
+trained on the divergence between its and the teacher's next-token distributions at every sampled
+token: reverse KL by default, as OPCD's ``kl_penalty``. ``lmbda`` < 1 lets the prompted teacher sample
+that share of the batches instead (GKD's mixture; 0: the same loss on teacher-sampled replies). The
+inputs, their held-out splits and the evaluation (task success: a reply that follows the prompt's rule
+and answers the input) are GenPI's (:mod:`ctxdistill.methods.genpi`, stages 1 and 2, shared through
+the same stage cache), so the two objectives meet on the same data; the sampling and the loss are
+``on_policy_cd``'s (:class:`ctxdistill.methods.on_policy.OnPolicyDistillation`).
 """
 
 from __future__ import annotations
