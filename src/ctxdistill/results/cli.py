@@ -72,7 +72,7 @@ def argument_parser() -> argparse.ArgumentParser:
         help="per cell and eval set, a paired test against METHOD's run of the same dataset, model and seeds, on "
         "the examples both were evaluated on (reads each run's predictions.jsonl): exact McNemar on one seed's "
         "right/wrong outcomes, else a sign-flip test on each example's difference (averaged over the seeds). "
-        "Under --by, METHOD may be a row's whole label ('genpi sft_weight=1.0') to test settings of one method",
+        "Under --by, METHOD may be a row's whole label ('METHOD lmbda=0.0') to test two settings of one method",
     )
     parser.add_argument(
         "--metric",
