@@ -173,8 +173,11 @@ def test_a_folder_of_links_to_runs_of_several_sweeps_reads_each_run_once(tmp_pat
     (chosen / "cd").symlink_to(tmp_path / "sweep_b" / "0")
     (chosen / "cd_again").symlink_to(tmp_path / "sweep_b" / "0")  # the same run twice counts once
     (chosen / "up").symlink_to(chosen)  # a cycle ends
+    (tmp_path / "sweep_a" / "latest").symlink_to(tmp_path / "sweep_a" / "1")  # as W&B's latest-run: not followed
     records = collect([chosen])
     assert sorted((r["method"], r["seed"]) for r in records) == [("cd", 0), ("icl", 0), ("icl", 1)]
+    sweep_a = collect([tmp_path / "sweep_a"])  # each run read under its own name, not the link's
+    assert sorted(Path(r["run_dir"]).name for r in sweep_a) == ["0", "1"]
     assert main([str(chosen)]) == 0
     assert "icl" in capsys.readouterr().out
 
