@@ -102,7 +102,9 @@ def write_contexts(path: Path, rows: list[dict]) -> None:
     os.replace(partial, path)
 
 
-def replace_contexts(task: KGTask, contexts: list[str], writer: str, stage: str, pending: set[str]) -> dict:
+def replace_contexts(
+    task: KGTask, contexts: list[str], writer: str, stage: str, pending: set[str]
+) -> tuple[dict[str, float], dict[str, list[dict]]]:
     """Stage 1's end, whoever wrote ``contexts`` (one per training triple, in order): the task and
     ``dataset.contexts_file`` get them; returns the metrics without the timing and the new prediction rows."""
     texts = [task.graph.triple_text(t) for t in task.train_triples]
