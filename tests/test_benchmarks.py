@@ -426,3 +426,77 @@ def test_qqp_from_the_hub_keeps_llmfts_rows_in_llmfts_order(make_cfg, monkeypatc
     local = make_cfg("dataset=qqp", f"dataset.source.data_dir={SHARED / 'glue/qqp'}").dataset.source
     kept = tasks.subsample_indices(local, "train", 8999, "dataset.source")
     assert kept == sorted(np.random.RandomState(123).choice(8999, 1000, replace=False))
+
+
+def released_reading(tokenizer, generated: list[int]) -> str:
+    """upadraj/In-context ``predict``: the whole generated sequence decoded, the text after its last "Label:",
+    stripped, cut at its first ".", stripped."""
+    return tokenizer.decode(generated, skip_special_tokens=True).split("Label:")[-1].strip().split(".")[0].strip()
+
+
+def test_a_decoded_answer_reads_every_token_as_the_released_code_reads_the_whole_generation(make_cfg):
+    import torch
+
+    from ctxdistill.evaluation import decoded_answers
+    from ctxdistill.models import load_tokenizer
+
+    cfg = make_cfg("experiment=upadhayaya2024/mnli", "model=tiny-random")  # SmolLM2's real tokenizer
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    prompt = tokenizer("Premise: A man sleeps.\nHypothesis: A person rests.\nLabel:").input_ids
+    every_token = torch.arange(len(tokenizer))
+    ours = decoded_answers(tokenizer, every_token)
+    assert ours == [released_reading(tokenizer, [*prompt, t]) for t in every_token.tolist()]
+    # More tokens read as an answer word than the answer word's token that vocab_accuracy requires.
+    read_as_yes = {tokenizer.convert_ids_to_tokens(t) for t, text in enumerate(ours) if text == "yes"}
+    assert {"Ġyes", "yes", "yes."} <= read_as_yes or {"Ġyes", "yes"} <= read_as_yes
+
+
+@pytest.mark.slow
+def test_decoded_accuracy_is_the_released_codes_greedy_one_token_answer(make_cfg, tmp_path):
+    import json
+
+    import torch
+
+    from ctxdistill.models import load_model, load_tokenizer
+    from ctxdistill.run import run
+
+    # The released schedule holds the LR at 0 for 32 steps: the trained model is the base model, which the
+    # reference below loads and runs as upadraj/In-context's predict does, one prompt at a time. The bundled
+    # model behaves: with the context it answers yes or no (right on 5 of the 16 queries when written),
+    # without it " No", which their reading (case-sensitive) counts wrong.
+    cfg = make_cfg(
+        "experiment=upadhayaya2024/mnli",
+        "model=smollm2-135m",
+        "logger=none",
+        *tiny_mnli(tmp_path / "mnli"),
+        "~dataset.ood.hans",
+        "dataset.num_eval=8",
+        "dataset.num_train_queries=16",
+        "trainer.steps_per_lr_update=32",
+        "trainer.max_steps=1",
+        output_dir=tmp_path / "run",
+    )
+    metrics = run(cfg)["metrics"]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, seed=cfg.seed).eval()
+
+    def predict(prompt: str) -> str:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(
+                **inputs,
+                max_length=inputs.input_ids.shape[-1] + 1,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        return released_reading(tokenizer, output[0].tolist())
+
+    words = ["yes", "no"]  # their labels: the ClassLabel names
+    assert [r["decoded_answer"] for r in rows] == [predict(r["prompt"]) for r in rows]
+    assert metrics["eval/decoded_accuracy"] == sum(predict(r["prompt"]) == words[r["label"]] for r in rows) / 8
+    task = build_task(cfg.dataset, cfg.seed)
+    queries = zip(task.train_queries, task.train_query_labels)
+    teacher = [predict(task.teacher_prompt(e)) == words[label] for e, label in queries]
+    assert metrics["train_queries/context_decoded_accuracy"] == sum(teacher) / len(teacher)
+    assert 0 < sum(teacher) < len(teacher), "the check needs answers both right and wrong"

@@ -44,9 +44,9 @@ def test_upadhayaya_table_3_is_36_cells_each_mapped_onto_cd_runs_with_its_metric
             by_cell[dataset, model, col] for col in ("teacher acc.", "student in-domain", "student OOD")
         )
         assert (teacher.value, student.value, ood.value) == values
-        assert teacher.run_metric == "train_queries/context_accuracy"
-        assert student.run_metric == "eval/vocab_accuracy"
-        assert ood.run_metric == ("paws_qqp" if dataset == "qqp" else "hans") + "/vocab_accuracy"
+        assert teacher.run_metric == "train_queries/context_decoded_accuracy"
+        assert student.run_metric == "eval/decoded_accuracy"
+        assert ood.run_metric == ("paws_qqp" if dataset == "qqp" else "hans") + "/decoded_accuracy"
     assert {(c.method, c.shots, c.runs, c.table, c.approximate) for c in cells} == {("cd", 16, 4, "Table 3", False)}
     assert all("Table 3" in c.source for c in cells)
 
@@ -92,7 +92,7 @@ def test_every_number_a_paper_is_scored_on_is_a_column_of_the_runs_tables():
     read = {
         c.run_metric.replace("{ood}", "paws_qqp") for name in scorecard.known_papers() for c in load_paper(name).cells
     }
-    assert "paws_qqp/vocab_accuracy" in read
+    assert "paws_qqp/decoded_accuracy" in read
     assert {key for key in read if not any(family.declares(key) for family in families)} == set()
 
 
@@ -226,7 +226,7 @@ def write_cd_run(directory, seed, metrics, shots=16):
 
 
 def test_compare_scorecard_of_a_one_model_sweep_shows_the_whole_table(tmp_path, capsys):
-    metrics = {"eval/accuracy": 0.6, "eval/vocab_accuracy": 0.58, "train_queries/context_accuracy": 0.55}
+    metrics = {"eval/accuracy": 0.6, "eval/decoded_accuracy": 0.58, "train_queries/context_decoded_accuracy": 0.55}
     write_cd_run(tmp_path / "sweep" / "0", 0, metrics)
     assert (
         main(
@@ -291,7 +291,7 @@ def test_the_scorecard_is_logged_as_a_wandb_table(tmp_path, monkeypatch):
         finish = staticmethod(lambda: None)
 
     monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
-    write_cd_run(tmp_path / "run", 0, {"eval/accuracy": 0.6, "eval/vocab_accuracy": 0.58})
+    write_cd_run(tmp_path / "run", 0, {"eval/accuracy": 0.6, "eval/decoded_accuracy": 0.58})
     runs = collect([tmp_path / "run"])
     scores = score(load_paper("upadhayaya2024").cells, runs, {"smollm2-135m": "opt-125m"})
     tables = {"scorecard": scorecard.table_rows(scores)}
@@ -331,7 +331,7 @@ def test_the_upadhayaya_script_narrows_its_grid_and_ends_with_the_scorecard(tmp_
 
 
 def test_the_scorecard_scores_the_runs_methods_when_by_splits_the_tables_rows(tmp_path, capsys):
-    metrics = {"eval/accuracy": 0.6, "eval/vocab_accuracy": 0.58, "train_queries/context_accuracy": 0.55}
+    metrics = {"eval/accuracy": 0.6, "eval/decoded_accuracy": 0.58, "train_queries/context_decoded_accuracy": 0.55}
     for seed in (0, 1):
         write_cd_run(tmp_path / str(seed), seed, metrics)
         (tmp_path / str(seed) / "config.yaml").write_text(f"trainer:\n  lr: {seed + 1}e-3\n")

@@ -500,6 +500,9 @@ def with_task_metrics(declared: MetricSet, task: Task) -> MetricSet:
 
 
 CONTEXT_ACCURACY = Metric("context_accuracy", "ctx acc", sets=("train_queries",))
+#: Upadhayaya et al.'s teacher accuracy as their code scores it: the trained model with the context, its greedy token
+#: read as text (see :func:`decoded_answers`)
+CONTEXT_DECODED_ACCURACY = Metric("context_decoded_accuracy", "ctx decoded acc", sets=("train_queries",))
 TRAIN_QUERIES_TITLE = {"train_queries": "training queries: the trained model with the context"}
 
 
@@ -555,8 +558,10 @@ class Evaluator(EvaluatorBase):
             Metric("kl_to_teacher", "KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value", lowest=0),
             # every set: the scorecard reads it out of domain too
             Metric("vocab_accuracy", "vocab acc", outcome=("vocab_correct",)),
+            Metric("decoded_accuracy", "decoded acc", outcome=("decoded_answer", "label_word")),
             Metric("single_draw_accuracy", "single-draw acc"),
             CONTEXT_ACCURACY,
+            CONTEXT_DECODED_ACCURACY,
             *SERVING_METRICS,
         ),
         teacher="teacher_accuracy",
@@ -582,6 +587,7 @@ class Evaluator(EvaluatorBase):
         self.ranks = ranks or Ranks.of_launch()
         self.metric_set = with_task_metrics(type(self).metric_set, task)
         self.answer_tokens = [tokenizer(v, add_special_tokens=False).input_ids[0] for v in task.verbalizers]
+        self.answer_words = [v.strip() for v in task.verbalizers]  # what a decoded answer must read
         # A teacher with another tokenizer is compared over the answer words (and the rest), not token by token.
         self.teacher_tokenizer = handle.teacher_tokenizer or tokenizer
         self.shared_vocabulary = handle.teacher_tokenizer is None
@@ -664,10 +670,13 @@ class Evaluator(EvaluatorBase):
         result = classification_metrics(model.predictions, labels, self.task.num_classes, self.task.f1_positive)
         if votes > 1:
             result["single_draw_accuracy"] = single_draw_accuracy
-        # llmft's `accuracy` / Upadhayaya's greedy one-token answer: the argmax over the whole
-        # vocabulary must be the gold answer word's (first) token.
+        # llmft's `accuracy`: the argmax over the whole vocabulary must be the gold answer word's (first) token.
+        # Upadhayaya et al.'s code reads that token as text instead ("yes" without its space counts).
         vocab_correct = model.top_token == torch.tensor(self.answer_tokens)[labels]
         result["vocab_accuracy"] = vocab_correct.float().mean().item()
+        decoded = decoded_answers(self.tokenizer, model.top_token)
+        label_words = [self.answer_words[label] for label in labels.tolist()]
+        result["decoded_accuracy"] = sum(d == w for d, w in zip(decoded, label_words)) / len(examples)
         for group in sorted({e.group for e in examples if e.group is not None}):
             members = torch.tensor([e.group == group for e in examples])
             result[f"accuracy_{group}"] = (model.predictions == labels)[members].float().mean().item()
@@ -686,14 +695,18 @@ class Evaluator(EvaluatorBase):
                 "kl_to_teacher": float(k),
                 "label_logprobs": [round(float(x), 4) for x in lp],
                 "vocab_correct": bool(v),
+                "decoded_answer": d,
+                "label_word": w,
             }
-            for e, p, t, k, lp, v in zip(
+            for e, p, t, k, lp, v, d, w in zip(
                 examples,
                 model.predictions,
                 teacher.predictions,
                 model.kl_to_teacher,
                 model.label_logprobs,
                 vocab_correct,
+                decoded,
+                label_words,
             )
         ]
         return result, rows
@@ -703,12 +716,16 @@ class Evaluator(EvaluatorBase):
         queries (their teacher was the adapted model itself)."""
         if not self.task.train_query_labels:
             return {}
-        accuracy = self.context_accuracy(self.task.train_queries, self.task.train_query_labels)
-        return {"train_queries/context_accuracy": accuracy, "train_queries/examples": len(self.task.train_queries)}
+        metrics = self.context_metrics(self.task.train_queries, self.task.train_query_labels)
+        return {
+            **{f"train_queries/{k}": v for k, v in metrics.items()},
+            "train_queries/examples": len(self.task.train_queries),
+        }
 
-    def context_accuracy(self, examples: list[Example], labels: list[int]) -> float:
-        """Accuracy of the (trained) model *with* the context on ``examples`` (with dropout as the model's own
-        evaluation: the released code's teacher is that model, in the mode training left it)."""
+    def context_metrics(self, examples: list[Example], labels: list[int]) -> dict[str, float]:
+        """Accuracy of the (trained) model *with* the context on ``examples``, over the answer words and as its
+        decoded greedy token (with dropout as the model's own evaluation: the released code's teacher is that
+        model, in the mode training left it)."""
         scores = score_shared(
             self.handle.base,
             self.tokenizer,
@@ -720,7 +737,22 @@ class Evaluator(EvaluatorBase):
             desc="with context",
             dropout_seed=self.handle.evaluation_dropout_seed,
         )[1]
-        return classification_metrics(scores.predictions, torch.tensor(labels), self.task.num_classes)["accuracy"]
+        decoded = decoded_answers(self.tokenizer, scores.top_token)
+        return {
+            "context_accuracy": classification_metrics(scores.predictions, torch.tensor(labels), self.task.num_classes)[
+                "accuracy"
+            ],
+            "context_decoded_accuracy": sum(d == self.answer_words[y] for d, y in zip(decoded, labels)) / len(labels),
+        }
+
+
+def decoded_answers(tokenizer, tokens: torch.Tensor) -> list[str]:
+    """Each greedy token as the text Upadhayaya et al.'s code compares with the answer word: decoded (special
+    tokens dropped), stripped and cut at its first ".". Their code generates that one token, decodes the whole
+    sequence and takes what follows the prompt's final "Label:"; a byte-level or SentencePiece tokenizer decodes
+    prompt and token apart as it decodes them together (pinned against that in the tests)."""
+    texts = {t: tokenizer.decode([t], skip_special_tokens=True) for t in set(tokens.tolist())}
+    return [texts[t].strip().split(".")[0].strip() for t in tokens.tolist()]
 
 
 def exact_match_rate(answers: list[Optional[str]], references: list[Optional[str]]) -> float:
@@ -827,10 +859,9 @@ class GenerationEvaluator(Evaluator):
         ]
         return result, rows
 
-    def context_accuracy(self, examples: list[Example], targets: list[str]) -> float:
-        return exact_match_rate(
-            self.answers(self.handle.base, self.tokenizer, examples, True, "with context", worked=True).answers, targets
-        )
+    def context_metrics(self, examples: list[Example], targets: list[str]) -> dict[str, float]:
+        answers = self.answers(self.handle.base, self.tokenizer, examples, True, "with context", worked=True).answers
+        return {"context_accuracy": exact_match_rate(answers, targets)}
 
 
 class MixtureEvaluator(EvaluatorBase):
