@@ -448,7 +448,7 @@ def test_a_decoded_answer_reads_every_token_as_the_released_code_reads_the_whole
     assert ours == [released_reading(tokenizer, [*prompt, t]) for t in every_token.tolist()]
     # More tokens read as an answer word than the answer word's token that vocab_accuracy requires.
     read_as_yes = {tokenizer.convert_ids_to_tokens(t) for t, text in enumerate(ours) if text == "yes"}
-    assert {"Ġyes", "yes", "yes."} <= read_as_yes or {"Ġyes", "yes"} <= read_as_yes
+    assert {"Ġyes", "yes"} <= read_as_yes
 
 
 @pytest.mark.slow

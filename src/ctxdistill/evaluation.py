@@ -674,9 +674,7 @@ class Evaluator(EvaluatorBase):
         # Upadhayaya et al.'s code reads that token as text instead ("yes" without its space counts).
         vocab_correct = model.top_token == torch.tensor(self.answer_tokens)[labels]
         result["vocab_accuracy"] = vocab_correct.float().mean().item()
-        decoded = decoded_answers(self.tokenizer, model.top_token)
-        label_words = [self.answer_words[label] for label in labels.tolist()]
-        result["decoded_accuracy"] = sum(d == w for d, w in zip(decoded, label_words)) / len(examples)
+        decoded, label_words, result["decoded_accuracy"] = self.decoded_outcomes(model.top_token, labels.tolist())
         for group in sorted({e.group for e in examples if e.group is not None}):
             members = torch.tensor([e.group == group for e in examples])
             result[f"accuracy_{group}"] = (model.predictions == labels)[members].float().mean().item()
@@ -737,13 +735,19 @@ class Evaluator(EvaluatorBase):
             desc="with context",
             dropout_seed=self.handle.evaluation_dropout_seed,
         )[1]
-        decoded = decoded_answers(self.tokenizer, scores.top_token)
         return {
             "context_accuracy": classification_metrics(scores.predictions, torch.tensor(labels), self.task.num_classes)[
                 "accuracy"
             ],
-            "context_decoded_accuracy": sum(d == self.answer_words[y] for d, y in zip(decoded, labels)) / len(labels),
+            "context_decoded_accuracy": self.decoded_outcomes(scores.top_token, labels)[2],
         }
+
+    def decoded_outcomes(self, top_tokens: torch.Tensor, labels: list[int]) -> tuple[list[str], list[str], float]:
+        """(each greedy token read as text, each gold answer word, the share that match): Upadhayaya et al.'s
+        scoring."""
+        decoded = decoded_answers(self.tokenizer, top_tokens)
+        words = [self.answer_words[label] for label in labels]
+        return decoded, words, sum(d == w for d, w in zip(decoded, words)) / len(labels)
 
 
 def decoded_answers(tokenizer, tokens: torch.Tensor) -> list[str]:
