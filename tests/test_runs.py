@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -142,6 +143,52 @@ def test_with_gradient_accumulation_the_logged_loss_is_the_steps_mean_over_its_m
     result = run(compose_run(tmp_path, "trainer.max_steps=2", "trainer.grad_accum_steps=2", "trainer.batch_size=2"))
     assert len(losses) == 4 and losses[2] != losses[3]
     assert result["train"]["final_loss"] == pytest.approx((losses[2] + losses[3]) / 2, rel=1e-6)
+
+
+def test_an_epochs_last_step_with_fewer_micro_batches_takes_their_mean_gradient():
+    """5 micro-batches, 4 per step: the second step holds one. Each optimiser step's gradient is the mean of its
+    micro-batches' gradients (for the loss w * x: the mean of their x), not their sum over grad_accum_steps."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from ctxdistill.config import TrainerConfig
+    from ctxdistill.methods.base import Method
+    from ctxdistill.models import ModelHandle
+    from ctxdistill.run import make_accelerator
+    from ctxdistill.trainer import train
+
+    class Linear(Method):
+        trained_weights = "adapter"
+
+        def train_examples(self, task):
+            return [1.0, 2.0, 3.0, 4.0, 5.0]
+
+        def collate(self, tokenizer, task, examples):
+            return {"x": torch.tensor(examples)}
+
+        def loss(self, handle, batch):
+            return (handle.student.weight * batch["x"]).sum(), {}
+
+    model, gradients = torch.nn.Linear(1, 1, bias=False), []
+    optimizer_steps = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: gradients.append(optimizer.param_groups[0]["params"][0].grad.item())
+    )
+    cfg = OmegaConf.structured(
+        TrainerConfig(batch_size=1, grad_accum_steps=4, epochs=1, shuffle=False, max_grad_norm=None)
+    )
+    try:
+        train(
+            Linear("linear"),
+            ModelHandle(student=model, base=model),
+            None,
+            None,
+            cfg,
+            make_accelerator(cfg),
+            0,
+            lambda metrics, step: None,
+        )
+    finally:
+        optimizer_steps.remove()
+    assert gradients == pytest.approx([(1 + 2 + 3 + 4) / 4, 5 / 1])
 
 
 def test_a_progress_bar_into_a_log_file_draws_once_and_closes(capsys):

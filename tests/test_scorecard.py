@@ -362,3 +362,20 @@ def test_a_link_prediction_number_is_scored_with_the_t_interval_over_the_triples
     [scored] = score([hits], [run])
     assert scored.interval == pytest.approx((0.079421968550902, 0.670578031449098))
     assert scored.verdict == "consistent"
+
+
+def test_a_link_prediction_interval_is_cut_to_the_range_the_run_declares_as_the_table_cuts_it():
+    """An MRR cell (``proportion: false`` in li2024.yaml) of a run near 0: scipy.stats.t.interval(0.95, 7, loc=0.05,
+    scale=0.2 / sqrt(8)) is (-0.117, 0.217); MRR is declared in [0, 1], so the scorecard reads [0, 0.217], as the
+    table does for the same run."""
+    from ctxdistill.ranking import link_prediction_metrics
+    from ctxdistill.results.table import summarise
+
+    mrr = cell(metric="MRR", value=0.3, run_metric="eval/mrr", method="kgbert", model="minilm-l6", shots=None)
+    run = record(0.05, method="kgbert", model="minilm-l6", metric="eval/mrr", examples=8)
+    run["metric_set"] = link_prediction_metrics().to_dict()
+    run["metrics"]["eval/mrr_sd"] = 0.2
+    [scored] = score([mrr], [run])
+    assert scored.interval == pytest.approx((0.0, 0.21720418432594218))
+    [table] = summarise([run])
+    assert table.rows[0].cells["eval/mrr"].interval == pytest.approx(scored.interval)

@@ -1,15 +1,17 @@
 """Scratchpad internalisation: Nye et al.'s addition format, the answer extractor, exact-match evaluation."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from ctxdistill.config import ConfigError, validate
 from ctxdistill.data import build_task
 from ctxdistill.data.addition import generate_examples, scratchpad
 from ctxdistill.data.tasks import AnswerGeneration
 from ctxdistill.methods import build_method
-from ctxdistill.models import load_tokenizer
+from ctxdistill.models import load_model, load_tokenizer
 from ctxdistill.run import run
 
 # The tiny random model on a handful of short problems.
@@ -111,6 +113,35 @@ def test_scratchpad_reports_extraction_failures_and_refuses_to_train_without_ans
     rows = [json.loads(line) for line in (tmp_path / "all" / "predictions.jsonl").read_text().splitlines()]
     assert result["metrics"]["eval/accuracy"] == sum(r["prediction"] == r["target"] for r in rows) / len(rows)
     assert all(r["prediction"] == r["generation"].split("\n", 1)[0].strip() for r in rows)  # a direct answer
+
+
+def test_scratchpad_loss_is_the_cross_entropy_to_the_teachers_answers_over_their_expected_length(make_cfg):
+    # By hand, per query: -sum_a p(a) log P_S(a) / sum_a p(a) |a|, from plain forwards of prompt + answer; then the
+    # mean over queries. Dividing each answer by its own length would move the minimum to p(a) / |a| (renormalised).
+    cfg = make_cfg(*ADDITION, "method=scratchpad")
+    method, task = build_method(cfg.method), build_task(cfg.dataset, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed).eval()
+    answers = [tuple(tokenizer(text, add_special_tokens=False).input_ids) for text in ("9\n", "10\n", "7 + 5\n")]
+    assert len({len(a) for a in answers}) == 3  # lengths differ
+    queries = task.train_queries[:2]
+    method._targets = {queries[0].uid: {answers[0]: 0.75, answers[1]: 0.25}, queries[1].uid: {answers[2]: 1.0}}
+    batch = method.collate(tokenizer, task, queries)
+    with torch.no_grad():
+        loss, _ = method.loss(SimpleNamespace(student=model), batch)
+
+    def answer_nll(query, answer):
+        prompt = tokenizer(task.student_prompt(query), add_special_tokens=False).input_ids
+        logprobs = model(torch.tensor([prompt + list(answer)])).logits[0, len(prompt) - 1 : -1].log_softmax(-1)
+        return -logprobs[torch.arange(len(answer)), torch.tensor(answer)].sum()
+
+    with torch.no_grad():
+        expected = [
+            sum(p * answer_nll(query, a) for a, p in method._targets[query.uid].items())
+            / sum(p * len(a) for a, p in method._targets[query.uid].items())
+            for query in queries
+        ]
+    assert loss.item() == pytest.approx(sum(expected).item() / 2, rel=1e-5)
 
 
 def test_ft_on_worked_solutions_trains_on_the_demonstrations_target_and_is_read_by_the_extractor(make_cfg, tmp_path):

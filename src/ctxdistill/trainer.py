@@ -242,7 +242,11 @@ def train(
                 with accelerator.accumulate(handle.student):
                     loss, extra = method.loss(handle, batch)
                     micro_batches.append((loss.detach(), extra))
-                    accelerator.backward(loss)
+                    # accelerate divides by grad_accum_steps; an epoch's last step may hold fewer micro-batches,
+                    # and its gradient is still their mean (the loss it logs)
+                    step_start = index - index % cfg.grad_accum_steps
+                    in_step = min(cfg.grad_accum_steps, len(loader) - step_start)
+                    accelerator.backward(loss * (cfg.grad_accum_steps / in_step))
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()

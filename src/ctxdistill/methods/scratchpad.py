@@ -6,8 +6,9 @@ extractor reads the answer. The student, with neither instructions nor scratchpa
 trained to write that answer directly. Snell et al. fit the student at the token level
 to the empirical distribution of many teacher samples; here each query's ``num_samples``
 teacher answers form that distribution p, and the loss is the cross-entropy
--sum_a p(a) log P_S(a | query) (per answer token), i.e. the KL to the empirical teacher
-up to its entropy. ``num_samples=1`` with ``temperature=0`` is the greedy hard label.
+-sum_a p(a) log P_S(a | query), i.e. the KL to the empirical teacher up to its entropy,
+divided by the expected answer length sum_a p(a) |a| (one count per query, so that the
+minimum stays P_S = p whatever the answers' lengths). ``num_samples=1`` with ``temperature=0`` is the greedy hard label.
 
 Samples the extractor cannot read are counted, logged and reported
 (``train/extraction_failures``); a query none of whose samples can be read has no target
@@ -118,14 +119,16 @@ class ScratchpadDistillation(Method):
         return example.uid in self._targets
 
     def collate(self, tokenizer, task, examples):
-        prompts, answers, weights = [], [], []
-        for example in examples:
+        prompts, answers, weights, queries = [], [], [], []
+        for query, example in enumerate(examples):
             for answer, p in self._targets[example.uid].items():
                 prompts.append(task.student_prompt(example))
                 answers.append(answer)
                 weights.append(p)
+                queries.append(query)
         batch = encode(tokenizer, prompts, answers)
         batch["weights"] = torch.tensor(weights)
+        batch["query_index"] = torch.tensor(queries)
         batch["num_queries"] = len(examples)
         return batch
 
@@ -133,5 +136,9 @@ class ScratchpadDistillation(Method):
         logits = answer_logits(handle.student, batch)
         mask = batch["answer_mask"].to(logits.device)
         nll = -logits.log_softmax(-1).gather(-1, batch["answer_ids"].to(logits.device).unsqueeze(-1)).squeeze(-1)
-        per_answer = (nll * mask).sum(-1) / mask.sum(-1)
-        return (per_answer * batch["weights"].to(logits.device)).sum() / batch["num_queries"], {}
+        weights, queries = batch["weights"].to(logits.device), batch["query_index"].to(logits.device)
+        # Per query: sum_a p(a) NLL(a) / sum_a p(a) |a|. Dividing each answer by its own length instead would
+        # make the minimum P_S(a) proportional to p(a) / |a|, favouring the shorter answers.
+        cross_entropy = nll.new_zeros(batch["num_queries"]).index_add(0, queries, weights * (nll * mask).sum(-1))
+        expected_length = nll.new_zeros(batch["num_queries"]).index_add(0, queries, weights * mask.sum(-1))
+        return (cross_entropy / expected_length).mean(), {}

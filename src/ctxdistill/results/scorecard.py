@@ -143,6 +143,8 @@ class Score:
     #: what each run reports for its own interval (``Metric.companions``); None for any other metric
     declared: Optional[tuple[str, list[tuple[Optional[float], ...]]]] = None
     matched_runs: int = 0  # runs of the cell, with or without the metric
+    #: the bounds the runs declare for the metric (MRR in [0, 1]); a cell with ``proportion`` is in [0, 1] anyway
+    value_range: tuple[Optional[float], Optional[float]] = (None, None)
 
     @property
     def mean(self) -> Optional[float]:
@@ -163,8 +165,12 @@ class Score:
         if interval is None:
             return None
         low, high = interval
-        # a mean of rates lies in [0, 1]
-        return (max(low, 0.0) * scale, min(high, 1.0) * scale) if self.cell.proportion else (low * scale, high * scale)
+        # a mean of rates lies in [0, 1], a declared metric in its declared range, whatever few runs suggest
+        lowest, highest = (0.0, 1.0) if self.cell.proportion else self.value_range
+        return (
+            (low if lowest is None else max(low, lowest)) * scale,
+            (high if highest is None else min(high, highest)) * scale,
+        )
 
     @property
     def verdict(self) -> str:
@@ -204,17 +210,18 @@ def run_examples(record: dict[str, Any], run_metric: str) -> Optional[int]:
     return len(rows) or None
 
 
-def run_reports(
-    records: list[dict[str, Any]], run_metric: str
-) -> Optional[tuple[str, list[tuple[Optional[float], ...]]]]:
-    """The metric's kind and what each run reports for its own interval, where the runs declare it a mean over
-    examples or a bootstrapped statistic; None otherwise (the cell's ``proportion`` says)."""
+def run_declarations(records: list[dict[str, Any]], run_metric: str) -> dict[str, Any]:
+    """What the runs declare of the metric, as :class:`Score` fields: its value range, and where it is a mean over
+    examples or a bootstrapped statistic, its kind with what each run reports for its own interval (else the
+    cell's ``proportion`` says)."""
     set_name, _, name = run_metric.rpartition("/")
     declared = [m for r in records for m in metric_set(r).metrics if m.name == name and m.applies_to(set_name)]
     metric = next((m for m in declared if m.companions), None)
-    if metric is None:
-        return None
-    return metric.kind, [tuple(r["metrics"].get(f"{set_name}/{c}") for c in metric.companions) for r in records]
+    fields = {"value_range": declared[0].value_range} if declared else {}
+    if metric is not None:
+        reported = [tuple(r["metrics"].get(f"{set_name}/{c}") for c in metric.companions) for r in records]
+        fields.update(value_range=metric.value_range, declared=(metric.kind, reported))
+    return fields
 
 
 def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[dict[str, str]] = None) -> list[Score]:
@@ -246,7 +253,7 @@ def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[d
                     [r["metrics"][cell.run_metric] * cell.scale for r in measured],
                     [run_examples(r, cell.run_metric) for r in measured],
                     matched_runs=len(runs),
-                    declared=run_reports(measured, cell.run_metric),
+                    **run_declarations(measured, cell.run_metric),
                 )
             )
     return scores
