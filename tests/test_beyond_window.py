@@ -316,6 +316,27 @@ def test_cheat_sheet_prompts_are_the_released_ones_and_sheets_are_cached(make_cf
     assert requests == []  # every sheet read from the cache (the model is never asked)
 
 
+def test_cheat_sheet_writes_the_demonstrations_as_icl_does_in_the_datasets_demonstration_template(make_cfg):
+    # a dataset whose in-context pattern differs from its query template (llmft's, mosbach2023/*): the sheet is
+    # written from, and shown, the demonstrations ICL sees, ahead of a query in the same pattern
+    cfg = make_cfg(
+        *TINY,
+        "method=cheat_sheet",
+        "dataset.context.num_demos=4",
+        "dataset.demo_template='R: {review} =>'",
+        "dataset.context_query_template='R: {review} =>'",
+    )
+    task = build_task(cfg.dataset, cfg.seed)
+    shots = [f"R: {d.fields['review']} =>" + task.verbalizers[d.label] for d in task.demos]
+    assert task.context.endswith("\n\n".join(shots))  # ICL's context
+    assert released_cheat_prompt(RELEASED_SEP.join(shots)) == cs.sheet_request(cs.REQUEST, task, task.demos)
+    query = task.eval_sets["eval"][0]
+    cs.use_sheet(task, "SHEET", 2)
+    assert task.teacher_prompt(query).endswith(
+        released_context("SHEET", shots) + RELEASED_SEP + f"R: {query.fields['review']} =>"
+    )
+
+
 def test_cheat_sheet_reads_every_demonstration_in_one_released_request_by_default(make_cfg):
     # cheatsheet_api.py makes one call: dataset_str = SEP.join(dataset_cat); get_cheat_prompt(dataset_str, args.task)
     cfg = make_cfg(*TINY, "method=cheat_sheet", "dataset.context.num_demos=12")

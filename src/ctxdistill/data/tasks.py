@@ -102,6 +102,7 @@ class Task:
     # evaluation takes their majority answer.
     votes: int = 1
     context_query_template: Optional[str] = None  # the query after the context; None: template
+    demo_template: Optional[str] = None  # a demonstration's query in the context; None: template
     context_instruction: str = ""  # the instruction that opens each context, before its demonstrations
     f1_positive: Optional[int] = None  # the class whose F1 is reported beside accuracy (dataset.f1_positive)
 
@@ -115,6 +116,10 @@ class Task:
 
     def query(self, example: Example) -> str:
         return (example.template or self.template).format(**example.fields)
+
+    def demonstration(self, example: Example) -> str:
+        """``example`` written as a demonstration of the context writes it."""
+        return render_shot(self.demo_template or self.template, example, self.verbalizers, self.generation)
 
     def student_prompt(self, example: Example) -> str:
         if self.student_instruction:
@@ -430,12 +435,16 @@ def render_context(
     instruction = spec.context.instruction if instruction is None else instruction
     verbalizers = spec.verbalizers if verbalizers is None else verbalizers
     template = spec.demo_template or spec.template
-    if spec.generation is not None:
-        shots = [template.format(**d.fields) + spec.generation.demo_target.format(**d.fields) for d in demos]
-    else:
-        shots = [template.format(**d.fields) + verbalizers[d.label] for d in demos]
+    shots = [render_shot(template, d, verbalizers, spec.generation) for d in demos]
     parts = ([instruction] if instruction else []) + shots
     return spec.context.separator.join(parts)
+
+
+def render_shot(template: str, demo: Example, verbalizers: list, generation) -> str:
+    """One demonstration: its query and its answer (the label word, or the worked solution of a generative task,
+    ``generation`` being its settings)."""
+    answer = generation.demo_target.format(**demo.fields) if generation is not None else verbalizers[demo.label]
+    return template.format(**demo.fields) + answer
 
 
 def take(examples: list[Example], count: Optional[int], shuffle_seed: Optional[int]) -> list[Example]:
@@ -528,5 +537,6 @@ def build_task(spec: DictConfig, seed: int) -> Task:
             spec.generation.demo_target,
         ),
         context_query_template=spec.context_query_template,
+        demo_template=spec.demo_template,
         context_instruction=spec.context.instruction,
     )

@@ -109,14 +109,9 @@ class CheatSheetConfig(MethodConfig):
         )
 
 
-def render_demo(task: Task, example) -> str:
-    """One demonstration as the dataset writes it (its template and label word)."""
-    return task.query(example) + task.answer_text(example)
-
-
 def sheet_request(template: str, task: Task, demos: list, sheet_so_far: str = "", sheet: str = "") -> str:
     """The released request for one chunk of demonstrations, after the sheet so far when there is one."""
-    request = template.format(examples=SEPARATOR.join(render_demo(task, d) for d in demos))
+    request = template.format(examples=SEPARATOR.join(task.demonstration(d) for d in demos))
     return sheet_so_far.format(sheet=sheet) + request if sheet else request
 
 
@@ -132,7 +127,7 @@ def clean_sheet(text: str) -> str:
 
 def sheet_context(task: Task, sheet: str, format_examples: int) -> str:
     """The evaluated context: the dataset's instruction, the sheet, the released format note and examples."""
-    shots = SEPARATOR.join(render_demo(task, d) for d in task.demos[:format_examples])
+    shots = SEPARATOR.join(task.demonstration(d) for d in task.demos[:format_examples])
     body = sheet + (FORMAT_NOTE + shots if shots else "")
     return task.separator.join(p for p in (task.context_instruction, body) if p)
 
