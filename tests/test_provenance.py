@@ -18,7 +18,7 @@ from ctxdistill.data.synthetic import generate_examples
 from ctxdistill.data.tasks import load_records
 from ctxdistill.results.versions import versions_markdown
 from ctxdistill.run import run
-from ctxdistill.sweeps import config_changes
+from ctxdistill.sweeps import config_changes, open_maps
 
 
 def sha256(path: Path) -> str:
@@ -149,12 +149,37 @@ def test_a_methods_config_hashes_the_same_wherever_its_caches_are_kept(make_cfg,
 def test_a_run_without_an_out_of_domain_set_the_config_now_selects_is_another_config(make_cfg):
     # Keys only one side has are new options at their defaults, except the out-of-domain sets: a complete run made
     # before an experiment added HANS reports no hans/ metrics and must not be reused as this config's.
+    cfg = make_cfg("dataset=mnli", "ood=[hans,hans_all]")
     both, hans = (
         OmegaConf.to_container(make_cfg("dataset=mnli", f"ood=[{sets}]"), resolve=True)
         for sets in ("hans,hans_all", "hans")
     )
-    assert config_changes(hans, both) == config_changes(both, hans) == ["dataset.ood.hans_all"]
-    assert config_changes(both, both) == []
+    maps = open_maps(cfg)
+    assert config_changes(hans, both, maps) == config_changes(both, hans, maps) == ["dataset.ood.hans_all"]
+    assert config_changes(both, both, maps) == []
+
+
+def test_a_group_of_settings_set_where_it_was_null_or_a_label_maps_entries_changed_is_another_config(make_cfg):
+    # a separate teacher (method.teacher_model) against none, and a label map keyed by other words: the keys
+    # differ with nothing in common to compare, and each is a change; an option a later version adds is not
+    alone = make_cfg("model=tiny-random", "method=cd")
+    taught = make_cfg("model=tiny-random", "method=cd", "+model@method.teacher_model=tiny-random")
+    stored, current = (OmegaConf.to_container(c, resolve=True) for c in (alone, taught))
+    assert config_changes(stored, current, open_maps(taught)) == ["method.teacher_model"]
+    assert config_changes(current, stored, open_maps(alone)) == ["method.teacher_model"]
+    mnli = make_cfg("dataset=mnli")
+    assert "dataset.label_map" in open_maps(mnli)
+    original = OmegaConf.to_container(mnli, resolve=True)
+    relabelled = {**original, "dataset": {**original["dataset"], "label_map": {"yes": 0, "no": 1}}}
+    changes = config_changes(original, relabelled, open_maps(mnli))
+    assert changes == ["dataset.label_map.0", "dataset.label_map.2", "dataset.label_map.contradiction"] + [
+        "dataset.label_map.entailment",
+        "dataset.label_map.no",
+        "dataset.label_map.yes",
+    ]
+    older = OmegaConf.to_container(alone, resolve=True)
+    del older["trainer"]["grad_accum_steps"]  # a run made before the option existed
+    assert config_changes(older, stored, open_maps(alone)) == []
 
 
 def record(method: str, seed: int, torch_version: str, commit: str, dirty: bool = False) -> dict:

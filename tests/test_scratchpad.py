@@ -11,7 +11,7 @@ from ctxdistill.data import build_task
 from ctxdistill.data.addition import generate_examples, scratchpad
 from ctxdistill.data.tasks import AnswerGeneration
 from ctxdistill.methods import build_method
-from ctxdistill.models import load_model, load_tokenizer
+from ctxdistill.models import ModelHandle, load_model, load_tokenizer
 from ctxdistill.run import run
 
 # The tiny random model on a handful of short problems.
@@ -142,6 +142,21 @@ def test_scratchpad_loss_is_the_cross_entropy_to_the_teachers_answers_over_their
             for query in queries
         ]
     assert loss.item() == pytest.approx(sum(expected).item() / 2, rel=1e-5)
+
+
+def test_scratchpad_samples_do_not_depend_on_the_evaluation_batch_size(make_cfg):
+    # A resumed run may change trainer.eval_batch_size (a checkpoint does not record it); the teacher's samples,
+    # the training targets, are drawn in batches of the method's own size, so they stay the same.
+    cfg = make_cfg(*ADDITION, "method=scratchpad", "method.num_samples=2", "dataset.generation.answer_regex='(?s)(.*)'")
+    method, task = build_method(cfg.method), build_task(cfg.dataset, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    model = load_model(cfg.model, cfg.cache_dir, tokenizer, cfg.seed).eval()
+    handle = ModelHandle(student=model, base=model)
+    targets = []
+    for eval_batch_size in (1, 4):
+        method.prepare(handle, tokenizer, task, task.train_queries, eval_batch_size)
+        targets.append(dict(method._targets))
+    assert targets[0] == targets[1] and len(targets[0]) == 4
 
 
 def test_ft_on_worked_solutions_trains_on_the_demonstrations_target_and_is_read_by_the_extractor(make_cfg, tmp_path):

@@ -443,6 +443,30 @@ def test_a_complete_run_is_skipped_unless_forced_or_made_by_another_config(make_
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == rerun["metrics"]
 
 
+def test_a_forced_run_that_stops_leaves_nothing_of_the_run_it_replaces(make_cfg, tmp_path, monkeypatch):
+    # Its config is written as it starts: the earlier run's metrics, predictions, weights and re-evaluations would
+    # otherwise be read as its own (run again without force=true it was skipped with the earlier numbers).
+    import ctxdistill.run
+
+    cfg = make_cfg(*CELL, "logger=none", "method=zero_shot")
+    stored = {"method": "zero_shot", "model": "tiny-random", "dataset": "synthetic", "seed": 0, "status": "complete"}
+    (tmp_path / "metrics.json").write_text(json.dumps({**stored, "metrics": {"eval/accuracy": 0.123}}))
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    for earlier in ("predictions.jsonl", "adapter/adapter_model.safetensors", "evaluations/again/metrics.json"):
+        (tmp_path / earlier).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / earlier).write_text("{}")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ctxdistill.run, "build_models", interrupted)
+    forced = make_cfg(*CELL, "logger=none", "method=zero_shot", "force=true", "trainer.lr=0.05")
+    with pytest.raises(KeyboardInterrupt):
+        run_unless_complete(forced)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    assert OmegaConf.load(tmp_path / "config.yaml").trainer.lr == 0.05
+
+
 @pytest.mark.parametrize(
     "sweep_file", sorted((Path(__file__).parents[1] / "sweeps" / "wandb").glob("*.yaml")), ids=lambda p: p.stem
 )

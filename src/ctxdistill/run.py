@@ -45,6 +45,7 @@ from ctxdistill.models import (
     model_identity,
 )
 from ctxdistill.results.metrics import float32_rounded
+from ctxdistill.results.records import EVALUATIONS, PREDICTIONS, RUN_CONFIG
 from ctxdistill.serving import serving_metrics
 from ctxdistill.sweeps import group_name
 from ctxdistill.tracking import Tracker, create_tracker, exit_code
@@ -293,7 +294,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_provenance = provenance.describe(resolved, task, accelerator.device, accelerator.num_processes)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        clear_earlier_results(out)
+        (out / RUN_CONFIG).write_text(OmegaConf.to_yaml(cfg, resolve=True))
         overrides = hydra_overrides()
         if overrides is not None:  # what ctxdistill-eval recomposes, wherever output_dir put the run
             (out / "overrides.yaml").write_text(OmegaConf.to_yaml(overrides))
@@ -443,6 +445,19 @@ ROUNDS = "rounds"  # a run of several rounds keeps each finished round here unti
 ROUND_WEIGHTS = "trainable.safetensors"
 
 
+def clear_earlier_results(out: Path) -> None:
+    """Remove an earlier run's results from ``out`` (a run made again with force=true): left beside this run's
+    config, an interrupted re-run would leave them to be read as its own (a later run of the command skips a
+    directory with a complete metrics.json, ctxdistill-eval loads adapter/ and keeps evaluations/). A run that
+    resumes from a checkpoint has none: they are written when a run completes."""
+    for name in ("metrics.json", PREDICTIONS, "adapter", "model", EVALUATIONS):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def resumes_training(out: Path) -> bool:
     """Whether ``out`` holds a checkpoint or finished rounds that this run continues from (a run without
     them starts at step 0)."""
@@ -540,7 +555,7 @@ def rounded(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def save_results(out: Path, result: dict[str, Any], predictions: dict[str, list[dict]]) -> None:
     """Predictions first, metrics.json last: a complete metrics.json means a complete run."""
-    with (out / "predictions.jsonl").open("w") as f:
+    with (out / PREDICTIONS).open("w") as f:
         for name, rows in predictions.items():
             for row in rows:
                 f.write(json.dumps({"set": name, **row}) + "\n")

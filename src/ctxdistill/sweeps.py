@@ -48,13 +48,41 @@ def compared(key: str) -> bool:
     return not key.startswith(UNCOMPARED) and not key.endswith(CACHE_LOCATIONS)
 
 
-def config_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ; keys only one side has (a newly added option) do not count, except the
-    out-of-domain sets: one added or left out changes which sets the run reports."""
+def open_maps(cfg: DictConfig, path: str = "") -> set[str]:
+    """The dotted paths of the config's open-ended maps: the dict-typed settings (label maps, file lists, the
+    out-of-domain sets), whose entries are data rather than options of a schema."""
+    import dataclasses
+
+    found = set()
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not (node._is_none() or node._is_missing() or node._is_interpolation()):
+            full = f"{path}{key}"
+            if not dataclasses.is_dataclass(OmegaConf.get_type(node)):
+                found.add(full)
+            found |= open_maps(node, f"{full}.")
+    return found
+
+
+def config_changes(stored: dict[str, Any], current: dict[str, Any], maps: set[str] = frozenset()) -> list[str]:
+    """Keys whose values differ. A key only one side has is a change where the other side holds a value at a
+    key above it (a group of settings set on one side, null on the other: method.teacher_model), or where it is
+    an entry of an open-ended map (``maps``: a label map's entries, the out-of-domain sets) that the other side
+    lacks; anywhere else it is an option added to a schema since the stored run was made, at its default."""
     old, new = flatten(stored), flatten(current)
-    changed = {k for k in old.keys() & new.keys() if old[k] != new[k] and compared(k)}
-    old_sets, new_sets = ({key.split(".")[2] for key in keys if key.startswith("dataset.ood.")} for keys in (old, new))
-    return sorted(changed | {f"dataset.ood.{name}" for name in old_sets ^ new_sets})
+    changed = {k for k in old.keys() & new.keys() if old[k] != new[k]}
+    for key in old.keys() ^ new.keys():
+        other = new if key in old else old
+        parts = key.split(".")
+        for depth in range(1, len(parts)):
+            parent, entry = ".".join(parts[:depth]), ".".join(parts[: depth + 1])
+            if parent in other:
+                changed.add(parent)
+                break
+            if parent in maps and not any(k == entry or k.startswith(f"{entry}.") for k in other):
+                changed.add(entry)
+                break
+    return sorted(k for k in changed if compared(k))
 
 
 def other_output_dir() -> str:
@@ -88,7 +116,7 @@ def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
             requested = OmegaConf.to_container(cfg, resolve=True)
         except OmegaConfBaseException:  # a config that does not resolve: the run's validation names what is wrong
             return None
-        changed = config_changes(stored, requested)
+        changed = config_changes(stored, requested, open_maps(cfg))
         if changed:
             raise ConfigError(
                 f"{out} holds a complete run made with a different config ({', '.join(changed[:6])}"

@@ -40,6 +40,9 @@ class ScratchpadConfig(MethodConfig):
     num_samples: int = 8  # teacher samples per query; their extracted answers are the empirical target
     temperature: float = 1.0  # of the teacher's sampling; 0 = greedy (then one sample suffices)
     top_k: Optional[int] = None
+    # teacher prompts sampled per batch: a batch's rows share one random stream, so the samples depend on it (a
+    # setting of the method's own, not trainer.eval_batch_size, which a resumed run may change)
+    sample_batch_size: int = 16
     seed: int = "${seed}"  # type: ignore[assignment]
     schema_name: ClassVar[str] = "base_scratchpad"
     # free-text answers and an answer extractor (dataset.generation)
@@ -53,14 +56,24 @@ class ScratchpadConfig(MethodConfig):
         require(m.num_samples >= 1, "method.num_samples", f"must be >= 1, got {m.num_samples}", "")
         require(m.temperature >= 0, "method.temperature", f"must be >= 0, got {m.temperature}", "0 is greedy")
         require_count(m.top_k, "method.top_k", "null samples from the whole vocabulary")
+        require(m.sample_batch_size >= 1, "method.sample_batch_size", f"must be >= 1, got {m.sample_batch_size}", "")
 
 
 class ScratchpadDistillation(Method):
     trained_weights = "adapter"
 
-    def __init__(self, name: str, num_samples: int, temperature: float, top_k: Optional[int], seed: int):
+    def __init__(
+        self,
+        name: str,
+        num_samples: int,
+        temperature: float,
+        top_k: Optional[int],
+        sample_batch_size: int,
+        seed: int,
+    ):
         super().__init__(name)
         self.num_samples, self.temperature, self.top_k, self.seed = num_samples, temperature, top_k, seed
+        self.sample_batch_size = sample_batch_size
         self._targets: dict[str, dict[tuple[int, ...], float]] = {}
 
     def train_examples(self, task):
@@ -86,7 +99,7 @@ class ScratchpadDistillation(Method):
                     spec.stop,
                     generator,
                     prefix,
-                    batch_size,
+                    self.sample_batch_size,
                 )
                 for count, text in zip(counts, tokenizer.batch_decode(generated, skip_special_tokens=True)):
                     answer = spec.extract(text, worked=True)
