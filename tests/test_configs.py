@@ -391,6 +391,9 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("ood=[synthetic_reworded] dataset.ood.ood.shuffle_seed=-1", "dataset.ood.ood.shuffle_seed: must be in"),
         ("ood=[synthetic_reworded] dataset.ood.ood.template='{sentence1}'", "dataset.ood.ood.template: '{sentence1}'"),
         ("trainer.steps_per_lr_update=0", "trainer.steps_per_lr_update: must be >= 1, got 0"),
+        # found by the fifteenth audit: each ran to the end and reported a number that means nothing
+        ("dataset.verbalizers=[foo,bar,foo]", "dataset.verbalizers: 'foo' answers classes 0 and 2"),
+        ("dataset.eval_split=train", "dataset.eval_split: is the training split (train)"),
         (
             "dataset=kg_synthetic method=kgbert model=minilm-l6 trainer.evaluate_with_dropout=true",
             "trainer.evaluate_with_dropout: keeps dropout on where a trained model's answer words are scored",
@@ -433,6 +436,14 @@ def test_bad_values_are_named(make_cfg, override, key):
         return
     with pytest.raises(ConfigError, match=re.escape(key)):
         validate(cfg)
+
+
+@pytest.mark.parametrize("method, value", [("zero_shot", "true"), ("icl", "false")])
+def test_a_setting_that_makes_a_method_what_it_is_is_refused_on_the_command_line(make_cfg, method, value):
+    # found by the fifteenth audit: zero_shot with the context ran as icl and was recorded, and pooled, as zero_shot
+    given = [f"method={method}", f"method.use_context={value}"]
+    with pytest.raises(ConfigError, match=r"method.use_context: makes method=\w+ what it is.*Run method=zero_shot"):
+        validate(make_cfg(*given), given)
 
 
 def validates_or_refuses(cfg, given: list[str], message) -> None:

@@ -338,7 +338,8 @@ def test_an_evaluation_of_another_method_or_model_than_the_runs_is_refused(untra
 
 
 def test_training_settings_given_to_an_evaluation_are_said_to_be_ignored(untrained_sweep, capsys):
-    assert main([str(untrained_sweep), "trainer.lr=5", "trainer.eval_batch_size=4", "--name", "lr"]) == 0
+    # overrides after an option too (the fifteenth audit: they were refused as unrecognized arguments)
+    assert main([str(untrained_sweep), "--name", "lr", "trainer.lr=5", "trainer.eval_batch_size=4"]) == 0
     err = capsys.readouterr().err
     assert "ctxdistill-eval trains nothing and loads the run's saved weights: ignoring trainer.lr\n" in err
 
@@ -373,6 +374,7 @@ def test_bad_arguments_are_refused_before_torch_and_the_methods_are_imported(arg
     proc = subprocess.run([sys.executable, "-c", check, *arguments], capture_output=True, text=True, env=ENV)
     assert proc.returncode == 2 and proc.stdout.strip() == "[]"
     assert f"ctxdistill-eval: error: {message.format(tmp=tmp_path)}" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1  # one line, not argparse's usage block before it
 
 
 def test_cells_of_a_sweep_without_results_are_named_not_skipped_quietly(untrained_sweep, tmp_path, capsys):

@@ -541,6 +541,37 @@ def test_a_setting_the_run_never_reads_is_named_as_ignored(make_cfg, caplog):
     ]
 
 
+def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(make_cfg, caplog):
+    # found by the fifteenth audit: each ran as the default did, to the digit, and a sweep over one gave rows that
+    # differed in name only
+    from ctxdistill.methods import build_method
+    from ctxdistill.run import warn_unused_training_settings
+
+    def warnings(*overrides: str) -> list[str]:
+        cfg = make_cfg(*TINY, *overrides)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ctxdistill.run"):
+            warn_unused_training_settings(build_method(cfg.method), list(overrides), "lora", method_cfg=cfg.method)
+        return caplog.messages
+
+    assert warnings("method=cd", "method.beta=0.9", "method.max_answer_tokens=4", "method.top_k_rest=bucket") == [
+        "method.beta weighs divergence=jsd's mixture (method.divergence=forward_kl): ignoring method.beta",
+        "method.max_answer_tokens is answer=teacher_generation's (method.answer=label_position): ignoring "
+        "method.max_answer_tokens",
+        "method.top_k_rest is the rest of a top-k teacher (method.top_k=null): ignoring method.top_k_rest",
+    ]  # in the command line's order
+    assert warnings("method=cd", "method.teacher=live", "method.teacher_cache=memory") == [
+        "a live teacher is the student at every step (method.teacher=live): ignoring method.teacher_cache"
+    ]
+    assert (
+        warnings("method=cd", "method.divergence=jsd", "method.beta=0.9", "method.top_k=5", "method.top_k_rest=bucket")
+        == []
+    )
+    assert warnings("method=zero_shot", "dataset.num_train_queries=5") == [
+        "method=zero_shot does not train: ignoring dataset.num_train_queries"
+    ]
+
+
 @pytest.mark.parametrize("method", ["cd", "on_policy_cd"])
 def test_distilling_an_empty_context_from_the_model_itself_is_refused_before_the_model_loads(make_cfg, method):
     """Found by the bad-input audit: the teacher's prompt was the student's, and the run trained on a loss of 0."""

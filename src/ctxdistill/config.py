@@ -43,6 +43,9 @@ class MethodConfig:
     dataset_example: ClassVar[str] = "dataset=synthetic"
     #: model.adapter values the method cannot train, and why
     refused_adapters: ClassVar[dict[str, str]] = {}
+    #: settings that make the method what it is, set by its config file, each with what to run instead: another
+    #: value given on the command line is refused (the run would be another method, recorded under this name)
+    defining: ClassVar[dict[str, str]] = {}
     #: the model.architecture values of the model the method trains or runs (check_method refuses another)
     architectures: ClassVar[tuple[str, ...]] = ("causal_lm",)
     #: those of a separate teacher, any model config of its own (method.teacher_model, method.teacher): every
@@ -57,6 +60,12 @@ class MethodConfig:
     def check_training(cls, m: DictConfig, cfg: DictConfig) -> None:
         """Those of :meth:`check` that concern only how the method trains: an evaluation of a trained run
         (ctxdistill-eval, which trains nothing) skips them."""
+
+    @classmethod
+    def unread(cls, m: DictConfig) -> dict[str, str]:
+        """The method's settings that its other settings leave unread, each with why: given on the command line,
+        the run names them as ignored (a sweep over one would give rows that differ in name only)."""
+        return {}
 
 
 # ---------------------------------------------------------------- model
@@ -569,6 +578,20 @@ def _validate_classification(d: DictConfig, key: str) -> None:
         f"{key}.verbalizers",
         "needs one answer word per class (at least two)",
         "Or give free-text answers a dataset.generation",
+    )
+    shared = [(i, j) for j, word in enumerate(d.verbalizers) for i in range(j) if d.verbalizers[i] == word]
+    require(
+        d.generation is not None or not shared,
+        f"{key}.verbalizers",
+        f"{d.verbalizers[shared[0][1]]!r} answers classes {shared[0][0]} and {shared[0][1]}" if shared else "",
+        "Give each class its own answer word: scored by the same word, the classes cannot be told apart",
+    )
+    require(
+        d.eval_split != d.train_split,
+        f"{key}.eval_split",
+        f"is the training split ({d.train_split}): the demonstrations and training queries are drawn from it, so "
+        "the evaluation would score examples the model saw",
+        f"Set {key}.eval_split to a held-out split",
     )
     for name, ood in d.ood.items():
         # what an experiment sets for a set that ood=[...] then leaves out is a set without a source
@@ -1222,6 +1245,16 @@ def validate_values(cfg: DictConfig, overrides: Sequence[str] = (), trains: bool
     else:
         _validate_classification(d, "dataset")
     check_method(cfg, trains)
+    defining = OmegaConf.get_type(cfg.method).defining
+    for key in override_keys(overrides):
+        setting = key.removeprefix("method.")
+        require(
+            setting == key or setting not in defining,
+            key,
+            f"makes method={cfg.method.name} what it is (set by its config file); another value is another method, "
+            "and its results would be recorded under this one's name",
+            defining.get(setting, ""),
+        )
 
 
 def group_options(group: str) -> dict[str, tuple[Optional[str], dict[str, Any]]]:

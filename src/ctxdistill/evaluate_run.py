@@ -27,6 +27,7 @@ from typing import Any, Optional
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from ctxdistill.results.cli import OneLineErrors
 from ctxdistill.results.records import EVALUATIONS, unfinished_runs
 from ctxdistill.results.run_files import files_under
 from ctxdistill.sweeps import cell_dir
@@ -245,7 +246,7 @@ def run_dirs(path: Path) -> list[Path]:
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="ctxdistill-eval",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -270,7 +271,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argument_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before or after the options
     # every check of the arguments before ctxdistill.cli, whose imports (torch, the methods) take seconds
     if not args.path.exists():
         parser.error(f"{args.path}: no such directory; give a finished run's directory, or a sweep's")

@@ -158,42 +158,55 @@ EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed", *TR
 ADAPTER_KEYS = {"lora": "model.lora.", "prefix": "model.prefix_"}
 
 
-def unused_settings(method, overrides: Optional[list[str]], adapter: str) -> list[dict[str, Any]]:
+def unused_settings(
+    method, overrides: Optional[list[str]], adapter: str, method_cfg: Optional[DictConfig] = None
+) -> list[dict[str, Any]]:
     """The command-line settings the run never reads, each ``{"keys", "reason", "warning"}``: training's, when the
     method does not train; an adapter's other than the one it trains (``adapter``: model.adapter), or any adapter's
-    when it trains every weight."""
+    when it trains every weight; the method's own that its other settings leave unread (its schema's ``unread``,
+    of ``method_cfg``)."""
     keys = override_keys(overrides or [])
+    entries = []
+    if method_cfg is not None:
+        unread = OmegaConf.get_type(method_cfg).unread(method_cfg)
+        for reason in dict.fromkeys(unread[k] for k in keys if k in unread):
+            given = [k for k in keys if unread.get(k) == reason]
+            entries.append({"keys": given, "reason": reason, "warning": f"{reason}: ignoring {', '.join(given)}"})
     if not method.trains:
         unused = training_settings_in(overrides or []) + [
-            k for k in keys if k.startswith(TRAINED_MODEL_EVALUATION_KEYS)
+            k for k in keys if k.startswith(TRAINED_MODEL_EVALUATION_KEYS) or k == "dataset.num_train_queries"
         ]
         reason = f"method={method.name} does not train"
-        return (
-            [{"keys": unused, "reason": reason, "warning": f"{reason}: ignoring {', '.join(unused)}"}] if unused else []
-        )
+        if unused:
+            entries.insert(0, {"keys": unused, "reason": reason, "warning": f"{reason}: ignoring {', '.join(unused)}"})
+        return entries
     trained = adapter if method.trained_weights == "adapter" else None
     unused = [k for k in keys if any(k.startswith(ADAPTER_KEYS[a]) for a in ADAPTER_KEYS if a != trained)]
     if trained is None and "model.adapter" in keys:
         unused.insert(0, "model.adapter")
     if not unused:
-        return []
+        return entries
     if trained:
         reason = f"model.adapter={adapter} reads only its own adapter's settings"
         warning = f"model.adapter={adapter} does not read {', '.join(unused)}: ignoring them"
     else:
         reason = f"method={method.name} trains every weight, with no adapter"
         warning = f"{reason}: ignoring {', '.join(unused)}"
-    return [{"keys": unused, "reason": reason, "warning": warning}]
+    return [{"keys": unused, "reason": reason, "warning": warning}, *entries]
 
 
 def warn_unused_training_settings(
-    method, overrides: Optional[list[str]], adapter: str, in_sweep: bool = False
+    method,
+    overrides: Optional[list[str]],
+    adapter: str,
+    in_sweep: bool = False,
+    method_cfg: Optional[DictConfig] = None,
 ) -> list[dict[str, Any]]:
     """Name the command-line settings the run never reads (``unused_settings``) in a warning, not silently dropped
     (a warning, not an error: a sweep gives every cell the same settings). A sweep's cell returns them unsaid: the
     settings of a sweep are meant for the cells that read them, and its summary says once which cells did not
     (``ctxdistill.sweeps.ignored_settings_warnings``, from each cell's metrics.json)."""
-    unused = unused_settings(method, overrides, adapter)
+    unused = unused_settings(method, overrides, adapter, method_cfg)
     if not in_sweep:
         for entry in unused:
             log.warning("%s", entry["warning"])
@@ -283,7 +296,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     method.check_inputs(task, tokenizer, cfg)
     if method.trained_weights == "adapter":
         check_adapter(cfg.model, cfg.cache_dir, tokenizer, task.context, method.wrap_model)
-    ignored = warn_unused_training_settings(method, hydra_overrides(), cfg.model.adapter, sweep_group() is not None)
+    ignored = warn_unused_training_settings(
+        method, hydra_overrides(), cfg.model.adapter, sweep_group() is not None, cfg.method
+    )
     teacher_spec = method.teacher_model  # a separate (larger) teacher, or None: the base weights teach
     teacher_tokenizer = separate_teacher_tokenizer(cfg, method, task, tokenizer)
 

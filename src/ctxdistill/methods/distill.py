@@ -100,6 +100,23 @@ class DistillConfig(SeparateTeacher, MethodConfig):
     schema_name: ClassVar[str] = "base_distill"
 
     @classmethod
+    def unread(cls, m: DictConfig) -> dict[str, str]:
+        unread = {}
+        if m.divergence != "jsd" and not m.uld_hybrid:
+            unread["method.beta"] = f"method.beta weighs divergence=jsd's mixture (method.divergence={m.divergence})"
+        if m.top_k is None:
+            unread["method.top_k_rest"] = "method.top_k_rest is the rest of a top-k teacher (method.top_k=null)"
+        if m.answer != "teacher_generation":
+            unread["method.max_answer_tokens"] = (
+                f"method.max_answer_tokens is answer=teacher_generation's (method.answer={m.answer})"
+            )
+        if m.teacher == "live":
+            unread["method.teacher_cache"] = "a live teacher is the student at every step (method.teacher=live)"
+        if m.teacher == "live" or m.teacher_cache != "disk":
+            unread["method.teacher_cache_dir"] = "only a frozen teacher's targets cached on disk are kept there"
+        return unread
+
+    @classmethod
     def check(cls, m: DictConfig, cfg: DictConfig) -> None:
         require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
         require(m.temperature > 0, "method.temperature", f"must be positive, got {m.temperature}", "")

@@ -14,6 +14,9 @@ class PromptingConfig(MethodConfig):
     _target_: str = "ctxdistill.methods.prompting.Prompting"
     use_context: bool = False
     schema_name: ClassVar[str] = "base_prompting"
+    defining: ClassVar[dict[str, str]] = {
+        "use_context": "Run method=zero_shot for the model without the context, method=icl for it with the context"
+    }
     # the untrained model on a mixture's few-shot tasks too (Huang et al.'s untrained student)
     dataset_kinds: ClassVar[tuple[str, ...]] = ("classification", "generation", "mixture")
 

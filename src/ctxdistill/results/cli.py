@@ -50,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         return 141
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, as the ctxdistill command's are (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="ctxdistill-compare",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
