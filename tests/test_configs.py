@@ -391,6 +391,7 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("ood=[synthetic_reworded] dataset.ood.ood.shuffle_seed=-1", "dataset.ood.ood.shuffle_seed: must be in"),
         ("ood=[synthetic_reworded] dataset.ood.ood.template='{sentence1}'", "dataset.ood.ood.template: '{sentence1}'"),
         ("trainer.steps_per_lr_update=0", "trainer.steps_per_lr_update: must be >= 1, got 0"),
+        ("trainer.selection.metric=eval/accuracy", "trainer.selection.metric: eval/accuracy selects the checkpoint"),
         # found by the fifteenth audit: each ran to the end and reported a number that means nothing
         ("dataset.verbalizers=[foo,bar,foo]", "dataset.verbalizers: 'foo' answers classes 0 and 2"),
         ("dataset.eval_split=train", "dataset.eval_split: is the training split (train)"),

@@ -567,6 +567,9 @@ def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(ma
         warnings("method=cd", "method.divergence=jsd", "method.beta=0.9", "method.top_k=5", "method.top_k_rest=bucket")
         == []
     )
+    assert warnings("method=on_policy_cd", "method.beta=0.9") == [
+        "method.beta weighs divergence=jsd's mixture (method.divergence=reverse_kl): ignoring method.beta"
+    ]
     assert warnings("method=zero_shot", "dataset.num_train_queries=5") == [
         "method=zero_shot does not train: ignoring dataset.num_train_queries"
     ]

