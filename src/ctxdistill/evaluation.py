@@ -556,7 +556,7 @@ class Evaluator(EvaluatorBase):
             Metric("majority_rate", "majority", kind="value", lowest=0, highest=1),
             Metric("teacher_agreement", "agree w/ teacher", sets=(IN_DOMAIN,)),
             Metric("kl_to_teacher", "KL to teacher", higher_is_better=False, sets=(IN_DOMAIN,), kind="value", lowest=0),
-            # every set: the scorecard reads it out of domain too
+            # every set: llmft's accuracy (the greedy token's id), and Upadhayaya et al.'s (it read as text)
             Metric("vocab_accuracy", "vocab acc", outcome=("vocab_correct",)),
             Metric("decoded_accuracy", "decoded acc", outcome=("decoded_answer", "label_word")),
             Metric("single_draw_accuracy", "single-draw acc"),
