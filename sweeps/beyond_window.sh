@@ -52,7 +52,9 @@ for arm in $arms; do
     below_window) sweep below_window trains method=cd,ft dataset.context.num_contexts=1 dataset.context.num_demos=4,8 ;;
   esac
 done
-[ -f "$root/before/metrics.json" ] ||
-  ctxdistill experiment=beyond_window method=zero_shot logger=none "${other_task[@]}" "output_dir=$root/before" || status=1
+# the untrained model on the other task, under the sweep's overrides as each forgetting evaluation (its model, say);
+# run again, it is skipped when complete, and refused if made with other settings
+ctxdistill experiment=beyond_window method=zero_shot "${overrides[@]}" "${other_task[@]}" logger=none \
+  "output_dir=$root/before" || status=1
 python -m ctxdistill.learning_curve "$root/runs" --out "$root/results" --window-demos 12 --before "$root/before" || status=1
 exit $status
