@@ -114,3 +114,12 @@ def test_a_sweep_reads_each_file_once_but_sees_edits(make_cfg, tmp_path, monkeyp
     os.utime(train, ns=(1, 1))
     assert sum(d.label for d in build_task(spec, seed=0).demos) == 1
     assert len(reads) == 3
+
+
+def test_more_eval_examples_asked_for_than_there_are_is_said(make_cfg, caplog):
+    # found by the fifteenth audit: num_eval=100000 evaluated the split's 200 rows with no word, where a training
+    # pool too small is refused
+    with caplog.at_level("WARNING", logger="ctxdistill.data.tasks"):
+        task = build_task(make_cfg("dataset.num_eval=100000").dataset, 0)
+    assert len(task.eval_sets["eval"]) == 200
+    assert caplog.messages == ["dataset.num_eval=100000 is more than the 200 examples there are: all 200 are used"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 import re
 import zlib
@@ -22,6 +23,8 @@ from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
 from ctxdistill import provenance
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -447,9 +450,14 @@ def render_shot(template: str, demo: Example, verbalizers: list, generation) -> 
     return template.format(**demo.fields) + answer
 
 
-def take(examples: list[Example], count: Optional[int], shuffle_seed: Optional[int]) -> list[Example]:
+def take(
+    examples: list[Example], count: Optional[int], shuffle_seed: Optional[int], key: Optional[str] = None
+) -> list[Example]:
     """The first ``count`` examples (all for None): in file order, or after a shuffle with ``shuffle_seed``
-    drawn as datasets' ``Dataset.shuffle(seed=...)`` draws it (numpy's ``default_rng(seed).permutation``)."""
+    drawn as datasets' ``Dataset.shuffle(seed=...)`` draws it (numpy's ``default_rng(seed).permutation``).
+    ``key``: the setting that asked for ``count``, named in a warning when there are fewer."""
+    if key is not None and count is not None and count > len(examples):
+        log.warning("%s=%d is more than the %d examples there are: all %d are used", key, count, *[len(examples)] * 2)
     if shuffle_seed is not None:
         examples = [examples[i] for i in np.random.default_rng(shuffle_seed).permutation(len(examples))]
     return examples[:count]
@@ -504,6 +512,7 @@ def build_task(spec: DictConfig, seed: int) -> Task:
             to_examples(eval_records, spec, spec.label_map, spec.drop_labels, where, "eval"),
             spec.num_eval,
             spec.eval_shuffle_seed,
+            "dataset.num_eval",
         )
     }
     for name, ood in spec.ood.items():  # out-of-domain sets may label and filter their own way
@@ -513,7 +522,7 @@ def build_task(spec: DictConfig, seed: int) -> Task:
         examples = to_examples(records, spec, label_map, drop, where, name, ood.group_by)
         if ood.template is not None:
             examples = [replace(e, template=ood.template) for e in examples]
-        eval_sets[name] = take(examples, ood.num_examples, ood.shuffle_seed)
+        eval_sets[name] = take(examples, ood.num_examples, ood.shuffle_seed, f"dataset.ood.{name}.num_examples")
     return Task(
         name=spec.name,
         template=spec.template,
