@@ -9,6 +9,7 @@ of the prompt or of its own output writes something else.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import pytest
@@ -127,6 +128,43 @@ def test_an_empty_stop_string_is_no_stop_string(behaving):
     unstopped = generate(model, tokenizer, prompts, 12, stop=None)
     assert generate(model, tokenizer, prompts, 12, stop="") == unstopped
     assert [strip_stop(tokenizer, row, "") for row in unstopped] == [strip_stop(tokenizer, r, None) for r in unstopped]
+
+
+class Scripted(torch.nn.Module):
+    """Writes the given tokens one per step, whatever its input (then end-of-sequence): a stop string's tokens."""
+
+    def __init__(self, script: list[int], vocabulary: int, eos: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # where generate finds the device
+        self.script, self.vocabulary, self.eos = script, vocabulary, eos
+
+    def forward(self, input_ids, cache=None, **kwargs):
+        step = 0 if cache is None else cache + 1
+        logits = torch.full((input_ids.shape[0], 1, self.vocabulary), -10.0)
+        logits[:, 0, self.script[step] if step < len(self.script) else self.eos] = 10.0
+        return SimpleNamespace(logits=logits, cache=step)
+
+
+def test_a_stop_string_whose_character_takes_several_tokens_stops_where_transformers_stops(behaving):
+    # found by the fifteenth audit: the last len(stop) tokens were decoded, one token for a one-character stop,
+    # and a character written in several byte tokens (the parrot: 3) was never found
+    from transformers import StopStringCriteria
+
+    _, tokenizer, _ = behaving
+    parrot = tokenizer("🦜", add_special_tokens=False).input_ids
+    assert len(parrot) > 1
+    script = [
+        *tokenizer(" x", add_special_tokens=False).input_ids,
+        *parrot,
+        *tokenizer(" y z", add_special_tokens=False).input_ids,
+    ]
+    prompt = tokenizer("hello", add_special_tokens=False).input_ids
+    criteria = StopStringCriteria(tokenizer, ["🦜"])
+    stops_at = next(n for n in range(1, len(script) + 1) if criteria(torch.tensor([prompt + script[:n]]), None)[0])
+    model = Scripted(script, len(tokenizer), tokenizer.eos_token_id)
+    [ours] = generate(model, tokenizer, ["hello"], len(script), stop="🦜")
+    assert ours == script[:stops_at] and tokenizer.decode(ours).endswith("🦜")
+    assert strip_stop(tokenizer, ours, "🦜") == script[: stops_at - len(parrot)]  # its every token
 
 
 def test_sampling_from_a_seeded_generator_is_the_global_streams_and_varies_with_the_seed(behaving):

@@ -65,6 +65,7 @@ def generate(
     stop = stop or None  # "" is no stop string (it would be found in any text)
     device = next(model.parameters()).device
     stops = {tokenizer.eos_token_id}
+    stop_span = len(stop.encode()) if stop else 0  # the most tokens a stop string can take
     continuations: list[list[int]] = []
     starts = range(0, len(prompts), batch_size)
     for start in progress_bar(starts, desc=desc, leave=False, disable=desc is None):
@@ -94,8 +95,8 @@ def generate(
                 if done[i]:
                     continue
                 tokens[i].append(token)
-                # A stop string of n characters lies within the last n tokens.
-                done[i] = token in stops or (stop is not None and stop in tokenizer.decode(tokens[i][-len(stop) :]))
+                # A stop string of n bytes lies within the last n tokens (a character may take several).
+                done[i] = token in stops or (stop is not None and stop in tokenizer.decode(tokens[i][-stop_span:]))
             if all(done):
                 break
             input_ids = picked.unsqueeze(-1)
@@ -106,7 +107,11 @@ def generate(
 
 
 def strip_stop(tokenizer, tokens: list[int], stop: Optional[str] = "\n") -> list[int]:
-    """A continuation without its final stop token (end-of-sequence or one containing ``stop``)."""
-    if tokens and (tokens[-1] == tokenizer.eos_token_id or (stop and stop in tokenizer.decode(tokens[-1:]))):
+    """A continuation without its final stop: the end-of-sequence token, or the fewest last tokens that hold
+    ``stop`` (one token, or the several a character split into bytes takes)."""
+    if tokens and tokens[-1] == tokenizer.eos_token_id:
         return tokens[:-1]
+    for count in range(1, min(len(tokens), len((stop or "").encode())) + 1):
+        if stop in tokenizer.decode(tokens[-count:]):
+            return tokens[:-count]
     return tokens
