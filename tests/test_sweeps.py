@@ -347,7 +347,7 @@ def test_a_training_setting_of_a_sweep_is_named_once_for_the_cells_that_do_not_t
     console = proc.stdout + proc.stderr
     # said once, in the sweep's summary, not in each cell of a method that does not train (a single run warns)
     said = (
-        "warning: trainer.max_steps: not read by 2 of the 3 cells, ignored there "
+        "warning: trainer.max_steps, dataset.num_train_queries: not read by 2 of the 3 cells, ignored there "
         "(method=icl does not train; method=zero_shot does not train)"
     )
     assert console.count("trainer.max_steps") == console.count("trainer.max_steps=2") + 1 and said in proc.stdout
@@ -356,9 +356,9 @@ def test_a_training_setting_of_a_sweep_is_named_once_for_the_cells_that_do_not_t
     [cell] = [p for p in sweep_dir.iterdir() if "method=zero_shot" in p.name]
     assert json.loads((cell / "metrics.json").read_text())["ignored_settings"] == [
         {
-            "keys": ["trainer.max_steps"],
+            "keys": ["trainer.max_steps", "dataset.num_train_queries"],
             "reason": "method=zero_shot does not train",
-            "warning": "method=zero_shot does not train: ignoring trainer.max_steps",
+            "warning": "method=zero_shot does not train: ignoring trainer.max_steps, dataset.num_train_queries",
         }
     ]
 
