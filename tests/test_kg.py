@@ -1239,6 +1239,23 @@ def test_best_weights_keep_the_best_checkpoint_and_the_one_the_latest_checkpoint
     assert torch.equal(model.weight, weights[2]) and progress.best == {"step": 2, "epoch": 2, "value": 0.4}
 
 
+def test_no_metric_is_logged_twice_at_one_step_when_the_selected_checkpoint_is_tested(make_cfg, tmp_path, monkeypatch):
+    # found by the fifteenth audit: the final metrics (the selected checkpoint's) were logged at the last step,
+    # where the selection had logged the last model's validation figures, and W&B kept the later: its curve showed
+    # the selected epoch's value at the last epoch. They go to the summary alone.
+    from ctxdistill.tracking import Tracker
+
+    logged: list[tuple[int, str, float]] = []
+    monkeypatch.setattr(Tracker, "log", lambda self, metrics, step: logged.extend((step, *m) for m in metrics.items()))
+    result = run(make_cfg(*SELECTED, output_dir=tmp_path))
+    keys = [(step, key) for step, key, _ in logged]
+    assert len(keys) == len(set(keys))
+    last = result["curves"][-1]
+    at_last_step = {key: value for step, key, value in logged if step == last["step"]}
+    assert all(at_last_step[key] == value for key, value in last.items() if key.startswith("valid/"))
+    assert "eval/sampled5_mrr" in at_last_step  # what no curve holds is still logged at the last step
+
+
 def test_a_selection_the_run_cannot_make_is_refused_before_training(make_cfg, tmp_path):
     for overrides, message in (
         (

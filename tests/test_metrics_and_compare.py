@@ -763,6 +763,7 @@ def test_every_family_gives_the_same_rows_from_metrics_json_offline_wandb_and_th
         run = read_offline_run(next((tmp_path / "wandb" / record["method"]).rglob("offline-run-*")))
         attrs = {
             "state": "finished",
+            "tags": run.tags,
             "config": json.dumps({k: {"value": v} for k, v in run.config.items()}),
             "summaryMetrics": json.dumps(run.summary),
         }
@@ -974,6 +975,34 @@ def test_a_wandb_run_that_crashed_or_was_stopped_is_not_read_back_and_its_attemp
     assert current.config["supersedes_wandb_run"] == ids[0] and "supersedes_wandb_run" not in attempts[2].config
     # read through the public API with its old exit code 0, the stopped attempt is still not a run
     assert record_from_wandb(attempts[1].config, attempts[1].summary, finished=True) is None
+
+
+def test_a_run_made_again_and_stopped_gives_no_row_from_w_and_b_either(tmp_path, monkeypatch, capsys):
+    # found by the fifteenth audit: the replaced run, set aside in wandb/superseded, was still read back, so a
+    # directory whose re-run (force=true) had stopped gave the old run's row from its W&B files
+    from ctxdistill.methods.distill import ContextDistillation
+    from ctxdistill.results.wandb_runs import offline_records
+    from ctxdistill.run import run
+
+    from conftest import compose_run
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for setting in ("STATS", "META", "MACHINE_INFO"):
+        monkeypatch.setenv(f"WANDB_X_DISABLE_{setting}", "true")
+    run(compose_run(tmp_path, "logger=wandb", "logger.mode=offline"))
+    [record] = offline_records(tmp_path / "wandb")
+    # the versions line a sweep's README writes reads the run's provenance, from W&B as from metrics.json
+    assert record["provenance"] == json.loads((tmp_path / "metrics.json").read_text())["provenance"]
+
+    def crash(self, handle, batch):
+        raise RuntimeError("a bug at the first step")
+
+    monkeypatch.setattr(ContextDistillation, "loss", crash)
+    with pytest.raises(RuntimeError):
+        run(compose_run(tmp_path, "logger=wandb", "logger.mode=offline", "force=true", "trainer.lr=0.05"))
+    assert list((tmp_path / "wandb" / "superseded").glob("offline-run-*"))
+    assert offline_records(tmp_path / "wandb") == []
+    assert main([str(tmp_path)]) == 1 and "no complete metrics.json" in capsys.readouterr().err
 
 
 def test_an_offline_run_file_cut_short_is_named_with_what_was_lost_not_dropped_in_silence(

@@ -420,7 +420,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if rounds:
                 shutil.rmtree(out / ROUNDS)  # the rounds' weights and records are in the final ones now
         tracker.add_config({"provenance": run_provenance})  # now with the caches training used
-        tracker.log(metrics, train_stats.get("steps_all_rounds", train_stats.get("steps", 0)))
+        last_step = train_stats.get("steps_all_rounds", train_stats.get("steps", 0))
+        # a checkpoint selection evaluated the last model at this step; the final metrics (the selected model's)
+        # would overwrite that curve point in W&B's history, so those keys go to the summary alone
+        curve_point = curves[-1] if curves and curves[-1].get("step") == train_stats.get("steps") else {}
+        tracker.log({k: v for k, v in metrics.items() if k not in curve_point}, last_step)
         tracker.summary(  # after metrics.json, as its status: what reads the run back takes only a complete one
             {
                 **metrics,

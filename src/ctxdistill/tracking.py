@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ctxdistill.results.metrics import MetricSet
-from ctxdistill.results.wandb_runs import SHADOWED_BY_SWEEP, read_offline_run
+from ctxdistill.results.wandb_runs import SHADOWED_BY_SWEEP, SUPERSEDED, read_offline_run
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,6 @@ def resolve_mode(mode: str) -> str:
     if mode != "auto":
         return mode
     return os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
-
-
-SUPERSEDED = "superseded"  # the tag, group prefix and offline folder of a W&B run a later run replaced
 
 
 def persistent_run_id(output_dir: Path, resumes: bool) -> tuple[str, Optional[str]]:

@@ -108,6 +108,10 @@ def read_offline_run(run_dir: Path) -> WandbRun:
     return run
 
 
+#: The tag, group prefix and offline folder of a W&B run a later run in its directory replaced (force=true, or a
+#: restart without a checkpoint): never read back, its results are no longer the directory's.
+SUPERSEDED = "superseded"
+
 #: The config entries a W&B sweep's parameters replaced (its agent locks ``method: cd`` over the run's ``method``
 #: section), kept by the tracker under this key and put back when the run is read.
 SHADOWED_BY_SWEEP = "config_shadowed_by_sweep"
@@ -155,6 +159,7 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
         "metric_set": config.get("metric_set"),
         "config": config,
         "model_parameters": summary.get("model/parameters"),
+        **({"provenance": config["provenance"]} if config.get("provenance") else {}),  # the versions line's
         "finished_at": datetime.fromtimestamp(last_logged, timezone.utc).isoformat(timespec="seconds")
         if last_logged
         else "",
@@ -180,6 +185,8 @@ def offline_records(path: Path, unreadable: Optional[list[str]] = None) -> list[
     latest attempt of its run, is named in a warning saying what was lost, and listed in ``unreadable``."""
     latest: dict[str, tuple[Path, WandbRun]] = {}
     for run_file in files_under(Path(path), "*.wandb"):
+        if SUPERSEDED in run_file.relative_to(path).parts[:-1]:
+            continue
         try:
             run = read_offline_run(run_file.parent)
         except (OSError, ValueError) as e:
@@ -233,5 +240,9 @@ def api_records(project_path: str, group: Optional[str] = None) -> list[dict[str
             "(`wandb login`, or WANDB_API_KEY). Without them, give the runs' directories instead: run or sweep "
             "directories, or RUN_DIR/wandb for runs logged offline"
         ) from None
-    records = [record_from_wandb(run.config, run.summary_metrics, finished=run.state == "finished") for run in runs]
+    records = [
+        record_from_wandb(run.config, run.summary_metrics, finished=run.state == "finished")
+        for run in runs
+        if SUPERSEDED not in run.tags
+    ]
     return latest_per_run_dir([r for r in records if r])
