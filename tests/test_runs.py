@@ -551,7 +551,7 @@ def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(ma
         cfg = make_cfg(*TINY, *overrides)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="ctxdistill.run"):
-            warn_unused_training_settings(build_method(cfg.method), list(overrides), "lora", method_cfg=cfg.method)
+            warn_unused_training_settings(build_method(cfg.method), list(overrides), "lora", cfg=cfg)
         return caplog.messages
 
     assert warnings("method=cd", "method.beta=0.9", "method.max_answer_tokens=4", "method.top_k_rest=bucket") == [
@@ -572,6 +572,9 @@ def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(ma
     ]
     assert warnings("method=zero_shot", "dataset.num_train_queries=5") == [
         "method=zero_shot does not train: ignoring dataset.num_train_queries"
+    ]
+    assert warnings("method=cd", "trainer.selection.every_epochs=2") == [
+        "trainer.selection.metric=null selects no checkpoint: ignoring trainer.selection.every_epochs"
     ]
 
 

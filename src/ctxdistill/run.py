@@ -158,17 +158,26 @@ EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed", *TR
 ADAPTER_KEYS = {"lora": "model.lora.", "prefix": "model.prefix_"}
 
 
+def unread_settings(cfg: DictConfig) -> dict[str, str]:
+    """The settings of ``cfg`` that its other settings leave unread, each with why: the method's own (its schema's
+    ``unread``), a checkpoint selection's without its metric."""
+    unread = OmegaConf.get_type(cfg.method).unread(cfg.method)
+    if cfg.trainer.selection.metric is None:
+        reason = "trainer.selection.metric=null selects no checkpoint"
+        unread |= {f"trainer.selection.{key}": reason for key in cfg.trainer.selection if key != "metric"}
+    return unread
+
+
 def unused_settings(
-    method, overrides: Optional[list[str]], adapter: str, method_cfg: Optional[DictConfig] = None
+    method, overrides: Optional[list[str]], adapter: str, cfg: Optional[DictConfig] = None
 ) -> list[dict[str, Any]]:
     """The command-line settings the run never reads, each ``{"keys", "reason", "warning"}``: training's, when the
     method does not train; an adapter's other than the one it trains (``adapter``: model.adapter), or any adapter's
-    when it trains every weight; the method's own that its other settings leave unread (its schema's ``unread``,
-    of ``method_cfg``)."""
+    when it trains every weight; those the run's other settings leave unread (:func:`unread_settings` of ``cfg``)."""
     keys = override_keys(overrides or [])
     entries = []
-    if method_cfg is not None:
-        unread = OmegaConf.get_type(method_cfg).unread(method_cfg)
+    if cfg is not None:
+        unread = unread_settings(cfg)
         for reason in dict.fromkeys(unread[k] for k in keys if k in unread):
             given = [k for k in keys if unread.get(k) == reason]
             entries.append({"keys": given, "reason": reason, "warning": f"{reason}: ignoring {', '.join(given)}"})
@@ -200,13 +209,13 @@ def warn_unused_training_settings(
     overrides: Optional[list[str]],
     adapter: str,
     in_sweep: bool = False,
-    method_cfg: Optional[DictConfig] = None,
+    cfg: Optional[DictConfig] = None,
 ) -> list[dict[str, Any]]:
     """Name the command-line settings the run never reads (``unused_settings``) in a warning, not silently dropped
     (a warning, not an error: a sweep gives every cell the same settings). A sweep's cell returns them unsaid: the
     settings of a sweep are meant for the cells that read them, and its summary says once which cells did not
     (``ctxdistill.sweeps.ignored_settings_warnings``, from each cell's metrics.json)."""
-    unused = unused_settings(method, overrides, adapter, method_cfg)
+    unused = unused_settings(method, overrides, adapter, cfg)
     if not in_sweep:
         for entry in unused:
             log.warning("%s", entry["warning"])
@@ -297,7 +306,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if method.trained_weights == "adapter":
         check_adapter(cfg.model, cfg.cache_dir, tokenizer, task.context, method.wrap_model)
     ignored = warn_unused_training_settings(
-        method, hydra_overrides(), cfg.model.adapter, sweep_group() is not None, cfg.method
+        method, hydra_overrides(), cfg.model.adapter, sweep_group() is not None, cfg
     )
     teacher_spec = method.teacher_model  # a separate (larger) teacher, or None: the base weights teach
     teacher_tokenizer = separate_teacher_tokenizer(cfg, method, task, tokenizer)
