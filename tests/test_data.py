@@ -122,4 +122,4 @@ def test_more_eval_examples_asked_for_than_there_are_is_said(make_cfg, caplog):
     with caplog.at_level("WARNING", logger="ctxdistill.data.tasks"):
         task = build_task(make_cfg("dataset.num_eval=100000").dataset, 0)
     assert len(task.eval_sets["eval"]) == 200
-    assert caplog.messages == ["dataset.num_eval=100000 is more than the 200 examples there are: all 200 are used"]
+    assert caplog.messages == ["dataset.num_eval=100000 is more than the 200 examples there are: all are used"]

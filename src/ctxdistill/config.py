@@ -653,6 +653,14 @@ def _validate_classification(d: DictConfig, key: str) -> None:
         )
 
 
+def unread_beta(m: DictConfig) -> dict[str, str]:
+    """``method.beta`` as unread where the method's divergence does not mix (see MethodConfig.unread): the schemas
+    with a divergence and a JSD weight share it."""
+    if m.divergence == "jsd" or m.get("uld_hybrid"):
+        return {}
+    return {"method.beta": f"method.beta weighs divergence=jsd's mixture (method.divergence={m.divergence})"}
+
+
 @dataclass
 class SeparateTeacher:
     """The settings of a method that another model may teach, one from another model family too (cd,

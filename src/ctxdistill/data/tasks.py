@@ -457,7 +457,7 @@ def take(
     drawn as datasets' ``Dataset.shuffle(seed=...)`` draws it (numpy's ``default_rng(seed).permutation``).
     ``key``: the setting that asked for ``count``, named in a warning when there are fewer."""
     if key is not None and count is not None and count > len(examples):
-        log.warning("%s=%d is more than the %d examples there are: all %d are used", key, count, *[len(examples)] * 2)
+        log.warning("%s=%d is more than the %d examples there are: all are used", key, count, len(examples))
     if shuffle_seed is not None:
         examples = [examples[i] for i in np.random.default_rng(shuffle_seed).permutation(len(examples))]
     return examples[:count]

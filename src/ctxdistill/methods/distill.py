@@ -44,7 +44,7 @@ from typing import ClassVar, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import MethodConfig, SeparateTeacher, one_of, require, require_count
+from ctxdistill.config import MethodConfig, SeparateTeacher, one_of, require, require_count, unread_beta
 from ctxdistill.encoding import (
     SharedPrefix,
     answer_logits,
@@ -101,9 +101,7 @@ class DistillConfig(SeparateTeacher, MethodConfig):
 
     @classmethod
     def unread(cls, m: DictConfig) -> dict[str, str]:
-        unread = {}
-        if m.divergence != "jsd" and not m.uld_hybrid:
-            unread["method.beta"] = f"method.beta weighs divergence=jsd's mixture (method.divergence={m.divergence})"
+        unread = unread_beta(m)
         if m.top_k is None:
             unread["method.top_k_rest"] = "method.top_k_rest is the rest of a top-k teacher (method.top_k=null)"
         if m.answer != "teacher_generation":

@@ -31,7 +31,7 @@ from typing import ClassVar, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.config import MethodConfig, SeparateTeacher, one_of, require, require_count
+from ctxdistill.config import MethodConfig, SeparateTeacher, one_of, require, require_count, unread_beta
 from ctxdistill.encoding import (
     SharedPrefix,
     answer_logits,
@@ -68,9 +68,7 @@ class OnPolicySampling:
 
     @classmethod
     def unread(cls, m: DictConfig) -> dict[str, str]:
-        if m.divergence == "jsd" or m.get("uld_hybrid"):
-            return {}
-        return {"method.beta": f"method.beta weighs divergence=jsd's mixture (method.divergence={m.divergence})"}
+        return unread_beta(m)
 
     @staticmethod
     def check_sampling(m: DictConfig) -> None:

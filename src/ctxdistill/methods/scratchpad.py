@@ -8,7 +8,8 @@ to the empirical distribution of many teacher samples; here each query's ``num_s
 teacher answers form that distribution p, and the loss is the cross-entropy
 -sum_a p(a) log P_S(a | query), i.e. the KL to the empirical teacher up to its entropy,
 divided by the expected answer length sum_a p(a) |a| (one count per query, so that the
-minimum stays P_S = p whatever the answers' lengths). ``num_samples=1`` with ``temperature=0`` is the greedy hard label.
+minimum stays P_S = p whatever the answers' lengths). ``num_samples=1`` with
+``temperature=0`` is the greedy hard label.
 
 Samples the extractor cannot read are counted, logged and reported
 (``train/extraction_failures``); a query none of whose samples can be read has no target
