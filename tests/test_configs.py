@@ -806,7 +806,21 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
             "the data files",
         ),
         (["method=distil"], "ctxdistill: In 'config': Could not find 'method/distil'"),
-        (["dataset.ood.foo.x=1"], "ctxdistill: dataset.ood.foo: no such setting\n"),  # a dict: no fields to list
+        (  # a dict: no fields to list, and how a set of one's own joins
+            ["dataset.ood.foo.x=1"],
+            "ctxdistill: dataset.ood.foo: no such setting; a set of your own is a file of the ood group, "
+            "DIR/ood/foo.yaml: --config-dir DIR 'ood=[foo]'\n",
+        ),
+        (  # a new entry of a mapping of configs (the sixteenth audit: OmegaConf's 'dict is not a subclass of')
+            ["+dataset.ood.x.split=eval"],
+            "ctxdistill: dataset.ood.x: no such entry of dataset.ood, and an override cannot add one; a set of your "
+            "own is a file of the ood group, DIR/ood/x.yaml: --config-dir DIR 'ood=[x]'\n",
+        ),
+        (
+            ["+dataset.patterns.mine={template:'{text}'}"],
+            "ctxdistill: dataset.patterns.mine: no such entry of dataset.patterns, and an override cannot add one; "
+            "an entry of your own is written in a config file of your own (--config-dir DIR)\n",
+        ),
         (
             ["dataset.template={premise} question:"],  # braces Hydra's grammar reads (the docs audit)
             "ctxdistill: dataset.template={premise} question:: Hydra cannot parse this override",

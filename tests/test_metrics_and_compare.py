@@ -869,8 +869,18 @@ def test_wandb_report_spec_follows_the_declarations(tmp_path):
     assert headings == ["mnli: classification", "rte: classification", "wn18rr: link_prediction"]
     runset = grids[0].runsets[0]
     conditions = {(f.key.section, f.key.name, f.value) for f in expr.expr_to_filters(runset.filters).filters}
-    assert conditions == {("run", "group", "sweep-1"), ("config", "identity.dataset", "mnli")}
+    # the runs the table holds (the sixteenth audit: a stopped attempt or a running run joined the bars)
+    assert conditions == {
+        ("run", "group", "sweep-1"),
+        ("config", "identity.dataset", "mnli"),
+        ("run", "state", "finished"),
+        ("summary", "status", "complete"),
+    }
     assert runset.groupby == ["config.identity.method", "config.identity.model"]
+    by_setting = build_report(summarise(runs), entity="me", project="ctxdistill", group="sweep-1", by=["seed"])
+    [by_runset] = next(b for b in by_setting.blocks if isinstance(b, wr.PanelGrid)).runsets
+    assert by_runset.groupby == ["config.identity.method", "config.identity.model", "config.seed"]  # as --by's rows
+    assert "grouped by method, model, seed;" in by_setting.blocks[0].text
     bars = grids[0].panels[0]
     assert bars.metrics == ["eval/accuracy", "hans/accuracy"] and bars.groupby_rangefunc == "stddev"
     assert [p.y.name for p in grids[0].panels if isinstance(p, wr.ScatterPlot)] == ["eval/accuracy", "hans/accuracy"]

@@ -541,6 +541,26 @@ def test_a_setting_the_run_never_reads_is_named_as_ignored(make_cfg, caplog):
     ]
 
 
+def test_a_periodic_evaluation_no_step_reaches_is_named(tmp_path, caplog):
+    # the sixteenth audit: trainer.eval_every=50 over a 6-step run drew no curve and said nothing
+    from ctxdistill.run import run
+
+    from conftest import compose_run
+
+    with caplog.at_level(logging.WARNING, logger="ctxdistill.trainer"):
+        run(compose_run(tmp_path, "trainer.eval_every=6", "trainer.checkpoint_every=null"))
+    assert caplog.messages == [
+        "trainer.eval_every=6 is not below the run's 6 training steps: no learning curve (the final evaluation "
+        "still runs). Set trainer.eval_every below 6 for one"
+    ]
+    assert json.loads((tmp_path / "metrics.json").read_text())["curves"] == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ctxdistill.trainer"):
+        run(compose_run(tmp_path / "curve", "trainer.eval_every=5", "trainer.checkpoint_every=null"))
+    assert not caplog.messages
+    assert [p["step"] for p in json.loads((tmp_path / "curve" / "metrics.json").read_text())["curves"]] == [5]
+
+
 def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(make_cfg, caplog):
     # found by the fifteenth audit: each ran as the default did, to the digit, and a sweep over one gave rows that
     # differed in name only

@@ -266,6 +266,15 @@ def user_error_message(error: Exception) -> str:
         return f"{str(error).splitlines()[0]}: give --config-dir a directory that holds your configs"
     # an override's error is the composition error's cause; a config file's (one of your own --config-dir) its context
     cause = error.__cause__ or error.__context__
+    merged = re.match(r"Error merging override [+~]*([\w.]+)=", str(error))
+    new_entry = isinstance(cause, ValidationError) and cause.child_node is None and "not a subclass of" in str(cause)
+    if merged and new_entry:
+        # +dataset.ood.NAME.split=eval: a mapping of configs (eval sets, patterns) gets no new entry from an override
+        parts = merged.group(1).split(".")
+        at = parts.index(str(cause.key)) if str(cause.key) in parts else len(parts) - 1
+        mapping, entry = ".".join(parts[:at]), parts[at]
+        own = own_entry(mapping, entry)
+        return f"{mapping}.{entry}: no such entry of {mapping}, and an override cannot add one; {own}"
     if isinstance(error, ConfigCompositionException) and getattr(cause, "full_key", None):
         # "In 'dataset/mine': ..." names the config file that holds the key (not an override)
         source = re.match(r"In '([^']+)'", str(error))
@@ -277,6 +286,9 @@ def user_error_message(error: Exception) -> str:
                 hint = f"; it has {', '.join(map(str, parent.keys()))}"
             elif not hint and isinstance(parent, DictConfig) and parent._metadata.element_type in (int, float, str):
                 hint = f". A mapping gets a new key with ++: ++{cause.full_key}=VALUE"  # dataset.label_map
+            mapping, _, entry = str(cause.full_key).rpartition(".")
+            if mapping == "dataset.ood" and not (CONFIG_DIR / "ood" / f"{entry}.yaml").exists():  # a set of no file
+                hint += f"; {own_entry(mapping, entry)}"
             return f"{cause.full_key}{where}: no such setting{hint}"
         if isinstance(cause, ValidationError) and cause.child_node is not None:  # a value of another type
             return f"{cause.full_key}{where}: {wrong_type(cause.full_key, cause.child_node, cause.value)}"
@@ -296,6 +308,13 @@ def user_error_message(error: Exception) -> str:
         if options:
             message += f"\n\nAvailable options in '{group}':\n\t" + "\n\t".join(options)
     return message
+
+
+def own_entry(mapping: str, entry: str) -> str:
+    """How a config of one's own joins ``mapping`` (an override can set an entry's settings, not add an entry)."""
+    if mapping == "dataset.ood":
+        return f"a set of your own is a file of the ood group, DIR/ood/{entry}.yaml: --config-dir DIR 'ood=[{entry}]'"
+    return "an entry of your own is written in a config file of your own (--config-dir DIR)"
 
 
 # What a setting of each kind expects, and an example of it for a setting the config leaves at null.

@@ -164,6 +164,14 @@ def train(
     loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=shuffle, collate_fn=list)
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    if periodic_eval and cfg.eval_every and cfg.eval_every >= total_steps:
+        log.warning(  # the last step's evaluation is the final one: no point of the curve would be drawn
+            "trainer.eval_every=%d is not below the run's %d training steps: no learning curve (the final "
+            "evaluation still runs). Set trainer.eval_every below %d for one",
+            cfg.eval_every,
+            total_steps,
+            total_steps,
+        )
     # A schedule longer than training stops part-way down it (an earlier epoch's checkpoint of a longer run).
     schedule_steps = cfg.schedule_epochs * steps_per_epoch if cfg.schedule_epochs else total_steps
     params = [p for p in handle.student.parameters() if p.requires_grad]

@@ -293,7 +293,7 @@ def compare(argv: list[str] | None = None) -> int:
         from ctxdistill.results.wandb_outputs import build_report
 
         entity, project = args.wandb.split("/", 1)
-        report = build_report(tables, entity=entity, project=project, group=args.group)
+        report = build_report(tables, entity=entity, project=project, group=args.group, by=args.by or ())
         try:
             print(f"W&B report: {report.save().url}")
         except Exception as e:  # noqa: BLE001 - the tables and files above are already done

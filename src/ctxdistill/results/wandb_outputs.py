@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ctxdistill.results.metrics import IN_DOMAIN
 from ctxdistill.results.plots import write_plots
@@ -59,18 +59,20 @@ def log_results(
     return run_dir
 
 
-def build_report(tables: list[Table], *, entity: str, project: str, group: str):
+def build_report(tables: list[Table], *, entity: str, project: str, group: str, by: Sequence[str] = ()):
     """A W&B report for a sweep's group: one section per metric family and dataset, panels of its rows'
     headlines (each method's objective: every one where they differ; by method and model, against model size,
-    teacher against model).
+    teacher against model). Its runs are those the tables hold: complete ones, grouped as the rows are (method,
+    model and the ``by`` settings: ctxdistill-compare --by).
 
     Only building happens here (offline); ``.save()`` on the result publishes it.
     """
     import wandb_workspaces.reports.v2 as wr
 
+    grouped = ", ".join(["method", "model", *by])
     blocks: list[Any] = [
         wr.P(
-            f"Runs of the W&B group '{group}', grouped by method and model; bars and lines "
+            f"The complete runs of the W&B group '{group}', grouped by {grouped}; bars and lines "
             "show the mean over seeds with the standard deviation."
         )
     ]
@@ -85,9 +87,11 @@ def build_report(tables: list[Table], *, entity: str, project: str, group: str):
                 entity=entity,
                 project=project,
                 name=f"{dataset} runs",
-                # the run's identity, as its table row: GenPI's dataset is its prompt, a model its loaded path
-                filters=f"Group = '{group}' and Config('identity.dataset') = '{dataset}'",
-                groupby=["config.identity.method", "config.identity.model"],
+                # the run's identity, as its table row: GenPI's dataset is its prompt, a model its loaded path;
+                # complete as the table's runs are (an attempt that stopped, or a run still going, is none)
+                filters=f"Group = '{group}' and Config('identity.dataset') = '{dataset}' and State = 'finished' "
+                "and SummaryMetric('status') = 'complete'",
+                groupby=["config.identity.method", "config.identity.model", *(f"config.{key}" for key in by)],
             )
             panels = [
                 wr.BarPlot(
