@@ -637,6 +637,15 @@ def test_kgbert_rows_carry_their_own_masked_copy_of_the_positive_context(make_cf
     method.missing_context = "error"
     with pytest.raises(ConfigError, match="1 of the 88 training triples have no context"):
         method.check_inputs(task, tokenizer, make_cfg("dataset=kg_synthetic"))
+    # the sixteenth audit: a subsample's contexts (the same default file) left the full set borrowing random ones
+    method.missing_context = "random"
+    task.contexts = dict(list(task.contexts.items())[:44])  # 44 of 88 missing: gaps, filled
+    method.check_inputs(task, tokenizer, make_cfg("dataset=kg_synthetic"))
+    task.contexts = dict(list(task.contexts.items())[:43])
+    with pytest.raises(
+        ConfigError, match=r"45 of the 88 training triples have no context in .*: it holds the contexts of another"
+    ):
+        method.check_inputs(task, tokenizer, make_cfg("dataset=kg_synthetic"))
 
 
 def test_kgbert_reconstruction_needs_a_tokenizer_with_a_mask_token_before_the_model_loads(make_cfg, seq2seq_tokenizer):
@@ -869,6 +878,29 @@ def test_kgs2s_refuses_a_query_its_relation_prompts_would_lose_to_a_cut(seq2seq_
     prompted = method_of(KGS2SConfig, name="kgs2s", aux_weight=0.0, max_length=8, relation_prompts=True)
     with pytest.raises(ConfigError, match=r"a query of \d+ tokens .* exceeds method.max_length=8"):
         prompted.check_inputs(task, seq2seq_tokenizer, None)
+
+
+def test_kgs2s_refuses_descriptions_the_files_do_not_give(seq2seq_tokenizer):
+    # the sixteenth audit: li2024/fb15k237n_kgs2s on files of names only (the shared FB15k-237N copy) ran with an
+    # empty "[]" in every query and target, as if with the released descriptions
+    task = kgs2s_task()
+    task.graph.entity_descriptions.clear()
+    with pytest.raises(
+        ConfigError,
+        match=r"method.source_description_tokens=40 and method.target_description_tokens=10 ask for entity "
+        r"descriptions, and the wn files give none .* method.source_description_tokens=0 "
+        r"method.target_description_tokens=0",
+    ):
+        method_of(KGS2SConfig, name="kgs2s", aux_weight=0.0).check_inputs(task, seq2seq_tokenizer, None)
+    method_of(
+        KGS2SConfig, name="kgs2s", aux_weight=0.0, source_description_tokens=0, target_description_tokens=0
+    ).check_inputs(task, seq2seq_tokenizer, None)
+
+
+@needs_shared
+def test_the_shared_fb15k237n_copy_names_its_entities_without_descriptions():
+    graph = real_graph("fb15k237n/kgs2s_processed", read_kgs2s)
+    assert not graph.entity_descriptions and len(graph.entity_names) == 14541  # so its KG-S2S run is refused
 
 
 def test_kgs2s_warns_when_entities_share_a_target(seq2seq_tokenizer, caplog):

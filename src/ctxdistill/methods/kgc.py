@@ -263,6 +263,16 @@ class KGCStudent(Method):
         if not self.uses_contexts:
             return
         missing = missing_contexts(task)
+        where = task.contexts_file or "(dataset.contexts_file is null)"
+        if 2 * len(missing) > len(task.train_triples) and task.contexts:  # most would train on another's context
+            raise ConfigError(
+                f"{len(missing)} of the {len(task.train_triples)} training triples have no context in {where}: it "
+                "holds the contexts of another training set (a subsample's, dataset.num_train, which writes the "
+                "same default file), and method.missing_context=random fills gaps, not most of the set. Write "
+                f"this set's contexts first (ctxdistill method=contextualization dataset={task.name} with the same "
+                "dataset settings; the contexts written before are reused) or point dataset.contexts_file at a "
+                "file that has them"
+            )
         if missing and self.missing_context == "random" and task.contexts:
             log.warning(
                 "%d of the %d training triples have no context; each gets another triple's context, drawn "
@@ -271,7 +281,6 @@ class KGCStudent(Method):
                 len(task.train_triples),
             )
         elif missing:
-            where = task.contexts_file or "(dataset.contexts_file is null)"
             raise ConfigError(
                 f"{len(missing)} of the {len(task.train_triples)} training triples have no context in {where} "
                 f"(e.g. {missing[0]}). Write them first with the same dataset settings: ctxdistill "
@@ -718,6 +727,18 @@ class KGS2S(KGCStudent):
 
     def check_inputs(self, task, tokenizer, cfg):
         super().check_inputs(task, tokenizer, cfg)
+        described = {
+            f"method.{key}={tokens}"
+            for key in ("source_description_tokens", "target_description_tokens")
+            if (tokens := getattr(self, key))
+        }
+        if described and not task.graph.entity_descriptions:  # every query and target would hold an empty "[]"
+            raise ConfigError(
+                f"{' and '.join(sorted(described))} ask for entity descriptions, and the {task.name} files give "
+                "none (the kgs2s layout reads entityid2description.txt; the kgbert layout entity2textlong.txt or "
+                "the text after dataset.source.name_separator). Point dataset.source.data_dir at files that have "
+                "them, or rank by names alone: method.source_description_tokens=0 method.target_description_tokens=0"
+            )
         if self.reconstruction_weight > 0:
             needed = span_count(self.context_max_length) + 1
             absent = [
