@@ -593,6 +593,10 @@ def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(ma
     assert warnings("method=zero_shot", "dataset.num_train_queries=5") == [
         "method=zero_shot does not train: ignoring dataset.num_train_queries"
     ]
+    assert warnings("logger=none", "logger.project=mine", "logger.mode=offline") == [
+        "logger=none logs nothing: ignoring logger.project, logger.mode"  # the sixteenth audit: said nothing
+    ]
+    assert warnings("logger=wandb", "logger.project=mine") == []
     assert warnings("method=cd", "trainer.selection.every_epochs=2") == [
         "trainer.selection.metric=null selects no checkpoint: ignoring trainer.selection.every_epochs"
     ]
