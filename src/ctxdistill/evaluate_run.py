@@ -117,7 +117,17 @@ def evaluation_config(run_dir: Path, overrides: list[str], out: Path, config_dir
 
 
 # What the saved weights were trained on: an evaluation that changes one of them cannot load them.
-RUN_MODEL_KEYS = ("name_or_path", "source", "revision", "architecture", "layer_stride")
+RUN_MODEL_KEYS = (
+    "name_or_path",
+    "source",
+    "revision",
+    "architecture",
+    "layer_stride",
+    "package",
+    "package_dir",
+    "gguf_package",
+    "gguf_file",
+)
 
 
 def check_same_model_and_method(run_dir: Path, cfg: DictConfig) -> None:
@@ -145,6 +155,12 @@ def check_same_model_and_method(run_dir: Path, cfg: DictConfig) -> None:
                 f"evaluation would load {key}={now}: the saved weights fit only the run's model. Leave model and "
                 "model.* out of the overrides"
             )
+    if recorded.model.source == "random" and recorded.seed != cfg.seed:  # the seed draws a random model's weights
+        raise ConfigError(
+            f"seed: {run_dir} ran on model={recorded.model.name}, a random model whose weights seed={recorded.seed} "
+            f"drew, and this evaluation would draw them with seed={cfg.seed}: another model. Leave seed out of the "
+            "overrides"
+        )
 
 
 def warn_unused_training_settings(overrides: list[str]) -> None:

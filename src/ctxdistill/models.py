@@ -447,10 +447,17 @@ def load_model(spec: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerB
             )
         except OSError as e:
             raise _hub_error(spec, e) from e
+    model = with_contiguous_head_inputs(model)
+    return keep_every_nth_layer(model, spec.layer_stride) if spec.layer_stride > 1 else model
+
+
+def with_contiguous_head_inputs(model):
+    """``model`` with :func:`_contiguous_inputs` before its LM head (every model the suite loads, a saved one too:
+    the head's kernel, and so its last bits, must not depend on how the model was loaded)."""
     head = model.get_output_embeddings()
     if isinstance(head, torch.nn.Module):
         head.register_forward_pre_hook(_contiguous_inputs)
-    return keep_every_nth_layer(model, spec.layer_stride) if spec.layer_stride > 1 else model
+    return model
 
 
 def _contiguous_inputs(_module: torch.nn.Module, args: tuple) -> tuple:
@@ -744,11 +751,12 @@ class TrainableContext(torch.nn.Module):
     def from_saved(cls, model, directory: Path) -> "TrainableContext":
         state = torch.load(Path(directory) / "trainable_context.pt", weights_only=True)
         # Prefixes saved before the first token was frozen have no count: every token was trained; those saved
-        # before queries' BOS tokens were masked were trained reading them.
+        # before queries' BOS tokens were masked were trained reading them. In the model's dtype: an evaluation
+        # may load the model in another (model.dtype=bfloat16), as it may a LoRA adapter's.
         return cls(
             model,
-            state["keys"],
-            state["values"],
+            state["keys"].to(model.dtype),
+            state["values"].to(model.dtype),
             state.get("num_frozen_tokens", 0),
             state.get("query_bos_token_id"),
         )
@@ -770,19 +778,32 @@ class WrappedModel(torch.nn.Module):
 
 def load_trained(model, directory: Path, spec: DictConfig):
     """``model`` with the weights a finished run saved in ``directory``: its LoRA adapter, its trainable
-    context (both in adapter/), or every weight (model/; a method's wrapper loads its own parts)."""
+    context (both in adapter/), or every weight (model/; a method's wrapper loads its own parts). Damaged files are
+    a :class:`ModelLoadError` naming them, before anything reads them."""
     if (directory / "adapter_config.json").is_file():
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, directory)
     if (directory / "trainable_context.pt").is_file():
         return TrainableContext.from_saved(model, directory)
+    # model/ without config.json would load transformers' default config: a 7B-parameter Llama
+    problem = (
+        "neither adapter_config.json (a LoRA adapter) nor trainable_context.pt (a trained prefix)"
+        if directory.name == "adapter"
+        else model_dir_problem(directory)
+    )
+    if problem:
+        raise ModelLoadError(
+            f"{directory}: the run's saved weights are damaged ({problem}). Train the run again: delete "
+            f"{directory} and run its command"
+        )
     if isinstance(model, WrappedModel):
         model.load_trained(directory)
         return model
-    return type(model).from_pretrained(
+    trained = type(model).from_pretrained(
         directory, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation
     )
+    return with_contiguous_head_inputs(trained)
 
 
 def add_adapter(model, spec: DictConfig, tokenizer, context: str):
