@@ -314,11 +314,26 @@ def test_renderers_escape_names_mark_lower_is_better_and_show_nan_and_missing_fi
         rows[0]["eval/kl_to_teacher_mean"],
         rows[0]["eval/kl_to_teacher_low"],
         rows[0]["eval/majority_rate_mean"],
-    ) == (
-        "nan",
-        "",
-        "0.5",
-    )
+        rows[0]["eval/majority_rate_runs"],  # the sixteenth audit: the CSV said seeds=2 and nothing of the 1 run
+        rows[0]["eval/accuracy_runs"],
+    ) == ("nan", "", "0.5", "1", "2")
+
+
+def test_a_count_the_runs_do_not_share_is_their_mean_in_every_format(tmp_path, capsys):
+    # the sixteenth audit: answers not found in three runs, 3, 3 and 5, read "3/5" in the text and 3.66667 in the CSV
+    declared = GenerationEvaluator.metric_set.with_objective("eval/accuracy").to_dict()
+    for seed, failures in enumerate((3, 3, 5)):
+        write_run(tmp_path / str(seed), "icl", seed, 0, "2026-01-01T00:00:00", metrics={"eval/accuracy": 0.5})
+        record = json.loads((tmp_path / str(seed) / "metrics.json").read_text())
+        record |= {"metric_set": declared, "metrics": {"eval/accuracy": 0.5, "eval/examples": 30 + seed}}
+        record["metrics"]["eval/extraction_failures"] = failures
+        (tmp_path / str(seed) / "metrics.json").write_text(json.dumps(record))
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    [row] = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert (row["eval/extraction_failures"], row["eval/examples"]) == ("3.66667", "30")
+    assert main([str(tmp_path), "--format", "markdown"]) == 0
+    cells = [c.strip() for c in capsys.readouterr().out.splitlines()[4].split("|")]
+    assert "3.667" in cells and "30/31/32" in cells and "3/5" not in cells
 
 
 def test_csv_bounds_of_no_or_every_success_are_0_and_1_exactly_and_parameter_counts_whole(tmp_path, capsys):
@@ -928,8 +943,8 @@ def test_by_splits_a_methods_runs_by_a_config_key_and_mixed_settings_are_warned_
     # t interval over seeds: 0.6 +- t(0.975, 2) * 0.1 / sqrt(3) = 0.6 +- 0.248414; two seeds that agree say
     # nothing of the spread (an MRR has no interval over examples)
     assert rows == [
-        "kgbert_cd aux_weight=0.0,m,d,3,,0.6,0.1,0.351586,0.848414",
-        "kgbert_cd aux_weight=1.0,m,d,2,,0.2,0,,",
+        "kgbert_cd aux_weight=0.0,m,d,3,,0.6,0.1,0.351586,0.848414,3",
+        "kgbert_cd aux_weight=1.0,m,d,2,,0.2,0,,,2",
     ]
     assert "warning" not in err
 

@@ -121,6 +121,21 @@ def record(accuracy, *, model="opt-125m", method="cd", seed=0, shots=16, metric=
     return run | {"demos": [f"d{i}" for i in range(shots)]}
 
 
+def test_a_metric_the_runs_declare_a_value_gets_no_rate_interval_whatever_the_cell_says():
+    # the sixteenth audit: a declared value (Rouge-L) without companions got Wilson's interval from the cell's
+    # proportion: true, where the table, from the same run, gives none
+    from ctxdistill.methods.genpi import PromptInternalizationEvaluator
+
+    declared = {"metric_set": PromptInternalizationEvaluator.metric_set.to_dict()}
+    rouge = cell(metric="rougeL_to_teacher", run_metric="eval/rougeL_to_teacher", value=0.40, method="genpi")
+    runs = [record(0.31, method="genpi", metric="eval/rougeL_to_teacher", examples=100) | declared]
+    assert [(s.interval, s.verdict) for s in score([rouge], runs)] == [(None, "no interval")]
+    success = cell(metric="task_success", run_metric="eval/task_success", value=0.40, method="genpi", proportion=False)
+    runs = [record(0.31, method="genpi", metric="eval/task_success", examples=100) | declared]
+    [scored] = score([success], runs)  # a declared proportion is a rate, whatever the cell says
+    assert scored.interval == pytest.approx((0.2278, 0.4063), abs=1e-4) and scored.verdict == "consistent"
+
+
 def test_a_run_read_from_wandb_meets_only_the_cells_of_its_number_of_demonstrations():
     # W&B records have no "demos" list; their config says how many the context drew
     def from_wandb(num_demos: int) -> dict:

@@ -39,10 +39,13 @@ def cell_text(cell: Optional[Cell], runs: Optional[int] = None) -> str:
     metric (the row's seeds column would overstate what the figure is over)."""
     if cell is None:
         return "-"
-    if cell.metric.kind == "count":
+    if cell.metric == EXAMPLES:
         return "/".join(dict.fromkeys(f"{v:g}" for v in cell.values))  # the n of each seed's set, once if equal
-    interval = cell.interval
-    text = number(cell.mean) + (f" [{number(interval[0])}, {number(interval[1])}]" if interval else "")
+    if cell.metric.kind == "count":  # a count the runs share is whole; else its mean over them, as the CSV's
+        text = f"{cell.values[0]:g}" if len(set(cell.values)) == 1 else number(cell.mean)
+    else:
+        interval = cell.interval
+        text = number(cell.mean) + (f" [{number(interval[0])}, {number(interval[1])}]" if interval else "")
     return text + (f" ({len(cell.values)}/{runs} seeds)" if runs and len(cell.values) < runs else "")
 
 
@@ -174,20 +177,20 @@ def render(tables: list[Table], fmt: str = "text") -> str:
 def csv_columns(column: Column) -> list[str]:
     if column.metric.kind == "count":
         return [column.key]
-    return [f"{column.key}_{part}" for part in ("mean", "std", "low", "high")]
+    return [f"{column.key}_{part}" for part in ("mean", "std", "low", "high", "runs")]
 
 
-def csv_values(cell: Optional[Cell]) -> list[Optional[float]]:
-    """Mean, sample std over seeds, the 95% interval; a count is its mean alone, but a set's examples are the
-    number its Wilson intervals are over (the fewest any seed was evaluated on), a whole number."""
-    if cell is None:
-        return [None, None, None, None]
+def csv_values(cell: Cell) -> list[Optional[float]]:
+    """Mean, sample std over seeds, the 95% interval and the runs it is over (fewer than the row's seeds where some
+    do not report the metric; one: the interval is that run's over its examples); a count is its mean alone, but a
+    set's examples are the number its Wilson intervals are over (the fewest any seed was evaluated on), a whole
+    number."""
     if cell.metric == EXAMPLES:
         return [fewest_examples(cell.values)]
     if cell.metric.kind == "count":
         return [cell.mean]
     interval = cell.interval or (None, None)
-    return [cell.mean, cell.std, *interval]
+    return [cell.mean, cell.std, *interval, len(cell.values)]
 
 
 TEST_PARTS = ("metric", "delta", "p", "pairs")  # the metric compared, the difference in it, its p-value, the pairs

@@ -139,8 +139,9 @@ class Score:
     run_model: Optional[str] = None  # the model the runs used (differs from the cell's under --model-as)
     values: list[float] = field(default_factory=list)  # the run metric per run, in the paper's units
     examples: list[Optional[int]] = field(default_factory=list)  # eval examples of each run with a value
-    #: the kind of the metric the runs declare where it is a mean over examples (Hits@k, MRR) or bootstrapped, with
-    #: what each run reports for its own interval (``Metric.companions``); None for any other metric
+    #: the kind of the metric the runs declare (a proportion, a mean over examples such as MRR, a bootstrapped
+    #: statistic, a value without one-run interval), with what each run reports for its own interval
+    #: (``Metric.companions``); None where no run declares the metric (the cell's ``proportion`` says)
     declared: Optional[tuple[str, list[tuple[Optional[float], ...]]]] = None
     matched_runs: int = 0  # runs of the cell, with or without the metric
     #: the bounds the runs declare for the metric (MRR in [0, 1]); a cell with ``proportion`` is in [0, 1] anyway
@@ -211,17 +212,19 @@ def run_examples(record: dict[str, Any], run_metric: str) -> Optional[int]:
 
 
 def run_declarations(records: list[dict[str, Any]], run_metric: str) -> dict[str, Any]:
-    """What the runs declare of the metric, as :class:`Score` fields: its value range, and where it is a mean over
-    examples or a bootstrapped statistic, its kind with what each run reports for its own interval (else the
-    cell's ``proportion`` says)."""
+    """What the runs declare of the metric, as :class:`Score` fields: its value range and its kind, with what each
+    run reports for its own interval; nothing where no run declares it (the cell's ``proportion`` says)."""
     set_name, _, name = run_metric.rpartition("/")
-    declared = [m for r in records for m in metric_set(r).metrics if m.name == name and m.applies_to(set_name)]
-    metric = next((m for m in declared if m.companions), None)
-    fields = {"value_range": declared[0].value_range} if declared else {}
-    if metric is not None:
-        reported = [tuple(r["metrics"].get(f"{set_name}/{c}") for c in metric.companions) for r in records]
-        fields.update(value_range=metric.value_range, declared=(metric.kind, reported))
-    return fields
+    # the declaration the table reads for the set (one for the set by name wins over one for every set); a run from
+    # before declarations declares nothing (its metrics are plain values only for want of one)
+    declared = [
+        m for r in records if r.get("metric_set") and (m := metric_set(r).metric_for(set_name, name)) is not None
+    ]
+    if not declared:
+        return {}
+    metric = next((m for m in declared if m.companions), declared[0])
+    reported = [tuple(r["metrics"].get(f"{set_name}/{c}") for c in metric.companions) for r in records]
+    return {"value_range": metric.value_range, "declared": (metric.kind, reported)}
 
 
 def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[dict[str, str]] = None) -> list[Score]:
