@@ -235,6 +235,26 @@ def test_a_sweep_from_ones_own_config_dir_is_rerun_and_evaluated_from_its_record
     assert "Could not find 'experiment/mine'" in err and "ctxdistill-eval --config-dir DIR" in err
     assert main([str(run_dir), "--config-dir", str(config_dir)]) == 0
 
+    # the experiment file edited since the run: its evaluation would not be the run's (the sixteenth audit: it was,
+    # silently, with 4 demonstrations instead of 12)
+    edited = tmp_path / "edited"
+    (edited / "experiment").mkdir(parents=True)
+    mine = (config_dir / "experiment" / "mine.yaml").read_text()
+    (edited / "experiment" / "mine.yaml").write_text(mine + "dataset:\n  context:\n    num_demos: 4\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main([str(run_dir), "--config-dir", str(edited), "--name", "edited"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == (
+        f"ctxdistill: {run_dir}: its recorded overrides compose another config now: dataset.context.num_demos=4 "
+        "(the run: 12). A config file changed since the run (conf/, or a directory of your own). Restore it, or "
+        f"evaluate with the run's values: ctxdistill-eval {run_dir} dataset.context.num_demos=12\n"
+    )
+    assert not (run_dir / "evaluations" / "edited").exists()
+    args = [str(run_dir), "dataset.context.num_demos=12", "--config-dir", str(edited), "--name", "edited"]
+    assert main(args) == 0
+    assert metrics(run_dir / "evaluations" / "edited") == metrics(run_dir)
+
 
 @pytest.fixture(scope="module")
 def untrained_sweep(tmp_path_factory) -> Path:

@@ -163,6 +163,59 @@ def check_same_model_and_method(run_dir: Path, cfg: DictConfig) -> None:
         )
 
 
+def overridden_prefixes(overrides: list[str]) -> Optional[list[str]]:
+    """The config keys ``overrides`` set (a group choice: its whole package); None where one replaces everything
+    (an experiment)."""
+    prefixes = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        group, _, package = key.partition("@")
+        if group == "experiment":
+            return None
+        package = package or group.replace("/", ".")
+        prefixes.append("dataset.ood" if package == "ood" else package)  # the ood group fills dataset.ood
+    return prefixes
+
+
+def flattened(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict) and config:
+        return {k: v for key, value in config.items() for k, v in flattened(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: config}
+
+
+def check_configs_unchanged(run_dir: Path, recomposed: DictConfig, overrides: list[str]) -> None:
+    """The run's recorded overrides, composed now (``recomposed``, with none of the evaluation's), give the config
+    the run recorded (its config.yaml): a config file edited since (conf/, an experiment of one's own) would
+    otherwise change the evaluation of the run silently. Keys the evaluation's ``overrides`` set, and paths under
+    another cache directory, may differ."""
+    from ctxdistill.config import ConfigError
+
+    prefixes = overridden_prefixes(overrides)
+    if prefixes is None or not (run_dir / "config.yaml").is_file():
+        return
+    was = flattened(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
+    now = flattened(OmegaConf.to_container(recomposed, resolve=True))
+    cache = str(was.get("cache_dir"))
+    changed = [
+        key
+        for key, value in was.items()
+        if key in now
+        and now[key] != value
+        and key.split(".")[0] not in ("output_dir", "logger", "cache_dir")
+        and not (isinstance(value, str) and value.startswith(cache))
+        and not any(key == p or key.startswith(f"{p}.") for p in prefixes)
+    ]
+    if changed:
+        settings = ", ".join(f"{k}={now[k]} (the run: {was[k]})" for k in changed[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        restore = " ".join(f"{k}={json.dumps(was[k])}" for k in changed[:3])
+        raise ConfigError(
+            f"{run_dir}: its recorded overrides compose another config now: {settings}{more}. A config file "
+            f"changed since the run (conf/, or a directory of your own). Restore it, or evaluate with the run's "
+            f"values: ctxdistill-eval {run_dir} {restore}"
+        )
+
+
 def warn_unused_training_settings(overrides: list[str]) -> None:
     """A training setting given to ctxdistill-eval, which trains nothing and loads the run's saved adapter or
     weights as they are: said, not silently dropped."""
@@ -197,6 +250,12 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     validate(cfg, trains=False)  # the method's checks of how it trains do not bind an evaluation (one context, …)
     honour_name_or_path(cfg.model)
     check_same_model_and_method(run_dir, cfg)
+    if overrides:  # without any, the run's config as the run's overrides compose it now (the same when unchanged)
+        recomposed = evaluation_config(run_dir, [], out, config_dirs)
+        honour_name_or_path(recomposed.model)
+    else:
+        recomposed = cfg
+    check_configs_unchanged(run_dir, recomposed, overrides)
     warn_unused_training_settings(overrides)
     method = build_method(cfg.method)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
