@@ -422,6 +422,10 @@ def test_qqp_from_the_hub_keeps_llmfts_rows_in_llmfts_order(make_cfg, monkeypatc
     released = {split: np.random.choice(np.arange(n), size=1000, replace=False).tolist() for split, n in sizes.items()}
     for split, n in sizes.items():
         assert tasks.subsample_indices(source, split, n, "dataset.source") == released[split]
+    # an older dataset card lists the splits test, train, validation: the draws stay llmft's (the sixteenth audit)
+    monkeypatch.setattr(tasks, "hub_split_sizes", lambda source: {s: sizes[s] for s in ("test", "train", "validation")})
+    for split, n in sizes.items():
+        assert tasks.subsample_indices(source, split, n, "dataset.source") == released[split]
     # A local file (the offline samples) is one draw from the seed, in file order.
     local = make_cfg("dataset=qqp", f"dataset.source.data_dir={SHARED / 'glue/qqp'}").dataset.source
     kept = tasks.subsample_indices(local, "train", 8999, "dataset.source")

@@ -288,8 +288,13 @@ def load_records(source: DictConfig, split: str, key: str = "dataset.source") ->
     return records, where
 
 
+# The order GLUE's loading script generated its splits in when llmft drew from them (train, validation, test):
+# the Hub's metadata lists them in other orders in different versions of the dataset card.
+DRAW_ORDER = ("train", "validation", "test")
+
+
 def hub_split_sizes(source: DictConfig) -> dict[str, int]:
-    """The Hub dataset's splits and their sizes, in the dataset's order (its metadata; no rows are read)."""
+    """The Hub dataset's splits and their sizes, in its metadata's order (no rows are read)."""
     import datasets
 
     splits = datasets.load_dataset_builder(source.hub_id, source.hub_config).info.splits
@@ -298,14 +303,15 @@ def hub_split_sizes(source: DictConfig) -> dict[str, int]:
 
 def subsample_indices(source: DictConfig, split: str, size: int, key: str) -> list[int]:
     """The records a subsampled split keeps. From the Hub, llmft's draw (its load_glue_datasets): numpy seeded
-    once, then ``subsample`` drawn from every split in the dataset's order, each kept in the order drawn, so a
-    split's rows depend on the draws of the splits before it. A local file is a sample of its own, not one of the
-    Hub's splits: one draw from the seed, kept in file order."""
+    once, then ``subsample`` drawn from every split in llmft's order (:data:`DRAW_ORDER`), each kept in the order
+    drawn, so a split's rows depend on the draws of the splits before it. A local file is a sample of its own, not
+    one of the Hub's splits: one draw from the seed, kept in file order."""
     rng = np.random.RandomState(source.subsample_seed)
     if _local_file(source, split, key) is not None:
         return sorted(rng.choice(size, source.subsample, replace=False))
     sizes = hub_split_sizes(source)
-    for earlier in list(sizes)[: list(sizes).index(split)]:
+    order = sorted(sizes, key=lambda name: DRAW_ORDER.index(name) if name in DRAW_ORDER else len(DRAW_ORDER))
+    for earlier in order[: order.index(split)]:
         rng.choice(sizes[earlier], source.subsample, replace=False)
     return rng.choice(size, source.subsample, replace=False).tolist()
 
