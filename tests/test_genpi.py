@@ -360,6 +360,7 @@ def test_the_loss_mixes_the_two_cross_entropies_with_lambda():
         ("method.pg_template='{input} {unknown}'", "method.pg_template"),
         ("method.num_pseudo_inputs=0", "method.num_pseudo_inputs"),
         ("method.heldout_inputs=[Why?,How?,Why?]", r"method.heldout_inputs: \['Why\?'\] appear more than once"),
+        ("method.heldout_inputs=[]", r"method.heldout_inputs: is empty: the run's reported metrics"),
     ],
 )
 def test_bad_genpi_settings_fail_before_any_model_loads(make_cfg, override, message):

@@ -140,6 +140,15 @@ def test_a_second_run_on_the_same_prompts_reads_the_teachers_targets_from_disk(m
     # ICL-D needs only the answer targets that ICL-D(LM) stored; another temperature needs new ones
     assert train("icl_d", "method=icl_d")["teacher_forwards"] == 0
     assert train("hotter", "method.temperature=2.0")["teacher_forwards"] == 1
+    # the sixteenth audit: the same text split otherwise between prompt and answer ("Sentiment:\n" + "foo" against
+    # "Sentiment:" + "\nfoo") has other answer tokens, and read the first one's targets
+    sentiment = "dataset.train_tasks.sentiment"
+    newline_in_prompt = [
+        f'{sentiment}.verbalizers=["foo","bar"]',
+        f'{sentiment}.template="Review: {{review}}\nSentiment:\n"',
+    ]
+    assert train("newline_in_prompt", *newline_in_prompt)["teacher_forwards"] >= 1
+    assert train("newline_in_answer", f'{sentiment}.verbalizers=["\nfoo","\nbar"]')["teacher_forwards"] >= 1
 
 
 def test_the_lm_objective_reads_exactly_the_demonstration_tokens(prepared):

@@ -323,6 +323,16 @@ def test_a_hub_model_is_identified_by_the_commit_it_loads(tiny, tmp_path, monkey
     assert model_identity(spec, 0, "cuda:0") != first  # another device's kernels give other targets
 
 
+def test_a_packaged_model_is_identified_by_its_directory_in_the_package(make_cfg):
+    # the sixteenth audit: two models of one package (model.package_dir) shared an identity, so the second read the
+    # first's teacher targets, GenPI replies and cheat sheets
+    spec = make_cfg("model=minilm-l6").model
+    other = spec.copy()
+    other.package_dir = "another_model"
+    assert model_identity(spec, 0, "cpu") != model_identity(other, 0, "cpu")
+    assert '"model"' in model_identity(spec, 0, "cpu")
+
+
 def test_the_converted_bundled_model_is_keyed_by_what_produced_it(tiny, monkeypatch):
     from ctxdistill import models
 
@@ -545,6 +555,7 @@ def test_the_prefix_adapter_trains_all_but_its_first_position_the_attention_sink
 def test_load_trained_asks_a_declared_wrapper_to_load_itself_and_reloads_a_bare_model(tiny, tmp_path):
     """Which model loads a run's model/ itself is declared (a WrappedModel), not guessed from an attribute's name."""
     from ctxdistill.methods.kgc import RelationPrompted, TripleScorer
+    from ctxdistill.models import _contiguous_inputs
 
     cfg, _, model = tiny
     assert issubclass(TripleScorer, WrappedModel) and issubclass(RelationPrompted, WrappedModel)
@@ -553,12 +564,15 @@ def test_load_trained_asks_a_declared_wrapper_to_load_itself_and_reloads_a_bare_
         def load_trained(self, path: Path) -> None:
             self.loaded_from = path
 
+    saved = tmp_path / "model"
+    model.save_pretrained(saved)
     wrapper = Recording()
-    assert load_trained(wrapper, tmp_path, cfg.model) is wrapper and wrapper.loaded_from == tmp_path
-    model.save_pretrained(tmp_path / "model")
-    reloaded = load_trained(model, tmp_path / "model", cfg.model)
+    assert load_trained(wrapper, saved, cfg.model) is wrapper and wrapper.loaded_from == saved
+    reloaded = load_trained(model, saved, cfg.model)
     assert reloaded is not model and type(reloaded) is type(model)
     torch.testing.assert_close(reloaded.state_dict(), model.state_dict())
+    # the LM head reads a contiguous input as the loaded model's does: the same kernel, the same last bits
+    assert list(reloaded.get_output_embeddings()._forward_pre_hooks.values()) == [_contiguous_inputs]
 
 
 def test_compiling_finds_the_transformer_stack_inside_every_wrapper_and_restores_it(tiny):

@@ -520,7 +520,7 @@ def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]
     if spec.source == "random":
         fields.update(tiny=OmegaConf.to_container(spec.tiny), seed=seed)
     if spec.source == "package":
-        fields["package"] = [spec.package, package_version(spec.package)]
+        fields["package"] = [spec.package, spec.package_dir, package_version(spec.package)]
     if spec.source in ("gguf", "random"):  # the weights, or a random model's tokenizer, read from the GGUF file
         fields["conversion"] = conversion_producer(spec)
     local = Path(spec.name_or_path).expanduser()

@@ -117,6 +117,12 @@ class PromptInternalizationConfig(MethodConfig):
             "them, apart from the reported held-out inputs",
             "Set e.g. method.num_heldout_pseudo_inputs=8",
         )
+        require(  # the reported evaluation set ("eval"): an empty one was an IndexError from the tokenizer
+            len(m.heldout_inputs) >= 1,
+            "method.heldout_inputs",
+            "is empty: the run's reported metrics are measured on them",
+            "List the held-out inputs, or keep those of the method's YAML file",
+        )
         repeated = sorted({q for q in m.heldout_inputs if list(m.heldout_inputs).count(q) > 1})
         require(
             not repeated,

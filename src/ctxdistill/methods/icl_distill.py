@@ -34,6 +34,7 @@ this suite's choices; each is one override.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -219,8 +220,11 @@ class ICLDistillation(Method):
             kind: TeacherCache(self.teacher_cache_dir, handle.identity, {**settings, "positions": kind}, task.name)
             for kind in kinds
         }
-        # the teacher's whole input: the prompt and the gold answer after it
-        inputs = {e.uid: task.task_of(e).teacher_prompt(e) + task.task_of(e).answer_text(e) for e in examples}
+        # the teacher's whole input: the prompt and the gold answer after it, apart (each is tokenised on its own, so
+        # where the one ends decides the answer's tokens: "Sentiment:\n" + "foo" is not "Sentiment:" + "\nfoo")
+        inputs = {
+            e.uid: json.dumps([task.task_of(e).teacher_prompt(e), task.task_of(e).answer_text(e)]) for e in examples
+        }
         todo = [e for e in examples if any(cache.get(inputs[e.uid]) is None for cache in caches.values())]
         if todo:
             with saved_on_exit(*caches.values()), handle.teacher() as teacher:
