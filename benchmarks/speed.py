@@ -264,6 +264,7 @@ def train_trl(cfg, handle, tokenizer, task, device: str, steps: int, batch_size:
         teacher_model_kind="base",
         teacher_prompt_template="{privileged_context}{prompt}",
         max_completion_length=ON_POLICY_TOKENS if on_policy else 1,
+        max_prompt_length=None,  # TRL's default (512) cuts the 32-demonstration teacher prompts (~590 tokens) short
         num_generations=1,
         temperature=1.0,
         gradient_checkpointing=False,  # TRL's default is on; the suite does not recompute activations
@@ -331,7 +332,18 @@ def measure_training(
 PROCESS_SECONDS: dict[str, float] = {}
 # Modules every measurement imports, loaded once by the fork server that starts the measurements' processes:
 # a process then starts in well under a second instead of about 5 s of imports (21 processes a command).
-PRELOADED = ["__main__", "transformers", "peft", "accelerate", "datasets", "hydra", "ctxdistill.run", "trl"]
+# TRL's trainer module too: its import (1-2 s, 27 MB) is no part of its training, as the suite's is not of the suite's.
+PRELOADED = [
+    "__main__",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "hydra",
+    "ctxdistill.run",
+    "trl",
+    "trl.experimental.sdft",
+]
 
 
 def in_fresh_process(label: str, function: Callable, *args) -> Any:
@@ -434,8 +446,11 @@ def teacher_growth(model: list[str], device: str, demo_counts: Sequence[int], qu
             {
                 "demos": num_demos,
                 "context_tokens": prefix.length,
+                "queries": len(prompts),
                 "prefix_once_s": prefix_seconds,
                 "cached_ms": 1e3 * cached,
+                # what a query costs with the context's one pass shared by these queries (a run's training queries)
+                "cached_with_prefix_ms": 1e3 * (cached + prefix_seconds / len(prompts)),
                 "recomputed_ms": 1e3 * recomputed,
                 "whole_sequence_ms": 1e3 * whole,
             }
@@ -731,7 +746,7 @@ def benchmark(report: Report, model: list[str], device: str, args) -> None:
         figures["teacher"] = growth
         first = growth[0]
         report.print("\n[teacher] teacher cost per query as the context grows")
-        columns = ("cached_ms", "recomputed_ms", "whole_sequence_ms")
+        columns = ("cached_ms", "cached_with_prefix_ms", "recomputed_ms", "whole_sequence_ms")
         report.print(
             table(
                 [
@@ -740,19 +755,26 @@ def benchmark(report: Report, model: list[str], device: str, args) -> None:
                     + [g["prefix_once_s"]]
                     for g in growth
                 ],
-                ["demos", "context tokens", "shared ms/q", "x 0 demos", "recomputed ms/q", "x 0 demos"]
-                + ["whole-seq ms/q", "x 0 demos", "prefix once s"],
+                ["demos", "context tokens", "shared ms/q", "x 0 demos", "+ context pass ms/q", "x 0 demos"]
+                + ["recomputed ms/q", "x 0 demos", "whole-seq ms/q", "x 0 demos", "prefix once s"],
             )
         )
         last = growth[-1]
         report.ratio(
             name,
-            f"teacher ms/query, shared context, {last['demos']} vs 0 demos",
+            f"teacher ms/query beyond the context's one pass, {last['demos']} vs 0 demos",
             last["cached_ms"] / first["cached_ms"],
             "<= 1.3x",
         )
         report.ratio(
-            name, f"teacher, recomputed / shared, {last['demos']} demos", last["recomputed_ms"] / last["cached_ms"]
+            name,
+            f"teacher ms/query with the context's one pass over {last['queries']} queries, {last['demos']} vs 0 demos",
+            last["cached_with_prefix_ms"] / first["cached_with_prefix_ms"],
+        )
+        report.ratio(  # the context once, against once per query
+            name,
+            f"teacher, recomputed / shared with its one pass, {last['demos']} demos",
+            last["recomputed_ms"] / last["cached_with_prefix_ms"],
         )
 
     if "epochs" in only:
