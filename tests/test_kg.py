@@ -982,6 +982,27 @@ KG_TINY = [
 ]
 
 
+def test_stage_one_samples_with_the_top_k_it_records(make_cfg, tmp_path, monkeypatch):
+    # the sixteenth audit: transformers filled in top_k=50, which neither the settings nor the stage's key named
+    from transformers.generation import logits_process
+
+    cuts = []
+    real = logits_process.TopKLogitsWarper.__call__
+
+    def recording(self, input_ids, scores):
+        cuts.append(self.top_k)
+        return real(self, input_ids, scores)
+
+    monkeypatch.setattr(logits_process.TopKLogitsWarper, "__call__", recording)
+    common = [*KG_TINY, "method=contextualization", "model=tiny-random", "method.max_new_tokens=2"]
+    common += [f"method.stage_dir={tmp_path / 'stage'}", f"dataset.contexts_file={tmp_path / 'contexts.jsonl'}"]
+    run(make_cfg(*common, output_dir=tmp_path / "top50"))
+    assert set(cuts) == {50}
+    cuts.clear()
+    whole = run(make_cfg(*common, "method.top_k=null", output_dir=tmp_path / "whole"))
+    assert cuts == [] and whole["metrics"]["contexts/reused"] == 0  # another key: written again, uncut
+
+
 def test_stage_one_writes_a_context_per_training_triple_and_resumes(make_cfg, tmp_path):
     contexts, stage = tmp_path / "contexts.jsonl", tmp_path / "stage"
     common = [

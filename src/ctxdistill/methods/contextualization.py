@@ -24,12 +24,12 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Optional
 
 import torch
 from omegaconf import DictConfig
 
-from ctxdistill.config import ConfigError, MethodConfig, model_label, require
+from ctxdistill.config import ConfigError, MethodConfig, model_label, require, require_count
 from ctxdistill.data.kg import KGTask, Triple, build_kg_task
 from ctxdistill.evaluation import EvaluatorBase
 from ctxdistill.methods.base import Method
@@ -52,6 +52,9 @@ class ContextualizationConfig(MethodConfig):
     max_new_tokens: int = 200
     temperature: float = 0.7  # 0: greedy
     top_p: float = 1.0
+    # sampling from the top_k most likely tokens: transformers' default cut, which every context written before
+    # it was a setting was drawn with; null samples from the whole vocabulary
+    top_k: Optional[int] = 50
     batch_size: int = 16
     stage_dir: str = "${cache_dir}/contexts/stage"  # the written contexts, one file per writer and settings
     schema_name: ClassVar[str] = "base_contextualization"
@@ -68,6 +71,7 @@ class ContextualizationConfig(MethodConfig):
             f"must be in (0, 1], got {m.top_p}",
             "It is the nucleus's probability mass; 1.0 samples from the whole distribution",
         )
+        require_count(m.top_k, "method.top_k", "null samples from the whole vocabulary")
         require(m.batch_size >= 1, "method.batch_size", f"must be >= 1, got {m.batch_size}", "")
 
 
@@ -149,15 +153,17 @@ class Contextualization(ContextStage):
         max_new_tokens: int,
         temperature: float,
         top_p: float,
+        top_k: Optional[int],
         batch_size: int,
         stage_dir: str,
     ):
         super().__init__(name)
         self.prompt, self.chat_template, self.stage_dir = prompt, chat_template, stage_dir
-        self.max_new_tokens, self.temperature, self.top_p, self.batch_size = (
+        self.max_new_tokens, self.temperature, self.top_p, self.top_k, self.batch_size = (
             max_new_tokens,
             temperature,
             top_p,
+            top_k,
             batch_size,
         )
 
@@ -195,6 +201,7 @@ class Contextualization(ContextStage):
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "top_k": self.top_k,
             "batch_size": self.batch_size,
             "seed": task.seed,
             **batched_with,
@@ -248,7 +255,8 @@ class ContextGeneration(EvaluatorBase):
             max_new_tokens=m.max_new_tokens,
             do_sample=sample,
             pad_token_id=tokenizer.pad_token_id,
-            **({"temperature": m.temperature, "top_p": m.top_p} if sample else {}),
+            # top_k always given: transformers fills in 50 where it is left out (0: no cut)
+            **({"temperature": m.temperature, "top_p": m.top_p, "top_k": m.top_k or 0} if sample else {}),
         )
         new = out[:, enc["input_ids"].shape[1] :]
         texts = [" ".join(t.split()) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
