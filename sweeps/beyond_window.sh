@@ -27,9 +27,9 @@ sweep() {
   local arm=$1 trains=$2
   shift 2
   ctxdistill -m experiment=beyond_window "seed=$seeds" logger.group=beyond_window "hydra.sweep.dir=$root/runs/$arm" \
-    "$@" "${overrides[@]}" || { [ $? = 2 ] && exit 2 || status=1; }  # 2: refused, as every other arm would be
+    "$@" "${overrides[@]}" || failed
   if [ "$trains" = trains ]; then
-    ctxdistill-eval "$root/runs/$arm" "${other_task[@]}" --name forgetting >/dev/null || status=1
+    ctxdistill-eval "$root/runs/$arm" "${other_task[@]}" --name forgetting >/dev/null || failed
   fi
 }
 overrides=("$@")
@@ -55,6 +55,6 @@ done
 # the untrained model on the other task, under the sweep's overrides as each forgetting evaluation (its model, say);
 # run again, it is skipped when complete, and refused if made with other settings
 ctxdistill experiment=beyond_window method=zero_shot "${overrides[@]}" "${other_task[@]}" logger=none \
-  "output_dir=$root/before" || status=1
-python -m ctxdistill.learning_curve "$root/runs" --out "$root/results" --window-demos 12 --before "$root/before" || status=1
+  "output_dir=$root/before" || failed
+python -m ctxdistill.learning_curve "$root/runs" --out "$root/results" --window-demos 12 --before "$root/before" || failed
 exit $status

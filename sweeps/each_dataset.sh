@@ -2,7 +2,7 @@
 # `multiruns` (the grid's multiruns, a line of overrides each: more than one where a model has settings of its
 # own): checks every dataset's data paths, then runs each multirun per experiment of the grid into $root/DATASET
 # with that dataset's DATASET_ARGS (e.g. QQP_ARGS) and the script's arguments.
-# Leaves `status` 1 if a cell failed; exits 2 if a sweep was refused with a message.
+# Leaves `status` 1 if a cell failed; exits 2 if a sweep was refused with a message, 130 or 143 if stopped (`failed`).
 experiments=$(python -m ctxdistill.grids experiments "$grid") || exit 2
 dataset_args=()
 for experiment in $experiments; do
@@ -21,6 +21,6 @@ for experiment in $experiments; do
     read -ra params <<< "$multirun"
     # shellcheck disable=SC2086  # the per-dataset overrides are meant to split on spaces
     ctxdistill -m "experiment=$experiment" "${params[@]}" ${!args_var:-} "hydra.sweep.dir=$root/$dataset" "$@" ||
-      { [ $? = 2 ] && exit 2 || status=1; }  # 2: refused with a message, which the other datasets would repeat
+      failed
   done
 done

@@ -23,5 +23,5 @@ grid=sweeps/grids/mosbach2023.yaml
 multiruns=$(python -m ctxdistill.grids overrides "$grid" ${MODELS:+"model=$MODELS"} ${PATTERNS:+"dataset.pattern=$PATTERNS"}) || exit 2
 mapfile -t multiruns <<< "$multiruns"
 source sweeps/each_dataset.sh "$@"
-ctxdistill-compare "$root" --out "$root" --by dataset.pattern || status=1  # a row per pattern, data seeds averaged
+ctxdistill-compare "$root" --out "$root" --by dataset.pattern || failed  # a row per pattern, data seeds averaged
 exit $status

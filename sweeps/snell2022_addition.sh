@@ -16,10 +16,10 @@ cd "$(dirname "$0")/.."
 root=${SWEEP_DIR:-outputs/snell2022_addition}
 seeds=${SEEDS:-0}
 status=0
-ctxdistill experiment=addition_teacher "hydra.run.dir=$root/teacher" "$@" || exit 1
+ctxdistill experiment=addition_teacher "hydra.run.dir=$root/teacher" "$@" || exit  # its status: stage 2 needs it
 stage2=(experiment=addition_distill "model.name_or_path=$root/teacher/model" model.name=smollm2-135m-addition-ft
   "seed=$seeds" "hydra.sweep.dir=$root/distill")
-ctxdistill -m "${stage2[@]}" method=zero_shot,icl "$@" || status=1
-ctxdistill -m "${stage2[@]}" method=scratchpad method.num_samples=1 method.temperature=0 "$@" || status=1
-ctxdistill-compare "$root/distill" --out "$root/distill" || status=1
+ctxdistill -m "${stage2[@]}" method=zero_shot,icl "$@" || failed
+ctxdistill -m "${stage2[@]}" method=scratchpad method.num_samples=1 method.temperature=0 "$@" || failed
+ctxdistill-compare "$root/distill" --out "$root/distill" || failed
 exit $status

@@ -24,5 +24,5 @@ multiruns=$(python -m ctxdistill.grids overrides "$grid" ${METHODS:+"method=$MET
 mapfile -t multiruns <<< "$multiruns"
 source sweeps/each_dataset.sh "$@"
 # shellcheck disable=SC2086  # COMPARE_ARGS are meant to split on spaces
-ctxdistill-compare "$root" --out "$root" --scorecard ${COMPARE_ARGS:-} || status=1
+ctxdistill-compare "$root" --out "$root" --scorecard ${COMPARE_ARGS:-} || failed
 exit $status

@@ -615,6 +615,30 @@ def stand_ins(tmp_path: Path, *commands: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
 
 
+@pytest.mark.parametrize(
+    "script, variables",
+    [
+        ("upadhayaya2024", {"METHODS": "cd", "SEEDS": "0"}),
+        ("beyond_window", {"ARMS": "icl cd"}),
+        ("snell2022_addition", {}),
+    ],
+)
+@pytest.mark.parametrize("stop", [130, 143])
+def test_a_paper_script_stopped_by_ctrl_c_launches_nothing_after(script, variables, stop, tmp_path):
+    """The sixteenth audit: ctxdistill catches Ctrl-C (and SIGTERM) to save its work and exits 130 (143); the scripts
+    read that as failed cells and launched the next dataset's or arm's multirun, then compared what was left."""
+    env = stand_ins(tmp_path, "ctxdistill-compare", "ctxdistill-eval")
+    (tmp_path / "bin" / "ctxdistill").write_text(
+        f'#!/bin/sh\necho ctxdistill "$@" >> "{tmp_path}/calls"\nexit {stop}\n'
+    )
+    (tmp_path / "bin" / "ctxdistill").chmod(0o755)
+    env.update(variables, SWEEP_DIR=str(tmp_path / "sweep"))
+    proc = subprocess.run(["bash", f"sweeps/{script}.sh"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == stop, proc.stderr[-2000:]
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert len(calls) == 1 and calls[0].startswith("ctxdistill "), calls
+
+
 def test_the_mosbach_grid_trains_in_bf16_over_float32_weights_and_shards_what_one_gpu_cannot_hold(make_cfg, tmp_path):
     """Full fine-tuning with AdamW in float32 holds 16 bytes a parameter: opt-2.7b's 42 GB fits an 80 GB GPU,
     opt-6.7b's 107 GB does not. Every cell of the grid, as the script runs it, trains under bf16 autocast over
