@@ -639,6 +639,20 @@ def test_a_paper_script_stopped_by_ctrl_c_launches_nothing_after(script, variabl
     assert len(calls) == 1 and calls[0].startswith("ctxdistill "), calls
 
 
+def test_a_multirun_over_experiments_with_sweeps_of_their_own_is_refused_before_any_cell(tmp_path):
+    # the sixteenth audit: -m experiment=demo,many_contexts ran two cd cells, dropping demo's four methods and
+    # many_contexts' three context counts, and averaged the two experiments as seeds
+    sweep = tmp_path / "sweep"
+    proc = multirun("experiment=demo,many_contexts", *CELL, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2 and not sweep.exists()
+    assert proc.stderr == (
+        "ctxdistill: experiment: a multirun over several experiments runs one cell each, without each experiment's "
+        "own sweep (demo: method=zero_shot,icl,ft,cd; many_contexts: method=cd dataset.context.num_contexts=1,2,4). "
+        "Run one multirun per experiment: ctxdistill -m experiment=demo ... ; ctxdistill -m experiment=many_contexts "
+        "...\n"
+    )
+
+
 def test_the_mosbach_grid_trains_in_bf16_over_float32_weights_and_shards_what_one_gpu_cannot_hold(make_cfg, tmp_path):
     """Full fine-tuning with AdamW in float32 holds 16 bytes a parameter: opt-2.7b's 42 GB fits an 80 GB GPU,
     opt-6.7b's 107 GB does not. Every cell of the grid, as the script runs it, trains under bf16 autocast over

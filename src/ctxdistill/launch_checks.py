@@ -177,6 +177,7 @@ class LaunchChecks(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         refuse_bad_inputs(config, "hydra.sweep.dir", status=2)  # 2: a sweep refused before its first cell
+        refuse_swept_experiments_with_sweeps_of_their_own(config)
         refuse_a_sweep_every_cell_of_which_fails(config)
         global multirun_yaml
         path = Path(resolved(config, "hydra.sweep.dir")).expanduser().absolute() / "multirun.yaml"
@@ -219,6 +220,43 @@ def shared_cell_error(config: DictConfig) -> Optional[ConfigError]:
         if len(errors) > 1:
             return None
     return next(iter(errors.values()), None)
+
+
+def refuse_swept_experiments_with_sweeps_of_their_own(config: DictConfig) -> None:
+    """A multirun over several experiments runs one cell per experiment: Hydra's sweeper reads the sweep of the
+    command's one composed config, so each experiment's own (``hydra.sweeper.params``: demo's four methods) would be
+    dropped without a word. Refused, naming each experiment's own sweep, unless the command sets all of its keys."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from ctxdistill.cli import exit_with_message, unswept
+
+    overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    swept = next((o for o in parsed if o.is_sweep_override() and o.key_or_group == "experiment"), None)
+    if swept is None:
+        return
+    given = {o.get_key_element().lstrip("+~") for o in parsed}
+    loader = GlobalHydra.instance().config_loader()
+    dropped = {}
+    for experiment in swept.sweep_string_iterator():
+        try:
+            composed = loader.load_sweep_config(config, [*unswept(overrides), f"experiment={experiment}"])
+        except Exception:  # noqa: BLE001 - an experiment that does not compose: its cell's own message names it
+            continue
+        own = OmegaConf.select(composed, "hydra.sweeper.params") or {}
+        if any(key not in given for key in own):
+            dropped[experiment] = " ".join(f"{key}={value}" for key, value in own.items())
+    if dropped:
+        sweeps = "; ".join(f"{experiment}: {params}" for experiment, params in dropped.items())
+        exit_with_message(
+            ConfigError(
+                f"experiment: a multirun over several experiments runs one cell each, without each experiment's own "
+                f"sweep ({sweeps}). Run one multirun per experiment: "
+                + " ; ".join(f"ctxdistill -m experiment={e} ..." for e in dropped)
+            ),
+            2,
+        )
 
 
 def refuse_a_sweep_every_cell_of_which_fails(config: DictConfig) -> None:
