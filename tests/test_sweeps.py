@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -579,6 +580,19 @@ def test_the_committed_wandb_sweep_files_are_generated_from_the_grid(grid, monke
     assert generated, grid
     for path, text in generated.items():
         assert path.read_text() == text, f"{path} is stale: python -m ctxdistill.grids wandb {grid.relative_to(REPO)}"
+
+
+def test_a_wandb_sweep_file_names_the_metric_its_runs_are_judged_by_or_none():
+    # the sixteenth audit: every file said eval/accuracy, and Mosbach's pbft runs are judged by eval/vocab_accuracy
+    metrics = {
+        path.name: yaml.safe_load(path.read_text()).get("metric")
+        for path in sorted((REPO / "sweeps" / "wandb").glob("*.yaml"))
+    }
+    for name, metric in metrics.items():
+        if name.startswith("mosbach2023"):  # icl (accuracy) beside pbft (vocab_accuracy): no one metric ranks both
+            assert metric is None, name
+        else:
+            assert metric == {"name": "eval/accuracy", "goal": "maximize"}, name
 
 
 def test_every_wandb_sweep_file_comes_from_a_grid(monkeypatch):

@@ -117,6 +117,21 @@ def experiment_sweep(experiment: str) -> dict[str, Any]:
     return {key: choices if len(choices) > 1 else choices[0] for key, choices in swept.items()}
 
 
+def objectives(experiment: str, methods: list[str]) -> set[str]:
+    """The metric each of ``methods`` (none: the experiment's own) is judged by in ``experiment`` (``method.objective``,
+    as its runs record it; every one is better higher)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ctxdistill.cli import CONFIG_DIR
+    from ctxdistill.methods import build_method
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        chosen = [[f"method={m}"] for m in methods] or [[]]
+        return {build_method(compose("config", [f"experiment={experiment}", *m]).method).objective for m in chosen}
+
+
 def wandb_sweeps(grid_path: Path, out: Path) -> dict[Path, str]:
     """The W&B sweep file of each experiment of the grid: path -> text (``<grid>_<experiment>.yaml``, or
     ``<grid>.yaml`` for a grid of the experiment of its name: the demo), and one more per model with settings of
@@ -135,11 +150,15 @@ def wandb_sweeps(grid_path: Path, out: Path) -> dict[Path, str]:
             path = out / (f"{paper}{suffix}.yaml" if name == paper else f"{paper}_{name}{suffix}.yaml")
             wandb = grid.get("wandb", {}).get(experiment, {})
             params = {"experiment": experiment, **experiment_sweep(experiment), **grid["params"], **group, **wandb}
-            files[path] = wandb_sweep(params, grid_path, out, path, part=name + suffix.replace("_", " "))
+            metrics = objectives(experiment, values(params.get("method", [])))
+            files[path] = wandb_sweep(params, grid_path, out, path, name + suffix.replace("_", " "), metrics)
     return files
 
 
-def wandb_sweep(params: dict[str, Any], grid_path: Path, out: Path, path: Path, part: str) -> str:
+def wandb_sweep(params: dict[str, Any], grid_path: Path, out: Path, path: Path, part: str, metrics: set[str]) -> str:
+    """The W&B sweep file of ``params``; its metric is the runs' objective (``metrics``: each swept method's), none
+    where the methods are judged by different ones (a grid needs none: W&B would rank one method's runs by
+    another's metric)."""
     runs = 1
     for value in params.values():
         runs *= len(values(value))
@@ -152,7 +171,7 @@ def wandb_sweep(params: dict[str, Any], grid_path: Path, out: Path, path: Path, 
         "command": ["${env}", *launcher, "-m", "ctxdistill", "${args_no_hyphens}", AGENT_RUN_DIR],
         "project": "ctxdistill",
         "method": "grid",
-        "metric": {"name": "eval/accuracy", "goal": "maximize"},
+        **({"metric": {"name": next(iter(metrics)), "goal": "maximize"}} if len(metrics) == 1 else {}),
         "parameters": {
             key: {"values": value} if isinstance(value, list) else {"value": value} for key, value in params.items()
         },
