@@ -4,6 +4,7 @@
 # with that dataset's DATASET_ARGS (e.g. QQP_ARGS) and the script's arguments.
 # Leaves `status` 1 if a cell failed; exits 2 if a sweep was refused with a message, 130 or 143 if stopped (`failed`).
 experiments=$(python -m ctxdistill.grids experiments "$grid") || exit 2
+python -m ctxdistill.grids arguments "$grid" -- "$@" || exit 2  # a grid key given as an argument would replace it
 dataset_args=()
 for experiment in $experiments; do
   dataset=${experiment##*/}

@@ -11,7 +11,7 @@
 #   bash sweeps/mosbach2023.sh hydra/launcher=submitit_slurm hydra.launcher.gpus_per_node=1
 #   MODELS=opt-125m,opt-350m bash sweeps/mosbach2023.sh hydra/launcher=joblib hydra.launcher.n_jobs=2
 #
-# Extra arguments are Hydra overrides for every dataset; MNLI_ARGS and QQP_ARGS add overrides for
+# Extra arguments are Hydra overrides for every dataset (not of a grid key: MODELS, PATTERNS change those); MNLI_ARGS and QQP_ARGS add overrides for
 # one dataset (local data, e.g. QQP_ARGS="dataset.ood.paws_qqp.source.data_dir=PATH/paws_qqp").
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 set -uo pipefail

@@ -9,7 +9,7 @@
 #   bash sweeps/upadhayaya2024.sh hydra/launcher=joblib hydra.launcher.n_jobs=4
 #   bash sweeps/upadhayaya2024.sh hydra/launcher=submitit_slurm hydra.launcher.partition=gpu  # SLURM arrays
 #
-# Extra arguments are Hydra overrides for every dataset; MNLI_ARGS, RTE_ARGS and QQP_ARGS add
+# Extra arguments are Hydra overrides for every dataset (not of a grid key: METHODS, MODELS, SEEDS change those); MNLI_ARGS, RTE_ARGS and QQP_ARGS add
 # overrides for one dataset (local data, e.g. QQP_ARGS="dataset.ood.paws_qqp.source.data_dir=PATH/paws_qqp").
 # Running it again finishes an interrupted sweep: complete cells are skipped (force=true redoes them).
 # Exits non-zero if any cell failed (each sweep lists its failed cells).

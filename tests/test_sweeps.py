@@ -667,6 +667,21 @@ def test_a_multirun_over_experiments_with_sweeps_of_their_own_is_refused_before_
     )
 
 
+@pytest.mark.parametrize("script, argument", [("mosbach2023", "model=opt-125m"), ("upadhayaya2024", "seed=1")])
+def test_a_paper_script_refuses_a_grid_key_among_its_arguments(script, argument, tmp_path):
+    """The sixteenth audit: the script's arguments come last in each multirun, so model=opt-125m replaced the grid's
+    models in every multirun, the sharded opt-6.7b one included: opt-125m ran twice, once under FSDP."""
+    env = stand_ins(tmp_path, "ctxdistill", "ctxdistill-compare")
+    env["SWEEP_DIR"] = str(tmp_path / "sweep")
+    proc = subprocess.run(["bash", f"sweeps/{script}.sh", argument], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and not (tmp_path / "calls").exists()
+    key = argument.split("=")[0]
+    assert proc.stderr == (
+        f"error: {argument}: {key} is a key of the grid (sweeps/grids/{script}.yaml), which the script sweeps "
+        "itself. Change its values with the script's variables (its --help) or in the grid, not as an argument\n"
+    )
+
+
 def test_the_mosbach_grid_trains_in_bf16_over_float32_weights_and_shards_what_one_gpu_cannot_hold(make_cfg, tmp_path):
     """Full fine-tuning with AdamW in float32 holds 16 bytes a parameter: opt-2.7b's 42 GB fits an 80 GB GPU,
     opt-6.7b's 107 GB does not. Every cell of the grid, as the script runs it, trains under bf16 autocast over

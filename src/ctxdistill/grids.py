@@ -189,11 +189,29 @@ def wandb_sweep(params: dict[str, Any], grid_path: Path, out: Path, path: Path, 
     return header + yaml.safe_dump(body, sort_keys=False, width=120, default_flow_style=None)
 
 
+def refuse_grid_keys(grid: dict[str, Any], grid_path: Path, arguments: list[str]) -> None:
+    """A paper script's own arguments come after the grid's params in each multirun, where Hydra keeps the last
+    value: one naming a grid key (model=opt-125m) would replace that key's values in every multirun, a sharded
+    model's included, and give the table the same cells twice."""
+    keys = {*grid["params"], *(k for settings in grid.get("models", {}).values() for k in settings)}
+    for argument in arguments:
+        key = argument.split("=", 1)[0].lstrip("+~")
+        if key in keys:
+            raise ConfigError(
+                f"{argument}: {key} is a key of the grid ({grid_path}), which the script sweeps itself. Change its "
+                f"values with the script's variables (its --help) or in the grid, not as an argument"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ctxdistill.grids", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["experiments", "overrides", "wandb"])
+    parser.add_argument("what", choices=["experiments", "overrides", "wandb", "arguments"])
     parser.add_argument("grid", type=Path)
-    parser.add_argument("replace", nargs="*", help="overrides: key=a,b replaces a param's values")
+    parser.add_argument(
+        "replace",
+        nargs="*",
+        help="overrides: key=a,b replaces a param's values; arguments: a script's arguments, refused if a grid key",
+    )
     parser.add_argument("--out", type=Path, default=Path("sweeps/wandb"), help="wandb: where the files go")
     args = parser.parse_args(argv)
     try:
@@ -202,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(grid["experiments"]))
         elif args.what == "overrides":
             print("\n".join(" ".join(multirun) for multirun in multiruns(grid, args.replace)))
+        elif args.what == "arguments":
+            refuse_grid_keys(grid, args.grid, args.replace)
         else:
             for path, text in wandb_sweeps(args.grid, args.out).items():
                 path.write_text(text)
