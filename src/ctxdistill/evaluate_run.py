@@ -177,38 +177,33 @@ def overridden_prefixes(overrides: list[str]) -> Optional[list[str]]:
     return prefixes
 
 
-def flattened(config: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(config, dict) and config:
-        return {k: v for key, value in config.items() for k, v in flattened(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: config}
-
-
 def check_configs_unchanged(run_dir: Path, recomposed: DictConfig, overrides: list[str]) -> None:
     """The run's recorded overrides, composed now (``recomposed``, with none of the evaluation's), give the config
-    the run recorded (its config.yaml): a config file edited since (conf/, an experiment of one's own) would
-    otherwise change the evaluation of the run silently. Keys the evaluation's ``overrides`` set, and paths under
-    another cache directory, may differ."""
+    the run recorded (its config.yaml), as a sweep's complete-run check compares them: a config file edited since
+    (conf/, an experiment of one's own) would otherwise change the evaluation of the run silently. Keys the
+    evaluation's ``overrides`` set may differ."""
     from ctxdistill.config import ConfigError
+    from ctxdistill.sweeps import config_changes, open_maps
 
     prefixes = overridden_prefixes(overrides)
     if prefixes is None or not (run_dir / "config.yaml").is_file():
         return
-    was = flattened(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")))
-    now = flattened(OmegaConf.to_container(recomposed, resolve=True))
-    cache = str(was.get("cache_dir"))
+    stored = OmegaConf.load(run_dir / "config.yaml")
+    current = OmegaConf.to_container(recomposed, resolve=True)
     changed = [
         key
-        for key, value in was.items()
-        if key in now
-        and now[key] != value
-        and key.split(".")[0] not in ("output_dir", "logger", "cache_dir")
-        and not (isinstance(value, str) and value.startswith(cache))
-        and not any(key == p or key.startswith(f"{p}.") for p in prefixes)
+        for key in config_changes(OmegaConf.to_container(stored), current, open_maps(recomposed))
+        if not any(key == p or key.startswith(f"{p}.") for p in prefixes)
     ]
     if changed:
-        settings = ", ".join(f"{k}={now[k]} (the run: {was[k]})" for k in changed[:3])
+
+        def value(cfg: DictConfig, key: str) -> Any:
+            found = OmegaConf.select(cfg, key)
+            return OmegaConf.to_container(found, resolve=True) if OmegaConf.is_config(found) else found
+
+        settings = ", ".join(f"{k}={value(recomposed, k)} (the run: {value(stored, k)})" for k in changed[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
-        restore = " ".join(f"{k}={json.dumps(was[k])}" for k in changed[:3])
+        restore = " ".join(f"{k}={json.dumps(value(stored, k))}" for k in changed[:3])
         raise ConfigError(
             f"{run_dir}: its recorded overrides compose another config now: {settings}{more}. A config file "
             f"changed since the run (conf/, or a directory of your own). Restore it, or evaluate with the run's "
