@@ -304,6 +304,15 @@ def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     console = proc.stdout + proc.stderr
     assert "this cell failed; the sweep goes on: trainer.lr" in console and "Traceback" not in console
 
+    # another command into the same directory succeeds: the earlier command's failure is not this one's to retry
+    other = multirun("method=zero_shot", "trainer.lr=0.002", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
+    assert other.returncode == 0, other.stdout[-3000:]
+    assert "FAILED" not in other.stdout and "Re-run the same command" not in other.stdout
+    said = "1 failed cell(s) in this directory are not cells of this command (another command launched them"
+    assert said in other.stdout and f"{bad.name}: ConfigError: trainer.lr" in other.stdout
+    readme = (sweep_dir / "README.md").read_text()
+    assert "failed cells**" not in readme and said in readme
+
 
 def test_a_setting_no_cell_of_the_sweep_accepts_is_refused_once_before_the_first_cell(tmp_path):
     """It was a failure in every cell, then a list of them all, ending with the same command to re-run."""

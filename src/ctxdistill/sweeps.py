@@ -13,6 +13,7 @@ import json
 import logging
 import shlex
 import sys
+import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
@@ -325,6 +326,17 @@ def wandb_outage_warnings(records: list[dict[str, Any]], sweep_dir: Path) -> lis
     ]
 
 
+def other_launches_failures(others: dict[str, str]) -> list[str]:
+    """The warning naming the failed cells that another command's sweep left in this sweep's directory."""
+    if not others:
+        return []
+    cells = "; ".join(f"{cell}: {error}" for cell, error in others.items())
+    return [
+        f"warning: {len(others)} failed cell(s) in this directory are not cells of this command (another command "
+        f"launched them into the same hydra.sweep.dir); retry them with that command: {cells}"
+    ]
+
+
 def say(warning: str, readme: Path) -> None:
     """A warning of the sweep's summary: on the console and in the sweep's README, not through logging, which
     Hydra leaves writing to the last cell's log file."""
@@ -343,6 +355,7 @@ class SweepSummaryCallback(Callback):
 
         # each launch of the sweep (a resumed one too) says once that W&B could not start, if it cannot
         (Path(config.hydra.sweep.dir) / WANDB_COULD_NOT_START_SAID).unlink(missing_ok=True)
+        self.launched_ns = time.time_ns()
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from ctxdistill.evaluate_run import run_dirs
@@ -354,18 +367,26 @@ class SweepSummaryCallback(Callback):
         from ctxdistill.tracking import offline_sync_command, resolve_mode
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        failures = failed_runs(sweep_dir)
+        failed = failed_runs(sweep_dir)
+        # A launch retries every cell of its own that is not complete, so a failure left from before it is a cell of
+        # another command's sweep into this directory: neither this command's to retry nor its failure.
+        others = {
+            cell: error
+            for cell, error in failed.items()
+            if (sweep_dir / cell / FAILURE_FILE).stat().st_mtime_ns < self.launched_ns
+        }
+        failures = {cell: error for cell, error in failed.items() if cell not in others}
         # the cells' runs: no evaluation (ctxdistill-eval) beside one, no result of a cell whose latest attempt failed
         runs = [
             r
             for r in collect([run_dir / "metrics.json" for run_dir in run_dirs(sweep_dir)])
-            if str(Path(r["run_dir"]).relative_to(sweep_dir)) not in failures
+            if str(Path(r["run_dir"]).relative_to(sweep_dir)) not in failed
         ]
         command = sweep_command(config.hydra)
         if runs:
             ignored = ignored_settings_warnings(runs) + wandb_outage_warnings(runs, sweep_dir)
             runs, warnings = split_settings(runs)
-            warnings += ignored
+            warnings += ignored + other_launches_failures(others)
             tables = summarise(runs)
             print(
                 f"\nComparison ({len(runs)} runs in {sweep_dir}):\n"
@@ -400,6 +421,8 @@ class SweepSummaryCallback(Callback):
                         f"W&B is offline; upload the sweep's runs later with:  {offline_sync_command(sweep_dir)}",
                         flush=True,
                     )
+        elif others:
+            print("\n".join(other_launches_failures(others)), flush=True)
         if failures:
             failed_cells.update(failures)
             print(f"\n{len(failures)} cell(s) FAILED (details in each cell's {FAILURE_FILE} and log):", flush=True)
