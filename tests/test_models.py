@@ -1,5 +1,6 @@
 """Models: answer-position logits equal a plain forward, the teacher is frozen and adapter-free."""
 
+import hashlib
 import json
 import re
 import shutil
@@ -417,11 +418,30 @@ def test_a_gguf_assembled_from_parts_is_checked_and_keyed_by_its_checksum(make_c
     monkeypatch.setattr(parts_package, "EXPECTED_SHA256", "two")  # other parts, another file
     assert models.converted_dir(spec, "cache") != first and models.model_identity(spec, 0, "cpu") != identity
     smollm2 = make_cfg("model=smollm2-135m").model
-    assert models.gguf_sha256(smollm2) is None  # a file carried whole: its key is what it was before
+    assert models.gguf_sha256(smollm2) is None  # a file carried whole by a pip package: keyed by its version
     # A new converter writes other weights: teacher targets cached from the old ones are not read.
     converted, identity = models.converted_dir(smollm2, "cache"), models.model_identity(smollm2, 0, "cpu")
     monkeypatch.setattr(models, "CONVERSION_VERSION", models.CONVERSION_VERSION + 1)
     assert models.converted_dir(smollm2, "cache") != converted and models.model_identity(smollm2, 0, "cpu") != identity
+
+
+def test_a_gguf_file_in_a_package_pip_did_not_install_is_keyed_by_its_content(make_cfg, tmp_path, monkeypatch):
+    """A package on the Python path has no version to name its file: a file replaced there was converted once and
+    its old conversion (and the teacher targets it taught) read again."""
+    from ctxdistill import models
+
+    package = tmp_path / "carried_package"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "model.gguf").write_bytes(b"one model")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = make_cfg("model=smollm2-135m").model
+    spec.gguf_package, spec.gguf_file = "carried_package", "model.gguf"
+    assert models.package_version("carried_package") == "none"
+    first, identity = models.converted_dir(spec, "cache"), models.model_identity(spec, 0, "cpu")
+    assert models.gguf_sha256(spec) == hashlib.sha256(b"one model").hexdigest()
+    (package / "model.gguf").write_bytes(b"another model")
+    assert models.converted_dir(spec, "cache") != first and models.model_identity(spec, 0, "cpu") != identity
 
 
 def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_source(

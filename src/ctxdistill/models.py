@@ -109,8 +109,25 @@ def _assembling_module(spec: DictConfig):
 
 
 def gguf_sha256(spec: DictConfig) -> Optional[str]:
-    """The checksum a package that assembles its GGUF file declares for it (None for a file carried whole)."""
-    return _assembling_module(spec).EXPECTED_SHA256 if spec.gguf_assembled else None
+    """The GGUF file's checksum where the package's version does not name its content: the one a package that
+    assembles the file declares; a carried file's own (read) when pip did not install its package (a directory on
+    the Python path has no version, so a file replaced in it would otherwise reuse the old conversion); else None."""
+    if spec.gguf_assembled:
+        return _assembling_module(spec).EXPECTED_SHA256
+    if package_version(spec.gguf_package) != "none":
+        return None
+    carried = _package_path(spec, "gguf_package", "gguf_file")
+    return file_sha256(carried, carried.stat().st_size, carried.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """The checksum of the file ``path`` (read once per size and modification time)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _gguf_file(spec: DictConfig, workdir: Path) -> Path:
@@ -134,8 +151,8 @@ def package_version(module: str) -> str:
 
 def conversion_producer(spec: DictConfig) -> list:
     """Everything that determines the conversion's output: the package that carries the GGUF file and its version,
-    the file and the checksum of an assembled one, transformers' GGUF loading, the gguf library that reads and
-    dequantises its tensors, this converter."""
+    the file and its checksum where that version does not name it, transformers' GGUF loading, the gguf library
+    that reads and dequantises its tensors, this converter."""
     return [
         spec.gguf_package,
         package_version(spec.gguf_package),
