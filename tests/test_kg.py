@@ -1028,6 +1028,17 @@ def test_stage_one_writes_a_context_per_training_triple_and_resumes(make_cfg, tm
     assert run(make_cfg(*common, output_dir=tmp_path / "third"))["metrics"]["contexts/written"] == 0
 
 
+def test_covered_counts_the_training_triples_given_a_context_that_is_not_empty(make_cfg, tmp_path):
+    """A writer that ends at once leaves a triple nothing to reconstruct; covered was every triple's share, always 1."""
+    from ctxdistill.methods.contextualization import replace_contexts
+
+    task = synthetic_task(make_cfg, f"dataset.contexts_file={tmp_path / 'contexts.jsonl'}")
+    n = len(task.train_triples)
+    contexts = ["a paragraph"] * (n - 3) + ["", " \n", "one"]
+    metrics, _ = replace_contexts(task, contexts, "writer", "stage", set())
+    assert metrics["contexts/covered"] == (n - 2) / n and metrics["contexts/written"] == 0
+
+
 @pytest.mark.parametrize(
     "override",
     ["method.temperature=0", "method.max_new_tokens=5", "method.prompt='About {head}, {relation}, {tail}.'"],
