@@ -4,6 +4,7 @@ import copy
 import functools
 import hashlib
 import json
+import shutil
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -1026,6 +1027,34 @@ def test_stage_one_writes_a_context_per_training_triple_and_resumes(make_cfg, tm
     assert (second["metrics"]["contexts/reused"], second["metrics"]["contexts/written"]) == (8, len(lines) - 8)
     assert contexts.read_text().splitlines() == lines  # what an uninterrupted run wrote
     assert run(make_cfg(*common, output_dir=tmp_path / "third"))["metrics"]["contexts/written"] == 0
+
+
+def test_stage_one_writes_with_its_own_settings_whatever_the_writers_generation_config_holds(
+    make_cfg, tmp_path, behaving_model_dir
+):
+    """transformers fills what generate() is not given from the model's generation_config.json: a Hub writer's
+    repetition penalty changed every context, unrecorded in the stage's key."""
+    from conftest import behaving_overrides
+
+    penalised = tmp_path / "penalised"
+    shutil.copytree(behaving_model_dir, penalised)
+    (penalised / "generation_config.json").write_text(json.dumps({"repetition_penalty": 10.0, "min_new_tokens": 6}))
+    written = []
+    for writer in (behaving_model_dir, penalised):
+        contexts = tmp_path / f"{writer.name}.jsonl"
+        overrides = [*KG_TINY, "method=contextualization", "method.max_new_tokens=6", "method.temperature=0"]
+        overrides.append("method.chat_template=false")
+        run(
+            make_cfg(
+                *overrides,
+                *behaving_overrides(writer),
+                f"method.stage_dir={tmp_path / 'stage'}",
+                f"dataset.contexts_file={contexts}",
+                output_dir=tmp_path / writer.name,
+            )
+        )
+        written.append([json.loads(line)["context"] for line in contexts.read_text().splitlines()])
+    assert written[0] == written[1] and any(written[0])
 
 
 def test_covered_counts_the_training_triples_given_a_context_that_is_not_empty(make_cfg, tmp_path):

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 #: 3: chat prompts tokenise with one BOS where the template writes one and the tokenizer adds another.
 #: 4: the shared context's attention runs PyTorch's fused CPU kernel and the LM head reads a contiguous input
 #: (logits equal to 1e-5, but a near-tie can pick another token).
-PRODUCER_VERSION = 4
+#: 5: a contextualization writer generates with the stage's settings alone, not its generation_config.json's too.
+PRODUCER_VERSION = 5
 
 
 def digest(payload: Any) -> str:

@@ -18,6 +18,7 @@ give the students anything the graph's descriptions do not.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -212,6 +213,23 @@ class Contextualization(ContextStage):
         return ContextGeneration(self, handle, tokenizer, task)
 
 
+@contextlib.contextmanager
+def only_stop_tokens_of_its_own(model):
+    """While the writer writes, its generation defaults are its special tokens alone: transformers fills every
+    setting generate() is not given from the model's generation_config.json, where a Hub model may keep a repetition
+    penalty, a minimum length or banned words, which would change the contexts without being in the stage's key."""
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig(
+        bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id
+    )
+    try:
+        yield
+    finally:
+        model.generation_config = own
+
+
 class ContextGeneration(EvaluatorBase):
     """Writes the contexts of the training triples the stage lacks; its metrics describe what was written."""
 
@@ -250,15 +268,16 @@ class ContextGeneration(EvaluatorBase):
         device = next(self.model.parameters()).device
         torch.manual_seed(zlib.crc32(f"{self.task.seed}|{'|'.join(triples[0])}".encode()))
         sample = m.temperature > 0
-        out = self.model.generate(
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=enc["attention_mask"].to(device),
-            max_new_tokens=m.max_new_tokens,
-            do_sample=sample,
-            pad_token_id=tokenizer.pad_token_id,
-            # top_k always given: transformers fills in 50 where it is left out (0: no cut)
-            **({"temperature": m.temperature, "top_p": m.top_p, "top_k": m.top_k or 0} if sample else {}),
-        )
+        with only_stop_tokens_of_its_own(self.model):
+            out = self.model.generate(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=enc["attention_mask"].to(device),
+                max_new_tokens=m.max_new_tokens,
+                do_sample=sample,
+                pad_token_id=tokenizer.pad_token_id,
+                # top_k always given: transformers fills in 50 where it is left out (0: no cut)
+                **({"temperature": m.temperature, "top_p": m.top_p, "top_k": m.top_k or 0} if sample else {}),
+            )
         new = out[:, enc["input_ids"].shape[1] :]
         texts = [" ".join(t.split()) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         return texts, int((new != tokenizer.pad_token_id).sum())
