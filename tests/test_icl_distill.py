@@ -217,6 +217,22 @@ def test_every_prompt_draws_its_own_demonstrations_without_its_query(prepared):
     assert len(contexts) == len(part.train_queries)
 
 
+@pytest.mark.parametrize("dataset", ["synthetic_mixture", "synthetic_meta"])
+def test_the_held_out_queries_are_the_same_for_every_seed_and_pool_and_balanced(make_cfg, dataset):
+    """They were drawn with the random stream that drew the pool, seeded by the run: seeds 0 and 1 shared 96 of
+    256 queries, a pool of 16 and one of 32 evaluated on other queries, and a task could get 40 of one label."""
+    from ctxdistill.data.mixture import build_mixture
+
+    def held_out(seed: int, *overrides: str) -> list[tuple[str, int]]:
+        mixture = build_mixture(make_cfg(f"dataset={dataset}", *overrides).dataset, seed)
+        return [(e.uid, e.label) for e in mixture.eval_sets["eval"]]
+
+    queries = held_out(0)
+    assert held_out(1) == queries == held_out(0, "dataset.pool_size=16")
+    assert len(queries) == 64 * (4 if dataset == "synthetic_mixture" else 1)
+    assert sum(label for _, label in queries) == len(queries) // 2  # the generated eval splits alternate labels
+
+
 def test_majority_vote_takes_the_most_common_answer_and_breaks_ties_by_probability():
     # two queries; three draws each, then two draws of a third query that tie
     logprobs = torch.tensor(

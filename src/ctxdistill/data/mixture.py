@@ -25,6 +25,7 @@ from ctxdistill.data.tasks import (
     load_records,
     render_context,
     select_demos,
+    take,
     to_examples,
 )
 
@@ -81,8 +82,8 @@ def _task(
     if evaluated:
         records, where = load_records(spec.source, spec.eval_split, key)
         held_out = to_examples(records, spec, spec.label_map, spec.drop_labels, where, f"{name}:eval")
-        if len(held_out) > mixture.num_eval:
-            held_out = [held_out[i] for i in sorted(rng.sample(range(len(held_out)), mixture.num_eval))]
+        # as the task alone is evaluated (its eval_shuffle_seed): the same queries whatever the seed and the pool
+        held_out = take(held_out, mixture.num_eval, spec.eval_shuffle_seed)
         eval_sets["eval"] = [replace(e, uid=f"{e.uid}#v{j}") for e in held_out for j in range(mixture.num_votes)]
     return Task(
         name=name,
