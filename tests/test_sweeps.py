@@ -132,6 +132,11 @@ def test_wandb_offline_runs_and_the_public_api_give_the_same_table(sweep):
     from_files = render(summarise(collect([sweep_dir])))
     # the cells' W&B directories alone: no metrics.json under them, so W&B's own run files are read
     assert render(summarise(collect([cell / "wandb" for cell in cells]))) == from_files
+    # a run's directory beside its own W&B run is one run, not two seeds
+    from ctxdistill.results.records import distinct_runs
+
+    both = distinct_runs(collect([sweep_dir, cells[0] / "wandb"]))
+    assert len(both) == len(cells) and render(summarise(both)) == from_files
     api_runs = []
     for run_dir in sorted(cell_run for cell in cells for cell_run in cell.rglob("offline-run-*")):
         run = read_offline_run(run_dir)
@@ -430,6 +435,14 @@ def test_the_sweep_table_gives_each_swept_setting_its_own_row_and_says_what_a_ro
     assert rows[:2] == ["zero_shot lr=0.001", "zero_shot lr=0.002"]
     table = list(csv.DictReader((sweep_dir / "results" / "table.csv").read_text().splitlines()))
     assert [(r["method"], r["seeds"]) for r in table] == [("zero_shot lr=0.001", "2"), ("zero_shot lr=0.002", "2")]
+    # its command to make the table again splits the rows as the sweep did (without --by it averaged both rates)
+    assert f"Regenerate with `ctxdistill-compare {sweep_dir} --by trainer.lr --out {sweep_dir}`" in readme
+    # without --by, the row that averages both rates says so; a directory given twice counts its runs once
+    assert compare([str(sweep_dir), f"{sweep_dir}/", "--format", "csv"]) == 0
+    out, err = capsys.readouterr()
+    assert [(r["method"], r["seeds"]) for r in csv.DictReader(out.splitlines())] == [("zero_shot", "4")]
+    assert "zero_shot / tiny-random / synthetic averages 4 runs that differ in trainer.lr 0.001, 0.002" in err
+    assert "tell them apart with --by trainer.lr" in err and "was given more than once" in err
 
 
 def test_a_complete_run_is_skipped_unless_forced_or_made_by_another_config(make_cfg, tmp_path):

@@ -7,7 +7,7 @@ Every run's ``metrics.json`` (under ``provenance``) and its W&B config record:
 - ``versions``: python and the libraries that shape the numbers (:data:`LIBRARIES`);
 - ``device``: the CPU model, the GPUs (name and count), the device the run used and its process count;
 - ``config_sha256``: a hash of the resolved config, without the keys that say where things are kept
-  or how the run is logged (:func:`ctxdistill.sweeps.compared`), so equal configs hash equal across sweeps;
+  or how the run is logged (:func:`ctxdistill.results.records.compared`), so equal configs hash equal across sweeps;
 - ``data``: every data file the run read (path, size, SHA-256) and every Hub dataset (id, config, split,
   version, fingerprint);
 - ``caches``: the teacher-cache and stage-cache keys the run used (and their files);
@@ -146,7 +146,7 @@ def device_info(device: Any, processes: int) -> dict[str, Any]:
 
 def config_hash(config: dict[str, Any]) -> str:
     """SHA-256 of the resolved config without where things are kept and how the run is logged."""
-    from ctxdistill.sweeps import compared, flatten
+    from ctxdistill.results.records import compared, flatten
 
     kept = {key: value for key, value in flatten(config).items() if compared(key)}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()

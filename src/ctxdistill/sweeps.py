@@ -24,29 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ctxdistill.config import ConfigError
-from ctxdistill.results.records import FAILURE_FILE, failed_runs
+from ctxdistill.results.records import FAILURE_FILE, REPETITIONS, compared, failed_runs, flatten
 
 log = logging.getLogger(__name__)
 
-# Keys that may differ between a stored run and its re-run without changing its results: logging,
-# force, and where things are kept (output_dir, and the caches: cache_dir and what follows it, such as
-# method.teacher_cache_dir, GenPI's and the contexts' method.stage_dir, the cheat sheets' method.sheet_dir).
-UNCOMPARED = ("logger", "force", "output_dir")
-CACHE_LOCATIONS = ("cache_dir", "stage_dir", "sheet_dir")
 # Set when a sweep ended with failed cells; the command exits non-zero (cli.entry).
 failed_cells: dict[str, str] = {}
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as one dict of dotted keys."""
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: node}
-
-
-def compared(key: str) -> bool:
-    """Whether a dotted config key can change a run's results (see UNCOMPARED)."""
-    return not key.startswith(UNCOMPARED) and not key.endswith(CACHE_LOCATIONS)
 
 
 def open_maps(cfg: DictConfig, path: str = "") -> set[str]:
@@ -195,10 +178,6 @@ def running_sweep_command() -> str:
     return sweep_command(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra, sweep_dir)
 
 
-# Swept keys whose runs one row averages, as repetitions of one setting: the seed, and the data seed that draws
-# the demonstrations and training examples (Mosbach et al. report the mean over data seeds at seed 0,
-# docs/papers/mosbach2023.md). Every other swept key gives each of its values a row of its own.
-REPETITIONS = ("seed", "dataset.context.data_seed", "dataset.data_seed")
 # Swept choices a row names already (its method, model and dataset columns).
 ROW_CHOICES = ("method", "model", "dataset")
 
@@ -235,9 +214,10 @@ def group_choice(key: str, records: list[dict[str, Any]]) -> bool:
     )
 
 
-def split_settings(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+def split_settings(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """The runs with each setting of the swept keys in a row of its own (``results.records.split_by`` labels
-    the method with it, e.g. ``cd lr=0.1``), and warnings naming swept config-group choices no row tells apart."""
+    the method with it, e.g. ``cd lr=0.1``), warnings naming swept config-group choices no row tells apart, and
+    the keys split by (ctxdistill-compare's --by)."""
     from ctxdistill.results.records import split_by
 
     settings = [key for key in swept_keys(records) if key not in (*REPETITIONS, *ROW_CHOICES)]
@@ -247,7 +227,8 @@ def split_settings(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]],
         "sweep each value into its own hydra.sweep.dir to compare them"
         for key in choices
     ]
-    return split_by(records, [key for key in settings if key not in choices]), warnings
+    split = [key for key in settings if key not in choices]
+    return split_by(records, split), warnings, split
 
 
 def repetitions(records: list[dict[str, Any]]) -> str:
@@ -362,7 +343,7 @@ class SweepSummaryCallback(Callback):
         from ctxdistill.results.files import write_results
         from ctxdistill.results.records import collect
         from ctxdistill.results.render import render
-        from ctxdistill.results.table import summarise
+        from ctxdistill.results.table import mixed_settings_warnings, summarise
         from ctxdistill.results.wandb_outputs import log_results
         from ctxdistill.tracking import offline_sync_command, resolve_mode
 
@@ -385,9 +366,9 @@ class SweepSummaryCallback(Callback):
         command = sweep_command(config.hydra)
         if runs:
             ignored = ignored_settings_warnings(runs) + wandb_outage_warnings(runs, sweep_dir)
-            runs, warnings = split_settings(runs)
-            warnings += ignored + other_launches_failures(others)
+            runs, warnings, split = split_settings(runs)
             tables = summarise(runs)
+            warnings += mixed_settings_warnings(tables) + ignored + other_launches_failures(others)
             print(
                 f"\nComparison ({len(runs)} runs in {sweep_dir}):\n"
                 + "\n".join([render(tables), repetitions_text(tables), *warnings]),
@@ -401,6 +382,8 @@ class SweepSummaryCallback(Callback):
                 failures=failures,
                 command=command,
                 appendix=averaged,
+                tables=tables,
+                sources=shlex.join([str(sweep_dir), *(["--by", *split] if split else [])]),
             )
             print(f"Summary, tables and plots: {readme}", flush=True)
             if config.logger.backend == "wandb":

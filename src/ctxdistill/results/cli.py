@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ctxdistill.results import scorecard
 from ctxdistill.results.files import RESULTS_DIR, write_results
-from ctxdistill.results.records import UnknownConfigKeyError, collect, split_by, unfinished_runs
+from ctxdistill.results.records import UnknownConfigKeyError, collect, distinct_runs, split_by, unfinished_runs
 from ctxdistill.results.render import render
 from ctxdistill.results.table import (
     PairedTestError,
@@ -35,6 +35,7 @@ from ctxdistill.results.table import (
     choose_headline,
     duplicate_seed_warnings,
     mixed_headline_warnings,
+    mixed_settings_warnings,
     paired_tests,
     spreadless_notes,
     summarise,
@@ -192,7 +193,7 @@ def compare(argv: list[str] | None = None) -> int:
         if str(path / cell / "metrics.json") not in unreadable
     }
     # a run whose latest attempt failed is left out even beside an earlier complete metrics.json, as a sweep does
-    records += [r for r in collected if r.get("run_dir") not in unfinished]
+    records = distinct_runs([*records, *(r for r in collected if r.get("run_dir") not in unfinished)])
     for run_dir, why in unfinished.items():
         print(f"warning: left out {run_dir}: {why}", file=sys.stderr)
     if not records:
@@ -239,7 +240,9 @@ def compare(argv: list[str] | None = None) -> int:
     except UnknownMetricError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for warning in duplicate_seed_warnings(tables) + spreadless_notes(tables) + headline_notes:
+    for warning in (
+        mixed_settings_warnings(tables) + duplicate_seed_warnings(tables) + spreadless_notes(tables) + headline_notes
+    ):
         print(warning, file=sys.stderr)
     if args.vs:
         try:

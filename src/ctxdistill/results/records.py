@@ -62,6 +62,54 @@ def model_size(record: dict[str, Any]) -> Optional[float]:
     return float(match[1]) * (1e6 if match[2].lower() == "m" else 1e9) if match else None
 
 
+# Keys that may differ between a stored run and its re-run without changing its results: logging,
+# force, and where things are kept (output_dir, and the caches: cache_dir and what follows it, such as
+# method.teacher_cache_dir, GenPI's and the contexts' method.stage_dir, the cheat sheets' method.sheet_dir).
+UNCOMPARED = ("logger", "force", "output_dir")
+CACHE_LOCATIONS = ("cache_dir", "stage_dir", "sheet_dir")
+# Settings whose runs one row averages, as repetitions of one setting: the seed, and the data seed that draws the
+# demonstrations and training examples (Mosbach et al. report the mean over data seeds at seed 0,
+# docs/papers/mosbach2023.md). Every other setting that differs makes rows of its own.
+REPETITIONS = ("seed", "dataset.context.data_seed", "dataset.data_seed")
+# What a W&B run's config holds besides the run's settings: its record (tracking.py logs them there).
+RECORDED_IN_WANDB_CONFIG = ("identity", "metric_set", "provenance")
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one dict of dotted keys."""
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def compared(key: str) -> bool:
+    """Whether a dotted config key can change a run's results (see UNCOMPARED)."""
+    return not key.startswith(UNCOMPARED) and not key.endswith(CACHE_LOCATIONS)
+
+
+def run_location(record: dict[str, Any]) -> Optional[str]:
+    """Where the run wrote its results: its directory (read from disk) or the output_dir its W&B config names."""
+    where = record.get("run_dir") or (record.get("config") or {}).get("output_dir")
+    return str(Path(where).resolve()) if where else None
+
+
+def distinct_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each run once, the first record of it: a directory given twice (or inside another given), a run's directory
+    beside its W&B run, or --wandb beside the runs' directories would otherwise count a run as another seed."""
+    kept, seen = [], set()
+    for record in records:
+        where = run_location(record)
+        if where is not None and where in seen:
+            print(
+                f"warning: {where} was given more than once (a path, its W&B run or --wandb): counted once",
+                file=sys.stderr,
+            )
+            continue
+        seen.add(where)
+        kept.append(record)
+    return kept
+
+
 def collect(paths: Iterable[Path], unreadable: Optional[list[str]] = None) -> list[dict[str, Any]]:
     """Every complete run under ``paths``.
 

@@ -21,7 +21,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from ctxdistill.results.metrics import EVERY_SET, EXAMPLES, IN_DOMAIN, Metric, MetricSet
-from ctxdistill.results.records import metric_set, model_size, predictions
+from ctxdistill.results.records import (
+    RECORDED_IN_WANDB_CONFIG,
+    REPETITIONS,
+    compared,
+    flatten,
+    metric_set,
+    model_size,
+    predictions,
+    run_config,
+)
 from ctxdistill.results.stats import mcnemar_exact, mean_interval, sign_flip_test
 
 
@@ -250,6 +259,40 @@ def duplicate_seed_warnings(tables: list[Table]) -> list[str]:
         for row in table.rows
         if row.repeated_seeds
     ]
+
+
+def mixed_settings_warnings(tables: list[Table]) -> list[str]:
+    """A warning per row whose runs differ in a setting that can change results besides their seeds (their configs
+    compared as a sweep compares a re-run's): the row would average other settings as if they were seeds."""
+    from omegaconf import OmegaConf
+
+    warnings = []
+    for table in tables:
+        for row in table.rows:
+            configs = [run_config(r) for r in row.records]
+            if len(configs) < 2 or any(c is None for c in configs):
+                continue
+            settings = [
+                {
+                    k: v
+                    for k, v in flatten(OmegaConf.to_container(c, resolve=True)).items()
+                    if compared(k) and not k.startswith((*RECORDED_IN_WANDB_CONFIG, *REPETITIONS))
+                }
+                for c in configs
+            ]
+            differing = [
+                k for k in dict.fromkeys(k for s in settings for k in s) if len({repr(s.get(k)) for s in settings}) > 1
+            ]
+            if differing:
+                values = "; ".join(
+                    f"{k} {', '.join(dict.fromkeys(repr(s.get(k)) for s in settings))}" for k in differing[:3]
+                )
+                more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+                warnings.append(
+                    f"warning: {row.method} / {row.model} / {row.dataset} averages {len(row.records)} runs that differ "
+                    f"in {values}{more}: not seeds of one setting; tell them apart with --by {' '.join(differing[:3])}"
+                )
+    return warnings
 
 
 def mixed_headline_warnings(tables: list[Table]) -> list[str]:
