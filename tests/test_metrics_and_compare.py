@@ -567,7 +567,7 @@ def family_records():
         "model": "smollm2-135m",
         "dataset": "synthetic",
         # a paraphrase task's: F1 beside accuracy, with the bootstrap interval the run reports
-        "metric_set": with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=1))
+        "metric_set": with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=1, votes=1))
         .with_objective("eval/accuracy")
         .to_dict(),
         "metrics": {
@@ -1316,8 +1316,11 @@ def test_qqp_reports_f1_of_the_duplicate_class_with_its_bootstrap_interval_and_o
     assert bootstrap_f1(predictions, labels, 1) == pytest.approx((result["f1"], low, high))
     assert (result["f1_bootstrap_low"], result["f1_bootstrap_high"]) == pytest.approx((low, high))
     assert low < result["f1"] < high and high - low < 0.4
-    qqp = with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=1))
-    assert with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=None)) == Evaluator.metric_set
+    qqp = with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=1, votes=1))
+    assert with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=None, votes=3)) == Evaluator.metric_set
+    # one draw per query: no single-draw accuracy is reported, so none is declared (nor selectable)
+    unvoted = with_task_metrics(Evaluator.metric_set, SimpleNamespace(f1_positive=None, votes=1))
+    assert [m.name for m in Evaluator.metric_set.metrics if m not in unvoted.metrics] == ["single_draw_accuracy"]
     rte_result = classification_metrics(torch.tensor(predictions), torch.tensor(labels), 2)
     for name, declared, reported in (("qqp", qqp, result), ("rte", Evaluator.metric_set, rte_result)):
         record = {"method": "icl", "model": "opt-125m", "dataset": name, "seed": 0, "status": "complete"}

@@ -610,3 +610,21 @@ def test_distilling_an_empty_context_from_the_model_itself_is_refused_before_the
     empty = ["dataset.context.num_demos=0", "dataset.context.instruction=", "dataset.context.separator="]
     with pytest.raises(ConfigError, match="nothing to distil.*method.teacher_model"):
         run(make_cfg(*TINY, f"method={method}", *empty))
+
+
+def test_selecting_on_the_accuracy_of_one_draw_of_unvoted_queries_is_refused_before_training(make_cfg, tmp_path):
+    """It was declared for every set but reported only where queries are voted on: the run trained an epoch, then
+    failed with a KeyError and no checkpoint."""
+    from ctxdistill.config import ConfigError
+
+    overrides = [
+        "model=tiny-random",
+        "method=cd",
+        "ood=[synthetic_reworded]",
+        "dataset.ood.ood.source.split_sizes.eval=16",
+    ]
+    overrides += ["dataset.num_train_queries=8", "trainer.batch_size=4", "trainer.epochs=2"]
+    selected = "trainer.selection.metric=ood/single_draw_accuracy"
+    with pytest.raises(ConfigError, match=f"{selected}: the run reports no such metric"):
+        run(make_cfg(*overrides, selected, output_dir=tmp_path / "r"))
+    assert not (tmp_path / "r" / "checkpoints").exists()

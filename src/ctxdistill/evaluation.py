@@ -494,9 +494,14 @@ def teacher_student_gap(result: dict[str, float]) -> float:
 F1 = Metric("f1", "F1", kind="bootstrap", lowest=0, highest=1)
 
 
-def with_task_metrics(declared: MetricSet, task: Task) -> MetricSet:
-    """A classification declaration with the companions the task's dataset declares (F1 beside accuracy)."""
-    return declared if task.f1_positive is None else replace(declared, metrics=(*declared.metrics, F1))
+def with_task_metrics(declared: MetricSet, task: Task | TaskMixture) -> MetricSet:
+    """A classification declaration with the companions the task's dataset declares (F1 beside accuracy), and the
+    single-draw accuracy only where queries are voted on (it is reported nowhere else, so selecting on it failed
+    after the first epoch instead of before training)."""
+    voted = max(part.votes for part in task.eval_tasks.values()) if isinstance(task, TaskMixture) else task.votes
+    metrics = tuple(m for m in declared.metrics if m.name != "single_draw_accuracy" or voted > 1)
+    declares_f1 = not isinstance(task, TaskMixture) and task.f1_positive is not None
+    return replace(declared, metrics=(*metrics, *((F1,) if declares_f1 else ())))
 
 
 CONTEXT_ACCURACY = Metric("context_accuracy", "ctx acc", sets=("train_queries",))
@@ -930,6 +935,7 @@ class MixtureEvaluator(EvaluatorBase):
             name: Evaluator(handle, tokenizer, task, with_context, batch_size, model_is_teacher)
             for name, task in mixture.eval_tasks.items()
         }
+        self.metric_set = with_task_metrics(type(self).metric_set, mixture)
 
     def prepare(self) -> None:
         for evaluator in self.evaluators.values():

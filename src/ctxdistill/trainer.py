@@ -211,6 +211,11 @@ def train(
         if selection and selection.due(epoch):
             if selection.metric not in evaluated:
                 evaluated |= periodic_eval(progress.step, [selection.eval_set])
+            if selection.metric not in evaluated:  # declared, yet not reported by this run (a bug to report)
+                raise ConfigError(
+                    f"trainer.selection.metric={selection.metric}: the evaluation after epoch {epoch} reported no such "
+                    f"value (it reported {', '.join(sorted(evaluated))}); select on one of them"
+                )
             record = {"step": progress.step, "epoch": epoch, "value": evaluated[selection.metric]}
             kept = best.consider(record, accelerator.unwrap_model(handle.student), accelerator)
             log.info(
