@@ -148,6 +148,13 @@ def test_with_gradient_accumulation_the_logged_loss_is_the_steps_mean_over_its_m
 def test_an_epochs_last_step_with_fewer_micro_batches_takes_their_mean_gradient():
     """5 micro-batches, 4 per step: the second step holds one. Each optimiser step's gradient is the mean of its
     micro-batches' gradients (for the loss w * x: the mean of their x), not their sum over grad_accum_steps."""
+    steps, _ = train_linear(grad_accum_steps=4)
+    assert [gradient for gradient, _ in steps] == pytest.approx([(1 + 2 + 3 + 4) / 4, 5 / 1])
+
+
+def train_linear(**trainer) -> tuple[list[tuple[float, float]], list[dict]]:
+    """Train w on the loss w * x over x = 1..5, one example a batch (``trainer``: TrainerConfig's settings): each
+    optimiser step's gradient and learning rate, as the optimiser saw them, and the metrics each step logged."""
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
     from ctxdistill.config import TrainerConfig
@@ -168,13 +175,13 @@ def test_an_epochs_last_step_with_fewer_micro_batches_takes_their_mean_gradient(
         def loss(self, handle, batch):
             return (handle.student.weight * batch["x"]).sum(), {}
 
-    model, gradients = torch.nn.Linear(1, 1, bias=False), []
+    model, steps, logged = torch.nn.Linear(1, 1, bias=False), [], []
     optimizer_steps = register_optimizer_step_pre_hook(
-        lambda optimizer, args, kwargs: gradients.append(optimizer.param_groups[0]["params"][0].grad.item())
+        lambda optimizer, args, kwargs: steps.append(
+            (optimizer.param_groups[0]["params"][0].grad.item(), optimizer.param_groups[0]["lr"])
+        )
     )
-    cfg = OmegaConf.structured(
-        TrainerConfig(batch_size=1, grad_accum_steps=4, epochs=1, shuffle=False, max_grad_norm=None)
-    )
+    cfg = OmegaConf.structured(TrainerConfig(batch_size=1, epochs=1, shuffle=False, max_grad_norm=None, **trainer))
     try:
         train(
             Linear("linear"),
@@ -184,11 +191,19 @@ def test_an_epochs_last_step_with_fewer_micro_batches_takes_their_mean_gradient(
             cfg,
             make_accelerator(cfg),
             0,
-            lambda metrics, step: None,
+            lambda metrics, step: logged.append(metrics),
         )
     finally:
         optimizer_steps.remove()
-    assert gradients == pytest.approx([(1 + 2 + 3 + 4) / 4, 5 / 1])
+    return steps, logged
+
+
+def test_the_logged_learning_rate_is_the_one_each_step_used():
+    """train/lr was read after the scheduler had moved on: each step logged the next one's rate (warmup looked a
+    step shorter in W&B than it was)."""
+    steps, logged = train_linear(lr=1e-3, warmup_ratio=0.4)
+    used = [lr for _, lr in steps]
+    assert used[:2] == [0.0, 5e-4] and [m["train/lr"] for m in logged] == pytest.approx(used)
 
 
 def test_a_progress_bar_into_a_log_file_draws_once_and_closes(capsys):

@@ -256,6 +256,7 @@ def train(
                     accelerator.backward(loss * (cfg.grad_accum_steps / in_step))
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    step_lr = optimizer.param_groups[0]["lr"]  # the step's own: the scheduler moves on after it
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
@@ -287,7 +288,7 @@ def train(
                 log_metrics(
                     {
                         "train/loss": progress.last_loss,
-                        "train/lr": scheduler.get_last_lr()[0],
+                        "train/lr": step_lr,
                         "train/epoch": progress.step / steps_per_epoch,
                         **{f"train/{k}": v for k, v in extra.items()},
                     },
