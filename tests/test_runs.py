@@ -181,7 +181,8 @@ def train_linear(**trainer) -> tuple[list[tuple[float, float]], list[dict]]:
             (optimizer.param_groups[0]["params"][0].grad.item(), optimizer.param_groups[0]["lr"])
         )
     )
-    cfg = OmegaConf.structured(TrainerConfig(batch_size=1, epochs=1, shuffle=False, max_grad_norm=None, **trainer))
+    settings = {"batch_size": 1, "epochs": 1, "shuffle": False, "max_grad_norm": None, **trainer}
+    cfg = OmegaConf.structured(TrainerConfig(**settings))
     try:
         train(
             Linear("linear"),
@@ -615,6 +616,22 @@ def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(ma
     assert warnings("method=cd", "trainer.selection.every_epochs=2") == [
         "trainer.selection.metric=null selects no checkpoint: ignoring trainer.selection.every_epochs"
     ]
+    # an experiment's max_steps (demo's 32) made a command line's trainer.epochs=1 train 32 steps, unsaid
+    assert warnings("method=cd", "trainer.max_steps=3", "trainer.epochs=1") == [
+        "trainer.max_steps=3 sets how long the run trains: ignoring trainer.epochs"
+    ]
+
+
+def test_an_lr_schedule_shorter_than_max_steps_is_refused_and_a_longer_one_accepted(make_cfg):
+    """schedule_epochs was checked against trainer.epochs, which max_steps overrides: a schedule shorter than the
+    run's steps passed (its last steps trained at a rate of 0), and one longer than them was refused."""
+    from ctxdistill.config import ConfigError, validate
+
+    validate(make_cfg(*TINY, "trainer.max_steps=3", "trainer.epochs=3", "trainer.schedule_epochs=1"))
+    with pytest.raises(ConfigError, match=r"schedule_epochs=1 is an LR schedule of 5 steps.*trains 10.*at least 2"):
+        train_linear(max_steps=10, schedule_epochs=1)
+    steps, _ = train_linear(max_steps=3, epochs=3, schedule_epochs=1)  # epochs unread: a 5-step schedule stopped at 3
+    assert [lr for _, lr in steps] == pytest.approx([1e-3 * (1 - step / 5) for step in range(3)])
 
 
 @pytest.mark.parametrize("method", ["cd", "on_policy_cd"])

@@ -1158,8 +1158,8 @@ def validate_values(cfg: DictConfig, overrides: Sequence[str] = (), trains: bool
     require(t.weight_decay >= 0, "trainer.weight_decay", f"must be >= 0, got {t.weight_decay}", "")
     require(t.grad_accum_steps >= 1, "trainer.grad_accum_steps", f"must be >= 1, got {t.grad_accum_steps}", "")
     require(t.epochs >= 1, "trainer.epochs", f"must be >= 1, got {t.epochs}", "")
-    require(
-        t.schedule_epochs is None or t.schedule_epochs >= t.epochs,
+    require(  # (under trainer.max_steps the trainer checks it against the steps, once it knows an epoch's)
+        t.schedule_epochs is None or t.max_steps is not None or t.schedule_epochs >= t.epochs,
         "trainer.schedule_epochs",
         f"must be >= trainer.epochs ({t.epochs}) or null, got {t.schedule_epochs}",
         "It is the length of the LR schedule, which training stops part-way down",

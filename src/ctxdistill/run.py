@@ -160,13 +160,16 @@ ADAPTER_KEYS = {"lora": "model.lora.", "prefix": "model.prefix_"}
 
 def unread_settings(cfg: DictConfig) -> dict[str, str]:
     """The settings of ``cfg`` that its other settings leave unread, each with why: the method's own (its schema's
-    ``unread``), a checkpoint selection's without its metric, a logger's that logs nothing."""
+    ``unread``), a checkpoint selection's without its metric, a logger's that logs nothing, the number of epochs
+    where trainer.max_steps sets the length."""
     unread = OmegaConf.get_type(cfg.method).unread(cfg.method)
     if cfg.trainer.selection.metric is None:
         reason = "trainer.selection.metric=null selects no checkpoint"
         unread |= {f"trainer.selection.{key}": reason for key in cfg.trainer.selection if key != "metric"}
     if cfg.logger.backend == "none":
         unread |= {f"logger.{key}": "logger=none logs nothing" for key in cfg.logger if key != "backend"}
+    if cfg.trainer.max_steps is not None:
+        unread["trainer.epochs"] = f"trainer.max_steps={cfg.trainer.max_steps} sets how long the run trains"
     return unread
 
 

@@ -174,6 +174,13 @@ def train(
         )
     # A schedule longer than training stops part-way down it (an earlier epoch's checkpoint of a longer run).
     schedule_steps = cfg.schedule_epochs * steps_per_epoch if cfg.schedule_epochs else total_steps
+    if schedule_steps < total_steps:  # its last steps would train at the schedule's end: a rate of 0
+        raise ConfigError(
+            f"trainer.schedule_epochs={cfg.schedule_epochs} is an LR schedule of {schedule_steps} steps "
+            f"({steps_per_epoch} an epoch), and the run trains {total_steps} (trainer.max_steps): its last "
+            f"{total_steps - schedule_steps} would not learn. Set trainer.schedule_epochs to at least "
+            f"{math.ceil(total_steps / steps_per_epoch)}, or null"
+        )
     params = [p for p in handle.student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = lr_schedule(optimizer, cfg, steps_per_epoch, schedule_steps)
