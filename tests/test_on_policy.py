@@ -427,3 +427,20 @@ def test_a_teacher_with_another_vocabulary_needs_gold(make_cfg):
         method.check_teacher(cfg, task, student, bert)
     method.uld = True
     method.check_teacher(cfg, task, student, bert)  # ULD meets any tokenizer on text
+
+
+def test_the_samples_count_in_the_teachers_window_before_the_model_loads(make_cfg):
+    """The check left one token for the answer: a teacher prompt one short of the window passed, and every teacher
+    row then ran max_new_tokens past it (an index error on learned positions, unseen positions under RoPE)."""
+    from ctxdistill.methods import build_method
+
+    cfg = make_cfg(*TINY, "method=on_policy_cd", "method.max_new_tokens=16")
+    method, tokenizer = build_method(cfg.method), load_tokenizer(cfg.model, cfg.cache_dir)
+    task = method.build_task(cfg.dataset, cfg.seed)
+    prompts = [task.teacher_prompt(e) for e in [*task.train_queries, *task.eval_sets["eval"]]]
+    longest = max(len(ids) for ids in tokenizer(prompts).input_ids)
+    cfg.model.max_length = longest + 2
+    with pytest.raises(ConfigError, match=rf"up to {longest} tokens \(\+16 for the answer\)"):
+        method.check_inputs(task, tokenizer, cfg)
+    cfg.model.max_length = longest + 16
+    method.check_inputs(task, tokenizer, cfg)

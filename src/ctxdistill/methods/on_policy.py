@@ -133,6 +133,7 @@ class OnPolicyDistillation(Method):
         super().__init__(name)
         self.divergence, self.beta, self.lmbda = divergence, beta, lmbda
         self.temperature, self.top_k, self.max_new_tokens, self.stop = temperature, top_k, max_new_tokens, stop
+        self.answer_tokens = max_new_tokens  # the teacher scores every sampled token: each needs a place in its window
         self.seed = seed
         self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)
         self.uld, self.uld_hybrid, self.uld_hybrid_weights = divergence == "uld", uld_hybrid, uld_hybrid_weights
