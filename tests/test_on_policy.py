@@ -444,3 +444,34 @@ def test_the_samples_count_in_the_teachers_window_before_the_model_loads(make_cf
         method.check_inputs(task, tokenizer, cfg)
     cfg.model.max_length = longest + 16
     method.check_inputs(task, tokenizer, cfg)
+
+
+@pytest.mark.parametrize("lmbda", [1.0, 0.0])
+def test_gold_trains_on_where_a_sample_ends_at_once(make_cfg, behaving_model_dir, monkeypatch, lmbda):
+    """A sample that is only its end of text writes nothing the other tokenizer can spell: encoding it failed
+    ("every answer needs at least one token") and stopped the run, where a long run's first token is sometimes
+    the end. It stands for the other tokenizer's end of text."""
+    from ctxdistill.methods.on_policy import OnPolicyDistillation
+
+    original = OnPolicyDistillation.sample
+    ended = []
+
+    def ending_at_once(self, model, prompts, prefix=None, tokenizer=None):
+        samples = original(self, model, prompts, prefix, tokenizer)
+        ended.append((tokenizer or self.tokenizer).eos_token_id)
+        return [[ended[-1]], *samples[1:]]
+
+    monkeypatch.setattr(OnPolicyDistillation, "sample", ending_at_once)
+    cfg = make_cfg(
+        *TINY,
+        "method=on_policy_cd",
+        "method.divergence=uld",
+        f"method.lmbda={lmbda}",
+        *behaving_teacher_overrides(behaving_model_dir),
+        "dataset.num_train_queries=8",
+        "dataset.source.split_sizes.eval=16",
+        "trainer.batch_size=4",
+        "trainer.max_steps=2",
+    )
+    result = run(cfg)
+    assert len(ended) == 2 and math.isfinite(result["train"]["final_loss"])

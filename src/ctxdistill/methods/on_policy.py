@@ -211,13 +211,18 @@ class OnPolicyDistillation(Method):
         text, averaged over the rows that have one, plus the weighted cross-entropy of the student's tokens of
         the text (at temperature 1, as the other divergences)."""
         same = self.teacher_tokenizer is self.tokenizer
+
+        def written_in(tokenizer, ids: list[int], into) -> list[int]:
+            # a sample that ends at once writes no text: in the other tokenizer, that one's end of text
+            return ids if same else retokenized(tokenizer, ids, into) or [into.eos_token_id]
+
         if on_policy:
             samples = self.sample(handle.student, batch["student_prompts"])
-            spans = [s if same else retokenized(self.tokenizer, s, self.teacher_tokenizer) for s in samples]
+            spans = [written_in(self.tokenizer, s, self.teacher_tokenizer) for s in samples]
         else:
             with handle.teacher() as teacher:
                 spans = self.sample(teacher, batch["teacher_prompts"], self.prefix, self.teacher_tokenizer)
-            samples = [s if same else retokenized(self.teacher_tokenizer, s, self.tokenizer) for s in spans]
+            samples = [written_in(self.teacher_tokenizer, s, self.tokenizer) for s in spans]
         groups = [tokenization_groups(self.tokenizer, s, self.teacher_tokenizer, t) for s, t in zip(samples, spans)]
         student_batch = encode(self.tokenizer, batch["student_prompts"], samples)
         student = answer_logits(handle.student, student_batch)
