@@ -145,3 +145,28 @@ def test_under_mixed_precision_the_trained_model_is_served_in_the_precision_the_
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert metrics["serving/kv_bytes_ratio"] == pytest.approx(metrics["serving/prompt_tokens_ratio"], rel=1e-6)
+
+
+def test_under_mixed_precision_the_evaluations_during_training_run_without_autocast(make_cfg, monkeypatch):
+    """Found by the seventeenth audit: only the final evaluation left accelerate's autocast, so the curves and the
+    checkpoint selection were bf16 figures and the final metrics of the same weights float32 ones."""
+    import ctxdistill.run
+
+    forwards = []  # (training?, autocast on?) of every forward of the model inside the adapter
+    original_train = ctxdistill.run.train
+
+    def recording_train(method, handle, *args, **kwargs):
+        inner = handle.base.get_base_model()
+        inner.register_forward_pre_hook(
+            lambda module, _: forwards.append((module.training, torch.is_autocast_enabled("cpu")))
+        )
+        return original_train(method, handle, *args, **kwargs)
+
+    monkeypatch.setattr(ctxdistill.run, "train", recording_train)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        run(make_cfg(*TINY, "method=cd", "trainer.max_steps=2", "trainer.eval_every=1", "trainer.mixed_precision=bf16"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert {autocast for training, autocast in forwards if training} == {True}  # training in bf16
+    assert {autocast for training, autocast in forwards if not training} == {False}  # every evaluation without it

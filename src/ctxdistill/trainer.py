@@ -211,13 +211,29 @@ def train(
             )
         best = BestWeights(run_dir, progress, selection.higher_is_better)
 
+    autocast_module = accelerator.unwrap_model(
+        handle.student
+    )  # the module whose forward accelerate runs under autocast
+
+    def evaluate(step: int, names: Optional[list[str]]) -> dict:
+        """A periodic evaluation, in the precision of the weights as the final one (and the teacher's) are: under
+        trainer.mixed_precision, selection and curves were bf16 figures, the final metrics of the same weights not."""
+        autocast_forward = vars(autocast_module).get("forward")
+        if "_original_forward" in vars(autocast_module):
+            autocast_module.forward = autocast_module._original_forward
+        try:
+            return periodic_eval(step, names)
+        finally:
+            if autocast_forward is not None:
+                autocast_module.forward = autocast_forward
+
     def end_of_epoch(epoch: int, last: bool) -> None:
         """The evaluations after ``epoch`` (counted from 1): every set (trainer.eval_every_epoch; the last
         epoch's is the run's final evaluation), the selection's set; the checkpoint kept if it is the best."""
-        evaluated = periodic_eval(progress.step, None) if cfg.eval_every_epoch and not last else {}
+        evaluated = evaluate(progress.step, None) if cfg.eval_every_epoch and not last else {}
         if selection and selection.due(epoch):
             if selection.metric not in evaluated:
-                evaluated |= periodic_eval(progress.step, [selection.eval_set])
+                evaluated |= evaluate(progress.step, [selection.eval_set])
             if selection.metric not in evaluated:  # declared, yet not reported by this run (a bug to report)
                 raise ConfigError(
                     f"trainer.selection.metric={selection.metric}: the evaluation after epoch {epoch} reported no such "
@@ -311,7 +327,7 @@ def train(
                         {
                             "step": progress.step,
                             "epoch": progress.step / steps_per_epoch,
-                            **periodic_eval(progress.step, ["eval"]),
+                            **evaluate(progress.step, ["eval"]),
                         }
                     )
                 stop = status[2] > 0
