@@ -622,6 +622,18 @@ def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(ma
     ]
 
 
+def test_several_processes_refuse_a_batch_size_that_leaves_an_epochs_last_batch_short(monkeypatch):
+    """accelerate filled that batch with repeats of the epoch's first examples: 6 examples in batches of 4 on 2
+    processes trained step 2 on step 1's examples again, and the loss moved 10% from the one-process run's."""
+    from accelerate import Accelerator
+
+    from ctxdistill.config import ConfigError
+
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    with pytest.raises(ConfigError, match=r"batch_size=2 does not divide the run's 5 training examples: on 2 proc"):
+        train_linear(batch_size=2)
+
+
 def test_an_lr_schedule_shorter_than_max_steps_is_refused_and_a_longer_one_accepted(make_cfg):
     """schedule_epochs was checked against trainer.epochs, which max_steps overrides: a schedule shorter than the
     run's steps passed (its last steps trained at a rate of 0), and one longer than them was refused."""

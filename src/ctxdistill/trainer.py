@@ -162,6 +162,14 @@ def train(
     # batches a resumed run skips, or the method's generators in a checkpoint are ahead of its steps.
     shuffle = torch.Generator().manual_seed(seed)
     loader = DataLoader(examples, batch_size=cfg.batch_size, shuffle=cfg.shuffle, generator=shuffle, collate_fn=list)
+    if accelerator.num_processes > 1 and len(examples) % cfg.batch_size:
+        raise ConfigError(
+            f"trainer.batch_size={cfg.batch_size} does not divide the run's {len(examples)} training examples: on "
+            f"{accelerator.num_processes} processes accelerate fills each epoch's last batch with repeats of the "
+            "epoch's first examples, so the run would not train as it does on one process. Train on a multiple of "
+            f"{cfg.batch_size} examples (e.g. dataset.num_train_queries), choose a trainer.batch_size that divides "
+            f"{len(examples)}, or run on one process"
+        )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     if periodic_eval and cfg.eval_every and cfg.eval_every >= total_steps:
