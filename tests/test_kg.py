@@ -27,6 +27,7 @@ from ctxdistill.data.kg import (
     read_kgbert,
     read_kgs2s,
     read_plain,
+    synthetic_kg,
 )
 from ctxdistill.methods.contextualization import check_writable_contexts
 from ctxdistill.methods.kgc import (
@@ -545,6 +546,17 @@ def test_the_released_knowledge_context_file_loads_with_its_kgs2s_ids_mapped(mak
 # ---------------------------------------------------------------- KG-BERT's training rows
 def synthetic_task(make_cfg, *overrides: str) -> KGTask:
     return build_kg_task(make_cfg("dataset=kg_synthetic", *overrides).dataset, seed=0)
+
+
+@pytest.mark.parametrize("people", [24, 60])
+def test_every_held_out_triple_of_the_generated_graph_names_entities_training_shows(people):
+    """With kg_synthetic's 24 people, valid held ('Alice Lind', profession, pilot) where no training triple names
+    a pilot: a triple that cannot follow from training. It is left out; the training triples stay as drawn."""
+    graph = synthetic_kg(people)
+    trained = {entity for h, _, t in graph.splits["train"] for entity in (h, t)}
+    for split in ("valid", "test"):
+        assert graph.splits[split] and all(h in trained and t in trained for h, _, t in graph.splits[split])
+    assert (len(graph.splits["train"]), len(graph.splits["test"])) == ((88, 7) if people == 24 else (210, 18))
 
 
 def test_kgbert_cuts_a_long_triple_as_kg_bert_does():
