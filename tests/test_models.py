@@ -324,6 +324,27 @@ def test_a_hub_model_is_identified_by_the_commit_it_loads(tiny, tmp_path, monkey
     assert model_identity(spec, 0, "cuda:0") != first  # another device's kernels give other targets
 
 
+def test_a_local_checkpoint_is_identified_by_each_of_its_files(tiny, tmp_path):
+    """It was the newest time of its files: weights moved in with their own older time (mv, cp -p, rsync -a) kept
+    the identity, and the teacher targets the old weights taught were read for the new ones."""
+    import os
+
+    cfg, tokenizer, model = tiny
+    local = tmp_path / "checkpoint"
+    model.save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    spec = cfg.model.copy()
+    spec.source, spec.name_or_path = "hub", str(local)
+    first = model_identity(spec, 0, "cpu")
+    [weights] = local.glob("*.safetensors")
+    older = weights.stat().st_mtime_ns - 10**9
+    replacement = tmp_path / "other.safetensors"
+    replacement.write_bytes(weights.read_bytes()[:-1] + b" ")  # other weights, an older time than the tokenizer's
+    os.utime(replacement, ns=(older, older))
+    replacement.replace(weights)
+    assert model_identity(spec, 0, "cpu") != first
+
+
 def test_a_packaged_model_is_identified_by_its_directory_in_the_package(make_cfg):
     # the sixteenth audit: two models of one package (model.package_dir) shared an identity, so the second read the
     # first's teacher targets, GenPI replies and cheat sheets

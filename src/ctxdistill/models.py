@@ -542,7 +542,10 @@ def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]
         fields["conversion"] = conversion_producer(spec)
     local = Path(spec.name_or_path).expanduser()
     if spec.source == "hub" and local.is_dir():  # a local checkpoint may be rewritten in place
-        fields["modified"] = max((f.stat().st_mtime for f in local.iterdir()), default=0)
+        # each file's size and time: a file moved in with an older time than the directory's newest kept the key
+        fields["files"] = sorted(
+            (str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns) for f in local.rglob("*") if f.is_file()
+        )
     elif spec.source == "hub":
         fields["revision"] = hub_commit(spec) or spec.revision
     return json.dumps(fields, sort_keys=True)
