@@ -164,7 +164,7 @@ def single_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_a_run_in_its_own_output_dir_records_its_overrides_and_takes_a_group_override(single_run, tmp_path):
+def test_a_run_in_its_own_output_dir_records_its_overrides_and_takes_a_group_override(single_run, tmp_path, capsys):
     assert not (single_run / ".hydra").exists()
     assert yaml.safe_load((single_run / "overrides.yaml").read_text()) == [
         "method=cd",
@@ -175,6 +175,18 @@ def test_a_run_in_its_own_output_dir_records_its_overrides_and_takes_a_group_ove
     gifts.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\n")
     assert main([str(single_run), *own_ood_set(tmp_path / "conf", "gifts", gifts), "--name", "gifts"]) == 0
     assert metrics(single_run / "evaluations" / "gifts")["gifts/examples"] == 2
+    # the same command again: done, unless the set's file or config changed since (it was skipped, with 2 examples)
+    command = [str(single_run), *own_ood_set(tmp_path / "conf", "gifts", gifts), "--name", "gifts"]
+    assert main(command) == 0
+    gifts.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\nLovely.\t0\n")
+    with pytest.raises(SystemExit) as stopped:
+        main(command)
+    assert stopped.value.code == 2 and f"made from data that changed since ({gifts})" in capsys.readouterr().err
+    assert main([*command, "--force"]) == 0 and metrics(single_run / "evaluations" / "gifts")["gifts/examples"] == 3
+    own_ood_set(tmp_path / "conf", "gifts", gifts, num_examples=1)  # the set's config file edited
+    with pytest.raises(SystemExit):
+        main(command)
+    assert "its config composes otherwise now (dataset.ood.gifts.num_examples)" in capsys.readouterr().err
 
 
 def test_a_run_without_recorded_overrides_is_evaluated_from_its_config(single_run, tmp_path, capsys):
@@ -285,7 +297,10 @@ def test_an_evaluation_is_replaced_only_with_force(untrained_sweep, capsys):
         main([str(sweep), "dataset.source.split_sizes.eval=6", "--name", "twice"])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
-    assert "evaluations/twice (and 1 more) already holds an evaluation named twice: pass --force" in err
+    assert (
+        "evaluations/twice (and 1 more) already holds an evaluation named twice (it was made with other overrides): "
+        "pass --force" in err
+    )
     assert {cell: (cell / "evaluations" / "twice" / "metrics.json").read_text() for cell in cells_of(sweep)} == first
     assert main([str(sweep), "dataset.source.split_sizes.eval=6", "--name", "twice", "--force"]) == 0
     assert all(metrics(cell / "evaluations" / "twice")["eval/examples"] == 6 for cell in cells_of(sweep))

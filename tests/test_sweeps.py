@@ -416,6 +416,25 @@ def test_a_cell_holding_a_run_of_another_config_fails_the_sweep_and_is_not_repor
     assert "1 complete runs" in readme and "**1 failed cells**" in readme and f"`{changed.name}`" in readme
 
 
+def test_a_cell_whose_data_file_changed_since_its_run_is_not_skipped_as_complete(tmp_path):
+    """Only its config was compared: a data file rewritten at its path (stage 1's contexts, an eval set) left the
+    old results in the table, read as the new data's."""
+    from conftest import own_ood_set
+
+    gifts = tmp_path / "gifts.tsv"
+    gifts.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\n")
+    sweep_dir = tmp_path / "s"
+    command = ["method=zero_shot", "seed=0,1", *CELL, *own_ood_set(tmp_path / "conf", "gifts", gifts), "logger=none"]
+    assert multirun(*command, f"hydra.sweep.dir={sweep_dir}").returncode == 0
+    gifts.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\nLovely.\t0\n")
+    again = multirun(*command, f"hydra.sweep.dir={sweep_dir}")
+    assert again.returncode == 1 and "2 cell(s) FAILED" in again.stdout
+    assert f"holds a complete run made from data that changed since: {gifts}" in again.stdout
+    forced = multirun(*command, "force=true", f"hydra.sweep.dir={sweep_dir}")
+    assert forced.returncode == 0, forced.stdout[-3000:]
+    assert {json.loads(p.read_text())["metrics"]["gifts/examples"] for p in sweep_dir.glob("*/metrics.json")} == {3}
+
+
 def test_the_sweep_table_gives_each_swept_setting_its_own_row_and_says_what_a_row_averages(tmp_path, capsys):
     sweep_dir = tmp_path / "s"
     proc = multirun(

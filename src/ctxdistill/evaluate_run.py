@@ -9,7 +9,7 @@ The run's config (its recorded Hydra overrides, or its config.yaml) plus the ove
 is the evaluation's config; the model is the run's base model with the weights the run saved
 (adapter/ or model/). Metrics and predictions go to ``RUN_DIR/evaluations/NAME/``: the run's own
 files are never touched, and an earlier evaluation of that name only with --force (one made with the same
-overrides is skipped: after Ctrl-C, the same command evaluates what is left).
+overrides, data and config files is skipped: after Ctrl-C, the same command evaluates what is left).
 """
 
 from __future__ import annotations
@@ -299,13 +299,33 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     return result
 
 
-def same_evaluation(out: Path, overrides: list[str]) -> bool:
-    """Whether ``out`` holds a complete evaluation made with these overrides."""
+def differs_from(out: Path, overrides: list[str], run_dir: Path, config_dirs: tuple[Path, ...]) -> Optional[str]:
+    """How the evaluation in ``out`` differs from the one these overrides would make now; None where it is the same:
+    complete, made with these overrides, from the same data (an eval set's file rewritten at its path is another
+    evaluation) and the config they compose now (a config file of one's own edited since is another too)."""
+    from ctxdistill.config import ConfigError
+    from ctxdistill.provenance import changed_data
+    from ctxdistill.sweeps import config_changes, open_maps
+
     try:
         made = json.loads((out / "metrics.json").read_text())
     except (OSError, ValueError):
-        return False
-    return made.get("status") == "complete" and made.get("overrides") == list(overrides)
+        return "it is not complete"
+    if made.get("status") != "complete" or made.get("overrides") != list(overrides):
+        return "it was made with other overrides" if made.get("status") == "complete" else "it is not complete"
+    changed = changed_data(made.get("provenance") or {})
+    if changed:
+        return f"it was made from data that changed since ({', '.join(changed)})"
+    from ctxdistill.models import honour_name_or_path
+
+    try:
+        now = evaluation_config(run_dir, overrides, out, config_dirs)
+        honour_name_or_path(now.model)  # as the evaluation saved its config
+    except ConfigError:
+        return None  # the evaluation itself names what no longer composes
+    stored = OmegaConf.to_container(OmegaConf.load(out / "config.yaml")) if (out / "config.yaml").is_file() else {}
+    keys = config_changes(stored, OmegaConf.to_container(now, resolve=True), open_maps(now))
+    return f"its config composes otherwise now ({', '.join(keys[:3])})" if keys else None
 
 
 def run_dirs(path: Path) -> list[Path]:
@@ -362,12 +382,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"--config-dir {missing[0]}: no such directory")
     made = [run_dir / EVALUATIONS / name for run_dir in runs if (run_dir / EVALUATIONS / name).exists()]
     # the same command again (after Ctrl-C, say) evaluates only the runs it had not finished
-    done = set() if args.force else {out for out in made if same_evaluation(out, args.overrides)}
+    differences = (
+        {}
+        if args.force
+        else {out: differs_from(out, args.overrides, out.parent.parent, tuple(args.config_dir)) for out in made}
+    )
+    done = {out for out, difference in differences.items() if difference is None}
     made = [out for out in made if out not in done]
     if made and not args.force:
         parser.error(
             f"{made[0]}{f' (and {len(made) - 1} more)' if len(made) > 1 else ''} already holds an evaluation named "
-            f"{name}: pass --force to replace it, or another --name"
+            f"{name} ({differences[made[0]]}): pass --force to replace it, or another --name"
         )
 
     from ctxdistill.cli import exit_with_message, quiet_console, user_errors

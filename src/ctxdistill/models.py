@@ -116,18 +116,9 @@ def gguf_sha256(spec: DictConfig) -> Optional[str]:
         return _assembling_module(spec).EXPECTED_SHA256
     if package_version(spec.gguf_package) != "none":
         return None
-    carried = _package_path(spec, "gguf_package", "gguf_file")
-    return file_sha256(carried, carried.stat().st_size, carried.stat().st_mtime_ns)
+    from ctxdistill.provenance import file_sha256
 
-
-@functools.lru_cache(maxsize=None)
-def file_sha256(path: Path, size: int, mtime_ns: int) -> str:
-    """The checksum of the file ``path`` (read once per size and modification time)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(_package_path(spec, "gguf_package", "gguf_file"))
 
 
 def _gguf_file(spec: DictConfig, workdir: Path) -> Path:

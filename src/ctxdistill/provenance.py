@@ -42,11 +42,34 @@ def begin_run() -> None:
 
 def data_file(path: Path) -> dict[str, Any]:
     """A local data file as provenance records it: its path, size and SHA-256."""
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's content (read once per size and modification time in a process: a sweep's cells
+    read the same files)."""
+    stat = path.stat()
+    return _sha256(Path(path).resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"path": str(path), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def changed_data(recorded: dict[str, Any]) -> list[str]:
+    """The data files a run's recorded provenance lists whose content is another now (a contexts file stage 1
+    rewrote, a data file replaced at its path): what the run's results no longer describe. A file that is not there
+    (a relative path read from another directory) is not judged."""
+    return [
+        entry["path"]
+        for entry in recorded.get("data", [])
+        if "sha256" in entry and Path(entry["path"]).is_file() and file_sha256(Path(entry["path"])) != entry["sha256"]
+    ]
 
 
 def hub_dataset(dataset, hub_id: str, config: Optional[str], split: str) -> dict[str, Any]:

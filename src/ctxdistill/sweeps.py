@@ -107,6 +107,15 @@ def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
                 f"{', ...' if len(changed) > 6 else ''}). Pass force=true to run it again and "
                 f"overwrite it, or give the {other_output_dir()}."
             )
+    from ctxdistill.provenance import changed_data
+
+    changed = changed_data(result.get("provenance") or {})
+    if changed:
+        raise ConfigError(
+            f"{out} holds a complete run made from data that changed since: {', '.join(changed[:3])}"
+            f"{', ...' if len(changed) > 3 else ''} (another content at the same path, such as contexts stage 1 "
+            f"wrote again). Pass force=true to run it again on the data as it is now, or give the {other_output_dir()}."
+        )
     log.info("%s already holds a complete run: skipped (force=true runs it again)", out)
     return result
 
