@@ -83,6 +83,30 @@ def test_a_sliding_window_model_runs_whole_prompts_with_the_same_logits(tiny):  
     assert prefix.length == 0 and not prefix.shares_attention
 
 
+@pytest.mark.parametrize("architecture", ["bloom", "gpt_neo"])
+def test_a_model_with_attention_code_of_its_own_runs_whole_prompts_with_the_same_logits(tiny, architecture):  # noqa: F811
+    """Found by the seventeenth audit: Bloom, Falcon, GPT-Neo, MPT and XGLM never call transformers' attention
+    interface, so with the shared context each row attended to its own tokens only (4-6 nats off, 6 of 12
+    predictions changed), and their padding went unmasked."""
+    from transformers import AutoModelForCausalLM, BloomConfig, GPTNeoConfig
+
+    _, tokenizer, _ = tiny
+    torch.manual_seed(0)
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": 0, "eos_token_id": 0, "initializer_range": 0.3}
+    config = (
+        BloomConfig(vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4, **special)
+        if architecture == "bloom"
+        else GPTNeoConfig(
+            vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global"], 2]],
+            max_position_embeddings=512, **special,
+        )
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    context = "Label each review.\n\nReview: good\nAnswer: yes\n\nReview: bad\nAnswer: no"
+    prefix = compare_with_full_forward(model, tokenizer, context, batch_size=4)
+    assert not prefix.shares_attention
+
+
 def test_the_context_part_matches_a_hand_softmax_with_and_without_gradients():
     """Without gradients the CPU runs the fused flash kernel; with them, the plain version (the kernel's backward
     ignores the log-sum-exp). Both give softmax(q k^T) v and logsumexp(q k^T); the gradient flows through both."""

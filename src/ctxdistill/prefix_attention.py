@@ -22,7 +22,7 @@ import contextlib
 from typing import Iterator, Optional, Sequence
 
 import torch
-from transformers import AttentionInterface, PretrainedConfig
+from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "shared_prefix"
@@ -124,10 +124,14 @@ def attention_configs(model: torch.nn.Module) -> list[PretrainedConfig]:
 
 
 def handles(model: torch.nn.Module) -> bool:
-    """Whether every layer of ``model`` computes plain softmax attention this function reproduces."""
+    """Whether every layer of ``model`` computes plain softmax attention this function reproduces, through
+    transformers' attention interface: a model class with attention code of its own (Bloom, Falcon, GPT-Neo, MPT,
+    XGLM) never calls it, so its rows would attend to their own tokens only, without the context."""
     configs = attention_configs(model)
     capped = any(getattr(c, "attn_logit_softcapping", None) for c in configs)
-    return bool(configs) and not capped and all(c._attn_implementation in REPLACES for c in configs)
+    classes = {type(m) for m in model.modules() if isinstance(m, PreTrainedModel)}
+    interfaced = bool(classes) and all(getattr(c, "_supports_attention_backend", False) for c in classes)
+    return bool(configs) and interfaced and not capped and all(c._attn_implementation in REPLACES for c in configs)
 
 
 @contextlib.contextmanager
