@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 #: 4: the shared context's attention runs PyTorch's fused CPU kernel and the LM head reads a contiguous input
 #: (logits equal to 1e-5, but a near-tie can pick another token).
 #: 5: a contextualization writer generates with the stage's settings alone, not its generation_config.json's too.
+#:    Models with attention code of their own (Bloom, Falcon, GPT-Neo, MPT, XGLM) no longer lose the context.
 PRODUCER_VERSION = 5
 
 

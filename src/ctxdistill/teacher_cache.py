@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 #: then never read. 2: generation over a shared context no longer drops the query after the first token.
 #: 3: the shared context's attention runs PyTorch's fused CPU kernel and the LM head reads a contiguous input
 #: (logits equal to 1e-5, but a near-tie can pick another token).
-PRODUCER_VERSION = 3
+#: 4: models with attention code of their own (Bloom, Falcon, GPT-Neo, MPT, XGLM) no longer lose the context.
+PRODUCER_VERSION = 4
 
 
 class TeacherTargets(NamedTuple):
