@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from test_generation import behaving  # noqa: F401 (the behaving model's fixture)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ctxdistill.config import ConfigError, validate
@@ -459,3 +460,31 @@ def test_the_uld_experiment_is_the_documented_command_line(make_cfg):
     validate(named)
     assert (named.model.name, named.method.teacher_model.name) == ("gemma3-270m", "smollm2-135m")
     assert OmegaConf.to_container(named) == OmegaConf.to_container(spelt_out)
+
+
+def test_a_teacher_whose_output_layer_is_padded_wider_is_compared_over_the_shared_vocabulary(behaving):  # noqa: F811
+    """Same vocabulary, another width of output layer (Qwen2.5-0.5B's 151936 logits beside 7B's 152064): the
+    evaluation's KL compared the two token by token and failed ("size of tensor a (384) must match ... (264)").
+    Padding rows name no token: the distributions are compared over the vocabulary both models have."""
+    import copy
+    import random
+
+    from ctxdistill.data.tasks import Example, Task
+    from ctxdistill.evaluation import Ranks
+
+    _, tokenizer, model = behaving
+    teacher = copy.deepcopy(model)
+    teacher.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=128)
+    assert teacher.get_output_embeddings().weight.shape[0] > model.get_output_embeddings().weight.shape[0]
+    draw = random.Random(0)
+    queries = [" " + " ".join(str(draw.randrange(1, 7)) for _ in range(draw.randrange(1, 6))) for _ in range(6)]
+    examples = [Example(uid=f"e{i}", fields={"q": q}, label=i % 3) for i, q in enumerate(queries)]
+    task = Task(
+        name="t", template="{q}", verbalizers=[" 1", " 2", " 4"], student_instruction="", context=" 2 4 6 3 2",
+        separator="\n", demos=[], train_queries=[], train_query_labels=[], eval_sets={"eval": examples},
+    )  # fmt: skip
+    handle = ModelHandle(student=model, base=model, separate_teacher=teacher)
+    evaluator = Evaluator(handle, tokenizer, task, True, 4, ranks=Ranks())
+    evaluator.prepare()
+    # the same weights over the shared vocabulary: the same distribution
+    assert evaluator.evaluate()[0]["eval/kl_to_teacher"] == pytest.approx(0.0, abs=1e-5)

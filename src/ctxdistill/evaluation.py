@@ -246,7 +246,7 @@ def score(
             label_lp.append(torch.stack(per_class, -1))
         if teacher is not None:
             reference = teacher.next_token_logprobs.read(rows).to(next_token.device)
-            kls.append(forward_kl(next_token, reference).cpu())
+            kls.append(forward_kl(*over_shared_vocabulary(next_token, reference)).cpu())
         if keep_distribution:
             distributions = distributions or SpilledRows(next_token.shape[-1])
             distributions.write(rows, next_token)
@@ -492,6 +492,13 @@ def teacher_student_gap(result: dict[str, float]) -> float:
 #: a paraphrase task's companion to accuracy, as GLUE scores QQP and MRPC: F1 of the class the dataset names
 #: (``dataset.f1_positive``), on every eval set; F1 is no mean over examples, so the run bootstraps its interval
 F1 = Metric("f1", "F1", kind="bootstrap", lowest=0, highest=1)
+
+
+def over_shared_vocabulary(*logprobs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Next-token log-probabilities of one vocabulary from output layers of different widths (padded to a multiple
+    of 64 or 128, as Qwen2.5's sizes differ): each over the tokens both have, renormalised; as given when equal."""
+    width = min(lp.shape[-1] for lp in logprobs)
+    return tuple(lp if lp.shape[-1] == width else lp[..., :width].log_softmax(-1) for lp in logprobs)
 
 
 def with_task_metrics(declared: MetricSet, task: Task | TaskMixture) -> MetricSet:
