@@ -706,3 +706,21 @@ def test_lora_target_modules_that_name_no_layer_are_refused_before_the_weights_l
     spec.lora.target_modules = ["self_attn.q_proj"]  # PEFT's rule: the end of a module's name after a dot
     check_lora_targets(spec, cfg.cache_dir, tokenizer)
     assert add_lora(model, spec).get_nb_trainable_parameters()[0] > 0
+
+
+def test_a_separate_teacher_reading_the_students_tokenizer_is_identified_with_that_tokenizer(make_cfg):
+    """A teacher of the student's vocabulary reads its prompts in the student's tokenizer: two students whose
+    tokenizers differ in a BOS they add shared one key, and the second run read targets of prompts it never wrote."""
+    from ctxdistill.models import teaching_identity
+
+    from conftest import with_bos
+
+    cfg = make_cfg("model=tiny-random")
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    teacher = cfg.model.copy()
+    one = teaching_identity(teacher, cfg.model, 0, "cpu", tokenizer)
+    assert teaching_identity(teacher, cfg.model, 0, "cpu", with_bos(tokenizer)) != one
+    assert teaching_identity(teacher, cfg.model, 0, "cpu", load_tokenizer(cfg.model, cfg.cache_dir)) == one
+    # the run's own model teaching, or a teacher with its own tokenizer: the model's identity, as before
+    assert teaching_identity(None, cfg.model, 0, "cpu", tokenizer) == model_identity(cfg.model, 0, "cpu")
+    assert teaching_identity(teacher, cfg.model, 0, "cpu", None) == model_identity(teacher, 0, "cpu")

@@ -229,7 +229,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     from ctxdistill import provenance
     from ctxdistill.config import ConfigError, validate
     from ctxdistill.methods import build_method
-    from ctxdistill.models import ModelHandle, honour_name_or_path, load_tokenizer, model_identity
+    from ctxdistill.models import ModelHandle, honour_name_or_path, load_tokenizer, teaching_identity
     from ctxdistill.run import (
         build_models,
         evaluation_dropout_seed,
@@ -270,7 +270,9 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
         base=model,
         separate_teacher=teacher,
         teacher_tokenizer=teacher_tokenizer,
-        identity=model_identity(method.teacher_model or cfg.model, cfg.seed, device),
+        identity=teaching_identity(
+            method.teacher_model, cfg.model, cfg.seed, device, tokenizer if teacher_tokenizer is None else None
+        ),
         evaluation_dropout_seed=evaluation_dropout_seed(cfg, method),
     )
     evaluator = method.evaluator(handle, tokenizer, task, cfg.trainer.eval_batch_size)

@@ -505,6 +505,36 @@ def keep_every_nth_layer(model, stride: int):
     return model
 
 
+def tokenizer_digest(tokenizer) -> str:
+    """What determines how ``tokenizer`` writes text as tokens: its vocabulary and rules (a fast tokenizer's whole
+    definition, with the special tokens its post-processor adds), special tokens, padding side and chat template."""
+    definition = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else json.dumps(tokenizer.get_vocab())
+    settings = [
+        {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        tokenizer.padding_side,
+        tokenizer.chat_template,
+        getattr(tokenizer, "add_bos_token", None),
+        getattr(tokenizer, "add_eos_token", None),
+    ]
+    return hashlib.sha256(json.dumps([definition, settings], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def teaching_identity(
+    teacher_spec: Optional[DictConfig],
+    spec: DictConfig,
+    seed: int,
+    device: Union[str, torch.device],
+    shared_tokenizer=None,
+) -> str:
+    """What the teacher's outputs depend on (the teacher cache's key): its model's identity (``teacher_spec``, or
+    the run's own model ``spec``); a separate teacher of the student's vocabulary reads its prompts in the student's
+    tokenizer (``shared_tokenizer``), whose rules (a BOS it adds, say) are then the teacher's too."""
+    identity = model_identity(teacher_spec or spec, seed, device)
+    if teacher_spec is not None and shared_tokenizer is not None:
+        identity += f"+tokenizer:{tokenizer_digest(shared_tokenizer)}"
+    return identity
+
+
 def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]) -> str:
     """What determines the base model's outputs, so that cached teacher outputs are never stale: the config's
     fields, the modelling code (transformers' version), the kind of device it runs on (its kernels round

@@ -42,7 +42,7 @@ from ctxdistill.models import (
     load_model,
     load_tokenizer,
     load_trained,
-    model_identity,
+    teaching_identity,
 )
 from ctxdistill.results.metrics import float32_rounded
 from ctxdistill.results.records import EVALUATIONS, PREDICTIONS, RUN_CONFIG
@@ -368,7 +368,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             base=model,
             separate_teacher=teacher,
             teacher_tokenizer=teacher_tokenizer,
-            identity=model_identity(teacher_spec or cfg.model, cfg.seed, accelerator.device),
+            identity=teaching_identity(
+                teacher_spec, cfg.model, cfg.seed, accelerator.device, tokenizer if teacher_tokenizer is None else None
+            ),
             evaluation_dropout_seed=evaluation_dropout_seed(cfg, method),
         )
         if method.trains and method.teacher_during_training and handle.trains_base_weights:
