@@ -101,6 +101,30 @@ def test_a_signal_saves_and_exits_for_requeue_then_the_same_run_and_wandb_run_re
     )
 
 
+def test_a_checkpoint_of_a_run_on_other_data_at_the_same_path_is_not_resumed(tmp_path, monkeypatch):
+    """Only the settings were compared: training data rewritten at its path resumed the old data's training, and
+    the results recorded the new file's checksum for weights trained on the old."""
+    from test_provenance import write_split
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_split(data / "train.jsonl", 48, "train")
+    write_split(data / "eval.jsonl", 16, "eval")
+    files = ["dataset.source.kind=files", f"dataset.source.data_dir={data}"]
+    files.append("++dataset.source.data_files={train: train.jsonl, eval: eval.jsonl}")
+    cfg = compose_run(tmp_path / "run", "trainer.checkpoint_every=null", *files)
+    with monkeypatch.context() as patched:
+        send_at_call(patched, 3, signal.SIGTERM)
+        with pytest.raises(SystemExit):
+            run(cfg)
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000003"
+    write_split(data / "train.jsonl", 40, "train")  # other training data at the same path
+    with pytest.raises(ConfigError, match=r"step-00000003 was written by a run with other data \(a file at its path"):
+        run(cfg)
+    write_split(data / "train.jsonl", 48, "train")  # the data it trained on: it resumes
+    assert run(cfg)["train"]["resumed_from_step"] == 3
+
+
 def test_an_on_policy_run_resumed_after_a_signal_draws_what_the_uninterrupted_run_draws(tmp_path, monkeypatch):
     """The student's samples and GKD's lambda draws come from the method's own generators: a resumed run must
     continue their streams, not restart them from the seed (which would repeat step 1's draws at step 4)."""

@@ -49,6 +49,7 @@ class Progress:
     curves: list = field(default_factory=list)  # the periodic evaluations so far: {"step", "epoch", metrics...}
     method_state: dict = field(default_factory=dict)  # the method's own state at the checkpoint (its generators)
     best: dict = field(default_factory=dict)  # trainer.selection's best evaluation so far: step, epoch, value
+    data: list = field(default_factory=list)  # what the data the run read holds (its files' SHA-256s)
 
     def state_dict(self) -> dict:
         return asdict(self)

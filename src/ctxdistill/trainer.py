@@ -11,6 +11,7 @@ one, a clean stop on SIGTERM/SIGUSR1, and a clear stop on a non-finite loss.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import signal
@@ -26,6 +27,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
+from ctxdistill import provenance
 from ctxdistill.checkpoint import (
     BestWeights,
     Progress,
@@ -193,15 +195,18 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = lr_schedule(optimizer, cfg, steps_per_epoch, schedule_steps)
     handle.student, optimizer, loader, scheduler = accelerator.prepare(handle.student, optimizer, loader, scheduler)
-    progress = Progress(epoch_shuffle_state=shuffle.get_state(), fingerprint=fingerprint)
+    # a file rewritten at its path is other data under the same settings (a checkpoint of older code has none)
+    data = sorted(entry.get("sha256") or json.dumps(entry, sort_keys=True) for entry in provenance.inputs()["data"])
+    progress = Progress(epoch_shuffle_state=shuffle.get_state(), fingerprint=fingerprint, data=data)
     accelerator.register_for_checkpointing(progress)
     trainable_weights_only(accelerator)
     resume = latest_checkpoint(run_dir) if run_dir else None
     if resume:
         accelerator.load_state(str(resume))
-        if progress.fingerprint != fingerprint:
+        if progress.fingerprint != fingerprint or progress.data != data:
+            other = "settings" if progress.fingerprint != fingerprint else "data (a file at its path holds another now)"
             raise ConfigError(
-                f"{resume} was written by a run with other settings. Use a new output_dir, or "
+                f"{resume} was written by a run with other {other}. Use a new output_dir, or "
                 f"delete {resume.parent} to start this one over."
             )
         if progress.method_state:  # (a checkpoint of older code has none)
