@@ -22,7 +22,7 @@ from ctxdistill.data import Example, Task
 from ctxdistill.data.tasks import AnswerGeneration
 from ctxdistill.encoding import SharedPrefix
 from ctxdistill.evaluation import GenerationEvaluator, Ranks
-from ctxdistill.generation import generate, strip_stop
+from ctxdistill.generation import end_tokens, generate, strip_stop
 from ctxdistill.methods.distill import DistillConfig
 from ctxdistill.methods.genpi import decoded_samples
 from ctxdistill.methods.on_policy import OnPolicyConfig
@@ -120,6 +120,32 @@ def test_generate_equals_transformers_generate(behaving, shared_prefix, temperat
     assert ours == expected
     if stop is not None:
         assert any(len(row) < 12 for row in ours)  # some rows ended at the stop string
+
+
+def test_generation_ends_on_every_end_token_the_models_generation_config_lists(behaving):
+    """transformers' generate stops on each end-of-sequence id the generation config lists (Llama 3 Instruct's
+    <|eot_id|>, Gemma 3's <end_of_turn>); generate stopped on the tokenizer's alone and wrote past the turn's end."""
+    _, tokenizer, model = behaving
+    turn_end = tokenizer(" 6", add_special_tokens=False).input_ids[0]  # a token the greedy lines write
+    prompts = teacher_prompts()
+    configured = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, turn_end]
+    try:
+        ours = generate(model, tokenizer, prompts, 12, stop=None)
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        expected = [
+            row[: row.index(tokenizer.pad_token_id)] if tokenizer.pad_token_id in row else row
+            for row in out[:, batch.input_ids.shape[1] :].tolist()
+        ]
+        assert ours == expected and sum(row[-1] == turn_end for row in ours) >= 2
+        ends = end_tokens(model, tokenizer)
+        assert [strip_stop(tokenizer, row, None, ends) for row in ours] == [
+            row[:-1] if row[-1] in ends else row for row in ours
+        ]
+    finally:
+        model.generation_config.eos_token_id = configured
 
 
 def test_an_empty_stop_string_is_no_stop_string(behaving):

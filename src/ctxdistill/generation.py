@@ -64,7 +64,7 @@ def generate(
     restored. With ``prefix``, every prompt must start with its tokens (it is run once, not per prompt)."""
     stop = stop or None  # "" is no stop string (it would be found in any text)
     device = next(model.parameters()).device
-    stops = {tokenizer.eos_token_id}
+    stops = end_tokens(model, tokenizer)
     stop_span = len(stop.encode()) if stop else 0  # the most tokens a stop string can take
     continuations: list[list[int]] = []
     starts = range(0, len(prompts), batch_size)
@@ -106,10 +106,21 @@ def generate(
     return continuations
 
 
-def strip_stop(tokenizer, tokens: list[int], stop: Optional[str] = "\n") -> list[int]:
-    """A continuation without its final stop: the end-of-sequence token, or the fewest last tokens that hold
-    ``stop`` (one token, or the several a character split into bytes takes)."""
-    if tokens and tokens[-1] == tokenizer.eos_token_id:
+def end_tokens(model, tokenizer) -> frozenset[int]:
+    """The tokens that end a continuation: the tokenizer's end of sequence and those the model's generation config
+    lists (Llama 3 Instruct's ``<|eot_id|>``, Gemma 3's ``<end_of_turn>``), on which transformers' generate stops."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = configured if isinstance(configured, (list, tuple)) else [configured]
+    return frozenset(t for t in [tokenizer.eos_token_id, *listed] if t is not None)
+
+
+def strip_stop(
+    tokenizer, tokens: list[int], stop: Optional[str] = "\n", ends: Optional[frozenset[int]] = None
+) -> list[int]:
+    """A continuation without its final stop: an end token (``ends``, :func:`end_tokens`; by default the
+    tokenizer's end of sequence), or the fewest last tokens that hold ``stop`` (one token, or the several a
+    character split into bytes takes)."""
+    if tokens and tokens[-1] in (ends or {tokenizer.eos_token_id}):
         return tokens[:-1]
     for count in range(1, min(len(tokens), len((stop or "").encode())) + 1):
         if stop in tokenizer.decode(tokens[-count:]):

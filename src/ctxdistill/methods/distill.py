@@ -53,7 +53,7 @@ from ctxdistill.encoding import (
     retokenized,
     tokenization_groups,
 )
-from ctxdistill.generation import generate, strip_stop
+from ctxdistill.generation import end_tokens, generate, strip_stop
 from ctxdistill.losses import (
     answer_cross_entropy,
     answer_word_distribution,
@@ -425,8 +425,9 @@ class ContextDistillation(Method):
 
     def _answer_spans(self, teacher, tokenizer, prompts, batch_size, prefix):
         if self.answer == "teacher_generation":  # the greedy answer, up to the end of its line
+            ends = end_tokens(teacher, tokenizer)
             return [
-                strip_stop(tokenizer, c) or c
+                strip_stop(tokenizer, c, ends=ends) or c
                 for c in generate(
                     teacher,
                     tokenizer,

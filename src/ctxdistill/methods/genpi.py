@@ -40,7 +40,7 @@ from ctxdistill.data import Example, Task
 from ctxdistill.data.tasks import DataError
 from ctxdistill.encoding import SharedPrefix, answer_logits, encode
 from ctxdistill.evaluation import MethodEvaluator, generation_metrics, task_success
-from ctxdistill.generation import generate, strip_stop
+from ctxdistill.generation import end_tokens, generate, strip_stop
 from ctxdistill.losses import answer_cross_entropy, distillation_loss, teacher_distribution
 from ctxdistill.methods.base import Method
 from ctxdistill.progress import progress_bar
@@ -286,11 +286,11 @@ def decoded_samples(
     top_p: Optional[float] = None,
 ) -> list[tuple[str, bool]]:
     """Each prompt's continuation as text, and whether it ended by itself (end-of-sequence or ``stop``)."""
-    texts = []
+    texts, ends = [], end_tokens(model, tokenizer)
     for tokens in generate(
         model, tokenizer, prompts, max_new_tokens, temperature, top_k, stop, generator, prefix, batch_size, top_p=top_p
     ):
-        kept = strip_stop(tokenizer, tokens, stop)
+        kept = strip_stop(tokenizer, tokens, stop, ends)
         texts.append((tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept) < len(tokens)))
     return texts
 
