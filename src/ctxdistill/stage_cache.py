@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 #: (logits equal to 1e-5, but a near-tie can pick another token).
 #: 5: a contextualization writer generates with the stage's settings alone, not its generation_config.json's too.
 #:    Models with attention code of their own (Bloom, Falcon, GPT-Neo, MPT, XGLM) no longer lose the context.
+#:    Generation also ends on the end tokens the model's generation config lists (GenPI's replies).
 PRODUCER_VERSION = 5
 
 

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 #: 3: the shared context's attention runs PyTorch's fused CPU kernel and the LM head reads a contiguous input
 #: (logits equal to 1e-5, but a near-tie can pick another token).
 #: 4: models with attention code of their own (Bloom, Falcon, GPT-Neo, MPT, XGLM) no longer lose the context.
+#:    Generation also ends on the end tokens the model's generation config lists (a teacher's answer spans).
 PRODUCER_VERSION = 4
 
 
