@@ -499,6 +499,22 @@ def test_vs_names_a_method_that_shares_no_seed_or_example_with_the_baseline(tmp_
     assert "--vs: ft / m / d: no eval example in common with icl (seeds [0]); not tested" in err
 
 
+def test_vs_does_not_pair_examples_whose_labels_differ_between_the_runs(tmp_path, capsys):
+    """An example id is its row in the eval data: runs evaluated on other data (another dataset.source.seed, a
+    file replaced) paired eval-i with eval-i all the same."""
+    for method, label in (("icl", 1), ("cd", 0)):
+        directory = tmp_path / method
+        write_run(directory, method, 0, 0.5, f"2026-01-01T00:00:0{label}", n=4)
+        write_predictions(directory, [True, False, True, False])
+        if label == 0:
+            rows = (directory / "predictions.jsonl").read_text().replace('"label": 1', '"label": 0', 1)
+            (directory / "predictions.jsonl").write_text(rows)
+    assert main([str(tmp_path), "--vs", "icl"]) == 0
+    out, err = capsys.readouterr()
+    said = "--vs: cd / m / d: example q0 of eval has label 0 here and 1 in icl's run (seed 0): the two were evaluated"
+    assert said in err and "not tested" in err
+
+
 def test_vs_names_a_row_whose_dataset_and_model_have_no_baseline_run(tmp_path, capsys):
     """A sweep over several families or models where the baseline ran only on some: the other rows were left out of
     the test without a word (no Δ column in their table at all)."""

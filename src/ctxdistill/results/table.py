@@ -363,15 +363,16 @@ def _records_per_example(rows: list[Row], name: str) -> bool:
     return all(metric_set(r).per_example(name) for row in rows for r in row.records)
 
 
-def _outcomes(row: Row, name: str) -> dict[int, dict[tuple[str, str], float]]:
-    """Per seed, the row's run's per-example value of the metric ``name`` by (eval set, uid)."""
+def _outcomes(row: Row, name: str) -> tuple[dict[int, dict[tuple[str, str], float]], dict[int, dict[tuple, Any]]]:
+    """Per seed, the row's run's per-example value of the metric ``name`` by (eval set, uid), and each example's
+    label (None where its rows record none)."""
     if row.repeated_seeds:
         raise PairedTestError(
             f"--vs pairs one run per seed on each side; {row.method} / {row.model} / {row.dataset} has several "
             f"runs of seed {row.repeated_seeds[0]}, which differ in some setting: name it with --by KEY "
             "(e.g. --by dataset.context.data_seed) so that each row holds one run per seed"
         )
-    outcomes = {}
+    outcomes, labels = {}, {}
     for record in row.records:
         rows = predictions(record)
         if rows is None:
@@ -392,7 +393,8 @@ def _outcomes(row: Row, name: str) -> dict[int, dict[tuple[str, str], float]]:
             )
         metric = metric_set(record).per_example(name)
         outcomes[record["seed"]] = {(p["set"], p["uid"]): metric.example_value(p) for p in rows}
-    return outcomes
+        labels[record["seed"]] = {(p["set"], p["uid"]): p.get("label") for p in rows}
+    return outcomes, labels
 
 
 def paired_tests(tables: list[Table], baseline: str) -> list[str]:
@@ -460,12 +462,31 @@ def paired_tests(tables: list[Table], baseline: str) -> list[str]:
                 )
                 notes.append(f"{where}: tested on {name}, not on its headline {headline}: {why}")
             metric = metric_set(row.records[0]).per_example(name)
-            mine, theirs = _outcomes(row, name), _outcomes(matches[0], name)
+            (mine, my_labels), (theirs, their_labels) = _outcomes(row, name), _outcomes(matches[0], name)
             seeds = sorted(mine.keys() & theirs.keys())
             if not seeds:
                 notes.append(
                     f"--vs: {row.method} / {row.model} / {row.dataset}: no seed in common with {matches[0].method} "
                     f"(seeds {sorted(mine)} and {sorted(theirs)}); not tested"
+                )
+                continue
+            # an example id names the same example only where both runs read the same data (its label tells)
+            other = next(
+                (
+                    (seed, key)
+                    for seed in seeds
+                    for key in sorted(mine[seed].keys() & theirs[seed].keys())
+                    if None not in (my_labels[seed][key], their_labels[seed][key])
+                    and my_labels[seed][key] != their_labels[seed][key]
+                ),
+                None,
+            )
+            if other:
+                (seed, (set_name, uid)) = other
+                notes.append(
+                    f"--vs: {row.method} / {row.model} / {row.dataset}: example {uid} of {set_name} has label "
+                    f"{my_labels[seed][(set_name, uid)]} here and {their_labels[seed][(set_name, uid)]} in "
+                    f"{matches[0].method}'s run (seed {seed}): the two were evaluated on other data; not tested"
                 )
                 continue
             per_example: dict[tuple[str, str], list[float]] = defaultdict(list)
