@@ -55,6 +55,8 @@ def test_answer_extractor_reads_the_answer_after_the_scratchpad_or_reports_none(
     assert spec.extract(scratchpad(29, 57) + "\n8 6", worked=True) == "8 6"
     assert spec.extract("<scratch>\n2 9 + 5 7 , C: 0\n", worked=True) is None  # cut off: a failure
     assert spec.extract("8 6\n<scratch>", worked=False) == "8 6"  # a direct answer is its first line
+    # blanks after the scratchpad are no answer (they read as "", which the scratchpad teacher trained on as "\n")
+    assert spec.extract(scratchpad(29, 57) + " \n", worked=True) is None
 
 
 def test_addition_task_shows_the_teacher_worked_demonstrations_and_the_student_the_bare_problem(make_cfg):

@@ -56,12 +56,12 @@ class AnswerGeneration:
         return self.demo_target.format(**example.fields) + (self.stop or "")
 
     def extract(self, text: str, worked: bool) -> Optional[str]:
-        """The final answer of a worked generation (with the context; None when the extractor finds none),
-        or the first line of a direct answer."""
+        """The final answer of a worked generation (with the context; None when the extractor finds none, or only
+        blanks: ``</scratch>`` and a newline is no answer, not the empty one), or the first line of a direct answer."""
         if not worked:
             return text.split("\n", 1)[0].strip()
         found = re.search(self.answer_regex, text)
-        return found.group(1).strip() if found else None
+        return (found.group(1).strip() if found else "") or None  # what reads as nothing is no answer
 
 
 @dataclass
