@@ -587,10 +587,19 @@ def test_kgbert_draws_five_negatives_per_positive_once_all_on_the_head_or_all_on
     assert sides == {"head", "tail"}  # a coin flip per positive
 
 
-def test_more_sampled_candidates_than_entities_is_refused_naming_the_full_ranking(make_cfg):
-    with pytest.raises(DataError, match=r"eval_candidates=46, but kg_synthetic has 46 entities.*eval_candidates=null"):
-        synthetic_task(make_cfg, "dataset.eval_candidates=46")
-    assert synthetic_task(make_cfg, "dataset.eval_candidates=45").eval_candidates == 45
+def test_more_sampled_candidates_than_a_query_has_entities_to_sample_is_refused_naming_the_full_ranking(make_cfg):
+    """Only the graph's size was checked: 40 candidates on kg_synthetic ranked some queries against 37 (those with
+    9 known answers), under the name sampled40_."""
+    from ctxdistill.ranking import LinkPredictionEvaluator
+
+    for asked in (46, 40):
+        with pytest.raises(DataError, match=rf"eval_candidates={asked}, but kg_synthetic has 46 entities and one of "
+                           r"its evaluated queries 9 known answers.*at most 37.*eval_candidates=null"):  # fmt: skip
+            synthetic_task(make_cfg, f"dataset.eval_candidates={asked}")
+    task = synthetic_task(make_cfg, "dataset.eval_candidates=37")
+    evaluator = LinkPredictionEvaluator(task, scorer=None)
+    ranked = [evaluator._query(t, d, i)[0] for i, t in enumerate(task.eval_sets["eval"]) for d in ("head", "tail")]
+    assert {len(candidates) for candidates in ranked} == {38}  # the target and 37 others, for every query
 
 
 def test_kgbert_negatives_are_no_triple_of_the_whole_training_split_when_it_trains_on_a_subsample(make_cfg):

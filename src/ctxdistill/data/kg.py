@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -349,6 +350,12 @@ def load_graph(spec: DictConfig) -> KnowledgeGraph:
     return _clean_names(graph, source.name_separator)
 
 
+def query_keys(triple: Triple) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """The (h, r, tail) and (r, t, head) queries a triple is ranked in."""
+    h, r, t = triple
+    return (h, r, "tail"), (r, t, "head")
+
+
 def build_kg_task(spec: DictConfig, seed: int) -> KGTask:
     """The graph, a (seeded) subsample of its training triples and of the evaluation split."""
     if spec.kind != "knowledge_graph":  # declared by the dataset (KGDatasetConfig)
@@ -363,12 +370,18 @@ def build_kg_task(spec: DictConfig, seed: int) -> KGTask:
     if spec.validation_split:  # a set of its own, named after its split (trainer.selection reads it)
         split = spec.validation_split
         eval_sets[split] = _subsample(graph.splits[split], spec.num_validation, data_seed + 2)
-    if spec.eval_candidates is not None and spec.eval_candidates >= len(graph.entities):
-        # fewer entities than asked for: the ranking would not be the sampledN_ one its metrics name
-        raise DataError(
-            f"dataset.eval_candidates={spec.eval_candidates}, but {spec.name} has {len(graph.entities)} entities; "
-            f"rank against all of them with dataset.eval_candidates=null, or sample fewer"
-        )
+    if spec.eval_candidates is not None:
+        # a query's candidates are entities that are none of its known answers: fewer of them than asked for would
+        # rank it against fewer than the sampledN_ its metrics name
+        answers = Counter(key for triple in graph.true_triples() for key in query_keys(triple))
+        most = max(answers[key] for triple in {t for s in eval_sets.values() for t in s} for key in query_keys(triple))
+        if spec.eval_candidates > len(graph.entities) - most:
+            raise DataError(
+                f"dataset.eval_candidates={spec.eval_candidates}, but {spec.name} has {len(graph.entities)} entities "
+                f"and one of its evaluated queries {most} known answers, which leaves {len(graph.entities) - most} "
+                f"to sample from; sample at most {len(graph.entities) - most}, or rank against all of them with "
+                "dataset.eval_candidates=null"
+            )
     contexts_file = Path(spec.contexts_file).expanduser() if spec.contexts_file else None
     task = KGTask(spec.name, graph, train, eval_sets, contexts_file, eval_candidates=spec.eval_candidates, seed=seed)
     if contexts_file is not None and contexts_file.is_file():
