@@ -86,6 +86,24 @@ def test_rte_dev_has_277_rows_and_hans_out_of_domain(make_cfg, tmp_path):
     assert [e.label for e in task.eval_sets["hans"]] == [0, 1]
 
 
+@needs_shared
+def test_rte_reads_lm_bffs_kshot_copy_as_its_config_says(make_cfg):
+    # rte.yaml: LM-BFF's k-shot copies hold quotes as text (quoting=none) and name their labels
+    kshot = SHARED / "glue/kshot/RTE/16-13"
+    cfg = make_cfg(
+        "dataset=rte",
+        f"dataset.source.data_dir={kshot}",
+        "dataset.source.quoting=none",
+        "ood=[]",
+        "dataset.context.num_demos=4",
+        "dataset.num_train_queries=8",
+    )
+    task = build_task(cfg.dataset, seed=0)
+    with open(kshot / "dev.tsv", encoding="utf-8") as f:
+        gold = [line.rstrip("\n").split("\t")[-1] for line in f][1:]
+    assert [e.label for e in task.eval_sets["eval"]] == [("entailment", "not_entailment").index(g) for g in gold]
+
+
 def test_a_hans_format_file_fills_the_out_of_domain_slot(make_cfg, tmp_path):
     rows = [
         ("entailment", "The cat saw the dog .", "The cat saw the dog .", "lexical_overlap"),
@@ -325,9 +343,10 @@ LLMFT_MNLI = {
 }
 
 
+@pytest.mark.parametrize("num_demos", [4, 0])  # 0: eval.py still ends the query with its target prefix
 @pytest.mark.parametrize("pattern", list(LLMFT_MNLI))
 def test_mosbach_prompts_are_llmfts_in_context_prompt_for_icl_and_its_input_for_fine_tuning(
-    make_cfg, tmp_path, pattern
+    make_cfg, tmp_path, pattern, num_demos
 ):
     icl_pattern, target_prefix, words, ft_pattern = LLMFT_MNLI[pattern]
     cfg = make_cfg(
@@ -335,7 +354,7 @@ def test_mosbach_prompts_are_llmfts_in_context_prompt_for_icl_and_its_input_for_
         f"dataset.pattern={pattern}",
         *tiny_mnli(tmp_path / "mnli"),
         "ood=[]",
-        "dataset.context.num_demos=4",
+        f"dataset.context.num_demos={num_demos}",
     )
     task = build_task(cfg.dataset, seed=0)
     query = task.eval_sets["eval"][0]

@@ -142,10 +142,9 @@ class Task:
     def teacher_prompt(self, example: Example, context: Optional[str] = None) -> str:
         """The example after its context, or after ``context`` when given (one of ``contexts``)."""
         context = self.context_of(example) if context is None else context
-        if not context:
-            return self.query(example)
-        template = example.template or self.context_query_template or self.template
-        return context + self.separator + template.format(**example.fields)
+        # the query as it follows a context, also an empty one (llmft's 0-shot prompt ends as its k-shot one)
+        query = (example.template or self.context_query_template or self.template).format(**example.fields)
+        return context + self.separator + query if context else query
 
     def prompt(self, example: Example, with_context: bool) -> str:
         return self.teacher_prompt(example) if with_context else self.student_prompt(example)
