@@ -47,6 +47,16 @@ def test_bad_opcd_settings_fail_before_any_model_loads(make_cfg, override, messa
         validate(make_cfg(*OPCD, override))
 
 
+def test_seeds_sharing_the_stages_draw_their_own_samples(make_cfg):
+    """seed=S method.seed=0 (docs/papers/on-policy.md's seeds): the stages stay seed 0's, the samples and the
+    lambda draws follow S; they followed method.seed, so every seed drew from one stream."""
+    for seed in (1, 2):
+        method = instantiate(make_cfg(*OPCD, f"seed={seed}", "method.seed=0").method, _convert_="all")
+        assert (method.seed, method.on_policy.seed) == (0, seed)  # on_policy.start seeds its generators with it
+    method = instantiate(make_cfg(*OPCD, "seed=1", "method.sample_seed=0").method, _convert_="all")
+    assert method.on_policy.seed == 0  # the published seeds' setting, named
+
+
 @pytest.mark.parametrize("lmbda, sampler", [(1.0, "student_prompts"), (0.0, "teacher_prompts")])
 def test_the_loss_is_the_reverse_kl_to_the_prompted_teacher_at_every_sampled_token(make_cfg, lmbda, sampler):
     """The samples are fixed; the reference is two plain forwards (the student without the prompt, the base with

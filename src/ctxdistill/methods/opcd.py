@@ -33,6 +33,9 @@ class OPCDConfig(OnPolicySampling, PromptInternalizationConfig):
 
     _target_: str = "ctxdistill.methods.opcd.OnPolicyPromptDistillation"
     prompt_placement: str = one_of("user_turn", "system_message", default="system_message")  # OPCD's
+    # the sampling generator and the lambda draws: the run's seed, apart from method.seed (which keys the shared
+    # stages), so seeds that share stages still draw their own samples
+    sample_seed: int = "${seed}"  # type: ignore[assignment]
     schema_name: ClassVar[str] = "base_opcd"
 
     @classmethod
@@ -44,7 +47,9 @@ class OPCDConfig(OnPolicySampling, PromptInternalizationConfig):
 class OnPolicyPromptDistillation(PromptInternalization):
     teacher_during_training = True  # it scores every step's samples
 
-    def __init__(self, divergence: str, beta: float, lmbda: float, temperature: float, top_k, **shared):
+    def __init__(
+        self, divergence: str, beta: float, lmbda: float, temperature: float, top_k, sample_seed: int, **shared
+    ):
         super().__init__(**shared)
         # The student samples a batch with probability lambda (OPCD: 1, every batch), the prompted teacher the
         # rest; either until the end of its turn or max_reply_tokens.
@@ -58,7 +63,7 @@ class OnPolicyPromptDistillation(PromptInternalization):
             top_k,
             self.max_reply_tokens,
             stop=None,
-            seed=self.seed,
+            seed=sample_seed,
             teacher_model=None,
             uld_hybrid=False,
             uld_hybrid_weights=None,
