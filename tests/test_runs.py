@@ -616,6 +616,12 @@ def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(ma
     assert warnings("method=cd", "trainer.selection.every_epochs=2") == [
         "trainer.selection.metric=null selects no checkpoint: ignoring trainer.selection.every_epochs"
     ]
+    # the eighteenth audit: GenPI and OPCD evaluate on inputs of their own; an ood=[hans] there ran no HANS, unsaid
+    assert warnings("method=genpi", "ood=[hans]", "dataset.context.num_demos=2", "method.sft_weight=0.5") == [
+        "method=genpi brings its own inputs and held-out sets, reading no dataset: ignoring ood, "
+        "dataset.context.num_demos"
+    ]
+    assert warnings("method=cd", "ood=[hans]", "dataset.context.num_demos=2") == []
     # an experiment's max_steps (demo's 32) made a command line's trainer.epochs=1 train 32 steps, unsaid
     assert warnings("method=cd", "trainer.max_steps=3", "trainer.epochs=1") == [
         "trainer.max_steps=3 sets how long the run trains: ignoring trainer.epochs"

@@ -161,8 +161,13 @@ ADAPTER_KEYS = {"lora": "model.lora.", "prefix": "model.prefix_"}
 def unread_settings(cfg: DictConfig) -> dict[str, str]:
     """The settings of ``cfg`` that its other settings leave unread, each with why: the method's own (its schema's
     ``unread``), a checkpoint selection's without its metric, a logger's that logs nothing, the number of epochs
-    where trainer.max_steps sets the length."""
-    unread = OmegaConf.get_type(cfg.method).unread(cfg.method)
+    where trainer.max_steps sets the length, the dataset and ood groups where the method brings its own data. A
+    group's name (``dataset``) stands for each of its settings."""
+    schema = OmegaConf.get_type(cfg.method)
+    unread = schema.unread(cfg.method)
+    if schema.dataset_kinds is None:
+        reason = f"method={cfg.method.name} brings its own inputs and held-out sets, reading no dataset"
+        unread |= {"dataset": reason, "ood": reason}
     if cfg.trainer.selection.metric is None:
         reason = "trainer.selection.metric=null selects no checkpoint"
         unread |= {f"trainer.selection.{key}": reason for key in cfg.trainer.selection if key != "metric"}
@@ -183,8 +188,9 @@ def unused_settings(
     entries = []
     if cfg is not None:
         unread = unread_settings(cfg)
-        for reason in dict.fromkeys(unread[k] for k in keys if k in unread):
-            given = [k for k in keys if unread.get(k) == reason]
+        reasons = {k: unread.get(k, unread.get(k.partition(".")[0])) for k in keys}
+        for reason in dict.fromkeys(r for r in reasons.values() if r):
+            given = [k for k in keys if reasons[k] == reason]
             entries.append({"keys": given, "reason": reason, "warning": f"{reason}: ignoring {', '.join(given)}"})
     if not method.trains:
         unused = training_settings_in(overrides or []) + [
