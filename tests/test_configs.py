@@ -402,7 +402,8 @@ def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(make_cf
         ("dataset=kg_synthetic method=kgbert dataset.subsample_seed=-1", "dataset.subsample_seed: must be in"),
         ("method=contextualization dataset=kg_synthetic method.top_p=0", "method.top_p: must be in (0, 1], got 0"),
         ("method=contextualization dataset=kg_synthetic method.top_p=1.5", "method.top_p"),
-        ("method=genpi method.generator_temperature=-1", "method.generator_temperature: must be >= 0, got -1"),
+        ("method=genpi method.generator_temperature=-1", "method.generator_temperature: must be positive, got -1"),
+        ("method=genpi method.generator_temperature=0", "must be positive, got 0.0: the inputs are distinct samples"),
         ("method=genpi method.generator_top_k=0", "method.generator_top_k: must be >= 1 or null, got 0"),
         ("method=genpi method.reason_temperature=-0.5", "method.reason_temperature: must be >= 0, got -0.5"),
         ("method=opcd method.generator_temperature=-1", "method.generator_temperature"),  # OPCD's inputs too

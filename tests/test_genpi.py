@@ -180,10 +180,15 @@ def test_a_second_run_and_a_sweep_over_the_weights_generate_nothing_again(make_c
     assert generate_calls == [8, 2]
     assert stage_rows(stages) == saved
     assert second["train"]["final_loss"] != first["train"]["final_loss"]
-    # Both runs record the stage files they read (and the first wrote) under their keys.
-    for result in (first, second):
+    # Both runs record the stage files they read (and the first wrote) under their keys: at sft_weight=1 the
+    # reasons are not read (nor written, in a fresh stage directory: no prompt-generation term reads them).
+    for result, read in ((first, saved), (second, [name for name in saved if not name.startswith("reasons")])):
         used = {(c["cache"], c["key"], Path(c["path"]).name) for c in result["provenance"]["caches"]}
-        assert used == {(f"stage:{name.split('-')[0]}", Path(name).stem, name) for name in saved}
+        assert used == {(f"stage:{name.split('-')[0]}", Path(name).stem, name) for name in read}
+    fresh = tmp_path / "fresh"
+    alone = run(make_cfg(*GENPI, f"method.stage_dir={fresh}", "method.sft_weight=1.0", output_dir=tmp_path / "c"))
+    assert [name.split("-")[0] for name in stage_rows(fresh)] == ["inputs", "replies"]
+    assert alone["train"]["final_loss"] == second["train"]["final_loss"]
 
     metrics = second["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "b" / "predictions.jsonl").read_text().splitlines()]

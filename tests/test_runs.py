@@ -622,6 +622,10 @@ def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(ma
         "dataset.context.num_demos"
     ]
     assert warnings("method=cd", "ood=[hans]", "dataset.context.num_demos=2") == []
+    assert warnings("method=genpi", "method.sft_weight=1.0", "method.max_reason_tokens=7") == [
+        "method.sft_weight=1 trains on the replies alone, with no reasons nor prompt-generation term: ignoring "
+        "method.max_reason_tokens"
+    ]
     # an experiment's max_steps (demo's 32) made a command line's trainer.epochs=1 train 32 steps, unsaid
     assert warnings("method=cd", "trainer.max_steps=3", "trainer.epochs=1") == [
         "trainer.max_steps=3 sets how long the run trains: ignoring trainer.epochs"

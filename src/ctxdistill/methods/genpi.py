@@ -131,11 +131,11 @@ class PromptInternalizationConfig(MethodConfig):
             "(ctxdistill-compare --vs) pairs the examples by their text",
             "List each held-out input once",
         )
-        require(
-            m.generator_temperature >= 0,
+        require(  # every round asks the same prompt: greedy decoding writes one input, however many rounds run
+            m.generator_temperature > 0,
             "method.generator_temperature",
-            f"must be >= 0, got {m.generator_temperature}",  # a negative one samples the least likely tokens
-            "0 is greedy; the released code samples at 1.0",
+            f"must be positive, got {m.generator_temperature}: the inputs are distinct samples of one prompt",
+            "The released code samples at 1.0",
         )
         require_count(m.generator_top_k, "method.generator_top_k", "null samples from the whole vocabulary")
         require(
@@ -214,6 +214,14 @@ class GenPIConfig(PromptInternalizationConfig):
             m,
             {"pg_template": ("input", "base", "teacher"), "reason_template": ("input", "base", "teacher", "prompt")},
         )
+
+    @classmethod
+    def unread(cls, m: DictConfig) -> dict[str, str]:
+        if m.sft_weight < 1:
+            return {}
+        reason = "method.sft_weight=1 trains on the replies alone, with no reasons nor prompt-generation term"
+        keys = ("pg_template", "reason_template", "reason_temperature", "reason_top_p", "max_reason_tokens")
+        return {f"method.{key}": reason for key in keys}
 
 
 def prompt_turns(text: str) -> list[dict]:
@@ -576,13 +584,15 @@ class GenPI(PromptInternalization):
     @torch.no_grad()
     def prepare(self, handle, tokenizer, task, examples, batch_size):
         replies = self.training_replies(handle, tokenizer, task, batch_size)
-        reasons = self._reasons(handle, tokenizer, replies)
+        # only the prompt-generation term reads the reasons: sft_weight=1 writes none
+        reasons = self._reasons(handle, tokenizer, replies) if self.sft_weight < 1 else [None] * len(replies)
         for example, reply, reason in zip(examples, replies, reasons):
             self._records[example.uid] = {**reply, "reason": reason}
         log.info(
-            "genpi: %d training and %d held-out pseudo inputs with replies and reasons, cached in %s",
+            "genpi: %d training and %d held-out pseudo inputs with replies%s, cached in %s",
             len(replies),
             len(self.heldout_pseudo_inputs),
+            " and reasons" if self.sft_weight < 1 else "",
             self.stage_dir,
         )
 
