@@ -328,6 +328,22 @@ def test_a_setting_no_cell_of_the_sweep_accepts_is_refused_once_before_the_first
     assert "Launching" not in proc.stdout and not sweep_dir.exists()  # no directory of a sweep that ran nothing
 
 
+def test_a_sweep_given_one_output_dir_is_refused_before_its_first_cell(tmp_path):
+    """The eighteenth audit: each cell wrote there, seed 1's failure hid seed 0's result, and the sweep exited 0
+    with no summary (force=true: seed 1 overwrote seed 0)."""
+    sweep_dir, out = tmp_path / "s", tmp_path / "one"
+    proc = multirun(
+        "method=zero_shot", "seed=0,1", *CELL, "logger=none", f"output_dir={out}", f"hydra.sweep.dir={sweep_dir}"
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr == (
+        f"ctxdistill: output_dir={out} is one directory for the sweep's 2 cells: each cell would find another's run "
+        "there, and the sweep's summary reads none of them. Leave output_dir out (each cell writes to "
+        "hydra.sweep.dir/<its overrides>) and name the sweep's directory with hydra.sweep.dir\n"
+    )
+    assert not out.exists() and not sweep_dir.exists()
+
+
 @pytest.mark.parametrize(
     "refused",
     ["trainer.batch_size=0", "method=zero_shot,nosuch"],

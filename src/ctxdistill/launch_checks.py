@@ -178,6 +178,7 @@ class LaunchChecks(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         refuse_bad_inputs(config, "hydra.sweep.dir", status=2)  # 2: a sweep refused before its first cell
         refuse_swept_experiments_with_sweeps_of_their_own(config)
+        refuse_one_output_dir_for_several_cells(config)
         refuse_a_sweep_every_cell_of_which_fails(config)
         global multirun_yaml
         path = Path(resolved(config, "hydra.sweep.dir")).expanduser().absolute() / "multirun.yaml"
@@ -220,6 +221,30 @@ def shared_cell_error(config: DictConfig) -> Optional[ConfigError]:
         if len(errors) > 1:
             return None
     return next(iter(errors.values()), None)
+
+
+def refuse_one_output_dir_for_several_cells(config: DictConfig) -> None:
+    """A multirun given one output_dir (not swept, not per cell): every cell wrote into it, the second refused as
+    holding another config's run (or, with force=true, overwriting it), and the sweep's summary, which reads the
+    sweep directory, saw neither."""
+    from ctxdistill.cli import exit_with_message, sweep_cells
+
+    if config.output_dir is None or OmegaConf.is_interpolation(config, "output_dir"):
+        return  # the cell's own directory (the default), or a path built from the cell's settings
+    overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+    try:
+        cells = sweep_cells(overrides, OmegaConf.select(config, "hydra.sweeper.params") or {})
+    except Exception:  # noqa: BLE001 - another sweeper's search space: its cells are its own
+        return
+    if len(cells) > 1:
+        exit_with_message(
+            ConfigError(
+                f"output_dir={config.output_dir} is one directory for the sweep's {len(cells)} cells: each cell would "
+                "find another's run there, and the sweep's summary reads none of them. Leave output_dir out (each "
+                "cell writes to hydra.sweep.dir/<its overrides>) and name the sweep's directory with hydra.sweep.dir"
+            ),
+            2,
+        )
 
 
 def refuse_swept_experiments_with_sweeps_of_their_own(config: DictConfig) -> None:
