@@ -181,9 +181,13 @@ def test_a_finished_round_of_other_settings_is_refused_not_taken_as_this_runs(ma
     with pytest.raises(ConfigError) as refused:
         run(make_cfg(*settings, "trainer.lr=0.05"))
     assert str(refused.value) == (
-        f"{tmp_path / 'rounds' / '1'} holds a round finished by a run with other settings. Use a new output_dir, "
-        f"or delete {tmp_path / 'rounds'} to start this one over."
+        f"{tmp_path / 'rounds' / '1' / 'round.json'} was written by a run with other settings (trainer.lr). Run with "
+        "the settings it was made with to resume it, pass force=true to start it over, or give the sweep another "
+        "hydra.sweep.dir."
     )
+    # force=true starts over: the finished round is trained again, under the new settings
+    assert run(make_cfg(*settings, "trainer.lr=0.05", "force=true"))["train"]["rounds"] == 2
+    assert not (tmp_path / "rounds").exists()
 
 
 def test_sequential_distillation_refuses_what_cannot_teach_round_by_round(make_cfg):

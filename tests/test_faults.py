@@ -89,8 +89,16 @@ def test_a_signal_saves_and_exits_for_requeue_then_the_same_run_and_wandb_run_re
     assert not (tmp_path / "metrics.json").exists()
     assert signal.getsignal(sig) is signal.SIG_DFL  # handlers restored
 
-    with pytest.raises(ConfigError, match="other settings.*new output_dir"):
-        run(compose_run(tmp_path, "trainer.lr=5e-3"))
+    # refused before any model loads or file is written (the eighteenth audit: after the model and the teacher's
+    # evaluation, with config.yaml rewritten to settings the checkpoint never had), naming the setting
+    config_before = (tmp_path / "config.yaml").read_text()
+    with monkeypatch.context() as patched:
+        patched.setattr("ctxdistill.run.build_models", lambda *a, **k: pytest.fail("a model loaded"))
+        with pytest.raises(
+            ConfigError, match=r"step-00000003 was written by a run with other settings \(trainer\.lr\)"
+        ):
+            run(compose_run(tmp_path, "trainer.lr=5e-3"))
+    assert (tmp_path / "config.yaml").read_text() == config_before
     assert run(cfg)["train"]["resumed_from_step"] == 3
     assert outcome(tmp_path) == uninterrupted
     run_id = (tmp_path / "wandb_run_id").read_text().strip()

@@ -47,7 +47,7 @@ from ctxdistill.models import (
 from ctxdistill.results.metrics import float32_rounded
 from ctxdistill.results.records import EVALUATIONS, PREDICTIONS, RUN_CONFIG
 from ctxdistill.serving import serving_metrics
-from ctxdistill.sweeps import group_name
+from ctxdistill.sweeps import config_changes, group_name, other_output_dir
 from ctxdistill.tracking import Tracker, create_tracker, exit_code
 from ctxdistill.trainer import checkpoint_selection, train
 
@@ -73,6 +73,11 @@ def run_identity(cfg: DictConfig, task: Task) -> dict[str, Any]:
 
 def training_fingerprint(cfg: DictConfig) -> str:
     """What a checkpoint must share with the run that resumes it (not how often it saves or evaluates)."""
+    return hashlib.sha256(json.dumps(training_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def training_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings the training fingerprint hashes."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in (
         "checkpoint_every",
@@ -89,12 +94,11 @@ def training_fingerprint(cfg: DictConfig) -> str:
         trainer.pop("selection")
     if trainer["steps_per_lr_update"] == 1:
         trainer.pop("steps_per_lr_update")
-    shaping = {
+    return {
         "trainer": trainer,
         "seed": cfg.seed,
         **{key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("method", "model", "dataset")},
     }
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_accelerator(trainer: DictConfig) -> Accelerator:
@@ -314,6 +318,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0."
         )
     method.check_inputs(task, tokenizer, cfg)
+    if method.trains:
+        refuse_checkpoints_of_other_settings(cfg, out)
     if method.trained_weights == "adapter":
         check_adapter(cfg.model, cfg.cache_dir, tokenizer, task.context, method.wrap_model)
     ignored = warn_unused_training_settings(
@@ -497,6 +503,42 @@ def clear_earlier_results(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+
+
+def refuse_checkpoints_of_other_settings(cfg: DictConfig, out: Path) -> None:
+    """Before the models load and the run's files are written: an unfinished run in ``out`` (its latest
+    checkpoint, or a finished round) made with settings that shape training otherwise is refused, naming them; the
+    trainer found it only after the model had loaded and the teacher been evaluated, with config.yaml already
+    rewritten to settings its checkpoint never had. force=true starts the run over instead."""
+    fingerprint = training_fingerprint(cfg)
+    rounds = sorted(p for p in (out / ROUNDS).glob("*") if p.is_dir()) if (out / ROUNDS).is_dir() else []
+    other = []
+    for round_dir in [out, *rounds]:
+        checkpoint, finished = latest_checkpoint(round_dir), round_dir / "round.json"
+        if checkpoint is not None:
+            state = torch.load(checkpoint / "custom_checkpoint_0.pkl", map_location="cpu", weights_only=False)
+            other += [checkpoint] if state["fingerprint"].split("-round")[0] != fingerprint else []
+        if finished.is_file():
+            other += (
+                [finished] if json.loads(finished.read_text())["fingerprint"].split("-round")[0] != fingerprint else []
+            )
+    if not other:
+        return
+    if cfg.force:
+        log.warning("force=true: starting over, removing %s's checkpoints of a run with other settings", out)
+        remove_checkpoints(out)
+        shutil.rmtree(out / ROUNDS, ignore_errors=True)
+        return
+    changed = []
+    if (out / RUN_CONFIG).is_file():  # the settings the unfinished run wrote, where they shape training
+        stored = training_settings(OmegaConf.load(out / RUN_CONFIG))
+        changed = config_changes(stored, training_settings(cfg))
+    raise ConfigError(
+        f"{other[0]} was written by a run with other settings"
+        + (f" ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''})" if changed else "")
+        + f". Run with the settings it was made with to resume it, pass force=true to start it over, or give the "
+        f"{other_output_dir()}."
+    )
 
 
 def resumes_training(out: Path) -> bool:
