@@ -472,6 +472,12 @@ def test_the_sweep_table_gives_each_swept_setting_its_own_row_and_says_what_a_ro
     assert [(r["method"], r["seeds"]) for r in table] == [("zero_shot lr=0.001", "2"), ("zero_shot lr=0.002", "2")]
     # its command to make the table again splits the rows as the sweep did (without --by it averaged both rates)
     assert f"Regenerate with `ctxdistill-compare {sweep_dir} --by trainer.lr --out {sweep_dir}`" in readme
+    # ... and keeps the command that made (and resumes) the sweep, which it dropped (the eighteenth audit)
+    produced = readme[readme.index("Produced by:") :].split("```")[1]
+    assert "trainer.lr=0.001,0.002" in produced
+    assert compare([str(sweep_dir), "--by", "trainer.lr", "--out", str(sweep_dir)]) == 0
+    assert (sweep_dir / "README.md").read_text().split("```")[1] == produced
+    capsys.readouterr()
     # without --by, the row that averages both rates says so; a directory given twice counts its runs once
     assert compare([str(sweep_dir), f"{sweep_dir}/", "--format", "csv"]) == 0
     out, err = capsys.readouterr()
@@ -961,3 +967,19 @@ def test_a_wandb_outage_is_said_once_for_a_sweep_and_its_summary_stays_out_of_th
     first, last = (log.read_text() for log in cells)
     assert "W&B could not start" in first and "W&B could not start" not in last
     assert "comparison" not in last and "Comparison" not in last
+
+
+def test_a_sweeps_command_names_its_directory_absolute(tmp_path, monkeypatch):
+    """A relative hydra.sweep.dir stayed relative in the README's command and the resume hint: run from another
+    directory, it started a new sweep instead of resuming this one."""
+    from ctxdistill.sweeps import sweep_command
+
+    monkeypatch.chdir(tmp_path)
+    hydra = OmegaConf.create(
+        {
+            "overrides": {"task": ["method=cd"], "hydra": []},
+            "sweep": {"dir": "out/s"},
+            "runtime": {"config_sources": []},
+        }
+    )
+    assert sweep_command(hydra) == f"ctxdistill -m method=cd hydra.sweep.dir={tmp_path / 'out' / 's'}"

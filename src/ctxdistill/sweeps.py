@@ -170,11 +170,12 @@ def command_line_config_dirs(hydra: DictConfig) -> list[str]:
 
 def sweep_command(hydra: DictConfig, sweep_dir: Optional[str] = None) -> str:
     """The command that re-runs a sweep into the same directory (so only missing cells run), from the sweep's
-    Hydra config (``hydra.sweep.dir`` unless ``sweep_dir`` gives it resolved)."""
+    Hydra config (``hydra.sweep.dir`` unless ``sweep_dir`` gives it resolved), absolute as its config directories:
+    the command resumes the sweep from any directory."""
     task = list(hydra.overrides.task)
     hydra_overrides = [o for o in hydra.overrides.hydra if not o.startswith(("hydra.sweep.dir=", "hydra.mode="))]
     config_dirs = [f"--config-dir={path}" for path in command_line_config_dirs(hydra)]
-    arguments = [*task, *hydra_overrides, f"hydra.sweep.dir={sweep_dir or hydra.sweep.dir}"]
+    arguments = [*task, *hydra_overrides, f"hydra.sweep.dir={Path(sweep_dir or hydra.sweep.dir).absolute()}"]
     return " ".join(["ctxdistill", *map(shlex.quote, config_dirs), "-m", *map(shlex.quote, arguments)])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any, Optional
@@ -30,6 +31,8 @@ def write_results(
     paired tests, ``--vs``); by default summarised here. ``sources``: what ctxdistill-compare reads to make them
     again (its arguments before ``--out``; by default ``directory``, a sweep's own)."""
     sources = sources or shlex.quote(str(directory))
+    readme = directory / "README.md"
+    command = command or sweep_command_in(readme)
     tables = tables if tables is not None else summarise(records)
     results = directory / RESULTS_DIR
     results.mkdir(parents=True, exist_ok=True)
@@ -73,6 +76,13 @@ def write_results(
         f"`ctxdistill-compare {sources} --vs METHOD` adds a paired test against METHOD.",
         "",
     ]
-    readme = directory / "README.md"
     readme.write_text("\n".join(lines))
     return readme
+
+
+def sweep_command_in(readme: Path) -> Optional[str]:
+    """The command a sweep's README gives as what produced it (and resumes it), so that a comparison written
+    over a sweep's own directory (``ctxdistill-compare SWEEP --out SWEEP``) keeps it."""
+    text = readme.read_text() if readme.is_file() else ""
+    found = re.search(r"^Produced by:\n\n```bash\n(.+?)\n```$", text, flags=re.MULTILINE | re.DOTALL)
+    return found.group(1) if found else None
