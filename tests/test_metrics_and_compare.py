@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from ctxdistill.evaluation import Evaluator, GenerationEvaluator, MixtureEvaluator, with_task_metrics
@@ -940,6 +941,27 @@ def test_the_results_modules_import_no_cycle_and_nothing_above_them():
 
     for module in graph:
         visit(module, [])
+
+
+def test_settings_that_move_with_the_seed_are_seeds_of_one_setting(tmp_path, capsys):
+    """The eighteenth audit: method.seed (${seed}) and Upadhayaya's HANS shuffle (${add:${seed},1}) differ with
+    every seed, and each such row was warned of as averaging other settings, advising --by to split it into
+    single-seed rows; so was a W&B run's record of the run a forced re-run replaced."""
+    for seed in range(3):
+        run = tmp_path / f"s{seed}"
+        run.mkdir()
+        record = {"status": "complete", "method": "cd", "model": "m", "dataset": "mnli", "seed": seed}
+        (run / "metrics.json").write_text(json.dumps({**record, "metrics": {"eval/accuracy": 0.5}}))
+        config = {"seed": seed, "method": {"seed": seed, "sample_seed": 0}, "dataset": {"hans_seed": seed + 1}}
+        config["supersedes_wandb_run"] = f"id{seed}"  # as read back from W&B
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    (tmp_path / "s2" / "config.yaml").write_text(
+        yaml.safe_dump({"seed": 2, "method": {"seed": 7, "sample_seed": 0}, "dataset": {"hans_seed": 3}})
+    )
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    assert "averages 3 runs that differ in method.seed 0, 1, 7: not seeds of one setting" in capsys.readouterr().err
 
 
 def test_by_splits_a_methods_runs_by_a_config_key_and_mixed_settings_are_warned_of(tmp_path, capsys):

@@ -71,8 +71,9 @@ CACHE_LOCATIONS = ("cache_dir", "stage_dir", "sheet_dir")
 # demonstrations and training examples (Mosbach et al. report the mean over data seeds at seed 0,
 # docs/papers/mosbach2023.md). Every other setting that differs makes rows of its own.
 REPETITIONS = ("seed", "dataset.context.data_seed", "dataset.data_seed")
-# What a W&B run's config holds besides the run's settings: its record (tracking.py logs them there).
-RECORDED_IN_WANDB_CONFIG = ("identity", "metric_set", "provenance")
+# What a W&B run's config holds besides the run's settings: its record, the config groups chosen and the W&B run a
+# forced re-run replaced (run.py and tracking.py log them there).
+RECORDED_IN_WANDB_CONFIG = ("identity", "metric_set", "provenance", "hydra_choices", "supersedes_wandb_run")
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:

@@ -261,6 +261,15 @@ def duplicate_seed_warnings(tables: list[Table]) -> list[str]:
     ]
 
 
+def moves_with_seed(values: list[Any], seeds: list[Any]) -> bool:
+    """Whether a setting is the run's seed by another name: it differs from each run's seed by one constant (a
+    ``${seed}`` such as method.seed, or HANS's ``${add:${seed},1}`` shuffle), so its runs are seeds of one setting."""
+    numbers = [*values, *seeds]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
+        return False
+    return len({value - seed for value, seed in zip(values, seeds)}) == 1
+
+
 def mixed_settings_warnings(tables: list[Table]) -> list[str]:
     """A warning per row whose runs differ in a setting that can change results besides their seeds (their configs
     compared as a sweep compares a re-run's): the row would average other settings as if they were seeds."""
@@ -280,8 +289,12 @@ def mixed_settings_warnings(tables: list[Table]) -> list[str]:
                 }
                 for c in configs
             ]
+            seeds = [r.get("seed") for r in row.records]
             differing = [
-                k for k in dict.fromkeys(k for s in settings for k in s) if len({repr(s.get(k)) for s in settings}) > 1
+                k
+                for k in dict.fromkeys(k for s in settings for k in s)
+                if len({repr(s.get(k)) for s in settings}) > 1
+                and not moves_with_seed([s.get(k) for s in settings], seeds)
             ]
             if differing:
                 values = "; ".join(
