@@ -230,7 +230,7 @@ def compare(argv: list[str] | None = None) -> int:
             )
             return 2
     try:
-        rows = split_by(records, args.by)  # the table's rows; the scorecard matches the runs' own methods
+        rows = split_by(records, args.by)  # the table's rows, and the scorecard's: one per setting
     except UnknownConfigKeyError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -255,7 +255,7 @@ def compare(argv: list[str] | None = None) -> int:
     print(render(tables, args.format))
     scores: list[scorecard.Score] = []
     if args.scorecard:
-        scores = scorecard.score([c for p in papers for c in p.cells], records, model_as)
+        scores = scorecard.score([c for p in papers for c in p.cells], rows, model_as)  # per --by setting
         print("\n" + scorecard.render(papers, scores, model_as, args.format))
     if args.out:
         appendix = ""

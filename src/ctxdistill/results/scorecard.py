@@ -137,6 +137,7 @@ def table_cells(paper: str, table: dict[str, Any], where: str) -> list[Cell]:
 class Score:
     cell: Cell
     run_model: Optional[str] = None  # the model the runs used (differs from the cell's under --model-as)
+    setting: Optional[str] = None  # the --by values the runs share ("lr=0.0001"); None without --by
     values: list[float] = field(default_factory=list)  # the run metric per run, in the paper's units
     examples: list[Optional[int]] = field(default_factory=list)  # eval examples of each run with a value
     #: the kind of the metric the runs declare (a proportion, a mean over examples such as MRR, a bootstrapped
@@ -232,29 +233,32 @@ def score(cells: list[Cell], records: list[dict[str, Any]], model_as: Optional[d
 
     ``model_as`` maps a run's model onto a paper's model (``{"smollm2-135m": "opt-125m"}``).
     A cell with ``shots`` takes only runs with that many demonstrations (runs that do not list theirs count).
+    Records split by settings (``--by``, results.records.split_by) are scored per setting, never averaged as seeds.
     """
     model_as = model_as or {}
     scores = []
     for cell in cells:
-        by_model: dict[str, list[dict[str, Any]]] = {}
+        by_model: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for record in records:
-            shots = run_shots(record)
-            if (record["method"], model_as.get(record["model"], record["model"]), record["dataset"]) == (
+            shots, split = run_shots(record), record.get("by") or {}
+            method = split.get("method", record["method"])
+            if (method, model_as.get(record["model"], record["model"]), record["dataset"]) == (
                 cell.method,
                 cell.model,
                 cell.dataset,
             ) and (cell.shots is None or shots is None or shots == cell.shots):
-                by_model.setdefault(record["model"], []).append(record)
+                by_model.setdefault((record["model"], split.get("setting", "")), []).append(record)
         if not by_model:
             scores.append(Score(cell))
-        for run_model, runs in sorted(by_model.items()):
+        for (run_model, setting), runs in sorted(by_model.items()):
             measured = [r for r in runs if cell.run_metric in r["metrics"]]
             scores.append(
                 Score(
                     cell,
                     run_model,
-                    [r["metrics"][cell.run_metric] * cell.scale for r in measured],
-                    [run_examples(r, cell.run_metric) for r in measured],
+                    values=[r["metrics"][cell.run_metric] * cell.scale for r in measured],
+                    examples=[run_examples(r, cell.run_metric) for r in measured],
+                    setting=setting or None,
                     matched_runs=len(runs),
                     **run_declarations(measured, cell.run_metric),
                 )
@@ -301,6 +305,8 @@ def text_rows(scores: list[Score]) -> list[list[str]]:
             ours = f"{s.run_model} as {cell.model}"
         else:
             ours = s.run_model
+        if s.setting:
+            ours += f" ({s.setting})"
         interval = s.interval
         n = str(len(s.values)) if s.values else "-"
         if len(s.values) == 1:
@@ -379,7 +385,7 @@ def render(papers: list[Paper], scores: list[Score], model_as: dict[str, str], f
 CSV_COLUMNS = [
     "paper", "table", "row", "column", "metric", "paper_value", "paper_runs", "approximate", "percent", "source",
     "method", "model", "dataset", "shots", "run_metric", "run_model", "mean", "ci_low", "ci_high", "runs",
-    "examples", "difference", "verdict",
+    "examples", "difference", "verdict", "setting",
 ]  # fmt: skip
 
 
@@ -393,7 +399,7 @@ def table_rows(scores: list[Score]) -> tuple[list[str], list[list[Any]]]:
                 c.paper, c.table, c.row, c.column, c.metric, c.value, c.runs, c.approximate, c.percent, c.source,
                 c.method, c.model, c.dataset, c.shots, c.run_metric, s.run_model, s.mean,
                 interval[0] if interval else None, interval[1] if interval else None, len(s.values),
-                stats.fewest_examples(s.examples), s.difference, s.verdict,
+                stats.fewest_examples(s.examples), s.difference, s.verdict, s.setting,
             ]
         )  # fmt: skip
     return CSV_COLUMNS, rows
