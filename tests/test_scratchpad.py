@@ -82,7 +82,7 @@ def test_a_budget_that_cuts_gold_worked_solutions_is_refused_before_the_model_lo
     # The 8-digit default fits its longest worked solution (316 tokens, a spaced digit being two).
     monkeypatch.setattr("ctxdistill.run.load_model", lambda *args: pytest.fail("the model was loaded"))
     with pytest.raises(ConfigError, match=r"max_new_tokens=35: 4 of the 8 .*\(up to 36, .*max_new_tokens=36 or more"):
-        run(make_cfg(*ADDITION, "dataset.generation.max_new_tokens=35"))
+        run(make_cfg(*ADDITION, "method=icl", "dataset.generation.max_new_tokens=35"))
 
 
 def test_exact_match_evaluation_counts_extraction_failures_as_wrong(make_cfg, tmp_path):

@@ -181,6 +181,14 @@ class DistillConfig(SeparateTeacher, MethodConfig):
                 "verbalizers need a frozen teacher and no top_k (the answer words and the rest are the whole support)",
                 "Set method.teacher=frozen and method.top_k=null",
             )
+        require(
+            cfg.dataset.kind != "generation" or m.answer == "teacher_generation",
+            "method.answer",
+            f"label_position distils the one token after the prompt, and dataset={cfg.dataset.name}'s answers are "
+            "free text of several tokens (kind generation): with a scratchpad context that token opens the "
+            "teacher's scratchpad, not its answer",
+            "Set method.answer=teacher_generation (the teacher's generated answer), or use method=scratchpad",
+        )
 
     @classmethod
     def check_training(cls, m: DictConfig, cfg: DictConfig) -> None:

@@ -289,12 +289,11 @@ def mixed_settings_warnings(tables: list[Table]) -> list[str]:
                 }
                 for c in configs
             ]
-            seeds = [r.get("seed") for r in row.records]
             differing = [
                 k
                 for k in dict.fromkeys(k for s in settings for k in s)
                 if len({repr(s.get(k)) for s in settings}) > 1
-                and not moves_with_seed([s.get(k) for s in settings], seeds)
+                and not moves_with_seed([s.get(k) for s in settings], row.seeds)
             ]
             if differing:
                 values = "; ".join(
