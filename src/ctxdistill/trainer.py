@@ -106,7 +106,8 @@ def lr_schedule(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """``trainer.scheduler`` over ``schedule_steps`` optimiser steps, moved on once every
     ``trainer.steps_per_lr_update`` of them, counted from each epoch's start: its length and warmup count these
-    groups (``trainer.warmup_ratio`` of them, rounded down, as transformers' schedules and the released code round)."""
+    groups (``trainer.warmup_ratio`` of them, rounded down; transformers' Trainer rounds up, a step more where the
+    product is not whole: docs/papers name the experiments where it is)."""
     per_update = cfg.steps_per_lr_update
     updates_per_epoch = math.ceil(steps_per_epoch / per_update)
 
