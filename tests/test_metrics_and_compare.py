@@ -1224,6 +1224,8 @@ def test_vs_refuses_rows_of_runs_sharing_a_seed_and_pairs_each_setting_with_by(m
         (["{tmp}", "--wandb-log", "--project", "a/b/c"], "--project a/b/c: give PROJECT or ENTITY/PROJECT"),
         (["{tmp}", "--project", "p"], "--project names where --wandb-log logs to: give --wandb-log too"),
         (["{tmp}", "--wandb-log"], "--wandb-log: WANDB_MODE=disabled turns W&B off, so nothing would be logged"),
+        # the eighteenth audit: it filtered nothing, without a word
+        (["{tmp}", "--group", "g"], "--group g selects runs read through W&B's API (--wandb ENTITY/PROJECT)"),
     ],
 )
 def test_compare_refuses_bad_arguments_with_one_line_before_reading_runs(args, message, tmp_path, capsys, monkeypatch):

@@ -158,6 +158,12 @@ def compare(argv: list[str] | None = None) -> int:
             "--wandb-log: WANDB_MODE=disabled turns W&B off, so nothing would be logged; run with WANDB_MODE=offline "
             "(logged under ./wandb, for `wandb sync`) or WANDB_MODE=online, or leave --wandb-log out"
         )
+    if args.group and not (args.wandb or args.wandb_log):  # it read every run given, without a word
+        parser.error(
+            f"--group {args.group} selects runs read through W&B's API (--wandb ENTITY/PROJECT) and names the group "
+            "--wandb-log logs to; runs given as directories are not filtered by it: give that group's directories, "
+            "or --wandb too"
+        )
     if args.wandb_report and not (args.wandb and args.group):
         parser.error("--wandb-report needs --wandb ENTITY/PROJECT and --group")
     if (args.paper or args.model_as) and not args.scorecard:
