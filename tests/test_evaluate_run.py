@@ -402,11 +402,17 @@ def test_an_evaluation_of_another_method_or_model_than_the_runs_is_refused(untra
     assert not (cell / "evaluations" / "other").exists()
 
 
-def test_training_settings_given_to_an_evaluation_are_said_to_be_ignored(untrained_sweep, capsys):
-    # overrides after an option too (the fifteenth audit: they were refused as unrecognized arguments)
-    assert main([str(untrained_sweep), "--name", "lr", "trainer.lr=5", "trainer.eval_batch_size=4"]) == 0
+def test_training_settings_given_to_an_evaluation_are_said_to_be_ignored(untrained_sweep, capsys, tmp_path):
+    # overrides after an option too (the fifteenth audit: they were refused as unrecognized arguments); the
+    # logger's and a HANS file no out-of-domain set reads were dropped without a word (the eighteenth audit)
+    hans = tmp_path / "heuristics_evaluation_set.txt"
+    hans.write_text("")
+    arguments = ["trainer.lr=5", "trainer.eval_batch_size=4", "logger.mode=offline", f"dataset.hans_file={hans}"]
+    assert main([str(untrained_sweep), "--name", "lr", *arguments]) == 0
     err = capsys.readouterr().err
     assert "ctxdistill-eval trains nothing and loads the run's saved weights: ignoring trainer.lr\n" in err
+    assert "ctxdistill-eval logs nothing to W&B (it writes evaluations/NAME/): ignoring logger.mode\n" in err
+    assert "no out-of-domain set reads it (ood=[hans] or [hans_all] would): ignoring dataset.hans_file\n" in err
 
 
 def test_a_path_that_does_not_exist_is_named(tmp_path, capsys):
@@ -424,6 +430,7 @@ def test_a_path_that_does_not_exist_is_named(tmp_path, capsys):
         (["{tmp}/run", "--name", ".."], "--name ..: give one plain directory name"),
         (["{tmp}/run", "--config-dir", "{tmp}/none"], "--config-dir {tmp}/none: no such directory"),
         (["--bogus"], "the following arguments are required: path"),
+        (["{tmp}/run", "dataset.hans_file={tmp}/none.txt"], "dataset.hans_file={tmp}/none.txt: no such file"),
     ],
 )
 def test_bad_arguments_are_refused_before_torch_and_the_methods_are_imported(args, message, tmp_path):

@@ -622,6 +622,10 @@ def test_a_method_setting_its_other_settings_leave_unread_is_named_as_ignored(ma
         "dataset.context.num_demos"
     ]
     assert warnings("method=cd", "ood=[hans]", "dataset.context.num_demos=2") == []
+    assert warnings("method=cd", "dataset.hans_file=/data/hans.txt") == [
+        "no out-of-domain set reads it (ood=[hans] or [hans_all] would): ignoring dataset.hans_file"
+    ]
+    assert warnings("method=cd", "ood=[hans]", "dataset.hans_file=/data/hans.txt") == []
     assert warnings("method=genpi", "method.sft_weight=1.0", "method.max_reason_tokens=7") == [
         "method.sft_weight=1 trains on the replies alone, with no reasons nor prompt-generation term: ignoring "
         "method.max_reason_tokens"

@@ -211,14 +211,22 @@ def check_configs_unchanged(run_dir: Path, recomposed: DictConfig, overrides: li
         )
 
 
-def warn_unused_training_settings(overrides: list[str]) -> None:
-    """A training setting given to ctxdistill-eval, which trains nothing and loads the run's saved adapter or
-    weights as they are: said, not silently dropped."""
-    from ctxdistill.run import training_settings_in
+def warn_unused_settings(overrides: list[str], cfg: DictConfig) -> None:
+    """A setting given to ctxdistill-eval that it does not read: said, not silently dropped. Training's (it trains
+    nothing and loads the run's saved adapter or weights as they are), the logger's (it logs nothing to W&B), and
+    those the evaluation's other settings leave unread (dataset.hans_file without an out-of-domain set reading it)."""
+    from ctxdistill.config import override_keys
+    from ctxdistill.run import training_settings_in, unread_entries
 
     unused = training_settings_in(overrides)
     if unused:
         log.warning("ctxdistill-eval trains nothing and loads the run's saved weights: ignoring %s", ", ".join(unused))
+    keys = override_keys(overrides)
+    logger = [k for k in keys if k.partition(".")[0] == "logger"]
+    if logger:
+        log.warning("ctxdistill-eval logs nothing to W&B (it writes evaluations/NAME/): ignoring %s", ", ".join(logger))
+    for entry in unread_entries(cfg, [k for k in keys if k not in logger and k not in unused]):
+        log.warning("%s", entry["warning"])
 
 
 def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -251,7 +259,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     else:
         recomposed = cfg
     check_configs_unchanged(run_dir, recomposed, overrides)
-    warn_unused_training_settings(overrides)
+    warn_unused_settings(overrides, cfg)
     method = build_method(cfg.method)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     task = method.build_task(cfg.dataset, cfg.seed)
@@ -382,6 +390,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     missing = [str(d) for d in args.config_dir if not d.is_dir()]
     if missing:
         parser.error(f"--config-dir {missing[0]}: no such directory")
+    from ctxdistill.config import ConfigError
+    from ctxdistill.launch_checks import check_data_paths
+
+    try:  # a data file or directory that does not exist (dataset.hans_file=PATH), as the ctxdistill command checks
+        check_data_paths(args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
     made = [run_dir / EVALUATIONS / name for run_dir in runs if (run_dir / EVALUATIONS / name).exists()]
     # the same command again (after Ctrl-C, say) evaluates only the runs it had not finished
     differences = (

@@ -30,7 +30,7 @@ from ctxdistill.checkpoint import (
     save_random_states,
     save_trainable_weights,
 )
-from ctxdistill.config import ConfigError, override_keys, table_label, validate
+from ctxdistill.config import ConfigError, DatasetConfig, override_keys, table_label, validate
 from ctxdistill.data import Task
 from ctxdistill.methods import build_method
 from ctxdistill.models import (
@@ -172,6 +172,9 @@ def unread_settings(cfg: DictConfig) -> dict[str, str]:
     if schema.dataset_kinds is None:
         reason = f"method={cfg.method.name} brings its own inputs and held-out sets, reading no dataset"
         unread |= {"dataset": reason, "ood": reason}
+    elif OmegaConf.get_type(cfg.dataset) is DatasetConfig and cfg.dataset.hans_file is not None:
+        if not any(eval_set.source.file == cfg.dataset.hans_file for eval_set in cfg.dataset.ood.values()):
+            unread["dataset.hans_file"] = "no out-of-domain set reads it (ood=[hans] or [hans_all] would)"
     if cfg.trainer.selection.metric is None:
         reason = "trainer.selection.metric=null selects no checkpoint"
         unread |= {f"trainer.selection.{key}": reason for key in cfg.trainer.selection if key != "metric"}
@@ -182,6 +185,18 @@ def unread_settings(cfg: DictConfig) -> dict[str, str]:
     return unread
 
 
+def unread_entries(cfg: DictConfig, keys: list[str]) -> list[dict[str, Any]]:
+    """Those of ``keys`` that ``cfg``'s other settings leave unread (:func:`unread_settings`), one entry per
+    reason: ``{"keys", "reason", "warning"}``."""
+    unread = unread_settings(cfg)
+    reasons = {k: unread.get(k, unread.get(k.partition(".")[0])) for k in keys}
+    entries = []
+    for reason in dict.fromkeys(r for r in reasons.values() if r):
+        given = [k for k in keys if reasons[k] == reason]
+        entries.append({"keys": given, "reason": reason, "warning": f"{reason}: ignoring {', '.join(given)}"})
+    return entries
+
+
 def unused_settings(
     method, overrides: Optional[list[str]], adapter: str, cfg: Optional[DictConfig] = None
 ) -> list[dict[str, Any]]:
@@ -189,13 +204,7 @@ def unused_settings(
     method does not train; an adapter's other than the one it trains (``adapter``: model.adapter), or any adapter's
     when it trains every weight; those the run's other settings leave unread (:func:`unread_settings` of ``cfg``)."""
     keys = override_keys(overrides or [])
-    entries = []
-    if cfg is not None:
-        unread = unread_settings(cfg)
-        reasons = {k: unread.get(k, unread.get(k.partition(".")[0])) for k in keys}
-        for reason in dict.fromkeys(r for r in reasons.values() if r):
-            given = [k for k in keys if reasons[k] == reason]
-            entries.append({"keys": given, "reason": reason, "warning": f"{reason}: ignoring {', '.join(given)}"})
+    entries = unread_entries(cfg, keys) if cfg is not None else []
     if not method.trains:
         unused = training_settings_in(overrides or []) + [
             k for k in keys if k.startswith(TRAINED_MODEL_EVALUATION_KEYS) or k == "dataset.num_train_queries"
