@@ -22,6 +22,8 @@ grid=sweeps/grids/upadhayaya2024.yaml
 multiruns=$(python -m ctxdistill.grids overrides "$grid" ${METHODS:+"method=$METHODS"} ${MODELS:+"model=$MODELS"} \
   ${SEEDS:+"seed=$SEEDS"}) || exit 2
 mapfile -t multiruns <<< "$multiruns"
+# shellcheck disable=SC2086  # COMPARE_ARGS are meant to split on spaces; checked before the sweeps, not after them
+ctxdistill-compare --check-args --scorecard --paper upadhayaya2024 ${COMPARE_ARGS:-} || exit 2
 source sweeps/each_dataset.sh "$@"
 # shellcheck disable=SC2086  # COMPARE_ARGS are meant to split on spaces
 ctxdistill-compare "$root" --out "$root" --scorecard ${COMPARE_ARGS:-} || failed

@@ -337,12 +337,35 @@ def test_the_upadhayaya_script_narrows_its_grid_and_ends_with_the_scorecard(tmp_
     sweep = tmp_path / "sweep"
     grid = "method=cd model=smollm2-135m seed=0,1 logger.group=upadhayaya2024"
     assert calls == [
+        "ctxdistill-compare --check-args --scorecard --paper upadhayaya2024 --model-as smollm2-135m=opt-125m",
         *(
             f"ctxdistill -m experiment=upadhayaya2024/{d} {grid} hydra.sweep.dir={sweep}/{d}"
             for d in ("mnli", "rte", "qqp")
         ),
         f"ctxdistill-compare {sweep} --out {sweep} --scorecard --model-as smollm2-135m=opt-125m",
     ]
+
+
+@pytest.mark.parametrize(
+    "compare_args, message",
+    [
+        ("--model-as smollm2-135m=opt-12m", "--model-as smollm2-135m=opt-12m: upadhayaya2024 reports no model opt-12m"),
+        ("--modle-as x=y", "unrecognized arguments: --modle-as"),
+    ],
+)
+def test_the_upadhayaya_script_refuses_bad_compare_args_before_its_sweeps(tmp_path, compare_args, message):
+    """The eighteenth audit: they were refused by the comparison at the end, after the whole grid had run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ctxdistill").write_text(f'#!/bin/sh\necho ctxdistill "$@" >> "{tmp_path}/calls"\n')
+    (bin_dir / "ctxdistill").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SWEEP_DIR": str(tmp_path / "sweep")}
+    env |= {"METHODS": "cd", "MODELS": "smollm2-135m", "SEEDS": "0", "COMPARE_ARGS": compare_args}
+    proc = subprocess.run(
+        ["bash", "sweeps/upadhayaya2024.sh"], cwd=CONF.parents[1], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "calls").exists()
 
 
 def test_the_scorecard_scores_each_setting_by_splits_the_runs_into(tmp_path, capsys):

@@ -89,6 +89,12 @@ def argument_parser() -> argparse.ArgumentParser:
         "each row's own headline (its method's objective)",
     )
     parser.add_argument("--out", type=Path, help="write README.md and results/ (tables, plots) here")
+    parser.add_argument(
+        "--check-args",
+        action="store_true",
+        help="check the other arguments (--model-as against --paper's models) and exit, reading no runs: a paper "
+        "script checks its COMPARE_ARGS before its sweeps",
+    )
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B (public API)")
     parser.add_argument("--group", help="only the W&B runs of this group (a sweep); also the group logged to")
     parser.add_argument(
@@ -135,11 +141,24 @@ def argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def paper_models_unknown(papers: list[scorecard.Paper], model_as: dict[str, str]) -> str | None:
+    """What is wrong with a --model-as naming a model none of ``papers`` reports; None when each is reported."""
+    paper_models = sorted({cell.model for paper in papers for cell in paper.cells})
+    unknown = [m for m in model_as.values() if m not in paper_models]
+    if not unknown or not papers:
+        return None
+    run_model = next(k for k, v in model_as.items() if v == unknown[0])
+    return (
+        f"--model-as {run_model}={unknown[0]}: {', '.join(p.name for p in papers)} reports no model {unknown[0]} "
+        f"(its models: {', '.join(paper_models)})"
+    )
+
+
 def compare(argv: list[str] | None = None) -> int:
     parser = argument_parser()
     args = parser.parse_args(argv)
     args.format = {"md": "markdown"}.get(args.format, args.format)
-    if not args.paths and not args.wandb:
+    if not args.paths and not args.wandb and not args.check_args:
         parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
     missing = [str(p) for p in args.paths if not p.exists()]
     if missing:
@@ -179,6 +198,11 @@ def compare(argv: list[str] | None = None) -> int:
         named_papers = [scorecard.load_paper(name) for name in args.paper]
     except ValueError as e:
         parser.error(str(e))
+    if args.check_args:
+        unknown = paper_models_unknown(named_papers, model_as)
+        if unknown:
+            parser.error(unknown)
+        return 0
 
     records = []
     if args.wandb:  # first: a missing login or network is said before the local runs are read
@@ -225,15 +249,9 @@ def compare(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 1
-        paper_models = sorted({cell.model for paper in papers for cell in paper.cells})
-        unknown = [m for m in model_as.values() if m not in paper_models]
+        unknown = paper_models_unknown(papers, model_as)
         if unknown:
-            run_model = next(k for k, v in model_as.items() if v == unknown[0])
-            print(
-                f"error: --model-as {run_model}={unknown[0]}: {', '.join(p.name for p in papers)} reports no model "
-                f"{unknown[0]} (its models: {', '.join(paper_models)})",
-                file=sys.stderr,
-            )
+            print(f"error: {unknown}", file=sys.stderr)
             return 2
     try:
         rows = split_by(records, args.by)  # the table's rows, and the scorecard's: one per setting
