@@ -415,6 +415,19 @@ def test_training_settings_given_to_an_evaluation_are_said_to_be_ignored(untrain
     assert "no out-of-domain set reads it (ood=[hans] or [hans_all] would): ignoring dataset.hans_file\n" in err
 
 
+def test_an_evaluation_given_as_the_run_names_its_run(untrained_sweep, capsys):
+    """RUN/evaluations was read as runs, each said to hold no trained weights and to need training again."""
+    cell = cells_of(untrained_sweep)[0]
+    assert main([str(cell), "--name", "first"]) == 0
+    capsys.readouterr()
+    for given in (cell / "evaluations", cell / "evaluations" / "first"):
+        with pytest.raises(SystemExit) as stopped:
+            main([str(given)])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert f"{cell / 'evaluations' / 'first'} is an evaluation of the run {cell}, not a run: give {cell}" in err
+
+
 def test_a_path_that_does_not_exist_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         main([str(tmp_path / "nowhere")])

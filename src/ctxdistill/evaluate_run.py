@@ -382,6 +382,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     runs = [run_dir for run_dir in run_dirs(args.path) if run_dir not in unfinished]
     if not runs:
         parser.error(f"no finished run (metrics.json) under {args.path}")
+    for run_dir in runs:  # an earlier evaluation given as the run (RUN/evaluations): it has no weights of its own
+        evaluated = json.loads((run_dir / "metrics.json").read_text()).get("evaluated_run")
+        if evaluated:
+            parser.error(f"{run_dir} is an evaluation of the run {evaluated}, not a run: give {evaluated}")
     name = args.name or cell_dir(",".join(args.overrides)) or "again"
     # evaluations/NAME/ must stay one directory of evaluations/: "..", "/" or an absolute path would reach the run's
     # own metrics.json and config.yaml, or beyond the run
