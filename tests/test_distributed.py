@@ -86,15 +86,18 @@ def test_sharded_strategies_compose_and_are_checked(make_cfg, strategy):
         validate(make_cfg("trainer.distributed.strategy=zero2"))
 
 
-def test_slurm_launcher_composes_with_requeue_settings():
+@pytest.mark.parametrize("multirun", [[], ["-m", "seed=0,1"]], ids=["run", "sweep"])
+def test_slurm_launcher_composes_with_requeue_settings(multirun):
+    # a sweep's --cfg hydra printed its cells' job configs instead (the eighteenth audit)
     proc = subprocess.run(
-        [sys.executable, "-m", "ctxdistill", "hydra/launcher=slurm", "--cfg", "hydra"],
+        [sys.executable, "-m", "ctxdistill", *multirun, "hydra/launcher=slurm", "--cfg", "hydra"],
         capture_output=True,
         text=True,
         env=ENV,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "# cell " not in proc.stdout
     for line in (
         "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
         "max_num_timeout: 3",

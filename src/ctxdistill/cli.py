@@ -213,24 +213,31 @@ def sweep_cells(overrides: list[str], sweeper_params: dict) -> list[list[str]]:
 
 
 def print_sweep_configs(argv: list[str]) -> None:
-    """``ctxdistill -m ... --cfg job``: Hydra refuses the pair, so compose, validate and print every cell."""
+    """``ctxdistill -m ... --cfg job|hydra|all``: Hydra refuses the pair, so print the sweep's Hydra config (its
+    launcher and sweeper: hydra, all) and compose, validate and print every cell (job, all)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from ctxdistill.config import validate
 
-    overrides, skip = [], False
+    overrides, skip, shown = [], False, "job"
     for arg in argv:
-        if skip or arg in ("-m", "--multirun"):
-            skip = False
+        if skip:
+            shown, skip = arg, False
+            continue
+        if arg in ("-m", "--multirun"):
             continue
         if arg in ("--cfg", "-c"):
-            skip = True  # its value: job | hydra | all; the cells' job configs are printed
+            skip = True  # its value: job | hydra | all
             continue
         overrides.append(arg)
     refuse_bases(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         shared = compose("config", overrides=unswept(overrides), return_hydra_config=True)
+        if shown in ("hydra", "all"):
+            print(f"# the sweep's Hydra config\n{OmegaConf.to_yaml({'hydra': shared.hydra})}")
+        if shown == "hydra":
+            return
         for number, cell in enumerate(sweep_cells(overrides, shared.hydra.sweeper.params or {})):
             cfg = compose("config", overrides=cell)
             validate(cfg, cell)
