@@ -97,6 +97,8 @@ def test_rte_reads_lm_bffs_kshot_copy_as_its_config_says(make_cfg):
         "ood=[]",
         "dataset.context.num_demos=4",
         "dataset.num_train_queries=8",
+        "++dataset.label_map.entailment=0",
+        "++dataset.label_map.not_entailment=1",
     )
     task = build_task(cfg.dataset, seed=0)
     with open(kshot / "dev.tsv", encoding="utf-8") as f:
@@ -368,6 +370,21 @@ def test_mosbach_prompts_are_llmfts_in_context_prompt_for_icl_and_its_input_for_
     assert task.teacher_prompt(query) == f"{context}{fill(icl_pattern, query)} {target_prefix.strip()}"
     assert task.student_prompt(query) == fill(ft_pattern, query)  # ft.py: --pattern as the scripts give it
     assert task.verbalizers == [f" {w}" for w in words]  # the "Ġ" target tokens
+
+
+def test_distilling_llmfts_empty_context_is_refused_as_nothing_to_distil(make_cfg, tmp_path):
+    """0 demonstrations: the teacher's query ends with llmft's space (its 0-shot prompt), the student's not; a
+    teacher that reads nothing more was let through by that blank (the eighteenth audit's review)."""
+    from ctxdistill.config import ConfigError
+    from ctxdistill.methods.base import check_context_to_distil
+
+    cfg = make_cfg(
+        "experiment=mosbach2023/mnli", *tiny_mnli(tmp_path / "mnli"), "ood=[]", "dataset.context.num_demos=0"
+    )
+    task = build_task(cfg.dataset, seed=0)
+    assert task.teacher_prompt(task.train_queries[0]) == task.student_prompt(task.train_queries[0]) + " "
+    with pytest.raises(ConfigError, match="nothing to distil"):
+        check_context_to_distil(task, task.train_queries, None)
 
 
 def released_draws(rows: list[dict], num_shots: int, num_queries: int, seed: int) -> dict[str, list[int]]:

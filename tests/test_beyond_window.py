@@ -182,10 +182,10 @@ def test_a_finished_round_of_other_settings_is_refused_not_taken_as_this_runs(ma
         run(make_cfg(*settings, "trainer.lr=0.05"))
     assert str(refused.value) == (
         f"{tmp_path / 'rounds' / '1' / 'round.json'} was written by a run with other settings (trainer.lr). Run with "
-        "the settings it was made with to resume it, pass force=true to start it over, or give the sweep another "
-        "hydra.sweep.dir."
+        "the settings it was made with to resume it, pass force=true to start it over, or give it another output_dir."
     )
     # force=true starts over: the finished round is trained again, under the new settings
+    monkeypatch.undo()
     assert run(make_cfg(*settings, "trainer.lr=0.05", "force=true"))["train"]["rounds"] == 2
     assert not (tmp_path / "rounds").exists()
 
@@ -421,6 +421,31 @@ def test_a_cheat_sheet_written_by_another_model_is_its_greedy_text_read_by_the_e
 
     with pytest.raises(ConfigError, match="more than the writer's window of 1024"):  # the writer's tokens count
         run(make_cfg(*overrides, "method.chunk_demos=null", "dataset.context.num_demos=24"))
+
+
+def test_a_separate_writer_sharing_the_vocabulary_is_prompted_in_its_own_chat_template(make_cfg, tmp_path, monkeypatch):
+    """The eighteenth audit: a writer with the evaluated model's vocabulary (the handle then carries no tokenizer of
+    its own) was prompted in the evaluated model's template (here none: a plain User/Assistant text), while its
+    window was checked with its own."""
+    import copy
+
+    cfg = make_cfg(
+        *TINY, "method=cheat_sheet", "+model@method.teacher_model=tiny-random", "dataset.context.num_demos=4"
+    )
+    method, task = build_method(cfg.method), build_task(cfg.dataset, cfg.seed)
+    writer_tokenizer = load_tokenizer(cfg.method.teacher_model, cfg.cache_dir)
+    assert writer_tokenizer.chat_template  # SmolLM2's ChatML
+    plain = copy.deepcopy(writer_tokenizer)
+    plain.chat_template = None  # the evaluated model's: no template
+    method.check_teacher(cfg, task, plain, writer_tokenizer)
+    method.sheet_dir = str(tmp_path)
+    prompts = []
+    monkeypatch.setattr(
+        cs, "generate", lambda model, tokenizer, batch, *a, **k: prompts.extend(batch) or [[]] * len(batch)
+    )
+    model = load_model(cfg.model, cfg.cache_dir, plain, cfg.seed)
+    method.write_sheet(ModelHandle(student=model, base=model, separate_teacher=model), plain, task, 4)
+    assert prompts and all(p.startswith("<|im_start|>") for p in prompts), prompts[0][:80]
 
 
 def test_a_sheet_longer_in_the_evaluated_models_tokens_than_its_window_leaves_is_refused_not_cut(make_cfg, monkeypatch):

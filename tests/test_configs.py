@@ -235,12 +235,6 @@ def test_configs_built_on_shared_files_resolve_as_they_did_when_copied(make_cfg)
                 assert set(without_f1_positive(value)) == ({1} if "qqp" in choice else {None}), choice
                 # added since: an out-of-domain set's own template, which none of them has
                 assert all(ood.pop("template") is None for ood in value.get("ood", {}).values()), choice
-                if choice in (
-                    "dataset=rte",
-                    "experiment=upadhayaya2024/rte",
-                ):  # added since: GLUE's and LM-BFF's label names, so their files load
-                    assert value["label_map"] == {"0": 0, "1": 1, "entailment": 0, "not_entailment": 1}
-                    value["label_map"] = {}
             if section == "method" and "opcd" in choice:  # added since: the sampler's seed apart from the stages'
                 assert value.pop("sample_seed") == "${seed}", choice
             if section == "trainer":  # added since: the released Upadhayaya code's schedule and evaluation

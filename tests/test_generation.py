@@ -27,7 +27,7 @@ from ctxdistill.methods.distill import DistillConfig
 from ctxdistill.methods.genpi import decoded_samples
 from ctxdistill.methods.on_policy import OnPolicyConfig
 from ctxdistill.methods.scratchpad import ScratchpadConfig
-from ctxdistill.models import ModelHandle, add_lora, load_model, load_tokenizer
+from ctxdistill.models import ModelHandle, TrainableContext, add_lora, load_model, load_tokenizer
 
 from behaving_model import greedy_line
 from conftest import behaving_overrides, method_of
@@ -144,6 +144,11 @@ def test_generation_ends_on_every_end_token_the_models_generation_config_lists(b
         assert [strip_stop(tokenizer, row, None, ends) for row in ours] == [
             row[:-1] if row[-1] in ends else row for row in ours
         ]
+        # a trainable-prefix student, and its teacher view, are the model's too (they listed the tokenizer's alone)
+        wrapped = TrainableContext.from_text(model, tokenizer, "A context.", 2)
+        assert end_tokens(wrapped, tokenizer) == ends == {tokenizer.eos_token_id, turn_end}
+        with wrapped.disable_adapter():
+            assert end_tokens(wrapped, tokenizer) == ends
     finally:
         model.generation_config.eos_token_id = configured
 
@@ -340,8 +345,6 @@ def test_genpi_pseudo_input_rounds_are_transformers_samples(behaving):
 def test_a_prefix_student_of_a_bos_adding_tokenizer_generates_what_its_teacher_does(behaving):
     """On a model that behaves, with a tokenizer that starts every text with BOS: a trainable prefix initialised
     from the whole context generates, token for token, what transformers' generate writes from context + query."""
-    from ctxdistill.models import TrainableContext
-
     from conftest import with_bos
 
     _, tokenizer, model = behaving

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -962,6 +963,30 @@ def test_settings_that_move_with_the_seed_are_seeds_of_one_setting(tmp_path, cap
     )
     assert main([str(tmp_path), "--format", "csv"]) == 0
     assert "averages 3 runs that differ in method.seed 0, 1, 7: not seeds of one setting" in capsys.readouterr().err
+    # a setting that is no seed is one, though it moves as the seeds do (the review of the eighteenth audit)
+    for seed in range(3):
+        config = {"seed": seed, "method": {"seed": seed}, "dataset": {"context": {"num_contexts": seed + 1}}}
+        (tmp_path / f"s{seed}" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(tmp_path), "--format", "csv"]) == 0
+    assert "differ in dataset.context.num_contexts 1, 2, 3: not seeds" in capsys.readouterr().err
+
+
+def test_the_readmes_regenerate_command_runs_after_a_comparison_logged_to_wandb(tmp_path, capsys, monkeypatch):
+    """--wandb-log --group G --out DIR wrote `ctxdistill-compare RUNS --group G --out DIR`, which --group without
+    --wandb refuses: the group names where the tables were logged, and reads nothing."""
+    monkeypatch.chdir(tmp_path)  # W&B's offline files
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = tmp_path / "runs" / "s0"
+    runs.mkdir(parents=True)
+    record = {"status": "complete", "method": "cd", "model": "m", "dataset": "d", "seed": 0}
+    (runs / "metrics.json").write_text(json.dumps({**record, "metrics": {"eval/accuracy": 0.5}}))
+    assert main([str(tmp_path / "runs"), "--wandb-log", "--group", "g", "--out", str(tmp_path / "out")]) == 0
+    readme = (tmp_path / "out" / "README.md").read_text()
+    command = re.search(r"Regenerate with `ctxdistill-compare (.+?)`", readme).group(1)
+    assert "--group" not in command
+    capsys.readouterr()
+    assert main(shlex.split(command)) == 0
 
 
 def test_by_splits_a_methods_runs_by_a_config_key_and_mixed_settings_are_warned_of(tmp_path, capsys):

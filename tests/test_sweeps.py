@@ -682,6 +682,13 @@ def test_a_wandb_sweep_file_sweeps_what_its_experiment_sweeps_itself():
     assert experiment_sweep("cross_family") == {}  # params: null, not the demo's four methods
 
 
+def launched(tmp_path: Path) -> list[str]:
+    """The stood-in commands a script ran, but the check of its comparison's arguments (--check-args), which runs
+    before anything is launched."""
+    calls = tmp_path / "calls"
+    return [c for c in calls.read_text().splitlines() if "--check-args" not in c] if calls.exists() else []
+
+
 def stand_ins(tmp_path: Path, *commands: str) -> dict[str, str]:
     """The environment with commands that only append their arguments to tmp_path/calls."""
     bin_dir = tmp_path / "bin"
@@ -712,7 +719,7 @@ def test_a_paper_script_stopped_by_ctrl_c_launches_nothing_after(script, variabl
     env.update(variables, SWEEP_DIR=str(tmp_path / "sweep"))
     proc = subprocess.run(["bash", f"sweeps/{script}.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == stop, proc.stderr[-2000:]
-    calls = [c for c in (tmp_path / "calls").read_text().splitlines() if "--check-args" not in c]
+    calls = launched(tmp_path)
     assert len(calls) == 1 and calls[0].startswith("ctxdistill "), calls
 
 
@@ -737,7 +744,7 @@ def test_a_paper_script_refuses_a_grid_key_among_its_arguments(script, argument,
     env = stand_ins(tmp_path, "ctxdistill", "ctxdistill-compare")
     env["SWEEP_DIR"] = str(tmp_path / "sweep")
     proc = subprocess.run(["bash", f"sweeps/{script}.sh", argument], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 2 and not (tmp_path / "calls").exists()
+    assert proc.returncode == 2 and not launched(tmp_path)
     key = argument.split("=")[0]
     assert proc.stderr == (
         f"error: {argument}: {key} is a key of the grid (sweeps/grids/{script}.yaml), which the script sweeps "
@@ -868,7 +875,7 @@ def test_a_script_given_a_missing_data_path_stops_before_any_cell(script, variab
     env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-compare"), "SWEEP_DIR": str(tmp_path / "sweep")}
     env.update({name: value.format(missing=missing) for name, value in variables.items()})
     proc = subprocess.run(["bash", f"sweeps/{script}.sh"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 2 and not (tmp_path / "calls").exists()
+    assert proc.returncode == 2 and not launched(tmp_path)
     assert proc.stderr == message.format(missing=missing) + "\n"
 
 
@@ -880,13 +887,13 @@ def test_a_script_asked_for_help_prints_its_opening_comment_and_runs_nothing(scr
     env = stand_ins(tmp_path, "ctxdistill", "ctxdistill-compare", "ctxdistill-eval", "python")
     proc = subprocess.run(["bash", f"sweeps/{script}.sh", "--help"], cwd=REPO, env=env, capture_output=True, text=True)
     opening = (REPO / "sweeps" / f"{script}.sh").read_text().splitlines()[1].removeprefix("# ")
-    assert proc.returncode == 0 and proc.stdout.startswith(opening + "\n") and not (tmp_path / "calls").exists()
+    assert proc.returncode == 0 and proc.stdout.startswith(opening + "\n") and not launched(tmp_path)
 
 
 def test_a_misspelt_arm_is_refused_before_any_arm_runs(tmp_path):
     env = {**stand_ins(tmp_path, "ctxdistill", "ctxdistill-eval", "python"), "ARMS": "icl cd_prefx"}
     proc = subprocess.run(["bash", "sweeps/beyond_window.sh"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 2 and not (tmp_path / "calls").exists()
+    assert proc.returncode == 2 and not launched(tmp_path)
     assert (
         proc.stderr
         == "ARMS: unknown arm cd_prefx; the arms are icl cd sequential_cd ft cd_prefix cheat_sheet below_window\n"

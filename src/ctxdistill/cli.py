@@ -234,8 +234,9 @@ def print_sweep_configs(argv: list[str]) -> None:
     refuse_bases(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         shared = compose("config", overrides=unswept(overrides), return_hydra_config=True)
-        if shown in ("hydra", "all"):
-            print(f"# the sweep's Hydra config\n{OmegaConf.to_yaml({'hydra': shared.hydra})}")
+        if shown in ("hydra", "all"):  # what a sweep adds to its cells' own Hydra configs
+            launch = {key: shared.hydra[key] for key in ("launcher", "sweeper", "sweep")}
+            print(f"# the sweep's launcher, sweeper and directory\n{OmegaConf.to_yaml({'hydra': launch})}")
         if shown == "hydra":
             return
         for number, cell in enumerate(sweep_cells(overrides, shared.hydra.sweeper.params or {})):

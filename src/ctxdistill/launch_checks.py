@@ -229,7 +229,7 @@ def refuse_one_output_dir_for_several_cells(config: DictConfig) -> None:
     sweep directory, saw neither."""
     from ctxdistill.cli import exit_with_message, sweep_cells
 
-    if config.output_dir is None or OmegaConf.is_interpolation(config, "output_dir"):
+    if OmegaConf.is_interpolation(config, "output_dir") or config.output_dir is None:
         return  # the cell's own directory (the default), or a path built from the cell's settings
     overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
     try:

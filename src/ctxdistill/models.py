@@ -705,6 +705,11 @@ class TrainableContext(torch.nn.Module):
         self.query_bos_token_id = query_bos_token_id
         self.enabled = True
 
+    @property
+    def generation_config(self):
+        """The wrapped model's: generation stops on the end tokens it lists (ctxdistill.generation.end_tokens)."""
+        return self.model.generation_config
+
     @classmethod
     def from_text(cls, model, tokenizer, text: str, num_tokens: int, num_frozen_tokens: int = 0) -> "TrainableContext":
         ids = tokenizer(text).input_ids[:num_tokens]

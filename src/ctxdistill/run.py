@@ -47,7 +47,7 @@ from ctxdistill.models import (
 from ctxdistill.results.metrics import float32_rounded
 from ctxdistill.results.records import EVALUATIONS, PREDICTIONS, RUN_CONFIG
 from ctxdistill.serving import serving_metrics
-from ctxdistill.sweeps import config_changes, group_name, other_output_dir
+from ctxdistill.sweeps import config_changes, group_name
 from ctxdistill.tracking import Tracker, create_tracker, exit_code
 from ctxdistill.trainer import checkpoint_selection, train
 
@@ -88,7 +88,7 @@ def training_settings(cfg: DictConfig) -> dict[str, Any]:
         "save_model",
         "evaluate_with_dropout",
     ):
-        trainer.pop(key)
+        trainer.pop(key, None)  # a config.yaml written before the setting: read as it is
     # a checkpoint of code from before these settings still resumes
     if trainer["selection"]["metric"] is None:
         trainer.pop("selection")
@@ -327,8 +327,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0."
         )
     method.check_inputs(task, tokenizer, cfg)
-    if method.trains:
-        refuse_checkpoints_of_other_settings(cfg, out)
     if method.trained_weights == "adapter":
         check_adapter(cfg.model, cfg.cache_dir, tokenizer, task.context, method.wrap_model)
     ignored = warn_unused_training_settings(
@@ -338,6 +336,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     teacher_tokenizer = separate_teacher_tokenizer(cfg, method, task, tokenizer)
 
     accelerator = make_accelerator(cfg.trainer)
+    if method.trains:  # before the models load and the run's files are written
+        refuse_checkpoints_of_other_settings(cfg, out, accelerator)
     # Under several processes every rank trains and evaluates its share; rank 0 alone writes and logs.
     writer = accelerator.is_main_process
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -514,7 +514,7 @@ def clear_earlier_results(out: Path) -> None:
             path.unlink()
 
 
-def refuse_checkpoints_of_other_settings(cfg: DictConfig, out: Path) -> None:
+def refuse_checkpoints_of_other_settings(cfg: DictConfig, out: Path, accelerator: Accelerator) -> None:
     """Before the models load and the run's files are written: an unfinished run in ``out`` (its latest
     checkpoint, or a finished round) made with settings that shape training otherwise is refused, naming them; the
     trainer found it only after the model had loaded and the teacher been evaluated, with config.yaml already
@@ -534,9 +534,12 @@ def refuse_checkpoints_of_other_settings(cfg: DictConfig, out: Path) -> None:
     if not other:
         return
     if cfg.force:
-        log.warning("force=true: starting over, removing %s's checkpoints of a run with other settings", out)
-        remove_checkpoints(out)
-        shutil.rmtree(out / ROUNDS, ignore_errors=True)
+        accelerator.wait_for_everyone()  # every process has read them; one removes them
+        if accelerator.is_main_process:
+            log.warning("force=true: starting over, removing %s's checkpoints of a run with other settings", out)
+            remove_checkpoints(out)
+            shutil.rmtree(out / ROUNDS, ignore_errors=True)
+        accelerator.wait_for_everyone()
         return
     changed = []
     if (out / RUN_CONFIG).is_file():  # the settings the unfinished run wrote, where they shape training
@@ -545,8 +548,8 @@ def refuse_checkpoints_of_other_settings(cfg: DictConfig, out: Path) -> None:
     raise ConfigError(
         f"{other[0]} was written by a run with other settings"
         + (f" ({', '.join(changed[:6])}{', ...' if len(changed) > 6 else ''})" if changed else "")
-        + f". Run with the settings it was made with to resume it, pass force=true to start it over, or give the "
-        f"{other_output_dir()}."
+        + ". Run with the settings it was made with to resume it, pass force=true to start it over, or give it "
+        "another output_dir."
     )
 
 

@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 
 #: The version of the code that writes cheat sheets (the request, generation, cleaning). Bump it whenever that
 #: code changes what it writes: sheets written by earlier code are then never read. 2: generation's attention
-#: to the shared context runs PyTorch's fused CPU kernel (a near-tie can pick another token).
-PRODUCER_VERSION = 2
+#: to the shared context runs PyTorch's fused CPU kernel (a near-tie can pick another token). 3: a separate writer
+#: with the evaluated model's vocabulary is prompted in its own chat template, not the evaluated model's.
+PRODUCER_VERSION = 3
 
 #: The released separator between demonstrations, and between the context and the query (data_utils.SEP).
 SEPARATOR = "\n###\n"
@@ -162,6 +163,7 @@ class CheatSheet(Method):
             sheet_dir,
         )
         self.teacher_model = None if teacher_model is None else OmegaConf.create(teacher_model)
+        self.writer_tokenizer = None  # a separate writer's own (check_teacher): its chat template, its BOS
         self.sheet_room: Optional[int] = None  # set by check_inputs, which every run calls before evaluating
 
     def chunks(self, task: Task) -> list[list]:
@@ -203,6 +205,7 @@ class CheatSheet(Method):
     def check_teacher(self, cfg, task, tokenizer, teacher_tokenizer):
         """A separate writer may have any tokenizer (only the sheet's text reaches the evaluated model); its
         requests must fit its own window."""
+        self.writer_tokenizer = teacher_tokenizer
         self.check_requests(task, teacher_tokenizer, context_window(self.teacher_model, cfg.cache_dir))
 
     def check_requests(self, task: Task, tokenizer, window: int) -> None:
@@ -222,7 +225,9 @@ class CheatSheet(Method):
     def write_sheet(self, handle, tokenizer, task: Task, batch_size: int) -> str:
         """The cheat sheet of the task's demonstrations, written chunk after chunk by the writer (the separate
         teacher when there is one, in its own tokens; ``handle.identity`` is its identity); each step is cached."""
-        tokenizer = handle.teacher_tokenizer or tokenizer
+        # a separate writer reads its own tokens and chat template, also where its vocabulary is the evaluated
+        # model's (the handle then carries no teacher tokenizer)
+        tokenizer = self.writer_tokenizer or handle.teacher_tokenizer or tokenizer
         store = RowStore(
             self.sheet_dir,
             "cheat_sheet",

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from ctxdistill.results import scorecard
-from ctxdistill.results.files import RESULTS_DIR, write_results
+from ctxdistill.results.files import RESULTS_DIR, sweep_command_in, write_results
 from ctxdistill.results.records import UnknownConfigKeyError, collect, distinct_runs, split_by, unfinished_runs
 from ctxdistill.results.render import render
 from ctxdistill.results.table import (
@@ -290,12 +290,21 @@ def compare(argv: list[str] | None = None) -> int:
         title = f"Results: {args.group or args.out.name}"
         sources = shlex.join(  # what to give ctxdistill-compare to read the same runs again
             [*map(str, args.paths), *(["--wandb", args.wandb] if args.wandb else [])]
-            + (["--group", args.group] if args.group else [])
+            + (["--group", args.group] if args.group and args.wandb else [])  # --wandb-log's group logs, reads none
             + (["--by", *args.by] if args.by else [])
             + (["--metric", args.metric] if args.metric else [])
         )
+        # over a sweep's own directory (SWEEP --out SWEEP): its README keeps the command that made and resumes it
+        own = not args.wandb and [p.resolve() for p in args.paths] == [args.out.resolve()]
         readme = write_results(
-            args.out, rows, title=title, failures=unfinished, appendix=appendix, tables=tables, sources=sources
+            args.out,
+            rows,
+            title=title,
+            failures=unfinished,
+            command=sweep_command_in(args.out / "README.md") if own else None,
+            appendix=appendix,
+            tables=tables,
+            sources=sources,
         )
         print(f"\nwrote {readme} and {args.out / RESULTS_DIR}/", file=sys.stderr)
     if args.wandb_log:

@@ -31,8 +31,6 @@ def write_results(
     paired tests, ``--vs``); by default summarised here. ``sources``: what ctxdistill-compare reads to make them
     again (its arguments before ``--out``; by default ``directory``, a sweep's own)."""
     sources = sources or shlex.quote(str(directory))
-    readme = directory / "README.md"
-    command = command or sweep_command_in(readme)
     tables = tables if tables is not None else summarise(records)
     results = directory / RESULTS_DIR
     results.mkdir(parents=True, exist_ok=True)
@@ -76,6 +74,7 @@ def write_results(
         f"`ctxdistill-compare {sources} --vs METHOD` adds a paired test against METHOD.",
         "",
     ]
+    readme = directory / "README.md"
     readme.write_text("\n".join(lines))
     return readme
 

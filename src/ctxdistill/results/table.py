@@ -261,9 +261,12 @@ def duplicate_seed_warnings(tables: list[Table]) -> list[str]:
     ]
 
 
-def moves_with_seed(values: list[Any], seeds: list[Any]) -> bool:
-    """Whether a setting is the run's seed by another name: it differs from each run's seed by one constant (a
-    ``${seed}`` such as method.seed, or HANS's ``${add:${seed},1}`` shuffle), so its runs are seeds of one setting."""
+def moves_with_seed(key: str, values: list[Any], seeds: list[Any]) -> bool:
+    """Whether a setting is the run's seed by another name: a seed (its name says so) that differs from each run's
+    seed by one constant (a ``${seed}`` such as method.seed, or HANS's ``${add:${seed},1}`` shuffle), so its runs
+    are seeds of one setting. Any other setting that differs is one (num_contexts 1 and 2 beside seeds 0 and 1)."""
+    if not key.rpartition(".")[2].endswith("seed"):
+        return False
     numbers = [*values, *seeds]
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in numbers):
         return False
@@ -293,7 +296,7 @@ def mixed_settings_warnings(tables: list[Table]) -> list[str]:
                 k
                 for k in dict.fromkeys(k for s in settings for k in s)
                 if len({repr(s.get(k)) for s in settings}) > 1
-                and not moves_with_seed([s.get(k) for s in settings], row.seeds)
+                and not moves_with_seed(k, [s.get(k) for s in settings], row.seeds)
             ]
             if differing:
                 values = "; ".join(
