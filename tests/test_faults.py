@@ -329,6 +329,54 @@ def test_wandb_failing_mid_run_costs_nothing(tmp_path, monkeypatch, caplog):
     assert failures == ["W&B log failed, continuing without it: W&B is unreachable (said once for this run)"]
 
 
+def test_a_summary_is_not_overwritten_by_the_last_steps_row(tmp_path, monkeypatch):
+    """The eighteenth audit: the final step's row (a selection's last-epoch evaluation) was still open when the
+    summary took the selected checkpoint's figures; W&B wrote the row out afterwards, over them."""
+    from ctxdistill import tracking
+    from ctxdistill.results.wandb_runs import read_offline_run
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = compose_run(tmp_path, "logger=wandb", "logger.mode=offline").logger
+    tracker = tracking.create_tracker(
+        logger, group="g", name="n", tags=[], config={}, output_dir=str(tmp_path), resumes=False
+    )
+    tracker.log({"valid/mrr": 0.427}, 6)  # the last epoch's evaluation
+    tracker.summary({"valid/mrr": 0.510, "status": "complete"})  # the selected checkpoint's
+    tracker.predictions({"eval": [{"uid": "a", "prediction": 1}]})
+    tracker.finish()
+    [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
+    assert read_offline_run(run_dir).summary["valid/mrr"] == pytest.approx(0.510)
+
+
+def test_a_sweep_agents_run_id_is_the_one_recorded(tmp_path, monkeypatch, caplog):
+    """The eighteenth audit: under a W&B sweep agent, W&B takes the agent's run id and ignores the one asked for;
+    wandb_run_id kept the one asked for, so a run started over superseded a run that never existed."""
+    import wandb
+
+    from ctxdistill import tracking
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    parameters = tmp_path / "parameters.yaml"
+    parameters.write_text("wandb_version: 1\n")
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep1")
+    monkeypatch.setenv("WANDB_RUN_ID", "agentrun1")
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(parameters))
+    wandb.teardown()  # W&B reads the agent's environment when it is set up: as in the agent's own process
+    logger = compose_run(tmp_path, "logger=wandb", "logger.mode=offline").logger
+    kwargs = dict(group="g", name="n", tags=[], config={}, output_dir=str(tmp_path))
+    tracking.create_tracker(logger, **kwargs, resumes=False).finish()
+    assert (tmp_path / "wandb_run_id").read_text().strip() == "agentrun1"
+    with caplog.at_level(logging.WARNING, logger="ctxdistill.tracking"):
+        again = tracking.create_tracker(logger, **kwargs, resumes=False)  # started over (force=true)
+    assert Path(again.run_dir).is_dir()  # its own directory was not set aside as the run it replaces
+    again.finish()
+    assert "continues W&B run agentrun1 from step 0" in caplog.text
+    monkeypatch.undo()
+    wandb.teardown()  # the next test's W&B reads an environment without the agent
+
+
 def test_wandb_that_cannot_start_is_said_by_each_run_but_once_by_a_sweep(tmp_path, monkeypatch, caplog):
     from ctxdistill import tracking
 

@@ -471,7 +471,7 @@ def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_so
     from transformers import AutoModelForCausalLM
 
     from ctxdistill.results.wandb_runs import read_offline_run
-    from ctxdistill.run import run
+    from ctxdistill.run import run, wandb_tag
 
     # model=tiny-random bundles a random model; naming a checkpoint must evaluate that checkpoint.
     result = run(
@@ -497,6 +497,9 @@ def test_a_name_or_path_override_loads_that_model_whatever_the_groups_bundled_so
         f"zero_shot-{behaving_model_dir}-synthetic-s0",
         f"synthetic-{behaving_model_dir}",
     )
+    # its tags too (the eighteenth audit: tiny-random), a long path by its end (W&B keeps 64 characters)
+    assert wandb_tag(str(behaving_model_dir)) in logged.tags and "tiny-random" not in logged.tags
+    assert wandb_tag("x" * 70) == "..." + "x" * 61
     named = run(make_cfg("method=zero_shot", "model=tiny-random", "logger=none", "dataset.source.split_sizes.eval=8"))
     assert named["model"] == "tiny-random"
 

@@ -71,6 +71,11 @@ def run_identity(cfg: DictConfig, task: Task) -> dict[str, Any]:
     }
 
 
+def wandb_tag(text: str) -> str:
+    """``text`` as a W&B tag, which holds at most 64 characters: a long local path keeps its end."""
+    return text if len(text) <= 64 else "..." + text[-61:]
+
+
 def training_fingerprint(cfg: DictConfig) -> str:
     """What a checkpoint must share with the run that resumes it (not how often it saves or evaluates)."""
     return hashlib.sha256(json.dumps(training_settings(cfg), sort_keys=True).encode()).hexdigest()[:16]
@@ -356,7 +361,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             # named as its tables name it: by the model it loads, where name_or_path is not its model file's
             group=sweep_group() or f"{task.name}-{identity['model']}",
             name=f"{cfg.method.name}-{identity['model']}-{task.name}-s{cfg.seed}",
-            tags=[cfg.method.name, cfg.model.name, task.name, f"seed{cfg.seed}", *([cfg.paper] if cfg.paper else [])],
+            tags=[
+                cfg.method.name,
+                wandb_tag(identity["model"]),
+                task.name,
+                f"seed{cfg.seed}",
+                *([cfg.paper] if cfg.paper else []),
+            ],
             config={
                 **resolved,
                 "hydra_choices": hydra_choices(),

@@ -99,11 +99,17 @@ def persistent_run_id(output_dir: Path, resumes: bool) -> tuple[str, Optional[st
     if resumes and earlier:
         return earlier, None
     run_id = generate_id()
+    keep_run_id(output_dir, run_id)
+    return run_id, earlier
+
+
+def keep_run_id(output_dir: Path, run_id: str) -> None:
+    """Records ``run_id`` as the output dir's W&B run (written whole, never half)."""
+    path = output_dir / "wandb_run_id"
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
     staging.write_text(run_id + "\n")
     os.replace(staging, path)
-    return run_id, earlier
 
 
 def set_aside_offline_runs(wandb_dir: Path, run_id: str) -> list[Path]:
@@ -165,7 +171,15 @@ class WandbTracker(Tracker):
             resume="allow",
             settings=wandb.Settings(silent=True),
         )
-        if superseded is not None:
+        if self.run.id != run_id:  # a W&B sweep agent's run: W&B takes the agent's id, not the one asked for
+            keep_run_id(Path(output_dir), self.run.id)
+        if superseded == self.run.id:  # the agent runs this output dir's earlier W&B run again: nothing to set aside
+            log.warning(
+                "W&B: a sweep agent fixes the run id, so this run continues W&B run %s from step 0; W&B keeps the "
+                "steps it logged before and drops the new ones up to them",
+                self.run.id,
+            )
+        elif superseded is not None:
             self._set_aside(superseded, Path(output_dir) / "wandb", group, mode)
         # A sweep agent's parameters replace and lock the entries of the same name (method: cd over the method
         # section); the sweep needs them to track its grid, and reading the run back needs the sections.
@@ -216,6 +230,9 @@ class WandbTracker(Tracker):
 
     @_warn_on_failure
     def summary(self, metrics):
+        # the last step's row first: W&B writes an open row out later (at the next log or at finish) and updates
+        # the summary from it, over these (a selected checkpoint's figures by the last epoch's evaluation)
+        self.run.log({}, commit=True)
         self.run.summary.update(metrics)
 
     @_warn_on_failure
