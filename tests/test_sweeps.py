@@ -119,7 +119,10 @@ def test_rerunning_the_sweep_trains_nothing_and_changes_nothing(sweep, capsys):
     for path, stamp in stamps.items():  # metrics, predictions, adapters and W&B run files untouched
         assert path.stat().st_mtime_ns == stamp, path
     assert sum(len(list(cell.rglob("offline-run-*"))) for cell in cells) == 4
-    assert len(list((sweep_dir / "wandb").glob("offline-run-*"))) == 2  # each sweep's end logs its comparison
+    # each launch's end logs its comparison, the earlier one set aside (the eighteenth audit: every launch's comparison
+    # stayed in the group, and the sync command uploaded them all)
+    assert len(list((sweep_dir / "wandb").glob("offline-run-*"))) == 1
+    assert len(list((sweep_dir / "wandb" / "superseded").glob("offline-run-*"))) == 1
     assert (sweep_dir / "README.md").read_text() == readme
     table = first.stdout[first.stdout.index("Comparison") : first.stdout.index("Summary, tables")]
     assert table in second.stdout

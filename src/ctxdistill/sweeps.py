@@ -355,7 +355,7 @@ class SweepSummaryCallback(Callback):
         from ctxdistill.results.render import render
         from ctxdistill.results.table import mixed_settings_warnings, summarise
         from ctxdistill.results.wandb_outputs import log_results
-        from ctxdistill.tracking import offline_sync_command, resolve_mode
+        from ctxdistill.tracking import offline_sync_command, resolve_mode, set_aside_offline_runs
 
         sweep_dir = Path(config.hydra.sweep.dir)
         failed = failed_runs(sweep_dir)
@@ -397,6 +397,8 @@ class SweepSummaryCallback(Callback):
             )
             print(f"Summary, tables and plots: {readme}", flush=True)
             if config.logger.backend == "wandb":
+                if resolve_mode(config.logger.mode) == "offline":  # an earlier launch's comparison: replaced
+                    set_aside_offline_runs(sweep_dir / "wandb", None)
                 try:
                     log_results(
                         tables,

@@ -112,12 +112,14 @@ def keep_run_id(output_dir: Path, run_id: str) -> None:
     os.replace(staging, path)
 
 
-def set_aside_offline_runs(wandb_dir: Path, run_id: str) -> list[Path]:
-    """Moves the offline directories of W&B run ``run_id`` (every attempt) into ``wandb_dir/superseded``,
-    out of what ``wandb sync --sync-all`` uploads and of the dashboards' averages; nothing is deleted."""
+def set_aside_offline_runs(wandb_dir: Path, run_id: Optional[str]) -> list[Path]:
+    """Moves the offline directories of W&B run ``run_id`` (every attempt; None: every run there) into
+    ``wandb_dir/superseded``, out of what ``wandb sync --sync-all`` uploads and of the dashboards' averages; nothing
+    is deleted."""
     moved = []
     # W&B adds "-1", "-2" ... to an attempt's folder when it starts within the same second as the one before
-    attempt_folder = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    run = r"[a-z0-9]+" if run_id is None else re.escape(run_id)
+    attempt_folder = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{run}(-\d+)?")
     for attempt in sorted(d for d in wandb_dir.glob("offline-run-*") if attempt_folder.fullmatch(d.name)):
         (wandb_dir / SUPERSEDED).mkdir(exist_ok=True)
         moved.append(Path(shutil.move(str(attempt), wandb_dir / SUPERSEDED / attempt.name)))
