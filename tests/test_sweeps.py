@@ -738,6 +738,9 @@ def test_a_multirun_over_experiments_with_sweeps_of_their_own_is_refused_before_
         "Run one multirun per experiment: ctxdistill -m experiment=demo ... ; ctxdistill -m experiment=many_contexts "
         "...\n"
     )
+    # and --cfg job says so, rather than print the two cells that would never run (the eighteenth audit)
+    printed = multirun("experiment=demo,many_contexts", *CELL, "--cfg", "job")
+    assert printed.returncode == 2 and printed.stderr == proc.stderr and "# cell" not in printed.stdout
 
 
 @pytest.mark.parametrize("script, argument", [("mosbach2023", "model=opt-125m"), ("upadhayaya2024", "seed=1")])

@@ -216,9 +216,10 @@ def print_sweep_configs(argv: list[str]) -> None:
     """``ctxdistill -m ... --cfg job|hydra|all``: Hydra refuses the pair, so print the sweep's Hydra config (its
     launcher and sweeper: hydra, all) and compose, validate and print every cell (job, all)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf, open_dict
 
     from ctxdistill.config import validate
+    from ctxdistill.launch_checks import refuse_swept_experiments_with_sweeps_of_their_own
 
     overrides, skip, shown = [], False, "job"
     for arg in argv:
@@ -234,6 +235,9 @@ def print_sweep_configs(argv: list[str]) -> None:
     refuse_bases(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         shared = compose("config", overrides=unswept(overrides), return_hydra_config=True)
+        with open_dict(shared):  # the command's own overrides, as the launch checks read them
+            shared.hydra.overrides.task = overrides
+        refuse_swept_experiments_with_sweeps_of_their_own(shared)  # the sweep would be refused: no cells to show
         if shown in ("hydra", "all"):  # what a sweep adds to its cells' own Hydra configs
             launch = {key: shared.hydra[key] for key in ("launcher", "sweeper", "sweep")}
             print(f"# the sweep's launcher, sweeper and directory\n{OmegaConf.to_yaml({'hydra': launch})}")
