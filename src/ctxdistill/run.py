@@ -590,11 +590,8 @@ def train_rounds(cfg, method, handle, tokenizer, task, accelerator, tracker, eva
         fingerprint = training_fingerprint(cfg) + (f"-round{index + 1}" if count > 1 else "")
         if count > 1 and finished.is_file():
             record = json.loads(finished.read_text())
-            if record.pop("fingerprint", None) != fingerprint:  # its weights would stand for settings it never had
-                raise ConfigError(
-                    f"{round_dir} holds a round finished by a run with other settings. Use a new output_dir, or "
-                    f"delete {out / ROUNDS} to start this one over."
-                )
+            # one of other settings was refused (or removed, force=true) before the models loaded
+            record.pop("fingerprint", None)
             load_trainable_weights(handle.student, round_dir / ROUND_WEIGHTS)
             restore_random_states(
                 round_dir, accelerator.process_index
