@@ -191,8 +191,9 @@ def _merged(records: list[dict[str, Any]]) -> MetricSet:
 
 def _columns(family: MetricSet, records: list[dict[str, Any]]) -> list[Column]:
     """The declared metrics the runs report: the in-domain set and the sets a declaration names, in
-    declaration order, then every other set the runs report (out-of-domain sets, tasks of a mixture) in the
-    order they come. A metric declared for a named set wins over the same name declared for every set."""
+    declaration order, then every other set the runs report (out-of-domain sets, tasks of a mixture) by name:
+    a W&B run's summary does not keep the order its keys were logged in. A metric declared for a named set
+    wins over the same name declared for every set."""
     reported = {k for r in records for k in r["metrics"]}
     named = list(dict.fromkeys(s for m in family.metrics for s in m.sets if s not in (EVERY_SET, IN_DOMAIN)))
     columns: list[Column] = []
@@ -201,9 +202,7 @@ def _columns(family: MetricSet, records: list[dict[str, Any]]) -> list[Column]:
             column = Column(set_name, metric)
             if column.key in reported and family.metric_for(set_name, metric.name) is metric and column not in columns:
                 columns.append(column)
-    others = dict.fromkeys(
-        k.rpartition("/")[0] for r in records for k in r["metrics"] if k.rpartition("/")[0] not in {*named, IN_DOMAIN}
-    )
+    others = sorted({k.rpartition("/")[0] for r in records for k in r["metrics"]} - {*named, IN_DOMAIN})
     for set_name in others:
         columns += [
             Column(set_name, m)
