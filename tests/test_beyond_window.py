@@ -544,3 +544,34 @@ def test_a_seed_run_twice_into_the_sweep_is_refused_not_counted_twice(tmp_path: 
         "error: two runs of the same point; remove the one that should not count:\n"
         f"  {runs / 'cd-0'} repeats {runs / 'again' / 'cd-0'} (cd (prefix), 24 demonstrations, seed 0)\n"
     )
+
+
+def test_the_sheets_room_is_sized_with_the_query_as_it_follows_the_context(make_cfg):
+    """The nineteenth audit: the room left for the sheet was sized with the plain template, while the evaluated
+    prompt writes each query in dataset.context_query_template after the sheet."""
+    long_query = "Review: {review}\n" + "Read the review above carefully once more. " * 20 + "Sentiment:"
+    rooms = []
+    for template in (None, long_query):
+        cfg = make_cfg(*TINY, "method=cheat_sheet", "dataset.context.num_demos=4")
+        cfg.dataset.context_query_template = template
+        method, task = build_method(cfg.method), build_task(cfg.dataset, cfg.seed)
+        tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+        method.check_inputs(task, tokenizer, cfg)
+        rooms.append(method.sheet_room)
+    tokens = load_tokenizer(cfg.model, cfg.cache_dir)
+    extra = len(tokens(long_query.format(review="")).input_ids) - len(
+        tokens(cfg.dataset.template.format(review="")).input_ids
+    )
+    assert rooms[0] - rooms[1] == pytest.approx(extra, abs=2)
+
+
+def test_context_tokens_per_query_count_the_context_not_the_query_templates_difference(make_cfg):
+    """The query after a context may be written in its own template (llmft's in-context prompt): its words are
+    the query's, not the context's."""
+    from ctxdistill.run import context_tokens_per_query
+
+    cfg = make_cfg(*TINY, "method=icl", "dataset.context.num_demos=4", "dataset.source.split_sizes.eval=8")
+    cfg.dataset.context_query_template = "Review: {review}\nIs the review above positive or negative?\nSentiment:"
+    task, tokenizer = build_task(cfg.dataset, cfg.seed), load_tokenizer(cfg.model, cfg.cache_dir)
+    expected = len(tokenizer(task.context + task.separator).input_ids)
+    assert context_tokens_per_query(task, tokenizer, with_context=True) == pytest.approx(expected, abs=1)

@@ -498,7 +498,7 @@ def context_tokens_per_query(task: Task, tokenizer, with_context: bool) -> float
     if not examples:
         return 0.0
     prompts = tokenizer([task.prompt(e, with_context) for e in examples]).input_ids
-    queries = tokenizer([task.query(e) for e in examples]).input_ids
+    queries = tokenizer([task.context_query(e) if with_context else task.query(e) for e in examples]).input_ids
     return sum(len(p) - len(q) for p, q in zip(prompts, queries)) / len(examples)
 
 

@@ -120,6 +120,10 @@ class Task:
     def query(self, example: Example) -> str:
         return (example.template or self.template).format(**example.fields)
 
+    def context_query(self, example: Example) -> str:
+        """The query as it follows a context, also an empty one (llmft's 0-shot prompt ends as its k-shot one)."""
+        return (example.template or self.context_query_template or self.template).format(**example.fields)
+
     def demonstration(self, example: Example) -> str:
         """``example`` written as a demonstration of the context writes it."""
         return render_shot(self.demo_template or self.template, example, self.verbalizers, self.generation)
@@ -142,8 +146,7 @@ class Task:
     def teacher_prompt(self, example: Example, context: Optional[str] = None) -> str:
         """The example after its context, or after ``context`` when given (one of ``contexts``)."""
         context = self.context_of(example) if context is None else context
-        # the query as it follows a context, also an empty one (llmft's 0-shot prompt ends as its k-shot one)
-        query = (example.template or self.context_query_template or self.template).format(**example.fields)
+        query = self.context_query(example)
         return context + self.separator + query if context else query
 
     def prompt(self, example: Example, with_context: bool) -> str:

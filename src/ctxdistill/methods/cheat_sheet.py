@@ -182,7 +182,7 @@ class CheatSheet(Method):
             self.check_requests(task, tokenizer, window)
         context = len(tokenizer(sheet_context(task, "", self.format_examples)).input_ids)
         queries = [e for s in task.eval_sets.values() for e in s]
-        query = max(len(ids) for ids in tokenizer([SEPARATOR + task.query(e) for e in queries]).input_ids)
+        query = max(len(ids) for ids in tokenizer([SEPARATOR + task.context_query(e) for e in queries]).input_ids)
         self.sheet_room = window - context - query - 1  # the evaluated model's tokens left for the sheet
         if self.max_sheet_tokens > self.sheet_room:
             raise ConfigError(
