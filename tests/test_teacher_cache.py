@@ -162,3 +162,26 @@ def test_the_live_teacher_is_the_adapted_model_with_the_context_at_every_step(se
     finally:
         with torch.no_grad():
             lora_b.copy_(saved)
+
+
+def test_runs_writing_one_cache_file_at_once_keep_each_others_targets(tmp_path):
+    """The nineteenth audit: two runs that read the file before either saved (a parallel sweep's cells) each
+    replaced it with their own entries, so the first one's were lost; a target once on disk now stays as written,
+    which a run that read it finds again when it resumes."""
+    from ctxdistill.teacher_cache import TeacherCache, TeacherTargets
+
+    def target(value: float) -> TeacherTargets:
+        return TeacherTargets([1], torch.full((1, 3), value), None)
+
+    first, second = (TeacherCache(str(tmp_path), "model", {}, "context") for _ in range(2))
+    first.put("shared", target(1.0))
+    first.put("first only", target(1.0))
+    second.put("shared", target(2.0))  # the same prompt, computed in another batch
+    second.put("second only", target(2.0))
+    first.save()
+    second.save()
+    assert second.get("shared").logprobs[0, 0] == 2.0  # a run keeps the targets it trained on
+    on_disk = TeacherCache(str(tmp_path), "model", {}, "context")
+    assert {k: on_disk.get(k).logprobs[0, 0].item() for k in ("shared", "first only", "second only")} == {
+        "shared": 1.0, "first only": 1.0, "second only": 2.0
+    }  # fmt: skip

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
+from filelock import FileLock
 
 from ctxdistill import provenance
 
@@ -70,7 +71,7 @@ class TeacherCache:
     The key covers everything that determines a target (the producing code's version, model weights,
     tokenizer, answer mode, temperature, top-k, the prompt itself), so a changed demonstration, setting
     or producer never hits a stale entry. Writes go to a temporary file renamed into place: a killed run leaves the old
-    file or the new one, never half of one.
+    file or the new one, never half of one; runs writing the same file at once merge theirs (:meth:`save`).
     """
 
     def __init__(self, directory: Optional[str], model_identity: str, settings: dict[str, Any], context: str):
@@ -79,14 +80,19 @@ class TeacherCache:
         key = _digest([PRODUCER_VERSION, model_identity, settings, context])
         if directory:
             self.path = Path(directory).expanduser() / f"{key}.pt"
-            if self.path.is_file():
-                try:
-                    stored = torch.load(self.path, weights_only=True)
-                    self.entries = {key: TeacherTargets(*value) for key, value in stored.items()}
-                except Exception as e:  # a cache is disposable: recompute rather than fail the run
-                    log.warning("ignoring the unreadable teacher cache %s (%s); it will be rewritten", self.path, e)
+            self.entries = self._stored()
         provenance.note_cache("teacher", key, self.path)
         self._added = 0
+
+    def _stored(self) -> dict[str, TeacherTargets]:
+        if not self.path.is_file():
+            return {}
+        try:
+            stored = torch.load(self.path, weights_only=True)
+        except Exception as e:  # a cache is disposable: recompute rather than fail the run
+            log.warning("ignoring the unreadable teacher cache %s (%s); it will be rewritten", self.path, e)
+            return {}
+        return {key: TeacherTargets(*value) for key, value in stored.items()}
 
     @staticmethod
     def key(prompt: str) -> str:
@@ -103,9 +109,15 @@ class TeacherCache:
         if self.path is None or not self._added:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        torch.save({key: tuple(value) for key, value in self.entries.items()}, tmp)
-        os.replace(tmp, self.path)
+        # Runs sharing the file (a parallel sweep's cells) each add theirs: what another wrote since this run read
+        # the file is kept, and an entry once written never changes (a target computed in another batch may differ
+        # in its last bits; a run that read the first must find it again when it resumes).
+        with FileLock(f"{self.path}.lock"):
+            stored = self._stored()
+            self.entries = {**stored, **self.entries}  # this run keeps the targets it trained on
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            torch.save({key: tuple(value) for key, value in {**self.entries, **stored}.items()}, tmp)
+            os.replace(tmp, self.path)
         log.info("teacher cache: %d new targets saved to %s", self._added, self.path)
         self._added = 0
 
