@@ -686,3 +686,16 @@ def test_selecting_on_the_accuracy_of_one_draw_of_unvoted_queries_is_refused_bef
     with pytest.raises(ConfigError, match=f"{selected}: the run reports no such metric"):
         run(make_cfg(*overrides, selected, output_dir=tmp_path / "r"))
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_selecting_on_a_set_the_run_does_not_evaluate_is_refused_before_the_model_loads(make_cfg, monkeypatch):
+    """The nineteenth audit: the eval sets are known from the data, yet the refusal came after the model loaded
+    (52 s for the bundled model)."""
+    from ctxdistill import run as run_module
+    from ctxdistill.config import ConfigError
+
+    monkeypatch.setattr(run_module, "build_models", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(
+        ConfigError, match=r"selection.metric=valid/accuracy: the run reports no such metric \(its sets: eval\)"
+    ):
+        run(make_cfg(*TINY, "method=cd", "trainer.selection.metric=valid/accuracy"))

@@ -49,7 +49,7 @@ from ctxdistill.results.records import EVALUATIONS, PREDICTIONS, RUN_CONFIG
 from ctxdistill.serving import serving_metrics
 from ctxdistill.sweeps import config_changes, group_name
 from ctxdistill.tracking import Tracker, create_tracker, exit_code
-from ctxdistill.trainer import checkpoint_selection, train
+from ctxdistill.trainer import check_selection_set, checkpoint_selection, train
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +332,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             f"there are none. Set dataset.context.num_demos or dataset.num_train_queries above 0."
         )
     method.check_inputs(task, tokenizer, cfg)
+    check_selection_set(cfg.trainer.selection, list(task.eval_sets))  # its metric is checked once declared
     if method.trained_weights == "adapter":
         check_adapter(cfg.model, cfg.cache_dir, tokenizer, task.context, method.wrap_model)
     ignored = warn_unused_training_settings(

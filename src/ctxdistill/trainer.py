@@ -84,19 +84,29 @@ class Selection:
         return f"{self.metric} after epochs {first}, {first + self.every_epochs}, ..."
 
 
+def check_selection_set(spec: DictConfig, eval_sets: list[str], metric_set: Optional[MetricSet] = None) -> None:
+    """A ConfigError naming a trainer.selection metric on a set the run does not evaluate (known before the model
+    loads) or, given the run's declared metrics, a metric it does not report."""
+    if spec.metric is None:
+        return
+    set_name, _, name = spec.metric.rpartition("/")
+    if set_name not in eval_sets or (metric_set is not None and not metric_set.declares(spec.metric)):
+        metrics = f"; its metrics: {metric_set.described()}" if metric_set else ""
+        headline = metric_set.headline.name if metric_set else name
+        raise ConfigError(
+            f"trainer.selection.metric={spec.metric}: the run reports no such metric (its sets: "
+            f"{', '.join(eval_sets)}{metrics}). Name one, e.g. trainer.selection.metric={eval_sets[-1]}/{headline}"
+            + ("" if len(eval_sets) > 1 else " after adding a validation set (dataset.validation_split=valid)")
+        )
+
+
 def checkpoint_selection(spec: DictConfig, eval_sets: list[str], metric_set: MetricSet) -> Optional[Selection]:
     """trainer.selection as a :class:`Selection` (None: the final model is tested), or a ConfigError naming a
     metric the run does not report."""
+    check_selection_set(spec, eval_sets, metric_set)
     if spec.metric is None:
         return None
-    set_name, _, name = spec.metric.rpartition("/")
-    if set_name not in eval_sets or not metric_set.declares(spec.metric):
-        raise ConfigError(
-            f"trainer.selection.metric={spec.metric}: the run reports no such metric (its sets: "
-            f"{', '.join(eval_sets)}; its metrics: {metric_set.described()}). Name one, e.g. "
-            f"trainer.selection.metric={eval_sets[-1]}/{metric_set.headline.name}"
-            + ("" if len(eval_sets) > 1 else " after adding a validation set (dataset.validation_split=valid)")
-        )
+    name = spec.metric.rpartition("/")[2]
     higher = next(m.higher_is_better for m in metric_set.metrics if m.name == name)
     return Selection(spec.metric, higher, spec.every_epochs, spec.skip_epochs)
 
