@@ -445,6 +445,10 @@ def test_a_path_that_does_not_exist_is_named(tmp_path, capsys):
         (["{tmp}/run", "--config-dir", "{tmp}/none"], "--config-dir {tmp}/none: no such directory"),
         (["--bogus"], "the following arguments are required: path"),
         (["{tmp}/run", "dataset.hans_file={tmp}/none.txt"], "dataset.hans_file={tmp}/none.txt: no such file"),
+        # the nineteenth audit: written to evaluations/force=true/ and evaluations/output_dir=.../ without a word
+        (["{tmp}/run", "force=true"], "force=true: an evaluation of the same name is replaced with --force"),
+        (["{tmp}/run", "output_dir={tmp}/x"], "output_dir={tmp}/x: an evaluation is written to RUN_DIR/evaluations"),
+        (["{tmp}/run", "hydra.run.dir=x"], "hydra.run.dir=x: an evaluation is written to RUN_DIR/evaluations/NAME/"),
     ],
 )
 def test_bad_arguments_are_refused_before_torch_and_the_methods_are_imported(args, message, tmp_path):
@@ -477,3 +481,23 @@ def test_cells_of_a_sweep_without_results_are_named_not_skipped_quietly(untraine
     assert f"ctxdistill-eval: warning: left out {sweep / 'failed'}, which has no results: failed (DataError" in err
     assert f"warning: left out {sweep / 'killed'}, which has no results: no complete metrics.json" in err
     assert [p.parent.parent.parent.name for p in sweep.glob("*/evaluations/again/metrics.json")] == ["done"]
+
+
+def test_every_cell_of_a_sweep_is_checked_before_any_is_evaluated(untrained_sweep, tmp_path, capsys):
+    """The nineteenth audit: a cell whose evaluation is refused stopped the command after the cells before it were
+    evaluated and written; now the refusal comes first, naming the cell."""
+    import shutil
+
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    for cell in cells_of(untrained_sweep):
+        shutil.copytree(cell, sweep / cell.name, ignore=shutil.ignore_patterns("evaluations"))
+    first, second = cells_of(sweep)
+    recorded = yaml.safe_load((second / "overrides.yaml").read_text())
+    (second / "overrides.yaml").write_text(yaml.safe_dump([*recorded, "trainer.lr=-1"]))
+    with pytest.raises(SystemExit) as stopped:
+        main([str(sweep), "--name", "checked"])
+    assert stopped.value.code == 1
+    assert f"ctxdistill: {second}: trainer.lr: must be positive" in capsys.readouterr().err
+    assert not (first / "evaluations").exists()

@@ -229,15 +229,35 @@ def warn_unused_settings(overrides: list[str], cfg: DictConfig) -> None:
         log.warning("%s", entry["warning"])
 
 
+def checked_config(run_dir: Path, overrides: list[str], name: str, config_dirs: tuple[Path, ...]) -> DictConfig:
+    """The evaluation's config, validated, and checked to load the run's weights as the run saved them (before any
+    model loads)."""
+    from ctxdistill.config import validate
+    from ctxdistill.models import honour_name_or_path
+
+    out = run_dir / EVALUATIONS / name
+    cfg = evaluation_config(run_dir, overrides, out, config_dirs)
+    validate(cfg, trains=False)  # the method's checks of how it trains do not bind an evaluation (one context, …)
+    honour_name_or_path(cfg.model)
+    check_same_model_and_method(run_dir, cfg)
+    if overrides:  # without any, the run's config as the run's overrides compose it now (the same when unchanged)
+        recomposed = evaluation_config(run_dir, [], out, config_dirs)
+        honour_name_or_path(recomposed.model)
+    else:
+        recomposed = cfg
+    check_configs_unchanged(run_dir, recomposed, overrides)
+    return cfg
+
+
 def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` under ``overrides`` (configs also from ``config_dirs``); returns what
     metrics.json holds."""
     import torch
 
     from ctxdistill import provenance
-    from ctxdistill.config import ConfigError, validate
+    from ctxdistill.config import ConfigError
     from ctxdistill.methods import build_method
-    from ctxdistill.models import ModelHandle, honour_name_or_path, load_tokenizer, teaching_identity
+    from ctxdistill.models import ModelHandle, load_tokenizer, teaching_identity
     from ctxdistill.run import (
         build_models,
         evaluation_dropout_seed,
@@ -248,17 +268,8 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     )
 
     out = run_dir / EVALUATIONS / name
-    cfg = evaluation_config(run_dir, overrides, out, config_dirs)
+    cfg = checked_config(run_dir, overrides, name, config_dirs)
     provenance.begin_run()
-    validate(cfg, trains=False)  # the method's checks of how it trains do not bind an evaluation (one context, …)
-    honour_name_or_path(cfg.model)
-    check_same_model_and_method(run_dir, cfg)
-    if overrides:  # without any, the run's config as the run's overrides compose it now (the same when unchanged)
-        recomposed = evaluation_config(run_dir, [], out, config_dirs)
-        honour_name_or_path(recomposed.model)
-    else:
-        recomposed = cfg
-    check_configs_unchanged(run_dir, recomposed, overrides)
     warn_unused_settings(overrides, cfg)
     method = build_method(cfg.method)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
@@ -386,6 +397,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         evaluated = json.loads((run_dir / "metrics.json").read_text()).get("evaluated_run")
         if evaluated:
             parser.error(f"{run_dir} is an evaluation of the run {evaluated}, not a run: give {evaluated}")
+    for override in args.overrides:  # settings of the ctxdistill command that an evaluation has options for
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key == "force":
+            parser.error(f"{override}: an evaluation of the same name is replaced with --force")
+        if key == "output_dir" or (key.startswith("hydra.") and key != "hydra.searchpath"):
+            parser.error(f"{override}: an evaluation is written to RUN_DIR/evaluations/NAME/; name it with --name NAME")
     name = args.name or cell_dir(",".join(args.overrides)) or "again"
     # evaluations/NAME/ must stay one directory of evaluations/: "..", "/" or an absolute path would reach the run's
     # own metrics.json and config.yaml, or beyond the run
@@ -416,7 +433,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             f"{name} ({differences[made[0]]}): pass --force to replace it, or another --name"
         )
 
-    from ctxdistill.cli import exit_with_message, quiet_console, user_errors
+    from ctxdistill.cli import exit_with_message, quiet_console, user_error_message, user_errors
     from ctxdistill.progress import BarSafeHandler, quiet_library_bars
 
     quiet_console()
@@ -428,6 +445,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         handlers=[BarSafeHandler()],
         force=True,
     )
+    todo = [run_dir for run_dir in runs if run_dir / EVALUATIONS / name not in done]
+    for run_dir in todo if len(todo) > 1 else []:  # a sweep's every cell, before any model loads
+        try:
+            checked_config(run_dir, args.overrides, name, tuple(args.config_dir))
+        except user_errors() as e:
+            exit_with_message(ConfigError(f"{run_dir}: {user_error_message(e)}"))
     for number, run_dir in enumerate(runs):
         if run_dir / EVALUATIONS / name in done:
             log.info(
