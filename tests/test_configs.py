@@ -866,6 +866,13 @@ def test_a_template_naming_a_field_the_records_lack_fails_naming_it_before_anyth
             "ctxdistill: trainer=distributed/fsdp: trainer/distributed is a config group of its own. Pick its option "
             "with trainer/distributed=fsdp\n",
         ),
+        # a group set to null (the nineteenth audit): Hydra's ValueError and its traceback
+        (
+            ["logger=null"],
+            "ctxdistill: logger=null: logger is a config group: pick one of its options (logger=none for none; "
+            "ctxdistill --help lists them), or leave logger out for its default\n",
+        ),
+        (["experiment=null"], "ctxdistill: experiment=null: experiment is a config group: pick one of its options"),
         # model.name_or_path naming a directory that is not a checkpoint, or none at all (the newcomer audit)
         (["model.name_or_path=/"], "ctxdistill: model.name_or_path=/: a directory without config.json, not a model"),
         (

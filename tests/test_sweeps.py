@@ -268,6 +268,26 @@ def test_a_run_directory_that_cannot_be_made_is_one_message(key, tmp_path):
     )
 
 
+def test_a_cache_dir_that_is_a_file_refuses_a_sweep_before_its_first_cell(tmp_path):
+    """The nineteenth audit: every cell failed with a NotADirectoryError traceback."""
+    (tmp_path / "file").touch()
+    sweep = tmp_path / "s"
+    proc = multirun(
+        "method=zero_shot",
+        "seed=0,1",
+        *CELL,
+        "logger=none",
+        f"cache_dir={tmp_path / 'file'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"ctxdistill: cache_dir (CTXDISTILL_CACHE): {tmp_path / 'file'} is a file, not a directory. Give it a "
+        "directory you can write\n"
+    )
+    assert not sweep.exists()
+
+
 def test_a_refused_run_leaves_no_run_directory_behind(tmp_path):
     """A single run refused in validation left its run directory holding Hydra's .hydra/ and log alone: a run that
     seemed to have started, as a refused sweep's directory once did."""

@@ -98,11 +98,17 @@ def subgroups(group: str) -> list[str]:
 
 
 def check_subgroup_choices(overrides: list[str]) -> None:
-    """``trainer=distributed/ddp`` would load the strategy's settings as the trainer's; name the override that picks
-    it."""
+    """``trainer=distributed/ddp`` would load the strategy's settings as the trainer's, and ``logger=null`` was
+    Hydra's traceback; name the override, with the fix."""
     for override in overrides:
         key, _, value = override.partition("=")
         group = key.lstrip("+~")
+        if value == "null" and not key.startswith("~") and (CONFIG_DIR / group).is_dir():
+            none = f"{group}=none for none; " if (CONFIG_DIR / group / "none.yaml").is_file() else ""
+            raise ConfigError(
+                f"{override}: {group} is a config group: pick one of its options ({none}ctxdistill --help lists "
+                f"them), or leave {group} out for its default"
+            )
         sub = value.split("/")[0]
         if "/" in value and (CONFIG_DIR / group).is_dir() and sub in subgroups(group):
             raise ConfigError(

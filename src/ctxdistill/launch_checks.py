@@ -54,6 +54,8 @@ def writable_dir(key: str, path: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         if outermost is not None:
             made.append((outermost, absolute))
+    except FileExistsError as e:
+        problem = f"{e.filename} is a file, not a directory"
     except OSError as e:
         problem = f"cannot create {e.filename} ({e.strerror})"
     else:
@@ -305,6 +307,7 @@ def refuse_bad_inputs(config: DictConfig, directory_key: str, status: int) -> No
         refuse_bases(overrides)
         check_data_paths(overrides, config)
         writable_dir(directory_key, resolved(config, directory_key))
+        writable_dir("cache_dir (CTXDISTILL_CACHE)", resolved(config, "cache_dir"))
         # an output_dir of its own (by default it is the run's or the cell's directory)
         output_dir = None if OmegaConf.is_interpolation(config, "output_dir") else config.output_dir
         if output_dir is not None:
