@@ -441,7 +441,13 @@ def test_vs_adds_mcnemars_exact_test_on_the_shared_examples(tmp_path, capsys):
     assert main([str(tmp_path), "--vs", "icl", "--out", str(out)]) == 0  # the written tables keep the test
     written = list(csv.DictReader((out / "results" / "table.csv").open()))[1]
     assert written["eval/p_vs_icl"] == row["eval/p_vs_icl"]
-    assert "p (McNemar)" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "p (McNemar)" in readme
+    # its command makes the same tables again (the nineteenth audit: it dropped --vs and with it the test)
+    regenerate = re.search(r"Regenerate with `ctxdistill-compare (.+?)`", readme).group(1)
+    (out / "results" / "table.csv").unlink()
+    assert main(shlex.split(regenerate)) == 0
+    assert list(csv.DictReader((out / "results" / "table.csv").open()))[1] == written
     assert main([str(tmp_path), "--vs", "ft"]) == 2
     assert "no run of method ft here (methods: cd, icl)" in capsys.readouterr().err
 
@@ -1010,6 +1016,9 @@ def test_by_splits_a_methods_runs_by_a_config_key_and_mixed_settings_are_warned_
         "kgbert_cd aux_weight=1.0,m,d,2,,0.2,0,,,2",
     ]
     assert "warning" not in err
+    # the path after --by's keys (the nineteenth audit: "give run or sweep directories", --by had taken it)
+    assert main(["--format", "csv", "--by", "method.aux_weight", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == rows
 
 
 def test_a_wandb_run_that_crashed_or_was_stopped_is_not_read_back_and_its_attempts_make_one_run(tmp_path, monkeypatch):

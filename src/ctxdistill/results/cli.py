@@ -157,6 +157,9 @@ def paper_models_unknown(papers: list[scorecard.Paper], model_as: dict[str, str]
 def compare(argv: list[str] | None = None) -> int:
     parser = argument_parser()
     args = parser.parse_args(argv)
+    # --by's list takes every word after it: a directory there (--by seed SWEEP) is a path to read, not a key
+    args.paths += [Path(key) for key in args.by if Path(key).exists()]
+    args.by = [key for key in args.by if not Path(key).exists()]
     args.format = {"md": "markdown"}.get(args.format, args.format)
     if not args.paths and not args.wandb and not args.check_args:
         parser.error("give run or sweep directories, or --wandb ENTITY/PROJECT")
@@ -293,6 +296,10 @@ def compare(argv: list[str] | None = None) -> int:
             + (["--group", args.group] if args.group and args.wandb else [])  # --wandb-log's group logs, reads none
             + (["--by", *args.by] if args.by else [])
             + (["--metric", args.metric] if args.metric else [])
+            + (["--vs", args.vs] if args.vs else [])
+            + (["--scorecard"] if args.scorecard else [])
+            + [option for paper in args.paper for option in ("--paper", paper)]
+            + [option for pair in args.model_as for option in ("--model-as", pair)]
         )
         # over a sweep's own directory (SWEEP --out SWEEP): its README keeps the command that made and resumes it
         own = not args.wandb and [p.resolve() for p in args.paths] == [args.out.resolve()]
