@@ -317,6 +317,17 @@ def test_a_directory_without_write_permission_is_one_message(tmp_path, monkeypat
     )
 
 
+def test_failed_cells_fail_the_sweep_also_when_its_summary_cannot_be_written(tmp_path):
+    """The nineteenth audit: Hydra turns the summary's exception into a warning, and the failed cells were counted
+    after it, so the sweep exited 0 and listed none."""
+    sweep_dir = tmp_path / "s"
+    sweep_dir.mkdir()
+    (sweep_dir / "results").write_text("not a directory\n")
+    proc = multirun("method=zero_shot", "trainer.lr=0.001,-1", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 1
+    assert "1 cell(s) FAILED" in proc.stdout and "ConfigError: trainer.lr" in proc.stdout
+
+
 def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
     sweep_dir = tmp_path / "s"
     proc = multirun("method=zero_shot", "trainer.lr=0.001,-1", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
@@ -469,6 +480,9 @@ def test_a_cell_whose_data_file_changed_since_its_run_is_not_skipped_as_complete
     again = multirun(*command, f"hydra.sweep.dir={sweep_dir}")
     assert again.returncode == 1 and "2 cell(s) FAILED" in again.stdout
     assert f"holds a complete run made from data that changed since: {gifts}" in again.stdout
+    # no cell complete: the first launch's summary of the old data's runs is not left to be read (the nineteenth
+    # audit: README.md still said "2 complete runs", with their table)
+    assert not (sweep_dir / "README.md").exists() and not (sweep_dir / "results").exists()
     forced = multirun(*command, "force=true", f"hydra.sweep.dir={sweep_dir}")
     assert forced.returncode == 0, forced.stdout[-3000:]
     assert {json.loads(p.read_text())["metrics"]["gifts/examples"] for p in sweep_dir.glob("*/metrics.json")} == {3}

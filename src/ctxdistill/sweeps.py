@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shlex
+import shutil
 import sys
 import time
 import traceback
@@ -350,12 +351,7 @@ class SweepSummaryCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from ctxdistill.evaluate_run import run_dirs
-        from ctxdistill.results.files import write_results
         from ctxdistill.results.records import collect
-        from ctxdistill.results.render import render
-        from ctxdistill.results.table import mixed_settings_warnings, summarise
-        from ctxdistill.results.wandb_outputs import log_results
-        from ctxdistill.tracking import offline_sync_command, resolve_mode, set_aside_offline_runs
 
         sweep_dir = Path(config.hydra.sweep.dir)
         failed = failed_runs(sweep_dir)
@@ -374,6 +370,25 @@ class SweepSummaryCallback(Callback):
             if str(Path(r["run_dir"]).relative_to(sweep_dir)) not in failed
         ]
         command = sweep_command(config.hydra)
+        failed_cells.update(failures)  # the exit status says them, also if writing the summary fails
+        try:
+            self.write_summary(config, sweep_dir, runs, failures, others, command)
+        finally:
+            if failures:
+                print(f"\n{len(failures)} cell(s) FAILED (details in each cell's {FAILURE_FILE} and log):", flush=True)
+                for cell, error in failures.items():
+                    print(f"  {cell}: {error}", flush=True)
+                print(f"Re-run the same command to retry only these:\n  {command}", flush=True)
+
+    @staticmethod
+    def write_summary(config, sweep_dir: Path, runs: list, failures: dict, others: dict, command: str) -> None:
+        """The comparison of the sweep's complete runs: printed, in README.md and results/, and logged to W&B."""
+        from ctxdistill.results.files import RESULTS_DIR, write_results
+        from ctxdistill.results.render import render
+        from ctxdistill.results.table import mixed_settings_warnings, summarise
+        from ctxdistill.results.wandb_outputs import log_results
+        from ctxdistill.tracking import offline_sync_command, resolve_mode, set_aside_offline_runs
+
         if runs:
             ignored = ignored_settings_warnings(runs) + wandb_outage_warnings(runs, sweep_dir)
             runs, warnings, split = split_settings(runs)
@@ -416,11 +431,8 @@ class SweepSummaryCallback(Callback):
                         f"W&B is offline; upload the sweep's runs later with:  {offline_sync_command(sweep_dir)}",
                         flush=True,
                     )
-        elif others:
-            print("\n".join(other_launches_failures(others)), flush=True)
-        if failures:
-            failed_cells.update(failures)
-            print(f"\n{len(failures)} cell(s) FAILED (details in each cell's {FAILURE_FILE} and log):", flush=True)
-            for cell, error in failures.items():
-                print(f"  {cell}: {error}", flush=True)
-            print(f"Re-run the same command to retry only these:\n  {command}", flush=True)
+        else:  # no complete run: an earlier launch's summary describes runs whose latest attempt failed
+            (sweep_dir / "README.md").unlink(missing_ok=True)
+            shutil.rmtree(sweep_dir / RESULTS_DIR, ignore_errors=True)
+            if others:
+                print("\n".join(other_launches_failures(others)), flush=True)
