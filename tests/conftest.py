@@ -143,8 +143,9 @@ def behaving_model_dir(request, tmp_path_factory) -> Path:
         if not (directory / "config.json").is_file():
             staging = tmp_path_factory.mktemp("behaving-staging")
             behaving_model.train(staging)
-            shutil.rmtree(directory)
-            shutil.copytree(staging, directory)
+            # another worker's cache.mkdir(name) may recreate the directory between these two: copy into it
+            shutil.rmtree(directory, ignore_errors=True)
+            shutil.copytree(staging, directory, dirs_exist_ok=True)
     share = behaving_model.follows_its_language(
         AutoModelForCausalLM.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
     )

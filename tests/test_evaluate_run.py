@@ -55,10 +55,10 @@ def cells_of(sweep: Path) -> list[Path]:
     return sorted(p.parent for p in sweep.glob("*/metrics.json"))
 
 
-def ctxdistill(*arguments: str) -> str:
-    """The ctxdistill command, in its own process; its console (stderr)."""
+def ctxdistill(*arguments: str, cwd: Path | None = None) -> str:
+    """The ctxdistill command, in its own process (started in cwd); its console (stderr)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "ctxdistill", *arguments], capture_output=True, text=True, env=ENV, timeout=600
+        [sys.executable, "-m", "ctxdistill", *arguments], capture_output=True, text=True, env=ENV, timeout=600, cwd=cwd
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
@@ -158,9 +158,11 @@ def test_a_run_without_saved_weights_is_refused_naming_why(sweep, tmp_path, caps
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory) -> Path:
-    """One run whose output_dir is not Hydra's own directory (so no .hydra/ beside it)."""
-    run_dir = tmp_path_factory.mktemp("single") / "run"
-    ctxdistill("method=cd", *TINY, f"output_dir={run_dir}")
+    """One run whose output_dir is not Hydra's own directory (so no .hydra/ beside it). Started in its own
+    temporary directory, so Hydra's directory (outputs/<date>/<time>) lands there, not in the checkout."""
+    root = tmp_path_factory.mktemp("single")
+    run_dir = root / "run"
+    ctxdistill("method=cd", *TINY, f"output_dir={run_dir}", cwd=root)
     return run_dir
 
 
@@ -224,8 +226,13 @@ def test_a_sweep_from_ones_own_config_dir_is_rerun_and_evaluated_from_its_record
     readme = (sweep / "README.md").read_text()
     command = readme.split("```bash\n")[1].split("\n")[0]
     assert command.startswith(f"ctxdistill --config-dir={config_dir} -m experiment=mine")
-    again = subprocess.run(
-        [sys.executable, "-m", *shlex.split(command)], capture_output=True, text=True, env=ENV, timeout=600
+    again = subprocess.run(  # from a directory of its own: nothing lands in the checkout's outputs/
+        [sys.executable, "-m", *shlex.split(command)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert (again.stdout + again.stderr).count("already holds a complete run: skipped") == 2
@@ -239,7 +246,7 @@ def test_a_sweep_from_ones_own_config_dir_is_rerun_and_evaluated_from_its_record
 
     # a run in an output_dir of its own has no such record: the message names --config-dir, which then finds it
     run_dir = tmp_path / "run"
-    ctxdistill("--config-dir", str(config_dir), "experiment=mine", *TINY, f"output_dir={run_dir}")
+    ctxdistill("--config-dir", str(config_dir), "experiment=mine", *TINY, f"output_dir={run_dir}", cwd=tmp_path)
     with pytest.raises(SystemExit) as stopped:
         main([str(run_dir)])
     assert stopped.value.code == 1

@@ -35,11 +35,21 @@ def cli(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "ctxdistill", *RESUMABLE, f"hydra.run.dir={run_dir}"]
 
 
+def saved_step(run_dir: Path) -> int:
+    """The step of the run's latest complete checkpoint; 0 when there is none (yet, or any more)."""
+    try:
+        latest = latest_checkpoint(run_dir)
+    except FileNotFoundError:  # checkpoints/ removed while it was listed: the run just finished
+        return 0
+    return int(latest.name.split("-")[1]) if latest else 0
+
+
 def kill_at_step_then_resume(run_dir: Path, step: int) -> int:
-    """Start the run, SIGKILL it once the checkpoint of `step` exists, run the same command again."""
+    """Start the run, SIGKILL it once a checkpoint of `step` or later exists, run the same command again.
+    Polling for exactly `step` would miss it: with keep_checkpoints=1 it is removed as the next step is saved."""
     with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
         proc = subprocess.Popen(cli(run_dir), stdout=log, stderr=log, env=ENV)
-        while proc.poll() is None and not (run_dir / "checkpoints" / f"step-{step:08d}").exists():
+        while proc.poll() is None and saved_step(run_dir) < step:
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
@@ -268,11 +278,19 @@ def test_ctrl_c_before_any_checkpoint_says_whether_training_starts_again(method,
     assert "\nctxdistill: interrupted\n" in stopped.stderr and "Traceback" not in stopped.stderr
 
 
+def sweep_cells(root: Path) -> list[Path]:
+    """The run directories of a sweep under root/outputs/multirun, as far as a listing racing the sweep sees them."""
+    try:
+        return list(root.glob("outputs/multirun/*/*/*"))
+    except FileNotFoundError:  # a directory vanished while it was listed
+        return []
+
+
 def test_ctrl_c_in_a_sweep_prints_the_command_that_resumes_it_in_its_own_directory(tmp_path):
     """Hydra's default sweep dir holds the launch time: the same command again would start afresh elsewhere."""
     sweep = [sys.executable, "-m", "ctxdistill", "-m", *RESUMABLE, "seed=0,1"]
     proc = subprocess.Popen(sweep, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-    while proc.poll() is None and not list(tmp_path.glob("outputs/multirun/*/*/*/checkpoints/step-00000001")):
+    while proc.poll() is None and not any(saved_step(cell) for cell in sweep_cells(tmp_path)):
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     console = proc.communicate(timeout=600)[0]

@@ -66,8 +66,22 @@ def test_the_code_map_names_every_module_and_only_files_that_exist():
     root = GUIDES.parents[1]
     code_map = re.search(r"```\n(.*?)```", (root / "docs" / "layout.md").read_text(), re.DOTALL).group(1)
     named = set(re.findall(r"[\w.]+\.(?:py|sh|txt)\b", code_map))
-    package = root / "src" / "ctxdistill"
-    modules = {p.name for p in package.rglob("*.py") if p.name != "__init__.py" and "methods" not in p.parts}
+    # the checkout's files as git sees them (tracked, and new ones not ignored): walking the tree would enter .venv/
+    # and the directories other tests create and delete meanwhile
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    paths = [Path(p) for p in listed.split("\0") if p and (root / p).is_file()]  # not those deleted since
+    package = Path("src", "ctxdistill")
+    modules = {
+        p.name
+        for p in paths
+        if p.suffix == ".py" and p.is_relative_to(package) and p.name != "__init__.py" and "methods" not in p.parts
+    }
     assert modules - named == set()
-    files = {p.name for p in root.rglob("*") if ".git" not in p.parts}
+    files = {p.name for p in paths}
     assert named - files == set()
