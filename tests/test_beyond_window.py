@@ -464,12 +464,27 @@ def test_cheat_sheet_cleaning_drops_a_preamble_as_released():
     assert cs.clean_sheet(" - a\n- b ") == "- a\n- b"
 
 
+def write_run_config(run_dir: Path, method: str, adapter: str = "lora", num_contexts: int = 2) -> None:
+    """config.yaml as a run of ``method`` writes it (its method resolved), over contexts of 12 demonstrations."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from ctxdistill.cli import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    overrides = [f"output_dir={run_dir}", f"method={method}", f"model.adapter={adapter}", "model=tiny-random"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"dataset.context.num_contexts={num_contexts}"])
+    GlobalHydra.instance().clear()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
 def write_prefix_run(run_dir: Path, seed: int, accuracy: float, forgetting: float = 0.5) -> None:
     """A finished cd run into a prefix over 2 contexts of 12 demonstrations (48 eval and 32 ood examples), with
     its forgetting evaluation (64 examples)."""
-    run_dir.mkdir(parents=True)
-    config = "method: {name: cd}\nmodel: {adapter: prefix}\ndataset: {context: {num_demos: 12, num_contexts: 2}}\n"
-    (run_dir / "config.yaml").write_text(config)
+    write_run_config(run_dir, "cd", "prefix")
     metrics = {
         **{"eval/accuracy": accuracy, "eval/examples": 48, "ood/accuracy": 0.5, "ood/examples": 32},
         **{"train_queries/context_accuracy": 0.1, "train_queries/examples": 32},
@@ -575,3 +590,16 @@ def test_context_tokens_per_query_count_the_context_not_the_query_templates_diff
     task, tokenizer = build_task(cfg.dataset, cfg.seed), load_tokenizer(cfg.model, cfg.cache_dir)
     expected = len(tokenizer(task.context + task.separator).input_ids)
     assert context_tokens_per_query(task, tokenizer, with_context=True) == pytest.approx(expected, abs=1)
+
+
+def test_the_curves_x_is_what_each_method_read_of_the_demonstrations(tmp_path: Path):
+    """The nineteenth audit: ICL over 4 contexts was put at 48 demonstrations, though each query reads one context
+    of 12, and zero-shot at 12 and 48, though it reads none."""
+    for method, contexts, expected in (("icl", 4, 12), ("zero_shot", 4, 0), ("cd", 4, 48), ("cheat_sheet", 4, 48)):
+        run_dir = tmp_path / "runs" / f"{method}-{contexts}"
+        write_run_config(run_dir, method, num_contexts=contexts)
+        record = {"seed": 0, "metrics": {"eval/accuracy": 0.5, "eval/examples": 48}, "trainable_parameters": 0}
+        (run_dir / "metrics.json").write_text(json.dumps(record))
+    assert learning_curve([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    rows = [line.split(" | ")[:2] for line in (tmp_path / "out" / "learning_curve.md").read_text().splitlines()[2:]]
+    assert sorted(rows) == [["| cd", "48"], ["| cheat_sheet", "48"], ["| icl", "12"], ["| zero_shot", "0"]]

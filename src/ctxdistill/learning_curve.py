@@ -3,10 +3,12 @@
     python -m ctxdistill.learning_curve SWEEP_DIR --out DIR [--window-demos N] [--before RUN_DIR]
 
 Every run under SWEEP_DIR (its metrics.json and config.yaml) is one point: its series is the method's
-name, with the trained adapter when it is not LoRA (``cd (prefix)``); its x is the demonstrations it
-used (``dataset.context.num_demos`` x ``num_contexts``). Points are the mean over seeds with the suite's 95%
-interval of a proportion (Student's t over seeds that differ, Wilson's over the examples where they agree), cut
-to [0, 1]; two runs of the same point (a cell run again into another directory) are refused, not averaged.
+name, with the trained adapter when it is not LoRA (``cd (prefix)``); its x is the demonstrations it used
+(:meth:`~ctxdistill.methods.base.Method.demonstrations_used`: ``dataset.context.num_demos`` x ``num_contexts``
+where it trains on them or writes a cheat sheet from them, ``num_demos`` for ICL, which reads one context per
+query, 0 for zero-shot). Points are the mean over seeds with the suite's 95% interval of a proportion
+(Student's t over seeds that differ, Wilson's over the examples where they agree), cut to [0, 1]; two runs of
+the same point (a cell run again into another directory) are refused, not averaged.
 ``--window-demos`` marks how many demonstrations the capped window holds; a run's
 ``evaluations/forgetting/`` (made by ctxdistill-eval on another task) is its forgetting column, and
 ``--before`` the untrained model's accuracy on that task. Writes learning_curve.png, learning_curve.md
@@ -27,6 +29,7 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ctxdistill.methods import build_method
 from ctxdistill.results.records import EVALUATIONS
 from ctxdistill.results.stats import mean_interval
 
@@ -72,7 +75,9 @@ def read_points(root: Path) -> list[dict[str, Any]]:
             {
                 "run": path.parent,
                 "series": series_name(config, run.get("trainable_parameters", 0)),
-                "demos": context["num_demos"] * context["num_contexts"],
+                "demos": build_method(config["method"]).demonstrations_used(
+                    context["num_demos"], context["num_contexts"]
+                ),
                 "seed": run["seed"],
                 "metrics": run["metrics"],
                 "trainable": run.get("trainable_parameters", 0),

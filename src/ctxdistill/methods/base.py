@@ -68,6 +68,14 @@ class Method:
     def trains(self) -> bool:
         return self.trained_weights is not None
 
+    def demonstrations_used(self, num_demos: int, num_contexts: int) -> int:
+        """The demonstrations a run learns from or reads (the learning curve's x): every context's when it trains
+        (each query is taught by one of them), the one context each query reads when it is evaluated with its
+        context (ICL), none otherwise."""
+        if self.trains:
+            return num_demos * num_contexts
+        return num_demos if self.eval_with_context else 0
+
     def build_task(self, dataset, seed: int) -> Task | TaskMixture:
         """The inputs the run trains and evaluates on: by default the dataset's task, or its task mixture
         (which kinds a method accepts its schema declares, and validation checks)."""

@@ -166,6 +166,9 @@ class CheatSheet(Method):
         self.writer_tokenizer = None  # a separate writer's own (check_teacher): its chat template, its BOS
         self.sheet_room: Optional[int] = None  # set by check_inputs, which every run calls before evaluating
 
+    def demonstrations_used(self, num_demos: int, num_contexts: int) -> int:
+        return num_demos * num_contexts  # the sheet is written from every context's demonstrations
+
     def chunks(self, task: Task) -> list[list]:
         size = self.chunk_demos or max(len(task.demos), 1)
         return [task.demos[i : i + size] for i in range(0, len(task.demos), size)]
