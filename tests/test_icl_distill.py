@@ -9,6 +9,8 @@ import torch
 from hydra.utils import instantiate
 
 from ctxdistill.config import ConfigError, validate
+from ctxdistill.data.mixture import build_mixture
+from ctxdistill.data.tasks import DataError
 from ctxdistill.evaluation import Scores, majority_vote
 from ctxdistill.methods.icl_distill import icl_distillation_loss
 from ctxdistill.models import ModelHandle, ModelLoadError, load_model, load_tokenizer
@@ -357,3 +359,32 @@ def test_a_layer_dropped_student_keeps_every_other_layer_and_a_working_cache(mak
         cache = half(input_ids=ids[:, :-1], use_cache=True).cache
         stepped = half(input_ids=ids[:, -1:], cache=cache).logits[0, -1]
     torch.testing.assert_close(stepped, whole, atol=1e-4, rtol=1e-4)
+
+
+def test_a_tasks_own_settings_that_a_mixture_sets_for_all_are_named_as_ignored(make_cfg, caplog):
+    """The nineteenth audit: a task's own num_demos, num_eval and data_seed in a mixture were taken and ignored,
+    more held-out queries than a task has were cut without a word, and a pool larger than a task's split was
+    named as dataset.context.num_demos."""
+    from ctxdistill.methods import build_method
+    from ctxdistill.run import unused_settings
+
+    given = [
+        "dataset.train_tasks.size.context.num_demos=4",
+        "dataset.train_tasks.size.num_eval=4",
+        "dataset.train_tasks.size.context.data_seed=7",
+    ]
+    cfg = make_cfg("dataset=synthetic_mixture", "method=icl", "model=tiny-random", *given)
+    warnings = [e["warning"] for e in unused_settings(build_method(cfg.method), given, cfg.model.adapter, cfg)]
+    assert warnings == [
+        "a task mixture draws dataset.num_demos demonstrations for every task's prompts: ignoring "
+        "dataset.train_tasks.size.context.num_demos",
+        "a task mixture evaluates dataset.num_eval held-out queries of every task: ignoring "
+        "dataset.train_tasks.size.num_eval",
+        "a task mixture draws every task's pool with dataset.data_seed: ignoring "
+        "dataset.train_tasks.size.context.data_seed",
+    ]
+    build_mixture(make_cfg("dataset=synthetic_mixture", "dataset.num_eval=200").dataset, 0)
+    assert "dataset.num_eval (task size)=200 is more than the 160 examples there are: all are used" in caplog.text
+    with pytest.raises(DataError) as refused:
+        build_mixture(make_cfg("dataset=synthetic_mixture", "dataset.pool_size=200").dataset, 0)
+    assert str(refused.value) == "task size: dataset.pool_size=200 is larger than the training pool (160 examples)"

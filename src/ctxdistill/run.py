@@ -30,7 +30,7 @@ from ctxdistill.checkpoint import (
     save_random_states,
     save_trainable_weights,
 )
-from ctxdistill.config import ConfigError, DatasetConfig, override_keys, table_label, validate
+from ctxdistill.config import ConfigError, DatasetConfig, MixtureConfig, override_keys, table_label, validate
 from ctxdistill.data import Task
 from ctxdistill.methods import build_method
 from ctxdistill.models import (
@@ -167,6 +167,23 @@ EVALUATION_TRAINER_KEYS = ("trainer.eval_batch_size", "trainer.distributed", *TR
 ADAPTER_KEYS = {"lora": "model.lora.", "prefix": "model.prefix_"}
 
 
+# A task's settings that a task mixture sets for all its tasks, or has no use for (data.mixture reads the rest).
+MIXTURE_SETS = {
+    "context.num_demos": "a task mixture draws dataset.num_demos demonstrations for every task's prompts",
+    "num_eval": "a task mixture evaluates dataset.num_eval held-out queries of every task",
+    "context.data_seed": "a task mixture draws every task's pool with dataset.data_seed",
+    "num_train_queries": "a task mixture spreads dataset.num_train_instances prompts over its tasks",
+    **dict.fromkeys(
+        ("context.num_contexts", "context.instructions", "context.demo_verbalizers", "context.shuffle_demos",
+         "context.draw"),
+        "a task mixture draws each prompt's demonstrations from its task's pool (dataset.pool_size)",
+    ),
+    **dict.fromkeys(
+        ("ood", "hans_file"), "a task mixture evaluates its tasks' held-out queries only"
+    ),
+}  # fmt: skip
+
+
 def unread_settings(cfg: DictConfig) -> dict[str, str]:
     """The settings of ``cfg`` that its other settings leave unread, each with why: the method's own (its schema's
     ``unread``), a checkpoint selection's without its metric, a logger's that logs nothing, the number of epochs
@@ -180,6 +197,10 @@ def unread_settings(cfg: DictConfig) -> dict[str, str]:
     elif OmegaConf.get_type(cfg.dataset) is DatasetConfig and cfg.dataset.hans_file is not None:
         if not any(eval_set.source.file == cfg.dataset.hans_file for eval_set in cfg.dataset.ood.values()):
             unread["dataset.hans_file"] = "no out-of-domain set reads it (ood=[hans] or [hans_all] would)"
+    if OmegaConf.get_type(cfg.dataset) is MixtureConfig:
+        for group in ("train_tasks", "eval_tasks"):
+            for name in cfg.dataset[group]:
+                unread |= {f"dataset.{group}.{name}.{key}": why for key, why in MIXTURE_SETS.items()}
     if cfg.trainer.selection.metric is None:
         reason = "trainer.selection.metric=null selects no checkpoint"
         unread |= {f"trainer.selection.{key}": reason for key in cfg.trainer.selection if key != "metric"}

@@ -71,9 +71,11 @@ def _task(
     examples = to_examples(records, spec, spec.label_map, spec.drop_labels, where, f"{name}:train")
     rng = random.Random(f"{seed}:{name}")
     try:
-        pool = select_demos(examples, mixture.pool_size, spec.context.balanced, len(spec.verbalizers), rng)
+        pool = select_demos(
+            examples, mixture.pool_size, spec.context.balanced, len(spec.verbalizers), rng, key="dataset.pool_size"
+        )
     except DataError as e:
-        raise DataError(f"dataset.pool_size for task {name}: {e}") from None
+        raise DataError(f"task {name}: {e}") from None
     # Instances cycle through the pool; the repeat index (#r) gives a repeated query other demonstrations.
     instances = [
         replace(pool[i % len(pool)], uid=f"{pool[i % len(pool)].uid}#r{i // len(pool)}") for i in range(num_instances)
@@ -83,7 +85,7 @@ def _task(
         records, where = load_records(spec.source, spec.eval_split, key)
         held_out = to_examples(records, spec, spec.label_map, spec.drop_labels, where, f"{name}:eval")
         # as the task alone is evaluated (its eval_shuffle_seed): the same queries whatever the seed and the pool
-        held_out = take(held_out, mixture.num_eval, spec.eval_shuffle_seed)
+        held_out = take(held_out, mixture.num_eval, spec.eval_shuffle_seed, f"dataset.num_eval (task {name})")
         eval_sets["eval"] = [replace(e, uid=f"{e.uid}#v{j}") for e in held_out for j in range(mixture.num_votes)]
     return Task(
         name=name,

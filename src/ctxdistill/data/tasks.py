@@ -373,23 +373,28 @@ def balanced_counts(k: int, num_classes: int) -> list[int]:
 
 
 def select_demos(
-    pool: list[Example], k: int, balanced: bool, num_classes: int, rng: random.Random, shuffled: bool = True
+    pool: list[Example],
+    k: int,
+    balanced: bool,
+    num_classes: int,
+    rng: random.Random,
+    shuffled: bool = True,
+    key: str = "dataset.context.num_demos",
 ) -> list[Example]:
-    """k demonstrations, k/num_classes per class when balanced, shuffled (seeded) or in the pool's order."""
+    """k demonstrations, k/num_classes per class when balanced, shuffled (seeded) or in the pool's order;
+    ``key``: the setting that asks for k, named when the pool cannot give them."""
     if k > len(pool):
-        raise DataError(f"dataset.context.num_demos={k} is larger than the training pool ({len(pool)} examples)")
+        raise DataError(f"{key}={k} is larger than the training pool ({len(pool)} examples)")
     if not shuffled:
         position = {e.uid: i for i, e in enumerate(pool)}
-        return sorted(select_demos(pool, k, balanced, num_classes, rng), key=lambda e: position[e.uid])
+        return sorted(select_demos(pool, k, balanced, num_classes, rng, key=key), key=lambda e: position[e.uid])
     if not balanced:
         return rng.sample(pool, k)
     by_class = [[e for e in pool if e.label == c] for c in range(num_classes)]
     per_class = balanced_counts(k, num_classes)
     for c, (have, need) in enumerate(zip(by_class, per_class)):
         if need > len(have):
-            raise DataError(
-                f"dataset.context.num_demos={k} needs {need} examples of class {c}, the training pool has {len(have)}"
-            )
+            raise DataError(f"{key}={k} needs {need} examples of class {c}, the training pool has {len(have)}")
     demos = [e for have, need in zip(by_class, per_class) for e in rng.sample(have, need)]
     rng.shuffle(demos)
     return demos
