@@ -1030,3 +1030,17 @@ def test_a_sweeps_command_names_its_directory_absolute(tmp_path, monkeypatch):
         }
     )
     assert sweep_command(hydra) == f"ctxdistill -m method=cd hydra.sweep.dir={tmp_path / 'out' / 's'}"
+
+
+def test_a_single_run_of_an_experiment_that_sweeps_says_which_sweep_it_does_not_run(tmp_path):
+    """The nineteenth audit: experiment=many_contexts without -m ran one cell of its 3-cell sweep, at
+    num_contexts' default, without a word."""
+    command = ["experiment=many_contexts", "method=zero_shot", *CELL, "logger=none", f"hydra.run.dir={tmp_path / 'r'}"]
+    proc = subprocess.run([sys.executable, "-m", "ctxdistill", *command], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = proc.stdout + proc.stderr
+    assert (
+        "this config sweeps dataset.context.num_contexts over 1,2,4 (hydra.sweeper.params); a single run runs one "
+        "value of each, its default. Run the sweep with: ctxdistill -m ..." in console
+    )
+    assert "method over" not in console  # the command sets it

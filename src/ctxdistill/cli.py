@@ -185,6 +185,7 @@ def main(cfg: DictConfig) -> float | None:
             sweep_started()  # a sweep stopped from here on is no refused one: what it made stays
             result = run_cell(cfg, run_unless_complete)
         else:
+            warn_of_an_unrun_sweep(HydraConfig.get())
             try:
                 result = run_unless_complete(cfg)
             except user_errors() as e:  # before Hydra prints "Error executing job" and its stack
@@ -196,6 +197,25 @@ def main(cfg: DictConfig) -> float | None:
     # The return value is what Hydra sweepers (e.g. Optuna) optimise.
     # Runs completed before `objective` was recorded optimised eval/accuracy.
     return result["metrics"].get(result.get("objective", "eval/accuracy")) if result else None
+
+
+def warn_of_an_unrun_sweep(hydra_config: DictConfig) -> None:
+    """A single run of a config that sweeps (an experiment's ``hydra.sweeper.params``) runs one cell of it, with the
+    config's own value of each swept key the command does not set: said, since -m runs the sweep."""
+    import logging
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(hydra_config.overrides.task))
+    given = {o.get_key_element().lstrip("+~") for o in overrides}
+    params = OmegaConf.select(hydra_config, "sweeper.params") or {}
+    unrun = {key: value for key, value in params.items() if key not in given}
+    if unrun:
+        logging.getLogger(__name__).warning(
+            "this config sweeps %s (hydra.sweeper.params); a single run runs one value of each, its default. "
+            "Run the sweep with: ctxdistill -m ...",
+            ", ".join(f"{key} over {value}" for key, value in unrun.items()),
+        )
 
 
 def unswept(overrides: list[str]) -> list[str]:
