@@ -963,6 +963,34 @@ def test_user_errors_print_one_message_and_no_traceback(args, message, tmp_path,
     assert "\tbase_" not in err and "_base\n" not in err  # the schemas and bases are no options
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("+trainer.max_step=3", "ctxdistill: trainer.max_step: no such setting; did you mean max_steps?"),
+        ("trainer.lr=-1", "ctxdistill: trainer.lr: must be positive, got -1.0. Set e.g. trainer.lr=1e-3\n"),
+        ("model=tiny/_base", "ctxdistill: model=tiny/_base: a base that options build on"),
+    ],
+)
+def test_the_config_printed_by_cfg_job_passes_a_runs_checks(override, message, monkeypatch, capsys):
+    """The nineteenth audit: ``--cfg job`` printed a config a run refuses (exit 0), where ``-m ... --cfg job``
+    checked each cell."""
+    import sys
+
+    from ctxdistill.cli import entry
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    for args in (["--cfg", "job", override], [override, "--cfg", "all"]):
+        monkeypatch.setattr(sys, "argv", ["ctxdistill", *args])
+        with pytest.raises(SystemExit) as stopped:
+            entry()
+        assert stopped.value.code == 1
+        out, err = capsys.readouterr()
+        assert err.startswith(message) and not out
+    monkeypatch.setattr(sys, "argv", ["ctxdistill", "--cfg", "job", "trainer.lr=0.5"])
+    entry()  # a config a run takes is printed
+    assert "lr: 0.5" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("module", ["ctxdistill", "ctxdistill.cli"])
 def test_a_base_picked_as_an_option_is_refused_by_either_module_before_anything_runs(module, tmp_path):
     """`python -m ctxdistill.cli` ran the module as a second copy of ctxdistill.cli, whose refusal of a base Hydra

@@ -238,15 +238,8 @@ def sweep_cells(overrides: list[str], sweeper_params: dict) -> list[list[str]]:
     return [list(cell) for cell in BasicSweeper.split_arguments(parsed, None)[0]]
 
 
-def print_sweep_configs(argv: list[str]) -> None:
-    """``ctxdistill -m ... --cfg job|hydra|all``: Hydra refuses the pair, so print the sweep's Hydra config (its
-    launcher and sweeper: hydra, all) and compose, validate and print every cell (job, all)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf, open_dict
-
-    from ctxdistill.config import validate
-    from ctxdistill.launch_checks import refuse_swept_experiments_with_sweeps_of_their_own
-
+def cfg_option(argv: list[str]) -> tuple[str, list[str]]:
+    """``--cfg``'s value (job | hydra | all) and the command's other arguments but -m."""
     overrides, skip, shown = [], False, "job"
     for arg in argv:
         if skip:
@@ -258,6 +251,35 @@ def print_sweep_configs(argv: list[str]) -> None:
             skip = True  # its value: job | hydra | all
             continue
         overrides.append(arg)
+    return shown, overrides
+
+
+def check_the_config_to_print(argv: list[str]) -> None:
+    """``ctxdistill ... --cfg job|all``: the config Hydra prints passes the checks a run makes (a typo, a bad value,
+    a base picked as an option), as each cell of a multirun's does. Not with options of Hydra's own (--config-dir),
+    whose configs Hydra composes."""
+    from hydra import compose, initialize_config_dir
+
+    from ctxdistill.config import validate
+
+    shown, overrides = cfg_option(argv)
+    if shown == "hydra" or any(arg.startswith("-") for arg in overrides):
+        return
+    refuse_bases(overrides)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        validate(compose("config", overrides=overrides), overrides)
+
+
+def print_sweep_configs(argv: list[str]) -> None:
+    """``ctxdistill -m ... --cfg job|hydra|all``: Hydra refuses the pair, so print the sweep's Hydra config (its
+    launcher and sweeper: hydra, all) and compose, validate and print every cell (job, all)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from ctxdistill.config import validate
+    from ctxdistill.launch_checks import refuse_swept_experiments_with_sweeps_of_their_own
+
+    shown, overrides = cfg_option(argv)
     refuse_bases(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         shared = compose("config", overrides=unswept(overrides), return_hydra_config=True)
@@ -597,6 +619,8 @@ def entry() -> None:
         if multirun and {"--cfg", "-c"} & set(argv):
             print_sweep_configs(argv)
             return
+        if {"--cfg", "-c"} & set(argv):
+            check_the_config_to_print(argv)
         sys.argv[1:] = join_distributed_launch(argv)
         main()
     except KeyboardInterrupt:  # outside training, or a second Ctrl-C: no checkpoint, no traceback
