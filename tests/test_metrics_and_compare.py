@@ -412,6 +412,11 @@ def test_a_run_from_before_declarations_keeps_every_metric(tmp_path, capsys):
     assert main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[4:] == ["accuracy", "bleu"] and lines[3].split()[4:] == ["0.700", "0.250"]
+    # the same columns and headline in whatever order the keys come (a W&B summary keeps none)
+    record["metrics"] = {"eval/bleu": 0.25, "eval/accuracy": 0.7}
+    (old / "metrics.json").write_text(json.dumps(record))
+    assert main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
 
 
 # ---------------------------------------------------------------- the paired test (--vs)

@@ -157,6 +157,9 @@ def test_wandb_offline_runs_and_the_public_api_give_the_same_table(sweep):
             record_from_wandb(api_run.config, api_run.summary_metrics, finished=api_run.state == "finished")
         )
     assert render(summarise(api_runs)) == from_files
+    # each run's finish as metrics.json records it: the rows' order (the order the methods ran) whatever the source
+    finished = sorted(r["finished_at"] for r in collect([sweep_dir]))
+    assert sorted(r["finished_at"] for r in api_runs) == finished
     running = record_from_wandb(api_run.config, api_run.summary_metrics, finished=False)
     assert running is None  # unfinished runs are not counted
 

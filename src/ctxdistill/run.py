@@ -501,6 +501,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 **{f"train/{k}": v for k, v in train_stats.items()},
                 "model/parameters": model_parameters,
                 "status": "complete",
+                "finished_at": result["finished_at"],  # metrics.json's: read back, the runs sort as from the files
             }
         )
         tracker.predictions(predictions)

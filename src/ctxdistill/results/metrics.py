@@ -156,8 +156,9 @@ class MetricSet:
 def undeclared(metric_keys: list[str]) -> MetricSet:
     """A run written before metrics were declared: every metric it reports, under its own name, as a
     plain value, so nothing it holds is lost (``eval/accuracy`` stays the headline when it is there)."""
-    names = list(dict.fromkeys(k.rpartition("/")[2] for k in metric_keys))
-    headline = "accuracy" if "accuracy" in names else names[0]
+    # by name, accuracy first: a W&B summary does not keep the order its keys were logged in
+    names = sorted({k.rpartition("/")[2] for k in metric_keys}, key=lambda n: (n != "accuracy", n))
+    headline = names[0]
     return MetricSet(
         "undeclared",
         tuple(Metric(n, n, kind="value", headline=n == headline) for n in names),

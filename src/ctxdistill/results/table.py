@@ -218,7 +218,8 @@ def _columns(family: MetricSet, records: list[dict[str, Any]]) -> list[Column]:
 def summarise(records: list[dict[str, Any]]) -> list[Table]:
     """One table per metric family (by name); rows ordered by dataset, then model size, then the order the
     methods first ran."""
-    records = sorted(records, key=lambda r: r.get("finished_at") or "")
+    # runs finished in the same second: in the same order whatever they were read from
+    records = sorted(records, key=lambda r: (r.get("finished_at") or "", r["method"], r["model"], r["dataset"]))
     families: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         families.setdefault(metric_set(record).family, []).append(record)

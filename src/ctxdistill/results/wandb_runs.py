@@ -151,7 +151,7 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
     }
     if not (finished and summary.get("status") == "complete" and metrics):
         return None
-    last_logged = summary.get("_timestamp")
+    last_logged = summary.get("_timestamp")  # for runs logged before metrics.json's finished_at was
     return {
         **identity,
         "status": "complete",
@@ -160,9 +160,8 @@ def record_from_wandb(config: dict[str, Any], summary: dict[str, Any], *, finish
         "config": config,
         "model_parameters": summary.get("model/parameters"),
         **({"provenance": config["provenance"]} if config.get("provenance") else {}),  # the versions line's
-        "finished_at": datetime.fromtimestamp(last_logged, timezone.utc).isoformat(timespec="seconds")
-        if last_logged
-        else "",
+        "finished_at": summary.get("finished_at")
+        or (datetime.fromtimestamp(last_logged, timezone.utc).isoformat(timespec="seconds") if last_logged else ""),
     }
 
 
