@@ -83,6 +83,18 @@ def test_a_sweep_in_worker_processes_prints_no_third_party_warning(sweep_and_con
     assert "Warning" not in console, console  # e.g. PEFT's call of a deprecated transformers property
 
 
+def test_a_methods_training_settings_given_to_an_evaluation_are_said_to_be_ignored(sweep, capsys):
+    """The nineteenth audit: cd's temperature and divergence, which shape its training alone, were taken by
+    ctxdistill-eval, recorded in its config.yaml, and changed nothing."""
+    run_dir = cells(sweep)["cd"]
+    assert main([str(run_dir), "method.temperature=4", "method.divergence=reverse_kl"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "ctxdistill-eval trains nothing and loads the run's saved weights: ignoring method.temperature, "
+        "method.divergence\n" in err
+    )
+
+
 def test_evaluating_a_run_again_reproduces_its_metrics_and_leaves_it_untouched(sweep):
     for method, run_dir in cells(sweep).items():
         before = fingerprint(run_dir)

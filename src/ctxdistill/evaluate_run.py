@@ -211,14 +211,15 @@ def check_configs_unchanged(run_dir: Path, recomposed: DictConfig, overrides: li
         )
 
 
-def warn_unused_settings(overrides: list[str], cfg: DictConfig) -> None:
+def warn_unused_settings(overrides: list[str], cfg: DictConfig, method) -> None:
     """A setting given to ctxdistill-eval that it does not read: said, not silently dropped. Training's (it trains
-    nothing and loads the run's saved adapter or weights as they are), the logger's (it logs nothing to W&B), and
-    those the evaluation's other settings leave unread (dataset.hans_file without an out-of-domain set reading it)."""
+    nothing and loads the run's saved adapter or weights as they are: the trainer's, and the method's own where they
+    shape training alone), the logger's (it logs nothing to W&B), and those the evaluation's other settings leave
+    unread (dataset.hans_file without an out-of-domain set reading it)."""
     from ctxdistill.config import override_keys
     from ctxdistill.run import training_settings_in, unread_entries
 
-    unused = training_settings_in(overrides)
+    unused = training_settings_in(overrides) + method.settings_evaluation_ignores(override_keys(overrides))
     if unused:
         log.warning("ctxdistill-eval trains nothing and loads the run's saved weights: ignoring %s", ", ".join(unused))
     keys = override_keys(overrides)
@@ -270,8 +271,8 @@ def evaluate_run(run_dir: Path, overrides: list[str], name: str, config_dirs: tu
     out = run_dir / EVALUATIONS / name
     cfg = checked_config(run_dir, overrides, name, config_dirs)
     provenance.begin_run()
-    warn_unused_settings(overrides, cfg)
     method = build_method(cfg.method)
+    warn_unused_settings(overrides, cfg, method)
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     task = method.build_task(cfg.dataset, cfg.seed)
     method.check_inputs(task, tokenizer, cfg)

@@ -76,6 +76,17 @@ class Method:
             return num_demos * num_contexts
         return num_demos if self.eval_with_context else 0
 
+    def settings_evaluation_ignores(self, keys: list[str]) -> list[str]:
+        """Those of ``keys`` (method.*) that evaluating this method's trained model never reads: all but its separate
+        teacher's, where it trains and evaluates, builds its inputs and wraps its model as every method does by
+        default (its settings then shape training alone)."""
+        if not self.trains or any(
+            getattr(type(self), step) is not getattr(Method, step) for step in ("evaluator", "build_task", "wrap_model")
+        ):
+            return []
+        teacher = self.teacher_key
+        return [k for k in keys if k.startswith("method.") and not (k == teacher or k.startswith(f"{teacher}."))]
+
     def build_task(self, dataset, seed: int) -> Task | TaskMixture:
         """The inputs the run trains and evaluates on: by default the dataset's task, or its task mixture
         (which kinds a method accepts its schema declares, and validation checks)."""
