@@ -600,6 +600,9 @@ def test_the_curves_x_is_what_each_method_read_of_the_demonstrations(tmp_path: P
         write_run_config(run_dir, method, num_contexts=contexts)
         record = {"seed": 0, "metrics": {"eval/accuracy": 0.5, "eval/examples": 48}, "trainable_parameters": 0}
         (run_dir / "metrics.json").write_text(json.dumps(record))
+    # a run saved before some of its method's settings existed (the review: a traceback)
+    cd = tmp_path / "runs" / "cd-4" / "config.yaml"
+    cd.write_text(cd.read_text().replace("  uld_hybrid: false\n", "").replace("  sequential: false\n", ""))
     assert learning_curve([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
     rows = [line.split(" | ")[:2] for line in (tmp_path / "out" / "learning_curve.md").read_text().splitlines()[2:]]
     assert sorted(rows) == [["| cd", "48"], ["| cheat_sheet", "48"], ["| icl", "12"], ["| zero_shot", "0"]]

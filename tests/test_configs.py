@@ -979,13 +979,17 @@ def test_the_config_printed_by_cfg_job_passes_a_runs_checks(override, message, m
     from ctxdistill.cli import entry
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    for args in (["--cfg", "job", override], [override, "--cfg", "all"]):
+    for args in (["--cfg", "job", override], [override, "--cfg", "all"], ["--cfg=job", override], ["-cjob", override]):
         monkeypatch.setattr(sys, "argv", ["ctxdistill", *args])
         with pytest.raises(SystemExit) as stopped:
             entry()
         assert stopped.value.code == 1
         out, err = capsys.readouterr()
         assert err.startswith(message) and not out
+    monkeypatch.setattr(sys, "argv", ["ctxdistill", "--cfg", "job", "--resolve", "trainer.lr=-1"])
+    with pytest.raises(SystemExit):  # Hydra's other options do not skip the check
+        entry()
+    capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["ctxdistill", "--cfg", "job", "trainer.lr=0.5"])
     entry()  # a config a run takes is printed
     assert "lr: 0.5" in capsys.readouterr().out

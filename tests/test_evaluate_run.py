@@ -468,6 +468,7 @@ def test_a_path_that_does_not_exist_is_named(tmp_path, capsys):
         (["{tmp}/run", "force=true"], "force=true: an evaluation of the same name is replaced with --force"),
         (["{tmp}/run", "output_dir={tmp}/x"], "output_dir={tmp}/x: an evaluation is written to RUN_DIR/evaluations"),
         (["{tmp}/run", "hydra.run.dir=x"], "hydra.run.dir=x: an evaluation is written to RUN_DIR/evaluations/NAME/"),
+        (["{tmp}/run", "hydra/launcher=joblib"], "hydra/launcher=joblib: an evaluation is written to RUN_DIR"),
     ],
 )
 def test_bad_arguments_are_refused_before_torch_and_the_methods_are_imported(args, message, tmp_path):

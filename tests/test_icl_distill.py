@@ -384,7 +384,7 @@ def test_a_tasks_own_settings_that_a_mixture_sets_for_all_are_named_as_ignored(m
         "dataset.train_tasks.size.context.data_seed",
     ]
     build_mixture(make_cfg("dataset=synthetic_mixture", "dataset.num_eval=200").dataset, 0)
-    assert "dataset.num_eval (task size)=200 is more than the 160 examples there are: all are used" in caplog.text
+    assert "dataset.num_eval=200 is more than the 160 examples of task size there are: all are used" in caplog.text
     with pytest.raises(DataError) as refused:
         build_mixture(make_cfg("dataset=synthetic_mixture", "dataset.pool_size=200").dataset, 0)
     assert str(refused.value) == "task size: dataset.pool_size=200 is larger than the training pool (160 examples)"

@@ -412,6 +412,10 @@ def test_a_run_from_before_declarations_keeps_every_metric(tmp_path, capsys):
     assert main([str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[4:] == ["accuracy", "bleu"] and lines[3].split()[4:] == ["0.700", "0.250"]
+    from ctxdistill.results.metrics import undeclared
+
+    # GenPI's runs of then: its headline, not the first name (a lower-is-better rate)
+    assert undeclared(["eval/task_success", "eval/rule_compliance", "eval/degenerate"]).headline.name == "task_success"
     # the same columns and headline in whatever order the keys come (a W&B summary keeps none)
     record["metrics"] = {"eval/bleu": 0.25, "eval/accuracy": 0.7}
     (old / "metrics.json").write_text(json.dumps(record))

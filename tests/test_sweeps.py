@@ -318,6 +318,7 @@ def test_a_directory_without_write_permission_is_one_message(tmp_path, monkeypat
     assert str(refused.value) == (
         f"hydra.run.dir: cannot write to {tmp_path} (Permission denied). Give it a directory you can write"
     )
+    writable_dir("cache_dir (CTXDISTILL_CACHE)", str(tmp_path), write=False)  # a shared cache, filled: read only
 
 
 def test_failed_cells_fail_the_sweep_also_when_its_summary_cannot_be_written(tmp_path):
@@ -329,6 +330,16 @@ def test_failed_cells_fail_the_sweep_also_when_its_summary_cannot_be_written(tmp
     proc = multirun("method=zero_shot", "trainer.lr=0.001,-1", *CELL, "logger=none", f"hydra.sweep.dir={sweep_dir}")
     assert proc.returncode == 1
     assert "1 cell(s) FAILED" in proc.stdout and "ConfigError: trainer.lr" in proc.stdout
+
+
+def test_only_the_summary_a_comparison_wrote_is_removed(tmp_path):
+    from ctxdistill.results.files import remove_results
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "README.md").write_text("# my notes\n")
+    (tmp_path / "results" / "table.md").write_text("mine\n")
+    remove_results(tmp_path)  # a README the suite did not write: nothing is removed
+    assert (tmp_path / "README.md").read_text() == "# my notes\n" and (tmp_path / "results" / "table.md").is_file()
 
 
 def test_a_failing_cell_does_not_stop_the_sweep_and_is_listed(tmp_path):
@@ -480,12 +491,14 @@ def test_a_cell_whose_data_file_changed_since_its_run_is_not_skipped_as_complete
     command = ["method=zero_shot", "seed=0,1", *CELL, *own_ood_set(tmp_path / "conf", "gifts", gifts), "logger=none"]
     assert multirun(*command, f"hydra.sweep.dir={sweep_dir}").returncode == 0
     gifts.write_text("review\tlabel\nA truly great gift.\t0\nA broken, useless gift.\t1\nLovely.\t0\n")
+    (sweep_dir / "results" / "my_notes.txt").write_text("mine\n")
     again = multirun(*command, f"hydra.sweep.dir={sweep_dir}")
     assert again.returncode == 1 and "2 cell(s) FAILED" in again.stdout
     assert f"holds a complete run made from data that changed since: {gifts}" in again.stdout
     # no cell complete: the first launch's summary of the old data's runs is not left to be read (the nineteenth
-    # audit: README.md still said "2 complete runs", with their table)
-    assert not (sweep_dir / "README.md").exists() and not (sweep_dir / "results").exists()
+    # audit: README.md still said "2 complete runs", with their table); a file of the user's stays
+    assert not (sweep_dir / "README.md").exists()
+    assert [p.name for p in (sweep_dir / "results").iterdir()] == ["my_notes.txt"]
     forced = multirun(*command, "force=true", f"hydra.sweep.dir={sweep_dir}")
     assert forced.returncode == 0, forced.stdout[-3000:]
     assert {json.loads(p.read_text())["metrics"]["gifts/examples"] for p in sweep_dir.glob("*/metrics.json")} == {3}

@@ -164,7 +164,7 @@ def test_the_live_teacher_is_the_adapted_model_with_the_context_at_every_step(se
             lora_b.copy_(saved)
 
 
-def test_runs_writing_one_cache_file_at_once_keep_each_others_targets(tmp_path):
+def test_runs_writing_one_cache_file_at_once_keep_each_others_targets(tmp_path, monkeypatch):
     """The nineteenth audit: two runs that read the file before either saved (a parallel sweep's cells) each
     replaced it with their own entries, so the first one's were lost; a target once on disk now stays as written,
     which a run that read it finds again when it resumes."""
@@ -173,7 +173,18 @@ def test_runs_writing_one_cache_file_at_once_keep_each_others_targets(tmp_path):
     def target(value: float) -> TeacherTargets:
         return TeacherTargets([1], torch.full((1, 3), value), None)
 
+    from filelock import FileLock, Timeout
+
     first, second = (TeacherCache(str(tmp_path), "model", {}, "context") for _ in range(2))
+    read_stored = TeacherCache._stored
+
+    def stored_under_the_lock(cache):  # what another process would find: the file locked while it is merged
+        if cache is first:
+            with pytest.raises(Timeout):
+                FileLock(f"{cache.path}.lock", is_singleton=False).acquire(timeout=0)
+        return read_stored(cache)
+
+    monkeypatch.setattr(TeacherCache, "_stored", stored_under_the_lock)
     first.put("shared", target(1.0))
     first.put("first only", target(1.0))
     second.put("shared", target(2.0))  # the same prompt, computed in another batch

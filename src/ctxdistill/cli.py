@@ -238,22 +238,6 @@ def sweep_cells(overrides: list[str], sweeper_params: dict) -> list[list[str]]:
     return [list(cell) for cell in BasicSweeper.split_arguments(parsed, None)[0]]
 
 
-def cfg_option(argv: list[str]) -> tuple[str, list[str]]:
-    """``--cfg``'s value (job | hydra | all) and the command's other arguments but -m."""
-    overrides, skip, shown = [], False, "job"
-    for arg in argv:
-        if skip:
-            shown, skip = arg, False
-            continue
-        if arg in ("-m", "--multirun"):
-            continue
-        if arg in ("--cfg", "-c"):
-            skip = True  # its value: job | hydra | all
-            continue
-        overrides.append(arg)
-    return shown, overrides
-
-
 def check_the_config_to_print(argv: list[str]) -> None:
     """``ctxdistill ... --cfg job|all``: the config Hydra prints passes the checks a run makes (a typo, a bad value,
     a base picked as an option), as each cell of a multirun's does. Not with options of Hydra's own (--config-dir),
@@ -262,12 +246,13 @@ def check_the_config_to_print(argv: list[str]) -> None:
 
     from ctxdistill.config import validate
 
-    shown, overrides = cfg_option(argv)
-    if shown == "hydra" or any(arg.startswith("-") for arg in overrides):
+    _, parsed, _ = hydra_arguments(argv)
+    own = parsed.config_dir or parsed.config_path or parsed.config_name or parsed.package
+    if parsed.cfg == "hydra" or own:
         return
-    refuse_bases(overrides)
+    refuse_bases(parsed.overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        validate(compose("config", overrides=overrides), overrides)
+        validate(compose("config", overrides=parsed.overrides), parsed.overrides)
 
 
 def print_sweep_configs(argv: list[str]) -> None:
@@ -279,7 +264,8 @@ def print_sweep_configs(argv: list[str]) -> None:
     from ctxdistill.config import validate
     from ctxdistill.launch_checks import refuse_swept_experiments_with_sweeps_of_their_own
 
-    shown, overrides = cfg_option(argv)
+    _, parsed, _ = hydra_arguments(argv)
+    shown, overrides = parsed.cfg, parsed.overrides
     refuse_bases(overrides)
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         shared = compose("config", overrides=unswept(overrides), return_hydra_config=True)
@@ -616,10 +602,10 @@ def entry() -> None:
         check_config_dirs(argv)
         if {"--help", "-h"} & set(argv):
             hide_schemas_in_help()
-        if multirun and {"--cfg", "-c"} & set(argv):
-            print_sweep_configs(argv)
-            return
-        if {"--cfg", "-c"} & set(argv):
+        if hydra_arguments(argv)[1].cfg:  # --cfg job, --cfg=job, -cjob
+            if multirun:
+                print_sweep_configs(argv)
+                return
             check_the_config_to_print(argv)
         sys.argv[1:] = join_distributed_launch(argv)
         main()

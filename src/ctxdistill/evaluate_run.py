@@ -402,7 +402,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         key = override.lstrip("+~").split("=", 1)[0]
         if key == "force":
             parser.error(f"{override}: an evaluation of the same name is replaced with --force")
-        if key == "output_dir" or (key.startswith("hydra.") and key != "hydra.searchpath"):
+        if key == "output_dir" or (key.startswith(("hydra.", "hydra/")) and key != "hydra.searchpath"):
             parser.error(f"{override}: an evaluation is written to RUN_DIR/evaluations/NAME/; name it with --name NAME")
     name = args.name or cell_dir(",".join(args.overrides)) or "again"
     # evaluations/NAME/ must stay one directory of evaluations/: "..", "/" or an absolute path would reach the run's

@@ -45,8 +45,9 @@ multirun_yaml: Optional[tuple[Path, Optional[bytes]]] = None
 made: list[tuple[Path, Path]] = []
 
 
-def writable_dir(key: str, path: str) -> None:
-    """Make the directory a run or sweep writes to, or refuse with the key that names it."""
+def writable_dir(key: str, path: str, write: bool = True) -> None:
+    """Make the directory a run or sweep writes to (``write``; else one it may only read, such as a shared cache), or
+    refuse with the key that names it."""
     directory = Path(path).expanduser()
     absolute = directory.absolute()
     outermost = next((d for d in reversed([absolute, *absolute.parents]) if not d.exists()), None)
@@ -59,7 +60,7 @@ def writable_dir(key: str, path: str) -> None:
     except OSError as e:
         problem = f"cannot create {e.filename} ({e.strerror})"
     else:
-        if os.access(directory, os.W_OK | os.X_OK):
+        if not write or os.access(directory, os.W_OK | os.X_OK):
             return
         problem = f"cannot write to {directory} (Permission denied)"
     raise ConfigError(f"{key}: {problem}. Give it a directory you can write")
@@ -307,7 +308,7 @@ def refuse_bad_inputs(config: DictConfig, directory_key: str, status: int) -> No
         refuse_bases(overrides)
         check_data_paths(overrides, config)
         writable_dir(directory_key, resolved(config, directory_key))
-        writable_dir("cache_dir (CTXDISTILL_CACHE)", resolved(config, "cache_dir"))
+        writable_dir("cache_dir (CTXDISTILL_CACHE)", resolved(config, "cache_dir"), write=False)  # read-only if filled
         # an output_dir of its own (by default it is the run's or the cell's directory)
         output_dir = None if OmegaConf.is_interpolation(config, "output_dir") else config.output_dir
         if output_dir is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import statistics
 from collections import defaultdict
@@ -28,8 +29,9 @@ from typing import Any, Optional
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from omegaconf import DictConfig, OmegaConf
 
-from ctxdistill.methods import build_method
+from ctxdistill.methods import Method, build_method
 from ctxdistill.results.records import EVALUATIONS
 from ctxdistill.results.stats import mean_interval
 
@@ -61,6 +63,25 @@ def series_name(config: dict[str, Any], trainable: int) -> str:
     return config["method"]["name"] + (f" ({adapter})" if trainable and adapter != "lora" else "")
 
 
+@functools.cache
+def method_defaults(name: str) -> DictConfig:
+    """``method=name`` as conf/ composes it now."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ctxdistill.cli import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"method={name}"]).method
+
+
+def recorded_method(recorded: dict[str, Any]) -> Method:
+    """The method a run's config.yaml records, over its config's defaults now (a run saved before a setting existed
+    has none of it)."""
+    return build_method(OmegaConf.merge(method_defaults(recorded["name"]), recorded))
+
+
 def read_points(root: Path) -> list[dict[str, Any]]:
     """One point per finished run under ``root`` (never an evaluation's copy)."""
     points = []
@@ -75,7 +96,7 @@ def read_points(root: Path) -> list[dict[str, Any]]:
             {
                 "run": path.parent,
                 "series": series_name(config, run.get("trainable_parameters", 0)),
-                "demos": build_method(config["method"]).demonstrations_used(
+                "demos": recorded_method(config["method"]).demonstrations_used(
                     context["num_demos"], context["num_contexts"]
                 ),
                 "seed": run["seed"],

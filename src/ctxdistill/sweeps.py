@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import shlex
-import shutil
 import sys
 import time
 import traceback
@@ -383,7 +382,7 @@ class SweepSummaryCallback(Callback):
     @staticmethod
     def write_summary(config, sweep_dir: Path, runs: list, failures: dict, others: dict, command: str) -> None:
         """The comparison of the sweep's complete runs: printed, in README.md and results/, and logged to W&B."""
-        from ctxdistill.results.files import RESULTS_DIR, write_results
+        from ctxdistill.results.files import remove_results, write_results
         from ctxdistill.results.render import render
         from ctxdistill.results.table import mixed_settings_warnings, summarise
         from ctxdistill.results.wandb_outputs import log_results
@@ -432,7 +431,6 @@ class SweepSummaryCallback(Callback):
                         flush=True,
                     )
         else:  # no complete run: an earlier launch's summary describes runs whose latest attempt failed
-            (sweep_dir / "README.md").unlink(missing_ok=True)
-            shutil.rmtree(sweep_dir / RESULTS_DIR, ignore_errors=True)
+            remove_results(sweep_dir)
             if others:
                 print("\n".join(other_launches_failures(others)), flush=True)

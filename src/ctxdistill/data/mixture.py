@@ -85,7 +85,7 @@ def _task(
         records, where = load_records(spec.source, spec.eval_split, key)
         held_out = to_examples(records, spec, spec.label_map, spec.drop_labels, where, f"{name}:eval")
         # as the task alone is evaluated (its eval_shuffle_seed): the same queries whatever the seed and the pool
-        held_out = take(held_out, mixture.num_eval, spec.eval_shuffle_seed, f"dataset.num_eval (task {name})")
+        held_out = take(held_out, mixture.num_eval, spec.eval_shuffle_seed, "dataset.num_eval", f"task {name}")
         eval_sets["eval"] = [replace(e, uid=f"{e.uid}#v{j}") for e in held_out for j in range(mixture.num_votes)]
     return Task(
         name=name,

@@ -464,13 +464,18 @@ def render_shot(template: str, demo: Example, verbalizers: list, generation) -> 
 
 
 def take(
-    examples: list[Example], count: Optional[int], shuffle_seed: Optional[int], key: Optional[str] = None
+    examples: list[Example],
+    count: Optional[int],
+    shuffle_seed: Optional[int],
+    key: Optional[str] = None,
+    where: str = "",
 ) -> list[Example]:
     """The first ``count`` examples (all for None): in file order, or after a shuffle with ``shuffle_seed``
     drawn as datasets' ``Dataset.shuffle(seed=...)`` draws it (numpy's ``default_rng(seed).permutation``).
-    ``key``: the setting that asked for ``count``, named in a warning when there are fewer."""
+    ``key``: the setting that asked for ``count``, named in a warning when there are fewer (``where``: of what)."""
     if key is not None and count is not None and count > len(examples):
-        log.warning("%s=%d is more than the %d examples there are: all are used", key, count, len(examples))
+        of = f" of {where}" if where else ""
+        log.warning("%s=%d is more than the %d examples%s there are: all are used", key, count, len(examples), of)
     if shuffle_seed is not None:
         examples = [examples[i] for i in np.random.default_rng(shuffle_seed).permutation(len(examples))]
     return examples[:count]

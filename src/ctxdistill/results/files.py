@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 from pathlib import Path
@@ -85,3 +86,20 @@ def sweep_command_in(readme: Path) -> Optional[str]:
     text = readme.read_text() if readme.is_file() else ""
     found = re.search(r"^Produced by:\n\n```bash\n(.+?)\n```$", text, flags=re.MULTILINE | re.DOTALL)
     return found.group(1) if found else None
+
+
+def remove_results(directory: Path) -> None:
+    """Remove the README.md and results/ files an earlier :func:`write_results` wrote to ``directory`` (its README
+    names each): a README or file of the user's own stays, and so does results/ if anything else is in it."""
+    readme = directory / "README.md"
+    text = readme.read_text() if readme.is_file() else ""
+    if "Regenerate with `ctxdistill-compare" not in text:
+        return
+    written = set(re.findall(rf"\]\(({RESULTS_DIR}/[^)/]+)\)", text))
+    if f"{RESULTS_DIR}/scorecard.csv" in written:
+        written.add(f"{RESULTS_DIR}/scorecard.md")  # written beside it, linked only as the README's appendix
+    for name in written:
+        (directory / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: something of the user's is in it
+        (directory / RESULTS_DIR).rmdir()
+    readme.unlink()

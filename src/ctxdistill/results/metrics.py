@@ -156,9 +156,10 @@ class MetricSet:
 def undeclared(metric_keys: list[str]) -> MetricSet:
     """A run written before metrics were declared: every metric it reports, under its own name, as a
     plain value, so nothing it holds is lost (``eval/accuracy`` stays the headline when it is there)."""
-    # by name, accuracy first: a W&B summary does not keep the order its keys were logged in
-    names = sorted({k.rpartition("/")[2] for k in metric_keys}, key=lambda n: (n != "accuracy", n))
-    headline = names[0]
+    # by name: a W&B summary does not keep the order its keys were logged in; the headline a declaration would name
+    names = sorted({k.rpartition("/")[2] for k in metric_keys})
+    headline = next((n for n in ("accuracy", "task_success", "mrr", "written") if n in names), names[0])
+    names.sort(key=lambda n: n != headline)
     return MetricSet(
         "undeclared",
         tuple(Metric(n, n, kind="value", headline=n == headline) for n in names),
