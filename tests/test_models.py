@@ -345,14 +345,23 @@ def test_a_local_checkpoint_is_identified_by_each_of_its_files(tiny, tmp_path):
     assert model_identity(spec, 0, "cpu") != first
 
 
-def test_a_packaged_model_is_identified_by_its_directory_in_the_package(make_cfg):
-    # the sixteenth audit: two models of one package (model.package_dir) shared an identity, so the second read the
-    # first's teacher targets, GenPI replies and cheat sheets
-    spec = make_cfg("model=minilm-l6").model
+def test_a_packaged_model_is_identified_by_its_directory_and_its_files(make_cfg, tmp_path, monkeypatch):
+    """The sixteenth audit: two models of one package (model.package_dir) shared an identity, so the second read the
+    first's teacher targets, GenPI replies and cheat sheets. The nineteenth: a package on PYTHONPATH (or installed
+    editable) whose weights changed in place kept it too."""
+    package = tmp_path / "mypackage"
+    for name in ("model", "another_model"):
+        (package / name).mkdir(parents=True)
+        (package / name / "model.safetensors").write_bytes(b"weights")
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = make_cfg("model=minilm-l6", "model.package=mypackage").model
     other = spec.copy()
     other.package_dir = "another_model"
-    assert model_identity(spec, 0, "cpu") != model_identity(other, 0, "cpu")
-    assert '"model"' in model_identity(spec, 0, "cpu")
+    first = model_identity(spec, 0, "cpu")
+    assert first != model_identity(other, 0, "cpu") and '"model"' in first
+    (package / "model" / "model.safetensors").write_bytes(b"other weights")
+    assert model_identity(spec, 0, "cpu") != first
 
 
 def test_the_converted_bundled_model_is_keyed_by_what_produced_it(tiny, monkeypatch):

@@ -535,6 +535,16 @@ def teaching_identity(
     return identity
 
 
+def files_of(directory: Path) -> list[tuple[str, int, int]]:
+    """Each file under ``directory`` with its size and time: a file moved in with an older time than the directory's
+    newest still changes the list."""
+    return sorted(
+        (str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in directory.rglob("*")
+        if f.is_file()
+    )
+
+
 def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]) -> str:
     """What determines the base model's outputs, so that cached teacher outputs are never stale: the config's
     fields, the modelling code (transformers' version), the kind of device it runs on (its kernels round
@@ -557,16 +567,14 @@ def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]
     fields["device"] = torch.device(device).type
     if spec.source == "random":
         fields.update(tiny=OmegaConf.to_container(spec.tiny), seed=seed)
-    if spec.source == "package":
+    if spec.source == "package":  # its files too: a package on PYTHONPATH or installed editable changes in place
         fields["package"] = [spec.package, spec.package_dir, package_version(spec.package)]
+        fields["files"] = files_of(_package_path(spec, "package", "package_dir"))
     if spec.source in ("gguf", "random"):  # the weights, or a random model's tokenizer, read from the GGUF file
         fields["conversion"] = conversion_producer(spec)
     local = Path(spec.name_or_path).expanduser()
     if spec.source == "hub" and local.is_dir():  # a local checkpoint may be rewritten in place
-        # each file's size and time: a file moved in with an older time than the directory's newest kept the key
-        fields["files"] = sorted(
-            (str(f.relative_to(local)), f.stat().st_size, f.stat().st_mtime_ns) for f in local.rglob("*") if f.is_file()
-        )
+        fields["files"] = files_of(local)
     elif spec.source == "hub":
         fields["revision"] = hub_commit(spec) or spec.revision
     return json.dumps(fields, sort_keys=True)
