@@ -219,3 +219,24 @@ def test_eval_sets_a_method_makes_as_it_runs_are_counted_from_its_prediction_row
     assert provenance.with_made_sets({"eval": 64}, rows) == {"eval": 64, "pseudo_heldout": 48}
     mixture = {"sentiment/eval": 8, "topic/eval": 8}  # a mixture's sets are named per task; its rows per task
     assert provenance.with_made_sets(mixture, {"sentiment": [{}] * 8, "topic": [{}] * 8}) == mixture
+
+
+def test_a_hub_dataset_of_another_fingerprint_is_changed_data(tmp_path, monkeypatch):
+    """The nineteenth audit: only files were compared, so a sweep re-run after a Hub dataset (here a local dataset
+    folder) changed skipped its cells as complete and kept the old data's results."""
+    import datasets
+
+    from ctxdistill import provenance
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    rows = [{"review": f"review {i}", "label": i % 2} for i in range(8)]
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = datasets.load_dataset(str(folder), None, split="validation")
+    recorded = {"data": [provenance.hub_dataset(loaded, str(folder), None, "validation")]}
+    provenance.hub_fingerprint.cache_clear()
+    assert provenance.changed_data(recorded) == []
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    provenance.hub_fingerprint.cache_clear()  # another process: a sweep launched again
+    assert provenance.changed_data(recorded) == [f"{folder} [validation]"]

@@ -62,14 +62,33 @@ def _sha256(path: Path, size: int, mtime_ns: int) -> str:
 
 
 def changed_data(recorded: dict[str, Any]) -> list[str]:
-    """The data files a run's recorded provenance lists whose content is another now (a contexts file stage 1
-    rewrote, a data file replaced at its path): what the run's results no longer describe. A file that is not there
-    (a relative path read from another directory) is not judged."""
-    return [
-        entry["path"]
-        for entry in recorded.get("data", [])
-        if "sha256" in entry and Path(entry["path"]).is_file() and file_sha256(Path(entry["path"])) != entry["sha256"]
-    ]
+    """The data a run's recorded provenance lists whose content is another now (a contexts file stage 1 rewrote, a
+    data file replaced at its path, a Hub dataset of another fingerprint): what the run's results no longer
+    describe. A file that is not there (a relative path read from another directory), or a Hub dataset that does not
+    load now (offline, not cached), is not judged."""
+    changed = []
+    for entry in recorded.get("data", []):
+        if "sha256" in entry:
+            path = Path(entry["path"])
+            if path.is_file() and file_sha256(path) != entry["sha256"]:
+                changed.append(entry["path"])
+        elif "fingerprint" in entry:
+            now = hub_fingerprint(entry["hub_id"], entry["config"], entry["split"])
+            if now not in (None, entry["fingerprint"]):
+                changed.append(f"{entry['hub_id']} [{entry['split']}]")
+    return changed
+
+
+@functools.lru_cache(maxsize=None)
+def hub_fingerprint(hub_id: str, config: Optional[str], split: str) -> Optional[str]:
+    """The fingerprint of a Hub dataset's split as ``datasets.load_dataset`` loads it now (as the run loaded it, in
+    ``data.tasks.load_records``), or None where it does not load (once per process: a sweep's cells share it)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(hub_id, config, split=split)._fingerprint
+    except Exception:  # noqa: BLE001 - offline and not cached, removed, renamed: not judged
+        return None
 
 
 def hub_dataset(dataset, hub_id: str, config: Optional[str], split: str) -> dict[str, Any]:
