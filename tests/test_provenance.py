@@ -240,3 +240,26 @@ def test_a_hub_dataset_of_another_fingerprint_is_changed_data(tmp_path, monkeypa
     (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
     provenance.hub_fingerprint.cache_clear()  # another process: a sweep launched again
     assert provenance.changed_data(recorded) == [f"{folder} [validation]"]
+
+
+def test_a_run_on_local_weights_changed_since_is_not_skipped_as_complete(make_cfg, behaving_model_dir, tmp_path):
+    """The nineteenth audit: weights replaced at a local model's path (a teacher trained again into its directory)
+    left the earlier run's results to be skipped as complete, read as the new weights'."""
+    import shutil
+
+    from ctxdistill.config import ConfigError
+    from ctxdistill.run import run
+    from ctxdistill.sweeps import completed_run
+
+    from conftest import TINY, behaving_overrides
+
+    local = tmp_path / "model"
+    shutil.copytree(behaving_model_dir, local)
+    cfg = make_cfg(*TINY, "method=zero_shot", *behaving_overrides(local), output_dir=tmp_path / "run")
+    run(cfg)
+    recorded = json.loads((tmp_path / "run" / "metrics.json").read_text())["provenance"]["data"]
+    assert any(entry.get("path") == str(local) and entry["files"] for entry in recorded)
+    assert completed_run(cfg)["status"] == "complete"  # unchanged: skipped
+    (local / "model.safetensors").write_bytes((local / "model.safetensors").read_bytes()[:-1] + b" ")
+    with pytest.raises(ConfigError, match=f"made from data that changed since: {local} "):
+        completed_run(cfg)

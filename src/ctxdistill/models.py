@@ -47,6 +47,7 @@ from transformers import (
     T5Config,
 )
 
+from ctxdistill import provenance
 from ctxdistill.config import loads_from, model_label
 
 log = logging.getLogger(__name__)
@@ -446,9 +447,12 @@ def load_model(spec: DictConfig, cache_dir: str, tokenizer: PreTrainedTokenizerB
         torch.manual_seed(seed)
         model = auto_class.from_config(_random_config(spec, tokenizer), dtype=dtype)
     else:
+        location = weights_location(spec, cache_dir)
+        if Path(location).is_dir() and spec.source in ("hub", "package"):  # weights that may change in place
+            provenance.note_data({"model": spec.name, "path": location, "files": provenance.files_of(Path(location))})
         try:
             model = auto_class.from_pretrained(
-                weights_location(spec, cache_dir),
+                location,
                 dtype=dtype,
                 attn_implementation=spec.attn_implementation,
                 **_revision(spec),
@@ -535,16 +539,6 @@ def teaching_identity(
     return identity
 
 
-def files_of(directory: Path) -> list[tuple[str, int, int]]:
-    """Each file under ``directory`` with its size and time: a file moved in with an older time than the directory's
-    newest still changes the list."""
-    return sorted(
-        (str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns)
-        for f in directory.rglob("*")
-        if f.is_file()
-    )
-
-
 def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]) -> str:
     """What determines the base model's outputs, so that cached teacher outputs are never stale: the config's
     fields, the modelling code (transformers' version), the kind of device it runs on (its kernels round
@@ -569,12 +563,12 @@ def model_identity(spec: DictConfig, seed: int, device: Union[str, torch.device]
         fields.update(tiny=OmegaConf.to_container(spec.tiny), seed=seed)
     if spec.source == "package":  # its files too: a package on PYTHONPATH or installed editable changes in place
         fields["package"] = [spec.package, spec.package_dir, package_version(spec.package)]
-        fields["files"] = files_of(_package_path(spec, "package", "package_dir"))
+        fields["files"] = provenance.files_of(_package_path(spec, "package", "package_dir"))
     if spec.source in ("gguf", "random"):  # the weights, or a random model's tokenizer, read from the GGUF file
         fields["conversion"] = conversion_producer(spec)
     local = Path(spec.name_or_path).expanduser()
     if spec.source == "hub" and local.is_dir():  # a local checkpoint may be rewritten in place
-        fields["files"] = files_of(local)
+        fields["files"] = provenance.files_of(local)
     elif spec.source == "hub":
         fields["revision"] = hub_commit(spec) or spec.revision
     return json.dumps(fields, sort_keys=True)

@@ -8,8 +8,8 @@ Every run's ``metrics.json`` (under ``provenance``) and its W&B config record:
 - ``device``: the CPU model, the GPUs (name and count), the device the run used and its process count;
 - ``config_sha256``: a hash of the resolved config, without the keys that say where things are kept
   or how the run is logged (:func:`ctxdistill.results.records.compared`), so equal configs hash equal across sweeps;
-- ``data``: every data file the run read (path, size, SHA-256) and every Hub dataset (id, config, split,
-  version, fingerprint);
+- ``data``: every data file the run read (path, size, SHA-256), every Hub dataset (id, config, split,
+  version, fingerprint) and every local model directory it loaded (path, each file's size and time);
 - ``caches``: the teacher-cache and stage-cache keys the run used (and their files);
 - ``eval_set_sizes``: each eval set's number of examples (queries; a query asked several times counts once).
 
@@ -61,9 +61,20 @@ def _sha256(path: Path, size: int, mtime_ns: int) -> str:
     return digest.hexdigest()
 
 
+def files_of(directory: Path) -> list[tuple[str, int, int]]:
+    """Each file under ``directory`` with its size and time: a file moved in with an older time than the directory's
+    newest still changes the list."""
+    return sorted(
+        (str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns)
+        for f in directory.rglob("*")
+        if f.is_file()
+    )
+
+
 def changed_data(recorded: dict[str, Any]) -> list[str]:
     """The data a run's recorded provenance lists whose content is another now (a contexts file stage 1 rewrote, a
-    data file replaced at its path, a Hub dataset of another fingerprint): what the run's results no longer
+    data file replaced at its path, a Hub dataset of another fingerprint, a local model's files): what the run's
+    results no longer
     describe. A file that is not there (a relative path read from another directory), or a Hub dataset that does not
     load now (offline, not cached), is not judged."""
     changed = []
@@ -71,6 +82,10 @@ def changed_data(recorded: dict[str, Any]) -> list[str]:
         if "sha256" in entry:
             path = Path(entry["path"])
             if path.is_file() and file_sha256(path) != entry["sha256"]:
+                changed.append(entry["path"])
+        elif "files" in entry:  # a model's files (their sizes and times), which may change in place
+            path = Path(entry["path"])
+            if path.is_dir() and [list(f) for f in files_of(path)] != entry["files"]:
                 changed.append(entry["path"])
         elif "fingerprint" in entry:
             now = hub_fingerprint(entry["hub_id"], entry["config"], entry["split"])
