@@ -82,10 +82,13 @@ RESUMABLE = [
 
 
 def compose_run(output_dir: Path, *overrides: str):
-    """The RESUMABLE run's config (plus overrides) writing to output_dir."""
+    """The RESUMABLE run's config (plus overrides) writing to output_dir; with another method (method=NAME among the
+    overrides), without cd's own settings."""
+    own_method = any(o.startswith("method=") for o in overrides)
+    base = [o for o in RESUMABLE if not (own_method and o.startswith("method."))]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"output_dir={output_dir}", *RESUMABLE, *overrides])
+        cfg = compose("config", overrides=[f"output_dir={output_dir}", *base, *overrides])
     GlobalHydra.instance().clear()
     return cfg
 

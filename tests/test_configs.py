@@ -976,6 +976,8 @@ def test_the_config_printed_by_cfg_job_passes_a_runs_checks(override, message, m
     checked each cell."""
     import sys
 
+    from hydra.core.hydra_config import HydraConfig
+
     from ctxdistill.cli import entry
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
@@ -991,7 +993,10 @@ def test_the_config_printed_by_cfg_job_passes_a_runs_checks(override, message, m
         entry()
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["ctxdistill", "--cfg", "job", "trainer.lr=0.5"])
-    entry()  # a config a run takes is printed
+    try:
+        entry()  # a config a run takes is printed
+    finally:  # Hydra keeps the config it printed as the process's: a later run in this process would read its overrides
+        HydraConfig.instance().cfg = None
     assert "lr: 0.5" in capsys.readouterr().out
 
 
