@@ -1060,3 +1060,14 @@ def test_a_single_run_of_an_experiment_that_sweeps_says_which_sweep_it_does_not_
         "value of each, its default. Run the sweep with: ctxdistill -m ..." in console
     )
     assert "method over" not in console  # the command sets it
+
+
+def test_a_bundled_models_config_naming_another_model_is_skipped_when_complete(make_cfg, behaving_model_dir, tmp_path):
+    """The nineteenth audit: model=tiny-random with a name_or_path of its own loads from that directory (the run
+    records source hub), so the same command again was refused as a run of another config (model.source)."""
+    from ctxdistill.run import run
+    from ctxdistill.sweeps import completed_run
+
+    overrides = [*CELL, "method=zero_shot", "logger=none", f"model.name_or_path={behaving_model_dir}"]
+    first = run(make_cfg(*overrides, output_dir=tmp_path / "run"))
+    assert completed_run(make_cfg(*overrides, output_dir=tmp_path / "run"))["metrics"] == first["metrics"]

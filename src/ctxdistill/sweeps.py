@@ -8,6 +8,7 @@ are listed when the sweep ends, and the process then exits non-zero.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ctxdistill.config import ConfigError
+from ctxdistill.config import ConfigError, loads_from
 from ctxdistill.results.records import FAILURE_FILE, REPETITIONS, compared, failed_runs, flatten
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,11 @@ def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
             requested = OmegaConf.to_container(cfg, resolve=True)
         except OmegaConfBaseException:  # a config that does not resolve: the run's validation names what is wrong
             return None
+        for key in ("model", "method.teacher_model", "method.teacher"):  # as the run recorded them: where it loaded
+            spec = OmegaConf.select(cfg, key)  # from (models.honour_name_or_path)
+            if isinstance(spec, DictConfig) and "bundles" in spec:
+                node = functools.reduce(dict.__getitem__, key.split("."), requested)
+                node["source"] = loads_from(spec)
         changed = config_changes(stored, requested, open_maps(cfg))
         if changed:
             raise ConfigError(
