@@ -84,3 +84,29 @@ def test_the_decoder_student_refuses_a_seq2seq_model_and_a_query_longer_than_max
     method = method_of(KGDecoderConfig, name="kg_decoder", aux_weight=0.0, max_length=8)
     with pytest.raises(ConfigError, match="a query of .* tokens .* exceeds method.max_length=8"):
         method.check_inputs(kgs2s_task(), tokenizer, None)
+
+
+@pytest.mark.parametrize(
+    "overrides, unread",
+    [
+        (["method=kg_decoder_cd"], ["method.reconstruction_target"]),  # the decoder has no reconstruction task
+        (  # the baseline: no auxiliary task
+            ["method=kg_decoder"],
+            ["method.context_max_length", "method.context_input", "method.reconstruction_target"],
+        ),
+        (["method=kgs2s", "model=tiny-random-seq2seq", "method.reconstruction_weight=0.5"], ["method.context_input"]),
+        (
+            ["method=kgbert", "model=minilm-l6", "method.aux_weight=0"],
+            ["method.context_max_length", "method.mlm_probability", "method.missing_context"],
+        ),
+    ],
+)
+def test_the_students_settings_no_task_reads_are_named_as_ignored(make_cfg, overrides, unread):
+    """The nineteenth audit: method.context_input at aux_weight=0, or the decoder's reconstruction_target, were
+    taken and read by nothing (a sweep over one gave rows that differ in name only)."""
+    from ctxdistill.run import unread_entries
+
+    keys = ["method.context_max_length", "method.context_input", "method.reconstruction_target"]
+    keys += ["method.mlm_probability", "method.missing_context"]
+    cfg = make_cfg("dataset=kg_synthetic", *overrides)
+    assert [k for entry in unread_entries(cfg, keys) for k in entry["keys"]] == unread

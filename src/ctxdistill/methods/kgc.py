@@ -67,6 +67,13 @@ class KGCStudentConfig(MethodConfig):
         for key in ("max_length", "context_max_length"):
             require(m[key] >= 2, f"method.{key}", f"must be >= 2 tokens, got {m[key]}", "It counts special tokens")
 
+    @classmethod
+    def unread(cls, m: DictConfig) -> dict[str, str]:
+        """The contexts' settings where no auxiliary task reads the contexts."""
+        if m.aux_weight > 0 or m.get("reconstruction_weight", 0) > 0:
+            return {}
+        return {"method.context_max_length": "method.aux_weight=0 trains without the contexts"}
+
 
 @dataclass
 class KGBertConfig(KGCStudentConfig):
@@ -98,6 +105,12 @@ class KGBertConfig(KGCStudentConfig):
             "The paper masks 0.15",
         )
         require(m.negatives >= 1, "method.negatives", f"must be >= 1, got {m.negatives}", "")
+
+    @classmethod
+    def unread(cls, m: DictConfig) -> dict[str, str]:
+        reason = "method.aux_weight=0 trains without reconstructing the contexts"
+        keys = ("mlm_probability", "missing_context") if m.aux_weight == 0 else ()
+        return super().unread(m) | {f"method.{key}": reason for key in keys}
 
 
 @dataclass
@@ -153,6 +166,15 @@ class KGS2SConfig(KGCStudentConfig):
             f"must be >= 2 tokens, got {m.max_target_length}",
             "It counts the end-of-sequence token",
         )
+
+    @classmethod
+    def unread(cls, m: DictConfig) -> dict[str, str]:
+        unread = super().unread(m)
+        if m.aux_weight == 0:
+            unread["method.context_input"] = "method.aux_weight=0 trains without generating the contexts"
+        if m.reconstruction_weight == 0:
+            unread["method.reconstruction_target"] = "method.reconstruction_weight=0 leaves the reconstruction out"
+        return unread
 
 
 def mask_tokens(
