@@ -471,3 +471,37 @@ def test_a_damaged_tokenizer_cache_of_a_random_model_is_converted_again_not_used
         tokenizer = load_tokenizer(spec, str(tmp_path))
     assert "is damaged" in caplog.text and "converting it again" in caplog.text
     assert tokenizer_dir_problem(damaged) is None and len(tokenizer) > 49000
+
+
+def test_a_checkpoint_resumes_over_the_same_local_weights_only(tmp_path, monkeypatch):
+    """The nineteenth audit: weights replaced at a local model's path were trained on from the checkpoint the old
+    ones had reached. A checkpoint of code from before model directories were recorded still resumes."""
+    from ctxdistill.checkpoint import Progress
+    from ctxdistill.models import load_model, load_tokenizer
+
+    spec = compose_run(tmp_path).model
+    tokenizer = load_tokenizer(spec, compose_run(tmp_path).cache_dir)
+    local = tmp_path / "model"
+    load_model(spec, compose_run(tmp_path).cache_dir, tokenizer, 0).save_pretrained(local)
+    tokenizer.save_pretrained(local)
+    overrides = ["model.source=hub", f"model.name_or_path={local}", "trainer.checkpoint_every=null"]
+
+    def stopped_at_step_3(run_dir: Path, **patches) -> None:
+        with monkeypatch.context() as patched:
+            for name, value in patches.items():
+                patched.setattr(Progress, name, value)
+            send_at_call(patched, 3, signal.SIGTERM)
+            with pytest.raises(SystemExit):
+                run(compose_run(run_dir, *overrides))
+        assert latest_checkpoint(run_dir).name == "step-00000003"
+
+    saved = Progress.state_dict
+    older = {"state_dict": lambda self: {**saved(self), "data": [d for d in self.data if '"files"' not in d]}}
+    stopped_at_step_3(tmp_path / "older", **older)
+    assert run(compose_run(tmp_path / "older", *overrides))["train"]["resumed_from_step"] == 3
+
+    stopped_at_step_3(tmp_path / "replaced")
+    [weights] = local.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:-1] + b" ")
+    with pytest.raises(ConfigError, match=r"step-00000003 was written by a run with other data"):
+        run(compose_run(tmp_path / "replaced", *overrides))

@@ -206,15 +206,21 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = lr_schedule(optimizer, cfg, steps_per_epoch, schedule_steps)
     handle.student, optimizer, loader, scheduler = accelerator.prepare(handle.student, optimizer, loader, scheduler)
+
     # a file rewritten at its path is other data under the same settings (a checkpoint of older code has none)
-    data = sorted(entry.get("sha256") or json.dumps(entry, sort_keys=True) for entry in provenance.inputs()["data"])
+    def recorded(entries) -> list[str]:
+        return sorted(entry.get("sha256") or json.dumps(entry, sort_keys=True) for entry in entries)
+
+    read = provenance.inputs()["data"]
+    data = recorded(read)
+    older = recorded(e for e in read if "files" not in e)  # code from before model directories were recorded
     progress = Progress(epoch_shuffle_state=shuffle.get_state(), fingerprint=fingerprint, data=data)
     accelerator.register_for_checkpointing(progress)
     trainable_weights_only(accelerator)
     resume = latest_checkpoint(run_dir) if run_dir else None
     if resume:
         accelerator.load_state(str(resume))
-        if progress.fingerprint != fingerprint or progress.data != data:
+        if progress.fingerprint != fingerprint or progress.data not in (data, older):
             other = "settings" if progress.fingerprint != fingerprint else "data (a file at its path holds another now)"
             raise ConfigError(
                 f"{resume} was written by a run with other {other}. Use a new output_dir, or "
