@@ -1071,3 +1071,14 @@ def test_a_bundled_models_config_naming_another_model_is_skipped_when_complete(m
     overrides = [*CELL, "method=zero_shot", "logger=none", f"model.name_or_path={behaving_model_dir}"]
     first = run(make_cfg(*overrides, output_dir=tmp_path / "run"))
     assert completed_run(make_cfg(*overrides, output_dir=tmp_path / "run"))["metrics"] == first["metrics"]
+    # a separate teacher's config naming another model (the review: refused as another method.teacher_model.source)
+    from ctxdistill.models import load_model, load_tokenizer
+
+    cfg = make_cfg(*CELL)
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    load_model(cfg.model, cfg.cache_dir, tokenizer, 1).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    teacher = ["+model@method.teacher_model=tiny-random", f"method.teacher_model.name_or_path={tmp_path / 'teacher'}"]
+    overrides = [*CELL, "method=cd", "logger=none", *teacher]
+    first = run(make_cfg(*overrides, output_dir=tmp_path / "taught"))
+    assert completed_run(make_cfg(*overrides, output_dir=tmp_path / "taught"))["metrics"] == first["metrics"]

@@ -308,7 +308,9 @@ def refuse_bad_inputs(config: DictConfig, directory_key: str, status: int) -> No
         refuse_bases(overrides)
         check_data_paths(overrides, config)
         writable_dir(directory_key, resolved(config, directory_key))
-        writable_dir("cache_dir (CTXDISTILL_CACHE)", resolved(config, "cache_dir"), write=False)  # read-only if filled
+        cache = Path(resolved(config, "cache_dir")).expanduser()
+        filled = cache.is_dir() and any(cache.iterdir())  # a shared cache, filled, may be read-only
+        writable_dir("cache_dir (CTXDISTILL_CACHE)", str(cache), write=not filled)
         # an output_dir of its own (by default it is the run's or the cell's directory)
         output_dir = None if OmegaConf.is_interpolation(config, "output_dir") else config.output_dir
         if output_dir is not None:

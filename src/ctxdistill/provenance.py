@@ -73,10 +73,9 @@ def files_of(directory: Path) -> list[tuple[str, int, int]]:
 
 def changed_data(recorded: dict[str, Any]) -> list[str]:
     """The data a run's recorded provenance lists whose content is another now (a contexts file stage 1 rewrote, a
-    data file replaced at its path, a Hub dataset of another fingerprint, a local model's files): what the run's
-    results no longer
-    describe. A file that is not there (a relative path read from another directory), or a Hub dataset that does not
-    load now (offline, not cached), is not judged."""
+    data file replaced at its path, a local dataset folder of another fingerprint, a local model's files): what the
+    run's results no longer describe. A file that is not there (a relative path read from another directory) is not
+    judged, nor a dataset on the Hub (its check would ask the network, minutes without one)."""
     changed = []
     for entry in recorded.get("data", []):
         if "sha256" in entry:
@@ -87,7 +86,7 @@ def changed_data(recorded: dict[str, Any]) -> list[str]:
             path = Path(entry["path"])
             if path.is_dir() and [list(f) for f in files_of(path)] != entry["files"]:
                 changed.append(entry["path"])
-        elif "fingerprint" in entry:
+        elif "fingerprint" in entry and Path(entry["hub_id"]).is_dir():  # a local dataset folder
             now = hub_fingerprint(entry["hub_id"], entry["config"], entry["split"])
             if now not in (None, entry["fingerprint"]):
                 changed.append(f"{entry['hub_id']} [{entry['split']}]")
@@ -96,8 +95,9 @@ def changed_data(recorded: dict[str, Any]) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def hub_fingerprint(hub_id: str, config: Optional[str], split: str) -> Optional[str]:
-    """The fingerprint of a Hub dataset's split as ``datasets.load_dataset`` loads it now (as the run loaded it, in
-    ``data.tasks.load_records``), or None where it does not load (once per process: a sweep's cells share it)."""
+    """The fingerprint of a dataset's split (a local folder) as ``datasets.load_dataset`` loads it now (as the run
+    loaded it, in ``data.tasks.load_records``), or None where it does not load (once per process: a sweep's cells
+    share it)."""
     import datasets
 
     try:

@@ -8,7 +8,6 @@ are listed when the sweep ends, and the process then exits non-zero.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -101,11 +100,8 @@ def completed_run(cfg: DictConfig) -> Optional[dict[str, Any]]:
             requested = OmegaConf.to_container(cfg, resolve=True)
         except OmegaConfBaseException:  # a config that does not resolve: the run's validation names what is wrong
             return None
-        for key in ("model", "method.teacher_model", "method.teacher"):  # as the run recorded them: where it loaded
-            spec = OmegaConf.select(cfg, key)  # from (models.honour_name_or_path)
-            if isinstance(spec, DictConfig) and "bundles" in spec:
-                node = functools.reduce(dict.__getitem__, key.split("."), requested)
-                node["source"] = loads_from(spec)
+        if "bundles" in cfg.model:  # the model's source as the run recorded it: where it loaded from
+            requested["model"]["source"] = loads_from(cfg.model)  # (models.honour_name_or_path)
         changed = config_changes(stored, requested, open_maps(cfg))
         if changed:
             raise ConfigError(
